@@ -1,0 +1,83 @@
+#pragma once
+// Typed configuration for provisiond. Every field has a default, so an empty
+// (or absent) config file runs the engine. Parsed once at startup from TOML
+// (toml++), validated, then passed by value.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "messages/error.hpp"
+
+namespace prov::config {
+
+/// A linked hub: a downstream IoT hub devices may be assigned to.
+struct hub_config {
+  std::string hostname;              ///< required, host name of the hub
+  int allocation_weight = 1;         ///< 1..1000
+  bool apply_allocation_policy = true; ///< false: only when named by an enrollment
+  std::string region;                ///< free text, e.g. "westeurope"
+};
+
+/// A service API shared access policy (like DPS's provisioningserviceowner).
+struct access_policy {
+  std::string name;
+  std::string primary_key;   ///< base64, 16..64 decoded bytes
+  std::string secondary_key; ///< base64, may be empty
+  std::vector<std::string> rights; ///< ServiceConfig, EnrollmentRead, EnrollmentWrite,
+                                   ///< RegistrationStatusRead, RegistrationStatusWrite
+};
+
+struct device_api_config {
+  std::string listen = "0.0.0.0:8443";
+  std::vector<std::string> hostnames = {"localhost"}; ///< SANs; first = service HostName
+  std::string tls_cert; ///< PEM file; generated into <data_dir>/tls when empty
+  std::string tls_key;
+  int retry_after_seconds = 1;        ///< Retry-After on 202 answers, 1..300
+  int threads = 0;                    ///< HTTP I/O threads; 0 = number of cores
+  std::size_t max_body_bytes = 96 * 1024; ///< DPS limit: 96 KB
+  int request_timeout_seconds = 30;   ///< whole-request budget (slowloris guard)
+  int idle_timeout_seconds = 120;     ///< keep-alive idle close
+  int max_sas_lifetime_seconds = 365 * 24 * 3600; ///< longest accepted SAS validity
+  int clock_skew_seconds = 300;       ///< tolerated client clock skew
+};
+
+struct metrics_config {
+  std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
+};
+
+struct log_config {
+  std::string level = "info";  ///< trace, debug, info, warn, error, off
+  std::string file;            ///< empty = stderr
+};
+
+struct engine_config {
+  std::optional<std::string> id_scope; ///< generated on first start when absent
+  std::string data_dir = "./data";
+  device_api_config device_api;
+  std::vector<access_policy> access_policies; ///< empty = generated owner policy
+  std::vector<hub_config> hubs;
+  metrics_config metrics;
+  log_config log;
+  std::string source_file; ///< the file this was read from ("" = defaults)
+};
+
+/// Parses a TOML file. On any problem returns an error whose message names the
+/// file, line and key, e.g. "provisiond.toml:7: device_api.listen: expected
+/// HOST:PORT, got \"8443\"". Unknown keys are errors.
+[[nodiscard]] error load_file(const std::string& path, engine_config& out);
+
+/// Parses TOML text; `origin` is used as the file name in messages.
+[[nodiscard]] error load_string(std::string_view toml, const std::string& origin,
+                                engine_config& out);
+
+/// Checks cross-field rules (hub names unique, weights 1..1000, listen
+/// addresses parse, keys are base64 of 16..64 bytes, rights known, ...).
+[[nodiscard]] error validate(const engine_config& cfg);
+
+/// Splits "host:port" (IPv6 as "[::1]:443"). Port 0 is allowed (ephemeral).
+[[nodiscard]] bool split_host_port(const std::string& s, std::string& host,
+                                   uint16_t& port);
+
+} // namespace prov::config

@@ -1,0 +1,118 @@
+#pragma once
+// The durable state of one provisiond instance: a RocksDB database with one
+// column family per record kind. RocksDB headers stay in store.cpp (pimpl).
+//
+// Thread safety: all methods may be called from any thread concurrently.
+// Reads never block on writes. `commit` groups concurrent batches into one
+// synced WAL write (group commit) on a dedicated writer thread, so callers on
+// CAF's scheduler never wait for fsync.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "messages/error.hpp"
+
+namespace prov::storage {
+
+/// Column families. The numeric values are part of nothing durable; the names
+/// (see to_string) are what RocksDB stores.
+enum class cf : uint8_t {
+  meta,          ///< instance metadata (schema version, counters)
+  enrollments,   ///< lower(registration id) -> individual enrollment JSON
+  groups,        ///< lower(group id) -> enrollment group JSON
+  registrations, ///< lower(registration id) -> registration record JSON
+  operations,    ///< operation id -> operation record JSON
+  pending,       ///< operation id -> "" for accepted, unfinished operations
+  outbox,        ///< big-endian uint64 sequence -> assignment event JSON
+};
+inline constexpr int cf_count = 7;
+std::string_view to_string(cf c) noexcept;
+
+/// An atomic set of puts and deletes.
+class write_batch {
+public:
+  struct op {
+    cf family;
+    bool is_delete;
+    std::string key;
+    std::string value;
+  };
+  void put(cf family, std::string key, std::string value) {
+    ops_.push_back({family, false, std::move(key), std::move(value)});
+  }
+  void del(cf family, std::string key) {
+    ops_.push_back({family, true, std::move(key), {}});
+  }
+  const std::vector<op>& ops() const noexcept { return ops_; }
+  bool empty() const noexcept { return ops_.empty(); }
+  std::size_t size() const noexcept { return ops_.size(); }
+  std::size_t bytes() const noexcept;
+
+private:
+  std::vector<op> ops_;
+};
+
+struct store_options {
+  bool sync = true;                 ///< fsync the WAL on every (group) commit
+  std::size_t block_cache_bytes = 64u << 20;
+  std::size_t write_buffer_bytes = 32u << 20;
+  std::size_t max_group_batches = 4096; ///< upper bound merged into one commit
+};
+
+/// Statistics of the group-commit writer (for metrics and tests).
+struct commit_stats {
+  uint64_t commits = 0;  ///< synced RocksDB writes done
+  uint64_t batches = 0;  ///< caller batches contained in them
+  uint64_t bytes = 0;
+};
+
+class store {
+public:
+  using done_fn = std::function<void(const error&)>;
+  using visit_fn = std::function<bool(std::string_view key, std::string_view value)>;
+
+  virtual ~store() = default;
+
+  /// Opens (creating when missing) the database in `dir`. Errors name the
+  /// directory and RocksDB's reason (e.g. "lock held by another process").
+  [[nodiscard]] static error open(const std::string& dir, const store_options& opts,
+                                  std::unique_ptr<store>& out);
+
+  /// Point read. Not found is not an error: `out` is reset instead.
+  [[nodiscard]] virtual error get(cf family, std::string_view key,
+                                  std::optional<std::string>& out) const = 0;
+
+  /// Visits keys >= `start` in ascending order until `fn` returns false or
+  /// `limit` entries were visited (0 = no limit).
+  [[nodiscard]] virtual error scan(cf family, std::string_view start, std::size_t limit,
+                                   const visit_fn& fn) const = 0;
+
+  /// The greatest key of a family, or nullopt when empty.
+  [[nodiscard]] virtual error last_key(cf family, std::optional<std::string>& out) const = 0;
+
+  /// Synchronous atomic write (synced when store_options::sync).
+  [[nodiscard]] virtual error write(const write_batch& batch) = 0;
+
+  /// Asynchronous atomic write with group commit. `done` runs on the writer
+  /// thread once the batch is durable (or failed); keep it short (post a
+  /// message, complete a promise). Batches from one caller apply in call order.
+  virtual void commit(write_batch batch, done_fn done) = 0;
+
+  /// Stops the writer thread after draining queued batches. Idempotent; the
+  /// destructor calls it.
+  virtual void close() = 0;
+
+  virtual commit_stats stats() const = 0;
+};
+
+/// Big-endian fixed-width key for outbox sequence numbers (sorts numerically).
+std::string seq_key(uint64_t seq);
+/// Inverse of seq_key; 0 when the key is not 8 bytes.
+uint64_t parse_seq_key(std::string_view key);
+
+} // namespace prov::storage

@@ -1,6 +1,6 @@
-# prov_add_library(<name> <folder> [PUBLIC deps...] [PRIVATE deps...])
-# Sources are every .cpp under <folder> (re-globbed at build time), so adding a
-# file never needs a CMake edit. Include paths are repo-rooted ("storage/x.hpp").
+# prov_add_library(<name> <glob> [PUBLIC deps...] [PRIVATE deps...])
+# Sources are the files matching <glob> (relative to the repo root, re-globbed
+# at build time), so adding a file never needs a CMake edit. Include paths are repo-rooted ("storage/x.hpp").
 function(prov_enable_warnings target)
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
   if(PROV_WARNINGS_AS_ERRORS)
@@ -8,9 +8,9 @@ function(prov_enable_warnings target)
   endif()
 endfunction()
 
-function(prov_add_library name folder)
+function(prov_add_library name pattern)
   cmake_parse_arguments(ARG "" "" "PUBLIC;PRIVATE" ${ARGN})
-  file(GLOB_RECURSE srcs CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/${folder}/*.cpp)
+  file(GLOB srcs CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/${pattern})
   if(srcs)
     add_library(${name} STATIC ${srcs})
     target_include_directories(${name} PUBLIC ${CMAKE_SOURCE_DIR})

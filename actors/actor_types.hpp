@@ -1,0 +1,61 @@
+#pragma once
+// Atoms and message types exchanged by the stage actors (CAF 0.17.6 idioms:
+// atom_constant with at most 10 characters, old-style inspect). Included only
+// by actor implementation files.
+
+#include <caf/all.hpp>
+
+#include "actors/engine.hpp"
+#include "actors/engine_context.hpp"
+#include "messages/registration.hpp"
+
+namespace prov {
+
+// -- atoms --------------------------------------------------------------------
+using accepted_atom = caf::atom_constant<caf::atom("accepted")>;
+using attest_atom = caf::atom_constant<caf::atom("attest")>;
+using bulk_atom = caf::atom_constant<caf::atom("bulk")>;
+using committed_atom = caf::atom_constant<caf::atom("committed")>;
+using delete_atom = caf::atom_constant<caf::atom("delete")>;
+using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;
+using event_atom = caf::atom_constant<caf::atom("event")>;
+using put_atom = caf::atom_constant<caf::atom("put")>;
+using register_atom = caf::atom_constant<caf::atom("register")>;
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, register_request& x) {
+  return f(x.id_scope, x.registration_id, x.api_version, x.authorization,
+           x.payload_json, x.force_registration, x.protocol, x.client_ip,
+           x.correlation_id);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, attestation_result& x) {
+  return f(x.err, x.attestation_type, x.enrollment_group_id, x.enabled);
+}
+
+/// Callback holders: replies leave the actor world through these (the gateway
+/// is not an actor). Never serialized, so whitelisted as unsafe types.
+struct register_reply_fn {
+  engine::register_cb fn;
+};
+struct done_reply_fn {
+  engine::done_cb fn;
+};
+struct doc_reply_fn {
+  engine::doc_cb fn;
+};
+
+// -- spawn functions -------------------------------------------------------------
+caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx,
+                                 caf::actor attestation);
+caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+
+} // namespace prov
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::register_reply_fn)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::done_reply_fn)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::doc_reply_fn)

@@ -1,0 +1,81 @@
+#include "actors/allocation/allocation_policy.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "messages/crypto.hpp"
+
+namespace prov::allocation {
+
+namespace {
+
+std::string to_lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return out;
+}
+
+/// u in the open interval (0, 1) from the first 53 bits of
+/// SHA-256(lower(registration_id) + "\n" + lower(hostname)).
+double unit_hash(const std::string& reg_lower, std::string_view hostname) {
+  const crypto::sha256_digest d =
+      crypto::sha256(reg_lower + "\n" + to_lower(hostname));
+  uint64_t x = 0;
+  for (int i = 0; i < 8; ++i) x = (x << 8) | d[static_cast<std::size_t>(i)];
+  // +0.5 keeps u away from 0 and 1, so ln(u) is finite and negative.
+  return (static_cast<double>(x >> 11) + 0.5) / 9007199254740992.0; // 2^53
+}
+
+} // namespace
+
+error hashed(std::string_view registration_id,
+             const std::vector<candidate_hub>& hubs, bool explicit_list,
+             std::string& out) {
+  out.clear();
+  const std::string reg_lower = to_lower(registration_id);
+  const candidate_hub* best = nullptr;
+  double best_score = 0;
+  std::string best_lower;
+  for (const candidate_hub& h : hubs) {
+    if (h.hostname.empty()) continue;
+    if (!explicit_list && !h.apply_allocation_policy) continue;
+    // Out-of-range weights are clamped rather than dropped: validation
+    // belongs to the enrollment/hub model, allocation must stay total.
+    const int w = std::clamp(h.weight, 1, 1000);
+    const double score = -static_cast<double>(w) / std::log(unit_hash(reg_lower, h.hostname));
+    // Ties (in practice: the same hub listed twice, perhaps in another case)
+    // are broken by name, never by position, to stay order independent.
+    const std::string lower = to_lower(h.hostname);
+    const bool better =
+        best == nullptr || score > best_score ||
+        (score == best_score &&
+         (lower < best_lower || (lower == best_lower && h.hostname < best->hostname)));
+    if (better) {
+      best = &h;
+      best_score = score;
+      best_lower = lower;
+    }
+  }
+  if (best == nullptr)
+    return error{error_code::no_hub_available,
+                 hubs.empty()    ? "no IoT hub is available for allocation"
+                 : explicit_list ? "the enrollment names no usable IoT hub"
+                                 : "no linked IoT hub takes part in allocation "
+                                   "(applyAllocationPolicy is false on all)"};
+  out = best->hostname;
+  return {};
+}
+
+error static_hub(const std::vector<candidate_hub>& hubs, std::string& out) {
+  out.clear();
+  if (hubs.size() != 1 || hubs.front().hostname.empty())
+    return error{error_code::no_hub_available,
+                 "static allocation needs exactly one IoT hub, " +
+                     std::to_string(hubs.size()) + " given"};
+  out = hubs.front().hostname;
+  return {};
+}
+
+} // namespace prov::allocation

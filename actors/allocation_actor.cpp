@@ -1,0 +1,130 @@
+// Allocation stage: picks the hub (hashed or static), the device id and the
+// initial twin, and decides reprovisioning against the existing record.
+//
+// Accepts: (event_atom, registration_event) from registration.attested.
+// Emits:   registration.allocated, or registration.completed (failed).
+// Blocking: reads the enrollment and registration record; spawned detached.
+
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/actor_types.hpp"
+
+namespace prov {
+
+namespace {
+
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size()
+         && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+              return std::tolower(static_cast<unsigned char>(x))
+                     == std::tolower(static_cast<unsigned char>(y));
+            });
+}
+
+error load_view(const engine_context& ctx, const registration_event& ev,
+                enrollment::enrollment_view& v) {
+  std::optional<std::string> raw;
+  auto individual = ev.enrollment_group_id.empty();
+  auto family = individual ? storage::cf::enrollments : storage::cf::groups;
+  auto id = individual ? ev.registration_id : ev.enrollment_group_id;
+  if (auto err = ctx.store->get(family, enrollment::key_of(id), raw))
+    return err;
+  if (!raw)
+    return {individual ? error_code::enrollment_not_found
+                       : error_code::enrollment_group_not_found,
+            (individual ? "individual enrollment '" : "enrollment group '") + id
+              + "' was deleted while the registration was in progress"};
+  auto j = nlohmann::json::parse(*raw, nullptr, false);
+  if (j.is_discarded())
+    return {error_code::storage_failure, "stored enrollment is not valid JSON"};
+  return enrollment::view_of(individual ? enrollment::kind::individual
+                                        : enrollment::kind::group,
+                             j, v);
+}
+
+/// Candidate hubs: the enrollment's iotHubs (restricted to linked hubs), else
+/// every linked hub.
+std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
+                                                  const enrollment::enrollment_view& v) {
+  if (v.iot_hubs.empty())
+    return ctx.hubs;
+  std::vector<allocation::candidate_hub> out;
+  for (const auto& name : v.iot_hubs)
+    for (const auto& h : ctx.hubs)
+      if (iequals(h.hostname, name))
+        out.push_back(h);
+  return out;
+}
+
+error allocate(const engine_context& ctx, registration_event& ev) {
+  enrollment::enrollment_view v;
+  if (auto err = load_view(ctx, ev, v))
+    return err;
+  auto hubs = candidates(ctx, v);
+  std::string hub;
+  const auto& policy = v.allocation_policy;
+  if (policy == "static") {
+    if (auto err = allocation::static_hub(hubs, hub))
+      return {error_code::no_hub_available,
+              "static allocation: the enrollment must name exactly one linked hub"};
+  } else if (policy == "custom") {
+    return {error_code::no_hub_available,
+            "custom allocation (webhook) is not supported by this provisiond version"};
+  } else {
+    // hashed, and geoLatency until client location is modelled: both are a
+    // weighted deterministic choice among the candidates.
+    if (auto err = allocation::hashed(ev.registration_id, hubs, !v.iot_hubs.empty(), hub))
+      return {error_code::no_hub_available,
+              ctx.hubs.empty()
+                ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
+                : "no linked IoT hub is available for this enrollment"};
+  }
+  // Reprovisioning against the existing record.
+  std::optional<std::string> raw;
+  registration_state prev;
+  ev.substatus = "initialAssignment";
+  if (auto err = ctx.store->get(storage::cf::registrations,
+                                enrollment::key_of(ev.registration_id), raw))
+    return err;
+  if (raw && !decode_record(*raw, prev) && prev.status == registration_status::assigned
+      && !prev.assigned_hub.empty()) {
+    if (!v.update_hub_assignment) {
+      hub = prev.assigned_hub; // sticky: never re-provision
+      ev.substatus = prev.substatus.empty() ? "initialAssignment" : prev.substatus;
+    } else if (!iequals(prev.assigned_hub, hub)) {
+      ev.substatus = v.migrate_device_data ? "deviceDataMigrated" : "deviceDataReset";
+    } else {
+      ev.substatus = prev.substatus.empty() ? "initialAssignment" : prev.substatus;
+    }
+  }
+  ev.assigned_hub = hub;
+  ev.device_id = (ev.enrollment_group_id.empty() && !v.device_id.empty())
+                   ? v.device_id
+                   : ev.registration_id;
+  ev.initial_twin_json = v.initial_twin_json;
+  ev.iot_edge = v.iot_edge;
+  ev.allocated_ms = now_ms();
+  return {};
+}
+
+} // namespace
+
+caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  return {
+    [ctx](event_atom, registration_event& ev) {
+      if (auto err = allocate(*ctx, ev)) {
+        ev.status = registration_status::failed;
+        ev.error_code = static_cast<int32_t>(err.code);
+        ev.error_message = err.message;
+        ev.completed_ms = now_ms();
+        ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
+        return;
+      }
+      ctx->bus->publish(transport::topic::registration_allocated, std::move(ev));
+    },
+  };
+}
+
+} // namespace prov

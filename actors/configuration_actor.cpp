@@ -1,0 +1,137 @@
+// Configuration stage: the single writer of registration records. Commits, in
+// one atomic batch, the registration record, the terminal operation, the
+// removal from `pending` and the device.assigned event in the outbox, so an
+// operation yields exactly one assignment event even across crashes.
+//
+// Accepts: (event_atom, registration_event) from registration.allocated
+//          (committed_atom, operation id, error) from the store writer
+// Emits:   registration.completed and device.assigned after the commit.
+// Blocking: point reads for idempotency; spawned detached.
+
+#include <unordered_map>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/actor_types.hpp"
+
+namespace prov {
+
+namespace {
+
+struct configuration_state_t {
+  uint64_t next_seq = 1;
+  std::unordered_map<std::string, registration_event> committing;
+};
+
+nlohmann::json assignment_event(const registration_event& ev,
+                                const registration_state& rs, uint64_t seq) {
+  using nlohmann::json;
+  json twin = json::object();
+  if (!ev.initial_twin_json.empty()) {
+    auto t = json::parse(ev.initial_twin_json, nullptr, false);
+    if (!t.is_discarded())
+      twin = std::move(t);
+  }
+  json data{{"registrationId", ev.registration_id},
+            {"deviceId", ev.device_id},
+            {"assignedHub", ev.assigned_hub},
+            {"operationId", ev.operation_id},
+            {"attestationType", ev.attestation_type},
+            {"substatus", ev.substatus},
+            {"initialTwin", std::move(twin)},
+            {"capabilities", {{"iotEdge", ev.iot_edge}}},
+            {"timestamps",
+             {{"accepted", utc_string(ev.accepted_ms)},
+              {"allocated", utc_string(ev.allocated_ms)},
+              {"assigned", utc_string(ev.completed_ms)},
+              {"registrationCreated", utc_string(rs.created_ms)}}}};
+  if (!ev.enrollment_group_id.empty())
+    data["enrollmentGroupId"] = ev.enrollment_group_id;
+  return json{{"specversion", "1.0"},
+              {"type", "device.assigned"},
+              {"source", "/provisiond/" + ev.id_scope},
+              {"id", ev.operation_id},
+              {"subject", ev.device_id},
+              {"time", utc_string(ev.completed_ms)},
+              {"datacontenttype", "application/json"},
+              {"sequence", seq},
+              {"data", std::move(data)}};
+}
+
+} // namespace
+
+caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  auto st = std::make_shared<configuration_state_t>();
+  std::optional<std::string> last;
+  if (!ctx->store->last_key(storage::cf::outbox, last) && last)
+    st->next_seq = storage::parse_seq_key(*last) + 1;
+  return {
+    [=](event_atom, registration_event& ev) {
+      if (st->committing.count(ev.operation_id))
+        return; // duplicate delivery while the first is being committed
+      std::optional<std::string> raw;
+      operation_record op;
+      if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw)) {
+        // Stay pending: resumed on the next start.
+        return;
+      }
+      if (!raw || decode_record(*raw, op))
+        return; // unknown operation: nothing to configure
+      if (is_terminal(op.status))
+        return; // already done (at-least-once redelivery)
+      auto reg_key = enrollment::key_of(ev.registration_id);
+      registration_state prev;
+      raw.reset();
+      bool had_prev = !ctx->store->get(storage::cf::registrations, reg_key, raw) && raw
+                      && !decode_record(*raw, prev);
+      ev.completed_ms = now_ms();
+      ev.status = registration_status::assigned;
+      registration_state rs;
+      rs.registration_id = ev.registration_id;
+      rs.created_ms = had_prev && prev.created_ms ? prev.created_ms : ev.accepted_ms;
+      rs.updated_ms = ev.completed_ms;
+      rs.assigned_hub = ev.assigned_hub;
+      rs.device_id = ev.device_id;
+      rs.status = registration_status::assigned;
+      rs.substatus = ev.substatus;
+      rs.etag = enrollment::new_etag();
+      rs.attestation_type = ev.attestation_type;
+      rs.enrollment_group_id = ev.enrollment_group_id;
+      rs.last_operation_id = ev.operation_id;
+      op.status = registration_status::assigned;
+      op.state = rs;
+      op.event = ev;
+      auto seq = st->next_seq++;
+      storage::write_batch batch;
+      batch.put(storage::cf::registrations, reg_key, encode_record(rs));
+      batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
+      batch.del(storage::cf::pending, ev.operation_id);
+      batch.put(storage::cf::outbox, storage::seq_key(seq),
+                assignment_event(ev, rs, seq).dump());
+      auto op_id = ev.operation_id;
+      st->committing.emplace(op_id, std::move(ev));
+      auto me = caf::actor_cast<caf::actor>(self);
+      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+        caf::anon_send(me, committed_atom::value, op_id, e);
+      });
+    },
+    [=](committed_atom, const std::string& op_id, const error& e) {
+      auto it = st->committing.find(op_id);
+      if (it == st->committing.end())
+        return;
+      auto ev = std::move(it->second);
+      st->committing.erase(it);
+      if (e) {
+        // Not durable: retry shortly; the operation stays in `pending`.
+        ev.status = registration_status::assigning;
+        self->delayed_send(self, std::chrono::milliseconds(200), event_atom::value,
+                           std::move(ev));
+        return;
+      }
+      ctx->bus->publish(transport::topic::device_assigned, ev);
+      ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
+    },
+  };
+}
+
+} // namespace prov

@@ -1,0 +1,281 @@
+#include "actors/engine.hpp"
+
+#include <chrono>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/actor_types.hpp"
+#include "messages/crypto.hpp"
+
+namespace prov {
+
+using nlohmann::json;
+
+namespace {
+
+storage::cf family_of(enrollment::kind k) {
+  return k == enrollment::kind::individual ? storage::cf::enrollments : storage::cf::groups;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  return enrollment::key_of(a) == enrollment::key_of(b);
+}
+
+/// Continuation tokens are the last key of the previous page; the next page
+/// starts right after it.
+std::string after_key(const std::string& continuation) {
+  return continuation.empty() ? std::string{} : continuation + '\0';
+}
+
+class engine_impl final : public engine {
+public:
+  explicit engine_impl(engine_context_ptr ctx) : ctx_(std::move(ctx)) {
+    cfg_.set("scheduler.max-threads", 2);
+    cfg_.set("logger.verbosity", caf::atom("quiet"));
+    sys_ = std::make_unique<caf::actor_system>(cfg_);
+  }
+
+  ~engine_impl() override { shutdown(); }
+
+  error start() {
+    auto& ctx = *ctx_;
+    if (auto err = ctx.reload_groups())
+      return err;
+    attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
+    registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_, attestation_);
+    allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
+    configuration_ = sys_->spawn<caf::detached>(configuration_actor, ctx_);
+    enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
+    auto to = [](caf::actor dest) {
+      return [dest](registration_event&& ev) {
+        caf::anon_send(dest, event_atom::value, std::move(ev));
+      };
+    };
+    ctx.bus->subscribe(transport::topic::registration_attested, to(allocation_));
+    ctx.bus->subscribe(transport::topic::registration_allocated, to(configuration_));
+    ctx.bus->subscribe(transport::topic::registration_completed, to(registration_));
+    // device.assigned: embedded mode keeps it in the durable outbox only.
+    return resume();
+  }
+
+  /// Re-publishes every accepted, unfinished operation (crash recovery).
+  error resume() {
+    std::vector<std::string> ids;
+    auto err = ctx_->store->scan(storage::cf::pending, "", 0,
+                                 [&](std::string_view k, std::string_view) {
+                                   ids.emplace_back(k);
+                                   return true;
+                                 });
+    if (err)
+      return err;
+    for (const auto& id : ids) {
+      std::optional<std::string> raw;
+      operation_record op;
+      if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
+        return e;
+      if (!raw || decode_record(*raw, op))
+        continue;
+      caf::anon_send(registration_, accepted_atom::value, std::move(op.event));
+    }
+    resumed_ = ids.size();
+    return {};
+  }
+
+  void register_device(register_request req, register_cb cb) override {
+    caf::anon_send(registration_, register_atom::value, std::move(req),
+                   register_reply_fn{std::move(cb)});
+  }
+
+  error authenticate_device(const register_request& req) override {
+    return attest(*ctx_, req).err;
+  }
+
+  error operation(const std::string& registration_id, const std::string& operation_id,
+                  registration_state& out) override {
+    std::optional<std::string> raw;
+    if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
+      return err;
+    operation_record op;
+    if (!raw || decode_record(*raw, op) || !iequals(op.registration_id, registration_id))
+      return {error_code::operation_not_found,
+              "no operation '" + operation_id + "' for registration '" + registration_id + "'"};
+    if (is_terminal(op.status)) {
+      out = op.state;
+    } else {
+      out = registration_state{};
+      out.registration_id = op.registration_id;
+      out.status = op.status;
+    }
+    return {};
+  }
+
+  error registration(const std::string& registration_id, registration_state& out) override {
+    std::optional<std::string> raw;
+    if (auto err = ctx_->store->get(storage::cf::registrations,
+                                    enrollment::key_of(registration_id), raw))
+      return err;
+    if (!raw)
+      return {error_code::registration_not_found,
+              "no registration record for '" + registration_id + "'"};
+    return decode_record(*raw, out);
+  }
+
+  void put_enrollment(enrollment::kind k, std::string id, std::string body,
+                      std::string if_match, doc_cb cb) override {
+    caf::anon_send(enrollment_, put_atom::value, k, std::move(id), std::move(body),
+                   std::move(if_match), doc_reply_fn{std::move(cb)});
+  }
+
+  void delete_enrollment(enrollment::kind k, std::string id, std::string if_match,
+                         done_cb cb) override {
+    caf::anon_send(enrollment_, delete_atom::value, k, std::move(id), std::move(if_match),
+                   done_reply_fn{std::move(cb)});
+  }
+
+  void bulk_enrollments(enrollment::kind k, std::string body, doc_cb cb) override {
+    caf::anon_send(enrollment_, bulk_atom::value, k, std::move(body),
+                   doc_reply_fn{std::move(cb)});
+  }
+
+  error get_enrollment(enrollment::kind k, const std::string& id, json& doc) override {
+    std::optional<std::string> raw;
+    if (auto err = ctx_->store->get(family_of(k), enrollment::key_of(id), raw))
+      return err;
+    if (!raw)
+      return {k == enrollment::kind::individual ? error_code::enrollment_not_found
+                                                : error_code::enrollment_group_not_found,
+              (k == enrollment::kind::individual ? "individual enrollment '"
+                                                 : "enrollment group '")
+                + id + "' does not exist"};
+    auto j = json::parse(*raw, nullptr, false);
+    if (j.is_discarded())
+      return {error_code::storage_failure, "stored enrollment is not valid JSON"};
+    doc = std::move(j);
+    return {};
+  }
+
+  error query_enrollments(enrollment::kind k, const std::string& continuation,
+                          std::size_t max_items, std::vector<json>& page,
+                          std::string& next) override {
+    page.clear();
+    next.clear();
+    std::string last;
+    bool more = false;
+    auto err = ctx_->store->scan(family_of(k), after_key(continuation), max_items + 1,
+                                 [&](std::string_view key, std::string_view v) {
+                                   if (page.size() == max_items) {
+                                     more = true;
+                                     return false;
+                                   }
+                                   auto j = json::parse(v, nullptr, false);
+                                   if (!j.is_discarded())
+                                     page.push_back(std::move(j));
+                                   last = std::string(key);
+                                   return true;
+                                 });
+    if (more)
+      next = last;
+    return err;
+  }
+
+  void delete_registration(std::string id, std::string if_match, done_cb cb) override {
+    caf::anon_send(enrollment_, deletereg_atom::value, std::move(id), std::move(if_match),
+                   done_reply_fn{std::move(cb)});
+  }
+
+  error query_registrations(const std::string& group_id, const std::string& continuation,
+                            std::size_t max_items, std::vector<registration_state>& page,
+                            std::string& next) override {
+    page.clear();
+    next.clear();
+    std::string last;
+    bool more = false;
+    auto err = ctx_->store->scan(storage::cf::registrations, after_key(continuation), 0,
+                                 [&](std::string_view key, std::string_view v) {
+                                   registration_state rs;
+                                   if (decode_record(v, rs)
+                                       || !iequals(rs.enrollment_group_id, group_id))
+                                     return true;
+                                   if (page.size() == max_items) {
+                                     more = true;
+                                     return false;
+                                   }
+                                   page.push_back(std::move(rs));
+                                   last = std::string(key);
+                                   return true;
+                                 });
+    if (more)
+      next = last;
+    return err;
+  }
+
+  error read_assignments(uint64_t after, std::size_t limit, std::vector<json>& events,
+                         uint64_t& next) override {
+    events.clear();
+    next = after;
+    return ctx_->store->scan(storage::cf::outbox, storage::seq_key(after + 1), limit,
+                             [&](std::string_view key, std::string_view v) {
+                               auto j = json::parse(v, nullptr, false);
+                               if (!j.is_discarded())
+                                 events.push_back(std::move(j));
+                               next = storage::parse_seq_key(key);
+                               return true;
+                             });
+  }
+
+  std::size_t inflight() const override {
+    auto n = ctx_->inflight.load();
+    return n > 0 ? static_cast<std::size_t>(n) : 0;
+  }
+
+  void shutdown() override {
+    if (stopped_)
+      return;
+    stopped_ = true;
+    ctx_->accepting = false;
+    // Let accepted work settle for a moment; whatever is left stays in
+    // `pending` and resumes on the next start.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (ctx_->inflight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    // Drain the writer while the actors can still receive its callbacks.
+    ctx_->store->close();
+    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
+                    &enrollment_})
+      if (*a)
+        caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+    sys_.reset(); // waits for all actors
+  }
+
+  std::size_t resumed() const { return resumed_; }
+
+private:
+  engine_context_ptr ctx_;
+  caf::actor_system_config cfg_;
+  std::unique_ptr<caf::actor_system> sys_;
+  caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
+  std::size_t resumed_ = 0;
+  bool stopped_ = false;
+};
+
+} // namespace
+
+error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
+  if (opts.store == nullptr)
+    return {error_code::internal, "engine::start: no store"};
+  auto ctx = std::make_shared<engine_context>();
+  ctx->store = opts.store;
+  ctx->bus = transport::make_inprocess_bus();
+  for (const auto& h : opts.cfg.hubs)
+    ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy});
+  ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
+  ctx->opts = std::move(opts);
+  auto impl = std::make_unique<engine_impl>(ctx);
+  if (auto err = impl->start())
+    return err;
+  out = std::move(impl);
+  return {};
+}
+
+} // namespace prov

@@ -1,0 +1,106 @@
+#pragma once
+// The provisioning engine: spawns the stage actors, wires them over the bus,
+// resumes unfinished operations, and offers the gateway an API that hides CAF.
+// Writes go through actors (single writers); reads go straight to the store,
+// which is safe from any thread.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "actors/enrollment/enrollment_model.hpp"
+#include "config/config.hpp"
+#include "messages/error.hpp"
+#include "messages/registration.hpp"
+
+namespace prov::storage {
+class store;
+}
+
+namespace prov {
+
+struct engine_options {
+  config::engine_config cfg;
+  std::string id_scope;          ///< resolved (configured or generated)
+  storage::store* store = nullptr; ///< owned by the caller, outlives the engine
+  std::size_t max_inflight = 200000; ///< accepted, unfinished operations (503 beyond)
+};
+
+/// Result of a register call as the gateway needs it.
+struct register_reply {
+  error err;                 ///< set: reject with err (401, 404, 503, ...)
+  std::string operation_id;
+  registration_status status = registration_status::assigning;
+};
+
+class engine {
+public:
+  using register_cb = std::function<void(register_reply)>;
+  using done_cb = std::function<void(error)>;
+  using doc_cb = std::function<void(error, std::string /*json*/)>;
+
+  virtual ~engine() = default;
+
+  /// Spawns the actors and resumes accepted, unfinished operations.
+  [[nodiscard]] static error start(engine_options opts, std::unique_ptr<engine>& out);
+
+  // -- device API ------------------------------------------------------------
+
+  /// Verifies the credential, records the operation durably, then answers.
+  /// `cb` runs on an engine thread.
+  virtual void register_device(register_request req, register_cb cb) = 0;
+
+  /// Checks a device credential for polls and status lookups (synchronous).
+  [[nodiscard]] virtual error authenticate_device(const register_request& req) = 0;
+
+  /// Reads an operation (synchronous). operation_not_found when unknown or
+  /// belonging to another registration id.
+  [[nodiscard]] virtual error operation(const std::string& registration_id,
+                                        const std::string& operation_id,
+                                        registration_state& out) = 0;
+
+  /// Reads a registration record (synchronous).
+  [[nodiscard]] virtual error registration(const std::string& registration_id,
+                                           registration_state& out) = 0;
+
+  // -- service API -------------------------------------------------------------
+
+  virtual void put_enrollment(enrollment::kind k, std::string id, std::string body_json,
+                              std::string if_match, doc_cb cb) = 0;
+  virtual void delete_enrollment(enrollment::kind k, std::string id, std::string if_match,
+                                 done_cb cb) = 0;
+  /// Bulk operation body {enrollments|enrollmentGroups:[...], mode}; answers
+  /// the BulkEnrollmentOperationResult JSON.
+  virtual void bulk_enrollments(enrollment::kind k, std::string body_json, doc_cb cb) = 0;
+  [[nodiscard]] virtual error get_enrollment(enrollment::kind k, const std::string& id,
+                                             nlohmann::json& doc) = 0;
+  /// One page of documents in id order. `continuation` = "" for the first
+  /// page; `next` = "" on the last page.
+  [[nodiscard]] virtual error query_enrollments(enrollment::kind k,
+                                                const std::string& continuation,
+                                                std::size_t max_items,
+                                                std::vector<nlohmann::json>& page,
+                                                std::string& next) = 0;
+  virtual void delete_registration(std::string id, std::string if_match, done_cb cb) = 0;
+  [[nodiscard]] virtual error query_registrations(const std::string& group_id,
+                                                  const std::string& continuation,
+                                                  std::size_t max_items,
+                                                  std::vector<registration_state>& page,
+                                                  std::string& next) = 0;
+  /// Assignment events with sequence > after, in order.
+  [[nodiscard]] virtual error read_assignments(uint64_t after, std::size_t limit,
+                                               std::vector<nlohmann::json>& events,
+                                               uint64_t& next) = 0;
+
+  // -- operations ---------------------------------------------------------------
+
+  virtual std::size_t inflight() const = 0;
+  /// Stops intake, lets in-flight work settle (bounded), stops the actors.
+  virtual void shutdown() = 0;
+};
+
+} // namespace prov

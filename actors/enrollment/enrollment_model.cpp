@@ -1,0 +1,882 @@
+#include "actors/enrollment/enrollment_model.hpp"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <initializer_list>
+#include <optional>
+#include <random>
+
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+// Randomness and base64 come straight from OpenSSL here (RAND_bytes,
+// EVP_EncodeBlock) rather than messages/crypto.hpp, so this file has no
+// build-order dependency on crypto.cpp.
+
+namespace prov::enrollment {
+
+namespace {
+
+using json = nlohmann::json;
+
+constexpr std::size_t max_id_length = 128;
+constexpr std::size_t min_key_bytes = 16;
+constexpr std::size_t max_key_bytes = 64;
+constexpr std::size_t generated_key_bytes = 64;
+constexpr std::size_t max_hubs = 50;        // DPS: at most 50 linked hubs
+constexpr std::size_t max_hostname = 255;
+constexpr std::size_t max_url = 2048;
+constexpr std::size_t max_api_version = 64;
+
+// -- small string helpers -----------------------------------------------------
+
+char lower(char c) noexcept {
+  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+bool iequals(std::string_view a, std::string_view b) noexcept {
+  if (a.size() != b.size())
+    return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (lower(a[i]) != lower(b[i]))
+      return false;
+  return true;
+}
+
+bool is_alnum(char c) noexcept {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+bool is_id_char(char c) noexcept {
+  return is_alnum(c) || c == '-' || c == '.' || c == '_' || c == ':';
+}
+
+bool valid_id(std::string_view id) noexcept {
+  if (id.empty() || id.size() > max_id_length)
+    return false;
+  if (!std::all_of(id.begin(), id.end(), is_id_char))
+    return false;
+  return is_alnum(id.front()) && (is_alnum(id.back()) || id.back() == '-');
+}
+
+/// Client-chosen text (member names) echoed in messages: printable ASCII only
+/// and bounded, so a message is always valid UTF-8 and short.
+std::string printable(std::string_view s) {
+  constexpr std::size_t cap = 64;
+  std::string out;
+  for (std::size_t i = 0; i < s.size() && i < cap; ++i) {
+    char c = s[i];
+    out.push_back((c >= 0x20 && c < 0x7f) ? c : '?');
+  }
+  if (s.size() > cap)
+    out += "...";
+  return out;
+}
+
+// -- base64 and randomness ----------------------------------------------------
+
+int b64_value(char c) noexcept {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+/// Length of the decoded bytes of strict, padded standard base64; nullopt when
+/// the text is not that.
+std::optional<std::size_t> b64_decoded_size(std::string_view s) noexcept {
+  if (s.empty() || s.size() % 4 != 0)
+    return std::nullopt;
+  std::size_t pad = 0;
+  if (s.back() == '=')
+    pad = s[s.size() - 2] == '=' ? 2 : 1;
+  for (std::size_t i = 0; i < s.size() - pad; ++i)
+    if (b64_value(s[i]) < 0)
+      return std::nullopt;
+  return s.size() / 4 * 3 - pad;
+}
+
+bool random_fill(unsigned char* p, std::size_t n) noexcept {
+  return RAND_bytes(p, static_cast<int>(n)) == 1;
+}
+
+std::string b64_encode(const unsigned char* p, std::size_t n) {
+  std::string out(4 * ((n + 2) / 3), '\0');
+  int len = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), p,
+                            static_cast<int>(n));
+  out.resize(len < 0 ? 0 : static_cast<std::size_t>(len));
+  return out;
+}
+
+/// A fresh 64-byte key, base64; nullopt if the CSPRNG fails.
+std::optional<std::string> generate_key() {
+  std::array<unsigned char, generated_key_bytes> raw{};
+  if (!random_fill(raw.data(), raw.size()))
+    return std::nullopt;
+  std::string key = b64_encode(raw.data(), raw.size());
+  OPENSSL_cleanse(raw.data(), raw.size());
+  return key;
+}
+
+// -- validation helpers -------------------------------------------------------
+
+error invalid(const std::string& path, std::string_view what) {
+  return {error_code::invalid_enrollment, path + ": " + std::string(what)};
+}
+
+error wrong_type(const std::string& path, std::string_view expected, const json& got) {
+  return invalid(path, "must be " + std::string(expected) + " (got " +
+                           std::string(got.type_name()) + ")");
+}
+
+std::string join(const std::string& prefix, std::string_view name) {
+  return prefix.empty() ? std::string(name) : prefix + "." + std::string(name);
+}
+
+/// Present and not null: clients serialising optional members as null mean "absent".
+const json* member(const json& obj, const char* name) {
+  auto it = obj.find(name);
+  return (it == obj.end() || it->is_null()) ? nullptr : &*it;
+}
+
+error only_members(const json& obj, const std::string& path,
+                   std::initializer_list<std::string_view> allowed) {
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    std::string_view name = it.key();
+    if (std::find(allowed.begin(), allowed.end(), name) == allowed.end())
+      return invalid(join(path, printable(name)), "unknown member");
+  }
+  return {};
+}
+
+/// Case-insensitive lookup of `value` among canonical spellings.
+const char* canonical(std::string_view value, std::initializer_list<const char*> names) {
+  for (const char* n : names)
+    if (iequals(value, n))
+      return n;
+  return nullptr;
+}
+
+error need_object(const json& v, const std::string& path) {
+  return v.is_object() ? error{} : wrong_type(path, "an object", v);
+}
+
+error need_string(const json& v, const std::string& path, bool non_empty = true) {
+  if (!v.is_string())
+    return wrong_type(path, "a string", v);
+  if (non_empty && v.get_ref<const std::string&>().empty())
+    return invalid(path, "must not be empty");
+  return {};
+}
+
+bool is_https_url(std::string_view url) {
+  constexpr std::string_view scheme = "https://";
+  if (url.size() <= scheme.size() || url.size() > max_url ||
+      !iequals(url.substr(0, scheme.size()), scheme))
+    return false;
+  for (char c : url)
+    if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7f)
+      return false;
+  auto host_end = url.find_first_of("/?#", scheme.size());
+  std::string_view authority = url.substr(scheme.size(), host_end - scheme.size());
+  // userinfo@host would let a webhook URL smuggle credentials; hosts only.
+  return !authority.empty() && authority.find('@') == std::string_view::npos &&
+         authority.front() != ':';
+}
+
+// -- attestation --------------------------------------------------------------
+
+error normalize_key(const json* sk, const char* name, const json* old_sk, json& out_sk) {
+  const std::string path = std::string("attestation.symmetricKey.") + name;
+  if (sk != nullptr) {
+    if (const json* v = member(*sk, name)) {
+      if (!v->is_string())
+        return wrong_type(path, "a string", *v);
+      const auto& s = v->get_ref<const std::string&>();
+      if (!s.empty()) { // "" = omitted, as some clients send it
+        auto n = b64_decoded_size(s);
+        if (!n || *n < min_key_bytes || *n > max_key_bytes)
+          return invalid(path, "must be base64 of 16..64 bytes");
+        out_sk[name] = s;
+        return {};
+      }
+    }
+  }
+  // On replace, an omitted key keeps the stored one: GET strips keys, so the
+  // usual get-modify-put cycle must not silently rotate device credentials.
+  if (old_sk != nullptr) {
+    if (const json* v = member(*old_sk, name); v != nullptr && v->is_string() &&
+                                               !v->get_ref<const std::string&>().empty()) {
+      out_sk[name] = *v;
+      return {};
+    }
+  }
+  auto key = generate_key();
+  if (!key)
+    return {error_code::internal, "random number generator failed"};
+  out_sk[name] = std::move(*key);
+  return {};
+}
+
+error normalize_symmetric(const json& att, const json* existing_att, json& out) {
+  const json* sk = member(att, "symmetricKey");
+  if (sk != nullptr) {
+    if (auto e = need_object(*sk, "attestation.symmetricKey"))
+      return e;
+    if (auto e = only_members(*sk, "attestation.symmetricKey", {"primaryKey", "secondaryKey"}))
+      return e;
+  }
+  const json* old_sk = nullptr;
+  if (existing_att != nullptr && existing_att->is_object()) {
+    const json* t = member(*existing_att, "type");
+    if (t != nullptr && t->is_string() && *t == "symmetricKey")
+      old_sk = member(*existing_att, "symmetricKey");
+    if (old_sk != nullptr && !old_sk->is_object())
+      old_sk = nullptr;
+  }
+  json out_sk = json::object();
+  if (auto e = normalize_key(sk, "primaryKey", old_sk, out_sk))
+    return e;
+  if (auto e = normalize_key(sk, "secondaryKey", old_sk, out_sk))
+    return e;
+  out["symmetricKey"] = std::move(out_sk);
+  return {};
+}
+
+error normalize_tpm(const json& att, json& out) {
+  const std::string path = "attestation.tpm";
+  const json* tpm = member(att, "tpm");
+  if (tpm == nullptr)
+    return invalid(path, "required when type is tpm");
+  if (auto e = need_object(*tpm, path))
+    return e;
+  if (auto e = only_members(*tpm, path, {"endorsementKey", "storageRootKey"}))
+    return e;
+  const json* ek = member(*tpm, "endorsementKey");
+  if (ek == nullptr)
+    return invalid(path + ".endorsementKey", "required");
+  if (!ek->is_string())
+    return wrong_type(path + ".endorsementKey", "a string", *ek);
+  if (!b64_decoded_size(ek->get_ref<const std::string&>()))
+    return invalid(path + ".endorsementKey", "must be base64");
+  if (const json* srk = member(*tpm, "storageRootKey")) {
+    if (!srk->is_string())
+      return wrong_type(path + ".storageRootKey", "a string", *srk);
+    if (!b64_decoded_size(srk->get_ref<const std::string&>()))
+      return invalid(path + ".storageRootKey", "must be base64");
+  }
+  out["tpm"] = *tpm;
+  return {};
+}
+
+/// X509Certificates {primary, secondary}, each {certificate, info}. Counts the
+/// slots filled.
+error check_certificates(const json& v, const std::string& path, int& filled) {
+  if (auto e = need_object(v, path))
+    return e;
+  if (auto e = only_members(v, path, {"primary", "secondary"}))
+    return e;
+  for (const char* slot : {"primary", "secondary"}) {
+    const json* c = member(v, slot);
+    if (c == nullptr)
+      continue;
+    const std::string sp = join(path, slot);
+    if (auto e = need_object(*c, sp))
+      return e;
+    if (auto e = only_members(*c, sp, {"certificate", "info"}))
+      return e;
+    const json* pem = member(*c, "certificate");
+    if (pem == nullptr)
+      return invalid(sp + ".certificate", "required");
+    if (auto e = need_string(*pem, sp + ".certificate"))
+      return e;
+    if (const json* info = member(*c, "info"))
+      if (auto e = need_object(*info, sp + ".info"))
+        return e;
+    ++filled;
+  }
+  return {};
+}
+
+error normalize_x509(const json& att, json& out) {
+  const std::string path = "attestation.x509";
+  const json* x = member(att, "x509");
+  if (x == nullptr)
+    return invalid(path, "required when type is x509");
+  if (auto e = need_object(*x, path))
+    return e;
+  if (auto e = only_members(*x, path, {"clientCertificates", "signingCertificates", "caReferences"}))
+    return e;
+  int filled = 0;
+  for (const char* name : {"clientCertificates", "signingCertificates"})
+    if (const json* v = member(*x, name))
+      if (auto e = check_certificates(*v, join(path, name), filled))
+        return e;
+  if (const json* ca = member(*x, "caReferences")) {
+    const std::string cp = path + ".caReferences";
+    if (auto e = need_object(*ca, cp))
+      return e;
+    if (auto e = only_members(*ca, cp, {"primary", "secondary"}))
+      return e;
+    for (const char* slot : {"primary", "secondary"})
+      if (const json* v = member(*ca, slot)) {
+        if (auto e = need_string(*v, join(cp, slot)))
+          return e;
+        ++filled;
+      }
+  }
+  if (filled == 0)
+    return invalid(path, "needs clientCertificates, signingCertificates or caReferences "
+                         "with a primary or secondary entry");
+  out["x509"] = *x; // kept as given; certificates are parsed elsewhere
+  return {};
+}
+
+error normalize_attestation(kind k, const json& body, const json* existing, json& out) {
+  const json* att = member(body, "attestation");
+  if (att == nullptr)
+    return invalid("attestation", "required");
+  if (auto e = need_object(*att, "attestation"))
+    return e;
+  if (auto e = only_members(*att, "attestation", {"type", "tpm", "x509", "symmetricKey"}))
+    return e;
+  const json* type = member(*att, "type");
+  if (type == nullptr)
+    return invalid("attestation.type", "required");
+  if (!type->is_string())
+    return wrong_type("attestation.type", "a string", *type);
+  const char* t = canonical(type->get_ref<const std::string&>(),
+                            {"none", "tpm", "x509", "symmetricKey"});
+  if (t == nullptr)
+    return invalid("attestation.type", "must be one of none, tpm, x509, symmetricKey");
+  const std::string_view ts = t;
+  if (k == kind::group && (ts == "none" || ts == "tpm"))
+    return invalid("attestation.type",
+                   std::string(ts) + " is not supported for enrollment groups (x509 or symmetricKey)");
+  // A mechanism other than the declared type would be stored but never used.
+  for (const char* other : {"tpm", "x509", "symmetricKey"})
+    if (ts != other && member(*att, other) != nullptr)
+      return invalid(std::string("attestation.") + other,
+                     "not allowed when type is " + std::string(ts));
+
+  const json* existing_att = nullptr;
+  if (existing != nullptr && existing->is_object())
+    existing_att = member(*existing, "attestation");
+
+  json result = json::object();
+  result["type"] = t;
+  error e;
+  if (ts == "symmetricKey")
+    e = normalize_symmetric(*att, existing_att, result);
+  else if (ts == "tpm")
+    e = normalize_tpm(*att, result);
+  else if (ts == "x509")
+    e = normalize_x509(*att, result);
+  if (e)
+    return e;
+  out["attestation"] = std::move(result);
+  return {};
+}
+
+// -- other members ------------------------------------------------------------
+
+error normalize_initial_twin(const json& twin, json& out) {
+  const std::string path = "initialTwin";
+  if (auto e = need_object(twin, path))
+    return e;
+  if (auto e = only_members(twin, path, {"tags", "properties"}))
+    return e;
+  if (const json* tags = member(twin, "tags"))
+    if (auto e = need_object(*tags, path + ".tags"))
+      return e;
+  if (const json* props = member(twin, "properties")) {
+    if (auto e = need_object(*props, path + ".properties"))
+      return e;
+    if (auto e = only_members(*props, path + ".properties", {"desired"}))
+      return e;
+    if (const json* desired = member(*props, "desired"))
+      if (auto e = need_object(*desired, path + ".properties.desired"))
+        return e;
+  }
+  out["initialTwin"] = twin;
+  return {};
+}
+
+error normalize_reprovision(const json* rp, json& out) {
+  json result = {{"updateHubAssignment", true}, {"migrateDeviceData", true}};
+  if (rp != nullptr) {
+    if (auto e = need_object(*rp, "reprovisionPolicy"))
+      return e;
+    if (auto e = only_members(*rp, "reprovisionPolicy", {"updateHubAssignment", "migrateDeviceData"}))
+      return e;
+    for (const char* name : {"updateHubAssignment", "migrateDeviceData"})
+      if (const json* v = member(*rp, name)) {
+        if (!v->is_boolean())
+          return wrong_type(join("reprovisionPolicy", name), "a boolean", *v);
+        result[name] = *v;
+      }
+  }
+  out["reprovisionPolicy"] = std::move(result);
+  return {};
+}
+
+error normalize_capabilities(const json* caps, json& out) {
+  json result = {{"iotEdge", false}};
+  if (caps != nullptr) {
+    if (auto e = need_object(*caps, "capabilities"))
+      return e;
+    if (auto e = only_members(*caps, "capabilities", {"iotEdge"}))
+      return e;
+    if (const json* v = member(*caps, "iotEdge")) {
+      if (!v->is_boolean())
+        return wrong_type("capabilities.iotEdge", "a boolean", *v);
+      result["iotEdge"] = *v;
+    }
+  }
+  out["capabilities"] = std::move(result);
+  return {};
+}
+
+error normalize_hubs(const json& body, json& out) {
+  if (const json* hubs = member(body, "iotHubs")) {
+    if (!hubs->is_array())
+      return wrong_type("iotHubs", "an array of strings", *hubs);
+    if (hubs->size() > max_hubs)
+      return invalid("iotHubs", "at most 50 hubs");
+    for (std::size_t i = 0; i < hubs->size(); ++i) {
+      const std::string path = "iotHubs[" + std::to_string(i) + "]";
+      if (auto e = need_string((*hubs)[i], path))
+        return e;
+      if ((*hubs)[i].get_ref<const std::string&>().size() > max_hostname)
+        return invalid(path, "longer than 255 characters");
+    }
+    out["iotHubs"] = *hubs;
+  }
+  if (const json* legacy = member(body, "iotHubHostName")) {
+    if (!legacy->is_string())
+      return wrong_type("iotHubHostName", "a string", *legacy);
+    out["iotHubHostName"] = *legacy;
+  }
+  return {};
+}
+
+error normalize_allocation(const json& body, json& out) {
+  const char* policy = nullptr;
+  if (const json* p = member(body, "allocationPolicy")) {
+    if (!p->is_string())
+      return wrong_type("allocationPolicy", "a string", *p);
+    // The Azure CLI writes "geolatency"; match case-insensitively.
+    policy = canonical(p->get_ref<const std::string&>(),
+                       {"hashed", "geoLatency", "static", "custom"});
+    if (policy == nullptr)
+      return invalid("allocationPolicy", "must be one of hashed, geoLatency, static, custom");
+    out["allocationPolicy"] = policy;
+  }
+  const bool custom = policy != nullptr && std::string_view(policy) == "custom";
+  const json* def = member(body, "customAllocationDefinition");
+  if (def == nullptr) {
+    if (custom)
+      return {error_code::custom_allocation_required,
+              "customAllocationDefinition: required when allocationPolicy is custom"};
+  } else {
+    const std::string path = "customAllocationDefinition";
+    if (auto e = need_object(*def, path))
+      return e;
+    if (auto e = only_members(*def, path, {"webhookUrl", "apiVersion"}))
+      return e;
+    for (const char* name : {"webhookUrl", "apiVersion"})
+      if (member(*def, name) == nullptr)
+        return {custom ? error_code::custom_allocation_required : error_code::invalid_enrollment,
+                join(path, name) + ": required"};
+    const json& url = def->at("webhookUrl");
+    if (!url.is_string())
+      return wrong_type(path + ".webhookUrl", "a string", url);
+    if (!is_https_url(url.get_ref<const std::string&>()))
+      return invalid(path + ".webhookUrl", "must be an https URL");
+    const json& ver = def->at("apiVersion");
+    if (auto e = need_string(ver, path + ".apiVersion"))
+      return e;
+    if (ver.get_ref<const std::string&>().size() > max_api_version)
+      return invalid(path + ".apiVersion", "longer than 64 characters");
+    out["customAllocationDefinition"] = *def;
+  }
+  if (policy != nullptr && std::string_view(policy) == "static") {
+    const auto it = out.find("iotHubs");
+    if (it == out.end() || it->size() != 1)
+      return invalid("iotHubs", "allocationPolicy static needs exactly one hub");
+  }
+  return {};
+}
+
+error normalize_impl(kind k, std::string_view path_id, const json& body,
+                     const json* existing, int64_t now_ms, json& out) {
+  if (!body.is_object())
+    return {error_code::invalid_enrollment, "body: must be a JSON object (got " +
+                                                std::string(body.type_name()) + ")"};
+  const char* id_name = k == kind::individual ? "registrationId" : "enrollmentGroupId";
+  if (k == kind::individual) {
+    if (auto e = only_members(body, "", {"registrationId", "deviceId", "registrationState",
+                                         "optionalDeviceInformation", "attestation",
+                                         "capabilities", "iotHubHostName", "initialTwin",
+                                         "etag", "provisioningStatus", "reprovisionPolicy",
+                                         "createdDateTimeUtc", "lastUpdatedDateTimeUtc",
+                                         "allocationPolicy", "iotHubs",
+                                         "customAllocationDefinition"}))
+      return e;
+  } else {
+    if (auto e = only_members(body, "", {"enrollmentGroupId", "attestation", "capabilities",
+                                         "iotHubHostName", "initialTwin", "etag",
+                                         "provisioningStatus", "reprovisionPolicy",
+                                         "createdDateTimeUtc", "lastUpdatedDateTimeUtc",
+                                         "allocationPolicy", "iotHubs",
+                                         "customAllocationDefinition"}))
+      return e;
+  }
+
+  std::string id(path_id);
+  if (const json* v = member(body, id_name)) {
+    if (!v->is_string())
+      return wrong_type(id_name, "a string", *v);
+    const auto& body_id = v->get_ref<const std::string&>();
+    if (!iequals(body_id, path_id))
+      return {error_code::id_mismatch,
+              std::string(id_name) + ": '" + printable(body_id) +
+                  "' does not match the id in the path '" + printable(path_id) + "'"};
+    id = body_id;
+  }
+  const bool id_ok = k == kind::individual ? valid_registration_id(id) : valid_group_id(id);
+  if (!id_ok)
+    return invalid(id_name, "must be 1..128 characters of A-Z a-z 0-9 - . _ :, starting "
+                            "with a letter or digit and ending with a letter, digit or '-'");
+
+  json doc = json::object();
+  doc[id_name] = id;
+
+  if (auto e = normalize_attestation(k, body, existing, doc))
+    return e;
+
+  std::string status = "enabled";
+  if (const json* v = member(body, "provisioningStatus")) {
+    if (!v->is_string())
+      return wrong_type("provisioningStatus", "a string", *v);
+    const char* s = canonical(v->get_ref<const std::string&>(), {"enabled", "disabled"});
+    if (s == nullptr)
+      return invalid("provisioningStatus", "must be enabled or disabled");
+    status = s;
+  }
+  doc["provisioningStatus"] = status;
+
+  if (auto e = normalize_hubs(body, doc))
+    return e;
+  if (auto e = normalize_allocation(body, doc))
+    return e;
+  if (auto e = normalize_reprovision(member(body, "reprovisionPolicy"), doc))
+    return e;
+  if (auto e = normalize_capabilities(member(body, "capabilities"), doc))
+    return e;
+  if (const json* twin = member(body, "initialTwin"))
+    if (auto e = normalize_initial_twin(*twin, doc))
+      return e;
+
+  if (k == kind::individual) {
+    if (const json* info = member(body, "optionalDeviceInformation")) {
+      if (auto e = need_object(*info, "optionalDeviceInformation"))
+        return e;
+      doc["optionalDeviceInformation"] = *info;
+    }
+    if (const json* dev = member(body, "deviceId")) {
+      if (!dev->is_string())
+        return wrong_type("deviceId", "a string", *dev);
+      const auto& d = dev->get_ref<const std::string&>();
+      if (d.empty() || d.size() > max_id_length ||
+          !std::all_of(d.begin(), d.end(), is_id_char))
+        return invalid("deviceId", "must be 1..128 characters of A-Z a-z 0-9 - . _ :");
+      doc["deviceId"] = d;
+    }
+  }
+
+  // Server-owned members: whatever the client sent for them is ignored.
+  const std::string now = format_utc(now_ms);
+  std::string created = now;
+  if (existing != nullptr && existing->is_object())
+    if (const json* c = member(*existing, "createdDateTimeUtc"); c != nullptr && c->is_string())
+      created = c->get<std::string>();
+  doc["createdDateTimeUtc"] = created;
+  doc["lastUpdatedDateTimeUtc"] = now;
+  doc["etag"] = new_etag();
+
+  out = std::move(doc);
+  return {};
+}
+
+// -- view helpers ---------------------------------------------------------------
+
+error stored(const std::string& path, std::string_view what) {
+  return {error_code::internal, "stored enrollment: " + path + ": " + std::string(what)};
+}
+
+error view_string(const json& obj, const char* name, const std::string& path, std::string& out) {
+  const json* v = member(obj, name);
+  if (v == nullptr)
+    return {};
+  if (!v->is_string())
+    return stored(path, "not a string");
+  out = v->get<std::string>();
+  return {};
+}
+
+error view_bool(const json& obj, const char* name, const std::string& path, bool& out) {
+  const json* v = member(obj, name);
+  if (v == nullptr)
+    return {};
+  if (!v->is_boolean())
+    return stored(path, "not a boolean");
+  out = v->get<bool>();
+  return {};
+}
+
+error view_impl(kind k, const json& doc, enrollment_view& out) {
+  if (!doc.is_object())
+    return stored("document", "not an object");
+  enrollment_view v;
+  v.k = k;
+  const char* id_name = k == kind::individual ? "registrationId" : "enrollmentGroupId";
+  if (auto e = view_string(doc, id_name, id_name, v.id))
+    return e;
+  if (v.id.empty())
+    return stored(id_name, "missing");
+
+  const json* att = member(doc, "attestation");
+  if (att == nullptr || !att->is_object())
+    return stored("attestation", "missing or not an object");
+  if (auto e = view_string(*att, "type", "attestation.type", v.attestation_type))
+    return e;
+  if (const json* sk = member(*att, "symmetricKey"); sk != nullptr && sk->is_object()) {
+    if (auto e = view_string(*sk, "primaryKey", "attestation.symmetricKey.primaryKey", v.primary_key))
+      return e;
+    if (auto e = view_string(*sk, "secondaryKey", "attestation.symmetricKey.secondaryKey", v.secondary_key))
+      return e;
+  }
+  if (k == kind::individual)
+    if (auto e = view_string(doc, "deviceId", "deviceId", v.device_id))
+      return e;
+
+  std::string status;
+  if (auto e = view_string(doc, "provisioningStatus", "provisioningStatus", status))
+    return e;
+  v.enabled = status != "disabled";
+  if (auto e = view_string(doc, "allocationPolicy", "allocationPolicy", v.allocation_policy))
+    return e;
+
+  if (const json* hubs = member(doc, "iotHubs")) {
+    if (!hubs->is_array())
+      return stored("iotHubs", "not an array");
+    for (const auto& h : *hubs) {
+      if (!h.is_string())
+        return stored("iotHubs", "entry not a string");
+      v.iot_hubs.push_back(h.get<std::string>());
+    }
+  }
+  if (const json* twin = member(doc, "initialTwin"))
+    // Replace invalid UTF-8 instead of throwing: documents may come from storage.
+    v.initial_twin_json = twin->dump(-1, ' ', false, json::error_handler_t::replace);
+
+  if (const json* caps = member(doc, "capabilities"); caps != nullptr && caps->is_object())
+    if (auto e = view_bool(*caps, "iotEdge", "capabilities.iotEdge", v.iot_edge))
+      return e;
+  if (const json* rp = member(doc, "reprovisionPolicy"); rp != nullptr && rp->is_object()) {
+    if (auto e = view_bool(*rp, "updateHubAssignment", "reprovisionPolicy.updateHubAssignment",
+                           v.update_hub_assignment))
+      return e;
+    if (auto e = view_bool(*rp, "migrateDeviceData", "reprovisionPolicy.migrateDeviceData",
+                           v.migrate_device_data))
+      return e;
+  }
+  if (auto e = view_string(doc, "etag", "etag", v.etag))
+    return e;
+  out = std::move(v);
+  return {};
+}
+
+/// Next entity-tag in an If-Match list; `pos` advances past it. Returns false
+/// at the end. Tags are returned without W/ and quotes.
+bool next_tag(std::string_view s, std::size_t& pos, std::string_view& tag) {
+  auto skip = [&] {
+    while (pos < s.size() && (s[pos] == ' ' || s[pos] == '\t' || s[pos] == ','))
+      ++pos;
+  };
+  skip();
+  if (pos >= s.size())
+    return false;
+  if (s.compare(pos, 2, "W/") == 0)
+    pos += 2;
+  if (pos < s.size() && s[pos] == '"') {
+    auto close = s.find('"', pos + 1);
+    if (close == std::string_view::npos) // unterminated: take the rest
+      close = s.size();
+    tag = s.substr(pos + 1, close - pos - 1);
+    pos = close + 1;
+  } else {
+    auto end = s.find(',', pos);
+    if (end == std::string_view::npos)
+      end = s.size();
+    tag = s.substr(pos, end - pos);
+    while (!tag.empty() && (tag.back() == ' ' || tag.back() == '\t'))
+      tag.remove_suffix(1);
+    pos = end;
+  }
+  return true;
+}
+
+std::string_view bare_etag(std::string_view e) {
+  while (!e.empty() && (e.front() == ' ' || e.front() == '\t'))
+    e.remove_prefix(1);
+  while (!e.empty() && (e.back() == ' ' || e.back() == '\t'))
+    e.remove_suffix(1);
+  if (e.substr(0, 2) == "W/")
+    e.remove_prefix(2);
+  if (e.size() >= 2 && e.front() == '"' && e.back() == '"')
+    e = e.substr(1, e.size() - 2);
+  return e;
+}
+
+int64_t floor_div(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+} // namespace
+
+std::string key_of(std::string_view id) {
+  std::string out(id);
+  for (char& c : out)
+    c = lower(c);
+  return out;
+}
+
+bool valid_registration_id(std::string_view id) { return valid_id(id); }
+
+bool valid_group_id(std::string_view id) { return valid_id(id); }
+
+error normalize(kind k, std::string_view path_id, const nlohmann::json& body,
+                const nlohmann::json* existing, int64_t now_ms, nlohmann::json& out) {
+  try {
+    return normalize_impl(k, path_id, body, existing, now_ms, out);
+  } catch (const nlohmann::json::exception& ex) {
+    return {error_code::invalid_enrollment, std::string("body: ") + ex.what()};
+  } catch (const std::exception& ex) {
+    return {error_code::internal, std::string("normalize: ") + ex.what()};
+  }
+}
+
+error view_of(kind k, const nlohmann::json& doc, enrollment_view& out) {
+  try {
+    return view_impl(k, doc, out);
+  } catch (const std::exception& ex) {
+    return {error_code::internal, std::string("view_of: ") + ex.what()};
+  }
+}
+
+nlohmann::json public_document(const nlohmann::json& doc) {
+  nlohmann::json copy = doc;
+  if (copy.is_object()) {
+    auto att = copy.find("attestation");
+    if (att != copy.end() && att->is_object()) {
+      auto type = att->find("type");
+      const bool symmetric = type != att->end() && type->is_string() && *type == "symmetricKey";
+      if (symmetric || att->contains("symmetricKey"))
+        (*att)["symmetricKey"] = nlohmann::json::object();
+    }
+  }
+  return copy;
+}
+
+nlohmann::json attestation_mechanism(const nlohmann::json& doc) {
+  if (doc.is_object())
+    if (auto it = doc.find("attestation"); it != doc.end() && it->is_object())
+      return *it;
+  return nlohmann::json::object();
+}
+
+bool etag_matches(std::string_view if_match, std::string_view stored_etag) {
+  std::string_view trimmed = if_match;
+  while (!trimmed.empty() && (trimmed.front() == ' ' || trimmed.front() == '\t'))
+    trimmed.remove_prefix(1);
+  while (!trimmed.empty() && (trimmed.back() == ' ' || trimmed.back() == '\t'))
+    trimmed.remove_suffix(1);
+  if (trimmed == "*")
+    return true;
+  const std::string_view want = bare_etag(stored_etag);
+  if (want.empty())
+    return false;
+  std::size_t pos = 0;
+  std::string_view tag;
+  while (next_tag(trimmed, pos, tag))
+    if (tag == want)
+      return true;
+  return false;
+}
+
+std::string new_etag() {
+  std::array<unsigned char, 16> b{};
+  if (!random_fill(b.data(), b.size())) {
+    // Etags need uniqueness, not secrecy: fall back to a seeded counter.
+    static std::atomic<uint64_t> counter{std::random_device{}()};
+    uint64_t hi = counter.fetch_add(1) * 0x9E3779B97F4A7C15ULL;
+    uint64_t lo = static_cast<uint64_t>(
+        std::chrono::steady_clock::now().time_since_epoch().count());
+    for (int i = 0; i < 8; ++i) {
+      b[i] = static_cast<unsigned char>(hi >> (8 * i));
+      b[8 + i] = static_cast<unsigned char>(lo >> (8 * i));
+    }
+  }
+  b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40); // version 4
+  b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80); // RFC 4122 variant
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out = "\"";
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    if (i == 4 || i == 6 || i == 8 || i == 10)
+      out.push_back('-');
+    out.push_back(hex[b[i] >> 4]);
+    out.push_back(hex[b[i] & 0x0f]);
+  }
+  out.push_back('"');
+  return out;
+}
+
+std::string format_utc(int64_t ms) {
+  // Clamp to 0000-01-01 .. 9999-12-31 so the output always has the fixed shape.
+  constexpr int64_t min_ms = -62167219200000LL;
+  constexpr int64_t max_ms = 253402300799999LL;
+  ms = std::clamp(ms, min_ms, max_ms);
+  const int64_t secs = floor_div(ms, 1000);
+  const int64_t frac = ms - secs * 1000;
+  const int64_t days = floor_div(secs, 86400);
+  const int64_t sod = secs - days * 86400;
+  // civil_from_days (H. Hinnant): proleptic Gregorian calendar.
+  const int64_t z = days + 719468;
+  const int64_t era = floor_div(z, 146097);
+  const int64_t doe = z - era * 146097;
+  const int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+  const int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+  const int64_t mp = (5 * doy + 2) / 153;
+  const int64_t d = doy - (153 * mp + 2) / 5 + 1;
+  const int64_t m = mp < 10 ? mp + 3 : mp - 9;
+  const int64_t y = yoe + era * 400 + (m <= 2 ? 1 : 0);
+  char buf[72]; // ample: silences -Wformat-truncation on the int64 ranges
+  std::snprintf(buf, sizeof buf, "%04lld-%02lld-%02lldT%02lld:%02lld:%02lld.%03lld0000Z",
+                static_cast<long long>(y), static_cast<long long>(m),
+                static_cast<long long>(d), static_cast<long long>(sod / 3600),
+                static_cast<long long>(sod / 60 % 60), static_cast<long long>(sod % 60),
+                static_cast<long long>(frac));
+  return buf;
+}
+
+} // namespace prov::enrollment

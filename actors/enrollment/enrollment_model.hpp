@@ -1,0 +1,80 @@
+#pragma once
+// Individual enrollments and enrollment groups as the DPS service API
+// (api-version 2021-10-01) defines them. Documents are kept as JSON (every
+// field from the reference is stored and returned as given); the engine reads
+// the fields it acts on through the typed `enrollment_view`.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "messages/error.hpp"
+
+namespace prov::enrollment {
+
+enum class kind : uint8_t { individual, group };
+
+/// What the engine needs from an enrollment document.
+struct enrollment_view {
+  kind k = kind::individual;
+  std::string id;               ///< registrationId or enrollmentGroupId, as given
+  std::string attestation_type; ///< "symmetricKey" | "x509" | "tpm" | "none"
+  std::string primary_key;      ///< symmetricKey only (base64)
+  std::string secondary_key;
+  std::string device_id;        ///< individual only; empty = registration id
+  bool enabled = true;          ///< provisioningStatus != "disabled"
+  std::string allocation_policy; ///< hashed|geoLatency|static|custom; "" = instance default
+  std::vector<std::string> iot_hubs; ///< empty = all linked hubs
+  std::string initial_twin_json; ///< serialized initialTwin, "" when absent
+  bool iot_edge = false;         ///< capabilities.iotEdge
+  bool update_hub_assignment = true; ///< reprovisionPolicy
+  bool migrate_device_data = true;
+  std::string etag;
+};
+
+/// Storage key of an id: ids are case-insensitive, so keys are lower-case.
+std::string key_of(std::string_view id);
+
+/// True when `id` is a valid registration id: 1..128 chars of [A-Za-z0-9-._:],
+/// first char alphanumeric, last alphanumeric or '-'.
+bool valid_registration_id(std::string_view id);
+/// Same charset rules for enrollment group ids (1..128).
+bool valid_group_id(std::string_view id);
+
+/// Validates a create-or-replace body from the service API and produces the
+/// document to store. `path_id` is the id from the URL; the body's id (if
+/// present) must match it case-insensitively. `existing` is the stored document
+/// (nullptr when creating): createdDateTimeUtc is kept from it. Generates
+/// 64-byte symmetric keys when omitted, a new etag, timestamps (ISO 8601 UTC from
+/// `now_ms`). Read-only members sent by clients (registrationState, etag,
+/// timestamps) are ignored. Errors: invalid_enrollment / custom_allocation_required
+/// / id_mismatch with a message naming the offending member.
+[[nodiscard]] error normalize(kind k, std::string_view path_id,
+                              const nlohmann::json& body,
+                              const nlohmann::json* existing, int64_t now_ms,
+                              nlohmann::json& out);
+
+/// Extracts the typed view of a stored document.
+[[nodiscard]] error view_of(kind k, const nlohmann::json& doc, enrollment_view& out);
+
+/// The document as GET/query/PUT responses show it: symmetric keys removed
+/// (`attestation.symmetricKey` becomes {} ), everything else as stored.
+nlohmann::json public_document(const nlohmann::json& doc);
+
+/// The attestation mechanism including keys (POST .../attestationmechanism).
+nlohmann::json attestation_mechanism(const nlohmann::json& doc);
+
+/// True when an If-Match header value matches the stored etag: "*" matches
+/// anything; otherwise compared with surrounding quotes (and W/) stripped.
+bool etag_matches(std::string_view if_match, std::string_view stored_etag);
+
+/// A new opaque etag (quoted UUID-like string, as DPS sends).
+std::string new_etag();
+
+/// ISO 8601 UTC with 7 fractional digits, like "2026-11-26T12:00:00.1230000Z".
+std::string format_utc(int64_t ms_since_epoch);
+
+} // namespace prov::enrollment

@@ -1,0 +1,257 @@
+// Enrollment actor: the single writer of enrollments, enrollment groups and
+// registration-record deletes, so etag checks and writes cannot interleave.
+// Reads do not come here: the engine reads the store directly.
+//
+// Accepts: (put_atom, kind, id, body, if_match, doc_reply_fn)
+//          (delete_atom, kind, id, if_match, done_reply_fn)
+//          (bulk_atom, kind, body, doc_reply_fn)
+//          (deletereg_atom, id, if_match, done_reply_fn)
+// Blocking: synchronous synced RocksDB writes; spawned detached.
+
+#include <nlohmann/json.hpp>
+
+#include "actors/actor_types.hpp"
+
+namespace prov {
+
+using nlohmann::json;
+
+namespace {
+
+storage::cf family_of(enrollment::kind k) {
+  return k == enrollment::kind::individual ? storage::cf::enrollments : storage::cf::groups;
+}
+
+error_code not_found_code(enrollment::kind k) {
+  return k == enrollment::kind::individual ? error_code::enrollment_not_found
+                                           : error_code::enrollment_group_not_found;
+}
+
+std::string what(enrollment::kind k, const std::string& id) {
+  return (k == enrollment::kind::individual ? "individual enrollment '"
+                                            : "enrollment group '")
+         + id + "'";
+}
+
+error load(const engine_context& ctx, enrollment::kind k, const std::string& id,
+           std::optional<json>& out) {
+  std::optional<std::string> raw;
+  if (auto err = ctx.store->get(family_of(k), enrollment::key_of(id), raw))
+    return err;
+  out.reset();
+  if (raw) {
+    auto j = json::parse(*raw, nullptr, false);
+    if (j.is_discarded())
+      return {error_code::storage_failure, "stored " + what(k, id) + " is not valid JSON"};
+    out = std::move(j);
+  }
+  return {};
+}
+
+/// Validates one create/replace and adds it to `batch`; `doc` gets the stored
+/// document. `mode`: "" (plain PUT), "create", "update", "updateifmatchetag".
+error prepare_put(const engine_context& ctx, enrollment::kind k, const std::string& id,
+                  const json& body, const std::string& if_match, const std::string& mode,
+                  storage::write_batch& batch, json& doc) {
+  if (!body.is_object())
+    return {error_code::malformed_json, "the body must be a JSON object"};
+  std::optional<json> existing;
+  if (auto err = load(ctx, k, id, existing))
+    return err;
+  if (mode == "create" && existing)
+    return {error_code::conflict, what(k, id) + " already exists"};
+  std::string match = if_match;
+  if (mode == "updateifmatchetag") {
+    if (auto it = body.find("etag"); it != body.end() && it->is_string())
+      match = it->get<std::string>();
+    else
+      return {error_code::precondition_failed,
+              "updateIfMatchETag needs an etag on every item"};
+  }
+  if (!match.empty()) {
+    if (!existing)
+      return {error_code::precondition_failed,
+              "If-Match given but " + what(k, id) + " does not exist"};
+    auto stored = existing->value("etag", std::string{});
+    if (!enrollment::etag_matches(match, stored))
+      return {error_code::precondition_failed,
+              "etag mismatch: " + what(k, id) + " was changed since it was read"};
+  }
+  if (auto err = enrollment::normalize(k, id, body, existing ? &*existing : nullptr,
+                                       now_ms(), doc))
+    return err;
+  batch.put(family_of(k), enrollment::key_of(id), doc.dump());
+  return {};
+}
+
+} // namespace
+
+error engine_context::reload_groups() {
+  auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
+  error failure;
+  auto err = store->scan(storage::cf::groups, "", 0, [&](std::string_view, std::string_view v) {
+    auto j = json::parse(v, nullptr, false);
+    enrollment::enrollment_view view;
+    if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
+      failure = {error_code::storage_failure, "a stored enrollment group is unreadable"};
+      return true; // skip it, keep the others usable
+    }
+    fresh->push_back(std::move(view));
+    return true;
+  });
+  if (err)
+    return err;
+  groups.set(std::move(fresh));
+  return failure;
+}
+
+caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  return {
+    [ctx](put_atom, enrollment::kind k, const std::string& id, const std::string& body,
+          const std::string& if_match, doc_reply_fn& reply) {
+      auto j = json::parse(body, nullptr, false);
+      if (j.is_discarded()) {
+        reply.fn({error_code::malformed_json, "the body is not valid JSON"}, {});
+        return;
+      }
+      storage::write_batch batch;
+      json doc;
+      if (auto err = prepare_put(*ctx, k, id, j, if_match, "", batch, doc)) {
+        reply.fn(std::move(err), {});
+        return;
+      }
+      if (auto err = ctx->store->write(batch)) {
+        reply.fn(std::move(err), {});
+        return;
+      }
+      if (k == enrollment::kind::group)
+        static_cast<void>(ctx->reload_groups());
+      reply.fn({}, enrollment::public_document(doc).dump());
+    },
+    [ctx](delete_atom, enrollment::kind k, const std::string& id,
+          const std::string& if_match, done_reply_fn& reply) {
+      std::optional<json> existing;
+      if (auto err = load(*ctx, k, id, existing)) {
+        reply.fn(std::move(err));
+        return;
+      }
+      if (!existing) {
+        reply.fn({not_found_code(k), what(k, id) + " does not exist"});
+        return;
+      }
+      if (!if_match.empty()
+          && !enrollment::etag_matches(if_match, existing->value("etag", std::string{}))) {
+        reply.fn({error_code::precondition_failed,
+                  "etag mismatch: " + what(k, id) + " was changed since it was read"});
+        return;
+      }
+      storage::write_batch batch;
+      batch.del(family_of(k), enrollment::key_of(id));
+      if (auto err = ctx->store->write(batch)) {
+        reply.fn(std::move(err));
+        return;
+      }
+      if (k == enrollment::kind::group)
+        static_cast<void>(ctx->reload_groups());
+      reply.fn({});
+    },
+    [ctx](bulk_atom, enrollment::kind k, const std::string& body, doc_reply_fn& reply) {
+      auto j = json::parse(body, nullptr, false);
+      if (j.is_discarded() || !j.is_object()) {
+        reply.fn({error_code::malformed_json, "the body is not a JSON object"}, {});
+        return;
+      }
+      const char* list_name = k == enrollment::kind::individual ? "enrollments"
+                                                                : "enrollmentGroups";
+      const char* id_name = k == enrollment::kind::individual ? "registrationId"
+                                                              : "enrollmentGroupId";
+      auto items = j.find(list_name);
+      auto mode_it = j.find("mode");
+      if (items == j.end() || !items->is_array() || mode_it == j.end()
+          || !mode_it->is_string()) {
+        reply.fn({error_code::bad_request, std::string("bulk body needs '") + list_name
+                                             + "' (array) and 'mode' (string)"},
+                 {});
+        return;
+      }
+      auto mode = mode_it->get<std::string>();
+      std::transform(mode.begin(), mode.end(), mode.begin(),
+                     [](unsigned char c) { return std::tolower(c); });
+      if (mode != "create" && mode != "update" && mode != "updateifmatchetag"
+          && mode != "delete") {
+        reply.fn({error_code::bad_request,
+                  "mode must be create, update, updateIfMatchETag or delete"},
+                 {});
+        return;
+      }
+      if (items->empty() || items->size() > 10) {
+        reply.fn({error_code::bad_request, "a bulk operation takes 1 to 10 items"}, {});
+        return;
+      }
+      storage::write_batch batch;
+      json errors = json::array();
+      for (const auto& item : *items) {
+        std::string id;
+        if (item.is_object())
+          if (auto it = item.find(id_name); it != item.end() && it->is_string())
+            id = it->get<std::string>();
+        error err;
+        if (id.empty()) {
+          err = {error_code::invalid_enrollment, std::string("item without ") + id_name};
+        } else if (mode == "delete") {
+          std::optional<json> existing;
+          err = load(*ctx, k, id, existing);
+          if (!err && !existing)
+            err = {not_found_code(k), what(k, id) + " does not exist"};
+          if (!err)
+            batch.del(family_of(k), enrollment::key_of(id));
+        } else {
+          json doc;
+          err = prepare_put(*ctx, k, id, item, "", mode, batch, doc);
+        }
+        if (err)
+          errors.push_back({{id_name, id},
+                            {"errorCode", static_cast<int32_t>(err.code)},
+                            {"errorStatus", err.message}});
+      }
+      if (!batch.empty())
+        if (auto err = ctx->store->write(batch)) {
+          reply.fn(std::move(err), {});
+          return;
+        }
+      if (k == enrollment::kind::group)
+        static_cast<void>(ctx->reload_groups());
+      json result{{"isSuccessful", errors.empty()}, {"errors", errors}};
+      reply.fn({}, result.dump());
+    },
+    [ctx](deletereg_atom, const std::string& id, const std::string& if_match,
+          done_reply_fn& reply) {
+      auto key = enrollment::key_of(id);
+      std::optional<std::string> raw;
+      if (auto err = ctx->store->get(storage::cf::registrations, key, raw)) {
+        reply.fn(std::move(err));
+        return;
+      }
+      if (!raw) {
+        reply.fn({error_code::registration_not_found,
+                  "no registration record for '" + id + "'"});
+        return;
+      }
+      registration_state rs;
+      if (auto err = decode_record(*raw, rs)) {
+        reply.fn(std::move(err));
+        return;
+      }
+      if (!if_match.empty() && !enrollment::etag_matches(if_match, rs.etag)) {
+        reply.fn({error_code::precondition_failed,
+                  "etag mismatch: the registration record changed since it was read"});
+        return;
+      }
+      storage::write_batch batch;
+      batch.del(storage::cf::registrations, key);
+      reply.fn(ctx->store->write(batch));
+    },
+  };
+}
+
+} // namespace prov

@@ -1,0 +1,209 @@
+// Registration stage: the intake. Asks attestation to verify the credential,
+// dedupes concurrent registers of one device, records the operation durably
+// (group commit, synced WAL) and only then answers 202. Afterwards it hands the
+// attested event to allocation and settles terminal failures.
+//
+// Accepts:
+//   (register_atom, register_request, register_reply_fn)  from the gateway
+//   (accepted_atom, registration_event)                   resume after restart
+//   (committed_atom, operation id, error)                 from the store writer
+//   (event_atom, registration_event)                      registration.completed
+// Blocking: point reads for terminal failures; spawned detached.
+
+#include <unordered_map>
+
+#include "actors/actor_types.hpp"
+
+namespace prov {
+
+namespace {
+
+struct pending_accept {
+  registration_event event;
+  register_reply_fn reply;
+};
+
+struct registration_state_t {
+  /// lower(registration id) -> operation id of the unfinished operation.
+  std::unordered_map<std::string, std::string> inflight;
+  /// operation id -> accept waiting for its durable commit.
+  std::unordered_map<std::string, pending_accept> accepting;
+  /// operation ids whose terminal failure is being committed.
+  std::unordered_map<std::string, registration_event> settling;
+};
+
+register_reply make_reply(error err) {
+  register_reply r;
+  r.err = std::move(err);
+  return r;
+}
+
+} // namespace
+
+caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx,
+                                 caf::actor attestation) {
+  auto st = std::make_shared<registration_state_t>();
+  auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
+    auto it = st->inflight.find(reg_key);
+    if (it != st->inflight.end() && it->second == op_id) {
+      st->inflight.erase(it);
+      ctx->inflight.fetch_sub(1);
+    }
+  };
+  return {
+    [=](register_atom, register_request& req, register_reply_fn& reply) {
+      if (!ctx->accepting.load()) {
+        reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
+        return;
+      }
+      if (static_cast<std::size_t>(ctx->inflight.load()) >= ctx->opts.max_inflight) {
+        reply.fn(make_reply({error_code::throttled,
+                             "too many registrations in flight; retry after the "
+                             "Retry-After interval"}));
+        return;
+      }
+      self->request(attestation, caf::infinite, attest_atom::value, req)
+        .then(
+          [=](attestation_result& r) mutable {
+            if (r.err) {
+              reply.fn(make_reply(std::move(r.err)));
+              return;
+            }
+            auto reg_key = enrollment::key_of(req.registration_id);
+            if (auto it = st->inflight.find(reg_key); it != st->inflight.end()) {
+              // Same device registering again while its operation runs: one
+              // operation, not two (DPS devices retry the PUT on timeouts).
+              register_reply rr;
+              rr.operation_id = it->second;
+              reply.fn(std::move(rr));
+              return;
+            }
+            registration_event ev;
+            ev.operation_id = new_operation_id(ctx->instance_hex);
+            ev.registration_id = req.registration_id;
+            ev.id_scope = req.id_scope;
+            ev.api_version = req.api_version;
+            ev.protocol = req.protocol;
+            ev.accepted_ms = now_ms();
+            ev.attested_ms = ev.accepted_ms;
+            ev.attestation_type = r.attestation_type;
+            ev.enrollment_group_id = r.enrollment_group_id;
+            ev.payload_json = req.payload_json;
+            operation_record op;
+            op.operation_id = ev.operation_id;
+            op.registration_id = ev.registration_id;
+            storage::write_batch batch;
+            if (r.enabled) {
+              op.status = registration_status::assigning;
+              batch.put(storage::cf::pending, ev.operation_id, "");
+            } else {
+              // Disabled enrollment: terminal at once, reported by the poll.
+              op.status = registration_status::disabled;
+              ev.status = registration_status::disabled;
+              op.state.registration_id = ev.registration_id;
+              op.state.status = registration_status::disabled;
+              op.state.created_ms = op.state.updated_ms = ev.accepted_ms;
+              op.state.attestation_type = ev.attestation_type;
+              op.state.enrollment_group_id = ev.enrollment_group_id;
+              op.state.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
+              op.state.error_message = "the enrollment is disabled";
+            }
+            op.event = ev;
+            batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
+            if (r.enabled) {
+              st->inflight.emplace(reg_key, ev.operation_id);
+              ctx->inflight.fetch_add(1);
+            }
+            auto op_id = ev.operation_id;
+            st->accepting.emplace(op_id, pending_accept{std::move(ev), std::move(reply)});
+            auto me = caf::actor_cast<caf::actor>(self);
+            ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+              caf::anon_send(me, committed_atom::value, op_id, e);
+            });
+          },
+          [=](caf::error& e) mutable {
+            reply.fn(make_reply({error_code::internal, "attestation unavailable"}));
+          });
+    },
+    [=](committed_atom, const std::string& op_id, const error& e) {
+      if (auto it = st->accepting.find(op_id); it != st->accepting.end()) {
+        auto pa = std::move(it->second);
+        st->accepting.erase(it);
+        auto reg_key = enrollment::key_of(pa.event.registration_id);
+        if (e) {
+          finish(reg_key, op_id);
+          pa.reply.fn(make_reply({error_code::storage_failure,
+                                  "could not record the registration: " + e.message}));
+          return;
+        }
+        register_reply rr;
+        rr.operation_id = op_id;
+        rr.status = pa.event.status;
+        pa.reply.fn(std::move(rr));
+        if (pa.event.status == registration_status::assigning)
+          ctx->bus->publish(transport::topic::registration_attested, std::move(pa.event));
+        return;
+      }
+      if (auto it = st->settling.find(op_id); it != st->settling.end()) {
+        auto ev = std::move(it->second);
+        st->settling.erase(it);
+        finish(enrollment::key_of(ev.registration_id), op_id);
+      }
+    },
+    [=](accepted_atom, registration_event& ev) {
+      // Resumed after a restart: accepted before the crash, not yet finished.
+      auto reg_key = enrollment::key_of(ev.registration_id);
+      if (st->inflight.emplace(reg_key, ev.operation_id).second)
+        ctx->inflight.fetch_add(1);
+      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+    },
+    [=](event_atom, registration_event& ev) {
+      // registration.completed. Assigned results were committed by the
+      // configuration stage; failures from earlier stages are settled here.
+      if (ev.status != registration_status::failed) {
+        finish(enrollment::key_of(ev.registration_id), ev.operation_id);
+        return;
+      }
+      if (st->settling.count(ev.operation_id))
+        return;
+      std::optional<std::string> raw;
+      operation_record op;
+      if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw); err || !raw
+          || decode_record(*raw, op) || is_terminal(op.status)) {
+        finish(enrollment::key_of(ev.registration_id), ev.operation_id);
+        return;
+      }
+      auto now = now_ms();
+      op.status = registration_status::failed;
+      op.state.registration_id = ev.registration_id;
+      op.state.status = registration_status::failed;
+      op.state.created_ms = ev.accepted_ms;
+      op.state.updated_ms = now;
+      op.state.error_code = ev.error_code;
+      op.state.error_message = ev.error_message;
+      op.state.attestation_type = ev.attestation_type;
+      op.state.enrollment_group_id = ev.enrollment_group_id;
+      op.state.last_operation_id = ev.operation_id;
+      op.state.etag = enrollment::new_etag();
+      storage::write_batch batch;
+      batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
+      batch.del(storage::cf::pending, ev.operation_id);
+      // A failed re-registration does not erase a device's assignment.
+      std::optional<std::string> existing;
+      registration_state prev;
+      auto reg_key = enrollment::key_of(ev.registration_id);
+      if (!ctx->store->get(storage::cf::registrations, reg_key, existing)
+          && (!existing || decode_record(*existing, prev)
+              || prev.status != registration_status::assigned))
+        batch.put(storage::cf::registrations, reg_key, encode_record(op.state));
+      auto op_id = ev.operation_id;
+      st->settling.emplace(op_id, std::move(ev));
+      auto me = caf::actor_cast<caf::actor>(self);
+      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+        caf::anon_send(me, committed_atom::value, op_id, e);
+      });
+    },
+  };
+}
+
+} // namespace prov

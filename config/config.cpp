@@ -1,0 +1,642 @@
+#include "config/config.hpp"
+
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+
+#include <toml++/toml.h>
+
+namespace prov::config {
+namespace {
+
+using line_t = toml::source_index; // 0 = unknown
+
+// ---------------------------------------------------------------------------
+// Value rules shared by the TOML loader and validate().
+
+struct int_rule {
+  int64_t lo;
+  int64_t hi;
+};
+
+constexpr int_rule retry_after_rule{1, 300};
+constexpr int_rule threads_rule{0, 64};
+constexpr int_rule max_body_rule{1024, 1048576};
+constexpr int_rule request_timeout_rule{1, 3600};
+constexpr int_rule idle_timeout_rule{1, 86400};
+constexpr int_rule max_sas_rule{60, std::numeric_limits<int>::max()};
+constexpr int_rule clock_skew_rule{0, 3600};
+constexpr int_rule weight_rule{1, 1000};
+
+constexpr std::string_view known_rights[] = {
+    "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
+    "RegistrationStatusWrite"};
+constexpr std::string_view log_levels[] = {"trace", "debug", "info", "warn", "error", "off"};
+
+std::string range_message(const int_rule& r, int64_t v) {
+  // An open upper bound reads better as ">= lo" than "60..2147483647".
+  if (r.hi == std::numeric_limits<int>::max())
+    return "must be >= " + std::to_string(r.lo) + ", got " + std::to_string(v);
+  return "must be " + std::to_string(r.lo) + ".." + std::to_string(r.hi) + ", got " +
+         std::to_string(v);
+}
+
+/// The value in double quotes, escaped and shortened so a message stays one
+/// readable line whatever the file contains.
+std::string quote(std::string_view s) {
+  constexpr std::size_t max_shown = 80;
+  std::string out = "\"";
+  for (std::size_t i = 0; i < s.size() && i < max_shown; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (s.size() > max_shown) out += "...";
+  out += '"';
+  return out;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() &&
+         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) ==
+                  std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
+bool is_hex(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+bool is_alnum(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+bool valid_id_scope(std::string_view s) {
+  return s.size() == 11 && s.substr(0, 3) == "0ne" &&
+         std::all_of(s.begin() + 3, s.end(), is_hex);
+}
+
+/// RFC 1123 host name: dot-separated labels of 1..63 letters, digits and
+/// hyphens, no leading/trailing hyphen, at most 253 characters overall.
+bool valid_dns_name(std::string_view s) {
+  if (s.empty() || s.size() > 253) return false;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t dot = s.find('.', start);
+    const std::string_view label =
+        s.substr(start, dot == std::string_view::npos ? std::string_view::npos : dot - start);
+    if (label.empty() || label.size() > 63 || label.front() == '-' || label.back() == '-')
+      return false;
+    for (char c : label)
+      if (!is_alnum(c) && c != '-') return false;
+    if (dot == std::string_view::npos) return true;
+    start = dot + 1;
+  }
+}
+
+bool valid_ip(const std::string& s) {
+  unsigned char buf[16];
+  return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+bool valid_policy_name(std::string_view s) {
+  return !s.empty() && s.size() <= 64 && std::all_of(s.begin(), s.end(), [](char c) {
+           return is_alnum(c) || c == '_' || c == '-' || c == '.';
+         });
+}
+
+int base64_value(char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+/// Strict standard base64 (RFC 4648 §4, padded, canonical trailing bits).
+/// Returns the decoded length, or -1 when `s` is not valid base64. Only the
+/// length is needed here, so nothing is decoded into memory.
+long base64_decoded_size(std::string_view s) {
+  if (s.empty() || s.size() % 4 != 0) return -1;
+  std::size_t pad = 0;
+  if (s.back() == '=') pad = (s[s.size() - 2] == '=') ? 2 : 1;
+  const std::size_t data = s.size() - pad;
+  for (std::size_t i = 0; i < data; ++i)
+    if (base64_value(s[i]) < 0) return -1;
+  // Bits beyond the last full byte must be zero, else two spellings would
+  // decode to the same key.
+  if (pad == 1 && (base64_value(s[data - 1]) & 0x03) != 0) return -1;
+  if (pad == 2 && (base64_value(s[data - 1]) & 0x0f) != 0) return -1;
+  return static_cast<long>(s.size() / 4 * 3 - pad);
+}
+
+/// What is wrong with a shared access key, or "" when it is fine. Never
+/// echoes the key itself.
+std::string key_problem(std::string_view key) {
+  const long n = base64_decoded_size(key);
+  if (n < 0) return "not valid base64";
+  if (n < 16 || n > 64) return "must decode to 16..64 bytes, got " + std::to_string(n);
+  return {};
+}
+
+std::string join(const std::string& prefix, std::string_view key) {
+  return prefix.empty() ? std::string(key) : prefix + "." + std::string(key);
+}
+
+std::string indexed(const std::string& path, std::size_t i) {
+  return path + "[" + std::to_string(i) + "]";
+}
+
+/// "hubs[1].hostname" -> "hubs[1]" -> "hubs" -> "".
+std::string parent_path(const std::string& path) {
+  const std::size_t dot = path.rfind('.');
+  const std::size_t bracket = path.rfind('[');
+  std::size_t cut = std::string::npos;
+  if (dot != std::string::npos) cut = dot;
+  if (bracket != std::string::npos && (cut == std::string::npos || bracket > cut)) cut = bracket;
+  return cut == std::string::npos ? std::string() : path.substr(0, cut);
+}
+
+// ---------------------------------------------------------------------------
+// Cross-field and value checks on the typed struct. `report(path, what)` is
+// called for every problem, in a fixed order.
+
+using report_fn = std::function<void(const std::string& path, std::string what)>;
+
+void check_range(const report_fn& report, const std::string& path, int64_t v, const int_rule& r) {
+  if (v < r.lo || v > r.hi) report(path, range_message(r, v));
+}
+
+void check_listen(const report_fn& report, const std::string& path, const std::string& v) {
+  std::string host;
+  uint16_t port = 0;
+  if (!split_host_port(v, host, port)) report(path, "expected HOST:PORT, got " + quote(v));
+}
+
+void check_config(const engine_config& c, const report_fn& report) {
+  if (c.id_scope && !valid_id_scope(*c.id_scope))
+    report("id_scope", "expected \"0ne\" followed by 8 hex digits, got " + quote(*c.id_scope));
+  if (c.data_dir.empty()) report("data_dir", "must not be empty");
+
+  const device_api_config& d = c.device_api;
+  check_listen(report, "device_api.listen", d.listen);
+  if (d.hostnames.empty())
+    report("device_api.hostnames", "must list at least one host name");
+  for (std::size_t i = 0; i < d.hostnames.size(); ++i) {
+    const std::string& h = d.hostnames[i];
+    if (!valid_dns_name(h) && !valid_ip(h))
+      report(indexed("device_api.hostnames", i),
+             "expected a DNS name or IP address, got " + quote(h));
+  }
+  if (!d.tls_cert.empty() && d.tls_key.empty())
+    report("device_api.tls_cert", "set without device_api.tls_key (set both or neither)");
+  if (d.tls_cert.empty() && !d.tls_key.empty())
+    report("device_api.tls_key", "set without device_api.tls_cert (set both or neither)");
+  check_range(report, "device_api.retry_after_seconds", d.retry_after_seconds, retry_after_rule);
+  check_range(report, "device_api.threads", d.threads, threads_rule);
+  // size_t may exceed int64_t; anything that large is out of range anyway.
+  const int64_t body = d.max_body_bytes > static_cast<std::size_t>(max_body_rule.hi)
+                           ? std::numeric_limits<int64_t>::max()
+                           : static_cast<int64_t>(d.max_body_bytes);
+  check_range(report, "device_api.max_body_bytes", body, max_body_rule);
+  check_range(report, "device_api.request_timeout_seconds", d.request_timeout_seconds,
+              request_timeout_rule);
+  check_range(report, "device_api.idle_timeout_seconds", d.idle_timeout_seconds,
+              idle_timeout_rule);
+  check_range(report, "device_api.max_sas_lifetime_seconds", d.max_sas_lifetime_seconds,
+              max_sas_rule);
+  check_range(report, "device_api.clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
+
+  for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
+    const access_policy& p = c.access_policies[i];
+    const std::string base = indexed("access_policies", i);
+    if (p.name.empty())
+      report(base + ".name", "must not be empty");
+    else if (!valid_policy_name(p.name))
+      report(base + ".name",
+             "must be 1..64 characters of A-Z a-z 0-9 _ - ., got " + quote(p.name));
+    for (std::size_t j = 0; j < i; ++j)
+      if (!p.name.empty() && iequals(c.access_policies[j].name, p.name)) {
+        report(base + ".name", "duplicate policy name " + quote(p.name) + " (same as " +
+                                   indexed("access_policies", j) + ")");
+        break;
+      }
+    if (p.primary_key.empty())
+      report(base + ".primary_key", "must not be empty");
+    else if (std::string why = key_problem(p.primary_key); !why.empty())
+      report(base + ".primary_key", std::move(why));
+    if (!p.secondary_key.empty())
+      if (std::string why = key_problem(p.secondary_key); !why.empty())
+        report(base + ".secondary_key", std::move(why));
+    if (p.rights.empty())
+      report(base + ".rights",
+             "must list at least one of ServiceConfig, EnrollmentRead, EnrollmentWrite, "
+             "RegistrationStatusRead, RegistrationStatusWrite");
+    for (std::size_t r = 0; r < p.rights.size(); ++r) {
+      const std::string& right = p.rights[r];
+      const std::string rpath = indexed(base + ".rights", r);
+      if (std::find(std::begin(known_rights), std::end(known_rights), right) ==
+          std::end(known_rights))
+        report(rpath, "unknown right " + quote(right) +
+                          " (expected ServiceConfig, EnrollmentRead, EnrollmentWrite, "
+                          "RegistrationStatusRead or RegistrationStatusWrite)");
+      else if (std::find(p.rights.begin(), p.rights.begin() + static_cast<long>(r), right) !=
+               p.rights.begin() + static_cast<long>(r))
+        report(rpath, quote(right) + " listed twice");
+    }
+  }
+
+  for (std::size_t i = 0; i < c.hubs.size(); ++i) {
+    const hub_config& h = c.hubs[i];
+    const std::string base = indexed("hubs", i);
+    if (h.hostname.empty())
+      report(base + ".hostname", "must not be empty");
+    else if (!valid_dns_name(h.hostname))
+      report(base + ".hostname", "expected a DNS name, got " + quote(h.hostname));
+    for (std::size_t j = 0; j < i; ++j)
+      if (!h.hostname.empty() && iequals(c.hubs[j].hostname, h.hostname)) {
+        report(base + ".hostname", "duplicate hub hostname " + quote(h.hostname) +
+                                       " (same as " + indexed("hubs", j) + ")");
+        break;
+      }
+    check_range(report, base + ".allocation_weight", h.allocation_weight, weight_rule);
+  }
+
+  if (!c.metrics.listen.empty()) check_listen(report, "metrics.listen", c.metrics.listen);
+
+  if (std::find(std::begin(log_levels), std::end(log_levels), c.log.level) ==
+      std::end(log_levels))
+    report("log.level",
+           "must be one of trace, debug, info, warn, error, off, got " + quote(c.log.level));
+}
+
+// ---------------------------------------------------------------------------
+// TOML -> struct. Structural problems (unknown keys, wrong types, missing
+// required keys) are found here; value rules are left to check_config, whose
+// key paths are mapped back to lines through `lines_`.
+
+struct issue {
+  line_t line = 0;
+  std::string path;
+  std::string what;
+};
+
+std::string_view type_name(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::string: return "string";
+    case toml::node_type::integer: return "integer";
+    case toml::node_type::floating_point: return "float";
+    case toml::node_type::boolean: return "boolean";
+    case toml::node_type::date: return "date";
+    case toml::node_type::time: return "time";
+    case toml::node_type::date_time: return "date-time";
+    case toml::node_type::table: return "table";
+    case toml::node_type::array: return "array";
+    default: return "nothing";
+  }
+}
+
+line_t line_of(const toml::node& n) { return n.source().begin.line; }
+
+class loader {
+ public:
+  std::vector<issue> structural;
+
+  void load(const toml::table& root, engine_config& c) {
+    check_keys(root, "",
+               {"id_scope", "data_dir", "device_api", "access_policies", "hubs", "metrics",
+                "log"});
+    if (const toml::node* n = field(root, "", "id_scope")) {
+      std::string v;
+      if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
+    }
+    get(root, "", "data_dir", c.data_dir);
+
+    if (const toml::table* t = sub_table(root, "", "device_api")) {
+      const std::string p = "device_api";
+      device_api_config& d = c.device_api;
+      check_keys(*t, p,
+                 {"listen", "hostnames", "tls_cert", "tls_key", "retry_after_seconds", "threads",
+                  "max_body_bytes", "request_timeout_seconds", "idle_timeout_seconds",
+                  "max_sas_lifetime_seconds", "clock_skew_seconds"});
+      get(*t, p, "listen", d.listen);
+      get_strings(*t, p, "hostnames", d.hostnames);
+      get(*t, p, "tls_cert", d.tls_cert);
+      get(*t, p, "tls_key", d.tls_key);
+      get_int(*t, p, "retry_after_seconds", d.retry_after_seconds, retry_after_rule);
+      get_int(*t, p, "threads", d.threads, threads_rule);
+      get_int(*t, p, "max_body_bytes", d.max_body_bytes, max_body_rule);
+      get_int(*t, p, "request_timeout_seconds", d.request_timeout_seconds, request_timeout_rule);
+      get_int(*t, p, "idle_timeout_seconds", d.idle_timeout_seconds, idle_timeout_rule);
+      get_int(*t, p, "max_sas_lifetime_seconds", d.max_sas_lifetime_seconds, max_sas_rule);
+      get_int(*t, p, "clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
+    }
+
+    for_each_entry(root, "access_policies", [&](const toml::table& t, const std::string& p) {
+      access_policy a;
+      check_keys(t, p, {"name", "primary_key", "secondary_key", "rights"});
+      require(t, p, {"name", "primary_key"});
+      get(t, p, "name", a.name);
+      get(t, p, "primary_key", a.primary_key);
+      get(t, p, "secondary_key", a.secondary_key);
+      get_strings(t, p, "rights", a.rights);
+      c.access_policies.push_back(std::move(a));
+    });
+
+    for_each_entry(root, "hubs", [&](const toml::table& t, const std::string& p) {
+      hub_config h;
+      check_keys(t, p, {"hostname", "allocation_weight", "apply_allocation_policy", "region"});
+      require(t, p, {"hostname"});
+      get(t, p, "hostname", h.hostname);
+      get_int(t, p, "allocation_weight", h.allocation_weight, weight_rule);
+      get(t, p, "apply_allocation_policy", h.apply_allocation_policy);
+      get(t, p, "region", h.region);
+      c.hubs.push_back(std::move(h));
+    });
+
+    if (const toml::table* t = sub_table(root, "", "metrics")) {
+      check_keys(*t, "metrics", {"listen"});
+      get(*t, "metrics", "listen", c.metrics.listen);
+    }
+    if (const toml::table* t = sub_table(root, "", "log")) {
+      check_keys(*t, "log", {"level", "file"});
+      get(*t, "log", "level", c.log.level);
+      get(*t, "log", "file", c.log.file);
+    }
+  }
+
+  /// Line of the closest node at or above `path` that was seen in the file.
+  line_t line_for(std::string path) const {
+    while (!path.empty()) {
+      if (auto it = lines_.find(path); it != lines_.end() && it->second != 0) return it->second;
+      path = parent_path(path);
+    }
+    return 0;
+  }
+
+ private:
+  std::unordered_map<std::string, line_t> lines_;
+
+  void fail(line_t line, std::string path, std::string what) {
+    structural.push_back({line, std::move(path), std::move(what)});
+  }
+
+  void check_keys(const toml::table& t, const std::string& prefix,
+                  std::initializer_list<std::string_view> known) {
+    for (auto&& [k, v] : t) {
+      if (std::find(known.begin(), known.end(), k.str()) != known.end()) continue;
+      const line_t line = k.source().begin.line ? k.source().begin.line : line_of(v);
+      fail(line, join(prefix, k.str()), "unknown key");
+    }
+  }
+
+  void require(const toml::table& t, const std::string& prefix,
+               std::initializer_list<std::string_view> keys) {
+    for (std::string_view k : keys)
+      if (!t.contains(k)) fail(line_of(t), join(prefix, k), "missing required key");
+  }
+
+  /// The node at `key`, remembering its line under its key path.
+  const toml::node* field(const toml::table& t, const std::string& prefix,
+                          std::string_view key) {
+    const toml::node* n = t.get(key);
+    if (n) lines_[join(prefix, key)] = line_of(*n);
+    return n;
+  }
+
+  void wrong_type(const toml::node& n, const std::string& path, std::string_view expected) {
+    fail(line_of(n), path, "expected " + std::string(expected) + ", got " +
+                               std::string(type_name(n)));
+  }
+
+  bool as_string(const toml::node& n, const std::string& path, std::string& out) {
+    if (const auto* s = n.as_string()) {
+      out = s->get();
+      return true;
+    }
+    wrong_type(n, path, "string");
+    return false;
+  }
+
+  void get(const toml::table& t, const std::string& prefix, std::string_view key,
+           std::string& out) {
+    if (const toml::node* n = field(t, prefix, key)) as_string(*n, join(prefix, key), out);
+  }
+
+  void get(const toml::table& t, const std::string& prefix, std::string_view key, bool& out) {
+    const toml::node* n = field(t, prefix, key);
+    if (!n) return;
+    if (const auto* b = n->as_boolean())
+      out = b->get();
+    else
+      wrong_type(*n, join(prefix, key), "boolean");
+  }
+
+  /// Integers are range-checked later on the struct; here only values that
+  /// would not even fit the field are rejected (with the same message).
+  template <class Int>
+  void get_int(const toml::table& t, const std::string& prefix, std::string_view key, Int& out,
+               const int_rule& rule) {
+    const toml::node* n = field(t, prefix, key);
+    if (!n) return;
+    const auto* i = n->as_integer();
+    if (!i) return wrong_type(*n, join(prefix, key), "integer");
+    const int64_t v = i->get();
+    const bool fits =
+        v >= 0 ? static_cast<std::make_unsigned_t<int64_t>>(v) <=
+                     static_cast<std::make_unsigned_t<int64_t>>(std::numeric_limits<Int>::max())
+               : std::is_signed_v<Int> &&
+                     v >= static_cast<int64_t>(std::numeric_limits<Int>::min());
+    if (fits)
+      out = static_cast<Int>(v);
+    else
+      fail(line_of(*n), join(prefix, key), range_message(rule, v));
+  }
+
+  void get_strings(const toml::table& t, const std::string& prefix, std::string_view key,
+                   std::vector<std::string>& out) {
+    const toml::node* n = field(t, prefix, key);
+    if (!n) return;
+    const std::string path = join(prefix, key);
+    const toml::array* a = n->as_array();
+    if (!a) return wrong_type(*n, path, "array of strings");
+    std::vector<std::string> values;
+    for (std::size_t i = 0; i < a->size(); ++i) {
+      const toml::node& e = (*a)[i];
+      const std::string epath = indexed(path, i);
+      lines_[epath] = line_of(e);
+      std::string s;
+      if (as_string(e, epath, s)) values.push_back(std::move(s));
+    }
+    out = std::move(values);
+  }
+
+  const toml::table* sub_table(const toml::table& t, const std::string& prefix,
+                               std::string_view key) {
+    const toml::node* n = field(t, prefix, key);
+    if (!n) return nullptr;
+    if (const toml::table* sub = n->as_table()) return sub;
+    wrong_type(*n, join(prefix, key), "table");
+    return nullptr;
+  }
+
+  template <class Fn>
+  void for_each_entry(const toml::table& root, std::string_view key, Fn&& fn) {
+    const toml::node* n = field(root, "", key);
+    if (!n) return;
+    const std::string path(key);
+    const toml::array* a = n->as_array();
+    if (!a) return wrong_type(*n, path, "array of tables ([[" + path + "]])");
+    for (std::size_t i = 0; i < a->size(); ++i) {
+      const toml::node& e = (*a)[i];
+      const std::string epath = indexed(path, i);
+      lines_[epath] = line_of(e);
+      if (const toml::table* t = e.as_table())
+        fn(*t, epath);
+      else
+        wrong_type(e, epath, "table");
+    }
+  }
+};
+
+std::string format(const std::string& origin, const issue& i) {
+  std::string out = origin;
+  if (i.line != 0) out += ":" + std::to_string(i.line);
+  out += ": ";
+  if (!i.path.empty()) out += i.path + ": ";
+  out += i.what;
+  return out;
+}
+
+/// The issue with the lowest line (first reported wins ties), so the message
+/// points at the earliest problem in the file.
+const issue& earliest(const std::vector<issue>& issues) {
+  return *std::min_element(issues.begin(), issues.end(), [](const issue& a, const issue& b) {
+    const auto key = [](const issue& i) {
+      return i.line == 0 ? std::numeric_limits<line_t>::max() : i.line;
+    };
+    return key(a) < key(b);
+  });
+}
+
+error load_impl(std::string_view text, const std::string& origin, engine_config& out) {
+  toml::table root;
+  try {
+    root = toml::parse(text, std::string_view(origin));
+  } catch (const toml::parse_error& e) {
+    const auto& where = e.source().begin;
+    return {error_code::bad_request, origin + ":" + std::to_string(where.line) + ":" +
+                                         std::to_string(where.column) + ": " +
+                                         std::string(e.description())};
+  }
+
+  engine_config cfg; // start from defaults, whatever `out` held
+  loader l;
+  l.load(root, cfg);
+  // Structural problems first: after a wrong type the field holds its
+  // default, so value checks would only add noise.
+  if (!l.structural.empty())
+    return {error_code::bad_request, format(origin, earliest(l.structural))};
+
+  std::vector<issue> issues;
+  check_config(cfg, [&](const std::string& path, std::string what) {
+    issues.push_back({l.line_for(path), path, std::move(what)});
+  });
+  if (!issues.empty()) return {error_code::bad_request, format(origin, earliest(issues))};
+
+  cfg.source_file = origin;
+  out = std::move(cfg);
+  return {};
+}
+
+} // namespace
+
+error load_string(std::string_view toml, const std::string& origin, engine_config& out) {
+  const std::string name = origin.empty() ? std::string("<string>") : origin;
+  try {
+    return load_impl(toml, name, out);
+  } catch (const std::exception& e) { // e.g. bad_alloc: never escapes the API
+    return {error_code::bad_request, name + ": " + e.what()};
+  }
+}
+
+error load_file(const std::string& path, engine_config& out) {
+  const auto cannot_read = [&](int err) {
+    return error{error_code::bad_request,
+                 path + ": cannot read config file: " + std::strerror(err)};
+  };
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return cannot_read(errno);
+  std::string text;
+  char buf[8192];
+  std::size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  // fopen() succeeds on a directory on Linux; the read then fails (EISDIR).
+  const bool failed = std::ferror(f) != 0;
+  const int err = errno;
+  std::fclose(f);
+  if (failed) return cannot_read(err ? err : EIO);
+  return load_string(text, path, out);
+}
+
+error validate(const engine_config& cfg) {
+  error first;
+  check_config(cfg, [&](const std::string& path, std::string what) {
+    if (!first.ok()) return;
+    std::string msg = cfg.source_file.empty() ? std::string() : cfg.source_file + ": ";
+    first = error{error_code::bad_request, msg + path + ": " + what};
+  });
+  return first;
+}
+
+bool split_host_port(const std::string& s, std::string& host, uint16_t& port) {
+  std::string h;
+  std::string_view rest;
+  if (!s.empty() && s.front() == '[') {
+    const std::size_t close = s.find(']');
+    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':') return false;
+    h = s.substr(1, close - 1);
+    rest = std::string_view(s).substr(close + 2);
+  } else {
+    const std::size_t colon = s.rfind(':');
+    if (colon == std::string::npos) return false;
+    h = s.substr(0, colon);
+    // A bare IPv6 address ("::1:443") is ambiguous; it must be bracketed.
+    if (h.find(':') != std::string::npos) return false;
+    rest = std::string_view(s).substr(colon + 1);
+  }
+  if (h.empty() || h.find_first_of("[] \t\r\n") != std::string::npos) return false;
+  if (rest.empty() || rest.size() > 5) return false;
+  unsigned long p = 0;
+  for (char c : rest) {
+    if (c < '0' || c > '9') return false;
+    p = p * 10 + static_cast<unsigned long>(c - '0');
+  }
+  if (p > 65535) return false;
+  host = std::move(h);
+  port = static_cast<uint16_t>(p);
+  return true;
+}
+
+} // namespace prov::config

@@ -1,0 +1,45 @@
+#pragma once
+// Transport-neutral HTTP request/response used between the Beast server and
+// the routes, so route logic compiles (and is tested) without Beast.
+
+#include <functional>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace prov::gateway {
+
+struct http_request {
+  std::string method;  ///< upper case, e.g. "PUT"
+  std::string target;  ///< raw request target (path + query)
+  std::string path;    ///< target without the query
+  std::map<std::string, std::string> query;   ///< decoded query parameters
+  std::map<std::string, std::string> headers; ///< lower-case names
+  std::string body;
+  std::string client_ip;
+
+  const std::string& header(const std::string& lower_name) const {
+    static const std::string empty;
+    auto it = headers.find(lower_name);
+    return it == headers.end() ? empty : it->second;
+  }
+};
+
+struct http_response {
+  int status = 200;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;          ///< JSON text ("" for 204)
+  bool close = false;        ///< close the connection after sending
+};
+
+using respond_fn = std::function<void(http_response)>;
+
+/// Routes a request; calls `respond` exactly once, from any thread.
+class handler {
+public:
+  virtual ~handler() = default;
+  virtual void handle(http_request req, respond_fn respond) = 0;
+};
+
+} // namespace prov::gateway

@@ -1,0 +1,330 @@
+#include "gateway/https_server.hpp"
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+
+#include <openssl/ssl.h>
+
+#include "config/config.hpp"
+#include "gateway/routes.hpp"
+#include "messages/crypto.hpp"
+#include "messages/registration.hpp"
+
+namespace prov::gateway {
+
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace net = boost::asio;
+namespace ssl = net::ssl;
+using tcp = net::ip::tcp;
+
+namespace {
+
+using body_t = http::string_body;
+
+void fill_request(const http::request<body_t>& in, const std::string& ip, http_request& out) {
+  out.method = std::string(in.method_string());
+  out.target = std::string(in.target());
+  auto q = out.target.find('?');
+  out.path = out.target.substr(0, q);
+  if (q != std::string::npos) {
+    std::string_view qs(out.target);
+    qs.remove_prefix(q + 1);
+    while (!qs.empty()) {
+      auto amp = qs.find('&');
+      auto part = qs.substr(0, amp);
+      auto eq = part.find('=');
+      auto k = crypto::url_decode(part.substr(0, eq));
+      auto v = eq == std::string_view::npos ? std::optional<std::string>{""}
+                                            : crypto::url_decode(part.substr(eq + 1));
+      if (k && v && !k->empty())
+        out.query.emplace(*k, *v);
+      if (amp == std::string_view::npos)
+        break;
+      qs.remove_prefix(amp + 1);
+    }
+  }
+  for (const auto& f : in) {
+    std::string name(f.name_string());
+    for (auto& c : name)
+      c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    out.headers[name] = std::string(f.value());
+  }
+  out.body = in.body();
+  out.client_ip = ip;
+}
+
+class session : public std::enable_shared_from_this<session> {
+public:
+  session(tcp::socket&& sock, ssl::context& ctx, handler& h, const server_options& opts)
+    : stream_(std::move(sock), ctx), timer_(stream_.get_executor()), handler_(h),
+      opts_(opts) {
+    beast::error_code ec;
+    auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
+    if (!ec)
+      ip_ = ep.address().to_string();
+  }
+
+  void run() {
+    net::dispatch(stream_.get_executor(),
+                  beast::bind_front_handler(&session::on_run, shared_from_this()));
+  }
+
+private:
+  void arm(int seconds) {
+    timer_.expires_after(std::chrono::seconds(seconds));
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec)
+        return; // cancelled or re-armed
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      beast::get_lowest_layer(self->stream_).socket().cancel(ignored);
+    });
+  }
+
+  void on_run() {
+    arm(opts_.request_timeout_seconds);
+    stream_.async_handshake(ssl::stream_base::server,
+                            beast::bind_front_handler(&session::on_handshake,
+                                                      shared_from_this()));
+  }
+
+  void on_handshake(beast::error_code ec) {
+    if (ec)
+      return close_now();
+    read();
+  }
+
+  void read() {
+    parser_.emplace();
+    parser_->body_limit(opts_.max_body_bytes);
+    parser_->header_limit(static_cast<std::uint32_t>(opts_.max_header_bytes));
+    // Idle keep-alive wait and request transfer share one deadline per request.
+    arm(requests_ == 0 ? opts_.request_timeout_seconds
+                       : std::max(opts_.request_timeout_seconds, opts_.idle_timeout_seconds));
+    http::async_read(stream_, buffer_, *parser_,
+                     beast::bind_front_handler(&session::on_read, shared_from_this()));
+  }
+
+  void on_read(beast::error_code ec, std::size_t) {
+    if (ec == http::error::end_of_stream || ec == net::error::eof
+        || ec == ssl::error::stream_truncated)
+      return shutdown();
+    if (timed_out_) {
+      // Only answer when a request had started arriving (slowloris); idle
+      // keep-alive connections just close.
+      if (parser_ && parser_->got_some())
+        return fail_and_close({error_code::request_timeout,
+                               "request not received within "
+                                 + std::to_string(opts_.request_timeout_seconds) + " s"});
+      return shutdown();
+    }
+    if (ec == http::error::body_limit)
+      return fail_and_close({error_code::payload_too_large,
+                             "body larger than " + std::to_string(opts_.max_body_bytes)
+                               + " bytes"});
+    if (ec == http::error::header_limit)
+      return fail_and_close({error_code::headers_too_large, "request head too large"});
+    if (ec) {
+      if (parser_ && parser_->got_some())
+        return fail_and_close({error_code::bad_request,
+                               std::string("malformed HTTP request: ") + ec.message()});
+      return close_now();
+    }
+    timer_.cancel();
+    ++requests_;
+    auto req = parser_->release();
+    keep_alive_ = req.keep_alive();
+    version_ = req.version();
+    http_request hr;
+    fill_request(req, ip_, hr);
+    auto self = shared_from_this();
+    handler_.handle(std::move(hr), [self](http_response resp) {
+      net::post(self->stream_.get_executor(), [self, resp = std::move(resp)]() mutable {
+        self->write(std::move(resp));
+      });
+    });
+  }
+
+  void fail_and_close(const error& e) {
+    keep_alive_ = false;
+    auto resp = error_response(e, crypto::uuid4());
+    resp.close = true;
+    write(std::move(resp));
+  }
+
+  void write(http_response r) {
+    auto res = std::make_shared<http::response<body_t>>();
+    res->version(version_ ? version_ : 11);
+    res->result(static_cast<unsigned>(r.status));
+    res->set(http::field::server, "provisiond");
+    if (r.status != 204)
+      res->set(http::field::content_type, "application/json; charset=utf-8");
+    for (auto& [k, v] : r.headers)
+      res->set(k, v);
+    res->body() = std::move(r.body);
+    bool close = r.close || !keep_alive_;
+    res->keep_alive(!close);
+    res->prepare_payload();
+    arm(opts_.request_timeout_seconds);
+    http::async_write(stream_, *res,
+                      [self = shared_from_this(), res, close](beast::error_code ec,
+                                                              std::size_t) {
+                        self->timer_.cancel();
+                        if (ec)
+                          return self->close_now();
+                        if (close)
+                          return self->shutdown();
+                        self->read();
+                      });
+  }
+
+  void shutdown() {
+    timer_.expires_after(std::chrono::seconds(2));
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (!ec)
+        self->close_now();
+    });
+    stream_.async_shutdown([self = shared_from_this()](beast::error_code) {
+      self->timer_.cancel();
+      self->close_now();
+    });
+  }
+
+  void close_now() {
+    beast::error_code ignored;
+    beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    beast::get_lowest_layer(stream_).socket().close(ignored);
+  }
+
+  beast::ssl_stream<beast::tcp_stream> stream_;
+  net::steady_timer timer_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<body_t>> parser_;
+  handler& handler_;
+  const server_options& opts_;
+  std::string ip_;
+  bool keep_alive_ = true;
+  bool timed_out_ = false;
+  unsigned version_ = 11;
+  uint64_t requests_ = 0;
+};
+
+class server_impl final : public https_server {
+public:
+  server_impl(const server_options& opts, handler& h)
+    : opts_(opts), handler_(h), ssl_(ssl::context::tls_server), acceptor_(ioc_) {}
+
+  ~server_impl() override { stop(); }
+
+  error start() {
+    SSL_CTX* raw = ssl_.native_handle();
+    SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
+    SSL_CTX_set_max_proto_version(raw, TLS1_3_VERSION);
+    SSL_CTX_set_options(raw, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION
+                               | SSL_OP_CIPHER_SERVER_PREFERENCE);
+    // TLS 1.2: ECDHE with AEAD only (Mozilla "intermediate").
+    SSL_CTX_set_cipher_list(raw, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                                 "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305");
+    SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_SERVER);
+    beast::error_code ec;
+    ssl_.use_certificate_chain_file(opts_.cert_chain_file, ec);
+    if (ec)
+      return {error_code::bad_request,
+              "cannot load TLS certificate chain '" + opts_.cert_chain_file + "': "
+                + ec.message()};
+    ssl_.use_private_key_file(opts_.key_file, ssl::context::pem, ec);
+    if (ec)
+      return {error_code::bad_request,
+              "cannot load TLS private key '" + opts_.key_file + "': " + ec.message()};
+    std::string host;
+    uint16_t port = 0;
+    if (!config::split_host_port(opts_.listen, host, port))
+      return {error_code::bad_request, "listen address '" + opts_.listen
+                                         + "' is not HOST:PORT"};
+    auto addr = net::ip::make_address(host, ec);
+    if (ec)
+      return {error_code::bad_request, "listen address '" + host + "': " + ec.message()};
+    tcp::endpoint ep{addr, port};
+    acceptor_.open(ep.protocol(), ec);
+    if (!ec)
+      acceptor_.set_option(net::socket_base::reuse_address(true), ec);
+    if (!ec)
+      acceptor_.bind(ep, ec);
+    if (!ec)
+      acceptor_.listen(net::socket_base::max_listen_connections, ec);
+    if (ec)
+      return {error_code::unavailable,
+              "cannot listen on " + opts_.listen + ": " + ec.message()};
+    bound_ = acceptor_.local_endpoint(ec);
+    accept();
+    int n = opts_.threads > 0 ? opts_.threads
+                              : std::max(1u, std::thread::hardware_concurrency());
+    for (int i = 0; i < n; ++i)
+      threads_.emplace_back([this] { ioc_.run(); });
+    return {};
+  }
+
+  uint16_t port() const override { return bound_.port(); }
+  std::string address() const override { return bound_.address().to_string(); }
+
+  void stop() override {
+    if (stopped_.exchange(true))
+      return;
+    net::post(ioc_, [this] {
+      beast::error_code ignored;
+      acceptor_.close(ignored);
+    });
+    ioc_.stop();
+    for (auto& t : threads_)
+      if (t.joinable())
+        t.join();
+  }
+
+private:
+  void accept() {
+    acceptor_.async_accept(net::make_strand(ioc_), [this](beast::error_code ec,
+                                                          tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !acceptor_.is_open())
+        return;
+      if (!ec) {
+        sock.set_option(tcp::no_delay(true), ec);
+        std::make_shared<session>(std::move(sock), ssl_, handler_, opts_)->run();
+      }
+      accept();
+    });
+  }
+
+  server_options opts_;
+  handler& handler_;
+  net::io_context ioc_;
+  ssl::context ssl_;
+  tcp::acceptor acceptor_;
+  tcp::endpoint bound_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stopped_{false};
+};
+
+} // namespace
+
+error https_server::start(const server_options& opts, handler& h,
+                          std::unique_ptr<https_server>& out) {
+  auto impl = std::make_unique<server_impl>(opts, h);
+  if (auto err = impl->start())
+    return err;
+  out = std::move(impl);
+  return {};
+}
+
+} // namespace prov::gateway

@@ -1,0 +1,43 @@
+#pragma once
+// HTTPS/1.1 server (Boost.Beast + Asio + OpenSSL) for the device and service
+// APIs. TLS 1.2 and 1.3 only, keep-alive, bounded heads and bodies, and a
+// per-request deadline against slow or stalled clients. Beast stays in the .cpp.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "gateway/http_types.hpp"
+#include "messages/error.hpp"
+
+namespace prov::gateway {
+
+struct server_options {
+  std::string listen = "0.0.0.0:8443"; ///< port 0 = ephemeral
+  std::string cert_chain_file;         ///< PEM: leaf then intermediates
+  std::string key_file;
+  int threads = 0;                     ///< 0 = hardware concurrency
+  std::size_t max_body_bytes = 96 * 1024;
+  std::size_t max_header_bytes = 16 * 1024;
+  int request_timeout_seconds = 30;    ///< handshake + one request must finish in this
+  int idle_timeout_seconds = 120;      ///< keep-alive connection idle limit
+};
+
+class https_server {
+public:
+  virtual ~https_server() = default;
+
+  /// Binds, starts the I/O threads and begins accepting. `h` must outlive the
+  /// server.
+  [[nodiscard]] static error start(const server_options& opts, handler& h,
+                                   std::unique_ptr<https_server>& out);
+
+  /// The bound port (useful with port 0).
+  virtual uint16_t port() const = 0;
+  virtual std::string address() const = 0;
+
+  /// Stops accepting, closes connections, joins the threads. Idempotent.
+  virtual void stop() = 0;
+};
+
+} // namespace prov::gateway

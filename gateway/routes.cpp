@@ -1,0 +1,524 @@
+#include "gateway/routes.hpp"
+
+#include <algorithm>
+#include <cctype>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/attestation/sas_token.hpp"
+#include "messages/crypto.hpp"
+
+namespace prov::gateway {
+
+using nlohmann::json;
+
+namespace {
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  std::transform(out.begin(), out.end(), out.begin(),
+                 [](unsigned char c) { return std::tolower(c); });
+  return out;
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  return lower(a) == lower(b);
+}
+
+std::vector<std::string> split_path(const std::string& path) {
+  std::vector<std::string> out;
+  std::size_t i = 0;
+  while (i < path.size()) {
+    while (i < path.size() && path[i] == '/')
+      ++i;
+    auto j = path.find('/', i);
+    if (j == std::string::npos)
+      j = path.size();
+    if (j > i)
+      out.push_back(path.substr(i, j - i));
+    i = j;
+  }
+  return out;
+}
+
+http_response json_response(int status, std::string body) {
+  http_response r;
+  r.status = status;
+  r.body = std::move(body);
+  return r;
+}
+
+http_response no_content() {
+  http_response r;
+  r.status = 204;
+  return r;
+}
+
+bool is_json_content_type(const std::string& ct) {
+  // "application/json", "application/json; charset=utf-8" (any case).
+  auto l = lower(ct);
+  auto semi = l.find(';');
+  auto media = l.substr(0, semi);
+  while (!media.empty() && media.back() == ' ')
+    media.pop_back();
+  if (media != "application/json")
+    return false;
+  if (semi == std::string::npos)
+    return true;
+  auto params = l.substr(semi + 1);
+  auto cs = params.find("charset=");
+  if (cs == std::string::npos)
+    return true;
+  auto v = params.substr(cs + 8);
+  return v.rfind("utf-8", 0) == 0 || v.rfind("\"utf-8\"", 0) == 0;
+}
+
+/// Rejects bodies that are present but not declared as JSON (415).
+error check_json_body(const http_request& req) {
+  if (req.body.empty())
+    return {};
+  if (!is_json_content_type(req.header("content-type")))
+    return {error_code::unsupported_media_type,
+            "Content-Type must be application/json (charset utf-8), got '"
+              + req.header("content-type") + "'"};
+  return {};
+}
+
+/// Parses a JSON body with a depth bound (deep nesting is a DoS vector).
+error parse_body(const std::string& body, json& out) {
+  int depth = 0;
+  bool too_deep = false;
+  auto cb = [&](int, json::parse_event_t ev, json&) {
+    if (ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start) {
+      if (++depth > 32)
+        too_deep = true;
+    } else if (ev == json::parse_event_t::object_end
+               || ev == json::parse_event_t::array_end) {
+      --depth;
+    }
+    return !too_deep;
+  };
+  out = json::parse(body, cb, false);
+  if (too_deep)
+    return {error_code::malformed_json, "JSON nesting deeper than 32 levels"};
+  if (out.is_discarded())
+    return {error_code::malformed_json, "the body is not valid JSON"};
+  return {};
+}
+
+class routes final : public handler {
+public:
+  routes(routes_options opts, engine& eng) : opts_(std::move(opts)), eng_(eng) {
+    retry_after_ = std::to_string(opts_.cfg.device_api.retry_after_seconds);
+  }
+
+  void handle(http_request req, respond_fn respond) override {
+    auto tracking = crypto::uuid4();
+    auto reply = [respond, tracking](http_response r) {
+      r.headers.emplace_back("x-ms-request-id", tracking);
+      respond(std::move(r));
+    };
+    auto segs = split_path(req.path);
+    if (segs.size() == 1 && req.method == "GET" && segs[0] == "healthz")
+      return reply(json_response(200, R"({"status":"ok"})"));
+    if (segs.size() == 1 && req.method == "GET" && segs[0] == "readyz") {
+      bool ok = !opts_.ready || opts_.ready();
+      return reply(json_response(ok ? 200 : 503, ok ? R"({"status":"ready"})"
+                                                    : R"({"status":"not ready"})"));
+    }
+    if (segs.size() >= 3 && iequals(segs[1], "registrations")
+        && !is_service_root(segs[0]))
+      return device(req, segs, reply, tracking);
+    if (!segs.empty() && is_service_root(segs[0]))
+      return service(req, segs, reply, tracking);
+    reply(error_response({error_code::not_found, "no such route: " + req.method + " "
+                                                   + req.path},
+                         tracking));
+  }
+
+private:
+  using reply_fn = std::function<void(http_response)>;
+
+  static bool is_service_root(const std::string& s) {
+    return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
+           || iequals(s, "registrations") || iequals(s, "assignments");
+  }
+
+  // -- device API -------------------------------------------------------------
+
+  void device(const http_request& req, const std::vector<std::string>& segs,
+              const reply_fn& reply, const std::string& tracking) {
+    auto fail = [&](error e) { reply(error_response(e, tracking)); };
+    // Shapes: {scope}/registrations/{id}/register (PUT),
+    //         {scope}/registrations/{id}/operations/{op} (GET),
+    //         {scope}/registrations/{id} (POST, status lookup).
+    enum { reg, poll, lookup } kind;
+    if (segs.size() == 4 && iequals(segs[3], "register"))
+      kind = reg;
+    else if (segs.size() == 5 && iequals(segs[3], "operations"))
+      kind = poll;
+    else if (segs.size() == 3)
+      kind = lookup;
+    else
+      return fail({error_code::not_found, "no such device route: " + req.path});
+    const char* want = kind == reg ? "PUT" : kind == poll ? "GET" : "POST";
+    if (req.method != want)
+      return fail({error_code::method_not_allowed,
+                   "method " + req.method + " not allowed here; use " + want});
+    auto scope = crypto::url_decode(segs[0]);
+    auto reg_id = crypto::url_decode(segs[2]);
+    if (!scope || !reg_id)
+      return fail({error_code::bad_request, "malformed percent-encoding in the path"});
+    if (!iequals(*scope, opts_.id_scope))
+      return fail({error_code::id_scope_not_found, "unknown id scope '" + *scope + "'"});
+    if (!enrollment::valid_registration_id(*reg_id))
+      return fail({error_code::invalid_registration_id,
+                   "invalid registration id: 1..128 characters of A-Z a-z 0-9 - . _ :, "
+                   "starting with a letter or digit and ending with a letter, digit or '-'"});
+    auto api = req.query.find("api-version");
+    if (api == req.query.end() || api->second.empty())
+      return fail({error_code::missing_api_version,
+                   "the api-version query parameter is required (e.g. 2021-06-01)"});
+    register_request rr;
+    rr.id_scope = opts_.id_scope;
+    rr.registration_id = *reg_id;
+    rr.api_version = api->second;
+    rr.authorization = req.header("authorization");
+    rr.client_ip = req.client_ip;
+    rr.correlation_id = tracking;
+    if (kind == poll) {
+      // Node sends "{}" on this GET; the body is ignored.
+      if (auto err = eng_.authenticate_device(rr))
+        return fail(err);
+      auto op_id = crypto::url_decode(segs[4]);
+      registration_state st;
+      if (!op_id)
+        return fail({error_code::bad_request, "malformed operation id"});
+      if (auto err = eng_.operation(*reg_id, *op_id, st))
+        return fail(err);
+      return reply(operation_reply(*op_id, st));
+    }
+    if (auto err = check_json_body(req))
+      return fail(err);
+    json body = json::object();
+    if (!req.body.empty()) {
+      if (auto err = parse_body(req.body, body))
+        return fail(err);
+      if (!body.is_object())
+        return fail({error_code::malformed_json, "the body must be a JSON object"});
+    }
+    if (auto it = body.find("registrationId"); it != body.end() && !it->is_null()) {
+      if (!it->is_string() || !iequals(it->get<std::string>(), *reg_id))
+        return fail({error_code::id_mismatch,
+                     "registrationId in the body does not match the path"});
+    }
+    if (auto it = body.find("tpm"); it != body.end() && !it->is_null())
+      return fail({error_code::bad_request,
+                   "TPM attestation is not supported by this provisiond version"});
+    if (auto it = body.find("payload"); it != body.end() && !it->is_null()) {
+      if (!it->is_object())
+        return fail({error_code::bad_request, "payload must be a JSON object"});
+      rr.payload_json = it->dump();
+    }
+    if (kind == lookup) {
+      if (auto err = eng_.authenticate_device(rr))
+        return fail(err);
+      registration_state st;
+      if (auto err = eng_.registration(*reg_id, st))
+        return fail(err);
+      return reply(json_response(200, to_json(st).dump()));
+    }
+    auto force = req.query.find("forceRegistration");
+    rr.force_registration = force != req.query.end() && iequals(force->second, "true");
+    auto retry_after = retry_after_;
+    eng_.register_device(std::move(rr), [reply, tracking, retry_after,
+                                         reg_id = *reg_id](register_reply r) {
+      if (r.err) {
+        auto resp = error_response(r.err, tracking);
+        if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
+          resp.headers.emplace_back("Retry-After", retry_after);
+        return reply(std::move(resp));
+      }
+      json body{{"operationId", r.operation_id}, {"status", to_string(r.status)}};
+      auto resp = json_response(202, body.dump());
+      resp.headers.emplace_back("Retry-After", retry_after);
+      reply(std::move(resp));
+    });
+  }
+
+  http_response operation_reply(const std::string& op_id, const registration_state& st) {
+    auto body = operation_status_json(op_id, st).dump();
+    if (st.status == registration_status::assigning) {
+      auto resp = json_response(202, std::move(body));
+      resp.headers.emplace_back("Retry-After", retry_after_);
+      return resp;
+    }
+    return json_response(200, std::move(body));
+  }
+
+  // -- service API ------------------------------------------------------------
+
+  /// Verifies the service SAS and that its policy holds `right`.
+  error authorize(const http_request& req, const char* right) {
+    const auto& h = req.header("authorization");
+    if (h.empty())
+      return {error_code::unauthorized, "missing Authorization header (service SAS token)"};
+    attestation::sas_token tok;
+    if (auto err = attestation::parse_sas(h, tok))
+      return err;
+    const config::access_policy* pol = nullptr;
+    for (const auto& p : opts_.policies)
+      if (p.name == tok.skn)
+        pol = &p;
+    if (pol == nullptr)
+      return {error_code::unauthorized_signature,
+              "unknown shared access policy '" + tok.skn + "'"};
+    bool host_ok = false;
+    for (const auto& host : opts_.cfg.device_api.hostnames)
+      host_ok = host_ok || attestation::service_resource_matches(tok, host);
+    if (!host_ok)
+      return {error_code::unauthorized_signature,
+              "token resource (sr) does not name this service's host"};
+    attestation::sas_limits limits;
+    limits.now = now_ms() / 1000;
+    limits.max_lifetime = opts_.cfg.device_api.max_sas_lifetime_seconds;
+    limits.clock_skew = opts_.cfg.device_api.clock_skew_seconds;
+    if (auto err = attestation::check_expiry(tok, limits))
+      return {error_code::unauthorized_signature, err.message};
+    if (!attestation::signature_matches(tok, pol->primary_key)
+        && (pol->secondary_key.empty()
+            || !attestation::signature_matches(tok, pol->secondary_key)))
+      return {error_code::unauthorized_signature,
+              "signature mismatch for policy '" + pol->name + "'"};
+    if (std::find(pol->rights.begin(), pol->rights.end(), right) == pol->rights.end())
+      return {error_code::forbidden,
+              "policy '" + pol->name + "' lacks the " + right + " right"};
+    return {};
+  }
+
+  void service(const http_request& req, const std::vector<std::string>& segs,
+               const reply_fn& reply, const std::string& tracking) {
+    auto fail = [&](error e) { reply(error_response(e, tracking)); };
+    auto root = lower(segs[0]);
+    auto api = req.query.find("api-version");
+    if (root != "assignments" && (api == req.query.end() || api->second.empty()))
+      return fail({error_code::missing_api_version,
+                   "the api-version query parameter is required (e.g. 2021-10-01)"});
+    if (!req.body.empty())
+      if (auto err = check_json_body(req))
+        return fail(err);
+    std::vector<std::string> ids;
+    for (std::size_t i = 1; i < segs.size(); ++i) {
+      auto d = crypto::url_decode(segs[i]);
+      if (!d)
+        return fail({error_code::bad_request, "malformed percent-encoding in the path"});
+      ids.push_back(*d);
+    }
+    const auto& m = req.method;
+    if (root == "assignments") {
+      if (segs.size() != 1)
+        return fail({error_code::not_found, "no such route: " + req.path});
+      if (m != "GET")
+        return fail({error_code::method_not_allowed, "use GET /assignments"});
+      if (auto err = authorize(req, "RegistrationStatusRead"))
+        return fail(err);
+      return assignments(req, reply, fail);
+    }
+    if (root == "registrations") {
+      if (ids.size() == 1) {
+        if (m == "GET") {
+          if (auto err = authorize(req, "RegistrationStatusRead"))
+            return fail(err);
+          registration_state st;
+          if (auto err = eng_.registration(ids[0], st))
+            return fail(err);
+          return reply(json_response(200, to_json(st).dump()));
+        }
+        if (m == "DELETE") {
+          if (auto err = authorize(req, "RegistrationStatusWrite"))
+            return fail(err);
+          return eng_.delete_registration(ids[0], req.header("if-match"),
+                                          [reply, tracking](error e) {
+                                            reply(e ? error_response(e, tracking)
+                                                    : no_content());
+                                          });
+        }
+        return fail({error_code::method_not_allowed, "use GET or DELETE"});
+      }
+      if (ids.size() == 2 && iequals(ids[1], "query")) {
+        if (m != "POST")
+          return fail({error_code::method_not_allowed, "use POST"});
+        if (auto err = authorize(req, "RegistrationStatusRead"))
+          return fail(err);
+        std::size_t max = 0;
+        std::string cont;
+        if (auto err = paging(req, max, cont))
+          return fail(err);
+        std::vector<registration_state> page;
+        std::string next;
+        if (auto err = eng_.query_registrations(ids[0], cont, max, page, next))
+          return fail(err);
+        json arr = json::array();
+        for (const auto& st : page)
+          arr.push_back(to_json(st));
+        return reply(page_response(std::move(arr), next, "DeviceRegistration", max));
+      }
+      return fail({error_code::not_found, "no such route: " + req.path});
+    }
+    auto k = root == "enrollments" ? enrollment::kind::individual : enrollment::kind::group;
+    if (ids.empty()) {
+      if (m != "POST")
+        return fail({error_code::method_not_allowed, "use POST for bulk operations"});
+      if (auto err = authorize(req, "EnrollmentWrite"))
+        return fail(err);
+      return eng_.bulk_enrollments(k, req.body, [reply, tracking](error e, std::string doc) {
+        reply(e ? error_response(e, tracking) : json_response(200, std::move(doc)));
+      });
+    }
+    if (ids.size() == 1 && iequals(ids[0], "query")) {
+      if (m != "POST")
+        return fail({error_code::method_not_allowed, "use POST for queries"});
+      if (auto err = authorize(req, "EnrollmentRead"))
+        return fail(err);
+      if (!req.body.empty()) {
+        json q;
+        if (auto err = parse_body(req.body, q))
+          return fail(err);
+        if (!q.is_object() || !q.contains("query") || !q["query"].is_string())
+          return fail({error_code::invalid_query, "body must be {\"query\": \"...\"}"});
+      }
+      std::size_t max = 0;
+      std::string cont;
+      if (auto err = paging(req, max, cont))
+        return fail(err);
+      std::vector<json> page;
+      std::string next;
+      if (auto err = eng_.query_enrollments(k, cont, max, page, next))
+        return fail(err);
+      json arr = json::array();
+      for (auto& d : page)
+        arr.push_back(enrollment::public_document(d));
+      return reply(page_response(std::move(arr), next,
+                                 k == enrollment::kind::individual ? "Enrollment"
+                                                                   : "EnrollmentGroup",
+                                 max));
+    }
+    if (ids.size() == 2 && iequals(ids[1], "attestationmechanism")) {
+      if (m != "POST")
+        return fail({error_code::method_not_allowed, "use POST"});
+      if (auto err = authorize(req, "EnrollmentRead"))
+        return fail(err);
+      json doc;
+      if (auto err = eng_.get_enrollment(k, ids[0], doc))
+        return fail(err);
+      return reply(json_response(200, enrollment::attestation_mechanism(doc).dump()));
+    }
+    if (ids.size() != 1)
+      return fail({error_code::not_found, "no such route: " + req.path});
+    if (m == "GET") {
+      if (auto err = authorize(req, "EnrollmentRead"))
+        return fail(err);
+      json doc;
+      if (auto err = eng_.get_enrollment(k, ids[0], doc))
+        return fail(err);
+      return reply(json_response(200, enrollment::public_document(doc).dump()));
+    }
+    if (m == "PUT") {
+      if (auto err = authorize(req, "EnrollmentWrite"))
+        return fail(err);
+      if (req.body.empty())
+        return fail({error_code::malformed_json, "PUT needs the enrollment as a JSON body"});
+      json probe;
+      if (auto err = parse_body(req.body, probe))
+        return fail(err);
+      return eng_.put_enrollment(k, ids[0], req.body, req.header("if-match"),
+                                 [reply, tracking](error e, std::string doc) {
+                                   reply(e ? error_response(e, tracking)
+                                           : json_response(200, std::move(doc)));
+                                 });
+    }
+    if (m == "DELETE") {
+      if (auto err = authorize(req, "EnrollmentWrite"))
+        return fail(err);
+      return eng_.delete_enrollment(k, ids[0], req.header("if-match"),
+                                    [reply, tracking](error e) {
+                                      reply(e ? error_response(e, tracking) : no_content());
+                                    });
+    }
+    fail({error_code::method_not_allowed, "use GET, PUT or DELETE"});
+  }
+
+  error paging(const http_request& req, std::size_t& max, std::string& cont) {
+    max = 100;
+    const auto& h = req.header("x-ms-max-item-count");
+    if (!h.empty()) {
+      char* end = nullptr;
+      auto v = std::strtol(h.c_str(), &end, 10);
+      if (end == h.c_str() || *end != '\0' || v < 1 || v > 10000)
+        return {error_code::invalid_header, "x-ms-max-item-count must be 1..10000"};
+      max = static_cast<std::size_t>(v);
+    }
+    cont = req.header("x-ms-continuation");
+    return {};
+  }
+
+  static http_response page_response(json arr, const std::string& next, const char* type,
+                                     std::size_t max) {
+    auto resp = json_response(200, arr.dump());
+    // Node's Query loops while the header exists: omit it on the last page.
+    if (!next.empty())
+      resp.headers.emplace_back("x-ms-continuation", next);
+    resp.headers.emplace_back("x-ms-item-type", type);
+    resp.headers.emplace_back("x-ms-max-item-count", std::to_string(max));
+    return resp;
+  }
+
+  template <class Fail>
+  void assignments(const http_request& req, const reply_fn& reply, Fail& fail) {
+    uint64_t after = 0;
+    std::size_t limit = 100;
+    auto num = [](const std::string& s, uint64_t& out) {
+      if (s.empty() || s.size() > 19 || !std::all_of(s.begin(), s.end(), ::isdigit))
+        return false;
+      out = std::stoull(s);
+      return true;
+    };
+    if (auto it = req.query.find("after"); it != req.query.end())
+      if (!num(it->second, after))
+        return fail({error_code::bad_request, "after must be a non-negative integer"});
+    if (auto it = req.query.find("limit"); it != req.query.end()) {
+      uint64_t l = 0;
+      if (!num(it->second, l) || l < 1 || l > 1000)
+        return fail({error_code::bad_request, "limit must be 1..1000"});
+      limit = static_cast<std::size_t>(l);
+    }
+    std::vector<json> events;
+    uint64_t next = after;
+    if (auto err = eng_.read_assignments(after, limit, events, next))
+      return fail(err);
+    json body{{"events", std::move(events)}, {"next", next}};
+    reply(json_response(200, body.dump()));
+  }
+
+  routes_options opts_;
+  engine& eng_;
+  std::string retry_after_;
+};
+
+} // namespace
+
+http_response error_response(const error& e, const std::string& tracking_id) {
+  http_response r;
+  r.status = e.status();
+  if (r.status < 400 || r.status > 599)
+    r.status = 500;
+  r.body = error_body(e, tracking_id);
+  r.headers.emplace_back("x-ms-error-code", std::to_string(static_cast<int32_t>(e.code)));
+  return r;
+}
+
+std::unique_ptr<handler> make_routes(routes_options opts, engine& eng) {
+  return std::make_unique<routes>(std::move(opts), eng);
+}
+
+} // namespace prov::gateway

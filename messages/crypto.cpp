@@ -1,0 +1,248 @@
+#include "messages/crypto.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
+
+namespace prov::crypto {
+
+namespace {
+
+constexpr char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+constexpr char hex_lower[] = "0123456789abcdef";
+constexpr char hex_upper[] = "0123456789ABCDEF";
+
+/// 0..63 for a base64 alphabet character, -1 otherwise ('=' included).
+int b64_value(unsigned char c) noexcept {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '+') return 62;
+  if (c == '/') return 63;
+  return -1;
+}
+
+int hex_value(unsigned char c) noexcept {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/// A failing libcrypto primitive means a broken process (allocation failure or
+/// a missing default provider). Returning a predictable digest or "random"
+/// bytes would be a security hole, and exceptions may not escape, so stop.
+[[noreturn]] void crypto_failure(const char* what) noexcept {
+  std::fprintf(stderr, "provisiond: fatal libcrypto failure in %s\n", what);
+  std::abort();
+}
+
+// Fetched once: implicit fetching by name on every call costs a provider
+// lookup per HMAC, which shows up in the attestation hot path.
+EVP_MAC* hmac_algorithm() noexcept {
+  static EVP_MAC* mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  if (mac == nullptr) crypto_failure("EVP_MAC_fetch(HMAC)");
+  return mac;
+}
+
+const EVP_MD* sha256_algorithm() noexcept {
+  static EVP_MD* md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+  if (md == nullptr) crypto_failure("EVP_MD_fetch(SHA256)");
+  return md;
+}
+
+} // namespace
+
+std::string base64_encode(std::string_view bytes) {
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+  std::size_t i = 0;
+  for (; i + 3 <= bytes.size(); i += 3) {
+    const uint32_t v = (uint32_t{p[i]} << 16) | (uint32_t{p[i + 1]} << 8) | p[i + 2];
+    out += b64_alphabet[(v >> 18) & 63];
+    out += b64_alphabet[(v >> 12) & 63];
+    out += b64_alphabet[(v >> 6) & 63];
+    out += b64_alphabet[v & 63];
+  }
+  const std::size_t rest = bytes.size() - i;
+  if (rest == 1) {
+    const uint32_t v = uint32_t{p[i]} << 16;
+    out += b64_alphabet[(v >> 18) & 63];
+    out += b64_alphabet[(v >> 12) & 63];
+    out += "==";
+  } else if (rest == 2) {
+    const uint32_t v = (uint32_t{p[i]} << 16) | (uint32_t{p[i + 1]} << 8);
+    out += b64_alphabet[(v >> 18) & 63];
+    out += b64_alphabet[(v >> 12) & 63];
+    out += b64_alphabet[(v >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+std::optional<std::string> base64_decode(std::string_view text) {
+  // Strict: length a multiple of 4, no whitespace, '=' only as the final one
+  // or two characters, and the unused bits of the last symbol zero (so every
+  // byte string has exactly one accepted encoding).
+  if (text.size() % 4 != 0) return std::nullopt;
+  std::size_t pad = 0;
+  if (!text.empty() && text.back() == '=') {
+    pad = 1;
+    if (text[text.size() - 2] == '=') pad = 2;
+  }
+  std::string out;
+  out.reserve(text.size() / 4 * 3);
+  const std::size_t body = text.size() - pad;
+  uint32_t acc = 0;
+  int bits = 0;
+  for (std::size_t i = 0; i < body; ++i) {
+    const int v = b64_value(static_cast<unsigned char>(text[i]));
+    if (v < 0) return std::nullopt; // includes a '=' before the padding
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out += static_cast<char>((acc >> bits) & 0xFF);
+    }
+  }
+  // Leftover bits (2 with "==", 4 with "=") must be zero.
+  if (bits > 0 && (acc & ((1u << bits) - 1)) != 0) return std::nullopt;
+  return out;
+}
+
+sha256_digest hmac_sha256(std::string_view key, std::string_view msg) {
+  sha256_digest out{};
+  EVP_MAC_CTX* ctx = EVP_MAC_CTX_new(hmac_algorithm());
+  if (ctx == nullptr) crypto_failure("EVP_MAC_CTX_new");
+  char digest_name[] = "SHA256";
+  const OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest_name, 0),
+      OSSL_PARAM_construct_end()};
+  // A non-null pointer even for an empty key: OpenSSL 3.0 treats a null key
+  // as "keep the previous key" and then fails on a fresh context.
+  static const unsigned char empty_key = 0;
+  const auto* k = key.empty() ? &empty_key
+                              : reinterpret_cast<const unsigned char*>(key.data());
+  std::size_t len = 0;
+  const bool ok =
+      EVP_MAC_init(ctx, k, key.size(), params) == 1 &&
+      EVP_MAC_update(ctx, reinterpret_cast<const unsigned char*>(msg.data()),
+                     msg.size()) == 1 &&
+      EVP_MAC_final(ctx, out.data(), &len, out.size()) == 1 && len == out.size();
+  EVP_MAC_CTX_free(ctx);
+  if (!ok) crypto_failure("HMAC-SHA256");
+  return out;
+}
+
+sha256_digest sha256(std::string_view data) {
+  sha256_digest out{};
+  unsigned int len = 0;
+  if (EVP_Digest(data.data(), data.size(), out.data(), &len, sha256_algorithm(),
+                 nullptr) != 1 ||
+      len != out.size())
+    crypto_failure("SHA-256");
+  return out;
+}
+
+bool equal_constant_time(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  if (a.empty()) return true;
+  return CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+std::string random_bytes(std::size_t n) {
+  std::string out(n, '\0');
+  // RAND_bytes takes an int; fill in chunks for absurdly large requests.
+  std::size_t done = 0;
+  while (done < n) {
+    const std::size_t chunk = std::min<std::size_t>(n - done, 1u << 20);
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(&out[done]),
+                   static_cast<int>(chunk)) != 1)
+      crypto_failure("RAND_bytes");
+    done += chunk;
+  }
+  return out;
+}
+
+std::string hex(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size() * 2);
+  for (unsigned char c : bytes) {
+    out += hex_lower[c >> 4];
+    out += hex_lower[c & 15];
+  }
+  return out;
+}
+
+std::string uuid4() {
+  std::string b = random_bytes(16);
+  b[6] = static_cast<char>((static_cast<unsigned char>(b[6]) & 0x0F) | 0x40); // version 4
+  b[8] = static_cast<char>((static_cast<unsigned char>(b[8]) & 0x3F) | 0x80); // RFC 4122 variant
+  const std::string h = hex(b);
+  return h.substr(0, 8) + '-' + h.substr(8, 4) + '-' + h.substr(12, 4) + '-' +
+         h.substr(16, 4) + '-' + h.substr(20, 12);
+}
+
+std::string url_encode(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() * 3);
+  for (unsigned char c : s) {
+    const bool unreserved = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                            (c >= '0' && c <= '9') || c == '-' || c == '.' ||
+                            c == '_' || c == '~';
+    if (unreserved) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex_upper[c >> 4];
+      out += hex_upper[c & 15];
+    }
+  }
+  return out;
+}
+
+std::optional<std::string> url_decode(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (c != '%') {
+      out += c;
+      continue;
+    }
+    if (i + 2 >= s.size()) return std::nullopt;
+    const int hi = hex_value(static_cast<unsigned char>(s[i + 1]));
+    const int lo = hex_value(static_cast<unsigned char>(s[i + 2]));
+    if (hi < 0 || lo < 0) return std::nullopt;
+    out += static_cast<char>((hi << 4) | lo);
+    i += 2;
+  }
+  return out;
+}
+
+std::optional<std::string> derive_device_key(std::string_view group_key_b64,
+                                             std::string_view registration_id) {
+  auto key = base64_decode(group_key_b64);
+  if (!key) return std::nullopt;
+  const sha256_digest d = hmac_sha256(*key, registration_id);
+  OPENSSL_cleanse(key->data(), key->size());
+  return base64_encode(
+      std::string_view(reinterpret_cast<const char*>(d.data()), d.size()));
+}
+
+std::string generate_key() {
+  std::string raw = random_bytes(64);
+  std::string out = base64_encode(raw);
+  OPENSSL_cleanse(raw.data(), raw.size());
+  return out;
+}
+
+} // namespace prov::crypto

@@ -1,0 +1,135 @@
+#pragma once
+// Device registration: the request a gateway hands the engine, the event that
+// flows between stages, and the registration state devices and operators see.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "messages/error.hpp"
+
+namespace prov {
+
+/// DPS EnrollmentStatus.
+enum class registration_status : uint8_t {
+  unassigned = 0,
+  assigning = 1,
+  assigned = 2,
+  failed = 3,
+  disabled = 4,
+};
+std::string_view to_string(registration_status s) noexcept;
+bool from_string(std::string_view s, registration_status& out) noexcept;
+inline bool is_terminal(registration_status s) noexcept {
+  return s == registration_status::assigned || s == registration_status::failed
+         || s == registration_status::disabled;
+}
+
+/// PUT /{idScope}/registrations/{registrationId}/register, after the gateway
+/// has checked the HTTP shape (path, content type, JSON body).
+struct register_request {
+  std::string id_scope;
+  std::string registration_id;
+  std::string api_version;
+  std::string authorization; ///< raw Authorization header ("" when absent)
+  std::string payload_json;  ///< device payload as JSON text, "" when absent
+  bool force_registration = false;
+  std::string protocol = "http";
+  std::string client_ip;
+  std::string correlation_id;
+};
+
+/// The unit of work passed between stages (keyed by registration id). Each
+/// stage fills its part; stages are idempotent on operation_id.
+struct registration_event {
+  int32_t version = 1; ///< schema version for the Kafka encoding
+  std::string operation_id;
+  std::string registration_id;
+  std::string id_scope;
+  std::string api_version;
+  std::string protocol;
+  int64_t accepted_ms = 0;
+  // attestation
+  std::string attestation_type;   ///< "symmetricKey"
+  std::string enrollment_group_id; ///< empty for individual enrollments
+  std::string payload_json;
+  // allocation
+  std::string assigned_hub;
+  std::string device_id;
+  std::string initial_twin_json;
+  bool iot_edge = false;
+  std::string substatus;
+  // terminal outcome
+  registration_status status = registration_status::assigning;
+  int32_t error_code = 0;
+  std::string error_message;
+  int64_t attested_ms = 0;
+  int64_t allocated_ms = 0;
+  int64_t completed_ms = 0;
+};
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
+  return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
+           x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
+           x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
+           x.iot_edge, x.substatus, x.status, x.error_code, x.error_message,
+           x.attested_ms, x.allocated_ms, x.completed_ms);
+}
+
+/// DeviceRegistrationResult as stored and shown (device and service API).
+struct registration_state {
+  std::string registration_id;
+  int64_t created_ms = 0;
+  int64_t updated_ms = 0;
+  std::string assigned_hub;
+  std::string device_id;
+  registration_status status = registration_status::unassigned;
+  std::string substatus;
+  int32_t error_code = 0;
+  std::string error_message;
+  std::string etag;
+  std::string attestation_type;
+  std::string enrollment_group_id;
+  std::string payload_json;
+  std::string last_operation_id; ///< internal: not shown to devices
+};
+
+/// A register call's lifecycle, as stored under its operation id.
+struct operation_record {
+  std::string operation_id;
+  std::string registration_id;
+  registration_status status = registration_status::assigning;
+  registration_event event;  ///< the accepted request, for resume after restart
+  registration_state state;  ///< filled when terminal
+};
+
+// -- JSON codecs (DPS wire shapes and our storage records) --------------------
+
+/// DeviceRegistrationResult JSON (registrationId, createdDateTimeUtc, ...).
+nlohmann::json to_json(const registration_state& s);
+/// {"operationId","status","registrationState"?} as the device API answers.
+nlohmann::json operation_status_json(const std::string& operation_id,
+                                     const registration_state& s);
+
+std::string encode_record(const registration_state& s);
+[[nodiscard]] error decode_record(std::string_view text, registration_state& out);
+std::string encode_record(const operation_record& op);
+[[nodiscard]] error decode_record(std::string_view text, operation_record& out);
+std::string encode_event(const registration_event& ev);
+[[nodiscard]] error decode_event(std::string_view text, registration_event& out);
+
+/// Error body: {errorCode, trackingId, message, timestampUtc}.
+std::string error_body(const error& e, std::string_view tracking_id);
+
+/// Milliseconds since the epoch (system clock).
+int64_t now_ms() noexcept;
+/// ISO 8601 UTC with 7 fractional digits ("2026-11-26T12:00:00.1230000Z").
+std::string utc_string(int64_t ms);
+
+/// A DPS-shaped operation id: "<digit>.<16 hex>.<uuid>".
+std::string new_operation_id(std::string_view instance_hex16);
+
+} // namespace prov

@@ -1,0 +1,409 @@
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <unistd.h>
+
+#include "config/config.hpp"
+
+using namespace prov;
+using namespace prov::config;
+
+namespace {
+
+/// Loads `text` and returns the error message ("" on success).
+std::string load_error(const std::string& text, const std::string& origin = "cfg.toml") {
+  engine_config cfg;
+  const error err = load_string(text, origin, cfg);
+  if (err) CHECK(err.code == error_code::bad_request);
+  return err.message;
+}
+
+// 16 and 32 zero bytes, and 8 bytes (too short), as canonical base64.
+const std::string key16 = "AAAAAAAAAAAAAAAAAAAAAA==";
+const std::string key32 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const std::string key8 = "AAAAAAAAAAA=";
+
+/// A temporary file removed at scope exit.
+struct temp_file {
+  std::string path;
+  explicit temp_file(const std::string& content) {
+    char tmpl[] = "/tmp/provisiond_config_test_XXXXXX";
+    const int fd = mkstemp(tmpl);
+    REQUIRE(fd >= 0);
+    path = tmpl;
+    REQUIRE(write(fd, content.data(), content.size()) == static_cast<ssize_t>(content.size()));
+    close(fd);
+  }
+  ~temp_file() { std::remove(path.c_str()); }
+};
+
+} // namespace
+
+TEST_CASE("empty text gives the documented defaults") {
+  engine_config cfg;
+  cfg.data_dir = "junk"; // load starts from defaults, not from `out`
+  const error err = load_string("# nothing here\n\n", "empty.toml", cfg);
+  REQUIRE_MESSAGE(err.ok(), err.message);
+  CHECK(cfg.source_file == "empty.toml");
+  CHECK_FALSE(cfg.id_scope.has_value());
+  CHECK(cfg.data_dir == "./data");
+  CHECK(cfg.device_api.listen == "0.0.0.0:8443");
+  CHECK(cfg.device_api.hostnames == std::vector<std::string>{"localhost"});
+  CHECK(cfg.device_api.tls_cert.empty());
+  CHECK(cfg.device_api.tls_key.empty());
+  CHECK(cfg.device_api.retry_after_seconds == 1);
+  CHECK(cfg.device_api.threads == 0);
+  CHECK(cfg.device_api.max_body_bytes == 96 * 1024);
+  CHECK(cfg.device_api.request_timeout_seconds == 30);
+  CHECK(cfg.device_api.idle_timeout_seconds == 120);
+  CHECK(cfg.device_api.max_sas_lifetime_seconds == 365 * 24 * 3600);
+  CHECK(cfg.device_api.clock_skew_seconds == 300);
+  CHECK(cfg.access_policies.empty());
+  CHECK(cfg.hubs.empty());
+  CHECK(cfg.metrics.listen == "127.0.0.1:9464");
+  CHECK(cfg.log.level == "info");
+  CHECK(cfg.log.file.empty());
+  CHECK(validate(engine_config{}).ok());
+}
+
+TEST_CASE("every key round-trips into the struct") {
+  const std::string text = R"(id_scope = "0ne00ABCdef"
+data_dir = "/var/lib/provisiond"
+
+[device_api]
+listen = "[::1]:9443"
+hostnames = ["dps.example.com", "10.0.0.5", "::1"]
+tls_cert = "/etc/provisiond/tls.crt"
+tls_key = "/etc/provisiond/tls.key"
+retry_after_seconds = 3
+threads = 8
+max_body_bytes = 65536
+request_timeout_seconds = 10
+idle_timeout_seconds = 60
+max_sas_lifetime_seconds = 3600
+clock_skew_seconds = 0
+
+[[access_policies]]
+name = "provisioningserviceowner"
+primary_key = ")" + key32 + R"("
+secondary_key = ")" + key16 + R"("
+rights = ["ServiceConfig", "EnrollmentRead", "EnrollmentWrite",
+          "RegistrationStatusRead", "RegistrationStatusWrite"]
+
+[[access_policies]]
+name = "reader.v1_x-y"
+primary_key = ")" + key16 + R"("
+rights = ["EnrollmentRead"]
+
+[[hubs]]
+hostname = "hub-a.azure-devices.net"
+allocation_weight = 1000
+apply_allocation_policy = false
+region = "westeurope"
+
+[[hubs]]
+hostname = "hub-b.azure-devices.net"
+
+[metrics]
+listen = ""
+
+[log]
+level = "debug"
+file = "/var/log/provisiond.log"
+)";
+  engine_config cfg;
+  const error err = load_string(text, "full.toml", cfg);
+  REQUIRE_MESSAGE(err.ok(), err.message);
+  CHECK(cfg.source_file == "full.toml");
+  REQUIRE(cfg.id_scope.has_value());
+  CHECK(*cfg.id_scope == "0ne00ABCdef");
+  CHECK(cfg.data_dir == "/var/lib/provisiond");
+  const device_api_config& d = cfg.device_api;
+  CHECK(d.listen == "[::1]:9443");
+  CHECK(d.hostnames == std::vector<std::string>{"dps.example.com", "10.0.0.5", "::1"});
+  CHECK(d.tls_cert == "/etc/provisiond/tls.crt");
+  CHECK(d.tls_key == "/etc/provisiond/tls.key");
+  CHECK(d.retry_after_seconds == 3);
+  CHECK(d.threads == 8);
+  CHECK(d.max_body_bytes == 65536);
+  CHECK(d.request_timeout_seconds == 10);
+  CHECK(d.idle_timeout_seconds == 60);
+  CHECK(d.max_sas_lifetime_seconds == 3600);
+  CHECK(d.clock_skew_seconds == 0);
+  REQUIRE(cfg.access_policies.size() == 2);
+  CHECK(cfg.access_policies[0].name == "provisioningserviceowner");
+  CHECK(cfg.access_policies[0].primary_key == key32);
+  CHECK(cfg.access_policies[0].secondary_key == key16);
+  CHECK(cfg.access_policies[0].rights.size() == 5);
+  CHECK(cfg.access_policies[0].rights[3] == "RegistrationStatusRead");
+  CHECK(cfg.access_policies[1].name == "reader.v1_x-y");
+  CHECK(cfg.access_policies[1].secondary_key.empty());
+  CHECK(cfg.access_policies[1].rights == std::vector<std::string>{"EnrollmentRead"});
+  REQUIRE(cfg.hubs.size() == 2);
+  CHECK(cfg.hubs[0].hostname == "hub-a.azure-devices.net");
+  CHECK(cfg.hubs[0].allocation_weight == 1000);
+  CHECK(cfg.hubs[0].apply_allocation_policy == false);
+  CHECK(cfg.hubs[0].region == "westeurope");
+  CHECK(cfg.hubs[1].allocation_weight == 1);
+  CHECK(cfg.hubs[1].apply_allocation_policy == true);
+  CHECK(cfg.hubs[1].region.empty());
+  CHECK(cfg.metrics.listen.empty());
+  CHECK(cfg.log.level == "debug");
+  CHECK(cfg.log.file == "/var/log/provisiond.log");
+  CHECK(validate(cfg).ok());
+}
+
+TEST_CASE("unknown keys name file, line and key path") {
+  CHECK(load_error("data_dir = \"d\"\n\ndevise_api = 1\n", "x.toml") ==
+        "x.toml:3: devise_api: unknown key");
+  CHECK(load_error("[device_api]\nlisten = \"0.0.0.0:1\"\nlistne = \"x\"\n") ==
+        "cfg.toml:3: device_api.listne: unknown key");
+  CHECK(load_error("[[hubs]]\nhostname = \"a.example\"\n\n[[hubs]]\nhostname = \"b.example\"\n"
+                   "colour = \"red\"\n") == "cfg.toml:6: hubs[1].colour: unknown key");
+  CHECK(load_error("[device_api.tls]\ncert = \"x\"\n") ==
+        "cfg.toml:1: device_api.tls: unknown key");
+  CHECK(load_error("[log]\nlevel = \"info\"\nformat = \"json\"\n") ==
+        "cfg.toml:3: log.format: unknown key");
+}
+
+TEST_CASE("wrong types are reported with the type found") {
+  CHECK(load_error("[device_api]\nthreads = \"4\"\n") ==
+        "cfg.toml:2: device_api.threads: expected integer, got string");
+  CHECK(load_error("data_dir = 5\n") == "cfg.toml:1: data_dir: expected string, got integer");
+  CHECK(load_error("[[hubs]]\nhostname = \"h.example\"\napply_allocation_policy = \"no\"\n") ==
+        "cfg.toml:3: hubs[0].apply_allocation_policy: expected boolean, got string");
+  CHECK(load_error("[device_api]\nhostnames = [\"a.example\", 7]\n") ==
+        "cfg.toml:2: device_api.hostnames[1]: expected string, got integer");
+  CHECK(load_error("device_api = 3\n") == "cfg.toml:1: device_api: expected table, got integer");
+  CHECK(load_error("[hubs]\nhostname = \"h.example\"\n") ==
+        "cfg.toml:1: hubs: expected array of tables ([[hubs]]), got table");
+  CHECK(load_error("[device_api]\nretry_after_seconds = 1.5\n") ==
+        "cfg.toml:2: device_api.retry_after_seconds: expected integer, got float");
+}
+
+TEST_CASE("bad values name file, line and key path") {
+  CHECK(load_error("# c\n#\n#\n#\n#\n[device_api]\nlisten = \"8443\"\n", "provisiond.toml") ==
+        "provisiond.toml:7: device_api.listen: expected HOST:PORT, got \"8443\"");
+  CHECK(load_error("id_scope = \"0ne0000XYZ1\"\n") ==
+        "cfg.toml:1: id_scope: expected \"0ne\" followed by 8 hex digits, got \"0ne0000XYZ1\"");
+  CHECK(load_error("id_scope = \"0ne000000\"\n") ==
+        "cfg.toml:1: id_scope: expected \"0ne\" followed by 8 hex digits, got \"0ne000000\"");
+  CHECK(load_error("[[hubs]]\nhostname = \"a.example\"\n\n[[hubs]]\nhostname = \"b.example\"\n"
+                   "\n\n\n\n\n\nallocation_weight = 0\n") ==
+        "cfg.toml:12: hubs[1].allocation_weight: must be 1..1000, got 0");
+  CHECK(load_error("[device_api]\nthreads = 99999999999\n") ==
+        "cfg.toml:2: device_api.threads: must be 0..64, got 99999999999");
+  CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 59\n") ==
+        "cfg.toml:2: device_api.max_sas_lifetime_seconds: must be >= 60, got 59");
+  CHECK(load_error("[device_api]\nmax_body_bytes = -1\n") ==
+        "cfg.toml:2: device_api.max_body_bytes: must be 1024..1048576, got -1");
+  CHECK(load_error("[device_api]\nhostnames = []\n") ==
+        "cfg.toml:2: device_api.hostnames: must list at least one host name");
+  CHECK(load_error("[device_api]\nhostnames = [\"ok.example\",\n  \"bad_name\"]\n") ==
+        "cfg.toml:3: device_api.hostnames[1]: expected a DNS name or IP address, got "
+        "\"bad_name\"");
+  CHECK(load_error("[metrics]\nlisten = \"localhost\"\n") ==
+        "cfg.toml:2: metrics.listen: expected HOST:PORT, got \"localhost\"");
+  CHECK(load_error("[log]\nlevel = \"verbose\"\n") ==
+        "cfg.toml:2: log.level: must be one of trace, debug, info, warn, error, off, got "
+        "\"verbose\"");
+  CHECK(load_error("[[hubs]]\nhostname = \"hub a\"\n") ==
+        "cfg.toml:2: hubs[0].hostname: expected a DNS name, got \"hub a\"");
+}
+
+TEST_CASE("access policy rules") {
+  const auto policy = [](const std::string& body) { return "[[access_policies]]\n" + body; };
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"" + key16 +
+                          "\"\nrights = [\"EnrollmentRead\", \"enrollmentwrite\"]\n")) ==
+        "cfg.toml:4: access_policies[0].rights[1]: unknown right \"enrollmentwrite\" (expected "
+        "ServiceConfig, EnrollmentRead, EnrollmentWrite, RegistrationStatusRead or "
+        "RegistrationStatusWrite)");
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"" + key16 + "\"\nrights = []\n")) ==
+        "cfg.toml:4: access_policies[0].rights: must list at least one of ServiceConfig, "
+        "EnrollmentRead, EnrollmentWrite, RegistrationStatusRead, RegistrationStatusWrite");
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"" + key16 + "\"\n")) ==
+        "cfg.toml:1: access_policies[0].rights: must list at least one of ServiceConfig, "
+        "EnrollmentRead, EnrollmentWrite, RegistrationStatusRead, RegistrationStatusWrite");
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"" + key16 +
+                          "\"\nrights = [\"ServiceConfig\", \"ServiceConfig\"]\n")) ==
+        "cfg.toml:4: access_policies[0].rights[1]: \"ServiceConfig\" listed twice");
+  // Bad base64: the key itself never appears in the message.
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"not*base64!\"\nrights = "
+                          "[\"ServiceConfig\"]\n")) ==
+        "cfg.toml:3: access_policies[0].primary_key: not valid base64");
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"" + key16 + "\"\nsecondary_key = \"" +
+                          key8 + "\"\nrights = [\"ServiceConfig\"]\n")) ==
+        "cfg.toml:4: access_policies[0].secondary_key: must decode to 16..64 bytes, got 8");
+  // Non-canonical trailing bits ("AB==" rather than "AA==") are rejected.
+  CHECK(load_error(policy("name = \"p\"\nprimary_key = \"AAAAAAAAAAAAAAAAAAAAAB==\"\nrights = "
+                          "[\"ServiceConfig\"]\n")) ==
+        "cfg.toml:3: access_policies[0].primary_key: not valid base64");
+  CHECK(load_error(policy("primary_key = \"" + key16 + "\"\nrights = [\"ServiceConfig\"]\n")) ==
+        "cfg.toml:1: access_policies[0].name: missing required key");
+  CHECK(load_error(policy("name = \"has space\"\nprimary_key = \"" + key16 +
+                          "\"\nrights = [\"ServiceConfig\"]\n")) ==
+        "cfg.toml:2: access_policies[0].name: must be 1..64 characters of A-Z a-z 0-9 _ - ., "
+        "got \"has space\"");
+  const std::string ok = "primary_key = \"" + key16 + "\"\nrights = [\"ServiceConfig\"]\n";
+  CHECK(load_error(policy("name = \"Owner\"\n" + ok) + "\n" + policy("name = \"owner\"\n" + ok)) ==
+        "cfg.toml:7: access_policies[1].name: duplicate policy name \"owner\" (same as "
+        "access_policies[0])");
+}
+
+TEST_CASE("tls_cert and tls_key go together") {
+  CHECK(load_error("[device_api]\n\ntls_cert = \"/etc/c.pem\"\n") ==
+        "cfg.toml:3: device_api.tls_cert: set without device_api.tls_key (set both or neither)");
+  CHECK(load_error("[device_api]\ntls_key = \"/etc/k.pem\"\n") ==
+        "cfg.toml:2: device_api.tls_key: set without device_api.tls_cert (set both or neither)");
+}
+
+TEST_CASE("duplicate hub names the second one's line") {
+  CHECK(load_error("[[hubs]]\nhostname = \"Hub.Example.com\"\n\n[[hubs]]\nhostname = "
+                   "\"other.example.com\"\n\n[[hubs]]\nregion = \"x\"\nhostname = "
+                   "\"hub.example.com\"\n") ==
+        "cfg.toml:9: hubs[2].hostname: duplicate hub hostname \"hub.example.com\" (same as "
+        "hubs[0])");
+  CHECK(load_error("[[hubs]]\nregion = \"x\"\n") ==
+        "cfg.toml:1: hubs[0].hostname: missing required key");
+  CHECK(load_error("hubs = [1]\n") == "cfg.toml:1: hubs[0]: expected table, got integer");
+}
+
+TEST_CASE("the earliest problem in the file is reported") {
+  CHECK(load_error("[log]\nlevel = \"loud\"\n[device_api]\nlisten = \"x\"\n") ==
+        "cfg.toml:2: log.level: must be one of trace, debug, info, warn, error, off, got "
+        "\"loud\"");
+  // Structural problems win over value problems wherever they are.
+  CHECK(load_error("[log]\nlevel = \"loud\"\n[device_api]\nbogus = 1\n") ==
+        "cfg.toml:4: device_api.bogus: unknown key");
+}
+
+TEST_CASE("syntax errors carry line and column") {
+  const std::string msg = load_error("data_dir = \"a\"\n[device_api\nlisten = \"x\"\n", "s.toml");
+  CHECK(msg.rfind("s.toml:2:12: ", 0) == 0);
+  CHECK(msg.size() > std::string("s.toml:2:1: ").size());
+  // Duplicate keys are a TOML syntax error too.
+  const std::string dup = load_error("data_dir = \"a\"\ndata_dir = \"b\"\n", "d.toml");
+  CHECK(dup.rfind("d.toml:2:12: ", 0) == 0);
+  // An unterminated array: exact line and column from toml++.
+  const std::string arr = load_error("a = 1\nb = [1,\n c = 3", "t.toml");
+  CHECK(arr.rfind("t.toml:3:2: ", 0) == 0);
+}
+
+TEST_CASE("a failed load leaves the output untouched") {
+  engine_config cfg;
+  cfg.data_dir = "keep";
+  CHECK(load_string("data_dir = \"new\"\nbogus = 1\n", "cfg.toml", cfg));
+  CHECK(cfg.data_dir == "keep");
+}
+
+TEST_CASE("load_file reads files and reports unreadable ones") {
+  temp_file f("data_dir = \"/srv/p\"\n[metrics]\nlisten = \"0.0.0.0:9000\"\n");
+  engine_config cfg;
+  error err = load_file(f.path, cfg);
+  REQUIRE_MESSAGE(err.ok(), err.message);
+  CHECK(cfg.data_dir == "/srv/p");
+  CHECK(cfg.metrics.listen == "0.0.0.0:9000");
+  CHECK(cfg.source_file == f.path);
+
+  temp_file bad("\n[metrics]\nport = 1\n");
+  err = load_file(bad.path, cfg);
+  CHECK(err.message == bad.path + ":3: metrics.port: unknown key");
+
+  const std::string missing = "/nonexistent/dir/provisiond.toml";
+  err = load_file(missing, cfg);
+  CHECK(err.code == error_code::bad_request);
+  CHECK(err.message ==
+        missing + ": cannot read config file: " + std::string(std::strerror(ENOENT)));
+
+  err = load_file("/tmp", cfg);
+  CHECK(err.message == "/tmp: cannot read config file: " + std::string(std::strerror(EISDIR)));
+}
+
+TEST_CASE("validate checks structs built in code") {
+  engine_config cfg;
+  CHECK(validate(cfg).ok());
+
+  cfg.hubs.push_back({"a.example", 5, true, ""});
+  cfg.hubs.push_back({"A.EXAMPLE", 5, true, ""});
+  error err = validate(cfg);
+  CHECK(err.code == error_code::bad_request);
+  CHECK(err.message == "hubs[1].hostname: duplicate hub hostname \"A.EXAMPLE\" (same as hubs[0])");
+
+  cfg.hubs.pop_back();
+  cfg.hubs[0].allocation_weight = 1001;
+  cfg.source_file = "p.toml";
+  CHECK(validate(cfg).message == "p.toml: hubs[0].allocation_weight: must be 1..1000, got 1001");
+
+  cfg = engine_config{};
+  cfg.device_api.max_body_bytes = 10;
+  CHECK(validate(cfg).message == "device_api.max_body_bytes: must be 1024..1048576, got 10");
+
+  cfg = engine_config{};
+  cfg.access_policies.push_back({"owner", key16, "", {"ServiceConfig"}});
+  CHECK(validate(cfg).ok());
+  cfg.access_policies[0].primary_key.clear();
+  CHECK(validate(cfg).message == "access_policies[0].primary_key: must not be empty");
+
+  cfg = engine_config{};
+  cfg.id_scope = "0NE00000001";
+  CHECK(validate(cfg).message ==
+        "id_scope: expected \"0ne\" followed by 8 hex digits, got \"0NE00000001\"");
+  cfg.id_scope = "0ne0000abCD";
+  CHECK(validate(cfg).ok());
+
+  cfg.data_dir.clear();
+  CHECK(validate(cfg).message == "data_dir: must not be empty");
+}
+
+TEST_CASE("split_host_port") {
+  std::string host;
+  uint16_t port = 1;
+  CHECK(split_host_port("host:443", host, port));
+  CHECK(host == "host");
+  CHECK(port == 443);
+  CHECK(split_host_port("[::1]:8443", host, port));
+  CHECK(host == "::1");
+  CHECK(port == 8443);
+  CHECK(split_host_port("0.0.0.0:0", host, port));
+  CHECK(host == "0.0.0.0");
+  CHECK(port == 0);
+  CHECK(split_host_port("h:65535", host, port));
+  CHECK(port == 65535);
+
+  for (const char* bad : {"", "8443", ":443", "host:", "host:65536", "host:-1", "host:+1",
+                          "host:44a", "::1:443", "[::1]443", "[::1]", "[]:443", "[::1:443",
+                          "ho st:1", "host:123456"}) {
+    CAPTURE(bad);
+    CHECK_FALSE(split_host_port(bad, host, port));
+  }
+}
+
+TEST_CASE("the example in docs/configuration.md is valid") {
+  // Keeps the documentation honest; located relative to this source file.
+  std::string path = __FILE__;
+  path = path.substr(0, path.rfind("tests/config/")) + "docs/configuration.md";
+  std::ifstream in(path);
+  if (!in) {
+    MESSAGE("docs not found at " << path << "; skipped");
+    return;
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string md = ss.str();
+  const std::string fence = "```toml\n";
+  const std::size_t begin = md.find(fence);
+  REQUIRE(begin != std::string::npos);
+  const std::size_t end = md.find("```", begin + fence.size());
+  REQUIRE(end != std::string::npos);
+  engine_config cfg;
+  const error err =
+      load_string(md.substr(begin + fence.size(), end - begin - fence.size()), "example", cfg);
+  CHECK_MESSAGE(err.ok(), err.message);
+  CHECK(cfg.hubs.size() >= 1);
+  CHECK(cfg.access_policies.size() >= 1);
+}

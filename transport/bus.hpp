@@ -1,0 +1,45 @@
+#pragma once
+// The event bus between stages. Its shape is Kafka's: named topics, events
+// keyed by registration id (per-key order preserved), at-least-once delivery,
+// consumers idempotent on operation id. Embedded mode uses the in-process bus;
+// the Kafka bus implements the same interface.
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "messages/registration.hpp"
+
+namespace prov::transport {
+
+enum class topic : uint8_t {
+  registration_requested,
+  registration_attested,
+  registration_allocated,
+  registration_completed,
+  device_assigned,
+};
+inline constexpr int topic_count = 5;
+
+/// Topic name without prefix, e.g. "registration.attested".
+std::string_view topic_name(topic t) noexcept;
+
+class bus {
+public:
+  using handler = std::function<void(registration_event&&)>;
+  virtual ~bus() = default;
+
+  /// Delivers `ev` to the topic's subscribers. Keyed by ev.registration_id.
+  virtual void publish(topic t, registration_event ev) = 0;
+
+  /// Registers the (single) consumer of a topic. Must be called before the
+  /// first publish on that topic; events published with no subscriber are
+  /// dropped (the durable operation record makes them resumable).
+  virtual void subscribe(topic t, handler h) = 0;
+};
+
+/// Direct hand-off to the subscriber (which enqueues into its actor mailbox).
+std::unique_ptr<bus> make_inprocess_bus();
+
+} // namespace prov::transport

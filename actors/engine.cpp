@@ -245,6 +245,13 @@ public:
                     &enrollment_})
       if (*a)
         caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+    // Drop every strong handle (bus subscriptions hold some), otherwise the
+    // detached actors' threads wait forever for their last reference.
+    for (int t = 0; t < transport::topic_count; ++t)
+      ctx_->bus->subscribe(static_cast<transport::topic>(t), nullptr);
+    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
+                    &enrollment_})
+      *a = caf::actor{};
     sys_.reset(); // waits for all actors
   }
 

@@ -1,0 +1,873 @@
+#include "app/client_commands.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/attestation/sas_token.hpp"
+#include "gateway/net/https_client.hpp"
+#include "messages/crypto.hpp"
+#include "messages/error.hpp"
+
+namespace {
+
+using nlohmann::json;
+using prov::error;
+using prov::error_code;
+using prov::net::http_headers;
+using prov::net::https_client;
+using prov::net::https_response;
+
+constexpr const char* service_api_version = "2021-10-01";
+constexpr const char* device_api_version = "2021-06-01";
+constexpr uint16_t default_port = 8443;
+constexpr int64_t sas_lifetime_s = 3600;
+
+// ---- options shared by every client subcommand ------------------------------
+
+struct common_options {
+  std::string data_dir = "./data";
+  std::string server;            ///< HOST:PORT; "" = endpoints.json / localhost:8443
+  std::string ca;                ///< "" = <data_dir>/tls/ca.pem
+  std::string connection_string; ///< "" = built from <data_dir>/identity.json
+  bool json = false;
+};
+
+void add_common_options(CLI::App* sub, common_options& c) {
+  sub->add_option("--data-dir", c.data_dir,
+                  "Server data directory (endpoints.json, identity.json, tls/ca.pem)")
+      ->capture_default_str();
+  sub->add_option("--server", c.server,
+                  "HOST:PORT of the server (default: <data-dir>/endpoints.json, else localhost:8443)");
+  sub->add_option("--ca", c.ca, "CA certificate (PEM) the server must chain to (default <data-dir>/tls/ca.pem)");
+  sub->add_option("--connection-string", c.connection_string,
+                  "HostName=...;SharedAccessKeyName=...;SharedAccessKey=... "
+                  "(default: built from <data-dir>/identity.json)");
+  sub->add_flag("--json", c.json, "Print raw JSON instead of tables");
+}
+
+// ---- small helpers -------------------------------------------------------------
+
+int fail(const error& e) {
+  std::cerr << "error: " << static_cast<int32_t>(e.code) << " " << e.message << "\n";
+  return 1;
+}
+
+std::string path_join(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+/// Reads a JSON file; nullopt (and `err`) when missing or malformed.
+std::optional<json> read_json_file(const std::string& path, error& err) {
+  std::ifstream in(path);
+  if (!in) {
+    err = {error_code::not_found, "cannot read " + path};
+    return std::nullopt;
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j = json::parse(ss.str(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    err = {error_code::malformed_json, path + " is not a JSON object"};
+    return std::nullopt;
+  }
+  return j;
+}
+
+std::string str_member(const json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return {};
+  if (it->is_string()) return it->get<std::string>();
+  return it->dump();
+}
+
+/// A path segment: RFC 3986 pchar kept (registration ids use [A-Za-z0-9-._:]),
+/// everything else percent-encoded.
+std::string segment(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == ':' || c == '@') {
+      out += c;
+    } else {
+      out += prov::crypto::url_encode(std::string_view(&c, 1));
+    }
+  }
+  return out;
+}
+
+/// "2026-11-26T12:00:00.1230000Z" -> "2026-11-26T12:00:00Z" for tables.
+std::string short_time(const std::string& t) {
+  auto dot = t.find('.');
+  if (dot == std::string::npos || t.empty() || t.back() != 'Z') return t;
+  return t.substr(0, dot) + "Z";
+}
+
+std::string join(const std::vector<std::string>& v, const char* sep) {
+  std::string out;
+  for (const auto& s : v) {
+    if (!out.empty()) out += sep;
+    out += s;
+  }
+  return out;
+}
+
+/// Column-aligned table: header row, then rows; two spaces between columns.
+void print_table(const std::vector<std::string>& header,
+                 const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> width(header.size(), 0);
+  for (std::size_t i = 0; i < header.size(); ++i) width[i] = header[i].size();
+  for (const auto& r : rows)
+    for (std::size_t i = 0; i < r.size() && i < width.size(); ++i)
+      width[i] = std::max(width[i], r[i].size());
+  auto line = [&](const std::vector<std::string>& cells) {
+    std::string out;
+    for (std::size_t i = 0; i < cells.size(); ++i) {
+      out += cells[i];
+      if (i + 1 < cells.size()) out += std::string(width[i] - cells[i].size() + 2, ' ');
+    }
+    std::cout << out << "\n";
+  };
+  line(header);
+  for (const auto& r : rows) line(r);
+}
+
+/// Two-column "FIELD  value" listing of one object (empty values skipped).
+void print_fields(const std::vector<std::pair<std::string, std::string>>& fields) {
+  std::size_t w = 0;
+  for (const auto& [k, v] : fields)
+    if (!v.empty()) w = std::max(w, k.size());
+  for (const auto& [k, v] : fields)
+    if (!v.empty()) std::cout << k << std::string(w - k.size() + 2, ' ') << v << "\n";
+}
+
+// ---- where the server is and who we are ------------------------------------------
+
+struct connection_string_parts {
+  std::string host_name, key_name, key;
+};
+
+error parse_connection_string(const std::string& cs, connection_string_parts& out) {
+  std::stringstream ss(cs);
+  std::string part;
+  while (std::getline(ss, part, ';')) {
+    if (part.empty()) continue;
+    auto eq = part.find('='); // keys are base64: split at the first '=' only
+    if (eq == std::string::npos)
+      return {error_code::bad_request, "connection string part '" + part + "' has no '='"};
+    std::string k = part.substr(0, eq), v = part.substr(eq + 1);
+    if (k == "HostName") out.host_name = v;
+    else if (k == "SharedAccessKeyName") out.key_name = v;
+    else if (k == "SharedAccessKey") out.key = v;
+  }
+  if (out.host_name.empty() || out.key_name.empty() || out.key.empty())
+    return {error_code::bad_request,
+            "connection string needs HostName, SharedAccessKeyName and SharedAccessKey"};
+  return {};
+}
+
+/// Everything a subcommand needs to reach the server.
+struct target {
+  prov::net::https_client_options http;
+  json identity = json::object(); ///< identity.json, {} when absent
+};
+
+/// Resolves --server / endpoints.json and --ca. `endpoint_key` picks the
+/// endpoints.json member ("service_api" falls back to "device_api").
+/// `tls_name` is checked against the certificate when the address came from
+/// endpoints.json (which may say 0.0.0.0).
+error resolve_target(const common_options& c, const char* endpoint_key,
+                     const std::string& tls_name, target& out) {
+  error ignored;
+  if (auto id = read_json_file(path_join(c.data_dir, "identity.json"), ignored)) out.identity = *id;
+
+  std::string address = c.server;
+  bool from_file = false;
+  if (address.empty()) {
+    if (auto ep = read_json_file(path_join(c.data_dir, "endpoints.json"), ignored)) {
+      address = str_member(*ep, endpoint_key);
+      if (address.empty()) address = str_member(*ep, "device_api");
+      from_file = !address.empty();
+    }
+  }
+  if (address.empty()) address = "localhost:" + std::to_string(default_port);
+  std::string host;
+  uint16_t port = 0;
+  if (auto err = prov::net::split_host_port(address, default_port, host, port)) return err;
+  // A wildcard listen address is dialled on loopback.
+  if (host == "0.0.0.0") host = "127.0.0.1";
+  if (host == "::" || host == "[::]") host = "::1";
+  out.http.host = host;
+  out.http.port = port;
+  if (from_file && !tls_name.empty()) out.http.server_name = tls_name;
+  out.http.ca_file = c.ca.empty() ? path_join(c.data_dir, "tls/ca.pem") : c.ca;
+  out.http.connect_timeout = std::chrono::seconds(10);
+  out.http.request_timeout = std::chrono::seconds(30);
+  out.http.user_agent = "provisiond-cli/0.1";
+  return {};
+}
+
+/// The body's error as "errorCode message", or the status line.
+error http_error(const https_response& res) {
+  json j = json::parse(res.body, nullptr, false);
+  std::string msg = res.reason.empty() ? "HTTP " + std::to_string(res.status) : res.reason;
+  int64_t code = static_cast<int64_t>(res.status) * 1000;
+  if (j.is_object()) {
+    if (j.contains("errorCode") && j["errorCode"].is_number_integer())
+      code = j["errorCode"].get<int64_t>();
+    std::string m = str_member(j, "message");
+    if (m.empty()) m = str_member(j, "Message");
+    if (!m.empty()) msg = m;
+  } else if (!res.body.empty() && res.body.size() < 300) {
+    msg = res.body;
+  }
+  return {static_cast<error_code>(code), msg};
+}
+
+// ---- service API client -----------------------------------------------------------
+
+class service_client {
+public:
+  static error open(const common_options& c, std::unique_ptr<service_client>& out) {
+    std::string cs = c.connection_string;
+    error ignored;
+    if (cs.empty()) {
+      auto id = read_json_file(path_join(c.data_dir, "identity.json"), ignored);
+      if (!id)
+        return {error_code::unauthorized,
+                "no --connection-string and no readable " +
+                    path_join(c.data_dir, "identity.json")};
+      std::string host = str_member(*id, "service_host");
+      if (host.empty()) host = "localhost";
+      std::string policy = str_member(*id, "policy_name");
+      if (policy.empty()) policy = "provisioningserviceowner";
+      cs = "HostName=" + host + ";SharedAccessKeyName=" + policy +
+           ";SharedAccessKey=" + str_member(*id, "primary_key");
+    }
+    connection_string_parts parts;
+    if (auto err = parse_connection_string(cs, parts)) return err;
+    target t;
+    if (auto err = resolve_target(c, "service_api", parts.host_name, t)) return err;
+    out.reset(new service_client(std::move(parts), t.http));
+    return {};
+  }
+
+  /// One call; non-2xx statuses become errors carrying the server's errorCode.
+  error call(const std::string& method, const std::string& path, const std::string& body,
+             https_response& res, http_headers extra = {}) {
+    const int64_t se = static_cast<int64_t>(std::time(nullptr)) + sas_lifetime_s;
+    // sr = url_encode(HostName); signed string = sr + "\n" + se (reference §2.3).
+    std::string sas = prov::attestation::make_sas(cs_.host_name, cs_.key, se, cs_.key_name, true);
+    if (sas.empty()) return {error_code::unauthorized, "SharedAccessKey is not valid base64"};
+    extra.set("Authorization", sas);
+    extra.set("Accept", "application/json");
+    if (!body.empty()) extra.set("Content-Type", "application/json; charset=utf-8");
+    std::string target = path + (path.find('?') == std::string::npos ? "?" : "&") +
+                         "api-version=" + service_api_version;
+    if (auto err = http_.request(method, target, extra, body, res)) return err;
+    if (res.status < 200 || res.status >= 300) return http_error(res);
+    return {};
+  }
+
+  error call_json(const std::string& method, const std::string& path, const std::string& body,
+                  json& out, https_response* raw = nullptr, http_headers extra = {}) {
+    https_response res;
+    if (auto err = call(method, path, body, res, std::move(extra))) return err;
+    if (raw) *raw = res;
+    if (res.body.empty()) {
+      out = json();
+      return {};
+    }
+    out = json::parse(res.body, nullptr, false);
+    if (out.is_discarded())
+      return {error_code::malformed_json, "server sent invalid JSON for " + method + " " + path};
+    return {};
+  }
+
+private:
+  service_client(connection_string_parts cs, prov::net::https_client_options http)
+      : cs_(std::move(cs)), http_(std::move(http)) {}
+  connection_string_parts cs_;
+  https_client http_;
+};
+
+// ---- enrollments and groups --------------------------------------------------------
+
+struct enrollment_kind {
+  bool group;
+  const char* noun;       ///< "enrollment" / "enrollment group"
+  const char* collection; ///< "/enrollments" / "/enrollmentGroups"
+  const char* id_member;  ///< "registrationId" / "enrollmentGroupId"
+};
+
+constexpr enrollment_kind individual_kind{false, "enrollment", "/enrollments", "registrationId"};
+constexpr enrollment_kind group_kind{true, "enrollment group", "/enrollmentGroups",
+                                     "enrollmentGroupId"};
+
+struct create_options {
+  std::string id;
+  std::string primary_key, secondary_key, device_id, policy, twin;
+  std::vector<std::string> hubs;
+  bool disabled = false;
+  bool iot_edge = false;
+  bool show_keys = false;
+};
+
+std::string hubs_cell(const json& doc) {
+  std::vector<std::string> hubs;
+  if (auto it = doc.find("iotHubs"); it != doc.end() && it->is_array())
+    for (const auto& h : *it)
+      if (h.is_string()) hubs.push_back(h.get<std::string>());
+  if (hubs.empty()) {
+    std::string legacy = str_member(doc, "iotHubHostName");
+    return legacy.empty() ? "(all)" : legacy;
+  }
+  return join(hubs, ",");
+}
+
+std::string attestation_type(const json& doc) {
+  if (auto it = doc.find("attestation"); it != doc.end() && it->is_object())
+    return str_member(*it, "type");
+  return {};
+}
+
+std::string status_cell(const json& doc) {
+  std::string s = str_member(doc, "provisioningStatus");
+  return s.empty() ? "enabled" : s;
+}
+
+void print_enrollment(const enrollment_kind& k, const json& doc, const json* mechanism) {
+  std::vector<std::pair<std::string, std::string>> f;
+  f.emplace_back(k.group ? "GROUP ID" : "REGISTRATION ID", str_member(doc, k.id_member));
+  if (!k.group) f.emplace_back("DEVICE ID", str_member(doc, "deviceId"));
+  f.emplace_back("STATUS", status_cell(doc));
+  f.emplace_back("ATTESTATION", attestation_type(doc));
+  std::string policy = str_member(doc, "allocationPolicy");
+  f.emplace_back("ALLOCATION", policy.empty() ? "(default)" : policy);
+  f.emplace_back("HUBS", hubs_cell(doc));
+  if (auto it = doc.find("capabilities"); it != doc.end() && it->is_object())
+    f.emplace_back("IOT EDGE", it->value("iotEdge", false) ? "true" : "false");
+  if (auto it = doc.find("reprovisionPolicy"); it != doc.end() && it->is_object())
+    f.emplace_back("REPROVISION",
+                   std::string("updateHubAssignment=") +
+                       (it->value("updateHubAssignment", true) ? "true" : "false") +
+                       " migrateDeviceData=" +
+                       (it->value("migrateDeviceData", true) ? "true" : "false"));
+  if (auto it = doc.find("initialTwin"); it != doc.end() && !it->is_null())
+    f.emplace_back("INITIAL TWIN", it->dump());
+  if (mechanism) {
+    const json& sk = mechanism->value("symmetricKey", json::object());
+    f.emplace_back("PRIMARY KEY", str_member(sk, "primaryKey"));
+    f.emplace_back("SECONDARY KEY", str_member(sk, "secondaryKey"));
+  }
+  if (auto it = doc.find("registrationState"); it != doc.end() && it->is_object()) {
+    f.emplace_back("REGISTRATION", str_member(*it, "status"));
+    f.emplace_back("ASSIGNED HUB", str_member(*it, "assignedHub"));
+  }
+  f.emplace_back("CREATED", short_time(str_member(doc, "createdDateTimeUtc")));
+  f.emplace_back("UPDATED", short_time(str_member(doc, "lastUpdatedDateTimeUtc")));
+  f.emplace_back("ETAG", str_member(doc, "etag"));
+  print_fields(f);
+}
+
+/// Fetches keys for `get --show-keys` / `create --show-keys`.
+error fetch_mechanism(service_client& svc, const enrollment_kind& k, const std::string& id,
+                      json& mechanism) {
+  return svc.call_json("POST", std::string(k.collection) + "/" + segment(id) +
+                                   "/attestationmechanism",
+                       "", mechanism);
+}
+
+int run_create(const common_options& c, const enrollment_kind& k, const create_options& o) {
+  json body = json::object();
+  body[k.id_member] = o.id;
+  json sk = json::object();
+  if (!o.primary_key.empty()) sk["primaryKey"] = o.primary_key;
+  if (!o.secondary_key.empty()) sk["secondaryKey"] = o.secondary_key;
+  // Omitted keys: the server generates 64-byte keys, as DPS does.
+  body["attestation"] = {{"type", "symmetricKey"}, {"symmetricKey", sk}};
+  if (!o.device_id.empty()) body["deviceId"] = o.device_id;
+  if (!o.hubs.empty()) body["iotHubs"] = o.hubs;
+  if (!o.policy.empty()) body["allocationPolicy"] = o.policy;
+  body["provisioningStatus"] = o.disabled ? "disabled" : "enabled";
+  if (o.iot_edge) body["capabilities"] = {{"iotEdge", true}};
+  if (!o.twin.empty()) {
+    json twin = json::parse(o.twin, nullptr, false);
+    if (twin.is_discarded() || !twin.is_object())
+      return fail({error_code::malformed_json, "--twin is not a JSON object"});
+    body["initialTwin"] = std::move(twin);
+  }
+
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json doc;
+  if (auto err = svc->call_json("PUT", std::string(k.collection) + "/" + segment(o.id),
+                                body.dump(), doc))
+    return fail(err);
+  json mechanism;
+  bool have_keys = false;
+  if (o.show_keys) {
+    if (auto err = fetch_mechanism(*svc, k, o.id, mechanism)) return fail(err);
+    have_keys = true;
+  }
+  if (c.json) {
+    if (have_keys && doc.is_object()) doc["attestation"] = mechanism;
+    std::cout << doc.dump(2) << "\n";
+  } else {
+    print_enrollment(k, doc, have_keys ? &mechanism : nullptr);
+  }
+  return 0;
+}
+
+int run_get(const common_options& c, const enrollment_kind& k, const std::string& id,
+            bool show_keys) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json doc;
+  if (auto err = svc->call_json("GET", std::string(k.collection) + "/" + segment(id), "", doc))
+    return fail(err);
+  json mechanism;
+  if (show_keys) {
+    if (auto err = fetch_mechanism(*svc, k, id, mechanism)) return fail(err);
+  }
+  if (c.json) {
+    if (show_keys && doc.is_object()) doc["attestation"] = mechanism;
+    std::cout << doc.dump(2) << "\n";
+  } else {
+    print_enrollment(k, doc, show_keys ? &mechanism : nullptr);
+  }
+  return 0;
+}
+
+int run_delete(const common_options& c, const std::string& collection, const std::string& noun,
+               const std::string& id, const std::string& if_match) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  https_response res;
+  http_headers h;
+  if (!if_match.empty()) h.set("If-Match", if_match);
+  if (auto err = svc->call("DELETE", collection + "/" + segment(id), "", res, h)) return fail(err);
+  if (!c.json) std::cout << "deleted " << noun << " " << id << "\n";
+  return 0;
+}
+
+int run_list(const common_options& c, const enrollment_kind& k, int page_size) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json all = json::array();
+  std::string continuation;
+  // Follow x-ms-continuation until the server leaves it out (reference §4).
+  for (int pages = 0; pages < 100000; ++pages) {
+    http_headers h;
+    if (!continuation.empty()) h.set("x-ms-continuation", continuation);
+    if (page_size > 0) h.set("x-ms-max-item-count", std::to_string(page_size));
+    json page;
+    https_response raw;
+    if (auto err = svc->call_json("POST", std::string(k.collection) + "/query",
+                                  R"({"query":"*"})", page, &raw, h))
+      return fail(err);
+    if (page.is_array())
+      for (auto& d : page) all.push_back(std::move(d));
+    const std::string* next = raw.headers.find("x-ms-continuation");
+    if (!next || next->empty() || *next == continuation) break;
+    continuation = *next;
+  }
+  if (c.json) {
+    std::cout << all.dump(2) << "\n";
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& d : all) {
+    if (k.group)
+      rows.push_back({str_member(d, k.id_member), status_cell(d), attestation_type(d),
+                      hubs_cell(d), short_time(str_member(d, "lastUpdatedDateTimeUtc"))});
+    else
+      rows.push_back({str_member(d, k.id_member), str_member(d, "deviceId"), status_cell(d),
+                      attestation_type(d), hubs_cell(d),
+                      short_time(str_member(d, "lastUpdatedDateTimeUtc"))});
+  }
+  if (k.group)
+    print_table({"GROUP ID", "STATUS", "ATTESTATION", "HUBS", "UPDATED"}, rows);
+  else
+    print_table({"REGISTRATION ID", "DEVICE ID", "STATUS", "ATTESTATION", "HUBS", "UPDATED"},
+                rows);
+  return 0;
+}
+
+// ---- registrations ---------------------------------------------------------------
+
+std::string group_of(const json& rs) {
+  for (const char* att : {"symmetricKey", "x509"})
+    if (auto it = rs.find(att); it != rs.end() && it->is_object()) {
+      std::string g = str_member(*it, "enrollmentGroupId");
+      if (!g.empty()) return g;
+    }
+  return {};
+}
+
+void print_registration_state(const json& rs, const std::string& operation_id = {}) {
+  std::string code = str_member(rs, "errorCode");
+  print_fields({{"REGISTRATION ID", str_member(rs, "registrationId")},
+                {"STATUS", str_member(rs, "status")},
+                {"ASSIGNED HUB", str_member(rs, "assignedHub")},
+                {"DEVICE ID", str_member(rs, "deviceId")},
+                {"SUBSTATUS", str_member(rs, "substatus")},
+                {"ENROLLMENT GROUP", group_of(rs)},
+                {"ERROR CODE", code == "0" ? "" : code},
+                {"ERROR MESSAGE", str_member(rs, "errorMessage")},
+                {"OPERATION ID", operation_id},
+                {"CREATED", short_time(str_member(rs, "createdDateTimeUtc"))},
+                {"UPDATED", short_time(str_member(rs, "lastUpdatedDateTimeUtc"))},
+                {"ETAG", str_member(rs, "etag")}});
+}
+
+int run_registration_get(const common_options& c, const std::string& id) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json doc;
+  if (auto err = svc->call_json("GET", "/registrations/" + segment(id), "", doc)) return fail(err);
+  if (c.json)
+    std::cout << doc.dump(2) << "\n";
+  else
+    print_registration_state(doc);
+  return 0;
+}
+
+// ---- assignments ------------------------------------------------------------------
+
+struct assignments_options {
+  bool follow = false;
+  std::string hub;
+  uint64_t after = 0;
+  int limit = 100;
+};
+
+int run_assignments(const common_options& c, const assignments_options& o) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  uint64_t after = o.after;
+  json collected = json::array();
+  std::vector<std::vector<std::string>> rows;
+  const std::vector<std::string> header{"SEQ", "TIME", "REGISTRATION", "DEVICE", "HUB", "OPERATION"};
+  // --follow prints as it goes, so columns get fixed minimum widths.
+  const std::vector<std::size_t> follow_width{6, 20, 24, 24, 36, 0};
+  auto print_follow_row = [&](const std::vector<std::string>& cells) {
+    std::string out;
+    for (std::size_t i = 0; i < cells.size(); ++i) {
+      out += cells[i];
+      if (i + 1 < cells.size())
+        out += std::string(cells[i].size() < follow_width[i] ? follow_width[i] - cells[i].size() + 2 : 2, ' ');
+    }
+    std::cout << out << std::endl; // flush: someone is watching
+  };
+  if (o.follow && !c.json) print_follow_row(header);
+
+  for (;;) {
+    json page;
+    std::string path = "/assignments?after=" + std::to_string(after) +
+                       "&limit=" + std::to_string(o.limit);
+    if (auto err = svc->call_json("GET", path, "", page)) return fail(err);
+    if (!page.is_object())
+      return fail({error_code::malformed_json, "assignments: expected {\"events\":[...],\"next\":N}"});
+    const json events = page.value("events", json::array());
+    uint64_t next = after;
+    if (auto it = page.find("next"); it != page.end() && it->is_number_unsigned())
+      next = it->get<uint64_t>();
+    for (const auto& ev : events) {
+      const json data = ev.value("data", json::object());
+      if (!o.hub.empty() && str_member(data, "assignedHub") != o.hub) continue;
+      if (c.json) {
+        if (o.follow)
+          std::cout << ev.dump() << std::endl; // NDJSON stream
+        else
+          collected.push_back(ev);
+        continue;
+      }
+      std::string op = str_member(data, "substatus");
+      if (op.empty()) op = str_member(ev, "type");
+      std::vector<std::string> row{str_member(ev, "sequence"), short_time(str_member(ev, "time")),
+                                   str_member(data, "registrationId"), str_member(data, "deviceId"),
+                                   str_member(data, "assignedHub"), op};
+      if (o.follow)
+        print_follow_row(row);
+      else
+        rows.push_back(std::move(row));
+    }
+    const bool advanced = next > after;
+    after = next;
+    const bool full_page = events.size() >= static_cast<std::size_t>(o.limit);
+    if (!o.follow) {
+      if (!full_page || !advanced) break;
+      continue;
+    }
+    if (!full_page || !advanced) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  if (c.json)
+    std::cout << collected.dump(2) << "\n";
+  else
+    print_table(header, rows);
+  return 0;
+}
+
+// ---- register (device side) ---------------------------------------------------------
+
+struct register_options {
+  std::string registration_id, key, group_key, id_scope, payload;
+  int timeout_s = 60;
+};
+
+int run_register(const common_options& c, const register_options& o) {
+  if (o.key.empty() == o.group_key.empty())
+    return fail({error_code::bad_request, "give exactly one of --key or --group-key"});
+  std::optional<json> payload;
+  if (!o.payload.empty()) {
+    json p = json::parse(o.payload, nullptr, false);
+    if (p.is_discarded()) return fail({error_code::malformed_json, "--payload is not valid JSON"});
+    payload = std::move(p);
+  }
+  std::string key = o.key;
+  if (!o.group_key.empty()) {
+    // Group enrollment: the device key is HMAC(groupKey, registrationId).
+    auto derived = prov::crypto::derive_device_key(o.group_key, o.registration_id);
+    if (!derived) return fail({error_code::bad_request, "--group-key is not valid base64"});
+    key = *derived;
+  }
+
+  target t;
+  error ignored;
+  auto identity = read_json_file(path_join(c.data_dir, "identity.json"), ignored);
+  std::string tls_name = identity ? str_member(*identity, "service_host") : "";
+  if (auto err = resolve_target(c, "device_api", tls_name, t)) return fail(err);
+  std::string scope = o.id_scope.empty() ? str_member(t.identity, "id_scope") : o.id_scope;
+  if (scope.empty())
+    return fail({error_code::id_scope_not_found,
+                 "no --id-scope and none in " + path_join(c.data_dir, "identity.json")});
+
+  const std::string resource = scope + "/registrations/" + o.registration_id;
+  const int64_t se = static_cast<int64_t>(std::time(nullptr)) + sas_lifetime_s;
+  const std::string sas = prov::attestation::make_sas(resource, key, se, "registration", true);
+  if (sas.empty()) return fail({error_code::bad_request, "--key is not valid base64"});
+
+  http_headers h;
+  h.set("Authorization", sas);
+  h.set("Accept", "application/json");
+  h.set("Content-Type", "application/json; charset=utf-8");
+  json body{{"registrationId", o.registration_id}};
+  if (payload) body["payload"] = *payload;
+  const std::string base = "/" + segment(scope) + "/registrations/" + segment(o.registration_id);
+  const std::string query = std::string("?api-version=") + device_api_version;
+
+  https_client http(t.http);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(o.timeout_s);
+  auto wait_retry_after = [&](const https_response& res) {
+    long secs = 2; // no Retry-After: the Node SDK's default polling interval
+    if (const std::string* ra = res.headers.find("Retry-After")) {
+      char* end = nullptr;
+      long v = std::strtol(ra->c_str(), &end, 10);
+      if (end != ra->c_str()) secs = std::clamp(v, 1L, 60L);
+    }
+    auto until = std::min(deadline, std::chrono::steady_clock::now() + std::chrono::seconds(secs));
+    std::this_thread::sleep_until(until);
+  };
+
+  https_response res;
+  json status;
+  std::string operation_id;
+  bool registered = false; // PUT accepted; now polling
+  for (;;) {
+    if (std::chrono::steady_clock::now() >= deadline)
+      return fail({error_code::request_timeout,
+                   "registration still assigning after " + std::to_string(o.timeout_s) + " s"});
+    error err = registered
+                    ? http.request("GET", base + "/operations/" + segment(operation_id) + query,
+                                   h, "", res)
+                    : http.request("PUT", base + "/register" + query, h, body.dump(), res);
+    if (err) return fail(err);
+    // Throttling and transient server errors: honour Retry-After and retry.
+    if (res.status == 429 || res.status == 503) {
+      wait_retry_after(res);
+      continue;
+    }
+    if (res.status < 200 || res.status >= 300) return fail(http_error(res));
+    status = json::parse(res.body, nullptr, false);
+    if (!status.is_object())
+      return fail({error_code::malformed_json, "server sent a non-JSON registration status"});
+    std::string s = str_member(status, "status");
+    if (!registered) operation_id = str_member(status, "operationId");
+    if (s != "assigning" || operation_id.empty()) break;
+    registered = true;
+    wait_retry_after(res);
+  }
+
+  const json rs = status.value("registrationState", json::object());
+  if (c.json)
+    std::cout << status.dump(2) << "\n";
+  else
+    print_registration_state(rs.empty() ? json{{"registrationId", o.registration_id},
+                                              {"status", str_member(status, "status")}}
+                                        : rs,
+                             operation_id);
+  std::string final_status = str_member(status, "status");
+  if (final_status == "assigned") return 0;
+  std::string code = str_member(rs, "errorCode");
+  std::string msg = str_member(rs, "errorMessage");
+  if (final_status.empty()) final_status = "(none)";
+  if (code.empty() || code == "0")
+    std::cerr << "error: registration ended with status '" << final_status << "'"
+              << (msg.empty() ? "" : ": " + msg) << "\n";
+  else
+    std::cerr << "error: " << code << " " << (msg.empty() ? "registration " + final_status : msg)
+              << "\n";
+  return 1;
+}
+
+// ---- wiring -------------------------------------------------------------------------
+
+/// Runs `fn` as the subcommand's action; no exception leaves the callback.
+template <class Fn>
+void on_run(CLI::App* sub, int& exit_code, Fn fn) {
+  sub->callback([&exit_code, fn]() {
+    // main() blocks SIGINT/SIGTERM for `serve`'s sigwait; client commands are
+    // single-threaded and must stay interruptible (assignments --follow).
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+    try {
+      exit_code = fn();
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << static_cast<int32_t>(error_code::internal) << " " << e.what() << "\n";
+      exit_code = 1;
+    }
+  });
+}
+
+void add_create_options(CLI::App* sub, create_options& o, bool group) {
+  sub->add_option(group ? "group-id" : "registration-id", o.id,
+                  group ? "Enrollment group id" : "Registration id of the device")
+      ->required();
+  sub->add_option("--primary-key", o.primary_key, "Base64 symmetric key (default: generated)");
+  sub->add_option("--secondary-key", o.secondary_key, "Base64 symmetric key (default: generated)");
+  if (!group) sub->add_option("--device-id", o.device_id, "IoT Hub device id (default: registration id)");
+  sub->add_option("--hub", o.hubs, "Linked hub this enrollment may use (repeatable; default: all)");
+  sub->add_option("--policy", o.policy, "Allocation policy (default: the server's)")
+      ->check(CLI::IsMember({"hashed", "static", "geoLatency"}));
+  sub->add_flag("--disabled", o.disabled, "Create the enrollment disabled");
+  sub->add_flag("--iot-edge", o.iot_edge, "Mark devices as IoT Edge devices");
+  sub->add_option("--twin", o.twin, "Initial twin as JSON, e.g. '{\"tags\":{\"site\":\"a\"}}'");
+  sub->add_flag("--show-keys", o.show_keys, "Also print the symmetric keys");
+}
+
+void add_enrollment_family(CLI::App& app, int& exit_code, const enrollment_kind& k,
+                           const char* name, const char* description) {
+  CLI::App* family = app.add_subcommand(name, description);
+  family->require_subcommand(1);
+
+  auto common = std::make_shared<common_options>();
+  auto create = std::make_shared<create_options>();
+  auto id = std::make_shared<std::string>();
+  auto show_keys = std::make_shared<bool>(false);
+  auto if_match = std::make_shared<std::string>();
+  auto page_size = std::make_shared<int>(0);
+  const char* id_name = k.group ? "group-id" : "registration-id";
+
+  CLI::App* c = family->add_subcommand("create", std::string("Create or replace an ") + k.noun);
+  add_create_options(c, *create, k.group);
+  add_common_options(c, *common);
+  on_run(c, exit_code, [common, create, k] { return run_create(*common, k, *create); });
+
+  CLI::App* g = family->add_subcommand("get", std::string("Show an ") + k.noun);
+  g->add_option(id_name, *id, "Id")->required();
+  g->add_flag("--show-keys", *show_keys, "Also print the symmetric keys");
+  add_common_options(g, *common);
+  on_run(g, exit_code, [common, id, show_keys, k] { return run_get(*common, k, *id, *show_keys); });
+
+  CLI::App* l = family->add_subcommand("list", std::string("List ") + k.noun + "s");
+  l->add_option("--page-size", *page_size, "Items per request (x-ms-max-item-count)");
+  add_common_options(l, *common);
+  on_run(l, exit_code, [common, page_size, k] { return run_list(*common, k, *page_size); });
+
+  CLI::App* d = family->add_subcommand("delete", std::string("Delete an ") + k.noun);
+  d->add_option(id_name, *id, "Id")->required();
+  d->add_option("--if-match", *if_match, "Only delete if the etag still matches");
+  add_common_options(d, *common);
+  on_run(d, exit_code, [common, id, if_match, k] {
+    return run_delete(*common, k.collection, k.noun, *id, *if_match);
+  });
+}
+
+} // namespace
+
+void add_client_commands(CLI::App& app, int& exit_code) {
+  add_enrollment_family(app, exit_code, individual_kind, "enrollment",
+                        "Manage individual enrollments (service API)");
+  add_enrollment_family(app, exit_code, group_kind, "group",
+                        "Manage enrollment groups (service API)");
+
+  {
+    CLI::App* reg = app.add_subcommand("registration", "Inspect or delete device registration records");
+    reg->require_subcommand(1);
+    auto common = std::make_shared<common_options>();
+    auto id = std::make_shared<std::string>();
+    auto if_match = std::make_shared<std::string>();
+    CLI::App* g = reg->add_subcommand("get", "Show a registration record");
+    g->add_option("registration-id", *id, "Registration id")->required();
+    add_common_options(g, *common);
+    on_run(g, exit_code, [common, id] { return run_registration_get(*common, *id); });
+    CLI::App* d = reg->add_subcommand("delete", "Delete a registration record");
+    d->add_option("registration-id", *id, "Registration id")->required();
+    d->add_option("--if-match", *if_match, "Only delete if the etag still matches");
+    add_common_options(d, *common);
+    on_run(d, exit_code, [common, id, if_match] {
+      return run_delete(*common, "/registrations", "registration", *id, *if_match);
+    });
+  }
+
+  {
+    auto common = std::make_shared<common_options>();
+    auto o = std::make_shared<assignments_options>();
+    CLI::App* a = app.add_subcommand("assignments", "Show device assignment events (CloudEvents)");
+    a->add_flag("--follow,-f", o->follow, "Keep polling (every 500 ms) for new events");
+    a->add_option("--hub", o->hub, "Only events for this assigned hub host name");
+    a->add_option("--after", o->after, "Start after this sequence number")->capture_default_str();
+    a->add_option("--limit", o->limit, "Events per request")->check(CLI::Range(1, 1000))
+        ->capture_default_str();
+    add_common_options(a, *common);
+    on_run(a, exit_code, [common, o] { return run_assignments(*common, *o); });
+  }
+
+  {
+    auto common = std::make_shared<common_options>();
+    auto o = std::make_shared<register_options>();
+    CLI::App* r = app.add_subcommand("register", "Register as a device (symmetric key, HTTPS)");
+    r->add_option("--registration-id", o->registration_id, "Registration id")->required();
+    auto* key = r->add_option("--key", o->key, "Device symmetric key (base64)");
+    auto* gkey = r->add_option("--group-key", o->group_key,
+                               "Enrollment group key (base64); the device key is derived from it");
+    key->excludes(gkey);
+    r->add_option("--id-scope", o->id_scope, "ID scope (default: <data-dir>/identity.json)");
+    r->add_option("--payload", o->payload, "JSON payload for custom allocation");
+    r->add_option("--timeout", o->timeout_s, "Seconds to wait for the assignment")
+        ->check(CLI::Range(1, 3600))
+        ->capture_default_str();
+    add_common_options(r, *common);
+    on_run(r, exit_code, [common, o] { return run_register(*common, *o); });
+  }
+}

@@ -1,0 +1,416 @@
+#include "storage/store.hpp"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include <rocksdb/cache.h>
+#include <rocksdb/db.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/options.h>
+#include <rocksdb/slice.h>
+#include <rocksdb/table.h>
+#include <rocksdb/write_batch.h>
+
+namespace prov::storage {
+
+namespace {
+
+constexpr std::array<cf, cf_count> all_families = {
+    cf::meta,       cf::enrollments, cf::groups, cf::registrations,
+    cf::operations, cf::pending,     cf::outbox,
+};
+
+bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
+
+/// Families read mostly by exact key: a bloom filter saves a block read per
+/// miss (e.g. "is this registration id enrolled?"). pending/outbox are only
+/// scanned, meta is tiny.
+bool point_lookup(cf c) noexcept {
+  return c == cf::enrollments || c == cf::groups || c == cf::registrations ||
+         c == cf::operations;
+}
+
+rocksdb::Slice slice(std::string_view s) noexcept { return {s.data(), s.size()}; }
+
+/// The one place a rocksdb::Status becomes a prov::error. `family` is named
+/// when the failure concerns one column family.
+error to_error(const rocksdb::Status& s, std::string_view what, const std::string& dir,
+               const cf* family = nullptr) {
+  if (s.ok()) return {};
+  std::string text = s.ToString();
+  std::string msg;
+  // PosixEnv reports "While lock file: <dir>/LOCK: ..." (other process) and
+  // "lock hold by current process ..." (same process, second DB::Open).
+  if (s.IsIOError() && (text.find("lock file") != std::string::npos ||
+                        text.find("lock hold") != std::string::npos)) {
+    msg = "storage: cannot open data dir '" + dir +
+          "': its lock is held, another provisiond may be running on this data dir (" +
+          text + ")";
+    return {error_code::storage_failure, std::move(msg)};
+  }
+  msg = "storage: " + std::string(what) + " failed in '" + dir + "'";
+  if (family) msg += " (column family '" + std::string(to_string(*family)) + "')";
+  msg += ": " + text;
+  return {error_code::storage_failure, std::move(msg)};
+}
+
+error internal_error(std::string_view what, const std::string& dir, const char* why) {
+  return {error_code::internal,
+          "storage: " + std::string(what) + " failed in '" + dir + "': " + why};
+}
+
+error unknown_family(cf c) {
+  return {error_code::internal,
+          "storage: unknown column family #" + std::to_string(static_cast<int>(c))};
+}
+
+/// Runs `fn` and turns any exception (bad_alloc, a throwing visitor) into an
+/// error so none escapes the store's API.
+template <class Fn>
+error guarded(std::string_view what, const std::string& dir, Fn&& fn) noexcept {
+  try {
+    return fn();
+  } catch (const std::exception& e) {
+    return internal_error(what, dir, e.what());
+  } catch (...) {
+    return internal_error(what, dir, "unknown exception");
+  }
+}
+
+/// A `done` callback must not take the writer thread down with it.
+void call_done(const store::done_fn& done, const error& e) noexcept {
+  if (!done) return;
+  try {
+    done(e);
+  } catch (...) {
+  }
+}
+
+class rocks_store final : public store {
+public:
+  rocks_store(std::string dir, store_options opts) : dir_(std::move(dir)), opts_(opts) {
+    opts_.max_group_batches = std::max<std::size_t>(opts_.max_group_batches, 1);
+  }
+
+  ~rocks_store() override {
+    close();
+    if (!db_) return;
+    // Handles must go before the DB that owns them.
+    for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+    handles_.clear();
+    (void)db_->Close();
+    delete db_;
+    db_ = nullptr;
+  }
+
+  error open_db() {
+    std::error_code ec;
+    std::filesystem::create_directories(dir_, ec);
+    if (ec) {
+      return {error_code::storage_failure,
+              "storage: cannot create data dir '" + dir_ + "': " + ec.message()};
+    }
+
+    rocksdb::DBOptions db_opts;
+    db_opts.create_if_missing = true;
+    db_opts.create_missing_column_families = true;
+    db_opts.paranoid_checks = true;
+    db_opts.max_background_jobs = 2;
+    db_opts.manual_wal_flush = false;
+    // 7.8's default is kPointInTimeRecovery, which silently truncates the
+    // WAL at a mid-log corruption and so can roll back synced, acknowledged
+    // writes. Tolerate only a torn tail record (a crash mid-append) and
+    // refuse to open on anything worse.
+    db_opts.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
+    db_opts.keep_log_file_num = 10;
+
+    auto cache = rocksdb::NewLRUCache(opts_.block_cache_bytes);
+    rocksdb::BlockBasedTableOptions plain_table;
+    plain_table.block_cache = cache;
+    rocksdb::BlockBasedTableOptions bloom_table = plain_table;
+    bloom_table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+    std::shared_ptr<rocksdb::TableFactory> plain_factory(
+        rocksdb::NewBlockBasedTableFactory(plain_table));
+    std::shared_ptr<rocksdb::TableFactory> bloom_factory(
+        rocksdb::NewBlockBasedTableFactory(bloom_table));
+
+    auto family_options = [&](cf c) {
+      rocksdb::ColumnFamilyOptions o;
+      o.write_buffer_size = opts_.write_buffer_bytes;
+      o.compaction_style = rocksdb::kCompactionStyleLevel;
+      o.level_compaction_dynamic_level_bytes = true;
+      o.table_factory = point_lookup(c) ? bloom_factory : plain_factory;
+      return o;
+    };
+
+    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
+    descs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+    for (cf c : all_families) descs.emplace_back(std::string(to_string(c)), family_options(c));
+
+    // A family this build does not know (written by a newer provisiond) would
+    // make DB::Open fail; open it with defaults and leave it alone.
+    std::vector<std::string> existing;
+    if (rocksdb::DB::ListColumnFamilies(db_opts, dir_, &existing).ok()) {
+      for (auto& name : existing) {
+        bool known = std::any_of(descs.begin(), descs.end(),
+                                 [&](const auto& d) { return d.name == name; });
+        if (!known) descs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+      }
+    }
+
+    rocksdb::Status s = rocksdb::DB::Open(db_opts, dir_, descs, &handles_, &db_);
+    if (!s.ok()) {
+      db_ = nullptr;
+      handles_.clear();
+      return to_error(s, "open", dir_);
+    }
+    for (std::size_t i = 0; i < all_families.size(); ++i) by_cf_[i] = handles_[i + 1];
+
+    try {
+      writer_ = std::thread([this] { writer_loop(); });
+      writer_id_ = writer_.get_id(); // before `out` is published: no race
+    } catch (const std::exception& e) {
+      return internal_error("starting the writer thread", dir_, e.what());
+    }
+    return {};
+  }
+
+  error get(cf family, std::string_view key, std::optional<std::string>& out) const override {
+    out.reset();
+    if (!valid(family)) return unknown_family(family);
+    return guarded("get", dir_, [&]() -> error {
+      rocksdb::PinnableSlice value;
+      auto s = db_->Get(rocksdb::ReadOptions(), handle(family), slice(key), &value);
+      if (s.IsNotFound()) return {};
+      if (!s.ok()) return to_error(s, "get", dir_, &family);
+      out.emplace(value.data(), value.size());
+      return {};
+    });
+  }
+
+  error scan(cf family, std::string_view start, std::size_t limit,
+             const visit_fn& fn) const override {
+    if (!valid(family)) return unknown_family(family);
+    return guarded("scan", dir_, [&]() -> error {
+      std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handle(family)));
+      std::size_t visited = 0;
+      for (it->Seek(slice(start)); it->Valid(); it->Next()) {
+        auto k = it->key();
+        auto v = it->value();
+        ++visited;
+        if (!fn({k.data(), k.size()}, {v.data(), v.size()})) break;
+        if (limit != 0 && visited >= limit) break;
+      }
+      return to_error(it->status(), "scan", dir_, &family);
+    });
+  }
+
+  error last_key(cf family, std::optional<std::string>& out) const override {
+    out.reset();
+    if (!valid(family)) return unknown_family(family);
+    return guarded("last_key", dir_, [&]() -> error {
+      std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handle(family)));
+      it->SeekToLast();
+      if (it->Valid()) out.emplace(it->key().data(), it->key().size());
+      return to_error(it->status(), "last_key", dir_, &family);
+    });
+  }
+
+  error write(const write_batch& batch) override {
+    return guarded("write", dir_, [&]() -> error {
+      rocksdb::WriteBatch wb;
+      if (auto e = append(wb, batch)) return e;
+      rocksdb::WriteOptions wo;
+      wo.sync = opts_.sync;
+      return to_error(db_->Write(wo, &wb), "write", dir_);
+    });
+  }
+
+  void commit(write_batch batch, done_fn done) override {
+    // Reject a bad batch alone instead of failing the whole group it joins.
+    for (const auto& op : batch.ops()) {
+      if (!valid(op.family)) return call_done(done, unknown_family(op.family));
+    }
+    pending_batch p{std::move(batch), std::move(done)};
+    bool accepted = false;
+    try {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!stopping_) {
+        queue_.push_back(std::move(p));
+        accepted = true;
+      }
+    } catch (const std::exception& e) {
+      return call_done(p.done, internal_error("commit", dir_, e.what()));
+    }
+    if (accepted) {
+      cv_.notify_one();
+    } else {
+      call_done(p.done, {error_code::unavailable, "store closed"});
+    }
+  }
+
+  void close() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_one();
+    // From a `done` callback: the writer exits after the current group; the
+    // destructor joins it.
+    if (std::this_thread::get_id() == writer_id_) return;
+    std::lock_guard<std::mutex> lk(close_mu_);
+    if (writer_.joinable()) writer_.join();
+    // Without per-commit sync, make a clean shutdown durable at least.
+    if (db_ && !opts_.sync && !wal_synced_) {
+      (void)db_->FlushWAL(/*sync=*/true);
+      wal_synced_ = true;
+    }
+  }
+
+  commit_stats stats() const override {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    return stats_;
+  }
+
+private:
+  struct pending_batch {
+    write_batch batch;
+    done_fn done;
+  };
+
+  rocksdb::ColumnFamilyHandle* handle(cf c) const noexcept {
+    return by_cf_[static_cast<std::size_t>(c)];
+  }
+
+  error append(rocksdb::WriteBatch& wb, const write_batch& batch) const {
+    for (const auto& op : batch.ops()) {
+      if (!valid(op.family)) return unknown_family(op.family);
+      auto s = op.is_delete ? wb.Delete(handle(op.family), slice(op.key))
+                            : wb.Put(handle(op.family), slice(op.key), slice(op.value));
+      if (!s.ok()) return to_error(s, "building a write batch", dir_, &op.family);
+    }
+    return {};
+  }
+
+  void writer_loop() {
+    pthread_setname_np(pthread_self(), "prov-store-wr");
+    std::vector<pending_batch> group;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) break; // stopping and drained
+      std::size_t n = std::min(queue_.size(), opts_.max_group_batches);
+      group.clear();
+      for (std::size_t i = 0; i < n; ++i) {
+        group.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+      lk.unlock();
+      write_group(group);
+      lk.lock();
+    }
+  }
+
+  /// One merged batch, one (synced) write, every caller gets its result.
+  /// Queue order is kept inside the merged batch, so a caller's later batch
+  /// overwrites its earlier one.
+  void write_group(std::vector<pending_batch>& group) noexcept {
+    uint64_t bytes = 0;
+    error result = guarded("commit", dir_, [&]() -> error {
+      rocksdb::WriteBatch merged;
+      for (const auto& p : group) {
+        if (auto e = append(merged, p.batch)) return e;
+        bytes += p.batch.bytes();
+      }
+      rocksdb::WriteOptions wo;
+      wo.sync = opts_.sync;
+      return to_error(db_->Write(wo, &merged), "commit", dir_);
+    });
+    if (result.ok()) {
+      std::lock_guard<std::mutex> lk(stats_mu_);
+      stats_.commits += 1;
+      stats_.batches += group.size();
+      stats_.bytes += bytes;
+    }
+    for (auto& p : group) call_done(p.done, result);
+    group.clear(); // release callbacks' captures now, not at the next group
+  }
+
+  const std::string dir_;
+  store_options opts_;
+  rocksdb::DB* db_ = nullptr;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_; // [0] = default, then cf order, then unknown
+  std::array<rocksdb::ColumnFamilyHandle*, cf_count> by_cf_{};
+
+  std::mutex mu_; // guards queue_, stopping_
+  std::condition_variable cv_;
+  std::deque<pending_batch> queue_;
+  bool stopping_ = false;
+
+  std::mutex close_mu_; // serialises join in concurrent close() calls
+  std::thread writer_;
+  std::thread::id writer_id_;
+  bool wal_synced_ = false;
+
+  mutable std::mutex stats_mu_;
+  commit_stats stats_;
+};
+
+} // namespace
+
+std::string_view to_string(cf c) noexcept {
+  switch (c) {
+    case cf::meta: return "meta";
+    case cf::enrollments: return "enrollments";
+    case cf::groups: return "groups";
+    case cf::registrations: return "registrations";
+    case cf::operations: return "operations";
+    case cf::pending: return "pending";
+    case cf::outbox: return "outbox";
+  }
+  return "unknown";
+}
+
+std::size_t write_batch::bytes() const noexcept {
+  std::size_t n = 0;
+  for (const auto& op : ops_) n += op.key.size() + op.value.size();
+  return n;
+}
+
+error store::open(const std::string& dir, const store_options& opts,
+                  std::unique_ptr<store>& out) {
+  out.reset();
+  return guarded("open", dir, [&]() -> error {
+    auto s = std::make_unique<rocks_store>(dir, opts);
+    if (auto e = s->open_db()) return e;
+    out = std::move(s);
+    return {};
+  });
+}
+
+std::string seq_key(uint64_t seq) {
+  std::string k(8, '\0');
+  for (int i = 7; i >= 0; --i) {
+    k[static_cast<std::size_t>(i)] = static_cast<char>(seq & 0xff);
+    seq >>= 8;
+  }
+  return k;
+}
+
+uint64_t parse_seq_key(std::string_view key) {
+  if (key.size() != 8) return 0;
+  uint64_t v = 0;
+  for (unsigned char c : key) v = (v << 8) | c;
+  return v;
+}
+
+} // namespace prov::storage

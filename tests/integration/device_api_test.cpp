@@ -1,0 +1,464 @@
+// Device API (DPS registration over HTTPS) against the real provisiond process.
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "actors/attestation/sas_token.hpp"
+#include "messages/crypto.hpp"
+#include "messages/registration.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+
+namespace {
+
+const char* const hub_a = "hub-a.example.net";
+const char* const hub_b = "hub-b.example.net";
+
+/// One server for the whole file; tests use distinct ids.
+test::server_process& srv() {
+  static test::server_process s;
+  static bool started = false;
+  if (!started) {
+    auto err = s.start();
+    REQUIRE_MESSAGE(!err, err.message);
+    started = true;
+  }
+  return s;
+}
+
+json parse(const std::string& text) {
+  auto j = json::parse(text, nullptr, false);
+  REQUIRE_MESSAGE(!j.is_discarded(), "not JSON: " << text);
+  return j;
+}
+
+void put_enrollment(const test::server_process& s, const std::string& id, json body) {
+  body["registrationId"] = id;
+  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+void put_group(const test::server_process& s, const std::string& id, json body) {
+  body["enrollmentGroupId"] = id;
+  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+json sym_attestation(const std::string& primary, const std::string& secondary = {}) {
+  json sk{{"primaryKey", primary}};
+  if (!secondary.empty())
+    sk["secondaryKey"] = secondary;
+  return json{{"type", "symmetricKey"}, {"symmetricKey", sk}};
+}
+
+std::string device_path(const test::server_process& s, const std::string& id) {
+  return "/" + s.id_scope() + "/registrations/" + id;
+}
+
+/// PUT register with an explicit Authorization header and api-version.
+net::https_response put_register(net::https_client& c, const test::server_process& s,
+                                 const std::string& id, const std::string& auth,
+                                 const std::string& api = "2021-06-01") {
+  net::http_headers h;
+  h.add("Authorization", auth);
+  h.add("Content-Type", "application/json; charset=utf-8");
+  net::https_response resp;
+  auto err = c.request("PUT", device_path(s, id) + "/register?api-version=" + api, h,
+                       json{{"registrationId", id}}.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+/// Polls an operation until it leaves 202; returns the final response.
+net::https_response poll(net::https_client& c, const test::server_process& s,
+                         const std::string& id, const std::string& auth,
+                         const std::string& op, const std::string& api = "2021-06-01") {
+  net::https_response resp;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    net::http_headers h;
+    h.add("Authorization", auth);
+    auto err = c.request("GET", device_path(s, id) + "/operations/" + op + "?api-version=" + api,
+                         h, {}, resp);
+    REQUIRE_MESSAGE(!err, err.message);
+    if (resp.status != 202)
+      return resp;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  FAIL("operation " << op << " still assigning after 20 s: " << resp.body);
+  return resp;
+}
+
+/// Register + poll with `auth`; returns the final operation JSON (status 200 required).
+json register_with(net::https_client& c, const test::server_process& s, const std::string& id,
+                   const std::string& auth, const std::string& api = "2021-06-01") {
+  auto r = put_register(c, s, id, auth, api);
+  REQUIRE_MESSAGE(r.status == 202, r.body);
+  auto j = parse(r.body);
+  auto op = j.value("operationId", "");
+  REQUIRE(!op.empty());
+  auto p = poll(c, s, id, auth, op, api);
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  auto out = parse(p.body);
+  CHECK(out.value("operationId", "") == op);
+  return out;
+}
+
+void check_error(const net::https_response& r, int status, int code) {
+  CHECK_MESSAGE(r.status == status, r.body);
+  auto j = parse(r.body);
+  CHECK_MESSAGE(j.value("errorCode", 0) == code, r.body);
+  CHECK(!j.value("trackingId", "").empty());
+  CHECK(j.contains("message"));
+  CHECK(j.contains("timestampUtc"));
+}
+
+bool is_linked_hub(const std::string& h) {
+  return h == hub_a || h == hub_b;
+}
+
+/// All assignment events, following `next`.
+std::vector<json> all_assignments(const test::server_process& s) {
+  std::vector<json> out;
+  uint64_t after = 0;
+  for (;;) {
+    auto r = s.service("GET", "/assignments?after=" + std::to_string(after) + "&limit=1000");
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = parse(r.body);
+    REQUIRE(j["events"].is_array());
+    for (auto& e : j["events"])
+      out.push_back(e);
+    if (j["events"].empty()) {
+      CHECK(j["next"].get<uint64_t>() == after);
+      return out;
+    }
+    after = j["next"].get<uint64_t>();
+  }
+}
+
+} // namespace
+
+TEST_SUITE("device_api") {
+
+TEST_CASE("individual symmetric-key enrollment: register, 202 + Retry-After, poll assigned") {
+  auto& s = srv();
+  auto pk = crypto::generate_key(), sk = crypto::generate_key();
+  put_enrollment(s, "dev-basic-1", {{"attestation", sym_attestation(pk, sk)}});
+  auto c = s.client();
+  auto auth = s.device_auth("dev-basic-1", pk);
+  auto r = put_register(c, s, "dev-basic-1", auth);
+  REQUIRE_MESSAGE(r.status == 202, r.body);
+  CHECK(r.headers.get("Retry-After") == "1");
+  auto j = parse(r.body);
+  CHECK(j.value("status", "") == "assigning");
+  auto op = j.value("operationId", "");
+  REQUIRE(!op.empty());
+
+  auto p = poll(c, s, "dev-basic-1", auth, op);
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  auto res = parse(p.body);
+  CHECK(res.value("operationId", "") == op);
+  CHECK(res.value("status", "") == "assigned");
+  auto rs = res["registrationState"];
+  CHECK(rs.value("registrationId", "") == "dev-basic-1");
+  CHECK(!rs.value("createdDateTimeUtc", "").empty());
+  CHECK(is_linked_hub(rs.value("assignedHub", "")));
+  CHECK(rs.value("deviceId", "") == "dev-basic-1");
+  CHECK(rs.value("status", "") == "assigned");
+  CHECK(rs.value("substatus", "") == "initialAssignment");
+  CHECK(!rs.value("etag", "").empty());
+  CHECK(!rs.value("lastUpdatedDateTimeUtc", "").empty());
+  CHECK(!rs.contains("errorCode"));
+
+  SUBCASE("secondary key also works") {
+    auto res2 = register_with(c, s, "dev-basic-1", s.device_auth("dev-basic-1", sk));
+    CHECK(res2.value("status", "") == "assigned");
+    CHECK(res2["registrationState"].value("assignedHub", "") == rs.value("assignedHub", ""));
+  }
+  SUBCASE("a key that is neither primary nor secondary is rejected") {
+    auto bad = put_register(c, s, "dev-basic-1", s.device_auth("dev-basic-1", crypto::generate_key()));
+    check_error(bad, 401, 401002);
+  }
+  SUBCASE("status lookup POST /{scope}/registrations/{id} returns the registration state") {
+    net::http_headers h;
+    h.add("Authorization", auth);
+    h.add("Content-Type", "application/json");
+    net::https_response lr;
+    auto err = c.request("POST", device_path(s, "dev-basic-1") + "?api-version=2021-06-01", h,
+                         json{{"registrationId", "dev-basic-1"}}.dump(), lr);
+    REQUIRE(!err);
+    REQUIRE_MESSAGE(lr.status == 200, lr.body);
+    auto st = parse(lr.body);
+    CHECK(st.value("registrationId", "") == "dev-basic-1");
+    CHECK(st.value("status", "") == "assigned");
+    CHECK(st.value("assignedHub", "") == rs.value("assignedHub", ""));
+    CHECK(st.value("deviceId", "") == "dev-basic-1");
+    CHECK(st.value("substatus", "") == "initialAssignment");
+    CHECK(st.value("etag", "") == rs.value("etag", ""));
+  }
+}
+
+TEST_CASE("deviceId comes from the enrollment's deviceId") {
+  auto& s = srv();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-with-did", {{"deviceId", "custom-device-7"},
+                                     {"attestation", sym_attestation(pk)}});
+  auto c = s.client();
+  auto res = register_with(c, s, "dev-with-did", s.device_auth("dev-with-did", pk));
+  CHECK(res.value("status", "") == "assigned");
+  CHECK(res["registrationState"].value("deviceId", "") == "custom-device-7");
+  CHECK(res["registrationState"].value("registrationId", "") == "dev-with-did");
+}
+
+TEST_CASE("group enrollment: derived device key works, the group key itself does not") {
+  auto& s = srv();
+  auto gk = crypto::generate_key();
+  put_group(s, "grp-dev-api", {{"attestation", sym_attestation(gk)}});
+  auto c = s.client();
+  auto dk = crypto::derive_device_key(gk, "grp-member-1");
+  REQUIRE(dk);
+  auto res = register_with(c, s, "grp-member-1", s.device_auth("grp-member-1", *dk));
+  CHECK(res.value("status", "") == "assigned");
+  auto rs = res["registrationState"];
+  CHECK(rs.value("deviceId", "") == "grp-member-1");
+  CHECK(is_linked_hub(rs.value("assignedHub", "")));
+  CHECK(rs["symmetricKey"].value("enrollmentGroupId", "") == "grp-dev-api");
+
+  auto bad = put_register(c, s, "grp-member-2", s.device_auth("grp-member-2", gk));
+  check_error(bad, 401, 401002);
+  // A key derived for another registration id does not work either.
+  auto other = put_register(c, s, "grp-member-2", s.device_auth("grp-member-2", *dk));
+  check_error(other, 401, 401002);
+}
+
+TEST_CASE("every supported api-version is accepted") {
+  auto& s = srv();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-apiver", {{"attestation", sym_attestation(pk)}});
+  auto c = s.client();
+  std::string hub;
+  for (const char* api : {"2017-11-15", "2018-09-01-preview", "2018-11-01", "2019-03-31",
+                          "2021-06-01", "2021-10-01"}) {
+    CAPTURE(api);
+    auto res = register_with(c, s, "dev-apiver", s.device_auth("dev-apiver", pk), api);
+    CHECK(res.value("status", "") == "assigned");
+    auto h = res["registrationState"].value("assignedHub", "");
+    CHECK(is_linked_hub(h));
+    if (hub.empty())
+      hub = h;
+    CHECK(h == hub);
+  }
+}
+
+TEST_CASE("raw (Node style) and URL-encoded sr both authenticate") {
+  auto& s = srv();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-sr-styles", {{"attestation", sym_attestation(pk)}});
+  auto c = s.client();
+  auto resource = s.id_scope() + "/registrations/dev-sr-styles";
+  auto exp = now_ms() / 1000 + 600;
+  auto raw = attestation::make_sas(resource, pk, exp, "registration", false);
+  auto enc = attestation::make_sas(resource, pk, exp, "registration", true);
+  REQUIRE(raw.find("/registrations/") != std::string::npos);
+  REQUIRE(enc.find("%2F") != std::string::npos);
+  CHECK(register_with(c, s, "dev-sr-styles", raw).value("status", "") == "assigned");
+  CHECK(register_with(c, s, "dev-sr-styles", enc).value("status", "") == "assigned");
+  // A token for another resource is rejected.
+  auto wrong = attestation::make_sas(s.id_scope() + "/registrations/someone-else", pk, exp,
+                                     "registration", true);
+  check_error(put_register(c, s, "dev-sr-styles", wrong), 401, 401002);
+}
+
+TEST_CASE("expired token -> 401002 mentioning expiry") {
+  auto& s = srv();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-expired", {{"attestation", sym_attestation(pk)}});
+  auto c = s.client();
+  auto tok = attestation::make_sas(s.id_scope() + "/registrations/dev-expired", pk,
+                                   now_ms() / 1000 - 3600, "registration");
+  auto r = put_register(c, s, "dev-expired", tok);
+  check_error(r, 401, 401002);
+  CHECK_MESSAGE(parse(r.body).value("message", "").find("expire") != std::string::npos, r.body);
+}
+
+TEST_CASE("wrong id scope -> 404001; unknown registration id -> 401002") {
+  auto& s = srv();
+  auto c = s.client();
+  std::string scope = "0ne00ABCDEF";
+  if (scope == s.id_scope())
+    scope = "0ne00ABCDE0";
+  net::http_headers h;
+  auto key = crypto::generate_key();
+  h.add("Authorization", attestation::make_sas(scope + "/registrations/dev-x", key,
+                                               now_ms() / 1000 + 600, "registration"));
+  h.add("Content-Type", "application/json");
+  net::https_response r;
+  REQUIRE(!c.request("PUT", "/" + scope + "/registrations/dev-x/register?api-version=2021-06-01",
+                     h, R"({"registrationId":"dev-x"})", r));
+  check_error(r, 404, 404001);
+
+  auto unknown = put_register(c, s, "nobody-enrolled-this",
+                              s.device_auth("nobody-enrolled-this", key));
+  check_error(unknown, 401, 401002);
+}
+
+TEST_CASE("disabled individual enrollment and disabled group -> status disabled") {
+  auto& s = srv();
+  auto c = s.client();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-disabled", {{"attestation", sym_attestation(pk)},
+                                     {"provisioningStatus", "disabled"}});
+  auto check_disabled = [&](const std::string& id, const std::string& key) {
+    auto auth = s.device_auth(id, key);
+    auto r = put_register(c, s, id, auth);
+    REQUIRE_MESSAGE(r.status == 202, r.body);
+    auto j = parse(r.body);
+    auto st = j.value("status", "");
+    CHECK_MESSAGE((st == "assigning" || st == "disabled"), r.body);
+    auto p = poll(c, s, id, auth, j.value("operationId", ""));
+    REQUIRE_MESSAGE(p.status == 200, p.body);
+    auto res = parse(p.body);
+    CHECK(res.value("status", "") == "disabled");
+    CHECK(res["registrationState"].value("status", "") == "disabled");
+    CHECK(!res["registrationState"].contains("assignedHub"));
+  };
+  check_disabled("dev-disabled", pk);
+
+  auto gk = crypto::generate_key();
+  put_group(s, "grp-disabled", {{"attestation", sym_attestation(gk)},
+                                {"provisioningStatus", "disabled"}});
+  check_disabled("grp-disabled-member", *crypto::derive_device_key(gk, "grp-disabled-member"));
+  // Nothing was assigned: no assignment event for either device.
+  for (const auto& e : all_assignments(s)) {
+    auto rid = e["data"].value("registrationId", "");
+    CHECK(rid != "dev-disabled");
+    CHECK(rid != "grp-disabled-member");
+  }
+}
+
+TEST_CASE("iotHubs naming an unlinked hub -> failed with errorCode 400208") {
+  auto& s = srv();
+  auto c = s.client();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-unlinked-hub", {{"attestation", sym_attestation(pk)},
+                                         {"iotHubs", {"hub-z.example.net"}}});
+  auto auth = s.device_auth("dev-unlinked-hub", pk);
+  auto r = put_register(c, s, "dev-unlinked-hub", auth);
+  REQUIRE_MESSAGE(r.status == 202, r.body);
+  auto p = poll(c, s, "dev-unlinked-hub", auth, parse(r.body).value("operationId", ""));
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  auto res = parse(p.body);
+  CHECK(res.value("status", "") == "failed");
+  CHECK(res["registrationState"].value("status", "") == "failed");
+  CHECK(res["registrationState"].value("errorCode", 0) == 400208);
+  CHECK(!res["registrationState"].value("errorMessage", "").empty());
+  CHECK(!res["registrationState"].contains("assignedHub"));
+}
+
+TEST_CASE("static policy with one hub assigns that hub") {
+  auto& s = srv();
+  auto c = s.client();
+  for (const char* hub : {hub_a, hub_b}) {
+    CAPTURE(hub);
+    auto id = std::string("dev-static-") + hub[4];
+    auto pk = crypto::generate_key();
+    put_enrollment(s, id, {{"attestation", sym_attestation(pk)},
+                           {"allocationPolicy", "static"},
+                           {"iotHubs", {hub}}});
+    auto res = register_with(c, s, id, s.device_auth(id, pk));
+    CHECK(res.value("status", "") == "assigned");
+    CHECK(res["registrationState"].value("assignedHub", "") == hub);
+  }
+}
+
+TEST_CASE("initialTwin and capabilities appear in the assignment event") {
+  auto& s = srv();
+  auto c = s.client();
+  auto pk = crypto::generate_key();
+  json twin{{"tags", {{"site", "berlin"}}}, {"properties", {{"desired", {{"interval", 30}}}}}};
+  put_enrollment(s, "dev-twin", {{"attestation", sym_attestation(pk)},
+                                 {"deviceId", "twin-device"},
+                                 {"initialTwin", twin},
+                                 {"capabilities", {{"iotEdge", true}}}});
+  auto res = register_with(c, s, "dev-twin", s.device_auth("dev-twin", pk));
+  REQUIRE(res.value("status", "") == "assigned");
+  auto op = res.value("operationId", "");
+  auto hub = res["registrationState"].value("assignedHub", "");
+
+  auto r = s.service("GET", "/assignments?after=0");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto page = parse(r.body);
+  REQUIRE(page["events"].is_array());
+  REQUIRE(page["next"].is_number_unsigned());
+  int found = 0;
+  for (const auto& e : all_assignments(s)) {
+    if (e["data"].value("operationId", "") != op)
+      continue;
+    ++found;
+    CHECK(e.value("specversion", "") == "1.0");
+    CHECK(e.value("type", "") == "device.assigned");
+    CHECK(e.value("id", "") == op);
+    CHECK(e["sequence"].is_number());
+    auto d = e["data"];
+    CHECK(d.value("registrationId", "") == "dev-twin");
+    CHECK(d.value("deviceId", "") == "twin-device");
+    CHECK(d.value("assignedHub", "") == hub);
+    CHECK(d["initialTwin"] == twin);
+    CHECK(d["capabilities"] == json{{"iotEdge", true}});
+  }
+  CHECK(found == 1);
+}
+
+TEST_CASE("registering twice: two operations, same hub, one assignment event each") {
+  auto& s = srv();
+  auto c = s.client();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-twice", {{"attestation", sym_attestation(pk)}});
+  auto a = register_with(c, s, "dev-twice", s.device_auth("dev-twice", pk));
+  auto b = register_with(c, s, "dev-twice", s.device_auth("dev-twice", pk));
+  CHECK(a.value("status", "") == "assigned");
+  CHECK(b.value("status", "") == "assigned");
+  auto op1 = a.value("operationId", ""), op2 = b.value("operationId", "");
+  CHECK(op1 != op2);
+  CHECK(a["registrationState"].value("assignedHub", "")
+        == b["registrationState"].value("assignedHub", ""));
+  std::multiset<std::string> ops;
+  for (const auto& e : all_assignments(s))
+    if (e["data"].value("registrationId", "") == "dev-twice")
+      ops.insert(e["data"].value("operationId", ""));
+  CHECK(ops == std::multiset<std::string>{op1, op2});
+}
+
+TEST_CASE("keep-alive: 50 sequential requests on one connection") {
+  auto& s = srv();
+  auto pk = crypto::generate_key();
+  put_enrollment(s, "dev-keepalive", {{"attestation", sym_attestation(pk)}});
+  auto c = s.client(true);
+  auto auth = s.device_auth("dev-keepalive", pk);
+  auto res = register_with(c, s, "dev-keepalive", auth);
+  REQUIRE(res.value("status", "") == "assigned");
+  auto op = res.value("operationId", "");
+  int ok = 0;
+  for (int i = 0; i < 50; ++i) {
+    net::http_headers h;
+    h.add("Authorization", auth);
+    net::https_response r;
+    REQUIRE(!c.request("GET", device_path(s, "dev-keepalive") + "/operations/" + op
+                                  + "?api-version=2021-06-01",
+                       h, {}, r));
+    if (r.status == 200 && parse(r.body).value("status", "") == "assigned")
+      ++ok;
+  }
+  CHECK(ok == 50);
+  CHECK(c.connections_opened() == 1);
+  CHECK(c.connected());
+}
+
+} // TEST_SUITE

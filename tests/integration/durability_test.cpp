@@ -1,0 +1,185 @@
+// Load, persistence and crash durability against the real server process.
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "messages/crypto.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+
+namespace {
+
+const std::string group_key = crypto::generate_key();
+
+void create_group(const test::server_process& s, const std::string& id) {
+  json body{{"enrollmentGroupId", id},
+            {"attestation",
+             {{"type", "symmetricKey"},
+              {"symmetricKey", {{"primaryKey", group_key}, {"secondaryKey", group_key}}}}}};
+  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+/// All assignment events, following `next`.
+std::vector<json> all_assignments(const test::server_process& s) {
+  std::vector<json> out;
+  uint64_t after = 0;
+  for (;;) {
+    auto r = s.service("GET", "/assignments?after=" + std::to_string(after) + "&limit=1000");
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = json::parse(r.body);
+    for (auto& e : j["events"])
+      out.push_back(e);
+    if (j["events"].empty())
+      return out;
+    after = j["next"].get<uint64_t>();
+  }
+}
+
+std::string device_key(const std::string& reg_id) {
+  return *crypto::derive_device_key(group_key, reg_id);
+}
+
+} // namespace
+
+TEST_SUITE("durability") {
+
+TEST_CASE("1,000 devices register concurrently over HTTPS and each is assigned once") {
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(), s.log());
+  create_group(s, "load-group");
+  constexpr int threads = 200, per_thread = 5;
+  std::atomic<int> assigned{0}, failures{0};
+  std::mutex mtx;
+  std::map<std::string, std::string> hub_of;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      auto c = s.client();
+      for (int i = 0; i < per_thread; ++i) {
+        auto id = "load-" + std::to_string(t) + "-" + std::to_string(i);
+        int status = 0;
+        auto res = test::register_device(c, s, id, device_key(id), status, 50);
+        if (status == 200 && res.value("status", "") == "assigned") {
+          ++assigned;
+          std::lock_guard<std::mutex> g{mtx};
+          hub_of[id] = res["registrationState"].value("assignedHub", "");
+        } else {
+          ++failures;
+          std::lock_guard<std::mutex> g{mtx};
+          MESSAGE("device " << id << " status " << status << ": " << res.dump());
+        }
+      }
+    });
+  for (auto& th : pool)
+    th.join();
+  CHECK(failures.load() == 0);
+  CHECK(assigned.load() == threads * per_thread);
+  std::map<std::string, int> per_hub;
+  for (auto& [id, hub] : hub_of)
+    ++per_hub[hub];
+  CHECK(per_hub.size() == 2); // both linked hubs used
+  auto events = all_assignments(s);
+  CHECK(events.size() == static_cast<size_t>(threads * per_thread));
+  std::set<std::string> ops;
+  for (auto& e : events)
+    ops.insert(e["data"].value("operationId", ""));
+  CHECK(ops.size() == events.size());
+
+  SUBCASE("and everything survives a restart") {
+    REQUIRE(s.stop() == 0);
+    REQUIRE_MESSAGE(!s.restart(), s.log());
+    for (const auto* id : {"load-0-0", "load-199-4", "load-100-2"}) {
+      auto r = s.service("GET", std::string("/registrations/") + id);
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      auto j = json::parse(r.body);
+      CHECK(j.value("status", "") == "assigned");
+      CHECK(j.value("assignedHub", "") == hub_of[id]);
+    }
+    CHECK(all_assignments(s).size() == events.size());
+  }
+}
+
+TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigned twice") {
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(), s.log());
+  create_group(s, "crash-group");
+  std::atomic<bool> stop{false};
+  std::mutex mtx;
+  std::map<std::string, std::string> accepted; // operation id -> registration id
+  std::atomic<int> sent{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 16; ++t)
+    pool.emplace_back([&, t] {
+      auto c = s.client();
+      for (int i = 0; !stop.load(); ++i) {
+        auto id = "crash-" + std::to_string(t) + "-" + std::to_string(i);
+        net::http_headers h;
+        h.add("Authorization", s.device_auth(id, device_key(id)));
+        h.add("Content-Type", "application/json");
+        net::https_response resp;
+        ++sent;
+        auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
+                                      + "/register?api-version=2019-03-31",
+                             h, json{{"registrationId", id}}.dump(), resp);
+        if (err)
+          break; // the server is gone
+        if (resp.status == 202) {
+          auto j = json::parse(resp.body);
+          std::lock_guard<std::mutex> g{mtx};
+          accepted[j.value("operationId", "")] = id;
+        }
+      }
+    });
+  // Let the burst run, then kill without warning.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  s.kill9();
+  stop = true;
+  for (auto& th : pool)
+    th.join();
+  MESSAGE("requests sent: " << sent.load() << ", accepted before kill: " << accepted.size());
+  REQUIRE(accepted.size() > 50);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  // Every accepted operation reaches `assigned` after the restart.
+  auto c = s.client();
+  int not_assigned = 0;
+  for (auto& [op, id] : accepted) {
+    json j;
+    for (int attempt = 0; attempt < 500; ++attempt) {
+      net::http_headers h;
+      h.add("Authorization", s.device_auth(id, device_key(id)));
+      net::https_response resp;
+      REQUIRE(!c.request("GET", "/" + s.id_scope() + "/registrations/" + id + "/operations/"
+                                  + op + "?api-version=2019-03-31",
+                         h, {}, resp));
+      j = json::parse(resp.body);
+      if (resp.status == 200)
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (j.value("status", "") != "assigned") {
+      ++not_assigned;
+      MESSAGE("operation " << op << " of " << id << ": " << j.dump());
+    }
+  }
+  CHECK(not_assigned == 0);
+  // Exactly one assignment event per accepted operation, none twice.
+  auto events = all_assignments(s);
+  std::map<std::string, int> count;
+  for (auto& e : events)
+    ++count[e["data"].value("operationId", "")];
+  for (auto& [op, n] : count)
+    CHECK_MESSAGE(n == 1, "operation " << op << " has " << n << " events");
+  for (auto& [op, id] : accepted)
+    CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
+}
+
+} // TEST_SUITE

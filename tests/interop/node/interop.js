@@ -1,0 +1,312 @@
+// Interop test: the official Azure IoT Node SDK against provisiond.
+//
+// Service side: ProvisioningServiceClient (azure-iot-provisioning-service)
+// creates an individual symmetric-key enrollment and a symmetric-key
+// enrollment group. Device side: ProvisioningDeviceClient + the HTTP transport
+// (azure-iot-provisioning-device-http) + SymmetricKeySecurityClient register
+//   (a) the individual device,
+//   (b) two devices of the group with keys derived from the group key,
+//   (c) a device presenting the group key itself, which must be refused.
+//
+// Environment (set by run.sh):
+//   PROV_HOST              device API host the SDK dials (e.g. 127.0.0.1)
+//   PROV_PORT              its port
+//   PROV_ID_SCOPE          the server's ID scope
+//   PROV_CONNECTION_STRING service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)
+//   PROV_HUBS              optional comma-separated linked hub names the server knows
+//   NODE_EXTRA_CA_CERTS    the server's CA (the SDKs have no CA option of their own)
+//
+// THE PORT TRICK. Both SDKs only ever dial port 443: the device HTTP transport
+// hands `provisioningHost` to Node's https.request({host}) (a "host:port"
+// string fails DNS), and the service client's RestApiClient does the same with
+// the connection string's HostName. Neither exposes a port option. But both
+// accept an injected lower layer:
+//   - `new Http(httpBase)` (device transport) takes an azure-iot-http-base
+//     `Http` object; RestApiClient calls `httpBase.buildRequest(method, path,
+//     headers, host, [options,] done)`.
+//   - `new ProvisioningServiceClient(config, restApiClient)` takes a
+//     RestApiClient, whose third constructor argument is again such an `Http`.
+// azure-iot-http-base's buildRequest already honours `options.port` when
+// `options` looks like request options ({port: <number>}), it just never gets
+// one. So we subclass the SDK's own Http class and pass {port} into every
+// buildRequest call. Everything above the socket (paths, headers, SAS tokens,
+// JSON handling, polling, retry-after) stays the unmodified SDK code, and
+// nothing needs to bind 443. Each SDK is given a subclass of *its own* copy of
+// azure-iot-http-base (npm may install different versions side by side).
+
+'use strict';
+
+const assert = require('assert');
+const crypto = require('crypto');
+const path = require('path');
+
+const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
+const { Http: DeviceHttpTransport } = require('azure-iot-provisioning-device-http');
+const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
+
+// ---- configuration --------------------------------------------------------
+
+function env(name, fallback) {
+  const v = process.env[name];
+  if (v === undefined || v === '') {
+    if (fallback !== undefined) return fallback;
+    console.error(`interop: missing environment variable ${name}`);
+    process.exit(2);
+  }
+  return v;
+}
+
+const HOST = env('PROV_HOST');
+const PORT = Number(env('PROV_PORT'));
+const ID_SCOPE = env('PROV_ID_SCOPE');
+const CONNECTION_STRING = env('PROV_CONNECTION_STRING');
+const HUBS = env('PROV_HUBS', '').split(',').map((s) => s.trim()).filter(Boolean);
+const OVERALL_TIMEOUT_MS = Number(env('PROV_INTEROP_TIMEOUT_MS', '150000'));
+
+// Unique ids per run so a reused data dir never collides.
+const RUN = crypto.randomBytes(3).toString('hex');
+const INDIVIDUAL_ID = `interop-dev-${RUN}`;
+const INDIVIDUAL_DEVICE_ID = `interop-device-${RUN}`;
+const GROUP_ID = `interop-group-${RUN}`;
+const GROUP_DEVICES = [`interop-grp-${RUN}-a`, `interop-grp-${RUN}-b`];
+const ROGUE_DEVICE = `interop-grp-${RUN}-rogue`;
+
+// ---- the port trick (see the header comment) ----------------------------------
+
+/** Loads a module as `fromPackage` sees it (its own nested copy if any). */
+function requireFrom(fromPackage, moduleName) {
+  const base = path.dirname(require.resolve(`${fromPackage}/package.json`));
+  return require(require.resolve(moduleName, { paths: [base] }));
+}
+
+/** An azure-iot-http-base Http (from `HttpClass`) whose requests carry `port`. */
+function portedHttpBase(HttpClass, port) {
+  class PortedHttp extends HttpClass {
+    buildRequest(method, reqPath, httpHeaders, host, options, done) {
+      if (done === undefined && typeof options === 'function') {
+        done = options;
+        options = undefined;
+      }
+      if (options === undefined) {
+        options = { port };
+      } else if (this.isHttpRequestOptions(options)) {
+        options = Object.assign({}, options, { port });
+      } else {
+        // X.509 options cannot carry a port through this API; not used here.
+        throw new Error('portedHttpBase: X.509 request options are not supported');
+      }
+      return super.buildRequest(method, reqPath, httpHeaders, host, options, done);
+    }
+  }
+  return new PortedHttp();
+}
+
+function makeServiceClient() {
+  const common = requireFrom('azure-iot-provisioning-service', 'azure-iot-common');
+  const httpBase = requireFrom('azure-iot-provisioning-service', 'azure-iot-http-base');
+  const servicePkg = require('azure-iot-provisioning-service/package.json');
+  // Same config as ProvisioningServiceClient.fromConnectionString builds.
+  const cn = common.ConnectionString.parse(CONNECTION_STRING);
+  const config = {
+    host: cn.HostName,
+    sharedAccessSignature: common.SharedAccessSignature.create(
+      cn.HostName, cn.SharedAccessKeyName, cn.SharedAccessKey, Date.now()),
+    tokenCredential: undefined,
+  };
+  const rest = new httpBase.RestApiClient(
+    config, `${servicePkg.name}/${servicePkg.version}`, portedHttpBase(httpBase.Http, PORT));
+  return new ProvisioningServiceClient(config, rest);
+}
+
+function makeDeviceClient(registrationId, key) {
+  const httpBase = requireFrom('azure-iot-provisioning-device-http', 'azure-iot-http-base');
+  const transport = new DeviceHttpTransport(portedHttpBase(httpBase.Http, PORT));
+  const security = new SymmetricKeySecurityClient(registrationId, key);
+  return ProvisioningDeviceClient.create(HOST, ID_SCOPE, transport, security);
+}
+
+// ---- helpers -------------------------------------------------------------------
+
+const newKey = () => crypto.randomBytes(32).toString('base64');
+
+/** The documented group derivation: base64(HMAC-SHA256(b64decode(groupKey), regId)). */
+function deriveKey(groupKey, registrationId) {
+  return crypto.createHmac('sha256', Buffer.from(groupKey, 'base64'))
+    .update(registrationId, 'utf8').digest('base64');
+}
+
+/** Describes an SDK error with what the server sent. */
+function describe(err) {
+  if (!err) return String(err);
+  const status = err.response && err.response.statusCode;
+  const body = err.responseBody !== undefined ? err.responseBody
+    : (err.result !== undefined ? JSON.stringify(err.result) : undefined);
+  return `${err.name || 'Error'}: ${err.message}` +
+    (status ? ` [HTTP ${status}]` : '') + (body ? ` body=${body}` : '');
+}
+
+let passed = 0;
+let failed = 0;
+async function step(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    passed++;
+    console.log(`ok    ${name} (${Date.now() - t0} ms)`);
+    return true;
+  } catch (err) {
+    failed++;
+    console.log(`FAIL  ${name} (${Date.now() - t0} ms)\n      ${err instanceof assert.AssertionError ? err.message : describe(err)}`);
+    return false;
+  }
+}
+
+function assertAssigned(state, registrationId, expectedDeviceId, allowedHubs) {
+  assert.ok(state && typeof state === 'object', `no registrationState for ${registrationId}`);
+  assert.strictEqual(state.status, 'assigned', `status of ${registrationId}`);
+  assert.strictEqual(state.registrationId, registrationId, 'registrationId echoed');
+  assert.strictEqual(state.deviceId, expectedDeviceId, `deviceId of ${registrationId}`);
+  assert.ok(typeof state.assignedHub === 'string' && state.assignedHub.length > 0,
+    `assignedHub of ${registrationId} is empty`);
+  if (allowedHubs.length > 0) {
+    assert.ok(allowedHubs.includes(state.assignedHub),
+      `assignedHub ${state.assignedHub} of ${registrationId} not in [${allowedHubs}]`);
+  }
+}
+
+// ---- the test ------------------------------------------------------------------
+
+async function main() {
+  console.log(`interop: device API ${HOST}:${PORT}, scope ${ID_SCOPE}, hubs [${HUBS.join(', ')}]`);
+  const service = makeServiceClient();
+  const individualKeys = { primaryKey: newKey(), secondaryKey: newKey() };
+  const groupKeys = { primaryKey: newKey(), secondaryKey: newKey() };
+  const individualHubs = HUBS.length > 0 ? [HUBS[0]] : [];
+
+  await step('service: create individual symmetric-key enrollment', async () => {
+    const enrollment = {
+      registrationId: INDIVIDUAL_ID,
+      deviceId: INDIVIDUAL_DEVICE_ID,
+      attestation: { type: 'symmetricKey', symmetricKey: individualKeys },
+      provisioningStatus: 'enabled',
+      initialTwin: { tags: { suite: 'interop' }, properties: { desired: { interval: 30 } } },
+    };
+    if (individualHubs.length > 0) {
+      enrollment.iotHubs = individualHubs;
+      enrollment.allocationPolicy = 'static';
+    }
+    const res = await service.createOrUpdateIndividualEnrollment(enrollment);
+    const doc = res.responseBody;
+    assert.strictEqual(doc.registrationId, INDIVIDUAL_ID);
+    assert.strictEqual(doc.deviceId, INDIVIDUAL_DEVICE_ID);
+    assert.strictEqual(doc.attestation.type, 'symmetricKey');
+    assert.ok(doc.etag, 'enrollment has an etag');
+  });
+
+  await step('service: create symmetric-key enrollment group', async () => {
+    const group = {
+      enrollmentGroupId: GROUP_ID,
+      attestation: { type: 'symmetricKey', symmetricKey: groupKeys },
+      provisioningStatus: 'enabled',
+    };
+    if (HUBS.length > 0) {
+      group.iotHubs = HUBS;
+      group.allocationPolicy = 'hashed';
+    }
+    const res = await service.createOrUpdateEnrollmentGroup(group);
+    assert.strictEqual(res.responseBody.enrollmentGroupId, GROUP_ID);
+    assert.strictEqual(res.responseBody.attestation.type, 'symmetricKey');
+  });
+
+  await step('service: get enrollment and its attestation mechanism', async () => {
+    const got = (await service.getIndividualEnrollment(INDIVIDUAL_ID)).responseBody;
+    assert.strictEqual(got.registrationId, INDIVIDUAL_ID);
+    const mech = (await service.getIndividualEnrollmentAttestationMechanism(INDIVIDUAL_ID)).responseBody;
+    assert.strictEqual(mech.type, 'symmetricKey');
+    assert.strictEqual(mech.symmetricKey.primaryKey, individualKeys.primaryKey);
+    const gmech = (await service.getEnrollmentGroupAttestationMechanism(GROUP_ID)).responseBody;
+    assert.strictEqual(gmech.symmetricKey.primaryKey, groupKeys.primaryKey);
+  });
+
+  await step('service: query lists the enrollment (paged)', async () => {
+    const query = service.createIndividualEnrollmentQuery({ query: '*' }, 1);
+    const ids = [];
+    for (let pages = 0; query.hasMoreResults && pages < 1000; pages++) {
+      const page = (await query.next()).responseBody;
+      assert.ok(Array.isArray(page), 'query page is an array');
+      for (const e of page) ids.push(e.registrationId);
+    }
+    assert.ok(!query.hasMoreResults, 'query terminates (x-ms-continuation omitted on the last page)');
+    assert.ok(ids.includes(INDIVIDUAL_ID), `query results [${ids}] miss ${INDIVIDUAL_ID}`);
+  });
+
+  await step('device (a): individual enrollment registers over HTTP', async () => {
+    const state = await makeDeviceClient(INDIVIDUAL_ID, individualKeys.primaryKey).register();
+    assertAssigned(state, INDIVIDUAL_ID, INDIVIDUAL_DEVICE_ID, individualHubs);
+  });
+
+  for (const regId of GROUP_DEVICES) {
+    await step(`device (b): group device ${regId} registers with its derived key`, async () => {
+      const state = await makeDeviceClient(regId, deriveKey(groupKeys.primaryKey, regId)).register();
+      assertAssigned(state, regId, regId, HUBS);
+      if (state.symmetricKey && state.symmetricKey.enrollmentGroupId !== undefined) {
+        assert.strictEqual(state.symmetricKey.enrollmentGroupId, GROUP_ID);
+      }
+    });
+  }
+
+  await step('device (c): the group key itself is refused (401)', async () => {
+    let result;
+    try {
+      result = await makeDeviceClient(ROGUE_DEVICE, groupKeys.primaryKey).register();
+    } catch (err) {
+      const status = err.response && err.response.statusCode;
+      assert.strictEqual(status, 401, `expected HTTP 401, got ${describe(err)}`);
+      assert.strictEqual(err.name, 'UnauthorizedError', describe(err));
+      const body = JSON.parse(err.responseBody);
+      assert.strictEqual(Math.floor(body.errorCode / 1000), 401, `errorCode ${body.errorCode}`);
+      return;
+    }
+    assert.fail(`registration with the group key succeeded: ${JSON.stringify(result)}`);
+  });
+
+  await step('service: registration state of the individual device', async () => {
+    const rs = (await service.getDeviceRegistrationState(INDIVIDUAL_ID)).responseBody;
+    assert.strictEqual(rs.registrationId, INDIVIDUAL_ID);
+    assert.strictEqual(rs.status, 'assigned');
+    assert.strictEqual(rs.deviceId, INDIVIDUAL_DEVICE_ID);
+  });
+
+  await step('service: clean up enrollments and registrations', async () => {
+    await service.deleteDeviceRegistrationState(INDIVIDUAL_ID);
+    for (const regId of GROUP_DEVICES) await service.deleteDeviceRegistrationState(regId);
+    await service.deleteIndividualEnrollment(INDIVIDUAL_ID);
+    await service.deleteEnrollmentGroup(GROUP_ID);
+    let notFound = false;
+    try {
+      await service.getIndividualEnrollment(INDIVIDUAL_ID);
+    } catch (err) {
+      notFound = err.response && err.response.statusCode === 404;
+      if (!notFound) throw err;
+    }
+    assert.ok(notFound, 'deleted enrollment is still readable');
+  });
+}
+
+const watchdog = setTimeout(() => {
+  console.log(`FAIL  interop did not finish within ${OVERALL_TIMEOUT_MS} ms`);
+  console.log(`${passed} passed, ${failed + 1} failed`);
+  process.exit(1);
+}, OVERALL_TIMEOUT_MS);
+
+main().then(() => {
+  clearTimeout(watchdog);
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed === 0 ? 0 : 1);
+}, (err) => {
+  clearTimeout(watchdog);
+  console.log(`FAIL  unexpected: ${describe(err)}\n${err && err.stack}`);
+  console.log(`${passed} passed, ${failed + 1} failed`);
+  process.exit(1);
+});

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Interop test driver (ctest: interop_node_sdk): runs the official Azure IoT
+# Node SDK (interop.js) against a real provisiond.
+#
+#   run.sh <path-to-provisiond>
+#
+# Starts `provisiond serve` on an ephemeral loopback port with a fresh data
+# dir, waits for the server to publish <dir>/endpoints.json, runs interop.js
+# with NODE_EXTRA_CA_CERTS=<dir>/tls/ca.pem, stops the server and exits with
+# node's status. Exit 77 (ctest SKIP_RETURN_CODE) only when `node` is absent.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bin="${1:-}"
+
+if ! command -v node >/dev/null 2>&1; then
+  echo "##############################################################"
+  echo "##  SKIPPED: interop_node_sdk -- 'node' is not installed.   ##"
+  echo "##  The Azure IoT Node SDK interop test did NOT run.        ##"
+  echo "##  Install Node.js >= 14 and npm to run it.                ##"
+  echo "##############################################################"
+  exit 77
+fi
+
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+  echo "interop: usage: run.sh <path-to-provisiond> (got '${bin}')" >&2
+  exit 2
+fi
+
+# The SDK is pinned by package-lock.json; install it when missing or stale.
+if [ ! -d "$here/node_modules/azure-iot-provisioning-device-http" ] ||
+   [ "$here/package-lock.json" -nt "$here/node_modules/.package-lock.json" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "interop: FAILED: node is present but npm is not, cannot install the SDK" >&2
+    exit 1
+  fi
+  echo "interop: npm ci (Azure IoT Node SDK)"
+  (cd "$here" && npm ci --no-audit --no-fund --loglevel=error) || {
+    echo "interop: FAILED: npm ci" >&2
+    exit 1
+  }
+fi
+
+dir="$(mktemp -d "${TMPDIR:-/tmp}/provisiond-interop.XXXXXX")"
+log="$dir/server.log"
+server_pid=""
+
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null
+    for _ in $(seq 1 100); do
+      kill -0 "$server_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if kill -0 "$server_pid" 2>/dev/null; then
+      echo "interop: WARNING: provisiond did not exit within 10 s of SIGTERM; sending SIGKILL" >&2
+      kill -KILL "$server_pid" 2>/dev/null
+    fi
+    wait "$server_pid" 2>/dev/null
+  fi
+  if [ "${keep_dir:-0}" = 1 ]; then
+    echo "interop: data dir kept at $dir"
+  else
+    rm -rf "$dir"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+dump_log() {
+  echo "---- provisiond log (last 60 lines) ----"
+  tail -n 60 "$log" 2>/dev/null
+  echo "----------------------------------------"
+}
+
+# Two linked hubs so assignments can be asserted, when serve takes a config.
+hubs=""
+serve_args=(serve --data-dir "$dir" --listen 127.0.0.1:0)
+if "$bin" serve --help 2>/dev/null | grep -q -- '--config'; then
+  cat >"$dir/provisiond.toml" <<'EOF'
+[[hubs]]
+hostname = "interop-hub-1.azure-devices.net"
+
+[[hubs]]
+hostname = "interop-hub-2.azure-devices.net"
+
+[metrics]
+listen = ""
+EOF
+  serve_args+=(--config "$dir/provisiond.toml")
+  hubs="interop-hub-1.azure-devices.net,interop-hub-2.azure-devices.net"
+fi
+
+echo "interop: starting $bin ${serve_args[*]}"
+"$bin" "${serve_args[@]}" >"$log" 2>&1 &
+server_pid=$!
+
+# endpoints.json appears once the server is listening.
+for _ in $(seq 1 300); do
+  [ -s "$dir/endpoints.json" ] && break
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    echo "interop: FAILED: provisiond exited before listening" >&2
+    dump_log
+    keep_dir=1
+    exit 1
+  fi
+  sleep 0.1
+done
+if [ ! -s "$dir/endpoints.json" ]; then
+  echo "interop: FAILED: no $dir/endpoints.json after 30 s" >&2
+  dump_log
+  keep_dir=1
+  exit 1
+fi
+
+# Read endpoints.json / identity.json with node itself (no jq needed).
+read_env() {
+  node -e '
+    const fs = require("fs");
+    const dir = process.argv[1];
+    const ep = JSON.parse(fs.readFileSync(dir + "/endpoints.json", "utf8"));
+    const id = JSON.parse(fs.readFileSync(dir + "/identity.json", "utf8"));
+    const addr = String(ep.device_api || "");
+    const m = addr.match(/^\[?([^\]]*?)\]?:(\d+)$/);
+    if (!m) { console.error("bad device_api in endpoints.json: " + addr); process.exit(1); }
+    let host = m[1];
+    if (host === "0.0.0.0") host = "127.0.0.1";
+    if (host === "::") host = "::1";
+    const cs = "HostName=" + (id.service_host || "localhost") +
+               ";SharedAccessKeyName=" + (id.policy_name || "provisioningserviceowner") +
+               ";SharedAccessKey=" + id.primary_key;
+    const q = (s) => "\x27" + String(s).replace(/\x27/g, "\x27\\\x27\x27") + "\x27";
+    console.log("PROV_HOST=" + q(host));
+    console.log("PROV_PORT=" + q(m[2]));
+    console.log("PROV_ID_SCOPE=" + q(id.id_scope));
+    console.log("PROV_CONNECTION_STRING=" + q(cs));
+  ' "$dir"
+}
+# Retry briefly in case a file is caught mid-write.
+vars=""
+for _ in $(seq 1 20); do
+  vars="$(read_env 2>/dev/null)" && break
+  vars=""
+  sleep 0.1
+done
+if [ -z "$vars" ]; then
+  read_env >/dev/null # shows why on stderr
+  echo "interop: FAILED: cannot read endpoints.json / identity.json" >&2
+  cat "$dir/endpoints.json" "$dir/identity.json" 2>/dev/null
+  keep_dir=1
+  exit 1
+fi
+eval "$vars"
+if [ ! -s "$dir/tls/ca.pem" ]; then
+  echo "interop: FAILED: $dir/tls/ca.pem missing" >&2
+  keep_dir=1
+  exit 1
+fi
+
+echo "interop: server at $PROV_HOST:$PROV_PORT (scope $PROV_ID_SCOPE)"
+(
+  cd "$here" &&
+  PROV_HOST="$PROV_HOST" PROV_PORT="$PROV_PORT" PROV_ID_SCOPE="$PROV_ID_SCOPE" \
+  PROV_CONNECTION_STRING="$PROV_CONNECTION_STRING" PROV_HUBS="$hubs" \
+  NODE_EXTRA_CA_CERTS="$dir/tls/ca.pem" \
+  node interop.js
+)
+rc=$?
+
+if [ "$rc" -ne 0 ]; then
+  dump_log
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    echo "interop: provisiond is no longer running" >&2
+  fi
+fi
+exit "$rc"

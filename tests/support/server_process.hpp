@@ -1,0 +1,79 @@
+#pragma once
+// Runs the real provisiond binary (PROVISIOND_BIN) as a child process on an
+// ephemeral port with a temp data dir, and talks to it over real TLS.
+
+#include <sys/types.h>
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "gateway/net/https_client.hpp"
+#include "messages/error.hpp"
+
+namespace prov::test {
+
+/// Two linked hubs, ephemeral port, no metrics listener.
+std::string default_config(const std::string& data_dir);
+
+class server_process {
+public:
+  server_process() = default;
+  ~server_process(); // SIGKILLs a still-running server, removes the temp dir
+  server_process(const server_process&) = delete;
+  server_process& operator=(const server_process&) = delete;
+
+  /// Starts `provisiond serve --config <dir>/cfg.toml` and waits (15 s) until
+  /// it listens. `config_toml` empty = default_config(dir). `data_dir` empty =
+  /// a fresh temp dir (kept across restart()).
+  [[nodiscard]] error start(std::string config_toml = {}, std::string data_dir = {});
+  /// SIGTERM and wait for exit; returns the exit status.
+  int stop();
+  /// SIGKILL and reap.
+  void kill9();
+  /// Starts again on the same data dir and config (new port).
+  [[nodiscard]] error restart();
+  bool alive() const;
+
+  pid_t pid() const { return pid_; }
+  const std::string& data_dir() const { return data_dir_; }
+  const std::string& id_scope() const { return id_scope_; }
+  uint16_t port() const { return port_; }
+  const std::string& log_file() const { return log_; }
+  std::string log() const;
+
+  /// A client trusting the instance CA.
+  net::https_client client(bool reuse = true) const;
+
+  /// Service SAS for the owner policy (or `key`/`policy` when given).
+  std::string service_auth(const std::string& policy = {}, const std::string& key = {}) const;
+  /// Device SAS for a registration id signed with a device key.
+  std::string device_auth(const std::string& registration_id, const std::string& key,
+                          int64_t lifetime_s = 3600) const;
+
+  /// Service API call with owner authorization; body/response JSON.
+  net::https_response service(const std::string& method, const std::string& path,
+                              const std::string& body = {},
+                              const net::http_headers& extra = {}) const;
+
+private:
+  std::string data_dir_;
+  std::string config_;
+  std::string log_;
+  std::string id_scope_;
+  std::string owner_key_;
+  uint16_t port_ = 0;
+  pid_t pid_ = -1;
+  bool own_dir_ = false;
+};
+
+/// Registers like an SDK device: PUT then poll until terminal (or timeout).
+/// Returns the final operation JSON; `status_out` is the final HTTP status.
+nlohmann::json register_device(net::https_client& c, const server_process& s,
+                               const std::string& registration_id, const std::string& key,
+                               int& status_out, int poll_ms = 20);
+
+std::string make_temp_dir(const std::string& prefix);
+void remove_tree(const std::string& path);
+
+} // namespace prov::test

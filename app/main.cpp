@@ -76,6 +76,13 @@ int serve(const serve_args& args) {
     cfg.metrics.listen = args.metrics_listen;
   if (auto err = config::validate(cfg))
     return die(err.message);
+  bool placeholder_hub = false;
+  if (cfg.hubs.empty()) {
+    // Nothing would be assignable without a hub; a placeholder keeps the
+    // quickstart working until real [[hubs]] are configured.
+    cfg.hubs.push_back({"hub.local", 1, true, ""});
+    placeholder_hub = true;
+  }
   if (!make_dirs(cfg.data_dir))
     return die("cannot create data directory '" + cfg.data_dir + "': " + std::strerror(errno));
 
@@ -183,8 +190,10 @@ int serve(const serve_args& args) {
   std::cout << "  connection string: " << app::connection_string(
                  {id_scope, service_host, policies[0].name, policies[0].primary_key, {}})
             << "\n"
-            << "  linked hubs:       " << cfg.hubs.size()
-            << (cfg.hubs.empty() ? " (add [[hubs]] to the config to assign devices)" : "")
+            << "  linked hubs:       ";
+  for (std::size_t i = 0; i < cfg.hubs.size(); ++i)
+    std::cout << (i ? ", " : "") << cfg.hubs[i].hostname;
+  std::cout << (placeholder_hub ? " (placeholder: add [[hubs]] to the config)" : "")
             << std::endl;
 
   // Wait for SIGINT/SIGTERM.

@@ -54,7 +54,7 @@ nlohmann::json assignment_event(const registration_event& ev,
               {"subject", ev.device_id},
               {"time", utc_string(ev.completed_ms)},
               {"datacontenttype", "application/json"},
-              {"sequence", seq},
+              {"sequence", std::to_string(seq)}, // CloudEvents extension: a string
               {"data", std::move(data)}};
 }
 

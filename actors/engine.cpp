@@ -1,6 +1,7 @@
 #include "actors/engine.hpp"
 
 #include <chrono>
+#include <cstdio>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -40,8 +41,12 @@ public:
 
   error start() {
     auto& ctx = *ctx_;
-    if (auto err = ctx.reload_groups())
-      return err;
+    if (auto err = ctx.reload_groups()) {
+      if (err.code != error_code::internal)
+        return err;
+      // One unreadable group must not stop the service; the rest still work.
+      std::fprintf(stderr, "provisiond: warning: %s\n", err.message.c_str());
+    }
     attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
     registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_, attestation_);
     allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
@@ -74,8 +79,14 @@ public:
       operation_record op;
       if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
         return e;
-      if (!raw || decode_record(*raw, op))
+      if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
+        // Nothing to resume (unreadable, missing or already finished): drop
+        // the marker so it is not retried on every start.
+        storage::write_batch drop;
+        drop.del(storage::cf::pending, id);
+        static_cast<void>(ctx_->store->write(drop));
         continue;
+      }
       caf::anon_send(registration_, accepted_atom::value, std::move(op.event));
     }
     resumed_ = ids.size();

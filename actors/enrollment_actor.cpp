@@ -89,11 +89,12 @@ error prepare_put(const engine_context& ctx, enrollment::kind k, const std::stri
 error engine_context::reload_groups() {
   auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
   error failure;
-  auto err = store->scan(storage::cf::groups, "", 0, [&](std::string_view, std::string_view v) {
+  auto err = store->scan(storage::cf::groups, "", 0, [&](std::string_view k, std::string_view v) {
     auto j = json::parse(v, nullptr, false);
     enrollment::enrollment_view view;
     if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
-      failure = {error_code::storage_failure, "a stored enrollment group is unreadable"};
+      failure = {error_code::internal,
+                 "stored enrollment group '" + std::string(k) + "' is unreadable; skipped"};
       return true; // skip it, keep the others usable
     }
     fresh->push_back(std::move(view));

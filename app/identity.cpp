@@ -3,7 +3,11 @@
 #include <fstream>
 #include <sstream>
 
+#include <cstring>
+
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -64,12 +68,17 @@ error load_or_create_identity(const std::string& data_dir, const std::string& se
                    {"secondary_key", out.secondary_key}};
   auto tmp = path_of(data_dir) + ".tmp";
   {
-    std::ofstream f(tmp, std::ios::trunc);
-    if (!f)
-      return {error_code::storage_failure, "cannot write " + tmp};
-    f << j.dump(2) << "\n";
+    // Created 0600 (it holds the owner key) and synced before the rename.
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    if (fd < 0)
+      return {error_code::storage_failure, "cannot write " + tmp + ": " + std::strerror(errno)};
+    auto text = j.dump(2) + "\n";
+    bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size())
+              && ::fsync(fd) == 0;
+    ::close(fd);
+    if (!ok)
+      return {error_code::storage_failure, "cannot write " + tmp + ": " + std::strerror(errno)};
   }
-  ::chmod(tmp.c_str(), 0600);
   if (std::rename(tmp.c_str(), path_of(data_dir).c_str()) != 0)
     return {error_code::storage_failure, "cannot create " + path_of(data_dir)};
   created = true;

@@ -239,7 +239,9 @@ private:
           resp.headers.emplace_back("Retry-After", retry_after);
         return reply(std::move(resp));
       }
-      json body{{"operationId", r.operation_id}, {"status", to_string(r.status)}};
+      // Always "assigning" on the 202 (SDKs treat other statuses in a 2xx as
+      // unknown); a disabled enrollment is reported by the first poll.
+      json body{{"operationId", r.operation_id}, {"status", "assigning"}};
       auto resp = json_response(202, body.dump());
       resp.headers.emplace_back("Retry-After", retry_after);
       reply(std::move(resp));

@@ -1,5 +1,7 @@
 #include "config/config.hpp"
 
+#include "messages/crypto.hpp"
+
 #include <arpa/inet.h>
 
 #include <algorithm>
@@ -125,37 +127,12 @@ bool valid_policy_name(std::string_view s) {
          });
 }
 
-int base64_value(char c) {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
-/// Strict standard base64 (RFC 4648 §4, padded, canonical trailing bits).
-/// Returns the decoded length, or -1 when `s` is not valid base64. Only the
-/// length is needed here, so nothing is decoded into memory.
-long base64_decoded_size(std::string_view s) {
-  if (s.empty() || s.size() % 4 != 0) return -1;
-  std::size_t pad = 0;
-  if (s.back() == '=') pad = (s[s.size() - 2] == '=') ? 2 : 1;
-  const std::size_t data = s.size() - pad;
-  for (std::size_t i = 0; i < data; ++i)
-    if (base64_value(s[i]) < 0) return -1;
-  // Bits beyond the last full byte must be zero, else two spellings would
-  // decode to the same key.
-  if (pad == 1 && (base64_value(s[data - 1]) & 0x03) != 0) return -1;
-  if (pad == 2 && (base64_value(s[data - 1]) & 0x0f) != 0) return -1;
-  return static_cast<long>(s.size() / 4 * 3 - pad);
-}
-
 /// What is wrong with a shared access key, or "" when it is fine. Never
 /// echoes the key itself.
 std::string key_problem(std::string_view key) {
-  const long n = base64_decoded_size(key);
-  if (n < 0) return "not valid base64";
+  auto raw = crypto::base64_decode(key);
+  if (!raw) return "not valid base64";
+  const auto n = raw->size();
   if (n < 16 || n > 64) return "must decode to 16..64 bytes, got " + std::to_string(n);
   return {};
 }

@@ -1,5 +1,7 @@
 #include "actors/enrollment/enrollment_model.hpp"
 
+#include "messages/crypto.hpp"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -11,12 +13,6 @@
 #include <random>
 
 #include <nlohmann/json.hpp>
-#include <openssl/evp.h>
-#include <openssl/rand.h>
-
-// Randomness and base64 come straight from OpenSSL here (RAND_bytes,
-// EVP_EncodeBlock) rather than messages/crypto.hpp, so this file has no
-// build-order dependency on crypto.cpp.
 
 namespace prov::enrollment {
 
@@ -80,49 +76,12 @@ std::string printable(std::string_view s) {
 
 // -- base64 and randomness ----------------------------------------------------
 
-int b64_value(char c) noexcept {
-  if (c >= 'A' && c <= 'Z') return c - 'A';
-  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
-  if (c >= '0' && c <= '9') return c - '0' + 52;
-  if (c == '+') return 62;
-  if (c == '/') return 63;
-  return -1;
-}
-
-/// Length of the decoded bytes of strict, padded standard base64; nullopt when
-/// the text is not that.
-std::optional<std::size_t> b64_decoded_size(std::string_view s) noexcept {
-  if (s.empty() || s.size() % 4 != 0)
+/// Decoded size of strict standard base64; nullopt when the text is not that.
+std::optional<std::size_t> b64_decoded_size(std::string_view s) {
+  auto raw = crypto::base64_decode(s);
+  if (!raw)
     return std::nullopt;
-  std::size_t pad = 0;
-  if (s.back() == '=')
-    pad = s[s.size() - 2] == '=' ? 2 : 1;
-  for (std::size_t i = 0; i < s.size() - pad; ++i)
-    if (b64_value(s[i]) < 0)
-      return std::nullopt;
-  return s.size() / 4 * 3 - pad;
-}
-
-bool random_fill(unsigned char* p, std::size_t n) noexcept {
-  return RAND_bytes(p, static_cast<int>(n)) == 1;
-}
-
-std::string b64_encode(const unsigned char* p, std::size_t n) {
-  std::string out(4 * ((n + 2) / 3), '\0');
-  int len = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), p,
-                            static_cast<int>(n));
-  out.resize(len < 0 ? 0 : static_cast<std::size_t>(len));
-  return out;
-}
-
-/// A fresh 64-byte key, base64; nullopt if the CSPRNG fails.
-std::optional<std::string> generate_key() {
-  std::array<unsigned char, generated_key_bytes> raw{};
-  if (!random_fill(raw.data(), raw.size()))
-    return std::nullopt;
-  std::string key = b64_encode(raw.data(), raw.size());
-  OPENSSL_cleanse(raw.data(), raw.size());
-  return key;
+  return raw->size();
 }
 
 // -- validation helpers -------------------------------------------------------
@@ -218,10 +177,7 @@ error normalize_key(const json* sk, const char* name, const json* old_sk, json& 
       return {};
     }
   }
-  auto key = generate_key();
-  if (!key)
-    return {error_code::internal, "random number generator failed"};
-  out_sk[name] = std::move(*key);
+  out_sk[name] = crypto::generate_key();
   return {};
 }
 
@@ -825,30 +781,7 @@ bool etag_matches(std::string_view if_match, std::string_view stored_etag) {
 }
 
 std::string new_etag() {
-  std::array<unsigned char, 16> b{};
-  if (!random_fill(b.data(), b.size())) {
-    // Etags need uniqueness, not secrecy: fall back to a seeded counter.
-    static std::atomic<uint64_t> counter{std::random_device{}()};
-    uint64_t hi = counter.fetch_add(1) * 0x9E3779B97F4A7C15ULL;
-    uint64_t lo = static_cast<uint64_t>(
-        std::chrono::steady_clock::now().time_since_epoch().count());
-    for (int i = 0; i < 8; ++i) {
-      b[i] = static_cast<unsigned char>(hi >> (8 * i));
-      b[8 + i] = static_cast<unsigned char>(lo >> (8 * i));
-    }
-  }
-  b[6] = static_cast<unsigned char>((b[6] & 0x0f) | 0x40); // version 4
-  b[8] = static_cast<unsigned char>((b[8] & 0x3f) | 0x80); // RFC 4122 variant
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string out = "\"";
-  for (std::size_t i = 0; i < b.size(); ++i) {
-    if (i == 4 || i == 6 || i == 8 || i == 10)
-      out.push_back('-');
-    out.push_back(hex[b[i] >> 4]);
-    out.push_back(hex[b[i] & 0x0f]);
-  }
-  out.push_back('"');
-  return out;
+  return "\"" + crypto::uuid4() + "\"";
 }
 
 std::string format_utc(int64_t ms) {

@@ -23,7 +23,6 @@ using json = nlohmann::json;
 constexpr std::size_t max_id_length = 128;
 constexpr std::size_t min_key_bytes = 16;
 constexpr std::size_t max_key_bytes = 64;
-constexpr std::size_t generated_key_bytes = 64;
 constexpr std::size_t max_hubs = 50;        // DPS: at most 50 linked hubs
 constexpr std::size_t max_hostname = 255;
 constexpr std::size_t max_url = 2048;

@@ -1,5 +1,6 @@
 #include "gateway/https_server.hpp"
 
+#include <array>
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -158,6 +159,7 @@ private:
 
   void fail_and_close(const error& e) {
     keep_alive_ = false;
+    drain_ = true; // the client may still be sending the rest of the request
     auto resp = error_response(e, crypto::uuid4());
     resp.close = true;
     write(std::move(resp));
@@ -184,9 +186,27 @@ private:
                         if (ec)
                           return self->close_now();
                         if (close)
-                          return self->shutdown();
+                          return self->drain_ ? self->drain() : self->shutdown();
                         self->read();
                       });
+  }
+
+  /// Lingering close: read and discard what the client is still sending
+  /// (bounded in time and bytes) so closing does not reset the connection
+  /// before the client has read our error response.
+  void drain() {
+    arm(2); // one deadline for the whole drain
+    drain_some();
+  }
+
+  void drain_some() {
+    stream_.async_read_some(
+      net::buffer(discard_), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+        self->drained_ += n;
+        if (ec || self->timed_out_ || self->drained_ > (1u << 20))
+          return self->shutdown();
+        self->drain_some();
+      });
   }
 
   void shutdown() {
@@ -218,6 +238,9 @@ private:
   bool timed_out_ = false;
   unsigned version_ = 11;
   uint64_t requests_ = 0;
+  bool drain_ = false;
+  std::size_t drained_ = 0;
+  std::array<char, 16384> discard_;
 };
 
 class server_impl final : public https_server {

@@ -405,8 +405,19 @@ TEST_CASE("initialTwin and capabilities appear in the assignment event") {
     CHECK(e.value("specversion", "") == "1.0");
     CHECK(e.value("type", "") == "device.assigned");
     CHECK(e.value("id", "") == op);
-    CHECK(e["sequence"].is_number());
+    // CloudEvents `sequence` extension: a decimal string (docs/events.md).
+    REQUIRE(e["sequence"].is_string());
+    auto seq = e["sequence"].get<std::string>();
+    CHECK(!seq.empty());
+    CHECK(seq.find_first_not_of("0123456789") == std::string::npos);
+    CHECK(e.value("source", "") == "/provisiond/" + s.id_scope());
+    CHECK(e.value("subject", "") == "twin-device");
+    CHECK(e.value("datacontenttype", "") == "application/json");
+    CHECK(!e.value("time", "").empty());
     auto d = e["data"];
+    CHECK(d.value("attestationType", "") == "symmetricKey");
+    CHECK(d.value("substatus", "") == "initialAssignment");
+    CHECK(!d.contains("enrollmentGroupId"));
     CHECK(d.value("registrationId", "") == "dev-twin");
     CHECK(d.value("deviceId", "") == "twin-device");
     CHECK(d.value("assignedHub", "") == hub);

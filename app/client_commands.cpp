@@ -201,6 +201,9 @@ error resolve_target(const common_options& c, const char* endpoint_key,
   bool from_file = false;
   if (address.empty()) {
     if (auto ep = read_json_file(path_join(c.data_dir, "endpoints.json"), ignored)) {
+      // The running server's id scope wins (a config may set id_scope).
+      if (auto scope = str_member(*ep, "id_scope"); !scope.empty())
+        out.identity["id_scope"] = scope;
       address = str_member(*ep, endpoint_key);
       if (address.empty()) address = str_member(*ep, "device_api");
       from_file = !address.empty();

@@ -239,15 +239,34 @@ int main(int argc, char** argv) {
     ->each([&](const std::string&) { sa.metrics_listen_set = true; });
   serve_cmd->callback([&] { exit_code = serve(sa); });
 
-  std::string cs_dir = "./data";
+  std::string cs_dir, cs_config;
   auto* cs_cmd = app.add_subcommand("connection-string",
                                     "Print the service connection string of a data dir");
   cs_cmd->add_option("--data-dir", cs_dir, "Data directory (default ./data)");
+  cs_cmd->add_option("--config", cs_config,
+                     "Config file: use its data_dir, host name and first access policy");
   cs_cmd->callback([&] {
+    config::engine_config cfg;
+    if (!cs_config.empty())
+      if (auto err = config::load_file(cs_config, cfg)) {
+        exit_code = die(err.message);
+        return;
+      }
+    if (!cs_dir.empty())
+      cfg.data_dir = cs_dir;
     app::identity id;
-    if (auto err = app::load_identity(cs_dir, id)) {
+    if (auto err = app::load_identity(cfg.data_dir, id)) {
       exit_code = die(err.message);
       return;
+    }
+    // What serve would accept: configured policies replace the generated one.
+    if (!cs_config.empty()) {
+      if (!cfg.device_api.hostnames.empty())
+        id.service_host = cfg.device_api.hostnames[0];
+      if (!cfg.access_policies.empty()) {
+        id.policy_name = cfg.access_policies[0].name;
+        id.primary_key = cfg.access_policies[0].primary_key;
+      }
     }
     std::cout << app::connection_string(id) << std::endl;
   });

@@ -567,9 +567,9 @@ int run_assignments(const common_options& c, const assignments_options& o) {
   uint64_t after = o.after;
   json collected = json::array();
   std::vector<std::vector<std::string>> rows;
-  const std::vector<std::string> header{"SEQ", "TIME", "REGISTRATION", "DEVICE", "HUB", "OPERATION"};
+  const std::vector<std::string> header{"SEQ", "TIME", "REGISTRATION", "DEVICE", "HUB", "SUBSTATUS", "OPERATION ID"};
   // --follow prints as it goes, so columns get fixed minimum widths.
-  const std::vector<std::size_t> follow_width{6, 20, 24, 24, 36, 0};
+  const std::vector<std::size_t> follow_width{6, 20, 24, 24, 32, 18, 0};
   auto print_follow_row = [&](const std::vector<std::string>& cells) {
     std::string out;
     for (std::size_t i = 0; i < cells.size(); ++i) {
@@ -602,11 +602,10 @@ int run_assignments(const common_options& c, const assignments_options& o) {
           collected.push_back(ev);
         continue;
       }
-      std::string op = str_member(data, "substatus");
-      if (op.empty()) op = str_member(ev, "type");
       std::vector<std::string> row{str_member(ev, "sequence"), short_time(str_member(ev, "time")),
                                    str_member(data, "registrationId"), str_member(data, "deviceId"),
-                                   str_member(data, "assignedHub"), op};
+                                   str_member(data, "assignedHub"), str_member(data, "substatus"),
+                                   str_member(data, "operationId")};
       if (o.follow)
         print_follow_row(row);
       else

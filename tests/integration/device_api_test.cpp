@@ -11,6 +11,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
+#include "tests/support/it_common.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -21,23 +22,8 @@ namespace {
 const char* const hub_a = "hub-a.example.net";
 const char* const hub_b = "hub-b.example.net";
 
-/// One server for the whole file; tests use distinct ids.
-test::server_process& srv() {
-  static test::server_process s;
-  static bool started = false;
-  if (!started) {
-    auto err = s.start();
-    REQUIRE_MESSAGE(!err, err.message);
-    started = true;
-  }
-  return s;
-}
-
-json parse(const std::string& text) {
-  auto j = json::parse(text, nullptr, false);
-  REQUIRE_MESSAGE(!j.is_discarded(), "not JSON: " << text);
-  return j;
-}
+test::server_process& srv() { return test::shared_server(); }
+json parse(const std::string& text) { return test::parse_json(text); }
 
 void put_enrollment(const test::server_process& s, const std::string& id, json body) {
   body["registrationId"] = id;

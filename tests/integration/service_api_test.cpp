@@ -13,6 +13,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
+#include "tests/support/it_common.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -20,23 +21,8 @@ using nlohmann::json;
 
 namespace {
 
-/// One server for the tests that do not need a fresh or special instance.
-test::server_process& srv() {
-  static test::server_process s;
-  static bool started = false;
-  if (!started) {
-    auto err = s.start();
-    REQUIRE_MESSAGE(!err, err.message);
-    started = true;
-  }
-  return s;
-}
-
-json parse(const std::string& text) {
-  auto j = json::parse(text, nullptr, false);
-  REQUIRE_MESSAGE(!j.is_discarded(), "not JSON: " << text);
-  return j;
-}
+test::server_process& srv() { return test::shared_server(); }
+json parse(const std::string& text) { return test::parse_json(text); }
 
 void check_error(const net::https_response& r, int status, int code) {
   CHECK_MESSAGE(r.status == status, r.body);

@@ -114,7 +114,11 @@ error allocate(const engine_context& ctx, registration_event& ev) {
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
     [ctx](event_atom, registration_event& ev) {
-      if (auto err = allocate(*ctx, ev)) {
+      ctx->metrics->stage_dequeued(metrics::stage::allocation);
+      auto start = std::chrono::steady_clock::now();
+      auto err = allocate(*ctx, ev);
+      ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
+      if (err) {
         ev.status = registration_status::failed;
         ev.error_code = static_cast<int32_t>(err.code);
         ev.error_message = err.message;

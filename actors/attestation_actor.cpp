@@ -94,7 +94,13 @@ attestation_result attest(const engine_context& ctx, const register_request& req
 
 caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
-    [ctx](attest_atom, const register_request& req) { return attest(*ctx, req); },
+    [ctx](attest_atom, const register_request& req) {
+      ctx->metrics->stage_dequeued(metrics::stage::attestation);
+      auto start = std::chrono::steady_clock::now();
+      auto r = attest(*ctx, req);
+      ctx->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
+      return r;
+    },
   };
 }
 

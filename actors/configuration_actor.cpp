@@ -18,9 +18,14 @@ namespace prov {
 
 namespace {
 
+struct committing_t {
+  registration_event event;
+  std::chrono::steady_clock::time_point started; ///< stage latency includes the commit
+};
+
 struct configuration_state_t {
   uint64_t next_seq = 1;
-  std::unordered_map<std::string, registration_event> committing;
+  std::unordered_map<std::string, committing_t> committing;
 };
 
 nlohmann::json assignment_event(const registration_event& ev,
@@ -67,6 +72,8 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
     st->next_seq = storage::parse_seq_key(*last) + 1;
   return {
     [=](event_atom, registration_event& ev) {
+      ctx->metrics->stage_dequeued(metrics::stage::configuration);
+      auto started = std::chrono::steady_clock::now();
       if (st->committing.count(ev.operation_id))
         return; // duplicate delivery while the first is being committed
       std::optional<std::string> raw;
@@ -109,7 +116,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       batch.put(storage::cf::outbox, storage::seq_key(seq),
                 assignment_event(ev, rs, seq).dump());
       auto op_id = ev.operation_id;
-      st->committing.emplace(op_id, std::move(ev));
+      st->committing.emplace(op_id, committing_t{std::move(ev), started});
       auto me = caf::actor_cast<caf::actor>(self);
       ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
@@ -119,15 +126,23 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       auto it = st->committing.find(op_id);
       if (it == st->committing.end())
         return;
-      auto ev = std::move(it->second);
+      auto ev = std::move(it->second.event);
+      auto started = it->second.started;
       st->committing.erase(it);
       if (e) {
         // Not durable: retry shortly; the operation stays in `pending`.
         ev.status = registration_status::assigning;
+        ctx->metrics->stage_enqueued(metrics::stage::configuration);
         self->delayed_send(self, std::chrono::milliseconds(200), event_atom::value,
                            std::move(ev));
         return;
       }
+      auto* m = ctx->metrics;
+      m->stage_latency(metrics::stage::configuration, seconds_since(started));
+      m->device_assigned(ev.assigned_hub);
+      m->registration_attempt("assigned", ev.assigned_hub, ev.protocol);
+      m->operation_finished("assigned",
+                            static_cast<double>(ev.completed_ms - ev.accepted_ms) / 1000.0);
       ctx->bus->publish(transport::topic::device_assigned, ev);
       ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
     },

@@ -52,14 +52,20 @@ public:
     allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
     configuration_ = sys_->spawn<caf::detached>(configuration_actor, ctx_);
     enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
-    auto to = [](caf::actor dest) {
-      return [dest](registration_event&& ev) {
+    auto* m = ctx.metrics;
+    auto to = [m](caf::actor dest, std::optional<metrics::stage> s) {
+      return [dest, m, s](registration_event&& ev) {
+        if (s)
+          m->stage_enqueued(*s); // the stage counts it out when it handles it
         caf::anon_send(dest, event_atom::value, std::move(ev));
       };
     };
-    ctx.bus->subscribe(transport::topic::registration_attested, to(allocation_));
-    ctx.bus->subscribe(transport::topic::registration_allocated, to(configuration_));
-    ctx.bus->subscribe(transport::topic::registration_completed, to(registration_));
+    ctx.bus->subscribe(transport::topic::registration_attested,
+                       to(allocation_, metrics::stage::allocation));
+    ctx.bus->subscribe(transport::topic::registration_allocated,
+                       to(configuration_, metrics::stage::configuration));
+    ctx.bus->subscribe(transport::topic::registration_completed,
+                       to(registration_, std::nullopt));
     // device.assigned: embedded mode keeps it in the durable outbox only.
     return resume();
   }
@@ -288,6 +294,9 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   for (const auto& h : opts.cfg.hubs)
     ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy});
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
+  if (opts.metrics == nullptr)
+    ctx->own_metrics = std::make_unique<metrics::instruments>();
+  ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();
   ctx->opts = std::move(opts);
   auto impl = std::make_unique<engine_impl>(ctx);
   if (auto err = impl->start())

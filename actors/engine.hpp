@@ -16,6 +16,7 @@
 #include "config/config.hpp"
 #include "messages/error.hpp"
 #include "messages/registration.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov::storage {
 class store;
@@ -28,6 +29,8 @@ struct engine_options {
   std::string id_scope;          ///< resolved (configured or generated)
   storage::store* store = nullptr; ///< owned by the caller, outlives the engine
   std::size_t max_inflight = 200000; ///< accepted, unfinished operations (503 beyond)
+  /// Where stage metrics go; owned by the caller. Null = a private, unexported set.
+  metrics::instruments* metrics = nullptr;
 };
 
 /// Result of a register call as the gateway needs it.

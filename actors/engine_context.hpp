@@ -3,6 +3,7 @@
 // engine; actors hold a shared_ptr.
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -46,12 +47,19 @@ struct engine_context {
   std::string instance_hex; ///< 16 hex digits, part of operation ids
   std::atomic<int64_t> inflight{0};
   std::atomic<bool> accepting{true};
+  metrics::instruments* metrics = nullptr; ///< never null once started
+  std::unique_ptr<metrics::instruments> own_metrics; ///< when the caller gave none
 
   /// Rebuilds `groups` from the store.
   error reload_groups();
 };
 
 using engine_context_ptr = std::shared_ptr<engine_context>;
+
+/// Seconds since `start` on the steady clock (stage latency metrics).
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
 
 /// Outcome of attestation, stored with the accepted operation so resuming
 /// after a restart never needs the device's credential again.

@@ -21,6 +21,7 @@ namespace {
 struct pending_accept {
   registration_event event;
   register_reply_fn reply;
+  std::chrono::steady_clock::time_point commit_started;
 };
 
 struct registration_state_t {
@@ -31,6 +32,12 @@ struct registration_state_t {
   /// operation ids whose terminal failure is being committed.
   std::unordered_map<std::string, registration_event> settling;
 };
+
+/// The mechanism a rejected request tried, for the attestation metric.
+std::string_view attempted_mechanism(const register_request& req) {
+  return req.authorization.rfind("SharedAccessSignature", 0) == 0 ? "symmetricKey"
+                                                                  : "none";
+}
 
 register_reply make_reply(error err) {
   register_reply r;
@@ -53,19 +60,29 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   return {
     [=](register_atom, register_request& req, register_reply_fn& reply) {
       if (!ctx->accepting.load()) {
+        ctx->metrics->throttled("shutting_down");
         reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
         return;
       }
+      auto* m = ctx->metrics;
       if (static_cast<std::size_t>(ctx->inflight.load()) >= ctx->opts.max_inflight) {
+        m->throttled("inflight_limit");
+        m->registration_attempt("rejected", "", req.protocol);
         reply.fn(make_reply({error_code::throttled,
                              "too many registrations in flight; retry after the "
                              "Retry-After interval"}));
         return;
       }
+      m->stage_enqueued(metrics::stage::attestation);
       self->request(attestation, caf::infinite, attest_atom::value, req)
         .then(
           [=](attestation_result& r) mutable {
+            m->attestation_attempt(!r.err,
+                                   r.err ? attempted_mechanism(req)
+                                         : std::string_view(r.attestation_type),
+                                   req.protocol);
             if (r.err) {
+              m->registration_attempt("rejected", "", req.protocol);
               reply.fn(make_reply(std::move(r.err)));
               return;
             }
@@ -115,7 +132,9 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
               ctx->inflight.fetch_add(1);
             }
             auto op_id = ev.operation_id;
-            st->accepting.emplace(op_id, pending_accept{std::move(ev), std::move(reply)});
+            st->accepting.emplace(op_id, pending_accept{std::move(ev), std::move(reply),
+                                                        std::chrono::steady_clock::now()});
+            m->stage_enqueued(metrics::stage::commit);
             auto me = caf::actor_cast<caf::actor>(self);
             ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
               caf::anon_send(me, committed_atom::value, op_id, e);
@@ -129,8 +148,12 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       if (auto it = st->accepting.find(op_id); it != st->accepting.end()) {
         auto pa = std::move(it->second);
         st->accepting.erase(it);
+        auto* m = ctx->metrics;
+        m->stage_dequeued(metrics::stage::commit);
+        m->stage_latency(metrics::stage::commit, seconds_since(pa.commit_started));
         auto reg_key = enrollment::key_of(pa.event.registration_id);
         if (e) {
+          m->registration_attempt("rejected", "", pa.event.protocol);
           finish(reg_key, op_id);
           pa.reply.fn(make_reply({error_code::storage_failure,
                                   "could not record the registration: " + e.message}));
@@ -140,6 +163,10 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         rr.operation_id = op_id;
         rr.status = pa.event.status;
         pa.reply.fn(std::move(rr));
+        if (pa.event.status == registration_status::disabled) {
+          m->registration_attempt("disabled", "", pa.event.protocol);
+          m->operation_finished("disabled", 0.0);
+        }
         if (pa.event.status == registration_status::assigning)
           ctx->bus->publish(transport::topic::registration_attested, std::move(pa.event));
         return;
@@ -148,6 +175,11 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         auto ev = std::move(it->second);
         st->settling.erase(it);
         finish(enrollment::key_of(ev.registration_id), op_id);
+        if (!e) {
+          ctx->metrics->registration_attempt("failed", "", ev.protocol);
+          ctx->metrics->operation_finished(
+            "failed", static_cast<double>(now_ms() - ev.accepted_ms) / 1000.0);
+        }
       }
     },
     [=](accepted_atom, registration_event& ev) {

@@ -2,6 +2,7 @@
 // the store, starts the engine, the HTTPS gateway and the metrics exposer, and
 // shuts them down in reverse order.
 
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -13,16 +14,18 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <prometheus/exposer.h>
-#include <prometheus/registry.h>
+#include <sys/resource.h>
 
 #include "actors/engine.hpp"
 #include "app/client_commands.hpp"
 #include "app/identity.hpp"
 #include "config/config.hpp"
 #include "gateway/https_server.hpp"
+#include "gateway/metrics_server.hpp"
 #include "gateway/net/tls_material.hpp"
 #include "gateway/routes.hpp"
+#include "metrics/diagnostic_log.hpp"
+#include "metrics/instruments.hpp"
 #include "storage/store.hpp"
 
 namespace {
@@ -61,6 +64,52 @@ struct serve_args {
   std::string metrics_listen;
   bool metrics_listen_set = false;
 };
+
+/// Gauges computed at scrape time from the engine, the store and the process.
+void add_scrape_gauges(metrics::instruments& inst, engine& eng, storage::store& store,
+                       metrics::diagnostic_log& dlog) {
+  inst.add_gauge("dps_operations_inflight", "Accepted registrations not yet finished", "", "",
+                 [&eng] { return static_cast<double>(eng.inflight()); });
+  inst.add_gauge("dps_log_dropped_lines", "Diagnostic log lines dropped (writer behind)",
+                 "", "", [&dlog] { return static_cast<double>(dlog.dropped()); });
+  for (int i = 0; i < storage::cf_count; ++i) {
+    auto family = static_cast<storage::cf>(i);
+    inst.add_gauge("dps_storage_estimated_keys",
+                   "RocksDB estimate of keys per column family", "column_family",
+                   std::string(storage::to_string(family)), [&store, family] {
+                     return static_cast<double>(
+                       store.int_property(family, "rocksdb.estimate-num-keys"));
+                   });
+  }
+  inst.add_gauge("dps_storage_memtable_bytes", "RocksDB memtable memory, all column families",
+                 "", "", [&store] {
+                   return static_cast<double>(
+                     store.int_property("rocksdb.cur-size-all-mem-tables"));
+                 });
+  inst.add_gauge("dps_storage_sst_bytes", "RocksDB live SST file bytes", "", "", [&store] {
+    return static_cast<double>(store.int_property("rocksdb.live-sst-files-size"));
+  });
+  inst.add_gauge("dps_storage_block_cache_bytes", "RocksDB block cache usage", "", "",
+                 [&store] {
+                   return static_cast<double>(
+                     store.int_property(storage::cf::enrollments, "rocksdb.block-cache-usage"));
+                 });
+  inst.add_gauge("process_resident_memory_bytes", "Resident set size", "", "", [] {
+    long pages = 0, resident = 0;
+    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+      if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2)
+        resident = 0;
+      std::fclose(f);
+    }
+    return static_cast<double>(resident) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  });
+  inst.add_gauge("process_cpu_seconds_total", "User and system CPU time", "", "", [] {
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec)
+           + static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+  });
+}
 
 int serve(const serve_args& args) {
   config::engine_config cfg;
@@ -116,9 +165,25 @@ int serve(const serve_args& args) {
     ca_path = paths.ca_pem;
   }
 
+  // Diagnostic log and metrics first: everything after reports into them.
+  std::unique_ptr<metrics::diagnostic_log> dlog;
+  if (auto err = metrics::diagnostic_log::open({cfg.log.level, cfg.log.file}, dlog))
+    return die(err.message);
+  metrics::instruments inst;
+  {
+    std::vector<std::string> hub_names;
+    for (const auto& h : cfg.hubs)
+      hub_names.push_back(h.hostname);
+    inst.declare_hubs(hub_names);
+  }
+
   // Storage.
   std::unique_ptr<storage::store> store;
-  if (auto err = storage::store::open(cfg.data_dir + "/db", {}, store))
+  storage::store_options store_opts;
+  store_opts.on_commit = [&inst](double secs, std::size_t batches, std::size_t bytes) {
+    inst.storage_commit(secs, batches, bytes);
+  };
+  if (auto err = storage::store::open(cfg.data_dir + "/db", store_opts, store))
     return die(err.message);
 
   // Engine.
@@ -126,27 +191,11 @@ int serve(const serve_args& args) {
   eopts.cfg = cfg;
   eopts.id_scope = id_scope;
   eopts.store = store.get();
+  eopts.metrics = &inst;
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
     return die("engine: " + err.message);
-
-  // Metrics exposer (counters arrive with the metrics work; the endpoint is up).
-  std::unique_ptr<prometheus::Exposer> exposer;
-  auto registry = std::make_shared<prometheus::Registry>();
-  std::string metrics_addr;
-  if (!cfg.metrics.listen.empty()) {
-    try {
-      exposer = std::make_unique<prometheus::Exposer>(cfg.metrics.listen);
-      exposer->RegisterCollectable(registry);
-      auto ports = exposer->GetListeningPorts();
-      std::string host;
-      uint16_t port = 0;
-      config::split_host_port(cfg.metrics.listen, host, port);
-      metrics_addr = host + ":" + std::to_string(ports.empty() ? port : ports.front());
-    } catch (const std::exception& e) {
-      return die("metrics: cannot listen on " + cfg.metrics.listen + ": " + e.what());
-    }
-  }
+  add_scrape_gauges(inst, *eng, *store, *dlog);
 
   // Gateway.
   gateway::routes_options ropts;
@@ -154,6 +203,8 @@ int serve(const serve_args& args) {
   ropts.id_scope = id_scope;
   ropts.policies = policies;
   ropts.ready = [] { return true; };
+  ropts.metrics = &inst;
+  ropts.log = dlog.get();
   auto routes = gateway::make_routes(ropts, *eng);
   gateway::server_options sopts;
   sopts.listen = cfg.device_api.listen;
@@ -166,6 +217,28 @@ int serve(const serve_args& args) {
   std::unique_ptr<gateway::https_server> server;
   if (auto err = gateway::https_server::start(sopts, *routes, server))
     return die(err.message);
+
+  // Operations listener: /metrics, /healthz, /readyz (plain HTTP).
+  std::unique_ptr<gateway::metrics_server> ops;
+  std::string metrics_addr;
+  std::atomic<bool> serving{false};
+  if (!cfg.metrics.listen.empty()) {
+    gateway::metrics_server_options mopts;
+    mopts.listen = cfg.metrics.listen;
+    mopts.scrape = [&inst] { return inst.scrape(); };
+    mopts.not_ready_reason = [&serving, &store]() -> std::string {
+      if (!serving.load())
+        return "starting or stopping";
+      // A background error (disk full, I/O error) makes RocksDB refuse writes.
+      if (store->int_property(storage::cf::meta, "rocksdb.background-errors") > 0)
+        return "storage has background errors (see the log); writes are refused";
+      return {};
+    };
+    if (auto err = gateway::metrics_server::start(std::move(mopts), ops))
+      return die(err.message);
+    metrics_addr = ops->address() + ":" + std::to_string(ops->port());
+  }
+  serving = true;
 
   // Tell tools (CLI, tests) where we listen.
   std::string device_addr = server->address() + ":" + std::to_string(server->port());
@@ -204,11 +277,16 @@ int serve(const serve_args& args) {
   int sig = 0;
   sigwait(&set, &sig);
   std::cout << "provisiond: stopping (signal " << sig << ")" << std::endl;
+  dlog->info("stopping on signal " + std::to_string(sig));
+  serving = false;
   server->stop();
   eng->shutdown();
+  inst.clear_gauges(); // they read the engine and the store
   eng.reset();
   store->close();
-  exposer.reset();
+  if (ops)
+    ops->stop();
+  dlog->flush();
   std::remove((cfg.data_dir + "/endpoints.json").c_str());
   return 0;
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 
 #include <nlohmann/json.hpp>
 
@@ -106,6 +107,94 @@ error parse_body(const std::string& body, json& out) {
   return {};
 }
 
+/// What a request is, for metrics and diagnostic logs: a bounded route label
+/// (path template), and DPS-style category / operation / resource type / id.
+struct request_kind {
+  std::string route = "other";
+  const char* category = "";  ///< "" = not logged (health checks, unknown routes)
+  const char* operation = "";
+  const char* type = "";
+  std::string id;
+};
+
+const char* method_label(const std::string& m) {
+  for (const char* known : {"GET", "PUT", "POST", "DELETE", "HEAD", "PATCH", "OPTIONS"})
+    if (m == known)
+      return known;
+  return "OTHER";
+}
+
+std::string decoded_or_raw(const std::string& seg) {
+  auto d = crypto::url_decode(seg);
+  return d ? *d : seg;
+}
+
+request_kind classify(const http_request& req, const std::vector<std::string>& segs) {
+  request_kind k;
+  std::string m = method_label(req.method);
+  auto is_root = [](const std::string& s) {
+    return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
+           || iequals(s, "registrations") || iequals(s, "assignments");
+  };
+  if (segs.size() == 1 && (segs[0] == "healthz" || segs[0] == "readyz")) {
+    k.route = m + " /" + segs[0];
+    return k;
+  }
+  if (segs.size() >= 3 && iequals(segs[1], "registrations") && !is_root(segs[0])) {
+    k.category = "DeviceOperations";
+    k.type = "Registration";
+    k.id = decoded_or_raw(segs[2]);
+    if (segs.size() == 4 && iequals(segs[3], "register")) {
+      k.route = m + " /{idScope}/registrations/{registrationId}/register";
+      k.operation = "DeviceRegistration";
+    } else if (segs.size() == 5 && iequals(segs[3], "operations")) {
+      k.route = m + " /{idScope}/registrations/{registrationId}/operations/{operationId}";
+      k.operation = "OperationStatusLookup";
+    } else if (segs.size() == 3) {
+      k.route = m + " /{idScope}/registrations/{registrationId}";
+      k.operation = "DeviceRegistrationStatusLookup";
+    } else {
+      k.route = "other";
+      k.operation = "Unknown";
+    }
+    return k;
+  }
+  if (segs.empty() || !is_root(segs[0]))
+    return k;
+  auto root = lower(segs[0]);
+  k.category = "ServiceOperations";
+  k.type = root == "enrollments"        ? "IndividualEnrollment"
+           : root == "enrollmentgroups" ? "EnrollmentGroup"
+           : root == "registrations"    ? "DeviceRegistrationState"
+                                        : "Assignment";
+  std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups" : root);
+  if (segs.size() == 1) {
+    k.operation = m == "GET" ? "Query" : m == "POST" ? "BulkOperation" : "Unknown";
+  } else if (segs.size() == 2 && iequals(segs[1], "query")) {
+    tmpl += "/query";
+    k.operation = "Query";
+  } else {
+    tmpl += "/{id}";
+    k.id = decoded_or_raw(segs[1]);
+    if (segs.size() == 3 && iequals(segs[2], "query")) {
+      tmpl += "/query";
+      k.operation = "Query";
+    } else if (segs.size() == 3 && iequals(segs[2], "attestationmechanism")) {
+      tmpl += "/attestationmechanism";
+      k.operation = "GetAttestationMechanism";
+    } else if (segs.size() == 2) {
+      k.operation = m == "GET"      ? "Get"
+                    : m == "PUT"    ? "Upsert"
+                    : m == "DELETE" ? "Delete"
+                                    : "Unknown";
+    } else {
+      return k; // unknown shape: route "other", still logged as a service call
+    }
+  }
+  k.route = m + " " + tmpl;
+  return k;
+}
+
 class routes final : public handler {
 public:
   routes(routes_options opts, engine& eng) : opts_(std::move(opts)), eng_(eng) {
@@ -114,11 +203,14 @@ public:
 
   void handle(http_request req, respond_fn respond) override {
     auto tracking = crypto::uuid4();
-    auto reply = [respond, tracking](http_response r) {
+    auto segs = split_path(req.path);
+    respond_fn observed = std::move(respond);
+    if (opts_.metrics != nullptr || opts_.log != nullptr)
+      observed = observe(req, segs, tracking, std::move(observed));
+    auto reply = [respond = std::move(observed), tracking](http_response r) {
       r.headers.emplace_back("x-ms-request-id", tracking);
       respond(std::move(r));
     };
-    auto segs = split_path(req.path);
     if (segs.size() == 1 && req.method == "GET" && segs[0] == "healthz")
       return reply(json_response(200, R"({"status":"ok"})"));
     if (segs.size() == 1 && req.method == "GET" && segs[0] == "readyz") {
@@ -138,6 +230,57 @@ public:
 
 private:
   using reply_fn = std::function<void(http_response)>;
+
+  /// Wraps `respond` so the answer is counted (metrics) and logged (one
+  /// diagnostic line) whichever path produced it.
+  respond_fn observe(const http_request& req, const std::vector<std::string>& segs,
+                     const std::string& tracking, respond_fn respond) {
+    struct context {
+      request_kind kind;
+      std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+      std::string client_ip, tracking, api_version;
+    };
+    auto c = std::make_shared<context>();
+    c->kind = classify(req, segs);
+    c->client_ip = req.client_ip;
+    c->tracking = tracking;
+    if (auto api = req.query.find("api-version"); api != req.query.end())
+      c->api_version = api->second.substr(0, 32);
+    auto* m = opts_.metrics;
+    auto* log = opts_.log;
+    return [c, m, log, respond = std::move(respond)](http_response r) {
+      auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c->started)
+                    .count();
+      if (m != nullptr)
+        m->http_request(c->kind.route, r.status, secs);
+      if (log != nullptr && *c->kind.category != '\0') {
+        metrics::operation_record rec;
+        rec.category = c->kind.category;
+        rec.operation = c->kind.operation;
+        rec.status = r.status;
+        std::string code, description;
+        if (r.status >= 400) {
+          for (const auto& [k, v] : r.headers)
+            if (k == "x-ms-error-code")
+              code = v;
+          auto body = json::parse(r.body, nullptr, false);
+          if (body.is_object() && body.contains("message") && body["message"].is_string())
+            description = body["message"].get<std::string>();
+        }
+        rec.error_code = code;
+        rec.description = description;
+        rec.duration_ms = secs * 1000.0;
+        rec.id = c->kind.id;
+        rec.type = c->kind.type;
+        rec.protocol = "Http";
+        rec.caller_ip = c->client_ip;
+        rec.correlation_id = c->tracking;
+        rec.api_version = c->api_version;
+        log->operation(rec);
+      }
+      respond(std::move(r));
+    };
+  }
 
   static bool is_service_root(const std::string& s) {
     return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")

@@ -8,6 +8,8 @@
 #include "actors/engine.hpp"
 #include "config/config.hpp"
 #include "gateway/http_types.hpp"
+#include "metrics/diagnostic_log.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov::gateway {
 
@@ -16,6 +18,8 @@ struct routes_options {
   std::string id_scope;
   std::vector<config::access_policy> policies; ///< resolved (configured or generated)
   std::function<bool()> ready;                 ///< for /readyz
+  metrics::instruments* metrics = nullptr;     ///< optional: HTTP metrics
+  metrics::diagnostic_log* log = nullptr;      ///< optional: one line per operation
 };
 
 /// Builds the handler serving device routes (/{idScope}/registrations/...),

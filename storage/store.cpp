@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -276,6 +277,22 @@ public:
     }
   }
 
+  uint64_t int_property(std::string_view name) const override {
+    uint64_t sum = 0;
+    for (int i = 0; i < cf_count; ++i)
+      sum += int_property(static_cast<cf>(i), name);
+    return sum;
+  }
+
+  uint64_t int_property(cf family, std::string_view name) const override {
+    uint64_t v = 0;
+    if (!valid(family) || db_ == nullptr)
+      return 0;
+    if (!db_->GetIntProperty(by_cf_[static_cast<int>(family)], slice(name), &v))
+      return 0;
+    return v;
+  }
+
   commit_stats stats() const override {
     std::lock_guard<std::mutex> lk(stats_mu_);
     return stats_;
@@ -325,6 +342,7 @@ private:
   /// overwrites its earlier one.
   void write_group(std::vector<pending_batch>& group) noexcept {
     uint64_t bytes = 0;
+    auto started = std::chrono::steady_clock::now();
     error result = guarded("commit", dir_, [&]() -> error {
       rocksdb::WriteBatch merged;
       for (const auto& p : group) {
@@ -340,6 +358,10 @@ private:
       stats_.commits += 1;
       stats_.batches += group.size();
       stats_.bytes += bytes;
+    }
+    if (result.ok() && opts_.on_commit) {
+      auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started);
+      opts_.on_commit(secs.count(), group.size(), bytes);
     }
     for (auto& p : group) call_done(p.done, result);
     group.clear(); // release callbacks' captures now, not at the next group

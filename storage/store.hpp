@@ -62,6 +62,9 @@ struct store_options {
   std::size_t block_cache_bytes = 64u << 20;
   std::size_t write_buffer_bytes = 16u << 20; /// per column family
   std::size_t max_group_batches = 4096; ///< upper bound merged into one commit
+  /// Called on the writer thread after every successful group commit with its
+  /// duration, caller batches merged and bytes (metrics). Keep it cheap.
+  std::function<void(double seconds, std::size_t batches, std::size_t bytes)> on_commit;
 };
 
 /// Statistics of the group-commit writer (for metrics and tests).
@@ -108,6 +111,13 @@ public:
   virtual void close() = 0;
 
   virtual commit_stats stats() const = 0;
+
+  /// A RocksDB integer property summed over all column families (e.g.
+  /// "rocksdb.cur-size-all-mem-tables", "rocksdb.estimate-num-keys"); 0 when
+  /// unknown. For metrics gauges.
+  virtual uint64_t int_property(std::string_view name) const = 0;
+  /// The same for one column family.
+  virtual uint64_t int_property(cf family, std::string_view name) const = 0;
 };
 
 /// Big-endian fixed-width key for outbox sequence numbers (sorts numerically).

@@ -1,0 +1,73 @@
+#pragma once
+// Structured diagnostic logs: one JSON line per device or service operation,
+// shaped like Azure DPS's DeviceOperations / ServiceOperations resource logs
+// (operationName, resultType, resultSignature, durationMs, masked caller IP,
+// correlationId, properties{id,type,protocol}), plus free-form service
+// messages. Never pass secrets (keys, signatures, SAS tokens) in here.
+// spdlog stays in diagnostic_log.cpp; lines are written by a background
+// thread so request threads never wait for the disk or a slow stderr pipe.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "messages/error.hpp"
+
+namespace prov::metrics {
+
+struct operation_record {
+  std::string_view category;       ///< "DeviceOperations" or "ServiceOperations"
+  std::string_view operation;      ///< e.g. "RegistrationRequest", "Upsert"
+  int status = 0;                  ///< HTTP status (resultSignature)
+  std::string_view error_code;     ///< Azure errorCode, "" on success
+  std::string_view description;    ///< error message, "" on success
+  double duration_ms = 0;
+  std::string_view id;             ///< registration / enrollment / group id
+  std::string_view type;           ///< "Registration", "IndividualEnrollment", ...
+  std::string_view protocol;       ///< "Http"
+  std::string_view caller_ip;      ///< unmasked; masked when written
+  std::string_view correlation_id; ///< the x-ms-request-id we answered with
+  std::string_view api_version;
+};
+
+struct log_options {
+  std::string level = "info"; ///< trace, debug, info, warn, error, off
+  std::string file;           ///< empty = stderr
+};
+
+class diagnostic_log {
+public:
+  /// Opens the destination. Errors name the file and the reason.
+  [[nodiscard]] static prov::error open(const log_options& opts,
+                                  std::unique_ptr<diagnostic_log>& out);
+  ~diagnostic_log();
+  diagnostic_log(const diagnostic_log&) = delete;
+  diagnostic_log& operator=(const diagnostic_log&) = delete;
+
+  /// One operation line (level info; warn for 5xx results).
+  void operation(const operation_record& r);
+  /// A service message ("msg" plus optional reason), e.g. startup or a
+  /// storage problem.
+  void info(std::string_view msg);
+  void warn(std::string_view msg);
+  void fail(std::string_view msg); ///< error level
+  /// Writes out everything queued (tests, shutdown).
+  void flush();
+  /// Lines dropped because the writer could not keep up (never blocks callers).
+  uint64_t dropped() const;
+
+private:
+  diagnostic_log() = default;
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+/// "203.0.113.XXX" for IPv4 (DPS style), the first three groups plus ":XXXX"
+/// for IPv6; "" stays "".
+std::string mask_ip(std::string_view ip);
+
+/// Appends `s` as a JSON string literal (quotes included) to `out`.
+void append_json_string(std::string& out, std::string_view s);
+
+} // namespace prov::metrics

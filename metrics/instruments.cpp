@@ -1,0 +1,314 @@
+#include "metrics/instruments.hpp"
+
+#include <array>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
+#include <vector>
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+namespace prov::metrics {
+
+std::string_view to_string(stage s) noexcept {
+  switch (s) {
+    case stage::attestation: return "attestation";
+    case stage::commit: return "commit";
+    case stage::allocation: return "allocation";
+    case stage::configuration: return "configuration";
+  }
+  return "unknown";
+}
+
+namespace {
+
+// Latency buckets from 100 us to 10 s: the pipeline runs in well under a
+// millisecond when idle and in tens of milliseconds under load.
+const prometheus::Histogram::BucketBoundaries latency_buckets{
+  0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+  0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,    10};
+
+/// Label values joined with '\x1f' (a byte no label value contains) key a cache
+/// of series, so a repeated observation skips prometheus-cpp's label-map lookup.
+std::string join(std::initializer_list<std::string_view> parts) {
+  std::string key;
+  for (auto p : parts) {
+    key.append(p);
+    key.push_back('\x1f');
+  }
+  return key;
+}
+
+template <class Metric>
+class series_cache {
+public:
+  explicit series_cache(prometheus::Family<Metric>& family) : family_(family) {}
+
+  /// The series for `labels` (created on first use); `make` builds it.
+  template <class Make>
+  Metric& get(const std::string& key, Make&& make) {
+    std::lock_guard<std::mutex> guard(mu_);
+    auto it = cache_.find(key);
+    if (it != cache_.end())
+      return *it->second;
+    Metric& m = make(family_);
+    cache_.emplace(key, &m);
+    return m;
+  }
+
+private:
+  prometheus::Family<Metric>& family_;
+  std::mutex mu_;
+  std::unordered_map<std::string, Metric*> cache_;
+};
+
+} // namespace
+
+struct instruments::impl {
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+
+  prometheus::Family<prometheus::Counter>& registration_attempts =
+    prometheus::BuildCounter()
+      .Name("dps_registration_attempts_total")
+      .Help("Device registration attempts by result (assigned, failed, disabled, "
+            "rejected), assigned hub and protocol (Azure DPS RegistrationAttempts)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& device_assignments =
+    prometheus::BuildCounter()
+      .Name("dps_device_assignments_total")
+      .Help("Devices assigned to a hub (Azure DPS DeviceAssignments)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& attestation_attempts =
+    prometheus::BuildCounter()
+      .Name("dps_attestation_attempts_total")
+      .Help("Device attestation attempts on register requests by result, mechanism "
+            "and protocol (Azure DPS AttestationAttempts)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& stage_duration =
+    prometheus::BuildHistogram()
+      .Name("dps_stage_duration_seconds")
+      .Help("Time one pipeline stage spent on one registration, queue wait excluded")
+      .Register(*registry);
+  prometheus::Family<prometheus::Gauge>& stage_queue =
+    prometheus::BuildGauge()
+      .Name("dps_stage_queue_depth")
+      .Help("Events handed to a stage and not yet handled by it")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& operation_duration =
+    prometheus::BuildHistogram()
+      .Name("dps_operation_duration_seconds")
+      .Help("Time from an accepted register request (202) to its terminal result")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& http_requests =
+    prometheus::BuildCounter()
+      .Name("dps_http_requests_total")
+      .Help("HTTP requests on the device and service API by route and status")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& http_duration =
+    prometheus::BuildHistogram()
+      .Name("dps_http_request_duration_seconds")
+      .Help("Time from a complete request to its response being handed to the "
+            "connection, by route")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& throttled =
+    prometheus::BuildCounter()
+      .Name("dps_throttled_requests_total")
+      .Help("Requests refused to protect the service (429/503) by reason")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& commit_duration =
+    prometheus::BuildHistogram()
+      .Name("dps_storage_commit_duration_seconds")
+      .Help("Duration of one RocksDB group commit (synced WAL write)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& commit_batches =
+    prometheus::BuildHistogram()
+      .Name("dps_storage_commit_batches")
+      .Help("Caller batches merged into one RocksDB group commit")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& commit_bytes =
+    prometheus::BuildCounter()
+      .Name("dps_storage_written_bytes_total")
+      .Help("Bytes of keys and values written to RocksDB")
+      .Register(*registry);
+
+  series_cache<prometheus::Counter> registration_attempts_c{registration_attempts};
+  series_cache<prometheus::Counter> device_assignments_c{device_assignments};
+  series_cache<prometheus::Counter> attestation_attempts_c{attestation_attempts};
+  series_cache<prometheus::Histogram> operation_duration_c{operation_duration};
+  series_cache<prometheus::Counter> http_requests_c{http_requests};
+  series_cache<prometheus::Histogram> http_duration_c{http_duration};
+  series_cache<prometheus::Counter> throttled_c{throttled};
+
+  std::array<prometheus::Histogram*, stage_count> stage_hist{};
+  std::array<prometheus::Gauge*, stage_count> stage_gauge{};
+  std::array<std::atomic<int64_t>, stage_count> stage_depth{};
+  prometheus::Histogram* commit_hist = nullptr;
+  prometheus::Histogram* commit_batch_hist = nullptr;
+  prometheus::Counter* commit_bytes_counter = nullptr;
+
+  struct scrape_gauge {
+    prometheus::Gauge* gauge;
+    std::function<double()> fn;
+  };
+  std::mutex gauges_mu;
+  std::vector<scrape_gauge> gauges;
+  std::unordered_map<std::string, prometheus::Family<prometheus::Gauge>*> gauge_families;
+
+  impl() {
+    for (int i = 0; i < stage_count; ++i) {
+      auto name = std::string(to_string(static_cast<stage>(i)));
+      stage_hist[i] = &stage_duration.Add({{"stage", name}}, latency_buckets);
+      stage_gauge[i] = &stage_queue.Add({{"stage", name}});
+      stage_depth[i] = 0;
+    }
+    commit_hist = &commit_duration.Add({}, latency_buckets);
+    commit_batch_hist = &commit_batches.Add(
+      {}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
+                                                  1024, 2048, 4096});
+    commit_bytes_counter = &commit_bytes.Add({});
+  }
+};
+
+instruments::instruments() : impl_(std::make_unique<impl>()) {}
+instruments::~instruments() = default;
+
+void instruments::declare_hubs(const std::vector<std::string>& hubs) {
+  for (const auto& hub : hubs) {
+    impl_->device_assignments_c.get(join({hub}), [&](auto& f) -> prometheus::Counter& {
+      return f.Add({{"hub", hub}});
+    });
+    impl_->registration_attempts_c.get(
+      join({"assigned", hub, "http"}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"status", "assigned"}, {"hub", hub}, {"protocol", "http"}});
+      });
+  }
+  impl_->attestation_attempts_c.get(
+    join({"success", "symmetricKey", "http"}), [&](auto& f) -> prometheus::Counter& {
+      return f.Add({{"status", "success"}, {"attestation", "symmetricKey"}, {"protocol", "http"}});
+    });
+}
+
+void instruments::registration_attempt(std::string_view status, std::string_view hub,
+                                       std::string_view protocol) {
+  impl_->registration_attempts_c
+    .get(join({status, hub, protocol}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"status", std::string(status)},
+                         {"hub", std::string(hub)},
+                         {"protocol", std::string(protocol)}});
+         })
+    .Increment();
+}
+
+void instruments::device_assigned(std::string_view hub) {
+  impl_->device_assignments_c
+    .get(join({hub}),
+         [&](auto& f) -> prometheus::Counter& { return f.Add({{"hub", std::string(hub)}}); })
+    .Increment();
+}
+
+void instruments::attestation_attempt(bool success, std::string_view attestation,
+                                      std::string_view protocol) {
+  std::string_view status = success ? "success" : "failure";
+  impl_->attestation_attempts_c
+    .get(join({status, attestation, protocol}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"status", std::string(status)},
+                         {"attestation", std::string(attestation)},
+                         {"protocol", std::string(protocol)}});
+         })
+    .Increment();
+}
+
+void instruments::stage_latency(stage s, double seconds) {
+  impl_->stage_hist[static_cast<int>(s)]->Observe(seconds);
+}
+
+void instruments::stage_enqueued(stage s) noexcept {
+  impl_->stage_depth[static_cast<int>(s)].fetch_add(1, std::memory_order_relaxed);
+}
+
+void instruments::stage_dequeued(stage s) noexcept {
+  impl_->stage_depth[static_cast<int>(s)].fetch_sub(1, std::memory_order_relaxed);
+}
+
+void instruments::operation_finished(std::string_view status, double seconds) {
+  impl_->operation_duration_c
+    .get(join({status}),
+         [&](auto& f) -> prometheus::Histogram& {
+           return f.Add({{"status", std::string(status)}}, latency_buckets);
+         })
+    .Observe(seconds);
+}
+
+void instruments::http_request(std::string_view route, int status, double seconds) {
+  auto code = std::to_string(status);
+  impl_->http_requests_c
+    .get(join({route, code}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"route", std::string(route)}, {"status", code}});
+         })
+    .Increment();
+  impl_->http_duration_c
+    .get(join({route}),
+         [&](auto& f) -> prometheus::Histogram& {
+           return f.Add({{"route", std::string(route)}}, latency_buckets);
+         })
+    .Observe(seconds);
+}
+
+void instruments::throttled(std::string_view reason) {
+  impl_->throttled_c
+    .get(join({reason}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"reason", std::string(reason)}});
+         })
+    .Increment();
+}
+
+void instruments::storage_commit(double seconds, std::size_t batches, std::size_t bytes) {
+  impl_->commit_hist->Observe(seconds);
+  impl_->commit_batch_hist->Observe(static_cast<double>(batches));
+  impl_->commit_bytes_counter->Increment(static_cast<double>(bytes));
+}
+
+void instruments::add_gauge(const std::string& name, const std::string& help,
+                            const std::string& label_name, const std::string& label_value,
+                            std::function<double()> fn) {
+  std::lock_guard<std::mutex> guard(impl_->gauges_mu);
+  auto& fam = impl_->gauge_families[name];
+  if (fam == nullptr)
+    fam = &prometheus::BuildGauge().Name(name).Help(help).Register(*impl_->registry);
+  prometheus::Labels labels;
+  if (!label_name.empty())
+    labels.emplace(label_name, label_value);
+  impl_->gauges.push_back({&fam->Add(labels), std::move(fn)});
+}
+
+void instruments::clear_gauges() {
+  std::lock_guard<std::mutex> guard(impl_->gauges_mu);
+  for (auto& g : impl_->gauges)
+    g.fn = nullptr;
+}
+
+std::string instruments::scrape() {
+  {
+    std::lock_guard<std::mutex> guard(impl_->gauges_mu);
+    for (auto& g : impl_->gauges)
+      if (g.fn)
+        g.gauge->Set(g.fn());
+  }
+  for (int i = 0; i < stage_count; ++i)
+    impl_->stage_gauge[i]->Set(
+      static_cast<double>(impl_->stage_depth[i].load(std::memory_order_relaxed)));
+  std::ostringstream out;
+  prometheus::TextSerializer{}.Serialize(out, impl_->registry->Collect());
+  return out.str();
+}
+
+} // namespace prov::metrics

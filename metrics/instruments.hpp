@@ -1,0 +1,99 @@
+#pragma once
+// Every metric provisiond exports, behind a small API so prometheus-cpp stays
+// in instruments.cpp. Thread-safe: record from any thread (HTTP I/O threads,
+// actors, the storage writer). Labelled series are created on first use and
+// cached, so the hot path is one short lock plus an atomic add.
+//
+// Names follow Azure DPS's metrics (RegistrationAttempts, DeviceAssignments,
+// AttestationAttempts) with Prometheus conventions, so dashboards translate;
+// docs/operations.md lists them all.
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace prov::metrics {
+
+/// Pipeline stages with a latency histogram and a queue-depth gauge.
+enum class stage : uint8_t {
+  attestation,   ///< credential check of a register request
+  commit,        ///< durable operation record before the 202
+  allocation,    ///< hub choice
+  configuration, ///< registration record + assignment event
+};
+inline constexpr int stage_count = 4;
+std::string_view to_string(stage s) noexcept;
+
+class instruments {
+public:
+  instruments();
+  ~instruments();
+  instruments(const instruments&) = delete;
+  instruments& operator=(const instruments&) = delete;
+
+  // -- Azure-equivalent counters ------------------------------------------------
+
+  /// Creates the per-hub series at zero, so dashboards and rate() see every
+  /// linked hub from the start, not only after its first assignment.
+  void declare_hubs(const std::vector<std::string>& hubs);
+
+  /// dps_registration_attempts_total{status,hub,protocol}. status: assigned,
+  /// failed, disabled (terminal operation results) or rejected (refused before
+  /// an operation existed: bad credential, unknown enrollment, bad request).
+  void registration_attempt(std::string_view status, std::string_view hub,
+                            std::string_view protocol);
+  /// dps_device_assignments_total{hub}.
+  void device_assigned(std::string_view hub);
+  /// dps_attestation_attempts_total{status=success|failure,attestation,protocol}.
+  void attestation_attempt(bool success, std::string_view attestation,
+                           std::string_view protocol);
+
+  // -- pipeline --------------------------------------------------------------------
+
+  /// dps_stage_duration_seconds{stage}.
+  void stage_latency(stage s, double seconds);
+  /// dps_stage_queue_depth{stage}: events handed to a stage and not yet handled.
+  void stage_enqueued(stage s) noexcept;
+  void stage_dequeued(stage s) noexcept;
+  /// Time from the 202 (operation accepted) to the terminal result:
+  /// dps_operation_duration_seconds{status}.
+  void operation_finished(std::string_view status, double seconds);
+
+  // -- HTTP ------------------------------------------------------------------------
+
+  /// dps_http_requests_total{route,status} and dps_http_request_duration_seconds{route}.
+  void http_request(std::string_view route, int status, double seconds);
+  /// dps_throttled_requests_total{reason}.
+  void throttled(std::string_view reason);
+
+  // -- storage -------------------------------------------------------------------------
+
+  /// One group commit: dps_storage_commit_duration_seconds,
+  /// dps_storage_commit_batches (caller batches merged), dps_storage_commit_bytes.
+  void storage_commit(double seconds, std::size_t batches, std::size_t bytes);
+
+  // -- gauges read at scrape time ----------------------------------------------------
+
+  /// A gauge whose value `fn` computes at each scrape (in-flight operations,
+  /// RocksDB properties). `label_name` empty = no label. `fn` must be cheap,
+  /// thread-safe, and stay valid until clear_gauges() or destruction.
+  void add_gauge(const std::string& name, const std::string& help,
+                 const std::string& label_name, const std::string& label_value,
+                 std::function<double()> fn);
+  /// Drops every scrape-time gauge (before the objects they read go away).
+  void clear_gauges();
+
+  /// The Prometheus text exposition format of everything above.
+  std::string scrape();
+
+private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace prov::metrics

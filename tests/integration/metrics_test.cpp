@@ -1,0 +1,281 @@
+// Metrics, health endpoints and diagnostic logs against the real provisiond
+// process: counters must move by exactly the number of registrations made.
+
+#include <doctest/doctest.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "messages/crypto.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+
+namespace {
+
+const char* const hub_a = "hub-a.example.net";
+const char* const hub_b = "hub-b.example.net";
+
+std::string config_with_metrics(const std::string& dir, const std::string& log_file) {
+  return "data_dir = \"" + dir + "\"\n"
+         "[device_api]\nlisten = \"127.0.0.1:0\"\nretry_after_seconds = 1\n"
+         "[metrics]\nlisten = \"127.0.0.1:0\"\n"
+         "[log]\nlevel = \"info\"\nfile = \"" + log_file + "\"\n"
+         "[[hubs]]\nhostname = \"" + std::string(hub_a) + "\"\n"
+         "[[hubs]]\nhostname = \"" + std::string(hub_b) + "\"\n";
+}
+
+struct plain_response {
+  int status = 0;
+  std::string head, body;
+};
+
+/// Minimal HTTP/1.1 client over a plain TCP socket (the ops listener is not TLS).
+plain_response http(const std::string& addr, const std::string& method,
+                    const std::string& path) {
+  plain_response out;
+  auto colon = addr.rfind(':');
+  REQUIRE(colon != std::string::npos);
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons(static_cast<uint16_t>(std::stoi(addr.substr(colon + 1))));
+  REQUIRE(::inet_pton(AF_INET, addr.substr(0, colon).c_str(), &sa.sin_addr) == 1);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
+  auto req = method + " " + path + " HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+  REQUIRE(::send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size()));
+  std::string raw;
+  char buf[16384];
+  for (;;) {
+    auto n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0)
+      break;
+    raw.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
+  auto split = raw.find("\r\n\r\n");
+  REQUIRE_MESSAGE(split != std::string::npos, raw);
+  out.head = raw.substr(0, split);
+  out.body = raw.substr(split + 4);
+  out.status = std::stoi(out.head.substr(9, 3));
+  return out;
+}
+
+/// Series text ("name{a=\"b\"}") -> value, from the Prometheus text format.
+std::map<std::string, double> parse_metrics(const std::string& text) {
+  std::map<std::string, double> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#')
+      continue;
+    auto sp = line.rfind(' ');
+    out[line.substr(0, sp)] = std::stod(line.substr(sp + 1));
+  }
+  return out;
+}
+
+/// Sum of every series of `name` whose labels contain all of `filters`
+/// (each filter is `key="value"`).
+double sum(const std::map<std::string, double>& m, const std::string& name,
+           std::initializer_list<std::string> filters = {}) {
+  double total = 0;
+  for (const auto& [series, value] : m) {
+    auto brace = series.find('{');
+    if (series.substr(0, brace) != name)
+      continue;
+    bool ok = true;
+    for (const auto& f : filters)
+      ok = ok && series.find(f) != std::string::npos;
+    if (ok)
+      total += value;
+  }
+  return total;
+}
+
+std::string metrics_addr(const test::server_process& s) {
+  std::ifstream in(s.data_dir() + "/endpoints.json");
+  auto ep = json::parse(in);
+  return ep.at("metrics").get<std::string>();
+}
+
+std::map<std::string, double> scrape(const std::string& addr) {
+  auto r = http(addr, "GET", "/metrics");
+  REQUIRE(r.status == 200);
+  return parse_metrics(r.body);
+}
+
+} // namespace
+
+TEST_CASE("ops listener: healthz, readyz, metrics; unknown paths and methods refused") {
+  auto dir = test::make_temp_dir("provisiond-metrics");
+  test::server_process s;
+  REQUIRE(!s.start(config_with_metrics(dir, dir + "/ops.log"), dir));
+  auto addr = metrics_addr(s);
+  REQUIRE(!addr.empty());
+  auto h = http(addr, "GET", "/healthz");
+  CHECK(h.status == 200);
+  CHECK(h.body == R"({"status":"ok"})");
+  auto r = http(addr, "GET", "/readyz");
+  CHECK(r.status == 200);
+  CHECK(r.body == R"({"status":"ready"})");
+  CHECK(http(addr, "GET", "/nope").status == 404);
+  CHECK(http(addr, "POST", "/metrics").status == 405);
+  auto m = http(addr, "GET", "/metrics");
+  CHECK(m.status == 200);
+  CHECK(m.head.find("text/plain; version=0.0.4") != std::string::npos);
+  CHECK(m.body.find("# TYPE dps_registration_attempts_total counter") != std::string::npos);
+  // Every linked hub is there from the start, at zero.
+  CHECK(m.body.find("dps_device_assignments_total{hub=\"hub-b.example.net\"} 0")
+        != std::string::npos);
+  CHECK(m.body.find("dps_stage_queue_depth{stage=\"allocation\"} 0") != std::string::npos);
+  CHECK(m.body.find("process_resident_memory_bytes") != std::string::npos);
+  CHECK(s.stop() == 0);
+  test::remove_tree(dir);
+}
+
+TEST_CASE("counters move by exactly the registrations made; logs carry no secrets") {
+  auto dir = test::make_temp_dir("provisiond-metrics");
+  auto log_file = dir + "/ops.log";
+  test::server_process s;
+  REQUIRE(!s.start(config_with_metrics(dir, log_file), dir));
+  auto addr = metrics_addr(s);
+  auto before = scrape(addr);
+
+  auto group_key = crypto::generate_key();
+  json group{{"enrollmentGroupId", "metrics-group"},
+             {"attestation",
+              {{"type", "symmetricKey"},
+               {"symmetricKey", {{"primaryKey", group_key}, {"secondaryKey", ""}}}}}};
+  auto gr = s.service("PUT", "/enrollmentGroups/metrics-group", group.dump());
+  REQUIRE_MESSAGE(gr.status == 200, gr.body);
+
+  constexpr int good = 24;
+  constexpr int bad = 3;
+  auto c = s.client();
+  for (int i = 0; i < good; ++i) {
+    auto id = "metrics-dev-" + std::to_string(i);
+    int status = 0;
+    auto op = test::register_device(c, s, id, *crypto::derive_device_key(group_key, id),
+                                    status, 10);
+    REQUIRE_MESSAGE(op.value("status", "") == "assigned", op.dump());
+  }
+  for (int i = 0; i < bad; ++i) {
+    auto id = "metrics-bad-" + std::to_string(i);
+    net::http_headers hh;
+    hh.set("Content-Type", "application/json");
+    hh.set("Authorization", s.device_auth(id, crypto::generate_key()));
+    net::https_response resp;
+    REQUIRE(!c.request("PUT",
+                       "/" + s.id_scope() + "/registrations/" + id
+                         + "/register?api-version=2021-06-01",
+                       hh, json{{"registrationId", id}}.dump(), resp));
+    CHECK(resp.status == 401);
+  }
+
+  // Counters of the terminal stage move just after the record is durable; a
+  // poll can see "assigned" a moment earlier. Wait (bounded) for the total.
+  std::map<std::string, double> after;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  do {
+    after = scrape(addr);
+    if (sum(after, "dps_device_assignments_total") - sum(before, "dps_device_assignments_total")
+        >= good)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  } while (std::chrono::steady_clock::now() < deadline);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100)); // nothing more may arrive
+  after = scrape(addr);
+  auto delta = [&](const std::string& name, std::initializer_list<std::string> f = {}) {
+    return sum(after, name, f) - sum(before, name, f);
+  };
+
+  CHECK(delta("dps_device_assignments_total") == good);
+  CHECK(delta("dps_device_assignments_total", {"hub=\"hub-a.example.net\""})
+        + delta("dps_device_assignments_total", {"hub=\"hub-b.example.net\""})
+        == good);
+  // Per hub, registration attempts (assigned) and assignments agree.
+  for (const char* hub : {hub_a, hub_b}) {
+    auto label = std::string("hub=\"") + hub + "\"";
+    CHECK(delta("dps_registration_attempts_total", {"status=\"assigned\"", label})
+          == delta("dps_device_assignments_total", {label}));
+  }
+  CHECK(delta("dps_registration_attempts_total", {"status=\"assigned\"", "protocol=\"http\""})
+        == good);
+  CHECK(delta("dps_registration_attempts_total", {"status=\"rejected\""}) == bad);
+  CHECK(delta("dps_registration_attempts_total", {"status=\"failed\""}) == 0);
+  CHECK(delta("dps_attestation_attempts_total",
+              {"status=\"success\"", "attestation=\"symmetricKey\"", "protocol=\"http\""})
+        == good);
+  CHECK(delta("dps_attestation_attempts_total", {"status=\"failure\""}) == bad);
+  const std::string reg_route =
+    "route=\"PUT /{idScope}/registrations/{registrationId}/register\"";
+  CHECK(delta("dps_http_requests_total", {reg_route, "status=\"202\""}) == good);
+  CHECK(delta("dps_http_requests_total", {reg_route, "status=\"401\""}) == bad);
+  CHECK(delta("dps_http_request_duration_seconds_count", {reg_route}) == good + bad);
+  CHECK(delta("dps_http_requests_total",
+              {"route=\"PUT /enrollmentGroups/{id}\"", "status=\"200\""})
+        == 1);
+  CHECK(delta("dps_stage_duration_seconds_count", {"stage=\"attestation\""}) == good + bad);
+  CHECK(delta("dps_stage_duration_seconds_count", {"stage=\"commit\""}) == good);
+  CHECK(delta("dps_stage_duration_seconds_count", {"stage=\"allocation\""}) == good);
+  CHECK(delta("dps_stage_duration_seconds_count", {"stage=\"configuration\""}) == good);
+  CHECK(delta("dps_operation_duration_seconds_count", {"status=\"assigned\""}) == good);
+  for (const char* st : {"attestation", "commit", "allocation", "configuration"})
+    CHECK(sum(after, "dps_stage_queue_depth", {std::string("stage=\"") + st + "\""}) == 0);
+  CHECK(sum(after, "dps_operations_inflight") == 0);
+  CHECK(delta("dps_storage_commit_duration_seconds_count") >= 1);
+  CHECK(delta("dps_storage_commit_batches_sum") >= 2 * good); // accept + assign each
+  CHECK(sum(after, "dps_storage_estimated_keys", {"column_family=\"registrations\""}) >= 1);
+
+  // Diagnostic log: one JSON line per operation, no secrets.
+  CHECK(s.stop() == 0);
+  std::ifstream in(log_file);
+  REQUIRE(in);
+  std::string line;
+  int device_202 = 0, device_401 = 0, upserts = 0;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    REQUIRE_MESSAGE(!j.is_discarded(), "log line is not JSON: " << line);
+    REQUIRE(j.contains("time"));
+    CHECK(line.find("SharedAccessSignature") == std::string::npos);
+    CHECK(line.find("sig=") == std::string::npos);
+    CHECK(line.find(group_key) == std::string::npos);
+    if (j.value("category", "") == "DeviceOperations"
+        && j.value("operationName", "") == "DeviceRegistration") {
+      CHECK(j.at("callerIpAddress") == "127.0.0.XXX");
+      CHECK(j.at("properties").at("type") == "Registration");
+      CHECK(j.at("properties").at("protocol") == "Http");
+      CHECK(!j.at("correlationId").get<std::string>().empty());
+      if (j.at("resultSignature") == 202) {
+        ++device_202;
+        CHECK(j.at("resultType") == "Success");
+      }
+      if (j.at("resultSignature") == 401) {
+        ++device_401;
+        CHECK(j.at("resultType") == "ClientError");
+        CHECK(j.at("errorCode") == "401002");
+        CHECK(!j.at("resultDescription").get<std::string>().empty());
+      }
+    }
+    if (j.value("category", "") == "ServiceOperations" && j.value("operationName", "") == "Upsert"
+        && j.at("properties").at("id") == "metrics-group")
+      ++upserts;
+  }
+  CHECK(device_202 == good);
+  CHECK(device_401 == bad);
+  CHECK(upserts == 1);
+  test::remove_tree(dir);
+}

@@ -25,8 +25,22 @@ bool iequals(std::string_view a, std::string_view b) {
 
 error load_view(const engine_context& ctx, const registration_event& ev,
                 enrollment::enrollment_view& v) {
-  std::optional<std::string> raw;
   auto individual = ev.enrollment_group_id.empty();
+  if (!individual) {
+    // Groups are few and already in memory (attestation needs them all), so
+    // the parsed view is taken from the cache instead of re-parsing JSON.
+    auto groups = ctx.groups.get();
+    auto key = enrollment::key_of(ev.enrollment_group_id);
+    for (const auto& g : *groups)
+      if (enrollment::key_of(g.id) == key) {
+        v = g;
+        return {};
+      }
+    return {error_code::enrollment_group_not_found,
+            "enrollment group '" + ev.enrollment_group_id
+              + "' was deleted while the registration was in progress"};
+  }
+  std::optional<std::string> raw;
   auto family = individual ? storage::cf::enrollments : storage::cf::groups;
   auto id = individual ? ev.registration_id : ev.enrollment_group_id;
   if (auto err = ctx.store->get(family, enrollment::key_of(id), raw))

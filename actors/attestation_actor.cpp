@@ -20,6 +20,9 @@ attestation_result reject(error_code code, std::string msg) {
   return r;
 }
 
+attestation_result verify_credential(const engine_context& ctx, const register_request& req,
+                                     const attestation::sas_token& tok);
+
 } // namespace
 
 attestation_result attest(const engine_context& ctx, const register_request& req) {
@@ -42,6 +45,22 @@ attestation_result attest(const engine_context& ctx, const register_request& req
     return reject(error_code::unauthorized_signature,
                   "token resource (sr) does not name " + req.id_scope + "/registrations/"
                     + req.registration_id);
+  // The resource check above ties the token to this registration id, so the
+  // token text alone keys the cache.
+  const auto generation = ctx.enrollment_generation.load();
+  attestation_result cached;
+  if (ctx.verified.lookup(req.authorization, limits.now, generation, cached))
+    return cached;
+  auto r = verify_credential(ctx, req, tok);
+  if (!r.err)
+    ctx.verified.insert(req.authorization, tok.expiry, generation, r);
+  return r;
+}
+
+namespace {
+
+attestation_result verify_credential(const engine_context& ctx, const register_request& req,
+                                     const attestation::sas_token& tok) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
   //    disabled individual enrollment blocks one device of a group).
   std::optional<std::string> doc;
@@ -91,6 +110,8 @@ attestation_result attest(const engine_context& ctx, const register_request& req
                 "no enrollment matches: no individual enrollment for this registration "
                 "id, and no enrollment group key derives a matching signature");
 }
+
+} // namespace
 
 caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {

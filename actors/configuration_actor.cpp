@@ -10,9 +10,9 @@
 
 #include <unordered_map>
 
-#include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov {
 
@@ -28,39 +28,44 @@ struct configuration_state_t {
   std::unordered_map<std::string, committing_t> committing;
 };
 
-nlohmann::json assignment_event(const registration_event& ev,
-                                const registration_state& rs, uint64_t seq) {
-  using nlohmann::json;
-  json twin = json::object();
-  if (!ev.initial_twin_json.empty()) {
-    auto t = json::parse(ev.initial_twin_json, nullptr, false);
-    if (!t.is_discarded())
-      twin = std::move(t);
-  }
-  json data{{"registrationId", ev.registration_id},
-            {"deviceId", ev.device_id},
-            {"assignedHub", ev.assigned_hub},
-            {"operationId", ev.operation_id},
-            {"attestationType", ev.attestation_type},
-            {"substatus", ev.substatus},
-            {"initialTwin", std::move(twin)},
-            {"capabilities", {{"iotEdge", ev.iot_edge}}},
-            {"timestamps",
-             {{"accepted", utc_string(ev.accepted_ms)},
-              {"allocated", utc_string(ev.allocated_ms)},
-              {"assigned", utc_string(ev.completed_ms)},
-              {"registrationCreated", utc_string(rs.created_ms)}}}};
+/// The device.assigned CloudEvent (structured JSON). Written by hand: it is
+/// built once per registration and nlohmann's tree + serializer was the
+/// largest single cost of this stage (callgrind, docs/performance.md).
+std::string assignment_event(const registration_event& ev, const registration_state& rs,
+                             uint64_t seq) {
+  std::string out;
+  out.reserve(640 + ev.initial_twin_json.size());
+  json_text::object ce(out);
+  ce.str("specversion", "1.0")
+    .str("type", "device.assigned")
+    .str("source", "/provisiond/" + ev.id_scope)
+    .str("id", ev.operation_id)
+    .str("subject", ev.device_id)
+    .str("time", utc_string(ev.completed_ms))
+    .str("datacontenttype", "application/json")
+    .str("sequence", std::to_string(seq)); // CloudEvents extension: a string
+  json_text::object data(ce.nested("data"));
+  data.str("registrationId", ev.registration_id)
+    .str("deviceId", ev.device_id)
+    .str("assignedHub", ev.assigned_hub)
+    .str("operationId", ev.operation_id)
+    .str("attestationType", ev.attestation_type)
+    .str("substatus", ev.substatus);
   if (!ev.enrollment_group_id.empty())
-    data["enrollmentGroupId"] = ev.enrollment_group_id;
-  return json{{"specversion", "1.0"},
-              {"type", "device.assigned"},
-              {"source", "/provisiond/" + ev.id_scope},
-              {"id", ev.operation_id},
-              {"subject", ev.device_id},
-              {"time", utc_string(ev.completed_ms)},
-              {"datacontenttype", "application/json"},
-              {"sequence", std::to_string(seq)}, // CloudEvents extension: a string
-              {"data", std::move(data)}};
+    data.str("enrollmentGroupId", ev.enrollment_group_id);
+  // The enrollment stored the twin as compact, valid JSON text.
+  data.raw("initialTwin", ev.initial_twin_json.empty() ? "{}" : ev.initial_twin_json);
+  json_text::object caps(data.nested("capabilities"));
+  caps.boolean("iotEdge", ev.iot_edge).close();
+  json_text::object ts(data.nested("timestamps"));
+  ts.str("accepted", utc_string(ev.accepted_ms))
+    .str("allocated", utc_string(ev.allocated_ms))
+    .str("assigned", utc_string(ev.completed_ms))
+    .str("registrationCreated", utc_string(rs.created_ms))
+    .close();
+  data.close();
+  ce.close();
+  return out;
 }
 
 } // namespace
@@ -114,7 +119,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
       batch.del(storage::cf::pending, ev.operation_id);
       batch.put(storage::cf::outbox, storage::seq_key(seq),
-                assignment_event(ev, rs, seq).dump());
+                assignment_event(ev, rs, seq));
       auto op_id = ev.operation_id;
       st->committing.emplace(op_id, committing_t{std::move(ev), started});
       auto me = caf::actor_cast<caf::actor>(self);

@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "actors/allocation/allocation_policy.hpp"
@@ -38,6 +39,51 @@ private:
   snapshot groups_ = std::make_shared<std::vector<enrollment::enrollment_view>>();
 };
 
+/// Outcome of attestation, stored with the accepted operation so resuming
+/// after a restart never needs the device's credential again.
+struct attestation_result {
+  error err;
+  std::string attestation_type;    ///< "symmetricKey"
+  std::string enrollment_group_id; ///< "" for individual enrollments
+  bool enabled = true;
+};
+
+/// Tokens that passed attestation, so a device's polls (which repeat the
+/// token of its PUT) skip the HMAC work. An entry is used only while the token
+/// has not expired and no enrollment changed since it was verified (the
+/// generation counter), so revoking or rotating a key takes effect at once.
+/// Keys hold the exact token text: a different signature never matches.
+class verified_tokens {
+public:
+  bool lookup(const std::string& key, int64_t now_s, uint64_t generation,
+              attestation_result& out) const {
+    std::lock_guard<std::mutex> guard{mtx_};
+    auto it = map_.find(key);
+    if (it == map_.end() || it->second.generation != generation
+        || it->second.expiry_s <= now_s)
+      return false;
+    out = it->second.result;
+    return true;
+  }
+  void insert(std::string key, int64_t expiry_s, uint64_t generation,
+              const attestation_result& r) {
+    std::lock_guard<std::mutex> guard{mtx_};
+    if (map_.size() >= max_entries)
+      map_.clear(); // crude but bounded; a miss only costs a re-verification
+    map_[std::move(key)] = entry{expiry_s, generation, r};
+  }
+
+private:
+  static constexpr std::size_t max_entries = 1 << 16;
+  struct entry {
+    int64_t expiry_s;
+    uint64_t generation;
+    attestation_result result;
+  };
+  mutable std::mutex mtx_;
+  std::unordered_map<std::string, entry> map_;
+};
+
 struct engine_context {
   engine_options opts;
   storage::store* store = nullptr;
@@ -47,6 +93,9 @@ struct engine_context {
   std::string instance_hex; ///< 16 hex digits, part of operation ids
   std::atomic<int64_t> inflight{0};
   std::atomic<bool> accepting{true};
+  /// Bumped by every enrollment or group write; invalidates `verified`.
+  std::atomic<uint64_t> enrollment_generation{0};
+  mutable verified_tokens verified; ///< a cache: filled by const attest()
   metrics::instruments* metrics = nullptr; ///< never null once started
   std::unique_ptr<metrics::instruments> own_metrics; ///< when the caller gave none
 
@@ -60,15 +109,6 @@ using engine_context_ptr = std::shared_ptr<engine_context>;
 inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
-
-/// Outcome of attestation, stored with the accepted operation so resuming
-/// after a restart never needs the device's credential again.
-struct attestation_result {
-  error err;
-  std::string attestation_type;    ///< "symmetricKey"
-  std::string enrollment_group_id; ///< "" for individual enrollments
-  bool enabled = true;
-};
 
 /// Verifies the credential of a register/poll request against the individual
 /// enrollment (first) or the enrollment groups. Read-only; any thread.

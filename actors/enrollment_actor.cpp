@@ -125,6 +125,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err), {});
         return;
       }
+      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
       reply.fn({}, enrollment::public_document(doc).dump());
@@ -152,6 +153,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err));
         return;
       }
+      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
       reply.fn({});
@@ -220,6 +222,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           reply.fn(std::move(err), {});
           return;
         }
+      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
       json result{{"isSuccessful", errors.empty()}, {"errors", errors}};

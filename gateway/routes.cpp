@@ -369,7 +369,7 @@ private:
       registration_state st;
       if (auto err = eng_.registration(*reg_id, st))
         return fail(err);
-      return reply(json_response(200, to_json(st).dump()));
+      return reply(json_response(200, to_json_text(st)));
     }
     auto force = req.query.find("forceRegistration");
     rr.force_registration = force != req.query.end() && iequals(force->second, "true");
@@ -392,7 +392,7 @@ private:
   }
 
   http_response operation_reply(const std::string& op_id, const registration_state& st) {
-    auto body = operation_status_json(op_id, st).dump();
+    auto body = operation_status_text(op_id, st);
     if (st.status == registration_status::assigning) {
       auto resp = json_response(202, std::move(body));
       resp.headers.emplace_back("Retry-After", retry_after_);
@@ -477,7 +477,7 @@ private:
           registration_state st;
           if (auto err = eng_.registration(ids[0], st))
             return fail(err);
-          return reply(json_response(200, to_json(st).dump()));
+          return reply(json_response(200, to_json_text(st)));
         }
         if (m == "DELETE") {
           if (auto err = authorize(req, "RegistrationStatusWrite"))

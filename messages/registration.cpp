@@ -1,6 +1,11 @@
 #include "messages/registration.hpp"
 
+#include "messages/binary_codec.hpp"
+#include "messages/json_text.hpp"
+
 #include <chrono>
+#include <climits>
+#include <cstring>
 #include <ctime>
 #include <random>
 
@@ -41,19 +46,34 @@ int64_t now_ms() noexcept {
 }
 
 std::string utc_string(int64_t ms) {
-  std::time_t secs = static_cast<std::time_t>(ms / 1000);
+  // Formatted by hand (snprintf was ~10k instructions a call, and every poll
+  // answer carries two of these); the calendar part is cached per thread for
+  // the current second.
+  int64_t secs = ms / 1000;
   int frac = static_cast<int>(ms % 1000);
   if (frac < 0) {
     frac += 1000;
     --secs;
   }
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03d0000Z",
-                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                tm.tm_sec, frac);
-  return buf;
+  thread_local int64_t cached_secs = INT64_MIN;
+  thread_local char cached[20]; // "YYYY-MM-DDTHH:MM:SS"
+  if (secs != cached_secs) {
+    std::time_t t = static_cast<std::time_t>(secs);
+    std::tm tm{};
+    gmtime_r(&t, &tm);
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900,
+                  tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+    std::memcpy(cached, buf, 19);
+    cached_secs = secs;
+  }
+  std::string out(cached, 19);
+  out.push_back('.');
+  out.push_back(static_cast<char>('0' + frac / 100));
+  out.push_back(static_cast<char>('0' + frac / 10 % 10));
+  out.push_back(static_cast<char>('0' + frac % 10));
+  out.append("0000Z");
+  return out;
 }
 
 std::string new_operation_id(std::string_view instance_hex16) {
@@ -75,23 +95,6 @@ void get_to(const json& j, const char* key, T& out) {
   auto it = j.find(key);
   if (it != j.end() && !it->is_null())
     it->get_to(out);
-}
-
-json state_record(const registration_state& s) {
-  return json{{"registrationId", s.registration_id},
-              {"createdMs", s.created_ms},
-              {"updatedMs", s.updated_ms},
-              {"assignedHub", s.assigned_hub},
-              {"deviceId", s.device_id},
-              {"status", to_string(s.status)},
-              {"substatus", s.substatus},
-              {"errorCode", s.error_code},
-              {"errorMessage", s.error_message},
-              {"etag", s.etag},
-              {"attestationType", s.attestation_type},
-              {"enrollmentGroupId", s.enrollment_group_id},
-              {"payload", s.payload_json},
-              {"lastOperationId", s.last_operation_id}};
 }
 
 error state_from(const json& j, registration_state& s) {
@@ -212,6 +215,67 @@ json to_json(const registration_state& s) {
   return j;
 }
 
+namespace {
+
+void write_state(std::string& out, const registration_state& s) {
+  json_text::object o(out);
+  o.str("registrationId", s.registration_id).str("status", to_string(s.status));
+  if (s.created_ms)
+    o.str("createdDateTimeUtc", utc_string(s.created_ms));
+  if (!s.assigned_hub.empty())
+    o.str("assignedHub", s.assigned_hub);
+  if (!s.device_id.empty())
+    o.str("deviceId", s.device_id);
+  if (!s.substatus.empty())
+    o.str("substatus", s.substatus);
+  if (s.error_code != 0)
+    o.num("errorCode", s.error_code).str("errorMessage", s.error_message);
+  if (s.updated_ms)
+    o.str("lastUpdatedDateTimeUtc", utc_string(s.updated_ms));
+  if (!s.etag.empty())
+    o.str("etag", s.etag);
+  if (s.attestation_type == "symmetricKey") {
+    json_text::object sk(o.nested("symmetricKey"));
+    if (!s.enrollment_group_id.empty())
+      sk.str("enrollmentGroupId", s.enrollment_group_id);
+    sk.close();
+  }
+  if (!s.payload_json.empty()) {
+    // Stored as serialized by us, so valid; re-checked only when it looks odd.
+    auto first = s.payload_json.front();
+    if (first == '{' || first == '[')
+      o.raw("payload", s.payload_json);
+    else
+      o.raw("payload", parse_or_null(s.payload_json).dump());
+  }
+  o.close();
+}
+
+} // namespace
+
+std::string to_json_text(const registration_state& s) {
+  std::string out;
+  out.reserve(384);
+  write_state(out, s);
+  return out;
+}
+
+std::string operation_status_text(const std::string& operation_id,
+                                  const registration_state& s) {
+  std::string out;
+  out.reserve(448);
+  json_text::object o(out);
+  o.str("operationId", operation_id).str("status", to_string(s.status));
+  if (s.status == registration_status::assigning) {
+    json_text::object rs(o.nested("registrationState"));
+    rs.str("registrationId", s.registration_id).str("status", "assigning").close();
+  } else {
+    write_state(o.nested("registrationState"), s);
+  }
+  o.close();
+  return out;
+}
+
 json operation_status_json(const std::string& operation_id, const registration_state& s) {
   json j{{"operationId", operation_id}, {"status", to_string(s.status)}};
   if (s.status == registration_status::assigning)
@@ -222,46 +286,187 @@ json operation_status_json(const std::string& operation_id, const registration_s
   return j;
 }
 
+namespace {
+
+// Binary record layout (messages/binary_codec.hpp): magic, kind, version,
+// then the fields in declaration order. JSON records (the first byte is '{')
+// were written before; decode_record still reads them.
+constexpr uint8_t record_magic = 0xB7;
+constexpr uint8_t kind_state = 1;
+constexpr uint8_t kind_operation = 2;
+constexpr uint8_t record_version = 1;
+
+void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
+bool get_status(codec::reader& r, registration_status& s) {
+  auto v = r.u8();
+  if (v > static_cast<uint8_t>(registration_status::disabled))
+    return false;
+  s = static_cast<registration_status>(v);
+  return true;
+}
+
+void put_state(codec::writer& w, const registration_state& s) {
+  w.str(s.registration_id);
+  w.i64(s.created_ms);
+  w.i64(s.updated_ms);
+  w.str(s.assigned_hub);
+  w.str(s.device_id);
+  put_status(w, s.status);
+  w.str(s.substatus);
+  w.i64(s.error_code);
+  w.str(s.error_message);
+  w.str(s.etag);
+  w.str(s.attestation_type);
+  w.str(s.enrollment_group_id);
+  w.str(s.payload_json);
+  w.str(s.last_operation_id);
+}
+
+bool get_state(codec::reader& r, registration_state& s) {
+  r.str(s.registration_id);
+  s.created_ms = r.i64();
+  s.updated_ms = r.i64();
+  r.str(s.assigned_hub);
+  r.str(s.device_id);
+  if (!get_status(r, s.status))
+    return false;
+  r.str(s.substatus);
+  s.error_code = static_cast<int32_t>(r.i64());
+  r.str(s.error_message);
+  r.str(s.etag);
+  r.str(s.attestation_type);
+  r.str(s.enrollment_group_id);
+  r.str(s.payload_json);
+  r.str(s.last_operation_id);
+  return r.ok();
+}
+
+void put_event(codec::writer& w, const registration_event& ev) {
+  w.i64(ev.version);
+  w.str(ev.operation_id);
+  w.str(ev.registration_id);
+  w.str(ev.id_scope);
+  w.str(ev.api_version);
+  w.str(ev.protocol);
+  w.i64(ev.accepted_ms);
+  w.str(ev.attestation_type);
+  w.str(ev.enrollment_group_id);
+  w.str(ev.payload_json);
+  w.str(ev.assigned_hub);
+  w.str(ev.device_id);
+  w.str(ev.initial_twin_json);
+  w.u8(ev.iot_edge ? 1 : 0);
+  w.str(ev.substatus);
+  put_status(w, ev.status);
+  w.i64(ev.error_code);
+  w.str(ev.error_message);
+  w.i64(ev.attested_ms);
+  w.i64(ev.allocated_ms);
+  w.i64(ev.completed_ms);
+}
+
+bool get_event(codec::reader& r, registration_event& ev) {
+  ev.version = static_cast<int32_t>(r.i64());
+  r.str(ev.operation_id);
+  r.str(ev.registration_id);
+  r.str(ev.id_scope);
+  r.str(ev.api_version);
+  r.str(ev.protocol);
+  ev.accepted_ms = r.i64();
+  r.str(ev.attestation_type);
+  r.str(ev.enrollment_group_id);
+  r.str(ev.payload_json);
+  r.str(ev.assigned_hub);
+  r.str(ev.device_id);
+  r.str(ev.initial_twin_json);
+  ev.iot_edge = r.u8() != 0;
+  r.str(ev.substatus);
+  if (!get_status(r, ev.status))
+    return false;
+  ev.error_code = static_cast<int32_t>(r.i64());
+  r.str(ev.error_message);
+  ev.attested_ms = r.i64();
+  ev.allocated_ms = r.i64();
+  ev.completed_ms = r.i64();
+  return r.ok();
+}
+
+bool binary_header(codec::reader& r, uint8_t kind) {
+  return r.u8() == record_magic && r.u8() == kind && r.u8() == record_version && r.ok();
+}
+
+error corrupt(std::string_view what) {
+  return {error_code::storage_failure, std::string(what) + ": truncated or corrupt record"};
+}
+
+} // namespace
+
 std::string encode_record(const registration_state& s) {
-  auto j = state_record(s);
-  j["v"] = 1;
-  return j.dump();
+  codec::writer w(128 + s.payload_json.size());
+  w.u8(record_magic);
+  w.u8(kind_state);
+  w.u8(record_version);
+  put_state(w, s);
+  return w.take();
 }
 
 error decode_record(std::string_view text, registration_state& out) {
-  return guarded("registration record", [&]() -> error {
-    auto j = json::parse(text);
-    return state_from(j, out);
-  });
+  if (!text.empty() && text.front() == '{')
+    return guarded("registration record", [&]() -> error {
+      auto j = json::parse(text);
+      return state_from(j, out);
+    });
+  codec::reader r(text);
+  if (!binary_header(r, kind_state) || !get_state(r, out) || !r.done())
+    return corrupt("registration record");
+  return {};
 }
 
 std::string encode_record(const operation_record& op) {
-  json j{{"v", 1},
-         {"operationId", op.operation_id},
-         {"registrationId", op.registration_id},
-         {"status", to_string(op.status)},
-         {"event", event_json(op.event)}};
-  if (is_terminal(op.status))
-    j["state"] = state_record(op.state);
-  return j.dump();
+  codec::writer w(256 + op.event.payload_json.size() + op.event.initial_twin_json.size());
+  w.u8(record_magic);
+  w.u8(kind_operation);
+  w.u8(record_version);
+  w.str(op.operation_id);
+  w.str(op.registration_id);
+  put_status(w, op.status);
+  put_event(w, op.event);
+  bool terminal = is_terminal(op.status);
+  w.u8(terminal ? 1 : 0);
+  if (terminal)
+    put_state(w, op.state);
+  return w.take();
 }
 
 error decode_record(std::string_view text, operation_record& out) {
-  return guarded("operation record", [&]() -> error {
-    auto j = json::parse(text);
-    get_to(j, "operationId", out.operation_id);
-    get_to(j, "registrationId", out.registration_id);
-    std::string st;
-    get_to(j, "status", st);
-    if (!from_string(st, out.status))
-      return {error_code::storage_failure, "operation record: bad status '" + st + "'"};
-    if (auto it = j.find("event"); it != j.end())
-      if (auto err = event_from(*it, out.event))
-        return err;
-    if (auto it = j.find("state"); it != j.end())
-      return state_from(*it, out.state);
-    return {};
-  });
+  if (!text.empty() && text.front() == '{')
+    return guarded("operation record", [&]() -> error {
+      auto j = json::parse(text);
+      get_to(j, "operationId", out.operation_id);
+      get_to(j, "registrationId", out.registration_id);
+      std::string st;
+      get_to(j, "status", st);
+      if (!from_string(st, out.status))
+        return {error_code::storage_failure, "operation record: bad status '" + st + "'"};
+      if (auto it = j.find("event"); it != j.end())
+        if (auto err = event_from(*it, out.event))
+          return err;
+      if (auto it = j.find("state"); it != j.end())
+        return state_from(*it, out.state);
+      return {};
+    });
+  codec::reader r(text);
+  if (!binary_header(r, kind_operation))
+    return corrupt("operation record");
+  r.str(out.operation_id);
+  r.str(out.registration_id);
+  if (!get_status(r, out.status) || !get_event(r, out.event))
+    return corrupt("operation record");
+  if (r.u8() == 1 && !get_state(r, out.state))
+    return corrupt("operation record");
+  if (!r.done())
+    return corrupt("operation record");
+  return {};
 }
 
 std::string encode_event(const registration_event& ev) {

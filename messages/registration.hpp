@@ -114,6 +114,12 @@ nlohmann::json to_json(const registration_state& s);
 nlohmann::json operation_status_json(const std::string& operation_id,
                                      const registration_state& s);
 
+/// The same two documents as compact JSON text, written without building a
+/// tree (every poll answers one). Equal to to_json(...).dump() as JSON values.
+std::string to_json_text(const registration_state& s);
+std::string operation_status_text(const std::string& operation_id,
+                                  const registration_state& s);
+
 std::string encode_record(const registration_state& s);
 [[nodiscard]] error decode_record(std::string_view text, registration_state& out);
 std::string encode_record(const operation_record& op);

@@ -1,5 +1,8 @@
 #include "metrics/diagnostic_log.hpp"
 
+#include "messages/json_text.hpp"
+#include "messages/registration.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -13,21 +16,9 @@ namespace prov::metrics {
 
 namespace {
 
-/// "2026-11-26T13:31:00.123Z": the line's own timestamp, taken on the caller's
-/// thread so queueing delay does not skew it.
-void append_time(std::string& out) {
-  auto now = std::chrono::system_clock::now();
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch())
-              .count();
-  std::time_t secs = static_cast<std::time_t>(ms / 1000);
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[80];
-  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<int>(ms % 1000));
-  out.append(buf);
-}
+/// The line's own timestamp, taken on the caller's thread so queueing delay
+/// does not skew it (DPS format, 7 fractional digits).
+void append_time(std::string& out) { out.append(utc_string(now_ms())); }
 
 void field(std::string& out, std::string_view name, std::string_view value) {
   out.push_back(',');
@@ -47,27 +38,7 @@ std::string_view result_type(int status) {
 } // namespace
 
 void append_json_string(std::string& out, std::string_view s) {
-  static const char hex[] = "0123456789abcdef";
-  out.push_back('"');
-  for (char ch : s) {
-    auto c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"': out.append("\\\""); break;
-      case '\\': out.append("\\\\"); break;
-      case '\n': out.append("\\n"); break;
-      case '\r': out.append("\\r"); break;
-      case '\t': out.append("\\t"); break;
-      default:
-        if (c < 0x20) {
-          out.append("\\u00");
-          out.push_back(hex[c >> 4]);
-          out.push_back(hex[c & 15]);
-        } else {
-          out.push_back(ch); // UTF-8 passes through
-        }
-    }
-  }
-  out.push_back('"');
+  json_text::append_string(out, s);
 }
 
 std::string mask_ip(std::string_view ip) {

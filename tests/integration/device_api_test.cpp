@@ -459,3 +459,31 @@ TEST_CASE("keep-alive: 50 sequential requests on one connection") {
 }
 
 } // TEST_SUITE
+
+TEST_CASE("a verified token stops working the moment its enrollment key changes") {
+  // Polls reuse verified tokens (a cache); rotating or removing the key must
+  // still take effect on the very next request.
+  auto& s = srv();
+  auto k1 = crypto::generate_key(), k2 = crypto::generate_key();
+  put_enrollment(s, "dev-rotate-1", {{"attestation", sym_attestation(k1)}});
+  auto c = s.client();
+  auto old_auth = s.device_auth("dev-rotate-1", k1);
+  auto r = put_register(c, s, "dev-rotate-1", old_auth);
+  REQUIRE_MESSAGE(r.status == 202, r.body);
+  auto op = parse(r.body).value("operationId", "");
+  auto p = poll(c, s, "dev-rotate-1", old_auth, op);
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  CHECK(poll(c, s, "dev-rotate-1", old_auth, op).status == 200); // served from the cache
+
+  put_enrollment(s, "dev-rotate-1", {{"attestation", sym_attestation(k2)}});
+  auto stale = poll(c, s, "dev-rotate-1", old_auth, op);
+  CHECK_MESSAGE(stale.status == 401, stale.body);
+  CHECK(put_register(c, s, "dev-rotate-1", old_auth).status == 401);
+  auto fresh = poll(c, s, "dev-rotate-1", s.device_auth("dev-rotate-1", k2), op);
+  CHECK_MESSAGE(fresh.status == 200, fresh.body);
+
+  // Deleting the enrollment revokes the new token too.
+  auto d = s.service("DELETE", "/enrollments/dev-rotate-1");
+  REQUIRE(d.status == 204);
+  CHECK(poll(c, s, "dev-rotate-1", s.device_auth("dev-rotate-1", k2), op).status == 401);
+}

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <limits>
+
 #include <nlohmann/json.hpp>
 
 #include "messages/registration.hpp"
@@ -129,3 +131,98 @@ TEST_CASE("operation ids have the DPS shape and are unique") {
 }
 
 } // TEST_SUITE
+
+TEST_CASE("binary records round-trip every field; every truncation is an error") {
+  operation_record op;
+  op.operation_id = "5.0123456789abcdef.00000001";
+  op.registration_id = "dev-\xc3\xa9";
+  op.status = registration_status::assigned;
+  op.event.version = 1;
+  op.event.operation_id = op.operation_id;
+  op.event.registration_id = op.registration_id;
+  op.event.accepted_ms = 1'700'000'000'123;
+  op.event.completed_ms = -5; // signed fields survive zigzag
+  op.event.payload_json = R"({"a":[1,2,3]})";
+  op.event.initial_twin_json = R"({"tags":{"x":"y"}})";
+  op.event.iot_edge = true;
+  op.event.status = registration_status::assigned;
+  op.event.error_code = -1;
+  op.state.registration_id = op.registration_id;
+  op.state.status = registration_status::assigned;
+  op.state.assigned_hub = "hub-a";
+  op.state.error_code = 400208;
+  op.state.created_ms = 1;
+  op.state.updated_ms = std::numeric_limits<int64_t>::max();
+  auto bytes = encode_record(op);
+  CHECK(static_cast<unsigned char>(bytes[0]) == 0xB7);
+  operation_record back;
+  REQUIRE(!decode_record(bytes, back));
+  CHECK(encode_record(back) == bytes);
+  CHECK(back.event.accepted_ms == op.event.accepted_ms);
+  CHECK(back.event.completed_ms == -5);
+  CHECK(back.event.iot_edge);
+  CHECK(back.event.initial_twin_json == op.event.initial_twin_json);
+  CHECK(back.state.updated_ms == std::numeric_limits<int64_t>::max());
+  CHECK(back.state.error_code == 400208);
+  for (std::size_t n = 0; n < bytes.size(); ++n) {
+    operation_record t;
+    CHECK_MESSAGE(decode_record(std::string_view(bytes).substr(0, n), t).code
+                    == error_code::storage_failure,
+                  "prefix " << n);
+  }
+  operation_record extra;
+  CHECK(decode_record(bytes + "x", extra).code == error_code::storage_failure);
+  // A state record is not an operation record.
+  CHECK(decode_record(encode_record(op.state), extra).code == error_code::storage_failure);
+}
+
+TEST_CASE("JSON records written by earlier versions still decode") {
+  operation_record op;
+  REQUIRE(!decode_record(
+    R"({"v":1,"operationId":"op","registrationId":"r","status":"assigning",
+        "event":{"v":1,"operationId":"op","registrationId":"r","acceptedMs":7}})",
+    op));
+  CHECK(op.status == registration_status::assigning);
+  CHECK(op.event.accepted_ms == 7);
+  registration_state s;
+  REQUIRE(!decode_record(R"({"v":1,"registrationId":"r","status":"assigned","assignedHub":"h"})",
+                         s));
+  CHECK(s.assigned_hub == "h");
+}
+
+TEST_CASE("hand-written status JSON equals the nlohmann rendering") {
+  registration_state s;
+  s.registration_id = "dev \"quoted\" \\ \x01";
+  s.created_ms = 1'700'000'000'123;
+  s.updated_ms = 1'700'000'000'456;
+  s.assigned_hub = "hub-a";
+  s.device_id = "dev";
+  s.substatus = "initialAssignment";
+  s.etag = "\"e\"";
+  s.attestation_type = "symmetricKey";
+  s.payload_json = R"({"model":"x","n":[1,2]})";
+  for (auto st : {registration_status::assigning, registration_status::assigned,
+                  registration_status::failed, registration_status::disabled}) {
+    s.status = st;
+    s.error_code = st == registration_status::failed ? 400208 : 0;
+    s.error_message = st == registration_status::failed ? "no hub" : "";
+    s.enrollment_group_id = st == registration_status::assigned ? "g" : "";
+    CHECK(json::parse(to_json_text(s)) == to_json(s));
+    CHECK(json::parse(operation_status_text("op-1", s)) == operation_status_json("op-1", s));
+  }
+  registration_state bare;
+  bare.registration_id = "r";
+  CHECK(json::parse(to_json_text(bare)) == to_json(bare));
+}
+
+TEST_CASE("utc_string formats milliseconds, before and after the epoch, across seconds") {
+  CHECK(utc_string(0) == "1970-01-01T00:00:00.0000000Z");
+  CHECK(utc_string(1) == "1970-01-01T00:00:00.0010000Z");
+  CHECK(utc_string(999) == "1970-01-01T00:00:00.9990000Z");
+  CHECK(utc_string(1000) == "1970-01-01T00:00:01.0000000Z");
+  CHECK(utc_string(-1) == "1969-12-31T23:59:59.9990000Z");
+  CHECK(utc_string(1'795'690'260'123) == "2026-11-26T10:51:00.1230000Z");
+  CHECK(utc_string(1'795'690'260'999) == "2026-11-26T10:51:00.9990000Z"); // cached second
+  CHECK(utc_string(1'795'690'261'000) == "2026-11-26T10:51:01.0000000Z");
+  CHECK(utc_string(1'795'690'260'050) == "2026-11-26T10:51:00.0500000Z"); // back again
+}

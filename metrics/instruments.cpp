@@ -171,6 +171,12 @@ struct instruments::impl {
       {}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
                                                   1024, 2048, 4096});
     commit_bytes_counter = &commit_bytes.Add({});
+    // Known reasons exist at zero, so rate() and dashboards see them before
+    // the first throttled request.
+    for (const char* reason : {"inflight_limit", "shutting_down"})
+      throttled_c.get(join({reason}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"reason", reason}});
+      });
   }
 };
 

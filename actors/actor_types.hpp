@@ -47,8 +47,7 @@ struct doc_reply_fn {
 };
 
 // -- spawn functions -------------------------------------------------------------
-caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx,
-                                 caf::actor attestation);
+caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);

@@ -1,6 +1,10 @@
 // Attestation stage: proves a device's identity. Symmetric keys only for now
 // (X.509 and TPM come later): individual enrollment first, then groups.
 //
+// attest() is a thread-safe function: the engine calls it on the gateway's
+// I/O thread for HTTP registers (two mailbox hops fewer per device). The actor
+// serves the same check to stages that receive unattested events (the Kafka
+// `registration.requested` intake).
 // Accepts: (attest_atom, register_request) -> attestation_result
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
 

@@ -1,10 +1,11 @@
-// Registration stage: the intake. Asks attestation to verify the credential,
-// dedupes concurrent registers of one device, records the operation durably
-// (group commit, synced WAL) and only then answers 202. Afterwards it hands the
+// Registration stage: the intake. Takes requests the engine has already
+// attested (attest() runs on the gateway thread: see engine.cpp), dedupes
+// concurrent registers of one device, records the operation durably (group
+// commit, synced WAL) and only then answers 202. Afterwards it hands the
 // attested event to allocation and settles terminal failures.
 //
 // Accepts:
-//   (register_atom, register_request, register_reply_fn)  from the gateway
+//   (register_atom, register_request, attestation_result, register_reply_fn)
 //   (accepted_atom, registration_event)                   resume after restart
 //   (committed_atom, operation id, error)                 from the store writer
 //   (event_atom, registration_event)                      registration.completed
@@ -47,8 +48,7 @@ register_reply make_reply(error err) {
 
 } // namespace
 
-caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx,
-                                 caf::actor attestation) {
+caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<registration_state_t>();
   auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
     auto it = st->inflight.find(reg_key);
@@ -58,7 +58,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     }
   };
   return {
-    [=](register_atom, register_request& req, register_reply_fn& reply) {
+    [=](register_atom, register_request& req, attestation_result& r,
+        register_reply_fn& reply) {
       if (!ctx->accepting.load()) {
         ctx->metrics->throttled("shutting_down");
         reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
@@ -73,76 +74,68 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                              "Retry-After interval"}));
         return;
       }
-      m->stage_enqueued(metrics::stage::attestation);
-      self->request(attestation, caf::infinite, attest_atom::value, req)
-        .then(
-          [=](attestation_result& r) mutable {
-            m->attestation_attempt(!r.err,
-                                   r.err ? attempted_mechanism(req)
-                                         : std::string_view(r.attestation_type),
-                                   req.protocol);
-            if (r.err) {
-              m->registration_attempt("rejected", "", req.protocol);
-              reply.fn(make_reply(std::move(r.err)));
-              return;
-            }
-            auto reg_key = enrollment::key_of(req.registration_id);
-            if (auto it = st->inflight.find(reg_key); it != st->inflight.end()) {
-              // Same device registering again while its operation runs: one
-              // operation, not two (DPS devices retry the PUT on timeouts).
-              register_reply rr;
-              rr.operation_id = it->second;
-              reply.fn(std::move(rr));
-              return;
-            }
-            registration_event ev;
-            ev.operation_id = new_operation_id(ctx->instance_hex);
-            ev.registration_id = req.registration_id;
-            ev.id_scope = req.id_scope;
-            ev.api_version = req.api_version;
-            ev.protocol = req.protocol;
-            ev.accepted_ms = now_ms();
-            ev.attested_ms = ev.accepted_ms;
-            ev.attestation_type = r.attestation_type;
-            ev.enrollment_group_id = r.enrollment_group_id;
-            ev.payload_json = req.payload_json;
-            operation_record op;
-            op.operation_id = ev.operation_id;
-            op.registration_id = ev.registration_id;
-            storage::write_batch batch;
-            if (r.enabled) {
-              op.status = registration_status::assigning;
-              batch.put(storage::cf::pending, ev.operation_id, "");
-            } else {
-              // Disabled enrollment: terminal at once, reported by the poll.
-              op.status = registration_status::disabled;
-              ev.status = registration_status::disabled;
-              op.state.registration_id = ev.registration_id;
-              op.state.status = registration_status::disabled;
-              op.state.created_ms = op.state.updated_ms = ev.accepted_ms;
-              op.state.attestation_type = ev.attestation_type;
-              op.state.enrollment_group_id = ev.enrollment_group_id;
-              op.state.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
-              op.state.error_message = "the enrollment is disabled";
-            }
-            op.event = ev;
-            batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
-            if (r.enabled) {
-              st->inflight.emplace(reg_key, ev.operation_id);
-              ctx->inflight.fetch_add(1);
-            }
-            auto op_id = ev.operation_id;
-            st->accepting.emplace(op_id, pending_accept{std::move(ev), std::move(reply),
-                                                        std::chrono::steady_clock::now()});
-            m->stage_enqueued(metrics::stage::commit);
-            auto me = caf::actor_cast<caf::actor>(self);
-            ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
-              caf::anon_send(me, committed_atom::value, op_id, e);
-            });
-          },
-          [=](caf::error& e) mutable {
-            reply.fn(make_reply({error_code::internal, "attestation unavailable"}));
-          });
+      m->attestation_attempt(!r.err,
+                             r.err ? attempted_mechanism(req)
+                                   : std::string_view(r.attestation_type),
+                             req.protocol);
+      if (r.err) {
+        m->registration_attempt("rejected", "", req.protocol);
+        reply.fn(make_reply(std::move(r.err)));
+        return;
+      }
+      auto reg_key = enrollment::key_of(req.registration_id);
+      if (auto it = st->inflight.find(reg_key); it != st->inflight.end()) {
+        // Same device registering again while its operation runs: one
+        // operation, not two (DPS devices retry the PUT on timeouts).
+        register_reply rr;
+        rr.operation_id = it->second;
+        reply.fn(std::move(rr));
+        return;
+      }
+      registration_event ev;
+      ev.operation_id = new_operation_id(ctx->instance_hex);
+      ev.registration_id = req.registration_id;
+      ev.id_scope = req.id_scope;
+      ev.api_version = req.api_version;
+      ev.protocol = req.protocol;
+      ev.accepted_ms = now_ms();
+      ev.attested_ms = ev.accepted_ms;
+      ev.attestation_type = r.attestation_type;
+      ev.enrollment_group_id = r.enrollment_group_id;
+      ev.payload_json = req.payload_json;
+      operation_record op;
+      op.operation_id = ev.operation_id;
+      op.registration_id = ev.registration_id;
+      storage::write_batch batch;
+      if (r.enabled) {
+        op.status = registration_status::assigning;
+        batch.put(storage::cf::pending, ev.operation_id, "");
+      } else {
+        // Disabled enrollment: terminal at once, reported by the poll.
+        op.status = registration_status::disabled;
+        ev.status = registration_status::disabled;
+        op.state.registration_id = ev.registration_id;
+        op.state.status = registration_status::disabled;
+        op.state.created_ms = op.state.updated_ms = ev.accepted_ms;
+        op.state.attestation_type = ev.attestation_type;
+        op.state.enrollment_group_id = ev.enrollment_group_id;
+        op.state.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
+        op.state.error_message = "the enrollment is disabled";
+      }
+      op.event = ev;
+      batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
+      if (r.enabled) {
+        st->inflight.emplace(reg_key, ev.operation_id);
+        ctx->inflight.fetch_add(1);
+      }
+      auto op_id = ev.operation_id;
+      st->accepting.emplace(op_id, pending_accept{std::move(ev), std::move(reply),
+                                                  std::chrono::steady_clock::now()});
+      m->stage_enqueued(metrics::stage::commit);
+      auto me = caf::actor_cast<caf::actor>(self);
+      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+        caf::anon_send(me, committed_atom::value, op_id, e);
+      });
     },
     [=](committed_atom, const std::string& op_id, const error& e) {
       if (auto it = st->accepting.find(op_id); it != st->accepting.end()) {

@@ -61,6 +61,7 @@ constexpr reserved_property reserved_kafka_properties[] = {
     {"request.required.acks", "provisiond always produces with acks=all"},
     {"enable.auto.commit", "provisiond commits offsets only after an effect is durable"},
     {"enable.auto.offset.store", "provisiond commits offsets only after an effect is durable"},
+    {"partition.assignment.strategy", "provisiond uses eager range/roundrobin rebalancing"},
     {"transactional.id", "not supported"},
     {"test.mock.num.brokers", "use `provisiond dev-kafka` for a development cluster"},
 };

@@ -101,7 +101,7 @@ TEST_CASE("records round-trip with key, value and headers; per-key order holds")
 }
 
 TEST_CASE("send refuses beyond max_pending and after close, without calling back") {
-  test::mock_fixture f;
+  test::mock_fixture f(test::mock_fixture::kind::private_for_faults);
   const std::string topic = f.cfg.topic_prefix + "bounded";
   REQUIRE(f.mc->create_topic(topic, 1, 1).ok());
   REQUIRE(f.mc->broker_down(-1).ok()); // nothing can be acknowledged

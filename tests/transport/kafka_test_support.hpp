@@ -61,14 +61,28 @@ struct log_capture {
   }
 };
 
-/// A fresh mock cluster and a config pointing at it.
+/// A mock cluster and a config pointing at it, with a topic prefix no other
+/// test uses. Tests that inject faults get a private cluster; the others
+/// share one, because destroying a mock cluster takes about a second.
 struct mock_fixture {
   log_capture logs;
-  std::unique_ptr<transport::kafka::mock_cluster> mc;
+  std::unique_ptr<transport::kafka::mock_cluster> own;
+  transport::kafka::mock_cluster* mc = nullptr;
   config::kafka_config cfg;
 
-  explicit mock_fixture(int brokers = 3) {
-    REQUIRE(transport::kafka::mock_cluster::start(brokers, mc, logs.fn()).ok());
+  enum class kind { shared, private_for_faults };
+
+  explicit mock_fixture(kind k = kind::shared) {
+    if (k == kind::shared) {
+      static log_capture shared_logs;
+      static std::unique_ptr<transport::kafka::mock_cluster> shared;
+      if (!shared)
+        REQUIRE(transport::kafka::mock_cluster::start(3, shared, shared_logs.fn()).ok());
+      mc = shared.get();
+    } else {
+      REQUIRE(transport::kafka::mock_cluster::start(3, own, logs.fn()).ok());
+      mc = own.get();
+    }
     cfg.brokers = mc->bootstrap_servers();
     cfg.topic_prefix = unique_name("t") + ".";
     cfg.partitions = 4;

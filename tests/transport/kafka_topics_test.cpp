@@ -116,3 +116,27 @@ TEST_CASE("ensure_topics reports a missing topic it cannot create (the mock has 
 }
 
 } // TEST_SUITE
+
+TEST_SUITE("kafka_config_translation") {
+
+TEST_CASE("a property librdkafka rejects stops client creation, naming the key") {
+  config::kafka_config cfg;
+  cfg.brokers = "127.0.0.1:1";
+  cfg.properties["no.such.property"] = "1";
+  std::unique_ptr<producer> p;
+  const error err = producer::create(cfg, {}, p);
+  CHECK(err.code == error_code::bad_request);
+  CHECK(err.message.rfind("kafka.properties.no.such.property: ", 0) == 0);
+  CHECK_FALSE(p);
+
+  cfg.properties = {{"linger.ms", "not-a-number"}};
+  std::unique_ptr<consumer> c;
+  consumer::options co;
+  co.group_id = "g";
+  co.topics = {"t"};
+  const error err2 = consumer::create(cfg, co, [](message&&) {}, c);
+  CHECK(err2.message.rfind("kafka.properties.linger.ms: ", 0) == 0);
+  CHECK_FALSE(c);
+}
+
+} // TEST_SUITE

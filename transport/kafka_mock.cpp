@@ -1,6 +1,8 @@
 #include "transport/kafka_mock.hpp"
 
 #include <algorithm>
+#include <future>
+#include <vector>
 
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_handles.hpp"
@@ -75,11 +77,21 @@ error mock_cluster::create_topics(const std::vector<topic_spec>& specs) {
   cfg.brokers = impl_->bootstraps;
   std::vector<std::string> existing;
   if (auto err = list_topics(cfg, existing, 5000, impl_->log)) return err;
+  // Issued concurrently, the commands are served in one wake-up of the
+  // mock's loop instead of one wake-up each.
+  std::vector<std::future<error>> pending;
   for (const topic_spec& s : specs) {
     if (std::find(existing.begin(), existing.end(), s.name) != existing.end()) continue;
-    if (auto err = create_topic(s.name, s.partitions, s.replication_factor)) return err;
+    pending.push_back(std::async(std::launch::async, [this, s] {
+      return create_topic(s.name, s.partitions, s.replication_factor);
+    }));
   }
-  return {};
+  error first;
+  for (auto& f : pending) {
+    error err = f.get();
+    if (err && first.ok()) first = std::move(err);
+  }
+  return first;
 }
 
 error mock_cluster::broker_down(int32_t broker_id) {
@@ -106,6 +118,16 @@ void mock_cluster::push_request_errors(api a, const std::vector<int>& codes) {
   for (int c : codes) errs.push_back(static_cast<rd_kafka_resp_err_t>(c));
   rd_kafka_mock_push_request_errors_array(impl_->mc, static_cast<int16_t>(a), errs.size(),
                                           errs.data());
+}
+
+error mock_cluster::delay_responses(int32_t broker_id, api a, int rtt_ms, int count) {
+  for (int i = 0; i < count; ++i)
+    if (auto err = mock_error(rd_kafka_mock_broker_push_request_error_rtts(
+                                  impl_->mc, broker_id, static_cast<int16_t>(a), 1,
+                                  RD_KAFKA_RESP_ERR_NO_ERROR, rtt_ms),
+                              "delay responses"))
+      return err;
+  return {};
 }
 
 void mock_cluster::clear_request_errors(api a) {

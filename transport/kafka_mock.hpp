@@ -69,6 +69,10 @@ public:
   /// REQUEST_TIMED_OUT, 19 NOT_ENOUGH_REPLICAS).
   void push_request_errors(api a, const std::vector<int>& kafka_error_codes);
   void clear_request_errors(api a);
+  /// The next `count` requests of kind `a` to `broker_id` are processed
+  /// normally but answered `rtt_ms` late: with rtt_ms above the client's
+  /// request.timeout.ms, "written, but the acknowledgement was lost".
+  [[nodiscard]] error delay_responses(int32_t broker_id, api a, int rtt_ms, int count = 1);
 
   struct impl;
 

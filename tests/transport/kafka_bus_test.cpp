@@ -171,6 +171,8 @@ TEST_CASE("an undecodable event is dead-lettered with its reason; later events s
   REQUIRE(raw->send({attested, "reg-x", "{this is not an event", {{"operation_id", "bad"}}, -1},
                     count)
               .ok());
+  // Two producers: only an acknowledged write fixes the order in the log.
+  REQUIRE(eventually([&] { return sent.load() == 1; }));
   REQUIRE(b->publish(topic::registration_attested, make_event(1, "reg-a"), count).ok());
   REQUIRE(b->publish(topic::registration_attested, make_event(2, "throws"), count).ok());
   REQUIRE(b->publish(topic::registration_attested, make_event(3, "reg-b"), count).ok());

@@ -93,10 +93,18 @@ struct mock_fixture {
     cfg.properties["reconnect.backoff.max.ms"] = "500";
     cfg.properties["message.timeout.ms"] = "20000";
     // The mock delays a rebalance after a member leaves by the session
-    // timeout minus 1 s (45 s by default): keep restarts quick.
+    // timeout minus 1 s (45 s by default): keep restarts quick. Not below
+    // 3 s: the mock's first join takes 3 s and would expire the member.
     cfg.properties["session.timeout.ms"] = "3000";
     cfg.properties["heartbeat.interval.ms"] = "500";
   }
 };
+
+/// Reads the first `n` records of one partition without a consumer group
+/// (rd_kafka_assign, no join delay): checks what is in the log itself.
+/// Values in log order; fewer than `n` when `limit` passes first.
+std::vector<std::string> read_partition(const config::kafka_config& cfg, const std::string& topic,
+                                        int32_t partition, std::size_t n,
+                                        std::chrono::milliseconds limit = std::chrono::seconds(15));
 
 } // namespace prov::test

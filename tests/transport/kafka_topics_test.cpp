@@ -105,7 +105,7 @@ TEST_CASE("ensure_topics reports a missing topic it cannot create (the mock has 
   test::mock_fixture f;
   const std::string name = f.cfg.topic_prefix + "missing";
   ensure_topics_result res;
-  const error err = ensure_topics(f.cfg, {{name, 2, 1, true}}, &res, 1000, f.logs.fn());
+  const error err = ensure_topics(f.cfg, {{name, 2, 1, true}}, &res, 300, f.logs.fn());
   // librdkafka 2.0.2's mock broker does not implement CreateTopics; a real
   // cluster creates the topic here. What matters: no silent success.
   CHECK(err.code == error_code::unavailable);

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -170,7 +171,15 @@ struct consumer::impl : opaque_base {
       ++in_flight;
       msg.id.epoch = epoch;
     }
-    on_message(std::move(msg));
+    const std::string where = msg.id.topic + "/" + std::to_string(msg.id.partition) + "@" +
+                              std::to_string(msg.id.offset);
+    try {
+      on_message(std::move(msg));
+    } catch (const std::exception& e) {
+      // Left unfinished: its partition's commit stops here until a restart
+      // or rebalance redelivers it. kafka_bus dead-letters instead.
+      write_log(log, 3, "consumer handler threw on " + where + ": " + e.what());
+    }
   }
 
   void apply_backpressure(rd_kafka_t* h) {

@@ -21,7 +21,8 @@
 // Threading: the consumer owns one thread that polls librdkafka, serves
 // rebalances, delivers messages to the handler one at a time in partition
 // order, and commits. The handler must not block (hand the message to an
-// actor mailbox). done() may be called from any thread.
+// actor mailbox) and should not throw: an exception is logged and the
+// message stays unfinished. done() may be called from any thread.
 
 #include <cstddef>
 #include <cstdint>

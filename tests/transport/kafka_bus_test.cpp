@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <mutex>
+#include <set>
 #include <vector>
 
 #include "tests/transport/kafka_test_support.hpp"
@@ -84,14 +85,16 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
   REQUIRE(eventually([&] { return durable.load() == n; }));
   REQUIRE(eventually([&] {
     std::lock_guard<std::mutex> lock(mu);
-    return attested.size() == n && allocated.size() == n;
+    return attested.size() >= n && allocated.size() >= n; // >=: at-least-once
   }, std::chrono::seconds(20)));
 
   {
     std::lock_guard<std::mutex> lock(mu);
     // Per registration id, events arrive in publish order and decode intact.
     std::map<std::string, int> last;
+    std::set<std::string> seen_ops;
     for (const registration_event& ev : attested) {
+      if (!seen_ops.insert(ev.operation_id).second) continue; // a redelivery
       const int i = std::stoi(ev.operation_id.substr(ev.operation_id.rfind('-') + 1));
       CHECK(ev.registration_id == "reg-" + std::to_string(i % 3));
       CHECK(ev.payload_json == R"({"n":)" + std::to_string(i) + "}");
@@ -101,6 +104,7 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
       if (it != last.end()) CHECK(it->second < i);
       last[ev.registration_id] = i;
     }
+    CHECK(seen_ops.size() == n);
   }
   // Plain subscribers commit on return; acked ones only after ack().
   auto total = [](const std::map<std::string, int64_t>& m) {
@@ -180,7 +184,7 @@ TEST_CASE("an undecodable event is dead-lettered with its reason; later events s
 
   REQUIRE(eventually([&] {
     std::lock_guard<std::mutex> lock(mu);
-    return got.size() == 2 && dead.size() == 2;
+    return got.size() >= 2 && dead.size() >= 2; // >=: at-least-once
   }, std::chrono::seconds(20)));
   // Offsets 0..3 all finished (two of them by their dead letter): committed past.
   REQUIRE(eventually([&] { return b->committed(topic::registration_attested)[attested + "/0"] == 4; }));

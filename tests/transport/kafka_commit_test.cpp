@@ -76,24 +76,25 @@ TEST_CASE("unfinished messages are redelivered after a restart, finished ones ar
                            },
                            c)
               .ok());
+  std::size_t done2 = 0;
   REQUIRE(eventually([&] {
     std::lock_guard<std::mutex> lock(mu);
-    return second.size() >= 5;
+    for (; done2 < second.size(); ++done2) c->done(second[done2].id);
+    return c->committed()[tp] == 10;
   }));
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (const message& m : second) c->done(m.id);
-  }
-  REQUIRE(eventually([&] { return c->committed()[tp] == 10; }));
   c->close();
   std::lock_guard<std::mutex> lock(mu);
-  // In-order delivery: having started at 5, offsets 0..4 cannot follow.
-  std::vector<int64_t> offsets;
+  // 0..4 never again; 5..9 again, in order. (A rebalance under load may
+  // deliver part of 5..9 once more: at-least-once, so compare first
+  // occurrences.)
+  std::vector<int64_t> firsts;
   for (const message& m : second) {
-    offsets.push_back(m.id.offset);
+    CHECK(m.id.offset >= 5);
     CHECK(m.value == std::to_string(m.id.offset));
+    if (std::find(firsts.begin(), firsts.end(), m.id.offset) == firsts.end())
+      firsts.push_back(m.id.offset);
   }
-  CHECK(offsets == std::vector<int64_t>{5, 6, 7, 8, 9});
+  CHECK(firsts == std::vector<int64_t>{5, 6, 7, 8, 9});
 }
 
 TEST_CASE("a second member joins: partitions split, only unfinished messages are redelivered") {
@@ -189,8 +190,10 @@ TEST_CASE("a second member joins: partitions split, only unfinished messages are
     again.insert({got_a[i].partition, got_a[i].offset});
   for (const message_id& id : got_b) again.insert({id.partition, id.offset});
   for (const auto& [part, off] : last) tails.insert({part, off});
+  // At least once: another rebalance under load may repeat a tail, but a
+  // message finished before the rebalance never comes back.
   CHECK(again == tails);
-  CHECK(got_a.size() - 40 + got_b.size() == 4);
+  CHECK(got_a.size() - 40 + got_b.size() >= 4);
 }
 
 } // TEST_SUITE

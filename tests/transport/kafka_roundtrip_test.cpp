@@ -90,7 +90,7 @@ TEST_CASE("records round-trip with key, value and headers; per-key order holds")
   // Finish messages in rounds, only once 100 are unfinished: without the
   // pause all 400 would be delivered in the first round.
   std::size_t acked = 0, most_unfinished = 0;
-  while (acked < keys * per_key) {
+  while (acked < keys * per_key) { // (a rebalance under load may redeliver: >= is enough)
     REQUIRE(eventually([&] {
       std::lock_guard<std::mutex> lock(mu);
       return delivered.size() - acked >= 100 || delivered.size() == keys * per_key;
@@ -105,9 +105,13 @@ TEST_CASE("records round-trip with key, value and headers; per-key order holds")
     for (const auto& [tp, off] : c->committed()) t += off;
     return t;
   };
-  REQUIRE(eventually([&] { return total() == keys * per_key; }));
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    for (; acked < delivered.size(); ++acked) c->done(delivered[acked]);
+    return total() == keys * per_key;
+  }));
   c->close();
-  CHECK(got.load() == keys * per_key);
+  CHECK(got.load() >= keys * per_key);
   std::lock_guard<std::mutex> lock(mu);
   CHECK(headers_ok);
   REQUIRE(seen.size() == keys);
@@ -115,9 +119,15 @@ TEST_CASE("records round-trip with key, value and headers; per-key order holds")
   for (const auto& [key, values] : seen) {
     CHECK(parts[key].size() == 1); // one key, one partition
     used.insert(*parts[key].begin());
+    // Per key in order; compare first occurrences (at-least-once).
+    std::vector<int> firsts;
+    for (int v : values)
+      if (std::find(firsts.begin(), firsts.end(), v) == firsts.end()) firsts.push_back(v);
     std::vector<int> expected(per_key);
     for (int i = 0; i < per_key; ++i) expected[i] = i;
-    CHECK_MESSAGE(values == expected, key);
+    CHECK_MESSAGE(firsts == expected, key);
+    if (values.size() != firsts.size())
+      MESSAGE(key, ": ", values.size() - firsts.size(), " redelivered");
   }
   CHECK(used.size() > 1); // keys spread over partitions
 }

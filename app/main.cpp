@@ -18,6 +18,7 @@
 
 #include "actors/engine.hpp"
 #include "app/client_commands.hpp"
+#include "app/dev_kafka.hpp"
 #include "app/identity.hpp"
 #include "config/config.hpp"
 #include "gateway/https_server.hpp"
@@ -350,6 +351,7 @@ int main(int argc, char** argv) {
   });
 
   add_client_commands(app, exit_code);
+  add_dev_kafka_command(app, exit_code);
 
   try {
     app.parse(argc, argv);

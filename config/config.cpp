@@ -40,10 +40,32 @@ constexpr int_rule idle_timeout_rule{1, 86400};
 constexpr int_rule max_sas_rule{60, std::numeric_limits<int>::max()};
 constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule weight_rule{1, 1000};
+constexpr int_rule partitions_rule{1, 10000};
+constexpr int_rule replication_rule{1, 32};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
     "RegistrationStatusWrite"};
+// Each reserved key with what to do instead; the check names it.
+struct reserved_property {
+  std::string_view key;
+  std::string_view why;
+};
+constexpr reserved_property reserved_kafka_properties[] = {
+    {"bootstrap.servers", "set kafka.brokers instead"},
+    {"metadata.broker.list", "set kafka.brokers instead"},
+    {"client.id", "set kafka.client_id instead"},
+    {"group.id", "consumer groups are chosen per stage by provisiond"},
+    {"enable.idempotence", "provisiond always produces idempotently"},
+    {"acks", "provisiond always produces with acks=all"},
+    {"request.required.acks", "provisiond always produces with acks=all"},
+    {"enable.auto.commit", "provisiond commits offsets only after an effect is durable"},
+    {"enable.auto.offset.store", "provisiond commits offsets only after an effect is durable"},
+    {"partition.assignment.strategy", "provisiond uses eager range/roundrobin rebalancing"},
+    {"transactional.id", "not supported"},
+    {"test.mock.num.brokers", "use `provisiond dev-kafka` for a development cluster"},
+};
+
 constexpr std::string_view log_levels[] = {"trace", "debug", "info", "warn", "error", "off"};
 
 std::string range_message(const int_rule& r, int64_t v) {
@@ -119,6 +141,18 @@ bool valid_dns_name(std::string_view s) {
 bool valid_ip(const std::string& s) {
   unsigned char buf[16];
   return inet_pton(AF_INET, s.c_str(), buf) == 1 || inet_pton(AF_INET6, s.c_str(), buf) == 1;
+}
+
+/// Kafka's legal topic characters.
+bool valid_topic_chars(std::string_view s) {
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return is_alnum(c) || c == '.' || c == '_' || c == '-'; });
+}
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
 }
 
 bool valid_policy_name(std::string_view s) {
@@ -266,6 +300,42 @@ void check_config(const engine_config& c, const report_fn& report) {
       std::end(log_levels))
     report("log.level",
            "must be one of trace, debug, info, warn, error, off, got " + quote(c.log.level));
+
+  const kafka_config& k = c.kafka;
+  if (!k.brokers.empty()) {
+    std::string_view rest = k.brokers;
+    while (true) {
+      const std::size_t comma = rest.find(',');
+      const std::string entry(trim(rest.substr(0, comma)));
+      std::string host;
+      uint16_t port = 0;
+      if (!split_host_port(entry, host, port) || port == 0) {
+        report("kafka.brokers",
+               "expected \"HOST:PORT,HOST:PORT,...\", got " + quote(k.brokers));
+        break;
+      }
+      if (comma == std::string_view::npos) break;
+      rest.remove_prefix(comma + 1);
+    }
+  }
+  // Kafka topic names are at most 249 characters; leave room for ours.
+  if (k.topic_prefix.size() > 200 || !valid_topic_chars(k.topic_prefix))
+    report("kafka.topic_prefix",
+           "must be at most 200 characters of A-Z a-z 0-9 . _ -, got " + quote(k.topic_prefix));
+  check_range(report, "kafka.partitions", k.partitions, partitions_rule);
+  check_range(report, "kafka.replication_factor", k.replication_factor, replication_rule);
+  if (k.client_id.empty() || k.client_id.size() > 255 || !valid_topic_chars(k.client_id))
+    report("kafka.client_id",
+           "must be 1..255 characters of A-Z a-z 0-9 . _ -, got " + quote(k.client_id));
+  for (const auto& [key, value] : k.properties) {
+    const std::string path = "kafka.properties." + key;
+    if (key.empty()) {
+      report("kafka.properties", "property names must not be empty");
+      continue;
+    }
+    for (const reserved_property& r : reserved_kafka_properties)
+      if (r.key == key) report(path, "set by provisiond, remove it (" + std::string(r.why) + ")");
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -303,7 +373,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "access_policies", "hubs", "metrics",
-                "log"});
+                "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -360,6 +430,20 @@ class loader {
       check_keys(*t, "log", {"level", "file"});
       get(*t, "log", "level", c.log.level);
       get(*t, "log", "file", c.log.file);
+    }
+    if (const toml::table* t = sub_table(root, "", "kafka")) {
+      const std::string p = "kafka";
+      kafka_config& k = c.kafka;
+      check_keys(*t, p,
+                 {"brokers", "topic_prefix", "partitions", "replication_factor", "client_id",
+                  "properties"});
+      get(*t, p, "brokers", k.brokers);
+      get(*t, p, "topic_prefix", k.topic_prefix);
+      get_int(*t, p, "partitions", k.partitions, partitions_rule);
+      get_int(*t, p, "replication_factor", k.replication_factor, replication_rule);
+      get(*t, p, "client_id", k.client_id);
+      if (const toml::table* props = sub_table(*t, p, "properties"))
+        get_properties(*props, "", k.properties);
     }
   }
 
@@ -467,6 +551,28 @@ class loader {
       if (as_string(e, epath, s)) values.push_back(std::move(s));
     }
     out = std::move(values);
+  }
+
+  /// librdkafka properties. An unquoted dotted key (`security.protocol =
+  /// "SSL"`) is a nested table in TOML; it is flattened back into its dotted
+  /// name, so quoting is optional. Integers and booleans become strings.
+  void get_properties(const toml::table& t, const std::string& name_prefix,
+                      std::map<std::string, std::string>& out) {
+    for (auto&& [k, v] : t) {
+      const std::string name = join(name_prefix, k.str());
+      const std::string path = "kafka.properties." + name;
+      lines_[path] = k.source().begin.line ? k.source().begin.line : line_of(v);
+      if (const toml::table* sub = v.as_table())
+        get_properties(*sub, name, out);
+      else if (const auto* s = v.as_string())
+        out[name] = s->get();
+      else if (const auto* i = v.as_integer())
+        out[name] = std::to_string(i->get());
+      else if (const auto* b = v.as_boolean())
+        out[name] = b->get() ? "true" : "false";
+      else
+        wrong_type(v, path, "string, integer or boolean");
+    }
   }
 
   const toml::table* sub_table(const toml::table& t, const std::string& prefix,
@@ -585,6 +691,11 @@ error validate(const engine_config& cfg) {
     first = error{error_code::bad_request, msg + path + ": " + what};
   });
   return first;
+}
+
+bool is_reserved_kafka_property(std::string_view key) noexcept {
+  return std::any_of(std::begin(reserved_kafka_properties), std::end(reserved_kafka_properties),
+                     [&](const reserved_property& r) { return r.key == key; });
 }
 
 bool split_host_port(const std::string& s, std::string& host, uint16_t& port) {

@@ -4,8 +4,10 @@
 // (toml++), validated, then passed by value.
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "messages/error.hpp"
@@ -52,6 +54,21 @@ struct log_config {
   std::string file;            ///< empty = stderr
 };
 
+/// Distributed mode: every stage consumes and produces Kafka topics. With
+/// `brokers` empty (the default) the engine runs embedded, with no Kafka.
+struct kafka_config {
+  std::string brokers;                ///< "host:port,host:port"; empty = embedded mode
+  std::string topic_prefix = "dps."; ///< prepended to every topic name
+  int partitions = 12;                ///< partitions of topics provisiond creates, 1..10000
+  int replication_factor = 3;         ///< replicas of topics provisiond creates, 1..32
+  std::string client_id = "provisiond";
+  /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
+  /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.
+  std::map<std::string, std::string> properties;
+
+  bool enabled() const noexcept { return !brokers.empty(); }
+};
+
 struct engine_config {
   std::optional<std::string> id_scope; ///< generated on first start when absent
   std::string data_dir = "./data";
@@ -60,6 +77,7 @@ struct engine_config {
   std::vector<hub_config> hubs;
   metrics_config metrics;
   log_config log;
+  kafka_config kafka;
   std::string source_file; ///< the file this was read from ("" = defaults)
 };
 
@@ -75,6 +93,10 @@ struct engine_config {
 /// Checks cross-field rules (hub names unique, weights 1..1000, listen
 /// addresses parse, keys are base64 of 16..64 bytes, rights known, ...).
 [[nodiscard]] error validate(const engine_config& cfg);
+
+/// librdkafka properties provisiond sets itself (durability and identity);
+/// `[kafka.properties]` may not override them.
+bool is_reserved_kafka_property(std::string_view key) noexcept;
 
 /// Splits "host:port" (IPv6 as "[::1]:443"). Port 0 is allowed (ephemeral).
 [[nodiscard]] bool split_host_port(const std::string& s, std::string& host,

@@ -1,0 +1,138 @@
+#include "transport/kafka_bus.hpp"
+
+#include <exception>
+#include <future>
+#include <utility>
+
+#include "transport/kafka_dead_letter.hpp"
+
+namespace prov::transport::kafka {
+
+kafka_bus::kafka_bus(const config::kafka_config& cfg, options opts)
+    : cfg_(cfg), opts_(std::move(opts)) {}
+
+kafka_bus::~kafka_bus() { close(); }
+
+error kafka_bus::create(const config::kafka_config& cfg, options opts,
+                        std::unique_ptr<kafka_bus>& out) {
+  if (!opts.producer_options.log) opts.producer_options.log = opts.log;
+  if (!opts.consumer_options.log) opts.consumer_options.log = opts.log;
+  std::unique_ptr<kafka_bus> b(new kafka_bus(cfg, std::move(opts)));
+  if (auto err = producer::create(cfg, b->opts_.producer_options, b->producer_)) return err;
+  out = std::move(b);
+  return {};
+}
+
+std::string kafka_bus::key_for(topic t, const registration_event& ev) {
+  if (t == topic::device_assigned && !ev.device_id.empty()) return ev.device_id;
+  return ev.registration_id;
+}
+
+error kafka_bus::publish(topic t, const registration_event& ev, delivery_fn done) {
+  record r;
+  r.topic = topic_for(cfg_, t);
+  r.key = key_for(t, ev);
+  r.value = encode_event(ev);
+  r.headers = {{"operation_id", ev.operation_id},
+               {"event_version", std::to_string(ev.version)}};
+  return producer_->send(std::move(r), std::move(done));
+}
+
+void kafka_bus::publish(topic t, registration_event ev) {
+  const log_fn log = opts_.log;
+  const std::string what = std::string(topic_name(t)) + " for operation " + ev.operation_id;
+  const error err = publish(t, ev, [log, what](const delivery& d) {
+    if (!d.err.ok()) write_log(log, 3, "publish " + what + " failed: " + d.err.message);
+  });
+  if (err) write_log(log, 3, "publish " + what + " refused: " + err.message);
+}
+
+void kafka_bus::subscribe(topic t, handler h) {
+  if (!h) {
+    unsubscribe(t);
+    return;
+  }
+  auto plain = std::make_shared<handler>(std::move(h));
+  const error err = subscribe_acked(t, [plain](registration_event&& ev, std::function<void()> ack) {
+    (*plain)(std::move(ev));
+    ack();
+  });
+  if (err)
+    write_log(opts_.log, 3,
+              "subscribe to " + std::string(topic_name(t)) + " failed: " + err.message);
+}
+
+error kafka_bus::subscribe_acked(topic t, acked_handler h) {
+  unsubscribe(t);
+  consumer::options co = opts_.consumer_options;
+  co.group_id = opts_.group_prefix + std::string(topic_name(t));
+  co.topics = {topic_for(cfg_, t)};
+  // The handler needs its own consumer (for done()); it is known only after
+  // create() returns, which can be after the first message arrives.
+  auto self = std::make_shared<std::weak_ptr<consumer>>();
+  auto ready = std::make_shared<std::promise<void>>();
+  std::shared_future<void> ready_f = ready->get_future().share();
+  producer* prod = producer_.get(); // closed only after every consumer
+  const std::string dlt = dead_letter_topic(cfg_);
+  const log_fn log = opts_.log;
+  std::atomic<uint64_t>* dead = &dead_lettered_;
+  auto on_message = [self, ready_f, prod, dlt, log, dead, h = std::move(h)](message&& m) {
+    ready_f.wait();
+    std::weak_ptr<consumer> weak = *self;
+    auto ack = [weak, id = m.id] {
+      if (auto c = weak.lock()) c->done(id);
+    };
+    registration_event ev;
+    if (error err = decode_event(m.value, ev)) {
+      ++*dead;
+      forward_to_dead_letter(*prod, dlt, m, "undecodable event: " + err.message, ack, log);
+      return;
+    }
+    try {
+      h(std::move(ev), ack);
+    } catch (const std::exception& e) {
+      ++*dead;
+      forward_to_dead_letter(*prod, dlt, m, std::string("handler threw: ") + e.what(), ack,
+                             log);
+    }
+  };
+  std::unique_ptr<consumer> made;
+  const error err = consumer::create(cfg_, std::move(co), std::move(on_message), made);
+  std::shared_ptr<consumer> c(std::move(made));
+  *self = c;
+  ready->set_value();
+  if (err) return err;
+  std::lock_guard<std::mutex> lock(mu_);
+  consumers_[t] = std::move(c);
+  return {};
+}
+
+void kafka_bus::unsubscribe(topic t) {
+  std::shared_ptr<consumer> c;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = consumers_.find(t);
+    if (it == consumers_.end()) return;
+    c = std::move(it->second);
+    consumers_.erase(it);
+  }
+  c->close();
+}
+
+std::map<std::string, int64_t> kafka_bus::committed(topic t) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = consumers_.find(t);
+  return it == consumers_.end() ? std::map<std::string, int64_t>{} : it->second->committed();
+}
+
+void kafka_bus::close() {
+  std::map<topic, std::shared_ptr<consumer>> cs;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cs.swap(consumers_);
+  }
+  for (auto& [t, c] : cs) c->close();
+  if (producer_) producer_->close();
+}
+
+} // namespace prov::transport::kafka

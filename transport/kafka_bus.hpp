@@ -1,0 +1,91 @@
+#pragma once
+// transport::bus over Kafka. Each bus topic is the Kafka topic
+// "<prefix><topic name>"; events are encoded with the registration_event JSON
+// codec (messages/registration.hpp) and keyed by registration id (device id
+// for device.assigned), so per-device order holds on every hop.
+//
+// Not wired into the engine yet: this is the transport the later --roles
+// work plugs in. Records that cannot be decoded, and events whose handler
+// throws, go to "<prefix>dead-letter" with the reason and are committed past.
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "config/config.hpp"
+#include "messages/error.hpp"
+#include "transport/bus.hpp"
+#include "transport/kafka_common.hpp"
+#include "transport/kafka_consumer.hpp"
+#include "transport/kafka_producer.hpp"
+
+namespace prov::transport::kafka {
+
+class kafka_bus final : public bus {
+public:
+  struct options {
+    /// Consumer group of a topic's subscriber: group_prefix + topic name
+    /// (e.g. "provisiond.registration.attested"). All instances of a stage
+    /// share it, so they split the partitions.
+    std::string group_prefix = "provisiond.";
+    producer::options producer_options;
+    consumer::options consumer_options; ///< group_id and topics are set per topic
+    log_fn log;
+  };
+
+  /// Receives an event and `ack`, to be called once the event's effect is
+  /// durable (from any thread). Until then its offset is not committed. An
+  /// ack after unsubscribe or close is ignored (the event is redelivered).
+  using acked_handler = std::function<void(registration_event&&, std::function<void()> ack)>;
+
+  [[nodiscard]] static error create(const config::kafka_config& cfg, options opts,
+                                    std::unique_ptr<kafka_bus>& out);
+  ~kafka_bus() override; ///< close()
+
+  /// Fire and forget: failures are logged (the durable operation record
+  /// makes the event resumable).
+  void publish(topic t, registration_event ev) override;
+
+  /// `done` learns when the event is durable in Kafka (acks=all), e.g. to
+  /// answer 202 only then. When this returns an error `done` is not called.
+  [[nodiscard]] error publish(topic t, const registration_event& ev, delivery_fn done);
+
+  /// Offsets are committed when `h` returns: right for handlers whose effect
+  /// is complete on return. A null handler unsubscribes. Consumer creation
+  /// errors are logged; use subscribe_acked() to see them.
+  void subscribe(topic t, handler h) override;
+
+  /// Offsets are committed only after `ack`. Replaces an earlier subscriber.
+  [[nodiscard]] error subscribe_acked(topic t, acked_handler h);
+
+  /// Closes the consumers (committing finished work), then flushes the
+  /// producer. Idempotent.
+  void close();
+
+  /// Offsets committed by the subscriber of `t` ("topic/partition" -> next
+  /// offset); empty when there is none.
+  std::map<std::string, int64_t> committed(topic t) const;
+
+  /// Records sent to the dead-letter topic so far.
+  uint64_t dead_lettered() const noexcept { return dead_lettered_; }
+
+  /// The Kafka record key of an event on `t`.
+  static std::string key_for(topic t, const registration_event& ev);
+
+private:
+  kafka_bus(const config::kafka_config& cfg, options opts);
+  void unsubscribe(topic t);
+
+  config::kafka_config cfg_;
+  options opts_;
+  std::unique_ptr<producer> producer_;
+  mutable std::mutex mu_;
+  std::map<topic, std::shared_ptr<consumer>> consumers_;
+  std::atomic<uint64_t> dead_lettered_{0};
+};
+
+} // namespace prov::transport::kafka

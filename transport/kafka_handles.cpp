@@ -1,0 +1,82 @@
+#include "transport/kafka_handles.hpp"
+
+namespace prov::transport::kafka::internal {
+namespace {
+
+error set(rd_kafka_conf_t* conf, const std::string& name, const std::string& value,
+          const std::string& path) {
+  char errstr[512];
+  if (rd_kafka_conf_set(conf, name.c_str(), value.c_str(), errstr, sizeof errstr) !=
+      RD_KAFKA_CONF_OK)
+    return {error_code::bad_request, path + ": " + errstr};
+  return {};
+}
+
+} // namespace
+
+error make_conf(const config::kafka_config& cfg, const property_list& defaults,
+                const property_list& enforced, conf_ptr& out) {
+  conf_ptr conf(rd_kafka_conf_new());
+  if (!cfg.brokers.empty())
+    if (auto err = set(conf.get(), "bootstrap.servers", cfg.brokers, "kafka.brokers"))
+      return err;
+  if (auto err = set(conf.get(), "client.id", cfg.client_id, "kafka.client_id")) return err;
+  for (const auto& [k, v] : defaults)
+    if (auto err = set(conf.get(), k, v, "provisiond default " + k)) return err;
+  for (const auto& [k, v] : cfg.properties)
+    if (auto err = set(conf.get(), k, v, "kafka.properties." + k)) return err;
+  for (const auto& [k, v] : enforced)
+    if (auto err = set(conf.get(), k, v, "provisiond setting " + k)) return err;
+  out = std::move(conf);
+  return {};
+}
+
+void set_opaque(rd_kafka_conf_t* conf, opaque_base* self) {
+  rd_kafka_conf_set_opaque(conf, self);
+  if (!self->log) return;
+  rd_kafka_conf_set_log_cb(conf, [](const rd_kafka_t* rk, int level, const char* fac,
+                                    const char* buf) {
+    const auto* base = static_cast<const opaque_base*>(rd_kafka_opaque(rk));
+    if (!base) return;
+    std::string line = "librdkafka ";
+    line += rd_kafka_name(rk);
+    line += " ";
+    line += fac;
+    line += ": ";
+    line += buf;
+    write_log(base->log, level, line);
+  });
+}
+
+error kafka_error(rd_kafka_resp_err_t err, std::string_view what) {
+  std::string msg(what);
+  msg += ": ";
+  msg += rd_kafka_err2str(err);
+  return {error_code::unavailable, std::move(msg)};
+}
+
+std::vector<header> read_headers(const rd_kafka_message_t* m) {
+  std::vector<header> out;
+  rd_kafka_headers_t* hs = nullptr; // owned by the message
+  if (rd_kafka_message_headers(m, &hs) != RD_KAFKA_RESP_ERR_NO_ERROR || !hs) return out;
+  const char* name = nullptr;
+  const void* value = nullptr;
+  size_t size = 0;
+  for (size_t i = 0; rd_kafka_header_get_all(hs, i, &name, &value, &size) ==
+                     RD_KAFKA_RESP_ERR_NO_ERROR;
+       ++i)
+    out.push_back({name, value ? std::string(static_cast<const char*>(value), size)
+                               : std::string()});
+  return out;
+}
+
+headers_ptr make_headers(const std::vector<header>& hs) {
+  if (hs.empty()) return nullptr;
+  headers_ptr out(rd_kafka_headers_new(hs.size()));
+  for (const header& h : hs)
+    rd_kafka_header_add(out.get(), h.name.data(), static_cast<ssize_t>(h.name.size()),
+                        h.value.data(), static_cast<ssize_t>(h.value.size()));
+  return out;
+}
+
+} // namespace prov::transport::kafka::internal

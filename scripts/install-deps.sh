@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache pkg-config git
   libcaf-dev librdkafka-dev libssl-dev openssl librocksdb-dev prometheus-cpp-dev
   doctest-dev libboost-dev libboost-system-dev nlohmann-json3-dev libtomlplusplus-dev
-  libcli11-dev libspdlog-dev libfmt-dev
+  libcli11-dev libspdlog-dev libfmt-dev libjemalloc-dev
   curl ca-certificates procps nodejs npm
 )
 

@@ -420,6 +420,9 @@ void print_latency(std::ostream& out, const char* name, const std::vector<double
 nlohmann::json report(std::ostream& out, const std::string& title, const load_result& r,
                       const usage& u, bool server_known, const char* unit) {
   nlohmann::json j;
+  std::string singular(unit);
+  if (!singular.empty() && singular.back() == 's')
+    singular.pop_back();
   double rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
   j["title"] = title;
   j["wall_seconds"] = r.wall_s;
@@ -496,7 +499,7 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
     out << line;
     if (r.succeeded) {
       std::snprintf(line, sizeof line, "  %-28s %.1f us\n",
-                    (std::string("server CPU per ") + unit).c_str(),
+                    (std::string("server CPU per ") + singular).c_str(),
                     u.server_cpu() / static_cast<double>(r.succeeded) * 1e6);
       out << line;
     }
@@ -505,6 +508,8 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
                   static_cast<double>(u.server1.rss_kb) / 1024.0);
     out << line;
     j["server_cpu_seconds"] = u.server_cpu();
+    if (r.succeeded)
+      j["server_cpu_us_per_unit"] = u.server_cpu() / static_cast<double>(r.succeeded) * 1e6;
     j["server_cores"] = u.server_cpu() / wall;
     j["server_peak_rss_mb"] = static_cast<double>(u.server1.hwm_kb) / 1024.0;
     j["server_rss_mb"] = static_cast<double>(u.server1.rss_kb) / 1024.0;

@@ -660,9 +660,24 @@ int main(int argc, char** argv) {
   nlohmann::json out_json;
   out_json["machine"] = machine_description();
   out_json["command"] = [&] {
+    // Keys never go to stdout or the JSON file.
     std::string c;
-    for (int i = 0; i < argc; ++i)
-      c += (i ? " " : "") + std::string(argv[i]);
+    bool hide_next = false;
+    for (int i = 0; i < argc; ++i) {
+      std::string a = argv[i];
+      if (hide_next) {
+        a = "<redacted>";
+        hide_next = false;
+      }
+      for (const char* opt : {"--connection-string", "--group-key", "--enrollment-key"}) {
+        std::string o(opt);
+        if (a == o)
+          hide_next = true;
+        else if (a.rfind(o + "=", 0) == 0)
+          a = o + "=<redacted>";
+      }
+      c += (i ? " " : "") + a;
+    }
     return c;
   }();
   out_json["options"] = {{"mode", o.mode},

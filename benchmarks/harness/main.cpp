@@ -74,6 +74,7 @@ struct options {
   std::string nginx_bin = "/usr/sbin/nginx";
   uint64_t reference_count = 0;
   int reference_workers = 0;
+  int rounds = 3;
 };
 
 /// The server under test, however it was found.
@@ -418,7 +419,7 @@ void print_latency(std::ostream& out, const char* name, const std::vector<double
 }
 
 nlohmann::json report(std::ostream& out, const std::string& title, const load_result& r,
-                      const usage& u, bool server_known, const char* unit) {
+                      const usage& u, bool server_known, const char* unit, int threads) {
   nlohmann::json j;
   std::string singular(unit);
   if (!singular.empty() && singular.back() == 's')
@@ -519,6 +520,15 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n", "harness CPU",
                 r.harness_cpu_s, r.harness_cpu_s / wall);
   out << line;
+  bool client_bound = r.harness_cpu_s / wall > 0.85 * threads;
+  j["harness_cpu_bound"] = client_bound;
+  if (client_bound) {
+    std::snprintf(line, sizeof line,
+                  "  WARNING: the harness used %.2f cores with %d client thread(s): the client "
+                  "may be what limits this rate (try --threads)\n",
+                  r.harness_cpu_s / wall, threads);
+    out << line;
+  }
   std::snprintf(line, sizeof line,
                 "  %-28s %.2f of %.2f core-seconds busy (%.0f%%); load %s -> %s\n",
                 "machine CPU", u.machine_busy(), u.machine_total(),
@@ -546,6 +556,45 @@ load_result measured(const load_options& lo, pid_t pid, bool tree, uint64_t tota
   u.load1 = load_average();
   prog.end();
   return r;
+}
+
+/// Adds one round's result and resource use to the totals.
+void accumulate(load_result& total, const load_result& r, usage& tu, const usage& u,
+                bool first) {
+  if (first) {
+    total = r;
+    tu = u;
+    return;
+  }
+  total.wall_s += r.wall_s;
+  total.connect_phase_s += r.connect_phase_s;
+  total.started += r.started;
+  total.succeeded += r.succeeded;
+  total.failed += r.failed;
+  total.existing += r.existing;
+  total.requests += r.requests;
+  total.puts += r.puts;
+  total.polls += r.polls;
+  total.connections += r.connections;
+  total.reconnects += r.reconnects;
+  total.harness_cpu_s += r.harness_cpu_s;
+  for (auto& [k, v] : r.errors)
+    total.errors[k] += v;
+  for (auto& e : r.error_samples)
+    if (total.error_samples.size() < 10)
+      total.error_samples.push_back(e);
+  for (auto v : {&load_result::server_tta, &load_result::client_tta, &load_result::put_latency,
+                  &load_result::poll_latency, &load_result::handshake,
+                  &load_result::request_latency})
+    (total.*v).insert((total.*v).end(), (r.*v).begin(), (r.*v).end());
+  // CPU and machine time: sums of the rounds' deltas; memory: the latest.
+  tu.server1.cpu_seconds += u.server_cpu();
+  tu.server1.rss_kb = u.server1.rss_kb;
+  tu.server1.hwm_kb = std::max(tu.server1.hwm_kb, u.server1.hwm_kb);
+  tu.server1.ok = tu.server1.ok && u.server1.ok;
+  tu.m1.busy += u.machine_busy();
+  tu.m1.total += u.machine_total();
+  tu.load1 = u.load1;
 }
 
 } // namespace
@@ -596,6 +645,9 @@ int main(int argc, char** argv) {
   app.add_option("--nginx-bin", o.nginx_bin, "nginx for the TLS reference");
   app.add_option("--reference-count", o.reference_count,
                  "Connections for the reference (default: --devices)");
+  app.add_option("--rounds", o.rounds,
+                 "With --reference: alternate device and reference runs this many times "
+                 "(each does 1/rounds of the work), so both see the same machine load");
   app.add_option("--reference-workers", o.reference_workers,
                  "nginx worker processes (default: cores)");
   CLI11_PARSE(app, argc, argv);
@@ -742,7 +794,7 @@ int main(int argc, char** argv) {
     auto r = measured(bo, s.pid, false, n, u, show_progress);
     auto j = report(std::cout, "create " + std::to_string(n) + " individual enrollments (bulk, "
                                  + std::to_string(bo.concurrency) + " connections)",
-                    r, u, s.pid > 0, "enrollments");
+                    r, u, s.pid > 0, "enrollments", o.threads);
     out_json["enrollment_creation"] = j;
     if (r.failed || g_interrupted.load())
       any_failure = true;
@@ -770,25 +822,85 @@ int main(int argc, char** argv) {
     lo.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
   }
 
-  // ---- devices ----
+  // ---- devices, and the nginx reference interleaved with them ----
+  // On a shared machine, load from elsewhere drifts; alternating rounds of the
+  // two measurements exposes both to the same conditions.
+  const bool want_dev = o.mode != "reference";
+  const bool want_ref = o.reference || o.mode == "reference";
+  child_process nginx;
+  uint16_t nginx_port = 0;
+  std::string nginx_dir;
+  bool ref_ok = false;
+  if (want_ref) {
+    ref_ok = start_nginx(o, s, nginx, nginx_port, nginx_dir) == 0;
+    if (!ref_ok)
+      out_json["reference"] = "skipped";
+  }
+  const int rounds =
+    want_dev && ref_ok && o.duration_s <= 0 ? std::max(1, o.rounds) : 1;
+  const uint64_t ref_total_count = o.reference_count ? o.reference_count : devices;
+  load_result dev_total, ref_total;
+  usage dev_u, ref_u;
+  std::vector<nlohmann::json> round_json;
+  std::string poll = o.poll_interval_ms < 0 ? "Retry-After"
+                                            : std::to_string(o.poll_interval_ms) + " ms";
+  for (int k = 0; k < rounds && !g_interrupted.load(); ++k) {
+    std::string tag = rounds > 1 ? " " + std::to_string(k + 1) + "/" + std::to_string(rounds) : "";
+    double dr = 0, rr = 0;
+    if (want_dev) {
+      load_options l = lo;
+      l.mode = o.mode == "newconn" ? load_mode::newconn : load_mode::keepalive;
+      l.concurrency = o.concurrency;
+      uint64_t off = devices * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
+      l.count = devices * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds) - off;
+      auto base = lo.registration_id;
+      l.registration_id = [base, off](uint64_t i) { return base(i + off); };
+      l.duration_s = o.duration_s;
+      l.label = o.mode + tag;
+      usage u;
+      auto r = measured(l, s.pid, false, l.count, u, show_progress);
+      dr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+      accumulate(dev_total, r, dev_u, u, k == 0);
+    }
+    if (ref_ok) {
+      load_options ro = lo;
+      ro.mode = load_mode::reference;
+      ro.port = nginx_port;
+      ro.concurrency = o.concurrency;
+      uint64_t off = ref_total_count * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
+      ro.count = ref_total_count * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds)
+                 - off;
+      ro.duration_s = o.duration_s;
+      ro.label = "reference" + tag;
+      usage u;
+      auto r = measured(ro, nginx.pid(), true, ro.count, u, show_progress);
+      rr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+      accumulate(ref_total, r, ref_u, u, k == 0);
+    }
+    if (want_dev && ref_ok) {
+      char line[200];
+      std::snprintf(line, sizeof line,
+                    "  round %d/%d: %s %.1f devices/s, nginx %.1f connections/s (%.1f%%); "
+                    "load %s\n",
+                    k + 1, rounds, o.mode.c_str(), dr, rr, rr > 0 ? 100.0 * dr / rr : 0.0,
+                    load_average().c_str());
+      std::cout << line << std::flush;
+      round_json.push_back({{"device_rate", dr}, {"reference_rate", rr},
+                            {"ratio", rr > 0 ? dr / rr : 0.0}});
+    }
+  }
+
   double device_rate = 0;
-  if (o.mode != "reference") {
-    lo.mode = o.mode == "newconn" ? load_mode::newconn : load_mode::keepalive;
-    lo.concurrency = o.concurrency;
-    lo.count = devices;
-    lo.duration_s = o.duration_s;
-    lo.label = o.mode;
-    usage u;
-    auto r = measured(lo, s.pid, false, devices, u, show_progress);
-    std::string poll = o.poll_interval_ms < 0 ? "Retry-After"
-                                              : std::to_string(o.poll_interval_ms) + " ms";
+  if (want_dev) {
+    const auto& r = dev_total;
     std::string title = o.mode + ": " + std::to_string(r.started) + " devices, concurrency "
                         + std::to_string(o.concurrency) + ", " + std::to_string(o.threads)
                         + " client thread(s), poll " + poll
                         + (o.individual ? ", " + std::to_string(o.individual)
                                             + " individual enrollments"
-                                        : ", enrollment group");
-    auto j = report(std::cout, title, r, u, s.pid > 0, "devices");
+                                        : ", enrollment group")
+                        + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : "");
+    auto j = report(std::cout, title, r, dev_u, s.pid > 0, "devices", o.threads);
     out_json["registration"] = j;
     device_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
     uint64_t expected = o.duration_s > 0 && o.devices == 0 ? r.started : devices;
@@ -797,47 +909,31 @@ int main(int argc, char** argv) {
     if (r.succeeded < expected)
       log(std::to_string(expected - r.succeeded) + " device(s) not assigned");
   }
-
-  // ---- nginx reference ----
-  if (o.reference || o.mode == "reference") {
-    child_process nginx;
-    uint16_t port = 0;
-    std::string ndir;
-    if (start_nginx(o, s, nginx, port, ndir) == 0) {
-      load_options ro = lo;
-      ro.mode = load_mode::reference;
-      ro.port = port;
-      ro.concurrency = o.concurrency;
-      ro.count = o.reference_count ? o.reference_count : devices;
-      ro.duration_s = o.duration_s;
-      ro.label = "reference";
-      usage u;
-      auto r = measured(ro, nginx.pid(), true, ro.count, u, show_progress);
-      auto j = report(std::cout,
-                      "reference: nginx static file over HTTPS, new TLS connection per GET, "
-                      "concurrency " + std::to_string(o.concurrency),
-                      r, u, true, "connections");
-      out_json["reference"] = j;
-      if (r.failed)
-        any_failure = true;
-      double ref_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
-      if (o.mode != "reference" && ref_rate > 0) {
-        double ratio = device_rate / ref_rate;
-        char line[200];
-        std::snprintf(line, sizeof line,
-                      "\n  %s devices/s %.1f vs nginx TLS connections/s %.1f: %.1f%%\n",
-                      o.mode.c_str(), device_rate, ref_rate, 100.0 * ratio);
-        std::cout << line;
-        out_json["ratio_to_reference"] = ratio;
-      }
-      nginx.stop(10);
-      remove_tree(ndir);
-    } else {
-      out_json["reference"] = "skipped";
-      if (!ndir.empty())
-        remove_tree(ndir);
+  if (ref_ok) {
+    const auto& r = ref_total;
+    auto j = report(std::cout,
+                    "reference: nginx static file over HTTPS, new TLS connection per GET, "
+                    "concurrency " + std::to_string(o.concurrency)
+                      + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : ""),
+                    r, ref_u, true, "connections", o.threads);
+    out_json["reference"] = j;
+    if (r.failed)
+      any_failure = true;
+    double ref_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+    if (want_dev && ref_rate > 0) {
+      double ratio = device_rate / ref_rate;
+      char line[200];
+      std::snprintf(line, sizeof line,
+                    "\n  %s devices/s %.1f vs nginx TLS connections/s %.1f: %.1f%%\n",
+                    o.mode.c_str(), device_rate, ref_rate, 100.0 * ratio);
+      std::cout << line;
+      out_json["ratio_to_reference"] = ratio;
+      out_json["rounds"] = round_json;
     }
+    nginx.stop(10);
   }
+  if (!nginx_dir.empty())
+    remove_tree(nginx_dir);
 
   if (s.pid > 0) {
     auto final_sample = sample_process(s.pid);

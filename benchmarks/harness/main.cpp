@@ -738,6 +738,8 @@ int main(int argc, char** argv) {
                          {"concurrency", o.concurrency},
                          {"threads", o.threads},
                          {"poll_interval_ms", o.poll_interval_ms},
+                         {"reference", o.reference},
+                         {"rounds", o.rounds},
                          {"individual_enrollments", o.individual}};
   std::cout << "provisiond-bench  " << out_json["command"].get<std::string>() << "\n"
             << "  machine: " << out_json["machine"].get<std::string>() << "\n"

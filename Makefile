@@ -33,8 +33,11 @@ test: build
 	@scripts/install-test-deps.sh
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) $(CTEST_ARGS)
 
+# Without ARGS: the default suite (benchmarks/run-suite.sh, a few minutes).
+# With ARGS: one provisiond-bench run, e.g. make bench ARGS="--devices 1000".
 bench: build
-	$(BUILD_DIR)/bin/provisiond-bench $(ARGS)
+	@if [ -n "$(ARGS)" ]; then $(BUILD_DIR)/bin/provisiond-bench $(ARGS); \
+	else benchmarks/run-suite.sh $(BUILD_DIR); fi
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -9,6 +9,7 @@ packages=(
   doctest-dev libboost-dev libboost-system-dev nlohmann-json3-dev libtomlplusplus-dev
   libcli11-dev libspdlog-dev libfmt-dev libjemalloc-dev
   curl ca-certificates procps nodejs npm
+  libbenchmark-dev nginx-light
 )
 
 missing=()
@@ -33,6 +34,25 @@ echo "install-deps: installing ${missing[*]}"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
+
+# nginx-light is only the benchmark's TLS reference (provisiond-bench starts its
+# own nginx on a free port). Installing it must not leave a system nginx on :80:
+# keep invoke-rc.d from starting it (policy-rc.d), then disable the unit.
+nginx_new=0
+for p in "${missing[@]}"; do [[ "$p" == nginx-light ]] && nginx_new=1; done
+policy_added=0
+if [ "$nginx_new" -eq 1 ] && [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\n# temporary, from provisiond scripts/install-deps.sh\nexit 101\n' \
+    | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod 755 /usr/sbin/policy-rc.d
+  policy_added=1
+fi
+cleanup_policy() { [ "$policy_added" -eq 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d; true; }
+trap cleanup_policy EXIT
+
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ "$nginx_new" -eq 1 ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
+fi
 echo "install-deps: done"

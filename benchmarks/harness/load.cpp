@@ -1,0 +1,645 @@
+#include "benchmarks/harness/load.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include <unistd.h>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+#include <boost/beast/ssl/ssl_stream.hpp>
+#include <nlohmann/json.hpp>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "actors/attestation/sas_token.hpp"
+#include "benchmarks/harness/process.hpp"
+#include "messages/crypto.hpp"
+
+namespace bench {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace ssl = asio::ssl;
+using tcp = asio::ip::tcp;
+using steady = std::chrono::steady_clock;
+
+const char* to_string(load_mode m) {
+  switch (m) {
+  case load_mode::keepalive: return "keepalive";
+  case load_mode::newconn: return "newconn";
+  case load_mode::reference: return "reference";
+  case load_mode::bulk: return "bulk";
+  }
+  return "?";
+}
+
+namespace {
+
+double ms_since(steady::time_point t) {
+  return std::chrono::duration<double, std::milli>(steady::now() - t).count();
+}
+
+int64_t system_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+           std::chrono::system_clock::now().time_since_epoch())
+    .count();
+}
+
+/// "2026-11-26T12:00:00.1410000Z" -> ms since the epoch; -1 when malformed.
+int64_t parse_utc_ms(const std::string& s) {
+  int y, mo, d, h, mi, sec;
+  char frac[16] = {};
+  if (std::sscanf(s.c_str(), "%4d-%2d-%2dT%2d:%2d:%2d.%15[0-9]", &y, &mo, &d, &h, &mi, &sec,
+                  frac)
+      < 6)
+    return -1;
+  std::tm tm {};
+  tm.tm_year = y - 1900;
+  tm.tm_mon = mo - 1;
+  tm.tm_mday = d;
+  tm.tm_hour = h;
+  tm.tm_min = mi;
+  tm.tm_sec = sec;
+  int64_t ms = 0;
+  for (int i = 0; i < 3; ++i)
+    ms = ms * 10 + (frac[i] >= '0' && frac[i] <= '9' ? frac[i] - '0' : 0);
+  return static_cast<int64_t>(::timegm(&tm)) * 1000 + ms;
+}
+
+bool is_ip_literal(const std::string& h) {
+  boost::system::error_code ec;
+  asio::ip::make_address(h, ec);
+  return !ec;
+}
+
+/// What all connections share (read-only while running, plus atomics).
+struct shared_state {
+  const load_options& o;
+  std::atomic<uint64_t> next{0};
+  uint64_t limit = UINT64_MAX;
+  std::atomic<bool> go{false};
+  steady::time_point deadline = steady::time_point::max();
+  std::atomic<uint64_t> started{0}, succeeded{0}, failed{0}, ready{0}, connect_failed{0};
+  std::atomic<int> running_threads{0};
+  explicit shared_state(const load_options& opts) : o(opts) {}
+
+  bool take(uint64_t& idx) {
+    if (o.interrupted && o.interrupted->load())
+      return false;
+    if (steady::now() >= deadline)
+      return false;
+    idx = next.fetch_add(1, std::memory_order_relaxed);
+    if (idx >= limit)
+      return false;
+    started.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+};
+
+/// One io_context and thread, and the statistics its connections collect.
+struct thread_ctx {
+  shared_state& sh;
+  asio::io_context ioc{1};
+  ssl::context ssl_ctx{ssl::context::tls_client};
+  tcp::endpoint endpoint;
+  std::string host_header;
+  bool verify_ip = false;
+  load_result stats; // merged after the run
+  std::vector<std::function<void()>> waiting; // connected, waiting for go
+
+  explicit thread_ctx(shared_state& s) : sh(s) {}
+
+  void error(const std::string& code, const std::string& msg) {
+    ++stats.errors[code];
+    if (stats.error_samples.size() < 5)
+      stats.error_samples.push_back(code + ": " + msg);
+  }
+};
+
+/// The error code of a DPS error body, or "http<status>".
+std::string error_code_of(int status, const std::string& body) {
+  auto j = nlohmann::json::parse(body, nullptr, false);
+  if (j.is_object() && j.contains("errorCode") && j["errorCode"].is_number_integer())
+    return std::to_string(j["errorCode"].get<int64_t>());
+  return "http" + std::to_string(status);
+}
+
+class conn : public std::enable_shared_from_this<conn> {
+public:
+  explicit conn(thread_ctx& t) : t_(t), o_(t.sh.o), timer_(t.ioc) {}
+
+  void start() {
+    if (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk)
+      connect([self = shared_from_this()] { self->t_.sh.ready.fetch_add(1); self->wait_go(); });
+    else
+      wait_go();
+  }
+
+private:
+  using body_t = http::string_body;
+
+  // ---- connection management ------------------------------------------------
+
+  void wait_go() {
+    if (t_.sh.go.load())
+      return next();
+    t_.waiting.push_back([self = shared_from_this()] { self->next(); });
+  }
+
+  template <class Then>
+  void connect(Then then) {
+    stream_.emplace(t_.ioc, t_.ssl_ctx);
+    buffer_.clear();
+    server_wants_close_ = false;
+    SSL* ssl = stream_->native_handle();
+    const std::string& name = o_.tls_name.empty() ? o_.host : o_.tls_name;
+    if (!o_.insecure) {
+      if (is_ip_literal(name))
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name.c_str());
+      else
+        SSL_set1_host(ssl, name.c_str());
+    }
+    if (!is_ip_literal(name))
+      SSL_set_tlsext_host_name(ssl, name.c_str());
+    conn_start_ = steady::now();
+    auto& tcp_layer = beast::get_lowest_layer(*stream_);
+    tcp_layer.expires_after(std::chrono::seconds(o_.request_timeout_s));
+    tcp_layer.async_connect(
+      t_.endpoint, [self = shared_from_this(), then](beast::error_code ec) mutable {
+        if (ec)
+          return self->connect_failed("connection", "connect: " + ec.message());
+        beast::error_code ignored;
+        beast::get_lowest_layer(*self->stream_).socket().set_option(tcp::no_delay(true),
+                                                                     ignored);
+        self->stream_->async_handshake(
+          ssl::stream_base::client, [self, then](beast::error_code ec) mutable {
+            if (ec) {
+              std::string msg = "TLS handshake: " + ec.message();
+              long vr = SSL_get_verify_result(self->stream_->native_handle());
+              if (vr != X509_V_OK)
+                msg += std::string(" (") + X509_verify_cert_error_string(vr) + ")";
+              return self->connect_failed("tls", msg);
+            }
+            self->t_.stats.handshake.push_back(ms_since(self->conn_start_));
+            ++self->t_.stats.connections;
+            self->connected_ = true;
+            then();
+          });
+      });
+  }
+
+  void connect_failed(const std::string& code, const std::string& msg) {
+    connected_ = false;
+    close_socket();
+    if (!t_.sh.go.load()) {
+      // Pre-connect phase: this slot is lost; report and stop.
+      t_.error(code, msg);
+      t_.sh.connect_failed.fetch_add(1);
+      return;
+    }
+    fail(code, msg);
+  }
+
+  void close_socket() {
+    if (!stream_)
+      return;
+    beast::error_code ignored;
+    beast::get_lowest_layer(*stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
+    beast::get_lowest_layer(*stream_).socket().close(ignored);
+    connected_ = false;
+  }
+
+  /// newconn/reference: close_notify, wait for the server's, then close.
+  void shutdown_then_next() {
+    beast::get_lowest_layer(*stream_).expires_after(std::chrono::seconds(2));
+    stream_->async_shutdown([self = shared_from_this()](beast::error_code) {
+      self->close_socket();
+      self->next();
+    });
+  }
+
+  // ---- one unit of work ---------------------------------------------------------
+
+  void next() {
+    uint64_t idx = 0;
+    if (!t_.sh.take(idx)) {
+      if (stream_ && connected_)
+        close_socket();
+      return; // this connection is done; the io_context runs out of work
+    }
+    idx_ = idx;
+    switch (o_.mode) {
+    case load_mode::reference:
+      return connect([self = shared_from_this()] { self->send_get(); });
+    case load_mode::bulk:
+      return with_connection([self = shared_from_this()] { self->send_bulk(); });
+    case load_mode::keepalive:
+    case load_mode::newconn:
+      prepare_device();
+      return with_connection([self = shared_from_this()] { self->send_put(); });
+    }
+  }
+
+  template <class Then>
+  void with_connection(Then then) {
+    if (connected_ && (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk))
+      return then();
+    if (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk)
+      ++t_.stats.reconnects;
+    connect(std::move(then));
+  }
+
+  void prepare_device() {
+    reg_id_ = o_.registration_id(idx_);
+    auto key = prov::crypto::derive_device_key(o_.key_root, reg_id_);
+    auth_ = prov::attestation::make_sas(o_.id_scope + "/registrations/" + reg_id_,
+                                        key ? *key : std::string{}, ::time(nullptr) + 3600,
+                                        "registration");
+    base_ = "/" + o_.id_scope + "/registrations/" + reg_id_;
+    op_id_.clear();
+  }
+
+  void new_request(http::verb v, std::string target) {
+    req_ = {};
+    req_.version(11);
+    req_.method(v);
+    req_.target(target);
+    req_.set(http::field::host, t_.host_header);
+    req_.set(http::field::user_agent, "provisiond-bench/0.1");
+    req_.keep_alive(true);
+  }
+
+  template <class Handler>
+  void exchange(Handler h) {
+    ++t_.stats.requests;
+    auto& tcp_layer = beast::get_lowest_layer(*stream_);
+    tcp_layer.expires_after(std::chrono::seconds(o_.request_timeout_s));
+    http::async_write(
+      *stream_, req_, [self = shared_from_this(), h](beast::error_code ec, std::size_t) mutable {
+        if (ec)
+          return self->fail("connection", "write: " + ec.message());
+        self->parser_.emplace();
+        self->parser_->body_limit(1u << 20);
+        http::async_read(*self->stream_, self->buffer_, *self->parser_,
+                         [self, h](beast::error_code ec, std::size_t) mutable {
+                           if (ec)
+                             return self->fail(ec == beast::error::timeout ? "timeout"
+                                                                           : "connection",
+                                               "read: " + ec.message());
+                           auto& res = self->parser_->get();
+                           if (!res.keep_alive())
+                             self->server_wants_close_ = true;
+                           h(res);
+                         });
+      });
+  }
+
+  // ---- device: PUT register, poll until terminal ------------------------------------
+
+  void send_put() {
+    new_request(http::verb::put, base_ + "/register?api-version=" + o_.api_version);
+    req_.set(http::field::authorization, auth_);
+    req_.set(http::field::content_type, "application/json; charset=utf-8");
+    req_.body() = "{\"registrationId\":\"" + reg_id_ + "\"}";
+    req_.prepare_payload();
+    ++t_.stats.puts;
+    put_sys_us_ = system_us();
+    put_start_ = steady::now();
+    exchange([self = shared_from_this()](http::response<body_t>& res) { self->on_put(res); });
+  }
+
+  void on_put(http::response<body_t>& res) {
+    t_.stats.put_latency.push_back(ms_since(put_start_));
+    int status = static_cast<int>(res.result_int());
+    if (status != 202 && status != 200)
+      return fail(error_code_of(status, res.body()),
+                  "PUT " + std::to_string(status) + " " + res.body().substr(0, 200));
+    auto j = nlohmann::json::parse(res.body(), nullptr, false);
+    if (!j.is_object() || !j.contains("operationId") || !j["operationId"].is_string())
+      return fail("bad_response", "PUT answer without operationId: " + res.body().substr(0, 200));
+    op_id_ = j["operationId"].get<std::string>();
+    if (status == 200 || j.value("status", "") != "assigning")
+      return terminal(j);
+    schedule_poll(res);
+  }
+
+  void schedule_poll(const http::response<body_t>& res) {
+    int wait_ms = o_.poll_interval_ms;
+    if (wait_ms < 0) {
+      wait_ms = 1000;
+      auto ra = res.find(http::field::retry_after);
+      if (ra != res.end()) {
+        int s = std::atoi(std::string(ra->value()).c_str());
+        if (s > 0)
+          wait_ms = s * 1000;
+      }
+    }
+    if (ms_since(put_start_) + wait_ms > o_.device_timeout_s * 1000.0)
+      return fail("device_timeout", "not terminal after " + std::to_string(o_.device_timeout_s)
+                                      + " s");
+    timer_.expires_after(std::chrono::milliseconds(wait_ms));
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec)
+        return;
+      if (self->server_wants_close_ || !self->connected_) {
+        // The server closed the connection politely; polls need a new one.
+        self->server_wants_close_ = false;
+        self->close_socket();
+        ++self->t_.stats.reconnects;
+        return self->connect([self] { self->send_poll(); });
+      }
+      self->send_poll();
+    });
+  }
+
+  void send_poll() {
+    new_request(http::verb::get,
+                base_ + "/operations/" + op_id_ + "?api-version=" + o_.api_version);
+    req_.set(http::field::authorization, auth_);
+    ++t_.stats.polls;
+    poll_start_ = steady::now();
+    exchange([self = shared_from_this()](http::response<body_t>& res) { self->on_poll(res); });
+  }
+
+  void on_poll(http::response<body_t>& res) {
+    t_.stats.poll_latency.push_back(ms_since(poll_start_));
+    int status = static_cast<int>(res.result_int());
+    if (status == 202)
+      return schedule_poll(res);
+    if (status != 200)
+      return fail(error_code_of(status, res.body()),
+                  "poll " + std::to_string(status) + " " + res.body().substr(0, 200));
+    auto j = nlohmann::json::parse(res.body(), nullptr, false);
+    if (!j.is_object())
+      return fail("bad_response", "poll answer is not JSON: " + res.body().substr(0, 200));
+    terminal(j);
+  }
+
+  void terminal(const nlohmann::json& j) {
+    double client_ms = ms_since(put_start_);
+    std::string status = j.value("status", "");
+    const nlohmann::json* rs = nullptr;
+    if (j.contains("registrationState") && j["registrationState"].is_object())
+      rs = &j["registrationState"];
+    if (status != "assigned") {
+      std::string code = status.empty() ? "bad_response" : status;
+      if (rs && rs->contains("errorCode"))
+        code += ":" + rs->at("errorCode").dump();
+      return fail(code, "terminal status " + j.dump().substr(0, 300));
+    }
+    t_.stats.client_tta.push_back(client_ms);
+    if (rs) {
+      int64_t updated = parse_utc_ms(rs->value("lastUpdatedDateTimeUtc", ""));
+      if (updated > 0) {
+        // Millisecond resolution: both times truncated to whole ms.
+        double server_ms = static_cast<double>(updated - put_sys_us_ / 1000);
+        t_.stats.server_tta.push_back(server_ms < 0 ? 0 : server_ms);
+      }
+    }
+    t_.sh.succeeded.fetch_add(1, std::memory_order_relaxed);
+    finish_unit();
+  }
+
+  // ---- reference: one GET per connection -----------------------------------------------
+
+  void send_get() {
+    new_request(http::verb::get, o_.reference_path);
+    req_.keep_alive(false);
+    put_start_ = steady::now();
+    exchange([self = shared_from_this()](http::response<body_t>& res) {
+      self->t_.stats.request_latency.push_back(ms_since(self->put_start_));
+      int status = static_cast<int>(res.result_int());
+      if (status != 200)
+        return self->fail("http" + std::to_string(status), "reference GET");
+      self->t_.sh.succeeded.fetch_add(1, std::memory_order_relaxed);
+      self->finish_unit();
+    });
+  }
+
+  // ---- bulk enrollment batch -------------------------------------------------------------
+
+  void send_bulk() {
+    new_request(http::verb::post, "/enrollments?api-version=" + o_.service_api_version);
+    req_.set(http::field::authorization, o_.service_auth);
+    req_.set(http::field::content_type, "application/json; charset=utf-8");
+    req_.body() = o_.bulk_body(idx_);
+    req_.prepare_payload();
+    put_start_ = steady::now();
+    exchange([self = shared_from_this()](http::response<body_t>& res) { self->on_bulk(res); });
+  }
+
+  void on_bulk(http::response<body_t>& res) {
+    t_.stats.request_latency.push_back(ms_since(put_start_));
+    int status = static_cast<int>(res.result_int());
+    auto j = nlohmann::json::parse(res.body(), nullptr, false);
+    if (status != 200 || !j.is_object())
+      return fail(error_code_of(status, res.body()),
+                  "bulk " + std::to_string(status) + " " + res.body().substr(0, 200));
+    auto req_items = nlohmann::json::parse(req_.body(), nullptr, false);
+    uint64_t items = req_items.is_object() ? req_items["enrollments"].size() : 0;
+    uint64_t bad = 0, existing = 0;
+    if (j.contains("errors") && j["errors"].is_array())
+      for (auto& e : j["errors"]) {
+        auto code = e.contains("errorCode") ? e["errorCode"].dump() : std::string("?");
+        if (o_.ignore_conflicts && code == "409000") {
+          ++existing;
+          continue;
+        }
+        ++bad;
+        t_.error(code, e.dump().substr(0, 200));
+      }
+    t_.stats.existing += existing;
+    t_.sh.succeeded.fetch_add(items - bad - existing, std::memory_order_relaxed);
+    t_.sh.failed.fetch_add(bad, std::memory_order_relaxed);
+    finish_unit();
+  }
+
+  // ---- completion ---------------------------------------------------------------------------
+
+  void finish_unit() {
+    if (o_.mode == load_mode::newconn || o_.mode == load_mode::reference)
+      return shutdown_then_next();
+    if (server_wants_close_) {
+      server_wants_close_ = false;
+      close_socket();
+    }
+    next();
+  }
+
+  void fail(const std::string& code, const std::string& msg) {
+    timer_.cancel();
+    t_.error(code, reg_id_.empty() ? msg : reg_id_ + ": " + msg);
+    t_.sh.failed.fetch_add(1, std::memory_order_relaxed);
+    bool broken = code == "connection" || code == "timeout" || code == "tls"
+                  || server_wants_close_;
+    server_wants_close_ = false;
+    if (broken || o_.mode == load_mode::newconn || o_.mode == load_mode::reference) {
+      close_socket();
+    }
+    next();
+  }
+
+  thread_ctx& t_;
+  const load_options& o_;
+  asio::steady_timer timer_;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> stream_;
+  beast::flat_buffer buffer_;
+  http::request<body_t> req_;
+  std::optional<http::response_parser<body_t>> parser_;
+  bool connected_ = false;
+  bool server_wants_close_ = false;
+  uint64_t idx_ = 0;
+  std::string reg_id_, auth_, base_, op_id_;
+  int64_t put_sys_us_ = 0;
+  steady::time_point conn_start_, put_start_, poll_start_;
+};
+
+void append(std::vector<double>& to, const std::vector<double>& from) {
+  to.insert(to.end(), from.begin(), from.end());
+}
+
+} // namespace
+
+load_result run_load(const load_options& o, const tick_fn& tick) {
+  shared_state sh(o);
+  sh.limit = o.count ? o.count : UINT64_MAX;
+  int nthreads = std::max(1, o.threads);
+  std::vector<std::unique_ptr<thread_ctx>> ctxs;
+  bool ip = is_ip_literal(o.host);
+  boost::system::error_code ec;
+  tcp::endpoint ep;
+  if (ip) {
+    ep = tcp::endpoint(asio::ip::make_address(o.host), o.port);
+  } else {
+    asio::io_context tmp;
+    tcp::resolver r(tmp);
+    auto res = r.resolve(o.host, std::to_string(o.port), ec);
+    if (ec || res.empty()) {
+      load_result bad;
+      bad.errors["resolve"] = 1;
+      bad.error_samples.push_back("cannot resolve " + o.host + ": " + ec.message());
+      return bad;
+    }
+    ep = res.begin()->endpoint();
+  }
+  for (int i = 0; i < nthreads; ++i) {
+    auto t = std::make_unique<thread_ctx>(sh);
+    t->endpoint = ep;
+    t->host_header = (o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host) + ":"
+                     + std::to_string(o.port);
+    SSL_CTX* raw = t->ssl_ctx.native_handle();
+    SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
+    // Every new connection is a full handshake: no client session cache, no tickets.
+    SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_options(raw, SSL_OP_NO_TICKET);
+    if (o.insecure) {
+      t->ssl_ctx.set_verify_mode(ssl::verify_none);
+    } else {
+      t->ssl_ctx.set_verify_mode(ssl::verify_peer);
+      t->ssl_ctx.load_verify_file(o.ca_file, ec);
+      if (ec) {
+        load_result bad;
+        bad.errors["tls"] = 1;
+        bad.error_samples.push_back("cannot load CA file '" + o.ca_file + "': " + ec.message());
+        return bad;
+      }
+    }
+    ctxs.push_back(std::move(t));
+  }
+
+  // Spread the connections over the threads.
+  for (int i = 0; i < o.concurrency; ++i) {
+    auto& t = *ctxs[static_cast<std::size_t>(i % nthreads)];
+    asio::post(t.ioc, [c = std::make_shared<conn>(t)] { c->start(); });
+  }
+  // Keep the io_contexts running while connected slots wait for the start.
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards;
+  for (auto& t : ctxs)
+    guards.push_back(asio::make_work_guard(t->ioc));
+  double cpu0 = self_cpu_seconds();
+  auto t_connect = steady::now();
+  std::vector<std::thread> threads;
+  std::atomic<int> done_threads{0};
+  for (auto& t : ctxs)
+    threads.emplace_back([&t, &done_threads] {
+      t->ioc.run();
+      done_threads.fetch_add(1);
+    });
+
+  bool preconnect = o.mode == load_mode::keepalive || o.mode == load_mode::bulk;
+  if (preconnect) {
+    while (sh.ready.load() + sh.connect_failed.load() < static_cast<uint64_t>(o.concurrency)
+           && done_threads.load() < nthreads) {
+      if (o.interrupted && o.interrupted->load())
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  load_result r;
+  r.connect_phase_s = preconnect ? ms_since(t_connect) / 1000.0 : 0;
+  auto t0 = steady::now();
+  if (o.duration_s > 0)
+    sh.deadline = t0 + std::chrono::microseconds(static_cast<int64_t>(o.duration_s * 1e6));
+  sh.go.store(true);
+  for (auto& t : ctxs)
+    asio::post(t->ioc, [tp = t.get()] {
+      auto w = std::move(tp->waiting);
+      for (auto& f : w)
+        f();
+    });
+  guards.clear();
+
+  while (done_threads.load() < nthreads) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    if (tick)
+      tick(ms_since(t0) / 1000.0, sh.succeeded.load(), sh.failed.load());
+  }
+  for (auto& th : threads)
+    th.join();
+  r.wall_s = ms_since(t0) / 1000.0;
+  r.harness_cpu_s = self_cpu_seconds() - cpu0;
+  r.started = sh.started.load();
+  r.succeeded = sh.succeeded.load();
+  r.failed = sh.failed.load();
+  for (auto& t : ctxs) {
+    auto& s = t->stats;
+    r.requests += s.requests;
+    r.puts += s.puts;
+    r.polls += s.polls;
+    r.connections += s.connections;
+    r.reconnects += s.reconnects;
+    r.existing += s.existing;
+    for (auto& [k, v] : s.errors)
+      r.errors[k] += v;
+    for (auto& e : s.error_samples)
+      if (r.error_samples.size() < 10)
+        r.error_samples.push_back(e);
+    append(r.server_tta, s.server_tta);
+    append(r.client_tta, s.client_tta);
+    append(r.put_latency, s.put_latency);
+    append(r.poll_latency, s.poll_latency);
+    append(r.handshake, s.handshake);
+    append(r.request_latency, s.request_latency);
+  }
+  // Connections lost before the run started are failures of the run, too.
+  r.failed += sh.connect_failed.load();
+  return r;
+}
+
+} // namespace bench

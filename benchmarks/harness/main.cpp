@@ -1,0 +1,959 @@
+// provisiond-bench: spawns (or targets) a provisiond server, creates an
+// enrollment group (or N individual enrollments), and registers devices the
+// way an SDK does: PUT register with a SAS token, then poll the operation
+// until it is terminal. Prints measured numbers only. See docs/benchmarking.md.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/attestation/sas_token.hpp"
+#include "benchmarks/harness/load.hpp"
+#include "benchmarks/harness/process.hpp"
+#include "gateway/net/https_client.hpp"
+#include "messages/crypto.hpp"
+
+namespace {
+
+using namespace bench;
+using steady = std::chrono::steady_clock;
+
+std::atomic<bool> g_interrupted{false};
+
+struct options {
+  std::string mode = "keepalive";
+  bool reference = false;
+  uint64_t devices = 1000;
+  double duration_s = 0;
+  int concurrency = 100;
+  int threads = 1;
+  int poll_interval_ms = -1;
+  int request_timeout_s = 30;
+  int device_timeout_s = 120;
+  std::string json_file;
+  bool no_progress = false;
+  std::string id_prefix;
+  std::string api_version = "2021-06-01";
+
+  // Spawned server.
+  std::string server_bin;
+  std::string config_file;
+  std::string data_dir;
+  bool keep_data = false;
+
+  // External server.
+  std::string target;
+  std::string connection_string;
+  std::string id_scope;
+  std::string ca_file;
+  bool insecure = false;
+  std::string tls_name;
+  int server_pid = 0;
+
+  // Enrollments.
+  std::string group_id = "bench-group";
+  std::string group_key;
+  uint64_t individual = 0;
+  int enroll_concurrency = 16;
+  std::string enrollment_key;
+
+  // Reference.
+  std::string nginx_bin = "/usr/sbin/nginx";
+  uint64_t reference_count = 0;
+  int reference_workers = 0;
+  int rounds = 3;
+};
+
+/// The server under test, however it was found.
+struct server_info {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;
+  std::string id_scope;
+  std::string ca_file;
+  std::string tls_name;
+  std::string service_host = "localhost";
+  std::string policy = "provisioningserviceowner";
+  std::string policy_key;
+  pid_t pid = 0;
+  std::string data_dir; ///< spawned: its data dir
+  std::string cert_pem, key_pem; ///< spawned: its TLS material (for nginx)
+};
+
+void log(const std::string& s) {
+  std::cerr << "provisiond-bench: " << s << std::endl;
+}
+
+// -- numbers ----------------------------------------------------------------------------
+
+struct pct {
+  std::size_t n = 0;
+  double p50 = 0, p95 = 0, p99 = 0, max = 0, mean = 0;
+};
+
+pct percentiles(std::vector<double> v) {
+  pct r;
+  r.n = v.size();
+  if (v.empty())
+    return r;
+  std::sort(v.begin(), v.end());
+  auto at = [&](double p) {
+    auto rank = static_cast<std::size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
+    return v[std::min(v.size() - 1, rank ? rank - 1 : 0)];
+  };
+  r.p50 = at(50);
+  r.p95 = at(95);
+  r.p99 = at(99);
+  r.max = v.back();
+  double sum = 0;
+  for (double x : v)
+    sum += x;
+  r.mean = sum / static_cast<double>(v.size());
+  return r;
+}
+
+nlohmann::json to_json(const pct& p) {
+  return {{"n", p.n}, {"p50", p.p50}, {"p95", p.p95}, {"p99", p.p99}, {"max", p.max},
+          {"mean", p.mean}};
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+/// Server/machine resource use around one phase.
+struct usage {
+  proc_sample server0, server1;
+  machine_sample m0, m1;
+  std::string load0, load1;
+  double server_cpu() const { return server1.cpu_seconds - server0.cpu_seconds; }
+  double machine_busy() const { return m1.busy - m0.busy; }
+  double machine_total() const { return m1.total - m0.total; }
+};
+
+proc_sample sample_server(pid_t pid, bool tree = false) {
+  if (pid <= 0)
+    return {};
+  return tree ? sample_process_tree(pid) : sample_process(pid);
+}
+
+// -- progress line -------------------------------------------------------------------------
+
+class progress {
+public:
+  progress(std::string label, uint64_t total, bool enabled)
+    : label_(std::move(label)), total_(total), enabled_(enabled), tty_(::isatty(2) != 0) {}
+
+  void operator()(double t, uint64_t done, uint64_t failed) {
+    if (!enabled_)
+      return;
+    if (t - last_t_ < (tty_ ? 0.25 : 1.0))
+      return;
+    double rate = (static_cast<double>(done) - static_cast<double>(last_done_)) / (t - last_t_);
+    last_t_ = t;
+    last_done_ = done;
+    char line[256];
+    std::snprintf(line, sizeof line,
+                  "[%s] %6.1fs  %llu%s%s done  %.0f/s now  %.0f/s avg  errors %llu",
+                  label_.c_str(), t, static_cast<unsigned long long>(done),
+                  total_ ? "/" : "", total_ ? std::to_string(total_).c_str() : "", rate,
+                  t > 0 ? static_cast<double>(done) / t : 0.0,
+                  static_cast<unsigned long long>(failed));
+    if (tty_)
+      std::fprintf(stderr, "\r%s\033[K", line);
+    else
+      std::fprintf(stderr, "%s\n", line);
+    std::fflush(stderr);
+    printed_ = true;
+  }
+
+  void end() {
+    if (enabled_ && tty_ && printed_)
+      std::fprintf(stderr, "\n");
+  }
+
+private:
+  std::string label_;
+  uint64_t total_;
+  bool enabled_, tty_;
+  double last_t_ = 0;
+  uint64_t last_done_ = 0;
+  bool printed_ = false;
+};
+
+// -- server setup --------------------------------------------------------------------------
+
+bool parse_connection_string(const std::string& cs, server_info& s) {
+  std::stringstream ss(cs);
+  std::string part;
+  while (std::getline(ss, part, ';')) {
+    auto eq = part.find('=');
+    if (eq == std::string::npos)
+      continue;
+    auto k = part.substr(0, eq), v = part.substr(eq + 1);
+    if (k == "HostName")
+      s.service_host = v;
+    else if (k == "SharedAccessKeyName")
+      s.policy = v;
+    else if (k == "SharedAccessKey")
+      s.policy_key = v;
+  }
+  return !s.policy_key.empty();
+}
+
+int spawn_server(const options& o, child_process& server, server_info& s, bool& own_dir) {
+  std::string bin = o.server_bin.empty() ? self_dir() + "/provisiond" : o.server_bin;
+  if (!file_exists(bin)) {
+    log("server binary " + bin + " not found (build it, or pass --server-bin / --target)");
+    return 2;
+  }
+  own_dir = o.data_dir.empty();
+  s.data_dir = own_dir ? make_temp_dir("provisiond-bench") : o.data_dir;
+  if (s.data_dir.empty()) {
+    log("cannot create a temp dir");
+    return 2;
+  }
+  ::unlink((s.data_dir + "/endpoints.json").c_str());
+  std::vector<std::string> argv{bin, "serve"};
+  if (!o.config_file.empty()) {
+    argv.push_back("--config");
+    argv.push_back(o.config_file);
+  }
+  for (const char* a : {"--data-dir", "", "--listen", "127.0.0.1:0", "--metrics-listen",
+                        "127.0.0.1:0"})
+    argv.push_back(*a ? a : s.data_dir);
+  std::string err;
+  if (!server.start(argv, s.data_dir + "/server.log", err)) {
+    log(err);
+    return 2;
+  }
+  auto deadline = steady::now() + std::chrono::seconds(60);
+  while (true) {
+    auto j = nlohmann::json::parse(read_file(s.data_dir + "/endpoints.json"), nullptr, false);
+    if (j.is_object() && j.contains("device_api")) {
+      auto addr = j.value("device_api", "");
+      s.port = static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
+      s.id_scope = j.value("id_scope", "");
+      s.pid = j.value("pid", 0);
+      break;
+    }
+    if (!server.alive()) {
+      log("the server exited during start; its log (" + s.data_dir + "/server.log):\n"
+          + read_file(s.data_dir + "/server.log"));
+      return 2;
+    }
+    if (steady::now() > deadline) {
+      log("the server did not write endpoints.json within 60 s");
+      return 2;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  auto ident = nlohmann::json::parse(read_file(s.data_dir + "/identity.json"), nullptr, false);
+  if (!ident.is_object()) {
+    log("cannot read " + s.data_dir + "/identity.json");
+    return 2;
+  }
+  s.policy = ident.value("policy_name", "provisioningserviceowner");
+  s.policy_key = ident.value("primary_key", "");
+  s.service_host = ident.value("service_host", "localhost");
+  s.ca_file = s.data_dir + "/tls/ca.pem";
+  s.cert_pem = s.data_dir + "/tls/server.pem";
+  s.key_pem = s.data_dir + "/tls/server.key";
+  s.tls_name = "127.0.0.1";
+  if (s.pid <= 0)
+    s.pid = server.pid();
+  return 0;
+}
+
+std::string service_auth(const server_info& s) {
+  return prov::attestation::make_sas(s.service_host, s.policy_key, ::time(nullptr) + 24 * 3600,
+                                     s.policy);
+}
+
+prov::net::https_client service_client(const server_info& s, bool insecure) {
+  prov::net::https_client_options co;
+  co.host = s.host;
+  co.port = s.port;
+  co.ca_file = s.ca_file;
+  co.server_name = s.tls_name;
+  co.insecure_skip_verify = insecure;
+  return prov::net::https_client(co);
+}
+
+/// Reuses the group's key when the group exists; otherwise creates it.
+int ensure_group(const options& o, const server_info& s, std::string& key) {
+  auto c = service_client(s, o.insecure);
+  prov::net::http_headers h;
+  h.add("Authorization", service_auth(s));
+  h.add("Content-Type", "application/json; charset=utf-8");
+  const std::string q = "?api-version=2021-10-01";
+  prov::net::https_response r;
+  if (o.group_key.empty()) {
+    if (auto err = c.request("POST", "/enrollmentGroups/" + o.group_id + "/attestationmechanism" + q,
+                             h, {}, r)) {
+      log("service API: " + err.message);
+      return 2;
+    }
+    if (r.status == 200) {
+      auto j = nlohmann::json::parse(r.body, nullptr, false);
+      if (j.is_object() && j.contains("symmetricKey")
+          && j["symmetricKey"].value("primaryKey", "") != "") {
+        key = j["symmetricKey"]["primaryKey"].get<std::string>();
+        log("reusing enrollment group '" + o.group_id + "'");
+        return 0;
+      }
+    }
+  }
+  key = o.group_key.empty() ? prov::crypto::generate_key() : o.group_key;
+  nlohmann::json body{{"enrollmentGroupId", o.group_id},
+                      {"attestation",
+                       {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  if (auto err = c.request("PUT", "/enrollmentGroups/" + o.group_id + q, h, body.dump(), r)) {
+    log("service API: " + err.message);
+    return 2;
+  }
+  if (r.status != 200) {
+    log("creating enrollment group '" + o.group_id + "' failed: HTTP "
+        + std::to_string(r.status) + " " + r.body);
+    return 2;
+  }
+  log("enrollment group '" + o.group_id + "' created");
+  return 0;
+}
+
+// -- nginx reference -------------------------------------------------------------------------
+
+int start_nginx(const options& o, const server_info& s, child_process& nginx, uint16_t& port,
+                std::string& dir) {
+  if (!file_exists(o.nginx_bin)) {
+    log("nginx not found at " + o.nginx_bin
+        + ": skipping the TLS reference (install nginx-light: scripts/install-deps.sh)");
+    return 1;
+  }
+  if (s.cert_pem.empty()) {
+    log("no server certificate known (external --target): skipping the TLS reference");
+    return 1;
+  }
+  dir = make_temp_dir("provisiond-bench-nginx");
+  ::chmod(dir.c_str(), 0755); // nginx workers may run as nobody
+  ::mkdir((dir + "/www").c_str(), 0755);
+  std::ofstream(dir + "/www/index.html") << "{\"status\":\"ok\"}\n";
+  ::chmod((dir + "/www/index.html").c_str(), 0644);
+  port = pick_free_port();
+  int workers = o.reference_workers > 0 ? o.reference_workers
+                                        : static_cast<int>(std::thread::hardware_concurrency());
+  std::ofstream conf(dir + "/nginx.conf");
+  conf << "# generated by provisiond-bench: TLS reference with the server's certificate\n"
+       << "daemon off;\nmaster_process on;\nworker_processes " << workers << ";\n"
+       << "pid " << dir << "/nginx.pid;\nerror_log " << dir << "/error.log warn;\n"
+       << "events { worker_connections 8192; }\n"
+       << "http {\n  access_log off;\n"
+       << "  client_body_temp_path " << dir << "/body;\n  proxy_temp_path " << dir << "/proxy;\n"
+       << "  fastcgi_temp_path " << dir << "/fastcgi;\n  uwsgi_temp_path " << dir << "/uwsgi;\n"
+       << "  scgi_temp_path " << dir << "/scgi;\n"
+       << "  default_type application/json;\n"
+       << "  server {\n    listen 127.0.0.1:" << port << " ssl;\n"
+       << "    ssl_certificate " << s.cert_pem << ";\n    ssl_certificate_key " << s.key_pem
+       << ";\n"
+       // The same protocol versions and TLS 1.2 suites as provisiond's gateway.
+       << "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+       << "    ssl_ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+          "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+          "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305;\n"
+       << "    ssl_prefer_server_ciphers on;\n"
+       << "    location / { root " << dir << "/www; }\n  }\n}\n";
+  conf.close();
+  std::string err;
+  if (!nginx.start({o.nginx_bin, "-p", dir, "-e", dir + "/error.log", "-c", dir + "/nginx.conf"},
+                   dir + "/nginx.out", err)) {
+    log("cannot start nginx: " + err);
+    return 1;
+  }
+  // Wait until it accepts TLS.
+  auto deadline = steady::now() + std::chrono::seconds(10);
+  while (steady::now() < deadline) {
+    if (!nginx.alive()) {
+      log("nginx exited: " + read_file(dir + "/error.log") + read_file(dir + "/nginx.out"));
+      return 1;
+    }
+    prov::net::https_client_options co;
+    co.host = "127.0.0.1";
+    co.port = port;
+    co.ca_file = s.ca_file;
+    prov::net::https_client c(co);
+    prov::net::https_response r;
+    if (!c.request("GET", "/index.html", r) && r.status == 200)
+      return 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  log("nginx did not answer within 10 s: " + read_file(dir + "/error.log"));
+  return 1;
+}
+
+// -- report ---------------------------------------------------------------------------------
+
+void print_latency(std::ostream& out, const char* name, const std::vector<double>& v,
+                   nlohmann::json& j, const char* key) {
+  auto p = percentiles(v);
+  j[key] = to_json(p);
+  if (p.n == 0)
+    return;
+  char line[200];
+  std::snprintf(line, sizeof line, "  %-28s %9.2f %9.2f %9.2f %9.2f %9.2f %9zu\n", name, p.p50,
+                p.p95, p.p99, p.max, p.mean, p.n);
+  out << line;
+}
+
+nlohmann::json report(std::ostream& out, const std::string& title, const load_result& r,
+                      const usage& u, bool server_known, const char* unit, int threads) {
+  nlohmann::json j;
+  std::string singular(unit);
+  if (!singular.empty() && singular.back() == 's')
+    singular.pop_back();
+  double rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+  j["title"] = title;
+  j["wall_seconds"] = r.wall_s;
+  j["connect_phase_seconds"] = r.connect_phase_s;
+  j["started"] = r.started;
+  j["succeeded"] = r.succeeded;
+  j["failed"] = r.failed;
+  j["existing"] = r.existing;
+  j["rate_per_second"] = rate;
+  j["requests"] = r.requests;
+  j["puts"] = r.puts;
+  j["polls"] = r.polls;
+  j["tls_connections"] = r.connections;
+  j["reconnects"] = r.reconnects;
+  j["errors"] = r.errors;
+  j["error_samples"] = r.error_samples;
+  j["harness_cpu_seconds"] = r.harness_cpu_s;
+
+  out << "\n== " << title << " ==\n";
+  char line[300];
+  std::snprintf(line, sizeof line, "  %-28s %llu (failed %llu%s)\n",
+                (std::string(unit) + " ok").c_str(),
+                static_cast<unsigned long long>(r.succeeded),
+                static_cast<unsigned long long>(r.failed),
+                r.existing ? (", already existing " + std::to_string(r.existing)).c_str() : "");
+  out << line;
+  std::snprintf(line, sizeof line, "  %-28s %.3f s%s\n", "measured wall time", r.wall_s,
+                r.connect_phase_s > 0
+                  ? (" (after opening the connections: " + fmt("%.3f", r.connect_phase_s) + " s)")
+                      .c_str()
+                  : "");
+  out << line;
+  std::snprintf(line, sizeof line, "  %-28s %.1f\n", (std::string(unit) + "/s").c_str(), rate);
+  out << line;
+  if (r.puts)
+    std::snprintf(line, sizeof line,
+                  "  %-28s %llu (PUT %llu, polls %llu = %.2f per device)\n", "HTTP requests",
+                  static_cast<unsigned long long>(r.requests),
+                  static_cast<unsigned long long>(r.puts),
+                  static_cast<unsigned long long>(r.polls),
+                  r.puts ? static_cast<double>(r.polls) / static_cast<double>(r.puts) : 0.0);
+  else
+    std::snprintf(line, sizeof line, "  %-28s %llu\n", "HTTP requests",
+                  static_cast<unsigned long long>(r.requests));
+  out << line;
+  std::snprintf(line, sizeof line, "  %-28s %llu (re-opened %llu)\n", "TLS connections opened",
+                static_cast<unsigned long long>(r.connections),
+                static_cast<unsigned long long>(r.reconnects));
+  out << line;
+  out << "  latency (ms)                       p50       p95       p99       max      mean   samples\n";
+  print_latency(out, "server time-to-assigned", r.server_tta, j, "server_time_to_assigned_ms");
+  print_latency(out, "client time-to-assigned", r.client_tta, j, "client_time_to_assigned_ms");
+  print_latency(out, "PUT register -> 202", r.put_latency, j, "put_latency_ms");
+  print_latency(out, "poll -> answer", r.poll_latency, j, "poll_latency_ms");
+  print_latency(out, "request -> answer", r.request_latency, j, "request_latency_ms");
+  print_latency(out, "TCP connect + TLS handshake", r.handshake, j, "handshake_ms");
+  if (r.errors.empty()) {
+    out << "  errors by errorCode           none\n";
+  } else {
+    out << "  errors by errorCode\n";
+    for (auto& [k, v] : r.errors) {
+      std::snprintf(line, sizeof line, "    %-26s %llu\n", k.c_str(),
+                    static_cast<unsigned long long>(v));
+      out << line;
+    }
+    out << "  first errors:\n";
+    for (auto& e : r.error_samples)
+      out << "    " << e << "\n";
+  }
+  double wall = r.wall_s > 0 ? r.wall_s : 1;
+  if (server_known && u.server1.ok) {
+    std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n", "server CPU",
+                  u.server_cpu(), u.server_cpu() / wall);
+    out << line;
+    if (r.succeeded) {
+      std::snprintf(line, sizeof line, "  %-28s %.1f us\n",
+                    (std::string("server CPU per ") + singular).c_str(),
+                    u.server_cpu() / static_cast<double>(r.succeeded) * 1e6);
+      out << line;
+    }
+    std::snprintf(line, sizeof line, "  %-28s %.1f MB (now %.1f MB)\n",
+                  "server peak RSS (VmHWM)", static_cast<double>(u.server1.hwm_kb) / 1024.0,
+                  static_cast<double>(u.server1.rss_kb) / 1024.0);
+    out << line;
+    j["server_cpu_seconds"] = u.server_cpu();
+    if (r.succeeded)
+      j["server_cpu_us_per_unit"] = u.server_cpu() / static_cast<double>(r.succeeded) * 1e6;
+    j["server_cores"] = u.server_cpu() / wall;
+    j["server_peak_rss_mb"] = static_cast<double>(u.server1.hwm_kb) / 1024.0;
+    j["server_rss_mb"] = static_cast<double>(u.server1.rss_kb) / 1024.0;
+  } else {
+    out << "  server CPU / RSS              not measured (no local server pid)\n";
+  }
+  std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n", "harness CPU",
+                r.harness_cpu_s, r.harness_cpu_s / wall);
+  out << line;
+  bool client_bound = r.harness_cpu_s / wall > 0.85 * threads;
+  j["harness_cpu_bound"] = client_bound;
+  if (client_bound) {
+    std::snprintf(line, sizeof line,
+                  "  WARNING: the harness used %.2f cores with %d client thread(s): the client "
+                  "may be what limits this rate (try --threads)\n",
+                  r.harness_cpu_s / wall, threads);
+    out << line;
+  }
+  std::snprintf(line, sizeof line,
+                "  %-28s %.2f of %.2f core-seconds busy (%.0f%%); load %s -> %s\n",
+                "machine CPU", u.machine_busy(), u.machine_total(),
+                u.machine_total() > 0 ? 100.0 * u.machine_busy() / u.machine_total() : 0.0,
+                u.load0.c_str(), u.load1.c_str());
+  out << line;
+  j["machine_busy_core_seconds"] = u.machine_busy();
+  j["machine_total_core_seconds"] = u.machine_total();
+  j["loadavg_before"] = u.load0;
+  j["loadavg_after"] = u.load1;
+  out.flush();
+  return j;
+}
+
+/// Runs one load phase with server/machine sampling around it.
+load_result measured(const load_options& lo, pid_t pid, bool tree, uint64_t total, usage& u,
+                     bool show_progress) {
+  progress prog(lo.label, total, show_progress);
+  u.server0 = sample_server(pid, tree);
+  u.m0 = sample_machine();
+  u.load0 = load_average();
+  auto r = run_load(lo, [&](double t, uint64_t done, uint64_t failed) { prog(t, done, failed); });
+  u.server1 = sample_server(pid, tree);
+  u.m1 = sample_machine();
+  u.load1 = load_average();
+  prog.end();
+  return r;
+}
+
+/// Adds one round's result and resource use to the totals.
+void accumulate(load_result& total, const load_result& r, usage& tu, const usage& u,
+                bool first) {
+  if (first) {
+    total = r;
+    tu = u;
+    return;
+  }
+  total.wall_s += r.wall_s;
+  total.connect_phase_s += r.connect_phase_s;
+  total.started += r.started;
+  total.succeeded += r.succeeded;
+  total.failed += r.failed;
+  total.existing += r.existing;
+  total.requests += r.requests;
+  total.puts += r.puts;
+  total.polls += r.polls;
+  total.connections += r.connections;
+  total.reconnects += r.reconnects;
+  total.harness_cpu_s += r.harness_cpu_s;
+  for (auto& [k, v] : r.errors)
+    total.errors[k] += v;
+  for (auto& e : r.error_samples)
+    if (total.error_samples.size() < 10)
+      total.error_samples.push_back(e);
+  for (auto v : {&load_result::server_tta, &load_result::client_tta, &load_result::put_latency,
+                  &load_result::poll_latency, &load_result::handshake,
+                  &load_result::request_latency})
+    (total.*v).insert((total.*v).end(), (r.*v).begin(), (r.*v).end());
+  // CPU and machine time: sums of the rounds' deltas; memory: the latest.
+  tu.server1.cpu_seconds += u.server_cpu();
+  tu.server1.rss_kb = u.server1.rss_kb;
+  tu.server1.hwm_kb = std::max(tu.server1.hwm_kb, u.server1.hwm_kb);
+  tu.server1.ok = tu.server1.ok && u.server1.ok;
+  tu.m1.busy += u.machine_busy();
+  tu.m1.total += u.machine_total();
+  tu.load1 = u.load1;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  CLI::App app{"provisiond-bench: registers simulated devices against provisiond (Azure DPS "
+               "device API) and reports measured throughput and latency"};
+  app.add_option("--mode", o.mode, "keepalive | newconn | reference")
+    ->check(CLI::IsMember({"keepalive", "newconn", "reference"}));
+  app.add_flag("--reference", o.reference,
+               "Also measure nginx serving a static file over HTTPS with the server's certificate "
+               "(new connection per request) and print the ratio");
+  app.add_option("--devices", o.devices, "Devices to register (0 with --duration: unlimited)");
+  app.add_option("--duration", o.duration_s, "Stop starting devices after this many seconds");
+  app.add_option("-c,--concurrency", o.concurrency, "Concurrent devices (= connections)");
+  app.add_option("--threads", o.threads, "Client I/O threads (each an io_context)");
+  app.add_option("--poll-interval-ms", o.poll_interval_ms,
+                 "Wait between polls; default: honour Retry-After");
+  app.add_option("--request-timeout", o.request_timeout_s, "Seconds per request");
+  app.add_option("--device-timeout", o.device_timeout_s, "Seconds until a device gives up");
+  app.add_option("--json", o.json_file, "Write all numbers to this JSON file");
+  app.add_flag("--no-progress", o.no_progress, "No progress line on stderr");
+  app.add_option("--id-prefix", o.id_prefix, "Registration id prefix (default bench-<random>-)");
+  app.add_option("--api-version", o.api_version, "Device API version sent");
+  app.add_option("--server-bin", o.server_bin, "provisiond binary (default: next to this one)");
+  app.add_option("--config", o.config_file, "Config file passed to the spawned server");
+  app.add_option("--data-dir", o.data_dir,
+                 "Data dir for the spawned server (kept; default: a temp dir, removed)");
+  app.add_flag("--keep-data", o.keep_data, "Keep the temp data dir");
+  app.add_option("--target", o.target, "External server HOST:PORT (no server is spawned)");
+  app.add_option("--connection-string", o.connection_string,
+                 "Service connection string of the external server");
+  app.add_option("--id-scope", o.id_scope, "ID scope of the external server");
+  app.add_option("--ca", o.ca_file, "CA file to trust for the external server");
+  app.add_flag("--insecure", o.insecure, "Do not verify the server certificate");
+  app.add_option("--tls-name", o.tls_name, "Name checked in the certificate (default: host)");
+  app.add_option("--server-pid", o.server_pid,
+                 "PID of the external server (for CPU and RSS; same machine only)");
+  app.add_option("--group", o.group_id, "Enrollment group id (created or reused)");
+  app.add_option("--group-key", o.group_key, "Group primary key (default: reuse or generate)");
+  app.add_option("--individual-enrollments", o.individual,
+                 "Bulk-create N individual enrollments and register --devices of them");
+  app.add_option("--enroll-concurrency", o.enroll_concurrency,
+                 "Concurrent bulk requests while creating enrollments");
+  app.add_option("--enrollment-key", o.enrollment_key,
+                 "Master key: individual enrollment keys are HMAC(master, id) (default: random)");
+  app.add_option("--nginx-bin", o.nginx_bin, "nginx for the TLS reference");
+  app.add_option("--reference-count", o.reference_count,
+                 "Connections for the reference (default: --devices)");
+  app.add_option("--rounds", o.rounds,
+                 "With --reference: alternate device and reference runs this many times "
+                 "(each does 1/rounds of the work), so both see the same machine load");
+  app.add_option("--reference-workers", o.reference_workers,
+                 "nginx worker processes (default: cores)");
+  CLI11_PARSE(app, argc, argv);
+
+  std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGINT, [](int) { g_interrupted.store(true); });
+
+  if (o.devices == 0 && o.duration_s <= 0) {
+    log("--devices 0 needs --duration");
+    return 2;
+  }
+  if (o.concurrency < 1 || o.threads < 1) {
+    log("--concurrency and --threads must be at least 1");
+    return 2;
+  }
+  if (o.id_prefix.empty())
+    o.id_prefix = "bench-" + prov::crypto::hex(prov::crypto::random_bytes(3)) + "-";
+  const bool show_progress = !o.no_progress;
+
+  // ---- the server ----
+  server_info s;
+  child_process server;
+  bool own_dir = false;
+  if (o.target.empty()) {
+    if (int rc = spawn_server(o, server, s, own_dir))
+      return rc;
+    log("server pid " + std::to_string(s.pid) + " on 127.0.0.1:" + std::to_string(s.port)
+        + ", data dir " + s.data_dir + ", id scope " + s.id_scope);
+  } else {
+    if (auto err = prov::net::split_host_port(o.target, 443, s.host, s.port)) {
+      log(err.message);
+      return 2;
+    }
+    if (!parse_connection_string(o.connection_string, s) || o.id_scope.empty()) {
+      log("--target needs --connection-string (with SharedAccessKey) and --id-scope");
+      return 2;
+    }
+    if (o.ca_file.empty() && !o.insecure) {
+      log("--target needs --ca FILE or --insecure");
+      return 2;
+    }
+    s.id_scope = o.id_scope;
+    s.ca_file = o.ca_file;
+    s.pid = o.server_pid;
+    s.tls_name = o.tls_name.empty() ? s.host : o.tls_name;
+  }
+  if (!o.tls_name.empty())
+    s.tls_name = o.tls_name;
+  auto cleanup = [&] {
+    if (server.pid() > 0) {
+      int st = server.stop(60);
+      if (st != 0)
+        log("server exit status " + std::to_string(st) + " (log: " + s.data_dir
+            + "/server.log)");
+    }
+    if (own_dir && !o.keep_data)
+      remove_tree(s.data_dir);
+    else if (!s.data_dir.empty())
+      log("data dir kept: " + s.data_dir);
+  };
+
+  nlohmann::json out_json;
+  out_json["machine"] = machine_description();
+  out_json["command"] = [&] {
+    // Keys never go to stdout or the JSON file.
+    std::string c;
+    bool hide_next = false;
+    for (int i = 0; i < argc; ++i) {
+      std::string a = argv[i];
+      if (hide_next) {
+        a = "<redacted>";
+        hide_next = false;
+      }
+      for (const char* opt : {"--connection-string", "--group-key", "--enrollment-key"}) {
+        std::string o(opt);
+        if (a == o)
+          hide_next = true;
+        else if (a.rfind(o + "=", 0) == 0)
+          a = o + "=<redacted>";
+      }
+      c += (i ? " " : "") + a;
+    }
+    return c;
+  }();
+  out_json["options"] = {{"mode", o.mode},
+                         {"devices", o.devices},
+                         {"duration_s", o.duration_s},
+                         {"concurrency", o.concurrency},
+                         {"threads", o.threads},
+                         {"poll_interval_ms", o.poll_interval_ms},
+                         {"reference", o.reference},
+                         {"rounds", o.rounds},
+                         {"individual_enrollments", o.individual}};
+  std::cout << "provisiond-bench  " << out_json["command"].get<std::string>() << "\n"
+            << "  machine: " << out_json["machine"].get<std::string>() << "\n"
+            << "  server:  " << s.host << ":" << s.port
+            << (s.pid > 0 ? " pid " + std::to_string(s.pid) : std::string(" (pid unknown)"))
+            << "\n";
+  std::cout.flush();
+  bool any_failure = false;
+
+  load_options lo;
+  lo.host = s.host;
+  lo.port = s.port;
+  lo.tls_name = s.tls_name;
+  lo.ca_file = s.ca_file;
+  lo.insecure = o.insecure;
+  lo.threads = o.threads;
+  lo.request_timeout_s = o.request_timeout_s;
+  lo.device_timeout_s = o.device_timeout_s;
+  lo.poll_interval_ms = o.poll_interval_ms;
+  lo.id_scope = s.id_scope;
+  lo.api_version = o.api_version;
+  lo.interrupted = &g_interrupted;
+  lo.progress = show_progress;
+
+  // ---- enrollments ----
+  uint64_t devices = o.devices;
+  if (o.individual > 0) {
+    std::string master =
+      o.enrollment_key.empty() ? prov::crypto::generate_key() : o.enrollment_key;
+    auto prefix = o.id_prefix;
+    auto id_of = [prefix](uint64_t i) { return prefix + std::to_string(i); };
+    const uint64_t per_batch = 10; // the service API's bulk limit
+    uint64_t n = o.individual;
+    load_options bo = lo;
+    bo.mode = load_mode::bulk;
+    bo.concurrency = o.enroll_concurrency;
+    bo.count = (n + per_batch - 1) / per_batch;
+    bo.service_auth = service_auth(s);
+    bo.ignore_conflicts = !o.enrollment_key.empty(); // re-runs with a fixed key reuse them
+    bo.label = "enroll";
+    bo.bulk_body = [id_of, master, n](uint64_t b) {
+      nlohmann::json items = nlohmann::json::array();
+      for (uint64_t i = b * per_batch; i < std::min(n, (b + 1) * per_batch); ++i) {
+        auto id = id_of(i);
+        items.push_back({{"registrationId", id},
+                         {"attestation",
+                          {{"type", "symmetricKey"},
+                           {"symmetricKey",
+                            {{"primaryKey", *prov::crypto::derive_device_key(master, id)}}}}}});
+      }
+      return nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump();
+    };
+    usage u;
+    auto r = measured(bo, s.pid, false, n, u, show_progress);
+    auto j = report(std::cout, "create " + std::to_string(n) + " individual enrollments (bulk, "
+                                 + std::to_string(bo.concurrency) + " connections)",
+                    r, u, s.pid > 0, "enrollments", o.threads);
+    out_json["enrollment_creation"] = j;
+    if (r.failed || g_interrupted.load())
+      any_failure = true;
+    if (r.succeeded + r.existing < n) {
+      log("not all enrollments were created; stopping");
+      cleanup();
+      if (!o.json_file.empty())
+        std::ofstream(o.json_file) << out_json.dump(2) << "\n";
+      return 1;
+    }
+    // Register devices spread evenly over the enrolled ids.
+    if (devices > n)
+      devices = n;
+    uint64_t stride = devices ? std::max<uint64_t>(1, n / devices) : 1;
+    lo.registration_id = [id_of, stride, n](uint64_t i) { return id_of((i * stride) % n); };
+    lo.key_root = master;
+  } else if (o.mode != "reference") {
+    std::string key;
+    if (int rc = ensure_group(o, s, key)) {
+      cleanup();
+      return rc;
+    }
+    lo.key_root = key;
+    auto prefix = o.id_prefix;
+    lo.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
+  }
+
+  // ---- devices, and the nginx reference interleaved with them ----
+  // On a shared machine, load from elsewhere drifts; alternating rounds of the
+  // two measurements exposes both to the same conditions.
+  const bool want_dev = o.mode != "reference";
+  const bool want_ref = o.reference || o.mode == "reference";
+  child_process nginx;
+  uint16_t nginx_port = 0;
+  std::string nginx_dir;
+  bool ref_ok = false;
+  if (want_ref) {
+    ref_ok = start_nginx(o, s, nginx, nginx_port, nginx_dir) == 0;
+    if (!ref_ok)
+      out_json["reference"] = "skipped";
+  }
+  const int rounds =
+    want_dev && ref_ok && o.duration_s <= 0 ? std::max(1, o.rounds) : 1;
+  const uint64_t ref_total_count = o.reference_count ? o.reference_count : devices;
+  load_result dev_total, ref_total;
+  usage dev_u, ref_u;
+  std::vector<nlohmann::json> round_json;
+  std::string poll = o.poll_interval_ms < 0 ? "Retry-After"
+                                            : std::to_string(o.poll_interval_ms) + " ms";
+  for (int k = 0; k < rounds && !g_interrupted.load(); ++k) {
+    std::string tag = rounds > 1 ? " " + std::to_string(k + 1) + "/" + std::to_string(rounds) : "";
+    double dr = 0, rr = 0;
+    if (want_dev) {
+      load_options l = lo;
+      l.mode = o.mode == "newconn" ? load_mode::newconn : load_mode::keepalive;
+      l.concurrency = o.concurrency;
+      uint64_t off = devices * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
+      l.count = devices * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds) - off;
+      auto base = lo.registration_id;
+      l.registration_id = [base, off](uint64_t i) { return base(i + off); };
+      l.duration_s = o.duration_s;
+      l.label = o.mode + tag;
+      usage u;
+      auto r = measured(l, s.pid, false, l.count, u, show_progress);
+      dr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+      accumulate(dev_total, r, dev_u, u, k == 0);
+    }
+    if (ref_ok) {
+      load_options ro = lo;
+      ro.mode = load_mode::reference;
+      ro.port = nginx_port;
+      ro.concurrency = o.concurrency;
+      uint64_t off = ref_total_count * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
+      ro.count = ref_total_count * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds)
+                 - off;
+      ro.duration_s = o.duration_s;
+      ro.label = "reference" + tag;
+      usage u;
+      auto r = measured(ro, nginx.pid(), true, ro.count, u, show_progress);
+      rr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+      accumulate(ref_total, r, ref_u, u, k == 0);
+    }
+    if (want_dev && ref_ok) {
+      char line[200];
+      std::snprintf(line, sizeof line,
+                    "  round %d/%d: %s %.1f devices/s, nginx %.1f connections/s (%.1f%%); "
+                    "load %s\n",
+                    k + 1, rounds, o.mode.c_str(), dr, rr, rr > 0 ? 100.0 * dr / rr : 0.0,
+                    load_average().c_str());
+      std::cout << line << std::flush;
+      round_json.push_back({{"device_rate", dr}, {"reference_rate", rr},
+                            {"ratio", rr > 0 ? dr / rr : 0.0}});
+    }
+  }
+
+  double device_rate = 0;
+  if (want_dev) {
+    const auto& r = dev_total;
+    std::string title = o.mode + ": " + std::to_string(r.started) + " devices, concurrency "
+                        + std::to_string(o.concurrency) + ", " + std::to_string(o.threads)
+                        + " client thread(s), poll " + poll
+                        + (o.individual ? ", " + std::to_string(o.individual)
+                                            + " individual enrollments"
+                                        : ", enrollment group")
+                        + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : "");
+    auto j = report(std::cout, title, r, dev_u, s.pid > 0, "devices", o.threads);
+    out_json["registration"] = j;
+    device_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+    uint64_t expected = o.duration_s > 0 && o.devices == 0 ? r.started : devices;
+    if (r.failed || r.succeeded < expected || g_interrupted.load())
+      any_failure = true;
+    if (r.succeeded < expected)
+      log(std::to_string(expected - r.succeeded) + " device(s) not assigned");
+  }
+  if (ref_ok) {
+    const auto& r = ref_total;
+    auto j = report(std::cout,
+                    "reference: nginx static file over HTTPS, new TLS connection per GET, "
+                    "concurrency " + std::to_string(o.concurrency)
+                      + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : ""),
+                    r, ref_u, true, "connections", o.threads);
+    out_json["reference"] = j;
+    if (r.failed)
+      any_failure = true;
+    double ref_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
+    if (want_dev && ref_rate > 0) {
+      double ratio = device_rate / ref_rate;
+      char line[200];
+      std::snprintf(line, sizeof line,
+                    "\n  %s devices/s %.1f vs nginx TLS connections/s %.1f: %.1f%%\n",
+                    o.mode.c_str(), device_rate, ref_rate, 100.0 * ratio);
+      std::cout << line;
+      out_json["ratio_to_reference"] = ratio;
+      out_json["rounds"] = round_json;
+    }
+    nginx.stop(10);
+  }
+  if (!nginx_dir.empty())
+    remove_tree(nginx_dir);
+
+  if (s.pid > 0) {
+    auto final_sample = sample_process(s.pid);
+    if (final_sample.ok)
+      out_json["server_final"] = {{"rss_mb", static_cast<double>(final_sample.rss_kb) / 1024.0},
+                                  {"peak_rss_mb",
+                                   static_cast<double>(final_sample.hwm_kb) / 1024.0},
+                                  {"cpu_seconds_total", final_sample.cpu_seconds}};
+  }
+  out_json["ok"] = !any_failure;
+  if (!o.json_file.empty()) {
+    std::ofstream f(o.json_file);
+    f << out_json.dump(2) << "\n";
+    if (!f)
+      log("cannot write " + o.json_file);
+  }
+  cleanup();
+  std::cout << (any_failure ? "\nRESULT: FAILED (errors or unfinished devices)\n"
+                            : "\nRESULT: ok\n");
+  return any_failure ? 1 : 0;
+}

@@ -1,0 +1,256 @@
+// provisiond-microbench: the per-registration building blocks in isolation
+// (Google Benchmark). See docs/benchmarking.md.
+
+#include <atomic>
+#include <cstdlib>
+#include <ctime>
+#include <future>
+#include <memory>
+#include <string>
+
+#include <benchmark/benchmark.h>
+
+#include "actors/attestation/sas_token.hpp"
+#include "messages/crypto.hpp"
+#include "messages/registration.hpp"
+#include "storage/store.hpp"
+#include "transport/bus.hpp"
+
+namespace {
+
+using namespace prov;
+
+const std::string k_group_key = crypto::generate_key();
+const std::string k_scope = "0ne0000BEEF";
+
+registration_event sample_event(int i) {
+  registration_event ev;
+  ev.operation_id = new_operation_id("0123456789abcdef");
+  ev.registration_id = "sensor-" + std::to_string(i);
+  ev.id_scope = k_scope;
+  ev.api_version = "2021-06-01";
+  ev.protocol = "http";
+  ev.accepted_ms = now_ms();
+  ev.attestation_type = "symmetricKey";
+  ev.enrollment_group_id = "bench-group";
+  ev.assigned_hub = "hub-a.example.net";
+  ev.device_id = ev.registration_id;
+  ev.substatus = "initialAssignment";
+  ev.status = registration_status::assigned;
+  return ev;
+}
+
+// -- SAS -------------------------------------------------------------------------------
+
+void BM_derive_device_key(benchmark::State& state) {
+  int i = 0;
+  for (auto _ : state) {
+    auto k = crypto::derive_device_key(k_group_key, "sensor-" + std::to_string(i++));
+    benchmark::DoNotOptimize(k);
+  }
+}
+BENCHMARK(BM_derive_device_key);
+
+void BM_sas_make(benchmark::State& state) {
+  auto key = *crypto::derive_device_key(k_group_key, "sensor-1");
+  for (auto _ : state) {
+    auto t = attestation::make_sas(k_scope + "/registrations/sensor-1", key,
+                                   std::time(nullptr) + 3600, "registration");
+    benchmark::DoNotOptimize(t);
+  }
+}
+BENCHMARK(BM_sas_make);
+
+/// What the attestation stage does per request for a group device:
+/// parse the header, check expiry and resource, derive the device key from
+/// the group key, verify the signature.
+void BM_sas_parse_verify_group(benchmark::State& state) {
+  const std::string reg = "sensor-1";
+  auto key = *crypto::derive_device_key(k_group_key, reg);
+  auto header = attestation::make_sas(k_scope + "/registrations/" + reg, key,
+                                      std::time(nullptr) + 3600, "registration");
+  attestation::sas_limits lim;
+  lim.now = std::time(nullptr);
+  for (auto _ : state) {
+    attestation::sas_token tok;
+    if (attestation::parse_sas(header, tok))
+      state.SkipWithError("parse failed");
+    if (!attestation::device_resource_matches(tok, k_scope, reg))
+      state.SkipWithError("resource mismatch");
+    auto dk = crypto::derive_device_key(k_group_key, reg);
+    if (attestation::verify_sas(tok, *dk, lim))
+      state.SkipWithError("verify failed");
+  }
+}
+BENCHMARK(BM_sas_parse_verify_group);
+
+void BM_sas_parse_only(benchmark::State& state) {
+  auto key = *crypto::derive_device_key(k_group_key, "sensor-1");
+  auto header = attestation::make_sas(k_scope + "/registrations/sensor-1", key,
+                                      std::time(nullptr) + 3600, "registration");
+  for (auto _ : state) {
+    attestation::sas_token tok;
+    auto err = attestation::parse_sas(header, tok);
+    benchmark::DoNotOptimize(err);
+    benchmark::DoNotOptimize(tok);
+  }
+}
+BENCHMARK(BM_sas_parse_only);
+
+// -- codecs ----------------------------------------------------------------------------
+
+void BM_event_encode(benchmark::State& state) {
+  auto ev = sample_event(1);
+  std::size_t bytes = 0;
+  for (auto _ : state) {
+    auto s = encode_event(ev);
+    bytes += s.size();
+    benchmark::DoNotOptimize(s);
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(bytes));
+}
+BENCHMARK(BM_event_encode);
+
+void BM_event_decode(benchmark::State& state) {
+  auto text = encode_event(sample_event(1));
+  for (auto _ : state) {
+    registration_event out;
+    auto err = decode_event(text, out);
+    benchmark::DoNotOptimize(err);
+    benchmark::DoNotOptimize(out);
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * text.size()));
+}
+BENCHMARK(BM_event_decode);
+
+void BM_operation_record_roundtrip(benchmark::State& state) {
+  operation_record op;
+  op.event = sample_event(1);
+  op.operation_id = op.event.operation_id;
+  op.registration_id = op.event.registration_id;
+  op.status = registration_status::assigned;
+  op.state.registration_id = op.registration_id;
+  op.state.assigned_hub = "hub-a.example.net";
+  op.state.status = registration_status::assigned;
+  for (auto _ : state) {
+    auto s = encode_record(op);
+    operation_record back;
+    auto err = decode_record(s, back);
+    benchmark::DoNotOptimize(err);
+  }
+}
+BENCHMARK(BM_operation_record_roundtrip);
+
+// -- storage ---------------------------------------------------------------------------
+
+struct temp_store {
+  std::string dir;
+  std::unique_ptr<storage::store> st;
+  explicit temp_store(bool sync) {
+    char tmpl[] = "/tmp/provisiond-microbench-XXXXXX";
+    dir = ::mkdtemp(tmpl);
+    storage::store_options o;
+    o.sync = sync;
+    if (auto err = storage::store::open(dir + "/db", o, st))
+      std::abort();
+  }
+  ~temp_store() {
+    st->close();
+    st.reset();
+    if (std::system(("rm -rf '" + dir + "'").c_str()) != 0)
+      std::abort();
+  }
+};
+
+/// An encoded operation record (encoded once: the store benchmarks measure
+/// RocksDB, not the JSON codec).
+const std::string& sample_operation_value() {
+  static const std::string v = [] {
+    operation_record op;
+    op.event = sample_event(1);
+    op.operation_id = op.event.operation_id;
+    op.registration_id = op.event.registration_id;
+    return encode_record(op);
+  }();
+  return v;
+}
+
+storage::write_batch operation_batch(int i) {
+  // Operation ids are "<digit>.<16 hex>.<uuid>": same prefix, random tail.
+  std::string key = "5.0123456789abcdef." + std::to_string(i * 2654435761u);
+  storage::write_batch b;
+  b.put(storage::cf::operations, key, sample_operation_value());
+  b.put(storage::cf::pending, key, "");
+  return b;
+}
+
+/// The accept path: one operation record + pending marker per registration,
+/// through commit() (group commit, synced WAL). range(0) = commits in flight.
+void BM_store_commit_synced(benchmark::State& state) {
+  temp_store ts(true);
+  const int inflight = static_cast<int>(state.range(0));
+  int i = 0;
+  for (auto _ : state) {
+    std::atomic<int> left{inflight};
+    std::promise<void> all;
+    for (int k = 0; k < inflight; ++k)
+      ts.st->commit(operation_batch(i++), [&](const error&) {
+        if (left.fetch_sub(1) == 1)
+          all.set_value();
+      });
+    all.get_future().wait();
+  }
+  state.SetItemsProcessed(state.iterations() * inflight);
+  auto s = ts.st->stats();
+  state.counters["batches_per_commit"] =
+    s.commits ? static_cast<double>(s.batches) / static_cast<double>(s.commits) : 0;
+}
+BENCHMARK(BM_store_commit_synced)->Arg(1)->Arg(64)->Arg(1024)->UseRealTime();
+
+void BM_store_write_unsynced(benchmark::State& state) {
+  temp_store ts(false);
+  int i = 0;
+  for (auto _ : state)
+    if (ts.st->write(operation_batch(i++)))
+      state.SkipWithError("write failed");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_store_write_unsynced)->UseRealTime();
+
+void BM_store_get(benchmark::State& state) {
+  temp_store ts(false);
+  const int n = static_cast<int>(state.range(0));
+  for (int i = 0; i < n; ++i) {
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, "dev-" + std::to_string(i), std::string(300, 'x'));
+    if (ts.st->write(b))
+      std::abort();
+  }
+  int i = 0;
+  for (auto _ : state) {
+    std::optional<std::string> out;
+    if (ts.st->get(storage::cf::enrollments, "dev-" + std::to_string((i++ * 7919) % n), out))
+      state.SkipWithError("get failed");
+    benchmark::DoNotOptimize(out);
+  }
+}
+BENCHMARK(BM_store_get)->Arg(10'000)->Arg(200'000);
+
+// -- bus -------------------------------------------------------------------------------
+
+void BM_inprocess_bus_publish(benchmark::State& state) {
+  auto bus = transport::make_inprocess_bus();
+  uint64_t seen = 0;
+  bus->subscribe(transport::topic::registration_attested,
+                 [&](registration_event&& ev) { seen += ev.registration_id.size(); });
+  auto ev = sample_event(1);
+  for (auto _ : state)
+    bus->publish(transport::topic::registration_attested, ev); // copies, as stages do
+  benchmark::DoNotOptimize(seen);
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_inprocess_bus_publish);
+
+} // namespace
+
+BENCHMARK_MAIN();

@@ -49,15 +49,21 @@ attestation_result attest(const engine_context& ctx, const register_request& req
     return reject(error_code::unauthorized_signature,
                   "token resource (sr) does not name " + req.id_scope + "/registrations/"
                     + req.registration_id);
-  // The resource check above ties the token to this registration id, so the
-  // token text alone keys the cache.
+  // Keyed on the exact scope, registration id and token: the resource check
+  // is case-insensitive but a group's device key derives from the id as
+  // written, so "DEV-A" must not reuse the verdict for "dev-a".
   const auto generation = ctx.enrollment_generation.load();
+  std::string cache_key;
+  cache_key.reserve(req.id_scope.size() + req.registration_id.size()
+                    + req.authorization.size() + 2);
+  cache_key.append(req.id_scope).append(1, '\n').append(req.registration_id)
+    .append(1, '\n').append(req.authorization);
   attestation_result cached;
-  if (ctx.verified.lookup(req.authorization, limits.now, generation, cached))
+  if (ctx.verified.lookup(cache_key, limits.now, generation, cached))
     return cached;
   auto r = verify_credential(ctx, req, tok);
   if (!r.err)
-    ctx.verified.insert(req.authorization, tok.expiry, generation, r);
+    ctx.verified.insert(std::move(cache_key), tok.expiry, generation, r);
   return r;
 }
 
@@ -120,7 +126,6 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
 caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
     [ctx](attest_atom, const register_request& req) {
-      ctx->metrics->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
       auto r = attest(*ctx, req);
       ctx->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));

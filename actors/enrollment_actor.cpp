@@ -125,9 +125,11 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err), {});
         return;
       }
-      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
+      // After everything attest() reads is updated: a token verified against
+      // the old state carries an older generation and is not reused.
+      ctx->enrollment_generation.fetch_add(1);
       reply.fn({}, enrollment::public_document(doc).dump());
     },
     [ctx](delete_atom, enrollment::kind k, const std::string& id,
@@ -153,9 +155,11 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err));
         return;
       }
-      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
+      // After everything attest() reads is updated: a token verified against
+      // the old state carries an older generation and is not reused.
+      ctx->enrollment_generation.fetch_add(1);
       reply.fn({});
     },
     [ctx](bulk_atom, enrollment::kind k, const std::string& body, doc_reply_fn& reply) {
@@ -222,9 +226,11 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           reply.fn(std::move(err), {});
           return;
         }
-      ctx->enrollment_generation.fetch_add(1);
       if (k == enrollment::kind::group)
         static_cast<void>(ctx->reload_groups());
+      // After everything attest() reads is updated: a token verified against
+      // the old state carries an older generation and is not reused.
+      ctx->enrollment_generation.fetch_add(1);
       json result{{"isSuccessful", errors.empty()}, {"errors", errors}};
       reply.fn({}, result.dump());
     },

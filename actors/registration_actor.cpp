@@ -60,12 +60,19 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   return {
     [=](register_atom, register_request& req, attestation_result& r,
         register_reply_fn& reply) {
+      auto* m = ctx->metrics;
+      // Attestation already ran (on the gateway thread); count it whatever
+      // happens next.
+      m->attestation_attempt(!r.err,
+                             r.err ? attempted_mechanism(req)
+                                   : std::string_view(r.attestation_type),
+                             req.protocol);
       if (!ctx->accepting.load()) {
-        ctx->metrics->throttled("shutting_down");
+        m->throttled("shutting_down");
+        m->registration_attempt("rejected", "", req.protocol);
         reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
         return;
       }
-      auto* m = ctx->metrics;
       if (static_cast<std::size_t>(ctx->inflight.load()) >= ctx->opts.max_inflight) {
         m->throttled("inflight_limit");
         m->registration_attempt("rejected", "", req.protocol);
@@ -74,10 +81,6 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                              "Retry-After interval"}));
         return;
       }
-      m->attestation_attempt(!r.err,
-                             r.err ? attempted_mechanism(req)
-                                   : std::string_view(r.attestation_type),
-                             req.protocol);
       if (r.err) {
         m->registration_attempt("rejected", "", req.protocol);
         reply.fn(make_reply(std::move(r.err)));

@@ -4,6 +4,7 @@
 #include <thread>
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
@@ -152,15 +153,23 @@ private:
     acceptor_.async_accept([this](beast::error_code ec, tcp::socket sock) {
       if (ec == net::error::operation_aborted || !acceptor_.is_open())
         return;
-      if (!ec)
+      if (!ec) {
         std::make_shared<metrics_session>(std::move(sock), opts_)->read();
-      accept();
+        return accept();
+      }
+      // Out of descriptors and the like: back off instead of spinning.
+      backoff_.expires_after(std::chrono::milliseconds(100));
+      backoff_.async_wait([this](beast::error_code wait_ec) {
+        if (!wait_ec)
+          accept();
+      });
     });
   }
 
   metrics_server_options opts_;
   net::io_context ioc_;
   tcp::acceptor acceptor_;
+  net::steady_timer backoff_{ioc_};
   tcp::endpoint bound_;
   std::thread thread_;
   std::atomic<bool> stopped_{false};

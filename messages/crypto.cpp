@@ -143,6 +143,7 @@ sha256_digest hmac_sha256(std::string_view key, std::string_view msg) {
   if (key.size() > block) {
     auto hk = sha256(key);
     std::copy(hk.begin(), hk.end(), k);
+    OPENSSL_cleanse(hk.data(), hk.size());
   } else {
     std::copy(key.begin(), key.end(), k);
   }

@@ -29,7 +29,9 @@ bool equal_constant_time(std::string_view a, std::string_view b);
 std::string random_bytes(std::size_t n);
 /// Lower-case hex of bytes.
 std::string hex(std::string_view bytes);
-/// RFC 4122 version 4 UUID, lower-case.
+/// RFC 4122 version 4 UUID, lower-case. Unique, not unpredictable (a seeded
+/// per-thread PRNG): fine for request ids, operation ids and etags, never for
+/// anything that grants access.
 std::string uuid4();
 
 /// Percent-encode everything but RFC 3986 unreserved characters (upper-case hex).

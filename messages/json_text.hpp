@@ -3,7 +3,7 @@
 // (poll answers, assignment events, log lines) where a nlohmann::json tree
 // (a std::map node per field, then a serializer pass) cost several times more
 // than the rest of the request. Output is compact, UTF-8 passes through,
-// control characters are escaped.
+// control characters are escaped, invalid UTF-8 is replaced.
 
 #include <cstdint>
 #include <string>
@@ -11,17 +11,57 @@
 
 namespace prov::json_text {
 
-/// Appends `s` as a JSON string literal, quotes included.
+/// Length of the valid UTF-8 sequence starting at s[i] (2..4), or 0 when the
+/// bytes there are not one (overlong forms, surrogates, > U+10FFFF included).
+inline std::size_t utf8_sequence(std::string_view s, std::size_t i) {
+  auto b = [&](std::size_t k) { return static_cast<unsigned char>(s[i + k]); };
+  auto cont = [&](std::size_t k) { return i + k < s.size() && (b(k) & 0xC0) == 0x80; };
+  unsigned char c = b(0);
+  if (c >= 0xC2 && c <= 0xDF)
+    return cont(1) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (!cont(1) || !cont(2))
+      return 0;
+    if ((c == 0xE0 && b(1) < 0xA0) || (c == 0xED && b(1) > 0x9F))
+      return 0; // overlong, or a UTF-16 surrogate
+    return 3;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (!cont(1) || !cont(2) || !cont(3))
+      return 0;
+    if ((c == 0xF0 && b(1) < 0x90) || (c == 0xF4 && b(1) > 0x8F))
+      return 0; // overlong, or above U+10FFFF
+    return 4;
+  }
+  return 0;
+}
+
+/// Appends `s` as a JSON string literal, quotes included. Control characters
+/// are escaped; bytes that are not valid UTF-8 become U+FFFD, so the output
+/// is always valid JSON (RFC 8259) whatever a client put in a path.
 inline void append_string(std::string& out, std::string_view s) {
   static constexpr char hex[] = "0123456789abcdef";
   out.push_back('"');
-  std::size_t run = 0; // start of the pending run of characters needing no escape
-  for (std::size_t i = 0; i < s.size(); ++i) {
+  std::size_t run = 0; // start of the pending run of bytes copied verbatim
+  std::size_t i = 0;
+  while (i < s.size()) {
     auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c != '"' && c != '\\')
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+      ++i;
       continue;
+    }
+    if (c >= 0x80) {
+      if (auto n = utf8_sequence(s, i)) {
+        i += n;
+        continue;
+      }
+      out.append(s.data() + run, i - run);
+      out.append("\\ufffd");
+      run = ++i;
+      continue;
+    }
     out.append(s.data() + run, i - run);
-    run = i + 1;
+    run = ++i;
     switch (c) {
       case '"': out.append("\\\""); break;
       case '\\': out.append("\\\\"); break;

@@ -487,3 +487,27 @@ TEST_CASE("a verified token stops working the moment its enrollment key changes"
   REQUIRE(d.status == 204);
   CHECK(poll(c, s, "dev-rotate-1", s.device_auth("dev-rotate-1", k2), op).status == 401);
 }
+
+TEST_CASE("group key rotation revokes cached device tokens; the cache is case-exact") {
+  auto& s = srv();
+  auto g1 = crypto::generate_key(), g2 = crypto::generate_key();
+  put_group(s, "grp-rotate", {{"attestation", sym_attestation(g1)}});
+  auto c = s.client();
+  const std::string id = "dev-grp-rotate";
+  auto old_auth = s.device_auth(id, *crypto::derive_device_key(g1, id));
+  auto r = put_register(c, s, id, old_auth);
+  REQUIRE_MESSAGE(r.status == 202, r.body);
+  auto op = parse(r.body).value("operationId", "");
+  REQUIRE(poll(c, s, id, old_auth, op).status == 200);
+
+  // Same token, registration id in other case: the group key derives a
+  // different device key, so this must fail even though the token is cached.
+  auto upper = put_register(c, s, "DEV-GRP-ROTATE", old_auth);
+  CHECK_MESSAGE(upper.status == 401, upper.body);
+
+  put_group(s, "grp-rotate", {{"attestation", sym_attestation(g2)}});
+  auto stale = poll(c, s, id, old_auth, op);
+  CHECK_MESSAGE(stale.status == 401, stale.body);
+  auto fresh = poll(c, s, id, s.device_auth(id, *crypto::derive_device_key(g2, id)), op);
+  CHECK_MESSAGE(fresh.status == 200, fresh.body);
+}

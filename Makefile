@@ -3,9 +3,6 @@ BUILD_DIR ?= build
 BUILD_TYPE ?= Release
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
-# Let ccache hit across clones of the repo (CI builds in a fresh clone).
-export CCACHE_BASEDIR := $(CURDIR)
-export CCACHE_NOHASHDIR := 1
 ARGS ?=
 # Let ccache hit across clones of the repo (CI builds in a fresh clone).
 export CCACHE_BASEDIR := $(CURDIR)

@@ -112,7 +112,9 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       rs.last_operation_id = ev.operation_id;
       op.status = registration_status::assigned;
       op.state = rs;
-      op.event = ev;
+      // A terminal record needs only its state: the event was kept for resume,
+      // and the outbox event carries the details. Half the bytes per device.
+      op.event = registration_event{};
       auto seq = st->next_seq++;
       storage::write_batch batch;
       batch.put(storage::cf::registrations, reg_key, encode_record(rs));

@@ -213,6 +213,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       op.state.enrollment_group_id = ev.enrollment_group_id;
       op.state.last_operation_id = ev.operation_id;
       op.state.etag = enrollment::new_etag();
+      op.event = registration_event{}; // terminal: the state is all a poll needs
       storage::write_batch batch;
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
       batch.del(storage::cf::pending, ev.operation_id);

@@ -1,4 +1,5 @@
 #include "app/dev_kafka.hpp"
+#include "app/signals.hpp"
 
 #include <algorithm>
 #include <csignal>
@@ -74,13 +75,7 @@ int run(const dev_kafka_args& a) {
             << "replication_factor = " << cfg.replication_factor << "\n\n"
             << "provisiond dev-kafka: running; Ctrl-C (SIGINT) or SIGTERM stops it" << std::endl;
 
-  // main() blocks these in every thread; wait for one here.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  int sig = 0;
-  sigwait(&set, &sig);
+  int sig = app::wait_for_stop_signal();
   std::cout << "provisiond dev-kafka: stopping (signal " << sig
             << "); all topics and offsets are discarded" << std::endl;
   mc.reset();

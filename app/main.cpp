@@ -20,6 +20,7 @@
 #include "app/client_commands.hpp"
 #include "app/dev_kafka.hpp"
 #include "app/identity.hpp"
+#include "app/signals.hpp"
 #include "config/config.hpp"
 #include "gateway/https_server.hpp"
 #include "gateway/metrics_server.hpp"
@@ -270,13 +271,7 @@ int serve(const serve_args& args) {
   std::cout << (placeholder_hub ? " (placeholder: add [[hubs]] to the config)" : "")
             << std::endl;
 
-  // Wait for SIGINT/SIGTERM.
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  int sig = 0;
-  sigwait(&set, &sig);
+  int sig = app::wait_for_stop_signal();
   std::cout << "provisiond: stopping (signal " << sig << ")" << std::endl;
   dlog->info("stopping on signal " + std::to_string(sig));
   serving = false;

@@ -17,6 +17,7 @@
 #include <openssl/ssl.h>
 
 #include "config/config.hpp"
+#include "gateway/acceptor.hpp"
 #include "gateway/routes.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
@@ -271,25 +272,9 @@ public:
     if (ec)
       return {error_code::bad_request,
               "cannot load TLS private key '" + opts_.key_file + "': " + ec.message()};
-    std::string host;
-    uint16_t port = 0;
-    if (!config::split_host_port(opts_.listen, host, port))
-      return {error_code::bad_request, "listen address '" + opts_.listen
-                                         + "' is not HOST:PORT"};
-    auto addr = net::ip::make_address(host, ec);
-    if (ec)
-      return {error_code::bad_request, "listen address '" + host + "': " + ec.message()};
-    tcp::endpoint ep{addr, port};
-    acceptor_.open(ep.protocol(), ec);
-    if (!ec)
-      acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-    if (!ec)
-      acceptor_.bind(ep, ec);
-    if (!ec)
-      acceptor_.listen(net::socket_base::max_listen_connections, ec);
-    if (ec)
-      return {error_code::unavailable,
-              "cannot listen on " + opts_.listen + ": " + ec.message()};
+    if (auto err = open_acceptor(acceptor_, opts_.listen,
+                                 net::socket_base::max_listen_connections, "device API"))
+      return err;
     bound_ = acceptor_.local_endpoint(ec);
     accept();
     int n = opts_.threads > 0 ? opts_.threads

@@ -8,7 +8,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
-#include "config/config.hpp"
+#include "gateway/acceptor.hpp"
 
 namespace prov::gateway {
 
@@ -110,27 +110,9 @@ public:
   ~metrics_server_impl() override { stop(); }
 
   error start() {
-    std::string host;
-    uint16_t port = 0;
-    if (!config::split_host_port(opts_.listen, host, port))
-      return {error_code::bad_request,
-              "metrics listen address '" + opts_.listen + "' is not HOST:PORT"};
+    if (auto err = open_acceptor(acceptor_, opts_.listen, 64, "metrics"))
+      return err;
     beast::error_code ec;
-    auto addr = net::ip::make_address(host, ec);
-    if (ec)
-      return {error_code::bad_request,
-              "metrics listen address '" + host + "': " + ec.message()};
-    tcp::endpoint ep{addr, port};
-    acceptor_.open(ep.protocol(), ec);
-    if (!ec)
-      acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-    if (!ec)
-      acceptor_.bind(ep, ec);
-    if (!ec)
-      acceptor_.listen(64, ec);
-    if (ec)
-      return {error_code::unavailable,
-              "cannot listen on " + opts_.listen + " (metrics): " + ec.message()};
     bound_ = acceptor_.local_endpoint(ec);
     accept();
     thread_ = std::thread([this] { ioc_.run(); });

@@ -4,8 +4,9 @@
 // (operationName, resultType, resultSignature, durationMs, masked caller IP,
 // correlationId, properties{id,type,protocol}), plus free-form service
 // messages. Never pass secrets (keys, signatures, SAS tokens) in here.
-// spdlog stays in diagnostic_log.cpp; lines are written by a background
-// thread so request threads never wait for the disk or a slow stderr pipe.
+// spdlog stays in diagnostic_log.cpp; lines are batched and written by a
+// background thread, so request threads never wait for the disk or a slow
+// stderr pipe (and never wake a thread per line).
 
 #include <cstdint>
 #include <memory>
@@ -54,7 +55,8 @@ public:
   void fail(std::string_view msg); ///< error level
   /// Writes out everything queued (tests, shutdown).
   void flush();
-  /// Lines dropped because the writer could not keep up (never blocks callers).
+  /// Lines dropped because 16 MiB were already waiting for the writer (it
+  /// never blocks callers).
   uint64_t dropped() const;
 
 private:

@@ -1,0 +1,105 @@
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "metrics/diagnostic_log.hpp"
+
+using namespace prov;
+
+namespace {
+
+std::string temp_file() {
+  char tmpl[] = "/tmp/provisiond-log-XXXXXX";
+  int fd = ::mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  ::close(fd);
+  return tmpl;
+}
+
+metrics::operation_record record(int status, const std::string& id) {
+  metrics::operation_record r;
+  r.category = "DeviceOperations";
+  r.operation = "DeviceRegistration";
+  r.status = status;
+  r.id = id;
+  r.type = "Registration";
+  r.protocol = "Http";
+  r.caller_ip = "203.0.113.77";
+  r.correlation_id = "c";
+  return r;
+}
+
+std::vector<nlohmann::json> read_lines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    REQUIRE_MESSAGE(!j.is_discarded(), "not JSON: " << line);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("diagnostic log: every line from concurrent writers arrives once, as JSON") {
+  auto path = temp_file();
+  {
+    std::unique_ptr<metrics::diagnostic_log> log;
+    REQUIRE(!metrics::diagnostic_log::open({"info", path}, log));
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t)
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < 2500; ++i)
+          log->operation(record(202, "dev-" + std::to_string(t) + "-" + std::to_string(i)));
+      });
+    for (auto& th : threads)
+      th.join();
+    log->flush(); // everything enqueued so far is in the file after this
+    auto lines = read_lines(path);
+    CHECK(lines.size() == 10000);
+    CHECK(log->dropped() == 0);
+    std::set<std::string> ids;
+    for (const auto& j : lines) {
+      ids.insert(j.at("properties").at("id").get<std::string>());
+      CHECK(j.at("callerIpAddress") == "203.0.113.XXX");
+    }
+    CHECK(ids.size() == 10000);
+  }
+  std::remove(path.c_str());
+}
+
+TEST_CASE("diagnostic log: level warn keeps only 5xx and warnings; shutdown drains") {
+  auto path = temp_file();
+  {
+    std::unique_ptr<metrics::diagnostic_log> log;
+    REQUIRE(!metrics::diagnostic_log::open({"warn", path}, log));
+    log->operation(record(202, "ok-device"));
+    log->operation(record(401, "client-error"));
+    log->operation(record(503, "server-error"));
+    log->info("not written");
+    log->warn("written");
+  } // the destructor writes what is pending
+  auto lines = read_lines(path);
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[0].at("resultSignature") == 503);
+  CHECK(lines[0].at("level") == "Warning");
+  CHECK(lines[1].at("message") == "written");
+  std::remove(path.c_str());
+}
+
+TEST_CASE("mask_ip hides the host part") {
+  CHECK(metrics::mask_ip("10.1.2.3") == "10.1.2.XXX");
+  CHECK(metrics::mask_ip("2001:db8:1:2::5") == "2001:db8:1::XXXX");
+  CHECK(metrics::mask_ip("") == "");
+}

@@ -40,6 +40,11 @@ error load_view(const engine_context& ctx, const registration_event& ev,
             "enrollment group '" + ev.enrollment_group_id
               + "' was deleted while the registration was in progress"};
   }
+  // Attestation just parsed this enrollment; reuse it unless any enrollment
+  // changed since.
+  if (ctx.views.lookup(enrollment::key_of(ev.registration_id),
+                       ctx.enrollment_generation.load(), v))
+    return {};
   std::optional<std::string> raw;
   auto family = individual ? storage::cf::enrollments : storage::cf::groups;
   auto id = individual ? ev.registration_id : ev.enrollment_group_id;

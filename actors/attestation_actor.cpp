@@ -25,7 +25,7 @@ attestation_result reject(error_code code, std::string msg) {
 }
 
 attestation_result verify_credential(const engine_context& ctx, const register_request& req,
-                                     const attestation::sas_token& tok);
+                                     const attestation::sas_token& tok, uint64_t generation);
 
 } // namespace
 
@@ -61,7 +61,7 @@ attestation_result attest(const engine_context& ctx, const register_request& req
   attestation_result cached;
   if (ctx.verified.lookup(cache_key, limits.now, generation, cached))
     return cached;
-  auto r = verify_credential(ctx, req, tok);
+  auto r = verify_credential(ctx, req, tok, generation);
   if (!r.err)
     ctx.verified.insert(std::move(cache_key), tok.expiry, generation, r);
   return r;
@@ -70,7 +70,7 @@ attestation_result attest(const engine_context& ctx, const register_request& req
 namespace {
 
 attestation_result verify_credential(const engine_context& ctx, const register_request& req,
-                                     const attestation::sas_token& tok) {
+                                     const attestation::sas_token& tok, uint64_t generation) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
   //    disabled individual enrollment blocks one device of a group).
   std::optional<std::string> doc;
@@ -96,6 +96,7 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
     attestation_result r;
     r.attestation_type = "symmetricKey";
     r.enabled = v.enabled;
+    ctx.views.insert(enrollment::key_of(req.registration_id), generation, std::move(v));
     return r;
   }
   // 2. Groups: the device key is HMAC(group key, registration id).

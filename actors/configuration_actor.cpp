@@ -3,9 +3,14 @@
 // removal from `pending` and the device.assigned event in the outbox, so an
 // operation yields exactly one assignment event even across crashes.
 //
-// Accepts: (event_atom, registration_event) from registration.allocated
+// Accepts: (event_atom, registration_event, event_ack) from registration.allocated
 //          (committed_atom, operation id, error) from the store writer
 // Emits:   registration.completed and device.assigned after the commit.
+// Acks:    after the RocksDB commit (this stage's durable effect), or at once
+//          when there is nothing to do (already terminal, unknown operation).
+//          device.assigned / registration.completed are published after the
+//          ack, fire and forget: a crash in between leaves the assignment in
+//          the outbox but not on Kafka (no outbox relay yet, docs/kafka.md).
 // Blocking: point reads for idempotency; spawned detached.
 
 #include <unordered_map>
@@ -20,6 +25,7 @@ namespace {
 
 struct committing_t {
   registration_event event;
+  event_ack ack;
   std::chrono::steady_clock::time_point started; ///< stage latency includes the commit
 };
 
@@ -76,21 +82,29 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
   if (!ctx->store->last_key(storage::cf::outbox, last) && last)
     st->next_seq = storage::parse_seq_key(*last) + 1;
   return {
-    [=](event_atom, registration_event& ev) {
+    [=](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::configuration);
       auto started = std::chrono::steady_clock::now();
-      if (st->committing.count(ev.operation_id))
-        return; // duplicate delivery while the first is being committed
+      if (st->committing.count(ev.operation_id)) {
+        // Duplicate delivery while the first is being committed. Acking it is
+        // safe: on Kafka it sits behind the first, whose ack gates the commit.
+        ack();
+        return;
+      }
       std::optional<std::string> raw;
       operation_record op;
       if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw)) {
-        // Stay pending: resumed on the next start.
+        // Stay pending, unacked: resumed (and redelivered) on the next start.
         return;
       }
-      if (!raw || decode_record(*raw, op))
+      if (!raw || decode_record(*raw, op)) {
+        ack();
         return; // unknown operation: nothing to configure
-      if (is_terminal(op.status))
+      }
+      if (is_terminal(op.status)) {
+        ack();
         return; // already done (at-least-once redelivery)
+      }
       auto reg_key = enrollment::key_of(ev.registration_id);
       registration_state prev;
       raw.reset();
@@ -123,7 +137,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       batch.put(storage::cf::outbox, storage::seq_key(seq),
                 assignment_event(ev, rs, seq));
       auto op_id = ev.operation_id;
-      st->committing.emplace(op_id, committing_t{std::move(ev), started});
+      st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started});
       auto me = caf::actor_cast<caf::actor>(self);
       ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
@@ -134,6 +148,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       if (it == st->committing.end())
         return;
       auto ev = std::move(it->second.event);
+      auto ack = std::move(it->second.ack);
       auto started = it->second.started;
       st->committing.erase(it);
       if (e) {
@@ -141,9 +156,10 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         ev.status = registration_status::assigning;
         ctx->metrics->stage_enqueued(metrics::stage::configuration);
         self->delayed_send(self, std::chrono::milliseconds(200), event_atom::value,
-                           std::move(ev));
+                           std::move(ev), std::move(ack));
         return;
       }
+      ack(); // durable in RocksDB: the input offset may be committed
       auto* m = ctx->metrics;
       m->stage_latency(metrics::stage::configuration, seconds_since(started));
       m->device_assigned(ev.assigned_hub);

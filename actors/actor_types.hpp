@@ -21,6 +21,7 @@ using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
 using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
+using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

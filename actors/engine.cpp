@@ -100,6 +100,12 @@ public:
       operation_record op;
       if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
         return e;
+      // Kafka: an assigned operation keeps its marker until device.assigned
+      // is on Kafka; its allocated event is unacked and will be redelivered,
+      // and the configuration stage re-publishes and then drops the marker.
+      if (raw && !decode_record(*raw, op) && op.status == registration_status::assigned
+          && ctx_->opts.cfg.kafka.enabled())
+        continue;
       if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
         // Nothing to resume (unreadable, missing or already finished): drop
         // the marker so it is not retried on every start.

@@ -60,11 +60,15 @@ struct kafka_fixture {
   std::string server_config() const {
     // A short session timeout: after a kill -9 the restarted server's
     // consumers otherwise wait for the dead member's 45 s session to expire.
+    // fetch.wait.max.ms: the mock broker holds an empty fetch for the full
+    // wait instead of answering when data arrives (a real broker answers at
+    // once), which made every hop cost up to 500 ms (62 devices/s, not 270).
     return test::default_config(dir) + "[kafka]\nbrokers = \"" + cfg.brokers
            + "\"\npartitions = " + std::to_string(partitions)
            + "\nreplication_factor = 1\n"
              "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n"
-             "\"heartbeat.interval.ms\" = \"500\"\n";
+             "\"heartbeat.interval.ms\" = \"500\"\n"
+             "\"fetch.wait.max.ms\" = \"10\"\n";
   }
 };
 
@@ -157,6 +161,13 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
   create_group(s, "kafka-group");
+  // Warm up: the first consumer-group joins take ~3 s on the mock.
+  {
+    auto c = s.client();
+    int status = 0;
+    auto res = test::register_device(c, s, "kwarm", device_key("kwarm"), status, 50);
+    REQUIRE_MESSAGE(res.value("status", "") == "assigned", res.dump());
+  }
   constexpr int threads = 50, per_thread = 10, total = threads * per_thread;
   std::atomic<int> failures{0};
   std::mutex mtx;
@@ -184,8 +195,7 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   const double secs =
     std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   MESSAGE(total << " devices assigned through Kafka in " << secs << " s ("
-                << static_cast<int>(total / secs) << " devices/s, first consumer-group "
-                << "joins included)");
+                << static_cast<int>(total / secs) << " devices/s)");
   REQUIRE(failures.load() == 0);
   REQUIRE(op_of.size() == static_cast<size_t>(total));
 
@@ -195,22 +205,22 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   std::set<std::string> attested_ops;
   for (auto& r : attested)
     attested_ops.insert(r.operation_id);
-  CHECK(attested_ops.size() == static_cast<size_t>(total));
+  CHECK(attested_ops.size() == static_cast<size_t>(total + 1)); // + the warm-up device
 
   // device.assigned: exactly one event per operation.
   auto assigned = read_topic(fx.cfg, "dps.device.assigned", total);
   std::map<std::string, int> per_op;
   for (auto& r : assigned)
     ++per_op[r.operation_id];
-  CHECK(assigned.size() == static_cast<size_t>(total));
+  CHECK(assigned.size() == static_cast<size_t>(total + 1)); // + the warm-up device
   for (auto& [id, op] : op_of)
     CHECK_MESSAGE(per_op[op] == 1, id << " / " << op << " on device.assigned " << per_op[op]
                                       << " times");
-  CHECK(all_assignments(s).size() == static_cast<size_t>(total));
+  CHECK(all_assignments(s).size() == static_cast<size_t>(total + 1));
   CHECK(s.stop() == 0);
 }
 
-TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned exactly once") {
+TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka at least once") {
   kafka_fixture fx;
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
@@ -288,20 +298,29 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned exactly once") 
     ++outbox[e["data"].value("operationId", "")];
   for (auto& [op, id] : accepted)
     CHECK_MESSAGE(outbox[op] == 1, op << " has " << outbox[op] << " outbox events");
-  // Kafka: never twice. device.assigned is published after the RocksDB
-  // commit, fire and forget, so a kill in between can lose it on Kafka (it
-  // stays in the outbox; no relay yet): counted, not failed.
+  // Kafka: every accepted operation on device.assigned (at least once). A
+  // crash between the RocksDB commit and Kafka's ack is healed by the
+  // redelivered allocated event (the `pending` marker says it was not relayed
+  // yet). Twice when the kill fell between Kafka's ack and the marker delete:
+  // reported, and never more than twice (consumers dedupe on the id).
   auto on_kafka = read_topic(fx.cfg, "dps.device.assigned", accepted.size() + 1);
   std::map<std::string, int> kafka_count;
   for (auto& r : on_kafka)
     ++kafka_count[r.operation_id];
-  int missing = 0;
-  for (auto& [op, n] : kafka_count)
-    CHECK_MESSAGE(n == 1, op << " on device.assigned " << n << " times");
-  for (auto& [op, id] : accepted)
-    missing += kafka_count.count(op) ? 0 : 1;
-  MESSAGE("accepted operations missing from dps.device.assigned (lost in the "
-          "commit-to-publish window): " << missing);
+  int missing = 0, twice = 0;
+  for (auto& [op, id] : accepted) {
+    auto it = kafka_count.find(op);
+    if (it == kafka_count.end()) {
+      ++missing;
+      continue;
+    }
+    twice += it->second == 2 ? 1 : 0;
+    CHECK_MESSAGE(it->second <= 2, op << " on device.assigned " << it->second << " times");
+  }
+  MESSAGE("device.assigned on Kafka: " << on_kafka.size() << " records; accepted operations "
+                                       << "missing: " << missing << ", published twice: "
+                                       << twice);
+  CHECK(missing == 0);
   CHECK(s.stop() == 0);
 }
 

@@ -137,6 +137,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         if (relay && op.status == registration_status::assigned
             && !ctx->store->get(storage::cf::pending, ev.operation_id, marker) && marker) {
           ev.status = registration_status::assigned;
+          ctx->relaying.fetch_add(1);
           st->relaying[ev.operation_id].push_back(std::move(ack));
           publish_assigned(ev);
           return;
@@ -206,6 +207,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       m->operation_finished("assigned",
                             static_cast<double>(ev.completed_ms - ev.accepted_ms) / 1000.0);
       if (relay) {
+        ctx->relaying.fetch_add(1);
         st->relaying[op_id].push_back(std::move(ack));
         publish_assigned(ev);
       } else {
@@ -223,12 +225,13 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       st->relaying.erase(it);
       storage::write_batch batch;
       batch.del(storage::cf::pending, op_id);
-      ctx->store->commit(std::move(batch), [acks](const error& e) {
+      ctx->store->commit(std::move(batch), [acks, ctx](const error& e) {
         // On failure the marker stays and the inputs stay unacked: after a
         // restart device.assigned is published once more (a duplicate).
         if (!e)
           for (const auto& a : *acks)
             a();
+        ctx->relaying.fetch_sub(1);
       });
     },
   };

@@ -281,7 +281,8 @@ public:
     // Let accepted work settle for a moment; whatever is left stays in
     // `pending` and resumes on the next start.
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (ctx_->inflight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+    while ((ctx_->inflight.load() > 0 || ctx_->relaying.load() > 0)
+           && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     // Drain the writer while the actors can still receive its callbacks.
     ctx_->store->close();

@@ -79,8 +79,14 @@ public:
       return err;
     // Settling failures is idempotent and resumable from `pending`, so the
     // completed consumer commits as soon as the event is handed over.
-    ctx.bus->subscribe(transport::topic::registration_completed,
-                       to(registration_, std::nullopt));
+    if (auto err = ctx.bus->subscribe_acked(
+          transport::topic::registration_completed,
+          [h = to(registration_, std::nullopt)](registration_event&& ev,
+                                                transport::bus::ack_fn ack) {
+            h(std::move(ev));
+            ack();
+          }))
+      return err;
     // device.assigned: embedded mode keeps it in the durable outbox only.
     return resume();
   }

@@ -21,6 +21,7 @@ using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
 using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
+using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {
@@ -45,6 +46,16 @@ struct done_reply_fn {
 struct doc_reply_fn {
   engine::doc_cb fn;
 };
+/// Travels with an event from an acked bus subscription: the stage calls it
+/// once the event's effect is durable (Kafka then commits the offset). Empty
+/// or a no-op on the in-process bus.
+struct event_ack {
+  transport::bus::ack_fn fn;
+  void operator()() const {
+    if (fn)
+      fn();
+  }
+};
 
 // -- spawn functions -------------------------------------------------------------
 caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
@@ -58,3 +69,4 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::register_reply_fn)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::done_reply_fn)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::doc_reply_fn)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(prov::event_ack)

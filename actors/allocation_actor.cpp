@@ -1,11 +1,16 @@
 // Allocation stage: picks the hub (hashed or static), the device id and the
 // initial twin, and decides reprovisioning against the existing record.
 //
-// Accepts: (event_atom, registration_event) from registration.attested.
+// Accepts: (event_atom, registration_event, event_ack) from registration.attested.
 // Emits:   registration.allocated, or registration.completed (failed).
+// Acks:    when the emitted event is durable on the bus: this stage's effect
+//          is that event (on Kafka: acks=all), so the input offset is committed
+//          only then. A failed publish is not acked: the input is redelivered
+//          after a restart (and resume() re-publishes it from `pending`).
 // Blocking: reads the enrollment and registration record; spawned detached.
 
 #include <algorithm>
+#include <cstdio>
 
 #include <nlohmann/json.hpp>
 
@@ -132,20 +137,31 @@ error allocate(const engine_context& ctx, registration_event& ev) {
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
-    [ctx](event_atom, registration_event& ev) {
+    [ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
       auto start = std::chrono::steady_clock::now();
       auto err = allocate(*ctx, ev);
       ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
+      auto next = transport::topic::registration_allocated;
       if (err) {
         ev.status = registration_status::failed;
         ev.error_code = static_cast<int32_t>(err.code);
         ev.error_message = err.message;
         ev.completed_ms = now_ms();
-        ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
-        return;
+        next = transport::topic::registration_completed;
       }
-      ctx->bus->publish(transport::topic::registration_allocated, std::move(ev));
+      auto op_id = ev.operation_id;
+      ctx->bus->publish_durable(next, std::move(ev),
+                                [ack = std::move(ack), op_id](const error& e) {
+                                  if (!e) {
+                                    ack();
+                                    return;
+                                  }
+                                  std::fprintf(stderr,
+                                               "provisiond: allocation of %s: publish "
+                                               "failed, left for redelivery: %s\n",
+                                               op_id.c_str(), e.message.c_str());
+                                });
     },
   };
 }

@@ -3,13 +3,25 @@
 // removal from `pending` and the device.assigned event in the outbox, so an
 // operation yields exactly one assignment event even across crashes.
 //
-// Accepts: (event_atom, registration_event) from registration.allocated
+// Accepts: (event_atom, registration_event, event_ack) from registration.allocated
 //          (committed_atom, operation id, error) from the store writer
 // Emits:   registration.completed and device.assigned after the commit.
+//          (relayed_atom, operation id)   device.assigned is durable on Kafka
+// Acks:    embedded: after the RocksDB commit. Kafka: the operation keeps its
+//          `pending` marker until device.assigned is acknowledged by Kafka;
+//          then the marker is deleted and the input acked. A redelivered
+//          event for a terminal operation that still has its marker (crash
+//          between commit and Kafka ack) re-publishes device.assigned, so it
+//          reaches Kafka at least once (twice only if the crash fell between
+//          Kafka's ack and the marker delete; consumers dedupe on the id).
+//          registration.completed is fire and forget (failures resume).
 // Blocking: point reads for idempotency; spawned detached.
 
 #include <unordered_map>
+#include <vector>
 
+
+#include <cstdio>
 
 #include "actors/actor_types.hpp"
 #include "messages/json_text.hpp"
@@ -20,12 +32,16 @@ namespace {
 
 struct committing_t {
   registration_event event;
+  event_ack ack;
   std::chrono::steady_clock::time_point started; ///< stage latency includes the commit
 };
 
 struct configuration_state_t {
   uint64_t next_seq = 1;
   std::unordered_map<std::string, committing_t> committing;
+  /// Kafka: operation id -> acks waiting for device.assigned to be durable
+  /// and the `pending` marker deleted.
+  std::unordered_map<std::string, std::vector<event_ack>> relaying;
 };
 
 /// The device.assigned CloudEvent (structured JSON). Written by hand: it is
@@ -72,25 +88,63 @@ std::string assignment_event(const registration_event& ev, const registration_st
 
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<configuration_state_t>();
+  // Kafka: device.assigned must reach the topic even across a crash, so the
+  // `pending` marker outlives the commit until Kafka acknowledges it.
+  const bool relay = ctx->opts.cfg.kafka.enabled();
+  // Publishes device.assigned; once durable the actor drops the marker.
+  auto publish_assigned = [self, ctx](const registration_event& ev) {
+    auto me = caf::actor_cast<caf::actor>(self);
+    auto op_id = ev.operation_id;
+    ctx->bus->publish_durable(transport::topic::device_assigned, ev,
+                              [me, op_id](const error& e) {
+                                if (!e)
+                                  caf::anon_send(me, relayed_atom::value, op_id);
+                                else // stays unacked: redelivered after a restart
+                                  std::fprintf(stderr,
+                                               "provisiond: device.assigned for %s not "
+                                               "published: %s\n",
+                                               op_id.c_str(), e.message.c_str());
+                              });
+  };
   std::optional<std::string> last;
   if (!ctx->store->last_key(storage::cf::outbox, last) && last)
     st->next_seq = storage::parse_seq_key(*last) + 1;
   return {
-    [=](event_atom, registration_event& ev) {
+    [=](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::configuration);
       auto started = std::chrono::steady_clock::now();
-      if (st->committing.count(ev.operation_id))
-        return; // duplicate delivery while the first is being committed
+      if (st->committing.count(ev.operation_id) || st->relaying.count(ev.operation_id)) {
+        // Duplicate delivery while the first is being committed or relayed.
+        // Acking it is safe: on Kafka it sits behind the first (same key, same
+        // partition), whose ack gates the commit.
+        ack();
+        return;
+      }
       std::optional<std::string> raw;
       operation_record op;
       if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw)) {
-        // Stay pending: resumed on the next start.
+        // Stay pending, unacked: resumed (and redelivered) on the next start.
         return;
       }
-      if (!raw || decode_record(*raw, op))
+      if (!raw || decode_record(*raw, op)) {
+        ack();
         return; // unknown operation: nothing to configure
-      if (is_terminal(op.status))
-        return; // already done (at-least-once redelivery)
+      }
+      if (is_terminal(op.status)) {
+        // Already done (at-least-once redelivery). Kafka: if the marker is
+        // still there, device.assigned may never have reached the topic.
+        std::optional<std::string> marker;
+        if (relay && op.status == registration_status::assigned
+            && !ctx->store->get(storage::cf::pending, ev.operation_id, marker) && marker) {
+          ev.status = registration_status::assigned;
+          ctx->relaying.fetch_add(1);
+          st->relaying[ev.operation_id].push_back(std::move(ack));
+          publish_assigned(ev);
+          return;
+        }
+        ack();
+        return;
+      }
       auto reg_key = enrollment::key_of(ev.registration_id);
       registration_state prev;
       raw.reset();
@@ -119,11 +173,12 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       storage::write_batch batch;
       batch.put(storage::cf::registrations, reg_key, encode_record(rs));
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
-      batch.del(storage::cf::pending, ev.operation_id);
+      if (!relay)
+        batch.del(storage::cf::pending, ev.operation_id);
       batch.put(storage::cf::outbox, storage::seq_key(seq),
                 assignment_event(ev, rs, seq));
       auto op_id = ev.operation_id;
-      st->committing.emplace(op_id, committing_t{std::move(ev), started});
+      st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started});
       auto me = caf::actor_cast<caf::actor>(self);
       ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
@@ -134,6 +189,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       if (it == st->committing.end())
         return;
       auto ev = std::move(it->second.event);
+      auto ack = std::move(it->second.ack);
       auto started = it->second.started;
       st->committing.erase(it);
       if (e) {
@@ -141,7 +197,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         ev.status = registration_status::assigning;
         ctx->metrics->stage_enqueued(metrics::stage::configuration);
         self->delayed_send(self, std::chrono::milliseconds(200), event_atom::value,
-                           std::move(ev));
+                           std::move(ev), std::move(ack));
         return;
       }
       auto* m = ctx->metrics;
@@ -150,8 +206,33 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       m->registration_attempt("assigned", ev.assigned_hub, ev.protocol);
       m->operation_finished("assigned",
                             static_cast<double>(ev.completed_ms - ev.accepted_ms) / 1000.0);
-      ctx->bus->publish(transport::topic::device_assigned, ev);
+      if (relay) {
+        ctx->relaying.fetch_add(1);
+        st->relaying[op_id].push_back(std::move(ack));
+        publish_assigned(ev);
+      } else {
+        ack(); // in-process: nothing to commit
+        ctx->bus->publish(transport::topic::device_assigned, ev);
+      }
       ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
+    },
+    [=](relayed_atom, const std::string& op_id) {
+      // device.assigned is on Kafka: drop the marker, then ack the input(s).
+      auto it = st->relaying.find(op_id);
+      if (it == st->relaying.end())
+        return;
+      auto acks = std::make_shared<std::vector<event_ack>>(std::move(it->second));
+      st->relaying.erase(it);
+      storage::write_batch batch;
+      batch.del(storage::cf::pending, op_id);
+      ctx->store->commit(std::move(batch), [acks, ctx](const error& e) {
+        // On failure the marker stays and the inputs stay unacked: after a
+        // restart device.assigned is published once more (a duplicate).
+        if (!e)
+          for (const auto& a : *acks)
+            a();
+        ctx->relaying.fetch_sub(1);
+      });
     },
   };
 }

@@ -8,6 +8,8 @@
 
 #include "actors/actor_types.hpp"
 #include "messages/crypto.hpp"
+#include "transport/kafka_admin.hpp"
+#include "transport/kafka_bus.hpp"
 
 namespace prov {
 
@@ -60,12 +62,31 @@ public:
         caf::anon_send(dest, event_atom::value, std::move(ev));
       };
     };
-    ctx.bus->subscribe(transport::topic::registration_attested,
-                       to(allocation_, metrics::stage::allocation));
-    ctx.bus->subscribe(transport::topic::registration_allocated,
-                       to(configuration_, metrics::stage::configuration));
-    ctx.bus->subscribe(transport::topic::registration_completed,
-                       to(registration_, std::nullopt));
+    // Allocation and configuration ack once their effect is durable; on Kafka
+    // that is when the input offset may be committed.
+    auto to_acked = [m](caf::actor dest, metrics::stage s) {
+      return [dest, m, s](registration_event&& ev, transport::bus::ack_fn ack) {
+        m->stage_enqueued(s);
+        caf::anon_send(dest, event_atom::value, std::move(ev), event_ack{std::move(ack)});
+      };
+    };
+    if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
+                                            to_acked(allocation_, metrics::stage::allocation)))
+      return err;
+    if (auto err = ctx.bus->subscribe_acked(
+          transport::topic::registration_allocated,
+          to_acked(configuration_, metrics::stage::configuration)))
+      return err;
+    // Settling failures is idempotent and resumable from `pending`, so the
+    // completed consumer commits as soon as the event is handed over.
+    if (auto err = ctx.bus->subscribe_acked(
+          transport::topic::registration_completed,
+          [h = to(registration_, std::nullopt)](registration_event&& ev,
+                                                transport::bus::ack_fn ack) {
+            h(std::move(ev));
+            ack();
+          }))
+      return err;
     // device.assigned: embedded mode keeps it in the durable outbox only.
     return resume();
   }
@@ -85,6 +106,12 @@ public:
       operation_record op;
       if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
         return e;
+      // Kafka: an assigned operation keeps its marker until device.assigned
+      // is on Kafka; its allocated event is unacked and will be redelivered,
+      // and the configuration stage re-publishes and then drops the marker.
+      if (raw && !decode_record(*raw, op) && op.status == registration_status::assigned
+          && ctx_->opts.cfg.kafka.enabled())
+        continue;
       if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
         // Nothing to resume (unreadable, missing or already finished): drop
         // the marker so it is not retried on every start.
@@ -260,7 +287,8 @@ public:
     // Let accepted work settle for a moment; whatever is left stays in
     // `pending` and resumes on the next start.
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (ctx_->inflight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+    while ((ctx_->inflight.load() > 0 || ctx_->relaying.load() > 0)
+           && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     // Drain the writer while the actors can still receive its callbacks.
     ctx_->store->close();
@@ -276,6 +304,9 @@ public:
                     &enrollment_})
       *a = caf::actor{};
     sys_.reset(); // waits for all actors
+    // Kafka: closes the consumers (committing what was acked) and flushes the
+    // producer. Nothing uses the bus any more.
+    ctx_->bus.reset();
   }
 
   std::size_t resumed() const { return resumed_; }
@@ -291,12 +322,44 @@ private:
 
 } // namespace
 
+namespace {
+
+/// Distributed mode: the stage topics must exist before the consumers
+/// subscribe (the producer never auto-creates them). Against librdkafka's mock
+/// cluster (dev-kafka, tests) CreateTopics is unsupported, so they must have
+/// been created through the mock already; ensure_topics then only checks.
+error make_kafka_bus(const config::kafka_config& cfg, std::unique_ptr<transport::bus>& out) {
+  namespace kafka = transport::kafka;
+  // Warnings and errors only: librdkafka's info notices would flood stderr.
+  kafka::log_fn log = [](int level, std::string_view msg) {
+    if (level <= 4)
+      std::fprintf(stderr, "provisiond kafka: %.*s\n", static_cast<int>(msg.size()),
+                   msg.data());
+  };
+  if (auto err = kafka::ensure_topics(cfg, kafka::topic_table(cfg), nullptr, 15000, log))
+    return {err.code, "kafka topics at " + cfg.brokers + ": " + err.message};
+  kafka::kafka_bus::options o;
+  o.log = log;
+  std::unique_ptr<kafka::kafka_bus> b;
+  if (auto err = kafka::kafka_bus::create(cfg, std::move(o), b))
+    return {err.code, "kafka: " + err.message};
+  out = std::move(b);
+  return {};
+}
+
+} // namespace
+
 error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   if (opts.store == nullptr)
     return {error_code::internal, "engine::start: no store"};
   auto ctx = std::make_shared<engine_context>();
   ctx->store = opts.store;
-  ctx->bus = transport::make_inprocess_bus();
+  if (opts.cfg.kafka.enabled()) {
+    if (auto err = make_kafka_bus(opts.cfg.kafka, ctx->bus))
+      return err;
+  } else {
+    ctx->bus = transport::make_inprocess_bus();
+  }
   for (const auto& h : opts.cfg.hubs)
     ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy});
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));

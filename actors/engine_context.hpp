@@ -122,6 +122,9 @@ struct engine_context {
   std::vector<allocation::candidate_hub> hubs;
   std::string instance_hex; ///< 16 hex digits, part of operation ids
   std::atomic<int64_t> inflight{0};
+  /// Kafka: device.assigned records whose `pending` marker is not deleted yet
+  /// (shutdown waits for them, else the next start publishes them again).
+  std::atomic<int64_t> relaying{0};
   std::atomic<bool> accepting{true};
   /// Bumped by every enrollment or group write; invalidates `verified`.
   std::atomic<uint64_t> enrollment_generation{0};

@@ -28,6 +28,13 @@ std::string_view topic_name(topic t) noexcept;
 class bus {
 public:
   using handler = std::function<void(registration_event&&)>;
+  /// Marks a delivered event's effect durable; any thread, at most once.
+  using ack_fn = std::function<void()>;
+  /// Receives an event and its ack. On Kafka the offset is committed only
+  /// after the ack, so an unacked event is redelivered after a crash.
+  using acked_handler = std::function<void(registration_event&&, ack_fn ack)>;
+  /// Learns whether a published event is durable (Kafka: acks=all).
+  using durable_fn = std::function<void(const error&)>;
   virtual ~bus() = default;
 
   /// Delivers `ev` to the topic's subscribers. Keyed by ev.registration_id.
@@ -37,6 +44,20 @@ public:
   /// first publish on that topic; events published with no subscriber are
   /// dropped (the durable operation record makes them resumable).
   virtual void subscribe(topic t, handler h) = 0;
+
+  /// Like subscribe(), with an explicit ack. The in-process bus has nothing
+  /// to commit, so its default ignores the ack.
+  [[nodiscard]] virtual error subscribe_acked(topic t, acked_handler h) {
+    subscribe(t, [h = std::move(h)](registration_event&& ev) { h(std::move(ev), [] {}); });
+    return {};
+  }
+
+  /// Like publish(); `done` runs once the event is durable or has failed
+  /// (any thread). In-process: at once, after the hand-off.
+  virtual void publish_durable(topic t, registration_event ev, durable_fn done) {
+    publish(t, std::move(ev));
+    done(error{});
+  }
 };
 
 /// Direct hand-off to the subscriber (which enqueues into its actor mailbox).

@@ -47,6 +47,12 @@ void kafka_bus::publish(topic t, registration_event ev) {
   if (err) write_log(log, 3, "publish " + what + " refused: " + err.message);
 }
 
+void kafka_bus::publish_durable(topic t, registration_event ev, durable_fn done) {
+  auto shared = std::make_shared<durable_fn>(std::move(done));
+  const error err = publish(t, ev, [shared](const delivery& d) { (*shared)(d.err); });
+  if (err) (*shared)(err);
+}
+
 void kafka_bus::subscribe(topic t, handler h) {
   if (!h) {
     unsubscribe(t);

@@ -4,8 +4,8 @@
 // codec (messages/registration.hpp) and keyed by registration id (device id
 // for device.assigned), so per-device order holds on every hop.
 //
-// Not wired into the engine yet: this is the transport the later --roles
-// work plugs in. Records that cannot be decoded, and events whose handler
+// The engine uses it when [kafka] brokers is set (one process runs every
+// stage; --roles comes later). Records that cannot be decoded, and events whose handler
 // throws, go to "<prefix>dead-letter" with the reason and are committed past.
 
 #include <atomic>
@@ -40,7 +40,7 @@ public:
   /// Receives an event and `ack`, to be called once the event's effect is
   /// durable (from any thread). Until then its offset is not committed. An
   /// ack after unsubscribe or close is ignored (the event is redelivered).
-  using acked_handler = std::function<void(registration_event&&, std::function<void()> ack)>;
+  using bus::acked_handler;
 
   [[nodiscard]] static error create(const config::kafka_config& cfg, options opts,
                                     std::unique_ptr<kafka_bus>& out);
@@ -54,13 +54,17 @@ public:
   /// answer 202 only then. When this returns an error `done` is not called.
   [[nodiscard]] error publish(topic t, const registration_event& ev, delivery_fn done);
 
+  /// publish() reporting durability as an error value; a refused send is
+  /// reported through `done` too.
+  void publish_durable(topic t, registration_event ev, durable_fn done) override;
+
   /// Offsets are committed when `h` returns: right for handlers whose effect
   /// is complete on return. A null handler unsubscribes. Consumer creation
   /// errors are logged; use subscribe_acked() to see them.
   void subscribe(topic t, handler h) override;
 
   /// Offsets are committed only after `ack`. Replaces an earlier subscriber.
-  [[nodiscard]] error subscribe_acked(topic t, acked_handler h);
+  [[nodiscard]] error subscribe_acked(topic t, acked_handler h) override;
 
   /// Closes the consumers (committing finished work), then flushes the
   /// producer. Idempotent.

@@ -110,24 +110,7 @@ bool is_linked_hub(const std::string& h) {
   return h == hub_a || h == hub_b;
 }
 
-/// All assignment events, following `next`.
-std::vector<json> all_assignments(const test::server_process& s) {
-  std::vector<json> out;
-  uint64_t after = 0;
-  for (;;) {
-    auto r = s.service("GET", "/assignments?after=" + std::to_string(after) + "&limit=1000");
-    REQUIRE_MESSAGE(r.status == 200, r.body);
-    auto j = parse(r.body);
-    REQUIRE(j["events"].is_array());
-    for (auto& e : j["events"])
-      out.push_back(e);
-    if (j["events"].empty()) {
-      CHECK(j["next"].get<uint64_t>() == after);
-      return out;
-    }
-    after = j["next"].get<uint64_t>();
-  }
-}
+using test::all_assignments;
 
 } // namespace
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "messages/crypto.hpp"
+#include "tests/support/it_common.hpp"
 #include "tests/support/server_process.hpp"
 #include "transport/kafka_common.hpp"
 #include "transport/kafka_mock.hpp"
@@ -128,29 +129,10 @@ std::vector<kafka_record> read_topic(const config::kafka_config& cfg, const std:
 }
 
 void create_group(const test::server_process& s, const std::string& id) {
-  json body{{"enrollmentGroupId", id},
-            {"attestation",
-             {{"type", "symmetricKey"},
-              {"symmetricKey", {{"primaryKey", group_key}, {"secondaryKey", group_key}}}}}};
-  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
-  REQUIRE_MESSAGE(r.status == 200, r.body);
+  test::create_group(s, id, group_key);
 }
 
-/// All outbox assignment events (the service API's /assignments).
-std::vector<json> all_assignments(const test::server_process& s) {
-  std::vector<json> out;
-  uint64_t after = 0;
-  for (;;) {
-    auto r = s.service("GET", "/assignments?after=" + std::to_string(after) + "&limit=1000");
-    REQUIRE_MESSAGE(r.status == 200, r.body);
-    auto j = json::parse(r.body);
-    for (auto& e : j["events"])
-      out.push_back(e);
-    if (j["events"].empty())
-      return out;
-    after = j["next"].get<uint64_t>();
-  }
-}
+using test::all_assignments;
 
 } // namespace
 
@@ -268,26 +250,7 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
   REQUIRE_MESSAGE(!s.restart(), s.log());
   const auto restarted = std::chrono::steady_clock::now();
   auto c = s.client();
-  int not_assigned = 0;
-  for (auto& [op, id] : accepted) {
-    json j;
-    for (int attempt = 0; attempt < 1500; ++attempt) {
-      net::http_headers h;
-      h.add("Authorization", s.device_auth(id, device_key(id)));
-      net::https_response resp;
-      REQUIRE(!c.request("GET", "/" + s.id_scope() + "/registrations/" + id + "/operations/"
-                                  + op + "?api-version=2019-03-31",
-                         h, {}, resp));
-      j = json::parse(resp.body);
-      if (resp.status == 200)
-        break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    if (j.value("status", "") != "assigned") {
-      ++not_assigned;
-      MESSAGE("operation " << op << " of " << id << ": " << j.dump());
-    }
-  }
+  int not_assigned = test::count_not_assigned(s, c, accepted, device_key, 1500);
   MESSAGE("all accepted operations settled "
           << std::chrono::duration<double>(std::chrono::steady_clock::now() - restarted).count()
           << " s after the restart");

@@ -3,6 +3,13 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <thread>
+#include <string>
+#include <vector>
+
 #include <nlohmann/json.hpp>
 
 #include "tests/support/server_process.hpp"
@@ -26,6 +33,67 @@ inline nlohmann::json parse_json(const std::string& text) {
   auto j = nlohmann::json::parse(text, nullptr, false);
   REQUIRE_MESSAGE(!j.is_discarded(), "not JSON: " << text);
   return j;
+}
+
+/// Creates (or replaces) a symmetric-key enrollment group whose primary and
+/// secondary key are both `key`.
+inline void create_group(const server_process& s, const std::string& id,
+                         const std::string& key) {
+  nlohmann::json body{{"enrollmentGroupId", id},
+                      {"attestation",
+                       {{"type", "symmetricKey"},
+                        {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+/// Every assignment event of the outbox (GET /assignments), following `next`.
+inline std::vector<nlohmann::json> all_assignments(const server_process& s) {
+  std::vector<nlohmann::json> out;
+  uint64_t after = 0;
+  for (;;) {
+    auto r = s.service("GET", "/assignments?after=" + std::to_string(after) + "&limit=1000");
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = parse_json(r.body);
+    REQUIRE(j["events"].is_array());
+    for (auto& e : j["events"])
+      out.push_back(e);
+    if (j["events"].empty()) {
+      CHECK(j["next"].get<uint64_t>() == after); // the last page does not move `next`
+      return out;
+    }
+    after = j["next"].get<uint64_t>();
+  }
+}
+
+/// Polls every accepted operation (operation id -> registration id) until it
+/// is terminal or `attempts` polls 20 ms apart have passed; returns how many
+/// did not end `assigned` (each one is reported with MESSAGE).
+template <class KeyOf>
+int count_not_assigned(const server_process& s, net::https_client& c,
+                       const std::map<std::string, std::string>& accepted, KeyOf key_of,
+                       int attempts) {
+  int not_assigned = 0;
+  for (const auto& [op, id] : accepted) {
+    nlohmann::json j;
+    for (int attempt = 0; attempt < attempts; ++attempt) {
+      net::http_headers h;
+      h.add("Authorization", s.device_auth(id, key_of(id)));
+      net::https_response resp;
+      REQUIRE(!c.request("GET", "/" + s.id_scope() + "/registrations/" + id + "/operations/"
+                                  + op + "?api-version=2019-03-31",
+                         h, {}, resp));
+      j = nlohmann::json::parse(resp.body);
+      if (resp.status == 200)
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    if (j.value("status", "") != "assigned") {
+      ++not_assigned;
+      MESSAGE("operation " << op << " of " << id << ": " << j.dump());
+    }
+  }
+  return not_assigned;
 }
 
 } // namespace prov::test

@@ -23,6 +23,8 @@
 
 #include <cstdio>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/actor_types.hpp"
 #include "messages/json_text.hpp"
 
@@ -34,6 +36,7 @@ struct committing_t {
   registration_event event;
   event_ack ack;
   std::chrono::steady_clock::time_point started; ///< stage latency includes the commit
+  std::string cloud_event; ///< Kafka mode: the device.assigned record to relay
 };
 
 struct configuration_state_t {
@@ -84,6 +87,25 @@ std::string assignment_event(const registration_event& ev, const registration_st
   return out;
 }
 
+/// device.assigned as a Kafka record: structured-mode CloudEvent (the outbox
+/// JSON), keyed by device id, with the attributes also as ce_* headers so
+/// consumers can route without parsing (CloudEvents Kafka binding).
+transport::bus::raw_record assigned_record(const std::string& device_id,
+                                           std::string cloud_event) {
+  transport::bus::raw_record r;
+  r.key = device_id;
+  r.headers.emplace_back("content-type", "application/cloudevents+json; charset=UTF-8");
+  auto j = nlohmann::json::parse(cloud_event, nullptr, false);
+  if (j.is_object())
+    for (const char* attr : {"specversion", "type", "source", "id", "subject", "time"})
+      if (auto it = j.find(attr); it != j.end() && it->is_string())
+        r.headers.emplace_back(std::string("ce_") + attr, it->get<std::string>());
+  if (j.is_object() && j.contains("id") && j["id"].is_string())
+    r.headers.emplace_back("operation_id", j["id"].get<std::string>());
+  r.value = std::move(cloud_event);
+  return r;
+}
+
 } // namespace
 
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
@@ -91,20 +113,22 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
   // Kafka: device.assigned must reach the topic even across a crash, so the
   // `pending` marker outlives the commit until Kafka acknowledges it.
   const bool relay = ctx->opts.cfg.kafka.enabled();
-  // Publishes device.assigned; once durable the actor drops the marker.
-  auto publish_assigned = [self, ctx](const registration_event& ev) {
+  // Publishes device.assigned (the outbox's CloudEvent, byte for byte); once
+  // durable the actor drops the marker.
+  auto publish_assigned = [self, ctx](const std::string& op_id, const std::string& device_id,
+                                      std::string cloud_event) {
     auto me = caf::actor_cast<caf::actor>(self);
-    auto op_id = ev.operation_id;
-    ctx->bus->publish_durable(transport::topic::device_assigned, ev,
-                              [me, op_id](const error& e) {
-                                if (!e)
-                                  caf::anon_send(me, relayed_atom::value, op_id);
-                                else // stays unacked: redelivered after a restart
-                                  std::fprintf(stderr,
-                                               "provisiond: device.assigned for %s not "
-                                               "published: %s\n",
-                                               op_id.c_str(), e.message.c_str());
-                              });
+    ctx->bus->publish_raw_durable(transport::topic::device_assigned,
+                                  assigned_record(device_id, std::move(cloud_event)),
+                                  [me, op_id](const error& e) {
+                                    if (!e)
+                                      caf::anon_send(me, relayed_atom::value, op_id);
+                                    else // stays unacked: redelivered after a restart
+                                      std::fprintf(stderr,
+                                                   "provisiond: device.assigned for %s not "
+                                                   "published: %s\n",
+                                                   op_id.c_str(), e.message.c_str());
+                                  });
   };
   std::optional<std::string> last;
   if (!ctx->store->last_key(storage::cf::outbox, last) && last)
@@ -136,10 +160,17 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         std::optional<std::string> marker;
         if (relay && op.status == registration_status::assigned
             && !ctx->store->get(storage::cf::pending, ev.operation_id, marker) && marker) {
-          ev.status = registration_status::assigned;
+          // The marker holds the outbox position of the event to relay.
+          std::optional<std::string> stored;
+          auto seq = storage::parse_seq_key(*marker);
+          if (seq == 0 || ctx->store->get(storage::cf::outbox, *marker, stored) || !stored) {
+            // Marker from before it held a position: rebuild the event.
+            ev.completed_ms = op.state.updated_ms;
+            stored = assignment_event(ev, op.state, seq);
+          }
           ctx->relaying.fetch_add(1);
           st->relaying[ev.operation_id].push_back(std::move(ack));
-          publish_assigned(ev);
+          publish_assigned(ev.operation_id, op.state.device_id, std::move(*stored));
           return;
         }
         ack();
@@ -173,12 +204,18 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       storage::write_batch batch;
       batch.put(storage::cf::registrations, reg_key, encode_record(rs));
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
-      if (!relay)
+      auto cloud_event = assignment_event(ev, rs, seq);
+      if (relay) // the marker stays until Kafka has the event; it says where it is
+        batch.put(storage::cf::pending, ev.operation_id, storage::seq_key(seq));
+      else
         batch.del(storage::cf::pending, ev.operation_id);
-      batch.put(storage::cf::outbox, storage::seq_key(seq),
-                assignment_event(ev, rs, seq));
+      if (relay)
+        batch.put(storage::cf::outbox, storage::seq_key(seq), cloud_event); // also relayed
+      else
+        batch.put(storage::cf::outbox, storage::seq_key(seq), std::move(cloud_event));
       auto op_id = ev.operation_id;
-      st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started});
+      st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started,
+                                                 relay ? std::move(cloud_event) : std::string()});
       auto me = caf::actor_cast<caf::actor>(self);
       ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
@@ -191,6 +228,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       auto ev = std::move(it->second.event);
       auto ack = std::move(it->second.ack);
       auto started = it->second.started;
+      auto cloud_event = std::move(it->second.cloud_event);
       st->committing.erase(it);
       if (e) {
         // Not durable: retry shortly; the operation stays in `pending`.
@@ -209,7 +247,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       if (relay) {
         ctx->relaying.fetch_add(1);
         st->relaying[op_id].push_back(std::move(ack));
-        publish_assigned(ev);
+        publish_assigned(op_id, ev.device_id, std::move(cloud_event));
       } else {
         ack(); // in-process: nothing to commit
         ctx->bus->publish(transport::topic::device_assigned, ev);

@@ -8,6 +8,8 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "messages/registration.hpp"
 
@@ -56,6 +58,21 @@ public:
   /// (any thread). In-process: at once, after the hand-off.
   virtual void publish_durable(topic t, registration_event ev, durable_fn done) {
     publish(t, std::move(ev));
+    done(error{});
+  }
+
+  /// An already-encoded record: device.assigned goes out as the same
+  /// CloudEvents JSON the outbox holds, with ce_* headers.
+  struct raw_record {
+    std::string key;
+    std::string value;
+    std::vector<std::pair<std::string, std::string>> headers;
+  };
+
+  /// Publishes `rec` on `t`; `done` as for publish_durable. In-process there
+  /// is no consumer of raw records (embedded mode keeps the outbox), so it
+  /// reports success at once.
+  virtual void publish_raw_durable(topic t, raw_record rec, durable_fn done) {
     done(error{});
   }
 };

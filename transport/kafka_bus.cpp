@@ -53,6 +53,19 @@ void kafka_bus::publish_durable(topic t, registration_event ev, durable_fn done)
   if (err) (*shared)(err);
 }
 
+void kafka_bus::publish_raw_durable(topic t, raw_record rec, durable_fn done) {
+  record r;
+  r.topic = topic_for(cfg_, t);
+  r.key = std::move(rec.key);
+  r.value = std::move(rec.value);
+  for (auto& [name, value] : rec.headers)
+    r.headers.push_back({std::move(name), std::move(value)});
+  auto shared = std::make_shared<durable_fn>(std::move(done));
+  const error err =
+    producer_->send(std::move(r), [shared](const delivery& d) { (*shared)(d.err); });
+  if (err) (*shared)(err);
+}
+
 void kafka_bus::subscribe(topic t, handler h) {
   if (!h) {
     unsubscribe(t);

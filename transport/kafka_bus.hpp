@@ -61,6 +61,9 @@ public:
   /// Offsets are committed when `h` returns: right for handlers whose effect
   /// is complete on return. A null handler unsubscribes. Consumer creation
   /// errors are logged; use subscribe_acked() to see them.
+  /// Produces `rec` as is (key, value, headers) on the topic's Kafka topic.
+  void publish_raw_durable(topic t, raw_record rec, durable_fn done) override;
+
   void subscribe(topic t, handler h) override;
 
   /// Offsets are committed only after `ack`. Replaces an earlier subscriber.

@@ -75,6 +75,8 @@ struct kafka_fixture {
 
 struct kafka_record {
   std::string operation_id; ///< header operation_id
+  std::string ce_type;      ///< header ce_type (device.assigned only)
+  std::string key;
   std::string value;
 };
 
@@ -115,9 +117,14 @@ std::vector<kafka_record> read_topic(const config::kafka_config& cfg, const std:
       rd_kafka_headers_t* hs = nullptr;
       const void* v = nullptr;
       size_t n = 0;
-      if (!rd_kafka_message_headers(m, &hs)
-          && !rd_kafka_header_get_last(hs, "operation_id", &v, &n))
-        r.operation_id.assign(static_cast<const char*>(v), n);
+      if (!rd_kafka_message_headers(m, &hs)) {
+        if (!rd_kafka_header_get_last(hs, "operation_id", &v, &n))
+          r.operation_id.assign(static_cast<const char*>(v), n);
+        if (!rd_kafka_header_get_last(hs, "ce_type", &v, &n))
+          r.ce_type.assign(static_cast<const char*>(v), n);
+      }
+      if (m->key)
+        r.key.assign(static_cast<const char*>(m->key), m->key_len);
       out.push_back(std::move(r));
       last = std::chrono::steady_clock::now();
     }
@@ -198,7 +205,23 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   for (auto& [id, op] : op_of)
     CHECK_MESSAGE(per_op[op] == 1, id << " / " << op << " on device.assigned " << per_op[op]
                                       << " times");
-  CHECK(all_assignments(s).size() == static_cast<size_t>(total + 1));
+  // Each Kafka record is the outbox's CloudEvent, byte for byte, keyed by
+  // device id, with the ce_* attributes as headers too.
+  auto outbox = all_assignments(s);
+  CHECK(outbox.size() == static_cast<size_t>(total + 1));
+  std::map<std::string, json> outbox_by_op;
+  for (auto& e : outbox)
+    outbox_by_op[e["data"].value("operationId", "")] = e;
+  for (auto& r : assigned) {
+    auto ce = json::parse(r.value, nullptr, false);
+    REQUIRE_MESSAGE(ce.is_object(), r.value);
+    CHECK(ce.value("specversion", "") == "1.0");
+    CHECK(ce.value("type", "") == "device.assigned");
+    CHECK(r.ce_type == "device.assigned");
+    CHECK(ce.value("id", "") == r.operation_id);
+    CHECK(r.key == ce.value("subject", ""));
+    CHECK_MESSAGE(ce == outbox_by_op[r.operation_id], r.value);
+  }
   CHECK(s.stop() == 0);
 }
 

@@ -253,6 +253,9 @@ int serve(const serve_args& args) {
     std::ofstream(tmp) << ep.dump() << "\n";
     std::rename(tmp.c_str(), (cfg.data_dir + "/endpoints.json").c_str());
   }
+  dlog->info("serving: device API https://" + device_addr + ", metrics "
+             + (metrics_addr.empty() ? std::string("disabled") : "http://" + metrics_addr)
+             + ", id scope " + id_scope);
   std::cout << "provisiond serving\n"
             << "  id scope:          " << id_scope << "\n"
             << "  device/service API: https://" << device_addr << "\n"

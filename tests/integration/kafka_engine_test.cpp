@@ -135,6 +135,28 @@ std::vector<kafka_record> read_topic(const config::kafka_config& cfg, const std:
   return out;
 }
 
+/// Produces raw records with a plain librdkafka producer (what a buggy or
+/// hostile client could put on provisiond's topics).
+void produce_raw(const config::kafka_config& cfg, const std::string& topic,
+                 const std::vector<std::pair<std::string, std::string>>& records) {
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", cfg.brokers.c_str(), errstr, sizeof errstr);
+  rd_kafka_conf_set(conf, "log_level", "0", errstr, sizeof errstr);
+  rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+  REQUIRE_MESSAGE(rk, errstr);
+  for (const auto& [key, value] : records) {
+    auto err = rd_kafka_producev(
+      rk, RD_KAFKA_V_TOPIC(topic.c_str()),
+      RD_KAFKA_V_KEY(const_cast<char*>(key.data()), key.size()),
+      RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+      RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END);
+    REQUIRE(err == RD_KAFKA_RESP_ERR_NO_ERROR);
+  }
+  REQUIRE(rd_kafka_flush(rk, 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  rd_kafka_destroy(rk);
+}
+
 void create_group(const test::server_process& s, const std::string& id) {
   test::create_group(s, id, group_key);
 }
@@ -307,6 +329,39 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
                                        << "missing: " << missing << ", published twice: "
                                        << twice);
   CHECK(missing == 0);
+  CHECK(s.stop() == 0);
+}
+
+TEST_CASE("malformed events on each stage topic are dead-lettered; the partitions keep moving") {
+  kafka_fixture fx;
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  create_group(s, "dlq-group");
+  // Warm up so every stage's consumer has joined before the junk arrives.
+  auto c = s.client();
+  int status = 0;
+  auto warm = test::register_device(c, s, "dlq-warm", device_key("dlq-warm"), status, 50);
+  REQUIRE_MESSAGE(warm.value("status", "") == "assigned", warm.dump());
+
+  const std::vector<std::string> consumed = {"dps.registration.attested",
+                                             "dps.registration.allocated",
+                                             "dps.registration.completed"};
+  // Junk keyed like the devices about to register, so it sits on their
+  // partitions: a stuck partition would leave a device unassigned.
+  std::vector<std::pair<std::string, std::string>> junk;
+  for (int i = 0; i < 8; ++i)
+    junk.emplace_back("dlq-dev-" + std::to_string(i), i % 2 ? "not json {" : "{\"v\":99}");
+  for (const auto& t : consumed)
+    produce_raw(fx.cfg, t, junk);
+
+  for (int i = 0; i < 8; ++i) {
+    auto id = "dlq-dev-" + std::to_string(i);
+    auto res = test::register_device(c, s, id, device_key(id), status, 20);
+    CHECK_MESSAGE(res.value("status", "") == "assigned", id << ": " << res.dump());
+  }
+  // Every junk record is on the dead-letter topic.
+  auto dead = read_topic(fx.cfg, "dps.dead-letter", consumed.size() * junk.size());
+  CHECK(dead.size() == consumed.size() * junk.size());
   CHECK(s.stop() == 0);
 }
 

@@ -22,6 +22,7 @@ using event_atom = caf::atom_constant<caf::atom("event")>;
 using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
 using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
+using relayfail_atom = caf::atom_constant<caf::atom("relayfail")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

@@ -7,6 +7,7 @@
 //          (committed_atom, operation id, error) from the store writer
 // Emits:   registration.completed and device.assigned after the commit.
 //          (relayed_atom, operation id)   device.assigned is durable on Kafka
+//          (relayfail_atom, operation id) device.assigned could not be published
 // Acks:    embedded: after the RocksDB commit. Kafka: the operation keeps its
 //          `pending` marker until device.assigned is acknowledged by Kafka;
 //          then the marker is deleted and the input acked. A redelivered
@@ -45,6 +46,9 @@ struct configuration_state_t {
   /// Kafka: operation id -> acks waiting for device.assigned to be durable
   /// and the `pending` marker deleted.
   std::unordered_map<std::string, std::vector<event_ack>> relaying;
+  /// Kafka: acks of duplicate deliveries that arrived while the operation was
+  /// committing or relaying; released (or dropped) with the operation's own.
+  std::unordered_map<std::string, std::vector<event_ack>> parked;
 };
 
 /// The device.assigned CloudEvent (structured JSON). Written by hand: it is
@@ -117,18 +121,25 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
   // durable the actor drops the marker.
   auto publish_assigned = [self, ctx](const std::string& op_id, const std::string& device_id,
                                       std::string cloud_event) {
-    auto me = caf::actor_cast<caf::actor>(self);
-    ctx->bus->publish_raw_durable(transport::topic::device_assigned,
-                                  assigned_record(device_id, std::move(cloud_event)),
-                                  [me, op_id](const error& e) {
-                                    if (!e)
-                                      caf::anon_send(me, relayed_atom::value, op_id);
-                                    else // stays unacked: redelivered after a restart
-                                      std::fprintf(stderr,
-                                                   "provisiond: device.assigned for %s not "
-                                                   "published: %s\n",
-                                                   op_id.c_str(), e.message.c_str());
-                                  });
+    // A weak handle: the producer may hold this callback until its message
+    // timeout, and a strong one would keep the detached actor (and engine
+    // shutdown) waiting for it.
+    caf::weak_actor_ptr weak{self->ctrl()};
+    ctx->bus->publish_raw_durable(
+      transport::topic::device_assigned, assigned_record(device_id, std::move(cloud_event)),
+      [weak, op_id](const error& e) {
+        auto strong = weak.lock();
+        if (!strong)
+          return; // shutting down: unacked, so republished after the restart
+        auto me = caf::actor_cast<caf::actor>(strong);
+        if (!e) {
+          caf::anon_send(me, relayed_atom::value, op_id);
+          return;
+        }
+        std::fprintf(stderr, "provisiond: device.assigned for %s not published: %s\n",
+                     op_id.c_str(), e.message.c_str());
+        caf::anon_send(me, relayfail_atom::value, op_id);
+      });
   };
   std::optional<std::string> last;
   if (!ctx->store->last_key(storage::cf::outbox, last) && last)
@@ -139,9 +150,13 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       auto started = std::chrono::steady_clock::now();
       if (st->committing.count(ev.operation_id) || st->relaying.count(ev.operation_id)) {
         // Duplicate delivery while the first is being committed or relayed.
-        // Acking it is safe: on Kafka it sits behind the first (same key, same
-        // partition), whose ack gates the commit.
-        ack();
+        // Kafka: after a rebalance the first copy's ack is void (stale epoch)
+        // and only this one can commit the offset, so it waits for the relay
+        // like the first. In-process the ack is a no-op.
+        if (relay)
+          st->parked[ev.operation_id].push_back(std::move(ack));
+        else
+          ack();
         return;
       }
       std::optional<std::string> raw;
@@ -159,7 +174,9 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         // still there, device.assigned may never have reached the topic.
         std::optional<std::string> marker;
         if (relay && op.status == registration_status::assigned
-            && !ctx->store->get(storage::cf::pending, ev.operation_id, marker) && marker) {
+            && ctx->store->get(storage::cf::pending, ev.operation_id, marker))
+          return; // cannot tell whether it was relayed: stay unacked
+        if (relay && op.status == registration_status::assigned && marker) {
           // The marker holds the outbox position of the event to relay.
           std::optional<std::string> stored;
           auto seq = storage::parse_seq_key(*marker);
@@ -261,6 +278,11 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
         return;
       auto acks = std::make_shared<std::vector<event_ack>>(std::move(it->second));
       st->relaying.erase(it);
+      if (auto p = st->parked.find(op_id); p != st->parked.end()) {
+        for (auto& a : p->second)
+          acks->push_back(std::move(a));
+        st->parked.erase(p);
+      }
       storage::write_batch batch;
       batch.del(storage::cf::pending, op_id);
       ctx->store->commit(std::move(batch), [acks, ctx](const error& e) {
@@ -271,6 +293,14 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
             a();
         ctx->relaying.fetch_sub(1);
       });
+    },
+    [=](relayfail_atom, const std::string& op_id) {
+      // device.assigned did not reach Kafka. Its inputs stay unacked and the
+      // marker stays, so a redelivery (rebalance or restart) publishes again;
+      // forget the attempt so that redelivery is not taken for a duplicate.
+      if (st->relaying.erase(op_id) > 0)
+        ctx->relaying.fetch_sub(1);
+      st->parked.erase(op_id);
     },
   };
 }

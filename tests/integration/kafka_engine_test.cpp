@@ -161,6 +161,16 @@ void create_group(const test::server_process& s, const std::string& id) {
   test::create_group(s, id, group_key);
 }
 
+/// Registers one device and waits for it: the first consumer-group joins take
+/// about 3 s on the mock, and a test should only start once events really flow
+/// through every stage's consumer.
+void warm_up(const test::server_process& s, const std::string& id) {
+  auto c = s.client();
+  int status = 0;
+  auto res = test::register_device(c, s, id, device_key(id), status, 50);
+  REQUIRE_MESSAGE(res.value("status", "") == "assigned", res.dump());
+}
+
 using test::all_assignments;
 
 } // namespace
@@ -172,13 +182,7 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
   create_group(s, "kafka-group");
-  // Warm up: the first consumer-group joins take ~3 s on the mock.
-  {
-    auto c = s.client();
-    int status = 0;
-    auto res = test::register_device(c, s, "kwarm", device_key("kwarm"), status, 50);
-    REQUIRE_MESSAGE(res.value("status", "") == "assigned", res.dump());
-  }
+  warm_up(s, "kwarm");
   constexpr int threads = 50, per_thread = 10, total = threads * per_thread;
   std::atomic<int> failures{0};
   std::mutex mtx;
@@ -252,14 +256,7 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
   create_group(s, "kafka-crash-group");
-  // Warm up: the first consumer-group joins take ~3 s on the mock; kill only
-  // once events really flow through Kafka.
-  {
-    auto c = s.client();
-    int status = 0;
-    auto res = test::register_device(c, s, "kwarm", device_key("kwarm"), status, 50);
-    REQUIRE_MESSAGE(res.value("status", "") == "assigned", res.dump());
-  }
+  warm_up(s, "kwarm"); // kill only once events really flow through Kafka
   std::atomic<bool> stop{false};
   std::mutex mtx;
   std::map<std::string, std::string> accepted; // operation id -> registration id
@@ -337,11 +334,9 @@ TEST_CASE("malformed events on each stage topic are dead-lettered; the partition
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
   create_group(s, "dlq-group");
-  // Warm up so every stage's consumer has joined before the junk arrives.
+  warm_up(s, "dlq-warm"); // every stage's consumer has joined before the junk
   auto c = s.client();
   int status = 0;
-  auto warm = test::register_device(c, s, "dlq-warm", device_key("dlq-warm"), status, 50);
-  REQUIRE_MESSAGE(warm.value("status", "") == "assigned", warm.dump());
 
   const std::vector<std::string> consumed = {"dps.registration.attested",
                                              "dps.registration.allocated",

@@ -18,13 +18,9 @@
 //          registration.completed is fire and forget (failures resume).
 // Blocking: point reads for idempotency; spawned detached.
 
+#include <cstdio>
 #include <unordered_map>
 #include <vector>
-
-
-#include <cstdio>
-
-#include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
 #include "messages/json_text.hpp"
@@ -51,20 +47,32 @@ struct configuration_state_t {
   std::unordered_map<std::string, std::vector<event_ack>> parked;
 };
 
+/// The CloudEvents context attributes of an assignment: in the JSON envelope
+/// and, on Kafka, repeated as ce_* headers (one source for both).
+struct ce_attributes {
+  std::string source, id, subject, time;
+};
+
+ce_attributes attributes_of(const registration_event& ev) {
+  return {"/provisiond/" + ev.id_scope, ev.operation_id, ev.device_id,
+          utc_string(ev.completed_ms)};
+}
+
 /// The device.assigned CloudEvent (structured JSON). Written by hand: it is
 /// built once per registration and nlohmann's tree + serializer was the
 /// largest single cost of this stage (callgrind, docs/performance.md).
 std::string assignment_event(const registration_event& ev, const registration_state& rs,
                              uint64_t seq) {
+  auto attrs = attributes_of(ev);
   std::string out;
   out.reserve(640 + ev.initial_twin_json.size());
   json_text::object ce(out);
   ce.str("specversion", "1.0")
     .str("type", "device.assigned")
-    .str("source", "/provisiond/" + ev.id_scope)
-    .str("id", ev.operation_id)
-    .str("subject", ev.device_id)
-    .str("time", utc_string(ev.completed_ms))
+    .str("source", attrs.source)
+    .str("id", attrs.id)
+    .str("subject", attrs.subject)
+    .str("time", attrs.time)
     .str("datacontenttype", "application/json")
     .str("sequence", std::to_string(seq)); // CloudEvents extension: a string
   json_text::object data(ce.nested("data"));
@@ -94,18 +102,17 @@ std::string assignment_event(const registration_event& ev, const registration_st
 /// device.assigned as a Kafka record: structured-mode CloudEvent (the outbox
 /// JSON), keyed by device id, with the attributes also as ce_* headers so
 /// consumers can route without parsing (CloudEvents Kafka binding).
-transport::bus::raw_record assigned_record(const std::string& device_id,
-                                           std::string cloud_event) {
+transport::bus::raw_record assigned_record(ce_attributes attrs, std::string cloud_event) {
   transport::bus::raw_record r;
-  r.key = device_id;
-  r.headers.emplace_back("content-type", "application/cloudevents+json; charset=UTF-8");
-  auto j = nlohmann::json::parse(cloud_event, nullptr, false);
-  if (j.is_object())
-    for (const char* attr : {"specversion", "type", "source", "id", "subject", "time"})
-      if (auto it = j.find(attr); it != j.end() && it->is_string())
-        r.headers.emplace_back(std::string("ce_") + attr, it->get<std::string>());
-  if (j.is_object() && j.contains("id") && j["id"].is_string())
-    r.headers.emplace_back("operation_id", j["id"].get<std::string>());
+  r.key = attrs.subject;
+  r.headers = {{"content-type", "application/cloudevents+json; charset=UTF-8"},
+               {"ce_specversion", "1.0"},
+               {"ce_type", "device.assigned"},
+               {"ce_source", std::move(attrs.source)},
+               {"ce_id", attrs.id},
+               {"ce_subject", std::move(attrs.subject)},
+               {"ce_time", std::move(attrs.time)},
+               {"operation_id", std::move(attrs.id)}};
   r.value = std::move(cloud_event);
   return r;
 }
@@ -119,14 +126,14 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
   const bool relay = ctx->opts.cfg.kafka.enabled();
   // Publishes device.assigned (the outbox's CloudEvent, byte for byte); once
   // durable the actor drops the marker.
-  auto publish_assigned = [self, ctx](const std::string& op_id, const std::string& device_id,
-                                      std::string cloud_event) {
+  auto publish_assigned = [self, ctx](const registration_event& ev, std::string cloud_event) {
+    const auto& op_id = ev.operation_id;
     // A weak handle: the producer may hold this callback until its message
     // timeout, and a strong one would keep the detached actor (and engine
     // shutdown) waiting for it.
     caf::weak_actor_ptr weak{self->ctrl()};
     ctx->bus->publish_raw_durable(
-      transport::topic::device_assigned, assigned_record(device_id, std::move(cloud_event)),
+      transport::topic::device_assigned, assigned_record(attributes_of(ev), std::move(cloud_event)),
       [weak, op_id](const error& e) {
         auto strong = weak.lock();
         if (!strong)
@@ -178,16 +185,17 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
           return; // cannot tell whether it was relayed: stay unacked
         if (relay && op.status == registration_status::assigned && marker) {
           // The marker holds the outbox position of the event to relay.
+          // What was committed wins over the redelivered event's copy.
+          ev.completed_ms = op.state.updated_ms;
+          ev.device_id = op.state.device_id;
+          ev.assigned_hub = op.state.assigned_hub;
           std::optional<std::string> stored;
           auto seq = storage::parse_seq_key(*marker);
-          if (seq == 0 || ctx->store->get(storage::cf::outbox, *marker, stored) || !stored) {
-            // Marker from before it held a position: rebuild the event.
-            ev.completed_ms = op.state.updated_ms;
-            stored = assignment_event(ev, op.state, seq);
-          }
+          if (seq == 0 || ctx->store->get(storage::cf::outbox, *marker, stored) || !stored)
+            stored = assignment_event(ev, op.state, seq); // marker without a position
           ctx->relaying.fetch_add(1);
           st->relaying[ev.operation_id].push_back(std::move(ack));
-          publish_assigned(ev.operation_id, op.state.device_id, std::move(*stored));
+          publish_assigned(ev, std::move(*stored));
           return;
         }
         ack();
@@ -264,7 +272,7 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       if (relay) {
         ctx->relaying.fetch_add(1);
         st->relaying[op_id].push_back(std::move(ack));
-        publish_assigned(op_id, ev.device_id, std::move(cloud_event));
+        publish_assigned(ev, std::move(cloud_event));
       } else {
         ack(); // in-process: nothing to commit
         ctx->bus->publish(transport::topic::device_assigned, ev);

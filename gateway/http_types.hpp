@@ -8,6 +8,8 @@
 #include <utility>
 #include <vector>
 
+#include "messages/error.hpp"
+
 namespace prov::gateway {
 
 struct http_request {
@@ -31,6 +33,7 @@ struct http_response {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;          ///< JSON text ("" for 204)
   bool close = false;        ///< close the connection after sending
+  error err;                 ///< error_response(): the error in the body (for logs)
 };
 
 using respond_fn = std::function<void(http_response)>;

@@ -258,17 +258,11 @@ private:
         rec.category = c->kind.category;
         rec.operation = c->kind.operation;
         rec.status = r.status;
-        std::string code, description;
-        if (r.status >= 400) {
-          for (const auto& [k, v] : r.headers)
-            if (k == "x-ms-error-code")
-              code = v;
-          auto body = json::parse(r.body, nullptr, false);
-          if (body.is_object() && body.contains("message") && body["message"].is_string())
-            description = body["message"].get<std::string>();
-        }
+        std::string code;
+        if (r.err)
+          code = std::to_string(static_cast<int32_t>(r.err.code));
         rec.error_code = code;
-        rec.description = description;
+        rec.description = r.err.message;
         rec.duration_ms = secs * 1000.0;
         rec.id = c->kind.id;
         rec.type = c->kind.type;
@@ -659,6 +653,7 @@ http_response error_response(const error& e, const std::string& tracking_id) {
     r.status = 500;
   r.body = error_body(e, tracking_id);
   r.headers.emplace_back("x-ms-error-code", std::to_string(static_cast<int32_t>(e.code)));
+  r.err = e;
   return r;
 }
 

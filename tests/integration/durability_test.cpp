@@ -94,40 +94,11 @@ TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigne
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(), s.log());
   create_group(s, "crash-group");
-  std::atomic<bool> stop{false};
-  std::mutex mtx;
-  std::map<std::string, std::string> accepted; // operation id -> registration id
-  std::atomic<int> sent{0};
-  std::vector<std::thread> pool;
-  for (int t = 0; t < 16; ++t)
-    pool.emplace_back([&, t] {
-      auto c = s.client();
-      for (int i = 0; !stop.load(); ++i) {
-        auto id = "crash-" + std::to_string(t) + "-" + std::to_string(i);
-        net::http_headers h;
-        h.add("Authorization", s.device_auth(id, device_key(id)));
-        h.add("Content-Type", "application/json");
-        net::https_response resp;
-        ++sent;
-        auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
-                                      + "/register?api-version=2019-03-31",
-                             h, json{{"registrationId", id}}.dump(), resp);
-        if (err)
-          break; // the server is gone
-        if (resp.status == 202) {
-          auto j = json::parse(resp.body);
-          std::lock_guard<std::mutex> g{mtx};
-          accepted[j.value("operationId", "")] = id;
-        }
-      }
-    });
   // Let the burst run, then kill without warning.
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  s.kill9();
-  stop = true;
-  for (auto& th : pool)
-    th.join();
-  MESSAGE("requests sent: " << sent.load() << ", accepted before kill: " << accepted.size());
+  int sent = 0;
+  auto accepted =
+    test::burst_then_kill9(s, "crash-", device_key, std::chrono::milliseconds(1500), sent);
+  MESSAGE("requests sent: " << sent << ", accepted before kill: " << accepted.size());
   REQUIRE(accepted.size() > 50);
   REQUIRE_MESSAGE(!s.restart(), s.log());
   // Every accepted operation reaches `assigned` after the restart.

@@ -257,36 +257,9 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
   create_group(s, "kafka-crash-group");
   warm_up(s, "kwarm"); // kill only once events really flow through Kafka
-  std::atomic<bool> stop{false};
-  std::mutex mtx;
-  std::map<std::string, std::string> accepted; // operation id -> registration id
-  std::vector<std::thread> pool;
-  for (int t = 0; t < 16; ++t)
-    pool.emplace_back([&, t] {
-      auto c = s.client();
-      for (int i = 0; !stop.load(); ++i) {
-        auto id = "kcrash-" + std::to_string(t) + "-" + std::to_string(i);
-        net::http_headers h;
-        h.add("Authorization", s.device_auth(id, device_key(id)));
-        h.add("Content-Type", "application/json");
-        net::https_response resp;
-        auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
-                                      + "/register?api-version=2019-03-31",
-                             h, json{{"registrationId", id}}.dump(), resp);
-        if (err)
-          break; // the server is gone
-        if (resp.status == 202) {
-          auto j = json::parse(resp.body);
-          std::lock_guard<std::mutex> g{mtx};
-          accepted[j.value("operationId", "")] = id;
-        }
-      }
-    });
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  s.kill9();
-  stop = true;
-  for (auto& th : pool)
-    th.join();
+  int sent = 0;
+  auto accepted =
+    test::burst_then_kill9(s, "kcrash-", device_key, std::chrono::milliseconds(1500), sent);
   MESSAGE("accepted before kill: " << accepted.size());
   REQUIRE(accepted.size() > 50);
   REQUIRE_MESSAGE(!s.restart(), s.log());

@@ -3,9 +3,11 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <thread>
 #include <string>
 #include <vector>
@@ -64,6 +66,50 @@ inline std::vector<nlohmann::json> all_assignments(const server_process& s) {
     }
     after = j["next"].get<uint64_t>();
   }
+}
+
+/// Registers devices `<prefix><thread>-<n>` from 16 threads for `burst`,
+/// then SIGKILLs the server. Returns the operations that got their 202
+/// (operation id -> registration id); `sent` counts the PUTs.
+template <class KeyOf>
+std::map<std::string, std::string> burst_then_kill9(server_process& s, const std::string& prefix,
+                                                    KeyOf key_of,
+                                                    std::chrono::milliseconds burst,
+                                                    int& sent) {
+  std::atomic<bool> stop{false};
+  std::atomic<int> puts{0};
+  std::mutex mtx;
+  std::map<std::string, std::string> accepted;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 16; ++t)
+    pool.emplace_back([&, t] {
+      auto c = s.client();
+      for (int i = 0; !stop.load(); ++i) {
+        auto id = prefix + std::to_string(t) + "-" + std::to_string(i);
+        net::http_headers h;
+        h.add("Authorization", s.device_auth(id, key_of(id)));
+        h.add("Content-Type", "application/json");
+        net::https_response resp;
+        ++puts;
+        auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
+                                      + "/register?api-version=2019-03-31",
+                             h, nlohmann::json{{"registrationId", id}}.dump(), resp);
+        if (err)
+          break; // the server is gone
+        if (resp.status == 202) {
+          auto j = nlohmann::json::parse(resp.body);
+          std::lock_guard<std::mutex> g{mtx};
+          accepted[j.value("operationId", "")] = id;
+        }
+      }
+    });
+  std::this_thread::sleep_for(burst);
+  s.kill9();
+  stop = true;
+  for (auto& th : pool)
+    th.join();
+  sent = puts.load();
+  return accepted;
 }
 
 /// Polls every accepted operation (operation id -> registration id) until it

@@ -135,6 +135,10 @@ struct engine_context {
 
   /// Rebuilds `groups` from the store.
   error reload_groups();
+  /// After any enrollment or group write: refreshes the group snapshot (for a
+  /// group) and then invalidates cached verdicts and views. Every writer of
+  /// enrollments must call it.
+  void enrollments_changed(enrollment::kind k);
 };
 
 using engine_context_ptr = std::shared_ptr<engine_context>;

@@ -86,6 +86,14 @@ error prepare_put(const engine_context& ctx, enrollment::kind k, const std::stri
 
 } // namespace
 
+void engine_context::enrollments_changed(enrollment::kind k) {
+  if (k == enrollment::kind::group)
+    static_cast<void>(reload_groups());
+  // After everything attest() reads is updated: a token verified against the
+  // old state carries an older generation and is not reused.
+  enrollment_generation.fetch_add(1);
+}
+
 error engine_context::reload_groups() {
   auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
   error failure;
@@ -125,11 +133,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err), {});
         return;
       }
-      if (k == enrollment::kind::group)
-        static_cast<void>(ctx->reload_groups());
-      // After everything attest() reads is updated: a token verified against
-      // the old state carries an older generation and is not reused.
-      ctx->enrollment_generation.fetch_add(1);
+      ctx->enrollments_changed(k);
       reply.fn({}, enrollment::public_document(doc).dump());
     },
     [ctx](delete_atom, enrollment::kind k, const std::string& id,
@@ -155,11 +159,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err));
         return;
       }
-      if (k == enrollment::kind::group)
-        static_cast<void>(ctx->reload_groups());
-      // After everything attest() reads is updated: a token verified against
-      // the old state carries an older generation and is not reused.
-      ctx->enrollment_generation.fetch_add(1);
+      ctx->enrollments_changed(k);
       reply.fn({});
     },
     [ctx](bulk_atom, enrollment::kind k, const std::string& body, doc_reply_fn& reply) {
@@ -226,11 +226,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           reply.fn(std::move(err), {});
           return;
         }
-      if (k == enrollment::kind::group)
-        static_cast<void>(ctx->reload_groups());
-      // After everything attest() reads is updated: a token verified against
-      // the old state carries an older generation and is not reused.
-      ctx->enrollment_generation.fetch_add(1);
+      ctx->enrollments_changed(k);
       json result{{"isSuccessful", errors.empty()}, {"errors", errors}};
       reply.fn({}, result.dump());
     },

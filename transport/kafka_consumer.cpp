@@ -159,6 +159,7 @@ struct consumer::impl : opaque_base {
     msg.id.offset = m->offset;
     if (m->key) msg.key.assign(static_cast<const char*>(m->key), m->key_len);
     if (m->payload) msg.value.assign(static_cast<const char*>(m->payload), m->len);
+    msg.tombstone = m->payload == nullptr;
     msg.headers = read_headers(m);
     rd_kafka_timestamp_type_t tstype;
     msg.timestamp_ms = rd_kafka_message_timestamp(m, &tstype);

@@ -51,6 +51,7 @@ struct message {
   message_id id;
   std::string key;
   std::string value;
+  bool tombstone = false; ///< null value (compacted topics: the key was deleted)
   std::vector<header> headers;
   int64_t timestamp_ms = -1;
 };

@@ -110,7 +110,8 @@ struct producer::impl : opaque_base {
         rk.get(), RD_KAFKA_V_TOPIC(r.topic.c_str()),
         RD_KAFKA_V_PARTITION(r.partition < 0 ? RD_KAFKA_PARTITION_UA : r.partition),
         RD_KAFKA_V_KEY(r.key.empty() ? nullptr : r.key.data(), r.key.size()),
-        RD_KAFKA_V_VALUE(const_cast<char*>(r.value.data()), r.value.size()),
+        RD_KAFKA_V_VALUE(r.tombstone ? nullptr : const_cast<char*>(r.value.data()),
+                         r.tombstone ? 0 : r.value.size()),
         RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(hs.get()),
         RD_KAFKA_V_OPAQUE(reinterpret_cast<void*>(static_cast<uintptr_t>(id))),
         RD_KAFKA_V_END);

@@ -36,6 +36,7 @@ struct record {
   std::string value;
   std::vector<header> headers;
   int32_t partition = -1; ///< -1: chosen from the key (murmur2, like Java clients)
+  bool tombstone = false; ///< send a null value (deletes the key of a compacted topic)
 };
 
 /// The outcome of one send().

@@ -683,7 +683,69 @@ error load_file(const std::string& path, engine_config& out) {
   return load_string(text, path, out);
 }
 
+std::string roles_config::to_string() const {
+  std::string out;
+  auto add = [&](bool on, const char* name) {
+    if (!on)
+      return;
+    if (!out.empty())
+      out += ',';
+    out += name;
+  };
+  add(gateway, "gateway");
+  add(registration, "registration");
+  add(attestation, "attestation");
+  add(allocation, "allocation");
+  add(configuration, "configuration");
+  return out;
+}
+
+error parse_roles(std::string_view list, roles_config& out) {
+  roles_config r{false, false, false, false, false};
+  static constexpr const char* known =
+    "gateway, registration, attestation, allocation, configuration";
+  std::size_t start = 0;
+  bool any = false;
+  while (start <= list.size()) {
+    auto end = list.find(',', start);
+    if (end == std::string_view::npos)
+      end = list.size();
+    auto name = list.substr(start, end - start);
+    while (!name.empty() && name.front() == ' ')
+      name.remove_prefix(1);
+    while (!name.empty() && name.back() == ' ')
+      name.remove_suffix(1);
+    if (name == "gateway") r.gateway = true;
+    else if (name == "registration") r.registration = true;
+    else if (name == "attestation") r.attestation = true;
+    else if (name == "allocation") r.allocation = true;
+    else if (name == "configuration") r.configuration = true;
+    else if (name == "all") r = roles_config{};
+    else
+      return {error_code::bad_request,
+              "--roles: unknown role " + quote(std::string(name)) + " (known: " + known
+                + ", or all)"};
+    any = true;
+    start = end + 1;
+  }
+  if (!any)
+    return {error_code::bad_request, std::string("--roles: empty (known: ") + known + ")"};
+  out = r;
+  return {};
+}
+
 error validate(const engine_config& cfg) {
+  const auto& r = cfg.roles;
+  if (!r.all() && !cfg.kafka.enabled())
+    return {error_code::bad_request,
+            "--roles " + r.to_string()
+              + ": splitting the stages across processes needs [kafka] brokers; without "
+                "Kafka one process runs every stage (omit --roles)"};
+  if (r.gateway != r.registration)
+    return {error_code::bad_request,
+            "--roles " + r.to_string()
+              + ": gateway and registration run together (the gateway answers 202 only "
+                "after the registration stage has recorded the operation)"};
   error first;
   check_config(cfg, [&](const std::string& path, std::string what) {
     if (!first.ok()) return;

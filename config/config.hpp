@@ -69,6 +69,26 @@ struct kafka_config {
   bool enabled() const noexcept { return !brokers.empty(); }
 };
 
+/// Which stages this process runs (`provisiond serve --roles`). Without Kafka
+/// one process runs them all; with Kafka they can be split across processes.
+struct roles_config {
+  bool gateway = true;       ///< HTTPS device and service API; answers polls
+  bool registration = true;  ///< the intake: records accepted registrations
+  bool attestation = true;   ///< registration.requested -> attested (direct publishers)
+  bool allocation = true;    ///< registration.attested -> allocated
+  bool configuration = true; ///< registration.allocated -> records, device.assigned
+
+  bool all() const noexcept {
+    return gateway && registration && attestation && allocation && configuration;
+  }
+  /// "gateway,registration,..." in that order.
+  std::string to_string() const;
+};
+
+/// Parses a comma-separated role list ("gateway,registration"). Errors name
+/// the unknown role and list the known ones.
+[[nodiscard]] error parse_roles(std::string_view list, roles_config& out);
+
 struct engine_config {
   std::optional<std::string> id_scope; ///< generated on first start when absent
   std::string data_dir = "./data";
@@ -78,6 +98,7 @@ struct engine_config {
   metrics_config metrics;
   log_config log;
   kafka_config kafka;
+  roles_config roles; ///< from --roles; not a config file key
   std::string source_file; ///< the file this was read from ("" = defaults)
 };
 

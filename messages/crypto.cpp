@@ -201,7 +201,9 @@ std::string hex(std::string_view bytes) {
   return out;
 }
 
-std::string uuid4() {
+namespace {
+
+std::mt19937_64& uuid_generator() {
   // Request ids, operation ids and etags need uniqueness, not secrecy, and
   // RAND_bytes per request cost ~15k instructions (callgrind). A per-thread
   // 64-bit generator seeded from RAND_bytes gives 122 random bits per id.
@@ -210,14 +212,10 @@ std::string uuid4() {
     std::seed_seq seq(seed.begin(), seed.end());
     return std::mt19937_64(seq);
   }();
-  uint64_t hi = gen(), lo = gen();
-  unsigned char b[16];
-  for (int i = 0; i < 8; ++i) {
-    b[i] = static_cast<unsigned char>(hi >> (8 * i));
-    b[8 + i] = static_cast<unsigned char>(lo >> (8 * i));
-  }
-  b[6] = static_cast<unsigned char>((b[6] & 0x0F) | 0x40); // version 4
-  b[8] = static_cast<unsigned char>((b[8] & 0x3F) | 0x80); // RFC 4122 variant
+  return gen;
+}
+
+std::string uuid_text(const unsigned char (&b)[16]) {
   static constexpr char digits[] = "0123456789abcdef";
   std::string out(36, '-');
   std::size_t o = 0;
@@ -228,6 +226,52 @@ std::string uuid4() {
     out[o++] = digits[b[i] & 15];
   }
   return out;
+}
+
+} // namespace
+
+std::string uuid4() {
+  auto& gen = uuid_generator();
+  uint64_t hi = gen(), lo = gen();
+  unsigned char b[16];
+  for (int i = 0; i < 8; ++i) {
+    b[i] = static_cast<unsigned char>(hi >> (8 * i));
+    b[8 + i] = static_cast<unsigned char>(lo >> (8 * i));
+  }
+  b[6] = static_cast<unsigned char>((b[6] & 0x0F) | 0x40); // version 4
+  b[8] = static_cast<unsigned char>((b[8] & 0x3F) | 0x80); // RFC 4122 variant
+  return uuid_text(b);
+}
+
+std::string uuid7(int64_t unix_ms) {
+  auto& gen = uuid_generator();
+  uint64_t hi = gen(), lo = gen();
+  unsigned char b[16];
+  auto ms = static_cast<uint64_t>(unix_ms);
+  for (int i = 0; i < 6; ++i)
+    b[i] = static_cast<unsigned char>(ms >> (8 * (5 - i))); // 48-bit big-endian time
+  for (int i = 6; i < 8; ++i)
+    b[i] = static_cast<unsigned char>(hi >> (8 * i));
+  for (int i = 0; i < 8; ++i)
+    b[8 + i] = static_cast<unsigned char>(lo >> (8 * i));
+  b[6] = static_cast<unsigned char>((b[6] & 0x0F) | 0x70); // version 7
+  b[8] = static_cast<unsigned char>((b[8] & 0x3F) | 0x80); // RFC 4122 variant
+  return uuid_text(b);
+}
+
+int64_t uuid7_time_ms(std::string_view uuid) {
+  if (uuid.size() != 36 || uuid[8] != '-' || uuid[13] != '-' || uuid[14] != '7'
+      || uuid[18] != '-' || uuid[23] != '-')
+    return 0;
+  uint64_t ms = 0;
+  for (std::size_t i : {0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12}) {
+    char c = uuid[i];
+    int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (v < 0)
+      return 0;
+    ms = (ms << 4) | static_cast<uint64_t>(v);
+  }
+  return static_cast<int64_t>(ms);
 }
 
 std::string url_encode(std::string_view s) {

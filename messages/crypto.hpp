@@ -33,6 +33,11 @@ std::string hex(std::string_view bytes);
 /// per-thread PRNG): fine for request ids, operation ids and etags, never for
 /// anything that grants access.
 std::string uuid4();
+/// RFC 9562 version 7 UUID: 48-bit Unix milliseconds, then random bits. Lets
+/// whoever sees an id tell roughly when it was made (operation ids).
+std::string uuid7(int64_t unix_ms);
+/// The milliseconds of a lower-case version 7 UUID; 0 for anything else.
+int64_t uuid7_time_ms(std::string_view uuid);
 
 /// Percent-encode everything but RFC 3986 unreserved characters (upper-case hex).
 std::string url_encode(std::string_view s);

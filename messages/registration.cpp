@@ -77,8 +77,17 @@ std::string utc_string(int64_t ms) {
 }
 
 std::string new_operation_id(std::string_view instance_hex16) {
-  // Shape of DPS operation ids; clients treat them as opaque. URL-safe.
-  return "5." + std::string(instance_hex16) + "." + crypto::uuid4();
+  // Shape of DPS operation ids; clients treat them as opaque. URL-safe. The
+  // UUID is version 7, so any gateway can tell an operation's age (a poll
+  // reaching a gateway that has not seen the operation yet).
+  return "5." + std::string(instance_hex16) + "." + crypto::uuid7(now_ms());
+}
+
+int64_t operation_created_ms(std::string_view operation_id) {
+  auto dot = operation_id.rfind('.');
+  if (dot == std::string_view::npos)
+    return 0;
+  return crypto::uuid7_time_ms(operation_id.substr(dot + 1));
 }
 
 namespace {

@@ -137,5 +137,8 @@ std::string utc_string(int64_t ms);
 
 /// A DPS-shaped operation id: "<digit>.<16 hex>.<uuid>".
 std::string new_operation_id(std::string_view instance_hex16);
+/// When new_operation_id() made `operation_id` (Unix ms); 0 when it was not
+/// made by it (older ids, external publishers' ids, garbage).
+int64_t operation_created_ms(std::string_view operation_id);
 
 } // namespace prov

@@ -407,3 +407,31 @@ TEST_CASE("the example in docs/configuration.md is valid") {
   CHECK(cfg.hubs.size() >= 1);
   CHECK(cfg.access_policies.size() >= 1);
 }
+
+TEST_CASE("--roles: parsing and the combinations that make sense") {
+  using namespace prov::config;
+  roles_config r;
+  REQUIRE(parse_roles("gateway, registration", r).ok());
+  CHECK(r.gateway);
+  CHECK(r.registration);
+  CHECK_FALSE(r.attestation);
+  CHECK_FALSE(r.allocation);
+  CHECK_FALSE(r.configuration);
+  CHECK(r.to_string() == "gateway,registration");
+  REQUIRE(parse_roles("all", r).ok());
+  CHECK(r.all());
+  auto err = parse_roles("gateway,allocator", r);
+  CHECK(err.message.find("unknown role \"allocator\"") != std::string::npos);
+  CHECK(err.message.find("configuration") != std::string::npos);
+  CHECK(parse_roles("", r).code == prov::error_code::bad_request);
+
+  engine_config cfg;
+  REQUIRE(parse_roles("allocation,configuration", cfg.roles).ok());
+  err = validate(cfg);
+  CHECK(err.message.find("needs [kafka] brokers") != std::string::npos);
+  cfg.kafka.brokers = "127.0.0.1:9092";
+  CHECK(validate(cfg).ok());
+  REQUIRE(parse_roles("gateway,allocation", cfg.roles).ok());
+  CHECK(validate(cfg).message.find("gateway and registration run together")
+        != std::string::npos);
+}

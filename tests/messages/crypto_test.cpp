@@ -110,6 +110,24 @@ TEST_CASE("random_bytes, hex and uuid4") {
   CHECK(seen.size() == 1000);
 }
 
+TEST_CASE("uuid7 carries its milliseconds; anything else reads as 0") {
+  const int64_t ms = 1795000000123; // 2026
+  std::set<std::string> seen;
+  for (int i = 0; i < 1000; ++i) {
+    const std::string u = uuid7(ms);
+    REQUIRE(u.size() == 36);
+    CHECK(u[14] == '7');
+    CHECK(std::string("89ab").find(u[19]) != std::string::npos);
+    CHECK(uuid7_time_ms(u) == ms);
+    seen.insert(u);
+  }
+  CHECK(seen.size() == 1000);
+  CHECK(uuid7_time_ms(uuid4()) == 0);
+  CHECK(uuid7_time_ms("") == 0);
+  CHECK(uuid7_time_ms("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4g50") != 0); // random part not parsed
+  CHECK(uuid7_time_ms("0190a1b2-c3dX-7e5f-8a9b-0c1d2e3f4a50") == 0);
+}
+
 TEST_CASE("url_encode keeps only unreserved characters") {
   CHECK(url_encode("0ne00000A0A/registrations/dev 1") ==
         "0ne00000A0A%2Fregistrations%2Fdev%201");

@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <limits>
 
 #include <nlohmann/json.hpp>
@@ -128,6 +129,12 @@ TEST_CASE("operation ids have the DPS shape and are unique") {
   CHECK(a != b);
   CHECK(a.rfind("5.0123456789abcdef.", 0) == 0);
   CHECK(a.size() == 2 + 16 + 1 + 36);
+  // Any gateway can tell when an operation was created (its UUID is v7).
+  auto created = operation_created_ms(a);
+  CHECK(created > 0);
+  CHECK(std::llabs(created - now_ms()) < 5000);
+  CHECK(operation_created_ms("5.0123456789abcdef." + std::string(36, 'a')) == 0);
+  CHECK(operation_created_ms("garbage") == 0);
 }
 
 } // TEST_SUITE

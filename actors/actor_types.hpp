@@ -21,8 +21,8 @@ using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
 using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
+using recorded_atom = caf::atom_constant<caf::atom("recorded")>;
 using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
-using relayfail_atom = caf::atom_constant<caf::atom("relayfail")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

@@ -43,6 +43,7 @@ public:
 
   error start() {
     auto& ctx = *ctx_;
+    const auto& roles = ctx.opts.cfg.roles;
     if (auto err = ctx.reload_groups()) {
       if (err.code != error_code::internal)
         return err;
@@ -70,23 +71,34 @@ public:
         caf::anon_send(dest, event_atom::value, std::move(ev), event_ack{std::move(ack)});
       };
     };
-    if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
-                                            to_acked(allocation_, metrics::stage::allocation)))
-      return err;
-    if (auto err = ctx.bus->subscribe_acked(
-          transport::topic::registration_allocated,
-          to_acked(configuration_, metrics::stage::configuration)))
-      return err;
-    // Settling failures is idempotent and resumable from `pending`, so the
-    // completed consumer commits as soon as the event is handed over.
-    if (auto err = ctx.bus->subscribe_acked(
-          transport::topic::registration_completed,
-          [h = to(registration_, std::nullopt)](registration_event&& ev,
-                                                transport::bus::ack_fn ack) {
-            h(std::move(ev));
-            ack();
-          }))
-      return err;
+    if (roles.allocation)
+      if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
+                                              to_acked(allocation_, metrics::stage::allocation)))
+        return err;
+    if (roles.configuration)
+      if (auto err = ctx.bus->subscribe_acked(
+            transport::topic::registration_allocated,
+            to_acked(configuration_, metrics::stage::configuration)))
+        return err;
+    if (!roles.registration)
+      return {};
+    if (ctx.kafka()) {
+      // Every gateway follows all of registration.completed into its
+      // operation records (it answers polls for any gateway's operations),
+      // caught up before resume() so finished operations are not resumed.
+      if (auto err = ctx.repl->follow_completed(to(registration_, std::nullopt)))
+        return err;
+    } else {
+      // Settling failures is idempotent and resumable from `pending`.
+      if (auto err = ctx.bus->subscribe_acked(
+            transport::topic::registration_completed,
+            [h = to(registration_, std::nullopt)](registration_event&& ev,
+                                                  transport::bus::ack_fn ack) {
+              h(std::move(ev));
+              ack();
+            }))
+        return err;
+    }
     // device.assigned: embedded mode keeps it in the durable outbox only.
     return resume();
   }
@@ -106,12 +118,6 @@ public:
       operation_record op;
       if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
         return e;
-      // Kafka: an assigned operation keeps its marker until device.assigned
-      // is on Kafka; its allocated event is unacked and will be redelivered,
-      // and the configuration stage re-publishes and then drops the marker.
-      if (raw && !decode_record(*raw, op) && op.status == registration_status::assigned
-          && ctx_->opts.cfg.kafka.enabled())
-        continue;
       if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
         // Nothing to resume (unreadable, missing or already finished): drop
         // the marker so it is not retried on every start.
@@ -147,6 +153,14 @@ public:
     if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
       return err;
     operation_record op;
+    if (!raw && ctx_->kafka() && accepted_elsewhere(operation_id)) {
+      // Accepted by another gateway moments ago; its outcome arrives here
+      // through registration.completed.
+      out = registration_state{};
+      out.registration_id = registration_id;
+      out.status = registration_status::assigning;
+      return {};
+    }
     if (!raw || decode_record(*raw, op) || !iequals(op.registration_id, registration_id))
       return {error_code::operation_not_found,
               "no operation '" + operation_id + "' for registration '" + registration_id + "'"};
@@ -274,6 +288,17 @@ public:
                              });
   }
 
+  /// A recent operation id minted by another instance (a UUIDv7 less than
+  /// two minutes old). Older unknown ids are not found: a completed
+  /// operation would have been recorded here by then.
+  bool accepted_elsewhere(const std::string& operation_id) const {
+    auto created = operation_created_ms(operation_id);
+    if (created == 0 || operation_id.find(ctx_->instance_hex) != std::string::npos)
+      return false;
+    auto age = now_ms() - created;
+    return age > -10000 && age < 120000;
+  }
+
   std::size_t inflight() const override {
     auto n = ctx_->inflight.load();
     return n > 0 ? static_cast<std::size_t>(n) : 0;
@@ -290,6 +315,9 @@ public:
     while ((ctx_->inflight.load() > 0 || ctx_->relaying.load() > 0)
            && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    // Kafka: stop the table readers while the store still takes writes.
+    if (ctx_->repl)
+      ctx_->repl->close();
     // Drain the writer while the actors can still receive its callbacks.
     ctx_->store->close();
     for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
@@ -328,7 +356,8 @@ namespace {
 /// subscribe (the producer never auto-creates them). Against librdkafka's mock
 /// cluster (dev-kafka, tests) CreateTopics is unsupported, so they must have
 /// been created through the mock already; ensure_topics then only checks.
-error make_kafka_bus(const config::kafka_config& cfg, std::unique_ptr<transport::bus>& out) {
+error make_kafka_bus(const config::kafka_config& cfg,
+                     std::unique_ptr<transport::kafka::kafka_bus>& out) {
   namespace kafka = transport::kafka;
   // Warnings and errors only: librdkafka's info notices would flood stderr.
   kafka::log_fn log = [](int level, std::string_view msg) {
@@ -340,10 +369,8 @@ error make_kafka_bus(const config::kafka_config& cfg, std::unique_ptr<transport:
     return {err.code, "kafka topics at " + cfg.brokers + ": " + err.message};
   kafka::kafka_bus::options o;
   o.log = log;
-  std::unique_ptr<kafka::kafka_bus> b;
-  if (auto err = kafka::kafka_bus::create(cfg, std::move(o), b))
+  if (auto err = kafka::kafka_bus::create(cfg, std::move(o), out))
     return {err.code, "kafka: " + err.message};
-  out = std::move(b);
   return {};
 }
 
@@ -354,9 +381,13 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     return {error_code::internal, "engine::start: no store"};
   auto ctx = std::make_shared<engine_context>();
   ctx->store = opts.store;
+  transport::kafka::kafka_bus* kbus = nullptr;
   if (opts.cfg.kafka.enabled()) {
-    if (auto err = make_kafka_bus(opts.cfg.kafka, ctx->bus))
+    std::unique_ptr<transport::kafka::kafka_bus> b;
+    if (auto err = make_kafka_bus(opts.cfg.kafka, b))
       return err;
+    kbus = b.get();
+    ctx->bus = std::move(b);
   } else {
     ctx->bus = transport::make_inprocess_bus();
   }
@@ -367,6 +398,9 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     ctx->own_metrics = std::make_unique<metrics::instruments>();
   ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();
   ctx->opts = std::move(opts);
+  if (kbus != nullptr)
+    if (auto err = replication::start(*ctx, *kbus, ctx->repl))
+      return {err.code, "kafka: " + err.message};
   auto impl = std::make_unique<engine_impl>(ctx);
   if (auto err = impl->start())
     return err;

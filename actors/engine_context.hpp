@@ -13,6 +13,7 @@
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine.hpp"
 #include "actors/enrollment/enrollment_model.hpp"
+#include "actors/replication.hpp"
 #include "storage/store.hpp"
 #include "transport/bus.hpp"
 
@@ -118,6 +119,8 @@ struct engine_context {
   engine_options opts;
   storage::store* store = nullptr;
   std::unique_ptr<transport::bus> bus;
+  /// Kafka mode: the shared state topics (null in embedded mode).
+  std::unique_ptr<replication> repl;
   group_cache groups;
   std::vector<allocation::candidate_hub> hubs;
   std::string instance_hex; ///< 16 hex digits, part of operation ids
@@ -139,6 +142,15 @@ struct engine_context {
   /// group) and then invalidates cached verdicts and views. Every writer of
   /// enrollments must call it.
   void enrollments_changed(enrollment::kind k);
+
+  /// Every enrollment write goes through here. Embedded: one synced RocksDB
+  /// write. Kafka: through dps.enrollments, returning once this instance
+  /// has applied it. Blocking: detached actors only.
+  error write_enrollments(const storage::write_batch& batch, enrollment::kind k);
+  /// The same for registration record deletes (dps.registrations on Kafka).
+  error write_registrations(const storage::write_batch& batch);
+
+  bool kafka() const noexcept { return repl != nullptr; }
 };
 
 using engine_context_ptr = std::shared_ptr<engine_context>;

@@ -6,7 +6,9 @@
 //          (delete_atom, kind, id, if_match, done_reply_fn)
 //          (bulk_atom, kind, body, doc_reply_fn)
 //          (deletereg_atom, id, if_match, done_reply_fn)
-// Blocking: synchronous synced RocksDB writes; spawned detached.
+// Blocking: synchronous synced RocksDB writes, or (Kafka) waiting until the
+// write came back through dps.enrollments; spawned detached. One write at a
+// time per instance, so etag checks see the previous write.
 
 #include <nlohmann/json.hpp>
 
@@ -86,6 +88,24 @@ error prepare_put(const engine_context& ctx, enrollment::kind k, const std::stri
 
 } // namespace
 
+error engine_context::write_enrollments(const storage::write_batch& batch,
+                                        enrollment::kind k) {
+  if (batch.empty())
+    return {};
+  if (repl)
+    return repl->write_enrollments(batch); // its reader calls enrollments_changed
+  if (auto err = store->write(batch))
+    return err;
+  enrollments_changed(k);
+  return {};
+}
+
+error engine_context::write_registrations(const storage::write_batch& batch) {
+  if (repl)
+    return repl->write_registrations(batch);
+  return store->write(batch);
+}
+
 void engine_context::enrollments_changed(enrollment::kind k) {
   if (k == enrollment::kind::group)
     static_cast<void>(reload_groups());
@@ -129,11 +149,10 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err), {});
         return;
       }
-      if (auto err = ctx->store->write(batch)) {
+      if (auto err = ctx->write_enrollments(batch, k)) {
         reply.fn(std::move(err), {});
         return;
       }
-      ctx->enrollments_changed(k);
       reply.fn({}, enrollment::public_document(doc).dump());
     },
     [ctx](delete_atom, enrollment::kind k, const std::string& id,
@@ -155,11 +174,10 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       storage::write_batch batch;
       batch.del(family_of(k), enrollment::key_of(id));
-      if (auto err = ctx->store->write(batch)) {
+      if (auto err = ctx->write_enrollments(batch, k)) {
         reply.fn(std::move(err));
         return;
       }
-      ctx->enrollments_changed(k);
       reply.fn({});
     },
     [ctx](bulk_atom, enrollment::kind k, const std::string& body, doc_reply_fn& reply) {
@@ -221,12 +239,10 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
                             {"errorCode", static_cast<int32_t>(err.code)},
                             {"errorStatus", err.message}});
       }
-      if (!batch.empty())
-        if (auto err = ctx->store->write(batch)) {
-          reply.fn(std::move(err), {});
-          return;
-        }
-      ctx->enrollments_changed(k);
+      if (auto err = ctx->write_enrollments(batch, k)) {
+        reply.fn(std::move(err), {});
+        return;
+      }
       json result{{"isSuccessful", errors.empty()}, {"errors", errors}};
       reply.fn({}, result.dump());
     },
@@ -255,7 +271,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       storage::write_batch batch;
       batch.del(storage::cf::registrations, key);
-      reply.fn(ctx->store->write(batch));
+      reply.fn(ctx->write_registrations(batch));
     },
   };
 }

@@ -50,12 +50,15 @@ register_reply make_reply(error err) {
 
 caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<registration_state_t>();
+  /// True when the operation was in flight here (and no longer is).
   auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
     auto it = st->inflight.find(reg_key);
     if (it != st->inflight.end() && it->second == op_id) {
       st->inflight.erase(it);
       ctx->inflight.fetch_sub(1);
+      return true;
     }
+    return false;
   };
   return {
     [=](register_atom, register_request& req, attestation_result& r,
@@ -186,6 +189,18 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
     },
     [=](event_atom, registration_event& ev) {
+      if (ctx->kafka()) {
+        // Kafka: the completed reader has already recorded the outcome;
+        // only the in-flight bookkeeping (and the failure metric, counted
+        // by the gateway that accepted the operation) is left.
+        if (finish(enrollment::key_of(ev.registration_id), ev.operation_id)
+            && ev.status == registration_status::failed) {
+          ctx->metrics->registration_attempt("failed", "", ev.protocol);
+          ctx->metrics->operation_finished(
+            "failed", static_cast<double>(now_ms() - ev.accepted_ms) / 1000.0);
+        }
+        return;
+      }
       // registration.completed. Assigned results were committed by the
       // configuration stage; failures from earlier stages are settled here.
       if (ev.status != registration_status::failed) {

@@ -65,6 +65,7 @@ struct serve_args {
   std::string listen;
   std::string metrics_listen;
   bool metrics_listen_set = false;
+  std::string roles; ///< "" = all
 };
 
 /// Gauges computed at scrape time from the engine, the store and the process.
@@ -125,6 +126,9 @@ int serve(const serve_args& args) {
     cfg.device_api.listen = args.listen;
   if (args.metrics_listen_set)
     cfg.metrics.listen = args.metrics_listen;
+  if (!args.roles.empty())
+    if (auto err = config::parse_roles(args.roles, cfg.roles))
+      return die(err.message);
   if (auto err = config::validate(cfg))
     return die(err.message);
   bool placeholder_hub = false;
@@ -217,8 +221,9 @@ int serve(const serve_args& args) {
   sopts.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
   sopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
   std::unique_ptr<gateway::https_server> server;
-  if (auto err = gateway::https_server::start(sopts, *routes, server))
-    return die(err.message);
+  if (cfg.roles.gateway)
+    if (auto err = gateway::https_server::start(sopts, *routes, server))
+      return die(err.message);
 
   // Operations listener: /metrics, /healthz, /readyz (plain HTTP).
   std::unique_ptr<gateway::metrics_server> ops;
@@ -243,7 +248,8 @@ int serve(const serve_args& args) {
   serving = true;
 
   // Tell tools (CLI, tests) where we listen.
-  std::string device_addr = server->address() + ":" + std::to_string(server->port());
+  std::string device_addr =
+    server ? server->address() + ":" + std::to_string(server->port()) : std::string();
   {
     nlohmann::json ep{{"device_api", device_addr},
                       {"metrics", metrics_addr},
@@ -253,12 +259,14 @@ int serve(const serve_args& args) {
     std::ofstream(tmp) << ep.dump() << "\n";
     std::rename(tmp.c_str(), (cfg.data_dir + "/endpoints.json").c_str());
   }
-  dlog->info("serving: device API https://" + device_addr + ", metrics "
+  const std::string api_line =
+    server ? "https://" + device_addr : "none (roles: " + cfg.roles.to_string() + ")";
+  dlog->info("serving: device API " + api_line + ", metrics "
              + (metrics_addr.empty() ? std::string("disabled") : "http://" + metrics_addr)
              + ", id scope " + id_scope);
   std::cout << "provisiond serving\n"
             << "  id scope:          " << id_scope << "\n"
-            << "  device/service API: https://" << device_addr << "\n"
+            << "  device/service API: " << api_line << "\n"
             << "  metrics:           "
             << (metrics_addr.empty() ? "disabled" : "http://" + metrics_addr + "/metrics")
             << "\n"
@@ -272,13 +280,18 @@ int serve(const serve_args& args) {
   for (std::size_t i = 0; i < cfg.hubs.size(); ++i)
     std::cout << (i ? ", " : "") << cfg.hubs[i].hostname;
   std::cout << (placeholder_hub ? " (placeholder: add [[hubs]] to the config)" : "")
-            << std::endl;
+            << "\n";
+  if (cfg.kafka.enabled())
+    std::cout << "  kafka:             " << cfg.kafka.brokers << " (roles: "
+              << cfg.roles.to_string() << ")\n";
+  std::cout << std::flush;
 
   int sig = app::wait_for_stop_signal();
   std::cout << "provisiond: stopping (signal " << sig << ")" << std::endl;
   dlog->info("stopping on signal " + std::to_string(sig));
   serving = false;
-  server->stop();
+  if (server)
+    server->stop();
   eng->shutdown();
   inst.clear_gauges(); // they read the engine and the store
   eng.reset();
@@ -314,6 +327,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--metrics-listen", sa.metrics_listen,
                         "Metrics address HOST:PORT, \"\" to disable (default 127.0.0.1:9464)")
     ->each([&](const std::string&) { sa.metrics_listen_set = true; });
+  serve_cmd->add_option("--roles", sa.roles,
+                        "Stages this process runs, comma-separated: gateway, registration, "
+                        "attestation, allocation, configuration (default all). Splitting "
+                        "needs [kafka] brokers; gateway and registration go together");
   serve_cmd->callback([&] { exit_code = serve(sa); });
 
   std::string cs_dir, cs_config;

@@ -144,6 +144,15 @@ std::map<std::string, int64_t> kafka_bus::committed(topic t) const {
   return it == consumers_.end() ? std::map<std::string, int64_t>{} : it->second->committed();
 }
 
+error kafka_bus::send_record(record r, delivery_fn done) {
+  return producer_->send(std::move(r), std::move(done));
+}
+
+void kafka_bus::dead_letter(const message& m, std::string_view reason) {
+  ++dead_lettered_;
+  forward_to_dead_letter(*producer_, dead_letter_topic(cfg_), m, reason, [] {}, opts_.log);
+}
+
 void kafka_bus::close() {
   std::map<topic, std::shared_ptr<consumer>> cs;
   {

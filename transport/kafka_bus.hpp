@@ -69,6 +69,12 @@ public:
   /// Offsets are committed only after `ack`. Replaces an earlier subscriber.
   [[nodiscard]] error subscribe_acked(topic t, acked_handler h) override;
 
+  /// Produces any record (the compacted state topics) with the bus's
+  /// producer; as producer::send.
+  [[nodiscard]] error send_record(record r, delivery_fn done);
+  /// Copies a record no reader can use to the dead-letter topic with the
+  /// reason (table readers: they have no offset to hold back).
+  void dead_letter(const message& m, std::string_view reason);
   /// Closes the consumers (committing finished work), then flushes the
   /// producer. Idempotent.
   void close();

@@ -1,0 +1,54 @@
+#include "actors/configuration/cloud_event.hpp"
+
+#include "messages/json_text.hpp"
+
+namespace prov::configuration {
+
+ce_attributes attributes_of(const registration_event& ev) {
+  return {"/provisiond/" + ev.id_scope, ev.operation_id, ev.device_id,
+          utc_string(ev.completed_ms)};
+}
+
+/// The device.assigned CloudEvent (structured JSON). Written by hand: it is
+/// built once per registration and nlohmann's tree + serializer was the
+/// largest single cost of this stage (callgrind, docs/performance.md).
+std::string assignment_event(const registration_event& ev, const registration_state& rs,
+                             uint64_t seq) {
+  auto attrs = attributes_of(ev);
+  std::string out;
+  out.reserve(640 + ev.initial_twin_json.size());
+  json_text::object ce(out);
+  ce.str("specversion", "1.0")
+    .str("type", "device.assigned")
+    .str("source", attrs.source)
+    .str("id", attrs.id)
+    .str("subject", attrs.subject)
+    .str("time", attrs.time)
+    .str("datacontenttype", "application/json");
+  if (seq > 0)
+    ce.str("sequence", std::to_string(seq)); // CloudEvents extension: a string
+  json_text::object data(ce.nested("data"));
+  data.str("registrationId", ev.registration_id)
+    .str("deviceId", ev.device_id)
+    .str("assignedHub", ev.assigned_hub)
+    .str("operationId", ev.operation_id)
+    .str("attestationType", ev.attestation_type)
+    .str("substatus", ev.substatus);
+  if (!ev.enrollment_group_id.empty())
+    data.str("enrollmentGroupId", ev.enrollment_group_id);
+  // The enrollment stored the twin as compact, valid JSON text.
+  data.raw("initialTwin", ev.initial_twin_json.empty() ? "{}" : ev.initial_twin_json);
+  json_text::object caps(data.nested("capabilities"));
+  caps.boolean("iotEdge", ev.iot_edge).close();
+  json_text::object ts(data.nested("timestamps"));
+  ts.str("accepted", utc_string(ev.accepted_ms))
+    .str("allocated", utc_string(ev.allocated_ms))
+    .str("assigned", utc_string(ev.completed_ms))
+    .str("registrationCreated", utc_string(rs.created_ms))
+    .close();
+  data.close();
+  ce.close();
+  return out;
+}
+
+} // namespace prov::configuration

@@ -1,0 +1,370 @@
+#include "actors/replication.hpp"
+
+#include <chrono>
+#include <cstdio>
+#include <future>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "actors/configuration/cloud_event.hpp"
+#include "actors/engine_context.hpp"
+#include "transport/kafka_bus.hpp"
+#include "transport/kafka_table.hpp"
+
+namespace prov {
+
+namespace kafka = transport::kafka;
+
+namespace {
+
+constexpr int write_wait_ms = 15000;
+constexpr int catch_up_ms = 10 * 60 * 1000;
+
+constexpr std::string_view enrollment_prefix = "enrollment/";
+constexpr std::string_view group_prefix = "group/";
+
+std::string position_prefix(const std::string& topic) {
+  return "kafka.position/" + topic + "/";
+}
+
+/// Positions a reader stored with its last applied batch.
+error load_positions(const storage::store& store, const std::string& topic,
+                     std::map<int32_t, int64_t>& out) {
+  const auto prefix = position_prefix(topic);
+  return store.scan(storage::cf::meta, prefix, 0, [&](std::string_view k, std::string_view v) {
+    if (k.substr(0, prefix.size()) != prefix)
+      return false;
+    try {
+      out[std::stoi(std::string(k.substr(prefix.size())))] = std::stoll(std::string(v));
+    } catch (...) {
+      // unreadable: that partition starts from the beginning (re-applying is safe)
+    }
+    return true;
+  });
+}
+
+/// Adds the positions after `batch` to `wb` (same atomic write).
+void add_positions(storage::write_batch& wb, const std::string& topic,
+                   const std::vector<kafka::message>& batch) {
+  std::map<int32_t, int64_t> next;
+  for (const auto& m : batch)
+    next[m.id.partition] = std::max(next[m.id.partition], m.id.offset + 1);
+  for (const auto& [p, off] : next)
+    wb.put(storage::cf::meta, position_prefix(topic) + std::to_string(p), std::to_string(off));
+}
+
+void progress_line(const std::string& topic, int64_t done, int64_t total) {
+  std::fprintf(stderr, "provisiond: catching up %s: %lld/%lld records\n", topic.c_str(),
+               static_cast<long long>(done), static_cast<long long>(total));
+}
+
+class replication_impl final : public replication {
+public:
+  replication_impl(engine_context& ctx, kafka::kafka_bus& bus) : ctx_(ctx), bus_(bus) {}
+  ~replication_impl() override { close(); }
+
+  error start() {
+    const auto& kcfg = ctx_.opts.cfg.kafka;
+    std::optional<std::string> last;
+    if (auto err = ctx_.store->last_key(storage::cf::outbox, last))
+      return err;
+    next_seq_ = last ? storage::parse_seq_key(*last) + 1 : 1;
+    enrollments_topic_ = kafka::enrollments_topic(kcfg);
+    registrations_topic_ = kafka::registrations_topic(kcfg);
+    completed_topic_ = kafka::topic_for(kcfg, transport::topic::registration_completed);
+    if (auto err = open_table(enrollments_topic_,
+                              [this](const auto& b) { return apply_enrollments(b); },
+                              enrollments_))
+      return err;
+    if (auto err = open_table(registrations_topic_,
+                              [this](const auto& b) { return apply_registrations(b); },
+                              registrations_))
+      return err;
+    return {};
+  }
+
+  error follow_completed(completed_fn on_applied) override {
+    on_completed_ = std::move(on_applied);
+    return open_table(completed_topic_, [this](const auto& b) { return apply_completed(b); }, completed_);
+  }
+
+  error write_enrollments(const storage::write_batch& batch) override {
+    std::vector<kafka::record> recs;
+    for (const auto& op : batch.ops()) {
+      kafka::record r;
+      r.topic = enrollments_topic_;
+      r.key = std::string(op.family == storage::cf::groups ? group_prefix : enrollment_prefix)
+              + op.key;
+      r.value = op.value;
+      r.tombstone = op.is_delete;
+      recs.push_back(std::move(r));
+    }
+    return publish_and_wait(std::move(recs), *enrollments_);
+  }
+
+  error write_registrations(const storage::write_batch& batch) override {
+    std::vector<kafka::record> recs;
+    for (const auto& op : batch.ops()) {
+      kafka::record r;
+      r.topic = registrations_topic_;
+      r.key = op.key;
+      r.value = op.value;
+      r.tombstone = op.is_delete;
+      recs.push_back(std::move(r));
+    }
+    return publish_and_wait(std::move(recs), *registrations_);
+  }
+
+  void publish_assignment(const operation_record& update, done_fn done) override {
+    kafka::record r;
+    r.topic = registrations_topic_;
+    r.key = enrollment::key_of(update.registration_id);
+    r.value = encode_record(update);
+    auto shared = std::make_shared<done_fn>(std::move(done));
+    if (auto err = bus_.send_record(std::move(r),
+                                    [shared](const kafka::delivery& d) { (*shared)(d.err); }))
+      (*shared)(err);
+  }
+
+  void close() override {
+    for (auto* t : {&completed_, &registrations_, &enrollments_})
+      if (*t)
+        (*t)->close();
+    // It holds a strong handle to the registration actor, which holds the
+    // engine context, which holds this: drop it or shutdown waits forever.
+    on_completed_ = nullptr;
+  }
+
+private:
+  using apply_fn = kafka::table_reader::apply_fn;
+
+  error open_table(const std::string& topic, apply_fn apply,
+                   std::unique_ptr<kafka::table_reader>& out) {
+    kafka::table_reader::options o;
+    o.topic = topic;
+    if (auto err = load_positions(*ctx_.store, topic, o.start))
+      return err;
+    o.log = [](int level, std::string_view msg) {
+      if (level <= 4)
+        std::fprintf(stderr, "provisiond kafka: %.*s\n", static_cast<int>(msg.size()),
+                     msg.data());
+    };
+    if (auto err = kafka::table_reader::create(ctx_.opts.cfg.kafka, std::move(o),
+                                               std::move(apply), out))
+      return err;
+    return out->wait_caught_up(catch_up_ms, [topic](int64_t done, int64_t total) {
+      progress_line(topic, done, total);
+    });
+  }
+
+  /// Produces `recs`, then waits until `table` has applied every one of them.
+  error publish_and_wait(std::vector<kafka::record> recs, kafka::table_reader& table) {
+    if (recs.empty())
+      return {};
+    std::vector<std::future<kafka::delivery>> futs;
+    for (auto& r : recs) {
+      auto p = std::make_shared<std::promise<kafka::delivery>>();
+      futs.push_back(p->get_future());
+      if (auto err = bus_.send_record(std::move(r),
+                                      [p](const kafka::delivery& d) { p->set_value(d); })) {
+        kafka::delivery d;
+        d.err = err;
+        p->set_value(d);
+      }
+    }
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(write_wait_ms);
+    for (auto& f : futs) {
+      if (f.wait_until(deadline) != std::future_status::ready)
+        return {error_code::unavailable,
+                "Kafka did not acknowledge the write within 15 s; it may still apply"};
+      auto d = f.get();
+      if (d.err)
+        return {error_code::unavailable, "writing to Kafka failed: " + d.err.message};
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                    deadline - std::chrono::steady_clock::now())
+                    .count();
+      if (auto err = table.wait_applied(d.partition, d.offset,
+                                        static_cast<int>(std::max<int64_t>(left, 1))))
+        return err;
+    }
+    return {};
+  }
+
+  error apply_enrollments(const std::vector<kafka::message>& batch) {
+    storage::write_batch wb;
+    bool groups = false, individuals = false;
+    for (const auto& m : batch) {
+      std::string_view key = m.key;
+      storage::cf family;
+      if (key.substr(0, group_prefix.size()) == group_prefix) {
+        family = storage::cf::groups;
+        key.remove_prefix(group_prefix.size());
+        groups = true;
+      } else if (key.substr(0, enrollment_prefix.size()) == enrollment_prefix) {
+        family = storage::cf::enrollments;
+        key.remove_prefix(enrollment_prefix.size());
+        individuals = true;
+      } else {
+        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/ or group/");
+        continue;
+      }
+      if (m.tombstone)
+        wb.del(family, std::string(key));
+      else
+        wb.put(family, std::string(key), m.value);
+    }
+    add_positions(wb, enrollments_topic_, batch);
+    if (auto err = ctx_.store->write(wb))
+      return err;
+    if (groups)
+      ctx_.enrollments_changed(enrollment::kind::group);
+    else if (individuals)
+      ctx_.enrollments_changed(enrollment::kind::individual);
+    return {};
+  }
+
+  error apply_registrations(const std::vector<kafka::message>& batch) {
+    storage::write_batch wb;
+    // Last operation applied per registration within this batch (the store
+    // does not see the batch's own writes yet).
+    std::unordered_map<std::string, std::string> last_op;
+    auto seq = next_seq_;
+    for (const auto& m : batch) {
+      if (m.tombstone) {
+        wb.del(storage::cf::registrations, m.key);
+        last_op[m.key].clear();
+        continue;
+      }
+      operation_record u;
+      if (auto err = decode_record(m.value, u); err || u.registration_id.empty()) {
+        bus_.dead_letter(m, "dps.registrations: undecodable record");
+        continue;
+      }
+      wb.put(storage::cf::registrations, m.key, encode_record(u.state));
+      if (u.status != registration_status::assigned)
+        continue;
+      // One outbox event per operation: a republished record (crash
+      // recovery) carries the same operation and is not appended again.
+      std::string prev_op;
+      if (auto it = last_op.find(m.key); it != last_op.end()) {
+        prev_op = it->second;
+      } else {
+        std::optional<std::string> raw;
+        registration_state prev;
+        if (auto err = ctx_.store->get(storage::cf::registrations, m.key, raw))
+          return err;
+        if (raw && !decode_record(*raw, prev))
+          prev_op = prev.last_operation_id;
+      }
+      if (prev_op != u.state.last_operation_id) {
+        wb.put(storage::cf::outbox, storage::seq_key(seq),
+               configuration::assignment_event(u.event, u.state, seq));
+        ++seq;
+      }
+      last_op[m.key] = u.state.last_operation_id;
+    }
+    add_positions(wb, registrations_topic_, batch);
+    if (auto err = ctx_.store->write(wb))
+      return err;
+    next_seq_ = seq;
+    return {};
+  }
+
+  error apply_completed(const std::vector<kafka::message>& batch) {
+    storage::write_batch wb;
+    std::vector<registration_event> applied;
+    for (const auto& m : batch) {
+      registration_event ev;
+      if (auto err = decode_event(m.value, ev)) {
+        bus_.dead_letter(m, "undecodable event: " + err.message);
+        continue;
+      }
+      if (!is_terminal(ev.status))
+        continue;
+      std::optional<std::string> raw;
+      operation_record op;
+      if (auto err = ctx_.store->get(storage::cf::operations, ev.operation_id, raw))
+        return err;
+      if (raw && !decode_record(*raw, op) && is_terminal(op.status)) {
+        applied.push_back(std::move(ev)); // already recorded (redelivery)
+        continue;
+      }
+      op = operation_record{};
+      op.operation_id = ev.operation_id;
+      op.registration_id = ev.registration_id;
+      op.status = ev.status;
+      op.state = state_from_completed(ev);
+      auto reg_key = enrollment::key_of(ev.registration_id);
+      if (ev.status == registration_status::assigned) {
+        // Prefer the materialized record (creation time, etag) when it is
+        // this operation's.
+        std::optional<std::string> reg;
+        registration_state rs;
+        if (!ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
+            && !decode_record(*reg, rs) && rs.last_operation_id == ev.operation_id)
+          op.state = rs;
+      } else {
+        // A failed re-registration does not erase a device's assignment.
+        std::optional<std::string> reg;
+        registration_state prev;
+        if (auto err = ctx_.store->get(storage::cf::registrations, reg_key, reg))
+          return err;
+        if (!reg || decode_record(*reg, prev) || prev.status != registration_status::assigned)
+          wb.put(storage::cf::registrations, reg_key, encode_record(op.state));
+      }
+      wb.put(storage::cf::operations, ev.operation_id, encode_record(op));
+      wb.del(storage::cf::pending, ev.operation_id);
+      applied.push_back(std::move(ev));
+    }
+    add_positions(wb, completed_topic_, batch);
+    if (auto err = ctx_.store->write(wb))
+      return err;
+    if (on_completed_)
+      for (auto& ev : applied)
+        on_completed_(std::move(ev));
+    return {};
+  }
+
+  engine_context& ctx_;
+  kafka::kafka_bus& bus_;
+  std::unique_ptr<kafka::table_reader> enrollments_, registrations_, completed_;
+  // Set before the readers start: their threads use them at once.
+  std::string enrollments_topic_, registrations_topic_, completed_topic_;
+  completed_fn on_completed_;
+  uint64_t next_seq_ = 1; ///< outbox: only the registrations reader writes it
+};
+
+} // namespace
+
+registration_state state_from_completed(const registration_event& ev) {
+  registration_state s;
+  s.registration_id = ev.registration_id;
+  s.created_ms = ev.accepted_ms;
+  s.updated_ms = ev.completed_ms ? ev.completed_ms : ev.accepted_ms;
+  s.status = ev.status;
+  s.attestation_type = ev.attestation_type;
+  s.enrollment_group_id = ev.enrollment_group_id;
+  s.last_operation_id = ev.operation_id;
+  s.etag = enrollment::new_etag();
+  if (ev.status == registration_status::assigned) {
+    s.assigned_hub = ev.assigned_hub;
+    s.device_id = ev.device_id;
+    s.substatus = ev.substatus;
+  } else {
+    s.error_code = ev.error_code;
+    s.error_message = ev.error_message;
+  }
+  return s;
+}
+
+error replication::start(engine_context& ctx, transport::kafka::kafka_bus& bus,
+                         std::unique_ptr<replication>& out) {
+  auto impl = std::make_unique<replication_impl>(ctx, bus);
+  if (auto err = impl->start())
+    return err;
+  out = std::move(impl);
+  return {};
+}
+
+} // namespace prov

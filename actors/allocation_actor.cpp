@@ -84,8 +84,16 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
 
 error allocate(const engine_context& ctx, registration_event& ev) {
   enrollment::enrollment_view v;
-  if (auto err = load_view(ctx, ev, v))
-    return err;
+  if (auto err = load_view(ctx, ev, v)) {
+    // Kafka: the enrollment may have been written through another instance
+    // a moment ago (the device was attested there); catch up once first.
+    bool missing = err.code == error_code::enrollment_not_found
+                   || err.code == error_code::enrollment_group_not_found;
+    if (!missing || !ctx.kafka() || ctx.repl->catch_up_enrollments(5000))
+      return err;
+    if (auto again = load_view(ctx, ev, v))
+      return again;
+  }
   auto hubs = candidates(ctx, v);
   std::string hub;
   const auto& policy = v.allocation_policy;

@@ -103,6 +103,10 @@ public:
     return publish_and_wait(std::move(recs), *enrollments_);
   }
 
+  error catch_up_enrollments(int timeout_ms) override {
+    return enrollments_->wait_caught_up(timeout_ms);
+  }
+
   error write_registrations(const storage::write_batch& batch) override {
     std::vector<kafka::record> recs;
     for (const auto& op : batch.ops()) {

@@ -57,6 +57,10 @@ public:
   /// dps.enrollments and waits until this instance applied them.
   [[nodiscard]] virtual error write_enrollments(const storage::write_batch& batch) = 0;
 
+  /// Waits until everything now in dps.enrollments is applied here. For a
+  /// stage that misses an enrollment another instance has just written.
+  [[nodiscard]] virtual error catch_up_enrollments(int timeout_ms) = 0;
+
   /// Publishes registration record deletes (cf registrations) as tombstones
   /// and waits until applied locally.
   [[nodiscard]] virtual error write_registrations(const storage::write_batch& batch) = 0;

@@ -54,7 +54,9 @@ server_process::~server_process() {
     remove_tree(data_dir_);
 }
 
-error server_process::start(std::string config_toml, std::string data_dir) {
+error server_process::start(std::string config_toml, std::string data_dir,
+                           std::vector<std::string> extra_args) {
+  args_ = std::move(extra_args);
   if (data_dir.empty()) {
     data_dir_ = make_temp_dir("provisiond-it");
     own_dir_ = true;
@@ -78,16 +80,21 @@ error server_process::restart() {
     ::dup2(fd, 1);
     ::dup2(fd, 2);
     auto cfg = data_dir_ + "/cfg.toml";
-    ::execl(bin, bin, "serve", "--config", cfg.c_str(), static_cast<char*>(nullptr));
+    std::vector<const char*> argv = {bin, "serve", "--config", cfg.c_str()};
+    for (const auto& a : args_)
+      argv.push_back(a.c_str());
+    argv.push_back(nullptr);
+    ::execv(bin, const_cast<char* const*>(argv.data()));
     ::_exit(127);
   }
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(15);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
     auto text = read_file(data_dir_ + "/endpoints.json");
     auto j = nlohmann::json::parse(text, nullptr, false);
     if (!j.is_discarded() && j.is_object()) {
       auto addr = j.value("device_api", "");
-      port_ = static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
+      port_ = addr.empty() ? 0 // no gateway role
+                           : static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
       id_scope_ = j.value("id_scope", "");
       auto ident = nlohmann::json::parse(read_file(data_dir_ + "/identity.json"));
       owner_key_ = ident.value("primary_key", "");
@@ -97,7 +104,7 @@ error server_process::restart() {
       return {error_code::internal, "provisiond exited during start:\n" + log()};
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return {error_code::request_timeout, "provisiond did not start within 15 s:\n" + log()};
+  return {error_code::request_timeout, "provisiond did not start within 30 s:\n" + log()};
 }
 
 bool server_process::alive() const {

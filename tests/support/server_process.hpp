@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -23,10 +24,11 @@ public:
   server_process(const server_process&) = delete;
   server_process& operator=(const server_process&) = delete;
 
-  /// Starts `provisiond serve --config <dir>/cfg.toml` and waits (15 s) until
+  /// Starts `provisiond serve --config <dir>/cfg.toml [extra_args]` and waits (30 s) until
   /// it listens. `config_toml` empty = default_config(dir). `data_dir` empty =
   /// a fresh temp dir (kept across restart()).
-  [[nodiscard]] error start(std::string config_toml = {}, std::string data_dir = {});
+  [[nodiscard]] error start(std::string config_toml = {}, std::string data_dir = {},
+                            std::vector<std::string> extra_args = {});
   /// SIGTERM and wait for exit; returns the exit status.
   int stop();
   /// SIGKILL and reap.
@@ -38,7 +40,7 @@ public:
   pid_t pid() const { return pid_; }
   const std::string& data_dir() const { return data_dir_; }
   const std::string& id_scope() const { return id_scope_; }
-  uint16_t port() const { return port_; }
+  uint16_t port() const { return port_; } ///< 0 without the gateway role
   const std::string& log_file() const { return log_; }
   std::string log() const;
 
@@ -59,6 +61,7 @@ public:
 private:
   std::string data_dir_;
   std::string config_;
+  std::vector<std::string> args_; ///< after `serve --config F` (e.g. --roles)
   std::string log_;
   std::string id_scope_;
   std::string owner_key_;

@@ -1,0 +1,237 @@
+// Distributed mode across processes: one gateway (--roles gateway,registration)
+// and two workers (--roles attestation,allocation,configuration), each with its
+// own data dir, sharing a librdkafka mock cluster run inside this test process.
+// Enrollments reach the workers only through dps.enrollments, registration
+// records only through dps.registrations, and the gateway learns outcomes only
+// from registration.completed.
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "messages/crypto.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/kafka_it.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+using steady = std::chrono::steady_clock;
+
+namespace {
+
+const std::string group_key = crypto::generate_key();
+
+std::string device_key(const std::string& reg_id) {
+  return *crypto::derive_device_key(group_key, reg_id);
+}
+
+double seconds_since(steady::time_point t) {
+  return std::chrono::duration<double>(steady::now() - t).count();
+}
+
+/// A gateway and `workers` worker processes over one mock cluster.
+struct cluster {
+  test::kafka_fixture fx;
+  test::server_process gateway;
+  std::vector<std::unique_ptr<test::server_process>> workers;
+  std::vector<std::string> worker_dirs;
+
+  explicit cluster(int n_workers, int brokers = 1) : fx(brokers) {
+    REQUIRE_MESSAGE(!gateway.start(fx.server_config(), fx.dir,
+                                   {"--roles", "gateway,registration"}),
+                    gateway.log());
+    for (int i = 0; i < n_workers; ++i) {
+      auto dir = test::make_temp_dir("provisiond-worker");
+      worker_dirs.push_back(dir);
+      workers.push_back(std::make_unique<test::server_process>());
+      REQUIRE_MESSAGE(!workers.back()->start(fx.server_config(dir), dir,
+                                             {"--roles", "attestation,allocation,configuration"}),
+                      workers.back()->log());
+    }
+  }
+  ~cluster() {
+    for (auto& w : workers)
+      if (w->alive())
+        w->kill9();
+    for (const auto& d : worker_dirs)
+      test::remove_tree(d);
+  }
+};
+
+/// Registers one device and waits for it to be assigned; retries the whole
+/// registration like an SDK when the connection fails (gateway restarts).
+struct device_result {
+  std::string operation_id;
+  std::string status;
+  std::string hub;
+};
+
+/// What every test checks at the end: each device assigned by its (last)
+/// operation, one device.assigned per operation (byte-identical copies
+/// allowed only when `allow_duplicates`), no operation assigned twice with
+/// different outcomes.
+void check_outcome(const test::kafka_fixture& fx, const std::map<std::string, device_result>& res,
+                   int expected, bool allow_duplicates) {
+  int assigned = 0;
+  for (const auto& [id, r] : res) {
+    if (r.status == "assigned")
+      ++assigned;
+    else
+      MESSAGE(id << ": " << r.status);
+  }
+  CHECK(assigned == expected);
+  auto records = test::read_topic(fx.cfg, "dps.device.assigned", res.size());
+  std::map<std::string, std::set<std::string>> bodies; // operation -> distinct values
+  std::map<std::string, int> count;
+  for (const auto& r : records) {
+    bodies[r.operation_id].insert(r.value);
+    ++count[r.operation_id];
+  }
+  int missing = 0, duplicated = 0;
+  for (const auto& [id, r] : res) {
+    if (r.status != "assigned")
+      continue;
+    auto it = count.find(r.operation_id);
+    if (it == count.end()) {
+      ++missing;
+      MESSAGE(id << " / " << r.operation_id << " missing on dps.device.assigned");
+      continue;
+    }
+    if (it->second > 1)
+      ++duplicated;
+    // Never two different assignments for one operation.
+    CHECK_MESSAGE(bodies[r.operation_id].size() == 1, r.operation_id);
+    auto ce = json::parse(*bodies[r.operation_id].begin());
+    CHECK(ce["data"].value("assignedHub", "") == r.hub);
+  }
+  MESSAGE("dps.device.assigned: " << records.size() << " records for " << assigned
+                                  << " assigned devices; missing " << missing
+                                  << ", published more than once " << duplicated);
+  CHECK(missing == 0);
+  if (!allow_duplicates)
+    CHECK(duplicated == 0);
+}
+
+/// Registers `ids` from `threads` threads against the gateway; `during` runs
+/// on the calling thread once the load is under way (the fault).
+template <class Fault>
+std::map<std::string, device_result> run_load(test::server_process& gw,
+                                              const std::vector<std::string>& ids, int threads,
+                                              Fault during) {
+  std::mutex mu;
+  std::map<std::string, device_result> out;
+  std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> finished{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      auto c = gw.client();
+      for (auto i = next++; i < ids.size(); i = next++) {
+        const auto& id = ids[i];
+        device_result r;
+        auto deadline = steady::now() + std::chrono::seconds(90);
+        while (steady::now() < deadline) {
+          int status = 0;
+          auto j = test::register_device(c, gw, id, device_key(id), status, 25);
+          if (status == -1 || status == 503) { // gateway restarting: retry like an SDK
+            std::this_thread::sleep_for(std::chrono::milliseconds(200));
+            c = gw.client();
+            continue;
+          }
+          r.status = j.value("status", j.dump());
+          r.operation_id = j.value("operationId", "");
+          if (j.contains("registrationState"))
+            r.hub = j["registrationState"].value("assignedHub", "");
+          break;
+        }
+        std::lock_guard<std::mutex> g{mu};
+        out[id] = r;
+        ++finished;
+      }
+    });
+  during(finished);
+  for (auto& th : pool)
+    th.join();
+  return out;
+}
+
+std::vector<std::string> device_ids(const std::string& prefix, int n) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < n; ++i)
+    ids.push_back(prefix + std::to_string(i));
+  return ids;
+}
+
+/// Waits until the first device makes it through every worker stage (the
+/// mock's first consumer-group joins take seconds).
+void warm_up(test::server_process& gw, const std::string& id) {
+  auto c = gw.client();
+  auto deadline = steady::now() + std::chrono::seconds(60);
+  json j;
+  while (steady::now() < deadline) {
+    int status = 0;
+    j = test::register_device(c, gw, id, device_key(id), status, 50);
+    if (j.value("status", "") == "assigned")
+      return;
+  }
+  FAIL("warm-up device not assigned: " << j.dump() << "\n" << gw.log());
+}
+
+} // namespace
+
+TEST_SUITE("kafka_scaleout") {
+
+TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event each") {
+  cluster cl(2);
+  // The group is written through dps.enrollments; the workers learn it only
+  // from there, the gateway's service API answers after applying it.
+  test::create_group(cl.gateway, "scale-group", group_key);
+  auto got = cl.gateway.service("GET", "/enrollmentGroups/scale-group");
+  CHECK_MESSAGE(got.status == 200, got.body); // read-your-writes
+  warm_up(cl.gateway, "scale-warm");
+  constexpr int total = 10000;
+  auto start = steady::now();
+  auto res = run_load(cl.gateway, device_ids("scale-", total), 64, [](auto&) {});
+  auto secs = seconds_since(start);
+  MESSAGE(total << " devices in " << secs << " s (" << total / secs << "/s)");
+  check_outcome(cl.fx, res, total, false);
+  // Registration records reached the gateway through dps.registrations.
+  auto r = cl.gateway.service("GET", "/registrations/scale-7");
+  CHECK_MESSAGE(r.status == 200, r.body);
+  if (r.status == 200)
+    CHECK(test::parse_json(r.body).value("status", "") == "assigned");
+  // Both workers did part of the work (partitions split between them).
+  for (auto& w : cl.workers)
+    CHECK(w->alive());
+  for (auto& w : cl.workers)
+    CHECK(w->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
+}
+
+TEST_CASE("kill -9 of a worker under load: its partitions move, nothing lost or assigned twice") {
+  cluster cl(2);
+  test::create_group(cl.gateway, "kill-group", group_key);
+  warm_up(cl.gateway, "kill-warm");
+  constexpr int total = 3000;
+  steady::time_point killed;
+  auto res = run_load(cl.gateway, device_ids("kill-", total), 32, [&](auto& finished) {
+    while (finished.load() < total / 5)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    cl.workers[0]->kill9();
+    killed = steady::now();
+  });
+  MESSAGE("all devices finished " << seconds_since(killed) << " s after the kill");
+  CHECK(seconds_since(killed) < 30 + 10); // 30 s after the fault clears (+ session timeout)
+  check_outcome(cl.fx, res, total, true);
+  CHECK(cl.workers[1]->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
+}
+
+} // TEST_SUITE

@@ -158,6 +158,13 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
       + "[kafka.properties]\n";
     for (const auto& [k, v] : props)
       cfg += toml_string(k) + " = " + toml_string(v) + "\n";
+    std::ofstream f(p.config_file);
+    f << cfg;
+    f.close();
+    if (!f) {
+      err = "cannot write " + p.config_file;
+      return false;
+    }
     // Refuse a bad config here, with the server's own message.
     prov::config::engine_config parsed;
     if (auto e = prov::config::load_string(cfg, p.config_file, parsed)) {
@@ -166,13 +173,6 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
     }
     if (auto e = prov::config::validate(parsed)) {
       err = "generated config: " + e.message;
-      return false;
-    }
-    std::ofstream f(p.config_file);
-    f << cfg;
-    f.close();
-    if (!f) {
-      err = "cannot write " + p.config_file;
       return false;
     }
   }

@@ -335,6 +335,11 @@ int start_kafka(const options& o, kafka_deployment& kd, server_info& s, bool& ow
     log("server binary " + ko.server_bin + " not found (build it, or pass --server-bin)");
     return 2;
   }
+  for (const auto& kv : o.kafka_properties)
+    if (kv.find('=') == std::string::npos || kv[0] == '=') {
+      log("--kafka-property expects NAME=VALUE, got '" + kv + "'");
+      return 2;
+    }
   own_dir = o.data_dir.empty();
   s.data_dir = own_dir ? make_temp_dir("provisiond-bench-kafka") : o.data_dir;
   if (s.data_dir.empty() || (::mkdir(s.data_dir.c_str(), 0700) != 0 && errno != EEXIST)) {

@@ -75,7 +75,7 @@ kafka_deployment::~kafka_deployment() {
 }
 
 kafka_process& kafka_deployment::front() {
-  return *procs_.back(); // the gateway (or all-roles process) is started last
+  return *procs_.front(); // the gateway (or the all-roles process) comes first
 }
 
 bool kafka_deployment::start(const kafka_options& o, std::string& err) {
@@ -115,17 +115,17 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
     props[kv.substr(0, eq)] = kv.substr(eq + 1);
   }
 
-  // Workers first, the gateway last: front() is procs_.back().
+  // The gateway first (front()), then the workers.
+  auto g = std::make_unique<kafka_process>();
+  g->name = o.workers > 0 ? "gateway" : "all-roles";
+  g->roles = o.workers > 0 ? gateway_roles : "";
+  procs_.push_back(std::move(g));
   for (int i = 1; i <= o.workers; ++i) {
     auto p = std::make_unique<kafka_process>();
     p->name = "worker-" + std::to_string(i);
     p->roles = worker_roles;
     procs_.push_back(std::move(p));
   }
-  auto g = std::make_unique<kafka_process>();
-  g->name = o.workers > 0 ? "gateway" : "all-roles";
-  g->roles = o.workers > 0 ? gateway_roles : "";
-  procs_.push_back(std::move(g));
 
   for (auto& pp : procs_) {
     auto& p = *pp;
@@ -212,7 +212,7 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
       std::string body;
       int st = http_get("127.0.0.1", p.metrics_port, "/readyz", 1000, body);
       bool ready = st == 200;
-      if (ready && pp == procs_.back()) {
+      if (ready && pp == procs_.front()) {
         auto j = nlohmann::json::parse(read_file(p.dir + "/endpoints.json"), nullptr, false);
         ready = j.is_object() && j.contains("device_api");
       }
@@ -247,10 +247,10 @@ bool kafka_deployment::stop(int grace_s) {
   stopped_ = true;
   bool clean = true;
   // The gateway first (no new work), then the workers; all in parallel.
-  for (auto it = procs_.rbegin(); it != procs_.rend(); ++it)
-    (*it)->child.terminate();
-  for (auto it = procs_.rbegin(); it != procs_.rend(); ++it) {
-    auto& p = **it;
+  for (auto& pp : procs_)
+    pp->child.terminate();
+  for (auto& pp : procs_) {
+    auto& p = *pp;
     if (p.pid <= 0)
       continue;
     bool was_running = p.child.pid() > 0;

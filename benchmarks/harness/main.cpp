@@ -4,12 +4,15 @@
 // until it is terminal. Prints measured numbers only. See docs/benchmarking.md.
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <sstream>
 #include <thread>
@@ -21,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
+#include "benchmarks/harness/kafka_mode.hpp"
 #include "benchmarks/harness/load.hpp"
 #include "benchmarks/harness/process.hpp"
 #include "gateway/net/https_client.hpp"
@@ -75,6 +79,15 @@ struct options {
   uint64_t reference_count = 0;
   int reference_workers = 0;
   int rounds = 3;
+
+  // Kafka mode.
+  bool kafka = false;
+  int kafka_workers = 2;
+  int kafka_partitions = 6;
+  int kafka_brokers = 1;
+  std::vector<std::string> kafka_properties;
+  uint64_t kafka_warmup = 100;
+  int kafka_start_timeout_s = 60;
 };
 
 /// The server under test, however it was found.
@@ -136,11 +149,25 @@ std::string fmt(const char* f, double v) {
 }
 
 /// Server/machine resource use around one phase.
+/// A server process whose CPU and memory a phase reports.
+struct watched {
+  std::string name; ///< "gateway", "worker-1", ... (Kafka mode); "" for the one server
+  pid_t pid = 0;
+  bool tree = false; ///< include its direct children (nginx master + workers)
+};
+
 struct usage {
-  proc_sample server0, server1;
+  proc_sample server0, server1; ///< summed over `procs`
+  std::vector<watched> procs;
+  std::vector<proc_sample> each0, each1; ///< per entry of `procs`
+  bool per_process = false; ///< Kafka mode: print the per-process table
+  /// Kafka mode: CPU of the harness's librdkafka threads (the in-process
+  /// mock broker) over the phase; < 0 = not measured.
+  double mock_cpu = -1;
   machine_sample m0, m1;
   std::string load0, load1;
   double server_cpu() const { return server1.cpu_seconds - server0.cpu_seconds; }
+  double cpu_of(std::size_t i) const { return each1[i].cpu_seconds - each0[i].cpu_seconds; }
   double machine_busy() const { return m1.busy - m0.busy; }
   double machine_total() const { return m1.total - m0.total; }
 };
@@ -150,6 +177,26 @@ proc_sample sample_server(pid_t pid, bool tree = false) {
     return {};
   return tree ? sample_process_tree(pid) : sample_process(pid);
 }
+
+/// Samples every watched process; returns their sum (ok only if all are).
+proc_sample sample_servers(const std::vector<watched>& procs, std::vector<proc_sample>& each) {
+  each.clear();
+  proc_sample sum;
+  sum.ok = !procs.empty();
+  for (const auto& w : procs) {
+    each.push_back(sample_server(w.pid, w.tree));
+    const auto& x = each.back();
+    sum.ok = sum.ok && x.ok;
+    sum.cpu_seconds += x.cpu_seconds;
+    sum.rss_kb += x.rss_kb;
+    sum.hwm_kb += x.hwm_kb;
+  }
+  return sum;
+}
+
+/// librdkafka names its threads "rdk:..."; in the harness the only
+/// librdkafka instance during a phase is the mock cluster.
+constexpr const char* mock_thread_prefix = "rdk:";
 
 // -- progress line -------------------------------------------------------------------------
 
@@ -276,6 +323,65 @@ int spawn_server(const options& o, child_process& server, server_info& s, bool& 
   s.tls_name = "127.0.0.1";
   if (s.pid <= 0)
     s.pid = server.pid();
+  return 0;
+}
+
+/// --kafka: the mock cluster and the processes (kafka_mode.hpp); `s` becomes
+/// the gateway (the all-roles process with --kafka-workers 0).
+int start_kafka(const options& o, kafka_deployment& kd, server_info& s, bool& own_dir) {
+  kafka_options ko;
+  ko.server_bin = o.server_bin.empty() ? self_dir() + "/provisiond" : o.server_bin;
+  if (!file_exists(ko.server_bin)) {
+    log("server binary " + ko.server_bin + " not found (build it, or pass --server-bin)");
+    return 2;
+  }
+  for (const auto& kv : o.kafka_properties)
+    if (kv.find('=') == std::string::npos || kv[0] == '=') {
+      log("--kafka-property expects NAME=VALUE, got '" + kv + "'");
+      return 2;
+    }
+  own_dir = o.data_dir.empty();
+  s.data_dir = own_dir ? make_temp_dir("provisiond-bench-kafka") : o.data_dir;
+  if (s.data_dir.empty() || (::mkdir(s.data_dir.c_str(), 0700) != 0 && errno != EEXIST)) {
+    log("cannot create the data dir " + s.data_dir);
+    return 2;
+  }
+  ko.root_dir = s.data_dir;
+  ko.workers = o.kafka_workers;
+  ko.partitions = o.kafka_partitions;
+  ko.brokers = o.kafka_brokers;
+  ko.properties = o.kafka_properties;
+  ko.start_timeout_s = o.kafka_start_timeout_s;
+  ko.interrupted = &g_interrupted;
+  // One id scope and one owner policy in every process's config.
+  ko.id_scope = "0ne" + prov::crypto::hex(prov::crypto::random_bytes(4));
+  std::transform(ko.id_scope.begin() + 3, ko.id_scope.end(), ko.id_scope.begin() + 3,
+                 [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  ko.policy_name = "provisioningserviceowner";
+  ko.policy_key = prov::crypto::generate_key();
+  std::string err;
+  if (!kd.start(ko, err)) {
+    log(err);
+    kd.stop(10);
+    log("data dir kept (configs and logs): " + s.data_dir);
+    return 2;
+  }
+  auto& g = kd.front();
+  auto j = nlohmann::json::parse(read_file(g.dir + "/endpoints.json"), nullptr, false);
+  auto addr = j.value("device_api", "");
+  s.port = static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
+  s.id_scope = j.value("id_scope", ko.id_scope);
+  s.pid = g.pid;
+  s.policy = ko.policy_name;
+  s.policy_key = ko.policy_key;
+  s.service_host = "localhost"; // device_api.hostnames[0], the default
+  s.ca_file = g.dir + "/tls/ca.pem";
+  s.cert_pem = g.dir + "/tls/server.pem";
+  s.key_pem = g.dir + "/tls/server.key";
+  s.tls_name = "127.0.0.1";
+  log("kafka mode: " + std::to_string(kd.processes().size()) + " process(es) ready, "
+      + g.name + " on 127.0.0.1:" + std::to_string(s.port) + ", data dir " + s.data_dir
+      + ", id scope " + s.id_scope);
   return 0;
 }
 
@@ -495,8 +601,11 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   }
   double wall = r.wall_s > 0 ? r.wall_s : 1;
   if (server_known && u.server1.ok) {
-    std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n", "server CPU",
-                  u.server_cpu(), u.server_cpu() / wall);
+    const std::string n_procs = std::to_string(u.procs.size());
+    std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)%s\n", "server CPU",
+                  u.server_cpu(), u.server_cpu() / wall,
+                  u.per_process ? ("   sum of the " + n_procs + " processes below").c_str()
+                                : "");
     out << line;
     if (r.succeeded) {
       std::snprintf(line, sizeof line, "  %-28s %.1f us\n",
@@ -504,10 +613,41 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
                     u.server_cpu() / static_cast<double>(r.succeeded) * 1e6);
       out << line;
     }
-    std::snprintf(line, sizeof line, "  %-28s %.1f MB (now %.1f MB)\n",
+    std::snprintf(line, sizeof line, "  %-28s %.1f MB (now %.1f MB)%s\n",
                   "server peak RSS (VmHWM)", static_cast<double>(u.server1.hwm_kb) / 1024.0,
-                  static_cast<double>(u.server1.rss_kb) / 1024.0);
+                  static_cast<double>(u.server1.rss_kb) / 1024.0,
+                  u.per_process ? "   sum of the processes' peaks" : "");
     out << line;
+    if (u.per_process) {
+      out << "  server processes                  CPU s     cores  us/" << singular
+          << "  peak RSS MB    RSS MB\n";
+      nlohmann::json procs = nlohmann::json::array();
+      auto row = [&](const std::string& name, double cpu, const proc_sample& x) {
+        double per_unit = r.succeeded ? cpu / static_cast<double>(r.succeeded) * 1e6 : 0;
+        std::snprintf(line, sizeof line, "    %-26s %9.2f %9.2f %9.1f %12.1f %9.1f\n",
+                      name.c_str(), cpu, cpu / wall, per_unit,
+                      static_cast<double>(x.hwm_kb) / 1024.0,
+                      static_cast<double>(x.rss_kb) / 1024.0);
+        out << line;
+      };
+      for (std::size_t i = 0; i < u.procs.size() && i < u.each1.size(); ++i) {
+        const auto& w = u.procs[i];
+        row(w.name + " (pid " + std::to_string(w.pid) + ")", u.cpu_of(i), u.each1[i]);
+        nlohmann::json pj{{"name", w.name},
+                          {"pid", w.pid},
+                          {"measured", u.each1[i].ok},
+                          {"cpu_seconds", u.cpu_of(i)},
+                          {"cores", u.cpu_of(i) / wall},
+                          {"peak_rss_mb", static_cast<double>(u.each1[i].hwm_kb) / 1024.0},
+                          {"rss_mb", static_cast<double>(u.each1[i].rss_kb) / 1024.0}};
+        if (r.succeeded)
+          pj["cpu_us_per_unit"] = u.cpu_of(i) / static_cast<double>(r.succeeded) * 1e6;
+        procs.push_back(pj);
+      }
+      row("sum", u.server_cpu(), u.server1);
+      j["processes"] = procs;
+      j["server_totals_are_sums_over_processes"] = true;
+    }
     j["server_cpu_seconds"] = u.server_cpu();
     if (r.succeeded)
       j["server_cpu_us_per_unit"] = u.server_cpu() / static_cast<double>(r.succeeded) * 1e6;
@@ -515,18 +655,35 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
     j["server_peak_rss_mb"] = static_cast<double>(u.server1.hwm_kb) / 1024.0;
     j["server_rss_mb"] = static_cast<double>(u.server1.rss_kb) / 1024.0;
   } else {
-    out << "  server CPU / RSS              not measured (no local server pid)\n";
+    out << (u.per_process
+              ? "  server CPU / RSS              not measured (a server process ended during "
+                "the phase)\n"
+              : "  server CPU / RSS              not measured (no local server pid)\n");
   }
-  std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n", "harness CPU",
-                r.harness_cpu_s, r.harness_cpu_s / wall);
+  std::snprintf(line, sizeof line, "  %-28s %.2f s (%.2f cores)\n",
+                u.per_process ? "harness CPU (*)" : "harness CPU", r.harness_cpu_s,
+                r.harness_cpu_s / wall);
   out << line;
-  bool client_bound = r.harness_cpu_s / wall > 0.85 * threads;
+  // The client's own share: in Kafka mode without the mock broker's threads.
+  double client_cpu = r.harness_cpu_s;
+  if (u.per_process) {
+    j["harness_cpu_includes_mock_broker"] = true;
+    if (u.mock_cpu >= 0) {
+      std::snprintf(line, sizeof line, "    %-26s %.2f s (%.2f cores)\n",
+                    "of which the mock broker", u.mock_cpu, u.mock_cpu / wall);
+      out << line;
+      j["mock_broker_cpu_seconds"] = u.mock_cpu;
+      client_cpu = std::max(0.0, r.harness_cpu_s - u.mock_cpu);
+    }
+  }
+  bool client_bound = client_cpu / wall > 0.85 * threads;
   j["harness_cpu_bound"] = client_bound;
   if (client_bound) {
     std::snprintf(line, sizeof line,
-                  "  WARNING: the harness used %.2f cores with %d client thread(s): the client "
-                  "may be what limits this rate (try --threads)\n",
-                  r.harness_cpu_s / wall, threads);
+                  "  WARNING: the harness used %.2f cores%s with %d client thread(s): the "
+                  "client may be what limits this rate (try --threads)\n",
+                  client_cpu / wall, u.per_process ? " (without the mock broker)" : "",
+                  threads);
     out << line;
   }
   std::snprintf(line, sizeof line,
@@ -535,6 +692,10 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
                 u.machine_total() > 0 ? 100.0 * u.machine_busy() / u.machine_total() : 0.0,
                 u.load0.c_str(), u.load1.c_str());
   out << line;
+  if (u.per_process)
+    out << "  (*) the librdkafka mock broker runs inside the harness process: its CPU is counted\n"
+           "      in the harness line (its threads, rdk:*, on the line below it), not in the\n"
+           "      server lines\n";
   j["machine_busy_core_seconds"] = u.machine_busy();
   j["machine_total_core_seconds"] = u.machine_total();
   j["loadavg_before"] = u.load0;
@@ -544,18 +705,33 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
 }
 
 /// Runs one load phase with server/machine sampling around it.
-load_result measured(const load_options& lo, pid_t pid, bool tree, uint64_t total, usage& u,
-                     bool show_progress) {
+/// `watchdog` (optional) runs with the progress tick, about 4 times a second.
+load_result measured(const load_options& lo, const std::vector<watched>& procs, bool kafka,
+                     uint64_t total, usage& u, bool show_progress,
+                     const std::function<void()>& watchdog = {}) {
   progress prog(lo.label, total, show_progress);
-  u.server0 = sample_server(pid, tree);
+  u.procs = procs;
+  u.per_process = kafka;
+  double mock0 = kafka ? self_threads_cpu_seconds(mock_thread_prefix) : 0;
+  u.server0 = sample_servers(procs, u.each0);
   u.m0 = sample_machine();
   u.load0 = load_average();
-  auto r = run_load(lo, [&](double t, uint64_t done, uint64_t failed) { prog(t, done, failed); });
-  u.server1 = sample_server(pid, tree);
+  auto r = run_load(lo, [&](double t, uint64_t done, uint64_t failed) {
+    prog(t, done, failed);
+    if (watchdog)
+      watchdog();
+  });
+  u.server1 = sample_servers(procs, u.each1);
   u.m1 = sample_machine();
   u.load1 = load_average();
+  if (kafka)
+    u.mock_cpu = self_threads_cpu_seconds(mock_thread_prefix) - mock0;
   prog.end();
   return r;
+}
+
+std::vector<watched> one_process(pid_t pid, bool tree = false) {
+  return {watched{"", pid, tree}};
 }
 
 /// Adds one round's result and resource use to the totals.
@@ -592,14 +768,20 @@ void accumulate(load_result& total, const load_result& r, usage& tu, const usage
   tu.server1.rss_kb = u.server1.rss_kb;
   tu.server1.hwm_kb = std::max(tu.server1.hwm_kb, u.server1.hwm_kb);
   tu.server1.ok = tu.server1.ok && u.server1.ok;
+  for (std::size_t i = 0; i < tu.each1.size() && i < u.each1.size(); ++i) {
+    tu.each1[i].cpu_seconds += u.cpu_of(i);
+    tu.each1[i].rss_kb = u.each1[i].rss_kb;
+    tu.each1[i].hwm_kb = std::max(tu.each1[i].hwm_kb, u.each1[i].hwm_kb);
+    tu.each1[i].ok = tu.each1[i].ok && u.each1[i].ok;
+  }
+  if (tu.mock_cpu >= 0 && u.mock_cpu >= 0)
+    tu.mock_cpu += u.mock_cpu;
   tu.m1.busy += u.machine_busy();
   tu.m1.total += u.machine_total();
   tu.load1 = u.load1;
 }
 
-} // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   options o;
   CLI::App app{"provisiond-bench: registers simulated devices against provisiond (Azure DPS "
                "device API) and reports measured throughput and latency"};
@@ -650,10 +832,30 @@ int main(int argc, char** argv) {
                  "(each does 1/rounds of the work), so both see the same machine load");
   app.add_option("--reference-workers", o.reference_workers,
                  "nginx worker processes (default: cores)");
+  app.add_flag("--kafka", o.kafka,
+               "Distributed mode: a Kafka mock cluster in this process, a gateway and "
+               "--kafka-workers worker processes over it");
+  app.add_option("--kafka-workers", o.kafka_workers,
+                 "Worker processes (--roles " + std::string(worker_roles)
+                   + "); 0 = one process with every role")
+    ->check(CLI::NonNegativeNumber);
+  app.add_option("--kafka-partitions", o.kafka_partitions, "Partitions of every topic")
+    ->check(CLI::Range(1, 10000));
+  app.add_option("--kafka-brokers", o.kafka_brokers, "Mock brokers")->check(CLI::Range(1, 64));
+  app.add_option("--kafka-property", o.kafka_properties,
+                 "NAME=VALUE for [kafka.properties] of every process (repeatable; replaces the "
+                 "harness default of the same name)");
+  app.add_option("--kafka-warmup", o.kafka_warmup,
+                 "Devices registered (not measured) before the run, until the consumer groups "
+                 "have joined");
+  app.add_option("--kafka-start-timeout", o.kafka_start_timeout_s,
+                 "Seconds each process may take to answer /readyz");
   CLI11_PARSE(app, argc, argv);
 
   std::signal(SIGPIPE, SIG_IGN);
+  // Ctrl-C or SIGTERM: stop starting devices, report, stop the servers.
   std::signal(SIGINT, [](int) { g_interrupted.store(true); });
+  std::signal(SIGTERM, [](int) { g_interrupted.store(true); });
 
   if (o.devices == 0 && o.duration_s <= 0) {
     log("--devices 0 needs --duration");
@@ -661,6 +863,11 @@ int main(int argc, char** argv) {
   }
   if (o.concurrency < 1 || o.threads < 1) {
     log("--concurrency and --threads must be at least 1");
+    return 2;
+  }
+  if (o.kafka && (!o.target.empty() || !o.config_file.empty() || o.mode == "reference")) {
+    log("--kafka spawns its own processes with generated configs: it does not combine with "
+        "--target, --config or --mode reference");
     return 2;
   }
   if (o.id_prefix.empty())
@@ -671,7 +878,14 @@ int main(int argc, char** argv) {
   server_info s;
   child_process server;
   bool own_dir = false;
-  if (o.target.empty()) {
+  kafka_deployment kd; // stops its processes, then the mock cluster, when run() returns
+  std::vector<watched> servers; // whose CPU and memory the phases report
+  if (o.kafka) {
+    if (int rc = start_kafka(o, kd, s, own_dir))
+      return rc;
+    for (auto& p : kd.processes())
+      servers.push_back({p->name, p->pid, false});
+  } else if (o.target.empty()) {
     if (int rc = spawn_server(o, server, s, own_dir))
       return rc;
     log("server pid " + std::to_string(s.pid) + " on 127.0.0.1:" + std::to_string(s.port)
@@ -696,7 +910,21 @@ int main(int argc, char** argv) {
   }
   if (!o.tls_name.empty())
     s.tls_name = o.tls_name;
-  auto cleanup = [&] {
+  if (!o.kafka)
+    servers = one_process(s.pid);
+  // Kafka mode: the temp dir (configs, logs) stays when a server process or
+  // the setup failed (`keep_logs`, or a process that does not exit cleanly),
+  // so the messages that point to a log stay true.
+  auto cleanup = [&](bool keep_logs) {
+    if (o.kafka) {
+      if (!kd.stop(60))
+        keep_logs = true;
+      if (own_dir && !o.keep_data && !keep_logs)
+        remove_tree(s.data_dir);
+      else
+        log("data dir kept (configs and logs): " + s.data_dir);
+      return;
+    }
     if (server.pid() > 0) {
       int st = server.stop(60);
       if (st != 0)
@@ -745,9 +973,46 @@ int main(int argc, char** argv) {
             << "  machine: " << out_json["machine"].get<std::string>() << "\n"
             << "  server:  " << s.host << ":" << s.port
             << (s.pid > 0 ? " pid " + std::to_string(s.pid) : std::string(" (pid unknown)"))
-            << "\n";
+            << (o.kafka ? " (" + kd.front().name + ")" : std::string()) << "\n";
+  if (o.kafka) {
+    nlohmann::json kj{{"mock_brokers", o.kafka_brokers},
+                      {"bootstrap_servers", kd.bootstrap_servers()},
+                      {"partitions", o.kafka_partitions},
+                      {"workers", o.kafka_workers},
+                      {"warmup_devices", o.kafka_warmup},
+                      {"properties", o.kafka_properties}};
+    std::cout << "  kafka:   librdkafka mock cluster in this process, " << o.kafka_brokers
+              << " broker(s) at " << kd.bootstrap_servers() << ", " << o.kafka_partitions
+              << " partitions per topic\n";
+    for (auto& p : kd.processes()) {
+      std::cout << "  " << p->name << ": pid " << p->pid << ", "
+                << (p->roles.empty() ? std::string("every role") : "--roles " + p->roles)
+                << ", log " << p->log_file << "\n";
+      kj["processes"].push_back({{"name", p->name},
+                                 {"pid", p->pid},
+                                 {"roles", p->roles.empty() ? "all" : p->roles},
+                                 {"config", p->config_file},
+                                 {"log", p->log_file},
+                                 {"metrics_port", p->metrics_port}});
+    }
+    out_json["kafka"] = kj;
+  }
   std::cout.flush();
   bool any_failure = false;
+  // Kafka mode: a process that dies mid-run is named at once; new devices
+  // stop (the ones in flight end by --device-timeout).
+  std::string died;
+  std::function<void()> watchdog;
+  if (o.kafka)
+    watchdog = [&] {
+      if (!died.empty())
+        return;
+      died = kd.check_alive();
+      if (!died.empty()) {
+        log("a server process died: " + died);
+        g_interrupted.store(true);
+      }
+    };
 
   load_options lo;
   lo.host = s.host;
@@ -763,6 +1028,57 @@ int main(int argc, char** argv) {
   lo.api_version = o.api_version;
   lo.interrupted = &g_interrupted;
   lo.progress = show_progress;
+
+  // ---- Kafka mode: warm-up ----
+  // The first consumer-group joins take seconds on the mock (its initial
+  // rebalance delay); devices registered before they are done wait for them.
+  // Registered through the enrollment group, ids <prefix>warmup-<i>, not in
+  // any result.
+  std::string group_key;
+  if (o.kafka && o.kafka_warmup > 0) {
+    if (int rc = ensure_group(o, s, group_key)) {
+      cleanup(true);
+      return rc;
+    }
+    load_options w = lo;
+    w.mode = load_mode::keepalive;
+    w.count = o.kafka_warmup;
+    w.concurrency = static_cast<int>(std::min<uint64_t>(o.kafka_warmup,
+                                                         static_cast<uint64_t>(o.concurrency)));
+    w.key_root = group_key;
+    auto prefix = o.id_prefix + "warmup-";
+    w.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
+    w.device_timeout_s = std::max(o.device_timeout_s, 60);
+    w.label = "warm-up";
+    usage u;
+    auto r = measured(w, servers, true, w.count, u, show_progress, watchdog);
+    char line[200];
+    std::snprintf(line, sizeof line,
+                  "  warm-up: %llu/%llu devices assigned in %.2f s (%.2f s after the "
+                  "connections were open); not part of any result below\n",
+                  static_cast<unsigned long long>(r.succeeded),
+                  static_cast<unsigned long long>(w.count), r.connect_phase_s + r.wall_s,
+                  r.wall_s);
+    std::cout << line << std::flush;
+    out_json["kafka"]["warmup"] = {{"devices", w.count},
+                                   {"assigned", r.succeeded},
+                                   {"failed", r.failed},
+                                   {"seconds", r.connect_phase_s + r.wall_s},
+                                   {"errors", r.errors}};
+    if (r.succeeded < w.count) {
+      log("warm-up: " + std::to_string(w.count - r.succeeded)
+          + " device(s) not assigned; not measuring"
+          + (!died.empty()                ? " (a process died, see above)"
+             : g_interrupted.load() ? " (interrupted)"
+                                    : ""));
+      for (auto& e : r.error_samples)
+        log("  " + e);
+      for (auto& p : kd.processes())
+        log("  " + p->name + " log: " + p->log_file);
+      cleanup(!died.empty() || !g_interrupted.load());
+      return g_interrupted.load() && died.empty() ? 1 : 2;
+    }
+  }
 
   // ---- enrollments ----
   uint64_t devices = o.devices;
@@ -793,7 +1109,7 @@ int main(int argc, char** argv) {
       return nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump();
     };
     usage u;
-    auto r = measured(bo, s.pid, false, n, u, show_progress);
+    auto r = measured(bo, servers, o.kafka, n, u, show_progress, watchdog);
     auto j = report(std::cout, "create " + std::to_string(n) + " individual enrollments (bulk, "
                                  + std::to_string(bo.concurrency) + " connections)",
                     r, u, s.pid > 0, "enrollments", o.threads);
@@ -802,7 +1118,7 @@ int main(int argc, char** argv) {
       any_failure = true;
     if (r.succeeded + r.existing < n) {
       log("not all enrollments were created; stopping");
-      cleanup();
+      cleanup(true);
       if (!o.json_file.empty())
         std::ofstream(o.json_file) << out_json.dump(2) << "\n";
       return 1;
@@ -814,11 +1130,12 @@ int main(int argc, char** argv) {
     lo.registration_id = [id_of, stride, n](uint64_t i) { return id_of((i * stride) % n); };
     lo.key_root = master;
   } else if (o.mode != "reference") {
-    std::string key;
-    if (int rc = ensure_group(o, s, key)) {
-      cleanup();
-      return rc;
-    }
+    std::string key = group_key; // Kafka mode: the warm-up already has it
+    if (key.empty())
+      if (int rc = ensure_group(o, s, key)) {
+        cleanup(true);
+        return rc;
+      }
     lo.key_root = key;
     auto prefix = o.id_prefix;
     lo.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
@@ -860,7 +1177,7 @@ int main(int argc, char** argv) {
       l.duration_s = o.duration_s;
       l.label = o.mode + tag;
       usage u;
-      auto r = measured(l, s.pid, false, l.count, u, show_progress);
+      auto r = measured(l, servers, o.kafka, l.count, u, show_progress, watchdog);
       dr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
       accumulate(dev_total, r, dev_u, u, k == 0);
     }
@@ -875,7 +1192,8 @@ int main(int argc, char** argv) {
       ro.duration_s = o.duration_s;
       ro.label = "reference" + tag;
       usage u;
-      auto r = measured(ro, nginx.pid(), true, ro.count, u, show_progress);
+      auto r = measured(ro, one_process(nginx.pid(), true), false, ro.count, u,
+                        show_progress);
       rr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
       accumulate(ref_total, r, ref_u, u, k == 0);
     }
@@ -901,7 +1219,11 @@ int main(int argc, char** argv) {
                         + (o.individual ? ", " + std::to_string(o.individual)
                                             + " individual enrollments"
                                         : ", enrollment group")
-                        + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : "");
+                        + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : "")
+                        + (o.kafka ? ", kafka: " + std::to_string(o.kafka_workers)
+                                       + " worker(s), " + std::to_string(o.kafka_partitions)
+                                       + " partitions"
+                                   : "");
     auto j = report(std::cout, title, r, dev_u, s.pid > 0, "devices", o.threads);
     out_json["registration"] = j;
     device_rate = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
@@ -937,7 +1259,20 @@ int main(int argc, char** argv) {
   if (!nginx_dir.empty())
     remove_tree(nginx_dir);
 
-  if (s.pid > 0) {
+  if (!died.empty()) {
+    any_failure = true;
+    out_json["process_died"] = died;
+  }
+  if (o.kafka) {
+    for (auto& p : kd.processes()) {
+      auto f = sample_process(p->pid);
+      if (f.ok)
+        out_json["server_final"][p->name] = {
+          {"rss_mb", static_cast<double>(f.rss_kb) / 1024.0},
+          {"peak_rss_mb", static_cast<double>(f.hwm_kb) / 1024.0},
+          {"cpu_seconds_total", f.cpu_seconds}};
+    }
+  } else if (s.pid > 0) {
     auto final_sample = sample_process(s.pid);
     if (final_sample.ok)
       out_json["server_final"] = {{"rss_mb", static_cast<double>(final_sample.rss_kb) / 1024.0},
@@ -952,8 +1287,24 @@ int main(int argc, char** argv) {
     if (!f)
       log("cannot write " + o.json_file);
   }
-  cleanup();
-  std::cout << (any_failure ? "\nRESULT: FAILED (errors or unfinished devices)\n"
+  if (o.kafka && any_failure && died.empty() && own_dir && !o.keep_data)
+    log("the servers' logs are removed with the temp dir; --keep-data keeps them");
+  cleanup(!died.empty());
+  std::cout << (any_failure ? !died.empty() ? "\nRESULT: FAILED (a server process died, see above)\n"
+                                            : "\nRESULT: FAILED (errors or unfinished devices)\n"
                             : "\nRESULT: ok\n");
   return any_failure ? 1 : 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  // Every exit path goes through run()'s destructors: they stop the spawned
+  // processes (and, in Kafka mode, the mock cluster after them).
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    log(std::string("error: ") + e.what());
+    return 2;
+  }
 }

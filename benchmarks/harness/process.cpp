@@ -14,6 +14,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <poll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
@@ -27,6 +29,92 @@ std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+std::string tail_file(const std::string& path, int lines, const std::string& skip) {
+  std::istringstream in(read_file(path));
+  std::vector<std::string> kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!skip.empty() && line.find(skip) != std::string::npos)
+      continue;
+    kept.push_back(line);
+    if (kept.size() > static_cast<std::size_t>(lines))
+      kept.erase(kept.begin());
+  }
+  std::string out;
+  for (const auto& l : kept)
+    out += l + "\n";
+  return out;
+}
+
+int http_get(const std::string& host, uint16_t port, const std::string& path, int timeout_ms,
+             std::string& body) {
+  body.clear();
+  sockaddr_in a {};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  if (::inet_pton(AF_INET, host.c_str(), &a.sin_addr) != 1)
+    return -1;
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  auto wait_for = [&](short events) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                  deadline - std::chrono::steady_clock::now())
+                  .count();
+    if (left <= 0)
+      return false;
+    pollfd p {fd, events, 0};
+    return ::poll(&p, 1, static_cast<int>(left)) == 1 && (p.revents & (events | POLLHUP));
+  };
+  int status = -1;
+  do {
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      if (errno != EINPROGRESS || !wait_for(POLLOUT))
+        break;
+      int err = 0;
+      socklen_t len = sizeof err;
+      if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
+        break;
+    }
+    std::string req = "GET " + path + " HTTP/1.1\r\nHost: " + host + ":" + std::to_string(port)
+                      + "\r\nConnection: close\r\n\r\n";
+    std::size_t sent = 0;
+    bool ok = true;
+    while (ok && sent < req.size()) {
+      ssize_t n = ::send(fd, req.data() + sent, req.size() - sent, MSG_NOSIGNAL);
+      if (n > 0)
+        sent += static_cast<std::size_t>(n);
+      else if (n < 0 && errno == EAGAIN)
+        ok = wait_for(POLLOUT);
+      else
+        ok = false;
+    }
+    if (!ok)
+      break;
+    std::string resp;
+    char buf[4096];
+    while (true) {
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n > 0)
+        resp.append(buf, static_cast<std::size_t>(n));
+      else if (n == 0)
+        break;
+      else if (errno != EAGAIN || !wait_for(POLLIN))
+        break;
+    }
+    // "HTTP/1.1 200 OK\r\n...\r\n\r\nbody" (Connection: close, so the body runs to EOF).
+    if (resp.rfind("HTTP/1.", 0) != 0 || resp.size() < 12)
+      break;
+    status = std::atoi(resp.c_str() + 9);
+    auto hdr_end = resp.find("\r\n\r\n");
+    if (hdr_end != std::string::npos)
+      body = resp.substr(hdr_end + 4);
+  } while (false);
+  ::close(fd);
+  return status;
 }
 
 bool file_exists(const std::string& path) {
@@ -153,6 +241,37 @@ double self_cpu_seconds() {
          + static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
+double self_threads_cpu_seconds(const std::string& prefix) {
+  static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
+  double total = 0;
+  DIR* d = ::opendir("/proc/self/task");
+  if (d == nullptr)
+    return 0;
+  while (auto* e = ::readdir(d)) {
+    if (e->d_name[0] == '.')
+      continue;
+    std::string base = std::string("/proc/self/task/") + e->d_name;
+    auto stat = read_file(base + "/stat");
+    auto lparen = stat.find('('), rparen = stat.rfind(')');
+    if (lparen == std::string::npos || rparen == std::string::npos || rparen < lparen)
+      continue;
+    if (stat.compare(lparen + 1, prefix.size(), prefix) != 0)
+      continue;
+    std::istringstream in(stat.substr(rparen + 2));
+    std::string field;
+    unsigned long long utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && in >> field; ++i) {
+      if (i == 14)
+        utime = std::strtoull(field.c_str(), nullptr, 10);
+      if (i == 15)
+        stime = std::strtoull(field.c_str(), nullptr, 10);
+    }
+    total += static_cast<double>(utime + stime) / tick;
+  }
+  ::closedir(d);
+  return total;
+}
+
 child_process::~child_process() {
   if (pid_ > 0) {
     ::kill(pid_, SIGKILL);
@@ -167,6 +286,7 @@ bool child_process::start(const std::vector<std::string>& argv, const std::strin
   for (const auto& a : argv)
     args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  const pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid < 0) {
     err = std::string("fork: ") + std::strerror(errno);
@@ -188,6 +308,11 @@ bool child_process::start(const std::vector<std::string>& argv, const std::strin
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::signal(SIGPIPE, SIG_DFL);
     ::setpgid(0, 0); // Ctrl-C on the harness must not stop the server mid-run
+    // ...but a harness that dies without cleaning up (SIGKILL, a crash, a
+    // ctest timeout) must not leave servers behind.
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent)
+      ::_exit(127);
     ::execv(args[0], args.data());
     ::_exit(127);
   }
@@ -204,9 +329,27 @@ bool child_process::alive() {
   if (r == 0)
     return true;
   if (r == pid_)
-    status_ = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    reaped(st);
   pid_ = -1;
   return false;
+}
+
+void child_process::reaped(int st) {
+  status_ = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  signal_ = WIFSIGNALED(st) ? WTERMSIG(st) : 0;
+}
+
+std::string child_process::describe_exit() const {
+  if (signal_ != 0) {
+    const char* name = ::strsignal(signal_);
+    return "was killed by signal " + std::to_string(signal_) + (name ? " (" + std::string(name) + ")" : "");
+  }
+  return "exited with status " + std::to_string(status_);
+}
+
+void child_process::terminate() {
+  if (pid_ > 0)
+    ::kill(pid_, SIGTERM);
 }
 
 int child_process::stop(int grace_s) {
@@ -227,7 +370,7 @@ int child_process::stop(int grace_s) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   pid_ = -1;
-  status_ = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  reaped(st);
   return status_;
 }
 

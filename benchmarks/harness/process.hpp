@@ -32,6 +32,10 @@ std::string machine_description(); ///< CPU model, cores, memory, kernel
 
 /// CPU seconds used by this process (getrusage, user + system).
 double self_cpu_seconds();
+/// CPU seconds (utime + stime) of this process's live threads whose name
+/// (/proc/self/task/TID/comm) starts with `prefix`. Threads that already
+/// exited are not counted.
+double self_threads_cpu_seconds(const std::string& prefix);
 
 /// A child started with fork+exec; stdout/stderr go to `log_file`.
 class child_process {
@@ -46,18 +50,32 @@ public:
   bool start(const std::vector<std::string>& argv, const std::string& log_file,
              std::string& err);
   bool alive();
+  /// Sends SIGTERM and returns (stop() then waits); lets several children
+  /// shut down in parallel.
+  void terminate();
   /// SIGTERM, waits up to `grace_s`, then SIGKILL. Returns the exit status
   /// (-1 when killed by a signal).
   int stop(int grace_s = 30);
   pid_t pid() const { return pid_; }
   int exit_status() const { return status_; }
+  /// "exited with status N" or "was killed by signal N (NAME)", once it ended.
+  std::string describe_exit() const;
 
 private:
+  void reaped(int wait_status);
   pid_t pid_ = -1;
   int status_ = -1;
+  int signal_ = 0; ///< the signal that ended it, 0 = exited
 };
 
 std::string read_file(const std::string& path);
+/// The last `lines` lines of a file, leaving out lines that contain `skip`
+/// (when not empty).
+std::string tail_file(const std::string& path, int lines, const std::string& skip = {});
+/// Plain HTTP/1.1 GET on 127.0.0.1-style addresses (the metrics listener).
+/// Returns the status code, or -1 when the connection or read failed.
+int http_get(const std::string& host, uint16_t port, const std::string& path, int timeout_ms,
+             std::string& body);
 bool file_exists(const std::string& path);
 std::string make_temp_dir(const std::string& prefix);
 void remove_tree(const std::string& path); ///< only under /tmp

@@ -15,7 +15,10 @@
 // A redelivered event whose operation is already the registration's last
 // assigned one skips step 1 and republishes step 2 from the recorded state:
 // the CloudEvent is rebuilt from the same fields, so a duplicate (crash
-// between 2 and 3) is byte-identical and consumers dedupe on ce_id.
+// between 2 and 3) is byte-identical and consumers dedupe on ce_id. The
+// record itself is a function of the allocated event (time = allocation
+// time, etag from the operation id), so two workers recording the same
+// operation around a rebalance also produce identical bytes.
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.allocated
 //          (committed_atom, operation id, error) from the store writer (embedded)
@@ -230,6 +233,9 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         // what was recorded (same bytes as the first time).
         ev.status = registration_status::assigned;
         ev.completed_ms = prev.updated_ms;
+        // Recorded as the allocation time (see below); a redelivered
+        // allocated event may come from a second allocation run.
+        ev.allocated_ms = prev.updated_ms;
         ev.assigned_hub = prev.assigned_hub;
         ev.device_id = prev.device_id;
         ev.substatus = prev.substatus;
@@ -239,9 +245,13 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         relay(slot);
         return;
       }
-      ev.completed_ms = now_ms();
+      // Deterministic: if another worker records this operation too (it got
+      // the event after a rebalance before this record reached its table),
+      // both write the same bytes. The assignment was decided at allocation.
+      ev.completed_ms = ev.allocated_ms ? ev.allocated_ms : ev.accepted_ms;
       ev.status = registration_status::assigned;
       r.state = assigned_state(ev, had_prev ? &prev : nullptr);
+      r.state.etag = enrollment::etag_for(ev.operation_id);
       r.event = std::move(ev);
       operation_record update;
       update.operation_id = r.event.operation_id;

@@ -240,7 +240,10 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   p->log = opts.log;
   p->on_message = std::move(h);
   conf_ptr conf;
-  if (auto err = make_conf(cfg, {{"auto.offset.reset", opts.auto_offset_reset}},
+  // socket.timeout.ms: a fetch stuck on a broker that went away silently is
+  // abandoned after 10 s instead of librdkafka's 60 s.
+  if (auto err = make_conf(cfg, {{"auto.offset.reset", opts.auto_offset_reset},
+                                 {"socket.timeout.ms", "10000"}},
                            {{"group.id", opts.group_id},
                             {"enable.auto.commit", "false"},
                             {"enable.auto.offset.store", "false"},

@@ -783,6 +783,11 @@ std::string new_etag() {
   return "\"" + crypto::uuid4() + "\"";
 }
 
+std::string etag_for(std::string_view seed) {
+  auto d = crypto::sha256(seed);
+  return "\"" + crypto::hex(std::string_view(reinterpret_cast<const char*>(d.data()), 16)) + "\"";
+}
+
 std::string format_utc(int64_t ms) {
   // Clamp to 0000-01-01 .. 9999-12-31 so the output always has the fixed shape.
   constexpr int64_t min_ms = -62167219200000LL;

@@ -73,6 +73,9 @@ bool etag_matches(std::string_view if_match, std::string_view stored_etag);
 
 /// A new opaque etag (quoted UUID-like string, as DPS sends).
 std::string new_etag();
+/// An etag that is a function of `seed` (same seed, same etag): records that
+/// several processes may write for the same operation stay identical.
+std::string etag_for(std::string_view seed);
 
 /// ISO 8601 UTC with 7 fractional digits, like "2026-11-26T12:00:00.1230000Z".
 std::string format_utc(int64_t ms_since_epoch);

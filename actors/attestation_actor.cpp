@@ -3,10 +3,17 @@
 //
 // attest() is a thread-safe function: the engine calls it on the gateway's
 // I/O thread for HTTP registers (two mailbox hops fewer per device). The actor
-// serves the same check to stages that receive unattested events (the Kafka
-// `registration.requested` intake).
+// serves the same check to registrations published straight to Kafka
+// (`registration.requested`, docs/events.md): it attests them and publishes
+// registration.attested, or registration.completed (failed or disabled).
+// The device's credential travels only on registration.requested: it is
+// dropped here and never stored or published further.
 // Accepts: (attest_atom, register_request) -> attestation_result
+//          (event_atom, registration_event, event_ack) from registration.requested
+// Acks:    when the published event is durable (as allocation does).
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
+
+#include <cstdio>
 
 #include <nlohmann/json.hpp>
 
@@ -124,6 +131,58 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
 
 } // namespace
 
+namespace {
+
+/// Operation ids chosen by direct publishers: the shape rule of registration
+/// ids (1..128 of A-Z a-z 0-9 - . _ :), which DPS-style ids also meet.
+bool valid_operation_id(std::string_view id) { return enrollment::valid_registration_id(id); }
+
+/// A registration.requested event: attest it and build what goes on. `out`
+/// never carries the credential; the error is the failed completion's.
+error attest_requested(const engine_context& ctx, registration_event& in,
+                       registration_event& out, attestation_result& r, bool& attested) {
+  attested = false;
+  out = registration_event{};
+  out.registration_id = in.registration_id;
+  out.id_scope = in.id_scope;
+  out.api_version = in.api_version;
+  out.protocol = "kafka";
+  out.payload_json = std::move(in.payload_json);
+  out.accepted_ms = now_ms();
+  register_request req;
+  req.authorization = std::move(in.authorization);
+  in.authorization.clear();
+  bool own_op = !in.operation_id.empty() && valid_operation_id(in.operation_id);
+  out.operation_id = own_op ? in.operation_id : new_operation_id(ctx.instance_hex);
+  if (!in.operation_id.empty() && !own_op)
+    return {error_code::bad_request,
+            "operationId must be 1..128 characters of A-Z a-z 0-9 - . _ :, starting with a "
+            "letter or digit and ending with a letter, digit or '-'"};
+  if (!enrollment::valid_registration_id(in.registration_id))
+    return {error_code::invalid_registration_id,
+            "registrationId must be 1..128 characters of A-Z a-z 0-9 - . _ :, starting "
+            "with a letter or digit and ending with a letter, digit or '-'"};
+  if (enrollment::key_of(in.id_scope) != enrollment::key_of(ctx.opts.id_scope))
+    return {error_code::id_scope_not_found,
+            "unknown id scope '" + in.id_scope + "' (this instance serves '" + ctx.opts.id_scope
+              + "'; with split roles, set the same id_scope in every process's config)"};
+  req.id_scope = in.id_scope;
+  req.registration_id = in.registration_id;
+  req.api_version = in.api_version;
+  req.protocol = "kafka";
+  r = attest(ctx, req);
+  if (r.err && r.err.code == error_code::unauthorized_signature && ctx.kafka()
+      && !ctx.repl->catch_up_enrollments(5000))
+    // The enrollment may have been written through another instance a
+    // moment ago (a factory creates the group, then publishes).
+    r = attest(ctx, req);
+  req.authorization.clear();
+  attested = true;
+  return r.err;
+}
+
+} // namespace
+
 caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
     [ctx](attest_atom, const register_request& req) {
@@ -131,6 +190,70 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       auto r = attest(*ctx, req);
       ctx->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
       return r;
+    },
+    [ctx](event_atom, registration_event& in, event_ack& ack) {
+      auto* m = ctx->metrics;
+      m->stage_dequeued(metrics::stage::attestation);
+      auto start = std::chrono::steady_clock::now();
+      const bool had_credential = in.authorization.rfind("SharedAccessSignature", 0) == 0;
+      registration_event ev;
+      attestation_result r;
+      bool attested = false;
+      auto err = attest_requested(*ctx, in, ev, r, attested);
+      m->stage_latency(metrics::stage::attestation, seconds_since(start));
+      if (attested)
+        m->attestation_attempt(!err,
+                               err ? (had_credential ? "symmetricKey" : "none")
+                                   : std::string_view(r.attestation_type),
+                               ev.protocol);
+      auto next = transport::topic::registration_attested;
+      if (err) {
+        m->registration_attempt("rejected", "", ev.protocol);
+        ev.status = registration_status::failed;
+        ev.error_code = static_cast<int32_t>(err.code);
+        ev.error_message = err.message;
+        ev.completed_ms = now_ms();
+        next = transport::topic::registration_completed;
+      } else {
+        ev.attestation_type = r.attestation_type;
+        ev.enrollment_group_id = r.enrollment_group_id;
+        ev.attested_ms = ev.accepted_ms;
+        if (!r.enabled) {
+          // As over HTTP: terminal at once.
+          m->registration_attempt("disabled", "", ev.protocol);
+          m->operation_finished("disabled", 0.0);
+          ev.status = registration_status::disabled;
+          ev.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
+          ev.error_message = "the enrollment is disabled";
+          ev.completed_ms = ev.accepted_ms;
+          next = transport::topic::registration_completed;
+        } else if (!in.operation_id.empty()) {
+          // A republished request whose operation already assigned the
+          // device: nothing to do (its outcome is on registration.completed).
+          // Duplicates still in flight meet in the configuration stage.
+          std::optional<std::string> raw;
+          registration_state prev;
+          if (!ctx->store->get(storage::cf::registrations,
+                               enrollment::key_of(ev.registration_id), raw)
+              && raw && !decode_record(*raw, prev) && prev.last_operation_id == ev.operation_id
+              && prev.status == registration_status::assigned) {
+            ack();
+            return;
+          }
+        }
+      }
+      auto op_id = ev.operation_id;
+      ctx->bus->publish_durable(next, std::move(ev),
+                                [ack = std::move(ack), op_id](const error& e) {
+                                  if (!e) {
+                                    ack();
+                                    return;
+                                  }
+                                  std::fprintf(stderr,
+                                               "provisiond: attestation of %s: publish "
+                                               "failed, left for redelivery: %s\n",
+                                               op_id.c_str(), e.message.c_str());
+                                });
     },
   };
 }

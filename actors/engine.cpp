@@ -71,6 +71,12 @@ public:
         caf::anon_send(dest, event_atom::value, std::move(ev), event_ack{std::move(ack)});
       };
     };
+    // Direct Kafka publishers (docs/events.md); HTTP registers are attested
+    // on the gateway and go straight to registration.attested.
+    if (roles.attestation && ctx.kafka())
+      if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_requested,
+                                              to_acked(attestation_, metrics::stage::attestation)))
+        return err;
     if (roles.allocation)
       if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
                                               to_acked(allocation_, metrics::stage::allocation)))

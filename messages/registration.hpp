@@ -55,6 +55,11 @@ struct registration_event {
   std::string attestation_type;   ///< "symmetricKey"
   std::string enrollment_group_id; ///< empty for individual enrollments
   std::string payload_json;
+  /// registration.requested only: the device's credential (SAS token text)
+  /// as a direct publisher sends it. The attestation stage clears it before
+  /// anything is published further; it is never stored (encode_record skips
+  /// it) and left out of inspect() so it never reaches a log.
+  std::string authorization;
   // allocation
   std::string assigned_hub;
   std::string device_id;
@@ -126,6 +131,18 @@ std::string encode_record(const operation_record& op);
 [[nodiscard]] error decode_record(std::string_view text, operation_record& out);
 std::string encode_event(const registration_event& ev);
 [[nodiscard]] error decode_event(std::string_view text, registration_event& out);
+/// A registration.requested record from a direct publisher (docs/events.md):
+/// registrationId and idScope required; operationId, authorization,
+/// apiVersion and payload (any JSON value; a string is read as JSON text, as
+/// encode_event writes it) optional. Every other member is ignored: the
+/// stages fill their fields themselves.
+[[nodiscard]] error decode_requested_event(std::string_view text, registration_event& out);
+
+/// A registration.requested record value fit to be copied elsewhere (the
+/// dead-letter topic): a JSON object loses its "authorization" member, and
+/// in any text the value of every `sig=` (any case), a SAS token's secret
+/// part, becomes "REDACTED".
+std::string redact_credentials(std::string_view value);
 
 /// Error body: {errorCode, trackingId, message, timestampUtc}.
 std::string error_body(const error& e, std::string_view tracking_id);

@@ -95,24 +95,40 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   const std::string dlt = dead_letter_topic(cfg_);
   const log_fn log = opts_.log;
   std::atomic<uint64_t>* dead = &dead_lettered_;
-  auto on_message = [self, ready_f, prod, dlt, log, dead, h = std::move(h)](message&& m) {
+  const bool requested = t == topic::registration_requested;
+  auto on_message = [self, ready_f, prod, dlt, log, dead, requested,
+                     h = std::move(h)](message&& m) {
     ready_f.wait();
     std::weak_ptr<consumer> weak = *self;
     auto ack = [weak, id = m.id] {
       if (auto c = weak.lock()) c->done(id);
     };
-    registration_event ev;
-    if (error err = decode_event(m.value, ev)) {
+    // A requested record carries a device credential: never copied as is.
+    auto dead_letter = [&](std::string reason) {
       ++*dead;
-      forward_to_dead_letter(*prod, dlt, m, "undecodable event: " + err.message, ack, log);
+      if (!requested) {
+        forward_to_dead_letter(*prod, dlt, m, reason, ack, log);
+        return;
+      }
+      message copy = m;
+      copy.value = redact_credentials(copy.value);
+      for (auto& hd : copy.headers)
+        hd.value = redact_credentials(hd.value);
+      // A parse error's message can quote the record ("last read: ...").
+      forward_to_dead_letter(*prod, dlt, copy, redact_credentials(reason), ack, log);
+    };
+    registration_event ev;
+    // registration.requested comes from outside (direct publishers): its own
+    // schema, only the request fields (docs/events.md).
+    if (error err = requested ? decode_requested_event(m.value, ev)
+                              : decode_event(m.value, ev)) {
+      dead_letter("undecodable event: " + err.message);
       return;
     }
     try {
       h(std::move(ev), ack);
     } catch (const std::exception& e) {
-      ++*dead;
-      forward_to_dead_letter(*prod, dlt, m, std::string("handler threw: ") + e.what(), ack,
-                             log);
+      dead_letter(std::string("handler threw: ") + e.what());
     }
   };
   std::unique_ptr<consumer> made;

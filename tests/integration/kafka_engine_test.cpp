@@ -50,6 +50,39 @@ void warm_up(const test::server_process& s, const std::string& id) {
 
 using test::all_assignments;
 
+/// A registration.requested record as a direct publisher writes it
+/// (docs/events.md): key = registration id.
+std::pair<std::string, std::string> requested(const test::server_process& s,
+                                              const std::string& id,
+                                              const std::string& authorization,
+                                              const std::string& operation_id = {}) {
+  json v{{"registrationId", id}, {"idScope", s.id_scope()}, {"payload", {{"line", 7}}}};
+  if (!authorization.empty())
+    v["authorization"] = authorization;
+  if (!operation_id.empty())
+    v["operationId"] = operation_id;
+  return {id, v.dump()};
+}
+
+/// registration.completed records by registration id.
+std::map<std::string, std::vector<json>> completed_by_id(const std::vector<test::kafka_record>& rs) {
+  std::map<std::string, std::vector<json>> out;
+  for (const auto& r : rs) {
+    auto j = json::parse(r.value, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), r.value);
+    out[j.value("registrationId", "")].push_back(j);
+  }
+  return out;
+}
+
+/// device.assigned records (CloudEvents) per operation id (ce_id).
+std::map<std::string, int> assigned_per_op(const std::vector<test::kafka_record>& rs) {
+  std::map<std::string, int> out;
+  for (const auto& r : rs)
+    ++out[r.operation_id];
+  return out;
+}
+
 } // namespace
 
 TEST_SUITE("kafka_engine") {
@@ -212,6 +245,161 @@ TEST_CASE("malformed events on each stage topic are dead-lettered; the partition
   // Every junk record is on the dead-letter topic.
   auto dead = read_topic(fx.cfg, "dps.dead-letter", consumed.size() * junk.size());
   CHECK(dead.size() == consumed.size() * junk.size());
+  CHECK(s.stop() == 0);
+}
+
+TEST_CASE("registrations published with a plain Kafka client reach completed and device.assigned") {
+  kafka_fixture fx;
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  create_group(s, "direct-group");
+  warm_up(s, "dwarm");
+  constexpr int total = 50;
+  std::vector<std::pair<std::string, std::string>> recs;
+  std::map<std::string, std::string> own_ops; // operation id -> registration id
+  std::set<std::string> signatures;
+  for (int i = 0; i < total; ++i) {
+    auto id = "direct-" + std::to_string(i);
+    auto auth = s.device_auth(id, device_key(id));
+    signatures.insert(auth.substr(auth.find("sig=") + 4, 20));
+    // Half bring their own operation id, half leave it to provisiond.
+    std::string op = i % 2 ? "factory-op-" + std::to_string(i) : "";
+    if (!op.empty())
+      own_ops[op] = id;
+    recs.push_back(requested(s, id, auth, op));
+  }
+  const auto started = std::chrono::steady_clock::now();
+  produce_raw(fx.cfg, "dps.registration.requested", recs);
+
+  auto completed = read_topic(fx.cfg, "dps.registration.completed", total + 1);
+  auto assigned = read_topic(fx.cfg, "dps.device.assigned", total + 1);
+  MESSAGE(total << " direct registrations completed within "
+                << std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()
+                << " s (including the readers' quiet second)");
+  auto by_id = completed_by_id(completed);
+  auto per_op = assigned_per_op(assigned);
+  std::map<std::string, int> per_device;
+  for (const auto& r : assigned)
+    ++per_device[r.key];
+  for (const auto& [key, value] : recs) {
+    auto& evs = by_id[key];
+    REQUIRE_MESSAGE(evs.size() == 1, key << " completed " << evs.size() << " times");
+    const auto& ev = evs.front();
+    CHECK_MESSAGE(ev.value("status", "") == "assigned", ev.dump());
+    CHECK(ev.value("protocol", "") == "kafka");
+    CHECK(ev.value("enrollmentGroupId", "") == "direct-group");
+    CHECK(json::parse(ev.value("payload", "{}")) == json{{"line", 7}});
+    auto op = ev.value("operationId", "");
+    auto published_op = json::parse(value).value("operationId", "");
+    if (!published_op.empty())
+      CHECK(op == published_op);
+    CHECK_MESSAGE(per_op[op] == 1, key << " / " << op << " on device.assigned " << per_op[op]
+                                       << " times");
+    CHECK(per_device[key] == 1);
+  }
+  // The credential went no further than registration.requested.
+  for (const auto* topic : {"dps.registration.attested", "dps.registration.allocated",
+                            "dps.registration.completed", "dps.device.assigned",
+                            "dps.registrations"})
+    for (const auto& r : read_topic(fx.cfg, topic, 1, std::chrono::milliseconds(300))) {
+      CHECK_MESSAGE(r.value.find("authorization") == std::string::npos, topic << ": " << r.value);
+      CHECK_MESSAGE(r.value.find("SharedAccessSignature") == std::string::npos, topic);
+      for (const auto& sig : signatures)
+        CHECK_MESSAGE(r.value.find(sig) == std::string::npos, topic << ": " << r.value);
+    }
+  // The gateway follows registration.completed: the operation is there over
+  // HTTPS too, under the publisher's operation id.
+  auto c = s.client();
+  CHECK(test::count_not_assigned(s, c, own_ops, device_key, 250) == 0);
+  CHECK(s.stop() == 0);
+}
+
+TEST_CASE("direct publishing: a bad credential ends failed (401002), no device.assigned") {
+  kafka_fixture fx;
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  create_group(s, "direct-bad-group");
+  warm_up(s, "dbwarm");
+  const std::string wrong_key = crypto::generate_key();
+  std::vector<std::pair<std::string, std::string>> recs = {
+    requested(s, "dbad-sig", s.device_auth("dbad-sig", wrong_key), "dbad-op-1"),
+    requested(s, "dbad-none", ""),
+    // idScope missing: undecodable, dead-lettered without its signature.
+    {"dbad-shape", json{{"registrationId", "dbad-shape"},
+                        {"authorization", s.device_auth("dbad-shape", wrong_key)}}
+                     .dump()},
+    // After the failures on the same keys' partitions, a good one still goes.
+    requested(s, "dbad-sig", s.device_auth("dbad-sig", device_key("dbad-sig")), "dbad-op-2"),
+  };
+  const auto dlq_sig = [&] {
+    auto a = json::parse(recs[2].second).value("authorization", "");
+    return a.substr(a.find("sig=") + 4, 20);
+  }();
+  produce_raw(fx.cfg, "dps.registration.requested", recs);
+  // warm-up + bad signature + no authorization + the good one
+  auto by_id = completed_by_id(read_topic(fx.cfg, "dps.registration.completed", 4));
+  REQUIRE(by_id["dbad-sig"].size() == 2);
+  const auto& failed = by_id["dbad-sig"][0];
+  CHECK(failed.value("operationId", "") == "dbad-op-1");
+  CHECK(failed.value("status", "") == "failed");
+  CHECK(failed.value("errorCode", 0) == 401002);
+  CHECK(!failed.value("errorMessage", "").empty());
+  CHECK(by_id["dbad-sig"][1].value("status", "") == "assigned");
+  REQUIRE(by_id["dbad-none"].size() == 1);
+  CHECK(by_id["dbad-none"][0].value("status", "") == "failed");
+  CHECK(by_id["dbad-none"][0].value("errorCode", 0) == 401000);
+  CHECK(by_id.count("dbad-shape") == 0);
+
+  auto per_op = assigned_per_op(read_topic(fx.cfg, "dps.device.assigned", 2));
+  CHECK(per_op.count("dbad-op-1") == 0);
+  CHECK(per_op["dbad-op-2"] == 1);
+  CHECK(per_op.size() == 2); // + the warm-up device
+
+  auto dead = read_topic(fx.cfg, "dps.dead-letter", 1);
+  REQUIRE(dead.size() == 1);
+  CHECK(dead[0].key == "dbad-shape");
+  CHECK(dead[0].value.find(dlq_sig) == std::string::npos);
+  CHECK(dead[0].value.find("authorization") == std::string::npos);
+
+  // The failure is visible over HTTPS like any other operation's.
+  auto c = s.client();
+  net::http_headers h;
+  h.add("Authorization", s.device_auth("dbad-sig", device_key("dbad-sig")));
+  net::https_response resp;
+  REQUIRE(!c.request("GET", "/" + s.id_scope() + "/registrations/dbad-sig/operations/dbad-op-1"
+                              "?api-version=2021-06-01", h, {}, resp));
+  CHECK_MESSAGE(resp.status == 200, resp.body);
+  auto j = json::parse(resp.body, nullptr, false);
+  CHECK_MESSAGE(j.value("status", "") == "failed", resp.body);
+  CHECK(s.stop() == 0);
+}
+
+TEST_CASE("direct publishing: a request published again with its operationId is assigned once") {
+  kafka_fixture fx;
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  create_group(s, "direct-dup-group");
+  warm_up(s, "ddwarm");
+  const std::string id = "ddup-1";
+  auto rec = requested(s, id, s.device_auth(id, device_key(id)), "ddup-op-1");
+  // Twice back to back (a producer retry, a replayed batch) ...
+  produce_raw(fx.cfg, "dps.registration.requested", {rec, rec});
+  auto per_op = assigned_per_op(read_topic(fx.cfg, "dps.device.assigned", 2));
+  CHECK(per_op["ddup-op-1"] == 1);
+  // ... and once more after it completed, followed by a new operation of the
+  // same device (same key, same partition: handled after the copy).
+  produce_raw(fx.cfg, "dps.registration.requested",
+              {rec, requested(s, id, s.device_auth(id, device_key(id)), "ddup-op-2")});
+  per_op = assigned_per_op(read_topic(fx.cfg, "dps.device.assigned", 3));
+  CHECK(per_op["ddup-op-1"] == 1);
+  CHECK(per_op["ddup-op-2"] == 1);
+  CHECK(per_op.size() == 3); // + the warm-up device
+  auto by_id = completed_by_id(read_topic(fx.cfg, "dps.registration.completed", 3));
+  std::map<std::string, int> completions;
+  for (const auto& ev : by_id[id])
+    ++completions[ev.value("operationId", "")];
+  CHECK(completions["ddup-op-1"] == 1);
+  CHECK(completions["ddup-op-2"] == 1);
   CHECK(s.stop() == 0);
 }
 

@@ -53,6 +53,108 @@ TEST_CASE("bad events are rejected with a reason, never thrown") {
   CHECK(decode_event(R"({"v":1,"operationId":5,"registrationId":"r"})", ev));
 }
 
+namespace {
+const std::string sample_sas =
+  "SharedAccessSignature sr=0ne00000A1B%2Fregistrations%2Fdev-01"
+  "&sig=c2VjcmV0LXNpZ25hdHVyZS1ieXRlcw%3D%3D&se=1900000000&skn=registration";
+const std::string sample_sig = "c2VjcmV0LXNpZ25hdHVyZS1ieXRlcw";
+} // namespace
+
+TEST_CASE("the authorization of a requested event is JSON only, and optional") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-01";
+  CHECK(encode_event(ev).find("authorization") == std::string::npos);
+  ev.authorization = sample_sas;
+  auto text = encode_event(ev);
+  CHECK(json::parse(text).value("authorization", "") == sample_sas);
+  registration_event back;
+  REQUIRE(!decode_event(text, back));
+  CHECK(back.authorization == sample_sas);
+}
+
+TEST_CASE("records never contain the credential of a requested event") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-01";
+  ev.id_scope = "0ne00000A1B";
+  ev.authorization = sample_sas;
+  ev.payload_json = R"({"a":1})";
+  operation_record op;
+  op.operation_id = ev.operation_id;
+  op.registration_id = ev.registration_id;
+  op.event = ev;
+  for (auto st : {registration_status::assigning, registration_status::failed}) {
+    op.status = st;
+    op.state.status = st;
+    auto rec = encode_record(op);
+    CHECK(rec.find(sample_sig) == std::string::npos);
+    CHECK(rec.find("SharedAccessSignature") == std::string::npos);
+    CHECK(rec.find("authorization") == std::string::npos);
+    operation_record back;
+    REQUIRE(!decode_record(rec, back));
+    CHECK(back.event.authorization.empty());
+    CHECK(back.event.payload_json == ev.payload_json);
+  }
+}
+
+TEST_CASE("requested events: request fields only; registrationId and idScope required") {
+  registration_event ev;
+  json j{{"registrationId", "dev-01"}, {"idScope", "0ne00000A1B"},
+         {"authorization", sample_sas}};
+  REQUIRE(!decode_requested_event(j.dump(), ev));
+  CHECK(ev.registration_id == "dev-01");
+  CHECK(ev.id_scope == "0ne00000A1B");
+  CHECK(ev.authorization == sample_sas);
+  CHECK(ev.operation_id.empty()); // optional: the attestation stage makes one
+  CHECK(ev.payload_json.empty());
+  CHECK(ev.status == registration_status::assigning);
+
+  // Stage fields a publisher sets are ignored; the payload is an object or
+  // its JSON text.
+  j["v"] = 1;
+  j["operationId"] = "factory-7.op-1";
+  j["payload"] = {{"modelId", "dtmi:x;1"}};
+  j["assignedHub"] = "evil.example.net";
+  j["status"] = "assigned";
+  j["enrollmentGroupId"] = "other";
+  j["attestationType"] = "x509";
+  REQUIRE(!decode_requested_event(j.dump(), ev));
+  CHECK(ev.operation_id == "factory-7.op-1");
+  CHECK(json::parse(ev.payload_json) == j["payload"]);
+  CHECK(ev.assigned_hub.empty());
+  CHECK(ev.status == registration_status::assigning);
+  CHECK(ev.enrollment_group_id.empty());
+  CHECK(ev.attestation_type.empty());
+  j["payload"] = R"({"modelId":"dtmi:x;1"})";
+  REQUIRE(!decode_requested_event(j.dump(), ev));
+  CHECK(json::parse(ev.payload_json) == json{{"modelId", "dtmi:x;1"}});
+
+  for (const char* bad : {R"({"idScope":"s"})", R"({"registrationId":"r"})",
+                          R"({"registrationId":"","idScope":"s"})",
+                          R"({"registrationId":"r","idScope":"s","v":2})",
+                          R"({"registrationId":5,"idScope":"s"})",
+                          R"({"registrationId":"r","idScope":"s","payload":[1]})",
+                          R"({"registrationId":"r","idScope":"s","payload":"not json"})",
+                          R"({"registrationId":"r","idScope":"s","authorization":7})",
+                          "[]", "not json"})
+    CHECK_MESSAGE(decode_requested_event(bad, ev).code == error_code::bad_request, bad);
+}
+
+TEST_CASE("redact_credentials removes the authorization and any signature") {
+  json j{{"registrationId", "dev-01"}, {"idScope", "s"}, {"authorization", sample_sas},
+         {"payload", {{"note", "sig=abc&x"}}}};
+  auto red = redact_credentials(j.dump());
+  CHECK(red.find(sample_sig) == std::string::npos);
+  CHECK(red.find("authorization") == std::string::npos);
+  CHECK(json::parse(red)["payload"]["note"] == "sig=REDACTED&x");
+  // Not JSON (a truncated record): signatures are still masked.
+  auto raw = j.dump().substr(0, j.dump().size() - 30);
+  CHECK(redact_credentials(raw).find(sample_sig) == std::string::npos);
+  CHECK(redact_credentials(R"(x SIG=abc"y)") == R"(x SIG=REDACTED"y)");
+  CHECK(redact_credentials("no secrets") == "no secrets");
+}
+
 TEST_CASE("operation records keep the terminal state only when terminal") {
   operation_record op;
   op.operation_id = "op";

@@ -5,8 +5,8 @@
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
-//          only then. A failed publish is not acked: the input is redelivered
-//          after a restart (and resume() re-publishes it from `pending`).
+//          only then. A failed publish is retried in 1 s (the input is
+//          allocated again), unacked meanwhile.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
 #include <algorithm>
@@ -145,7 +145,7 @@ error allocate(const engine_context& ctx, registration_event& ev) {
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
-    [ctx](event_atom, registration_event& ev, event_ack& ack) {
+    [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
       auto start = std::chrono::steady_clock::now();
       auto err = allocate(*ctx, ev);
@@ -158,18 +158,29 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
         ev.completed_ms = now_ms();
         next = transport::topic::registration_completed;
       }
-      auto op_id = ev.operation_id;
-      ctx->bus->publish_durable(next, std::move(ev),
-                                [ack = std::move(ack), op_id](const error& e) {
-                                  if (!e) {
-                                    ack();
-                                    return;
-                                  }
-                                  std::fprintf(stderr,
-                                               "provisiond: allocation of %s: publish "
-                                               "failed, left for redelivery: %s\n",
-                                               op_id.c_str(), e.message.c_str());
-                                });
+      // A failed publish is retried: the input (attested) is allocated
+      // again in 1 s with its ack. A weak handle, as the producer may hold
+      // the callback until its message timeout.
+      auto input = std::make_shared<std::pair<registration_event, event_ack>>(ev, ack);
+      input->first.status = registration_status::assigning;
+      input->first.error_code = 0;
+      input->first.error_message.clear();
+      caf::weak_actor_ptr weak{self->ctrl()};
+      auto* m = ctx->metrics;
+      ctx->bus->publish_durable(next, std::move(ev), [input, weak, m](const error& e) {
+        if (!e) {
+          input->second();
+          return;
+        }
+        std::fprintf(stderr, "provisiond: allocation of %s: publish failed (retrying in 1 s): %s\n",
+                     input->first.operation_id.c_str(), e.message.c_str());
+        if (auto strong = weak.lock()) {
+          m->stage_enqueued(metrics::stage::allocation);
+          caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
+                                 event_atom::value, std::move(input->first),
+                                 std::move(input->second));
+        }
+      });
     },
   };
 }

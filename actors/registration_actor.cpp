@@ -11,6 +11,7 @@
 //   (event_atom, registration_event)                      registration.completed
 // Blocking: point reads for terminal failures; spawned detached.
 
+#include <cstdio>
 #include <unordered_map>
 
 #include "actors/actor_types.hpp"
@@ -50,6 +51,25 @@ register_reply make_reply(error err) {
 
 caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<registration_state_t>();
+  // Hands an accepted operation to allocation. Until Kafka has it, only this
+  // process's `pending` marker knows it: a failed publish is retried in 1 s
+  // (through the resume path) instead of waiting for a restart. A weak
+  // handle: the producer may hold the callback until its message timeout.
+  auto publish_attested = [self, ctx](registration_event ev) {
+    caf::weak_actor_ptr weak{self->ctrl()};
+    auto copy = std::make_shared<registration_event>(ev);
+    ctx->bus->publish_durable(
+      transport::topic::registration_attested, std::move(ev), [weak, copy](const error& e) {
+        if (!e)
+          return;
+        std::fprintf(stderr, "provisiond: publishing %s failed (retrying in 1 s): %s\n",
+                     copy->operation_id.c_str(), e.message.c_str());
+        if (auto strong = weak.lock())
+          caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong),
+                                 std::chrono::seconds(1), accepted_atom::value,
+                                 std::move(*copy));
+      });
+  };
   /// True when the operation was in flight here (and no longer is).
   auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
     auto it = st->inflight.find(reg_key);
@@ -167,7 +187,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
           m->operation_finished("disabled", 0.0);
         }
         if (pa.event.status == registration_status::assigning)
-          ctx->bus->publish(transport::topic::registration_attested, std::move(pa.event));
+          publish_attested(std::move(pa.event));
         return;
       }
       if (auto it = st->settling.find(op_id); it != st->settling.end()) {
@@ -186,7 +206,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       auto reg_key = enrollment::key_of(ev.registration_id);
       if (st->inflight.emplace(reg_key, ev.operation_id).second)
         ctx->inflight.fetch_add(1);
-      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+      publish_attested(std::move(ev));
     },
     [=](event_atom, registration_event& ev) {
       if (ctx->kafka()) {

@@ -36,6 +36,11 @@ double seconds_since(steady::time_point t) {
   return std::chrono::duration<double>(steady::now() - t).count();
 }
 
+/// Gateways of one deployment share the id scope (devices sign it).
+std::string with_scope(const std::string& cfg) {
+  return "id_scope = \"0ne0012AB34\"\n" + cfg;
+}
+
 /// A gateway and `workers` worker processes over one mock cluster.
 struct cluster {
   test::kafka_fixture fx;
@@ -44,7 +49,7 @@ struct cluster {
   std::vector<std::string> worker_dirs;
 
   explicit cluster(int n_workers, int brokers = 1) : fx(brokers) {
-    REQUIRE_MESSAGE(!gateway.start(fx.server_config(), fx.dir,
+    REQUIRE_MESSAGE(!gateway.start(with_scope(fx.server_config()), fx.dir,
                                    {"--roles", "gateway,registration"}),
                     gateway.log());
     for (int i = 0; i < n_workers; ++i) {
@@ -220,6 +225,39 @@ TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event 
   CHECK_MESSAGE(r.status == 200, r.body);
   if (r.status == 200)
     CHECK(test::parse_json(r.body).value("status", "") == "assigned");
+  // A second gateway started now, with an empty data dir, rebuilds its state
+  // from the topics: the group, the registration records, and answers polls
+  // for operations the first gateway accepted.
+  {
+    auto dir2 = test::make_temp_dir("provisiond-gw2");
+    test::server_process gw2;
+    REQUIRE_MESSAGE(!gw2.start(with_scope(cl.fx.server_config(dir2)), dir2,
+                               {"--roles", "gateway,registration"}),
+                    gw2.log());
+    CHECK(gw2.id_scope() == cl.gateway.id_scope());
+    CHECK(gw2.service("GET", "/enrollmentGroups/scale-group").status == 200);
+    auto rec = gw2.service("GET", "/registrations/scale-42");
+    CHECK_MESSAGE(rec.status == 200, rec.body);
+    auto c2 = gw2.client();
+    int checked = 0;
+    for (const auto& id : {"scale-1", "scale-500", "scale-9999"}) {
+      const auto& r = res[id];
+      net::http_headers h;
+      h.add("Authorization", gw2.device_auth(id, device_key(id)));
+      net::https_response resp;
+      REQUIRE(!c2.request("GET", "/" + gw2.id_scope() + "/registrations/" + id
+                                   + "/operations/" + r.operation_id + "?api-version=2021-06-01",
+                          h, {}, resp));
+      CHECK_MESSAGE(resp.status == 200, resp.body);
+      auto j = test::parse_json(resp.body);
+      CHECK(j.value("status", "") == "assigned");
+      CHECK(j["registrationState"].value("assignedHub", "") == r.hub);
+      ++checked;
+    }
+    CHECK(checked == 3);
+    CHECK(gw2.stop() == 0);
+    test::remove_tree(dir2);
+  }
   // Both workers did part of the work (partitions split between them).
   for (auto& w : cl.workers)
     CHECK(w->alive());

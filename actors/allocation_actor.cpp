@@ -158,6 +158,11 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
         ev.completed_ms = now_ms();
         next = transport::topic::registration_completed;
       }
+      if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
+        ctx->bus->publish(next, std::move(ev));
+        ack();
+        return;
+      }
       // A failed publish is retried: the input (attested) is allocated
       // again in 1 s with its ack. A weak handle, as the producer may hold
       // the callback until its message timeout.

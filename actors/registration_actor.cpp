@@ -56,6 +56,10 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // (through the resume path) instead of waiting for a restart. A weak
   // handle: the producer may hold the callback until its message timeout.
   auto publish_attested = [self, ctx](registration_event ev) {
+    if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
+      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+      return;
+    }
     caf::weak_actor_ptr weak{self->ctrl()};
     auto copy = std::make_shared<registration_event>(ev);
     ctx->bus->publish_durable(

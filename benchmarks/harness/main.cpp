@@ -1,7 +1,9 @@
 // provisiond-bench: spawns (or targets) a provisiond server, creates an
 // enrollment group (or N individual enrollments), and registers devices the
 // way an SDK does: PUT register with a SAS token, then poll the operation
-// until it is terminal. Prints measured numbers only. See docs/benchmarking.md.
+// until it is terminal (or, with --kafka --direct, publishes
+// registration.requested to Kafka and reads registration.completed). Prints
+// measured numbers only. See docs/benchmarking.md.
 
 #include <algorithm>
 #include <cctype>

@@ -114,6 +114,7 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
     }
     props[kv.substr(0, eq)] = kv.substr(eq + 1);
   }
+  props_ = props;
 
   // The gateway first (front()), then the workers.
   auto g = std::make_unique<kafka_process>();

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -75,6 +76,8 @@ public:
   kafka_process& front();
   std::vector<std::unique_ptr<kafka_process>>& processes() { return procs_; }
   const std::string& bootstrap_servers() const { return bootstrap_; }
+  /// The [kafka.properties] every process got (harness defaults + overrides).
+  const std::map<std::string, std::string>& properties() const { return props_; }
 
   /// Empty when every process still runs; else "<name> (pid N) exited with
   /// status S; log: <file>" for the first one that did not.
@@ -84,6 +87,7 @@ private:
   std::unique_ptr<prov::transport::kafka::mock_cluster> mock_;
   std::vector<std::unique_ptr<kafka_process>> procs_;
   std::string bootstrap_;
+  std::map<std::string, std::string> props_;
   bool stopped_ = false;
 };
 

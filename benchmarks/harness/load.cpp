@@ -267,10 +267,7 @@ private:
 
   void prepare_device() {
     reg_id_ = o_.registration_id(idx_);
-    auto key = prov::crypto::derive_device_key(o_.key_root, reg_id_);
-    auth_ = prov::attestation::make_sas(o_.id_scope + "/registrations/" + reg_id_,
-                                        key ? *key : std::string{}, ::time(nullptr) + 3600,
-                                        "registration");
+    auth_ = device_sas(o_.id_scope, o_.key_root, reg_id_);
     base_ = "/" + o_.id_scope + "/registrations/" + reg_id_;
     op_id_.clear();
   }
@@ -515,6 +512,14 @@ void append(std::vector<double>& to, const std::vector<double>& from) {
 }
 
 } // namespace
+
+std::string device_sas(const std::string& id_scope, const std::string& key_root,
+                       const std::string& registration_id) {
+  auto key = prov::crypto::derive_device_key(key_root, registration_id);
+  return prov::attestation::make_sas(id_scope + "/registrations/" + registration_id,
+                                     key ? *key : std::string{}, ::time(nullptr) + 3600,
+                                     "registration");
+}
 
 load_result run_load(const load_options& o, const tick_fn& tick) {
   shared_state sh(o);

@@ -77,7 +77,21 @@ struct load_result {
   std::vector<double> handshake;   ///< TCP connect + TLS handshake
   std::vector<double> request_latency; ///< reference GET / bulk POST
   double harness_cpu_s = 0;
+
+  // --direct (direct.hpp): Kafka records instead of HTTP requests.
+  bool direct = false;
+  uint64_t produced = 0;          ///< registration.requested records acknowledged
+  uint64_t completed_records = 0; ///< registration.completed records of this run
+  uint64_t duplicate_completed = 0;
+  uint64_t assigned_events = 0;   ///< device.assigned records of this run
+  uint64_t duplicate_assigned = 0;
+  std::vector<double> produce_ack; ///< produce call -> acknowledged (acks=all)
 };
+
+/// The device's SAS token, as an SDK computes it: the device key derived
+/// from `key_root` (group key or individual master key), valid for an hour.
+std::string device_sas(const std::string& id_scope, const std::string& key_root,
+                       const std::string& registration_id);
 
 /// Progress callback: seconds since the start, units succeeded, units failed.
 using tick_fn = std::function<void(double, uint64_t, uint64_t)>;

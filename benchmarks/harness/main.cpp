@@ -1,7 +1,9 @@
 // provisiond-bench: spawns (or targets) a provisiond server, creates an
 // enrollment group (or N individual enrollments), and registers devices the
 // way an SDK does: PUT register with a SAS token, then poll the operation
-// until it is terminal. Prints measured numbers only. See docs/benchmarking.md.
+// until it is terminal (or, with --kafka --direct, publishes
+// registration.requested to Kafka and reads registration.completed). Prints
+// measured numbers only. See docs/benchmarking.md.
 
 #include <algorithm>
 #include <cctype>
@@ -24,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
+#include "benchmarks/harness/direct.hpp"
 #include "benchmarks/harness/kafka_mode.hpp"
 #include "benchmarks/harness/load.hpp"
 #include "benchmarks/harness/process.hpp"
@@ -88,6 +91,7 @@ struct options {
   std::vector<std::string> kafka_properties;
   uint64_t kafka_warmup = 100;
   int kafka_start_timeout_s = 60;
+  bool direct = false; ///< --kafka --direct: produce registration.requested, no HTTPS
 };
 
 /// The server under test, however it was found.
@@ -194,9 +198,10 @@ proc_sample sample_servers(const std::vector<watched>& procs, std::vector<proc_s
   return sum;
 }
 
-/// librdkafka names its threads "rdk:..."; in the harness the only
-/// librdkafka instance during a phase is the mock cluster.
+/// librdkafka names its threads "rdk:...". The mock cluster's are the ones
+/// alive right after it started: --direct adds the harness's own clients.
 constexpr const char* mock_thread_prefix = "rdk:";
+std::vector<long> g_mock_threads;
 
 // -- progress line -------------------------------------------------------------------------
 
@@ -547,6 +552,12 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   j["errors"] = r.errors;
   j["error_samples"] = r.error_samples;
   j["harness_cpu_seconds"] = r.harness_cpu_s;
+  if (r.direct)
+    j["kafka_direct"] = {{"requested_records_acked", r.produced},
+                         {"completed_records", r.completed_records},
+                         {"duplicate_completed", r.duplicate_completed},
+                         {"device_assigned_records", r.assigned_events},
+                         {"duplicate_device_assigned", r.duplicate_assigned}};
 
   out << "\n== " << title << " ==\n";
   char line[300];
@@ -558,13 +569,27 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   out << line;
   std::snprintf(line, sizeof line, "  %-28s %.3f s%s\n", "measured wall time", r.wall_s,
                 r.connect_phase_s > 0
-                  ? (" (after opening the connections: " + fmt("%.3f", r.connect_phase_s) + " s)")
+                  ? ((r.direct ? " (after starting the Kafka clients: "
+                               : " (after opening the connections: ")
+                     + fmt("%.3f", r.connect_phase_s) + " s)")
                       .c_str()
                   : "");
   out << line;
   std::snprintf(line, sizeof line, "  %-28s %.1f\n", (std::string(unit) + "/s").c_str(), rate);
   out << line;
-  if (r.puts)
+  auto ull = [](uint64_t v) { return static_cast<unsigned long long>(v); };
+  if (r.direct) {
+    std::snprintf(line, sizeof line, "  %-28s %llu produced and acknowledged\n",
+                  "registration.requested", ull(r.produced));
+    out << line;
+    std::snprintf(line, sizeof line, "  %-28s %llu seen (duplicates %llu)\n",
+                  "registration.completed", ull(r.completed_records),
+                  ull(r.duplicate_completed));
+    out << line;
+    std::snprintf(line, sizeof line, "  %-28s %llu seen (duplicates %llu)\n",
+                  "device.assigned", ull(r.assigned_events), ull(r.duplicate_assigned));
+    out << line;
+  } else if (r.puts)
     std::snprintf(line, sizeof line,
                   "  %-28s %llu (PUT %llu, polls %llu = %.2f per device)\n", "HTTP requests",
                   static_cast<unsigned long long>(r.requests),
@@ -574,14 +599,26 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   else
     std::snprintf(line, sizeof line, "  %-28s %llu\n", "HTTP requests",
                   static_cast<unsigned long long>(r.requests));
-  out << line;
+  if (!r.direct)
+    out << line;
   std::snprintf(line, sizeof line, "  %-28s %llu (re-opened %llu)\n", "TLS connections opened",
                 static_cast<unsigned long long>(r.connections),
                 static_cast<unsigned long long>(r.reconnects));
-  out << line;
+  if (!r.direct)
+    out << line;
   out << "  latency (ms)                       p50       p95       p99       max      mean   samples\n";
-  print_latency(out, "server time-to-assigned", r.server_tta, j, "server_time_to_assigned_ms");
-  print_latency(out, "client time-to-assigned", r.client_tta, j, "client_time_to_assigned_ms");
+  if (r.direct) {
+    // client: produce call -> completed record seen; server: completedMs - produce call.
+    print_latency(out, "time-to-assigned", r.client_tta, j, "client_time_to_assigned_ms");
+    print_latency(out, "  server side (completedMs)", r.server_tta, j,
+                  "server_time_to_assigned_ms");
+    print_latency(out, "produce -> acked (acks=all)", r.produce_ack, j, "produce_ack_ms");
+  } else {
+    print_latency(out, "server time-to-assigned", r.server_tta, j,
+                  "server_time_to_assigned_ms");
+    print_latency(out, "client time-to-assigned", r.client_tta, j,
+                  "client_time_to_assigned_ms");
+  }
   print_latency(out, "PUT register -> 202", r.put_latency, j, "put_latency_ms");
   print_latency(out, "poll -> answer", r.poll_latency, j, "poll_latency_ms");
   print_latency(out, "request -> answer", r.request_latency, j, "request_latency_ms");
@@ -706,17 +743,19 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
 
 /// Runs one load phase with server/machine sampling around it.
 /// `watchdog` (optional) runs with the progress tick, about 4 times a second.
-load_result measured(const load_options& lo, const std::vector<watched>& procs, bool kafka,
+/// `run` is run_load or run_direct, given the progress tick.
+load_result measured(const std::function<load_result(const tick_fn&)>& run,
+                     const std::string& label, const std::vector<watched>& procs, bool kafka,
                      uint64_t total, usage& u, bool show_progress,
                      const std::function<void()>& watchdog = {}) {
-  progress prog(lo.label, total, show_progress);
+  progress prog(label, total, show_progress);
   u.procs = procs;
   u.per_process = kafka;
-  double mock0 = kafka ? self_threads_cpu_seconds(mock_thread_prefix) : 0;
+  double mock0 = kafka ? self_threads_cpu_seconds(g_mock_threads) : 0;
   u.server0 = sample_servers(procs, u.each0);
   u.m0 = sample_machine();
   u.load0 = load_average();
-  auto r = run_load(lo, [&](double t, uint64_t done, uint64_t failed) {
+  auto r = run([&](double t, uint64_t done, uint64_t failed) {
     prog(t, done, failed);
     if (watchdog)
       watchdog();
@@ -725,9 +764,16 @@ load_result measured(const load_options& lo, const std::vector<watched>& procs, 
   u.m1 = sample_machine();
   u.load1 = load_average();
   if (kafka)
-    u.mock_cpu = self_threads_cpu_seconds(mock_thread_prefix) - mock0;
+    u.mock_cpu = self_threads_cpu_seconds(g_mock_threads) - mock0;
   prog.end();
   return r;
+}
+
+load_result measured(const load_options& lo, const std::vector<watched>& procs, bool kafka,
+                     uint64_t total, usage& u, bool show_progress,
+                     const std::function<void()>& watchdog = {}) {
+  return measured([&lo](const tick_fn& t) { return run_load(lo, t); }, lo.label, procs, kafka,
+                  total, u, show_progress, watchdog);
 }
 
 std::vector<watched> one_process(pid_t pid, bool tree = false) {
@@ -850,6 +896,16 @@ int run(int argc, char** argv) {
                  "have joined");
   app.add_option("--kafka-start-timeout", o.kafka_start_timeout_s,
                  "Seconds each process may take to answer /readyz");
+  app.add_flag("--direct", o.direct,
+               "With --kafka: no HTTPS for devices. The harness produces registration.requested "
+               "records itself (key = registration id, the device's SAS token, an operationId it "
+               "chooses; docs/events.md) and reads the outcomes from registration.completed "
+               "(and counts device.assigned). Time-to-assigned = produce call -> completed record "
+               "seen; -c = devices produced and not yet completed. The processes are as without "
+               "--direct: the workers' attestation role consumes registration.requested; the "
+               "gateway (or the all-roles process with --kafka-workers 0) serves the service API "
+               "that creates the enrollment group and still follows registration.completed. The "
+               "warm-up is published directly too");
   CLI11_PARSE(app, argc, argv);
 
   std::signal(SIGPIPE, SIG_IGN);
@@ -870,6 +926,12 @@ int run(int argc, char** argv) {
         "--target, --config or --mode reference");
     return 2;
   }
+  if (o.direct && (!o.kafka || o.mode != "keepalive" || o.reference || o.duration_s > 0
+                   || o.devices == 0)) {
+    log("--direct needs --kafka and --devices N; it does not combine with --mode, --reference "
+        "or --duration");
+    return 2;
+  }
   if (o.id_prefix.empty())
     o.id_prefix = "bench-" + prov::crypto::hex(prov::crypto::random_bytes(3)) + "-";
   const bool show_progress = !o.no_progress;
@@ -879,10 +941,13 @@ int run(int argc, char** argv) {
   child_process server;
   bool own_dir = false;
   kafka_deployment kd; // stops its processes, then the mock cluster, when run() returns
+  direct_publisher publisher; // --direct: the harness's Kafka clients; closed before kd stops
   std::vector<watched> servers; // whose CPU and memory the phases report
   if (o.kafka) {
     if (int rc = start_kafka(o, kd, s, own_dir))
       return rc;
+    // Before the harness starts Kafka clients of its own (--direct).
+    g_mock_threads = self_thread_ids(mock_thread_prefix);
     for (auto& p : kd.processes())
       servers.push_back({p->name, p->pid, false});
   } else if (o.target.empty()) {
@@ -916,6 +981,7 @@ int run(int argc, char** argv) {
   // the setup failed (`keep_logs`, or a process that does not exit cleanly),
   // so the messages that point to a log stay true.
   auto cleanup = [&](bool keep_logs) {
+    publisher.close();
     if (o.kafka) {
       if (!kd.stop(60))
         keep_logs = true;
@@ -960,7 +1026,10 @@ int run(int argc, char** argv) {
     }
     return c;
   }();
-  out_json["options"] = {{"mode", o.mode},
+  // kafka-direct | kafka-https | keepalive | newconn | reference
+  const std::string run_mode = o.kafka ? (o.direct ? "kafka-direct" : "kafka-https") : o.mode;
+  out_json["mode"] = run_mode;
+  out_json["options"] = {{"mode", o.direct ? "direct" : o.mode},
                          {"devices", o.devices},
                          {"duration_s", o.duration_s},
                          {"concurrency", o.concurrency},
@@ -980,6 +1049,7 @@ int run(int argc, char** argv) {
                       {"partitions", o.kafka_partitions},
                       {"workers", o.kafka_workers},
                       {"warmup_devices", o.kafka_warmup},
+                      {"direct", o.direct},
                       {"properties", o.kafka_properties}};
     std::cout << "  kafka:   librdkafka mock cluster in this process, " << o.kafka_brokers
               << " broker(s) at " << kd.bootstrap_servers() << ", " << o.kafka_partitions
@@ -1028,6 +1098,27 @@ int run(int argc, char** argv) {
   lo.api_version = o.api_version;
   lo.interrupted = &g_interrupted;
   lo.progress = show_progress;
+  // --direct: the same devices, published to Kafka instead of over HTTPS.
+  if (o.direct) {
+    if (auto e = publisher.start(kd.bootstrap_servers(), kd.properties())) {
+      log("--direct: starting the harness's Kafka clients: " + e.message);
+      cleanup(true);
+      return 2;
+    }
+  }
+  auto run_direct_phase = [&](const load_options& l, const std::string& op_prefix, usage& u) {
+    direct_options d;
+    d.count = l.count;
+    d.concurrency = l.concurrency;
+    d.device_timeout_s = l.device_timeout_s;
+    d.id_scope = l.id_scope;
+    d.key_root = l.key_root;
+    d.registration_id = l.registration_id;
+    d.operation_prefix = op_prefix;
+    d.interrupted = l.interrupted;
+    return measured([&](const tick_fn& t) { return publisher.run(d, t); }, l.label, servers, true,
+                    l.count, u, show_progress, watchdog);
+  };
 
   // ---- Kafka mode: warm-up ----
   // The first consumer-group joins take seconds on the mock (its initial
@@ -1049,9 +1140,10 @@ int run(int argc, char** argv) {
     auto prefix = o.id_prefix + "warmup-";
     w.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
     w.device_timeout_s = std::max(o.device_timeout_s, 60);
-    w.label = "warm-up";
+    w.label = o.direct ? "warm-up (direct)" : "warm-up";
     usage u;
-    auto r = measured(w, servers, true, w.count, u, show_progress, watchdog);
+    auto r = o.direct ? run_direct_phase(w, o.id_prefix + "warmup-op-", u)
+                      : measured(w, servers, true, w.count, u, show_progress, watchdog);
     char line[200];
     std::snprintf(line, sizeof line,
                   "  warm-up: %llu/%llu devices assigned in %.2f s (%.2f s after the "
@@ -1175,9 +1267,10 @@ int run(int argc, char** argv) {
       auto base = lo.registration_id;
       l.registration_id = [base, off](uint64_t i) { return base(i + off); };
       l.duration_s = o.duration_s;
-      l.label = o.mode + tag;
+      l.label = (o.direct ? std::string("direct") : o.mode) + tag;
       usage u;
-      auto r = measured(l, servers, o.kafka, l.count, u, show_progress, watchdog);
+      auto r = o.direct ? run_direct_phase(l, o.id_prefix + "op-", u)
+                        : measured(l, servers, o.kafka, l.count, u, show_progress, watchdog);
       dr = r.wall_s > 0 ? static_cast<double>(r.succeeded) / r.wall_s : 0;
       accumulate(dev_total, r, dev_u, u, k == 0);
     }
@@ -1213,9 +1306,14 @@ int run(int argc, char** argv) {
   double device_rate = 0;
   if (want_dev) {
     const auto& r = dev_total;
-    std::string title = o.mode + ": " + std::to_string(r.started) + " devices, concurrency "
-                        + std::to_string(o.concurrency) + ", " + std::to_string(o.threads)
-                        + " client thread(s), poll " + poll
+    std::string title = o.direct
+                          ? "direct: " + std::to_string(r.started)
+                              + " devices published to registration.requested, at most "
+                              + std::to_string(o.concurrency) + " outstanding"
+                          : o.mode + ": " + std::to_string(r.started) + " devices, concurrency "
+                              + std::to_string(o.concurrency) + ", " + std::to_string(o.threads)
+                              + " client thread(s), poll " + poll;
+    title = title
                         + (o.individual ? ", " + std::to_string(o.individual)
                                             + " individual enrollments"
                                         : ", enrollment group")

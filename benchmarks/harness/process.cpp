@@ -241,34 +241,68 @@ double self_cpu_seconds() {
          + static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
-double self_threads_cpu_seconds(const std::string& prefix) {
+namespace {
+
+/// (name, utime + stime in seconds) of /proc/self/task/TID; false when gone.
+bool read_thread(const std::string& tid, std::string& name, double& cpu) {
   static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
-  double total = 0;
+  auto stat = read_file("/proc/self/task/" + tid + "/stat");
+  auto lparen = stat.find('('), rparen = stat.rfind(')');
+  if (lparen == std::string::npos || rparen == std::string::npos || rparen < lparen)
+    return false;
+  name = stat.substr(lparen + 1, rparen - lparen - 1);
+  std::istringstream in(stat.substr(rparen + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && in >> field; ++i) {
+    if (i == 14)
+      utime = std::strtoull(field.c_str(), nullptr, 10);
+    if (i == 15)
+      stime = std::strtoull(field.c_str(), nullptr, 10);
+  }
+  cpu = static_cast<double>(utime + stime) / tick;
+  return true;
+}
+
+std::vector<std::string> self_tids() {
+  std::vector<std::string> out;
   DIR* d = ::opendir("/proc/self/task");
   if (d == nullptr)
-    return 0;
-  while (auto* e = ::readdir(d)) {
-    if (e->d_name[0] == '.')
-      continue;
-    std::string base = std::string("/proc/self/task/") + e->d_name;
-    auto stat = read_file(base + "/stat");
-    auto lparen = stat.find('('), rparen = stat.rfind(')');
-    if (lparen == std::string::npos || rparen == std::string::npos || rparen < lparen)
-      continue;
-    if (stat.compare(lparen + 1, prefix.size(), prefix) != 0)
-      continue;
-    std::istringstream in(stat.substr(rparen + 2));
-    std::string field;
-    unsigned long long utime = 0, stime = 0;
-    for (int i = 3; i <= 15 && in >> field; ++i) {
-      if (i == 14)
-        utime = std::strtoull(field.c_str(), nullptr, 10);
-      if (i == 15)
-        stime = std::strtoull(field.c_str(), nullptr, 10);
-    }
-    total += static_cast<double>(utime + stime) / tick;
-  }
+    return out;
+  while (auto* e = ::readdir(d))
+    if (e->d_name[0] != '.')
+      out.emplace_back(e->d_name);
   ::closedir(d);
+  return out;
+}
+
+} // namespace
+
+double self_threads_cpu_seconds(const std::string& prefix) {
+  double total = 0, cpu = 0;
+  std::string name;
+  for (const auto& tid : self_tids())
+    if (read_thread(tid, name, cpu) && name.compare(0, prefix.size(), prefix) == 0)
+      total += cpu;
+  return total;
+}
+
+std::vector<long> self_thread_ids(const std::string& prefix) {
+  std::vector<long> out;
+  double cpu = 0;
+  std::string name;
+  for (const auto& tid : self_tids())
+    if (read_thread(tid, name, cpu) && name.compare(0, prefix.size(), prefix) == 0)
+      out.push_back(std::stol(tid));
+  return out;
+}
+
+double self_threads_cpu_seconds(const std::vector<long>& tids) {
+  double total = 0, cpu = 0;
+  std::string name;
+  for (long tid : tids)
+    if (read_thread(std::to_string(tid), name, cpu))
+      total += cpu;
   return total;
 }
 

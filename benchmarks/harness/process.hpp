@@ -36,6 +36,10 @@ double self_cpu_seconds();
 /// (/proc/self/task/TID/comm) starts with `prefix`. Threads that already
 /// exited are not counted.
 double self_threads_cpu_seconds(const std::string& prefix);
+/// Ids of this process's live threads whose name starts with `prefix`.
+std::vector<long> self_thread_ids(const std::string& prefix);
+/// As above, over the threads `tids` that are still alive.
+double self_threads_cpu_seconds(const std::vector<long>& tids);
 
 /// A child started with fork+exec; stdout/stderr go to `log_file`.
 class child_process {

@@ -23,6 +23,8 @@ using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
 using recorded_atom = caf::atom_constant<caf::atom("recorded")>;
 using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
+using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
+using resend_atom = caf::atom_constant<caf::atom("resend")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

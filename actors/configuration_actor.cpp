@@ -27,6 +27,7 @@
 // Blocking: point reads for idempotency; spawned detached.
 
 #include <cstdio>
+#include <deque>
 #include <unordered_map>
 #include <vector>
 
@@ -57,6 +58,23 @@ struct configuration_state_t {
   uint64_t next_seq = 1;
   std::unordered_map<std::string, committing_t> committing; ///< embedded
   std::unordered_map<std::string, relay_t> relaying;        ///< Kafka
+  /// Kafka: what this worker recorded lately, by operation id. Its own
+  /// records reach the local store only through dps.registrations; a second
+  /// allocation of one operation (a resend) arriving before that must get
+  /// the outcome already published, not a new one with another timestamp.
+  std::unordered_map<std::string, registration_state> recent;
+  std::deque<std::string> recent_order; ///< oldest first, bounded
+  static constexpr std::size_t recent_max = 65536;
+
+  void remember(const std::string& op_id, const registration_state& state) {
+    if (!recent.emplace(op_id, state).second)
+      return;
+    recent_order.push_back(op_id);
+    if (recent_order.size() > recent_max) {
+      recent.erase(recent_order.front());
+      recent_order.pop_front();
+    }
+  }
 };
 
 /// device.assigned as a Kafka record: structured-mode CloudEvent, keyed by
@@ -223,6 +241,10 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
       registration_state prev;
       bool had_prev = raw && !decode_record(*raw, prev);
+      if (auto it = st->recent.find(ev.operation_id); it != st->recent.end()) {
+        prev = it->second; // recorded here; the store may not have it yet
+        had_prev = true;
+      }
       relay_t r;
       r.acks.push_back(std::move(ack));
       r.started = started;
@@ -276,6 +298,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         self->send(self, relayed_atom::value, op_id, error{});
         return;
       }
+      st->remember(op_id, it->second.state);
       count_assigned(*ctx->metrics, it->second.event, it->second.started);
       relay(it->second);
     },

@@ -9,10 +9,16 @@
 //   (accepted_atom, registration_event)                   resume after restart
 //   (committed_atom, operation id, error)                 from the store writer
 //   (event_atom, registration_event)                      registration.completed
+//   (handedoff_atom, operation id)          Kafka acknowledged registration.attested
+//   (resend_atom)                           Kafka: hand off again what has no outcome
 // Blocking: point reads for terminal failures; spawned detached.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <optional>
 #include <unordered_map>
+#include <vector>
 
 #include "actors/actor_types.hpp"
 
@@ -26,6 +32,14 @@ struct pending_accept {
   std::chrono::steady_clock::time_point commit_started;
 };
 
+struct handed_off {
+  registration_event event;
+  /// When Kafka acknowledged the last hand-off; unset while it is in flight
+  /// (the producer and the 1 s publish retry own it then).
+  std::optional<std::chrono::steady_clock::time_point> acked_at;
+  int resends = 0;
+};
+
 struct registration_state_t {
   /// lower(registration id) -> operation id of the unfinished operation.
   std::unordered_map<std::string, std::string> inflight;
@@ -33,6 +47,12 @@ struct registration_state_t {
   std::unordered_map<std::string, pending_accept> accepting;
   /// operation ids whose terminal failure is being committed.
   std::unordered_map<std::string, registration_event> settling;
+  /// Kafka: operations handed to registration.attested and still without an
+  /// outcome. The end-to-end backstop: whatever loses an event between the
+  /// stages (a broker that acknowledged a write it then lost, a worker's
+  /// in-memory retry gone with the worker), the operation is handed off
+  /// again; the stages are idempotent per operation id.
+  std::unordered_map<std::string, handed_off> handed;
 };
 
 /// The mechanism a rejected request tried, for the attestation metric.
@@ -55,17 +75,26 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // process's `pending` marker knows it: a failed publish is retried in 1 s
   // (through the resume path) instead of waiting for a restart. A weak
   // handle: the producer may hold the callback until its message timeout.
-  auto publish_attested = [self, ctx](registration_event ev) {
+  auto publish_attested = [self, ctx, st](registration_event ev) {
     if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
       ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
       return;
     }
     caf::weak_actor_ptr weak{self->ctrl()};
     auto copy = std::make_shared<registration_event>(ev);
+    if (ctx->opts.cfg.kafka.resend_after_s > 0) {
+      auto& h = st->handed[ev.operation_id];
+      h.event = ev;
+      h.acked_at.reset();
+    }
     ctx->bus->publish_durable(
       transport::topic::registration_attested, std::move(ev), [weak, copy](const error& e) {
-        if (!e)
+        if (!e) {
+          if (auto strong = weak.lock())
+            caf::anon_send(caf::actor_cast<caf::actor>(strong), handedoff_atom::value,
+                           copy->operation_id);
           return;
+        }
         std::fprintf(stderr, "provisiond: publishing %s failed (retrying in 1 s): %s\n",
                      copy->operation_id.c_str(), e.message.c_str());
         if (auto strong = weak.lock())
@@ -76,6 +105,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   };
   /// True when the operation was in flight here (and no longer is).
   auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
+    st->handed.erase(op_id);
     auto it = st->inflight.find(reg_key);
     if (it != st->inflight.end() && it->second == op_id) {
       st->inflight.erase(it);
@@ -84,7 +114,33 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     }
     return false;
   };
+  const auto resend_after = std::chrono::seconds(ctx->opts.cfg.kafka.resend_after_s);
+  if (ctx->kafka() && resend_after.count() > 0)
+    self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
+    [=](handedoff_atom, const std::string& op_id) {
+      if (auto it = st->handed.find(op_id); it != st->handed.end())
+        it->second.acked_at = std::chrono::steady_clock::now();
+    },
+    [=](resend_atom) {
+      // Each further resend waits twice as long (up to 32x): a pipeline that
+      // is down for minutes is not flooded with copies.
+      auto now = std::chrono::steady_clock::now();
+      std::vector<registration_event> due;
+      for (auto& [id, h] : st->handed)
+        if (h.acked_at && now - *h.acked_at >= resend_after * (1 << std::min(h.resends, 5))) {
+          ++h.resends;
+          due.push_back(h.event);
+        }
+      for (auto& ev : due) {
+        std::fprintf(stderr,
+                     "provisiond: operation %s still has no outcome after Kafka acknowledged "
+                     "it; handing it off again\n",
+                     ev.operation_id.c_str());
+        publish_attested(std::move(ev));
+      }
+      self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
+    },
     [=](register_atom, register_request& req, attestation_result& r,
         register_reply_fn& reply) {
       auto* m = ctx->metrics;

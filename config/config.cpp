@@ -42,6 +42,7 @@ constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule weight_rule{1, 1000};
 constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
+constexpr int_rule resend_rule{0, 3600};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
@@ -324,6 +325,7 @@ void check_config(const engine_config& c, const report_fn& report) {
            "must be at most 200 characters of A-Z a-z 0-9 . _ -, got " + quote(k.topic_prefix));
   check_range(report, "kafka.partitions", k.partitions, partitions_rule);
   check_range(report, "kafka.replication_factor", k.replication_factor, replication_rule);
+  check_range(report, "kafka.resend_after_s", k.resend_after_s, resend_rule);
   if (k.client_id.empty() || k.client_id.size() > 255 || !valid_topic_chars(k.client_id))
     report("kafka.client_id",
            "must be 1..255 characters of A-Z a-z 0-9 . _ -, got " + quote(k.client_id));
@@ -436,11 +438,12 @@ class loader {
       kafka_config& k = c.kafka;
       check_keys(*t, p,
                  {"brokers", "topic_prefix", "partitions", "replication_factor", "client_id",
-                  "properties"});
+                  "resend_after_s", "properties"});
       get(*t, p, "brokers", k.brokers);
       get(*t, p, "topic_prefix", k.topic_prefix);
       get_int(*t, p, "partitions", k.partitions, partitions_rule);
       get_int(*t, p, "replication_factor", k.replication_factor, replication_rule);
+      get_int(*t, p, "resend_after_s", k.resend_after_s, resend_rule);
       get(*t, p, "client_id", k.client_id);
       if (const toml::table* props = sub_table(*t, p, "properties"))
         get_properties(*props, "", k.properties);

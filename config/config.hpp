@@ -62,6 +62,10 @@ struct kafka_config {
   int partitions = 12;                ///< partitions of topics provisiond creates, 1..10000
   int replication_factor = 3;         ///< replicas of topics provisiond creates, 1..32
   std::string client_id = "provisiond";
+  /// A registration this gateway handed to Kafka (acknowledged) with no
+  /// outcome after this many seconds is handed off again; 0 = never. The
+  /// stages are idempotent per operation, so a resend costs a duplicate.
+  int resend_after_s = 10;
   /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
   /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.
   std::map<std::string, std::string> properties;

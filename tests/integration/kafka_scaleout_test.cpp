@@ -48,18 +48,24 @@ struct cluster {
   std::vector<std::unique_ptr<test::server_process>> workers;
   std::vector<std::string> worker_dirs;
 
-  explicit cluster(int n_workers, int brokers = 1) : fx(brokers) {
-    REQUIRE_MESSAGE(!gateway.start(with_scope(fx.server_config()), fx.dir,
-                                   {"--roles", "gateway,registration"}),
+  /// `gateway_kafka` is added to the gateway's [kafka] table.
+  explicit cluster(int n_workers, int brokers = 1, const std::string& gateway_kafka = {})
+      : fx(brokers) {
+    auto cfg = with_scope(fx.server_config());
+    cfg.replace(cfg.find("[kafka.properties]"), 0, gateway_kafka);
+    REQUIRE_MESSAGE(!gateway.start(cfg, fx.dir, {"--roles", "gateway,registration"}),
                     gateway.log());
-    for (int i = 0; i < n_workers; ++i) {
-      auto dir = test::make_temp_dir("provisiond-worker");
-      worker_dirs.push_back(dir);
-      workers.push_back(std::make_unique<test::server_process>());
-      REQUIRE_MESSAGE(!workers.back()->start(fx.server_config(dir), dir,
-                                             {"--roles", "attestation,allocation,configuration"}),
-                      workers.back()->log());
-    }
+    for (int i = 0; i < n_workers; ++i)
+      add_worker();
+  }
+  test::server_process& add_worker() {
+    auto dir = test::make_temp_dir("provisiond-worker");
+    worker_dirs.push_back(dir);
+    workers.push_back(std::make_unique<test::server_process>());
+    REQUIRE_MESSAGE(!workers.back()->start(fx.server_config(dir), dir,
+                                           {"--roles", "attestation,allocation,configuration"}),
+                    workers.back()->log());
+    return *workers.back();
   }
   ~cluster() {
     for (auto& w : workers)
@@ -101,6 +107,20 @@ void check_outcome(const test::kafka_fixture& fx, const std::map<std::string, de
     }
   }
   CHECK(assigned == expected);
+  if (not_assigned > 0) {
+    // Which stage lost it: the stuck devices' records on every stage topic.
+    for (const char* t : {"dps.registration.attested", "dps.registration.allocated",
+                          "dps.registrations", "dps.registration.completed"}) {
+      std::map<std::string, int> on_topic;
+      for (const auto& r : test::read_topic(fx.cfg, t, 1))
+        ++on_topic[r.key];
+      std::string line;
+      for (const auto& [id, r] : res)
+        if (r.status != "assigned")
+          line += " " + id + "=" + std::to_string(on_topic[id]);
+      MESSAGE(t << ":" << line);
+    }
+  }
   std::map<std::string, std::set<std::string>> bodies; // operation -> distinct values
   std::map<std::string, int> count;
   for (const auto& r : records) {
@@ -304,14 +324,14 @@ void load_through_fault(const std::string& prefix, Fault fault) {
   MESSAGE("all devices finished " << seconds_since(cleared) << " s after the fault cleared");
   CHECK(seconds_since(cleared) < 30);
   check_outcome(cl.fx, res, total, true);
+  for (auto& w : cl.workers)
+    CHECK(w->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
   if (std::getenv("PROV_TEST_SHOW_LOGS")) {
     for (auto& w : cl.workers)
       MESSAGE("WORKER LOG\n" << w->log());
     MESSAGE("GATEWAY LOG\n" << cl.gateway.log());
   }
-  for (auto& w : cl.workers)
-    CHECK(w->stop() == 0);
-  CHECK(cl.gateway.stop() == 0);
 }
 
 TEST_CASE("a broker down for 5 s under load") {
@@ -332,9 +352,13 @@ TEST_CASE("partition leaders move under load") {
   });
 }
 
-// SKIPPED: about one run in three leaves one device unassigned for 60 s
-// (0 device.assigned records); root cause not found yet (issue 4 note).
-TEST_CASE("injected produce errors under load" * doctest::skip()) {
+// Against librdkafka 2.0.2's mock this used to strand a few devices in about
+// one run in three: the mock checks idempotent-producer sequences only for
+// transactional producers, so it appends a batch behind one it failed, and
+// the client then takes the failed batch as written (a real broker refuses
+// the gap). Gone with max.in.flight=1 (10 of 10 runs); recovered now by the
+// gateway's resend of operations without an outcome (kafka.resend_after_s).
+TEST_CASE("injected produce errors under load") {
   load_through_fault("perr-", [](test::kafka::mock_cluster& mc) {
     // Retriable errors, as a real cluster returns them during elections and
     // ISR shrinks; the idempotent producer retries without duplicating.
@@ -344,6 +368,49 @@ TEST_CASE("injected produce errors under load" * doctest::skip()) {
     mc.push_request_errors(test::kafka::mock_cluster::api::produce, errors);
     std::this_thread::sleep_for(std::chrono::seconds(2));
   });
+}
+
+TEST_CASE("a hand-off with no outcome is handed off again; the late worker assigns it once") {
+  // No worker yet: Kafka acknowledges registration.attested and nothing
+  // answers, exactly what a lost event looks like to the gateway.
+  cluster cl(0, 1, "resend_after_s = 1\n");
+  test::create_group(cl.gateway, "resend-group", group_key);
+  const std::string id = "resend-dev";
+  json result;
+  int status = 0;
+  std::thread device([&] {
+    auto c = cl.gateway.client();
+    result = test::register_device(c, cl.gateway, id, device_key(id), status, 100);
+  });
+  struct joiner { // a failed REQUIRE must not leave the thread joinable
+    std::thread& t;
+    test::server_process& gw;
+    ~joiner() {
+      if (!t.joinable())
+        return;
+      if (gw.alive())
+        gw.kill9(); // ends its polls
+      t.join();
+    }
+  } join_guard{device, cl.gateway};
+  // Resent after 1 s, then 2 s (doubling): at least two copies within 4 s.
+  std::this_thread::sleep_for(std::chrono::seconds(5));
+  auto handed = test::read_topic(cl.fx.cfg, "dps.registration.attested", 3);
+  REQUIRE_MESSAGE(handed.size() >= 3, cl.gateway.log());
+  for (const auto& h : handed) {
+    CHECK(h.key == id);
+    CHECK(h.operation_id == handed[0].operation_id); // one operation, handed off again
+  }
+  CHECK(cl.gateway.log().find("handing it off again") != std::string::npos);
+  cl.add_worker();
+  device.join();
+  REQUIRE_MESSAGE(result.value("status", "") == "assigned", result.dump());
+  std::map<std::string, device_result> res;
+  res[id] = {result.value("operationId", ""), "assigned",
+             result["registrationState"].value("assignedHub", "")};
+  check_outcome(cl.fx, res, 1, true); // copies allowed, all byte-identical
+  CHECK(cl.workers[0]->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
 }
 
 TEST_CASE("kill -9 of the gateway mid-burst and a restart: every 202 ends assigned once") {

@@ -8,6 +8,7 @@
 #include <librdkafka/rdkafka.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <utility>
@@ -65,7 +66,11 @@ struct kafka_fixture {
            + "\nreplication_factor = " + std::to_string(cfg.replication_factor) + "\n"
              "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n"
              "\"heartbeat.interval.ms\" = \"500\"\n"
-             "\"fetch.wait.max.ms\" = \"10\"\n";
+             "\"fetch.wait.max.ms\" = \"10\"\n"
+           // Debugging aid: extra [kafka.properties] lines for every process.
+           + (std::getenv("PROV_TEST_KAFKA_PROPS")
+                ? std::getenv("PROV_TEST_KAFKA_PROPS") + std::string("\n")
+                : std::string());
   }
 };
 

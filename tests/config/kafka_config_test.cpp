@@ -29,6 +29,7 @@ TEST_CASE("no [kafka] section means embedded mode with documented defaults") {
   CHECK(cfg.kafka.partitions == 12);
   CHECK(cfg.kafka.replication_factor == 3);
   CHECK(cfg.kafka.client_id == "provisiond");
+  CHECK(cfg.kafka.resend_after_s == 10);
   CHECK(cfg.kafka.properties.empty());
 }
 
@@ -39,6 +40,7 @@ topic_prefix = "prod.dps-"
 partitions = 48
 replication_factor = 1
 client_id = "provisiond-eu1"
+resend_after_s = 0
 
 [kafka.properties]
 "security.protocol" = "SASL_SSL"
@@ -56,6 +58,7 @@ sasl.mechanism = "SCRAM-SHA-512"
   CHECK(k.partitions == 48);
   CHECK(k.replication_factor == 1);
   CHECK(k.client_id == "provisiond-eu1");
+  CHECK(k.resend_after_s == 0);
   CHECK(k.properties == std::map<std::string, std::string>{
                            {"message.timeout.ms", "30000"},
                            {"sasl.mechanism", "SCRAM-SHA-512"},
@@ -75,6 +78,8 @@ TEST_CASE("bad [kafka] values name file, line and key") {
         "k.toml:3: kafka.partitions: must be 1..10000, got 0");
   CHECK(kafka_error("[kafka]\nreplication_factor = 33\n") ==
         "k.toml:2: kafka.replication_factor: must be 1..32, got 33");
+  CHECK(kafka_error("[kafka]\nresend_after_s = -1\n") ==
+        "k.toml:2: kafka.resend_after_s: must be 0..3600, got -1");
   CHECK(kafka_error("[kafka]\ntopic_prefix = \"dps/\"\n") ==
         "k.toml:2: kafka.topic_prefix: must be at most 200 characters of A-Z a-z 0-9 . _ -, "
         "got \"dps/\"");

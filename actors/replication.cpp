@@ -7,6 +7,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/configuration/cloud_event.hpp"
 #include "actors/engine_context.hpp"
 #include "transport/kafka_bus.hpp"
@@ -23,6 +25,21 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
+
+/// Why a dps.enrollments value is not a stored enrollment document for
+/// `key` (empty when it is): a JSON object whose id field names the key.
+std::string enrollment_doc_problem(bool group, std::string_view key, const std::string& value) {
+  auto j = nlohmann::json::parse(value, nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    return "the value is not a JSON object";
+  const char* field = group ? "enrollmentGroupId" : "registrationId";
+  auto it = j.find(field);
+  if (it == j.end() || !it->is_string())
+    return std::string("the document has no ") + field;
+  if (enrollment::key_of(it->get<std::string>()) != key)
+    return std::string("the key does not match the document's ") + field;
+  return {};
+}
 
 std::string position_prefix(const std::string& topic) {
   return "kafka.position/" + topic + "/";
@@ -213,10 +230,18 @@ private:
         bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/ or group/");
         continue;
       }
-      if (m.tombstone)
+      if (m.tombstone) {
         wb.del(family, std::string(key));
-      else
-        wb.put(family, std::string(key), m.value);
+        continue;
+      }
+      // Anyone with write access to the topic can put a record here: only a
+      // document the service API would have stored is applied.
+      if (auto why = enrollment_doc_problem(family == storage::cf::groups, key, m.value);
+          !why.empty()) {
+        bus_.dead_letter(m, "dps.enrollments: " + why);
+        continue;
+      }
+      wb.put(family, std::string(key), m.value);
     }
     add_positions(wb, enrollments_topic_, batch);
     if (auto err = ctx_.store->write(wb))
@@ -243,6 +268,10 @@ private:
       operation_record u;
       if (auto err = decode_record(m.value, u); err || u.registration_id.empty()) {
         bus_.dead_letter(m, "dps.registrations: undecodable record");
+        continue;
+      }
+      if (m.key != enrollment::key_of(u.registration_id)) {
+        bus_.dead_letter(m, "dps.registrations: the key is not the record's registration id");
         continue;
       }
       wb.put(storage::cf::registrations, m.key, encode_record(u.state));

@@ -222,7 +222,7 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
   CHECK(s.stop() == 0);
 }
 
-TEST_CASE("malformed events on each stage topic are dead-lettered; the partitions keep moving") {
+TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep moving") {
   kafka_fixture fx;
   test::server_process s;
   REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
@@ -231,7 +231,23 @@ TEST_CASE("malformed events on each stage topic are dead-lettered; the partition
   auto c = s.client();
   int status = 0;
 
-  const std::vector<std::string> consumed = {"dps.registration.attested",
+  // The shared-state tables: records the service API would never write.
+  const std::vector<std::pair<std::string, std::string>> bad_enrollments = {
+    {"group/dlq-junk", "not json {"},
+    {"group/dlq-other", R"({"enrollmentGroupId":"someone-else"})"},
+    {"enrollment/dlq-arr", "[1,2]"},
+    {"no-prefix", "{}"}};
+  produce_raw(fx.cfg, "dps.enrollments", bad_enrollments);
+  produce_raw(fx.cfg, "dps.registrations",
+              {{"dlq-dev-0", "garbage"}, {"dlq-dev-1", std::string(3, '\0')}});
+  // Read-your-writes after the junk: the enrollments reader got past it.
+  create_group(s, "dlq-group-2");
+  for (const char* g : {"dlq-junk", "dlq-other"})
+    CHECK(s.service("GET", std::string("/enrollmentGroups/") + g).status == 404);
+  CHECK(s.service("GET", "/enrollments/dlq-arr").status == 404);
+
+  const std::vector<std::string> consumed = {"dps.registration.requested",
+                                             "dps.registration.attested",
                                              "dps.registration.allocated",
                                              "dps.registration.completed"};
   // Junk keyed like the devices about to register, so it sits on their
@@ -248,8 +264,13 @@ TEST_CASE("malformed events on each stage topic are dead-lettered; the partition
     CHECK_MESSAGE(res.value("status", "") == "assigned", id << ": " << res.dump());
   }
   // Every junk record is on the dead-letter topic.
-  auto dead = read_topic(fx.cfg, "dps.dead-letter", consumed.size() * junk.size());
-  CHECK(dead.size() == consumed.size() * junk.size());
+  const auto expected = consumed.size() * junk.size() + bad_enrollments.size() + 2;
+  auto dead = read_topic(fx.cfg, "dps.dead-letter", expected);
+  CHECK(dead.size() == expected);
+  // The devices' registration records (dps.registrations) applied after the
+  // junk on their partitions.
+  for (int i = 0; i < 2; ++i)
+    CHECK(s.service("GET", "/registrations/dlq-dev-" + std::to_string(i)).status == 200);
   CHECK(s.stop() == 0);
 }
 

@@ -172,13 +172,15 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
       input->first.error_message.clear();
       caf::weak_actor_ptr weak{self->ctrl()};
       auto* m = ctx->metrics;
-      ctx->bus->publish_durable(next, std::move(ev), [input, weak, m](const error& e) {
+      ctx->bus->publish_durable(next, std::move(ev), [input, weak, m, stats = ctx->kafka_stats](
+                                                       const error& e) {
         if (!e) {
           input->second();
           return;
         }
         std::fprintf(stderr, "provisiond: allocation of %s: publish failed (retrying in 1 s): %s\n",
                      input->first.operation_id.c_str(), e.message.c_str());
+        stats->publish_retries.fetch_add(1);
         if (auto strong = weak.lock()) {
           m->stage_enqueued(metrics::stage::allocation);
           caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),

@@ -293,6 +293,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       if (e) {
         std::fprintf(stderr, "provisiond: recording %s failed (retrying): %s\n",
                      op_id.c_str(), e.message.c_str());
+        ctx->kafka_stats->publish_retries.fetch_add(1);
         it->second.outstanding = 0;
         it->second.failed = true;
         self->send(self, relayed_atom::value, op_id, error{});
@@ -311,6 +312,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         std::fprintf(stderr, "provisiond: publishing the assignment of %s failed "
                              "(retrying): %s\n",
                      op_id.c_str(), e.message.c_str());
+        ctx->kafka_stats->publish_retries.fetch_add(1);
         r.failed = true;
       }
       if (r.outstanding > 0 && --r.outstanding > 0)

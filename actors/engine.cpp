@@ -404,9 +404,24 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     ctx->own_metrics = std::make_unique<metrics::instruments>();
   ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();
   ctx->opts = std::move(opts);
-  if (kbus != nullptr)
+  if (kbus != nullptr) {
     if (auto err = replication::start(*ctx, *kbus, ctx->repl))
       return {err.code, "kafka: " + err.message};
+    if (ctx->opts.metrics != nullptr) {
+      auto* m = ctx->opts.metrics;
+      auto dead = kbus->dead_letter_counter();
+      auto stats = ctx->kafka_stats;
+      m->add_gauge("dps_kafka_dead_letters_total",
+                   "Kafka records moved to the dead-letter topic (undecodable, rejected)", "",
+                   "", [dead] { return static_cast<double>(dead->load()); });
+      m->add_gauge("dps_kafka_resends_total",
+                   "Operations handed off again: Kafka acknowledged them, no outcome came", "",
+                   "", [stats] { return static_cast<double>(stats->resends.load()); });
+      m->add_gauge("dps_kafka_publish_retries_total",
+                   "Failed Kafka publishes retried after 1 s", "", "",
+                   [stats] { return static_cast<double>(stats->publish_retries.load()); });
+    }
+  }
   auto impl = std::make_unique<engine_impl>(ctx);
   if (auto err = impl->start())
     return err;

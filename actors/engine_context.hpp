@@ -115,8 +115,15 @@ private:
     map_;
 };
 
+/// Kafka recovery events, for metrics (shared: a scrape may outlive the engine).
+struct kafka_counters {
+  std::atomic<uint64_t> resends{0};         ///< operations handed off again (no outcome)
+  std::atomic<uint64_t> publish_retries{0}; ///< failed publishes retried after 1 s
+};
+
 struct engine_context {
   engine_options opts;
+  std::shared_ptr<kafka_counters> kafka_stats = std::make_shared<kafka_counters>();
   storage::store* store = nullptr;
   std::unique_ptr<transport::bus> bus;
   /// Kafka mode: the shared state topics (null in embedded mode).

@@ -88,7 +88,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       h.acked_at.reset();
     }
     ctx->bus->publish_durable(
-      transport::topic::registration_attested, std::move(ev), [weak, copy](const error& e) {
+      transport::topic::registration_attested, std::move(ev),
+      [weak, copy, stats = ctx->kafka_stats](const error& e) {
         if (!e) {
           if (auto strong = weak.lock())
             caf::anon_send(caf::actor_cast<caf::actor>(strong), handedoff_atom::value,
@@ -97,6 +98,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         }
         std::fprintf(stderr, "provisiond: publishing %s failed (retrying in 1 s): %s\n",
                      copy->operation_id.c_str(), e.message.c_str());
+        stats->publish_retries.fetch_add(1);
         if (auto strong = weak.lock())
           caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong),
                                  std::chrono::seconds(1), accepted_atom::value,
@@ -132,6 +134,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
           ++h.resends;
           due.push_back(h.event);
         }
+      ctx->kafka_stats->resends.fetch_add(due.size());
       for (auto& ev : due) {
         std::fprintf(stderr,
                      "provisiond: operation %s still has no outcome after Kafka acknowledged "

@@ -94,7 +94,7 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   producer* prod = producer_.get(); // closed only after every consumer
   const std::string dlt = dead_letter_topic(cfg_);
   const log_fn log = opts_.log;
-  std::atomic<uint64_t>* dead = &dead_lettered_;
+  std::atomic<uint64_t>* dead = dead_lettered_.get();
   const bool requested = t == topic::registration_requested;
   auto on_message = [self, ready_f, prod, dlt, log, dead, requested,
                      h = std::move(h)](message&& m) {
@@ -165,7 +165,7 @@ error kafka_bus::send_record(record r, delivery_fn done) {
 }
 
 void kafka_bus::dead_letter(const message& m, std::string_view reason) {
-  ++dead_lettered_;
+  ++*dead_lettered_;
   forward_to_dead_letter(*producer_, dead_letter_topic(cfg_), m, reason, [] {}, opts_.log);
 }
 

@@ -84,7 +84,11 @@ public:
   std::map<std::string, int64_t> committed(topic t) const;
 
   /// Records sent to the dead-letter topic so far.
-  uint64_t dead_lettered() const noexcept { return dead_lettered_; }
+  uint64_t dead_lettered() const noexcept { return *dead_lettered_; }
+  /// The same count, readable after the bus is gone (metrics scrape it).
+  std::shared_ptr<const std::atomic<uint64_t>> dead_letter_counter() const noexcept {
+    return dead_lettered_;
+  }
 
   /// The Kafka record key of an event on `t`.
   static std::string key_for(topic t, const registration_event& ev);
@@ -98,7 +102,8 @@ private:
   std::unique_ptr<producer> producer_;
   mutable std::mutex mu_;
   std::map<topic, std::shared_ptr<consumer>> consumers_;
-  std::atomic<uint64_t> dead_lettered_{0};
+  std::shared_ptr<std::atomic<uint64_t>> dead_lettered_ =
+    std::make_shared<std::atomic<uint64_t>>(0);
 };
 
 } // namespace prov::transport::kafka

@@ -17,6 +17,7 @@
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -225,7 +226,11 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
 TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep moving") {
   kafka_fixture fx;
   test::server_process s;
-  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  auto cfg = fx.server_config();
+  const std::string no_metrics = "[metrics]\nlisten = \"\"\n";
+  REQUIRE(cfg.find(no_metrics) != std::string::npos);
+  cfg.replace(cfg.find(no_metrics), no_metrics.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+  REQUIRE_MESSAGE(!s.start(cfg, fx.dir), s.log());
   create_group(s, "dlq-group");
   warm_up(s, "dlq-warm"); // every stage's consumer has joined before the junk
   auto c = s.client();
@@ -267,6 +272,8 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   const auto expected = consumed.size() * junk.size() + bad_enrollments.size() + 2;
   auto dead = read_topic(fx.cfg, "dps.dead-letter", expected);
   CHECK(dead.size() == expected);
+  CHECK(test::sum(test::scrape(test::metrics_addr(s)), "dps_kafka_dead_letters_total")
+        == static_cast<double>(expected));
   // The devices' registration records (dps.registrations) applied after the
   // junk on their partitions.
   for (int i = 0; i < 2; ++i)

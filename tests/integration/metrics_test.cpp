@@ -21,10 +21,15 @@
 
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
 using nlohmann::json;
+using test::http;
+using test::metrics_addr;
+using test::scrape;
+using test::sum;
 
 namespace {
 
@@ -38,87 +43,6 @@ std::string config_with_metrics(const std::string& dir, const std::string& log_f
          "[log]\nlevel = \"info\"\nfile = \"" + log_file + "\"\n"
          "[[hubs]]\nhostname = \"" + std::string(hub_a) + "\"\n"
          "[[hubs]]\nhostname = \"" + std::string(hub_b) + "\"\n";
-}
-
-struct plain_response {
-  int status = 0;
-  std::string head, body;
-};
-
-/// Minimal HTTP/1.1 client over a plain TCP socket (the ops listener is not TLS).
-plain_response http(const std::string& addr, const std::string& method,
-                    const std::string& path) {
-  plain_response out;
-  auto colon = addr.rfind(':');
-  REQUIRE(colon != std::string::npos);
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(std::stoi(addr.substr(colon + 1))));
-  REQUIRE(::inet_pton(AF_INET, addr.substr(0, colon).c_str(), &sa.sin_addr) == 1);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
-  auto req = method + " " + path + " HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
-  REQUIRE(::send(fd, req.data(), req.size(), 0) == static_cast<ssize_t>(req.size()));
-  std::string raw;
-  char buf[16384];
-  for (;;) {
-    auto n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0)
-      break;
-    raw.append(buf, static_cast<std::size_t>(n));
-  }
-  ::close(fd);
-  auto split = raw.find("\r\n\r\n");
-  REQUIRE_MESSAGE(split != std::string::npos, raw);
-  out.head = raw.substr(0, split);
-  out.body = raw.substr(split + 4);
-  out.status = std::stoi(out.head.substr(9, 3));
-  return out;
-}
-
-/// Series text ("name{a=\"b\"}") -> value, from the Prometheus text format.
-std::map<std::string, double> parse_metrics(const std::string& text) {
-  std::map<std::string, double> out;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty() || line[0] == '#')
-      continue;
-    auto sp = line.rfind(' ');
-    out[line.substr(0, sp)] = std::stod(line.substr(sp + 1));
-  }
-  return out;
-}
-
-/// Sum of every series of `name` whose labels contain all of `filters`
-/// (each filter is `key="value"`).
-double sum(const std::map<std::string, double>& m, const std::string& name,
-           std::initializer_list<std::string> filters = {}) {
-  double total = 0;
-  for (const auto& [series, value] : m) {
-    auto brace = series.find('{');
-    if (series.substr(0, brace) != name)
-      continue;
-    bool ok = true;
-    for (const auto& f : filters)
-      ok = ok && series.find(f) != std::string::npos;
-    if (ok)
-      total += value;
-  }
-  return total;
-}
-
-std::string metrics_addr(const test::server_process& s) {
-  std::ifstream in(s.data_dir() + "/endpoints.json");
-  auto ep = json::parse(in);
-  return ep.at("metrics").get<std::string>();
-}
-
-std::map<std::string, double> scrape(const std::string& addr) {
-  auto r = http(addr, "GET", "/metrics");
-  REQUIRE(r.status == 200);
-  return parse_metrics(r.body);
 }
 
 } // namespace

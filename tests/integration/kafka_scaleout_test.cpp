@@ -305,6 +305,26 @@ TEST_CASE("kill -9 of a worker under load: its partitions move, nothing lost or 
   CHECK(cl.gateway.stop() == 0);
 }
 
+TEST_CASE("a worker joins under load: the live members rebalance, nothing lost or assigned twice") {
+  cluster cl(1);
+  test::create_group(cl.gateway, "join-group", group_key);
+  warm_up(cl.gateway, "join-warm");
+  constexpr int total = 3000;
+  steady::time_point joined;
+  auto res = run_load(cl.gateway, device_ids("join-", total), 32, [&](auto& finished) {
+    while (finished.load() < total / 5)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    cl.add_worker(); // returns once it serves; its consumers join the groups now
+    joined = steady::now();
+  });
+  MESSAGE("all devices finished " << seconds_since(joined) << " s after the second worker started");
+  CHECK(seconds_since(joined) < 30);
+  check_outcome(cl.fx, res, total, true);
+  for (auto& w : cl.workers)
+    CHECK(w->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
+}
+
 /// Runs `total` devices through a gateway and two workers on a 3-broker
 /// cluster; `fault` starts once a fifth of them finished and returns when the
 /// fault has cleared. Everything must finish within 30 s after that.

@@ -613,6 +613,11 @@ public:
     return false;
   }
 
+  /// The common case without nlohmann's lexer: one flat object of strings
+  /// (short escapes only), integers that fit, booleans and nulls. False when
+  /// the text is anything else, valid or not; the caller then parses it again
+  /// with sax_parse (on a fresh object), which has the final word.
+  bool parse_flat(std::string_view text);
   error apply(registration_event& ev);
   bool top_is_object() const { return top_ == kind::object; }
   std::string& parse_error_message() { return parse_error_; }
@@ -672,7 +677,11 @@ private:
   bool read_int(int f, Int& out, error& err, bool bool_ok);
   bool read(int f, bool& out, error& err);
 
+  static bool read_string(const char*& p, const char* end, std::string& out);
+  static bool read_integer(const char*& p, const char* end, int64_t& out);
+
   slot slots_[f_count];
+  std::string scratch_; // keys, and string values of members not read
   int depth_ = 0;
   int current_ = -1;
   kind top_ = kind::absent;
@@ -682,6 +691,147 @@ private:
 error event_sax::type_mismatch(int f, const char* want) const {
   return {error_code::bad_request, "event: " + std::string(names_[f]) + " must be a " + want
                                      + ", but is " + type_name(slots_[f].k)};
+}
+
+bool event_sax::parse_flat(std::string_view text) {
+  const char* p = text.data();
+  const char* end = p + text.size();
+  auto skip_ws = [&] {
+    while (p != end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+      ++p;
+  };
+  skip_ws();
+  if (p == end || *p != '{')
+    return false;
+  ++p;
+  top_ = kind::object;
+  skip_ws();
+  if (p != end && *p == '}') {
+    ++p;
+  } else {
+    for (;;) {
+      if (p == end || *p != '"' || !read_string(p, end, scratch_))
+        return false;
+      const int f = lookup(scratch_);
+      skip_ws();
+      if (p == end || *p != ':')
+        return false;
+      ++p;
+      skip_ws();
+      if (p == end)
+        return false;
+      slot* s = f >= 0 ? &slots_[f] : nullptr;
+      const char c = *p;
+      if (c == '"') {
+        if (!read_string(p, end, s ? s->s : scratch_))
+          return false;
+        if (s)
+          s->k = kind::string;
+      } else if (c == '-' || (c >= '0' && c <= '9')) {
+        int64_t v = 0;
+        if (!read_integer(p, end, v))
+          return false;
+        if (s) {
+          s->k = kind::integer;
+          s->i = v;
+        }
+      } else if (end - p >= 4 && std::memcmp(p, "true", 4) == 0) {
+        p += 4;
+        if (s) {
+          s->k = kind::boolean;
+          s->b = true;
+        }
+      } else if (end - p >= 5 && std::memcmp(p, "false", 5) == 0) {
+        p += 5;
+        if (s) {
+          s->k = kind::boolean;
+          s->b = false;
+        }
+      } else if (end - p >= 4 && std::memcmp(p, "null", 4) == 0) {
+        p += 4;
+        if (s)
+          s->k = kind::null;
+      } else {
+        return false; // nested values (and garbage): sax_parse
+      }
+      skip_ws();
+      if (p == end)
+        return false;
+      if (*p == '}') {
+        ++p;
+        break;
+      }
+      if (*p != ',')
+        return false;
+      ++p;
+      skip_ws();
+    }
+  }
+  skip_ws();
+  return p == end;
+}
+
+// A string literal at p (on its '"'); the lexer's rules: no raw control
+// characters, well-formed UTF-8 only. \u escapes are left to sax_parse.
+bool event_sax::read_string(const char*& p, const char* end, std::string& out) {
+  out.clear();
+  const char* run = ++p;
+  while (p != end) {
+    auto c = static_cast<unsigned char>(*p);
+    if (c == '"') {
+      out.append(run, p);
+      ++p;
+      return true;
+    }
+    if (c < 0x20)
+      return false;
+    if (c < 0x80 && c != '\\') {
+      ++p;
+      continue;
+    }
+    if (c >= 0x80) {
+      auto n = json_text::utf8_sequence(std::string_view(p, static_cast<std::size_t>(end - p)), 0);
+      if (n == 0)
+        return false;
+      p += n;
+      continue;
+    }
+    out.append(run, p);
+    if (++p == end)
+      return false;
+    switch (*p) {
+      case '"': out.push_back('"'); break;
+      case '\\': out.push_back('\\'); break;
+      case '/': out.push_back('/'); break;
+      case 'b': out.push_back('\b'); break;
+      case 'f': out.push_back('\f'); break;
+      case 'n': out.push_back('\n'); break;
+      case 'r': out.push_back('\r'); break;
+      case 't': out.push_back('\t'); break;
+      default: return false; // \u (surrogate rules) and invalid escapes
+    }
+    run = ++p;
+  }
+  return false;
+}
+
+// An integer of up to 18 digits (no overflow possible); fractions, exponents,
+// leading zeros and longer numbers are left to sax_parse.
+bool event_sax::read_integer(const char*& p, const char* end, int64_t& out) {
+  const bool negative = *p == '-';
+  if (negative)
+    ++p;
+  const char* first = p;
+  int64_t v = 0;
+  while (p != end && *p >= '0' && *p <= '9')
+    v = v * 10 + (*p++ - '0');
+  const auto digits = p - first;
+  if (digits == 0 || digits > 18 || (*first == '0' && digits > 1))
+    return false;
+  if (p != end && (*p == '.' || *p == 'e' || *p == 'E'))
+    return false;
+  out = negative ? -v : v;
+  return true;
 }
 
 // Each read mirrors get_to(j, key, out): absent or null leaves `out` alone;
@@ -770,6 +920,11 @@ error event_sax::apply(registration_event& ev) {
 
 error decode_event(std::string_view text, registration_event& out) {
   try {
+    {
+      event_sax flat;
+      if (flat.parse_flat(text))
+        return flat.apply(out);
+    }
     event_sax sax;
     if (!json::sax_parse(text.data(), text.data() + text.size(), &sax))
       return {error_code::bad_request, "event: " + sax.parse_error_message()};

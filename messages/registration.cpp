@@ -128,6 +128,8 @@ error state_from(const json& j, registration_state& s) {
   return {};
 }
 
+// What encode_event writes, as a tree; encode_event's own writer defers to it
+// only to throw what it throws on invalid UTF-8 (tests compare the two).
 json event_json(const registration_event& ev) {
   json j{{"v", ev.version},
               {"operationId", ev.operation_id},
@@ -503,7 +505,8 @@ std::string encode_event(const registration_event& ev) {
   // Written directly, byte for byte what event_json(ev).dump() writes: keys in
   // std::map (byte) order, every member present, authorization only when set.
   std::string out;
-  out.reserve(448 + ev.operation_id.size() + ev.registration_id.size() + ev.id_scope.size()
+  // ~450 bytes of keys, quotes and worst-case numbers, plus the strings.
+  out.reserve(464 + ev.operation_id.size() + ev.registration_id.size() + ev.id_scope.size()
               + ev.api_version.size() + ev.protocol.size() + ev.attestation_type.size()
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()

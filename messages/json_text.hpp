@@ -78,6 +78,50 @@ inline void append_string(std::string& out, std::string_view s) {
   out.push_back('"');
 }
 
+/// Appends `s` as a JSON string literal byte for byte as nlohmann's dump()
+/// (default settings) writes it, for text that must equal a DOM's dump: the
+/// short escapes \b \t \n \f \r \" \\, other control characters as \u00xx,
+/// everything else (UTF-8, DEL, '/') verbatim. Returns false when `s` is not
+/// valid UTF-8 (where dump() throws); `out` then holds a partial literal.
+[[nodiscard]] inline bool append_string_as_dump(std::string& out, std::string_view s) {
+  static constexpr char hex[] = "0123456789abcdef";
+  out.push_back('"');
+  std::size_t run = 0; // start of the pending run of bytes copied verbatim
+  std::size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+      ++i;
+      continue;
+    }
+    if (c >= 0x80) {
+      auto n = utf8_sequence(s, i);
+      if (n == 0)
+        return false;
+      i += n;
+      continue;
+    }
+    out.append(s.data() + run, i - run);
+    run = ++i;
+    switch (c) {
+      case '"': out.append("\\\""); break;
+      case '\\': out.append("\\\\"); break;
+      case '\b': out.append("\\b"); break;
+      case '\f': out.append("\\f"); break;
+      case '\n': out.append("\\n"); break;
+      case '\r': out.append("\\r"); break;
+      case '\t': out.append("\\t"); break;
+      default:
+        out.append("\\u00");
+        out.push_back(hex[c >> 4]);
+        out.push_back(hex[c & 15]);
+    }
+  }
+  out.append(s.data() + run, s.size() - run);
+  out.push_back('"');
+  return true;
+}
+
 /// An object being written: `{"a":1,"b":"x"}`. Keys are trusted literals.
 class object {
 public:

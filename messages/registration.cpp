@@ -3,6 +3,7 @@
 #include "messages/binary_codec.hpp"
 #include "messages/json_text.hpp"
 
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -127,6 +128,8 @@ error state_from(const json& j, registration_state& s) {
   return {};
 }
 
+// What encode_event writes, as a tree; encode_event's own writer defers to it
+// only to throw what it throws on invalid UTF-8 (tests compare the two).
 json event_json(const registration_event& ev) {
   json j{{"v", ev.version},
               {"operationId", ev.operation_id},
@@ -482,17 +485,456 @@ error decode_record(std::string_view text, operation_record& out) {
   return {};
 }
 
-std::string encode_event(const registration_event& ev) {
-  return event_json(ev).dump();
+namespace {
+
+void append_int(std::string& out, int64_t v) {
+  char buf[24];
+  auto res = std::to_chars(buf, buf + sizeof(buf), v);
+  out.append(buf, res.ptr);
 }
+
+// Appends `,"key":"value"` (`key_lit` carries the separator and quotes).
+bool append_str_field(std::string& out, std::string_view key_lit, std::string_view v) {
+  out.append(key_lit);
+  return json_text::append_string_as_dump(out, v);
+}
+
+} // namespace
+
+std::string encode_event(const registration_event& ev) {
+  // Written directly, byte for byte what event_json(ev).dump() writes: keys in
+  // std::map (byte) order, every member present, authorization only when set.
+  std::string out;
+  // ~450 bytes of keys, quotes and worst-case numbers, plus the strings.
+  out.reserve(464 + ev.operation_id.size() + ev.registration_id.size() + ev.id_scope.size()
+              + ev.api_version.size() + ev.protocol.size() + ev.attestation_type.size()
+              + ev.enrollment_group_id.size() + ev.payload_json.size()
+              + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
+              + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size());
+  out.append("{\"acceptedMs\":");
+  append_int(out, ev.accepted_ms);
+  out.append(",\"allocatedMs\":");
+  append_int(out, ev.allocated_ms);
+  bool ok = append_str_field(out, ",\"apiVersion\":", ev.api_version)
+            && append_str_field(out, ",\"assignedHub\":", ev.assigned_hub)
+            && append_str_field(out, ",\"attestationType\":", ev.attestation_type);
+  out.append(",\"attestedMs\":");
+  append_int(out, ev.attested_ms);
+  if (ok && !ev.authorization.empty())
+    ok = append_str_field(out, ",\"authorization\":", ev.authorization);
+  out.append(",\"completedMs\":");
+  append_int(out, ev.completed_ms);
+  ok = ok && append_str_field(out, ",\"deviceId\":", ev.device_id)
+       && append_str_field(out, ",\"enrollmentGroupId\":", ev.enrollment_group_id);
+  out.append(",\"errorCode\":");
+  append_int(out, ev.error_code);
+  ok = ok && append_str_field(out, ",\"errorMessage\":", ev.error_message)
+       && append_str_field(out, ",\"idScope\":", ev.id_scope)
+       && append_str_field(out, ",\"initialTwin\":", ev.initial_twin_json);
+  out.append(ev.iot_edge ? ",\"iotEdge\":true" : ",\"iotEdge\":false");
+  ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
+       && append_str_field(out, ",\"payload\":", ev.payload_json)
+       && append_str_field(out, ",\"protocol\":", ev.protocol)
+       && append_str_field(out, ",\"registrationId\":", ev.registration_id)
+       && append_str_field(out, ",\"status\":", to_string(ev.status))
+       && append_str_field(out, ",\"substatus\":", ev.substatus);
+  out.append(",\"v\":");
+  append_int(out, ev.version);
+  out.push_back('}');
+  // Invalid UTF-8 somewhere: let the DOM encoder throw exactly what it always
+  // threw (type_error 316).
+  if (!ok)
+    return event_json(ev).dump();
+  return out;
+}
+
+namespace {
+
+/// decode_event without a DOM: the SAX events of nlohmann's own parser (same
+/// grammar, numbers, escapes and errors as json::parse) stage the last value
+/// of each known top-level member; apply() then reads them with event_from's
+/// rules and in its order (so duplicates, nulls and type errors come out the
+/// same). Anything else, nested values included, is skipped.
+class event_sax {
+public:
+  enum class kind : uint8_t { absent, null, string, integer, unsigned_, floating, boolean,
+                              object, array };
+  struct slot {
+    kind k = kind::absent;
+    bool b = false;
+    int64_t i = 0;
+    uint64_t u = 0;
+    double d = 0;
+    std::string s;
+  };
+  enum field : uint8_t { f_v, f_operation_id, f_registration_id, f_id_scope, f_api_version,
+                         f_protocol, f_accepted_ms, f_attestation_type,
+                         f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
+                         f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
+                         f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
+                         f_completed_ms, f_count };
+
+  // -- nlohmann SAX interface
+  bool null() { return scalar(kind::null); }
+  bool boolean(bool v) {
+    if (auto* s = target(kind::boolean))
+      s->b = v;
+    return true;
+  }
+  bool number_integer(json::number_integer_t v) {
+    if (auto* s = target(kind::integer))
+      s->i = v;
+    return true;
+  }
+  bool number_unsigned(json::number_unsigned_t v) {
+    if (auto* s = target(kind::unsigned_))
+      s->u = v;
+    return true;
+  }
+  bool number_float(json::number_float_t v, const json::string_t&) {
+    if (auto* s = target(kind::floating))
+      s->d = v;
+    return true;
+  }
+  bool string(json::string_t& v) {
+    if (auto* s = target(kind::string))
+      s->s.assign(v); // copy: the lexer keeps reusing its buffer
+    return true;
+  }
+  bool binary(json::binary_t&) { return true; } // never produced by the JSON parser
+  bool start_object(std::size_t) { return open(kind::object); }
+  bool start_array(std::size_t) { return open(kind::array); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+  bool key(json::string_t& k) {
+    if (depth_ == 1)
+      current_ = lookup(k);
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& ex) {
+    parse_error_ = ex.what();
+    return false;
+  }
+
+  /// The common case without nlohmann's lexer: one flat object of strings
+  /// (short escapes only), integers that fit, booleans and nulls. False when
+  /// the text is anything else, valid or not; the caller then parses it again
+  /// with sax_parse (on a fresh object), which has the final word.
+  bool parse_flat(std::string_view text);
+  error apply(registration_event& ev);
+  bool top_is_object() const { return top_ == kind::object; }
+  std::string& parse_error_message() { return parse_error_; }
+
+private:
+  static constexpr std::string_view names_[f_count] = {
+    "v", "operationId", "registrationId", "idScope", "apiVersion", "protocol", "acceptedMs",
+    "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
+    "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
+    "errorMessage", "attestedMs", "allocatedMs", "completedMs"};
+
+  static int lookup(std::string_view k) {
+    for (int f = 0; f < f_count; ++f)
+      if (names_[f] == k)
+        return f;
+    return -1;
+  }
+  static const char* type_name(kind k) {
+    switch (k) {
+      case kind::null: return "null";
+      case kind::string: return "string";
+      case kind::boolean: return "boolean";
+      case kind::object: return "object";
+      case kind::array: return "array";
+      default: return "number";
+    }
+  }
+  /// The slot a scalar value at this point goes to, marked as `k`; nullptr
+  /// when the value is nested or its member is not one we read.
+  slot* target(kind k) {
+    if (depth_ == 0) {
+      top_ = k;
+      return nullptr;
+    }
+    if (depth_ != 1 || current_ < 0)
+      return nullptr;
+    slot& s = slots_[current_];
+    s.k = k;
+    return &s;
+  }
+  bool scalar(kind k) {
+    target(k);
+    return true;
+  }
+  bool open(kind k) {
+    target(k);
+    ++depth_;
+    return true;
+  }
+  bool close() {
+    --depth_;
+    return true;
+  }
+  error type_mismatch(int f, const char* want) const;
+  bool read(int f, std::string& out, error& err);
+  template <class Int>
+  bool read_int(int f, Int& out, error& err, bool bool_ok);
+  bool read(int f, bool& out, error& err);
+
+  static bool read_string(const char*& p, const char* end, std::string& out);
+  static bool read_integer(const char*& p, const char* end, int64_t& out);
+
+  slot slots_[f_count];
+  std::string scratch_; // keys, and string values of members not read
+  int depth_ = 0;
+  int current_ = -1;
+  kind top_ = kind::absent;
+  std::string parse_error_;
+};
+
+error event_sax::type_mismatch(int f, const char* want) const {
+  return {error_code::bad_request, "event: " + std::string(names_[f]) + " must be a " + want
+                                     + ", but is " + type_name(slots_[f].k)};
+}
+
+bool event_sax::parse_flat(std::string_view text) {
+  const char* p = text.data();
+  const char* end = p + text.size();
+  auto skip_ws = [&] {
+    while (p != end && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+      ++p;
+  };
+  skip_ws();
+  if (p == end || *p != '{')
+    return false;
+  ++p;
+  top_ = kind::object;
+  skip_ws();
+  if (p != end && *p == '}') {
+    ++p;
+  } else {
+    for (;;) {
+      if (p == end || *p != '"' || !read_string(p, end, scratch_))
+        return false;
+      const int f = lookup(scratch_);
+      skip_ws();
+      if (p == end || *p != ':')
+        return false;
+      ++p;
+      skip_ws();
+      if (p == end)
+        return false;
+      slot* s = f >= 0 ? &slots_[f] : nullptr;
+      const char c = *p;
+      if (c == '"') {
+        if (!read_string(p, end, s ? s->s : scratch_))
+          return false;
+        if (s)
+          s->k = kind::string;
+      } else if (c == '-' || (c >= '0' && c <= '9')) {
+        int64_t v = 0;
+        if (!read_integer(p, end, v))
+          return false;
+        if (s) {
+          s->k = kind::integer;
+          s->i = v;
+        }
+      } else if (end - p >= 4 && std::memcmp(p, "true", 4) == 0) {
+        p += 4;
+        if (s) {
+          s->k = kind::boolean;
+          s->b = true;
+        }
+      } else if (end - p >= 5 && std::memcmp(p, "false", 5) == 0) {
+        p += 5;
+        if (s) {
+          s->k = kind::boolean;
+          s->b = false;
+        }
+      } else if (end - p >= 4 && std::memcmp(p, "null", 4) == 0) {
+        p += 4;
+        if (s)
+          s->k = kind::null;
+      } else {
+        return false; // nested values (and garbage): sax_parse
+      }
+      skip_ws();
+      if (p == end)
+        return false;
+      if (*p == '}') {
+        ++p;
+        break;
+      }
+      if (*p != ',')
+        return false;
+      ++p;
+      skip_ws();
+    }
+  }
+  skip_ws();
+  return p == end;
+}
+
+// A string literal at p (on its '"'); the lexer's rules: no raw control
+// characters, well-formed UTF-8 only. \u escapes are left to sax_parse.
+bool event_sax::read_string(const char*& p, const char* end, std::string& out) {
+  out.clear();
+  const char* run = ++p;
+  while (p != end) {
+    auto c = static_cast<unsigned char>(*p);
+    if (c == '"') {
+      out.append(run, p);
+      ++p;
+      return true;
+    }
+    if (c < 0x20)
+      return false;
+    if (c < 0x80 && c != '\\') {
+      ++p;
+      continue;
+    }
+    if (c >= 0x80) {
+      auto n = json_text::utf8_sequence(std::string_view(p, static_cast<std::size_t>(end - p)), 0);
+      if (n == 0)
+        return false;
+      p += n;
+      continue;
+    }
+    out.append(run, p);
+    if (++p == end)
+      return false;
+    switch (*p) {
+      case '"': out.push_back('"'); break;
+      case '\\': out.push_back('\\'); break;
+      case '/': out.push_back('/'); break;
+      case 'b': out.push_back('\b'); break;
+      case 'f': out.push_back('\f'); break;
+      case 'n': out.push_back('\n'); break;
+      case 'r': out.push_back('\r'); break;
+      case 't': out.push_back('\t'); break;
+      default: return false; // \u (surrogate rules) and invalid escapes
+    }
+    run = ++p;
+  }
+  return false;
+}
+
+// An integer of up to 18 digits (no overflow possible); fractions, exponents,
+// leading zeros and longer numbers are left to sax_parse.
+bool event_sax::read_integer(const char*& p, const char* end, int64_t& out) {
+  const bool negative = *p == '-';
+  if (negative)
+    ++p;
+  const char* first = p;
+  int64_t v = 0;
+  while (p != end && *p >= '0' && *p <= '9')
+    v = v * 10 + (*p++ - '0');
+  const auto digits = p - first;
+  if (digits == 0 || digits > 18 || (*first == '0' && digits > 1))
+    return false;
+  if (p != end && (*p == '.' || *p == 'e' || *p == 'E'))
+    return false;
+  out = negative ? -v : v;
+  return true;
+}
+
+// Each read mirrors get_to(j, key, out): absent or null leaves `out` alone;
+// otherwise nlohmann's from_json conversion for that type.
+bool event_sax::read(int f, std::string& out, error& err) {
+  slot& s = slots_[f];
+  if (s.k == kind::absent || s.k == kind::null)
+    return true;
+  if (s.k != kind::string) {
+    err = type_mismatch(f, "string");
+    return false;
+  }
+  out = std::move(s.s);
+  return true;
+}
+
+template <class Int>
+bool event_sax::read_int(int f, Int& out, error& err, bool bool_ok) {
+  const slot& s = slots_[f];
+  switch (s.k) {
+    case kind::absent:
+    case kind::null: return true;
+    // static_cast as nlohmann's get_arithmetic_value / from_json do.
+    case kind::integer: out = static_cast<Int>(s.i); return true;
+    case kind::unsigned_: out = static_cast<Int>(s.u); return true;
+    case kind::floating: out = static_cast<Int>(s.d); return true;
+    case kind::boolean:
+      if (bool_ok) { // from_json(json, int32_t&) takes booleans; int64_t's does not
+        out = static_cast<Int>(s.b);
+        return true;
+      }
+      break;
+    default: break;
+  }
+  err = type_mismatch(f, "number");
+  return false;
+}
+
+bool event_sax::read(int f, bool& out, error& err) {
+  const slot& s = slots_[f];
+  if (s.k == kind::absent || s.k == kind::null)
+    return true;
+  if (s.k != kind::boolean) {
+    err = type_mismatch(f, "boolean");
+    return false;
+  }
+  out = s.b;
+  return true;
+}
+
+// event_from, step for step, on the staged values.
+error event_sax::apply(registration_event& ev) {
+  error err;
+  if (!read_int(f_v, ev.version, err, true))
+    return err;
+  if (ev.version != 1)
+    return {error_code::bad_request, "event: unsupported version " + std::to_string(ev.version)};
+  if (!read(f_operation_id, ev.operation_id, err) || !read(f_registration_id, ev.registration_id, err))
+    return err;
+  if (ev.operation_id.empty() || ev.registration_id.empty())
+    return {error_code::bad_request, "event: operationId and registrationId are required"};
+  if (!read(f_id_scope, ev.id_scope, err) || !read(f_api_version, ev.api_version, err)
+      || !read(f_protocol, ev.protocol, err) || !read_int(f_accepted_ms, ev.accepted_ms, err, false)
+      || !read(f_attestation_type, ev.attestation_type, err)
+      || !read(f_enrollment_group_id, ev.enrollment_group_id, err)
+      || !read(f_payload, ev.payload_json, err) || !read(f_authorization, ev.authorization, err)
+      || !read(f_assigned_hub, ev.assigned_hub, err) || !read(f_device_id, ev.device_id, err)
+      || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
+      || !read(f_substatus, ev.substatus, err))
+    return err;
+  std::string st = "assigning";
+  if (!read(f_status, st, err))
+    return err;
+  if (!from_string(st, ev.status))
+    return {error_code::bad_request, "event: bad status '" + st + "'"};
+  if (!read_int(f_error_code, ev.error_code, err, true)
+      || !read(f_error_message, ev.error_message, err)
+      || !read_int(f_attested_ms, ev.attested_ms, err, false)
+      || !read_int(f_allocated_ms, ev.allocated_ms, err, false)
+      || !read_int(f_completed_ms, ev.completed_ms, err, false))
+    return err;
+  return {};
+}
+
+} // namespace
 
 error decode_event(std::string_view text, registration_event& out) {
   try {
-    auto j = json::parse(text);
-    if (!j.is_object())
+    {
+      event_sax flat;
+      if (flat.parse_flat(text))
+        return flat.apply(out);
+    }
+    event_sax sax;
+    if (!json::sax_parse(text.data(), text.data() + text.size(), &sax))
+      return {error_code::bad_request, "event: " + sax.parse_error_message()};
+    if (!sax.top_is_object())
       return {error_code::bad_request, "event: not a JSON object"};
-    return event_from(j, out);
-  } catch (const std::exception& e) {
+    return sax.apply(out);
+  } catch (const std::exception& e) { // allocation failure
     return {error_code::bad_request, std::string("event: ") + e.what()};
   }
 }

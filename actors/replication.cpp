@@ -25,6 +25,8 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
+/// Meta key: this data dir's outbox is not kept (a process without gateway).
+constexpr std::string_view no_outbox_key = "outbox.not_kept";
 
 /// Why a dps.enrollments value is not a stored enrollment document for
 /// `key` (empty when it is): a JSON object whose id field names the key.
@@ -87,6 +89,22 @@ public:
     if (auto err = ctx_.store->last_key(storage::cf::outbox, last))
       return err;
     next_seq_ = last ? storage::parse_seq_key(*last) + 1 : 1;
+    // Without the gateway role the outbox is not kept (nothing serves it).
+    // Such a data dir must not later serve GET /assignments with holes.
+    std::optional<std::string> no_outbox;
+    if (auto err = ctx_.store->get(storage::cf::meta, no_outbox_key, no_outbox))
+      return err;
+    if (ctx_.opts.cfg.roles.gateway && no_outbox)
+      return {error_code::bad_request,
+              "this data dir was used by a process without the gateway role, so its "
+              "assignment outbox is incomplete; start a gateway with an empty data_dir (it "
+              "rebuilds its state from the Kafka topics)"};
+    if (!ctx_.opts.cfg.roles.gateway && !no_outbox) {
+      storage::write_batch wb;
+      wb.put(storage::cf::meta, std::string(no_outbox_key), "1");
+      if (auto err = ctx_.store->write(wb))
+        return err;
+    }
     enrollments_topic_ = kafka::enrollments_topic(kcfg);
     registrations_topic_ = kafka::registrations_topic(kcfg);
     completed_topic_ = kafka::topic_for(kcfg, transport::topic::registration_completed);
@@ -275,7 +293,8 @@ private:
         continue;
       }
       wb.put(storage::cf::registrations, m.key, encode_record(u.state));
-      if (u.status != registration_status::assigned)
+      // The outbox feeds GET /assignments, which only gateways serve.
+      if (u.status != registration_status::assigned || !ctx_.opts.cfg.roles.gateway)
         continue;
       // One outbox event per operation: a republished record (crash
       // recovery) carries the same operation and is not appended again.

@@ -281,6 +281,21 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   CHECK(s.stop() == 0);
 }
 
+TEST_CASE("a data dir used without the gateway role cannot later serve as a gateway") {
+  // Workers do not keep the assignment outbox (only gateways serve it), so
+  // the same data dir as a gateway would serve GET /assignments with holes.
+  kafka_fixture fx;
+  test::server_process worker;
+  REQUIRE_MESSAGE(!worker.start(fx.server_config(), fx.dir,
+                                {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+  CHECK(worker.stop() == 0);
+  test::server_process gateway;
+  CHECK(gateway.start(fx.server_config(), fx.dir));
+  CHECK_MESSAGE(gateway.log().find("outbox is incomplete") != std::string::npos, gateway.log());
+  CHECK(gateway.log().find("empty data_dir") != std::string::npos);
+}
+
 TEST_CASE("registrations published with a plain Kafka client reach completed and device.assigned") {
   kafka_fixture fx;
   test::server_process s;

@@ -36,10 +36,14 @@ inline std::size_t utf8_sequence(std::string_view s, std::size_t i) {
   return 0;
 }
 
-/// Appends `s` as a JSON string literal, quotes included. Control characters
-/// are escaped; bytes that are not valid UTF-8 become U+FFFD, so the output
-/// is always valid JSON (RFC 8259) whatever a client put in a path.
-inline void append_string(std::string& out, std::string_view s) {
+namespace detail {
+
+/// The one escaping loop behind append_string and append_string_as_dump.
+/// `as_dump`: nlohmann dump()'s rules (\b and \f short escapes; invalid
+/// UTF-8 is an error, returned as false). Otherwise invalid UTF-8 becomes
+/// U+FFFD and \b \f are written as \u00xx.
+template <bool as_dump>
+bool append_escaped(std::string& out, std::string_view s) {
   static constexpr char hex[] = "0123456789abcdef";
   out.push_back('"');
   std::size_t run = 0; // start of the pending run of bytes copied verbatim
@@ -55,6 +59,8 @@ inline void append_string(std::string& out, std::string_view s) {
         i += n;
         continue;
       }
+      if (as_dump)
+        return false;
       out.append(s.data() + run, i - run);
       out.append("\\ufffd");
       run = ++i;
@@ -69,13 +75,29 @@ inline void append_string(std::string& out, std::string_view s) {
       case '\r': out.append("\\r"); break;
       case '\t': out.append("\\t"); break;
       default:
-        out.append("\\u00");
-        out.push_back(hex[c >> 4]);
-        out.push_back(hex[c & 15]);
+        if (as_dump && c == '\b') {
+          out.append("\\b");
+        } else if (as_dump && c == '\f') {
+          out.append("\\f");
+        } else {
+          out.append("\\u00");
+          out.push_back(hex[c >> 4]);
+          out.push_back(hex[c & 15]);
+        }
     }
   }
   out.append(s.data() + run, s.size() - run);
   out.push_back('"');
+  return true;
+}
+
+} // namespace detail
+
+/// Appends `s` as a JSON string literal, quotes included. Control characters
+/// are escaped; bytes that are not valid UTF-8 become U+FFFD, so the output
+/// is always valid JSON (RFC 8259) whatever a client put in a path.
+inline void append_string(std::string& out, std::string_view s) {
+  detail::append_escaped<false>(out, s);
 }
 
 /// Appends `s` as a JSON string literal byte for byte as nlohmann's dump()
@@ -84,42 +106,7 @@ inline void append_string(std::string& out, std::string_view s) {
 /// everything else (UTF-8, DEL, '/') verbatim. Returns false when `s` is not
 /// valid UTF-8 (where dump() throws); `out` then holds a partial literal.
 [[nodiscard]] inline bool append_string_as_dump(std::string& out, std::string_view s) {
-  static constexpr char hex[] = "0123456789abcdef";
-  out.push_back('"');
-  std::size_t run = 0; // start of the pending run of bytes copied verbatim
-  std::size_t i = 0;
-  while (i < s.size()) {
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-      ++i;
-      continue;
-    }
-    if (c >= 0x80) {
-      auto n = utf8_sequence(s, i);
-      if (n == 0)
-        return false;
-      i += n;
-      continue;
-    }
-    out.append(s.data() + run, i - run);
-    run = ++i;
-    switch (c) {
-      case '"': out.append("\\\""); break;
-      case '\\': out.append("\\\\"); break;
-      case '\b': out.append("\\b"); break;
-      case '\f': out.append("\\f"); break;
-      case '\n': out.append("\\n"); break;
-      case '\r': out.append("\\r"); break;
-      case '\t': out.append("\\t"); break;
-      default:
-        out.append("\\u00");
-        out.push_back(hex[c >> 4]);
-        out.push_back(hex[c & 15]);
-    }
-  }
-  out.append(s.data() + run, s.size() - run);
-  out.push_back('"');
-  return true;
+  return detail::append_escaped<true>(out, s);
 }
 
 /// An object being written: `{"a":1,"b":"x"}`. Keys are trusted literals.

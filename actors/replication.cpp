@@ -27,6 +27,11 @@ constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
 constexpr std::string_view no_outbox_key = "outbox.not_kept";
+/// dps.enrollments key of the deployment's id scope (devices sign it, so every
+/// gateway and attestation worker of one deployment must use the same), and
+/// the meta key it is materialized under.
+constexpr std::string_view scope_record_key = "deployment/id_scope";
+constexpr std::string_view scope_meta_key = "deployment.id_scope";
 
 /// Why a dps.enrollments value is not a stored enrollment document for
 /// `key` (empty when it is): a JSON object whose id field names the key.
@@ -111,6 +116,8 @@ public:
     if (auto err = open_table(enrollments_topic_,
                               [this](const auto& b) { return apply_enrollments(b); },
                               enrollments_))
+      return err;
+    if (auto err = check_id_scope())
       return err;
     if (auto err = open_table(registrations_topic_,
                               [this](const auto& b) { return apply_registrations(b); },
@@ -197,6 +204,37 @@ private:
     });
   }
 
+  /// Devices sign the id scope, so processes that accept registrations
+  /// (gateway, attestation) must all use the deployment's. The first gateway
+  /// records its scope in dps.enrollments; later ones and attestation workers
+  /// must match it. (Two new gateways starting at once with different scopes
+  /// are not caught: the later record wins, the other is refused next start.)
+  error check_id_scope() {
+    const auto& roles = ctx_.opts.cfg.roles;
+    if (!roles.gateway && !roles.attestation)
+      return {};
+    std::optional<std::string> recorded;
+    if (auto err = ctx_.store->get(storage::cf::meta, scope_meta_key, recorded))
+      return err;
+    const std::string& mine = ctx_.opts.id_scope;
+    if (recorded && *recorded != mine)
+      return {error_code::bad_request,
+              "this deployment's id scope is " + *recorded
+                + " (recorded in " + enrollments_topic_ + " by its first gateway), but this "
+                  "process has " + mine + ": set id_scope = \"" + *recorded
+                + "\" in its configuration (every gateway and attestation worker of a "
+                  "deployment shares it)"};
+    if (recorded || !roles.gateway)
+      return {};
+    kafka::record r;
+    r.topic = enrollments_topic_;
+    r.key = std::string(scope_record_key);
+    r.value = mine;
+    std::vector<kafka::record> recs;
+    recs.push_back(std::move(r));
+    return publish_and_wait(std::move(recs), *enrollments_);
+  }
+
   /// Produces `recs`, then waits until `table` has applied every one of them.
   error publish_and_wait(std::vector<kafka::record> recs, kafka::table_reader& table) {
     if (recs.empty())
@@ -244,8 +282,12 @@ private:
         family = storage::cf::enrollments;
         key.remove_prefix(enrollment_prefix.size());
         individuals = true;
+      } else if (key == scope_record_key && !m.tombstone && !m.value.empty()) {
+        wb.put(storage::cf::meta, std::string(scope_meta_key), m.value);
+        continue;
       } else {
-        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/ or group/");
+        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/ or group/ "
+                            "(or be deployment/id_scope)");
         continue;
       }
       if (m.tombstone) {

@@ -62,7 +62,7 @@ struct cluster {
     auto dir = test::make_temp_dir("provisiond-worker");
     worker_dirs.push_back(dir);
     workers.push_back(std::make_unique<test::server_process>());
-    REQUIRE_MESSAGE(!workers.back()->start(fx.server_config(dir), dir,
+    REQUIRE_MESSAGE(!workers.back()->start(with_scope(fx.server_config(dir)), dir,
                                            {"--roles", "attestation,allocation,configuration"}),
                     workers.back()->log());
     return *workers.back();
@@ -302,6 +302,29 @@ TEST_CASE("kill -9 of a worker under load: its partitions move, nothing lost or 
   CHECK(seconds_since(killed) < 30 + 10); // 30 s after the fault clears (+ session timeout)
   check_outcome(cl.fx, res, total, true);
   CHECK(cl.workers[1]->stop() == 0);
+  CHECK(cl.gateway.stop() == 0);
+}
+
+TEST_CASE("a gateway or attestation worker with another id scope is refused, naming the scope") {
+  cluster cl(0); // the gateway records 0ne0012AB34 as the deployment's scope
+  for (const char* roles : {"gateway,registration", "attestation,allocation,configuration"}) {
+    auto dir = test::make_temp_dir("provisiond-scope");
+    test::server_process p;
+    CHECK(p.start("id_scope = \"0ne00FFFFFF\"\n" + cl.fx.server_config(dir), dir,
+                  {"--roles", roles}));
+    CHECK_MESSAGE(p.log().find("deployment's id scope is 0ne0012AB34") != std::string::npos,
+                  p.log());
+    CHECK(p.log().find("set id_scope = \"0ne0012AB34\"") != std::string::npos);
+    test::remove_tree(dir);
+  }
+  // Allocation and configuration alone never see a device's signature.
+  auto dir = test::make_temp_dir("provisiond-scope");
+  test::server_process p;
+  CHECK_MESSAGE(!p.start("id_scope = \"0ne00FFFFFF\"\n" + cl.fx.server_config(dir), dir,
+                         {"--roles", "allocation,configuration"}),
+                p.log());
+  CHECK(p.stop() == 0);
+  test::remove_tree(dir);
   CHECK(cl.gateway.stop() == 0);
 }
 

@@ -18,6 +18,7 @@
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -48,11 +49,15 @@ struct cluster {
   std::vector<std::unique_ptr<test::server_process>> workers;
   std::vector<std::string> worker_dirs;
 
-  /// `gateway_kafka` is added to the gateway's [kafka] table.
+  /// `gateway_kafka` is added to the gateway's [kafka] table; a non-empty one
+  /// also opens the gateway's metrics listener.
   explicit cluster(int n_workers, int brokers = 1, const std::string& gateway_kafka = {})
       : fx(brokers) {
     auto cfg = with_scope(fx.server_config());
     cfg.replace(cfg.find("[kafka.properties]"), 0, gateway_kafka);
+    const std::string no_metrics = "[metrics]\nlisten = \"\"\n";
+    if (!gateway_kafka.empty() && cfg.find(no_metrics) != std::string::npos)
+      cfg.replace(cfg.find(no_metrics), no_metrics.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
     REQUIRE_MESSAGE(!gateway.start(cfg, fx.dir, {"--roles", "gateway,registration"}),
                     gateway.log());
     for (int i = 0; i < n_workers; ++i)
@@ -445,6 +450,8 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
     CHECK(h.operation_id == handed[0].operation_id); // one operation, handed off again
   }
   CHECK(cl.gateway.log().find("handing it off again") != std::string::npos);
+  CHECK(test::sum(test::scrape(test::metrics_addr(cl.gateway)), "dps_kafka_resends_total")
+        >= static_cast<double>(handed.size() - 1));
   cl.add_worker();
   device.join();
   REQUIRE_MESSAGE(result.value("status", "") == "assigned", result.dump());

@@ -420,6 +420,21 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
       m->add_gauge("dps_kafka_publish_retries_total",
                    "Failed Kafka publishes retried after 1 s", "", "",
                    [stats] { return static_cast<double>(stats->publish_retries.load()); });
+      // Weak: a scrape must not keep the engine alive; after shutdown the
+      // tables report 0.
+      std::weak_ptr<engine_context> weak = ctx;
+      for (const char* table : {"enrollments", "registrations", "completed"})
+        m->add_gauge("dps_kafka_table_lag",
+                     "Records of a shared-state topic not yet applied to the local store",
+                     "table", table, [weak, name = std::string(table)] {
+                       auto c = weak.lock();
+                       if (!c || !c->repl)
+                         return 0.0;
+                       for (const auto& [t, lag] : c->repl->lags())
+                         if (t == name)
+                           return static_cast<double>(lag);
+                       return 0.0;
+                     });
     }
   }
   auto impl = std::make_unique<engine_impl>(ctx);

@@ -149,6 +149,15 @@ public:
     return enrollments_->wait_caught_up(timeout_ms);
   }
 
+  std::vector<std::pair<std::string, int64_t>> lags() const override {
+    std::vector<std::pair<std::string, int64_t>> out;
+    for (const auto& [name, t] : {std::pair{"enrollments", &enrollments_},
+                                  std::pair{"registrations", &registrations_},
+                                  std::pair{"completed", &completed_}})
+      out.emplace_back(name, *t ? (*t)->lag() : 0);
+    return out;
+  }
+
   error write_registrations(const storage::write_batch& batch) override {
     std::vector<kafka::record> recs;
     for (const auto& op : batch.ops()) {

@@ -21,6 +21,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "actors/enrollment/enrollment_model.hpp"
 #include "messages/error.hpp"
@@ -60,6 +62,10 @@ public:
   /// Waits until everything now in dps.enrollments is applied here. For a
   /// stage that misses an enrollment another instance has just written.
   [[nodiscard]] virtual error catch_up_enrollments(int timeout_ms) = 0;
+
+  /// Records not applied yet per followed table ("enrollments",
+  /// "registrations", "completed"), for the lag gauges.
+  virtual std::vector<std::pair<std::string, int64_t>> lags() const = 0;
 
   /// Publishes registration record deletes (cf registrations) as tombstones
   /// and waits until applied locally.

@@ -247,6 +247,23 @@ std::map<int32_t, int64_t> table_reader::positions() const {
   return impl_->pos;
 }
 
+int64_t table_reader::lag() const {
+  if (impl_->stop)
+    return 0;
+  const auto pos = positions();
+  int64_t total = 0;
+  for (int32_t p = 0; p < impl_->partitions; ++p) {
+    int64_t lo = 0, hi = 0;
+    if (rd_kafka_get_watermark_offsets(impl_->rk.get(), impl_->opts.topic.c_str(), p, &lo, &hi)
+          != RD_KAFKA_RESP_ERR_NO_ERROR
+        || hi < 0)
+      continue; // nothing fetched from it yet
+    auto it = pos.find(p);
+    total += std::max<int64_t>(0, hi - (it == pos.end() ? std::max<int64_t>(lo, 0) : it->second));
+  }
+  return total;
+}
+
 const std::string& table_reader::topic() const { return impl_->opts.topic; }
 
 void table_reader::close() {

@@ -68,6 +68,10 @@ public:
 
   /// Next offset to apply per partition.
   std::map<int32_t, int64_t> positions() const;
+  /// Records in the topic not applied yet, against the high watermarks of
+  /// the last fetches (no broker round trip; cheap enough for a scrape). 0
+  /// once closed.
+  int64_t lag() const;
   const std::string& topic() const;
 
   /// Stops the thread; a batch being applied finishes first. Idempotent.

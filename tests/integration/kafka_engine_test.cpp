@@ -272,8 +272,14 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   const auto expected = consumed.size() * junk.size() + bad_enrollments.size() + 2;
   auto dead = read_topic(fx.cfg, "dps.dead-letter", expected);
   CHECK(dead.size() == expected);
-  CHECK(test::sum(test::scrape(test::metrics_addr(s)), "dps_kafka_dead_letters_total")
-        == static_cast<double>(expected));
+  auto m = test::scrape(test::metrics_addr(s));
+  CHECK(test::sum(m, "dps_kafka_dead_letters_total") == static_cast<double>(expected));
+  // Every table caught up: the lag gauges exist and read 0.
+  for (const char* table : {"enrollments", "registrations", "completed"}) {
+    const std::string series = std::string("dps_kafka_table_lag{table=\"") + table + "\"}";
+    CHECK_MESSAGE(m.count(series) == 1, series);
+    CHECK(m[series] == 0);
+  }
   // The devices' registration records (dps.registrations) applied after the
   // junk on their partitions.
   for (int i = 0; i < 2; ++i)

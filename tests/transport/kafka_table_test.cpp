@@ -138,6 +138,32 @@ TEST_CASE("wait_applied gives read-your-writes; a failing apply is retried, not 
   CHECK(err.message.find("not applied locally") != std::string::npos);
 }
 
+TEST_CASE("lag counts the records not applied yet, and drops to 0 once they are") {
+  test::mock_fixture f;
+  const std::string topic = f.cfg.topic_prefix + "lag";
+  REQUIRE(f.mc->create_topics({{topic, 2, 3, true}}).ok());
+  std::unique_ptr<producer> prod;
+  REQUIRE(producer::create(f.cfg, {}, prod).ok());
+  fake_state st;
+  st.fail_next = 1 << 30; // every apply fails until released
+  std::unique_ptr<table_reader> t;
+  table_reader::options o;
+  o.topic = topic;
+  o.retry_ms = 50;
+  o.log = f.logs.fn();
+  REQUIRE(table_reader::create(f.cfg, o, st.apply(), t).ok());
+  for (const char* key : {"a", "b", "c"})
+    REQUIRE(send_sync(*prod, rec(topic, key, "v")).err.ok());
+  CHECK_MESSAGE(test::eventually([&] { return t->lag() == 3; }), "lag ", t->lag());
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    st.fail_next = 0;
+  }
+  CHECK_MESSAGE(test::eventually([&] { return t->lag() == 0; }), "lag ", t->lag());
+  t->close();
+  CHECK(t->lag() == 0);
+}
+
 TEST_CASE("a missing topic is reported by name") {
   test::mock_fixture f;
   fake_state st;

@@ -109,20 +109,33 @@ TEST_CASE("catches up from the beginning, then resumes from stored positions") {
   CHECK(again.rows.size() == 50);
 }
 
-TEST_CASE("wait_applied gives read-your-writes; a failing apply is retried, not skipped") {
+/// A fresh 2-partition compacted topic, a producer for it, and a reader
+/// applying into `st` that retries failed applies every 50 ms.
+struct retrying_table {
   test::mock_fixture f;
-  const std::string topic = f.cfg.topic_prefix + "table";
-  REQUIRE(f.mc->create_topics({{topic, 2, 3, true}}).ok());
+  std::string topic;
   std::unique_ptr<producer> prod;
-  REQUIRE(producer::create(f.cfg, {}, prod).ok());
+  std::unique_ptr<table_reader> t;
+
+  retrying_table(const std::string& name, fake_state& st) {
+    topic = f.cfg.topic_prefix + name;
+    REQUIRE(f.mc->create_topics({{topic, 2, 3, true}}).ok());
+    REQUIRE(producer::create(f.cfg, {}, prod).ok());
+    table_reader::options o;
+    o.topic = topic;
+    o.retry_ms = 50;
+    o.log = f.logs.fn();
+    REQUIRE(table_reader::create(f.cfg, o, st.apply(), t).ok());
+  }
+};
+
+TEST_CASE("wait_applied gives read-your-writes; a failing apply is retried, not skipped") {
   fake_state st;
   st.fail_next = 2;
-  std::unique_ptr<table_reader> t;
-  table_reader::options o;
-  o.topic = topic;
-  o.retry_ms = 50;
-  o.log = f.logs.fn();
-  REQUIRE(table_reader::create(f.cfg, o, st.apply(), t).ok());
+  retrying_table rt("table", st);
+  auto& t = rt.t;
+  auto& prod = rt.prod;
+  const auto& topic = rt.topic;
   REQUIRE(t->wait_caught_up(15000).ok()); // empty topic: at once
   auto d = send_sync(*prod, rec(topic, "device-7", "assigned"));
   REQUIRE(d.err.ok());
@@ -139,21 +152,12 @@ TEST_CASE("wait_applied gives read-your-writes; a failing apply is retried, not 
 }
 
 TEST_CASE("lag counts the records not applied yet, and drops to 0 once they are") {
-  test::mock_fixture f;
-  const std::string topic = f.cfg.topic_prefix + "lag";
-  REQUIRE(f.mc->create_topics({{topic, 2, 3, true}}).ok());
-  std::unique_ptr<producer> prod;
-  REQUIRE(producer::create(f.cfg, {}, prod).ok());
   fake_state st;
   st.fail_next = 1 << 30; // every apply fails until released
-  std::unique_ptr<table_reader> t;
-  table_reader::options o;
-  o.topic = topic;
-  o.retry_ms = 50;
-  o.log = f.logs.fn();
-  REQUIRE(table_reader::create(f.cfg, o, st.apply(), t).ok());
+  retrying_table rt("lag", st);
+  auto& t = rt.t;
   for (const char* key : {"a", "b", "c"})
-    REQUIRE(send_sync(*prod, rec(topic, key, "v")).err.ok());
+    REQUIRE(send_sync(*rt.prod, rec(rt.topic, key, "v")).err.ok());
   CHECK_MESSAGE(test::eventually([&] { return t->lag() == 3; }), "lag ", t->lag());
   {
     std::lock_guard<std::mutex> lock(st.mu);

@@ -428,12 +428,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
                      "Records of a shared-state topic not yet applied to the local store",
                      "table", table, [weak, name = std::string(table)] {
                        auto c = weak.lock();
-                       if (!c || !c->repl)
-                         return 0.0;
-                       for (const auto& [t, lag] : c->repl->lags())
-                         if (t == name)
-                           return static_cast<double>(lag);
-                       return 0.0;
+                       return c && c->repl ? static_cast<double>(c->repl->table_lag(name)) : 0.0;
                      });
     }
   }

@@ -149,13 +149,12 @@ public:
     return enrollments_->wait_caught_up(timeout_ms);
   }
 
-  std::vector<std::pair<std::string, int64_t>> lags() const override {
-    std::vector<std::pair<std::string, int64_t>> out;
-    for (const auto& [name, t] : {std::pair{"enrollments", &enrollments_},
-                                  std::pair{"registrations", &registrations_},
-                                  std::pair{"completed", &completed_}})
-      out.emplace_back(name, *t ? (*t)->lag() : 0);
-    return out;
+  int64_t table_lag(std::string_view table) const override {
+    const std::unique_ptr<kafka::table_reader>* t = table == "enrollments"     ? &enrollments_
+                                                    : table == "registrations" ? &registrations_
+                                                    : table == "completed"     ? &completed_
+                                                                               : nullptr;
+    return t && *t ? (*t)->lag() : 0;
   }
 
   error write_registrations(const storage::write_batch& batch) override {

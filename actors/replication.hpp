@@ -21,8 +21,7 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <utility>
-#include <vector>
+#include <string_view>
 
 #include "actors/enrollment/enrollment_model.hpp"
 #include "messages/error.hpp"
@@ -63,9 +62,9 @@ public:
   /// stage that misses an enrollment another instance has just written.
   [[nodiscard]] virtual error catch_up_enrollments(int timeout_ms) = 0;
 
-  /// Records not applied yet per followed table ("enrollments",
-  /// "registrations", "completed"), for the lag gauges.
-  virtual std::vector<std::pair<std::string, int64_t>> lags() const = 0;
+  /// Records of a followed table ("enrollments", "registrations",
+  /// "completed") not applied yet; 0 for a table this process does not follow.
+  virtual int64_t table_lag(std::string_view table) const = 0;
 
   /// Publishes registration record deletes (cf registrations) as tombstones
   /// and waits until applied locally.

@@ -226,11 +226,7 @@ TEST_CASE("kill -9 mid-burst over Kafka: every 202 ends assigned once, on Kafka 
 TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep moving") {
   kafka_fixture fx;
   test::server_process s;
-  auto cfg = fx.server_config();
-  const std::string no_metrics = "[metrics]\nlisten = \"\"\n";
-  REQUIRE(cfg.find(no_metrics) != std::string::npos);
-  cfg.replace(cfg.find(no_metrics), no_metrics.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
-  REQUIRE_MESSAGE(!s.start(cfg, fx.dir), s.log());
+  REQUIRE_MESSAGE(!s.start(test::with_metrics(fx.server_config()), fx.dir), s.log());
   create_group(s, "dlq-group");
   warm_up(s, "dlq-warm"); // every stage's consumer has joined before the junk
   auto c = s.client();

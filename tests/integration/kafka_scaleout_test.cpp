@@ -55,9 +55,8 @@ struct cluster {
       : fx(brokers) {
     auto cfg = with_scope(fx.server_config());
     cfg.replace(cfg.find("[kafka.properties]"), 0, gateway_kafka);
-    const std::string no_metrics = "[metrics]\nlisten = \"\"\n";
-    if (!gateway_kafka.empty() && cfg.find(no_metrics) != std::string::npos)
-      cfg.replace(cfg.find(no_metrics), no_metrics.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    if (!gateway_kafka.empty())
+      cfg = test::with_metrics(cfg);
     REQUIRE_MESSAGE(!gateway.start(cfg, fx.dir, {"--roles", "gateway,registration"}),
                     gateway.log());
     for (int i = 0; i < n_workers; ++i)

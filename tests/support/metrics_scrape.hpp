@@ -96,6 +96,14 @@ inline std::string metrics_addr(const test::server_process& s) {
   return ep.at("metrics").get<std::string>();
 }
 
+/// `cfg` (from default_config) with the metrics listener on an ephemeral port.
+inline std::string with_metrics(std::string cfg) {
+  const std::string off = "[metrics]\nlisten = \"\"\n";
+  auto at = cfg.find(off);
+  REQUIRE_MESSAGE(at != std::string::npos, "no disabled [metrics] table in the config");
+  return cfg.replace(at, off.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+}
+
 inline std::map<std::string, double> scrape(const std::string& addr) {
   auto r = http(addr, "GET", "/metrics");
   REQUIRE(r.status == 200);

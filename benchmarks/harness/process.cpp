@@ -121,13 +121,12 @@ bool file_exists(const std::string& path) {
   return ::access(path.c_str(), F_OK) == 0;
 }
 
-proc_sample sample_process(pid_t pid) {
-  proc_sample s;
-  auto stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-  auto rparen = stat.rfind(')');
-  if (stat.empty() || rparen == std::string::npos)
-    return s;
-  // Fields after "(comm)": state(3) ppid(4) ... utime(14) stime(15).
+namespace {
+
+/// utime + stime in seconds from a /proc/.../stat line whose "(comm)" ends
+/// at `rparen`. Fields after it: state(3) ppid(4) ... utime(14) stime(15).
+double stat_cpu_seconds(const std::string& stat, std::size_t rparen) {
+  static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
   std::istringstream in(stat.substr(rparen + 2));
   std::string field;
   unsigned long long utime = 0, stime = 0;
@@ -137,8 +136,18 @@ proc_sample sample_process(pid_t pid) {
     if (i == 15)
       stime = std::strtoull(field.c_str(), nullptr, 10);
   }
-  static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
-  s.cpu_seconds = static_cast<double>(utime + stime) / tick;
+  return static_cast<double>(utime + stime) / tick;
+}
+
+} // namespace
+
+proc_sample sample_process(pid_t pid) {
+  proc_sample s;
+  auto stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  auto rparen = stat.rfind(')');
+  if (stat.empty() || rparen == std::string::npos)
+    return s;
+  s.cpu_seconds = stat_cpu_seconds(stat, rparen);
   std::istringstream status(read_file("/proc/" + std::to_string(pid) + "/status"));
   std::string line;
   while (std::getline(status, line)) {
@@ -245,22 +254,12 @@ namespace {
 
 /// (name, utime + stime in seconds) of /proc/self/task/TID; false when gone.
 bool read_thread(const std::string& tid, std::string& name, double& cpu) {
-  static const double tick = static_cast<double>(::sysconf(_SC_CLK_TCK));
   auto stat = read_file("/proc/self/task/" + tid + "/stat");
   auto lparen = stat.find('('), rparen = stat.rfind(')');
   if (lparen == std::string::npos || rparen == std::string::npos || rparen < lparen)
     return false;
   name = stat.substr(lparen + 1, rparen - lparen - 1);
-  std::istringstream in(stat.substr(rparen + 2));
-  std::string field;
-  unsigned long long utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && in >> field; ++i) {
-    if (i == 14)
-      utime = std::strtoull(field.c_str(), nullptr, 10);
-    if (i == 15)
-      stime = std::strtoull(field.c_str(), nullptr, 10);
-  }
-  cpu = static_cast<double>(utime + stime) / tick;
+  cpu = stat_cpu_seconds(stat, rparen);
   return true;
 }
 

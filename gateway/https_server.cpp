@@ -2,14 +2,17 @@
 
 #include <array>
 #include <atomic>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/ssl.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -34,7 +37,7 @@ namespace {
 
 using body_t = http::string_body;
 
-void fill_request(const http::request<body_t>& in, const std::string& ip, http_request& out) {
+void fill_request(http::request<body_t>& in, const std::string& ip, http_request& out) {
   out.method = std::string(in.method_string());
   out.target = std::string(in.target());
   auto q = out.target.find('?');
@@ -57,12 +60,14 @@ void fill_request(const http::request<body_t>& in, const std::string& ip, http_r
     }
   }
   for (const auto& f : in) {
-    std::string name(f.name_string());
+    auto n = f.name_string();
+    std::string name(n.data(), n.size());
     for (auto& c : name)
       c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    out.headers[name] = std::string(f.value());
+    auto v = f.value();
+    out.headers.emplace_back(std::move(name), std::string(v.data(), v.size()));
   }
-  out.body = in.body();
+  out.body = std::move(in.body());
   out.client_ip = ip;
 }
 
@@ -83,11 +88,32 @@ public:
   }
 
 private:
+  using clock = std::chrono::steady_clock;
+
+  /// Sets the deadline of what the session is doing now (handshake, one
+  /// request, a write, a drain). One timer per session that only re-arms
+  /// when it fires early: re-arming an asio timer per request costs a
+  /// cancellation handler and timer-queue work on every request.
   void arm(int seconds) {
-    timer_.expires_after(std::chrono::seconds(seconds));
+    deadline_ = clock::now() + std::chrono::seconds(seconds);
+    if (timer_armed_ && timer_.expiry() <= deadline_)
+      return; // fires first, and re-arms for the rest then
+    start_timer();
+  }
+
+  void disarm() { deadline_ = clock::time_point::max(); }
+
+  void start_timer() {
+    timer_armed_ = true;
+    timer_.expires_at(deadline_); // cancels a later pending wait (operation_aborted)
     timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
       if (ec)
-        return; // cancelled or re-armed
+        return; // replaced by an earlier deadline, or the session closed
+      self->timer_armed_ = false;
+      if (self->deadline_ == clock::time_point::max())
+        return; // nothing pending; the next arm() starts the timer again
+      if (clock::now() < self->deadline_)
+        return self->start_timer();
       self->timed_out_ = true;
       beast::error_code ignored;
       beast::get_lowest_layer(self->stream_).socket().cancel(ignored);
@@ -143,7 +169,7 @@ private:
                                std::string("malformed HTTP request: ") + ec.message()});
       return close_now();
     }
-    timer_.cancel();
+    disarm();
     ++requests_;
     auto req = parser_->release();
     keep_alive_ = req.keep_alive();
@@ -167,29 +193,52 @@ private:
   }
 
   void write(http_response r) {
-    auto res = std::make_shared<http::response<body_t>>();
-    res->version(version_ ? version_ : 11);
-    res->result(static_cast<unsigned>(r.status));
-    res->set(http::field::server, "provisiond");
-    if (r.status != 204)
-      res->set(http::field::content_type, "application/json; charset=utf-8");
-    for (auto& [k, v] : r.headers)
-      res->set(k, v);
-    res->body() = std::move(r.body);
+    // Serialized by hand into one buffer: Beast's response object and
+    // serializer cost a field allocation per header on every request.
     bool close = r.close || !keep_alive_;
-    res->keep_alive(!close);
-    res->prepare_payload();
+    auto& out = write_buf_;
+    out.clear();
+    out += version_ == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+    out += std::to_string(r.status);
+    out += ' ';
+    auto reason = http::obsolete_reason(static_cast<http::status>(r.status));
+    out.append(reason.data(), reason.size());
+    out += "\r\nServer: provisiond\r\n";
+    if (r.status != 204) {
+      out += "Content-Type: application/json; charset=utf-8\r\nContent-Length: ";
+      out += std::to_string(r.body.size());
+      out += "\r\n";
+    }
+    for (auto& [k, v] : r.headers) {
+      out += k;
+      out += ": ";
+      // Values are ours, but one may echo a client's token: never let it
+      // split the head (response splitting).
+      if (v.find_first_of("\r\n") == std::string::npos) {
+        out += v;
+      } else {
+        for (char c : v)
+          out += (c == '\r' || c == '\n') ? ' ' : c;
+      }
+      out += "\r\n";
+    }
+    if (close)
+      out += "Connection: close\r\n";
+    else if (version_ == 10)
+      out += "Connection: keep-alive\r\n";
+    out += "\r\n";
+    if (r.status != 204)
+      out += r.body;
     arm(opts_.request_timeout_seconds);
-    http::async_write(stream_, *res,
-                      [self = shared_from_this(), res, close](beast::error_code ec,
-                                                              std::size_t) {
-                        self->timer_.cancel();
-                        if (ec)
-                          return self->close_now();
-                        if (close)
-                          return self->drain_ ? self->drain() : self->shutdown();
-                        self->read();
-                      });
+    net::async_write(stream_, net::buffer(out),
+                     [self = shared_from_this(), close](beast::error_code ec, std::size_t) {
+                       self->disarm();
+                       if (ec)
+                         return self->close_now();
+                       if (close)
+                         return self->drain_ ? self->drain() : self->shutdown();
+                       self->read();
+                     });
   }
 
   /// Lingering close: read and discard what the client is still sending
@@ -211,18 +260,15 @@ private:
   }
 
   void shutdown() {
-    timer_.expires_after(std::chrono::seconds(2));
-    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
-      if (!ec)
-        self->close_now();
-    });
+    arm(2); // a peer that never answers close_notify: the timer cancels the socket
     stream_.async_shutdown([self = shared_from_this()](beast::error_code) {
-      self->timer_.cancel();
       self->close_now();
     });
   }
 
   void close_now() {
+    disarm();
+    timer_.cancel(); // releases the timer's reference to the session now
     beast::error_code ignored;
     beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
     beast::get_lowest_layer(stream_).socket().close(ignored);
@@ -230,6 +276,9 @@ private:
 
   beast::ssl_stream<beast::tcp_stream> stream_;
   net::steady_timer timer_;
+  clock::time_point deadline_ = clock::time_point::max();
+  bool timer_armed_ = false;
+  std::string write_buf_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<body_t>> parser_;
   handler& handler_;
@@ -247,7 +296,16 @@ private:
 class server_impl final : public https_server {
 public:
   server_impl(const server_options& opts, handler& h)
-    : opts_(opts), handler_(h), ssl_(ssl::context::tls_server), acceptor_(ioc_) {}
+    : opts_(opts), handler_(h), ssl_(ssl::context::tls_server) {
+    // One io_context per I/O thread, each connection pinned to one of them:
+    // a shared io_context hands every completed read to whichever thread is
+    // idle, a futex wake-up and a context switch per handler on 2 cores.
+    int n = opts_.threads > 0 ? opts_.threads
+                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    for (int i = 0; i < n; ++i)
+      iocs_.push_back(std::make_unique<net::io_context>(1));
+    acceptor_.emplace(*iocs_[0]);
+  }
 
   ~server_impl() override { stop(); }
 
@@ -272,15 +330,16 @@ public:
     if (ec)
       return {error_code::bad_request,
               "cannot load TLS private key '" + opts_.key_file + "': " + ec.message()};
-    if (auto err = open_acceptor(acceptor_, opts_.listen,
+    if (auto err = open_acceptor(*acceptor_, opts_.listen,
                                  net::socket_base::max_listen_connections, "device API"))
       return err;
-    bound_ = acceptor_.local_endpoint(ec);
+    bound_ = acceptor_->local_endpoint(ec);
     accept();
-    int n = opts_.threads > 0 ? opts_.threads
-                              : std::max(1u, std::thread::hardware_concurrency());
-    for (int i = 0; i < n; ++i)
-      threads_.emplace_back([this] { ioc_.run(); });
+    for (auto& ioc : iocs_)
+      threads_.emplace_back([ioc = ioc.get()] {
+        auto work = net::make_work_guard(*ioc); // idle threads wait for connections
+        ioc->run();
+      });
     return {};
   }
 
@@ -290,11 +349,12 @@ public:
   void stop() override {
     if (stopped_.exchange(true))
       return;
-    net::post(ioc_, [this] {
+    net::post(*iocs_[0], [this] {
       beast::error_code ignored;
-      acceptor_.close(ignored);
+      acceptor_->close(ignored);
     });
-    ioc_.stop();
+    for (auto& ioc : iocs_)
+      ioc->stop();
     for (auto& t : threads_)
       if (t.joinable())
         t.join();
@@ -302,9 +362,9 @@ public:
 
 private:
   void accept() {
-    acceptor_.async_accept(net::make_strand(ioc_), [this](beast::error_code ec,
-                                                          tcp::socket sock) {
-      if (ec == net::error::operation_aborted || !acceptor_.is_open())
+    auto& target = *iocs_[next_ioc_++ % iocs_.size()];
+    acceptor_->async_accept(target, [this](beast::error_code ec, tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !acceptor_->is_open())
         return;
       if (!ec) {
         sock.set_option(tcp::no_delay(true), ec);
@@ -316,9 +376,10 @@ private:
 
   server_options opts_;
   handler& handler_;
-  net::io_context ioc_;
+  std::vector<std::unique_ptr<net::io_context>> iocs_;
+  std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
   ssl::context ssl_;
-  tcp::acceptor acceptor_;
+  std::optional<tcp::acceptor> acceptor_;
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};

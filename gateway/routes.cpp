@@ -8,6 +8,7 @@
 
 #include "actors/attestation/sas_token.hpp"
 #include "messages/crypto.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov::gateway {
 
@@ -23,7 +24,13 @@ std::string lower(std::string_view s) {
 }
 
 bool iequals(std::string_view a, std::string_view b) {
-  return lower(a) == lower(b);
+  if (a.size() != b.size())
+    return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (std::tolower(static_cast<unsigned char>(a[i]))
+        != std::tolower(static_cast<unsigned char>(b[i])))
+      return false;
+  return true;
 }
 
 std::vector<std::string> split_path(const std::string& path) {
@@ -378,8 +385,10 @@ private:
       }
       // Always "assigning" on the 202 (SDKs treat other statuses in a 2xx as
       // unknown); a disabled enrollment is reported by the first poll.
-      json body{{"operationId", r.operation_id}, {"status", "assigning"}};
-      auto resp = json_response(202, body.dump());
+      std::string body = "{\"operationId\":";
+      json_text::append_string(body, r.operation_id);
+      body += ",\"status\":\"assigning\"}";
+      auto resp = json_response(202, std::move(body));
       resp.headers.emplace_back("Retry-After", retry_after);
       reply(std::move(resp));
     });

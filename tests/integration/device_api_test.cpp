@@ -8,6 +8,13 @@
 #include <thread>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/ssl.h>
+
 #include "actors/attestation/sas_token.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
@@ -439,6 +446,59 @@ TEST_CASE("keep-alive: 50 sequential requests on one connection") {
   CHECK(ok == 50);
   CHECK(c.connections_opened() == 1);
   CHECK(c.connected());
+}
+
+namespace {
+
+/// One TLS connection to the gateway with raw OpenSSL (no verification: this
+/// checks resumption, not trust), a GET /healthz, and the session it ends with.
+/// `resume`: offer that session. Returns whether the server resumed it.
+bool tls_get(uint16_t port, int max_version, SSL_SESSION* resume, SSL_SESSION** out) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_set_max_proto_version(ctx, max_version);
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  if (resume != nullptr)
+    SSL_set_session(ssl, resume);
+  REQUIRE(SSL_connect(ssl) == 1);
+  const char req[] = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+  REQUIRE(SSL_write(ssl, req, sizeof req - 1) == static_cast<int>(sizeof req - 1));
+  // Read to the end: TLS 1.3 tickets arrive after the handshake.
+  std::string got;
+  char buf[4096];
+  int n;
+  while ((n = SSL_read(ssl, buf, sizeof buf)) > 0)
+    got.append(buf, static_cast<std::size_t>(n));
+  CHECK(got.find(" 200 ") != std::string::npos);
+  bool reused = SSL_session_reused(ssl) == 1;
+  if (out != nullptr)
+    *out = SSL_get1_session(ssl);
+  SSL_shutdown(ssl); // freed without it, OpenSSL marks the session not resumable
+  SSL_free(ssl);
+  ::close(fd);
+  SSL_CTX_free(ctx);
+  return reused;
+}
+
+} // namespace
+
+TEST_CASE("TLS session resumption through tickets, TLS 1.2 and 1.3") {
+  auto& s = srv();
+  for (int version : {TLS1_2_VERSION, TLS1_3_VERSION}) {
+    CAPTURE(version);
+    SSL_SESSION* sess = nullptr;
+    CHECK_FALSE(tls_get(s.port(), version, nullptr, &sess));
+    REQUIRE(sess != nullptr);
+    CHECK(SSL_SESSION_is_resumable(sess) == 1);
+    CHECK(tls_get(s.port(), version, sess, nullptr));
+    SSL_SESSION_free(sess);
+  }
 }
 
 } // TEST_SUITE

@@ -27,12 +27,12 @@
 // Blocking: point reads for idempotency; spawned detached.
 
 #include <cstdio>
-#include <deque>
 #include <unordered_map>
 #include <vector>
 
 #include "actors/actor_types.hpp"
 #include "actors/configuration/cloud_event.hpp"
+#include "actors/configuration/recent_outcomes.hpp"
 
 namespace prov {
 
@@ -58,23 +58,9 @@ struct configuration_state_t {
   uint64_t next_seq = 1;
   std::unordered_map<std::string, committing_t> committing; ///< embedded
   std::unordered_map<std::string, relay_t> relaying;        ///< Kafka
-  /// Kafka: what this worker recorded lately, by operation id. Its own
-  /// records reach the local store only through dps.registrations; a second
-  /// allocation of one operation (a resend) arriving before that must get
-  /// the outcome already published, not a new one with another timestamp.
-  std::unordered_map<std::string, registration_state> recent;
-  std::deque<std::string> recent_order; ///< oldest first, bounded
-  static constexpr std::size_t recent_max = 65536;
-
-  void remember(const std::string& op_id, const registration_state& state) {
-    if (!recent.emplace(op_id, state).second)
-      return;
-    recent_order.push_back(op_id);
-    if (recent_order.size() > recent_max) {
-      recent.erase(recent_order.front());
-      recent_order.pop_front();
-    }
-  }
+  /// Kafka: the last 65,536 operations this worker recorded (see
+  /// recent_outcomes.hpp; docs/kafka.md names the number).
+  configuration::recent_outcomes recent{65536};
 };
 
 /// device.assigned as a Kafka record: structured-mode CloudEvent, keyed by
@@ -241,8 +227,8 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
       registration_state prev;
       bool had_prev = raw && !decode_record(*raw, prev);
-      if (auto it = st->recent.find(ev.operation_id); it != st->recent.end()) {
-        prev = it->second; // recorded here; the store may not have it yet
+      if (const auto* recorded = st->recent.find(ev.operation_id)) {
+        prev = *recorded; // recorded here; the store may not have it yet
         had_prev = true;
       }
       relay_t r;
@@ -299,7 +285,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         self->send(self, relayed_atom::value, op_id, error{});
         return;
       }
-      st->remember(op_id, it->second.state);
+      st->recent.remember(op_id, it->second.state);
       count_assigned(*ctx->metrics, it->second.event, it->second.started);
       relay(it->second);
     },

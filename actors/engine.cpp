@@ -420,6 +420,32 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
       m->add_gauge("dps_kafka_publish_retries_total",
                    "Failed Kafka publishes retried after 1 s", "", "",
                    [stats] { return static_cast<double>(stats->publish_retries.load()); });
+      // Counters shared with the transport: they outlive the bus, and a
+      // scrape only loads atomics (no lock held by Kafka I/O, no broker call).
+      auto producer = kbus->producer_counters();
+      m->add_gauge("dps_kafka_producer_queue",
+                   "Records handed to the Kafka producer and not yet acknowledged or failed",
+                   "", "", [producer] { return static_cast<double>(producer->pending.load()); });
+      m->add_gauge("dps_kafka_producer_rebuilds_total",
+                   "Kafka producer handles replaced after a fatal idempotence error", "", "",
+                   [producer] { return static_cast<double>(producer->rebuilds.load()); });
+      const auto& roles = ctx->opts.cfg.roles;
+      const struct {
+        const char* stage;
+        bool runs;
+        transport::topic input;
+      } consumed[] = {{"attestation", roles.attestation, transport::topic::registration_requested},
+                      {"allocation", roles.allocation, transport::topic::registration_attested},
+                      {"configuration", roles.configuration,
+                       transport::topic::registration_allocated}};
+      for (const auto& c : consumed)
+        if (c.runs)
+          m->add_gauge("dps_kafka_consumer_lag",
+                       "Records of a stage's input partitions assigned to this process not yet "
+                       "handled (high watermark of the last fetch minus the commit point)",
+                       "stage", c.stage, [lag = kbus->consumer_lag(c.input)] {
+                         return static_cast<double>(lag->load());
+                       });
       // Weak: a scrape must not keep the engine alive; after shutdown the
       // tables report 0.
       std::weak_ptr<engine_context> weak = ctx;

@@ -9,7 +9,9 @@
 namespace prov::transport::kafka {
 
 kafka_bus::kafka_bus(const config::kafka_config& cfg, options opts)
-    : cfg_(cfg), opts_(std::move(opts)) {}
+    : cfg_(cfg), opts_(std::move(opts)) {
+  for (auto& lag : consumer_lags_) lag = std::make_shared<std::atomic<int64_t>>(0);
+}
 
 kafka_bus::~kafka_bus() { close(); }
 
@@ -86,6 +88,7 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   consumer::options co = opts_.consumer_options;
   co.group_id = opts_.group_prefix + std::string(topic_name(t));
   co.topics = {topic_for(cfg_, t)};
+  co.lag_out = consumer_lags_[static_cast<std::size_t>(t)]; // the old one closed above
   // The handler needs its own consumer (for done()); it is known only after
   // create() returns, which can be after the first message arrives.
   auto self = std::make_shared<std::weak_ptr<consumer>>();
@@ -158,6 +161,10 @@ std::map<std::string, int64_t> kafka_bus::committed(topic t) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = consumers_.find(t);
   return it == consumers_.end() ? std::map<std::string, int64_t>{} : it->second->committed();
+}
+
+std::shared_ptr<const producer::counters> kafka_bus::producer_counters() const {
+  return producer_->shared_counters();
 }
 
 error kafka_bus::send_record(record r, delivery_fn done) {

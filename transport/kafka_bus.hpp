@@ -8,6 +8,7 @@
 // stage; --roles comes later). Records that cannot be decoded, and events whose handler
 // throws, go to "<prefix>dead-letter" with the reason and are committed past.
 
+#include <array>
 #include <atomic>
 #include <functional>
 #include <map>
@@ -90,6 +91,14 @@ public:
     return dead_lettered_;
   }
 
+  /// The producer's queue and rebuild counts (producer::shared_counters()).
+  std::shared_ptr<const producer::counters> producer_counters() const;
+  /// The lag of this bus's subscriber of `t` (consumer::lag()), kept in one
+  /// place across re-subscriptions and after the bus is gone (then 0).
+  std::shared_ptr<const std::atomic<int64_t>> consumer_lag(topic t) const {
+    return consumer_lags_[static_cast<std::size_t>(t)];
+  }
+
   /// The Kafka record key of an event on `t`.
   static std::string key_for(topic t, const registration_event& ev);
 
@@ -104,6 +113,7 @@ private:
   std::map<topic, std::shared_ptr<consumer>> consumers_;
   std::shared_ptr<std::atomic<uint64_t>> dead_lettered_ =
     std::make_shared<std::atomic<uint64_t>>(0);
+  std::array<std::shared_ptr<std::atomic<int64_t>>, topic_count> consumer_lags_;
 };
 
 } // namespace prov::transport::kafka

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "transport/kafka_handles.hpp"
 
@@ -48,6 +49,8 @@ struct consumer::impl : opaque_base {
   uint64_t epoch = 1;
   std::size_t in_flight = 0;
   bool paused = false;
+
+  std::shared_ptr<std::atomic<int64_t>> lag; ///< written by the consumer thread only
 
   std::atomic<bool> stop{false};
   std::thread worker;
@@ -148,6 +151,39 @@ struct consumer::impl : opaque_base {
     trackers.clear();
     in_flight = 0;
     paused = false;
+    lag->store(0);
+  }
+
+  /// See consumer::lag(). Local calls only: rd_kafka_position() and
+  /// rd_kafka_get_watermark_offsets() read what the last fetches cached.
+  int64_t compute_lag(rd_kafka_t* h) {
+    partition_list_ptr list(rd_kafka_topic_partition_list_new(4));
+    std::vector<int64_t> first_unfinished;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (const auto& [key, t] : trackers) {
+        rd_kafka_topic_partition_list_add(list.get(), t.topic.c_str(), t.partition);
+        // done() pops the finished prefix, so the front is unfinished.
+        first_unfinished.push_back(t.inflight.empty() ? -1 : t.inflight.front().first);
+      }
+    }
+    if (list->cnt == 0) return 0;
+    if (rd_kafka_position(h, list.get()) != RD_KAFKA_RESP_ERR_NO_ERROR) return lag->load();
+    int64_t total = 0;
+    for (int i = 0; i < list->cnt; ++i) {
+      const auto& p = list->elems[i];
+      int64_t lo = 0, hi = 0;
+      if (rd_kafka_get_watermark_offsets(h, p.topic, p.partition, &lo, &hi) !=
+              RD_KAFKA_RESP_ERR_NO_ERROR ||
+          hi < 0)
+        continue; // nothing fetched from it yet
+      const int64_t from = first_unfinished[static_cast<std::size_t>(i)] >= 0
+                               ? first_unfinished[static_cast<std::size_t>(i)]
+                               : p.offset;
+      if (from < 0) continue; // no position yet (RD_KAFKA_OFFSET_INVALID)
+      total += std::max<int64_t>(0, hi - from);
+    }
+    return total;
   }
 
   // -- the consumer thread -----------------------------------------------------
@@ -203,6 +239,7 @@ struct consumer::impl : opaque_base {
 
   void run() {
     rd_kafka_t* h = rk.get();
+    auto next_lag = std::chrono::steady_clock::now();
     while (!stop) {
       message_ptr m(rd_kafka_consumer_poll(h, 50));
       if (m) {
@@ -213,10 +250,16 @@ struct consumer::impl : opaque_base {
       }
       apply_backpressure(h);
       commit_ready(h, false);
+      // Timed, not per message: under load the loop turns once per record.
+      if (const auto now = std::chrono::steady_clock::now(); now >= next_lag) {
+        lag->store(compute_lag(h));
+        next_lag = now + std::chrono::milliseconds(lag_refresh_ms);
+      }
     }
     commit_ready(h, true);
     rd_kafka_consumer_close(h); // revokes (rebalance callback), leaves the group
     rk.reset();
+    lag->store(0);
   }
 
   void close() {
@@ -239,6 +282,8 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   auto p = std::make_unique<impl>();
   p->log = opts.log;
   p->on_message = std::move(h);
+  p->lag = opts.lag_out ? opts.lag_out : std::make_shared<std::atomic<int64_t>>(0);
+  p->lag->store(0);
   conf_ptr conf;
   // socket.timeout.ms: a fetch stuck on a broker that went away silently is
   // abandoned after 10 s instead of librdkafka's 60 s.
@@ -309,5 +354,7 @@ std::map<std::string, int64_t> consumer::committed() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->committed_offsets;
 }
+
+int64_t consumer::lag() const { return impl_->lag->load(); }
 
 } // namespace prov::transport::kafka

@@ -24,6 +24,7 @@
 // actor mailbox) and should not throw: an exception is logged and the
 // message stays unfinished. done() may be called from any thread.
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -69,6 +70,9 @@ public:
     std::size_t max_in_flight = 10000;
     /// Longest a revocation waits for in-flight messages to finish.
     int revoke_grace_ms = 1000;
+    /// Where the consumer keeps lag() current (one is made when null), so a
+    /// metric can read it after the consumer is replaced or gone.
+    std::shared_ptr<std::atomic<int64_t>> lag_out;
     log_fn log;
   };
   using handler = std::function<void(message&&)>;
@@ -96,6 +100,15 @@ public:
   /// Offsets this consumer has successfully committed (next offset to read),
   /// by "topic/partition".
   std::map<std::string, int64_t> committed() const;
+
+  /// Records of the assigned partitions not finished yet: per partition, the
+  /// high watermark of the last fetch minus the first unfinished offset (the
+  /// next commit point), or minus the fetch position when every delivered
+  /// message is done. Refreshed by the consumer thread every lag_refresh_ms
+  /// from librdkafka's cached watermarks (no broker round trip); this only
+  /// reads an atomic. 0 without partitions and once closed.
+  int64_t lag() const;
+  static constexpr int lag_refresh_ms = 100;
 
   struct impl;
 

@@ -31,8 +31,13 @@ struct producer::impl : opaque_base {
 
   std::atomic<bool> fatal{false};
   std::atomic<bool> stop{false};
-  std::atomic<uint64_t> rebuild_count{0};
+  std::shared_ptr<counters> stats = std::make_shared<counters>();
   std::thread poller;
+
+  /// Publishes pending.size() to the metrics counter. Caller holds `mu`.
+  void count_pending_locked() {
+    stats->pending.store(static_cast<int64_t>(pending.size()), std::memory_order_relaxed);
+  }
 
   // -- librdkafka callbacks (run on the thread calling rd_kafka_poll/flush) --
 
@@ -59,6 +64,7 @@ struct producer::impl : opaque_base {
       if (it == self->pending.end()) return;
       e = std::move(it->second);
       self->pending.erase(it);
+      self->count_pending_locked();
     }
     delivery d;
     d.topic = std::move(e.rec.topic);
@@ -168,10 +174,11 @@ struct producer::impl : opaque_base {
         failed.emplace_back(std::move(it->second.done), std::move(d));
         it = pending.erase(it);
       }
+      count_pending_locked();
     }
     for (auto& [done, d] : failed)
       if (done) done(d);
-    ++rebuild_count;
+    ++stats->rebuilds;
     write_log(log, 4, "producer rebuilt; re-sent " + std::to_string(resent) +
                           " unacknowledged records (duplicates possible)");
   }
@@ -214,6 +221,7 @@ struct producer::impl : opaque_base {
     {
       std::lock_guard<std::mutex> lock(mu);
       left.swap(pending);
+      count_pending_locked();
     }
     for (auto& [id, e] : left) {
       delivery d;
@@ -271,6 +279,7 @@ error producer::send(record r, delivery_fn done) {
                                          std::to_string(s.pending.size()) + " records pending)"};
   const uint64_t id = s.next_id++;
   auto it = s.pending.emplace(id, impl::entry{std::move(r), std::move(done), false}).first;
+  s.count_pending_locked();
   if (!s.rk) return {}; // rebuilding: sent in order once the new handle exists
   const rd_kafka_resp_err_t err = s.produce_locked(id, it->second);
   if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return {};
@@ -280,6 +289,7 @@ error producer::send(record r, delivery_fn done) {
   }
   error e = kafka_error(err, "produce to " + it->second.rec.topic);
   s.pending.erase(it);
+  s.count_pending_locked();
   return e;
 }
 
@@ -290,7 +300,11 @@ std::size_t producer::pending() const {
   return impl_->pending.size();
 }
 
-uint64_t producer::rebuilds() const { return impl_->rebuild_count; }
+uint64_t producer::rebuilds() const { return impl_->stats->rebuilds; }
+
+std::shared_ptr<const producer::counters> producer::shared_counters() const {
+  return impl_->stats;
+}
 
 void producer::inject_fatal_error_for_test() {
   std::lock_guard<std::mutex> lock(impl_->mu);

@@ -16,6 +16,7 @@
 // idempotent on operation id, which makes that harmless; order by first
 // occurrence is kept.
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -89,6 +90,15 @@ public:
 
   /// How many times the handle was rebuilt after a fatal error.
   uint64_t rebuilds() const;
+
+  /// pending() and rebuilds() as atomics the producer keeps current, for
+  /// metrics: readable without a lock or a librdkafka call, and after the
+  /// producer is gone (pending then reads 0).
+  struct counters {
+    std::atomic<int64_t> pending{0};
+    std::atomic<uint64_t> rebuilds{0};
+  };
+  std::shared_ptr<const counters> shared_counters() const;
 
   /// Tests only: raises a fabricated fatal error (rd_kafka_test_fatal_error)
   /// as the idempotence machinery would, to exercise the rebuild path.

@@ -91,7 +91,7 @@ TEST_SUITE("kafka_engine") {
 TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kafka once") {
   kafka_fixture fx;
   test::server_process s;
-  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  REQUIRE_MESSAGE(!s.start(test::with_metrics(fx.server_config()), fx.dir), s.log());
   create_group(s, "kafka-group");
   warm_up(s, "kwarm");
   constexpr int threads = 50, per_thread = 10, total = threads * per_thread;
@@ -163,6 +163,17 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
     CHECK(local.count("sequence") == 1);
     local.erase("sequence");
     CHECK_MESSAGE(ce == local, r.value);
+  }
+  // The run is over: nothing left in the producer, no stage behind, and a
+  // clean run never rebuilt the producer.
+  auto m = test::scrape_until(test::metrics_addr(s), test::kafka_drained);
+  CHECK(m["dps_kafka_producer_queue"] == 0);
+  CHECK(m["dps_kafka_producer_rebuilds_total"] == 0);
+  CHECK(m.count("dps_kafka_producer_rebuilds_total") == 1);
+  for (const char* stage : {"attestation", "allocation", "configuration"}) {
+    const std::string series = std::string("dps_kafka_consumer_lag{stage=\"") + stage + "\"}";
+    CHECK_MESSAGE(m.count(series) == 1, series);
+    CHECK_MESSAGE(m[series] == 0, series);
   }
   CHECK(s.stop() == 0);
 }
@@ -268,7 +279,11 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   const auto expected = consumed.size() * junk.size() + bad_enrollments.size() + 2;
   auto dead = read_topic(fx.cfg, "dps.dead-letter", expected);
   CHECK(dead.size() == expected);
-  auto m = test::scrape(test::metrics_addr(s));
+  // No stage consumer is stuck behind the junk (lag 0), nothing waits to be sent.
+  auto m = test::scrape_until(test::metrics_addr(s), test::kafka_drained);
+  CHECK(test::sum(m, "dps_kafka_consumer_lag") == 0);
+  CHECK(m["dps_kafka_producer_queue"] == 0);
+  CHECK(m["dps_kafka_producer_rebuilds_total"] == 0);
   CHECK(test::sum(m, "dps_kafka_dead_letters_total") == static_cast<double>(expected));
   // Every table caught up: the lag gauges exist and read 0.
   for (const char* table : {"enrollments", "registrations", "completed"}) {

@@ -9,11 +9,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <initializer_list>
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -108,6 +110,27 @@ inline std::map<std::string, double> scrape(const std::string& addr) {
   auto r = http(addr, "GET", "/metrics");
   REQUIRE(r.status == 200);
   return parse_metrics(r.body);
+}
+
+/// Scrapes every 50 ms until `done(metrics)` holds or `limit` passes, and
+/// returns the last scrape (for gauges that settle after the work is done).
+template <class Pred>
+std::map<std::string, double> scrape_until(const std::string& addr, Pred done,
+                                           std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  auto m = scrape(addr);
+  while (!done(m) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    m = scrape(addr);
+  }
+  return m;
+}
+
+/// Kafka mode, once a run is over: the producer's queue is empty and every
+/// stage consumer of the process (the series that exist) has no lag.
+inline bool kafka_drained(const std::map<std::string, double>& m) {
+  return m.count("dps_kafka_producer_queue") == 1 && m.at("dps_kafka_producer_queue") == 0
+         && sum(m, "dps_kafka_consumer_lag") == 0;
 }
 
 } // namespace prov::test

@@ -114,15 +114,24 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
   };
   REQUIRE(eventually([&] { return total(b->committed(topic::registration_allocated)) == n; }));
   CHECK(b->committed(topic::registration_attested).empty());
+  // The metrics' view: every attested event unacked is lag, the plain
+  // subscriber has none, nothing waits in the producer.
+  const auto attested_lag = b->consumer_lag(topic::registration_attested);
+  const auto allocated_lag = b->consumer_lag(topic::registration_allocated);
+  CHECK_MESSAGE(eventually([&] { return attested_lag->load() == n; }), attested_lag->load());
+  CHECK_MESSAGE(eventually([&] { return allocated_lag->load() == 0; }), allocated_lag->load());
+  CHECK(a->producer_counters()->pending == 0);
   {
     std::lock_guard<std::mutex> lock(mu);
     for (auto& ack : acks) ack();
   }
   REQUIRE(eventually([&] { return total(b->committed(topic::registration_attested)) == n; }));
+  CHECK_MESSAGE(eventually([&] { return attested_lag->load() == 0; }), attested_lag->load());
   b->close();
   a->close();
   CHECK(a->dead_lettered() == 0);
   CHECK(b->dead_lettered() == 0);
+  CHECK(a->producer_counters()->rebuilds == 0);
 }
 
 TEST_CASE("an undecodable event is dead-lettered with its reason; later events still flow") {

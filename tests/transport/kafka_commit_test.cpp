@@ -196,4 +196,80 @@ TEST_CASE("a second member joins: partitions split, only unfinished messages are
   CHECK(got_a.size() - 40 + got_b.size() >= 4);
 }
 
+TEST_CASE("lag counts unfinished and unread records of the assigned partitions, 0 once done") {
+  test::mock_fixture f;
+  const std::string topic = f.cfg.topic_prefix + "lag";
+  REQUIRE(f.mc->create_topic(topic, 2, 3).ok());
+  std::unique_ptr<producer> p;
+  producer::options po;
+  po.log = f.logs.fn();
+  REQUIRE(producer::create(f.cfg, po, p).ok());
+  std::atomic<int> acked{0};
+  auto send = [&](int32_t partition, int n) {
+    for (int i = 0; i < n; ++i)
+      REQUIRE(p->send({topic, "k", std::to_string(i), {}, partition}, [&](const delivery& d) {
+                 CHECK(d.err.ok());
+                 ++acked;
+               }).ok());
+  };
+  send(0, 10);
+  REQUIRE(eventually([&] { return acked.load() == 10; }));
+
+  std::mutex mu;
+  std::vector<message_id> got;
+  consumer::options co;
+  co.group_id = test::unique_name("g");
+  co.topics = {topic};
+  co.revoke_grace_ms = 0;
+  // Paused with 4 unfinished: the other 6 were fetched (the high watermark
+  // is known) but are not delivered, and still count.
+  co.max_in_flight = 4;
+  co.lag_out = std::make_shared<std::atomic<int64_t>>(-1);
+  co.log = f.logs.fn();
+  std::unique_ptr<consumer> c;
+  REQUIRE(consumer::create(f.cfg, co,
+                           [&](message&& m) {
+                             std::lock_guard<std::mutex> lock(mu);
+                             got.push_back(m.id);
+                           },
+                           c)
+              .ok());
+  CHECK(co.lag_out->load() == 0); // reset at creation
+  auto delivered = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return got.size();
+  };
+  auto finish = [&](std::size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (std::size_t i = 0; i < n && i < got.size(); ++i) c->done(got[i]);
+  };
+  REQUIRE(eventually([&] { return delivered() == 4; }));
+  CHECK_MESSAGE(eventually([&] { return c->lag() == 10; }), "lag ", c->lag());
+  CHECK(delivered() == 4);
+  CHECK(co.lag_out->load() == 10); // the caller's counter is the one kept current
+
+  // Each finished prefix comes off; a gap holds the rest back as the commit does.
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    c->done(got[0]);
+    c->done(got[2]);
+  }
+  CHECK_MESSAGE(eventually([&] { return c->lag() == 9; }), "lag ", c->lag());
+  REQUIRE(eventually([&] {
+    finish(10);
+    return delivered() == 10 && c->lag() == 0;
+  }));
+
+  // Both partitions: the lag is their sum.
+  send(0, 2);
+  send(1, 2);
+  CHECK_MESSAGE(eventually([&] { return delivered() == 14 && c->lag() == 4; }), "lag ",
+                c->lag());
+  finish(14);
+  CHECK_MESSAGE(eventually([&] { return c->lag() == 0; }), "lag ", c->lag());
+  c->close();
+  CHECK(c->lag() == 0);
+  CHECK(co.lag_out->load() == 0);
+}
+
 } // TEST_SUITE

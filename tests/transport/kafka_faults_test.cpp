@@ -235,17 +235,24 @@ TEST_CASE("a fatal producer error rebuilds the producer and re-sends what was no
   // Queue records that cannot be delivered yet, then break the producer.
   REQUIRE(f.mc->broker_down(-1).ok());
   s.send(topic, "k", 10, 10);
+  const auto counters = s.p->shared_counters(); // what the metrics read
+  CHECK(counters->rebuilds == 0);
   s.p->inject_fatal_error_for_test();
   REQUIRE(eventually([&] { return s.p->rebuilds() == 1; }));
+  CHECK(counters->rebuilds == 1);
   CHECK(f.logs.contains("producer fatal error"));
   CHECK(s.count() == 10); // the queued ones were not failed
   CHECK(s.p->pending() == 10);
+  CHECK(counters->pending == 10); // held across the rebuild, still counted
   REQUIRE(f.mc->broker_up(-1).ok());
   REQUIRE(s.wait(20));
   s.send(topic, "k", 5, 20); // the rebuilt producer takes new work
   REQUIRE(s.wait(25));
   s.check_exactly_once(25);
   CHECK(s.p->rebuilds() == 1);
+  CHECK(counters->pending == 0);
+  s.p.reset();
+  CHECK(counters->rebuilds == 1); // outlives the producer
 }
 
 } // TEST_SUITE

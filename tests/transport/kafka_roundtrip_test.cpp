@@ -148,15 +148,19 @@ TEST_CASE("send refuses beyond max_pending and after close, without calling back
     ++callbacks;
     if (!d.err.ok()) ++failed;
   };
+  const auto counters = p->shared_counters();
   for (int i = 0; i < 3; ++i) REQUIRE(p->send({topic, "k", "v", {}, -1}, cb).ok());
   const error full = p->send({topic, "k", "v", {}, -1}, cb);
   CHECK(full.code == error_code::unavailable);
   CHECK(full.message.find("queue full") != std::string::npos);
+  CHECK(counters->pending == 3); // the refused one is not counted
   p->close(); // the 3 pending ones fail: never acknowledged
   CHECK(callbacks.load() == 3);
   CHECK(failed.load() == 3);
+  CHECK(counters->pending == 0);
   CHECK(p->send({topic, "k", "v", {}, -1}, cb).code == error_code::unavailable);
   CHECK(callbacks.load() == 3);
+  CHECK(counters->pending == 0);
 }
 
 } // TEST_SUITE

@@ -9,21 +9,28 @@
 // compacted dps.registrations topic, so whichever process owns a partition
 // after a crash or rebalance sees what the previous owner recorded. Per
 // operation, in order, each step only after the previous one is durable:
-//   1. the assignment (registration record + assigned event) to dps.registrations
-//   2. device.assigned and registration.completed
-//   3. the input ack (the allocated offset is committed)
-// A redelivered event whose operation is already the registration's last
-// assigned one skips step 1 and republishes step 2 from the recorded state:
-// the CloudEvent is rebuilt from the same fields, so a duplicate (crash
-// between 2 and 3) is byte-identical and consumers dedupe on ce_id. The
-// record itself is a function of the allocated event (time = allocation
-// time, etag from the operation id), so two workers recording the same
-// operation around a rebalance also produce identical bytes.
+//   1. device.assigned
+//   2. the assignment (registration record + assigned event) to
+//      dps.registrations
+//   3. registration.completed (so a gateway that reports "assigned" has the
+//      record on its way too)
+//   4. the input ack (the allocated offset is committed)
+// The record therefore proves that device.assigned is in Kafka: a
+// redelivered or resent event whose operation is already the registration's
+// last assigned one (in the local table, or in this worker's memory of what
+// it published) publishes no second device.assigned; it republishes only
+// what steps 2 and 3 may lack. A copy of device.assigned remains possible only when
+// a worker dies between steps 1 and 2 (or its record has not reached the
+// new owner's table yet); the CloudEvent is rebuilt from the same fields,
+// so such a copy is byte-identical and consumers dedupe on ce_id. The record
+// itself is a function of the allocated event (time = allocation time, etag
+// from the operation id), so two workers recording the same operation
+// around a rebalance also produce identical bytes.
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.allocated
 //          (committed_atom, operation id, error) from the store writer (embedded)
-//          (recorded_atom, operation id, error)  step 1 done (Kafka)
-//          (relayed_atom, operation id, error)   one step-2 publish done (Kafka)
+//          (recorded_atom, operation id, error)  step 1 (device.assigned) done (Kafka)
+//          (relayed_atom, operation id, error)   step 2 or 3 done (Kafka)
 // Blocking: point reads for idempotency; spawned detached.
 
 #include <cstdio>
@@ -50,16 +57,17 @@ struct relay_t {
   registration_state state;
   std::vector<event_ack> acks; ///< the delivery's and any duplicates'
   std::chrono::steady_clock::time_point started;
-  int outstanding = 0; ///< step-2 publishes not yet answered
   bool failed = false;
+  bool record = true;     ///< step 2 still to do (the table lacks the record)
+  bool recording = false; ///< step 2 in flight; otherwise step 3 is
 };
 
 struct configuration_state_t {
   uint64_t next_seq = 1;
   std::unordered_map<std::string, committing_t> committing; ///< embedded
   std::unordered_map<std::string, relay_t> relaying;        ///< Kafka
-  /// Kafka: the last 65,536 operations this worker recorded (see
-  /// recent_outcomes.hpp; docs/kafka.md names the number).
+  /// Kafka: the last 65,536 operations whose device.assigned this worker
+  /// published (see recent_outcomes.hpp; docs/kafka.md names the number).
   configuration::recent_outcomes recent{65536};
 };
 
@@ -194,15 +202,23 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
 
 caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ctx,
                              std::shared_ptr<configuration_state_t> st) {
-  // Step 2: device.assigned and registration.completed, both durable.
+  // Steps 2 (the record, unless the local table already has it) and 3
+  // (registration.completed), one after the other, each durable.
   auto relay = [self, ctx, st](relay_t& r) {
-    r.outstanding = 2;
     const auto& ev = r.event;
-    ctx->bus->publish_raw_durable(
-      transport::topic::device_assigned,
-      assigned_record(configuration::attributes_of(ev),
-                      configuration::assignment_event(ev, r.state, 0)),
-      reply_to(self, relayed_atom::value, ev.operation_id));
+    r.recording = r.record;
+    if (r.record) {
+      operation_record update;
+      update.operation_id = ev.operation_id;
+      update.registration_id = ev.registration_id;
+      update.status = registration_status::assigned;
+      update.event = ev;
+      update.event.payload_json.clear(); // not needed to rebuild the CloudEvent
+      update.state = r.state;
+      ctx->repl->publish_assignment(update,
+                                    reply_to(self, relayed_atom::value, ev.operation_id));
+      return;
+    }
     ctx->bus->publish_durable(transport::topic::registration_completed, ev,
                               reply_to(self, relayed_atom::value, ev.operation_id));
   };
@@ -227,8 +243,10 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
       registration_state prev;
       bool had_prev = raw && !decode_record(*raw, prev);
-      if (const auto* recorded = st->recent.find(ev.operation_id)) {
-        prev = *recorded; // recorded here; the store may not have it yet
+      bool in_table = had_prev && prev.last_operation_id == ev.operation_id
+                      && prev.status == registration_status::assigned;
+      if (const auto* published = st->recent.find(ev.operation_id)) {
+        prev = *published; // published here; the table may not have the record yet
         had_prev = true;
       }
       relay_t r;
@@ -237,8 +255,9 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       ctx->relaying.fetch_add(1);
       if (had_prev && prev.last_operation_id == ev.operation_id
           && prev.status == registration_status::assigned) {
-        // Recorded before a crash or rebalance: publish step 2 again from
-        // what was recorded (same bytes as the first time).
+        // device.assigned is already in Kafka (its record or this worker's
+        // memory says so): step 2 again from what was recorded, and no
+        // second device.assigned.
         ev.status = registration_status::assigned;
         ev.completed_ms = prev.updated_ms;
         // Recorded as the allocation time (see below); a redelivered
@@ -249,38 +268,39 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         ev.substatus = prev.substatus;
         r.event = std::move(ev);
         r.state = prev;
+        r.record = !in_table;
+        ctx->kafka_stats->assigned_not_republished.fetch_add(1);
         auto& slot = st->relaying[r.event.operation_id] = std::move(r);
         relay(slot);
         return;
       }
-      // Deterministic: if another worker records this operation too (it got
-      // the event after a rebalance before this record reached its table),
-      // both write the same bytes. The assignment was decided at allocation.
+      // Deterministic: if another worker handles this operation too (it got
+      // the event after a rebalance before this one's record reached its
+      // table), both publish the same bytes. The assignment was decided at
+      // allocation.
       ev.completed_ms = ev.allocated_ms ? ev.allocated_ms : ev.accepted_ms;
       ev.status = registration_status::assigned;
       r.state = assigned_state(ev, had_prev ? &prev : nullptr);
       r.state.etag = enrollment::etag_for(ev.operation_id);
       r.event = std::move(ev);
-      operation_record update;
-      update.operation_id = r.event.operation_id;
-      update.registration_id = r.event.registration_id;
-      update.status = registration_status::assigned;
-      update.event = r.event;
-      update.event.payload_json.clear(); // not needed to rebuild the CloudEvent
-      update.state = r.state;
       auto op_id = r.event.operation_id;
-      st->relaying.emplace(op_id, std::move(r));
-      ctx->repl->publish_assignment(update, reply_to(self, recorded_atom::value, op_id));
+      auto& slot = st->relaying.emplace(op_id, std::move(r)).first->second;
+      ctx->bus->publish_raw_durable(
+        transport::topic::device_assigned,
+        assigned_record(configuration::attributes_of(slot.event),
+                        configuration::assignment_event(slot.event, slot.state, 0)),
+        reply_to(self, recorded_atom::value, op_id));
     },
     [=](recorded_atom, const std::string& op_id, const error& e) {
+      // Step 1 (device.assigned) answered.
       auto it = st->relaying.find(op_id);
       if (it == st->relaying.end())
         return;
       if (e) {
-        std::fprintf(stderr, "provisiond: recording %s failed (retrying): %s\n",
+        std::fprintf(stderr, "provisiond: publishing the assignment of %s failed "
+                             "(retrying): %s\n",
                      op_id.c_str(), e.message.c_str());
         ctx->kafka_stats->publish_retries.fetch_add(1);
-        it->second.outstanding = 0;
         it->second.failed = true;
         self->send(self, relayed_atom::value, op_id, error{});
         return;
@@ -295,14 +315,17 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         return;
       auto& r = it->second;
       if (e) {
-        std::fprintf(stderr, "provisiond: publishing the assignment of %s failed "
+        std::fprintf(stderr, "provisiond: recording the outcome of %s failed "
                              "(retrying): %s\n",
                      op_id.c_str(), e.message.c_str());
         ctx->kafka_stats->publish_retries.fetch_add(1);
         r.failed = true;
       }
-      if (r.outstanding > 0 && --r.outstanding > 0)
+      if (!r.failed && r.recording) {
+        r.record = false; // step 2 done: step 3
+        relay(r);
         return;
+      }
       auto done = std::move(r);
       st->relaying.erase(it);
       ctx->relaying.fetch_sub(1);
@@ -311,9 +334,9 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
           a();
         return;
       }
-      // Try the whole operation again shortly; it is idempotent (a recorded
-      // assignment is republished, not assigned again). Duplicate acks ride
-      // along as further deliveries.
+      // Try the whole operation again shortly; it is idempotent (a published
+      // assignment is remembered and not published again). Duplicate acks
+      // ride along as further deliveries.
       done.event.status = registration_status::assigning;
       for (auto& a : done.acks) {
         ctx->metrics->stage_enqueued(metrics::stage::configuration);

@@ -420,6 +420,13 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
       m->add_gauge("dps_kafka_publish_retries_total",
                    "Failed Kafka publishes retried after 1 s", "", "",
                    [stats] { return static_cast<double>(stats->publish_retries.load()); });
+      m->add_gauge("dps_kafka_assigned_not_republished_total",
+                   "Operations seen again by configuration after their device.assigned was "
+                   "published (resends, redeliveries): answered without a second one",
+                   "", "",
+                   [stats] {
+                     return static_cast<double>(stats->assigned_not_republished.load());
+                   });
       // Counters shared with the transport: they outlive the bus, and a
       // scrape only loads atomics (no lock held by Kafka I/O, no broker call).
       auto producer = kbus->producer_counters();

@@ -119,6 +119,9 @@ private:
 struct kafka_counters {
   std::atomic<uint64_t> resends{0};         ///< operations handed off again (no outcome)
   std::atomic<uint64_t> publish_retries{0}; ///< failed publishes retried after 1 s
+  /// Operations configuration saw again after publishing their
+  /// device.assigned (resends, redeliveries): answered without a second one.
+  std::atomic<uint64_t> assigned_not_republished{0};
 };
 
 struct engine_context {

@@ -285,10 +285,7 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   p->lag = opts.lag_out ? opts.lag_out : std::make_shared<std::atomic<int64_t>>(0);
   p->lag->store(0);
   conf_ptr conf;
-  // socket.timeout.ms: a fetch stuck on a broker that went away silently is
-  // abandoned after 10 s instead of librdkafka's 60 s.
-  if (auto err = make_conf(cfg, {{"auto.offset.reset", opts.auto_offset_reset},
-                                 {"socket.timeout.ms", "10000"}},
+  if (auto err = make_conf(cfg, client_defaults({{"auto.offset.reset", opts.auto_offset_reset}}),
                            {{"group.id", opts.group_id},
                             {"enable.auto.commit", "false"},
                             {"enable.auto.offset.store", "false"},

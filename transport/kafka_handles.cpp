@@ -31,6 +31,18 @@ error make_conf(const config::kafka_config& cfg, const property_list& defaults,
   return {};
 }
 
+property_list client_defaults(property_list own) {
+  // A request stuck on a broker that went away without closing the
+  // connection is abandoned after 10 s, not librdkafka's 60 s.
+  own.emplace_back("socket.timeout.ms", "10000");
+  // Reconnect to a broker that is back within about a second. librdkafka's
+  // backoff doubles up to 10 s, so after a few seconds' outage some clients
+  // came back up to 10 s late, and each late group member cost another
+  // rebalance (docs/kafka.md). 1 s is the Java clients' default.
+  own.emplace_back("reconnect.backoff.max.ms", "1000");
+  return own;
+}
+
 void set_opaque(rd_kafka_conf_t* conf, opaque_base* self) {
   rd_kafka_conf_set_opaque(conf, self);
   if (!self->log) return;

@@ -57,6 +57,11 @@ using property_list = std::vector<std::pair<std::string, std::string>>;
 [[nodiscard]] error make_conf(const config::kafka_config& cfg, const property_list& defaults,
                               const property_list& enforced, conf_ptr& out);
 
+/// `own` (a client's make_conf defaults) plus provisiond's defaults for every
+/// long-lived client: producer, group consumers, table readers. Like all
+/// defaults, [kafka.properties] overrides them.
+property_list client_defaults(property_list own);
+
 /// What every handle's opaque (rd_kafka_conf_set_opaque) points to: the
 /// wrapper's state derives from it, so the log callback, which gets only the
 /// handle, can find the sink.

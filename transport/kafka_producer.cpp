@@ -250,11 +250,8 @@ error producer::create(const config::kafka_config& cfg, options opts,
   // publishers), so one device's events share a partition whoever writes.
   // No auto-creation: a compacted topic must never appear non-compacted.
   if (auto err = make_conf(cfg,
-                           {{"partitioner", "murmur2_random"},
-                            {"allow.auto.create.topics", "false"},
-                            // A request stuck on a broker that went away
-                            // silently is retried after 10 s, not 60 s.
-                            {"socket.timeout.ms", "10000"}},
+                           client_defaults({{"partitioner", "murmur2_random"},
+                                            {"allow.auto.create.topics", "false"}}),
                            {{"enable.idempotence", "true"}, {"acks", "all"}}, conf))
     return err;
   set_opaque(conf.get(), p.get());

@@ -34,11 +34,8 @@ struct table_reader::impl : opaque_base {
     const std::string group =
       cfg.client_id + ".table." + crypto::hex(crypto::random_bytes(6));
     if (auto err = make_conf(cfg,
-                             {{"auto.offset.reset", "earliest"},
-                              {"enable.partition.eof", "false"},
-                              // A fetch stuck on a broker that went away
-                              // silently: retried after 10 s, not 60 s.
-                              {"socket.timeout.ms", "10000"}},
+                             client_defaults({{"auto.offset.reset", "earliest"},
+                                              {"enable.partition.eof", "false"}}),
                              {{"group.id", group},
                               {"enable.auto.commit", "false"},
                               {"enable.auto.offset.store", "false"}},

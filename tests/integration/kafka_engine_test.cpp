@@ -167,6 +167,10 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   // The run is over: nothing left in the producer, no stage behind, and a
   // clean run never rebuilt the producer.
   auto m = test::scrape_until(test::metrics_addr(s), test::kafka_drained);
+  // The Kafka panels of the example Grafana dashboard query exported names.
+  CHECK(test::check_dashboard_metrics(test::http(test::metrics_addr(s), "GET", "/metrics").body,
+                                      "dps_kafka_")
+        >= 5);
   CHECK(m["dps_kafka_producer_queue"] == 0);
   CHECK(m["dps_kafka_producer_rebuilds_total"] == 0);
   CHECK(m.count("dps_kafka_producer_rebuilds_total") == 1);

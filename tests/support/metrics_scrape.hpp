@@ -10,9 +10,14 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <initializer_list>
+#include <iterator>
 #include <map>
+#include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -131,6 +136,43 @@ std::map<std::string, double> scrape_until(const std::string& addr, Pred done,
 inline bool kafka_drained(const std::map<std::string, double>& m) {
   return m.count("dps_kafka_producer_queue") == 1 && m.at("dps_kafka_producer_queue") == 0
          && sum(m, "dps_kafka_consumer_lag") == 0;
+}
+
+/// Metric names the example Grafana dashboard (docs/grafana-dashboard.json,
+/// found through PROV_SOURCE_DIR, which CTest sets) queries, histogram
+/// suffixes stripped.
+inline std::set<std::string> dashboard_metrics() {
+  const char* src = std::getenv("PROV_SOURCE_DIR");
+  REQUIRE_MESSAGE(src != nullptr, "PROV_SOURCE_DIR is not set");
+  std::ifstream dash(std::string(src) + "/docs/grafana-dashboard.json");
+  REQUIRE(dash);
+  std::string text((std::istreambuf_iterator<char>(dash)), std::istreambuf_iterator<char>());
+  std::set<std::string> names;
+  std::regex name_re("(dps_[a-z_]+|process_[a-z_]+)");
+  for (std::sregex_iterator it(text.begin(), text.end(), name_re), end; it != end; ++it) {
+    auto name = it->str();
+    for (const char* suffix : {"_bucket", "_sum", "_count"})
+      if (name.size() > std::strlen(suffix)
+          && name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0)
+        name.resize(name.size() - std::strlen(suffix));
+    names.insert(name);
+  }
+  return names;
+}
+
+/// The dashboard's metrics whose name starts with `prefix` (or does not,
+/// with `exclude`) are all exported in `scrape_text`; returns how many.
+inline int check_dashboard_metrics(const std::string& scrape_text, const std::string& prefix,
+                                   bool exclude = false) {
+  int n = 0;
+  for (const auto& name : dashboard_metrics()) {
+    if ((name.rfind(prefix, 0) == 0) == exclude)
+      continue;
+    ++n;
+    CHECK_MESSAGE(scrape_text.find("# TYPE " + name + " ") != std::string::npos,
+                  "the dashboard queries " << name << ", which is not exported");
+  }
+  return n;
 }
 
 } // namespace prov::test

@@ -1,5 +1,6 @@
 #include "gateway/https_server.hpp"
 
+#include <pthread.h>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -342,6 +343,7 @@ public:
     accept();
     for (auto& ioc : iocs_)
       threads_.emplace_back([ioc = ioc.get()] {
+        pthread_setname_np(pthread_self(), "prov-http"); // names threads in perf and top
         auto work = net::make_work_guard(*ioc); // idle threads wait for connections
         ioc->run();
       });

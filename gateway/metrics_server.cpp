@@ -1,5 +1,6 @@
 #include "gateway/metrics_server.hpp"
 
+#include <pthread.h>
 #include <atomic>
 #include <thread>
 
@@ -115,7 +116,10 @@ public:
     beast::error_code ec;
     bound_ = acceptor_.local_endpoint(ec);
     accept();
-    thread_ = std::thread([this] { ioc_.run(); });
+    thread_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "prov-metrics");
+      ioc_.run();
+    });
     return {};
   }
 

@@ -1,5 +1,6 @@
 #include "transport/kafka_consumer.hpp"
 
+#include <pthread.h>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -312,7 +313,10 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
     return kafka_error(err, "kafka consumer: subscribe");
   p->opts = std::move(opts);
   impl* self = p.get();
-  p->worker = std::thread([self] { self->run(); });
+  p->worker = std::thread([self] {
+    pthread_setname_np(pthread_self(), "prov-kafka-cons");
+    self->run();
+  });
   out.reset(new consumer(std::move(p)));
   return {};
 }

@@ -1,5 +1,6 @@
 #include "transport/kafka_producer.hpp"
 
+#include <pthread.h>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -262,7 +263,10 @@ error producer::create(const config::kafka_config& cfg, options opts,
   if (auto err = p->new_handle(h)) return err;
   p->rk = std::move(h);
   impl* raw = p.get();
-  p->poller = std::thread([raw] { raw->poll_loop(); });
+  p->poller = std::thread([raw] {
+    pthread_setname_np(pthread_self(), "prov-kafka-prod");
+    raw->poll_loop();
+  });
   out.reset(new producer(std::move(p)));
   return {};
 }

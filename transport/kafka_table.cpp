@@ -1,5 +1,6 @@
 #include "transport/kafka_table.hpp"
 
+#include <pthread.h>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -177,7 +178,10 @@ error table_reader::create(const config::kafka_config& cfg, options opts, apply_
   if (auto err = p->assign())
     return err;
   auto* raw = p.get();
-  p->worker = std::thread([raw] { raw->run(); });
+  p->worker = std::thread([raw] {
+    pthread_setname_np(pthread_self(), "prov-kafka-tbl");
+    raw->run();
+  });
   out.reset(new table_reader(std::move(p)));
   return {};
 }

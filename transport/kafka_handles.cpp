@@ -1,5 +1,7 @@
 #include "transport/kafka_handles.hpp"
 
+#include <cstdlib>
+
 namespace prov::transport::kafka::internal {
 namespace {
 
@@ -21,8 +23,16 @@ error make_conf(const config::kafka_config& cfg, const property_list& defaults,
     if (auto err = set(conf.get(), "bootstrap.servers", cfg.brokers, "kafka.brokers"))
       return err;
   if (auto err = set(conf.get(), "client.id", cfg.client_id, "kafka.client_id")) return err;
-  for (const auto& [k, v] : defaults)
-    if (auto err = set(conf.get(), k, v, "provisiond default " + k)) return err;
+  for (const auto& [k, v] : defaults) {
+    std::string value = v;
+    // Our 1 s cap must not undercut a longer base backoff the operator set
+    // (librdkafka refuses max < base); their base then is the cap too.
+    if (k == "reconnect.backoff.max.ms" && !cfg.properties.count(k))
+      if (auto base = cfg.properties.find("reconnect.backoff.ms");
+          base != cfg.properties.end() && std::atoll(base->second.c_str()) > std::atoll(v.c_str()))
+        value = base->second;
+    if (auto err = set(conf.get(), k, value, "provisiond default " + k)) return err;
+  }
   for (const auto& [k, v] : cfg.properties)
     if (auto err = set(conf.get(), k, v, "kafka.properties." + k)) return err;
   for (const auto& [k, v] : enforced)

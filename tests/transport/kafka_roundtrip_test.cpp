@@ -164,3 +164,21 @@ TEST_CASE("send refuses beyond max_pending and after close, without calling back
 }
 
 } // TEST_SUITE
+
+TEST_CASE("an operator's reconnect.backoff.ms above provisiond's 1 s cap still starts clients") {
+  // librdkafka refuses reconnect.backoff.max.ms < reconnect.backoff.ms; our
+  // default cap follows a longer base the operator set.
+  test::mock_fixture f;
+  auto cfg = f.cfg;
+  cfg.properties.erase("reconnect.backoff.max.ms"); // the fixture's own choice
+  cfg.properties["reconnect.backoff.ms"] = "2500";
+  std::unique_ptr<producer> p;
+  producer::options po;
+  po.log = f.logs.fn();
+  auto err = producer::create(cfg, po, p);
+  CHECK_MESSAGE(err.ok(), err.message);
+  cfg.properties["reconnect.backoff.max.ms"] = "500"; // the operator's own conflict: named
+  std::unique_ptr<producer> bad;
+  err = producer::create(cfg, po, bad);
+  CHECK_FALSE(err.ok());
+}

@@ -167,17 +167,19 @@ TEST_CASE("500 devices over HTTPS, stages over Kafka: each assigned once, on Kaf
   // The run is over: nothing left in the producer, no stage behind, and a
   // clean run never rebuilt the producer.
   auto m = test::scrape_until(test::metrics_addr(s), test::kafka_drained);
+  CHECK(test::kafka_drained(m));
   // The Kafka panels of the example Grafana dashboard query exported names.
   CHECK(test::check_dashboard_metrics(test::http(test::metrics_addr(s), "GET", "/metrics").body,
                                       "dps_kafka_")
         >= 5);
-  CHECK(m["dps_kafka_producer_queue"] == 0);
-  CHECK(m["dps_kafka_producer_rebuilds_total"] == 0);
-  CHECK(m.count("dps_kafka_producer_rebuilds_total") == 1);
+  REQUIRE(m.count("dps_kafka_producer_queue") == 1);
+  REQUIRE(m.count("dps_kafka_producer_rebuilds_total") == 1);
+  CHECK(m.at("dps_kafka_producer_queue") == 0);
+  CHECK(m.at("dps_kafka_producer_rebuilds_total") == 0);
   for (const char* stage : {"attestation", "allocation", "configuration"}) {
     const std::string series = std::string("dps_kafka_consumer_lag{stage=\"") + stage + "\"}";
-    CHECK_MESSAGE(m.count(series) == 1, series);
-    CHECK_MESSAGE(m[series] == 0, series);
+    REQUIRE_MESSAGE(m.count(series) == 1, series);
+    CHECK_MESSAGE(m.at(series) == 0, series);
   }
   CHECK(s.stop() == 0);
 }
@@ -285,9 +287,13 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   CHECK(dead.size() == expected);
   // No stage consumer is stuck behind the junk (lag 0), nothing waits to be sent.
   auto m = test::scrape_until(test::metrics_addr(s), test::kafka_drained);
+  CHECK(test::kafka_drained(m));
+  CHECK(m.count("dps_kafka_consumer_lag{stage=\"configuration\"}") == 1);
   CHECK(test::sum(m, "dps_kafka_consumer_lag") == 0);
-  CHECK(m["dps_kafka_producer_queue"] == 0);
-  CHECK(m["dps_kafka_producer_rebuilds_total"] == 0);
+  REQUIRE(m.count("dps_kafka_producer_queue") == 1);
+  REQUIRE(m.count("dps_kafka_producer_rebuilds_total") == 1);
+  CHECK(m.at("dps_kafka_producer_queue") == 0);
+  CHECK(m.at("dps_kafka_producer_rebuilds_total") == 0);
   CHECK(test::sum(m, "dps_kafka_dead_letters_total") == static_cast<double>(expected));
   // Every table caught up: the lag gauges exist and read 0.
   for (const char* table : {"enrollments", "registrations", "completed"}) {

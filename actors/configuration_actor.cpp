@@ -243,9 +243,13 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
       registration_state prev;
       bool had_prev = raw && !decode_record(*raw, prev);
-      bool in_table = had_prev && prev.last_operation_id == ev.operation_id
-                      && prev.status == registration_status::assigned;
+      const bool in_table = had_prev && prev.last_operation_id == ev.operation_id
+                            && prev.status == registration_status::assigned;
+      // The table already holds a later operation of this registration: a
+      // record of this one would overwrite it on the compacted topic.
+      bool table_newer = false;
       if (const auto* published = st->recent.find(ev.operation_id)) {
+        table_newer = had_prev && !in_table && prev.updated_ms >= published->updated_ms;
         prev = *published; // published here; the table may not have the record yet
         had_prev = true;
       }
@@ -268,7 +272,9 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         ev.substatus = prev.substatus;
         r.event = std::move(ev);
         r.state = prev;
-        r.record = !in_table;
+        // The record again only if nobody has it yet: not in the table, not
+        // acknowledged to this worker, and no later operation recorded since.
+        r.record = !in_table && !st->recent.recorded(r.event.operation_id) && !table_newer;
         ctx->kafka_stats->assigned_not_republished.fetch_add(1);
         auto& slot = st->relaying[r.event.operation_id] = std::move(r);
         relay(slot);
@@ -322,6 +328,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         r.failed = true;
       }
       if (!r.failed && r.recording) {
+        st->recent.mark_recorded(op_id);
         r.record = false; // step 2 done: step 3
         relay(r);
         return;

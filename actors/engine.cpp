@@ -422,7 +422,8 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
                    [stats] { return static_cast<double>(stats->publish_retries.load()); });
       m->add_gauge("dps_kafka_assigned_not_republished_total",
                    "Operations seen again by configuration after their device.assigned was "
-                   "published (resends, redeliveries): answered without a second one",
+                   "published (resends, redeliveries, own retries): answered without a "
+                   "second one",
                    "", "",
                    [stats] {
                      return static_cast<double>(stats->assigned_not_republished.load());

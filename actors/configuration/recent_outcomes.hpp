@@ -30,12 +30,22 @@ public:
   /// The remembered outcome, or nullptr. Valid until the next remember().
   const registration_state* find(const std::string& op_id) const;
 
+  /// Notes that op_id's record reached dps.registrations (Kafka acknowledged
+  /// it). No effect for an operation not remembered.
+  void mark_recorded(const std::string& op_id);
+  /// Whether mark_recorded() was called for a remembered op_id.
+  bool recorded(const std::string& op_id) const;
+
   std::size_t size() const { return by_op_.size(); }
   std::size_t capacity() const { return capacity_; }
 
 private:
   std::size_t capacity_;
-  std::unordered_map<std::string, registration_state> by_op_;
+  struct entry {
+    registration_state state;
+    bool recorded = false;
+  };
+  std::unordered_map<std::string, entry> by_op_;
   std::deque<std::string> order_; ///< oldest first
 };
 

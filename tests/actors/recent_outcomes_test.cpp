@@ -115,3 +115,20 @@ TEST_CASE("no unbounded growth: many operations keep exactly the newest capacity
 }
 
 } // TEST_SUITE
+
+TEST_CASE("recorded: only after mark_recorded, only for remembered operations, forgotten with them") {
+  recent_outcomes recent(2);
+  CHECK(recent.remember("r.1", outcome("r.1")));
+  CHECK_FALSE(recent.recorded("r.1"));
+  recent.mark_recorded("r.1");
+  CHECK(recent.recorded("r.1"));
+  recent.mark_recorded("r.unknown"); // not remembered: nothing to mark
+  CHECK_FALSE(recent.recorded("r.unknown"));
+  CHECK(recent.find("r.unknown") == nullptr);
+  CHECK_FALSE(recent.remember("r.1", outcome("r.1"))); // a repeat keeps the mark
+  CHECK(recent.recorded("r.1"));
+  CHECK(recent.remember("r.2", outcome("r.2")));
+  CHECK(recent.remember("r.3", outcome("r.3"))); // evicts r.1
+  CHECK_FALSE(recent.recorded("r.1"));
+  CHECK(recent.find("r.1") == nullptr);
+}

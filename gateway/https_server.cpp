@@ -135,6 +135,9 @@ private:
   }
 
   void read() {
+    // A deadline that expired just as the previous write completed must not
+    // fail this new request.
+    timed_out_ = false;
     parser_.emplace();
     parser_->body_limit(opts_.max_body_bytes);
     parser_->header_limit(static_cast<std::uint32_t>(opts_.max_header_bytes));

@@ -58,8 +58,7 @@ struct relay_t {
   std::vector<event_ack> acks; ///< the delivery's and any duplicates'
   std::chrono::steady_clock::time_point started;
   bool failed = false;
-  bool record = true;     ///< step 2 still to do (the table lacks the record)
-  bool recording = false; ///< step 2 in flight; otherwise step 3 is
+  bool record = true; ///< step 2 still to do (in flight while set); else step 3 is
 };
 
 struct configuration_state_t {
@@ -206,7 +205,6 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
   // (registration.completed), one after the other, each durable.
   auto relay = [self, ctx, st](relay_t& r) {
     const auto& ev = r.event;
-    r.recording = r.record;
     if (r.record) {
       operation_record update;
       update.operation_id = ev.operation_id;
@@ -327,7 +325,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         ctx->kafka_stats->publish_retries.fetch_add(1);
         r.failed = true;
       }
-      if (!r.failed && r.recording) {
+      if (!r.failed && r.record) {
         st->recent.mark_recorded(op_id);
         r.record = false; // step 2 done: step 3
         relay(r);

@@ -196,25 +196,24 @@ prov::error direct_publisher::start(const std::string& brokers,
   impl* p = impl_.get();
   kafka::table_reader::options ro;
   ro.log = log;
-  ro.topic = kafka::topic_for(cfg, prov::transport::topic::registration_completed);
-  if (auto e = kafka::table_reader::create(
-        cfg, ro,
-        [p](const std::vector<kafka::message>& b) {
-          if (auto st = p->current())
-            st->on_completed(b);
-          return prov::error{};
-        },
-        p->completed))
+  // Both readers hand their batches to the current run's state, if any.
+  auto open_reader = [&](prov::transport::topic t,
+                         void (run_state::*on)(const std::vector<kafka::message>&),
+                         std::unique_ptr<kafka::table_reader>& out) {
+    ro.topic = kafka::topic_for(cfg, t);
+    return kafka::table_reader::create(
+      cfg, ro,
+      [p, on](const std::vector<kafka::message>& b) {
+        if (auto st = p->current())
+          (st.get()->*on)(b);
+        return prov::error{};
+      },
+      out);
+  };
+  using prov::transport::topic;
+  if (auto e = open_reader(topic::registration_completed, &run_state::on_completed, p->completed))
     return e;
-  ro.topic = kafka::topic_for(cfg, prov::transport::topic::device_assigned);
-  if (auto e = kafka::table_reader::create(
-        cfg, ro,
-        [p](const std::vector<kafka::message>& b) {
-          if (auto st = p->current())
-            st->on_assigned(b);
-          return prov::error{};
-        },
-        p->assigned))
+  if (auto e = open_reader(topic::device_assigned, &run_state::on_assigned, p->assigned))
     return e;
   for (auto* t : {p->completed.get(), p->assigned.get()})
     if (auto e = t->wait_caught_up(30000))

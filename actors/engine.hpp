@@ -37,7 +37,10 @@ struct engine_options {
 struct register_reply {
   error err;                 ///< set: reject with err (401, 404, 503, ...)
   std::string operation_id;
+  /// assigning: answer 202 and let the device poll. assigned or failed: the
+  /// outcome arrived within device_api.register_wait_ms; `state` holds it.
   registration_status status = registration_status::assigning;
+  registration_state state;
 };
 
 class engine {

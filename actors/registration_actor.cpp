@@ -11,11 +11,13 @@
 //   (event_atom, registration_event)                      registration.completed
 //   (handedoff_atom, operation id)          Kafka acknowledged registration.attested
 //   (resend_atom)                           Kafka: hand off again what has no outcome
+//   (waittick_atom)                         register waits past their deadline
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <deque>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -53,6 +55,13 @@ struct registration_state_t {
   /// in-memory retry gone with the worker), the operation is handed off
   /// again; the stages are idempotent per operation id.
   std::unordered_map<std::string, handed_off> handed;
+  /// operation id -> a register answer held back until the outcome arrives
+  /// (device_api.register_wait_ms), so the device needs no poll.
+  std::unordered_map<std::string, register_reply_fn> waiting;
+  /// (deadline, operation id), oldest first: every wait is equally long.
+  /// Entries of operations answered early are skipped when they surface.
+  std::deque<std::pair<std::chrono::steady_clock::time_point, std::string>> deadlines;
+  bool tick_armed = false;
 };
 
 /// The mechanism a rejected request tried, for the attestation metric.
@@ -105,8 +114,32 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                                  std::move(*copy));
       });
   };
-  /// True when the operation was in flight here (and no longer is).
-  auto finish = [ctx, st](const std::string& reg_key, const std::string& op_id) {
+  /// Answers a held register: with the outcome when the operation record is
+  /// terminal (assigned or failed), else the classic 202 "assigning".
+  auto answer_waiter = [ctx, st](const std::string& op_id) {
+    auto it = st->waiting.find(op_id);
+    if (it == st->waiting.end())
+      return;
+    auto reply = std::move(it->second);
+    st->waiting.erase(it);
+    register_reply rr;
+    rr.operation_id = op_id;
+    std::optional<std::string> raw;
+    operation_record op;
+    if (!ctx->store->get(storage::cf::operations, op_id, raw) && raw
+        && !decode_record(*raw, op)
+        && (op.status == registration_status::assigned
+            || op.status == registration_status::failed)) {
+      rr.status = op.status;
+      rr.state = std::move(op.state);
+    }
+    reply.fn(std::move(rr));
+  };
+  /// The operation's outcome is recorded (or it was abandoned): a held
+  /// register gets its answer. True when the operation was in flight here
+  /// (and no longer is).
+  auto finish = [ctx, st, answer_waiter](const std::string& reg_key, const std::string& op_id) {
+    answer_waiter(op_id);
     st->handed.erase(op_id);
     auto it = st->inflight.find(reg_key);
     if (it != st->inflight.end() && it->second == op_id) {
@@ -116,10 +149,42 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     }
     return false;
   };
+  const auto register_wait = std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms);
+  /// Arms the one timer that answers expired waits: at most one tick per
+  /// wait period while every outcome arrives in time.
+  auto arm_tick = [self, st] {
+    while (!st->deadlines.empty() && !st->waiting.count(st->deadlines.front().second))
+      st->deadlines.pop_front();
+    if (st->tick_armed || st->deadlines.empty())
+      return;
+    st->tick_armed = true;
+    auto due = std::chrono::duration_cast<std::chrono::milliseconds>(
+      st->deadlines.front().first - std::chrono::steady_clock::now());
+    self->delayed_send(self, std::max(due, std::chrono::milliseconds(1)), waittick_atom::value);
+  };
+  // An actor that stops with held answers (shutdown) still answers them.
+  self->attach_functor([st] {
+    for (auto& [op_id, reply] : st->waiting) {
+      register_reply rr;
+      rr.operation_id = op_id;
+      reply.fn(std::move(rr));
+    }
+    st->waiting.clear();
+  });
   const auto resend_after = std::chrono::seconds(ctx->opts.cfg.kafka.resend_after_s);
   if (ctx->kafka() && resend_after.count() > 0)
     self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
+    [=](waittick_atom) {
+      st->tick_armed = false;
+      auto now = std::chrono::steady_clock::now();
+      while (!st->deadlines.empty() && st->deadlines.front().first <= now) {
+        auto op_id = std::move(st->deadlines.front().second);
+        st->deadlines.pop_front();
+        answer_waiter(op_id); // no outcome yet: 202, the device polls
+      }
+      arm_tick();
+    },
     [=](handedoff_atom, const std::string& op_id) {
       if (auto it = st->handed.find(op_id); it != st->handed.end())
         it->second.acked_at = std::chrono::steady_clock::now();
@@ -241,10 +306,15 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                                   "could not record the registration: " + e.message}));
           return;
         }
-        register_reply rr;
-        rr.operation_id = op_id;
-        rr.status = pa.event.status;
-        pa.reply.fn(std::move(rr));
+        if (pa.event.status == registration_status::assigning && register_wait.count() > 0) {
+          st->waiting.emplace(op_id, std::move(pa.reply));
+          st->deadlines.emplace_back(std::chrono::steady_clock::now() + register_wait, op_id);
+          arm_tick();
+        } else {
+          register_reply rr;
+          rr.operation_id = op_id;
+          pa.reply.fn(std::move(rr));
+        }
         if (pa.event.status == registration_status::disabled) {
           m->registration_attempt("disabled", "", pa.event.protocol);
           m->operation_finished("disabled", 0.0);

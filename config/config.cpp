@@ -33,6 +33,7 @@ struct int_rule {
 };
 
 constexpr int_rule retry_after_rule{1, 300};
+constexpr int_rule register_wait_rule{0, 10000};
 constexpr int_rule threads_rule{0, 64};
 constexpr int_rule max_body_rule{1024, 1048576};
 constexpr int_rule request_timeout_rule{1, 3600};
@@ -226,6 +227,7 @@ void check_config(const engine_config& c, const report_fn& report) {
   if (d.tls_cert.empty() && !d.tls_key.empty())
     report("device_api.tls_key", "set without device_api.tls_cert (set both or neither)");
   check_range(report, "device_api.retry_after_seconds", d.retry_after_seconds, retry_after_rule);
+  check_range(report, "device_api.register_wait_ms", d.register_wait_ms, register_wait_rule);
   check_range(report, "device_api.threads", d.threads, threads_rule);
   // size_t may exceed int64_t; anything that large is out of range anyway.
   const int64_t body = d.max_body_bytes > static_cast<std::size_t>(max_body_rule.hi)
@@ -386,7 +388,8 @@ class loader {
       const std::string p = "device_api";
       device_api_config& d = c.device_api;
       check_keys(*t, p,
-                 {"listen", "hostnames", "tls_cert", "tls_key", "retry_after_seconds", "threads",
+                 {"listen", "hostnames", "tls_cert", "tls_key", "retry_after_seconds",
+                  "register_wait_ms", "threads",
                   "max_body_bytes", "request_timeout_seconds", "idle_timeout_seconds",
                   "max_sas_lifetime_seconds", "clock_skew_seconds"});
       get(*t, p, "listen", d.listen);
@@ -394,6 +397,7 @@ class loader {
       get(*t, p, "tls_cert", d.tls_cert);
       get(*t, p, "tls_key", d.tls_key);
       get_int(*t, p, "retry_after_seconds", d.retry_after_seconds, retry_after_rule);
+      get_int(*t, p, "register_wait_ms", d.register_wait_ms, register_wait_rule);
       get_int(*t, p, "threads", d.threads, threads_rule);
       get_int(*t, p, "max_body_bytes", d.max_body_bytes, max_body_rule);
       get_int(*t, p, "request_timeout_seconds", d.request_timeout_seconds, request_timeout_rule);

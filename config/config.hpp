@@ -37,6 +37,10 @@ struct device_api_config {
   std::string tls_cert; ///< PEM file; generated into <data_dir>/tls when empty
   std::string tls_key;
   int retry_after_seconds = 1;        ///< Retry-After on 202 answers, 1..300
+  /// How long a register request may wait for its outcome. Assigned (or
+  /// failed) within it: answered 200 with the result, no poll needed. Else,
+  /// or 0: the classic 202 "assigning" and the device polls.
+  int register_wait_ms = 250;
   int threads = 0;                    ///< HTTP I/O threads; 0 = number of cores
   std::size_t max_body_bytes = 96 * 1024; ///< DPS limit: 96 KB
   int request_timeout_seconds = 30;   ///< whole-request budget (slowloris guard)

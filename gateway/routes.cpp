@@ -383,8 +383,13 @@ private:
           resp.headers.emplace_back("Retry-After", retry_after);
         return reply(std::move(resp));
       }
-      // Always "assigning" on the 202 (SDKs treat other statuses in a 2xx as
-      // unknown); a disabled enrollment is reported by the first poll.
+      if (r.status == registration_status::assigned || r.status == registration_status::failed)
+        // The outcome arrived within register_wait_ms: the answer a poll
+        // would give (200), so the device is done without polling. Every
+        // official SDK (Node, C, Python, embedded C) accepts it on register.
+        return reply(json_response(200, operation_status_text(r.operation_id, r.state)));
+      // Otherwise always "assigning" on the 202 (Node and Python treat
+      // `disabled` in a 2xx as unknown); the first poll reports the rest.
       std::string body = "{\"operationId\":";
       json_text::append_string(body, r.operation_id);
       body += ",\"status\":\"assigning\"}";

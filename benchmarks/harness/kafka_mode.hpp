@@ -33,6 +33,7 @@ struct kafka_options {
   std::string id_scope;      ///< written into every config
   std::string policy_name;   ///< the one [[access_policies]] entry of every config
   std::string policy_key;
+  int register_wait_ms = -1; ///< device_api.register_wait_ms; -1 = the server's default
   int start_timeout_s = 60;  ///< per process, for /readyz
   const std::atomic<bool>* interrupted = nullptr;
 };

@@ -57,6 +57,7 @@ TEST_CASE("empty text gives the documented defaults") {
   CHECK(cfg.device_api.tls_cert.empty());
   CHECK(cfg.device_api.tls_key.empty());
   CHECK(cfg.device_api.retry_after_seconds == 1);
+  CHECK(cfg.device_api.register_wait_ms == 250);
   CHECK(cfg.device_api.threads == 0);
   CHECK(cfg.device_api.max_body_bytes == 96 * 1024);
   CHECK(cfg.device_api.request_timeout_seconds == 30);
@@ -81,6 +82,7 @@ hostnames = ["dps.example.com", "10.0.0.5", "::1"]
 tls_cert = "/etc/provisiond/tls.crt"
 tls_key = "/etc/provisiond/tls.key"
 retry_after_seconds = 3
+register_wait_ms = 0
 threads = 8
 max_body_bytes = 65536
 request_timeout_seconds = 10
@@ -129,6 +131,7 @@ file = "/var/log/provisiond.log"
   CHECK(d.tls_cert == "/etc/provisiond/tls.crt");
   CHECK(d.tls_key == "/etc/provisiond/tls.key");
   CHECK(d.retry_after_seconds == 3);
+  CHECK(d.register_wait_ms == 0);
   CHECK(d.threads == 8);
   CHECK(d.max_body_bytes == 65536);
   CHECK(d.request_timeout_seconds == 10);
@@ -196,6 +199,8 @@ TEST_CASE("bad values name file, line and key path") {
   CHECK(load_error("[[hubs]]\nhostname = \"a.example\"\n\n[[hubs]]\nhostname = \"b.example\"\n"
                    "\n\n\n\n\n\nallocation_weight = 0\n") ==
         "cfg.toml:12: hubs[1].allocation_weight: must be 1..1000, got 0");
+  CHECK(load_error("[device_api]\nregister_wait_ms = -1\n") ==
+        "cfg.toml:2: device_api.register_wait_ms: must be 0..10000, got -1");
   CHECK(load_error("[device_api]\nthreads = 99999999999\n") ==
         "cfg.toml:2: device_api.threads: must be 0..64, got 99999999999");
   CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 59\n") ==

@@ -406,9 +406,10 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
   const std::string id = "resend-dev";
   json result;
   int status = 0;
+  test::put_answer put;
   std::thread device([&] {
     auto c = cl.gateway.client();
-    result = test::register_device(c, cl.gateway, id, device_key(id), status, 100);
+    result = test::register_device(c, cl.gateway, id, device_key(id), status, 100, &put);
   });
   struct joiner { // a failed REQUIRE must not leave the thread joinable
     std::thread& t;
@@ -434,6 +435,10 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
         >= static_cast<double>(handed.size() - 1));
   cl.add_worker();
   device.join();
+  // No outcome within register_wait_ms (default 250 ms): the register
+  // waited that long, then answered the classic 202 and the device polls.
+  CHECK(put.status == 202);
+  CHECK_MESSAGE((put.ms >= 240 && put.ms < 3000), "PUT took " << put.ms << " ms");
   REQUIRE_MESSAGE(result.value("status", "") == "assigned", result.dump());
   std::map<std::string, device_result> res;
   res[id] = {result.value("operationId", ""), "assigned",

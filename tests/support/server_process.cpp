@@ -47,6 +47,14 @@ std::string default_config(const std::string& data_dir) {
          "[[hubs]]\nhostname = \"hub-b.example.net\"\nallocation_weight = 1\n";
 }
 
+std::string with_device_api(std::string cfg, const std::string& line) {
+  const std::string table = "[device_api]\n";
+  auto at = cfg.find(table);
+  if (at == std::string::npos)
+    return cfg + table + line + "\n";
+  return cfg.insert(at + table.size(), line + "\n");
+}
+
 server_process::~server_process() {
   if (alive())
     kill9();
@@ -181,19 +189,25 @@ net::https_response server_process::service(const std::string& method,
 
 nlohmann::json register_device(net::https_client& c, const server_process& s,
                                const std::string& registration_id, const std::string& key,
-                               int& status_out, int poll_ms) {
+                               int& status_out, int poll_ms, put_answer* put) {
   net::http_headers h;
   h.add("Authorization", s.device_auth(registration_id, key));
   h.add("Content-Type", "application/json; charset=utf-8");
   net::https_response resp;
   auto base = "/" + s.id_scope() + "/registrations/" + registration_id;
   nlohmann::json body{{"registrationId", registration_id}};
+  auto t0 = std::chrono::steady_clock::now();
   if (auto err = c.request("PUT", base + "/register?api-version=2021-06-01", h, body.dump(),
                            resp)) {
     status_out = -1;
     return {{"error", err.message}};
   }
   status_out = resp.status;
+  if (put) {
+    put->status = resp.status;
+    put->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                .count();
+  }
   auto j = nlohmann::json::parse(resp.body, nullptr, false);
   if (resp.status != 202 || j.is_discarded())
     return j;

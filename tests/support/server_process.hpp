@@ -16,6 +16,8 @@ namespace prov::test {
 
 /// Two linked hubs, ephemeral port, no metrics listener.
 std::string default_config(const std::string& data_dir);
+/// `cfg` with `line` (e.g. "register_wait_ms = 0") added to its [device_api] table.
+std::string with_device_api(std::string cfg, const std::string& line);
 
 class server_process {
 public:
@@ -29,6 +31,8 @@ public:
   /// a fresh temp dir (kept across restart()).
   [[nodiscard]] error start(std::string config_toml = {}, std::string data_dir = {},
                             std::vector<std::string> extra_args = {});
+  /// The destructor removes the data dir even when start() was given one.
+  void remove_data_dir_at_exit() { own_dir_ = true; }
   /// SIGTERM and wait for exit; returns the exit status.
   int stop();
   /// SIGKILL and reap.
@@ -70,11 +74,17 @@ private:
   bool own_dir_ = false;
 };
 
+/// What the register request itself got (register_device polls after it).
+struct put_answer {
+  int status = 0;
+  double ms = 0; ///< wall time of the PUT
+};
+
 /// Registers like an SDK device: PUT then poll until terminal (or timeout).
 /// Returns the final operation JSON; `status_out` is the final HTTP status.
 nlohmann::json register_device(net::https_client& c, const server_process& s,
                                const std::string& registration_id, const std::string& key,
-                               int& status_out, int poll_ms = 20);
+                               int& status_out, int poll_ms = 20, put_answer* put = nullptr);
 
 std::string make_temp_dir(const std::string& prefix);
 void remove_tree(const std::string& path);

@@ -4,6 +4,10 @@
 #
 #   run.sh <path-to-provisiond>
 #
+# INTEROP_REGISTER_WAIT_MS=N sets [device_api] register_wait_ms (0 = the
+# classic 202-then-poll flow; unset = the server's default, where a register
+# is answered 200 with its outcome and the SDK does not poll).
+#
 # Starts `provisiond serve` on an ephemeral loopback port with a fresh data
 # dir, waits for the server to publish <dir>/endpoints.json, runs interop.js
 # with NODE_EXTRA_CA_CERTS=<dir>/tls/ca.pem, stops the server and exits with
@@ -87,11 +91,14 @@ hostname = "interop-hub-2.azure-devices.net"
 [metrics]
 listen = ""
 EOF
+  if [ -n "${INTEROP_REGISTER_WAIT_MS:-}" ]; then
+    printf '\n[device_api]\nregister_wait_ms = %s\n' "$INTEROP_REGISTER_WAIT_MS" >>"$dir/provisiond.toml"
+  fi
   serve_args+=(--config "$dir/provisiond.toml")
   hubs="interop-hub-1.azure-devices.net,interop-hub-2.azure-devices.net"
 fi
 
-echo "interop: starting $bin ${serve_args[*]}"
+echo "interop: starting $bin ${serve_args[*]} (register_wait_ms: ${INTEROP_REGISTER_WAIT_MS:-default})"
 "$bin" "${serve_args[@]}" >"$log" 2>&1 &
 server_pid=$!
 

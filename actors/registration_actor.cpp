@@ -158,7 +158,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     if (st->tick_armed || st->deadlines.empty())
       return;
     st->tick_armed = true;
-    auto due = std::chrono::duration_cast<std::chrono::milliseconds>(
+    // Rounded up: a tick that fires early finds nothing due and re-arms.
+    auto due = std::chrono::ceil<std::chrono::milliseconds>(
       st->deadlines.front().first - std::chrono::steady_clock::now());
     self->delayed_send(self, std::max(due, std::chrono::milliseconds(1)), waittick_atom::value);
   };

@@ -50,11 +50,15 @@ struct cluster {
   std::vector<std::string> worker_dirs;
 
   /// `gateway_kafka` is added to the gateway's [kafka] table; a non-empty one
-  /// also opens the gateway's metrics listener.
-  explicit cluster(int n_workers, int brokers = 1, const std::string& gateway_kafka = {})
+  /// also opens the gateway's metrics listener. `gateway_device_api` is a
+  /// line for its [device_api] table.
+  explicit cluster(int n_workers, int brokers = 1, const std::string& gateway_kafka = {},
+                   const std::string& gateway_device_api = {})
       : fx(brokers) {
     auto cfg = with_scope(fx.server_config());
     cfg.replace(cfg.find("[kafka.properties]"), 0, gateway_kafka);
+    if (!gateway_device_api.empty())
+      cfg = test::with_device_api(cfg, gateway_device_api);
     if (!gateway_kafka.empty())
       cfg = test::with_metrics(cfg);
     REQUIRE_MESSAGE(!gateway.start(cfg, fx.dir, {"--roles", "gateway,registration"}),
@@ -451,7 +455,9 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
 }
 
 TEST_CASE("kill -9 of the gateway mid-burst and a restart: every 202 ends assigned once") {
-  cluster cl(2);
+  // Registers answered 202 at once (no wait for the outcome), so operations
+  // are still in flight when the gateway dies and must resume after it.
+  cluster cl(2, 1, {}, "register_wait_ms = 0");
   test::create_group(cl.gateway, "gw-group", group_key);
   warm_up(cl.gateway, "gw-warm");
   int sent = 0;

@@ -49,7 +49,7 @@ dir="$(mktemp -d "${TMPDIR:-/tmp}/provisiond-interop.XXXXXX")"
 log="$dir/server.log"
 server_pid=""
 
-cleanup() {
+stop_server() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null
     for _ in $(seq 1 100); do
@@ -62,6 +62,10 @@ cleanup() {
     fi
     wait "$server_pid" 2>/dev/null
   fi
+}
+
+cleanup() {
+  stop_server
   if [ "${keep_dir:-0}" = 1 ]; then
     echo "interop: data dir kept at $dir"
   else
@@ -173,6 +177,26 @@ echo "interop: server at $PROV_HOST:$PROV_PORT (scope $PROV_ID_SCOPE)"
   node interop.js
 )
 rc=$?
+
+# Which answer did the SDK's registers get? The diagnostic log (stderr, so
+# server.log, complete once the server has stopped) has one
+# DeviceRegistration line per register request.
+if [ "$rc" -eq 0 ]; then
+  stop_server
+  regs="$(grep '"operationName":"DeviceRegistration"' "$log" || true)"
+  n200="$(printf '%s\n' "$regs" | grep -c '"resultSignature":200' || true)"
+  n202="$(printf '%s\n' "$regs" | grep -c '"resultSignature":202' || true)"
+  echo "interop: register answers: $n200 x 200 (outcome), $n202 x 202 (then polls)"
+  if [ "${INTEROP_REGISTER_WAIT_MS:-}" = 0 ]; then
+    if [ "$n200" -ne 0 ] || [ "$n202" -lt 1 ]; then
+      echo "interop: FAILED: with register_wait_ms = 0 every register must be answered 202" >&2
+      rc=1
+    fi
+  elif [ "$n200" -lt 1 ]; then
+    echo "interop: FAILED: no register was answered 200 with its outcome" >&2
+    rc=1
+  fi
+fi
 
 if [ "$rc" -ne 0 ]; then
   dump_log

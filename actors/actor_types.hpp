@@ -26,6 +26,7 @@ using relayed_atom = caf::atom_constant<caf::atom("relayed")>;
 using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
 using resend_atom = caf::atom_constant<caf::atom("resend")>;
 using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
+using drain_atom = caf::atom_constant<caf::atom("drain")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

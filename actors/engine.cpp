@@ -310,10 +310,10 @@ public:
     return n > 0 ? static_cast<std::size_t>(n) : 0;
   }
 
-  void shutdown() override {
-    if (stopped_)
+  void drain() override {
+    if (drained_)
       return;
-    stopped_ = true;
+    drained_ = true;
     ctx_->accepting = false;
     // Let accepted work settle for a moment; whatever is left stays in
     // `pending` and resumes on the next start.
@@ -321,6 +321,20 @@ public:
     while ((ctx_->inflight.load() > 0 || ctx_->relaying.load() > 0)
            && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    // Registers still parked for their outcome get their 202 now.
+    if (registration_) {
+      caf::scoped_actor self{*sys_};
+      self->request(registration_, std::chrono::seconds(5), drain_atom::value)
+        .receive([](std::size_t) {},
+                 [](caf::error&) {}); // the actor is gone: nothing parked either
+    }
+  }
+
+  void shutdown() override {
+    if (stopped_)
+      return;
+    stopped_ = true;
+    drain();
     // Kafka: stop the table readers while the store still takes writes.
     if (ctx_->repl)
       ctx_->repl->close();
@@ -351,6 +365,7 @@ private:
   std::unique_ptr<caf::actor_system> sys_;
   caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
   std::size_t resumed_ = 0;
+  bool drained_ = false;
   bool stopped_ = false;
 };
 

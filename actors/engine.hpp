@@ -105,7 +105,12 @@ public:
   // -- operations ---------------------------------------------------------------
 
   virtual std::size_t inflight() const = 0;
-  /// Stops intake, lets in-flight work settle (bounded), stops the actors.
+  /// Stops intake (new registers get 503) and lets in-flight work settle,
+  /// for up to 5 s; then every register still parked for its outcome is
+  /// answered 202. Call it while the device API still runs, so those
+  /// answers reach the devices. Idempotent.
+  virtual void drain() = 0;
+  /// drain(), then stops the actors.
   virtual void shutdown() = 0;
 };
 

@@ -12,6 +12,7 @@
 //   (handedoff_atom, operation id)          Kafka acknowledged registration.attested
 //   (resend_atom)                           Kafka: hand off again what has no outcome
 //   (waittick_atom)                         register waits past their deadline
+//   (drain_atom) -> count                   shutting down: answer every parked register
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>
@@ -62,6 +63,7 @@ struct registration_state_t {
   /// Entries of operations answered early are skipped when they surface.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::string>> deadlines;
   bool tick_armed = false;
+  bool draining = false; ///< shutting down: nothing is parked any more
 };
 
 /// The mechanism a rejected request tried, for the attestation metric.
@@ -163,7 +165,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       st->deadlines.front().first - std::chrono::steady_clock::now());
     self->delayed_send(self, std::max(due, std::chrono::milliseconds(1)), waittick_atom::value);
   };
-  // An actor that stops with held answers (shutdown) still answers them.
+  // An actor that stops with held answers (drain() was skipped) still
+  // answers them.
   self->attach_functor([st] {
     for (auto& [op_id, reply] : st->waiting) {
       register_reply rr;
@@ -176,6 +179,18 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   if (ctx->kafka() && resend_after.count() > 0)
     self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
+    [=](drain_atom) {
+      st->draining = true;
+      auto n = st->waiting.size();
+      for (auto& [op_id, reply] : st->waiting) {
+        register_reply rr;
+        rr.operation_id = op_id;
+        reply.fn(std::move(rr));
+      }
+      st->waiting.clear();
+      st->deadlines.clear();
+      return n;
+    },
     [=](waittick_atom) {
       st->tick_armed = false;
       auto now = std::chrono::steady_clock::now();
@@ -307,7 +322,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                                   "could not record the registration: " + e.message}));
           return;
         }
-        if (pa.event.status == registration_status::assigning && register_wait.count() > 0) {
+        if (pa.event.status == registration_status::assigning && register_wait.count() > 0
+            && !st->draining) {
           st->waiting.emplace(op_id, std::move(pa.reply));
           st->deadlines.emplace_back(std::chrono::steady_clock::now() + register_wait, op_id);
           arm_tick();

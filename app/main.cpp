@@ -290,6 +290,9 @@ int serve(const serve_args& args) {
   std::cout << "provisiond: stopping (signal " << sig << ")" << std::endl;
   dlog->info("stopping on signal " + std::to_string(sig));
   serving = false;
+  // Intake stops first, while the device API still answers: registers parked
+  // for their outcome get it (or a 202) instead of a dropped connection.
+  eng->drain();
   if (server)
     server->stop();
   eng->shutdown();

@@ -454,6 +454,38 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
   CHECK(cl.gateway.stop() == 0);
 }
 
+TEST_CASE("SIGTERM while a register waits for its outcome: the device gets a 202, not a dropped connection") {
+  // No worker: the operation cannot finish, so its answer stays parked.
+  cluster cl(0, 1, {}, "register_wait_ms = 10000");
+  test::create_group(cl.gateway, "drain-group", group_key);
+  const std::string id = "drain-dev";
+  net::https_response resp;
+  error err;
+  std::chrono::steady_clock::time_point answered;
+  std::thread device([&] {
+    auto c = cl.gateway.client();
+    net::http_headers h;
+    h.add("Authorization", cl.gateway.device_auth(id, device_key(id)));
+    h.add("Content-Type", "application/json");
+    err = c.request("PUT", "/" + cl.gateway.id_scope() + "/registrations/" + id
+                             + "/register?api-version=2021-06-01",
+                    h, json{{"registrationId", id}}.dump(), resp);
+    answered = std::chrono::steady_clock::now();
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(1)); // accepted and parked by now
+  const auto stopping = std::chrono::steady_clock::now();
+  const int rc = cl.gateway.stop();
+  device.join();
+  CHECK(rc == 0);
+  REQUIRE_MESSAGE(!err, err.message);
+  REQUIRE_MESSAGE(resp.status == 202, resp.body);
+  auto j = json::parse(resp.body);
+  CHECK(j.value("status", "") == "assigning");
+  CHECK(!j.value("operationId", "").empty());
+  // Answered by the drain (after its bounded 5 s wait), not by the 10 s wait.
+  CHECK(answered - stopping < std::chrono::seconds(9));
+}
+
 TEST_CASE("kill -9 of the gateway mid-burst and a restart: every 202 ends assigned once") {
   // Registers answered 202 at once (no wait for the outcome), so operations
   // are still in flight when the gateway dies and must resume after it.

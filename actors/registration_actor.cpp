@@ -165,31 +165,28 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       st->deadlines.front().first - std::chrono::steady_clock::now());
     self->delayed_send(self, std::max(due, std::chrono::milliseconds(1)), waittick_atom::value);
   };
-  // An actor that stops with held answers (drain() was skipped) still
-  // answers them.
-  self->attach_functor([st] {
+  /// Answers every held register with the classic 202; returns how many.
+  auto answer_all_waiting = [st] {
+    auto n = st->waiting.size();
     for (auto& [op_id, reply] : st->waiting) {
       register_reply rr;
       rr.operation_id = op_id;
       reply.fn(std::move(rr));
     }
     st->waiting.clear();
-  });
+    st->deadlines.clear();
+    return n;
+  };
+  // An actor that stops with held answers (drain() was skipped) still
+  // answers them.
+  self->attach_functor([answer_all_waiting] { answer_all_waiting(); });
   const auto resend_after = std::chrono::seconds(ctx->opts.cfg.kafka.resend_after_s);
   if (ctx->kafka() && resend_after.count() > 0)
     self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
     [=](drain_atom) {
       st->draining = true;
-      auto n = st->waiting.size();
-      for (auto& [op_id, reply] : st->waiting) {
-        register_reply rr;
-        rr.operation_id = op_id;
-        reply.fn(std::move(rr));
-      }
-      st->waiting.clear();
-      st->deadlines.clear();
-      return n;
+      return answer_all_waiting();
     },
     [=](waittick_atom) {
       st->tick_armed = false;

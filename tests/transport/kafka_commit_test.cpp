@@ -25,10 +25,7 @@ TEST_CASE("unfinished messages are redelivered after a restart, finished ones ar
   const std::string tp = topic + "/0";
   REQUIRE(f.mc->create_topic(topic, 1, 3).ok());
 
-  std::unique_ptr<producer> p;
-  producer::options po;
-  po.log = f.logs.fn();
-  REQUIRE(producer::create(f.cfg, po, p).ok());
+  auto p = f.make_producer();
   std::atomic<int> acked{0};
   for (int i = 0; i < 10; ++i)
     REQUIRE(p->send({topic, "k", std::to_string(i), {}, -1}, [&](const delivery& d) {
@@ -101,10 +98,7 @@ TEST_CASE("a second member joins: partitions split, only unfinished messages are
   test::mock_fixture f;
   const std::string topic = f.cfg.topic_prefix + "rebalance";
   REQUIRE(f.mc->create_topic(topic, 4, 3).ok());
-  std::unique_ptr<producer> p;
-  producer::options po;
-  po.log = f.logs.fn();
-  REQUIRE(producer::create(f.cfg, po, p).ok());
+  auto p = f.make_producer();
   std::atomic<int> acked{0};
   for (int i = 0; i < 40; ++i)
     REQUIRE(p->send({topic, "k" + std::to_string(i % 4), std::to_string(i), {}, i % 4},
@@ -200,10 +194,7 @@ TEST_CASE("lag counts unfinished and unread records of the assigned partitions, 
   test::mock_fixture f;
   const std::string topic = f.cfg.topic_prefix + "lag";
   REQUIRE(f.mc->create_topic(topic, 2, 3).ok());
-  std::unique_ptr<producer> p;
-  producer::options po;
-  po.log = f.logs.fn();
-  REQUIRE(producer::create(f.cfg, po, p).ok());
+  auto p = f.make_producer();
   std::atomic<int> acked{0};
   auto send = [&](int32_t partition, int n) {
     for (int i = 0; i < n; ++i)

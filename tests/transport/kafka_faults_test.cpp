@@ -27,11 +27,7 @@ struct sender {
   std::mutex mu;
   std::vector<delivery> reports;
 
-  explicit sender(test::mock_fixture& f) {
-    producer::options po;
-    po.log = f.logs.fn();
-    REQUIRE(producer::create(f.cfg, po, p).ok());
-  }
+  explicit sender(test::mock_fixture& f) : p(f.make_producer()) {}
   void send(const std::string& topic, const std::string& key, int n, int from = 0) {
     for (int i = from; i < from + n; ++i)
       REQUIRE(p->send({topic, key, std::to_string(i), {}, -1}, [this](const delivery& d) {

@@ -25,10 +25,7 @@ TEST_CASE("records round-trip with key, value and headers; per-key order holds")
   const std::string topic = f.cfg.topic_prefix + "roundtrip";
   REQUIRE(f.mc->create_topic(topic, 4, 3).ok());
 
-  std::unique_ptr<producer> p;
-  producer::options po;
-  po.log = f.logs.fn();
-  REQUIRE(producer::create(f.cfg, po, p).ok());
+  auto p = f.make_producer();
 
   constexpr int keys = 8, per_key = 50;
   std::mutex mu;
@@ -137,12 +134,10 @@ TEST_CASE("send refuses beyond max_pending and after close, without calling back
   const std::string topic = f.cfg.topic_prefix + "bounded";
   REQUIRE(f.mc->create_topic(topic, 1, 1).ok());
   REQUIRE(f.mc->broker_down(-1).ok()); // nothing can be acknowledged
-  std::unique_ptr<producer> p;
   producer::options po;
   po.flush_timeout_ms = 100;
   po.max_pending = 3;
-  po.log = f.logs.fn();
-  REQUIRE(producer::create(f.cfg, po, p).ok());
+  auto p = f.make_producer(po);
   std::atomic<int> callbacks{0}, failed{0};
   auto cb = [&](const delivery& d) {
     ++callbacks;

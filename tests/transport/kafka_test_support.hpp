@@ -18,6 +18,7 @@
 
 #include "config/config.hpp"
 #include "transport/kafka_common.hpp"
+#include "transport/kafka_producer.hpp"
 #include "transport/kafka_mock.hpp"
 
 namespace prov::test {
@@ -97,6 +98,15 @@ struct mock_fixture {
     // 3 s: the mock's first join takes 3 s and would expire the member.
     cfg.properties["session.timeout.ms"] = "3000";
     cfg.properties["heartbeat.interval.ms"] = "500";
+  }
+
+  /// A producer on this cluster, logging into `logs`.
+  std::unique_ptr<transport::kafka::producer> make_producer(
+    transport::kafka::producer::options po = {}) {
+    po.log = logs.fn();
+    std::unique_ptr<transport::kafka::producer> p;
+    REQUIRE(transport::kafka::producer::create(cfg, po, p).ok());
+    return p;
   }
 };
 

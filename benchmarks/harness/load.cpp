@@ -45,9 +45,15 @@ const char* to_string(load_mode m) {
   case load_mode::keepalive: return "keepalive";
   case load_mode::newconn: return "newconn";
   case load_mode::reference: return "reference";
+  case load_mode::reference_keepalive: return "reference-keepalive";
   case load_mode::bulk: return "bulk";
   }
   return "?";
+}
+
+bool persistent(load_mode m) {
+  return m == load_mode::keepalive || m == load_mode::bulk
+         || m == load_mode::reference_keepalive;
 }
 
 namespace {
@@ -146,7 +152,7 @@ public:
   explicit conn(thread_ctx& t) : t_(t), o_(t.sh.o), timer_(t.ioc) {}
 
   void start() {
-    if (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk)
+    if (persistent(o_.mode))
       connect([self = shared_from_this()] { self->t_.sh.ready.fetch_add(1); self->wait_go(); });
     else
       wait_go();
@@ -248,6 +254,8 @@ private:
     switch (o_.mode) {
     case load_mode::reference:
       return connect([self = shared_from_this()] { self->send_get(); });
+    case load_mode::reference_keepalive:
+      return with_connection([self = shared_from_this()] { self->send_get(); });
     case load_mode::bulk:
       return with_connection([self = shared_from_this()] { self->send_bulk(); });
     case load_mode::keepalive:
@@ -259,9 +267,9 @@ private:
 
   template <class Then>
   void with_connection(Then then) {
-    if (connected_ && (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk))
+    if (connected_ && persistent(o_.mode))
       return then();
-    if (o_.mode == load_mode::keepalive || o_.mode == load_mode::bulk)
+    if (persistent(o_.mode))
       ++t_.stats.reconnects;
     connect(std::move(then));
   }
@@ -414,11 +422,11 @@ private:
     finish_unit();
   }
 
-  // ---- reference: one GET per connection -----------------------------------------------
+  // ---- reference: one GET per new connection, or GETs back to back on kept ones -----------
 
   void send_get() {
     new_request(http::verb::get, o_.reference_path);
-    req_.keep_alive(false);
+    req_.keep_alive(o_.mode == load_mode::reference_keepalive);
     put_start_ = steady::now();
     exchange([self = shared_from_this()](http::response<body_t>& res) {
       self->t_.stats.request_latency.push_back(ms_since(self->put_start_));
@@ -592,7 +600,7 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
       done_threads.fetch_add(1);
     });
 
-  bool preconnect = o.mode == load_mode::keepalive || o.mode == load_mode::bulk;
+  bool preconnect = persistent(o.mode);
   if (preconnect) {
     while (sh.ready.load() + sh.connect_failed.load() < static_cast<uint64_t>(o.concurrency)
            && done_threads.load() < nthreads) {

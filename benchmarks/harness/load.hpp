@@ -16,9 +16,12 @@ enum class load_mode {
   keepalive, ///< C persistent connections, devices back to back on each
   newconn,   ///< a fresh TCP + full TLS handshake per device
   reference, ///< a fresh TCP + full TLS handshake + one GET (static server)
+  reference_keepalive, ///< C persistent connections, GETs back to back (static server)
   bulk,      ///< persistent connections posting bulk enrollment batches
 };
 const char* to_string(load_mode m);
+/// Modes that open C connections first and reuse them.
+bool persistent(load_mode m);
 
 struct load_options {
   load_mode mode = load_mode::keepalive;

@@ -461,6 +461,11 @@ int ensure_group(const options& o, const server_info& s, std::string& key) {
 
 // -- nginx reference -------------------------------------------------------------------------
 
+/// --mode reference or reference-keepalive: nginx only, no devices.
+bool reference_only(const options& o) {
+  return o.mode == "reference" || o.mode == "reference-keepalive";
+}
+
 int start_nginx(const options& o, const server_info& s, child_process& nginx, uint16_t& port,
                 std::string& dir) {
   if (!file_exists(o.nginx_bin)) {
@@ -490,6 +495,8 @@ int start_nginx(const options& o, const server_info& s, child_process& nginx, ui
        << "  fastcgi_temp_path " << dir << "/fastcgi;\n  uwsgi_temp_path " << dir << "/uwsgi;\n"
        << "  scgi_temp_path " << dir << "/scgi;\n"
        << "  default_type application/json;\n"
+       // Keep-alive reference: one connection serves a whole run.
+       << "  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n"
        << "  server {\n    listen 127.0.0.1:" << port << " ssl;\n"
        << "    ssl_certificate " << s.cert_pem << ";\n    ssl_certificate_key " << s.key_pem
        << ";\n"
@@ -844,8 +851,8 @@ int run(int argc, char** argv) {
   options o;
   CLI::App app{"provisiond-bench: registers simulated devices against provisiond (Azure DPS "
                "device API) and reports measured throughput and latency"};
-  app.add_option("--mode", o.mode, "keepalive | newconn | reference")
-    ->check(CLI::IsMember({"keepalive", "newconn", "reference"}));
+  app.add_option("--mode", o.mode, "keepalive | newconn | reference | reference-keepalive")
+    ->check(CLI::IsMember({"keepalive", "newconn", "reference", "reference-keepalive"}));
   app.add_flag("--reference", o.reference,
                "Also measure nginx serving a static file over HTTPS with the server's certificate "
                "(new connection per request) and print the ratio");
@@ -943,7 +950,7 @@ int run(int argc, char** argv) {
         "device_api.register_wait_ms in that file; with --target, in the target's config");
     return 2;
   }
-  if (o.kafka && (!o.target.empty() || !o.config_file.empty() || o.mode == "reference")) {
+  if (o.kafka && (!o.target.empty() || !o.config_file.empty() || reference_only(o))) {
     log("--kafka spawns its own processes with generated configs: it does not combine with "
         "--target, --config or --mode reference");
     return 2;
@@ -1243,7 +1250,7 @@ int run(int argc, char** argv) {
     uint64_t stride = devices ? std::max<uint64_t>(1, n / devices) : 1;
     lo.registration_id = [id_of, stride, n](uint64_t i) { return id_of((i * stride) % n); };
     lo.key_root = master;
-  } else if (o.mode != "reference") {
+  } else if (!reference_only(o)) {
     std::string key = group_key; // Kafka mode: the warm-up already has it
     if (key.empty())
       if (int rc = ensure_group(o, s, key)) {
@@ -1258,8 +1265,8 @@ int run(int argc, char** argv) {
   // ---- devices, and the nginx reference interleaved with them ----
   // On a shared machine, load from elsewhere drifts; alternating rounds of the
   // two measurements exposes both to the same conditions.
-  const bool want_dev = o.mode != "reference";
-  const bool want_ref = o.reference || o.mode == "reference";
+  const bool want_dev = !reference_only(o);
+  const bool want_ref = o.reference || !want_dev;
   child_process nginx;
   uint16_t nginx_port = 0;
   std::string nginx_dir;
@@ -1272,6 +1279,12 @@ int run(int argc, char** argv) {
   const int rounds =
     want_dev && ref_ok && o.duration_s <= 0 ? std::max(1, o.rounds) : 1;
   const uint64_t ref_total_count = o.reference_count ? o.reference_count : devices;
+  // The reference does what the devices do: keep-alive GETs against
+  // keep-alive devices, a new connection per GET against newconn devices.
+  const auto ref_mode = o.mode == "keepalive" || o.mode == "reference-keepalive"
+                          ? load_mode::reference_keepalive
+                          : load_mode::reference;
+  const bool ref_keep = ref_mode == load_mode::reference_keepalive;
   load_result dev_total, ref_total;
   usage dev_u, ref_u;
   std::vector<nlohmann::json> round_json;
@@ -1298,7 +1311,7 @@ int run(int argc, char** argv) {
     }
     if (ref_ok) {
       load_options ro = lo;
-      ro.mode = load_mode::reference;
+      ro.mode = ref_mode;
       ro.port = nginx_port;
       ro.concurrency = o.concurrency;
       uint64_t off = ref_total_count * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
@@ -1315,9 +1328,10 @@ int run(int argc, char** argv) {
     if (want_dev && ref_ok) {
       char line[200];
       std::snprintf(line, sizeof line,
-                    "  round %d/%d: %s %.1f devices/s, nginx %.1f connections/s (%.1f%%); "
+                    "  round %d/%d: %s %.1f devices/s, nginx %.1f %s/s (%.1f%%); "
                     "load %s\n",
-                    k + 1, rounds, o.mode.c_str(), dr, rr, rr > 0 ? 100.0 * dr / rr : 0.0,
+                    k + 1, rounds, o.mode.c_str(), dr, rr, ref_keep ? "GETs" : "connections",
+                    rr > 0 ? 100.0 * dr / rr : 0.0,
                     load_average().c_str());
       std::cout << line << std::flush;
       round_json.push_back({{"device_rate", dr}, {"reference_rate", rr},
@@ -1356,10 +1370,13 @@ int run(int argc, char** argv) {
   if (ref_ok) {
     const auto& r = ref_total;
     auto j = report(std::cout,
-                    "reference: nginx static file over HTTPS, new TLS connection per GET, "
-                    "concurrency " + std::to_string(o.concurrency)
+                    std::string("reference: nginx static file over HTTPS, ")
+                      + (ref_keep ? std::to_string(o.concurrency)
+                                      + " kept-alive TLS connections, GETs back to back"
+                                  : "new TLS connection per GET, concurrency "
+                                      + std::to_string(o.concurrency))
                       + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : ""),
-                    r, ref_u, true, "connections", o.threads);
+                    r, ref_u, true, ref_keep ? "GETs" : "connections", o.threads);
     out_json["reference"] = j;
     if (r.failed)
       any_failure = true;
@@ -1368,8 +1385,9 @@ int run(int argc, char** argv) {
       double ratio = device_rate / ref_rate;
       char line[200];
       std::snprintf(line, sizeof line,
-                    "\n  %s devices/s %.1f vs nginx TLS connections/s %.1f: %.1f%%\n",
-                    o.mode.c_str(), device_rate, ref_rate, 100.0 * ratio);
+                    "\n  %s devices/s %.1f vs nginx %s/s %.1f: %.1f%%\n",
+                    o.mode.c_str(), device_rate,
+                    ref_keep ? "keep-alive GETs" : "TLS connections", ref_rate, 100.0 * ratio);
       std::cout << line;
       out_json["ratio_to_reference"] = ratio;
       out_json["rounds"] = round_json;

@@ -195,7 +195,10 @@ TEST_CASE("a lost produce acknowledgement: nothing lost, duplicates are exact co
   s.send(topic, "k", 5);
   REQUIRE(s.wait(5));
   // The broker appends the next batch but answers after the client gave up.
-  REQUIRE(f.mc->delay_responses(1, mock_cluster::api::produce, 1500).ok());
+  // librdkafka scans for timed-out requests once a second: a 3 s delay spans
+  // at least two scans past the 500 ms timeout even on a loaded machine (with
+  // 1.5 s, a late scan under a parallel test let the answer arrive first).
+  REQUIRE(f.mc->delay_responses(1, mock_cluster::api::produce, 3000).ok());
   s.send(topic, "k", 10, 5);
   REQUIRE(s.wait(15));
   CHECK(f.logs.contains("Timed out ProduceRequest")); // the fault really happened

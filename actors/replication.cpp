@@ -68,7 +68,9 @@ error load_positions(const storage::store& store, const std::string& topic,
   });
 }
 
-/// Adds the positions after `batch` to `wb` (same atomic write).
+/// Adds the positions after `batch` to `wb` (same atomic write). Tables are
+/// written `replayable` (not fsync'd): the topic has every record, and a
+/// lost tail takes its positions with it, so it is applied again on start.
 void add_positions(storage::write_batch& wb, const std::string& topic,
                    const std::vector<kafka::message>& batch) {
   std::map<int32_t, int64_t> next;
@@ -312,7 +314,7 @@ private:
       wb.put(family, std::string(key), m.value);
     }
     add_positions(wb, enrollments_topic_, batch);
-    if (auto err = ctx_.store->write(wb))
+    if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
       return err;
     if (groups)
       ctx_.enrollments_changed(enrollment::kind::group);
@@ -367,7 +369,7 @@ private:
       last_op[m.key] = u.state.last_operation_id;
     }
     add_positions(wb, registrations_topic_, batch);
-    if (auto err = ctx_.store->write(wb))
+    if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
       return err;
     next_seq_ = seq;
     return {};
@@ -420,7 +422,7 @@ private:
       applied.push_back(std::move(ev));
     }
     add_positions(wb, completed_topic_, batch);
-    if (auto err = ctx_.store->write(wb))
+    if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
       return err;
     if (on_completed_)
       for (auto& ev : applied)

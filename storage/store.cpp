@@ -226,12 +226,13 @@ public:
     });
   }
 
-  error write(const write_batch& batch) override {
+  using store::write;
+  error write(const write_batch& batch, durability d) override {
     return guarded("write", dir_, [&]() -> error {
       rocksdb::WriteBatch wb;
       if (auto e = append(wb, batch)) return e;
       rocksdb::WriteOptions wo;
-      wo.sync = opts_.sync;
+      wo.sync = opts_.sync && d == durability::synced;
       return to_error(db_->Write(wo, &wb), "write", dir_);
     });
   }

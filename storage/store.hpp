@@ -98,8 +98,18 @@ public:
   /// The greatest key of a family, or nullopt when empty.
   [[nodiscard]] virtual error last_key(cf family, std::optional<std::string>& out) const = 0;
 
+  /// How durable a synchronous write is when it returns.
+  enum class durability {
+    synced, ///< fsync'd WAL (when store_options::sync): survives a machine crash
+    /// In the WAL, not fsync'd: survives kill -9 but not a machine crash. Only
+    /// for state rebuilt from elsewhere (Kafka tables) whose read position is
+    /// in the same batch, so a lost tail is re-applied on the next start.
+    replayable,
+  };
+
   /// Synchronous atomic write (synced when store_options::sync).
-  [[nodiscard]] virtual error write(const write_batch& batch) = 0;
+  [[nodiscard]] error write(const write_batch& batch) { return write(batch, durability::synced); }
+  [[nodiscard]] virtual error write(const write_batch& batch, durability d) = 0;
 
   /// Asynchronous atomic write with group commit. `done` runs on the writer
   /// thread once the batch is durable (or failed); keep it short (post a

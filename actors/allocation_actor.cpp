@@ -5,7 +5,8 @@
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
-//          only then. A failed publish is retried in 1 s (the input is
+//          only then. Fused with a local configuration stage
+//          (kafka.fuse_stages), the event goes to it in process with this ack. A failed publish is retried in 1 s (the input is
 //          allocated again), unacked meanwhile.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
@@ -161,6 +162,12 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
       if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
         ctx->bus->publish(next, std::move(ev));
         ack();
+        return;
+      }
+      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
+        // Fused with configuration: it acks this input once its effect is
+        // durable, and retries on its own.
+        local(std::move(ev), std::move(ack.fn));
         return;
       }
       // A failed publish is retried: the input (attested) is allocated

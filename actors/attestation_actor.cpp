@@ -10,7 +10,8 @@
 // dropped here and never stored or published further.
 // Accepts: (attest_atom, register_request) -> attestation_result
 //          (event_atom, registration_event, event_ack) from registration.requested
-// Acks:    when the published event is durable (as allocation does).
+// Acks:    when the published event is durable (as allocation does); fused
+//          with a local allocation stage (kafka.fuse_stages), when that acks.
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
 
 #include <cstdio>
@@ -241,6 +242,11 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
             return;
           }
         }
+      }
+      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
+        // Fused with a local allocation stage: it acks this input.
+        local(std::move(ev), std::move(ack.fn));
+        return;
       }
       auto op_id = ev.operation_id;
       ctx->bus->publish_durable(next, std::move(ev),

@@ -22,12 +22,16 @@
 // what steps 2 and 3 may lack. A copy of device.assigned remains possible only when
 // a worker dies between steps 1 and 2 (or its record has not reached the
 // new owner's table yet); the CloudEvent is rebuilt from the same fields,
-// so such a copy is byte-identical and consumers dedupe on ce_id. The record
-// itself is a function of the allocated event (time = allocation time, etag
-// from the operation id), so two workers recording the same operation
-// around a rebalance also produce identical bytes.
+// so a copy from the same allocated event is byte-identical and consumers
+// dedupe on ce_id. The record itself is a function of the allocated event
+// (time = allocation time, etag from the operation id), so two workers
+// recording the same allocated event around a rebalance produce identical
+// bytes. Fused with a local allocation stage (kafka.fuse_stages) the
+// allocated event is not in Kafka: a redelivered input is allocated again,
+// and a copy then differs in its clock readings only.
 //
-// Accepts: (event_atom, registration_event, event_ack) from registration.allocated
+// Accepts: (event_atom, registration_event, event_ack) from registration.allocated,
+//          or from the local allocation stage when fused
 //          (committed_atom, operation id, error) from the store writer (embedded)
 //          (recorded_atom, operation id, error)  step 1 (device.assigned) done (Kafka)
 //          (relayed_atom, operation id, error)   step 2 or 3 done (Kafka)

@@ -2,8 +2,10 @@
 // State shared by the stage actors of one engine (CAF-free). Owned by the
 // engine; actors hold a shared_ptr.
 
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -139,6 +141,15 @@ struct engine_context {
   /// (shutdown waits for them, else the next start publishes them again).
   std::atomic<int64_t> relaying{0};
   std::atomic<bool> accepting{true};
+  /// Kafka with kafka.fuse_stages: when the stage consuming a topic runs in
+  /// this process too, a stage hands it the event here instead of publishing
+  /// (a produce, a consume and a broker round trip fewer). The ack passed
+  /// along is the sender's own input ack, so its offset is committed only
+  /// once the receiving stage's effect is durable. Indexed by topic; empty:
+  /// publish. Set before the consumers start; never changed after.
+  std::array<std::function<void(registration_event&&, transport::bus::ack_fn)>,
+             transport::topic_count>
+    in_process;
   /// Bumped by every enrollment or group write; invalidates `verified`.
   std::atomic<uint64_t> enrollment_generation{0};
   mutable verified_tokens verified; ///< a cache: filled by const attest()

@@ -442,12 +442,13 @@ class loader {
       kafka_config& k = c.kafka;
       check_keys(*t, p,
                  {"brokers", "topic_prefix", "partitions", "replication_factor", "client_id",
-                  "resend_after_s", "properties"});
+                  "resend_after_s", "fuse_stages", "properties"});
       get(*t, p, "brokers", k.brokers);
       get(*t, p, "topic_prefix", k.topic_prefix);
       get_int(*t, p, "partitions", k.partitions, partitions_rule);
       get_int(*t, p, "replication_factor", k.replication_factor, replication_rule);
       get_int(*t, p, "resend_after_s", k.resend_after_s, resend_rule);
+      get(*t, p, "fuse_stages", k.fuse_stages);
       get(*t, p, "client_id", k.client_id);
       if (const toml::table* props = sub_table(*t, p, "properties"))
         get_properties(*props, "", k.properties);

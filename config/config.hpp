@@ -70,6 +70,11 @@ struct kafka_config {
   /// outcome after this many seconds is handed off again; 0 = never. The
   /// stages are idempotent per operation, so a resend costs a duplicate.
   int resend_after_s = 10;
+  /// When this process runs two consecutive stages (attestation and
+  /// allocation, allocation and configuration), hand the event from one to
+  /// the next in process instead of over their topic. The input offset is
+  /// still committed only after the last local stage's effect is durable.
+  bool fuse_stages = true;
   /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
   /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.
   std::map<std::string, std::string> properties;

@@ -30,6 +30,7 @@ TEST_CASE("no [kafka] section means embedded mode with documented defaults") {
   CHECK(cfg.kafka.replication_factor == 3);
   CHECK(cfg.kafka.client_id == "provisiond");
   CHECK(cfg.kafka.resend_after_s == 10);
+  CHECK(cfg.kafka.fuse_stages);
   CHECK(cfg.kafka.properties.empty());
 }
 
@@ -41,6 +42,7 @@ partitions = 48
 replication_factor = 1
 client_id = "provisiond-eu1"
 resend_after_s = 0
+fuse_stages = false
 
 [kafka.properties]
 "security.protocol" = "SASL_SSL"
@@ -59,6 +61,7 @@ sasl.mechanism = "SCRAM-SHA-512"
   CHECK(k.replication_factor == 1);
   CHECK(k.client_id == "provisiond-eu1");
   CHECK(k.resend_after_s == 0);
+  CHECK_FALSE(k.fuse_stages);
   CHECK(k.properties == std::map<std::string, std::string>{
                            {"message.timeout.ms", "30000"},
                            {"sasl.mechanism", "SCRAM-SHA-512"},
@@ -88,6 +91,8 @@ TEST_CASE("bad [kafka] values name file, line and key") {
   CHECK(kafka_error("[kafka]\nbrokerz = \"a:1\"\n") == "k.toml:2: kafka.brokerz: unknown key");
   CHECK(kafka_error("[kafka]\npartitions = \"12\"\n") ==
         "k.toml:2: kafka.partitions: expected integer, got string");
+  CHECK(kafka_error("[kafka]\nfuse_stages = \"no\"\n") ==
+        "k.toml:2: kafka.fuse_stages: expected boolean, got string");
   CHECK(kafka_error("[kafka.properties]\n\"linger.ms\" = 1.5\n") ==
         "k.toml:2: kafka.properties.linger.ms: expected string, integer or boolean, got float");
 }

@@ -5,9 +5,10 @@
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
-//          only then. Fused with a local configuration stage
-//          (kafka.fuse_stages), the event goes to it in process with this ack. A failed publish is retried in 1 s (the input is
-//          allocated again), unacked meanwhile.
+//          only then. A failed publish is retried in 1 s (the input is
+//          allocated again), unacked meanwhile. Fused with a local
+//          configuration stage (kafka.fuse_stages), the event goes to it in
+//          process with this ack instead.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
 #include <algorithm>

@@ -71,6 +71,7 @@ error load_positions(const storage::store& store, const std::string& topic,
 /// Adds the positions after `batch` to `wb` (same atomic write). Tables are
 /// written `replayable` (not fsync'd): the topic has every record, and a
 /// lost tail takes its positions with it, so it is applied again on start.
+/// (Except outbox appends, see apply_registrations.)
 void add_positions(storage::write_batch& wb, const std::string& topic,
                    const std::vector<kafka::message>& batch) {
   std::map<int32_t, int64_t> next;
@@ -369,7 +370,13 @@ private:
       last_op[m.key] = u.state.last_operation_id;
     }
     add_positions(wb, registrations_topic_, batch);
-    if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
+    // Outbox sequence numbers, once GET /assignments has handed them out,
+    // must never be given to other events: a replay after a lost tail could
+    // apply the partitions in another order. So a batch that appends to the
+    // outbox (gateways) is fsync'd.
+    const auto durability = seq != next_seq_ ? storage::store::durability::synced
+                                             : storage::store::durability::replayable;
+    if (auto err = ctx_.store->write(wb, durability))
       return err;
     next_seq_ = seq;
     return {};

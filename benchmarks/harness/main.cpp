@@ -90,6 +90,7 @@ struct options {
   int kafka_partitions = 6;
   int kafka_brokers = 1;
   std::vector<std::string> kafka_properties;
+  bool kafka_fuse_stages = false;
   uint64_t kafka_warmup = 100;
   int kafka_start_timeout_s = 60;
   bool direct = false; ///< --kafka --direct: produce registration.requested, no HTTPS
@@ -368,6 +369,7 @@ int start_kafka(const options& o, kafka_deployment& kd, server_info& s, bool& ow
   ko.partitions = o.kafka_partitions;
   ko.brokers = o.kafka_brokers;
   ko.properties = o.kafka_properties;
+  ko.fuse_stages = o.kafka_fuse_stages;
   ko.start_timeout_s = o.kafka_start_timeout_s;
   ko.interrupted = &g_interrupted;
   // One id scope and one owner policy in every process's config.
@@ -855,7 +857,8 @@ int run(int argc, char** argv) {
     ->check(CLI::IsMember({"keepalive", "newconn", "reference", "reference-keepalive"}));
   app.add_flag("--reference", o.reference,
                "Also measure nginx serving a static file over HTTPS with the server's certificate "
-               "(new connection per request) and print the ratio");
+               "and print the ratio: GETs over the same kept-alive connections with --mode "
+               "keepalive, a new connection per GET with --mode newconn");
   app.add_option("--devices", o.devices, "Devices to register (0 with --duration: unlimited)");
   app.add_option("--duration", o.duration_s, "Stop starting devices after this many seconds");
   app.add_option("-c,--concurrency", o.concurrency, "Concurrent devices (= connections)");
@@ -915,6 +918,9 @@ int run(int argc, char** argv) {
   app.add_option("--kafka-property", o.kafka_properties,
                  "NAME=VALUE for [kafka.properties] of every process (repeatable; replaces the "
                  "harness default of the same name)");
+  app.add_flag("--kafka-fuse-stages", o.kafka_fuse_stages,
+               "kafka.fuse_stages = true in every process: consecutive stages of one process "
+               "hand events over in process (docs/kafka.md)");
   app.add_option("--kafka-warmup", o.kafka_warmup,
                  "Devices registered (not measured) before the run, until the consumer groups "
                  "have joined");
@@ -952,7 +958,7 @@ int run(int argc, char** argv) {
   }
   if (o.kafka && (!o.target.empty() || !o.config_file.empty() || reference_only(o))) {
     log("--kafka spawns its own processes with generated configs: it does not combine with "
-        "--target, --config or --mode reference");
+        "--target, --config or --mode reference / reference-keepalive");
     return 2;
   }
   if (o.direct && (!o.kafka || o.mode != "keepalive" || o.reference || o.duration_s > 0
@@ -1079,10 +1085,12 @@ int run(int argc, char** argv) {
                       {"workers", o.kafka_workers},
                       {"warmup_devices", o.kafka_warmup},
                       {"direct", o.direct},
+                      {"fuse_stages", o.kafka_fuse_stages},
                       {"properties", o.kafka_properties}};
     std::cout << "  kafka:   librdkafka mock cluster in this process, " << o.kafka_brokers
               << " broker(s) at " << kd.bootstrap_servers() << ", " << o.kafka_partitions
-              << " partitions per topic\n";
+              << " partitions per topic"
+              << (o.kafka_fuse_stages ? ", fused stages" : "") << "\n";
     for (auto& p : kd.processes()) {
       std::cout << "  " << p->name << ": pid " << p->pid << ", "
                 << (p->roles.empty() ? std::string("every role") : "--roles " + p->roles)
@@ -1377,6 +1385,7 @@ int run(int argc, char** argv) {
                                       + std::to_string(o.concurrency))
                       + (rounds > 1 ? ", " + std::to_string(rounds) + " rounds" : ""),
                     r, ref_u, true, ref_keep ? "GETs" : "connections", o.threads);
+    j["mode"] = ref_keep ? "keepalive" : "newconn";
     out_json["reference"] = j;
     if (r.failed)
       any_failure = true;

@@ -11,7 +11,8 @@
 // Accepts: (attest_atom, register_request) -> attestation_result
 //          (event_atom, registration_event, event_ack) from registration.requested
 // Acks:    when the published event is durable (as allocation does); fused
-//          with a local allocation stage (kafka.fuse_stages), when that acks.
+//          with a local allocation stage (kafka.fuse_stages, requests that
+//          carry their operationId only), when that acks.
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
 
 #include <cstdio>
@@ -243,8 +244,11 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
           }
         }
       }
-      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
-        // Fused with a local allocation stage: it acks this input.
+      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)];
+          local && !in.operation_id.empty()) {
+        // Fused with a local allocation stage: it acks this input. Only for
+        // publisher-chosen operation ids: a redelivered request without one
+        // would get a new id here, and a second operation.
         local(std::move(ev), std::move(ack.fn));
         return;
       }

@@ -74,7 +74,9 @@ struct kafka_config {
   /// allocation, allocation and configuration), hand the event from one to
   /// the next in process instead of over their topic. The input offset is
   /// still committed only after the last local stage's effect is durable.
-  bool fuse_stages = true;
+  /// Off by default: the allocation decision is then not pinned in Kafka
+  /// before device.assigned goes out (docs/kafka.md, fused stages).
+  bool fuse_stages = false;
   /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
   /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.
   std::map<std::string, std::string> properties;

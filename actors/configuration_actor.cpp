@@ -26,9 +26,10 @@
 // dedupe on ce_id. The record itself is a function of the allocated event
 // (time = allocation time, etag from the operation id), so two workers
 // recording the same allocated event around a rebalance produce identical
-// bytes. Fused with a local allocation stage (kafka.fuse_stages) the
-// allocated event is not in Kafka: a redelivered input is allocated again,
-// and a copy then differs in its clock readings only.
+// bytes. Fused with a local allocation stage (kafka.fuse_stages, opt-in)
+// the allocated event is not in Kafka: a redelivered input is allocated
+// again, so a copy carries new clock readings, and a new decision if the
+// enrollment or the hubs changed meanwhile (docs/kafka.md).
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.allocated,
 //          or from the local allocation stage when fused

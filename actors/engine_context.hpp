@@ -141,8 +141,8 @@ struct engine_context {
   /// (shutdown waits for them, else the next start publishes them again).
   std::atomic<int64_t> relaying{0};
   std::atomic<bool> accepting{true};
-  /// Kafka with kafka.fuse_stages (off by default): when the stage consuming a topic runs in
-  /// this process too, a stage hands it the event here instead of publishing
+  /// Kafka with kafka.fuse_stages (opt-in): when the stage consuming a topic
+  /// runs in this process too, a stage hands it the event here instead of publishing
   /// (a produce, a consume and a broker round trip fewer). The ack passed
   /// along is the sender's own input ack, so its offset is committed only
   /// once the receiving stage's effect is durable. Indexed by topic; empty:

@@ -457,7 +457,8 @@ registration_state state_from_completed(const registration_event& ev) {
   s.attestation_type = ev.attestation_type;
   s.enrollment_group_id = ev.enrollment_group_id;
   s.last_operation_id = ev.operation_id;
-  s.etag = enrollment::new_etag();
+  // The same on every gateway and on every replay of the topic.
+  s.etag = enrollment::etag_for(ev.operation_id);
   if (ev.status == registration_status::assigned) {
     s.assigned_hub = ev.assigned_hub;
     s.device_id = ev.device_id;

@@ -266,6 +266,28 @@ TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event 
   CHECK_MESSAGE(r.status == 200, r.body);
   if (r.status == 200)
     CHECK(test::parse_json(r.body).value("status", "") == "assigned");
+  // A registration that fails in allocation (static, to a hub that is not
+  // linked): its record reaches gateways only through registration.completed.
+  {
+    // Its own key: attestation tries every group, and scale-group's key
+    // would attest the device there.
+    const auto nohub_key = crypto::generate_key();
+    nlohmann::json body{{"enrollmentGroupId", "scale-nohub"},
+                        {"allocationPolicy", "static"},
+                        {"iotHubs", {"not-linked.example.net"}},
+                        {"attestation",
+                         {{"type", "symmetricKey"},
+                          {"symmetricKey", {{"primaryKey", nohub_key}, {"secondaryKey", nohub_key}}}}}};
+    auto put = cl.gateway.service("PUT", "/enrollmentGroups/scale-nohub", body.dump());
+    REQUIRE_MESSAGE(put.status == 200, put.body);
+    auto c = cl.gateway.client();
+    int status = 0;
+    auto out = test::register_device(c, cl.gateway, "nohub-1",
+                                     *crypto::derive_device_key(nohub_key, "nohub-1"), status, 50);
+    CHECK_MESSAGE(out.value("status", "") == "failed", out.dump());
+  }
+  const auto failed_record = cl.gateway.service("GET", "/registrations/nohub-1");
+  CHECK_MESSAGE(failed_record.status == 200, failed_record.body);
   // A second gateway started now, with an empty data dir, rebuilds its state
   // from the topics: the group, the registration records, and answers polls
   // for operations the first gateway accepted.
@@ -279,6 +301,12 @@ TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event 
     CHECK(gw2.service("GET", "/enrollmentGroups/scale-group").status == 200);
     auto rec = gw2.service("GET", "/registrations/scale-42");
     CHECK_MESSAGE(rec.status == 200, rec.body);
+    // The failed record, rebuilt from registration.completed, is the same
+    // document on both gateways, etag included (If-Match works on either).
+    auto failed2 = gw2.service("GET", "/registrations/nohub-1");
+    CHECK_MESSAGE(failed2.status == 200, failed2.body);
+    if (failed2.status == 200 && failed_record.status == 200)
+      CHECK(test::parse_json(failed2.body) == test::parse_json(failed_record.body));
     auto c2 = gw2.client();
     int checked = 0;
     for (const auto& id : {"scale-1", "scale-500", "scale-9999"}) {

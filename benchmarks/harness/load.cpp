@@ -611,6 +611,10 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
   }
   load_result r;
   r.connect_phase_s = preconnect ? ms_since(t_connect) / 1000.0 : 0;
+  // The handshakes of the connect phase are not part of the measured phase.
+  if (o.on_go)
+    o.on_go();
+  cpu0 = self_cpu_seconds();
   auto t0 = steady::now();
   if (o.duration_s > 0)
     sh.deadline = t0 + std::chrono::microseconds(static_cast<int64_t>(o.duration_s * 1e6));

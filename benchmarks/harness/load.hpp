@@ -55,6 +55,9 @@ struct load_options {
   uint64_t bulk_items = 0;     ///< total items (for the progress line)
   bool ignore_conflicts = false; ///< 409000 items count as "existing", not errors
 
+  /// Called on the calling thread when the measured phase starts (after the
+  /// keep-alive connections are open), so resource samples can start there.
+  std::function<void()> on_go;
   std::string label;     ///< progress line prefix
   bool progress = true;
   const std::atomic<bool>* interrupted = nullptr; ///< set by SIGINT: stop starting work

@@ -766,22 +766,33 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
 /// Runs one load phase with server/machine sampling around it.
 /// `watchdog` (optional) runs with the progress tick, about 4 times a second.
 /// `run` is run_load or run_direct, given the progress tick.
-load_result measured(const std::function<load_result(const tick_fn&)>& run,
-                     const std::string& label, const std::vector<watched>& procs, bool kafka,
-                     uint64_t total, usage& u, bool show_progress,
-                     const std::function<void()>& watchdog = {}) {
+/// `run` gets the progress callback and `rebase`, which it calls when its
+/// measured phase starts (after opening connections): the resource samples
+/// then start there.
+using measured_run = std::function<load_result(const tick_fn&, const std::function<void()>&)>;
+
+load_result measured(const measured_run& run, const std::string& label,
+                     const std::vector<watched>& procs, bool kafka, uint64_t total, usage& u,
+                     bool show_progress, const std::function<void()>& watchdog = {}) {
   progress prog(label, total, show_progress);
   u.procs = procs;
   u.per_process = kafka;
-  double mock0 = kafka ? self_threads_cpu_seconds(g_mock_threads) : 0;
-  u.server0 = sample_servers(procs, u.each0);
-  u.m0 = sample_machine();
-  u.load0 = load_average();
-  auto r = run([&](double t, uint64_t done, uint64_t failed) {
-    prog(t, done, failed);
-    if (watchdog)
-      watchdog();
-  });
+  double mock0 = 0;
+  auto rebase = [&] {
+    if (kafka)
+      mock0 = self_threads_cpu_seconds(g_mock_threads);
+    u.server0 = sample_servers(procs, u.each0);
+    u.m0 = sample_machine();
+    u.load0 = load_average();
+  };
+  rebase();
+  auto r = run(
+    [&](double t, uint64_t done, uint64_t failed) {
+      prog(t, done, failed);
+      if (watchdog)
+        watchdog();
+    },
+    rebase);
   u.server1 = sample_servers(procs, u.each1);
   u.m1 = sample_machine();
   u.load1 = load_average();
@@ -794,7 +805,13 @@ load_result measured(const std::function<load_result(const tick_fn&)>& run,
 load_result measured(const load_options& lo, const std::vector<watched>& procs, bool kafka,
                      uint64_t total, usage& u, bool show_progress,
                      const std::function<void()>& watchdog = {}) {
-  return measured([&lo](const tick_fn& t) { return run_load(lo, t); }, lo.label, procs, kafka,
+  return measured(
+    [&lo](const tick_fn& t, const std::function<void()>& rebase) {
+      auto l = lo;
+      l.on_go = rebase;
+      return run_load(l, t);
+    },
+    lo.label, procs, kafka,
                   total, u, show_progress, watchdog);
 }
 
@@ -1153,8 +1170,10 @@ int run(int argc, char** argv) {
     d.registration_id = l.registration_id;
     d.operation_prefix = op_prefix;
     d.interrupted = l.interrupted;
-    return measured([&](const tick_fn& t) { return publisher.run(d, t); }, l.label, servers, true,
-                    l.count, u, show_progress, watchdog);
+    // No connect phase: the samples start with the run.
+    return measured(
+      [&](const tick_fn& t, const std::function<void()>&) { return publisher.run(d, t); },
+      l.label, servers, true, l.count, u, show_progress, watchdog);
   };
 
   // ---- Kafka mode: warm-up ----

@@ -586,7 +586,6 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards;
   for (auto& t : ctxs)
     guards.push_back(asio::make_work_guard(t->ioc));
-  double cpu0 = self_cpu_seconds();
   auto t_connect = steady::now();
   std::vector<std::thread> threads;
   std::atomic<int> done_threads{0};
@@ -614,7 +613,7 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
   // The handshakes of the connect phase are not part of the measured phase.
   if (o.on_go)
     o.on_go();
-  cpu0 = self_cpu_seconds();
+  const double cpu0 = self_cpu_seconds();
   auto t0 = steady::now();
   if (o.duration_s > 0)
     sh.deadline = t0 + std::chrono::microseconds(static_cast<int64_t>(o.duration_s * 1e6));

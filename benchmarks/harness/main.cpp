@@ -811,8 +811,7 @@ load_result measured(const load_options& lo, const std::vector<watched>& procs, 
       l.on_go = rebase;
       return run_load(l, t);
     },
-    lo.label, procs, kafka,
-                  total, u, show_progress, watchdog);
+    lo.label, procs, kafka, total, u, show_progress, watchdog);
 }
 
 std::vector<watched> one_process(pid_t pid, bool tree = false) {

@@ -64,32 +64,26 @@ public:
       };
     };
     // Allocation and configuration ack once their effect is durable; on Kafka
-    // that is when the input offset may be committed.
-    auto to_acked = [m](caf::actor dest, metrics::stage s) {
-      return [dest, m, s](registration_event&& ev, transport::bus::ack_fn ack) {
-        m->stage_enqueued(s);
-        caf::anon_send(dest, event_atom::value, std::move(ev), event_ack{std::move(ack)});
+    // that is when the input offset may be committed. A weak handle: bus
+    // subscriptions and fused hand-offs (below) must not keep an actor alive;
+    // once it is gone an event is dropped unacked and comes back from Kafka.
+    auto to_acked = [m](const caf::actor& dest, metrics::stage s) {
+      return [weak = caf::actor_cast<caf::weak_actor_ptr>(dest), m,
+              s](registration_event&& ev, transport::bus::ack_fn ack) {
+        if (auto strong = weak.lock()) {
+          m->stage_enqueued(s);
+          caf::anon_send(caf::actor_cast<caf::actor>(strong), event_atom::value, std::move(ev),
+                         event_ack{std::move(ack)});
+        }
       };
     };
     if (ctx.kafka() && ctx.opts.cfg.kafka.fuse_stages) {
-      // A weak handle: these outlive nothing (the actors hold ctx). When the
-      // actor is gone the event is dropped unacked and comes back from Kafka.
-      auto local = [m](const caf::actor& dest, metrics::stage s) {
-        return [weak = caf::actor_cast<caf::weak_actor_ptr>(dest), m,
-                s](registration_event&& ev, transport::bus::ack_fn ack) {
-          if (auto strong = weak.lock()) {
-            m->stage_enqueued(s);
-            caf::anon_send(caf::actor_cast<caf::actor>(strong), event_atom::value,
-                           std::move(ev), event_ack{std::move(ack)});
-          }
-        };
-      };
       if (roles.attestation && roles.allocation)
         ctx.in_process[static_cast<std::size_t>(transport::topic::registration_attested)] =
-          local(allocation_, metrics::stage::allocation);
+          to_acked(allocation_, metrics::stage::allocation);
       if (roles.allocation && roles.configuration)
         ctx.in_process[static_cast<std::size_t>(transport::topic::registration_allocated)] =
-          local(configuration_, metrics::stage::configuration);
+          to_acked(configuration_, metrics::stage::configuration);
     }
     // Direct Kafka publishers (docs/events.md); HTTP registers are attested
     // on the gateway and go straight to registration.attested.

@@ -139,7 +139,13 @@ error allocate(const engine_context& ctx, registration_event& ev) {
                    : ev.registration_id;
   ev.initial_twin_json = v.initial_twin_json;
   ev.iot_edge = v.iot_edge;
-  ev.allocated_ms = now_ms();
+  // Kafka: a clock reading pinned in the log (the attested record's
+  // timestamp, set by the bus; the request's, fused after attestation), so
+  // allocating a redelivered input again yields the same bytes.
+  if (!ctx.kafka())
+    ev.allocated_ms = now_ms();
+  else if (ev.allocated_ms <= 0)
+    ev.allocated_ms = ev.attested_ms > 0 ? ev.attested_ms : ev.accepted_ms;
   return {};
 }
 
@@ -157,7 +163,8 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
         ev.status = registration_status::failed;
         ev.error_code = static_cast<int32_t>(err.code);
         ev.error_message = err.message;
-        ev.completed_ms = now_ms();
+        ev.completed_ms = ctx->kafka() ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
+                                       : now_ms();
         next = transport::topic::registration_completed;
       }
       if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry

@@ -150,7 +150,9 @@ error attest_requested(const engine_context& ctx, registration_event& in,
   out.api_version = in.api_version;
   out.protocol = "kafka";
   out.payload_json = std::move(in.payload_json);
-  out.accepted_ms = now_ms();
+  // The request record's Kafka timestamp (the bus sets it): a redelivery
+  // reproduces it.
+  out.accepted_ms = in.accepted_ms > 0 ? in.accepted_ms : now_ms();
   register_request req;
   req.authorization = std::move(in.authorization);
   in.authorization.clear();
@@ -214,7 +216,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
         ev.status = registration_status::failed;
         ev.error_code = static_cast<int32_t>(err.code);
         ev.error_message = err.message;
-        ev.completed_ms = now_ms();
+        ev.completed_ms = ev.accepted_ms; // as reproducible as the input
         next = transport::topic::registration_completed;
       } else {
         ev.attestation_type = r.attestation_type;

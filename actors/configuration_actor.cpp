@@ -116,7 +116,9 @@ void count_assigned(metrics::instruments& m, const registration_event& ev,
   m.stage_latency(metrics::stage::configuration, seconds_since(started));
   m.device_assigned(ev.assigned_hub);
   m.registration_attempt("assigned", ev.assigned_hub, ev.protocol);
-  m.operation_finished("assigned", static_cast<double>(ev.completed_ms - ev.accepted_ms) / 1000.0);
+  // The wall time until now: on Kafka, completed_ms is the allocation's
+  // pinned reading, not when the outcome was published.
+  m.operation_finished("assigned", static_cast<double>(now_ms() - ev.accepted_ms) / 1000.0);
 }
 
 /// Posts `a, op_id, error` to the actor if it still exists. A weak handle:

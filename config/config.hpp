@@ -76,7 +76,7 @@ struct kafka_config {
   /// still committed only after the last local stage's effect is durable.
   /// Off by default: the allocation decision is then not pinned in Kafka
   /// before device.assigned goes out (docs/kafka.md, fused stages).
-  bool fuse_stages = false;
+  bool fuse_stages = true;
   /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
   /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.
   std::map<std::string, std::string> properties;

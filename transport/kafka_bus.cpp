@@ -99,7 +99,8 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   const log_fn log = opts_.log;
   std::atomic<uint64_t>* dead = dead_lettered_.get();
   const bool requested = t == topic::registration_requested;
-  auto on_message = [self, ready_f, prod, dlt, log, dead, requested,
+  const bool attested = t == topic::registration_attested;
+  auto on_message = [self, ready_f, prod, dlt, log, dead, requested, attested,
                      h = std::move(h)](message&& m) {
     ready_f.wait();
     std::weak_ptr<consumer> weak = *self;
@@ -127,6 +128,15 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
                               : decode_event(m.value, ev)) {
       dead_letter("undecodable event: " + err.message);
       return;
+    }
+    // The record's timestamp is pinned in the log: a stage that timestamps
+    // its input from it reproduces the same bytes when the input is
+    // redelivered (after a crash, allocation runs again with fused stages).
+    if (m.timestamp_ms > 0) {
+      if (requested && ev.accepted_ms == 0)
+        ev.accepted_ms = m.timestamp_ms; // when the publisher sent it
+      else if (attested && ev.allocated_ms == 0)
+        ev.allocated_ms = m.timestamp_ms; // when it was handed to allocation
     }
     try {
       h(std::move(ev), ack);

@@ -106,6 +106,11 @@ error mock_cluster::broker_rtt(int32_t broker_id, int rtt_ms) {
   return mock_error(rd_kafka_mock_broker_set_rtt(impl_->mc, broker_id, rtt_ms), "broker rtt");
 }
 
+error mock_cluster::group_coordinator(const std::string& group, int32_t broker_id) {
+  return mock_error(rd_kafka_mock_coordinator_set(impl_->mc, "group", group.c_str(), broker_id),
+                    "set coordinator of " + group);
+}
+
 error mock_cluster::partition_leader(const std::string& topic, int32_t partition,
                                      int32_t broker_id) {
   return mock_error(

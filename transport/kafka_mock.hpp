@@ -61,6 +61,8 @@ public:
   [[nodiscard]] error broker_up(int32_t broker_id);
   /// Added latency per request on a broker (-1 = all).
   [[nodiscard]] error broker_rtt(int32_t broker_id, int rtt_ms);
+  /// Makes `broker_id` the coordinator of consumer group `group`.
+  [[nodiscard]] error group_coordinator(const std::string& group, int32_t broker_id);
   /// Moves the partition's leadership (-1 = leaderless).
   [[nodiscard]] error partition_leader(const std::string& topic, int32_t partition,
                                        int32_t broker_id);

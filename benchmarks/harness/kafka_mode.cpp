@@ -159,7 +159,7 @@ bool kafka_deployment::start(const kafka_options& o, std::string& err) {
       + "[kafka]\nbrokers = " + toml_string(bootstrap_) + "\n"
       + "partitions = " + std::to_string(kc.partitions) + "\n"
       + "replication_factor = " + std::to_string(kc.replication_factor) + "\n"
-      + (o.fuse_stages ? "fuse_stages = true\n" : "") + "\n"
+      + "fuse_stages = " + (o.fuse_stages ? "true" : "false") + "\n\n"
       + "[kafka.properties]\n";
     for (const auto& [k, v] : props)
       cfg += toml_string(k) + " = " + toml_string(v) + "\n";

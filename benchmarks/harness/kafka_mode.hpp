@@ -34,7 +34,7 @@ struct kafka_options {
   std::string policy_name;   ///< the one [[access_policies]] entry of every config
   std::string policy_key;
   int register_wait_ms = -1; ///< device_api.register_wait_ms; -1 = the server's default
-  bool fuse_stages = false;  ///< kafka.fuse_stages of every process
+  bool fuse_stages = true;  ///< kafka.fuse_stages of every process
   int start_timeout_s = 60;  ///< per process, for /readyz
   const std::atomic<bool>* interrupted = nullptr;
 };

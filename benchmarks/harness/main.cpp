@@ -90,7 +90,7 @@ struct options {
   int kafka_partitions = 6;
   int kafka_brokers = 1;
   std::vector<std::string> kafka_properties;
-  bool kafka_fuse_stages = false;
+  bool kafka_unfused = false;
   uint64_t kafka_warmup = 100;
   int kafka_start_timeout_s = 60;
   bool direct = false; ///< --kafka --direct: produce registration.requested, no HTTPS
@@ -369,7 +369,7 @@ int start_kafka(const options& o, kafka_deployment& kd, server_info& s, bool& ow
   ko.partitions = o.kafka_partitions;
   ko.brokers = o.kafka_brokers;
   ko.properties = o.kafka_properties;
-  ko.fuse_stages = o.kafka_fuse_stages;
+  ko.fuse_stages = !o.kafka_unfused;
   ko.start_timeout_s = o.kafka_start_timeout_s;
   ko.interrupted = &g_interrupted;
   // One id scope and one owner policy in every process's config.
@@ -934,9 +934,9 @@ int run(int argc, char** argv) {
   app.add_option("--kafka-property", o.kafka_properties,
                  "NAME=VALUE for [kafka.properties] of every process (repeatable; replaces the "
                  "harness default of the same name)");
-  app.add_flag("--kafka-fuse-stages", o.kafka_fuse_stages,
-               "kafka.fuse_stages = true in every process: consecutive stages of one process "
-               "hand events over in process (docs/kafka.md)");
+  app.add_flag("--kafka-unfused", o.kafka_unfused,
+               "kafka.fuse_stages = false in every process: every stage hands over through "
+               "its topic, even to a stage of the same process (docs/kafka.md)");
   app.add_option("--kafka-warmup", o.kafka_warmup,
                  "Devices registered (not measured) before the run, until the consumer groups "
                  "have joined");
@@ -1101,12 +1101,12 @@ int run(int argc, char** argv) {
                       {"workers", o.kafka_workers},
                       {"warmup_devices", o.kafka_warmup},
                       {"direct", o.direct},
-                      {"fuse_stages", o.kafka_fuse_stages},
+                      {"fuse_stages", !o.kafka_unfused},
                       {"properties", o.kafka_properties}};
     std::cout << "  kafka:   librdkafka mock cluster in this process, " << o.kafka_brokers
               << " broker(s) at " << kd.bootstrap_servers() << ", " << o.kafka_partitions
               << " partitions per topic"
-              << (o.kafka_fuse_stages ? ", fused stages" : "") << "\n";
+              << (o.kafka_unfused ? ", unfused stages" : ", fused stages") << "\n";
     for (auto& p : kd.processes()) {
       std::cout << "  " << p->name << ": pid " << p->pid << ", "
                 << (p->roles.empty() ? std::string("every role") : "--roles " + p->roles)

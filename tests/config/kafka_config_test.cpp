@@ -30,7 +30,7 @@ TEST_CASE("no [kafka] section means embedded mode with documented defaults") {
   CHECK(cfg.kafka.replication_factor == 3);
   CHECK(cfg.kafka.client_id == "provisiond");
   CHECK(cfg.kafka.resend_after_s == 10);
-  CHECK_FALSE(cfg.kafka.fuse_stages);
+  CHECK(cfg.kafka.fuse_stages);
   CHECK(cfg.kafka.properties.empty());
 }
 
@@ -42,7 +42,7 @@ partitions = 48
 replication_factor = 1
 client_id = "provisiond-eu1"
 resend_after_s = 0
-fuse_stages = true
+fuse_stages = false
 
 [kafka.properties]
 "security.protocol" = "SASL_SSL"
@@ -61,7 +61,7 @@ sasl.mechanism = "SCRAM-SHA-512"
   CHECK(k.replication_factor == 1);
   CHECK(k.client_id == "provisiond-eu1");
   CHECK(k.resend_after_s == 0);
-  CHECK(k.fuse_stages);
+  CHECK_FALSE(k.fuse_stages);
   CHECK(k.properties == std::map<std::string, std::string>{
                            {"message.timeout.ms", "30000"},
                            {"sasl.mechanism", "SCRAM-SHA-512"},

@@ -5,6 +5,7 @@
 
 #include <mutex>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "tests/transport/kafka_test_support.hpp"
@@ -133,6 +134,73 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
   CHECK(a->dead_lettered() == 0);
   CHECK(b->dead_lettered() == 0);
   CHECK(a->producer_counters()->rebuilds == 0);
+}
+
+TEST_CASE("inputs take their clock readings from the record's timestamp, the same on redelivery") {
+  // What lets a fused worker allocate a redelivered input again and publish
+  // the same bytes: a requested record's accepted time and an attested
+  // record's allocation time come from the log, not from the clock.
+  test::mock_fixture f;
+  f.cfg.partitions = 1;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  std::unique_ptr<kafka_bus> a;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), a).ok());
+  const int64_t before = now_ms();
+  std::atomic<int> sent{0};
+  auto count = [&](const delivery& d) {
+    CHECK(d.err.ok());
+    ++sent;
+  };
+  auto unstamped = make_event(1, "reg-a"); // as a gateway publishes it
+  auto stamped = make_event(2, "reg-a");
+  stamped.allocated_ms = 1700000000777;     // already allocated: kept
+  REQUIRE(a->publish(topic::registration_attested, unstamped, count).ok());
+  REQUIRE(a->publish(topic::registration_attested, stamped, count).ok());
+  REQUIRE(a->send_record({topic_for(f.cfg, topic::registration_requested), "reg-d",
+                          R"({"v":1,"registrationId":"reg-d","idScope":"0ne00000001",)"
+                          R"("operationId":"direct-1"})",
+                          {}},
+                         count)
+              .ok());
+  REQUIRE(eventually([&] { return sent.load() == 3; }));
+  const int64_t after = now_ms();
+
+  // Read both topics without acking, twice: the second reader gets the same
+  // records again (a redelivery) and must see the same readings.
+  auto read_all = [&](std::map<std::string, registration_event>& got) {
+    std::unique_ptr<kafka_bus> b;
+    REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), b).ok());
+    std::mutex mu;
+    auto keep = [&](registration_event&& ev, std::function<void()>) {
+      std::lock_guard<std::mutex> lock(mu);
+      got.emplace(ev.operation_id, std::move(ev));
+    };
+    REQUIRE(b->subscribe_acked(topic::registration_attested, keep).ok());
+    REQUIRE(b->subscribe_acked(topic::registration_requested, keep).ok());
+    REQUIRE(eventually([&] {
+      std::lock_guard<std::mutex> lock(mu);
+      return got.size() == 3;
+    }, std::chrono::seconds(20)));
+    b->close();
+  };
+  std::map<std::string, registration_event> first, second;
+  read_all(first);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20)); // the clock moves on
+  read_all(second);
+  const auto& u = first.at(unstamped.operation_id);
+  CHECK(u.allocated_ms >= before);
+  CHECK(u.allocated_ms <= after);
+  CHECK(u.accepted_ms == unstamped.accepted_ms); // the event's own, untouched
+  CHECK(first.at(stamped.operation_id).allocated_ms == 1700000000777);
+  const auto& d = first.at("direct-1");
+  CHECK(d.accepted_ms >= before);
+  CHECK(d.accepted_ms <= after);
+  for (const auto& [op, ev] : first) {
+    CHECK_MESSAGE(second.at(op).accepted_ms == ev.accepted_ms, op);
+    CHECK_MESSAGE(second.at(op).allocated_ms == ev.allocated_ms, op);
+  }
+  a->close();
 }
 
 TEST_CASE("an undecodable event is dead-lettered with its reason; later events still flow") {

@@ -34,10 +34,13 @@ void log(const std::string& s) {
 /// [kafka.properties] every process gets unless --kafka-property replaces it.
 /// fetch.wait.max.ms: librdkafka 2.0.2's mock broker holds an empty fetch
 /// for the whole wait (default 500 ms) instead of answering when data
-/// arrives, which would add up to 0.5 s per hop (docs/kafka.md). The session
+/// arrives, which would add up to 0.5 s per hop (docs/kafka.md). 30 ms, not
+/// less: every idle consumer fetches once per wait, and at 10 ms those empty
+/// fetches cost the server processes and the broker about 15% of the HTTPS
+/// throughput at 500 in flight (docs/performance.md, session 8). The session
 /// settings make a stopped worker's partitions move within seconds.
 const std::vector<std::pair<std::string, std::string>> default_properties = {
-  {"fetch.wait.max.ms", "10"},
+  {"fetch.wait.max.ms", "30"},
   {"session.timeout.ms", "6000"},
   {"heartbeat.interval.ms", "500"},
 };

@@ -191,6 +191,10 @@ int serve(const serve_args& args) {
   };
   if (auto err = storage::store::open(cfg.data_dir + "/db", store_opts, store))
     return die(err.message);
+  if (auto note = store->recovery_note(); !note.empty())
+    std::cerr << "provisiond: WARNING: " << cfg.data_dir << "/db: " << note
+              << ". Expected after a power loss (the unsynced tail); otherwise check the disk."
+              << std::endl;
 
   // Engine.
   engine_options eopts;

@@ -140,10 +140,16 @@ public:
     db_opts.paranoid_checks = true;
     db_opts.max_background_jobs = 2;
     db_opts.manual_wal_flush = false;
-    // 7.8's default is kPointInTimeRecovery, which silently truncates the
-    // WAL at a mid-log corruption and so can roll back synced, acknowledged
-    // writes. Tolerate only a torn tail record (a crash mid-append) and
-    // refuse to open on anything worse.
+    // First tolerate only a torn tail record (a crash mid-append). A power
+    // loss can also leave the unsynced tail as zeros or stale blocks (file
+    // size extended, data never written: XFS, ext4 data=writeback, drives
+    // without power-loss protection), which this mode calls corruption; on
+    // that, open again with kPointInTimeRecovery, which replays up to the
+    // last intact record (below). Every acknowledged write was fsync'd
+    // before the damage, so only unacknowledged ones (and replayable table
+    // writes, applied again from Kafka) are dropped, unless the medium
+    // corrupted synced data, which RocksDB cannot tell apart: hence the
+    // loud recovery_note().
     db_opts.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
     db_opts.keep_log_file_num = 10;
 
@@ -182,6 +188,16 @@ public:
     }
 
     rocksdb::Status s = rocksdb::DB::Open(db_opts, dir_, descs, &handles_, &db_);
+    if (s.IsCorruption()) {
+      db_ = nullptr;
+      handles_.clear();
+      db_opts.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
+      rocksdb::Status again = rocksdb::DB::Open(db_opts, dir_, descs, &handles_, &db_);
+      if (again.ok())
+        recovery_note_ = "the write-ahead log was damaged after its last intact record ("
+                         + s.ToString() + "); recovered up to that record";
+      s = again;
+    }
     if (!s.ok()) {
       db_ = nullptr;
       handles_.clear();
@@ -310,6 +326,8 @@ public:
     return v;
   }
 
+  std::string recovery_note() const override { return recovery_note_; }
+
   commit_stats stats() const override {
     std::lock_guard<std::mutex> lk(stats_mu_);
     return stats_;
@@ -400,6 +418,7 @@ private:
   std::thread writer_;
   std::thread::id writer_id_;
   bool wal_synced_ = false;
+  std::string recovery_note_; ///< set by open(), read-only after
 
   mutable std::mutex stats_mu_;
   commit_stats stats_;

@@ -122,6 +122,11 @@ public:
 
   virtual commit_stats stats() const = 0;
 
+  /// Non-empty when open() found the WAL damaged after its last intact
+  /// record and recovered to that point (see store.cpp): what RocksDB
+  /// reported. The caller logs it; writes after that point are gone.
+  virtual std::string recovery_note() const = 0;
+
   /// A RocksDB integer property summed over all column families (e.g.
   /// "rocksdb.cur-size-all-mem-tables", "rocksdb.estimate-num-keys"); 0 when
   /// unknown. For metrics gauges.

@@ -135,6 +135,16 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
 
 namespace {
 
+/// Whether the registration's recorded assignment is this operation's.
+bool assigned_by(const engine_context& ctx, const std::string& registration_id,
+                 const std::string& operation_id) {
+  std::optional<std::string> raw;
+  registration_state prev;
+  return !ctx.store->get(storage::cf::registrations, enrollment::key_of(registration_id), raw)
+         && raw && !decode_record(*raw, prev) && prev.last_operation_id == operation_id
+         && prev.status == registration_status::assigned;
+}
+
 /// Operation ids chosen by direct publishers: the shape rule of registration
 /// ids (1..128 of A-Z a-z 0-9 - . _ :), which DPS-style ids also meet.
 bool valid_operation_id(std::string_view id) { return enrollment::valid_registration_id(id); }
@@ -200,6 +210,15 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       m->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
       const bool had_credential = in.authorization.rfind("SharedAccessSignature", 0) == 0;
+      if (!in.operation_id.empty() && assigned_by(*ctx, in.registration_id, in.operation_id)) {
+        // A republished or redelivered request whose operation already
+        // assigned the device: nothing to do (its outcome is on
+        // registration.completed). Checked before attesting: the token may
+        // have expired since. Duplicates still in flight meet in the
+        // configuration stage.
+        ack();
+        return;
+      }
       registration_event ev;
       attestation_result r;
       bool attested = false;
@@ -231,19 +250,6 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
           ev.error_message = "the enrollment is disabled";
           ev.completed_ms = ev.accepted_ms;
           next = transport::topic::registration_completed;
-        } else if (!in.operation_id.empty()) {
-          // A republished request whose operation already assigned the
-          // device: nothing to do (its outcome is on registration.completed).
-          // Duplicates still in flight meet in the configuration stage.
-          std::optional<std::string> raw;
-          registration_state prev;
-          if (!ctx->store->get(storage::cf::registrations,
-                               enrollment::key_of(ev.registration_id), raw)
-              && raw && !decode_record(*raw, prev) && prev.last_operation_id == ev.operation_id
-              && prev.status == registration_status::assigned) {
-            ack();
-            return;
-          }
         }
       }
       if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)];

@@ -26,10 +26,11 @@
 // dedupe on ce_id. The record itself is a function of the allocated event
 // (time = allocation time, etag from the operation id), so two workers
 // recording the same allocated event around a rebalance produce identical
-// bytes. Fused with a local allocation stage (kafka.fuse_stages, opt-in)
-// the allocated event is not in Kafka: a redelivered input is allocated
-// again, so a copy carries new clock readings, and a new decision if the
-// enrollment or the hubs changed meanwhile (docs/kafka.md).
+// bytes. Fused with a local allocation stage (kafka.fuse_stages, the
+// default) the allocated event is not in Kafka: a redelivered input is
+// allocated again, with the same clock readings (the input records' Kafka
+// timestamps), but a new decision if the enrollment or the hubs changed
+// meanwhile (docs/kafka.md).
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.allocated,
 //          or from the local allocation stage when fused
@@ -38,6 +39,7 @@
 //          (relayed_atom, operation id, error)   step 2 or 3 done (Kafka)
 // Blocking: point reads for idempotency; spawned detached.
 
+#include <algorithm>
 #include <cstdio>
 #include <unordered_map>
 #include <vector>
@@ -117,8 +119,11 @@ void count_assigned(metrics::instruments& m, const registration_event& ev,
   m.device_assigned(ev.assigned_hub);
   m.registration_attempt("assigned", ev.assigned_hub, ev.protocol);
   // The wall time until now: on Kafka, completed_ms is the allocation's
-  // pinned reading, not when the outcome was published.
-  m.operation_finished("assigned", static_cast<double>(now_ms() - ev.accepted_ms) / 1000.0);
+  // pinned reading, not when the outcome was published. A direct request's
+  // accepted time is its publisher's record timestamp: another clock.
+  m.operation_finished("assigned",
+                       static_cast<double>(std::max<int64_t>(0, now_ms() - ev.accepted_ms))
+                         / 1000.0);
 }
 
 /// Posts `a, op_id, error` to the actor if it still exists. A weak handle:

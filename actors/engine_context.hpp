@@ -141,7 +141,7 @@ struct engine_context {
   /// (shutdown waits for them, else the next start publishes them again).
   std::atomic<int64_t> relaying{0};
   std::atomic<bool> accepting{true};
-  /// Kafka with kafka.fuse_stages (opt-in): when the stage consuming a topic
+  /// Kafka with kafka.fuse_stages (the default): when the stage consuming a topic
   /// runs in this process too, a stage hands it the event here instead of publishing
   /// (a produce, a consume and a broker round trip fewer). The ack passed
   /// along is the sender's own input ack, so its offset is committed only

@@ -74,8 +74,9 @@ struct kafka_config {
   /// allocation, allocation and configuration), hand the event from one to
   /// the next in process instead of over their topic. The input offset is
   /// still committed only after the last local stage's effect is durable.
-  /// Off by default: the allocation decision is then not pinned in Kafka
-  /// before device.assigned goes out (docs/kafka.md, fused stages).
+  /// On by default. A redelivered input is then allocated again, from clock
+  /// readings pinned in the log (the same bytes) but against the enrollment
+  /// and hubs as they are then (docs/kafka.md, fused stages).
   bool fuse_stages = true;
   /// [kafka.properties]: passed verbatim to librdkafka (security.protocol,
   /// sasl.*, ssl.*, ...). Keys provisiond sets itself are rejected.

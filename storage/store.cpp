@@ -191,11 +191,27 @@ public:
     if (s.IsCorruption()) {
       db_ = nullptr;
       handles_.clear();
+      // The recovery deletes the damaged logs once replayed: keep a copy
+      // for whoever has to judge what happened.
+      std::string kept;
+      if (auto err = keep_wal_copy(kept))
+        return {error_code::storage_failure,
+                "storage: open of '" + dir_ + "' failed (" + s.ToString()
+                  + ") and the write-ahead logs could not be copied aside before a recovery: "
+                  + err.message};
       db_opts.wal_recovery_mode = rocksdb::WALRecoveryMode::kPointInTimeRecovery;
       rocksdb::Status again = rocksdb::DB::Open(db_opts, dir_, descs, &handles_, &db_);
-      if (again.ok())
-        recovery_note_ = "the write-ahead log was damaged after its last intact record ("
-                         + s.ToString() + "); recovered up to that record";
+      if (!again.ok()) {
+        db_ = nullptr;
+        handles_.clear();
+        return {error_code::storage_failure,
+                "storage: open of '" + dir_ + "' failed: " + s.ToString()
+                  + "; recovering to the last intact log record failed too: "
+                  + again.ToString() + " (copy of the logs: " + kept + ")"};
+      }
+      recovery_note_ = "the write-ahead log was damaged after its last intact record ("
+                       + s.ToString() + "); recovered up to that record; the damaged logs "
+                       "are kept in " + kept;
       s = again;
     }
     if (!s.ok()) {
@@ -327,6 +343,24 @@ public:
   }
 
   std::string recovery_note() const override { return recovery_note_; }
+
+  /// Copies the data dir's write-ahead logs to a new sibling directory.
+  error keep_wal_copy(std::string& where) const {
+    namespace fs = std::filesystem;
+    auto stamp = std::chrono::duration_cast<std::chrono::seconds>(
+                   std::chrono::system_clock::now().time_since_epoch())
+                   .count();
+    where = dir_ + ".wal-damaged-" + std::to_string(stamp);
+    std::error_code ec;
+    fs::create_directories(where, ec);
+    for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec))
+      if (it->path().extension() == ".log")
+        fs::copy_file(it->path(), fs::path(where) / it->path().filename(),
+                      fs::copy_options::overwrite_existing, ec);
+    if (ec)
+      return {error_code::storage_failure, where + ": " + ec.message()};
+    return {};
+  }
 
   commit_stats stats() const override {
     std::lock_guard<std::mutex> lk(stats_mu_);

@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <csignal>
 #include <thread>
 #include <vector>
 
@@ -334,12 +335,13 @@ TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event 
 /// cleared. Everything must finish within `bound_s` after that.
 /// Returns how many operations were published more than once.
 template <class Fault>
-int load_through(cluster& cl, const std::string& prefix, Fault fault, double bound_s = 30) {
+int load_through(cluster& cl, const std::string& prefix, Fault fault, double bound_s = 30,
+                 int threads = 32) {
   test::create_group(cl.gateway, prefix + "group", group_key);
   warm_up(cl.gateway, prefix + "warm");
   constexpr int total = 3000;
   steady::time_point cleared;
-  auto res = run_load(cl.gateway, device_ids(prefix, total), 32, [&](auto& finished) {
+  auto res = run_load(cl.gateway, device_ids(prefix, total), threads, [&](auto& finished) {
     while (finished.load() < total / 5)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     fault(cl);
@@ -410,6 +412,20 @@ TEST_CASE("kill -9 of a fused worker between device.assigned and its record: cop
     },
     30 + 10);
   CHECK(copies > 0); // the redelivery path really ran
+}
+
+TEST_CASE("SIGTERM of a worker under load: it finishes what it started, nothing published twice") {
+  // A rolling restart (say, to add a hub): the stopping worker takes no new
+  // input and finishes every operation it has begun, so none is handed to
+  // the next owner half done. Such a one would be allocated again there,
+  // with the new hub list, and could reach device.assigned a second time
+  // with another hub.
+  cluster cl(2, 1, "resend_after_s = 0\n");
+  // SIGTERM without waiting: the load goes on while the worker drains.
+  int copies = load_through(
+    cl, "term-", [](cluster& c) { REQUIRE(::kill(c.workers[0]->pid(), SIGTERM) == 0); }, 30 + 10,
+    64);
+  CHECK(copies == 0);
 }
 
 TEST_CASE("a gateway or attestation worker with another id scope is refused, naming the scope") {

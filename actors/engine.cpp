@@ -77,6 +77,22 @@ public:
         }
       };
     };
+    // A stage's Kafka input. While the process drains (SIGTERM), new input
+    // is left unacked for the next owner of the partition: what this
+    // process starts now it might not finish, and a half-done operation
+    // would be allocated again there, perhaps under another hub list (a
+    // rolling restart). In-process hand-offs continue. Embedded, the
+    // in-process bus is the only way events move: nothing is dropped.
+    auto from_kafka = [&ctx, to_acked](const caf::actor& dest, metrics::stage s) {
+      transport::bus::acked_handler h = to_acked(dest, s);
+      if (!ctx.kafka())
+        return h;
+      return transport::bus::acked_handler(
+        [h, c = &ctx](registration_event&& ev, transport::bus::ack_fn ack) {
+          if (c->accepting.load())
+            h(std::move(ev), std::move(ack));
+        });
+    };
     if (ctx.kafka() && ctx.opts.cfg.kafka.fuse_stages) {
       if (roles.attestation && roles.allocation)
         ctx.in_process[static_cast<std::size_t>(transport::topic::registration_attested)] =
@@ -89,16 +105,16 @@ public:
     // on the gateway and go straight to registration.attested.
     if (roles.attestation && ctx.kafka())
       if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_requested,
-                                              to_acked(attestation_, metrics::stage::attestation)))
+                                              from_kafka(attestation_, metrics::stage::attestation)))
         return err;
     if (roles.allocation)
       if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
-                                              to_acked(allocation_, metrics::stage::allocation)))
+                                              from_kafka(allocation_, metrics::stage::allocation)))
         return err;
     if (roles.configuration)
       if (auto err = ctx.bus->subscribe_acked(
             transport::topic::registration_allocated,
-            to_acked(configuration_, metrics::stage::configuration)))
+            from_kafka(configuration_, metrics::stage::configuration)))
         return err;
     if (!roles.registration)
       return {};

@@ -2,6 +2,9 @@
 
 #include <exception>
 #include <future>
+#include <system_error>
+#include <thread>
+#include <vector>
 #include <utility>
 
 #include "transport/kafka_dead_letter.hpp"
@@ -192,7 +195,18 @@ void kafka_bus::close() {
     std::lock_guard<std::mutex> lock(mu_);
     cs.swap(consumers_);
   }
-  for (auto& [t, c] : cs) c->close();
+  // In parallel: each close waits up to its revoke grace for messages still
+  // in flight (a draining engine leaves new input unacked), and the group
+  // rebalances to the other members only once this member has left.
+  std::vector<std::thread> closing;
+  for (auto& [t, c] : cs) {
+    try {
+      closing.emplace_back([c = c] { c->close(); });
+    } catch (const std::system_error&) {
+      c->close(); // no thread: one after the other
+    }
+  }
+  for (auto& th : closing) th.join();
   if (producer_) producer_->close();
 }
 

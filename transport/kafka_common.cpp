@@ -40,8 +40,11 @@ std::vector<topic_spec> topic_table(const config::kafka_config& cfg) {
   const int p = cfg.partitions;
   const int r = cfg.replication_factor;
   std::vector<topic_spec> out;
-  for (int i = 0; i < topic_count; ++i)
-    out.push_back({topic_for(cfg, static_cast<topic>(i)), p, r, false});
+  for (int i = 0; i < topic_count; ++i) {
+    const auto t = static_cast<topic>(i);
+    out.push_back({topic_for(cfg, t), p, r, false,
+                   t == topic::registration_requested || t == topic::registration_attested});
+  }
   out.push_back({enrollments_topic(cfg), p, r, true});
   out.push_back({registrations_topic(cfg), p, r, true});
   out.push_back({dead_letter_topic(cfg), p, r, false});
@@ -51,6 +54,7 @@ std::vector<topic_spec> topic_table(const config::kafka_config& cfg) {
 std::map<std::string, std::string> topic_configs(const topic_spec& spec) {
   std::map<std::string, std::string> out;
   if (spec.compacted) out["cleanup.policy"] = "compact";
+  if (spec.log_append_time) out["message.timestamp.type"] = "LogAppendTime";
   return out;
 }
 

@@ -40,6 +40,11 @@ struct topic_spec {
   int partitions = 1;
   int replication_factor = 1;
   bool compacted = false; ///< cleanup.policy=compact: the latest value per key is kept
+  /// message.timestamp.type=LogAppendTime: record timestamps are the
+  /// broker's. Stage inputs whose timestamps become event times (the
+  /// accepted and allocation times, docs/kafka.md), so a publisher's clock
+  /// or choice cannot set them.
+  bool log_append_time = false;
 };
 
 /// Full name of a stage topic, e.g. "dps.registration.attested".

@@ -36,9 +36,13 @@ TEST_CASE("the topic table follows the design, with the prefix and compacted sta
     CHECK(s.replication_factor == 3);
     const bool state = s.name == "dps.enrollments" || s.name == "dps.registrations";
     CHECK_MESSAGE(s.compacted == state, s.name);
-    CHECK(topic_configs(s) == (state ? std::map<std::string, std::string>{{"cleanup.policy",
-                                                                           "compact"}}
-                                     : std::map<std::string, std::string>{}));
+    const bool input = s.name == "dps.registration.requested"
+                       || s.name == "dps.registration.attested";
+    CHECK_MESSAGE(s.log_append_time == input, s.name);
+    std::map<std::string, std::string> want;
+    if (state) want["cleanup.policy"] = "compact";
+    if (input) want["message.timestamp.type"] = "LogAppendTime";
+    CHECK(topic_configs(s) == want);
   }
   CHECK(names == std::vector<std::string>{
                      "dps.registration.requested", "dps.registration.attested",

@@ -77,19 +77,19 @@ public:
         }
       };
     };
-    // A stage's Kafka input. While the process drains (SIGTERM), new input
-    // is left unacked for the next owner of the partition: what this
-    // process starts now it might not finish, and a half-done operation
-    // would be allocated again there, perhaps under another hub list (a
-    // rolling restart). In-process hand-offs continue. Embedded, the
-    // in-process bus is the only way events move: nothing is dropped.
+    // A stage's Kafka input. Late in a drain (SIGTERM), new input is left
+    // unacked for the next owner of the partition: what this process starts
+    // then it might not finish, and a half-done operation would be
+    // allocated again there, perhaps under another hub list (a rolling
+    // restart). In-process hand-offs continue. Embedded, the in-process bus
+    // is the only way events move: nothing is dropped.
     auto from_kafka = [&ctx, to_acked](const caf::actor& dest, metrics::stage s) {
       transport::bus::acked_handler h = to_acked(dest, s);
       if (!ctx.kafka())
         return h;
       return transport::bus::acked_handler(
         [h, c = &ctx](registration_event&& ev, transport::bus::ack_fn ack) {
-          if (c->accepting.load())
+          if (c->stage_intake.load())
             h(std::move(ev), std::move(ack));
         });
     };
@@ -345,12 +345,18 @@ public:
       return;
     drained_ = true;
     ctx_->accepting = false;
-    // Let accepted work settle for a moment; whatever is left stays in
+    // Let accepted work settle for a moment (with every role in one Kafka
+    // process, its own stages carry it); whatever is left stays in
     // `pending` and resumes on the next start.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while ((ctx_->inflight.load() > 0 || ctx_->relaying.load() > 0)
-           && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto settle = [this](auto busy) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (busy() && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    };
+    settle([this] { return ctx_->inflight.load() > 0; });
+    // Then no new stage input; finish the operations already begun.
+    ctx_->stage_intake = false;
+    settle([this] { return ctx_->relaying.load() > 0; });
     // Registers still parked for their outcome get their 202 now.
     if (registration_) {
       caf::scoped_actor self{*sys_};

@@ -141,6 +141,9 @@ struct engine_context {
   /// (shutdown waits for them, else the next start publishes them again).
   std::atomic<int64_t> relaying{0};
   std::atomic<bool> accepting{true};
+  /// Kafka: stages take new input from their topics. Cleared while draining,
+  /// after this process's own registrations settled (engine drain()).
+  std::atomic<bool> stage_intake{true};
   /// Kafka with kafka.fuse_stages (the default): when the stage consuming a topic
   /// runs in this process too, a stage hands it the event here instead of publishing
   /// (a produce, a consume and a broker round trip fewer). The ack passed

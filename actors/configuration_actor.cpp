@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "actors/actor_types.hpp"
@@ -72,6 +73,10 @@ struct configuration_state_t {
   uint64_t next_seq = 1;
   std::unordered_map<std::string, committing_t> committing; ///< embedded
   std::unordered_map<std::string, relay_t> relaying;        ///< Kafka
+  /// Kafka: operations waiting for a retry after a failed publish. They
+  /// stay counted in engine_context::relaying meanwhile, so a draining
+  /// engine waits for them too.
+  std::unordered_set<std::string> retrying;
   /// Kafka: the last 65,536 operations whose device.assigned this worker
   /// published (see recent_outcomes.hpp; docs/kafka.md names the number).
   configuration::recent_outcomes recent{65536};
@@ -236,16 +241,21 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
     [=](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::configuration);
       auto started = std::chrono::steady_clock::now();
+      const bool counted = st->retrying.erase(ev.operation_id) > 0; // a retry
       if (auto it = st->relaying.find(ev.operation_id); it != st->relaying.end()) {
         // Duplicate delivery while the first is in flight. After a rebalance
         // the first copy's ack is void (stale epoch) and only this one can
         // commit the offset, so it is released with the first's.
         it->second.acks.push_back(std::move(ack));
+        if (counted)
+          ctx->relaying.fetch_sub(1); // the one in flight is counted
         return;
       }
       auto reg_key = enrollment::key_of(ev.registration_id);
       std::optional<std::string> raw;
       if (auto err = ctx->store->get(storage::cf::registrations, reg_key, raw)) {
+        if (counted)
+          st->retrying.insert(ev.operation_id);
         ctx->metrics->stage_enqueued(metrics::stage::configuration);
         self->delayed_send(self, std::chrono::milliseconds(500), event_atom::value,
                            std::move(ev), std::move(ack));
@@ -266,7 +276,8 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       relay_t r;
       r.acks.push_back(std::move(ack));
       r.started = started;
-      ctx->relaying.fetch_add(1);
+      if (!counted)
+        ctx->relaying.fetch_add(1);
       if (had_prev && prev.last_operation_id == ev.operation_id
           && prev.status == registration_status::assigned) {
         // device.assigned is already in Kafka (its record or this worker's
@@ -345,12 +356,13 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
       auto done = std::move(r);
       st->relaying.erase(it);
-      ctx->relaying.fetch_sub(1);
       if (!done.failed) {
+        ctx->relaying.fetch_sub(1);
         for (const auto& a : done.acks)
           a();
         return;
       }
+      st->retrying.insert(done.event.operation_id); // still counted
       // Try the whole operation again shortly; it is idempotent (a published
       // assignment is remembered and not published again). Duplicate acks
       // ride along as further deliveries.

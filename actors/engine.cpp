@@ -357,6 +357,10 @@ public:
     // Then no new stage input; finish the operations already begun.
     ctx_->stage_intake = false;
     settle([this] { return ctx_->relaying.load() > 0; });
+    // Leave the stage groups now, not at the end of the shutdown: the
+    // other members take the partitions over while this process stops.
+    if (ctx_->kafka())
+      ctx_->bus->stop_consuming();
     // Registers still parked for their outcome get their 202 now.
     if (registration_) {
       caf::scoped_actor self{*sys_};

@@ -191,10 +191,12 @@ int serve(const serve_args& args) {
   };
   if (auto err = storage::store::open(cfg.data_dir + "/db", store_opts, store))
     return die(err.message);
-  if (auto note = store->recovery_note(); !note.empty())
-    std::cerr << "provisiond: WARNING: " << cfg.data_dir << "/db: " << note
-              << ". Expected after a power loss (the unsynced tail); otherwise check the disk."
-              << std::endl;
+  if (auto note = store->recovery_note(); !note.empty()) {
+    auto line = cfg.data_dir + "/db: " + note
+                + ". Expected after a power loss (the unsynced tail); otherwise check the disk.";
+    std::cerr << "provisiond: WARNING: " << line << std::endl;
+    dlog->warn(line);
+  }
 
   // Engine.
   engine_options eopts;

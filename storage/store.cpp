@@ -12,6 +12,7 @@
 #include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include <rocksdb/cache.h>
 #include <rocksdb/db.h>
@@ -212,6 +213,7 @@ public:
       recovery_note_ = "the write-ahead log was damaged after its last intact record ("
                        + s.ToString() + "); recovered up to that record; the damaged logs "
                        "are kept in " + kept;
+      recovery_copy_ = kept;
       s = again;
     }
     if (!s.ok()) {
@@ -343,22 +345,46 @@ public:
   }
 
   std::string recovery_note() const override { return recovery_note_; }
+  std::string recovery_copy_dir() const override { return recovery_copy_; }
 
-  /// Copies the data dir's write-ahead logs to a new sibling directory.
+  /// Copies the data dir's write-ahead logs to a sibling directory named
+  /// after the newest log and its size, so a restart loop on the same
+  /// damage reuses one copy instead of filling the disk. Written under a
+  /// temporary name and renamed: a copy that exists is complete.
   error keep_wal_copy(std::string& where) const {
     namespace fs = std::filesystem;
-    auto stamp = std::chrono::duration_cast<std::chrono::seconds>(
-                   std::chrono::system_clock::now().time_since_epoch())
-                   .count();
-    where = dir_ + ".wal-damaged-" + std::to_string(stamp);
     std::error_code ec;
-    fs::create_directories(where, ec);
+    std::vector<fs::path> logs;
     for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec))
       if (it->path().extension() == ".log")
-        fs::copy_file(it->path(), fs::path(where) / it->path().filename(),
-                      fs::copy_options::overwrite_existing, ec);
+        logs.push_back(it->path());
     if (ec)
+      return {error_code::storage_failure, dir_ + ": " + ec.message()};
+    std::sort(logs.begin(), logs.end());
+    std::string tag = "none";
+    if (!logs.empty()) {
+      auto size = fs::file_size(logs.back(), ec);
+      tag = logs.back().stem().string() + "-" + std::to_string(ec ? 0 : size);
+    }
+    where = dir_ + ".wal-damaged-" + tag;
+    if (fs::is_directory(where, ec))
+      return {};
+    const std::string partial = where + ".partial";
+    fs::remove_all(partial, ec);
+    ec.clear();
+    fs::create_directories(partial, ec);
+    for (const auto& log : logs) {
+      if (ec)
+        break;
+      fs::copy_file(log, fs::path(partial) / log.filename(), ec);
+    }
+    if (!ec)
+      fs::rename(partial, where, ec);
+    if (ec) {
+      std::error_code ignored;
+      fs::remove_all(partial, ignored);
       return {error_code::storage_failure, where + ": " + ec.message()};
+    }
     return {};
   }
 
@@ -453,6 +479,7 @@ private:
   std::thread::id writer_id_;
   bool wal_synced_ = false;
   std::string recovery_note_; ///< set by open(), read-only after
+  std::string recovery_copy_; ///< likewise
 
   mutable std::mutex stats_mu_;
   commit_stats stats_;

@@ -126,6 +126,8 @@ public:
   /// record and recovered to that point (see store.cpp): what RocksDB
   /// reported. The caller logs it; writes after that point are gone.
   virtual std::string recovery_note() const = 0;
+  /// Where open() kept a copy of the damaged logs (empty: no recovery).
+  virtual std::string recovery_copy_dir() const = 0;
 
   /// A RocksDB integer property summed over all column families (e.g.
   /// "rocksdb.cur-size-all-mem-tables", "rocksdb.estimate-num-keys"); 0 when

@@ -75,6 +75,11 @@ public:
   virtual void publish_raw_durable(topic t, raw_record rec, durable_fn done) {
     done(error{});
   }
+
+  /// Stops every subscription's consumer at once (Kafka: commits what was
+  /// acked and leaves the groups, so their partitions move to the other
+  /// members now); publishing still works. In-process: nothing to stop.
+  virtual void stop_consuming() {}
 };
 
 /// Direct hand-off to the subscriber (which enqueues into its actor mailbox).

@@ -189,7 +189,7 @@ void kafka_bus::dead_letter(const message& m, std::string_view reason) {
   forward_to_dead_letter(*producer_, dead_letter_topic(cfg_), m, reason, [] {}, opts_.log);
 }
 
-void kafka_bus::close() {
+void kafka_bus::stop_consuming() {
   std::map<topic, std::shared_ptr<consumer>> cs;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -199,14 +199,19 @@ void kafka_bus::close() {
   // in flight (a draining engine leaves new input unacked), and the group
   // rebalances to the other members only once this member has left.
   std::vector<std::thread> closing;
+  closing.reserve(cs.size());
   for (auto& [t, c] : cs) {
     try {
       closing.emplace_back([c = c] { c->close(); });
-    } catch (const std::system_error&) {
+    } catch (...) {
       c->close(); // no thread: one after the other
     }
   }
   for (auto& th : closing) th.join();
+}
+
+void kafka_bus::close() {
+  stop_consuming();
   if (producer_) producer_->close();
 }
 

@@ -78,6 +78,8 @@ public:
   void dead_letter(const message& m, std::string_view reason);
   /// Closes the consumers (committing finished work), then flushes the
   /// producer. Idempotent.
+  /// See bus::stop_consuming(): closes every consumer, in parallel.
+  void stop_consuming() override;
   void close();
 
   /// Offsets committed by the subscriber of `t` ("topic/partition" -> next

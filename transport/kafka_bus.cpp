@@ -2,10 +2,9 @@
 
 #include <exception>
 #include <future>
-#include <system_error>
 #include <thread>
-#include <vector>
 #include <utility>
+#include <vector>
 
 #include "transport/kafka_dead_letter.hpp"
 
@@ -199,7 +198,6 @@ void kafka_bus::stop_consuming() {
   // in flight (a draining engine leaves new input unacked), and the group
   // rebalances to the other members only once this member has left.
   std::vector<std::thread> closing;
-  closing.reserve(cs.size());
   for (auto& [t, c] : cs) {
     try {
       closing.emplace_back([c = c] { c->close(); });

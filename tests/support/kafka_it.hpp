@@ -6,7 +6,6 @@
 #include <doctest/doctest.h>
 
 #include <librdkafka/rdkafka.h>
-#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdlib>

@@ -27,6 +27,7 @@ using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
 using resend_atom = caf::atom_constant<caf::atom("resend")>;
 using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
+using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {

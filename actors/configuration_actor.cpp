@@ -159,11 +159,16 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       }
       std::optional<std::string> raw;
       operation_record op;
-      if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw))
-        return; // stays pending: resumed on the next start
-      if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
-        ack(); // unknown or already done
-        return;
+      if (ev.unrecorded) {
+        op.operation_id = ev.operation_id;
+        op.registration_id = ev.registration_id;
+      } else {
+        if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw))
+          return; // stays pending: resumed on the next start
+        if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
+          ack(); // unknown or already done
+          return;
+        }
       }
       auto reg_key = enrollment::key_of(ev.registration_id);
       registration_state prev;

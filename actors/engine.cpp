@@ -141,20 +141,30 @@ public:
 
   /// Re-publishes every accepted, unfinished operation (crash recovery).
   error resume() {
-    std::vector<std::string> ids;
+    std::vector<std::pair<std::string, std::string>> entries;
     auto err = ctx_->store->scan(storage::cf::pending, "", 0,
-                                 [&](std::string_view k, std::string_view) {
-                                   ids.emplace_back(k);
+                                 [&](std::string_view k, std::string_view v) {
+                                   entries.emplace_back(k, v);
                                    return true;
                                  });
     if (err)
       return err;
-    for (const auto& id : ids) {
+    std::size_t resumed = 0;
+    for (auto& [id, value] : entries) {
       std::optional<std::string> raw;
       operation_record op;
       if (auto e = ctx_->store->get(storage::cf::operations, id, raw))
         return e;
-      if (!raw || decode_record(*raw, op) || is_terminal(op.status)) {
+      bool resume = false;
+      if (raw) {
+        resume = !decode_record(*raw, op) && !is_terminal(op.status);
+      } else if (!value.empty()) {
+        // A deferred accept recorded late (registration_actor.cpp): the
+        // entry holds the record, and no operation record exists yet.
+        resume = !decode_record(value, op) && !is_terminal(op.status);
+        op.event.unrecorded = true;
+      }
+      if (!resume) {
         // Nothing to resume (unreadable, missing or already finished): drop
         // the marker so it is not retried on every start.
         storage::write_batch drop;
@@ -162,9 +172,10 @@ public:
         static_cast<void>(ctx_->store->write(drop));
         continue;
       }
+      ++resumed;
       caf::anon_send(registration_, accepted_atom::value, std::move(op.event));
     }
-    resumed_ = ids.size();
+    resumed_ = resumed;
     return {};
   }
 
@@ -189,6 +200,15 @@ public:
     if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
       return err;
     operation_record op;
+    if (!raw && !ctx_->kafka()) {
+      // A deferred accept recorded for its 202 is only a `pending` entry
+      // until its outcome (registration_actor.cpp).
+      std::optional<std::string> entry;
+      if (auto err = ctx_->store->get(storage::cf::pending, operation_id, entry))
+        return err;
+      if (entry && !entry->empty())
+        raw = std::move(entry);
+    }
     if (!raw && ctx_->kafka() && accepted_elsewhere(operation_id)) {
       // Accepted by another gateway moments ago; its outcome arrives here
       // through registration.completed.

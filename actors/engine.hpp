@@ -31,6 +31,10 @@ struct engine_options {
   std::size_t max_inflight = 200000; ///< accepted, unfinished operations (503 beyond)
   /// Where stage metrics go; owned by the caller. Null = a private, unexported set.
   metrics::instruments* metrics = nullptr;
+  /// Tests only (env PROVISIOND_TEST_PIPELINE_DELAY_MS): embedded, every
+  /// hand-off from registration to allocation waits this long, so a test can
+  /// make register waits expire (device_api.register_wait_ms) at will.
+  int test_pipeline_delay_ms = 0;
 };
 
 /// Result of a register call as the gateway needs it.

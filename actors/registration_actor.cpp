@@ -4,15 +4,22 @@
 // commit, synced WAL) and only then answers 202. Afterwards it hands the
 // attested event to allocation and settles terminal failures.
 //
+// Embedded, with device_api.register_wait_ms > 0, the accept is deferred:
+// the register waits for its outcome, whose terminal commit records the
+// operation, so a device answered 200 costs one synced commit, not two. The
+// accept is recorded only when a 202 must go out first (deferred_accept).
+//
 // Accepts:
 //   (register_atom, register_request, attestation_result, register_reply_fn)
 //   (accepted_atom, registration_event)                   resume after restart
 //   (committed_atom, operation id, error)                 from the store writer
+//   (recorded_atom, operation id, error)                  a deferred accept recorded
 //   (event_atom, registration_event)                      registration.completed
 //   (handedoff_atom, operation id)          Kafka acknowledged registration.attested
 //   (resend_atom)                           Kafka: hand off again what has no outcome
 //   (waittick_atom)                         register waits past their deadline
 //   (drain_atom) -> count                   shutting down: answer every parked register
+//   (handoff_atom, registration_event)      tests: a delayed in-process hand-off
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>
@@ -43,6 +50,23 @@ struct handed_off {
   int resends = 0;
 };
 
+/// An embedded register whose accept is deferred (registration_event::
+/// unrecorded): nothing is written until the terminal commit, unless a 202
+/// must go out first (its wait expired, the device sent its PUT again, a
+/// drain). Then the accept is recorded as its `pending` entry, which holds
+/// the whole operation record: a late accept must not overwrite an operation
+/// record that the terminal commit may have written already. Such a `pending`
+/// entry can outlive the operation; the entry is deleted when the outcome
+/// arrives here, and resume() drops entries whose operation is terminal.
+struct deferred_accept {
+  registration_event event;
+  enum class phase { unrecorded, recording, recorded } ph = phase::unrecorded;
+  /// Answers (202s) that wait for the accept record.
+  std::vector<register_reply_fn> after_record;
+  std::chrono::steady_clock::time_point record_started;
+  bool finished = false; ///< the outcome arrived while recording
+};
+
 struct registration_state_t {
   /// lower(registration id) -> operation id of the unfinished operation.
   std::unordered_map<std::string, std::string> inflight;
@@ -62,6 +86,11 @@ struct registration_state_t {
   /// (deadline, operation id), oldest first: every wait is equally long.
   /// Entries of operations answered early are skipped when they surface.
   std::deque<std::pair<std::chrono::steady_clock::time_point, std::string>> deadlines;
+  /// operation id -> an accept not (yet) recorded; see deferred_accept.
+  std::unordered_map<std::string, deferred_accept> deferred;
+  /// drain_atom's answer, held until every accept it started is recorded.
+  std::optional<caf::typed_response_promise<std::size_t>> drain_rp;
+  std::size_t drained = 0;
   bool tick_armed = false;
   bool draining = false; ///< shutting down: nothing is parked any more
 };
@@ -88,7 +117,11 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // handle: the producer may hold the callback until its message timeout.
   auto publish_attested = [self, ctx, st](registration_event ev) {
     if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
-      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+      if (ctx->opts.test_pipeline_delay_ms > 0)
+        self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
+                           handoff_atom::value, std::move(ev));
+      else
+        ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
       return;
     }
     caf::weak_actor_ptr weak{self->ctrl()};
@@ -116,16 +149,9 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                                  std::move(*copy));
       });
   };
-  /// Answers a held register: with the outcome when the operation record is
-  /// terminal (assigned or failed), else the classic 202 "assigning".
-  auto answer_waiter = [ctx, st](const std::string& op_id) {
-    auto it = st->waiting.find(op_id);
-    if (it == st->waiting.end())
-      return;
-    auto reply = std::move(it->second);
-    st->waiting.erase(it);
-    register_reply rr;
-    rr.operation_id = op_id;
+  /// Fills `rr` with the outcome when the operation record is terminal
+  /// (assigned or failed); true then.
+  auto read_outcome = [ctx](const std::string& op_id, register_reply& rr) {
     std::optional<std::string> raw;
     operation_record op;
     if (!ctx->store->get(storage::cf::operations, op_id, raw) && raw
@@ -134,15 +160,84 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
             || op.status == registration_status::failed)) {
       rr.status = op.status;
       rr.state = std::move(op.state);
+      return true;
+    }
+    return false;
+  };
+  /// Records a deferred accept (its `pending` entry); recorded_atom follows.
+  auto record_deferred = [self, ctx, st](const std::string& op_id) {
+    auto it = st->deferred.find(op_id);
+    if (it == st->deferred.end() || it->second.ph != deferred_accept::phase::unrecorded)
+      return;
+    it->second.ph = deferred_accept::phase::recording;
+    it->second.record_started = std::chrono::steady_clock::now();
+    ctx->metrics->stage_enqueued(metrics::stage::commit);
+    operation_record op;
+    op.operation_id = op_id;
+    op.registration_id = it->second.event.registration_id;
+    op.status = registration_status::assigning;
+    op.event = it->second.event;
+    op.event.unrecorded = false;
+    storage::write_batch batch;
+    batch.put(storage::cf::pending, op_id, encode_record(op));
+    auto me = caf::actor_cast<caf::actor>(self);
+    ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+      caf::anon_send(me, recorded_atom::value, op_id, e);
+    });
+  };
+  /// Answers a register for `op_id`: the outcome when it is recorded, else
+  /// the classic 202 "assigning", but never before the accept is durable.
+  auto answer = [st, read_outcome, record_deferred](const std::string& op_id,
+                                                    register_reply_fn reply) {
+    register_reply rr;
+    rr.operation_id = op_id;
+    if (read_outcome(op_id, rr)) {
+      reply.fn(std::move(rr));
+      return;
+    }
+    if (auto it = st->deferred.find(op_id);
+        it != st->deferred.end() && it->second.ph != deferred_accept::phase::recorded) {
+      it->second.after_record.push_back(std::move(reply));
+      record_deferred(op_id);
+      return;
     }
     reply.fn(std::move(rr));
+  };
+  /// Answers a held register (see answer).
+  auto answer_waiter = [st, answer](const std::string& op_id) {
+    auto it = st->waiting.find(op_id);
+    if (it == st->waiting.end())
+      return;
+    auto reply = std::move(it->second);
+    st->waiting.erase(it);
+    answer(op_id, std::move(reply));
+  };
+  /// Deletes the `pending` entry of a deferred accept recorded late, once
+  /// its outcome is durable (a terminal commit that came first left it).
+  auto drop_late_record = [ctx, read_outcome](const std::string& op_id) {
+    register_reply rr;
+    if (!read_outcome(op_id, rr))
+      return; // abandoned without an outcome: resumed on the next start
+    storage::write_batch batch;
+    batch.del(storage::cf::pending, op_id);
+    ctx->store->commit(std::move(batch), [](const error&) {});
   };
   /// The operation's outcome is recorded (or it was abandoned): a held
   /// register gets its answer. True when the operation was in flight here
   /// (and no longer is).
-  auto finish = [ctx, st, answer_waiter](const std::string& reg_key, const std::string& op_id) {
+  auto finish = [ctx, st, answer_waiter, drop_late_record](const std::string& reg_key,
+                                                           const std::string& op_id) {
     answer_waiter(op_id);
     st->handed.erase(op_id);
+    if (auto d = st->deferred.find(op_id); d != st->deferred.end()) {
+      if (d->second.ph == deferred_accept::phase::recording) {
+        d->second.finished = true; // recorded_atom finishes it
+      } else {
+        if (d->second.ph == deferred_accept::phase::recorded)
+          drop_late_record(op_id);
+        st->deferred.erase(d);
+      }
+    }
     auto it = st->inflight.find(reg_key);
     if (it != st->inflight.end() && it->second == op_id) {
       st->inflight.erase(it);
@@ -152,6 +247,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     return false;
   };
   const auto register_wait = std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms);
+  const bool defer_accept = !ctx->kafka() && register_wait.count() > 0;
   /// Arms the one timer that answers expired waits: at most one tick per
   /// wait period while every outcome arrives in time.
   auto arm_tick = [self, st] {
@@ -165,28 +261,84 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       st->deadlines.front().first - std::chrono::steady_clock::now());
     self->delayed_send(self, std::max(due, std::chrono::milliseconds(1)), waittick_atom::value);
   };
-  /// Answers every held register with the classic 202; returns how many.
-  auto answer_all_waiting = [st] {
+  /// Answers every held register: those with a recorded accept get the
+  /// classic 202 now, deferred ones once their accept is recorded. Returns
+  /// how many.
+  auto answer_all_waiting = [st, answer] {
     auto n = st->waiting.size();
-    for (auto& [op_id, reply] : st->waiting) {
-      register_reply rr;
-      rr.operation_id = op_id;
-      reply.fn(std::move(rr));
-    }
+    auto waiting = std::move(st->waiting);
     st->waiting.clear();
     st->deadlines.clear();
+    for (auto& [op_id, reply] : waiting)
+      answer(op_id, std::move(reply));
     return n;
   };
   // An actor that stops with held answers (drain() was skipped) still
-  // answers them.
-  self->attach_functor([answer_all_waiting] { answer_all_waiting(); });
+  // answers them; a deferred accept can no longer be recorded, so those
+  // devices learn to register again.
+  self->attach_functor([st] {
+    for (auto& [op_id, reply] : st->waiting) {
+      if (st->deferred.count(op_id)) {
+        reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
+      } else {
+        register_reply rr;
+        rr.operation_id = op_id;
+        reply.fn(std::move(rr));
+      }
+    }
+    for (auto& [op_id, d] : st->deferred)
+      for (auto& reply : d.after_record)
+        reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
+    st->waiting.clear();
+    st->deferred.clear();
+  });
+  /// drain_atom's answer waits for the accepts it had to record.
+  auto maybe_answer_drain = [st] {
+    if (!st->drain_rp)
+      return;
+    for (auto& [op_id, d] : st->deferred)
+      if (d.ph == deferred_accept::phase::recording && !d.after_record.empty())
+        return;
+    st->drain_rp->deliver(st->drained);
+    st->drain_rp.reset();
+  };
   const auto resend_after = std::chrono::seconds(ctx->opts.cfg.kafka.resend_after_s);
   if (ctx->kafka() && resend_after.count() > 0)
     self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
-    [=](drain_atom) {
+    [=](drain_atom) -> caf::result<std::size_t> {
       st->draining = true;
-      return answer_all_waiting();
+      st->drained = answer_all_waiting();
+      st->drain_rp = self->make_response_promise<std::size_t>();
+      auto rp = *st->drain_rp;
+      maybe_answer_drain();
+      return rp;
+    },
+    [=](recorded_atom, const std::string& op_id, const error& e) {
+      auto it = st->deferred.find(op_id);
+      if (it == st->deferred.end())
+        return;
+      auto& d = it->second;
+      ctx->metrics->stage_dequeued(metrics::stage::commit);
+      ctx->metrics->stage_latency(metrics::stage::commit, seconds_since(d.record_started));
+      auto replies = std::move(d.after_record);
+      d.after_record.clear();
+      if (e) {
+        d.ph = deferred_accept::phase::unrecorded; // a later 202 tries again
+        for (auto& reply : replies)
+          reply.fn(make_reply({error_code::storage_failure,
+                               "could not record the registration: " + e.message}));
+      } else {
+        d.ph = deferred_accept::phase::recorded;
+        for (auto& reply : replies)
+          answer(op_id, std::move(reply));
+      }
+      if (d.finished) {
+        if (!e)
+          drop_late_record(op_id);
+        st->deferred.erase(it);
+      }
+      maybe_answer_drain();
     },
     [=](waittick_atom) {
       st->tick_armed = false;
@@ -197,6 +349,9 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         answer_waiter(op_id); // no outcome yet: 202, the device polls
       }
       arm_tick();
+    },
+    [=](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
+      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
     },
     [=](handedoff_atom, const std::string& op_id) {
       if (auto it = st->handed.find(op_id); it != st->handed.end())
@@ -254,6 +409,10 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       if (auto it = st->inflight.find(reg_key); it != st->inflight.end()) {
         // Same device registering again while its operation runs: one
         // operation, not two (DPS devices retry the PUT on timeouts).
+        if (st->deferred.count(it->second)) {
+          answer(it->second, std::move(reply));
+          return;
+        }
         register_reply rr;
         rr.operation_id = it->second;
         reply.fn(std::move(rr));
@@ -270,6 +429,21 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ev.attestation_type = r.attestation_type;
       ev.enrollment_group_id = r.enrollment_group_id;
       ev.payload_json = req.payload_json;
+      if (r.enabled && defer_accept && !st->draining) {
+        // Nobody learns the operation id before the outcome (or the 202 of
+        // an expired wait, which records the accept first), so the accept
+        // need not be durable: the terminal commit records the operation.
+        ev.unrecorded = true;
+        st->inflight.emplace(reg_key, ev.operation_id);
+        ctx->inflight.fetch_add(1);
+        auto op_id = ev.operation_id;
+        st->deferred[op_id].event = ev;
+        st->waiting.emplace(op_id, std::move(reply));
+        st->deadlines.emplace_back(std::chrono::steady_clock::now() + register_wait, op_id);
+        arm_tick();
+        publish_attested(std::move(ev));
+        return;
+      }
       operation_record op;
       op.operation_id = ev.operation_id;
       op.registration_id = ev.registration_id;
@@ -378,11 +552,16 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         return;
       std::optional<std::string> raw;
       operation_record op;
-      if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw); err || !raw
-          || decode_record(*raw, op) || is_terminal(op.status)) {
+      // A deferred accept has no operation record before this one.
+      bool no_record = ev.unrecorded || st->deferred.count(ev.operation_id);
+      if (auto err = ctx->store->get(storage::cf::operations, ev.operation_id, raw);
+          err || (!raw && !no_record)
+          || (raw && (decode_record(*raw, op) || is_terminal(op.status)))) {
         finish(enrollment::key_of(ev.registration_id), ev.operation_id);
         return;
       }
+      op.operation_id = ev.operation_id;
+      op.registration_id = ev.registration_id;
       auto now = now_ms();
       op.status = registration_status::failed;
       op.state.registration_id = ev.registration_id;

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -204,6 +205,8 @@ int serve(const serve_args& args) {
   eopts.id_scope = id_scope;
   eopts.store = store.get();
   eopts.metrics = &inst;
+  if (const char* d = std::getenv("PROVISIOND_TEST_PIPELINE_DELAY_MS"))
+    eopts.test_pipeline_delay_ms = std::atoi(d);
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
     return die("engine: " + err.message);

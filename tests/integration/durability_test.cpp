@@ -122,4 +122,112 @@ TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigne
     CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
 }
 
+TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, none left pending") {
+  // Embedded with register_wait_ms > 0 a register's accept is recorded only
+  // by its terminal commit, or first when its wait expires into a 202. In
+  // the clean run the hand-off is held back as long as the wait, so both
+  // answers occur (about 15% 202s: a wait's timer can fire late) and many
+  // late accept records land after their terminal commit (about 320 of 640
+  // left a stale `pending` entry before the outcome deleted it).
+  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "10"};
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(
+    !s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 10"), dir),
+    s.log());
+  create_group(s, "deferred-group");
+  { // a clean run first: a late accept record whose terminal commit came
+    // first is deleted once the outcome arrives, so a clean stop leaves no
+    // `pending` entry behind
+    std::atomic<int> not_assigned{0};
+    std::vector<std::thread> pool;
+    for (int t = 0; t < 16; ++t)
+      pool.emplace_back([&, t] {
+        auto c = s.client();
+        for (int i = 0; i < 40; ++i) {
+          auto id = "clean-" + std::to_string(t) + "-" + std::to_string(i);
+          int status = 0;
+          auto res = test::register_device(c, s, id, device_key(id), status);
+          if (res.value("status", "") != "assigned")
+            ++not_assigned;
+        }
+      });
+    for (auto& th : pool)
+      th.join();
+    CHECK(not_assigned.load() == 0);
+    REQUIRE(s.stop() == 0);
+    CHECK(test::pending_entries(dir) == 0);
+  }
+  // Now every wait expires long before its outcome, so at the kill hundreds
+  // of operations were answered 202 with only their late accept record.
+  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "300", 1);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  int sent = 0, answered_202 = 0;
+  auto accepted = test::burst_then_kill9(s, "deferred-", device_key,
+                                         std::chrono::milliseconds(1500), sent, &answered_202);
+  MESSAGE("requests sent: " << sent << ", answered before kill: " << accepted.size()
+                            << " (202: " << answered_202 << ")");
+  REQUIRE(accepted.size() > 50);
+  CHECK(answered_202 == static_cast<int>(accepted.size()));
+  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "0", 1);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto c = s.client();
+  CHECK(test::count_not_assigned(s, c, accepted, device_key, 500) == 0);
+  std::map<std::string, int> count;
+  for (auto& e : all_assignments(s))
+    ++count[e["data"].value("operationId", "")];
+  for (auto& [op, n] : count)
+    CHECK_MESSAGE(n == 1, "operation " << op << " has " << n << " events");
+  for (auto& [op, id] : accepted)
+    CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
+  REQUIRE(s.stop() == 0);
+  CHECK(test::pending_entries(dir) == 0);
+}
+
+TEST_CASE("SIGTERM with registers parked before their accept is recorded: each gets a 202 that holds") {
+  // The hand-off is held back 8 s, longer than the drain lets in-flight
+  // work settle (5 s), so at drain_atom the registers still wait with no
+  // record: the drain records each accept before its 202.
+  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "8000"};
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(
+    !s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 10000"), dir),
+    s.log());
+  create_group(s, "drain-group");
+  constexpr int devices = 4;
+  std::vector<net::https_response> answers(devices);
+  std::vector<std::thread> pool;
+  for (int i = 0; i < devices; ++i)
+    pool.emplace_back([&, i] {
+      auto id = "drain-" + std::to_string(i);
+      auto c = s.client();
+      net::http_headers h;
+      h.add("Authorization", s.device_auth(id, device_key(id)));
+      h.add("Content-Type", "application/json");
+      if (auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
+                                        + "/register?api-version=2021-06-01",
+                               h, json{{"registrationId", id}}.dump(), answers[i]))
+        answers[i].status = -1;
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  CHECK(s.stop() == 0);
+  for (auto& th : pool)
+    th.join();
+  std::map<std::string, std::string> accepted;
+  for (int i = 0; i < devices; ++i) {
+    CHECK_MESSAGE(answers[i].status == 202, answers[i].body);
+    if (answers[i].status == 202)
+      accepted[json::parse(answers[i].body).value("operationId", "")] = "drain-" + std::to_string(i);
+  }
+  CHECK(test::pending_entries(dir) == devices);
+  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "0", 1);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto c = s.client();
+  CHECK(test::count_not_assigned(s, c, accepted, device_key, 500) == 0);
+  CHECK(all_assignments(s).size() == devices);
+}
+
 } // TEST_SUITE

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <string>
@@ -14,9 +16,36 @@
 
 #include <nlohmann/json.hpp>
 
+#include "storage/store.hpp"
 #include "tests/support/server_process.hpp"
 
 namespace prov::test {
+
+/// Sets an environment variable for the server processes a test starts
+/// (they inherit it), e.g. PROVISIOND_TEST_PIPELINE_DELAY_MS.
+struct scoped_env {
+  scoped_env(const char* name, const std::string& value) : name_(name) {
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~scoped_env() { ::unsetenv(name_); }
+  scoped_env(const scoped_env&) = delete;
+  scoped_env& operator=(const scoped_env&) = delete;
+  const char* name_;
+};
+
+/// How many `pending` entries (accepted, unfinished operations) a stopped
+/// server left in the store under `dir`.
+inline std::size_t pending_entries(const std::string& dir) {
+  std::unique_ptr<storage::store> db;
+  auto err = storage::store::open(dir + "/db", storage::store_options{}, db);
+  REQUIRE_MESSAGE(!err, err.message);
+  std::size_t n = 0;
+  REQUIRE(!db->scan(storage::cf::pending, "", 0, [&](std::string_view, std::string_view) {
+    ++n;
+    return true;
+  }));
+  return n;
+}
 
 /// One server for the whole executable; tests use distinct ids. A register
 /// waits up to 5 s for its outcome, so a 200 answer on register is certain
@@ -79,7 +108,7 @@ template <class KeyOf>
 std::map<std::string, std::string> burst_then_kill9(server_process& s, const std::string& prefix,
                                                     KeyOf key_of,
                                                     std::chrono::milliseconds burst,
-                                                    int& sent) {
+                                                    int& sent, int* answered_202 = nullptr) {
   std::atomic<bool> stop{false};
   std::atomic<int> puts{0};
   std::mutex mtx;
@@ -105,6 +134,8 @@ std::map<std::string, std::string> burst_then_kill9(server_process& s, const std
         if (resp.status == 202 || resp.status == 200) {
           auto j = nlohmann::json::parse(resp.body);
           std::lock_guard<std::mutex> g{mtx};
+          if (answered_202 && resp.status == 202)
+            ++*answered_202;
           accepted[j.value("operationId", "")] = id;
         }
       }

@@ -187,7 +187,10 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       storage::write_batch batch;
       batch.put(storage::cf::registrations, reg_key, encode_record(rs));
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
-      batch.del(storage::cf::pending, ev.operation_id);
+      // A deferred accept has no `pending` entry, or one recorded for a 202
+      // that the registration actor deletes once the outcome reaches it.
+      if (!ev.unrecorded)
+        batch.del(storage::cf::pending, ev.operation_id);
       batch.put(storage::cf::outbox, storage::seq_key(seq),
                 configuration::assignment_event(ev, rs, seq));
       auto op_id = ev.operation_id;
@@ -215,7 +218,9 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       }
       count_assigned(*ctx->metrics, ev, started);
       ack(); // in-process: nothing to commit
-      ctx->bus->publish(transport::topic::device_assigned, ev);
+      // Embedded, device.assigned is the outbox entry just committed (GET
+      // /assignments); nothing subscribes to it in process, so it is not
+      // published (that was a copy of the event per device).
       ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
     },
   };

@@ -158,11 +158,16 @@ public:
       bool resume = false;
       if (raw) {
         resume = !decode_record(*raw, op) && !is_terminal(op.status);
-      } else if (!value.empty()) {
-        // A deferred accept recorded late (registration_actor.cpp): the
-        // entry holds the record, and no operation record exists yet.
-        resume = !decode_record(value, op) && !is_terminal(op.status);
-        op.event.unrecorded = true;
+      } else if (!value.empty() && !decode_record(value, op) && !is_terminal(op.status)) {
+        // A deferred accept recorded for its 202 (registration_actor.cpp):
+        // the entry holds the record. Written as the operation record now,
+        // the operation resumes like any other (its terminal commit then
+        // deletes the entry).
+        storage::write_batch rec;
+        rec.put(storage::cf::operations, id, value);
+        if (auto e = ctx_->store->write(rec))
+          return e;
+        resume = true;
       }
       if (!resume) {
         // Nothing to resume (unreadable, missing or already finished): drop

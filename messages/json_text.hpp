@@ -38,6 +38,18 @@ inline std::size_t utf8_sequence(std::string_view s, std::size_t i) {
 
 namespace detail {
 
+/// Bytes written verbatim: printable ASCII except '"' and '\\'. A table
+/// lookup per byte instead of four comparisons (a CloudEvent, a poll answer
+/// and a log line per device go through here).
+struct plain_ascii_table {
+  bool v[256] = {};
+  constexpr plain_ascii_table() {
+    for (int c = 0x20; c < 0x80; ++c)
+      v[c] = c != '"' && c != '\\';
+  }
+};
+inline constexpr plain_ascii_table plain_ascii{};
+
 /// The one escaping loop behind append_string and append_string_as_dump.
 /// `as_dump`: nlohmann dump()'s rules (\b and \f short escapes; invalid
 /// UTF-8 is an error, returned as false). Otherwise invalid UTF-8 becomes
@@ -48,12 +60,13 @@ bool append_escaped(std::string& out, std::string_view s) {
   out.push_back('"');
   std::size_t run = 0; // start of the pending run of bytes copied verbatim
   std::size_t i = 0;
-  while (i < s.size()) {
-    auto c = static_cast<unsigned char>(s[i]);
-    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+  const std::size_t size = s.size();
+  while (i < size) {
+    while (i < size && plain_ascii.v[static_cast<unsigned char>(s[i])])
       ++i;
-      continue;
-    }
+    if (i == size)
+      break;
+    auto c = static_cast<unsigned char>(s[i]);
     if (c >= 0x80) {
       if (auto n = utf8_sequence(s, i)) {
         i += n;

@@ -278,7 +278,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // devices learn to register again.
   self->attach_functor([st] {
     for (auto& [op_id, reply] : st->waiting) {
-      if (st->deferred.count(op_id)) {
+      auto d = st->deferred.find(op_id);
+      if (d != st->deferred.end() && d->second.ph != deferred_accept::phase::recorded) {
         reply.fn(make_reply({error_code::unavailable, "provisiond is shutting down"}));
       } else {
         register_reply rr;

@@ -193,6 +193,7 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
         batch.del(storage::cf::pending, ev.operation_id);
       batch.put(storage::cf::outbox, storage::seq_key(seq),
                 configuration::assignment_event(ev, rs, seq));
+      ev.outcome = std::make_shared<const registration_state>(std::move(rs));
       auto op_id = ev.operation_id;
       st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started});
       auto me = caf::actor_cast<caf::actor>(self);

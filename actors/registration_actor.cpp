@@ -188,9 +188,16 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   /// Answers a register for `op_id`: the outcome when it is recorded, else
   /// the classic 202 "assigning", but never before the accept is durable.
   auto answer = [st, read_outcome, record_deferred](const std::string& op_id,
-                                                    register_reply_fn reply) {
+                                                    register_reply_fn reply,
+                                                    const registration_state* known = nullptr) {
     register_reply rr;
     rr.operation_id = op_id;
+    if (known) {
+      rr.status = known->status;
+      rr.state = *known;
+      reply.fn(std::move(rr));
+      return;
+    }
     if (read_outcome(op_id, rr)) {
       reply.fn(std::move(rr));
       return;
@@ -204,13 +211,14 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     reply.fn(std::move(rr));
   };
   /// Answers a held register (see answer).
-  auto answer_waiter = [st, answer](const std::string& op_id) {
+  auto answer_waiter = [st, answer](const std::string& op_id,
+                                    const registration_state* known = nullptr) {
     auto it = st->waiting.find(op_id);
     if (it == st->waiting.end())
       return;
     auto reply = std::move(it->second);
     st->waiting.erase(it);
-    answer(op_id, std::move(reply));
+    answer(op_id, std::move(reply), known);
   };
   /// Deletes the `pending` entry of a deferred accept recorded late, once
   /// its outcome is durable (a terminal commit that came first left it).
@@ -225,9 +233,11 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   /// The operation's outcome is recorded (or it was abandoned): a held
   /// register gets its answer. True when the operation was in flight here
   /// (and no longer is).
-  auto finish = [ctx, st, answer_waiter, drop_late_record](const std::string& reg_key,
-                                                           const std::string& op_id) {
-    answer_waiter(op_id);
+  /// `known`: the committed outcome, when the caller has it.
+  auto finish = [ctx, st, answer_waiter, drop_late_record](
+                  const std::string& reg_key, const std::string& op_id,
+                  const registration_state* known = nullptr) {
+    answer_waiter(op_id, known);
     st->handed.erase(op_id);
     if (auto d = st->deferred.find(op_id); d != st->deferred.end()) {
       if (d->second.ph == deferred_accept::phase::recording) {
@@ -546,7 +556,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       // registration.completed. Assigned results were committed by the
       // configuration stage; failures from earlier stages are settled here.
       if (ev.status != registration_status::failed) {
-        finish(enrollment::key_of(ev.registration_id), ev.operation_id);
+        finish(enrollment::key_of(ev.registration_id), ev.operation_id, ev.outcome.get());
         return;
       }
       if (st->settling.count(ev.operation_id))

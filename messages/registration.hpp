@@ -3,6 +3,7 @@
 // flows between stages, and the registration state devices and operators see.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -43,6 +44,8 @@ struct register_request {
 
 /// The unit of work passed between stages (keyed by registration id). Each
 /// stage fills its part; stages are idempotent on operation_id.
+struct registration_state;
+
 struct registration_event {
   int32_t version = 1; ///< schema version for the Kafka encoding
   std::string operation_id;
@@ -78,6 +81,10 @@ struct registration_event {
   /// the outcome (device_api.register_wait_ms). No operation record exists
   /// until the terminal commit, and nobody knows the operation id.
   bool unrecorded = false;
+  /// In process only, like `unrecorded`: the committed outcome, set by the
+  /// embedded configuration stage on registration.completed, so the
+  /// registration actor answers a parked register without reading it back.
+  std::shared_ptr<const registration_state> outcome;
 };
 
 template <class Inspector>

@@ -11,6 +11,7 @@
 
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -28,6 +29,37 @@ using test::all_assignments;
 
 std::string device_key(const std::string& reg_id) {
   return *crypto::derive_device_key(group_key, reg_id);
+}
+
+/// Starts `s` on a fresh data dir (removed at exit) with `register_wait_ms`
+/// set, and a metrics listener when `metrics`; returns the dir.
+std::string start_with_wait(test::server_process& s, int register_wait_ms,
+                            bool metrics = false) {
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  auto cfg = test::with_device_api(test::default_config(dir),
+                                   "register_wait_ms = " + std::to_string(register_wait_ms));
+  if (metrics) {
+    const std::string off = "[metrics]\nlisten = \"\"\n";
+    auto at = cfg.find(off);
+    REQUIRE(at != std::string::npos);
+    cfg.replace(at, off.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
+  }
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  return dir;
+}
+
+/// Exactly one assignment event per accepted operation (operation id ->
+/// registration id), and none for any operation twice.
+void check_assigned_once(const test::server_process& s,
+                         const std::map<std::string, std::string>& accepted) {
+  std::map<std::string, int> count;
+  for (auto& e : all_assignments(s))
+    ++count[e["data"].value("operationId", "")];
+  for (auto& [op, n] : count)
+    CHECK_MESSAGE(n == 1, "operation " << op << " has " << n << " events");
+  for (auto& [op, id] : accepted)
+    CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
 }
 
 } // namespace
@@ -94,11 +126,7 @@ TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigne
   test::server_process s;
   // 202 at once (no wait for the outcome): operations are still in flight
   // at the kill and must resume after the restart.
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 0"),
-                           dir),
-                  s.log());
+  start_with_wait(s, 0);
   create_group(s, "crash-group");
   // Let the burst run, then kill without warning.
   int sent = 0;
@@ -111,15 +139,7 @@ TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigne
   auto c = s.client();
   int not_assigned = test::count_not_assigned(s, c, accepted, device_key, 500);
   CHECK(not_assigned == 0);
-  // Exactly one assignment event per accepted operation, none twice.
-  auto events = all_assignments(s);
-  std::map<std::string, int> count;
-  for (auto& e : events)
-    ++count[e["data"].value("operationId", "")];
-  for (auto& [op, n] : count)
-    CHECK_MESSAGE(n == 1, "operation " << op << " has " << n << " events");
-  for (auto& [op, id] : accepted)
-    CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
+  check_assigned_once(s, accepted);
 }
 
 TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, none left pending") {
@@ -131,11 +151,7 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
   // left a stale `pending` entry before the outcome deleted it).
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "10"};
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(
-    !s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 10"), dir),
-    s.log());
+  auto dir = start_with_wait(s, 10);
   create_group(s, "deferred-group");
   { // a clean run first: a late accept record whose terminal commit came
     // first is deleted once the outcome arrives, so a clean stop leaves no
@@ -174,13 +190,7 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
   REQUIRE_MESSAGE(!s.restart(), s.log());
   auto c = s.client();
   CHECK(test::count_not_assigned(s, c, accepted, device_key, 500) == 0);
-  std::map<std::string, int> count;
-  for (auto& e : all_assignments(s))
-    ++count[e["data"].value("operationId", "")];
-  for (auto& [op, n] : count)
-    CHECK_MESSAGE(n == 1, "operation " << op << " has " << n << " events");
-  for (auto& [op, id] : accepted)
-    CHECK_MESSAGE(count.count(op) == 1, "accepted operation " << op << " has no event");
+  check_assigned_once(s, accepted);
   REQUIRE(s.stop() == 0);
   CHECK(test::pending_entries(dir) == 0);
 }
@@ -191,11 +201,7 @@ TEST_CASE("SIGTERM with registers parked before their accept is recorded: each g
   // record: the drain records each accept before its 202.
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "8000"};
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(
-    !s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 10000"), dir),
-    s.log());
+  auto dir = start_with_wait(s, 10000, true);
   create_group(s, "drain-group");
   constexpr int devices = 4;
   std::vector<net::https_response> answers(devices);
@@ -212,7 +218,16 @@ TEST_CASE("SIGTERM with registers parked before their accept is recorded: each g
                                h, json{{"registrationId", id}}.dump(), answers[i]))
         answers[i].status = -1;
     });
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  // SIGTERM only once all of them are parked (a register read after the
+  // signal would get 503, one not yet connected no answer at all).
+  auto addr = test::metrics_addr(s);
+  REQUIRE(!addr.empty());
+  double inflight = 0;
+  for (int i = 0; i < 200 && inflight < devices; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    inflight = test::sum(test::scrape(addr), "dps_operations_inflight");
+  }
+  REQUIRE(inflight == devices);
   CHECK(s.stop() == 0);
   for (auto& th : pool)
     th.join();

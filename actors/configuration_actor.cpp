@@ -160,6 +160,8 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       std::optional<std::string> raw;
       operation_record op;
       if (ev.unrecorded) {
+        // A deferred accept: no record to read yet, and only this event
+        // knows the operation (the committing check covers a duplicate).
         op.operation_id = ev.operation_id;
         op.registration_id = ev.registration_id;
       } else {

@@ -1,7 +1,8 @@
 // Allocation stage: picks the hub (hashed or static), the device id and the
 // initial twin, and decides reprovisioning against the existing record.
 //
-// Accepts: (event_atom, registration_event, event_ack) from registration.attested.
+// Accepts: (event_atom, registration_event, event_ack) from registration.attested;
+//          (handoff_atom, registration_event), tests: a delayed hand-off onward.
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
@@ -119,10 +120,22 @@ error allocate(const engine_context& ctx, registration_event& ev) {
   std::optional<std::string> raw;
   registration_state prev;
   ev.substatus = "initialAssignment";
+  const auto generation = ctx.registration_generation.load();
   if (auto err = ctx.store->get(storage::cf::registrations,
                                 enrollment::key_of(ev.registration_id), raw))
     return err;
-  if (raw && !decode_record(*raw, prev) && prev.status == registration_status::assigned
+  const bool had_prev = raw && !decode_record(*raw, prev);
+  if (!ctx.kafka()) {
+    // Configuration needs the same record; no other operation of this
+    // device runs meanwhile (the registration stage dedupes), and a delete
+    // through the service API bumps the generation.
+    auto p = std::make_shared<registration_event::prior_record>();
+    p->generation = generation;
+    if (had_prev)
+      p->state = std::make_shared<const registration_state>(prev);
+    ev.prior = std::move(p);
+  }
+  if (had_prev && prev.status == registration_status::assigned
       && !prev.assigned_hub.empty()) {
     if (!v.update_hub_assignment) {
       hub = prev.assigned_hub; // sticky: never re-provision
@@ -153,6 +166,9 @@ error allocate(const engine_context& ctx, registration_event& ev) {
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
+    [ctx](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
+      ctx->bus->publish(transport::topic::registration_allocated, std::move(ev));
+    },
     [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
       auto start = std::chrono::steady_clock::now();
@@ -168,7 +184,11 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
         next = transport::topic::registration_completed;
       }
       if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
-        ctx->bus->publish(next, std::move(ev));
+        if (ctx->opts.test_pipeline_delay_ms > 0 && !err)
+          self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
+                             handoff_atom::value, std::move(ev));
+        else
+          ctx->bus->publish(next, std::move(ev));
         ack();
         return;
       }

@@ -173,13 +173,20 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
         }
       }
       auto reg_key = enrollment::key_of(ev.registration_id);
-      registration_state prev;
-      raw.reset();
-      bool had_prev = !ctx->store->get(storage::cf::registrations, reg_key, raw) && raw
-                      && !decode_record(*raw, prev);
+      registration_state read_prev;
+      const registration_state* prev = nullptr;
+      if (ev.prior && ev.prior->generation == ctx->registration_generation.load()) {
+        prev = ev.prior->state.get(); // allocation's read, still current
+      } else {
+        raw.reset();
+        if (!ctx->store->get(storage::cf::registrations, reg_key, raw) && raw
+            && !decode_record(*raw, read_prev))
+          prev = &read_prev;
+      }
       ev.completed_ms = now_ms();
       ev.status = registration_status::assigned;
-      auto rs = assigned_state(ev, had_prev ? &prev : nullptr);
+      auto rs = assigned_state(ev, prev);
+      ev.prior.reset();
       op.status = registration_status::assigned;
       op.state = rs;
       // A terminal record needs only its state: the event was kept for resume,

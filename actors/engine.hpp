@@ -32,8 +32,9 @@ struct engine_options {
   /// Where stage metrics go; owned by the caller. Null = a private, unexported set.
   metrics::instruments* metrics = nullptr;
   /// Tests only (env PROVISIOND_TEST_PIPELINE_DELAY_MS): embedded, every
-  /// hand-off from registration to allocation waits this long, so a test can
-  /// make register waits expire (device_api.register_wait_ms) at will.
+  /// hand-off from allocation to configuration waits this long, so a test can
+  /// make register waits expire (device_api.register_wait_ms) at will, or
+  /// change state between the two stages.
   int test_pipeline_delay_ms = 0;
 };
 

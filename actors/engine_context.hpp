@@ -155,6 +155,11 @@ struct engine_context {
     in_process;
   /// Bumped by every enrollment or group write; invalidates `verified`.
   std::atomic<uint64_t> enrollment_generation{0};
+  /// Bumped after every registration record delete through the service API
+  /// (write_registrations): allocation's read of a device's registration
+  /// record is reused by configuration, embedded, only while this is
+  /// unchanged (registration_event::prior).
+  std::atomic<uint64_t> registration_generation{0};
   mutable verified_tokens verified; ///< a cache: filled by const attest()
   mutable recent_views views;       ///< a cache: filled by attest(), read by allocation
   metrics::instruments* metrics = nullptr; ///< never null once started

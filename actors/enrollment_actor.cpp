@@ -101,9 +101,9 @@ error engine_context::write_enrollments(const storage::write_batch& batch,
 }
 
 error engine_context::write_registrations(const storage::write_batch& batch) {
-  if (repl)
-    return repl->write_registrations(batch);
-  return store->write(batch);
+  auto err = repl ? repl->write_registrations(batch) : store->write(batch);
+  registration_generation.fetch_add(1); // after the write is visible (or failed)
+  return err;
 }
 
 void engine_context::enrollments_changed(enrollment::kind k) {

@@ -19,7 +19,6 @@
 //   (resend_atom)                           Kafka: hand off again what has no outcome
 //   (waittick_atom)                         register waits past their deadline
 //   (drain_atom) -> count                   shutting down: answer every parked register
-//   (handoff_atom, registration_event)      tests: a delayed in-process hand-off
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>
@@ -117,11 +116,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // handle: the producer may hold the callback until its message timeout.
   auto publish_attested = [self, ctx, st](registration_event ev) {
     if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
-      if (ctx->opts.test_pipeline_delay_ms > 0)
-        self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
-                           handoff_atom::value, std::move(ev));
-      else
-        ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
       return;
     }
     caf::weak_actor_ptr weak{self->ctrl()};
@@ -360,9 +355,6 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         answer_waiter(op_id); // no outcome yet: 202, the device polls
       }
       arm_tick();
-    },
-    [=](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
-      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
     },
     [=](handedoff_atom, const std::string& op_id) {
       if (auto it = st->handed.find(op_id); it != st->handed.end())

@@ -85,6 +85,14 @@ struct registration_event {
   /// embedded configuration stage on registration.completed, so the
   /// registration actor answers a parked register without reading it back.
   std::shared_ptr<const registration_state> outcome;
+  /// In process only: the device's registration record as allocation read
+  /// it (null: there was none), and engine_context::registration_generation
+  /// before that read, so embedded configuration can skip reading it again.
+  struct prior_record {
+    std::shared_ptr<const registration_state> state;
+    uint64_t generation = 0;
+  };
+  std::shared_ptr<const prior_record> prior;
 };
 
 template <class Inspector>

@@ -248,6 +248,41 @@ TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 2
   test::remove_tree(dir);
 }
 
+TEST_CASE("a registration record deleted while the device's operation runs is not built upon") {
+  // The hand-off from allocation to configuration is held back 500 ms, and
+  // the device's record is deleted after allocation read it. Configuration
+  // must not reuse that read: the new record starts afresh (it carried the
+  // deleted record's created time when the read was reused unguarded).
+  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "500"};
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-prior");
+  auto err = s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 5000"), dir);
+  REQUIRE_MESSAGE(!err, err.message);
+  const auto group_key = crypto::generate_key();
+  test::create_group(s, "prior-group", group_key);
+  const std::string id = "prior-dev";
+  const auto key = *crypto::derive_device_key(group_key, id);
+  auto c = s.client();
+  int status = 0;
+  auto first = test::register_device(c, s, id, key, status);
+  REQUIRE_MESSAGE(first.value("status", "") == "assigned", first.dump());
+  const auto created = first["registrationState"].value("createdDateTimeUtc", "");
+  REQUIRE(!created.empty());
+  json second;
+  std::thread again{[&] {
+    auto c2 = s.client();
+    int status2 = 0;
+    second = test::register_device(c2, s, id, key, status2);
+  }};
+  std::this_thread::sleep_for(std::chrono::milliseconds(200)); // allocated, held back
+  CHECK(s.service("DELETE", "/registrations/" + id).status == 204);
+  again.join();
+  REQUIRE_MESSAGE(second.value("status", "") == "assigned", second.dump());
+  CHECK(second["registrationState"].value("createdDateTimeUtc", "") != created);
+  CHECK(s.stop() == 0);
+  test::remove_tree(dir);
+}
+
 TEST_CASE("individual symmetric-key enrollment: register answers 200 assigned, no poll needed") {
   // The embedded pipeline finishes in a few ms, well within register_wait_ms
   // (5 s on the shared test server), so the register answer carries the outcome.

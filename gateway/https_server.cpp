@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -74,14 +75,17 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
 
 class session : public std::enable_shared_from_this<session> {
 public:
-  session(tcp::socket&& sock, ssl::context& ctx, handler& h, const server_options& opts)
+  session(tcp::socket&& sock, ssl::context& ctx, handler& h, const server_options& opts,
+          std::atomic<int>& answering)
     : stream_(std::move(sock), ctx), timer_(stream_.get_executor()), handler_(h),
-      opts_(opts) {
+      opts_(opts), answering_(answering) {
     beast::error_code ec;
     auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
     if (!ec)
       ip_ = ep.address().to_string();
   }
+
+  ~session() { answered(); }
 
   void run() {
     net::dispatch(stream_.get_executor(),
@@ -103,6 +107,15 @@ private:
   }
 
   void disarm() { deadline_ = clock::time_point::max(); }
+
+  /// A request handed to the handler has its answer written (or the
+  /// connection is gone): the server's stop() waits for these.
+  void answered() {
+    if (handling_) {
+      handling_ = false;
+      answering_.fetch_sub(1);
+    }
+  }
 
   void start_timer() {
     timer_armed_ = true;
@@ -181,6 +194,8 @@ private:
     http_request hr;
     fill_request(req, ip_, hr);
     auto self = shared_from_this();
+    handling_ = true;
+    answering_.fetch_add(1);
     handler_.handle(std::move(hr), [self](http_response resp) {
       net::post(self->stream_.get_executor(), [self, resp = std::move(resp)]() mutable {
         self->write(std::move(resp));
@@ -237,6 +252,7 @@ private:
     net::async_write(stream_, net::buffer(out),
                      [self = shared_from_this(), close](beast::error_code ec, std::size_t) {
                        self->disarm();
+                       self->answered();
                        if (ec)
                          return self->close_now();
                        if (close)
@@ -272,6 +288,7 @@ private:
 
   void close_now() {
     disarm();
+    answered();
     timer_.cancel(); // releases the timer's reference to the session now
     beast::error_code ignored;
     beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -287,6 +304,8 @@ private:
   std::optional<http::request_parser<body_t>> parser_;
   handler& handler_;
   const server_options& opts_;
+  std::atomic<int>& answering_; ///< the server's count of requests being answered
+  bool handling_ = false;       ///< this session's request counts in answering_
   std::string ip_;
   bool keep_alive_ = true;
   bool timed_out_ = false;
@@ -363,6 +382,12 @@ public:
       beast::error_code ignored;
       acceptor_->close(ignored);
     });
+    // Answers already on their way are written first (up to 2 s): a
+    // register parked until the engine's drain gets the 202 the drain gave
+    // it, not a dropped connection.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (answering_.load() > 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     for (auto& ioc : iocs_)
       ioc->stop();
     for (auto& t : threads_)
@@ -378,7 +403,7 @@ private:
         return;
       if (!ec) {
         sock.set_option(tcp::no_delay(true), ec);
-        std::make_shared<session>(std::move(sock), ssl_, handler_, opts_)->run();
+        std::make_shared<session>(std::move(sock), ssl_, handler_, opts_, answering_)->run();
       }
       accept();
     });
@@ -386,6 +411,9 @@ private:
 
   server_options opts_;
   handler& handler_;
+  /// Requests handed to the handler and not yet answered; declared before
+  /// iocs_ so it outlives the sessions they own.
+  std::atomic<int> answering_{0};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
   ssl::context ssl_;

@@ -36,7 +36,8 @@ public:
   virtual uint16_t port() const = 0;
   virtual std::string address() const = 0;
 
-  /// Stops accepting, closes connections, joins the threads. Idempotent.
+  /// Stops accepting, lets answers already handed to the handler be written
+  /// (up to 2 s), closes connections, joins the threads. Idempotent.
   virtual void stop() = 0;
 };
 

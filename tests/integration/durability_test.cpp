@@ -39,12 +39,8 @@ std::string start_with_wait(test::server_process& s, int register_wait_ms,
   s.remove_data_dir_at_exit();
   auto cfg = test::with_device_api(test::default_config(dir),
                                    "register_wait_ms = " + std::to_string(register_wait_ms));
-  if (metrics) {
-    const std::string off = "[metrics]\nlisten = \"\"\n";
-    auto at = cfg.find(off);
-    REQUIRE(at != std::string::npos);
-    cfg.replace(at, off.size(), "[metrics]\nlisten = \"127.0.0.1:0\"\n");
-  }
+  if (metrics)
+    cfg = test::with_metrics(cfg);
   REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
   return dir;
 }

@@ -50,9 +50,9 @@ struct cluster {
   std::vector<std::unique_ptr<test::server_process>> workers;
   std::vector<std::string> worker_dirs;
 
-  /// `gateway_kafka` is added to the gateway's [kafka] table; a non-empty one
-  /// also opens the gateway's metrics listener. `gateway_device_api` is a
-  /// line for its [device_api] table.
+  /// `gateway_kafka` is added to the gateway's [kafka] table;
+  /// `gateway_device_api` is a line for its [device_api] table. A non-empty
+  /// one of either also opens the gateway's metrics listener.
   /// `fuse` sets kafka.fuse_stages in every process.
   explicit cluster(int n_workers, int brokers = 1, const std::string& gateway_kafka = {},
                    const std::string& gateway_device_api = {}, bool fuse = true)
@@ -62,7 +62,7 @@ struct cluster {
     cfg.replace(cfg.find("[kafka.properties]"), 0, gateway_kafka);
     if (!gateway_device_api.empty())
       cfg = test::with_device_api(cfg, gateway_device_api);
-    if (!gateway_kafka.empty())
+    if (!gateway_kafka.empty() || !gateway_device_api.empty())
       cfg = test::with_metrics(cfg);
     REQUIRE_MESSAGE(!gateway.start(cfg, fx.dir, {"--roles", "gateway,registration"}),
                     gateway.log());
@@ -563,7 +563,16 @@ TEST_CASE("SIGTERM while a register waits for its outcome: the device gets a 202
                     h, json{{"registrationId", id}}.dump(), resp);
     answered = std::chrono::steady_clock::now();
   });
-  std::this_thread::sleep_for(std::chrono::seconds(1)); // accepted and parked by now
+  // SIGTERM once the register is accepted and parked (a sleep was not
+  // always long enough on a loaded machine: the connection was dropped).
+  auto addr = test::metrics_addr(cl.gateway);
+  REQUIRE(!addr.empty());
+  double inflight = 0;
+  for (int i = 0; i < 400 && inflight < 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    inflight = test::sum(test::scrape(addr), "dps_operations_inflight");
+  }
+  REQUIRE(inflight == 1);
   const auto stopping = std::chrono::steady_clock::now();
   const int rc = cl.gateway.stop();
   device.join();

@@ -42,10 +42,10 @@ struct register_request {
   std::string correlation_id;
 };
 
-/// The unit of work passed between stages (keyed by registration id). Each
-/// stage fills its part; stages are idempotent on operation_id.
 struct registration_state;
 
+/// The unit of work passed between stages (keyed by registration id). Each
+/// stage fills its part; stages are idempotent on operation_id.
 struct registration_event {
   int32_t version = 1; ///< schema version for the Kafka encoding
   std::string operation_id;

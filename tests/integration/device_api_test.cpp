@@ -170,15 +170,13 @@ TEST_CASE("register_wait_ms = 0: 202 + Retry-After, then poll assigned (classic 
 }
 
 TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 202, polls end assigned") {
-  // The hand-off to allocation is held back 100 ms (a slow pipeline), so
-  // every register's 5 ms wait expires: its accept, deferred until the
-  // outcome, is recorded first, then answered 202; the polls read that
-  // record ("assigning") until the outcome.
+  // The hand-off from allocation to configuration is held back 100 ms (a
+  // slow pipeline), so every register's 5 ms wait expires: its accept,
+  // deferred until the outcome, is recorded first, then answered 202; the
+  // polls read that record ("assigning") until the outcome.
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "100"};
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-expiry");
-  auto err = s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 5"), dir);
-  REQUIRE_MESSAGE(!err, err.message);
+  auto dir = test::start_with_wait(s, 5);
   const auto group_key = crypto::generate_key();
   test::create_group(s, "expiry-group", group_key);
   constexpr int threads = 20, per_thread = 5;
@@ -245,7 +243,6 @@ TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 2
   // A late accept record whose terminal commit came first was deleted once
   // the outcome arrived: nothing is left to resume.
   CHECK(test::pending_entries(dir) == 0);
-  test::remove_tree(dir);
 }
 
 TEST_CASE("a registration record deleted while the device's operation runs is not built upon") {
@@ -255,9 +252,7 @@ TEST_CASE("a registration record deleted while the device's operation runs is no
   // deleted record's created time when the read was reused unguarded).
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "500"};
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-prior");
-  auto err = s.start(test::with_device_api(test::default_config(dir), "register_wait_ms = 5000"), dir);
-  REQUIRE_MESSAGE(!err, err.message);
+  test::start_with_wait(s, 5000);
   const auto group_key = crypto::generate_key();
   test::create_group(s, "prior-group", group_key);
   const std::string id = "prior-dev";
@@ -280,7 +275,6 @@ TEST_CASE("a registration record deleted while the device's operation runs is no
   REQUIRE_MESSAGE(second.value("status", "") == "assigned", second.dump());
   CHECK(second["registrationState"].value("createdDateTimeUtc", "") != created);
   CHECK(s.stop() == 0);
-  test::remove_tree(dir);
 }
 
 TEST_CASE("individual symmetric-key enrollment: register answers 200 assigned, no poll needed") {

@@ -31,20 +31,6 @@ std::string device_key(const std::string& reg_id) {
   return *crypto::derive_device_key(group_key, reg_id);
 }
 
-/// Starts `s` on a fresh data dir (removed at exit) with `register_wait_ms`
-/// set, and a metrics listener when `metrics`; returns the dir.
-std::string start_with_wait(test::server_process& s, int register_wait_ms,
-                            bool metrics = false) {
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  auto cfg = test::with_device_api(test::default_config(dir),
-                                   "register_wait_ms = " + std::to_string(register_wait_ms));
-  if (metrics)
-    cfg = test::with_metrics(cfg);
-  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
-  return dir;
-}
-
 /// Exactly one assignment event per accepted operation (operation id ->
 /// registration id), and none for any operation twice.
 void check_assigned_once(const test::server_process& s,
@@ -122,7 +108,7 @@ TEST_CASE("kill -9 during a burst: every 202 ends assigned, no operation assigne
   test::server_process s;
   // 202 at once (no wait for the outcome): operations are still in flight
   // at the kill and must resume after the restart.
-  start_with_wait(s, 0);
+  test::start_with_wait(s, 0);
   create_group(s, "crash-group");
   // Let the burst run, then kill without warning.
   int sent = 0;
@@ -147,7 +133,7 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
   // left a stale `pending` entry before the outcome deleted it).
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "10"};
   test::server_process s;
-  auto dir = start_with_wait(s, 10);
+  auto dir = test::start_with_wait(s, 10);
   create_group(s, "deferred-group");
   { // a clean run first: a late accept record whose terminal commit came
     // first is deleted once the outcome arrives, so a clean stop leaves no
@@ -197,7 +183,7 @@ TEST_CASE("SIGTERM with registers parked before their accept is recorded: each g
   // record: the drain records each accept before its 202.
   test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "8000"};
   test::server_process s;
-  auto dir = start_with_wait(s, 10000, true);
+  auto dir = test::start_with_wait(s, 10000, true);
   create_group(s, "drain-group");
   constexpr int devices = 4;
   std::vector<net::https_response> answers(devices);

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "storage/store.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 
 namespace prov::test {
@@ -32,6 +33,20 @@ struct scoped_env {
   scoped_env& operator=(const scoped_env&) = delete;
   const char* name_;
 };
+
+/// Starts `s` on a fresh data dir (removed at exit) with `register_wait_ms`
+/// set, and a metrics listener when `metrics`; returns the dir.
+inline std::string start_with_wait(server_process& s, int register_wait_ms,
+                                   bool metrics = false) {
+  auto dir = make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  auto cfg = with_device_api(default_config(dir),
+                             "register_wait_ms = " + std::to_string(register_wait_ms));
+  if (metrics)
+    cfg = with_metrics(cfg);
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  return dir;
+}
 
 /// How many `pending` entries (accepted, unfinished operations) a stopped
 /// server left in the store under `dir`.

@@ -82,6 +82,7 @@ struct shared_state {
   uint64_t limit = UINT64_MAX;
   std::atomic<bool> go{false};
   steady::time_point deadline = steady::time_point::max();
+  steady::time_point t0; ///< start of the measured phase (open loop: due times from here)
   std::atomic<uint64_t> started{0}, succeeded{0}, failed{0}, ready{0}, connect_failed{0};
   std::atomic<int> running_threads{0};
   explicit shared_state(const load_options& opts) : o(opts) {}
@@ -240,9 +241,25 @@ private:
       return with_connection([self = shared_from_this()] { self->send_bulk(); });
     case load_mode::keepalive:
     case load_mode::newconn:
-      prepare_device();
-      return with_connection([self = shared_from_this()] { self->send_put(); });
+      if (o_.rate > 0) {
+        due_ = t_.sh.t0
+               + std::chrono::duration_cast<steady::duration>(
+                 std::chrono::duration<double>(static_cast<double>(idx) / o_.rate));
+        if (steady::now() < due_) {
+          timer_.expires_at(due_);
+          return timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+            if (!ec)
+              self->start_device();
+          });
+        }
+      }
+      return start_device();
     }
+  }
+
+  void start_device() {
+    prepare_device();
+    with_connection([self = shared_from_this()] { self->send_put(); });
   }
 
   template <class Then>
@@ -424,6 +441,8 @@ private:
   /// `updated`: registrationState.lastUpdatedDateTimeUtc, empty when absent.
   void assigned(std::string_view updated) {
     t_.stats.client_tta.push_back(ms_since(put_start_));
+    if (o_.rate > 0)
+      t_.stats.scheduled_tta.push_back(ms_since(due_));
     int64_t updated_ms = parse_utc_ms(updated);
     if (updated_ms > 0) {
       // Millisecond resolution: both times truncated to whole ms.
@@ -527,6 +546,7 @@ private:
   std::string reg_id_, auth_, base_, op_id_;
   int64_t put_sys_us_ = 0;
   steady::time_point conn_start_, put_start_, poll_start_;
+  steady::time_point due_; ///< open loop: when this device was due to start
 };
 
 void append(std::vector<double>& to, const std::vector<double>& from) {
@@ -628,6 +648,7 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
     o.on_go();
   const double cpu0 = self_cpu_seconds();
   auto t0 = steady::now();
+  sh.t0 = t0;
   if (o.duration_s > 0)
     sh.deadline = t0 + std::chrono::microseconds(static_cast<int64_t>(o.duration_s * 1e6));
   sh.go.store(true);
@@ -667,6 +688,7 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
         r.error_samples.push_back(e);
     append(r.server_tta, s.server_tta);
     append(r.client_tta, s.client_tta);
+    append(r.scheduled_tta, s.scheduled_tta);
     append(r.put_latency, s.put_latency);
     append(r.poll_latency, s.poll_latency);
     append(r.handshake, s.handshake);

@@ -35,6 +35,11 @@ struct load_options {
   int threads = 1;
   uint64_t count = 0;      ///< devices / connections / bulk batches; 0 = until duration
   double duration_s = 0;   ///< stop starting new work after this many seconds (0 = none)
+  /// Devices: 0 = closed loop (each connection starts its next device as soon
+  /// as the last one is assigned). > 0 = open loop: device i is due at
+  /// start + i / rate seconds and starts then, or as soon as a connection is
+  /// free if all are busy.
+  double rate = 0;
   int poll_interval_ms = -1; ///< -1: honour Retry-After
   int request_timeout_s = 30;
   int device_timeout_s = 120; ///< give up on a device not terminal after this long
@@ -78,6 +83,9 @@ struct load_result {
   std::vector<std::string> error_samples; ///< first few error messages
   std::vector<double> server_tta;  ///< server lastUpdatedDateTimeUtc - PUT send time
   std::vector<double> client_tta;  ///< client saw assigned - PUT send time
+  /// Open loop (rate > 0): client saw assigned - the device's due time, so
+  /// a wait for a free connection counts (no coordinated omission).
+  std::vector<double> scheduled_tta;
   std::vector<double> put_latency; ///< PUT sent -> 202 received
   std::vector<double> poll_latency;
   std::vector<double> handshake;   ///< TCP connect + TLS handshake

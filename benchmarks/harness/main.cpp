@@ -45,6 +45,7 @@ struct options {
   bool reference = false;
   uint64_t devices = 1000;
   double duration_s = 0;
+  double rate = 0;
   int concurrency = 100;
   int threads = 1;
   int poll_interval_ms = -1;
@@ -640,6 +641,9 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
                   "server_time_to_assigned_ms");
     print_latency(out, "client time-to-assigned", r.client_tta, j,
                   "client_time_to_assigned_ms");
+    if (!r.scheduled_tta.empty())
+      print_latency(out, "  from the due time (--rate)", r.scheduled_tta, j,
+                    "scheduled_time_to_assigned_ms");
   }
   if (u.per_process)
     out << "  (no server-side time-to-assigned over Kafka: the records' clock readings are "
@@ -852,7 +856,8 @@ void accumulate(load_result& total, const load_result& r, usage& tu, const usage
   for (auto& e : r.error_samples)
     if (total.error_samples.size() < 10)
       total.error_samples.push_back(e);
-  for (auto v : {&load_result::server_tta, &load_result::client_tta, &load_result::put_latency,
+  for (auto v : {&load_result::server_tta, &load_result::client_tta,
+                  &load_result::scheduled_tta, &load_result::put_latency,
                   &load_result::poll_latency, &load_result::handshake,
                   &load_result::request_latency})
     (total.*v).insert((total.*v).end(), (r.*v).begin(), (r.*v).end());
@@ -887,6 +892,12 @@ int run(int argc, char** argv) {
   app.add_option("--devices", o.devices, "Devices to register (0 with --duration: unlimited)");
   app.add_option("--duration", o.duration_s, "Stop starting devices after this many seconds");
   app.add_option("-c,--concurrency", o.concurrency, "Concurrent devices (= connections)");
+  app.add_option("--rate", o.rate,
+                 "Open loop: start devices at this many per second over the connections "
+                 "(default 0: closed loop, each connection starts its next device when the last "
+                 "is assigned). Adds the time-to-assigned from each device's due time, which "
+                 "counts any wait for a free connection")
+    ->check(CLI::NonNegativeNumber);
   app.add_option("--threads", o.threads, "Client I/O threads (each an io_context)");
   app.add_option("--poll-interval-ms", o.poll_interval_ms,
                  "Wait between polls; default: honour Retry-After");
@@ -984,6 +995,11 @@ int run(int argc, char** argv) {
   if (o.kafka && (!o.target.empty() || !o.config_file.empty() || reference_only(o))) {
     log("--kafka spawns its own processes with generated configs: it does not combine with "
         "--target, --config or --mode reference / reference-keepalive");
+    return 2;
+  }
+  if (o.rate > 0 && (o.direct || reference_only(o))) {
+    log("--rate paces devices over HTTPS: it does not combine with --direct or --mode "
+        "reference / reference-keepalive");
     return 2;
   }
   if (o.direct && (!o.kafka || o.mode != "keepalive" || o.reference || o.duration_s > 0
@@ -1093,6 +1109,7 @@ int run(int argc, char** argv) {
                          {"devices", o.devices},
                          {"duration_s", o.duration_s},
                          {"concurrency", o.concurrency},
+                         {"rate", o.rate},
                          {"threads", o.threads},
                          {"poll_interval_ms", o.poll_interval_ms},
                          {"reference", o.reference},
@@ -1156,6 +1173,7 @@ int run(int argc, char** argv) {
   lo.request_timeout_s = o.request_timeout_s;
   lo.device_timeout_s = o.device_timeout_s;
   lo.poll_interval_ms = o.poll_interval_ms;
+  lo.rate = o.rate;
   lo.id_scope = s.id_scope;
   lo.api_version = o.api_version;
   lo.interrupted = &g_interrupted;
@@ -1382,8 +1400,10 @@ int run(int argc, char** argv) {
                               + " devices published to registration.requested, at most "
                               + std::to_string(o.concurrency) + " outstanding"
                           : o.mode + ": " + std::to_string(r.started) + " devices, concurrency "
-                              + std::to_string(o.concurrency) + ", " + std::to_string(o.threads)
-                              + " client thread(s), poll " + poll;
+                              + std::to_string(o.concurrency)
+                              + (o.rate > 0 ? ", open loop at " + fmt("%g", o.rate) + "/s" : "")
+                              + ", " + std::to_string(o.threads) + " client thread(s), poll "
+                              + poll;
     title = title
                         + (o.individual ? ", " + std::to_string(o.individual)
                                             + " individual enrollments"

@@ -18,18 +18,13 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "messages/ascii.hpp"
 
 namespace prov {
 
 namespace {
 
-bool iequals(std::string_view a, std::string_view b) {
-  return a.size() == b.size()
-         && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-              return std::tolower(static_cast<unsigned char>(x))
-                     == std::tolower(static_cast<unsigned char>(y));
-            });
-}
+using ascii::iequals;
 
 error load_view(const engine_context& ctx, const registration_event& ev,
                 enrollment::enrollment_view& v) {

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "messages/ascii.hpp"
 
 namespace prov {
 
@@ -199,9 +200,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
                  {});
         return;
       }
-      auto mode = mode_it->get<std::string>();
-      std::transform(mode.begin(), mode.end(), mode.begin(),
-                     [](unsigned char c) { return std::tolower(c); });
+      auto mode = ascii::to_lower(mode_it->get<std::string>());
       if (mode != "create" && mode != "update" && mode != "updateifmatchetag"
           && mode != "delete") {
         reply.fn({error_code::bad_request,

@@ -1,5 +1,6 @@
 #include "config/config.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
 #include <arpa/inet.h>
@@ -101,13 +102,7 @@ std::string quote(std::string_view s) {
   return out;
 }
 
-bool iequals(std::string_view a, std::string_view b) {
-  return a.size() == b.size() &&
-         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) ==
-                  std::tolower(static_cast<unsigned char>(y));
-         });
-}
+using ascii::iequals;
 
 bool is_hex(char c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');

@@ -24,6 +24,7 @@
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
 #include "gateway/routes.hpp"
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 
@@ -65,7 +66,7 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
     auto n = f.name_string();
     std::string name(n.data(), n.size());
     for (auto& c : name)
-      c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      c = ascii::lower(c);
     auto v = f.value();
     out.headers.emplace_back(std::move(name), std::string(v.data(), v.size()));
   }

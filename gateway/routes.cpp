@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/json_text.hpp"
 
@@ -16,22 +17,8 @@ using nlohmann::json;
 
 namespace {
 
-std::string lower(std::string_view s) {
-  std::string out(s);
-  std::transform(out.begin(), out.end(), out.begin(),
-                 [](unsigned char c) { return std::tolower(c); });
-  return out;
-}
-
-bool iequals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size())
-    return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (std::tolower(static_cast<unsigned char>(a[i]))
-        != std::tolower(static_cast<unsigned char>(b[i])))
-      return false;
-  return true;
-}
+using ascii::iequals;
+std::string lower(std::string_view s) { return ascii::to_lower(s); }
 
 std::vector<std::string> split_path(const std::string& path) {
   std::vector<std::string> out;

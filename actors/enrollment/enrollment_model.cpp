@@ -1,5 +1,6 @@
 #include "actors/enrollment/enrollment_model.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
 #include <algorithm>
@@ -30,18 +31,7 @@ constexpr std::size_t max_api_version = 64;
 
 // -- small string helpers -----------------------------------------------------
 
-char lower(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  if (a.size() != b.size())
-    return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (lower(a[i]) != lower(b[i]))
-      return false;
-  return true;
-}
+using ascii::iequals;
 
 bool is_alnum(char c) noexcept {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
@@ -709,12 +699,7 @@ int64_t floor_div(int64_t a, int64_t b) {
 
 } // namespace
 
-std::string key_of(std::string_view id) {
-  std::string out(id);
-  for (char& c : out)
-    c = lower(c);
-  return out;
-}
+std::string key_of(std::string_view id) { return ascii::to_lower(id); }
 
 bool valid_registration_id(std::string_view id) { return valid_id(id); }
 

@@ -21,6 +21,8 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "messages/ascii.hpp"
+
 namespace prov::net {
 
 namespace asio = boost::asio;
@@ -31,13 +33,7 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  return a.size() == b.size() &&
-         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-           return std::tolower(static_cast<unsigned char>(x)) ==
-                  std::tolower(static_cast<unsigned char>(y));
-         });
-}
+using ascii::iequals;
 
 // RFC 7230 tchar: what a method token and a field name may contain.
 bool is_token(std::string_view s) noexcept {

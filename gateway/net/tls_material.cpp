@@ -23,6 +23,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "messages/ascii.hpp"
+
 namespace prov::net {
 
 namespace {
@@ -95,15 +97,7 @@ bool valid_dns_name(std::string_view s) {
   return true;
 }
 
-bool iequals(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const auto x = static_cast<unsigned char>(a[i]);
-    const auto y = static_cast<unsigned char>(b[i]);
-    if (std::tolower(x) != std::tolower(y)) return false;
-  }
-  return true;
-}
+using ascii::iequals;
 
 error parse_sans(const std::vector<std::string>& in, std::vector<san_entry>& out) {
   static const std::vector<std::string> defaults{"localhost", "127.0.0.1", "::1"};

@@ -54,3 +54,27 @@ TEST_CASE("json_text objects nest and separate fields") {
   o.close();
   CHECK(json::parse(out) == json{{"a", "x"}, {"n", -5}, {"b", true}, {"in", {{"r", {1, 2}}}}});
 }
+
+TEST_CASE("json_text strings: byte for byte nlohmann's dump() wherever the special byte sits") {
+  // Long plain runs with one byte that needs attention at every position:
+  // the 16-byte scan and the tail loop must stop at the same place.
+  const std::string specials[] = {"\"", "\\", "\n", "\x01", "\x1f", "\x7f", "\xc3\xa9",
+                                  "\xe2\x82\xac", "\xf0\x9f\x98\x80"};
+  for (std::size_t len = 0; len <= 70; ++len) {
+    for (std::size_t pos = 0; pos <= len; ++pos) {
+      for (const auto& sp : specials) {
+        std::string s(len, 'a');
+        for (std::size_t k = 0; k < len; ++k)
+          s[k] = static_cast<char>('a' + (k * 7) % 26);
+        s.insert(pos, sp);
+        std::string out;
+        REQUIRE(json_text::append_string_as_dump(out, s));
+        REQUIRE_MESSAGE(out == json(s).dump(), s);
+      }
+    }
+  }
+  // Invalid UTF-8 after a long plain run is still replaced.
+  CHECK(as_literal(std::string(40, 'x') + "\xff") == "\"" + std::string(40, 'x') + "\\ufffd\"");
+  CHECK(as_literal(std::string(33, 'x') + "\xe2\x82") ==
+        "\"" + std::string(33, 'x') + "\\ufffd\\ufffd\"");
+}

@@ -4,6 +4,7 @@
 #include "messages/registration.hpp"
 
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -171,6 +172,30 @@ diagnostic_log::~diagnostic_log() {
     impl_->writer.join();
 }
 
+void append_fixed3(std::string& out, double v) {
+  // Integer thousandths while they fit comfortably in 64 bits; NaN, inf and
+  // huge values go to snprintf.
+  if (!(v > -1e15 && v < 1e15)) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%.3f", v);
+    out.append(buf);
+    return;
+  }
+  auto t = std::llround(v * 1000.0);
+  if (t < 0) {
+    out.push_back('-');
+    t = -t;
+  } else if (std::signbit(v)) {
+    out.push_back('-'); // "-0.000", as printf writes a small negative or -0
+  }
+  out.append(std::to_string(t / 1000));
+  const auto frac = static_cast<int>(t % 1000);
+  const char digits[4] = {'.', static_cast<char>('0' + frac / 100),
+                          static_cast<char>('0' + frac / 10 % 10),
+                          static_cast<char>('0' + frac % 10)};
+  out.append(digits, 4);
+}
+
 void diagnostic_log::operation(const operation_record& r) {
   auto level = r.status >= 500 ? spdlog::level::warn : spdlog::level::info;
   if (!impl_->should_log(level))
@@ -189,9 +214,8 @@ void diagnostic_log::operation(const operation_record& r) {
     field(line, "errorCode", r.error_code);
   if (!r.description.empty())
     field(line, "resultDescription", r.description);
-  char dur[32];
-  std::snprintf(dur, sizeof(dur), "%.3f", r.duration_ms);
-  line.append(",\"durationMs\":").append(dur);
+  line.append(",\"durationMs\":");
+  append_fixed3(line, r.duration_ms);
   field(line, "callerIpAddress", mask_ip(r.caller_ip));
   field(line, "correlationId", r.correlation_id);
   if (!r.api_version.empty())

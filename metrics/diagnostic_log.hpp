@@ -72,4 +72,9 @@ std::string mask_ip(std::string_view ip);
 /// Appends `s` as a JSON string literal (quotes included) to `out`.
 void append_json_string(std::string& out, std::string_view s);
 
+/// Appends `v` with three decimals, as "%.3f" would (to the nearest
+/// thousandth; a tie may round the other way), without printf's
+/// floating-point machinery: a duration is written on every operation's line.
+void append_fixed3(std::string& out, double v);
+
 } // namespace prov::metrics

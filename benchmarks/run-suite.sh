@@ -24,6 +24,9 @@ run() {
 }
 
 run keepalive  --mode keepalive --devices 100000 --concurrency 1000 --poll-interval-ms "$POLL_MS"
+# The same devices as an open loop at the rate: latency at 10,000/s
+# rather than at saturation (docs/benchmarking.md, "Closed loop and open loop").
+run rate-10k   --mode keepalive --devices 100000 --concurrency 1000 --rate 10000 --poll-interval-ms "$POLL_MS"
 # A full client TLS handshake costs more CPU (OpenSSL 3.0: ~1.5 ms) than the
 # server side; two client threads keep one harness thread from capping the
 # nginx reference while the server run is capped by the server.

@@ -433,8 +433,11 @@ private:
       return fail(code, "terminal status " + j.dump().substr(0, 300));
     }
     std::string updated;
-    if (rs && rs->contains("lastUpdatedDateTimeUtc") && (*rs)["lastUpdatedDateTimeUtc"].is_string())
-      updated = (*rs)["lastUpdatedDateTimeUtc"].get<std::string>();
+    if (rs) {
+      auto it = rs->find("lastUpdatedDateTimeUtc");
+      if (it != rs->end() && it->is_string())
+        updated = it->get<std::string>();
+    }
     assigned(updated);
   }
 

@@ -18,7 +18,6 @@ using nlohmann::json;
 namespace {
 
 using ascii::iequals;
-std::string lower(std::string_view s) { return ascii::to_lower(s); }
 
 std::vector<std::string> split_path(const std::string& path) {
   std::vector<std::string> out;
@@ -51,7 +50,7 @@ http_response no_content() {
 
 bool is_json_content_type(const std::string& ct) {
   // "application/json", "application/json; charset=utf-8" (any case).
-  auto l = lower(ct);
+  auto l = ascii::to_lower(ct);
   auto semi = l.find(';');
   auto media = l.substr(0, semi);
   while (!media.empty() && media.back() == ' ')
@@ -155,7 +154,7 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   }
   if (segs.empty() || !is_root(segs[0]))
     return k;
-  auto root = lower(segs[0]);
+  auto root = ascii::to_lower(segs[0]);
   k.category = "ServiceOperations";
   k.type = root == "enrollments"        ? "IndividualEnrollment"
            : root == "enrollmentgroups" ? "EnrollmentGroup"
@@ -439,7 +438,7 @@ private:
   void service(const http_request& req, const std::vector<std::string>& segs,
                const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
-    auto root = lower(segs[0]);
+    auto root = ascii::to_lower(segs[0]);
     auto api = req.query.find("api-version");
     if (root != "assignments" && (api == req.query.end() || api->second.empty()))
       return fail({error_code::missing_api_version,

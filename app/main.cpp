@@ -187,6 +187,7 @@ int serve(const serve_args& args) {
   // Storage.
   std::unique_ptr<storage::store> store;
   storage::store_options store_opts;
+  store_opts.block_cache_bytes = static_cast<std::size_t>(cfg.storage.block_cache_mb) << 20;
   store_opts.on_commit = [&inst](double secs, std::size_t batches, std::size_t bytes) {
     inst.storage_commit(secs, batches, bytes);
   };

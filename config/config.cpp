@@ -45,6 +45,7 @@ constexpr int_rule weight_rule{1, 1000};
 constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
 constexpr int_rule resend_rule{0, 3600};
+constexpr int_rule block_cache_rule{8, 65536};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
@@ -236,6 +237,7 @@ void check_config(const engine_config& c, const report_fn& report) {
   check_range(report, "device_api.max_sas_lifetime_seconds", d.max_sas_lifetime_seconds,
               max_sas_rule);
   check_range(report, "device_api.clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
+  check_range(report, "storage.block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
 
   for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
     const access_policy& p = c.access_policies[i];
@@ -372,7 +374,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "access_policies", "hubs", "metrics",
-                "log", "kafka"});
+                "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -426,6 +428,10 @@ class loader {
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
       get(*t, "metrics", "listen", c.metrics.listen);
+    }
+    if (const toml::table* t = sub_table(root, "", "storage")) {
+      check_keys(*t, "storage", {"block_cache_mb"});
+      get_int(*t, "storage", "block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
     }
     if (const toml::table* t = sub_table(root, "", "log")) {
       check_keys(*t, "log", {"level", "file"});

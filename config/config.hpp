@@ -53,6 +53,12 @@ struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
 
+struct storage_config {
+  /// RocksDB block cache, shared by all column families. It fills only as
+  /// blocks are read, so a small data set never uses it all.
+  int block_cache_mb = 64;
+};
+
 struct log_config {
   std::string level = "info";  ///< trace, debug, info, warn, error, off
   std::string file;            ///< empty = stderr
@@ -112,6 +118,7 @@ struct engine_config {
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
   metrics_config metrics;
+  storage_config storage;
   log_config log;
   kafka_config kafka;
   roles_config roles; ///< from --roles; not a config file key

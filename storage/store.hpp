@@ -59,7 +59,7 @@ private:
 
 struct store_options {
   bool sync = true;                 ///< fsync the WAL on every (group) commit
-  std::size_t block_cache_bytes = 64u << 20;
+  std::size_t block_cache_bytes = 64u << 20; ///< [storage] block_cache_mb
   std::size_t write_buffer_bytes = 16u << 20; /// per column family
   std::size_t max_group_batches = 4096; ///< upper bound merged into one commit
   /// Called on the writer thread after every successful group commit with its

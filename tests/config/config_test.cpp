@@ -67,6 +67,7 @@ TEST_CASE("empty text gives the documented defaults") {
   CHECK(cfg.access_policies.empty());
   CHECK(cfg.hubs.empty());
   CHECK(cfg.metrics.listen == "127.0.0.1:9464");
+  CHECK(cfg.storage.block_cache_mb == 64);
   CHECK(cfg.log.level == "info");
   CHECK(cfg.log.file.empty());
   CHECK(validate(engine_config{}).ok());
@@ -201,6 +202,10 @@ TEST_CASE("bad values name file, line and key path") {
         "cfg.toml:12: hubs[1].allocation_weight: must be 1..1000, got 0");
   CHECK(load_error("[device_api]\nregister_wait_ms = -1\n") ==
         "cfg.toml:2: device_api.register_wait_ms: must be 0..10000, got -1");
+  CHECK(load_error("[storage]\n\nblock_cache_mb = 4\n") ==
+        "cfg.toml:3: storage.block_cache_mb: must be 8..65536, got 4");
+  CHECK(load_error("[storage]\nblock_cache = 64\n").find("storage.block_cache") !=
+        std::string::npos);
   CHECK(load_error("[device_api]\nthreads = 99999999999\n") ==
         "cfg.toml:2: device_api.threads: must be 0..64, got 99999999999");
   CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 59\n") ==

@@ -12,7 +12,6 @@
 //          process with this ack instead.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
-#include <algorithm>
 #include <cstdio>
 
 #include <nlohmann/json.hpp>

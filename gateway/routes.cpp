@@ -1,7 +1,6 @@
 #include "gateway/routes.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <chrono>
 
 #include <nlohmann/json.hpp>

@@ -55,27 +55,19 @@ struct cursor {
     bool esc = false;
     switch (*p) {
     case '"': return string(s, esc);
-    case '{':
-    case '[': {
-      char close = *p == '{' ? '}' : ']';
-      bool object = *p == '{';
+    case '{': return members([&](std::string_view) { return skip_value(depth + 1); });
+    case '[':
       ++p;
-      if (eat(close))
+      if (eat(']'))
         return true;
       for (;;) {
-        if (object) {
-          ws();
-          if (!string(s, esc) || !eat(':'))
-            return false;
-        }
         if (!skip_value(depth + 1))
           return false;
-        if (eat(close))
+        if (eat(']'))
           return true;
         if (!eat(','))
           return false;
       }
-    }
     default: {
       // A number or a literal: up to the next delimiter.
       const char* start = p;

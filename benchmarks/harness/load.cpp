@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <ctime>
 #include <memory>
 #include <mutex>
@@ -348,14 +347,11 @@ private:
     dps_answer a;
     if (scan_answer(res.body(), a) && !a.operation_id.empty()) {
       // The common answers; anything else goes the DOM's way below.
-      if (status == 202 && a.status == "assigning") {
-        op_id_ = a.operation_id;
+      op_id_ = a.operation_id;
+      if (status == 202 && a.status == "assigning")
         return schedule_poll(res);
-      }
-      if (a.status == "assigned") {
-        op_id_ = a.operation_id;
+      if (a.status == "assigned")
         return assigned(a.updated);
-      }
     }
     auto j = nlohmann::json::parse(res.body(), nullptr, false);
     if (!j.is_object() || !j.contains("operationId") || !j["operationId"].is_string())

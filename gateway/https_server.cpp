@@ -1,6 +1,7 @@
 #include "gateway/https_server.hpp"
 
 #include <pthread.h>
+#include <csignal>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -9,16 +10,18 @@
 #include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/version.hpp>
 #include <boost/asio/signal_set.hpp>
-#include <boost/asio/ssl.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/beast/ssl.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/status.hpp>
+#include <boost/beast/http/string_body.hpp>
 
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 
 #include "config/config.hpp"
@@ -33,7 +36,6 @@ namespace prov::gateway {
 namespace beast = boost::beast;
 namespace http = beast::http;
 namespace net = boost::asio;
-namespace ssl = net::ssl;
 using tcp = net::ip::tcp;
 
 namespace {
@@ -74,14 +76,50 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
   out.client_ip = ip;
 }
 
+struct ssl_free_t {
+  void operator()(SSL* s) const noexcept { SSL_free(s); }
+};
+struct ssl_ctx_free_t {
+  void operator()(SSL_CTX* c) const noexcept { SSL_CTX_free(c); }
+};
+
+/// The reason of the oldest queued OpenSSL error ("" when none), and an
+/// empty queue afterwards.
+std::string openssl_error() {
+  char buf[256] = {0};
+  unsigned long e = ERR_peek_error();
+  if (e != 0)
+    ERR_error_string_n(e, buf, sizeof buf);
+  ERR_clear_error();
+  return buf;
+}
+
+/// One TLS connection. OpenSSL reads and writes the socket itself
+/// (SSL_set_fd); Asio only reports readiness (async_wait) and runs the
+/// deadline. Asio's ssl::stream under Beast's read and write operations
+/// copied every record through a BIO pair and ran five layers of composed
+/// operations per request: 7.5% of the server's instructions per device,
+/// about 10% of its CPU time (docs/performance.md, session 11).
+///
+/// A step is tried before waiting, and waits only on a want-read or
+/// want-write from OpenSSL. The exception is the wait for the next request
+/// when nothing is buffered: it starts at once, without a read that would
+/// fail. That relies on Asio's epoll reactor re-arming the socket
+/// (EPOLL_CTL_MOD) for every wait, which reports data that arrived before
+/// the wait; the static_assert below makes a different Asio fail the build
+/// instead of leaving such a request unread.
+static_assert(BOOST_ASIO_VERSION == 101800,
+              "session::start_request relies on Asio 1.18's epoll reactor re-arming the "
+              "socket for every async_wait; check it still does, then update this");
+
 class session : public std::enable_shared_from_this<session> {
 public:
-  session(tcp::socket&& sock, ssl::context& ctx, handler& h, const server_options& opts,
+  session(tcp::socket&& sock, SSL_CTX* ctx, handler& h, const server_options& opts,
           std::atomic<int>& answering)
-    : stream_(std::move(sock), ctx), timer_(stream_.get_executor()), handler_(h),
+    : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx)), handler_(h),
       opts_(opts), answering_(answering) {
     beast::error_code ec;
-    auto ep = beast::get_lowest_layer(stream_).socket().remote_endpoint(ec);
+    auto ep = sock_.remote_endpoint(ec);
     if (!ec)
       ip_ = ep.address().to_string();
   }
@@ -89,18 +127,20 @@ public:
   ~session() { answered(); }
 
   void run() {
-    net::dispatch(stream_.get_executor(),
-                  beast::bind_front_handler(&session::on_run, shared_from_this()));
+    net::dispatch(sock_.get_executor(), [self = shared_from_this()] { self->on_run(); });
   }
 
 private:
   using clock = std::chrono::steady_clock;
+  /// What the session is doing; a finished wait resumes it.
+  enum class phase { handshake, reading, handling, writing, draining, closing, closed };
 
   /// Sets the deadline of what the session is doing now (handshake, one
   /// request, a write, a drain). One timer per session that only re-arms
   /// when it fires early: re-arming an asio timer per request costs a
   /// cancellation handler and timer-queue work on every request.
   void arm(int seconds) {
+    timed_out_ = false; // an expired deadline is consumed by whatever it ended
     deadline_ = clock::now() + std::chrono::seconds(seconds);
     if (timer_armed_ && timer_.expiry() <= deadline_)
       return; // fires first, and re-arms for the rest then
@@ -131,42 +171,50 @@ private:
         return self->start_timer();
       self->timed_out_ = true;
       beast::error_code ignored;
-      beast::get_lowest_layer(self->stream_).socket().cancel(ignored);
+      self->sock_.cancel(ignored); // the pending wait ends: on_interrupted()
     });
   }
 
-  void on_run() {
-    arm(opts_.request_timeout_seconds);
-    stream_.async_handshake(ssl::stream_base::server,
-                            beast::bind_front_handler(&session::on_handshake,
-                                                      shared_from_this()));
+  /// Waits until the socket is readable or writable, then resumes the phase.
+  void wait(tcp::socket::wait_type w) {
+    sock_.async_wait(w, [self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->timed_out_)
+        return self->on_interrupted();
+      self->resume();
+    });
   }
 
-  void on_handshake(beast::error_code ec) {
-    if (ec)
-      return close_now();
-    read();
+  /// After an SSL call returned `r` <= 0: waits for what OpenSSL wants and
+  /// returns true, or returns false when the connection failed.
+  bool wait_for(int r) {
+    switch (SSL_get_error(ssl_.get(), r)) {
+    case SSL_ERROR_WANT_READ:
+      wait(tcp::socket::wait_read);
+      return true;
+    case SSL_ERROR_WANT_WRITE:
+      wait(tcp::socket::wait_write);
+      return true;
+    default:
+      ERR_clear_error(); // the thread's queue must be empty for the next connection
+      return false;
+    }
   }
 
-  void read() {
-    // A deadline that expired just as the previous write completed must not
-    // fail this new request.
-    timed_out_ = false;
-    parser_.emplace();
-    parser_->body_limit(opts_.max_body_bytes);
-    parser_->header_limit(static_cast<std::uint32_t>(opts_.max_header_bytes));
-    // Idle keep-alive wait and request transfer share one deadline per request.
-    arm(requests_ == 0 ? opts_.request_timeout_seconds
-                       : std::max(opts_.request_timeout_seconds, opts_.idle_timeout_seconds));
-    http::async_read(stream_, buffer_, *parser_,
-                     beast::bind_front_handler(&session::on_read, shared_from_this()));
+  void resume() {
+    switch (phase_) {
+    case phase::handshake: return handshake();
+    case phase::reading: return read_request();
+    case phase::writing: return write_some();
+    case phase::draining: return drain_some();
+    case phase::closing: return shutdown_some();
+    case phase::handling:
+    case phase::closed: return;
+    }
   }
 
-  void on_read(beast::error_code ec, std::size_t) {
-    if (ec == http::error::end_of_stream || ec == net::error::eof
-        || ec == ssl::error::stream_truncated)
-      return shutdown();
-    if (timed_out_) {
+  /// A wait ended by the deadline, or by the socket closing under it.
+  void on_interrupted() {
+    if (timed_out_ && phase_ == phase::reading) {
       // Only answer when a request had started arriving (slowloris); idle
       // keep-alive connections just close.
       if (parser_ && parser_->got_some())
@@ -175,19 +223,94 @@ private:
                                  + std::to_string(opts_.request_timeout_seconds) + " s"});
       return shutdown();
     }
+    if (timed_out_ && phase_ == phase::draining)
+      return shutdown();
+    close_now();
+  }
+
+  void on_run() {
+    beast::error_code ec;
+    sock_.non_blocking(true, ec);
+    if (ec || !ssl_ || SSL_set_fd(ssl_.get(), static_cast<int>(sock_.native_handle())) != 1) {
+      ERR_clear_error();
+      return close_now();
+    }
+    SSL_set_accept_state(ssl_.get());
+    phase_ = phase::handshake;
+    arm(opts_.request_timeout_seconds);
+    handshake();
+  }
+
+  void handshake() {
+    ERR_clear_error();
+    int r = SSL_do_handshake(ssl_.get());
+    if (r == 1)
+      return start_request();
+    if (!wait_for(r))
+      close_now();
+  }
+
+  void start_request() {
+    phase_ = phase::reading;
+    parser_.emplace();
+    parser_->eager(true);
+    parser_->body_limit(opts_.max_body_bytes);
+    parser_->header_limit(static_cast<std::uint32_t>(opts_.max_header_bytes));
+    // Idle keep-alive wait and request transfer share one deadline per request.
+    arm(requests_ == 0 ? opts_.request_timeout_seconds
+                       : std::max(opts_.request_timeout_seconds, opts_.idle_timeout_seconds));
+    if (in_.size() == 0 && SSL_has_pending(ssl_.get()) == 0)
+      return wait(tcp::socket::wait_read); // nothing buffered: a read now would only fail
+    read_request();
+  }
+
+  /// Parses what is buffered (a pipelined request may be there already) and
+  /// reads more until the request is complete.
+  void read_request() {
+    for (;;) {
+      if (in_.size() > 0) {
+        beast::error_code ec;
+        auto used = parser_->put(in_.data(), ec);
+        in_.consume(used);
+        if (ec == http::error::need_more) {
+          ec = {};
+        } else if (ec) {
+          return on_bad_request(ec);
+        } else if (parser_->is_done()) {
+          return on_request();
+        } else if (used > 0 && in_.size() > 0) {
+          continue;
+        }
+      }
+      auto space = in_.prepare(read_chunk);
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), space.data(), static_cast<int>(space.size()));
+      if (n > 0) {
+        in_.commit(static_cast<std::size_t>(n));
+        continue;
+      }
+      int e = SSL_get_error(ssl_.get(), n);
+      if (e == SSL_ERROR_ZERO_RETURN)
+        return shutdown(); // close_notify: answer with ours
+      if (!wait_for(n))
+        return close_now(); // EOF without close_notify, reset, or a TLS error
+      return;
+    }
+  }
+
+  void on_bad_request(beast::error_code ec) {
     if (ec == http::error::body_limit)
       return fail_and_close({error_code::payload_too_large,
                              "body larger than " + std::to_string(opts_.max_body_bytes)
                                + " bytes"});
     if (ec == http::error::header_limit)
       return fail_and_close({error_code::headers_too_large, "request head too large"});
-    if (ec) {
-      if (parser_ && parser_->got_some())
-        return fail_and_close({error_code::bad_request,
-                               std::string("malformed HTTP request: ") + ec.message()});
-      return close_now();
-    }
+    fail_and_close({error_code::bad_request, std::string("malformed HTTP request: ") + ec.message()});
+  }
+
+  void on_request() {
     disarm();
+    phase_ = phase::handling;
     ++requests_;
     auto req = parser_->release();
     keep_alive_ = req.keep_alive();
@@ -198,7 +321,7 @@ private:
     handling_ = true;
     answering_.fetch_add(1);
     handler_.handle(std::move(hr), [self](http_response resp) {
-      net::post(self->stream_.get_executor(), [self, resp = std::move(resp)]() mutable {
+      net::post(self->sock_.get_executor(), [self, resp = std::move(resp)]() mutable {
         self->write(std::move(resp));
       });
     });
@@ -213,9 +336,11 @@ private:
   }
 
   void write(http_response r) {
+    if (phase_ == phase::closed)
+      return;
     // Serialized by hand into one buffer: Beast's response object and
     // serializer cost a field allocation per header on every request.
-    bool close = r.close || !keep_alive_;
+    close_after_write_ = r.close || !keep_alive_;
     auto& out = write_buf_;
     out.clear();
     out += version_ == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
@@ -242,66 +367,127 @@ private:
       }
       out += "\r\n";
     }
-    if (close)
+    if (close_after_write_)
       out += "Connection: close\r\n";
     else if (version_ == 10)
       out += "Connection: keep-alive\r\n";
     out += "\r\n";
     if (r.status != 204)
       out += r.body;
+    phase_ = phase::writing;
+    written_ = 0;
     arm(opts_.request_timeout_seconds);
-    net::async_write(stream_, net::buffer(out),
-                     [self = shared_from_this(), close](beast::error_code ec, std::size_t) {
-                       self->disarm();
-                       self->answered();
-                       if (ec)
-                         return self->close_now();
-                       if (close)
-                         return self->drain_ ? self->drain() : self->shutdown();
-                       self->read();
-                     });
+    write_some();
+  }
+
+  void write_some() {
+    while (written_ < write_buf_.size()) {
+      ERR_clear_error();
+      // After a want-write, the same bytes again, as SSL_write requires.
+      int n = SSL_write(ssl_.get(), write_buf_.data() + written_,
+                        static_cast<int>(write_buf_.size() - written_));
+      if (n <= 0) {
+        if (!wait_for(n))
+          close_now();
+        return;
+      }
+      written_ += static_cast<std::size_t>(n);
+    }
+    disarm();
+    answered();
+    if (close_after_write_)
+      return drain_ ? drain() : shutdown();
+    start_request();
   }
 
   /// Lingering close: read and discard what the client is still sending
   /// (bounded in time and bytes) so closing does not reset the connection
   /// before the client has read our error response.
   void drain() {
+    phase_ = phase::draining;
     arm(2); // one deadline for the whole drain
     drain_some();
   }
 
   void drain_some() {
-    stream_.async_read_some(
-      net::buffer(discard_), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
-        self->drained_ += n;
-        if (ec || self->timed_out_ || self->drained_ > (1u << 20))
-          return self->shutdown();
-        self->drain_some();
-      });
+    for (;;) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), discard_.data(), static_cast<int>(discard_.size()));
+      if (n > 0) {
+        drained_ += static_cast<std::size_t>(n);
+        if (drained_ > (1u << 20))
+          return shutdown();
+        continue;
+      }
+      if (SSL_get_error(ssl_.get(), n) == SSL_ERROR_ZERO_RETURN)
+        return shutdown();
+      if (!wait_for(n))
+        return close_now();
+      return;
+    }
   }
 
+  /// Sends close_notify, then waits (up to 2 s) for the client's close_notify
+  /// or EOF, discarding anything else it sends.
   void shutdown() {
-    arm(2); // a peer that never answers close_notify: the timer cancels the socket
-    stream_.async_shutdown([self = shared_from_this()](beast::error_code) {
-      self->close_now();
-    });
+    phase_ = phase::closing;
+    arm(2); // a peer that never closes: the timer cancels the wait
+    shutdown_some();
+  }
+
+  void shutdown_some() {
+    if (!sent_close_notify_) {
+      ERR_clear_error();
+      int r = SSL_shutdown(ssl_.get());
+      if (r < 0) {
+        if (!wait_for(r))
+          close_now();
+        return;
+      }
+      sent_close_notify_ = true;
+      if (r == 1)
+        return close_now(); // the client's close_notify came first
+    }
+    for (;;) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), discard_.data(), static_cast<int>(discard_.size()));
+      if (n > 0) {
+        drained_ += static_cast<std::size_t>(n);
+        if (drained_ > (1u << 20))
+          return close_now();
+        continue;
+      }
+      if (SSL_get_error(ssl_.get(), n) == SSL_ERROR_ZERO_RETURN || !wait_for(n))
+        return close_now();
+      return;
+    }
   }
 
   void close_now() {
+    if (phase_ == phase::closed)
+      return;
+    phase_ = phase::closed;
     disarm();
     answered();
     timer_.cancel(); // releases the timer's reference to the session now
     beast::error_code ignored;
-    beast::get_lowest_layer(stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
-    beast::get_lowest_layer(stream_).socket().close(ignored);
+    sock_.shutdown(tcp::socket::shutdown_both, ignored);
+    sock_.close(ignored);
   }
 
-  beast::ssl_stream<beast::tcp_stream> stream_;
+  /// SSL_read size: a whole TLS record (16 KiB of plaintext) fits.
+  static constexpr std::size_t read_chunk = 16 * 1024;
+
+  tcp::socket sock_;
   net::steady_timer timer_;
+  std::unique_ptr<SSL, ssl_free_t> ssl_; // after sock_: freed before the socket closes
+  phase phase_ = phase::handshake;
   clock::time_point deadline_ = clock::time_point::max();
   bool timer_armed_ = false;
   std::string write_buf_;
-  beast::flat_buffer buffer_;
+  std::size_t written_ = 0;
+  bool close_after_write_ = false;
+  beast::flat_buffer in_; ///< decrypted bytes not parsed yet
   std::optional<http::request_parser<body_t>> parser_;
   handler& handler_;
   const server_options& opts_;
@@ -313,6 +499,7 @@ private:
   unsigned version_ = 11;
   uint64_t requests_ = 0;
   bool drain_ = false;
+  bool sent_close_notify_ = false;
   std::size_t drained_ = 0;
   std::array<char, 16384> discard_;
 };
@@ -320,7 +507,7 @@ private:
 class server_impl final : public https_server {
 public:
   server_impl(const server_options& opts, handler& h)
-    : opts_(opts), handler_(h), ssl_(ssl::context::tls_server) {
+    : opts_(opts), handler_(h), ssl_(SSL_CTX_new(TLS_server_method())) {
     // One io_context per I/O thread, each connection pinned to one of them:
     // a shared io_context hands every completed read to whichever thread is
     // idle, a futex wake-up and a context switch per handler on 2 cores.
@@ -334,7 +521,9 @@ public:
   ~server_impl() override { stop(); }
 
   error start() {
-    SSL_CTX* raw = ssl_.native_handle();
+    if (!ssl_)
+      return {error_code::unavailable, "cannot create the TLS context: " + openssl_error()};
+    SSL_CTX* raw = ssl_.get();
     SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
     SSL_CTX_set_max_proto_version(raw, TLS1_3_VERSION);
     SSL_CTX_set_options(raw, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION
@@ -349,16 +538,19 @@ public:
     // CPU when every device opens a new connection, for a resumption path
     // (TLS 1.2 session ids) that ticket-capable clients do not need.
     SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
-    beast::error_code ec;
-    ssl_.use_certificate_chain_file(opts_.cert_chain_file, ec);
-    if (ec)
+    // One read per record batch instead of a header read and a body read.
+    SSL_CTX_set_read_ahead(raw, 1);
+    if (SSL_CTX_use_certificate_chain_file(raw, opts_.cert_chain_file.c_str()) != 1)
       return {error_code::bad_request,
               "cannot load TLS certificate chain '" + opts_.cert_chain_file + "': "
-                + ec.message()};
-    ssl_.use_private_key_file(opts_.key_file, ssl::context::pem, ec);
-    if (ec)
+                + openssl_error()};
+    if (SSL_CTX_use_PrivateKey_file(raw, opts_.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
       return {error_code::bad_request,
-              "cannot load TLS private key '" + opts_.key_file + "': " + ec.message()};
+              "cannot load TLS private key '" + opts_.key_file + "': " + openssl_error()};
+    // OpenSSL writes to the socket itself (write(2), not send with
+    // MSG_NOSIGNAL): a peer gone mid-write must not kill the process.
+    std::signal(SIGPIPE, SIG_IGN);
+    beast::error_code ec;
     if (auto err = open_acceptor(*acceptor_, opts_.listen,
                                  net::socket_base::max_listen_connections, "device API"))
       return err;
@@ -404,7 +596,7 @@ private:
         return;
       if (!ec) {
         sock.set_option(tcp::no_delay(true), ec);
-        std::make_shared<session>(std::move(sock), ssl_, handler_, opts_, answering_)->run();
+        std::make_shared<session>(std::move(sock), ssl_.get(), handler_, opts_, answering_)->run();
       }
       accept();
     });
@@ -417,7 +609,7 @@ private:
   std::atomic<int> answering_{0};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
-  ssl::context ssl_;
+  std::unique_ptr<SSL_CTX, ssl_ctx_free_t> ssl_;
   std::optional<tcp::acceptor> acceptor_;
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;

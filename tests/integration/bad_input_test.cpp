@@ -596,6 +596,87 @@ TEST_CASE("plain HTTP to the TLS port does not crash the server") {
   still_serving_and_unchanged();
 }
 
+/// Reads until the server closes the connection; `clean` reports a
+/// close_notify (not just EOF or a reset).
+std::string read_until_closed(raw_tls& t, std::chrono::milliseconds timeout, bool& clean) {
+  clean = false;
+  std::string out;
+  auto deadline = clk::now() + timeout;
+  char buf[4096];
+  while (clk::now() < deadline) {
+    int n = SSL_read(t.ssl, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<std::size_t>(n));
+      continue;
+    }
+    int e = SSL_get_error(t.ssl, n);
+    if (e == SSL_ERROR_WANT_READ
+        || (e == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK)))
+      continue;
+    clean = e == SSL_ERROR_ZERO_RETURN;
+    break;
+  }
+  ERR_clear_error();
+  return out;
+}
+
+int count_of(const std::string& text, const std::string& what) {
+  int n = 0;
+  for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1))
+    ++n;
+  return n;
+}
+
+TEST_CASE("pipelined requests in one TLS record are all answered, in order") {
+  auto& s = srv();
+  static_cast<void>(device_key()); // the enrollment the query finds
+  raw_tls t;
+  REQUIRE(t.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
+  const std::string body = R"({"query":"*"})";
+  REQUIRE(t.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                  "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
+                  "Authorization: " + s.service_auth()
+                  + "\r\nContent-Type: application/json\r\nContent-Length: "
+                  + std::to_string(body.size()) + "\r\n\r\n" + body
+                  + "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  bool clean = false;
+  auto raw = read_until_closed(t, std::chrono::seconds(5), clean);
+  CHECK_MESSAGE(count_of(raw, "HTTP/1.1 200 OK\r\n") == 3, raw);
+  auto health = raw.find("\"status\":\"ok\"");
+  auto query = raw.find("\"registrationId\":\"bad-dev\"");
+  auto ready = raw.rfind("HTTP/1.1 200 OK\r\n");
+  CHECK(health < query);
+  CHECK(query < ready);
+  CHECK(raw.find("Connection: close") > query); // only on the last answer
+  CHECK_MESSAGE(clean, "closed without close_notify");
+  still_serving_and_unchanged();
+}
+
+TEST_CASE("a request sent one byte per TLS record is assembled") {
+  auto& s = srv();
+  static_cast<void>(device_key()); // the enrollment the query finds
+  raw_tls t;
+  REQUIRE(t.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
+  const std::string body = R"({"query":"*"})";
+  const std::string req = "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
+                          "Authorization: " + s.service_auth()
+                          + "\r\nContent-Type: application/json\r\nContent-Length: "
+                          + std::to_string(body.size()) + "\r\n\r\n" + body;
+  for (std::size_t i = 0; i < req.size(); ++i) {
+    REQUIRE(t.write(req.substr(i, 1)));
+    if (i % 64 == 0)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2)); // separate reads too
+  }
+  bool closed = false;
+  auto r = split_response(t.read_response(std::chrono::seconds(5), closed));
+  CHECK(r.status == 200);
+  CHECK(r.body.find("\"registrationId\":\"bad-dev\"") != std::string::npos);
+  // The connection stays usable (keep-alive).
+  REQUIRE(t.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+  CHECK(split_response(t.read_response(std::chrono::seconds(5), closed)).status == 200);
+  still_serving_and_unchanged();
+}
+
 TEST_CASE("TLS 1.1 is refused; TLS 1.2 and 1.3 work") {
   auto& s = srv();
   {

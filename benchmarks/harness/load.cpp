@@ -1,7 +1,9 @@
 #include "benchmarks/harness/load.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <ctime>
 #include <memory>
 #include <mutex>
@@ -14,15 +16,13 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <boost/asio/write.hpp>
+#include <boost/beast/core/error.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/core/tcp_stream.hpp>
-#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
-#include <boost/beast/ssl/ssl_stream.hpp>
 #include <nlohmann/json.hpp>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -36,7 +36,6 @@ namespace bench {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
-namespace ssl = asio::ssl;
 using tcp = asio::ip::tcp;
 using steady = std::chrono::steady_clock;
 
@@ -57,6 +56,13 @@ bool persistent(load_mode m) {
 }
 
 namespace {
+
+struct ssl_free {
+  void operator()(SSL* s) const noexcept { SSL_free(s); }
+};
+struct ssl_ctx_free {
+  void operator()(SSL_CTX* c) const noexcept { SSL_CTX_free(c); }
+};
 
 double ms_since(steady::time_point t) {
   return std::chrono::duration<double, std::milli>(steady::now() - t).count();
@@ -103,7 +109,8 @@ struct shared_state {
 struct thread_ctx {
   shared_state& sh;
   asio::io_context ioc{1};
-  ssl::context ssl_ctx{ssl::context::tls_client};
+  SSL_CTX* ssl_ctx = nullptr; ///< owned by ssl_ctx_owner
+  std::unique_ptr<SSL_CTX, ssl_ctx_free> ssl_ctx_owner{SSL_CTX_new(TLS_client_method())};
   tcp::endpoint endpoint;
   std::string host_header;
   bool verify_ip = false;
@@ -129,7 +136,7 @@ std::string error_code_of(int status, const std::string& body) {
 
 class conn : public std::enable_shared_from_this<conn> {
 public:
-  explicit conn(thread_ctx& t) : t_(t), o_(t.sh.o), timer_(t.ioc) {}
+  explicit conn(thread_ctx& t) : t_(t), o_(t.sh.o), timer_(t.ioc), io_timer_(t.ioc) {}
 
   void start() {
     if (persistent(o_.mode))
@@ -149,12 +156,86 @@ private:
     t_.waiting.push_back([self = shared_from_this()] { self->next(); });
   }
 
+  // ---- transport: OpenSSL on the socket, Asio for readiness and deadlines ------
+  //
+  // Asio's ssl::stream under Beast's operations copied every record through
+  // a BIO pair and ran several layers of composed operations per request; the
+  // harness shares the two cores with the server, so that was taken from the
+  // server. The same scheme as the server's sessions (gateway/https_server.cpp).
+
+  /// Sets the deadline of the current connect, exchange or shutdown. One
+  /// timer that re-arms only when it fires early (no timer-queue work per
+  /// request).
+  void arm() {
+    deadline_ = steady::now() + std::chrono::seconds(o_.request_timeout_s);
+    if (io_timer_armed_ && io_timer_.expiry() <= deadline_)
+      return;
+    start_io_timer();
+  }
+
+  void disarm() { deadline_ = steady::time_point::max(); }
+
+  void start_io_timer() {
+    io_timer_armed_ = true;
+    io_timer_.expires_at(deadline_);
+    io_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec)
+        return;
+      self->io_timer_armed_ = false;
+      if (self->deadline_ == steady::time_point::max())
+        return;
+      if (steady::now() < self->deadline_)
+        return self->start_io_timer();
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      if (self->sock_)
+        self->sock_->cancel(ignored); // the pending wait ends with an error
+    });
+  }
+
+  /// Waits for readiness, then calls `step`; a deadline or a closed socket
+  /// calls `failed` instead.
+  template <class Step, class Failed>
+  void wait(tcp::socket::wait_type w, Step step, Failed failed) {
+    sock_->async_wait(w, [self = shared_from_this(), step, failed](beast::error_code ec) mutable {
+      if (ec || self->timed_out_)
+        return failed();
+      step();
+    });
+  }
+
+  /// After an SSL call returned `r` <= 0: the wait OpenSSL asks for, or -1
+  /// when the connection failed (its OpenSSL error code in `ssl_err`).
+  int want(int r, int& ssl_err) {
+    ssl_err = SSL_get_error(ssl_.get(), r);
+    if (ssl_err == SSL_ERROR_WANT_READ)
+      return static_cast<int>(tcp::socket::wait_read);
+    if (ssl_err == SSL_ERROR_WANT_WRITE)
+      return static_cast<int>(tcp::socket::wait_write);
+    return -1;
+  }
+
+  std::string ssl_failure(const char* what, int ssl_err) {
+    std::string msg = what;
+    if (ssl_err == SSL_ERROR_ZERO_RETURN)
+      msg += ": the server closed the connection";
+    else if (ssl_err == SSL_ERROR_SYSCALL)
+      msg += errno ? std::string(": ") + std::strerror(errno) : ": connection closed";
+    else if (auto e = ERR_peek_error())
+      msg += std::string(": ") + ERR_reason_error_string(e);
+    ERR_clear_error();
+    return msg;
+  }
+
   template <class Then>
   void connect(Then then) {
-    stream_.emplace(t_.ioc, t_.ssl_ctx);
-    buffer_.clear();
+    close_socket();
+    sock_.emplace(t_.ioc);
+    ssl_.reset(SSL_new(t_.ssl_ctx));
+    in_.clear();
     server_wants_close_ = false;
-    SSL* ssl = stream_->native_handle();
+    timed_out_ = false;
+    SSL* ssl = ssl_.get();
     const std::string& name = o_.tls_name.empty() ? o_.host : o_.tls_name;
     if (!o_.insecure) {
       if (is_ip_literal(name))
@@ -165,30 +246,49 @@ private:
     if (!is_ip_literal(name))
       SSL_set_tlsext_host_name(ssl, name.c_str());
     conn_start_ = steady::now();
-    auto& tcp_layer = beast::get_lowest_layer(*stream_);
-    tcp_layer.expires_after(std::chrono::seconds(o_.request_timeout_s));
-    tcp_layer.async_connect(
-      t_.endpoint, [self = shared_from_this(), then](beast::error_code ec) mutable {
-        if (ec)
-          return self->connect_failed("connection", "connect: " + ec.message());
-        beast::error_code ignored;
-        beast::get_lowest_layer(*self->stream_).socket().set_option(tcp::no_delay(true),
-                                                                     ignored);
-        self->stream_->async_handshake(
-          ssl::stream_base::client, [self, then](beast::error_code ec) mutable {
-            if (ec) {
-              std::string msg = "TLS handshake: " + ec.message();
-              long vr = SSL_get_verify_result(self->stream_->native_handle());
-              if (vr != X509_V_OK)
-                msg += std::string(" (") + X509_verify_cert_error_string(vr) + ")";
-              return self->connect_failed("tls", msg);
-            }
-            self->t_.stats.handshake.push_back(ms_since(self->conn_start_));
-            ++self->t_.stats.connections;
-            self->connected_ = true;
-            then();
-          });
-      });
+    arm();
+    sock_->async_connect(t_.endpoint, [self = shared_from_this(), then](beast::error_code ec) mutable {
+      if (ec || self->timed_out_)
+        return self->connect_failed(self->timed_out_ ? "timeout" : "connection",
+                                    "connect: " + (self->timed_out_ ? std::string("timed out")
+                                                                    : ec.message()));
+      beast::error_code ignored;
+      self->sock_->set_option(tcp::no_delay(true), ignored);
+      self->sock_->non_blocking(true, ignored);
+      SSL_set_fd(self->ssl_.get(), static_cast<int>(self->sock_->native_handle()));
+      SSL_set_connect_state(self->ssl_.get());
+      self->handshake(std::move(then));
+    });
+  }
+
+  template <class Then>
+  void handshake(Then then) {
+    ERR_clear_error();
+    int r = SSL_do_handshake(ssl_.get());
+    if (r == 1) {
+      disarm();
+      t_.stats.handshake.push_back(ms_since(conn_start_));
+      ++t_.stats.connections;
+      connected_ = true;
+      return then();
+    }
+    int err = 0;
+    int w = want(r, err);
+    if (w < 0) {
+      std::string msg = ssl_failure("TLS handshake", err);
+      long vr = SSL_get_verify_result(ssl_.get());
+      if (vr != X509_V_OK)
+        msg += std::string(" (") + X509_verify_cert_error_string(vr) + ")";
+      return connect_failed("tls", msg);
+    }
+    auto self = shared_from_this();
+    wait(static_cast<tcp::socket::wait_type>(w),
+         [self, then]() mutable { self->handshake(std::move(then)); },
+         [self] {
+           self->connect_failed(self->timed_out_ ? "timeout" : "tls",
+                                "TLS handshake: " + std::string(self->timed_out_ ? "timed out"
+                                                                                  : "aborted"));
+         });
   }
 
   void connect_failed(const std::string& code, const std::string& msg) {
@@ -204,21 +304,70 @@ private:
   }
 
   void close_socket() {
-    if (!stream_)
+    // No deadline left pending: a finished connection must let its
+    // io_context run out of work at once, not when the timer expires.
+    disarm();
+    io_timer_armed_ = false;
+    io_timer_.cancel();
+    connected_ = false;
+    if (!sock_)
       return;
     beast::error_code ignored;
-    beast::get_lowest_layer(*stream_).socket().shutdown(tcp::socket::shutdown_both, ignored);
-    beast::get_lowest_layer(*stream_).socket().close(ignored);
-    connected_ = false;
+    sock_->shutdown(tcp::socket::shutdown_both, ignored);
+    sock_->close(ignored);
   }
 
-  /// newconn/reference: close_notify, wait for the server's, then close.
+  /// newconn/reference: close_notify, wait for the server's (or its EOF, up
+  /// to 2 s), then close.
   void shutdown_then_next() {
-    beast::get_lowest_layer(*stream_).expires_after(std::chrono::seconds(2));
-    stream_->async_shutdown([self = shared_from_this()](beast::error_code) {
-      self->close_socket();
-      self->next();
-    });
+    deadline_ = steady::now() + std::chrono::seconds(2);
+    if (!io_timer_armed_ || io_timer_.expiry() > deadline_)
+      start_io_timer();
+    timed_out_ = false;
+    sent_close_notify_ = false;
+    shutdown_some();
+  }
+
+  void shutdown_some() {
+    if (!sent_close_notify_) {
+      ERR_clear_error();
+      int r = SSL_shutdown(ssl_.get());
+      if (r == 1)
+        return closed_then_next();
+      if (r < 0) {
+        int err = 0;
+        int w = want(r, err);
+        if (w < 0) {
+          ERR_clear_error();
+          return closed_then_next();
+        }
+        auto self = shared_from_this();
+        return wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
+                    [self] { self->closed_then_next(); });
+      }
+      sent_close_notify_ = true;
+    }
+    char discard[512];
+    for (;;) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), discard, sizeof discard);
+      if (n > 0)
+        continue;
+      int err = 0;
+      int w = want(n, err);
+      if (w < 0) {
+        ERR_clear_error();
+        return closed_then_next();
+      }
+      auto self = shared_from_this();
+      return wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
+                  [self] { self->closed_then_next(); });
+    }
+  }
+
+  void closed_then_next() {
+    close_socket();
+    next();
   }
 
   // ---- one unit of work ---------------------------------------------------------
@@ -226,8 +375,7 @@ private:
   void next() {
     uint64_t idx = 0;
     if (!t_.sh.take(idx)) {
-      if (stream_ && connected_)
-        close_socket();
+      close_socket();
       return; // this connection is done; the io_context runs out of work
     }
     idx_ = idx;
@@ -299,30 +447,92 @@ private:
   }
   void end_request() { out_.append("\r\n"); }
 
+  /// Writes the request in out_ and reads the answer, then calls h(response).
   template <class Handler>
   void exchange(Handler h) {
     ++t_.stats.requests;
-    auto& tcp_layer = beast::get_lowest_layer(*stream_);
-    tcp_layer.expires_after(std::chrono::seconds(o_.request_timeout_s));
-    asio::async_write(
-      *stream_, asio::buffer(out_),
-      [self = shared_from_this(), h](beast::error_code ec, std::size_t) mutable {
-        if (ec)
-          return self->fail("connection", "write: " + ec.message());
-        self->parser_.emplace();
-        self->parser_->body_limit(1u << 20);
-        http::async_read(*self->stream_, self->buffer_, *self->parser_,
-                         [self, h](beast::error_code ec, std::size_t) mutable {
-                           if (ec)
-                             return self->fail(ec == beast::error::timeout ? "timeout"
-                                                                           : "connection",
-                                               "read: " + ec.message());
-                           auto& res = self->parser_->get();
-                           if (!res.keep_alive())
-                             self->server_wants_close_ = true;
-                           h(res);
-                         });
-      });
+    timed_out_ = false;
+    written_ = 0;
+    arm();
+    write_some(std::move(h));
+  }
+
+  template <class Handler>
+  void write_some(Handler h) {
+    while (written_ < out_.size()) {
+      ERR_clear_error();
+      // After a want-write, the same bytes again, as SSL_write requires.
+      int n = SSL_write(ssl_.get(), out_.data() + written_,
+                        static_cast<int>(out_.size() - written_));
+      if (n <= 0) {
+        int err = 0;
+        int w = want(n, err);
+        if (w < 0)
+          return fail("connection", ssl_failure("write", err));
+        auto self = shared_from_this();
+        return wait(static_cast<tcp::socket::wait_type>(w),
+                    [self, h]() mutable { self->write_some(std::move(h)); },
+                    [self] { self->io_failed("write"); });
+      }
+      written_ += static_cast<std::size_t>(n);
+    }
+    parser_.emplace();
+    parser_->eager(true);
+    parser_->body_limit(1u << 20);
+    if (in_.size() == 0 && SSL_has_pending(ssl_.get()) == 0) {
+      // Nothing can be buffered yet: wait before the first read (Asio's epoll
+      // reactor re-arms the socket per wait, so an answer already there is
+      // reported; see gateway/https_server.cpp).
+      auto self = shared_from_this();
+      return wait(tcp::socket::wait_read, [self, h]() mutable { self->read_some(std::move(h)); },
+                  [self] { self->io_failed("read"); });
+    }
+    read_some(std::move(h));
+  }
+
+  template <class Handler>
+  void read_some(Handler h) {
+    for (;;) {
+      if (in_.size() > 0) {
+        beast::error_code ec;
+        auto used = parser_->put(in_.data(), ec);
+        in_.consume(used);
+        if (ec == http::error::need_more) {
+          ec = {};
+        } else if (ec) {
+          return fail("connection", "read: " + ec.message()); // the stream is unusable now
+        } else if (parser_->is_done()) {
+          disarm();
+          auto& res = parser_->get();
+          if (!res.keep_alive())
+            server_wants_close_ = true;
+          return h(res);
+        } else if (used > 0 && in_.size() > 0) {
+          continue;
+        }
+      }
+      auto space = in_.prepare(16 * 1024);
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), space.data(), static_cast<int>(space.size()));
+      if (n > 0) {
+        in_.commit(static_cast<std::size_t>(n));
+        continue;
+      }
+      int err = 0;
+      int w = want(n, err);
+      if (w < 0)
+        return fail("connection", ssl_failure("read", err));
+      auto self = shared_from_this();
+      return wait(static_cast<tcp::socket::wait_type>(w),
+                  [self, h]() mutable { self->read_some(std::move(h)); },
+                  [self] { self->io_failed("read"); });
+    }
+  }
+
+  void io_failed(const char* what) {
+    if (timed_out_)
+      return fail("timeout", std::string(what) + ": timed out");
+    fail("connection", std::string(what) + ": aborted");
   }
 
   // ---- device: PUT register, poll until terminal ------------------------------------
@@ -533,9 +743,16 @@ private:
 
   thread_ctx& t_;
   const load_options& o_;
-  asio::steady_timer timer_;
-  std::optional<beast::ssl_stream<beast::tcp_stream>> stream_;
-  beast::flat_buffer buffer_;
+  asio::steady_timer timer_;    ///< poll interval, open-loop due time
+  asio::steady_timer io_timer_; ///< deadline of the current connect, exchange or shutdown
+  steady::time_point deadline_ = steady::time_point::max();
+  bool io_timer_armed_ = false;
+  bool timed_out_ = false;
+  std::optional<tcp::socket> sock_;
+  std::unique_ptr<SSL, ssl_free> ssl_; // after sock_: freed before the socket
+  bool sent_close_notify_ = false;
+  beast::flat_buffer in_;  ///< decrypted bytes not parsed yet
+  std::size_t written_ = 0;
   std::string out_;       ///< the request being written
   std::string bulk_body_; ///< bulk: the batch sent, to count its items
   std::optional<http::response_parser<body_t>> parser_;
@@ -589,20 +806,30 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
     t->endpoint = ep;
     t->host_header = (o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host) + ":"
                      + std::to_string(o.port);
-    SSL_CTX* raw = t->ssl_ctx.native_handle();
+    SSL_CTX* raw = t->ssl_ctx = t->ssl_ctx_owner.get();
+    if (raw == nullptr) {
+      load_result bad;
+      bad.errors["tls"] = 1;
+      bad.error_samples.push_back("cannot create a TLS context");
+      return bad;
+    }
     SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
     // Every new connection is a full handshake: no client session cache, no tickets.
     SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_options(raw, SSL_OP_NO_TICKET);
+    // One read per batch of records instead of a header read and a body read.
+    SSL_CTX_set_read_ahead(raw, 1);
     if (o.insecure) {
-      t->ssl_ctx.set_verify_mode(ssl::verify_none);
+      SSL_CTX_set_verify(raw, SSL_VERIFY_NONE, nullptr);
     } else {
-      t->ssl_ctx.set_verify_mode(ssl::verify_peer);
-      t->ssl_ctx.load_verify_file(o.ca_file, ec);
-      if (ec) {
+      SSL_CTX_set_verify(raw, SSL_VERIFY_PEER, nullptr);
+      if (SSL_CTX_load_verify_locations(raw, o.ca_file.c_str(), nullptr) != 1) {
         load_result bad;
         bad.errors["tls"] = 1;
-        bad.error_samples.push_back("cannot load CA file '" + o.ca_file + "': " + ec.message());
+        char msg[256] = {0};
+        ERR_error_string_n(ERR_get_error(), msg, sizeof msg);
+        ERR_clear_error();
+        bad.error_samples.push_back("cannot load CA file '" + o.ca_file + "': " + msg);
         return bad;
       }
     }

@@ -1,6 +1,6 @@
 #pragma once
-// The load generator: C asynchronous HTTPS connections (Boost.Asio + Beast +
-// OpenSSL) on `threads` io_contexts, each connection running one device (or
+// The load generator: C asynchronous HTTPS connections (OpenSSL on the socket,
+// Asio for readiness and timers, Beast's HTTP parser) on `threads` io_contexts, each connection running one device (or
 // one reference GET, or one bulk batch) at a time, as an SDK would.
 
 #include <atomic>

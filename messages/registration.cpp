@@ -46,7 +46,7 @@ int64_t now_ms() noexcept {
   return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
 }
 
-std::string utc_string(int64_t ms) {
+utc_text utc_chars(int64_t ms) noexcept {
   // Formatted by hand (snprintf was ~10k instructions a call, and every poll
   // answer carries two of these); the calendar part is cached per thread for
   // the current second.
@@ -68,14 +68,17 @@ std::string utc_string(int64_t ms) {
     std::memcpy(cached, buf, 19);
     cached_secs = secs;
   }
-  std::string out(cached, 19);
-  out.push_back('.');
-  out.push_back(static_cast<char>('0' + frac / 100));
-  out.push_back(static_cast<char>('0' + frac / 10 % 10));
-  out.push_back(static_cast<char>('0' + frac % 10));
-  out.append("0000Z");
+  utc_text out;
+  std::memcpy(out.chars, cached, 19);
+  out.chars[19] = '.';
+  out.chars[20] = static_cast<char>('0' + frac / 100);
+  out.chars[21] = static_cast<char>('0' + frac / 10 % 10);
+  out.chars[22] = static_cast<char>('0' + frac % 10);
+  std::memcpy(out.chars + 23, "0000Z", 5);
   return out;
 }
+
+std::string utc_string(int64_t ms) { return std::string(utc_chars(ms).view()); }
 
 std::string new_operation_id(std::string_view instance_hex16) {
   // Shape of DPS operation ids; clients treat them as opaque. URL-safe. The
@@ -237,7 +240,7 @@ void write_state(std::string& out, const registration_state& s) {
   json_text::object o(out);
   o.str("registrationId", s.registration_id).str("status", to_string(s.status));
   if (s.created_ms)
-    o.str("createdDateTimeUtc", utc_string(s.created_ms));
+    o.str("createdDateTimeUtc", utc_chars(s.created_ms));
   if (!s.assigned_hub.empty())
     o.str("assignedHub", s.assigned_hub);
   if (!s.device_id.empty())
@@ -247,7 +250,7 @@ void write_state(std::string& out, const registration_state& s) {
   if (s.error_code != 0)
     o.num("errorCode", s.error_code).str("errorMessage", s.error_message);
   if (s.updated_ms)
-    o.str("lastUpdatedDateTimeUtc", utc_string(s.updated_ms));
+    o.str("lastUpdatedDateTimeUtc", utc_chars(s.updated_ms));
   if (!s.etag.empty())
     o.str("etag", s.etag);
   if (s.attestation_type == "symmetricKey") {

@@ -171,6 +171,14 @@ std::string error_body(const error& e, std::string_view tracking_id);
 int64_t now_ms() noexcept;
 /// ISO 8601 UTC with 7 fractional digits ("2026-11-26T12:00:00.1230000Z").
 std::string utc_string(int64_t ms);
+/// The same text in a fixed buffer, for appending without a heap string
+/// (a registration writes eight of them).
+struct utc_text {
+  char chars[28];
+  std::string_view view() const noexcept { return {chars, sizeof chars}; }
+  operator std::string_view() const noexcept { return view(); }
+};
+utc_text utc_chars(int64_t ms) noexcept;
 
 /// A DPS-shaped operation id: "<digit>.<16 hex>.<uuid>".
 std::string new_operation_id(std::string_view instance_hex16);

@@ -24,7 +24,7 @@ namespace {
 
 /// The line's own timestamp, taken on the caller's thread so queueing delay
 /// does not skew it (DPS format, 7 fractional digits).
-void append_time(std::string& out) { out.append(utc_string(now_ms())); }
+void append_time(std::string& out) { out.append(utc_chars(now_ms()).view()); }
 
 void field(std::string& out, std::string_view name, std::string_view value) {
   out.push_back(',');

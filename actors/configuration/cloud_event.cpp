@@ -41,10 +41,10 @@ std::string assignment_event(const registration_event& ev, const registration_st
   json_text::object caps(data.nested("capabilities"));
   caps.boolean("iotEdge", ev.iot_edge).close();
   json_text::object ts(data.nested("timestamps"));
-  ts.str("accepted", utc_string(ev.accepted_ms))
-    .str("allocated", utc_string(ev.allocated_ms))
-    .str("assigned", utc_string(ev.completed_ms))
-    .str("registrationCreated", utc_string(rs.created_ms))
+  ts.str("accepted", utc_chars(ev.accepted_ms))
+    .str("allocated", utc_chars(ev.allocated_ms))
+    .str("assigned", utc_chars(ev.completed_ms))
+    .str("registrationCreated", utc_chars(rs.created_ms))
     .close();
   data.close();
   ce.close();

@@ -334,4 +334,7 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(utc_string(1'795'690'260'999) == "2026-11-26T10:51:00.9990000Z"); // cached second
   CHECK(utc_string(1'795'690'261'000) == "2026-11-26T10:51:01.0000000Z");
   CHECK(utc_string(1'795'690'260'050) == "2026-11-26T10:51:00.0500000Z"); // back again
+  // The fixed-buffer form that the JSON writers append.
+  CHECK(utc_chars(1'795'690'260'123).view() == "2026-11-26T10:51:00.1230000Z");
+  CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }

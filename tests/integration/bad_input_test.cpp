@@ -677,6 +677,40 @@ TEST_CASE("a request sent one byte per TLS record is assembled") {
   still_serving_and_unchanged();
 }
 
+TEST_CASE("connections that stall in the handshake or sit idle are closed at the deadline") {
+  auto& s = srv(); // request_timeout_seconds = 2
+  static_cast<void>(device_key()); // the enrollment served_quickly() reads
+  SUBCASE("TCP connected, no TLS ClientHello") {
+    int fd = tcp_connect(s.port());
+    auto t0 = clk::now();
+    bool closed = false;
+    char buf[256];
+    while (!closed && clk::now() - t0 < std::chrono::seconds(8)) {
+      auto n = ::recv(fd, buf, sizeof buf, 0);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK))
+        closed = true;
+    }
+    auto elapsed = clk::now() - t0;
+    ::close(fd);
+    CHECK(closed);
+    CHECK(elapsed >= std::chrono::milliseconds(1500));
+    CHECK(elapsed <= std::chrono::milliseconds(4500));
+  }
+  SUBCASE("TLS up, no request: closed with close_notify, no 408") {
+    raw_tls idle;
+    REQUIRE(idle.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
+    auto t0 = clk::now();
+    bool clean = false;
+    auto raw = read_until_closed(idle, std::chrono::seconds(8), clean);
+    auto elapsed = clk::now() - t0;
+    CHECK_MESSAGE(raw.empty(), raw);
+    CHECK(clean);
+    CHECK(elapsed >= std::chrono::milliseconds(1500));
+    CHECK(elapsed <= std::chrono::milliseconds(4500));
+  }
+  served_quickly();
+}
+
 TEST_CASE("TLS 1.1 is refused; TLS 1.2 and 1.3 work") {
   auto& s = srv();
   {

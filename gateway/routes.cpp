@@ -77,6 +77,25 @@ error check_json_body(const http_request& req) {
   return {};
 }
 
+/// The register body an SDK sends without a payload, exactly as
+/// JSON.stringify writes it: {"registrationId":"<id>"}, the id made of
+/// registration-id characters only (so nothing in it is escaped). Read
+/// without the JSON parser, which cost 3% of the server's instructions per
+/// device; any other body (spaces, more members, escapes) is parsed.
+bool minimal_register_body(std::string_view body, std::string_view& id) {
+  constexpr std::string_view head = "{\"registrationId\":\"";
+  constexpr std::string_view tail = "\"}";
+  if (body.size() < head.size() + tail.size() || body.substr(0, head.size()) != head
+      || body.substr(body.size() - tail.size()) != tail)
+    return false;
+  id = body.substr(head.size(), body.size() - head.size() - tail.size());
+  for (char c : id)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+          || c == '-' || c == '.' || c == '_' || c == ':'))
+      return false;
+  return true;
+}
+
 /// Parses a JSON body with a depth bound (deep nesting is a DoS vector).
 error parse_body(const std::string& body, json& out) {
   int depth = 0;
@@ -329,6 +348,12 @@ private:
     }
     if (auto err = check_json_body(req))
       return fail(err);
+    if (std::string_view body_id; kind == reg && minimal_register_body(req.body, body_id)) {
+      if (!iequals(body_id, *reg_id))
+        return fail({error_code::id_mismatch,
+                     "registrationId in the body does not match the path"});
+      return register_device(std::move(rr), req, reply, tracking);
+    }
     json body = json::object();
     if (!req.body.empty()) {
       if (auto err = parse_body(req.body, body))
@@ -357,11 +382,16 @@ private:
         return fail(err);
       return reply(json_response(200, to_json_text(st)));
     }
+    register_device(std::move(rr), req, reply, tracking);
+  }
+
+  /// Hands a checked register to the engine; its answer becomes the reply.
+  void register_device(register_request rr, const http_request& req, const reply_fn& reply,
+                       const std::string& tracking) {
     auto force = req.query.find("forceRegistration");
     rr.force_registration = force != req.query.end() && iequals(force->second, "true");
     auto retry_after = retry_after_;
-    eng_.register_device(std::move(rr), [reply, tracking, retry_after,
-                                         reg_id = *reg_id](register_reply r) {
+    eng_.register_device(std::move(rr), [reply, tracking, retry_after](register_reply r) {
       if (r.err) {
         auto resp = error_response(r.err, tracking);
         if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)

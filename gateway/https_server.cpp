@@ -26,6 +26,7 @@
 
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
+#include "gateway/net/http_feed.hpp"
 #include "gateway/routes.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -268,19 +269,11 @@ private:
   /// reads more until the request is complete.
   void read_request() {
     for (;;) {
-      if (in_.size() > 0) {
-        beast::error_code ec;
-        auto used = parser_->put(in_.data(), ec);
-        in_.consume(used);
-        if (ec == http::error::need_more) {
-          ec = {};
-        } else if (ec) {
-          return on_bad_request(ec);
-        } else if (parser_->is_done()) {
-          return on_request();
-        } else if (used > 0 && in_.size() > 0) {
-          continue;
-        }
+      beast::error_code ec;
+      switch (prov::net::feed(*parser_, in_, ec)) {
+      case prov::net::feed_result::done: return on_request();
+      case prov::net::feed_result::failed: return on_bad_request(ec);
+      case prov::net::feed_result::need_more: break;
       }
       auto space = in_.prepare(read_chunk);
       ERR_clear_error();
@@ -410,20 +403,32 @@ private:
   }
 
   void drain_some() {
+    switch (discard_input()) {
+    case discarded::limit:
+    case discarded::peer_closed: return shutdown();
+    case discarded::waiting: return;
+    case discarded::failed: return close_now();
+    }
+  }
+
+  enum class discarded { limit, peer_closed, waiting, failed };
+
+  /// Reads and throws away what the client sends (up to 1 MiB over the
+  /// connection's drain and close) until it closes, a wait starts, or the
+  /// connection fails.
+  discarded discard_input() {
     for (;;) {
       ERR_clear_error();
       int n = SSL_read(ssl_.get(), discard_.data(), static_cast<int>(discard_.size()));
       if (n > 0) {
         drained_ += static_cast<std::size_t>(n);
         if (drained_ > (1u << 20))
-          return shutdown();
+          return discarded::limit;
         continue;
       }
       if (SSL_get_error(ssl_.get(), n) == SSL_ERROR_ZERO_RETURN)
-        return shutdown();
-      if (!wait_for(n))
-        return close_now();
-      return;
+        return discarded::peer_closed;
+      return wait_for(n) ? discarded::waiting : discarded::failed;
     }
   }
 
@@ -448,19 +453,8 @@ private:
       if (r == 1)
         return close_now(); // the client's close_notify came first
     }
-    for (;;) {
-      ERR_clear_error();
-      int n = SSL_read(ssl_.get(), discard_.data(), static_cast<int>(discard_.size()));
-      if (n > 0) {
-        drained_ += static_cast<std::size_t>(n);
-        if (drained_ > (1u << 20))
-          return close_now();
-        continue;
-      }
-      if (SSL_get_error(ssl_.get(), n) == SSL_ERROR_ZERO_RETURN || !wait_for(n))
-        return close_now();
-      return;
-    }
+    if (discard_input() != discarded::waiting)
+      close_now();
   }
 
   void close_now() {

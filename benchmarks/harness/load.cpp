@@ -29,6 +29,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "benchmarks/harness/answer_scan.hpp"
 #include "benchmarks/harness/process.hpp"
+#include "gateway/net/http_feed.hpp"
 #include "messages/crypto.hpp"
 
 namespace bench {
@@ -334,17 +335,8 @@ private:
       int r = SSL_shutdown(ssl_.get());
       if (r == 1)
         return closed_then_next();
-      if (r < 0) {
-        int err = 0;
-        int w = want(r, err);
-        if (w < 0) {
-          ERR_clear_error();
-          return closed_then_next();
-        }
-        auto self = shared_from_this();
-        return wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
-                    [self] { self->closed_then_next(); });
-      }
+      if (r < 0)
+        return wait_or_close(r);
       sent_close_notify_ = true;
     }
     char discard[512];
@@ -353,16 +345,22 @@ private:
       int n = SSL_read(ssl_.get(), discard, sizeof discard);
       if (n > 0)
         continue;
-      int err = 0;
-      int w = want(n, err);
-      if (w < 0) {
-        ERR_clear_error();
-        return closed_then_next();
-      }
-      auto self = shared_from_this();
-      return wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
-                  [self] { self->closed_then_next(); });
+      return wait_or_close(n);
     }
+  }
+
+  /// Shutting down, an SSL call returned `r` <= 0: wait for what OpenSSL
+  /// wants and go on, or close when the connection is gone.
+  void wait_or_close(int r) {
+    int err = 0;
+    int w = want(r, err);
+    if (w < 0) {
+      ERR_clear_error();
+      return closed_then_next();
+    }
+    auto self = shared_from_this();
+    wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
+         [self] { self->closed_then_next(); });
   }
 
   void closed_then_next() {
@@ -493,23 +491,16 @@ private:
   template <class Handler>
   void read_some(Handler h) {
     for (;;) {
-      if (in_.size() > 0) {
-        beast::error_code ec;
-        auto used = parser_->put(in_.data(), ec);
-        in_.consume(used);
-        if (ec == http::error::need_more) {
-          ec = {};
-        } else if (ec) {
-          return fail("connection", "read: " + ec.message()); // the stream is unusable now
-        } else if (parser_->is_done()) {
-          disarm();
-          auto& res = parser_->get();
-          if (!res.keep_alive())
-            server_wants_close_ = true;
-          return h(res);
-        } else if (used > 0 && in_.size() > 0) {
-          continue;
-        }
+      beast::error_code ec;
+      auto fed = prov::net::feed(*parser_, in_, ec);
+      if (fed == prov::net::feed_result::failed)
+        return fail("connection", "read: " + ec.message()); // the stream is unusable now
+      if (fed == prov::net::feed_result::done) {
+        disarm();
+        auto& res = parser_->get();
+        if (!res.keep_alive())
+          server_wants_close_ = true;
+        return h(res);
       }
       auto space = in_.prepare(16 * 1024);
       ERR_clear_error();

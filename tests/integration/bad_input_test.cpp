@@ -627,17 +627,21 @@ int count_of(const std::string& text, const std::string& what) {
   return n;
 }
 
+/// A raw enrollment query (service API) whose answer lists bad-dev.
+std::string query_request() {
+  static_cast<void>(device_key()); // the enrollment the query finds
+  const std::string body = R"({"query":"*"})";
+  return "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
+         "Authorization: " + srv().service_auth()
+         + "\r\nContent-Type: application/json\r\nContent-Length: "
+         + std::to_string(body.size()) + "\r\n\r\n" + body;
+}
+
 TEST_CASE("pipelined requests in one TLS record are all answered, in order") {
   auto& s = srv();
-  static_cast<void>(device_key()); // the enrollment the query finds
   raw_tls t;
   REQUIRE(t.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
-  const std::string body = R"({"query":"*"})";
-  REQUIRE(t.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-                  "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
-                  "Authorization: " + s.service_auth()
-                  + "\r\nContent-Type: application/json\r\nContent-Length: "
-                  + std::to_string(body.size()) + "\r\n\r\n" + body
+  REQUIRE(t.write("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + query_request()
                   + "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
   bool clean = false;
   auto raw = read_until_closed(t, std::chrono::seconds(5), clean);
@@ -654,14 +658,9 @@ TEST_CASE("pipelined requests in one TLS record are all answered, in order") {
 
 TEST_CASE("a request sent one byte per TLS record is assembled") {
   auto& s = srv();
-  static_cast<void>(device_key()); // the enrollment the query finds
   raw_tls t;
   REQUIRE(t.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
-  const std::string body = R"({"query":"*"})";
-  const std::string req = "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
-                          "Authorization: " + s.service_auth()
-                          + "\r\nContent-Type: application/json\r\nContent-Length: "
-                          + std::to_string(body.size()) + "\r\n\r\n" + body;
+  const std::string req = query_request();
   for (std::size_t i = 0; i < req.size(); ++i) {
     REQUIRE(t.write(req.substr(i, 1)));
     if (i % 64 == 0)

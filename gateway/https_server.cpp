@@ -283,8 +283,15 @@ private:
         continue;
       }
       int e = SSL_get_error(ssl_.get(), n);
-      if (e == SSL_ERROR_ZERO_RETURN)
-        return shutdown(); // close_notify: answer with ours
+      if (e == SSL_ERROR_ZERO_RETURN) {
+        // close_notify. In the middle of a request the client still reads:
+        // it learns why nothing was served (as with Beast's partial_message).
+        if (parser_->got_some())
+          return fail_and_close({error_code::bad_request,
+                                 "malformed HTTP request: the connection was closed in the "
+                                 "middle of the request"});
+        return shutdown(); // answer with ours
+      }
       if (!wait_for(n))
         return close_now(); // EOF without close_notify, reset, or a TLS error
       return;

@@ -540,6 +540,7 @@ TEST_CASE("slow body: head complete, body stalls -> 408") {
 
 TEST_CASE("half-closed connections do not wedge the server") {
   auto& s = srv();
+  static_cast<void>(device_key()); // the enrollment served_quickly() reads, also when run alone
   SUBCASE("TCP FIN after a partial request") {
     raw_tls half;
     REQUIRE(half.connect(s.port(), TLS1_2_VERSION, TLS1_3_VERSION));
@@ -555,6 +556,12 @@ TEST_CASE("half-closed connections do not wedge the server") {
     SSL_shutdown(half.ssl);
     ::shutdown(half.fd, SHUT_WR);
     served_quickly();
+    // The client can still read: it is told why nothing was served.
+    bool closed = false;
+    auto r = split_response(half.read_response(std::chrono::seconds(5), closed));
+    CHECK(r.status == 400);
+    if (r.status == 400)
+      check_json_error_body(r.body, 400000);
     CHECK(half.wait_closed(std::chrono::seconds(5)));
   }
   SUBCASE("many at once") {

@@ -237,6 +237,8 @@ private:
     server_wants_close_ = false;
     timed_out_ = false;
     SSL* ssl = ssl_.get();
+    if (ssl == nullptr)
+      return connect_failed("tls", ssl_failure("SSL_new", SSL_ERROR_SSL));
     const std::string& name = o_.tls_name.empty() ? o_.host : o_.tls_name;
     if (!o_.insecure) {
       if (is_ip_literal(name))
@@ -256,7 +258,8 @@ private:
       beast::error_code ignored;
       self->sock_->set_option(tcp::no_delay(true), ignored);
       self->sock_->non_blocking(true, ignored);
-      SSL_set_fd(self->ssl_.get(), static_cast<int>(self->sock_->native_handle()));
+      if (SSL_set_fd(self->ssl_.get(), static_cast<int>(self->sock_->native_handle())) != 1)
+        return self->connect_failed("tls", self->ssl_failure("SSL_set_fd", SSL_ERROR_SSL));
       SSL_set_connect_state(self->ssl_.get());
       self->handshake(std::move(then));
     });
@@ -511,8 +514,19 @@ private:
       }
       int err = 0;
       int w = want(n, err);
-      if (w < 0)
-        return fail("connection", ssl_failure("read", err));
+      if (w < 0) {
+        // A body that ends with the connection (no Content-Length) is
+        // complete now; anything else is a failure.
+        std::string why = ssl_failure("read", err);
+        beast::error_code eof_ec;
+        if (err == SSL_ERROR_ZERO_RETURN || err == SSL_ERROR_SYSCALL || err == SSL_ERROR_SSL)
+          parser_->put_eof(eof_ec);
+        if (eof_ec || !parser_->is_done())
+          return fail("connection", why);
+        disarm();
+        server_wants_close_ = true;
+        return h(parser_->get());
+      }
       auto self = shared_from_this();
       return wait(static_cast<tcp::socket::wait_type>(w),
                   [self, h]() mutable { self->read_some(std::move(h)); },

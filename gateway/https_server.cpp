@@ -21,12 +21,10 @@
 #include <boost/beast/http/status.hpp>
 #include <boost/beast/http/string_body.hpp>
 
-#include <openssl/err.h>
-#include <openssl/ssl.h>
-
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
 #include "gateway/net/http_feed.hpp"
+#include "gateway/net/openssl_handles.hpp"
 #include "gateway/routes.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -75,24 +73,6 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
   }
   out.body = std::move(in.body());
   out.client_ip = ip;
-}
-
-struct ssl_free_t {
-  void operator()(SSL* s) const noexcept { SSL_free(s); }
-};
-struct ssl_ctx_free_t {
-  void operator()(SSL_CTX* c) const noexcept { SSL_CTX_free(c); }
-};
-
-/// The reason of the oldest queued OpenSSL error ("" when none), and an
-/// empty queue afterwards.
-std::string openssl_error() {
-  char buf[256] = {0};
-  unsigned long e = ERR_peek_error();
-  if (e != 0)
-    ERR_error_string_n(e, buf, sizeof buf);
-  ERR_clear_error();
-  return buf;
 }
 
 /// One TLS connection. OpenSSL reads and writes the socket itself
@@ -481,7 +461,7 @@ private:
 
   tcp::socket sock_;
   net::steady_timer timer_;
-  std::unique_ptr<SSL, ssl_free_t> ssl_; // after sock_: freed before the socket closes
+  prov::net::ssl_ptr ssl_; // after sock_: freed before the socket closes
   phase phase_ = phase::handshake;
   clock::time_point deadline_ = clock::time_point::max();
   bool timer_armed_ = false;
@@ -523,7 +503,7 @@ public:
 
   error start() {
     if (!ssl_)
-      return {error_code::unavailable, "cannot create the TLS context: " + openssl_error()};
+      return {error_code::unavailable, "cannot create the TLS context: " + prov::net::openssl_error()};
     SSL_CTX* raw = ssl_.get();
     SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
     SSL_CTX_set_max_proto_version(raw, TLS1_3_VERSION);
@@ -544,10 +524,11 @@ public:
     if (SSL_CTX_use_certificate_chain_file(raw, opts_.cert_chain_file.c_str()) != 1)
       return {error_code::bad_request,
               "cannot load TLS certificate chain '" + opts_.cert_chain_file + "': "
-                + openssl_error()};
+                + prov::net::openssl_error()};
     if (SSL_CTX_use_PrivateKey_file(raw, opts_.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
       return {error_code::bad_request,
-              "cannot load TLS private key '" + opts_.key_file + "': " + openssl_error()};
+              "cannot load TLS private key '" + opts_.key_file + "': "
+                + prov::net::openssl_error()};
     // OpenSSL writes to the socket itself (write(2), not send with
     // MSG_NOSIGNAL): a peer gone mid-write must not kill the process.
     std::signal(SIGPIPE, SIG_IGN);
@@ -610,7 +591,7 @@ private:
   std::atomic<int> answering_{0};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
-  std::unique_ptr<SSL_CTX, ssl_ctx_free_t> ssl_;
+  prov::net::ssl_ctx_ptr ssl_;
   std::optional<tcp::acceptor> acceptor_;
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;

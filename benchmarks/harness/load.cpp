@@ -22,14 +22,13 @@
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <nlohmann/json.hpp>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #include "actors/attestation/sas_token.hpp"
 #include "benchmarks/harness/answer_scan.hpp"
 #include "benchmarks/harness/process.hpp"
 #include "gateway/net/http_feed.hpp"
+#include "gateway/net/openssl_handles.hpp"
 #include "messages/crypto.hpp"
 
 namespace bench {
@@ -57,13 +56,6 @@ bool persistent(load_mode m) {
 }
 
 namespace {
-
-struct ssl_free {
-  void operator()(SSL* s) const noexcept { SSL_free(s); }
-};
-struct ssl_ctx_free {
-  void operator()(SSL_CTX* c) const noexcept { SSL_CTX_free(c); }
-};
 
 double ms_since(steady::time_point t) {
   return std::chrono::duration<double, std::milli>(steady::now() - t).count();
@@ -110,8 +102,7 @@ struct shared_state {
 struct thread_ctx {
   shared_state& sh;
   asio::io_context ioc{1};
-  SSL_CTX* ssl_ctx = nullptr; ///< owned by ssl_ctx_owner
-  std::unique_ptr<SSL_CTX, ssl_ctx_free> ssl_ctx_owner{SSL_CTX_new(TLS_client_method())};
+  prov::net::ssl_ctx_ptr ssl_ctx{SSL_CTX_new(TLS_client_method())};
   tcp::endpoint endpoint;
   std::string host_header;
   bool verify_ip = false;
@@ -164,15 +155,18 @@ private:
   // harness shares the two cores with the server, so that was taken from the
   // server. The same scheme as the server's sessions (gateway/https_server.cpp).
 
-  /// Sets the deadline of the current connect, exchange or shutdown. One
-  /// timer that re-arms only when it fires early (no timer-queue work per
-  /// request).
-  void arm() {
-    deadline_ = steady::now() + std::chrono::seconds(o_.request_timeout_s);
+  /// Sets the deadline of the current connect, exchange or shutdown (and
+  /// forgets an expired one). One timer that re-arms only when it fires
+  /// early (no timer-queue work per request).
+  void arm(std::chrono::seconds limit) {
+    timed_out_ = false;
+    deadline_ = steady::now() + limit;
     if (io_timer_armed_ && io_timer_.expiry() <= deadline_)
       return;
     start_io_timer();
   }
+
+  void arm() { arm(std::chrono::seconds(o_.request_timeout_s)); }
 
   void disarm() { deadline_ = steady::time_point::max(); }
 
@@ -205,15 +199,15 @@ private:
     });
   }
 
-  /// After an SSL call returned `r` <= 0: the wait OpenSSL asks for, or -1
+  /// After an SSL call returned `r` <= 0: the wait OpenSSL asks for, or none
   /// when the connection failed (its OpenSSL error code in `ssl_err`).
-  int want(int r, int& ssl_err) {
+  std::optional<tcp::socket::wait_type> want(int r, int& ssl_err) {
     ssl_err = SSL_get_error(ssl_.get(), r);
     if (ssl_err == SSL_ERROR_WANT_READ)
-      return static_cast<int>(tcp::socket::wait_read);
+      return tcp::socket::wait_read;
     if (ssl_err == SSL_ERROR_WANT_WRITE)
-      return static_cast<int>(tcp::socket::wait_write);
-    return -1;
+      return tcp::socket::wait_write;
+    return std::nullopt;
   }
 
   std::string ssl_failure(const char* what, int ssl_err) {
@@ -232,10 +226,9 @@ private:
   void connect(Then then) {
     close_socket();
     sock_.emplace(t_.ioc);
-    ssl_.reset(SSL_new(t_.ssl_ctx));
+    ssl_.reset(SSL_new(t_.ssl_ctx.get()));
     in_.clear();
     server_wants_close_ = false;
-    timed_out_ = false;
     SSL* ssl = ssl_.get();
     if (ssl == nullptr)
       return connect_failed("tls", ssl_failure("SSL_new", SSL_ERROR_SSL));
@@ -277,8 +270,8 @@ private:
       return then();
     }
     int err = 0;
-    int w = want(r, err);
-    if (w < 0) {
+    auto w = want(r, err);
+    if (!w) {
       std::string msg = ssl_failure("TLS handshake", err);
       long vr = SSL_get_verify_result(ssl_.get());
       if (vr != X509_V_OK)
@@ -286,7 +279,7 @@ private:
       return connect_failed("tls", msg);
     }
     auto self = shared_from_this();
-    wait(static_cast<tcp::socket::wait_type>(w),
+    wait(*w,
          [self, then]() mutable { self->handshake(std::move(then)); },
          [self] {
            self->connect_failed(self->timed_out_ ? "timeout" : "tls",
@@ -324,10 +317,7 @@ private:
   /// newconn/reference: close_notify, wait for the server's (or its EOF, up
   /// to 2 s), then close.
   void shutdown_then_next() {
-    deadline_ = steady::now() + std::chrono::seconds(2);
-    if (!io_timer_armed_ || io_timer_.expiry() > deadline_)
-      start_io_timer();
-    timed_out_ = false;
+    arm(std::chrono::seconds(2));
     sent_close_notify_ = false;
     shutdown_some();
   }
@@ -356,13 +346,13 @@ private:
   /// wants and go on, or close when the connection is gone.
   void wait_or_close(int r) {
     int err = 0;
-    int w = want(r, err);
-    if (w < 0) {
+    auto w = want(r, err);
+    if (!w) {
       ERR_clear_error();
       return closed_then_next();
     }
     auto self = shared_from_this();
-    wait(static_cast<tcp::socket::wait_type>(w), [self] { self->shutdown_some(); },
+    wait(*w, [self] { self->shutdown_some(); },
          [self] { self->closed_then_next(); });
   }
 
@@ -452,7 +442,6 @@ private:
   template <class Handler>
   void exchange(Handler h) {
     ++t_.stats.requests;
-    timed_out_ = false;
     written_ = 0;
     arm();
     write_some(std::move(h));
@@ -467,11 +456,11 @@ private:
                         static_cast<int>(out_.size() - written_));
       if (n <= 0) {
         int err = 0;
-        int w = want(n, err);
-        if (w < 0)
+        auto w = want(n, err);
+        if (!w)
           return fail("connection", ssl_failure("write", err));
         auto self = shared_from_this();
-        return wait(static_cast<tcp::socket::wait_type>(w),
+        return wait(*w,
                     [self, h]() mutable { self->write_some(std::move(h)); },
                     [self] { self->io_failed("write"); });
       }
@@ -513,8 +502,8 @@ private:
         continue;
       }
       int err = 0;
-      int w = want(n, err);
-      if (w < 0) {
+      auto w = want(n, err);
+      if (!w) {
         // A body that ends with the connection (no Content-Length) is
         // complete now; anything else is a failure.
         std::string why = ssl_failure("read", err);
@@ -528,7 +517,7 @@ private:
         return h(parser_->get());
       }
       auto self = shared_from_this();
-      return wait(static_cast<tcp::socket::wait_type>(w),
+      return wait(*w,
                   [self, h]() mutable { self->read_some(std::move(h)); },
                   [self] { self->io_failed("read"); });
     }
@@ -754,7 +743,7 @@ private:
   bool io_timer_armed_ = false;
   bool timed_out_ = false;
   std::optional<tcp::socket> sock_;
-  std::unique_ptr<SSL, ssl_free> ssl_; // after sock_: freed before the socket
+  prov::net::ssl_ptr ssl_; // after sock_: freed before the socket
   bool sent_close_notify_ = false;
   beast::flat_buffer in_;  ///< decrypted bytes not parsed yet
   std::size_t written_ = 0;
@@ -811,7 +800,7 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
     t->endpoint = ep;
     t->host_header = (o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host) + ":"
                      + std::to_string(o.port);
-    SSL_CTX* raw = t->ssl_ctx = t->ssl_ctx_owner.get();
+    SSL_CTX* raw = t->ssl_ctx.get();
     if (raw == nullptr) {
       load_result bad;
       bad.errors["tls"] = 1;
@@ -831,10 +820,8 @@ load_result run_load(const load_options& o, const tick_fn& tick) {
       if (SSL_CTX_load_verify_locations(raw, o.ca_file.c_str(), nullptr) != 1) {
         load_result bad;
         bad.errors["tls"] = 1;
-        char msg[256] = {0};
-        ERR_error_string_n(ERR_get_error(), msg, sizeof msg);
-        ERR_clear_error();
-        bad.error_samples.push_back("cannot load CA file '" + o.ca_file + "': " + msg);
+        bad.error_samples.push_back("cannot load CA file '" + o.ca_file
+                                    + "': " + prov::net::openssl_error());
         return bad;
       }
     }

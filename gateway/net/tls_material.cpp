@@ -22,6 +22,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "gateway/net/openssl_handles.hpp"
 #include "messages/ascii.hpp"
 
 namespace prov::net {
@@ -30,10 +31,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-template <class T, void (*F)(T*)>
-struct ossl_free {
-  void operator()(T* p) const noexcept { F(p); }
-};
 using x509_ptr = std::unique_ptr<X509, ossl_free<X509, X509_free>>;
 using pkey_ptr = std::unique_ptr<EVP_PKEY, ossl_free<EVP_PKEY, EVP_PKEY_free>>;
 using bio_ptr = std::unique_ptr<BIO, ossl_free<BIO, BIO_free_all>>;

@@ -78,6 +78,7 @@ struct options {
   uint64_t individual = 0;
   int enroll_concurrency = 16;
   std::string enrollment_key;
+  bool enrolled = false; ///< the individual enrollments exist already: no creation
 
   // Reference.
   std::string nginx_bin = "/usr/sbin/nginx";
@@ -933,6 +934,10 @@ int run(int argc, char** argv) {
                  "Concurrent bulk requests while creating enrollments");
   app.add_option("--enrollment-key", o.enrollment_key,
                  "Master key: individual enrollment keys are HMAC(master, id) (default: random)");
+  app.add_flag("--enrolled", o.enrolled,
+               "With --individual-enrollments and --enrollment-key: the N enrollments exist "
+               "already (a reused --data-dir or --target); register without creating them")
+      ->needs("--enrollment-key");
   app.add_option("--nginx-bin", o.nginx_bin, "nginx for the TLS reference");
   app.add_option("--reference-count", o.reference_count,
                  "Connections for the reference (default: --devices)");
@@ -1282,12 +1287,20 @@ int run(int argc, char** argv) {
       }
       return nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump();
     };
+    // Unless they exist already: then only the registrations are measured,
+    // e.g. a store copied before each run of an interleaved comparison.
     usage u;
-    auto r = measured(bo, servers, o.kafka, n, u, show_progress, watchdog);
-    auto j = report(std::cout, "create " + std::to_string(n) + " individual enrollments (bulk, "
-                                 + std::to_string(bo.concurrency) + " connections)",
-                    r, u, s.pid > 0, "enrollments", o.threads);
-    out_json["enrollment_creation"] = j;
+    load_result r;
+    if (o.enrolled) {
+      r.succeeded = n;
+      log("using " + std::to_string(n) + " existing individual enrollments (--enrolled)");
+    } else {
+      r = measured(bo, servers, o.kafka, n, u, show_progress, watchdog);
+      out_json["enrollment_creation"] =
+        report(std::cout, "create " + std::to_string(n) + " individual enrollments (bulk, "
+                            + std::to_string(bo.concurrency) + " connections)",
+               r, u, s.pid > 0, "enrollments", o.threads);
+    }
     if (r.failed || g_interrupted.load())
       any_failure = true;
     if (r.succeeded + r.existing < n) {

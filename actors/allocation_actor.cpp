@@ -14,7 +14,6 @@
 
 #include <cstdio>
 
-#include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
 #include "messages/ascii.hpp"
@@ -57,12 +56,9 @@ error load_view(const engine_context& ctx, const registration_event& ev,
                        : error_code::enrollment_group_not_found,
             (individual ? "individual enrollment '" : "enrollment group '") + id
               + "' was deleted while the registration was in progress"};
-  auto j = nlohmann::json::parse(*raw, nullptr, false);
-  if (j.is_discarded())
-    return {error_code::storage_failure, "stored enrollment is not valid JSON"};
-  return enrollment::view_of(individual ? enrollment::kind::individual
-                                        : enrollment::kind::group,
-                             j, v);
+  return enrollment::view_of_text(individual ? enrollment::kind::individual
+                                             : enrollment::kind::group,
+                                  *raw, v);
 }
 
 /// Candidate hubs: the enrollment's iotHubs (restricted to linked hubs), else

@@ -17,7 +17,6 @@
 
 #include <cstdio>
 
-#include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
 #include "actors/attestation/sas_token.hpp"
@@ -88,10 +87,7 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
     return reject(error_code::storage_failure, err.message);
   if (doc) {
     enrollment::enrollment_view v;
-    auto j = nlohmann::json::parse(*doc, nullptr, false);
-    if (j.is_discarded())
-      return reject(error_code::storage_failure, "stored enrollment is not valid JSON");
-    if (auto err = enrollment::view_of(enrollment::kind::individual, j, v))
+    if (auto err = enrollment::view_of_text(enrollment::kind::individual, *doc, v))
       return reject(error_code::storage_failure, err.message);
     if (v.attestation_type != "symmetricKey")
       return reject(error_code::unauthorized_signature,

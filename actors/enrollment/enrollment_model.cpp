@@ -2,6 +2,7 @@
 
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
+#include "messages/json_scan.hpp"
 
 #include <algorithm>
 #include <array>
@@ -722,6 +723,112 @@ error view_of(kind k, const nlohmann::json& doc, enrollment_view& out) {
   } catch (const std::exception& ex) {
     return {error_code::internal, std::string("view_of: ") + ex.what()};
   }
+}
+
+/// view_impl on the text itself, for plain documents (see view_of_text).
+/// False: not sure, parse the document instead. Every case view_impl
+/// answers with an error also gives up here, so errors have one source.
+bool scan_view(kind k, std::string_view text, enrollment_view& v) {
+  json_scan::reader r(text);
+  // Members read, to give up on duplicates (nlohmann keeps the last one).
+  enum : unsigned {
+    m_id = 1, m_att = 2, m_type = 4, m_sk = 8, m_primary = 16, m_secondary = 32,
+    m_device = 64, m_status = 128, m_policy = 256, m_hubs = 512, m_caps = 1024,
+    m_edge = 2048, m_rp = 4096, m_update = 8192, m_migrate = 16384, m_etag = 32768,
+  };
+  unsigned seen = 0;
+  auto once = [&seen](unsigned m) {
+    if (seen & m)
+      return false;
+    seen |= m;
+    return true;
+  };
+  // A member view_impl reads with member(): null is absent.
+  auto str = [&](unsigned m, std::string& out) {
+    return once(m) && (r.null() || r.string(out));
+  };
+  auto boolean = [&](unsigned m, bool& out) {
+    return once(m) && (r.null() || r.boolean(out));
+  };
+  const std::string_view id_name = k == kind::individual ? "registrationId" : "enrollmentGroupId";
+  std::string status;
+  bool ok = r.object([&](std::string_view key) {
+    if (key == id_name)
+      return str(m_id, v.id);
+    if (key == "attestation") {
+      if (!once(m_att) || r.peek() != '{')
+        return false; // absent (null) or not an object: view_impl's error
+      return r.object([&](std::string_view ak) {
+        if (ak == "type")
+          return str(m_type, v.attestation_type);
+        if (ak == "symmetricKey") {
+          if (!once(m_sk))
+            return false;
+          if (r.peek() != '{')
+            return r.skip(); // view_impl reads it only when it is an object
+          return r.object([&](std::string_view sk) {
+            if (sk == "primaryKey")
+              return str(m_primary, v.primary_key);
+            if (sk == "secondaryKey")
+              return str(m_secondary, v.secondary_key);
+            return r.skip();
+          });
+        }
+        return r.skip();
+      });
+    }
+    if (key == "deviceId" && k == kind::individual)
+      return str(m_device, v.device_id);
+    if (key == "provisioningStatus")
+      return str(m_status, status);
+    if (key == "allocationPolicy")
+      return str(m_policy, v.allocation_policy);
+    if (key == "iotHubs") {
+      if (!once(m_hubs))
+        return false;
+      if (r.null())
+        return true;
+      return r.array([&] { return r.string(v.iot_hubs.emplace_back()); });
+    }
+    if (key == "initialTwin")
+      return false; // re-serialised by nlohmann's dump: take the tree path
+    if (key == "capabilities" || key == "reprovisionPolicy") {
+      bool caps = key == "capabilities";
+      if (!once(caps ? m_caps : m_rp))
+        return false;
+      if (r.peek() != '{')
+        return r.skip(); // read only when an object
+      return r.object([&](std::string_view ck) {
+        if (caps && ck == "iotEdge")
+          return boolean(m_edge, v.iot_edge);
+        if (!caps && ck == "updateHubAssignment")
+          return boolean(m_update, v.update_hub_assignment);
+        if (!caps && ck == "migrateDeviceData")
+          return boolean(m_migrate, v.migrate_device_data);
+        return r.skip();
+      });
+    }
+    if (key == "etag")
+      return str(m_etag, v.etag);
+    return r.skip();
+  });
+  if (!ok || !r.at_end() || v.id.empty() || !(seen & m_att))
+    return false;
+  v.k = k;
+  v.enabled = status != "disabled";
+  return true;
+}
+
+error view_of_text(kind k, std::string_view text, enrollment_view& out) {
+  enrollment_view v;
+  if (scan_view(k, text, v)) {
+    out = std::move(v);
+    return {};
+  }
+  auto j = json::parse(text, nullptr, false);
+  if (j.is_discarded())
+    return {error_code::storage_failure, "stored enrollment is not valid JSON"};
+  return view_of(k, j, out);
 }
 
 nlohmann::json public_document(const nlohmann::json& doc) {

@@ -59,6 +59,14 @@ bool valid_group_id(std::string_view id);
 
 /// Extracts the typed view of a stored document.
 [[nodiscard]] error view_of(kind k, const nlohmann::json& doc, enrollment_view& out);
+/// The same from the stored text, read without building a tree when the
+/// document is plain (no initialTwin, no \u escapes, no duplicate members);
+/// otherwise parsed with nlohmann. Text that is not JSON: storage_failure
+/// "stored enrollment is not valid JSON"; otherwise view_of's answer.
+[[nodiscard]] error view_of_text(kind k, std::string_view text, enrollment_view& out);
+/// view_of_text's reader without a tree: true when it could fill `out` (which
+/// it may have changed either way). Exposed for its tests.
+bool scan_view(kind k, std::string_view text, enrollment_view& out);
 
 /// The document as GET/query/PUT responses show it: symmetric keys removed
 /// (`attestation.symmetricKey` becomes {} ), everything else as stored.

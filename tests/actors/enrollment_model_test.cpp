@@ -520,3 +520,138 @@ TEST_CASE("enrollment: view_of rejects malformed stored documents without throwi
   REQUIRE(en::view_of(en::kind::individual, doc, v).ok());
   CHECK_FALSE(v.initial_twin_json.empty());
 }
+
+namespace {
+
+bool same_view(const en::enrollment_view& a, const en::enrollment_view& b) {
+  return a.k == b.k && a.id == b.id && a.attestation_type == b.attestation_type
+         && a.primary_key == b.primary_key && a.secondary_key == b.secondary_key
+         && a.device_id == b.device_id && a.enabled == b.enabled
+         && a.allocation_policy == b.allocation_policy && a.iot_hubs == b.iot_hubs
+         && a.initial_twin_json == b.initial_twin_json && a.iot_edge == b.iot_edge
+         && a.update_hub_assignment == b.update_hub_assignment
+         && a.migrate_device_data == b.migrate_device_data && a.etag == b.etag;
+}
+
+/// The tree path's answer for `text`: ok and a view, or not.
+bool tree_view(en::kind k, const std::string& text, en::enrollment_view& out) {
+  auto j = json::parse(text, nullptr, false);
+  return !j.is_discarded() && en::view_of(k, j, out).ok();
+}
+
+json stored_individual() {
+  json body = individual_body();
+  body.erase("initialTwin");
+  json doc;
+  REQUIRE(norm(en::kind::individual, "dev-01", body, doc).ok());
+  return doc;
+}
+
+} // namespace
+
+TEST_CASE("enrollment: view_of_text reads plain stored documents without a tree, as view_of") {
+  json ind = stored_individual();
+  json grp;
+  json gbody = group_body();
+  gbody["attestation"] = {{"type", "symmetricKey"}};
+  gbody["provisioningStatus"] = "disabled";
+  REQUIRE(norm(en::kind::group, "Group-A", gbody, grp).ok());
+  for (auto [k, doc] : {std::pair{en::kind::individual, ind}, std::pair{en::kind::group, grp}}) {
+    for (int indent : {-1, 2}) {
+      std::string text = doc.dump(indent);
+      en::enrollment_view fast, tree, both;
+      CAPTURE(text);
+      REQUIRE(en::scan_view(k, text, fast));
+      REQUIRE(tree_view(k, text, tree));
+      CHECK(same_view(fast, tree));
+      REQUIRE(en::view_of_text(k, text, both).ok());
+      CHECK(same_view(both, tree));
+    }
+  }
+  en::enrollment_view v;
+  REQUIRE(en::scan_view(en::kind::individual, ind.dump(), v));
+  CHECK(v.id == "dev-01");
+  CHECK(v.primary_key == key32);
+  CHECK(v.secondary_key == key16);
+  CHECK(v.device_id == "device.01");
+  CHECK(v.iot_hubs == std::vector<std::string>{"hub1.example.net", "hub2.example.net"});
+  CHECK(v.iot_edge);
+  CHECK_FALSE(v.migrate_device_data);
+  CHECK(v.etag.size() == 38); // the quotes were \" escapes in the text
+  CHECK(v.etag.front() == '"');
+}
+
+TEST_CASE("enrollment: view_of_text leaves what it is unsure of to the tree") {
+  auto k = en::kind::individual;
+  en::enrollment_view v;
+  auto tree_only = [&](const std::string& text) {
+    CAPTURE(text);
+    CHECK_FALSE(en::scan_view(k, text, v));
+  };
+  tree_only(individual_body().dump());                        // initialTwin
+  tree_only(R"({"registrationId":"d","attestation":{"type":"none"},"etag":"\u0041"})");
+  tree_only(R"({"registrationId":"d","registrationId":"e","attestation":{}})"); // duplicate
+  tree_only(R"({"registrationId":"d","attestation":{"type":"none"},"iotHubs":"h"})");
+  tree_only(R"({"registrationId":"d","attestation":{"type":1}})");
+  tree_only(R"({"registrationId":"d"})");                       // no attestation
+  tree_only(R"({"registrationId":"","attestation":{}})");
+  tree_only(R"({"registrationId":"d","attestation":{}} x)");    // trailing bytes
+  tree_only("{\"registrationId\":\"d\xff\",\"attestation\":{}}"); // invalid UTF-8
+  tree_only("{\"registrationId\":\"d\x01\",\"attestation\":{}}"); // control character
+  tree_only(R"({"registrationId":"d","attestation":{},"x":01})");
+  tree_only(R"({"registrationId":"d","attestation":{},"x":[1,]})");
+  tree_only(std::string(40, '[') + std::string(40, ']'));
+
+  // The answers stay those of the tree path.
+  CHECK(en::view_of_text(k, "not json", v).code == error_code::storage_failure);
+  CHECK(en::view_of_text(k, R"({"registrationId":"d","attestation":{"type":1}})", v).code
+        == error_code::internal);
+  REQUIRE(en::view_of_text(k, individual_body().dump(), v).ok());
+  CHECK(json::parse(v.initial_twin_json) == individual_body()["initialTwin"]);
+  // Null members are absent, as member() has them; multi-byte UTF-8 and
+  // short escapes are decoded.
+  v = {};
+  REQUIRE(en::scan_view(k,
+                        "{\"registrationId\":\"d\",\"attestation\":{\"type\":\"none\"},"
+                        "\"deviceId\":null,\"capabilities\":null,\"iotHubs\":null,"
+                        "\"etag\":\"\\\"\xc3\xa9\\t\\/\\\"\"}",
+                        v));
+  CHECK(v.device_id.empty());
+  CHECK(v.iot_hubs.empty());
+  CHECK(v.etag == "\"\xc3\xa9\t/\"");
+}
+
+TEST_CASE("enrollment: view_of_text never accepts what the tree path rejects or reads otherwise") {
+  // Every single-byte change of stored documents (a byte replaced by one of
+  // the JSON-significant characters, or removed): whenever the reader
+  // accepts the text, nlohmann must parse it and give the same view.
+  const std::string alphabet = "{}[]:,\"\\ 0-1.eEtfnul\x01\xc3\xa9\xff";
+  json plain = stored_individual();
+  json with_nulls = json::parse(R"({"registrationId":"d-1","attestation":{"type":"symmetricKey",
+      "symmetricKey":{"primaryKey":"a","secondaryKey":null}},"deviceId":null,"iotHubs":["h"],
+      "capabilities":{"iotEdge":false},"reprovisionPolicy":null,"n":[1.5e3,-0,true,{"x":[]}],
+      "etag":"\"e\""})");
+  int accepted = 0, checked = 0;
+  for (const json& doc : {plain, with_nulls}) {
+    const std::string base = doc.dump();
+    for (std::size_t i = 0; i < base.size(); ++i) {
+      std::vector<std::string> variants;
+      variants.push_back(base.substr(0, i) + base.substr(i + 1));
+      for (char c : alphabet)
+        if (c != base[i])
+          variants.push_back(base.substr(0, i) + c + base.substr(i + 1));
+      for (const auto& text : variants) {
+        ++checked;
+        en::enrollment_view fast, tree;
+        if (!en::scan_view(en::kind::individual, text, fast))
+          continue;
+        ++accepted;
+        CAPTURE(text);
+        REQUIRE(tree_view(en::kind::individual, text, tree));
+        REQUIRE(same_view(fast, tree));
+      }
+    }
+  }
+  MESSAGE(accepted << " of " << checked << " mutated documents read without a tree");
+  CHECK(accepted > 1000); // the check above really ran
+}

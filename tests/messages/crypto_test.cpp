@@ -2,6 +2,7 @@
 
 #include <set>
 #include <string>
+#include <vector>
 
 #include "messages/crypto.hpp"
 
@@ -168,4 +169,29 @@ TEST_CASE("generate_key makes 64 random bytes") {
   REQUIRE(raw.has_value());
   CHECK(raw->size() == 64);
   CHECK(k1 != k2);
+}
+
+TEST_CASE("derive_device_key: the per-thread cache of group keys gives the uncached answer") {
+  // More keys than the cache's slots, in turns, so entries are reused and
+  // replaced: every answer must equal HMAC(decoded key, id) computed afresh.
+  std::vector<std::string> keys;
+  for (int i = 0; i < 7; ++i)
+    keys.push_back(base64_encode(std::string(static_cast<std::size_t>(16 + 9 * i),
+                                             static_cast<char>('a' + i))));
+  keys.push_back(base64_encode(std::string(100, 'k'))); // longer than a block: hashed first
+  keys.push_back("");                                   // valid base64, empty key
+  for (int round = 0; round < 3; ++round)
+    for (const auto& k : keys)
+      for (const char* id : {"dev-1", "Dev-2", ""}) {
+        CAPTURE(k);
+        CAPTURE(id);
+        auto raw = base64_decode(k);
+        REQUIRE(raw.has_value());
+        auto d = hmac_sha256(*raw, id);
+        auto expected = base64_encode(std::string_view(reinterpret_cast<const char*>(d.data()), d.size()));
+        auto got = derive_device_key(k, id);
+        REQUIRE(got.has_value());
+        CHECK(*got == expected);
+      }
+  CHECK_FALSE(derive_device_key("not base64!", "dev").has_value());
 }

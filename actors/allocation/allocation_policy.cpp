@@ -34,6 +34,18 @@ error hashed(std::string_view registration_id,
              const std::vector<candidate_hub>& hubs, bool explicit_list,
              std::string& out) {
   out.clear();
+  // One hub taking part is the answer without hashing (a SHA-256 per hub).
+  const candidate_hub* only = nullptr;
+  std::size_t eligible = 0;
+  for (const candidate_hub& h : hubs)
+    if (!h.hostname.empty() && (explicit_list || h.apply_allocation_policy)) {
+      only = &h;
+      ++eligible;
+    }
+  if (eligible == 1) {
+    out = only->hostname;
+    return {};
+  }
   const std::string reg_lower = to_lower(registration_id);
   const candidate_hub* best = nullptr;
   double best_score = 0;

@@ -161,3 +161,13 @@ TEST_CASE("static_hub needs exactly one hub") {
   CHECK(out.empty());
   CHECK(static_hub({{""}}, out).code == error_code::no_hub_available);
 }
+
+TEST_CASE("hashed: a single hub taking part is chosen whatever the id") {
+  const std::vector<candidate_hub> hubs = {{"", 5, true}, {"opted-out", 1000, false}, {"only", 1, true}};
+  for (int i = 0; i < 50; ++i) CHECK(pick("r" + std::to_string(i), hubs) == "only");
+  // Listed explicitly, the opted-out hub takes part too: hashing decides again.
+  int opted_out = 0;
+  for (int i = 0; i < 200; ++i)
+    if (pick("r" + std::to_string(i), hubs, true) == "opted-out") ++opted_out;
+  CHECK(opted_out > 150);
+}

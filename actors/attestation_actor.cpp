@@ -17,6 +17,8 @@
 
 #include <cstdio>
 
+#include <openssl/crypto.h>
+
 
 #include "actors/actor_types.hpp"
 #include "actors/attestation/sas_token.hpp"
@@ -112,8 +114,13 @@ attestation_result verify_credential(const engine_context& ctx, const register_r
     for (const auto* key : {&g.primary_key, &g.secondary_key}) {
       if (key->empty())
         continue;
-      auto dk = crypto::derive_device_key(*key, req.registration_id);
-      if (dk && attestation::signature_matches(tok, *dk)) {
+      auto dk = crypto::derive_device_key_raw(*key, req.registration_id);
+      const bool match =
+        dk && attestation::signature_matches_raw(
+                tok, std::string_view(reinterpret_cast<const char*>(dk->data()), dk->size()));
+      if (dk)
+        OPENSSL_cleanse(dk->data(), dk->size());
+      if (match) {
         attestation_result r;
         r.attestation_type = "symmetricKey";
         r.enrollment_group_id = g.id;

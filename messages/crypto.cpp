@@ -318,6 +318,15 @@ std::optional<std::string> url_decode(std::string_view s) {
 
 std::optional<std::string> derive_device_key(std::string_view group_key_b64,
                                              std::string_view registration_id) {
+  auto d = derive_device_key_raw(group_key_b64, registration_id);
+  if (!d) return std::nullopt;
+  auto out = base64_encode(std::string_view(reinterpret_cast<const char*>(d->data()), d->size()));
+  OPENSSL_cleanse(d->data(), d->size());
+  return out;
+}
+
+std::optional<sha256_digest> derive_device_key_raw(std::string_view group_key_b64,
+                                                   std::string_view registration_id) {
   // A group key derives the keys of all its devices: each thread keeps the
   // absorbed state of the last few keys (groups are few), which spares the
   // base64 decode and two of the four SHA-256 blocks per device.
@@ -350,9 +359,7 @@ std::optional<std::string> derive_device_key(std::string_view group_key_b64,
     OPENSSL_cleanse(key->data(), key->size());
     st = target;
   }
-  const sha256_digest d = hmac_finish(*st, registration_id);
-  return base64_encode(
-      std::string_view(reinterpret_cast<const char*>(d.data()), d.size()));
+  return hmac_finish(*st, registration_id);
 }
 
 std::string generate_key() {

@@ -49,6 +49,9 @@ std::optional<std::string> url_decode(std::string_view s);
 /// nullopt when group_key is not valid base64.
 std::optional<std::string> derive_device_key(std::string_view group_key_b64,
                                              std::string_view registration_id);
+/// The same key's bytes (before base64).
+std::optional<sha256_digest> derive_device_key_raw(std::string_view group_key_b64,
+                                                   std::string_view registration_id);
 
 /// A fresh 64-byte key, base64 encoded (what DPS generates when keys are omitted).
 std::string generate_key();

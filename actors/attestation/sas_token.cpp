@@ -1,5 +1,6 @@
 #include "actors/attestation/sas_token.hpp"
 
+#include <algorithm>
 #include <limits>
 
 #include <openssl/crypto.h>
@@ -130,7 +131,10 @@ error parse_sas(std::string_view header, sas_token& out) {
   auto resource = crypto::url_decode(tok.sr);
   if (!resource) return bad("SAS token sr has a malformed percent-escape");
   tok.resource = std::move(*resource);
-  if (!decode_sig(tok.sig)) return bad("SAS token sig is not a base64 HMAC-SHA256");
+  auto sig = decode_sig(tok.sig);
+  if (!sig) return bad("SAS token sig is not a base64 HMAC-SHA256");
+  tok.sig_bytes.emplace();
+  std::copy(sig->begin(), sig->end(), tok.sig_bytes->begin());
   out = std::move(tok);
   return {};
 }
@@ -144,20 +148,36 @@ error check_expiry(const sas_token& tok, const sas_limits& limits) {
   return {};
 }
 
-bool signature_matches(const sas_token& tok, std::string_view key_b64) {
-  auto key = crypto::base64_decode(key_b64);
-  if (!key || key->empty()) return false;
-  auto sig = decode_sig(tok.sig);
+bool signature_matches_raw(const sas_token& tok, std::string_view key) {
+  if (key.empty()) return false;
+  std::optional<std::string> decoded;
+  std::string_view sig;
+  if (tok.sig_bytes) {
+    sig = std::string_view(reinterpret_cast<const char*>(tok.sig_bytes->data()),
+                           tok.sig_bytes->size());
+  } else if ((decoded = decode_sig(tok.sig))) { // a token not from parse_sas
+    sig = *decoded;
+  }
   std::string msg;
   msg.reserve(tok.sr.size() + 1 + tok.se.size());
   msg.append(tok.sr).append(1, '\n').append(tok.se);
-  const std::string expected = digest_view(crypto::hmac_sha256(*key, msg));
-  OPENSSL_cleanse(key->data(), key->size());
+  const crypto::sha256_digest d = crypto::hmac_sha256(key, msg);
+  const std::string_view expected(reinterpret_cast<const char*>(d.data()), d.size());
   // Compare even a malformed sig (against a same-length dummy) so the
   // time taken does not depend on the token's shape beyond its length.
-  const std::string dummy(expected.size(), '\0');
-  const bool eq = crypto::equal_constant_time(expected, sig ? *sig : dummy);
-  return eq && sig.has_value();
+  const char dummy[sizeof(crypto::sha256_digest)] = {};
+  const bool valid = !sig.empty();
+  const bool eq = crypto::equal_constant_time(
+    expected, valid ? sig : std::string_view(dummy, sizeof(dummy)));
+  return eq && valid;
+}
+
+bool signature_matches(const sas_token& tok, std::string_view key_b64) {
+  auto key = crypto::base64_decode(key_b64);
+  if (!key || key->empty()) return false;
+  const bool ok = signature_matches_raw(tok, *key);
+  OPENSSL_cleanse(key->data(), key->size());
+  return ok;
 }
 
 error verify_sas(const sas_token& tok, std::string_view key_b64,

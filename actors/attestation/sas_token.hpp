@@ -7,6 +7,7 @@
 // The HMAC is computed over the `sr` value exactly as transmitted (Node sends it
 // raw, C/Python URL-encoded, embedded C with lower-case hex), then "\n" + se.
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -24,6 +25,9 @@ struct sas_token {
   std::string skn;      ///< key name, may be empty
   int64_t expiry = 0;   ///< se as seconds since the epoch
   std::string resource; ///< sr URL-decoded
+  /// sig decoded (parse_sas checks it decodes to 32 bytes); unset when the
+  /// token was not made by parse_sas.
+  std::optional<std::array<uint8_t, 32>> sig_bytes;
 };
 
 /// Parses an Authorization header value. Each field at most once; sr, sig and
@@ -51,6 +55,9 @@ struct sas_limits {
 
 /// Only the signature check (constant time).
 [[nodiscard]] bool signature_matches(const sas_token& tok, std::string_view key_b64);
+/// The same with the key's bytes (a group device's derived key, without the
+/// base64 round trip).
+[[nodiscard]] bool signature_matches_raw(const sas_token& tok, std::string_view key);
 
 /// True when the decoded resource is exactly "{id_scope}/registrations/{reg_id}"
 /// (scope and registration id compared case-insensitively).

@@ -272,11 +272,23 @@ TEST_CASE("signature checks: wrong key, flipped byte, invalid key") {
   for (std::size_t p = lower_sig.find('%'); p != std::string::npos; p = lower_sig.find('%', p + 1))
     for (std::size_t j = p + 1; j < p + 3; ++j)
       lower_sig[j] = static_cast<char>(std::tolower(static_cast<unsigned char>(lower_sig[j])));
+  sas_token lp;
+  REQUIRE(parse_sas("SharedAccessSignature sr=" + sr + "&sig=" + lower_sig + "&se=" + se_ok, lp).ok());
+  CHECK(signature_matches(lp, key));
+  // A token not made by parse_sas has its sig decoded on the spot.
   sas_token l = t;
+  l.sig_bytes.reset();
   l.sig = lower_sig;
   CHECK(signature_matches(l, key));
   l.sig = *crypto::url_decode(t.sig);
   CHECK(signature_matches(l, key));
+  l.sig = "bm90IGEgZGlnZXN0"; // base64, but not 32 bytes
+  CHECK_FALSE(signature_matches(l, key));
+
+  // With the key's bytes (a group device's derived key).
+  CHECK(signature_matches_raw(t, *crypto::base64_decode(key)));
+  CHECK_FALSE(signature_matches_raw(t, *crypto::base64_decode(other_key)));
+  CHECK_FALSE(signature_matches_raw(t, ""));
 
   // se is covered by the signature.
   sas_token moved = t;

@@ -6,6 +6,7 @@
 // control characters are escaped, invalid UTF-8 is replaced.
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 
@@ -149,13 +150,45 @@ inline void append_string(std::string& out, std::string_view s) {
   return detail::append_escaped<true>(out, s);
 }
 
+/// Appends `"key":"value"`, preceded by a comma when `comma`. The key is a
+/// trusted literal (not escaped); the value is escaped as by append_string.
+/// When nothing needs escaping (ids, hub names, timestamps) it is one append:
+/// per member of a small document, short appends cost more than the bytes.
+inline void append_member(std::string& out, bool comma, std::string_view key,
+                          std::string_view value) {
+  char buf[160];
+  if (key.size() + value.size() + 6 <= sizeof buf
+      && detail::plain_run_end(value.data(), 0, value.size()) == value.size()) {
+    char* p = buf;
+    if (comma)
+      *p++ = ',';
+    *p++ = '"';
+    std::memcpy(p, key.data(), key.size());
+    p += key.size();
+    *p++ = '"';
+    *p++ = ':';
+    *p++ = '"';
+    std::memcpy(p, value.data(), value.size());
+    p += value.size();
+    *p++ = '"';
+    out.append(buf, static_cast<std::size_t>(p - buf));
+    return;
+  }
+  if (comma)
+    out.push_back(',');
+  out.push_back('"');
+  out.append(key);
+  out.append("\":");
+  append_string(out, value);
+}
+
 /// An object being written: `{"a":1,"b":"x"}`. Keys are trusted literals.
 class object {
 public:
   explicit object(std::string& out) : out_(out) { out_.push_back('{'); }
   object& str(std::string_view key, std::string_view value) {
-    this->key(key);
-    append_string(out_, value);
+    append_member(out_, !first_, key, value);
+    first_ = false;
     return *this;
   }
   object& num(std::string_view key, int64_t value) {

@@ -26,11 +26,9 @@ namespace {
 /// does not skew it (DPS format, 7 fractional digits).
 void append_time(std::string& out) { out.append(utc_chars(now_ms()).view()); }
 
+/// Member names are literals here, so they need no escaping.
 void field(std::string& out, std::string_view name, std::string_view value) {
-  out.push_back(',');
-  append_json_string(out, name);
-  out.push_back(':');
-  append_json_string(out, value);
+  json_text::append_member(out, true, name, value);
 }
 
 std::string_view result_type(int status) {

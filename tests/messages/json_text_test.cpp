@@ -78,3 +78,29 @@ TEST_CASE("json_text strings: byte for byte nlohmann's dump() wherever the speci
   CHECK(as_literal(std::string(33, 'x') + "\xe2\x82") ==
         "\"" + std::string(33, 'x') + "\\ufffd\\ufffd\"");
 }
+
+TEST_CASE("json_text objects: one-append fields equal key and append_string, at every size") {
+  // str() writes `,"key":"value"` at once when it fits its buffer and the
+  // value needs no escaping; keys alone are buffered up to 60 bytes. Both
+  // paths, and the edges between them, must write the same text.
+  for (std::size_t klen : {1u, 59u, 60u, 61u, 100u}) {
+    for (std::size_t vlen = 0; vlen <= 170; ++vlen) {
+      for (const char* special : {"", "\"", "\xc3\xa9"}) {
+        std::string key(klen, 'k');
+        std::string value(vlen, 'v');
+        if (*special && vlen > 0)
+          value.replace(vlen / 2, 1, special);
+        std::string out;
+        json_text::object o(out);
+        o.str("first", "1").str(key, value);
+        o.close();
+        std::string expected = "{\"first\":\"1\",\"" + key + "\":";
+        json_text::append_string(expected, value);
+        expected += "}";
+        CAPTURE(klen);
+        CAPTURE(vlen);
+        REQUIRE(out == expected);
+      }
+    }
+  }
+}

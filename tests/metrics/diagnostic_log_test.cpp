@@ -130,3 +130,38 @@ TEST_CASE("append_fixed3 writes what %.3f writes") {
       REQUIRE_MESSAGE(std::abs(std::stod(a) - std::stod(b)) <= 0.0010001, v);
   }
 }
+
+TEST_CASE("diagnostic log: fields keep their text whether plain, escaped or long") {
+  auto path = temp_file();
+  const std::vector<std::string> values = {"", "plain-id.01", "quote\"and\\slash",
+                                           "tab\there", "caf\xc3\xa9", std::string(185, 'x'),
+                                           std::string(186, 'y'), std::string(400, 'z')};
+  {
+    std::unique_ptr<metrics::diagnostic_log> log;
+    REQUIRE(!metrics::diagnostic_log::open({"info", path}, log));
+    std::vector<std::string> codes; // the record holds views
+    for (const auto& v : values)
+      codes.push_back(v.empty() ? "" : "400" + v);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      const auto& v = values[i];
+      auto r = record(400, "dev");
+      r.correlation_id = v;
+      r.error_code = codes[i];
+      r.description = v;
+      log->operation(r);
+    }
+    log->flush();
+    auto lines = read_lines(path);
+    REQUIRE(lines.size() == values.size());
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      CAPTURE(values[i]);
+      CHECK(lines[i].at("correlationId") == values[i]);
+      CHECK(lines[i].at("operationName") == "DeviceRegistration");
+      if (!values[i].empty()) {
+        CHECK(lines[i].at("errorCode") == "400" + values[i]);
+        CHECK(lines[i].at("resultDescription") == values[i]);
+      }
+    }
+  }
+  std::remove(path.c_str());
+}

@@ -24,8 +24,10 @@ namespace {
 
 using ascii::iequals;
 
+/// The enrollment's view, shared with the caches it comes from (groups are
+/// in memory; attestation just parsed an individual one) instead of copied.
 error load_view(const engine_context& ctx, const registration_event& ev,
-                enrollment::enrollment_view& v) {
+                std::shared_ptr<const enrollment::enrollment_view>& out) {
   auto individual = ev.enrollment_group_id.empty();
   if (!individual) {
     // Groups are few and already in memory (attestation needs them all), so
@@ -34,7 +36,7 @@ error load_view(const engine_context& ctx, const registration_event& ev,
     auto key = enrollment::key_of(ev.enrollment_group_id);
     for (const auto& g : *groups)
       if (enrollment::key_of(g.id) == key) {
-        v = g;
+        out = std::shared_ptr<const enrollment::enrollment_view>(groups, &g);
         return {};
       }
     return {error_code::enrollment_group_not_found,
@@ -43,22 +45,22 @@ error load_view(const engine_context& ctx, const registration_event& ev,
   }
   // Attestation just parsed this enrollment; reuse it unless any enrollment
   // changed since.
-  if (ctx.views.lookup(enrollment::key_of(ev.registration_id),
-                       ctx.enrollment_generation.load(), v))
+  if ((out = ctx.views.lookup(enrollment::key_of(ev.registration_id),
+                              ctx.enrollment_generation.load())))
     return {};
   std::optional<std::string> raw;
-  auto family = individual ? storage::cf::enrollments : storage::cf::groups;
-  auto id = individual ? ev.registration_id : ev.enrollment_group_id;
-  if (auto err = ctx.store->get(family, enrollment::key_of(id), raw))
+  if (auto err = ctx.store->get(storage::cf::enrollments,
+                                enrollment::key_of(ev.registration_id), raw))
     return err;
   if (!raw)
-    return {individual ? error_code::enrollment_not_found
-                       : error_code::enrollment_group_not_found,
-            (individual ? "individual enrollment '" : "enrollment group '") + id
+    return {error_code::enrollment_not_found,
+            "individual enrollment '" + ev.registration_id
               + "' was deleted while the registration was in progress"};
-  return enrollment::view_of_text(individual ? enrollment::kind::individual
-                                             : enrollment::kind::group,
-                                  *raw, v);
+  enrollment::enrollment_view v;
+  if (auto err = enrollment::view_of_text(enrollment::kind::individual, *raw, v))
+    return err;
+  out = std::make_shared<const enrollment::enrollment_view>(std::move(v));
+  return {};
 }
 
 /// Candidate hubs: the enrollment's iotHubs (restricted to linked hubs), else
@@ -76,17 +78,18 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
 }
 
 error allocate(const engine_context& ctx, registration_event& ev) {
-  enrollment::enrollment_view v;
-  if (auto err = load_view(ctx, ev, v)) {
+  std::shared_ptr<const enrollment::enrollment_view> vp;
+  if (auto err = load_view(ctx, ev, vp)) {
     // Kafka: the enrollment may have been written through another instance
     // a moment ago (the device was attested there); catch up once first.
     bool missing = err.code == error_code::enrollment_not_found
                    || err.code == error_code::enrollment_group_not_found;
     if (!missing || !ctx.kafka() || ctx.repl->catch_up_enrollments(5000))
       return err;
-    if (auto again = load_view(ctx, ev, v))
+    if (auto again = load_view(ctx, ev, vp))
       return again;
   }
+  const enrollment::enrollment_view& v = *vp;
   auto hubs = candidates(ctx, v);
   std::string hub;
   const auto& policy = v.allocation_policy;

@@ -92,14 +92,14 @@ private:
 /// Entries count only for the enrollment generation they were read in.
 class recent_views {
 public:
-  bool lookup(const std::string& key, uint64_t generation,
-              enrollment::enrollment_view& out) const {
+  /// The view, shared (not copied); null when absent or of another generation.
+  std::shared_ptr<const enrollment::enrollment_view> lookup(const std::string& key,
+                                                            uint64_t generation) const {
     std::lock_guard<std::mutex> guard{mtx_};
     auto it = map_.find(key);
     if (it == map_.end() || it->second.first != generation)
-      return false;
-    out = *it->second.second;
-    return true;
+      return nullptr;
+    return it->second.second;
   }
   void insert(std::string key, uint64_t generation, enrollment::enrollment_view v) {
     auto p = std::make_shared<const enrollment::enrollment_view>(std::move(v));

@@ -43,9 +43,10 @@ struct register_reply {
   error err;                 ///< set: reject with err (401, 404, 503, ...)
   std::string operation_id;
   /// assigning: answer 202 and let the device poll. assigned or failed: the
-  /// outcome arrived within device_api.register_wait_ms; `state` holds it.
+  /// outcome arrived within device_api.register_wait_ms; `state` holds it
+  /// (shared with the event that carried it: never null then).
   registration_status status = registration_status::assigning;
-  registration_state state;
+  std::shared_ptr<const registration_state> state;
 };
 
 class engine {

@@ -100,6 +100,9 @@ std::string_view attempted_mechanism(const register_request& req) {
                                                                   : "none";
 }
 
+/// A committed outcome, shared by the event and the answers built from it.
+using outcome_ptr = std::shared_ptr<const registration_state>;
+
 register_reply make_reply(error err) {
   register_reply r;
   r.err = std::move(err);
@@ -154,7 +157,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         && (op.status == registration_status::assigned
             || op.status == registration_status::failed)) {
       rr.status = op.status;
-      rr.state = std::move(op.state);
+      rr.state = std::make_shared<const registration_state>(std::move(op.state));
       return true;
     }
     return false;
@@ -184,12 +187,12 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   /// the classic 202 "assigning", but never before the accept is durable.
   auto answer = [st, read_outcome, record_deferred](const std::string& op_id,
                                                     register_reply_fn reply,
-                                                    const registration_state* known = nullptr) {
+                                                    outcome_ptr known = nullptr) {
     register_reply rr;
     rr.operation_id = op_id;
     if (known) {
       rr.status = known->status;
-      rr.state = *known;
+      rr.state = std::move(known);
       reply.fn(std::move(rr));
       return;
     }
@@ -207,13 +210,13 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   };
   /// Answers a held register (see answer).
   auto answer_waiter = [st, answer](const std::string& op_id,
-                                    const registration_state* known = nullptr) {
+                                    outcome_ptr known = nullptr) {
     auto it = st->waiting.find(op_id);
     if (it == st->waiting.end())
       return;
     auto reply = std::move(it->second);
     st->waiting.erase(it);
-    answer(op_id, std::move(reply), known);
+    answer(op_id, std::move(reply), std::move(known));
   };
   /// Deletes the `pending` entry of a deferred accept recorded late, once
   /// its outcome is durable (a terminal commit that came first left it).
@@ -231,8 +234,8 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   /// `known`: the committed outcome, when the caller has it.
   auto finish = [ctx, st, answer_waiter, drop_late_record](
                   const std::string& reg_key, const std::string& op_id,
-                  const registration_state* known = nullptr) {
-    answer_waiter(op_id, known);
+                  outcome_ptr known = nullptr) {
+    answer_waiter(op_id, std::move(known));
     st->handed.erase(op_id);
     if (auto d = st->deferred.find(op_id); d != st->deferred.end()) {
       if (d->second.ph == deferred_accept::phase::recording) {
@@ -548,7 +551,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       // registration.completed. Assigned results were committed by the
       // configuration stage; failures from earlier stages are settled here.
       if (ev.status != registration_status::failed) {
-        finish(enrollment::key_of(ev.registration_id), ev.operation_id, ev.outcome.get());
+        finish(enrollment::key_of(ev.registration_id), ev.operation_id, ev.outcome);
         return;
       }
       if (st->settling.count(ev.operation_id))

@@ -394,11 +394,12 @@ private:
           resp.headers.emplace_back("Retry-After", retry_after);
         return reply(std::move(resp));
       }
-      if (r.status == registration_status::assigned || r.status == registration_status::failed)
+      if ((r.status == registration_status::assigned || r.status == registration_status::failed)
+          && r.state)
         // The outcome arrived within register_wait_ms: the answer a poll
         // would give (200), so the device is done without polling. Every
         // official SDK (Node, C, Python, embedded C) accepts it on register.
-        return reply(json_response(200, operation_status_text(r.operation_id, r.state)));
+        return reply(json_response(200, operation_status_text(r.operation_id, *r.state)));
       // Otherwise always "assigning" on the 202 (Node and Python treat
       // `disabled` in a 2xx as unknown); the first poll reports the rest.
       std::string body = "{\"operationId\":";

@@ -170,14 +170,6 @@ public:
       o.compaction_style = rocksdb::kCompactionStyleLevel;
       o.level_compaction_dynamic_level_bytes = true;
       o.table_factory = point_lookup(c) ? bloom_factory : plain_factory;
-      if (point_lookup(c)) {
-        // A bloom filter over the memtable's whole keys as well: most point
-        // reads of a registration miss (a new device has no registration
-        // record, a group's device no individual enrollment), and a miss
-        // otherwise walks the skiplist (8.6k instructions per device).
-        o.memtable_whole_key_filtering = true;
-        o.memtable_prefix_bloom_size_ratio = 0.02; // of write_buffer_size
-      }
       return o;
     };
 

@@ -179,12 +179,18 @@ private:
   static bool digit(char c) noexcept { return c >= '0' && c <= '9'; }
 
   /// JSON's number grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+  /// nlohmann also rejects a number whose value overflows a double (1e400,
+  /// 400 digits): gives up unless it is surely below 10^300.
   bool number() noexcept {
     take('-');
+    long magnitude = 0; // decimal digits before the point
     if (take('0')) {
+      magnitude = 1;
     } else if (i_ < s_.size() && digit(s_[i_])) {
-      while (i_ < s_.size() && digit(s_[i_]))
+      while (i_ < s_.size() && digit(s_[i_])) {
         ++i_;
+        ++magnitude;
+      }
     } else {
       return false;
     }
@@ -195,14 +201,22 @@ private:
         ++i_;
     }
     if (take('e') || take('E')) {
+      bool negative = false;
       if (!take('+'))
-        take('-');
+        negative = take('-');
       if (!(i_ < s_.size() && digit(s_[i_])))
         return false;
-      while (i_ < s_.size() && digit(s_[i_]))
+      long exponent = 0;
+      int digits = 0;
+      while (i_ < s_.size() && digit(s_[i_])) {
+        exponent = exponent * 10 + (s_[i_] - '0');
         ++i_;
+        if (++digits > 4)
+          return false;
+      }
+      magnitude += negative ? -exponent : exponent;
     }
-    return true;
+    return magnitude < 300;
   }
 
   template <class F>

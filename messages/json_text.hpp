@@ -163,12 +163,14 @@ inline void append_member(std::string& out, bool comma, std::string_view key,
     if (comma)
       *p++ = ',';
     *p++ = '"';
-    std::memcpy(p, key.data(), key.size());
+    if (!key.empty()) // (memcpy from a null data() is undefined even for 0 bytes)
+      std::memcpy(p, key.data(), key.size());
     p += key.size();
     *p++ = '"';
     *p++ = ':';
     *p++ = '"';
-    std::memcpy(p, value.data(), value.size());
+    if (!value.empty())
+      std::memcpy(p, value.data(), value.size());
     p += value.size();
     *p++ = '"';
     out.append(buf, static_cast<std::size_t>(p - buf));

@@ -601,6 +601,23 @@ TEST_CASE("enrollment: view_of_text leaves what it is unsure of to the tree") {
   tree_only(R"({"registrationId":"d","attestation":{},"x":01})");
   tree_only(R"({"registrationId":"d","attestation":{},"x":[1,]})");
   tree_only(std::string(40, '[') + std::string(40, ']'));
+  // Numbers nlohmann rejects because they overflow a double.
+  for (const std::string& n : std::vector<std::string>{"1e400", "-1e400", "1E+309", std::string(400, '7'),
+                              "1e99999"}) {
+    auto text = R"({"registrationId":"d","attestation":{"type":"none"},"x":)" + n + "}";
+    tree_only(text);
+    CHECK(en::view_of_text(k, text, v).code == error_code::storage_failure);
+  }
+  // Large but finite, and underflow (to 0, which nlohmann accepts): read.
+  for (const std::string& n :
+       std::vector<std::string>{"1e298", std::string(299, '7'), "1e-400", "-0.0e0", "123.456E-7"}) {
+    auto text = R"({"registrationId":"d","attestation":{"type":"none"},"x":[)" + n + "]}";
+    CAPTURE(text);
+    en::enrollment_view fast, tree;
+    CHECK(en::scan_view(k, text, fast));
+    REQUIRE(tree_view(k, text, tree));
+    CHECK(same_view(fast, tree));
+  }
 
   // The answers stay those of the tree path.
   CHECK(en::view_of_text(k, "not json", v).code == error_code::storage_failure);

@@ -771,34 +771,42 @@ nlohmann::json report(std::ostream& out, const std::string& title, const load_re
   return j;
 }
 
+/// After a bulk load, waits until the servers are idle (under 5% of a core
+/// over half a second, at most `limit_s`): RocksDB compacts what was just
+/// written, and that CPU belongs to the load, not to the registrations
+/// measured next.
+struct settle_result {
+  bool sampled = false; ///< false: the servers' CPU cannot be read (no pid)
+  bool idle = false;
+  double waited_s = 0;
+};
+settle_result wait_until_idle(const std::vector<watched>& procs, double limit_s) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  std::vector<proc_sample> each;
+  settle_result r;
+  for (;;) {
+    auto a = sample_servers(procs, each);
+    if (!a.ok)
+      return r;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    auto b = sample_servers(procs, each);
+    r.waited_s = std::chrono::duration<double>(clock::now() - t0).count();
+    if (!b.ok)
+      return r;
+    r.sampled = true;
+    r.idle = b.cpu_seconds - a.cpu_seconds < 0.025;
+    if (r.idle || r.waited_s >= limit_s || g_interrupted.load())
+      return r;
+  }
+}
+
 /// Runs one load phase with server/machine sampling around it.
 /// `watchdog` (optional) runs with the progress tick, about 4 times a second.
 /// `run` is run_load or run_direct, given the progress tick.
 /// `run` gets the progress callback and `rebase`, which it calls when its
 /// measured phase starts (after opening connections): the resource samples
 /// then start there.
-/// After a bulk load, waits until the servers are idle (under 5% of a core
-/// over half a second, at most `limit_s`): RocksDB compacts what was just
-/// written, and that CPU belongs to the load, not to the registrations
-/// measured next. Returns the seconds waited; < 0 when not settled in time.
-double wait_until_idle(const std::vector<watched>& procs, double limit_s) {
-  if (procs.empty())
-    return 0;
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
-  std::vector<proc_sample> each;
-  for (;;) {
-    auto a = sample_servers(procs, each);
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
-    auto b = sample_servers(procs, each);
-    const double waited = std::chrono::duration<double>(clock::now() - t0).count();
-    if (!a.ok || !b.ok || b.cpu_seconds - a.cpu_seconds < 0.025)
-      return waited;
-    if (waited >= limit_s || g_interrupted.load())
-      return -waited;
-  }
-}
-
 using measured_run = std::function<load_result(const tick_fn&, const std::function<void()>&)>;
 
 load_result measured(const measured_run& run, const std::string& label,
@@ -959,7 +967,8 @@ int run(int argc, char** argv) {
   app.add_flag("--enrolled", o.enrolled,
                "With --individual-enrollments and --enrollment-key: the N enrollments exist "
                "already (a reused --data-dir or --target); register without creating them")
-      ->needs("--enrollment-key");
+      ->needs("--enrollment-key")
+      ->needs("--individual-enrollments");
   app.add_option("--nginx-bin", o.nginx_bin, "nginx for the TLS reference");
   app.add_option("--reference-count", o.reference_count,
                  "Connections for the reference (default: --devices)");
@@ -1326,14 +1335,18 @@ int run(int argc, char** argv) {
     if (r.failed || g_interrupted.load())
       any_failure = true;
     if (!o.enrolled && !g_interrupted.load()) {
-      const double waited = wait_until_idle(servers, 60);
+      const auto settle = wait_until_idle(servers, 60);
       char buf[160];
-      std::snprintf(buf, sizeof buf,
-                    waited >= 0 ? "server idle %.1f s after the load (background compaction)"
-                                : "server still busy %.1f s after the load; measuring anyway",
-                    waited >= 0 ? waited : -waited);
+      if (!settle.sampled)
+        std::snprintf(buf, sizeof buf, "server CPU not readable; not waiting for it to settle");
+      else
+        std::snprintf(buf, sizeof buf,
+                      settle.idle ? "server idle %.1f s after the load (background compaction)"
+                                  : "server still busy %.1f s after the load; measuring anyway",
+                      settle.waited_s);
       log(buf);
-      out_json["enrollment_settle_seconds"] = waited;
+      if (settle.sampled)
+        out_json["enrollment_settle_seconds"] = settle.idle ? settle.waited_s : -settle.waited_s;
     }
     if (r.succeeded + r.existing < n) {
       log("not all enrollments were created; stopping");

@@ -329,7 +329,9 @@ std::optional<sha256_digest> derive_device_key_raw(std::string_view group_key_b6
                                                    std::string_view registration_id) {
   // A group key derives the keys of all its devices: each thread keeps the
   // absorbed state of the last few keys (groups are few), which spares the
-  // base64 decode and two of the four SHA-256 blocks per device.
+  // base64 decode and two of the four SHA-256 blocks per device. A deleted
+  // or rotated key stays in a slot until four others replace it (or the
+  // thread ends); the process holds the live keys in memory anyway.
   struct cached_key {
     std::string b64;
     hmac_state st;

@@ -34,11 +34,14 @@ error hashed(std::string_view registration_id,
              const std::vector<candidate_hub>& hubs, bool explicit_list,
              std::string& out) {
   out.clear();
+  auto takes_part = [explicit_list](const candidate_hub& h) {
+    return !h.hostname.empty() && (explicit_list || h.apply_allocation_policy);
+  };
   // One hub taking part is the answer without hashing (a SHA-256 per hub).
   const candidate_hub* only = nullptr;
   std::size_t eligible = 0;
   for (const candidate_hub& h : hubs)
-    if (!h.hostname.empty() && (explicit_list || h.apply_allocation_policy)) {
+    if (takes_part(h)) {
       only = &h;
       ++eligible;
     }
@@ -51,8 +54,7 @@ error hashed(std::string_view registration_id,
   double best_score = 0;
   std::string best_lower;
   for (const candidate_hub& h : hubs) {
-    if (h.hostname.empty()) continue;
-    if (!explicit_list && !h.apply_allocation_policy) continue;
+    if (!takes_part(h)) continue;
     // Out-of-range weights are clamped rather than dropped: validation
     // belongs to the enrollment/hub model, allocation must stay total.
     const int w = std::clamp(h.weight, 1, 1000);

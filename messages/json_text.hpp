@@ -150,6 +150,16 @@ inline void append_string(std::string& out, std::string_view s) {
   return detail::append_escaped<true>(out, s);
 }
 
+/// Appends `"key":`, preceded by a comma when `comma`. The key is a trusted
+/// literal (not escaped).
+inline void append_key(std::string& out, bool comma, std::string_view key) {
+  if (comma)
+    out.push_back(',');
+  out.push_back('"');
+  out.append(key);
+  out.append("\":");
+}
+
 /// Appends `"key":"value"`, preceded by a comma when `comma`. The key is a
 /// trusted literal (not escaped); the value is escaped as by append_string.
 /// When nothing needs escaping (ids, hub names, timestamps) it is one append:
@@ -176,11 +186,7 @@ inline void append_member(std::string& out, bool comma, std::string_view key,
     out.append(buf, static_cast<std::size_t>(p - buf));
     return;
   }
-  if (comma)
-    out.push_back(',');
-  out.push_back('"');
-  out.append(key);
-  out.append("\":");
+  append_key(out, comma, key);
   append_string(out, value);
 }
 
@@ -218,12 +224,8 @@ public:
 
 private:
   void key(std::string_view k) {
-    if (!first_)
-      out_.push_back(',');
+    append_key(out_, !first_, k);
     first_ = false;
-    out_.push_back('"');
-    out_.append(k);
-    out_.append("\":");
   }
   std::string& out_;
   bool first_ = true;

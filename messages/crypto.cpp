@@ -340,26 +340,23 @@ std::optional<sha256_digest> derive_device_key_raw(std::string_view group_key_b6
   constexpr std::size_t slots = 4;
   thread_local cached_key cache[slots];
   thread_local std::size_t next = 0;
+  if (group_key_b64.empty()) // valid base64, but "" marks a free slot
+    return hmac_sha256("", registration_id);
   const hmac_state* st = nullptr;
   for (const auto& c : cache)
-    if (!c.b64.empty() && c.b64 == group_key_b64) {
+    if (c.b64 == group_key_b64) {
       st = &c.st;
       break;
     }
-  hmac_state uncached; // "" is valid base64 but marks a free slot: not cached
   if (st == nullptr) {
     auto key = base64_decode(group_key_b64);
     if (!key) return std::nullopt;
-    hmac_state* target = &uncached;
-    if (!group_key_b64.empty()) {
-      auto& slot = cache[next++ % slots];
-      OPENSSL_cleanse(slot.b64.data(), slot.b64.size());
-      slot.b64.assign(group_key_b64);
-      target = &slot.st;
-    }
-    hmac_init(*target, *key);
+    auto& slot = cache[next++ % slots];
+    OPENSSL_cleanse(slot.b64.data(), slot.b64.size());
+    slot.b64.assign(group_key_b64);
+    hmac_init(slot.st, *key);
     OPENSSL_cleanse(key->data(), key->size());
-    st = target;
+    st = &slot.st;
   }
   return hmac_finish(*st, registration_id);
 }

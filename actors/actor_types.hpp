@@ -13,6 +13,7 @@ namespace prov {
 
 // -- atoms --------------------------------------------------------------------
 using accepted_atom = caf::atom_constant<caf::atom("accepted")>;
+using allocated_atom = caf::atom_constant<caf::atom("allocated")>;
 using attest_atom = caf::atom_constant<caf::atom("attest")>;
 using bulk_atom = caf::atom_constant<caf::atom("bulk")>;
 using committed_atom = caf::atom_constant<caf::atom("committed")>;
@@ -29,17 +30,19 @@ using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
 using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 
+// The credential is left out: it must never reach a log.
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, register_request& x) {
-  return f(x.id_scope, x.registration_id, x.api_version, x.authorization,
-           x.payload_json, x.force_registration, x.protocol, x.client_ip,
-           x.correlation_id);
+  return f(x.id_scope, x.registration_id, x.api_version, x.payload_json,
+           x.force_registration, x.protocol, x.client_ip, x.correlation_id);
 }
 
+namespace attestation {
 template <class Inspector>
-typename Inspector::result_type inspect(Inspector& f, attestation_result& x) {
-  return f(x.err, x.attestation_type, x.enrollment_group_id, x.enabled);
+typename Inspector::result_type inspect(Inspector& f, verdict& x) {
+  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge);
 }
+} // namespace attestation
 
 /// Callback holders: replies leave the actor world through these (the gateway
 /// is not an actor). Never serialized, so whitelisted as unsafe types.

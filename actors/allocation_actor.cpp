@@ -1,7 +1,9 @@
-// Allocation stage: picks the hub (hashed or static), the device id and the
-// initial twin, and decides reprovisioning against the existing record.
+// Allocation stage: picks the hub with the enrollment's policy
+// (actors/allocation/policy.hpp), the device id and the initial twin, and
+// decides reprovisioning against the existing record.
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.attested;
+//          (allocated_atom, allocation_job) a policy's answer that came later;
 //          (handoff_atom, registration_event), tests: a delayed hand-off onward.
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
@@ -12,6 +14,7 @@
 //          process with this ack instead.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
+#include <atomic>
 #include <cstdio>
 
 
@@ -77,42 +80,35 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
   return out;
 }
 
-error allocate(const engine_context& ctx, registration_event& ev) {
-  std::shared_ptr<const enrollment::enrollment_view> vp;
-  if (auto err = load_view(ctx, ev, vp)) {
+/// What the policy decides on: the enrollment and the candidate hubs.
+error prepare(const engine_context& ctx, const registration_event& ev,
+              allocation::request& in) {
+  if (auto err = load_view(ctx, ev, in.enrollment)) {
     // Kafka: the enrollment may have been written through another instance
     // a moment ago (the device was attested there); catch up once first.
     bool missing = err.code == error_code::enrollment_not_found
                    || err.code == error_code::enrollment_group_not_found;
     if (!missing || !ctx.kafka() || ctx.repl->catch_up_enrollments(5000))
       return err;
-    if (auto again = load_view(ctx, ev, vp))
+    if (auto again = load_view(ctx, ev, in.enrollment))
       return again;
   }
-  const enrollment::enrollment_view& v = *vp;
-  auto hubs = candidates(ctx, v);
-  std::string hub;
-  const auto& policy = v.allocation_policy;
-  if (policy == "static") {
-    if (auto err = allocation::static_hub(hubs, hub))
-      return {error_code::no_hub_available,
-              "static allocation: the enrollment must name exactly one linked hub"};
-  } else if (policy == "custom") {
-    return {error_code::no_hub_available,
-            "custom allocation (webhook) is not supported by this provisiond version"};
-  } else {
-    // hashed, and geoLatency until client location is modelled: both are a
-    // weighted deterministic choice among the candidates.
-    if (auto err = allocation::hashed(ev.registration_id, hubs, !v.iot_hubs.empty(), hub))
-      return {error_code::no_hub_available,
-              ctx.hubs.empty()
-                ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
-                : "no linked IoT hub is available for this enrollment"};
-  }
-  // Reprovisioning against the existing record.
+  const enrollment::enrollment_view& v = *in.enrollment;
+  in.registration_id = ev.registration_id;
+  in.candidates = candidates(ctx, v);
+  in.explicit_list = !v.iot_hubs.empty();
+  in.linked_hubs = ctx.hubs.size();
+  in.payload_json = ev.payload_json;
+  return {};
+}
+
+/// After the policy chose `hub`: reprovisioning against the device's
+/// existing record, the device id and the twin.
+error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
+             registration_event& ev, std::string hub) {
   std::optional<std::string> raw;
   registration_state prev;
-  ev.substatus = "initialAssignment";
+  ev.substatus = to_string(assignment_substatus::initial_assignment);
   const auto generation = ctx.registration_generation.load();
   if (auto err = ctx.store->get(storage::cf::registrations,
                                 enrollment::key_of(ev.registration_id), raw))
@@ -130,16 +126,18 @@ error allocate(const engine_context& ctx, registration_event& ev) {
   }
   if (had_prev && prev.status == registration_status::assigned
       && !prev.assigned_hub.empty()) {
-    if (!v.update_hub_assignment) {
+    const bool same_hub = iequals(prev.assigned_hub, hub);
+    if (!v.update_hub_assignment)
       hub = prev.assigned_hub; // sticky: never re-provision
-      ev.substatus = prev.substatus.empty() ? "initialAssignment" : prev.substatus;
-    } else if (!iequals(prev.assigned_hub, hub)) {
-      ev.substatus = v.migrate_device_data ? "deviceDataMigrated" : "deviceDataReset";
+    if (!v.update_hub_assignment || same_hub) {
+      if (!prev.substatus.empty())
+        ev.substatus = prev.substatus;
     } else {
-      ev.substatus = prev.substatus.empty() ? "initialAssignment" : prev.substatus;
+      ev.substatus = to_string(v.migrate_device_data ? assignment_substatus::device_data_migrated
+                                                     : assignment_substatus::device_data_reset);
     }
   }
-  ev.assigned_hub = hub;
+  ev.assigned_hub = std::move(hub);
   ev.device_id = (ev.enrollment_group_id.empty() && !v.device_id.empty())
                    ? v.device_id
                    : ev.registration_id;
@@ -157,6 +155,120 @@ error allocate(const engine_context& ctx, registration_event& ev) {
 
 } // namespace
 
+/// One input while its policy decides: the policy may answer during its call
+/// or later from another thread; whichever of (answer, return) comes second
+/// goes on, a late answer through the actor's mailbox.
+struct allocation_job {
+  registration_event ev;
+  event_ack ack;
+  std::chrono::steady_clock::time_point start;
+  std::shared_ptr<const enrollment::enrollment_view> view;
+  error err;
+  std::string hub;
+  std::atomic<bool> first_arrived{false};
+};
+
+} // namespace prov
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::shared_ptr<prov::allocation_job>)
+
+namespace prov {
+
+namespace {
+
+/// Emits the job's outcome: registration.allocated, or registration.completed
+/// when it failed.
+void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocation_job& job) {
+  auto& ev = job.ev;
+  auto& ack = job.ack;
+  error err = std::move(job.err);
+  if (!err)
+    err = finish(*ctx, *job.view, ev, std::move(job.hub));
+  ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(job.start));
+  auto next = transport::topic::registration_allocated;
+  if (err) {
+    ev.status = registration_status::failed;
+    ev.error_code = static_cast<int32_t>(err.code);
+    ev.error_message = err.message;
+    ev.completed_ms = ctx->kafka() ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
+                                   : now_ms();
+    next = transport::topic::registration_completed;
+  }
+  if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
+    if (ctx->opts.test_pipeline_delay_ms > 0 && !err)
+      self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
+                         handoff_atom::value, std::move(ev));
+    else
+      ctx->bus->publish(next, std::move(ev));
+    ack();
+    return;
+  }
+  if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
+    // Fused with configuration: it acks this input once its effect is
+    // durable, and retries on its own.
+    local(std::move(ev), std::move(ack.fn));
+    return;
+  }
+  // A failed publish is retried: the input (attested) is allocated
+  // again in 1 s with its ack. A weak handle, as the producer may hold
+  // the callback until its message timeout.
+  auto input = std::make_shared<std::pair<registration_event, event_ack>>(ev, ack);
+  input->first.status = registration_status::assigning;
+  input->first.error_code = 0;
+  input->first.error_message.clear();
+  caf::weak_actor_ptr weak{self->ctrl()};
+  auto* m = ctx->metrics;
+  ctx->bus->publish_durable(next, std::move(ev), [input, weak, m, stats = ctx->kafka_stats](
+                                                   const error& e) {
+    if (!e) {
+      input->second();
+      return;
+    }
+    std::fprintf(stderr, "provisiond: allocation of %s: publish failed (retrying in 1 s): %s\n",
+                 input->first.operation_id.c_str(), e.message.c_str());
+    stats->publish_retries.fetch_add(1);
+    if (auto strong = weak.lock()) {
+      m->stage_enqueued(metrics::stage::allocation);
+      caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
+                             event_atom::value, std::move(input->first),
+                             std::move(input->second));
+    }
+  });
+}
+
+/// Runs the enrollment's policy on the job; emits now when it answers now.
+void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
+              std::shared_ptr<allocation_job> job) {
+  allocation::request in;
+  if (auto err = prepare(*ctx, job->ev, in)) {
+    job->err = std::move(err);
+    emit(self, ctx, *job);
+    return;
+  }
+  job->view = in.enrollment;
+  const auto kind = job->view->allocation.value_or(allocation_policy::hashed);
+  const allocation::policy* policy = ctx->policies.find(kind);
+  if (policy == nullptr) {
+    job->err = {error_code::no_hub_available, std::string(to_string(kind))
+                                                + " allocation is not supported by this "
+                                                  "provisiond version"};
+    emit(self, ctx, *job);
+    return;
+  }
+  caf::weak_actor_ptr weak{self->ctrl()};
+  policy->allocate(in, [job, weak](error err, std::string hub) {
+    job->err = std::move(err);
+    job->hub = std::move(hub);
+    if (job->first_arrived.exchange(true)) // answered after allocate() returned
+      if (auto strong = weak.lock())
+        caf::anon_send(caf::actor_cast<caf::actor>(strong), allocated_atom::value, job);
+  });
+  if (job->first_arrived.exchange(true)) // answered during the call
+    emit(self, ctx, *job);
+}
+
+} // namespace
+
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
     [ctx](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
@@ -164,58 +276,14 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
     },
     [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
-      auto start = std::chrono::steady_clock::now();
-      auto err = allocate(*ctx, ev);
-      ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
-      auto next = transport::topic::registration_allocated;
-      if (err) {
-        ev.status = registration_status::failed;
-        ev.error_code = static_cast<int32_t>(err.code);
-        ev.error_message = err.message;
-        ev.completed_ms = ctx->kafka() ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
-                                       : now_ms();
-        next = transport::topic::registration_completed;
-      }
-      if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
-        if (ctx->opts.test_pipeline_delay_ms > 0 && !err)
-          self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
-                             handoff_atom::value, std::move(ev));
-        else
-          ctx->bus->publish(next, std::move(ev));
-        ack();
-        return;
-      }
-      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
-        // Fused with configuration: it acks this input once its effect is
-        // durable, and retries on its own.
-        local(std::move(ev), std::move(ack.fn));
-        return;
-      }
-      // A failed publish is retried: the input (attested) is allocated
-      // again in 1 s with its ack. A weak handle, as the producer may hold
-      // the callback until its message timeout.
-      auto input = std::make_shared<std::pair<registration_event, event_ack>>(ev, ack);
-      input->first.status = registration_status::assigning;
-      input->first.error_code = 0;
-      input->first.error_message.clear();
-      caf::weak_actor_ptr weak{self->ctrl()};
-      auto* m = ctx->metrics;
-      ctx->bus->publish_durable(next, std::move(ev), [input, weak, m, stats = ctx->kafka_stats](
-                                                       const error& e) {
-        if (!e) {
-          input->second();
-          return;
-        }
-        std::fprintf(stderr, "provisiond: allocation of %s: publish failed (retrying in 1 s): %s\n",
-                     input->first.operation_id.c_str(), e.message.c_str());
-        stats->publish_retries.fetch_add(1);
-        if (auto strong = weak.lock()) {
-          m->stage_enqueued(metrics::stage::allocation);
-          caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
-                                 event_atom::value, std::move(input->first),
-                                 std::move(input->second));
-        }
-      });
+      auto job = std::make_shared<allocation_job>();
+      job->ev = std::move(ev);
+      job->ack = std::move(ack);
+      job->start = std::chrono::steady_clock::now();
+      allocate(self, ctx, std::move(job));
+    },
+    [self, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
+      emit(self, ctx, *job);
     },
   };
 }

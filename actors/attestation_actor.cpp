@@ -1,5 +1,6 @@
-// Attestation stage: proves a device's identity. Symmetric keys only for now
-// (X.509 and TPM come later): individual enrollment first, then groups.
+// Attestation stage: proves a device's identity with the mechanism that reads
+// its credential (actors/attestation/mechanism.hpp): the individual
+// enrollment first, then the groups.
 //
 // attest() is a thread-safe function: the engine calls it on the gateway's
 // I/O thread for HTTP registers (two mailbox hops fewer per device). The actor
@@ -8,7 +9,7 @@
 // registration.attested, or registration.completed (failed or disabled).
 // The device's credential travels only on registration.requested: it is
 // dropped here and never stored or published further.
-// Accepts: (attest_atom, register_request) -> attestation_result
+// Accepts: (attest_atom, register_request) -> attestation::verdict
 //          (event_atom, registration_event, event_ack) from registration.requested
 // Acks:    when the published event is durable (as allocation does); fused
 //          with a local allocation stage (kafka.fuse_stages, requests that
@@ -17,121 +18,83 @@
 
 #include <cstdio>
 
-#include <openssl/crypto.h>
-
-
 #include "actors/actor_types.hpp"
-#include "actors/attestation/sas_token.hpp"
-#include "messages/crypto.hpp"
 
 namespace prov {
 
+using attestation::verdict;
+
 namespace {
 
-attestation_result reject(error_code code, std::string msg) {
-  attestation_result r;
-  r.err = error{code, std::move(msg)};
-  return r;
-}
-
-attestation_result verify_credential(const engine_context& ctx, const register_request& req,
-                                     const attestation::sas_token& tok, uint64_t generation);
+verdict check(const engine_context& ctx, const register_request& req,
+              const attestation::mechanism& mech, const attestation::proof& p,
+              uint64_t generation);
 
 } // namespace
 
-attestation_result attest(const engine_context& ctx, const register_request& req) {
-  using attestation::sas_token;
-  const auto& api = ctx.opts.cfg.device_api;
-  if (req.authorization.empty())
-    return reject(error_code::unauthorized,
-                  "missing Authorization header: symmetric key devices send a "
-                  "SharedAccessSignature (X.509 and TPM attestation are not supported yet)");
-  sas_token tok;
-  if (auto err = attestation::parse_sas(req.authorization, tok))
-    return reject(err.code, err.message);
-  attestation::sas_limits limits;
-  limits.now = now_ms() / 1000;
-  limits.max_lifetime = api.max_sas_lifetime_seconds;
-  limits.clock_skew = api.clock_skew_seconds;
-  if (auto err = attestation::check_expiry(tok, limits))
-    return reject(error_code::unauthorized_signature, err.message);
-  if (!attestation::device_resource_matches(tok, req.id_scope, req.registration_id))
-    return reject(error_code::unauthorized_signature,
-                  "token resource (sr) does not name " + req.id_scope + "/registrations/"
-                    + req.registration_id);
-  // Keyed on the exact scope, registration id and token: the resource check
-  // is case-insensitive but a group's device key derives from the id as
-  // written, so "DEV-A" must not reuse the verdict for "dev-a".
+verdict attest(const engine_context& ctx, const register_request& req) {
+  const attestation::mechanism* mech = ctx.mechanisms.reading(req.credential);
+  if (mech == nullptr)
+    return verdict::rejected(
+      error_code::unauthorized,
+      std::holds_alternative<std::monostate>(req.credential)
+        ? "missing Authorization header: symmetric key devices send a "
+          "SharedAccessSignature (X.509 and TPM attestation are not supported yet)"
+        : "this server does not accept this kind of credential");
+  attestation::request_facts facts;
+  facts.id_scope = req.id_scope;
+  facts.registration_id = req.registration_id;
+  facts.now_s = now_ms() / 1000;
+  std::unique_ptr<attestation::proof> p;
+  if (auto err = mech->open(req.credential, facts, p))
+    return verdict::rejected(err.code, std::move(err.message));
+  // Keyed on the exact scope, registration id and credential: a resource
+  // check may be case-insensitive but a group's device key derives from the
+  // id as written, so "DEV-A" must not reuse the verdict for "dev-a".
   const auto generation = ctx.enrollment_generation.load();
+  const std::string_view identity = p->identity();
   std::string cache_key;
-  cache_key.reserve(req.id_scope.size() + req.registration_id.size()
-                    + req.authorization.size() + 2);
-  cache_key.append(req.id_scope).append(1, '\n').append(req.registration_id)
-    .append(1, '\n').append(req.authorization);
-  attestation_result cached;
-  if (ctx.verified.lookup(cache_key, limits.now, generation, cached))
-    return cached;
-  auto r = verify_credential(ctx, req, tok, generation);
-  if (!r.err)
-    ctx.verified.insert(std::move(cache_key), tok.expiry, generation, r);
-  return r;
+  if (!identity.empty()) {
+    cache_key.reserve(req.id_scope.size() + req.registration_id.size() + identity.size() + 2);
+    cache_key.append(req.id_scope).append(1, '\n').append(req.registration_id)
+      .append(1, '\n').append(identity);
+    verdict cached;
+    if (ctx.verified.lookup(cache_key, facts.now_s, generation, cached))
+      return cached;
+  }
+  auto v = check(ctx, req, *mech, *p, generation);
+  if (v.is_accepted() && !identity.empty())
+    ctx.verified.insert(std::move(cache_key), p->valid_until(), generation, v);
+  return v;
 }
 
 namespace {
 
-attestation_result verify_credential(const engine_context& ctx, const register_request& req,
-                                     const attestation::sas_token& tok, uint64_t generation) {
+verdict check(const engine_context& ctx, const register_request& req,
+              const attestation::mechanism& mech, const attestation::proof& p,
+              uint64_t generation) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
   //    disabled individual enrollment blocks one device of a group).
   std::optional<std::string> doc;
   if (auto err = ctx.store->get(storage::cf::enrollments,
                                 enrollment::key_of(req.registration_id), doc))
-    return reject(error_code::storage_failure, err.message);
+    return verdict::rejected(error_code::storage_failure, std::move(err.message));
   if (doc) {
     enrollment::enrollment_view v;
     if (auto err = enrollment::view_of_text(enrollment::kind::individual, *doc, v))
-      return reject(error_code::storage_failure, err.message);
-    if (v.attestation_type != "symmetricKey")
-      return reject(error_code::unauthorized_signature,
-                    "the enrollment for this registration id uses " + v.attestation_type
-                      + " attestation, not symmetricKey");
-    if (!attestation::signature_matches(tok, v.primary_key)
-        && (v.secondary_key.empty() || !attestation::signature_matches(tok, v.secondary_key)))
-      return reject(error_code::unauthorized_signature,
-                    "signature mismatch: the token is not signed with the individual "
-                    "enrollment's primary or secondary key");
-    attestation_result r;
-    r.attestation_type = "symmetricKey";
-    r.enabled = v.enabled;
-    ctx.views.insert(enrollment::key_of(req.registration_id), generation, std::move(v));
+      return verdict::rejected(error_code::storage_failure, std::move(err.message));
+    if (type_of(v.attestation) != mech.type())
+      return verdict::rejected(error_code::unauthorized_signature,
+                               "the enrollment for this registration id uses "
+                                 + std::string(to_string(type_of(v.attestation)))
+                                 + " attestation, not " + std::string(to_string(mech.type())));
+    auto r = p.check_individual(v);
+    if (r.is_accepted())
+      ctx.views.insert(enrollment::key_of(req.registration_id), generation, std::move(v));
     return r;
   }
-  // 2. Groups: the device key is HMAC(group key, registration id).
-  auto groups = ctx.groups.get();
-  for (const auto& g : *groups) {
-    if (g.attestation_type != "symmetricKey")
-      continue;
-    for (const auto* key : {&g.primary_key, &g.secondary_key}) {
-      if (key->empty())
-        continue;
-      auto dk = crypto::derive_device_key_raw(*key, req.registration_id);
-      const bool match =
-        dk && attestation::signature_matches_raw(
-                tok, std::string_view(reinterpret_cast<const char*>(dk->data()), dk->size()));
-      if (dk)
-        OPENSSL_cleanse(dk->data(), dk->size());
-      if (match) {
-        attestation_result r;
-        r.attestation_type = "symmetricKey";
-        r.enrollment_group_id = g.id;
-        r.enabled = g.enabled;
-        return r;
-      }
-    }
-  }
-  return reject(error_code::unauthorized_signature,
-                "no enrollment matches: no individual enrollment for this registration "
-                "id, and no enrollment group key derives a matching signature");
+  // 2. Groups, as the mechanism orders them.
+  return p.check_groups(*ctx.groups.get());
 }
 
 } // namespace
@@ -155,7 +118,7 @@ bool valid_operation_id(std::string_view id) { return enrollment::valid_registra
 /// A registration.requested event: attest it and build what goes on. `out`
 /// never carries the credential; the error is the failed completion's.
 error attest_requested(const engine_context& ctx, registration_event& in,
-                       registration_event& out, attestation_result& r, bool& attested) {
+                       registration_event& out, verdict& r, bool& attested) {
   attested = false;
   out = registration_event{};
   out.registration_id = in.registration_id;
@@ -167,7 +130,7 @@ error attest_requested(const engine_context& ctx, registration_event& in,
   // reproduces it.
   out.accepted_ms = in.accepted_ms > 0 ? in.accepted_ms : now_ms();
   register_request req;
-  req.authorization = std::move(in.authorization);
+  req.credential = credential_of_authorization(std::move(in.authorization));
   in.authorization.clear();
   bool own_op = !in.operation_id.empty() && valid_operation_id(in.operation_id);
   out.operation_id = own_op ? in.operation_id : new_operation_id(ctx.instance_hex);
@@ -193,7 +156,7 @@ error attest_requested(const engine_context& ctx, registration_event& in,
     // The enrollment may have been written through another instance a
     // moment ago (a factory creates the group, then publishes).
     r = attest(ctx, req);
-  req.authorization.clear();
+  req.credential = std::monostate{};
   attested = true;
   return r.err;
 }
@@ -212,7 +175,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       auto* m = ctx->metrics;
       m->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
-      const bool had_credential = in.authorization.rfind("SharedAccessSignature", 0) == 0;
+      const auto tried = ctx->mechanisms.attempted(credential_of_authorization(in.authorization));
       if (!in.operation_id.empty() && assigned_by(*ctx, in.registration_id, in.operation_id)) {
         // A republished or redelivered request whose operation already
         // assigned the device: nothing to do (its outcome is on
@@ -223,15 +186,12 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
         return;
       }
       registration_event ev;
-      attestation_result r;
+      verdict r;
       bool attested = false;
       auto err = attest_requested(*ctx, in, ev, r, attested);
       m->stage_latency(metrics::stage::attestation, seconds_since(start));
       if (attested)
-        m->attestation_attempt(!err,
-                               err ? (had_credential ? "symmetricKey" : "none")
-                                   : std::string_view(r.attestation_type),
-                               ev.protocol);
+        m->attestation_attempt(!err, to_string(err ? tried : r.type), ev.protocol);
       auto next = transport::topic::registration_attested;
       if (err) {
         m->registration_attempt("rejected", "", ev.protocol);
@@ -241,7 +201,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
         ev.completed_ms = ev.accepted_ms; // as reproducible as the input
         next = transport::topic::registration_completed;
       } else {
-        ev.attestation_type = r.attestation_type;
+        ev.attestation_type = to_string(r.type);
         ev.enrollment_group_id = r.enrollment_group_id;
         ev.attested_ms = ev.accepted_ms;
         if (!r.enabled) {

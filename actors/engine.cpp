@@ -7,6 +7,8 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/allocation/allocation_policy.hpp"
+#include "actors/attestation/symmetric_key.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_bus.hpp"
@@ -478,8 +480,16 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     ctx->bus = transport::make_inprocess_bus();
   }
   for (const auto& h : opts.cfg.hubs)
-    ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy});
+    ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region});
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
+  ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
+    opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
+  auto hashed = std::make_shared<allocation::hashed_policy>();
+  ctx->policies.add(hashed);
+  // No latency is known of any hub, so every candidate is as near as
+  // another: geoLatency picks among them as hashed does.
+  ctx->policies.add_as(allocation_policy::geo_latency, hashed);
+  ctx->policies.add(std::make_shared<allocation::static_policy>());
   if (opts.metrics == nullptr)
     ctx->own_metrics = std::make_unique<metrics::instruments>();
   ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();

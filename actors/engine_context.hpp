@@ -12,7 +12,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include "actors/allocation/allocation_policy.hpp"
+#include "actors/allocation/policy.hpp"
+#include "actors/attestation/mechanism.hpp"
 #include "actors/engine.hpp"
 #include "actors/enrollment/enrollment_model.hpp"
 #include "actors/replication.hpp"
@@ -42,24 +43,15 @@ private:
   snapshot groups_ = std::make_shared<std::vector<enrollment::enrollment_view>>();
 };
 
-/// Outcome of attestation, stored with the accepted operation so resuming
-/// after a restart never needs the device's credential again.
-struct attestation_result {
-  error err;
-  std::string attestation_type;    ///< "symmetricKey"
-  std::string enrollment_group_id; ///< "" for individual enrollments
-  bool enabled = true;
-};
-
-/// Tokens that passed attestation, so a device's polls (which repeat the
-/// token of its PUT) skip the HMAC work. An entry is used only while the token
+/// Credentials that passed attestation, so a device's polls (which repeat
+/// the token of its PUT) skip the HMAC work. An entry is used only while the token
 /// has not expired and no enrollment changed since it was verified (the
 /// generation counter), so revoking or rotating a key takes effect at once.
 /// Keys hold the exact token text: a different signature never matches.
 class verified_tokens {
 public:
   bool lookup(const std::string& key, int64_t now_s, uint64_t generation,
-              attestation_result& out) const {
+              attestation::verdict& out) const {
     std::lock_guard<std::mutex> guard{mtx_};
     auto it = map_.find(key);
     if (it == map_.end() || it->second.generation != generation
@@ -69,7 +61,7 @@ public:
     return true;
   }
   void insert(std::string key, int64_t expiry_s, uint64_t generation,
-              const attestation_result& r) {
+              const attestation::verdict& r) {
     std::lock_guard<std::mutex> guard{mtx_};
     if (map_.size() >= max_entries)
       map_.clear(); // crude but bounded; a miss only costs a re-verification
@@ -81,7 +73,7 @@ private:
   struct entry {
     int64_t expiry_s;
     uint64_t generation;
-    attestation_result result;
+    attestation::verdict result;
   };
   mutable std::mutex mtx_;
   std::unordered_map<std::string, entry> map_;
@@ -134,6 +126,8 @@ struct engine_context {
   /// Kafka mode: the shared state topics (null in embedded mode).
   std::unique_ptr<replication> repl;
   group_cache groups;
+  attestation::registry mechanisms; ///< built at start, read-only after
+  allocation::registry policies;    ///< built at start, read-only after
   std::vector<allocation::candidate_hub> hubs;
   std::string instance_hex; ///< 16 hex digits, part of operation ids
   std::atomic<int64_t> inflight{0};
@@ -189,8 +183,9 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-/// Verifies the credential of a register/poll request against the individual
-/// enrollment (first) or the enrollment groups. Read-only; any thread.
-attestation_result attest(const engine_context& ctx, const register_request& req);
+/// Verifies the credential of a register/poll request with its mechanism:
+/// against the individual enrollment (first) or the enrollment groups.
+/// Read-only; any thread.
+attestation::verdict attest(const engine_context& ctx, const register_request& req);
 
 } // namespace prov

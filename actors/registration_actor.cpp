@@ -10,7 +10,7 @@
 // accept is recorded only when a 202 must go out first (deferred_accept).
 //
 // Accepts:
-//   (register_atom, register_request, attestation_result, register_reply_fn)
+//   (register_atom, register_request, attestation::verdict, register_reply_fn)
 //   (accepted_atom, registration_event)                   resume after restart
 //   (committed_atom, operation id, error)                 from the store writer
 //   (recorded_atom, operation id, error)                  a deferred accept recorded
@@ -93,12 +93,6 @@ struct registration_state_t {
   bool tick_armed = false;
   bool draining = false; ///< shutting down: nothing is parked any more
 };
-
-/// The mechanism a rejected request tried, for the attestation metric.
-std::string_view attempted_mechanism(const register_request& req) {
-  return req.authorization.rfind("SharedAccessSignature", 0) == 0 ? "symmetricKey"
-                                                                  : "none";
-}
 
 /// A committed outcome, shared by the event and the answers built from it.
 using outcome_ptr = std::shared_ptr<const registration_state>;
@@ -383,15 +377,14 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       }
       self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
     },
-    [=](register_atom, register_request& req, attestation_result& r,
+    [=](register_atom, register_request& req, attestation::verdict& r,
         register_reply_fn& reply) {
       auto* m = ctx->metrics;
       // Attestation already ran (on the gateway thread); count it whatever
       // happens next.
-      m->attestation_attempt(!r.err,
-                             r.err ? attempted_mechanism(req)
-                                   : std::string_view(r.attestation_type),
-                             req.protocol);
+      m->attestation_attempt(
+        !r.err, to_string(r.err ? ctx->mechanisms.attempted(req.credential) : r.type),
+        req.protocol);
       if (!ctx->accepting.load()) {
         m->throttled("shutting_down");
         m->registration_attempt("rejected", "", req.protocol);
@@ -432,7 +425,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ev.protocol = req.protocol;
       ev.accepted_ms = now_ms();
       ev.attested_ms = ev.accepted_ms;
-      ev.attestation_type = r.attestation_type;
+      ev.attestation_type = to_string(r.type);
       ev.enrollment_group_id = r.enrollment_group_id;
       ev.payload_json = req.payload_json;
       if (r.enabled && defer_accept && !st->draining) {

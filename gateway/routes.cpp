@@ -327,7 +327,7 @@ private:
     rr.id_scope = opts_.id_scope;
     rr.registration_id = *reg_id;
     rr.api_version = api->second;
-    rr.authorization = req.header("authorization");
+    rr.credential = credential_of_authorization(req.header("authorization"));
     rr.client_ip = req.client_ip;
     rr.correlation_id = tracking;
     if (kind == poll) {

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "messages/credential.hpp"
 #include "messages/error.hpp"
 
 namespace prov {
@@ -34,8 +35,8 @@ struct register_request {
   std::string id_scope;
   std::string registration_id;
   std::string api_version;
-  std::string authorization; ///< raw Authorization header ("" when absent)
-  std::string payload_json;  ///< device payload as JSON text, "" when absent
+  device_credential credential; ///< what the device presented to prove its identity
+  std::string payload_json;      ///< device payload as JSON text, "" when absent
   bool force_registration = false;
   std::string protocol = "http";
   std::string client_ip;

@@ -4,18 +4,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
 namespace prov::allocation {
 
 namespace {
 
-std::string to_lower(std::string_view s) {
-  std::string out(s);
-  for (char& c : out)
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-  return out;
-}
+using ascii::to_lower;
 
 /// u in the open interval (0, 1) from the first 53 bits of
 /// SHA-256(lower(registration_id) + "\n" + lower(hostname)).
@@ -90,6 +86,30 @@ error static_hub(const std::vector<candidate_hub>& hubs, std::string& out) {
                      std::to_string(hubs.size()) + " given"};
   out = hubs.front().hostname;
   return {};
+}
+
+void hashed_policy::allocate(const request& in, done_fn done) const {
+  std::string hub;
+  if (hashed(in.registration_id, in.candidates, in.explicit_list, hub)) {
+    done({error_code::no_hub_available,
+          in.linked_hubs == 0
+            ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
+            : "no linked IoT hub is available for this enrollment"},
+         {});
+    return;
+  }
+  done({}, std::move(hub));
+}
+
+void static_policy::allocate(const request& in, done_fn done) const {
+  std::string hub;
+  if (static_hub(in.candidates, hub)) {
+    done({error_code::no_hub_available,
+          "static allocation: the enrollment must name exactly one linked hub"},
+         {});
+    return;
+  }
+  done({}, std::move(hub));
 }
 
 } // namespace prov::allocation

@@ -1,20 +1,16 @@
 #pragma once
-// Hub allocation policies. Pure functions, deterministic: the same registration
-// id and the same candidate set (in any order) always give the same hub.
+// The hashed and static allocation policies, and the pure functions behind
+// them: deterministic, the same registration id and the same candidate set
+// (in any order) always give the same hub.
 
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "actors/allocation/policy.hpp"
 #include "messages/error.hpp"
 
 namespace prov::allocation {
-
-struct candidate_hub {
-  std::string hostname;
-  int weight = 1;                 ///< allocation_weight, 1..1000
-  bool apply_allocation_policy = true;
-};
 
 /// Weighted rendezvous (highest random weight) hashing over candidates with
 /// apply_allocation_policy = true, or over all candidates named explicitly by
@@ -30,5 +26,19 @@ struct candidate_hub {
 /// hold exactly one entry.
 [[nodiscard]] error static_hub(const std::vector<candidate_hub>& hubs,
                                std::string& out);
+
+/// "hashed": weighted rendezvous hashing over the candidates (hashed()).
+class hashed_policy final : public policy {
+public:
+  allocation_policy kind() const noexcept override { return allocation_policy::hashed; }
+  void allocate(const request& in, done_fn done) const override;
+};
+
+/// "static": the enrollment's single hub (static_hub()).
+class static_policy final : public policy {
+public:
+  allocation_policy kind() const noexcept override { return allocation_policy::static_hub; }
+  void allocate(const request& in, done_fn done) const override;
+};
 
 } // namespace prov::allocation

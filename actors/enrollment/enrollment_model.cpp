@@ -588,6 +588,53 @@ error view_bool(const json& obj, const char* name, const std::string& path, bool
   return {};
 }
 
+/// The view's attestation from attestation.type; an absent type reads as
+/// "none". The text reader gives up on tpm (its keys are read here only).
+error attestation_of(const std::string& type, symmetric_key_attestation keys, const json* att,
+                     attestation_view& out) {
+  attestation_type t = attestation_type::none;
+  if (!type.empty() && !from_string(type, t))
+    return stored("attestation.type", "unknown type '" + type + "'");
+  switch (t) {
+  case attestation_type::none:
+    out = std::monostate{};
+    break;
+  case attestation_type::symmetric_key:
+    out = std::move(keys);
+    break;
+  case attestation_type::x509:
+    out = x509_attestation{};
+    break;
+  case attestation_type::tpm: {
+    tpm_attestation tpm;
+    if (const json* o = att != nullptr ? member(*att, "tpm") : nullptr;
+        o != nullptr && o->is_object()) {
+      if (auto e = view_string(*o, "endorsementKey", "attestation.tpm.endorsementKey",
+                               tpm.endorsement_key))
+        return e;
+      if (auto e = view_string(*o, "storageRootKey", "attestation.tpm.storageRootKey",
+                               tpm.storage_root_key))
+        return e;
+    }
+    out = std::move(tpm);
+    break;
+  }
+  }
+  return {};
+}
+
+/// allocationPolicy: absent or "" is the instance default.
+error allocation_of(const std::string& policy, std::optional<allocation_policy>& out) {
+  out.reset();
+  if (policy.empty())
+    return {};
+  allocation_policy p;
+  if (!from_string(policy, p))
+    return stored("allocationPolicy", "unknown policy '" + policy + "'");
+  out = p;
+  return {};
+}
+
 error view_impl(kind k, const json& doc, enrollment_view& out) {
   if (!doc.is_object())
     return stored("document", "not an object");
@@ -602,14 +649,19 @@ error view_impl(kind k, const json& doc, enrollment_view& out) {
   const json* att = member(doc, "attestation");
   if (att == nullptr || !att->is_object())
     return stored("attestation", "missing or not an object");
-  if (auto e = view_string(*att, "type", "attestation.type", v.attestation_type))
+  std::string type;
+  if (auto e = view_string(*att, "type", "attestation.type", type))
     return e;
+  // The keys are read (and checked) whatever the type, as the text reader does.
+  symmetric_key_attestation keys;
   if (const json* sk = member(*att, "symmetricKey"); sk != nullptr && sk->is_object()) {
-    if (auto e = view_string(*sk, "primaryKey", "attestation.symmetricKey.primaryKey", v.primary_key))
+    if (auto e = view_string(*sk, "primaryKey", "attestation.symmetricKey.primaryKey", keys.primary_key))
       return e;
-    if (auto e = view_string(*sk, "secondaryKey", "attestation.symmetricKey.secondaryKey", v.secondary_key))
+    if (auto e = view_string(*sk, "secondaryKey", "attestation.symmetricKey.secondaryKey", keys.secondary_key))
       return e;
   }
+  if (auto e = attestation_of(type, std::move(keys), att, v.attestation))
+    return e;
   if (k == kind::individual)
     if (auto e = view_string(doc, "deviceId", "deviceId", v.device_id))
       return e;
@@ -618,7 +670,10 @@ error view_impl(kind k, const json& doc, enrollment_view& out) {
   if (auto e = view_string(doc, "provisioningStatus", "provisioningStatus", status))
     return e;
   v.enabled = status != "disabled";
-  if (auto e = view_string(doc, "allocationPolicy", "allocationPolicy", v.allocation_policy))
+  std::string policy;
+  if (auto e = view_string(doc, "allocationPolicy", "allocationPolicy", policy))
+    return e;
+  if (auto e = allocation_of(policy, v.allocation))
     return e;
 
   if (const json* hubs = member(doc, "iotHubs")) {
@@ -700,6 +755,14 @@ int64_t floor_div(int64_t a, int64_t b) {
 
 } // namespace
 
+bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestation& b) {
+  return a.primary_key == b.primary_key && a.secondary_key == b.secondary_key;
+}
+bool operator==(const x509_attestation&, const x509_attestation&) { return true; }
+bool operator==(const tpm_attestation& a, const tpm_attestation& b) {
+  return a.endorsement_key == b.endorsement_key && a.storage_root_key == b.storage_root_key;
+}
+
 std::string key_of(std::string_view id) { return ascii::to_lower(id); }
 
 bool valid_registration_id(std::string_view id) { return valid_id(id); }
@@ -751,7 +814,8 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
     return once(m) && (r.null() || r.boolean(out));
   };
   const std::string_view id_name = k == kind::individual ? "registrationId" : "enrollmentGroupId";
-  std::string status;
+  std::string status, type, policy;
+  symmetric_key_attestation keys;
   bool ok = r.object([&](std::string_view key) {
     if (key == id_name)
       return str(m_id, v.id);
@@ -760,7 +824,7 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
         return false; // absent (null) or not an object: view_impl's error
       return r.object([&](std::string_view ak) {
         if (ak == "type")
-          return str(m_type, v.attestation_type);
+          return str(m_type, type);
         if (ak == "symmetricKey") {
           if (!once(m_sk))
             return false;
@@ -768,9 +832,9 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
             return r.skip(); // view_impl reads it only when it is an object
           return r.object([&](std::string_view sk) {
             if (sk == "primaryKey")
-              return str(m_primary, v.primary_key);
+              return str(m_primary, keys.primary_key);
             if (sk == "secondaryKey")
-              return str(m_secondary, v.secondary_key);
+              return str(m_secondary, keys.secondary_key);
             return r.skip();
           });
         }
@@ -782,7 +846,7 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
     if (key == "provisioningStatus")
       return str(m_status, status);
     if (key == "allocationPolicy")
-      return str(m_policy, v.allocation_policy);
+      return str(m_policy, policy);
     if (key == "iotHubs") {
       if (!once(m_hubs))
         return false;
@@ -813,6 +877,12 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
     return r.skip();
   });
   if (!ok || !r.at_end() || v.id.empty() || !(seen & m_att))
+    return false;
+  if (type == "tpm") // its keys are read from the tree
+    return false;
+  // Unknown names: view_impl's error.
+  if (attestation_of(type, std::move(keys), nullptr, v.attestation)
+      || allocation_of(policy, v.allocation))
     return false;
   v.k = k;
   v.enabled = status != "disabled";

@@ -5,28 +5,53 @@
 // the fields it acts on through the typed `enrollment_view`.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "messages/dps_types.hpp"
 #include "messages/error.hpp"
 
 namespace prov::enrollment {
 
 enum class kind : uint8_t { individual, group };
 
+/// attestation.symmetricKey: base64 keys (a group's derive its devices' keys).
+struct symmetric_key_attestation {
+  std::string primary_key;
+  std::string secondary_key;
+};
+/// attestation.x509: read by the X.509 mechanism from the document itself.
+struct x509_attestation {};
+/// attestation.tpm: base64 TPM2B_PUBLIC of the endorsement and storage root keys.
+struct tpm_attestation {
+  std::string endorsement_key;
+  std::string storage_root_key;
+};
+bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestation& b);
+bool operator==(const x509_attestation&, const x509_attestation&);
+bool operator==(const tpm_attestation& a, const tpm_attestation& b);
+
+/// An enrollment's attestation, one alternative per attestation_type (in
+/// its order; std::monostate is "none").
+using attestation_view =
+  std::variant<std::monostate, symmetric_key_attestation, x509_attestation, tpm_attestation>;
+inline attestation_type type_of(const attestation_view& a) noexcept {
+  return static_cast<attestation_type>(a.index());
+}
+
 /// What the engine needs from an enrollment document.
 struct enrollment_view {
   kind k = kind::individual;
   std::string id;               ///< registrationId or enrollmentGroupId, as given
-  std::string attestation_type; ///< "symmetricKey" | "x509" | "tpm" | "none"
-  std::string primary_key;      ///< symmetricKey only (base64)
-  std::string secondary_key;
+  attestation_view attestation;
   std::string device_id;        ///< individual only; empty = registration id
   bool enabled = true;          ///< provisioningStatus != "disabled"
-  std::string allocation_policy; ///< hashed|geoLatency|static|custom; "" = instance default
+  std::optional<allocation_policy> allocation; ///< unset: the instance default
   std::vector<std::string> iot_hubs; ///< empty = all linked hubs
   std::string initial_twin_json; ///< serialized initialTwin, "" when absent
   bool iot_edge = false;         ///< capabilities.iotEdge

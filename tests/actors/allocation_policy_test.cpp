@@ -171,3 +171,47 @@ TEST_CASE("hashed: a single hub taking part is chosen whatever the id") {
     if (pick("r" + std::to_string(i), hubs, true) == "opted-out") ++opted_out;
   CHECK(opted_out > 150);
 }
+
+TEST_CASE("allocation policies: registered by kind, answering through done") {
+  registry policies;
+  auto hashed = std::make_shared<hashed_policy>();
+  policies.add(hashed);
+  policies.add_as(prov::allocation_policy::geo_latency, hashed);
+  policies.add(std::make_shared<static_policy>());
+  CHECK(policies.find(prov::allocation_policy::hashed) == hashed.get());
+  CHECK(policies.find(prov::allocation_policy::geo_latency) == hashed.get());
+  CHECK(policies.find(prov::allocation_policy::custom) == nullptr);
+  const policy* st = policies.find(prov::allocation_policy::static_hub);
+  REQUIRE(st != nullptr);
+  CHECK(st->kind() == prov::allocation_policy::static_hub);
+
+  request in;
+  in.registration_id = "dev-1";
+  in.candidates = {{"h1"}, {"h2"}, {"h3"}};
+  in.linked_hubs = 3;
+  int calls = 0;
+  std::string hub;
+  prov::error err;
+  auto done = [&](prov::error e, std::string h) {
+    ++calls;
+    err = std::move(e);
+    hub = std::move(h);
+  };
+  hashed->allocate(in, done);
+  CHECK(calls == 1);
+  CHECK(err.ok());
+  CHECK(hub == pick("dev-1", in.candidates, false));
+  // static with three candidates: the enrollment must name one.
+  st->allocate(in, done);
+  CHECK(calls == 2);
+  CHECK(err.code == prov::error_code::no_hub_available);
+  CHECK(hub.empty());
+  in.candidates.resize(1);
+  st->allocate(in, done);
+  CHECK(hub == "h1");
+  // Nothing linked: hashed says what to configure.
+  in.candidates.clear();
+  in.linked_hubs = 0;
+  hashed->allocate(in, done);
+  CHECK(err.message.find("[[hubs]]") != std::string::npos);
+}

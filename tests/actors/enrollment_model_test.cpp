@@ -21,6 +21,12 @@ const std::string key32 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const std::string key16 = "MDEyMzQ1Njc4OWFiY2RlZg==";
 const std::string key15 = "MDEyMzQ1Njc4OWFiY2Rl";
 const std::string key64 = std::string(84, 'A') + "AQ==";
+
+/// The view's symmetric keys; empty ones for another attestation type.
+en::symmetric_key_attestation keys_of(const en::enrollment_view& v) {
+  const auto* k = std::get_if<en::symmetric_key_attestation>(&v.attestation);
+  return k != nullptr ? *k : en::symmetric_key_attestation{};
+}
 const std::string key65 = std::string(84, 'A') + "AAE=";
 
 /// Decoded size of base64 (EVP_DecodeBlock pads to 3-byte groups).
@@ -100,12 +106,12 @@ TEST_CASE("enrollment: valid individual enrollment round-trips") {
   REQUIRE(en::view_of(en::kind::individual, doc, v).ok());
   CHECK(v.k == en::kind::individual);
   CHECK(v.id == "dev-01");
-  CHECK(v.attestation_type == "symmetricKey");
-  CHECK(v.primary_key == key32);
-  CHECK(v.secondary_key == key16);
+  CHECK(type_of(v.attestation) == prov::attestation_type::symmetric_key);
+  CHECK(keys_of(v).primary_key == key32);
+  CHECK(keys_of(v).secondary_key == key16);
   CHECK(v.device_id == "device.01");
   CHECK(v.enabled);
-  CHECK(v.allocation_policy == "hashed");
+  CHECK(v.allocation == prov::allocation_policy::hashed);
   CHECK(v.iot_hubs == std::vector<std::string>{"hub1.example.net", "hub2.example.net"});
   CHECK(json::parse(v.initial_twin_json) == individual_body()["initialTwin"]);
   CHECK(v.iot_edge);
@@ -140,9 +146,9 @@ TEST_CASE("enrollment: valid group round-trips with defaults stored explicitly")
   REQUIRE(en::view_of(en::kind::group, doc, v).ok());
   CHECK(v.k == en::kind::group);
   CHECK(v.id == "Group-A");
-  CHECK(v.attestation_type == "x509");
-  CHECK(v.primary_key.empty());
-  CHECK(v.allocation_policy == "static");
+  CHECK(type_of(v.attestation) == prov::attestation_type::x509);
+  CHECK(keys_of(v).primary_key.empty());
+  CHECK(v.allocation == prov::allocation_policy::static_hub);
   CHECK(v.iot_hubs == std::vector<std::string>{"hub1.example.net"});
   CHECK(v.initial_twin_json.empty());
   CHECK_FALSE(v.iot_edge);
@@ -160,7 +166,7 @@ TEST_CASE("enrollment: minimal bodies, id from the path, view defaults") {
 
   en::enrollment_view v;
   REQUIRE(en::view_of(en::kind::individual, doc, v).ok());
-  CHECK(v.allocation_policy.empty());
+  CHECK_FALSE(v.allocation.has_value());
   CHECK(v.iot_hubs.empty());
   CHECK(v.device_id.empty());
   CHECK(v.initial_twin_json.empty());
@@ -524,10 +530,9 @@ TEST_CASE("enrollment: view_of rejects malformed stored documents without throwi
 namespace {
 
 bool same_view(const en::enrollment_view& a, const en::enrollment_view& b) {
-  return a.k == b.k && a.id == b.id && a.attestation_type == b.attestation_type
-         && a.primary_key == b.primary_key && a.secondary_key == b.secondary_key
+  return a.k == b.k && a.id == b.id && a.attestation == b.attestation
          && a.device_id == b.device_id && a.enabled == b.enabled
-         && a.allocation_policy == b.allocation_policy && a.iot_hubs == b.iot_hubs
+         && a.allocation == b.allocation && a.iot_hubs == b.iot_hubs
          && a.initial_twin_json == b.initial_twin_json && a.iot_edge == b.iot_edge
          && a.update_hub_assignment == b.update_hub_assignment
          && a.migrate_device_data == b.migrate_device_data && a.etag == b.etag;
@@ -571,8 +576,8 @@ TEST_CASE("enrollment: view_of_text reads plain stored documents without a tree,
   en::enrollment_view v;
   REQUIRE(en::scan_view(en::kind::individual, ind.dump(), v));
   CHECK(v.id == "dev-01");
-  CHECK(v.primary_key == key32);
-  CHECK(v.secondary_key == key16);
+  CHECK(keys_of(v).primary_key == key32);
+  CHECK(keys_of(v).secondary_key == key16);
   CHECK(v.device_id == "device.01");
   CHECK(v.iot_hubs == std::vector<std::string>{"hub1.example.net", "hub2.example.net"});
   CHECK(v.iot_edge);
@@ -671,4 +676,27 @@ TEST_CASE("enrollment: view_of_text never accepts what the tree path rejects or 
   }
   MESSAGE(accepted << " of " << checked << " mutated documents read without a tree");
   CHECK(accepted > 1000); // the check above really ran
+}
+
+TEST_CASE("enrollment: the view carries each attestation type's own data") {
+  const std::string& ek = key32;
+  json doc;
+  REQUIRE(norm(en::kind::individual, "tpm-1",
+               {{"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", ek}}}}}}, doc)
+            .ok());
+  en::enrollment_view v;
+  CHECK_FALSE(en::scan_view(en::kind::individual, doc.dump(), v)); // read from the tree
+  REQUIRE(en::view_of_text(en::kind::individual, doc.dump(), v).ok());
+  REQUIRE(type_of(v.attestation) == prov::attestation_type::tpm);
+  CHECK(std::get<en::tpm_attestation>(v.attestation).endorsement_key == ek);
+  // Names the engine does not know are stored-document errors, from both readers.
+  doc["attestation"] = {{"type", "voice"}};
+  CHECK_FALSE(en::scan_view(en::kind::individual, doc.dump(), v));
+  CHECK(en::view_of_text(en::kind::individual, doc.dump(), v).message.find("unknown type")
+        != std::string::npos);
+  doc["attestation"] = {{"type", "none"}};
+  doc["allocationPolicy"] = "nearest";
+  CHECK_FALSE(en::scan_view(en::kind::individual, doc.dump(), v));
+  CHECK(en::view_of_text(en::kind::individual, doc.dump(), v).message.find("unknown policy")
+        != std::string::npos);
 }

@@ -1,0 +1,14 @@
+#include "actors/allocation/policy.hpp"
+
+namespace prov::allocation {
+
+void registry::add(std::shared_ptr<const policy> p) {
+  const auto k = p->kind();
+  add_as(k, std::move(p));
+}
+
+void registry::add_as(allocation_policy as, std::shared_ptr<const policy> p) {
+  policies_[static_cast<std::size_t>(as)] = std::move(p);
+}
+
+} // namespace prov::allocation

@@ -1,0 +1,67 @@
+#pragma once
+// The allocation extension point. A policy picks a device's hub among the
+// candidate hubs; asynchronously, so a policy may ask elsewhere (a webhook)
+// and answer later. The allocation stage (allocation_actor.cpp) owns what
+// every policy shares: the enrollment, the candidates, reprovisioning, the
+// device id and twin. docs/extending.md shows what a new policy takes.
+
+#include <array>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "actors/enrollment/enrollment_model.hpp"
+#include "messages/dps_types.hpp"
+#include "messages/error.hpp"
+
+namespace prov::allocation {
+
+struct candidate_hub {
+  std::string hostname;
+  int weight = 1;                 ///< allocation_weight, 1..1000
+  bool apply_allocation_policy = true;
+  std::string region{};           ///< "" when not configured
+};
+
+/// What a policy decides on.
+struct request {
+  std::string registration_id;
+  std::shared_ptr<const enrollment::enrollment_view> enrollment;
+  /// The enrollment's iotHubs among the linked hubs, else every linked hub.
+  std::vector<candidate_hub> candidates;
+  bool explicit_list = false;   ///< candidates are the enrollment's iotHubs
+  std::size_t linked_hubs = 0;  ///< how many hubs are linked at all
+  std::string payload_json;     ///< the device's registration payload, "" when none
+};
+
+/// A policy's answer: the hub's host name, or why there is none.
+using done_fn = std::function<void(error, std::string hub)>;
+
+class policy {
+public:
+  virtual ~policy() = default;
+  virtual allocation_policy kind() const noexcept = 0;
+  /// Calls `done` exactly once: during the call, or later from any thread.
+  /// An answer that comes later must copy what it needs of `in` first.
+  virtual void allocate(const request& in, done_fn done) const = 0;
+};
+
+/// The policies of an engine, one per allocation_policy; built once at start.
+class registry {
+public:
+  /// Serves `p->kind()`, or `as` when given (one policy serving another's
+  /// name).
+  void add(std::shared_ptr<const policy> p);
+  void add_as(allocation_policy as, std::shared_ptr<const policy> p);
+  /// The policy for `k`; null when this engine has none.
+  const policy* find(allocation_policy k) const noexcept {
+    return policies_[static_cast<std::size_t>(k)].get();
+  }
+
+private:
+  std::array<std::shared_ptr<const policy>, 4> policies_;
+};
+
+} // namespace prov::allocation

@@ -4,6 +4,7 @@
 #include "messages/json_text.hpp"
 
 #include <charconv>
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -49,7 +50,8 @@ int64_t now_ms() noexcept {
 utc_text utc_chars(int64_t ms) noexcept {
   // Formatted by hand (snprintf was ~10k instructions a call, and every poll
   // answer carries two of these); the calendar part is cached per thread for
-  // the current second.
+  // the current second. Clamped to years 0000..9999, so the shape is fixed.
+  ms = std::clamp(ms, int64_t{-62167219200000}, int64_t{253402300799999});
   int64_t secs = ms / 1000;
   int frac = static_cast<int>(ms % 1000);
   if (frac < 0) {

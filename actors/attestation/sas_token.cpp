@@ -5,6 +5,7 @@
 
 #include <openssl/crypto.h>
 
+#include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
 namespace prov::attestation {
@@ -27,16 +28,7 @@ error bad_sig(std::string msg) {
   return error{error_code::unauthorized_signature, std::move(msg)};
 }
 
-char lower(char c) noexcept {
-  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-}
-
-bool iequals(std::string_view a, std::string_view b) noexcept {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (lower(a[i]) != lower(b[i])) return false;
-  return true;
-}
+using ascii::iequals;
 
 /// Non-negative decimal int64, digits only (no sign, no spaces).
 bool parse_int64(std::string_view s, int64_t& out) noexcept {

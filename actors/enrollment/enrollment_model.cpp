@@ -3,6 +3,7 @@
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/json_scan.hpp"
+#include "messages/registration.hpp"
 
 #include <algorithm>
 #include <array>
@@ -549,7 +550,7 @@ error normalize_impl(kind k, std::string_view path_id, const json& body,
   }
 
   // Server-owned members: whatever the client sent for them is ignored.
-  const std::string now = format_utc(now_ms);
+  const std::string now = utc_string(now_ms);
   std::string created = now;
   if (existing != nullptr && existing->is_object())
     if (const json* c = member(*existing, "createdDateTimeUtc"); c != nullptr && c->is_string())
@@ -748,11 +749,6 @@ std::string_view bare_etag(std::string_view e) {
   return e;
 }
 
-int64_t floor_div(int64_t a, int64_t b) {
-  int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-
 } // namespace
 
 bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestation& b) {
@@ -948,34 +944,6 @@ std::string new_etag() {
 std::string etag_for(std::string_view seed) {
   auto d = crypto::sha256(seed);
   return "\"" + crypto::hex(std::string_view(reinterpret_cast<const char*>(d.data()), 16)) + "\"";
-}
-
-std::string format_utc(int64_t ms) {
-  // Clamp to 0000-01-01 .. 9999-12-31 so the output always has the fixed shape.
-  constexpr int64_t min_ms = -62167219200000LL;
-  constexpr int64_t max_ms = 253402300799999LL;
-  ms = std::clamp(ms, min_ms, max_ms);
-  const int64_t secs = floor_div(ms, 1000);
-  const int64_t frac = ms - secs * 1000;
-  const int64_t days = floor_div(secs, 86400);
-  const int64_t sod = secs - days * 86400;
-  // civil_from_days (H. Hinnant): proleptic Gregorian calendar.
-  const int64_t z = days + 719468;
-  const int64_t era = floor_div(z, 146097);
-  const int64_t doe = z - era * 146097;
-  const int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-  const int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-  const int64_t mp = (5 * doy + 2) / 153;
-  const int64_t d = doy - (153 * mp + 2) / 5 + 1;
-  const int64_t m = mp < 10 ? mp + 3 : mp - 9;
-  const int64_t y = yoe + era * 400 + (m <= 2 ? 1 : 0);
-  char buf[72]; // ample: silences -Wformat-truncation on the int64 ranges
-  std::snprintf(buf, sizeof buf, "%04lld-%02lld-%02lldT%02lld:%02lld:%02lld.%03lld0000Z",
-                static_cast<long long>(y), static_cast<long long>(m),
-                static_cast<long long>(d), static_cast<long long>(sod / 3600),
-                static_cast<long long>(sod / 60 % 60), static_cast<long long>(sod % 60),
-                static_cast<long long>(frac));
-  return buf;
 }
 
 } // namespace prov::enrollment

@@ -110,7 +110,4 @@ std::string new_etag();
 /// several processes may write for the same operation stay identical.
 std::string etag_for(std::string_view seed);
 
-/// ISO 8601 UTC with 7 fractional digits, like "2026-11-26T12:00:00.1230000Z".
-std::string format_utc(int64_t ms_since_epoch);
-
 } // namespace prov::enrollment

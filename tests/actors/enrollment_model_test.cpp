@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 
 #include "actors/enrollment/enrollment_model.hpp"
+#include "messages/registration.hpp"
 
 using nlohmann::json;
 namespace en = prov::enrollment;
@@ -485,12 +486,12 @@ TEST_CASE("enrollment: etag_matches") {
   CHECK_FALSE(en::etag_matches("\"ABC\"", "\"abc\"")); // opaque: case-sensitive
 }
 
-TEST_CASE("enrollment: format_utc") {
-  CHECK(en::format_utc(0) == "1970-01-01T00:00:00.0000000Z");
-  CHECK(en::format_utc(t0) == "2025-11-26T12:00:00.1230000Z");
-  CHECK(en::format_utc(951782400999) == "2000-02-29T00:00:00.9990000Z"); // leap day
-  CHECK(en::format_utc(-1) == "1969-12-31T23:59:59.9990000Z");
-  CHECK(en::format_utc(INT64_MAX) == "9999-12-31T23:59:59.9990000Z"); // clamped
+TEST_CASE("enrollment: timestamps (utc_string)") {
+  CHECK(prov::utc_string(0) == "1970-01-01T00:00:00.0000000Z");
+  CHECK(prov::utc_string(t0) == "2025-11-26T12:00:00.1230000Z");
+  CHECK(prov::utc_string(951782400999) == "2000-02-29T00:00:00.9990000Z"); // leap day
+  CHECK(prov::utc_string(-1) == "1969-12-31T23:59:59.9990000Z");
+  CHECK(prov::utc_string(INT64_MAX) == "9999-12-31T23:59:59.9990000Z"); // clamped
 }
 
 TEST_CASE("enrollment: registration and group id rules") {

@@ -114,6 +114,20 @@ error parse_body(const std::string& body, json& out) {
   return {};
 }
 
+/// A query body, when present, is {"query": "..."}; the same rule for every
+/// query route (the query text itself is not interpreted).
+error check_query_body(const http_request& req) {
+  if (req.body.empty())
+    return {};
+  json q;
+  if (auto err = parse_body(req.body, q))
+    return err;
+  auto it = q.is_object() ? q.find("query") : q.end();
+  if (!q.is_object() || it == q.end() || !it->is_string())
+    return {error_code::invalid_query, "body must be {\"query\": \"...\"}"};
+  return {};
+}
+
 /// What a request is, for metrics and diagnostic logs: a bounded route label
 /// (path template), and DPS-style category / operation / resource type / id.
 struct request_kind {
@@ -515,6 +529,8 @@ private:
           return fail({error_code::method_not_allowed, "use POST"});
         if (auto err = authorize(req, "RegistrationStatusRead"))
           return fail(err);
+        if (auto err = check_query_body(req))
+          return fail(err);
         std::size_t max = 0;
         std::string cont;
         if (auto err = paging(req, max, cont))
@@ -545,13 +561,8 @@ private:
         return fail({error_code::method_not_allowed, "use POST for queries"});
       if (auto err = authorize(req, "EnrollmentRead"))
         return fail(err);
-      if (!req.body.empty()) {
-        json q;
-        if (auto err = parse_body(req.body, q))
-          return fail(err);
-        if (!q.is_object() || !q.contains("query") || !q["query"].is_string())
-          return fail({error_code::invalid_query, "body must be {\"query\": \"...\"}"});
-      }
+      if (auto err = check_query_body(req))
+        return fail(err);
       std::size_t max = 0;
       std::string cont;
       if (auto err = paging(req, max, cont))

@@ -365,6 +365,20 @@ TEST_CASE("registration records: GET, DELETE (404202 after), group query") {
   CHECK(parse(q2.body).size() == 2);
 }
 
+TEST_CASE("registration query body is validated like the enrollment query's") {
+  auto& s = srv();
+  // Each bad body gets the enrollment query's answer, on both routes.
+  for (std::string path : {"/enrollments/query", "/registrations/svc-query-grp/query"}) {
+    CAPTURE(path);
+    check_error(s.service("POST", path, R"({"query":"*)"), 400, 400001); // truncated
+    check_error(s.service("POST", path, R"(["*"])"), 400, 400006);
+    check_error(s.service("POST", path, R"({"query":7})"), 400, 400006);
+    check_error(s.service("POST", path, R"({"filter":"*"})"), 400, 400006);
+    CHECK(s.service("POST", path, R"({"query":"*"})").status == 200);
+    CHECK(s.service("POST", path).status == 200); // the body stays optional
+  }
+}
+
 TEST_CASE("service auth: missing, wrong key, unknown policy, expired") {
   auto& s = srv();
   const std::string path = "/enrollments/svc-auth-probe";

@@ -10,6 +10,8 @@
 // write came back through dps.enrollments; spawned detached. One write at a
 // time per instance, so etag checks see the previous write.
 
+#include <set>
+
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
@@ -214,6 +216,11 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       storage::write_batch batch;
       json errors = json::array();
+      // Ids already seen in this request (storage keys: ids are
+      // case-insensitive). As DPS does, an id's first item is processed and
+      // every later one is an error; otherwise the batch would hold several
+      // writes of one key and the last would silently win.
+      std::set<std::string> seen;
       for (const auto& item : *items) {
         std::string id;
         if (item.is_object())
@@ -222,6 +229,10 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         error err;
         if (id.empty()) {
           err = {error_code::invalid_enrollment, std::string("item without ") + id_name};
+        } else if (!seen.insert(enrollment::key_of(id)).second) {
+          err = {error_code::bad_request,
+                 what(k, id) + " appears more than once in this request; only its first "
+                               "item is processed"};
         } else if (mode == "delete") {
           std::optional<json> existing;
           err = load(*ctx, k, id, existing);

@@ -310,6 +310,57 @@ TEST_CASE("bulk create, create again (per-item errors), bulk delete") {
     check_error(s.service("GET", std::string("/enrollments/") + id), 404, 404201);
 }
 
+TEST_CASE("bulk: a repeated id (any case) is an error, the first occurrence is written") {
+  auto& s = srv();
+  auto k1 = crypto::generate_key(), k2 = crypto::generate_key(), k3 = crypto::generate_key();
+  json items = json::array({{{"registrationId", "dupx"}, {"attestation", sym(k1)}},
+                            {{"registrationId", "bulk-dup-other"}, {"attestation", sym()}},
+                            {{"registrationId", "DUPX"}, {"attestation", sym(k2)}},
+                            {{"registrationId", "dupx"}, {"attestation", sym(k3)}}});
+  for (std::string mode : {"create", "update"}) {
+    CAPTURE(mode);
+    auto r = s.service("POST", "/enrollments", json{{"mode", mode}, {"enrollments", items}}.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto b = parse(r.body);
+    CHECK(b.value("isSuccessful", true) == false);
+    REQUIRE_MESSAGE(b["errors"].size() == 2, r.body);
+    // Reported under the spelling each item used, in item order.
+    CHECK(b["errors"][0].value("registrationId", "") == "DUPX");
+    CHECK(b["errors"][1].value("registrationId", "") == "dupx");
+    for (const auto& e : b["errors"]) {
+      CHECK(e.value("errorCode", 0) == 400000);
+      CHECK(e.value("errorStatus", "").find("more than once") != std::string::npos);
+    }
+    // The first occurrence is the one stored, spelling and keys.
+    auto m = parse(s.service("POST", "/enrollments/dupx/attestationmechanism").body);
+    CHECK(m["symmetricKey"].value("primaryKey", "") == k1);
+    CHECK(parse(s.service("GET", "/enrollments/DUPX").body).value("registrationId", "") == "dupx");
+    CHECK(s.service("GET", "/enrollments/bulk-dup-other").status == 200);
+    items[1]["registrationId"] = "bulk-dup-other-2"; // the second round creates it anew
+  }
+  // Deletes: the repeat is reported, the enrollment deleted once.
+  json dels = json::array({{{"registrationId", "dupx"}}, {{"registrationId", "Dupx"}}});
+  auto r = s.service("POST", "/enrollments", json{{"mode", "delete"}, {"enrollments", dels}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto b = parse(r.body);
+  CHECK(b.value("isSuccessful", true) == false);
+  REQUIRE(b["errors"].size() == 1);
+  CHECK(b["errors"][0].value("registrationId", "") == "Dupx");
+  check_error(s.service("GET", "/enrollments/dupx"), 404, 404201);
+  // Groups too.
+  json groups = json::array({{{"enrollmentGroupId", "bulk-dup-grp"}, {"attestation", sym(k1)}},
+                             {{"enrollmentGroupId", "BULK-DUP-GRP"}, {"attestation", sym(k2)}}});
+  auto g = s.service("POST", "/enrollmentGroups",
+                     json{{"mode", "create"}, {"enrollmentGroups", groups}}.dump());
+  REQUIRE_MESSAGE(g.status == 200, g.body);
+  auto gb = parse(g.body);
+  CHECK(gb.value("isSuccessful", true) == false);
+  REQUIRE(gb["errors"].size() == 1);
+  CHECK(gb["errors"][0].value("enrollmentGroupId", "") == "BULK-DUP-GRP");
+  auto gm = parse(s.service("POST", "/enrollmentGroups/bulk-dup-grp/attestationmechanism").body);
+  CHECK(gm["symmetricKey"].value("primaryKey", "") == k1);
+}
+
 TEST_CASE("registration records: GET, DELETE (404202 after), group query") {
   auto& s = srv();
   auto gk = crypto::generate_key();

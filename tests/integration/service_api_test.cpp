@@ -193,6 +193,71 @@ TEST_CASE("generated keys when omitted: 64 bytes, distinct, only via attestation
   CHECK(m2["symmetricKey"].value("secondaryKey", "") == sk);
 }
 
+TEST_CASE("symmetric keys left out are generated on every write path") {
+  auto& s = srv();
+  auto given = crypto::generate_key();
+  auto keys_of = [&](const std::string& collection, const std::string& id) {
+    auto r = s.service("POST", collection + "/" + id + "/attestationmechanism");
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    return parse(r.body)["symmetricKey"];
+  };
+  auto both_keys = [&](const json& sk) {
+    CHECK_MESSAGE(decodes_to(sk.value("primaryKey", ""), 64), sk.dump());
+    CHECK_MESSAGE(decodes_to(sk.value("secondaryKey", ""), 64), sk.dump());
+    CHECK(sk.value("primaryKey", "") != sk.value("secondaryKey", ""));
+  };
+  const json shapes[] = {
+    json{{"type", "symmetricKey"}},
+    json{{"type", "symmetricKey"}, {"symmetricKey", json::object()}},
+    json{{"type", "symmetrickey"}, {"symmetricKey", nullptr}},
+    json{{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", ""}, {"secondaryKey", ""}}}},
+  };
+  int n = 0;
+  for (const auto& att : shapes) {
+    CAPTURE(att.dump());
+    for (std::string collection : {"/enrollments", "/enrollmentGroups"}) {
+      CAPTURE(collection);
+      const bool individual = collection == "/enrollments";
+      const char* id_name = individual ? "registrationId" : "enrollmentGroupId";
+      const char* list = individual ? "enrollments" : "enrollmentGroups";
+      auto id = "svc-keygen-" + std::to_string(n++);
+      // PUT create.
+      REQUIRE(s.service("PUT", collection + "/" + id,
+                        json{{"attestation", att}}.dump()).status == 200);
+      both_keys(keys_of(collection, id));
+      // PUT replace of an x509 document: nothing to keep, both generated.
+      auto x509 = json{{"type", "x509"},
+                       {"x509", {{"caReferences", {{"primary", "ca-1"}}}}}};
+      REQUIRE(s.service("PUT", collection + "/" + id,
+                        json{{"attestation", x509}}.dump()).status == 200);
+      REQUIRE(s.service("PUT", collection + "/" + id,
+                        json{{"attestation", att}}.dump()).status == 200);
+      both_keys(keys_of(collection, id));
+      // Bulk create and bulk update (new and existing ids).
+      for (std::string mode : {"create", "update"}) {
+        auto bid = id + "-" + mode;
+        auto r = s.service("POST", collection,
+                           json{{"mode", mode},
+                                {list, json::array({{{id_name, bid}, {"attestation", att}},
+                                                    {{id_name, id}, {"attestation", att}}})}}
+                             .dump());
+        REQUIRE_MESSAGE(r.status == 200, r.body);
+        both_keys(keys_of(collection, bid));
+        both_keys(keys_of(collection, id));
+      }
+    }
+  }
+  // Only one key given: the other is generated.
+  REQUIRE(s.service("PUT", "/enrollmentGroups/svc-keygen-one",
+                    json{{"attestation", sym(given)}}.dump()).status == 200);
+  auto one = keys_of("/enrollmentGroups", "svc-keygen-one");
+  CHECK(one.value("primaryKey", "") == given);
+  CHECK(decodes_to(one.value("secondaryKey", ""), 64));
+  // A group with generated keys attests its devices.
+  auto gk = keys_of("/enrollmentGroups", "svc-keygen-1").value("primaryKey", "");
+  register_group_device(s, gk, "svc-keygen-device");
+}
+
 TEST_CASE("If-Match: matching etag ok, stale etag 412000, * ok") {
   auto& s = srv();
   json body{{"attestation", sym()}};

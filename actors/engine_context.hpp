@@ -26,21 +26,54 @@ namespace prov {
 /// attested by trying each group's derived key (the SAS names no group), so the
 /// groups (DPS allows 100 per kind) are kept in memory; rebuilt on every group
 /// write by the enrollment actor.
+///
+/// When a rebuild fails, the snapshot fails closed: it is empty (no group
+/// attests devices, rather than with keys rotated or deleted since) until a
+/// rebuild succeeds. get() then retries it through `retry_with`, at most once
+/// a second, so the groups come back by themselves once the store reads again.
 class group_cache {
 public:
   using snapshot = std::shared_ptr<const std::vector<enrollment::enrollment_view>>;
   snapshot get() const {
+    if (failed_.load())
+      retry();
     std::lock_guard<std::mutex> guard{mtx_};
     return groups_;
   }
   void set(snapshot s) {
     std::lock_guard<std::mutex> guard{mtx_};
     groups_ = std::move(s);
+    failed_ = false;
   }
+  /// Empties the snapshot until the next set().
+  void fail_closed() {
+    std::lock_guard<std::mutex> guard{mtx_};
+    groups_ = std::make_shared<std::vector<enrollment::enrollment_view>>();
+    failed_ = true;
+  }
+  bool failed() const { return failed_.load(); }
+  /// What get() calls while failed (it should set() on success). Set once,
+  /// before the cache is shared.
+  void retry_with(std::function<void()> reload) { reload_ = std::move(reload); }
 
 private:
+  void retry() const {
+    std::unique_lock<std::mutex> lock{retry_mtx_, std::try_to_lock};
+    if (!lock.owns_lock() || !reload_)
+      return; // another thread is retrying (or nothing can)
+    auto now = std::chrono::steady_clock::now();
+    if (now - last_retry_ < std::chrono::seconds(1))
+      return;
+    last_retry_ = now;
+    reload_();
+  }
+
   mutable std::mutex mtx_;
   snapshot groups_ = std::make_shared<std::vector<enrollment::enrollment_view>>();
+  std::atomic<bool> failed_{false};
+  std::function<void()> reload_;
+  mutable std::mutex retry_mtx_;
+  mutable std::chrono::steady_clock::time_point last_retry_{};
 };
 
 /// Credentials that passed attestation, so a device's polls (which repeat
@@ -156,15 +189,26 @@ struct engine_context {
   std::atomic<uint64_t> registration_generation{0};
   mutable verified_tokens verified; ///< a cache: filled by const attest()
   mutable recent_views views;       ///< a cache: filled by attest(), read by allocation
+  /// Serializes group snapshot rebuilds, so a slow one that read the
+  /// groups before a write cannot install its snapshot after the write's.
+  std::mutex reload_mtx;
   metrics::instruments* metrics = nullptr; ///< never null once started
   std::unique_ptr<metrics::instruments> own_metrics; ///< when the caller gave none
 
-  /// Rebuilds `groups` from the store.
+  engine_context() {
+    groups.retry_with([this] { static_cast<void>(reload_groups()); });
+  }
+
+  /// Rebuilds `groups` from the store. A group that cannot be read is left
+  /// out (internal error naming it; the snapshot is replaced anyway); when
+  /// the store cannot be scanned, the snapshot is left as it was.
   error reload_groups();
   /// After any enrollment or group write: refreshes the group snapshot (for a
   /// group) and then invalidates cached verdicts and views. Every writer of
-  /// enrollments must call it.
-  void enrollments_changed(enrollment::kind k);
+  /// enrollments must call it. An error: the snapshot could not be rebuilt
+  /// (even on a second try), so it failed closed (group_cache); the write
+  /// itself stands.
+  [[nodiscard]] error enrollments_changed(enrollment::kind k);
 
   /// Every enrollment write goes through here. Embedded: one synced RocksDB
   /// write. Kafka: through dps.enrollments, returning once this instance

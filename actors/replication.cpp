@@ -317,10 +317,16 @@ private:
     add_positions(wb, enrollments_topic_, batch);
     if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
       return err;
+    // The batch is applied either way; a failed group rebuild leaves the
+    // snapshot failed closed (retried by the cache), and the gateway that
+    // wrote it reports it (write_enrollments).
+    error changed;
     if (groups)
-      ctx_.enrollments_changed(enrollment::kind::group);
+      changed = ctx_.enrollments_changed(enrollment::kind::group);
     else if (individuals)
-      ctx_.enrollments_changed(enrollment::kind::individual);
+      changed = ctx_.enrollments_changed(enrollment::kind::individual);
+    if (changed)
+      std::fprintf(stderr, "provisiond: %s\n", changed.message.c_str());
     return {};
   }
 

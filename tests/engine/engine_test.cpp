@@ -1,6 +1,7 @@
-// The engine in-process (no HTTP): registration query paging. The store is a
-// real RocksDB store behind a wrapper that can fail scans of one family, as a
-// damaged disk would: the fault goes through storage::store's interface, the
+// The engine in-process (no HTTP): the group snapshot after a failed reload,
+// registration query paging. The store is a real RocksDB
+// store behind a wrapper that can fail scans of one family, as a damaged
+// disk would: the fault goes through storage::store's interface, the
 // product has no hook for it.
 
 #include <doctest/doctest.h>
@@ -10,10 +11,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <future>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "actors/attestation/sas_token.hpp"
 #include "actors/engine.hpp"
+#include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
 
@@ -93,9 +99,85 @@ engine_options options(storage::store* s) {
   return o;
 }
 
+error put(engine& eng, enrollment::kind k, const std::string& id, const std::string& body) {
+  std::promise<error> done;
+  auto f = done.get_future();
+  eng.put_enrollment(k, id, body, "", [&done](error e, std::string) { done.set_value(e); });
+  REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  return f.get();
+}
+
+std::string group_body(const std::string& key) {
+  return R"({"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":")" + key
+         + R"(","secondaryKey":")" + key + R"("}}})";
+}
+
+/// Whether a device of a group with `group_key` attests.
+bool attests(engine& eng, const std::string& group_key, const std::string& device) {
+  register_request req;
+  req.id_scope = scope;
+  req.registration_id = device;
+  req.credential = credential_of_authorization(
+    attestation::make_sas(std::string(scope) + "/registrations/" + device,
+                          *crypto::derive_device_key(group_key, device),
+                          now_ms() / 1000 + 3600, "registration"));
+  return !eng.authenticate_device(req);
+}
+
 } // namespace
 
 TEST_SUITE("engine") {
+
+TEST_CASE("engine: a failed group reload fails closed and is reported to the writer") {
+  temp_dir dir;
+  auto store = open_store(dir);
+  std::unique_ptr<engine> eng;
+  auto err = engine::start(options(store.get()), eng);
+  REQUIRE_MESSAGE(!err, err.message);
+  const auto k = enrollment::kind::group;
+  auto old_key = crypto::generate_key(), new_key = crypto::generate_key();
+  REQUIRE(!put(*eng, k, "rotating", group_body(old_key)));
+  REQUIRE(!put(*eng, k, "other", group_body(crypto::generate_key())));
+  CHECK(attests(*eng, old_key, "dev-1"));
+
+  // The rotation is stored, but the snapshot cannot be rebuilt.
+  store->fail = true;
+  auto rotated = put(*eng, k, "rotating", group_body(new_key));
+  CHECK_MESSAGE(rotated, "a failed reload must be reported to the writer");
+  CHECK(rotated.code == error_code::storage_failure);
+  // The old key no longer attests (nor anything else of a group) ...
+  CHECK_FALSE(attests(*eng, old_key, "dev-1"));
+  CHECK_FALSE(attests(*eng, old_key, "dev-2"));
+  CHECK_FALSE(attests(*eng, new_key, "dev-3"));
+
+  // ... until the groups can be read again: then the stored state counts.
+  store->fail = false;
+  bool healed = false;
+  for (int i = 0; i < 50 && !healed; ++i) {
+    healed = attests(*eng, new_key, "dev-4");
+    if (!healed)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  CHECK(healed);
+  CHECK_FALSE(attests(*eng, old_key, "dev-5"));
+
+  // A delete whose reload fails does not leave the group usable either.
+  auto doomed_key = crypto::generate_key();
+  REQUIRE(!put(*eng, k, "doomed", group_body(doomed_key)));
+  REQUIRE(attests(*eng, doomed_key, "dev-6"));
+  store->fail = true;
+  std::promise<error> done;
+  auto f = done.get_future();
+  eng->delete_enrollment(k, "doomed", "", [&done](error e) { done.set_value(e); });
+  REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  CHECK(f.get());
+  CHECK_FALSE(attests(*eng, doomed_key, "dev-7"));
+  store->fail = false;
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100)); // a retry is due
+  CHECK_FALSE(attests(*eng, doomed_key, "dev-8"));
+  CHECK(attests(*eng, new_key, "dev-9"));
+  eng->shutdown();
+}
 
 TEST_CASE("engine: registration query pages from the continuation, same results") {
   temp_dir dir;

@@ -206,7 +206,7 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       auto op_id = ev.operation_id;
       st->committing.emplace(op_id, committing_t{std::move(ev), std::move(ack), started});
       auto me = caf::actor_cast<caf::actor>(self);
-      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+      ctx->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
       });
     },

@@ -405,8 +405,9 @@ public:
     // Kafka: stop the table readers while the store still takes writes.
     if (ctx_->repl)
       ctx_->repl->close();
-    // Drain the writer while the actors can still receive its callbacks.
-    ctx_->store->close();
+    // Finish our commits while the actors can still receive their
+    // callbacks; later ones fail. The store is the caller's: it stays open.
+    ctx_->stop_commits();
     for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
                     &enrollment_})
       if (*a)
@@ -437,6 +438,31 @@ private:
 };
 
 } // namespace
+
+void engine_context::commit(storage::write_batch batch, storage::store::done_fn done) {
+  bool stopped = false;
+  {
+    std::lock_guard<std::mutex> guard{commits_mtx};
+    stopped = commits_stopped;
+    if (!stopped)
+      ++commits_inflight;
+  }
+  if (stopped) // outside the lock: `done` may commit again
+    return done({error_code::unavailable, "engine stopped"});
+  store->commit(std::move(batch), [this, done = std::move(done)](const error& e) mutable {
+    done(e);
+    done = nullptr; // its actor handles go before stop_commits() can return
+    std::lock_guard<std::mutex> guard{commits_mtx};
+    if (--commits_inflight == 0)
+      commits_cv.notify_all();
+  });
+}
+
+void engine_context::stop_commits() {
+  std::unique_lock<std::mutex> lock{commits_mtx};
+  commits_stopped = true;
+  commits_cv.wait(lock, [this] { return commits_inflight == 0; });
+}
 
 namespace {
 

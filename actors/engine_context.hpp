@@ -5,6 +5,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -192,6 +193,10 @@ struct engine_context {
   /// Serializes group snapshot rebuilds, so a slow one that read the
   /// groups before a write cannot install its snapshot after the write's.
   std::mutex reload_mtx;
+  std::mutex commits_mtx; ///< guards the two below
+  std::condition_variable commits_cv;
+  std::size_t commits_inflight = 0;
+  bool commits_stopped = false;
   metrics::instruments* metrics = nullptr; ///< never null once started
   std::unique_ptr<metrics::instruments> own_metrics; ///< when the caller gave none
 
@@ -216,6 +221,14 @@ struct engine_context {
   error write_enrollments(const storage::write_batch& batch, enrollment::kind k);
   /// The same for registration record deletes (dps.registrations on Kafka).
   error write_registrations(const storage::write_batch& batch);
+
+  /// Every asynchronous commit of the stages goes through here (not
+  /// store->commit), so shutdown can wait for the engine's own commits
+  /// without closing the store, which the caller owns.
+  void commit(storage::write_batch batch, storage::store::done_fn done);
+  /// Refuses later commits (`done` gets unavailable at once, the operation
+  /// stays in `pending`) and waits until those in flight are done.
+  void stop_commits();
 
   bool kafka() const noexcept { return repl != nullptr; }
 };

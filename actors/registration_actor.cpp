@@ -173,7 +173,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     storage::write_batch batch;
     batch.put(storage::cf::pending, op_id, encode_record(op));
     auto me = caf::actor_cast<caf::actor>(self);
-    ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+    ctx->commit(std::move(batch), [me, op_id](const error& e) {
       caf::anon_send(me, recorded_atom::value, op_id, e);
     });
   };
@@ -220,7 +220,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       return; // abandoned without an outcome: resumed on the next start
     storage::write_batch batch;
     batch.del(storage::cf::pending, op_id);
-    ctx->store->commit(std::move(batch), [](const error&) {});
+    ctx->commit(std::move(batch), [](const error&) {});
   };
   /// The operation's outcome is recorded (or it was abandoned): a held
   /// register gets its answer. True when the operation was in flight here
@@ -473,7 +473,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
                                                   std::chrono::steady_clock::now()});
       m->stage_enqueued(metrics::stage::commit);
       auto me = caf::actor_cast<caf::actor>(self);
-      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+      ctx->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
       });
     },
@@ -588,7 +588,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       auto op_id = ev.operation_id;
       st->settling.emplace(op_id, std::move(ev));
       auto me = caf::actor_cast<caf::actor>(self);
-      ctx->store->commit(std::move(batch), [me, op_id](const error& e) {
+      ctx->commit(std::move(batch), [me, op_id](const error& e) {
         caf::anon_send(me, committed_atom::value, op_id, e);
       });
     },

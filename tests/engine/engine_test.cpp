@@ -1,5 +1,5 @@
-// The engine in-process (no HTTP): the group snapshot after a failed reload,
-// registration query paging. The store is a real RocksDB
+// The engine in-process (no HTTP): store ownership, the group snapshot after a
+// failed reload, registration query paging. The store is a real RocksDB
 // store behind a wrapper that can fail scans of one family, as a damaged
 // disk would: the fault goes through storage::store's interface, the
 // product has no hook for it.
@@ -99,6 +99,17 @@ engine_options options(storage::store* s) {
   return o;
 }
 
+/// A commit through the store's writer: ok while the store is open.
+error commit_probe(storage::store& s) {
+  storage::write_batch b;
+  b.put(storage::cf::meta, "probe", "1");
+  std::promise<error> done;
+  auto f = done.get_future();
+  s.commit(std::move(b), [&done](const error& e) { done.set_value(e); });
+  REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  return f.get();
+}
+
 error put(engine& eng, enrollment::kind k, const std::string& id, const std::string& body) {
   std::promise<error> done;
   auto f = done.get_future();
@@ -127,6 +138,31 @@ bool attests(engine& eng, const std::string& group_key, const std::string& devic
 } // namespace
 
 TEST_SUITE("engine") {
+
+TEST_CASE("engine: the caller's store stays open after shutdown and after a failed start") {
+  temp_dir dir;
+  auto store = open_store(dir);
+  {
+    std::unique_ptr<engine> eng;
+    auto err = engine::start(options(store.get()), eng);
+    REQUIRE_MESSAGE(!err, err.message);
+    eng->shutdown();
+    eng.reset();
+  }
+  auto after_shutdown = commit_probe(*store);
+  CHECK_MESSAGE(!after_shutdown, after_shutdown.message);
+
+  store->fail = true; // the group snapshot cannot be built: start fails
+  std::unique_ptr<engine> eng;
+  auto err = engine::start(options(store.get()), eng);
+  CHECK(err);
+  CHECK(eng == nullptr);
+  store->fail = false;
+  auto after_failed_start = commit_probe(*store);
+  CHECK_MESSAGE(!after_failed_start, after_failed_start.message);
+  store->close(); // the owner closes it
+  CHECK(commit_probe(*store));
+}
 
 TEST_CASE("engine: a failed group reload fails closed and is reported to the writer") {
   temp_dir dir;

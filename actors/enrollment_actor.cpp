@@ -108,8 +108,8 @@ error rebuild_groups(engine_context& ctx, bool& replaced) {
     fresh->push_back(std::move(view));
     return true;
   });
-  if (err)
-    return err;
+  if (err) // never `internal`, which here means "one group skipped"
+    return {error_code::storage_failure, err.message};
   ctx.groups.set(std::move(fresh));
   replaced = true;
   return failure;

@@ -158,14 +158,17 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
 /// One input while its policy decides: the policy may answer during its call
 /// or later from another thread; whichever of (answer, return) comes second
 /// goes on, a late answer through the actor's mailbox.
-struct allocation_job {
+struct allocation_job final : allocation::answer {
   registration_event ev;
   event_ack ack;
   std::chrono::steady_clock::time_point start;
   std::shared_ptr<const enrollment::enrollment_view> view;
+  caf::weak_actor_ptr stage;
   error err;
   std::string hub;
   std::atomic<bool> first_arrived{false};
+
+  void operator()(error e, std::string h) override;
 };
 
 } // namespace prov
@@ -255,19 +258,22 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
     emit(self, ctx, *job);
     return;
   }
-  caf::weak_actor_ptr weak{self->ctrl()};
-  policy->allocate(in, [job, weak](error err, std::string hub) {
-    job->err = std::move(err);
-    job->hub = std::move(hub);
-    if (job->first_arrived.exchange(true)) // answered after allocate() returned
-      if (auto strong = weak.lock())
-        caf::anon_send(caf::actor_cast<caf::actor>(strong), allocated_atom::value, job);
-  });
+  job->stage = self->ctrl();
+  policy->allocate(in, job);
   if (job->first_arrived.exchange(true)) // answered during the call
     emit(self, ctx, *job);
 }
 
 } // namespace
+
+void allocation_job::operator()(error e, std::string h) {
+  err = std::move(e);
+  hub = std::move(h);
+  if (first_arrived.exchange(true)) // answered after allocate() returned
+    if (auto strong = stage.lock())
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), allocated_atom::value,
+                     std::static_pointer_cast<allocation_job>(shared_from_this()));
+}
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {

@@ -91,25 +91,25 @@ error static_hub(const std::vector<candidate_hub>& hubs, std::string& out) {
 void hashed_policy::allocate(const request& in, done_fn done) const {
   std::string hub;
   if (hashed(in.registration_id, in.candidates, in.explicit_list, hub)) {
-    done({error_code::no_hub_available,
-          in.linked_hubs == 0
-            ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
-            : "no linked IoT hub is available for this enrollment"},
-         {});
+    (*done)({error_code::no_hub_available,
+             in.linked_hubs == 0
+               ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
+               : "no linked IoT hub is available for this enrollment"},
+            {});
     return;
   }
-  done({}, std::move(hub));
+  (*done)({}, std::move(hub));
 }
 
 void static_policy::allocate(const request& in, done_fn done) const {
   std::string hub;
   if (static_hub(in.candidates, hub)) {
-    done({error_code::no_hub_available,
-          "static allocation: the enrollment must name exactly one linked hub"},
-         {});
+    (*done)({error_code::no_hub_available,
+             "static allocation: the enrollment must name exactly one linked hub"},
+            {});
     return;
   }
-  done({}, std::move(hub));
+  (*done)({}, std::move(hub));
 }
 
 } // namespace prov::allocation

@@ -7,9 +7,9 @@
 
 #include <array>
 #include <cstddef>
-#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "actors/enrollment/enrollment_model.hpp"
@@ -25,26 +25,33 @@ struct candidate_hub {
   std::string region{};           ///< "" when not configured
 };
 
-/// What a policy decides on.
+/// What a policy decides on. Valid during allocate() only: a policy that
+/// answers later copies what it needs first.
 struct request {
-  std::string registration_id;
+  std::string_view registration_id;
   std::shared_ptr<const enrollment::enrollment_view> enrollment;
   /// The enrollment's iotHubs among the linked hubs, else every linked hub.
   std::vector<candidate_hub> candidates;
   bool explicit_list = false;   ///< candidates are the enrollment's iotHubs
   std::size_t linked_hubs = 0;  ///< how many hubs are linked at all
-  std::string payload_json;     ///< the device's registration payload, "" when none
+  std::string_view payload_json; ///< the device's registration payload, "" when none
 };
 
-/// A policy's answer: the hub's host name, or why there is none.
-using done_fn = std::function<void(error, std::string hub)>;
+/// Where a policy's answer goes: the hub's host name, or why there is none.
+/// Shared, so an answer that comes later keeps it alive.
+class answer : public std::enable_shared_from_this<answer> {
+public:
+  virtual ~answer() = default;
+  virtual void operator()(error err, std::string hub) = 0;
+};
+using done_fn = std::shared_ptr<answer>;
 
 class policy {
 public:
   virtual ~policy() = default;
   virtual allocation_policy kind() const noexcept = 0;
-  /// Calls `done` exactly once: during the call, or later from any thread.
-  /// An answer that comes later must copy what it needs of `in` first.
+  /// Calls `(*done)(...)` exactly once: during the call, or later from any
+  /// thread (copying what it needs of `in` before returning).
   virtual void allocate(const request& in, done_fn done) const = 0;
 };
 

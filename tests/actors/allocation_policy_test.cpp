@@ -189,14 +189,20 @@ TEST_CASE("allocation policies: registered by kind, answering through done") {
   in.registration_id = "dev-1";
   in.candidates = {{"h1"}, {"h2"}, {"h3"}};
   in.linked_hubs = 3;
-  int calls = 0;
-  std::string hub;
-  prov::error err;
-  auto done = [&](prov::error e, std::string h) {
-    ++calls;
-    err = std::move(e);
-    hub = std::move(h);
+  struct recorder final : answer {
+    int calls = 0;
+    std::string hub;
+    prov::error err;
+    void operator()(prov::error e, std::string h) override {
+      ++calls;
+      err = std::move(e);
+      hub = std::move(h);
+    }
   };
+  auto done = std::make_shared<recorder>();
+  const int& calls = done->calls;
+  const std::string& hub = done->hub;
+  const prov::error& err = done->err;
   hashed->allocate(in, done);
   CHECK(calls == 1);
   CHECK(err.ok());

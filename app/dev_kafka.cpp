@@ -73,7 +73,12 @@ int run(const dev_kafka_args& a) {
             << "topic_prefix = \"" << cfg.topic_prefix << "\"\n"
             << "partitions = " << cfg.partitions << "\n"
             << "replication_factor = " << cfg.replication_factor << "\n\n"
-            << "provisiond dev-kafka: running; Ctrl-C (SIGINT) or SIGTERM stops it" << std::endl;
+            << "# The mock cluster's consumer groups and fetches need these (docs/kafka.md\n"
+            << "# gives the values for a real cluster).\n"
+            << "[kafka.properties]\n";
+  for (const auto& p : kafka::mock_client_properties())
+    std::cout << "# " << p.why << "\n\"" << p.name << "\" = \"" << p.value << "\"\n";
+  std::cout << "\nprovisiond dev-kafka: running; Ctrl-C (SIGINT) or SIGTERM stops it" << std::endl;
 
   int sig = app::wait_for_stop_signal();
   std::cout << "provisiond dev-kafka: stopping (signal " << sig

@@ -1,6 +1,7 @@
 #include "transport/kafka_handles.hpp"
 
 #include <cstdlib>
+#include <string>
 
 namespace prov::transport::kafka::internal {
 namespace {
@@ -12,6 +13,30 @@ error set(rd_kafka_conf_t* conf, const std::string& name, const std::string& val
       RD_KAFKA_CONF_OK)
     return {error_code::bad_request, path + ": " + errstr};
   return {};
+}
+
+long conf_long(rd_kafka_conf_t* conf, const char* name) {
+  char buf[64];
+  size_t size = sizeof buf;
+  if (rd_kafka_conf_get(conf, name, buf, &size) != RD_KAFKA_CONF_OK) return -1;
+  return std::atol(buf);
+}
+
+/// A group member's SyncGroup may wait up to the session timeout for the
+/// leader, and librdkafka abandons it after socket.timeout.ms, then sends
+/// it again on a new connection. A real broker copes; librdkafka 2.0.2's mock
+/// aborts (rd_kafka_mock_cgrp_member_sync_set). So a consumer's socket
+/// timeout is at least the session + 3 s (librdkafka's own SyncGroup budget).
+error fit_socket_timeout(rd_kafka_conf_t* conf) {
+  char group[256];
+  size_t size = sizeof group;
+  if (rd_kafka_conf_get(conf, "group.id", group, &size) != RD_KAFKA_CONF_OK || group[0] == 0)
+    return {}; // not a group member
+  const long session = conf_long(conf, "session.timeout.ms");
+  const long socket = conf_long(conf, "socket.timeout.ms");
+  if (session < 0 || socket < 0 || socket >= session + 3000) return {};
+  return set(conf, "socket.timeout.ms", std::to_string(session + 3000),
+             "provisiond setting socket.timeout.ms (session.timeout.ms + 3000)");
 }
 
 } // namespace
@@ -37,6 +62,8 @@ error make_conf(const config::kafka_config& cfg, const property_list& defaults,
     if (auto err = set(conf.get(), k, v, "kafka.properties." + k)) return err;
   for (const auto& [k, v] : enforced)
     if (auto err = set(conf.get(), k, v, "provisiond setting " + k)) return err;
+  if (!cfg.properties.count("socket.timeout.ms"))
+    if (auto err = fit_socket_timeout(conf.get())) return err;
   out = std::move(conf);
   return {};
 }

@@ -139,4 +139,20 @@ void mock_cluster::clear_request_errors(api a) {
   rd_kafka_mock_clear_request_errors(impl_->mc, static_cast<int16_t>(a));
 }
 
+const std::vector<suggested_property>& mock_client_properties() {
+  static const std::vector<suggested_property> props = {
+    {"session.timeout.ms", "6000",
+     "a dead worker's partitions move after this, plus the mock's join window (this less "
+     "1 s): about 12 s instead of 90 s. It also keeps every SyncGroup the mock holds under "
+     "the consumers' 10 s socket timeout; a SyncGroup sent again after that timeout aborts "
+     "librdkafka 2.0.2's mock (rd_kafka_mock_cgrp_member_sync_set)"},
+    {"heartbeat.interval.ms", "500",
+     "members learn of a rebalance well inside the mock's 5 s join window"},
+    {"fetch.wait.max.ms", "10",
+     "the mock holds an empty fetch for the whole wait instead of answering when data "
+     "arrives: with librdkafka's 500 ms, each stage hop costs up to 500 ms at idle"},
+  };
+  return props;
+}
+
 } // namespace prov::transport::kafka

@@ -18,6 +18,20 @@
 
 namespace prov::transport::kafka {
 
+/// A client property suggested for clients of the mock cluster, and why.
+struct suggested_property {
+  const char* name;
+  const char* value;
+  const char* why;
+};
+
+/// The [kafka.properties] that clients of the mock cluster need: its
+/// consumer-group rounds are timer-driven (the dead member's session, then a
+/// join window of the session less 1 s), and it holds an empty fetch for the
+/// whole fetch wait. `provisiond dev-kafka` prints these; the tests run on
+/// them, so what a user pastes is what is tested.
+const std::vector<suggested_property>& mock_client_properties();
+
 class mock_cluster {
 public:
   /// Kafka protocol ApiKeys usable with push_request_errors().

@@ -13,6 +13,11 @@
 #include <mutex>
 #include <set>
 #include <csignal>
+#include <fstream>
+#include <iterator>
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -100,10 +105,10 @@ struct device_result {
 /// `allow_duplicates`, and then byte-identical), no operation assigned twice
 /// with different outcomes.
 /// Returns how many operations were published more than once.
-int check_outcome(const test::kafka_fixture& fx, const std::map<std::string, device_result>& res,
+int check_outcome(const config::kafka_config& cfg, const std::map<std::string, device_result>& res,
                   int expected, bool allow_duplicates) {
   int assigned = 0;
-  auto records = test::read_topic(fx.cfg, "dps.device.assigned", res.size());
+  auto records = test::read_topic(cfg, "dps.device.assigned", res.size());
   std::map<std::string, int> by_key;
   for (const auto& r : records)
     ++by_key[r.key];
@@ -124,7 +129,7 @@ int check_outcome(const test::kafka_fixture& fx, const std::map<std::string, dev
     for (const char* t : {"dps.registration.attested", "dps.registration.allocated",
                           "dps.registrations", "dps.registration.completed"}) {
       std::map<std::string, int> on_topic;
-      for (const auto& r : test::read_topic(fx.cfg, t, 1))
+      for (const auto& r : test::read_topic(cfg, t, 1))
         ++on_topic[r.key];
       std::string line;
       for (const auto& [id, r] : res)
@@ -255,7 +260,7 @@ TEST_CASE("gateway + two workers: 10,000 devices, each assigned once, one event 
   auto res = run_load(cl.gateway, device_ids("scale-", total), 64, [](auto&) {});
   auto secs = seconds_since(start);
   MESSAGE(total << " devices in " << secs << " s (" << total / secs << "/s)");
-  check_outcome(cl.fx, res, total, false);
+  check_outcome(cl.fx.cfg, res, total, false);
   // Registration records reached the gateway through dps.registrations.
   auto r = cl.gateway.service("GET", "/registrations/scale-7");
   CHECK_MESSAGE(r.status == 200, r.body);
@@ -349,7 +354,7 @@ int load_through(cluster& cl, const std::string& prefix, Fault fault, double bou
   });
   MESSAGE("all devices finished " << seconds_since(cleared) << " s after the fault cleared");
   CHECK(seconds_since(cleared) < bound_s);
-  int duplicated = check_outcome(cl.fx, res, total, true);
+  int duplicated = check_outcome(cl.fx.cfg, res, total, true);
   for (auto& w : cl.workers)
     if (w->alive())
       CHECK(w->stop() == 0);
@@ -412,6 +417,128 @@ TEST_CASE("kill -9 of a fused worker between device.assigned and its record: cop
     },
     30 + 10);
   CHECK(copies > 0); // the redelivery path really ran
+}
+
+namespace {
+
+/// `provisiond dev-kafka` as a user runs it, and the [kafka] section it prints.
+struct dev_kafka_process {
+  pid_t pid = -1;
+  std::string out_file;
+  std::string section; ///< from "[kafka]" to the line before "running"
+
+  explicit dev_kafka_process(int brokers) {
+    out_file = test::make_temp_dir("provisiond-devkafka") + "/out.txt";
+    const char* bin = std::getenv("PROVISIOND_BIN");
+    REQUIRE(bin != nullptr);
+    pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      int fd = ::open(out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      const std::string n = std::to_string(brokers);
+      ::execl(bin, bin, "dev-kafka", "--brokers", n.c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    const auto deadline = steady::now() + std::chrono::seconds(30);
+    std::string text;
+    while (steady::now() < deadline && text.find("running;") == std::string::npos) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      std::ifstream in(out_file);
+      text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    REQUIRE_MESSAGE(text.find("running;") != std::string::npos, text);
+    auto from = text.find("\n[kafka]\n");
+    auto to = text.find("provisiond dev-kafka: running");
+    REQUIRE(from != std::string::npos);
+    section = text.substr(from + 1, to - from - 1);
+  }
+  bool alive() const { return ::waitpid(pid, nullptr, WNOHANG) == 0; }
+  /// The bootstrap servers the section names.
+  std::string brokers() const {
+    auto at = section.find("brokers = \"") + 11;
+    return section.substr(at, section.find('"', at) - at);
+  }
+  ~dev_kafka_process() {
+    if (pid > 0) {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+    test::remove_tree(out_file.substr(0, out_file.rfind('/')));
+  }
+};
+
+} // namespace
+
+TEST_CASE("dev-kafka's printed section: five worker kills in a row, each recovered, nothing lost") {
+  // The documented setup on its defaults: `provisiond dev-kafka --brokers 3`,
+  // its printed [kafka] section pasted into a gateway and two workers.
+  dev_kafka_process dev(3);
+  MESSAGE("dev-kafka printed:\n" << dev.section);
+  config::kafka_config cfg;
+  cfg.brokers = dev.brokers();
+  auto config_for = [&](const std::string& dir) {
+    return with_scope(test::default_config(dir) + dev.section);
+  };
+  test::server_process gateway;
+  auto gw_dir = test::make_temp_dir("provisiond-gw");
+  REQUIRE_MESSAGE(!gateway.start(config_for(gw_dir), gw_dir, {"--roles", "gateway,registration"}),
+                  gateway.log());
+  gateway.remove_data_dir_at_exit();
+  std::vector<std::unique_ptr<test::server_process>> workers;
+  auto add_worker = [&] {
+    auto dir = test::make_temp_dir("provisiond-worker");
+    workers.push_back(std::make_unique<test::server_process>());
+    REQUIRE_MESSAGE(!workers.back()->start(config_for(dir), dir,
+                                           {"--roles", "attestation,allocation,configuration"}),
+                    workers.back()->log());
+    workers.back()->remove_data_dir_at_exit();
+  };
+  add_worker();
+  add_worker();
+  test::create_group(gateway, "devk-group", group_key);
+  warm_up(gateway, "devk-warm");
+  constexpr int rounds = 5, per_round = 400;
+  std::vector<double> recovered;
+  for (int round = 0; round < rounds; ++round) {
+    // Alternate the oldest and the newest live worker.
+    std::size_t victim = workers.size();
+    for (std::size_t i = 0; i < workers.size(); ++i)
+      if (workers[i]->alive() && (victim == workers.size() || round % 2 == 1))
+        victim = i;
+    REQUIRE(victim < workers.size());
+    const std::string prefix = "devk" + std::to_string(round) + "-";
+    steady::time_point killed;
+    auto res = run_load(gateway, device_ids(prefix, per_round), 32, [&](auto& finished) {
+      while (finished.load() < per_round / 5)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      workers[victim]->kill9();
+      killed = steady::now();
+    });
+    recovered.push_back(seconds_since(killed));
+    MESSAGE("round " << round << ": worker " << victim << " killed; all " << per_round
+                     << " devices finished " << recovered.back() << " s later");
+    check_outcome(cfg, res, per_round, true);
+    CHECK(dev.alive());
+    // A fresh worker takes the dead one's place; its first device proves it joined.
+    add_worker();
+    warm_up(gateway, prefix + "rejoined");
+  }
+  std::string all;
+  for (double r : recovered)
+    all += " " + std::to_string(r).substr(0, 5);
+  MESSAGE("seconds from kill to the round's last device:" << all);
+  // The mock detects a dead member after session.timeout.ms (6 s), then
+  // waits its join window (5 s): about 12 s. The bound leaves room for a
+  // loaded 2-core CI machine; the measured values are in the log.
+  for (double r : recovered)
+    CHECK(r < 30);
+  CHECK(dev.alive());
+  for (auto& w : workers)
+    if (w->alive())
+      CHECK(w->stop() == 0);
+  CHECK(gateway.stop() == 0);
 }
 
 TEST_CASE("SIGTERM of a worker under load: it finishes what it started, nothing published twice") {
@@ -540,7 +667,7 @@ TEST_CASE("a hand-off with no outcome is handed off again; the late worker assig
              result["registrationState"].value("assignedHub", "")};
   // The copies reach configuration after (or while) the first one's
   // device.assigned is published: none publishes a second.
-  check_outcome(cl.fx, res, 1, false);
+  check_outcome(cl.fx.cfg, res, 1, false);
   CHECK(cl.workers[0]->stop() == 0);
   CHECK(cl.gateway.stop() == 0);
 }
@@ -619,7 +746,7 @@ TEST_CASE("kill -9 of the gateway mid-burst and a restart: every 202 ends assign
                  ? j["registrationState"].value("assignedHub", "")
                  : std::string()};
   }
-  check_outcome(cl.fx, res, static_cast<int>(accepted.size()), true);
+  check_outcome(cl.fx.cfg, res, static_cast<int>(accepted.size()), true);
   for (auto& w : cl.workers)
     CHECK(w->stop() == 0);
   CHECK(cl.gateway.stop() == 0);

@@ -25,6 +25,15 @@ namespace kafka = prov::transport::kafka;
 
 inline constexpr int kafka_partitions = 4;
 
+/// The [kafka.properties] table `provisiond dev-kafka` prints: the tests run
+/// on exactly what users paste.
+inline std::string mock_properties_section() {
+  std::string out = "[kafka.properties]\n";
+  for (const auto& p : transport::kafka::mock_client_properties())
+    out += "\"" + std::string(p.name) + "\" = \"" + p.value + "\"\n";
+  return out;
+}
+
 /// A mock cluster with provisiond's topics, and a temp data dir whose config
 /// points the server at it.
 struct kafka_fixture {
@@ -52,11 +61,7 @@ struct kafka_fixture {
   ~kafka_fixture() { remove_tree(dir); }
 
   std::string server_config() const {
-    // A short session timeout: after a kill -9 the restarted server's
-    // consumers otherwise wait for the dead member's 45 s session to expire.
-    // fetch.wait.max.ms: the mock broker holds an empty fetch for the full
-    // wait instead of answering when data arrives (a real broker answers at
-    // once), which made every hop cost up to 500 ms (62 devices/s, not 270).
+    // The mock's properties (mock_client_properties: why each).
     return server_config(dir);
   }
 
@@ -66,9 +71,7 @@ struct kafka_fixture {
            + "\"\npartitions = " + std::to_string(kafka_partitions)
            + "\nreplication_factor = " + std::to_string(cfg.replication_factor) + "\n"
            + "fuse_stages = " + (fuse_stages ? "true" : "false") + "\n"
-           + "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n"
-             "\"heartbeat.interval.ms\" = \"500\"\n"
-             "\"fetch.wait.max.ms\" = \"10\"\n"
+           + mock_properties_section()
            // Debugging aid: extra [kafka.properties] lines for every process.
            + (std::getenv("PROV_TEST_KAFKA_PROPS")
                 ? std::getenv("PROV_TEST_KAFKA_PROPS") + std::string("\n")
@@ -83,7 +86,7 @@ struct kafka_record {
   std::string value;
 };
 
-/// Every record of `topic` (all partitions, from the beginning). Reads until
+/// Every record of `topic` (its cfg.partitions partitions, from the beginning). Reads until
 /// `at_least` records arrived and nothing new came for `quiet`, or `limit`.
 inline std::vector<kafka_record> read_topic(const config::kafka_config& cfg, const std::string& topic,
                                      std::size_t at_least,
@@ -99,8 +102,8 @@ inline std::vector<kafka_record> read_topic(const config::kafka_config& cfg, con
   rd_kafka_conf_set(conf, "enable.auto.commit", "false", errstr, sizeof errstr);
   rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
   REQUIRE_MESSAGE(rk, errstr);
-  rd_kafka_topic_partition_list_t* parts = rd_kafka_topic_partition_list_new(kafka_partitions);
-  for (int p = 0; p < kafka_partitions; ++p)
+  rd_kafka_topic_partition_list_t* parts = rd_kafka_topic_partition_list_new(cfg.partitions);
+  for (int p = 0; p < cfg.partitions; ++p)
     rd_kafka_topic_partition_list_add(parts, topic.c_str(), p)->offset =
       RD_KAFKA_OFFSET_BEGINNING;
   rd_kafka_assign(rk, parts);

@@ -9,6 +9,8 @@
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_bus.hpp"
 #include "transport/kafka_dead_letter.hpp"
+#include "transport/kafka_handles.hpp"
+#include "transport/kafka_mock.hpp"
 
 using namespace prov;
 using namespace prov::transport;
@@ -144,3 +146,35 @@ TEST_CASE("a property librdkafka rejects stops client creation, naming the key")
 }
 
 } // TEST_SUITE
+
+namespace {
+
+std::string conf_value(const config::kafka_config& cfg, const internal::property_list& enforced,
+                       const char* name) {
+  internal::conf_ptr conf;
+  REQUIRE(make_conf(cfg, internal::client_defaults({}), enforced, conf).ok());
+  char buf[64];
+  size_t size = sizeof buf;
+  REQUIRE(rd_kafka_conf_get(conf.get(), name, buf, &size) == RD_KAFKA_CONF_OK);
+  return buf;
+}
+
+} // namespace
+
+TEST_CASE("a group member's socket timeout covers a SyncGroup held for the whole session") {
+  config::kafka_config cfg;
+  const internal::property_list member = {{"group.id", "g"}};
+  // librdkafka's default session (45 s): held SyncGroups are not abandoned at 10 s.
+  CHECK(conf_value(cfg, member, "socket.timeout.ms") == "48000");
+  // The mock's suggested properties: 6 s + 3 s is under provisiond's 10 s.
+  for (const auto& p : mock_client_properties())
+    cfg.properties[p.name] = p.value;
+  CHECK(conf_value(cfg, member, "socket.timeout.ms") == "10000");
+  cfg.properties["session.timeout.ms"] = "20000";
+  CHECK(conf_value(cfg, member, "socket.timeout.ms") == "23000");
+  // Not a group member (producer, admin): the 10 s default stays.
+  CHECK(conf_value(cfg, {}, "socket.timeout.ms") == "10000");
+  // Set by the operator: theirs.
+  cfg.properties["socket.timeout.ms"] = "5000";
+  CHECK(conf_value(cfg, member, "socket.timeout.ms") == "5000");
+}

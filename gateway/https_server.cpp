@@ -75,6 +75,49 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
   out.client_ip = ip;
 }
 
+/// What makes a request ambiguous to read, or "" when it is fine. A proxy in
+/// front may frame or attribute such a request differently than we do
+/// (request smuggling), so it is refused and the connection closed.
+/// `headers` are lower-case, in arrival order, duplicates kept.
+std::string ambiguity(const std::vector<std::pair<std::string, std::string>>& headers,
+                      unsigned version) {
+  int hosts = 0, authorizations = 0, encodings = 0;
+  std::string codings; // every Transfer-Encoding value, comma-joined
+  for (const auto& [name, value] : headers) {
+    if (name == "host") {
+      ++hosts;
+    } else if (name == "authorization") {
+      ++authorizations;
+    } else if (name == "transfer-encoding") {
+      ++encodings;
+      if (!codings.empty())
+        codings += ", ";
+      codings += value;
+    }
+  }
+  if (encodings > 0) {
+    // RFC 9112 6.1: only "chunked" is implemented. Beast treats any other
+    // coding (gzip, identity, "chunked, gzip") as a body of length 0, so
+    // the body would be read as the next request on the connection.
+    std::string_view c = codings;
+    while (!c.empty() && (c.front() == ' ' || c.front() == '\t'))
+      c.remove_prefix(1);
+    while (!c.empty() && (c.back() == ' ' || c.back() == '\t'))
+      c.remove_suffix(1);
+    if (encodings > 1 || !ascii::iequals(c, "chunked"))
+      return "Transfer-Encoding '" + codings.substr(0, 64)
+             + "' is not supported: only 'chunked' is";
+  }
+  // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; two is never valid.
+  if (hosts > 1)
+    return "more than one Host header";
+  if (hosts == 0 && version >= 11)
+    return "missing Host header";
+  if (authorizations > 1)
+    return "more than one Authorization header";
+  return {};
+}
+
 /// One TLS connection. OpenSSL reads and writes the socket itself
 /// (SSL_set_fd); Asio only reports readiness (async_wait) and runs the
 /// deadline. Asio's ssl::stream under Beast's read and write operations
@@ -297,6 +340,8 @@ private:
     version_ = req.version();
     http_request hr;
     fill_request(req, ip_, hr);
+    if (auto why = ambiguity(hr.headers, version_); !why.empty())
+      return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
     auto self = shared_from_this();
     handling_ = true;
     answering_.fetch_add(1);

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <string>
 #include <thread>
 
@@ -660,6 +661,92 @@ TEST_CASE("pipelined requests in one TLS record are all answered, in order") {
   CHECK(query < ready);
   CHECK(raw.find("Connection: close") > query); // only on the last answer
   CHECK_MESSAGE(clean, "closed without close_notify");
+  still_serving_and_unchanged();
+}
+
+/// Sends `bytes` on a new connection and returns everything the server
+/// wrote until it closed (5 s at most).
+std::string exchange(const std::string& bytes) {
+  raw_tls t;
+  REQUIRE(t.connect(srv().port(), TLS1_2_VERSION, TLS1_3_VERSION));
+  REQUIRE(t.write(bytes));
+  bool clean = false;
+  return read_until_closed(t, std::chrono::seconds(5), clean);
+}
+
+/// One 400 with the JSON error body and Connection: close, nothing after it:
+/// whatever followed the refused request was never served.
+void check_refused_and_closed(const std::string& raw) {
+  CHECK_MESSAGE(count_of(raw, "HTTP/1.1 ") == 1, raw);
+  auto r = split_response(raw);
+  CHECK_MESSAGE(r.status == 400, raw);
+  CHECK(r.head.find("connection: close") != std::string::npos);
+  CHECK(r.head.find("content-type: application/json") != std::string::npos);
+  if (r.status == 400)
+    check_json_error_body(r.body, 400000);
+}
+
+TEST_CASE("a Transfer-Encoding other than chunked -> 400 and close, its body is not a request") {
+  // Before: the coding was ignored, the body (0 bytes long to Beast) was
+  // parsed as the next request: 404 for the POST, then 200 for the GET
+  // hidden in its body (request smuggling behind a proxy that reads it
+  // differently).
+  const std::string smuggled = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+  const std::string chunks = "3\r\nabc\r\n0\r\n\r\n"; // when chunked is the last coding
+  struct { const char* coding; std::string body; } cases[] = {
+    {"gzip", smuggled},
+    {"chunked, gzip", smuggled},
+    {"identity", smuggled},
+    {"GZIP", smuggled},
+    {"gzip, chunked", chunks + smuggled},
+    {"gzip\r\nTransfer-Encoding: chunked", chunks + smuggled},
+    {"chunked\r\nTransfer-Encoding: chunked", chunks + smuggled},
+  };
+  for (const auto& c : cases) {
+    std::string coding = c.coding;
+    CAPTURE(coding);
+    check_refused_and_closed(exchange("POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                                      + std::string(c.coding) + "\r\n\r\n" + c.body));
+  }
+  // Content-Length and a non-chunked coding together: refused as well.
+  check_refused_and_closed(exchange("POST /healthz HTTP/1.1\r\nHost: x\r\n"
+                                    "Transfer-Encoding: gzip\r\nContent-Length: "
+                                    + std::to_string(smuggled.size()) + "\r\n\r\n" + smuggled));
+  // Plain chunked still works.
+  const std::string q = R"({"query":"*"})";
+  static_cast<void>(device_key());
+  std::string chunked = "POST /enrollments/query?api-version=2021-10-01 HTTP/1.1\r\nHost: x\r\n"
+                        "Authorization: " + srv().service_auth()
+                        + "\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                          "Connection: close\r\n\r\n";
+  char size[16];
+  std::snprintf(size, sizeof size, "%zx", q.size());
+  chunked += std::string(size) + "\r\n" + q + "\r\n0\r\n\r\n";
+  auto raw = exchange(chunked);
+  CHECK_MESSAGE(split_response(raw).status == 200, raw);
+  CHECK(raw.find("\"registrationId\":\"bad-dev\"") != std::string::npos);
+  still_serving_and_unchanged();
+}
+
+TEST_CASE("no Host, two Host or two Authorization headers -> 400 and close") {
+  const std::string next = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+  SUBCASE("no Host") {
+    check_refused_and_closed(exchange("GET /healthz HTTP/1.1\r\n\r\n" + next));
+  }
+  SUBCASE("two Host") {
+    check_refused_and_closed(exchange("GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+                                      + next));
+  }
+  SUBCASE("two Authorization") {
+    auto auth = srv().service_auth();
+    check_refused_and_closed(exchange("GET /enrollments/bad-dev?api-version=2021-10-01 HTTP/1.1\r\n"
+                                      "Host: x\r\nAuthorization: " + auth
+                                      + "\r\nAuthorization: " + auth + "\r\n\r\n" + next));
+  }
+  SUBCASE("HTTP/1.0 without Host is fine") {
+    auto raw = exchange("GET /healthz HTTP/1.0\r\n\r\n");
+    CHECK_MESSAGE(raw.rfind("HTTP/1.0 200", 0) == 0, raw);
+  }
   still_serving_and_unchanged();
 }
 

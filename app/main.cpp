@@ -2,6 +2,7 @@
 // the store, starts the engine, the HTTPS gateway and the metrics exposer, and
 // shuts them down in reverse order.
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -58,6 +59,45 @@ std::string host_name() {
   if (::gethostname(buf, sizeof(buf) - 1) != 0)
     return {};
   return buf;
+}
+
+/// Raises the soft descriptor limit to the hard one: every connection is a
+/// descriptor, and the usual soft default (1024) caps a server far below
+/// what the machine allows. Returns the limit now in force (0 = unknown).
+rlim_t raise_descriptor_limit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0)
+    return 0;
+  if (rl.rlim_cur < rl.rlim_max) {
+    rlimit want = rl;
+    want.rlim_cur = rl.rlim_max;
+    if (want.rlim_cur == RLIM_INFINITY) {
+      // Linux refuses an unlimited descriptor limit; fs.nr_open is the most.
+      long nr_open = 0;
+      if (FILE* f = std::fopen("/proc/sys/fs/nr_open", "r")) {
+        if (std::fscanf(f, "%ld", &nr_open) != 1)
+          nr_open = 0;
+        std::fclose(f);
+      }
+      want.rlim_cur = nr_open > 0 ? static_cast<rlim_t>(nr_open) : rl.rlim_cur;
+    }
+    if (::setrlimit(RLIMIT_NOFILE, &want) == 0)
+      rl = want;
+  }
+  return rl.rlim_cur;
+}
+
+/// Device API connections that leave `limit` descriptors room for the rest
+/// of the process (RocksDB files, the log, the metrics listener, Kafka
+/// sockets: about 30 when idle), so the cap is what refuses a flood, not
+/// running out of descriptors.
+int connections_within(rlim_t limit) {
+  if (limit == 0 || limit == RLIM_INFINITY)
+    return 0; // unknown: no cap
+  const rlim_t reserve = std::clamp<rlim_t>(limit / 8, 64, 1024);
+  if (limit <= reserve)
+    return 1;
+  return static_cast<int>(std::min<rlim_t>(limit - reserve, 10000000));
 }
 
 struct serve_args {
@@ -132,6 +172,17 @@ int serve(const serve_args& args) {
       return die(err.message);
   if (auto err = config::validate(cfg))
     return die(err.message);
+  const rlim_t descriptors = raise_descriptor_limit();
+  const int fitting_connections = connections_within(descriptors);
+  int max_connections = cfg.device_api.max_connections;
+  if (max_connections == 0)
+    max_connections = fitting_connections;
+  else if (fitting_connections > 0 && max_connections > fitting_connections)
+    std::cerr << "provisiond: WARNING: device_api.max_connections = " << max_connections
+              << " leaves too few of the " << descriptors
+              << " file descriptors for the rest of the server (at most "
+              << fitting_connections
+              << " would): past that, accepting pauses until connections close\n";
   bool placeholder_hub = false;
   if (cfg.hubs.empty()) {
     // Nothing would be assignable without a hub; a placeholder keeps the
@@ -230,10 +281,18 @@ int serve(const serve_args& args) {
   sopts.max_body_bytes = cfg.device_api.max_body_bytes;
   sopts.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
   sopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
+  sopts.max_connections = max_connections;
+  sopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
+  sopts.metrics = &inst;
+  sopts.log = dlog.get();
   std::unique_ptr<gateway::https_server> server;
-  if (cfg.roles.gateway)
+  if (cfg.roles.gateway) {
     if (auto err = gateway::https_server::start(sopts, *routes, server))
       return die(err.message);
+    inst.add_gauge("dps_connections_open",
+                   "Open device API connections, TLS handshakes included", "", "",
+                   [&server] { return static_cast<double>(server->open_connections()); });
+  }
 
   // Operations listener: /metrics, /healthz, /readyz (plain HTTP).
   std::unique_ptr<gateway::metrics_server> ops;
@@ -281,6 +340,16 @@ int serve(const serve_args& args) {
             << (metrics_addr.empty() ? "disabled" : "http://" + metrics_addr + "/metrics")
             << "\n"
             << "  data dir:          " << cfg.data_dir << "\n";
+  if (server) {
+    std::cout << "  connections:       "
+              << (max_connections > 0 ? "at most " + std::to_string(max_connections)
+                                      : std::string("no cap"));
+    if (cfg.device_api.max_connections_per_client > 0)
+      std::cout << ", " << cfg.device_api.max_connections_per_client << " per client";
+    std::cout << " (file descriptor limit "
+              << (descriptors == 0 ? std::string("unknown") : std::to_string(descriptors))
+              << ")\n";
+  }
   if (!ca_path.empty())
     std::cout << "  TLS CA:            " << ca_path << "\n";
   std::cout << "  connection string: " << app::connection_string(

@@ -40,6 +40,7 @@ constexpr int_rule request_timeout_rule{1, 3600};
 constexpr int_rule idle_timeout_rule{1, 86400};
 constexpr int_rule max_sas_rule{60, std::numeric_limits<int>::max()};
 constexpr int_rule clock_skew_rule{0, 3600};
+constexpr int_rule max_connections_rule{0, 10000000};
 constexpr int_rule weight_rule{1, 1000};
 constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
@@ -236,6 +237,9 @@ void check_config(const engine_config& c, const report_fn& report) {
   check_range(report, "device_api.max_sas_lifetime_seconds", d.max_sas_lifetime_seconds,
               max_sas_rule);
   check_range(report, "device_api.clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
+  check_range(report, "device_api.max_connections", d.max_connections, max_connections_rule);
+  check_range(report, "device_api.max_connections_per_client", d.max_connections_per_client,
+              max_connections_rule);
   check_range(report, "storage.block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
 
   for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
@@ -387,7 +391,8 @@ class loader {
                  {"listen", "hostnames", "tls_cert", "tls_key", "retry_after_seconds",
                   "register_wait_ms", "threads",
                   "max_body_bytes", "request_timeout_seconds", "idle_timeout_seconds",
-                  "max_sas_lifetime_seconds", "clock_skew_seconds"});
+                  "max_sas_lifetime_seconds", "clock_skew_seconds", "max_connections",
+                  "max_connections_per_client"});
       get(*t, p, "listen", d.listen);
       get_strings(*t, p, "hostnames", d.hostnames);
       get(*t, p, "tls_cert", d.tls_cert);
@@ -400,6 +405,9 @@ class loader {
       get_int(*t, p, "idle_timeout_seconds", d.idle_timeout_seconds, idle_timeout_rule);
       get_int(*t, p, "max_sas_lifetime_seconds", d.max_sas_lifetime_seconds, max_sas_rule);
       get_int(*t, p, "clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
+      get_int(*t, p, "max_connections", d.max_connections, max_connections_rule);
+      get_int(*t, p, "max_connections_per_client", d.max_connections_per_client,
+              max_connections_rule);
     }
 
     for_each_entry(root, "access_policies", [&](const toml::table& t, const std::string& p) {

@@ -4,9 +4,13 @@
 #include <csignal>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <iostream>
+#include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
@@ -29,6 +33,8 @@
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
+#include "metrics/diagnostic_log.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov::gateway {
 
@@ -118,6 +124,51 @@ std::string ambiguity(const std::vector<std::pair<std::string, std::string>>& he
   return {};
 }
 
+/// Open connections, in total and per client address, against the caps.
+/// Taken on the acceptor's thread, given back by sessions on any I/O thread:
+/// the per-client table has a lock (once per connection, not per request).
+class connection_slots {
+public:
+  enum class verdict { admitted, over_total, over_client };
+
+  connection_slots(int max_total, int max_per_client)
+    : max_total_(max_total), max_per_client_(max_per_client) {}
+
+  verdict acquire(const std::string& ip) {
+    if (max_total_ > 0 && open_.load() >= max_total_)
+      return verdict::over_total; // only the acceptor adds: no race to the cap
+    if (max_per_client_ > 0) {
+      std::lock_guard<std::mutex> g{mu_};
+      int& n = per_client_[ip];
+      if (n >= max_per_client_)
+        return verdict::over_client;
+      ++n;
+    }
+    open_.fetch_add(1);
+    return verdict::admitted;
+  }
+
+  void release(const std::string& ip) {
+    open_.fetch_sub(1);
+    if (max_per_client_ > 0) {
+      std::lock_guard<std::mutex> g{mu_};
+      auto it = per_client_.find(ip);
+      if (it != per_client_.end() && --it->second <= 0)
+        per_client_.erase(it);
+    }
+  }
+
+  int open() const { return open_.load(); }
+  int max_total() const { return max_total_; }
+
+private:
+  const int max_total_;
+  const int max_per_client_;
+  std::atomic<int> open_{0};
+  std::mutex mu_;
+  std::unordered_map<std::string, int> per_client_;
+};
+
 /// One TLS connection. OpenSSL reads and writes the socket itself
 /// (SSL_set_fd); Asio only reports readiness (async_wait) and runs the
 /// deadline. Asio's ssl::stream under Beast's read and write operations
@@ -138,17 +189,16 @@ static_assert(BOOST_ASIO_VERSION == 101800,
 
 class session : public std::enable_shared_from_this<session> {
 public:
-  session(tcp::socket&& sock, SSL_CTX* ctx, handler& h, const server_options& opts,
-          std::atomic<int>& answering)
+  /// Holds one of `slots` for `ip` (given back when the session ends).
+  session(tcp::socket&& sock, std::string ip, SSL_CTX* ctx, handler& h,
+          const server_options& opts, std::atomic<int>& answering, connection_slots& slots)
     : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx)), handler_(h),
-      opts_(opts), answering_(answering) {
-    beast::error_code ec;
-    auto ep = sock_.remote_endpoint(ec);
-    if (!ec)
-      ip_ = ep.address().to_string();
-  }
+      opts_(opts), answering_(answering), slots_(slots), ip_(std::move(ip)) {}
 
-  ~session() { answered(); }
+  ~session() {
+    answered();
+    slots_.release(ip_);
+  }
 
   void run() {
     net::dispatch(sock_.get_executor(), [self = shared_from_this()] { self->on_run(); });
@@ -519,6 +569,7 @@ private:
   const server_options& opts_;
   std::atomic<int>& answering_; ///< the server's count of requests being answered
   bool handling_ = false;       ///< this session's request counts in answering_
+  connection_slots& slots_;
   std::string ip_;
   bool keep_alive_ = true;
   bool timed_out_ = false;
@@ -542,6 +593,7 @@ public:
     for (int i = 0; i < n; ++i)
       iocs_.push_back(std::make_unique<net::io_context>(1));
     acceptor_.emplace(*iocs_[0]);
+    backoff_.emplace(*iocs_[0]);
   }
 
   ~server_impl() override { stop(); }
@@ -594,6 +646,7 @@ public:
 
   uint16_t port() const override { return bound_.port(); }
   std::string address() const override { return bound_.address().to_string(); }
+  int open_connections() const override { return slots_.open(); }
 
   void stop() override {
     if (stopped_.exchange(true))
@@ -616,17 +669,111 @@ public:
   }
 
 private:
+  using clock = std::chrono::steady_clock;
+
   void accept() {
     auto& target = *iocs_[next_ioc_++ % iocs_.size()];
     acceptor_->async_accept(target, [this](beast::error_code ec, tcp::socket sock) {
       if (ec == net::error::operation_aborted || !acceptor_->is_open())
         return;
-      if (!ec) {
-        sock.set_option(tcp::no_delay(true), ec);
-        std::make_shared<session>(std::move(sock), ssl_.get(), handler_, opts_, answering_)->run();
+      if (ec)
+        return on_accept_error(ec);
+      if (accept_failures_ > 0) {
+        note("device API: accepting again after "
+               + std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                  clock::now() - failing_since_)
+                                  .count())
+               + " ms (" + std::to_string(accept_failures_) + " failed accepts)",
+             false);
+        accept_failures_ = 0;
       }
+      admit(std::move(sock));
       accept();
     });
+  }
+
+  /// Out of descriptors (EMFILE, ENFILE) or kernel memory: accepting again
+  /// at once fails again at once, a busy loop that starves the I/O thread.
+  /// Waits 100 ms instead; clients queue in the listen backlog meanwhile.
+  void on_accept_error(const beast::error_code& ec) {
+    if (ec == net::error::connection_aborted)
+      return accept(); // the client reset before we took it: nothing wrong here
+    const int e = ec.value();
+    const char* name = e == EMFILE    ? "EMFILE"
+                       : e == ENFILE  ? "ENFILE"
+                       : e == ENOBUFS ? "ENOBUFS"
+                       : e == ENOMEM  ? "ENOMEM"
+                                      : "other";
+    if (opts_.metrics != nullptr)
+      opts_.metrics->accept_failed(name);
+    if (accept_failures_++ == 0) { // once per episode
+      failing_since_ = clock::now();
+      std::string why = "device API: accept failed (" + ec.message() + ", "
+                        + std::to_string(slots_.open()) + " connections open); ";
+      if (e == EMFILE || e == ENFILE)
+        why += "out of file descriptors: lower device_api.max_connections or raise the "
+               "descriptor limit (LimitNOFILE=). ";
+      note(why + "New clients wait in the listen backlog; retrying every 100 ms", true);
+    }
+    backoff_->expires_after(std::chrono::milliseconds(100));
+    backoff_->async_wait([this](beast::error_code wait_ec) {
+      if (!wait_ec && acceptor_->is_open())
+        accept();
+    });
+  }
+
+  /// Starts a session, or closes the connection at once when a cap is
+  /// reached: no TLS handshake, no buffers, one descriptor for a moment.
+  void admit(tcp::socket sock) {
+    beast::error_code ec;
+    auto ep = sock.remote_endpoint(ec);
+    std::string ip = ec ? std::string() : ep.address().to_string();
+    switch (slots_.acquire(ip)) {
+    case connection_slots::verdict::admitted:
+      // The episode ends once well below the cap, so a server that sits at
+      // it logs once, not on every connection that comes and goes.
+      if (refusing_ && slots_.open() <= slots_.max_total() * 9 / 10) {
+        refusing_ = false;
+        note("device API: below max_connections again; refused " + std::to_string(refused_)
+               + " connections at the cap",
+             false);
+        refused_ = 0;
+      }
+      sock.set_option(tcp::no_delay(true), ec);
+      std::make_shared<session>(std::move(sock), std::move(ip), ssl_.get(), handler_, opts_,
+                                answering_, slots_)
+        ->run();
+      return;
+    case connection_slots::verdict::over_total:
+      ++refused_;
+      if (opts_.metrics != nullptr)
+        opts_.metrics->connection_refused("max_connections");
+      if (!refusing_) {
+        refusing_ = true;
+        note("device API: " + std::to_string(slots_.max_total())
+               + " connections open (device_api.max_connections): new connections are "
+                 "closed at once until some end",
+             true);
+      }
+      break;
+    case connection_slots::verdict::over_client:
+      if (opts_.metrics != nullptr)
+        opts_.metrics->connection_refused("max_connections_per_client");
+      break;
+    }
+    sock.close(ec);
+  }
+
+  /// A line on stderr (the operator sees it under systemd too) and in the
+  /// diagnostic log.
+  void note(const std::string& line, bool warning) {
+    std::cerr << "provisiond: " << (warning ? "WARNING: " : "") << line << std::endl;
+    if (opts_.log != nullptr) {
+      if (warning)
+        opts_.log->warn(line);
+      else
+        opts_.log->info(line);
+    }
   }
 
   server_options opts_;
@@ -634,10 +781,18 @@ private:
   /// Requests handed to the handler and not yet answered; declared before
   /// iocs_ so it outlives the sessions they own.
   std::atomic<int> answering_{0};
+  /// Likewise: sessions give their slot back when the io_contexts free them.
+  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
   prov::net::ssl_ctx_ptr ssl_;
   std::optional<tcp::acceptor> acceptor_;
+  std::optional<net::steady_timer> backoff_; ///< accept retry after a failure
+  // Acceptor thread only:
+  uint64_t accept_failures_ = 0; ///< in the current episode
+  clock::time_point failing_since_;
+  bool refusing_ = false; ///< at max_connections, logged
+  uint64_t refused_ = 0;
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};

@@ -10,6 +10,11 @@
 #include "gateway/http_types.hpp"
 #include "messages/error.hpp"
 
+namespace prov::metrics {
+class instruments;
+class diagnostic_log;
+} // namespace prov::metrics
+
 namespace prov::gateway {
 
 struct server_options {
@@ -21,6 +26,13 @@ struct server_options {
   std::size_t max_header_bytes = 16 * 1024;
   int request_timeout_seconds = 30;    ///< handshake + one request must finish in this
   int idle_timeout_seconds = 120;      ///< keep-alive connection idle limit
+  /// Open connections at most (0 = no cap); one more is accepted and closed
+  /// at once, before any TLS work. Keep it below the descriptor limit, so
+  /// the server refuses cheaply instead of running out of descriptors.
+  int max_connections = 0;
+  int max_connections_per_client = 0;     ///< the same per client address; 0 = no cap
+  metrics::instruments* metrics = nullptr; ///< optional: refusals, accept errors
+  metrics::diagnostic_log* log = nullptr;  ///< optional: accept trouble, besides stderr
 };
 
 class https_server {
@@ -35,6 +47,8 @@ public:
   /// The bound port (useful with port 0).
   virtual uint16_t port() const = 0;
   virtual std::string address() const = 0;
+  /// Connections currently open (TLS sessions, handshakes included).
+  virtual int open_connections() const = 0;
 
   /// Stops accepting, lets answers already handed to the handler be written
   /// (up to 2 s), closes connections, joins the threads. Idempotent.

@@ -120,6 +120,18 @@ struct instruments::impl {
       .Name("dps_throttled_requests_total")
       .Help("Requests refused to protect the service (429/503) by reason")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& connections_refused =
+    prometheus::BuildCounter()
+      .Name("dps_connections_refused_total")
+      .Help("Device API connections closed at once because a connection cap was "
+            "reached, by cap")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& accept_errors =
+    prometheus::BuildCounter()
+      .Name("dps_accept_errors_total")
+      .Help("Failed accepts on the device API listener by error (EMFILE: out of "
+            "file descriptors); each is followed by a 100 ms back-off")
+      .Register(*registry);
   prometheus::Family<prometheus::Histogram>& commit_duration =
     prometheus::BuildHistogram()
       .Name("dps_storage_commit_duration_seconds")
@@ -143,6 +155,8 @@ struct instruments::impl {
   series_cache<prometheus::Counter> http_requests_c{http_requests};
   series_cache<prometheus::Histogram> http_duration_c{http_duration};
   series_cache<prometheus::Counter> throttled_c{throttled};
+  series_cache<prometheus::Counter> connections_refused_c{connections_refused};
+  series_cache<prometheus::Counter> accept_errors_c{accept_errors};
 
   std::array<prometheus::Histogram*, stage_count> stage_hist{};
   std::array<prometheus::Gauge*, stage_count> stage_gauge{};
@@ -176,6 +190,14 @@ struct instruments::impl {
     for (const char* reason : {"inflight_limit", "shutting_down"})
       throttled_c.get(join({reason}), [&](auto& f) -> prometheus::Counter& {
         return f.Add({{"reason", reason}});
+      });
+    for (const char* reason : {"max_connections", "max_connections_per_client"})
+      connections_refused_c.get(join({reason}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"reason", reason}});
+      });
+    for (const char* e : {"EMFILE", "ENFILE"})
+      accept_errors_c.get(join({e}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"error", e}});
       });
   }
 };
@@ -273,6 +295,24 @@ void instruments::throttled(std::string_view reason) {
     .get(join({reason}),
          [&](auto& f) -> prometheus::Counter& {
            return f.Add({{"reason", std::string(reason)}});
+         })
+    .Increment();
+}
+
+void instruments::connection_refused(std::string_view reason) {
+  impl_->connections_refused_c
+    .get(join({reason}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"reason", std::string(reason)}});
+         })
+    .Increment();
+}
+
+void instruments::accept_failed(std::string_view error) {
+  impl_->accept_errors_c
+    .get(join({error}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"error", std::string(error)}});
          })
     .Increment();
 }

@@ -70,6 +70,14 @@ public:
   void http_request(std::string_view route, int status, double seconds);
   /// dps_throttled_requests_total{reason}.
   void throttled(std::string_view reason);
+  /// dps_connections_refused_total{reason}: connections accepted and closed
+  /// at once because a connection cap was reached (max_connections,
+  /// max_connections_per_client).
+  void connection_refused(std::string_view reason);
+  /// dps_accept_errors_total{error}: failed accept() calls on the device API
+  /// listener (EMFILE, ENFILE, ENOBUFS, ENOMEM, other). Each is followed by a
+  /// back-off, so a descriptor shortage adds about 10 per second.
+  void accept_failed(std::string_view error);
 
   // -- storage -------------------------------------------------------------------------
 

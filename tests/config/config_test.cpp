@@ -64,6 +64,8 @@ TEST_CASE("empty text gives the documented defaults") {
   CHECK(cfg.device_api.idle_timeout_seconds == 120);
   CHECK(cfg.device_api.max_sas_lifetime_seconds == 365 * 24 * 3600);
   CHECK(cfg.device_api.clock_skew_seconds == 300);
+  CHECK(cfg.device_api.max_connections == 0);
+  CHECK(cfg.device_api.max_connections_per_client == 0);
   CHECK(cfg.access_policies.empty());
   CHECK(cfg.hubs.empty());
   CHECK(cfg.metrics.listen == "127.0.0.1:9464");
@@ -90,6 +92,8 @@ request_timeout_seconds = 10
 idle_timeout_seconds = 60
 max_sas_lifetime_seconds = 3600
 clock_skew_seconds = 0
+max_connections = 5000
+max_connections_per_client = 10
 
 [[access_policies]]
 name = "provisioningserviceowner"
@@ -139,6 +143,8 @@ file = "/var/log/provisiond.log"
   CHECK(d.idle_timeout_seconds == 60);
   CHECK(d.max_sas_lifetime_seconds == 3600);
   CHECK(d.clock_skew_seconds == 0);
+  CHECK(d.max_connections == 5000);
+  CHECK(d.max_connections_per_client == 10);
   REQUIRE(cfg.access_policies.size() == 2);
   CHECK(cfg.access_policies[0].name == "provisioningserviceowner");
   CHECK(cfg.access_policies[0].primary_key == key32);
@@ -210,6 +216,10 @@ TEST_CASE("bad values name file, line and key path") {
         "cfg.toml:2: device_api.threads: must be 0..64, got 99999999999");
   CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 59\n") ==
         "cfg.toml:2: device_api.max_sas_lifetime_seconds: must be >= 60, got 59");
+  CHECK(load_error("[device_api]\nmax_connections = -1\n") ==
+        "cfg.toml:2: device_api.max_connections: must be 0..10000000, got -1");
+  CHECK(load_error("[device_api]\n\nmax_connections_per_client = 10000001\n") ==
+        "cfg.toml:3: device_api.max_connections_per_client: must be 0..10000000, got 10000001");
   CHECK(load_error("[device_api]\nmax_body_bytes = -1\n") ==
         "cfg.toml:2: device_api.max_body_bytes: must be 1024..1048576, got -1");
   CHECK(load_error("[device_api]\nhostnames = []\n") ==

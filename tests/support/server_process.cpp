@@ -8,6 +8,7 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -87,6 +88,10 @@ error server_process::restart() {
     int fd = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
+    if (nofile_ > 0) {
+      rlimit rl{nofile_, nofile_};
+      ::setrlimit(RLIMIT_NOFILE, &rl);
+    }
     auto cfg = data_dir_ + "/cfg.toml";
     std::vector<const char*> argv = {bin, "serve", "--config", cfg.c_str()};
     for (const auto& a : args_)

@@ -31,6 +31,9 @@ public:
   /// a fresh temp dir (kept across restart()).
   [[nodiscard]] error start(std::string config_toml = {}, std::string data_dir = {},
                             std::vector<std::string> extra_args = {});
+  /// Starts later servers with RLIMIT_NOFILE (soft and hard) set to `n`, so
+  /// the server cannot raise it (0 = inherit the test's limit).
+  void set_descriptor_limit(unsigned long n) { nofile_ = n; }
   /// The destructor removes the data dir even when start() was given one.
   void remove_data_dir_at_exit() { own_dir_ = true; }
   /// SIGTERM and wait for exit; returns the exit status.
@@ -72,6 +75,7 @@ private:
   uint16_t port_ = 0;
   pid_t pid_ = -1;
   bool own_dir_ = false;
+  unsigned long nofile_ = 0;
 };
 
 /// What the register request itself got (register_device polls after it).

@@ -7,6 +7,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -52,6 +53,33 @@ bool make_dirs(const std::string& path) {
       cur += path[i];
   }
   return true;
+}
+
+/// The data dir holds the owner keys, the CA key and enrollment keys (db/).
+/// One that other users can enter is tightened to 0700 when it is ours
+/// (`note` says so); else the start stops: the keys would be readable.
+error secure_data_dir(const std::string& dir, std::string& note) {
+  struct stat st{};
+  if (::stat(dir.c_str(), &st) != 0)
+    return {error_code::unavailable,
+            "cannot inspect data directory '" + dir + "': " + std::strerror(errno)};
+  const unsigned mode = st.st_mode & 07777;
+  if ((mode & 077) == 0)
+    return {};
+  char octal[16];
+  std::snprintf(octal, sizeof octal, "%04o", mode);
+  if (st.st_uid != ::geteuid())
+    return {error_code::unavailable,
+            "data directory '" + dir + "' is mode " + octal + ", so other users can read the "
+              + "keys in it, and it is owned by uid " + std::to_string(st.st_uid)
+              + ", not by this user (uid " + std::to_string(::geteuid())
+              + "): chmod 0700 it, or chown it to this user"};
+  if (::chmod(dir.c_str(), 0700) != 0)
+    return {error_code::unavailable, "data directory '" + dir + "' is mode " + octal
+                                       + " and cannot be set to 0700: " + std::strerror(errno)};
+  note = "data directory '" + dir + "' was mode " + octal
+         + ", readable by other users; set it to 0700 (it holds keys)";
+  return {};
 }
 
 std::string host_name() {
@@ -192,6 +220,13 @@ int serve(const serve_args& args) {
   }
   if (!make_dirs(cfg.data_dir))
     return die("cannot create data directory '" + cfg.data_dir + "': " + std::strerror(errno));
+  {
+    std::string note;
+    if (auto err = secure_data_dir(cfg.data_dir, note))
+      return die(err.message);
+    if (!note.empty())
+      std::cerr << "provisiond: " << note << std::endl;
+  }
 
   // Identity: id scope and owner policy, generated once.
   const auto service_host = cfg.device_api.hostnames.empty() ? std::string("localhost")
@@ -395,6 +430,9 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  // Everything provisiond creates is private: the data dir holds keys
+  // (identity.json, tls/*.key, enrollment keys in RocksDB's files).
+  ::umask(077);
 
   CLI::App app{"provisiond: a self-hosted, Azure DPS compatible device provisioning engine"};
   app.require_subcommand(1);

@@ -131,14 +131,18 @@ error read_file(const std::string& path, std::string& out) {
   return {};
 }
 
-/// Writes via a temporary file + rename, with `mode` set explicitly (umask
-/// must not loosen or tighten key files).
+/// Writes via a temporary file + rename. A private `mode` (no group or
+/// other bits: keys) is set exactly, whatever the umask; a public one
+/// (certificates) is left to the umask, so provisiond's 077 keeps
+/// everything in its data dir private.
 error write_file_atomic(const std::string& path, const std::string& data, mode_t mode) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   ::unlink(tmp.c_str());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  const bool is_public = (mode & 077) != 0;
+  const int fd =
+    ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, is_public ? mode : 0600);
   if (fd < 0) return fail("cannot create " + tmp + ": " + std::strerror(errno));
-  bool ok = ::fchmod(fd, mode) == 0;
+  bool ok = is_public || ::fchmod(fd, mode) == 0;
   std::size_t done = 0;
   while (ok && done < data.size()) {
     const ssize_t n = ::write(fd, data.data() + done, data.size() - done);

@@ -73,9 +73,8 @@ constexpr reserved_property reserved_kafka_properties[] = {
 constexpr std::string_view log_levels[] = {"trace", "debug", "info", "warn", "error", "off"};
 
 std::string range_message(const int_rule& r, int64_t v) {
-  // An open upper bound reads better as ">= lo" than "60..2147483647".
-  if (r.hi == std::numeric_limits<int>::max())
-    return "must be >= " + std::to_string(r.lo) + ", got " + std::to_string(v);
+  // Always both bounds: ">= 60" for a value refused for being too large
+  // (2^31 does not fit the field) read as nonsense.
   return "must be " + std::to_string(r.lo) + ".." + std::to_string(r.hi) + ", got " +
          std::to_string(v);
 }

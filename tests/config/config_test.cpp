@@ -215,7 +215,11 @@ TEST_CASE("bad values name file, line and key path") {
   CHECK(load_error("[device_api]\nthreads = 99999999999\n") ==
         "cfg.toml:2: device_api.threads: must be 0..64, got 99999999999");
   CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 59\n") ==
-        "cfg.toml:2: device_api.max_sas_lifetime_seconds: must be >= 60, got 59");
+        "cfg.toml:2: device_api.max_sas_lifetime_seconds: must be 60..2147483647, got 59");
+  // Too large for the field: the same message, with the real upper bound.
+  CHECK(load_error("[device_api]\nmax_sas_lifetime_seconds = 2147483648\n") ==
+        "cfg.toml:2: device_api.max_sas_lifetime_seconds: must be 60..2147483647, got "
+        "2147483648");
   CHECK(load_error("[device_api]\nmax_connections = -1\n") ==
         "cfg.toml:2: device_api.max_connections: must be 0..10000000, got -1");
   CHECK(load_error("[device_api]\n\nmax_connections_per_client = 10000001\n") ==

@@ -199,7 +199,17 @@ void check_range(const report_fn& report, const std::string& path, int64_t v, co
 void check_listen(const report_fn& report, const std::string& path, const std::string& v) {
   std::string host;
   uint16_t port = 0;
-  if (!split_host_port(v, host, port)) report(path, "expected HOST:PORT, got " + quote(v));
+  if (!split_host_port(v, host, port)) return report(path, "expected HOST:PORT, got " + quote(v));
+  // Bound as an address literal, never resolved: "999.1.1.1" or "localhost"
+  // would only fail at bind time, as "Invalid argument". An IPv6 zone
+  // ("fe80::1%eth0") is for the kernel to check.
+  const std::size_t zone = host.find('%');
+  unsigned char buf[16];
+  const bool ok = zone == std::string::npos
+                    ? valid_ip(host)
+                    : inet_pton(AF_INET6, host.substr(0, zone).c_str(), buf) == 1;
+  if (!ok)
+    report(path, "expected an IPv4 or IPv6 address as HOST in HOST:PORT, got " + quote(v));
 }
 
 void check_config(const engine_config& c, const report_fn& report) {

@@ -231,6 +231,20 @@ TEST_CASE("bad values name file, line and key path") {
   CHECK(load_error("[device_api]\nhostnames = [\"ok.example\",\n  \"bad_name\"]\n") ==
         "cfg.toml:3: device_api.hostnames[1]: expected a DNS name or IP address, got "
         "\"bad_name\"");
+  // Listen addresses are IP literals (they are bound as such): a bad one is
+  // reported here, with its line, not at bind time as "Invalid argument".
+  CHECK(load_error("[device_api]\nhostnames = [\"a.example\"]\nlisten = \"999.1.1.1:8443\"\n") ==
+        "cfg.toml:3: device_api.listen: expected an IPv4 or IPv6 address as HOST in HOST:PORT, "
+        "got \"999.1.1.1:8443\"");
+  CHECK(load_error("[metrics]\nlisten = \"localhost:9464\"\n") ==
+        "cfg.toml:2: metrics.listen: expected an IPv4 or IPv6 address as HOST in HOST:PORT, "
+        "got \"localhost:9464\"");
+  CHECK(load_error("[device_api]\nlisten = \"[::1:8443\"\n") ==
+        "cfg.toml:2: device_api.listen: expected HOST:PORT, got \"[::1:8443\"");
+  for (const char* ok : {"0.0.0.0:8443", "127.0.0.1:0", "[::]:8443", "[::1]:1", "[fe80::1%lo]:8443"}) {
+    CAPTURE(ok);
+    CHECK(load_error(std::string("[device_api]\nlisten = \"") + ok + "\"\n") == "");
+  }
   CHECK(load_error("[metrics]\nlisten = \"localhost\"\n") ==
         "cfg.toml:2: metrics.listen: expected HOST:PORT, got \"localhost\"");
   CHECK(load_error("[log]\nlevel = \"verbose\"\n") ==

@@ -387,10 +387,30 @@ int serve(const serve_args& args) {
   }
   if (!ca_path.empty())
     std::cout << "  TLS CA:            " << ca_path << "\n";
-  std::cout << "  connection string: " << app::connection_string(
-                 {id_scope, service_host, policies[0].name, policies[0].primary_key, {}})
-            << "\n"
-            << "  linked hubs:       ";
+  // The key only goes to a terminal: under systemd or a log collector,
+  // stdout is kept (the journal) and readable by more people than the key.
+  if (::isatty(STDOUT_FILENO) == 1) {
+    std::cout << "  connection string: "
+              << app::connection_string(
+                   {id_scope, service_host, policies[0].name, policies[0].primary_key, {}})
+              << "\n";
+  } else {
+    auto arg = [](const std::string& v) { // quoted for a shell when it needs it
+      if (v.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                              "0123456789/._-+=:,@")
+          == std::string::npos)
+        return v;
+      std::string q = "'";
+      for (char c : v)
+        q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+      return q + "'";
+    };
+    std::cout << "  connection string: not shown (stdout is not a terminal); run "
+              << "provisiond connection-string"
+              << (args.config_file.empty() ? "" : " --config " + arg(args.config_file))
+              << " --data-dir " << arg(cfg.data_dir) << "\n";
+  }
+  std::cout << "  linked hubs:       ";
   for (std::size_t i = 0; i < cfg.hubs.size(); ++i)
     std::cout << (i ? ", " : "") << cfg.hubs[i].hostname;
   std::cout << (placeholder_hub ? " (placeholder: add [[hubs]] to the config)" : "")

@@ -8,7 +8,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "messages/crypto.hpp"
@@ -88,6 +91,35 @@ TEST_CASE("a data dir other users can read and that is not ours stops the start"
                   != std::string::npos,
                 err.message);
   CHECK(mode_of(dir) == 0755); // left as it was
+}
+
+TEST_CASE("the banner shows no key when stdout is not a terminal, and says how to get it") {
+  // Before: the owner policy's connection string, key included, was printed
+  // on every start; under systemd it landed in the journal.
+  test::server_process s; // stdout is a file (server.log)
+  auto dir = test::make_temp_dir("provisiond-it-banner");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  std::ifstream in(dir + "/identity.json");
+  auto key = nlohmann::json::parse(in).value("primary_key", "");
+  REQUIRE(!key.empty());
+  auto log = s.log();
+  CHECK_MESSAGE(log.find(key) == std::string::npos, log);
+  CHECK(log.find("SharedAccessKey=") == std::string::npos);
+  // The command the banner points at prints it.
+  const std::string run = "not shown (stdout is not a terminal); run provisiond ";
+  auto at = log.find(run);
+  REQUIRE_MESSAGE(at != std::string::npos, log);
+  auto args = log.substr(at + run.size(), log.find('\n', at) - at - run.size());
+  CHECK(args == "connection-string --config " + dir + "/cfg.toml --data-dir " + dir);
+  std::string out;
+  if (FILE* p = ::popen((std::string(std::getenv("PROVISIOND_BIN")) + " " + args).c_str(), "r")) {
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, p))
+      out += buf;
+    CHECK(::pclose(p) == 0);
+  }
+  CHECK_MESSAGE(out.find("SharedAccessKey=" + key) != std::string::npos, out);
 }
 
 } // TEST_SUITE

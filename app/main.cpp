@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <thread>
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -117,12 +118,14 @@ rlim_t raise_descriptor_limit() {
 
 /// Device API connections that leave `limit` descriptors room for the rest
 /// of the process (RocksDB files, the log, the metrics listener, Kafka
-/// sockets: about 30 when idle), so the cap is what refuses a flood, not
-/// running out of descriptors.
-int connections_within(rlim_t limit) {
+/// sockets: about 30 when idle, plus an epoll, an eventfd and a timerfd per
+/// I/O thread), so the cap is what refuses a flood, not running out of
+/// descriptors.
+int connections_within(rlim_t limit, int io_threads) {
   if (limit == 0 || limit == RLIM_INFINITY)
     return 0; // unknown: no cap
-  const rlim_t reserve = std::clamp<rlim_t>(limit / 8, 64, 1024);
+  const rlim_t reserve =
+    std::clamp<rlim_t>(limit / 8, 64, 1024) + 3 * static_cast<rlim_t>(io_threads);
   if (limit <= reserve)
     return 1;
   return static_cast<int>(std::min<rlim_t>(limit - reserve, 10000000));
@@ -201,7 +204,10 @@ int serve(const serve_args& args) {
   if (auto err = config::validate(cfg))
     return die(err.message);
   const rlim_t descriptors = raise_descriptor_limit();
-  const int fitting_connections = connections_within(descriptors);
+  const int io_threads = cfg.device_api.threads > 0
+                           ? cfg.device_api.threads
+                           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int fitting_connections = connections_within(descriptors, io_threads);
   int max_connections = cfg.device_api.max_connections;
   if (max_connections == 0)
     max_connections = fitting_connections;

@@ -35,7 +35,7 @@ error load_view(const engine_context& ctx, const registration_event& ev,
   if (!individual) {
     // Groups are few and already in memory (attestation needs them all), so
     // the parsed view is taken from the cache instead of re-parsing JSON.
-    auto groups = ctx.groups.get();
+    auto groups = ctx.catalog.groups();
     auto key = enrollment::key_of(ev.enrollment_group_id);
     for (const auto& g : *groups)
       if (enrollment::key_of(g.id) == key) {
@@ -48,8 +48,8 @@ error load_view(const engine_context& ctx, const registration_event& ev,
   }
   // Attestation just parsed this enrollment; reuse it unless any enrollment
   // changed since.
-  if ((out = ctx.views.lookup(enrollment::key_of(ev.registration_id),
-                              ctx.enrollment_generation.load())))
+  if ((out = ctx.catalog.views().lookup(enrollment::key_of(ev.registration_id),
+                              ctx.catalog.generation())))
     return {};
   std::optional<std::string> raw;
   if (auto err = ctx.store->get(storage::cf::enrollments,
@@ -109,7 +109,7 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
   std::optional<std::string> raw;
   registration_state prev;
   ev.substatus = to_string(assignment_substatus::initial_assignment);
-  const auto generation = ctx.registration_generation.load();
+  const auto generation = ctx.catalog.registration_generation();
   if (auto err = ctx.store->get(storage::cf::registrations,
                                 enrollment::key_of(ev.registration_id), raw))
     return err;

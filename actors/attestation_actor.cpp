@@ -51,7 +51,7 @@ verdict attest(const engine_context& ctx, const register_request& req) {
   // Keyed on the exact scope, registration id and credential: a resource
   // check may be case-insensitive but a group's device key derives from the
   // id as written, so "DEV-A" must not reuse the verdict for "dev-a".
-  const auto generation = ctx.enrollment_generation.load();
+  const auto generation = ctx.catalog.generation();
   const std::string_view identity = p->identity();
   std::string cache_key;
   if (!identity.empty()) {
@@ -59,12 +59,12 @@ verdict attest(const engine_context& ctx, const register_request& req) {
     cache_key.append(req.id_scope).append(1, '\n').append(req.registration_id)
       .append(1, '\n').append(identity);
     verdict cached;
-    if (ctx.verified.lookup(cache_key, facts.now_s, generation, cached))
+    if (ctx.catalog.verified().lookup(cache_key, facts.now_s, generation, cached))
       return cached;
   }
   auto v = check(ctx, req, *mech, *p, generation);
   if (v.is_accepted() && !identity.empty())
-    ctx.verified.insert(std::move(cache_key), p->valid_until(), generation, v);
+    ctx.catalog.verified().insert(std::move(cache_key), p->valid_until(), generation, v);
   return v;
 }
 
@@ -90,11 +90,11 @@ verdict check(const engine_context& ctx, const register_request& req,
                                  + " attestation, not " + std::string(to_string(mech.type())));
     auto r = p.check_individual(v);
     if (r.is_accepted())
-      ctx.views.insert(enrollment::key_of(req.registration_id), generation, std::move(v));
+      ctx.catalog.views().insert(enrollment::key_of(req.registration_id), generation, std::move(v));
     return r;
   }
   // 2. Groups, as the mechanism orders them.
-  return p.check_groups(*ctx.groups.get());
+  return p.check_groups(*ctx.catalog.groups());
 }
 
 } // namespace

@@ -175,7 +175,7 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       auto reg_key = enrollment::key_of(ev.registration_id);
       registration_state read_prev;
       const registration_state* prev = nullptr;
-      if (ev.prior && ev.prior->generation == ctx->registration_generation.load()) {
+      if (ev.prior && ev.prior->generation == ctx->catalog.registration_generation()) {
         prev = ev.prior->state.get(); // allocation's read, still current
       } else {
         raw.reset();

@@ -46,7 +46,7 @@ public:
   error start() {
     auto& ctx = *ctx_;
     const auto& roles = ctx.opts.cfg.roles;
-    if (auto err = ctx.reload_groups()) {
+    if (auto err = ctx.catalog.reload_groups()) {
       if (err.code != error_code::internal)
         return err;
       // One unreadable group must not stop the service; the rest still work.
@@ -495,6 +495,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     return {error_code::internal, "engine::start: no store"};
   auto ctx = std::make_shared<engine_context>();
   ctx->store = opts.store;
+  ctx->catalog.attach(opts.store);
   transport::kafka::kafka_bus* kbus = nullptr;
   if (opts.cfg.kafka.enabled()) {
     std::unique_ptr<transport::kafka::kafka_bus> b;
@@ -523,6 +524,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   if (kbus != nullptr) {
     if (auto err = replication::start(*ctx, *kbus, ctx->repl))
       return {err.code, "kafka: " + err.message};
+    ctx->catalog.replicate_through(ctx->repl.get());
     if (ctx->opts.metrics != nullptr) {
       auto* m = ctx->opts.metrics;
       auto dead = kbus->dead_letter_counter();

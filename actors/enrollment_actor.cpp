@@ -90,90 +90,7 @@ error prepare_put(const engine_context& ctx, enrollment::kind k, const std::stri
   return {};
 }
 
-/// Rebuilds ctx.groups from the store; `replaced` tells whether it did
-/// (unreadable groups are skipped, with an error naming them). Callers hold
-/// ctx.reload_mtx.
-error rebuild_groups(engine_context& ctx, bool& replaced) {
-  replaced = false;
-  auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
-  error failure;
-  auto err = ctx.store->scan(storage::cf::groups, "", 0, [&](std::string_view k, std::string_view v) {
-    auto j = json::parse(v, nullptr, false);
-    enrollment::enrollment_view view;
-    if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
-      failure = {error_code::internal,
-                 "stored enrollment group '" + std::string(k) + "' is unreadable; skipped"};
-      return true; // skip it, keep the others usable
-    }
-    fresh->push_back(std::move(view));
-    return true;
-  });
-  if (err) // never `internal`, which here means "one group skipped"
-    return {error_code::storage_failure, err.message};
-  ctx.groups.set(std::move(fresh));
-  replaced = true;
-  return failure;
-}
-
 } // namespace
-
-error engine_context::write_enrollments(const storage::write_batch& batch,
-                                        enrollment::kind k) {
-  if (batch.empty())
-    return {};
-  if (repl) {
-    if (auto err = repl->write_enrollments(batch)) // its reader calls enrollments_changed
-      return err;
-    if (k == enrollment::kind::group && groups.failed())
-      return {error_code::storage_failure,
-              "the write is stored, but the enrollment group snapshot could not be rebuilt, "
-              "so no group attests devices until it is (retried every second)"};
-    return {};
-  }
-  if (auto err = store->write(batch))
-    return err;
-  return enrollments_changed(k);
-}
-
-error engine_context::write_registrations(const storage::write_batch& batch) {
-  auto err = repl ? repl->write_registrations(batch) : store->write(batch);
-  registration_generation.fetch_add(1); // after the write is visible (or failed)
-  return err;
-}
-
-error engine_context::enrollments_changed(enrollment::kind k) {
-  error err;
-  if (k == enrollment::kind::group) {
-    std::lock_guard<std::mutex> guard{reload_mtx};
-    bool replaced = false;
-    err = rebuild_groups(*this, replaced);
-    if (!replaced) // once more: a read error may be transient
-      err = rebuild_groups(*this, replaced);
-    if (!replaced) {
-      // Keeping the old snapshot would let a rotated or deleted key attest.
-      groups.fail_closed();
-      err = {error_code::storage_failure,
-             "the write is stored, but the enrollment group snapshot could not be rebuilt, "
-             "so no group attests devices until it is (retried every second): "
-               + err.message};
-    } else if (err) {
-      // The others are current; the unreadable one cannot attest. Not this
-      // writer's problem.
-      std::fprintf(stderr, "provisiond: warning: %s\n", err.message.c_str());
-      err = {};
-    }
-  }
-  // After everything attest() reads is updated: a token verified against the
-  // old state carries an older generation and is not reused.
-  enrollment_generation.fetch_add(1);
-  return err;
-}
-
-error engine_context::reload_groups() {
-  std::lock_guard<std::mutex> guard{reload_mtx};
-  bool replaced = false;
-  return rebuild_groups(*this, replaced);
-}
 
 caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
@@ -190,7 +107,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         reply.fn(std::move(err), {});
         return;
       }
-      if (auto err = ctx->write_enrollments(batch, k)) {
+      if (auto err = ctx->catalog.write_enrollments(batch, k)) {
         reply.fn(std::move(err), {});
         return;
       }
@@ -215,7 +132,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       storage::write_batch batch;
       batch.del(family_of(k), enrollment::key_of(id));
-      if (auto err = ctx->write_enrollments(batch, k)) {
+      if (auto err = ctx->catalog.write_enrollments(batch, k)) {
         reply.fn(std::move(err));
         return;
       }
@@ -287,7 +204,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
                             {"errorCode", static_cast<int32_t>(err.code)},
                             {"errorStatus", err.message}});
       }
-      if (auto err = ctx->write_enrollments(batch, k)) {
+      if (auto err = ctx->catalog.write_enrollments(batch, k)) {
         reply.fn(std::move(err), {});
         return;
       }
@@ -319,7 +236,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       storage::write_batch batch;
       batch.del(storage::cf::registrations, key);
-      reply.fn(ctx->write_registrations(batch));
+      reply.fn(ctx->catalog.write_registrations(batch));
     },
   };
 }

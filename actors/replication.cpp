@@ -322,9 +322,9 @@ private:
     // wrote it reports it (write_enrollments).
     error changed;
     if (groups)
-      changed = ctx_.enrollments_changed(enrollment::kind::group);
+      changed = ctx_.catalog.enrollments_changed(enrollment::kind::group);
     else if (individuals)
-      changed = ctx_.enrollments_changed(enrollment::kind::individual);
+      changed = ctx_.catalog.enrollments_changed(enrollment::kind::individual);
     if (changed)
       std::fprintf(stderr, "provisiond: %s\n", changed.message.c_str());
     return {};

@@ -1,0 +1,95 @@
+#include "actors/enrollment_catalog.hpp"
+
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/replication.hpp"
+
+namespace prov {
+
+using nlohmann::json;
+
+/// `replaced` tells whether the snapshot was replaced (unreadable groups are
+/// skipped, with an error naming them). Callers hold reload_mtx_.
+error enrollment_catalog::rebuild_groups(bool& replaced) {
+  replaced = false;
+  auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
+  error failure;
+  auto err = store_->scan(storage::cf::groups, "", 0, [&](std::string_view k, std::string_view v) {
+    auto j = json::parse(v, nullptr, false);
+    enrollment::enrollment_view view;
+    if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
+      failure = {error_code::internal,
+                 "stored enrollment group '" + std::string(k) + "' is unreadable; skipped"};
+      return true; // skip it, keep the others usable
+    }
+    fresh->push_back(std::move(view));
+    return true;
+  });
+  if (err) // never `internal`, which here means "one group skipped"
+    return {error_code::storage_failure, err.message};
+  groups_.set(std::move(fresh));
+  replaced = true;
+  return failure;
+}
+
+error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
+                                        enrollment::kind k) {
+  if (batch.empty())
+    return {};
+  if (repl_) {
+    if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
+      return err;
+    if (k == enrollment::kind::group && groups_.failed())
+      return {error_code::storage_failure,
+              "the write is stored, but the enrollment group snapshot could not be rebuilt, "
+              "so no group attests devices until it is (retried every second)"};
+    return {};
+  }
+  if (auto err = store_->write(batch))
+    return err;
+  return enrollments_changed(k);
+}
+
+error enrollment_catalog::write_registrations(const storage::write_batch& batch) {
+  auto err = repl_ ? repl_->write_registrations(batch) : store_->write(batch);
+  registration_generation_.fetch_add(1); // after the write is visible (or failed)
+  return err;
+}
+
+error enrollment_catalog::enrollments_changed(enrollment::kind k) {
+  error err;
+  if (k == enrollment::kind::group) {
+    std::lock_guard<std::mutex> guard{reload_mtx_};
+    bool replaced = false;
+    err = rebuild_groups(replaced);
+    if (!replaced) // once more: a read error may be transient
+      err = rebuild_groups(replaced);
+    if (!replaced) {
+      // Keeping the old snapshot would let a rotated or deleted key attest.
+      groups_.fail_closed();
+      err = {error_code::storage_failure,
+             "the write is stored, but the enrollment group snapshot could not be rebuilt, "
+             "so no group attests devices until it is (retried every second): "
+               + err.message};
+    } else if (err) {
+      // The others are current; the unreadable one cannot attest. Not this
+      // writer's problem.
+      std::fprintf(stderr, "provisiond: warning: %s\n", err.message.c_str());
+      err = {};
+    }
+  }
+  // After everything attest() reads is updated: a token verified against the
+  // old state carries an older generation and is not reused.
+  generation_.fetch_add(1);
+  return err;
+}
+
+error enrollment_catalog::reload_groups() {
+  std::lock_guard<std::mutex> guard{reload_mtx_};
+  bool replaced = false;
+  return rebuild_groups(replaced);
+}
+
+} // namespace prov

@@ -5,6 +5,7 @@
 
 #include <caf/all.hpp>
 
+#include "actors/configuration/terminal_state.hpp"
 #include "actors/engine.hpp"
 #include "actors/engine_context.hpp"
 #include "messages/registration.hpp"

@@ -179,15 +179,15 @@ namespace prov {
 
 namespace {
 
-/// Emits the job's outcome: registration.allocated, or registration.completed
-/// when it failed.
-void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocation_job& job) {
-  auto& ev = job.ev;
-  auto& ack = job.ack;
-  error err = std::move(job.err);
+/// Emits the outcome of `ev`, whose policy answered `err` or `hub` (`view`:
+/// its enrollment, null when it failed before the policy ran):
+/// registration.allocated, or registration.completed when it failed.
+void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registration_event& ev,
+          event_ack& ack, std::chrono::steady_clock::time_point start,
+          const enrollment::enrollment_view* view, error err, std::string hub) {
   if (!err)
-    err = finish(*ctx, *job.view, ev, std::move(job.hub));
-  ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(job.start));
+    err = finish(*ctx, *view, ev, std::move(hub));
+  ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
   auto next = transport::topic::registration_allocated;
   if (err) {
     ev.status = registration_status::failed;
@@ -239,25 +239,49 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocatio
   });
 }
 
-/// Runs the enrollment's policy on the job; emits now when it answers now.
+void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocation_job& job) {
+  emit(self, ctx, job.ev, job.ack, job.start, job.view.get(), std::move(job.err),
+       std::move(job.hub));
+}
+
+/// A synchronous policy's answer, on the stack.
+struct immediate_answer final : allocation::answer {
+  error err;
+  std::string hub;
+  void operator()(error e, std::string h) override {
+    err = std::move(e);
+    hub = std::move(h);
+  }
+};
+
+/// Runs the enrollment's policy; emits now when it answers now, else keeps
+/// the input in a job for the answer.
 void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
-              std::shared_ptr<allocation_job> job) {
+              registration_event& ev, event_ack& ack) {
+  const auto start = std::chrono::steady_clock::now();
   allocation::request in;
-  if (auto err = prepare(*ctx, job->ev, in)) {
-    job->err = std::move(err);
-    emit(self, ctx, *job);
-    return;
-  }
-  job->view = in.enrollment;
-  const auto kind = job->view->allocation.value_or(allocation_policy::hashed);
+  if (auto err = prepare(*ctx, ev, in))
+    return emit(self, ctx, ev, ack, start, nullptr, std::move(err), {});
+  const auto kind = in.enrollment->allocation.value_or(allocation_policy::hashed);
   const allocation::policy* policy = ctx->policies.find(kind);
-  if (policy == nullptr) {
-    job->err = {error_code::no_hub_available, std::string(to_string(kind))
-                                                + " allocation is not supported by this "
-                                                  "provisiond version"};
-    emit(self, ctx, *job);
-    return;
+  if (policy == nullptr)
+    return emit(self, ctx, ev, ack, start, nullptr,
+                {error_code::no_hub_available,
+                 std::string(to_string(kind))
+                   + " allocation is not supported by this provisiond version"},
+                {});
+  if (policy->synchronous()) {
+    // Answers during the call: a non-owning handle to a stack answer.
+    immediate_answer now;
+    policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
+    return emit(self, ctx, ev, ack, start, in.enrollment.get(), std::move(now.err),
+                std::move(now.hub));
   }
+  auto job = std::make_shared<allocation_job>();
+  job->ev = std::move(ev);
+  job->ack = std::move(ack);
+  job->start = start;
+  job->view = in.enrollment;
   job->stage = self->ctrl();
   policy->allocate(in, job);
   if (job->first_arrived.exchange(true)) // answered during the call
@@ -282,11 +306,7 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
     },
     [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
-      auto job = std::make_shared<allocation_job>();
-      job->ev = std::move(ev);
-      job->ack = std::move(ack);
-      job->start = std::chrono::steady_clock::now();
-      allocate(self, ctx, std::move(job));
+      allocate(self, ctx, ev, ack);
     },
     [self, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
       emit(self, ctx, *job);

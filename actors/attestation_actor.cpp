@@ -208,9 +208,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
           // As over HTTP: terminal at once.
           m->registration_attempt("disabled", "", ev.protocol);
           m->operation_finished("disabled", 0.0);
-          ev.status = registration_status::disabled;
-          ev.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
-          ev.error_message = "the enrollment is disabled";
+          configuration::mark_disabled(ev);
           ev.completed_ms = ev.accepted_ms;
           next = transport::topic::registration_completed;
         }

@@ -452,15 +452,9 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
         batch.put(storage::cf::pending, ev.operation_id, "");
       } else {
         // Disabled enrollment: terminal at once, reported by the poll.
-        op.status = registration_status::disabled;
-        ev.status = registration_status::disabled;
-        op.state.registration_id = ev.registration_id;
-        op.state.status = registration_status::disabled;
-        op.state.created_ms = op.state.updated_ms = ev.accepted_ms;
-        op.state.attestation_type = ev.attestation_type;
-        op.state.enrollment_group_id = ev.enrollment_group_id;
-        op.state.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
-        op.state.error_message = "the enrollment is disabled";
+        configuration::mark_disabled(ev);
+        op.status = ev.status;
+        op.state = configuration::state_from_completed(ev);
       }
       op.event = ev;
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
@@ -561,29 +555,17 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       }
       op.operation_id = ev.operation_id;
       op.registration_id = ev.registration_id;
-      auto now = now_ms();
       op.status = registration_status::failed;
-      op.state.registration_id = ev.registration_id;
-      op.state.status = registration_status::failed;
-      op.state.created_ms = ev.accepted_ms;
-      op.state.updated_ms = now;
-      op.state.error_code = ev.error_code;
-      op.state.error_message = ev.error_message;
-      op.state.attestation_type = ev.attestation_type;
-      op.state.enrollment_group_id = ev.enrollment_group_id;
-      op.state.last_operation_id = ev.operation_id;
-      op.state.etag = enrollment::new_etag();
+      op.state = configuration::state_from_completed(ev);
+      op.state.updated_ms = now_ms();
       op.event = registration_event{}; // terminal: the state is all a poll needs
       storage::write_batch batch;
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
       batch.del(storage::cf::pending, ev.operation_id);
-      // A failed re-registration does not erase a device's assignment.
       std::optional<std::string> existing;
-      registration_state prev;
       auto reg_key = enrollment::key_of(ev.registration_id);
       if (!ctx->store->get(storage::cf::registrations, reg_key, existing)
-          && (!existing || decode_record(*existing, prev)
-              || prev.status != registration_status::assigned))
+          && configuration::failure_replaces(existing))
         batch.put(storage::cf::registrations, reg_key, encode_record(op.state));
       auto op_id = ev.operation_id;
       st->settling.emplace(op_id, std::move(ev));

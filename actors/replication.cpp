@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/configuration/cloud_event.hpp"
+#include "actors/configuration/terminal_state.hpp"
 #include "actors/engine_context.hpp"
 #include "transport/kafka_bus.hpp"
 #include "transport/kafka_table.hpp"
@@ -411,7 +412,7 @@ private:
       op.operation_id = ev.operation_id;
       op.registration_id = ev.registration_id;
       op.status = ev.status;
-      op.state = state_from_completed(ev);
+      op.state = configuration::state_from_completed(ev);
       auto reg_key = enrollment::key_of(ev.registration_id);
       if (ev.status == registration_status::assigned) {
         // Prefer the materialized record (creation time, etag) when it is
@@ -422,12 +423,10 @@ private:
             && !decode_record(*reg, rs) && rs.last_operation_id == ev.operation_id)
           op.state = rs;
       } else {
-        // A failed re-registration does not erase a device's assignment.
         std::optional<std::string> reg;
-        registration_state prev;
         if (auto err = ctx_.store->get(storage::cf::registrations, reg_key, reg))
           return err;
-        if (!reg || decode_record(*reg, prev) || prev.status != registration_status::assigned)
+        if (configuration::failure_replaces(reg))
           wb.put(storage::cf::registrations, reg_key, encode_record(op.state));
       }
       wb.put(storage::cf::operations, ev.operation_id, encode_record(op));
@@ -453,28 +452,6 @@ private:
 };
 
 } // namespace
-
-registration_state state_from_completed(const registration_event& ev) {
-  registration_state s;
-  s.registration_id = ev.registration_id;
-  s.created_ms = ev.accepted_ms;
-  s.updated_ms = ev.completed_ms ? ev.completed_ms : ev.accepted_ms;
-  s.status = ev.status;
-  s.attestation_type = ev.attestation_type;
-  s.enrollment_group_id = ev.enrollment_group_id;
-  s.last_operation_id = ev.operation_id;
-  // The same on every gateway and on every replay of the topic.
-  s.etag = enrollment::etag_for(ev.operation_id);
-  if (ev.status == registration_status::assigned) {
-    s.assigned_hub = ev.assigned_hub;
-    s.device_id = ev.device_id;
-    s.substatus = ev.substatus;
-  } else {
-    s.error_code = ev.error_code;
-    s.error_message = ev.error_message;
-  }
-  return s;
-}
 
 error replication::start(engine_context& ctx, transport::kafka::kafka_bus& bus,
                          std::unique_ptr<replication>& out) {

@@ -80,8 +80,4 @@ public:
   virtual void close() = 0;
 };
 
-/// The registration record an instance shows for a finished operation
-/// reported on registration.completed (no local record needed).
-registration_state state_from_completed(const registration_event& ev);
-
 } // namespace prov

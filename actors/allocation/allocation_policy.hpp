@@ -31,6 +31,7 @@ namespace prov::allocation {
 class hashed_policy final : public policy {
 public:
   allocation_policy kind() const noexcept override { return allocation_policy::hashed; }
+  bool synchronous() const noexcept override { return true; }
   void allocate(const request& in, done_fn done) const override;
 };
 
@@ -38,6 +39,7 @@ public:
 class static_policy final : public policy {
 public:
   allocation_policy kind() const noexcept override { return allocation_policy::static_hub; }
+  bool synchronous() const noexcept override { return true; }
   void allocate(const request& in, done_fn done) const override;
 };
 

@@ -50,6 +50,9 @@ class policy {
 public:
   virtual ~policy() = default;
   virtual allocation_policy kind() const noexcept = 0;
+  /// True when allocate() always answers during the call: the stage then
+  /// keeps nothing for a later answer (and `done` must not be kept).
+  virtual bool synchronous() const noexcept { return false; }
   /// Calls `(*done)(...)` exactly once: during the call, or later from any
   /// thread (copying what it needs of `in` before returning).
   virtual void allocate(const request& in, done_fn done) const = 0;

@@ -1,0 +1,39 @@
+#include "actors/configuration/terminal_state.hpp"
+
+#include "actors/enrollment/enrollment_model.hpp"
+
+namespace prov::configuration {
+
+void mark_disabled(registration_event& ev) {
+  ev.status = registration_status::disabled;
+  ev.error_code = static_cast<int32_t>(error_code::unauthorized_signature);
+  ev.error_message = "the enrollment is disabled";
+}
+
+registration_state state_from_completed(const registration_event& ev) {
+  registration_state s;
+  s.registration_id = ev.registration_id;
+  s.created_ms = ev.accepted_ms;
+  s.updated_ms = ev.completed_ms ? ev.completed_ms : ev.accepted_ms;
+  s.status = ev.status;
+  s.attestation_type = ev.attestation_type;
+  s.enrollment_group_id = ev.enrollment_group_id;
+  s.last_operation_id = ev.operation_id;
+  s.etag = enrollment::etag_for(ev.operation_id);
+  if (ev.status == registration_status::assigned) {
+    s.assigned_hub = ev.assigned_hub;
+    s.device_id = ev.device_id;
+    s.substatus = ev.substatus;
+  } else {
+    s.error_code = ev.error_code;
+    s.error_message = ev.error_message;
+  }
+  return s;
+}
+
+bool failure_replaces(const std::optional<std::string>& stored) {
+  registration_state prev;
+  return !stored || decode_record(*stored, prev) || prev.status != registration_status::assigned;
+}
+
+} // namespace prov::configuration

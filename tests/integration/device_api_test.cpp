@@ -170,11 +170,13 @@ TEST_CASE("register_wait_ms = 0: 202 + Retry-After, then poll assigned (classic 
 }
 
 TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 202, polls end assigned") {
-  // The hand-off from allocation to configuration is held back 100 ms (a
-  // slow pipeline), so every register's 5 ms wait expires: its accept,
-  // deferred until the outcome, is recorded first, then answered 202; the
-  // polls read that record ("assigning") until the outcome.
-  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "100"};
+  // The hand-off from allocation to configuration is held back 1 s (a slow
+  // pipeline), so every register's 5 ms wait expires: its accept, deferred
+  // until the outcome, is recorded first, then answered 202; the polls read
+  // that record ("assigning") until the outcome. The hold is long so that a
+  // loaded machine's late wait timer cannot see the outcome first (100 ms
+  // let one register in a hundred end 200 under a parallel build).
+  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "1000"};
   test::server_process s;
   auto dir = test::start_with_wait(s, 5);
   const auto group_key = crypto::generate_key();
@@ -217,7 +219,7 @@ TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 2
     };
     net::https_response first, second;
     std::thread t1{[&] { put(c1, first); }};
-    std::this_thread::sleep_for(std::chrono::milliseconds(20)); // within the 100 ms
+    std::this_thread::sleep_for(std::chrono::milliseconds(20)); // within the 1 s
     put(c2, second);
     t1.join();
     REQUIRE_MESSAGE(first.status == 202, first.body);

@@ -80,6 +80,12 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
   return out;
 }
 
+/// The request's views of the event's text; again whenever the event moves.
+void views_of(const registration_event& ev, allocation::request& in) {
+  in.registration_id = ev.registration_id;
+  in.payload_json = ev.payload_json;
+}
+
 /// What the policy decides on: the enrollment and the candidate hubs.
 error prepare(const engine_context& ctx, const registration_event& ev,
               allocation::request& in) {
@@ -94,11 +100,10 @@ error prepare(const engine_context& ctx, const registration_event& ev,
       return again;
   }
   const enrollment::enrollment_view& v = *in.enrollment;
-  in.registration_id = ev.registration_id;
   in.candidates = candidates(ctx, v);
   in.explicit_list = !v.iot_hubs.empty();
   in.linked_hubs = ctx.hubs.size();
-  in.payload_json = ev.payload_json;
+  views_of(ev, in);
   return {};
 }
 
@@ -283,6 +288,7 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
   job->start = start;
   job->view = in.enrollment;
   job->stage = self->ctrl();
+  views_of(job->ev, in); // the event moved
   policy->allocate(in, job);
   if (job->first_arrived.exchange(true)) // answered during the call
     emit(self, ctx, *job);

@@ -517,6 +517,8 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   // another: geoLatency picks among them as hashed does.
   ctx->policies.add_as(allocation_policy::geo_latency, hashed);
   ctx->policies.add(std::make_shared<allocation::static_policy>());
+  for (const auto& p : opts.policies)
+    ctx->policies.add(p);
   if (opts.metrics == nullptr)
     ctx->own_metrics = std::make_unique<metrics::instruments>();
   ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();

@@ -21,6 +21,9 @@
 namespace prov::storage {
 class store;
 }
+namespace prov::allocation {
+class policy;
+}
 
 namespace prov {
 
@@ -31,6 +34,9 @@ struct engine_options {
   std::size_t max_inflight = 200000; ///< accepted, unfinished operations (503 beyond)
   /// Where stage metrics go; owned by the caller. Null = a private, unexported set.
   metrics::instruments* metrics = nullptr;
+  /// Allocation policies of an embedding program, registered after the
+  /// built-in ones (a policy of the same kind replaces the built-in one).
+  std::vector<std::shared_ptr<const allocation::policy>> policies;
   /// Tests only (env PROVISIOND_TEST_PIPELINE_DELAY_MS): embedded, every
   /// hand-off from allocation to configuration waits this long, so a test can
   /// make register waits expire (device_api.register_wait_ms) at will, or

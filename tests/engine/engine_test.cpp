@@ -12,11 +12,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <future>
+#include <mutex>
 #include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "actors/allocation/policy.hpp"
 #include "actors/attestation/sas_token.hpp"
 #include "actors/engine.hpp"
 #include "messages/crypto.hpp"
@@ -262,6 +264,69 @@ TEST_CASE("engine: registration query pages from the continuation, same results"
   for (std::size_t i = 0; i + 1 < visits.size(); ++i)
     CHECK(visits[i] <= 14);
   CHECK(visits.back() <= 5);
+  eng->shutdown();
+}
+
+TEST_CASE("engine: a policy that answers later, from another thread, assigns the device") {
+  // The shape of the custom allocation webhook: the answer comes after
+  // allocate() returned, on a thread of the policy's own.
+  struct later final : allocation::policy {
+    mutable std::mutex mu;
+    mutable std::vector<std::thread> threads;
+    mutable std::atomic<int> calls{0};
+    allocation_policy kind() const noexcept override { return allocation_policy::custom; }
+    void allocate(const allocation::request& in, allocation::done_fn done) const override {
+      ++calls;
+      std::string hub = "later-" + std::string(in.registration_id) + ".example.net";
+      std::lock_guard<std::mutex> g{mu};
+      threads.emplace_back([done, hub] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        (*done)({}, hub);
+      });
+    }
+    void join() const {
+      std::lock_guard<std::mutex> g{mu};
+      for (auto& t : threads)
+        t.join();
+      threads.clear();
+    }
+  };
+  temp_dir dir;
+  auto store = open_store(dir);
+  auto policy = std::make_shared<later>();
+  auto opts = options(store.get());
+  opts.policies.push_back(policy);
+  std::unique_ptr<engine> eng;
+  REQUIRE(!engine::start(std::move(opts), eng));
+  const std::string id = "late-dev";
+  const std::string key = crypto::generate_key();
+  REQUIRE(!put(*eng, enrollment::kind::individual, id,
+               R"({"allocationPolicy":"custom","customAllocationDefinition":)"
+               R"({"webhookUrl":"https://hooks.example.net/alloc","apiVersion":"2021-10-01"},)"
+               R"("attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":")"
+                 + key + R"(","secondaryKey":")" + key + R"("}}})"));
+  register_request req;
+  req.id_scope = scope;
+  req.registration_id = id;
+  req.credential = credential_of_authorization(attestation::make_sas(
+    std::string(scope) + "/registrations/" + id, key, now_ms() / 1000 + 3600, "registration"));
+  std::promise<register_reply> replied;
+  eng->register_device(req, [&replied](register_reply r) { replied.set_value(std::move(r)); });
+  auto f = replied.get_future();
+  REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  auto reply = f.get();
+  REQUIRE_MESSAGE(!reply.err, reply.err.message);
+  registration_state st;
+  for (int i = 0; i < 200; ++i) {
+    REQUIRE(!eng->operation(id, reply.operation_id, st));
+    if (is_terminal(st.status))
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  CHECK(st.status == registration_status::assigned);
+  CHECK(st.assigned_hub == "later-late-dev.example.net");
+  CHECK(policy->calls.load() == 1);
+  policy->join();
   eng->shutdown();
 }
 

@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,6 +23,9 @@ struct http_request {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
   std::string client_ip;
+  /// The TLS client certificate chain, leaf first, DER; null when the
+  /// client presented none. Shared by the connection's requests.
+  std::shared_ptr<const std::vector<std::string>> client_chain_der;
 
   const std::string& header(const std::string& lower_name) const {
     static const std::string empty;

@@ -183,6 +183,67 @@ private:
 /// (EPOLL_CTL_MOD) for every wait, which reports data that arrived before
 /// the wait; the static_assert below makes a different Asio fail the build
 /// instead of leaving such a request unread.
+/// The client certificate chain a device presented, leaf first, DER; null
+/// when it presented none (the common, symmetric-key case: nothing is
+/// copied). Read once per connection, after the handshake.
+std::shared_ptr<const std::vector<std::string>> peer_chain(SSL* ssl) {
+  X509* leaf = SSL_get0_peer_certificate(ssl);
+  if (leaf == nullptr)
+    return nullptr;
+  auto chain = std::make_shared<std::vector<std::string>>();
+  auto add = [&](X509* c) {
+    int n = i2d_X509(c, nullptr);
+    if (n <= 0)
+      return;
+    std::string der(static_cast<std::size_t>(n), '\0');
+    auto* p = reinterpret_cast<unsigned char*>(der.data());
+    if (i2d_X509(c, &p) == n)
+      chain->push_back(std::move(der));
+  };
+  add(leaf);
+  // On a server the stack holds the intermediates, without the leaf (skip
+  // it anyway should a version include it).
+  if (STACK_OF(X509)* rest = SSL_get_peer_cert_chain(ssl))
+    for (int i = 0; i < sk_X509_num(rest); ++i)
+      if (X509* c = sk_X509_value(rest, i); X509_cmp(c, leaf) != 0)
+        add(c);
+  return chain;
+}
+
+/// TLS accepts any client certificate: the attestation stage judges the
+/// chain against the enrollments (and says why it refuses one). The
+/// handshake still checks the CertificateVerify signature, so a device that
+/// presents a certificate holds its key.
+int accept_any_chain(X509_STORE_CTX* store, void*) {
+  // A session with a client certificate is never resumed (below): no ticket.
+  auto* ssl = static_cast<SSL*>(
+    X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  if (ssl != nullptr)
+    SSL_set_num_tickets(ssl, 0);
+  return 1;
+}
+
+/// A resumed session carries the leaf but not the chain a group needs: a
+/// device that presented a certificate does a full handshake every time.
+/// Other tickets behave as without this callback.
+SSL_TICKET_RETURN decrypt_ticket(SSL*, SSL_SESSION* ss, const unsigned char*, size_t,
+                                 SSL_TICKET_STATUS status, void*) {
+  switch (status) {
+  case SSL_TICKET_SUCCESS:
+  case SSL_TICKET_SUCCESS_RENEW:
+    if (SSL_SESSION_get0_peer(ss) != nullptr)
+      return SSL_TICKET_RETURN_IGNORE_RENEW;
+    return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE : SSL_TICKET_RETURN_USE_RENEW;
+  case SSL_TICKET_NONE:
+    return SSL_TICKET_RETURN_IGNORE;
+  case SSL_TICKET_EMPTY:
+  case SSL_TICKET_NO_DECRYPT:
+    return SSL_TICKET_RETURN_IGNORE_RENEW;
+  default:
+    return SSL_TICKET_RETURN_ABORT;
+  }
+}
+
 static_assert(BOOST_ASIO_VERSION == 101800,
               "session::start_request relies on Asio 1.18's epoll reactor re-arming the "
               "socket for every async_wait; check it still does, then update this");
@@ -318,8 +379,10 @@ private:
   void handshake() {
     ERR_clear_error();
     int r = SSL_do_handshake(ssl_.get());
-    if (r == 1)
+    if (r == 1) {
+      peer_chain_ = peer_chain(ssl_.get());
       return start_request();
+    }
     if (!wait_for(r))
       close_now();
   }
@@ -390,6 +453,8 @@ private:
     version_ = req.version();
     http_request hr;
     fill_request(req, ip_, hr);
+    if (peer_chain_)
+      hr.client_chain_der = peer_chain_;
     if (auto why = ambiguity(hr.headers, version_); !why.empty())
       return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
     auto self = shared_from_this();
@@ -571,6 +636,7 @@ private:
   bool handling_ = false;       ///< this session's request counts in answering_
   connection_slots& slots_;
   std::string ip_;
+  std::shared_ptr<const std::vector<std::string>> peer_chain_; ///< client certificates, if any
   bool keep_alive_ = true;
   bool timed_out_ = false;
   unsigned version_ = 11;
@@ -618,6 +684,16 @@ public:
     SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
     // One read per record batch instead of a header read and a body read.
     SSL_CTX_set_read_ahead(raw, 1);
+    // Ask for a client certificate (X.509 devices), never require one
+    // (symmetric key devices have none): the device's chain is judged by
+    // attestation, not here.
+    SSL_CTX_set_verify(raw, SSL_VERIFY_PEER, nullptr);
+    SSL_CTX_set_cert_verify_callback(raw, accept_any_chain, nullptr);
+    // With SSL_VERIFY_PEER, OpenSSL refuses to resume a session without a
+    // session id context (a fatal handshake error for ticket holders).
+    static constexpr unsigned char sid_ctx[] = "provisiond-device-api";
+    SSL_CTX_set_session_id_context(raw, sid_ctx, sizeof sid_ctx - 1);
+    SSL_CTX_set_session_ticket_cb(raw, nullptr, decrypt_ticket, nullptr);
     if (SSL_CTX_use_certificate_chain_file(raw, opts_.cert_chain_file.c_str()) != 1)
       return {error_code::bad_request,
               "cannot load TLS certificate chain '" + opts_.cert_chain_file + "': "

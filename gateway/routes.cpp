@@ -341,7 +341,13 @@ private:
     rr.id_scope = opts_.id_scope;
     rr.registration_id = *reg_id;
     rr.api_version = api->second;
-    rr.credential = credential_of_authorization(req.header("authorization"));
+    // DPS X.509 devices send no Authorization header: their credential is
+    // the TLS client certificate chain. A SAS, when sent, wins.
+    if (const auto& auth = req.header("authorization");
+        auth.empty() && req.client_chain_der && !req.client_chain_der->empty())
+      rr.credential = x509_credential{*req.client_chain_der};
+    else
+      rr.credential = credential_of_authorization(auth);
     rr.client_ip = req.client_ip;
     rr.correlation_id = tracking;
     if (kind == poll) {

@@ -1,5 +1,7 @@
 #include "actors/enrollment/enrollment_model.hpp"
 
+#include "actors/enrollment/x509_certificates.hpp"
+
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/json_scan.hpp"
@@ -223,13 +225,18 @@ error normalize_tpm(const json& att, json& out) {
   return {};
 }
 
-/// X509Certificates {primary, secondary}, each {certificate, info}. Counts the
-/// slots filled.
-error check_certificates(const json& v, const std::string& path, int& filled) {
+/// X509Certificates {primary, secondary}, each {certificate, info}, checked
+/// and normalized into `out`: the certificate must parse (PEM or base64 DER)
+/// and `info` is filled from it, as DPS does. With `by_thumbprint` (client
+/// certificates), an entry may name the certificate by its info's
+/// sha1Thumbprint and/or sha256Thumbprint instead. Counts the slots filled.
+error check_certificates(const json& v, const std::string& path, bool by_thumbprint,
+                         int& filled, json& out) {
   if (auto e = need_object(v, path))
     return e;
   if (auto e = only_members(v, path, {"primary", "secondary"}))
     return e;
+  out = json::object();
   for (const char* slot : {"primary", "secondary"}) {
     const json* c = member(v, slot);
     if (c == nullptr)
@@ -239,20 +246,51 @@ error check_certificates(const json& v, const std::string& path, int& filled) {
       return e;
     if (auto e = only_members(*c, sp, {"certificate", "info"}))
       return e;
-    const json* pem = member(*c, "certificate");
-    if (pem == nullptr)
-      return invalid(sp + ".certificate", "required");
-    if (auto e = need_string(*pem, sp + ".certificate"))
-      return e;
-    if (const json* info = member(*c, "info"))
+    const json* info = member(*c, "info");
+    if (info != nullptr)
       if (auto e = need_object(*info, sp + ".info"))
         return e;
+    const json* pem = member(*c, "certificate");
+    json entry = json::object();
+    if (pem == nullptr) {
+      if (!by_thumbprint)
+        return invalid(sp + ".certificate", "required");
+      bool any = false;
+      json thumbs = json::object();
+      for (const char* t : {"sha1Thumbprint", "sha256Thumbprint"}) {
+        const json* tv = info != nullptr ? member(*info, t) : nullptr;
+        if (tv == nullptr)
+          continue;
+        std::string raw;
+        if (!tv->is_string() || !thumbprint_bytes(tv->get_ref<const std::string&>(), raw)
+            || raw.size() != (t[3] == '1' ? 20u : 32u))
+          return invalid(sp + ".info." + t,
+                         t[3] == '1' ? "must be 40 hex digits (a SHA-1 thumbprint)"
+                                     : "must be 64 hex digits (a SHA-256 thumbprint)");
+        thumbs[t] = upper_hex(raw);
+        any = true;
+      }
+      if (!any)
+        return invalid(sp + ".certificate",
+                       "required (or info.sha1Thumbprint / info.sha256Thumbprint)");
+      entry["info"] = std::move(thumbs);
+    } else {
+      if (auto e = need_string(*pem, sp + ".certificate"))
+        return e;
+      std::string der;
+      if (!certificate_der(pem->get_ref<const std::string&>(), der))
+        return invalid(sp + ".certificate",
+                       "is not an X.509 certificate (PEM, or base64 of its DER)");
+      entry["certificate"] = *pem;
+      entry["info"] = certificate_info(parse_der(der).get(), der);
+    }
+    out[slot] = std::move(entry);
     ++filled;
   }
   return {};
 }
 
-error normalize_x509(const json& att, json& out) {
+error normalize_x509(kind k, const json& att, json& out) {
   const std::string path = "attestation.x509";
   const json* x = member(att, "x509");
   if (x == nullptr)
@@ -261,10 +299,22 @@ error normalize_x509(const json& att, json& out) {
     return e;
   if (auto e = only_members(*x, path, {"clientCertificates", "signingCertificates", "caReferences"}))
     return e;
+  // Individual enrollments name the device's certificate, groups its CA.
+  const char* wrong = k == kind::individual ? "signingCertificates" : "clientCertificates";
+  if (member(*x, wrong) != nullptr)
+    return invalid(join(path, wrong),
+                   k == kind::individual
+                     ? "is for enrollment groups; an individual enrollment names the device's "
+                       "own certificate in clientCertificates"
+                     : "is for individual enrollments; a group names the signing (root or "
+                       "intermediate CA) certificate in signingCertificates");
   int filled = 0;
+  json result = json::object();
   for (const char* name : {"clientCertificates", "signingCertificates"})
     if (const json* v = member(*x, name))
-      if (auto e = check_certificates(*v, join(path, name), filled))
+      if (auto e = check_certificates(*v, join(path, name),
+                                      std::string_view(name) == "clientCertificates", filled,
+                                      result[name]))
         return e;
   if (const json* ca = member(*x, "caReferences")) {
     const std::string cp = path + ".caReferences";
@@ -278,11 +328,12 @@ error normalize_x509(const json& att, json& out) {
           return e;
         ++filled;
       }
+    result["caReferences"] = *ca;
   }
   if (filled == 0)
     return invalid(path, "needs clientCertificates, signingCertificates or caReferences "
                          "with a primary or secondary entry");
-  out["x509"] = *x; // kept as given; certificates are parsed elsewhere
+  out["x509"] = std::move(result);
   return {};
 }
 
@@ -325,7 +376,7 @@ error normalize_attestation(kind k, const json& body, const json* existing, json
   else if (ts == "tpm")
     e = normalize_tpm(*att, result);
   else if (ts == "x509")
-    e = normalize_x509(*att, result);
+    e = normalize_x509(k, *att, result);
   if (e)
     return e;
   out["attestation"] = std::move(result);
@@ -589,8 +640,68 @@ error view_bool(const json& obj, const char* name, const std::string& path, bool
   return {};
 }
 
+/// One X509Certificates member ({primary, secondary}) into DER and
+/// thumbprints; absent or null is empty. Certificates are parsed here, once
+/// per view (groups are viewed once per write, not per device).
+error x509_refs(const json& x, const char* name, std::vector<x509_certificate_ref>& out) {
+  const json* v = member(x, name);
+  if (v == nullptr)
+    return {};
+  const std::string path = std::string("attestation.x509.") + name;
+  if (!v->is_object())
+    return stored(path, "not an object");
+  for (const char* slot : {"primary", "secondary"}) {
+    const json* c = member(*v, slot);
+    if (c == nullptr)
+      continue;
+    const std::string sp = join(path, slot);
+    if (!c->is_object())
+      return stored(sp, "not an object");
+    x509_certificate_ref ref;
+    std::string pem;
+    if (auto e = view_string(*c, "certificate", sp + ".certificate", pem))
+      return e;
+    if (!pem.empty()) {
+      if (!certificate_der(pem, ref.der))
+        return stored(sp + ".certificate", "not an X.509 certificate");
+      ref.sha1 = sha1_of(ref.der);
+      ref.sha256 = sha256_of(ref.der);
+    } else if (const json* info = member(*c, "info"); info != nullptr && info->is_object()) {
+      std::string t1, t256;
+      if (auto e = view_string(*info, "sha1Thumbprint", sp + ".info.sha1Thumbprint", t1))
+        return e;
+      if (auto e = view_string(*info, "sha256Thumbprint", sp + ".info.sha256Thumbprint", t256))
+        return e;
+      if ((!t1.empty() && (!thumbprint_bytes(t1, ref.sha1) || ref.sha1.size() != 20))
+          || (!t256.empty() && (!thumbprint_bytes(t256, ref.sha256) || ref.sha256.size() != 32)))
+        return stored(sp + ".info", "not a SHA-1 or SHA-256 thumbprint");
+    }
+    if (ref.der.empty() && ref.sha1.empty() && ref.sha256.empty())
+      return stored(sp, "neither a certificate nor a thumbprint");
+    out.push_back(std::move(ref));
+  }
+  return {};
+}
+
+error x509_view(const json& x, x509_attestation& out) {
+  if (auto e = x509_refs(x, "clientCertificates", out.client_certificates))
+    return e;
+  if (auto e = x509_refs(x, "signingCertificates", out.signing_certificates))
+    return e;
+  if (const json* ca = member(x, "caReferences"); ca != nullptr && ca->is_object())
+    for (const char* slot : {"primary", "secondary"}) {
+      std::string name;
+      if (auto e = view_string(*ca, slot, std::string("attestation.x509.caReferences.") + slot,
+                               name))
+        return e;
+      if (!name.empty())
+        out.ca_references.push_back(std::move(name));
+    }
+  return {};
+}
+
 /// The view's attestation from attestation.type; an absent type reads as
-/// "none". The text reader gives up on tpm (its keys are read here only).
+/// "none". The text reader gives up on tpm and x509 (read here only).
 error attestation_of(const std::string& type, symmetric_key_attestation keys, const json* att,
                      attestation_view& out) {
   attestation_type t = attestation_type::none;
@@ -603,9 +714,15 @@ error attestation_of(const std::string& type, symmetric_key_attestation keys, co
   case attestation_type::symmetric_key:
     out = std::move(keys);
     break;
-  case attestation_type::x509:
-    out = x509_attestation{};
+  case attestation_type::x509: {
+    x509_attestation x;
+    if (const json* o = att != nullptr ? member(*att, "x509") : nullptr;
+        o != nullptr && o->is_object())
+      if (auto e = x509_view(*o, x))
+        return e;
+    out = std::move(x);
     break;
+  }
   case attestation_type::tpm: {
     tpm_attestation tpm;
     if (const json* o = att != nullptr ? member(*att, "tpm") : nullptr;
@@ -754,7 +871,14 @@ std::string_view bare_etag(std::string_view e) {
 bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestation& b) {
   return a.primary_key == b.primary_key && a.secondary_key == b.secondary_key;
 }
-bool operator==(const x509_attestation&, const x509_attestation&) { return true; }
+bool operator==(const x509_certificate_ref& a, const x509_certificate_ref& b) {
+  return a.der == b.der && a.sha1 == b.sha1 && a.sha256 == b.sha256;
+}
+bool operator==(const x509_attestation& a, const x509_attestation& b) {
+  return a.client_certificates == b.client_certificates
+         && a.signing_certificates == b.signing_certificates
+         && a.ca_references == b.ca_references;
+}
 bool operator==(const tpm_attestation& a, const tpm_attestation& b) {
   return a.endorsement_key == b.endorsement_key && a.storage_root_key == b.storage_root_key;
 }
@@ -874,7 +998,7 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
   });
   if (!ok || !r.at_end() || v.id.empty() || !(seen & m_att))
     return false;
-  if (type == "tpm") // its keys are read from the tree
+  if (type == "tpm" || type == "x509") // their members are read from the tree
     return false;
   // Unknown names: view_impl's error.
   if (attestation_of(type, std::move(keys), nullptr, v.attestation)

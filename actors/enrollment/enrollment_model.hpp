@@ -25,15 +25,29 @@ struct symmetric_key_attestation {
   std::string primary_key;
   std::string secondary_key;
 };
-/// attestation.x509: read by the X.509 mechanism from the document itself.
-struct x509_attestation {};
+/// One X509CertificateWithInfo: the certificate (DER), or, for a client
+/// certificate given by thumbprint only, its info's thumbprints.
+struct x509_certificate_ref {
+  std::string der;    ///< empty: known by thumbprint only
+  std::string sha1;   ///< raw thumbprints: of `der`, or as given ("" when not)
+  std::string sha256;
+};
+/// attestation.x509, parsed: individual enrollments name the device's own
+/// certificates, groups the CA (root or intermediate) that signs them.
+/// caReferences (DPS's certificate store) are kept but match nothing yet.
+struct x509_attestation {
+  std::vector<x509_certificate_ref> client_certificates;  ///< primary, secondary
+  std::vector<x509_certificate_ref> signing_certificates; ///< primary, secondary
+  std::vector<std::string> ca_references;
+};
 /// attestation.tpm: base64 TPM2B_PUBLIC of the endorsement and storage root keys.
 struct tpm_attestation {
   std::string endorsement_key;
   std::string storage_root_key;
 };
 bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestation& b);
-bool operator==(const x509_attestation&, const x509_attestation&);
+bool operator==(const x509_certificate_ref& a, const x509_certificate_ref& b);
+bool operator==(const x509_attestation& a, const x509_attestation& b);
 bool operator==(const tpm_attestation& a, const tpm_attestation& b);
 
 /// An enrollment's attestation, one alternative per attestation_type (in

@@ -344,13 +344,16 @@ TEST_CASE("enrollment: invalid bodies name the offending member") {
     expect_individual_reject(
         with_att({{"type", "x509"}, {"x509", {{"caReferences", {{"primary", 1}}}}}}),
         "attestation.x509.caReferences.primary");
-    // A certificate slot is enough.
+    // A certificate slot is enough, but it must hold a certificate
+    // (tests/actors/x509_test.cpp has the accepted forms).
+    expect_individual_reject(
+        with_att({{"type", "x509"},
+                  {"x509", {{"clientCertificates", {{"secondary", {{"certificate", "MIIB"}}}}}}}}),
+        "attestation.x509.clientCertificates.secondary.certificate: is not an X.509 certificate");
+    json thumb = {{"info", {{"sha1Thumbprint", std::string(40, 'a')}}}};
+    json x509 = {{"clientCertificates", {{"secondary", thumb}}}};
     json ok;
-    CHECK(norm(en::kind::individual, "dev-01",
-               with_att({{"type", "x509"},
-                         {"x509", {{"clientCertificates",
-                                    {{"secondary", {{"certificate", "MIIB"}}}}}}}}),
-               ok)
+    CHECK(norm(en::kind::individual, "dev-01", with_att({{"type", "x509"}, {"x509", x509}}), ok)
               .ok());
   }
   SUBCASE("group attestation types") {

@@ -38,8 +38,9 @@ verdict attest(const engine_context& ctx, const register_request& req) {
     return verdict::rejected(
       error_code::unauthorized,
       std::holds_alternative<std::monostate>(req.credential)
-        ? "missing Authorization header: symmetric key devices send a "
-          "SharedAccessSignature (X.509 and TPM attestation are not supported yet)"
+        ? "no credential: symmetric key devices send a SharedAccessSignature in the "
+          "Authorization header, X.509 devices a client certificate in the TLS handshake "
+          "(TPM attestation is not supported yet)"
         : "this server does not accept this kind of credential");
   attestation::request_facts facts;
   facts.id_scope = req.id_scope;

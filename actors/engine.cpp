@@ -9,6 +9,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/attestation/symmetric_key.hpp"
+#include "actors/attestation/x509.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_bus.hpp"
@@ -511,6 +512,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
+  ctx->mechanisms.add(std::make_unique<attestation::x509>());
   auto hashed = std::make_shared<allocation::hashed_policy>();
   ctx->policies.add(hashed);
   // No latency is known of any hub, so every candidate is as near as

@@ -225,11 +225,13 @@ json to_json(const registration_state& s) {
     j["lastUpdatedDateTimeUtc"] = utc_string(s.updated_ms);
   if (!s.etag.empty())
     j["etag"] = s.etag;
-  if (s.attestation_type == "symmetricKey") {
+  if (s.attestation_type == "symmetricKey" || s.attestation_type == "x509") {
+    // DPS's x509 result also carries certificateInfo and
+    // signingCertificateInfo; the record does not keep them yet.
     json sk = json::object();
     if (!s.enrollment_group_id.empty())
       sk["enrollmentGroupId"] = s.enrollment_group_id;
-    j["symmetricKey"] = sk;
+    j[s.attestation_type] = sk;
   }
   if (!s.payload_json.empty())
     j["payload"] = parse_or_null(s.payload_json);
@@ -255,8 +257,8 @@ void write_state(std::string& out, const registration_state& s) {
     o.str("lastUpdatedDateTimeUtc", utc_chars(s.updated_ms));
   if (!s.etag.empty())
     o.str("etag", s.etag);
-  if (s.attestation_type == "symmetricKey") {
-    json_text::object sk(o.nested("symmetricKey"));
+  if (s.attestation_type == "symmetricKey" || s.attestation_type == "x509") {
+    json_text::object sk(o.nested(s.attestation_type));
     if (!s.enrollment_group_id.empty())
       sk.str("enrollmentGroupId", s.enrollment_group_id);
     sk.close();

@@ -1,0 +1,222 @@
+#include "actors/attestation/x509.hpp"
+
+#include <algorithm>
+#include <climits>
+
+#include <openssl/crypto.h>
+#include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
+
+#include "actors/enrollment/x509_certificates.hpp"
+#include "messages/ascii.hpp"
+
+namespace prov::attestation {
+
+namespace {
+
+using enrollment::x509_ptr;
+
+struct stack_free {
+  void operator()(STACK_OF(X509)* s) const noexcept { sk_X509_pop_free(s, X509_free); }
+};
+using x509_stack_ptr = std::unique_ptr<STACK_OF(X509), stack_free>;
+
+std::string subject_of(const X509* c) {
+  return enrollment::name_text(X509_get_subject_name(c));
+}
+std::string issuer_of(const X509* c) { return enrollment::name_text(X509_get_issuer_name(c)); }
+
+class x509_proof final : public proof {
+public:
+  x509_proof(const x509_credential& cred, std::vector<x509_ptr> chain, int64_t now_s)
+    : leaf_der_(cred.chain_der.front()), chain_(std::move(chain)), now_s_(now_s) {
+    sha1_ = enrollment::sha1_of(leaf_der_);
+    sha256_ = enrollment::sha256_of(leaf_der_);
+    // Every certificate as presented, each prefixed by its length: another
+    // chain with the same leaf is another credential.
+    std::string all;
+    for (const auto& der : cred.chain_der) {
+      const auto n = static_cast<uint32_t>(der.size());
+      all.append(reinterpret_cast<const char*>(&n), sizeof n).append(der);
+    }
+    identity_ = enrollment::sha256_of(all);
+    valid_until_ = LLONG_MAX;
+    for (const auto& c : chain_)
+      valid_until_ = std::min(valid_until_, enrollment::epoch_of(X509_get0_notAfter(c.get())));
+  }
+
+  verdict check_individual(const enrollment::enrollment_view& v) const override {
+    const auto& x = std::get<enrollment::x509_attestation>(v.attestation);
+    if (x.client_certificates.empty())
+      return verdict::rejected(error_code::unauthorized_signature,
+                               "the individual enrollment for this registration id has no "
+                               "clientCertificates to match the device's certificate against");
+    for (const auto& ref : x.client_certificates) {
+      const bool match = !ref.der.empty() ? ref.der == leaf_der_
+                                          : (!ref.sha1.empty() && ref.sha1 == sha1_)
+                                              || (!ref.sha256.empty() && ref.sha256 == sha256_);
+      if (match)
+        return verdict::accepted(attestation_type::x509, v.enabled);
+    }
+    return verdict::rejected(
+      error_code::unauthorized_signature,
+      "the client certificate (subject '" + subject_of(chain_[0].get())
+        + "', SHA-256 thumbprint " + enrollment::upper_hex(sha256_)
+        + ") is neither the primary nor the secondary certificate of the individual "
+          "enrollment for this registration id");
+  }
+
+  verdict check_groups(const std::vector<enrollment::enrollment_view>& groups) const override {
+    // DPS precedence: the group whose signing certificate is the nearest
+    // issuer wins (the first intermediate, then upwards to the root), even
+    // when it is disabled.
+    const enrollment::enrollment_view* best = nullptr;
+    int best_depth = INT_MAX;
+    int64_t best_anchor_until = LLONG_MAX;
+    std::string failures;
+    for (const auto& g : groups) {
+      const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
+      if (x == nullptr)
+        continue;
+      for (const auto& ref : x->signing_certificates) {
+        auto anchor = enrollment::parse_der(ref.der);
+        if (!anchor || !reaches(anchor.get()))
+          continue;
+        std::string why;
+        int depth = verify(anchor.get(), why);
+        if (depth < 0) {
+          failures += failures.empty() ? "" : "; ";
+          failures += "enrollment group '" + g.id + "' (signing certificate '"
+                      + subject_of(anchor.get()) + "'): " + why;
+          continue;
+        }
+        if (depth < best_depth) {
+          best = &g;
+          best_depth = depth;
+          best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor.get()));
+        }
+        break; // the group verified: its secondary changes nothing
+      }
+    }
+    if (best != nullptr) {
+      valid_until_ = std::min(valid_until_, best_anchor_until);
+      return verdict::accepted(attestation_type::x509, best->enabled, best->id);
+    }
+    if (!failures.empty())
+      return verdict::rejected(error_code::unauthorized_signature,
+                               "the certificate chain does not verify: " + failures);
+    const X509* last = chain_.back().get();
+    return verdict::rejected(
+      error_code::unauthorized_signature,
+      "no individual enrollment for this registration id, and the certificate chain does not "
+      "reach any enrollment group's signing certificate: the last certificate presented ('"
+        + subject_of(last) + "') is issued by '" + issuer_of(last)
+        + "', which no enrollment group holds (a group's root or intermediate CA must be its "
+          "signing certificate, and the device must send every intermediate below it in the "
+          "TLS handshake)");
+  }
+
+  std::string_view identity() const noexcept override { return identity_; }
+  int64_t valid_until() const noexcept override { return valid_until_; }
+
+private:
+  /// Whether `anchor` may be in the chain: it is a presented certificate's
+  /// issuer (by name) or one of them. A cheap filter before verify().
+  bool reaches(const X509* anchor) const {
+    const X509_NAME* name = X509_get_subject_name(anchor);
+    for (const auto& c : chain_)
+      if (X509_NAME_cmp(X509_get_issuer_name(c.get()), name) == 0
+          || X509_cmp(c.get(), anchor) == 0)
+        return true;
+    return false;
+  }
+
+  /// Verifies the presented chain to `anchor` as the only trust anchor (an
+  /// intermediate is enough: partial chains allowed), for TLS client use, at
+  /// the request's time. The anchor's depth (1 = the leaf's issuer), or -1
+  /// with `why`.
+  int verify(X509* anchor, std::string& why) const {
+    enrollment::x509_store_ptr store(X509_STORE_new());
+    enrollment::x509_store_ctx_ptr ctx(X509_STORE_CTX_new());
+    x509_stack_ptr untrusted(sk_X509_new_null());
+    if (!store || !ctx || !untrusted || X509_STORE_add_cert(store.get(), anchor) != 1) {
+      why = "out of memory";
+      return -1;
+    }
+    for (std::size_t i = 1; i < chain_.size(); ++i)
+      if (X509_up_ref(chain_[i].get()) != 1 || !sk_X509_push(untrusted.get(), chain_[i].get())) {
+        why = "out of memory";
+        return -1;
+      }
+    if (X509_STORE_CTX_init(ctx.get(), store.get(), chain_[0].get(), untrusted.get()) != 1) {
+      why = "out of memory";
+      return -1;
+    }
+    X509_VERIFY_PARAM* param = X509_STORE_CTX_get0_param(ctx.get());
+    X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_PARTIAL_CHAIN | X509_V_FLAG_USE_CHECK_TIME);
+    X509_VERIFY_PARAM_set_time(param, static_cast<time_t>(now_s_));
+    X509_STORE_CTX_set_purpose(ctx.get(), X509_PURPOSE_SSL_CLIENT);
+    if (X509_verify_cert(ctx.get()) == 1)
+      return sk_X509_num(X509_STORE_CTX_get0_chain(ctx.get())) - 1;
+    int depth = X509_STORE_CTX_get_error_depth(ctx.get());
+    X509* at = X509_STORE_CTX_get_current_cert(ctx.get());
+    why = std::string(X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get())))
+          + " at depth " + std::to_string(depth)
+          + (at != nullptr ? " ('" + subject_of(at) + "')" : std::string());
+    return -1;
+  }
+
+  std::string leaf_der_;
+  std::vector<x509_ptr> chain_; ///< parsed, leaf first
+  int64_t now_s_;
+  std::string sha1_, sha256_, identity_;
+  mutable int64_t valid_until_; ///< lowered to the admitting group's CA expiry
+};
+
+} // namespace
+
+bool x509::reads(const device_credential& c) const noexcept {
+  return std::holds_alternative<x509_credential>(c);
+}
+
+error x509::open(const device_credential& c, const request_facts& facts,
+                 std::unique_ptr<proof>& out) const {
+  const auto& cred = std::get<x509_credential>(c);
+  if (cred.chain_der.empty() || cred.chain_der.front().empty())
+    return {error_code::unauthorized_signature,
+            "no client certificate: X.509 devices present their certificate chain in the TLS "
+            "handshake"};
+  std::vector<x509_ptr> chain;
+  for (std::size_t i = 0; i < cred.chain_der.size(); ++i) {
+    auto cert = enrollment::parse_der(cred.chain_der[i]);
+    if (!cert)
+      return {error_code::unauthorized_signature,
+              "certificate " + std::to_string(i) + " of the presented chain is not a DER X.509 "
+              "certificate"};
+    chain.push_back(std::move(cert));
+  }
+  const X509* leaf = chain.front().get();
+  // The registration id the device claims must be its certificate's, as the
+  // SAS resource must name it.
+  const std::string cn = enrollment::common_name(leaf);
+  if (!ascii::iequals(cn, facts.registration_id))
+    return {error_code::unauthorized_signature,
+            cn.empty() ? "the client certificate's subject has no common name (CN); X.509 "
+                         "devices register with their certificate's CN as the registration id"
+                       : "the registration id '" + std::string(facts.registration_id)
+                           + "' is not the client certificate's subject common name '" + cn
+                           + "'"};
+  const int64_t not_before = enrollment::epoch_of(X509_get0_notBefore(leaf));
+  const int64_t not_after = enrollment::epoch_of(X509_get0_notAfter(leaf));
+  if (facts.now_s > not_after)
+    return {error_code::unauthorized_signature,
+            "the client certificate '" + cn + "' expired at " + enrollment::utc_text(not_after)};
+  if (facts.now_s < not_before)
+    return {error_code::unauthorized_signature,
+            "the client certificate '" + cn + "' is not valid before "
+              + enrollment::utc_text(not_before)};
+  out = std::make_unique<x509_proof>(cred, std::move(chain), facts.now_s);
+  return {};
+}
+
+} // namespace prov::attestation

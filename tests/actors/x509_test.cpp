@@ -1,0 +1,327 @@
+// X.509 attestation: the mechanism against enrollments built through the
+// model (normalize, then the view), with certificates made here.
+#include <doctest/doctest.h>
+
+#include <ctime>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/attestation/x509.hpp"
+#include "actors/enrollment/x509_certificates.hpp"
+#include "messages/crypto.hpp"
+#include "tests/support/test_certs.hpp"
+
+using namespace prov;
+using namespace prov::attestation;
+namespace en = prov::enrollment;
+using json = nlohmann::json;
+using prov::test::test_cert;
+
+namespace {
+
+const std::string scope = "0ne00ABC123";
+
+struct pki {
+  test_cert root = test::make_ca("Test Root CA", nullptr, 1);
+  test_cert inter = test::make_ca("Test Intermediate CA", &root, 2);
+  test_cert other_root = test::make_ca("Other Root CA", nullptr, 3);
+  test_cert leaf = test::make_device("dev-1", inter, 10);
+  test_cert leaf2 = test::make_device("dev-2", inter, 11);
+  test_cert direct = test::make_device("dev-3", root, 12); // issued by the root itself
+  test_cert expired = test::make_device("dev-old", inter, 13, -7200, -3600);
+  test_cert future = test::make_device("dev-new", inter, 14, 3600, 7200);
+  test_cert stranger = test::make_device("dev-x", other_root, 15);
+  test_cert self = test::make_self_signed_device("dev-self");
+};
+
+const pki& certs() {
+  static const pki p;
+  return p;
+}
+
+int64_t now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+x509_credential chain(std::initializer_list<const test_cert*> cs) {
+  x509_credential c;
+  for (const auto* t : cs)
+    c.chain_der.push_back(t->der());
+  return c;
+}
+
+error open(const device_credential& c, const std::string& reg_id, std::unique_ptr<proof>& p) {
+  request_facts f;
+  f.id_scope = scope;
+  f.registration_id = reg_id;
+  f.now_s = now();
+  return x509{}.open(c, f, p);
+}
+
+en::enrollment_view view_of(en::kind k, const std::string& id, const json& x509,
+                            const std::string& status = "enabled") {
+  json body = {{"attestation", {{"type", "x509"}, {"x509", x509}}},
+               {"provisioningStatus", status}};
+  json doc;
+  auto err = en::normalize(k, id, body, nullptr, 1'700'000'000'000, doc);
+  REQUIRE_MESSAGE(err.ok(), err.message);
+  en::enrollment_view v;
+  auto verr = en::view_of_text(k, doc.dump(), v);
+  REQUIRE_MESSAGE(verr.ok(), verr.message);
+  return v;
+}
+
+en::enrollment_view individual(const json& primary, const json& secondary = nullptr) {
+  json cc = {{"primary", primary}};
+  if (!secondary.is_null())
+    cc["secondary"] = secondary;
+  return view_of(en::kind::individual, "dev-1", {{"clientCertificates", cc}});
+}
+
+en::enrollment_view group(const std::string& id, const test_cert& signer,
+                          const std::string& status = "enabled") {
+  return view_of(en::kind::group, id,
+                 {{"signingCertificates", {{"primary", {{"certificate", signer.pem()}}}}}}, status);
+}
+
+std::string hex_upper(std::string_view raw) { return en::upper_hex(raw); }
+
+} // namespace
+
+TEST_CASE("x509: reads only client certificate chains") {
+  x509 m;
+  CHECK(m.type() == attestation_type::x509);
+  CHECK(m.reads(x509_credential{}));
+  CHECK_FALSE(m.reads(sas_credential{"x"}));
+  CHECK_FALSE(m.reads(std::monostate{}));
+}
+
+TEST_CASE("x509: open() checks the chain on its own") {
+  const auto& p = certs();
+  std::unique_ptr<proof> pr;
+  SUBCASE("no chain") {
+    auto err = open(x509_credential{}, "dev-1", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message.find("no client certificate") != std::string::npos);
+  }
+  SUBCASE("not DER") {
+    auto err = open(x509_credential{{"garbage"}}, "dev-1", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message.find("certificate 0 of the presented chain") != std::string::npos);
+  }
+  SUBCASE("the registration id must be the leaf's CN (case-insensitive, as ids are)") {
+    auto err = open(chain({&p.leaf, &p.inter}), "dev-2", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message
+          == "the registration id 'dev-2' is not the client certificate's subject common name "
+             "'dev-1'");
+    CHECK(open(chain({&p.leaf, &p.inter}), "DEV-1", pr).ok());
+  }
+  SUBCASE("expired leaf") {
+    auto err = open(chain({&p.expired, &p.inter}), "dev-old", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message.find("the client certificate 'dev-old' expired at ") == 0);
+  }
+  SUBCASE("leaf not valid yet") {
+    auto err = open(chain({&p.future, &p.inter}), "dev-new", pr);
+    CHECK(err.message.find("is not valid before") != std::string::npos);
+  }
+  SUBCASE("identity: the whole chain; valid until the first expiry") {
+    std::unique_ptr<proof> a, b, c;
+    REQUIRE(open(chain({&p.leaf, &p.inter}), "dev-1", a).ok());
+    REQUIRE(open(chain({&p.leaf}), "dev-1", b).ok());
+    REQUIRE(open(chain({&p.leaf, &p.inter}), "dev-1", c).ok());
+    CHECK(a->identity().size() == 32);
+    CHECK(a->identity() != b->identity());
+    CHECK(a->identity() == c->identity());
+    CHECK(a->valid_until() > now());
+    CHECK(a->valid_until()
+          == en::epoch_of(X509_get0_notAfter(p.leaf.cert.get()))); // leaf expires first
+  }
+}
+
+TEST_CASE("x509: individual enrollment by certificate or thumbprint") {
+  const auto& p = certs();
+  std::unique_ptr<proof> pr;
+  REQUIRE(open(chain({&p.leaf, &p.inter}), "dev-1", pr).ok());
+
+  SUBCASE("primary certificate (PEM)") {
+    auto v = pr->check_individual(individual({{"certificate", p.leaf.pem()}}));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK(v.type == attestation_type::x509);
+    CHECK(v.enrollment_group_id.empty());
+  }
+  SUBCASE("secondary certificate, as bare base64 DER") {
+    auto v = pr->check_individual(
+      individual(json{{"certificate", p.leaf2.pem()}},
+                 json{{"certificate", crypto::base64_encode(p.leaf.der())}}));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  }
+  SUBCASE("SHA-256 thumbprint") {
+    auto v = pr->check_individual(
+      individual({{"info", {{"sha256Thumbprint", hex_upper(en::sha256_of(p.leaf.der()))}}}}));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  }
+  SUBCASE("SHA-1 thumbprint, lower case with colons") {
+    std::string h = crypto::hex(en::sha1_of(p.leaf.der()));
+    std::string colons;
+    for (std::size_t i = 0; i < h.size(); i += 2)
+      colons += (i ? ":" : "") + h.substr(i, 2);
+    json thumb = {{"info", {{"sha1Thumbprint", colons}}}};
+    auto v = pr->check_individual(individual(thumb));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  }
+  SUBCASE("another certificate: refused, naming the presented one") {
+    auto v = pr->check_individual(individual({{"certificate", p.leaf2.pem()}}));
+    CHECK_FALSE(v.is_accepted());
+    CHECK(v.err.code == error_code::unauthorized_signature);
+    CHECK(v.err.message.find("is neither the primary nor the secondary certificate")
+          != std::string::npos);
+    CHECK(v.err.message.find(hex_upper(en::sha256_of(p.leaf.der()))) != std::string::npos);
+  }
+  SUBCASE("disabled: accepted as disabled (the stage answers `disabled`)") {
+    auto v = pr->check_individual(view_of(
+      en::kind::individual, "dev-1",
+      {{"clientCertificates", {{"primary", {{"certificate", p.leaf.pem()}}}}}}, "disabled"));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK_FALSE(v.enabled);
+  }
+  SUBCASE("a self-signed device certificate") {
+    std::unique_ptr<proof> s;
+    REQUIRE(open(chain({&p.self}), "dev-self", s).ok());
+    auto v = s->check_individual(view_of(
+      en::kind::individual, "dev-self",
+      {{"clientCertificates", {{"primary", {{"certificate", p.self.pem()}}}}}}));
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  }
+}
+
+TEST_CASE("x509: enrollment groups by root or intermediate, the nearest wins") {
+  const auto& p = certs();
+  std::unique_ptr<proof> pr;
+  REQUIRE(open(chain({&p.leaf, &p.inter}), "dev-1", pr).ok());
+
+  SUBCASE("root CA group: the chain verifies through the presented intermediate") {
+    auto v = pr->check_groups({group("by-root", p.root)});
+    REQUIRE_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK(v.enrollment_group_id == "by-root");
+    CHECK(v.type == attestation_type::x509);
+  }
+  SUBCASE("intermediate CA group (partial chain), leaf alone is enough") {
+    std::unique_ptr<proof> only_leaf;
+    REQUIRE(open(chain({&p.leaf}), "dev-1", only_leaf).ok());
+    auto v = only_leaf->check_groups({group("by-inter", p.inter)});
+    REQUIRE_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK(v.enrollment_group_id == "by-inter");
+  }
+  SUBCASE("the intermediate's group wins over the root's, in any order") {
+    auto v1 = pr->check_groups({group("by-root", p.root), group("by-inter", p.inter)});
+    auto v2 = pr->check_groups({group("by-inter", p.inter), group("by-root", p.root)});
+    CHECK(v1.enrollment_group_id == "by-inter");
+    CHECK(v2.enrollment_group_id == "by-inter");
+  }
+  SUBCASE("a disabled nearest group refuses the device although the root's is enabled") {
+    auto v = pr->check_groups({group("by-root", p.root), group("by-inter", p.inter, "disabled")});
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK(v.enrollment_group_id == "by-inter");
+    CHECK_FALSE(v.enabled);
+  }
+  SUBCASE("secondary signing certificate") {
+    auto g = view_of(en::kind::group, "two",
+                     {{"signingCertificates",
+                       {{"primary", {{"certificate", p.other_root.pem()}}},
+                        {"secondary", {{"certificate", p.root.pem()}}}}}});
+    auto v = pr->check_groups({g});
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  }
+  SUBCASE("a leaf issued by the root directly") {
+    std::unique_ptr<proof> d;
+    REQUIRE(open(chain({&p.direct}), "dev-3", d).ok());
+    CHECK(d->check_groups({group("by-root", p.root)}).is_accepted());
+  }
+  SUBCASE("no intermediate sent: the root's group is not reached, and the message says why") {
+    std::unique_ptr<proof> only_leaf;
+    REQUIRE(open(chain({&p.leaf}), "dev-1", only_leaf).ok());
+    auto v = only_leaf->check_groups({group("by-root", p.root)});
+    CHECK_FALSE(v.is_accepted());
+    CHECK(v.err.code == error_code::unauthorized_signature);
+    CHECK(v.err.message.find("the last certificate presented ('CN=dev-1,O=provisiond tests') "
+                             "is issued by 'CN=Test Intermediate CA,O=provisiond tests'")
+          != std::string::npos);
+    CHECK(v.err.message.find("CA certificate not found") == std::string::npos);
+  }
+  SUBCASE("another CA's device") {
+    std::unique_ptr<proof> s;
+    REQUIRE(open(chain({&p.stranger}), "dev-x", s).ok());
+    auto v = s->check_groups({group("by-root", p.root), group("by-inter", p.inter)});
+    CHECK_FALSE(v.is_accepted());
+    CHECK(v.err.message.find("is issued by 'CN=Other Root CA,O=provisiond tests'")
+          != std::string::npos);
+  }
+  SUBCASE("a chain under a forged root of the right name: verification says what failed") {
+    test_cert fake_root = test::make_ca("Test Root CA", nullptr, 1);
+    test_cert fake_inter = test::make_ca("Fake Intermediate CA", &fake_root, 2);
+    test_cert dev = test::make_device("dev-9", fake_inter, 20);
+    std::unique_ptr<proof> f;
+    REQUIRE(open(chain({&dev, &fake_inter}), "dev-9", f).ok());
+    auto v = f->check_groups({group("by-root", p.root)});
+    CHECK_FALSE(v.is_accepted());
+    INFO(v.err.message);
+    CHECK(v.err.message.find("the certificate chain does not verify: enrollment group "
+                             "'by-root' (signing certificate 'CN=Test Root CA,O=provisiond "
+                             "tests'): ")
+          == 0);
+    CHECK(v.err.message.find("at depth 1 ('CN=Fake Intermediate CA,O=provisiond tests')")
+          != std::string::npos);
+  }
+  SUBCASE("symmetric-key groups are skipped") {
+    en::enrollment_view sk;
+    sk.id = "sk";
+    sk.attestation = en::symmetric_key_attestation{"a2V5", ""};
+    auto v = pr->check_groups({sk, group("by-root", p.root)});
+    CHECK(v.enrollment_group_id == "by-root");
+  }
+}
+
+TEST_CASE("x509 enrollments: normalize fills info, rejects what is not a certificate") {
+  const auto& p = certs();
+  json doc;
+  json body = {{"attestation",
+                {{"type", "x509"},
+                 {"x509", {{"clientCertificates", {{"primary", {{"certificate", p.leaf.pem()}}}}}}}}}};
+  REQUIRE(en::normalize(en::kind::individual, "dev-1", body, nullptr, 0, doc).ok());
+  const auto& info = doc["attestation"]["x509"]["clientCertificates"]["primary"]["info"];
+  CHECK(info["subjectName"] == "CN=dev-1,O=provisiond tests");
+  CHECK(info["issuerName"] == "CN=Test Intermediate CA,O=provisiond tests");
+  CHECK(info["sha256Thumbprint"] == hex_upper(en::sha256_of(p.leaf.der())));
+  CHECK(info["sha1Thumbprint"] == hex_upper(en::sha1_of(p.leaf.der())));
+  CHECK(info["serialNumber"] == "0A");
+  CHECK(info["version"] == 3);
+
+  json bad = body;
+  bad["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] = "MIIB";
+  auto err = en::normalize(en::kind::individual, "dev-1", bad, nullptr, 0, doc);
+  CHECK(err.message.find("attestation.x509.clientCertificates.primary.certificate") != std::string::npos);
+
+  json thumb = body;
+  thumb["attestation"]["x509"]["clientCertificates"]["primary"] = {{"info", {{"sha256Thumbprint", "abc"}}}};
+  err = en::normalize(en::kind::individual, "dev-1", thumb, nullptr, 0, doc);
+  CHECK(err.message.find("sha256Thumbprint") != std::string::npos);
+
+  json wrong = {{"attestation",
+                 {{"type", "x509"},
+                  {"x509", {{"signingCertificates", {{"primary", {{"certificate", p.root.pem()}}}}}}}}}};
+  err = en::normalize(en::kind::individual, "dev-1", wrong, nullptr, 0, doc);
+  CHECK(err.message.find("attestation.x509.signingCertificates") != std::string::npos);
+
+  SUBCASE("the text reader gives up on x509 documents (one source of errors)") {
+    REQUIRE(en::normalize(en::kind::individual, "dev-1", body, nullptr, 0, doc).ok());
+    en::enrollment_view v;
+    CHECK_FALSE(en::scan_view(en::kind::individual, doc.dump(), v));
+    REQUIRE(en::view_of_text(en::kind::individual, doc.dump(), v).ok());
+    const auto& x = std::get<en::x509_attestation>(v.attestation);
+    REQUIRE(x.client_certificates.size() == 1);
+    CHECK(x.client_certificates[0].der == p.leaf.der());
+  }
+}

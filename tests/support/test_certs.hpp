@@ -1,0 +1,136 @@
+#pragma once
+// Throwaway X.509 material for tests, made in memory with OpenSSL: EC P-256
+// keys, a root CA, intermediates and device (TLS client) certificates.
+// Header-only so unit and integration tests share it without CMake edits.
+
+#include <cstdint>
+#include <ctime>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <openssl/ec.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+namespace prov::test {
+
+struct test_cert {
+  std::shared_ptr<EVP_PKEY> key;
+  std::shared_ptr<X509> cert;
+
+  std::string der() const {
+    int n = i2d_X509(cert.get(), nullptr);
+    std::string out(static_cast<std::size_t>(n), '\0');
+    auto* p = reinterpret_cast<unsigned char*>(out.data());
+    i2d_X509(cert.get(), &p);
+    return out;
+  }
+  std::string pem() const {
+    std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+    PEM_write_bio_X509(bio.get(), cert.get());
+    char* data = nullptr;
+    long n = BIO_get_mem_data(bio.get(), &data);
+    return std::string(data, static_cast<std::size_t>(n));
+  }
+  std::string key_pem() const {
+    std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+    PEM_write_bio_PrivateKey(bio.get(), key.get(), nullptr, nullptr, 0, nullptr, nullptr);
+    char* data = nullptr;
+    long n = BIO_get_mem_data(bio.get(), &data);
+    return std::string(data, static_cast<std::size_t>(n));
+  }
+};
+
+struct cert_options {
+  std::string cn;
+  bool ca = false;
+  int64_t not_before_offset_s = -3600; ///< relative to now
+  int64_t not_after_offset_s = 365 * 86400;
+  long serial = 1;
+};
+
+inline std::shared_ptr<EVP_PKEY> new_ec_key() {
+  EVP_PKEY* k = EVP_EC_gen("P-256");
+  if (k == nullptr)
+    throw std::runtime_error("EVP_EC_gen failed");
+  return {k, EVP_PKEY_free};
+}
+
+inline void add_ext(X509* cert, X509* issuer, int nid, const char* value) {
+  X509V3_CTX ctx;
+  X509V3_set_ctx_nodb(&ctx);
+  X509V3_set_ctx(&ctx, issuer, cert, nullptr, nullptr, 0);
+  X509_EXTENSION* ext = X509V3_EXT_conf_nid(nullptr, &ctx, nid, value);
+  if (ext == nullptr)
+    throw std::runtime_error("bad extension");
+  X509_add_ext(cert, ext, -1);
+  X509_EXTENSION_free(ext);
+}
+
+/// A certificate for `o.cn`, signed by `issuer` (self-signed when null).
+inline test_cert make_cert(const cert_options& o, const test_cert* issuer = nullptr) {
+  test_cert out;
+  out.key = new_ec_key();
+  out.cert.reset(X509_new(), X509_free);
+  X509* c = out.cert.get();
+  X509_set_version(c, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(c), o.serial);
+  X509_gmtime_adj(X509_getm_notBefore(c), static_cast<long>(o.not_before_offset_s));
+  X509_gmtime_adj(X509_getm_notAfter(c), static_cast<long>(o.not_after_offset_s));
+  X509_NAME* name = X509_get_subject_name(c);
+  X509_NAME_add_entry_by_txt(name, "O", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("provisiond tests"), -1, -1, 0);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>(o.cn.c_str()), -1, -1, 0);
+  X509* issuer_cert = issuer != nullptr ? issuer->cert.get() : c;
+  X509_set_issuer_name(c, X509_get_subject_name(issuer_cert));
+  X509_set_pubkey(c, out.key.get());
+  if (o.ca) {
+    add_ext(c, issuer_cert, NID_basic_constraints, "critical,CA:TRUE");
+    add_ext(c, issuer_cert, NID_key_usage, "critical,keyCertSign,cRLSign");
+  } else {
+    add_ext(c, issuer_cert, NID_basic_constraints, "critical,CA:FALSE");
+    add_ext(c, issuer_cert, NID_key_usage, "critical,digitalSignature");
+    add_ext(c, issuer_cert, NID_ext_key_usage, "clientAuth");
+  }
+  add_ext(c, issuer_cert, NID_subject_key_identifier, "hash");
+  if (issuer != nullptr)
+    add_ext(c, issuer_cert, NID_authority_key_identifier, "keyid:always");
+  EVP_PKEY* signer = issuer != nullptr ? issuer->key.get() : out.key.get();
+  if (X509_sign(c, signer, EVP_sha256()) == 0)
+    throw std::runtime_error("X509_sign failed");
+  return out;
+}
+
+inline test_cert make_ca(const std::string& cn, const test_cert* issuer = nullptr,
+                         long serial = 1) {
+  cert_options o;
+  o.cn = cn;
+  o.ca = true;
+  o.serial = serial;
+  return make_cert(o, issuer);
+}
+
+inline test_cert make_device(const std::string& cn, const test_cert& issuer, long serial = 100,
+                             int64_t not_before_offset_s = -3600,
+                             int64_t not_after_offset_s = 365 * 86400) {
+  cert_options o;
+  o.cn = cn;
+  o.serial = serial;
+  o.not_before_offset_s = not_before_offset_s;
+  o.not_after_offset_s = not_after_offset_s;
+  return make_cert(o, &issuer);
+}
+
+/// A self-signed device certificate (individual enrollments).
+inline test_cert make_self_signed_device(const std::string& cn) {
+  cert_options o;
+  o.cn = cn;
+  return make_cert(o, nullptr);
+}
+
+} // namespace prov::test

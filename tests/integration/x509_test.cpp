@@ -1,0 +1,272 @@
+// X.509 attestation against the real provisiond process: a TLS client
+// presents a client certificate chain (leaf first) and no Authorization
+// header, as DPS X.509 devices do.
+
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <string>
+
+#include "actors/enrollment/x509_certificates.hpp"
+#include "messages/crypto.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/server_process.hpp"
+#include "tests/support/test_certs.hpp"
+
+using namespace prov;
+using nlohmann::json;
+using test::test_cert;
+
+namespace {
+
+test::server_process& srv() { return test::shared_server(); }
+json parse(const std::string& text) { return test::parse_json(text); }
+
+struct pki {
+  test_cert root = test::make_ca("IT Root CA", nullptr, 1);
+  test_cert inter = test::make_ca("IT Intermediate CA", &root, 2);
+  test_cert root2 = test::make_ca("IT Second Root CA", nullptr, 3);
+  test_cert inter2 = test::make_ca("IT Second Intermediate CA", &root2, 4);
+};
+
+const pki& certs() {
+  static const pki p;
+  return p;
+}
+
+std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
+  std::string path = dir + "/" + name;
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  REQUIRE(f != nullptr);
+  std::fwrite(text.data(), 1, text.size(), f);
+  std::fclose(f);
+  return path;
+}
+
+/// A client presenting `leaf` followed by `chain` (PEM files in a temp dir).
+net::https_client device_client(const test::server_process& s, const test_cert& leaf,
+                                std::initializer_list<const test_cert*> chain = {},
+                                bool reuse = true) {
+  static int n = 0;
+  static const std::string dir = test::make_temp_dir("provisiond-x509-it");
+  std::string pem = leaf.pem();
+  for (const auto* c : chain)
+    pem += c->pem();
+  const std::string stem = "dev" + std::to_string(++n);
+  net::https_client_options o;
+  o.host = "127.0.0.1";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  o.client_cert_file = write_file(dir, stem + ".pem", pem);
+  o.client_key_file = write_file(dir, stem + ".key", leaf.key_pem());
+  o.reuse_connection = reuse;
+  return net::https_client(o);
+}
+
+std::string device_path(const test::server_process& s, const std::string& id) {
+  return "/" + s.id_scope() + "/registrations/" + id;
+}
+
+net::https_response put_register(net::https_client& c, const test::server_process& s,
+                                 const std::string& id, const std::string& auth = {}) {
+  net::http_headers h;
+  if (!auth.empty())
+    h.add("Authorization", auth);
+  h.add("Content-Type", "application/json; charset=utf-8");
+  net::https_response resp;
+  auto err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                       json{{"registrationId", id}}.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+void put_enrollment(const test::server_process& s, const std::string& id, const json& x509) {
+  json body{{"registrationId", id}, {"attestation", {{"type", "x509"}, {"x509", x509}}}};
+  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+void put_group(const test::server_process& s, const std::string& id, const test_cert& signer,
+               const std::string& status = "enabled") {
+  json body{{"enrollmentGroupId", id},
+            {"provisioningStatus", status},
+            {"attestation",
+             {{"type", "x509"},
+              {"x509", {{"signingCertificates", {{"primary", {{"certificate", signer.pem()}}}}}}}}}};
+  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+/// The register answer of an assigned X.509 device: 200, with the x509
+/// attestation result.
+json check_assigned(const net::https_response& r, const std::string& id,
+                    const std::string& group = {}) {
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto j = parse(r.body);
+  CHECK(j["status"] == "assigned");
+  const auto& rs = j["registrationState"];
+  CHECK(rs["registrationId"] == id);
+  CHECK(rs["deviceId"] == id);
+  CHECK(rs["assignedHub"].is_string());
+  REQUIRE(rs.contains("x509"));
+  CHECK_FALSE(rs.contains("symmetricKey"));
+  if (group.empty())
+    CHECK_FALSE(rs["x509"].contains("enrollmentGroupId"));
+  else
+    CHECK(rs["x509"]["enrollmentGroupId"] == group);
+  return j;
+}
+
+void check_refused(const net::https_response& r, const std::string& text) {
+  REQUIRE_MESSAGE(r.status == 401, r.body);
+  auto j = parse(r.body);
+  CHECK(j["errorCode"] == 401002);
+  CHECK_MESSAGE(j["message"].get<std::string>().find(text) != std::string::npos, r.body);
+}
+
+} // namespace
+
+TEST_CASE("x509 individual enrollment by certificate: register, poll and status lookup") {
+  auto& s = srv();
+  auto leaf = test::make_self_signed_device("x509-ind-cert");
+  put_enrollment(s, "x509-ind-cert", {{"clientCertificates", {{"primary", {{"certificate", leaf.pem()}}}}}});
+
+  // The service API shows the info it read from the certificate.
+  auto g = s.service("GET", "/enrollments/x509-ind-cert");
+  REQUIRE(g.status == 200);
+  auto info = parse(g.body)["attestation"]["x509"]["clientCertificates"]["primary"]["info"];
+  CHECK(info["subjectName"] == "CN=x509-ind-cert,O=provisiond tests");
+  CHECK(info["sha256Thumbprint"] == enrollment::upper_hex(enrollment::sha256_of(leaf.der())));
+
+  auto c = device_client(s, leaf);
+  auto r = put_register(c, s, "x509-ind-cert");
+  auto j = check_assigned(r, "x509-ind-cert");
+
+  // Polls and status lookups authenticate with the same certificate.
+  net::https_response p;
+  REQUIRE(!c.request("GET", device_path(s, "x509-ind-cert") + "/operations/"
+                              + j["operationId"].get<std::string>() + "?api-version=2021-06-01",
+                     p));
+  CHECK_MESSAGE(p.status == 200, p.body);
+  net::http_headers h;
+  h.add("Content-Type", "application/json");
+  REQUIRE(!c.request("POST", device_path(s, "x509-ind-cert") + "?api-version=2021-06-01", h,
+                     json{{"registrationId", "x509-ind-cert"}}.dump(), p));
+  CHECK_MESSAGE(p.status == 200, p.body);
+  CHECK(parse(p.body)["status"] == "assigned");
+
+  SUBCASE("a new connection (full handshake) each time works too") {
+    auto fresh = device_client(s, leaf, {}, false);
+    check_assigned(put_register(fresh, s, "x509-ind-cert"), "x509-ind-cert");
+    check_assigned(put_register(fresh, s, "x509-ind-cert"), "x509-ind-cert");
+  }
+  SUBCASE("another certificate with the same CN is refused") {
+    auto impostor = test::make_self_signed_device("x509-ind-cert");
+    auto ci = device_client(s, impostor);
+    check_refused(put_register(ci, s, "x509-ind-cert"),
+                  "is neither the primary nor the secondary certificate of the individual "
+                  "enrollment");
+  }
+}
+
+TEST_CASE("x509 individual enrollment by thumbprint, CA-issued leaf with its chain") {
+  auto& s = srv();
+  const auto& p = certs();
+  auto leaf = test::make_device("x509-ind-thumb", p.inter, 100);
+  put_enrollment(s, "x509-ind-thumb",
+                 {{"clientCertificates",
+                   {{"primary",
+                     {{"info", {{"sha256Thumbprint",
+                                 crypto::hex(enrollment::sha256_of(leaf.der()))}}}}}}}});
+  auto c = device_client(s, leaf, {&p.inter});
+  check_assigned(put_register(c, s, "x509-ind-thumb"), "x509-ind-thumb");
+}
+
+TEST_CASE("x509 enrollment groups: by root, by intermediate; the nearest CA's group wins") {
+  auto& s = srv();
+  const auto& p = certs();
+  put_group(s, "x509-by-root", p.root);
+  auto a = test::make_device("x509-grp-a", p.inter, 101);
+  auto ca = device_client(s, a, {&p.inter});
+  check_assigned(put_register(ca, s, "x509-grp-a"), "x509-grp-a", "x509-by-root");
+
+  SUBCASE("without its intermediate the chain does not reach the root's group") {
+    auto b = test::make_device("x509-grp-b", p.inter, 102);
+    auto cb = device_client(s, b);
+    check_refused(put_register(cb, s, "x509-grp-b"),
+                  "the last certificate presented ('CN=x509-grp-b,O=provisiond tests') is "
+                  "issued by 'CN=IT Intermediate CA,O=provisiond tests', which no enrollment "
+                  "group holds");
+  }
+  SUBCASE("a group of the intermediate takes its devices") {
+    put_group(s, "x509-by-inter", p.inter);
+    auto c = test::make_device("x509-grp-c", p.inter, 103);
+    auto cc = device_client(s, c, {&p.inter});
+    check_assigned(put_register(cc, s, "x509-grp-c"), "x509-grp-c", "x509-by-inter");
+    auto d = test::make_device("x509-grp-d", p.inter, 104);
+    auto cd = device_client(s, d); // the leaf alone reaches the intermediate
+    check_assigned(put_register(cd, s, "x509-grp-d"), "x509-grp-d", "x509-by-inter");
+    REQUIRE(s.service("DELETE", "/enrollmentGroups/x509-by-inter").status == 204);
+  }
+  SUBCASE("a disabled intermediate group refuses its devices although the root's is enabled") {
+    put_group(s, "x509-by-inter2", p.inter2, "disabled");
+    put_group(s, "x509-by-root2", p.root2);
+    auto e = test::make_device("x509-grp-e", p.inter2, 105);
+    auto ce = device_client(s, e, {&p.inter2});
+    auto r = put_register(ce, s, "x509-grp-e");
+    // disabled: answered on the first poll (or at once), never assigned
+    REQUIRE_MESSAGE((r.status == 200 || r.status == 202), r.body);
+    auto j = parse(r.body);
+    CHECK(j["status"] != "assigned");
+  }
+}
+
+TEST_CASE("x509 refusals say what is wrong") {
+  auto& s = srv();
+  const auto& p = certs();
+  put_group(s, "x509-refusals", p.root);
+  SUBCASE("expired leaf") {
+    auto old = test::make_device("x509-expired", p.inter, 200, -7200, -3600);
+    auto c = device_client(s, old, {&p.inter});
+    check_refused(put_register(c, s, "x509-expired"),
+                  "the client certificate 'x509-expired' expired at ");
+  }
+  SUBCASE("registration id is not the certificate's CN") {
+    auto leaf = test::make_device("x509-cn-a", p.inter, 201);
+    auto c = device_client(s, leaf, {&p.inter});
+    check_refused(put_register(c, s, "x509-cn-b"),
+                  "the registration id 'x509-cn-b' is not the client certificate's subject "
+                  "common name 'x509-cn-a'");
+  }
+  SUBCASE("another CA's device") {
+    auto stranger_root = test::make_ca("IT Stranger CA", nullptr, 9);
+    auto leaf = test::make_device("x509-stranger", stranger_root, 202);
+    auto c = device_client(s, leaf);
+    check_refused(put_register(c, s, "x509-stranger"), "is issued by 'CN=IT Stranger CA");
+  }
+}
+
+TEST_CASE("devices without a certificate still register with SAS; SAS wins over a certificate") {
+  auto& s = srv();
+  auto key = crypto::generate_key();
+  json body{{"registrationId", "x509-sas-dev"},
+            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  REQUIRE(s.service("PUT", "/enrollments/x509-sas-dev", body.dump()).status == 200);
+  auto c = s.client();
+  auto r = put_register(c, s, "x509-sas-dev", s.device_auth("x509-sas-dev", key));
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["registrationState"].contains("symmetricKey"));
+
+  // No certificate, no header: says what either kind of device sends.
+  auto none = put_register(c, s, "x509-sas-dev");
+  REQUIRE(none.status == 401);
+  CHECK(parse(none.body)["message"].get<std::string>().find("client certificate in the TLS "
+                                                            "handshake")
+        != std::string::npos);
+
+  // A certificate and a SAS: the SAS is the credential.
+  auto leaf = test::make_self_signed_device("x509-sas-dev");
+  auto cc = device_client(s, leaf);
+  auto both = put_register(cc, s, "x509-sas-dev", s.device_auth("x509-sas-dev", key));
+  REQUIRE_MESSAGE(both.status == 200, both.body);
+}

@@ -7,6 +7,10 @@
 //   (a) the individual device,
 //   (b) two devices of the group with keys derived from the group key,
 //   (c) a device presenting the group key itself, which must be refused.
+// X.509 (azure-iot-security-x509's X509Security, certificates made with the
+// openssl CLI): an individual enrollment with the device's self-signed
+// certificate, and an enrollment group with a root CA whose device presents
+// its leaf and intermediate in the TLS handshake.
 //
 // Environment (set by run.sh):
 //   PROV_HOST              device API host the SDK dials (e.g. 127.0.0.1)
@@ -38,11 +42,16 @@
 
 const assert = require('assert');
 const crypto = require('crypto');
+const { execFileSync } = require('child_process');
+const fs = require('fs');
+const https = require('https');
+const os = require('os');
 const path = require('path');
 
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http: DeviceHttpTransport } = require('azure-iot-provisioning-device-http');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+const { X509Security } = require('azure-iot-security-x509');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 
 // ---- configuration --------------------------------------------------------
@@ -71,6 +80,9 @@ const INDIVIDUAL_DEVICE_ID = `interop-device-${RUN}`;
 const GROUP_ID = `interop-group-${RUN}`;
 const GROUP_DEVICES = [`interop-grp-${RUN}-a`, `interop-grp-${RUN}-b`];
 const ROGUE_DEVICE = `interop-grp-${RUN}-rogue`;
+const X509_INDIVIDUAL_ID = `interop-x509-${RUN}`;
+const X509_GROUP_ID = `interop-x509-group-${RUN}`;
+const X509_GROUP_DEVICE = `interop-x509-grp-${RUN}-a`;
 
 // ---- the port trick (see the header comment) ----------------------------------
 
@@ -92,9 +104,19 @@ function portedHttpBase(HttpClass, port) {
         options = { port };
       } else if (this.isHttpRequestOptions(options)) {
         options = Object.assign({}, options, { port });
+      } else if (this.isX509Options(options)) {
+        // X.509 options cannot carry a port: request options whose request
+        // function adds the device's certificate and key, as buildRequest
+        // itself would.
+        const x509 = options;
+        options = {
+          port,
+          request: (opts, cb) => https.request(Object.assign({}, opts, {
+            cert: x509.cert, key: x509.key, passphrase: x509.passphrase,
+          }), cb),
+        };
       } else {
-        // X.509 options cannot carry a port through this API; not used here.
-        throw new Error('portedHttpBase: X.509 request options are not supported');
+        throw new Error('portedHttpBase: unexpected request options');
       }
       return super.buildRequest(method, reqPath, httpHeaders, host, options, done);
     }
@@ -124,6 +146,39 @@ function makeDeviceClient(registrationId, key) {
   const transport = new DeviceHttpTransport(portedHttpBase(httpBase.Http, PORT));
   const security = new SymmetricKeySecurityClient(registrationId, key);
   return ProvisioningDeviceClient.create(HOST, ID_SCOPE, transport, security);
+}
+
+function makeX509DeviceClient(registrationId, certPem, keyPem) {
+  const httpBase = requireFrom('azure-iot-provisioning-device-http', 'azure-iot-http-base');
+  const transport = new DeviceHttpTransport(portedHttpBase(httpBase.Http, PORT));
+  const security = new X509Security(registrationId, { cert: certPem, key: keyPem });
+  return ProvisioningDeviceClient.create(HOST, ID_SCOPE, transport, security);
+}
+
+// ---- certificates (openssl CLI) ---------------------------------------------------
+
+const CERT_DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'provisiond-interop-x509-'));
+process.on('exit', () => fs.rmSync(CERT_DIR, { recursive: true, force: true }));
+
+/** A P-256 certificate for `cn`: self-signed, or signed by `issuer`; {cert, key} PEM. */
+function makeCert(name, cn, { ca = false, issuer } = {}) {
+  const file = (ext) => path.join(CERT_DIR, `${name}.${ext}`);
+  const ext = ca
+    ? 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n'
+    : 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n';
+  fs.writeFileSync(file('ext'), ext);
+  execFileSync('openssl', ['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256',
+    '-nodes', '-keyout', file('key'), '-out', file('csr'), '-subj', `/O=provisiond interop/CN=${cn}`],
+  { stdio: 'pipe' });
+  const sign = issuer
+    ? ['-CA', issuer.certFile, '-CAkey', issuer.keyFile, '-set_serial', String(Date.now())]
+    : ['-signkey', file('key')];
+  execFileSync('openssl', ['x509', '-req', '-in', file('csr'), '-days', '2', '-out', file('pem'),
+    '-extfile', file('ext'), ...sign], { stdio: 'pipe' });
+  return {
+    cert: fs.readFileSync(file('pem'), 'utf8'), key: fs.readFileSync(file('key'), 'utf8'),
+    certFile: file('pem'), keyFile: file('key'),
+  };
 }
 
 // ---- helpers -------------------------------------------------------------------
@@ -271,6 +326,56 @@ async function main() {
     assert.fail(`registration with the group key succeeded: ${JSON.stringify(result)}`);
   });
 
+  // X.509: an individual enrollment naming the device's own certificate,
+  // and a group whose root CA signs the device through an intermediate.
+  const x509Device = makeCert('x509-dev', X509_INDIVIDUAL_ID);
+  const root = makeCert('root', `interop root ${RUN}`, { ca: true });
+  const inter = makeCert('inter', `interop intermediate ${RUN}`, { ca: true, issuer: root });
+  const groupDevice = makeCert('x509-grp-dev', X509_GROUP_DEVICE, { issuer: inter });
+
+  await step('service: create x509 individual enrollment and x509 enrollment group', async () => {
+    const e = (await service.createOrUpdateIndividualEnrollment({
+      registrationId: X509_INDIVIDUAL_ID,
+      attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: x509Device.cert } } } },
+    })).responseBody;
+    assert.strictEqual(e.attestation.type, 'x509');
+    const info = e.attestation.x509.clientCertificates.primary.info;
+    assert.ok(info && /^[0-9A-F]{64}$/.test(info.sha256Thumbprint), `info ${JSON.stringify(info)}`);
+    const g = (await service.createOrUpdateEnrollmentGroup({
+      enrollmentGroupId: X509_GROUP_ID,
+      attestation: { type: 'x509', x509: { signingCertificates: { primary: { certificate: root.cert } } } },
+    })).responseBody;
+    assert.strictEqual(g.attestation.type, 'x509');
+  });
+
+  await step('device (d): x509 individual enrollment registers over HTTP', async () => {
+    const state = await makeX509DeviceClient(X509_INDIVIDUAL_ID, x509Device.cert, x509Device.key).register();
+    assertAssigned(state, X509_INDIVIDUAL_ID, X509_INDIVIDUAL_ID, HUBS);
+    assert.ok(state.x509, `no x509 in ${JSON.stringify(state)}`);
+  });
+
+  await step('device (e): x509 group device (leaf + intermediate) registers over HTTP', async () => {
+    const state = await makeX509DeviceClient(X509_GROUP_DEVICE, groupDevice.cert + inter.cert,
+      groupDevice.key).register();
+    assertAssigned(state, X509_GROUP_DEVICE, X509_GROUP_DEVICE, HUBS);
+    assert.strictEqual(state.x509 && state.x509.enrollmentGroupId, X509_GROUP_ID);
+  });
+
+  await step('device (f): x509 group device without its intermediate is refused (401)', async () => {
+    let result;
+    try {
+      result = await makeX509DeviceClient(X509_GROUP_DEVICE, groupDevice.cert, groupDevice.key).register();
+    } catch (err) {
+      const status = err.response && err.response.statusCode;
+      assert.strictEqual(status, 401, `expected HTTP 401, got ${describe(err)}`);
+      const body = JSON.parse(err.responseBody);
+      assert.strictEqual(body.errorCode, 401002, `errorCode ${body.errorCode}`);
+      assert.ok(body.message.includes(`issued by 'CN=interop intermediate ${RUN}`), body.message);
+      return;
+    }
+    assert.fail(`registration without the intermediate succeeded: ${JSON.stringify(result)}`);
+  });
+
   await step('service: registration state of the individual device', async () => {
     const rs = (await service.getDeviceRegistrationState(INDIVIDUAL_ID)).responseBody;
     assert.strictEqual(rs.registrationId, INDIVIDUAL_ID);
@@ -283,6 +388,10 @@ async function main() {
     for (const regId of GROUP_DEVICES) await service.deleteDeviceRegistrationState(regId);
     await service.deleteIndividualEnrollment(INDIVIDUAL_ID);
     await service.deleteEnrollmentGroup(GROUP_ID);
+    await service.deleteDeviceRegistrationState(X509_INDIVIDUAL_ID);
+    await service.deleteDeviceRegistrationState(X509_GROUP_DEVICE);
+    await service.deleteIndividualEnrollment(X509_INDIVIDUAL_ID);
+    await service.deleteEnrollmentGroup(X509_GROUP_ID);
     let notFound = false;
     try {
       await service.getIndividualEnrollment(INDIVIDUAL_ID);

@@ -7,6 +7,13 @@
 #include <cstdio>
 #include <string>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/ssl.h>
+
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
@@ -115,6 +122,54 @@ json check_assigned(const net::https_response& r, const std::string& id,
   else
     CHECK(rs["x509"]["enrollmentGroupId"] == group);
   return j;
+}
+
+/// One TLS connection with raw OpenSSL presenting `leaf` + `chain`, a
+/// register of `id`, and the session it ends with; `resume`: offer that
+/// session. Returns whether the server resumed it; `body` is the answer.
+bool tls_register(const test::server_process& s, int version, const test_cert& leaf,
+                  const test_cert* chain, const std::string& id, SSL_SESSION* resume,
+                  SSL_SESSION** out, std::string& body) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL_CTX_set_min_proto_version(ctx, version);
+  SSL_CTX_set_max_proto_version(ctx, version);
+  REQUIRE(SSL_CTX_use_certificate(ctx, leaf.cert.get()) == 1);
+  REQUIRE(SSL_CTX_use_PrivateKey(ctx, leaf.key.get()) == 1);
+  if (chain != nullptr)
+    REQUIRE(SSL_CTX_add1_chain_cert(ctx, chain->cert.get()) == 1);
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(s.port());
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  if (resume != nullptr)
+    SSL_set_session(ssl, resume);
+  REQUIRE(SSL_connect(ssl) == 1);
+  const std::string json_body = json{{"registrationId", id}}.dump();
+  const std::string req = "PUT " + device_path(s, id) + "/register?api-version=2021-06-01 "
+                          "HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                          "Content-Type: application/json\r\nContent-Length: "
+                          + std::to_string(json_body.size()) + "\r\n\r\n" + json_body;
+  REQUIRE(SSL_write(ssl, req.data(), static_cast<int>(req.size())) == static_cast<int>(req.size()));
+  std::string got;
+  char buf[4096];
+  int n;
+  while ((n = SSL_read(ssl, buf, sizeof buf)) > 0)
+    got.append(buf, static_cast<std::size_t>(n));
+  CHECK_MESSAGE(got.find(" 200 ") != std::string::npos, got);
+  auto at = got.find("\r\n\r\n");
+  body = at == std::string::npos ? std::string() : got.substr(at + 4);
+  bool reused = SSL_session_reused(ssl) == 1;
+  if (out != nullptr)
+    *out = SSL_get1_session(ssl);
+  SSL_shutdown(ssl);
+  SSL_free(ssl);
+  ::close(fd);
+  SSL_CTX_free(ctx);
+  return reused;
 }
 
 void check_refused(const net::https_response& r, const std::string& text) {
@@ -269,4 +324,29 @@ TEST_CASE("devices without a certificate still register with SAS; SAS wins over 
   auto cc = device_client(s, leaf);
   auto both = put_register(cc, s, "x509-sas-dev", s.device_auth("x509-sas-dev", key));
   REQUIRE_MESSAGE(both.status == 200, both.body);
+}
+
+TEST_CASE("a session that carried a client certificate is never resumed: its chain is read again") {
+  // A ticket holds the leaf, not the intermediates a group needs, so the
+  // server ignores it (TLS 1.2) or issues none (TLS 1.3); each connection
+  // presents the whole chain again. Devices without a certificate resume
+  // (it_device_api_test).
+  auto& s = srv();
+  auto root = test::make_ca("IT Resumption Root CA", nullptr, 30);
+  auto inter = test::make_ca("IT Resumption Intermediate CA", &root, 31);
+  put_group(s, "x509-resume-root", root);
+  auto leaf = test::make_device("x509-resume", inter, 300);
+  for (int version : {TLS1_2_VERSION, TLS1_3_VERSION}) {
+    CAPTURE(version);
+    SSL_SESSION* sess = nullptr;
+    std::string body;
+    CHECK_FALSE(tls_register(s, version, leaf, &inter, "x509-resume", nullptr, &sess, body));
+    CHECK(parse(body)["registrationState"]["x509"]["enrollmentGroupId"] == "x509-resume-root");
+    REQUIRE(sess != nullptr);
+    if (version == TLS1_3_VERSION)
+      CHECK(SSL_SESSION_is_resumable(sess) == 0); // no ticket was issued
+    CHECK_FALSE(tls_register(s, version, leaf, &inter, "x509-resume", sess, nullptr, body));
+    CHECK(parse(body)["registrationState"]["x509"]["enrollmentGroupId"] == "x509-resume-root");
+    SSL_SESSION_free(sess);
+  }
 }

@@ -631,12 +631,14 @@ int run_assignments(const common_options& c, const assignments_options& o) {
 
 struct register_options {
   std::string registration_id, key, group_key, id_scope, payload;
+  std::string cert, cert_key; ///< X.509: PEM chain (leaf first) and its key
   int timeout_s = 60;
 };
 
 int run_register(const common_options& c, const register_options& o) {
-  if (o.key.empty() == o.group_key.empty())
-    return fail({error_code::bad_request, "give exactly one of --key or --group-key"});
+  const bool x509 = !o.cert.empty();
+  if ((o.key.empty() ? 0 : 1) + (o.group_key.empty() ? 0 : 1) + (x509 ? 1 : 0) != 1)
+    return fail({error_code::bad_request, "give exactly one of --key, --group-key or --cert"});
   std::optional<json> payload;
   if (!o.payload.empty()) {
     json p = json::parse(o.payload, nullptr, false);
@@ -661,13 +663,18 @@ int run_register(const common_options& c, const register_options& o) {
     return fail({error_code::id_scope_not_found,
                  "no --id-scope and none in " + path_join(c.data_dir, "identity.json")});
 
-  const std::string resource = scope + "/registrations/" + o.registration_id;
-  const int64_t se = static_cast<int64_t>(std::time(nullptr)) + sas_lifetime_s;
-  const std::string sas = prov::attestation::make_sas(resource, key, se, "registration", true);
-  if (sas.empty()) return fail({error_code::bad_request, "--key is not valid base64"});
-
   http_headers h;
-  h.set("Authorization", sas);
+  if (x509) {
+    // X.509: the chain is presented in the TLS handshake; no Authorization.
+    t.http.client_cert_file = o.cert;
+    t.http.client_key_file = o.cert_key;
+  } else {
+    const std::string resource = scope + "/registrations/" + o.registration_id;
+    const int64_t se = static_cast<int64_t>(std::time(nullptr)) + sas_lifetime_s;
+    const std::string sas = prov::attestation::make_sas(resource, key, se, "registration", true);
+    if (sas.empty()) return fail({error_code::bad_request, "--key is not valid base64"});
+    h.set("Authorization", sas);
+  }
   h.set("Accept", "application/json");
   h.set("Content-Type", "application/json; charset=utf-8");
   json body{{"registrationId", o.registration_id}};
@@ -858,12 +865,19 @@ void add_client_commands(CLI::App& app, int& exit_code) {
   {
     auto common = std::make_shared<common_options>();
     auto o = std::make_shared<register_options>();
-    CLI::App* r = app.add_subcommand("register", "Register as a device (symmetric key, HTTPS)");
+    CLI::App* r =
+      app.add_subcommand("register", "Register as a device (symmetric key or X.509, HTTPS)");
     r->add_option("--registration-id", o->registration_id, "Registration id")->required();
     auto* key = r->add_option("--key", o->key, "Device symmetric key (base64)");
     auto* gkey = r->add_option("--group-key", o->group_key,
                                "Enrollment group key (base64); the device key is derived from it");
     key->excludes(gkey);
+    auto* cert = r->add_option("--cert", o->cert,
+                               "X.509: PEM file with the device certificate (CN = registration "
+                               "id), then its intermediates");
+    r->add_option("--cert-key", o->cert_key,
+                  "X.509: PEM file with the certificate's private key (default: --cert)");
+    cert->excludes(key)->excludes(gkey);
     r->add_option("--id-scope", o->id_scope, "ID scope (default: <data-dir>/identity.json)");
     r->add_option("--payload", o->payload, "JSON payload for custom allocation");
     r->add_option("--timeout", o->timeout_s, "Seconds to wait for the assignment")

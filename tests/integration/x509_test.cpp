@@ -50,12 +50,17 @@ std::string write_file(const std::string& dir, const std::string& name, const st
   return path;
 }
 
+const std::string& cert_dir() {
+  static const std::string dir = test::make_temp_dir("provisiond-x509-it");
+  return dir;
+}
+
 /// A client presenting `leaf` followed by `chain` (PEM files in a temp dir).
 net::https_client device_client(const test::server_process& s, const test_cert& leaf,
                                 std::initializer_list<const test_cert*> chain = {},
                                 bool reuse = true) {
   static int n = 0;
-  static const std::string dir = test::make_temp_dir("provisiond-x509-it");
+  const std::string& dir = cert_dir();
   std::string pem = leaf.pem();
   for (const auto* c : chain)
     pem += c->pem();
@@ -349,4 +354,30 @@ TEST_CASE("a session that carried a client certificate is never resumed: its cha
     CHECK(parse(body)["registrationState"]["x509"]["enrollmentGroupId"] == "x509-resume-root");
     SSL_SESSION_free(sess);
   }
+}
+
+TEST_CASE("the CLI registers an X.509 device: provisiond register --cert --cert-key") {
+  auto& s = srv();
+  auto root = test::make_ca("IT CLI Root CA", nullptr, 40);
+  auto inter = test::make_ca("IT CLI Intermediate CA", &root, 41);
+  put_group(s, "x509-cli-root", root);
+  auto leaf = test::make_device("x509-cli-dev", inter, 400);
+  auto chain = write_file(cert_dir(), "cli.pem", leaf.pem() + inter.pem());
+  auto key = write_file(cert_dir(), "cli.key", leaf.key_pem());
+  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " register --data-dir "
+                    + s.data_dir() + " --registration-id x509-cli-dev --cert " + chain
+                    + " --cert-key " + key + " --json 2>&1";
+  std::string out;
+  int rc = -1;
+  if (FILE* f = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
+      out.append(buf, n);
+    rc = ::pclose(f);
+  }
+  REQUIRE_MESSAGE(rc == 0, out);
+  auto j = parse(out);
+  CHECK(j["status"] == "assigned");
+  CHECK(j["registrationState"]["x509"]["enrollmentGroupId"] == "x509-cli-root");
 }

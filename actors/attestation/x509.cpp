@@ -73,11 +73,13 @@ public:
     const enrollment::enrollment_view* best = nullptr;
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
-    std::string failures;
+    std::string failures, ca_references;
     for (const auto& g : groups) {
       const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
       if (x == nullptr)
         continue;
+      if (!x->ca_references.empty() && ca_references.empty())
+        ca_references = g.id;
       for (const auto& ref : x->signing_certificates) {
         auto anchor = enrollment::parse_der(ref.der);
         if (!anchor || !reaches(anchor.get()))
@@ -90,12 +92,12 @@ public:
                       + subject_of(anchor.get()) + "'): " + why;
           continue;
         }
+        // Both slots are tried: the secondary may be a nearer CA.
         if (depth < best_depth) {
           best = &g;
           best_depth = depth;
           best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor.get()));
         }
-        break; // the group verified: its secondary changes nothing
       }
     }
     if (best != nullptr) {
@@ -113,7 +115,12 @@ public:
         + subject_of(last) + "') is issued by '" + issuer_of(last)
         + "', which no enrollment group holds (a group's root or intermediate CA must be its "
           "signing certificate, and the device must send every intermediate below it in the "
-          "TLS handshake)");
+          "TLS handshake)"
+        + (ca_references.empty()
+             ? std::string()
+             : "; enrollment group '" + ca_references
+                 + "' names its CA by caReferences, which this provisiond version does not "
+                   "support (give the certificate in signingCertificates)"));
   }
 
   std::string_view identity() const noexcept override { return identity_; }

@@ -275,6 +275,24 @@ TEST_CASE("x509: enrollment groups by root or intermediate, the nearest wins") {
     CHECK(v.err.message.find("at depth 1 ('CN=Fake Intermediate CA,O=provisiond tests')")
           != std::string::npos);
   }
+  SUBCASE("a group's secondary may be the nearer CA") {
+    auto both = view_of(en::kind::group, "both",
+                        {{"signingCertificates",
+                          {{"primary", {{"certificate", p.root.pem()}}},
+                           {"secondary", {{"certificate", p.inter.pem()}}}}}});
+    // Ties with by-inter at depth 1: the first listed wins.
+    auto v = pr->check_groups({both, group("by-inter", p.inter)});
+    CHECK(v.enrollment_group_id == "both");
+  }
+  SUBCASE("caReferences match nothing, and the refusal says so") {
+    auto byref = view_of(en::kind::group, "by-ref", {{"caReferences", {{"primary", "root"}}}});
+    std::unique_ptr<proof> s;
+    REQUIRE(open(chain({&p.stranger}), "dev-x", s).ok());
+    auto v = s->check_groups({byref});
+    CHECK_FALSE(v.is_accepted());
+    CHECK(v.err.message.find("enrollment group 'by-ref' names its CA by caReferences")
+          != std::string::npos);
+  }
   SUBCASE("symmetric-key groups are skipped") {
     en::enrollment_view sk;
     sk.id = "sk";

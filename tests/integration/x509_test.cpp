@@ -215,6 +215,18 @@ TEST_CASE("x509 individual enrollment by certificate: register, poll and status 
   CHECK_MESSAGE(p.status == 200, p.body);
   CHECK(parse(p.body)["status"] == "assigned");
 
+  // The service API's record and the assignment event name the attestation.
+  auto rec = s.service("GET", "/registrations/x509-ind-cert");
+  REQUIRE_MESSAGE(rec.status == 200, rec.body);
+  CHECK(parse(rec.body)["x509"] == json::object());
+  bool seen = false;
+  for (const auto& e : test::all_assignments(s))
+    if (e["data"]["registrationId"] == "x509-ind-cert") {
+      CHECK(e["data"]["attestationType"] == "x509");
+      seen = true;
+    }
+  CHECK(seen);
+
   SUBCASE("a new connection (full handshake) each time works too") {
     auto fresh = device_client(s, leaf, {}, false);
     check_assigned(put_register(fresh, s, "x509-ind-cert"), "x509-ind-cert");
@@ -249,6 +261,9 @@ TEST_CASE("x509 enrollment groups: by root, by intermediate; the nearest CA's gr
   auto a = test::make_device("x509-grp-a", p.inter, 101);
   auto ca = device_client(s, a, {&p.inter});
   check_assigned(put_register(ca, s, "x509-grp-a"), "x509-grp-a", "x509-by-root");
+  auto rec = s.service("GET", "/registrations/x509-grp-a");
+  REQUIRE_MESSAGE(rec.status == 200, rec.body);
+  CHECK(parse(rec.body)["x509"]["enrollmentGroupId"] == "x509-by-root");
 
   SUBCASE("without its intermediate the chain does not reach the root's group") {
     auto b = test::make_device("x509-grp-b", p.inter, 102);

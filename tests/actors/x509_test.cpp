@@ -343,3 +343,44 @@ TEST_CASE("x509 enrollments: normalize fills info, rejects what is not a certifi
     CHECK(x.client_certificates[0].der == p.leaf.der());
   }
 }
+
+TEST_CASE("x509 certificates as enrollments carry them: PEM, base64 DER, thumbprints") {
+  const auto& p = certs();
+  std::string der;
+  SUBCASE("PEM, with real or escaped line breaks, or none") {
+    REQUIRE(en::certificate_der(p.leaf.pem(), der));
+    CHECK(der == p.leaf.der());
+    std::string escaped;
+    for (char c : p.leaf.pem())
+      escaped += c == '\n' ? std::string("\\n") : std::string(1, c);
+    REQUIRE(en::certificate_der(escaped, der));
+    CHECK(der == p.leaf.der());
+    REQUIRE(en::certificate_der(crypto::base64_encode(p.leaf.der()), der));
+    CHECK(der == p.leaf.der());
+  }
+  SUBCASE("not exactly one certificate") {
+    CHECK_FALSE(en::certificate_der(p.leaf.pem() + p.inter.pem(), der));
+    CHECK_FALSE(en::certificate_der(crypto::base64_encode(p.leaf.der() + "x"), der));
+    CHECK_FALSE(en::certificate_der("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+                                    der));
+    CHECK_FALSE(en::certificate_der("", der));
+    CHECK_FALSE(en::certificate_der(p.leaf.key_pem(), der));
+  }
+  SUBCASE("thumbprints") {
+    std::string raw;
+    CHECK(en::thumbprint_bytes(std::string(40, 'A'), raw));
+    CHECK(raw.size() == 20);
+    CHECK(en::thumbprint_bytes(std::string(64, 'f'), raw));
+    CHECK(raw.size() == 32);
+    CHECK(en::thumbprint_bytes("AB:cd" + std::string(36, '0'), raw));
+    CHECK_FALSE(en::thumbprint_bytes(std::string(41, 'a'), raw));
+    CHECK_FALSE(en::thumbprint_bytes(std::string(48, 'a'), raw)); // 24 bytes: neither
+    CHECK_FALSE(en::thumbprint_bytes(std::string(39, 'a') + "g", raw));
+  }
+  SUBCASE("names and common names") {
+    CHECK(en::common_name(p.leaf.cert.get()) == "dev-1");
+    CHECK(en::name_text(X509_get_issuer_name(p.leaf.cert.get()))
+          == "CN=Test Intermediate CA,O=provisiond tests");
+    CHECK(en::utc_text(0) == "1970-01-01T00:00:00Z");
+  }
+}

@@ -50,9 +50,14 @@ std::string write_file(const std::string& dir, const std::string& name, const st
   return path;
 }
 
+/// Certificate and key files for the clients; removed at exit.
 const std::string& cert_dir() {
-  static const std::string dir = test::make_temp_dir("provisiond-x509-it");
-  return dir;
+  struct temp_dir {
+    std::string path = test::make_temp_dir("provisiond-x509-it");
+    ~temp_dir() { test::remove_tree(path); }
+  };
+  static const temp_dir dir;
+  return dir.path;
 }
 
 /// A client presenting `leaf` followed by `chain` (PEM files in a temp dir).

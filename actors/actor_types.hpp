@@ -21,6 +21,7 @@ using committed_atom = caf::atom_constant<caf::atom("committed")>;
 using delete_atom = caf::atom_constant<caf::atom("delete")>;
 using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;
 using event_atom = caf::atom_constant<caf::atom("event")>;
+using expire_atom = caf::atom_constant<caf::atom("expire")>;
 using put_atom = caf::atom_constant<caf::atom("put")>;
 using register_atom = caf::atom_constant<caf::atom("register")>;
 using recorded_atom = caf::atom_constant<caf::atom("recorded")>;

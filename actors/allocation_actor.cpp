@@ -4,6 +4,7 @@
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.attested;
 //          (allocated_atom, allocation_job) a policy's answer that came later;
+//          (expire_atom, allocation_job, reason) its deadline;
 //          (handoff_atom, registration_event), tests: a delayed hand-off onward.
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
@@ -14,6 +15,7 @@
 //          process with this ack instead.
 // Blocking: reads the enrollment and registration record; spawned detached.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 
@@ -162,7 +164,8 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
 
 /// One input while its policy decides: the policy may answer during its call
 /// or later from another thread; whichever of (answer, return) comes second
-/// goes on, a late answer through the actor's mailbox.
+/// goes on, a late answer through the actor's mailbox. The first of (answer,
+/// deadline) decides the outcome; the other is dropped.
 struct allocation_job final : allocation::answer {
   registration_event ev;
   event_ack ack;
@@ -171,9 +174,20 @@ struct allocation_job final : allocation::answer {
   caf::weak_actor_ptr stage;
   error err;
   std::string hub;
-  std::atomic<bool> first_arrived{false};
+  enum : int { open, answered, expired };
+  std::atomic<int> outcome{open};
+  std::atomic<bool> first_arrived{false}; ///< of (answer, return from allocate())
 
   void operator()(error e, std::string h) override;
+  /// Fails the job with `e` (its deadline passed, the policy threw): true
+  /// when no answer came first.
+  bool expire(error e) {
+    int expected = open;
+    if (!outcome.compare_exchange_strong(expected, expired))
+      return false;
+    err = std::move(e);
+    return true;
+  }
 };
 
 } // namespace prov
@@ -190,6 +204,11 @@ namespace {
 void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registration_event& ev,
           event_ack& ack, std::chrono::steady_clock::time_point start,
           const enrollment::enrollment_view* view, error err, std::string hub) {
+  // DPS assigns only linked hubs, whatever a policy (a webhook) answers.
+  if (!err && std::none_of(ctx->hubs.begin(), ctx->hubs.end(),
+                           [&](const auto& h) { return iequals(h.hostname, hub); }))
+    err = {error_code::no_hub_available,
+           "the allocation policy chose '" + hub + "', which is not a linked IoT hub"};
   if (!err)
     err = finish(*ctx, *view, ev, std::move(hub));
   ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
@@ -251,13 +270,25 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocatio
 
 /// A synchronous policy's answer, on the stack.
 struct immediate_answer final : allocation::answer {
-  error err;
+  error err{error_code::internal, "the allocation policy did not answer"};
   std::string hub;
   void operator()(error e, std::string h) override {
     err = std::move(e);
     hub = std::move(h);
   }
 };
+
+/// A policy that throws fails the device, not the stage.
+template <class Call>
+error guarded(allocation_policy kind, Call&& call) {
+  try {
+    call();
+    return {};
+  } catch (const std::exception& ex) {
+    return {error_code::internal,
+            std::string(to_string(kind)) + " allocation failed: " + ex.what()};
+  }
+}
 
 /// Runs the enrollment's policy; emits now when it answers now, else keeps
 /// the input in a job for the answer.
@@ -273,12 +304,16 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
     return emit(self, ctx, ev, ack, start, nullptr,
                 {error_code::no_hub_available,
                  std::string(to_string(kind))
-                   + " allocation is not supported by this provisiond version"},
+                   + (kind == allocation_policy::custom ? " allocation (webhook)" : " allocation")
+                   + " is not supported by this provisiond version"},
                 {});
   if (policy->synchronous()) {
     // Answers during the call: a non-owning handle to a stack answer.
     immediate_answer now;
-    policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
+    if (auto err = guarded(kind, [&] {
+          policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
+        }))
+      now.err = std::move(err);
     return emit(self, ctx, ev, ack, start, in.enrollment.get(), std::move(now.err),
                 std::move(now.hub));
   }
@@ -289,14 +324,23 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
   job->view = in.enrollment;
   job->stage = self->ctrl();
   views_of(job->ev, in); // the event moved
-  policy->allocate(in, job);
+  if (auto err = guarded(kind, [&] { policy->allocate(in, job); }))
+    if (job->expire(std::move(err))) // else it answered before throwing: that stands
+      return emit(self, ctx, *job);
   if (job->first_arrived.exchange(true)) // answered during the call
-    emit(self, ctx, *job);
+    return emit(self, ctx, *job);
+  const auto deadline = policy->deadline();
+  self->delayed_send(self, deadline, expire_atom::value, job,
+                     std::string(to_string(kind)) + " allocation did not answer within "
+                       + std::to_string(deadline.count()) + " ms");
 }
 
 } // namespace
 
 void allocation_job::operator()(error e, std::string h) {
+  int expected = open;
+  if (!outcome.compare_exchange_strong(expected, answered))
+    return; // too late: the deadline failed the job
   err = std::move(e);
   hub = std::move(h);
   if (first_arrived.exchange(true)) // answered after allocate() returned
@@ -316,6 +360,10 @@ caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr 
     },
     [self, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
       emit(self, ctx, *job);
+    },
+    [self, ctx](expire_atom, const std::shared_ptr<allocation_job>& job, std::string& why) {
+      if (job->expire({error_code::no_hub_available, std::move(why)}))
+        emit(self, ctx, *job);
     },
   };
 }

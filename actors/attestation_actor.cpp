@@ -176,7 +176,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       auto* m = ctx->metrics;
       m->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
-      const auto tried = ctx->mechanisms.attempted(credential_of_authorization(in.authorization));
+      const bool had_credential = !in.authorization.empty(); // moved out by attest_requested
       if (!in.operation_id.empty() && assigned_by(*ctx, in.registration_id, in.operation_id)) {
         // A republished or redelivered request whose operation already
         // assigned the device: nothing to do (its outcome is on
@@ -192,7 +192,12 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       auto err = attest_requested(*ctx, in, ev, r, attested);
       m->stage_latency(metrics::stage::attestation, seconds_since(start));
       if (attested)
-        m->attestation_attempt(!err, to_string(err ? tried : r.type), ev.protocol);
+        m->attestation_attempt(
+          !err,
+          to_string(!err            ? r.type
+                    : had_credential ? ctx->mechanisms.attempted(sas_credential{})
+                                     : attestation_type::none),
+          ev.protocol);
       auto next = transport::topic::registration_attested;
       if (err) {
         m->registration_attempt("rejected", "", ev.protocol);

@@ -113,6 +113,10 @@ std::string ambiguity(const std::vector<std::pair<std::string, std::string>>& he
     if (encodings > 1 || !ascii::iequals(c, "chunked"))
       return "Transfer-Encoding '" + codings.substr(0, 64)
              + "' is not supported: only 'chunked' is";
+    // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+    // framing (a 1.0 proxy would read its body otherwise than Beast does).
+    if (version < 11)
+      return "Transfer-Encoding in an HTTP/1.0 request";
   }
   // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; two is never valid.
   if (hosts > 1)
@@ -772,14 +776,16 @@ private:
   /// at once fails again at once, a busy loop that starves the I/O thread.
   /// Waits 100 ms instead; clients queue in the listen backlog meanwhile.
   void on_accept_error(const beast::error_code& ec) {
-    if (ec == net::error::connection_aborted)
-      return accept(); // the client reset before we took it: nothing wrong here
     const int e = ec.value();
+    // Only running out of descriptors or memory fails again at once; any
+    // other error (the client reset, a network error on its connection)
+    // concerns one connection, and accept(2) says to retry.
+    if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+      return accept();
     const char* name = e == EMFILE    ? "EMFILE"
                        : e == ENFILE  ? "ENFILE"
                        : e == ENOBUFS ? "ENOBUFS"
-                       : e == ENOMEM  ? "ENOMEM"
-                                      : "other";
+                                      : "ENOMEM";
     if (opts_.metrics != nullptr)
       opts_.metrics->accept_failed(name);
     if (accept_failures_++ == 0) { // once per episode

@@ -6,6 +6,7 @@
 // device id and twin. docs/extending.md shows what a new policy takes.
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -53,6 +54,9 @@ public:
   /// True when allocate() always answers during the call: the stage then
   /// keeps nothing for a later answer (and `done` must not be kept).
   virtual bool synchronous() const noexcept { return false; }
+  /// How long the stage waits for a later answer before it fails the device
+  /// (no_hub_available); an answer after that is dropped.
+  virtual std::chrono::milliseconds deadline() const noexcept { return std::chrono::seconds(30); }
   /// Calls `(*done)(...)` exactly once: during the call, or later from any
   /// thread (copying what it needs of `in` before returning).
   virtual void allocate(const request& in, done_fn done) const = 0;
@@ -71,7 +75,8 @@ public:
   }
 
 private:
-  std::array<std::shared_ptr<const policy>, 4> policies_;
+  std::array<std::shared_ptr<const policy>, static_cast<std::size_t>(allocation_policy::custom) + 1>
+    policies_;
 };
 
 } // namespace prov::allocation

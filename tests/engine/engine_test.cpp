@@ -14,6 +14,7 @@
 #include <future>
 #include <mutex>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -269,15 +270,25 @@ TEST_CASE("engine: registration query pages from the continuation, same results"
 
 TEST_CASE("engine: a policy that answers later, from another thread, assigns the device") {
   // The shape of the custom allocation webhook: the answer comes after
-  // allocate() returned, on a thread of the policy's own.
+  // allocate() returned, on a thread of the policy's own. What it does
+  // depends on the device: answer a linked hub, answer an unlinked one,
+  // never answer (the stage's deadline fails it), or throw.
   struct later final : allocation::policy {
     mutable std::mutex mu;
     mutable std::vector<std::thread> threads;
     mutable std::atomic<int> calls{0};
     allocation_policy kind() const noexcept override { return allocation_policy::custom; }
+    std::chrono::milliseconds deadline() const noexcept override {
+      return std::chrono::milliseconds(300);
+    }
     void allocate(const allocation::request& in, allocation::done_fn done) const override {
       ++calls;
-      std::string hub = "later-" + std::string(in.registration_id) + ".example.net";
+      const std::string id(in.registration_id);
+      if (id == "throws")
+        throw std::runtime_error("the webhook client broke");
+      if (id == "silent")
+        return; // drops `done`
+      std::string hub = id == "unlinked" ? "elsewhere.example.net" : in.candidates.back().hostname;
       std::lock_guard<std::mutex> g{mu};
       threads.emplace_back([done, hub] {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -295,37 +306,55 @@ TEST_CASE("engine: a policy that answers later, from another thread, assigns the
   auto store = open_store(dir);
   auto policy = std::make_shared<later>();
   auto opts = options(store.get());
+  opts.cfg.hubs = {{"hub-a.example.net", 1, true, ""}, {"hub-b.example.net", 1, true, ""}};
   opts.policies.push_back(policy);
   std::unique_ptr<engine> eng;
   REQUIRE(!engine::start(std::move(opts), eng));
-  const std::string id = "late-dev";
-  const std::string key = crypto::generate_key();
-  REQUIRE(!put(*eng, enrollment::kind::individual, id,
-               R"({"allocationPolicy":"custom","customAllocationDefinition":)"
-               R"({"webhookUrl":"https://hooks.example.net/alloc","apiVersion":"2021-10-01"},)"
-               R"("attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":")"
-                 + key + R"(","secondaryKey":")" + key + R"("}}})"));
-  register_request req;
-  req.id_scope = scope;
-  req.registration_id = id;
-  req.credential = credential_of_authorization(attestation::make_sas(
-    std::string(scope) + "/registrations/" + id, key, now_ms() / 1000 + 3600, "registration"));
-  std::promise<register_reply> replied;
-  eng->register_device(req, [&replied](register_reply r) { replied.set_value(std::move(r)); });
-  auto f = replied.get_future();
-  REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
-  auto reply = f.get();
-  REQUIRE_MESSAGE(!reply.err, reply.err.message);
-  registration_state st;
-  for (int i = 0; i < 200; ++i) {
-    REQUIRE(!eng->operation(id, reply.operation_id, st));
-    if (is_terminal(st.status))
-      break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  CHECK(st.status == registration_status::assigned);
-  CHECK(st.assigned_hub == "later-late-dev.example.net");
-  CHECK(policy->calls.load() == 1);
+  auto outcome = [&](const std::string& id) {
+    const std::string key = crypto::generate_key();
+    REQUIRE(!put(*eng, enrollment::kind::individual, id,
+                 R"({"allocationPolicy":"custom","customAllocationDefinition":)"
+                 R"({"webhookUrl":"https://hooks.example.net/alloc","apiVersion":"2021-10-01"},)"
+                 R"("attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":")"
+                   + key + R"(","secondaryKey":")" + key + R"("}}})"));
+    register_request req;
+    req.id_scope = scope;
+    req.registration_id = id;
+    req.credential = credential_of_authorization(attestation::make_sas(
+      std::string(scope) + "/registrations/" + id, key, now_ms() / 1000 + 3600, "registration"));
+    std::promise<register_reply> replied;
+    eng->register_device(req, [&replied](register_reply r) { replied.set_value(std::move(r)); });
+    auto f = replied.get_future();
+    REQUIRE(f.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+    auto reply = f.get();
+    REQUIRE_MESSAGE(!reply.err, reply.err.message);
+    registration_state st;
+    for (int i = 0; i < 200; ++i) {
+      REQUIRE(!eng->operation(id, reply.operation_id, st));
+      if (is_terminal(st.status))
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return st;
+  };
+  auto ok = outcome("late-dev");
+  CHECK(ok.status == registration_status::assigned);
+  CHECK(ok.assigned_hub == "hub-b.example.net");
+  // DPS assigns only linked hubs.
+  auto unlinked = outcome("unlinked");
+  CHECK(unlinked.status == registration_status::failed);
+  CHECK(unlinked.error_code == static_cast<int32_t>(error_code::no_hub_available));
+  CHECK(unlinked.error_message.find("elsewhere.example.net") != std::string::npos);
+  // No answer: failed at the policy's deadline, not stuck.
+  auto silent = outcome("silent");
+  CHECK(silent.status == registration_status::failed);
+  CHECK(silent.error_message.find("did not answer within 300 ms") != std::string::npos);
+  // A throwing policy fails the device, and the stage goes on.
+  auto threw = outcome("throws");
+  CHECK(threw.status == registration_status::failed);
+  CHECK(threw.error_message.find("the webhook client broke") != std::string::npos);
+  CHECK(outcome("late-dev-2").status == registration_status::assigned);
+  CHECK(policy->calls.load() == 5);
   policy->join();
   eng->shutdown();
 }

@@ -708,6 +708,14 @@ TEST_CASE("a Transfer-Encoding other than chunked -> 400 and close, its body is 
     check_refused_and_closed(exchange("POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
                                       + std::string(c.coding) + "\r\n\r\n" + c.body));
   }
+  // HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 6.1), even chunked.
+  {
+    auto raw = exchange("POST /healthz HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + chunks + smuggled);
+    CHECK_MESSAGE(count_of(raw, "\r\nServer: provisiond") == 1, raw); // one answer: no smuggled GET
+    CHECK_MESSAGE(raw.find(" 400 ") != std::string::npos, raw);
+    CHECK(raw.find("Transfer-Encoding in an HTTP/1.0 request") != std::string::npos);
+  }
   // Content-Length and a non-chunked coding together: refused as well.
   check_refused_and_closed(exchange("POST /healthz HTTP/1.1\r\nHost: x\r\n"
                                     "Transfer-Encoding: gzip\r\nContent-Length: "

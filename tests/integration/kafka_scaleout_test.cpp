@@ -431,13 +431,13 @@ struct dev_kafka_process {
     out_file = test::make_temp_dir("provisiond-devkafka") + "/out.txt";
     const char* bin = std::getenv("PROVISIOND_BIN");
     REQUIRE(bin != nullptr);
+    const std::string n = std::to_string(brokers); // no allocation after fork()
     pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
       int fd = ::open(out_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
       ::dup2(fd, 1);
       ::dup2(fd, 2);
-      const std::string n = std::to_string(brokers);
       ::execl(bin, bin, "dev-kafka", "--brokers", n.c_str(), static_cast<char*>(nullptr));
       ::_exit(127);
     }
@@ -448,7 +448,10 @@ struct dev_kafka_process {
       std::ifstream in(out_file);
       text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
     }
-    REQUIRE_MESSAGE(text.find("running;") != std::string::npos, text);
+    if (text.find("running;") == std::string::npos) {
+      stop(); // the destructor does not run when the constructor fails
+      FAIL("dev-kafka did not start:\n" << text);
+    }
     auto from = text.find("\n[kafka]\n");
     auto to = text.find("provisiond dev-kafka: running");
     REQUIRE(from != std::string::npos);
@@ -460,13 +463,15 @@ struct dev_kafka_process {
     auto at = section.find("brokers = \"") + 11;
     return section.substr(at, section.find('"', at) - at);
   }
-  ~dev_kafka_process() {
+  void stop() {
     if (pid > 0) {
       ::kill(pid, SIGTERM);
       ::waitpid(pid, nullptr, 0);
+      pid = -1;
     }
     test::remove_tree(out_file.substr(0, out_file.rfind('/')));
   }
+  ~dev_kafka_process() { stop(); }
 };
 
 } // namespace

@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
 #include <cstring>
 #include <ctime>
 #include <random>
@@ -105,11 +108,39 @@ json parse_or_null(const std::string& text) {
   return j.is_discarded() ? json(nullptr) : j;
 }
 
+/// Whether a JSON number fits a signed integer member. nlohmann's get_to
+/// static_casts: an integer out of range wraps (4294967297 became version 1)
+/// and a double out of range is undefined behaviour, so both are refused.
+template <class Int>
+bool fits(int64_t v) {
+  return v >= std::numeric_limits<Int>::min() && v <= std::numeric_limits<Int>::max();
+}
+template <class Int>
+bool fits(uint64_t v) {
+  return v <= static_cast<uint64_t>(std::numeric_limits<Int>::max());
+}
+template <class Int>
+bool fits(double v) {
+  static_assert(std::is_signed_v<Int>);
+  // [min, -min): both bounds are powers of two, exact as doubles.
+  constexpr double min = static_cast<double>(std::numeric_limits<Int>::min());
+  return v >= min && v < -min;
+}
+
 template <class T>
 void get_to(const json& j, const char* key, T& out) {
   auto it = j.find(key);
-  if (it != j.end() && !it->is_null())
-    it->get_to(out);
+  if (it == j.end() || it->is_null())
+    return;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    bool ok = it->is_number_unsigned()  ? fits<T>(it->get<uint64_t>())
+              : it->is_number_integer() ? fits<T>(it->get<int64_t>())
+              : it->is_number_float()   ? fits<T>(it->get<double>())
+                                        : true; // not a number: get_to's type_error
+    if (!ok)
+      throw std::out_of_range(std::string(key) + " is out of range");
+  }
+  it->get_to(out);
 }
 
 error state_from(const json& j, registration_state& s) {
@@ -826,17 +857,21 @@ bool event_sax::read_string(const char*& p, const char* end, std::string& out) {
 }
 
 // An integer of up to 18 digits (no overflow possible); fractions, exponents,
-// leading zeros and longer numbers are left to sax_parse.
+// leading zeros and longer numbers are left to sax_parse. The count is checked
+// before each digit is taken: a 19th could overflow int64_t.
 bool event_sax::read_integer(const char*& p, const char* end, int64_t& out) {
   const bool negative = *p == '-';
   if (negative)
     ++p;
   const char* first = p;
   int64_t v = 0;
-  while (p != end && *p >= '0' && *p <= '9')
+  while (p != end && *p >= '0' && *p <= '9') {
+    if (p - first == 18)
+      return false;
     v = v * 10 + (*p++ - '0');
+  }
   const auto digits = p - first;
-  if (digits == 0 || digits > 18 || (*first == '0' && digits > 1))
+  if (digits == 0 || (*first == '0' && digits > 1))
     return false;
   if (p != end && (*p == '.' || *p == 'e' || *p == 'E'))
     return false;
@@ -861,13 +896,27 @@ bool event_sax::read(int f, std::string& out, error& err) {
 template <class Int>
 bool event_sax::read_int(int f, Int& out, error& err, bool bool_ok) {
   const slot& s = slots_[f];
+  bool ok = true;
   switch (s.k) {
     case kind::absent:
     case kind::null: return true;
-    // static_cast as nlohmann's get_arithmetic_value / from_json do.
-    case kind::integer: out = static_cast<Int>(s.i); return true;
-    case kind::unsigned_: out = static_cast<Int>(s.u); return true;
-    case kind::floating: out = static_cast<Int>(s.d); return true;
+    // static_cast as nlohmann's get_arithmetic_value / from_json do, within
+    // the member's range (as get_to above).
+    case kind::integer:
+      if (!(ok = fits<Int>(s.i)))
+        break;
+      out = static_cast<Int>(s.i);
+      return true;
+    case kind::unsigned_:
+      if (!(ok = fits<Int>(s.u)))
+        break;
+      out = static_cast<Int>(s.u);
+      return true;
+    case kind::floating:
+      if (!(ok = fits<Int>(s.d)))
+        break;
+      out = static_cast<Int>(s.d);
+      return true;
     case kind::boolean:
       if (bool_ok) { // from_json(json, int32_t&) takes booleans; int64_t's does not
         out = static_cast<Int>(s.b);
@@ -876,7 +925,8 @@ bool event_sax::read_int(int f, Int& out, error& err, bool bool_ok) {
       break;
     default: break;
   }
-  err = type_mismatch(f, "number");
+  err = ok ? type_mismatch(f, "number")
+           : error{error_code::bad_request, "event: " + std::string(names_[f]) + " is out of range"};
   return false;
 }
 

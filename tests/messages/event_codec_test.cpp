@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <climits>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
 #include <random>
 #include <vector>
 
@@ -46,11 +49,25 @@ json ref_event_json(const registration_event& ev) {
   return j;
 }
 
+/// get_to, plus the rule decode_event added later: a number out of an
+/// integer member's range is an error (get_to wrapped it, or for a double
+/// was undefined).
 template <class T>
 void ref_get_to(const json& j, const char* key, T& out) {
   auto it = j.find(key);
-  if (it != j.end() && !it->is_null())
-    it->get_to(out);
+  if (it == j.end() || it->is_null())
+    return;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    using lim = std::numeric_limits<T>;
+    if ((it->is_number_unsigned() && it->get<uint64_t>() > static_cast<uint64_t>(lim::max()))
+        || (!it->is_number_unsigned() && it->is_number_integer()
+            && (it->get<int64_t>() < lim::min() || it->get<int64_t>() > lim::max()))
+        || (it->is_number_float()
+            && !(it->get<double>() >= static_cast<double>(lim::min())
+                 && it->get<double>() < -static_cast<double>(lim::min()))))
+      throw std::out_of_range(std::string(key) + " is out of range");
+  }
+  it->get_to(out);
 }
 
 error ref_event_from(const json& j, registration_event& ev) {
@@ -468,6 +485,59 @@ TEST_CASE("decode_event errors say what is wrong") {
   err = decode_event(R"({"v":1,"operationId":"o")", ev);
   CHECK(err.message.find("parse error") != std::string::npos);
   CHECK(decode_event("[]", ev).message == "event: not a JSON object");
+}
+
+TEST_CASE("decode_event: integers of 19 digits and more are the right value or an error") {
+  // The flat fast path multiplied before it counted digits: a 19th digit
+  // overflowed int64_t (undefined behaviour), and a value out of a member's
+  // range was then cast into it (wrapped, or undefined for a double).
+  auto decode = [](const std::string& member, const std::string& number, registration_event& ev) {
+    return decode_event(R"({"v":1,"operationId":"o","registrationId":"r",")" + member + "\":"
+                          + number + "}",
+                        ev);
+  };
+  registration_event ev;
+  REQUIRE(!decode("acceptedMs", "1234567890123456789", ev)); // 19 digits, fits
+  CHECK(ev.accepted_ms == 1234567890123456789);
+  REQUIRE(!decode("completedMs", "-9223372036854775808", ev));
+  CHECK(ev.completed_ms == INT64_MIN);
+  REQUIRE(!decode("completedMs", "9223372036854775807", ev));
+  CHECK(ev.completed_ms == INT64_MAX);
+  for (const char* member : {"acceptedMs", "attestedMs", "allocatedMs", "completedMs",
+                             "errorCode", "v"})
+    for (const char* number : {"9999999999999999999",         // 19 digits
+                               "9223372036854775808",         // 19, INT64_MAX + 1
+                               "-9999999999999999999",        // 19, negative
+                               "12345678901234567890",        // 20
+                               "18446744073709551616",        // 20, past uint64_t
+                               "1234567890123456789012345",   // 25
+                               "-1234567890123456789012345",  // 25, negative
+                               "1e25", "-9.3e18"}) {
+      INFO(std::string(member), ": ", std::string(number));
+      registration_event out;
+      auto err = decode(member, number, out);
+      INFO("error: ", err.message, " / acceptedMs ", out.accepted_ms, " / v ", out.version);
+      REQUIRE(err);
+      CHECK(err.code == error_code::bad_request);
+      CHECK(err.message.find("out of range") != std::string::npos);
+    }
+  // int32_t members: no wrap-around into range (4294967297 used to be v 1).
+  CHECK(decode("v", "4294967297", ev).message.find("out of range") != std::string::npos);
+  CHECK(decode("errorCode", "2147483648", ev).message.find("out of range") != std::string::npos);
+  REQUIRE(!decode("errorCode", "-2147483648", ev));
+  CHECK(ev.error_code == INT32_MIN);
+}
+
+TEST_CASE("decode_requested_event: a version out of range is an error, not a wrapped value") {
+  registration_event ev;
+  for (const char* v : {"4294967297", "9999999999999999999", "12345678901234567890",
+                        "1234567890123456789012345", "1e25"}) {
+    auto err = decode_requested_event(
+      std::string(R"({"registrationId":"r","idScope":"s","v":)") + v + "}", ev);
+    INFO(std::string(v), ": ", err.message);
+    CHECK(err.code == error_code::bad_request);
+    CHECK(err.message.find("out of range") != std::string::npos);
+  }
 }
 
 } // TEST_SUITE

@@ -17,6 +17,7 @@
 
 #include "actors/actor_types.hpp"
 #include "messages/ascii.hpp"
+#include "messages/json_body.hpp"
 
 namespace prov {
 
@@ -96,9 +97,9 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
   return {
     [ctx](put_atom, enrollment::kind k, const std::string& id, const std::string& body,
           const std::string& if_match, doc_reply_fn& reply) {
-      auto j = json::parse(body, nullptr, false);
-      if (j.is_discarded()) {
-        reply.fn({error_code::malformed_json, "the body is not valid JSON"}, {});
+      json j;
+      if (auto err = parse_json_body(body, j)) {
+        reply.fn(std::move(err), {});
         return;
       }
       storage::write_batch batch;
@@ -139,8 +140,12 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       reply.fn({});
     },
     [ctx](bulk_atom, enrollment::kind k, const std::string& body, doc_reply_fn& reply) {
-      auto j = json::parse(body, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) {
+      json j;
+      if (auto err = parse_json_body(body, j)) {
+        reply.fn(std::move(err), {});
+        return;
+      }
+      if (!j.is_object()) {
         reply.fn({error_code::malformed_json, "the body is not a JSON object"}, {});
         return;
       }

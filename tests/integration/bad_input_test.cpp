@@ -326,6 +326,67 @@ TEST_CASE("malformed JSON body on enrollment PUT -> 400001") {
   still_serving_and_unchanged();
 }
 
+TEST_CASE("duplicate member names -> 400001 in every body, nothing stored") {
+  // nlohmann keeps the last of a repeated member: the server would act on a
+  // body that means something else to whoever signed, audited or logged it.
+  auto& s = srv();
+  const std::string sym = R"({"type":"symmetricKey"})";
+  SUBCASE("register body") {
+    for (std::string body :
+         {R"({"registrationId":"bad-dev","registrationId":"bad-dev"})",
+          R"({"registrationId":"someone-else","registrationId":"bad-dev"})",
+          R"({"registrationId":"bad-dev","payload":{"a":1,"a":2}})",
+          R"({"registrationId":"bad-dev","payload":{"x":[{"k":1,"k":1}]}})",
+          R"({"registrationId":"bad-dev","payload":{},"payload":{}})"}) {
+      CAPTURE(body);
+      check_error(send("PUT", reg_target("bad-dev"), device_headers(), body), 400, 400001);
+    }
+  }
+  SUBCASE("enrollment and group PUT") {
+    check_error(send("PUT", "/enrollments/bad-dup-1?api-version=2021-10-01", service_headers(),
+                     R"({"attestation":)" + sym + R"(,"attestation":)" + sym + "}"),
+                400, 400001);
+    check_error(send("PUT", "/enrollments/bad-dup-2?api-version=2021-10-01", service_headers(),
+                     R"({"registrationId":"other","registrationId":"bad-dup-2","attestation":)"
+                       + sym + "}"),
+                400, 400001);
+    check_error(send("PUT", "/enrollmentGroups/bad-dup-g?api-version=2021-10-01",
+                     service_headers(),
+                     R"({"attestation":)" + sym + R"(,"initialTwin":{"tags":{"t":1,"t":2}}})"),
+                400, 400001);
+    check_error(s.service("GET", "/enrollments/bad-dup-1"), 404, 404201);
+    check_error(s.service("GET", "/enrollments/bad-dup-2"), 404, 404201);
+    check_error(s.service("GET", "/enrollmentGroups/bad-dup-g"), 404, 404203);
+  }
+  SUBCASE("bulk") {
+    const std::string item = R"({"registrationId":"bad-dup-b","attestation":)" + sym + "}";
+    check_error(send("POST", "/enrollments?api-version=2021-10-01", service_headers(),
+                     R"({"mode":"delete","mode":"create","enrollments":[)" + item + "]}"),
+                400, 400001);
+    check_error(send("POST", "/enrollments?api-version=2021-10-01", service_headers(),
+                     R"({"mode":"create","enrollments":[{"registrationId":"bad-dup-b",)"
+                     R"("registrationId":"bad-dup-c","attestation":)" + sym + "}]}"),
+                400, 400001);
+    check_error(send("POST", "/enrollmentGroups?api-version=2021-10-01", service_headers(),
+                     R"({"mode":"create","enrollmentGroups":[{"enrollmentGroupId":"bad-dup-bg",)"
+                     R"("attestation":)" + sym + "}],\"enrollmentGroups\":[]}"),
+                400, 400001);
+    check_error(s.service("GET", "/enrollments/bad-dup-b"), 404, 404201);
+    check_error(s.service("GET", "/enrollments/bad-dup-c"), 404, 404201);
+    check_error(s.service("GET", "/enrollmentGroups/bad-dup-bg"), 404, 404203);
+  }
+  SUBCASE("queries") {
+    for (std::string path : {"/enrollments/query", "/enrollmentGroups/query",
+                             "/registrations/bad-grp/query"}) {
+      CAPTURE(path);
+      check_error(send("POST", path + "?api-version=2021-10-01", service_headers(),
+                       R"({"query":"SELECT *","query":"SELECT * x"})"),
+                  400, 400001);
+    }
+  }
+  still_serving_and_unchanged();
+}
+
 TEST_CASE("body over 96 KB -> 413000") {
   // Raw TLS so the response is read while the body is still being sent: the
   // server answers as soon as it sees the Content-Length.

@@ -1,6 +1,7 @@
 #include "messages/registration.hpp"
 
 #include "messages/binary_codec.hpp"
+#include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
 
 #include <charconv>
@@ -998,7 +999,11 @@ error decode_event(std::string_view text, registration_event& out) {
 
 error decode_requested_event(std::string_view text, registration_event& out) {
   try {
-    auto j = json::parse(text);
+    // A device's own request, read as its HTTP body would be: a repeated
+    // member name is refused, not resolved to the last.
+    json j;
+    if (auto err = parse_json_body(text, j))
+      return {error_code::bad_request, "requested event: " + err.message};
     if (!j.is_object())
       return {error_code::bad_request, "requested event: not a JSON object"};
     registration_event ev;
@@ -1016,8 +1021,10 @@ error decode_requested_event(std::string_view text, registration_event& out) {
     if (auto it = j.find("payload"); it != j.end() && !it->is_null()) {
       // Like the HTTP body's payload: a JSON object. Also accepted as JSON
       // text in a string, the form encode_event writes.
-      json p = it->is_string() ? json::parse(it->get_ref<const std::string&>(), nullptr, false)
-                               : *it;
+      json p = *it;
+      if (it->is_string())
+        if (auto err = parse_json_body(it->get_ref<const std::string&>(), p))
+          return {error_code::bad_request, "requested event: payload: " + err.message};
       if (!p.is_object())
         return {error_code::bad_request, "requested event: payload must be a JSON object"};
       ev.payload_json = p.dump();

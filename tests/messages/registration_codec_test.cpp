@@ -139,6 +139,17 @@ TEST_CASE("requested events: request fields only; registrationId and idScope req
                           R"({"registrationId":"r","idScope":"s","authorization":7})",
                           "[]", "not json"})
     CHECK_MESSAGE(decode_requested_event(bad, ev).code == error_code::bad_request, bad);
+
+  // A device's own request, like the HTTP register body: one meaning only.
+  for (const char* dup :
+       {R"({"registrationId":"r","idScope":"s","registrationId":"r2"})",
+        R"({"registrationId":"r","idScope":"s","authorization":"a","authorization":"b"})",
+        R"({"registrationId":"r","idScope":"s","payload":{"m":1,"m":2}})",
+        R"({"registrationId":"r","idScope":"s","payload":"{\"m\":1,\"m\":2}"})"}) {
+    auto err = decode_requested_event(dup, ev);
+    CHECK_MESSAGE(err.code == error_code::bad_request, dup);
+    CHECK_MESSAGE(err.message.find("duplicate") != std::string::npos, dup << ": " << err.message);
+  }
 }
 
 TEST_CASE("redact_credentials removes the authorization and any signature") {

@@ -17,19 +17,34 @@
 
 namespace prov::metrics {
 
+/// A text field of an operation_record: a view, so a record costs no copies
+/// on every request. It cannot be made from a temporary std::string (say
+/// std::to_string(code)), which would be gone before operation() reads it;
+/// keep such a string in a local that outlives the call.
+struct text_ref : std::string_view {
+  constexpr text_ref() noexcept = default;
+  constexpr text_ref(const char* s) noexcept : std::string_view(s) {}
+  constexpr text_ref(std::string_view s) noexcept : std::string_view(s) {}
+  text_ref(const std::string& s) noexcept : std::string_view(s) {}
+  text_ref(std::string&&) = delete;
+};
+
+/// What operation() writes. Every text field views the caller's strings:
+/// fill a record where it is logged, from objects that outlive the call;
+/// never return one from a function that views its own arguments.
 struct operation_record {
-  std::string_view category;       ///< "DeviceOperations" or "ServiceOperations"
-  std::string_view operation;      ///< e.g. "RegistrationRequest", "Upsert"
-  int status = 0;                  ///< HTTP status (resultSignature)
-  std::string_view error_code;     ///< Azure errorCode, "" on success
-  std::string_view description;    ///< error message, "" on success
+  text_ref category;       ///< "DeviceOperations" or "ServiceOperations"
+  text_ref operation;      ///< e.g. "RegistrationRequest", "Upsert"
+  int status = 0;          ///< HTTP status (resultSignature)
+  text_ref error_code;     ///< Azure errorCode, "" on success
+  text_ref description;    ///< error message, "" on success
   double duration_ms = 0;
-  std::string_view id;             ///< registration / enrollment / group id
-  std::string_view type;           ///< "Registration", "IndividualEnrollment", ...
-  std::string_view protocol;       ///< "Http"
-  std::string_view caller_ip;      ///< unmasked; masked when written
-  std::string_view correlation_id; ///< the x-ms-request-id we answered with
-  std::string_view api_version;
+  text_ref id;             ///< registration / enrollment / group id
+  text_ref type;           ///< "Registration", "IndividualEnrollment", ...
+  text_ref protocol;       ///< "Http"
+  text_ref caller_ip;      ///< unmasked; masked when written
+  text_ref correlation_id; ///< the x-ms-request-id we answered with
+  text_ref api_version;
 };
 
 struct log_options {

@@ -9,6 +9,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -27,7 +28,17 @@ std::string temp_file() {
   return tmpl;
 }
 
-metrics::operation_record record(int status, const std::string& id) {
+// A record views its text: a temporary std::string is refused at compile time.
+static_assert(!std::is_assignable_v<metrics::text_ref&, std::string>);
+static_assert(!std::is_constructible_v<metrics::text_ref, std::string>);
+static_assert(std::is_assignable_v<metrics::text_ref&, const std::string&>);
+static_assert(std::is_assignable_v<metrics::text_ref&, const char*>);
+static_assert(std::is_assignable_v<metrics::text_ref&, std::string_view>);
+
+/// The record views `id`: the caller keeps it alive while the record is used.
+/// (It took a const std::string&, so record(400, "dev") viewed a temporary
+/// that was gone before the record was logged.)
+metrics::operation_record record(int status, std::string_view id) {
   metrics::operation_record r;
   r.category = "DeviceOperations";
   r.operation = "DeviceRegistration";

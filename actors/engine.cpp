@@ -34,6 +34,20 @@ std::string after_key(const std::string& continuation) {
   return continuation.empty() ? std::string{} : continuation + '\0';
 }
 
+/// A token is a key this server could have issued: a valid id, as stored
+/// (lower case). Anything else would resume from an arbitrary position and
+/// answer a wrong, often empty, last page without a word.
+error check_continuation(const std::string& token, bool group_ids) {
+  if (token.empty())
+    return {};
+  const bool valid = group_ids ? enrollment::valid_group_id(token)
+                               : enrollment::valid_registration_id(token);
+  if (!valid || enrollment::key_of(token) != token)
+    return {error_code::invalid_header,
+            "x-ms-continuation is not a continuation token this server issued"};
+  return {};
+}
+
 class engine_impl final : public engine {
 public:
   explicit engine_impl(engine_context_ptr ctx) : ctx_(std::move(ctx)) {
@@ -288,6 +302,8 @@ public:
                           std::string& next) override {
     page.clear();
     next.clear();
+    if (auto err = check_continuation(continuation, k == enrollment::kind::group))
+      return err;
     std::string last;
     bool more = false;
     auto err = ctx_->store->scan(family_of(k), after_key(continuation), max_items + 1,
@@ -317,6 +333,8 @@ public:
                             std::string& next) override {
     page.clear();
     next.clear();
+    if (auto err = check_continuation(continuation, false))
+      return err;
     std::string last;
     bool more = false;
     auto err = ctx_->store->scan(storage::cf::registrations, after_key(continuation), 0,

@@ -97,7 +97,8 @@ public:
   [[nodiscard]] virtual error get_enrollment(enrollment::kind k, const std::string& id,
                                              nlohmann::json& doc) = 0;
   /// One page of documents in id order. `continuation` = "" for the first
-  /// page; `next` = "" on the last page.
+  /// page, else a `next` from an earlier page (invalid_header when it cannot
+  /// be one); `next` = "" on the last page. query_registrations too.
   [[nodiscard]] virtual error query_enrollments(enrollment::kind k,
                                                 const std::string& continuation,
                                                 std::size_t max_items,

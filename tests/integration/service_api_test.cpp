@@ -337,6 +337,31 @@ TEST_CASE("query paging: 25 enrollments, page size 10 -> 3 pages") {
   net::http_headers bad;
   bad.add("x-ms-max-item-count", "0");
   check_error(s.service("POST", "/enrollments/query", R"({"query":"*"})", bad), 400, 400008);
+
+  // A continuation token is one this server could have issued (the last id of
+  // a page, as stored: lower case), not any resume key: anything else is a
+  // 400, not a silently wrong or empty page.
+  for (std::string path : {"/enrollments/query", "/enrollmentGroups/query",
+                           "/registrations/some-group/query"})
+    for (const std::string& token :
+         std::vector<std::string>{"page 05", "page-05!", "-page-05", "page-05:", "PAGE-05",
+                                  "Page-05", std::string(129, 'p'), "caf\xc3\xa9", "\xff",
+                                  "page-05%00", "page/05"}) {
+      CAPTURE(path);
+      CAPTURE(token);
+      net::http_headers h;
+      h.add("x-ms-continuation", token);
+      check_error(s.service("POST", path, R"({"query":"*"})", h), 400, 400008);
+    }
+  // Valid ids are fine, issued or not (a position in id order).
+  for (const std::string& token :
+       std::vector<std::string>{"page-05", "a", "zzz", "page-05-", std::string(128, 'p')}) {
+    CAPTURE(token);
+    net::http_headers h;
+    h.add("x-ms-continuation", token);
+    auto r = s.service("POST", "/enrollments/query", R"({"query":"*"})", h);
+    CHECK_MESSAGE(r.status == 200, r.body);
+  }
 }
 
 TEST_CASE("bulk create, create again (per-item errors), bulk delete") {

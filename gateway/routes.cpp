@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
+#include "gateway/device_api.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/json_body.hpp"
@@ -33,6 +34,21 @@ std::vector<std::string> split_path(const std::string& path) {
     i = j;
   }
   return out;
+}
+
+/// A device answer (or any error) as an HTTP response: Azure's error body
+/// with x-ms-error-code, Retry-After when the device should come back.
+http_response to_http(device_answer a) {
+  http_response r;
+  r.status = a.status;
+  r.body = std::move(a.body);
+  if (a.err) {
+    r.headers.emplace_back("x-ms-error-code", std::to_string(static_cast<int32_t>(a.err.code)));
+    r.err = std::move(a.err);
+  }
+  if (a.retry_after_s > 0)
+    r.headers.emplace_back("Retry-After", std::to_string(a.retry_after_s));
+  return r;
 }
 
 http_response json_response(int status, std::string body) {
@@ -76,22 +92,6 @@ error check_json_body(const http_request& req) {
             "Content-Type must be application/json (charset utf-8), got '"
               + req.header("content-type") + "'"};
   return {};
-}
-
-/// The register body an SDK sends without a payload, exactly as
-/// JSON.stringify writes it: {"registrationId":"<id>"}, the id a valid
-/// registration id (so nothing in it is escaped, and no second member can
-/// hide in it). Read without the JSON parser, which cost 3% of the server's
-/// instructions per device; any other body (spaces, more members, escapes) is
-/// parsed.
-bool minimal_register_body(std::string_view body, std::string_view& id) {
-  constexpr std::string_view head = "{\"registrationId\":\"";
-  constexpr std::string_view tail = "\"}";
-  if (body.size() < head.size() + tail.size() || body.substr(0, head.size()) != head
-      || body.substr(body.size() - tail.size()) != tail)
-    return false;
-  id = body.substr(head.size(), body.size() - head.size() - tail.size());
-  return enrollment::valid_registration_id(id);
 }
 
 /// A query body, when present, is {"query": "..."}; the same rule for every
@@ -198,9 +198,9 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
 
 class routes final : public handler {
 public:
-  routes(routes_options opts, engine& eng) : opts_(std::move(opts)), eng_(eng) {
-    retry_after_ = std::to_string(opts_.cfg.device_api.retry_after_seconds);
-  }
+  routes(routes_options opts, engine& eng)
+    : opts_(std::move(opts)), eng_(eng),
+      api_(eng, opts_.id_scope, opts_.cfg.device_api.retry_after_seconds) {}
 
   void handle(http_request req, respond_fn respond) override {
     auto tracking = crypto::uuid4();
@@ -284,22 +284,29 @@ private:
 
   // -- device API -------------------------------------------------------------
 
+  /// The HTTP adapter of the device API (device_api.hpp): the path's shape,
+  /// method and percent-encoding, the query, the content type and the
+  /// credential (Authorization header, TLS client certificate) in; status,
+  /// body and Retry-After out.
   void device(const http_request& req, const std::vector<std::string>& segs,
               const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
     // Shapes: {scope}/registrations/{id}/register (PUT),
     //         {scope}/registrations/{id}/operations/{op} (GET),
     //         {scope}/registrations/{id} (POST, status lookup).
-    enum { reg, poll, lookup } kind;
+    device_call call;
+    using kind = device_call::kind;
     if (segs.size() == 4 && iequals(segs[3], "register"))
-      kind = reg;
+      call.what = kind::register_device;
     else if (segs.size() == 5 && iequals(segs[3], "operations"))
-      kind = poll;
+      call.what = kind::poll;
     else if (segs.size() == 3)
-      kind = lookup;
+      call.what = kind::status_lookup;
     else
       return fail({error_code::not_found, "no such device route: " + req.path});
-    const char* want = kind == reg ? "PUT" : kind == poll ? "GET" : "POST";
+    const char* want = call.what == kind::register_device ? "PUT"
+                       : call.what == kind::poll          ? "GET"
+                                                          : "POST";
     if (req.method != want)
       return fail({error_code::method_not_allowed,
                    "method " + req.method + " not allowed here; use " + want});
@@ -307,118 +314,26 @@ private:
     auto reg_id = crypto::url_decode(segs[2]);
     if (!scope || !reg_id)
       return fail({error_code::bad_request, "malformed percent-encoding in the path"});
-    if (!iequals(*scope, opts_.id_scope))
-      return fail({error_code::id_scope_not_found, "unknown id scope '" + *scope + "'"});
-    if (!enrollment::valid_registration_id(*reg_id))
-      return fail({error_code::invalid_registration_id,
-                   "invalid registration id: 1..128 characters of A-Z a-z 0-9 - . _ :, "
-                   "starting with a letter or digit and ending with a letter, digit or '-'"});
-    auto api = req.query.find("api-version");
-    if (api == req.query.end() || api->second.empty())
-      return fail({error_code::missing_api_version,
-                   "the api-version query parameter is required (e.g. 2021-06-01)"});
-    register_request rr;
-    rr.id_scope = opts_.id_scope;
-    rr.registration_id = *reg_id;
-    rr.api_version = api->second;
+    call.id_scope = std::move(*scope);
+    call.registration_id = std::move(*reg_id);
+    if (call.what == kind::poll)
+      call.operation_id = crypto::url_decode(segs[4]);
+    if (auto api = req.query.find("api-version"); api != req.query.end())
+      call.api_version = api->second;
+    auto force = req.query.find("forceRegistration");
+    call.force_registration = force != req.query.end() && iequals(force->second, "true");
+    call.body = req.body;
+    call.body_framing = check_json_body(req);
     // DPS X.509 devices send no Authorization header: their credential is
     // the TLS client certificate chain. A SAS, when sent, wins.
     if (const auto& auth = req.header("authorization");
         auth.empty() && req.client_chain_der && !req.client_chain_der->empty())
-      rr.credential = x509_credential{*req.client_chain_der};
+      call.credential = x509_credential{*req.client_chain_der};
     else
-      rr.credential = credential_of_authorization(auth);
-    rr.client_ip = req.client_ip;
-    rr.correlation_id = tracking;
-    if (kind == poll) {
-      // Node sends "{}" on this GET; the body is ignored.
-      if (auto err = eng_.authenticate_device(rr))
-        return fail(err);
-      auto op_id = crypto::url_decode(segs[4]);
-      registration_state st;
-      if (!op_id)
-        return fail({error_code::bad_request, "malformed operation id"});
-      if (auto err = eng_.operation(*reg_id, *op_id, st))
-        return fail(err);
-      return reply(operation_reply(*op_id, st));
-    }
-    if (auto err = check_json_body(req))
-      return fail(err);
-    if (std::string_view body_id; kind == reg && minimal_register_body(req.body, body_id)) {
-      if (!iequals(body_id, *reg_id))
-        return fail({error_code::id_mismatch,
-                     "registrationId in the body does not match the path"});
-      return register_device(std::move(rr), req, reply, tracking);
-    }
-    json body = json::object();
-    if (!req.body.empty()) {
-      if (auto err = parse_json_body(req.body, body))
-        return fail(err);
-      if (!body.is_object())
-        return fail({error_code::malformed_json, "the body must be a JSON object"});
-    }
-    if (auto it = body.find("registrationId"); it != body.end() && !it->is_null()) {
-      if (!it->is_string() || !iequals(it->get<std::string>(), *reg_id))
-        return fail({error_code::id_mismatch,
-                     "registrationId in the body does not match the path"});
-    }
-    if (auto it = body.find("tpm"); it != body.end() && !it->is_null())
-      return fail({error_code::bad_request,
-                   "TPM attestation is not supported by this provisiond version"});
-    if (auto it = body.find("payload"); it != body.end() && !it->is_null()) {
-      if (!it->is_object())
-        return fail({error_code::bad_request, "payload must be a JSON object"});
-      rr.payload_json = it->dump();
-    }
-    if (kind == lookup) {
-      if (auto err = eng_.authenticate_device(rr))
-        return fail(err);
-      registration_state st;
-      if (auto err = eng_.registration(*reg_id, st))
-        return fail(err);
-      return reply(json_response(200, to_json_text(st)));
-    }
-    register_device(std::move(rr), req, reply, tracking);
-  }
-
-  /// Hands a checked register to the engine; its answer becomes the reply.
-  void register_device(register_request rr, const http_request& req, const reply_fn& reply,
-                       const std::string& tracking) {
-    auto force = req.query.find("forceRegistration");
-    rr.force_registration = force != req.query.end() && iequals(force->second, "true");
-    auto retry_after = retry_after_;
-    eng_.register_device(std::move(rr), [reply, tracking, retry_after](register_reply r) {
-      if (r.err) {
-        auto resp = error_response(r.err, tracking);
-        if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
-          resp.headers.emplace_back("Retry-After", retry_after);
-        return reply(std::move(resp));
-      }
-      if ((r.status == registration_status::assigned || r.status == registration_status::failed)
-          && r.state)
-        // The outcome arrived within register_wait_ms: the answer a poll
-        // would give (200), so the device is done without polling. Every
-        // official SDK (Node, C, Python, embedded C) accepts it on register.
-        return reply(json_response(200, operation_status_text(r.operation_id, *r.state)));
-      // Otherwise always "assigning" on the 202 (Node and Python treat
-      // `disabled` in a 2xx as unknown); the first poll reports the rest.
-      std::string body = "{\"operationId\":";
-      json_text::append_string(body, r.operation_id);
-      body += ",\"status\":\"assigning\"}";
-      auto resp = json_response(202, std::move(body));
-      resp.headers.emplace_back("Retry-After", retry_after);
-      reply(std::move(resp));
-    });
-  }
-
-  http_response operation_reply(const std::string& op_id, const registration_state& st) {
-    auto body = operation_status_text(op_id, st);
-    if (st.status == registration_status::assigning) {
-      auto resp = json_response(202, std::move(body));
-      resp.headers.emplace_back("Retry-After", retry_after_);
-      return resp;
-    }
-    return json_response(200, std::move(body));
+      call.credential = credential_of_authorization(auth);
+    call.client_ip = req.client_ip;
+    call.tracking_id = tracking;
+    api_.handle(std::move(call), [reply](device_answer a) { reply(to_http(std::move(a))); });
   }
 
   // -- service API ------------------------------------------------------------
@@ -664,20 +579,13 @@ private:
 
   routes_options opts_;
   engine& eng_;
-  std::string retry_after_;
+  device_api api_;
 };
 
 } // namespace
 
 http_response error_response(const error& e, const std::string& tracking_id) {
-  http_response r;
-  r.status = e.status();
-  if (r.status < 400 || r.status > 599)
-    r.status = 500;
-  r.body = error_body(e, tracking_id);
-  r.headers.emplace_back("x-ms-error-code", std::to_string(static_cast<int32_t>(e.code)));
-  r.err = e;
-  return r;
+  return to_http(device_api::failure(e, tracking_id));
 }
 
 std::unique_ptr<handler> make_routes(routes_options opts, engine& eng) {

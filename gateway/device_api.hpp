@@ -1,0 +1,71 @@
+#pragma once
+// The DPS device API, transport-neutral: what a register, a poll and a
+// registration status lookup check, what they ask the engine, and what the
+// device gets back. A device transport decodes its framing into a
+// device_call and encodes the device_answer: the HTTP routes (routes.cpp)
+// today; MQTT is the next (docs/extending.md).
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "actors/engine.hpp"
+#include "messages/credential.hpp"
+#include "messages/error.hpp"
+
+namespace prov::gateway {
+
+/// One device API call, as the transport decoded it.
+struct device_call {
+  enum class kind : uint8_t { register_device, poll, status_lookup };
+  kind what = kind::register_device;
+  std::string id_scope;        ///< as the device named it, decoded
+  std::string registration_id; ///< decoded
+  /// poll: the operation id, decoded; nullopt when it could not be decoded.
+  std::optional<std::string> operation_id;
+  std::string api_version;     ///< "" when missing
+  std::string body;            ///< JSON text; "" when none
+  /// The transport's objection to the body's framing (HTTP: its content
+  /// type), answered where the body is read, after the path's checks.
+  error body_framing;
+  device_credential credential;
+  bool force_registration = false;
+  std::string protocol = "http";
+  std::string client_ip;
+  std::string tracking_id; ///< in error bodies and logs
+};
+
+/// What the device gets back.
+struct device_answer {
+  int status = 200;      ///< DPS's status (HTTP's, and MQTT's response topic)
+  std::string body;      ///< JSON; for an error, its error body
+  int retry_after_s = 0; ///< > 0: poll or retry after this long
+  error err;             ///< set for an error answer
+};
+using answer_fn = std::function<void(device_answer)>;
+
+class device_api {
+public:
+  /// `id_scope`: the instance's; `retry_after_s`: what 202s and
+  /// throttled answers tell devices (device_api.retry_after_seconds).
+  device_api(engine& eng, std::string id_scope, int retry_after_s)
+    : eng_(eng), id_scope_(std::move(id_scope)), retry_after_s_(retry_after_s) {}
+
+  /// Checks `call`, asks the engine, answers exactly once: on this thread,
+  /// or on an engine thread for a register.
+  void handle(device_call call, const answer_fn& answer);
+
+  /// An error answer with the Azure error body.
+  static device_answer failure(const error& e, const std::string& tracking_id);
+
+private:
+  void register_device(register_request rr, const device_call& call,
+                       const answer_fn& answer);
+
+  engine& eng_;
+  std::string id_scope_;
+  int retry_after_s_;
+};
+
+} // namespace prov::gateway

@@ -239,7 +239,18 @@ TEST_CASE("low descriptor limit: the excess is refused at once, no busy loop, re
                 log);
 }
 
-TEST_CASE("out of descriptors under max_connections: accept backs off, logs once, recovers") {
+// Not under `make test-asan`: the sanitizer runtimes need descriptors of their
+// own (UBSan's vptr check opens a pipe to see whether a vtable is readable), so
+// a server out of descriptors dies in the sanitizer ("invalid vptr" on
+// std::cerr), not in our code. -fno-sanitize-recover ignores suppressions.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool sanitized = true;
+#else
+constexpr bool sanitized = false;
+#endif
+
+TEST_CASE("out of descriptors under max_connections: accept backs off, logs once, recovers"
+          * doctest::skip(sanitized)) {
   test::server_process s;
   s.set_descriptor_limit(256);
   auto dir = test::make_temp_dir("provisiond-it-conn");

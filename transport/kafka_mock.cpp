@@ -141,9 +141,9 @@ void mock_cluster::clear_request_errors(api a) {
 
 const std::vector<suggested_property>& mock_client_properties() {
   static const std::vector<suggested_property> props = {
-    {"session.timeout.ms", "5000",
+    {"session.timeout.ms", "6000",
      "a dead worker's partitions move after this, plus the mock's join window (this less "
-     "1 s): about 10 s instead of 90 s. It also keeps every SyncGroup the mock holds under "
+     "1 s): about 12 s instead of 90 s. It also keeps every SyncGroup the mock holds under "
      "the consumers' 10 s socket timeout; a SyncGroup sent again after that timeout aborts "
      "librdkafka 2.0.2's mock (rd_kafka_mock_cgrp_member_sync_set)"},
     {"heartbeat.interval.ms", "500",

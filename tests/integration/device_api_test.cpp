@@ -9,17 +9,13 @@
 #include <thread>
 #include <vector>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <openssl/ssl.h>
 
 #include "actors/attestation/sas_token.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -606,33 +602,11 @@ namespace {
 bool tls_get(uint16_t port, int max_version, SSL_SESSION* resume, SSL_SESSION** out) {
   SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
   SSL_CTX_set_max_proto_version(ctx, max_version);
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  SSL* ssl = SSL_new(ctx);
-  SSL_set_fd(ssl, fd);
-  if (resume != nullptr)
-    SSL_set_session(ssl, resume);
-  REQUIRE(SSL_connect(ssl) == 1);
-  const char req[] = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-  REQUIRE(SSL_write(ssl, req, sizeof req - 1) == static_cast<int>(sizeof req - 1));
-  // Read to the end: TLS 1.3 tickets arrive after the handshake.
+  const std::string req = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
   std::string got;
-  char buf[4096];
-  int n;
-  while ((n = SSL_read(ssl, buf, sizeof buf)) > 0)
-    got.append(buf, static_cast<std::size_t>(n));
-  CHECK(got.find(" 200 ") != std::string::npos);
-  bool reused = SSL_session_reused(ssl) == 1;
-  if (out != nullptr)
-    *out = SSL_get1_session(ssl);
-  SSL_shutdown(ssl); // freed without it, OpenSSL marks the session not resumable
-  SSL_free(ssl);
-  ::close(fd);
+  const bool reused = test::raw_tls_request(ctx, port, req, resume, out, got);
   SSL_CTX_free(ctx);
+  CHECK(got.find(" 200 ") != std::string::npos);
   return reused;
 }
 

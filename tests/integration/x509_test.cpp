@@ -7,16 +7,13 @@
 #include <cstdio>
 #include <string>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <openssl/ssl.h>
 
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -147,38 +144,17 @@ bool tls_register(const test::server_process& s, int version, const test_cert& l
   REQUIRE(SSL_CTX_use_PrivateKey(ctx, leaf.key.get()) == 1);
   if (chain != nullptr)
     REQUIRE(SSL_CTX_add1_chain_cert(ctx, chain->cert.get()) == 1);
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(s.port());
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
-  SSL* ssl = SSL_new(ctx);
-  SSL_set_fd(ssl, fd);
-  if (resume != nullptr)
-    SSL_set_session(ssl, resume);
-  REQUIRE(SSL_connect(ssl) == 1);
   const std::string json_body = json{{"registrationId", id}}.dump();
   const std::string req = "PUT " + device_path(s, id) + "/register?api-version=2021-06-01 "
                           "HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                           "Content-Type: application/json\r\nContent-Length: "
                           + std::to_string(json_body.size()) + "\r\n\r\n" + json_body;
-  REQUIRE(SSL_write(ssl, req.data(), static_cast<int>(req.size())) == static_cast<int>(req.size()));
   std::string got;
-  char buf[4096];
-  int n;
-  while ((n = SSL_read(ssl, buf, sizeof buf)) > 0)
-    got.append(buf, static_cast<std::size_t>(n));
+  const bool reused = test::raw_tls_request(ctx, s.port(), req, resume, out, got);
+  SSL_CTX_free(ctx);
   CHECK_MESSAGE(got.find(" 200 ") != std::string::npos, got);
   auto at = got.find("\r\n\r\n");
   body = at == std::string::npos ? std::string() : got.substr(at + 4);
-  bool reused = SSL_session_reused(ssl) == 1;
-  if (out != nullptr)
-    *out = SSL_get1_session(ssl);
-  SSL_shutdown(ssl);
-  SSL_free(ssl);
-  ::close(fd);
-  SSL_CTX_free(ctx);
   return reused;
 }
 

@@ -586,14 +586,22 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
                       {"allocation", roles.allocation, transport::topic::registration_attested},
                       {"configuration", roles.configuration,
                        transport::topic::registration_allocated}};
-      for (const auto& c : consumed)
-        if (c.runs)
-          m->add_gauge("dps_kafka_consumer_lag",
-                       "Records of a stage's input partitions assigned to this process not yet "
-                       "handled (high watermark of the last fetch minus the commit point)",
-                       "stage", c.stage, [lag = kbus->consumer_lag(c.input)] {
-                         return static_cast<double>(lag->load());
-                       });
+      for (const auto& c : consumed) {
+        if (!c.runs)
+          continue;
+        m->add_gauge("dps_kafka_consumer_lag",
+                     "Records of a stage's input partitions assigned to this process not yet "
+                     "handled (high watermark of the last fetch minus the commit point)",
+                     "stage", c.stage, [lag = kbus->consumer_lag(c.input)] {
+                       return static_cast<double>(lag->load());
+                     });
+        m->add_gauge("dps_kafka_partitions_assigned",
+                     "Partitions of a stage's input topic this process owns now (0 while its "
+                     "group rebalances); summed over processes, the topic's partition count",
+                     "stage", c.stage, [n = kbus->consumer_partitions(c.input)] {
+                       return static_cast<double>(n->load());
+                     });
+      }
       // Weak: a scrape must not keep the engine alive; after shutdown the
       // tables report 0.
       std::weak_ptr<engine_context> weak = ctx;

@@ -9,6 +9,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/attestation/symmetric_key.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
@@ -208,12 +209,20 @@ public:
     auto start = std::chrono::steady_clock::now();
     auto r = attest(*ctx_, req);
     m->stage_latency(metrics::stage::attestation, seconds_since(start));
+    if (r.result == attestation::verdict::outcome::challenge) {
+      // Nothing to record: the device answers with a second register.
+      register_reply reply;
+      reply.err = std::move(r.err);
+      reply.challenge = std::move(r.challenge);
+      cb(std::move(reply));
+      return;
+    }
     caf::anon_send(registration_, register_atom::value, std::move(req), std::move(r),
                    register_reply_fn{std::move(cb)});
   }
 
   error authenticate_device(const register_request& req) override {
-    return attest(*ctx_, req).err;
+    return attest(*ctx_, req, false).err;
   }
 
   error operation(const std::string& registration_id, const std::string& operation_id,
@@ -509,6 +518,43 @@ error make_kafka_bus(const config::kafka_config& cfg,
 
 } // namespace
 
+namespace {
+
+/// TPM challenges in the local store. A synced write per challenge issued
+/// or answered, on the gateway thread that attests (as attest()'s point
+/// reads are): TPM devices register rarely and the RSA work dominates.
+class store_challenges final : public attestation::challenge_store {
+public:
+  explicit store_challenges(storage::store* s) : store_(s) {}
+  error load(std::string_view registration_id,
+             std::optional<attestation::tpm_challenge>& out) const override {
+    out.reset();
+    std::optional<std::string> raw;
+    if (auto err = store_->get(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
+                               raw))
+      return err;
+    if (!raw)
+      return {};
+    attestation::tpm_challenge c;
+    if (!attestation::decode_challenge(*raw, c))
+      return {}; // unreadable: as if none (the device asks for a new one)
+    out = std::move(c);
+    return {};
+  }
+  error save(std::string_view registration_id,
+             const attestation::tpm_challenge& c) const override {
+    storage::write_batch b;
+    b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
+          attestation::encode_challenge(c));
+    return store_->write(b);
+  }
+
+private:
+  storage::store* store_;
+};
+
+} // namespace
+
 error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   if (opts.store == nullptr)
     return {error_code::internal, "engine::start: no store"};
@@ -531,6 +577,10 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
+  ctx->tpm_challenges = std::make_unique<store_challenges>(opts.store);
+  ctx->mechanisms.add(std::make_unique<attestation::tpm>(
+    *ctx->tpm_challenges, opts.cfg.device_api.tpm_challenge_seconds,
+    opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   auto hashed = std::make_shared<allocation::hashed_policy>();
   ctx->policies.add(hashed);
   // No latency is known of any hub, so every candidate is as near as

@@ -47,6 +47,9 @@ struct engine_options {
 /// Result of a register call as the gateway needs it.
 struct register_reply {
   error err;                 ///< set: reject with err (401, 404, 503, ...)
+  /// With err: the answer's whole body instead of the error body (a TPM
+  /// challenge's 401, actors/attestation/tpm.hpp).
+  std::string challenge;
   std::string operation_id;
   /// assigning: answer 202 and let the device poll. assigned or failed: the
   /// outcome arrived within device_api.register_wait_ms; `state` holds it

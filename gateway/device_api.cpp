@@ -102,9 +102,28 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (!it->is_string() || !iequals(it->get<std::string>(), call.registration_id))
       return fail({error_code::id_mismatch, "registrationId in the body does not match the path"});
   }
-  if (auto it = body.find("tpm"); it != body.end() && !it->is_null())
-    return fail({error_code::bad_request,
-                 "TPM attestation is not supported by this provisiond version"});
+  if (auto it = body.find("tpm"); it != body.end() && !it->is_null()) {
+    // TPM attestation: the keys from the body, and the SAS (Authorization)
+    // that answers the challenge on the second register.
+    if (!it->is_object())
+      return fail({error_code::bad_request, "tpm must be a JSON object"});
+    tpm_credential tc;
+    for (auto [name, field] : {std::pair{"endorsementKey", &tc.endorsement_key},
+                               std::pair{"storageRootKey", &tc.storage_root_key}}) {
+      auto k = it->find(name);
+      if (k == it->end() || k->is_null())
+        continue;
+      if (!k->is_string())
+        return fail({error_code::bad_request, std::string("tpm.") + name + " must be a string"});
+      *field = k->get<std::string>();
+    }
+    if (auto* sas = std::get_if<sas_credential>(&rr.credential))
+      tc.sas_token = std::move(sas->token);
+    else if (!std::holds_alternative<std::monostate>(rr.credential))
+      return fail({error_code::bad_request,
+                   "a TPM register carries no client certificate: tpm or x509, not both"});
+    rr.credential = std::move(tc);
+  }
   if (auto it = body.find("payload"); it != body.end() && !it->is_null()) {
     if (!it->is_object())
       return fail({error_code::bad_request, "payload must be a JSON object"});
@@ -128,6 +147,8 @@ void device_api::register_device(register_request rr, const device_call& call,
                                        retry_after = retry_after_s_](register_reply r) {
     if (r.err) {
       auto a = failure(r.err, tracking);
+      if (!r.challenge.empty())
+        a.body = std::move(r.challenge); // a TPM challenge: its own 401 body
       if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
         a.retry_after_s = retry_after;
       return answer(std::move(a));

@@ -520,25 +520,21 @@ error make_kafka_bus(const config::kafka_config& cfg,
 
 namespace {
 
-/// TPM challenges in the local store. A synced write per challenge issued
-/// or answered, on the gateway thread that attests (as attest()'s point
-/// reads are): TPM devices register rarely and the RSA work dominates.
+/// TPM challenges in the store. A synced write per challenge issued or
+/// answered, on the gateway thread that attests (as attest()'s point reads
+/// are): TPM devices register rarely and the RSA work dominates. With Kafka
+/// the write goes through dps.enrollments (applied here before it returns),
+/// so a device may answer on any gateway (docs/device-api.md#tpm-attestation).
 class store_challenges final : public attestation::challenge_store {
 public:
-  explicit store_challenges(storage::store* s) : store_(s) {}
+  explicit store_challenges(const engine_context& ctx) : ctx_(ctx) {}
   error load(std::string_view registration_id,
              std::optional<attestation::tpm_challenge>& out) const override {
-    out.reset();
-    std::optional<std::string> raw;
-    if (auto err = store_->get(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
-                               raw))
+    if (auto err = read(registration_id, out))
       return err;
-    if (!raw)
-      return {};
-    attestation::tpm_challenge c;
-    if (!attestation::decode_challenge(*raw, c))
-      return {}; // unreadable: as if none (the device asks for a new one)
-    out = std::move(c);
+    if (!out && ctx_.kafka() && !ctx_.repl->catch_up_enrollments(5000))
+      // Issued by another gateway a moment ago.
+      return read(registration_id, out);
     return {};
   }
   error save(std::string_view registration_id,
@@ -546,11 +542,24 @@ public:
     storage::write_batch b;
     b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
           attestation::encode_challenge(c));
-    return store_->write(b);
+    return ctx_.kafka() ? ctx_.repl->write_enrollments(b) : ctx_.store->write(b);
   }
 
 private:
-  storage::store* store_;
+  error read(std::string_view registration_id,
+             std::optional<attestation::tpm_challenge>& out) const {
+    out.reset();
+    std::optional<std::string> raw;
+    if (auto err = ctx_.store->get(storage::cf::tpm_challenges,
+                                   enrollment::key_of(registration_id), raw))
+      return err;
+    attestation::tpm_challenge c;
+    if (raw && attestation::decode_challenge(*raw, c)) // unreadable: as if none
+      out = std::move(c);
+    return {};
+  }
+
+  const engine_context& ctx_;
 };
 
 } // namespace
@@ -577,7 +586,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
-  ctx->tpm_challenges = std::make_unique<store_challenges>(opts.store);
+  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx);
   ctx->mechanisms.add(std::make_unique<attestation::tpm>(
     *ctx->tpm_challenges, opts.cfg.device_api.tpm_challenge_seconds,
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));

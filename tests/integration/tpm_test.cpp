@@ -51,6 +51,22 @@ net::https_response put_register(const test::server_process& s, const std::strin
   return resp;
 }
 
+/// `provisiond <args> --data-dir <server's>`: its stdout and stderr.
+std::string cli(const test::server_process& s, const std::string& args, int& rc) {
+  const std::string line = std::string(std::getenv("PROVISIOND_BIN")) + " " + args
+                           + " --data-dir '" + s.data_dir() + "' 2>&1";
+  std::string out;
+  FILE* p = ::popen(line.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0)
+    out.append(buf, n);
+  const int st = ::pclose(p);
+  rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
 void put_tpm_enrollment(const test::server_process& s, const std::string& id,
                         const std::string& ek_b64) {
   json body{{"registrationId", id},
@@ -116,6 +132,32 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   auto g = s.service("GET", "/enrollments/" + id);
   REQUIRE(g.status == 200);
   CHECK(test::parse_json(g.body)["attestation"]["type"] == "tpm");
+  CHECK(test::parse_json(g.body)["attestation"]["tpm"]["endorsementKey"] == tpm.ek_b64);
+
+  // The CLI creates and shows TPM enrollments (the EK as size and SHA-256).
+  {
+    const auto ek = crypto::base64_decode(tpm.ek_b64).value();
+    const auto d = crypto::sha256(ek);
+    const std::string digest =
+      crypto::hex(std::string_view(reinterpret_cast<const char*>(d.data()), d.size()));
+    int rc = 0;
+    auto out = cli(s, "enrollment create tpm-cli-1 --tpm-ek " + tpm.ek_b64 + " --tpm-srk "
+                        + tpm.srk_b64, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    out = cli(s, "enrollment get tpm-cli-1", rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("tpm") != std::string::npos, out);
+    CHECK_MESSAGE(out.find(std::to_string(ek.size()) + " bytes, SHA-256 " + digest)
+                    != std::string::npos,
+                  out);
+    out = cli(s, "enrollment create tpm-cli-2 --tpm-ek " + crypto::base64_encode(ek.substr(0, 50)),
+              rc);
+    CHECK(rc != 0);
+    CHECK_MESSAGE(out.find("attestation.tpm.endorsementKey: the key: TPM2B_PUBLIC size field")
+                    != std::string::npos,
+                  out);
+    CHECK(s.service("GET", "/enrollments/tpm-cli-2").status == 404);
+  }
 
   // 1. No Authorization: the challenge.
   const auto blob = expect_challenge(put_register(s, id, tpm_body(tpm)));

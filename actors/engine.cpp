@@ -5,6 +5,7 @@
 #include <thread>
 
 #include <nlohmann/json.hpp>
+#include <openssl/crypto.h>
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
@@ -270,6 +271,32 @@ public:
       return {error_code::registration_not_found,
               "no registration record for '" + registration_id + "'"};
     return decode_record(*raw, out);
+  }
+
+  error tpm_authentication_key(const std::string& registration_id,
+                               const std::string& operation_id, std::string& out) override {
+    out.clear();
+    std::optional<attestation::tpm_challenge> c;
+    if (auto err = ctx_->tpm_challenges->load(registration_id, c))
+      return err;
+    std::optional<std::string> doc;
+    if (auto err = ctx_->store->get(storage::cf::enrollments, enrollment::key_of(registration_id),
+                                    doc))
+      return err;
+    enrollment::enrollment_view v;
+    const auto* tpm = doc && !enrollment::view_of_text(enrollment::kind::individual, *doc, v)
+                        ? std::get_if<enrollment::tpm_attestation>(&v.attestation)
+                        : nullptr;
+    if (!c || !c->answered || tpm == nullptr)
+      return {error_code::unauthorized_signature,
+              "no answered TPM challenge for '" + registration_id + "'"};
+    auto ek = crypto::base64_decode(tpm->endorsement_key);
+    std::string why;
+    out = ek ? attestation::result_authentication_key(*c, *ek, operation_id, why) : std::string();
+    OPENSSL_cleanse(c->key.data(), c->key.size());
+    if (out.empty())
+      return {error_code::internal, "TPM authenticationKey: " + why};
+    return {};
   }
 
   void put_enrollment(enrollment::kind k, std::string id, std::string body,

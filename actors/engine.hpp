@@ -88,6 +88,13 @@ public:
   [[nodiscard]] virtual error registration(const std::string& registration_id,
                                            registration_state& out) = 0;
 
+  /// The `registrationState.tpm.authenticationKey` of a TPM device assigned
+  /// by `operation_id` (base64 activation blob of its IoT Hub key:
+  /// actors/attestation/tpm.hpp). Synchronous; RSA work.
+  [[nodiscard]] virtual error tpm_authentication_key(const std::string& registration_id,
+                                                     const std::string& operation_id,
+                                                     std::string& out) = 0;
+
   // -- service API -------------------------------------------------------------
 
   virtual void put_enrollment(enrollment::kind k, std::string id, std::string body_json,

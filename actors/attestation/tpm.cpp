@@ -89,6 +89,7 @@ private:
     tpm_challenge c;
     c.ek_digest = digest_of(ek_bytes);
     c.key = crypto::random_bytes(32);
+    c.srk = srk_bytes;
     c.issued_s = now_s_;
     c.expires_s = now_s_ + ttl_s_;
     std::string why;
@@ -176,23 +177,45 @@ std::string encode_challenge(const tpm_challenge& c) {
   put_i64(out, c.expires_s);
   tpm2::put_2b(out, c.ek_digest);
   tpm2::put_2b(out, c.key);
+  tpm2::put_2b(out, c.srk);
   return out;
+}
+
+std::string hub_key(const tpm_challenge& c, std::string_view operation_id) {
+  std::string msg = "provisiond iothub key\n";
+  msg.append(operation_id);
+  const auto k = crypto::hmac_sha256(c.key, msg);
+  return std::string(reinterpret_cast<const char*>(k.data()), k.size());
+}
+
+std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
+                                      std::string_view operation_id, std::string& why) {
+  tpm2::rsa_public ek, srk;
+  why = tpm2::parse_rsa_public(ek_tpm2b, "the enrolled endorsementKey", ek);
+  if (why.empty())
+    why = tpm2::parse_rsa_public(c.srk, "the challenge's storageRootKey", srk);
+  if (!why.empty())
+    return {};
+  std::string key = hub_key(c, operation_id);
+  const std::string blob = tpm2::activation_blob(ek, srk, key, why);
+  OPENSSL_cleanse(key.data(), key.size());
+  return blob.empty() ? std::string() : crypto::base64_encode(blob);
 }
 
 bool decode_challenge(std::string_view b, tpm_challenge& out) {
   out = tpm_challenge{};
-  if (b.size() < 2 + 16 + 2 + 32 + 2 + 32 || static_cast<uint8_t>(b[0]) != challenge_format)
+  if (b.size() < 2 + 16 + 2 + 32 + 2 + 32 + 2 || static_cast<uint8_t>(b[0]) != challenge_format)
     return false;
   out.answered = b[1] != 0;
   out.issued_s = get_i64(b.substr(2));
   out.expires_s = get_i64(b.substr(10));
   std::size_t at = 18;
-  for (auto* field : {&out.ek_digest, &out.key}) {
+  for (auto* field : {&out.ek_digest, &out.key, &out.srk}) {
     if (b.size() - at < 2)
       return false;
     const std::size_t n = (static_cast<uint8_t>(b[at]) << 8) | static_cast<uint8_t>(b[at + 1]);
     at += 2;
-    if (b.size() - at < n || n != 32)
+    if (b.size() - at < n || (field != &out.srk && n != 32))
       return false;
     field->assign(b.substr(at, n));
     at += n;

@@ -24,12 +24,25 @@ namespace prov::attestation {
 struct tpm_challenge {
   std::string ek_digest; ///< SHA-256 of the EK's TPM2B bytes it was made for
   std::string key;       ///< the HMAC key the TPM imports (32 bytes)
+  std::string srk;       ///< the SRK's TPM2B_PUBLIC it was made for (for the result's blob)
   int64_t issued_s = 0;
   int64_t expires_s = 0;
   bool answered = false; ///< a register was accepted with it: no second one
 };
 std::string encode_challenge(const tpm_challenge& c);
 bool decode_challenge(std::string_view bytes, tpm_challenge& out);
+
+/// The key of the device's IoT Hub identity after a TPM registration:
+/// HMAC-SHA256(challenge key, "provisiond iothub key\n" + operation id), so
+/// every answer of one operation (register, polls, status lookups, on any
+/// gateway) carries the same key, and a new registration a new one.
+std::string hub_key(const tpm_challenge& c, std::string_view operation_id);
+/// `registrationState.tpm.authenticationKey` of an assigned TPM device
+/// (azure-dps-protocol.md §2.6, step 7): the hub key in a fresh activation
+/// blob for `ek_tpm2b` and the challenge's SRK, base64. "" and `why` when the
+/// keys cannot be used.
+std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
+                                      std::string_view operation_id, std::string& why);
 
 /// Where challenges live, keyed by registration id (the caller lower-cases
 /// nothing: implementations key case-insensitively, as enrollments are).

@@ -201,3 +201,25 @@ TEST_CASE("tpm mechanism: malformed keys are 400s; the stored record round-trips
     CHECK_FALSE(decode_challenge(bytes.substr(0, n), back));
   CHECK_FALSE(decode_challenge(bytes + "x", back));
 }
+
+TEST_CASE("tpm mechanism: the result's hub key is one per operation, in a fresh blob") {
+  memory_store store;
+  tpm m(store, ttl, 3600 * 24, 300);
+  REQUIRE(run(m, first(), t0).result == verdict::outcome::challenge);
+  const auto c = store.get();
+  CHECK(c.srk == *crypto::base64_decode(srk_b64)); // kept for the result's blob
+  CHECK(hub_key(c, "op-1") == hub_key(c, "op-1"));
+  CHECK(hub_key(c, "op-1") != hub_key(c, "op-2"));
+  CHECK(hub_key(c, "op-1") != c.key);
+  CHECK(hub_key(c, "op-1").size() == 32);
+  std::string why;
+  const auto ek = *crypto::base64_decode(ek_b64);
+  const auto a = result_authentication_key(c, ek, "op-1", why);
+  const auto b = result_authentication_key(c, ek, "op-1", why);
+  REQUIRE_MESSAGE(!a.empty(), why);
+  CHECK(a != b); // fresh seeds every time; tpm_test.cpp shows both import the same key
+  tpm_challenge no_srk = c;
+  no_srk.srk.clear();
+  CHECK(result_authentication_key(no_srk, ek, "op-1", why).empty());
+  CHECK(why.find("storageRootKey") != std::string::npos);
+}

@@ -170,6 +170,13 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   CHECK_MESSAGE(done["status"] == "assigned", done.dump());
   CHECK(done["registrationState"]["deviceId"] == id);
   CHECK(done["registrationState"]["assignedHub"].is_string());
+  // The result carries the IoT Hub key as a fresh activation blob, which
+  // this TPM activates and imports like the challenge's (SDK step 7).
+  const auto hub_blob = done["registrationState"]["tpm"]["authenticationKey"];
+  REQUIRE_MESSAGE(hub_blob.is_string(), done.dump());
+  CHECK(hub_blob != blob);
+  REQUIRE_MESSAGE(tpm.activate(hub_blob.get<std::string>()), tpm.log());
+  const std::string hub_sig = tpm.hmac("hub");
 
   // Status lookup with the SAS alone (no body).
   {
@@ -181,6 +188,12 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
     REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
                        json{{"registrationId", id}}.dump(), p));
     CHECK_MESSAGE(p.status == 200, p.body);
+    // Every answer of the operation wraps the same hub key: the TPM signs
+    // alike with the key imported from this one.
+    auto st = test::parse_json(p.body);
+    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
+    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
+    CHECK(tpm.hmac("hub") == hub_sig);
   }
   auto rec = s.service("GET", "/registrations/" + id);
   REQUIRE_MESSAGE(rec.status == 200, rec.body);

@@ -301,7 +301,7 @@ int spawn_server(const options& o, child_process& server, server_info& s, bool& 
     argv.push_back(config_file);
   }
   for (const char* a : {"--data-dir", "", "--listen", "127.0.0.1:0", "--metrics-listen",
-                        "127.0.0.1:0"})
+                        "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"})
     argv.push_back(*a ? a : s.data_dir);
   std::string err;
   if (!server.start(argv, s.data_dir + "/server.log", err)) {

@@ -84,6 +84,9 @@ dump_log() {
 # Two linked hubs so assignments can be asserted, when serve takes a config.
 hubs=""
 serve_args=(serve --data-dir "$dir" --listen 127.0.0.1:0)
+if "$bin" serve --help 2>/dev/null | grep -q -- '--mqtt-listen'; then
+  serve_args+=(--mqtt-listen 127.0.0.1:0)
+fi
 if "$bin" serve --help 2>/dev/null | grep -q -- '--config'; then
   cat >"$dir/provisiond.toml" <<'EOF'
 [[hubs]]

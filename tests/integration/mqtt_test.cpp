@@ -11,6 +11,7 @@
 #include "tests/support/it_common.hpp"
 #include "tests/support/mqtt_client.hpp"
 #include "tests/support/server_process.hpp"
+#include "tests/support/test_certs.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -255,6 +256,36 @@ TEST_CASE("protocol violations close the connection and store nothing") {
     CHECK(c.closed_by_server());
   }
   CHECK(s.service("GET", "/registrations/" + id).status == 404);
+}
+
+TEST_CASE("X.509: the TLS client certificate with no password, as DPS X.509 devices do") {
+  auto& s = srv();
+  const std::string id = "mqtt-x509-1";
+  const auto dev = test::make_self_signed_device(id);
+  json x509{{"clientCertificates", {{"primary", {{"certificate", dev.pem()}}}}}};
+  auto r = s.service("PUT", "/enrollments/" + id,
+                     json{{"registrationId", id},
+                          {"attestation", {{"type", "x509"}, {"x509", x509}}}}
+                       .dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto with_cert = [](const test::test_cert& c) {
+    return [&c](SSL_CTX* ctx) {
+      REQUIRE(SSL_CTX_use_certificate(ctx, c.cert.get()) == 1);
+      REQUIRE(SSL_CTX_use_PrivateKey(ctx, c.key.get()) == 1);
+    };
+  };
+  {
+    test::mqtt_client c(s.mqtt_port(), ca(s), 20, with_cert(dev));
+    REQUIRE(c.connect(id, username(s, id), std::nullopt) == 0);
+    REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);
+    auto body = register_over_mqtt(c, id, "x1");
+    CHECK(body.at("status") == "assigned");
+    CHECK(body.at("registrationState").contains("x509"));
+  }
+  // Another certificate for the same registration id: not authorized.
+  const auto other = test::make_self_signed_device(id);
+  test::mqtt_client c(s.mqtt_port(), ca(s), 20, with_cert(other));
+  CHECK(c.connect(id, username(s, id), std::nullopt) == 5);
 }
 
 TEST_CASE("an unknown subscription filter is refused in the SUBACK") {

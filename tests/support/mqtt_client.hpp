@@ -10,6 +10,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -35,13 +36,16 @@ class mqtt_client {
 public:
   /// Connects over TLS (trusting `ca_file`, verifying nothing else: the
   /// server's name is checked by other tests) to 127.0.0.1:`port`.
-  /// `timeout_s` bounds every read.
-  mqtt_client(uint16_t port, const std::string& ca_file, int timeout_s = 20) {
+  /// `timeout_s` bounds every read. `setup` may add a client certificate.
+  mqtt_client(uint16_t port, const std::string& ca_file, int timeout_s = 20,
+              const std::function<void(SSL_CTX*)>& setup = {}) {
     std::signal(SIGPIPE, SIG_IGN); // writes to a connection the server closed
     ctx_ = SSL_CTX_new(TLS_client_method());
     REQUIRE(ctx_ != nullptr);
     REQUIRE(SSL_CTX_load_verify_locations(ctx_, ca_file.c_str(), nullptr) == 1);
     SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
+    if (setup)
+      setup(ctx_);
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;

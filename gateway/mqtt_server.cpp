@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <iostream>
@@ -627,9 +628,17 @@ private:
       if (ec == net::error::operation_aborted || !acceptor_->is_open())
         return;
       if (ec) {
-        // Out of descriptors or memory fails again at once: back off.
+        // Out of descriptors or memory fails again at once: back off 100 ms
+        // (clients wait in the listen backlog); any other error concerns
+        // one client, and accept(2) says to retry.
+        const int e = ec.value();
+        if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+          return accept();
         if (opts_.metrics != nullptr)
-          opts_.metrics->accept_failed("mqtt");
+          opts_.metrics->accept_failed(e == EMFILE    ? "EMFILE"
+                                       : e == ENFILE  ? "ENFILE"
+                                       : e == ENOBUFS ? "ENOBUFS"
+                                                      : "ENOMEM");
         backoff_.emplace(*iocs_[0]);
         backoff_->expires_after(std::chrono::milliseconds(100));
         return backoff_->async_wait([this](error_code wait_ec) {

@@ -299,12 +299,13 @@ TEST_CASE("an unknown subscription filter is refused in the SUBACK") {
   CHECK(c.subscribe("$dps/registrations/res/#", 1, 2) == 1);
 }
 
-TEST_CASE("keep-alive enforced, in-flight limit, and per-transport metrics") {
+TEST_CASE("keep-alive, request deadlines, in-flight limit, and per-transport metrics") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it");
   s.remove_data_dir_at_exit();
   auto cfg = test::with_metrics(test::with_device_api(test::default_config(dir),
-                                                      "register_wait_ms = 5000"))
+                                                      "register_wait_ms = 5000\n"
+                                                      "request_timeout_seconds = 3"))
              + "[mqtt]\nlisten = \"127.0.0.1:0\"\nmax_inflight = 2\n";
   REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
   const std::string id = "mqtt-ka-1";
@@ -315,6 +316,19 @@ TEST_CASE("keep-alive enforced, in-flight limit, and per-transport metrics") {
     test::mqtt_client c(s.mqtt_port(), ca(s));
     REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key), 1) == 0);
     CHECK(c.closed_by_server());
+  }
+  {
+    // TLS up, no CONNECT: closed after request_timeout_seconds.
+    test::mqtt_client c(s.mqtt_port(), ca(s));
+    CHECK(c.closed_by_server());
+  }
+  {
+    // Half a PUBLISH, then silence (slowloris): closed after
+    // request_timeout_seconds although the keep-alive (60 s) has not run out.
+    auto c = device(s, id, key);
+    auto pub = mqtt::encode_publish(reg_topic + "1", json{{"registrationId", id}}.dump(), 0, 0);
+    REQUIRE(c->send(pub.substr(0, 10)));
+    CHECK(c->closed_by_server());
   }
   {
     // Ten polls in one write: more than 2 unanswered at once.
@@ -335,7 +349,9 @@ TEST_CASE("keep-alive enforced, in-flight limit, and per-transport metrics") {
   });
   CHECK(test::sum(m, "dps_mqtt_disconnects_total", {"reason=\"keep_alive\""}) == 1);
   CHECK(test::sum(m, "dps_mqtt_disconnects_total", {"reason=\"inflight\""}) == 1);
-  CHECK(test::sum(m, "dps_mqtt_connects_total", {"code=\"0\""}) == 3);
+  CHECK(test::sum(m, "dps_mqtt_disconnects_total", {"reason=\"connect_timeout\""}) == 1);
+  CHECK(test::sum(m, "dps_mqtt_disconnects_total", {"reason=\"request_timeout\""}) == 1);
+  CHECK(test::sum(m, "dps_mqtt_connects_total", {"code=\"0\""}) == 4);
   CHECK(test::sum(m, "dps_mqtt_requests_total", {"operation=\"register\"", "status=\"200\""})
         == 1);
   CHECK(test::sum(m, "dps_registration_attempts_total", {"protocol=\"mqtt\"", "status=\"assigned\""})

@@ -43,6 +43,8 @@ constexpr int_rule tpm_challenge_rule{1, 86400};
 constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule max_connections_rule{0, 10000000};
 constexpr int_rule weight_rule{1, 1000};
+constexpr int_rule max_packet_rule{1024, 2 * 1048576};
+constexpr int_rule max_inflight_rule{1, 1024};
 constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
 constexpr int_rule resend_rule{0, 3600};
@@ -253,6 +255,16 @@ void check_config(const engine_config& c, const report_fn& report) {
   check_range(report, "device_api.max_connections_per_client", d.max_connections_per_client,
               max_connections_rule);
   check_range(report, "storage.block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
+  if (!c.mqtt.listen.empty()) {
+    check_listen(report, "mqtt.listen", c.mqtt.listen);
+    if (c.mqtt.listen == d.listen && c.mqtt.listen.substr(c.mqtt.listen.size() - 2) != ":0")
+      report("mqtt.listen", "must differ from device_api.listen (" + quote(d.listen) + ")");
+  }
+  const int64_t packet = c.mqtt.max_packet_bytes > static_cast<std::size_t>(max_packet_rule.hi)
+                           ? std::numeric_limits<int64_t>::max()
+                           : static_cast<int64_t>(c.mqtt.max_packet_bytes);
+  check_range(report, "mqtt.max_packet_bytes", packet, max_packet_rule);
+  check_range(report, "mqtt.max_inflight", c.mqtt.max_inflight, max_inflight_rule);
 
   for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
     const access_policy& p = c.access_policies[i];
@@ -388,8 +400,8 @@ class loader {
 
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
-               {"id_scope", "data_dir", "device_api", "access_policies", "hubs", "metrics",
-                "storage", "log", "kafka"});
+               {"id_scope", "data_dir", "device_api", "mqtt", "access_policies", "hubs",
+                "metrics", "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -445,6 +457,12 @@ class loader {
       c.hubs.push_back(std::move(h));
     });
 
+    if (const toml::table* t = sub_table(root, "", "mqtt")) {
+      check_keys(*t, "mqtt", {"listen", "max_packet_bytes", "max_inflight"});
+      get(*t, "mqtt", "listen", c.mqtt.listen);
+      get_int(*t, "mqtt", "max_packet_bytes", c.mqtt.max_packet_bytes, max_packet_rule);
+      get_int(*t, "mqtt", "max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+    }
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
       get(*t, "metrics", "listen", c.metrics.listen);

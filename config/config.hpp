@@ -57,6 +57,21 @@ struct device_api_config {
   int max_connections_per_client = 0; ///< the same per client IP address; 0 = no cap
 };
 
+/// The DPS MQTT device transport (MQTT 3.1.1 over TLS, docs/mqtt.md). It
+/// shares the device API's certificate, key, client-certificate handling,
+/// threads count, connection caps, request timeout and retry-after.
+struct mqtt_config {
+  /// On by default, on DPS's port, so MQTT devices work as they do against
+  /// Azure; "" turns the listener off.
+  std::string listen = "0.0.0.0:8883";
+  /// Largest packet accepted, fixed header included; a larger one closes the
+  /// connection before its body is read. DPS's body limit is 96 KB.
+  std::size_t max_packet_bytes = 128 * 1024;
+  /// Requests (register, poll) one connection may have unanswered; one
+  /// more closes it (MQTT has no way to refuse a single PUBLISH).
+  int max_inflight = 16;
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -123,6 +138,7 @@ struct engine_config {
   std::optional<std::string> id_scope; ///< generated on first start when absent
   std::string data_dir = "./data";
   device_api_config device_api;
+  mqtt_config mqtt;
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
   metrics_config metrics;

@@ -481,3 +481,33 @@ TEST_CASE("--roles: parsing and the combinations that make sense") {
   CHECK(validate(cfg).message.find("gateway and registration run together")
         != std::string::npos);
 }
+
+TEST_CASE("[mqtt]: on by default on 8883, keys, ranges, and \"\" turns it off") {
+  engine_config def;
+  CHECK(def.mqtt.listen == "0.0.0.0:8883");
+  CHECK(def.mqtt.max_packet_bytes == 128 * 1024);
+  CHECK(def.mqtt.max_inflight == 16);
+  engine_config cfg;
+  REQUIRE(load_string("[mqtt]\nlisten = \"127.0.0.1:18883\"\nmax_packet_bytes = 4096\n"
+                      "max_inflight = 2\n",
+                      "cfg.toml", cfg)
+            .ok());
+  CHECK(cfg.mqtt.listen == "127.0.0.1:18883");
+  CHECK(cfg.mqtt.max_packet_bytes == 4096);
+  CHECK(cfg.mqtt.max_inflight == 2);
+  engine_config off;
+  REQUIRE(load_string("[mqtt]\nlisten = \"\"\n", "cfg.toml", off).ok());
+  CHECK(off.mqtt.listen.empty());
+  CHECK(load_error("[mqtt]\nlisten = \"8883\"\n")
+        == "cfg.toml:2: mqtt.listen: expected HOST:PORT, got \"8883\"");
+  CHECK(load_error("[mqtt]\nmax_inflight = 0\n").find("mqtt.max_inflight") != std::string::npos);
+  CHECK(load_error("[mqtt]\nmax_packet_bytes = 100\n").find("mqtt.max_packet_bytes")
+        != std::string::npos);
+  CHECK(load_error("[mqtt]\nlisten = \"0.0.0.0:1\"\nport = 1\n").find("mqtt.port")
+        != std::string::npos);
+  CHECK(load_error("[device_api]\nlisten = \"0.0.0.0:9000\"\n[mqtt]\nlisten = \"0.0.0.0:9000\"\n")
+          .find("must differ from device_api.listen")
+        != std::string::npos);
+  CHECK(load_error("[device_api]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n")
+        == "");
+}

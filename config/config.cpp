@@ -49,6 +49,9 @@ constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
 constexpr int_rule resend_rule{0, 3600};
 constexpr int_rule block_cache_rule{8, 65536};
+constexpr int_rule quota_rule{0, 10000000};
+constexpr int_rule poll_window_rule{1, 3600};
+constexpr int_rule tracked_keys_rule{1, 10000000};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
@@ -265,6 +268,16 @@ void check_config(const engine_config& c, const report_fn& report) {
                            : static_cast<int64_t>(c.mqtt.max_packet_bytes);
   check_range(report, "mqtt.max_packet_bytes", packet, max_packet_rule);
   check_range(report, "mqtt.max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+  const throttling_config& th = c.throttling;
+  check_range(report, "throttling.registrations_per_minute_per_scope",
+              th.registrations_per_minute_per_scope, quota_rule);
+  check_range(report, "throttling.registrations_per_minute_per_group",
+              th.registrations_per_minute_per_group, quota_rule);
+  check_range(report, "throttling.polls_per_device", th.polls_per_device, quota_rule);
+  check_range(report, "throttling.poll_window_seconds", th.poll_window_seconds, poll_window_rule);
+  check_range(report, "throttling.requests_per_minute_per_address",
+              th.requests_per_minute_per_address, quota_rule);
+  check_range(report, "throttling.max_tracked_keys", th.max_tracked_keys, tracked_keys_rule);
 
   for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
     const access_policy& p = c.access_policies[i];
@@ -400,7 +413,7 @@ class loader {
 
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
-               {"id_scope", "data_dir", "device_api", "mqtt", "access_policies", "hubs",
+               {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
                 "metrics", "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
@@ -433,6 +446,24 @@ class loader {
       get_int(*t, p, "max_connections", d.max_connections, max_connections_rule);
       get_int(*t, p, "max_connections_per_client", d.max_connections_per_client,
               max_connections_rule);
+    }
+
+    if (const toml::table* t = sub_table(root, "", "throttling")) {
+      const std::string p = "throttling";
+      throttling_config& th = c.throttling;
+      check_keys(*t, p,
+                 {"registrations_per_minute_per_scope", "registrations_per_minute_per_group",
+                  "polls_per_device", "poll_window_seconds",
+                  "requests_per_minute_per_address", "max_tracked_keys"});
+      get_int(*t, p, "registrations_per_minute_per_scope",
+              th.registrations_per_minute_per_scope, quota_rule);
+      get_int(*t, p, "registrations_per_minute_per_group",
+              th.registrations_per_minute_per_group, quota_rule);
+      get_int(*t, p, "polls_per_device", th.polls_per_device, quota_rule);
+      get_int(*t, p, "poll_window_seconds", th.poll_window_seconds, poll_window_rule);
+      get_int(*t, p, "requests_per_minute_per_address", th.requests_per_minute_per_address,
+              quota_rule);
+      get_int(*t, p, "max_tracked_keys", th.max_tracked_keys, tracked_keys_rule);
     }
 
     for_each_entry(root, "access_policies", [&](const toml::table& t, const std::string& p) {

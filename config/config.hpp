@@ -72,6 +72,29 @@ struct mqtt_config {
   int max_inflight = 16;
 };
 
+/// [throttling]: DPS-style quotas, each 0 = off (the default: provisiond's
+/// own capacity limit, max in-flight operations, stays on regardless).
+/// Checked before any crypto or storage work, except the per-group quota:
+/// a device does not name its group, so that one is decided once the
+/// credential has matched a group, before anything is stored. Over a quota:
+/// 429 (429001) with Retry-After. Token buckets: `n` per window, refilled
+/// continuously, bursts up to `n`.
+struct throttling_config {
+  int registrations_per_minute_per_scope = 0; ///< register calls (DPS: 200 or 1,000/min)
+  int registrations_per_minute_per_group = 0; ///< accepted registers per enrollment group
+  int polls_per_device = 0;                   ///< operation polls per device per window
+  int poll_window_seconds = 10;               ///< DPS: 5 polls per 10 s per device
+  int requests_per_minute_per_address = 0;    ///< every API request per client IP
+  /// Buckets kept per quota (devices, groups, addresses): beyond it the least
+  /// recently seen key is forgotten, so memory stays bounded under a flood.
+  int max_tracked_keys = 100000;
+
+  bool any() const noexcept {
+    return registrations_per_minute_per_scope > 0 || registrations_per_minute_per_group > 0
+           || polls_per_device > 0 || requests_per_minute_per_address > 0;
+  }
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -139,6 +162,7 @@ struct engine_config {
   std::string data_dir = "./data";
   device_api_config device_api;
   mqtt_config mqtt;
+  throttling_config throttling;
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
   metrics_config metrics;

@@ -30,6 +30,7 @@
 #include "gateway/connection_slots.hpp"
 #include "gateway/net/device_tls.hpp"
 #include "gateway/net/http_feed.hpp"
+#include "gateway/net/http_framing.hpp"
 #include "gateway/net/openssl_handles.hpp"
 #include "gateway/routes.hpp"
 #include "messages/ascii.hpp"
@@ -52,25 +53,7 @@ using body_t = http::string_body;
 void fill_request(http::request<body_t>& in, const std::string& ip, http_request& out) {
   out.method = std::string(in.method_string());
   out.target = std::string(in.target());
-  auto q = out.target.find('?');
-  out.path = out.target.substr(0, q);
-  if (q != std::string::npos) {
-    std::string_view qs(out.target);
-    qs.remove_prefix(q + 1);
-    while (!qs.empty()) {
-      auto amp = qs.find('&');
-      auto part = qs.substr(0, amp);
-      auto eq = part.find('=');
-      auto k = crypto::url_decode(part.substr(0, eq));
-      auto v = eq == std::string_view::npos ? std::optional<std::string>{""}
-                                            : crypto::url_decode(part.substr(eq + 1));
-      if (k && v && !k->empty())
-        out.query.emplace(*k, *v);
-      if (amp == std::string_view::npos)
-        break;
-      qs.remove_prefix(amp + 1);
-    }
-  }
+  split_target(out);
   for (const auto& f : in) {
     auto n = f.name_string();
     std::string name(n.data(), n.size());
@@ -83,52 +66,6 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
   out.client_ip = ip;
 }
 
-/// What makes a request ambiguous to read, or "" when it is fine. A proxy in
-/// front may frame or attribute such a request differently than we do
-/// (request smuggling), so it is refused and the connection closed.
-/// `headers` are lower-case, in arrival order, duplicates kept.
-std::string ambiguity(const std::vector<std::pair<std::string, std::string>>& headers,
-                      unsigned version) {
-  int hosts = 0, authorizations = 0, encodings = 0;
-  std::string codings; // every Transfer-Encoding value, comma-joined
-  for (const auto& [name, value] : headers) {
-    if (name == "host") {
-      ++hosts;
-    } else if (name == "authorization") {
-      ++authorizations;
-    } else if (name == "transfer-encoding") {
-      ++encodings;
-      if (!codings.empty())
-        codings += ", ";
-      codings += value;
-    }
-  }
-  if (encodings > 0) {
-    // RFC 9112 6.1: only "chunked" is implemented. Beast treats any other
-    // coding (gzip, identity, "chunked, gzip") as a body of length 0, so
-    // the body would be read as the next request on the connection.
-    std::string_view c = codings;
-    while (!c.empty() && (c.front() == ' ' || c.front() == '\t'))
-      c.remove_prefix(1);
-    while (!c.empty() && (c.back() == ' ' || c.back() == '\t'))
-      c.remove_suffix(1);
-    if (encodings > 1 || !ascii::iequals(c, "chunked"))
-      return "Transfer-Encoding '" + codings.substr(0, 64)
-             + "' is not supported: only 'chunked' is";
-    // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
-    // framing (a 1.0 proxy would read its body otherwise than Beast does).
-    if (version < 11)
-      return "Transfer-Encoding in an HTTP/1.0 request";
-  }
-  // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; two is never valid.
-  if (hosts > 1)
-    return "more than one Host header";
-  if (hosts == 0 && version >= 11)
-    return "missing Host header";
-  if (authorizations > 1)
-    return "more than one Authorization header";
-  return {};
-}
 
 /// One TLS connection. OpenSSL reads and writes the socket itself
 /// (SSL_set_fd); Asio only reports readiness (async_wait) and runs the
@@ -355,7 +292,7 @@ private:
     fill_request(req, ip_, hr);
     if (peer_chain_)
       hr.client_chain_der = peer_chain_;
-    if (auto why = ambiguity(hr.headers, version_); !why.empty())
+    if (auto why = framing_ambiguity(hr.headers, version_); !why.empty())
       return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
     auto self = shared_from_this();
     handling_ = true;

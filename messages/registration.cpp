@@ -191,6 +191,8 @@ json event_json(const registration_event& ev) {
               {"completedMs", ev.completed_ms}};
   if (!ev.authorization.empty())
     j["authorization"] = ev.authorization;
+  if (!ev.returned_payload_json.empty())
+    j["returnedPayload"] = ev.returned_payload_json;
   return j;
 }
 
@@ -215,6 +217,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "initialTwin", ev.initial_twin_json);
   get_to(j, "iotEdge", ev.iot_edge);
   get_to(j, "substatus", ev.substatus);
+  get_to(j, "returnedPayload", ev.returned_payload_json);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -549,7 +552,8 @@ std::string encode_event(const registration_event& ev) {
               + ev.api_version.size() + ev.protocol.size() + ev.attestation_type.size()
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
-              + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size());
+              + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
+              + ev.returned_payload_json.size() + 20);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -574,8 +578,10 @@ std::string encode_event(const registration_event& ev) {
   ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
        && append_str_field(out, ",\"payload\":", ev.payload_json)
        && append_str_field(out, ",\"protocol\":", ev.protocol)
-       && append_str_field(out, ",\"registrationId\":", ev.registration_id)
-       && append_str_field(out, ",\"status\":", to_string(ev.status))
+       && append_str_field(out, ",\"registrationId\":", ev.registration_id);
+  if (ok && !ev.returned_payload_json.empty())
+    ok = append_str_field(out, ",\"returnedPayload\":", ev.returned_payload_json);
+  ok = ok && append_str_field(out, ",\"status\":", to_string(ev.status))
        && append_str_field(out, ",\"substatus\":", ev.substatus);
   out.append(",\"v\":");
   append_int(out, ev.version);
@@ -611,7 +617,7 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_count };
+                         f_completed_ms, f_returned_payload, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -669,7 +675,7 @@ private:
     "v", "operationId", "registrationId", "idScope", "apiVersion", "protocol", "acceptedMs",
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
-    "errorMessage", "attestedMs", "allocatedMs", "completedMs"};
+    "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -961,7 +967,8 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_payload, ev.payload_json, err) || !read(f_authorization, ev.authorization, err)
       || !read(f_assigned_hub, ev.assigned_hub, err) || !read(f_device_id, ev.device_id, err)
       || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
-      || !read(f_substatus, ev.substatus, err))
+      || !read(f_substatus, ev.substatus, err)
+      || !read(f_returned_payload, ev.returned_payload_json, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -70,6 +70,11 @@ struct registration_event {
   std::string initial_twin_json;
   bool iot_edge = false;
   std::string substatus;
+  /// The custom allocation webhook's `payload` (JSON object text), for
+  /// registrationState.payload; "" when none. In the JSON encoding only when
+  /// set; not in the binary operation record (a terminal one keeps it in its
+  /// state, an unfinished one is allocated again).
+  std::string returned_payload_json;
   // terminal outcome
   registration_status status = registration_status::assigning;
   int32_t error_code = 0;
@@ -101,7 +106,7 @@ typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
            x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
-           x.iot_edge, x.substatus, x.status, x.error_code, x.error_message,
+           x.iot_edge, x.substatus, x.returned_payload_json, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 
@@ -119,7 +124,7 @@ struct registration_state {
   std::string etag;
   std::string attestation_type;
   std::string enrollment_group_id;
-  std::string payload_json;
+  std::string payload_json; ///< the custom allocation webhook's payload ("" none)
   std::string last_operation_id; ///< internal: not shown to devices
 };
 

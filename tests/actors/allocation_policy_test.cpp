@@ -193,10 +193,10 @@ TEST_CASE("allocation policies: registered by kind, answering through done") {
     int calls = 0;
     std::string hub;
     prov::error err;
-    void operator()(prov::error e, std::string h) override {
+    void decided(prov::error e, decision d) override {
       ++calls;
       err = std::move(e);
-      hub = std::move(h);
+      hub = std::move(d.hub);
     }
   };
   auto done = std::make_shared<recorder>();

@@ -53,6 +53,25 @@ TEST_CASE("bad events are rejected with a reason, never thrown") {
   CHECK(decode_event(R"({"v":1,"operationId":5,"registrationId":"r"})", ev));
 }
 
+TEST_CASE("the custom webhook's payload travels in the JSON event only when set") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-01";
+  CHECK(encode_event(ev).find("returnedPayload") == std::string::npos);
+  ev.returned_payload_json = R"({"greeting":"hello"})";
+  auto text = encode_event(ev);
+  // Byte order of keys as nlohmann writes them: registrationId < returnedPayload < status.
+  CHECK(json::parse(text).dump() == text);
+  CHECK(json::parse(text).value("returnedPayload", "") == ev.returned_payload_json);
+  registration_event back;
+  REQUIRE(!decode_event(text, back));
+  CHECK(back.returned_payload_json == ev.returned_payload_json);
+  // A value that is not a string is refused, as for every text member.
+  CHECK(decode_event(R"({"v":1,"operationId":"o","registrationId":"r","returnedPayload":{}})", back)
+          .code
+        == error_code::bad_request);
+}
+
 namespace {
 const std::string sample_sas =
   "SharedAccessSignature sr=0ne00000A1B%2Fregistrations%2Fdev-01"

@@ -15,6 +15,7 @@
 #include "gateway/https_server.hpp"
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/kafka_it.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -156,21 +157,22 @@ json custom_definition(const std::string& path) {
   return {{"webhookUrl", fx().base + path}, {"apiVersion", "2021-10-01"}};
 }
 
-void put_individual(const std::string& id, const std::string& path) {
+void put_individual(const std::string& id, const std::string& path,
+                    const test::server_process& srv = fx().prov) {
   json body{{"registrationId", id},
             {"attestation", {{"type", "symmetricKey"},
                              {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}},
             {"allocationPolicy", "custom"},
             {"customAllocationDefinition", custom_definition(path)},
             {"initialTwin", {{"tags", {{"from", "enrollment"}}}}}};
-  auto r = fx().prov.service("PUT", "/enrollments/" + id, body.dump());
+  auto r = srv.service("PUT", "/enrollments/" + id, body.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
 }
 
 /// Registers `id` with `payload` (null: none) like an SDK: PUT, then polls
 /// until the outcome. The final operation JSON.
-json register_with(const std::string& id, const std::string& device_key, const json& payload) {
-  auto& s = fx().prov;
+json register_with(const std::string& id, const std::string& device_key, const json& payload,
+                   const test::server_process& s = fx().prov) {
   auto c = s.client();
   net::http_headers h;
   h.add("Authorization", s.device_auth(id, device_key));
@@ -366,4 +368,42 @@ TEST_CASE("custom allocation: a webhook nobody listens on") {
                   0)
         == 0);
   CHECK(msg.find("secret") == std::string::npos); // the function key never shows
+}
+
+TEST_CASE("custom allocation over Kafka, stages not fused: the payload and twin cross the topics") {
+  test::kafka_fixture kfx;
+  kfx.fuse_stages = false; // registration.allocated goes through Kafka too
+  test::server_process s;
+  const std::string ca = fx().dir + "/ca.pem"; // written by the fixture
+  REQUIRE_MESSAGE(!s.start(test::with_device_api(kfx.server_config(), "register_wait_ms = 5000")
+                             + "[custom_allocation]\nca_file = \"" + ca + "\"\n",
+                           kfx.dir),
+                  s.log());
+  const std::string id = "webhook-kafka-1";
+  put_individual(id, "/ok", s);
+  auto op = register_with(id, key, json{{"model", "k1"}}, s);
+  REQUIRE_MESSAGE(op["status"] == "assigned", op.dump());
+  CHECK(op["registrationState"]["assignedHub"] == hub_b);
+  CHECK(op["registrationState"]["payload"] == json{{"greeting", "hello"}, {"echo", {{"model", "k1"}}}});
+  const std::string op_id = op["operationId"];
+  bool on_allocated = false;
+  for (const auto& r : test::read_topic(kfx.cfg, "dps.registration.allocated", 1))
+    if (r.operation_id == op_id) {
+      on_allocated = true;
+      CHECK(json::parse(json::parse(r.value).value("returnedPayload", "null"))
+            == op["registrationState"]["payload"]);
+    }
+  CHECK(on_allocated);
+  bool assigned = false;
+  for (const auto& r : test::read_topic(kfx.cfg, "dps.device.assigned", 1))
+    if (r.operation_id == op_id) {
+      assigned = true;
+      CHECK(json::parse(r.value)["data"]["initialTwin"]["tags"] == json{{"from", "webhook"}});
+    }
+  CHECK(assigned);
+  // The record, as another process reads it from the shared table.
+  auto reg = s.service("GET", "/registrations/" + id);
+  REQUIRE(reg.status == 200);
+  CHECK(test::parse_json(reg.body)["payload"] == op["registrationState"]["payload"]);
+  CHECK(s.stop() == 0);
 }

@@ -1,5 +1,6 @@
 #include "actors/configuration/cloud_event.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/json_text.hpp"
 
 namespace prov::configuration {
@@ -47,6 +48,50 @@ std::string assignment_event(const registration_event& ev, const registration_st
     .str("registrationCreated", utc_chars(rs.created_ms))
     .close();
   data.close();
+  ce.close();
+  return out;
+}
+
+bool moves_hub(const registration_state* prev, const registration_event& ev) {
+  return prev != nullptr && prev->status == registration_status::assigned
+         && !prev->assigned_hub.empty() && !ev.assigned_hub.empty()
+         && !ascii::iequals(prev->assigned_hub, ev.assigned_hub);
+}
+
+ce_attributes deprovision_attributes_of(const registration_event& ev,
+                                        const registration_state& prev) {
+  return {"/provisiond/" + ev.id_scope, ev.operation_id + "/deprovisioned",
+          prev.device_id.empty() ? ev.device_id : prev.device_id, utc_string(ev.completed_ms)};
+}
+
+std::string deprovision_event(const registration_event& ev, const registration_state& prev,
+                              uint64_t seq) {
+  auto attrs = deprovision_attributes_of(ev, prev);
+  std::string out;
+  out.reserve(512);
+  json_text::object ce(out);
+  ce.str("specversion", "1.0")
+    .str("type", "device.deprovisioned")
+    .str("source", attrs.source)
+    .str("id", attrs.id)
+    .str("subject", attrs.subject)
+    .str("time", attrs.time)
+    .str("datacontenttype", "application/json");
+  if (seq > 0)
+    ce.str("sequence", std::to_string(seq));
+  json_text::object data(ce.nested("data"));
+  data.str("registrationId", ev.registration_id)
+    .str("deviceId", attrs.subject)
+    .str("hub", prev.assigned_hub)
+    .str("reason", "reprovisioned")
+    .str("operationId", ev.operation_id)
+    .str("newHub", ev.assigned_hub)
+    .str("newDeviceId", ev.device_id)
+    // deviceDataMigrated: copy the device's twin from `hub` to `newHub`
+    // before deleting it; deviceDataReset: the new hub starts from the
+    // initial twin of device.assigned.
+    .str("substatus", ev.substatus)
+    .close();
   ce.close();
   return out;
 }

@@ -153,6 +153,19 @@ TEST_CASE("registering again on the same hub: the substatus stays, nothing depro
   CHECK(forced["status"] == "assigned");
   CHECK(forced["registrationState"]["assignedHub"] == hub_a);
   CHECK(forced["operationId"] != again["operationId"]);
+  // The body member is read too; not a boolean: 400000, nothing registered.
+  err = c.request("PUT", "/" + srv().id_scope() + "/registrations/" + id
+                           + "/register?api-version=2021-06-01",
+                  h, json{{"registrationId", id}, {"forceRegistration", "yes"}}.dump(), resp);
+  REQUIRE(!err);
+  CHECK(resp.status == 400);
+  CHECK(test::parse_json(resp.body)["errorCode"] == 400000);
+  err = c.request("PUT", "/" + srv().id_scope() + "/registrations/" + id
+                           + "/register?api-version=2021-06-01",
+                  h, json{{"registrationId", id}, {"forceRegistration", true}}.dump(), resp);
+  REQUIRE(!err);
+  REQUIRE_MESSAGE(resp.status == 200, resp.body);
+  CHECK(test::parse_json(resp.body)["status"] == "assigned");
 }
 
 TEST_CASE("over Kafka: device.deprovisioned before device.assigned, on the topic and the outbox") {

@@ -22,6 +22,7 @@
 
 #include "actors/actor_types.hpp"
 #include "messages/ascii.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov {
 
@@ -140,6 +141,20 @@ error prepare(const engine_context& ctx, const registration_event& ev,
 error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
              registration_event& ev, allocation::decision d, const current_record& cur) {
   std::string hub = std::move(d.hub);
+  // Why (docs/events.md, data.allocation): the policy, what it chose and its
+  // reasons, then what re-provisioning made of it.
+  const auto kind = v.allocation.value_or(allocation_policy::hashed);
+  std::string why;
+  json_text::object w(why);
+  w.str("policy", to_string(kind));
+  if (!v.allocation)
+    w.str("policyFrom", "instance default");
+  if (kind == allocation_policy::geo_latency)
+    w.str("servedBy", "hashed (no hub latency is known)");
+  w.str("chosen", hub);
+  w.str("candidates", v.iot_hubs.empty() ? "linked hubs" : "the enrollment's iotHubs");
+  if (!d.why_json.empty())
+    w.raw("why", d.why_json);
   ev.substatus = to_string(assignment_substatus::initial_assignment);
   if (!ctx.kafka()) {
     // Configuration needs the same record; no other operation of this
@@ -159,11 +174,18 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
     if (!v.update_hub_assignment || same_hub) {
       if (!prev->substatus.empty())
         ev.substatus = prev->substatus;
+      w.str("reprovision", same_hub ? "already on the chosen hub"
+                                    : "kept the current hub (updateHubAssignment false)");
     } else {
       ev.substatus = to_string(v.migrate_device_data ? assignment_substatus::device_data_migrated
                                                      : assignment_substatus::device_data_reset);
+      w.str("reprovision", "moved from " + prev->assigned_hub
+                             + (v.migrate_device_data ? " (migrateDeviceData true)"
+                                                      : " (migrateDeviceData false)"));
     }
   }
+  w.close();
+  ev.allocation_json = std::move(why);
   ev.assigned_hub = std::move(hub);
   ev.device_id = (ev.enrollment_group_id.empty() && !v.device_id.empty())
                    ? v.device_id

@@ -193,6 +193,8 @@ json event_json(const registration_event& ev) {
     j["authorization"] = ev.authorization;
   if (!ev.returned_payload_json.empty())
     j["returnedPayload"] = ev.returned_payload_json;
+  if (!ev.allocation_json.empty())
+    j["allocation"] = ev.allocation_json;
   return j;
 }
 
@@ -218,6 +220,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "iotEdge", ev.iot_edge);
   get_to(j, "substatus", ev.substatus);
   get_to(j, "returnedPayload", ev.returned_payload_json);
+  get_to(j, "allocation", ev.allocation_json);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -553,12 +556,15 @@ std::string encode_event(const registration_event& ev) {
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
-              + ev.returned_payload_json.size() + 20);
+              + ev.returned_payload_json.size() + ev.allocation_json.size() + 36);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
   append_int(out, ev.allocated_ms);
-  bool ok = append_str_field(out, ",\"apiVersion\":", ev.api_version)
+  bool ok = true;
+  if (!ev.allocation_json.empty()) // "allocatedMs" < "allocation" < "apiVersion"
+    ok = append_str_field(out, ",\"allocation\":", ev.allocation_json);
+  ok = ok && append_str_field(out, ",\"apiVersion\":", ev.api_version)
             && append_str_field(out, ",\"assignedHub\":", ev.assigned_hub)
             && append_str_field(out, ",\"attestationType\":", ev.attestation_type);
   out.append(",\"attestedMs\":");
@@ -617,7 +623,7 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_returned_payload, f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -675,7 +681,8 @@ private:
     "v", "operationId", "registrationId", "idScope", "apiVersion", "protocol", "acceptedMs",
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
-    "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload"};
+    "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
+    "allocation"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -968,7 +975,8 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_assigned_hub, ev.assigned_hub, err) || !read(f_device_id, ev.device_id, err)
       || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
       || !read(f_substatus, ev.substatus, err)
-      || !read(f_returned_payload, ev.returned_payload_json, err))
+      || !read(f_returned_payload, ev.returned_payload_json, err)
+      || !read(f_allocation, ev.allocation_json, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -75,6 +75,10 @@ struct registration_event {
   /// set; not in the binary operation record (a terminal one keeps it in its
   /// state, an unfinished one is allocated again).
   std::string returned_payload_json;
+  /// Why the device got its hub (JSON object text: the policy, its
+  /// reasons, re-provisioning); "" when not allocated. JSON encoding only
+  /// when set, like returnedPayload.
+  std::string allocation_json;
   // terminal outcome
   registration_status status = registration_status::assigning;
   int32_t error_code = 0;
@@ -106,7 +110,7 @@ typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
            x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
-           x.iot_edge, x.substatus, x.returned_payload_json, x.status, x.error_code, x.error_message,
+           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "messages/ascii.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov::allocation {
 
@@ -124,6 +125,16 @@ error read_webhook_reply(const webhook_reply& r, const std::vector<std::string>&
     out.payload_json = it->dump(-1, ' ', false, json::error_handler_t::replace);
   }
   out.hub = *match; // the linked hub's own spelling
+  std::string why;
+  json_text::object w(why);
+  w.str("webhook", host)
+    .num("status", r.status)
+    .num("attempts", r.attempts)
+    .str("iotHubHostName", name)
+    .boolean("initialTwin", !out.initial_twin_json.empty())
+    .boolean("payload", !out.payload_json.empty())
+    .close();
+  out.why_json = std::move(why);
   return {};
 }
 

@@ -52,6 +52,9 @@ struct decision {
   /// Returned to the device in registrationState.payload (compact JSON
   /// object); "" when none.
   std::string payload_json;
+  /// Why this hub, for operators (a compact JSON object; "" when the policy
+  /// says nothing): the weights and scores, the webhook's answer.
+  std::string why_json;
 };
 
 /// Where a policy's answer goes: the hub's host name, or why there is none.

@@ -254,6 +254,17 @@ TEST_CASE("custom allocation: the webhook's hub, initialTwin and payload reach t
   CHECK(ev["data"]["assignedHub"] == hub_b);
   CHECK(ev["data"]["initialTwin"]
         == json{{"tags", {{"from", "webhook"}}}, {"properties", {{"desired", {{"interval", 30}}}}}});
+  // ...and says why the device is on hub B: the webhook's answer.
+  CHECK(ev["data"]["allocation"]
+        == json{{"policy", "custom"},
+                {"chosen", hub_b},
+                {"candidates", "linked hubs"},
+                {"why", {{"webhook", "localhost:" + std::to_string(fx().webhook->port())},
+                         {"status", 200},
+                         {"attempts", 1},
+                         {"iotHubHostName", hub_b},
+                         {"initialTwin", true},
+                         {"payload", true}}}});
 
   // The registration record shows the payload to operators too.
   auto reg = fx().prov.service("GET", "/registrations/" + id);

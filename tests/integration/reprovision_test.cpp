@@ -100,6 +100,11 @@ TEST_CASE("updateHubAssignment + migrateDeviceData (DPS's default): deviceDataMi
   CHECK(o.events[1]["type"] == "device.assigned");
   CHECK(o.events[1]["data"]["assignedHub"] == hub_b);
   CHECK(o.events[1]["data"]["substatus"] == "deviceDataMigrated");
+  CHECK(o.events[1]["data"]["allocation"]
+        == json{{"policy", "static"},
+                {"chosen", hub_b},
+                {"candidates", "the enrollment's iotHubs"},
+                {"reprovision", "moved from hub-a.example.net (migrateDeviceData true)"}});
   // The outbox order is the events' sequence order.
   CHECK(std::stoull(o.events[0]["sequence"].get<std::string>()) + 1
         == std::stoull(o.events[1]["sequence"].get<std::string>()));
@@ -125,6 +130,10 @@ TEST_CASE("updateHubAssignment false: the device stays on its hub, nothing depro
   REQUIRE(o.events.size() == 1);
   CHECK(o.events[0]["type"] == "device.assigned");
   CHECK(o.events[0]["data"]["assignedHub"] == hub_a);
+  // The policy chose B; re-provisioning kept A, and the event says so.
+  CHECK(o.events[0]["data"]["allocation"]["chosen"] == hub_b);
+  CHECK(o.events[0]["data"]["allocation"]["reprovision"]
+        == "kept the current hub (updateHubAssignment false)");
 }
 
 TEST_CASE("registering again on the same hub: the substatus stays, nothing deprovisioned") {

@@ -114,6 +114,7 @@ registration_state assigned_state(const registration_event& ev, const registrati
   rs.status = registration_status::assigned;
   rs.substatus = ev.substatus;
   rs.payload_json = ev.returned_payload_json;
+  rs.allocation_json = ev.allocation_json;
   rs.etag = enrollment::new_etag();
   rs.attestation_type = ev.attestation_type;
   rs.enrollment_group_id = ev.enrollment_group_id;
@@ -326,6 +327,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         ev.device_id = prev.device_id;
         ev.substatus = prev.substatus;
         ev.returned_payload_json = prev.payload_json;
+        ev.allocation_json = prev.allocation_json;
         r.event = std::move(ev);
         r.state = prev;
         // The record again only if nobody has it yet: not in the table, not

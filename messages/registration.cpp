@@ -162,6 +162,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "enrollmentGroupId", s.enrollment_group_id);
   get_to(j, "payload", s.payload_json);
   get_to(j, "lastOperationId", s.last_operation_id);
+  get_to(j, "allocation", s.allocation_json);
   return {};
 }
 
@@ -244,7 +245,7 @@ error guarded(std::string_view what, F&& f) {
 
 } // namespace
 
-json to_json(const registration_state& s) {
+json to_json(const registration_state& s, bool service) {
   json j{{"registrationId", s.registration_id},
          {"status", to_string(s.status)}};
   if (s.created_ms)
@@ -273,12 +274,14 @@ json to_json(const registration_state& s) {
   }
   if (!s.payload_json.empty())
     j["payload"] = parse_or_null(s.payload_json);
+  if (service && !s.allocation_json.empty())
+    j["allocation"] = parse_or_null(s.allocation_json);
   return j;
 }
 
 namespace {
 
-void write_state(std::string& out, const registration_state& s) {
+void write_state(std::string& out, const registration_state& s, bool service = false) {
   json_text::object o(out);
   o.str("registrationId", s.registration_id).str("status", to_string(s.status));
   if (s.created_ms)
@@ -309,15 +312,17 @@ void write_state(std::string& out, const registration_state& s) {
     else
       o.raw("payload", parse_or_null(s.payload_json).dump());
   }
+  if (service && !s.allocation_json.empty())
+    o.raw("allocation", parse_or_null(s.allocation_json).dump());
   o.close();
 }
 
 } // namespace
 
-std::string to_json_text(const registration_state& s) {
+std::string to_json_text(const registration_state& s, bool service) {
   std::string out;
-  out.reserve(384);
-  write_state(out, s);
+  out.reserve(384 + s.allocation_json.size());
+  write_state(out, s, service);
   return out;
 }
 
@@ -355,7 +360,9 @@ namespace {
 constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
-constexpr uint8_t record_version = 1;
+/// 2: registration states end with allocation_json. Version 1 records
+/// (without it) are still read.
+constexpr uint8_t record_version = 2;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -381,9 +388,10 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.enrollment_group_id);
   w.str(s.payload_json);
   w.str(s.last_operation_id);
+  w.str(s.allocation_json); // version 2
 }
 
-bool get_state(codec::reader& r, registration_state& s) {
+bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   r.str(s.registration_id);
   s.created_ms = r.i64();
   s.updated_ms = r.i64();
@@ -399,6 +407,8 @@ bool get_state(codec::reader& r, registration_state& s) {
   r.str(s.enrollment_group_id);
   r.str(s.payload_json);
   r.str(s.last_operation_id);
+  if (version >= 2)
+    r.str(s.allocation_json);
   return r.ok();
 }
 
@@ -452,8 +462,11 @@ bool get_event(codec::reader& r, registration_event& ev) {
   return r.ok();
 }
 
-bool binary_header(codec::reader& r, uint8_t kind) {
-  return r.u8() == record_magic && r.u8() == kind && r.u8() == record_version && r.ok();
+bool binary_header(codec::reader& r, uint8_t kind, uint8_t& version) {
+  if (r.u8() != record_magic || r.u8() != kind)
+    return false;
+  version = r.u8();
+  return r.ok() && version >= 1 && version <= record_version;
 }
 
 error corrupt(std::string_view what) {
@@ -478,7 +491,8 @@ error decode_record(std::string_view text, registration_state& out) {
       return state_from(j, out);
     });
   codec::reader r(text);
-  if (!binary_header(r, kind_state) || !get_state(r, out) || !r.done())
+  uint8_t version = 0;
+  if (!binary_header(r, kind_state, version) || !get_state(r, out, version) || !r.done())
     return corrupt("registration record");
   return {};
 }
@@ -517,13 +531,14 @@ error decode_record(std::string_view text, operation_record& out) {
       return {};
     });
   codec::reader r(text);
-  if (!binary_header(r, kind_operation))
+  uint8_t version = 0;
+  if (!binary_header(r, kind_operation, version))
     return corrupt("operation record");
   r.str(out.operation_id);
   r.str(out.registration_id);
   if (!get_status(r, out.status) || !get_event(r, out.event))
     return corrupt("operation record");
-  if (r.u8() == 1 && !get_state(r, out.state))
+  if (r.u8() == 1 && !get_state(r, out.state, version))
     return corrupt("operation record");
   if (!r.done())
     return corrupt("operation record");

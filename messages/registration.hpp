@@ -130,6 +130,9 @@ struct registration_state {
   std::string enrollment_group_id;
   std::string payload_json; ///< the custom allocation webhook's payload ("" none)
   std::string last_operation_id; ///< internal: not shown to devices
+  /// Why the device is on its hub (the event's allocation_json); shown by the
+  /// service API only, never to devices.
+  std::string allocation_json;
 };
 
 /// A register call's lifecycle, as stored under its operation id.
@@ -144,14 +147,16 @@ struct operation_record {
 // -- JSON codecs (DPS wire shapes and our storage records) --------------------
 
 /// DeviceRegistrationResult JSON (registrationId, createdDateTimeUtc, ...).
-nlohmann::json to_json(const registration_state& s);
+/// `service`: the service API's view, which adds `allocation` (why this hub)
+/// when known; devices never see it.
+nlohmann::json to_json(const registration_state& s, bool service = false);
 /// {"operationId","status","registrationState"?} as the device API answers.
 nlohmann::json operation_status_json(const std::string& operation_id,
                                      const registration_state& s);
 
 /// The same two documents as compact JSON text, written without building a
 /// tree (every poll answers one). Equal to to_json(...).dump() as JSON values.
-std::string to_json_text(const registration_state& s);
+std::string to_json_text(const registration_state& s, bool service = false);
 std::string operation_status_text(const std::string& operation_id,
                                   const registration_state& s);
 

@@ -270,6 +270,9 @@ TEST_CASE("custom allocation: the webhook's hub, initialTwin and payload reach t
   auto reg = fx().prov.service("GET", "/registrations/" + id);
   REQUIRE(reg.status == 200);
   CHECK(test::parse_json(reg.body)["payload"] == rs["payload"]);
+  // ...and why the device is on its hub, which the device itself never sees.
+  CHECK(test::parse_json(reg.body)["allocation"] == ev["data"]["allocation"]);
+  CHECK_FALSE(rs.contains("allocation"));
 
   // Registering again: the webhook learns the current assignment.
   auto again = register_with(id, key, nullptr);

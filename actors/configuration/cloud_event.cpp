@@ -17,7 +17,7 @@ std::string assignment_event(const registration_event& ev, const registration_st
                              uint64_t seq) {
   auto attrs = attributes_of(ev);
   std::string out;
-  out.reserve(640 + ev.initial_twin_json.size() + ev.allocation_json.size());
+  out.reserve(640 + ev.initial_twin_json.size() + rs.allocation_json.size());
   json_text::object ce(out);
   ce.str("specversion", "1.0")
     .str("type", "device.assigned")
@@ -39,9 +39,12 @@ std::string assignment_event(const registration_event& ev, const registration_st
     data.str("enrollmentGroupId", ev.enrollment_group_id);
   // The enrollment stored the twin as compact, valid JSON text.
   data.raw("initialTwin", ev.initial_twin_json.empty() ? "{}" : ev.initial_twin_json);
-  // Why this hub (the allocation stage's JSON object), when it said.
-  if (!ev.allocation_json.empty())
-    data.raw("allocation", ev.allocation_json);
+  // Why this hub (the allocation stage's JSON object), when it said. From
+  // the record: a gateway rebuilding this event from dps.registrations has
+  // it there only (the binary operation record's event does not carry it).
+  const std::string& why = rs.allocation_json.empty() ? ev.allocation_json : rs.allocation_json;
+  if (!why.empty())
+    data.raw("allocation", why);
   json_text::object caps(data.nested("capabilities"));
   caps.boolean("iotEdge", ev.iot_edge).close();
   json_text::object ts(data.nested("timestamps"));

@@ -13,6 +13,7 @@ namespace prov::transport::kafka {
 kafka_bus::kafka_bus(const config::kafka_config& cfg, options opts)
     : cfg_(cfg), opts_(std::move(opts)) {
   for (auto& lag : consumer_lags_) lag = std::make_shared<std::atomic<int64_t>>(0);
+  for (auto& n : consumer_partitions_) n = std::make_shared<std::atomic<int64_t>>(0);
 }
 
 kafka_bus::~kafka_bus() { close(); }
@@ -91,6 +92,7 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   co.group_id = opts_.group_prefix + std::string(topic_name(t));
   co.topics = {topic_for(cfg_, t)};
   co.lag_out = consumer_lags_[static_cast<std::size_t>(t)]; // the old one closed above
+  co.partitions_out = consumer_partitions_[static_cast<std::size_t>(t)];
   // The handler needs its own consumer (for done()); it is known only after
   // create() returns, which can be after the first message arrives.
   auto self = std::make_shared<std::weak_ptr<consumer>>();

@@ -101,6 +101,12 @@ public:
     return consumer_lags_[static_cast<std::size_t>(t)];
   }
 
+  /// Partitions of `t` this bus's subscriber owns now (consumer
+  /// partitions_out), kept like consumer_lag().
+  std::shared_ptr<const std::atomic<int64_t>> consumer_partitions(topic t) const {
+    return consumer_partitions_[static_cast<std::size_t>(t)];
+  }
+
   /// The Kafka record key of an event on `t`.
   static std::string key_for(topic t, const registration_event& ev);
 
@@ -116,6 +122,7 @@ private:
   std::shared_ptr<std::atomic<uint64_t>> dead_lettered_ =
     std::make_shared<std::atomic<uint64_t>>(0);
   std::array<std::shared_ptr<std::atomic<int64_t>>, topic_count> consumer_lags_;
+  std::array<std::shared_ptr<std::atomic<int64_t>>, topic_count> consumer_partitions_;
 };
 
 } // namespace prov::transport::kafka

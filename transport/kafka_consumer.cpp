@@ -52,6 +52,7 @@ struct consumer::impl : opaque_base {
   bool paused = false;
 
   std::shared_ptr<std::atomic<int64_t>> lag; ///< written by the consumer thread only
+  std::shared_ptr<std::atomic<int64_t>> owned; ///< partitions assigned (consumer thread)
 
   std::atomic<bool> stop{false};
   std::thread worker;
@@ -80,6 +81,7 @@ struct consumer::impl : opaque_base {
         }
       }
       rd_kafka_assign(rk, parts);
+      self->owned->store(parts->cnt);
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) self->revoke_all(rk);
@@ -153,6 +155,7 @@ struct consumer::impl : opaque_base {
     in_flight = 0;
     paused = false;
     lag->store(0);
+    owned->store(0);
   }
 
   /// See consumer::lag(). Local calls only: rd_kafka_position() and
@@ -261,6 +264,7 @@ struct consumer::impl : opaque_base {
     rd_kafka_consumer_close(h); // revokes (rebalance callback), leaves the group
     rk.reset();
     lag->store(0);
+    owned->store(0);
   }
 
   void close() {
@@ -285,6 +289,8 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   p->on_message = std::move(h);
   p->lag = opts.lag_out ? opts.lag_out : std::make_shared<std::atomic<int64_t>>(0);
   p->lag->store(0);
+  p->owned = opts.partitions_out ? opts.partitions_out : std::make_shared<std::atomic<int64_t>>(0);
+  p->owned->store(0);
   conf_ptr conf;
   if (auto err = make_conf(cfg, client_defaults({{"auto.offset.reset", opts.auto_offset_reset}}),
                            {{"group.id", opts.group_id},

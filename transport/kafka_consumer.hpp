@@ -73,6 +73,10 @@ public:
     /// Where the consumer keeps lag() current (one is made when null), so a
     /// metric can read it after the consumer is replaced or gone.
     std::shared_ptr<std::atomic<int64_t>> lag_out;
+    /// Where the consumer keeps the number of partitions it owns (as
+    /// lag_out): 0 between a revocation and the next assignment, so a
+    /// failover shows in a scrape.
+    std::shared_ptr<std::atomic<int64_t>> partitions_out;
     log_fn log;
   };
   using handler = std::function<void(message&&)>;

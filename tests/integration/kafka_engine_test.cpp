@@ -297,6 +297,12 @@ TEST_CASE("malformed events on each topic are dead-lettered; the partitions keep
   CHECK(test::kafka_drained(m));
   CHECK(m.count("dps_kafka_consumer_lag{stage=\"configuration\"}") == 1);
   CHECK(test::sum(m, "dps_kafka_consumer_lag") == 0);
+  // One process runs every stage, so it owns every partition of each input.
+  for (const char* stage : {"attestation", "allocation", "configuration"}) {
+    const auto series = std::string("dps_kafka_partitions_assigned{stage=\"") + stage + "\"}";
+    REQUIRE_MESSAGE(m.count(series) == 1, series);
+    CHECK_MESSAGE(m.at(series) == test::kafka_partitions, series);
+  }
   REQUIRE(m.count("dps_kafka_producer_queue") == 1);
   REQUIRE(m.count("dps_kafka_producer_rebuilds_total") == 1);
   CHECK(m.at("dps_kafka_producer_queue") == 0);

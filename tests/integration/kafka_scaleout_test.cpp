@@ -510,7 +510,7 @@ TEST_CASE("dev-kafka's printed section: five worker kills in a row, each recover
   auto add_worker = [&] {
     auto dir = test::make_temp_dir("provisiond-worker");
     workers.push_back(std::make_unique<test::server_process>());
-    REQUIRE_MESSAGE(!workers.back()->start(config_for(dir), dir,
+    REQUIRE_MESSAGE(!workers.back()->start(test::with_metrics(config_for(dir)), dir,
                                            {"--roles", "attestation,allocation,configuration"}),
                     workers.back()->log());
     workers.back()->remove_data_dir_at_exit();
@@ -541,6 +541,22 @@ TEST_CASE("dev-kafka's printed section: five worker kills in a row, each recover
                      << " devices finished " << recovered.back() << " s later");
     check_outcome(cfg, res, per_round, true);
     CHECK(dev.alive());
+    // What an operator sees: the survivor owns every partition of each stage's
+    // input (dev-kafka's 12), the dead worker's included.
+    for (auto& w : workers) {
+      if (!w->alive())
+        continue;
+      auto owns_all = [](const std::map<std::string, double>& m) {
+        for (const char* stage : {"attestation", "allocation", "configuration"}) {
+          auto it = m.find(std::string("dps_kafka_partitions_assigned{stage=\"") + stage + "\"}");
+          if (it == m.end() || it->second != 12)
+            return false;
+        }
+        return true;
+      };
+      auto m = test::scrape_until(test::metrics_addr(*w), owns_all, std::chrono::seconds(20));
+      CHECK_MESSAGE(owns_all(m), "round " << round << ": the survivor does not own every partition");
+    }
     // A fresh worker takes the dead one's place; its first device proves it joined.
     add_worker();
     warm_up(gateway, prefix + "rejoined");

@@ -22,6 +22,7 @@
 
 #include "actors/actor_types.hpp"
 #include "messages/ascii.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov {
 
@@ -82,15 +83,33 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
   return out;
 }
 
-/// The request's views of the event's text; again whenever the event moves.
-void views_of(const registration_event& ev, allocation::request& in) {
+/// The device's registration record as allocation read it, before the
+/// policy ran (the webhook is told the current hub), and the registration
+/// generation before that read (embedded configuration reuses the read while
+/// it is still current).
+struct current_record {
+  uint64_t generation = 0;
+  std::shared_ptr<const registration_state> state; ///< null: none
+};
+
+/// The request's views of the event's text and of the current record;
+/// again whenever the event moves.
+void views_of(const registration_event& ev, const current_record& cur,
+              allocation::request& in) {
   in.registration_id = ev.registration_id;
   in.payload_json = ev.payload_json;
+  in.current_hub = {};
+  in.current_device_id = {};
+  if (cur.state && cur.state->status == registration_status::assigned) {
+    in.current_hub = cur.state->assigned_hub;
+    in.current_device_id = cur.state->device_id;
+  }
 }
 
-/// What the policy decides on: the enrollment and the candidate hubs.
+/// What the policy decides on: the enrollment, the candidate hubs and the
+/// device's current assignment.
 error prepare(const engine_context& ctx, const registration_event& ev,
-              allocation::request& in) {
+              allocation::request& in, current_record& cur) {
   if (auto err = load_view(ctx, ev, in.enrollment)) {
     // Kafka: the enrollment may have been written through another instance
     // a moment ago (the device was attested there); catch up once first.
@@ -105,50 +124,77 @@ error prepare(const engine_context& ctx, const registration_event& ev,
   in.candidates = candidates(ctx, v);
   in.explicit_list = !v.iot_hubs.empty();
   in.linked_hubs = ctx.hubs.size();
-  views_of(ev, in);
-  return {};
-}
-
-/// After the policy chose `hub`: reprovisioning against the device's
-/// existing record, the device id and the twin.
-error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
-             registration_event& ev, std::string hub) {
+  cur.generation = ctx.catalog.registration_generation();
   std::optional<std::string> raw;
-  registration_state prev;
-  ev.substatus = to_string(assignment_substatus::initial_assignment);
-  const auto generation = ctx.catalog.registration_generation();
   if (auto err = ctx.store->get(storage::cf::registrations,
                                 enrollment::key_of(ev.registration_id), raw))
     return err;
-  const bool had_prev = raw && !decode_record(*raw, prev);
+  registration_state prev;
+  if (raw && !decode_record(*raw, prev))
+    cur.state = std::make_shared<const registration_state>(std::move(prev));
+  views_of(ev, cur, in);
+  return {};
+}
+
+/// After the policy decided: reprovisioning against the device's record
+/// (read by prepare()), the device id and the twin.
+error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
+             registration_event& ev, allocation::decision d, const current_record& cur) {
+  std::string hub = std::move(d.hub);
+  // Why (docs/events.md, data.allocation): the policy, what it chose and its
+  // reasons, then what re-provisioning made of it.
+  const auto kind = v.allocation.value_or(allocation_policy::hashed);
+  std::string why;
+  json_text::object w(why);
+  w.str("policy", to_string(kind));
+  if (!v.allocation)
+    w.str("policyFrom", "instance default");
+  if (kind == allocation_policy::geo_latency)
+    w.str("servedBy", "hashed (no hub latency is known)");
+  w.str("chosen", hub);
+  w.str("candidates", v.iot_hubs.empty() ? "linked hubs" : "the enrollment's iotHubs");
+  if (!d.why_json.empty())
+    w.raw("why", d.why_json);
+  ev.substatus = to_string(assignment_substatus::initial_assignment);
   if (!ctx.kafka()) {
     // Configuration needs the same record; no other operation of this
     // device runs meanwhile (the registration stage dedupes), and a delete
     // through the service API bumps the generation.
     auto p = std::make_shared<registration_event::prior_record>();
-    p->generation = generation;
-    if (had_prev)
-      p->state = std::make_shared<const registration_state>(prev);
+    p->generation = cur.generation;
+    p->state = cur.state;
     ev.prior = std::move(p);
   }
-  if (had_prev && prev.status == registration_status::assigned
-      && !prev.assigned_hub.empty()) {
-    const bool same_hub = iequals(prev.assigned_hub, hub);
+  const registration_state* prev = cur.state.get();
+  if (prev != nullptr && prev->status == registration_status::assigned
+      && !prev->assigned_hub.empty()) {
+    const bool same_hub = iequals(prev->assigned_hub, hub);
     if (!v.update_hub_assignment)
-      hub = prev.assigned_hub; // sticky: never re-provision
+      hub = prev->assigned_hub; // sticky: never re-provision
     if (!v.update_hub_assignment || same_hub) {
-      if (!prev.substatus.empty())
-        ev.substatus = prev.substatus;
+      if (!prev->substatus.empty())
+        ev.substatus = prev->substatus;
+      w.str("reprovision", same_hub ? "already on the chosen hub"
+                                    : "kept the current hub (updateHubAssignment false)");
     } else {
       ev.substatus = to_string(v.migrate_device_data ? assignment_substatus::device_data_migrated
                                                      : assignment_substatus::device_data_reset);
+      w.str("reprovision", "moved from " + prev->assigned_hub
+                             + (v.migrate_device_data ? " (migrateDeviceData true)"
+                                                      : " (migrateDeviceData false)"));
     }
   }
+  w.close();
+  ev.allocation_json = std::move(why);
   ev.assigned_hub = std::move(hub);
   ev.device_id = (ev.enrollment_group_id.empty() && !v.device_id.empty())
                    ? v.device_id
                    : ev.registration_id;
-  ev.initial_twin_json = v.initial_twin_json;
+  // The webhook's initialTwin, when it sent one, replaces the enrollment's
+  // (DPS: it overrides the twin settings).
+  ev.initial_twin_json = d.initial_twin_json.empty() ? v.initial_twin_json
+                                                     : std::move(d.initial_twin_json);
+  ev.returned_payload_json = std::move(d.payload_json);
   ev.iot_edge = v.iot_edge;
   // Kafka: a clock reading pinned in the log (the attested record's
   // timestamp, set by the bus; the request's, fused after attestation), so
@@ -171,14 +217,15 @@ struct allocation_job final : allocation::answer {
   event_ack ack;
   std::chrono::steady_clock::time_point start;
   std::shared_ptr<const enrollment::enrollment_view> view;
+  current_record current;
   caf::weak_actor_ptr stage;
   error err;
-  std::string hub;
+  allocation::decision decided_;
   enum : int { open, answered, expired };
   std::atomic<int> outcome{open};
   std::atomic<bool> first_arrived{false}; ///< of (answer, return from allocate())
 
-  void operator()(error e, std::string h) override;
+  void decided(error e, allocation::decision d) override;
   /// Fails the job with `e` (its deadline passed, the policy threw): true
   /// when no answer came first.
   bool expire(error e) {
@@ -198,19 +245,21 @@ namespace prov {
 
 namespace {
 
-/// Emits the outcome of `ev`, whose policy answered `err` or `hub` (`view`:
-/// its enrollment, null when it failed before the policy ran):
-/// registration.allocated, or registration.completed when it failed.
+/// Emits the outcome of `ev`, whose policy answered `err` or `d` (`view`:
+/// its enrollment, null when it failed before the policy ran; `cur`: the
+/// record prepare() read): registration.allocated, or
+/// registration.completed when it failed.
 void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registration_event& ev,
           event_ack& ack, std::chrono::steady_clock::time_point start,
-          const enrollment::enrollment_view* view, error err, std::string hub) {
+          const enrollment::enrollment_view* view, const current_record& cur, error err,
+          allocation::decision d) {
   // DPS assigns only linked hubs, whatever a policy (a webhook) answers.
   if (!err && std::none_of(ctx->hubs.begin(), ctx->hubs.end(),
-                           [&](const auto& h) { return iequals(h.hostname, hub); }))
+                           [&](const auto& h) { return iequals(h.hostname, d.hub); }))
     err = {error_code::no_hub_available,
-           "the allocation policy chose '" + hub + "', which is not a linked IoT hub"};
+           "the allocation policy chose '" + d.hub + "', which is not a linked IoT hub"};
   if (!err)
-    err = finish(*ctx, *view, ev, std::move(hub));
+    err = finish(*ctx, *view, ev, std::move(d), cur);
   ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
   auto next = transport::topic::registration_allocated;
   if (err) {
@@ -264,17 +313,17 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registrat
 }
 
 void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocation_job& job) {
-  emit(self, ctx, job.ev, job.ack, job.start, job.view.get(), std::move(job.err),
-       std::move(job.hub));
+  emit(self, ctx, job.ev, job.ack, job.start, job.view.get(), job.current, std::move(job.err),
+       std::move(job.decided_));
 }
 
 /// A synchronous policy's answer, on the stack.
 struct immediate_answer final : allocation::answer {
   error err{error_code::internal, "the allocation policy did not answer"};
-  std::string hub;
-  void operator()(error e, std::string h) override {
+  allocation::decision d;
+  void decided(error e, allocation::decision dec) override {
     err = std::move(e);
-    hub = std::move(h);
+    d = std::move(dec);
   }
 };
 
@@ -296,12 +345,13 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
               registration_event& ev, event_ack& ack) {
   const auto start = std::chrono::steady_clock::now();
   allocation::request in;
-  if (auto err = prepare(*ctx, ev, in))
-    return emit(self, ctx, ev, ack, start, nullptr, std::move(err), {});
+  current_record cur;
+  if (auto err = prepare(*ctx, ev, in, cur))
+    return emit(self, ctx, ev, ack, start, nullptr, cur, std::move(err), {});
   const auto kind = in.enrollment->allocation.value_or(allocation_policy::hashed);
   const allocation::policy* policy = ctx->policies.find(kind);
   if (policy == nullptr)
-    return emit(self, ctx, ev, ack, start, nullptr,
+    return emit(self, ctx, ev, ack, start, nullptr, cur,
                 {error_code::no_hub_available,
                  std::string(to_string(kind))
                    + (kind == allocation_policy::custom ? " allocation (webhook)" : " allocation")
@@ -314,16 +364,17 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
           policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
         }))
       now.err = std::move(err);
-    return emit(self, ctx, ev, ack, start, in.enrollment.get(), std::move(now.err),
-                std::move(now.hub));
+    return emit(self, ctx, ev, ack, start, in.enrollment.get(), cur, std::move(now.err),
+                std::move(now.d));
   }
   auto job = std::make_shared<allocation_job>();
   job->ev = std::move(ev);
   job->ack = std::move(ack);
   job->start = start;
   job->view = in.enrollment;
+  job->current = std::move(cur);
   job->stage = self->ctrl();
-  views_of(job->ev, in); // the event moved
+  views_of(job->ev, job->current, in); // the event moved
   if (auto err = guarded(kind, [&] { policy->allocate(in, job); }))
     if (job->expire(std::move(err))) // else it answered before throwing: that stands
       return emit(self, ctx, *job);
@@ -337,12 +388,12 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
 
 } // namespace
 
-void allocation_job::operator()(error e, std::string h) {
+void allocation_job::decided(error e, allocation::decision d) {
   int expected = open;
   if (!outcome.compare_exchange_strong(expected, answered))
     return; // too late: the deadline failed the job
   err = std::move(e);
-  hub = std::move(h);
+  decided_ = std::move(d);
   if (first_arrived.exchange(true)) // answered after allocate() returned
     if (auto strong = stage.lock())
       caf::anon_send(caf::actor_cast<caf::actor>(strong), allocated_atom::value,

@@ -41,6 +41,8 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -111,6 +113,8 @@ registration_state assigned_state(const registration_event& ev, const registrati
   rs.device_id = ev.device_id;
   rs.status = registration_status::assigned;
   rs.substatus = ev.substatus;
+  rs.payload_json = ev.returned_payload_json;
+  rs.allocation_json = ev.allocation_json;
   rs.etag = enrollment::new_etag();
   rs.attestation_type = ev.attestation_type;
   rs.enrollment_group_id = ev.enrollment_group_id;
@@ -186,14 +190,25 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       ev.completed_ms = now_ms();
       ev.status = registration_status::assigned;
       auto rs = assigned_state(ev, prev);
+      // `prev` may live in ev.prior: keep what the outbox needs of it.
+      std::optional<registration_state> moved_from;
+      if (configuration::moves_hub(prev, ev))
+        moved_from = *prev;
       ev.prior.reset();
       op.status = registration_status::assigned;
       op.state = rs;
       // A terminal record needs only its state: the event was kept for resume,
       // and the outbox event carries the details. Half the bytes per device.
       op.event = registration_event{};
-      auto seq = st->next_seq++;
       storage::write_batch batch;
+      // Moved to another hub: the old hub's device.deprovisioned comes first
+      // in the outbox, in the same batch as the assignment.
+      if (moved_from) {
+        auto dseq = st->next_seq++;
+        batch.put(storage::cf::outbox, storage::seq_key(dseq),
+                  configuration::deprovision_event(ev, *moved_from, dseq));
+      }
+      auto seq = st->next_seq++;
       batch.put(storage::cf::registrations, reg_key, encode_record(rs));
       batch.put(storage::cf::operations, ev.operation_id, encode_record(op));
       // A deferred accept has no `pending` entry, or one recorded for a 202
@@ -311,6 +326,8 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         ev.assigned_hub = prev.assigned_hub;
         ev.device_id = prev.device_id;
         ev.substatus = prev.substatus;
+        ev.returned_payload_json = prev.payload_json;
+        ev.allocation_json = prev.allocation_json;
         r.event = std::move(ev);
         r.state = prev;
         // The record again only if nobody has it yet: not in the table, not
@@ -329,14 +346,47 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       ev.status = registration_status::assigned;
       r.state = assigned_state(ev, had_prev ? &prev : nullptr);
       r.state.etag = enrollment::etag_for(ev.operation_id);
+      const bool moved = configuration::moves_hub(had_prev ? &prev : nullptr, ev);
       r.event = std::move(ev);
       auto op_id = r.event.operation_id;
       auto& slot = st->relaying.emplace(op_id, std::move(r)).first->second;
+      auto recorded = reply_to(self, recorded_atom::value, op_id);
+      if (moved) {
+        // Moved off a hub: device.deprovisioned for the old one on the same
+        // topic and key (so the same partition, before device.assigned);
+        // step 1 is done when both are durable. A retry publishes both again
+        // (same ids: consumers dedupe on ce_id).
+        struct join_t {
+          std::mutex mtx;
+          int left = 2;
+          error first;
+        };
+        auto join = std::make_shared<join_t>();
+        recorded = [join, recorded = std::move(recorded)](const error& e) {
+          std::unique_lock<std::mutex> lk(join->mtx);
+          if (e && !join->first)
+            join->first = e;
+          if (--join->left > 0)
+            return;
+          error out = join->first;
+          lk.unlock();
+          recorded(out);
+        };
+        auto rec = assigned_record(configuration::deprovision_attributes_of(slot.event, prev),
+                                   configuration::deprovision_event(slot.event, prev, 0));
+        rec.key = slot.event.device_id; // the partition of device.assigned
+        for (auto& [name, value] : rec.headers)
+          if (name == "ce_type")
+            value = "device.deprovisioned";
+          else if (name == "operation_id")
+            value = op_id;
+        ctx->bus->publish_raw_durable(transport::topic::device_assigned, std::move(rec), recorded);
+      }
       ctx->bus->publish_raw_durable(
         transport::topic::device_assigned,
         assigned_record(configuration::attributes_of(slot.event),
                         configuration::assignment_event(slot.event, slot.state, 0)),
-        reply_to(self, recorded_atom::value, op_id));
+        std::move(recorded));
     },
     [=](recorded_atom, const std::string& op_id, const error& e) {
       // Step 1 (device.assigned) answered.

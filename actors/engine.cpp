@@ -9,10 +9,12 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
+#include "actors/allocation/custom_webhook.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
 #include "actors/throttling/rate_limiter.hpp"
+#include "gateway/net/webhook_client.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_bus.hpp"
@@ -564,6 +566,53 @@ error make_kafka_bus(const config::kafka_config& cfg,
   return {};
 }
 
+/// allocationPolicy "custom": the webhook calls run on the client's own
+/// threads; the policy (and so the engine) owns the client.
+error custom_policy_of(const config::custom_allocation_config& c,
+                       std::shared_ptr<const allocation::policy>& out) {
+  if (!c.ca_file.empty()) {
+    std::FILE* f = std::fopen(c.ca_file.c_str(), "rb");
+    if (f == nullptr)
+      return {error_code::bad_request,
+              "custom_allocation.ca_file: cannot read '" + c.ca_file + "'"};
+    std::fclose(f);
+  }
+  net::webhook_client_options o;
+  o.ca_file = c.ca_file;
+  o.threads = c.threads;
+  o.timeout = std::chrono::milliseconds(c.timeout_ms);
+  o.retries = c.retries;
+  o.retry_backoff = std::chrono::milliseconds(c.retry_backoff_ms);
+  auto client = std::make_shared<net::webhook_client>(o);
+  // The stage's own deadline comes after every attempt and backoff the
+  // client may take (each attempt: connect, then the exchange), so the
+  // client's answer, which names the webhook's status, is normally the one.
+  auto budget = std::chrono::milliseconds(0);
+  auto backoff = o.retry_backoff;
+  for (int i = 0; i <= o.retries; ++i) {
+    budget += 2 * o.timeout;
+    if (i < o.retries) {
+      budget += backoff;
+      backoff *= 2;
+    }
+  }
+  budget += std::chrono::seconds(5);
+  out = std::make_shared<allocation::custom_policy>(
+    [client](allocation::webhook_post post, std::function<void(allocation::webhook_reply)> done) {
+      client->post(std::move(post.url), std::move(post.body),
+                   [done = std::move(done)](net::webhook_result r) {
+                     allocation::webhook_reply reply;
+                     reply.err = std::move(r.err);
+                     reply.status = r.status;
+                     reply.body = std::move(r.body);
+                     reply.attempts = r.attempts;
+                     done(std::move(reply));
+                   });
+    },
+    budget);
+  return {};
+}
+
 } // namespace
 
 namespace {
@@ -644,6 +693,12 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   // another: geoLatency picks among them as hashed does.
   ctx->policies.add_as(allocation_policy::geo_latency, hashed);
   ctx->policies.add(std::make_shared<allocation::static_policy>());
+  if (opts.cfg.roles.allocation) {
+    std::shared_ptr<const allocation::policy> custom;
+    if (auto err = custom_policy_of(opts.cfg.custom_allocation, custom))
+      return err;
+    ctx->policies.add(std::move(custom));
+  }
   for (const auto& p : opts.policies)
     ctx->policies.add(p);
   if (opts.metrics == nullptr)

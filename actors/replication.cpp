@@ -351,12 +351,12 @@ private:
     storage::write_batch wb;
     // Last operation applied per registration within this batch (the store
     // does not see the batch's own writes yet).
-    std::unordered_map<std::string, std::string> last_op;
+    std::unordered_map<std::string, registration_state> last_state;
     auto seq = next_seq_;
     for (const auto& m : batch) {
       if (m.tombstone) {
         wb.del(storage::cf::registrations, m.key);
-        last_op[m.key].clear();
+        last_state[m.key] = registration_state{};
         continue;
       }
       operation_record u;
@@ -374,23 +374,28 @@ private:
         continue;
       // One outbox event per operation: a republished record (crash
       // recovery) carries the same operation and is not appended again.
-      std::string prev_op;
-      if (auto it = last_op.find(m.key); it != last_op.end()) {
-        prev_op = it->second;
+      registration_state prev;
+      if (auto it = last_state.find(m.key); it != last_state.end()) {
+        prev = it->second;
       } else {
         std::optional<std::string> raw;
-        registration_state prev;
         if (auto err = ctx_.store->get(storage::cf::registrations, m.key, raw))
           return err;
-        if (raw && !decode_record(*raw, prev))
-          prev_op = prev.last_operation_id;
+        if (raw && decode_record(*raw, prev))
+          prev = registration_state{};
       }
-      if (prev_op != u.state.last_operation_id) {
+      if (prev.last_operation_id != u.state.last_operation_id) {
+        // Moved off a hub: the old hub's device.deprovisioned first.
+        if (configuration::moves_hub(&prev, u.event)) {
+          wb.put(storage::cf::outbox, storage::seq_key(seq),
+                 configuration::deprovision_event(u.event, prev, seq));
+          ++seq;
+        }
         wb.put(storage::cf::outbox, storage::seq_key(seq),
                configuration::assignment_event(u.event, u.state, seq));
         ++seq;
       }
-      last_op[m.key] = u.state.last_operation_id;
+      last_state[m.key] = u.state;
     }
     add_positions(wb, registrations_topic_, batch);
     // Outbox sequence numbers, once GET /assignments has handed them out,

@@ -553,6 +553,18 @@ std::string group_of(const json& rs) {
 
 void print_registration_state(const json& rs, const std::string& operation_id = {}) {
   std::string code = str_member(rs, "errorCode");
+  // Why the device is on its hub (the service API's `allocation`).
+  std::string policy, why, reprovision;
+  if (auto a = rs.find("allocation"); a != rs.end() && a->is_object()) {
+    policy = a->value("policy", "");
+    if (a->contains("servedBy"))
+      policy += " (served by " + a->value("servedBy", "") + ")";
+    if (a->contains("chosen"))
+      policy += ", chose " + a->value("chosen", "") + " among " + a->value("candidates", "");
+    if (auto w = a->find("why"); w != a->end())
+      why = w->dump();
+    reprovision = a->value("reprovision", "");
+  }
   print_fields({{"REGISTRATION ID", str_member(rs, "registrationId")},
                 {"STATUS", str_member(rs, "status")},
                 {"ASSIGNED HUB", str_member(rs, "assignedHub")},
@@ -564,7 +576,11 @@ void print_registration_state(const json& rs, const std::string& operation_id = 
                 {"OPERATION ID", operation_id},
                 {"CREATED", short_time(str_member(rs, "createdDateTimeUtc"))},
                 {"UPDATED", short_time(str_member(rs, "lastUpdatedDateTimeUtc"))},
-                {"ETAG", str_member(rs, "etag")}});
+                {"ETAG", str_member(rs, "etag")},
+                {"ALLOCATION", policy},
+                {"WHY", why},
+                {"REPROVISION", reprovision},
+                {"PAYLOAD", rs.contains("payload") ? rs["payload"].dump() : ""}});
 }
 
 int run_registration_get(const common_options& c, const std::string& id) {

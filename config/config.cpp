@@ -52,6 +52,10 @@ constexpr int_rule block_cache_rule{8, 65536};
 constexpr int_rule quota_rule{0, 10000000};
 constexpr int_rule poll_window_rule{1, 3600};
 constexpr int_rule tracked_keys_rule{1, 10000000};
+constexpr int_rule webhook_timeout_rule{100, 600000};
+constexpr int_rule webhook_retries_rule{0, 10};
+constexpr int_rule webhook_backoff_rule{0, 60000};
+constexpr int_rule webhook_threads_rule{1, 256};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
@@ -334,6 +338,13 @@ void check_config(const engine_config& c, const report_fn& report) {
     check_range(report, base + ".allocation_weight", h.allocation_weight, weight_rule);
   }
 
+  const custom_allocation_config& w = c.custom_allocation;
+  check_range(report, "custom_allocation.timeout_ms", w.timeout_ms, webhook_timeout_rule);
+  check_range(report, "custom_allocation.retries", w.retries, webhook_retries_rule);
+  check_range(report, "custom_allocation.retry_backoff_ms", w.retry_backoff_ms,
+              webhook_backoff_rule);
+  check_range(report, "custom_allocation.threads", w.threads, webhook_threads_rule);
+
   if (!c.metrics.listen.empty()) check_listen(report, "metrics.listen", c.metrics.listen);
 
   if (std::find(std::begin(log_levels), std::end(log_levels), c.log.level) ==
@@ -414,7 +425,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
-                "metrics", "storage", "log", "kafka"});
+                "custom_allocation", "metrics", "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -493,6 +504,16 @@ class loader {
       get(*t, "mqtt", "listen", c.mqtt.listen);
       get_int(*t, "mqtt", "max_packet_bytes", c.mqtt.max_packet_bytes, max_packet_rule);
       get_int(*t, "mqtt", "max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+    }
+    if (const toml::table* t = sub_table(root, "", "custom_allocation")) {
+      const std::string p = "custom_allocation";
+      custom_allocation_config& w = c.custom_allocation;
+      check_keys(*t, p, {"ca_file", "timeout_ms", "retries", "retry_backoff_ms", "threads"});
+      get(*t, p, "ca_file", w.ca_file);
+      get_int(*t, p, "timeout_ms", w.timeout_ms, webhook_timeout_rule);
+      get_int(*t, p, "retries", w.retries, webhook_retries_rule);
+      get_int(*t, p, "retry_backoff_ms", w.retry_backoff_ms, webhook_backoff_rule);
+      get_int(*t, p, "threads", w.threads, webhook_threads_rule);
     }
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});

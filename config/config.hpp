@@ -95,6 +95,17 @@ struct throttling_config {
   }
 };
 
+/// The custom allocation webhook calls (allocationPolicy "custom").
+struct custom_allocation_config {
+  /// PEM file of the CA certificate(s) webhook servers must chain to; empty:
+  /// the system trust store.
+  std::string ca_file;
+  int timeout_ms = 10000;      ///< per attempt (connect + TLS, then the answer)
+  int retries = 2;             ///< after no answer, 408, 429 or 5xx
+  int retry_backoff_ms = 500;  ///< before the first retry, doubled each time
+  int threads = 4;             ///< calls in flight at most (each waits on its thread)
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -165,6 +176,7 @@ struct engine_config {
   throttling_config throttling;
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
+  custom_allocation_config custom_allocation;
   metrics_config metrics;
   storage_config storage;
   log_config log;

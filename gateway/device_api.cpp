@@ -199,6 +199,13 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     return answer(ok(200, std::move(text)));
   }
   rr.force_registration = call.force_registration;
+  // As a body member too (the query parameter is how the Node SDK sends it);
+  // provisiond allocates every register anyway (docs/device-api.md).
+  if (auto it = body.find("forceRegistration"); it != body.end() && !it->is_null()) {
+    if (!it->is_boolean())
+      return fail({error_code::bad_request, "forceRegistration must be a boolean"});
+    rr.force_registration = rr.force_registration || it->get<bool>();
+  }
   register_device(std::move(rr), call, answer);
 }
 

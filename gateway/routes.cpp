@@ -428,7 +428,7 @@ private:
           registration_state st;
           if (auto err = eng_.registration(ids[0], st))
             return fail(err);
-          return reply(json_response(200, to_json_text(st)));
+          return reply(json_response(200, to_json_text(st, /*service=*/true)));
         }
         if (m == "DELETE") {
           if (auto err = authorize(req, "RegistrationStatusWrite"))
@@ -458,7 +458,7 @@ private:
           return fail(err);
         json arr = json::array();
         for (const auto& st : page)
-          arr.push_back(to_json(st));
+          arr.push_back(to_json(st, /*service=*/true));
         return reply(page_response(std::move(arr), next, "DeviceRegistration", max));
       }
       return fail({error_code::not_found, "no such route: " + req.path});

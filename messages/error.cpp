@@ -14,6 +14,7 @@ std::string_view to_string(error_code c) noexcept {
     case error_code::invalid_query: return "invalid_query";
     case error_code::id_mismatch: return "id_mismatch";
     case error_code::invalid_header: return "invalid_header";
+    case error_code::custom_allocation_failed: return "custom_allocation_failed";
     case error_code::no_hub_available: return "no_hub_available";
     case error_code::unauthorized: return "unauthorized";
     case error_code::unauthorized_signature: return "unauthorized_signature";

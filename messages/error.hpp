@@ -21,6 +21,7 @@ enum class error_code : int32_t {
   invalid_query = 400006,
   id_mismatch = 400007,                // body id differs from path id
   invalid_header = 400008,
+  custom_allocation_failed = 400207,   // DPS: "Custom allocation failed with status code: 500"
   no_hub_available = 400208,           // DPS/C SDK: no IoT hub for the enrollment
   // 401: authentication.
   unauthorized = 401000,               // missing or malformed credential

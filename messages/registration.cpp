@@ -162,6 +162,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "enrollmentGroupId", s.enrollment_group_id);
   get_to(j, "payload", s.payload_json);
   get_to(j, "lastOperationId", s.last_operation_id);
+  get_to(j, "allocation", s.allocation_json);
   return {};
 }
 
@@ -191,6 +192,10 @@ json event_json(const registration_event& ev) {
               {"completedMs", ev.completed_ms}};
   if (!ev.authorization.empty())
     j["authorization"] = ev.authorization;
+  if (!ev.returned_payload_json.empty())
+    j["returnedPayload"] = ev.returned_payload_json;
+  if (!ev.allocation_json.empty())
+    j["allocation"] = ev.allocation_json;
   return j;
 }
 
@@ -215,6 +220,8 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "initialTwin", ev.initial_twin_json);
   get_to(j, "iotEdge", ev.iot_edge);
   get_to(j, "substatus", ev.substatus);
+  get_to(j, "returnedPayload", ev.returned_payload_json);
+  get_to(j, "allocation", ev.allocation_json);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -238,7 +245,7 @@ error guarded(std::string_view what, F&& f) {
 
 } // namespace
 
-json to_json(const registration_state& s) {
+json to_json(const registration_state& s, bool service) {
   json j{{"registrationId", s.registration_id},
          {"status", to_string(s.status)}};
   if (s.created_ms)
@@ -267,12 +274,14 @@ json to_json(const registration_state& s) {
   }
   if (!s.payload_json.empty())
     j["payload"] = parse_or_null(s.payload_json);
+  if (service && !s.allocation_json.empty())
+    j["allocation"] = parse_or_null(s.allocation_json);
   return j;
 }
 
 namespace {
 
-void write_state(std::string& out, const registration_state& s) {
+void write_state(std::string& out, const registration_state& s, bool service = false) {
   json_text::object o(out);
   o.str("registrationId", s.registration_id).str("status", to_string(s.status));
   if (s.created_ms)
@@ -303,15 +312,17 @@ void write_state(std::string& out, const registration_state& s) {
     else
       o.raw("payload", parse_or_null(s.payload_json).dump());
   }
+  if (service && !s.allocation_json.empty())
+    o.raw("allocation", parse_or_null(s.allocation_json).dump());
   o.close();
 }
 
 } // namespace
 
-std::string to_json_text(const registration_state& s) {
+std::string to_json_text(const registration_state& s, bool service) {
   std::string out;
-  out.reserve(384);
-  write_state(out, s);
+  out.reserve(384 + s.allocation_json.size());
+  write_state(out, s, service);
   return out;
 }
 
@@ -349,7 +360,9 @@ namespace {
 constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
-constexpr uint8_t record_version = 1;
+/// 2: registration states end with allocation_json. Version 1 records
+/// (without it) are still read.
+constexpr uint8_t record_version = 2;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -375,9 +388,10 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.enrollment_group_id);
   w.str(s.payload_json);
   w.str(s.last_operation_id);
+  w.str(s.allocation_json); // version 2
 }
 
-bool get_state(codec::reader& r, registration_state& s) {
+bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   r.str(s.registration_id);
   s.created_ms = r.i64();
   s.updated_ms = r.i64();
@@ -393,6 +407,8 @@ bool get_state(codec::reader& r, registration_state& s) {
   r.str(s.enrollment_group_id);
   r.str(s.payload_json);
   r.str(s.last_operation_id);
+  if (version >= 2)
+    r.str(s.allocation_json);
   return r.ok();
 }
 
@@ -446,8 +462,11 @@ bool get_event(codec::reader& r, registration_event& ev) {
   return r.ok();
 }
 
-bool binary_header(codec::reader& r, uint8_t kind) {
-  return r.u8() == record_magic && r.u8() == kind && r.u8() == record_version && r.ok();
+bool binary_header(codec::reader& r, uint8_t kind, uint8_t& version) {
+  if (r.u8() != record_magic || r.u8() != kind)
+    return false;
+  version = r.u8();
+  return r.ok() && version >= 1 && version <= record_version;
 }
 
 error corrupt(std::string_view what) {
@@ -472,7 +491,8 @@ error decode_record(std::string_view text, registration_state& out) {
       return state_from(j, out);
     });
   codec::reader r(text);
-  if (!binary_header(r, kind_state) || !get_state(r, out) || !r.done())
+  uint8_t version = 0;
+  if (!binary_header(r, kind_state, version) || !get_state(r, out, version) || !r.done())
     return corrupt("registration record");
   return {};
 }
@@ -511,13 +531,14 @@ error decode_record(std::string_view text, operation_record& out) {
       return {};
     });
   codec::reader r(text);
-  if (!binary_header(r, kind_operation))
+  uint8_t version = 0;
+  if (!binary_header(r, kind_operation, version))
     return corrupt("operation record");
   r.str(out.operation_id);
   r.str(out.registration_id);
   if (!get_status(r, out.status) || !get_event(r, out.event))
     return corrupt("operation record");
-  if (r.u8() == 1 && !get_state(r, out.state))
+  if (r.u8() == 1 && !get_state(r, out.state, version))
     return corrupt("operation record");
   if (!r.done())
     return corrupt("operation record");
@@ -549,12 +570,16 @@ std::string encode_event(const registration_event& ev) {
               + ev.api_version.size() + ev.protocol.size() + ev.attestation_type.size()
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
-              + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size());
+              + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
+              + ev.returned_payload_json.size() + ev.allocation_json.size() + 36);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
   append_int(out, ev.allocated_ms);
-  bool ok = append_str_field(out, ",\"apiVersion\":", ev.api_version)
+  bool ok = true;
+  if (!ev.allocation_json.empty()) // "allocatedMs" < "allocation" < "apiVersion"
+    ok = append_str_field(out, ",\"allocation\":", ev.allocation_json);
+  ok = ok && append_str_field(out, ",\"apiVersion\":", ev.api_version)
             && append_str_field(out, ",\"assignedHub\":", ev.assigned_hub)
             && append_str_field(out, ",\"attestationType\":", ev.attestation_type);
   out.append(",\"attestedMs\":");
@@ -574,8 +599,10 @@ std::string encode_event(const registration_event& ev) {
   ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
        && append_str_field(out, ",\"payload\":", ev.payload_json)
        && append_str_field(out, ",\"protocol\":", ev.protocol)
-       && append_str_field(out, ",\"registrationId\":", ev.registration_id)
-       && append_str_field(out, ",\"status\":", to_string(ev.status))
+       && append_str_field(out, ",\"registrationId\":", ev.registration_id);
+  if (ok && !ev.returned_payload_json.empty())
+    ok = append_str_field(out, ",\"returnedPayload\":", ev.returned_payload_json);
+  ok = ok && append_str_field(out, ",\"status\":", to_string(ev.status))
        && append_str_field(out, ",\"substatus\":", ev.substatus);
   out.append(",\"v\":");
   append_int(out, ev.version);
@@ -611,7 +638,7 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -669,7 +696,8 @@ private:
     "v", "operationId", "registrationId", "idScope", "apiVersion", "protocol", "acceptedMs",
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
-    "errorMessage", "attestedMs", "allocatedMs", "completedMs"};
+    "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
+    "allocation"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -961,7 +989,9 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_payload, ev.payload_json, err) || !read(f_authorization, ev.authorization, err)
       || !read(f_assigned_hub, ev.assigned_hub, err) || !read(f_device_id, ev.device_id, err)
       || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
-      || !read(f_substatus, ev.substatus, err))
+      || !read(f_substatus, ev.substatus, err)
+      || !read(f_returned_payload, ev.returned_payload_json, err)
+      || !read(f_allocation, ev.allocation_json, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -70,6 +70,15 @@ struct registration_event {
   std::string initial_twin_json;
   bool iot_edge = false;
   std::string substatus;
+  /// The custom allocation webhook's `payload` (JSON object text), for
+  /// registrationState.payload; "" when none. In the JSON encoding only when
+  /// set; not in the binary operation record (a terminal one keeps it in its
+  /// state, an unfinished one is allocated again).
+  std::string returned_payload_json;
+  /// Why the device got its hub (JSON object text: the policy, its
+  /// reasons, re-provisioning); "" when not allocated. JSON encoding only
+  /// when set, like returnedPayload.
+  std::string allocation_json;
   // terminal outcome
   registration_status status = registration_status::assigning;
   int32_t error_code = 0;
@@ -101,7 +110,7 @@ typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
            x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
-           x.iot_edge, x.substatus, x.status, x.error_code, x.error_message,
+           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 
@@ -119,8 +128,11 @@ struct registration_state {
   std::string etag;
   std::string attestation_type;
   std::string enrollment_group_id;
-  std::string payload_json;
+  std::string payload_json; ///< the custom allocation webhook's payload ("" none)
   std::string last_operation_id; ///< internal: not shown to devices
+  /// Why the device is on its hub (the event's allocation_json); shown by the
+  /// service API only, never to devices.
+  std::string allocation_json;
 };
 
 /// A register call's lifecycle, as stored under its operation id.
@@ -135,14 +147,16 @@ struct operation_record {
 // -- JSON codecs (DPS wire shapes and our storage records) --------------------
 
 /// DeviceRegistrationResult JSON (registrationId, createdDateTimeUtc, ...).
-nlohmann::json to_json(const registration_state& s);
+/// `service`: the service API's view, which adds `allocation` (why this hub)
+/// when known; devices never see it.
+nlohmann::json to_json(const registration_state& s, bool service = false);
 /// {"operationId","status","registrationState"?} as the device API answers.
 nlohmann::json operation_status_json(const std::string& operation_id,
                                      const registration_state& s);
 
 /// The same two documents as compact JSON text, written without building a
 /// tree (every poll answers one). Equal to to_json(...).dump() as JSON values.
-std::string to_json_text(const registration_state& s);
+std::string to_json_text(const registration_state& s, bool service = false);
 std::string operation_status_text(const std::string& operation_id,
                                   const registration_state& s);
 

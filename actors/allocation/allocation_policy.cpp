@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
+#include "messages/json_text.hpp"
 
 namespace prov::allocation {
 
@@ -26,9 +28,56 @@ double unit_hash(const std::string& reg_lower, std::string_view hostname) {
 
 } // namespace
 
+namespace {
+
+error hashed_impl(std::string_view registration_id, const std::vector<candidate_hub>& hubs,
+                  bool explicit_list, std::string& out, std::vector<double>* scores);
+
+} // namespace
+
 error hashed(std::string_view registration_id,
              const std::vector<candidate_hub>& hubs, bool explicit_list,
              std::string& out) {
+  return hashed_impl(registration_id, hubs, explicit_list, out, nullptr);
+}
+
+error hashed_explained(std::string_view registration_id,
+                       const std::vector<candidate_hub>& hubs, bool explicit_list,
+                       std::string& out, std::string& why_json) {
+  // -1: the hub took no part; 0: it was the only one (nothing hashed).
+  std::vector<double> scores(hubs.size(), -1.0);
+  auto err = hashed_impl(registration_id, hubs, explicit_list, out, &scores);
+  why_json.clear();
+  if (err)
+    return err;
+  std::string weights, scored;
+  json_text::object w(weights), sc(scored);
+  bool any_score = false;
+  for (std::size_t i = 0; i < hubs.size(); ++i) {
+    if (scores[i] < 0)
+      continue;
+    w.num(hubs[i].hostname, std::clamp(hubs[i].weight, 1, 1000));
+    if (scores[i] > 0) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.6g", scores[i]);
+      sc.raw(hubs[i].hostname, buf);
+      any_score = true;
+    }
+  }
+  w.close();
+  sc.close();
+  json_text::object why(why_json);
+  why.raw("weights", weights);
+  if (any_score)
+    why.raw("scores", scored);
+  why.close();
+  return {};
+}
+
+namespace {
+
+error hashed_impl(std::string_view registration_id, const std::vector<candidate_hub>& hubs,
+                  bool explicit_list, std::string& out, std::vector<double>* scores) {
   out.clear();
   auto takes_part = [explicit_list](const candidate_hub& h) {
     return !h.hostname.empty() && (explicit_list || h.apply_allocation_policy);
@@ -43,6 +92,8 @@ error hashed(std::string_view registration_id,
     }
   if (eligible == 1) {
     out = only->hostname;
+    if (scores != nullptr)
+      (*scores)[static_cast<std::size_t>(only - hubs.data())] = 0;
     return {};
   }
   const std::string reg_lower = to_lower(registration_id);
@@ -55,6 +106,8 @@ error hashed(std::string_view registration_id,
     // belongs to the enrollment/hub model, allocation must stay total.
     const int w = std::clamp(h.weight, 1, 1000);
     const double score = -static_cast<double>(w) / std::log(unit_hash(reg_lower, h.hostname));
+    if (scores != nullptr)
+      (*scores)[static_cast<std::size_t>(&h - hubs.data())] = score;
     // Ties (in practice: the same hub listed twice, perhaps in another case)
     // are broken by name, never by position, to stay order independent.
     const std::string lower = to_lower(h.hostname);
@@ -78,6 +131,8 @@ error hashed(std::string_view registration_id,
   return {};
 }
 
+} // namespace
+
 error static_hub(const std::vector<candidate_hub>& hubs, std::string& out) {
   out.clear();
   if (hubs.size() != 1 || hubs.front().hostname.empty())
@@ -89,8 +144,8 @@ error static_hub(const std::vector<candidate_hub>& hubs, std::string& out) {
 }
 
 void hashed_policy::allocate(const request& in, done_fn done) const {
-  std::string hub;
-  if (hashed(in.registration_id, in.candidates, in.explicit_list, hub)) {
+  decision d;
+  if (hashed_explained(in.registration_id, in.candidates, in.explicit_list, d.hub, d.why_json)) {
     (*done)({error_code::no_hub_available,
              in.linked_hubs == 0
                ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
@@ -98,7 +153,7 @@ void hashed_policy::allocate(const request& in, done_fn done) const {
             {});
     return;
   }
-  (*done)({}, std::move(hub));
+  done->decided({}, std::move(d));
 }
 
 void static_policy::allocate(const request& in, done_fn done) const {

@@ -22,6 +22,13 @@ namespace prov::allocation {
                            const std::vector<candidate_hub>& hubs,
                            bool explicit_list, std::string& out);
 
+/// hashed(), and why: {"weights":{hub:w,...},"scores":{hub:s,...}} over the
+/// hubs that took part (no scores when only one did: nothing was hashed).
+[[nodiscard]] error hashed_explained(std::string_view registration_id,
+                                     const std::vector<candidate_hub>& hubs,
+                                     bool explicit_list, std::string& out,
+                                     std::string& why_json);
+
 /// The enrollment's single hub. Error no_hub_available when `hubs` does not
 /// hold exactly one entry.
 [[nodiscard]] error static_hub(const std::vector<candidate_hub>& hubs,

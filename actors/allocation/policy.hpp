@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "actors/enrollment/enrollment_model.hpp"
@@ -36,6 +37,24 @@ struct request {
   bool explicit_list = false;   ///< candidates are the enrollment's iotHubs
   std::size_t linked_hubs = 0;  ///< how many hubs are linked at all
   std::string_view payload_json; ///< the device's registration payload, "" when none
+  /// Re-provisioning: the hub and device id of the device's current
+  /// assignment ("" on a first registration).
+  std::string_view current_hub;
+  std::string_view current_device_id;
+};
+
+/// A policy's answer: the hub, and what a policy may decide beyond it (the
+/// custom webhook returns a twin and a payload for the device).
+struct decision {
+  std::string hub;
+  /// Replaces the enrollment's initialTwin when set (compact JSON object).
+  std::string initial_twin_json;
+  /// Returned to the device in registrationState.payload (compact JSON
+  /// object); "" when none.
+  std::string payload_json;
+  /// Why this hub, for operators (a compact JSON object; "" when the policy
+  /// says nothing): the weights and scores, the webhook's answer.
+  std::string why_json;
 };
 
 /// Where a policy's answer goes: the hub's host name, or why there is none.
@@ -43,7 +62,14 @@ struct request {
 class answer : public std::enable_shared_from_this<answer> {
 public:
   virtual ~answer() = default;
-  virtual void operator()(error err, std::string hub) = 0;
+  /// The decision, or why there is none (`d` is then ignored).
+  virtual void decided(error err, decision d) = 0;
+  /// A decision that is only a hub (hashed, static).
+  void operator()(error err, std::string hub) {
+    decision d;
+    d.hub = std::move(hub);
+    decided(std::move(err), std::move(d));
+  }
 };
 using done_fn = std::shared_ptr<answer>;
 
@@ -57,7 +83,7 @@ public:
   /// How long the stage waits for a later answer before it fails the device
   /// (no_hub_available); an answer after that is dropped.
   virtual std::chrono::milliseconds deadline() const noexcept { return std::chrono::seconds(30); }
-  /// Calls `(*done)(...)` exactly once: during the call, or later from any
+  /// Calls `(*done)(...)` or `done->decided(...)` exactly once: during the call, or later from any
   /// thread (copying what it needs of `in` before returning).
   virtual void allocate(const request& in, done_fn done) const = 0;
 };

@@ -1,5 +1,6 @@
 #include "actors/configuration/cloud_event.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/json_text.hpp"
 
 namespace prov::configuration {
@@ -16,7 +17,7 @@ std::string assignment_event(const registration_event& ev, const registration_st
                              uint64_t seq) {
   auto attrs = attributes_of(ev);
   std::string out;
-  out.reserve(640 + ev.initial_twin_json.size());
+  out.reserve(640 + ev.initial_twin_json.size() + rs.allocation_json.size());
   json_text::object ce(out);
   ce.str("specversion", "1.0")
     .str("type", "device.assigned")
@@ -38,6 +39,12 @@ std::string assignment_event(const registration_event& ev, const registration_st
     data.str("enrollmentGroupId", ev.enrollment_group_id);
   // The enrollment stored the twin as compact, valid JSON text.
   data.raw("initialTwin", ev.initial_twin_json.empty() ? "{}" : ev.initial_twin_json);
+  // Why this hub (the allocation stage's JSON object), when it said. From
+  // the record: a gateway rebuilding this event from dps.registrations has
+  // it there only (the binary operation record's event does not carry it).
+  const std::string& why = rs.allocation_json.empty() ? ev.allocation_json : rs.allocation_json;
+  if (!why.empty())
+    data.raw("allocation", why);
   json_text::object caps(data.nested("capabilities"));
   caps.boolean("iotEdge", ev.iot_edge).close();
   json_text::object ts(data.nested("timestamps"));
@@ -47,6 +54,50 @@ std::string assignment_event(const registration_event& ev, const registration_st
     .str("registrationCreated", utc_chars(rs.created_ms))
     .close();
   data.close();
+  ce.close();
+  return out;
+}
+
+bool moves_hub(const registration_state* prev, const registration_event& ev) {
+  return prev != nullptr && prev->status == registration_status::assigned
+         && !prev->assigned_hub.empty() && !ev.assigned_hub.empty()
+         && !ascii::iequals(prev->assigned_hub, ev.assigned_hub);
+}
+
+ce_attributes deprovision_attributes_of(const registration_event& ev,
+                                        const registration_state& prev) {
+  return {"/provisiond/" + ev.id_scope, ev.operation_id + "/deprovisioned",
+          prev.device_id.empty() ? ev.device_id : prev.device_id, utc_string(ev.completed_ms)};
+}
+
+std::string deprovision_event(const registration_event& ev, const registration_state& prev,
+                              uint64_t seq) {
+  auto attrs = deprovision_attributes_of(ev, prev);
+  std::string out;
+  out.reserve(512);
+  json_text::object ce(out);
+  ce.str("specversion", "1.0")
+    .str("type", "device.deprovisioned")
+    .str("source", attrs.source)
+    .str("id", attrs.id)
+    .str("subject", attrs.subject)
+    .str("time", attrs.time)
+    .str("datacontenttype", "application/json");
+  if (seq > 0)
+    ce.str("sequence", std::to_string(seq));
+  json_text::object data(ce.nested("data"));
+  data.str("registrationId", ev.registration_id)
+    .str("deviceId", attrs.subject)
+    .str("hub", prev.assigned_hub)
+    .str("reason", "reprovisioned")
+    .str("operationId", ev.operation_id)
+    .str("newHub", ev.assigned_hub)
+    .str("newDeviceId", ev.device_id)
+    // deviceDataMigrated: copy the device's twin from `hub` to `newHub`
+    // before deleting it; deviceDataReset: the new hub starts from the
+    // initial twin of device.assigned.
+    .str("substatus", ev.substatus)
+    .close();
   ce.close();
   return out;
 }

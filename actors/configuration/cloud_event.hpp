@@ -25,4 +25,16 @@ ce_attributes attributes_of(const registration_event& ev);
 std::string assignment_event(const registration_event& ev, const registration_state& rs,
                              uint64_t seq);
 
+/// True when the assignment `ev` moves the device off the hub of its
+/// previous assignment `prev` (re-provisioning to another hub).
+bool moves_hub(const registration_state* prev, const registration_event& ev);
+
+/// The device.deprovisioned CloudEvent for the hub `prev` leaves because of
+/// `ev` (id: the operation id + "/deprovisioned"). `seq` as above.
+std::string deprovision_event(const registration_event& ev, const registration_state& prev,
+                              uint64_t seq);
+/// Its context attributes (type device.deprovisioned).
+ce_attributes deprovision_attributes_of(const registration_event& ev,
+                                        const registration_state& prev);
+
 } // namespace prov::configuration

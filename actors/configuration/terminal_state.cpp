@@ -24,6 +24,8 @@ registration_state state_from_completed(const registration_event& ev) {
     s.assigned_hub = ev.assigned_hub;
     s.device_id = ev.device_id;
     s.substatus = ev.substatus;
+    s.payload_json = ev.returned_payload_json;
+    s.allocation_json = ev.allocation_json;
   } else {
     s.error_code = ev.error_code;
     s.error_message = ev.error_message;

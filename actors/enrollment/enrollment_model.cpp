@@ -832,6 +832,20 @@ error view_impl(kind k, const json& doc, enrollment_view& out) {
   }
   if (auto e = view_string(doc, "etag", "etag", v.etag))
     return e;
+  if (v.allocation == allocation_policy::custom) {
+    // The webhook gets the enrollment itself: kept only for the (few) custom
+    // enrollments, keys removed as GET shows them.
+    if (const json* def = member(doc, "customAllocationDefinition");
+        def != nullptr && def->is_object()) {
+      if (auto e = view_string(*def, "webhookUrl", "customAllocationDefinition.webhookUrl",
+                               v.webhook_url))
+        return e;
+      if (auto e = view_string(*def, "apiVersion", "customAllocationDefinition.apiVersion",
+                               v.webhook_api_version))
+        return e;
+    }
+    v.public_json = public_document(doc).dump(-1, ' ', false, json::error_handler_t::replace);
+  }
   out = std::move(v);
   return {};
 }
@@ -1011,6 +1025,8 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
   if (!ok || !r.at_end() || v.id.empty() || !(seen & m_att))
     return false;
   if (type == "tpm" || type == "x509") // their members are read from the tree
+    return false;
+  if (policy == "custom") // the webhook needs the whole document: view_impl
     return false;
   // Unknown names: view_impl's error.
   if (attestation_of(type, std::move(keys), nullptr, v.attestation)

@@ -72,6 +72,11 @@ struct enrollment_view {
   bool update_hub_assignment = true; ///< reprovisionPolicy
   bool migrate_device_data = true;
   std::string etag;
+  /// allocationPolicy custom only (else empty): customAllocationDefinition,
+  /// and the document as the webhook receives it (public_document(), compact).
+  std::string webhook_url;
+  std::string webhook_api_version;
+  std::string public_json;
 };
 
 /// Storage key of an id: ids are case-insensitive, so keys are lower-case.

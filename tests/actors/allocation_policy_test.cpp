@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/allocation/allocation_policy.hpp"
 
 using namespace prov;
@@ -205,10 +207,10 @@ TEST_CASE("allocation policies: registered by kind, answering through done") {
     int calls = 0;
     std::string hub;
     prov::error err;
-    void operator()(prov::error e, std::string h) override {
+    void decided(prov::error e, decision d) override {
       ++calls;
       err = std::move(e);
-      hub = std::move(h);
+      hub = std::move(d.hub);
     }
   };
   auto done = std::make_shared<recorder>();
@@ -232,4 +234,25 @@ TEST_CASE("allocation policies: registered by kind, answering through done") {
   in.linked_hubs = 0;
   hashed->allocate(in, done);
   CHECK(err.message.find("[[hubs]]") != std::string::npos);
+}
+
+TEST_CASE("hashed_explained: the same hub as hashed(), with the weights and scores") {
+  const std::vector<candidate_hub> hubs{{"a.example", 1}, {"b.example", 3}, {"c.example", 1, false}};
+  for (int i = 0; i < 50; ++i) {
+    const std::string id = "dev-" + std::to_string(i);
+    std::string hub, why;
+    REQUIRE(hashed_explained(id, hubs, false, hub, why).ok());
+    CHECK(hub == pick(id, hubs));
+    auto j = nlohmann::json::parse(why);
+    // c.example takes no part (apply_allocation_policy false).
+    CHECK(j["weights"] == nlohmann::json{{"a.example", 1}, {"b.example", 3}});
+    REQUIRE(j["scores"].size() == 2);
+    const std::string other = hub == "a.example" ? "b.example" : "a.example";
+    CHECK(j["scores"][hub].get<double>() >= j["scores"][other].get<double>());
+  }
+  // One hub taking part: nothing hashed, no scores.
+  std::string hub, why;
+  REQUIRE(hashed_explained("x", {{"only.example", 5}}, false, hub, why).ok());
+  CHECK(hub == "only.example");
+  CHECK(nlohmann::json::parse(why) == nlohmann::json{{"weights", {{"only.example", 5}}}});
 }

@@ -548,3 +548,30 @@ TEST_CASE("[throttling]: defaults off, values read, bad values name file, line a
   CHECK(validate(bad).message.find("throttling.requests_per_minute_per_address") !=
         std::string::npos);
 }
+
+TEST_CASE("[custom_allocation]: defaults, every key, ranges") {
+  engine_config d;
+  REQUIRE(!load_string("", "cfg.toml", d));
+  CHECK(d.custom_allocation.ca_file.empty());
+  CHECK(d.custom_allocation.timeout_ms == 10000);
+  CHECK(d.custom_allocation.retries == 2);
+  CHECK(d.custom_allocation.retry_backoff_ms == 500);
+  CHECK(d.custom_allocation.threads == 4);
+  engine_config c;
+  REQUIRE(!load_string("[custom_allocation]\nca_file = \"/x/ca.pem\"\ntimeout_ms = 250\n"
+                       "retries = 0\nretry_backoff_ms = 0\nthreads = 16\n",
+                       "cfg.toml", c));
+  CHECK(c.custom_allocation.ca_file == "/x/ca.pem");
+  CHECK(c.custom_allocation.timeout_ms == 250);
+  CHECK(c.custom_allocation.retries == 0);
+  CHECK(c.custom_allocation.retry_backoff_ms == 0);
+  CHECK(c.custom_allocation.threads == 16);
+  CHECK(load_error("[custom_allocation]\ntimeout_ms = 99\n") ==
+        "cfg.toml:2: custom_allocation.timeout_ms: must be 100..600000, got 99");
+  CHECK(load_error("[custom_allocation]\nretries = 11\n") ==
+        "cfg.toml:2: custom_allocation.retries: must be 0..10, got 11");
+  CHECK(load_error("[custom_allocation]\nthreads = 0\n") ==
+        "cfg.toml:2: custom_allocation.threads: must be 1..256, got 0");
+  CHECK(load_error("[custom_allocation]\nwebhook = \"x\"\n") ==
+        "cfg.toml:2: custom_allocation.webhook: unknown key");
+}

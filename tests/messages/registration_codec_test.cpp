@@ -53,6 +53,25 @@ TEST_CASE("bad events are rejected with a reason, never thrown") {
   CHECK(decode_event(R"({"v":1,"operationId":5,"registrationId":"r"})", ev));
 }
 
+TEST_CASE("the custom webhook's payload travels in the JSON event only when set") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-01";
+  CHECK(encode_event(ev).find("returnedPayload") == std::string::npos);
+  ev.returned_payload_json = R"({"greeting":"hello"})";
+  auto text = encode_event(ev);
+  // Byte order of keys as nlohmann writes them: registrationId < returnedPayload < status.
+  CHECK(json::parse(text).dump() == text);
+  CHECK(json::parse(text).value("returnedPayload", "") == ev.returned_payload_json);
+  registration_event back;
+  REQUIRE(!decode_event(text, back));
+  CHECK(back.returned_payload_json == ev.returned_payload_json);
+  // A value that is not a string is refused, as for every text member.
+  CHECK(decode_event(R"({"v":1,"operationId":"o","registrationId":"r","returnedPayload":{}})", back)
+          .code
+        == error_code::bad_request);
+}
+
 namespace {
 const std::string sample_sas =
   "SharedAccessSignature sr=0ne00000A1B%2Fregistrations%2Fdev-01"
@@ -348,4 +367,38 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   // The fixed-buffer form that the JSON writers append.
   CHECK(utc_chars(1'795'690'260'123).view() == "2026-11-26T10:51:00.1230000Z");
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
+}
+
+TEST_CASE("registration records: version 2 keeps allocation_json; version 1 still decodes") {
+  registration_state s;
+  s.registration_id = "dev-1";
+  s.status = registration_status::assigned;
+  s.assigned_hub = "hub-a";
+  s.last_operation_id = "op";
+  s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
+  auto v2 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v2[2]) == 2);
+  registration_state back;
+  REQUIRE(!decode_record(v2, back));
+  CHECK(back.allocation_json == s.allocation_json);
+  // A version 1 record is the version 2 bytes without the last string (its
+  // length prefix, one byte here) and with version byte 1.
+  s.allocation_json.clear();
+  auto v1 = encode_record(s);
+  REQUIRE(v1.back() == '\0'); // the empty string's length
+  v1.pop_back();
+  v1[2] = 1;
+  registration_state old;
+  REQUIRE(!decode_record(v1, old));
+  CHECK(old.assigned_hub == "hub-a");
+  CHECK(old.last_operation_id == "op");
+  CHECK(old.allocation_json.empty());
+  // A version from the future is refused.
+  v2[2] = 3;
+  CHECK(decode_record(v2, back).code == error_code::storage_failure);
+  // The service view shows it; the device view never does.
+  s.allocation_json = R"({"policy":"static"})";
+  CHECK(to_json_text(s).find("allocation") == std::string::npos);
+  CHECK(json::parse(to_json_text(s, true))["allocation"] == json{{"policy", "static"}});
+  CHECK(to_json(s, true) == json::parse(to_json_text(s, true)));
 }

@@ -126,6 +126,31 @@ inline test_cert make_device(const std::string& cn, const test_cert& issuer, lon
   return make_cert(o, &issuer);
 }
 
+/// A TLS server certificate for localhost (DNS:localhost, IP:127.0.0.1),
+/// signed by `issuer`: test servers a client verifies against that CA.
+inline test_cert make_localhost_server(const test_cert& issuer, long serial = 200) {
+  test_cert out;
+  out.key = new_ec_key();
+  out.cert.reset(X509_new(), X509_free);
+  X509* c = out.cert.get();
+  X509_set_version(c, 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(c), serial);
+  X509_gmtime_adj(X509_getm_notBefore(c), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(c), 365 * 86400L);
+  X509_NAME* name = X509_get_subject_name(c);
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                             reinterpret_cast<const unsigned char*>("localhost"), -1, -1, 0);
+  X509_set_issuer_name(c, X509_get_subject_name(issuer.cert.get()));
+  X509_set_pubkey(c, out.key.get());
+  add_ext(c, issuer.cert.get(), NID_basic_constraints, "critical,CA:FALSE");
+  add_ext(c, issuer.cert.get(), NID_key_usage, "critical,digitalSignature");
+  add_ext(c, issuer.cert.get(), NID_ext_key_usage, "serverAuth");
+  add_ext(c, issuer.cert.get(), NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1");
+  if (X509_sign(c, issuer.key.get(), EVP_sha256()) == 0)
+    throw std::runtime_error("X509_sign failed");
+  return out;
+}
+
 /// A self-signed device certificate (individual enrollments).
 inline test_cert make_self_signed_device(const std::string& cn) {
   cert_options o;

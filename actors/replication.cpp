@@ -26,6 +26,7 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
+constexpr std::string_view certificate_prefix = "certificate/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
 constexpr std::string_view no_outbox_key = "outbox.not_kept";
 /// dps.enrollments key of the deployment's id scope (devices sign it, so every
@@ -46,6 +47,19 @@ std::string enrollment_doc_problem(bool group, std::string_view key, const std::
     return std::string("the document has no ") + field;
   if (enrollment::key_of(it->get<std::string>()) != key)
     return std::string("the key does not match the document's ") + field;
+  return {};
+}
+
+/// The same for a CA store entry: a JSON object whose name names the key.
+std::string certificate_doc_problem(std::string_view key, const std::string& value) {
+  auto j = nlohmann::json::parse(value, nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    return "the value is not a JSON object";
+  auto it = j.find("name");
+  if (it == j.end() || !it->is_string() || enrollment::key_of(it->get<std::string>()) != key)
+    return "the CA document's name does not match the key";
+  if (auto c = j.find("certificate"); c == j.end() || !c->is_string())
+    return "the CA document has no certificate";
   return {};
 }
 
@@ -140,7 +154,9 @@ public:
     for (const auto& op : batch.ops()) {
       kafka::record r;
       r.topic = enrollments_topic_;
-      r.key = std::string(op.family == storage::cf::groups ? group_prefix : enrollment_prefix)
+      r.key = std::string(op.family == storage::cf::groups         ? group_prefix
+                          : op.family == storage::cf::certificates ? certificate_prefix
+                                                                   : enrollment_prefix)
               + op.key;
       r.value = op.value;
       r.tombstone = op.is_delete;
@@ -294,11 +310,16 @@ private:
         family = storage::cf::enrollments;
         key.remove_prefix(enrollment_prefix.size());
         individuals = true;
+      } else if (key.substr(0, certificate_prefix.size()) == certificate_prefix) {
+        family = storage::cf::certificates;
+        key.remove_prefix(certificate_prefix.size());
+        groups = true; // groups carry the CAs their caReferences name
       } else if (key == scope_record_key && !m.tombstone && !m.value.empty()) {
         wb.put(storage::cf::meta, std::string(scope_meta_key), m.value);
         continue;
       } else {
-        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/ or group/ "
+        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/ or "
+                            "certificate/ "
                             "(or be deployment/id_scope)");
         continue;
       }
@@ -308,7 +329,9 @@ private:
       }
       // Anyone with write access to the topic can put a record here: only a
       // document the service API would have stored is applied.
-      if (auto why = enrollment_doc_problem(family == storage::cf::groups, key, m.value);
+      if (auto why = family == storage::cf::certificates
+                       ? certificate_doc_problem(key, m.value)
+                       : enrollment_doc_problem(family == storage::cf::groups, key, m.value);
           !why.empty()) {
         bus_.dead_letter(m, "dps.enrollments: " + why);
         continue;

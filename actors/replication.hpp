@@ -2,9 +2,10 @@
 // Kafka mode: the state every instance shares, kept in topics and
 // materialized into each instance's RocksDB by table readers.
 //
-//   dps.enrollments (compacted)   key "enrollment/<id>" or "group/<id>" (lower
-//                                 case), value the stored JSON document, null =
-//                                 deleted. Written by the service API.
+//   dps.enrollments (compacted)   key "enrollment/<id>", "group/<id>" or
+//                                 "certificate/<CA name>" (lower case), value
+//                                 the stored JSON document, null = deleted.
+//                                 Written by the service API.
 //   dps.registrations (compacted) key lower(registration id), value a binary
 //                                 operation_record (the assigned event and the
 //                                 registration record). Written by the
@@ -54,7 +55,8 @@ public:
   /// caught up.
   [[nodiscard]] virtual error follow_completed(completed_fn on_applied) = 0;
 
-  /// Publishes enrollment puts and deletes (cf enrollments or groups) to
+  /// Publishes enrollment puts and deletes (cf enrollments, groups or
+  /// certificates) to
   /// dps.enrollments and waits until this instance applied them.
   [[nodiscard]] virtual error write_enrollments(const storage::write_batch& batch) = 0;
 

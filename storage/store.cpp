@@ -29,7 +29,7 @@ namespace {
 
 constexpr std::array<cf, cf_count> all_families = {
     cf::meta,       cf::enrollments, cf::groups, cf::registrations,
-    cf::operations, cf::pending,     cf::outbox,
+    cf::operations, cf::pending,     cf::outbox, cf::certificates,
 };
 
 bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
@@ -496,6 +496,7 @@ std::string_view to_string(cf c) noexcept {
     case cf::operations: return "operations";
     case cf::pending: return "pending";
     case cf::outbox: return "outbox";
+    case cf::certificates: return "certificates";
   }
   return "unknown";
 }

@@ -69,41 +69,72 @@ public:
   verdict check_groups(const std::vector<enrollment::enrollment_view>& groups) const override {
     // DPS precedence: the group whose signing certificate is the nearest
     // issuer wins (the first intermediate, then upwards to the root), even
-    // when it is disabled.
+    // when it is disabled. A CA named by caReferences counts as a signing
+    // certificate while the store holds it verified.
     const enrollment::enrollment_view* best = nullptr;
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
-    std::string failures, ca_references;
+    std::string failures, unverified, missing;
+    auto append = [](std::string& list, const std::string& item) {
+      list += list.empty() ? "" : "; ";
+      list += item;
+    };
+    // Tries one anchor of group `g`; `label` names it in messages. With
+    // `trusted` false the anchor is an unverified CA: reaching it is
+    // reported, never admitted.
+    auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
+                          const std::string& label, bool trusted) {
+      if (anchor == nullptr || !reaches(anchor))
+        return;
+      std::string why;
+      int depth = verify(anchor, why);
+      if (depth < 0) {
+        append(failures, "enrollment group '" + g.id + "' (" + label + "): " + why);
+        return;
+      }
+      if (!trusted) {
+        append(unverified, "the chain reaches " + label + " of enrollment group '" + g.id
+                             + "', but that CA is not verified (prove possession of its key: "
+                               "generateVerificationCode, then verify)");
+        return;
+      }
+      // Both slots are tried: the secondary may be a nearer CA.
+      if (depth < best_depth) {
+        best = &g;
+        best_depth = depth;
+        best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor));
+      }
+    };
     for (const auto& g : groups) {
       const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
       if (x == nullptr)
         continue;
-      if (!x->ca_references.empty() && ca_references.empty())
-        ca_references = g.id;
       for (const auto& ref : x->signing_certificates) {
         auto anchor = enrollment::parse_der(ref.der);
-        if (!anchor || !reaches(anchor.get()))
-          continue;
-        std::string why;
-        int depth = verify(anchor.get(), why);
-        if (depth < 0) {
-          failures += failures.empty() ? "" : "; ";
-          failures += "enrollment group '" + g.id + "' (signing certificate '"
-                      + subject_of(anchor.get()) + "'): " + why;
+        if (anchor)
+          try_anchor(g, anchor.get(), "signing certificate '" + subject_of(anchor.get()) + "'",
+                     true);
+      }
+      using state = enrollment::ca_reference::state;
+      for (const auto& ref : x->ca_references) {
+        if (ref.status != state::verified && ref.status != state::unverified) {
+          append(missing, "enrollment group '" + g.id + "' names CA '" + ref.name
+                            + "' (caReferences), which is not in the certificate store");
           continue;
         }
-        // Both slots are tried: the secondary may be a nearer CA.
-        if (depth < best_depth) {
-          best = &g;
-          best_depth = depth;
-          best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor.get()));
-        }
+        auto anchor = enrollment::parse_der(ref.der);
+        if (anchor)
+          try_anchor(g, anchor.get(),
+                     "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
+                     ref.status == state::verified);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
       return verdict::accepted(attestation_type::x509, best->enabled, best->id);
     }
+    if (!unverified.empty())
+      return verdict::rejected(error_code::unauthorized_signature, unverified);
     if (!failures.empty())
       return verdict::rejected(error_code::unauthorized_signature,
                                "the certificate chain does not verify: " + failures);
@@ -114,13 +145,9 @@ public:
       "reach any enrollment group's signing certificate: the last certificate presented ('"
         + subject_of(last) + "') is issued by '" + issuer_of(last)
         + "', which no enrollment group holds (a group's root or intermediate CA must be its "
-          "signing certificate, and the device must send every intermediate below it in the "
-          "TLS handshake)"
-        + (ca_references.empty()
-             ? std::string()
-             : "; enrollment group '" + ca_references
-                 + "' names its CA by caReferences, which this provisiond version does not "
-                   "support (give the certificate in signingCertificates)"));
+          "signing certificate or a verified CA it names by caReferences, and the device must "
+          "send every intermediate below it in the TLS handshake)"
+        + (missing.empty() ? std::string() : "; " + missing));
   }
 
   std::string_view identity() const noexcept override { return identity_; }

@@ -15,6 +15,7 @@
 #include "messages/registration.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/server_process.hpp"
+#include "tests/support/test_certs.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -226,8 +227,10 @@ TEST_CASE("symmetric keys left out are generated on every write path") {
                         json{{"attestation", att}}.dump()).status == 200);
       both_keys(keys_of(collection, id));
       // PUT replace of an x509 document: nothing to keep, both generated.
+      static const auto ca = test::make_ca("svc keygen CA");
       auto x509 = json{{"type", "x509"},
-                       {"x509", {{"caReferences", {{"primary", "ca-1"}}}}}};
+                       {"x509", {{individual ? "clientCertificates" : "signingCertificates",
+                                  {{"primary", {{"certificate", ca.pem()}}}}}}}};
       REQUIRE(s.service("PUT", collection + "/" + id,
                         json{{"attestation", x509}}.dump()).status == 200);
       REQUIRE(s.service("PUT", collection + "/" + id,

@@ -1,0 +1,224 @@
+#include "actors/enrollment/ca_store.hpp"
+
+#include <ctime>
+
+#include <nlohmann/json.hpp>
+#include <openssl/x509v3.h>
+
+#include "actors/enrollment/x509_certificates.hpp"
+#include "messages/crypto.hpp"
+
+namespace prov::enrollment {
+
+using nlohmann::json;
+
+namespace {
+
+/// ARM spells the certificate times as RFC 1123 dates.
+std::string rfc1123(int64_t epoch_s) {
+  std::time_t t = static_cast<std::time_t>(epoch_s);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[40];
+  std::strftime(buf, sizeof buf, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+  return buf;
+}
+
+std::string pem_of(std::string_view der) {
+  const std::string b64 = crypto::base64_encode(der);
+  std::string out = "-----BEGIN CERTIFICATE-----\n";
+  for (std::size_t i = 0; i < b64.size(); i += 64)
+    out.append(b64, i, 64).append("\n");
+  return out + "-----END CERTIFICATE-----\n";
+}
+
+/// The certificate text of a body: {certificate} or ARM's {properties: {certificate}}.
+const json* body_member(const json& body, const char* name) {
+  if (!body.is_object())
+    return nullptr;
+  if (auto it = body.find(name); it != body.end())
+    return &*it;
+  if (auto p = body.find("properties"); p != body.end() && p->is_object())
+    if (auto it = p->find(name); it != p->end())
+      return &*it;
+  return nullptr;
+}
+
+/// DER of the one certificate in `text`, or why there is none.
+error read_certificate(const json* text, const char* what, std::string& der) {
+  if (text == nullptr || !text->is_string() || text->get<std::string>().empty())
+    return {error_code::invalid_certificate,
+            std::string(what) + ": the body needs 'certificate', a PEM or base64 DER X.509 "
+                                "certificate (string)"};
+  const auto& s = text->get_ref<const std::string&>();
+  if (s.find("PRIVATE KEY") != std::string::npos)
+    return {error_code::invalid_certificate,
+            std::string(what) + ": the text holds a private key; send only the certificate "
+                                "(never upload a private key)"};
+  const std::string_view begin = "-----BEGIN CERTIFICATE-----";
+  auto first = s.find(begin);
+  if (first != std::string::npos && s.find(begin, first + 1) != std::string::npos)
+    return {error_code::invalid_certificate,
+            std::string(what) + ": the text holds more than one certificate; send exactly one"};
+  if (!certificate_der(s, der))
+    return {error_code::invalid_certificate,
+            std::string(what) + ": not a PEM or base64 DER X.509 certificate (unreadable "
+                                "PEM block, base64 or DER)"};
+  return {};
+}
+
+std::string upper_hex_random(std::size_t bytes) {
+  return upper_hex(crypto::random_bytes(bytes));
+}
+
+} // namespace
+
+bool valid_certificate_name(std::string_view name) {
+  if (name.empty() || name.size() > 128)
+    return false;
+  for (char c : name)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+          || c == '-' || c == '.' || c == '_'))
+      return false;
+  return true;
+}
+
+error ca_upload(const std::string& name, const json& body, const json* existing,
+                int64_t now_ms, json& out) {
+  if (!body.is_object())
+    return {error_code::malformed_json, "the body must be a JSON object"};
+  if (const json* v = body_member(body, "isVerified"); v != nullptr && !v->is_null()) {
+    if (!v->is_boolean())
+      return {error_code::bad_request, "isVerified must be a boolean"};
+    if (v->get<bool>())
+      return {error_code::bad_request,
+              "isVerified true is refused: a CA is verified only by proof of possession "
+              "(POST /certificates/" + name + "/generateVerificationCode, then /verify with a "
+              "certificate signed by the CA whose subject CN is the code)"};
+  }
+  std::string der;
+  if (auto err = read_certificate(body_member(body, "certificate"), "CA certificate", der))
+    return err;
+  auto cert = parse_der(der);
+  if (X509_check_ca(cert.get()) < 1)
+    return {error_code::invalid_certificate,
+            "the certificate '" + name_text(X509_get_subject_name(cert.get()))
+              + "' is not a CA certificate (it needs basicConstraints CA:TRUE, and keyCertSign "
+                "when it has a keyUsage); upload the root or intermediate CA that signs the "
+                "devices' certificates"};
+  const int64_t not_after = epoch_of(X509_get0_notAfter(cert.get()));
+  if (not_after * 1000 < now_ms)
+    return {error_code::invalid_certificate,
+            "the CA certificate '" + name_text(X509_get_subject_name(cert.get()))
+              + "' expired at " + utc_text(not_after)};
+  const std::string b64 = crypto::base64_encode(der);
+  const bool same = existing != nullptr && existing->value("certificate", std::string()) == b64;
+  out = json::object();
+  out["name"] = name;
+  out["certificate"] = b64;
+  out["subject"] = name_text(X509_get_subject_name(cert.get()));
+  out["thumbprint"] = upper_hex(sha1_of(der));
+  out["sha256Thumbprint"] = upper_hex(sha256_of(der));
+  out["notBefore"] = epoch_of(X509_get0_notBefore(cert.get()));
+  out["expiry"] = not_after;
+  // Re-uploading the same certificate keeps its proof; another one needs its own.
+  out["isVerified"] = same && existing->value("isVerified", false);
+  out["verificationCode"] = same ? existing->value("verificationCode", std::string()) : "";
+  out["created"] = existing != nullptr ? existing->value("created", now_ms) : now_ms;
+  out["updated"] = now_ms;
+  out["etag"] = new_etag();
+  return {};
+}
+
+void ca_new_verification_code(json& doc, int64_t now_ms) {
+  doc["verificationCode"] = upper_hex_random(24);
+  doc["updated"] = now_ms;
+  doc["etag"] = new_etag();
+}
+
+error ca_verify(json& doc, const json& body, int64_t now_ms) {
+  const std::string name = doc.value("name", std::string());
+  const std::string code = doc.value("verificationCode", std::string());
+  if (code.empty())
+    return {error_code::invalid_certificate,
+            "CA '" + name + "' has no outstanding verification code: POST /certificates/" + name
+              + "/generateVerificationCode first"};
+  std::string der;
+  if (auto err = read_certificate(body_member(body, "certificate"), "verification certificate",
+                                  der))
+    return err;
+  auto proof = parse_der(der);
+  auto raw = crypto::base64_decode(doc.value("certificate", std::string()));
+  auto ca = raw ? parse_der(*raw) : x509_ptr();
+  if (!ca)
+    return {error_code::storage_failure, "stored CA '" + name + "' is unreadable"};
+  const std::string cn = common_name(proof.get());
+  if (cn != code)
+    return {error_code::invalid_certificate,
+            "the verification certificate's subject CN is '" + cn
+              + "', not CA '" + name + "''s verification code '" + code
+              + "' (codes are single-use: the latest generateVerificationCode answer counts)"};
+  EVP_PKEY* ca_key = X509_get0_pubkey(ca.get());
+  if (X509_NAME_cmp(X509_get_issuer_name(proof.get()), X509_get_subject_name(ca.get())) != 0
+      || ca_key == nullptr || X509_verify(proof.get(), ca_key) != 1)
+    return {error_code::invalid_certificate,
+            "the verification certificate (issuer '"
+              + name_text(X509_get_issuer_name(proof.get()))
+              + "') is not signed by CA '" + name + "' ('"
+              + name_text(X509_get_subject_name(ca.get()))
+              + "'): sign it with that CA's private key to prove you hold it"};
+  const int64_t now_s = now_ms / 1000;
+  const int64_t nb = epoch_of(X509_get0_notBefore(proof.get()));
+  const int64_t na = epoch_of(X509_get0_notAfter(proof.get()));
+  if (now_s < nb || now_s > na)
+    return {error_code::invalid_certificate,
+            "the verification certificate is valid only from " + utc_text(nb) + " to "
+              + utc_text(na)};
+  doc["isVerified"] = true;
+  doc["verificationCode"] = "";
+  doc["updated"] = now_ms;
+  doc["etag"] = new_etag();
+  return {};
+}
+
+json ca_public(const json& doc) {
+  const std::string name = doc.value("name", std::string());
+  auto raw = crypto::base64_decode(doc.value("certificate", std::string()));
+  json props{{"subject", doc.value("subject", std::string())},
+             {"expiry", rfc1123(doc.value("expiry", int64_t{0}))},
+             {"thumbprint", doc.value("thumbprint", std::string())},
+             {"sha256Thumbprint", doc.value("sha256Thumbprint", std::string())},
+             {"isVerified", doc.value("isVerified", false)},
+             {"certificate", raw ? pem_of(*raw) : std::string()},
+             {"created", rfc1123(doc.value("created", int64_t{0}) / 1000)},
+             {"updated", rfc1123(doc.value("updated", int64_t{0}) / 1000)}};
+  return json{{"name", name},
+              {"etag", doc.value("etag", std::string())},
+              {"id", "/certificates/" + name},
+              {"type", "Microsoft.Devices/ProvisioningServices/Certificates"},
+              {"properties", std::move(props)}};
+}
+
+json ca_verification_public(const json& doc) {
+  json j = ca_public(doc);
+  j["properties"]["verificationCode"] = doc.value("verificationCode", std::string());
+  return j;
+}
+
+void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
+  ref.der.clear();
+  ref.status = ca_reference::state::missing;
+  if (stored_doc == nullptr)
+    return;
+  auto j = json::parse(*stored_doc, nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    return; // unreadable counts as missing: it admits nothing
+  auto raw = crypto::base64_decode(j.value("certificate", std::string()));
+  if (!raw)
+    return;
+  ref.der = std::move(*raw);
+  ref.status = j.value("isVerified", false) ? ca_reference::state::verified
+                                            : ca_reference::state::unverified;
+}
+
+} // namespace prov::enrollment

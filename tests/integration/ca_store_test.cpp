@@ -1,0 +1,384 @@
+// The CA certificate store (/certificates, proof of possession) and groups
+// that name a CA by caReferences, against the real provisiond process over
+// real TLS, with certificates minted in the test.
+
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "actors/enrollment/x509_certificates.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/server_process.hpp"
+#include "tests/support/test_certs.hpp"
+
+using namespace prov;
+using nlohmann::json;
+using test::test_cert;
+
+namespace {
+
+test::server_process& srv() { return test::shared_server(); }
+json parse(const std::string& text) { return test::parse_json(text); }
+
+std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
+  std::string path = dir + "/" + name;
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  REQUIRE(f != nullptr);
+  std::fwrite(text.data(), 1, text.size(), f);
+  std::fclose(f);
+  return path;
+}
+
+const std::string& cert_dir() {
+  struct temp_dir {
+    std::string path = test::make_temp_dir("provisiond-ca-it");
+    ~temp_dir() { test::remove_tree(path); }
+  };
+  static const temp_dir dir;
+  return dir.path;
+}
+
+net::https_client device_client(const test::server_process& s, const test_cert& leaf,
+                                std::initializer_list<const test_cert*> chain = {}) {
+  static int n = 0;
+  std::string pem = leaf.pem();
+  for (const auto* c : chain)
+    pem += c->pem();
+  const std::string stem = "dev" + std::to_string(++n);
+  net::https_client_options o;
+  o.host = "127.0.0.1";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  o.client_cert_file = write_file(cert_dir(), stem + ".pem", pem);
+  o.client_key_file = write_file(cert_dir(), stem + ".key", leaf.key_pem());
+  o.reuse_connection = false;
+  return net::https_client(o);
+}
+
+net::https_response put_register(net::https_client& c, const test::server_process& s,
+                                 const std::string& id) {
+  net::http_headers h;
+  h.add("Content-Type", "application/json; charset=utf-8");
+  net::https_response resp;
+  auto err = c.request("PUT",
+                       "/" + s.id_scope() + "/registrations/" + id
+                         + "/register?api-version=2021-06-01",
+                       h, json{{"registrationId", id}}.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+/// The error body of a refused call: status, errorCode, and a message part.
+void check_error(const net::https_response& r, int status, int code, const std::string& text) {
+  REQUIRE_MESSAGE(r.status == status, r.body);
+  auto j = parse(r.body);
+  CHECK(j["errorCode"] == code);
+  CHECK_MESSAGE(j["message"].get<std::string>().find(text) != std::string::npos, r.body);
+}
+
+net::https_response upload(const test::server_process& s, const std::string& name,
+                           const json& body) {
+  return s.service("PUT", "/certificates/" + name, body.dump());
+}
+
+/// Upload, code, proof: the CA `name` ends verified.
+void upload_and_verify(const test::server_process& s, const std::string& name,
+                       const test_cert& ca) {
+  auto r = upload(s, name, {{"certificate", ca.pem()}});
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  r = s.service("POST", "/certificates/" + name + "/generateVerificationCode");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto code = parse(r.body)["properties"]["verificationCode"].get<std::string>();
+  auto proof = test::make_device(code, ca, 7000);
+  r = s.service("POST", "/certificates/" + name + "/verify",
+                json{{"certificate", proof.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  REQUIRE(parse(r.body)["properties"]["isVerified"] == true);
+}
+
+net::https_response put_ca_group(const test::server_process& s, const std::string& id,
+                                 const std::string& ca_name) {
+  json body{{"enrollmentGroupId", id},
+            {"attestation",
+             {{"type", "x509"}, {"x509", {{"caReferences", {{"primary", ca_name}}}}}}}};
+  return s.service("PUT", "/enrollmentGroups/" + id, body.dump());
+}
+
+std::string run_cli(const std::string& args, int& rc) {
+  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
+  std::string out;
+  rc = -1;
+  if (FILE* f = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
+      out.append(buf, n);
+    rc = ::pclose(f);
+  }
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("CA store: bad uploads are refused with the reason and store nothing") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Store Bad Root", nullptr, 10);
+  auto leaf = test::make_device("not-a-ca", root, 11);
+  check_error(upload(s, "bad-1", {{"certificate", "-----BEGIN CERTIFICATE-----\nnope\n"
+                                                  "-----END CERTIFICATE-----\n"}}),
+              400, 400009, "not a PEM or base64 DER X.509 certificate");
+  check_error(upload(s, "bad-1", {{"certificate", root.key_pem()}}), 400, 400009,
+              "the text holds a private key");
+  check_error(upload(s, "bad-1", {{"certificate", root.pem() + root.pem()}}), 400, 400009,
+              "more than one certificate");
+  check_error(upload(s, "bad-1", {{"certificate", leaf.pem()}}), 400, 400009,
+              "is not a CA certificate");
+  check_error(upload(s, "bad-1", json::object()), 400, 400009, "the body needs 'certificate'");
+  check_error(upload(s, "bad-1", {{"certificate", root.pem()}, {"isVerified", true}}), 400,
+              400000, "proof of possession");
+  check_error(s.service("PUT", "/certificates/bad%2Fname", json{{"certificate", root.pem()}}.dump()),
+              400, 400000, "a certificate name is");
+  check_error(s.service("GET", "/certificates/bad-1"), 404, 404205,
+              "CA 'bad-1' is not in the certificate store");
+}
+
+TEST_CASE("CA store: upload, get, list, verification code, proof of possession, delete") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Store Root", nullptr, 20);
+  auto other = test::make_ca("IT Store Other Root", nullptr, 21);
+
+  auto r = upload(s, "store-root", {{"certificate", root.pem()}});
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto doc = parse(r.body);
+  CHECK(doc["name"] == "store-root");
+  CHECK(doc["type"] == "Microsoft.Devices/ProvisioningServices/Certificates");
+  CHECK(doc["properties"]["isVerified"] == false);
+  CHECK(doc["properties"]["subject"] == "CN=IT Store Root,O=provisiond tests");
+  CHECK(doc["properties"]["thumbprint"] == enrollment::upper_hex(enrollment::sha1_of(root.der())));
+  CHECK(doc["properties"]["certificate"].get<std::string>().find("-----BEGIN CERTIFICATE-----")
+        == 0);
+  for (const char* t : {"expiry", "created", "updated"})
+    CHECK(doc["properties"][t].get<std::string>().find(" GMT") != std::string::npos);
+  const std::string etag1 = doc["etag"];
+
+  // The same CA under another name: refused, naming the first.
+  check_error(upload(s, "store-root-again", {{"certificate", root.pem()}}), 409, 409000,
+              "is already in the certificate store as 'store-root'");
+  check_error(s.service("GET", "/certificates/store-root-again"), 404, 404205, "store-root-again");
+
+  r = s.service("GET", "/certificates/store-root");
+  REQUIRE(r.status == 200);
+  CHECK(parse(r.body)["etag"] == etag1);
+  r = s.service("GET", "/certificates");
+  REQUIRE(r.status == 200);
+  bool listed = false;
+  const auto list = parse(r.body);
+  for (const auto& c : list["value"])
+    listed = listed || c["name"] == "store-root";
+  CHECK_MESSAGE(listed, r.body);
+
+  // No code yet.
+  auto code_cert = test::make_device("0123", root, 22);
+  check_error(s.service("POST", "/certificates/store-root/verify",
+                        json{{"certificate", code_cert.pem()}}.dump()),
+              400, 400009, "has no outstanding verification code");
+
+  r = s.service("POST", "/certificates/store-root/generateVerificationCode");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  doc = parse(r.body);
+  const std::string code = doc["properties"]["verificationCode"];
+  CHECK(code.size() == 48);
+  CHECK(doc["etag"] != etag1);
+
+  // Wrong CN, signed by the CA.
+  auto wrong_cn = test::make_device("not-the-code", root, 23);
+  check_error(s.service("POST", "/certificates/store-root/verify",
+                        json{{"certificate", wrong_cn.pem()}}.dump()),
+              400, 400009, "subject CN is 'not-the-code', not CA 'store-root''s verification code");
+  // Right CN, another CA's signature.
+  auto forged = test::make_device(code, other, 24);
+  check_error(s.service("POST", "/certificates/store-root/verify",
+                        json{{"certificate", forged.pem()}}.dump()),
+              400, 400009, "is not signed by CA 'store-root'");
+  // Right CN, same subject as the CA's issuer but another key: still refused.
+  auto twin = test::make_ca("IT Store Root", nullptr, 25);
+  auto forged2 = test::make_device(code, twin, 26);
+  check_error(s.service("POST", "/certificates/store-root/verify",
+                        json{{"certificate", forged2.pem()}}.dump()),
+              400, 400009, "is not signed by CA 'store-root'");
+  r = s.service("GET", "/certificates/store-root");
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+
+  // The proof.
+  auto proof = test::make_device(code, root, 27);
+  r = s.service("POST", "/certificates/store-root/verify",
+                json{{"certificate", proof.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == true);
+  r = s.service("GET", "/certificates/store-root");
+  doc = parse(r.body);
+  CHECK(doc["properties"]["isVerified"] == true);
+  // The code is single-use.
+  check_error(s.service("POST", "/certificates/store-root/verify",
+                        json{{"certificate", proof.pem()}}.dump()),
+              400, 400009, "has no outstanding verification code");
+
+  // Delete: a stale etag is refused, the current one deletes.
+  net::http_headers stale;
+  stale.add("If-Match", etag1);
+  check_error(s.service("DELETE", "/certificates/store-root", "", stale), 412, 412000,
+              "etag mismatch");
+  net::http_headers current;
+  current.add("If-Match", doc["etag"].get<std::string>());
+  r = s.service("DELETE", "/certificates/store-root", "", current);
+  CHECK_MESSAGE(r.status == 204, r.body);
+  check_error(s.service("GET", "/certificates/store-root"), 404, 404205, "store-root");
+  check_error(s.service("DELETE", "/certificates/store-root"), 404, 404205, "store-root");
+}
+
+TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the CA, a delete "
+          "or replace stops admitting at once") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Ref Root CA", nullptr, 50);
+  auto inter = test::make_ca("IT Ref Intermediate CA", &root, 51);
+  auto stranger = test::make_ca("IT Ref Stranger CA", nullptr, 52);
+
+  check_error(put_ca_group(s, "ref-group", "ref-root"), 404, 404205,
+              "attestation.x509.caReferences.primary: CA 'ref-root' is not in the certificate "
+              "store");
+  REQUIRE(upload(s, "ref-root", {{"certificate", root.pem()}}).status == 200);
+  check_error(put_ca_group(s, "ref-group", "ref-root"), 400, 400005,
+              "CA 'ref-root' is not verified");
+  check_error(s.service("GET", "/enrollmentGroups/ref-group"), 404, 404203, "ref-group");
+
+  upload_and_verify(s, "ref-root", root);
+  auto r = put_ca_group(s, "ref-group", "ref-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+
+  // A device whose chain (leaf + intermediate) reaches the verified CA.
+  auto leaf = test::make_device("ref-dev-1", inter, 500);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    auto a = put_register(c, s, "ref-dev-1");
+    REQUIRE_MESSAGE(a.status == 200, a.body);
+    auto j = parse(a.body);
+    CHECK(j["status"] == "assigned");
+    CHECK(j["registrationState"]["x509"]["enrollmentGroupId"] == "ref-group");
+  }
+  // Without its intermediate, it does not reach the CA.
+  {
+    auto c = device_client(s, leaf);
+    check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
+                "is issued by 'CN=IT Ref Intermediate CA");
+  }
+  // Another CA's device.
+  {
+    auto other = test::make_device("ref-dev-x", stranger, 501);
+    auto c = device_client(s, other);
+    check_error(put_register(c, s, "ref-dev-x"), 401, 401002,
+                "is issued by 'CN=IT Ref Stranger CA");
+  }
+  // The admitted device again (its verdict is cached), then the CA goes.
+  {
+    auto c = device_client(s, leaf, {&inter});
+    REQUIRE(put_register(c, s, "ref-dev-1").status == 200);
+  }
+  REQUIRE(s.service("DELETE", "/certificates/ref-root").status == 204);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
+                "enrollment group 'ref-group' names CA 'ref-root' (caReferences), which is not "
+                "in the certificate store");
+  }
+  // Uploaded again, it is unverified until proven again.
+  REQUIRE(upload(s, "ref-root", {{"certificate", root.pem()}}).status == 200);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
+                "the chain reaches CA 'ref-root' ('CN=IT Ref Root CA,O=provisiond tests') of "
+                "enrollment group 'ref-group', but that CA is not verified");
+  }
+  upload_and_verify(s, "ref-root", root);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    auto a = put_register(c, s, "ref-dev-1");
+    REQUIRE_MESSAGE(a.status == 200, a.body);
+  }
+  // Replaced by another certificate: unverified again, and the old chain no
+  // longer reaches it.
+  auto other_root = test::make_ca("IT Ref Replacement CA", nullptr, 53);
+  REQUIRE(upload(s, "ref-root", {{"certificate", other_root.pem()}}).status == 200);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
+                "is issued by 'CN=IT Ref Root CA");
+  }
+}
+
+TEST_CASE("CA store state survives a restart") {
+  test::server_process s;
+  REQUIRE(s.start().ok());
+  auto root = test::make_ca("IT Durable Root CA", nullptr, 60);
+  auto inter = test::make_ca("IT Durable Intermediate CA", &root, 61);
+  upload_and_verify(s, "durable-root", root);
+  REQUIRE(put_ca_group(s, "durable-group", "durable-root").status == 200);
+  REQUIRE(s.stop() == 0);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto r = s.service("GET", "/certificates/durable-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == true);
+  auto leaf = test::make_device("durable-dev", inter, 600);
+  auto c = device_client(s, leaf, {&inter});
+  auto a = put_register(c, s, "durable-dev");
+  REQUIRE_MESSAGE(a.status == 200, a.body);
+  CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "durable-group");
+}
+
+TEST_CASE("the CLI manages the CA store: certificate add, verification-code, verify, list, "
+          "delete") {
+  auto& s = srv();
+  auto root = test::make_ca("IT CLI Store Root", nullptr, 70);
+  const std::string common = " --data-dir " + s.data_dir();
+  auto ca_file = write_file(cert_dir(), "cli-ca.pem", root.pem());
+  int rc = -1;
+  auto out = run_cli("certificate add cli-root --file " + ca_file + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK(out.find("SUBJECT") != std::string::npos);
+  CHECK(out.find("CN=IT CLI Store Root") != std::string::npos);
+  CHECK(out.find("VERIFIED") != std::string::npos);
+
+  out = run_cli("certificate verification-code cli-root --json" + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  const std::string code = parse(out)["properties"]["verificationCode"];
+  auto proof = test::make_device(code, root, 71);
+  auto proof_file = write_file(cert_dir(), "cli-proof.pem", proof.pem());
+  auto wrong = test::make_device("wrong", root, 72);
+  auto wrong_file = write_file(cert_dir(), "cli-wrong.pem", wrong.pem());
+  out = run_cli("certificate verify cli-root --file " + wrong_file + common, rc);
+  CHECK(rc != 0);
+  CHECK_MESSAGE(out.find("error: 400009 the verification certificate's subject CN is 'wrong'")
+                  != std::string::npos,
+                out);
+  out = run_cli("certificate verify cli-root --file " + proof_file + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK(out.find("true") != std::string::npos);
+
+  out = run_cli("certificate list" + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK(out.find("NAME") == 0);
+  auto line = out.find("cli-root");
+  REQUIRE(line != std::string::npos);
+  auto eol = out.find('\n', line);
+  CHECK(out.substr(line, eol - line).find("  yes  ") != std::string::npos);
+
+  out = run_cli("certificate delete cli-root --if-match nope" + common, rc);
+  CHECK(rc != 0);
+  CHECK(out.find("412000") != std::string::npos);
+  out = run_cli("certificate delete cli-root" + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  out = run_cli("certificate get cli-root" + common, rc);
+  CHECK(rc != 0);
+  CHECK(out.find("404205") != std::string::npos);
+}

@@ -4,12 +4,15 @@
 
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "actors/enrollment/x509_certificates.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/kafka_it.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -381,4 +384,66 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
   out = run_cli("certificate get cli-root" + common, rc);
   CHECK(rc != 0);
   CHECK(out.find("404205") != std::string::npos);
+}
+
+TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its delete "
+          "stops the first admitting") {
+  test::kafka_fixture fx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5701\"\n" + cfg; };
+  test::server_process a;
+  REQUIRE_MESSAGE(!a.start(with_scope(fx.server_config()), fx.dir), a.log());
+  auto root = test::make_ca("IT Kafka Root CA", nullptr, 80);
+  auto inter = test::make_ca("IT Kafka Intermediate CA", &root, 81);
+  upload_and_verify(a, "kafka-root", root);
+  auto r = put_ca_group(a, "kafka-group", "kafka-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto leaf = test::make_device("kafka-ca-dev", inter, 800);
+  {
+    // Attested on the gateway: 200, or 202 while the mock's consumer
+    // groups still join (the outcome follows); never 401.
+    auto c = device_client(a, leaf, {&inter});
+    auto res = put_register(c, a, "kafka-ca-dev");
+    REQUIRE_MESSAGE((res.status == 200 || res.status == 202), res.body);
+  }
+  // On the shared compacted topic, under its own key prefix.
+  bool on_topic = false;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.enrollments", 1))
+    on_topic = on_topic || rec.key == "certificate/kafka-root";
+  CHECK(on_topic);
+
+  // A second gateway with an empty data dir rebuilds the store from the topic.
+  const auto dir_b = test::make_temp_dir("provisiond-ca-kafka-b");
+  test::server_process b;
+  b.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!b.start(with_scope(fx.server_config(dir_b)), dir_b), b.log());
+  r = b.service("GET", "/certificates/kafka-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == true);
+  {
+    auto c = device_client(b, leaf, {&inter});
+    auto res = put_register(c, b, "kafka-ca-dev");
+    REQUIRE_MESSAGE((res.status == 200 || res.status == 202), res.body);
+    if (res.status == 200)
+      CHECK(parse(res.body)["registrationState"]["x509"]["enrollmentGroupId"] == "kafka-group");
+  }
+
+  // Deleted through b: a (which admitted the device, and caches that) follows.
+  REQUIRE(b.service("DELETE", "/certificates/kafka-root").status == 204);
+  std::string last;
+  bool refused = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!refused && std::chrono::steady_clock::now() < deadline) {
+    auto c = device_client(a, leaf, {&inter});
+    auto res = put_register(c, a, "kafka-ca-dev");
+    last = res.body;
+    refused = res.status == 401
+              && res.body.find("names CA 'kafka-root' (caReferences), which is not in the "
+                               "certificate store")
+                   != std::string::npos;
+    if (!refused)
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  CHECK_MESSAGE(refused, last);
+  CHECK(b.stop() == 0);
+  CHECK(a.stop() == 0);
 }

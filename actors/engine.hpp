@@ -118,7 +118,8 @@ public:
   // -- CA certificate store (actors/enrollment/ca_store.hpp) ---------------------
 
   /// A write to the CA store: op "put" (body: the upload), "code" (a new
-  /// verification code), "verify" (body: {certificate}) or "delete". `cb`
+  /// verification code), "verify" (body: {certificate}), "crl" (body:
+  /// {crl}) or "delete". `cb`
   /// gets the stored documents' public JSON (VerificationCodeResponse for
   /// "code", CertificateResponse otherwise; "" for "delete").
   virtual void write_certificate(std::string op, std::string name, std::string body,

@@ -7,7 +7,7 @@
 //          (bulk_atom, kind, body, doc_reply_fn)
 //          (deletereg_atom, id, if_match, done_reply_fn)
 //          (cert_atom, op, name, body, if_match, doc_reply_fn): the CA
-//          certificate store (op "put", "code", "verify" or "delete")
+//          certificate store (op "put", "code", "verify", "crl" or "delete")
 // Blocking: synchronous synced RocksDB writes, or (Kafka) waiting until the
 // write came back through dps.enrollments; spawned detached. One write at a
 // time per instance, so etag checks see the previous write.
@@ -322,6 +322,10 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         } else if (op == "code") {
           doc = std::move(*existing);
           enrollment::ca_new_verification_code(doc, now_ms());
+        } else if (op == "crl") {
+          doc = std::move(*existing);
+          if (auto err = enrollment::ca_put_crl(doc, j, now_ms()))
+            return fail(std::move(err));
         } else if (op == "verify") {
           doc = std::move(*existing);
           if (auto err = enrollment::ca_verify(doc, j, now_ms()))

@@ -532,18 +532,28 @@ void print_certificate(const json& doc) {
                 {"VERIFIED", str_member(props, "isVerified")},
                 {"EXPIRY", str_member(props, "expiry")},
                 {"VERIFICATION CODE", str_member(props, "verificationCode")},
+                {"CRLS", [&props] {
+                   std::string out;
+                   if (auto it = props.find("crls"); it != props.end() && it->is_array())
+                     for (const auto& crl : *it)
+                       out += (out.empty() ? "" : "; ") + str_member(crl, "issuer") + " ("
+                              + str_member(crl, "revoked") + " revoked, next update "
+                              + str_member(crl, "nextUpdate") + ")";
+                   return out;
+                 }()},
                 {"ETAG", str_member(doc, "etag")}});
 }
 
 /// add, verification-code, verify: one call that answers a certificate.
 int run_certificate_call(const common_options& c, const std::string& method,
                          const std::string& path, const std::string& cert_file,
-                         const std::string& if_match, const char* hint) {
+                         const std::string& if_match, const char* hint,
+                         const char* member = "certificate") {
   json body;
   if (!cert_file.empty()) {
     std::string pem;
     if (auto err = read_text_file(cert_file, pem)) return fail(err);
-    body = {{"certificate", pem}};
+    body = {{member, pem}};
   }
   std::unique_ptr<service_client> svc;
   if (auto err = service_client::open(c, svc)) return fail(err);
@@ -945,6 +955,17 @@ void add_client_commands(CLI::App& app, int& exit_code) {
     on_run(ve, exit_code, [common, base, file, if_match] {
       return run_certificate_call(*common, "POST", base() + "/verify", *file, *if_match,
                                   nullptr);
+    });
+
+    CLI::App* r = cert->add_subcommand(
+      "crl", "Upload a CRL (of the CA or an intermediate below it); replaces that issuer's");
+    r->add_option("name", *name, "Name of the CA in the store")->required();
+    r->add_option("--file", *file, "PEM (X509 CRL) or base64 DER file")->required();
+    r->add_option("--if-match", *if_match, "Only if the etag still matches");
+    add_common_options(r, *common);
+    on_run(r, exit_code, [common, base, file, if_match] {
+      return run_certificate_call(*common, "PUT", base() + "/crl", *file, *if_match, nullptr,
+                                  "crl");
     });
 
     CLI::App* g = cert->add_subcommand("get", "Show a CA of the store");

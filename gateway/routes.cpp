@@ -193,6 +193,9 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
     } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "verify")) {
       tmpl += "/verify";
       k.operation = "VerifyCertificate";
+    } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "crl")) {
+      tmpl += "/crl";
+      k.operation = "UploadCrl";
     } else if (segs.size() == 2) {
       k.operation = m == "GET"      ? "Get"
                     : m == "PUT"    ? "Upsert"
@@ -570,10 +573,12 @@ private:
         op = "code";
       else if (iequals(ids[1], "verify"))
         op = "verify";
+      else if (iequals(ids[1], "crl"))
+        op = "crl";
       else
         return fail({error_code::not_found, "no such route: " + req.path});
-      if (m != "POST")
-        return fail({error_code::method_not_allowed, "use POST"});
+      if (m != (op == "crl" ? "PUT" : "POST"))
+        return fail({error_code::method_not_allowed, op == "crl" ? "use PUT" : "use POST"});
     } else if (m == "PUT") {
       op = "put";
     } else if (m == "DELETE") {
@@ -589,10 +594,12 @@ private:
         return fail(err);
       return reply(json_response(200, enrollment::ca_public(doc).dump()));
     }
-    if ((op == "put" || op == "verify") && req.body.empty())
+    if ((op == "put" || op == "verify" || op == "crl") && req.body.empty())
       return fail({error_code::malformed_json,
-                   op == "put" ? "PUT needs {\"certificate\": \"<PEM>\"} as a JSON body"
-                               : "verify needs {\"certificate\": \"<PEM>\"} as a JSON body"});
+                   op == "crl" ? "PUT needs {\"crl\": \"<PEM>\"} as a JSON body"
+                   : op == "put"
+                     ? "PUT needs {\"certificate\": \"<PEM>\"} as a JSON body"
+                     : "verify needs {\"certificate\": \"<PEM>\"} as a JSON body"});
     eng_.write_certificate(op, name, req.body, req.header("if-match"),
                            [reply, tracking, op](error e, std::string doc) {
                              if (e)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <climits>
 
+#include <openssl/bn.h>
 #include <openssl/crypto.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
@@ -74,7 +75,7 @@ public:
     const enrollment::enrollment_view* best = nullptr;
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
-    std::string failures, unverified, missing;
+    std::string failures, unverified, missing, revoked;
     auto append = [](std::string& list, const std::string& item) {
       list += list.empty() ? "" : "; ";
       list += item;
@@ -83,14 +84,23 @@ public:
     // `trusted` false the anchor is an unverified CA: reaching it is
     // reported, never admitted.
     auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
-                          const std::string& label, bool trusted) {
+                          const std::string& label, bool trusted,
+                          const std::vector<std::string>* crls = nullptr) {
       if (anchor == nullptr || !reaches(anchor))
         return;
       std::string why;
-      int depth = verify(anchor, why);
+      x509_stack_ptr verified;
+      int depth = verify(anchor, why, crls != nullptr && !crls->empty() ? &verified : nullptr);
       if (depth < 0) {
         append(failures, "enrollment group '" + g.id + "' (" + label + "): " + why);
         return;
+      }
+      if (verified) {
+        std::string which = revocation(verified.get(), *crls);
+        if (!which.empty()) {
+          append(revoked, which + " (a CRL of " + label + ", enrollment group '" + g.id + "')");
+          return;
+        }
       }
       if (!trusted) {
         append(unverified, "the chain reaches " + label + " of enrollment group '" + g.id
@@ -126,13 +136,15 @@ public:
         if (anchor)
           try_anchor(g, anchor.get(),
                      "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
-                     ref.status == state::verified);
+                     ref.status == state::verified, &ref.crls);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
       return verdict::accepted(attestation_type::x509, best->enabled, best->id);
     }
+    if (!revoked.empty())
+      return verdict::rejected(error_code::unauthorized_signature, revoked);
     if (!unverified.empty())
       return verdict::rejected(error_code::unauthorized_signature, unverified);
     if (!failures.empty())
@@ -169,7 +181,7 @@ private:
   /// intermediate is enough: partial chains allowed), for TLS client use, at
   /// the request's time. The anchor's depth (1 = the leaf's issuer), or -1
   /// with `why`.
-  int verify(X509* anchor, std::string& why) const {
+  int verify(X509* anchor, std::string& why, x509_stack_ptr* chain_out = nullptr) const {
     enrollment::x509_store_ptr store(X509_STORE_new());
     enrollment::x509_store_ctx_ptr ctx(X509_STORE_CTX_new());
     x509_stack_ptr untrusted(sk_X509_new_null());
@@ -190,14 +202,55 @@ private:
     X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_PARTIAL_CHAIN | X509_V_FLAG_USE_CHECK_TIME);
     X509_VERIFY_PARAM_set_time(param, static_cast<time_t>(now_s_));
     X509_STORE_CTX_set_purpose(ctx.get(), X509_PURPOSE_SSL_CLIENT);
-    if (X509_verify_cert(ctx.get()) == 1)
+    if (X509_verify_cert(ctx.get()) == 1) {
+      if (chain_out != nullptr)
+        chain_out->reset(X509_STORE_CTX_get1_chain(ctx.get()));
       return sk_X509_num(X509_STORE_CTX_get0_chain(ctx.get())) - 1;
+    }
     int depth = X509_STORE_CTX_get_error_depth(ctx.get());
     X509* at = X509_STORE_CTX_get_current_cert(ctx.get());
     why = std::string(X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get())))
           + " at depth " + std::to_string(depth)
           + (at != nullptr ? " ('" + subject_of(at) + "')" : std::string());
     return -1;
+  }
+
+  /// Whether a certificate of the verified `chain` (leaf first, the anchor
+  /// last) is on a CRL of `crls` issued by the certificate above it and
+  /// signed with its key: what names the first such, "" when none is.
+  static std::string revocation(STACK_OF(X509)* chain, const std::vector<std::string>& crls) {
+    const int n = sk_X509_num(chain);
+    for (const auto& der : crls) {
+      const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+      std::unique_ptr<X509_CRL, enrollment::x509_free<X509_CRL, X509_CRL_free>> crl(
+        d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
+      if (!crl)
+        continue;
+      for (int i = 0; i + 1 < n; ++i) {
+        X509* cert = sk_X509_value(chain, i);
+        X509* issuer = sk_X509_value(chain, i + 1);
+        if (X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(issuer)) != 0
+            || X509_CRL_verify(crl.get(), X509_get0_pubkey(issuer)) != 1)
+          continue;
+        X509_REVOKED* entry = nullptr;
+        if (X509_CRL_get0_by_cert(crl.get(), &entry, cert) != 1 || entry == nullptr)
+          continue;
+        std::string serial;
+        if (BIGNUM* bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), nullptr)) {
+          if (char* h = BN_bn2hex(bn)) {
+            serial = h;
+            OPENSSL_free(h);
+          }
+          BN_free(bn);
+        }
+        return std::string(i == 0 ? "the client certificate '" : "the intermediate certificate '")
+               + subject_of(cert) + "' (serial " + serial + ") is revoked: the CRL of '"
+               + subject_of(issuer) + "' lists it since "
+               + enrollment::utc_text(
+                 enrollment::epoch_of(X509_REVOKED_get0_revocationDate(entry)));
+      }
+    }
+    return {};
   }
 
   std::string leaf_der_;

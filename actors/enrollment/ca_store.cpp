@@ -3,6 +3,7 @@
 #include <ctime>
 
 #include <nlohmann/json.hpp>
+#include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
 #include "actors/enrollment/x509_certificates.hpp"
@@ -67,6 +68,39 @@ error read_certificate(const json* text, const char* what, std::string& der) {
   return {};
 }
 
+using crl_ptr = std::unique_ptr<X509_CRL, x509_free<X509_CRL, X509_CRL_free>>;
+
+crl_ptr parse_crl_der(std::string_view der) {
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
+  if (crl && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
+    crl.reset();
+  return crl;
+}
+
+/// DER of a CRL given as PEM (one X509 CRL block) or base64 DER.
+bool crl_der(std::string_view text, std::string& der) {
+  constexpr std::string_view begin = "-----BEGIN X509 CRL-----";
+  constexpr std::string_view end = "-----END X509 CRL-----";
+  if (text.find("-----BEGIN") != std::string_view::npos) {
+    auto b = text.find(begin);
+    auto e = text.find(end);
+    if (b == std::string_view::npos || e == std::string_view::npos || e < b
+        || text.find(begin, b + 1) != std::string_view::npos)
+      return false;
+    text = text.substr(b + begin.size(), e - b - begin.size());
+  }
+  std::string b64;
+  for (char c : text)
+    if (c != '\r' && c != '\n' && c != ' ' && c != '\t')
+      b64.push_back(c);
+  auto raw = crypto::base64_decode(b64);
+  if (!raw || !parse_crl_der(*raw))
+    return false;
+  der = std::move(*raw);
+  return true;
+}
+
 std::string upper_hex_random(std::size_t bytes) {
   return upper_hex(crypto::random_bytes(bytes));
 }
@@ -124,6 +158,8 @@ error ca_upload(const std::string& name, const json& body, const json* existing,
   // Re-uploading the same certificate keeps its proof; another one needs its own.
   out["isVerified"] = same && existing->value("isVerified", false);
   out["verificationCode"] = same ? existing->value("verificationCode", std::string()) : "";
+  // CRLs belong to the CA they were uploaded with.
+  out["crls"] = same ? existing->value("crls", json::array()) : json::array();
   out["created"] = existing != nullptr ? existing->value("created", now_ms) : now_ms;
   out["updated"] = now_ms;
   out["etag"] = new_etag();
@@ -181,6 +217,47 @@ error ca_verify(json& doc, const json& body, int64_t now_ms) {
   return {};
 }
 
+error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
+  const std::string name = doc.value("name", std::string());
+  const json* text = body_member(body, "crl");
+  if (text == nullptr || !text->is_string() || text->get<std::string>().empty())
+    return {error_code::invalid_certificate,
+            "the body needs 'crl', a PEM (X509 CRL) or base64 DER certificate revocation list"};
+  std::string der;
+  if (!crl_der(text->get<std::string>(), der))
+    return {error_code::invalid_certificate,
+            "'crl' is not one PEM X509 CRL block or base64 DER CRL"};
+  auto crl = parse_crl_der(der);
+  auto raw = crypto::base64_decode(doc.value("certificate", std::string()));
+  auto ca = raw ? parse_der(*raw) : x509_ptr();
+  if (!ca)
+    return {error_code::storage_failure, "stored CA '" + name + "' is unreadable"};
+  const X509_NAME* issuer = X509_CRL_get_issuer(crl.get());
+  // The CA's own CRL is checked now; an intermediate's when a chain presents
+  // that intermediate (its key is not known here).
+  if (X509_NAME_cmp(issuer, X509_get_subject_name(ca.get())) == 0
+      && X509_CRL_verify(crl.get(), X509_get0_pubkey(ca.get())) != 1)
+    return {error_code::invalid_certificate,
+            "the CRL names CA '" + name + "' ('" + name_text(issuer)
+              + "') as its issuer but is not signed by that CA's key"};
+  json kept = json::array();
+  for (const auto& c : doc.value("crls", json::array())) {
+    auto other = c.is_string() ? crypto::base64_decode(c.get<std::string>())
+                               : std::optional<std::string>();
+    auto parsed = other ? parse_crl_der(*other) : crl_ptr();
+    if (parsed && X509_NAME_cmp(X509_CRL_get_issuer(parsed.get()), issuer) != 0)
+      kept.push_back(c);
+  }
+  if (kept.size() >= 16)
+    return {error_code::invalid_certificate,
+            "CA '" + name + "' already holds 16 CRLs (one per issuer)"};
+  kept.push_back(crypto::base64_encode(der));
+  doc["crls"] = std::move(kept);
+  doc["updated"] = now_ms;
+  doc["etag"] = new_etag();
+  return {};
+}
+
 json ca_public(const json& doc) {
   const std::string name = doc.value("name", std::string());
   auto raw = crypto::base64_decode(doc.value("certificate", std::string()));
@@ -192,6 +269,21 @@ json ca_public(const json& doc) {
              {"certificate", raw ? pem_of(*raw) : std::string()},
              {"created", rfc1123(doc.value("created", int64_t{0}) / 1000)},
              {"updated", rfc1123(doc.value("updated", int64_t{0}) / 1000)}};
+  json crls = json::array();
+  for (const auto& c : doc.value("crls", json::array())) {
+    auto der = c.is_string() ? crypto::base64_decode(c.get<std::string>())
+                             : std::optional<std::string>();
+    auto crl = der ? parse_crl_der(*der) : crl_ptr();
+    if (!crl)
+      continue;
+    const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+    crls.push_back({{"issuer", name_text(X509_CRL_get_issuer(crl.get()))},
+                    {"lastUpdate", utc_text(epoch_of(X509_CRL_get0_lastUpdate(crl.get())))},
+                    {"nextUpdate", next != nullptr ? utc_text(epoch_of(next)) : std::string()},
+                    {"revoked", sk_X509_REVOKED_num(X509_CRL_get_REVOKED(crl.get()))}});
+  }
+  if (!crls.empty())
+    props["crls"] = std::move(crls);
   return json{{"name", name},
               {"etag", doc.value("etag", std::string())},
               {"id", "/certificates/" + name},
@@ -207,6 +299,7 @@ json ca_verification_public(const json& doc) {
 
 void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
   ref.der.clear();
+  ref.crls.clear();
   ref.status = ca_reference::state::missing;
   if (stored_doc == nullptr)
     return;
@@ -217,6 +310,11 @@ void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
   if (!raw)
     return;
   ref.der = std::move(*raw);
+  ref.crls.clear();
+  for (const auto& c : j.value("crls", json::array()))
+    if (auto der = c.is_string() ? crypto::base64_decode(c.get<std::string>())
+                                 : std::optional<std::string>())
+      ref.crls.push_back(std::move(*der));
   ref.status = j.value("isVerified", false) ? ca_reference::state::verified
                                             : ca_reference::state::unverified;
 }

@@ -7,7 +7,8 @@
 // Stored document (cf certificates, key = lower(name)):
 //   {name, certificate (base64 DER), subject, thumbprint (SHA-1, upper hex),
 //    sha256Thumbprint, notBefore, expiry (epoch s), isVerified,
-//    verificationCode ("" when none outstanding), created, updated (epoch ms), etag}
+//    verificationCode ("" when none outstanding), crls (base64 DER CRLs, at
+//    most one per issuer), created, updated (epoch ms), etag}
 
 #include <cstdint>
 #include <string>
@@ -41,8 +42,15 @@ void ca_new_verification_code(nlohmann::json& doc, int64_t now_ms);
 /// `doc` is verified (code consumed). Errors: invalid_certificate, with the reason.
 [[nodiscard]] error ca_verify(nlohmann::json& doc, const nlohmann::json& body, int64_t now_ms);
 
+/// Revocation (DPS has none): `body` {crl} is a PEM or base64 DER CRL, issued
+/// by the CA itself (its signature is checked now) or by an intermediate
+/// below it (checked at attestation against the presented intermediate). It
+/// replaces the stored CRL of the same issuer. Errors: invalid_certificate.
+[[nodiscard]] error ca_put_crl(nlohmann::json& doc, const nlohmann::json& body, int64_t now_ms);
+
 /// CertificateResponse as DPS answers it: {name, etag, id, type, properties:
-/// {subject, expiry, thumbprint, isVerified, certificate, created, updated}}.
+/// {subject, expiry, thumbprint, isVerified, certificate, created, updated}},
+/// plus properties.crls [{issuer, lastUpdate, nextUpdate, revoked}] when any.
 nlohmann::json ca_public(const nlohmann::json& doc);
 /// VerificationCodeResponse: ca_public plus properties.verificationCode.
 nlohmann::json ca_verification_public(const nlohmann::json& doc);

@@ -41,6 +41,9 @@ struct ca_reference {
   std::string name;
   state status = state::unresolved;
   std::string der; ///< the CA certificate, when the store has it
+  /// DER CRLs stored with the CA (its own, or its intermediates'): a chain
+  /// through this CA is checked against those whose issuer is in it.
+  std::vector<std::string> crls;
 };
 bool operator==(const ca_reference& a, const ca_reference& b);
 /// attestation.x509, parsed: individual enrollments name the device's own

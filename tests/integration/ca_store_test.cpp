@@ -320,6 +320,78 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   }
 }
 
+TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermediate, each "
+          "with its own message") {
+  auto& s = srv();
+  auto root = test::make_ca("IT CRL Root CA", nullptr, 90);
+  auto inter = test::make_ca("IT CRL Intermediate CA", &root, 91);
+  auto inter2 = test::make_ca("IT CRL Second Intermediate CA", &root, 92);
+  auto stranger = test::make_ca("IT CRL Stranger CA", nullptr, 93);
+  upload_and_verify(s, "crl-root", root);
+  REQUIRE(put_ca_group(s, "crl-group", "crl-root").status == 200);
+  auto good = test::make_device("crl-good", inter, 900);
+  auto bad = test::make_device("crl-bad", inter, 901);
+  auto under2 = test::make_device("crl-under2", inter2, 902);
+  auto crl_path = "/certificates/crl-root/crl";
+  auto register_ok = [&](const test_cert& leaf, const test_cert& mid, const std::string& id) {
+    auto c = device_client(s, leaf, {&mid});
+    auto a = put_register(c, s, id);
+    REQUIRE_MESSAGE(a.status == 200, a.body);
+  };
+  // Every device admitted before any CRL (bad's verdict is then cached).
+  register_ok(good, inter, "crl-good");
+  register_ok(bad, inter, "crl-bad");
+  register_ok(under2, inter2, "crl-under2");
+
+  // Bad uploads.
+  check_error(s.service("PUT", crl_path, json{{"crl", "nope"}}.dump()), 400, 400009,
+              "'crl' is not one PEM X509 CRL block");
+  auto twin_root = test::make_ca("IT CRL Root CA", nullptr, 94);
+  check_error(s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(twin_root, {})}}.dump()),
+              400, 400009, "is not signed by that CA's key");
+  check_error(s.service("PUT", "/certificates/crl-nope/crl",
+                        json{{"crl", test::make_crl_pem(root, {})}}.dump()),
+              404, 404205, "crl-nope");
+
+  // The intermediate's CRL revokes one leaf.
+  auto r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {&bad})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto crls = parse(r.body)["properties"]["crls"];
+  REQUIRE(crls.size() == 1);
+  CHECK(crls[0]["issuer"] == "CN=IT CRL Intermediate CA,O=provisiond tests");
+  CHECK(crls[0]["revoked"] == 1);
+  {
+    auto c = device_client(s, bad, {&inter});
+    check_error(put_register(c, s, "crl-bad"), 401, 401002,
+                "the client certificate 'CN=crl-bad,O=provisiond tests' (serial 0385) is "
+                "revoked: the CRL of 'CN=IT CRL Intermediate CA,O=provisiond tests' lists it");
+  }
+  register_ok(good, inter, "crl-good");
+  // A CRL naming the intermediate but signed by another key is ignored.
+  auto fake_inter = test::make_ca("IT CRL Intermediate CA", &stranger, 95);
+  // (it replaces the real one: same issuer name)
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(fake_inter, {&good, &bad})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  register_ok(good, inter, "crl-good");
+  register_ok(bad, inter, "crl-bad");
+
+  // The root's CRL revokes the second intermediate: its devices are refused.
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(root, {&inter2})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["crls"].size() == 2);
+  {
+    auto c = device_client(s, under2, {&inter2});
+    check_error(put_register(c, s, "crl-under2"), 401, 401002,
+                "the intermediate certificate 'CN=IT CRL Second Intermediate CA,O=provisiond "
+                "tests' (serial 5C) is revoked");
+  }
+  register_ok(good, inter, "crl-good");
+  // A new root CRL without it readmits.
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(root, {})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  register_ok(under2, inter2, "crl-under2");
+}
+
 TEST_CASE("CA store state survives a restart") {
   test::server_process s;
   REQUIRE(s.start().ok());
@@ -367,6 +439,12 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
   out = run_cli("certificate verify cli-root --file " + proof_file + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("true") != std::string::npos);
+
+  auto crl_file = write_file(cert_dir(), "cli-crl.pem", test::make_crl_pem(root, {&wrong}));
+  out = run_cli("certificate crl cli-root --file " + crl_file + common, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK_MESSAGE(out.find("CN=IT CLI Store Root,O=provisiond tests (1 revoked") != std::string::npos,
+                out);
 
   out = run_cli("certificate list" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);

@@ -255,6 +255,22 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   check_error(put_ca_group(s, "ref-group", "ref-root"), 400, 400005,
               "CA 'ref-root' is not verified");
   check_error(s.service("GET", "/enrollmentGroups/ref-group"), 404, 404203, "ref-group");
+  // The same rule in bulk operations, per item.
+  {
+    json item{{"enrollmentGroupId", "ref-group"},
+              {"attestation",
+               {{"type", "x509"}, {"x509", {{"caReferences", {{"primary", "ref-root"}}}}}}}};
+    auto b = s.service("POST", "/enrollmentGroups",
+                       json{{"mode", "create"}, {"enrollmentGroups", json::array({item})}}.dump());
+    REQUIRE_MESSAGE(b.status == 200, b.body);
+    auto res = parse(b.body);
+    CHECK(res["isSuccessful"] == false);
+    REQUIRE(res["errors"].size() == 1);
+    CHECK(res["errors"][0]["errorCode"] == 400005);
+    CHECK(res["errors"][0]["errorStatus"].get<std::string>().find("is not verified")
+          != std::string::npos);
+    check_error(s.service("GET", "/enrollmentGroups/ref-group"), 404, 404203, "ref-group");
+  }
 
   upload_and_verify(s, "ref-root", root);
   auto r = put_ca_group(s, "ref-group", "ref-root");

@@ -27,25 +27,26 @@ using attestation::verdict;
 namespace {
 
 verdict check(const engine_context& ctx, const register_request& req,
-              const attestation::mechanism& mech, const attestation::proof& p,
-              uint64_t generation);
+              const attestation::request_facts& facts, const attestation::mechanism& mech,
+              const attestation::proof& p, uint64_t generation);
 
 } // namespace
 
-verdict attest(const engine_context& ctx, const register_request& req) {
+verdict attest(const engine_context& ctx, const register_request& req, bool registering) {
   const attestation::mechanism* mech = ctx.mechanisms.reading(req.credential);
   if (mech == nullptr)
     return verdict::rejected(
       error_code::unauthorized,
       std::holds_alternative<std::monostate>(req.credential)
         ? "no credential: symmetric key devices send a SharedAccessSignature in the "
-          "Authorization header, X.509 devices a client certificate in the TLS handshake "
-          "(TPM attestation is not supported yet)"
+          "Authorization header, X.509 devices a client certificate in the TLS handshake, "
+          "TPM devices their tpm.endorsementKey in the register body"
         : "this server does not accept this kind of credential");
   attestation::request_facts facts;
   facts.id_scope = req.id_scope;
   facts.registration_id = req.registration_id;
   facts.now_s = now_ms() / 1000;
+  facts.registering = registering;
   std::unique_ptr<attestation::proof> p;
   if (auto err = mech->open(req.credential, facts, p))
     return verdict::rejected(err.code, std::move(err.message));
@@ -63,8 +64,9 @@ verdict attest(const engine_context& ctx, const register_request& req) {
     if (ctx.catalog.verified().lookup(cache_key, facts.now_s, generation, cached))
       return cached;
   }
-  auto v = check(ctx, req, *mech, *p, generation);
-  if (v.is_accepted() && !identity.empty())
+  auto v = check(ctx, req, facts, *mech, *p, generation);
+  // A TPM device's SAS answers its challenge once: never from the cache.
+  if (v.is_accepted() && !identity.empty() && v.type != attestation_type::tpm)
     ctx.catalog.verified().insert(std::move(cache_key), p->valid_until(), generation, v);
   return v;
 }
@@ -72,8 +74,8 @@ verdict attest(const engine_context& ctx, const register_request& req) {
 namespace {
 
 verdict check(const engine_context& ctx, const register_request& req,
-              const attestation::mechanism& mech, const attestation::proof& p,
-              uint64_t generation) {
+              const attestation::request_facts& facts, const attestation::mechanism& mech,
+              const attestation::proof& p, uint64_t generation) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
   //    disabled individual enrollment blocks one device of a group).
   std::optional<std::string> doc;
@@ -84,6 +86,18 @@ verdict check(const engine_context& ctx, const register_request& req,
     enrollment::enrollment_view v;
     if (auto err = enrollment::view_of_text(enrollment::kind::individual, *doc, v))
       return verdict::rejected(error_code::storage_failure, std::move(err.message));
+    if (const auto* tpm = ctx.mechanisms.of_type(attestation_type::tpm);
+        tpm != nullptr && type_of(v.attestation) == attestation_type::tpm
+        && std::holds_alternative<sas_credential>(req.credential)) {
+      // A TPM device's polls and status lookups carry only the SAS signed
+      // with its challenge's key (no body): the TPM mechanism checks it.
+      tpm_credential answer;
+      answer.sas_token = std::get<sas_credential>(req.credential).token;
+      std::unique_ptr<attestation::proof> tp;
+      if (auto err = tpm->open(answer, facts, tp))
+        return verdict::rejected(err.code, std::move(err.message));
+      return tp->check_individual(v);
+    }
     if (type_of(v.attestation) != mech.type())
       return verdict::rejected(error_code::unauthorized_signature,
                                "the enrollment for this registration id uses "

@@ -5,10 +5,12 @@
 #include <thread>
 
 #include <nlohmann/json.hpp>
+#include <openssl/crypto.h>
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/attestation/symmetric_key.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
@@ -208,12 +210,20 @@ public:
     auto start = std::chrono::steady_clock::now();
     auto r = attest(*ctx_, req);
     m->stage_latency(metrics::stage::attestation, seconds_since(start));
+    if (r.result == attestation::verdict::outcome::challenge) {
+      // Nothing to record: the device answers with a second register.
+      register_reply reply;
+      reply.err = std::move(r.err);
+      reply.challenge = std::move(r.challenge);
+      cb(std::move(reply));
+      return;
+    }
     caf::anon_send(registration_, register_atom::value, std::move(req), std::move(r),
                    register_reply_fn{std::move(cb)});
   }
 
   error authenticate_device(const register_request& req) override {
-    return attest(*ctx_, req).err;
+    return attest(*ctx_, req, false).err;
   }
 
   error operation(const std::string& registration_id, const std::string& operation_id,
@@ -261,6 +271,32 @@ public:
       return {error_code::registration_not_found,
               "no registration record for '" + registration_id + "'"};
     return decode_record(*raw, out);
+  }
+
+  error tpm_authentication_key(const std::string& registration_id,
+                               const std::string& operation_id, std::string& out) override {
+    out.clear();
+    std::optional<attestation::tpm_challenge> c;
+    if (auto err = ctx_->tpm_challenges->load(registration_id, c))
+      return err;
+    std::optional<std::string> doc;
+    if (auto err = ctx_->store->get(storage::cf::enrollments, enrollment::key_of(registration_id),
+                                    doc))
+      return err;
+    enrollment::enrollment_view v;
+    const auto* tpm = doc && !enrollment::view_of_text(enrollment::kind::individual, *doc, v)
+                        ? std::get_if<enrollment::tpm_attestation>(&v.attestation)
+                        : nullptr;
+    if (!c || !c->answered || tpm == nullptr)
+      return {error_code::unauthorized_signature,
+              "no answered TPM challenge for '" + registration_id + "'"};
+    auto ek = crypto::base64_decode(tpm->endorsement_key);
+    std::string why;
+    out = ek ? attestation::result_authentication_key(*c, *ek, operation_id, why) : std::string();
+    OPENSSL_cleanse(c->key.data(), c->key.size());
+    if (out.empty())
+      return {error_code::internal, "TPM authenticationKey: " + why};
+    return {};
   }
 
   void put_enrollment(enrollment::kind k, std::string id, std::string body,
@@ -545,6 +581,52 @@ error make_kafka_bus(const config::kafka_config& cfg,
 
 } // namespace
 
+namespace {
+
+/// TPM challenges in the store. A synced write per challenge issued or
+/// answered, on the gateway thread that attests (as attest()'s point reads
+/// are): TPM devices register rarely and the RSA work dominates. With Kafka
+/// the write goes through dps.enrollments (applied here before it returns),
+/// so a device may answer on any gateway (docs/device-api.md#tpm-attestation).
+class store_challenges final : public attestation::challenge_store {
+public:
+  explicit store_challenges(const engine_context& ctx) : ctx_(ctx) {}
+  error load(std::string_view registration_id,
+             std::optional<attestation::tpm_challenge>& out) const override {
+    if (auto err = read(registration_id, out))
+      return err;
+    if (!out && ctx_.kafka() && !ctx_.repl->catch_up_enrollments(5000))
+      // Issued by another gateway a moment ago.
+      return read(registration_id, out);
+    return {};
+  }
+  error save(std::string_view registration_id,
+             const attestation::tpm_challenge& c) const override {
+    storage::write_batch b;
+    b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
+          attestation::encode_challenge(c));
+    return ctx_.kafka() ? ctx_.repl->write_enrollments(b) : ctx_.store->write(b);
+  }
+
+private:
+  error read(std::string_view registration_id,
+             std::optional<attestation::tpm_challenge>& out) const {
+    out.reset();
+    std::optional<std::string> raw;
+    if (auto err = ctx_.store->get(storage::cf::tpm_challenges,
+                                   enrollment::key_of(registration_id), raw))
+      return err;
+    attestation::tpm_challenge c;
+    if (raw && attestation::decode_challenge(*raw, c)) // unreadable: as if none
+      out = std::move(c);
+    return {};
+  }
+
+  const engine_context& ctx_;
+};
+
+} // namespace
+
 error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   if (opts.store == nullptr)
     return {error_code::internal, "engine::start: no store"};
@@ -567,6 +649,10 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
+  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx);
+  ctx->mechanisms.add(std::make_unique<attestation::tpm>(
+    *ctx->tpm_challenges, opts.cfg.device_api.tpm_challenge_seconds,
+    opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   auto hashed = std::make_shared<allocation::hashed_policy>();
   ctx->policies.add(hashed);
   // No latency is known of any hub, so every candidate is as near as

@@ -47,6 +47,9 @@ struct engine_options {
 /// Result of a register call as the gateway needs it.
 struct register_reply {
   error err;                 ///< set: reject with err (401, 404, 503, ...)
+  /// With err: the answer's whole body instead of the error body (a TPM
+  /// challenge's 401, actors/attestation/tpm.hpp).
+  std::string challenge;
   std::string operation_id;
   /// assigning: answer 202 and let the device poll. assigned or failed: the
   /// outcome arrived within device_api.register_wait_ms; `state` holds it
@@ -84,6 +87,13 @@ public:
   /// Reads a registration record (synchronous).
   [[nodiscard]] virtual error registration(const std::string& registration_id,
                                            registration_state& out) = 0;
+
+  /// The `registrationState.tpm.authenticationKey` of a TPM device assigned
+  /// by `operation_id` (base64 activation blob of its IoT Hub key:
+  /// actors/attestation/tpm.hpp). Synchronous; RSA work.
+  [[nodiscard]] virtual error tpm_authentication_key(const std::string& registration_id,
+                                                     const std::string& operation_id,
+                                                     std::string& out) = 0;
 
   // -- service API -------------------------------------------------------------
 

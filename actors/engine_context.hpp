@@ -15,6 +15,7 @@
 
 #include "actors/allocation/policy.hpp"
 #include "actors/attestation/mechanism.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/engine.hpp"
 #include "actors/enrollment/enrollment_model.hpp"
 #include "actors/enrollment_catalog.hpp"
@@ -42,6 +43,8 @@ struct engine_context {
   std::unique_ptr<replication> repl;
   enrollment_catalog catalog;
   attestation::registry mechanisms; ///< built at start, read-only after
+  /// TPM challenges, in the store's `tpm_challenges` family (engine.cpp).
+  std::unique_ptr<attestation::challenge_store> tpm_challenges;
   allocation::registry policies;    ///< built at start, read-only after
   std::vector<allocation::candidate_hub> hubs;
   std::string instance_hex; ///< 16 hex digits, part of operation ids
@@ -89,7 +92,10 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 
 /// Verifies the credential of a register/poll request with its mechanism:
 /// against the individual enrollment (first) or the enrollment groups.
-/// Read-only; any thread.
-attestation::verdict attest(const engine_context& ctx, const register_request& req);
+/// Any thread. Read-only but for TPM challenges (issued, then consumed by
+/// the register that answers them: `registering`; false for polls and
+/// status lookups).
+attestation::verdict attest(const engine_context& ctx, const register_request& req,
+                            bool registering = true);
 
 } // namespace prov

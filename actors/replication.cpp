@@ -1,5 +1,7 @@
 #include "actors/replication.hpp"
 
+#include "actors/attestation/tpm.hpp"
+
 #include <chrono>
 #include <cstdio>
 #include <future>
@@ -27,6 +29,8 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
 constexpr std::string_view certificate_prefix = "certificate/";
+/// A TPM challenge (actors/attestation/tpm.hpp): any gateway checks the answer.
+constexpr std::string_view challenge_prefix = "tpm-challenge/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
 constexpr std::string_view no_outbox_key = "outbox.not_kept";
 /// dps.enrollments key of the deployment's id scope (devices sign it, so every
@@ -154,9 +158,10 @@ public:
     for (const auto& op : batch.ops()) {
       kafka::record r;
       r.topic = enrollments_topic_;
-      r.key = std::string(op.family == storage::cf::groups         ? group_prefix
-                          : op.family == storage::cf::certificates ? certificate_prefix
-                                                                   : enrollment_prefix)
+      r.key = std::string(op.family == storage::cf::groups           ? group_prefix
+                          : op.family == storage::cf::tpm_challenges ? challenge_prefix
+                          : op.family == storage::cf::certificates   ? certificate_prefix
+                                                                     : enrollment_prefix)
               + op.key;
       r.value = op.value;
       r.tombstone = op.is_delete;
@@ -314,13 +319,22 @@ private:
         family = storage::cf::certificates;
         key.remove_prefix(certificate_prefix.size());
         groups = true; // groups carry the CAs their caReferences name
+      } else if (key.substr(0, challenge_prefix.size()) == challenge_prefix) {
+        key.remove_prefix(challenge_prefix.size());
+        attestation::tpm_challenge c;
+        if (m.tombstone)
+          wb.del(storage::cf::tpm_challenges, std::string(key));
+        else if (!attestation::decode_challenge(m.value, c))
+          bus_.dead_letter(m, "dps.enrollments: not a TPM challenge record");
+        else
+          wb.put(storage::cf::tpm_challenges, std::string(key), m.value);
+        continue;
       } else if (key == scope_record_key && !m.tombstone && !m.value.empty()) {
         wb.put(storage::cf::meta, std::string(scope_meta_key), m.value);
         continue;
       } else {
-        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/ or "
-                            "certificate/ "
-                            "(or be deployment/id_scope)");
+        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/, "
+                            "certificate/ or tpm-challenge/ (or be deployment/id_scope)");
         continue;
       }
       if (m.tombstone) {

@@ -5,7 +5,10 @@
 //   dps.enrollments (compacted)   key "enrollment/<id>", "group/<id>" or
 //                                 "certificate/<CA name>" (lower case), value
 //                                 the stored JSON document, null = deleted.
-//                                 Written by the service API.
+//                                 Written by the service API. Also
+//                                 "tpm-challenge/<id>": a TPM challenge's state
+//                                 (binary), written by the gateway that issued
+//                                 or consumed it.
 //   dps.registrations (compacted) key lower(registration id), value a binary
 //                                 operation_record (the assigned event and the
 //                                 registration record). Written by the
@@ -56,7 +59,7 @@ public:
   [[nodiscard]] virtual error follow_completed(completed_fn on_applied) = 0;
 
   /// Publishes enrollment puts and deletes (cf enrollments, groups or
-  /// certificates) to
+  /// tpm_challenges or certificates) to
   /// dps.enrollments and waits until this instance applied them.
   [[nodiscard]] virtual error write_enrollments(const storage::write_batch& batch) = 0;
 

@@ -326,6 +326,7 @@ constexpr enrollment_kind group_kind{true, "enrollment group", "/enrollmentGroup
 struct create_options {
   std::string id;
   std::string primary_key, secondary_key, device_id, policy, twin;
+  std::string tpm_ek, tpm_srk; ///< TPM attestation: base64 TPM2B_PUBLIC
   std::vector<std::string> hubs;
   bool disabled = false;
   bool iot_edge = false;
@@ -374,7 +375,23 @@ void print_enrollment(const enrollment_kind& k, const json& doc, const json* mec
                        (it->value("migrateDeviceData", true) ? "true" : "false"));
   if (auto it = doc.find("initialTwin"); it != doc.end() && !it->is_null())
     f.emplace_back("INITIAL TWIN", it->dump());
-  if (mechanism) {
+  if (auto it = doc.find("attestation"); it != doc.end() && it->is_object()) {
+    // TPM keys are public: shown without --show-keys (as SHA-256, for
+    // comparing with what the device sends; --json prints them whole).
+    const json& tpm = it->value("tpm", json::object());
+    for (auto [member, label] : {std::pair{"endorsementKey", "ENDORSEMENT KEY"},
+                                 std::pair{"storageRootKey", "STORAGE ROOT KEY"}}) {
+      std::string b64 = str_member(tpm, member);
+      auto bytes = b64.empty() ? std::nullopt : prov::crypto::base64_decode(b64);
+      if (bytes) {
+        auto d = prov::crypto::sha256(*bytes);
+        f.emplace_back(label, std::to_string(bytes->size()) + " bytes, SHA-256 "
+                                + prov::crypto::hex(std::string_view(
+                                    reinterpret_cast<const char*>(d.data()), d.size())));
+      }
+    }
+  }
+  if (mechanism && mechanism->contains("symmetricKey")) {
     const json& sk = mechanism->value("symmetricKey", json::object());
     f.emplace_back("PRIMARY KEY", str_member(sk, "primaryKey"));
     f.emplace_back("SECONDARY KEY", str_member(sk, "secondaryKey"));
@@ -403,8 +420,18 @@ int run_create(const common_options& c, const enrollment_kind& k, const create_o
   json sk = json::object();
   if (!o.primary_key.empty()) sk["primaryKey"] = o.primary_key;
   if (!o.secondary_key.empty()) sk["secondaryKey"] = o.secondary_key;
-  // Omitted keys: the server generates 64-byte keys, as DPS does.
-  body["attestation"] = {{"type", "symmetricKey"}, {"symmetricKey", sk}};
+  if (!o.tpm_ek.empty()) {
+    if (!o.primary_key.empty() || !o.secondary_key.empty())
+      return fail({error_code::bad_request, "--tpm-ek and symmetric keys exclude each other"});
+    json tpm = {{"endorsementKey", o.tpm_ek}};
+    if (!o.tpm_srk.empty()) tpm["storageRootKey"] = o.tpm_srk;
+    body["attestation"] = {{"type", "tpm"}, {"tpm", tpm}};
+  } else if (!o.tpm_srk.empty()) {
+    return fail({error_code::bad_request, "--tpm-srk needs --tpm-ek"});
+  } else {
+    // Omitted keys: the server generates 64-byte keys, as DPS does.
+    body["attestation"] = {{"type", "symmetricKey"}, {"symmetricKey", sk}};
+  }
   if (!o.device_id.empty()) body["deviceId"] = o.device_id;
   if (!o.hubs.empty()) body["iotHubs"] = o.hubs;
   if (!o.policy.empty()) body["allocationPolicy"] = o.policy;
@@ -859,6 +886,13 @@ void add_create_options(CLI::App* sub, create_options& o, bool group) {
   sub->add_option("--primary-key", o.primary_key, "Base64 symmetric key (default: generated)");
   sub->add_option("--secondary-key", o.secondary_key, "Base64 symmetric key (default: generated)");
   if (!group) sub->add_option("--device-id", o.device_id, "IoT Hub device id (default: registration id)");
+  if (!group) {
+    sub->add_option("--tpm-ek", o.tpm_ek,
+                    "TPM attestation: the endorsement key, base64 TPM2B_PUBLIC (RSA 2048), "
+                    "e.g. base64 of tpm2_createek -u's file");
+    sub->add_option("--tpm-srk", o.tpm_srk,
+                    "TPM attestation: the storage root key, base64 TPM2B_PUBLIC (optional)");
+  }
   sub->add_option("--hub", o.hubs, "Linked hub this enrollment may use (repeatable; default: all)");
   sub->add_option("--policy", o.policy, "Allocation policy (default: the server's)")
       ->check(CLI::IsMember({"hashed", "static", "geoLatency"}));

@@ -47,6 +47,9 @@ struct device_api_config {
   int idle_timeout_seconds = 120;     ///< keep-alive idle close
   int max_sas_lifetime_seconds = 365 * 24 * 3600; ///< longest accepted SAS validity
   int clock_skew_seconds = 300;       ///< tolerated client clock skew
+  /// How long a TPM device may take to answer its challenge (the 401 with
+  /// the activation blob) with its first register.
+  int tpm_challenge_seconds = 300;
   /// Open connections at most; one more is accepted and closed at once.
   /// 0 = derived at start from the descriptor limit (RLIMIT_NOFILE), so the
   /// server refuses cheaply before it runs out of descriptors.

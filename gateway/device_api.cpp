@@ -30,6 +30,25 @@ bool minimal_register_body(std::string_view body, std::string_view& id) {
   return enrollment::valid_registration_id(id);
 }
 
+/// A TPM device's assigned result also carries
+/// registrationState.tpm.authenticationKey (its IoT Hub key, for the TPM to
+/// import; the C and Node SDKs require it). `text` is an operation status
+/// (`nested`) or a registration state. On failure the text stays as it is.
+void add_tpm_key(engine& eng, const registration_state& st, const std::string& operation_id,
+                 bool nested, std::string& text) {
+  if (st.attestation_type != "tpm" || st.status != registration_status::assigned)
+    return;
+  std::string key;
+  if (eng.tpm_authentication_key(st.registration_id, operation_id, key))
+    return;
+  json j = json::parse(text, nullptr, false);
+  if (j.is_discarded())
+    return;
+  json& rs = nested ? j["registrationState"] : j;
+  rs["tpm"] = {{"authenticationKey", std::move(key)}};
+  text = j.dump();
+}
+
 device_answer ok(int status, std::string body, int retry_after_s = 0) {
   device_answer a;
   a.status = status;
@@ -79,8 +98,9 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (auto err = eng_.operation(call.registration_id, *call.operation_id, st))
       return fail(err);
     const bool pending = st.status == registration_status::assigning;
-    return answer(ok(pending ? 202 : 200, operation_status_text(*call.operation_id, st),
-                     pending ? retry_after_s_ : 0));
+    auto text = operation_status_text(*call.operation_id, st);
+    add_tpm_key(eng_, st, *call.operation_id, true, text);
+    return answer(ok(pending ? 202 : 200, std::move(text), pending ? retry_after_s_ : 0));
   }
   if (call.body_framing)
     return fail(call.body_framing);
@@ -102,9 +122,28 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (!it->is_string() || !iequals(it->get<std::string>(), call.registration_id))
       return fail({error_code::id_mismatch, "registrationId in the body does not match the path"});
   }
-  if (auto it = body.find("tpm"); it != body.end() && !it->is_null())
-    return fail({error_code::bad_request,
-                 "TPM attestation is not supported by this provisiond version"});
+  if (auto it = body.find("tpm"); it != body.end() && !it->is_null()) {
+    // TPM attestation: the keys from the body, and the SAS (Authorization)
+    // that answers the challenge on the second register.
+    if (!it->is_object())
+      return fail({error_code::bad_request, "tpm must be a JSON object"});
+    tpm_credential tc;
+    for (auto [name, field] : {std::pair{"endorsementKey", &tc.endorsement_key},
+                               std::pair{"storageRootKey", &tc.storage_root_key}}) {
+      auto k = it->find(name);
+      if (k == it->end() || k->is_null())
+        continue;
+      if (!k->is_string())
+        return fail({error_code::bad_request, std::string("tpm.") + name + " must be a string"});
+      *field = k->get<std::string>();
+    }
+    if (auto* sas = std::get_if<sas_credential>(&rr.credential))
+      tc.sas_token = std::move(sas->token);
+    else if (!std::holds_alternative<std::monostate>(rr.credential))
+      return fail({error_code::bad_request,
+                   "a TPM register carries no client certificate: tpm or x509, not both"});
+    rr.credential = std::move(tc);
+  }
   if (auto it = body.find("payload"); it != body.end() && !it->is_null()) {
     if (!it->is_object())
       return fail({error_code::bad_request, "payload must be a JSON object"});
@@ -116,7 +155,9 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     registration_state st;
     if (auto err = eng_.registration(call.registration_id, st))
       return fail(err);
-    return answer(ok(200, to_json_text(st)));
+    auto text = to_json_text(st);
+    add_tpm_key(eng_, st, st.last_operation_id, false, text);
+    return answer(ok(200, std::move(text)));
   }
   rr.force_registration = call.force_registration;
   register_device(std::move(rr), call, answer);
@@ -124,10 +165,14 @@ void device_api::handle(device_call call, const answer_fn& answer) {
 
 void device_api::register_device(register_request rr, const device_call& call,
                                  const answer_fn& answer) {
-  eng_.register_device(std::move(rr), [answer, tracking = call.tracking_id,
+  // The reply runs on the registration stage's thread: for a TPM device the
+  // result's blob is made there (two RSA public-key operations).
+  eng_.register_device(std::move(rr), [eng = &eng_, answer, tracking = call.tracking_id,
                                        retry_after = retry_after_s_](register_reply r) {
     if (r.err) {
       auto a = failure(r.err, tracking);
+      if (!r.challenge.empty())
+        a.body = std::move(r.challenge); // a TPM challenge: its own 401 body
       if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
         a.retry_after_s = retry_after;
       return answer(std::move(a));
@@ -137,7 +182,11 @@ void device_api::register_device(register_request rr, const device_call& call,
       // The outcome arrived within register_wait_ms: the answer a poll
       // would give (200), so the device is done without polling. Every
       // official SDK (Node, C, Python, embedded C) accepts it on register.
-      return answer(ok(200, operation_status_text(r.operation_id, *r.state)));
+    {
+      auto text = operation_status_text(r.operation_id, *r.state);
+      add_tpm_key(*eng, *r.state, r.operation_id, true, text);
+      return answer(ok(200, std::move(text)));
+    }
     // Otherwise always "assigning" on the 202 (Node and Python treat
     // `disabled` in a 2xx as unknown); the first poll reports the rest.
     std::string body = "{\"operationId\":";

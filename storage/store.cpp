@@ -29,7 +29,7 @@ namespace {
 
 constexpr std::array<cf, cf_count> all_families = {
     cf::meta,       cf::enrollments, cf::groups, cf::registrations,
-    cf::operations, cf::pending,     cf::outbox, cf::certificates,
+    cf::operations, cf::pending,     cf::outbox, cf::tpm_challenges, cf::certificates,
 };
 
 bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
@@ -39,7 +39,7 @@ bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
 /// scanned, meta is tiny.
 bool point_lookup(cf c) noexcept {
   return c == cf::enrollments || c == cf::groups || c == cf::registrations ||
-         c == cf::operations;
+         c == cf::operations || c == cf::tpm_challenges;
 }
 
 rocksdb::Slice slice(std::string_view s) noexcept { return {s.data(), s.size()}; }
@@ -496,6 +496,7 @@ std::string_view to_string(cf c) noexcept {
     case cf::operations: return "operations";
     case cf::pending: return "pending";
     case cf::outbox: return "outbox";
+    case cf::tpm_challenges: return "tpm_challenges";
     case cf::certificates: return "certificates";
   }
   return "unknown";

@@ -11,6 +11,13 @@ const mechanism* registry::reading(const device_credential& c) const noexcept {
   return nullptr;
 }
 
+const mechanism* registry::of_type(attestation_type t) const noexcept {
+  for (const auto& m : mechanisms_)
+    if (m->type() == t)
+      return m.get();
+  return nullptr;
+}
+
 attestation_type registry::attempted(const device_credential& c) const noexcept {
   const mechanism* m = reading(c);
   return m != nullptr ? m->type() : attestation_type::none;

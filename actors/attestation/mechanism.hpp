@@ -56,6 +56,9 @@ struct request_facts {
   std::string_view id_scope;
   std::string_view registration_id;
   int64_t now_s = 0; ///< seconds since the epoch
+  /// A register (it may consume a one-time answer, TPM's); false for polls
+  /// and status lookups.
+  bool registering = true;
 };
 
 /// One request's credential, opened (parsed, checked on its own) by its
@@ -95,6 +98,8 @@ public:
   void add(std::unique_ptr<mechanism> m);
   /// The mechanism that reads `c`; null when none does.
   const mechanism* reading(const device_credential& c) const noexcept;
+  /// The mechanism of attestation type `t`; null when none.
+  const mechanism* of_type(attestation_type t) const noexcept;
   /// The attestation type a request tried, for metrics: its mechanism's, or
   /// "none" when nothing was presented or no mechanism reads it.
   attestation_type attempted(const device_credential& c) const noexcept;

@@ -1,6 +1,7 @@
 #include "actors/enrollment/enrollment_model.hpp"
 
 #include "actors/enrollment/x509_certificates.hpp"
+#include "actors/attestation/tpm2.hpp"
 
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -213,13 +214,24 @@ error normalize_tpm(const json& att, json& out) {
     return invalid(path + ".endorsementKey", "required");
   if (!ek->is_string())
     return wrong_type(path + ".endorsementKey", "a string", *ek);
-  if (!b64_decoded_size(ek->get_ref<const std::string&>()))
-    return invalid(path + ".endorsementKey", "must be base64");
+  // The keys must be usable for the challenge (actors/attestation/tpm2.hpp):
+  // refused here, with the reason, rather than at the device's first register.
+  auto check_key = [&](const json& k, const char* name) -> error {
+    auto bytes = crypto::base64_decode(k.get_ref<const std::string&>());
+    if (!bytes)
+      return invalid(path + "." + name, "must be base64");
+    tpm2::rsa_public parsed;
+    if (auto why = tpm2::parse_rsa_public(*bytes, "the key", parsed); !why.empty())
+      return invalid(path + "." + name, why);
+    return {};
+  };
+  if (auto e = check_key(*ek, "endorsementKey"))
+    return e;
   if (const json* srk = member(*tpm, "storageRootKey")) {
     if (!srk->is_string())
       return wrong_type(path + ".storageRootKey", "a string", *srk);
-    if (!b64_decoded_size(srk->get_ref<const std::string&>()))
-      return invalid(path + ".storageRootKey", "must be base64");
+    if (auto e = check_key(*srk, "storageRootKey"))
+      return e;
   }
   out["tpm"] = *tpm;
   return {};

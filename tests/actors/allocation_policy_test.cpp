@@ -31,10 +31,11 @@ std::map<std::string, double> shares(const std::vector<candidate_hub>& hubs, int
   return out;
 }
 
-/// Relative deviation of `actual` from `expected` below 5%. (doctest::Approx
-/// adds a scale of 1.0, which would make epsilon(0.05) far looser.)
-bool within_5_percent(double actual, double expected) {
-  return std::fabs(actual - expected) / expected < 0.05;
+/// Relative deviation of `actual` from `expected` below 3% (the bound issue
+/// 19 sets). (doctest::Approx adds a scale of 1.0, which would make
+/// epsilon(0.03) far looser.)
+bool within_3_percent(double actual, double expected) {
+  return std::fabs(actual - expected) / expected < 0.03;
 }
 
 } // namespace
@@ -82,40 +83,51 @@ TEST_CASE("hashed: host name case does not change the score, output keeps the ca
   }
 }
 
-TEST_CASE("hashed: shares follow weights within 5% over 100,000 ids") {
+TEST_CASE("hashed: shares follow weights within 3% over 100,000 ids") {
   SUBCASE("weights 1,2,3") {
     const auto s = shares({{"h1", 1, true}, {"h2", 2, true}, {"h3", 3, true}}, 100000);
     REQUIRE(s.size() == 3);
-    CHECK_MESSAGE(within_5_percent(s.at("h1"), 1.0 / 6), s.at("h1"));
-    CHECK_MESSAGE(within_5_percent(s.at("h2"), 2.0 / 6), s.at("h2"));
-    CHECK_MESSAGE(within_5_percent(s.at("h3"), 3.0 / 6), s.at("h3"));
+    CHECK_MESSAGE(within_3_percent(s.at("h1"), 1.0 / 6), s.at("h1"));
+    CHECK_MESSAGE(within_3_percent(s.at("h2"), 2.0 / 6), s.at("h2"));
+    CHECK_MESSAGE(within_3_percent(s.at("h3"), 3.0 / 6), s.at("h3"));
   }
   SUBCASE("weights 1,1") {
     const auto s = shares({{"east.azure-devices.net", 1, true},
                            {"west.azure-devices.net", 1, true}},
                           100000);
     REQUIRE(s.size() == 2);
-    CHECK_MESSAGE(within_5_percent(s.at("east.azure-devices.net"), 0.5),
+    CHECK_MESSAGE(within_3_percent(s.at("east.azure-devices.net"), 0.5),
                   s.at("east.azure-devices.net"));
-    CHECK_MESSAGE(within_5_percent(s.at("west.azure-devices.net"), 0.5),
+    CHECK_MESSAGE(within_3_percent(s.at("west.azure-devices.net"), 0.5),
                   s.at("west.azure-devices.net"));
   }
 }
 
-TEST_CASE("hashed: adding a hub only moves devices to the new hub") {
-  const std::vector<candidate_hub> before = {{"h1"}, {"h2"}, {"h3"}};
-  auto after = before;
-  after.push_back({"h4"});
-  int moved = 0;
-  for (int i = 0; i < 5000; ++i) {
-    const std::string reg = "m" + std::to_string(i);
-    const std::string a = pick(reg, before), b = pick(reg, after);
-    if (a != b) {
-      CHECK(b == "h4");
-      ++moved;
+TEST_CASE("hashed: adding a hub moves at most 1/N + 2% of devices, all to the new hub") {
+  // What reprovisioning after adding a hub costs: with N hubs after the
+  // change, rendezvous hashing moves about 1/N of the devices (equal
+  // weights), and only onto the new hub.
+  for (int n = 2; n <= 8; n *= 2) {
+    std::vector<candidate_hub> before;
+    for (int h = 1; h < n; ++h)
+      before.push_back({"h" + std::to_string(h)});
+    auto after = before;
+    after.push_back({"new"});
+    constexpr int ids = 100000;
+    int moved = 0, wrong = 0;
+    for (int i = 0; i < ids; ++i) {
+      const std::string reg = "m" + std::to_string(i);
+      const std::string a = pick(reg, before), b = pick(reg, after);
+      if (a != b) {
+        wrong += b != "new";
+        ++moved;
+      }
     }
+    const double share = static_cast<double>(moved) / ids;
+    CHECK(wrong == 0);
+    CHECK_MESSAGE(share <= 1.0 / n + 0.02, n << " hubs: moved " << share);
+    CHECK_MESSAGE(share >= 1.0 / n - 0.02, n << " hubs: moved " << share);
   }
-  CHECK(moved > 0);
 }
 
 TEST_CASE("hashed: applyAllocationPolicy=false hubs only via an explicit list") {

@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 
 #include "actors/enrollment/enrollment_model.hpp"
+#include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 
 using nlohmann::json;
@@ -19,6 +20,13 @@ constexpr int64_t t1 = t0 + 60000;
 
 // base64 of 32, 16, 15, 64 and 65 bytes.
 const std::string key32 = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+/// An RSA-2048 EK made by swtpm (tpm2_createek -G rsa), base64 TPM2B_PUBLIC.
+const std::string tpm_ek =
+  "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAxmrFUdoY1MPm0Rpo"
+  "gThkG6Geb31LV3sxI0bjsO3+nwsjfyRhcz55/JkJYdTg0wW5/X/00itnngirrF3G9IpUsjm0goeY5awie0Dmvb4xD5ajTzGc"
+  "nTrQqbbHqG1DucxbBdPVZYu1fZKVDLIoDpPxbwFnFpdmId4zkHz55Ko78OLDfq3RzNDLBwsvo1wEhTHdOhbTknLVPrw1ghAe"
+  "efgQoVKhznEzCjb8MpsqXkx4p9cbZlfb9+3RoRrkyfvQaORvYqBk1JbkmE2GulFUH6Fs5FPfqqZu4BTjDIxSYndinkM+LKgT"
+  "WsM0GvUilF2zn/FoWypQ+UmW/z0dRuEEJsQzIQ==";
 const std::string key16 = "MDEyMzQ1Njc4OWFiY2RlZg==";
 const std::string key15 = "MDEyMzQ1Njc4OWFiY2Rl";
 const std::string key64 = std::string(84, 'A') + "AQ==";
@@ -173,9 +181,9 @@ TEST_CASE("enrollment: minimal bodies, id from the path, view defaults") {
   CHECK(v.initial_twin_json.empty());
 
   // TPM individual.
-  json tpm = {{"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", key32}}}}}};
+  json tpm = {{"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm_ek}}}}}};
   REQUIRE(norm(en::kind::individual, "tpm-dev", tpm, doc).ok());
-  CHECK(doc["attestation"]["tpm"]["endorsementKey"] == key32);
+  CHECK(doc["attestation"]["tpm"]["endorsementKey"] == tpm_ek);
 
   // Explicit nulls are treated as absent.
   json nulls = {{"attestation", {{"type", "symmetricKey"}, {"x509", nullptr}}},
@@ -324,8 +332,21 @@ TEST_CASE("enrollment: invalid bodies name the offending member") {
     expect_individual_reject(with_att({{"type", "tpm"}, {"tpm", {{"endorsementKey", "%%"}}}}),
                              "attestation.tpm.endorsementKey: must be base64");
     expect_individual_reject(
-        with_att({{"type", "tpm"}, {"tpm", {{"endorsementKey", key32}, {"storageRootKey", 1}}}}),
+        with_att({{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm_ek}, {"storageRootKey", 1}}}}),
         "attestation.tpm.storageRootKey");
+    // Key bytes that are not a usable RSA-2048 TPM2B_PUBLIC: the reason.
+    expect_individual_reject(with_att({{"type", "tpm"}, {"tpm", {{"endorsementKey", key32}}}}),
+                             "attestation.tpm.endorsementKey: the key: TPM2B_PUBLIC size field");
+    auto ecc = prov::crypto::base64_decode(tpm_ek).value();
+    ecc[3] = 0x23; // TPM_ALG_ECC
+    expect_individual_reject(
+        with_att({{"type", "tpm"}, {"tpm", {{"endorsementKey", prov::crypto::base64_encode(ecc)}}}}),
+        "attestation.tpm.endorsementKey: the key is an ECC key: only RSA 2048 keys are supported");
+    expect_individual_reject(
+        with_att({{"type", "tpm"},
+                  {"tpm", {{"endorsementKey", tpm_ek},
+                           {"storageRootKey", prov::crypto::base64_encode(ecc.substr(0, 100))}}}}),
+        "attestation.tpm.storageRootKey: the key: TPM2B_PUBLIC size field says 314 bytes but 98 follow");
   }
   SUBCASE("x509") {
     expect_individual_reject(with_att({{"type", "x509"}}), "attestation.x509");
@@ -358,7 +379,7 @@ TEST_CASE("enrollment: invalid bodies name the offending member") {
   }
   SUBCASE("group attestation types") {
     json g = group_body();
-    g["attestation"] = {{"type", "tpm"}, {"tpm", {{"endorsementKey", key32}}}};
+    g["attestation"] = {{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm_ek}}}};
     expect_reject(en::kind::group, "Group-A", g, error_code::invalid_enrollment,
                   "attestation.type");
     g["attestation"] = {{"type", "none"}};
@@ -683,7 +704,7 @@ TEST_CASE("enrollment: view_of_text never accepts what the tree path rejects or 
 }
 
 TEST_CASE("enrollment: the view carries each attestation type's own data") {
-  const std::string& ek = key32;
+  const std::string& ek = tpm_ek;
   json doc;
   REQUIRE(norm(en::kind::individual, "tpm-1",
                {{"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", ek}}}}}}, doc)

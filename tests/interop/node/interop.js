@@ -52,6 +52,8 @@ const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http: DeviceHttpTransport } = require('azure-iot-provisioning-device-http');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
+const { TpmSecurityClient } = require('azure-iot-security-tpm');
+const tpmDevice = require('./tpm_device');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 
 // ---- configuration --------------------------------------------------------
@@ -83,6 +85,7 @@ const ROGUE_DEVICE = `interop-grp-${RUN}-rogue`;
 const X509_INDIVIDUAL_ID = `interop-x509-${RUN}`;
 const X509_GROUP_ID = `interop-x509-group-${RUN}`;
 const X509_GROUP_DEVICE = `interop-x509-grp-${RUN}-a`;
+const TPM_ID = `interop-tpm-${RUN}`;
 
 // ---- the port trick (see the header comment) ----------------------------------
 
@@ -376,6 +379,37 @@ async function main() {
     assert.fail(`registration without the intermediate succeeded: ${JSON.stringify(result)}`);
   });
 
+  if (!tpmDevice.haveSwtpm()) {
+    console.log('SKIP  device (g): TPM -- swtpm is not installed (scripts/install-test-deps.sh); '
+      + 'the TPM interop did NOT run');
+  } else {
+    await step('device (g): TPM device (swtpm via tss.js): challenge, activation, SAS, assigned', async () => {
+      await tpmDevice.withSoftTpm(async (tpm) => {
+        const security = new TpmSecurityClient(TPM_ID, tpm);
+        const ek = await new Promise((resolve, reject) =>
+          security.getEndorsementKey((err, key) => (err ? reject(err) : resolve(key))));
+        const e = (await service.createOrUpdateIndividualEnrollment({
+          registrationId: TPM_ID,
+          attestation: { type: 'tpm', tpm: { endorsementKey: ek.toString('base64') } },
+        })).responseBody;
+        assert.strictEqual(e.attestation.type, 'tpm');
+        const httpBase = requireFrom('azure-iot-provisioning-device-http', 'azure-iot-http-base');
+        const transport = new DeviceHttpTransport(portedHttpBase(httpBase.Http, PORT));
+        // The SDK answers the 401 challenge itself (ActivateCredential,
+        // Import, HMAC) and, once assigned, activates the result's
+        // tpm.authenticationKey: a bad blob fails register().
+        // Unlike the other clients, the TPM registration hands back the whole
+        // operation status (operationId, status, registrationState).
+        const result = await ProvisioningDeviceClient.create(HOST, ID_SCOPE, transport, security).register();
+        assert.strictEqual(result.status, 'assigned', JSON.stringify(result));
+        const state = result.registrationState;
+        assertAssigned(state, TPM_ID, TPM_ID, HUBS);
+        assert.ok(state.tpm && typeof state.tpm.authenticationKey === 'string',
+          `no tpm.authenticationKey in ${JSON.stringify(state)}`);
+      });
+    });
+  }
+
   await step('service: registration state of the individual device', async () => {
     const rs = (await service.getDeviceRegistrationState(INDIVIDUAL_ID)).responseBody;
     assert.strictEqual(rs.registrationId, INDIVIDUAL_ID);
@@ -392,6 +426,10 @@ async function main() {
     await service.deleteDeviceRegistrationState(X509_GROUP_DEVICE);
     await service.deleteIndividualEnrollment(X509_INDIVIDUAL_ID);
     await service.deleteEnrollmentGroup(X509_GROUP_ID);
+    if (tpmDevice.haveSwtpm()) {
+      await service.deleteDeviceRegistrationState(TPM_ID);
+      await service.deleteIndividualEnrollment(TPM_ID);
+    }
     let notFound = false;
     try {
       await service.getIndividualEnrollment(INDIVIDUAL_ID);

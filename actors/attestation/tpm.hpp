@@ -1,0 +1,80 @@
+#pragma once
+// TPM attestation (DPS, azure-dps-protocol.md §2.6). A device first registers
+// without Authorization, sending its EK and SRK; when the EK is its individual
+// enrollment's, it gets a challenge (a 401 carrying an activation blob): a
+// fresh HMAC key that only the TPM holding that EK can import under that SRK.
+// It then registers (and polls) with a SAS signed by that key. TPM is
+// individual-only, as in DPS.
+//
+// The challenge's state is kept through a challenge_store (the engine's is
+// the `tpm_challenges` column family): single-use for registers, bound to
+// the registration id and the EK, and it expires.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "actors/attestation/mechanism.hpp"
+
+namespace prov::attestation {
+
+/// One outstanding challenge of a registration id.
+struct tpm_challenge {
+  std::string ek_digest; ///< SHA-256 of the EK's TPM2B bytes it was made for
+  std::string key;       ///< the HMAC key the TPM imports (32 bytes)
+  std::string srk;       ///< the SRK's TPM2B_PUBLIC it was made for (for the result's blob)
+  int64_t issued_s = 0;
+  int64_t expires_s = 0;
+  bool answered = false; ///< a register was accepted with it: no second one
+};
+std::string encode_challenge(const tpm_challenge& c);
+bool decode_challenge(std::string_view bytes, tpm_challenge& out);
+
+/// The key of the device's IoT Hub identity after a TPM registration:
+/// HMAC-SHA256(challenge key, "provisiond iothub key\n" + operation id), so
+/// every answer of one operation (register, polls, status lookups, on any
+/// gateway) carries the same key, and a new registration a new one.
+std::string hub_key(const tpm_challenge& c, std::string_view operation_id);
+/// `registrationState.tpm.authenticationKey` of an assigned TPM device
+/// (azure-dps-protocol.md §2.6, step 7): the hub key in a fresh activation
+/// blob for `ek_tpm2b` and the challenge's SRK, base64. "" and `why` when the
+/// keys cannot be used.
+std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
+                                      std::string_view operation_id, std::string& why);
+
+/// Where challenges live, keyed by registration id (the caller lower-cases
+/// nothing: implementations key case-insensitively, as enrollments are).
+class challenge_store {
+public:
+  virtual ~challenge_store() = default;
+  [[nodiscard]] virtual error load(std::string_view registration_id,
+                                   std::optional<tpm_challenge>& out) const = 0;
+  [[nodiscard]] virtual error save(std::string_view registration_id,
+                                   const tpm_challenge& c) const = 0;
+};
+
+class tpm final : public mechanism {
+public:
+  /// `store` outlives the mechanism. `challenge_ttl_s`: how long a challenge
+  /// may be answered (device_api.tpm_challenge_seconds); the SAS lifetime
+  /// bounds are the symmetric key mechanism's.
+  tpm(const challenge_store& store, int64_t challenge_ttl_s, int64_t max_lifetime_s,
+      int64_t clock_skew_s)
+    : store_(store), ttl_s_(challenge_ttl_s), max_lifetime_s_(max_lifetime_s),
+      clock_skew_s_(clock_skew_s) {}
+
+  attestation_type type() const noexcept override { return attestation_type::tpm; }
+  bool reads(const device_credential& c) const noexcept override;
+  error open(const device_credential& c, const request_facts& facts,
+             std::unique_ptr<proof>& out) const override;
+
+private:
+  const challenge_store& store_;
+  int64_t ttl_s_;
+  int64_t max_lifetime_s_;
+  int64_t clock_skew_s_;
+};
+
+} // namespace prov::attestation

@@ -1,0 +1,330 @@
+// TPM attestation end to end: a software TPM (swtpm, started here on a free
+// port) driven by tpm2-tools plays the device against the real provisiond
+// over real TLS: EK and SRK made in the TPM, the 401 challenge, then
+// ActivateCredential, Import, Load and an HMAC of the SAS inside the TPM,
+// and the second register. Skipped, loudly, only when swtpm or tpm2-tools
+// are not installed (scripts/install-test-deps.sh installs them).
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "messages/crypto.hpp"
+#include "messages/registration.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/kafka_it.hpp"
+#include "tests/support/server_process.hpp"
+#include "tests/support/soft_tpm.hpp"
+
+using namespace prov;
+using nlohmann::json;
+using test::tpm_device::have_tools;
+using test::tpm_device::soft_tpm;
+
+namespace {
+
+std::string device_path(const test::server_process& s, const std::string& id) {
+  return "/" + s.id_scope() + "/registrations/" + id;
+}
+
+net::https_response put_register(const test::server_process& s, const std::string& id,
+                                 const json& tpm, const std::string& auth = {}) {
+  auto c = s.client();
+  net::http_headers h;
+  if (!auth.empty())
+    h.add("Authorization", auth);
+  h.add("Content-Type", "application/json; charset=utf-8");
+  json body{{"registrationId", id}};
+  if (!tpm.is_null())
+    body["tpm"] = tpm;
+  net::https_response resp;
+  auto err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                       body.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+/// `provisiond <args> --data-dir <server's>`: its stdout and stderr.
+std::string cli(const test::server_process& s, const std::string& args, int& rc) {
+  const std::string line = std::string(std::getenv("PROVISIOND_BIN")) + " " + args
+                           + " --data-dir '" + s.data_dir() + "' 2>&1";
+  std::string out;
+  FILE* p = ::popen(line.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0)
+    out.append(buf, n);
+  const int st = ::pclose(p);
+  rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+void put_tpm_enrollment(const test::server_process& s, const std::string& id,
+                        const std::string& ek_b64) {
+  json body{{"registrationId", id},
+            {"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", ek_b64}}}}}};
+  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+/// The 401 challenge: its authenticationKey.
+std::string expect_challenge(const net::https_response& r) {
+  REQUIRE_MESSAGE(r.status == 401, r.body);
+  auto j = test::parse_json(r.body);
+  CHECK(j["keyName"] == "registration");
+  CHECK_FALSE(j.contains("status")); // the C SDK reads "no status" as the challenge
+  REQUIRE(j["authenticationKey"].is_string());
+  return j["authenticationKey"].get<std::string>();
+}
+
+void expect_refused(const net::https_response& r, int status, const std::string& text) {
+  REQUIRE_MESSAGE(r.status == status, r.body);
+  auto j = test::parse_json(r.body);
+  CHECK(j["errorCode"].get<int>() / 1000 == status);
+  CHECK_MESSAGE(j["message"].get<std::string>().find(text) != std::string::npos, r.body);
+}
+
+json tpm_body(const soft_tpm& t) {
+  return {{"endorsementKey", t.ek_b64}, {"storageRootKey", t.srk_b64}};
+}
+
+/// Register answered, the outcome polled with the TPM-signed SAS.
+json wait_assigned(const test::server_process& s, const std::string& id,
+                   const net::https_response& first, const std::string& auth) {
+  REQUIRE_MESSAGE((first.status == 200 || first.status == 202), first.body);
+  auto j = test::parse_json(first.body);
+  const std::string op = j["operationId"].get<std::string>();
+  auto c = s.client();
+  net::http_headers h;
+  h.add("Authorization", auth);
+  for (int i = 0; i < 300 && j["status"] == "assigning"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    net::https_response p;
+    REQUIRE(!c.request("GET", device_path(s, id) + "/operations/" + op + "?api-version=2021-06-01",
+                       h, "", p));
+    REQUIRE_MESSAGE(p.status / 100 == 2, p.body);
+    j = test::parse_json(p.body);
+  }
+  return j;
+}
+
+} // namespace
+
+TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assigned") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  auto& s = test::shared_server();
+  soft_tpm tpm;
+  const std::string id = "tpm-dev-1";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+
+  // The service API shows the EK as enrolled.
+  auto g = s.service("GET", "/enrollments/" + id);
+  REQUIRE(g.status == 200);
+  CHECK(test::parse_json(g.body)["attestation"]["type"] == "tpm");
+  CHECK(test::parse_json(g.body)["attestation"]["tpm"]["endorsementKey"] == tpm.ek_b64);
+
+  // The CLI creates and shows TPM enrollments (the EK as size and SHA-256).
+  {
+    const auto ek = crypto::base64_decode(tpm.ek_b64).value();
+    const auto d = crypto::sha256(ek);
+    const std::string digest =
+      crypto::hex(std::string_view(reinterpret_cast<const char*>(d.data()), d.size()));
+    int rc = 0;
+    auto out = cli(s, "enrollment create tpm-cli-1 --tpm-ek " + tpm.ek_b64 + " --tpm-srk "
+                        + tpm.srk_b64, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    out = cli(s, "enrollment get tpm-cli-1", rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("tpm") != std::string::npos, out);
+    CHECK_MESSAGE(out.find(std::to_string(ek.size()) + " bytes, SHA-256 " + digest)
+                    != std::string::npos,
+                  out);
+    out = cli(s, "enrollment create tpm-cli-2 --tpm-ek " + crypto::base64_encode(ek.substr(0, 50)),
+              rc);
+    CHECK(rc != 0);
+    CHECK_MESSAGE(out.find("attestation.tpm.endorsementKey: the key: TPM2B_PUBLIC size field")
+                    != std::string::npos,
+                  out);
+    CHECK(s.service("GET", "/enrollments/tpm-cli-2").status == 404);
+  }
+
+  // 1. No Authorization: the challenge.
+  const auto blob = expect_challenge(put_register(s, id, tpm_body(tpm)));
+  REQUIRE_MESSAGE(tpm.activate(blob), tpm.log());
+
+  // 2. The SAS signed inside the TPM: the normal flow, polls with the same SAS.
+  const auto auth = tpm.sas(s, id);
+  auto first = put_register(s, id, tpm_body(tpm), auth);
+  auto done = wait_assigned(s, id, first, auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  CHECK(done["registrationState"]["deviceId"] == id);
+  CHECK(done["registrationState"]["assignedHub"].is_string());
+  // The result carries the IoT Hub key as a fresh activation blob, which
+  // this TPM activates and imports like the challenge's (SDK step 7).
+  const auto hub_blob = done["registrationState"]["tpm"]["authenticationKey"];
+  REQUIRE_MESSAGE(hub_blob.is_string(), done.dump());
+  CHECK(hub_blob != blob);
+  REQUIRE_MESSAGE(tpm.activate(hub_blob.get<std::string>()), tpm.log());
+  const std::string hub_sig = tpm.hmac("hub");
+
+  // Status lookup with the SAS alone (no body).
+  {
+    auto c = s.client();
+    net::http_headers h;
+    h.add("Authorization", auth);
+    h.add("Content-Type", "application/json");
+    net::https_response p;
+    REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
+                       json{{"registrationId", id}}.dump(), p));
+    CHECK_MESSAGE(p.status == 200, p.body);
+    // Every answer of the operation wraps the same hub key: the TPM signs
+    // alike with the key imported from this one.
+    auto st = test::parse_json(p.body);
+    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
+    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
+    CHECK(tpm.hmac("hub") == hub_sig);
+  }
+  auto rec = s.service("GET", "/registrations/" + id);
+  REQUIRE_MESSAGE(rec.status == 200, rec.body);
+  CHECK(test::parse_json(rec.body)["status"] == "assigned");
+
+  // 3. The same answer again: a replay.
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
+
+  // 4. A new challenge, answered with the previous (wrong) key: refused.
+  const auto blob2 = expect_challenge(put_register(s, id, tpm_body(tpm)));
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "signature mismatch");
+  // ...and with the new key: accepted again (a re-registration).
+  REQUIRE_MESSAGE(tpm.activate(blob2), tpm.log());
+  const auto auth2 = tpm.sas(s, id);
+  auto again = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth2), auth2);
+  CHECK(again["status"] == "assigned");
+}
+
+TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malformed keys") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  auto& s = test::shared_server();
+  soft_tpm tpm;
+  soft_tpm other;
+
+  // Not enrolled at all.
+  expect_refused(put_register(s, "tpm-nobody", tpm_body(tpm)), 401,
+                 "no individual enrollment for this registration id");
+
+  // Enrolled with another TPM's EK.
+  put_tpm_enrollment(s, "tpm-other", other.ek_b64);
+  expect_refused(put_register(s, "tpm-other", tpm_body(tpm)), 401,
+                 "endorsement key is not the one enrolled");
+  // A SAS made by a TPM that never got the challenge: nothing outstanding.
+  put_tpm_enrollment(s, "tpm-fresh", tpm.ek_b64);
+
+  // Tampered blobs: the TPM itself refuses them (integrity HMACs).
+  put_tpm_enrollment(s, "tpm-tamper", tpm.ek_b64);
+  CHECK_FALSE(tpm.activate(expect_challenge(put_register(s, "tpm-tamper", tpm_body(tpm))),
+                           "credential"));
+  CHECK_FALSE(tpm.activate(expect_challenge(put_register(s, "tpm-tamper", tpm_body(tpm))),
+                           "duplicate"));
+  // The untampered one still works (the TPM is fine).
+  CHECK(tpm.activate(expect_challenge(put_register(s, "tpm-tamper", tpm_body(tpm)))));
+  // A TPM-signed SAS for a registration id that has no challenge.
+  expect_refused(put_register(s, "tpm-fresh", tpm_body(tpm), tpm.sas(s, "tpm-fresh")), 401,
+                 "no TPM challenge is outstanding");
+
+  // Malformed keys in the register body: 400 with the reason.
+  const auto ek = crypto::base64_decode(tpm.ek_b64).value();
+  expect_refused(put_register(s, "tpm-tamper",
+                              {{"endorsementKey", crypto::base64_encode(ek.substr(0, 100))},
+                               {"storageRootKey", tpm.srk_b64}}),
+                 400, "tpm.endorsementKey: TPM2B_PUBLIC size field says");
+  std::string ecc = ek;
+  ecc[3] = 0x23;
+  expect_refused(put_register(s, "tpm-tamper",
+                              {{"endorsementKey", crypto::base64_encode(ecc)},
+                               {"storageRootKey", tpm.srk_b64}}),
+                 400, "is an ECC key: only RSA 2048");
+  expect_refused(put_register(s, "tpm-tamper", {{"endorsementKey", "%%%"}}), 400, "base64");
+  expect_refused(put_register(s, "tpm-tamper",
+                              {{"endorsementKey", tpm.ek_b64},
+                               {"storageRootKey", crypto::base64_encode(
+                                                    crypto::base64_decode(tpm.srk_b64)->substr(0, 60))}}),
+                 400, "tpm.storageRootKey");
+
+  // Malformed keys in an enrollment: 400 with the reason, nothing stored.
+  json bad{{"registrationId", "tpm-bad"},
+           {"attestation", {{"type", "tpm"},
+                            {"tpm", {{"endorsementKey", crypto::base64_encode(ecc)}}}}}};
+  auto r = s.service("PUT", "/enrollments/tpm-bad", bad.dump());
+  expect_refused(r, 400, "attestation.tpm.endorsementKey: the key is an ECC key");
+  bad["attestation"]["tpm"]["endorsementKey"] = crypto::base64_encode(ek + "x");
+  expect_refused(s.service("PUT", "/enrollments/tpm-bad", bad.dump()), 400,
+                 "size field says 314 bytes but 315 follow");
+  CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+}
+
+TEST_CASE("tpm: an expired challenge is refused with its own message") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start(test::with_device_api(test::default_config(dir),
+                                                 "tpm_challenge_seconds = 1"),
+                           dir),
+                  s.log());
+  soft_tpm tpm;
+  put_tpm_enrollment(s, "tpm-late", tpm.ek_b64);
+  REQUIRE(tpm.activate(expect_challenge(put_register(s, "tpm-late", tpm_body(tpm)))));
+  // Expiry is "issued + 1 s < now" in whole seconds: 2.5 s later it has passed.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  expect_refused(put_register(s, "tpm-late", tpm_body(tpm), tpm.sas(s, "tpm-late")), 401,
+                 "the TPM challenge expired");
+}
+
+TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  test::kafka_fixture fx;
+  // Gateways of one deployment share the id scope (devices sign it).
+  auto cfg = [&](const std::string& dir) {
+    return "id_scope = \"0ne00AB7123\"\n" + fx.server_config(dir);
+  };
+  test::server_process gw1, gw2, worker;
+  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
+                  gw1.log());
+  auto dir2 = test::make_temp_dir("provisiond-tpm-gw2");
+  gw2.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}), gw2.log());
+  auto dir3 = test::make_temp_dir("provisiond-tpm-worker");
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(cfg(dir3), dir3, {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  soft_tpm tpm;
+  const std::string id = "tpm-kafka-1";
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+  // The challenge from gateway 1, its answer to gateway 2.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(gw1, id, tpm_body(tpm)))), tpm.log());
+  const auto auth = tpm.sas(gw2, id);
+  auto done = wait_assigned(gw2, id, put_register(gw2, id, tpm_body(tpm), auth), auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  // Consumed: the same answer again is a replay.
+  expect_refused(put_register(gw2, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
+}

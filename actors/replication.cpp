@@ -14,6 +14,7 @@
 #include "actors/configuration/cloud_event.hpp"
 #include "actors/configuration/terminal_state.hpp"
 #include "actors/engine_context.hpp"
+#include "actors/enrollment/ca_store.hpp"
 #include "transport/kafka_bus.hpp"
 #include "transport/kafka_table.hpp"
 
@@ -54,17 +55,13 @@ std::string enrollment_doc_problem(bool group, std::string_view key, const std::
   return {};
 }
 
-/// The same for a CA store entry: a JSON object whose name names the key.
+/// The same for a CA store entry (every field typed as the store writes it:
+/// a wrong-typed one would otherwise throw on the table reader thread).
 std::string certificate_doc_problem(std::string_view key, const std::string& value) {
   auto j = nlohmann::json::parse(value, nullptr, false);
-  if (j.is_discarded() || !j.is_object())
+  if (j.is_discarded())
     return "the value is not a JSON object";
-  auto it = j.find("name");
-  if (it == j.end() || !it->is_string() || enrollment::key_of(it->get<std::string>()) != key)
-    return "the CA document's name does not match the key";
-  if (auto c = j.find("certificate"); c == j.end() || !c->is_string())
-    return "the CA document has no certificate";
-  return {};
+  return enrollment::ca_doc_problem(key, j);
 }
 
 std::string position_prefix(const std::string& topic) {

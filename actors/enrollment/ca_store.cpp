@@ -107,8 +107,12 @@ std::string upper_hex_random(std::size_t bytes) {
 
 } // namespace
 
+static json ca_public_unchecked(const json& doc);
+static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& ref);
+
 bool valid_certificate_name(std::string_view name) {
-  if (name.empty() || name.size() > 128)
+  // A leading dot: no hidden-file lookalikes, and never "." or ".." (path segments).
+  if (name.empty() || name.size() > 128 || name.front() == '.')
     return false;
   for (char c : name)
     if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
@@ -259,6 +263,22 @@ error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
 }
 
 json ca_public(const json& doc) {
+  // A stored entry is checked by ca_doc_problem on the way in; one written
+  // before that (or by hand) must not throw out of a list: show its name only.
+  try {
+    return ca_public_unchecked(doc);
+  } catch (const json::exception&) {
+    const std::string name = doc.is_object() && doc.contains("name") && doc["name"].is_string()
+                               ? doc["name"].get<std::string>()
+                               : std::string();
+    return json{{"name", name},
+                {"id", "/certificates/" + name},
+                {"type", "Microsoft.Devices/ProvisioningServices/Certificates"},
+                {"properties", {{"subject", ""}, {"isVerified", false}}}};
+  }
+}
+
+static json ca_public_unchecked(const json& doc) {
   const std::string name = doc.value("name", std::string());
   auto raw = crypto::base64_decode(doc.value("certificate", std::string()));
   json props{{"subject", doc.value("subject", std::string())},
@@ -298,6 +318,17 @@ json ca_verification_public(const json& doc) {
 }
 
 void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
+  try {
+    resolve_ca_unchecked(stored_doc, ref);
+  } catch (const json::exception&) {
+    // Wrong-typed fields: missing, like an unreadable entry.
+    ref.der.clear();
+    ref.crls.clear();
+    ref.status = ca_reference::state::missing;
+  }
+}
+
+static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& ref) {
   ref.der.clear();
   ref.crls.clear();
   ref.status = ca_reference::state::missing;
@@ -317,6 +348,41 @@ void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
       ref.crls.push_back(std::move(*der));
   ref.status = j.value("isVerified", false) ? ca_reference::state::verified
                                             : ca_reference::state::unverified;
+}
+
+std::string ca_doc_problem(std::string_view key, const json& doc) {
+  if (!doc.is_object())
+    return "the value is not a JSON object";
+  auto it = doc.find("name");
+  if (it == doc.end() || !it->is_string() || !valid_certificate_name(it->get<std::string>())
+      || key_of(it->get<std::string>()) != key)
+    return "the CA document's name is not a valid certificate name matching the key";
+  auto c = doc.find("certificate");
+  if (c == doc.end() || !c->is_string())
+    return "the CA document has no certificate";
+  auto der = crypto::base64_decode(c->get<std::string>());
+  if (!der || !parse_der(*der))
+    return "the CA document's certificate is not base64 DER of one X.509 certificate";
+  auto has_wrong = [&](const char* field, bool (json::*is)() const noexcept) {
+    auto f = doc.find(field);
+    return f != doc.end() && !((*f).*is)();
+  };
+  if (has_wrong("isVerified", &json::is_boolean))
+    return "the CA document's isVerified is not a boolean";
+  for (const char* f : {"expiry", "notBefore", "created", "updated"})
+    if (has_wrong(f, &json::is_number_integer))
+      return std::string("the CA document's ") + f + " is not an integer";
+  for (const char* f : {"subject", "thumbprint", "sha256Thumbprint", "verificationCode", "etag"})
+    if (has_wrong(f, &json::is_string))
+      return std::string("the CA document's ") + f + " is not a string";
+  if (auto crls = doc.find("crls"); crls != doc.end()) {
+    if (!crls->is_array())
+      return "the CA document's crls is not an array";
+    for (const auto& crl : *crls)
+      if (!crl.is_string())
+        return "the CA document's crls holds a value that is not a string";
+  }
+  return {};
 }
 
 } // namespace prov::enrollment

@@ -21,7 +21,8 @@
 
 namespace prov::enrollment {
 
-/// 1..128 of A-Z a-z 0-9 - . _ (ARM resource name rules, no '/').
+/// 1..128 of A-Z a-z 0-9 - . _ (ARM resource name rules, no '/'), not
+/// starting with '.' (so never "." or "..").
 bool valid_certificate_name(std::string_view name);
 
 /// A PUT body ({certificate, isVerified?} or ARM's {properties: {...}}) into
@@ -55,7 +56,17 @@ nlohmann::json ca_public(const nlohmann::json& doc);
 /// VerificationCodeResponse: ca_public plus properties.verificationCode.
 nlohmann::json ca_verification_public(const nlohmann::json& doc);
 
-/// Fills ref's status and der from the stored entry (null: missing).
+/// Fills ref's status and der from the stored entry (null: missing). A
+/// document it cannot read (wrong-typed fields) counts as missing: it admits
+/// nothing, and never throws (it runs on the table reader thread).
 void resolve_ca(const std::string* stored_doc, ca_reference& ref);
+
+/// Why `doc` is not a stored CA entry for `key` (empty when it is): an object
+/// whose name is a valid_certificate_name with key_of(name) == key, whose
+/// certificate is base64 of one DER certificate, whose typed fields (isVerified
+/// bool, crls array of strings, expiry/notBefore/created/updated integers,
+/// the text fields strings) have their types when present. Replication
+/// dead-letters such a record instead of storing it.
+std::string ca_doc_problem(std::string_view key, const nlohmann::json& doc);
 
 } // namespace prov::enrollment

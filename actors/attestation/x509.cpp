@@ -5,6 +5,7 @@
 
 #include <openssl/bn.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
@@ -75,7 +76,7 @@ public:
     const enrollment::enrollment_view* best = nullptr;
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
-    std::string failures, unverified, missing, revoked;
+    std::string failures, unverified, missing;
     auto append = [](std::string& list, const std::string& item) {
       list += list.empty() ? "" : "; ";
       list += item;
@@ -83,24 +84,21 @@ public:
     // Tries one anchor of group `g`; `label` names it in messages. With
     // `trusted` false the anchor is an unverified CA: reaching it is
     // reported, never admitted.
+    // Revocation belongs to the certificate, not to the anchor a group
+    // reaches it by: any stored CRL that lists a chain certificate (or claims
+    // its issuer without that issuer's signature) refuses the device for
+    // every group.
+    if (auto why = revocation(groups); !why.empty())
+      return verdict::rejected(error_code::unauthorized_signature, why);
     auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
-                          const std::string& label, bool trusted,
-                          const std::vector<std::string>* crls = nullptr) {
+                          const std::string& label, bool trusted) {
       if (anchor == nullptr || !reaches(anchor))
         return;
       std::string why;
-      x509_stack_ptr verified;
-      int depth = verify(anchor, why, crls != nullptr && !crls->empty() ? &verified : nullptr);
+      int depth = verify(anchor, why);
       if (depth < 0) {
         append(failures, "enrollment group '" + g.id + "' (" + label + "): " + why);
         return;
-      }
-      if (verified) {
-        std::string which = revocation(verified.get(), *crls);
-        if (!which.empty()) {
-          append(revoked, which + " (a CRL of " + label + ", enrollment group '" + g.id + "')");
-          return;
-        }
       }
       if (!trusted) {
         append(unverified, "the chain reaches " + label + " of enrollment group '" + g.id
@@ -136,15 +134,13 @@ public:
         if (anchor)
           try_anchor(g, anchor.get(),
                      "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
-                     ref.status == state::verified, &ref.crls);
+                     ref.status == state::verified);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
       return verdict::accepted(attestation_type::x509, best->enabled, best->id);
     }
-    if (!revoked.empty())
-      return verdict::rejected(error_code::unauthorized_signature, revoked);
     if (!unverified.empty())
       return verdict::rejected(error_code::unauthorized_signature, unverified);
     if (!failures.empty())
@@ -215,23 +211,78 @@ private:
     return -1;
   }
 
-  /// Whether a certificate of the verified `chain` (leaf first, the anchor
-  /// last) is on a CRL of `crls` issued by the certificate above it and
-  /// signed with its key: what names the first such, "" when none is.
-  static std::string revocation(STACK_OF(X509)* chain, const std::vector<std::string>& crls) {
-    const int n = sk_X509_num(chain);
-    for (const auto& der : crls) {
-      const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-      std::unique_ptr<X509_CRL, enrollment::x509_free<X509_CRL, X509_CRL_free>> crl(
-        d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
-      if (!crl)
+  /// Whether a certificate of the presented chain is revoked by a CRL stored
+  /// with any CA the groups name: "" when none is, else the refusal. A
+  /// certificate's issuer is a presented certificate or a CA of the groups
+  /// (store or signingCertificates) whose subject is its issuer name and
+  /// whose key signed it. A CRL naming that issuer must carry the issuer's
+  /// signature: one that does not is refused (fail closed), never skipped.
+  std::string revocation(const std::vector<enrollment::enrollment_view>& groups) const {
+    std::vector<x509_ptr> known; // CAs of the groups, candidate issuers
+    std::vector<std::pair<crl_ptr, std::string>> crls; // with the CA they are stored with
+    for (const auto& g : groups) {
+      const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
+      if (x == nullptr)
         continue;
-      for (int i = 0; i + 1 < n; ++i) {
-        X509* cert = sk_X509_value(chain, i);
-        X509* issuer = sk_X509_value(chain, i + 1);
-        if (X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(issuer)) != 0
-            || X509_CRL_verify(crl.get(), X509_get0_pubkey(issuer)) != 1)
+      for (const auto& ref : x->signing_certificates)
+        if (auto c = enrollment::parse_der(ref.der))
+          known.push_back(std::move(c));
+      for (const auto& ref : x->ca_references) {
+        if (auto c = enrollment::parse_der(ref.der))
+          known.push_back(std::move(c));
+        for (const auto& der : ref.crls) {
+          const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+          crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
+          if (crl)
+            crls.emplace_back(std::move(crl), ref.name);
+        }
+      }
+    }
+    std::string out;
+    if (!crls.empty())
+      out = revoked_in(known, crls);
+    ERR_clear_error(); // failed parses and verifications leave the queue dirty
+    return out;
+  }
+
+  using crl_ptr = std::unique_ptr<X509_CRL, enrollment::x509_free<X509_CRL, X509_CRL_free>>;
+
+  /// The issuer of `cert` among the presented chain and `known`: same name,
+  /// and its key verifies cert's signature. Null for a self-signed one.
+  X509* issuer_of_cert(X509* cert, const std::vector<x509_ptr>& known) const {
+    const X509_NAME* want = X509_get_issuer_name(cert);
+    if (X509_NAME_cmp(want, X509_get_subject_name(cert)) == 0)
+      return nullptr;
+    auto signs = [&](X509* c) {
+      EVP_PKEY* key = X509_get0_pubkey(c);
+      return X509_NAME_cmp(want, X509_get_subject_name(c)) == 0 && key != nullptr
+             && X509_verify(cert, key) == 1;
+    };
+    for (const auto& c : chain_)
+      if (c.get() != cert && signs(c.get()))
+        return c.get();
+    for (const auto& c : known)
+      if (signs(c.get()))
+        return c.get();
+    return nullptr;
+  }
+
+  std::string revoked_in(const std::vector<x509_ptr>& known,
+                         const std::vector<std::pair<crl_ptr, std::string>>& crls) const {
+    for (std::size_t i = 0; i < chain_.size(); ++i) {
+      X509* cert = chain_[i].get();
+      X509* issuer = issuer_of_cert(cert, known);
+      if (issuer == nullptr)
+        continue;
+      for (const auto& [crl, ca_name] : crls) {
+        if (X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(issuer)) != 0)
           continue;
+        if (X509_CRL_verify(crl.get(), X509_get0_pubkey(issuer)) != 1)
+          return "a CRL stored with CA '" + ca_name + "' names '" + subject_of(issuer)
+                 + "' (the issuer of '" + subject_of(cert)
+                 + "') as its issuer but is not signed by that certificate's key: refused "
+                   "until the CRL is replaced by one its issuer signed (PUT /certificates/"
+                 + ca_name + "/crl)";
         X509_REVOKED* entry = nullptr;
         if (X509_CRL_get0_by_cert(crl.get(), &entry, cert) != 1 || entry == nullptr)
           continue;
@@ -247,7 +298,8 @@ private:
                + subject_of(cert) + "' (serial " + serial + ") is revoked: the CRL of '"
                + subject_of(issuer) + "' lists it since "
                + enrollment::utc_text(
-                 enrollment::epoch_of(X509_REVOKED_get0_revocationDate(entry)));
+                 enrollment::epoch_of(X509_REVOKED_get0_revocationDate(entry)))
+               + " (stored with CA '" + ca_name + "')";
       }
     }
     return {};

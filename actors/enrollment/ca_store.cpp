@@ -3,6 +3,7 @@
 #include <ctime>
 
 #include <nlohmann/json.hpp>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509v3.h>
 
@@ -24,6 +25,13 @@ std::string rfc1123(int64_t epoch_s) {
   std::strftime(buf, sizeof buf, "%a, %d %b %Y %H:%M:%S GMT", &tm);
   return buf;
 }
+
+/// Empties OpenSSL's thread error queue on scope exit: failed parses and
+/// verifications leave entries there that a later, unrelated call (TLS on
+/// the same thread) would otherwise report as its own.
+struct openssl_errors_cleared {
+  ~openssl_errors_cleared() { ERR_clear_error(); }
+};
 
 std::string pem_of(std::string_view der) {
   const std::string b64 = crypto::base64_encode(der);
@@ -80,6 +88,7 @@ crl_ptr parse_crl_der(std::string_view der) {
 
 /// DER of a CRL given as PEM (one X509 CRL block) or base64 DER.
 bool crl_der(std::string_view text, std::string& der) {
+  openssl_errors_cleared cleared;
   constexpr std::string_view begin = "-----BEGIN X509 CRL-----";
   constexpr std::string_view end = "-----END X509 CRL-----";
   if (text.find("-----BEGIN") != std::string_view::npos) {
@@ -177,6 +186,7 @@ void ca_new_verification_code(json& doc, int64_t now_ms) {
 }
 
 error ca_verify(json& doc, const json& body, int64_t now_ms) {
+  openssl_errors_cleared cleared;
   const std::string name = doc.value("name", std::string());
   const std::string code = doc.value("verificationCode", std::string());
   if (code.empty())
@@ -222,6 +232,7 @@ error ca_verify(json& doc, const json& body, int64_t now_ms) {
 }
 
 error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
+  openssl_errors_cleared cleared;
   const std::string name = doc.value("name", std::string());
   const json* text = body_member(body, "crl");
   if (text == nullptr || !text->is_string() || text->get<std::string>().empty())
@@ -249,8 +260,21 @@ error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
     auto other = c.is_string() ? crypto::base64_decode(c.get<std::string>())
                                : std::optional<std::string>();
     auto parsed = other ? parse_crl_der(*other) : crl_ptr();
-    if (parsed && X509_NAME_cmp(X509_CRL_get_issuer(parsed.get()), issuer) != 0)
+    if (!parsed)
+      continue;
+    if (X509_NAME_cmp(X509_CRL_get_issuer(parsed.get()), issuer) != 0) {
       kept.push_back(c);
+      continue;
+    }
+    // Only a newer CRL replaces the stored one of its issuer: an old CRL
+    // (from before a revocation) must not be replayed over a current one.
+    const int64_t stored_at = epoch_of(X509_CRL_get0_lastUpdate(parsed.get()));
+    const int64_t new_at = epoch_of(X509_CRL_get0_lastUpdate(crl.get()));
+    if (new_at <= stored_at)
+      return {error_code::invalid_certificate,
+              "CA '" + name + "' already holds a CRL of '" + name_text(issuer)
+                + "' issued " + utc_text(stored_at) + "; this one (issued " + utc_text(new_at)
+                + ") is not newer, so it does not replace it"};
   }
   if (kept.size() >= 16)
     return {error_code::invalid_certificate,

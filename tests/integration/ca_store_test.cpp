@@ -405,10 +405,40 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
                 "revoked: the CRL of 'CN=IT CRL Intermediate CA,O=provisiond tests' lists it");
   }
   register_ok(good, inter, "crl-good");
-  // A CRL naming the intermediate but signed by another key is ignored.
+  // Revocation belongs to the certificate: a group holding the intermediate
+  // inline (a nearer anchor, which would win) does not readmit it.
+  {
+    json body{{"enrollmentGroupId", "crl-inline"},
+              {"attestation",
+               {{"type", "x509"},
+                {"x509", {{"signingCertificates", {{"primary", {{"certificate", inter.pem()}}}}}}}}}};
+    REQUIRE(s.service("PUT", "/enrollmentGroups/crl-inline", body.dump()).status == 200);
+    auto c = device_client(s, bad, {&inter});
+    check_error(put_register(c, s, "crl-bad"), 401, 401002,
+                "'CN=crl-bad,O=provisiond tests' (serial 0385) is revoked");
+    c = device_client(s, good, {&inter});
+    auto a = put_register(c, s, "crl-good");
+    REQUIRE_MESSAGE(a.status == 200, a.body);
+    CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "crl-inline");
+    REQUIRE(s.service("DELETE", "/enrollmentGroups/crl-inline").status == 204);
+  }
+  // A CRL naming the intermediate but signed by another key (it replaces the
+  // real one: same issuer name, not checkable at upload) fails closed: every
+  // device under that intermediate is refused, with the reason.
   auto fake_inter = test::make_ca("IT CRL Intermediate CA", &stranger, 95);
-  // (it replaces the real one: same issuer name)
-  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(fake_inter, {&good, &bad})}}.dump());
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(fake_inter, {&good, &bad}, -50)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  for (auto* d : {&good, &bad}) {
+    auto c = device_client(s, *d, {&inter});
+    check_error(put_register(c, s, d == &good ? "crl-good" : "crl-bad"), 401, 401002,
+                "a CRL stored with CA 'crl-root' names 'CN=IT CRL Intermediate CA,O=provisiond "
+                "tests' (the issuer of '");
+  }
+  // An older CRL of that issuer does not replace the stored one...
+  check_error(s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {}, -55)}}.dump()),
+              400, 400009, "is not newer, so it does not replace it");
+  // ...a newer one does: the real one again.
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {}, -40)}}.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
   register_ok(good, inter, "crl-good");
   register_ok(bad, inter, "crl-bad");
@@ -425,7 +455,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   }
   register_ok(good, inter, "crl-good");
   // A new root CRL without it readmits.
-  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(root, {})}}.dump());
+  r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(root, {}, -50)}}.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
   register_ok(under2, inter2, "crl-under2");
 }

@@ -490,7 +490,15 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("SUBJECT") != std::string::npos);
   CHECK(out.find("CN=IT CLI Store Root") != std::string::npos);
-  CHECK(out.find("VERIFIED") != std::string::npos);
+  // The VERIFIED row, not the label alone: a fresh upload is unverified.
+  {
+    auto row = out.find("\nVERIFIED ");
+    REQUIRE_MESSAGE(row != std::string::npos, out);
+    auto eol = out.find('\n', row + 1);
+    const auto text = out.substr(row + 1, eol - row - 1);
+    CHECK_MESSAGE(text.size() > 5, text);
+    CHECK_MESSAGE(text.substr(text.size() - 5) == "false", text);
+  }
 
   out = run_cli("certificate verification-code cli-root --json" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);

@@ -17,6 +17,7 @@ using accepted_atom = caf::atom_constant<caf::atom("accepted")>;
 using allocated_atom = caf::atom_constant<caf::atom("allocated")>;
 using attest_atom = caf::atom_constant<caf::atom("attest")>;
 using bulk_atom = caf::atom_constant<caf::atom("bulk")>;
+using cert_atom = caf::atom_constant<caf::atom("cert")>;
 using committed_atom = caf::atom_constant<caf::atom("committed")>;
 using delete_atom = caf::atom_constant<caf::atom("delete")>;
 using deletereg_atom = caf::atom_constant<caf::atom("deletereg")>;

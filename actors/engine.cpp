@@ -338,6 +338,42 @@ public:
                    doc_reply_fn{std::move(cb)});
   }
 
+  void write_certificate(std::string op, std::string name, std::string body,
+                         std::string if_match, doc_cb cb) override {
+    caf::anon_send(enrollment_, cert_atom::value, std::move(op), std::move(name),
+                   std::move(body), std::move(if_match), doc_reply_fn{std::move(cb)});
+  }
+
+  error get_certificate(const std::string& name, json& doc) override {
+    std::optional<std::string> raw;
+    if (auto err = ctx_->store->get(storage::cf::certificates, enrollment::key_of(name), raw))
+      return err;
+    if (!raw)
+      return {error_code::certificate_not_found,
+              "CA '" + name + "' is not in the certificate store"};
+    auto j = json::parse(*raw, nullptr, false);
+    if (j.is_discarded())
+      return {error_code::storage_failure, "stored CA '" + name + "' is not valid JSON"};
+    doc = std::move(j);
+    return {};
+  }
+
+  error list_certificates(std::vector<json>& docs) override {
+    error bad;
+    auto err = ctx_->store->scan(storage::cf::certificates, "", 0,
+                                 [&](std::string_view k, std::string_view v) {
+                                   auto j = json::parse(v, nullptr, false);
+                                   if (j.is_discarded())
+                                     bad = {error_code::storage_failure,
+                                            "stored CA '" + std::string(k)
+                                              + "' is not valid JSON"};
+                                   else
+                                     docs.push_back(std::move(j));
+                                   return true;
+                                 });
+    return err ? err : bad;
+  }
+
   error get_enrollment(enrollment::kind k, const std::string& id, json& doc) override {
     std::optional<std::string> raw;
     if (auto err = ctx_->store->get(family_of(k), enrollment::key_of(id), raw))

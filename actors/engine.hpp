@@ -128,6 +128,20 @@ public:
                                                std::vector<nlohmann::json>& events,
                                                uint64_t& next) = 0;
 
+  // -- CA certificate store (actors/enrollment/ca_store.hpp) ---------------------
+
+  /// A write to the CA store: op "put" (body: the upload), "code" (a new
+  /// verification code), "verify" (body: {certificate}), "crl" (body:
+  /// {crl}) or "delete". `cb`
+  /// gets the stored documents' public JSON (VerificationCodeResponse for
+  /// "code", CertificateResponse otherwise; "" for "delete").
+  virtual void write_certificate(std::string op, std::string name, std::string body,
+                                 std::string if_match, doc_cb cb) = 0;
+  /// A stored CA document (certificate_not_found when absent).
+  [[nodiscard]] virtual error get_certificate(const std::string& name, nlohmann::json& doc) = 0;
+  /// Every stored CA document, in name order.
+  [[nodiscard]] virtual error list_certificates(std::vector<nlohmann::json>& docs) = 0;
+
   // -- operations ---------------------------------------------------------------
 
   virtual std::size_t inflight() const = 0;

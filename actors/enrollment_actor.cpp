@@ -6,6 +6,8 @@
 //          (delete_atom, kind, id, if_match, done_reply_fn)
 //          (bulk_atom, kind, body, doc_reply_fn)
 //          (deletereg_atom, id, if_match, done_reply_fn)
+//          (cert_atom, op, name, body, if_match, doc_reply_fn): the CA
+//          certificate store (op "put", "code", "verify", "crl" or "delete")
 // Blocking: synchronous synced RocksDB writes, or (Kafka) waiting until the
 // write came back through dps.enrollments; spawned detached. One write at a
 // time per instance, so etag checks see the previous write.
@@ -16,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/enrollment/ca_store.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_body.hpp"
 
@@ -55,6 +58,50 @@ error load(const engine_context& ctx, enrollment::kind k, const std::string& id,
   return {};
 }
 
+error load_ca(const engine_context& ctx, const std::string& name, std::optional<json>& out) {
+  std::optional<std::string> raw;
+  if (auto err = ctx.store->get(storage::cf::certificates, enrollment::key_of(name), raw))
+    return err;
+  out.reset();
+  if (raw) {
+    auto j = json::parse(*raw, nullptr, false);
+    if (j.is_discarded() || !j.is_object())
+      return {error_code::storage_failure, "stored CA '" + name + "' is not valid JSON"};
+    out = std::move(j);
+  }
+  return {};
+}
+
+/// A group may name only CAs that are in the store and verified (DPS).
+error check_ca_references(const engine_context& ctx, const json& doc) {
+  const json* refs = nullptr;
+  if (auto a = doc.find("attestation"); a != doc.end() && a->is_object())
+    if (auto x = a->find("x509"); x != a->end() && x->is_object())
+      if (auto c = x->find("caReferences"); c != x->end() && c->is_object())
+        refs = &*c;
+  if (refs == nullptr)
+    return {};
+  for (const char* slot : {"primary", "secondary"}) {
+    auto it = refs->find(slot);
+    if (it == refs->end() || !it->is_string())
+      continue;
+    const auto name = it->get<std::string>();
+    const std::string path = std::string("attestation.x509.caReferences.") + slot;
+    std::optional<json> ca;
+    if (auto err = load_ca(ctx, name, ca))
+      return err;
+    if (!ca)
+      return {error_code::certificate_not_found,
+              path + ": CA '" + name + "' is not in the certificate store (upload it with PUT "
+                "/certificates/" + name + ", then prove possession of its key)"};
+    if (!ca->value("isVerified", false))
+      return {error_code::invalid_enrollment,
+              path + ": CA '" + name + "' is not verified: prove possession of its key first "
+                "(POST /certificates/" + name + "/generateVerificationCode, then /verify)"};
+  }
+  return {};
+}
+
 /// Validates one create/replace and adds it to `batch`; `doc` gets the stored
 /// document. `mode`: "" (plain PUT), "create", "update", "updateifmatchetag".
 error prepare_put(const engine_context& ctx, enrollment::kind k, const std::string& id,
@@ -87,6 +134,9 @@ error prepare_put(const engine_context& ctx, enrollment::kind k, const std::stri
   if (auto err = enrollment::normalize(k, id, body, existing ? &*existing : nullptr,
                                        now_ms(), doc))
     return err;
+  if (k == enrollment::kind::group)
+    if (auto err = check_ca_references(ctx, doc))
+      return err;
   batch.put(family_of(k), enrollment::key_of(id), doc.dump());
   return {};
 }
@@ -215,6 +265,83 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       }
       json result{{"isSuccessful", errors.empty()}, {"errors", errors}};
       reply.fn({}, result.dump());
+    },
+    [ctx](cert_atom, const std::string& op, const std::string& name, const std::string& body,
+          const std::string& if_match, doc_reply_fn& reply) {
+      auto fail = [&](error e) { reply.fn(std::move(e), {}); };
+      std::optional<json> existing;
+      if (auto err = load_ca(*ctx, name, existing))
+        return fail(std::move(err));
+      if (op != "put" && !existing)
+        return fail({error_code::certificate_not_found,
+                     "CA '" + name + "' is not in the certificate store"});
+      if (!if_match.empty()
+          && (!existing
+              || !enrollment::etag_matches(if_match, existing->value("etag", std::string{}))))
+        return fail({error_code::precondition_failed,
+                     existing ? "etag mismatch: CA '" + name + "' was changed since it was read"
+                              : "If-Match given but CA '" + name + "' does not exist"});
+      storage::write_batch batch;
+      const auto key = enrollment::key_of(name);
+      json doc;
+      if (op == "delete") {
+        batch.del(storage::cf::certificates, key);
+      } else {
+        json j;
+        if (op != "code") {
+          if (auto err = parse_json_body(body, j))
+            return fail(std::move(err));
+        }
+        if (op == "put") {
+          if (auto err = enrollment::ca_upload(name, j, existing ? &*existing : nullptr,
+                                               now_ms(), doc))
+            return fail(std::move(err));
+          // One CA, one name: otherwise deleting one name would leave the
+          // CA trusted under the other, and groups could not tell them apart.
+          std::string other;
+          const auto thumb = doc.value("thumbprint", std::string());
+          auto err = ctx->store->scan(storage::cf::certificates, "", 0,
+                                      [&](std::string_view k, std::string_view v) {
+                                        if (k == key)
+                                          return true;
+                                        auto e = json::parse(v, nullptr, false);
+                                        if (!e.is_discarded() && e.is_object()
+                                            && e.value("thumbprint", std::string()) == thumb) {
+                                          other = e.value("name", std::string(k));
+                                          return false;
+                                        }
+                                        return true;
+                                      });
+          if (err)
+            return fail(std::move(err));
+          if (!other.empty())
+            return fail({error_code::conflict,
+                         "this CA certificate (SHA-1 thumbprint " + thumb
+                           + ") is already in the certificate store as '" + other
+                           + "'; a CA is stored once"});
+        } else if (op == "code") {
+          doc = std::move(*existing);
+          enrollment::ca_new_verification_code(doc, now_ms());
+        } else if (op == "crl") {
+          doc = std::move(*existing);
+          if (auto err = enrollment::ca_put_crl(doc, j, now_ms()))
+            return fail(std::move(err));
+        } else if (op == "verify") {
+          doc = std::move(*existing);
+          if (auto err = enrollment::ca_verify(doc, j, now_ms()))
+            return fail(std::move(err));
+        } else {
+          return fail({error_code::internal, "unknown certificate operation " + op});
+        }
+        batch.put(storage::cf::certificates, key, doc.dump());
+      }
+      if (auto err = ctx->catalog.write_certificates(batch))
+        return fail(std::move(err));
+      if (op == "delete")
+        return reply.fn({}, {});
+      reply.fn({}, (op == "code" ? enrollment::ca_verification_public(doc)
+                                 : enrollment::ca_public(doc))
+                     .dump());
     },
     [ctx](deletereg_atom, const std::string& id, const std::string& if_match,
           done_reply_fn& reply) {

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/enrollment/ca_store.hpp"
 #include "actors/replication.hpp"
 
 namespace prov {
@@ -29,6 +30,17 @@ error enrollment_catalog::rebuild_groups(bool& replaced) {
   });
   if (err) // never `internal`, which here means "one group skipped"
     return {error_code::storage_failure, err.message};
+  // caReferences name CAs in the certificate store: resolved here, so the
+  // snapshot (rebuilt on every CA write too) carries each CA's certificate
+  // and verification state, and attestation reads nothing per device.
+  for (auto& g : *fresh)
+    if (auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation))
+      for (auto& ref : x->ca_references) {
+        std::optional<std::string> raw;
+        if (auto e = store_->get(storage::cf::certificates, enrollment::key_of(ref.name), raw))
+          return {error_code::storage_failure, e.message};
+        enrollment::resolve_ca(raw ? &*raw : nullptr, ref);
+      }
   groups_.set(std::move(fresh));
   replaced = true;
   return failure;
@@ -50,6 +62,25 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
   if (auto err = store_->write(batch))
     return err;
   return enrollments_changed(k);
+}
+
+error enrollment_catalog::write_certificates(const storage::write_batch& batch) {
+  if (batch.empty())
+    return {};
+  if (repl_) {
+    if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
+      return err;
+    if (groups_.failed())
+      return {error_code::storage_failure,
+              "the write is stored, but the enrollment group snapshot could not be rebuilt, "
+              "so no group attests devices until it is (retried every second)"};
+    return {};
+  }
+  if (auto err = store_->write(batch))
+    return err;
+  // Groups carry their resolved CAs: rebuilding them (and bumping the
+  // generation) stops cached verdicts admitting through a deleted CA.
+  return enrollments_changed(enrollment::kind::group);
 }
 
 error enrollment_catalog::write_registrations(const storage::write_batch& batch) {

@@ -176,6 +176,10 @@ public:
   /// write. Kafka: through dps.enrollments, returning once this instance
   /// has applied it.
   [[nodiscard]] error write_enrollments(const storage::write_batch& batch, enrollment::kind k);
+  /// The same for CA certificate store writes (cf certificates; on Kafka
+  /// through dps.enrollments too). Rebuilds the group snapshot, which
+  /// carries the CAs that caReferences name.
+  [[nodiscard]] error write_certificates(const storage::write_batch& batch);
   /// The same for registration record deletes (dps.registrations on Kafka).
   [[nodiscard]] error write_registrations(const storage::write_batch& batch);
   /// After any enrollment or group write: refreshes the group snapshot (for a

@@ -14,6 +14,7 @@
 #include "actors/configuration/cloud_event.hpp"
 #include "actors/configuration/terminal_state.hpp"
 #include "actors/engine_context.hpp"
+#include "actors/enrollment/ca_store.hpp"
 #include "transport/kafka_bus.hpp"
 #include "transport/kafka_table.hpp"
 
@@ -28,6 +29,7 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
+constexpr std::string_view certificate_prefix = "certificate/";
 /// A TPM challenge (actors/attestation/tpm.hpp): any gateway checks the answer.
 constexpr std::string_view challenge_prefix = "tpm-challenge/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
@@ -51,6 +53,15 @@ std::string enrollment_doc_problem(bool group, std::string_view key, const std::
   if (enrollment::key_of(it->get<std::string>()) != key)
     return std::string("the key does not match the document's ") + field;
   return {};
+}
+
+/// The same for a CA store entry (every field typed as the store writes it:
+/// a wrong-typed one would otherwise throw on the table reader thread).
+std::string certificate_doc_problem(std::string_view key, const std::string& value) {
+  auto j = nlohmann::json::parse(value, nullptr, false);
+  if (j.is_discarded())
+    return "the value is not a JSON object";
+  return enrollment::ca_doc_problem(key, j);
 }
 
 std::string position_prefix(const std::string& topic) {
@@ -146,6 +157,7 @@ public:
       r.topic = enrollments_topic_;
       r.key = std::string(op.family == storage::cf::groups           ? group_prefix
                           : op.family == storage::cf::tpm_challenges ? challenge_prefix
+                          : op.family == storage::cf::certificates   ? certificate_prefix
                                                                      : enrollment_prefix)
               + op.key;
       r.value = op.value;
@@ -300,6 +312,10 @@ private:
         family = storage::cf::enrollments;
         key.remove_prefix(enrollment_prefix.size());
         individuals = true;
+      } else if (key.substr(0, certificate_prefix.size()) == certificate_prefix) {
+        family = storage::cf::certificates;
+        key.remove_prefix(certificate_prefix.size());
+        groups = true; // groups carry the CAs their caReferences name
       } else if (key.substr(0, challenge_prefix.size()) == challenge_prefix) {
         key.remove_prefix(challenge_prefix.size());
         attestation::tpm_challenge c;
@@ -314,8 +330,8 @@ private:
         wb.put(storage::cf::meta, std::string(scope_meta_key), m.value);
         continue;
       } else {
-        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/ or "
-                            "tpm-challenge/ (or be deployment/id_scope)");
+        bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/, "
+                            "certificate/ or tpm-challenge/ (or be deployment/id_scope)");
         continue;
       }
       if (m.tombstone) {
@@ -324,7 +340,9 @@ private:
       }
       // Anyone with write access to the topic can put a record here: only a
       // document the service API would have stored is applied.
-      if (auto why = enrollment_doc_problem(family == storage::cf::groups, key, m.value);
+      if (auto why = family == storage::cf::certificates
+                       ? certificate_doc_problem(key, m.value)
+                       : enrollment_doc_problem(family == storage::cf::groups, key, m.value);
           !why.empty()) {
         bus_.dead_letter(m, "dps.enrollments: " + why);
         continue;

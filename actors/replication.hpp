@@ -2,9 +2,10 @@
 // Kafka mode: the state every instance shares, kept in topics and
 // materialized into each instance's RocksDB by table readers.
 //
-//   dps.enrollments (compacted)   key "enrollment/<id>" or "group/<id>" (lower
-//                                 case), value the stored JSON document, null =
-//                                 deleted. Written by the service API. Also
+//   dps.enrollments (compacted)   key "enrollment/<id>", "group/<id>" or
+//                                 "certificate/<CA name>" (lower case), value
+//                                 the stored JSON document, null = deleted.
+//                                 Written by the service API. Also
 //                                 "tpm-challenge/<id>": a TPM challenge's state
 //                                 (binary), written by the gateway that issued
 //                                 or consumed it.
@@ -58,7 +59,7 @@ public:
   [[nodiscard]] virtual error follow_completed(completed_fn on_applied) = 0;
 
   /// Publishes enrollment puts and deletes (cf enrollments, groups or
-  /// tpm_challenges) to
+  /// tpm_challenges or certificates) to
   /// dps.enrollments and waits until this instance applied them.
   [[nodiscard]] virtual error write_enrollments(const storage::write_batch& batch) = 0;
 

@@ -540,6 +540,90 @@ int run_list(const common_options& c, const enrollment_kind& k, int page_size) {
   return 0;
 }
 
+// ---- CA certificate store ------------------------------------------------------------
+
+error read_text_file(const std::string& path, std::string& out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return {error_code::not_found, "cannot read " + path};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  out = ss.str();
+  return {};
+}
+
+void print_certificate(const json& doc) {
+  const json props = doc.is_object() ? doc.value("properties", json::object()) : json::object();
+  print_fields({{"NAME", str_member(doc, "name")},
+                {"SUBJECT", str_member(props, "subject")},
+                {"THUMBPRINT", str_member(props, "thumbprint")},
+                {"VERIFIED", str_member(props, "isVerified")},
+                {"EXPIRY", str_member(props, "expiry")},
+                {"VERIFICATION CODE", str_member(props, "verificationCode")},
+                {"CRLS", [&props] {
+                   std::string out;
+                   if (auto it = props.find("crls"); it != props.end() && it->is_array())
+                     for (const auto& crl : *it)
+                       out += (out.empty() ? "" : "; ") + str_member(crl, "issuer") + " ("
+                              + str_member(crl, "revoked") + " revoked, next update "
+                              + str_member(crl, "nextUpdate") + ")";
+                   return out;
+                 }()},
+                {"ETAG", str_member(doc, "etag")}});
+}
+
+/// add, verification-code, verify: one call that answers a certificate.
+int run_certificate_call(const common_options& c, const std::string& method,
+                         const std::string& path, const std::string& cert_file,
+                         const std::string& if_match, const char* hint,
+                         const char* member = "certificate") {
+  json body;
+  if (!cert_file.empty()) {
+    std::string pem;
+    if (auto err = read_text_file(cert_file, pem)) return fail(err);
+    body = {{member, pem}};
+  }
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  http_headers h;
+  if (!if_match.empty()) h.set("If-Match", if_match);
+  json doc;
+  if (auto err = svc->call_json(method, path, body.is_null() ? "" : body.dump(), doc, nullptr, h))
+    return fail(err);
+  if (c.json) {
+    std::cout << doc.dump(2) << "\n";
+    return 0;
+  }
+  print_certificate(doc);
+  if (hint != nullptr) std::cout << hint << "\n";
+  return 0;
+}
+
+int run_certificate_get(const common_options& c, const std::string& name) {
+  return run_certificate_call(c, "GET", "/certificates/" + segment(name), "", "", nullptr);
+}
+
+int run_certificate_list(const common_options& c) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json doc;
+  if (auto err = svc->call_json("GET", "/certificates", "", doc)) return fail(err);
+  if (c.json) {
+    std::cout << doc.dump(2) << "\n";
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows;
+  if (doc.is_object() && doc.contains("value") && doc["value"].is_array())
+    for (const auto& d : doc["value"]) {
+      const json props = d.value("properties", json::object());
+      rows.push_back({str_member(d, "name"), str_member(props, "subject"),
+                      str_member(props, "thumbprint"),
+                      props.value("isVerified", false) ? "yes" : "no",
+                      str_member(props, "expiry")});
+    }
+  print_table({"NAME", "SUBJECT", "THUMBPRINT", "VERIFIED", "EXPIRY"}, rows);
+  return 0;
+}
+
 // ---- registrations ---------------------------------------------------------------
 
 std::string group_of(const json& rs) {
@@ -879,6 +963,78 @@ void add_client_commands(CLI::App& app, int& exit_code) {
                         "Manage individual enrollments (service API)");
   add_enrollment_family(app, exit_code, group_kind, "group",
                         "Manage enrollment groups (service API)");
+
+  {
+    CLI::App* cert = app.add_subcommand(
+      "certificate", "Manage the CA certificate store (proof of possession; service API)");
+    cert->require_subcommand(1);
+    auto common = std::make_shared<common_options>();
+    auto name = std::make_shared<std::string>();
+    auto file = std::make_shared<std::string>();
+    auto if_match = std::make_shared<std::string>();
+    auto base = [name] { return "/certificates/" + segment(*name); };
+
+    CLI::App* a = cert->add_subcommand("add", "Upload (or replace) a root or intermediate CA");
+    a->add_option("name", *name, "Name of the CA in the store")->required();
+    a->add_option("--file", *file, "PEM file with the CA certificate")->required();
+    a->add_option("--if-match", *if_match, "Only replace if the etag still matches");
+    add_common_options(a, *common);
+    on_run(a, exit_code, [common, base, file, if_match] {
+      return run_certificate_call(*common, "PUT", base(), *file, *if_match,
+                                  "next: provisiond certificate verification-code <name>");
+    });
+
+    CLI::App* v = cert->add_subcommand(
+      "verification-code", "Get a verification code for proof of possession of a CA's key");
+    v->add_option("name", *name, "Name of the CA in the store")->required();
+    v->add_option("--if-match", *if_match, "Only if the etag still matches");
+    add_common_options(v, *common);
+    on_run(v, exit_code, [common, base, if_match] {
+      return run_certificate_call(
+        *common, "POST", base() + "/generateVerificationCode", "", *if_match,
+        "next: sign a certificate whose subject CN is the code with the CA's key, then "
+        "provisiond certificate verify <name> --file <that certificate>");
+    });
+
+    CLI::App* ve = cert->add_subcommand(
+      "verify", "Prove possession: a certificate signed by the CA whose CN is the code");
+    ve->add_option("name", *name, "Name of the CA in the store")->required();
+    ve->add_option("--file", *file, "PEM file with the verification certificate")->required();
+    ve->add_option("--if-match", *if_match, "Only if the etag still matches");
+    add_common_options(ve, *common);
+    on_run(ve, exit_code, [common, base, file, if_match] {
+      return run_certificate_call(*common, "POST", base() + "/verify", *file, *if_match,
+                                  nullptr);
+    });
+
+    CLI::App* r = cert->add_subcommand(
+      "crl", "Upload a CRL (of the CA or an intermediate below it); replaces that issuer's");
+    r->add_option("name", *name, "Name of the CA in the store")->required();
+    r->add_option("--file", *file, "PEM (X509 CRL) or base64 DER file")->required();
+    r->add_option("--if-match", *if_match, "Only if the etag still matches");
+    add_common_options(r, *common);
+    on_run(r, exit_code, [common, base, file, if_match] {
+      return run_certificate_call(*common, "PUT", base() + "/crl", *file, *if_match, nullptr,
+                                  "crl");
+    });
+
+    CLI::App* g = cert->add_subcommand("get", "Show a CA of the store");
+    g->add_option("name", *name, "Name of the CA in the store")->required();
+    add_common_options(g, *common);
+    on_run(g, exit_code, [common, name] { return run_certificate_get(*common, *name); });
+
+    CLI::App* l = cert->add_subcommand("list", "List the CAs of the store");
+    add_common_options(l, *common);
+    on_run(l, exit_code, [common] { return run_certificate_list(*common); });
+
+    CLI::App* d = cert->add_subcommand("delete", "Delete a CA from the store");
+    d->add_option("name", *name, "Name of the CA in the store")->required();
+    d->add_option("--if-match", *if_match, "Only delete if the etag still matches");
+    add_common_options(d, *common);
+    on_run(d, exit_code, [common, name, if_match] {
+      return run_delete(*common, "/certificates", "certificate", *name, *if_match);
+    });
+  }
 
   {
     CLI::App* reg = app.add_subcommand("registration", "Inspect or delete device registration records");

@@ -7,7 +7,7 @@ namespace CLI {
 class App;
 }
 
-/// Registers `enrollment`, `group`, `registration`, `assignments` and
+/// Registers `enrollment`, `group`, `certificate`, `registration`, `assignments` and
 /// `register` on `app`. A subcommand that runs stores its process exit status
 /// in `exit_code` (0 ok, 1 failure; errors go to stderr as
 /// "error: <errorCode> <message>"). Never throws once parsing is done.

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
+#include "actors/enrollment/ca_store.hpp"
 #include "gateway/device_api.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -135,7 +136,8 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   std::string m = method_label(req.method);
   auto is_root = [](const std::string& s) {
     return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
-           || iequals(s, "registrations") || iequals(s, "assignments");
+           || iequals(s, "registrations") || iequals(s, "assignments")
+           || iequals(s, "certificates");
   };
   if (segs.size() == 1 && (segs[0] == "healthz" || segs[0] == "readyz")) {
     k.route = m + " /" + segs[0];
@@ -167,6 +169,7 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   k.type = root == "enrollments"        ? "IndividualEnrollment"
            : root == "enrollmentgroups" ? "EnrollmentGroup"
            : root == "registrations"    ? "DeviceRegistrationState"
+           : root == "certificates"     ? "Certificate"
                                         : "Assignment";
   std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups" : root);
   if (segs.size() == 1) {
@@ -183,6 +186,16 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
     } else if (segs.size() == 3 && iequals(segs[2], "attestationmechanism")) {
       tmpl += "/attestationmechanism";
       k.operation = "GetAttestationMechanism";
+    } else if (segs.size() == 3 && root == "certificates"
+               && iequals(segs[2], "generateverificationcode")) {
+      tmpl += "/generateVerificationCode";
+      k.operation = "GenerateVerificationCode";
+    } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "verify")) {
+      tmpl += "/verify";
+      k.operation = "VerifyCertificate";
+    } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "crl")) {
+      tmpl += "/crl";
+      k.operation = "UploadCrl";
     } else if (segs.size() == 2) {
       k.operation = m == "GET"      ? "Get"
                     : m == "PUT"    ? "Upsert"
@@ -295,7 +308,8 @@ private:
 
   static bool is_service_root(const std::string& s) {
     return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
-           || iequals(s, "registrations") || iequals(s, "assignments");
+           || iequals(s, "registrations") || iequals(s, "assignments")
+           || iequals(s, "certificates");
   }
 
   // -- device API -------------------------------------------------------------
@@ -411,6 +425,8 @@ private:
       ids.push_back(*d);
     }
     const auto& m = req.method;
+    if (root == "certificates")
+      return certificates(req, ids, reply, fail, tracking);
     if (root == "assignments") {
       if (segs.size() != 1)
         return fail({error_code::not_found, "no such route: " + req.path});
@@ -539,6 +555,74 @@ private:
                                     });
     }
     fail({error_code::method_not_allowed, "use GET, PUT or DELETE"});
+  }
+
+  /// The CA certificate store (DPS certificates with proof of possession).
+  /// Every call needs the ServiceConfig right: trusting a CA is service
+  /// configuration, and reading the store shows what is trusted.
+  template <class Fail>
+  void certificates(const http_request& req, const std::vector<std::string>& ids,
+                    const reply_fn& reply, Fail& fail, const std::string& tracking) {
+    const auto& m = req.method;
+    if (ids.empty()) {
+      if (m != "GET")
+        return fail({error_code::method_not_allowed, "use GET /certificates to list the CAs"});
+      if (auto err = authorize(req, "ServiceConfig"))
+        return fail(err);
+      std::vector<json> docs;
+      if (auto err = eng_.list_certificates(docs))
+        return fail(err);
+      json arr = json::array();
+      for (const auto& d : docs)
+        arr.push_back(enrollment::ca_public(d));
+      return reply(json_response(200, json{{"value", std::move(arr)}}.dump()));
+    }
+    if (ids.size() > 2)
+      return fail({error_code::not_found, "no such route: " + req.path});
+    const std::string& name = ids[0];
+    if (!enrollment::valid_certificate_name(name))
+      return fail({error_code::bad_request,
+                   "a certificate name is 1..128 characters of A-Z a-z 0-9 - . _"});
+    std::string op;
+    if (ids.size() == 2) {
+      if (iequals(ids[1], "generateverificationcode"))
+        op = "code";
+      else if (iequals(ids[1], "verify"))
+        op = "verify";
+      else if (iequals(ids[1], "crl"))
+        op = "crl";
+      else
+        return fail({error_code::not_found, "no such route: " + req.path});
+      if (m != (op == "crl" ? "PUT" : "POST"))
+        return fail({error_code::method_not_allowed, op == "crl" ? "use PUT" : "use POST"});
+    } else if (m == "PUT") {
+      op = "put";
+    } else if (m == "DELETE") {
+      op = "delete";
+    } else if (m != "GET") {
+      return fail({error_code::method_not_allowed, "use GET, PUT or DELETE"});
+    }
+    if (auto err = authorize(req, "ServiceConfig"))
+      return fail(err);
+    if (op.empty()) {
+      json doc;
+      if (auto err = eng_.get_certificate(name, doc))
+        return fail(err);
+      return reply(json_response(200, enrollment::ca_public(doc).dump()));
+    }
+    if ((op == "put" || op == "verify" || op == "crl") && req.body.empty())
+      return fail({error_code::malformed_json,
+                   op == "crl" ? "PUT needs {\"crl\": \"<PEM>\"} as a JSON body"
+                   : op == "put"
+                     ? "PUT needs {\"certificate\": \"<PEM>\"} as a JSON body"
+                     : "verify needs {\"certificate\": \"<PEM>\"} as a JSON body"});
+    eng_.write_certificate(op, name, req.body, req.header("if-match"),
+                           [reply, tracking, op](error e, std::string doc) {
+                             if (e)
+                               return reply(error_response(e, tracking));
+                             reply(op == "delete" ? no_content()
+                                                  : json_response(200, std::move(doc)));
+                           });
   }
 
   error paging(const http_request& req, std::size_t& max, std::string& cont) {

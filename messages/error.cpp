@@ -24,6 +24,8 @@ std::string_view to_string(error_code c) noexcept {
     case error_code::enrollment_not_found: return "enrollment_not_found";
     case error_code::registration_not_found: return "registration_not_found";
     case error_code::enrollment_group_not_found: return "enrollment_group_not_found";
+    case error_code::certificate_not_found: return "certificate_not_found";
+    case error_code::invalid_certificate: return "invalid_certificate";
     case error_code::operation_not_found: return "operation_not_found";
     case error_code::method_not_allowed: return "method_not_allowed";
     case error_code::request_timeout: return "request_timeout";

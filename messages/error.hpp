@@ -22,6 +22,7 @@ enum class error_code : int32_t {
   id_mismatch = 400007,                // body id differs from path id
   invalid_header = 400008,
   custom_allocation_failed = 400207,   // DPS: "Custom allocation failed with status code: 500"
+  invalid_certificate = 400009,        // not a usable CA / verification certificate
   no_hub_available = 400208,           // DPS/C SDK: no IoT hub for the enrollment
   // 401: authentication.
   unauthorized = 401000,               // missing or malformed credential
@@ -35,6 +36,7 @@ enum class error_code : int32_t {
   registration_not_found = 404202,
   enrollment_group_not_found = 404203,
   operation_not_found = 404204,
+  certificate_not_found = 404205,      // no such CA in the certificate store
   // others
   method_not_allowed = 405000,
   request_timeout = 408000,

@@ -29,7 +29,7 @@ namespace {
 
 constexpr std::array<cf, cf_count> all_families = {
     cf::meta,       cf::enrollments, cf::groups, cf::registrations,
-    cf::operations, cf::pending,     cf::outbox, cf::tpm_challenges,
+    cf::operations, cf::pending,     cf::outbox, cf::tpm_challenges, cf::certificates,
 };
 
 bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
@@ -497,6 +497,7 @@ std::string_view to_string(cf c) noexcept {
     case cf::pending: return "pending";
     case cf::outbox: return "outbox";
     case cf::tpm_challenges: return "tpm_challenges";
+    case cf::certificates: return "certificates";
   }
   return "unknown";
 }

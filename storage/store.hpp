@@ -30,8 +30,9 @@ enum class cf : uint8_t {
   pending,       ///< operation id -> "" for accepted, unfinished operations
   outbox,        ///< big-endian uint64 sequence -> assignment event JSON
   tpm_challenges, ///< lower(registration id) -> outstanding TPM challenge (binary)
+  certificates,  ///< lower(CA name) -> CA certificate store entry JSON
 };
-inline constexpr int cf_count = 8;
+inline constexpr int cf_count = 9;
 std::string_view to_string(cf c) noexcept;
 
 /// An atomic set of puts and deletes.

@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <climits>
 
+#include <openssl/bn.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
@@ -69,41 +71,78 @@ public:
   verdict check_groups(const std::vector<enrollment::enrollment_view>& groups) const override {
     // DPS precedence: the group whose signing certificate is the nearest
     // issuer wins (the first intermediate, then upwards to the root), even
-    // when it is disabled.
+    // when it is disabled. A CA named by caReferences counts as a signing
+    // certificate while the store holds it verified.
     const enrollment::enrollment_view* best = nullptr;
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
-    std::string failures, ca_references;
+    std::string failures, unverified, missing;
+    auto append = [](std::string& list, const std::string& item) {
+      list += list.empty() ? "" : "; ";
+      list += item;
+    };
+    // Tries one anchor of group `g`; `label` names it in messages. With
+    // `trusted` false the anchor is an unverified CA: reaching it is
+    // reported, never admitted.
+    // Revocation belongs to the certificate, not to the anchor a group
+    // reaches it by: any stored CRL that lists a chain certificate (or claims
+    // its issuer without that issuer's signature) refuses the device for
+    // every group.
+    if (auto why = revocation(groups); !why.empty())
+      return verdict::rejected(error_code::unauthorized_signature, why);
+    auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
+                          const std::string& label, bool trusted) {
+      if (anchor == nullptr || !reaches(anchor))
+        return;
+      std::string why;
+      int depth = verify(anchor, why);
+      if (depth < 0) {
+        append(failures, "enrollment group '" + g.id + "' (" + label + "): " + why);
+        return;
+      }
+      if (!trusted) {
+        append(unverified, "the chain reaches " + label + " of enrollment group '" + g.id
+                             + "', but that CA is not verified (prove possession of its key: "
+                               "generateVerificationCode, then verify)");
+        return;
+      }
+      // Both slots are tried: the secondary may be a nearer CA.
+      if (depth < best_depth) {
+        best = &g;
+        best_depth = depth;
+        best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor));
+      }
+    };
     for (const auto& g : groups) {
       const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
       if (x == nullptr)
         continue;
-      if (!x->ca_references.empty() && ca_references.empty())
-        ca_references = g.id;
       for (const auto& ref : x->signing_certificates) {
         auto anchor = enrollment::parse_der(ref.der);
-        if (!anchor || !reaches(anchor.get()))
-          continue;
-        std::string why;
-        int depth = verify(anchor.get(), why);
-        if (depth < 0) {
-          failures += failures.empty() ? "" : "; ";
-          failures += "enrollment group '" + g.id + "' (signing certificate '"
-                      + subject_of(anchor.get()) + "'): " + why;
+        if (anchor)
+          try_anchor(g, anchor.get(), "signing certificate '" + subject_of(anchor.get()) + "'",
+                     true);
+      }
+      using state = enrollment::ca_reference::state;
+      for (const auto& ref : x->ca_references) {
+        if (ref.status != state::verified && ref.status != state::unverified) {
+          append(missing, "enrollment group '" + g.id + "' names CA '" + ref.name
+                            + "' (caReferences), which is not in the certificate store");
           continue;
         }
-        // Both slots are tried: the secondary may be a nearer CA.
-        if (depth < best_depth) {
-          best = &g;
-          best_depth = depth;
-          best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor.get()));
-        }
+        auto anchor = enrollment::parse_der(ref.der);
+        if (anchor)
+          try_anchor(g, anchor.get(),
+                     "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
+                     ref.status == state::verified);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
       return verdict::accepted(attestation_type::x509, best->enabled, best->id);
     }
+    if (!unverified.empty())
+      return verdict::rejected(error_code::unauthorized_signature, unverified);
     if (!failures.empty())
       return verdict::rejected(error_code::unauthorized_signature,
                                "the certificate chain does not verify: " + failures);
@@ -114,13 +153,9 @@ public:
       "reach any enrollment group's signing certificate: the last certificate presented ('"
         + subject_of(last) + "') is issued by '" + issuer_of(last)
         + "', which no enrollment group holds (a group's root or intermediate CA must be its "
-          "signing certificate, and the device must send every intermediate below it in the "
-          "TLS handshake)"
-        + (ca_references.empty()
-             ? std::string()
-             : "; enrollment group '" + ca_references
-                 + "' names its CA by caReferences, which this provisiond version does not "
-                   "support (give the certificate in signingCertificates)"));
+          "signing certificate or a verified CA it names by caReferences, and the device must "
+          "send every intermediate below it in the TLS handshake)"
+        + (missing.empty() ? std::string() : "; " + missing));
   }
 
   std::string_view identity() const noexcept override { return identity_; }
@@ -142,7 +177,7 @@ private:
   /// intermediate is enough: partial chains allowed), for TLS client use, at
   /// the request's time. The anchor's depth (1 = the leaf's issuer), or -1
   /// with `why`.
-  int verify(X509* anchor, std::string& why) const {
+  int verify(X509* anchor, std::string& why, x509_stack_ptr* chain_out = nullptr) const {
     enrollment::x509_store_ptr store(X509_STORE_new());
     enrollment::x509_store_ctx_ptr ctx(X509_STORE_CTX_new());
     x509_stack_ptr untrusted(sk_X509_new_null());
@@ -163,14 +198,111 @@ private:
     X509_VERIFY_PARAM_set_flags(param, X509_V_FLAG_PARTIAL_CHAIN | X509_V_FLAG_USE_CHECK_TIME);
     X509_VERIFY_PARAM_set_time(param, static_cast<time_t>(now_s_));
     X509_STORE_CTX_set_purpose(ctx.get(), X509_PURPOSE_SSL_CLIENT);
-    if (X509_verify_cert(ctx.get()) == 1)
+    if (X509_verify_cert(ctx.get()) == 1) {
+      if (chain_out != nullptr)
+        chain_out->reset(X509_STORE_CTX_get1_chain(ctx.get()));
       return sk_X509_num(X509_STORE_CTX_get0_chain(ctx.get())) - 1;
+    }
     int depth = X509_STORE_CTX_get_error_depth(ctx.get());
     X509* at = X509_STORE_CTX_get_current_cert(ctx.get());
     why = std::string(X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx.get())))
           + " at depth " + std::to_string(depth)
           + (at != nullptr ? " ('" + subject_of(at) + "')" : std::string());
     return -1;
+  }
+
+  /// Whether a certificate of the presented chain is revoked by a CRL stored
+  /// with any CA the groups name: "" when none is, else the refusal. A
+  /// certificate's issuer is a presented certificate or a CA of the groups
+  /// (store or signingCertificates) whose subject is its issuer name and
+  /// whose key signed it. A CRL naming that issuer must carry the issuer's
+  /// signature: one that does not is refused (fail closed), never skipped.
+  std::string revocation(const std::vector<enrollment::enrollment_view>& groups) const {
+    std::vector<x509_ptr> known; // CAs of the groups, candidate issuers
+    std::vector<std::pair<crl_ptr, std::string>> crls; // with the CA they are stored with
+    for (const auto& g : groups) {
+      const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
+      if (x == nullptr)
+        continue;
+      for (const auto& ref : x->signing_certificates)
+        if (auto c = enrollment::parse_der(ref.der))
+          known.push_back(std::move(c));
+      for (const auto& ref : x->ca_references) {
+        if (auto c = enrollment::parse_der(ref.der))
+          known.push_back(std::move(c));
+        for (const auto& der : ref.crls) {
+          const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+          crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
+          if (crl)
+            crls.emplace_back(std::move(crl), ref.name);
+        }
+      }
+    }
+    std::string out;
+    if (!crls.empty())
+      out = revoked_in(known, crls);
+    ERR_clear_error(); // failed parses and verifications leave the queue dirty
+    return out;
+  }
+
+  using crl_ptr = std::unique_ptr<X509_CRL, enrollment::x509_free<X509_CRL, X509_CRL_free>>;
+
+  /// The issuer of `cert` among the presented chain and `known`: same name,
+  /// and its key verifies cert's signature. Null for a self-signed one.
+  X509* issuer_of_cert(X509* cert, const std::vector<x509_ptr>& known) const {
+    const X509_NAME* want = X509_get_issuer_name(cert);
+    if (X509_NAME_cmp(want, X509_get_subject_name(cert)) == 0)
+      return nullptr;
+    auto signs = [&](X509* c) {
+      EVP_PKEY* key = X509_get0_pubkey(c);
+      return X509_NAME_cmp(want, X509_get_subject_name(c)) == 0 && key != nullptr
+             && X509_verify(cert, key) == 1;
+    };
+    for (const auto& c : chain_)
+      if (c.get() != cert && signs(c.get()))
+        return c.get();
+    for (const auto& c : known)
+      if (signs(c.get()))
+        return c.get();
+    return nullptr;
+  }
+
+  std::string revoked_in(const std::vector<x509_ptr>& known,
+                         const std::vector<std::pair<crl_ptr, std::string>>& crls) const {
+    for (std::size_t i = 0; i < chain_.size(); ++i) {
+      X509* cert = chain_[i].get();
+      X509* issuer = issuer_of_cert(cert, known);
+      if (issuer == nullptr)
+        continue;
+      for (const auto& [crl, ca_name] : crls) {
+        if (X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(issuer)) != 0)
+          continue;
+        if (X509_CRL_verify(crl.get(), X509_get0_pubkey(issuer)) != 1)
+          return "a CRL stored with CA '" + ca_name + "' names '" + subject_of(issuer)
+                 + "' (the issuer of '" + subject_of(cert)
+                 + "') as its issuer but is not signed by that certificate's key: refused "
+                   "until the CRL is replaced by one its issuer signed (PUT /certificates/"
+                 + ca_name + "/crl)";
+        X509_REVOKED* entry = nullptr;
+        if (X509_CRL_get0_by_cert(crl.get(), &entry, cert) != 1 || entry == nullptr)
+          continue;
+        std::string serial;
+        if (BIGNUM* bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), nullptr)) {
+          if (char* h = BN_bn2hex(bn)) {
+            serial = h;
+            OPENSSL_free(h);
+          }
+          BN_free(bn);
+        }
+        return std::string(i == 0 ? "the client certificate '" : "the intermediate certificate '")
+               + subject_of(cert) + "' (serial " + serial + ") is revoked: the CRL of '"
+               + subject_of(issuer) + "' lists it since "
+               + enrollment::utc_text(
+                 enrollment::epoch_of(X509_REVOKED_get0_revocationDate(entry)))
+               + " (stored with CA '" + ca_name + "')";
+      }
+    }
+    return {};
   }
 
   std::string leaf_der_;

@@ -707,7 +707,7 @@ error x509_view(const json& x, x509_attestation& out) {
                                name))
         return e;
       if (!name.empty())
-        out.ca_references.push_back(std::move(name));
+        out.ca_references.push_back(ca_reference{std::move(name), {}, {}, {}});
     }
   return {};
 }
@@ -899,6 +899,9 @@ bool operator==(const symmetric_key_attestation& a, const symmetric_key_attestat
 }
 bool operator==(const x509_certificate_ref& a, const x509_certificate_ref& b) {
   return a.der == b.der && a.sha1 == b.sha1 && a.sha256 == b.sha256;
+}
+bool operator==(const ca_reference& a, const ca_reference& b) {
+  return a.name == b.name && a.status == b.status && a.der == b.der && a.crls == b.crls;
 }
 bool operator==(const x509_attestation& a, const x509_attestation& b) {
   return a.client_certificates == b.client_certificates

@@ -32,13 +32,27 @@ struct x509_certificate_ref {
   std::string sha1;   ///< raw thumbprints: of `der`, or as given ("" when not)
   std::string sha256;
 };
+/// A caReferences entry: the CA's name in the certificate store
+/// (ca_store.hpp), and what the store held for it when the group snapshot
+/// was built (enrollment_catalog resolves it; a parsed document alone leaves
+/// it `unresolved`, which admits nothing).
+struct ca_reference {
+  enum class state : uint8_t { unresolved, missing, unverified, verified };
+  std::string name;
+  state status = state::unresolved;
+  std::string der; ///< the CA certificate, when the store has it
+  /// DER CRLs stored with the CA (its own, or its intermediates'): a chain
+  /// through this CA is checked against those whose issuer is in it.
+  std::vector<std::string> crls;
+};
+bool operator==(const ca_reference& a, const ca_reference& b);
 /// attestation.x509, parsed: individual enrollments name the device's own
-/// certificates, groups the CA (root or intermediate) that signs them.
-/// caReferences (DPS's certificate store) are kept but match nothing yet.
+/// certificates, groups the CA (root or intermediate) that signs them, given
+/// inline (signingCertificates) or by name in the certificate store.
 struct x509_attestation {
   std::vector<x509_certificate_ref> client_certificates;  ///< primary, secondary
   std::vector<x509_certificate_ref> signing_certificates; ///< primary, secondary
-  std::vector<std::string> ca_references;
+  std::vector<ca_reference> ca_references;                ///< primary, secondary
 };
 /// attestation.tpm: base64 TPM2B_PUBLIC of the endorsement and storage root keys.
 struct tpm_attestation {

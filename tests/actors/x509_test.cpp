@@ -284,14 +284,37 @@ TEST_CASE("x509: enrollment groups by root or intermediate, the nearest wins") {
     auto v = pr->check_groups({both, group("by-inter", p.inter)});
     CHECK(v.enrollment_group_id == "both");
   }
-  SUBCASE("caReferences match nothing, and the refusal says so") {
-    auto byref = view_of(en::kind::group, "by-ref", {{"caReferences", {{"primary", "root"}}}});
-    std::unique_ptr<proof> s;
-    REQUIRE(open(chain({&p.stranger}), "dev-x", s).ok());
-    auto v = s->check_groups({byref});
+  SUBCASE("caReferences: a verified CA admits; an unverified or missing one says so") {
+    auto byref = [&](en::ca_reference::state st) {
+      auto g = view_of(en::kind::group, "by-ref", {{"caReferences", {{"primary", "root"}}}});
+      auto& x = std::get<en::x509_attestation>(g.attestation);
+      REQUIRE(x.ca_references.size() == 1);
+      CHECK(x.ca_references[0].status == en::ca_reference::state::unresolved);
+      x.ca_references[0].status = st;
+      if (st != en::ca_reference::state::missing)
+        x.ca_references[0].der = p.root.der();
+      return g;
+    };
+    auto v = pr->check_groups({byref(en::ca_reference::state::verified)});
+    CHECK_MESSAGE(v.is_accepted(), v.err.message);
+    CHECK(v.enrollment_group_id == "by-ref");
+    v = pr->check_groups({byref(en::ca_reference::state::unverified)});
     CHECK_FALSE(v.is_accepted());
-    CHECK(v.err.message.find("enrollment group 'by-ref' names its CA by caReferences")
-          != std::string::npos);
+    CHECK(v.err.code == error_code::unauthorized_signature);
+    CHECK_MESSAGE(v.err.message.find("the chain reaches CA 'root' ('CN=Test Root CA,O=provisiond "
+                                     "tests') of enrollment group 'by-ref', but that CA is not "
+                                     "verified")
+                    != std::string::npos,
+                  v.err.message);
+    v = pr->check_groups({byref(en::ca_reference::state::missing)});
+    CHECK_FALSE(v.is_accepted());
+    CHECK_MESSAGE(v.err.message.find("enrollment group 'by-ref' names CA 'root' (caReferences), "
+                                     "which is not in the certificate store")
+                    != std::string::npos,
+                  v.err.message);
+    // Parsed but never resolved against the store: admits nothing.
+    auto raw = view_of(en::kind::group, "by-ref", {{"caReferences", {{"primary", "root"}}}});
+    CHECK_FALSE(pr->check_groups({raw}).is_accepted());
   }
   SUBCASE("symmetric-key groups are skipped") {
     en::enrollment_view sk;

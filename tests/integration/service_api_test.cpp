@@ -15,6 +15,7 @@
 #include "messages/registration.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/server_process.hpp"
+#include "tests/support/test_certs.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -226,8 +227,10 @@ TEST_CASE("symmetric keys left out are generated on every write path") {
                         json{{"attestation", att}}.dump()).status == 200);
       both_keys(keys_of(collection, id));
       // PUT replace of an x509 document: nothing to keep, both generated.
+      static const auto ca = test::make_ca("svc keygen CA");
       auto x509 = json{{"type", "x509"},
-                       {"x509", {{"caReferences", {{"primary", "ca-1"}}}}}};
+                       {"x509", {{individual ? "clientCertificates" : "signingCertificates",
+                                  {{"primary", {{"certificate", ca.pem()}}}}}}}};
       REQUIRE(s.service("PUT", collection + "/" + id,
                         json{{"attestation", x509}}.dump()).status == 200);
       REQUIRE(s.service("PUT", collection + "/" + id,
@@ -566,6 +569,21 @@ TEST_CASE("read-only policy: GET allowed, writes 403000") {
     check_error(raw_service(s, "DELETE", "/enrollments/pol-dev-1", as_reader), 403, 403000);
     check_error(raw_service(s, "DELETE", "/registrations/pol-dev-1", as_reader), 403, 403000);
     check_error(raw_service(s, "GET", "/assignments?after=0", as_reader), 403, 403000);
+    // The CA store is service configuration: reading it needs ServiceConfig too.
+    static const auto ca = test::make_ca("policy test CA");
+    check_error(raw_service(s, "PUT", "/certificates/pol-ca", as_reader,
+                            json{{"certificate", ca.pem()}}.dump()),
+                403, 403000);
+    check_error(raw_service(s, "GET", "/certificates", as_reader), 403, 403000);
+    auto ca_put = raw_service(s, "PUT", "/certificates/pol-ca", as_owner,
+                              json{{"certificate", ca.pem()}}.dump());
+    CHECK_MESSAGE(ca_put.status == 200, ca_put.body);
+    check_error(raw_service(s, "GET", "/certificates/pol-ca", as_reader), 403, 403000);
+    check_error(raw_service(s, "POST", "/certificates/pol-ca/generateVerificationCode",
+                            as_reader),
+                403, 403000);
+    check_error(raw_service(s, "DELETE", "/certificates/pol-ca", as_reader), 403, 403000);
+    CHECK(raw_service(s, "GET", "/certificates/pol-ca", as_owner).status == 200);
     // Nothing changed.
     check_error(raw_service(s, "GET", "/enrollments/pol-dev-2", as_owner), 404, 404201);
     CHECK(raw_service(s, "GET", "/enrollments/pol-dev-1", as_owner).status == 200);

@@ -189,7 +189,8 @@ TEST_CASE("put, get and delete are per column family") {
   temp_dir d;
   auto s = open_ok(d.path);
   const cf all[] = {cf::meta,       cf::enrollments, cf::groups, cf::registrations,
-                    cf::operations, cf::pending,     cf::outbox};
+                    cf::operations, cf::pending,     cf::outbox, cf::tpm_challenges,
+                    cf::certificates};
   write_batch b;
   for (cf c : all) b.put(c, "same-key", "value-" + std::string(to_string(c)));
   REQUIRE(s->write(b).ok());

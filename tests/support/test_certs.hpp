@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <ctime>
+#include <initializer_list>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -156,6 +157,37 @@ inline test_cert make_self_signed_device(const std::string& cn) {
   cert_options o;
   o.cn = cn;
   return make_cert(o, nullptr);
+}
+
+/// A CRL issued by `issuer` revoking `revoked` (their serials), valid for a day.
+/// `last_update_s`: lastUpdate relative to now (a later CRL of the same
+/// issuer needs a later one to replace a stored CRL).
+inline std::string make_crl_pem(const test_cert& issuer,
+                                std::initializer_list<const test_cert*> revoked,
+                                long last_update_s = -60) {
+  std::unique_ptr<X509_CRL, decltype(&X509_CRL_free)> crl(X509_CRL_new(), X509_CRL_free);
+  X509_CRL_set_version(crl.get(), 1);
+  X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(issuer.cert.get()));
+  std::unique_ptr<ASN1_TIME, decltype(&ASN1_TIME_free)> t(ASN1_TIME_new(), ASN1_TIME_free);
+  X509_gmtime_adj(t.get(), last_update_s);
+  X509_CRL_set1_lastUpdate(crl.get(), t.get());
+  X509_gmtime_adj(t.get(), 86400);
+  X509_CRL_set1_nextUpdate(crl.get(), t.get());
+  for (const auto* r : revoked) {
+    X509_REVOKED* entry = X509_REVOKED_new();
+    X509_REVOKED_set_serialNumber(entry, X509_get_serialNumber(r->cert.get()));
+    X509_gmtime_adj(t.get(), -30);
+    X509_REVOKED_set_revocationDate(entry, t.get());
+    X509_CRL_add0_revoked(crl.get(), entry);
+  }
+  X509_CRL_sort(crl.get());
+  if (X509_CRL_sign(crl.get(), issuer.key.get(), EVP_sha256()) == 0)
+    throw std::runtime_error("X509_CRL_sign failed");
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+  PEM_write_bio_X509_CRL(bio.get(), crl.get());
+  char* data = nullptr;
+  long n = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<std::size_t>(n));
 }
 
 } // namespace prov::test

@@ -29,7 +29,9 @@ enum class cf : uint8_t {
   operations,    ///< operation id -> operation record JSON
   pending,       ///< operation id -> "" for accepted, unfinished operations
   outbox,        ///< big-endian uint64 sequence -> assignment event JSON
-  tpm_challenges, ///< lower(registration id) -> outstanding TPM challenge (binary)
+  /// lower(registration id) -> answered TPM challenge, lower(id) + "/pending"
+  /// -> the pending one (binary, actors/attestation/tpm.hpp)
+  tpm_challenges,
 };
 inline constexpr int cf_count = 8;
 std::string_view to_string(cf c) noexcept;
@@ -104,7 +106,8 @@ public:
     synced, ///< fsync'd WAL (when store_options::sync): survives a machine crash
     /// In the WAL, not fsync'd: survives kill -9 but not a machine crash. Only
     /// for state rebuilt from elsewhere (Kafka tables) whose read position is
-    /// in the same batch, so a lost tail is re-applied on the next start.
+    /// in the same batch, so a lost tail is re-applied on the next start;
+    /// and embedded TPM challenges, which a device asks for again.
     replayable,
   };
 

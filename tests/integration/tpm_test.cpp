@@ -105,7 +105,13 @@ json wait_assigned(const test::server_process& s, const std::string& id,
   auto c = s.client();
   net::http_headers h;
   h.add("Authorization", auth);
-  for (int i = 0; i < 300 && j["status"] == "assigning"; ++i) {
+  // Up to ~60 s: the machine is shared and slow; the TPM work is RSA.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (j["status"] == "assigning") {
+    REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
+                    "registration '" << id << "' (operation " << op
+                                     << ") still assigning after 60 s of polling; last answer: "
+                                     << j.dump());
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     net::https_response p;
     REQUIRE(!c.request("GET", device_path(s, id) + "/operations/" + op + "?api-version=2021-06-01",

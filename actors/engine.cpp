@@ -336,11 +336,11 @@ public:
                               key_cb cb) override {
     tpm_worker_.post([this, id = std::move(registration_id), op = std::move(operation_id),
                       cb = std::move(cb)](serial_worker::fate f) {
-      if (f != serial_worker::fate::run)
-        return cb(f == serial_worker::fate::busy
-                    ? error{error_code::throttled, "too many TPM requests in progress"}
-                    : error{error_code::unavailable, "the service is stopping"},
-                  {});
+      // Busy: made here, on the caller's thread, rather than refused: the
+      // device's registration is done, and a refusal would make it start
+      // over with a new challenge.
+      if (f == serial_worker::fate::stopped)
+        return cb({error_code::unavailable, "the service is stopping"}, {});
       std::string key;
       auto err = tpm_authentication_key(id, op, key);
       cb(std::move(err), std::move(key));

@@ -8,7 +8,7 @@ ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all deps configure build run test test-asan bench clean
+.PHONY: all deps configure build run test test-asan fuzz fuzz-build bench clean
 
 all: build
 
@@ -46,6 +46,41 @@ test-asan: deps
 	@scripts/install-test-deps.sh
 	cd $(ASAN_DIR) && UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -j $(JOBS) $(CTEST_ARGS)
+
+# libFuzzer campaigns (docs/fuzzing.md): clang-14 with ASan and UBSan in
+# build-fuzz/, only the harnesses and the libraries they use. Each harness
+# runs FUZZ_SECONDS (or FUZZ_RUNS executions, when set) from its seed corpus
+# in tests/fuzz/corpus/<name>/; what it finds new goes to
+# build-fuzz/corpus/<name>/, crashes to build-fuzz/crashes/. FUZZERS picks
+# harnesses, FUZZ_ARGS adds libFuzzer flags (e.g. -jobs=2 -workers=2).
+# `make test` does not need clang: it replays the corpora (fuzz_replay_*).
+FUZZ_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_RUNS ?=
+FUZZ_ARGS ?=
+FUZZERS ?= http_request json_body sas_token config_toml registration_codec x509_chain
+FUZZ_SANITIZE := -fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined \
+  -fno-omit-frame-pointer -g
+fuzz-build:
+	@PROV_FUZZ_DEPS=1 scripts/install-deps.sh
+	@if [ ! -f $(FUZZ_DIR)/build.ninja ]; then \
+	  CC=clang-14 CXX=clang++-14 cmake -S . -B $(FUZZ_DIR) -G Ninja \
+	    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPROV_BUILD_FUZZERS=ON \
+	    -DPROV_BUILD_TESTS=OFF -DPROV_BUILD_BENCHMARKS=OFF \
+	    -DCMAKE_CXX_FLAGS="$(FUZZ_SANITIZE)" -DCMAKE_EXE_LINKER_FLAGS="$(FUZZ_SANITIZE)"; \
+	fi
+	@cmake --build $(FUZZ_DIR) -j $(JOBS)
+
+fuzz: fuzz-build
+	@mkdir -p $(FUZZ_DIR)/crashes
+	@set -e; for f in $(FUZZERS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$f; \
+	  echo "== fuzz_$$f"; \
+	  UBSAN_OPTIONS=print_stacktrace=1 $(FUZZ_DIR)/fuzz/fuzz_$$f \
+	    $(if $(FUZZ_RUNS),-runs=$(FUZZ_RUNS),-max_total_time=$(FUZZ_SECONDS)) \
+	    -artifact_prefix=$(FUZZ_DIR)/crashes/$$f- -print_final_stats=1 $(FUZZ_ARGS) \
+	    $(FUZZ_DIR)/corpus/$$f tests/fuzz/corpus/$$f; \
+	done
 
 # Without ARGS: the default suite (benchmarks/run-suite.sh, a few minutes).
 # With ARGS: one provisiond-bench run, e.g. make bench ARGS="--devices 1000".

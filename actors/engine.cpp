@@ -15,6 +15,7 @@
 #include "actors/attestation/x509.hpp"
 #include "actors/once_per_interval.hpp"
 #include "actors/serial_worker.hpp"
+#include "actors/throttling/rate_limiter.hpp"
 #include "messages/crypto.hpp"
 #include "transport/kafka_admin.hpp"
 #include "transport/kafka_bus.hpp"
@@ -55,7 +56,11 @@ error check_continuation(const std::string& token, bool group_ids) {
 
 class engine_impl final : public engine {
 public:
-  explicit engine_impl(engine_context_ptr ctx) : ctx_(std::move(ctx)) {
+  explicit engine_impl(engine_context_ptr ctx)
+    : ctx_(std::move(ctx)),
+      group_registrations_(ctx_->opts.cfg.throttling.registrations_per_minute_per_group,
+                           std::chrono::minutes(1),
+                           static_cast<std::size_t>(ctx_->opts.cfg.throttling.max_tracked_keys)) {
     cfg_.set("scheduler.max-threads", 2);
     cfg_.set("logger.verbosity", caf::atom("quiet"));
     sys_ = std::make_unique<caf::actor_system>(cfg_);
@@ -240,6 +245,7 @@ public:
   }
 
   void attested(register_request req, attestation::verdict r, register_cb cb) {
+    auto* m = ctx_->metrics;
     if (r.result == attestation::verdict::outcome::challenge) {
       // Nothing to record: the device answers with a second register.
       register_reply reply;
@@ -247,6 +253,21 @@ public:
       reply.challenge = std::move(r.challenge);
       cb(std::move(reply));
       return;
+    }
+    // [throttling] registrations_per_minute_per_group: the group is known only
+    // now (a device does not name it), but nothing is stored yet.
+    if (r.is_accepted() && !r.enrollment_group_id.empty() && group_registrations_.enabled()) {
+      if (int wait = group_registrations_.take(enrollment::key_of(r.enrollment_group_id))) {
+        m->attestation_attempt(true, to_string(r.type), req.protocol);
+        m->throttled("group_registration_rate");
+        m->registration_attempt("rejected", "", req.protocol);
+        register_reply reply;
+        reply.err = {error_code::throttled,
+                     "too many registrations for this device's enrollment group; retry after "
+                     "the Retry-After interval"};
+        reply.retry_after_s = wait;
+        return cb(std::move(reply));
+      }
     }
     caf::anon_send(registration_, register_atom::value, std::move(req), std::move(r),
                    register_reply_fn{std::move(cb)});
@@ -535,6 +556,7 @@ public:
 
 private:
   engine_context_ptr ctx_;
+  throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;

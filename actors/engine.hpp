@@ -56,6 +56,9 @@ struct register_reply {
   /// (shared with the event that carried it: never null then).
   registration_status status = registration_status::assigning;
   std::shared_ptr<const registration_state> state;
+  /// A throttled (429) reply: seconds until the quota admits one more; 0 =
+  /// the configured device_api.retry_after_seconds.
+  int retry_after_s = 0;
 };
 
 class engine {

@@ -28,6 +28,7 @@
 #include "config/config.hpp"
 #include "gateway/https_server.hpp"
 #include "gateway/metrics_server.hpp"
+#include "gateway/mqtt_server.hpp"
 #include "gateway/net/tls_material.hpp"
 #include "gateway/routes.hpp"
 #include "metrics/diagnostic_log.hpp"
@@ -137,6 +138,8 @@ struct serve_args {
   std::string listen;
   std::string metrics_listen;
   bool metrics_listen_set = false;
+  std::string mqtt_listen;
+  bool mqtt_listen_set = false;
   std::string roles; ///< "" = all
 };
 
@@ -198,6 +201,8 @@ int serve(const serve_args& args) {
     cfg.device_api.listen = args.listen;
   if (args.metrics_listen_set)
     cfg.metrics.listen = args.metrics_listen;
+  if (args.mqtt_listen_set)
+    cfg.mqtt.listen = args.mqtt_listen;
   if (!args.roles.empty())
     if (auto err = config::parse_roles(args.roles, cfg.roles))
       return die(err.message);
@@ -335,6 +340,33 @@ int serve(const serve_args& args) {
                    [&server] { return static_cast<double>(server->open_connections()); });
   }
 
+  // The MQTT device transport: same certificate, threads count, caps and
+  // timeouts as the HTTPS device API, on its own listener.
+  std::unique_ptr<gateway::mqtt_server> mqtt;
+  if (cfg.roles.gateway && !cfg.mqtt.listen.empty()) {
+    gateway::mqtt_server_options qopts;
+    qopts.listen = cfg.mqtt.listen;
+    qopts.cert_chain_file = cert;
+    qopts.key_file = key;
+    qopts.id_scope = id_scope;
+    qopts.retry_after_s = cfg.device_api.retry_after_seconds;
+    qopts.threads = cfg.device_api.threads;
+    qopts.max_packet_bytes = cfg.mqtt.max_packet_bytes;
+    qopts.max_inflight = cfg.mqtt.max_inflight;
+    qopts.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
+    qopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
+    qopts.max_connections = max_connections;
+    qopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
+    qopts.metrics = &inst;
+    qopts.log = dlog.get();
+    if (auto err = gateway::mqtt_server::start(qopts, *eng, mqtt))
+      return die(err.message + " (set [mqtt] listen to another address, or \"\" to turn "
+                               "MQTT off)");
+    inst.add_gauge("dps_mqtt_connections_open",
+                   "Open MQTT device connections, TLS handshakes included", "", "",
+                   [&mqtt] { return static_cast<double>(mqtt->open_connections()); });
+  }
+
   // Operations listener: /metrics, /healthz, /readyz (plain HTTP).
   std::unique_ptr<gateway::metrics_server> ops;
   std::string metrics_addr;
@@ -360,8 +392,11 @@ int serve(const serve_args& args) {
   // Tell tools (CLI, tests) where we listen.
   std::string device_addr =
     server ? server->address() + ":" + std::to_string(server->port()) : std::string();
+  const std::string mqtt_addr =
+    mqtt ? mqtt->address() + ":" + std::to_string(mqtt->port()) : std::string();
   {
     nlohmann::json ep{{"device_api", device_addr},
+                      {"mqtt", mqtt_addr},
                       {"metrics", metrics_addr},
                       {"pid", static_cast<int>(::getpid())},
                       {"id_scope", id_scope}};
@@ -371,12 +406,15 @@ int serve(const serve_args& args) {
   }
   const std::string api_line =
     server ? "https://" + device_addr : "none (roles: " + cfg.roles.to_string() + ")";
-  dlog->info("serving: device API " + api_line + ", metrics "
+  dlog->info("serving: device API " + api_line + ", MQTT "
+             + (mqtt ? "mqtts://" + mqtt_addr : std::string("off")) + ", metrics "
              + (metrics_addr.empty() ? std::string("disabled") : "http://" + metrics_addr)
              + ", id scope " + id_scope);
   std::cout << "provisiond serving\n"
             << "  id scope:          " << id_scope << "\n"
             << "  device/service API: " << api_line << "\n"
+            << "  device MQTT:       "
+            << (mqtt ? "mqtts://" + mqtt_addr : std::string("off")) << "\n"
             << "  metrics:           "
             << (metrics_addr.empty() ? "disabled" : "http://" + metrics_addr + "/metrics")
             << "\n"
@@ -435,6 +473,8 @@ int serve(const serve_args& args) {
   eng->drain();
   if (server)
     server->stop();
+  if (mqtt)
+    mqtt->stop();
   eng->shutdown();
   inst.clear_gauges(); // they read the engine and the store
   eng.reset();
@@ -473,6 +513,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--metrics-listen", sa.metrics_listen,
                         "Metrics address HOST:PORT, \"\" to disable (default 127.0.0.1:9464)")
     ->each([&](const std::string&) { sa.metrics_listen_set = true; });
+  serve_cmd->add_option("--mqtt-listen", sa.mqtt_listen,
+                        "MQTT device transport address HOST:PORT, \"\" to disable "
+                        "(default 0.0.0.0:8883)")
+    ->each([&](const std::string&) { sa.mqtt_listen_set = true; });
   serve_cmd->add_option("--roles", sa.roles,
                         "Stages this process runs, comma-separated: gateway, registration, "
                         "attestation, allocation, configuration (default all). Splitting "

@@ -43,10 +43,15 @@ constexpr int_rule tpm_challenge_rule{1, 86400};
 constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule max_connections_rule{0, 10000000};
 constexpr int_rule weight_rule{1, 1000};
+constexpr int_rule max_packet_rule{1024, 2 * 1048576};
+constexpr int_rule max_inflight_rule{1, 1024};
 constexpr int_rule partitions_rule{1, 10000};
 constexpr int_rule replication_rule{1, 32};
 constexpr int_rule resend_rule{0, 3600};
 constexpr int_rule block_cache_rule{8, 65536};
+constexpr int_rule quota_rule{0, 10000000};
+constexpr int_rule poll_window_rule{1, 3600};
+constexpr int_rule tracked_keys_rule{1, 10000000};
 
 constexpr std::string_view known_rights[] = {
     "ServiceConfig", "EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead",
@@ -253,6 +258,26 @@ void check_config(const engine_config& c, const report_fn& report) {
   check_range(report, "device_api.max_connections_per_client", d.max_connections_per_client,
               max_connections_rule);
   check_range(report, "storage.block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
+  if (!c.mqtt.listen.empty()) {
+    check_listen(report, "mqtt.listen", c.mqtt.listen);
+    if (c.mqtt.listen == d.listen && c.mqtt.listen.substr(c.mqtt.listen.size() - 2) != ":0")
+      report("mqtt.listen", "must differ from device_api.listen (" + quote(d.listen) + ")");
+  }
+  const int64_t packet = c.mqtt.max_packet_bytes > static_cast<std::size_t>(max_packet_rule.hi)
+                           ? std::numeric_limits<int64_t>::max()
+                           : static_cast<int64_t>(c.mqtt.max_packet_bytes);
+  check_range(report, "mqtt.max_packet_bytes", packet, max_packet_rule);
+  check_range(report, "mqtt.max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+  const throttling_config& th = c.throttling;
+  check_range(report, "throttling.registrations_per_minute_per_scope",
+              th.registrations_per_minute_per_scope, quota_rule);
+  check_range(report, "throttling.registrations_per_minute_per_group",
+              th.registrations_per_minute_per_group, quota_rule);
+  check_range(report, "throttling.polls_per_device", th.polls_per_device, quota_rule);
+  check_range(report, "throttling.poll_window_seconds", th.poll_window_seconds, poll_window_rule);
+  check_range(report, "throttling.requests_per_minute_per_address",
+              th.requests_per_minute_per_address, quota_rule);
+  check_range(report, "throttling.max_tracked_keys", th.max_tracked_keys, tracked_keys_rule);
 
   for (std::size_t i = 0; i < c.access_policies.size(); ++i) {
     const access_policy& p = c.access_policies[i];
@@ -388,8 +413,8 @@ class loader {
 
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
-               {"id_scope", "data_dir", "device_api", "access_policies", "hubs", "metrics",
-                "storage", "log", "kafka"});
+               {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
+                "metrics", "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -423,6 +448,24 @@ class loader {
               max_connections_rule);
     }
 
+    if (const toml::table* t = sub_table(root, "", "throttling")) {
+      const std::string p = "throttling";
+      throttling_config& th = c.throttling;
+      check_keys(*t, p,
+                 {"registrations_per_minute_per_scope", "registrations_per_minute_per_group",
+                  "polls_per_device", "poll_window_seconds",
+                  "requests_per_minute_per_address", "max_tracked_keys"});
+      get_int(*t, p, "registrations_per_minute_per_scope",
+              th.registrations_per_minute_per_scope, quota_rule);
+      get_int(*t, p, "registrations_per_minute_per_group",
+              th.registrations_per_minute_per_group, quota_rule);
+      get_int(*t, p, "polls_per_device", th.polls_per_device, quota_rule);
+      get_int(*t, p, "poll_window_seconds", th.poll_window_seconds, poll_window_rule);
+      get_int(*t, p, "requests_per_minute_per_address", th.requests_per_minute_per_address,
+              quota_rule);
+      get_int(*t, p, "max_tracked_keys", th.max_tracked_keys, tracked_keys_rule);
+    }
+
     for_each_entry(root, "access_policies", [&](const toml::table& t, const std::string& p) {
       access_policy a;
       check_keys(t, p, {"name", "primary_key", "secondary_key", "rights"});
@@ -445,6 +488,12 @@ class loader {
       c.hubs.push_back(std::move(h));
     });
 
+    if (const toml::table* t = sub_table(root, "", "mqtt")) {
+      check_keys(*t, "mqtt", {"listen", "max_packet_bytes", "max_inflight"});
+      get(*t, "mqtt", "listen", c.mqtt.listen);
+      get_int(*t, "mqtt", "max_packet_bytes", c.mqtt.max_packet_bytes, max_packet_rule);
+      get_int(*t, "mqtt", "max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+    }
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
       get(*t, "metrics", "listen", c.metrics.listen);

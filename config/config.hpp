@@ -57,6 +57,44 @@ struct device_api_config {
   int max_connections_per_client = 0; ///< the same per client IP address; 0 = no cap
 };
 
+/// The DPS MQTT device transport (MQTT 3.1.1 over TLS, docs/mqtt.md). It
+/// shares the device API's certificate, key, client-certificate handling,
+/// threads count, connection caps, request timeout and retry-after.
+struct mqtt_config {
+  /// On by default, on DPS's port, so MQTT devices work as they do against
+  /// Azure; "" turns the listener off.
+  std::string listen = "0.0.0.0:8883";
+  /// Largest packet accepted, fixed header included; a larger one closes the
+  /// connection before its body is read. DPS's body limit is 96 KB.
+  std::size_t max_packet_bytes = 128 * 1024;
+  /// Requests (register, poll) one connection may have unanswered; one
+  /// more closes it (MQTT has no way to refuse a single PUBLISH).
+  int max_inflight = 16;
+};
+
+/// [throttling]: DPS-style quotas, each 0 = off (the default: provisiond's
+/// own capacity limit, max in-flight operations, stays on regardless).
+/// Checked before any crypto or storage work, except the per-group quota:
+/// a device does not name its group, so that one is decided once the
+/// credential has matched a group, before anything is stored. Over a quota:
+/// 429 (429001) with Retry-After. Token buckets: `n` per window, refilled
+/// continuously, bursts up to `n`.
+struct throttling_config {
+  int registrations_per_minute_per_scope = 0; ///< register calls (DPS: 200 or 1,000/min)
+  int registrations_per_minute_per_group = 0; ///< accepted registers per enrollment group
+  int polls_per_device = 0;                   ///< operation polls per device per window
+  int poll_window_seconds = 10;               ///< DPS: 5 polls per 10 s per device
+  int requests_per_minute_per_address = 0;    ///< every API request per client IP
+  /// Buckets kept per quota (devices, groups, addresses): beyond it the least
+  /// recently seen key is forgotten, so memory stays bounded under a flood.
+  int max_tracked_keys = 100000;
+
+  bool any() const noexcept {
+    return registrations_per_minute_per_scope > 0 || registrations_per_minute_per_group > 0
+           || polls_per_device > 0 || requests_per_minute_per_address > 0;
+  }
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -123,6 +161,8 @@ struct engine_config {
   std::optional<std::string> id_scope; ///< generated on first start when absent
   std::string data_dir = "./data";
   device_api_config device_api;
+  mqtt_config mqtt;
+  throttling_config throttling;
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
   metrics_config metrics;

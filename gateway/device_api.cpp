@@ -8,6 +8,7 @@
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
 #include "messages/registration.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov::gateway {
 
@@ -85,6 +86,42 @@ device_answer ok(int status, std::string body, int retry_after_s = 0) {
 
 } // namespace
 
+device_api::device_api(engine& eng, std::string id_scope, int retry_after_s,
+                       const config::throttling_config& quotas,
+                       metrics::instruments* metrics)
+  : eng_(eng), id_scope_(std::move(id_scope)), retry_after_s_(retry_after_s),
+    metrics_(metrics),
+    scope_registrations_(quotas.registrations_per_minute_per_scope, std::chrono::minutes(1), 1),
+    device_polls_(quotas.polls_per_device, std::chrono::seconds(quotas.poll_window_seconds),
+                  static_cast<std::size_t>(quotas.max_tracked_keys)) {}
+
+bool device_api::admitted(const device_call& call, const answer_fn& answer) {
+  int wait = 0;
+  const char* reason = "";
+  if (call.what == device_call::kind::register_device) {
+    wait = scope_registrations_.take(id_scope_);
+    reason = "scope_registration_rate";
+  } else if (call.what == device_call::kind::poll && device_polls_.enabled()) {
+    // Ids are case-insensitive: "DEV-1" and "dev-1" share one quota.
+    wait = device_polls_.take(enrollment::key_of(call.registration_id));
+    reason = "device_poll_rate";
+  }
+  if (wait == 0)
+    return true;
+  if (metrics_ != nullptr)
+    metrics_->throttled(reason);
+  auto a = failure({error_code::throttled,
+                    call.what == device_call::kind::poll
+                      ? "too many operation polls for this device; retry after the "
+                        "Retry-After interval"
+                      : "too many registrations for this ID scope; retry after the "
+                        "Retry-After interval"},
+                   call.tracking_id);
+  a.retry_after_s = wait;
+  answer(std::move(a));
+  return false;
+}
+
 device_answer device_api::failure(const error& e, const std::string& tracking_id) {
   device_answer a;
   a.status = e.status();
@@ -106,6 +143,8 @@ void device_api::handle(device_call call, const answer_fn& answer) {
   if (call.api_version.empty())
     return fail({error_code::missing_api_version,
                  "the api-version query parameter is required (e.g. 2021-06-01)"});
+  if (!admitted(call, answer))
+    return;
   register_request rr;
   rr.id_scope = id_scope_;
   rr.registration_id = call.registration_id;
@@ -202,7 +241,7 @@ void device_api::register_device(register_request rr, const device_call& call,
       if (!r.challenge.empty())
         a.body = std::move(r.challenge); // a TPM challenge: its own 401 body
       if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
-        a.retry_after_s = retry_after;
+        a.retry_after_s = r.retry_after_s > 0 ? r.retry_after_s : retry_after;
       return answer(std::move(a));
     }
     if ((r.status == registration_status::assigned || r.status == registration_status::failed)

@@ -11,6 +11,8 @@
 #include <string>
 
 #include "actors/engine.hpp"
+#include "actors/throttling/rate_limiter.hpp"
+#include "config/config.hpp"
 #include "messages/credential.hpp"
 #include "messages/error.hpp"
 
@@ -48,9 +50,13 @@ using answer_fn = std::function<void(device_answer)>;
 class device_api {
 public:
   /// `id_scope`: the instance's; `retry_after_s`: what 202s and
-  /// throttled answers tell devices (device_api.retry_after_seconds).
-  device_api(engine& eng, std::string id_scope, int retry_after_s)
-    : eng_(eng), id_scope_(std::move(id_scope)), retry_after_s_(retry_after_s) {}
+  /// throttled answers tell devices (device_api.retry_after_seconds);
+  /// `quotas`: [throttling], of which the per-scope registration and the
+  /// per-device poll quotas are checked here; `metrics` counts what they
+  /// refuse (may be null).
+  device_api(engine& eng, std::string id_scope, int retry_after_s,
+             const config::throttling_config& quotas = {},
+             metrics::instruments* metrics = nullptr);
 
   /// Checks `call`, asks the engine, answers exactly once: on this thread,
   /// or on an engine thread for a register.
@@ -63,9 +69,16 @@ private:
   void register_device(register_request rr, const device_call& call,
                        const answer_fn& answer);
 
+  /// The quotas' verdict for `call`, before any crypto or storage work:
+  /// false when it was answered 429.
+  bool admitted(const device_call& call, const answer_fn& answer);
+
   engine& eng_;
   std::string id_scope_;
   int retry_after_s_;
+  metrics::instruments* metrics_;
+  throttling::rate_limiter scope_registrations_; ///< one bucket: this instance's scope
+  throttling::rate_limiter device_polls_;        ///< by registration id (lower case)
 };
 
 } // namespace prov::gateway

@@ -27,7 +27,10 @@
 
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
+#include "gateway/connection_slots.hpp"
+#include "gateway/net/device_tls.hpp"
 #include "gateway/net/http_feed.hpp"
+#include "gateway/net/http_framing.hpp"
 #include "gateway/net/openssl_handles.hpp"
 #include "gateway/routes.hpp"
 #include "messages/ascii.hpp"
@@ -50,25 +53,7 @@ using body_t = http::string_body;
 void fill_request(http::request<body_t>& in, const std::string& ip, http_request& out) {
   out.method = std::string(in.method_string());
   out.target = std::string(in.target());
-  auto q = out.target.find('?');
-  out.path = out.target.substr(0, q);
-  if (q != std::string::npos) {
-    std::string_view qs(out.target);
-    qs.remove_prefix(q + 1);
-    while (!qs.empty()) {
-      auto amp = qs.find('&');
-      auto part = qs.substr(0, amp);
-      auto eq = part.find('=');
-      auto k = crypto::url_decode(part.substr(0, eq));
-      auto v = eq == std::string_view::npos ? std::optional<std::string>{""}
-                                            : crypto::url_decode(part.substr(eq + 1));
-      if (k && v && !k->empty())
-        out.query.emplace(*k, *v);
-      if (amp == std::string_view::npos)
-        break;
-      qs.remove_prefix(amp + 1);
-    }
-  }
+  split_target(out);
   for (const auto& f : in) {
     auto n = f.name_string();
     std::string name(n.data(), n.size());
@@ -81,97 +66,6 @@ void fill_request(http::request<body_t>& in, const std::string& ip, http_request
   out.client_ip = ip;
 }
 
-/// What makes a request ambiguous to read, or "" when it is fine. A proxy in
-/// front may frame or attribute such a request differently than we do
-/// (request smuggling), so it is refused and the connection closed.
-/// `headers` are lower-case, in arrival order, duplicates kept.
-std::string ambiguity(const std::vector<std::pair<std::string, std::string>>& headers,
-                      unsigned version) {
-  int hosts = 0, authorizations = 0, encodings = 0;
-  std::string codings; // every Transfer-Encoding value, comma-joined
-  for (const auto& [name, value] : headers) {
-    if (name == "host") {
-      ++hosts;
-    } else if (name == "authorization") {
-      ++authorizations;
-    } else if (name == "transfer-encoding") {
-      ++encodings;
-      if (!codings.empty())
-        codings += ", ";
-      codings += value;
-    }
-  }
-  if (encodings > 0) {
-    // RFC 9112 6.1: only "chunked" is implemented. Beast treats any other
-    // coding (gzip, identity, "chunked, gzip") as a body of length 0, so
-    // the body would be read as the next request on the connection.
-    std::string_view c = codings;
-    while (!c.empty() && (c.front() == ' ' || c.front() == '\t'))
-      c.remove_prefix(1);
-    while (!c.empty() && (c.back() == ' ' || c.back() == '\t'))
-      c.remove_suffix(1);
-    if (encodings > 1 || !ascii::iequals(c, "chunked"))
-      return "Transfer-Encoding '" + codings.substr(0, 64)
-             + "' is not supported: only 'chunked' is";
-    // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
-    // framing (a 1.0 proxy would read its body otherwise than Beast does).
-    if (version < 11)
-      return "Transfer-Encoding in an HTTP/1.0 request";
-  }
-  // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; two is never valid.
-  if (hosts > 1)
-    return "more than one Host header";
-  if (hosts == 0 && version >= 11)
-    return "missing Host header";
-  if (authorizations > 1)
-    return "more than one Authorization header";
-  return {};
-}
-
-/// Open connections, in total and per client address, against the caps.
-/// Taken on the acceptor's thread, given back by sessions on any I/O thread:
-/// the per-client table has a lock (once per connection, not per request).
-class connection_slots {
-public:
-  enum class verdict { admitted, over_total, over_client };
-
-  connection_slots(int max_total, int max_per_client)
-    : max_total_(max_total), max_per_client_(max_per_client) {}
-
-  verdict acquire(const std::string& ip) {
-    if (max_total_ > 0 && open_.load() >= max_total_)
-      return verdict::over_total; // only the acceptor adds: no race to the cap
-    if (max_per_client_ > 0) {
-      std::lock_guard<std::mutex> g{mu_};
-      int& n = per_client_[ip];
-      if (n >= max_per_client_)
-        return verdict::over_client;
-      ++n;
-    }
-    open_.fetch_add(1);
-    return verdict::admitted;
-  }
-
-  void release(const std::string& ip) {
-    open_.fetch_sub(1);
-    if (max_per_client_ > 0) {
-      std::lock_guard<std::mutex> g{mu_};
-      auto it = per_client_.find(ip);
-      if (it != per_client_.end() && --it->second <= 0)
-        per_client_.erase(it);
-    }
-  }
-
-  int open() const { return open_.load(); }
-  int max_total() const { return max_total_; }
-
-private:
-  const int max_total_;
-  const int max_per_client_;
-  std::atomic<int> open_{0};
-  std::mutex mu_;
-  std::unordered_map<std::string, int> per_client_;
-};
 
 /// One TLS connection. OpenSSL reads and writes the socket itself
 /// (SSL_set_fd); Asio only reports readiness (async_wait) and runs the
@@ -187,67 +81,6 @@ private:
 /// (EPOLL_CTL_MOD) for every wait, which reports data that arrived before
 /// the wait; the static_assert below makes a different Asio fail the build
 /// instead of leaving such a request unread.
-/// The client certificate chain a device presented, leaf first, DER; null
-/// when it presented none (the common, symmetric-key case: nothing is
-/// copied). Read once per connection, after the handshake.
-std::shared_ptr<const std::vector<std::string>> peer_chain(SSL* ssl) {
-  X509* leaf = SSL_get0_peer_certificate(ssl);
-  if (leaf == nullptr)
-    return nullptr;
-  auto chain = std::make_shared<std::vector<std::string>>();
-  auto add = [&](X509* c) {
-    int n = i2d_X509(c, nullptr);
-    if (n <= 0)
-      return;
-    std::string der(static_cast<std::size_t>(n), '\0');
-    auto* p = reinterpret_cast<unsigned char*>(der.data());
-    if (i2d_X509(c, &p) == n)
-      chain->push_back(std::move(der));
-  };
-  add(leaf);
-  // On a server the stack holds the intermediates, without the leaf (skip
-  // it anyway should a version include it).
-  if (STACK_OF(X509)* rest = SSL_get_peer_cert_chain(ssl))
-    for (int i = 0; i < sk_X509_num(rest); ++i)
-      if (X509* c = sk_X509_value(rest, i); X509_cmp(c, leaf) != 0)
-        add(c);
-  return chain;
-}
-
-/// TLS accepts any client certificate: the attestation stage judges the
-/// chain against the enrollments (and says why it refuses one). The
-/// handshake still checks the CertificateVerify signature, so a device that
-/// presents a certificate holds its key.
-int accept_any_chain(X509_STORE_CTX* store, void*) {
-  // A session with a client certificate is never resumed (below): no ticket.
-  auto* ssl = static_cast<SSL*>(
-    X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
-  if (ssl != nullptr)
-    SSL_set_num_tickets(ssl, 0);
-  return 1;
-}
-
-/// A resumed session carries the leaf but not the chain a group needs: a
-/// device that presented a certificate does a full handshake every time.
-/// Other tickets behave as without this callback.
-SSL_TICKET_RETURN decrypt_ticket(SSL*, SSL_SESSION* ss, const unsigned char*, size_t,
-                                 SSL_TICKET_STATUS status, void*) {
-  switch (status) {
-  case SSL_TICKET_SUCCESS:
-  case SSL_TICKET_SUCCESS_RENEW:
-    if (SSL_SESSION_get0_peer(ss) != nullptr)
-      return SSL_TICKET_RETURN_IGNORE_RENEW;
-    return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE : SSL_TICKET_RETURN_USE_RENEW;
-  case SSL_TICKET_NONE:
-    return SSL_TICKET_RETURN_IGNORE;
-  case SSL_TICKET_EMPTY:
-  case SSL_TICKET_NO_DECRYPT:
-    return SSL_TICKET_RETURN_IGNORE_RENEW;
-  default:
-    return SSL_TICKET_RETURN_ABORT;
-  }
-}
-
 static_assert(BOOST_ASIO_VERSION == 101800,
               "session::start_request relies on Asio 1.18's epoll reactor re-arming the "
               "socket for every async_wait; check it still does, then update this");
@@ -384,7 +217,7 @@ private:
     ERR_clear_error();
     int r = SSL_do_handshake(ssl_.get());
     if (r == 1) {
-      peer_chain_ = peer_chain(ssl_.get());
+      peer_chain_ = prov::net::peer_chain(ssl_.get());
       return start_request();
     }
     if (!wait_for(r))
@@ -459,7 +292,7 @@ private:
     fill_request(req, ip_, hr);
     if (peer_chain_)
       hr.client_chain_der = peer_chain_;
-    if (auto why = ambiguity(hr.headers, version_); !why.empty())
+    if (auto why = framing_ambiguity(hr.headers, version_); !why.empty())
       return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
     auto self = shared_from_this();
     handling_ = true;
@@ -654,7 +487,7 @@ private:
 class server_impl final : public https_server {
 public:
   server_impl(const server_options& opts, handler& h)
-    : opts_(opts), handler_(h), ssl_(SSL_CTX_new(TLS_server_method())) {
+    : opts_(opts), handler_(h) {
     // One io_context per I/O thread, each connection pinned to one of them:
     // a shared io_context hands every completed read to whichever thread is
     // idle, a futex wake-up and a context switch per handler on 2 cores.
@@ -669,43 +502,9 @@ public:
   ~server_impl() override { stop(); }
 
   error start() {
-    if (!ssl_)
-      return {error_code::unavailable, "cannot create the TLS context: " + prov::net::openssl_error()};
-    SSL_CTX* raw = ssl_.get();
-    SSL_CTX_set_min_proto_version(raw, TLS1_2_VERSION);
-    SSL_CTX_set_max_proto_version(raw, TLS1_3_VERSION);
-    SSL_CTX_set_options(raw, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION
-                               | SSL_OP_CIPHER_SERVER_PREFERENCE);
-    // TLS 1.2: ECDHE with AEAD only (Mozilla "intermediate").
-    SSL_CTX_set_cipher_list(raw, "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-                                 "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-                                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305");
-    // Resumption through session tickets only (stateless, TLS 1.2 and 1.3).
-    // A server-side session cache keeps every new session (up to 20,480,
-    // a few MB) and sweeps the whole table every 255 handshakes: measurable
-    // CPU when every device opens a new connection, for a resumption path
-    // (TLS 1.2 session ids) that ticket-capable clients do not need.
-    SSL_CTX_set_session_cache_mode(raw, SSL_SESS_CACHE_OFF);
-    // One read per record batch instead of a header read and a body read.
-    SSL_CTX_set_read_ahead(raw, 1);
-    // Ask for a client certificate (X.509 devices), never require one
-    // (symmetric key devices have none): the device's chain is judged by
-    // attestation, not here.
-    SSL_CTX_set_verify(raw, SSL_VERIFY_PEER, nullptr);
-    SSL_CTX_set_cert_verify_callback(raw, accept_any_chain, nullptr);
-    // With SSL_VERIFY_PEER, OpenSSL refuses to resume a session without a
-    // session id context (a fatal handshake error for ticket holders).
-    static constexpr unsigned char sid_ctx[] = "provisiond-device-api";
-    SSL_CTX_set_session_id_context(raw, sid_ctx, sizeof sid_ctx - 1);
-    SSL_CTX_set_session_ticket_cb(raw, nullptr, decrypt_ticket, nullptr);
-    if (SSL_CTX_use_certificate_chain_file(raw, opts_.cert_chain_file.c_str()) != 1)
-      return {error_code::bad_request,
-              "cannot load TLS certificate chain '" + opts_.cert_chain_file + "': "
-                + prov::net::openssl_error()};
-    if (SSL_CTX_use_PrivateKey_file(raw, opts_.key_file.c_str(), SSL_FILETYPE_PEM) != 1)
-      return {error_code::bad_request,
-              "cannot load TLS private key '" + opts_.key_file + "': "
-                + prov::net::openssl_error()};
+    if (auto err = prov::net::make_device_tls_context(opts_.cert_chain_file, opts_.key_file,
+                                                      "provisiond-device-api", ssl_))
+      return err;
     // OpenSSL writes to the socket itself (write(2), not send with
     // MSG_NOSIGNAL): a peer gone mid-write must not kill the process.
     std::signal(SIGPIPE, SIG_IGN);

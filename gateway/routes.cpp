@@ -200,7 +200,11 @@ class routes final : public handler {
 public:
   routes(routes_options opts, engine& eng)
     : opts_(std::move(opts)), eng_(eng),
-      api_(eng, opts_.id_scope, opts_.cfg.device_api.retry_after_seconds) {}
+      api_(eng, opts_.id_scope, opts_.cfg.device_api.retry_after_seconds,
+           opts_.cfg.throttling, opts_.metrics),
+      address_requests_(opts_.cfg.throttling.requests_per_minute_per_address,
+                        std::chrono::minutes(1),
+                        static_cast<std::size_t>(opts_.cfg.throttling.max_tracked_keys)) {}
 
   void handle(http_request req, respond_fn respond) override {
     auto tracking = crypto::uuid4();
@@ -218,6 +222,18 @@ public:
       bool ok = !opts_.ready || opts_.ready();
       return reply(json_response(ok ? 200 : 503, ok ? R"({"status":"ready"})"
                                                     : R"({"status":"not ready"})"));
+    }
+    // [throttling] requests_per_minute_per_address: before the route's
+    // checks, so a flood costs a map lookup, not a SAS or a storage read.
+    if (int wait = address_requests_.take(req.client_ip)) {
+      if (opts_.metrics != nullptr)
+        opts_.metrics->throttled("client_request_rate");
+      auto r = error_response({error_code::throttled,
+                               "too many requests from this client address; retry after the "
+                               "Retry-After interval"},
+                              tracking);
+      r.headers.emplace_back("Retry-After", std::to_string(wait));
+      return reply(std::move(r));
     }
     if (segs.size() >= 3 && iequals(segs[1], "registrations")
         && !is_service_root(segs[0]))
@@ -580,6 +596,7 @@ private:
   routes_options opts_;
   engine& eng_;
   device_api api_;
+  throttling::rate_limiter address_requests_; ///< by client IP
 };
 
 } // namespace

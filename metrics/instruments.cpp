@@ -115,6 +115,28 @@ struct instruments::impl {
       .Help("Time from a complete request to its response being handed to the "
             "connection, by route")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& mqtt_requests =
+    prometheus::BuildCounter()
+      .Name("dps_mqtt_requests_total")
+      .Help("DPS requests over MQTT (register, poll) by operation and answered status")
+      .Register(*registry);
+  prometheus::Family<prometheus::Histogram>& mqtt_duration =
+    prometheus::BuildHistogram()
+      .Name("dps_mqtt_request_duration_seconds")
+      .Help("Time from a request's PUBLISH to its answer being handed to the "
+            "connection, by operation")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& mqtt_connects =
+    prometheus::BuildCounter()
+      .Name("dps_mqtt_connects_total")
+      .Help("MQTT CONNECTs answered, by CONNACK return code (0 accepted, 1 protocol, "
+            "2 identifier, 3 unavailable, 4 user name or password, 5 not authorized)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& mqtt_disconnects =
+    prometheus::BuildCounter()
+      .Name("dps_mqtt_disconnects_total")
+      .Help("MQTT connections closed after CONNECT or on a protocol violation, by reason")
+      .Register(*registry);
   prometheus::Family<prometheus::Counter>& throttled =
     prometheus::BuildCounter()
       .Name("dps_throttled_requests_total")
@@ -154,6 +176,10 @@ struct instruments::impl {
   series_cache<prometheus::Histogram> operation_duration_c{operation_duration};
   series_cache<prometheus::Counter> http_requests_c{http_requests};
   series_cache<prometheus::Histogram> http_duration_c{http_duration};
+  series_cache<prometheus::Counter> mqtt_requests_c{mqtt_requests};
+  series_cache<prometheus::Histogram> mqtt_duration_c{mqtt_duration};
+  series_cache<prometheus::Counter> mqtt_connects_c{mqtt_connects};
+  series_cache<prometheus::Counter> mqtt_disconnects_c{mqtt_disconnects};
   series_cache<prometheus::Counter> throttled_c{throttled};
   series_cache<prometheus::Counter> connections_refused_c{connections_refused};
   series_cache<prometheus::Counter> accept_errors_c{accept_errors};
@@ -288,6 +314,38 @@ void instruments::http_request(std::string_view route, int status, double second
            return f.Add({{"route", std::string(route)}}, latency_buckets);
          })
     .Observe(seconds);
+}
+
+void instruments::mqtt_request(std::string_view operation, int status, double seconds) {
+  auto code = std::to_string(status);
+  impl_->mqtt_requests_c
+    .get(join({operation, code}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"operation", std::string(operation)}, {"status", code}});
+         })
+    .Increment();
+  impl_->mqtt_duration_c
+    .get(join({operation}),
+         [&](auto& f) -> prometheus::Histogram& {
+           return f.Add({{"operation", std::string(operation)}}, latency_buckets);
+         })
+    .Observe(seconds);
+}
+
+void instruments::mqtt_connect(int code) {
+  auto c = std::to_string(code);
+  impl_->mqtt_connects_c
+    .get(join({c}), [&](auto& f) -> prometheus::Counter& { return f.Add({{"code", c}}); })
+    .Increment();
+}
+
+void instruments::mqtt_disconnect(std::string_view reason) {
+  impl_->mqtt_disconnects_c
+    .get(join({reason}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"reason", std::string(reason)}});
+         })
+    .Increment();
 }
 
 void instruments::throttled(std::string_view reason) {

@@ -68,6 +68,18 @@ public:
 
   /// dps_http_requests_total{route,status} and dps_http_request_duration_seconds{route}.
   void http_request(std::string_view route, int status, double seconds);
+  // -- MQTT ------------------------------------------------------------------------
+
+  /// dps_mqtt_requests_total{operation,status} and
+  /// dps_mqtt_request_duration_seconds{operation}; operation: register, poll.
+  void mqtt_request(std::string_view operation, int status, double seconds);
+  /// dps_mqtt_connects_total{code}: CONNACK return codes sent (0 = accepted).
+  void mqtt_connect(int code);
+  /// dps_mqtt_disconnects_total{reason}: connections the server closed (or
+  /// saw close), by reason: client, keep_alive, malformed, too_large,
+  /// unknown_topic, inflight, request_timeout, connect_timeout, not_reading.
+  void mqtt_disconnect(std::string_view reason);
+
   /// dps_throttled_requests_total{reason}.
   void throttled(std::string_view reason);
   /// dps_connections_refused_total{reason}: connections accepted and closed

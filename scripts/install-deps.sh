@@ -11,6 +11,11 @@ packages=(
   curl ca-certificates procps nodejs npm
   libbenchmark-dev nginx-light
 )
+# `make fuzz` only (PROV_FUZZ_DEPS=1): clang with libFuzzer's runtime. The
+# normal build and `make test` use g++ and replay the fuzz corpora without it.
+if [ "${PROV_FUZZ_DEPS:-0}" = 1 ]; then
+  packages+=(clang-14 libclang-rt-14-dev)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -28,6 +28,7 @@
 #include "benchmarks/harness/answer_scan.hpp"
 #include "benchmarks/harness/process.hpp"
 #include "gateway/net/http_feed.hpp"
+#include "gateway/net/mqtt_codec.hpp"
 #include "gateway/net/openssl_handles.hpp"
 #include "messages/crypto.hpp"
 
@@ -46,6 +47,7 @@ const char* to_string(load_mode m) {
   case load_mode::reference: return "reference";
   case load_mode::reference_keepalive: return "reference-keepalive";
   case load_mode::bulk: return "bulk";
+  case load_mode::mqtt: return "mqtt";
   }
   return "?";
 }
@@ -379,6 +381,7 @@ private:
       return with_connection([self = shared_from_this()] { self->send_bulk(); });
     case load_mode::keepalive:
     case load_mode::newconn:
+    case load_mode::mqtt:
       if (o_.rate > 0) {
         due_ = t_.sh.t0
                + std::chrono::duration_cast<steady::duration>(
@@ -397,6 +400,8 @@ private:
 
   void start_device() {
     prepare_device();
+    if (o_.mode == load_mode::mqtt)
+      return connect([self = shared_from_this()] { self->send_mqtt_register(); });
     with_connection([self = shared_from_this()] { self->send_put(); });
   }
 
@@ -656,6 +661,152 @@ private:
     finish_unit();
   }
 
+  // ---- device over MQTT: CONNECT, SUBSCRIBE, register, polls ----------------------------
+
+  void send_mqtt_register() {
+    prov::mqtt::connect_packet c;
+    c.protocol_level = 4;
+    c.clean_session = true;
+    c.keep_alive_s = 60;
+    c.client_id = reg_id_;
+    c.username = o_.id_scope + "/registrations/" + reg_id_ + "/api-version=" + o_.api_version;
+    c.password = auth_;
+    prov::mqtt::subscribe_packet sub;
+    sub.packet_id = 1;
+    sub.filters = {{"$dps/registrations/res/#", 0}};
+    // One write, as the server reads packets in order: no round trip per step.
+    out_ = prov::mqtt::encode_connect(c) + prov::mqtt::encode_subscribe(sub)
+           + prov::mqtt::encode_publish("$dps/registrations/PUT/iotdps-register/?$rid=1",
+                                        "{\"registrationId\":\"" + reg_id_ + "\"}", 0, 0);
+    ++t_.stats.puts;
+    put_sys_us_ = system_us();
+    put_start_ = steady::now();
+    mqtt_exchange([self = shared_from_this()](int status, int retry_after, std::string_view body) {
+      self->on_mqtt_answer(status, retry_after, body, true);
+    });
+  }
+
+  void on_mqtt_answer(int status, int retry_after, std::string_view body, bool put) {
+    (put ? t_.stats.put_latency : t_.stats.poll_latency)
+      .push_back(ms_since(put ? put_start_ : poll_start_));
+    if (status != 200 && status != 202)
+      return fail(error_code_of(status, std::string(body)),
+                  "MQTT " + std::to_string(status) + " " + std::string(body.substr(0, 200)));
+    dps_answer a;
+    if (!scan_answer(body, a) || a.operation_id.empty()) {
+      auto j = nlohmann::json::parse(body, nullptr, false);
+      if (!j.is_object())
+        return fail("bad_response", "MQTT answer is not JSON: " + std::string(body.substr(0, 200)));
+      return terminal(j);
+    }
+    op_id_ = a.operation_id;
+    if (a.status == "assigned")
+      return assigned(a.updated);
+    if (status == 200) {
+      auto j = nlohmann::json::parse(body, nullptr, false);
+      return terminal(j.is_object() ? j : nlohmann::json::object());
+    }
+    int wait_ms = o_.poll_interval_ms >= 0 ? o_.poll_interval_ms
+                                           : (retry_after > 0 ? retry_after * 1000 : 1000);
+    if (ms_since(put_start_) + wait_ms > o_.device_timeout_s * 1000.0)
+      return fail("device_timeout", "not terminal after " + std::to_string(o_.device_timeout_s)
+                                      + " s");
+    timer_.expires_after(std::chrono::milliseconds(wait_ms));
+    timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec)
+        return;
+      self->out_ = prov::mqtt::encode_publish(
+        "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=" + self->op_id_,
+        "", 0, 0);
+      ++self->t_.stats.polls;
+      self->poll_start_ = steady::now();
+      self->mqtt_exchange([self](int st, int ra, std::string_view b) {
+        self->on_mqtt_answer(st, ra, b, false);
+      });
+    });
+  }
+
+  /// Writes out_, then reads MQTT packets until an answer PUBLISH arrives
+  /// (a refused CONNACK fails the device) and calls h(status, retry-after, payload).
+  template <class Handler>
+  void mqtt_exchange(Handler h) {
+    ++t_.stats.requests;
+    written_ = 0;
+    arm();
+    mqtt_write_some(std::move(h));
+  }
+
+  template <class Handler>
+  void mqtt_write_some(Handler h) {
+    while (written_ < out_.size()) {
+      ERR_clear_error();
+      int n = SSL_write(ssl_.get(), out_.data() + written_,
+                        static_cast<int>(out_.size() - written_));
+      if (n <= 0) {
+        int err = 0;
+        auto w = want(n, err);
+        if (!w)
+          return fail("connection", ssl_failure("write", err));
+        auto self = shared_from_this();
+        return wait(*w, [self, h]() mutable { self->mqtt_write_some(std::move(h)); },
+                    [self] { self->io_failed("write"); });
+      }
+      written_ += static_cast<std::size_t>(n);
+    }
+    mqtt_read_some(std::move(h));
+  }
+
+  template <class Handler>
+  void mqtt_read_some(Handler h) {
+    for (;;) {
+      auto buf = in_.data();
+      std::string_view have(static_cast<const char*>(buf.data()), buf.size());
+      prov::mqtt::frame f;
+      std::size_t consumed = 0;
+      auto st = prov::mqtt::read_frame(have, 1u << 20, f, consumed);
+      if (st == prov::mqtt::frame_status::ok) {
+        using prov::mqtt::packet_type;
+        if (f.type == packet_type::connack) {
+          int code = f.body.size() == 2 ? static_cast<uint8_t>(f.body[1]) : -1;
+          if (code != 0)
+            return fail("connack" + std::to_string(code), "CONNACK " + std::to_string(code));
+        } else if (f.type == packet_type::publish) {
+          prov::mqtt::publish_packet p;
+          if (!prov::mqtt::parse_publish(f, p).empty())
+            return fail("bad_response", "malformed PUBLISH");
+          // $dps/registrations/res/{status}/?$rid=..[&retry-after=N]
+          constexpr std::string_view res = "$dps/registrations/res/";
+          int status = std::atoi(p.topic.c_str() + std::min(p.topic.size(), res.size()));
+          int retry_after = 0;
+          if (auto ra = p.topic.find("retry-after="); ra != std::string::npos)
+            retry_after = std::atoi(p.topic.c_str() + ra + 12);
+          std::string body(p.payload);
+          in_.consume(consumed);
+          disarm();
+          return h(status, retry_after, body);
+        }
+        in_.consume(consumed); // SUBACK
+        continue;
+      }
+      if (st != prov::mqtt::frame_status::need_more)
+        return fail("bad_response", "malformed MQTT packet from the server");
+      auto space = in_.prepare(16 * 1024);
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), space.data(), static_cast<int>(space.size()));
+      if (n > 0) {
+        in_.commit(static_cast<std::size_t>(n));
+        continue;
+      }
+      int err = 0;
+      auto w = want(n, err);
+      if (!w)
+        return fail("connection", ssl_failure("read", err));
+      auto self = shared_from_this();
+      return wait(*w, [self, h]() mutable { self->mqtt_read_some(std::move(h)); },
+                  [self] { self->io_failed("read"); });
+    }
+  }
+
   // ---- reference: one GET per new connection, or GETs back to back on kept ones -----------
 
   void send_get() {
@@ -713,7 +864,8 @@ private:
   // ---- completion ---------------------------------------------------------------------------
 
   void finish_unit() {
-    if (o_.mode == load_mode::newconn || o_.mode == load_mode::reference)
+    if (o_.mode == load_mode::newconn || o_.mode == load_mode::reference
+        || o_.mode == load_mode::mqtt)
       return shutdown_then_next();
     if (server_wants_close_) {
       server_wants_close_ = false;
@@ -729,7 +881,8 @@ private:
     bool broken = code == "connection" || code == "timeout" || code == "tls"
                   || server_wants_close_;
     server_wants_close_ = false;
-    if (broken || o_.mode == load_mode::newconn || o_.mode == load_mode::reference) {
+    if (broken || o_.mode == load_mode::newconn || o_.mode == load_mode::reference
+        || o_.mode == load_mode::mqtt) {
       close_socket();
     }
     next();

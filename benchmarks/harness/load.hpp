@@ -18,6 +18,10 @@ enum class load_mode {
   reference, ///< a fresh TCP + full TLS handshake + one GET (static server)
   reference_keepalive, ///< C persistent connections, GETs back to back (static server)
   bulk,      ///< persistent connections posting bulk enrollment batches
+  /// DPS over MQTT: a fresh TCP + TLS connection per device (CONNECT names
+  /// the device, so a connection serves one device), CONNECT + SUBSCRIBE +
+  /// register PUBLISH in one write, polls on 202; `port` is the MQTT listener.
+  mqtt,
 };
 const char* to_string(load_mode m);
 /// Modes that open C connections first and reuse them.

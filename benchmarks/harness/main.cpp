@@ -102,6 +102,7 @@ struct options {
 struct server_info {
   std::string host = "127.0.0.1";
   uint16_t port = 0;
+  uint16_t mqtt_port = 0; ///< spawned: its MQTT listener
   std::string id_scope;
   std::string ca_file;
   std::string tls_name;
@@ -301,7 +302,7 @@ int spawn_server(const options& o, child_process& server, server_info& s, bool& 
     argv.push_back(config_file);
   }
   for (const char* a : {"--data-dir", "", "--listen", "127.0.0.1:0", "--metrics-listen",
-                        "127.0.0.1:0"})
+                        "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"})
     argv.push_back(*a ? a : s.data_dir);
   std::string err;
   if (!server.start(argv, s.data_dir + "/server.log", err)) {
@@ -314,6 +315,9 @@ int spawn_server(const options& o, child_process& server, server_info& s, bool& 
     if (j.is_object() && j.contains("device_api")) {
       auto addr = j.value("device_api", "");
       s.port = static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
+      auto mq = j.value("mqtt", "");
+      if (!mq.empty())
+        s.mqtt_port = static_cast<uint16_t>(std::stoi(mq.substr(mq.rfind(':') + 1)));
       s.id_scope = j.value("id_scope", "");
       s.pid = j.value("pid", 0);
       break;
@@ -914,8 +918,10 @@ int run(int argc, char** argv) {
   options o;
   CLI::App app{"provisiond-bench: registers simulated devices against provisiond (Azure DPS "
                "device API) and reports measured throughput and latency"};
-  app.add_option("--mode", o.mode, "keepalive | newconn | reference | reference-keepalive")
-    ->check(CLI::IsMember({"keepalive", "newconn", "reference", "reference-keepalive"}));
+  app.add_option("--mode", o.mode,
+                 "keepalive | newconn | mqtt | reference | reference-keepalive (mqtt: DPS over "
+                 "MQTT, one connection per device, spawned server only)")
+    ->check(CLI::IsMember({"keepalive", "newconn", "mqtt", "reference", "reference-keepalive"}));
   app.add_flag("--reference", o.reference,
                "Also measure nginx serving a static file over HTTPS with the server's certificate "
                "and print the ratio: GETs over the same kept-alive connections with --mode "
@@ -1031,6 +1037,11 @@ int run(int argc, char** argv) {
   if (o.kafka && (!o.target.empty() || !o.config_file.empty() || reference_only(o))) {
     log("--kafka spawns its own processes with generated configs: it does not combine with "
         "--target, --config or --mode reference / reference-keepalive");
+    return 2;
+  }
+  if (o.mode == "mqtt" && (!o.target.empty() || o.kafka || o.reference)) {
+    log("--mode mqtt spawns its own server (its MQTT port comes from endpoints.json): it does "
+        "not combine with --target, --kafka or --reference");
     return 2;
   }
   if (o.rate > 0 && (o.direct || reference_only(o))) {
@@ -1406,7 +1417,11 @@ int run(int argc, char** argv) {
     double dr = 0, rr = 0;
     if (want_dev) {
       load_options l = lo;
-      l.mode = o.mode == "newconn" ? load_mode::newconn : load_mode::keepalive;
+      l.mode = o.mode == "newconn" ? load_mode::newconn
+               : o.mode == "mqtt"  ? load_mode::mqtt
+                                   : load_mode::keepalive;
+      if (l.mode == load_mode::mqtt)
+        l.port = s.mqtt_port;
       l.concurrency = o.concurrency;
       uint64_t off = devices * static_cast<uint64_t>(k) / static_cast<uint64_t>(rounds);
       l.count = devices * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds) - off;

@@ -481,3 +481,70 @@ TEST_CASE("--roles: parsing and the combinations that make sense") {
   CHECK(validate(cfg).message.find("gateway and registration run together")
         != std::string::npos);
 }
+
+TEST_CASE("[mqtt]: on by default on 8883, keys, ranges, and \"\" turns it off") {
+  engine_config def;
+  CHECK(def.mqtt.listen == "0.0.0.0:8883");
+  CHECK(def.mqtt.max_packet_bytes == 128 * 1024);
+  CHECK(def.mqtt.max_inflight == 16);
+  engine_config cfg;
+  REQUIRE(load_string("[mqtt]\nlisten = \"127.0.0.1:18883\"\nmax_packet_bytes = 4096\n"
+                      "max_inflight = 2\n",
+                      "cfg.toml", cfg)
+            .ok());
+  CHECK(cfg.mqtt.listen == "127.0.0.1:18883");
+  CHECK(cfg.mqtt.max_packet_bytes == 4096);
+  CHECK(cfg.mqtt.max_inflight == 2);
+  engine_config off;
+  REQUIRE(load_string("[mqtt]\nlisten = \"\"\n", "cfg.toml", off).ok());
+  CHECK(off.mqtt.listen.empty());
+  CHECK(load_error("[mqtt]\nlisten = \"8883\"\n")
+        == "cfg.toml:2: mqtt.listen: expected HOST:PORT, got \"8883\"");
+  CHECK(load_error("[mqtt]\nmax_inflight = 0\n").find("mqtt.max_inflight") != std::string::npos);
+  CHECK(load_error("[mqtt]\nmax_packet_bytes = 100\n").find("mqtt.max_packet_bytes")
+        != std::string::npos);
+  CHECK(load_error("[mqtt]\nlisten = \"0.0.0.0:1\"\nport = 1\n").find("mqtt.port")
+        != std::string::npos);
+  CHECK(load_error("[device_api]\nlisten = \"0.0.0.0:9000\"\n[mqtt]\nlisten = \"0.0.0.0:9000\"\n")
+          .find("must differ from device_api.listen")
+        != std::string::npos);
+  CHECK(load_error("[device_api]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n")
+        == "");
+}
+
+TEST_CASE("[throttling]: defaults off, values read, bad values name file, line and key") {
+  using namespace prov::config;
+  engine_config d;
+  CHECK_FALSE(d.throttling.any());
+  CHECK(d.throttling.poll_window_seconds == 10);
+  CHECK(d.throttling.max_tracked_keys == 100000);
+  engine_config cfg;
+  REQUIRE(load_string("[throttling]\nregistrations_per_minute_per_scope = 1000\n"
+                      "registrations_per_minute_per_group = 50\npolls_per_device = 5\n"
+                      "poll_window_seconds = 20\nrequests_per_minute_per_address = 600\n"
+                      "max_tracked_keys = 5000\n",
+                      "cfg.toml", cfg)
+            .ok());
+  CHECK(cfg.throttling.any());
+  CHECK(cfg.throttling.registrations_per_minute_per_scope == 1000);
+  CHECK(cfg.throttling.registrations_per_minute_per_group == 50);
+  CHECK(cfg.throttling.polls_per_device == 5);
+  CHECK(cfg.throttling.poll_window_seconds == 20);
+  CHECK(cfg.throttling.requests_per_minute_per_address == 600);
+  CHECK(cfg.throttling.max_tracked_keys == 5000);
+  CHECK(load_error("[throttling]\n\npolls_per_device = -1\n") ==
+        "cfg.toml:3: throttling.polls_per_device: must be 0..10000000, got -1");
+  CHECK(load_error("[throttling]\npoll_window_seconds = 0\n") ==
+        "cfg.toml:2: throttling.poll_window_seconds: must be 1..3600, got 0");
+  CHECK(load_error("[throttling]\nmax_tracked_keys = 0\n") ==
+        "cfg.toml:2: throttling.max_tracked_keys: must be 1..10000000, got 0");
+  CHECK(load_error("[throttling]\nregistrations_per_minute_per_scope = 10000001\n") ==
+        "cfg.toml:2: throttling.registrations_per_minute_per_scope: must be 0..10000000, got "
+        "10000001");
+  CHECK(load_error("[throttling]\nregistrations_per_minute = 5\n")
+          .find("throttling.registrations_per_minute") != std::string::npos);
+  engine_config bad;
+  bad.throttling.requests_per_minute_per_address = -5;
+  CHECK(validate(bad).message.find("throttling.requests_per_minute_per_address") !=
+        std::string::npos);
+}

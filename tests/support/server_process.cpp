@@ -94,6 +94,12 @@ error server_process::restart() {
     }
     auto cfg = data_dir_ + "/cfg.toml";
     std::vector<const char*> argv = {bin, "serve", "--config", cfg.c_str()};
+    // MQTT is on by default on 8883; tests run in parallel, so an ephemeral
+    // port unless the test configures [mqtt] itself.
+    if (config_.find("[mqtt]") == std::string::npos) {
+      argv.push_back("--mqtt-listen");
+      argv.push_back("127.0.0.1:0");
+    }
     for (const auto& a : args_)
       argv.push_back(a.c_str());
     argv.push_back(nullptr);
@@ -109,6 +115,8 @@ error server_process::restart() {
       port_ = addr.empty() ? 0 // no gateway role
                            : static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
       id_scope_ = j.value("id_scope", "");
+      auto mq = j.value("mqtt", "");
+      mqtt_port_ = mq.empty() ? 0 : static_cast<uint16_t>(std::stoi(mq.substr(mq.rfind(':') + 1)));
       auto ident = nlohmann::json::parse(read_file(data_dir_ + "/identity.json"));
       owner_key_ = ident.value("primary_key", "");
       return {};

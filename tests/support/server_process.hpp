@@ -48,6 +48,7 @@ public:
   const std::string& data_dir() const { return data_dir_; }
   const std::string& id_scope() const { return id_scope_; }
   uint16_t port() const { return port_; } ///< 0 without the gateway role
+  uint16_t mqtt_port() const { return mqtt_port_; } ///< 0 when MQTT is off
   const std::string& log_file() const { return log_; }
   std::string log() const;
 
@@ -73,6 +74,7 @@ private:
   std::string id_scope_;
   std::string owner_key_;
   uint16_t port_ = 0;
+  uint16_t mqtt_port_ = 0;
   pid_t pid_ = -1;
   bool own_dir_ = false;
   unsigned long nofile_ = 0;

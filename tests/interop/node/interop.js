@@ -12,9 +12,16 @@
 // certificate, and an enrollment group with a root CA whose device presents
 // its leaf and intermediate in the TLS handshake.
 //
+// MQTT (azure-iot-provisioning-device-mqtt's Mqtt transport, unmodified): the
+// same individual and group devices' kind registers over MQTT 3.1.1 over TLS,
+// and the group key itself is refused at CONNECT. The MQTT transport dials
+// 'mqtts://' + provisioningHost, and mqtt.js takes a port in that URL, so
+// "127.0.0.1:<port>" as the host is all it needs (no port trick).
+//
 // Environment (set by run.sh):
 //   PROV_HOST              device API host the SDK dials (e.g. 127.0.0.1)
 //   PROV_PORT              its port
+//   PROV_MQTT_PORT         the MQTT listener's port ("" = MQTT steps skipped)
 //   PROV_ID_SCOPE          the server's ID scope
 //   PROV_CONNECTION_STRING service connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...)
 //   PROV_HUBS              optional comma-separated linked hub names the server knows
@@ -50,6 +57,7 @@ const path = require('path');
 
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http: DeviceHttpTransport } = require('azure-iot-provisioning-device-http');
+const { Mqtt: DeviceMqttTransport } = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { TpmSecurityClient } = require('azure-iot-security-tpm');
@@ -70,6 +78,7 @@ function env(name, fallback) {
 
 const HOST = env('PROV_HOST');
 const PORT = Number(env('PROV_PORT'));
+const MQTT_PORT = env('PROV_MQTT_PORT', '');
 const ID_SCOPE = env('PROV_ID_SCOPE');
 const CONNECTION_STRING = env('PROV_CONNECTION_STRING');
 const HUBS = env('PROV_HUBS', '').split(',').map((s) => s.trim()).filter(Boolean);
@@ -82,6 +91,9 @@ const INDIVIDUAL_DEVICE_ID = `interop-device-${RUN}`;
 const GROUP_ID = `interop-group-${RUN}`;
 const GROUP_DEVICES = [`interop-grp-${RUN}-a`, `interop-grp-${RUN}-b`];
 const ROGUE_DEVICE = `interop-grp-${RUN}-rogue`;
+const MQTT_INDIVIDUAL_ID = `interop-mqtt-${RUN}`;
+const MQTT_GROUP_DEVICE = `interop-grp-${RUN}-mqtt`;
+const MQTT_ROGUE_DEVICE = `interop-grp-${RUN}-mqtt-rogue`;
 const X509_INDIVIDUAL_ID = `interop-x509-${RUN}`;
 const X509_GROUP_ID = `interop-x509-group-${RUN}`;
 const X509_GROUP_DEVICE = `interop-x509-grp-${RUN}-a`;
@@ -149,6 +161,12 @@ function makeDeviceClient(registrationId, key) {
   const transport = new DeviceHttpTransport(portedHttpBase(httpBase.Http, PORT));
   const security = new SymmetricKeySecurityClient(registrationId, key);
   return ProvisioningDeviceClient.create(HOST, ID_SCOPE, transport, security);
+}
+
+function makeMqttDeviceClient(registrationId, key) {
+  const security = new SymmetricKeySecurityClient(registrationId, key);
+  return ProvisioningDeviceClient.create(`${HOST}:${MQTT_PORT}`, ID_SCOPE,
+    new DeviceMqttTransport(), security);
 }
 
 function makeX509DeviceClient(registrationId, certPem, keyPem) {
@@ -329,6 +347,48 @@ async function main() {
     assert.fail(`registration with the group key succeeded: ${JSON.stringify(result)}`);
   });
 
+  if (MQTT_PORT) {
+    const mqttKeys = { primaryKey: newKey() };
+    await step('service: create an individual enrollment for the MQTT device', async () => {
+      await service.createOrUpdateIndividualEnrollment({
+        registrationId: MQTT_INDIVIDUAL_ID,
+        attestation: { type: 'symmetricKey', symmetricKey: mqttKeys },
+      });
+    });
+
+    await step('device (g): individual enrollment registers over MQTT', async () => {
+      const state = await makeMqttDeviceClient(MQTT_INDIVIDUAL_ID, mqttKeys.primaryKey).register();
+      assertAssigned(state, MQTT_INDIVIDUAL_ID, MQTT_INDIVIDUAL_ID, HUBS);
+    });
+
+    await step(`device (h): group device ${MQTT_GROUP_DEVICE} registers over MQTT`, async () => {
+      const state = await makeMqttDeviceClient(MQTT_GROUP_DEVICE,
+        deriveKey(groupKeys.primaryKey, MQTT_GROUP_DEVICE)).register();
+      assertAssigned(state, MQTT_GROUP_DEVICE, MQTT_GROUP_DEVICE, HUBS);
+    });
+
+    await step('device (i): the group key itself is refused over MQTT (CONNACK 5)', async () => {
+      let result;
+      try {
+        result = await makeMqttDeviceClient(MQTT_ROGUE_DEVICE, groupKeys.primaryKey).register();
+      } catch (err) {
+        assert.ok(/not authorized/i.test(String(err && err.message)) ||
+                  /not authorized/i.test(describe(err && err.transportError)),
+          `expected a "Not authorized" refusal, got ${describe(err)}`);
+        return;
+      }
+      assert.fail(`MQTT registration with the group key succeeded: ${JSON.stringify(result)}`);
+    });
+
+    await step('service: registration state of the MQTT device', async () => {
+      const rs = (await service.getDeviceRegistrationState(MQTT_INDIVIDUAL_ID)).responseBody;
+      assert.strictEqual(rs.registrationId, MQTT_INDIVIDUAL_ID);
+      assert.strictEqual(rs.status, 'assigned');
+    });
+  } else {
+    console.log('skip  MQTT steps: the server has no MQTT listener');
+  }
+
   // X.509: an individual enrollment naming the device's own certificate,
   // and a group whose root CA signs the device through an intermediate.
   const x509Device = makeCert('x509-dev', X509_INDIVIDUAL_ID);
@@ -429,6 +489,11 @@ async function main() {
     if (tpmDevice.haveSwtpm()) {
       await service.deleteDeviceRegistrationState(TPM_ID);
       await service.deleteIndividualEnrollment(TPM_ID);
+    }
+    if (MQTT_PORT) {
+      await service.deleteDeviceRegistrationState(MQTT_INDIVIDUAL_ID);
+      await service.deleteDeviceRegistrationState(MQTT_GROUP_DEVICE);
+      await service.deleteIndividualEnrollment(MQTT_INDIVIDUAL_ID);
     }
     let notFound = false;
     try {

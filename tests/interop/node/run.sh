@@ -33,6 +33,7 @@ fi
 
 # The SDK is pinned by package-lock.json; install it when missing or stale.
 if [ ! -d "$here/node_modules/azure-iot-provisioning-device-http" ] ||
+   [ ! -d "$here/node_modules/azure-iot-provisioning-device-mqtt" ] ||
    [ "$here/package-lock.json" -nt "$here/node_modules/.package-lock.json" ]; then
   if ! command -v npm >/dev/null 2>&1; then
     echo "interop: FAILED: node is present but npm is not, cannot install the SDK" >&2
@@ -84,6 +85,9 @@ dump_log() {
 # Two linked hubs so assignments can be asserted, when serve takes a config.
 hubs=""
 serve_args=(serve --data-dir "$dir" --listen 127.0.0.1:0)
+if "$bin" serve --help 2>/dev/null | grep -q -- '--mqtt-listen'; then
+  serve_args+=(--mqtt-listen 127.0.0.1:0)
+fi
 if "$bin" serve --help 2>/dev/null | grep -q -- '--config'; then
   cat >"$dir/provisiond.toml" <<'EOF'
 [[hubs]]
@@ -143,6 +147,8 @@ read_env() {
     const q = (s) => "\x27" + String(s).replace(/\x27/g, "\x27\\\x27\x27") + "\x27";
     console.log("PROV_HOST=" + q(host));
     console.log("PROV_PORT=" + q(m[2]));
+    const mq = String(ep.mqtt || "").match(/:(\d+)$/);
+    console.log("PROV_MQTT_PORT=" + q(mq ? mq[1] : ""));
     console.log("PROV_ID_SCOPE=" + q(id.id_scope));
     console.log("PROV_CONNECTION_STRING=" + q(cs));
   ' "$dir"
@@ -171,7 +177,8 @@ fi
 echo "interop: server at $PROV_HOST:$PROV_PORT (scope $PROV_ID_SCOPE)"
 (
   cd "$here" &&
-  PROV_HOST="$PROV_HOST" PROV_PORT="$PROV_PORT" PROV_ID_SCOPE="$PROV_ID_SCOPE" \
+  PROV_HOST="$PROV_HOST" PROV_PORT="$PROV_PORT" PROV_MQTT_PORT="$PROV_MQTT_PORT" \
+  PROV_ID_SCOPE="$PROV_ID_SCOPE" \
   PROV_CONNECTION_STRING="$PROV_CONNECTION_STRING" PROV_HUBS="$hubs" \
   NODE_EXTRA_CA_CERTS="$dir/tls/ca.pem" \
   node interop.js

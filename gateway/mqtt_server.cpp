@@ -1,0 +1,698 @@
+#include "gateway/mqtt_server.hpp"
+
+#include <pthread.h>
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <iostream>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include "actors/engine.hpp"
+#include "gateway/acceptor.hpp"
+#include "gateway/connection_slots.hpp"
+#include "gateway/device_api.hpp"
+#include "gateway/net/device_tls.hpp"
+#include "gateway/net/mqtt_codec.hpp"
+#include "gateway/net/mqtt_dps.hpp"
+#include "messages/ascii.hpp"
+#include "messages/crypto.hpp"
+#include "messages/registration.hpp"
+#include "metrics/diagnostic_log.hpp"
+#include "metrics/instruments.hpp"
+
+namespace prov::gateway {
+
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+using boost::system::error_code;
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+/// What every session of one listener shares.
+struct listener_context {
+  const mqtt_server_options& opts;
+  engine& eng;
+  device_api& api;
+  SSL_CTX* ssl;
+  std::atomic<int>& answering; ///< requests handed to the device API, not yet answered
+  connection_slots& slots;
+};
+
+/// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
+/// the non-blocking socket itself and Asio only reports readiness and runs
+/// the deadline, all on the connection's one I/O thread. Unlike HTTP, reads
+/// and writes overlap (answers arrive while the device may send), so each
+/// direction has its own wait; `pump()` advances whatever is not waiting.
+class session : public std::enable_shared_from_this<session> {
+public:
+  session(tcp::socket&& sock, std::string ip, listener_context& ctx)
+    : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx.ssl)), ctx_(ctx),
+      ip_(std::move(ip)) {}
+
+  ~session() {
+    ctx_.answering.fetch_sub(inflight_);
+    ctx_.slots.release(ip_);
+  }
+
+  void run() {
+    net::dispatch(sock_.get_executor(), [self = shared_from_this()] { self->on_run(); });
+  }
+
+private:
+  enum class phase { handshake, connecting, open, closed };
+
+  // -- I/O ------------------------------------------------------------------
+
+  void on_run() {
+    error_code ec;
+    sock_.non_blocking(true, ec);
+    if (ec || !ssl_ || SSL_set_fd(ssl_.get(), static_cast<int>(sock_.native_handle())) != 1) {
+      ERR_clear_error();
+      return close_now(nullptr);
+    }
+    SSL_set_accept_state(ssl_.get());
+    connect_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
+    rearm();
+    pump();
+  }
+
+  /// Advances the handshake, the reads and the writes, each unless it waits.
+  void pump() {
+    if (phase_ == phase::closed)
+      return;
+    if (phase_ == phase::handshake) {
+      ERR_clear_error();
+      int r = SSL_do_handshake(ssl_.get());
+      if (r != 1) {
+        if (!wait_for(r))
+          close_now(nullptr); // a failed handshake: nothing to count
+        return;
+      }
+      chain_ = net_peer_chain();
+      phase_ = phase::connecting;
+    }
+    if (!read_waiting_ && !close_after_flush_)
+      read_some();
+    if (phase_ != phase::closed && !write_waiting_ && written_ < writing_.size())
+      write_some();
+  }
+
+  std::shared_ptr<const std::vector<std::string>> net_peer_chain() {
+    return prov::net::peer_chain(ssl_.get());
+  }
+
+  void wait(tcp::socket::wait_type w) {
+    bool& flag = w == tcp::socket::wait_read ? read_waiting_ : write_waiting_;
+    if (flag)
+      return; // already waiting; pump() runs both directions when it ends
+    flag = true;
+    sock_.async_wait(w, [self = shared_from_this(), &flag](error_code ec) {
+      flag = false;
+      if (self->phase_ == phase::closed)
+        return;
+      if (ec)
+        return self->close_now(nullptr);
+      self->pump();
+    });
+  }
+
+  /// After an SSL call returned `r` <= 0: waits for what OpenSSL wants and
+  /// returns true, or returns false when the connection failed or ended.
+  bool wait_for(int r) {
+    switch (SSL_get_error(ssl_.get(), r)) {
+    case SSL_ERROR_WANT_READ: wait(tcp::socket::wait_read); return true;
+    case SSL_ERROR_WANT_WRITE: wait(tcp::socket::wait_write); return true;
+    default: ERR_clear_error(); return false;
+    }
+  }
+
+  void read_some() {
+    for (;;) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_.get(), buf_.data(), static_cast<int>(buf_.size()));
+      if (n <= 0) {
+        if (!wait_for(n))
+          close_now(in_.empty() ? "client" : "client_mid_packet");
+        return;
+      }
+      last_rx_ = clock::now();
+      in_.append(buf_.data(), static_cast<std::size_t>(n));
+      if (!process_input() || phase_ == phase::closed || close_after_flush_)
+        return;
+    }
+  }
+
+  void send(std::string bytes) {
+    if (phase_ == phase::closed)
+      return;
+    // A client that does not read (a flood of PINGREQs): stop buffering.
+    if (pending_.size() + bytes.size() > 4 * ctx_.opts.max_packet_bytes + 65536)
+      return close_now("not_reading");
+    pending_ += bytes;
+    if (written_ < writing_.size())
+      return; // a write is under way; it takes the pending bytes next
+    start_write();
+  }
+
+  void start_write() {
+    writing_.swap(pending_);
+    pending_.clear();
+    written_ = 0;
+    write_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
+    rearm();
+    if (!write_waiting_)
+      write_some();
+  }
+
+  void write_some() {
+    while (written_ < writing_.size()) {
+      ERR_clear_error();
+      // After a want-write, the same bytes again, as SSL_write requires:
+      // writing_ does not change until it is all written.
+      int n = SSL_write(ssl_.get(), writing_.data() + written_,
+                        static_cast<int>(writing_.size() - written_));
+      if (n <= 0) {
+        if (!wait_for(n))
+          close_now("client");
+        return;
+      }
+      written_ += static_cast<std::size_t>(n);
+    }
+    writing_.clear();
+    written_ = 0;
+    write_deadline_.reset();
+    if (!pending_.empty())
+      return start_write();
+    if (close_after_flush_)
+      close_now(nullptr);
+  }
+
+  /// Closes the connection; `reason` (when not null) is counted and logged.
+  void close_now(const char* reason) {
+    if (phase_ == phase::closed)
+      return;
+    phase_ = phase::closed;
+    if (reason != nullptr && ctx_.opts.metrics != nullptr)
+      ctx_.opts.metrics->mqtt_disconnect(reason);
+    timer_.cancel();
+    error_code ignored;
+    sock_.shutdown(tcp::socket::shutdown_both, ignored);
+    sock_.close(ignored);
+  }
+
+  /// A protocol violation: logged with why, then the connection closes.
+  /// Nothing the packet asked for was done.
+  void violation(const char* reason, const std::string& why) {
+    if (ctx_.opts.log != nullptr)
+      ctx_.opts.log->info("mqtt: closing the connection from " + ip_ + " ("
+                          + (user_.registration_id.empty() ? std::string("before CONNECT")
+                                                           : user_.registration_id)
+                          + "): " + why);
+    close_now(reason);
+  }
+
+  // -- deadlines --------------------------------------------------------------
+
+  std::optional<clock::time_point> next_deadline() const {
+    std::optional<clock::time_point> t;
+    auto take = [&](const std::optional<clock::time_point>& d) {
+      if (d && (!t || *d < *t))
+        t = d;
+    };
+    if (phase_ == phase::handshake || phase_ == phase::connecting)
+      take(connect_deadline_);
+    else
+      take(last_rx_ + keep_alive_);
+    take(partial_deadline_);
+    take(write_deadline_);
+    return t;
+  }
+
+  /// One timer per session, moved earlier only when a new deadline is
+  /// earlier than the one it waits for; when it fires, the deadlines are
+  /// checked again and it waits for the next.
+  void rearm() {
+    auto next = next_deadline();
+    if (!next || (timer_armed_ && timer_at_ <= *next))
+      return;
+    timer_armed_ = true;
+    timer_at_ = *next;
+    timer_.expires_at(*next);
+    timer_.async_wait([self = shared_from_this()](error_code ec) {
+      if (ec)
+        return; // moved earlier, or closed
+      self->timer_armed_ = false;
+      self->on_timer();
+    });
+  }
+
+  void on_timer() {
+    if (phase_ == phase::closed)
+      return;
+    const auto now = clock::now();
+    if ((phase_ == phase::handshake || phase_ == phase::connecting) && now >= connect_deadline_)
+      return violation("connect_timeout",
+                       "no CONNECT within "
+                         + std::to_string(ctx_.opts.request_timeout_seconds) + " s");
+    if (phase_ == phase::open && now >= last_rx_ + keep_alive_)
+      return violation("keep_alive", "nothing received within 1.5 times the keep-alive");
+    if (partial_deadline_ && now >= *partial_deadline_)
+      return violation("request_timeout",
+                       "a packet not completed within "
+                         + std::to_string(ctx_.opts.request_timeout_seconds) + " s");
+    if (write_deadline_ && now >= *write_deadline_)
+      return violation("request_timeout", "the client does not read its answers");
+    rearm();
+  }
+
+  // -- packets ----------------------------------------------------------------
+
+  /// Handles every complete packet in in_; false when the connection closed.
+  bool process_input() {
+    std::size_t off = 0;
+    bool ok = true;
+    while (ok && phase_ != phase::closed && !close_after_flush_) {
+      mqtt::frame f;
+      std::size_t consumed = 0;
+      auto st = mqtt::read_frame(std::string_view(in_).substr(off), ctx_.opts.max_packet_bytes,
+                                 f, consumed);
+      if (st == mqtt::frame_status::need_more)
+        break;
+      if (st == mqtt::frame_status::malformed) {
+        violation("malformed", "malformed packet header");
+        return false;
+      }
+      if (st == mqtt::frame_status::too_large) {
+        violation("too_large", "a packet larger than mqtt.max_packet_bytes ("
+                                 + std::to_string(ctx_.opts.max_packet_bytes) + ")");
+        return false;
+      }
+      ok = handle(f);
+      off += consumed;
+    }
+    if (phase_ == phase::closed)
+      return false;
+    in_.erase(0, off);
+    // A packet that started arriving must complete within the request
+    // timeout (slowloris); a partial read after it does not extend it.
+    if (in_.empty())
+      partial_deadline_.reset();
+    else if (!partial_deadline_ || off > 0) {
+      partial_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
+      rearm();
+    }
+    return ok;
+  }
+
+  bool handle(const mqtt::frame& f) {
+    using mqtt::packet_type;
+    if (phase_ == phase::connecting) {
+      if (f.type != packet_type::connect) {
+        violation("malformed", "the first packet must be CONNECT");
+        return false;
+      }
+      return on_connect(f);
+    }
+    switch (f.type) {
+    case packet_type::publish: return on_publish(f);
+    case packet_type::subscribe: return on_subscribe(f, true);
+    case packet_type::unsubscribe: return on_subscribe(f, false);
+    case packet_type::puback: {
+      uint16_t id = 0;
+      if (auto why = mqtt::parse_puback(f, id); !why.empty()) {
+        violation("malformed", why);
+        return false;
+      }
+      return true; // no redelivery (clean sessions only): nothing to release
+    }
+    case packet_type::pingreq: send(mqtt::encode_pingresp()); return true;
+    case packet_type::disconnect: close_now("client"); return false;
+    default:
+      violation("malformed", "a packet type the server does not take ("
+                               + std::to_string(static_cast<int>(f.type)) + ")");
+      return false;
+    }
+  }
+
+  /// CONNACK with a refusal, then close once it is written.
+  bool refuse(mqtt::connack_code code, const std::string& why) {
+    if (ctx_.opts.metrics != nullptr)
+      ctx_.opts.metrics->mqtt_connect(static_cast<int>(code));
+    if (ctx_.opts.log != nullptr)
+      ctx_.opts.log->info("mqtt: CONNECT refused (" + std::to_string(static_cast<int>(code))
+                          + ") from " + ip_ + ": " + why);
+    close_after_flush_ = true;
+    send(mqtt::encode_connack(false, code));
+    return false;
+  }
+
+  bool on_connect(const mqtt::frame& f) {
+    using mqtt::connack_code;
+    mqtt::connect_packet c;
+    auto r = mqtt::parse_connect(f, c);
+    if (r.malformed) {
+      violation("malformed", r.why);
+      return false;
+    }
+    if (r.refuse != connack_code::accepted)
+      return refuse(r.refuse, r.why);
+    if (!c.username)
+      return refuse(connack_code::bad_username_or_password,
+                    "no user name ({idScope}/registrations/{registrationId}/api-version=...)");
+    if (auto why = mqtt::parse_username(*c.username, user_); !why.empty())
+      return refuse(connack_code::bad_username_or_password, why);
+    if (!enrollment::valid_registration_id(user_.registration_id))
+      return refuse(connack_code::identifier_rejected,
+                    "invalid registration id in the user name");
+    if (c.client_id != user_.registration_id)
+      return refuse(connack_code::identifier_rejected,
+                    "the client id must be the registration id of the user name");
+    if (!ascii::iequals(user_.id_scope, ctx_.opts.id_scope))
+      return refuse(connack_code::not_authorized, "unknown id scope '" + user_.id_scope + "'");
+    if (c.password && !c.password->empty())
+      credential_ = sas_credential{std::move(*c.password)};
+    else if (chain_ && !chain_->empty())
+      credential_ = x509_credential{*chain_};
+    else
+      return refuse(connack_code::bad_username_or_password,
+                    "no password (a SAS token) and no client certificate");
+    // The credential is checked here, as DPS does, and again on every
+    // request (a SAS may expire while the connection is open).
+    register_request rr;
+    rr.id_scope = ctx_.opts.id_scope;
+    rr.registration_id = user_.registration_id;
+    rr.api_version = user_.api_version;
+    rr.credential = credential_;
+    rr.protocol = "mqtt";
+    rr.client_ip = ip_;
+    if (auto err = ctx_.eng.authenticate_device(rr)) {
+      const int st = err.status();
+      return refuse(st == 429 || st >= 500 ? connack_code::server_unavailable
+                                           : connack_code::not_authorized,
+                    err.message);
+    }
+    if (ctx_.opts.metrics != nullptr)
+      ctx_.opts.metrics->mqtt_connect(0);
+    phase_ = phase::open;
+    // 3.1.1 §3.1.2.10: one and a half times the keep-alive; none asked for:
+    // the HTTPS idle timeout.
+    keep_alive_ = c.keep_alive_s > 0
+                    ? std::chrono::milliseconds(c.keep_alive_s * 1500)
+                    : std::chrono::milliseconds(ctx_.opts.idle_timeout_seconds * 1000);
+    send(mqtt::encode_connack(false, connack_code::accepted));
+    rearm();
+    return true;
+  }
+
+  bool on_subscribe(const mqtt::frame& f, bool subscribe) {
+    mqtt::subscribe_packet s;
+    auto why = subscribe ? mqtt::parse_subscribe(f, s) : mqtt::parse_unsubscribe(f, s);
+    if (!why.empty()) {
+      violation("malformed", why);
+      return false;
+    }
+    if (!subscribe) {
+      for (const auto& [filter, qos] : s.filters)
+        if (filter == mqtt::response_filter)
+          subscribed_ = false;
+      send(mqtt::encode_unsuback(s.packet_id));
+      return true;
+    }
+    std::vector<uint8_t> granted;
+    for (const auto& [filter, qos] : s.filters) {
+      if (filter == mqtt::response_filter) {
+        // DPS answers QoS 0 or 1; a QoS 2 request is granted 1.
+        sub_qos_ = std::min<uint8_t>(qos, 1);
+        subscribed_ = true;
+        granted.push_back(sub_qos_);
+      } else {
+        granted.push_back(0x80); // only the documented filter is served
+      }
+    }
+    send(mqtt::encode_suback(s.packet_id, granted));
+    return true;
+  }
+
+  bool on_publish(const mqtt::frame& f) {
+    mqtt::publish_packet p;
+    if (auto why = mqtt::parse_publish(f, p); !why.empty()) {
+      violation("malformed", why);
+      return false;
+    }
+    mqtt::dps_request req;
+    if (auto why = mqtt::parse_request_topic(p.topic, req); !why.empty()) {
+      violation("unknown_topic", why + " (got '" + p.topic.substr(0, 128) + "')");
+      return false;
+    }
+    if (inflight_ >= ctx_.opts.max_inflight) {
+      violation("inflight", "more than mqtt.max_inflight ("
+                              + std::to_string(ctx_.opts.max_inflight)
+                              + ") requests unanswered");
+      return false;
+    }
+    if (p.qos == 1)
+      send(mqtt::encode_puback(p.packet_id));
+    device_call call;
+    call.what = req.what == mqtt::dps_request::kind::poll ? device_call::kind::poll
+                                                          : device_call::kind::register_device;
+    call.id_scope = user_.id_scope;
+    call.registration_id = user_.registration_id;
+    call.operation_id = req.operation_id;
+    call.api_version = user_.api_version;
+    if (call.what == device_call::kind::register_device)
+      call.body = std::string(p.payload); // polls: Node sends " ", ignored
+    call.force_registration = req.force_registration;
+    call.credential = credential_;
+    call.protocol = "mqtt";
+    call.client_ip = ip_;
+    call.tracking_id = crypto::uuid4();
+    ++inflight_;
+    ctx_.answering.fetch_add(1);
+    struct pending {
+      std::string rid, tracking;
+      bool poll;
+      clock::time_point started = clock::now();
+    };
+    auto ctx = std::make_shared<pending>(
+      pending{std::move(req.rid), call.tracking_id, call.what == device_call::kind::poll});
+    ctx_.api.handle(std::move(call), [self = shared_from_this(), ctx](device_answer a) {
+      net::post(self->sock_.get_executor(), [self, ctx, a = std::move(a)]() mutable {
+        self->on_answer(*ctx, std::move(a));
+      });
+    });
+    return true;
+  }
+
+  template <class Pending>
+  void on_answer(const Pending& p, device_answer a) {
+    --inflight_;
+    ctx_.answering.fetch_sub(1);
+    const double secs = std::chrono::duration<double>(clock::now() - p.started).count();
+    const char* op = p.poll ? "OperationStatusLookup" : "DeviceRegistration";
+    if (ctx_.opts.metrics != nullptr)
+      ctx_.opts.metrics->mqtt_request(p.poll ? "poll" : "register", a.status, secs);
+    if (ctx_.opts.log != nullptr) {
+      metrics::operation_record rec;
+      rec.category = "DeviceOperations";
+      rec.operation = op;
+      rec.status = a.status;
+      std::string code;
+      if (a.err)
+        code = std::to_string(static_cast<int32_t>(a.err.code));
+      rec.error_code = code;
+      rec.description = a.err.message;
+      rec.duration_ms = secs * 1000.0;
+      rec.id = user_.registration_id;
+      rec.type = "Registration";
+      rec.protocol = "Mqtt";
+      rec.caller_ip = ip_;
+      rec.correlation_id = p.tracking;
+      rec.api_version = user_.api_version;
+      ctx_.opts.log->operation(rec);
+    }
+    if (phase_ != phase::open || !subscribed_)
+      return; // gone, or nobody subscribed to the answer (MQTT delivers to subscribers)
+    auto topic = mqtt::response_topic(a.status, p.rid, a.retry_after_s);
+    uint16_t id = 0;
+    if (sub_qos_ > 0) {
+      id = next_packet_id_++;
+      if (next_packet_id_ == 0)
+        next_packet_id_ = 1;
+    }
+    send(mqtt::encode_publish(topic, a.body, sub_qos_, id));
+  }
+
+  tcp::socket sock_;
+  net::steady_timer timer_;
+  prov::net::ssl_ptr ssl_; // after sock_: freed before the socket closes
+  listener_context& ctx_;
+  std::string ip_;
+  phase phase_ = phase::handshake;
+  std::shared_ptr<const std::vector<std::string>> chain_;
+  mqtt::dps_username user_;
+  device_credential credential_;
+  bool subscribed_ = false;
+  uint8_t sub_qos_ = 0;
+  uint16_t next_packet_id_ = 1;
+  int inflight_ = 0;
+  bool read_waiting_ = false;
+  bool write_waiting_ = false;
+  bool close_after_flush_ = false;
+  std::string in_;
+  std::string writing_; ///< being written; unchanged until done
+  std::size_t written_ = 0;
+  std::string pending_; ///< queued behind writing_
+  std::array<char, 16384> buf_;
+  // Deadlines.
+  bool timer_armed_ = false;
+  clock::time_point timer_at_;
+  clock::time_point connect_deadline_;
+  clock::time_point last_rx_ = clock::now();
+  std::chrono::milliseconds keep_alive_{0};
+  std::optional<clock::time_point> partial_deadline_;
+  std::optional<clock::time_point> write_deadline_;
+};
+
+class server_impl final : public mqtt_server {
+public:
+  server_impl(const mqtt_server_options& opts, engine& eng)
+    : opts_(opts), eng_(eng), api_(eng, opts_.id_scope, opts_.retry_after_s) {
+    int n = opts_.threads > 0 ? opts_.threads
+                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    for (int i = 0; i < n; ++i)
+      iocs_.push_back(std::make_unique<net::io_context>(1));
+    acceptor_.emplace(*iocs_[0]);
+  }
+
+  ~server_impl() override { stop(); }
+
+  error start() {
+    if (auto err = prov::net::make_device_tls_context(opts_.cert_chain_file, opts_.key_file,
+                                                      "provisiond-mqtt", ssl_))
+      return err;
+    ctx_.emplace(listener_context{opts_, eng_, api_, ssl_.get(), answering_, slots_});
+    std::signal(SIGPIPE, SIG_IGN); // OpenSSL writes with write(2)
+    if (auto err = open_acceptor(*acceptor_, opts_.listen,
+                                 net::socket_base::max_listen_connections, "MQTT"))
+      return err;
+    error_code ec;
+    bound_ = acceptor_->local_endpoint(ec);
+    accept();
+    for (auto& ioc : iocs_)
+      threads_.emplace_back([ioc = ioc.get()] {
+        pthread_setname_np(pthread_self(), "prov-mqtt");
+        auto work = net::make_work_guard(*ioc);
+        ioc->run();
+      });
+    return {};
+  }
+
+  uint16_t port() const override { return bound_.port(); }
+  std::string address() const override { return bound_.address().to_string(); }
+  int open_connections() const override { return slots_.open(); }
+
+  void stop() override {
+    if (stopped_.exchange(true))
+      return;
+    net::post(*iocs_[0], [this] {
+      error_code ignored;
+      acceptor_->close(ignored);
+    });
+    auto deadline = clock::now() + std::chrono::seconds(2);
+    while (answering_.load() > 0 && clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    for (auto& ioc : iocs_)
+      ioc->stop();
+    for (auto& t : threads_)
+      if (t.joinable())
+        t.join();
+  }
+
+private:
+  void accept() {
+    auto& target = *iocs_[next_ioc_++ % iocs_.size()];
+    acceptor_->async_accept(target, [this](error_code ec, tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !acceptor_->is_open())
+        return;
+      if (ec) {
+        // Out of descriptors or memory fails again at once: back off 100 ms
+        // (clients wait in the listen backlog); any other error concerns
+        // one client, and accept(2) says to retry.
+        const int e = ec.value();
+        if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+          return accept();
+        if (opts_.metrics != nullptr)
+          opts_.metrics->accept_failed(e == EMFILE    ? "EMFILE"
+                                       : e == ENFILE  ? "ENFILE"
+                                       : e == ENOBUFS ? "ENOBUFS"
+                                                      : "ENOMEM");
+        backoff_.emplace(*iocs_[0]);
+        backoff_->expires_after(std::chrono::milliseconds(100));
+        return backoff_->async_wait([this](error_code wait_ec) {
+          if (!wait_ec && acceptor_->is_open())
+            accept();
+        });
+      }
+      admit(std::move(sock));
+      accept();
+    });
+  }
+
+  void admit(tcp::socket sock) {
+    error_code ec;
+    auto ep = sock.remote_endpoint(ec);
+    std::string ip = ec ? std::string() : ep.address().to_string();
+    auto v = slots_.acquire(ip);
+    if (v != connection_slots::verdict::admitted) {
+      if (opts_.metrics != nullptr)
+        opts_.metrics->connection_refused(v == connection_slots::verdict::over_total
+                                            ? "mqtt_max_connections"
+                                            : "mqtt_max_connections_per_client");
+      sock.close(ec);
+      return;
+    }
+    sock.set_option(tcp::no_delay(true), ec);
+    std::make_shared<session>(std::move(sock), std::move(ip), *ctx_)->run();
+  }
+
+  mqtt_server_options opts_;
+  engine& eng_;
+  device_api api_;
+  std::atomic<int> answering_{0};
+  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
+  prov::net::ssl_ctx_ptr ssl_;
+  std::optional<listener_context> ctx_;
+  std::vector<std::unique_ptr<net::io_context>> iocs_; // after what sessions reference
+  std::size_t next_ioc_ = 0;
+  std::optional<tcp::acceptor> acceptor_;
+  std::optional<net::steady_timer> backoff_;
+  tcp::endpoint bound_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stopped_{false};
+};
+
+} // namespace
+
+error mqtt_server::start(const mqtt_server_options& opts, engine& eng,
+                         std::unique_ptr<mqtt_server>& out) {
+  auto impl = std::make_unique<server_impl>(opts, eng);
+  if (auto err = impl->start())
+    return err;
+  out = std::move(impl);
+  return {};
+}
+
+} // namespace prov::gateway

@@ -1,0 +1,240 @@
+// [throttling] quotas against the real provisiond process over real TLS:
+// 429 (429001) with Retry-After past each quota, decided before any crypto
+// (a wrong signature is refused 429, not 401) or storage (nothing recorded
+// for a throttled register), keys and addresses independent, quotas reset
+// once Retry-After has passed, and the refusals counted in metrics.
+//
+// No timing assertion depends on the machine's speed: quotas are small with
+// long windows, and loops run until the first 429 (with a bound) instead of
+// expecting it at an exact count; the only sleep waits at least Retry-After.
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+
+#include "messages/crypto.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+
+namespace {
+
+/// `cfg` with a [throttling] table of `lines`.
+std::string with_throttling(std::string cfg, const std::string& lines) {
+  return cfg + "\n[throttling]\n" + lines + "\n";
+}
+
+/// Starts `s` on a fresh temp dir with `throttling` lines and metrics.
+void start(test::server_process& s, const std::string& throttling,
+           const std::string& listen = {}) {
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  auto cfg = test::with_metrics(with_throttling(
+    test::with_device_api(test::default_config(dir), "register_wait_ms = 5000"), throttling));
+  if (!listen.empty()) {
+    auto at = cfg.find("listen = \"127.0.0.1:0\"");
+    REQUIRE(at != std::string::npos);
+    cfg.replace(at, std::string("listen = \"127.0.0.1:0\"").size(), "listen = \"" + listen + "\"");
+  }
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+}
+
+net::https_response put_register(net::https_client& c, const test::server_process& s,
+                                 const std::string& id, const std::string& auth) {
+  net::http_headers h;
+  h.add("Authorization", auth);
+  h.add("Content-Type", "application/json; charset=utf-8");
+  net::https_response resp;
+  auto err = c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
+                                + "/register?api-version=2021-06-01",
+                       h, json{{"registrationId", id}}.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+net::https_response get_poll(net::https_client& c, const test::server_process& s,
+                             const std::string& id, const std::string& auth) {
+  net::http_headers h;
+  h.add("Authorization", auth);
+  net::https_response resp;
+  auto err = c.request("GET", "/" + s.id_scope() + "/registrations/" + id
+                                + "/operations/no-such-op?api-version=2021-06-01",
+                       h, {}, resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  return resp;
+}
+
+/// A 429 as DPS sends it: errorCode 429001 in the body and the header, and a
+/// Retry-After of whole seconds in 1..`max_wait`. Returns Retry-After.
+int check_throttled(const net::https_response& r, int max_wait) {
+  CHECK_MESSAGE(r.status == 429, r.body);
+  auto j = test::parse_json(r.body);
+  CHECK(j.value("errorCode", 0) == 429001);
+  CHECK(!j.value("trackingId", "").empty());
+  CHECK(r.headers.get("x-ms-error-code") == "429001");
+  const auto ra = r.headers.get("Retry-After");
+  REQUIRE_MESSAGE(!ra.empty(), "no Retry-After on a 429");
+  const int wait = std::stoi(ra);
+  CHECK(wait >= 1);
+  CHECK(wait <= max_wait);
+  return wait;
+}
+
+double throttled_metric(const test::server_process& s, const std::string& reason) {
+  auto m = test::scrape(test::metrics_addr(s));
+  auto it = m.find("dps_throttled_requests_total{reason=\"" + reason + "\"}");
+  return it == m.end() ? 0 : it->second;
+}
+
+/// A wrong signature for `id` (a key nobody enrolled).
+std::string bad_auth(const test::server_process& s, const std::string& id) {
+  return s.device_auth(id, crypto::generate_key());
+}
+
+} // namespace
+
+TEST_CASE("throttling: polls per device, before the SAS is checked; other devices unaffected; "
+          "the quota resets after Retry-After") {
+  test::server_process s;
+  start(s, "polls_per_device = 2\npoll_window_seconds = 4");
+  auto c = s.client();
+  // Refill is one poll per 2 s: the first two are admitted (and fail the
+  // signature check: 401), then 429 comes within a few more.
+  int admitted = 0;
+  net::https_response r;
+  for (int i = 0; i < 20; ++i) {
+    r = get_poll(c, s, "poll-a", bad_auth(s, "poll-a"));
+    if (r.status == 429)
+      break;
+    CHECK_MESSAGE(r.status == 401, r.body);
+    ++admitted;
+  }
+  CHECK(admitted >= 2);
+  const int wait = check_throttled(r, 2);
+  // Another device has its own quota.
+  CHECK(get_poll(c, s, "poll-b", bad_auth(s, "poll-b")).status == 401);
+  // The id is case-insensitive: "POLL-A" is the same device.
+  CHECK(get_poll(c, s, "POLL-A", bad_auth(s, "POLL-A")).status == 429);
+  // After Retry-After, a poll is admitted again.
+  std::this_thread::sleep_for(std::chrono::seconds(wait) + std::chrono::milliseconds(100));
+  CHECK(get_poll(c, s, "poll-a", bad_auth(s, "poll-a")).status == 401);
+  CHECK(throttled_metric(s, "device_poll_rate") >= 2);
+}
+
+TEST_CASE("throttling: registrations per ID scope, before any crypto or storage") {
+  test::server_process s;
+  // One register per 30 s after a burst of 2.
+  start(s, "registrations_per_minute_per_scope = 2");
+  auto c = s.client();
+  const auto key = crypto::generate_key();
+  json body{{"registrationId", "scope-enrolled"},
+            {"attestation", {{"type", "symmetricKey"},
+                             {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+  REQUIRE(s.service("PUT", "/enrollments/scope-enrolled", body.dump()).status == 200);
+  int admitted = 0;
+  net::https_response r;
+  for (int i = 0; i < 10; ++i) {
+    r = put_register(c, s, "scope-" + std::to_string(i),
+                     bad_auth(s, "scope-" + std::to_string(i)));
+    if (r.status == 429)
+      break;
+    CHECK_MESSAGE(r.status == 401, r.body);
+    ++admitted;
+  }
+  CHECK(admitted >= 2);
+  CHECK(admitted <= 4);
+  check_throttled(r, 30);
+  // A correctly signed register of an enrolled device is refused too, and
+  // nothing is recorded for it.
+  auto enrolled = put_register(c, s, "scope-enrolled", s.device_auth("scope-enrolled", key));
+  check_throttled(enrolled, 30);
+  CHECK(s.service("GET", "/registrations/scope-enrolled?api-version=2021-10-01").status == 404);
+  // Polls and the service API are not registrations.
+  CHECK(get_poll(c, s, "scope-enrolled", s.device_auth("scope-enrolled", key)).status == 404);
+  CHECK(s.service("GET", "/enrollments/scope-enrolled?api-version=2021-10-01").status == 200);
+  CHECK(throttled_metric(s, "scope_registration_rate") >= 2);
+}
+
+TEST_CASE("throttling: registrations per enrollment group; other groups unaffected; nothing "
+          "stored for the refused device") {
+  test::server_process s;
+  start(s, "registrations_per_minute_per_group = 2");
+  const auto key_a = crypto::generate_key(), key_b = crypto::generate_key();
+  test::create_group(s, "throttle-group-a", key_a);
+  test::create_group(s, "throttle-group-b", key_b);
+  auto c = s.client();
+  int admitted = 0;
+  std::string refused_id;
+  net::https_response r;
+  for (int i = 0; i < 10; ++i) {
+    const auto id = "group-a-dev-" + std::to_string(i);
+    r = put_register(c, s, id, s.device_auth(id, *crypto::derive_device_key(key_a, id)));
+    if (r.status == 429) {
+      refused_id = id;
+      break;
+    }
+    CHECK_MESSAGE((r.status == 200 || r.status == 202), r.body);
+    ++admitted;
+  }
+  CHECK(admitted >= 2);
+  CHECK(admitted <= 4);
+  REQUIRE(!refused_id.empty());
+  check_throttled(r, 30);
+  CHECK(s.service("GET", "/registrations/" + refused_id + "?api-version=2021-10-01").status
+        == 404);
+  // Group b has its own quota.
+  const std::string id_b = "group-b-dev-0";
+  int status = 0;
+  auto res = test::register_device(c, s, id_b, *crypto::derive_device_key(key_b, id_b), status);
+  CHECK(status == 200);
+  CHECK(res.value("status", "") == "assigned");
+  // An individual enrollment is not in any group's quota.
+  const auto key = crypto::generate_key();
+  json body{{"registrationId", "group-free-dev"},
+            {"attestation", {{"type", "symmetricKey"},
+                             {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+  REQUIRE(s.service("PUT", "/enrollments/group-free-dev", body.dump()).status == 200);
+  res = test::register_device(c, s, "group-free-dev", key, status);
+  CHECK(status == 200);
+  CHECK(throttled_metric(s, "group_registration_rate") >= 1);
+}
+
+TEST_CASE("throttling: requests per client address, both APIs; other addresses and health "
+          "checks unaffected") {
+  test::server_process s;
+  // Dual-stack listener: the test reaches it from 127.0.0.1 and from ::1,
+  // two client addresses.
+  start(s, "requests_per_minute_per_address = 3", "[::]:0");
+  auto c = s.client();
+  int admitted = 0;
+  net::https_response r;
+  for (int i = 0; i < 10; ++i) {
+    r = s.service("GET", "/enrollments/nobody?api-version=2021-10-01");
+    if (r.status == 429)
+      break;
+    CHECK_MESSAGE(r.status == 404, r.body);
+    ++admitted;
+  }
+  CHECK(admitted >= 3);
+  CHECK(admitted <= 5);
+  check_throttled(r, 20);
+  // The device API from the same address: refused before the SAS is read.
+  check_throttled(put_register(c, s, "addr-dev", bad_auth(s, "addr-dev")), 20);
+  // Health checks are not counted.
+  net::https_response health;
+  REQUIRE(!c.request("GET", "/healthz", {}, {}, health));
+  CHECK(health.status == 200);
+  // ::1 is another client.
+  net::https_client_options o;
+  o.host = "::1";
+  o.server_name = "localhost";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  net::https_client v6(o);
+  CHECK(put_register(v6, s, "addr-dev", bad_auth(s, "addr-dev")).status == 401);
+  CHECK(throttled_metric(s, "client_request_rate") >= 2);
+}

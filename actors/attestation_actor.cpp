@@ -28,12 +28,17 @@ namespace {
 
 verdict check(const engine_context& ctx, const register_request& req,
               const attestation::request_facts& facts, const attestation::mechanism& mech,
-              const attestation::proof& p, uint64_t generation);
+              const attestation::proof& p, uint64_t generation, bool* tpm_deferred);
 
 } // namespace
 
-verdict attest(const engine_context& ctx, const register_request& req, bool registering) {
+verdict attest(const engine_context& ctx, const register_request& req, bool registering,
+               bool* tpm_deferred) {
   const attestation::mechanism* mech = ctx.mechanisms.reading(req.credential);
+  if (tpm_deferred != nullptr && mech != nullptr && mech->type() == attestation_type::tpm) {
+    *tpm_deferred = true;
+    return {};
+  }
   if (mech == nullptr)
     return verdict::rejected(
       error_code::unauthorized,
@@ -64,7 +69,9 @@ verdict attest(const engine_context& ctx, const register_request& req, bool regi
     if (ctx.catalog.verified().lookup(cache_key, facts.now_s, generation, cached))
       return cached;
   }
-  auto v = check(ctx, req, facts, *mech, *p, generation);
+  auto v = check(ctx, req, facts, *mech, *p, generation, tpm_deferred);
+  if (tpm_deferred != nullptr && *tpm_deferred)
+    return v;
   // A TPM device's SAS answers its challenge once: never from the cache.
   if (v.is_accepted() && !identity.empty() && v.type != attestation_type::tpm)
     ctx.catalog.verified().insert(std::move(cache_key), p->valid_until(), generation, v);
@@ -75,7 +82,7 @@ namespace {
 
 verdict check(const engine_context& ctx, const register_request& req,
               const attestation::request_facts& facts, const attestation::mechanism& mech,
-              const attestation::proof& p, uint64_t generation) {
+              const attestation::proof& p, uint64_t generation, bool* tpm_deferred) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
   //    disabled individual enrollment blocks one device of a group).
   std::optional<std::string> doc;
@@ -91,6 +98,10 @@ verdict check(const engine_context& ctx, const register_request& req,
         && std::holds_alternative<sas_credential>(req.credential)) {
       // A TPM device's polls and status lookups carry only the SAS signed
       // with its challenge's key (no body): the TPM mechanism checks it.
+      if (tpm_deferred != nullptr) {
+        *tpm_deferred = true;
+        return {};
+      }
       tpm_credential answer;
       answer.sas_token = std::get<sas_credential>(req.credential).token;
       std::unique_ptr<attestation::proof> tp;

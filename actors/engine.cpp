@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <mutex>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,8 @@
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
+#include "actors/once_per_interval.hpp"
+#include "actors/serial_worker.hpp"
 #include "actors/throttling/rate_limiter.hpp"
 #include "gateway/net/webhook_client.hpp"
 #include "messages/crypto.hpp"
@@ -213,10 +216,38 @@ public:
   void register_device(register_request req, register_cb cb) override {
     // Attest on the caller's thread (a gateway I/O thread): it is CPU work plus
     // point reads, and doing it here saves two mailbox hops per register.
-    auto* m = ctx_->metrics;
+    // Not a TPM register: it writes its challenge (below).
     auto start = std::chrono::steady_clock::now();
-    auto r = attest(*ctx_, req);
-    m->stage_latency(metrics::stage::attestation, seconds_since(start));
+    bool tpm = false;
+    auto r = attest(*ctx_, req, true, &tpm);
+    if (tpm)
+      return register_tpm(std::move(req), std::move(cb));
+    ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
+    attested(std::move(req), std::move(r), std::move(cb));
+  }
+
+  /// A TPM register on the TPM worker: issuing or answering a challenge
+  /// writes it (embedded: a store write; Kafka: a produce, its ack and the
+  /// local apply, up to 15 s; a miss may catch the topic up, up to 5 s), and
+  /// none of that may hold a gateway I/O thread or CAF's shared scheduler.
+  void register_tpm(register_request req, register_cb cb) {
+    tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
+      if (f != serial_worker::fate::run) {
+        register_reply reply;
+        reply.err = f == serial_worker::fate::busy
+                      ? error{error_code::throttled, "too many TPM registers in progress"}
+                      : error{error_code::unavailable, "the service is stopping"};
+        return cb(std::move(reply));
+      }
+      auto start = std::chrono::steady_clock::now();
+      auto r = attest(*ctx_, req);
+      ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
+      attested(std::move(req), std::move(r), std::move(cb));
+    });
+  }
+
+  void attested(register_request req, attestation::verdict r, register_cb cb) {
+    auto* m = ctx_->metrics;
     if (r.result == attestation::verdict::outcome::challenge) {
       // Nothing to record: the device answers with a second register.
       register_reply reply;
@@ -298,9 +329,10 @@ public:
   error tpm_authentication_key(const std::string& registration_id,
                                const std::string& operation_id, std::string& out) override {
     out.clear();
-    std::optional<attestation::tpm_challenge> c;
-    if (auto err = ctx_->tpm_challenges->load(registration_id, c))
+    attestation::tpm_slots s;
+    if (auto err = ctx_->tpm_challenges->load(registration_id, s))
       return err;
+    auto& c = s.answered;
     std::optional<std::string> doc;
     if (auto err = ctx_->store->get(storage::cf::enrollments, enrollment::key_of(registration_id),
                                     doc))
@@ -309,16 +341,33 @@ public:
     const auto* tpm = doc && !enrollment::view_of_text(enrollment::kind::individual, *doc, v)
                         ? std::get_if<enrollment::tpm_attestation>(&v.attestation)
                         : nullptr;
-    if (!c || !c->answered || tpm == nullptr)
+    if (!c || tpm == nullptr) {
+      s.cleanse();
       return {error_code::unauthorized_signature,
               "no answered TPM challenge for '" + registration_id + "'"};
+    }
     auto ek = crypto::base64_decode(tpm->endorsement_key);
     std::string why;
     out = ek ? attestation::result_authentication_key(*c, *ek, operation_id, why) : std::string();
-    OPENSSL_cleanse(c->key.data(), c->key.size());
+    s.cleanse();
     if (out.empty())
       return {error_code::internal, "TPM authenticationKey: " + why};
     return {};
+  }
+
+  void tpm_authentication_key(std::string registration_id, std::string operation_id,
+                              key_cb cb) override {
+    tpm_worker_.post([this, id = std::move(registration_id), op = std::move(operation_id),
+                      cb = std::move(cb)](serial_worker::fate f) {
+      // Busy: made here, on the caller's thread, rather than refused: the
+      // device's registration is done, and a refusal would make it start
+      // over with a new challenge.
+      if (f == serial_worker::fate::stopped)
+        return cb({error_code::unavailable, "the service is stopping"}, {});
+      std::string key;
+      auto err = tpm_authentication_key(id, op, key);
+      cb(std::move(err), std::move(key));
+    });
   }
 
   void put_enrollment(enrollment::kind k, std::string id, std::string body,
@@ -515,6 +564,9 @@ public:
       return;
     stopped_ = true;
     drain();
+    // Queued TPM registers get 503; the running one finishes first (it may
+    // still hand its register to the registration actor).
+    tpm_worker_.stop();
     // Kafka: stop the table readers while the store still takes writes.
     if (ctx_->repl)
       ctx_->repl->close();
@@ -546,6 +598,10 @@ private:
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
+  /// TPM registers, in order, on their own thread (register_tpm). The bound
+  /// keeps unauthenticated challenge requests from queueing without limit:
+  /// beyond it a TPM register gets 429.
+  serial_worker tpm_worker_{1024};
   std::size_t resumed_ = 0;
   bool drained_ = false;
   bool stopped_ = false;
@@ -653,46 +709,96 @@ error custom_policy_of(const config::custom_allocation_config& c,
 
 namespace {
 
-/// TPM challenges in the store. A synced write per challenge issued or
-/// answered, on the gateway thread that attests (as attest()'s point reads
-/// are): TPM devices register rarely and the RSA work dominates. With Kafka
-/// the write goes through dps.enrollments (applied here before it returns),
-/// so a device may answer on any gateway (docs/device-api.md#tpm-attestation).
+/// TPM challenges in the store, two keys per registration id: the answered
+/// challenge at the id's key, the pending one at "<id>/pending" ('/' is never
+/// in an id). Each write touches its own slot, so with Kafka a challenge
+/// issued on one gateway never overwrites an answer applied on another.
+/// Called on the TPM worker thread (engine_impl::register_device) and, for
+/// polls, on the gateway's threads. Embedded, the writes are not fsync'd: a
+/// challenge lost in a machine crash is re-issued cleanly (the device's next
+/// register without Authorization), and an answered one lost with it only
+/// makes the device register again; the operation record itself is synced.
+/// With Kafka the write goes through dps.enrollments (applied here before it
+/// returns), so a device may answer on any gateway
+/// (docs/device-api.md#tpm-attestation).
 class store_challenges final : public attestation::challenge_store {
 public:
   explicit store_challenges(const engine_context& ctx) : ctx_(ctx) {}
-  error load(std::string_view registration_id,
-             std::optional<attestation::tpm_challenge>& out) const override {
+
+  error load(std::string_view registration_id, attestation::tpm_slots& out) const override {
     if (auto err = read(registration_id, out))
       return err;
-    if (!out && ctx_.kafka() && !ctx_.repl->catch_up_enrollments(5000))
-      // Issued by another gateway a moment ago.
+    // Issued by another gateway a moment ago? Caught up at most once per
+    // id per interval: a miss needs no credential (any TPM-enrolled id and a
+    // well-formed SAS), so it must not buy a catch-up every time.
+    if (out.empty() && ctx_.kafka() && catch_ups_.allow(enrollment::key_of(registration_id))
+        && !ctx_.repl->catch_up_enrollments(5000))
       return read(registration_id, out);
     return {};
   }
-  error save(std::string_view registration_id,
-             const attestation::tpm_challenge& c) const override {
+
+  error issue(std::string_view registration_id,
+              const attestation::tpm_challenge& c) const override {
+    storage::write_batch b;
+    b.put(storage::cf::tpm_challenges, pending_key(registration_id),
+          attestation::encode_challenge(c));
+    std::lock_guard<std::mutex> guard{mtx_};
+    return write(b);
+  }
+
+  error promote(std::string_view registration_id, std::string_view verified_key,
+                bool& moved) const override {
+    moved = false;
+    std::lock_guard<std::mutex> guard{mtx_};
+    attestation::tpm_slots s;
+    if (auto err = read(registration_id, s))
+      return err;
+    if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key)) {
+      s.cleanse();
+      return {};
+    }
+    s.pending->answered = true;
     storage::write_batch b;
     b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
-          attestation::encode_challenge(c));
-    return ctx_.kafka() ? ctx_.repl->write_enrollments(b) : ctx_.store->write(b);
+          attestation::encode_challenge(*s.pending));
+    b.del(storage::cf::tpm_challenges, pending_key(registration_id));
+    s.cleanse();
+    auto err = write(b);
+    moved = !err;
+    return err;
   }
 
 private:
-  error read(std::string_view registration_id,
-             std::optional<attestation::tpm_challenge>& out) const {
-    out.reset();
-    std::optional<std::string> raw;
-    if (auto err = ctx_.store->get(storage::cf::tpm_challenges,
-                                   enrollment::key_of(registration_id), raw))
+  static std::string pending_key(std::string_view registration_id) {
+    return enrollment::key_of(registration_id) + "/pending";
+  }
+
+  error write(const storage::write_batch& b) const {
+    return ctx_.kafka() ? ctx_.repl->write_enrollments(b)
+                        : ctx_.store->write(b, storage::store::durability::replayable);
+  }
+
+  error read(std::string_view registration_id, attestation::tpm_slots& out) const {
+    out = attestation::tpm_slots{};
+    std::optional<std::string> raw, pending;
+    const std::string key = enrollment::key_of(registration_id);
+    if (auto err = ctx_.store->get(storage::cf::tpm_challenges, key, raw))
+      return err;
+    if (auto err = ctx_.store->get(storage::cf::tpm_challenges, key + "/pending", pending))
       return err;
     attestation::tpm_challenge c;
-    if (raw && attestation::decode_challenge(*raw, c)) // unreadable: as if none
-      out = std::move(c);
+    // Unreadable: as if none. A record at the id's key that is not answered
+    // was written before the pending slot existed: it is the pending one.
+    if (raw && attestation::decode_challenge(*raw, c))
+      (c.answered ? out.answered : out.pending) = std::move(c);
+    if (pending && attestation::decode_challenge(*pending, c))
+      out.pending = std::move(c);
     return {};
   }
 
   const engine_context& ctx_;
+  mutable std::mutex mtx_; ///< makes promote() a compare-and-set against issue()
+  mutable once_per_interval catch_ups_{std::chrono::seconds(5)};
 };
 
 } // namespace

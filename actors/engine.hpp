@@ -97,6 +97,14 @@ public:
   [[nodiscard]] virtual error tpm_authentication_key(const std::string& registration_id,
                                                      const std::string& operation_id,
                                                      std::string& out) = 0;
+  using key_cb = std::function<void(error, std::string /*authenticationKey*/)>;
+  /// The same, made on the engine's TPM worker thread (`cb` runs there; on
+  /// the caller's thread when the worker's queue is full, and with
+  /// unavailable when it stopped): for
+  /// a caller on a thread that must not do the store reads and RSA work,
+  /// such as the registration stage's, which answers every register.
+  virtual void tpm_authentication_key(std::string registration_id, std::string operation_id,
+                                      key_cb cb) = 0;
 
   // -- service API -------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 #include "gateway/device_api.hpp"
 
+#include <cstdio>
+
 #include <nlohmann/json.hpp>
 
 #include "messages/ascii.hpp"
@@ -34,20 +36,44 @@ bool minimal_register_body(std::string_view body, std::string_view& id) {
 /// A TPM device's assigned result also carries
 /// registrationState.tpm.authenticationKey (its IoT Hub key, for the TPM to
 /// import; the C and Node SDKs require it). `text` is an operation status
-/// (`nested`) or a registration state. On failure the text stays as it is.
-void add_tpm_key(engine& eng, const registration_state& st, const std::string& operation_id,
-                 bool nested, std::string& text) {
-  if (st.attestation_type != "tpm" || st.status != registration_status::assigned)
-    return;
-  std::string key;
-  if (eng.tpm_authentication_key(st.registration_id, operation_id, key))
-    return;
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded())
-    return;
+/// (`nested`) or a registration state. Without the key the device cannot
+/// use its assignment, so a failure is the answer (and logged), never a
+/// result silently missing the key.
+bool needs_tpm_key(const registration_state& st) {
+  return st.attestation_type == "tpm" && st.status == registration_status::assigned;
+}
+
+[[nodiscard]] error with_tpm_key(error err, std::string key, const registration_state& st,
+                                 const std::string& operation_id, bool nested,
+                                 std::string& text) {
+  json j;
+  if (!err) {
+    j = json::parse(text, nullptr, false);
+    if (j.is_discarded())
+      err = {error_code::internal, "the assigned result is not JSON"};
+  }
+  if (err) {
+    std::fprintf(stderr,
+                 "provisiond: TPM device '%s' (operation %s): no tpm.authenticationKey for its "
+                 "assigned result: %s\n",
+                 st.registration_id.c_str(), operation_id.c_str(), err.message.c_str());
+    return {err.code, "the TPM device's authenticationKey cannot be made: " + err.message};
+  }
   json& rs = nested ? j["registrationState"] : j;
   rs["tpm"] = {{"authenticationKey", std::move(key)}};
   text = j.dump();
+  return {};
+}
+
+/// For polls and status lookups, on the calling (I/O) thread.
+[[nodiscard]] error add_tpm_key(engine& eng, const registration_state& st,
+                                const std::string& operation_id, bool nested,
+                                std::string& text) {
+  if (!needs_tpm_key(st))
+    return {};
+  std::string key;
+  error err = eng.tpm_authentication_key(st.registration_id, operation_id, key);
+  return with_tpm_key(std::move(err), std::move(key), st, operation_id, nested, text);
 }
 
 device_answer ok(int status, std::string body, int retry_after_s = 0) {
@@ -138,7 +164,8 @@ void device_api::handle(device_call call, const answer_fn& answer) {
       return fail(err);
     const bool pending = st.status == registration_status::assigning;
     auto text = operation_status_text(*call.operation_id, st);
-    add_tpm_key(eng_, st, *call.operation_id, true, text);
+    if (auto err = add_tpm_key(eng_, st, *call.operation_id, true, text))
+      return fail(err);
     return answer(ok(pending ? 202 : 200, std::move(text), pending ? retry_after_s_ : 0));
   }
   if (call.body_framing)
@@ -195,7 +222,8 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (auto err = eng_.registration(call.registration_id, st))
       return fail(err);
     auto text = to_json_text(st);
-    add_tpm_key(eng_, st, st.last_operation_id, false, text);
+    if (auto err = add_tpm_key(eng_, st, st.last_operation_id, false, text))
+      return fail(err);
     return answer(ok(200, std::move(text)));
   }
   rr.force_registration = call.force_registration;
@@ -211,8 +239,8 @@ void device_api::handle(device_call call, const answer_fn& answer) {
 
 void device_api::register_device(register_request rr, const device_call& call,
                                  const answer_fn& answer) {
-  // The reply runs on the registration stage's thread: for a TPM device the
-  // result's blob is made there (two RSA public-key operations).
+  // The reply runs on the registration stage's thread (or, for a TPM
+  // challenge, the engine's TPM worker).
   eng_.register_device(std::move(rr), [eng = &eng_, answer, tracking = call.tracking_id,
                                        retry_after = retry_after_s_](register_reply r) {
     if (r.err) {
@@ -230,8 +258,19 @@ void device_api::register_device(register_request rr, const device_call& call,
       // official SDK (Node, C, Python, embedded C) accepts it on register.
     {
       auto text = operation_status_text(r.operation_id, *r.state);
-      add_tpm_key(*eng, *r.state, r.operation_id, true, text);
-      return answer(ok(200, std::move(text)));
+      if (!needs_tpm_key(*r.state))
+        return answer(ok(200, std::move(text)));
+      // This runs on the registration stage's thread, which answers every
+      // register: the key's store reads and RSA work go to the engine's
+      // TPM worker, which answers.
+      return eng->tpm_authentication_key(
+        r.state->registration_id, r.operation_id,
+        [answer, tracking, state = r.state, op = r.operation_id,
+         text = std::move(text)](error err, std::string key) mutable {
+          if (auto e = with_tpm_key(std::move(err), std::move(key), *state, op, true, text))
+            return answer(failure(e, tracking));
+          answer(ok(200, std::move(text)));
+        });
     }
     // Otherwise always "assigning" on the 202 (Node and Python treat
     // `disabled` in a 2xx as unknown); the first poll reports the rest.

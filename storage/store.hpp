@@ -29,7 +29,9 @@ enum class cf : uint8_t {
   operations,    ///< operation id -> operation record JSON
   pending,       ///< operation id -> "" for accepted, unfinished operations
   outbox,        ///< big-endian uint64 sequence -> assignment event JSON
-  tpm_challenges, ///< lower(registration id) -> outstanding TPM challenge (binary)
+  /// lower(registration id) -> answered TPM challenge, lower(id) + "/pending"
+  /// -> the pending one (binary, actors/attestation/tpm.hpp)
+  tpm_challenges,
   certificates,  ///< lower(CA name) -> CA certificate store entry JSON
 };
 inline constexpr int cf_count = 9;
@@ -105,7 +107,8 @@ public:
     synced, ///< fsync'd WAL (when store_options::sync): survives a machine crash
     /// In the WAL, not fsync'd: survives kill -9 but not a machine crash. Only
     /// for state rebuilt from elsewhere (Kafka tables) whose read position is
-    /// in the same batch, so a lost tail is re-applied on the next start.
+    /// in the same batch, so a lost tail is re-applied on the next start;
+    /// and embedded TPM challenges, which a device asks for again.
     replayable,
   };
 

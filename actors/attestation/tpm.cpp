@@ -97,7 +97,7 @@ private:
     if (blob.empty())
       return verdict::rejected(error_code::bad_request, why);
     // Saved before the device can see it: an answer always finds its state.
-    auto err = store_.save(registration_id_, c);
+    auto err = store_.issue(registration_id_, c);
     OPENSSL_cleanse(c.key.data(), c.key.size());
     if (err)
       return verdict::rejected(error_code::storage_failure, std::move(err.message));
@@ -119,43 +119,60 @@ private:
   }
 
   verdict answer(const enrollment::enrollment_view& v, const std::string& ek_digest) const {
-    std::optional<tpm_challenge> c;
-    if (auto err = store_.load(registration_id_, c))
+    tpm_slots s;
+    if (auto err = store_.load(registration_id_, s))
       return verdict::rejected(error_code::storage_failure, std::move(err.message));
-    if (!c)
+    verdict r = answer(v, ek_digest, s);
+    s.cleanse();
+    return r;
+  }
+
+  verdict answer(const enrollment::enrollment_view& v, const std::string& ek_digest,
+                 const tpm_slots& s) const {
+    if (s.empty())
       return refused("no TPM challenge is outstanding for this registration id: register "
                      "without Authorization first");
-    if (!crypto::equal_constant_time(c->ek_digest, ek_digest))
-      return refused("the TPM challenge was made for another endorsement key: register "
-                     "without Authorization for a new one");
-    const bool ok = signature_matches_raw(*sas, c->key);
-    OPENSSL_cleanse(c->key.data(), c->key.size());
-    if (!ok)
+    // A register answers the pending challenge; polls and status lookups
+    // follow the answered one. The other slot only words the refusal.
+    const auto& mine = registering_ ? s.pending : s.answered;
+    const auto& other = registering_ ? s.answered : s.pending;
+    bool other_ek = false;
+    auto signed_with = [&](const std::optional<tpm_challenge>& c) {
+      if (!c)
+        return false;
+      if (!crypto::equal_constant_time(c->ek_digest, ek_digest)) {
+        other_ek = true;
+        return false;
+      }
+      return signature_matches_raw(*sas, c->key);
+    };
+    if (!signed_with(mine)) {
+      if (signed_with(other))
+        return refused(registering_
+                         ? "the TPM challenge was already answered (a replay): register "
+                           "without Authorization for a new one"
+                         : "the TPM challenge has not been answered by a register yet");
+      if (other_ek)
+        return refused("the TPM challenge was made for another endorsement key: register "
+                       "without Authorization for a new one");
       return refused("signature mismatch: the token is not signed with the key of this "
                      "registration id's TPM challenge");
-    if (registering_ && c->answered)
-      return refused("the TPM challenge was already answered (a replay): register without "
-                     "Authorization for a new one");
-    // Polls and status lookups of the registration it started may follow
-    // after the challenge's expiry (the token's own expiry bounds them).
-    if (!c->answered && now_s_ > c->expires_s)
-      return refused("the TPM challenge expired " + std::to_string(now_s_ - c->expires_s)
-                     + " s ago: register without Authorization for a new one");
-    if (!c->answered && !registering_)
-      return refused("the TPM challenge has not been answered by a register yet");
+    }
     if (registering_) {
-      // Two registers racing with one answer both pass this; the registration
-      // stage makes them one operation.
-      std::optional<tpm_challenge> again;
-      if (auto err = store_.load(registration_id_, again))
+      // Polls and status lookups of the registration it started may follow
+      // after the challenge's expiry (the token's own expiry bounds them).
+      if (now_s_ > mine->expires_s)
+        return refused("the TPM challenge expired " + std::to_string(now_s_ - mine->expires_s)
+                       + " s ago: register without Authorization for a new one");
+      // Compare-and-set: only the challenge whose key was just verified is
+      // marked answered. Another register may have replaced it (a new
+      // challenge) or answered it since it was loaded.
+      bool moved = false;
+      if (auto err = store_.promote(registration_id_, mine->key, moved))
         return verdict::rejected(error_code::storage_failure, std::move(err.message));
-      if (!again)
-        return refused("the TPM challenge was withdrawn");
-      again->answered = true;
-      auto err = store_.save(registration_id_, *again);
-      OPENSSL_cleanse(again->key.data(), again->key.size());
-      if (err)
-        return verdict::rejected(error_code::storage_failure, std::move(err.message));
+      if (!moved)
+        return refused("the TPM challenge was answered or replaced by a concurrent register: "
+                       "register without Authorization for a new one");
     }
     return verdict::accepted(attestation_type::tpm, v.enabled);
   }
@@ -179,6 +196,12 @@ std::string encode_challenge(const tpm_challenge& c) {
   tpm2::put_2b(out, c.key);
   tpm2::put_2b(out, c.srk);
   return out;
+}
+
+void tpm_slots::cleanse() noexcept {
+  for (auto* c : {&pending, &answered})
+    if (*c)
+      OPENSSL_cleanse((*c)->key.data(), (*c)->key.size());
 }
 
 std::string hub_key(const tpm_challenge& c, std::string_view operation_id) {

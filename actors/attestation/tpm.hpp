@@ -8,7 +8,12 @@
 //
 // The challenge's state is kept through a challenge_store (the engine's is
 // the `tpm_challenges` column family): single-use for registers, bound to
-// the registration id and the EK, and it expires.
+// the registration id and the EK, and it expires. Two slots per
+// registration id: the pending challenge (issued, not answered) and the
+// answered one (what polls, status lookups and the result's key use). A
+// register without Authorization replaces only the pending one: EKs are
+// public, so anyone may ask for a challenge, but that must not take an
+// assigned device's key away.
 
 #include <cstdint>
 #include <memory>
@@ -44,15 +49,31 @@ std::string hub_key(const tpm_challenge& c, std::string_view operation_id);
 std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
                                       std::string_view operation_id, std::string& why);
 
+/// A registration id's challenges.
+struct tpm_slots {
+  std::optional<tpm_challenge> pending;  ///< issued, not answered yet
+  std::optional<tpm_challenge> answered; ///< the one a register was accepted with
+  bool empty() const noexcept { return !pending && !answered; }
+  /// Wipes the keys (call before the slots go out of scope).
+  void cleanse() noexcept;
+};
+
 /// Where challenges live, keyed by registration id (the caller lower-cases
 /// nothing: implementations key case-insensitively, as enrollments are).
 class challenge_store {
 public:
   virtual ~challenge_store() = default;
-  [[nodiscard]] virtual error load(std::string_view registration_id,
-                                   std::optional<tpm_challenge>& out) const = 0;
-  [[nodiscard]] virtual error save(std::string_view registration_id,
-                                   const tpm_challenge& c) const = 0;
+  [[nodiscard]] virtual error load(std::string_view registration_id, tpm_slots& out) const = 0;
+  /// Stores a new pending challenge; the answered one stays.
+  [[nodiscard]] virtual error issue(std::string_view registration_id,
+                                    const tpm_challenge& c) const = 0;
+  /// Compare-and-set: the pending challenge becomes the answered one (the
+  /// previous answered one is dropped) only while it is still the one whose
+  /// key is `verified_key` (compared in constant time); else `moved` is
+  /// false and nothing changes. Atomic against this store's other writes in
+  /// this process.
+  [[nodiscard]] virtual error promote(std::string_view registration_id,
+                                      std::string_view verified_key, bool& moved) const = 0;
 };
 
 class tpm final : public mechanism {

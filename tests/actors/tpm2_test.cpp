@@ -256,3 +256,55 @@ TEST_CASE("tpm2: registration id of an EK is lower-case base32 of its SHA-256, u
   CHECK(id == "4oymiquy7qobjgx36tejs35zeqt24qpemsnzgtfeswmrw6csxbkq");
   CHECK(id.size() == 52);
 }
+
+TEST_CASE("tpm2: known answers for KDFa, MakeCredential and Duplicate (fixed seeds)") {
+  // Expected bytes from tests/actors/tpm2_kat.py: NIST SP 800-108 KBKDF and
+  // AES-CFB from python3-cryptography, the structures from TPM 2.0 Part 1
+  // §24 and §23.3.2 — none of it this code. The RSA-OAEP parts are random
+  // by design (their sizes are checked; swtpm opens them in tpm_test.cpp).
+  auto bytes = [](std::string_view hex) {
+    std::string out;
+    for (std::size_t i = 0; i + 1 < hex.size(); i += 2)
+      out.push_back(static_cast<char>(std::stoi(std::string(hex.substr(i, 2)), nullptr, 16)));
+    return out;
+  };
+  auto range = [](int from, int to) {
+    std::string out;
+    for (int c = from; c < to; ++c)
+      out.push_back(static_cast<char>(c));
+    return out;
+  };
+  const auto srk_name = bytes(swtpm_srk_name);
+  const auto seed = range(0x40, 0x60);
+  CHECK(crypto::hex(tpm2::kdfa_sha256(seed, "STORAGE", srk_name, {}, 128))
+        == "7a2f490d94a077d42b1240e7c88083c4");
+  CHECK(crypto::hex(tpm2::kdfa_sha256(seed, "INTEGRITY", {}, {}, 256))
+        == "01927eb72a10a617a5f9166fc789e6a5acbac94d27180042441cada7147483e2");
+  // Three HMAC blocks, cut to 65 bytes; the contexts concatenated.
+  CHECK(crypto::hex(tpm2::kdfa_sha256(seed, "XYZ", "u", "v", 520))
+        == "533951df0ad03591786f39aeb99614c3963f81ecab391489eaffe1b70d2ef04a1694746a1d2281698ff5"
+           "0663fd5303215c95af87d44862b26ed3632ccf4970a61e");
+
+  tpm2::rsa_public ek, srk;
+  REQUIRE(tpm2::parse_rsa_public(b64d(swtpm_ek_b64), "ek", ek).empty());
+  REQUIRE(tpm2::parse_rsa_public(b64d(swtpm_srk_b64), "srk", srk).empty());
+  tpm2::credential_blob cred;
+  REQUIRE(tpm2::make_credential(ek, range(0x10, 0x20), srk_name, seed, cred));
+  CHECK(crypto::hex(cred.id_object)
+        == "0034002022f5a3cb7feb9dc7a10b6beb7062c84de3c097a89172e5e688261d8e00ed4ae0079f5b9357e1"
+           "616633f3b2c25ea2f0035fcb");
+  CHECK(cred.encrypted_secret.size() == 2 + 256);
+
+  tpm2::duplicate dup;
+  REQUIRE(tpm2::duplicate_hmac_key(srk, range(0xa0, 0xc0), range(0x70, 0x80),
+                                   range(0xc0, 0xe0), range(0x20, 0x40), dup));
+  CHECK(crypto::hex(dup.public_area)
+        == "00300008000b0004044000000005000b002052a99494101a15fdcdd865dd0025781bb6db7b8311f22f7e"
+           "9332538950c55d2a");
+  CHECK(crypto::hex(dup.private_blob)
+        == "008e0020c830fceac77a23bd3c82b6955c3a61383868ae16e9134b68cefbc688b1eac7fa92e17c4ef8d2"
+           "b38413ac3185f25be7b9f538f6f572f91a8c3a057b433efb45193566f47deaf091a769c8dd8bbcd64a1c"
+           "47c3c23373874707f8f4f44973c51c17dccafaed67963bf03b1e0123f92f0b4eed70f5814b0eea504084"
+           "4668b8a2ffcd19a0f751b9035645996fbf1d");
+  CHECK(dup.encrypted_seed.size() == 2 + 256);
+}

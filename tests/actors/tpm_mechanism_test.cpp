@@ -4,7 +4,9 @@
 
 #include <doctest/doctest.h>
 
+#include <functional>
 #include <map>
+#include <utility>
 #include <memory>
 #include <string>
 
@@ -40,26 +42,39 @@ constexpr int64_t ttl = 300;
 
 class memory_store final : public challenge_store {
 public:
-  error load(std::string_view id, std::optional<tpm_challenge>& out) const override {
-    out.reset();
+  error load(std::string_view id, tpm_slots& out) const override {
+    out = tpm_slots{};
     auto it = map.find(std::string(id));
-    if (it != map.end()) {
-      tpm_challenge c;
-      REQUIRE(decode_challenge(it->second, c));
-      out = c;
-    }
+    if (it != map.end())
+      out = it->second;
+    if (after_load) // once: what a concurrent request does in between
+      std::exchange(after_load, nullptr)();
     return {};
   }
-  error save(std::string_view id, const tpm_challenge& c) const override {
-    map[std::string(id)] = encode_challenge(c);
+  error issue(std::string_view id, const tpm_challenge& c) const override {
+    map[std::string(id)].pending = c;
     return {};
   }
+  error promote(std::string_view id, std::string_view verified_key, bool& moved) const override {
+    moved = false;
+    auto& s = map[std::string(id)];
+    if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key))
+      return {};
+    s.answered = std::move(s.pending);
+    s.answered->answered = true;
+    s.pending.reset();
+    moved = true;
+    return {};
+  }
+  const tpm_slots& slots(const std::string& id = reg) const { return map.at(id); }
+  /// The pending challenge, else the answered one.
   tpm_challenge get(const std::string& id = reg) const {
-    tpm_challenge c;
-    REQUIRE(decode_challenge(map.at(id), c));
-    return c;
+    const auto& s = map.at(id);
+    REQUIRE((s.pending || s.answered));
+    return s.pending ? *s.pending : *s.answered;
   }
-  mutable std::map<std::string, std::string> map;
+  mutable std::map<std::string, tpm_slots> map;
+  mutable std::function<void()> after_load;
 };
 
 request_facts facts(int64_t now, bool registering = true) {
@@ -130,6 +145,7 @@ TEST_CASE("tpm mechanism: challenge, answer, replay, polls") {
   CHECK(ok.is_accepted());
   CHECK(ok.type == attestation_type::tpm);
   CHECK(store.get().answered);
+  CHECK_FALSE(store.slots().pending);
   check_refused(run(m, answer(saved.key, t0), t0 + 11), "already answered (a replay)");
   // Polls keep working after the challenge's expiry (the token bounds them).
   CHECK(run(m, answer(saved.key, t0), t0 + ttl + 100, false).is_accepted());
@@ -154,6 +170,7 @@ TEST_CASE("tpm mechanism: expiry, another EK, no challenge, groups") {
   check_refused(run(m, sas_only, t0 + 1, true, enrolled(srk_b64)), "another endorsement key");
   // No challenge stored.
   store.map.clear();
+  check_refused(run(m, sas_only, t0 + 1, false), "no TPM challenge is outstanding");
   check_refused(run(m, sas_only, t0 + 1), "no TPM challenge is outstanding");
   // TPM is individual-only.
   std::unique_ptr<proof> p;
@@ -222,4 +239,53 @@ TEST_CASE("tpm mechanism: the result's hub key is one per operation, in a fresh 
   no_srk.srk.clear();
   CHECK(result_authentication_key(no_srk, ek, "op-1", why).empty());
   CHECK(why.find("storageRootKey") != std::string::npos);
+}
+
+TEST_CASE("tpm mechanism: a register without Authorization leaves the answered challenge alone") {
+  memory_store store;
+  tpm m(store, ttl, 3600 * 24, 300);
+  REQUIRE(run(m, first(), t0).result == verdict::outcome::challenge);
+  const auto a = store.get().key;
+  REQUIRE(run(m, answer(a, t0), t0 + 1).is_accepted());
+  // Anyone knowing the id and the (public) EK asks for a new challenge.
+  REQUIRE(run(m, first(), t0 + 2).result == verdict::outcome::challenge);
+  REQUIRE(store.slots().pending);
+  REQUIRE(store.slots().answered);
+  const auto b = store.slots().pending->key;
+  CHECK(b != a);
+  CHECK(store.slots().answered->key == a);
+  // The device's polls and status lookups still verify with its key...
+  CHECK(run(m, answer(a, t0), t0 + 3, false).is_accepted());
+  // ...its old answer is still a replay, not a mismatch...
+  check_refused(run(m, answer(a, t0), t0 + 4), "already answered (a replay)");
+  // ...and the new challenge's key is not good for polls until answered.
+  check_refused(run(m, answer(b, t0), t0 + 5, false), "not been answered by a register yet");
+  // Answering the new one replaces the answered one.
+  REQUIRE(run(m, answer(b, t0 + 2), t0 + 6).is_accepted());
+  CHECK(store.slots().answered->key == b);
+  CHECK_FALSE(store.slots().pending);
+  check_refused(run(m, answer(a, t0), t0 + 7, false), "signature mismatch");
+}
+
+TEST_CASE("tpm mechanism: an answer marks only the challenge it verified (compare-and-set)") {
+  memory_store store;
+  tpm m(store, ttl, 3600 * 24, 300);
+  REQUIRE(run(m, first(), t0).result == verdict::outcome::challenge);
+  const auto a = store.get().key;
+  // Between the answer's load and its mark, another register replaces the
+  // pending challenge with B.
+  std::string b;
+  store.after_load = [&] {
+    REQUIRE(run(m, first(), t0 + 1).result == verdict::outcome::challenge);
+    b = store.slots().pending->key;
+  };
+  check_refused(run(m, answer(a, t0), t0 + 2), "answered or replaced by a concurrent register");
+  REQUIRE_FALSE(b.empty());
+  // B is still pending, unanswered; nothing was marked.
+  REQUIRE(store.slots().pending);
+  CHECK(store.slots().pending->key == b);
+  CHECK_FALSE(store.slots().pending->answered);
+  CHECK_FALSE(store.slots().answered);
+  // B's own answer works.
+  CHECK(run(m, answer(b, t0 + 1), t0 + 3).is_accepted());
 }

@@ -21,6 +21,7 @@
 
 #include "actors/allocation/policy.hpp"
 #include "actors/attestation/sas_token.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/engine.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
@@ -71,7 +72,22 @@ public:
     return inner_->last_key(f, out);
   }
   using storage::store::write;
-  error write(const storage::write_batch& b, durability d) override { return inner_->write(b, d); }
+  error write(const storage::write_batch& b, durability d) override {
+    for (const auto& op : b.ops())
+      if (op.family == storage::cf::tpm_challenges) {
+        std::lock_guard<std::mutex> g{tpm_mu};
+        tpm_writes.push_back({d, std::this_thread::get_id()});
+        break;
+      }
+    return inner_->write(b, d);
+  }
+  /// Every synchronous write of TPM challenges: how durable, on which thread.
+  struct tpm_write {
+    durability d;
+    std::thread::id thread;
+  };
+  mutable std::mutex tpm_mu;
+  std::vector<tpm_write> tpm_writes;
   void commit(storage::write_batch b, done_fn done) override { inner_->commit(std::move(b), std::move(done)); }
   void close() override { inner_->close(); }
   storage::commit_stats stats() const override { return inner_->stats(); }
@@ -360,3 +376,115 @@ TEST_CASE("engine: a policy that answers later, from another thread, assigns the
 }
 
 } // TEST_SUITE
+
+namespace {
+
+// swtpm-made (tests/actors/tpm2_test.cpp).
+const std::string tpm_ek_b64 =
+  "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAxmrFUdoY1MPm0Rpo"
+  "gThkG6Geb31LV3sxI0bjsO3+nwsjfyRhcz55/JkJYdTg0wW5/X/00itnngirrF3G9IpUsjm0goeY5awie0Dmvb4xD5ajTzGc"
+  "nTrQqbbHqG1DucxbBdPVZYu1fZKVDLIoDpPxbwFnFpdmId4zkHz55Ko78OLDfq3RzNDLBwsvo1wEhTHdOhbTknLVPrw1ghAe"
+  "efgQoVKhznEzCjb8MpsqXkx4p9cbZlfb9+3RoRrkyfvQaORvYqBk1JbkmE2GulFUH6Fs5FPfqqZu4BTjDIxSYndinkM+LKgT"
+  "WsM0GvUilF2zn/FoWypQ+UmW/z0dRuEEJsQzIQ==";
+const std::string tpm_srk_b64 =
+  "ARoAAQALAAMAcgAAAAYAgABDABAIAAAAAAABAKQjHxCYhlmqe1ls9pMO/i/PLRKXwRRa+nirOm5Yb9ccnLyzLjcdTC/sebI+"
+  "SMCqYmBAAgQlbZIzHhI3o3chdbmX5Fs5BgPQwD2jfOAWstGsTLS85E830vBjQh/YwF5mFunfuLlPldt5di0JD7DBde63n2Ko"
+  "qkHsV1RpOSKWl9AvfYHG3tCuXGpezy/WYvP2LHbguaASbx7vtCI7HG5ZAloo6y/n7YXCHLaxNVHCQp6CwuoyXodygihQVRIE"
+  "doYRy5fb/mABBYhKodvZsmjKCp0pYJQLadYHgfZgOtY16DW4+Zhb9GiCaAC/awtGhFG/O/A6HmH9sifnmZAguL/yrFU=";
+
+} // namespace
+
+TEST_CASE("engine: TPM registers run off the caller's thread; challenges are not fsync'd") {
+  temp_dir dir;
+  auto store = open_store(dir);
+  auto opts = options(store.get());
+  opts.cfg.hubs = {{"hub-a.example.net", 1, true, ""}};
+  std::unique_ptr<engine> eng;
+  REQUIRE(!engine::start(std::move(opts), eng));
+  const std::string id = "tpm-engine";
+  REQUIRE(!put(*eng, enrollment::kind::individual, id,
+               R"({"attestation":{"type":"tpm","tpm":{"endorsementKey":")" + tpm_ek_b64
+                 + R"("}}})"));
+  const auto caller = std::this_thread::get_id();
+  struct answered {
+    register_reply reply;
+    std::thread::id thread;
+  };
+  auto call = [&](device_credential cred) {
+    register_request req;
+    req.id_scope = scope;
+    req.registration_id = id;
+    req.credential = std::move(cred);
+    std::promise<answered> replied;
+    eng->register_device(req, [&replied](register_reply r) {
+      replied.set_value({std::move(r), std::this_thread::get_id()});
+    });
+    auto f = replied.get_future();
+    REQUIRE(f.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
+    return f.get();
+  };
+  // 1. The challenge: issued on the TPM worker, not on the caller's (a
+  //    gateway I/O thread's) thread, and its write is not synced.
+  auto c = call(tpm_credential{tpm_ek_b64, tpm_srk_b64, ""});
+  CHECK(c.reply.err.code == error_code::unauthorized);
+  CHECK_FALSE(c.reply.challenge.empty());
+  CHECK(c.thread != caller);
+  {
+    std::lock_guard<std::mutex> g{store->tpm_mu};
+    REQUIRE(store->tpm_writes.size() == 1);
+    CHECK(store->tpm_writes[0].d == storage::store::durability::replayable);
+    CHECK(store->tpm_writes[0].thread != caller);
+  }
+  // The key, as the TPM would import it (read from the pending slot).
+  std::optional<std::string> raw;
+  REQUIRE(!store->get(storage::cf::tpm_challenges, id + "/pending", raw));
+  REQUIRE(raw);
+  attestation::tpm_challenge ch;
+  REQUIRE(attestation::decode_challenge(*raw, ch));
+  const auto sas = attestation::make_sas(std::string(scope) + "/registrations/" + id,
+                                         crypto::base64_encode(ch.key),
+                                         now_ms() / 1000 + 3600, "registration");
+  // 2. The answer with only the SAS (no tpm body): found to be TPM after the
+  //    enrollment read, handed to the worker too; accepted.
+  auto a = call(credential_of_authorization(sas));
+  CHECK_MESSAGE(!a.reply.err, a.reply.err.message);
+  CHECK(a.thread != caller);
+  {
+    std::lock_guard<std::mutex> g{store->tpm_mu};
+    REQUIRE(store->tpm_writes.size() == 2);
+    CHECK(store->tpm_writes[1].d == storage::store::durability::replayable);
+    CHECK(store->tpm_writes[1].thread != caller);
+  }
+  // Its polls authenticate with it (synchronously: a point read).
+  register_request poll;
+  poll.id_scope = scope;
+  poll.registration_id = id;
+  poll.credential = credential_of_authorization(sas);
+  auto err = eng->authenticate_device(poll);
+  CHECK_MESSAGE(!err, err.message);
+  // The result's key, made on the worker too (the gateway asks from the
+  // registration stage's thread).
+  std::promise<std::pair<error, std::thread::id>> keyed;
+  std::string key;
+  eng->tpm_authentication_key(id, a.reply.operation_id, [&](error e, std::string k) {
+    key = std::move(k);
+    keyed.set_value({std::move(e), std::this_thread::get_id()});
+  });
+  auto kf = keyed.get_future();
+  REQUIRE(kf.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
+  auto [kerr, kthread] = kf.get();
+  CHECK_MESSAGE(!kerr, kerr.message);
+  CHECK(kthread != caller);
+  CHECK(crypto::base64_decode(key).value_or("").size() > 500); // an activation blob
+  // 3. Someone else asks for a challenge with the (public) EK: the answered
+  //    one stays, so polls and the result's key keep working.
+  auto again = call(tpm_credential{tpm_ek_b64, tpm_srk_b64, ""});
+  CHECK(again.reply.err.code == error_code::unauthorized);
+  err = eng->authenticate_device(poll);
+  CHECK_MESSAGE(!err, err.message);
+  std::string key2;
+  err = eng->tpm_authentication_key(id, a.reply.operation_id, key2);
+  CHECK_MESSAGE(!err, err.message);
+  CHECK_FALSE(key2.empty());
+  eng->shutdown();
+}

@@ -532,7 +532,10 @@ private:
       if (next_packet_id_ == 0)
         next_packet_id_ = 1;
     }
-    send(mqtt::encode_publish(topic, a.body, sub_qos_, id));
+    auto pkt = mqtt::encode_publish(topic, a.body, sub_qos_, id);
+    if (pkt.empty()) // cannot happen with $rid capped; never send a corrupt packet
+      return violation("unknown_topic", "the response topic does not fit an MQTT string");
+    send(std::move(pkt));
   }
 
   tcp::socket sock_;

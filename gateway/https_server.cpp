@@ -152,7 +152,7 @@ class session : public std::enable_shared_from_this<session> {
 public:
   /// Holds one of `slots` for `ip` (given back when the session ends).
   session(tcp::socket&& sock, std::string ip, SSL_CTX* ctx, handler& h,
-          const server_options& opts, std::atomic<int>& answering, connection_slots& slots)
+          const server_options& opts, std::atomic<int>& answering, listener_slots& slots)
     : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx)), handler_(h),
       opts_(opts), answering_(answering), slots_(slots), ip_(std::move(ip)) {}
 
@@ -534,7 +534,7 @@ private:
   const server_options& opts_;
   std::atomic<int>& answering_; ///< the server's count of requests being answered
   bool handling_ = false;       ///< this session's request counts in answering_
-  connection_slots& slots_;
+  listener_slots& slots_;
   std::string ip_;
   std::shared_ptr<const std::vector<std::string>> peer_chain_; ///< client certificates, if any
   bool keep_alive_ = true;
@@ -653,7 +653,7 @@ private:
     if (accept_failures_++ == 0) { // once per episode
       failing_since_ = clock::now();
       std::string why = "device API: accept failed (" + ec.message() + ", "
-                        + std::to_string(slots_.open()) + " connections open); ";
+                        + std::to_string(slots_.open_total()) + " connections open); ";
       if (e == EMFILE || e == ENFILE)
         why += "out of file descriptors: lower device_api.max_connections or raise the "
                "descriptor limit (LimitNOFILE=). ";
@@ -676,7 +676,7 @@ private:
     case connection_slots::verdict::admitted:
       // The episode ends once well below the cap, so a server that sits at
       // it logs once, not on every connection that comes and goes.
-      if (refusing_ && slots_.open() <= slots_.max_total() * 9 / 10) {
+      if (refusing_ && slots_.open_total() <= slots_.max_total() * 9 / 10) {
         refusing_ = false;
         note("device API: below max_connections again; refused " + std::to_string(refused_)
                + " connections at the cap",
@@ -726,7 +726,8 @@ private:
   /// iocs_ so it outlives the sessions they own.
   std::atomic<int> answering_{0};
   /// Likewise: sessions give their slot back when the io_contexts free them.
-  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
+  connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
+  listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
   prov::net::ssl_ctx_ptr ssl_;

@@ -48,7 +48,7 @@ struct listener_context {
   device_api& api;
   SSL_CTX* ssl;
   std::atomic<int>& answering; ///< requests handed to the device API, not yet answered
-  connection_slots& slots;
+  listener_slots& slots;
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -675,7 +675,8 @@ private:
   engine& eng_;
   device_api api_;
   std::atomic<int> answering_{0};
-  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
+  connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
+  listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   prov::net::ssl_ctx_ptr ssl_;
   std::optional<listener_context> ctx_;
   std::vector<std::unique_ptr<net::io_context>> iocs_; // after what sessions reference

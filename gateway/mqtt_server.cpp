@@ -139,20 +139,43 @@ private:
     }
   }
 
+  /// Reads and handles what arrived. The answers it produces (PUBACKs,
+  /// PINGRESPs, ...) are written once per batch, not one SSL_write (one TLS
+  /// record, one syscall) per packet. After read_batch_bytes it yields, so
+  /// a client that sends without pause cannot hold the I/O thread from the
+  /// other connections on it.
   void read_some() {
+    static constexpr std::size_t read_batch_bytes = 64 * 1024;
+    std::size_t processed = 0;
+    batching_ = true;
     for (;;) {
       ERR_clear_error();
       int n = SSL_read(ssl_.get(), buf_.data(), static_cast<int>(buf_.size()));
       if (n <= 0) {
         if (!wait_for(n))
           close_now(in_.empty() ? "client" : "client_mid_packet");
-        return;
+        break;
       }
       last_rx_ = clock::now();
       in_.append(buf_.data(), static_cast<std::size_t>(n));
+      processed += static_cast<std::size_t>(n);
       if (!process_input() || phase_ == phase::closed || close_after_flush_)
-        return;
+        break;
+      if (processed >= read_batch_bytes) {
+        // OpenSSL may hold decrypted bytes the socket no longer signals:
+        // come back by a post, not by waiting for readability.
+        if (!resume_posted_) {
+          resume_posted_ = true;
+          net::post(sock_.get_executor(), [self = shared_from_this()] {
+            self->resume_posted_ = false;
+            self->pump();
+          });
+        }
+        break;
+      }
     }
+    batching_ = false;
+    flush();
   }
 
   void send(std::string bytes) {
@@ -162,8 +185,15 @@ private:
     if (pending_.size() + bytes.size() > 4 * ctx_.opts.max_packet_bytes + 65536)
       return close_now("not_reading");
     pending_ += bytes;
-    if (written_ < writing_.size())
-      return; // a write is under way; it takes the pending bytes next
+    if (!batching_)
+      flush(); // read_some() flushes once at the end of its batch
+  }
+
+  /// Starts writing the pending bytes unless a write is under way (it takes
+  /// them next).
+  void flush() {
+    if (phase_ == phase::closed || pending_.empty() || written_ < writing_.size())
+      return;
     start_write();
   }
 
@@ -554,6 +584,8 @@ private:
   bool read_waiting_ = false;
   bool write_waiting_ = false;
   bool close_after_flush_ = false;
+  bool batching_ = false;      ///< in read_some(): send() only queues
+  bool resume_posted_ = false; ///< read_some() yielded and posted pump()
   std::string in_;
   std::string writing_; ///< being written; unchanged until done
   std::size_t written_ = 0;

@@ -245,6 +245,19 @@ TEST_CASE("protocol violations close the connection and store nothing") {
     CHECK_FALSE(after_connect(mqtt::encode_publish(
       "$dps/registrations/PUT/iotdps-register/?x=1&$rid=1", reg_body, 0, 0)));
   }
+  SUBCASE("a $rid longer than 128 bytes (the response topic echoes it)") {
+    CHECK_FALSE(after_connect(
+      mqtt::encode_publish(reg_topic + std::string(129, 'r'), reg_body, 0, 0)));
+    // The longest $rid a topic can carry: a 202's response topic
+    // (with &retry-after=) would not fit an MQTT string.
+    auto near_limit = mqtt::encode_publish(
+      reg_topic + std::string(0xffff - reg_topic.size(), 'r'), reg_body, 0, 0);
+    REQUIRE_FALSE(near_limit.empty());
+    CHECK_FALSE(after_connect(near_limit));
+  }
+  SUBCASE("exactly five bytes, the fourth length byte continued") {
+    CHECK_FALSE(after_connect(std::string("\x30\xff\xff\xff\xff", 5)));
+  }
   SUBCASE("a QoS 2 register") {
     CHECK_FALSE(after_connect(mqtt::encode_publish(reg_topic + "1", reg_body, 2, 1)));
   }

@@ -483,6 +483,12 @@ int serve(const serve_args& args) {
   // Intake stops first, while the device API still answers: registers parked
   // for their outcome get it (or a 202) instead of a dropped connection.
   eng->drain();
+  // Both listeners stop taking clients before either waits up to 2 s for
+  // its answers in flight.
+  if (server)
+    server->stop_accepting();
+  if (mqtt)
+    mqtt->stop_accepting();
   if (server)
     server->stop();
   if (mqtt)

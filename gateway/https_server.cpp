@@ -590,13 +590,19 @@ public:
   std::string address() const override { return bound_.address().to_string(); }
   int open_connections() const override { return slots_.open(); }
 
-  void stop() override {
-    if (stopped_.exchange(true))
+  void stop_accepting() override {
+    if (accepting_stopped_.exchange(true))
       return;
     net::post(*iocs_[0], [this] {
       beast::error_code ignored;
       acceptor_->close(ignored);
     });
+  }
+
+  void stop() override {
+    if (stopped_.exchange(true))
+      return;
+    stop_accepting();
     // Answers already on their way are written first (up to 2 s): a
     // register parked until the engine's drain gets the 202 the drain gave
     // it, not a dropped connection.
@@ -741,6 +747,7 @@ private:
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};
+  std::atomic<bool> accepting_stopped_{false};
 };
 
 } // namespace

@@ -63,6 +63,9 @@ public:
   /// Stops accepting, lets answers already on their way be written (up to
   /// 2 s), closes connections, joins the threads. Idempotent.
   virtual void stop() = 0;
+  /// Closes the listener only (connections go on), so that several
+  /// listeners stop taking clients before stop() waits on any. Idempotent.
+  virtual void stop_accepting() = 0;
 };
 
 } // namespace prov::gateway

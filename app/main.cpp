@@ -26,6 +26,7 @@
 #include "app/identity.hpp"
 #include "app/signals.hpp"
 #include "config/config.hpp"
+#include "gateway/connection_slots.hpp"
 #include "gateway/https_server.hpp"
 #include "gateway/metrics_server.hpp"
 #include "gateway/mqtt_server.hpp"
@@ -212,7 +213,11 @@ int serve(const serve_args& args) {
   const int io_threads = cfg.device_api.threads > 0
                            ? cfg.device_api.threads
                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  const int fitting_connections = connections_within(descriptors, io_threads);
+  // The MQTT listener has as many I/O threads again (each an epoll, an
+  // eventfd and a timerfd), and shares the connection caps (below).
+  const bool mqtt_on = cfg.roles.gateway && !cfg.mqtt.listen.empty();
+  const int fitting_connections =
+    connections_within(descriptors, mqtt_on ? 2 * io_threads : io_threads);
   int max_connections = cfg.device_api.max_connections;
   if (max_connections == 0)
     max_connections = fitting_connections;
@@ -329,6 +334,11 @@ int serve(const serve_args& args) {
   sopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
   sopts.max_connections = max_connections;
   sopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
+  // One budget for both device listeners: the caps protect the descriptors
+  // of one process, whichever protocol the connections speak.
+  gateway::connection_slots device_slots{max_connections,
+                                         cfg.device_api.max_connections_per_client};
+  sopts.shared_slots = &device_slots;
   sopts.metrics = &inst;
   sopts.log = dlog.get();
   std::unique_ptr<gateway::https_server> server;
@@ -340,10 +350,11 @@ int serve(const serve_args& args) {
                    [&server] { return static_cast<double>(server->open_connections()); });
   }
 
-  // The MQTT device transport: same certificate, threads count, caps and
-  // timeouts as the HTTPS device API, on its own listener.
+  // The MQTT device transport: same certificate, threads count and timeouts
+  // as the HTTPS device API, the same connection caps (shared: one count),
+  // on its own listener.
   std::unique_ptr<gateway::mqtt_server> mqtt;
-  if (cfg.roles.gateway && !cfg.mqtt.listen.empty()) {
+  if (mqtt_on) {
     gateway::mqtt_server_options qopts;
     qopts.listen = cfg.mqtt.listen;
     qopts.cert_chain_file = cert;
@@ -357,6 +368,7 @@ int serve(const serve_args& args) {
     qopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
     qopts.max_connections = max_connections;
     qopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
+    qopts.shared_slots = &device_slots;
     qopts.metrics = &inst;
     qopts.log = dlog.get();
     if (auto err = gateway::mqtt_server::start(qopts, *eng, mqtt))
@@ -471,6 +483,12 @@ int serve(const serve_args& args) {
   // Intake stops first, while the device API still answers: registers parked
   // for their outcome get it (or a 202) instead of a dropped connection.
   eng->drain();
+  // Both listeners stop taking clients before either waits up to 2 s for
+  // its answers in flight.
+  if (server)
+    server->stop_accepting();
+  if (mqtt)
+    mqtt->stop_accepting();
   if (server)
     server->stop();
   if (mqtt)

@@ -89,7 +89,7 @@ class session : public std::enable_shared_from_this<session> {
 public:
   /// Holds one of `slots` for `ip` (given back when the session ends).
   session(tcp::socket&& sock, std::string ip, SSL_CTX* ctx, handler& h,
-          const server_options& opts, std::atomic<int>& answering, connection_slots& slots)
+          const server_options& opts, std::atomic<int>& answering, listener_slots& slots)
     : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx)), handler_(h),
       opts_(opts), answering_(answering), slots_(slots), ip_(std::move(ip)) {}
 
@@ -471,7 +471,7 @@ private:
   const server_options& opts_;
   std::atomic<int>& answering_; ///< the server's count of requests being answered
   bool handling_ = false;       ///< this session's request counts in answering_
-  connection_slots& slots_;
+  listener_slots& slots_;
   std::string ip_;
   std::shared_ptr<const std::vector<std::string>> peer_chain_; ///< client certificates, if any
   bool keep_alive_ = true;
@@ -527,13 +527,19 @@ public:
   std::string address() const override { return bound_.address().to_string(); }
   int open_connections() const override { return slots_.open(); }
 
-  void stop() override {
-    if (stopped_.exchange(true))
+  void stop_accepting() override {
+    if (accepting_stopped_.exchange(true))
       return;
     net::post(*iocs_[0], [this] {
       beast::error_code ignored;
       acceptor_->close(ignored);
     });
+  }
+
+  void stop() override {
+    if (stopped_.exchange(true))
+      return;
+    stop_accepting();
     // Answers already on their way are written first (up to 2 s): a
     // register parked until the engine's drain gets the 202 the drain gave
     // it, not a dropped connection.
@@ -590,7 +596,7 @@ private:
     if (accept_failures_++ == 0) { // once per episode
       failing_since_ = clock::now();
       std::string why = "device API: accept failed (" + ec.message() + ", "
-                        + std::to_string(slots_.open()) + " connections open); ";
+                        + std::to_string(slots_.open_total()) + " connections open); ";
       if (e == EMFILE || e == ENFILE)
         why += "out of file descriptors: lower device_api.max_connections or raise the "
                "descriptor limit (LimitNOFILE=). ";
@@ -613,7 +619,7 @@ private:
     case connection_slots::verdict::admitted:
       // The episode ends once well below the cap, so a server that sits at
       // it logs once, not on every connection that comes and goes.
-      if (refusing_ && slots_.open() <= slots_.max_total() * 9 / 10) {
+      if (refusing_ && slots_.open_total() <= slots_.max_total() * 9 / 10) {
         refusing_ = false;
         note("device API: below max_connections again; refused " + std::to_string(refused_)
                + " connections at the cap",
@@ -663,7 +669,8 @@ private:
   /// iocs_ so it outlives the sessions they own.
   std::atomic<int> answering_{0};
   /// Likewise: sessions give their slot back when the io_contexts free them.
-  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
+  connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
+  listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   std::vector<std::unique_ptr<net::io_context>> iocs_;
   std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
   prov::net::ssl_ctx_ptr ssl_;
@@ -677,6 +684,7 @@ private:
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};
+  std::atomic<bool> accepting_stopped_{false};
 };
 
 } // namespace

@@ -17,6 +17,8 @@ class diagnostic_log;
 
 namespace prov::gateway {
 
+class connection_slots;
+
 struct server_options {
   std::string listen = "0.0.0.0:8443"; ///< port 0 = ephemeral
   std::string cert_chain_file;         ///< PEM: leaf then intermediates
@@ -31,6 +33,9 @@ struct server_options {
   /// the server refuses cheaply instead of running out of descriptors.
   int max_connections = 0;
   int max_connections_per_client = 0;     ///< the same per client address; 0 = no cap
+  /// Optional: caps shared with other listeners (the MQTT one), which then
+  /// replace the two above; must outlive the server.
+  connection_slots* shared_slots = nullptr;
   metrics::instruments* metrics = nullptr; ///< optional: refusals, accept errors
   metrics::diagnostic_log* log = nullptr;  ///< optional: accept trouble, besides stderr
 };
@@ -53,6 +58,9 @@ public:
   /// Stops accepting, lets answers already handed to the handler be written
   /// (up to 2 s), closes connections, joins the threads. Idempotent.
   virtual void stop() = 0;
+  /// Closes the listener only (connections go on), so that several
+  /// listeners stop taking clients before stop() waits on any. Idempotent.
+  virtual void stop_accepting() = 0;
 };
 
 } // namespace prov::gateway

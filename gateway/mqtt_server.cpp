@@ -41,6 +41,9 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 
+/// Longest keep-alive honoured (SDKs use 60..240 s); docs/mqtt.md.
+constexpr int max_keep_alive_s = 1800;
+
 /// What every session of one listener shares.
 struct listener_context {
   const mqtt_server_options& opts;
@@ -48,7 +51,7 @@ struct listener_context {
   device_api& api;
   SSL_CTX* ssl;
   std::atomic<int>& answering; ///< requests handed to the device API, not yet answered
-  connection_slots& slots;
+  listener_slots& slots;
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -139,20 +142,46 @@ private:
     }
   }
 
+  /// Reads and handles what arrived. The answers it produces (PUBACKs,
+  /// PINGRESPs, ...) are written once per batch, not one SSL_write (one TLS
+  /// record, one syscall) per packet. After read_batch_bytes it yields, so
+  /// a client that sends without pause cannot hold the I/O thread from the
+  /// other connections on it.
   void read_some() {
+    static constexpr std::size_t read_batch_bytes = 64 * 1024;
+    // One read buffer per I/O thread, not 16 KB per (mostly idle) session:
+    // a session reads on its one thread, and in_ keeps what is left over.
+    thread_local std::array<char, 16384> buf;
+    std::size_t processed = 0;
+    batching_ = true;
     for (;;) {
       ERR_clear_error();
-      int n = SSL_read(ssl_.get(), buf_.data(), static_cast<int>(buf_.size()));
+      int n = SSL_read(ssl_.get(), buf.data(), static_cast<int>(buf.size()));
       if (n <= 0) {
         if (!wait_for(n))
           close_now(in_.empty() ? "client" : "client_mid_packet");
-        return;
+        break;
       }
       last_rx_ = clock::now();
-      in_.append(buf_.data(), static_cast<std::size_t>(n));
+      in_.append(buf.data(), static_cast<std::size_t>(n));
+      processed += static_cast<std::size_t>(n);
       if (!process_input() || phase_ == phase::closed || close_after_flush_)
-        return;
+        break;
+      if (processed >= read_batch_bytes) {
+        // OpenSSL may hold decrypted bytes the socket no longer signals:
+        // come back by a post, not by waiting for readability.
+        if (!resume_posted_) {
+          resume_posted_ = true;
+          net::post(sock_.get_executor(), [self = shared_from_this()] {
+            self->resume_posted_ = false;
+            self->pump();
+          });
+        }
+        break;
+      }
     }
+    batching_ = false;
+    flush();
   }
 
   void send(std::string bytes) {
@@ -162,8 +191,15 @@ private:
     if (pending_.size() + bytes.size() > 4 * ctx_.opts.max_packet_bytes + 65536)
       return close_now("not_reading");
     pending_ += bytes;
-    if (written_ < writing_.size())
-      return; // a write is under way; it takes the pending bytes next
+    if (!batching_)
+      flush(); // read_some() flushes once at the end of its batch
+  }
+
+  /// Starts writing the pending bytes unless a write is under way (it takes
+  /// them next).
+  void flush() {
+    if (phase_ == phase::closed || pending_.empty() || written_ < writing_.size())
+      return;
     start_write();
   }
 
@@ -191,13 +227,22 @@ private:
       }
       written_ += static_cast<std::size_t>(n);
     }
-    writing_.clear();
+    release_if_large(writing_);
     written_ = 0;
     write_deadline_.reset();
     if (!pending_.empty())
       return start_write();
     if (close_after_flush_)
       close_now(nullptr);
+  }
+
+  /// Empties `s`, and gives its memory back when a large packet or burst
+  /// grew it: idle connections should not each keep their peak.
+  static void release_if_large(std::string& s) {
+    if (s.capacity() > 64 * 1024)
+      std::string().swap(s);
+    else
+      s.clear();
   }
 
   /// Closes the connection; `reason` (when not null) is counted and logged.
@@ -306,6 +351,8 @@ private:
     if (phase_ == phase::closed)
       return false;
     in_.erase(0, off);
+    if (in_.empty())
+      release_if_large(in_);
     // A packet that started arriving must complete within the request
     // timeout (slowloris); a partial read after it does not extend it.
     if (in_.empty())
@@ -409,8 +456,11 @@ private:
     phase_ = phase::open;
     // 3.1.1 §3.1.2.10: one and a half times the keep-alive; none asked for:
     // the HTTPS idle timeout.
+    // Capped (max_keep_alive_s): a keep-alive of up to 18 h would let a
+    // device that vanished hold its connection slot for 27 h.
     keep_alive_ = c.keep_alive_s > 0
-                    ? std::chrono::milliseconds(c.keep_alive_s * 1500)
+                    ? std::chrono::milliseconds(
+                        std::min<int>(c.keep_alive_s, max_keep_alive_s) * 1500)
                     : std::chrono::milliseconds(ctx_.opts.idle_timeout_seconds * 1000);
     send(mqtt::encode_connack(false, connack_code::accepted));
     rearm();
@@ -532,7 +582,10 @@ private:
       if (next_packet_id_ == 0)
         next_packet_id_ = 1;
     }
-    send(mqtt::encode_publish(topic, a.body, sub_qos_, id));
+    auto pkt = mqtt::encode_publish(topic, a.body, sub_qos_, id);
+    if (pkt.empty()) // cannot happen with $rid capped; never send a corrupt packet
+      return violation("unknown_topic", "the response topic does not fit an MQTT string");
+    send(std::move(pkt));
   }
 
   tcp::socket sock_;
@@ -551,11 +604,12 @@ private:
   bool read_waiting_ = false;
   bool write_waiting_ = false;
   bool close_after_flush_ = false;
+  bool batching_ = false;      ///< in read_some(): send() only queues
+  bool resume_posted_ = false; ///< read_some() yielded and posted pump()
   std::string in_;
   std::string writing_; ///< being written; unchanged until done
   std::size_t written_ = 0;
   std::string pending_; ///< queued behind writing_
-  std::array<char, 16384> buf_;
   // Deadlines.
   bool timer_armed_ = false;
   clock::time_point timer_at_;
@@ -604,13 +658,19 @@ public:
   std::string address() const override { return bound_.address().to_string(); }
   int open_connections() const override { return slots_.open(); }
 
-  void stop() override {
-    if (stopped_.exchange(true))
+  void stop_accepting() override {
+    if (accepting_stopped_.exchange(true))
       return;
     net::post(*iocs_[0], [this] {
       error_code ignored;
       acceptor_->close(ignored);
     });
+  }
+
+  void stop() override {
+    if (stopped_.exchange(true))
+      return;
+    stop_accepting();
     auto deadline = clock::now() + std::chrono::seconds(2);
     while (answering_.load() > 0 && clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -672,7 +732,8 @@ private:
   engine& eng_;
   device_api api_;
   std::atomic<int> answering_{0};
-  connection_slots slots_{opts_.max_connections, opts_.max_connections_per_client};
+  connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
+  listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   prov::net::ssl_ctx_ptr ssl_;
   std::optional<listener_context> ctx_;
   std::vector<std::unique_ptr<net::io_context>> iocs_; // after what sessions reference
@@ -682,6 +743,7 @@ private:
   tcp::endpoint bound_;
   std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};
+  std::atomic<bool> accepting_stopped_{false};
 };
 
 } // namespace

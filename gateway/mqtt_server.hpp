@@ -21,6 +21,8 @@ class diagnostic_log;
 
 namespace prov::gateway {
 
+class connection_slots;
+
 struct mqtt_server_options {
   std::string listen = "0.0.0.0:8883"; ///< port 0 = ephemeral
   std::string cert_chain_file;         ///< PEM: leaf then intermediates
@@ -38,6 +40,9 @@ struct mqtt_server_options {
   int idle_timeout_seconds = 120;
   int max_connections = 0;            ///< 0 = no cap
   int max_connections_per_client = 0; ///< 0 = no cap
+  /// Optional: caps shared with the HTTPS listener (one budget of
+  /// descriptors for both), replacing the two above; must outlive the server.
+  connection_slots* shared_slots = nullptr;
   metrics::instruments* metrics = nullptr; ///< optional
   metrics::diagnostic_log* log = nullptr;  ///< optional: one line per request
 };
@@ -58,6 +63,9 @@ public:
   /// Stops accepting, lets answers already on their way be written (up to
   /// 2 s), closes connections, joins the threads. Idempotent.
   virtual void stop() = 0;
+  /// Closes the listener only (connections go on), so that several
+  /// listeners stop taking clients before stop() waits on any. Idempotent.
+  virtual void stop_accepting() = 0;
 };
 
 } // namespace prov::gateway

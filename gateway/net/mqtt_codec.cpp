@@ -136,10 +136,12 @@ frame_status read_frame(std::string_view in, std::size_t max_packet, frame& out,
     return frame_status::malformed;
   std::size_t len = 0, mult = 1, i = 1;
   for (;;) {
+    // A fifth length byte is malformed whether or not it has arrived: a
+    // fourth one continued is enough to tell.
+    if (i > 4)
+      return frame_status::malformed;
     if (i >= in.size())
       return frame_status::need_more;
-    if (i > 4)
-      return frame_status::malformed; // a fifth length byte
     auto b = static_cast<uint8_t>(in[i]);
     len += (b & 0x7fu) * mult;
     ++i;
@@ -321,6 +323,8 @@ std::string encode_pingresp() { return packet(0xd0, {}); }
 
 std::string encode_publish(std::string_view topic, std::string_view payload, uint8_t qos,
                            uint16_t packet_id) {
+  if (topic.size() > 0xffff)
+    return {}; // put_str would truncate its length: a corrupt packet
   std::string body;
   body.reserve(topic.size() + payload.size() + 4);
   put_str(body, topic);

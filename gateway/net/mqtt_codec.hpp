@@ -106,7 +106,8 @@ std::string encode_suback(uint16_t packet_id, const std::vector<uint8_t>& grante
 std::string encode_unsuback(uint16_t packet_id);
 std::string encode_puback(uint16_t packet_id);
 std::string encode_pingresp();
-/// `packet_id` is written for qos 1 only.
+/// `packet_id` is written for qos 1 only. "" (nothing to send) for a topic
+/// longer than an MQTT string can be (65535 bytes), never a corrupt packet.
 std::string encode_publish(std::string_view topic, std::string_view payload, uint8_t qos,
                            uint16_t packet_id);
 

@@ -81,6 +81,8 @@ std::string parse_request_topic(std::string_view topic, dps_request& out) {
       out.force_registration = v == "true" || v == "True";
     }
   });
+  if (out.rid.size() > max_rid_bytes)
+    return "the topic's $rid is longer than " + std::to_string(max_rid_bytes) + " bytes";
   if (out.what == dps_request::kind::poll && !op_seen)
     return "an operation status topic needs &operationId=...";
   return {};

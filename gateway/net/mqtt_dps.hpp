@@ -32,9 +32,13 @@ struct dps_request {
   bool force_registration = false;          ///< register: &forceRegistration=true
 };
 
+/// SDKs send a counter or a UUID; the cap keeps the echoed response topic
+/// well inside MQTT's 65535-byte string limit.
+inline constexpr std::size_t max_rid_bytes = 128;
+
 /// "" when `topic` is a register or an operation status topic, else why not.
-/// The query must start with `$rid=` (SDKs match responses on it); a poll
-/// must name its operationId.
+/// The query must start with `$rid=` (SDKs match responses on it), of at
+/// most max_rid_bytes; a poll must name its operationId.
 std::string parse_request_topic(std::string_view topic, dps_request& out);
 
 /// `$dps/registrations/res/{status}/?$rid={rid}[&retry-after={s}]`: `$rid`

@@ -84,6 +84,9 @@ TEST_CASE("malformed fixed headers") {
   // Remaining length: a fifth byte, and a non-minimal encoding.
   CHECK(frame_of(bytes({0x30, 0xff, 0xff, 0xff, 0xff, 0x01}), f) == frame_status::malformed);
   CHECK(frame_of(bytes({0x30, 0x80, 0x00}), f) == frame_status::malformed);
+  // Exactly five bytes, the fourth length byte continued: malformed already,
+  // not waiting for a fifth length byte that can never be valid.
+  CHECK(frame_of(bytes({0x30, 0xff, 0xff, 0xff, 0xff}), f) == frame_status::malformed);
   // Four bytes are allowed (268,435,455 at most): too large for us, known early.
   CHECK(frame_of(bytes({0x30, 0xff, 0xff, 0xff, 0x7f}), f) == frame_status::too_large);
 }
@@ -254,6 +257,35 @@ TEST_CASE("DPS request topics") {
                 .empty()); // no operation id
   CHECK_FALSE(parse_request_topic("$dps/registrations/DELETE/x/?$rid=1", x).empty());
   CHECK_FALSE(parse_request_topic("devices/dev-1/messages/events/", x).empty());
+  // $rid is capped: echoed in the response topic, which must stay a valid
+  // MQTT string.
+  dps_request r128, r129;
+  CHECK(parse_request_topic("$dps/registrations/PUT/iotdps-register/?$rid="
+                              + std::string(max_rid_bytes, 'r'),
+                            r128)
+          .empty());
+  CHECK(r128.rid.size() == max_rid_bytes);
+  CHECK_FALSE(parse_request_topic("$dps/registrations/PUT/iotdps-register/?$rid="
+                                    + std::string(max_rid_bytes + 1, 'r'),
+                                  r129)
+                .empty());
+  CHECK_FALSE(parse_request_topic("$dps/registrations/GET/iotdps-get-operationstatus/?$rid="
+                                    + std::string(70000, 'r') + "&operationId=5.a.b",
+                                  r129)
+                .empty());
+}
+
+TEST_CASE("encode_publish refuses a topic longer than an MQTT string, never truncates") {
+  CHECK(encode_publish(std::string(0x10000, 't'), "{}", 0, 0).empty());
+  CHECK(encode_publish(std::string(0x10000 + 5, 't'), "", 1, 1).empty());
+  auto max = encode_publish(std::string(0xffff, 't'), "{}", 0, 0);
+  REQUIRE_FALSE(max.empty());
+  frame f;
+  REQUIRE(frame_of(max, f, max.size()) == frame_status::ok);
+  publish_packet p;
+  REQUIRE(parse_publish(f, p).empty());
+  CHECK(p.topic.size() == 0xffff);
+  CHECK(p.payload == "{}");
 }
 
 TEST_CASE("DPS response topic: $rid first, echoed, retry-after only when set") {

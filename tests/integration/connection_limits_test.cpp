@@ -212,7 +212,8 @@ TEST_CASE("low descriptor limit: the excess is refused at once, no busy loop, re
   // Before: the server took connections until accept() failed with EMFILE,
   // then retried at once, forever: one I/O thread at 100% CPU, new clients
   // left hanging, nothing logged. Now the default cap (derived from the
-  // descriptor limit) refuses them before descriptors run out.
+  // descriptor limit) refuses them before descriptors run out. 256 minus a
+  // reserve of 64 and 3 per I/O thread (2 HTTPS, 2 MQTT): 180.
   test::server_process s;
   s.set_descriptor_limit(256); // soft = hard: the server cannot raise it
   auto dir = test::make_temp_dir("provisiond-it-conn");
@@ -235,7 +236,7 @@ TEST_CASE("low descriptor limit: the excess is refused at once, no busy loop, re
         >= r.refused);
   auto log = s.log();
   CHECK_MESSAGE(log.find("file descriptor limit 256") != std::string::npos, log);
-  CHECK_MESSAGE(count_of(log, "provisiond: WARNING: device API: 186 connections open") == 1,
+  CHECK_MESSAGE(count_of(log, "provisiond: WARNING: device API: 180 connections open") == 1,
                 log);
 }
 
@@ -314,6 +315,52 @@ TEST_CASE("max_connections and max_connections_per_client refuse the excess, oth
   b.clear();
   check_healthz(s);
   CHECK(s.log().find("connections:       at most 6, 3 per client") != std::string::npos);
+}
+
+TEST_CASE("the HTTPS and MQTT listeners share one max_connections and per-client cap") {
+  // Before: each listener had its own caps, so both together could hold
+  // twice max_connections descriptors.
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-conn");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(
+    !s.start(config_with(dir, "max_connections = 4\nmax_connections_per_client = 3"), dir),
+    s.log());
+  REQUIRE(s.mqtt_port() != 0);
+  client_ctx ctx;
+  std::vector<std::unique_ptr<tls_conn>> held;
+  auto open_up = [&](uint16_t port, const char* source) {
+    std::unique_ptr<tls_conn> c;
+    auto o = open_tls(ctx.ctx, port, source, 2000ms, c);
+    REQUIRE_MESSAGE(o == outcome::up, name(o));
+    held.push_back(std::move(c));
+  };
+  // Per client: two HTTPS and one MQTT from 127.0.0.1 use its three.
+  open_up(s.port(), "127.0.0.1");
+  open_up(s.port(), "127.0.0.1");
+  open_up(s.mqtt_port(), "127.0.0.1");
+  std::unique_ptr<tls_conn> extra;
+  auto o = open_tls(ctx.ctx, s.mqtt_port(), "127.0.0.1", 2000ms, extra);
+  CHECK_MESSAGE(o == outcome::refused, name(o));
+  // Total: a fourth from another client fills the cap, for both listeners.
+  open_up(s.mqtt_port(), "127.0.0.2");
+  o = open_tls(ctx.ctx, s.port(), "127.0.0.3", 2000ms, extra);
+  CHECK_MESSAGE(o == outcome::refused, name(o));
+  o = open_tls(ctx.ctx, s.mqtt_port(), "127.0.0.3", 2000ms, extra);
+  CHECK_MESSAGE(o == outcome::refused, name(o));
+  auto m = test::scrape(test::metrics_addr(s));
+  CHECK(test::sum(m, "dps_connections_open") == 2);
+  CHECK(test::sum(m, "dps_mqtt_connections_open") == 2);
+  CHECK(test::sum(m, "dps_connections_refused_total",
+                  {"reason=\"mqtt_max_connections_per_client\""}) == 1);
+  CHECK(test::sum(m, "dps_connections_refused_total", {"reason=\"max_connections\""}) == 1);
+  CHECK(test::sum(m, "dps_connections_refused_total", {"reason=\"mqtt_max_connections\""})
+        == 1);
+  // An MQTT connection closed frees a slot for HTTPS.
+  held.pop_back();
+  CHECK(taken_within(ctx.ctx, s.port(), "127.0.0.3", 3s));
+  held.clear();
+  check_healthz(s);
 }
 
 } // TEST_SUITE

@@ -20,6 +20,7 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
 #include <openssl/ssl.h>
 
 #include "gateway/net/mqtt_codec.hpp"
@@ -86,13 +87,33 @@ public:
       }
       REQUIRE(st == mqtt::frame_status::need_more);
       char buf[16384];
+      ERR_clear_error();
+      errno = 0; // a stale EAGAIN from an earlier call must not read as a timeout
       int n = SSL_read(ssl_, buf, sizeof buf);
       if (n <= 0) {
-        timed_out_ = errno == EAGAIN || errno == EWOULDBLOCK;
+        // SO_RCVTIMEO expiring: OpenSSL reports a retry (or a syscall error
+        // with EAGAIN); a close is ZERO_RETURN, or SYSCALL with errno 0.
+        const int e = SSL_get_error(ssl_, n);
+        const int err = errno;
+        timed_out_ = e == SSL_ERROR_WANT_READ
+                     || (e == SSL_ERROR_SYSCALL && (err == EAGAIN || err == EWOULDBLOCK));
+        ERR_clear_error();
         return std::nullopt;
       }
       in_.append(buf, static_cast<std::size_t>(n));
     }
+  }
+
+  /// One SSL_read: the bytes of at most one TLS record, i.e. of one server
+  /// write (up to 16 KB); "" when closed or timed out. Bypasses read()'s
+  /// buffer, so call it with nothing buffered.
+  std::string read_record() {
+    REQUIRE(in_.empty());
+    char buf[16384];
+    ERR_clear_error();
+    int n = SSL_read(ssl_, buf, sizeof buf);
+    ERR_clear_error();
+    return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
   }
 
   /// Reads until the server closes; true when it did (not a timeout).

@@ -62,7 +62,7 @@ struct doc_reply_fn {
 /// once the event's effect is durable (Kafka then commits the offset). Empty
 /// or a no-op on the in-process bus.
 struct event_ack {
-  transport::bus::ack_fn fn;
+  bus::stage_bus::ack_fn fn;
   void operator()() const {
     if (fn)
       fn();

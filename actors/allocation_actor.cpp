@@ -261,14 +261,14 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registrat
   if (!err)
     err = finish(*ctx, *view, ev, std::move(d), cur);
   ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));
-  auto next = transport::topic::registration_allocated;
+  auto next = bus::topic::registration_allocated;
   if (err) {
     ev.status = registration_status::failed;
     ev.error_code = static_cast<int32_t>(err.code);
     ev.error_message = err.message;
     ev.completed_ms = ctx->kafka() ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
                                    : now_ms();
-    next = transport::topic::registration_completed;
+    next = bus::topic::registration_completed;
   }
   if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
     if (ctx->opts.test_pipeline_delay_ms > 0 && !err)
@@ -403,7 +403,7 @@ void allocation_job::decided(error e, allocation::decision d) {
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
     [ctx](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
-      ctx->bus->publish(transport::topic::registration_allocated, std::move(ev));
+      ctx->bus->publish(bus::topic::registration_allocated, std::move(ev));
     },
     [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);

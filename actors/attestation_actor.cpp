@@ -223,14 +223,14 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
                     : had_credential ? ctx->mechanisms.attempted(sas_credential{})
                                      : attestation_type::none),
           ev.protocol);
-      auto next = transport::topic::registration_attested;
+      auto next = bus::topic::registration_attested;
       if (err) {
         m->registration_attempt("rejected", "", ev.protocol);
         ev.status = registration_status::failed;
         ev.error_code = static_cast<int32_t>(err.code);
         ev.error_message = err.message;
         ev.completed_ms = ev.accepted_ms; // as reproducible as the input
-        next = transport::topic::registration_completed;
+        next = bus::topic::registration_completed;
       } else {
         ev.attestation_type = to_string(r.type);
         ev.enrollment_group_id = r.enrollment_group_id;
@@ -241,7 +241,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
           m->operation_finished("disabled", 0.0);
           configuration::mark_disabled(ev);
           ev.completed_ms = ev.accepted_ms;
-          next = transport::topic::registration_completed;
+          next = bus::topic::registration_completed;
         }
       }
       if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)];

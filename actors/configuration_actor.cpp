@@ -87,9 +87,9 @@ struct configuration_state_t {
 /// device.assigned as a Kafka record: structured-mode CloudEvent, keyed by
 /// device id, with the attributes also as ce_* headers so consumers can
 /// route without parsing (CloudEvents Kafka binding).
-transport::bus::raw_record assigned_record(configuration::ce_attributes attrs,
+bus::stage_bus::raw_record assigned_record(configuration::ce_attributes attrs,
                                            std::string cloud_event) {
-  transport::bus::raw_record r;
+  bus::stage_bus::raw_record r;
   r.key = attrs.subject;
   r.headers = {{"content-type", "application/cloudevents+json; charset=UTF-8"},
                {"ce_specversion", "1.0"},
@@ -246,7 +246,7 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       // Embedded, device.assigned is the outbox entry just committed (GET
       // /assignments); nothing subscribes to it in process, so it is not
       // published (that was a copy of the event per device).
-      ctx->bus->publish(transport::topic::registration_completed, std::move(ev));
+      ctx->bus->publish(bus::topic::registration_completed, std::move(ev));
     },
   };
 }
@@ -269,7 +269,7 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
                                     reply_to(self, relayed_atom::value, ev.operation_id));
       return;
     }
-    ctx->bus->publish_durable(transport::topic::registration_completed, ev,
+    ctx->bus->publish_durable(bus::topic::registration_completed, ev,
                               reply_to(self, relayed_atom::value, ev.operation_id));
   };
   return {
@@ -380,10 +380,10 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
             value = "device.deprovisioned";
           else if (name == "operation_id")
             value = op_id;
-        ctx->bus->publish_raw_durable(transport::topic::device_assigned, std::move(rec), recorded);
+        ctx->bus->publish_raw_durable(bus::topic::device_assigned, std::move(rec), recorded);
       }
       ctx->bus->publish_raw_durable(
-        transport::topic::device_assigned,
+        bus::topic::device_assigned,
         assigned_record(configuration::attributes_of(slot.event),
                         configuration::assignment_event(slot.event, slot.state, 0)),
         std::move(recorded));

@@ -17,10 +17,10 @@
 #include "actors/once_per_interval.hpp"
 #include "actors/serial_worker.hpp"
 #include "actors/throttling/rate_limiter.hpp"
-#include "gateway/net/webhook_client.hpp"
+#include "net/webhook_client.hpp"
 #include "messages/crypto.hpp"
-#include "transport/kafka_admin.hpp"
-#include "transport/kafka_bus.hpp"
+#include "bus/kafka_admin.hpp"
+#include "bus/kafka_bus.hpp"
 
 namespace prov {
 
@@ -98,7 +98,7 @@ public:
     // once it is gone an event is dropped unacked and comes back from Kafka.
     auto to_acked = [m](const caf::actor& dest, metrics::stage s) {
       return [weak = caf::actor_cast<caf::weak_actor_ptr>(dest), m,
-              s](registration_event&& ev, transport::bus::ack_fn ack) {
+              s](registration_event&& ev, bus::stage_bus::ack_fn ack) {
         if (auto strong = weak.lock()) {
           m->stage_enqueued(s);
           caf::anon_send(caf::actor_cast<caf::actor>(strong), event_atom::value, std::move(ev),
@@ -113,36 +113,36 @@ public:
     // restart). In-process hand-offs continue. Embedded, the in-process bus
     // is the only way events move: nothing is dropped.
     auto from_kafka = [&ctx, to_acked](const caf::actor& dest, metrics::stage s) {
-      transport::bus::acked_handler h = to_acked(dest, s);
+      bus::stage_bus::acked_handler h = to_acked(dest, s);
       if (!ctx.kafka())
         return h;
-      return transport::bus::acked_handler(
-        [h, c = &ctx](registration_event&& ev, transport::bus::ack_fn ack) {
+      return bus::stage_bus::acked_handler(
+        [h, c = &ctx](registration_event&& ev, bus::stage_bus::ack_fn ack) {
           if (c->stage_intake.load())
             h(std::move(ev), std::move(ack));
         });
     };
     if (ctx.kafka() && ctx.opts.cfg.kafka.fuse_stages) {
       if (roles.attestation && roles.allocation)
-        ctx.in_process[static_cast<std::size_t>(transport::topic::registration_attested)] =
+        ctx.in_process[static_cast<std::size_t>(bus::topic::registration_attested)] =
           to_acked(allocation_, metrics::stage::allocation);
       if (roles.allocation && roles.configuration)
-        ctx.in_process[static_cast<std::size_t>(transport::topic::registration_allocated)] =
+        ctx.in_process[static_cast<std::size_t>(bus::topic::registration_allocated)] =
           to_acked(configuration_, metrics::stage::configuration);
     }
     // Direct Kafka publishers (docs/events.md); HTTP registers are attested
     // on the gateway and go straight to registration.attested.
     if (roles.attestation && ctx.kafka())
-      if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_requested,
+      if (auto err = ctx.bus->subscribe_acked(bus::topic::registration_requested,
                                               from_kafka(attestation_, metrics::stage::attestation)))
         return err;
     if (roles.allocation)
-      if (auto err = ctx.bus->subscribe_acked(transport::topic::registration_attested,
+      if (auto err = ctx.bus->subscribe_acked(bus::topic::registration_attested,
                                               from_kafka(allocation_, metrics::stage::allocation)))
         return err;
     if (roles.configuration)
       if (auto err = ctx.bus->subscribe_acked(
-            transport::topic::registration_allocated,
+            bus::topic::registration_allocated,
             from_kafka(configuration_, metrics::stage::configuration)))
         return err;
     if (!roles.registration)
@@ -156,9 +156,9 @@ public:
     } else {
       // Settling failures is idempotent and resumable from `pending`.
       if (auto err = ctx.bus->subscribe_acked(
-            transport::topic::registration_completed,
+            bus::topic::registration_completed,
             [h = to(registration_, std::nullopt)](registration_event&& ev,
-                                                  transport::bus::ack_fn ack) {
+                                                  bus::stage_bus::ack_fn ack) {
               h(std::move(ev));
               ack();
             }))
@@ -579,8 +579,8 @@ public:
         caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
     // Drop every strong handle (bus subscriptions hold some), otherwise the
     // detached actors' threads wait forever for their last reference.
-    for (int t = 0; t < transport::topic_count; ++t)
-      ctx_->bus->subscribe(static_cast<transport::topic>(t), nullptr);
+    for (int t = 0; t < bus::topic_count; ++t)
+      ctx_->bus->subscribe(static_cast<bus::topic>(t), nullptr);
     for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
                     &enrollment_})
       *a = caf::actor{};
@@ -641,8 +641,8 @@ namespace {
 /// cluster (dev-kafka, tests) CreateTopics is unsupported, so they must have
 /// been created through the mock already; ensure_topics then only checks.
 error make_kafka_bus(const config::kafka_config& cfg,
-                     std::unique_ptr<transport::kafka::kafka_bus>& out) {
-  namespace kafka = transport::kafka;
+                     std::unique_ptr<bus::kafka::kafka_bus>& out) {
+  namespace kafka = bus::kafka;
   // Warnings and errors only: librdkafka's info notices would flood stderr.
   kafka::log_fn log = [](int level, std::string_view msg) {
     if (level <= 4)
@@ -809,15 +809,15 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   auto ctx = std::make_shared<engine_context>();
   ctx->store = opts.store;
   ctx->catalog.attach(opts.store);
-  transport::kafka::kafka_bus* kbus = nullptr;
+  bus::kafka::kafka_bus* kbus = nullptr;
   if (opts.cfg.kafka.enabled()) {
-    std::unique_ptr<transport::kafka::kafka_bus> b;
+    std::unique_ptr<bus::kafka::kafka_bus> b;
     if (auto err = make_kafka_bus(opts.cfg.kafka, b))
       return err;
     kbus = b.get();
     ctx->bus = std::move(b);
   } else {
-    ctx->bus = transport::make_inprocess_bus();
+    ctx->bus = bus::make_inprocess_bus();
   }
   for (const auto& h : opts.cfg.hubs)
     ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region});
@@ -885,11 +885,11 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
       const struct {
         const char* stage;
         bool runs;
-        transport::topic input;
-      } consumed[] = {{"attestation", roles.attestation, transport::topic::registration_requested},
-                      {"allocation", roles.allocation, transport::topic::registration_attested},
+        bus::topic input;
+      } consumed[] = {{"attestation", roles.attestation, bus::topic::registration_requested},
+                      {"allocation", roles.allocation, bus::topic::registration_attested},
                       {"configuration", roles.configuration,
-                       transport::topic::registration_allocated}};
+                       bus::topic::registration_allocated}};
       for (const auto& c : consumed) {
         if (!c.runs)
           continue;

@@ -21,7 +21,7 @@
 #include "actors/enrollment_catalog.hpp"
 #include "actors/replication.hpp"
 #include "storage/store.hpp"
-#include "transport/bus.hpp"
+#include "bus/bus.hpp"
 
 namespace prov {
 
@@ -38,7 +38,7 @@ struct engine_context {
   engine_options opts;
   std::shared_ptr<kafka_counters> kafka_stats = std::make_shared<kafka_counters>();
   storage::store* store = nullptr;
-  std::unique_ptr<transport::bus> bus;
+  std::unique_ptr<bus::stage_bus> bus;
   /// Kafka mode: the shared state topics (null in embedded mode).
   std::unique_ptr<replication> repl;
   enrollment_catalog catalog;
@@ -62,8 +62,8 @@ struct engine_context {
   /// along is the sender's own input ack, so its offset is committed only
   /// once the receiving stage's effect is durable. Indexed by topic; empty:
   /// publish. Set before the consumers start; never changed after.
-  std::array<std::function<void(registration_event&&, transport::bus::ack_fn)>,
-             transport::topic_count>
+  std::array<std::function<void(registration_event&&, bus::stage_bus::ack_fn)>,
+             bus::topic_count>
     in_process;
   std::mutex commits_mtx; ///< guards the two below
   std::condition_variable commits_cv;

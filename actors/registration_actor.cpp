@@ -113,7 +113,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
   // handle: the producer may hold the callback until its message timeout.
   auto publish_attested = [self, ctx, st](registration_event ev) {
     if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
-      ctx->bus->publish(transport::topic::registration_attested, std::move(ev));
+      ctx->bus->publish(bus::topic::registration_attested, std::move(ev));
       return;
     }
     caf::weak_actor_ptr weak{self->ctrl()};
@@ -124,7 +124,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       h.acked_at.reset();
     }
     ctx->bus->publish_durable(
-      transport::topic::registration_attested, std::move(ev),
+      bus::topic::registration_attested, std::move(ev),
       [weak, copy, stats = ctx->kafka_stats](const error& e) {
         if (!e) {
           if (auto strong = weak.lock())

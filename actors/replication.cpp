@@ -15,12 +15,12 @@
 #include "actors/configuration/terminal_state.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/enrollment/ca_store.hpp"
-#include "transport/kafka_bus.hpp"
-#include "transport/kafka_table.hpp"
+#include "bus/kafka_bus.hpp"
+#include "bus/kafka_table.hpp"
 
 namespace prov {
 
-namespace kafka = transport::kafka;
+namespace kafka = bus::kafka;
 
 namespace {
 
@@ -131,7 +131,7 @@ public:
     }
     enrollments_topic_ = kafka::enrollments_topic(kcfg);
     registrations_topic_ = kafka::registrations_topic(kcfg);
-    completed_topic_ = kafka::topic_for(kcfg, transport::topic::registration_completed);
+    completed_topic_ = kafka::topic_for(kcfg, bus::topic::registration_completed);
     if (auto err = open_table(enrollments_topic_,
                               [this](const auto& b) { return apply_enrollments(b); },
                               enrollments_))
@@ -492,7 +492,7 @@ private:
 
 } // namespace
 
-error replication::start(engine_context& ctx, transport::kafka::kafka_bus& bus,
+error replication::start(engine_context& ctx, bus::kafka::kafka_bus& bus,
                          std::unique_ptr<replication>& out) {
   auto impl = std::make_unique<replication_impl>(ctx, bus);
   if (auto err = impl->start())

@@ -32,7 +32,7 @@
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
 
-namespace prov::transport::kafka {
+namespace prov::bus::kafka {
 class kafka_bus;
 }
 
@@ -49,7 +49,7 @@ public:
 
   /// Starts the enrollment and registration readers and waits until they
   /// have applied everything already in their topics (progress on stderr).
-  [[nodiscard]] static error start(engine_context& ctx, transport::kafka::kafka_bus& bus,
+  [[nodiscard]] static error start(engine_context& ctx, bus::kafka::kafka_bus& bus,
                                    std::unique_ptr<replication>& out);
 
   /// Gateways: follow registration.completed into terminal operation

@@ -21,7 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
-#include "gateway/net/https_client.hpp"
+#include "net/https_client.hpp"
 #include "messages/crypto.hpp"
 #include "messages/error.hpp"
 

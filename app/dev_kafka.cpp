@@ -10,13 +10,13 @@
 #include <CLI/CLI.hpp>
 
 #include "config/config.hpp"
-#include "transport/kafka_common.hpp"
-#include "transport/kafka_mock.hpp"
+#include "bus/kafka_common.hpp"
+#include "bus/kafka_mock.hpp"
 
 namespace {
 
 using namespace prov;
-namespace kafka = prov::transport::kafka;
+namespace kafka = prov::bus::kafka;
 
 struct dev_kafka_args {
   int brokers = 3;

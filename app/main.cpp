@@ -30,7 +30,7 @@
 #include "gateway/https_server.hpp"
 #include "gateway/metrics_server.hpp"
 #include "gateway/mqtt_server.hpp"
-#include "gateway/net/tls_material.hpp"
+#include "net/tls_material.hpp"
 #include "gateway/routes.hpp"
 #include "metrics/diagnostic_log.hpp"
 #include "metrics/instruments.hpp"

@@ -3,7 +3,7 @@
 // notes §6). The policy writes DPS's AllocationRequest, hands it to a
 // `webhook_poster` and reads the AllocationResponse when it comes back, on
 // the poster's thread. The HTTPS I/O is not here (this folder does none): the
-// engine passes a poster backed by net::webhook_client (gateway/net), whose
+// engine passes a poster backed by net::webhook_client (net/), whose
 // own threads make the calls, so no stage thread ever waits on a webhook.
 
 #include <chrono>

@@ -13,13 +13,13 @@
 #include <nlohmann/json.hpp>
 
 #include "benchmarks/harness/process.hpp"
-#include "transport/kafka_common.hpp"
-#include "transport/kafka_producer.hpp"
-#include "transport/kafka_table.hpp"
+#include "bus/kafka_common.hpp"
+#include "bus/kafka_producer.hpp"
+#include "bus/kafka_table.hpp"
 
 namespace bench {
 
-namespace kafka = prov::transport::kafka;
+namespace kafka = prov::bus::kafka;
 using steady = std::chrono::steady_clock;
 
 namespace {
@@ -197,7 +197,7 @@ prov::error direct_publisher::start(const std::string& brokers,
   kafka::table_reader::options ro;
   ro.log = log;
   // Both readers hand their batches to the current run's state, if any.
-  auto open_reader = [&](prov::transport::topic t,
+  auto open_reader = [&](prov::bus::topic t,
                          void (run_state::*on)(const std::vector<kafka::message>&),
                          std::unique_ptr<kafka::table_reader>& out) {
     ro.topic = kafka::topic_for(cfg, t);
@@ -210,7 +210,7 @@ prov::error direct_publisher::start(const std::string& brokers,
       },
       out);
   };
-  using prov::transport::topic;
+  using prov::bus::topic;
   if (auto e = open_reader(topic::registration_completed, &run_state::on_completed, p->completed))
     return e;
   if (auto e = open_reader(topic::device_assigned, &run_state::on_assigned, p->assigned))
@@ -222,7 +222,7 @@ prov::error direct_publisher::start(const std::string& brokers,
   po.log = log;
   if (auto e = kafka::producer::create(cfg, po, p->prod))
     return e;
-  p->requested_topic = kafka::topic_for(cfg, prov::transport::topic::registration_requested);
+  p->requested_topic = kafka::topic_for(cfg, prov::bus::topic::registration_requested);
   return {};
 }
 

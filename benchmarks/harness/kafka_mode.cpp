@@ -14,12 +14,12 @@
 #include <nlohmann/json.hpp>
 
 #include "config/config.hpp"
-#include "transport/kafka_common.hpp"
-#include "transport/kafka_mock.hpp"
+#include "bus/kafka_common.hpp"
+#include "bus/kafka_mock.hpp"
 
 namespace bench {
 
-namespace kafka = prov::transport::kafka;
+namespace kafka = prov::bus::kafka;
 using steady = std::chrono::steady_clock;
 
 const char* const gateway_roles = "gateway,registration";

@@ -15,7 +15,7 @@
 
 #include "benchmarks/harness/process.hpp"
 
-namespace prov::transport::kafka {
+namespace prov::bus::kafka {
 class mock_cluster;
 }
 
@@ -86,7 +86,7 @@ public:
   std::string check_alive();
 
 private:
-  std::unique_ptr<prov::transport::kafka::mock_cluster> mock_;
+  std::unique_ptr<prov::bus::kafka::mock_cluster> mock_;
   std::vector<std::unique_ptr<kafka_process>> procs_;
   std::string bootstrap_;
   std::map<std::string, std::string> props_;

@@ -27,9 +27,9 @@
 #include "actors/attestation/sas_token.hpp"
 #include "benchmarks/harness/answer_scan.hpp"
 #include "benchmarks/harness/process.hpp"
-#include "gateway/net/http_feed.hpp"
-#include "gateway/net/mqtt_codec.hpp"
-#include "gateway/net/openssl_handles.hpp"
+#include "net/http_feed.hpp"
+#include "net/mqtt_codec.hpp"
+#include "net/openssl_handles.hpp"
 #include "messages/crypto.hpp"
 
 namespace bench {

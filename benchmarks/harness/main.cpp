@@ -31,8 +31,8 @@
 #include "benchmarks/harness/load.hpp"
 #include "benchmarks/harness/process.hpp"
 #include "gateway/https_server.hpp"
-#include "gateway/net/https_client.hpp"
-#include "gateway/net/tls_material.hpp"
+#include "net/https_client.hpp"
+#include "net/tls_material.hpp"
 #include "messages/crypto.hpp"
 
 namespace {

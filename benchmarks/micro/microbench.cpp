@@ -14,7 +14,7 @@
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
-#include "transport/bus.hpp"
+#include "bus/bus.hpp"
 
 namespace {
 
@@ -251,13 +251,13 @@ BENCHMARK(BM_store_get)->Arg(10'000)->Arg(200'000);
 // -- bus -------------------------------------------------------------------------------
 
 void BM_inprocess_bus_publish(benchmark::State& state) {
-  auto bus = transport::make_inprocess_bus();
+  auto bus = bus::make_inprocess_bus();
   uint64_t seen = 0;
-  bus->subscribe(transport::topic::registration_attested,
+  bus->subscribe(bus::topic::registration_attested,
                  [&](registration_event&& ev) { seen += ev.registration_id.size(); });
   auto ev = sample_event(1);
   for (auto _ : state)
-    bus->publish(transport::topic::registration_attested, ev); // copies, as stages do
+    bus->publish(bus::topic::registration_attested, ev); // copies, as stages do
   benchmark::DoNotOptimize(seen);
   state.SetItemsProcessed(state.iterations());
 }

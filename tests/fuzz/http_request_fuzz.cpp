@@ -10,8 +10,8 @@
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
 
-#include "gateway/net/http_feed.hpp"
-#include "gateway/net/http_framing.hpp"
+#include "net/http_feed.hpp"
+#include "net/http_framing.hpp"
 #include "messages/ascii.hpp"
 #include "tests/fuzz/fuzz_support.hpp"
 

@@ -25,7 +25,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "gateway/net/https_client.hpp"
+#include "net/https_client.hpp"
 
 namespace fs = std::filesystem;
 using prov::error_code;

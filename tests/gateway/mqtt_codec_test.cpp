@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "gateway/net/mqtt_codec.hpp"
-#include "gateway/net/mqtt_dps.hpp"
+#include "net/mqtt_codec.hpp"
+#include "net/mqtt_dps.hpp"
 
 using namespace prov::mqtt;
 

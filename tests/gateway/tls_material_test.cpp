@@ -16,7 +16,7 @@
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
-#include "gateway/net/tls_material.hpp"
+#include "net/tls_material.hpp"
 
 namespace fs = std::filesystem;
 using namespace prov;

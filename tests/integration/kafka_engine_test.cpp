@@ -22,7 +22,7 @@
 
 using namespace prov;
 using nlohmann::json;
-namespace kafka = prov::transport::kafka;
+namespace kafka = prov::bus::kafka;
 
 namespace {
 

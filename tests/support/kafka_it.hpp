@@ -16,12 +16,12 @@
 
 #include "config/config.hpp"
 #include "tests/support/server_process.hpp"
-#include "transport/kafka_common.hpp"
-#include "transport/kafka_mock.hpp"
+#include "bus/kafka_common.hpp"
+#include "bus/kafka_mock.hpp"
 
 namespace prov::test {
 
-namespace kafka = prov::transport::kafka;
+namespace kafka = prov::bus::kafka;
 
 inline constexpr int kafka_partitions = 4;
 
@@ -29,7 +29,7 @@ inline constexpr int kafka_partitions = 4;
 /// on exactly what users paste.
 inline std::string mock_properties_section() {
   std::string out = "[kafka.properties]\n";
-  for (const auto& p : transport::kafka::mock_client_properties())
+  for (const auto& p : bus::kafka::mock_client_properties())
     out += "\"" + std::string(p.name) + "\" = \"" + p.value + "\"\n";
   return out;
 }

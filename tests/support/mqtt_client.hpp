@@ -2,7 +2,7 @@
 // A hand-written MQTT 3.1.1 client over raw OpenSSL for the MQTT transport's
 // integration tests: blocking, with a receive timeout, sending whatever
 // bytes a test builds (valid or not) and reading packets back with the
-// server's own codec (gateway/net/mqtt_codec).
+// server's own codec (net/mqtt_codec).
 
 #include <doctest/doctest.h>
 
@@ -23,7 +23,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 
-#include "gateway/net/mqtt_codec.hpp"
+#include "net/mqtt_codec.hpp"
 
 namespace prov::test {
 

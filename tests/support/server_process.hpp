@@ -9,7 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "gateway/net/https_client.hpp"
+#include "net/https_client.hpp"
 #include "messages/error.hpp"
 
 namespace prov::test {

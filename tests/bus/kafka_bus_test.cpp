@@ -1,0 +1,290 @@
+// kafka_bus: publish on one instance, subscribe on another; undecodable
+// events go to the dead-letter topic without stopping their partition.
+
+#include <doctest/doctest.h>
+
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "tests/bus/kafka_test_support.hpp"
+#include "bus/kafka_bus.hpp"
+#include "bus/kafka_consumer.hpp"
+#include "bus/kafka_dead_letter.hpp"
+#include "bus/kafka_producer.hpp"
+
+using namespace prov;
+using namespace prov::bus;
+using namespace prov::bus::kafka;
+using prov::test::eventually;
+
+namespace {
+
+registration_event make_event(int i, const std::string& reg) {
+  registration_event ev;
+  ev.operation_id = "5.0123456789abcdef.op-" + std::to_string(i);
+  ev.registration_id = reg;
+  ev.id_scope = "0ne00000001";
+  ev.api_version = "2021-06-01";
+  ev.protocol = "http";
+  ev.accepted_ms = 1700000000000 + i;
+  ev.attestation_type = "symmetricKey";
+  ev.payload_json = R"({"n":)" + std::to_string(i) + "}";
+  ev.assigned_hub = "hub-a.example";
+  ev.device_id = "dev-" + reg;
+  return ev;
+}
+
+kafka_bus::options bus_options(test::mock_fixture& f, const std::string& group_prefix) {
+  kafka_bus::options o;
+  o.group_prefix = group_prefix;
+  o.log = f.logs.fn();
+  o.consumer_options.revoke_grace_ms = 200;
+  return o;
+}
+
+} // namespace
+
+TEST_SUITE("kafka_bus") {
+
+TEST_CASE("events published on one bus reach the subscriber on another, in order, acked") {
+  test::mock_fixture f;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+
+  std::unique_ptr<kafka_bus> a, b;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), a).ok());
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), b).ok());
+
+  std::mutex mu;
+  std::vector<registration_event> attested;             // acked subscriber
+  std::vector<std::function<void()>> acks;
+  std::vector<registration_event> allocated;            // plain subscriber
+  REQUIRE(b->subscribe_acked(topic::registration_attested,
+                             [&](registration_event&& ev, std::function<void()> ack) {
+                               std::lock_guard<std::mutex> lock(mu);
+                               attested.push_back(std::move(ev));
+                               acks.push_back(std::move(ack));
+                             })
+              .ok());
+  b->subscribe(topic::registration_allocated, [&](registration_event&& ev) {
+    std::lock_guard<std::mutex> lock(mu);
+    allocated.push_back(std::move(ev));
+  });
+
+  std::atomic<int> durable{0};
+  constexpr int n = 30;
+  for (int i = 0; i < n; ++i) {
+    const registration_event ev = make_event(i, "reg-" + std::to_string(i % 3));
+    REQUIRE(a->publish(topic::registration_attested, ev, [&](const delivery& d) {
+               CHECK_MESSAGE(d.err.ok(), d.err.message);
+               ++durable;
+             }).ok());
+    a->publish(topic::registration_allocated, ev); // fire and forget
+  }
+  REQUIRE(eventually([&] { return durable.load() == n; }));
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return attested.size() >= n && allocated.size() >= n; // >=: at-least-once
+  }, std::chrono::seconds(20)));
+
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    // Per registration id, events arrive in publish order and decode intact.
+    std::map<std::string, int> last;
+    std::set<std::string> seen_ops;
+    for (const registration_event& ev : attested) {
+      if (!seen_ops.insert(ev.operation_id).second) continue; // a redelivery
+      const int i = std::stoi(ev.operation_id.substr(ev.operation_id.rfind('-') + 1));
+      CHECK(ev.registration_id == "reg-" + std::to_string(i % 3));
+      CHECK(ev.payload_json == R"({"n":)" + std::to_string(i) + "}");
+      CHECK(ev.accepted_ms == 1700000000000 + i);
+      CHECK(ev.device_id == "dev-" + ev.registration_id);
+      auto it = last.find(ev.registration_id);
+      if (it != last.end()) CHECK(it->second < i);
+      last[ev.registration_id] = i;
+    }
+    CHECK(seen_ops.size() == n);
+  }
+  // Plain subscribers commit on return; acked ones only after ack().
+  auto total = [](const std::map<std::string, int64_t>& m) {
+    int64_t t = 0;
+    for (const auto& [k, v] : m) t += v;
+    return t;
+  };
+  REQUIRE(eventually([&] { return total(b->committed(topic::registration_allocated)) == n; }));
+  CHECK(b->committed(topic::registration_attested).empty());
+  // The metrics' view: every attested event unacked is lag, the plain
+  // subscriber has none, nothing waits in the producer.
+  const auto attested_lag = b->consumer_lag(topic::registration_attested);
+  const auto allocated_lag = b->consumer_lag(topic::registration_allocated);
+  CHECK_MESSAGE(eventually([&] { return attested_lag->load() == n; }), attested_lag->load());
+  CHECK_MESSAGE(eventually([&] { return allocated_lag->load() == 0; }), allocated_lag->load());
+  // Fire-and-forget publishes may still await their delivery reports.
+  CHECK(eventually([&] { return a->producer_counters()->pending == 0; }));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& ack : acks) ack();
+  }
+  REQUIRE(eventually([&] { return total(b->committed(topic::registration_attested)) == n; }));
+  CHECK_MESSAGE(eventually([&] { return attested_lag->load() == 0; }), attested_lag->load());
+  b->close();
+  a->close();
+  CHECK(a->dead_lettered() == 0);
+  CHECK(b->dead_lettered() == 0);
+  CHECK(a->producer_counters()->rebuilds == 0);
+}
+
+TEST_CASE("inputs take their clock readings from the record's timestamp, the same on redelivery") {
+  // What lets a fused worker allocate a redelivered input again and publish
+  // the same bytes: a requested record's accepted time and an attested
+  // record's allocation time come from the log, not from the clock.
+  test::mock_fixture f;
+  f.cfg.partitions = 1;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  std::unique_ptr<kafka_bus> a;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), a).ok());
+  const int64_t before = now_ms();
+  std::atomic<int> sent{0};
+  auto count = [&](const delivery& d) {
+    CHECK(d.err.ok());
+    ++sent;
+  };
+  auto unstamped = make_event(1, "reg-a"); // as a gateway publishes it
+  auto stamped = make_event(2, "reg-a");
+  stamped.allocated_ms = 1700000000777;     // already allocated: kept
+  REQUIRE(a->publish(topic::registration_attested, unstamped, count).ok());
+  REQUIRE(a->publish(topic::registration_attested, stamped, count).ok());
+  REQUIRE(a->send_record({topic_for(f.cfg, topic::registration_requested), "reg-d",
+                          R"({"v":1,"registrationId":"reg-d","idScope":"0ne00000001",)"
+                          R"("operationId":"direct-1"})",
+                          {}},
+                         count)
+              .ok());
+  REQUIRE(eventually([&] { return sent.load() == 3; }));
+  const int64_t after = now_ms();
+
+  // Read both topics without acking, twice: the second reader gets the same
+  // records again (a redelivery) and must see the same readings.
+  auto read_all = [&](std::map<std::string, registration_event>& got) {
+    std::unique_ptr<kafka_bus> b;
+    REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), b).ok());
+    std::mutex mu;
+    auto keep = [&](registration_event&& ev, std::function<void()>) {
+      std::lock_guard<std::mutex> lock(mu);
+      got.emplace(ev.operation_id, std::move(ev));
+    };
+    REQUIRE(b->subscribe_acked(topic::registration_attested, keep).ok());
+    REQUIRE(b->subscribe_acked(topic::registration_requested, keep).ok());
+    REQUIRE(eventually([&] {
+      std::lock_guard<std::mutex> lock(mu);
+      return got.size() == 3;
+    }, std::chrono::seconds(20)));
+    b->close();
+  };
+  std::map<std::string, registration_event> first, second;
+  read_all(first);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20)); // the clock moves on
+  read_all(second);
+  const auto& u = first.at(unstamped.operation_id);
+  CHECK(u.allocated_ms >= before);
+  CHECK(u.allocated_ms <= after);
+  CHECK(u.accepted_ms == unstamped.accepted_ms); // the event's own, untouched
+  CHECK(first.at(stamped.operation_id).allocated_ms == 1700000000777);
+  const auto& d = first.at("direct-1");
+  CHECK(d.accepted_ms >= before);
+  CHECK(d.accepted_ms <= after);
+  for (const auto& [op, ev] : first) {
+    CHECK_MESSAGE(second.at(op).accepted_ms == ev.accepted_ms, op);
+    CHECK_MESSAGE(second.at(op).allocated_ms == ev.allocated_ms, op);
+  }
+  a->close();
+}
+
+TEST_CASE("an undecodable event is dead-lettered with its reason; later events still flow") {
+  test::mock_fixture f;
+  f.cfg.partitions = 1; // everything on one partition: the bad record sits in front
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  const std::string attested = topic_for(f.cfg, topic::registration_attested);
+
+  // Read the dead-letter topic while the bus subscriber joins (in parallel).
+  std::mutex mu;
+  std::vector<message> dead;
+  std::unique_ptr<consumer> dlq;
+  consumer::options co;
+  co.group_id = test::unique_name("dlq-reader");
+  co.topics = {dead_letter_topic(f.cfg)};
+  co.revoke_grace_ms = 0;
+  co.log = f.logs.fn();
+  REQUIRE(consumer::create(f.cfg, co,
+                           [&](message&& m) {
+                             std::lock_guard<std::mutex> lock(mu);
+                             dead.push_back(std::move(m));
+                           },
+                           dlq)
+              .ok());
+
+  std::unique_ptr<kafka_bus> b;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), b).ok());
+  std::vector<registration_event> got;
+  REQUIRE(b->subscribe_acked(topic::registration_attested,
+                             [&](registration_event&& ev, std::function<void()> ack) {
+                               if (ev.registration_id == "throws")
+                                 throw std::runtime_error("boom");
+                               std::lock_guard<std::mutex> lock(mu);
+                               got.push_back(std::move(ev));
+                               ack();
+                             })
+              .ok());
+
+  // Garbage first, then good events, an event whose handler throws, more good.
+  std::unique_ptr<producer> raw;
+  producer::options po;
+  po.log = f.logs.fn();
+  REQUIRE(producer::create(f.cfg, po, raw).ok());
+  std::atomic<int> sent{0};
+  auto count = [&](const delivery& d) {
+    CHECK(d.err.ok());
+    ++sent;
+  };
+  REQUIRE(raw->send({attested, "reg-x", "{this is not an event", {{"operation_id", "bad"}}, -1},
+                    count)
+              .ok());
+  // Two producers: only an acknowledged write fixes the order in the log.
+  REQUIRE(eventually([&] { return sent.load() == 1; }));
+  REQUIRE(b->publish(topic::registration_attested, make_event(1, "reg-a"), count).ok());
+  REQUIRE(b->publish(topic::registration_attested, make_event(2, "throws"), count).ok());
+  REQUIRE(b->publish(topic::registration_attested, make_event(3, "reg-b"), count).ok());
+  REQUIRE(eventually([&] { return sent.load() == 4; }));
+
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return got.size() >= 2 && dead.size() >= 2; // >=: at-least-once
+  }, std::chrono::seconds(20)));
+  // Offsets 0..3 all finished (two of them by their dead letter): committed past.
+  REQUIRE(eventually([&] { return b->committed(topic::registration_attested)[attested + "/0"] == 4; }));
+  CHECK(b->dead_lettered() == 2);
+  b->close();
+  dlq->close();
+
+  std::lock_guard<std::mutex> lock(mu);
+  CHECK(got[0].registration_id == "reg-a");
+  CHECK(got[1].registration_id == "reg-b");
+  const message& d0 = dead[0];
+  CHECK(d0.key == "reg-x");
+  CHECK(d0.value == "{this is not an event");
+  CHECK(*find_header(d0.headers, "operation_id") == "bad");
+  CHECK(find_header(d0.headers, dlq_reason)->rfind("undecodable event:", 0) == 0);
+  CHECK(*find_header(d0.headers, dlq_topic) == attested);
+  CHECK(*find_header(d0.headers, dlq_partition) == "0");
+  CHECK(*find_header(d0.headers, dlq_offset) == "0");
+  const message& d1 = dead[1];
+  CHECK(d1.key == "throws");
+  CHECK(*find_header(d1.headers, dlq_reason) == "handler threw: boom");
+  CHECK(*find_header(d1.headers, dlq_offset) == "2");
+}
+
+} // TEST_SUITE

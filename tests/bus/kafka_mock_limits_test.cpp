@@ -1,0 +1,108 @@
+// What librdkafka's mock cluster (Debian 12: librdkafka 2.0.2) does not do,
+// pinned down so the gap is a fact in the suite rather than a remark in a
+// doc. These are canaries: when Debian's librdkafka learns the missing
+// behaviour, a test here fails and says what to build next.
+
+#include <doctest/doctest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <librdkafka/rdkafka.h>
+
+#include "tests/bus/kafka_test_support.hpp"
+
+using namespace prov;
+
+namespace {
+
+struct rk_deleter {
+  void operator()(rd_kafka_t* h) const { rd_kafka_destroy(h); }
+};
+using rk_ptr = std::unique_ptr<rd_kafka_t, rk_deleter>;
+
+rk_ptr make_client(rd_kafka_type_t type, const config::kafka_config& cfg,
+                   std::vector<std::pair<std::string, std::string>> props) {
+  char err[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  props.emplace_back("bootstrap.servers", cfg.brokers);
+  props.emplace_back("log_level", "0"); // the mock's chatter is not the point here
+  for (const auto& [k, v] : props)
+    REQUIRE_MESSAGE(rd_kafka_conf_set(conf, k.c_str(), v.c_str(), err, sizeof err) ==
+                      RD_KAFKA_CONF_OK,
+                    k << ": " << err);
+  rd_kafka_t* h = rd_kafka_new(type, conf, err, sizeof err);
+  REQUIRE_MESSAGE(h != nullptr, err);
+  return rk_ptr(h);
+}
+
+void ok(rd_kafka_error_t* e, const char* what) {
+  const std::string msg = e ? rd_kafka_error_string(e) : "";
+  if (e)
+    rd_kafka_error_destroy(e);
+  REQUIRE_MESSAGE(msg.empty(), what << ": " << msg);
+}
+
+void produce(rd_kafka_t* p, const std::string& topic, const std::string& value) {
+  REQUIRE(rd_kafka_producev(p, RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_PARTITION(0),
+                            RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+                            RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                            RD_KAFKA_V_END) == RD_KAFKA_RESP_ERR_NO_ERROR);
+}
+
+} // namespace
+
+TEST_SUITE("kafka_mock_limits") {
+
+TEST_CASE("the mock accepts transactions but read_committed still sees aborted records") {
+  // Why exactly-once dps.device.assigned (transactional producer +
+  // read_committed hubs) is not built: the one cluster the suite can run
+  // cannot show it working. Transactions commit and abort without error, but
+  // the mock's Fetch reports no aborted transactions and a last stable
+  // offset at the log end, so a read_committed consumer sees an aborted
+  // record and one of a transaction still open. docs/kafka.md, "Delivery
+  // guarantees".
+  test::mock_fixture f;
+  const std::string topic = f.cfg.topic_prefix + "txn";
+  REQUIRE(f.mc->create_topic(topic, 1, 3).ok());
+
+  auto p = make_client(RD_KAFKA_PRODUCER, f.cfg, {{"transactional.id", topic + "-txn"}});
+  ok(rd_kafka_init_transactions(p.get(), 15000), "init_transactions");
+  ok(rd_kafka_begin_transaction(p.get()), "begin");
+  produce(p.get(), topic, "aborted");
+  REQUIRE(rd_kafka_flush(p.get(), 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  ok(rd_kafka_abort_transaction(p.get(), 15000), "abort");
+  ok(rd_kafka_begin_transaction(p.get()), "begin");
+  produce(p.get(), topic, "committed");
+  ok(rd_kafka_commit_transaction(p.get(), 15000), "commit");
+  ok(rd_kafka_begin_transaction(p.get()), "begin");
+  produce(p.get(), topic, "open");
+  REQUIRE(rd_kafka_flush(p.get(), 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+
+  auto c = make_client(RD_KAFKA_CONSUMER, f.cfg,
+                       {{"group.id", topic + "-reader"}, {"isolation.level", "read_committed"},
+                        {"enable.auto.commit", "false"}});
+  rd_kafka_poll_set_consumer(c.get());
+  std::unique_ptr<rd_kafka_topic_partition_list_t, void (*)(rd_kafka_topic_partition_list_t*)>
+    parts(rd_kafka_topic_partition_list_new(1), rd_kafka_topic_partition_list_destroy);
+  rd_kafka_topic_partition_list_add(parts.get(), topic.c_str(), 0)->offset =
+    RD_KAFKA_OFFSET_BEGINNING;
+  REQUIRE(rd_kafka_assign(c.get(), parts.get()) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  std::vector<std::string> seen;
+  REQUIRE(test::eventually([&] {
+    if (rd_kafka_message_t* m = rd_kafka_consumer_poll(c.get(), 100)) {
+      if (!m->err)
+        seen.emplace_back(static_cast<const char*>(m->payload), m->len);
+      rd_kafka_message_destroy(m);
+    }
+    return seen.size() >= 3;
+  }));
+  // A real broker delivers only "committed". If this fails, the mock now
+  // filters: build the transactional path and test it (issue: exactly-once
+  // assignment events).
+  CHECK(seen == std::vector<std::string>{"aborted", "committed", "open"});
+  rd_kafka_consumer_close(c.get());
+}
+
+} // TEST_SUITE

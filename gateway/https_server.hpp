@@ -7,7 +7,7 @@
 #include <memory>
 #include <string>
 
-#include "gateway/http_types.hpp"
+#include "net/http_types.hpp"
 #include "messages/error.hpp"
 
 namespace prov::metrics {

@@ -325,23 +325,27 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   ropts.metrics = &inst;
   ropts.log = dlog.get();
   auto routes = gateway::make_routes(ropts, *eng);
-  gateway::server_options sopts;
-  sopts.listen = cfg.device_api.listen;
-  sopts.cert_chain_file = cert;
-  sopts.key_file = key;
-  sopts.threads = cfg.device_api.threads;
-  sopts.max_body_bytes = cfg.device_api.max_body_bytes;
-  sopts.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
-  sopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
-  sopts.max_connections = max_connections;
-  sopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
   // One budget for both device listeners: the caps protect the descriptors
   // of one process, whichever protocol the connections speak.
   gateway::connection_slots device_slots{max_connections,
                                          cfg.device_api.max_connections_per_client};
-  sopts.shared_slots = &device_slots;
-  sopts.metrics = &inst;
-  sopts.log = dlog.get();
+  // What the two device listeners share: certificate, threads, timeouts, caps.
+  auto device_settings = [&](gateway::listener_options& o, const std::string& listen) {
+    o.listen = listen;
+    o.cert_chain_file = cert;
+    o.key_file = key;
+    o.threads = cfg.device_api.threads;
+    o.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
+    o.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
+    o.max_connections = max_connections;
+    o.max_connections_per_client = cfg.device_api.max_connections_per_client;
+    o.shared_slots = &device_slots;
+    o.metrics = &inst;
+    o.log = dlog.get();
+  };
+  gateway::server_options sopts;
+  device_settings(sopts, cfg.device_api.listen);
+  sopts.max_body_bytes = cfg.device_api.max_body_bytes;
   std::unique_ptr<gateway::https_server> server;
   if (cfg.roles.gateway) {
     if (auto err = gateway::https_server::start(sopts, *routes, server))
@@ -357,21 +361,11 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   std::unique_ptr<gateway::mqtt_server> mqtt;
   if (mqtt_on) {
     gateway::mqtt_server_options qopts;
-    qopts.listen = cfg.mqtt.listen;
-    qopts.cert_chain_file = cert;
-    qopts.key_file = key;
+    device_settings(qopts, cfg.mqtt.listen);
     qopts.id_scope = id_scope;
     qopts.retry_after_s = cfg.device_api.retry_after_seconds;
-    qopts.threads = cfg.device_api.threads;
     qopts.max_packet_bytes = cfg.mqtt.max_packet_bytes;
     qopts.max_inflight = cfg.mqtt.max_inflight;
-    qopts.request_timeout_seconds = cfg.device_api.request_timeout_seconds;
-    qopts.idle_timeout_seconds = cfg.device_api.idle_timeout_seconds;
-    qopts.max_connections = max_connections;
-    qopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
-    qopts.shared_slots = &device_slots;
-    qopts.metrics = &inst;
-    qopts.log = dlog.get();
     if (auto err = gateway::mqtt_server::start(qopts, *eng, mqtt))
       return die(err.message + " (set [mqtt] listen to another address, or \"\" to turn "
                                "MQTT off)");

@@ -31,7 +31,6 @@ using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
 using resend_atom = caf::atom_constant<caf::atom("resend")>;
 using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
-using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 
 // The credential is left out: it must never reach a log.
 template <class Inspector>

@@ -79,11 +79,7 @@ error read_certificate(const json* text, const char* what, std::string& der) {
 using crl_ptr = std::unique_ptr<X509_CRL, x509_free<X509_CRL, X509_CRL_free>>;
 
 crl_ptr parse_crl_der(std::string_view der) {
-  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-  crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
-  if (crl && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
-    crl.reset();
-  return crl;
+  return parse_exact_der<X509_CRL, d2i_X509_CRL, X509_CRL_free>(der);
 }
 
 /// DER of a CRL given as PEM (one X509 CRL block) or base64 DER.

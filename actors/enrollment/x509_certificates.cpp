@@ -37,12 +37,7 @@ std::string upper_hex(std::string_view raw) {
 }
 
 x509_ptr parse_der(std::string_view der) {
-  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-  x509_ptr cert(d2i_X509(nullptr, &p, static_cast<long>(der.size())));
-  // Trailing bytes would make two texts name one certificate.
-  if (cert && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
-    cert.reset();
-  return cert;
+  return parse_exact_der<X509, d2i_X509, X509_free>(der);
 }
 
 bool certificate_der(std::string_view text, std::string& der) {

@@ -449,10 +449,12 @@ private:
     ++t_.stats.requests;
     written_ = 0;
     arm();
-    write_some(std::move(h));
+    write_some<false>(std::move(h));
   }
 
-  template <class Handler>
+  /// Writes what is left of out_ (SSL_write may ask to wait), then reads
+  /// the answer: an HTTP response, or (Mqtt) packets up to the answer PUBLISH.
+  template <bool Mqtt, class Handler>
   void write_some(Handler h) {
     while (written_ < out_.size()) {
       ERR_clear_error();
@@ -466,11 +468,20 @@ private:
           return fail("connection", ssl_failure("write", err));
         auto self = shared_from_this();
         return wait(*w,
-                    [self, h]() mutable { self->write_some(std::move(h)); },
+                    [self, h]() mutable { self->template write_some<Mqtt>(std::move(h)); },
                     [self] { self->io_failed("write"); });
       }
       written_ += static_cast<std::size_t>(n);
     }
+    if constexpr (Mqtt)
+      mqtt_read_some(std::move(h));
+    else
+      start_read(std::move(h));
+  }
+
+  /// Waits for the response head (or reads what is already buffered).
+  template <class Handler>
+  void start_read(Handler h) {
     parser_.emplace();
     parser_->eager(true);
     parser_->body_limit(1u << 20);
@@ -733,27 +744,7 @@ private:
     ++t_.stats.requests;
     written_ = 0;
     arm();
-    mqtt_write_some(std::move(h));
-  }
-
-  template <class Handler>
-  void mqtt_write_some(Handler h) {
-    while (written_ < out_.size()) {
-      ERR_clear_error();
-      int n = SSL_write(ssl_.get(), out_.data() + written_,
-                        static_cast<int>(out_.size() - written_));
-      if (n <= 0) {
-        int err = 0;
-        auto w = want(n, err);
-        if (!w)
-          return fail("connection", ssl_failure("write", err));
-        auto self = shared_from_this();
-        return wait(*w, [self, h]() mutable { self->mqtt_write_some(std::move(h)); },
-                    [self] { self->io_failed("write"); });
-      }
-      written_ += static_cast<std::size_t>(n);
-    }
-    mqtt_read_some(std::move(h));
+    write_some<true>(std::move(h));
   }
 
   template <class Handler>

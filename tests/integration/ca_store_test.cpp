@@ -15,6 +15,7 @@
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
+#include "tests/support/x509_client.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -25,39 +26,13 @@ namespace {
 test::server_process& srv() { return test::shared_server(); }
 json parse(const std::string& text) { return test::parse_json(text); }
 
-std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
-  std::string path = dir + "/" + name;
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
+using test::cert_dir;
+using test::write_file;
 
-const std::string& cert_dir() {
-  struct temp_dir {
-    std::string path = test::make_temp_dir("provisiond-ca-it");
-    ~temp_dir() { test::remove_tree(path); }
-  };
-  static const temp_dir dir;
-  return dir.path;
-}
-
-net::https_client device_client(const test::server_process& s, const test_cert& leaf,
+/// A device client that opens a new connection for each request.
+net::https_client fresh_client(const test::server_process& s, const test_cert& leaf,
                                 std::initializer_list<const test_cert*> chain = {}) {
-  static int n = 0;
-  std::string pem = leaf.pem();
-  for (const auto* c : chain)
-    pem += c->pem();
-  const std::string stem = "dev" + std::to_string(++n);
-  net::https_client_options o;
-  o.host = "127.0.0.1";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  o.client_cert_file = write_file(cert_dir(), stem + ".pem", pem);
-  o.client_key_file = write_file(cert_dir(), stem + ".key", leaf.key_pem());
-  o.reuse_connection = false;
-  return net::https_client(o);
+  return test::device_client(s, leaf, chain, /*reuse=*/false);
 }
 
 net::https_response put_register(net::https_client& c, const test::server_process& s,
@@ -301,7 +276,7 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   // A device whose chain (leaf + intermediate) reaches the verified CA.
   auto leaf = test::make_device("ref-dev-1", inter, 500);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     auto a = put_register(c, s, "ref-dev-1");
     REQUIRE_MESSAGE(a.status == 200, a.body);
     auto j = parse(a.body);
@@ -310,25 +285,25 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   }
   // Without its intermediate, it does not reach the CA.
   {
-    auto c = device_client(s, leaf);
+    auto c = fresh_client(s, leaf);
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "is issued by 'CN=IT Ref Intermediate CA");
   }
   // Another CA's device.
   {
     auto other = test::make_device("ref-dev-x", stranger, 501);
-    auto c = device_client(s, other);
+    auto c = fresh_client(s, other);
     check_error(put_register(c, s, "ref-dev-x"), 401, 401002,
                 "is issued by 'CN=IT Ref Stranger CA");
   }
   // The admitted device again (its verdict is cached), then the CA goes.
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     REQUIRE(put_register(c, s, "ref-dev-1").status == 200);
   }
   REQUIRE(s.service("DELETE", "/certificates/ref-root").status == 204);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "enrollment group 'ref-group' names CA 'ref-root' (caReferences), which is not "
                 "in the certificate store");
@@ -336,14 +311,14 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   // Uploaded again, it is unverified until proven again.
   REQUIRE(upload(s, "ref-root", {{"certificate", root.pem()}}).status == 200);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "the chain reaches CA 'ref-root' ('CN=IT Ref Root CA,O=provisiond tests') of "
                 "enrollment group 'ref-group', but that CA is not verified");
   }
   upload_and_verify(s, "ref-root", root);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     auto a = put_register(c, s, "ref-dev-1");
     REQUIRE_MESSAGE(a.status == 200, a.body);
   }
@@ -352,7 +327,7 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   auto other_root = test::make_ca("IT Ref Replacement CA", nullptr, 53);
   REQUIRE(upload(s, "ref-root", {{"certificate", other_root.pem()}}).status == 200);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "is issued by 'CN=IT Ref Root CA");
   }
@@ -372,7 +347,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   auto under2 = test::make_device("crl-under2", inter2, 902);
   auto crl_path = "/certificates/crl-root/crl";
   auto register_ok = [&](const test_cert& leaf, const test_cert& mid, const std::string& id) {
-    auto c = device_client(s, leaf, {&mid});
+    auto c = fresh_client(s, leaf, {&mid});
     auto a = put_register(c, s, id);
     REQUIRE_MESSAGE(a.status == 200, a.body);
   };
@@ -399,7 +374,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   CHECK(crls[0]["issuer"] == "CN=IT CRL Intermediate CA,O=provisiond tests");
   CHECK(crls[0]["revoked"] == 1);
   {
-    auto c = device_client(s, bad, {&inter});
+    auto c = fresh_client(s, bad, {&inter});
     check_error(put_register(c, s, "crl-bad"), 401, 401002,
                 "the client certificate 'CN=crl-bad,O=provisiond tests' (serial 0385) is "
                 "revoked: the CRL of 'CN=IT CRL Intermediate CA,O=provisiond tests' lists it");
@@ -413,10 +388,10 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
                {{"type", "x509"},
                 {"x509", {{"signingCertificates", {{"primary", {{"certificate", inter.pem()}}}}}}}}}};
     REQUIRE(s.service("PUT", "/enrollmentGroups/crl-inline", body.dump()).status == 200);
-    auto c = device_client(s, bad, {&inter});
+    auto c = fresh_client(s, bad, {&inter});
     check_error(put_register(c, s, "crl-bad"), 401, 401002,
                 "'CN=crl-bad,O=provisiond tests' (serial 0385) is revoked");
-    c = device_client(s, good, {&inter});
+    c = fresh_client(s, good, {&inter});
     auto a = put_register(c, s, "crl-good");
     REQUIRE_MESSAGE(a.status == 200, a.body);
     CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "crl-inline");
@@ -429,7 +404,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(fake_inter, {&good, &bad}, -50)}}.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
   for (auto* d : {&good, &bad}) {
-    auto c = device_client(s, *d, {&inter});
+    auto c = fresh_client(s, *d, {&inter});
     check_error(put_register(c, s, d == &good ? "crl-good" : "crl-bad"), 401, 401002,
                 "a CRL stored with CA 'crl-root' names 'CN=IT CRL Intermediate CA,O=provisiond "
                 "tests' (the issuer of '");
@@ -448,7 +423,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["crls"].size() == 2);
   {
-    auto c = device_client(s, under2, {&inter2});
+    auto c = fresh_client(s, under2, {&inter2});
     check_error(put_register(c, s, "crl-under2"), 401, 401002,
                 "the intermediate certificate 'CN=IT CRL Second Intermediate CA,O=provisiond "
                 "tests' (serial 5C) is revoked");
@@ -473,7 +448,7 @@ TEST_CASE("CA store state survives a restart") {
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["isVerified"] == true);
   auto leaf = test::make_device("durable-dev", inter, 600);
-  auto c = device_client(s, leaf, {&inter});
+  auto c = fresh_client(s, leaf, {&inter});
   auto a = put_register(c, s, "durable-dev");
   REQUIRE_MESSAGE(a.status == 200, a.body);
   CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "durable-group");
@@ -555,7 +530,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   {
     // Attested on the gateway: 200, or 202 while the mock's consumer
     // groups still join (the outcome follows); never 401.
-    auto c = device_client(a, leaf, {&inter});
+    auto c = fresh_client(a, leaf, {&inter});
     auto res = put_register(c, a, "kafka-ca-dev");
     REQUIRE_MESSAGE((res.status == 200 || res.status == 202), res.body);
   }
@@ -574,7 +549,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["isVerified"] == true);
   {
-    auto c = device_client(b, leaf, {&inter});
+    auto c = fresh_client(b, leaf, {&inter});
     auto res = register_outcome(c, b, "kafka-ca-dev");
     CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
     CHECK(res["registrationState"]["x509"]["enrollmentGroupId"] == "kafka-group");
@@ -586,7 +561,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   bool refused = false;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!refused && std::chrono::steady_clock::now() < deadline) {
-    auto c = device_client(a, leaf, {&inter});
+    auto c = fresh_client(a, leaf, {&inter});
     auto res = put_register(c, a, "kafka-ca-dev");
     last = res.body;
     refused = res.status == 401
@@ -648,7 +623,7 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   r = a.service("GET", "/certificates");
   CHECK_MESSAGE(r.status == 200, r.body);
   auto leaf = test::make_device("junk-ca-dev", inter, 900);
-  auto c = device_client(a, leaf, {&inter});
+  auto c = fresh_client(a, leaf, {&inter});
   auto res = register_outcome(c, a, "junk-ca-dev");
   CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
   CHECK(res["registrationState"]["x509"]["enrollmentGroupId"] == "junk-group");

@@ -122,6 +122,26 @@ json wait_assigned(const test::server_process& s, const std::string& id,
   return j;
 }
 
+/// The device's status lookup with `auth`: 200, and its authenticationKey
+/// is the hub key `tpm` signed `hub_sig` with (every answer of the
+/// operation wraps the same key; the TPM signs alike with the key imported
+/// from any of them).
+void check_status_key(const test::server_process& s, const std::string& id,
+                      const std::string& auth, soft_tpm& tpm, const std::string& hub_sig) {
+  auto c = s.client();
+  net::http_headers h;
+  h.add("Authorization", auth);
+  h.add("Content-Type", "application/json");
+  net::https_response p;
+  REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
+                     json{{"registrationId", id}}.dump(), p));
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  auto st = test::parse_json(p.body);
+  REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
+  REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
+  CHECK(tpm.hmac("hub") == hub_sig);
+}
+
 } // namespace
 
 TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assigned") {
@@ -185,22 +205,7 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   const std::string hub_sig = tpm.hmac("hub");
 
   // Status lookup with the SAS alone (no body).
-  {
-    auto c = s.client();
-    net::http_headers h;
-    h.add("Authorization", auth);
-    h.add("Content-Type", "application/json");
-    net::https_response p;
-    REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
-                       json{{"registrationId", id}}.dump(), p));
-    CHECK_MESSAGE(p.status == 200, p.body);
-    // Every answer of the operation wraps the same hub key: the TPM signs
-    // alike with the key imported from this one.
-    auto st = test::parse_json(p.body);
-    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
-    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
-    CHECK(tpm.hmac("hub") == hub_sig);
-  }
+  check_status_key(s, id, auth, tpm, hub_sig);
   auto rec = s.service("GET", "/registrations/" + id);
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
   CHECK(test::parse_json(rec.body)["status"] == "assigned");
@@ -214,20 +219,7 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   // The new challenge leaves the answered one alone: the device's status
   // lookup still works and still carries its authenticationKey.
-  {
-    auto c = s.client();
-    net::http_headers h;
-    h.add("Authorization", auth);
-    h.add("Content-Type", "application/json");
-    net::https_response p;
-    REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
-                       json{{"registrationId", id}}.dump(), p));
-    REQUIRE_MESSAGE(p.status == 200, p.body);
-    auto st = test::parse_json(p.body);
-    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
-    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
-    CHECK(tpm.hmac("hub") == hub_sig);
-  }
+  check_status_key(s, id, auth, tpm, hub_sig);
   // ...and with the new key: accepted again (a re-registration).
   REQUIRE_MESSAGE(tpm.activate(blob2), tpm.log());
   const auto auth2 = tpm.sas(s, id);

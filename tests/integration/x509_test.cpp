@@ -16,6 +16,7 @@
 #include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
+#include "tests/support/x509_client.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -38,44 +39,9 @@ const pki& certs() {
   return p;
 }
 
-std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
-  std::string path = dir + "/" + name;
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
-
-/// Certificate and key files for the clients; removed at exit.
-const std::string& cert_dir() {
-  struct temp_dir {
-    std::string path = test::make_temp_dir("provisiond-x509-it");
-    ~temp_dir() { test::remove_tree(path); }
-  };
-  static const temp_dir dir;
-  return dir.path;
-}
-
-/// A client presenting `leaf` followed by `chain` (PEM files in a temp dir).
-net::https_client device_client(const test::server_process& s, const test_cert& leaf,
-                                std::initializer_list<const test_cert*> chain = {},
-                                bool reuse = true) {
-  static int n = 0;
-  const std::string& dir = cert_dir();
-  std::string pem = leaf.pem();
-  for (const auto* c : chain)
-    pem += c->pem();
-  const std::string stem = "dev" + std::to_string(++n);
-  net::https_client_options o;
-  o.host = "127.0.0.1";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  o.client_cert_file = write_file(dir, stem + ".pem", pem);
-  o.client_key_file = write_file(dir, stem + ".key", leaf.key_pem());
-  o.reuse_connection = reuse;
-  return net::https_client(o);
-}
+using test::cert_dir;
+using test::device_client;
+using test::write_file;
 
 std::string device_path(const test::server_process& s, const std::string& id) {
   return "/" + s.id_scope() + "/registrations/" + id;

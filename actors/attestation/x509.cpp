@@ -9,6 +9,8 @@
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/ascii.hpp"
 
@@ -57,8 +59,11 @@ public:
       const bool match = !ref.der.empty() ? ref.der == leaf_der_
                                           : (!ref.sha1.empty() && ref.sha1 == sha1_)
                                               || (!ref.sha256.empty() && ref.sha256 == sha256_);
-      if (match)
-        return verdict::accepted(attestation_type::x509, v.enabled);
+      if (match) {
+        auto out = verdict::accepted(attestation_type::x509, v.enabled);
+        out.x509_json = info_json(nullptr);
+        return out;
+      }
     }
     return verdict::rejected(
       error_code::unauthorized_signature,
@@ -74,6 +79,7 @@ public:
     // when it is disabled. A CA named by caReferences counts as a signing
     // certificate while the store holds it verified.
     const enrollment::enrollment_view* best = nullptr;
+    const std::string* best_der = nullptr; // the admitting CA, for signingCertificateInfo
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
     std::string failures, unverified, missing;
@@ -91,7 +97,7 @@ public:
     if (auto why = revocation(groups); !why.empty())
       return verdict::rejected(error_code::unauthorized_signature, why);
     auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
-                          const std::string& label, bool trusted) {
+                          const std::string& der, const std::string& label, bool trusted) {
       if (anchor == nullptr || !reaches(anchor))
         return;
       std::string why;
@@ -109,6 +115,7 @@ public:
       // Both slots are tried: the secondary may be a nearer CA.
       if (depth < best_depth) {
         best = &g;
+        best_der = &der;
         best_depth = depth;
         best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor));
       }
@@ -120,8 +127,8 @@ public:
       for (const auto& ref : x->signing_certificates) {
         auto anchor = enrollment::parse_der(ref.der);
         if (anchor)
-          try_anchor(g, anchor.get(), "signing certificate '" + subject_of(anchor.get()) + "'",
-                     true);
+          try_anchor(g, anchor.get(), ref.der,
+                     "signing certificate '" + subject_of(anchor.get()) + "'", true);
       }
       using state = enrollment::ca_reference::state;
       for (const auto& ref : x->ca_references) {
@@ -132,14 +139,16 @@ public:
         }
         auto anchor = enrollment::parse_der(ref.der);
         if (anchor)
-          try_anchor(g, anchor.get(),
+          try_anchor(g, anchor.get(), ref.der,
                      "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
                      ref.status == state::verified);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
-      return verdict::accepted(attestation_type::x509, best->enabled, best->id);
+      auto out = verdict::accepted(attestation_type::x509, best->enabled, best->id);
+      out.x509_json = info_json(best_der);
+      return out;
     }
     if (!unverified.empty())
       return verdict::rejected(error_code::unauthorized_signature, unverified);
@@ -162,6 +171,17 @@ public:
   int64_t valid_until() const noexcept override { return valid_until_; }
 
 private:
+  /// registrationState.x509 as DPS fills it besides enrollmentGroupId: the
+  /// device's certificate, and for a group the CA that admitted it.
+  std::string info_json(const std::string* signer_der) const {
+    nlohmann::json j = nlohmann::json::object();
+    j["certificateInfo"] = enrollment::certificate_info(chain_[0].get(), leaf_der_);
+    if (signer_der != nullptr)
+      if (auto signer = enrollment::parse_der(*signer_der))
+        j["signingCertificateInfo"] = enrollment::certificate_info(signer.get(), *signer_der);
+    return j.dump();
+  }
+
   /// Whether `anchor` may be in the chain: it is a presented certificate's
   /// issuer (by name) or one of them. A cheap filter before verify().
   bool reaches(const X509* anchor) const {

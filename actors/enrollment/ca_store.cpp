@@ -255,6 +255,13 @@ error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
     return {error_code::invalid_certificate,
             "the CRL names CA '" + name + "' ('" + name_text(issuer)
               + "') as its issuer but is not signed by that CA's key"};
+  // Already past its nextUpdate: attestation would refuse every device it
+  // covers (x509.cpp), so say so now.
+  if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+      next != nullptr && epoch_of(next) < now_ms / 1000)
+    return {error_code::invalid_certificate,
+            "the CRL of '" + name_text(issuer) + "' is stale: its nextUpdate ("
+              + utc_text(epoch_of(next)) + ") has passed; upload its issuer's current CRL"};
   json kept = json::array();
   for (const auto& c : doc.value("crls", json::array())) {
     auto other = c.is_string() ? crypto::base64_decode(c.get<std::string>())
@@ -348,13 +355,25 @@ void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
     // Wrong-typed fields: missing, like an unreadable entry.
     ref.der.clear();
     ref.crls.clear();
+    ref.cert.reset();
+    ref.parsed_crls.clear();
     ref.status = ca_reference::state::missing;
   }
+}
+
+void resolve_parsed(ca_reference& ref) {
+  ref.cert = ref.der.empty() ? nullptr : shared_der(ref.der);
+  ref.parsed_crls.clear();
+  for (const auto& der : ref.crls)
+    if (auto crl = shared_crl_der(der))
+      ref.parsed_crls.push_back(std::move(crl));
 }
 
 static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& ref) {
   ref.der.clear();
   ref.crls.clear();
+  ref.cert.reset();
+  ref.parsed_crls.clear();
   ref.status = ca_reference::state::missing;
   if (stored_doc == nullptr)
     return;
@@ -372,6 +391,7 @@ static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& re
       ref.crls.push_back(std::move(*der));
   ref.status = j.value("isVerified", false) ? ca_reference::state::verified
                                             : ca_reference::state::unverified;
+  resolve_parsed(ref);
 }
 
 std::string ca_doc_problem(std::string_view key, const json& doc) {

@@ -60,6 +60,9 @@ nlohmann::json ca_verification_public(const nlohmann::json& doc);
 /// document it cannot read (wrong-typed fields) counts as missing: it admits
 /// nothing, and never throws (it runs on the table reader thread).
 void resolve_ca(const std::string* stored_doc, ca_reference& ref);
+/// Parses ref.der and ref.crls into ref.cert and ref.parsed_crls (resolve_ca
+/// does; for references built by other means).
+void resolve_parsed(ca_reference& ref);
 
 /// Why `doc` is not a stored CA entry for `key` (empty when it is): an object
 /// whose name is a valid_certificate_name with key_of(name) == key, whose

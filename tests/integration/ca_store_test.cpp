@@ -390,6 +390,11 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   check_error(s.service("PUT", "/certificates/crl-nope/crl",
                         json{{"crl", test::make_crl_pem(root, {})}}.dump()),
               404, 404205, "crl-nope");
+  // Already past its nextUpdate: it would refuse every device it covers.
+  check_error(s.service("PUT", crl_path,
+                        json{{"crl", test::make_crl_pem(root, {}, -7200, -3600)}}.dump()),
+              400, 400009,
+              "the CRL of 'CN=IT CRL Root CA,O=provisiond tests' is stale: its nextUpdate (");
 
   // The intermediate's CRL revokes one leaf.
   auto r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {&bad})}}.dump());
@@ -664,4 +669,38 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   CHECK(b.service("GET", "/certificates/..").status != 200);
   CHECK(b.stop() == 0);
   CHECK(a.stop() == 0);
+}
+
+TEST_CASE("revocation: a CRL past its nextUpdate refuses the devices it covers until replaced") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Stale CRL Root CA", nullptr, 96);
+  auto inter = test::make_ca("IT Stale CRL Intermediate CA", &root, 97);
+  upload_and_verify(s, "stale-crl-root", root);
+  REQUIRE(put_ca_group(s, "stale-crl-group", "stale-crl-root").status == 200);
+  auto leaf = test::make_device("stale-crl-dev", inter, 950);
+  // The root's CRL, current for 3 more seconds; it lists nothing.
+  auto r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                     json{{"crl", test::make_crl_pem(root, {}, -60, 3)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    auto a = put_register(c, s, "stale-crl-dev");
+    REQUIRE_MESSAGE(a.status == 200, a.body); // admitted, and the verdict cached
+  }
+  // Past nextUpdate (whole seconds, so 4.5 s is safely after): refused,
+  // cached admission or not, with what to do about it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "stale-crl-dev"), 401, 401002,
+                "the CRL of 'CN=IT Stale CRL Root CA,O=provisiond tests' stored with CA "
+                "'stale-crl-root' is stale: its nextUpdate (");
+  }
+  // A current CRL (a later lastUpdate) readmits the device.
+  r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                json{{"crl", test::make_crl_pem(root, {}, -1)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto c = device_client(s, leaf, {&inter});
+  auto a = put_register(c, s, "stale-crl-dev");
+  CHECK_MESSAGE(a.status == 200, a.body);
 }

@@ -12,7 +12,9 @@
 // write came back through dps.enrollments; spawned detached. One write at a
 // time per instance, so etag checks see the previous write.
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -283,6 +285,8 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
                               : "If-Match given but CA '" + name + "' does not exist"});
       storage::write_batch batch;
       const auto key = enrollment::key_of(name);
+      // Read before the operations below move the entry into `doc`.
+      int64_t base = existing ? enrollment::ca_revision(*existing) : 0;
       json doc;
       if (op == "delete") {
         batch.del(storage::cf::certificates, key);
@@ -333,6 +337,15 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         } else {
           return fail({error_code::internal, "unknown certificate operation " + op});
         }
+        // One more than any revision this instance has seen for the name,
+        // its last delete's included (see ca_store.hpp: Kafka ordering).
+        std::optional<std::string> deleted;
+        if (auto err = ctx->store->get(storage::cf::meta, enrollment::ca_deleted_meta_key(key),
+                                       deleted))
+          return fail(std::move(err));
+        if (deleted)
+          base = std::max<int64_t>(base, std::strtoll(deleted->c_str(), nullptr, 10));
+        doc["revision"] = base + 1;
         batch.put(storage::cf::certificates, key, doc.dump());
       }
       if (auto err = ctx->catalog.write_certificates(batch))

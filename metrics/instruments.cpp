@@ -154,6 +154,12 @@ struct instruments::impl {
       .Help("Failed accepts on the device API listener by error (EMFILE: out of "
             "file descriptors); each is followed by a 100 ms back-off")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& stale_certificate_records =
+    prometheus::BuildCounter()
+      .Name("dps_kafka_stale_certificate_records_total")
+      .Help("CA store records on dps.enrollments skipped because a later revision (a "
+            "delete, or a write from a newer state) was already applied")
+      .Register(*registry);
   prometheus::Family<prometheus::Histogram>& commit_duration =
     prometheus::BuildHistogram()
       .Name("dps_storage_commit_duration_seconds")
@@ -183,6 +189,7 @@ struct instruments::impl {
   series_cache<prometheus::Counter> throttled_c{throttled};
   series_cache<prometheus::Counter> connections_refused_c{connections_refused};
   series_cache<prometheus::Counter> accept_errors_c{accept_errors};
+  prometheus::Counter* stale_certificate_records_counter = nullptr;
 
   std::array<prometheus::Histogram*, stage_count> stage_hist{};
   std::array<prometheus::Gauge*, stage_count> stage_gauge{};
@@ -211,6 +218,7 @@ struct instruments::impl {
       {}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
                                                   1024, 2048, 4096});
     commit_bytes_counter = &commit_bytes.Add({});
+    stale_certificate_records_counter = &stale_certificate_records.Add({});
     // Known reasons exist at zero, so rate() and dashboards see them before
     // the first throttled request.
     for (const char* reason : {"inflight_limit", "shutting_down"})
@@ -373,6 +381,10 @@ void instruments::accept_failed(std::string_view error) {
            return f.Add({{"error", std::string(error)}});
          })
     .Increment();
+}
+
+void instruments::certificate_record_stale() {
+  impl_->stale_certificate_records_counter->Increment();
 }
 
 void instruments::storage_commit(double seconds, std::size_t batches, std::size_t bytes) {

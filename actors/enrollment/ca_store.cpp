@@ -1,5 +1,6 @@
 #include "actors/enrollment/ca_store.hpp"
 
+#include <algorithm>
 #include <ctime>
 
 #include <nlohmann/json.hpp>
@@ -394,6 +395,32 @@ static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& re
   resolve_parsed(ref);
 }
 
+int64_t ca_revision(const json& doc) noexcept {
+  auto it = doc.find("revision");
+  if (it == doc.end() || !it->is_number_integer())
+    return 0;
+  return std::max<int64_t>(0, it->get<int64_t>());
+}
+
+json ca_deleted_marker(const std::string& name, int64_t revision) {
+  return json{{"name", name}, {"deleted", true}, {"revision", revision}};
+}
+
+bool ca_is_deleted_marker(const json& doc) noexcept {
+  auto it = doc.find("deleted");
+  return it != doc.end() && it->is_boolean() && it->get<bool>();
+}
+
+std::string ca_deleted_meta_key(std::string_view key) {
+  return "certificate.deleted/" + std::string(key);
+}
+
+bool ca_supersedes(int64_t incoming, bool is_delete, int64_t stored) noexcept {
+  if (is_delete)
+    return incoming >= stored;
+  return incoming > stored || (incoming == 0 && stored == 0);
+}
+
 std::string ca_doc_problem(std::string_view key, const json& doc) {
   if (!doc.is_object())
     return "the value is not a JSON object";
@@ -401,6 +428,15 @@ std::string ca_doc_problem(std::string_view key, const json& doc) {
   if (it == doc.end() || !it->is_string() || !valid_certificate_name(it->get<std::string>())
       || key_of(it->get<std::string>()) != key)
     return "the CA document's name is not a valid certificate name matching the key";
+  if (auto r = doc.find("revision"); r != doc.end() && !(r->is_number_integer() && *r >= 0))
+    return "the CA document's revision is not a non-negative integer";
+  if (auto d = doc.find("deleted"); d != doc.end()) {
+    if (!d->is_boolean() || !d->get<bool>())
+      return "the CA deletion marker's deleted is not true";
+    if (ca_revision(doc) < 1)
+      return "the CA deletion marker has no revision";
+    return {};
+  }
   auto c = doc.find("certificate");
   if (c == doc.end() || !c->is_string())
     return "the CA document has no certificate";

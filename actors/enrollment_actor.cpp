@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/enrollment/ca_store.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_body.hpp"
@@ -58,6 +59,19 @@ error load(const engine_context& ctx, enrollment::kind k, const std::string& id,
     out = std::move(j);
   }
   return {};
+}
+
+/// An enrollment's delete; an individual one takes its TPM challenge slots
+/// with it (with Kafka as tpm-challenge/ tombstones, so compaction drops
+/// them too): a re-created enrollment starts with no challenge, answered or
+/// pending, from before.
+void delete_enrollment(storage::write_batch& batch, enrollment::kind k, const std::string& id) {
+  const auto key = enrollment::key_of(id);
+  batch.del(family_of(k), key);
+  if (k == enrollment::kind::individual) {
+    batch.del(storage::cf::tpm_challenges, attestation::tpm_answered_slot_key(key));
+    batch.del(storage::cf::tpm_challenges, attestation::tpm_pending_slot_key(key));
+  }
 }
 
 error load_ca(const engine_context& ctx, const std::string& name, std::optional<json>& out) {
@@ -184,7 +198,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         return;
       }
       storage::write_batch batch;
-      batch.del(family_of(k), enrollment::key_of(id));
+      delete_enrollment(batch, k, id);
       if (auto err = ctx->catalog.write_enrollments(batch, k)) {
         reply.fn(std::move(err));
         return;
@@ -251,7 +265,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           if (!err && !existing)
             err = {not_found_code(k), what(k, id) + " does not exist"};
           if (!err)
-            batch.del(family_of(k), enrollment::key_of(id));
+            delete_enrollment(batch, k, id);
         } else {
           json doc;
           err = prepare_put(*ctx, k, id, item, "", mode, batch, doc);

@@ -431,6 +431,12 @@ private:
         wb.del(family, std::string(key));
         if (family == storage::cf::certificates) // a writer older than deletion markers
           certificate_revisions[std::string(key)] = 0;
+        if (family == storage::cf::enrollments) {
+          // Its TPM challenge slots go with it here too, whether or not the
+          // writer published their tombstones (older writers did not).
+          wb.del(storage::cf::tpm_challenges, attestation::tpm_answered_slot_key(key));
+          wb.del(storage::cf::tpm_challenges, attestation::tpm_pending_slot_key(key));
+        }
         continue;
       }
       // Anyone with write access to the topic can put a record here: only a

@@ -154,6 +154,13 @@ struct instruments::impl {
       .Help("Failed accepts on the device API listener by error (EMFILE: out of "
             "file descriptors); each is followed by a 100 ms back-off")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& tpm_challenges =
+    prometheus::BuildCounter()
+      .Name("dps_tpm_challenges_total")
+      .Help("TPM challenges by outcome: issued (401 with an activation blob), answered "
+            "(consumed by a register signed with the imported key), rejected (an answer "
+            "refused: replayed, expired, wrong key, no challenge)")
+      .Register(*registry);
   prometheus::Family<prometheus::Counter>& stale_certificate_records =
     prometheus::BuildCounter()
       .Name("dps_kafka_stale_certificate_records_total")
@@ -189,6 +196,7 @@ struct instruments::impl {
   series_cache<prometheus::Counter> throttled_c{throttled};
   series_cache<prometheus::Counter> connections_refused_c{connections_refused};
   series_cache<prometheus::Counter> accept_errors_c{accept_errors};
+  series_cache<prometheus::Counter> tpm_challenges_c{tpm_challenges};
   prometheus::Counter* stale_certificate_records_counter = nullptr;
 
   std::array<prometheus::Histogram*, stage_count> stage_hist{};
@@ -219,6 +227,10 @@ struct instruments::impl {
                                                   1024, 2048, 4096});
     commit_bytes_counter = &commit_bytes.Add({});
     stale_certificate_records_counter = &stale_certificate_records.Add({});
+    for (const char* outcome : {"issued", "answered", "rejected"})
+      tpm_challenges_c.get(join({outcome}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"outcome", outcome}});
+      });
     // Known reasons exist at zero, so rate() and dashboards see them before
     // the first throttled request.
     for (const char* reason : {"inflight_limit", "shutting_down"})
@@ -379,6 +391,15 @@ void instruments::accept_failed(std::string_view error) {
     .get(join({error}),
          [&](auto& f) -> prometheus::Counter& {
            return f.Add({{"error", std::string(error)}});
+         })
+    .Increment();
+}
+
+void instruments::tpm_challenge(std::string_view outcome) {
+  impl_->tpm_challenges_c
+    .get(join({outcome}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"outcome", std::string(outcome)}});
          })
     .Increment();
 }

@@ -770,7 +770,7 @@ public:
 
 private:
   static std::string pending_key(std::string_view registration_id) {
-    return enrollment::key_of(registration_id) + "/pending";
+    return attestation::tpm_pending_slot_key(enrollment::key_of(registration_id));
   }
 
   error write(const storage::write_batch& b) const {

@@ -37,6 +37,10 @@ std::unique_ptr<T, x509_free<T, F>> parse_exact_der(std::string_view der) {
 
 /// The certificate in DER; null when `der` is not exactly one certificate.
 x509_ptr parse_der(std::string_view der);
+/// The same, shareable (parsed once, read by many threads).
+std::shared_ptr<X509> shared_der(std::string_view der);
+/// A DER CRL, shareable; null when `der` is not exactly one CRL.
+std::shared_ptr<X509_CRL> shared_crl_der(std::string_view der);
 /// DER of a certificate given as PEM or as bare base64 DER (DPS accepts
 /// both); false when it is neither.
 bool certificate_der(std::string_view text, std::string& der);

@@ -243,6 +243,8 @@ private:
     }
     if (!is_ip_literal(name))
       SSL_set_tlsext_host_name(ssl, name.c_str());
+    if (o_.client_identity && !o_.client_identity(idx_, ssl))
+      return connect_failed("tls", "no client certificate for device " + std::to_string(idx_));
     conn_start_ = steady::now();
     arm();
     sock_->async_connect(t_.endpoint, [self = shared_from_this(), then](beast::error_code ec) mutable {
@@ -416,7 +418,8 @@ private:
 
   void prepare_device() {
     reg_id_ = o_.registration_id(idx_);
-    auth_ = device_sas(o_.id_scope, o_.key_root, reg_id_);
+    // X.509 devices authenticate in the handshake (client_identity).
+    auth_ = o_.client_identity ? std::string() : device_sas(o_.id_scope, o_.key_root, reg_id_);
     base_ = "/" + o_.id_scope + "/registrations/" + reg_id_;
     op_id_.clear();
   }
@@ -549,7 +552,8 @@ private:
 
   void send_put() {
     new_request("PUT", base_ + "/register?api-version=" + o_.api_version);
-    header("Authorization", auth_);
+    if (!auth_.empty())
+      header("Authorization", auth_);
     header("Content-Type", "application/json; charset=utf-8");
     end_request("{\"registrationId\":\"" + reg_id_ + "\"}");
     ++t_.stats.puts;
@@ -613,7 +617,8 @@ private:
 
   void send_poll() {
     new_request("GET", base_ + "/operations/" + op_id_ + "?api-version=" + o_.api_version);
-    header("Authorization", auth_);
+    if (!auth_.empty())
+      header("Authorization", auth_);
     end_request();
     ++t_.stats.polls;
     poll_start_ = steady::now();

@@ -13,6 +13,7 @@
 #include "actors/enrollment/x509_certificates.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 #include "tests/support/x509_client.hpp"
@@ -365,6 +366,11 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   check_error(s.service("PUT", "/certificates/crl-nope/crl",
                         json{{"crl", test::make_crl_pem(root, {})}}.dump()),
               404, 404205, "crl-nope");
+  // Already past its nextUpdate: it would refuse every device it covers.
+  check_error(s.service("PUT", crl_path,
+                        json{{"crl", test::make_crl_pem(root, {}, -7200, -3600)}}.dump()),
+              400, 400009,
+              "the CRL of 'CN=IT CRL Root CA,O=provisiond tests' is stale: its nextUpdate (");
 
   // The intermediate's CRL revokes one leaf.
   auto r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {&bad})}}.dump());
@@ -639,4 +645,96 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   CHECK(b.service("GET", "/certificates/..").status != 200);
   CHECK(b.stop() == 0);
   CHECK(a.stop() == 0);
+}
+
+TEST_CASE("Kafka mode: a stale certificate/ record after a delete does not bring the CA back") {
+  // A slower gateway that had not applied the delete yet writes the CA it
+  // still holds (a new verification code, a CRL), or an old copy arrives
+  // late: on the compacted topic that record follows the delete. Every
+  // instance must skip it, and so must one that rebuilds from the topic.
+  test::kafka_fixture fx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5703\"\n" + cfg; };
+  test::server_process a;
+  REQUIRE_MESSAGE(!a.start(test::with_metrics(with_scope(fx.server_config())), fx.dir), a.log());
+  auto root = test::make_ca("IT Stale Root CA", nullptr, 95);
+  upload_and_verify(a, "stale-root", root);
+  // The verified document as replicated: the last record of its key.
+  json stored;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.enrollments", 1))
+    if (rec.key == "certificate/stale-root")
+      stored = parse(rec.value);
+  REQUIRE(stored.is_object());
+  REQUIRE(stored["isVerified"] == true);
+
+  REQUIRE(a.service("DELETE", "/certificates/stale-root").status == 204);
+  REQUIRE(a.service("GET", "/certificates/stale-root").status == 404);
+  // What the slower gateway computes from the old state (the next revision,
+  // as ca_store.hpp has every write do), and the old document itself.
+  auto from_old = stored;
+  from_old["verificationCode"] = "0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF";
+  from_old["revision"] = stored.value("revision", 0) + 1;
+  from_old["etag"] = "\"stale\"";
+  test::produce_raw(fx.cfg, "dps.enrollments",
+                    {{"certificate/stale-root", from_old.dump()},
+                     {"certificate/stale-root", stored.dump()}});
+  // Uploading the same certificate again through the API: its write follows
+  // both records on the key's partition, and returns once applied. The CA
+  // must start unverified (a new owner proves possession again); had a stale
+  // record brought the verified one back, the re-upload would keep that
+  // proof.
+  auto r = upload(a, "stale-root", {{"certificate", root.pem()}});
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  r = a.service("GET", "/certificates/stale-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  auto m = test::scrape(test::metrics_addr(a));
+  CHECK(test::sum(m, "dps_kafka_stale_certificate_records_total") == 2);
+
+  // A gateway rebuilding from the topic applies the same records the same way.
+  const auto dir_b = test::make_temp_dir("provisiond-ca-stale-b");
+  test::server_process b;
+  b.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!b.start(with_scope(fx.server_config(dir_b)), dir_b), b.log());
+  r = b.service("GET", "/certificates/stale-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  CHECK(b.service("DELETE", "/certificates/stale-root").status == 204);
+  CHECK(a.service("GET", "/certificates/stale-root").status == 404);
+  CHECK(b.stop() == 0);
+  CHECK(a.stop() == 0);
+}
+
+TEST_CASE("revocation: a CRL past its nextUpdate refuses the devices it covers until replaced") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Stale CRL Root CA", nullptr, 96);
+  auto inter = test::make_ca("IT Stale CRL Intermediate CA", &root, 97);
+  upload_and_verify(s, "stale-crl-root", root);
+  REQUIRE(put_ca_group(s, "stale-crl-group", "stale-crl-root").status == 200);
+  auto leaf = test::make_device("stale-crl-dev", inter, 950);
+  // The root's CRL, current for 3 more seconds; it lists nothing.
+  auto r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                     json{{"crl", test::make_crl_pem(root, {}, -60, 3)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    auto a = put_register(c, s, "stale-crl-dev");
+    REQUIRE_MESSAGE(a.status == 200, a.body); // admitted, and the verdict cached
+  }
+  // Past nextUpdate (whole seconds, so 4.5 s is safely after): refused,
+  // cached admission or not, with what to do about it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "stale-crl-dev"), 401, 401002,
+                "the CRL of 'CN=IT Stale CRL Root CA,O=provisiond tests' stored with CA "
+                "'stale-crl-root' is stale: its nextUpdate (");
+  }
+  // A current CRL (a later lastUpdate) readmits the device.
+  r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                json{{"crl", test::make_crl_pem(root, {}, -1)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto c = device_client(s, leaf, {&inter});
+  auto a = put_register(c, s, "stale-crl-dev");
+  CHECK_MESSAGE(a.status == 200, a.body);
 }

@@ -285,7 +285,7 @@ public:
     if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
       return err;
     operation_record op;
-    if (!raw && !ctx_->kafka()) {
+    if (!raw) {
       // A deferred accept recorded for its 202 is only a `pending` entry
       // until its outcome (registration_actor.cpp).
       std::optional<std::string> entry;

@@ -582,17 +582,20 @@ private:
       op.operation_id = ev.operation_id;
       op.registration_id = ev.registration_id;
       op.status = ev.status;
-      op.state = configuration::state_from_completed(ev);
       auto reg_key = enrollment::key_of(ev.registration_id);
       if (ev.status == registration_status::assigned) {
         // Prefer the materialized record (creation time, etag) when it is
-        // this operation's.
+        // this operation's, the usual case (the worker wrote it to
+        // dps.registrations before this event). Only otherwise is the state
+        // built from the event (an etag hash and copies of every field).
         std::optional<std::string> reg;
-        registration_state rs;
-        if (!ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
-            && !decode_record(*reg, rs) && rs.last_operation_id == ev.operation_id)
-          op.state = rs;
+        const bool materialized =
+          !ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
+          && !decode_record(*reg, op.state) && op.state.last_operation_id == ev.operation_id;
+        if (!materialized)
+          op.state = configuration::state_from_completed(ev);
       } else {
+        op.state = configuration::state_from_completed(ev);
         std::optional<std::string> reg;
         if (auto err = ctx_.store->get(storage::cf::registrations, reg_key, reg))
           return err;

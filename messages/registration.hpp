@@ -89,10 +89,11 @@ struct registration_event {
   int64_t attested_ms = 0;
   int64_t allocated_ms = 0;
   int64_t completed_ms = 0;
-  /// In process only (never encoded, not in inspect()): an embedded
-  /// register whose accept is not recorded yet, because its answer waits for
-  /// the outcome (device_api.register_wait_ms). No operation record exists
-  /// until the terminal commit, and nobody knows the operation id.
+  /// In process only (never encoded, not in inspect()): a register whose
+  /// accept is not recorded yet, because its answer waits for the outcome
+  /// (device_api.register_wait_ms). No operation record exists until the
+  /// terminal commit (Kafka: until registration.completed is applied), and
+  /// nobody knows the operation id.
   bool unrecorded = false;
   /// In process only, like `unrecorded`: the committed outcome, set by the
   /// embedded configuration stage on registration.completed, so the

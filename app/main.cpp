@@ -24,6 +24,7 @@
 #include "app/client_commands.hpp"
 #include "app/dev_kafka.hpp"
 #include "app/identity.hpp"
+#include "app/secrets.hpp"
 #include "app/signals.hpp"
 #include "config/config.hpp"
 #include "gateway/connection_slots.hpp"
@@ -295,6 +296,16 @@ int serve(const serve_args& args) {
   };
   if (auto err = storage::store::open(cfg.data_dir + "/db", store_opts, store))
     return die(err.message);
+  {
+    // Secrets at rest: before anything reads or writes an enrollment.
+    std::string note;
+    if (auto err = app::open_secrets(cfg, *store, note))
+      return die(err.message);
+    if (!note.empty()) {
+      std::cerr << "provisiond: " << note << std::endl;
+      dlog->info(note);
+    }
+  }
   if (auto note = store->recovery_note(); !note.empty()) {
     auto line = cfg.data_dir + "/db: " + note
                 + ". Expected after a power loss (the unsynced tail); otherwise check the disk.";
@@ -575,6 +586,7 @@ int main(int argc, char** argv) {
 
   add_client_commands(app, exit_code);
   add_dev_kafka_command(app, exit_code);
+  add_keys_command(app, exit_code);
 
   try {
     app.parse(argc, argv);

@@ -279,6 +279,9 @@ int serve(const serve_args& args) {
   std::unique_ptr<metrics::diagnostic_log> dlog;
   if (auto err = metrics::diagnostic_log::open({cfg.log.level, cfg.log.file}, dlog))
     return die(err.message);
+  std::unique_ptr<metrics::diagnostic_log> audit;
+  if (auto err = metrics::diagnostic_log::open({"info", app::audit_file_path(cfg)}, audit))
+    return die(err.message);
   metrics::instruments inst;
   {
     std::vector<std::string> hub_names;
@@ -334,6 +337,7 @@ int serve(const serve_args& args) {
   ropts.ready = [] { return true; };
   ropts.metrics = &inst;
   ropts.log = dlog.get();
+  ropts.audit = audit.get();
   auto routes = gateway::make_routes(ropts, *eng);
   gateway::server_options sopts;
   sopts.listen = cfg.device_api.listen;

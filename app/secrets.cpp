@@ -1,6 +1,8 @@
 #include "app/secrets.hpp"
 
+#include <pwd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <iostream>
@@ -8,6 +10,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "metrics/diagnostic_log.hpp"
 #include "storage/keyring.hpp"
 #include "storage/store.hpp"
 
@@ -15,6 +18,10 @@ namespace prov::app {
 
 std::string key_file_path(const config::engine_config& cfg) {
   return cfg.secrets.key_file.empty() ? cfg.data_dir + "/secrets.key" : cfg.secrets.key_file;
+}
+
+std::string audit_file_path(const config::engine_config& cfg) {
+  return cfg.log.audit_file.empty() ? cfg.data_dir + "/audit.log" : cfg.log.audit_file;
 }
 
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {
@@ -70,6 +77,34 @@ prov::error load_cfg(const keys_args& a, prov::config::engine_config& cfg) {
   return {};
 }
 
+/// Appends the rotation's audit line (docs/operations.md#audit-log); the
+/// operator is the local user who ran the command.
+void audit_rotation(const prov::config::engine_config& cfg, const std::string& new_id,
+                    const prov::error& result) {
+  using namespace prov;
+  std::unique_ptr<metrics::diagnostic_log> log;
+  if (auto err = metrics::diagnostic_log::open({"info", app::audit_file_path(cfg)}, log)) {
+    std::cerr << "provisiond: WARNING: no audit line for this rotation: " << err.message
+              << std::endl;
+    return;
+  }
+  metrics::audit_record r;
+  r.operation = "RotateKeys";
+  r.type = "KeyEncryptionKey";
+  r.id = new_id;
+  const passwd* pw = ::getpwuid(::geteuid());
+  r.identity = "local user " + std::string(pw ? pw->pw_name : "?") + " (uid " +
+               std::to_string(::geteuid()) + ")";
+  r.authenticated = true;
+  if (result) {
+    r.error_code = std::to_string(static_cast<int32_t>(result.code));
+    r.description = result.message;
+  }
+  r.protocol = "Cli";
+  log->audit(r);
+  log->flush();
+}
+
 int rotate(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
@@ -84,13 +119,19 @@ int rotate(const keys_args& a) {
   // Proves the file opens this data dir before it is changed.
   if (auto err = st->attach_keyring(old_ring, false, rep)) return fail(err.message);
   std::shared_ptr<const storage::keyring> ring;
-  if (auto err = storage::keyring::add_key(path, ring)) return fail(err.message);
+  if (auto err = storage::keyring::add_key(path, ring)) {
+    audit_rotation(cfg, "", err);
+    return fail(err.message);
+  }
   storage::seal_report moved;
-  if (auto err = st->attach_keyring(ring, /*reseal_all=*/true, moved))
+  if (auto err = st->attach_keyring(ring, /*reseal_all=*/true, moved)) {
+    audit_rotation(cfg, ring->active_id(), err);
     return fail(err.message + " (the key file already has the new key " + ring->active_id() +
                 "; values not re-encrypted yet still open with the older keys: run "
                 "`provisiond keys rotate` again once the cause is fixed)");
+  }
   st->close();
+  audit_rotation(cfg, ring->active_id(), {});
   std::cout << "new active key " << ring->active_id() << " in '" << path << "'; re-encrypted "
             << moved.resealed + moved.sealed + rep.sealed
             << " values. The older keys stay in the file: remove a line only when no "

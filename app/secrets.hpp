@@ -19,6 +19,9 @@ namespace prov::app {
 /// [secrets] key_file, or <data_dir>/secrets.key when unset.
 std::string key_file_path(const config::engine_config& cfg);
 
+/// [log] audit_file, or <data_dir>/audit.log when unset.
+std::string audit_file_path(const config::engine_config& cfg);
+
 /// Loads the key file (creating it, 0600, when it is missing and the data dir
 /// was never sealed) and attaches it to `store`, which seals any plaintext an
 /// older version left. `note` says what was done worth telling the operator.

@@ -528,9 +528,10 @@ class loader {
       get(*t, "secrets", "key_file", c.secrets.key_file);
     }
     if (const toml::table* t = sub_table(root, "", "log")) {
-      check_keys(*t, "log", {"level", "file"});
+      check_keys(*t, "log", {"level", "file", "audit_file"});
       get(*t, "log", "level", c.log.level);
       get(*t, "log", "file", c.log.file);
+      get(*t, "log", "audit_file", c.log.audit_file);
     }
     if (const toml::table* t = sub_table(root, "", "kafka")) {
       const std::string p = "kafka";

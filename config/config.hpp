@@ -128,6 +128,9 @@ struct secrets_config {
 struct log_config {
   std::string level = "info";  ///< trace, debug, info, warn, error, off
   std::string file;            ///< empty = stderr
+  /// The audit log (docs/operations.md#audit-log): JSON lines, one per
+  /// service API write. Empty = <data_dir>/audit.log.
+  std::string audit_file;
 };
 
 /// Distributed mode: every stage consumes and produces Kafka topics. With

@@ -2,7 +2,8 @@
 // reach RocksDB's files in plaintext, the service API still returns them as
 // DPS does, `provisiond keys rotate` keeps devices registering, a wrong or
 // missing key file stops the start naming it, and a tampered ciphertext is
-// reported as a storage error while the server keeps serving.
+// reported as a storage error while the server keeps serving. And the audit
+// log: one JSON line per service API write (and key read, and key rotation).
 
 #include <doctest/doctest.h>
 
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <vector>
 
 #include "messages/crypto.hpp"
 #include "storage/keyring.hpp"
@@ -66,6 +68,28 @@ void registers(const test::server_process& s, const std::string& id, const std::
   int status = 0;
   auto res = test::register_device(c, s, id, key, status);
   CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
+}
+
+/// The audit log's lines, parsed (each must be one JSON object).
+std::vector<nlohmann::json> audit_lines(const std::string& file) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), "not a JSON line: " << line);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+const nlohmann::json* find_audit(const std::vector<nlohmann::json>& lines, const std::string& op,
+                                 const std::string& id, int status) {
+  for (const auto& l : lines)
+    if (l.value("operationName", "") == op && l["properties"].value("id", "") == id &&
+        l.value("resultSignature", 0) == status)
+      return &l;
+  return nullptr;
 }
 
 } // namespace
@@ -195,6 +219,97 @@ TEST_CASE("a tampered enrollment is a storage error, the server keeps serving th
   CHECK(res.value("status", "") != "assigned");
   CHECK(s.alive());
   registers(s, "good-dev", key);
+}
+
+} // TEST_SUITE
+
+TEST_SUITE("audit") {
+
+TEST_CASE("every service API write, key read and key rotation leaves one audit line, no secret") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string key = crypto::generate_key();
+  put_enrollment(s, "audit-dev", key);                                     // Upsert 200
+  test::create_group(s, "audit-group", key);                               // Upsert 200
+  CHECK(s.service("GET", "/enrollments/audit-dev").status == 200);         // not audited
+  CHECK(s.service("POST", "/enrollments/query", R"({"query":"*"})").status == 200);      // not audited
+  CHECK(s.service("POST", "/enrollments/audit-dev/attestationmechanism").status == 200);
+  nlohmann::json items = nlohmann::json::array();
+  for (const char* id : {"audit-bulk-1", "audit-bulk-2"})
+    items.push_back({{"registrationId", id}, {"attestation", {{"type", "symmetricKey"}}}});
+  CHECK(s.service("POST", "/enrollments",
+                  nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump())
+          .status == 200);
+  CHECK(s.service("DELETE", "/enrollments/audit-dev").status == 204);
+  CHECK(s.service("DELETE", "/certificates/audit-ca").status == 404);
+  CHECK(s.service("DELETE", "/registrations/audit-dev").status == 404);
+  // A forged token: the named policy is recorded, marked unauthenticated.
+  const std::string forged = s.service_auth("provisioningserviceowner", crypto::generate_key());
+  net::http_headers h;
+  h.add("Authorization", forged);
+  CHECK(s.service("DELETE", "/enrollmentGroups/audit-group", {}, h).status == 401);
+  CHECK(s.stop() == 0); // the log's writer drains before exit
+
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+
+  const std::string file = dir + "/audit.log";
+  struct stat st {};
+  REQUIRE(::stat(file.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0077) == 0);
+  auto lines = audit_lines(file);
+  CHECK(lines.size() == 9);
+
+  auto* up = find_audit(lines, "Upsert", "audit-dev", 200);
+  REQUIRE(up != nullptr);
+  CHECK(up->value("category", "") == "Audit");
+  CHECK(up->value("identity", "") == "provisioningserviceowner");
+  CHECK(up->value("authenticated", false));
+  CHECK(up->value("callerIpAddress", "") == "127.0.0.1");
+  CHECK(up->value("resultType", "") == "Success");
+  CHECK(!up->value("time", "").empty());
+  CHECK(!up->value("correlationId", "").empty());
+  CHECK((*up)["properties"].value("type", "") == "IndividualEnrollment");
+  auto* grp = find_audit(lines, "Upsert", "audit-group", 200);
+  REQUIRE(grp != nullptr);
+  CHECK((*grp)["properties"].value("type", "") == "EnrollmentGroup");
+  CHECK(find_audit(lines, "GetAttestationMechanism", "audit-dev", 200) != nullptr);
+  auto* bulk = find_audit(lines, "BulkOperation", "", 200);
+  REQUIRE(bulk != nullptr);
+  CHECK((*bulk)["properties"].value("mode", "") == "create");
+  CHECK((*bulk)["properties"]["ids"] == nlohmann::json::array({"audit-bulk-1", "audit-bulk-2"}));
+  CHECK(find_audit(lines, "Delete", "audit-dev", 204) != nullptr);
+  auto* ca = find_audit(lines, "Delete", "audit-ca", 404);
+  REQUIRE(ca != nullptr);
+  CHECK((*ca)["properties"].value("type", "") == "Certificate");
+  CHECK(ca->value("resultType", "") == "ClientError");
+  CHECK(ca->value("errorCode", "") == "404205");
+  CHECK(find_audit(lines, "Delete", "audit-dev", 404) != nullptr); // registration state
+  auto* bad = find_audit(lines, "Delete", "audit-group", 401);
+  REQUIRE(bad != nullptr);
+  CHECK(bad->value("identity", "") == "provisioningserviceowner");
+  CHECK_FALSE(bad->value("authenticated", true));
+  // Reads are not audited.
+  for (const auto& l : lines) {
+    CHECK(l.value("operationName", "") != "Get");
+    CHECK(l.value("operationName", "") != "Query");
+  }
+  // The rotation, by the local user, naming the new key id.
+  std::shared_ptr<const storage::keyring> ring;
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  auto* rot = find_audit(lines, "RotateKeys", ring->active_id(), 0);
+  REQUIRE(rot != nullptr);
+  CHECK(rot->value("identity", "").rfind("local user ", 0) == 0);
+  CHECK((*rot)["properties"].value("protocol", "") == "Cli");
+  CHECK(rot->value("resultType", "") == "Success");
+
+  std::ifstream in(file);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find(key) == std::string::npos);
+  CHECK(text.find("SharedAccessSignature") == std::string::npos);
+  CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
 }
 
 } // TEST_SUITE

@@ -8,7 +8,7 @@ ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := 1
 
-.PHONY: all deps configure build run test test-asan fuzz fuzz-build bench clean
+.PHONY: all deps configure build run test test-asan test-tsan fuzz fuzz-build bench clean
 
 all: build
 
@@ -46,6 +46,35 @@ test-asan: deps
 	@scripts/install-test-deps.sh
 	cd $(ASAN_DIR) && UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -j $(JOBS) $(CTEST_ARGS)
+
+# ThreadSanitizer (docs/sanitizers.md, not part of `make test`): the
+# unit tests and the integration tests that need no Kafka and finish in
+# minutes, built in build-tsan/ (only those targets). Every process, the
+# provisiond servers the integration tests start included, writes its
+# reports to build-tsan/tsan-reports/; any report fails the target.
+# tests/tsan.supp scopes suppressions to Debian's uninstrumented libraries
+# (CAF, RocksDB), each with its reason. TSAN_TESTS / TSAN_TARGETS narrow it.
+TSAN_DIR ?= build-tsan
+TSAN_FLAGS := -fsanitize=thread -fno-omit-frame-pointer -g
+TSAN_TARGETS ?= test_messages test_config test_storage test_actors test_engine test_gateway \
+  test_metrics provisiond it_service_api_test it_device_api_test it_secrets_test \
+  it_startup_test it_bad_input_test
+TSAN_TESTS ?= ^(test_(messages|config|storage|actors|engine|gateway|metrics)|it_(service_api|device_api|secrets|startup|bad_input)_test)$$
+test-tsan: deps
+	@if [ ! -f $(TSAN_DIR)/build.ninja ]; then \
+	  cmake -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	    -DPROV_BUILD_BENCHMARKS=OFF -DPROV_USE_JEMALLOC=OFF -DCMAKE_CXX_FLAGS="$(TSAN_FLAGS)" \
+	    -DCMAKE_EXE_LINKER_FLAGS="$(TSAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(TSAN_FLAGS)"; \
+	fi
+	@cmake --build $(TSAN_DIR) -j $(JOBS) --target $(TSAN_TARGETS)
+	@rm -rf $(TSAN_DIR)/tsan-reports && mkdir -p $(TSAN_DIR)/tsan-reports
+	@cd $(TSAN_DIR) && TSAN_OPTIONS="suppressions=$(CURDIR)/tests/tsan.supp log_path=$(CURDIR)/$(TSAN_DIR)/tsan-reports/tsan second_deadlock_stack=1 history_size=4" \
+	  ctest --output-on-failure -j $(JOBS) -R '$(TSAN_TESTS)' $(CTEST_ARGS); rc=$$?; \
+	  cd $(CURDIR); reports=$$(ls $(TSAN_DIR)/tsan-reports/ 2>/dev/null); \
+	  if [ -n "$$reports" ]; then \
+	    echo "ThreadSanitizer reports in $(TSAN_DIR)/tsan-reports/:"; \
+	    grep -h "^SUMMARY" $(TSAN_DIR)/tsan-reports/* | sort | uniq -c | sort -rn; rc=1; \
+	  fi; exit $$rc
 
 # libFuzzer campaigns (docs/fuzzing.md): clang-14 with ASan and UBSan in
 # build-fuzz/, only the harnesses and the libraries they use. Each harness

@@ -25,6 +25,7 @@
 #include "app/client_commands.hpp"
 #include "app/dev_kafka.hpp"
 #include "app/identity.hpp"
+#include "app/secrets.hpp"
 #include "app/provisiond.hpp"
 #include "app/signals.hpp"
 #include "config/config.hpp"
@@ -280,6 +281,9 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   std::unique_ptr<metrics::diagnostic_log> dlog;
   if (auto err = metrics::diagnostic_log::open({cfg.log.level, cfg.log.file}, dlog))
     return die(err.message);
+  std::unique_ptr<metrics::diagnostic_log> audit;
+  if (auto err = metrics::diagnostic_log::open({"info", app::audit_file_path(cfg)}, audit))
+    return die(err.message);
   metrics::instruments inst;
   {
     std::vector<std::string> hub_names;
@@ -297,6 +301,16 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   };
   if (auto err = storage::store::open(cfg.data_dir + "/db", store_opts, store))
     return die(err.message);
+  {
+    // Secrets at rest: before anything reads or writes an enrollment.
+    std::string note;
+    if (auto err = app::open_secrets(cfg, *store, note))
+      return die(err.message);
+    if (!note.empty()) {
+      std::cerr << "provisiond: " << note << std::endl;
+      dlog->info(note);
+    }
+  }
   if (auto note = store->recovery_note(); !note.empty()) {
     auto line = cfg.data_dir + "/db: " + note
                 + ". Expected after a power loss (the unsynced tail); otherwise check the disk.";
@@ -324,6 +338,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   ropts.ready = [] { return true; };
   ropts.metrics = &inst;
   ropts.log = dlog.get();
+  ropts.audit = audit.get();
   auto routes = gateway::make_routes(ropts, *eng);
   // One budget for both device listeners: the caps protect the descriptors
   // of one process, whichever protocol the connections speak.
@@ -570,6 +585,7 @@ int prov::app::run(int argc, char** argv, const extensions& ext) {
 
   add_client_commands(app, exit_code);
   add_dev_kafka_command(app, exit_code);
+  add_keys_command(app, exit_code);
 
   try {
     app.parse(argc, argv);

@@ -45,7 +45,13 @@ endfunction()
 # libjemalloc-dev is installed (scripts/install-deps.sh installs it).
 # Per-request allocations from several I/O and actor threads cost ~15% of the
 # server's CPU with glibc's arenas (docs/performance.md).
+# PROV_USE_JEMALLOC=OFF keeps glibc malloc (sanitizer builds: the sanitizer
+# must own the allocator).
+option(PROV_USE_JEMALLOC "Link the server with jemalloc when available" ON)
 function(prov_link_jemalloc target)
+  if(NOT PROV_USE_JEMALLOC)
+    return()
+  endif()
   find_library(JEMALLOC_LIBRARY NAMES jemalloc)
   if(JEMALLOC_LIBRARY)
     target_link_libraries(${target} PRIVATE ${JEMALLOC_LIBRARY})

@@ -425,7 +425,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
-                "custom_allocation", "metrics", "storage", "log", "kafka"});
+                "custom_allocation", "metrics", "storage", "secrets", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -523,10 +523,15 @@ class loader {
       check_keys(*t, "storage", {"block_cache_mb"});
       get_int(*t, "storage", "block_cache_mb", c.storage.block_cache_mb, block_cache_rule);
     }
+    if (const toml::table* t = sub_table(root, "", "secrets")) {
+      check_keys(*t, "secrets", {"key_file"});
+      get(*t, "secrets", "key_file", c.secrets.key_file);
+    }
     if (const toml::table* t = sub_table(root, "", "log")) {
-      check_keys(*t, "log", {"level", "file"});
+      check_keys(*t, "log", {"level", "file", "audit_file"});
       get(*t, "log", "level", c.log.level);
       get(*t, "log", "file", c.log.file);
+      get(*t, "log", "audit_file", c.log.audit_file);
     }
     if (const toml::table* t = sub_table(root, "", "kafka")) {
       const std::string p = "kafka";

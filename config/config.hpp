@@ -116,9 +116,21 @@ struct storage_config {
   int block_cache_mb = 64;
 };
 
+/// Secrets at rest (docs/security.md): enrollment and group keys, CA entries
+/// and TPM challenge state are sealed in RocksDB with AES-256-GCM under a
+/// key-encryption key read from this file.
+struct secrets_config {
+  /// Empty = <data_dir>/secrets.key, created (0600) on the first start of a
+  /// data dir that holds no sealed data yet.
+  std::string key_file;
+};
+
 struct log_config {
   std::string level = "info";  ///< trace, debug, info, warn, error, off
   std::string file;            ///< empty = stderr
+  /// The audit log (docs/operations.md#audit-log): JSON lines, one per
+  /// service API write. Empty = <data_dir>/audit.log.
+  std::string audit_file;
 };
 
 /// Distributed mode: every stage consumes and produces Kafka topics. With
@@ -179,6 +191,7 @@ struct engine_config {
   custom_allocation_config custom_allocation;
   metrics_config metrics;
   storage_config storage;
+  secrets_config secrets;
   log_config log;
   kafka_config kafka;
   roles_config roles; ///< from --roles; not a config file key

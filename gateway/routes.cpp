@@ -244,6 +244,21 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   return k;
 }
 
+/// Service operations the audit log records: every write, and the one read
+/// that returns keys.
+bool audited(std::string_view operation) {
+  return operation == "Upsert" || operation == "Delete" || operation == "BulkOperation" ||
+         operation == "GenerateVerificationCode" || operation == "VerifyCertificate" ||
+         operation == "UploadCrl" || operation == "GetAttestationMechanism";
+}
+
+/// The policy whose signature authorize() verified for the request being
+/// dispatched on this thread (set synchronously, before any engine call).
+struct audit_state {
+  std::string verified_policy;
+};
+thread_local audit_state* current_audit = nullptr;
+
 class routes final : public handler {
 public:
   routes(routes_options opts, engine& eng)
@@ -259,8 +274,14 @@ public:
     auto segs = split_path(req.path);
     const route rt = route_of(segs);
     respond_fn observed = std::move(respond);
-    if (opts_.metrics != nullptr || opts_.log != nullptr)
-      observed = observe(req, segs, rt, tracking, std::move(observed));
+    std::shared_ptr<audit_state> audit;
+    if (opts_.metrics != nullptr || opts_.log != nullptr || opts_.audit != nullptr)
+      observed = observe(req, segs, rt, tracking, std::move(observed), audit);
+    // authorize() notes the verified policy here while this call dispatches.
+    struct scope {
+      explicit scope(audit_state* a) { current_audit = a; }
+      ~scope() { current_audit = nullptr; }
+    } in_scope(audit.get());
     auto reply = [respond = std::move(observed), tracking](http_response r) {
       r.headers.emplace_back("x-ms-request-id", tracking);
       respond(std::move(r));
@@ -299,11 +320,14 @@ private:
   /// Wraps `respond` so the answer is counted (metrics) and logged (one
   /// diagnostic line) whichever path produced it.
   respond_fn observe(const http_request& req, const std::vector<std::string>& segs, route r,
-                     const std::string& tracking, respond_fn respond) {
+                     const std::string& tracking, respond_fn respond,
+                     std::shared_ptr<audit_state>& audit_out) {
     struct context {
       request_kind kind;
       std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
       std::string client_ip, tracking, api_version;
+      std::shared_ptr<audit_state> audit; ///< set when this call is audited
+      metrics::audit_record audit_rec;    ///< what is known before the answer
     };
     auto c = std::make_shared<context>();
     c->kind = classify(req, segs, r);
@@ -313,7 +337,34 @@ private:
       c->api_version = api->second.substr(0, 32);
     auto* m = opts_.metrics;
     auto* log = opts_.log;
-    return [c, m, log, respond = std::move(respond)](http_response r) {
+    auto* audit_log = opts_.audit;
+    if (audit_log != nullptr && std::string_view(c->kind.category) == "ServiceOperations" &&
+        audited(c->kind.operation)) {
+      c->audit = std::make_shared<audit_state>();
+      audit_out = c->audit;
+      auto& a = c->audit_rec;
+      a.operation = c->kind.operation;
+      a.type = c->kind.type;
+      a.id = c->kind.id;
+      // The policy named, verified or not (authenticated says which).
+      attestation::sas_token tok;
+      if (!attestation::parse_sas(req.header("authorization"), tok))
+        a.identity = tok.skn.substr(0, 128);
+      if (a.operation == "BulkOperation") {
+        auto body = json::parse(req.body, nullptr, false);
+        if (body.is_object()) {
+          if (auto mode = body.find("mode"); mode != body.end() && mode->is_string())
+            a.mode = mode->get<std::string>().substr(0, 32);
+          if (auto list = body.find("enrollments"); list != body.end() && list->is_array())
+            for (const auto& e : *list)
+              if (e.is_object())
+                for (const char* key : {"registrationId", "enrollmentGroupId"})
+                  if (auto id = e.find(key); id != e.end() && id->is_string())
+                    a.ids.push_back(id->get<std::string>().substr(0, 256));
+        }
+      }
+    }
+    return [c, m, log, audit_log, respond = std::move(respond)](http_response r) {
       auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c->started)
                     .count();
       if (m != nullptr)
@@ -336,6 +387,21 @@ private:
         rec.correlation_id = c->tracking;
         rec.api_version = c->api_version;
         log->operation(rec);
+      }
+      if (c->audit) {
+        auto& a = c->audit_rec;
+        a.authenticated = !c->audit->verified_policy.empty();
+        if (a.authenticated)
+          a.identity = c->audit->verified_policy;
+        a.status = r.status;
+        if (r.err)
+          a.error_code = std::to_string(static_cast<int32_t>(r.err.code));
+        a.description = r.err.message;
+        a.caller_ip = c->client_ip;
+        a.correlation_id = c->tracking;
+        a.api_version = c->api_version;
+        a.protocol = "Http";
+        audit_log->audit(a);
       }
       respond(std::move(r));
     };
@@ -427,6 +493,9 @@ private:
             || !attestation::signature_matches(tok, pol->secondary_key)))
       return {error_code::unauthorized_signature,
               "signature mismatch for policy '" + pol->name + "'"};
+    // Authenticated from here on (a 403 below is still this policy's call).
+    if (current_audit != nullptr)
+      current_audit->verified_policy = pol->name;
     if (std::find(pol->rights.begin(), pol->rights.end(), right) == pol->rights.end())
       return {error_code::forbidden,
               "policy '" + pol->name + "' lacks the " + right + " right"};

@@ -20,6 +20,9 @@ struct routes_options {
   std::function<bool()> ready;                 ///< for /readyz
   metrics::instruments* metrics = nullptr;     ///< optional: HTTP metrics
   metrics::diagnostic_log* log = nullptr;      ///< optional: one line per operation
+  /// optional: one audit line per service API write or key read
+  /// (docs/operations.md#audit-log)
+  metrics::diagnostic_log* audit = nullptr;
 };
 
 /// Builds the handler serving device routes (/{idScope}/registrations/...),

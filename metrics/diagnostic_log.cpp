@@ -226,6 +226,50 @@ void diagnostic_log::operation(const operation_record& r) {
   impl_->enqueue(line, level >= spdlog::level::warn);
 }
 
+void diagnostic_log::audit(const audit_record& r) {
+  std::string line;
+  line.reserve(512);
+  line.append("{\"time\":\"");
+  append_time(line);
+  line.push_back('"');
+  field(line, "level", "Information");
+  field(line, "category", "Audit");
+  field(line, "operationName", r.operation);
+  if (r.status != 0) {
+    field(line, "resultType", result_type(r.status));
+    line.append(",\"resultSignature\":").append(std::to_string(r.status));
+  } else {
+    field(line, "resultType", r.error_code.empty() ? "Success" : "Failure");
+  }
+  if (!r.error_code.empty())
+    field(line, "errorCode", r.error_code);
+  if (!r.description.empty())
+    field(line, "resultDescription", r.description);
+  field(line, "identity", r.identity);
+  line.append(",\"authenticated\":").append(r.authenticated ? "true" : "false");
+  field(line, "callerIpAddress", r.caller_ip);
+  if (!r.correlation_id.empty())
+    field(line, "correlationId", r.correlation_id);
+  if (!r.api_version.empty())
+    field(line, "operationVersion", r.api_version);
+  line.append(",\"properties\":{\"id\":");
+  append_json_string(line, r.id);
+  field(line, "type", r.type);
+  field(line, "protocol", r.protocol);
+  if (!r.mode.empty())
+    field(line, "mode", r.mode);
+  if (!r.ids.empty()) {
+    line.append(",\"ids\":[");
+    for (std::size_t i = 0; i < r.ids.size(); ++i) {
+      if (i) line.push_back(',');
+      append_json_string(line, r.ids[i]);
+    }
+    line.push_back(']');
+  }
+  line.append("}}");
+  impl_->enqueue(line, /*flush_now=*/true);
+}
+
 namespace {
 std::string message_line(std::string_view lvl, std::string_view msg) {
   std::string line;

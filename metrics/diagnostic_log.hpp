@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "messages/error.hpp"
 
@@ -47,6 +48,26 @@ struct operation_record {
   text_ref api_version;
 };
 
+/// One audit line (docs/operations.md#audit-log): a service API write (or
+/// key read, or `provisiond keys rotate`). Owns its strings: written rarely,
+/// and must not be easy to misuse. Never put secrets in here.
+struct audit_record {
+  std::string operation;   ///< "Upsert", "Delete", "BulkOperation", "RotateKeys", ...
+  std::string type;        ///< "IndividualEnrollment", "EnrollmentGroup", "Certificate", ...
+  std::string id;          ///< the record's id ("" for a bulk operation)
+  std::vector<std::string> ids; ///< a bulk operation's ids
+  std::string mode;        ///< a bulk operation's mode
+  std::string identity;    ///< SAS policy (SharedAccessKeyName) presented, or local user
+  bool authenticated = false; ///< whether that identity's signature checked out
+  int status = 0;          ///< HTTP status (0: not an HTTP call)
+  std::string error_code;  ///< Azure errorCode, "" on success
+  std::string description; ///< error message, "" on success
+  std::string caller_ip;   ///< unmasked: an audit trail names the address
+  std::string correlation_id;
+  std::string api_version;
+  std::string protocol;    ///< "Http" or "Cli"
+};
+
 struct log_options {
   std::string level = "info"; ///< trace, debug, info, warn, error, off
   std::string file;           ///< empty = stderr
@@ -63,6 +84,8 @@ public:
 
   /// One operation line (level info; warn for 5xx results).
   void operation(const operation_record& r);
+  /// One audit line, whatever the level; handed to the writer at once.
+  void audit(const audit_record& r);
   /// A service message ("msg" plus optional reason), e.g. startup or a
   /// storage problem.
   void info(std::string_view msg);

@@ -1,5 +1,7 @@
 #include "storage/store.hpp"
 
+#include "storage/keyring.hpp"
+
 #include <pthread.h>
 
 #include <algorithm>
@@ -43,6 +45,18 @@ bool point_lookup(cf c) noexcept {
 }
 
 rocksdb::Slice slice(std::string_view s) noexcept { return {s.data(), s.size()}; }
+
+/// Where a sealed value lives: its authenticated data, so a ciphertext copied
+/// to another family or key fails to open.
+std::string seal_aad(cf c, std::string_view key) {
+  std::string a(to_string(c));
+  a += '/';
+  a += key;
+  return a;
+}
+
+constexpr std::string_view check_key = "secrets/check";
+constexpr std::string_view check_plain = "provisiond sealed data dir";
 
 /// RocksDB counts into a thread-local perf context by default (kEnableCount):
 /// a TLS lookup through the shared library on every key comparison (perf
@@ -241,7 +255,14 @@ public:
       auto s = db_->Get(rocksdb::ReadOptions(), handle(family), slice(key), &value);
       if (s.IsNotFound()) return {};
       if (!s.ok()) return to_error(s, "get", dir_, &family);
-      out.emplace(value.data(), value.size());
+      std::string_view raw(value.data(), value.size());
+      if (!sealed_family(family) || !keyring::is_sealed(raw)) {
+        out.emplace(raw);
+        return {};
+      }
+      std::string plain;
+      if (auto e = unseal(family, key, raw, plain)) return e;
+      out.emplace(std::move(plain));
       return {};
     });
   }
@@ -253,11 +274,18 @@ public:
     return guarded("scan", dir_, [&]() -> error {
       std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handle(family)));
       std::size_t visited = 0;
+      const bool sealed = sealed_family(family);
+      std::string plain;
       for (it->Seek(slice(start)); it->Valid(); it->Next()) {
         auto k = it->key();
         auto v = it->value();
         ++visited;
-        if (!fn({k.data(), k.size()}, {v.data(), v.size()})) break;
+        std::string_view key(k.data(), k.size()), value(v.data(), v.size());
+        if (sealed && keyring::is_sealed(value)) {
+          if (auto e = unseal(family, key, value, plain)) return e;
+          value = plain;
+        }
+        if (!fn(key, value)) break;
         if (limit != 0 && visited >= limit) break;
       }
       return to_error(it->status(), "scan", dir_, &family);
@@ -393,21 +421,137 @@ public:
     return stats_;
   }
 
+  error is_sealed(bool& out) const override {
+    out = false;
+    std::optional<std::string> check;
+    if (auto e = get(cf::meta, check_key, check)) return e;
+    out = check.has_value();
+    return {};
+  }
+
+  error attach_keyring(std::shared_ptr<const keyring> k, bool reseal_all,
+                       seal_report& report) override {
+    report = {};
+    if (!k) return internal_error("attach_keyring", dir_, "no keyring");
+    return guarded("sealing stored secrets", dir_, [&]() -> error {
+      std::optional<std::string> check;
+      if (auto e = get(cf::meta, check_key, check)) return e;
+      if (check) {
+        std::string plain;
+        if (auto e = k->open(*check, seal_aad(cf::meta, check_key), plain))
+          return {e.code, "storage: data dir '" + dir_ + "' is sealed with key id " +
+                            keyring::key_id_of(*check) + ", which key file '" + k->path() +
+                            "' cannot open: " + e.message};
+      }
+      keyring_ = std::move(k);
+      // In chunks, so a large store is never held in memory at once.
+      constexpr std::size_t chunk = 512;
+      for (cf c : all_families) {
+        if (!sealed_family(c)) continue;
+        std::string from;
+        for (;;) {
+          write_batch wb;
+          std::size_t seen = 0, moved = 0;
+          std::string last;
+          error failed;
+          auto e = raw_scan(c, from, chunk, [&](std::string_view key, std::string_view value) {
+            ++seen;
+            last.assign(key);
+            if (!keyring::is_sealed(value)) {
+              wb.put(c, std::string(key), std::string(value));
+              ++report.sealed;
+            } else if (reseal_all && keyring::key_id_of(value) != keyring_->active_id()) {
+              std::string plain;
+              if ((failed = unseal(c, key, value, plain))) return false;
+              wb.put(c, std::string(key), std::move(plain));
+              ++moved;
+            }
+            return true;
+          });
+          if (e) return e;
+          if (failed) return failed;
+          report.resealed += moved;
+          if (!wb.empty())
+            if (auto we = write(wb, durability::synced)) return we;
+          if (seen < chunk) break;
+          from = last;
+          from.push_back('\0');
+        }
+      }
+      // The plaintext (or old-key) versions still sit in SST files until a
+      // compaction drops them: flush and compact the families now, so the
+      // files hold only what was just sealed.
+      if (report.sealed + report.resealed > 0) {
+        for (cf c : all_families) {
+          if (!sealed_family(c)) continue;
+          if (auto e = to_error(db_->Flush(rocksdb::FlushOptions(), handle(c)), "flush", dir_, &c))
+            return e;
+          rocksdb::CompactRangeOptions co;
+          co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+          if (auto e = to_error(db_->CompactRange(co, handle(c), nullptr, nullptr), "compaction",
+                                dir_, &c))
+            return e;
+        }
+      }
+      if (!check || keyring::key_id_of(*check) != keyring_->active_id()) {
+        rocksdb::WriteOptions wo;
+        wo.sync = true;
+        auto sealed = keyring_->seal(check_plain, seal_aad(cf::meta, check_key));
+        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(check_key), slice(sealed)),
+                              "writing the secrets check value", dir_))
+          return e;
+      }
+      return {};
+    });
+  }
+
 private:
   struct pending_batch {
     write_batch batch;
     done_fn done;
   };
 
+  /// A sealed value's plaintext; errors name the family and key (never the value).
+  error unseal(cf family, std::string_view key, std::string_view sealed, std::string& out) const {
+    if (!keyring_)
+      return {error_code::storage_failure,
+              "storage: " + std::string(to_string(family)) + " '" + std::string(key) +
+                "' in '" + dir_ + "' is sealed, but no key file is loaded"};
+    if (auto e = keyring_->open(sealed, seal_aad(family, key), out))
+      return {e.code, "storage: " + std::string(to_string(family)) + " '" + std::string(key) +
+                        "' in '" + dir_ + "': " + e.message};
+    return {};
+  }
+
+  /// scan() without unsealing (migration and rotation see the envelopes).
+  error raw_scan(cf family, std::string_view start, std::size_t limit, const visit_fn& fn) const {
+    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), handle(family)));
+    std::size_t visited = 0;
+    for (it->Seek(slice(start)); it->Valid(); it->Next()) {
+      auto k = it->key();
+      auto v = it->value();
+      ++visited;
+      if (!fn({k.data(), k.size()}, {v.data(), v.size()})) break;
+      if (limit != 0 && visited >= limit) break;
+    }
+    return to_error(it->status(), "scan", dir_, &family);
+  }
+
   rocksdb::ColumnFamilyHandle* handle(cf c) const noexcept {
     return by_cf_[static_cast<std::size_t>(c)];
   }
 
   error append(rocksdb::WriteBatch& wb, const write_batch& batch) const {
+    std::string sealed;
     for (const auto& op : batch.ops()) {
       if (!valid(op.family)) return unknown_family(op.family);
+      std::string_view value = op.value;
+      if (!op.is_delete && keyring_ && sealed_family(op.family)) {
+        sealed = keyring_->seal(value, seal_aad(op.family, op.key));
+        value = sealed;
+      }
       auto s = op.is_delete ? wb.Delete(handle(op.family), slice(op.key))
-                            : wb.Put(handle(op.family), slice(op.key), slice(op.value));
+                            : wb.Put(handle(op.family), slice(op.key), slice(value));
       if (!s.ok()) return to_error(s, "building a write batch", dir_, &op.family);
     }
     return {};
@@ -483,6 +627,8 @@ private:
 
   mutable std::mutex stats_mu_;
   commit_stats stats_;
+  /// Set by attach_keyring before other threads use the store; read-only after.
+  std::shared_ptr<const keyring> keyring_;
 };
 
 } // namespace
@@ -500,6 +646,11 @@ std::string_view to_string(cf c) noexcept {
     case cf::certificates: return "certificates";
   }
   return "unknown";
+}
+
+bool sealed_family(cf c) noexcept {
+  return c == cf::enrollments || c == cf::groups || c == cf::tpm_challenges ||
+         c == cf::certificates;
 }
 
 std::size_t write_batch::bytes() const noexcept {

@@ -19,6 +19,8 @@
 
 namespace prov::storage {
 
+class keyring;
+
 /// Column families. The numeric values are part of nothing durable; the names
 /// (see to_string) are what RocksDB stores.
 enum class cf : uint8_t {
@@ -70,6 +72,17 @@ struct store_options {
   /// duration, caller batches merged and bytes (metrics). Keep it cheap.
   std::function<void(double seconds, std::size_t batches, std::size_t bytes)> on_commit;
 };
+
+/// What attach_keyring did to the values already stored.
+struct seal_report {
+  std::size_t sealed = 0;   ///< plaintext values (an older version's) sealed now
+  std::size_t resealed = 0; ///< values moved from an older key to the active one
+};
+
+/// Families whose values are sealed once a keyring is attached: they hold
+/// symmetric keys (enrollments, groups), webhook URLs with their credentials
+/// (custom allocation definitions), TPM challenge secrets and CA entries.
+bool sealed_family(cf c) noexcept;
 
 /// Statistics of the group-commit writer (for metrics and tests).
 struct commit_stats {
@@ -126,6 +139,19 @@ public:
   virtual void close() = 0;
 
   virtual commit_stats stats() const = 0;
+
+  /// Seals the values of sealed_family()s from now on (docs/security.md).
+  /// Call once, right after open(), before any other thread uses the store.
+  /// First checks the data dir's check value (meta "secrets/check"): a data
+  /// dir sealed before with a key this keyring does not hold fails here,
+  /// naming the key id and the key file. Then seals every plaintext value
+  /// left by an older version and, with `reseal_all`, re-encrypts values
+  /// sealed under an older key with the active one (`provisiond keys rotate`).
+  [[nodiscard]] virtual error attach_keyring(std::shared_ptr<const keyring> k, bool reseal_all,
+                                             seal_report& report) = 0;
+  /// Whether this data dir has been sealed (its check value exists). Lets the
+  /// caller refuse to create a new key file for a data dir sealed before.
+  [[nodiscard]] virtual error is_sealed(bool& out) const = 0;
 
   /// Non-empty when open() found the WAL damaged after its last intact
   /// record and recovered to that point (see store.cpp): what RocksDB

@@ -17,6 +17,7 @@
 #include "tests/support/test_certs.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
+#include "storage/keyring.hpp"
 #include "storage/store.hpp"
 #include "bus/bus.hpp"
 
@@ -162,13 +163,20 @@ BENCHMARK(BM_operation_record_roundtrip);
 struct temp_store {
   std::string dir;
   std::unique_ptr<storage::store> st;
-  explicit temp_store(bool sync) {
+  explicit temp_store(bool sync, bool sealed = false) {
     char tmpl[] = "/tmp/provisiond-microbench-XXXXXX";
     dir = ::mkdtemp(tmpl);
     storage::store_options o;
     o.sync = sync;
     if (auto err = storage::store::open(dir + "/db", o, st))
       std::abort();
+    if (sealed) {
+      std::shared_ptr<const storage::keyring> ring;
+      storage::seal_report rep;
+      if (storage::keyring::create(dir + "/secrets.key", ring) ||
+          st->attach_keyring(ring, false, rep))
+        std::abort();
+    }
   }
   ~temp_store() {
     st->close();
@@ -233,8 +241,9 @@ void BM_store_write_unsynced(benchmark::State& state) {
 }
 BENCHMARK(BM_store_write_unsynced)->UseRealTime();
 
+/// range(1) = 1: the enrollments family sealed (AES-256-GCM, docs/security.md).
 void BM_store_get(benchmark::State& state) {
-  temp_store ts(false);
+  temp_store ts(false, state.range(1) != 0);
   const int n = static_cast<int>(state.range(0));
   for (int i = 0; i < n; ++i) {
     storage::write_batch b;
@@ -250,7 +259,27 @@ void BM_store_get(benchmark::State& state) {
     benchmark::DoNotOptimize(out);
   }
 }
-BENCHMARK(BM_store_get)->Arg(10'000)->Arg(200'000);
+BENCHMARK(BM_store_get)->Args({10'000, 0})->Args({10'000, 1})->Args({200'000, 0})->Args({200'000, 1});
+
+/// Sealing and opening one enrollment-sized document, without RocksDB.
+void BM_keyring_seal_open(benchmark::State& state) {
+  char tmpl[] = "/tmp/provisiond-microbench-XXXXXX";
+  std::string dir = ::mkdtemp(tmpl);
+  std::shared_ptr<const storage::keyring> ring;
+  if (storage::keyring::create(dir + "/secrets.key", ring))
+    std::abort();
+  const std::string doc(500, 'x');
+  std::string out;
+  for (auto _ : state) {
+    auto sealed = ring->seal(doc, "enrollments/dev-1");
+    if (ring->open(sealed, "enrollments/dev-1", out))
+      state.SkipWithError("open failed");
+    benchmark::DoNotOptimize(out);
+  }
+  if (std::system(("rm -rf '" + dir + "'").c_str()) != 0)
+    std::abort();
+}
+BENCHMARK(BM_keyring_seal_open);
 
 // -- bus -------------------------------------------------------------------------------
 

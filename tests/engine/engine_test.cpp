@@ -93,6 +93,11 @@ public:
   storage::commit_stats stats() const override { return inner_->stats(); }
   std::string recovery_note() const override { return inner_->recovery_note(); }
   std::string recovery_copy_dir() const override { return inner_->recovery_copy_dir(); }
+  error attach_keyring(std::shared_ptr<const storage::keyring> k, bool reseal,
+                       storage::seal_report& rep) override {
+    return inner_->attach_keyring(std::move(k), reseal, rep);
+  }
+  error is_sealed(bool& out) const override { return inner_->is_sealed(out); }
   uint64_t int_property(std::string_view n) const override { return inner_->int_property(n); }
   uint64_t int_property(storage::cf f, std::string_view n) const override {
     return inner_->int_property(f, n);

@@ -1,0 +1,35 @@
+#pragma once
+// Secrets at rest for `provisiond serve` and `provisiond keys` (docs/security.md).
+
+#include <string>
+
+#include "config/config.hpp"
+#include "messages/error.hpp"
+
+namespace CLI {
+class App;
+}
+
+namespace prov::storage {
+class store;
+}
+
+namespace prov::app {
+
+/// [secrets] key_file, or <data_dir>/secrets.key when unset.
+std::string key_file_path(const config::engine_config& cfg);
+
+/// [log] audit_file, or <data_dir>/audit.log when unset.
+std::string audit_file_path(const config::engine_config& cfg);
+
+/// Loads the key file (creating it, 0600, when it is missing and the data dir
+/// was never sealed) and attaches it to `store`, which seals any plaintext an
+/// older version left. `note` says what was done worth telling the operator.
+/// Errors name the key file: missing for a sealed data dir, wrong key, mode.
+[[nodiscard]] error open_secrets(const config::engine_config& cfg, storage::store& store,
+                                 std::string& note);
+
+} // namespace prov::app
+
+/// Registers `keys rotate` and `keys list` on `app`.
+void add_keys_command(CLI::App& app, int& exit_code);

@@ -1,0 +1,66 @@
+#pragma once
+// Key-encryption keys for secrets at rest (docs/security.md). The store seals
+// the values of its secret-bearing column families with AES-256-GCM under the
+// active key; each sealed value names its key's id, so after a rotation the
+// older keys still open what they sealed. OpenSSL stays in keyring.cpp.
+//
+// Key file: text, 0600, one key a line, "<id> <base64 of 32 bytes>"; the last
+// line is the active key; '#' lines are comments. The id is derived from the
+// key (a SHA-256 prefix), so a line whose id and key disagree is refused
+// instead of decrypting garbage.
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "messages/error.hpp"
+
+namespace prov::storage {
+
+class keyring {
+public:
+  struct key {
+    std::string id;    ///< 16 lower-case hex characters
+    std::string bytes; ///< 32 bytes
+  };
+
+  ~keyring();
+  keyring(const keyring&) = delete;
+  keyring& operator=(const keyring&) = delete;
+
+  /// Reads `path`. Errors name the file and say what is wrong: missing,
+  /// readable by group or others, malformed line, id that does not match its key.
+  [[nodiscard]] static error load(const std::string& path, std::shared_ptr<const keyring>& out);
+  /// Creates `path` (0600, refusing to overwrite) holding one fresh key.
+  [[nodiscard]] static error create(const std::string& path, std::shared_ptr<const keyring>& out);
+  /// Appends a fresh key to `path`, which becomes the active one; the file is
+  /// replaced atomically (written aside, fsync'd, renamed).
+  [[nodiscard]] static error add_key(const std::string& path, std::shared_ptr<const keyring>& out);
+
+  const std::string& path() const noexcept { return path_; }
+  const std::string& active_id() const noexcept { return keys_.back().id; }
+  std::vector<std::string> ids() const;
+
+  /// `plain` sealed under the active key, bound to `aad` (where it is stored:
+  /// a sealed value moved to another key does not open).
+  std::string seal(std::string_view plain, std::string_view aad) const;
+  /// Opens a sealed value. Errors (code storage_failure): a key id this file
+  /// does not hold (names both), a value that fails authentication (tampered,
+  /// truncated, or moved), a malformed envelope.
+  [[nodiscard]] error open(std::string_view sealed, std::string_view aad, std::string& out) const;
+
+  /// Whether a stored value is a sealed envelope (its magic prefix).
+  static bool is_sealed(std::string_view value) noexcept;
+  /// The key id a sealed value names; empty when it is not sealed.
+  static std::string key_id_of(std::string_view value);
+
+private:
+  keyring() = default;
+  const key* find(std::string_view id) const noexcept;
+
+  std::string path_;
+  std::vector<key> keys_; ///< file order; back() is active
+};
+
+} // namespace prov::storage

@@ -1,0 +1,315 @@
+// Secrets at rest against the real server: enrollment and group keys never
+// reach RocksDB's files in plaintext, the service API still returns them as
+// DPS does, `provisiond keys rotate` keeps devices registering, a wrong or
+// missing key file stops the start naming it, and a tampered ciphertext is
+// reported as a storage error while the server keeps serving. And the audit
+// log: one JSON line per service API write (and key read, and key rotation).
+
+#include <doctest/doctest.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "messages/crypto.hpp"
+#include "storage/keyring.hpp"
+#include "storage/store.hpp"
+#include "tests/support/it_common.hpp"
+
+using namespace prov;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string files_containing(const std::string& dir, const std::string& needle) {
+  std::string hits;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    std::ifstream in(e.path(), std::ios::binary);
+    std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (data.find(needle) != std::string::npos) hits += e.path().string() + "\n";
+  }
+  return hits;
+}
+
+/// Runs `provisiond <args>`; returns the exit status, output in `out`.
+int run_provisiond(const std::string& args, std::string& out) {
+  const char* bin = std::getenv("PROVISIOND_BIN");
+  REQUIRE(bin != nullptr);
+  std::string cmd = std::string(bin) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  out.clear();
+  char buf[512];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+void put_enrollment(const test::server_process& s, const std::string& id, const std::string& key) {
+  nlohmann::json body{{"registrationId", id},
+                      {"attestation",
+                       {{"type", "symmetricKey"},
+                        {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+void registers(const test::server_process& s, const std::string& id, const std::string& key) {
+  auto c = s.client();
+  int status = 0;
+  auto res = test::register_device(c, s, id, key, status);
+  CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
+}
+
+/// The audit log's lines, parsed (each must be one JSON object).
+std::vector<nlohmann::json> audit_lines(const std::string& file) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    REQUIRE_MESSAGE(j.is_object(), "not a JSON line: " << line);
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+const nlohmann::json* find_audit(const std::vector<nlohmann::json>& lines, const std::string& op,
+                                 const std::string& id, int status) {
+  for (const auto& l : lines)
+    if (l.value("operationName", "") == op && l["properties"].value("id", "") == id &&
+        l.value("resultSignature", 0) == status)
+      return &l;
+  return nullptr;
+}
+
+} // namespace
+
+TEST_SUITE("secrets") {
+
+TEST_CASE("keys are sealed on disk, returned by the API, and devices register across a rotation") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  CHECK_MESSAGE(s.log().find("created the key-encryption key file '" + dir + "/secrets.key'") !=
+                  std::string::npos,
+                s.log());
+  struct stat st {};
+  REQUIRE(::stat((dir + "/secrets.key").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+
+  const std::string raw = crypto::random_bytes(32);
+  const std::string ind_key = crypto::base64_encode(raw);
+  const std::string group_key = crypto::generate_key();
+  put_enrollment(s, "sealed-dev", ind_key);
+  test::create_group(s, "sealed-group", group_key);
+
+  // As DPS: GET shows "symmetricKey": {}, the attestationmechanism route the keys.
+  auto got = test::parse_json(s.service("GET", "/enrollments/sealed-dev").body);
+  CHECK(got["attestation"]["symmetricKey"] == nlohmann::json::object());
+  got = test::parse_json(s.service("POST", "/enrollments/sealed-dev/attestationmechanism").body);
+  CHECK(got["symmetricKey"].value("primaryKey", "") == ind_key);
+  auto grp = test::parse_json(
+    s.service("POST", "/enrollmentGroups/sealed-group/attestationmechanism").body);
+  CHECK(grp["symmetricKey"].value("secondaryKey", "") == group_key);
+
+  registers(s, "sealed-dev", ind_key);
+  registers(s, "sealed-member", *crypto::derive_device_key(group_key, "sealed-member"));
+  CHECK(s.stop() == 0); // a clean stop: the memtables become SST files
+
+  const std::string db = dir + "/db";
+  CHECK_MESSAGE(files_containing(db, ind_key).empty(), files_containing(db, ind_key));
+  CHECK(files_containing(db, raw).empty());
+  CHECK_MESSAGE(files_containing(db, group_key).empty(), files_containing(db, group_key));
+  CHECK(files_containing(db, *crypto::base64_decode(group_key)).empty());
+  // The scan can find what is there: the registration id is a record key.
+  CHECK(!files_containing(db, "sealed-member").empty());
+
+  std::string out;
+  const std::string cfg = "--config " + dir + "/cfg.toml";
+  REQUIRE_MESSAGE(run_provisiond("keys list " + cfg, out) == 0, out);
+  const std::string first_id = out.substr(0, 16);
+  REQUIRE_MESSAGE(run_provisiond("keys rotate " + cfg, out) == 0, out);
+  CHECK_MESSAGE(out.find("new active key") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("re-encrypted 2 values") != std::string::npos, out);
+  REQUIRE(run_provisiond("keys list " + cfg, out) == 0);
+  CHECK(out.find(first_id + "\n") == 0);
+  CHECK(out.find(" active") != std::string::npos);
+
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  registers(s, "sealed-dev", ind_key);
+  registers(s, "sealed-member", *crypto::derive_device_key(group_key, "sealed-member"));
+  registers(s, "sealed-member2", *crypto::derive_device_key(group_key, "sealed-member2"));
+  got = test::parse_json(s.service("POST", "/enrollments/sealed-dev/attestationmechanism").body);
+  CHECK(got["symmetricKey"].value("primaryKey", "") == ind_key);
+
+  // Rotation is offline: the running server holds the data dir's lock.
+  CHECK(run_provisiond("keys rotate " + cfg, out) != 0);
+  CHECK_MESSAGE(out.find("another provisiond may be running") != std::string::npos, out);
+}
+
+TEST_CASE("a wrong or missing key file stops the start with an error naming the file") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  test::create_group(s, "g", crypto::generate_key());
+  CHECK(s.stop() == 0);
+
+  const std::string key_file = dir + "/secrets.key";
+  fs::rename(key_file, dir + "/secrets.key.saved");
+  std::shared_ptr<const storage::keyring> other;
+  REQUIRE(storage::keyring::create(key_file, other).ok()); // valid, but another key
+  auto err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("key file '" + key_file + "' cannot open") != std::string::npos,
+                err.message);
+
+  fs::remove(key_file);
+  err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("key file '" + key_file + "' is missing") != std::string::npos,
+                err.message);
+  CHECK(!fs::exists(key_file)); // not replaced by a fresh key
+
+  fs::rename(dir + "/secrets.key.saved", key_file);
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK(s.service("GET", "/enrollmentGroups/g").status == 200);
+}
+
+TEST_CASE("a tampered enrollment is a storage error, the server keeps serving the others") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string key = crypto::generate_key();
+  put_enrollment(s, "good-dev", key);
+  CHECK(s.stop() == 0);
+  {
+    // Under the server's feet: a ciphertext with one flipped bit.
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    auto sealed = ring->seal(R"({"registrationId":"bad-dev"})", "enrollments/bad-dev");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, "bad-dev", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto r = s.service("GET", "/enrollments/bad-dev");
+  CHECK(r.status == 500);
+  auto j = test::parse_json(r.body);
+  CHECK(j.value("errorCode", 0) == 500001);
+  CHECK_MESSAGE(j.value("message", "").find("failed authentication") != std::string::npos, r.body);
+  auto c = s.client();
+  int status = 0;
+  auto res = test::register_device(c, s, "bad-dev", key, status);
+  CHECK(res.value("status", "") != "assigned");
+  CHECK(s.alive());
+  registers(s, "good-dev", key);
+}
+
+} // TEST_SUITE
+
+TEST_SUITE("audit") {
+
+TEST_CASE("every service API write, key read and key rotation leaves one audit line, no secret") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string key = crypto::generate_key();
+  put_enrollment(s, "audit-dev", key);                                     // Upsert 200
+  test::create_group(s, "audit-group", key);                               // Upsert 200
+  CHECK(s.service("GET", "/enrollments/audit-dev").status == 200);         // not audited
+  CHECK(s.service("POST", "/enrollments/query", R"({"query":"*"})").status == 200);      // not audited
+  CHECK(s.service("POST", "/enrollments/audit-dev/attestationmechanism").status == 200);
+  nlohmann::json items = nlohmann::json::array();
+  for (const char* id : {"audit-bulk-1", "audit-bulk-2"})
+    items.push_back({{"registrationId", id}, {"attestation", {{"type", "symmetricKey"}}}});
+  CHECK(s.service("POST", "/enrollments",
+                  nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump())
+          .status == 200);
+  CHECK(s.service("DELETE", "/enrollments/audit-dev").status == 204);
+  CHECK(s.service("DELETE", "/certificates/audit-ca").status == 404);
+  CHECK(s.service("DELETE", "/registrations/audit-dev").status == 404);
+  // A forged token: the named policy is recorded, marked unauthenticated.
+  const std::string forged = s.service_auth("provisioningserviceowner", crypto::generate_key());
+  net::http_headers h;
+  h.add("Authorization", forged);
+  CHECK(s.service("DELETE", "/enrollmentGroups/audit-group", {}, h).status == 401);
+  CHECK(s.stop() == 0); // the log's writer drains before exit
+
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+
+  const std::string file = dir + "/audit.log";
+  struct stat st {};
+  REQUIRE(::stat(file.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0077) == 0);
+  auto lines = audit_lines(file);
+  CHECK(lines.size() == 9);
+
+  auto* up = find_audit(lines, "Upsert", "audit-dev", 200);
+  REQUIRE(up != nullptr);
+  CHECK(up->value("category", "") == "Audit");
+  CHECK(up->value("identity", "") == "provisioningserviceowner");
+  CHECK(up->value("authenticated", false));
+  CHECK(up->value("callerIpAddress", "") == "127.0.0.1");
+  CHECK(up->value("resultType", "") == "Success");
+  CHECK(!up->value("time", "").empty());
+  CHECK(!up->value("correlationId", "").empty());
+  CHECK((*up)["properties"].value("type", "") == "IndividualEnrollment");
+  auto* grp = find_audit(lines, "Upsert", "audit-group", 200);
+  REQUIRE(grp != nullptr);
+  CHECK((*grp)["properties"].value("type", "") == "EnrollmentGroup");
+  CHECK(find_audit(lines, "GetAttestationMechanism", "audit-dev", 200) != nullptr);
+  auto* bulk = find_audit(lines, "BulkOperation", "", 200);
+  REQUIRE(bulk != nullptr);
+  CHECK((*bulk)["properties"].value("mode", "") == "create");
+  CHECK((*bulk)["properties"]["ids"] == nlohmann::json::array({"audit-bulk-1", "audit-bulk-2"}));
+  CHECK(find_audit(lines, "Delete", "audit-dev", 204) != nullptr);
+  auto* ca = find_audit(lines, "Delete", "audit-ca", 404);
+  REQUIRE(ca != nullptr);
+  CHECK((*ca)["properties"].value("type", "") == "Certificate");
+  CHECK(ca->value("resultType", "") == "ClientError");
+  CHECK(ca->value("errorCode", "") == "404205");
+  CHECK(find_audit(lines, "Delete", "audit-dev", 404) != nullptr); // registration state
+  auto* bad = find_audit(lines, "Delete", "audit-group", 401);
+  REQUIRE(bad != nullptr);
+  CHECK(bad->value("identity", "") == "provisioningserviceowner");
+  CHECK_FALSE(bad->value("authenticated", true));
+  // Reads are not audited.
+  for (const auto& l : lines) {
+    CHECK(l.value("operationName", "") != "Get");
+    CHECK(l.value("operationName", "") != "Query");
+  }
+  // The rotation, by the local user, naming the new key id.
+  std::shared_ptr<const storage::keyring> ring;
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  auto* rot = find_audit(lines, "RotateKeys", ring->active_id(), 0);
+  REQUIRE(rot != nullptr);
+  CHECK(rot->value("identity", "").rfind("local user ", 0) == 0);
+  CHECK((*rot)["properties"].value("protocol", "") == "Cli");
+  CHECK(rot->value("resultType", "") == "Success");
+
+  std::ifstream in(file);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text.find(key) == std::string::npos);
+  CHECK(text.find("SharedAccessSignature") == std::string::npos);
+  CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
+}
+
+} // TEST_SUITE

@@ -52,11 +52,33 @@ std::string render(const std::vector<keyring::key>& keys) {
   return out;
 }
 
-/// Writes `text` to `path` with mode 0600: aside, fsync'd, renamed over.
-error write_private(const std::string& path, const std::string& text, bool exclusive) {
-  const std::string tmp = exclusive ? path : path + ".new";
-  int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
-  int fd = ::open(tmp.c_str(), flags, 0600);
+/// fsyncs the directory holding `path`, so a link or rename in it survives a
+/// power loss (the file's own fsync does not cover its directory entry).
+error sync_parent(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return file_error(path, "cannot open its directory to sync it: " +
+                                        std::string(std::strerror(errno)));
+  int rc = ::fsync(fd);
+  int saved = errno;
+  ::close(fd);
+  if (rc != 0)
+    return file_error(path, "cannot sync its directory: " + std::string(std::strerror(saved)));
+  return {};
+}
+
+/// Writes `text` to `path` with mode 0600 so that `path` is never seen
+/// half-written: the text goes to `path`.tmp (O_EXCL|O_NOFOLLOW: never
+/// through a planted link), is fsync'd, then linked to `path` (`replace`
+/// false: refuses an existing file) or renamed over it, and the directory is
+/// fsync'd. Only after that may anything be sealed under a key in `text`. A
+/// .tmp left by a crash never held a key anything was sealed under: removed.
+error write_private(const std::string& path, const std::string& text, bool replace) {
+  const std::string tmp = path + ".tmp";
+  if (::unlink(tmp.c_str()) != 0 && errno != ENOENT)
+    return file_error(tmp, std::string("cannot remove a stale copy: ") + std::strerror(errno));
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return file_error(tmp, std::string("cannot create: ") + std::strerror(errno));
   std::size_t off = 0;
   bool ok = true;
@@ -74,12 +96,19 @@ error write_private(const std::string& path, const std::string& text, bool exclu
     ::unlink(tmp.c_str());
     return file_error(tmp, std::string("cannot write: ") + std::strerror(saved));
   }
-  if (!exclusive && ::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (replace) {
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      saved = errno;
+      ::unlink(tmp.c_str());
+      return file_error(path, std::string("cannot replace: ") + std::strerror(saved));
+    }
+  } else {
+    int rc = ::link(tmp.c_str(), path.c_str());
     saved = errno;
     ::unlink(tmp.c_str());
-    return file_error(path, std::string("cannot replace: ") + std::strerror(saved));
+    if (rc != 0) return file_error(path, std::string("cannot create: ") + std::strerror(saved));
   }
-  return {};
+  return sync_parent(path);
 }
 
 keyring::key fresh_key() {
@@ -140,7 +169,7 @@ error keyring::create(const std::string& path, std::shared_ptr<const keyring>& o
   std::shared_ptr<keyring> r(new keyring());
   r->path_ = path;
   r->keys_.push_back(fresh_key());
-  if (auto err = write_private(path, render(r->keys_), /*exclusive=*/true)) return err;
+  if (auto err = write_private(path, render(r->keys_), /*replace=*/false)) return err;
   out = std::move(r);
   return {};
 }
@@ -153,7 +182,7 @@ error keyring::add_key(const std::string& path, std::shared_ptr<const keyring>& 
   r->path_ = path;
   r->keys_ = old->keys_;
   r->keys_.push_back(fresh_key());
-  if (auto err = write_private(path, render(r->keys_), /*exclusive=*/false)) return err;
+  if (auto err = write_private(path, render(r->keys_), /*replace=*/true)) return err;
   out = std::move(r);
   return {};
 }

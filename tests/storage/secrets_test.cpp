@@ -7,12 +7,16 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <stdexcept>
 #include <string>
 
 #include "messages/crypto.hpp"
@@ -174,6 +178,66 @@ TEST_CASE("a key file others can read, or a damaged one, is refused naming the f
 
   e = keyring::load(d.path + "/missing.key", r);
   CHECK(e.message.find(d.path + "/missing.key") != std::string::npos);
+}
+
+/// Runs `fn` in a child process that the kernel kills (SIGXFSZ) at its first
+/// write() of a byte to any file: a crash between open() and write().
+template <class Fn>
+void crash_at_first_write(Fn&& fn) {
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::signal(SIGXFSZ, SIG_DFL);
+    struct rlimit none {0, 0};
+    ::setrlimit(RLIMIT_CORE, &none);
+    ::setrlimit(RLIMIT_FSIZE, &none);
+    fn();
+    ::_exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGXFSZ);
+}
+
+TEST_CASE("a crash while the key file is written leaves no truncated key file") {
+  temp_dir d;
+  crash_at_first_write([&] {
+    std::shared_ptr<const keyring> r;
+    (void)keyring::create(d.keys(), r);
+  });
+  // The next start creates the key file as if the crashed one never ran.
+  CHECK(!fs::exists(d.keys()));
+  auto r = make_ring(d.keys());
+  CHECK(!fs::exists(d.keys() + ".tmp"));
+  std::shared_ptr<const keyring> loaded;
+  REQUIRE(keyring::load(d.keys(), loaded).ok());
+  CHECK(loaded->active_id() == r->active_id());
+
+  // A rotation that crashes keeps the old file whole; the next one works.
+  crash_at_first_write([&] {
+    std::shared_ptr<const keyring> x;
+    (void)keyring::add_key(d.keys(), x);
+  });
+  REQUIRE(keyring::load(d.keys(), loaded).ok());
+  CHECK(loaded->ids() == r->ids());
+  std::shared_ptr<const keyring> rotated;
+  auto e = keyring::add_key(d.keys(), rotated);
+  INFO(e.message);
+  REQUIRE(e.ok());
+  CHECK(rotated->ids().size() == 2);
+  CHECK(!fs::exists(d.keys() + ".tmp"));
+
+  // A link planted at the .tmp name is removed, not written through.
+  const std::string victim = d.path + "/victim";
+  std::ofstream(victim) << "untouched";
+  fs::remove(d.keys());
+  fs::create_symlink(victim, d.keys() + ".tmp");
+  make_ring(d.keys());
+  std::ifstream in(victim);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text == "untouched");
+  CHECK(!fs::is_symlink(d.keys()));
 }
 
 TEST_CASE("no key bytes reach RocksDB's files, in the WAL or in SST files") {

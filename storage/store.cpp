@@ -444,6 +444,18 @@ public:
                             "' cannot open: " + e.message};
       }
       keyring_ = std::move(k);
+      // The check value goes first (synced), before any value is sealed: a
+      // migration or rotation cut short leaves a data dir that says it is
+      // sealed, so a lost key file refuses the start (app/secrets.cpp)
+      // instead of a new key being created beside values it cannot open.
+      if (!check || keyring::key_id_of(*check) != keyring_->active_id()) {
+        rocksdb::WriteOptions wo;
+        wo.sync = true;
+        auto sealed = keyring_->seal(check_plain, seal_aad(cf::meta, check_key));
+        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(check_key), slice(sealed)),
+                              "writing the secrets check value", dir_))
+          return e;
+      }
       // In chunks, so a large store is never held in memory at once.
       constexpr std::size_t chunk = 512;
       for (cf c : all_families) {
@@ -471,8 +483,10 @@ public:
           if (e) return e;
           if (failed) return failed;
           report.resealed += moved;
-          if (!wb.empty())
+          if (!wb.empty()) {
             if (auto we = write(wb, durability::synced)) return we;
+            if (opts_.on_seal_chunk) opts_.on_seal_chunk();
+          }
           if (seen < chunk) break;
           from = last;
           from.push_back('\0');
@@ -492,14 +506,6 @@ public:
                                 dir_, &c))
             return e;
         }
-      }
-      if (!check || keyring::key_id_of(*check) != keyring_->active_id()) {
-        rocksdb::WriteOptions wo;
-        wo.sync = true;
-        auto sealed = keyring_->seal(check_plain, seal_aad(cf::meta, check_key));
-        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(check_key), slice(sealed)),
-                              "writing the secrets check value", dir_))
-          return e;
       }
       return {};
     });

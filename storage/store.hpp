@@ -71,6 +71,9 @@ struct store_options {
   /// Called on the writer thread after every successful group commit with its
   /// duration, caller batches merged and bytes (metrics). Keep it cheap.
   std::function<void(double seconds, std::size_t batches, std::size_t bytes)> on_commit;
+  /// Tests: called after each chunk attach_keyring seals and writes; an
+  /// exception thrown here stops it there, as a crash mid-migration would.
+  std::function<void()> on_seal_chunk;
 };
 
 /// What attach_keyring did to the values already stored.
@@ -144,7 +147,8 @@ public:
   /// Call once, right after open(), before any other thread uses the store.
   /// First checks the data dir's check value (meta "secrets/check"): a data
   /// dir sealed before with a key this keyring does not hold fails here,
-  /// naming the key id and the key file. Then seals every plaintext value
+  /// naming the key id and the key file. Then writes the check value (synced)
+  /// under the active key, before anything is sealed, then seals every plaintext value
   /// left by an older version and, with `reseal_all`, re-encrypts values
   /// sealed under an older key with the active one (`provisiond keys rotate`).
   [[nodiscard]] virtual error attach_keyring(std::shared_ptr<const keyring> k, bool reseal_all,

@@ -307,6 +307,52 @@ TEST_CASE("a plaintext store left by an older version is sealed on open, files i
   CHECK(rep.sealed == 0);
 }
 
+TEST_CASE("a migration cut short leaves the data dir marked sealed before any value was sealed") {
+  temp_dir d;
+  secret_doc doc;
+  {
+    auto s = open_store(d.db()); // no keyring: what 0.x wrote
+    write_batch b;
+    for (int i = 0; i < 1200; ++i) // more than one migration chunk
+      b.put(cf::groups, "grp" + std::to_string(i), doc.json("grp" + std::to_string(i)));
+    REQUIRE(s->write(b).ok());
+  }
+  auto r = make_ring(d.keys());
+  {
+    std::unique_ptr<store> s;
+    store_options o;
+    std::size_t chunks = 0;
+    o.on_seal_chunk = [&] {
+      if (++chunks == 1) throw std::runtime_error("crash after the first chunk");
+    };
+    REQUIRE(store::open(d.db(), o, s).ok());
+    seal_report rep;
+    auto e = s->attach_keyring(r, false, rep);
+    CHECK(e.message.find("crash after the first chunk") != std::string::npos);
+    REQUIRE(chunks == 1);
+  }
+  // Half the store is sealed. The data dir must say so, or a start that
+  // finds the key file gone creates a new key (app/secrets.cpp: it refuses
+  // only when is_sealed) and the sealed half can never be read again.
+  auto s = open_store(d.db());
+  bool sealed = false;
+  REQUIRE(s->is_sealed(sealed).ok());
+  CHECK(sealed);
+  // With the right key the migration finishes on the next start.
+  seal_report rep;
+  REQUIRE(s->attach_keyring(r, false, rep).ok());
+  CHECK(rep.sealed == 1200 - 512);
+  CHECK(get_ok(*s, cf::groups, "grp0") == doc.json("grp0"));
+  CHECK(get_ok(*s, cf::groups, "grp1199") == doc.json("grp1199"));
+  // A fresh key (what a start without the key file would make) is refused.
+  s.reset();
+  auto other = make_ring(d.path + "/new.key");
+  s = open_store(d.db());
+  auto e = s->attach_keyring(other, false, rep);
+  CHECK(e.code == error_code::storage_failure);
+  CHECK(e.message.find(d.path + "/new.key") != std::string::npos);
+}
+
 TEST_CASE("a data dir sealed with another key is refused, naming the key file") {
   temp_dir d;
   auto r = make_ring(d.keys());

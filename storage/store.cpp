@@ -269,6 +269,11 @@ public:
 
   error scan(cf family, std::string_view start, std::size_t limit,
              const visit_fn& fn) const override {
+    return scan_tolerant(family, start, limit, fn, nullptr);
+  }
+
+  error scan_tolerant(cf family, std::string_view start, std::size_t limit, const visit_fn& fn,
+                      const unreadable_fn& unreadable) const override {
     if (!valid(family)) return unknown_family(family);
     no_perf_counters();
     return guarded("scan", dir_, [&]() -> error {
@@ -282,7 +287,12 @@ public:
         ++visited;
         std::string_view key(k.data(), k.size()), value(v.data(), v.size());
         if (sealed && keyring::is_sealed(value)) {
-          if (auto e = unseal(family, key, value, plain)) return e;
+          if (auto e = unseal(family, key, value, plain)) {
+            if (!unreadable) return e;
+            if (!unreadable(key, e)) break;
+            if (limit != 0 && visited >= limit) break;
+            continue;
+          }
           value = plain;
         }
         if (!fn(key, value)) break;
@@ -657,6 +667,11 @@ std::string_view to_string(cf c) noexcept {
 bool sealed_family(cf c) noexcept {
   return c == cf::enrollments || c == cf::groups || c == cf::tpm_challenges ||
          c == cf::certificates;
+}
+
+error store::scan_tolerant(cf family, std::string_view start, std::size_t limit,
+                           const visit_fn& fn, const unreadable_fn&) const {
+  return scan(family, start, limit, fn);
 }
 
 std::size_t write_batch::bytes() const noexcept {

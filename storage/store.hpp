@@ -115,6 +115,18 @@ public:
   [[nodiscard]] virtual error scan(cf family, std::string_view start, std::size_t limit,
                                    const visit_fn& fn) const = 0;
 
+  /// Called by scan_tolerant for a sealed value that does not open (tampered,
+  /// key missing from the key file): its key and why. Return false to stop.
+  using unreadable_fn = std::function<bool(std::string_view key, const error& why)>;
+
+  /// scan(), except that a sealed value that does not open is handed to
+  /// `unreadable` and the scan goes on, so one damaged value does not hide
+  /// the others. Other read errors still end the scan. The default (for
+  /// stores that seal nothing) is scan().
+  [[nodiscard]] virtual error scan_tolerant(cf family, std::string_view start, std::size_t limit,
+                                            const visit_fn& fn,
+                                            const unreadable_fn& unreadable) const;
+
   /// The greatest key of a family, or nullopt when empty.
   [[nodiscard]] virtual error last_key(cf family, std::optional<std::string>& out) const = 0;
 

@@ -221,6 +221,54 @@ TEST_CASE("a tampered enrollment is a storage error, the server keeps serving th
   registers(s, "good-dev", key);
 }
 
+TEST_CASE("a group whose sealed value does not open is skipped; the server starts and the other groups attest") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string good_key = crypto::generate_key(), bad_key = crypto::generate_key();
+  test::create_group(s, "good-group", good_key);
+  test::create_group(s, "bad-group", bad_key);
+  registers(s, "bad-group-dev", *crypto::derive_device_key(bad_key, "bad-group-dev"));
+  CHECK(s.stop() == 0);
+  {
+    // Under the server's feet: the group's ciphertext with one flipped bit.
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    nlohmann::json g{{"enrollmentGroupId", "bad-group"},
+                     {"attestation",
+                      {{"type", "symmetricKey"},
+                       {"symmetricKey", {{"primaryKey", bad_key}, {"secondaryKey", bad_key}}}}}};
+    auto sealed = ring->seal(g.dump(), "groups/bad-group");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::groups, "bad-group", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  // One unreadable group must not stop the start.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK_MESSAGE(s.log().find("'bad-group' cannot be unsealed") != std::string::npos, s.log());
+  registers(s, "good-dev", *crypto::derive_device_key(good_key, "good-dev"));
+  // The tampered group's device is refused as by a group that does not
+  // exist, not with a server error.
+  {
+    auto c = s.client();
+    int status = 0;
+    auto res = test::register_device(
+      c, s, "bad-group-dev2", *crypto::derive_device_key(bad_key, "bad-group-dev2"), status);
+    CHECK_MESSAGE(status == 401, res.dump());
+    CHECK_MESSAGE(res.value("errorCode", 0) == 401002, res.dump());
+  }
+  // A later group write rebuilds the snapshot without shutting every group out.
+  const std::string later_key = crypto::generate_key();
+  test::create_group(s, "later-group", later_key);
+  registers(s, "later-dev", *crypto::derive_device_key(later_key, "later-dev"));
+  registers(s, "good-dev2", *crypto::derive_device_key(good_key, "good-dev2"));
+  CHECK(s.alive());
+}
+
 } // TEST_SUITE
 
 TEST_SUITE("audit") {

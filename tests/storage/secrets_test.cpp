@@ -18,6 +18,7 @@
 #include <iterator>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "messages/crypto.hpp"
 
@@ -398,6 +399,36 @@ TEST_CASE("a tampered or moved ciphertext is reported, not returned and not a cr
   b.put(cf::enrollments, "dev4", doc.json("dev4"));
   REQUIRE(s->write(b).ok());
   CHECK(get_ok(*s, cf::enrollments, "dev4") == doc.json("dev4"));
+  // scan_tolerant hands each value that does not open to its caller and goes
+  // on: one damaged value does not hide the others.
+  std::vector<std::string> read, unreadable;
+  e = s->scan_tolerant(
+    cf::enrollments, "", 0,
+    [&](std::string_view k, std::string_view v) {
+      read.emplace_back(k);
+      CHECK(v == doc.json(std::string(k)));
+      return true;
+    },
+    [&](std::string_view k, const error& why) {
+      unreadable.emplace_back(k);
+      CHECK(why.message.find("failed authentication") != std::string::npos);
+      return true;
+    });
+  INFO(e.message);
+  CHECK(e.ok());
+  CHECK(read == std::vector<std::string>{"dev4"});
+  CHECK(unreadable == std::vector<std::string>{"dev1", "dev3"});
+  // The limit counts unreadable values too; false stops the scan.
+  unreadable.clear();
+  read.clear();
+  CHECK(s->scan_tolerant(
+           cf::enrollments, "", 1, [&](std::string_view, std::string_view) { return true; },
+           [&](std::string_view k, const error&) {
+             unreadable.emplace_back(k);
+             return true;
+           })
+          .ok());
+  CHECK(unreadable == std::vector<std::string>{"dev1"});
 }
 
 TEST_CASE("rotation re-encrypts every value under the new key; the old key is no longer needed") {

@@ -40,6 +40,28 @@ std::string key_id(std::string_view key_bytes) {
   return crypto::hex({reinterpret_cast<const char*>(d.data()), 8});
 }
 
+bool valid_id(std::string_view id) noexcept {
+  if (id.size() != 16) return false;
+  for (char c : id)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+/// An id as it may appear in a message: a valid one as is, anything else
+/// (bytes of a damaged envelope, not UTF-8) hex-escaped, so messages stay
+/// printable and JSON-serialisable.
+std::string printable_id(std::string_view id) {
+  if (valid_id(id)) return std::string(id);
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out = "(invalid id 0x";
+  for (unsigned char c : id.substr(0, 32)) {
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  if (id.size() > 32) out += "...";
+  return out + ")";
+}
+
 error file_error(const std::string& path, const std::string& why) {
   return {error_code::storage_failure, "secrets: key file '" + path + "': " + why};
 }
@@ -155,7 +177,7 @@ error keyring::load(const std::string& path, std::shared_ptr<const keyring>& out
     if (!bytes || bytes->size() != key_len)
       return file_error(path, where + "the key is not base64 of 32 bytes");
     if (key_id(*bytes) != id)
-      return file_error(path, where + "key id " + id +
+      return file_error(path, where + "key id " + printable_id(id) +
                                 " does not match its key (the line is damaged)");
     r->keys_.push_back({id, std::move(*bytes)});
   }
@@ -207,7 +229,7 @@ std::string keyring::key_id_of(std::string_view value) {
   if (!is_sealed(value) || value.size() < magic.size() + 1) return {};
   auto n = static_cast<unsigned char>(value[magic.size()]);
   if (value.size() < magic.size() + 1 + n) return {};
-  return std::string(value.substr(magic.size() + 1, n));
+  return printable_id(value.substr(magic.size() + 1, n));
 }
 
 std::string keyring::seal(std::string_view plain, std::string_view aad) const {
@@ -252,6 +274,12 @@ error keyring::open(std::string_view sealed, std::string_view aad, std::string& 
   const std::size_t head = magic.size() + 1 + id_len + nonce_len;
   if (sealed.size() < head + tag_len) return malformed();
   std::string_view id = sealed.substr(magic.size() + 1, id_len);
+  // Only ids this code writes: a damaged id byte is "malformed", and never
+  // copied raw into a message (it may not be UTF-8; JSON dumps throw on it).
+  if (!valid_id(id))
+    return {error_code::storage_failure,
+            "secrets: a sealed value is malformed: its key id " + printable_id(id) +
+              " is not 16 hex digits"};
   const key* k = find(id);
   if (!k)
     return {error_code::storage_failure,

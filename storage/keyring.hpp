@@ -56,7 +56,9 @@ public:
 
   /// Whether a stored value is a sealed envelope (its magic prefix).
   static bool is_sealed(std::string_view value) noexcept;
-  /// The key id a sealed value names; empty when it is not sealed.
+  /// The key id a sealed value names; empty when it is not sealed. An id that
+  /// is not 16 lower-case hex digits comes back hex-escaped (printable, and
+  /// never equal to a real id).
   static std::string key_id_of(std::string_view value);
 
 private:

@@ -136,6 +136,22 @@ TEST_CASE("the key file is created 0600 and a sealed value opens only where it w
     CHECK_MESSAGE(e.message.find("failed authentication") != std::string::npos, i);
     CHECK(out.empty());
   }
+  // Every flipped bit of the id length and of the id is caught too, and the
+  // message stays printable: never the raw damaged bytes (a JSON dump of a
+  // message with invalid UTF-8 throws).
+  for (std::size_t i = 4; i < 5 + r->active_id().size(); ++i)
+    for (int bit = 0; bit < 8; ++bit) {
+      auto bad = sealed;
+      bad[i] = static_cast<char>(bad[i] ^ (1 << bit));
+      auto e = r->open(bad, "enrollments/dev1", out);
+      CHECK_MESSAGE(e.code == error_code::storage_failure, i << "/" << bit);
+      CHECK(out.empty());
+      for (unsigned char c : e.message)
+        CHECK_MESSAGE((c >= 0x20 && c < 0x7f), i << "/" << bit << ": " << e.message);
+      for (unsigned char c : keyring::key_id_of(bad))
+        CHECK_MESSAGE((c >= 0x20 && c < 0x7f), i << "/" << bit);
+      CHECK(keyring::key_id_of(bad) != r->active_id());
+    }
   // Truncated.
   CHECK(r->open(sealed.substr(0, 20), "enrollments/dev1", out).message.find("malformed") !=
         std::string::npos);

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -217,6 +218,28 @@ TEST_CASE("a tampered enrollment is a storage error, the server keeps serving th
   int status = 0;
   auto res = test::register_device(c, s, "bad-dev", key, status);
   CHECK(res.value("status", "") != "assigned");
+  // The device learns nothing of the server's files or keys: no data dir,
+  // no key file, no key id; the log has the details.
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    const std::string body = res.dump();
+    CHECK_MESSAGE(status == 500, body);
+    CHECK_MESSAGE(res.value("errorCode", 0) == 500001, body);
+    CHECK_MESSAGE(body.find(dir) == std::string::npos, body);
+    CHECK_MESSAGE(body.find("secrets.key") == std::string::npos, body);
+    CHECK_MESSAGE(body.find(ring->active_id()) == std::string::npos, body);
+    CHECK_MESSAGE(body.find("failed authentication") == std::string::npos, body);
+    CHECK_MESSAGE(res.value("message", "").find(res.value("trackingId", "?")) != std::string::npos,
+                  body);
+    // The operator finds the details under that tracking id.
+    bool logged = false;
+    std::istringstream lines(s.log());
+    for (std::string line; std::getline(lines, line);)
+      logged = logged || (line.find(res.value("trackingId", "?")) != std::string::npos &&
+                          line.find("failed authentication") != std::string::npos);
+    CHECK_MESSAGE(logged, s.log());
+  }
   CHECK(s.alive());
   registers(s, "good-dev", key);
 }

@@ -57,6 +57,10 @@ std::string seal_aad(cf c, std::string_view key) {
 
 constexpr std::string_view check_key = "secrets/check";
 constexpr std::string_view check_plain = "provisiond sealed data dir";
+/// Written once a migration pass has sealed every value: later starts skip
+/// the full scan, and a value that is not an envelope in a sealed family is
+/// then a damage (or a write under the server's feet), not an old plaintext.
+constexpr std::string_view migrated_key = "secrets/migrated";
 
 /// RocksDB counts into a thread-local perf context by default (kEnableCount):
 /// a TLS lookup through the shared library on every key comparison (perf
@@ -256,7 +260,12 @@ public:
       if (s.IsNotFound()) return {};
       if (!s.ok()) return to_error(s, "get", dir_, &family);
       std::string_view raw(value.data(), value.size());
-      if (!sealed_family(family) || !keyring::is_sealed(raw)) {
+      if (!sealed_family(family)) {
+        out.emplace(raw);
+        return {};
+      }
+      if (!keyring::is_sealed(raw)) {
+        if (migrated_) return not_sealed(family, key);
         out.emplace(raw);
         return {};
       }
@@ -286,8 +295,10 @@ public:
         auto v = it->value();
         ++visited;
         std::string_view key(k.data(), k.size()), value(v.data(), v.size());
-        if (sealed && keyring::is_sealed(value)) {
-          if (auto e = unseal(family, key, value, plain)) {
+        if (sealed && (migrated_ || keyring::is_sealed(value))) {
+          auto e = keyring::is_sealed(value) ? unseal(family, key, value, plain)
+                                             : not_sealed(family, key);
+          if (e) {
             if (!unreadable) return e;
             if (!unreadable(key, e)) break;
             if (limit != 0 && visited >= limit) break;
@@ -453,6 +464,8 @@ public:
                             keyring::key_id_of(*check) + ", which key file '" + k->path() +
                             "' cannot open: " + e.message};
       }
+      std::optional<std::string> migrated;
+      if (auto e = get(cf::meta, migrated_key, migrated)) return e;
       keyring_ = std::move(k);
       // The check value goes first (synced), before any value is sealed: a
       // migration or rotation cut short leaves a data dir that says it is
@@ -468,8 +481,9 @@ public:
       }
       // In chunks, so a large store is never held in memory at once.
       constexpr std::size_t chunk = 512;
+      // Once a pass has completed, only a rotation scans everything again.
       for (cf c : all_families) {
-        if (!sealed_family(c)) continue;
+        if (!sealed_family(c) || (migrated && !reseal_all)) continue;
         std::string from;
         for (;;) {
           write_batch wb;
@@ -517,6 +531,14 @@ public:
             return e;
         }
       }
+      if (!migrated) {
+        rocksdb::WriteOptions wo;
+        wo.sync = true;
+        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(migrated_key), slice("1")),
+                              "writing the secrets migration marker", dir_))
+          return e;
+      }
+      migrated_ = true;
       return {};
     });
   }
@@ -537,6 +559,13 @@ private:
       return {e.code, "storage: " + std::string(to_string(family)) + " '" + std::string(key) +
                         "' in '" + dir_ + "': " + e.message};
     return {};
+  }
+
+  error not_sealed(cf family, std::string_view key) const {
+    return {error_code::storage_failure,
+            "storage: " + std::string(to_string(family)) + " '" + std::string(key) + "' in '" +
+              dir_ + "' is not sealed, though every value of this data dir was (damaged, or "
+              "written by something other than provisiond)"};
   }
 
   /// scan() without unsealing (migration and rotation see the envelopes).
@@ -645,6 +674,8 @@ private:
   commit_stats stats_;
   /// Set by attach_keyring before other threads use the store; read-only after.
   std::shared_ptr<const keyring> keyring_;
+  /// Likewise: the data dir's migration marker is set (see migrated_key).
+  bool migrated_ = false;
 };
 
 } // namespace

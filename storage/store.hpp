@@ -163,6 +163,9 @@ public:
   /// under the active key, before anything is sealed, then seals every plaintext value
   /// left by an older version and, with `reseal_all`, re-encrypts values
   /// sealed under an older key with the active one (`provisiond keys rotate`).
+  /// After the first complete pass it writes meta "secrets/migrated": later
+  /// attaches skip the scan (unless `reseal_all`), and from then on a value
+  /// of a sealed family that is not an envelope reads as storage_failure.
   [[nodiscard]] virtual error attach_keyring(std::shared_ptr<const keyring> k, bool reseal_all,
                                              seal_report& report) = 0;
   /// Whether this data dir has been sealed (its check value exists). Lets the

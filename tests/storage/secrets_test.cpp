@@ -370,6 +370,60 @@ TEST_CASE("a migration cut short leaves the data dir marked sealed before any va
   CHECK(e.message.find(d.path + "/new.key") != std::string::npos);
 }
 
+TEST_CASE("after the first complete pass a start skips the scan, and a plaintext value is damage") {
+  temp_dir d;
+  secret_doc doc;
+  {
+    auto s = open_store(d.db());
+    write_batch b;
+    b.put(cf::groups, "old", doc.json("old"));
+    REQUIRE(s->write(b).ok());
+  }
+  auto r = make_ring(d.keys());
+  seal_report rep;
+  {
+    auto s = open_sealed(d.db(), r, &rep);
+    CHECK(rep.sealed == 1);
+  }
+  {
+    // Under the server's feet, after the migration: a plaintext document.
+    auto s = open_store(d.db());
+    write_batch b;
+    b.put(cf::groups, "planted", doc.json("planted"));
+    REQUIRE(s->write(b).ok());
+  }
+  auto s = open_sealed(d.db(), r, &rep);
+  CHECK(rep.sealed == 0); // no second full pass: it was not sealed
+  CHECK(get_ok(*s, cf::groups, "old") == doc.json("old"));
+  std::optional<std::string> out;
+  auto e = s->get(cf::groups, "planted", out);
+  CHECK(e.code == error_code::storage_failure);
+  CHECK(e.message.find("groups 'planted'") != std::string::npos);
+  CHECK(e.message.find("is not sealed") != std::string::npos);
+  CHECK(!out);
+  e = s->scan(cf::groups, "", 0, [](std::string_view, std::string_view) { return true; });
+  CHECK(e.message.find("is not sealed") != std::string::npos);
+  std::vector<std::string> read, unreadable;
+  e = s->scan_tolerant(
+    cf::groups, "", 0,
+    [&](std::string_view k, std::string_view) {
+      read.emplace_back(k);
+      return true;
+    },
+    [&](std::string_view k, const error&) {
+      unreadable.emplace_back(k);
+      return true;
+    });
+  CHECK(e.ok());
+  CHECK(read == std::vector<std::string>{"old"});
+  CHECK(unreadable == std::vector<std::string>{"planted"});
+  // Families that are not sealed are not affected.
+  write_batch b;
+  b.put(cf::registrations, "dev", "plain");
+  REQUIRE(s->write(b).ok());
+  CHECK(get_ok(*s, cf::registrations, "dev") == "plain");
+}
+
 TEST_CASE("a data dir sealed with another key is refused, naming the key file") {
   temp_dir d;
   auto r = make_ring(d.keys());

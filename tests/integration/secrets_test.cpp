@@ -16,6 +16,7 @@
 #include <fstream>
 #include <iterator>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -186,6 +187,53 @@ TEST_CASE("a wrong or missing key file stops the start with an error naming the 
   fs::rename(dir + "/secrets.key.saved", key_file);
   REQUIRE_MESSAGE(!s.restart(), s.log());
   CHECK(s.service("GET", "/enrollmentGroups/g").status == 200);
+}
+
+TEST_CASE("an upgrade cut short, then the key file lost: the start is refused naming the file") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  CHECK(s.stop() == 0);
+  const std::string key_file = dir + "/secrets.key";
+  {
+    // What an older version left: plaintext groups, no secrets markers.
+    fs::remove(key_file);
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.del(storage::cf::meta, "secrets/check");
+    b.del(storage::cf::meta, "secrets/migrated");
+    for (int i = 0; i < 600; ++i) { // more than one sealing chunk (512)
+      const std::string id = "old-group-" + std::to_string(i);
+      nlohmann::json g{{"enrollmentGroupId", id},
+                       {"attestation",
+                        {{"type", "symmetricKey"},
+                         {"symmetricKey",
+                          {{"primaryKey", crypto::generate_key()},
+                           {"secondaryKey", crypto::generate_key()}}}}}};
+      b.put(storage::cf::groups, id, g.dump());
+    }
+    REQUIRE(st->write(b).ok());
+  }
+  {
+    // The first start of the new version seals the first chunk, then dies.
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::create(key_file, ring).ok());
+    std::unique_ptr<storage::store> st;
+    storage::store_options o;
+    o.on_seal_chunk = [] { throw std::runtime_error("killed mid-upgrade"); };
+    REQUIRE(storage::store::open(dir + "/db", o, st).ok());
+    storage::seal_report rep;
+    REQUIRE(st->attach_keyring(ring, false, rep));
+  }
+  // The key file is lost. A fresh key would leave 512 groups unreadable.
+  fs::remove(key_file);
+  auto err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("key file '" + key_file + "' is missing") != std::string::npos,
+                err.message);
+  CHECK(!fs::exists(key_file)); // not replaced by a fresh key
 }
 
 TEST_CASE("a tampered enrollment is a storage error, the server keeps serving the others") {

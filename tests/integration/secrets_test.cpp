@@ -24,6 +24,7 @@
 #include "storage/keyring.hpp"
 #include "storage/store.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/test_certs.hpp"
 
 using namespace prov;
 namespace fs = std::filesystem;
@@ -337,6 +338,49 @@ TEST_CASE("a group whose sealed value does not open is skipped; the server start
   test::create_group(s, "later-group", later_key);
   registers(s, "later-dev", *crypto::derive_device_key(later_key, "later-dev"));
   registers(s, "good-dev2", *crypto::derive_device_key(good_key, "good-dev2"));
+  CHECK(s.alive());
+}
+
+TEST_CASE("a CA whose sealed value does not open is skipped for its groups; the server starts") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  auto ca = test::make_ca("IT Sealed Root CA", nullptr, 60);
+  auto r = s.service("PUT", "/certificates/sealed-ca",
+                     nlohmann::json{{"certificate", ca.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  r = s.service("POST", "/certificates/sealed-ca/generateVerificationCode");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto code = test::parse_json(r.body)["properties"]["verificationCode"].get<std::string>();
+  auto proof = test::make_device(code, ca, 7000);
+  r = s.service("POST", "/certificates/sealed-ca/verify",
+                nlohmann::json{{"certificate", proof.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  nlohmann::json g{{"enrollmentGroupId", "ca-group"},
+                   {"attestation",
+                    {{"type", "x509"}, {"x509", {{"caReferences", {{"primary", "sealed-ca"}}}}}}}};
+  r = s.service("PUT", "/enrollmentGroups/ca-group", g.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const std::string key = crypto::generate_key();
+  test::create_group(s, "sym-group", key);
+  CHECK(s.stop() == 0);
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    auto sealed = ring->seal(R"({"certificate":"x"})", "certificates/sealed-ca");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::certificates, "sealed-ca", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK_MESSAGE(s.log().find("CA 'sealed-ca' of enrollment group 'ca-group' cannot be unsealed") !=
+                  std::string::npos,
+                s.log());
+  registers(s, "sym-dev", *crypto::derive_device_key(key, "sym-dev"));
   CHECK(s.alive());
 }
 

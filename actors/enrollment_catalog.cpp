@@ -16,18 +16,34 @@ using nlohmann::json;
 error enrollment_catalog::rebuild_groups(bool& replaced) {
   replaced = false;
   auto fresh = std::make_shared<std::vector<enrollment::enrollment_view>>();
+  // `internal` here means "some groups or CAs skipped, the rest usable";
+  // every skipped one is named.
   error failure;
-  auto err = store_->scan(storage::cf::groups, "", 0, [&](std::string_view k, std::string_view v) {
-    auto j = json::parse(v, nullptr, false);
-    enrollment::enrollment_view view;
-    if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
-      failure = {error_code::internal,
-                 "stored enrollment group '" + std::string(k) + "' is unreadable; skipped"};
-      return true; // skip it, keep the others usable
-    }
-    fresh->push_back(std::move(view));
-    return true;
-  });
+  auto skipped = [&](std::string what) {
+    if (failure)
+      failure.message += "; " + what;
+    else
+      failure = {error_code::internal, std::move(what)};
+  };
+  auto err = store_->scan_tolerant(
+    storage::cf::groups, "", 0,
+    [&](std::string_view k, std::string_view v) {
+      auto j = json::parse(v, nullptr, false);
+      enrollment::enrollment_view view;
+      if (j.is_discarded() || enrollment::view_of(enrollment::kind::group, j, view)) {
+        skipped("stored enrollment group '" + std::string(k) + "' is unreadable; skipped");
+        return true; // skip it, keep the others usable
+      }
+      fresh->push_back(std::move(view));
+      return true;
+    },
+    [&](std::string_view k, const error& why) {
+      // A sealed value that does not open (tampered, key missing): that
+      // group cannot attest; the others must.
+      skipped("stored enrollment group '" + std::string(k) + "' cannot be unsealed; skipped: " +
+              why.message);
+      return true;
+    });
   if (err) // never `internal`, which here means "one group skipped"
     return {error_code::storage_failure, err.message};
   // caReferences name CAs in the certificate store: resolved here, so the
@@ -36,8 +52,25 @@ error enrollment_catalog::rebuild_groups(bool& replaced) {
   for (auto& g : *fresh)
     if (auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation))
       for (auto& ref : x->ca_references) {
+        // A one-entry scan rather than get(): it tells a value that does
+        // not unseal (that CA admits nothing, in this group only) from a
+        // read error (the snapshot cannot be rebuilt).
+        const std::string key = enrollment::key_of(ref.name);
         std::optional<std::string> raw;
-        if (auto e = store_->get(storage::cf::certificates, enrollment::key_of(ref.name), raw))
+        auto e = store_->scan_tolerant(
+          storage::cf::certificates, key, 1,
+          [&](std::string_view k, std::string_view v) {
+            if (k == key)
+              raw.emplace(v);
+            return false;
+          },
+          [&](std::string_view k, const error& why) {
+            if (k == key)
+              skipped("CA '" + ref.name + "' of enrollment group '" + g.id +
+                      "' cannot be unsealed; it admits no device: " + why.message);
+            return false;
+          });
+        if (e)
           return {error_code::storage_failure, e.message};
         enrollment::resolve_ca(raw ? &*raw : nullptr, ref);
       }

@@ -110,7 +110,7 @@ bool device_api::admitted(const device_call& call, const answer_fn& answer) {
     return true;
   if (metrics_ != nullptr)
     metrics_->throttled(reason);
-  auto a = failure({error_code::throttled,
+  auto a = device_failure({error_code::throttled,
                     call.what == device_call::kind::poll
                       ? "too many operation polls for this device; retry after the "
                         "Retry-After interval"
@@ -132,8 +132,22 @@ device_answer device_api::failure(const error& e, const std::string& tracking_id
   return a;
 }
 
+device_answer device_api::device_failure(const error& e, const std::string& tracking_id) {
+  auto a = failure(e, tracking_id);
+  if (a.status == 500) {
+    // A server-side failure's message names the data dir, the key file or
+    // key ids (storage, secrets): none of the device's business. The device
+    // gets the tracking id; the operation log has the message (a.err) under it.
+    std::string msg = "the service could not complete the request";
+    if (!tracking_id.empty())
+      msg += "; trackingId " + tracking_id + " identifies it in the server's log";
+    a.body = error_body({e.code, std::move(msg)}, tracking_id);
+  }
+  return a;
+}
+
 void device_api::handle(device_call call, const answer_fn& answer) {
-  auto fail = [&](error e) { answer(failure(e, call.tracking_id)); };
+  auto fail = [&](error e) { answer(device_failure(e, call.tracking_id)); };
   if (!iequals(call.id_scope, id_scope_))
     return fail({error_code::id_scope_not_found, "unknown id scope '" + call.id_scope + "'"});
   if (!enrollment::valid_registration_id(call.registration_id))
@@ -244,7 +258,7 @@ void device_api::register_device(register_request rr, const device_call& call,
   eng_.register_device(std::move(rr), [eng = &eng_, answer, tracking = call.tracking_id,
                                        retry_after = retry_after_s_](register_reply r) {
     if (r.err) {
-      auto a = failure(r.err, tracking);
+      auto a = device_failure(r.err, tracking);
       if (!r.challenge.empty())
         a.body = std::move(r.challenge); // a TPM challenge: its own 401 body
       if (r.err.code == error_code::throttled || r.err.code == error_code::unavailable)
@@ -268,7 +282,7 @@ void device_api::register_device(register_request rr, const device_call& call,
         [answer, tracking, state = r.state, op = r.operation_id,
          text = std::move(text)](error err, std::string key) mutable {
           if (auto e = with_tpm_key(std::move(err), std::move(key), *state, op, true, text))
-            return answer(failure(e, tracking));
+            return answer(device_failure(e, tracking));
           answer(ok(200, std::move(text)));
         });
     }

@@ -64,6 +64,10 @@ public:
 
   /// An error answer with the Azure error body.
   static device_answer failure(const error& e, const std::string& tracking_id);
+  /// The same for a device: a 500's message (storage and secrets errors name
+  /// the data dir, key file, key ids) is replaced by a generic one with the
+  /// tracking id; `err` keeps the full error for the operation log.
+  static device_answer device_failure(const error& e, const std::string& tracking_id);
 
 private:
   void register_device(register_request rr, const device_call& call,

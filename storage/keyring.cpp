@@ -41,6 +41,28 @@ std::string key_id(std::string_view key_bytes) {
   return crypto::hex({reinterpret_cast<const char*>(d.data()), 8});
 }
 
+bool valid_id(std::string_view id) noexcept {
+  if (id.size() != 16) return false;
+  for (char c : id)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  return true;
+}
+
+/// An id as it may appear in a message: a valid one as is, anything else
+/// (bytes of a damaged envelope, not UTF-8) hex-escaped, so messages stay
+/// printable and JSON-serialisable.
+std::string printable_id(std::string_view id) {
+  if (valid_id(id)) return std::string(id);
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out = "(invalid id 0x";
+  for (unsigned char c : id.substr(0, 32)) {
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  if (id.size() > 32) out += "...";
+  return out + ")";
+}
+
 error file_error(const std::string& path, const std::string& why) {
   return {error_code::storage_failure, "secrets: key file '" + path + "': " + why};
 }
@@ -53,11 +75,33 @@ std::string render(const std::vector<keyring::key>& keys) {
   return out;
 }
 
-/// Writes `text` to `path` with mode 0600: aside, fsync'd, renamed over.
-error write_private(const std::string& path, const std::string& text, bool exclusive) {
-  const std::string tmp = exclusive ? path : path + ".new";
-  int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
-  int fd = ::open(tmp.c_str(), flags, 0600);
+/// fsyncs the directory holding `path`, so a link or rename in it survives a
+/// power loss (the file's own fsync does not cover its directory entry).
+error sync_parent(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return file_error(path, "cannot open its directory to sync it: " +
+                                        std::string(std::strerror(errno)));
+  int rc = ::fsync(fd);
+  int saved = errno;
+  ::close(fd);
+  if (rc != 0)
+    return file_error(path, "cannot sync its directory: " + std::string(std::strerror(saved)));
+  return {};
+}
+
+/// Writes `text` to `path` with mode 0600 so that `path` is never seen
+/// half-written: the text goes to `path`.tmp (O_EXCL|O_NOFOLLOW: never
+/// through a planted link), is fsync'd, then linked to `path` (`replace`
+/// false: refuses an existing file) or renamed over it, and the directory is
+/// fsync'd. Only after that may anything be sealed under a key in `text`. A
+/// .tmp left by a crash never held a key anything was sealed under: removed.
+error write_private(const std::string& path, const std::string& text, bool replace) {
+  const std::string tmp = path + ".tmp";
+  if (::unlink(tmp.c_str()) != 0 && errno != ENOENT)
+    return file_error(tmp, std::string("cannot remove a stale copy: ") + std::strerror(errno));
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) return file_error(tmp, std::string("cannot create: ") + std::strerror(errno));
   std::size_t off = 0;
   bool ok = true;
@@ -75,12 +119,19 @@ error write_private(const std::string& path, const std::string& text, bool exclu
     ::unlink(tmp.c_str());
     return file_error(tmp, std::string("cannot write: ") + std::strerror(saved));
   }
-  if (!exclusive && ::rename(tmp.c_str(), path.c_str()) != 0) {
+  if (replace) {
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      saved = errno;
+      ::unlink(tmp.c_str());
+      return file_error(path, std::string("cannot replace: ") + std::strerror(saved));
+    }
+  } else {
+    int rc = ::link(tmp.c_str(), path.c_str());
     saved = errno;
     ::unlink(tmp.c_str());
-    return file_error(path, std::string("cannot replace: ") + std::strerror(saved));
+    if (rc != 0) return file_error(path, std::string("cannot create: ") + std::strerror(saved));
   }
-  return {};
+  return sync_parent(path);
 }
 
 keyring::key fresh_key() {
@@ -127,7 +178,7 @@ error keyring::load(const std::string& path, std::shared_ptr<const keyring>& out
     if (!bytes || bytes->size() != key_len)
       return file_error(path, where + "the key is not base64 of 32 bytes");
     if (key_id(*bytes) != id)
-      return file_error(path, where + "key id " + id +
+      return file_error(path, where + "key id " + printable_id(id) +
                                 " does not match its key (the line is damaged)");
     r->keys_.push_back({id, std::move(*bytes)});
   }
@@ -141,7 +192,7 @@ error keyring::create(const std::string& path, std::shared_ptr<const keyring>& o
   std::shared_ptr<keyring> r(new keyring());
   r->path_ = path;
   r->keys_.push_back(fresh_key());
-  if (auto err = write_private(path, render(r->keys_), /*exclusive=*/true)) return err;
+  if (auto err = write_private(path, render(r->keys_), /*replace=*/false)) return err;
   out = std::move(r);
   return {};
 }
@@ -154,7 +205,7 @@ error keyring::add_key(const std::string& path, std::shared_ptr<const keyring>& 
   r->path_ = path;
   r->keys_ = old->keys_;
   r->keys_.push_back(fresh_key());
-  if (auto err = write_private(path, render(r->keys_), /*exclusive=*/false)) return err;
+  if (auto err = write_private(path, render(r->keys_), /*replace=*/true)) return err;
   out = std::move(r);
   return {};
 }
@@ -179,7 +230,7 @@ std::string keyring::key_id_of(std::string_view value) {
   if (!is_sealed(value) || value.size() < magic.size() + 1) return {};
   auto n = static_cast<unsigned char>(value[magic.size()]);
   if (value.size() < magic.size() + 1 + n) return {};
-  return std::string(value.substr(magic.size() + 1, n));
+  return printable_id(value.substr(magic.size() + 1, n));
 }
 
 std::string keyring::seal(std::string_view plain, std::string_view aad) const {
@@ -224,6 +275,12 @@ error keyring::open(std::string_view sealed, std::string_view aad, std::string& 
   const std::size_t head = magic.size() + 1 + id_len + nonce_len;
   if (sealed.size() < head + tag_len) return malformed();
   std::string_view id = sealed.substr(magic.size() + 1, id_len);
+  // Only ids this code writes: a damaged id byte is "malformed", and never
+  // copied raw into a message (it may not be UTF-8; JSON dumps throw on it).
+  if (!valid_id(id))
+    return {error_code::storage_failure,
+            "secrets: a sealed value is malformed: its key id " + printable_id(id) +
+              " is not 16 hex digits"};
   const key* k = find(id);
   if (!k)
     return {error_code::storage_failure,

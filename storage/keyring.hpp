@@ -33,9 +33,13 @@ public:
   /// readable by group or others, malformed line, id that does not match its key.
   [[nodiscard]] static error load(const std::string& path, std::shared_ptr<const keyring>& out);
   /// Creates `path` (0600, refusing to overwrite) holding one fresh key.
+  /// Written as `path`.tmp, fsync'd, linked to `path`, directory fsync'd: a
+  /// crash leaves either no key file or a complete one (a stale .tmp is
+  /// removed by the next call), and the key is durable before it seals anything.
   [[nodiscard]] static error create(const std::string& path, std::shared_ptr<const keyring>& out);
   /// Appends a fresh key to `path`, which becomes the active one; the file is
-  /// replaced atomically (written aside, fsync'd, renamed).
+  /// replaced atomically (`path`.tmp written, fsync'd, renamed over `path`,
+  /// directory fsync'd).
   [[nodiscard]] static error add_key(const std::string& path, std::shared_ptr<const keyring>& out);
 
   const std::string& path() const noexcept { return path_; }
@@ -52,7 +56,9 @@ public:
 
   /// Whether a stored value is a sealed envelope (its magic prefix).
   static bool is_sealed(std::string_view value) noexcept;
-  /// The key id a sealed value names; empty when it is not sealed.
+  /// The key id a sealed value names; empty when it is not sealed. An id that
+  /// is not 16 lower-case hex digits comes back hex-escaped (printable, and
+  /// never equal to a real id).
   static std::string key_id_of(std::string_view value);
 
 private:

@@ -57,6 +57,10 @@ std::string seal_aad(cf c, std::string_view key) {
 
 constexpr std::string_view check_key = "secrets/check";
 constexpr std::string_view check_plain = "provisiond sealed data dir";
+/// Written once a migration pass has sealed every value: later starts skip
+/// the full scan, and a value that is not an envelope in a sealed family is
+/// then a damage (or a write under the server's feet), not an old plaintext.
+constexpr std::string_view migrated_key = "secrets/migrated";
 
 /// RocksDB counts into a thread-local perf context by default (kEnableCount):
 /// a TLS lookup through the shared library on every key comparison (perf
@@ -256,7 +260,12 @@ public:
       if (s.IsNotFound()) return {};
       if (!s.ok()) return to_error(s, "get", dir_, &family);
       std::string_view raw(value.data(), value.size());
-      if (!sealed_family(family) || !keyring::is_sealed(raw)) {
+      if (!sealed_family(family)) {
+        out.emplace(raw);
+        return {};
+      }
+      if (!keyring::is_sealed(raw)) {
+        if (migrated_) return not_sealed(family, key);
         out.emplace(raw);
         return {};
       }
@@ -269,6 +278,11 @@ public:
 
   error scan(cf family, std::string_view start, std::size_t limit,
              const visit_fn& fn) const override {
+    return scan_tolerant(family, start, limit, fn, nullptr);
+  }
+
+  error scan_tolerant(cf family, std::string_view start, std::size_t limit, const visit_fn& fn,
+                      const unreadable_fn& unreadable) const override {
     if (!valid(family)) return unknown_family(family);
     no_perf_counters();
     return guarded("scan", dir_, [&]() -> error {
@@ -281,8 +295,15 @@ public:
         auto v = it->value();
         ++visited;
         std::string_view key(k.data(), k.size()), value(v.data(), v.size());
-        if (sealed && keyring::is_sealed(value)) {
-          if (auto e = unseal(family, key, value, plain)) return e;
+        if (sealed && (migrated_ || keyring::is_sealed(value))) {
+          auto e = keyring::is_sealed(value) ? unseal(family, key, value, plain)
+                                             : not_sealed(family, key);
+          if (e) {
+            if (!unreadable) return e;
+            if (!unreadable(key, e)) break;
+            if (limit != 0 && visited >= limit) break;
+            continue;
+          }
           value = plain;
         }
         if (!fn(key, value)) break;
@@ -443,11 +464,26 @@ public:
                             keyring::key_id_of(*check) + ", which key file '" + k->path() +
                             "' cannot open: " + e.message};
       }
+      std::optional<std::string> migrated;
+      if (auto e = get(cf::meta, migrated_key, migrated)) return e;
       keyring_ = std::move(k);
+      // The check value goes first (synced), before any value is sealed: a
+      // migration or rotation cut short leaves a data dir that says it is
+      // sealed, so a lost key file refuses the start (app/secrets.cpp)
+      // instead of a new key being created beside values it cannot open.
+      if (!check || keyring::key_id_of(*check) != keyring_->active_id()) {
+        rocksdb::WriteOptions wo;
+        wo.sync = true;
+        auto sealed = keyring_->seal(check_plain, seal_aad(cf::meta, check_key));
+        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(check_key), slice(sealed)),
+                              "writing the secrets check value", dir_))
+          return e;
+      }
       // In chunks, so a large store is never held in memory at once.
       constexpr std::size_t chunk = 512;
+      // Once a pass has completed, only a rotation scans everything again.
       for (cf c : all_families) {
-        if (!sealed_family(c)) continue;
+        if (!sealed_family(c) || (migrated && !reseal_all)) continue;
         std::string from;
         for (;;) {
           write_batch wb;
@@ -471,8 +507,10 @@ public:
           if (e) return e;
           if (failed) return failed;
           report.resealed += moved;
-          if (!wb.empty())
+          if (!wb.empty()) {
             if (auto we = write(wb, durability::synced)) return we;
+            if (opts_.on_seal_chunk) opts_.on_seal_chunk();
+          }
           if (seen < chunk) break;
           from = last;
           from.push_back('\0');
@@ -493,14 +531,14 @@ public:
             return e;
         }
       }
-      if (!check || keyring::key_id_of(*check) != keyring_->active_id()) {
+      if (!migrated) {
         rocksdb::WriteOptions wo;
         wo.sync = true;
-        auto sealed = keyring_->seal(check_plain, seal_aad(cf::meta, check_key));
-        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(check_key), slice(sealed)),
-                              "writing the secrets check value", dir_))
+        if (auto e = to_error(db_->Put(wo, handle(cf::meta), slice(migrated_key), slice("1")),
+                              "writing the secrets migration marker", dir_))
           return e;
       }
+      migrated_ = true;
       return {};
     });
   }
@@ -521,6 +559,13 @@ private:
       return {e.code, "storage: " + std::string(to_string(family)) + " '" + std::string(key) +
                         "' in '" + dir_ + "': " + e.message};
     return {};
+  }
+
+  error not_sealed(cf family, std::string_view key) const {
+    return {error_code::storage_failure,
+            "storage: " + std::string(to_string(family)) + " '" + std::string(key) + "' in '" +
+              dir_ + "' is not sealed, though every value of this data dir was (damaged, or "
+              "written by something other than provisiond)"};
   }
 
   /// scan() without unsealing (migration and rotation see the envelopes).
@@ -629,6 +674,8 @@ private:
   commit_stats stats_;
   /// Set by attach_keyring before other threads use the store; read-only after.
   std::shared_ptr<const keyring> keyring_;
+  /// Likewise: the data dir's migration marker is set (see migrated_key).
+  bool migrated_ = false;
 };
 
 } // namespace
@@ -651,6 +698,11 @@ std::string_view to_string(cf c) noexcept {
 bool sealed_family(cf c) noexcept {
   return c == cf::enrollments || c == cf::groups || c == cf::tpm_challenges ||
          c == cf::certificates;
+}
+
+error store::scan_tolerant(cf family, std::string_view start, std::size_t limit,
+                           const visit_fn& fn, const unreadable_fn&) const {
+  return scan(family, start, limit, fn);
 }
 
 std::size_t write_batch::bytes() const noexcept {

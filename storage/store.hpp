@@ -71,6 +71,9 @@ struct store_options {
   /// Called on the writer thread after every successful group commit with its
   /// duration, caller batches merged and bytes (metrics). Keep it cheap.
   std::function<void(double seconds, std::size_t batches, std::size_t bytes)> on_commit;
+  /// Tests: called after each chunk attach_keyring seals and writes; an
+  /// exception thrown here stops it there, as a crash mid-migration would.
+  std::function<void()> on_seal_chunk;
 };
 
 /// What attach_keyring did to the values already stored.
@@ -112,6 +115,18 @@ public:
   [[nodiscard]] virtual error scan(cf family, std::string_view start, std::size_t limit,
                                    const visit_fn& fn) const = 0;
 
+  /// Called by scan_tolerant for a sealed value that does not open (tampered,
+  /// key missing from the key file): its key and why. Return false to stop.
+  using unreadable_fn = std::function<bool(std::string_view key, const error& why)>;
+
+  /// scan(), except that a sealed value that does not open is handed to
+  /// `unreadable` and the scan goes on, so one damaged value does not hide
+  /// the others. Other read errors still end the scan. The default (for
+  /// stores that seal nothing) is scan().
+  [[nodiscard]] virtual error scan_tolerant(cf family, std::string_view start, std::size_t limit,
+                                            const visit_fn& fn,
+                                            const unreadable_fn& unreadable) const;
+
   /// The greatest key of a family, or nullopt when empty.
   [[nodiscard]] virtual error last_key(cf family, std::optional<std::string>& out) const = 0;
 
@@ -144,9 +159,13 @@ public:
   /// Call once, right after open(), before any other thread uses the store.
   /// First checks the data dir's check value (meta "secrets/check"): a data
   /// dir sealed before with a key this keyring does not hold fails here,
-  /// naming the key id and the key file. Then seals every plaintext value
+  /// naming the key id and the key file. Then writes the check value (synced)
+  /// under the active key, before anything is sealed, then seals every plaintext value
   /// left by an older version and, with `reseal_all`, re-encrypts values
   /// sealed under an older key with the active one (`provisiond keys rotate`).
+  /// After the first complete pass it writes meta "secrets/migrated": later
+  /// attaches skip the scan (unless `reseal_all`), and from then on a value
+  /// of a sealed family that is not an envelope reads as storage_failure.
   [[nodiscard]] virtual error attach_keyring(std::shared_ptr<const keyring> k, bool reseal_all,
                                              seal_report& report) = 0;
   /// Whether this data dir has been sealed (its check value exists). Lets the

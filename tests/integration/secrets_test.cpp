@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,7 @@
 #include "storage/keyring.hpp"
 #include "storage/store.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/test_certs.hpp"
 
 using namespace prov;
 namespace fs = std::filesystem;
@@ -187,6 +190,53 @@ TEST_CASE("a wrong or missing key file stops the start with an error naming the 
   CHECK(s.service("GET", "/enrollmentGroups/g").status == 200);
 }
 
+TEST_CASE("an upgrade cut short, then the key file lost: the start is refused naming the file") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  CHECK(s.stop() == 0);
+  const std::string key_file = dir + "/secrets.key";
+  {
+    // What an older version left: plaintext groups, no secrets markers.
+    fs::remove(key_file);
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.del(storage::cf::meta, "secrets/check");
+    b.del(storage::cf::meta, "secrets/migrated");
+    for (int i = 0; i < 600; ++i) { // more than one sealing chunk (512)
+      const std::string id = "old-group-" + std::to_string(i);
+      nlohmann::json g{{"enrollmentGroupId", id},
+                       {"attestation",
+                        {{"type", "symmetricKey"},
+                         {"symmetricKey",
+                          {{"primaryKey", crypto::generate_key()},
+                           {"secondaryKey", crypto::generate_key()}}}}}};
+      b.put(storage::cf::groups, id, g.dump());
+    }
+    REQUIRE(st->write(b).ok());
+  }
+  {
+    // The first start of the new version seals the first chunk, then dies.
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::create(key_file, ring).ok());
+    std::unique_ptr<storage::store> st;
+    storage::store_options o;
+    o.on_seal_chunk = [] { throw std::runtime_error("killed mid-upgrade"); };
+    REQUIRE(storage::store::open(dir + "/db", o, st).ok());
+    storage::seal_report rep;
+    REQUIRE(st->attach_keyring(ring, false, rep));
+  }
+  // The key file is lost. A fresh key would leave 512 groups unreadable.
+  fs::remove(key_file);
+  auto err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("key file '" + key_file + "' is missing") != std::string::npos,
+                err.message);
+  CHECK(!fs::exists(key_file)); // not replaced by a fresh key
+}
+
 TEST_CASE("a tampered enrollment is a storage error, the server keeps serving the others") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-secrets");
@@ -217,8 +267,121 @@ TEST_CASE("a tampered enrollment is a storage error, the server keeps serving th
   int status = 0;
   auto res = test::register_device(c, s, "bad-dev", key, status);
   CHECK(res.value("status", "") != "assigned");
+  // The device learns nothing of the server's files or keys: no data dir,
+  // no key file, no key id; the log has the details.
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    const std::string body = res.dump();
+    CHECK_MESSAGE(status == 500, body);
+    CHECK_MESSAGE(res.value("errorCode", 0) == 500001, body);
+    CHECK_MESSAGE(body.find(dir) == std::string::npos, body);
+    CHECK_MESSAGE(body.find("secrets.key") == std::string::npos, body);
+    CHECK_MESSAGE(body.find(ring->active_id()) == std::string::npos, body);
+    CHECK_MESSAGE(body.find("failed authentication") == std::string::npos, body);
+    CHECK_MESSAGE(res.value("message", "").find(res.value("trackingId", "?")) != std::string::npos,
+                  body);
+    // The operator finds the details under that tracking id.
+    bool logged = false;
+    std::istringstream lines(s.log());
+    for (std::string line; std::getline(lines, line);)
+      logged = logged || (line.find(res.value("trackingId", "?")) != std::string::npos &&
+                          line.find("failed authentication") != std::string::npos);
+    CHECK_MESSAGE(logged, s.log());
+  }
   CHECK(s.alive());
   registers(s, "good-dev", key);
+}
+
+TEST_CASE("a group whose sealed value does not open is skipped; the server starts and the other groups attest") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string good_key = crypto::generate_key(), bad_key = crypto::generate_key();
+  test::create_group(s, "good-group", good_key);
+  test::create_group(s, "bad-group", bad_key);
+  registers(s, "bad-group-dev", *crypto::derive_device_key(bad_key, "bad-group-dev"));
+  CHECK(s.stop() == 0);
+  {
+    // Under the server's feet: the group's ciphertext with one flipped bit.
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    nlohmann::json g{{"enrollmentGroupId", "bad-group"},
+                     {"attestation",
+                      {{"type", "symmetricKey"},
+                       {"symmetricKey", {{"primaryKey", bad_key}, {"secondaryKey", bad_key}}}}}};
+    auto sealed = ring->seal(g.dump(), "groups/bad-group");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::groups, "bad-group", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  // One unreadable group must not stop the start.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK_MESSAGE(s.log().find("'bad-group' cannot be unsealed") != std::string::npos, s.log());
+  registers(s, "good-dev", *crypto::derive_device_key(good_key, "good-dev"));
+  // The tampered group's device is refused as by a group that does not
+  // exist, not with a server error.
+  {
+    auto c = s.client();
+    int status = 0;
+    auto res = test::register_device(
+      c, s, "bad-group-dev2", *crypto::derive_device_key(bad_key, "bad-group-dev2"), status);
+    CHECK_MESSAGE(status == 401, res.dump());
+    CHECK_MESSAGE(res.value("errorCode", 0) == 401002, res.dump());
+  }
+  // A later group write rebuilds the snapshot without shutting every group out.
+  const std::string later_key = crypto::generate_key();
+  test::create_group(s, "later-group", later_key);
+  registers(s, "later-dev", *crypto::derive_device_key(later_key, "later-dev"));
+  registers(s, "good-dev2", *crypto::derive_device_key(good_key, "good-dev2"));
+  CHECK(s.alive());
+}
+
+TEST_CASE("a CA whose sealed value does not open is skipped for its groups; the server starts") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  auto ca = test::make_ca("IT Sealed Root CA", nullptr, 60);
+  auto r = s.service("PUT", "/certificates/sealed-ca",
+                     nlohmann::json{{"certificate", ca.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  r = s.service("POST", "/certificates/sealed-ca/generateVerificationCode");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto code = test::parse_json(r.body)["properties"]["verificationCode"].get<std::string>();
+  auto proof = test::make_device(code, ca, 7000);
+  r = s.service("POST", "/certificates/sealed-ca/verify",
+                nlohmann::json{{"certificate", proof.pem()}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  nlohmann::json g{{"enrollmentGroupId", "ca-group"},
+                   {"attestation",
+                    {{"type", "x509"}, {"x509", {{"caReferences", {{"primary", "sealed-ca"}}}}}}}};
+  r = s.service("PUT", "/enrollmentGroups/ca-group", g.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  const std::string key = crypto::generate_key();
+  test::create_group(s, "sym-group", key);
+  CHECK(s.stop() == 0);
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    auto sealed = ring->seal(R"({"certificate":"x"})", "certificates/sealed-ca");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::certificates, "sealed-ca", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK_MESSAGE(s.log().find("CA 'sealed-ca' of enrollment group 'ca-group' cannot be unsealed") !=
+                  std::string::npos,
+                s.log());
+  registers(s, "sym-dev", *crypto::derive_device_key(key, "sym-dev"));
+  CHECK(s.alive());
 }
 
 } // TEST_SUITE

@@ -7,13 +7,18 @@
 
 #include <doctest/doctest.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "messages/crypto.hpp"
 
@@ -131,6 +136,22 @@ TEST_CASE("the key file is created 0600 and a sealed value opens only where it w
     CHECK_MESSAGE(e.message.find("failed authentication") != std::string::npos, i);
     CHECK(out.empty());
   }
+  // Every flipped bit of the id length and of the id is caught too, and the
+  // message stays printable: never the raw damaged bytes (a JSON dump of a
+  // message with invalid UTF-8 throws).
+  for (std::size_t i = 4; i < 5 + r->active_id().size(); ++i)
+    for (int bit = 0; bit < 8; ++bit) {
+      auto bad = sealed;
+      bad[i] = static_cast<char>(bad[i] ^ (1 << bit));
+      auto e = r->open(bad, "enrollments/dev1", out);
+      CHECK_MESSAGE(e.code == error_code::storage_failure, i << "/" << bit);
+      CHECK(out.empty());
+      for (unsigned char c : e.message)
+        CHECK_MESSAGE((c >= 0x20 && c < 0x7f), i << "/" << bit << ": " << e.message);
+      for (unsigned char c : keyring::key_id_of(bad))
+        CHECK_MESSAGE((c >= 0x20 && c < 0x7f), i << "/" << bit);
+      CHECK(keyring::key_id_of(bad) != r->active_id());
+    }
   // Truncated.
   CHECK(r->open(sealed.substr(0, 20), "enrollments/dev1", out).message.find("malformed") !=
         std::string::npos);
@@ -174,6 +195,66 @@ TEST_CASE("a key file others can read, or a damaged one, is refused naming the f
 
   e = keyring::load(d.path + "/missing.key", r);
   CHECK(e.message.find(d.path + "/missing.key") != std::string::npos);
+}
+
+/// Runs `fn` in a child process that the kernel kills (SIGXFSZ) at its first
+/// write() of a byte to any file: a crash between open() and write().
+template <class Fn>
+void crash_at_first_write(Fn&& fn) {
+  pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::signal(SIGXFSZ, SIG_DFL);
+    struct rlimit none {0, 0};
+    ::setrlimit(RLIMIT_CORE, &none);
+    ::setrlimit(RLIMIT_FSIZE, &none);
+    fn();
+    ::_exit(0);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGXFSZ);
+}
+
+TEST_CASE("a crash while the key file is written leaves no truncated key file") {
+  temp_dir d;
+  crash_at_first_write([&] {
+    std::shared_ptr<const keyring> r;
+    (void)keyring::create(d.keys(), r);
+  });
+  // The next start creates the key file as if the crashed one never ran.
+  CHECK(!fs::exists(d.keys()));
+  auto r = make_ring(d.keys());
+  CHECK(!fs::exists(d.keys() + ".tmp"));
+  std::shared_ptr<const keyring> loaded;
+  REQUIRE(keyring::load(d.keys(), loaded).ok());
+  CHECK(loaded->active_id() == r->active_id());
+
+  // A rotation that crashes keeps the old file whole; the next one works.
+  crash_at_first_write([&] {
+    std::shared_ptr<const keyring> x;
+    (void)keyring::add_key(d.keys(), x);
+  });
+  REQUIRE(keyring::load(d.keys(), loaded).ok());
+  CHECK(loaded->ids() == r->ids());
+  std::shared_ptr<const keyring> rotated;
+  auto e = keyring::add_key(d.keys(), rotated);
+  INFO(e.message);
+  REQUIRE(e.ok());
+  CHECK(rotated->ids().size() == 2);
+  CHECK(!fs::exists(d.keys() + ".tmp"));
+
+  // A link planted at the .tmp name is removed, not written through.
+  const std::string victim = d.path + "/victim";
+  std::ofstream(victim) << "untouched";
+  fs::remove(d.keys());
+  fs::create_symlink(victim, d.keys() + ".tmp");
+  make_ring(d.keys());
+  std::ifstream in(victim);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text == "untouched");
+  CHECK(!fs::is_symlink(d.keys()));
 }
 
 TEST_CASE("no key bytes reach RocksDB's files, in the WAL or in SST files") {
@@ -243,6 +324,106 @@ TEST_CASE("a plaintext store left by an older version is sealed on open, files i
   CHECK(rep.sealed == 0);
 }
 
+TEST_CASE("a migration cut short leaves the data dir marked sealed before any value was sealed") {
+  temp_dir d;
+  secret_doc doc;
+  {
+    auto s = open_store(d.db()); // no keyring: what 0.x wrote
+    write_batch b;
+    for (int i = 0; i < 1200; ++i) // more than one migration chunk
+      b.put(cf::groups, "grp" + std::to_string(i), doc.json("grp" + std::to_string(i)));
+    REQUIRE(s->write(b).ok());
+  }
+  auto r = make_ring(d.keys());
+  {
+    std::unique_ptr<store> s;
+    store_options o;
+    std::size_t chunks = 0;
+    o.on_seal_chunk = [&] {
+      if (++chunks == 1) throw std::runtime_error("crash after the first chunk");
+    };
+    REQUIRE(store::open(d.db(), o, s).ok());
+    seal_report rep;
+    auto e = s->attach_keyring(r, false, rep);
+    CHECK(e.message.find("crash after the first chunk") != std::string::npos);
+    REQUIRE(chunks == 1);
+  }
+  // Half the store is sealed. The data dir must say so, or a start that
+  // finds the key file gone creates a new key (app/secrets.cpp: it refuses
+  // only when is_sealed) and the sealed half can never be read again.
+  auto s = open_store(d.db());
+  bool sealed = false;
+  REQUIRE(s->is_sealed(sealed).ok());
+  CHECK(sealed);
+  // With the right key the migration finishes on the next start.
+  seal_report rep;
+  REQUIRE(s->attach_keyring(r, false, rep).ok());
+  CHECK(rep.sealed == 1200 - 512);
+  CHECK(get_ok(*s, cf::groups, "grp0") == doc.json("grp0"));
+  CHECK(get_ok(*s, cf::groups, "grp1199") == doc.json("grp1199"));
+  // A fresh key (what a start without the key file would make) is refused.
+  s.reset();
+  auto other = make_ring(d.path + "/new.key");
+  s = open_store(d.db());
+  auto e = s->attach_keyring(other, false, rep);
+  CHECK(e.code == error_code::storage_failure);
+  CHECK(e.message.find(d.path + "/new.key") != std::string::npos);
+}
+
+TEST_CASE("after the first complete pass a start skips the scan, and a plaintext value is damage") {
+  temp_dir d;
+  secret_doc doc;
+  {
+    auto s = open_store(d.db());
+    write_batch b;
+    b.put(cf::groups, "old", doc.json("old"));
+    REQUIRE(s->write(b).ok());
+  }
+  auto r = make_ring(d.keys());
+  seal_report rep;
+  {
+    auto s = open_sealed(d.db(), r, &rep);
+    CHECK(rep.sealed == 1);
+  }
+  {
+    // Under the server's feet, after the migration: a plaintext document.
+    auto s = open_store(d.db());
+    write_batch b;
+    b.put(cf::groups, "planted", doc.json("planted"));
+    REQUIRE(s->write(b).ok());
+  }
+  auto s = open_sealed(d.db(), r, &rep);
+  CHECK(rep.sealed == 0); // no second full pass: it was not sealed
+  CHECK(get_ok(*s, cf::groups, "old") == doc.json("old"));
+  std::optional<std::string> out;
+  auto e = s->get(cf::groups, "planted", out);
+  CHECK(e.code == error_code::storage_failure);
+  CHECK(e.message.find("groups 'planted'") != std::string::npos);
+  CHECK(e.message.find("is not sealed") != std::string::npos);
+  CHECK(!out);
+  e = s->scan(cf::groups, "", 0, [](std::string_view, std::string_view) { return true; });
+  CHECK(e.message.find("is not sealed") != std::string::npos);
+  std::vector<std::string> read, unreadable;
+  e = s->scan_tolerant(
+    cf::groups, "", 0,
+    [&](std::string_view k, std::string_view) {
+      read.emplace_back(k);
+      return true;
+    },
+    [&](std::string_view k, const error&) {
+      unreadable.emplace_back(k);
+      return true;
+    });
+  CHECK(e.ok());
+  CHECK(read == std::vector<std::string>{"old"});
+  CHECK(unreadable == std::vector<std::string>{"planted"});
+  // Families that are not sealed are not affected.
+  write_batch b;
+  b.put(cf::registrations, "dev", "plain");
+  REQUIRE(s->write(b).ok());
+  CHECK(get_ok(*s, cf::registrations, "dev") == "plain");
+}
+
 TEST_CASE("a data dir sealed with another key is refused, naming the key file") {
   temp_dir d;
   auto r = make_ring(d.keys());
@@ -288,6 +469,36 @@ TEST_CASE("a tampered or moved ciphertext is reported, not returned and not a cr
   b.put(cf::enrollments, "dev4", doc.json("dev4"));
   REQUIRE(s->write(b).ok());
   CHECK(get_ok(*s, cf::enrollments, "dev4") == doc.json("dev4"));
+  // scan_tolerant hands each value that does not open to its caller and goes
+  // on: one damaged value does not hide the others.
+  std::vector<std::string> read, unreadable;
+  e = s->scan_tolerant(
+    cf::enrollments, "", 0,
+    [&](std::string_view k, std::string_view v) {
+      read.emplace_back(k);
+      CHECK(v == doc.json(std::string(k)));
+      return true;
+    },
+    [&](std::string_view k, const error& why) {
+      unreadable.emplace_back(k);
+      CHECK(why.message.find("failed authentication") != std::string::npos);
+      return true;
+    });
+  INFO(e.message);
+  CHECK(e.ok());
+  CHECK(read == std::vector<std::string>{"dev4"});
+  CHECK(unreadable == std::vector<std::string>{"dev1", "dev3"});
+  // The limit counts unreadable values too; false stops the scan.
+  unreadable.clear();
+  read.clear();
+  CHECK(s->scan_tolerant(
+           cf::enrollments, "", 1, [&](std::string_view, std::string_view) { return true; },
+           [&](std::string_view k, const error&) {
+             unreadable.emplace_back(k);
+             return true;
+           })
+          .ok());
+  CHECK(unreadable == std::vector<std::string>{"dev1"});
 }
 
 TEST_CASE("rotation re-encrypts every value under the new key; the old key is no longer needed") {

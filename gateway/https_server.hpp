@@ -18,6 +18,7 @@ class diagnostic_log;
 namespace prov::gateway {
 
 class connection_slots;
+class mqtt_server;
 
 struct server_options {
   std::string listen = "0.0.0.0:8443"; ///< port 0 = ephemeral
@@ -36,6 +37,11 @@ struct server_options {
   /// Optional: caps shared with other listeners (the MQTT one), which then
   /// replace the two above; must outlive the server.
   connection_slots* shared_slots = nullptr;
+  /// Optional: serves MQTT over WebSocket on connections upgraded at
+  /// /$iothub/websocket (null: such upgrades are refused with 404). Must
+  /// outlive the server's connections; stop it before this server
+  /// (app/main.cpp), so its answers in flight are written.
+  mqtt_server* mqtt_ws = nullptr;
   metrics::instruments* metrics = nullptr; ///< optional: refusals, accept errors
   metrics::diagnostic_log* log = nullptr;  ///< optional: accept trouble, besides stderr
 };

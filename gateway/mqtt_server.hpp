@@ -1,6 +1,8 @@
 #pragma once
 // The DPS MQTT device transport: MQTT 3.1.1 over TLS on its own listener,
-// the second adapter of the transport-neutral device API (device_api.hpp).
+// and over WebSocket on connections the HTTPS server upgrades at
+// /$iothub/websocket; the second adapter of the transport-neutral device
+// API (device_api.hpp).
 // Same TLS context and client-certificate handling as the HTTPS server
 // (net/device_tls), its own I/O threads (never CAF's), the codec in
 // net/mqtt_codec and the DPS topic rules in net/mqtt_dps. docs/mqtt.md.
@@ -22,9 +24,11 @@ class diagnostic_log;
 namespace prov::gateway {
 
 class connection_slots;
+struct upgraded_connection;
 
 struct mqtt_server_options {
-  std::string listen = "0.0.0.0:8883"; ///< port 0 = ephemeral
+  /// Port 0 = ephemeral; "" = no listener (MQTT over WebSocket only).
+  std::string listen = "0.0.0.0:8883";
   std::string cert_chain_file;         ///< PEM: leaf then intermediates
   std::string key_file;
   std::string id_scope;                ///< the instance's
@@ -58,7 +62,11 @@ public:
 
   virtual uint16_t port() const = 0;
   virtual std::string address() const = 0;
-  virtual int open_connections() const = 0;
+  virtual int open_connections() const = 0; ///< on the MQTT listener
+
+  /// Serves MQTT on a connection the HTTPS server upgraded to WebSocket
+  /// (gateway/upgraded_connection.hpp), on the thread it runs on. Thread-safe.
+  virtual void adopt_websocket(upgraded_connection&& c) = 0;
 
   /// Stops accepting, lets answers already on their way be written (up to
   /// 2 s), closes connections, joins the threads. Idempotent.

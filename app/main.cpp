@@ -317,8 +317,13 @@ int serve(const serve_args& args) {
     return die("engine: " + err.message);
   add_scrape_gauges(inst, *eng, *store, *dlog);
 
-  // Gateway.
+  // Gateway. One device API for both transports: its [throttling] quotas
+  // (per scope, per device, per address) are one budget whichever protocol
+  // a device or an address speaks.
+  gateway::device_api device_api{*eng, id_scope, cfg.device_api.retry_after_seconds,
+                                 cfg.throttling, &inst};
   gateway::routes_options ropts;
+  ropts.api = &device_api;
   ropts.cfg = cfg;
   ropts.id_scope = id_scope;
   ropts.policies = policies;
@@ -363,6 +368,7 @@ int serve(const serve_args& args) {
     qopts.max_connections = max_connections;
     qopts.max_connections_per_client = cfg.device_api.max_connections_per_client;
     qopts.shared_slots = &device_slots;
+    qopts.api = &device_api;
     qopts.metrics = &inst;
     qopts.log = dlog.get();
     if (auto err = gateway::mqtt_server::start(qopts, *eng, mqtt))

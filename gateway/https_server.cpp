@@ -666,8 +666,7 @@ private:
   /// reached: no TLS handshake, no buffers, one descriptor for a moment.
   void admit(tcp::socket sock) {
     beast::error_code ec;
-    auto ep = sock.remote_endpoint(ec);
-    std::string ip = ec ? std::string() : ep.address().to_string();
+    std::string ip = client_address(sock);
     switch (slots_.acquire(ip)) {
     case connection_slots::verdict::admitted:
       // The episode ends once well below the cap, so a server that sits at

@@ -51,10 +51,14 @@ constexpr int max_keep_alive_s = 1800;
 /// this server object.
 struct listener_context {
   listener_context(const mqtt_server_options& o, engine& e)
-    : opts(o), eng(e), api(e, o.id_scope, o.retry_after_s) {}
+    : opts(o), eng(e),
+      own_api(o.api != nullptr ? nullptr
+                               : std::make_unique<device_api>(e, o.id_scope, o.retry_after_s)),
+      api(o.api != nullptr ? *o.api : *own_api) {}
   const mqtt_server_options opts;
   engine& eng;
-  device_api api;
+  std::unique_ptr<device_api> own_api; ///< when none is shared
+  device_api& api;
   std::atomic<int> answering{0}; ///< requests handed to the device API, not yet answered
 };
 
@@ -553,6 +557,14 @@ private:
       violation("malformed", r.why);
       return false;
     }
+    // [throttling] requests_per_minute_per_address, one budget with the
+    // HTTPS API's: before any other check, so a flood costs a map lookup,
+    // not a SAS. CONNACK 3, as for a refused check for want of service.
+    if (int wait = ctx_->api.admit_address(ip_))
+      return refuse(connack_code::server_unavailable,
+                    "too many requests from this client address "
+                    "(throttling.requests_per_minute_per_address); retry after "
+                      + std::to_string(wait) + " s");
     if (r.refuse != connack_code::accepted)
       return refuse(r.refuse, r.why);
     if (!c.username)
@@ -677,6 +689,18 @@ private:
     };
     auto ctx = std::make_shared<pending>(
       pending{std::move(req.rid), call.tracking_id, call.what == device_call::kind::poll});
+    // [throttling] requests_per_minute_per_address: answered as DPS answers
+    // a throttled request over MQTT (res/429/?$rid=...&retry-after=N with
+    // the 429001 body); the connection stays.
+    if (int wait = ctx_->api.admit_address(ip_)) {
+      auto a = device_api::failure({prov::error_code::throttled,
+                                    "too many requests from this client address; retry after "
+                                    "the retry-after interval"},
+                                   ctx->tracking);
+      a.retry_after_s = wait;
+      on_answer(*ctx, std::move(a));
+      return true;
+    }
     ctx_->api.handle(std::move(call), [self = shared_from_this(), ctx](device_answer a) {
       net::post(self->sock_.get_executor(), [self, ctx, a = std::move(a)]() mutable {
         self->on_answer(*ctx, std::move(a));
@@ -879,8 +903,7 @@ private:
 
   void admit(tcp::socket sock) {
     error_code ec;
-    auto ep = sock.remote_endpoint(ec);
-    std::string ip = ec ? std::string() : ep.address().to_string();
+    std::string ip = client_address(sock);
     auto v = slots_.acquire(ip);
     if (v != connection_slots::verdict::admitted) {
       if (opts_.metrics != nullptr)

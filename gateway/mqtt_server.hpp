@@ -24,6 +24,7 @@ class diagnostic_log;
 namespace prov::gateway {
 
 class connection_slots;
+class device_api;
 struct upgraded_connection;
 
 struct mqtt_server_options {
@@ -47,6 +48,10 @@ struct mqtt_server_options {
   /// Optional: caps shared with the HTTPS listener (one budget of
   /// descriptors for both), replacing the two above; must outlive the server.
   connection_slots* shared_slots = nullptr;
+  /// Optional: the device API and its [throttling] quotas, shared with the
+  /// HTTPS routes (one budget per quota); null = an own one without quotas.
+  /// Must outlive the server's connections.
+  device_api* api = nullptr;
   metrics::instruments* metrics = nullptr; ///< optional
   metrics::diagnostic_log* log = nullptr;  ///< optional: one line per request
 };

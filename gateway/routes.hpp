@@ -7,6 +7,7 @@
 
 #include "actors/engine.hpp"
 #include "config/config.hpp"
+#include "gateway/device_api.hpp"
 #include "gateway/http_types.hpp"
 #include "metrics/diagnostic_log.hpp"
 #include "metrics/instruments.hpp"
@@ -20,6 +21,9 @@ struct routes_options {
   std::function<bool()> ready;                 ///< for /readyz
   metrics::instruments* metrics = nullptr;     ///< optional: HTTP metrics
   metrics::diagnostic_log* log = nullptr;      ///< optional: one line per operation
+  /// Optional: the device API (and its quotas) shared with the MQTT
+  /// server; null = the routes' own, from `cfg`. Must outlive the routes.
+  device_api* api = nullptr;
 };
 
 /// Builds the handler serving device routes (/{idScope}/registrations/...),

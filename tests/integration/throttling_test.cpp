@@ -16,6 +16,8 @@
 
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
+#include "tests/support/mqtt_client.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -237,4 +239,78 @@ TEST_CASE("throttling: requests per client address, both APIs; other addresses a
   net::https_client v6(o);
   CHECK(put_register(v6, s, "addr-dev", bad_auth(s, "addr-dev")).status == 401);
   CHECK(throttled_metric(s, "client_request_rate") >= 2);
+}
+
+TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLISH count in the "
+          "same budget as HTTPS; 429001 on the response topic, connection kept") {
+  test::server_process s;
+  // HTTPS dual-stack: the enrollment is written from ::1, the MQTT device
+  // (127.0.0.1 only) and its HTTPS requests come from 127.0.0.1.
+  start(s, "requests_per_minute_per_address = 3", "[::]:0");
+  REQUIRE(s.mqtt_port() != 0);
+  net::https_client_options o;
+  o.host = "::1";
+  o.server_name = "localhost";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  net::https_client v6(o);
+  const std::string id = "mqtt-addr-dev";
+  const auto key = crypto::generate_key();
+  {
+    net::http_headers h;
+    h.add("Authorization", s.service_auth());
+    h.add("Content-Type", "application/json");
+    json body{{"registrationId", id},
+              {"attestation",
+               {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+    net::https_response r;
+    REQUIRE(!v6.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(),
+                        r));
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  const std::string user =
+    s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
+  test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0); // one request
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);  // not counted
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  int admitted = 0;
+  std::optional<test::mqtt_client::message> m;
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(c.send(mqtt::encode_publish(topic + "r" + std::to_string(i),
+                                        json{{"registrationId", id}}.dump(), 0, 0)));
+    m = c.next_message();
+    REQUIRE(m);
+    if (m->topic.rfind("$dps/registrations/res/429/", 0) == 0)
+      break;
+    CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+    ++admitted;
+  }
+  // CONNECT took one of the 3; a token may come back on a slow machine.
+  CHECK(admitted >= 2);
+  CHECK(admitted <= 4);
+  REQUIRE(m);
+  const std::string prefix =
+    "$dps/registrations/res/429/?$rid=r" + std::to_string(admitted) + "&retry-after=";
+  REQUIRE_MESSAGE(m->topic.rfind(prefix, 0) == 0, m->topic);
+  const int wait = std::stoi(m->topic.substr(prefix.size()));
+  CHECK(wait >= 1);
+  CHECK(wait <= 20);
+  auto body = test::parse_json(m->payload);
+  CHECK(body.value("errorCode", 0) == 429001);
+  CHECK(!body.value("trackingId", "").empty());
+  // The connection stays open and answering.
+  REQUIRE(c.send(mqtt::encode_pingreq()));
+  auto pong = c.read();
+  REQUIRE(pong);
+  CHECK(pong->type == mqtt::packet_type::pingresp);
+  // A new CONNECT from the address: CONNACK 3 (server unavailable).
+  test::mqtt_client again(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  CHECK(again.connect(id, user, s.device_auth(id, key)) == 3);
+  // One budget with HTTPS: the address's HTTPS requests are refused too.
+  auto c4 = s.client(false);
+  check_throttled(put_register(c4, s, id, s.device_auth(id, key)), 20);
+  // Another address (::1) is unaffected.
+  CHECK(get_poll(v6, s, id, bad_auth(s, id)).status == 401);
+  CHECK(throttled_metric(s, "client_request_rate") >= 3);
 }

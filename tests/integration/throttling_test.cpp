@@ -314,3 +314,48 @@ TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLIS
   CHECK(get_poll(v6, s, id, bad_auth(s, id)).status == 401);
   CHECK(throttled_metric(s, "client_request_rate") >= 3);
 }
+
+TEST_CASE("throttling: registrations per ID scope are one budget for HTTPS and MQTT") {
+  test::server_process s;
+  start(s, "registrations_per_minute_per_scope = 2");
+  REQUIRE(s.mqtt_port() != 0);
+  const std::string id = "scope-mqtt-dev";
+  const auto key = crypto::generate_key();
+  json body{{"registrationId", id},
+            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  REQUIRE(s.service("PUT", "/enrollments/" + id, body.dump()).status == 200);
+  test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  REQUIRE(c.connect(id, s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31",
+                    s.device_auth(id, key))
+          == 0);
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  // The burst of 2 spent over HTTPS (a wrong signature: refused 401 after
+  // the quota, so it counts)...
+  auto https = s.client();
+  for (int i = 0; i < 2; ++i) {
+    auto r = put_register(https, s, "scope-h" + std::to_string(i),
+                          bad_auth(s, "scope-h" + std::to_string(i)));
+    CHECK_MESSAGE(r.status == 401, r.body);
+  }
+  // ... leaves none for MQTT: refused on the response topic. (One token
+  // comes back per 30 s: a stalled machine may admit one more.)
+  int admitted = 0;
+  bool throttled = false;
+  for (int i = 0; i < 3 && !throttled; ++i) {
+    const std::string rid = "s" + std::to_string(i);
+    REQUIRE(c.send(mqtt::encode_publish(topic + rid, json{{"registrationId", id}}.dump(), 0, 0)));
+    auto m = c.next_message();
+    REQUIRE(m);
+    if (m->topic.rfind("$dps/registrations/res/429/?$rid=" + rid + "&retry-after=", 0) == 0) {
+      CHECK(test::parse_json(m->payload).value("errorCode", 0) == 429001);
+      throttled = true;
+    } else {
+      CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+      ++admitted;
+    }
+  }
+  CHECK(throttled);
+  CHECK(admitted <= 1);
+  CHECK(throttled_metric(s, "scope_registration_rate") >= 1);
+}

@@ -203,7 +203,7 @@ private:
       int n = SSL_read(ssl_.get(), buf.data(), static_cast<int>(buf.size()));
       if (n <= 0) {
         if (!wait_for(n))
-          close_now(in_.empty() ? "client" : "client_mid_packet");
+          close_now(in_.empty() && ws_in_.empty() ? "client" : "client_mid_packet");
         break;
       }
       last_rx_ = clock::now();

@@ -54,7 +54,7 @@ public:
   /// `quotas`: [throttling], of which the per-scope registration and the
   /// per-device poll quotas are checked in handle(), and the per-address
   /// one in admit_address(); `metrics` counts what they refuse (may be
-  /// null). One instance serves every device transport (app/main.cpp hands
+  /// null). One instance serves every device transport (app/provisiond.cpp hands
   /// it to the HTTPS routes and the MQTT server), so each quota is one
   /// budget whichever protocol a device speaks.
   device_api(engine& eng, std::string id_scope, int retry_after_s,

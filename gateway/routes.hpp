@@ -8,7 +8,7 @@
 #include "actors/engine.hpp"
 #include "config/config.hpp"
 #include "gateway/device_api.hpp"
-#include "gateway/http_types.hpp"
+#include "net/http_types.hpp"
 #include "metrics/diagnostic_log.hpp"
 #include "metrics/instruments.hpp"
 

@@ -282,6 +282,8 @@ private:
       ws_in_.clear();
     else
       ws_in_.erase(0, off);
+    if (ws_in_.empty())
+      release_if_large(ws_in_); // one large frame must not pin its buffer
     return go;
   }
 
@@ -289,7 +291,7 @@ private:
   /// closes; a framing error is logged, counted and answered with a close
   /// frame saying why.
   void end_websocket() {
-    if (phase_ == phase::closed)
+    if (phase_ == phase::closed || ws_close_sent_)
       return;
     if (ws_failed_) {
       const bool big = ws_close_code_ == ws::close_code::too_big;
@@ -300,6 +302,9 @@ private:
       count_close("client");
       send_raw(ws::encode_close(ws::close_code::normal, ""));
     }
+    // RFC 6455 §5.5.1: no data frames after a close frame (late answers,
+    // pongs are dropped from here on).
+    ws_close_sent_ = true;
     close_after_flush_ = true;
     flush();
   }
@@ -315,7 +320,7 @@ private:
   }
 
   void send_raw(std::string bytes) {
-    if (phase_ == phase::closed)
+    if (phase_ == phase::closed || ws_close_sent_)
       return;
     // A client that does not read (a flood of PINGREQs): stop buffering.
     if (pending_.size() + bytes.size() > 4 * opts().max_packet_bytes + 65536)
@@ -766,6 +771,7 @@ private:
   ws::reader_state ws_state_;
   bool ws_end_ = false;    ///< a close frame or a framing error was read
   bool ws_failed_ = false; ///< ... a framing error
+  bool ws_close_sent_ = false; ///< our close frame is queued: nothing after it
   ws::close_code ws_close_code_ = ws::close_code::normal;
   std::string ws_why_;
   bool close_counted_ = false;

@@ -21,8 +21,9 @@ std::string_view trim(std::string_view s) {
 }
 
 /// True when some `name` header's comma-separated list holds `token`
-/// (case-insensitive; a header may be repeated).
-bool has_token(const headers_t& headers, std::string_view name, std::string_view token) {
+/// (case-insensitive unless `exact`; a header may be repeated).
+bool has_token(const headers_t& headers, std::string_view name, std::string_view token,
+               bool exact = false) {
   for (const auto& [n, v] : headers) {
     if (n != name)
       continue;
@@ -30,7 +31,7 @@ bool has_token(const headers_t& headers, std::string_view name, std::string_view
     while (!rest.empty()) {
       auto comma = rest.find(',');
       auto item = trim(rest.substr(0, comma));
-      if (ascii::iequals(item, token))
+      if (exact ? item == token : ascii::iequals(item, token))
         return true;
       if (comma == std::string_view::npos)
         break;
@@ -100,7 +101,9 @@ upgrade_verdict check_upgrade(std::string_view method, unsigned http_version,
   auto raw = n == 1 ? crypto::base64_decode(trim(*key)) : std::nullopt;
   if (!raw || raw->size() != 16)
     return refuse(400, "Sec-WebSocket-Key must be one base64 value of 16 bytes");
-  if (!has_token(headers, "sec-websocket-protocol", mqtt_subprotocol))
+  // Subprotocol names are compared exactly (RFC 6455 §4.1: case-sensitive),
+  // and the 101 echoes "mqtt": a client offering only "MQTT" is refused.
+  if (!has_token(headers, "sec-websocket-protocol", mqtt_subprotocol, true))
     return refuse(400, "the WebSocket subprotocol must be 'mqtt' (Sec-WebSocket-Protocol: "
                        "mqtt); offered: "
                          + [&] {

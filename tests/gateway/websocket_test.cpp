@@ -116,6 +116,11 @@ TEST_CASE("bad upgrades are refused with a status and a reason") {
   CHECK(proto.status == 400);
   CHECK(proto.why.find("'mqtt'") != std::string::npos);
   CHECK(proto.why.find("amqp") != std::string::npos);
+  // Subprotocol tokens are case-sensitive (RFC 6455 §4.1): "MQTT" is not "mqtt".
+  CHECK(check_upgrade("GET", 11, "/$iothub/websocket",
+                      with(good_headers(), "sec-websocket-protocol", "MQTT"))
+          .status
+        == 400);
   CHECK(check_upgrade("GET", 11, "/$iothub/websocket",
                       without(good_headers(), "sec-websocket-protocol"))
           .status

@@ -299,7 +299,7 @@ private:
       hr.client_chain_der = peer_chain_;
     if (auto why = framing_ambiguity(hr.headers, version_); !why.empty())
       return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
-    if (ws::is_upgrade(hr.headers))
+    if (ws::is_upgrade(version_, hr.path, hr.headers))
       return upgrade(hr);
     auto self = shared_from_this();
     handling_ = true;

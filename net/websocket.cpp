@@ -71,7 +71,10 @@ bool reserved_close_code(uint16_t c) {
 
 } // namespace
 
-bool is_upgrade(const headers_t& headers) { return has_token(headers, "upgrade", "websocket"); }
+bool is_upgrade(unsigned http_version, std::string_view path, const headers_t& headers) {
+  return http_version == 11 && has_token(headers, "upgrade", "websocket")
+         && (has_token(headers, "connection", "upgrade") || path == mqtt_path);
+}
 
 upgrade_verdict check_upgrade(std::string_view method, unsigned http_version,
                               std::string_view path, const headers_t& headers) {

@@ -22,9 +22,13 @@ namespace prov::ws {
 inline constexpr std::string_view mqtt_path = "/$iothub/websocket";
 inline constexpr std::string_view mqtt_subprotocol = "mqtt";
 
-/// True when the request asks to switch protocols to WebSocket (an
-/// `Upgrade` header naming `websocket`); headers are (lower-case name, value).
-bool is_upgrade(const std::vector<std::pair<std::string, std::string>>& headers);
+/// True when the request asks to switch protocols to WebSocket: HTTP/1.1,
+/// an `Upgrade` header naming `websocket`, and `Connection: upgrade` or the
+/// MQTT path (check_upgrade() then says what is wrong). Any other request
+/// with a stray `Upgrade` header is an ordinary request for the routes.
+/// `http_version` as Beast has it (11 = 1.1); headers are (lower-case name, value).
+bool is_upgrade(unsigned http_version, std::string_view path,
+                const std::vector<std::pair<std::string, std::string>>& headers);
 
 /// The upgrade request's verdict: accepted (`accept_key`, `subprotocol`), or
 /// refused with the HTTP status and why (for the error body).

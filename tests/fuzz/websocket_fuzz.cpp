@@ -85,7 +85,7 @@ void upgrade_of(std::string_view in) {
       continue;
     headers.emplace_back(std::string(line.substr(0, colon)), std::string(line.substr(colon + 1)));
   }
-  (void)ws::is_upgrade(headers);
+  (void)ws::is_upgrade(11, "/", headers);
   auto v = ws::check_upgrade("GET", 11, ws::mqtt_path, headers);
   if (v.status == 101) {
     PROV_FUZZ_CHECK(v.accept_key.size() == 28);

@@ -85,7 +85,7 @@ TEST_CASE("an SDK's upgrade request is accepted with subprotocol mqtt, no extens
   auto h = with(with(with(good_headers(), "connection", "keep-alive, Upgrade"), "upgrade",
                      "WebSocket"),
                 "sec-websocket-protocol", "mqttv3.1, mqtt");
-  CHECK(is_upgrade(h));
+  CHECK(is_upgrade(11, "/$iothub/websocket", h));
   CHECK(check_upgrade("GET", 11, "/$iothub/websocket", h).status == 101);
 }
 
@@ -125,7 +125,17 @@ TEST_CASE("bad upgrades are refused with a status and a reason") {
                       without(good_headers(), "sec-websocket-protocol"))
           .status
         == 400);
-  CHECK_FALSE(is_upgrade(without(good_headers(), "upgrade")));
+  CHECK_FALSE(is_upgrade(11, "/$iothub/websocket", without(good_headers(), "upgrade")));
+}
+
+TEST_CASE("only an HTTP/1.1 upgrade with Connection: upgrade or at the MQTT path is one") {
+  // A stray Upgrade header on an ordinary request goes to the routes.
+  auto stray = without(good_headers(), "connection");
+  CHECK_FALSE(is_upgrade(11, "/scope/registrations/d/register", stray));
+  CHECK_FALSE(is_upgrade(10, "/$iothub/websocket", good_headers()));
+  // At the MQTT path it is one (check_upgrade() then says Connection is missing).
+  CHECK(is_upgrade(11, "/$iothub/websocket", stray));
+  CHECK(is_upgrade(11, "/other", good_headers()));
 }
 
 TEST_CASE("masking: a masked client frame is unmasked, at every length encoding") {

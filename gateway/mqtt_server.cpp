@@ -322,8 +322,11 @@ private:
   void send_raw(std::string bytes) {
     if (phase_ == phase::closed || ws_close_sent_)
       return;
-    // A client that does not read (a flood of PINGREQs): stop buffering.
-    if (pending_.size() + bytes.size() > 4 * opts().max_packet_bytes + 65536)
+    // A client that does not read (a flood of PINGREQs, or of WebSocket
+    // pings before CONNECT, when only small control answers are due): stop
+    // buffering.
+    const std::size_t cap = phase_ == phase::open ? 4 * opts().max_packet_bytes + 65536 : 8192;
+    if (pending_.size() + bytes.size() > cap)
       return close_now("not_reading");
     pending_ += bytes;
     if (!batching_)

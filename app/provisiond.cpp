@@ -218,9 +218,11 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   // The MQTT listener has as many I/O threads again (each an epoll, an
   // eventfd and a timerfd), and shares the connection caps (below).
-  const bool mqtt_on = cfg.roles.gateway && !cfg.mqtt.listen.empty();
+  const bool mqtt_listener = cfg.roles.gateway && !cfg.mqtt.listen.empty();
+  // MQTT over WebSocket runs on the HTTPS threads: no threads of its own.
+  const bool mqtt_on = mqtt_listener || (cfg.roles.gateway && cfg.mqtt.websocket);
   const int fitting_connections =
-    connections_within(descriptors, mqtt_on ? 2 * io_threads : io_threads);
+    connections_within(descriptors, mqtt_listener ? 2 * io_threads : io_threads);
   int max_connections = cfg.device_api.max_connections;
   if (max_connections == 0)
     max_connections = fitting_connections;
@@ -330,8 +332,13 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
     return die("engine: " + err.message);
   add_scrape_gauges(inst, *eng, *store, *dlog);
 
-  // Gateway.
+  // Gateway. One device API for both transports: its [throttling] quotas
+  // (per scope, per device, per address) are one budget whichever protocol
+  // a device or an address speaks.
+  gateway::device_api device_api{*eng, id_scope, cfg.device_api.retry_after_seconds,
+                                 cfg.throttling, &inst};
   gateway::routes_options ropts;
+  ropts.api = &device_api;
   ropts.cfg = cfg;
   ropts.id_scope = id_scope;
   ropts.policies = policies;
@@ -361,22 +368,15 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   gateway::server_options sopts;
   device_settings(sopts, cfg.device_api.listen);
   sopts.max_body_bytes = cfg.device_api.max_body_bytes;
-  std::unique_ptr<gateway::https_server> server;
-  if (cfg.roles.gateway) {
-    if (auto err = gateway::https_server::start(sopts, *routes, server))
-      return die(err.message);
-    inst.add_gauge("dps_connections_open",
-                   "Open device API connections, TLS handshakes included", "", "",
-                   [&server] { return static_cast<double>(server->open_connections()); });
-  }
-
   // The MQTT device transport: same certificate, threads count and timeouts
   // as the HTTPS device API, the same connection caps (shared: one count),
-  // on its own listener.
+  // on its own listener and (WebSocket) on connections the HTTPS server
+  // upgrades: so it starts first.
   std::unique_ptr<gateway::mqtt_server> mqtt;
   if (mqtt_on) {
     gateway::mqtt_server_options qopts;
-    device_settings(qopts, cfg.mqtt.listen);
+    device_settings(qopts, mqtt_listener ? cfg.mqtt.listen : std::string());
+    qopts.api = &device_api;
     qopts.id_scope = id_scope;
     qopts.retry_after_s = cfg.device_api.retry_after_seconds;
     qopts.max_packet_bytes = cfg.mqtt.max_packet_bytes;
@@ -387,6 +387,17 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
     inst.add_gauge("dps_mqtt_connections_open",
                    "Open MQTT device connections, TLS handshakes included", "", "",
                    [&mqtt] { return static_cast<double>(mqtt->open_connections()); });
+  }
+
+  if (mqtt && cfg.mqtt.websocket)
+    sopts.mqtt_ws = mqtt.get();
+  std::unique_ptr<gateway::https_server> server;
+  if (cfg.roles.gateway) {
+    if (auto err = gateway::https_server::start(sopts, *routes, server))
+      return die(err.message);
+    inst.add_gauge("dps_connections_open",
+                   "Open device API connections, TLS handshakes included", "", "",
+                   [&server] { return static_cast<double>(server->open_connections()); });
   }
 
   // Operations listener: /metrics, /healthz, /readyz (plain HTTP).
@@ -414,8 +425,13 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   // Tell tools (CLI, tests) where we listen.
   std::string device_addr =
     server ? server->address() + ":" + std::to_string(server->port()) : std::string();
-  const std::string mqtt_addr =
-    mqtt ? mqtt->address() + ":" + std::to_string(mqtt->port()) : std::string();
+  const std::string mqtt_addr = mqtt && mqtt_listener
+                                  ? mqtt->address() + ":" + std::to_string(mqtt->port())
+                                  : std::string();
+  const std::string mqtt_line =
+    (mqtt_addr.empty() ? std::string("off") : "mqtts://" + mqtt_addr)
+    + (server && sopts.mqtt_ws != nullptr ? ", and wss://" + device_addr + "/$iothub/websocket"
+                                          : std::string());
   {
     nlohmann::json ep{{"device_api", device_addr},
                       {"mqtt", mqtt_addr},
@@ -428,15 +444,14 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   }
   const std::string api_line =
     server ? "https://" + device_addr : "none (roles: " + cfg.roles.to_string() + ")";
-  dlog->info("serving: device API " + api_line + ", MQTT "
-             + (mqtt ? "mqtts://" + mqtt_addr : std::string("off")) + ", metrics "
+  dlog->info("serving: device API " + api_line + ", MQTT " + mqtt_line + ", metrics "
              + (metrics_addr.empty() ? std::string("disabled") : "http://" + metrics_addr)
              + ", id scope " + id_scope);
   std::cout << "provisiond serving\n"
             << "  id scope:          " << id_scope << "\n"
             << "  device/service API: " << api_line << "\n"
             << "  device MQTT:       "
-            << (mqtt ? "mqtts://" + mqtt_addr : std::string("off")) << "\n"
+            << mqtt_line << "\n"
             << "  metrics:           "
             << (metrics_addr.empty() ? "disabled" : "http://" + metrics_addr + "/metrics")
             << "\n"
@@ -499,10 +514,12 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
     server->stop_accepting();
   if (mqtt)
     mqtt->stop_accepting();
-  if (server)
-    server->stop();
+  // MQTT first: it waits for the answers of its WebSocket sessions too,
+  // which the HTTPS threads write.
   if (mqtt)
     mqtt->stop();
+  if (server)
+    server->stop();
   eng->shutdown();
   inst.clear_gauges(); // they read the engine and the store
   eng.reset();

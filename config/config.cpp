@@ -500,10 +500,11 @@ class loader {
     });
 
     if (const toml::table* t = sub_table(root, "", "mqtt")) {
-      check_keys(*t, "mqtt", {"listen", "max_packet_bytes", "max_inflight"});
+      check_keys(*t, "mqtt", {"listen", "max_packet_bytes", "max_inflight", "websocket"});
       get(*t, "mqtt", "listen", c.mqtt.listen);
       get_int(*t, "mqtt", "max_packet_bytes", c.mqtt.max_packet_bytes, max_packet_rule);
       get_int(*t, "mqtt", "max_inflight", c.mqtt.max_inflight, max_inflight_rule);
+      get(*t, "mqtt", "websocket", c.mqtt.websocket);
     }
     if (const toml::table* t = sub_table(root, "", "custom_allocation")) {
       const std::string p = "custom_allocation";

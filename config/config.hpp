@@ -70,6 +70,9 @@ struct mqtt_config {
   /// Requests (register, poll) one connection may have unanswered; one
   /// more closes it (MQTT has no way to refuse a single PUBLISH).
   int max_inflight = 16;
+  /// MQTT over WebSocket on the device API's port at /$iothub/websocket
+  /// (the SDKs' MqttWs transports); independent of `listen`.
+  bool websocket = true;
 };
 
 /// [throttling]: DPS-style quotas, each 0 = off (the default: provisiond's

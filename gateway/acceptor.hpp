@@ -52,6 +52,22 @@ inline error open_acceptor(boost::asio::ip::tcp::acceptor& acceptor, const std::
   return {};
 }
 
+/// The client address of an accepted socket as quotas, caps and logs key
+/// it: an IPv4 client of a dual-stack ("[::]") listener arrives as
+/// ::ffff:a.b.c.d and is written a.b.c.d, so one client is one key on
+/// every listener (the MQTT one may be IPv4 only). "" when unknown.
+inline std::string client_address(const boost::asio::ip::tcp::socket& sock) {
+  namespace net = boost::asio;
+  boost::system::error_code ec;
+  auto ep = sock.remote_endpoint(ec);
+  if (ec)
+    return {};
+  auto a = ep.address();
+  if (a.is_v6() && a.to_v6().is_v4_mapped())
+    return net::ip::make_address_v4(net::ip::v4_mapped, a.to_v6()).to_string();
+  return a.to_string();
+}
+
 /// The name of an accept(2) failure that fails again at once when retried
 /// at once (out of descriptors or memory), for the metric; null for any
 /// other error, which concerns one client (accept(2) says to retry).

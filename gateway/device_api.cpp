@@ -93,7 +93,16 @@ device_api::device_api(engine& eng, std::string id_scope, int retry_after_s,
     metrics_(metrics),
     scope_registrations_(quotas.registrations_per_minute_per_scope, std::chrono::minutes(1), 1),
     device_polls_(quotas.polls_per_device, std::chrono::seconds(quotas.poll_window_seconds),
-                  static_cast<std::size_t>(quotas.max_tracked_keys)) {}
+                  static_cast<std::size_t>(quotas.max_tracked_keys)),
+    address_requests_(quotas.requests_per_minute_per_address, std::chrono::minutes(1),
+                      static_cast<std::size_t>(quotas.max_tracked_keys)) {}
+
+int device_api::admit_address(const std::string& client_ip) {
+  const int wait = address_requests_.take(client_ip);
+  if (wait > 0 && metrics_ != nullptr)
+    metrics_->throttled("client_request_rate");
+  return wait;
+}
 
 bool device_api::admitted(const device_call& call, const answer_fn& answer) {
   int wait = 0;

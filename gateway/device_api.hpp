@@ -52,8 +52,11 @@ public:
   /// `id_scope`: the instance's; `retry_after_s`: what 202s and
   /// throttled answers tell devices (device_api.retry_after_seconds);
   /// `quotas`: [throttling], of which the per-scope registration and the
-  /// per-device poll quotas are checked here; `metrics` counts what they
-  /// refuse (may be null).
+  /// per-device poll quotas are checked in handle(), and the per-address
+  /// one in admit_address(); `metrics` counts what they refuse (may be
+  /// null). One instance serves every device transport (app/provisiond.cpp hands
+  /// it to the HTTPS routes and the MQTT server), so each quota is one
+  /// budget whichever protocol a device speaks.
   device_api(engine& eng, std::string id_scope, int retry_after_s,
              const config::throttling_config& quotas = {},
              metrics::instruments* metrics = nullptr);
@@ -61,6 +64,13 @@ public:
   /// Checks `call`, asks the engine, answers exactly once: on this thread,
   /// or on an engine thread for a register.
   void handle(device_call call, const answer_fn& answer);
+
+  /// [throttling] requests_per_minute_per_address, for any request of
+  /// either API from `client_ip` (an HTTP request; an MQTT CONNECT or
+  /// PUBLISH): 0 when admitted, else the seconds until it would be (the
+  /// Retry-After), counted as reason "client_request_rate". A map lookup:
+  /// transports ask before any other check.
+  int admit_address(const std::string& client_ip);
 
   /// An error answer with the Azure error body.
   static device_answer failure(const error& e, const std::string& tracking_id);
@@ -83,6 +93,7 @@ private:
   metrics::instruments* metrics_;
   throttling::rate_limiter scope_registrations_; ///< one bucket: this instance's scope
   throttling::rate_limiter device_polls_;        ///< by registration id (lower case)
+  throttling::rate_limiter address_requests_;    ///< by client IP
 };
 
 } // namespace prov::gateway

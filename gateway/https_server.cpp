@@ -20,6 +20,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/beast/core/buffers_to_string.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/status.hpp>
@@ -28,10 +29,13 @@
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
 #include "gateway/connection_slots.hpp"
+#include "gateway/mqtt_server.hpp"
+#include "gateway/upgraded_connection.hpp"
 #include "net/device_tls.hpp"
 #include "net/http_feed.hpp"
 #include "net/http_framing.hpp"
 #include "net/openssl_handles.hpp"
+#include "net/websocket.hpp"
 #include "gateway/routes.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -95,7 +99,8 @@ public:
 
   ~session() {
     answered();
-    slots_.release(ip_);
+    if (!handed_over_)
+      slots_.release(ip_);
   }
 
   void run() {
@@ -294,6 +299,8 @@ private:
       hr.client_chain_der = peer_chain_;
     if (auto why = framing_ambiguity(hr.headers, version_); !why.empty())
       return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
+    if (ws::is_upgrade(version_, hr.path, hr.headers))
+      return upgrade(hr);
     auto self = shared_from_this();
     handling_ = true;
     answering_.fetch_add(1);
@@ -304,12 +311,54 @@ private:
     });
   }
 
-  void fail_and_close(const error& e) {
+  void fail_and_close(const error& e,
+                      std::vector<std::pair<std::string, std::string>> headers = {}) {
     keep_alive_ = false;
     drain_ = true; // the client may still be sending the rest of the request
     auto resp = error_response(e, crypto::uuid4());
     resp.close = true;
+    for (auto& h : headers)
+      resp.headers.push_back(std::move(h));
     write(std::move(resp));
+  }
+
+  /// A request to switch to WebSocket: MQTT over WebSocket at
+  /// /$iothub/websocket (the SDKs' MqttWs transports) is answered 101 and
+  /// the connection handed to the MQTT server once that is written; any
+  /// other upgrade gets an error saying why, and the connection closes.
+  void upgrade(const http_request& hr) {
+    if (opts_.mqtt_ws == nullptr)
+      return fail_and_close({error_code::not_found,
+                             "MQTT over WebSocket is not served by this server ([mqtt] "
+                             "websocket = false, or the gateway role is off)"});
+    auto v = ws::check_upgrade(hr.method, version_, hr.path, hr.headers);
+    if (v.status != 101) {
+      const auto code = v.status == 404   ? error_code::not_found
+                        : v.status == 405 ? error_code::method_not_allowed
+                                          : error_code::bad_request;
+      std::vector<std::pair<std::string, std::string>> extra;
+      if (v.wrong_version)
+        extra.emplace_back("Sec-WebSocket-Version", "13");
+      return fail_and_close({code, v.why}, std::move(extra));
+    }
+    upgrading_ = true;
+    write_buf_ = ws::switching_protocols_response(v);
+    phase_ = phase::writing;
+    written_ = 0;
+    arm(opts_.request_timeout_seconds);
+    write_some();
+  }
+
+  /// The 101 is written: the socket, its TLS session and its connection
+  /// slot go to the MQTT server; this session ends without closing them.
+  void hand_over() {
+    phase_ = phase::closed;
+    disarm();
+    timer_.cancel();
+    upgraded_connection c{std::move(sock_), std::move(ssl_), ip_, {}, peer_chain_, &slots_};
+    c.leftover = beast::buffers_to_string(in_.data());
+    handed_over_ = true;
+    opts_.mqtt_ws->adopt_websocket(std::move(c));
   }
 
   void write(http_response r) {
@@ -372,6 +421,8 @@ private:
     }
     disarm();
     answered();
+    if (upgrading_)
+      return hand_over();
     if (close_after_write_)
       return drain_ ? drain() : shutdown();
     start_request();
@@ -479,6 +530,8 @@ private:
   unsigned version_ = 11;
   uint64_t requests_ = 0;
   bool drain_ = false;
+  bool upgrading_ = false;   ///< writing a 101: hand over when done
+  bool handed_over_ = false; ///< the MQTT server holds the socket and the slot
   bool sent_close_notify_ = false;
   std::size_t drained_ = 0;
   std::array<char, 16384> discard_;
@@ -582,8 +635,7 @@ private:
   /// reached: no TLS handshake, no buffers, one descriptor for a moment.
   void admit(tcp::socket sock) {
     beast::error_code ec;
-    auto ep = sock.remote_endpoint(ec);
-    std::string ip = ec ? std::string() : ep.address().to_string();
+    std::string ip = client_address(sock);
     switch (slots_.acquire(ip)) {
     case connection_slots::verdict::admitted:
       // The episode ends once well below the cap, so a server that sits at

@@ -13,12 +13,19 @@
 
 namespace prov::gateway {
 
+class mqtt_server;
+
 /// The HTTPS listener's options; a request is a head and its body.
 struct server_options : listener_options {
   server_options() : listener_options("0.0.0.0:8443") {}
 
   std::size_t max_body_bytes = 96 * 1024;
   std::size_t max_header_bytes = 16 * 1024;
+  /// Optional: serves MQTT over WebSocket on connections upgraded at
+  /// /$iothub/websocket (null: such upgrades are refused with 404). Must
+  /// outlive the server's connections; stop it before this server
+  /// (app/provisiond.cpp), so its answers in flight are written.
+  mqtt_server* mqtt_ws = nullptr;
 };
 
 class https_server : public device_listener {

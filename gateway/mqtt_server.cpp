@@ -22,9 +22,11 @@
 #include "gateway/acceptor.hpp"
 #include "gateway/connection_slots.hpp"
 #include "gateway/device_api.hpp"
+#include "gateway/upgraded_connection.hpp"
 #include "net/device_tls.hpp"
 #include "net/mqtt_codec.hpp"
 #include "net/mqtt_dps.hpp"
+#include "net/websocket.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
@@ -44,14 +46,20 @@ using clock = std::chrono::steady_clock;
 /// Longest keep-alive honoured (SDKs use 60..240 s); docs/mqtt.md.
 constexpr int max_keep_alive_s = 1800;
 
-/// What every session of one listener shares.
+/// What every session of one server shares. Held by the sessions too:
+/// WebSocket sessions run on the HTTPS server's threads, which may outlive
+/// this server object.
 struct listener_context {
-  const mqtt_server_options& opts;
+  listener_context(const mqtt_server_options& o, engine& e)
+    : opts(o), eng(e),
+      own_api(o.api != nullptr ? nullptr
+                               : std::make_unique<device_api>(e, o.id_scope, o.retry_after_s)),
+      api(o.api != nullptr ? *o.api : *own_api) {}
+  const mqtt_server_options opts;
   engine& eng;
+  std::unique_ptr<device_api> own_api; ///< when none is shared
   device_api& api;
-  SSL_CTX* ssl;
-  std::atomic<int>& answering; ///< requests handed to the device API, not yet answered
-  listener_slots& slots;
+  std::atomic<int> answering{0}; ///< requests handed to the device API, not yet answered
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -59,15 +67,32 @@ struct listener_context {
 /// the deadline, all on the connection's one I/O thread. Unlike HTTP, reads
 /// and writes overlap (answers arrive while the device may send), so each
 /// direction has its own wait; `pump()` advances whatever is not waiting.
+///
+/// The MQTT bytes travel as they are (port 8883), or inside WebSocket
+/// frames on a connection the HTTPS server upgraded (/$iothub/websocket):
+/// take_input() turns what TLS delivered into MQTT bytes, send() wraps MQTT
+/// bytes for the wire. Everything between (packets, deadlines, limits,
+/// the device API calls) is the same code for both.
 class session : public std::enable_shared_from_this<session> {
 public:
-  session(tcp::socket&& sock, std::string ip, listener_context& ctx)
-    : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ctx.ssl)), ctx_(ctx),
-      ip_(std::move(ip)) {}
+  /// A connection accepted on the MQTT listener: TLS handshake first.
+  session(tcp::socket&& sock, std::string ip, std::shared_ptr<listener_context> ctx,
+          SSL_CTX* ssl, listener_slots& slots)
+    : sock_(std::move(sock)), timer_(sock_.get_executor()), ssl_(SSL_new(ssl)),
+      ctx_(std::move(ctx)), slots_(slots), ip_(std::move(ip)) {}
+
+  /// A connection the HTTPS server upgraded to MQTT over WebSocket: TLS is
+  /// up, CONNECT comes next, inside binary frames.
+  session(upgraded_connection&& c, std::shared_ptr<listener_context> ctx)
+    : sock_(std::move(c.sock)), timer_(sock_.get_executor()), ssl_(std::move(c.ssl)),
+      ctx_(std::move(ctx)), slots_(*c.slots), ip_(std::move(c.ip)), ws_(true),
+      chain_(std::move(c.chain)), ws_in_(std::move(c.leftover)) {
+    phase_ = phase::connecting;
+  }
 
   ~session() {
-    ctx_.answering.fetch_sub(inflight_);
-    ctx_.slots.release(ip_);
+    ctx_->answering.fetch_sub(inflight_);
+    slots_.release(ip_);
   }
 
   void run() {
@@ -80,6 +105,23 @@ private:
   // -- I/O ------------------------------------------------------------------
 
   void on_run() {
+    connect_deadline_ = clock::now() + std::chrono::seconds(opts().request_timeout_seconds);
+    if (ws_) {
+      // Upgraded: the socket and TLS are set up; frames may have arrived
+      // with the upgrade request.
+      rearm();
+      if (!ws_in_.empty()) {
+        std::string early;
+        early.swap(ws_in_);
+        batching_ = true;
+        const bool go = take_input(early.data(), early.size());
+        if (process_input() && phase_ != phase::closed && !close_after_flush_ && !go)
+          end_websocket();
+        batching_ = false;
+        flush();
+      }
+      return pump();
+    }
     error_code ec;
     sock_.non_blocking(true, ec);
     if (ec || !ssl_ || SSL_set_fd(ssl_.get(), static_cast<int>(sock_.native_handle())) != 1) {
@@ -87,10 +129,12 @@ private:
       return close_now(nullptr);
     }
     SSL_set_accept_state(ssl_.get());
-    connect_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
     rearm();
     pump();
   }
+
+  const mqtt_server_options& opts() const { return ctx_->opts; }
+  const char* transport() const { return ws_ ? "mqtt_ws" : "mqtt"; }
 
   /// Advances the handshake, the reads and the writes, each unless it waits.
   void pump() {
@@ -159,14 +203,18 @@ private:
       int n = SSL_read(ssl_.get(), buf.data(), static_cast<int>(buf.size()));
       if (n <= 0) {
         if (!wait_for(n))
-          close_now(in_.empty() ? "client" : "client_mid_packet");
+          close_now(in_.empty() && ws_in_.empty() ? "client" : "client_mid_packet");
         break;
       }
       last_rx_ = clock::now();
-      in_.append(buf.data(), static_cast<std::size_t>(n));
       processed += static_cast<std::size_t>(n);
+      const bool go = take_input(buf.data(), static_cast<std::size_t>(n));
       if (!process_input() || phase_ == phase::closed || close_after_flush_)
         break;
+      if (!go) {
+        end_websocket();
+        break;
+      }
       if (processed >= read_batch_bytes) {
         // OpenSSL may hold decrypted bytes the socket no longer signals:
         // come back by a post, not by waiting for readability.
@@ -184,11 +232,101 @@ private:
     flush();
   }
 
-  void send(std::string bytes) {
-    if (phase_ == phase::closed)
+  // -- the carrier: MQTT bytes as they are, or in WebSocket frames ------------
+
+  /// Takes what TLS delivered: into in_ as it is, or (WebSocket) as the
+  /// payloads of binary frames, answering pings. False after the client's
+  /// close frame or a framing error (end_websocket() answers it, once the
+  /// MQTT packets before it are handled).
+  bool take_input(const char* data, std::size_t n) {
+    if (!ws_) {
+      in_.append(data, n);
+      return true;
+    }
+    if (ws_end_)
+      return false;
+    ws_in_.append(data, n);
+    ws::limits lim;
+    // An SDK sends a packet per frame (or less): a frame never needs to be
+    // larger than the largest packet allowed.
+    lim.max_payload = opts().max_packet_bytes;
+    std::size_t off = 0;
+    bool go = true;
+    while (go) {
+      ws::frame f;
+      std::size_t consumed = 0;
+      auto st = ws::read_frame(std::string_view(ws_in_).substr(off), lim, ws_state_, f,
+                               consumed, ws_close_code_, ws_why_);
+      if (st == ws::read_status::need_more)
+        break;
+      if (st == ws::read_status::error) {
+        ws_end_ = ws_failed_ = true;
+        go = false;
+        break;
+      }
+      off += consumed;
+      switch (f.op) {
+      case ws::opcode::binary:
+      case ws::opcode::continuation: in_ += f.payload; break;
+      case ws::opcode::ping: send_raw(ws::encode_frame(ws::opcode::pong, f.payload)); break;
+      case ws::opcode::pong: break; // unsolicited: ignored (RFC 6455 §5.5.3)
+      case ws::opcode::close:
+        ws_end_ = true;
+        ws_close_code_ = ws::close_code::normal;
+        go = false;
+        break;
+      case ws::opcode::text: break; // refused by read_frame
+      }
+    }
+    if (ws_end_)
+      ws_in_.clear();
+    else
+      ws_in_.erase(0, off);
+    if (ws_in_.empty())
+      release_if_large(ws_in_); // one large frame must not pin its buffer
+    return go;
+  }
+
+  /// The client's close frame is answered with one and the connection
+  /// closes; a framing error is logged, counted and answered with a close
+  /// frame saying why.
+  void end_websocket() {
+    if (phase_ == phase::closed || ws_close_sent_)
       return;
-    // A client that does not read (a flood of PINGREQs): stop buffering.
-    if (pending_.size() + bytes.size() > 4 * ctx_.opts.max_packet_bytes + 65536)
+    if (ws_failed_) {
+      const bool big = ws_close_code_ == ws::close_code::too_big;
+      log_violation("WebSocket: " + ws_why_);
+      count_close(big ? "too_large" : "malformed");
+      send_raw(ws::encode_close(ws_close_code_, ws_why_));
+    } else {
+      count_close("client");
+      send_raw(ws::encode_close(ws::close_code::normal, ""));
+    }
+    // RFC 6455 §5.5.1: no data frames after a close frame (late answers,
+    // pongs are dropped from here on).
+    ws_close_sent_ = true;
+    close_after_flush_ = true;
+    flush();
+  }
+
+  /// Queues MQTT bytes for the client (in a binary frame over WebSocket).
+  void send(std::string bytes) {
+    if (!ws_)
+      return send_raw(std::move(bytes));
+    std::string framed;
+    framed.reserve(bytes.size() + 10);
+    ws::append_frame(framed, ws::opcode::binary, bytes);
+    send_raw(std::move(framed));
+  }
+
+  void send_raw(std::string bytes) {
+    if (phase_ == phase::closed || ws_close_sent_)
+      return;
+    // A client that does not read (a flood of PINGREQs, or of WebSocket
+    // pings before CONNECT, when only small control answers are due): stop
+    // buffering.
+    const std::size_t cap = phase_ == phase::open ? 4 * opts().max_packet_bytes + 65536 : 8192;
+    if (pending_.size() + bytes.size() > cap)
       return close_now("not_reading");
     pending_ += bytes;
     if (!batching_)
@@ -207,7 +345,7 @@ private:
     writing_.swap(pending_);
     pending_.clear();
     written_ = 0;
-    write_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
+    write_deadline_ = clock::now() + std::chrono::seconds(opts().request_timeout_seconds);
     rearm();
     if (!write_waiting_)
       write_some();
@@ -245,13 +383,21 @@ private:
       s.clear();
   }
 
+  /// Counts why the connection ends (once).
+  void count_close(const char* reason) {
+    if (close_counted_ || reason == nullptr)
+      return;
+    close_counted_ = true;
+    if (opts().metrics != nullptr)
+      opts().metrics->mqtt_disconnect(reason, transport());
+  }
+
   /// Closes the connection; `reason` (when not null) is counted and logged.
   void close_now(const char* reason) {
     if (phase_ == phase::closed)
       return;
     phase_ = phase::closed;
-    if (reason != nullptr && ctx_.opts.metrics != nullptr)
-      ctx_.opts.metrics->mqtt_disconnect(reason);
+    count_close(reason);
     timer_.cancel();
     error_code ignored;
     sock_.shutdown(tcp::socket::shutdown_both, ignored);
@@ -261,12 +407,16 @@ private:
   /// A protocol violation: logged with why, then the connection closes.
   /// Nothing the packet asked for was done.
   void violation(const char* reason, const std::string& why) {
-    if (ctx_.opts.log != nullptr)
-      ctx_.opts.log->info("mqtt: closing the connection from " + ip_ + " ("
-                          + (user_.registration_id.empty() ? std::string("before CONNECT")
-                                                           : user_.registration_id)
-                          + "): " + why);
+    log_violation(why);
     close_now(reason);
+  }
+
+  void log_violation(const std::string& why) {
+    if (opts().log != nullptr)
+      opts().log->info(std::string(transport()) + ": closing the connection from " + ip_ + " ("
+                       + (user_.registration_id.empty() ? std::string("before CONNECT")
+                                                        : user_.registration_id)
+                       + "): " + why);
   }
 
   // -- deadlines --------------------------------------------------------------
@@ -311,13 +461,13 @@ private:
     if ((phase_ == phase::handshake || phase_ == phase::connecting) && now >= connect_deadline_)
       return violation("connect_timeout",
                        "no CONNECT within "
-                         + std::to_string(ctx_.opts.request_timeout_seconds) + " s");
+                         + std::to_string(opts().request_timeout_seconds) + " s");
     if (phase_ == phase::open && now >= last_rx_ + keep_alive_)
       return violation("keep_alive", "nothing received within 1.5 times the keep-alive");
     if (partial_deadline_ && now >= *partial_deadline_)
       return violation("request_timeout",
                        "a packet not completed within "
-                         + std::to_string(ctx_.opts.request_timeout_seconds) + " s");
+                         + std::to_string(opts().request_timeout_seconds) + " s");
     if (write_deadline_ && now >= *write_deadline_)
       return violation("request_timeout", "the client does not read its answers");
     rearm();
@@ -332,7 +482,7 @@ private:
     while (ok && phase_ != phase::closed && !close_after_flush_) {
       mqtt::frame f;
       std::size_t consumed = 0;
-      auto st = mqtt::read_frame(std::string_view(in_).substr(off), ctx_.opts.max_packet_bytes,
+      auto st = mqtt::read_frame(std::string_view(in_).substr(off), opts().max_packet_bytes,
                                  f, consumed);
       if (st == mqtt::frame_status::need_more)
         break;
@@ -342,7 +492,7 @@ private:
       }
       if (st == mqtt::frame_status::too_large) {
         violation("too_large", "a packet larger than mqtt.max_packet_bytes ("
-                                 + std::to_string(ctx_.opts.max_packet_bytes) + ")");
+                                 + std::to_string(opts().max_packet_bytes) + ")");
         return false;
       }
       ok = handle(f);
@@ -354,11 +504,12 @@ private:
     if (in_.empty())
       release_if_large(in_);
     // A packet that started arriving must complete within the request
-    // timeout (slowloris); a partial read after it does not extend it.
-    if (in_.empty())
+    // timeout (slowloris); a partial read after it does not extend it. Over
+    // WebSocket, a frame that started arriving counts the same.
+    if (in_.empty() && ws_in_.empty())
       partial_deadline_.reset();
     else if (!partial_deadline_ || off > 0) {
-      partial_deadline_ = clock::now() + std::chrono::seconds(ctx_.opts.request_timeout_seconds);
+      partial_deadline_ = clock::now() + std::chrono::seconds(opts().request_timeout_seconds);
       rearm();
     }
     return ok;
@@ -396,11 +547,11 @@ private:
 
   /// CONNACK with a refusal, then close once it is written.
   bool refuse(mqtt::connack_code code, const std::string& why) {
-    if (ctx_.opts.metrics != nullptr)
-      ctx_.opts.metrics->mqtt_connect(static_cast<int>(code));
-    if (ctx_.opts.log != nullptr)
-      ctx_.opts.log->info("mqtt: CONNECT refused (" + std::to_string(static_cast<int>(code))
-                          + ") from " + ip_ + ": " + why);
+    if (opts().metrics != nullptr)
+      opts().metrics->mqtt_connect(static_cast<int>(code), transport());
+    if (opts().log != nullptr)
+      opts().log->info(std::string(transport()) + ": CONNECT refused ("
+                       + std::to_string(static_cast<int>(code)) + ") from " + ip_ + ": " + why);
     close_after_flush_ = true;
     send(mqtt::encode_connack(false, code));
     return false;
@@ -414,6 +565,14 @@ private:
       violation("malformed", r.why);
       return false;
     }
+    // [throttling] requests_per_minute_per_address, one budget with the
+    // HTTPS API's: before any other check, so a flood costs a map lookup,
+    // not a SAS. CONNACK 3, as for a refused check for want of service.
+    if (int wait = ctx_->api.admit_address(ip_))
+      return refuse(connack_code::server_unavailable,
+                    "too many requests from this client address "
+                    "(throttling.requests_per_minute_per_address); retry after "
+                      + std::to_string(wait) + " s");
     if (r.refuse != connack_code::accepted)
       return refuse(r.refuse, r.why);
     if (!c.username)
@@ -427,7 +586,7 @@ private:
     if (c.client_id != user_.registration_id)
       return refuse(connack_code::identifier_rejected,
                     "the client id must be the registration id of the user name");
-    if (!ascii::iequals(user_.id_scope, ctx_.opts.id_scope))
+    if (!ascii::iequals(user_.id_scope, opts().id_scope))
       return refuse(connack_code::not_authorized, "unknown id scope '" + user_.id_scope + "'");
     if (c.password && !c.password->empty())
       credential_ = sas_credential{std::move(*c.password)};
@@ -439,20 +598,20 @@ private:
     // The credential is checked here, as DPS does, and again on every
     // request (a SAS may expire while the connection is open).
     register_request rr;
-    rr.id_scope = ctx_.opts.id_scope;
+    rr.id_scope = opts().id_scope;
     rr.registration_id = user_.registration_id;
     rr.api_version = user_.api_version;
     rr.credential = credential_;
     rr.protocol = "mqtt";
     rr.client_ip = ip_;
-    if (auto err = ctx_.eng.authenticate_device(rr)) {
+    if (auto err = ctx_->eng.authenticate_device(rr)) {
       const int st = err.status();
       return refuse(st == 429 || st >= 500 ? connack_code::server_unavailable
                                            : connack_code::not_authorized,
                     err.message);
     }
-    if (ctx_.opts.metrics != nullptr)
-      ctx_.opts.metrics->mqtt_connect(0);
+    if (opts().metrics != nullptr)
+      opts().metrics->mqtt_connect(0, transport());
     phase_ = phase::open;
     // 3.1.1 §3.1.2.10: one and a half times the keep-alive; none asked for:
     // the HTTPS idle timeout.
@@ -461,7 +620,7 @@ private:
     keep_alive_ = c.keep_alive_s > 0
                     ? std::chrono::milliseconds(
                         std::min<int>(c.keep_alive_s, max_keep_alive_s) * 1500)
-                    : std::chrono::milliseconds(ctx_.opts.idle_timeout_seconds * 1000);
+                    : std::chrono::milliseconds(opts().idle_timeout_seconds * 1000);
     send(mqtt::encode_connack(false, connack_code::accepted));
     rearm();
     return true;
@@ -507,9 +666,9 @@ private:
       violation("unknown_topic", why + " (got '" + p.topic.substr(0, 128) + "')");
       return false;
     }
-    if (inflight_ >= ctx_.opts.max_inflight) {
+    if (inflight_ >= opts().max_inflight) {
       violation("inflight", "more than mqtt.max_inflight ("
-                              + std::to_string(ctx_.opts.max_inflight)
+                              + std::to_string(opts().max_inflight)
                               + ") requests unanswered");
       return false;
     }
@@ -530,7 +689,7 @@ private:
     call.client_ip = ip_;
     call.tracking_id = crypto::uuid4();
     ++inflight_;
-    ctx_.answering.fetch_add(1);
+    ctx_->answering.fetch_add(1);
     struct pending {
       std::string rid, tracking;
       bool poll;
@@ -538,7 +697,19 @@ private:
     };
     auto ctx = std::make_shared<pending>(
       pending{std::move(req.rid), call.tracking_id, call.what == device_call::kind::poll});
-    ctx_.api.handle(std::move(call), [self = shared_from_this(), ctx](device_answer a) {
+    // [throttling] requests_per_minute_per_address: answered as DPS answers
+    // a throttled request over MQTT (res/429/?$rid=...&retry-after=N with
+    // the 429001 body); the connection stays.
+    if (int wait = ctx_->api.admit_address(ip_)) {
+      auto a = device_api::failure({prov::error_code::throttled,
+                                    "too many requests from this client address; retry after "
+                                    "the retry-after interval"},
+                                   ctx->tracking);
+      a.retry_after_s = wait;
+      on_answer(*ctx, std::move(a));
+      return true;
+    }
+    ctx_->api.handle(std::move(call), [self = shared_from_this(), ctx](device_answer a) {
       net::post(self->sock_.get_executor(), [self, ctx, a = std::move(a)]() mutable {
         self->on_answer(*ctx, std::move(a));
       });
@@ -549,12 +720,13 @@ private:
   template <class Pending>
   void on_answer(const Pending& p, device_answer a) {
     --inflight_;
-    ctx_.answering.fetch_sub(1);
+    ctx_->answering.fetch_sub(1);
     const double secs = std::chrono::duration<double>(clock::now() - p.started).count();
     const char* op = p.poll ? "OperationStatusLookup" : "DeviceRegistration";
-    if (ctx_.opts.metrics != nullptr)
-      ctx_.opts.metrics->mqtt_request(p.poll ? "poll" : "register", a.status, secs);
-    if (ctx_.opts.log != nullptr) {
+    if (opts().metrics != nullptr)
+      opts().metrics->mqtt_request(p.poll ? "poll" : "register", a.status, secs,
+                                      transport());
+    if (opts().log != nullptr) {
       metrics::operation_record rec;
       rec.category = "DeviceOperations";
       rec.operation = op;
@@ -571,7 +743,7 @@ private:
       rec.caller_ip = ip_;
       rec.correlation_id = p.tracking;
       rec.api_version = user_.api_version;
-      ctx_.opts.log->operation(rec);
+      opts().log->operation(rec);
     }
     if (phase_ != phase::open || !subscribed_)
       return; // gone, or nobody subscribed to the answer (MQTT delivers to subscribers)
@@ -591,10 +763,21 @@ private:
   tcp::socket sock_;
   net::steady_timer timer_;
   prov::net::ssl_ptr ssl_; // after sock_: freed before the socket closes
-  listener_context& ctx_;
+  std::shared_ptr<listener_context> ctx_;
+  listener_slots& slots_; ///< the slot this connection holds
   std::string ip_;
+  const bool ws_ = false; ///< MQTT over WebSocket
   phase phase_ = phase::handshake;
   std::shared_ptr<const std::vector<std::string>> chain_;
+  // WebSocket only:
+  std::string ws_in_; ///< bytes of a frame not complete yet
+  ws::reader_state ws_state_;
+  bool ws_end_ = false;    ///< a close frame or a framing error was read
+  bool ws_failed_ = false; ///< ... a framing error
+  bool ws_close_sent_ = false; ///< our close frame is queued: nothing after it
+  ws::close_code ws_close_code_ = ws::close_code::normal;
+  std::string ws_why_;
+  bool close_counted_ = false;
   mqtt::dps_username user_;
   device_credential credential_;
   bool subscribed_ = false;
@@ -623,45 +806,67 @@ private:
 class server_impl final : public mqtt_server {
 public:
   server_impl(const mqtt_server_options& opts, engine& eng)
-    : opts_(opts), eng_(eng), api_(eng, opts_.id_scope, opts_.retry_after_s),
-      pool_(opts_.threads) {}
+    : opts_(opts), ctx_(std::make_shared<listener_context>(opts, eng)) {
+    if (!opts_.listen.empty()) // else WebSocket only: on the HTTPS server's threads
+      pool_.emplace(opts_.threads);
+  }
 
   ~server_impl() override { stop(); }
 
   error start() {
+    if (opts_.listen.empty())
+      return {};
     if (auto err = prov::net::make_device_tls_context(opts_.cert_chain_file, opts_.key_file,
                                                       "provisiond-mqtt", ssl_))
       return err;
-    ctx_.emplace(listener_context{opts_, eng_, api_, ssl_.get(), answering_, slots_});
     std::signal(SIGPIPE, SIG_IGN); // OpenSSL writes with write(2)
-    if (auto err = pool_.listen(opts_.listen, "MQTT"))
+    if (auto err = pool_->listen(opts_.listen, "MQTT"))
       return err;
     accept();
-    pool_.run("prov-mqtt");
+    pool_->run("prov-mqtt");
     return {};
   }
 
-  uint16_t port() const override { return pool_.port(); }
-  std::string address() const override { return pool_.address(); }
+  uint16_t port() const override { return pool_ ? pool_->port() : 0; }
+  std::string address() const override { return pool_ ? pool_->address() : std::string(); }
   int open_connections() const override { return slots_.open(); }
 
-  void stop_accepting() override {
-    if (accepting_stopped_.exchange(true))
+  void adopt_websocket(upgraded_connection&& c) override {
+    if (accepting_stopped_.load()) {
+      // Stopping: no new sessions. The slot goes back, the socket closes.
+      c.slots->release(c.ip);
+      error_code ignored;
+      c.sock.close(ignored);
       return;
-    pool_.close_acceptor();
+    }
+    std::make_shared<session>(std::move(c), ctx_)->run();
+  }
+
+  void stop_accepting() override {
+    if (accepting_stopped_.exchange(true) || !pool_)
+      return;
+    pool_->close_acceptor();
   }
 
   void stop() override {
     if (stopped_.exchange(true))
       return;
     stop_accepting();
-    pool_.stop(answering_);
+    if (pool_) {
+      pool_->stop(ctx_->answering);
+      return;
+    }
+    // WebSocket sessions' answers (they run on the HTTPS threads, which
+    // app/provisiond.cpp stops after this).
+    auto deadline = clock::now() + std::chrono::seconds(2);
+    while (ctx_->answering.load() > 0 && clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
 
 private:
   void accept() {
-    pool_.acceptor().async_accept(pool_.next(), [this](error_code ec, tcp::socket sock) {
-      if (ec == net::error::operation_aborted || !pool_.acceptor().is_open())
+    pool_->acceptor().async_accept(pool_->next(), [this](error_code ec, tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !pool_->acceptor().is_open())
         return;
       if (ec) {
         // Out of descriptors or memory fails again at once: back off 100 ms
@@ -672,10 +877,10 @@ private:
           return accept();
         if (opts_.metrics != nullptr)
           opts_.metrics->accept_failed(name);
-        backoff_.emplace(pool_.first());
+        backoff_.emplace(pool_->first());
         backoff_->expires_after(std::chrono::milliseconds(100));
         return backoff_->async_wait([this](error_code wait_ec) {
-          if (!wait_ec && pool_.acceptor().is_open())
+          if (!wait_ec && pool_->acceptor().is_open())
             accept();
         });
       }
@@ -686,8 +891,7 @@ private:
 
   void admit(tcp::socket sock) {
     error_code ec;
-    auto ep = sock.remote_endpoint(ec);
-    std::string ip = ec ? std::string() : ep.address().to_string();
+    std::string ip = client_address(sock);
     auto v = slots_.acquire(ip);
     if (v != connection_slots::verdict::admitted) {
       if (opts_.metrics != nullptr)
@@ -698,18 +902,15 @@ private:
       return;
     }
     sock.set_option(tcp::no_delay(true), ec);
-    std::make_shared<session>(std::move(sock), std::move(ip), *ctx_)->run();
+    std::make_shared<session>(std::move(sock), std::move(ip), ctx_, ssl_.get(), slots_)->run();
   }
 
   mqtt_server_options opts_;
-  engine& eng_;
-  device_api api_;
-  std::atomic<int> answering_{0};
+  std::shared_ptr<listener_context> ctx_;
   connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
   listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   prov::net::ssl_ctx_ptr ssl_;
-  std::optional<listener_context> ctx_;
-  io_pool pool_; // after what sessions reference
+  std::optional<io_pool> pool_; // after what sessions reference; none: WebSocket only
   std::optional<net::steady_timer> backoff_;
   std::atomic<bool> stopped_{false};
   std::atomic<bool> accepting_stopped_{false};

@@ -263,11 +263,12 @@ class routes final : public handler {
 public:
   routes(routes_options opts, engine& eng)
     : opts_(std::move(opts)), eng_(eng),
-      api_(eng, opts_.id_scope, opts_.cfg.device_api.retry_after_seconds,
-           opts_.cfg.throttling, opts_.metrics),
-      address_requests_(opts_.cfg.throttling.requests_per_minute_per_address,
-                        std::chrono::minutes(1),
-                        static_cast<std::size_t>(opts_.cfg.throttling.max_tracked_keys)) {}
+      own_api_(opts_.api != nullptr
+                 ? nullptr
+                 : std::make_unique<device_api>(eng, opts_.id_scope,
+                                                opts_.cfg.device_api.retry_after_seconds,
+                                                opts_.cfg.throttling, opts_.metrics)),
+      api_(opts_.api != nullptr ? *opts_.api : *own_api_) {}
 
   void handle(http_request req, respond_fn respond) override {
     auto tracking = crypto::uuid4();
@@ -295,9 +296,7 @@ public:
     }
     // [throttling] requests_per_minute_per_address: before the route's
     // checks, so a flood costs a map lookup, not a SAS or a storage read.
-    if (int wait = address_requests_.take(req.client_ip)) {
-      if (opts_.metrics != nullptr)
-        opts_.metrics->throttled("client_request_rate");
+    if (int wait = api_.admit_address(req.client_ip)) {
       auto r = error_response({error_code::throttled,
                                "too many requests from this client address; retry after the "
                                "Retry-After interval"},
@@ -775,8 +774,8 @@ private:
 
   routes_options opts_;
   engine& eng_;
-  device_api api_;
-  throttling::rate_limiter address_requests_; ///< by client IP
+  std::unique_ptr<device_api> own_api_; ///< when none is shared
+  device_api& api_;
 };
 
 } // namespace

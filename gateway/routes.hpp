@@ -7,6 +7,7 @@
 
 #include "actors/engine.hpp"
 #include "config/config.hpp"
+#include "gateway/device_api.hpp"
 #include "net/http_types.hpp"
 #include "metrics/diagnostic_log.hpp"
 #include "metrics/instruments.hpp"
@@ -23,6 +24,9 @@ struct routes_options {
   /// optional: one audit line per service API write or key read
   /// (docs/operations.md#audit-log)
   metrics::diagnostic_log* audit = nullptr;
+  /// Optional: the device API (and its quotas) shared with the MQTT
+  /// server; null = the routes' own, from `cfg`. Must outlive the routes.
+  device_api* api = nullptr;
 };
 
 /// Builds the handler serving device routes (/{idScope}/registrations/...),

@@ -336,34 +336,42 @@ void instruments::http_request(std::string_view route, int status, double second
     .Observe(seconds);
 }
 
-void instruments::mqtt_request(std::string_view operation, int status, double seconds) {
+void instruments::mqtt_request(std::string_view operation, int status, double seconds,
+                               std::string_view transport) {
   auto code = std::to_string(status);
   impl_->mqtt_requests_c
-    .get(join({operation, code}),
+    .get(join({operation, code, transport}),
          [&](auto& f) -> prometheus::Counter& {
-           return f.Add({{"operation", std::string(operation)}, {"status", code}});
+           return f.Add({{"operation", std::string(operation)},
+                         {"status", code},
+                         {"transport", std::string(transport)}});
          })
     .Increment();
   impl_->mqtt_duration_c
-    .get(join({operation}),
+    .get(join({operation, transport}),
          [&](auto& f) -> prometheus::Histogram& {
-           return f.Add({{"operation", std::string(operation)}}, latency_buckets);
+           return f.Add({{"operation", std::string(operation)},
+                         {"transport", std::string(transport)}},
+                        latency_buckets);
          })
     .Observe(seconds);
 }
 
-void instruments::mqtt_connect(int code) {
+void instruments::mqtt_connect(int code, std::string_view transport) {
   auto c = std::to_string(code);
   impl_->mqtt_connects_c
-    .get(join({c}), [&](auto& f) -> prometheus::Counter& { return f.Add({{"code", c}}); })
+    .get(join({c, transport}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"code", c}, {"transport", std::string(transport)}});
+         })
     .Increment();
 }
 
-void instruments::mqtt_disconnect(std::string_view reason) {
+void instruments::mqtt_disconnect(std::string_view reason, std::string_view transport) {
   impl_->mqtt_disconnects_c
-    .get(join({reason}),
+    .get(join({reason, transport}),
          [&](auto& f) -> prometheus::Counter& {
-           return f.Add({{"reason", std::string(reason)}});
+           return f.Add({{"reason", std::string(reason)}, {"transport", std::string(transport)}});
          })
     .Increment();
 }

@@ -70,15 +70,21 @@ public:
   void http_request(std::string_view route, int status, double seconds);
   // -- MQTT ------------------------------------------------------------------------
 
-  /// dps_mqtt_requests_total{operation,status} and
-  /// dps_mqtt_request_duration_seconds{operation}; operation: register, poll.
-  void mqtt_request(std::string_view operation, int status, double seconds);
-  /// dps_mqtt_connects_total{code}: CONNACK return codes sent (0 = accepted).
-  void mqtt_connect(int code);
-  /// dps_mqtt_disconnects_total{reason}: connections the server closed (or
-  /// saw close), by reason: client, keep_alive, malformed, too_large,
-  /// unknown_topic, inflight, request_timeout, connect_timeout, not_reading.
-  void mqtt_disconnect(std::string_view reason);
+  // Every MQTT series has `transport`: "mqtt" (MQTT over TLS, port 8883) or
+  // "mqtt_ws" (MQTT over WebSocket on the HTTPS port).
+
+  /// dps_mqtt_requests_total{operation,status,transport} and
+  /// dps_mqtt_request_duration_seconds{operation,transport}; operation:
+  /// register, poll.
+  void mqtt_request(std::string_view operation, int status, double seconds,
+                    std::string_view transport = "mqtt");
+  /// dps_mqtt_connects_total{code,transport}: CONNACK return codes sent (0 = accepted).
+  void mqtt_connect(int code, std::string_view transport = "mqtt");
+  /// dps_mqtt_disconnects_total{reason,transport}: connections the server
+  /// closed (or saw close), by reason: client, keep_alive, malformed,
+  /// too_large, unknown_topic, inflight, request_timeout, connect_timeout,
+  /// not_reading, throttled.
+  void mqtt_disconnect(std::string_view reason, std::string_view transport = "mqtt");
 
   /// dps_throttled_requests_total{reason}.
   void throttled(std::string_view reason);

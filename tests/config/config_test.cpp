@@ -487,6 +487,7 @@ TEST_CASE("[mqtt]: on by default on 8883, keys, ranges, and \"\" turns it off") 
   CHECK(def.mqtt.listen == "0.0.0.0:8883");
   CHECK(def.mqtt.max_packet_bytes == 128 * 1024);
   CHECK(def.mqtt.max_inflight == 16);
+  CHECK(def.mqtt.websocket);
   engine_config cfg;
   REQUIRE(load_string("[mqtt]\nlisten = \"127.0.0.1:18883\"\nmax_packet_bytes = 4096\n"
                       "max_inflight = 2\n",

@@ -16,6 +16,8 @@
 
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
+#include "tests/support/mqtt_client.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -237,4 +239,123 @@ TEST_CASE("throttling: requests per client address, both APIs; other addresses a
   net::https_client v6(o);
   CHECK(put_register(v6, s, "addr-dev", bad_auth(s, "addr-dev")).status == 401);
   CHECK(throttled_metric(s, "client_request_rate") >= 2);
+}
+
+TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLISH count in the "
+          "same budget as HTTPS; 429001 on the response topic, connection kept") {
+  test::server_process s;
+  // HTTPS dual-stack: the enrollment is written from ::1, the MQTT device
+  // (127.0.0.1 only) and its HTTPS requests come from 127.0.0.1.
+  start(s, "requests_per_minute_per_address = 3", "[::]:0");
+  REQUIRE(s.mqtt_port() != 0);
+  net::https_client_options o;
+  o.host = "::1";
+  o.server_name = "localhost";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  net::https_client v6(o);
+  const std::string id = "mqtt-addr-dev";
+  const auto key = crypto::generate_key();
+  {
+    net::http_headers h;
+    h.add("Authorization", s.service_auth());
+    h.add("Content-Type", "application/json");
+    json body{{"registrationId", id},
+              {"attestation",
+               {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+    net::https_response r;
+    REQUIRE(!v6.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(),
+                        r));
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  const std::string user =
+    s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
+  test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0); // one request
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);  // not counted
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  int admitted = 0;
+  std::optional<test::mqtt_client::message> m;
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(c.send(mqtt::encode_publish(topic + "r" + std::to_string(i),
+                                        json{{"registrationId", id}}.dump(), 0, 0)));
+    m = c.next_message();
+    REQUIRE(m);
+    if (m->topic.rfind("$dps/registrations/res/429/", 0) == 0)
+      break;
+    CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+    ++admitted;
+  }
+  // CONNECT took one of the 3; a token may come back on a slow machine.
+  CHECK(admitted >= 2);
+  CHECK(admitted <= 4);
+  REQUIRE(m);
+  const std::string prefix =
+    "$dps/registrations/res/429/?$rid=r" + std::to_string(admitted) + "&retry-after=";
+  REQUIRE_MESSAGE(m->topic.rfind(prefix, 0) == 0, m->topic);
+  const int wait = std::stoi(m->topic.substr(prefix.size()));
+  CHECK(wait >= 1);
+  CHECK(wait <= 20);
+  auto body = test::parse_json(m->payload);
+  CHECK(body.value("errorCode", 0) == 429001);
+  CHECK(!body.value("trackingId", "").empty());
+  // The connection stays open and answering.
+  REQUIRE(c.send(mqtt::encode_pingreq()));
+  auto pong = c.read();
+  REQUIRE(pong);
+  CHECK(pong->type == mqtt::packet_type::pingresp);
+  // A new CONNECT from the address: CONNACK 3 (server unavailable).
+  test::mqtt_client again(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  CHECK(again.connect(id, user, s.device_auth(id, key)) == 3);
+  // One budget with HTTPS: the address's HTTPS requests are refused too.
+  auto c4 = s.client(false);
+  check_throttled(put_register(c4, s, id, s.device_auth(id, key)), 20);
+  // Another address (::1) is unaffected.
+  CHECK(get_poll(v6, s, id, bad_auth(s, id)).status == 401);
+  CHECK(throttled_metric(s, "client_request_rate") >= 3);
+}
+
+TEST_CASE("throttling: registrations per ID scope are one budget for HTTPS and MQTT") {
+  test::server_process s;
+  start(s, "registrations_per_minute_per_scope = 2");
+  REQUIRE(s.mqtt_port() != 0);
+  const std::string id = "scope-mqtt-dev";
+  const auto key = crypto::generate_key();
+  json body{{"registrationId", id},
+            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  REQUIRE(s.service("PUT", "/enrollments/" + id, body.dump()).status == 200);
+  test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+  REQUIRE(c.connect(id, s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31",
+                    s.device_auth(id, key))
+          == 0);
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  // The burst of 2 spent over HTTPS (a wrong signature: refused 401 after
+  // the quota, so it counts)...
+  auto https = s.client();
+  for (int i = 0; i < 2; ++i) {
+    auto r = put_register(https, s, "scope-h" + std::to_string(i),
+                          bad_auth(s, "scope-h" + std::to_string(i)));
+    CHECK_MESSAGE(r.status == 401, r.body);
+  }
+  // ... leaves none for MQTT: refused on the response topic. (One token
+  // comes back per 30 s: a stalled machine may admit one more.)
+  int admitted = 0;
+  bool throttled = false;
+  for (int i = 0; i < 3 && !throttled; ++i) {
+    const std::string rid = "s" + std::to_string(i);
+    REQUIRE(c.send(mqtt::encode_publish(topic + rid, json{{"registrationId", id}}.dump(), 0, 0)));
+    auto m = c.next_message();
+    REQUIRE(m);
+    if (m->topic.rfind("$dps/registrations/res/429/?$rid=" + rid + "&retry-after=", 0) == 0) {
+      CHECK(test::parse_json(m->payload).value("errorCode", 0) == 429001);
+      throttled = true;
+    } else {
+      CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+      ++admitted;
+    }
+  }
+  CHECK(throttled);
+  CHECK(admitted <= 1);
+  CHECK(throttled_metric(s, "scope_registration_rate") >= 1);
 }

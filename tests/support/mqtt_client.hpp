@@ -2,7 +2,9 @@
 // A hand-written MQTT 3.1.1 client over raw OpenSSL for the MQTT transport's
 // integration tests: blocking, with a receive timeout, sending whatever
 // bytes a test builds (valid or not) and reading packets back with the
-// server's own codec (net/mqtt_codec).
+// server's own codec (net/mqtt_codec). Over TLS to the MQTT port, or over
+// WebSocket on the HTTPS port (`websocket`): then every send() is one masked
+// binary frame and read() takes the MQTT bytes out of the server's frames.
 
 #include <doctest/doctest.h>
 
@@ -13,6 +15,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -24,6 +27,7 @@
 #include <openssl/ssl.h>
 
 #include "net/mqtt_codec.hpp"
+#include "net/websocket.hpp"
 
 namespace prov::test {
 
@@ -38,6 +42,55 @@ public:
   /// Connects over TLS (trusting `ca_file`, verifying nothing else: the
   /// server's name is checked by other tests) to 127.0.0.1:`port`.
   /// `timeout_s` bounds every read. `setup` may add a client certificate.
+  struct websocket_t {};
+  static constexpr websocket_t websocket{};
+
+  /// Over WebSocket: TLS to the HTTPS `port`, the upgrade request at
+  /// /$iothub/websocket with subprotocol mqtt, which must get a 101.
+  mqtt_client(websocket_t, uint16_t port, const std::string& ca_file, int timeout_s = 20)
+    : mqtt_client(port, ca_file, timeout_s) {
+    ws_ = true;
+    REQUIRE(send_raw(upgrade_request()));
+    auto head = read_head();
+    REQUIRE_MESSAGE(head.rfind("HTTP/1.1 101 ", 0) == 0, head);
+    REQUIRE(head.find("Sec-WebSocket-Protocol: mqtt\r\n") != std::string::npos);
+    REQUIRE(head.find("Sec-WebSocket-Accept: " + ws::accept_key(ws_key) + "\r\n")
+            != std::string::npos);
+  }
+
+  static constexpr const char* ws_key = "dGhlIHNhbXBsZSBub25jZQ==";
+
+  /// The SDKs' upgrade request; `path`, `protocol` ("" = no header) and
+  /// `key` ("" = none) vary for the negative tests.
+  static std::string upgrade_request(const std::string& path = "/$iothub/websocket",
+                                     const std::string& protocol = "mqtt",
+                                     const std::string& key = ws_key,
+                                     const std::string& version = "13") {
+    std::string r = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                    "Connection: Upgrade\r\nSec-WebSocket-Version: " + version + "\r\n";
+    if (!key.empty())
+      r += "Sec-WebSocket-Key: " + key + "\r\n";
+    if (!protocol.empty())
+      r += "Sec-WebSocket-Protocol: " + protocol + "\r\n";
+    r += "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+    return r;
+  }
+
+  /// Reads an HTTP response head (through the blank line); what follows
+  /// stays buffered for the frames.
+  std::string read_head() {
+    for (;;) {
+      auto end = raw_in_.find("\r\n\r\n");
+      if (end != std::string::npos) {
+        auto head = raw_in_.substr(0, end + 4);
+        raw_in_.erase(0, end + 4);
+        return head;
+      }
+      if (!read_more())
+        return raw_in_;
+    }
+  }
+
   mqtt_client(uint16_t port, const std::string& ca_file, int timeout_s = 20,
               const std::function<void(SSL_CTX*)>& setup = {}) {
     std::signal(SIGPIPE, SIG_IGN); // writes to a connection the server closed
@@ -67,11 +120,25 @@ public:
   mqtt_client(const mqtt_client&) = delete;
   mqtt_client& operator=(const mqtt_client&) = delete;
 
-  /// False when the server has closed the connection already.
+  /// False when the server has closed the connection already. Over
+  /// WebSocket: one masked binary frame.
   bool send(const std::string& bytes) {
+    if (ws_)
+      return send_raw(ws::encode_client_frame(ws::opcode::binary, bytes, mask_++));
+    return send_raw(bytes);
+  }
+
+  /// The bytes as they are (a WebSocket frame a test built).
+  bool send_raw(const std::string& bytes) {
     return SSL_write(ssl_, bytes.data(), static_cast<int>(bytes.size()))
            == static_cast<int>(bytes.size());
   }
+
+  /// Over WebSocket: the server's close frame's status (0 = none seen yet).
+  int close_status() const { return close_status_; }
+  const std::string& close_reason() const { return close_reason_; }
+  /// Pong payloads received.
+  const std::vector<std::string>& pongs() const { return pongs_; }
 
   /// The next packet, or nullopt when the connection closed (or the read
   /// timed out: `timed_out()` tells which).
@@ -86,21 +153,82 @@ public:
         return p;
       }
       REQUIRE(st == mqtt::frame_status::need_more);
-      char buf[16384];
-      ERR_clear_error();
-      errno = 0; // a stale EAGAIN from an earlier call must not read as a timeout
-      int n = SSL_read(ssl_, buf, sizeof buf);
-      if (n <= 0) {
-        // SO_RCVTIMEO expiring: OpenSSL reports a retry (or a syscall error
-        // with EAGAIN); a close is ZERO_RETURN, or SYSCALL with errno 0.
-        const int e = SSL_get_error(ssl_, n);
-        const int err = errno;
-        timed_out_ = e == SSL_ERROR_WANT_READ
-                     || (e == SSL_ERROR_SYSCALL && (err == EAGAIN || err == EWOULDBLOCK));
-        ERR_clear_error();
-        return std::nullopt;
+      if (ws_) {
+        if (!unframe())
+          return std::nullopt;
+        continue;
       }
-      in_.append(buf, static_cast<std::size_t>(n));
+      if (!read_more())
+        return std::nullopt;
+      in_ += raw_in_;
+      raw_in_.clear();
+    }
+  }
+
+  /// One SSL_read into raw_in_; false when closed or timed out.
+  bool read_more() {
+    char buf[16384];
+    ERR_clear_error();
+    errno = 0; // a stale EAGAIN from an earlier call must not read as a timeout
+    int n = SSL_read(ssl_, buf, sizeof buf);
+    if (n <= 0) {
+      // SO_RCVTIMEO expiring: OpenSSL reports a retry (or a syscall error
+      // with EAGAIN); a close is ZERO_RETURN, or SYSCALL with errno 0.
+      const int e = SSL_get_error(ssl_, n);
+      const int err = errno;
+      timed_out_ = e == SSL_ERROR_WANT_READ
+                   || (e == SSL_ERROR_SYSCALL && (err == EAGAIN || err == EWOULDBLOCK));
+      ERR_clear_error();
+      return false;
+    }
+    raw_in_.append(buf, static_cast<std::size_t>(n));
+    return true;
+  }
+
+  /// Over WebSocket: reads one server frame (unmasked, as servers send);
+  /// binary payloads go to in_, pongs and the close status are kept. False
+  /// when the connection closed or timed out.
+  bool unframe() {
+    for (;;) {
+      if (raw_in_.size() >= 2) {
+        const auto b0 = static_cast<uint8_t>(raw_in_[0]);
+        const auto b1 = static_cast<uint8_t>(raw_in_[1]);
+        REQUIRE_MESSAGE((b1 & 0x80) == 0, "the server masked a frame");
+        std::size_t pos = 2;
+        uint64_t len = b1 & 0x7F;
+        bool have = true;
+        if (len == 126) {
+          have = raw_in_.size() >= 4;
+          if (have)
+            len = (uint64_t{static_cast<uint8_t>(raw_in_[2])} << 8)
+                  | static_cast<uint8_t>(raw_in_[3]);
+          pos = 4;
+        } else if (len == 127) {
+          have = raw_in_.size() >= 10;
+          if (have) {
+            len = 0;
+            for (std::size_t i = 2; i < 10; ++i)
+              len = (len << 8) | static_cast<uint8_t>(raw_in_[i]);
+          }
+          pos = 10;
+        }
+        if (have && raw_in_.size() >= pos + len) {
+          std::string payload = raw_in_.substr(pos, static_cast<std::size_t>(len));
+          raw_in_.erase(0, pos + static_cast<std::size_t>(len));
+          switch (b0 & 0x0F) {
+          case 0x0:
+          case 0x2: in_ += payload; return true;
+          case 0xA: pongs_.push_back(payload); continue;
+          case 0x8:
+            close_status_ = ws::close_status(payload);
+            close_reason_ = payload.size() > 2 ? payload.substr(2) : std::string();
+            continue; // the server closes the connection next
+          default: FAIL("unexpected server frame opcode " << (b0 & 0x0F));
+          }
+        }
+      }
+      if (!read_more())
+        return false;
     }
   }
 
@@ -194,7 +322,13 @@ private:
   SSL_CTX* ctx_ = nullptr;
   SSL* ssl_ = nullptr;
   int fd_ = -1;
-  std::string in_;
+  std::string in_;     ///< MQTT bytes
+  std::string raw_in_; ///< TLS bytes not taken yet (WebSocket frames, a response head)
+  bool ws_ = false;
+  uint32_t mask_ = 0x1234ABCD;
+  int close_status_ = 0;
+  std::string close_reason_;
+  std::vector<std::string> pongs_;
   bool timed_out_ = false;
   int pubacks_ = 0;
 };

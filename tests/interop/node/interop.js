@@ -18,6 +18,12 @@
 // 'mqtts://' + provisioningHost, and mqtt.js takes a port in that URL, so
 // "127.0.0.1:<port>" as the host is all it needs (no port trick).
 //
+// MQTT over WebSocket (the same package's MqttWs transport, unmodified): an
+// individual and a group device register through /$iothub/websocket on the
+// HTTPS port, and the group key itself is refused. MqttWs dials
+// 'wss://' + provisioningHost + ':443/$iothub/websocket' (the port is
+// fixed); see THE WEBSOCKET PORT TRICK below.
+//
 // Environment (set by run.sh):
 //   PROV_HOST              device API host the SDK dials (e.g. 127.0.0.1)
 //   PROV_PORT              its port
@@ -57,7 +63,9 @@ const path = require('path');
 
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http: DeviceHttpTransport } = require('azure-iot-provisioning-device-http');
-const { Mqtt: DeviceMqttTransport } = require('azure-iot-provisioning-device-mqtt');
+const {
+  Mqtt: DeviceMqttTransport, MqttWs: DeviceMqttWsTransport,
+} = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
 const { TpmSecurityClient } = require('azure-iot-security-tpm');
@@ -94,6 +102,9 @@ const ROGUE_DEVICE = `interop-grp-${RUN}-rogue`;
 const MQTT_INDIVIDUAL_ID = `interop-mqtt-${RUN}`;
 const MQTT_GROUP_DEVICE = `interop-grp-${RUN}-mqtt`;
 const MQTT_ROGUE_DEVICE = `interop-grp-${RUN}-mqtt-rogue`;
+const WS_INDIVIDUAL_ID = `interop-ws-${RUN}`;
+const WS_GROUP_DEVICE = `interop-grp-${RUN}-ws`;
+const WS_ROGUE_DEVICE = `interop-grp-${RUN}-ws-rogue`;
 const X509_INDIVIDUAL_ID = `interop-x509-${RUN}`;
 const X509_GROUP_ID = `interop-x509-group-${RUN}`;
 const X509_GROUP_DEVICE = `interop-x509-grp-${RUN}-a`;
@@ -167,6 +178,29 @@ function makeMqttDeviceClient(registrationId, key) {
   const security = new SymmetricKeySecurityClient(registrationId, key);
   return ProvisioningDeviceClient.create(`${HOST}:${MQTT_PORT}`, ID_SCOPE,
     new DeviceMqttTransport(), security);
+}
+
+// THE WEBSOCKET PORT TRICK. MqttWs hands its URL (always port 443) to
+// azure-iot-mqtt-base's MqttBase, which it takes as a constructor argument.
+// MqttBase.setOptions({mqtt: {webSocketAgent}}) is the SDK's own option (for
+// proxies): the agent reaches mqtt.js's wsOptions and so the `ws` library's
+// HTTPS request. Our agent opens its TLS connection to the server's HTTPS
+// port where the URL says 443; the upgrade request (path, subprotocol,
+// key), the frames and every MQTT packet are the unmodified SDK's. Without
+// the agent the SDK would dial 127.0.0.1:443 and fail, so a pass proves the
+// device went through the WebSocket endpoint.
+function makeMqttWsDeviceClient(registrationId, key) {
+  const { MqttBase } = requireFrom('azure-iot-provisioning-device-mqtt', 'azure-iot-mqtt-base');
+  class PortAgent extends https.Agent {
+    createConnection(options, callback) {
+      return super.createConnection(Object.assign({}, options, { port: PORT }), callback);
+    }
+  }
+  const base = new MqttBase();
+  base.setOptions({ mqtt: { webSocketAgent: new PortAgent() } });
+  const security = new SymmetricKeySecurityClient(registrationId, key);
+  return ProvisioningDeviceClient.create(HOST, ID_SCOPE, new DeviceMqttWsTransport(base),
+    security);
 }
 
 function makeX509DeviceClient(registrationId, certPem, keyPem) {
@@ -405,6 +439,46 @@ async function main() {
     console.log('skip  MQTT steps: the server has no MQTT listener');
   }
 
+  // MQTT over WebSocket on the HTTPS port (on by default, [mqtt] websocket).
+  const wsKeys = { primaryKey: newKey() };
+  await step('service: create an individual enrollment for the MqttWs device', async () => {
+    await service.createOrUpdateIndividualEnrollment({
+      registrationId: WS_INDIVIDUAL_ID,
+      attestation: { type: 'symmetricKey', symmetricKey: wsKeys },
+    });
+  });
+
+  await step('device (j): individual enrollment registers over MQTT over WebSocket', async () => {
+    const state = await makeMqttWsDeviceClient(WS_INDIVIDUAL_ID, wsKeys.primaryKey).register();
+    assertAssigned(state, WS_INDIVIDUAL_ID, WS_INDIVIDUAL_ID, HUBS);
+  });
+
+  await step(`device (k): group device ${WS_GROUP_DEVICE} registers over MQTT over WebSocket`,
+    async () => {
+      const state = await makeMqttWsDeviceClient(WS_GROUP_DEVICE,
+        deriveKey(groupKeys.primaryKey, WS_GROUP_DEVICE)).register();
+      assertAssigned(state, WS_GROUP_DEVICE, WS_GROUP_DEVICE, HUBS);
+    });
+
+  await step('device (l): the group key itself is refused over MQTT over WebSocket', async () => {
+    let result;
+    try {
+      result = await makeMqttWsDeviceClient(WS_ROGUE_DEVICE, groupKeys.primaryKey).register();
+    } catch (err) {
+      assert.ok(/not authorized/i.test(String(err && err.message)) ||
+                /not authorized/i.test(describe(err && err.transportError)),
+        `expected a "Not authorized" refusal, got ${describe(err)}`);
+      return;
+    }
+    assert.fail(`MqttWs registration with the group key succeeded: ${JSON.stringify(result)}`);
+  });
+
+  await step('service: registration state of the MqttWs device', async () => {
+    const rs = (await service.getDeviceRegistrationState(WS_INDIVIDUAL_ID)).responseBody;
+    assert.strictEqual(rs.registrationId, WS_INDIVIDUAL_ID);
+    assert.strictEqual(rs.status, 'assigned');
+  });
+
   // X.509: an individual enrollment naming the device's own certificate,
   // and a group whose root CA signs the device through an intermediate.
   const x509Device = makeCert('x509-dev', X509_INDIVIDUAL_ID);
@@ -510,6 +584,9 @@ async function main() {
       await service.deleteDeviceRegistrationState(TPM_ID);
       await service.deleteIndividualEnrollment(TPM_ID);
     }
+    await service.deleteDeviceRegistrationState(WS_INDIVIDUAL_ID);
+    await service.deleteDeviceRegistrationState(WS_GROUP_DEVICE);
+    await service.deleteIndividualEnrollment(WS_INDIVIDUAL_ID);
     if (MQTT_PORT) {
       await service.deleteDeviceRegistrationState(MQTT_INDIVIDUAL_ID);
       await service.deleteDeviceRegistrationState(MQTT_GROUP_DEVICE);

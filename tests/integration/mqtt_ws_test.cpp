@@ -1,0 +1,290 @@
+// MQTT over WebSocket on the HTTPS port (/$iothub/websocket, subprotocol
+// mqtt) against the real provisiond process over real TLS: a device
+// registers through the same MQTT session code as port 8883; bad upgrades
+// and bad frames each get a clear error, and the server stays healthy.
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <string>
+#include <thread>
+
+#include "messages/crypto.hpp"
+#include "net/websocket.hpp"
+#include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
+#include "tests/support/mqtt_client.hpp"
+#include "tests/support/raw_tls.hpp"
+#include "tests/support/server_process.hpp"
+
+using namespace prov;
+using nlohmann::json;
+
+namespace {
+
+const std::string api = "2019-03-31";
+const std::string reg_topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+const std::string poll_topic = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=";
+
+test::server_process& srv() { return test::shared_server(); }
+
+std::string ca(const test::server_process& s) { return s.data_dir() + "/tls/ca.pem"; }
+
+std::string username(const test::server_process& s, const std::string& id) {
+  return s.id_scope() + "/registrations/" + id + "/api-version=" + api
+         + "&ClientVersion=provisiond-it%2Fws";
+}
+
+void put_individual(const test::server_process& s, const std::string& id, const std::string& key) {
+  json body{{"registrationId", id},
+            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
+/// Registers as an SDK does (register, then polls on 202); the final payload.
+json register_over(test::mqtt_client& c, const std::string& id, const std::string& rid) {
+  REQUIRE(c.send(mqtt::encode_publish(reg_topic + rid, json{{"registrationId", id}}.dump(), 1,
+                                      7)));
+  auto m = c.next_message();
+  REQUIRE(m);
+  CHECK(m->topic.find("?$rid=" + rid) != std::string::npos);
+  json body = json::parse(m->payload);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int polls = 0;
+  while (m->topic.rfind("$dps/registrations/res/202/", 0) == 0
+         && std::chrono::steady_clock::now() < deadline) {
+    ++polls;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto op = body.at("operationId").get<std::string>();
+    std::string prid = rid + "-p" + std::to_string(polls);
+    REQUIRE(c.send(mqtt::encode_publish(poll_topic + prid + "&operationId=" + op, " ", 0, 0)));
+    m = c.next_message();
+    REQUIRE(m);
+    body = json::parse(m->payload);
+  }
+  CHECK(m->topic.rfind("$dps/registrations/res/200/?$rid=", 0) == 0);
+  return body;
+}
+
+/// The raw answer to one upgrade request on a fresh TLS connection (the
+/// server closes after an error, so this reads to the end).
+std::string upgrade_answer(const test::server_process& s, const std::string& request) {
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  REQUIRE(ctx != nullptr);
+  std::string response;
+  test::raw_tls_request(ctx, s.port(), request, nullptr, nullptr, response);
+  SSL_CTX_free(ctx);
+  return response;
+}
+
+json error_body_of(const std::string& response) {
+  auto at = response.find("\r\n\r\n");
+  REQUIRE(at != std::string::npos);
+  return test::parse_json(response.substr(at + 4));
+}
+
+/// Healthy: a plain HTTPS request answers, and a device still registers
+/// over WebSocket.
+void check_healthy(const test::server_process& s) {
+  REQUIRE(s.alive());
+  auto c = s.client(false);
+  net::https_response r;
+  REQUIRE(!c.request("GET", "/healthz", r));
+  CHECK(r.status == 200);
+  const std::string id = "ws-health-" + crypto::hex(crypto::random_bytes(4));
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client ws(test::mqtt_client::websocket, s.port(), ca(s));
+  REQUIRE(ws.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  REQUIRE(ws.subscribe("$dps/registrations/res/#", 0) == 0);
+  CHECK(register_over(ws, id, "h1").at("status") == "assigned");
+}
+
+} // namespace
+
+TEST_SUITE("mqtt_ws") {
+
+TEST_CASE("a device registers over MQTT over WebSocket on the HTTPS port") {
+  auto& s = srv();
+  const std::string id = "mqtt-ws-ind-1";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+  REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  CHECK(c.subscribe("$dps/registrations/res/#", 1) == 1);
+  auto body = register_over(c, id, "ws-rid-1");
+  CHECK(body.at("status") == "assigned");
+  CHECK(body.at("registrationState").at("deviceId") == id);
+  CHECK(c.pubacks() == 1);
+  auto rec = s.service("GET", "/registrations/" + id);
+  REQUIRE_MESSAGE(rec.status == 200, rec.body);
+  CHECK(json::parse(rec.body).at("assignedHub")
+        == body.at("registrationState").at("assignedHub"));
+  // A wrong key is refused at CONNECT, as on port 8883 (CONNACK 5).
+  test::mqtt_client bad(test::mqtt_client::websocket, s.port(), ca(s));
+  CHECK(bad.connect(id, username(s, id), s.device_auth(id, crypto::generate_key())) == 5);
+}
+
+TEST_CASE("fragmented frames, packets split across frames, ping, and close") {
+  auto& s = srv();
+  const std::string id = "mqtt-ws-frag-1";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+  mqtt::connect_packet cp;
+  cp.protocol_level = 4;
+  cp.clean_session = true;
+  cp.keep_alive_s = 60;
+  cp.client_id = id;
+  cp.username = username(s, id);
+  cp.password = s.device_auth(id, key);
+  const auto wire = mqtt::encode_connect(cp);
+  // CONNECT as a fragmented message (3 frames) with a ping between them.
+  const auto third = wire.size() / 3;
+  REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::binary, wire.substr(0, third), 1, false)));
+  REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::ping, "are you there", 2)));
+  REQUIRE(c.send_raw(
+    ws::encode_client_frame(ws::opcode::continuation, wire.substr(third, third), 3, false)));
+  REQUIRE(c.send_raw(
+    ws::encode_client_frame(ws::opcode::continuation, wire.substr(2 * third), 4, true)));
+  auto connack = c.read();
+  REQUIRE(connack);
+  CHECK(connack->type == mqtt::packet_type::connack);
+  CHECK(connack->body == std::string("\0\0", 2));
+  REQUIRE(c.pongs().size() == 1);
+  CHECK(c.pongs()[0] == "are you there");
+  // SUBSCRIBE and PINGREQ in one frame: two packets, two answers.
+  mqtt::subscribe_packet sp;
+  sp.packet_id = 3;
+  sp.filters = {{"$dps/registrations/res/#", 0}};
+  REQUIRE(c.send(mqtt::encode_subscribe(sp) + mqtt::encode_pingreq()));
+  auto suback = c.read();
+  REQUIRE(suback);
+  CHECK(suback->type == mqtt::packet_type::suback);
+  auto pingresp = c.read();
+  REQUIRE(pingresp);
+  CHECK(pingresp->type == mqtt::packet_type::pingresp);
+  // The client's close frame is answered with one, then the server closes.
+  REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::close, std::string("\x03\xE8", 2), 5)));
+  CHECK(c.closed_by_server());
+  CHECK(c.close_status() == 1000);
+}
+
+TEST_CASE("bad upgrades get a clear HTTP error and the server stays healthy") {
+  using mc = test::mqtt_client;
+  auto& s = srv();
+  SUBCASE("wrong path: 404") {
+    auto r = upgrade_answer(s, mc::upgrade_request("/mqtt"));
+    CHECK(r.rfind("HTTP/1.1 404 ", 0) == 0);
+    auto e = error_body_of(r);
+    CHECK(e.at("errorCode") == 404000);
+    CHECK(e.at("message").get<std::string>().find("/$iothub/websocket") != std::string::npos);
+  }
+  SUBCASE("missing Sec-WebSocket-Key: 400") {
+    auto r = upgrade_answer(s, mc::upgrade_request("/$iothub/websocket", "mqtt", ""));
+    CHECK(r.rfind("HTTP/1.1 400 ", 0) == 0);
+    auto e = error_body_of(r);
+    CHECK(e.at("errorCode") == 400000);
+    CHECK(e.at("message").get<std::string>().find("Sec-WebSocket-Key") != std::string::npos);
+  }
+  SUBCASE("wrong subprotocol: 400 naming mqtt") {
+    auto r = upgrade_answer(s, mc::upgrade_request("/$iothub/websocket", "amqpwsb10"));
+    CHECK(r.rfind("HTTP/1.1 400 ", 0) == 0);
+    auto msg = error_body_of(r).at("message").get<std::string>();
+    CHECK(msg.find("'mqtt'") != std::string::npos);
+    CHECK(msg.find("amqpwsb10") != std::string::npos);
+  }
+  SUBCASE("no subprotocol: 400") {
+    CHECK(upgrade_answer(s, mc::upgrade_request("/$iothub/websocket", "")).rfind("HTTP/1.1 400 ", 0)
+          == 0);
+  }
+  SUBCASE("WebSocket version 8: 400 with Sec-WebSocket-Version: 13") {
+    auto r = upgrade_answer(s, mc::upgrade_request("/$iothub/websocket", "mqtt", mc::ws_key, "8"));
+    CHECK(r.rfind("HTTP/1.1 400 ", 0) == 0);
+    CHECK(r.find("\r\nSec-WebSocket-Version: 13\r\n") != std::string::npos);
+  }
+  check_healthy(s);
+}
+
+TEST_CASE("bad frames close with a WebSocket close code; nothing is stored") {
+  auto& s = srv();
+  const std::string id = "mqtt-ws-badframe";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  auto connected = [&] {
+    auto c = std::make_unique<test::mqtt_client>(test::mqtt_client::websocket, s.port(), ca(s));
+    REQUIRE(c->connect(id, username(s, id), s.device_auth(id, key)) == 0);
+    return c;
+  };
+  const auto publish = mqtt::encode_publish(reg_topic + "x", json{{"registrationId", id}}.dump(),
+                                            0, 0);
+  SUBCASE("an unmasked client frame: 1002") {
+    auto c = connected();
+    REQUIRE(c->send_raw(ws::encode_frame(ws::opcode::binary, publish)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    CHECK(c->close_reason().find("unmasked") != std::string::npos);
+  }
+  SUBCASE("a text frame: 1003") {
+    auto c = connected();
+    REQUIRE(c->send_raw(ws::encode_client_frame(ws::opcode::text, publish, 9)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1003);
+  }
+  SUBCASE("a frame over mqtt.max_packet_bytes, from its header alone: 1009") {
+    auto c = connected();
+    auto big = ws::encode_client_frame(ws::opcode::binary, std::string(200 * 1024, 'x'), 9);
+    REQUIRE(c->send_raw(big.substr(0, 14))); // header and mask only
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1009);
+  }
+  SUBCASE("an unknown opcode: 1002") {
+    auto c = connected();
+    std::string f = ws::encode_client_frame(ws::opcode::binary, publish, 9);
+    f[0] = static_cast<char>(0x83);
+    REQUIRE(c->send_raw(f));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+  }
+  // None of the publishes was carried out.
+  CHECK(s.service("GET", "/registrations/" + id).status == 404);
+  check_healthy(s);
+}
+
+TEST_CASE("metrics carry transport=\"mqtt_ws\"") {
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  // No MQTT listener: WebSocket alone still serves.
+  auto cfg = test::with_metrics(test::with_device_api(test::default_config(dir),
+                                                      "register_wait_ms = 5000"))
+             + "[mqtt]\nlisten = \"\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  CHECK(s.mqtt_port() == 0);
+  const std::string id = "mqtt-ws-metrics";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  {
+    test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+    REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+    REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);
+    CHECK(register_over(c, id, "m1").at("status") == "assigned");
+    REQUIRE(c.send_raw(ws::encode_frame(ws::opcode::binary, "x"))); // unmasked
+    CHECK(c.closed_by_server());
+  }
+  auto m = test::scrape_until(test::metrics_addr(s), [](const auto& mm) {
+    return test::sum(mm, "dps_mqtt_disconnects_total", {"reason=\"malformed\""}) >= 1;
+  });
+  CHECK(test::sum(m, "dps_mqtt_connects_total", {"code=\"0\"", "transport=\"mqtt_ws\""}) == 1);
+  CHECK(test::sum(m, "dps_mqtt_requests_total",
+                  {"operation=\"register\"", "status=\"200\"", "transport=\"mqtt_ws\""})
+        == 1);
+  CHECK(test::sum(m, "dps_mqtt_disconnects_total",
+                  {"reason=\"malformed\"", "transport=\"mqtt_ws\""})
+        == 1);
+  CHECK(test::sum(m, "dps_mqtt_connects_total", {"transport=\"mqtt\""}) == 0);
+  CHECK(s.stop() == 0);
+}
+
+} // TEST_SUITE

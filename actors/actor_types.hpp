@@ -43,7 +43,7 @@ typename Inspector::result_type inspect(Inspector& f, register_request& x) {
 namespace attestation {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, verdict& x) {
-  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge);
+  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge, x.key_used);
 }
 } // namespace attestation
 

@@ -635,6 +635,13 @@ std::string group_of(const json& rs) {
   return {};
 }
 
+/// The key the device signed with last ("primary" / "secondary"), for key rolls.
+std::string key_used_of(const json& rs) {
+  if (auto it = rs.find("symmetricKey"); it != rs.end() && it->is_object())
+    return str_member(*it, "keyUsed");
+  return {};
+}
+
 void print_registration_state(const json& rs, const std::string& operation_id = {}) {
   std::string code = str_member(rs, "errorCode");
   // Why the device is on its hub (the service API's `allocation`).
@@ -655,6 +662,7 @@ void print_registration_state(const json& rs, const std::string& operation_id = 
                 {"DEVICE ID", str_member(rs, "deviceId")},
                 {"SUBSTATUS", str_member(rs, "substatus")},
                 {"ENROLLMENT GROUP", group_of(rs)},
+                {"KEY USED", key_used_of(rs)},
                 {"ERROR CODE", code == "0" ? "" : code},
                 {"ERROR MESSAGE", str_member(rs, "errorMessage")},
                 {"OPERATION ID", operation_id},

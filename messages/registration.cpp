@@ -163,6 +163,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "payload", s.payload_json);
   get_to(j, "lastOperationId", s.last_operation_id);
   get_to(j, "allocation", s.allocation_json);
+  get_to(j, "keyUsed", s.key_used);
   return {};
 }
 
@@ -196,6 +197,8 @@ json event_json(const registration_event& ev) {
     j["returnedPayload"] = ev.returned_payload_json;
   if (!ev.allocation_json.empty())
     j["allocation"] = ev.allocation_json;
+  if (!ev.key_used.empty())
+    j["keyUsed"] = ev.key_used;
   return j;
 }
 
@@ -222,6 +225,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "substatus", ev.substatus);
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
+  get_to(j, "keyUsed", ev.key_used);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -270,6 +274,8 @@ json to_json(const registration_state& s, bool service) {
     json sk = json::object();
     if (!s.enrollment_group_id.empty())
       sk["enrollmentGroupId"] = s.enrollment_group_id;
+    if (service && !s.key_used.empty())
+      sk["keyUsed"] = s.key_used;
     j[s.attestation_type] = sk;
   }
   if (!s.payload_json.empty())
@@ -302,6 +308,8 @@ void write_state(std::string& out, const registration_state& s, bool service = f
     json_text::object sk(o.nested(s.attestation_type));
     if (!s.enrollment_group_id.empty())
       sk.str("enrollmentGroupId", s.enrollment_group_id);
+    if (service && !s.key_used.empty())
+      sk.str("keyUsed", s.key_used);
     sk.close();
   }
   if (!s.payload_json.empty()) {
@@ -360,9 +368,10 @@ namespace {
 constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
-/// 2: registration states end with allocation_json. Version 1 records
-/// (without it) are still read.
-constexpr uint8_t record_version = 2;
+/// 2: registration states end with allocation_json. 3: states end with
+/// key_used, and an operation's event ends with key_used. Older records
+/// (without them) are still read.
+constexpr uint8_t record_version = 3;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -389,6 +398,7 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.payload_json);
   w.str(s.last_operation_id);
   w.str(s.allocation_json); // version 2
+  w.str(s.key_used);        // version 3
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -409,6 +419,8 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   r.str(s.last_operation_id);
   if (version >= 2)
     r.str(s.allocation_json);
+  if (version >= 3)
+    r.str(s.key_used);
   return r.ok();
 }
 
@@ -434,9 +446,10 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.attested_ms);
   w.i64(ev.allocated_ms);
   w.i64(ev.completed_ms);
+  w.str(ev.key_used); // version 3
 }
 
-bool get_event(codec::reader& r, registration_event& ev) {
+bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
   ev.version = static_cast<int32_t>(r.i64());
   r.str(ev.operation_id);
   r.str(ev.registration_id);
@@ -459,6 +472,8 @@ bool get_event(codec::reader& r, registration_event& ev) {
   ev.attested_ms = r.i64();
   ev.allocated_ms = r.i64();
   ev.completed_ms = r.i64();
+  if (version >= 3)
+    r.str(ev.key_used);
   return r.ok();
 }
 
@@ -536,7 +551,7 @@ error decode_record(std::string_view text, operation_record& out) {
     return corrupt("operation record");
   r.str(out.operation_id);
   r.str(out.registration_id);
-  if (!get_status(r, out.status) || !get_event(r, out.event))
+  if (!get_status(r, out.status) || !get_event(r, out.event, version))
     return corrupt("operation record");
   if (r.u8() == 1 && !get_state(r, out.state, version))
     return corrupt("operation record");
@@ -571,7 +586,8 @@ std::string encode_event(const registration_event& ev) {
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
-              + ev.returned_payload_json.size() + ev.allocation_json.size() + 36);
+              + ev.returned_payload_json.size() + ev.allocation_json.size()
+              + ev.key_used.size() + 48);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -596,6 +612,8 @@ std::string encode_event(const registration_event& ev) {
        && append_str_field(out, ",\"idScope\":", ev.id_scope)
        && append_str_field(out, ",\"initialTwin\":", ev.initial_twin_json);
   out.append(ev.iot_edge ? ",\"iotEdge\":true" : ",\"iotEdge\":false");
+  if (ok && !ev.key_used.empty()) // "iotEdge" < "keyUsed" < "operationId"
+    ok = append_str_field(out, ",\"keyUsed\":", ev.key_used);
   ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
        && append_str_field(out, ",\"payload\":", ev.payload_json)
        && append_str_field(out, ",\"protocol\":", ev.protocol)
@@ -638,7 +656,8 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_returned_payload, f_allocation, f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_key_used,
+                         f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -697,7 +716,7 @@ private:
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
     "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
-    "allocation"};
+    "allocation", "keyUsed"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -991,7 +1010,8 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
       || !read(f_substatus, ev.substatus, err)
       || !read(f_returned_payload, ev.returned_payload_json, err)
-      || !read(f_allocation, ev.allocation_json, err))
+      || !read(f_allocation, ev.allocation_json, err)
+      || !read(f_key_used, ev.key_used, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -58,6 +58,10 @@ struct registration_event {
   // attestation
   std::string attestation_type;   ///< "symmetricKey"
   std::string enrollment_group_id; ///< empty for individual enrollments
+  /// "primary" or "secondary": the enrollment's key (or the group key the
+  /// device key derives from) that signed the credential; "" for other
+  /// attestations. JSON encoding only when set.
+  std::string key_used;
   std::string payload_json;
   /// registration.requested only: the device's credential (SAS token text)
   /// as a direct publisher sends it. The attestation stage clears it before
@@ -108,7 +112,7 @@ struct registration_event {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
-           x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
+           x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id, x.key_used,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
            x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
@@ -128,6 +132,9 @@ struct registration_state {
   std::string etag;
   std::string attestation_type;
   std::string enrollment_group_id;
+  /// The key the device signed with at its last registration ("primary",
+  /// "secondary"; "" for other attestations). Service API only.
+  std::string key_used;
   std::string payload_json; ///< the custom allocation webhook's payload ("" none)
   std::string last_operation_id; ///< internal: not shown to devices
   /// Why the device is on its hub (the event's allocation_json); shown by the

@@ -34,6 +34,10 @@ struct verdict {
   std::string enrollment_group_id; ///< "" for individual enrollments
   bool enabled = true;             ///< the admitting entry's provisioningStatus
   std::string challenge;           ///< challenge: JSON the device needs to answer
+  /// Which of the admitting entry's two credentials matched: "primary",
+  /// "secondary", or "" when the mechanism has no such pair. Recorded, so
+  /// an operator rolling keys sees which one each device still uses.
+  std::string key_used;
 
   static verdict rejected(error_code code, std::string message) {
     verdict v;
@@ -41,11 +45,13 @@ struct verdict {
     v.err = error{code, std::move(message)};
     return v;
   }
-  static verdict accepted(attestation_type t, bool enabled, std::string group_id = {}) {
+  static verdict accepted(attestation_type t, bool enabled, std::string group_id = {},
+                          std::string key_used = {}) {
     verdict v;
     v.type = t;
     v.enabled = enabled;
     v.enrollment_group_id = std::move(group_id);
+    v.key_used = std::move(key_used);
     return v;
   }
   bool is_accepted() const noexcept { return result == outcome::accepted; }

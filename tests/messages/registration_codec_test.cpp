@@ -369,23 +369,38 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }
 
-TEST_CASE("registration records: version 2 keeps allocation_json; version 1 still decodes") {
+TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 and 2 still decode") {
   registration_state s;
   s.registration_id = "dev-1";
   s.status = registration_status::assigned;
   s.assigned_hub = "hub-a";
   s.last_operation_id = "op";
   s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
-  auto v2 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v2[2]) == 2);
+  s.attestation_type = "symmetricKey";
+  s.key_used = "secondary";
+  auto v3 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v3[2]) == 3);
   registration_state back;
-  REQUIRE(!decode_record(v2, back));
+  REQUIRE(!decode_record(v3, back));
   CHECK(back.allocation_json == s.allocation_json);
-  // A version 1 record is the version 2 bytes without the last string (its
-  // length prefix, one byte here) and with version byte 1.
+  CHECK(back.key_used == "secondary");
+  // A version 2 record is the version 3 bytes without the last string (its
+  // length prefix, one byte here) and with version byte 2; version 1 drops
+  // allocation_json too.
+  s.key_used.clear();
+  auto v2 = encode_record(s);
+  REQUIRE(v2.back() == '\0');
+  v2.pop_back();
+  v2[2] = 2;
+  registration_state older;
+  REQUIRE(!decode_record(v2, older));
+  CHECK(older.allocation_json == s.allocation_json);
+  CHECK(older.key_used.empty());
   s.allocation_json.clear();
   auto v1 = encode_record(s);
-  REQUIRE(v1.back() == '\0'); // the empty string's length
+  REQUIRE(v1.back() == '\0');
+  v1.pop_back();
+  REQUIRE(v1.back() == '\0');
   v1.pop_back();
   v1[2] = 1;
   registration_state old;
@@ -393,12 +408,68 @@ TEST_CASE("registration records: version 2 keeps allocation_json; version 1 stil
   CHECK(old.assigned_hub == "hub-a");
   CHECK(old.last_operation_id == "op");
   CHECK(old.allocation_json.empty());
+  CHECK(old.key_used.empty());
   // A version from the future is refused.
-  v2[2] = 3;
-  CHECK(decode_record(v2, back).code == error_code::storage_failure);
-  // The service view shows it; the device view never does.
+  v3[2] = 4;
+  CHECK(decode_record(v3, back).code == error_code::storage_failure);
+  // The service view shows them; the device view never does.
   s.allocation_json = R"({"policy":"static"})";
+  s.key_used = "primary";
   CHECK(to_json_text(s).find("allocation") == std::string::npos);
-  CHECK(json::parse(to_json_text(s, true))["allocation"] == json{{"policy", "static"}});
-  CHECK(to_json(s, true) == json::parse(to_json_text(s, true)));
+  CHECK(to_json_text(s).find("keyUsed") == std::string::npos);
+  auto service = json::parse(to_json_text(s, true));
+  CHECK(service["allocation"] == json{{"policy", "static"}});
+  CHECK(service["symmetricKey"]["keyUsed"] == "primary");
+  CHECK(to_json(s, true) == service);
+  CHECK(to_json(s, false) == json::parse(to_json_text(s)));
+}
+
+TEST_CASE("operation records: the event's key_used survives version 3; version 2 still decodes") {
+  operation_record op;
+  op.operation_id = "op-1";
+  op.registration_id = "dev-1";
+  op.status = registration_status::assigning;
+  op.event.operation_id = "op-1";
+  op.event.registration_id = "dev-1";
+  op.event.attestation_type = "symmetricKey";
+  op.event.key_used = "secondary";
+  auto v3 = encode_record(op);
+  operation_record back;
+  REQUIRE(!decode_record(v3, back));
+  CHECK(back.event.key_used == "secondary");
+  // Version 2: no key_used after the event's completed_ms; the record ends
+  // with the terminal flag (0 here).
+  op.event.key_used.clear();
+  auto v2 = encode_record(op);
+  REQUIRE(v2.size() >= 2);
+  REQUIRE(v2[v2.size() - 2] == '\0'); // the empty key_used's length
+  v2.erase(v2.size() - 2, 1);
+  v2[2] = 2;
+  operation_record older;
+  REQUIRE(!decode_record(v2, older));
+  CHECK(older.event.key_used.empty());
+  CHECK(older.event.attestation_type == "symmetricKey");
+}
+
+TEST_CASE("events carry keyUsed only when set, through both decoders") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-1";
+  ev.iot_edge = true;
+  auto without = encode_event(ev);
+  CHECK(without.find("keyUsed") == std::string::npos);
+  ev.key_used = "primary";
+  auto with = encode_event(ev);
+  // Byte order of keys as nlohmann writes them: iotEdge < keyUsed < operationId.
+  CHECK(json::parse(with).dump() == with);
+  CHECK(json::parse(with).value("keyUsed", "") == "primary");
+  registration_event back;
+  REQUIRE(!decode_event(with, back));
+  CHECK(back.key_used == "primary");
+  // Pretty-printed: not the flat fast path, the SAX reader; same result.
+  registration_event slow;
+  REQUIRE(!decode_event(json::parse(with).dump(2), slow));
+  CHECK(slow.key_used == "primary");
+  CHECK(decode_event(R"({"v":1,"operationId":"o","registrationId":"r","keyUsed":1})", slow)
+          .code == error_code::bad_request);
 }

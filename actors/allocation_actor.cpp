@@ -380,7 +380,7 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
       return emit(self, ctx, *job);
   if (job->first_arrived.exchange(true)) // answered during the call
     return emit(self, ctx, *job);
-  const auto deadline = policy->deadline();
+  const auto deadline = policy->deadline_for(in);
   self->delayed_send(self, deadline, expire_atom::value, job,
                      std::string(to_string(kind)) + " allocation did not answer within "
                        + std::to_string(deadline.count()) + " ms");

@@ -1,5 +1,6 @@
 #include "messages/registration.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/binary_codec.hpp"
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
@@ -164,6 +165,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "lastOperationId", s.last_operation_id);
   get_to(j, "allocation", s.allocation_json);
   get_to(j, "keyUsed", s.key_used);
+  get_to(j, "assignedHubs", s.assigned_hubs);
   return {};
 }
 
@@ -369,9 +371,9 @@ constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
 /// 2: registration states end with allocation_json. 3: states end with
-/// key_used, and an operation's event ends with key_used. Older records
-/// (without them) are still read.
-constexpr uint8_t record_version = 3;
+/// key_used, and an operation's event ends with key_used. 4: states end with
+/// assigned_hubs. Older records (without them) are still read.
+constexpr uint8_t record_version = 4;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -399,6 +401,7 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.last_operation_id);
   w.str(s.allocation_json); // version 2
   w.str(s.key_used);        // version 3
+  w.str(s.assigned_hubs);   // version 4
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -421,6 +424,8 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
     r.str(s.allocation_json);
   if (version >= 3)
     r.str(s.key_used);
+  if (version >= 4)
+    r.str(s.assigned_hubs);
   return r.ok();
 }
 
@@ -489,6 +494,30 @@ error corrupt(std::string_view what) {
 }
 
 } // namespace
+
+bool was_assigned_to(const registration_state& s, std::string_view hub) {
+  std::string_view rest = s.assigned_hubs;
+  while (!rest.empty()) {
+    auto nl = rest.find('\n');
+    if (ascii::iequals(rest.substr(0, nl), hub))
+      return true;
+    rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+  }
+  return false;
+}
+
+void add_assigned_hub(registration_state& s, std::string_view hub) {
+  if (hub.empty() || was_assigned_to(s, hub))
+    return;
+  if (!s.assigned_hubs.empty())
+    s.assigned_hubs.push_back('\n');
+  s.assigned_hubs.append(hub);
+  std::size_t n = 1;
+  for (char c : s.assigned_hubs)
+    n += c == '\n';
+  if (n > max_assigned_hubs) // forget the oldest
+    s.assigned_hubs.erase(0, s.assigned_hubs.find('\n') + 1);
+}
 
 std::string encode_record(const registration_state& s) {
   codec::writer w(128 + s.payload_json.size());

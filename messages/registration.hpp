@@ -132,6 +132,11 @@ struct registration_state {
   std::string etag;
   std::string attestation_type;
   std::string enrollment_group_id;
+  /// Every hub the device has been assigned to, in the order of its first
+  /// assignment there, '\n'-separated (bounded: max_assigned_hubs), so a
+  /// move back to one is DPS's reprovisionedToInitialAssignment. Internal:
+  /// not shown by any API.
+  std::string assigned_hubs;
   /// The key the device signed with at its last registration ("primary",
   /// "secondary"; "" for other attestations). Service API only.
   std::string key_used;
@@ -141,6 +146,14 @@ struct registration_state {
   /// service API only, never to devices.
   std::string allocation_json;
 };
+
+/// At most this many hubs in registration_state::assigned_hubs (DPS links 50
+/// at most); beyond it the first ones are forgotten.
+inline constexpr std::size_t max_assigned_hubs = 64;
+/// Whether the device of `s` has been assigned to `hub` (case-insensitive).
+bool was_assigned_to(const registration_state& s, std::string_view hub);
+/// Adds `hub` to s.assigned_hubs (nothing when there already).
+void add_assigned_hub(registration_state& s, std::string_view hub);
 
 /// A register call's lifecycle, as stored under its operation id.
 struct operation_record {

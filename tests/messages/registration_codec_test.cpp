@@ -369,7 +369,7 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }
 
-TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 and 2 still decode") {
+TEST_CASE("registration records: version 4 keeps assigned_hubs, 3 key_used, 2 allocation_json") {
   registration_state s;
   s.registration_id = "dev-1";
   s.status = registration_status::assigned;
@@ -378,17 +378,36 @@ TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 
   s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
   s.attestation_type = "symmetricKey";
   s.key_used = "secondary";
-  auto v3 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v3[2]) == 3);
+  add_assigned_hub(s, "hub-a");
+  add_assigned_hub(s, "hub-b");
+  add_assigned_hub(s, "HUB-A"); // there already
+  CHECK(s.assigned_hubs == "hub-a\nhub-b");
+  CHECK(was_assigned_to(s, "Hub-B"));
+  CHECK_FALSE(was_assigned_to(s, "hub-c"));
+  CHECK_FALSE(was_assigned_to(s, "hub"));
+  auto v4 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v4[2]) == 4);
   registration_state back;
-  REQUIRE(!decode_record(v3, back));
+  REQUIRE(!decode_record(v4, back));
   CHECK(back.allocation_json == s.allocation_json);
   CHECK(back.key_used == "secondary");
-  // A version 2 record is the version 3 bytes without the last string (its
-  // length prefix, one byte here) and with version byte 2; version 1 drops
-  // allocation_json too.
+  CHECK(back.assigned_hubs == "hub-a\nhub-b");
+  // A version 3 record is the version 4 bytes without the last string (its
+  // length prefix, one byte here) and with version byte 3; version 2 drops
+  // key_used too, version 1 allocation_json too.
+  s.assigned_hubs.clear();
+  auto v3 = encode_record(s);
+  REQUIRE(v3.back() == '\0');
+  v3.pop_back();
+  v3[2] = 3;
+  registration_state three;
+  REQUIRE(!decode_record(v3, three));
+  CHECK(three.key_used == "secondary");
+  CHECK(three.assigned_hubs.empty());
   s.key_used.clear();
   auto v2 = encode_record(s);
+  REQUIRE(v2.back() == '\0');
+  v2.pop_back();
   REQUIRE(v2.back() == '\0');
   v2.pop_back();
   v2[2] = 2;
@@ -398,10 +417,10 @@ TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 
   CHECK(older.key_used.empty());
   s.allocation_json.clear();
   auto v1 = encode_record(s);
-  REQUIRE(v1.back() == '\0');
-  v1.pop_back();
-  REQUIRE(v1.back() == '\0');
-  v1.pop_back();
+  for (int i = 0; i < 3; ++i) {
+    REQUIRE(v1.back() == '\0');
+    v1.pop_back();
+  }
   v1[2] = 1;
   registration_state old;
   REQUIRE(!decode_record(v1, old));
@@ -410,9 +429,19 @@ TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 
   CHECK(old.allocation_json.empty());
   CHECK(old.key_used.empty());
   // A version from the future is refused.
-  v3[2] = 4;
-  CHECK(decode_record(v3, back).code == error_code::storage_failure);
-  // The service view shows them; the device view never does.
+  v4[2] = 5;
+  CHECK(decode_record(v4, back).code == error_code::storage_failure);
+  // The hub list is bounded: the oldest go.
+  registration_state many;
+  for (std::size_t i = 0; i <= max_assigned_hubs; ++i)
+    add_assigned_hub(many, "hub-" + std::to_string(i));
+  CHECK_FALSE(was_assigned_to(many, "hub-0"));
+  CHECK(was_assigned_to(many, "hub-1"));
+  CHECK(was_assigned_to(many, "hub-" + std::to_string(max_assigned_hubs)));
+  // The service view shows allocation and keyUsed (never the hub list); the
+  // device view shows neither.
+  s.assigned_hubs = "hub-a";
+  CHECK(json::parse(to_json_text(s, true)).count("assignedHubs") == 0);
   s.allocation_json = R"({"policy":"static"})";
   s.key_used = "primary";
   CHECK(to_json_text(s).find("allocation") == std::string::npos);
@@ -424,7 +453,7 @@ TEST_CASE("registration records: version 3 keeps key_used, 2 allocation_json; 1 
   CHECK(to_json(s, false) == json::parse(to_json_text(s)));
 }
 
-TEST_CASE("operation records: the event's key_used survives version 3; version 2 still decodes") {
+TEST_CASE("operation records: the event's key_used survives; version 2 still decodes") {
   operation_record op;
   op.operation_id = "op-1";
   op.registration_id = "dev-1";

@@ -164,6 +164,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "payload", s.payload_json);
   get_to(j, "lastOperationId", s.last_operation_id);
   get_to(j, "allocation", s.allocation_json);
+  get_to(j, "x509", s.x509_json);
   get_to(j, "keyUsed", s.key_used);
   get_to(j, "assignedHubs", s.assigned_hubs);
   return {};
@@ -201,6 +202,8 @@ json event_json(const registration_event& ev) {
     j["allocation"] = ev.allocation_json;
   if (!ev.key_used.empty())
     j["keyUsed"] = ev.key_used;
+  if (!ev.x509_json.empty())
+    j["x509"] = ev.x509_json;
   return j;
 }
 
@@ -227,6 +230,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "substatus", ev.substatus);
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
+  get_to(j, "x509", ev.x509_json);
   get_to(j, "keyUsed", ev.key_used);
   std::string st = "assigning";
   get_to(j, "status", st);
@@ -271,9 +275,10 @@ json to_json(const registration_state& s, bool service) {
   if (!s.etag.empty())
     j["etag"] = s.etag;
   if (s.attestation_type == "symmetricKey" || s.attestation_type == "x509") {
-    // DPS's x509 result also carries certificateInfo and
-    // signingCertificateInfo; the record does not keep them yet.
     json sk = json::object();
+    if (s.attestation_type == "x509" && !s.x509_json.empty())
+      if (json info = parse_or_null(s.x509_json); info.is_object())
+        sk = std::move(info);
     if (!s.enrollment_group_id.empty())
       sk["enrollmentGroupId"] = s.enrollment_group_id;
     if (service && !s.key_used.empty())
@@ -312,6 +317,14 @@ void write_state(std::string& out, const registration_state& s, bool service = f
       sk.str("enrollmentGroupId", s.enrollment_group_id);
     if (service && !s.key_used.empty())
       sk.str("keyUsed", s.key_used);
+    // certificateInfo and signingCertificateInfo: the members of an object
+    // we wrote compact ourselves, copied without a parse (every poll).
+    if (s.attestation_type == "x509" && s.x509_json.size() > 2 && s.x509_json.front() == '{'
+        && s.x509_json.back() == '}') {
+      const std::string_view members(s.x509_json.data() + 1, s.x509_json.size() - 2);
+      if (members.front() == '"')
+        sk.raw_members(members);
+    }
     sk.close();
   }
   if (!s.payload_json.empty()) {
@@ -370,10 +383,10 @@ namespace {
 constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
-/// 2: registration states end with allocation_json. 3: states end with
-/// key_used, and an operation's event ends with key_used. 4: states end with
-/// assigned_hubs. Older records (without them) are still read.
-constexpr uint8_t record_version = 4;
+/// 2: registration states end with allocation_json. 3: states and events
+/// end with x509_json. 4: states and events end with key_used. 5: states end
+/// with assigned_hubs. Older records (without them) are still read.
+constexpr uint8_t record_version = 5;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -400,8 +413,9 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.payload_json);
   w.str(s.last_operation_id);
   w.str(s.allocation_json); // version 2
-  w.str(s.key_used);        // version 3
-  w.str(s.assigned_hubs);   // version 4
+  w.str(s.x509_json);       // version 3
+  w.str(s.key_used);        // version 4
+  w.str(s.assigned_hubs);   // version 5
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -423,8 +437,10 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   if (version >= 2)
     r.str(s.allocation_json);
   if (version >= 3)
-    r.str(s.key_used);
+    r.str(s.x509_json);
   if (version >= 4)
+    r.str(s.key_used);
+  if (version >= 5)
     r.str(s.assigned_hubs);
   return r.ok();
 }
@@ -451,7 +467,8 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.attested_ms);
   w.i64(ev.allocated_ms);
   w.i64(ev.completed_ms);
-  w.str(ev.key_used); // version 3
+  w.str(ev.x509_json); // version 3
+  w.str(ev.key_used);  // version 4
 }
 
 bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
@@ -478,6 +495,8 @@ bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
   ev.allocated_ms = r.i64();
   ev.completed_ms = r.i64();
   if (version >= 3)
+    r.str(ev.x509_json);
+  if (version >= 4)
     r.str(ev.key_used);
   return r.ok();
 }
@@ -616,7 +635,7 @@ std::string encode_event(const registration_event& ev) {
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
               + ev.returned_payload_json.size() + ev.allocation_json.size()
-              + ev.key_used.size() + 48);
+              + ev.x509_json.size() + ev.key_used.size() + 48);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -653,6 +672,8 @@ std::string encode_event(const registration_event& ev) {
        && append_str_field(out, ",\"substatus\":", ev.substatus);
   out.append(",\"v\":");
   append_int(out, ev.version);
+  if (ok && !ev.x509_json.empty()) // "v" < "x509"
+    ok = append_str_field(out, ",\"x509\":", ev.x509_json);
   out.push_back('}');
   // Invalid UTF-8 somewhere: let the DOM encoder throw exactly what it always
   // threw (type_error 316).
@@ -685,8 +706,8 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_returned_payload, f_allocation, f_key_used,
-                         f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_x509,
+                         f_key_used, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -745,7 +766,7 @@ private:
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
     "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
-    "allocation", "keyUsed"};
+    "allocation", "x509", "keyUsed"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -1040,6 +1061,7 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_substatus, ev.substatus, err)
       || !read(f_returned_payload, ev.returned_payload_json, err)
       || !read(f_allocation, ev.allocation_json, err)
+      || !read(f_x509, ev.x509_json, err)
       || !read(f_key_used, ev.key_used, err))
     return err;
   std::string st = "assigning";

@@ -369,7 +369,7 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }
 
-TEST_CASE("registration records: version 4 keeps assigned_hubs, 3 key_used, 2 allocation_json") {
+TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json, 2 allocation_json") {
   registration_state s;
   s.registration_id = "dev-1";
   s.status = registration_status::assigned;
@@ -377,6 +377,7 @@ TEST_CASE("registration records: version 4 keeps assigned_hubs, 3 key_used, 2 al
   s.last_operation_id = "op";
   s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
   s.attestation_type = "symmetricKey";
+  s.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
   s.key_used = "secondary";
   add_assigned_hub(s, "hub-a");
   add_assigned_hub(s, "hub-b");
@@ -385,52 +386,53 @@ TEST_CASE("registration records: version 4 keeps assigned_hubs, 3 key_used, 2 al
   CHECK(was_assigned_to(s, "Hub-B"));
   CHECK_FALSE(was_assigned_to(s, "hub-c"));
   CHECK_FALSE(was_assigned_to(s, "hub"));
-  auto v4 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v4[2]) == 4);
+  auto v5 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v5[2]) == 5);
   registration_state back;
-  REQUIRE(!decode_record(v4, back));
+  REQUIRE(!decode_record(v5, back));
   CHECK(back.allocation_json == s.allocation_json);
+  CHECK(back.x509_json == s.x509_json);
   CHECK(back.key_used == "secondary");
   CHECK(back.assigned_hubs == "hub-a\nhub-b");
-  // A version 3 record is the version 4 bytes without the last string (its
-  // length prefix, one byte here) and with version byte 3; version 2 drops
-  // key_used too, version 1 allocation_json too.
+  // An older record is the newer bytes without the trailing strings it lacks
+  // (each empty one a one-byte length prefix) and with its version byte:
+  // 4 lacks assigned_hubs, 3 key_used too, 2 x509_json too, 1 allocation_json too.
+  auto older = [](std::string bytes, int drop, uint8_t version) {
+    for (int i = 0; i < drop; ++i) {
+      REQUIRE(bytes.back() == '\0');
+      bytes.pop_back();
+    }
+    bytes[2] = static_cast<char>(version);
+    return bytes;
+  };
   s.assigned_hubs.clear();
-  auto v3 = encode_record(s);
-  REQUIRE(v3.back() == '\0');
-  v3.pop_back();
-  v3[2] = 3;
-  registration_state three;
-  REQUIRE(!decode_record(v3, three));
-  CHECK(three.key_used == "secondary");
-  CHECK(three.assigned_hubs.empty());
+  registration_state four;
+  REQUIRE(!decode_record(older(encode_record(s), 1, 4), four));
+  CHECK(four.key_used == "secondary");
+  CHECK(four.x509_json == s.x509_json);
+  CHECK(four.assigned_hubs.empty());
   s.key_used.clear();
-  auto v2 = encode_record(s);
-  REQUIRE(v2.back() == '\0');
-  v2.pop_back();
-  REQUIRE(v2.back() == '\0');
-  v2.pop_back();
-  v2[2] = 2;
-  registration_state older;
-  REQUIRE(!decode_record(v2, older));
-  CHECK(older.allocation_json == s.allocation_json);
-  CHECK(older.key_used.empty());
+  registration_state three;
+  REQUIRE(!decode_record(older(encode_record(s), 2, 3), three));
+  CHECK(three.x509_json == s.x509_json);
+  CHECK(three.allocation_json == s.allocation_json);
+  CHECK(three.key_used.empty());
+  s.x509_json.clear();
+  registration_state two;
+  REQUIRE(!decode_record(older(encode_record(s), 3, 2), two));
+  CHECK(two.assigned_hub == "hub-a");
+  CHECK(two.allocation_json == s.allocation_json);
+  CHECK(two.x509_json.empty());
   s.allocation_json.clear();
-  auto v1 = encode_record(s);
-  for (int i = 0; i < 3; ++i) {
-    REQUIRE(v1.back() == '\0');
-    v1.pop_back();
-  }
-  v1[2] = 1;
   registration_state old;
-  REQUIRE(!decode_record(v1, old));
+  REQUIRE(!decode_record(older(encode_record(s), 4, 1), old));
   CHECK(old.assigned_hub == "hub-a");
   CHECK(old.last_operation_id == "op");
   CHECK(old.allocation_json.empty());
   CHECK(old.key_used.empty());
   // A version from the future is refused.
-  v4[2] = 5;
-  CHECK(decode_record(v4, back).code == error_code::storage_failure);
+  v5[2] = 6;
+  CHECK(decode_record(v5, back).code == error_code::storage_failure);
   // The hub list is bounded: the oldest go.
   registration_state many;
   for (std::size_t i = 0; i <= max_assigned_hubs; ++i)
@@ -453,7 +455,7 @@ TEST_CASE("registration records: version 4 keeps assigned_hubs, 3 key_used, 2 al
   CHECK(to_json(s, false) == json::parse(to_json_text(s)));
 }
 
-TEST_CASE("operation records: the event's key_used survives; version 2 still decodes") {
+TEST_CASE("operation records: the event's key_used and x509_json survive; versions 3 and 2 still decode") {
   operation_record op;
   op.operation_id = "op-1";
   op.registration_id = "dev-1";
@@ -461,23 +463,39 @@ TEST_CASE("operation records: the event's key_used survives; version 2 still dec
   op.event.operation_id = "op-1";
   op.event.registration_id = "dev-1";
   op.event.attestation_type = "symmetricKey";
+  op.event.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
   op.event.key_used = "secondary";
-  auto v3 = encode_record(op);
+  auto current = encode_record(op);
+  CHECK(static_cast<unsigned char>(current[2]) == 5); // one version for all records
   operation_record back;
-  REQUIRE(!decode_record(v3, back));
+  REQUIRE(!decode_record(current, back));
   CHECK(back.event.key_used == "secondary");
-  // Version 2: no key_used after the event's completed_ms; the record ends
-  // with the terminal flag (0 here).
+  CHECK(back.event.x509_json == op.event.x509_json);
+  // The event's strings come right before the terminal flag (0 here), the
+  // record's last byte. Version 3: no key_used after x509_json; version 2
+  // (and 1): no x509_json either.
   op.event.key_used.clear();
+  auto v3 = encode_record(op);
+  REQUIRE(v3.size() >= 2);
+  REQUIRE(v3[v3.size() - 2] == '\0'); // the empty key_used's length
+  v3.erase(v3.size() - 2, 1);
+  v3[2] = 3;
+  operation_record three;
+  REQUIRE(!decode_record(v3, three));
+  CHECK(three.event.key_used.empty());
+  CHECK(three.event.x509_json == op.event.x509_json);
+  op.event.x509_json.clear();
   auto v2 = encode_record(op);
-  REQUIRE(v2.size() >= 2);
+  REQUIRE(v2.size() >= 3);
   REQUIRE(v2[v2.size() - 2] == '\0'); // the empty key_used's length
-  v2.erase(v2.size() - 2, 1);
+  REQUIRE(v2[v2.size() - 3] == '\0'); // the empty x509_json's length
+  v2.erase(v2.size() - 3, 2);
   v2[2] = 2;
-  operation_record older;
-  REQUIRE(!decode_record(v2, older));
-  CHECK(older.event.key_used.empty());
-  CHECK(older.event.attestation_type == "symmetricKey");
+  operation_record two;
+  REQUIRE(!decode_record(v2, two));
+  CHECK(two.event.key_used.empty());
+  CHECK(two.event.x509_json.empty());
+  CHECK(two.event.attestation_type == "symmetricKey");
 }
 
 TEST_CASE("events carry keyUsed only when set, through both decoders") {
@@ -501,4 +519,54 @@ TEST_CASE("events carry keyUsed only when set, through both decoders") {
   CHECK(slow.key_used == "primary");
   CHECK(decode_event(R"({"v":1,"operationId":"o","registrationId":"r","keyUsed":1})", slow)
           .code == error_code::bad_request);
+  // With x509 as well (both set only in tests): still nlohmann's key order.
+  ev.x509_json = R"({"certificateInfo":{}})";
+  auto both = encode_event(ev);
+  CHECK(json::parse(both).dump() == both);
+  registration_event both_back;
+  REQUIRE(!decode_event(json::parse(both).dump(2), both_back));
+  CHECK(both_back.key_used == "primary");
+  CHECK(both_back.x509_json == ev.x509_json);
+}
+
+TEST_CASE("an X.509 result carries certificateInfo and signingCertificateInfo") {
+  const std::string info =
+    R"({"certificateInfo":{"subjectName":"CN=dev-1","version":3},)"
+    R"("signingCertificateInfo":{"subjectName":"CN=Root","version":3}})";
+  registration_state s;
+  s.registration_id = "dev-1";
+  s.status = registration_status::assigned;
+  s.attestation_type = "x509";
+  s.enrollment_group_id = "g";
+  s.x509_json = info;
+  auto shown = json::parse(to_json_text(s));
+  CHECK(shown["x509"]["enrollmentGroupId"] == "g");
+  CHECK(shown["x509"]["certificateInfo"]["subjectName"] == "CN=dev-1");
+  CHECK(shown["x509"]["signingCertificateInfo"]["subjectName"] == "CN=Root");
+  CHECK(shown == to_json(s));
+  CHECK(json::parse(operation_status_text("op", s)) == operation_status_json("op", s));
+  s.enrollment_group_id.clear(); // individual: no enrollmentGroupId member
+  CHECK(json::parse(to_json_text(s))["x509"]
+        == json::parse(info));
+  CHECK(json::parse(to_json_text(s)) == to_json(s));
+  // Not X.509: never shown.
+  s.attestation_type = "symmetricKey";
+  CHECK(json::parse(to_json_text(s))["symmetricKey"] == json::object());
+  // The event carries it over Kafka (JSON) and in the operation record (binary).
+  registration_event ev;
+  ev.operation_id = "op";
+  ev.registration_id = "dev-1";
+  ev.x509_json = info;
+  auto text = encode_event(ev);
+  CHECK(json::parse(text).dump() == text); // key order as nlohmann's: "v" < "x509"
+  registration_event back;
+  REQUIRE(!decode_event(text, back));
+  CHECK(back.x509_json == info);
+  operation_record op;
+  op.operation_id = "op";
+  op.registration_id = "dev-1";
+  op.event = ev;
+  operation_record op_back;
+  REQUIRE(!decode_record(encode_record(op), op_back));
+  CHECK(op_back.event.x509_json == info);
 }

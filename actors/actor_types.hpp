@@ -42,7 +42,8 @@ typename Inspector::result_type inspect(Inspector& f, register_request& x) {
 namespace attestation {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, verdict& x) {
-  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge, x.x509_json);
+  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge, x.x509_json,
+           x.key_used);
 }
 } // namespace attestation
 

@@ -176,11 +176,18 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
       w.str("reprovision", same_hub ? "already on the chosen hub"
                                     : "kept the current hub (updateHubAssignment false)");
     } else {
-      ev.substatus = to_string(v.migrate_device_data ? assignment_substatus::device_data_migrated
-                                                     : assignment_substatus::device_data_reset);
+      // DPS: a move back to a hub the device had before is
+      // reprovisionedToInitialAssignment; its twin still follows
+      // migrateDeviceData (device.deprovisioned says which).
+      const bool back = was_assigned_to(*prev, hub);
+      ev.substatus = to_string(back ? assignment_substatus::reprovisioned_to_initial_assignment
+                               : v.migrate_device_data ? assignment_substatus::device_data_migrated
+                                                       : assignment_substatus::device_data_reset);
       w.str("reprovision", "moved from " + prev->assigned_hub
+                             + (back ? " back to a hub it was assigned to before" : "")
                              + (v.migrate_device_data ? " (migrateDeviceData true)"
                                                       : " (migrateDeviceData false)"));
+      w.boolean("migrateDeviceData", v.migrate_device_data);
     }
   }
   w.close();
@@ -365,7 +372,7 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
       return emit(self, ctx, *job);
   if (job->first_arrived.exchange(true)) // answered during the call
     return emit(self, ctx, *job);
-  const auto deadline = policy->deadline();
+  const auto deadline = policy->deadline_for(in);
   self->delayed_send(self, deadline, expire_atom::value, job,
                      std::string(to_string(kind)) + " allocation did not answer within "
                        + std::to_string(deadline.count()) + " ms");

@@ -255,6 +255,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
         ev.attestation_type = to_string(r.type);
         ev.enrollment_group_id = r.enrollment_group_id;
         ev.x509_json = r.x509_json;
+        ev.key_used = r.key_used;
         ev.attested_ms = ev.accepted_ms;
         if (!r.enabled) {
           // As over HTTP: terminal at once.

@@ -119,7 +119,16 @@ registration_state assigned_state(const registration_event& ev, const registrati
   rs.attestation_type = ev.attestation_type;
   rs.enrollment_group_id = ev.enrollment_group_id;
   rs.x509_json = ev.x509_json;
+  rs.key_used = ev.key_used;
   rs.last_operation_id = ev.operation_id;
+  // Every hub it was on (records from before this list have the last one
+  // only), so allocation can tell a move back to one of them.
+  if (prev != nullptr) {
+    rs.assigned_hubs = prev->assigned_hubs;
+    if (prev->status == registration_status::assigned)
+      add_assigned_hub(rs, prev->assigned_hub);
+  }
+  add_assigned_hub(rs, rs.assigned_hub);
   return rs;
 }
 

@@ -683,22 +683,18 @@ error custom_policy_of(const config::custom_allocation_config& c,
   o.retries = c.retries;
   o.retry_backoff = std::chrono::milliseconds(c.retry_backoff_ms);
   auto client = std::make_shared<net::webhook_client>(o);
-  // The stage's own deadline comes after every attempt and backoff the
-  // client may take (each attempt: connect, then the exchange), so the
-  // client's answer, which names the webhook's status, is normally the one.
-  auto budget = std::chrono::milliseconds(0);
-  auto backoff = o.retry_backoff;
-  for (int i = 0; i <= o.retries; ++i) {
-    budget += 2 * o.timeout;
-    if (i < o.retries) {
-      budget += backoff;
-      backoff *= 2;
-    }
-  }
-  budget += std::chrono::seconds(5);
+  // The stage's own deadline (allocation::webhook_budget) comes after every
+  // attempt and backoff the client may take for the enrollment's limits.
+  allocation::webhook_limits defaults;
+  defaults.timeout = o.timeout;
+  defaults.retries = o.retries;
+  defaults.retry_backoff = o.retry_backoff;
   out = std::make_shared<allocation::custom_policy>(
     [client](allocation::webhook_post post, std::function<void(allocation::webhook_reply)> done) {
-      client->post(std::move(post.url), std::move(post.body),
+      net::webhook_call_limits limits;
+      limits.timeout = post.timeout;
+      limits.retries = post.retries;
+      client->post(std::move(post.url), std::move(post.body), limits,
                    [done = std::move(done)](net::webhook_result r) {
                      allocation::webhook_reply reply;
                      reply.err = std::move(r.err);
@@ -708,7 +704,7 @@ error custom_policy_of(const config::custom_allocation_config& c,
                      done(std::move(reply));
                    });
     },
-    budget);
+    defaults);
   return {};
 }
 

@@ -331,6 +331,10 @@ struct create_options {
   bool disabled = false;
   bool iot_edge = false;
   bool show_keys = false;
+  /// --policy custom: customAllocationDefinition.
+  std::string webhook_url, webhook_api_version = "2021-10-01";
+  int webhook_timeout_ms = 0; ///< 0: the server's [custom_allocation] default
+  int webhook_retries = -1;   ///< -1: the same
 };
 
 std::string hubs_cell(const json& doc) {
@@ -365,6 +369,17 @@ void print_enrollment(const enrollment_kind& k, const json& doc, const json* mec
   std::string policy = str_member(doc, "allocationPolicy");
   f.emplace_back("ALLOCATION", policy.empty() ? "(default)" : policy);
   f.emplace_back("HUBS", hubs_cell(doc));
+  if (auto it = doc.find("customAllocationDefinition"); it != doc.end() && it->is_object()) {
+    // The URL without its query: an Azure Functions key travels there.
+    std::string url = str_member(*it, "webhookUrl");
+    if (auto q = url.find('?'); q != std::string::npos) url = url.substr(0, q) + "?...";
+    f.emplace_back("WEBHOOK", url);
+    std::string limits;
+    if (it->contains("timeoutMs")) limits += "timeoutMs=" + it->at("timeoutMs").dump();
+    if (it->contains("retries"))
+      limits += (limits.empty() ? "" : " ") + std::string("retries=") + it->at("retries").dump();
+    f.emplace_back("WEBHOOK LIMITS", limits);
+  }
   if (auto it = doc.find("capabilities"); it != doc.end() && it->is_object())
     f.emplace_back("IOT EDGE", it->value("iotEdge", false) ? "true" : "false");
   if (auto it = doc.find("reprovisionPolicy"); it != doc.end() && it->is_object())
@@ -435,6 +450,17 @@ int run_create(const common_options& c, const enrollment_kind& k, const create_o
   if (!o.device_id.empty()) body["deviceId"] = o.device_id;
   if (!o.hubs.empty()) body["iotHubs"] = o.hubs;
   if (!o.policy.empty()) body["allocationPolicy"] = o.policy;
+  if (o.policy == "custom" && o.webhook_url.empty())
+    return fail({error_code::custom_allocation_required, "--policy custom needs --webhook-url"});
+  if (!o.webhook_url.empty()) {
+    // The server validates the definition (https URL, limits), as for any client.
+    json def = {{"webhookUrl", o.webhook_url}, {"apiVersion", o.webhook_api_version}};
+    if (o.webhook_timeout_ms > 0) def["timeoutMs"] = o.webhook_timeout_ms;
+    if (o.webhook_retries >= 0) def["retries"] = o.webhook_retries;
+    body["customAllocationDefinition"] = std::move(def);
+  } else if (o.webhook_timeout_ms > 0 || o.webhook_retries >= 0) {
+    return fail({error_code::bad_request, "--webhook-timeout-ms and --webhook-retries need --webhook-url"});
+  }
   body["provisioningStatus"] = o.disabled ? "disabled" : "enabled";
   if (o.iot_edge) body["capabilities"] = {{"iotEdge", true}};
   if (!o.twin.empty()) {
@@ -635,6 +661,13 @@ std::string group_of(const json& rs) {
   return {};
 }
 
+/// The key the device signed with last ("primary" / "secondary"), for key rolls.
+std::string key_used_of(const json& rs) {
+  if (auto it = rs.find("symmetricKey"); it != rs.end() && it->is_object())
+    return str_member(*it, "keyUsed");
+  return {};
+}
+
 void print_registration_state(const json& rs, const std::string& operation_id = {}) {
   std::string code = str_member(rs, "errorCode");
   // Why the device is on its hub (the service API's `allocation`).
@@ -655,6 +688,7 @@ void print_registration_state(const json& rs, const std::string& operation_id = 
                 {"DEVICE ID", str_member(rs, "deviceId")},
                 {"SUBSTATUS", str_member(rs, "substatus")},
                 {"ENROLLMENT GROUP", group_of(rs)},
+                {"KEY USED", key_used_of(rs)},
                 {"ERROR CODE", code == "0" ? "" : code},
                 {"ERROR MESSAGE", str_member(rs, "errorMessage")},
                 {"OPERATION ID", operation_id},
@@ -911,7 +945,19 @@ void add_create_options(CLI::App* sub, create_options& o, bool group) {
   }
   sub->add_option("--hub", o.hubs, "Linked hub this enrollment may use (repeatable; default: all)");
   sub->add_option("--policy", o.policy, "Allocation policy (default: the server's)")
-      ->check(CLI::IsMember({"hashed", "static", "geoLatency"}));
+      ->check(CLI::IsMember({"hashed", "static", "geoLatency", "custom"}));
+  sub->add_option("--webhook-url", o.webhook_url,
+                  "--policy custom: the allocation webhook (https; an Azure Functions key may "
+                  "travel in its query, ?code=...)");
+  sub->add_option("--webhook-api-version", o.webhook_api_version,
+                  "--policy custom: customAllocationDefinition.apiVersion")
+      ->capture_default_str();
+  sub->add_option("--webhook-timeout-ms", o.webhook_timeout_ms,
+                  "--policy custom: per attempt, 100..600000 (default: the server's "
+                  "custom_allocation.timeout_ms)");
+  sub->add_option("--webhook-retries", o.webhook_retries,
+                  "--policy custom: retries of a failed attempt, 0..10 (default: the server's "
+                  "custom_allocation.retries)");
   sub->add_flag("--disabled", o.disabled, "Create the enrollment disabled");
   sub->add_flag("--iot-edge", o.iot_edge, "Mark devices as IoT Edge devices");
   sub->add_option("--twin", o.twin, "Initial twin as JSON, e.g. '{\"tags\":{\"site\":\"a\"}}'");

@@ -18,7 +18,8 @@ bool lookup(const std::string_view (&names)[N], std::string_view s, Enum& out) n
 constexpr std::string_view attestation_names[] = {"none", "symmetricKey", "x509", "tpm"};
 constexpr std::string_view policy_names[] = {"hashed", "geoLatency", "static", "custom"};
 constexpr std::string_view substatus_names[] = {"initialAssignment", "deviceDataMigrated",
-                                                "deviceDataReset"};
+                                                "deviceDataReset",
+                                                "reprovisionedToInitialAssignment"};
 
 } // namespace
 

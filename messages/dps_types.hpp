@@ -24,6 +24,9 @@ enum class assignment_substatus : uint8_t {
   initial_assignment,   ///< "initialAssignment": first assignment, or the same hub
   device_data_migrated, ///< "deviceDataMigrated": moved, twin data carried over
   device_data_reset,    ///< "deviceDataReset": moved, twin from the enrollment
+  /// "reprovisionedToInitialAssignment": moved back to a hub the device was
+  /// assigned to before (its twin per migrateDeviceData, as for the others)
+  reprovisioned_to_initial_assignment,
 };
 std::string_view to_string(assignment_substatus s) noexcept;
 

@@ -1,5 +1,6 @@
 #include "messages/registration.hpp"
 
+#include "messages/ascii.hpp"
 #include "messages/binary_codec.hpp"
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
@@ -164,6 +165,8 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "lastOperationId", s.last_operation_id);
   get_to(j, "allocation", s.allocation_json);
   get_to(j, "x509", s.x509_json);
+  get_to(j, "keyUsed", s.key_used);
+  get_to(j, "assignedHubs", s.assigned_hubs);
   return {};
 }
 
@@ -197,6 +200,8 @@ json event_json(const registration_event& ev) {
     j["returnedPayload"] = ev.returned_payload_json;
   if (!ev.allocation_json.empty())
     j["allocation"] = ev.allocation_json;
+  if (!ev.key_used.empty())
+    j["keyUsed"] = ev.key_used;
   if (!ev.x509_json.empty())
     j["x509"] = ev.x509_json;
   return j;
@@ -226,6 +231,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
   get_to(j, "x509", ev.x509_json);
+  get_to(j, "keyUsed", ev.key_used);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -275,6 +281,8 @@ json to_json(const registration_state& s, bool service) {
         sk = std::move(info);
     if (!s.enrollment_group_id.empty())
       sk["enrollmentGroupId"] = s.enrollment_group_id;
+    if (service && !s.key_used.empty())
+      sk["keyUsed"] = s.key_used;
     j[s.attestation_type] = sk;
   }
   if (!s.payload_json.empty())
@@ -307,6 +315,8 @@ void write_state(std::string& out, const registration_state& s, bool service = f
     json_text::object sk(o.nested(s.attestation_type));
     if (!s.enrollment_group_id.empty())
       sk.str("enrollmentGroupId", s.enrollment_group_id);
+    if (service && !s.key_used.empty())
+      sk.str("keyUsed", s.key_used);
     // certificateInfo and signingCertificateInfo: the members of an object
     // we wrote compact ourselves, copied without a parse (every poll).
     if (s.attestation_type == "x509" && s.x509_json.size() > 2 && s.x509_json.front() == '{'
@@ -374,8 +384,9 @@ constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
 /// 2: registration states end with allocation_json. 3: states and events
-/// end with x509_json. Older records (without them) are still read.
-constexpr uint8_t record_version = 3;
+/// end with x509_json. 4: states and events end with key_used. 5: states end
+/// with assigned_hubs. Older records (without them) are still read.
+constexpr uint8_t record_version = 5;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -403,6 +414,8 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.last_operation_id);
   w.str(s.allocation_json); // version 2
   w.str(s.x509_json);       // version 3
+  w.str(s.key_used);        // version 4
+  w.str(s.assigned_hubs);   // version 5
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -425,6 +438,10 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
     r.str(s.allocation_json);
   if (version >= 3)
     r.str(s.x509_json);
+  if (version >= 4)
+    r.str(s.key_used);
+  if (version >= 5)
+    r.str(s.assigned_hubs);
   return r.ok();
 }
 
@@ -451,6 +468,7 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.allocated_ms);
   w.i64(ev.completed_ms);
   w.str(ev.x509_json); // version 3
+  w.str(ev.key_used);  // version 4
 }
 
 bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
@@ -478,6 +496,8 @@ bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
   ev.completed_ms = r.i64();
   if (version >= 3)
     r.str(ev.x509_json);
+  if (version >= 4)
+    r.str(ev.key_used);
   return r.ok();
 }
 
@@ -493,6 +513,30 @@ error corrupt(std::string_view what) {
 }
 
 } // namespace
+
+bool was_assigned_to(const registration_state& s, std::string_view hub) {
+  std::string_view rest = s.assigned_hubs;
+  while (!rest.empty()) {
+    auto nl = rest.find('\n');
+    if (ascii::iequals(rest.substr(0, nl), hub))
+      return true;
+    rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+  }
+  return false;
+}
+
+void add_assigned_hub(registration_state& s, std::string_view hub) {
+  if (hub.empty() || was_assigned_to(s, hub))
+    return;
+  if (!s.assigned_hubs.empty())
+    s.assigned_hubs.push_back('\n');
+  s.assigned_hubs.append(hub);
+  std::size_t n = 1;
+  for (char c : s.assigned_hubs)
+    n += c == '\n';
+  if (n > max_assigned_hubs) // forget the oldest
+    s.assigned_hubs.erase(0, s.assigned_hubs.find('\n') + 1);
+}
 
 std::string encode_record(const registration_state& s) {
   codec::writer w(128 + s.payload_json.size());
@@ -591,7 +635,7 @@ std::string encode_event(const registration_event& ev) {
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
               + ev.returned_payload_json.size() + ev.allocation_json.size()
-              + ev.x509_json.size() + 48);
+              + ev.x509_json.size() + ev.key_used.size() + 48);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -616,6 +660,8 @@ std::string encode_event(const registration_event& ev) {
        && append_str_field(out, ",\"idScope\":", ev.id_scope)
        && append_str_field(out, ",\"initialTwin\":", ev.initial_twin_json);
   out.append(ev.iot_edge ? ",\"iotEdge\":true" : ",\"iotEdge\":false");
+  if (ok && !ev.key_used.empty()) // "iotEdge" < "keyUsed" < "operationId"
+    ok = append_str_field(out, ",\"keyUsed\":", ev.key_used);
   ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
        && append_str_field(out, ",\"payload\":", ev.payload_json)
        && append_str_field(out, ",\"protocol\":", ev.protocol)
@@ -660,7 +706,8 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_returned_payload, f_allocation, f_x509, f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_x509,
+                         f_key_used, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -719,7 +766,7 @@ private:
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
     "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
-    "allocation", "x509"};
+    "allocation", "x509", "keyUsed"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -1014,7 +1061,8 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_substatus, ev.substatus, err)
       || !read(f_returned_payload, ev.returned_payload_json, err)
       || !read(f_allocation, ev.allocation_json, err)
-      || !read(f_x509, ev.x509_json, err))
+      || !read(f_x509, ev.x509_json, err)
+      || !read(f_key_used, ev.key_used, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -58,6 +58,10 @@ struct registration_event {
   // attestation
   std::string attestation_type;   ///< "symmetricKey"
   std::string enrollment_group_id; ///< empty for individual enrollments
+  /// "primary" or "secondary": the enrollment's key (or the group key the
+  /// device key derives from) that signed the credential; "" for other
+  /// attestations. JSON encoding only when set.
+  std::string key_used;
   std::string payload_json;
   /// registration.requested only: the device's credential (SAS token text)
   /// as a direct publisher sends it. The attestation stage clears it before
@@ -112,9 +116,10 @@ struct registration_event {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
-           x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
+           x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id, x.key_used,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
-           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.x509_json, x.status, x.error_code, x.error_message,
+           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.x509_json,
+           x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 
@@ -132,6 +137,14 @@ struct registration_state {
   std::string etag;
   std::string attestation_type;
   std::string enrollment_group_id;
+  /// Every hub the device has been assigned to, in the order of its first
+  /// assignment there, '\n'-separated (bounded: max_assigned_hubs), so a
+  /// move back to one is DPS's reprovisionedToInitialAssignment. Internal:
+  /// not shown by any API.
+  std::string assigned_hubs;
+  /// The key the device signed with at its last registration ("primary",
+  /// "secondary"; "" for other attestations). Service API only.
+  std::string key_used;
   std::string payload_json; ///< the custom allocation webhook's payload ("" none)
   std::string last_operation_id; ///< internal: not shown to devices
   /// Why the device is on its hub (the event's allocation_json); shown by the
@@ -141,6 +154,14 @@ struct registration_state {
   /// (registration_event::x509_json); "" when not X.509.
   std::string x509_json;
 };
+
+/// At most this many hubs in registration_state::assigned_hubs (DPS links 50
+/// at most); beyond it the first ones are forgotten.
+inline constexpr std::size_t max_assigned_hubs = 64;
+/// Whether the device of `s` has been assigned to `hub` (case-insensitive).
+bool was_assigned_to(const registration_state& s, std::string_view hub);
+/// Adds `hub` to s.assigned_hubs (nothing when there already).
+void add_assigned_hub(registration_state& s, std::string_view hub);
 
 /// A register call's lifecycle, as stored under its operation id.
 struct operation_record {

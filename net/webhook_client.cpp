@@ -65,10 +65,16 @@ webhook_client::~webhook_client() {
 }
 
 void webhook_client::post(std::string url, std::string body, done_fn done) {
+  post(std::move(url), std::move(body), webhook_call_limits{opts_.timeout, opts_.retries},
+       std::move(done));
+}
+
+void webhook_client::post(std::string url, std::string body, webhook_call_limits limits,
+                          done_fn done) {
   {
     std::lock_guard<std::mutex> lk(mtx_);
     if (!stopping_) {
-      queue_.push_back({std::move(url), std::move(body), std::move(done)});
+      queue_.push_back({std::move(url), std::move(body), std::move(done), limits});
       cv_.notify_one();
       return;
     }
@@ -104,7 +110,10 @@ webhook_result webhook_client::perform(const call& c, origin_pool& pool) {
   url_parts u;
   if ((r.err = parse_url(c.url, u)))
     return r;
-  const std::string origin = u.host + ":" + std::to_string(u.port);
+  // A connection's timeouts are fixed when it is made: one per origin and
+  // timeout (enrollments may set their own).
+  const std::string origin = u.host + ":" + std::to_string(u.port) + "/"
+                             + std::to_string(c.limits.timeout.count());
   auto it = pool.clients.find(origin);
   if (it == pool.clients.end()) {
     if (pool.clients.size() >= 64) // many webhooks: keep no connections to old ones
@@ -113,8 +122,8 @@ webhook_result webhook_client::perform(const call& c, origin_pool& pool) {
     o.host = u.host;
     o.port = u.port;
     o.ca_file = opts_.ca_file;
-    o.connect_timeout = opts_.timeout;
-    o.request_timeout = opts_.timeout;
+    o.connect_timeout = c.limits.timeout;
+    o.request_timeout = c.limits.timeout;
     o.max_body_bytes = opts_.max_response_bytes;
     o.user_agent = "provisiond-allocation/0.1";
     it = pool.clients.emplace(origin, std::make_unique<https_client>(std::move(o))).first;
@@ -141,7 +150,7 @@ webhook_result webhook_client::perform(const call& c, origin_pool& pool) {
                                  || r.err.code == error_code::request_timeout
                                  || r.err.code == error_code::internal
                              : retried_status(r.status);
-    if (!again || attempt >= opts_.retries)
+    if (!again || attempt >= c.limits.retries)
       return r;
     std::unique_lock<std::mutex> lk(mtx_);
     if (cv_.wait_for(lk, backoff, [this] { return stopping_; }))

@@ -30,6 +30,12 @@ struct webhook_client_options {
   std::size_t max_response_bytes = 1u << 20;
 };
 
+/// One call's own limits (an enrollment's), instead of the client's.
+struct webhook_call_limits {
+  std::chrono::milliseconds timeout{10'000}; ///< per attempt
+  int retries = 2;
+};
+
 /// The outcome of one call, after its retries.
 struct webhook_result {
   error err;        ///< set when no HTTP answer came (connect, TLS, timeout, bad URL)
@@ -53,6 +59,8 @@ public:
   /// `done` runs exactly once on a client thread (or here, after shutdown).
   /// A call is retried when it got no answer, or a 408, 429 or 5xx one.
   void post(std::string url, std::string body, done_fn done);
+  /// The same with this call's own timeout and retries.
+  void post(std::string url, std::string body, webhook_call_limits limits, done_fn done);
 
   const webhook_client_options& options() const noexcept { return opts_; }
 
@@ -60,6 +68,7 @@ private:
   struct call {
     std::string url, body;
     done_fn done;
+    webhook_call_limits limits;
   };
   struct origin_pool; ///< one thread's connections, by origin
   void run();

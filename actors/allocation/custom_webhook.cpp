@@ -67,6 +67,32 @@ std::string webhook_request_body(const request& in, const std::vector<std::strin
   return body.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+std::chrono::milliseconds webhook_budget(const webhook_limits& l) {
+  auto budget = std::chrono::milliseconds(0);
+  auto backoff = l.retry_backoff;
+  for (int i = 0; i <= l.retries; ++i) {
+    budget += 2 * l.timeout;
+    if (i < l.retries) {
+      budget += backoff;
+      backoff *= 2;
+    }
+  }
+  return budget + std::chrono::seconds(5);
+}
+
+webhook_limits limits_for(const enrollment::enrollment_view& v, const webhook_limits& defaults) {
+  webhook_limits l = defaults;
+  if (v.webhook_timeout_ms > 0)
+    l.timeout = std::chrono::milliseconds(v.webhook_timeout_ms);
+  if (v.webhook_retries >= 0)
+    l.retries = v.webhook_retries;
+  return l;
+}
+
+std::chrono::milliseconds custom_policy::deadline_for(const request& in) const noexcept {
+  return in.enrollment ? webhook_budget(limits_for(*in.enrollment, defaults_)) : deadline();
+}
+
 std::string webhook_host(std::string_view url) {
   constexpr std::string_view scheme = "https://";
   if (url.size() < scheme.size() || !ascii::iequals(url.substr(0, scheme.size()), scheme))
@@ -158,6 +184,9 @@ void custom_policy::allocate(const request& in, done_fn done) const {
   webhook_post post;
   post.url = v.webhook_url;
   post.body = webhook_request_body(in, linked);
+  const auto limits = limits_for(v, defaults_);
+  post.timeout = limits.timeout;
+  post.retries = limits.retries;
   auto host = webhook_host(post.url);
   post_(std::move(post), [done, linked = std::move(linked), host = std::move(host)](
                            webhook_reply r) {

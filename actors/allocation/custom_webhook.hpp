@@ -19,7 +19,26 @@ namespace prov::allocation {
 struct webhook_post {
   std::string url;  ///< customAllocationDefinition.webhookUrl (may hold a key in its query)
   std::string body; ///< JSON
+  std::chrono::milliseconds timeout{10'000}; ///< per attempt
+  int retries = 2;  ///< more attempts after a failed one
 };
+
+/// How long webhook attempts may take and how often they are retried: the
+/// [custom_allocation] defaults, or an enrollment's own
+/// (customAllocationDefinition.timeoutMs, .retries).
+struct webhook_limits {
+  std::chrono::milliseconds timeout{10'000};
+  int retries = 2;
+  std::chrono::milliseconds retry_backoff{500}; ///< before each retry, doubled every time
+};
+
+/// How long the stage waits for the poster at most: every attempt (connect,
+/// then the exchange, each up to `timeout`) and backoff, plus 5 s, so the
+/// poster's answer, which names the webhook's status, is normally the one.
+std::chrono::milliseconds webhook_budget(const webhook_limits& l);
+
+/// `defaults` with the enrollment's own timeout and retries, when it sets them.
+webhook_limits limits_for(const enrollment::enrollment_view& v, const webhook_limits& defaults);
 
 /// What came of it, after the poster's retries.
 struct webhook_reply {
@@ -62,17 +81,19 @@ std::string webhook_host(std::string_view url);
 /// allocationPolicy "custom".
 class custom_policy final : public policy {
 public:
-  /// `deadline`: how long the stage waits at most; longer than the poster's
-  /// own timeouts and retries together, so the poster's answer normally wins.
-  custom_policy(webhook_poster post, std::chrono::milliseconds deadline)
-      : post_(std::move(post)), deadline_(deadline) {}
+  /// `defaults`: the [custom_allocation] limits, for enrollments that set none.
+  custom_policy(webhook_poster post, webhook_limits defaults)
+      : post_(std::move(post)), defaults_(defaults) {}
   allocation_policy kind() const noexcept override { return allocation_policy::custom; }
-  std::chrono::milliseconds deadline() const noexcept override { return deadline_; }
+  std::chrono::milliseconds deadline() const noexcept override {
+    return webhook_budget(defaults_);
+  }
+  std::chrono::milliseconds deadline_for(const request& in) const noexcept override;
   void allocate(const request& in, done_fn done) const override;
 
 private:
   webhook_poster post_;
-  std::chrono::milliseconds deadline_;
+  webhook_limits defaults_;
 };
 
 } // namespace prov::allocation

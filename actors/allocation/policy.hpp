@@ -94,6 +94,10 @@ public:
   /// How long the stage waits for a later answer before it fails the device
   /// (no_hub_available); an answer after that is dropped.
   virtual std::chrono::milliseconds deadline() const noexcept { return std::chrono::seconds(30); }
+  /// The same for one request (an enrollment may set its own limits).
+  virtual std::chrono::milliseconds deadline_for(const request&) const noexcept {
+    return deadline();
+  }
   /// Calls `(*done)(...)` or `done->decided(...)` exactly once: during the call, or later from any
   /// thread (copying what it needs of `in` before returning).
   virtual void allocate(const request& in, done_fn done) const = 0;

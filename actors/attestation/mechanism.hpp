@@ -38,6 +38,10 @@ struct verdict {
   /// (compact JSON, the second only for groups), what DPS returns in
   /// registrationState.x509 besides enrollmentGroupId; "" otherwise.
   std::string x509_json;
+  /// Which of the admitting entry's two credentials matched: "primary",
+  /// "secondary", or "" when the mechanism has no such pair. Recorded, so
+  /// an operator rolling keys sees which one each device still uses.
+  std::string key_used;
 
   static verdict rejected(error_code code, std::string message) {
     verdict v;
@@ -45,11 +49,13 @@ struct verdict {
     v.err = error{code, std::move(message)};
     return v;
   }
-  static verdict accepted(attestation_type t, bool enabled, std::string group_id = {}) {
+  static verdict accepted(attestation_type t, bool enabled, std::string group_id = {},
+                          std::string key_used = {}) {
     verdict v;
     v.type = t;
     v.enabled = enabled;
     v.enrollment_group_id = std::move(group_id);
+    v.key_used = std::move(key_used);
     return v;
   }
   bool is_accepted() const noexcept { return result == outcome::accepted; }

@@ -1,5 +1,7 @@
 #include "actors/attestation/symmetric_key.hpp"
 
+#include <utility>
+
 #include <openssl/crypto.h>
 
 #include "actors/attestation/sas_token.hpp"
@@ -16,12 +18,13 @@ public:
 
   verdict check_individual(const enrollment::enrollment_view& v) const override {
     const auto& keys = std::get<enrollment::symmetric_key_attestation>(v.attestation);
-    if (!signature_matches(tok_, keys.primary_key)
-        && (keys.secondary_key.empty() || !signature_matches(tok_, keys.secondary_key)))
-      return verdict::rejected(error_code::unauthorized_signature,
-                               "signature mismatch: the token is not signed with the individual "
-                               "enrollment's primary or secondary key");
-    return verdict::accepted(attestation_type::symmetric_key, v.enabled);
+    if (signature_matches(tok_, keys.primary_key))
+      return verdict::accepted(attestation_type::symmetric_key, v.enabled, {}, "primary");
+    if (!keys.secondary_key.empty() && signature_matches(tok_, keys.secondary_key))
+      return verdict::accepted(attestation_type::symmetric_key, v.enabled, {}, "secondary");
+    return verdict::rejected(error_code::unauthorized_signature,
+                             "signature mismatch: the token is not signed with the individual "
+                             "enrollment's primary or secondary key");
   }
 
   verdict check_groups(const std::vector<enrollment::enrollment_view>& groups) const override {
@@ -30,7 +33,8 @@ public:
       const auto* keys = std::get_if<enrollment::symmetric_key_attestation>(&g.attestation);
       if (keys == nullptr)
         continue;
-      for (const auto* key : {&keys->primary_key, &keys->secondary_key}) {
+      for (const auto& [key, which] : {std::pair{&keys->primary_key, "primary"},
+                                       std::pair{&keys->secondary_key, "secondary"}}) {
         if (key->empty())
           continue;
         auto dk = crypto::derive_device_key_raw(*key, registration_id_);
@@ -40,7 +44,7 @@ public:
         if (dk)
           OPENSSL_cleanse(dk->data(), dk->size());
         if (match)
-          return verdict::accepted(attestation_type::symmetric_key, g.enabled, g.id);
+          return verdict::accepted(attestation_type::symmetric_key, g.enabled, g.id, which);
       }
     }
     return verdict::rejected(error_code::unauthorized_signature,

@@ -1,7 +1,10 @@
 #include "actors/configuration/cloud_event.hpp"
 
 #include "messages/ascii.hpp"
+#include "messages/dps_types.hpp"
 #include "messages/json_text.hpp"
+
+#include <nlohmann/json.hpp>
 
 namespace prov::configuration {
 
@@ -70,6 +73,21 @@ ce_attributes deprovision_attributes_of(const registration_event& ev,
           prev.device_id.empty() ? ev.device_id : prev.device_id, utc_string(ev.completed_ms)};
 }
 
+namespace {
+
+/// The enrollment's migrateDeviceData when the device moved: allocation
+/// writes it in the allocation explanation (records from before it did:
+/// what the substatus implies).
+bool migrates(const registration_event& ev) {
+  auto a = nlohmann::json::parse(ev.allocation_json, nullptr, false);
+  if (a.is_object())
+    if (auto it = a.find("migrateDeviceData"); it != a.end() && it->is_boolean())
+      return it->get<bool>();
+  return ev.substatus != to_string(assignment_substatus::device_data_reset);
+}
+
+} // namespace
+
 std::string deprovision_event(const registration_event& ev, const registration_state& prev,
                               uint64_t seq) {
   auto attrs = deprovision_attributes_of(ev, prev);
@@ -95,8 +113,10 @@ std::string deprovision_event(const registration_event& ev, const registration_s
     .str("newDeviceId", ev.device_id)
     // deviceDataMigrated: copy the device's twin from `hub` to `newHub`
     // before deleting it; deviceDataReset: the new hub starts from the
-    // initial twin of device.assigned.
+    // initial twin of device.assigned; reprovisionedToInitialAssignment
+    // (back to an earlier hub): either, as migrateDeviceData says.
     .str("substatus", ev.substatus)
+    .boolean("migrateDeviceData", migrates(ev))
     .close();
   ce.close();
   return out;

@@ -17,6 +17,7 @@
 #include <initializer_list>
 #include <optional>
 #include <random>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -499,8 +500,23 @@ error normalize_allocation(const json& body, json& out) {
     const std::string path = "customAllocationDefinition";
     if (auto e = need_object(*def, path))
       return e;
-    if (auto e = only_members(*def, path, {"webhookUrl", "apiVersion"}))
+    if (auto e = only_members(*def, path, {"webhookUrl", "apiVersion", "timeoutMs", "retries"}))
       return e;
+    // provisiond's extensions: how long each webhook attempt may take and how
+    // often a failed one is retried, for this enrollment.
+    for (auto [name, lo, hi] : {std::tuple{"timeoutMs", min_webhook_timeout_ms,
+                                           max_webhook_timeout_ms},
+                                std::tuple{"retries", 0, max_webhook_retries}}) {
+      const json* n = member(*def, name);
+      if (n == nullptr || n->is_null())
+        continue;
+      if (!n->is_number_integer())
+        return wrong_type(join(path, name), "an integer", *n);
+      const auto x = n->get<int64_t>();
+      if (x < lo || x > hi)
+        return invalid(join(path, name), "must be between " + std::to_string(lo) + " and "
+                                           + std::to_string(hi));
+    }
     for (const char* name : {"webhookUrl", "apiVersion"})
       if (member(*def, name) == nullptr)
         return {custom ? error_code::custom_allocation_required : error_code::invalid_enrollment,
@@ -848,6 +864,15 @@ error view_impl(kind k, const json& doc, enrollment_view& out) {
       if (auto e = view_string(*def, "apiVersion", "customAllocationDefinition.apiVersion",
                                v.webhook_api_version))
         return e;
+      for (auto [name, out] : {std::pair{"timeoutMs", &v.webhook_timeout_ms},
+                               std::pair{"retries", &v.webhook_retries}}) {
+        const json* n = member(*def, name);
+        if (n == nullptr || n->is_null())
+          continue;
+        if (!n->is_number_integer())
+          return stored(std::string("customAllocationDefinition.") + name, "not an integer");
+        *out = static_cast<int>(std::clamp<int64_t>(n->get<int64_t>(), 0, max_webhook_timeout_ms));
+      }
     }
     v.public_json = public_document(doc).dump(-1, ' ', false, json::error_handler_t::replace);
   }

@@ -103,8 +103,19 @@ struct enrollment_view {
   /// and the document as the webhook receives it (public_document(), compact).
   std::string webhook_url;
   std::string webhook_api_version;
+  /// customAllocationDefinition.timeoutMs and .retries (provisiond
+  /// extensions): per attempt and retries after a failed attempt; 0 and -1
+  /// mean the [custom_allocation] defaults.
+  int webhook_timeout_ms = 0;
+  int webhook_retries = -1;
   std::string public_json;
 };
+
+/// The bounds of customAllocationDefinition.timeoutMs and .retries (the
+/// same as [custom_allocation] timeout_ms and retries).
+inline constexpr int min_webhook_timeout_ms = 100;
+inline constexpr int max_webhook_timeout_ms = 600000;
+inline constexpr int max_webhook_retries = 10;
 
 /// Storage key of an id: ids are case-insensitive, so keys are lower-case.
 std::string key_of(std::string_view id);

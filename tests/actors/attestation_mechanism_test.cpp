@@ -97,7 +97,9 @@ TEST_CASE("symmetric key: individual enrollment, primary or secondary key") {
   CHECK(v.is_accepted());
   CHECK(v.type == attestation_type::symmetric_key);
   CHECK(v.enrollment_group_id.empty());
+  CHECK(v.key_used == "primary");
   CHECK(p->check_individual(symmetric(reg, group_key, other_key, false)).is_accepted());
+  CHECK(p->check_individual(symmetric(reg, group_key, other_key)).key_used == "secondary");
   CHECK_FALSE(p->check_individual(symmetric(reg, group_key, other_key, false)).enabled);
   auto bad = p->check_individual(symmetric(reg, group_key));
   CHECK(bad.result == verdict::outcome::rejected);
@@ -119,6 +121,8 @@ TEST_CASE("symmetric key: groups derive the device key; other types are skipped"
   REQUIRE(v.is_accepted());
   CHECK(v.enrollment_group_id == "g-right");
   CHECK_FALSE(v.enabled);
+  CHECK(v.key_used == "secondary"); // g-right's secondary key is the group key
+  CHECK(p->check_groups({symmetric("g-first", group_key, other_key)}).key_used == "primary");
   groups.pop_back();
   auto none = p->check_groups(groups);
   CHECK(none.result == verdict::outcome::rejected);

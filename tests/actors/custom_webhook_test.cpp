@@ -113,7 +113,7 @@ TEST_CASE("the policy posts DPS's AllocationRequest and answers from the reply")
                     sent = std::move(post);
                     reply = std::move(done);
                   },
-                  std::chrono::seconds(10));
+                  webhook_limits{std::chrono::seconds(1), 2, std::chrono::milliseconds(100)});
   struct capture final : answer {
     int calls = 0;
     error err;
@@ -147,4 +147,43 @@ TEST_CASE("the policy posts DPS's AllocationRequest and answers from the reply")
   p.allocate(in, again);
   reply(answered(200, R"({"iotHubHostName":"hub-off.example.net"})"));
   CHECK(again->err.code == error_code::custom_allocation_failed);
+}
+
+TEST_CASE("an enrollment's own webhook timeout and retries replace the defaults") {
+  const webhook_limits defaults{std::chrono::seconds(1), 2, std::chrono::milliseconds(100)};
+  // 3 attempts of 2 x 1 s, backoffs 100 + 200 ms, plus 5 s.
+  CHECK(webhook_budget(defaults) == std::chrono::milliseconds(6000 + 300 + 5000));
+  auto view = std::make_shared<enrollment::enrollment_view>();
+  view->id = "dev-1";
+  view->attestation = enrollment::symmetric_key_attestation{"k1", "k2"};
+  view->allocation = allocation_policy::custom;
+  view->webhook_url = "https://hooks.example.net/a";
+  view->public_json = R"({"registrationId":"dev-1"})";
+  request in;
+  in.registration_id = "dev-1";
+  in.enrollment = view;
+  in.candidates = {{"hub-a.example.net", 1, true, ""}};
+  in.linked_hubs = 1;
+  struct ignore final : answer {
+    void decided(error, decision) override {}
+  };
+  std::vector<webhook_post> sent;
+  custom_policy p([&](webhook_post post, std::function<void(webhook_reply)>) {
+                    sent.push_back(std::move(post));
+                  },
+                  defaults);
+  p.allocate(in, std::make_shared<ignore>());
+  REQUIRE(sent.size() == 1);
+  CHECK(sent[0].timeout == std::chrono::seconds(1));
+  CHECK(sent[0].retries == 2);
+  CHECK(p.deadline_for(in) == webhook_budget(defaults));
+
+  view->webhook_timeout_ms = 250;
+  view->webhook_retries = 0;
+  p.allocate(in, std::make_shared<ignore>());
+  REQUIRE(sent.size() == 2);
+  CHECK(sent[1].timeout == std::chrono::milliseconds(250));
+  CHECK(sent[1].retries == 0);
+  CHECK(p.deadline_for(in) == std::chrono::milliseconds(500 + 5000));
+  CHECK(p.deadline() == webhook_budget(defaults)); // the instance's stays
 }

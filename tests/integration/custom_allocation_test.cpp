@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -63,10 +64,20 @@ public:
                       {"properties", {{"desired", {{"interval", 30}}}}}}},
                     {"payload", {{"greeting", "hello"}, {"echo", device_payload}}}}
                  .dump();
-    } else if (req.path == "/fail500") {
+    } else if (req.path.rfind("/fail500", 0) == 0) {
       r.status = 500;
       r.body = R"({"error":"boom"})";
-    } else if (req.path == "/slow") {
+    } else if (req.path == "/late1500") {
+      // Answers after 1.5 s: later than [custom_allocation] timeout_ms (1 s).
+      std::thread([respond = std::move(respond)]() mutable {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+        gateway::http_response late;
+        late.headers.emplace_back("Content-Type", "application/json");
+        late.body = json{{"iotHubHostName", hub_a}, {"payload", {{"late", true}}}}.dump();
+        respond(std::move(late));
+      }).detach();
+      return;
+    } else if (req.path.rfind("/slow", 0) == 0) {
       std::lock_guard<std::mutex> lk(mtx_);
       held_.push_back(std::move(respond)); // answered only at the end
       return;
@@ -158,12 +169,15 @@ json custom_definition(const std::string& path) {
 }
 
 void put_individual(const std::string& id, const std::string& path,
-                    const test::server_process& srv = fx().prov) {
+                    const test::server_process& srv = fx().prov, const json& limits = {}) {
+  json def = custom_definition(path);
+  if (limits.is_object())
+    def.update(limits);
   json body{{"registrationId", id},
             {"attestation", {{"type", "symmetricKey"},
                              {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}},
             {"allocationPolicy", "custom"},
-            {"customAllocationDefinition", custom_definition(path)},
+            {"customAllocationDefinition", def},
             {"initialTwin", {{"tags", {{"from", "enrollment"}}}}}};
   auto r = srv.service("PUT", "/enrollments/" + id, body.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
@@ -221,6 +235,20 @@ void check_failed(const json& op, const std::string& message) {
   CHECK(rs["errorCode"] == 400207);
   CHECK(rs["errorMessage"] == message);
   CHECK(rs.value("assignedHub", "") == "");
+}
+
+std::string run_cli(const std::string& args, int& rc) {
+  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
+  std::string out;
+  rc = -1;
+  if (FILE* f = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
+      out.append(buf, n);
+    rc = ::pclose(f);
+  }
+  return out;
 }
 
 } // namespace
@@ -342,6 +370,74 @@ TEST_CASE("custom allocation: a webhook that does not answer in time") {
   CHECK(fx().handler.calls_to("/slow").size() == 2);
 }
 
+TEST_CASE("custom allocation: an enrollment's own retries replace the instance's") {
+  // [custom_allocation] retries = 1 (two calls); this enrollment says none.
+  const std::string id = "webhook-own-retries";
+  put_individual(id, "/fail500-own", fx().prov, {{"retries", 0}});
+  check_failed(register_with(id, key, nullptr), "Custom allocation failed with status code: 500");
+  CHECK(fx().handler.calls_to("/fail500-own").size() == 1);
+  // And more than the instance's: 3 retries, four calls.
+  const std::string more = "webhook-more-retries";
+  put_individual(more, "/fail500-more", fx().prov, {{"retries", 3}});
+  check_failed(register_with(more, key, nullptr), "Custom allocation failed with status code: 500");
+  CHECK(fx().handler.calls_to("/fail500-more").size() == 4);
+}
+
+TEST_CASE("custom allocation: an enrollment's own timeout replaces the instance's") {
+  // The webhook answers after 1.5 s. The instance's 1 s timeout gives up
+  // (twice, retries = 1); the enrollment's 10 s waits for the answer.
+  const std::string quick = "webhook-default-timeout";
+  put_individual(quick, "/late1500");
+  check_failed(register_with(quick, key, nullptr),
+               "Custom allocation failed: the webhook at localhost:"
+                 + std::to_string(fx().webhook->port())
+                 + " did not answer in time (2 attempts)");
+  const std::string patient = "webhook-own-timeout";
+  put_individual(patient, "/late1500", fx().prov, {{"timeoutMs", 10000}, {"retries", 0}});
+  auto op = register_with(patient, key, nullptr);
+  REQUIRE_MESSAGE(op["status"] == "assigned", op.dump());
+  CHECK(op["registrationState"]["assignedHub"] == hub_a);
+  CHECK(op["registrationState"]["payload"] == json{{"late", true}});
+  // A short one of its own: one attempt, the enrollment's own message.
+  const std::string brief = "webhook-short-timeout";
+  put_individual(brief, "/slow-short", fx().prov, {{"timeoutMs", 200}, {"retries", 0}});
+  check_failed(register_with(brief, key, nullptr),
+               "Custom allocation failed: the webhook at localhost:"
+                 + std::to_string(fx().webhook->port())
+                 + " did not answer in time (1 attempt)");
+  CHECK(fx().handler.calls_to("/slow-short").size() == 1);
+  // The limits are part of the enrollment as GET shows it.
+  auto got = fx().prov.service("GET", "/enrollments/" + patient);
+  REQUIRE(got.status == 200);
+  CHECK(test::parse_json(got.body)["customAllocationDefinition"]["timeoutMs"] == 10000);
+}
+
+TEST_CASE("custom allocation: bad webhook limits are refused with 400005, nothing stored") {
+  for (const auto& [limits, message] : std::vector<std::pair<json, std::string>>{
+         {{{"timeoutMs", 99}}, "customAllocationDefinition.timeoutMs: must be between 100 and 600000"},
+         {{{"timeoutMs", 600001}}, "customAllocationDefinition.timeoutMs: must be between 100 and 600000"},
+         {{{"timeoutMs", "5s"}}, "customAllocationDefinition.timeoutMs: must be an integer (got string)"},
+         {{{"timeoutMs", 1.5}}, "customAllocationDefinition.timeoutMs: must be an integer (got number)"},
+         {{{"retries", -1}}, "customAllocationDefinition.retries: must be between 0 and 10"},
+         {{{"retries", 11}}, "customAllocationDefinition.retries: must be between 0 and 10"},
+         {{{"retries", true}}, "customAllocationDefinition.retries: must be an integer (got boolean)"}}) {
+    const std::string id = "webhook-bad-limits";
+    json def = custom_definition("/ok");
+    def.update(limits);
+    json body{{"registrationId", id},
+              {"attestation", {{"type", "symmetricKey"},
+                               {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}},
+              {"allocationPolicy", "custom"},
+              {"customAllocationDefinition", def}};
+    auto r = fx().prov.service("PUT", "/enrollments/" + id, body.dump());
+    CHECK_MESSAGE(r.status == 400, r.body);
+    auto j = test::parse_json(r.body);
+    CHECK_MESSAGE(j.value("errorCode", 0) == 400005, r.body);
+    CHECK_MESSAGE(j.value("message", "") == message, r.body);
+    CHECK(fx().prov.service("GET", "/enrollments/" + id).status == 404);
+  }
+}
+
 TEST_CASE("custom allocation: an answer that is not JSON") {
   check_failed(register_via("webhook-malformed", "/malformed"),
                "Custom allocation failed: the webhook answered status code 200 with a body "
@@ -380,6 +476,49 @@ TEST_CASE("custom allocation: a webhook nobody listens on") {
                   0)
         == 0);
   CHECK(msg.find("secret") == std::string::npos); // the function key never shows
+}
+
+TEST_CASE("custom allocation: the CLI creates a custom enrollment with its webhook and limits") {
+  const std::string id = "webhook-cli-1";
+  const std::string common = " --data-dir " + fx().prov.data_dir();
+  int rc = -1;
+  auto out = run_cli("enrollment create " + id + " --primary-key " + key + " --secondary-key "
+                       + key + " --policy custom --webhook-url '" + fx().base
+                       + "/fail500-cli?code=secret' --webhook-retries 0 --webhook-timeout-ms 2000"
+                       + common,
+                     rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK_MESSAGE(out.find("custom") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("/fail500-cli?...") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("secret") == std::string::npos, out); // the key is not printed
+  CHECK_MESSAGE(out.find("timeoutMs=2000 retries=0") != std::string::npos, out);
+  auto got = fx().prov.service("GET", "/enrollments/" + id);
+  REQUIRE(got.status == 200);
+  auto doc = test::parse_json(got.body);
+  CHECK(doc["allocationPolicy"] == "custom");
+  CHECK(doc["customAllocationDefinition"]["webhookUrl"] == fx().base + "/fail500-cli?code=secret");
+  CHECK(doc["customAllocationDefinition"]["apiVersion"] == "2021-10-01");
+  CHECK(doc["customAllocationDefinition"]["retries"] == 0);
+  // The device's registration asks that webhook, once (retries 0).
+  check_failed(register_with(id, key, nullptr), "Custom allocation failed with status code: 500");
+  auto calls = fx().handler.calls_to("/fail500-cli");
+  REQUIRE(calls.size() == 1);
+  CHECK(calls[0].query_code == "secret");
+
+  // Without a URL: refused before anything is sent.
+  out = run_cli("enrollment create webhook-cli-2 --policy custom" + common, rc);
+  CHECK(rc != 0);
+  CHECK_MESSAGE(out.find("--policy custom needs --webhook-url") != std::string::npos, out);
+  CHECK(fx().prov.service("GET", "/enrollments/webhook-cli-2").status == 404);
+  // A limit out of range: the server's 400005, nothing stored.
+  out = run_cli("enrollment create webhook-cli-3 --policy custom --webhook-url " + fx().base
+                  + "/ok --webhook-retries 11" + common,
+                rc);
+  CHECK(rc != 0);
+  CHECK_MESSAGE(out.find("customAllocationDefinition.retries: must be between 0 and 10")
+                  != std::string::npos,
+                out);
+  CHECK(fx().prov.service("GET", "/enrollments/webhook-cli-3").status == 404);
 }
 
 TEST_CASE("custom allocation over Kafka, stages not fused: the payload and twin cross the topics") {

@@ -86,6 +86,7 @@ void check_deprovisioned(const json& ev, const std::string& id, const std::strin
   CHECK(ev["data"]["newHub"] == hub_b);
   CHECK(ev["data"]["reason"] == "reprovisioned");
   CHECK(ev["data"]["substatus"] == substatus);
+  CHECK(ev["data"]["migrateDeviceData"] == (substatus != "deviceDataReset"));
 }
 
 } // namespace
@@ -104,7 +105,8 @@ TEST_CASE("updateHubAssignment + migrateDeviceData (DPS's default): deviceDataMi
         == json{{"policy", "static"},
                 {"chosen", hub_b},
                 {"candidates", "the enrollment's iotHubs"},
-                {"reprovision", "moved from hub-a.example.net (migrateDeviceData true)"}});
+                {"reprovision", "moved from hub-a.example.net (migrateDeviceData true)"},
+                {"migrateDeviceData", true}});
   // The outbox order is the events' sequence order.
   CHECK(std::stoull(o.events[0]["sequence"].get<std::string>()) + 1
         == std::stoull(o.events[1]["sequence"].get<std::string>()));
@@ -120,6 +122,79 @@ TEST_CASE("updateHubAssignment, migrateDeviceData false: deviceDataReset with th
   CHECK(o.events[1]["type"] == "device.assigned");
   CHECK(o.events[1]["data"]["substatus"] == "deviceDataReset");
   CHECK(o.events[1]["data"]["initialTwin"] == enrollment_twin);
+}
+
+/// A -> B -> back to A with `policy`: the third registration's outcome.
+outcome there_and_back(const std::string& id, const json& policy) {
+  auto o = move_and_register(id, policy);
+  REQUIRE(o.state["assignedHub"] == hub_b);
+  put_enrollment(id, hub_a, policy);
+  auto third = register_once(id);
+  return {third["registrationState"], events_of(third["operationId"])};
+}
+
+void check_back_to_a(const outcome& o, const std::string& id, bool migrate) {
+  CHECK(o.state["assignedHub"] == hub_a);
+  CHECK(o.state["substatus"] == "reprovisionedToInitialAssignment");
+  REQUIRE(o.events.size() == 2);
+  // Off B, back onto A; whether A gets B's twin or the initial one is
+  // migrateDeviceData's call, and the event says which.
+  const json& dep = o.events[0];
+  CHECK(dep["type"] == "device.deprovisioned");
+  CHECK(dep["data"]["registrationId"] == id);
+  CHECK(dep["data"]["hub"] == hub_b);
+  CHECK(dep["data"]["newHub"] == hub_a);
+  CHECK(dep["data"]["substatus"] == "reprovisionedToInitialAssignment");
+  CHECK(dep["data"]["migrateDeviceData"] == migrate);
+  const json& as = o.events[1];
+  CHECK(as["type"] == "device.assigned");
+  CHECK(as["data"]["assignedHub"] == hub_a);
+  CHECK(as["data"]["substatus"] == "reprovisionedToInitialAssignment");
+  CHECK(as["data"]["initialTwin"] == enrollment_twin);
+  CHECK(as["data"]["allocation"]["reprovision"]
+        == std::string("moved from hub-b.example.net back to a hub it was assigned to before")
+             + (migrate ? " (migrateDeviceData true)" : " (migrateDeviceData false)"));
+  CHECK(std::stoull(dep["sequence"].get<std::string>()) + 1
+        == std::stoull(as["sequence"].get<std::string>()));
+}
+
+TEST_CASE("back to an earlier hub, migrating data: reprovisionedToInitialAssignment") {
+  const std::string id = "reprov-back-migrate";
+  check_back_to_a(there_and_back(id, nullptr), id, true);
+  // The record the service API shows says so too.
+  auto reg = srv().service("GET", "/registrations/" + id);
+  REQUIRE(reg.status == 200);
+  CHECK(test::parse_json(reg.body)["substatus"] == "reprovisionedToInitialAssignment");
+  // B was used before too: going there again is the same.
+  put_enrollment(id, hub_b, nullptr);
+  auto again = register_once(id);
+  CHECK(again["registrationState"]["assignedHub"] == hub_b);
+  CHECK(again["registrationState"]["substatus"] == "reprovisionedToInitialAssignment");
+}
+
+TEST_CASE("back to an earlier hub, resetting data: reprovisionedToInitialAssignment, initial twin") {
+  const std::string id = "reprov-back-reset";
+  check_back_to_a(
+    there_and_back(id, json{{"updateHubAssignment", true}, {"migrateDeviceData", false}}), id,
+    false);
+}
+
+TEST_CASE("a deleted registration record forgets the hubs: the next move is a first one") {
+  const std::string id = "reprov-back-forgotten";
+  auto o = move_and_register(id, nullptr); // A, then B
+  REQUIRE(o.state["assignedHub"] == hub_b);
+  REQUIRE(srv().service("DELETE", "/registrations/" + id).status == 204);
+  put_enrollment(id, hub_a, nullptr);
+  auto fresh = register_once(id);
+  CHECK(fresh["registrationState"]["assignedHub"] == hub_a);
+  CHECK(fresh["registrationState"]["substatus"] == "initialAssignment");
+  auto events = events_of(fresh["operationId"]);
+  REQUIRE(events.size() == 1);
+  CHECK(events[0]["type"] == "device.assigned");
+  // Now A -> B is a move to a new hub, not back.
+  put_enrollment(id, hub_b, nullptr);
+  auto moved = register_once(id);
+  CHECK(moved["registrationState"]["substatus"] == "deviceDataMigrated");
 }
 
 TEST_CASE("updateHubAssignment false: the device stays on its hub, nothing deprovisioned") {

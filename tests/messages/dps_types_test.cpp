@@ -28,4 +28,6 @@ TEST_CASE("dps types: DPS spellings round-trip, unknown names are refused") {
   CHECK(to_string(assignment_substatus::initial_assignment) == "initialAssignment");
   CHECK(to_string(assignment_substatus::device_data_migrated) == "deviceDataMigrated");
   CHECK(to_string(assignment_substatus::device_data_reset) == "deviceDataReset");
+  CHECK(to_string(assignment_substatus::reprovisioned_to_initial_assignment)
+        == "reprovisionedToInitialAssignment");
 }

@@ -369,50 +369,164 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }
 
-TEST_CASE("registration records: version 3 keeps allocation_json and x509_json; 1 and 2 still decode") {
+TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json, 2 allocation_json") {
   registration_state s;
   s.registration_id = "dev-1";
   s.status = registration_status::assigned;
   s.assigned_hub = "hub-a";
   s.last_operation_id = "op";
   s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
+  s.attestation_type = "symmetricKey";
   s.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
-  auto v3 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v3[2]) == 3);
+  s.key_used = "secondary";
+  add_assigned_hub(s, "hub-a");
+  add_assigned_hub(s, "hub-b");
+  add_assigned_hub(s, "HUB-A"); // there already
+  CHECK(s.assigned_hubs == "hub-a\nhub-b");
+  CHECK(was_assigned_to(s, "Hub-B"));
+  CHECK_FALSE(was_assigned_to(s, "hub-c"));
+  CHECK_FALSE(was_assigned_to(s, "hub"));
+  auto v5 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v5[2]) == 5);
   registration_state back;
-  REQUIRE(!decode_record(v3, back));
+  REQUIRE(!decode_record(v5, back));
   CHECK(back.allocation_json == s.allocation_json);
   CHECK(back.x509_json == s.x509_json);
-  // A version 2 record is the version 3 bytes without the last string (its
-  // length prefix, one byte when empty) and with version byte 2; version 1
-  // lacks one more.
-  s.allocation_json.clear();
+  CHECK(back.key_used == "secondary");
+  CHECK(back.assigned_hubs == "hub-a\nhub-b");
+  // An older record is the newer bytes without the trailing strings it lacks
+  // (each empty one a one-byte length prefix) and with its version byte:
+  // 4 lacks assigned_hubs, 3 key_used too, 2 x509_json too, 1 allocation_json too.
+  auto older = [](std::string bytes, int drop, uint8_t version) {
+    for (int i = 0; i < drop; ++i) {
+      REQUIRE(bytes.back() == '\0');
+      bytes.pop_back();
+    }
+    bytes[2] = static_cast<char>(version);
+    return bytes;
+  };
+  s.assigned_hubs.clear();
+  registration_state four;
+  REQUIRE(!decode_record(older(encode_record(s), 1, 4), four));
+  CHECK(four.key_used == "secondary");
+  CHECK(four.x509_json == s.x509_json);
+  CHECK(four.assigned_hubs.empty());
+  s.key_used.clear();
+  registration_state three;
+  REQUIRE(!decode_record(older(encode_record(s), 2, 3), three));
+  CHECK(three.x509_json == s.x509_json);
+  CHECK(three.allocation_json == s.allocation_json);
+  CHECK(three.key_used.empty());
   s.x509_json.clear();
-  auto v1 = encode_record(s);
-  REQUIRE(v1.back() == '\0'); // the empty x509_json's length
-  v1.pop_back();
-  auto v2 = v1;
-  v2[2] = 2;
   registration_state two;
-  REQUIRE(!decode_record(v2, two));
+  REQUIRE(!decode_record(older(encode_record(s), 3, 2), two));
   CHECK(two.assigned_hub == "hub-a");
+  CHECK(two.allocation_json == s.allocation_json);
   CHECK(two.x509_json.empty());
-  REQUIRE(v1.back() == '\0'); // the empty allocation_json's length
-  v1.pop_back();
-  v1[2] = 1;
+  s.allocation_json.clear();
   registration_state old;
-  REQUIRE(!decode_record(v1, old));
+  REQUIRE(!decode_record(older(encode_record(s), 4, 1), old));
   CHECK(old.assigned_hub == "hub-a");
   CHECK(old.last_operation_id == "op");
   CHECK(old.allocation_json.empty());
+  CHECK(old.key_used.empty());
   // A version from the future is refused.
-  v3[2] = 4;
-  CHECK(decode_record(v3, back).code == error_code::storage_failure);
-  // The service view shows it; the device view never does.
+  v5[2] = 6;
+  CHECK(decode_record(v5, back).code == error_code::storage_failure);
+  // The hub list is bounded: the oldest go.
+  registration_state many;
+  for (std::size_t i = 0; i <= max_assigned_hubs; ++i)
+    add_assigned_hub(many, "hub-" + std::to_string(i));
+  CHECK_FALSE(was_assigned_to(many, "hub-0"));
+  CHECK(was_assigned_to(many, "hub-1"));
+  CHECK(was_assigned_to(many, "hub-" + std::to_string(max_assigned_hubs)));
+  // The service view shows allocation and keyUsed (never the hub list); the
+  // device view shows neither.
+  s.assigned_hubs = "hub-a";
+  CHECK(json::parse(to_json_text(s, true)).count("assignedHubs") == 0);
   s.allocation_json = R"({"policy":"static"})";
+  s.key_used = "primary";
   CHECK(to_json_text(s).find("allocation") == std::string::npos);
-  CHECK(json::parse(to_json_text(s, true))["allocation"] == json{{"policy", "static"}});
-  CHECK(to_json(s, true) == json::parse(to_json_text(s, true)));
+  CHECK(to_json_text(s).find("keyUsed") == std::string::npos);
+  auto service = json::parse(to_json_text(s, true));
+  CHECK(service["allocation"] == json{{"policy", "static"}});
+  CHECK(service["symmetricKey"]["keyUsed"] == "primary");
+  CHECK(to_json(s, true) == service);
+  CHECK(to_json(s, false) == json::parse(to_json_text(s)));
+}
+
+TEST_CASE("operation records: the event's key_used and x509_json survive; versions 3 and 2 still decode") {
+  operation_record op;
+  op.operation_id = "op-1";
+  op.registration_id = "dev-1";
+  op.status = registration_status::assigning;
+  op.event.operation_id = "op-1";
+  op.event.registration_id = "dev-1";
+  op.event.attestation_type = "symmetricKey";
+  op.event.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
+  op.event.key_used = "secondary";
+  auto current = encode_record(op);
+  CHECK(static_cast<unsigned char>(current[2]) == 5); // one version for all records
+  operation_record back;
+  REQUIRE(!decode_record(current, back));
+  CHECK(back.event.key_used == "secondary");
+  CHECK(back.event.x509_json == op.event.x509_json);
+  // The event's strings come right before the terminal flag (0 here), the
+  // record's last byte. Version 3: no key_used after x509_json; version 2
+  // (and 1): no x509_json either.
+  op.event.key_used.clear();
+  auto v3 = encode_record(op);
+  REQUIRE(v3.size() >= 2);
+  REQUIRE(v3[v3.size() - 2] == '\0'); // the empty key_used's length
+  v3.erase(v3.size() - 2, 1);
+  v3[2] = 3;
+  operation_record three;
+  REQUIRE(!decode_record(v3, three));
+  CHECK(three.event.key_used.empty());
+  CHECK(three.event.x509_json == op.event.x509_json);
+  op.event.x509_json.clear();
+  auto v2 = encode_record(op);
+  REQUIRE(v2.size() >= 3);
+  REQUIRE(v2[v2.size() - 2] == '\0'); // the empty key_used's length
+  REQUIRE(v2[v2.size() - 3] == '\0'); // the empty x509_json's length
+  v2.erase(v2.size() - 3, 2);
+  v2[2] = 2;
+  operation_record two;
+  REQUIRE(!decode_record(v2, two));
+  CHECK(two.event.key_used.empty());
+  CHECK(two.event.x509_json.empty());
+  CHECK(two.event.attestation_type == "symmetricKey");
+}
+
+TEST_CASE("events carry keyUsed only when set, through both decoders") {
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-1";
+  ev.iot_edge = true;
+  auto without = encode_event(ev);
+  CHECK(without.find("keyUsed") == std::string::npos);
+  ev.key_used = "primary";
+  auto with = encode_event(ev);
+  // Byte order of keys as nlohmann writes them: iotEdge < keyUsed < operationId.
+  CHECK(json::parse(with).dump() == with);
+  CHECK(json::parse(with).value("keyUsed", "") == "primary");
+  registration_event back;
+  REQUIRE(!decode_event(with, back));
+  CHECK(back.key_used == "primary");
+  // Pretty-printed: not the flat fast path, the SAX reader; same result.
+  registration_event slow;
+  REQUIRE(!decode_event(json::parse(with).dump(2), slow));
+  CHECK(slow.key_used == "primary");
+  CHECK(decode_event(R"({"v":1,"operationId":"o","registrationId":"r","keyUsed":1})", slow)
+          .code == error_code::bad_request);
+  // With x509 as well (both set only in tests): still nlohmann's key order.
+  ev.x509_json = R"({"certificateInfo":{}})";
+  auto both = encode_event(ev);
+  CHECK(json::parse(both).dump() == both);
+  registration_event both_back;
+  REQUIRE(!decode_event(json::parse(both).dump(2), both_back));
+  CHECK(both_back.key_used == "primary");
+  CHECK(both_back.x509_json == ev.x509_json);
 }
 
 TEST_CASE("an X.509 result carries certificateInfo and signingCertificateInfo") {

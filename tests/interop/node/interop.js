@@ -7,6 +7,10 @@
 //   (a) the individual device,
 //   (b) two devices of the group with keys derived from the group key,
 //   (c) a device presenting the group key itself, which must be refused.
+// Custom allocation (webhook.js): an HTTPS webhook in this process picks the
+// hub and returns a payload the device gets in registrationState.payload.
+// Key rolling (key_roll.js): the device rolls primary -> secondary -> primary
+// while the service client only edits its enrollment or group.
 // X.509 (azure-iot-security-x509's X509Security, certificates made with the
 // openssl CLI): an individual enrollment with the device's self-signed
 // certificate, and an enrollment group with a root CA whose device presents
@@ -569,6 +573,16 @@ async function main() {
     assert.strictEqual(rs.registrationId, INDIVIDUAL_ID);
     assert.strictEqual(rs.status, 'assigned');
     assert.strictEqual(rs.deviceId, INDIVIDUAL_DEVICE_ID);
+  });
+
+  // The custom allocation webhook (a local HTTPS server), in webhook.js.
+  await require('./webhook').run({
+    step, service, makeDeviceClient, newKey, assertAssigned, HUBS, RUN,
+  });
+
+  // Key rolling (primary -> secondary -> primary), in key_roll.js.
+  await require('./key_roll').run({
+    step, service, makeDeviceClient, newKey, deriveKey, describe, assertAssigned, HUBS, RUN,
   });
 
   await step('service: clean up enrollments and registrations', async () => {

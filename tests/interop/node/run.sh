@@ -99,6 +99,28 @@ hostname = "interop-hub-2.azure-devices.net"
 [metrics]
 listen = ""
 EOF
+  # The custom allocation webhook (webhook.js) serves HTTPS for "localhost"
+  # with a certificate from a CA of its own, which provisiond is told to trust.
+  if command -v openssl >/dev/null 2>&1; then
+    wh="$dir/webhook"
+    mkdir -p "$wh"
+    printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n' >"$wh/ca.ext"
+    printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n' >"$wh/leaf.ext"
+    if openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$wh/ca.key" \
+         -out "$wh/ca.csr" -subj "/CN=provisiond interop webhook CA" 2>/dev/null &&
+       openssl x509 -req -in "$wh/ca.csr" -signkey "$wh/ca.key" -days 2 -extfile "$wh/ca.ext" \
+         -out "$wh/ca.pem" 2>/dev/null &&
+       openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$wh/leaf.key" \
+         -out "$wh/leaf.csr" -subj "/CN=localhost" 2>/dev/null &&
+       openssl x509 -req -in "$wh/leaf.csr" -CA "$wh/ca.pem" -CAkey "$wh/ca.key" -set_serial 7 \
+         -days 2 -extfile "$wh/leaf.ext" -out "$wh/leaf.pem" 2>/dev/null; then
+      printf '\n[custom_allocation]\nca_file = "%s"\n' "$wh/ca.pem" >>"$dir/provisiond.toml"
+      export PROV_WEBHOOK_CERT="$wh/leaf.pem" PROV_WEBHOOK_KEY="$wh/leaf.key"
+    else
+      echo "interop: FAILED: cannot make the webhook's certificates with openssl" >&2
+      exit 1
+    fi
+  fi
   if [ -n "${INTEROP_REGISTER_WAIT_MS:-}" ]; then
     printf '\n[device_api]\nregister_wait_ms = %s\n' "$INTEROP_REGISTER_WAIT_MS" >>"$dir/provisiond.toml"
   fi

@@ -11,6 +11,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
+#include "actors/hub_store.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
@@ -423,6 +424,35 @@ public:
     return err ? err : bad;
   }
 
+  error list_hubs(std::vector<json>& docs) override {
+    auto set = ctx_->hubs.hubs();
+    for (const auto& h : *set)
+      docs.push_back(public_hub(*ctx_, h));
+    return {};
+  }
+
+  error get_hub(const std::string& hostname, json& doc) override {
+    auto set = ctx_->hubs.hubs();
+    for (const auto& h : *set)
+      if (allocation::hub_key(h.hostname) == allocation::hub_key(hostname)) {
+        doc = public_hub(*ctx_, h);
+        return {};
+      }
+    return {error_code::linked_hub_not_found, "'" + hostname + "' is not a linked IoT hub"};
+  }
+
+  void put_hub(std::string hostname, std::string body, doc_cb cb) override {
+    caf::anon_send(enrollment_, hub_atom::value, std::string("put"), std::move(hostname),
+                   std::move(body), doc_reply_fn{std::move(cb)});
+  }
+
+  void delete_hub(std::string hostname, done_cb cb) override {
+    caf::anon_send(enrollment_, hub_atom::value, std::string("delete"), std::move(hostname),
+                   std::string(), doc_reply_fn{[cb = std::move(cb)](error e, std::string) {
+                     cb(std::move(e));
+                   }});
+  }
+
   error get_enrollment(enrollment::kind k, const std::string& id, json& doc) override {
     std::optional<std::string> raw;
     if (auto err = ctx_->store->get(family_of(k), enrollment::key_of(id), raw))
@@ -567,6 +597,8 @@ public:
     // Queued TPM registers get 503; the running one finishes first (it may
     // still hand its register to the registration actor).
     tpm_worker_.stop();
+    if (ctx_->prober)
+      ctx_->prober->stop();
     // Kafka: stop the table readers while the store still takes writes.
     if (ctx_->repl)
       ctx_->repl->close();
@@ -819,8 +851,6 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   } else {
     ctx->bus = bus::make_inprocess_bus();
   }
-  for (const auto& h : opts.cfg.hubs)
-    ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region});
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
@@ -917,6 +947,19 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
                        return c && c->repl ? static_cast<double>(c->repl->table_lag(name)) : 0.0;
                      });
     }
+  }
+  {
+    // [[hubs]] seeds the linked hubs on a deployment's first start only.
+    std::vector<allocation::linked_hub> seed;
+    for (const auto& h : ctx->opts.cfg.hubs)
+      seed.push_back(
+        {h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region, h.health_endpoint});
+    if (auto err = seed_hubs(*ctx, seed, ctx->opts.placeholder_hubs))
+      return {err.code, "linked hubs: " + err.message};
+    // Health decides allocation, so the processes that allocate probe.
+    if (ctx->opts.cfg.roles.allocation)
+      ctx->prober = std::make_unique<hub_prober>(ctx->hubs, ctx->opts.cfg.hub_health,
+                                                 ctx->metrics);
   }
   auto impl = std::make_unique<engine_impl>(ctx);
   if (auto err = impl->start())

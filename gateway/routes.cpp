@@ -137,7 +137,7 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   auto is_root = [](const std::string& s) {
     return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
            || iequals(s, "registrations") || iequals(s, "assignments")
-           || iequals(s, "certificates");
+           || iequals(s, "certificates") || iequals(s, "linkedhubs");
   };
   if (segs.size() == 1 && (segs[0] == "healthz" || segs[0] == "readyz")) {
     k.route = m + " /" + segs[0];
@@ -170,10 +170,15 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
            : root == "enrollmentgroups" ? "EnrollmentGroup"
            : root == "registrations"    ? "DeviceRegistrationState"
            : root == "certificates"     ? "Certificate"
+           : root == "linkedhubs"       ? "LinkedHub"
                                         : "Assignment";
-  std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups" : root);
+  std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups"
+                                       : root == "linkedhubs"     ? "linkedHubs"
+                                                                  : root);
   if (segs.size() == 1) {
-    k.operation = m == "GET" ? "Query" : m == "POST" ? "BulkOperation" : "Unknown";
+    k.operation = m == "GET" ? (root == "linkedhubs" ? "List" : "Query")
+                  : m == "POST" ? "BulkOperation"
+                                : "Unknown";
   } else if (segs.size() == 2 && iequals(segs[1], "query")) {
     tmpl += "/query";
     k.operation = "Query";
@@ -309,7 +314,7 @@ private:
   static bool is_service_root(const std::string& s) {
     return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
            || iequals(s, "registrations") || iequals(s, "assignments")
-           || iequals(s, "certificates");
+           || iequals(s, "certificates") || iequals(s, "linkedhubs");
   }
 
   // -- device API -------------------------------------------------------------
@@ -427,6 +432,8 @@ private:
     const auto& m = req.method;
     if (root == "certificates")
       return certificates(req, ids, reply, fail, tracking);
+    if (root == "linkedhubs")
+      return linked_hubs(req, ids, reply, fail, tracking);
     if (root == "assignments") {
       if (segs.size() != 1)
         return fail({error_code::not_found, "no such route: " + req.path});
@@ -623,6 +630,42 @@ private:
                              reply(op == "delete" ? no_content()
                                                   : json_response(200, std::move(doc)));
                            });
+  }
+
+  /// Linked hubs managed at run time (actors/hub_store.hpp). Like the CA
+  /// store, service configuration: every call needs the ServiceConfig right.
+  template <class Fail>
+  void linked_hubs(const http_request& req, const std::vector<std::string>& ids,
+                   const reply_fn& reply, Fail& fail, const std::string& tracking) {
+    const auto& m = req.method;
+    if (ids.size() > 1)
+      return fail({error_code::not_found, "no such route: " + req.path});
+    if (ids.empty() && m != "GET")
+      return fail({error_code::method_not_allowed, "use GET /linkedHubs to list the hubs"});
+    if (!ids.empty() && m != "GET" && m != "PUT" && m != "DELETE")
+      return fail({error_code::method_not_allowed, "use GET, PUT or DELETE"});
+    if (auto err = authorize(req, "ServiceConfig"))
+      return fail(err);
+    if (ids.empty()) {
+      std::vector<json> docs;
+      if (auto err = eng_.list_hubs(docs))
+        return fail(err);
+      return reply(json_response(200, json{{"value", std::move(docs)}}.dump()));
+    }
+    const std::string& name = ids[0];
+    if (m == "GET") {
+      json doc;
+      if (auto err = eng_.get_hub(name, doc))
+        return fail(err);
+      return reply(json_response(200, doc.dump()));
+    }
+    if (m == "DELETE")
+      return eng_.delete_hub(name, [reply, tracking](error e) {
+        reply(e ? error_response(e, tracking) : no_content());
+      });
+    eng_.put_hub(name, req.body, [reply, tracking](error e, std::string doc) {
+      reply(e ? error_response(e, tracking) : json_response(200, std::move(doc)));
+    });
   }
 
   error paging(const http_request& req, std::size_t& max, std::string& cont) {

@@ -134,6 +134,7 @@ void views_of(const registration_event& ev, const current_record& cur,
               allocation::request& in) {
   in.registration_id = ev.registration_id;
   in.payload_json = ev.payload_json;
+  in.client_ip = ev.client_ip;
   in.current_hub = {};
   in.current_device_id = {};
   if (cur.state && cur.state->status == registration_status::assigned) {
@@ -187,8 +188,6 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
   w.str("policy", to_string(kind));
   if (!v.allocation)
     w.str("policyFrom", "instance default");
-  if (kind == allocation_policy::geo_latency)
-    w.str("servedBy", "hashed (no hub latency is known)");
   w.str("chosen", hub);
   w.str("candidates", v.iot_hubs.empty() ? "linked hubs" : "the enrollment's iotHubs");
   if (!d.why_json.empty())

@@ -11,6 +11,8 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
+#include "actors/allocation/geo_latency.hpp"
+#include "messages/ascii.hpp"
 #include "actors/hub_store.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation/tpm.hpp"
@@ -861,9 +863,21 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   auto hashed = std::make_shared<allocation::hashed_policy>();
   ctx->policies.add(hashed);
-  // No latency is known of any hub, so every candidate is as near as
-  // another: geoLatency picks among them as hashed does.
-  ctx->policies.add_as(allocation_policy::geo_latency, hashed);
+  {
+    // geoLatency: the hubs' probe RTTs (this process's prober) and the
+    // configured regions. The set outlives the policy (both in ctx).
+    const auto& gc = opts.cfg.geo_latency;
+    allocation::geo_options g;
+    g.gateway_region = gc.region;
+    g.tie_ms = gc.tie_ms;
+    for (const auto& r : gc.client_ranges)
+      g.client_ranges.push_back({r.cidr, r.region});
+    for (const auto& l : gc.latencies)
+      g.latency_ms[{ascii::to_lower(l.from), ascii::to_lower(l.to)}] = l.ms;
+    const allocation::hub_set* set = &ctx->hubs;
+    ctx->policies.add(std::make_shared<allocation::geo_latency_policy>(
+      std::move(g), [set](std::string_view hub) { return set->health(hub).rtt_ms; }));
+  }
   ctx->policies.add(std::make_shared<allocation::static_policy>());
   if (opts.cfg.roles.allocation) {
     std::shared_ptr<const allocation::policy> custom;

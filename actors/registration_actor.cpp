@@ -428,6 +428,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ev.attestation_type = to_string(r.type);
       ev.enrollment_group_id = r.enrollment_group_id;
       ev.payload_json = req.payload_json;
+      ev.client_ip = req.client_ip;
       if (r.enabled && defer_accept && !st->draining) {
         // Nobody learns the operation id before the outcome (or the 202 of
         // an expired wait, which records the accept first), so the accept

@@ -46,6 +46,8 @@ constexpr int_rule weight_rule{1, 1000};
 constexpr int_rule probe_interval_rule{100, 3600000};
 constexpr int_rule probe_timeout_rule{50, 600000};
 constexpr int_rule probe_threshold_rule{1, 100};
+constexpr int_rule tie_rule{0, 60000};
+constexpr int_rule latency_rule{0, 600000};
 constexpr int_rule max_packet_rule{1024, 2 * 1048576};
 constexpr int_rule max_inflight_rule{1, 1024};
 constexpr int_rule partitions_rule{1, 10000};
@@ -343,6 +345,12 @@ void check_config(const engine_config& c, const report_fn& report) {
       report(base + ".health_endpoint",
              "expected an https://host[:port]/path URL, got " + quote(h.health_endpoint));
   }
+  for (std::size_t i = 0; i < c.geo_latency.client_ranges.size(); ++i) {
+    const auto& r = c.geo_latency.client_ranges[i];
+    if (!cidr_ok(r.cidr))
+      report(indexed("geo_latency.client_ranges", i) + ".cidr",
+             "expected an IPv4 or IPv6 CIDR such as 10.1.0.0/16, got " + quote(r.cidr));
+  }
   {
     const hub_health_config& h = c.hub_health;
     check_range(report, "hub_health.interval_ms", h.interval_ms, probe_interval_rule);
@@ -438,7 +446,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
-                "custom_allocation", "hub_health", "metrics", "storage", "log", "kafka"});
+                "custom_allocation", "hub_health", "geo_latency", "metrics", "storage", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -540,6 +548,32 @@ class loader {
       get_int(*t, p, "unhealthy_after", h.unhealthy_after, probe_threshold_rule);
       get_int(*t, p, "healthy_after", h.healthy_after, probe_threshold_rule);
       get(*t, p, "ca_file", h.ca_file);
+    }
+    if (const toml::table* t = sub_table(root, "", "geo_latency")) {
+      const std::string p = "geo_latency";
+      geo_latency_config& g = c.geo_latency;
+      check_keys(*t, p, {"region", "tie_ms", "client_ranges", "latencies"});
+      get(*t, p, "region", g.region);
+      get_int(*t, p, "tie_ms", g.tie_ms, tie_rule);
+      for_each_entry(*t, "client_ranges", [&](const toml::table& e, const std::string& ep) {
+        geo_latency_config::client_range r;
+        const std::string full = p + "." + ep;
+        check_keys(e, full, {"cidr", "region"});
+        require(e, full, {"cidr", "region"});
+        get(e, full, "cidr", r.cidr);
+        get(e, full, "region", r.region);
+        g.client_ranges.push_back(std::move(r));
+      });
+      for_each_entry(*t, "latencies", [&](const toml::table& e, const std::string& ep) {
+        geo_latency_config::latency l;
+        const std::string full = p + "." + ep;
+        check_keys(e, full, {"from", "to", "ms"});
+        require(e, full, {"from", "to", "ms"});
+        get(e, full, "from", l.from);
+        get(e, full, "to", l.to);
+        get_int(e, full, "ms", l.ms, latency_rule);
+        g.latencies.push_back(std::move(l));
+      });
     }
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
@@ -915,6 +949,24 @@ bool split_host_port(const std::string& s, std::string& host, uint16_t& port) {
 }
 
 bool valid_dns_name(std::string_view s) { return dns_name(s); }
+
+bool cidr_ok(const std::string& cidr) {
+  const auto slash = cidr.find('/');
+  if (slash == std::string::npos)
+    return false;
+  const std::string ip = cidr.substr(0, slash), len = cidr.substr(slash + 1);
+  unsigned char buf[16];
+  int max = 0;
+  if (::inet_pton(AF_INET, ip.c_str(), buf) == 1)
+    max = 32;
+  else if (::inet_pton(AF_INET6, ip.c_str(), buf) == 1)
+    max = 128;
+  else
+    return false;
+  if (len.empty() || len.size() > 3 || len.find_first_not_of("0123456789") != std::string::npos)
+    return false;
+  return std::stoi(len) <= max;
+}
 
 bool valid_health_endpoint(std::string_view url) {
   constexpr std::string_view scheme = "https://";

@@ -122,6 +122,23 @@ struct custom_allocation_config {
   int threads = 4;             ///< calls in flight at most (each waits on its thread)
 };
 
+/// [geo_latency]: what the geoLatency policy knows of regions
+/// (actors/allocation/geo_latency.hpp). Hubs' regions are their `region`.
+struct geo_latency_config {
+  std::string region;   ///< this gateway's region; the device's when nothing else says
+  int tie_ms = 5;       ///< hubs within this many ms of the lowest estimate are tied
+  struct client_range {
+    std::string cidr;   ///< "10.1.0.0/16", "2001:db8::/32"
+    std::string region;
+  };
+  std::vector<client_range> client_ranges; ///< [[geo_latency.client_ranges]], first match wins
+  struct latency {
+    std::string from, to; ///< regions (case-insensitive); symmetric
+    int ms = 0;
+  };
+  std::vector<latency> latencies; ///< [[geo_latency.latencies]]
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -194,6 +211,7 @@ struct engine_config {
   std::vector<hub_config> hubs;
   custom_allocation_config custom_allocation;
   hub_health_config hub_health;
+  geo_latency_config geo_latency;
   metrics_config metrics;
   storage_config storage;
   log_config log;
@@ -217,6 +235,9 @@ struct engine_config {
 
 /// A DNS host name (labels of letters, digits and '-', at most 253 chars).
 bool valid_dns_name(std::string_view s);
+
+/// An IPv4 or IPv6 CIDR ("10.1.0.0/16", "2001:db8::/32").
+bool cidr_ok(const std::string& cidr);
 
 /// https://host[:port][/path] with a DNS name or IP literal host.
 bool valid_health_endpoint(std::string_view url);

@@ -196,6 +196,8 @@ json event_json(const registration_event& ev) {
     j["returnedPayload"] = ev.returned_payload_json;
   if (!ev.allocation_json.empty())
     j["allocation"] = ev.allocation_json;
+  if (!ev.client_ip.empty())
+    j["clientIp"] = ev.client_ip;
   return j;
 }
 
@@ -222,6 +224,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "substatus", ev.substatus);
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
+  get_to(j, "clientIp", ev.client_ip);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))

@@ -59,6 +59,9 @@ struct registration_event {
   std::string attestation_type;   ///< "symmetricKey"
   std::string enrollment_group_id; ///< empty for individual enrollments
   std::string payload_json;
+  /// The device's address as the gateway saw it (geoLatency's client-address
+  /// ranges); "" when unknown. JSON encoding only when set.
+  std::string client_ip;
   /// registration.requested only: the device's credential (SAS token text)
   /// as a direct publisher sends it. The attestation stage clears it before
   /// anything is published further; it is never stored (encode_record skips

@@ -20,6 +20,7 @@
 #include "gateway/https_server.hpp"
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/kafka_it.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -66,6 +67,10 @@ public:
     std::lock_guard<std::mutex> lk(mtx_);
     status_["/health/" + name] = status;
   }
+  void set_delay(const std::string& name, int ms) {
+    std::lock_guard<std::mutex> lk(mtx_);
+    delay_["/health/" + name] = ms;
+  }
   int probes(const std::string& name) {
     std::lock_guard<std::mutex> lk(mtx_);
     return probes_["/health/" + name];
@@ -93,7 +98,7 @@ struct fixture {
     o.listen = "127.0.0.1:0";
     o.cert_chain_file = write_file(dir + "/health.pem", leaf.pem());
     o.key_file = write_file(dir + "/health.key", leaf.key_pem());
-    o.threads = 2;
+    o.threads = 4;
     auto err = gateway::https_server::start(o, handler, health);
     REQUIRE_MESSAGE(!err, err.message);
     base = "https://localhost:" + std::to_string(health->port());
@@ -500,4 +505,172 @@ TEST_CASE("hub changes survive a restart, and [[hubs]] only seeds the first star
   CHECK_HUBS(again, std::vector<std::string>{hub_b, "hub-x.example.net"});
   CHECK(again.log().find("[[hubs]] differs from the 2 stored linked hub(s)") != std::string::npos);
   again.stop();
+}
+
+TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the gateway, the "
+          "region table for devices elsewhere; data.allocation shows the figures") {
+  auto& health = fx().handler;
+  health.set_delay("near", 0);
+  health.set_delay("far", 400);
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-geo");
+  s.remove_data_dir_at_exit();
+  const std::string base = fx().base;
+  std::string cfg = "data_dir = \"" + dir + "\"\n"
+                    "[device_api]\nlisten = \"127.0.0.1:0\"\nregister_wait_ms = 5000\n"
+                    "[metrics]\nlisten = \"\"\n"
+                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 3000\nunhealthy_after = 1\n"
+                    "ca_file = \"" + fx().dir + "/ca.pem\"\n"
+                    "[geo_latency]\nregion = \"westeurope\"\n"
+                    "[[geo_latency.client_ranges]]\ncidr = \"127.0.0.0/8\"\nregion = \"westeurope\"\n"
+                    "[[geo_latency.latencies]]\nfrom = \"westeurope\"\nto = \"eastus\"\nms = 900\n"
+                    "[[hubs]]\nhostname = \"geo-near.example.net\"\nregion = \"westeurope\"\n"
+                    "health_endpoint = \"" + base + "/health/near\"\n"
+                    "[[hubs]]\nhostname = \"geo-far.example.net\"\nregion = \"westeurope\"\n"
+                    "health_endpoint = \"" + base + "/health/far\"\n"
+                    "[[hubs]]\nhostname = \"geo-us.example.net\"\nregion = \"eastus\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  // Wait until both probed hubs have a measured RTT, far's above its delay.
+  auto rtt_of = [&](const std::string& hub) {
+    auto r = s.service("GET", "/linkedHubs/" + hub);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = test::parse_json(r.body);
+    return j.contains("health") && j["health"].contains("rttMs") ? j["health"]["rttMs"].get<double>()
+                                                                 : -1.0;
+  };
+  auto wait_rtt = [&](const std::string& hub, double above) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (rtt_of(hub) <= above && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    REQUIRE(rtt_of(hub) > above);
+  };
+  wait_rtt("geo-near.example.net", -1);
+  wait_rtt("geo-far.example.net", 350);
+  REQUIRE(rtt_of("geo-near.example.net") < 350);
+  test::create_group(s, "geo", group_key);
+  auto reg = [&](const std::string& id, const json& payload) {
+    auto c = s.client();
+    net::http_headers h;
+    h.add("Authorization", s.device_auth(id, device_key(id)));
+    h.add("Content-Type", "application/json");
+    json body{{"registrationId", id}};
+    if (!payload.is_null())
+      body["payload"] = payload;
+    net::https_response resp;
+    REQUIRE(!c.request("PUT", "/" + s.id_scope() + "/registrations/" + id
+                                + "/register?api-version=2021-06-01",
+                       h, body.dump(), resp));
+    REQUIRE_MESSAGE(resp.status == 200, resp.body);
+    auto j = test::parse_json(resp.body);
+    REQUIRE_MESSAGE(j["status"] == "assigned", resp.body);
+    auto rec = s.service("GET", "/registrations/" + id);
+    REQUIRE_MESSAGE(rec.status == 200, rec.body);
+    return test::parse_json(rec.body);
+  };
+  // The group's policy is geoLatency.
+  {
+    json g{{"enrollmentGroupId", "geo"},
+           {"attestation", {{"type", "symmetricKey"},
+                            {"symmetricKey", {{"primaryKey", group_key},
+                                              {"secondaryKey", group_key}}}}},
+           {"allocationPolicy", "geoLatency"}};
+    auto r = s.service("PUT", "/enrollmentGroups/geo", g.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  // At the gateway (the client range says westeurope): the fastest probe.
+  for (int i = 0; i < 5; ++i) {
+    auto rec = reg("geo-dev-" + std::to_string(i), nullptr);
+    CHECK(rec["assignedHub"] == "geo-near.example.net");
+    const json& why = rec["allocation"];
+    CHECK(why["policy"] == "geoLatency");
+    CHECK(why["why"]["deviceRegion"] == "westeurope");
+    CHECK(why["why"]["regionFrom"] == "client address 127.0.0.0/8");
+    CHECK(why["why"]["latencyFrom"]["geo-near.example.net"] == "probe");
+    CHECK(why["why"]["latencyMs"]["geo-far.example.net"].get<double>() > 350);
+    CHECK(why["why"]["latencyMs"]["geo-us.example.net"] == 900.0);
+    CHECK(why["why"]["tied"] == json::array({"geo-near.example.net"}));
+  }
+  // A device that says it is in eastus: the table puts it on the eastus hub.
+  auto us = reg("geo-dev-us", json{{"region", "eastus"}});
+  CHECK(us["assignedHub"] == "geo-us.example.net");
+  CHECK(us["allocation"]["why"]["regionFrom"] == "payload");
+  CHECK(us["allocation"]["why"]["latencyMs"]["geo-us.example.net"] == 0.0);
+  // near slows down: far is now the fastest; near comes back later.
+  health.set_delay("near", 800);
+  wait_rtt("geo-near.example.net", 700);
+  CHECK(reg("geo-dev-slow", nullptr)["assignedHub"] == "geo-far.example.net");
+  // near fails its probe: skipped even when it is the fastest again.
+  health.set_delay("near", 0);
+  health.set_status("near", 500);
+  {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto j = test::parse_json(s.service("GET", "/linkedHubs/geo-near.example.net").body);
+      if (j["health"].value("status", "") == "unhealthy")
+        break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  CHECK(reg("geo-dev-sick", nullptr)["assignedHub"] == "geo-far.example.net");
+  health.set_status("near", 200);
+  {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline && rtt_of("geo-near.example.net") > 350)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(reg("geo-dev-back", nullptr)["assignedHub"] == "geo-near.example.net");
+  health.set_delay("far", 0);
+  s.stop();
+}
+
+TEST_CASE("Kafka mode: hub changes through one process reach another via dps.enrollments; "
+          "[[hubs]] seeds once per deployment") {
+  test::kafka_fixture kfx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00AB5701\"\n" + cfg; };
+  test::server_process a;
+  REQUIRE_MESSAGE(!a.start(with_scope(kfx.server_config()), kfx.dir), a.log());
+  CHECK_HUBS(a, std::vector<std::string>{hub_a, hub_b});
+  // A second process with an empty data dir and other [[hubs]]: the
+  // deployment was seeded already, so it takes the stored set.
+  const auto dir_b = test::make_temp_dir("provisiond-hubs-kafka-b");
+  test::server_process b;
+  b.remove_data_dir_at_exit();
+  std::string cfg_b = kfx.server_config(dir_b);
+  for (auto at = cfg_b.find(hub_a); at != std::string::npos; at = cfg_b.find(hub_a))
+    cfg_b.replace(at, std::string(hub_a).size(), "hub-z.example.net");
+  REQUIRE_MESSAGE(!b.start(with_scope(cfg_b), dir_b), b.log());
+  CHECK_HUBS(b, std::vector<std::string>{hub_a, hub_b});
+
+  auto wait_hubs = [](const test::server_process& s, const std::vector<std::string>& want) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (hub_names(s) != want && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_HUBS(s, want);
+  };
+  auto r = a.service("PUT", "/linkedHubs/hub-k.example.net", R"({"allocationWeight":3})");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK_HUBS(a, std::vector<std::string>{hub_a, hub_b, "hub-k.example.net"}); // read-your-writes
+  wait_hubs(b, {hub_a, hub_b, "hub-k.example.net"});
+  r = b.service("DELETE", std::string("/linkedHubs/") + hub_a);
+  REQUIRE_MESSAGE(r.status == 204, r.body);
+  wait_hubs(a, {hub_b, "hub-k.example.net"});
+
+  bool hub_record = false, seeded_record = false;
+  for (const auto& rec : test::read_topic(kfx.cfg, "dps.enrollments", 4)) {
+    hub_record = hub_record || rec.key == "hub/hub-k.example.net";
+    seeded_record = seeded_record || rec.key == "deployment/hubs_seeded";
+  }
+  CHECK(hub_record);
+  CHECK(seeded_record);
+  // A device registered through b lands on a hub of the live set.
+  test::create_group(b, "kafka-hubs", group_key);
+  auto c = b.client();
+  int status = 0;
+  auto j = test::register_device(c, b, "kafka-hub-dev", device_key("kafka-hub-dev"), status, 100);
+  REQUIRE_MESSAGE(status == 200, j.dump());
+  CHECK(j["status"] == "assigned");
+  const std::string hub = j["registrationState"].value("assignedHub", "");
+  CHECK((hub == hub_b || hub == "hub-k.example.net"));
+  b.stop();
+  a.stop();
 }

@@ -511,7 +511,7 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
           "region table for devices elsewhere; data.allocation shows the figures") {
   auto& health = fx().handler;
   health.set_delay("near", 0);
-  health.set_delay("far", 400);
+  health.set_delay("far", 1000);
   test::server_process s;
   const std::string dir = test::make_temp_dir("provisiond-hubs-geo");
   s.remove_data_dir_at_exit();
@@ -519,11 +519,11 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
   std::string cfg = "data_dir = \"" + dir + "\"\n"
                     "[device_api]\nlisten = \"127.0.0.1:0\"\nregister_wait_ms = 5000\n"
                     "[metrics]\nlisten = \"\"\n"
-                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 3000\nunhealthy_after = 1\n"
+                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 5000\nunhealthy_after = 1\n"
                     "ca_file = \"" + fx().dir + "/ca.pem\"\n"
                     "[geo_latency]\nregion = \"westeurope\"\n"
                     "[[geo_latency.client_ranges]]\ncidr = \"127.0.0.0/8\"\nregion = \"westeurope\"\n"
-                    "[[geo_latency.latencies]]\nfrom = \"westeurope\"\nto = \"eastus\"\nms = 900\n"
+                    "[[geo_latency.latencies]]\nfrom = \"westeurope\"\nto = \"eastus\"\nms = 5000\n"
                     "[[hubs]]\nhostname = \"geo-near.example.net\"\nregion = \"westeurope\"\n"
                     "health_endpoint = \"" + base + "/health/near\"\n"
                     "[[hubs]]\nhostname = \"geo-far.example.net\"\nregion = \"westeurope\"\n"
@@ -531,6 +531,7 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
                     "[[hubs]]\nhostname = \"geo-us.example.net\"\nregion = \"eastus\"\n";
   REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
   // Wait until both probed hubs have a measured RTT, far's above its delay.
+  // Delays of a second and more keep the order clear on a loaded machine.
   auto rtt_of = [&](const std::string& hub) {
     auto r = s.service("GET", "/linkedHubs/" + hub);
     REQUIRE_MESSAGE(r.status == 200, r.body);
@@ -545,8 +546,8 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
     REQUIRE(rtt_of(hub) > above);
   };
   wait_rtt("geo-near.example.net", -1);
-  wait_rtt("geo-far.example.net", 350);
-  REQUIRE(rtt_of("geo-near.example.net") < 350);
+  wait_rtt("geo-far.example.net", 900);
+  REQUIRE(rtt_of("geo-near.example.net") < 900);
   test::create_group(s, "geo", group_key);
   auto reg = [&](const std::string& id, const json& payload) {
     auto c = s.client();
@@ -586,8 +587,8 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
     CHECK(why["why"]["deviceRegion"] == "westeurope");
     CHECK(why["why"]["regionFrom"] == "client address 127.0.0.0/8");
     CHECK(why["why"]["latencyFrom"]["geo-near.example.net"] == "probe");
-    CHECK(why["why"]["latencyMs"]["geo-far.example.net"].get<double>() > 350);
-    CHECK(why["why"]["latencyMs"]["geo-us.example.net"] == 900.0);
+    CHECK(why["why"]["latencyMs"]["geo-far.example.net"].get<double>() > 900);
+    CHECK(why["why"]["latencyMs"]["geo-us.example.net"] == 5000.0);
     CHECK(why["why"]["tied"] == json::array({"geo-near.example.net"}));
   }
   // A device that says it is in eastus: the table puts it on the eastus hub.
@@ -596,8 +597,8 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
   CHECK(us["allocation"]["why"]["regionFrom"] == "payload");
   CHECK(us["allocation"]["why"]["latencyMs"]["geo-us.example.net"] == 0.0);
   // near slows down: far is now the fastest; near comes back later.
-  health.set_delay("near", 800);
-  wait_rtt("geo-near.example.net", 700);
+  health.set_delay("near", 2000);
+  wait_rtt("geo-near.example.net", 1900);
   CHECK(reg("geo-dev-slow", nullptr)["assignedHub"] == "geo-far.example.net");
   // near fails its probe: skipped even when it is the fastest again.
   health.set_delay("near", 0);
@@ -615,7 +616,7 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
   health.set_status("near", 200);
   {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (std::chrono::steady_clock::now() < deadline && rtt_of("geo-near.example.net") > 350)
+    while (std::chrono::steady_clock::now() < deadline && rtt_of("geo-near.example.net") > 900)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   CHECK(reg("geo-dev-back", nullptr)["assignedHub"] == "geo-near.example.net");

@@ -31,7 +31,6 @@ using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
 using resend_atom = caf::atom_constant<caf::atom("resend")>;
 using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
-using handoff_atom = caf::atom_constant<caf::atom("handoff")>;
 using hub_atom = caf::atom_constant<caf::atom("hub")>;
 
 // The credential is left out: it must never reach a log.
@@ -44,7 +43,7 @@ typename Inspector::result_type inspect(Inspector& f, register_request& x) {
 namespace attestation {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, verdict& x) {
-  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge);
+  return f(x.result, x.err, x.type, x.enrollment_group_id, x.enabled, x.challenge, x.x509_json);
 }
 } // namespace attestation
 

@@ -4,8 +4,7 @@
 //
 // Accepts: (event_atom, registration_event, event_ack) from registration.attested;
 //          (allocated_atom, allocation_job) a policy's answer that came later;
-//          (expire_atom, allocation_job, reason) its deadline;
-//          (handoff_atom, registration_event), tests: a delayed hand-off onward.
+//          (expire_atom, allocation_job, reason) its deadline.
 // Emits:   registration.allocated, or registration.completed (failed).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
@@ -313,11 +312,7 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registrat
     next = bus::topic::registration_completed;
   }
   if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
-    if (ctx->opts.test_pipeline_delay_ms > 0 && !err)
-      self->delayed_send(self, std::chrono::milliseconds(ctx->opts.test_pipeline_delay_ms),
-                         handoff_atom::value, std::move(ev));
-    else
-      ctx->bus->publish(next, std::move(ev));
+    ctx->bus->publish(next, std::move(ev));
     ack();
     return;
   }
@@ -359,16 +354,6 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocatio
        std::move(job.decided_));
 }
 
-/// A synchronous policy's answer, on the stack.
-struct immediate_answer final : allocation::answer {
-  error err{error_code::internal, "the allocation policy did not answer"};
-  allocation::decision d;
-  void decided(error e, allocation::decision dec) override {
-    err = std::move(e);
-    d = std::move(dec);
-  }
-};
-
 /// A policy that throws fails the device, not the stage.
 template <class Call>
 error guarded(allocation_policy kind, Call&& call) {
@@ -401,7 +386,7 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
                 {});
   if (policy->synchronous()) {
     // Answers during the call: a non-owning handle to a stack answer.
-    immediate_answer now;
+    allocation::held_answer now; // on the stack
     if (auto err = guarded(kind, [&] {
           policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
         }))
@@ -444,9 +429,6 @@ void allocation_job::decided(error e, allocation::decision d) {
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   return {
-    [ctx](handoff_atom, registration_event& ev) { // test_pipeline_delay_ms
-      ctx->bus->publish(bus::topic::registration_allocated, std::move(ev));
-    },
     [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
       allocate(self, ctx, ev, ack);

@@ -19,6 +19,7 @@
 #include <cstdio>
 
 #include "actors/actor_types.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov {
 
@@ -80,6 +81,18 @@ verdict attest(const engine_context& ctx, const register_request& req, bool regi
 
 namespace {
 
+/// dps_tpm_challenges_total: a challenge issued, or a register's answer to
+/// one accepted or refused (polls and status lookups are not answers).
+void count_tpm(const engine_context& ctx, const attestation::request_facts& facts,
+               bool answering, const verdict& r) {
+  if (ctx.metrics == nullptr)
+    return;
+  if (r.result == verdict::outcome::challenge)
+    ctx.metrics->tpm_challenge("issued");
+  else if (answering && facts.registering)
+    ctx.metrics->tpm_challenge(r.is_accepted() ? "answered" : "rejected");
+}
+
 verdict check(const engine_context& ctx, const register_request& req,
               const attestation::request_facts& facts, const attestation::mechanism& mech,
               const attestation::proof& p, uint64_t generation, bool* tpm_deferred) {
@@ -105,9 +118,14 @@ verdict check(const engine_context& ctx, const register_request& req,
       tpm_credential answer;
       answer.sas_token = std::get<sas_credential>(req.credential).token;
       std::unique_ptr<attestation::proof> tp;
-      if (auto err = tpm->open(answer, facts, tp))
-        return verdict::rejected(err.code, std::move(err.message));
-      return tp->check_individual(v);
+      if (auto err = tpm->open(answer, facts, tp)) {
+        auto r = verdict::rejected(err.code, std::move(err.message));
+        count_tpm(ctx, facts, true, r);
+        return r;
+      }
+      auto r = tp->check_individual(v);
+      count_tpm(ctx, facts, true, r);
+      return r;
     }
     if (type_of(v.attestation) != mech.type())
       return verdict::rejected(error_code::unauthorized_signature,
@@ -115,6 +133,8 @@ verdict check(const engine_context& ctx, const register_request& req,
                                  + std::string(to_string(type_of(v.attestation)))
                                  + " attestation, not " + std::string(to_string(mech.type())));
     auto r = p.check_individual(v);
+    if (mech.type() == attestation_type::tpm)
+      count_tpm(ctx, facts, !std::get<tpm_credential>(req.credential).sas_token.empty(), r);
     if (r.is_accepted())
       ctx.catalog.views().insert(enrollment::key_of(req.registration_id), generation, std::move(v));
     return r;
@@ -234,6 +254,7 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       } else {
         ev.attestation_type = to_string(r.type);
         ev.enrollment_group_id = r.enrollment_group_id;
+        ev.x509_json = r.x509_json;
         ev.attested_ms = ev.accepted_ms;
         if (!r.enabled) {
           // As over HTTP: terminal at once.

@@ -118,6 +118,7 @@ registration_state assigned_state(const registration_event& ev, const registrati
   rs.etag = enrollment::new_etag();
   rs.attestation_type = ev.attestation_type;
   rs.enrollment_group_id = ev.enrollment_group_id;
+  rs.x509_json = ev.x509_json;
   rs.last_operation_id = ev.operation_id;
   return rs;
 }

@@ -288,14 +288,21 @@ public:
     if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
       return err;
     operation_record op;
-    if (!raw && !ctx_->kafka()) {
+    if (!raw) {
       // A deferred accept recorded for its 202 is only a `pending` entry
       // until its outcome (registration_actor.cpp).
       std::optional<std::string> entry;
       if (auto err = ctx_->store->get(storage::cf::pending, operation_id, entry))
         return err;
-      if (entry && !entry->empty())
+      if (entry && !entry->empty()) {
         raw = std::move(entry);
+      } else if (!entry && ctx_->kafka()) {
+        // Kafka's registration.completed reader writes the operation record
+        // and deletes the entry in one batch, possibly between the two reads
+        // above: read the record once more before calling it unknown.
+        if (auto err = ctx_->store->get(storage::cf::operations, operation_id, raw))
+          return err;
+      }
     }
     if (!raw && ctx_->kafka() && accepted_elsewhere(operation_id)) {
       // Accepted by another gateway moments ago; its outcome arrives here
@@ -804,7 +811,7 @@ public:
 
 private:
   static std::string pending_key(std::string_view registration_id) {
-    return enrollment::key_of(registration_id) + "/pending";
+    return attestation::tpm_pending_slot_key(enrollment::key_of(registration_id));
   }
 
   error write(const storage::write_batch& b) const {

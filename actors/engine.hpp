@@ -41,11 +41,6 @@ struct engine_options {
   /// Allocation policies of an embedding program, registered after the
   /// built-in ones (a policy of the same kind replaces the built-in one).
   std::vector<std::shared_ptr<const allocation::policy>> policies;
-  /// Tests only (env PROVISIOND_TEST_PIPELINE_DELAY_MS): embedded, every
-  /// hand-off from allocation to configuration waits this long, so a test can
-  /// make register waits expire (device_api.register_wait_ms) at will, or
-  /// change state between the two stages.
-  int test_pipeline_delay_ms = 0;
 };
 
 /// Result of a register call as the gateway needs it.

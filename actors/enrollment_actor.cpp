@@ -16,11 +16,13 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "actors/enrollment/ca_store.hpp"
 #include "actors/hub_store.hpp"
 #include "messages/ascii.hpp"
@@ -60,6 +62,19 @@ error load(const engine_context& ctx, enrollment::kind k, const std::string& id,
     out = std::move(j);
   }
   return {};
+}
+
+/// An enrollment's delete; an individual one takes its TPM challenge slots
+/// with it (with Kafka as tpm-challenge/ tombstones, so compaction drops
+/// them too): a re-created enrollment starts with no challenge, answered or
+/// pending, from before.
+void delete_enrollment(storage::write_batch& batch, enrollment::kind k, const std::string& id) {
+  const auto key = enrollment::key_of(id);
+  batch.del(family_of(k), key);
+  if (k == enrollment::kind::individual) {
+    batch.del(storage::cf::tpm_challenges, attestation::tpm_answered_slot_key(key));
+    batch.del(storage::cf::tpm_challenges, attestation::tpm_pending_slot_key(key));
+  }
 }
 
 error load_ca(const engine_context& ctx, const std::string& name, std::optional<json>& out) {
@@ -186,7 +201,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         return;
       }
       storage::write_batch batch;
-      batch.del(family_of(k), enrollment::key_of(id));
+      delete_enrollment(batch, k, id);
       if (auto err = ctx->catalog.write_enrollments(batch, k)) {
         reply.fn(std::move(err));
         return;
@@ -253,7 +268,7 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           if (!err && !existing)
             err = {not_found_code(k), what(k, id) + " does not exist"};
           if (!err)
-            batch.del(family_of(k), enrollment::key_of(id));
+            delete_enrollment(batch, k, id);
         } else {
           json doc;
           err = prepare_put(*ctx, k, id, item, "", mode, batch, doc);
@@ -287,6 +302,8 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
                               : "If-Match given but CA '" + name + "' does not exist"});
       storage::write_batch batch;
       const auto key = enrollment::key_of(name);
+      // Read before the operations below move the entry into `doc`.
+      int64_t base = existing ? enrollment::ca_revision(*existing) : 0;
       json doc;
       if (op == "delete") {
         batch.del(storage::cf::certificates, key);
@@ -337,6 +354,15 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
         } else {
           return fail({error_code::internal, "unknown certificate operation " + op});
         }
+        // One more than any revision this instance has seen for the name,
+        // its last delete's included (see ca_store.hpp: Kafka ordering).
+        std::optional<std::string> deleted;
+        if (auto err = ctx->store->get(storage::cf::meta, enrollment::ca_deleted_meta_key(key),
+                                       deleted))
+          return fail(std::move(err));
+        if (deleted)
+          base = std::max<int64_t>(base, std::strtoll(deleted->c_str(), nullptr, 10));
+        doc["revision"] = base + 1;
         batch.put(storage::cf::certificates, key, doc.dump());
       }
       if (auto err = ctx->catalog.write_certificates(batch))

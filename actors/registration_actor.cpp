@@ -4,10 +4,11 @@
 // commit, synced WAL) and only then answers 202. Afterwards it hands the
 // attested event to allocation and settles terminal failures.
 //
-// Embedded, with device_api.register_wait_ms > 0, the accept is deferred:
-// the register waits for its outcome, whose terminal commit records the
-// operation, so a device answered 200 costs one synced commit, not two. The
-// accept is recorded only when a 202 must go out first (deferred_accept).
+// With device_api.register_wait_ms > 0 the accept is deferred: the register
+// waits for its outcome, whose terminal commit records the operation
+// (Kafka: the registration.completed reader), so a device answered 200 costs
+// one synced commit, not two. The accept is recorded only when a 202 must go
+// out first (deferred_accept).
 //
 // Accepts:
 //   (register_atom, register_request, attestation::verdict, register_reply_fn)
@@ -49,7 +50,7 @@ struct handed_off {
   int resends = 0;
 };
 
-/// An embedded register whose accept is deferred (registration_event::
+/// A register whose accept is deferred (registration_event::
 /// unrecorded): nothing is written until the terminal commit, unless a 202
 /// must go out first (its wait expired, the device sent its PUT again, a
 /// drain). Then the accept is recorded as its `pending` entry, which holds
@@ -249,7 +250,11 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     return false;
   };
   const auto register_wait = std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms);
-  const bool defer_accept = !ctx->kafka() && register_wait.count() > 0;
+  // Kafka mode too: the gateway's accept commit (an fsync per batch, before
+  // the hand-off) protected nothing a device could rely on, since nobody
+  // knows the operation id before the answer; a lost accept is a device
+  // that registers again, as after any unanswered PUT.
+  const bool defer_accept = register_wait.count() > 0;
   /// Arms the one timer that answers expired waits: at most one tick per
   /// wait period while every outcome arrives in time.
   auto arm_tick = [self, st] {
@@ -427,6 +432,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ev.attested_ms = ev.accepted_ms;
       ev.attestation_type = to_string(r.type);
       ev.enrollment_group_id = r.enrollment_group_id;
+      ev.x509_json = r.x509_json;
       ev.payload_json = req.payload_json;
       ev.client_ip = req.client_ip;
       if (r.enabled && defer_accept && !st->draining) {

@@ -2,8 +2,10 @@
 
 #include "actors/attestation/tpm.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <future>
 #include <mutex>
 #include <unordered_map>
@@ -18,6 +20,7 @@
 #include "actors/hub_store.hpp"
 #include "bus/kafka_bus.hpp"
 #include "bus/kafka_table.hpp"
+#include "metrics/instruments.hpp"
 
 namespace prov {
 
@@ -171,9 +174,21 @@ public:
                 + op.key;
       r.value = op.value;
       r.tombstone = op.is_delete;
+      if (op.family == storage::cf::certificates && op.is_delete) {
+        // A marker, not a null: it carries the revision that orders it
+        // against writes computed from the state it deletes.
+        std::string name;
+        int64_t rev = 0;
+        if (auto err = certificate_state(op.key, name, rev))
+          return err;
+        r.value = enrollment::ca_deleted_marker(name.empty() ? op.key : name, rev + 1).dump();
+        r.tombstone = false;
+      }
       recs.push_back(std::move(r));
     }
-    return publish_and_wait(std::move(recs), *enrollments_);
+    if (auto err = publish_and_wait(std::move(recs), *enrollments_))
+      return err;
+    return check_certificate_writes(batch);
   }
 
   error catch_up_enrollments(int timeout_ms) override {
@@ -274,6 +289,70 @@ private:
     return publish_and_wait(std::move(recs), *enrollments_);
   }
 
+  /// The name and revision this instance holds for CA `key`: its entry's,
+  /// or its last delete's (name "" then).
+  error certificate_state(const std::string& key, std::string& name, int64_t& rev) {
+    std::optional<std::string> raw, deleted;
+    if (auto err = ctx_.store->get(storage::cf::certificates, key, raw))
+      return err;
+    if (auto err = ctx_.store->get(storage::cf::meta, enrollment::ca_deleted_meta_key(key), deleted))
+      return err;
+    rev = 0;
+    if (raw) {
+      auto j = nlohmann::json::parse(*raw, nullptr, false);
+      if (j.is_object()) {
+        rev = enrollment::ca_revision(j);
+        if (auto n = j.find("name"); n != j.end() && n->is_string())
+          name = n->get<std::string>();
+      }
+    }
+    if (deleted)
+      rev = std::max<int64_t>(rev, std::strtoll(deleted->c_str(), nullptr, 10));
+    return {};
+  }
+
+  /// After a CA write came back: did it win? A write that lost to a
+  /// concurrent delete or write (ca_supersedes) changed nothing anywhere,
+  /// but it is the key's last record in the compacted topic, so an instance
+  /// rebuilding after compaction would apply it: the winner is published
+  /// again (every instance ignores it, it equals their state), and the
+  /// caller learns its write did not apply.
+  error check_certificate_writes(const storage::write_batch& batch) {
+    std::vector<kafka::record> repair;
+    std::string lost;
+    for (const auto& op : batch.ops()) {
+      if (op.family != storage::cf::certificates)
+        continue;
+      std::optional<std::string> raw;
+      if (auto err = ctx_.store->get(storage::cf::certificates, op.key, raw))
+        return err;
+      if (op.is_delete ? !raw : (raw && *raw == op.value))
+        continue;
+      kafka::record r;
+      r.topic = enrollments_topic_;
+      r.key = std::string(certificate_prefix) + op.key;
+      if (raw) {
+        r.value = *raw;
+      } else {
+        std::string name;
+        int64_t rev = 0;
+        if (auto err = certificate_state(op.key, name, rev))
+          return err;
+        r.value = enrollment::ca_deleted_marker(op.key, rev).dump();
+      }
+      repair.push_back(std::move(r));
+      lost += (lost.empty() ? "'" : ", '") + op.key + "'";
+    }
+    if (repair.empty())
+      return {};
+    if (auto err = publish_and_wait(std::move(repair), *enrollments_))
+      std::fprintf(stderr, "provisiond: republishing CA %s after a lost write: %s\n",
+                   lost.c_str(), err.message.c_str());
+    return {error_code::precondition_failed,
+            "CA " + lost + " was changed or deleted through another instance while this write "
+            "was in flight, so this write was not applied: read the CA again and retry"};
+  }
+
   /// Produces `recs`, then waits until `table` has applied every one of them.
   error publish_and_wait(std::vector<kafka::record> recs, kafka::table_reader& table) {
     if (recs.empty())
@@ -307,8 +386,22 @@ private:
     return {};
   }
 
+  /// The revision of CA `key` as of the records before the current one in
+  /// this batch (`pending`) or the store.
+  error stored_certificate_revision(const std::string& key,
+                                    const std::unordered_map<std::string, int64_t>& pending,
+                                    int64_t& rev) {
+    if (auto it = pending.find(key); it != pending.end()) {
+      rev = it->second;
+      return {};
+    }
+    std::string name;
+    return certificate_state(key, name, rev);
+  }
+
   error apply_enrollments(const std::vector<kafka::message>& batch) {
     storage::write_batch wb;
+    std::unordered_map<std::string, int64_t> certificate_revisions; // applied in this batch
     bool groups = false, individuals = false, hubs = false;
     for (const auto& m : batch) {
       std::string_view key = m.key;
@@ -363,6 +456,14 @@ private:
       }
       if (m.tombstone) {
         wb.del(family, std::string(key));
+        if (family == storage::cf::certificates) // a writer older than deletion markers
+          certificate_revisions[std::string(key)] = 0;
+        if (family == storage::cf::enrollments) {
+          // Its TPM challenge slots go with it here too, whether or not the
+          // writer published their tombstones (older writers did not).
+          wb.del(storage::cf::tpm_challenges, attestation::tpm_answered_slot_key(key));
+          wb.del(storage::cf::tpm_challenges, attestation::tpm_pending_slot_key(key));
+        }
         continue;
       }
       // Anyone with write access to the topic can put a record here: only a
@@ -372,6 +473,36 @@ private:
                        : enrollment_doc_problem(family == storage::cf::groups, key, m.value);
           !why.empty()) {
         bus_.dead_letter(m, "dps.enrollments: " + why);
+        continue;
+      }
+      if (family == storage::cf::certificates) {
+        // Ordered by revision (ca_store.hpp): a record computed from a state
+        // a later record replaced is skipped, by every instance alike.
+        const std::string k(key);
+        const auto doc = nlohmann::json::parse(m.value);
+        const bool is_delete = enrollment::ca_is_deleted_marker(doc);
+        const int64_t rev = enrollment::ca_revision(doc);
+        int64_t stored = 0;
+        if (auto err = stored_certificate_revision(k, certificate_revisions, stored))
+          return err;
+        if (!enrollment::ca_supersedes(rev, is_delete, stored)) {
+          std::fprintf(stderr,
+                       "provisiond: dps.enrollments: skipped a stale %s of CA '%s' (revision "
+                       "%lld; this instance has revision %lld)\n",
+                       is_delete ? "delete" : "write", k.c_str(), static_cast<long long>(rev),
+                       static_cast<long long>(stored));
+          if (ctx_.metrics != nullptr)
+            ctx_.metrics->certificate_record_stale();
+          continue;
+        }
+        certificate_revisions[k] = rev;
+        if (is_delete) {
+          wb.del(storage::cf::certificates, k);
+          wb.put(storage::cf::meta, enrollment::ca_deleted_meta_key(k), std::to_string(rev));
+        } else {
+          wb.put(storage::cf::certificates, k, m.value);
+          wb.del(storage::cf::meta, enrollment::ca_deleted_meta_key(k));
+        }
         continue;
       }
       wb.put(family, std::string(key), m.value);
@@ -481,17 +612,20 @@ private:
       op.operation_id = ev.operation_id;
       op.registration_id = ev.registration_id;
       op.status = ev.status;
-      op.state = configuration::state_from_completed(ev);
       auto reg_key = enrollment::key_of(ev.registration_id);
       if (ev.status == registration_status::assigned) {
         // Prefer the materialized record (creation time, etag) when it is
-        // this operation's.
+        // this operation's, the usual case (the worker wrote it to
+        // dps.registrations before this event). Only otherwise is the state
+        // built from the event (an etag hash and copies of every field).
         std::optional<std::string> reg;
-        registration_state rs;
-        if (!ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
-            && !decode_record(*reg, rs) && rs.last_operation_id == ev.operation_id)
-          op.state = rs;
+        const bool materialized =
+          !ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
+          && !decode_record(*reg, op.state) && op.state.last_operation_id == ev.operation_id;
+        if (!materialized)
+          op.state = configuration::state_from_completed(ev);
       } else {
+        op.state = configuration::state_from_completed(ev);
         std::optional<std::string> reg;
         if (auto err = ctx_.store->get(storage::cf::registrations, reg_key, reg))
           return err;

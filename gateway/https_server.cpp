@@ -487,16 +487,8 @@ private:
 class server_impl final : public https_server {
 public:
   server_impl(const server_options& opts, handler& h)
-    : opts_(opts), handler_(h) {
-    // One io_context per I/O thread, each connection pinned to one of them:
-    // a shared io_context hands every completed read to whichever thread is
-    // idle, a futex wake-up and a context switch per handler on 2 cores.
-    int n = opts_.threads > 0 ? opts_.threads
-                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    for (int i = 0; i < n; ++i)
-      iocs_.push_back(std::make_unique<net::io_context>(1));
-    acceptor_.emplace(*iocs_[0]);
-    backoff_.emplace(*iocs_[0]);
+    : opts_(opts), handler_(h), pool_(opts_.threads) {
+    backoff_.emplace(pool_.first());
   }
 
   ~server_impl() override { stop(); }
@@ -508,32 +500,21 @@ public:
     // OpenSSL writes to the socket itself (write(2), not send with
     // MSG_NOSIGNAL): a peer gone mid-write must not kill the process.
     std::signal(SIGPIPE, SIG_IGN);
-    beast::error_code ec;
-    if (auto err = open_acceptor(*acceptor_, opts_.listen,
-                                 net::socket_base::max_listen_connections, "device API"))
+    if (auto err = pool_.listen(opts_.listen, "device API"))
       return err;
-    bound_ = acceptor_->local_endpoint(ec);
     accept();
-    for (auto& ioc : iocs_)
-      threads_.emplace_back([ioc = ioc.get()] {
-        pthread_setname_np(pthread_self(), "prov-http"); // names threads in perf and top
-        auto work = net::make_work_guard(*ioc); // idle threads wait for connections
-        ioc->run();
-      });
+    pool_.run("prov-http");
     return {};
   }
 
-  uint16_t port() const override { return bound_.port(); }
-  std::string address() const override { return bound_.address().to_string(); }
+  uint16_t port() const override { return pool_.port(); }
+  std::string address() const override { return pool_.address(); }
   int open_connections() const override { return slots_.open(); }
 
   void stop_accepting() override {
     if (accepting_stopped_.exchange(true))
       return;
-    net::post(*iocs_[0], [this] {
-      beast::error_code ignored;
-      acceptor_->close(ignored);
-    });
+    pool_.close_acceptor();
   }
 
   void stop() override {
@@ -543,23 +524,15 @@ public:
     // Answers already on their way are written first (up to 2 s): a
     // register parked until the engine's drain gets the 202 the drain gave
     // it, not a dropped connection.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while (answering_.load() > 0 && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    for (auto& ioc : iocs_)
-      ioc->stop();
-    for (auto& t : threads_)
-      if (t.joinable())
-        t.join();
+    pool_.stop(answering_);
   }
 
 private:
   using clock = std::chrono::steady_clock;
 
   void accept() {
-    auto& target = *iocs_[next_ioc_++ % iocs_.size()];
-    acceptor_->async_accept(target, [this](beast::error_code ec, tcp::socket sock) {
-      if (ec == net::error::operation_aborted || !acceptor_->is_open())
+    pool_.acceptor().async_accept(pool_.next(), [this](beast::error_code ec, tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !pool_.acceptor().is_open())
         return;
       if (ec)
         return on_accept_error(ec);
@@ -582,15 +555,11 @@ private:
   /// Waits 100 ms instead; clients queue in the listen backlog meanwhile.
   void on_accept_error(const beast::error_code& ec) {
     const int e = ec.value();
-    // Only running out of descriptors or memory fails again at once; any
-    // other error (the client reset, a network error on its connection)
-    // concerns one connection, and accept(2) says to retry.
-    if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+    // Any other error (the client reset, a network error on its
+    // connection) concerns one connection: retry at once.
+    const char* name = exhausted_resource(e);
+    if (name == nullptr)
       return accept();
-    const char* name = e == EMFILE    ? "EMFILE"
-                       : e == ENFILE  ? "ENFILE"
-                       : e == ENOBUFS ? "ENOBUFS"
-                                      : "ENOMEM";
     if (opts_.metrics != nullptr)
       opts_.metrics->accept_failed(name);
     if (accept_failures_++ == 0) { // once per episode
@@ -604,7 +573,7 @@ private:
     }
     backoff_->expires_after(std::chrono::milliseconds(100));
     backoff_->async_wait([this](beast::error_code wait_ec) {
-      if (!wait_ec && acceptor_->is_open())
+      if (!wait_ec && pool_.acceptor().is_open())
         accept();
     });
   }
@@ -671,18 +640,14 @@ private:
   /// Likewise: sessions give their slot back when the io_contexts free them.
   connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
   listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
-  std::vector<std::unique_ptr<net::io_context>> iocs_;
-  std::size_t next_ioc_ = 0; ///< only touched by the acceptor's thread
+  io_pool pool_;
   prov::net::ssl_ctx_ptr ssl_;
-  std::optional<tcp::acceptor> acceptor_;
   std::optional<net::steady_timer> backoff_; ///< accept retry after a failure
   // Acceptor thread only:
   uint64_t accept_failures_ = 0; ///< in the current episode
   clock::time_point failing_since_;
   bool refusing_ = false; ///< at max_connections, logged
   uint64_t refused_ = 0;
-  tcp::endpoint bound_;
-  std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};
   std::atomic<bool> accepting_stopped_{false};
 };

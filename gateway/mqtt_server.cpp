@@ -623,13 +623,8 @@ private:
 class server_impl final : public mqtt_server {
 public:
   server_impl(const mqtt_server_options& opts, engine& eng)
-    : opts_(opts), eng_(eng), api_(eng, opts_.id_scope, opts_.retry_after_s) {
-    int n = opts_.threads > 0 ? opts_.threads
-                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    for (int i = 0; i < n; ++i)
-      iocs_.push_back(std::make_unique<net::io_context>(1));
-    acceptor_.emplace(*iocs_[0]);
-  }
+    : opts_(opts), eng_(eng), api_(eng, opts_.id_scope, opts_.retry_after_s),
+      pool_(opts_.threads) {}
 
   ~server_impl() override { stop(); }
 
@@ -639,70 +634,48 @@ public:
       return err;
     ctx_.emplace(listener_context{opts_, eng_, api_, ssl_.get(), answering_, slots_});
     std::signal(SIGPIPE, SIG_IGN); // OpenSSL writes with write(2)
-    if (auto err = open_acceptor(*acceptor_, opts_.listen,
-                                 net::socket_base::max_listen_connections, "MQTT"))
+    if (auto err = pool_.listen(opts_.listen, "MQTT"))
       return err;
-    error_code ec;
-    bound_ = acceptor_->local_endpoint(ec);
     accept();
-    for (auto& ioc : iocs_)
-      threads_.emplace_back([ioc = ioc.get()] {
-        pthread_setname_np(pthread_self(), "prov-mqtt");
-        auto work = net::make_work_guard(*ioc);
-        ioc->run();
-      });
+    pool_.run("prov-mqtt");
     return {};
   }
 
-  uint16_t port() const override { return bound_.port(); }
-  std::string address() const override { return bound_.address().to_string(); }
+  uint16_t port() const override { return pool_.port(); }
+  std::string address() const override { return pool_.address(); }
   int open_connections() const override { return slots_.open(); }
 
   void stop_accepting() override {
     if (accepting_stopped_.exchange(true))
       return;
-    net::post(*iocs_[0], [this] {
-      error_code ignored;
-      acceptor_->close(ignored);
-    });
+    pool_.close_acceptor();
   }
 
   void stop() override {
     if (stopped_.exchange(true))
       return;
     stop_accepting();
-    auto deadline = clock::now() + std::chrono::seconds(2);
-    while (answering_.load() > 0 && clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    for (auto& ioc : iocs_)
-      ioc->stop();
-    for (auto& t : threads_)
-      if (t.joinable())
-        t.join();
+    pool_.stop(answering_);
   }
 
 private:
   void accept() {
-    auto& target = *iocs_[next_ioc_++ % iocs_.size()];
-    acceptor_->async_accept(target, [this](error_code ec, tcp::socket sock) {
-      if (ec == net::error::operation_aborted || !acceptor_->is_open())
+    pool_.acceptor().async_accept(pool_.next(), [this](error_code ec, tcp::socket sock) {
+      if (ec == net::error::operation_aborted || !pool_.acceptor().is_open())
         return;
       if (ec) {
         // Out of descriptors or memory fails again at once: back off 100 ms
         // (clients wait in the listen backlog); any other error concerns
         // one client, and accept(2) says to retry.
-        const int e = ec.value();
-        if (e != EMFILE && e != ENFILE && e != ENOBUFS && e != ENOMEM)
+        const char* name = exhausted_resource(ec.value());
+        if (name == nullptr)
           return accept();
         if (opts_.metrics != nullptr)
-          opts_.metrics->accept_failed(e == EMFILE    ? "EMFILE"
-                                       : e == ENFILE  ? "ENFILE"
-                                       : e == ENOBUFS ? "ENOBUFS"
-                                                      : "ENOMEM");
-        backoff_.emplace(*iocs_[0]);
+          opts_.metrics->accept_failed(name);
+        backoff_.emplace(pool_.first());
         backoff_->expires_after(std::chrono::milliseconds(100));
         return backoff_->async_wait([this](error_code wait_ec) {
-          if (!wait_ec && acceptor_->is_open())
+          if (!wait_ec && pool_.acceptor().is_open())
             accept();
         });
       }
@@ -736,12 +709,8 @@ private:
   listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   prov::net::ssl_ctx_ptr ssl_;
   std::optional<listener_context> ctx_;
-  std::vector<std::unique_ptr<net::io_context>> iocs_; // after what sessions reference
-  std::size_t next_ioc_ = 0;
-  std::optional<tcp::acceptor> acceptor_;
+  io_pool pool_; // after what sessions reference
   std::optional<net::steady_timer> backoff_;
-  tcp::endpoint bound_;
-  std::vector<std::thread> threads_;
   std::atomic<bool> stopped_{false};
   std::atomic<bool> accepting_stopped_{false};
 };

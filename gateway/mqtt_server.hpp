@@ -9,63 +9,33 @@
 #include <memory>
 #include <string>
 
+#include "gateway/listener.hpp"
 #include "messages/error.hpp"
 
 namespace prov {
 class engine;
-namespace metrics {
-class instruments;
-class diagnostic_log;
-} // namespace metrics
 } // namespace prov
 
 namespace prov::gateway {
 
-class connection_slots;
+/// The MQTT listener's options. A request: CONNECT, the rest of a packet
+/// once it started arriving, or a write. A client that asks for no
+/// keep-alive (0) is closed after idle_timeout_seconds without a packet.
+struct mqtt_server_options : listener_options {
+  mqtt_server_options() : listener_options("0.0.0.0:8883") {}
 
-struct mqtt_server_options {
-  std::string listen = "0.0.0.0:8883"; ///< port 0 = ephemeral
-  std::string cert_chain_file;         ///< PEM: leaf then intermediates
-  std::string key_file;
   std::string id_scope;                ///< the instance's
   int retry_after_s = 1;               ///< device_api.retry_after_seconds
-  int threads = 0;                     ///< 0 = hardware concurrency
   std::size_t max_packet_bytes = 128 * 1024;
   int max_inflight = 16;               ///< unanswered requests per connection
-  /// Handshake + CONNECT, the rest of a packet once it started arriving, and
-  /// a write must each finish within this (slow or stalled clients).
-  int request_timeout_seconds = 30;
-  /// A client that asks for no keep-alive (0) is closed after this long
-  /// without a packet.
-  int idle_timeout_seconds = 120;
-  int max_connections = 0;            ///< 0 = no cap
-  int max_connections_per_client = 0; ///< 0 = no cap
-  /// Optional: caps shared with the HTTPS listener (one budget of
-  /// descriptors for both), replacing the two above; must outlive the server.
-  connection_slots* shared_slots = nullptr;
-  metrics::instruments* metrics = nullptr; ///< optional
-  metrics::diagnostic_log* log = nullptr;  ///< optional: one line per request
 };
 
-class mqtt_server {
+class mqtt_server : public device_listener {
 public:
-  virtual ~mqtt_server() = default;
-
   /// Binds, starts the I/O threads and begins accepting. `eng` must outlive
   /// the server.
   [[nodiscard]] static error start(const mqtt_server_options& opts, engine& eng,
                                    std::unique_ptr<mqtt_server>& out);
-
-  virtual uint16_t port() const = 0;
-  virtual std::string address() const = 0;
-  virtual int open_connections() const = 0;
-
-  /// Stops accepting, lets answers already on their way be written (up to
-  /// 2 s), closes connections, joins the threads. Idempotent.
-  virtual void stop() = 0;
-  /// Closes the listener only (connections go on), so that several
-  /// listeners stop taking clients before stop() waits on any. Idempotent.
-  virtual void stop_accepting() = 0;
 };
 
 } // namespace prov::gateway

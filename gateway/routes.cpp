@@ -131,29 +131,67 @@ std::string decoded_or_raw(const std::string& seg) {
   return d ? *d : seg;
 }
 
-request_kind classify(const http_request& req, const std::vector<std::string>& segs) {
+bool is_service_root(const std::string& s) {
+  return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
+         || iequals(s, "registrations") || iequals(s, "assignments")
+         || iequals(s, "certificates") || iequals(s, "linkedhubs");
+}
+
+/// A path's route, read once from its segments: the dispatch and the
+/// metrics label / diagnostic log both go by it.
+enum class route {
+  none,            ///< no route: 404
+  health,          ///< /healthz, /readyz
+  device_register, ///< {idScope}/registrations/{id}/register
+  device_poll,     ///< {idScope}/registrations/{id}/operations/{operationId}
+  device_status,   ///< {idScope}/registrations/{id}
+  device_other,    ///< {idScope}/registrations/{id}/... of no known shape
+  service,         ///< /enrollments, /enrollmentGroups, ... (service() reads the rest)
+  linkedhubs,      ///< /linkedHubs[/{name}] (service() checks, linked_hubs() answers)
+};
+
+route route_of(const std::vector<std::string>& segs) {
+  if (segs.size() == 1 && (segs[0] == "healthz" || segs[0] == "readyz"))
+    return route::health;
+  if (segs.size() >= 3 && iequals(segs[1], "registrations") && !is_service_root(segs[0])) {
+    if (segs.size() == 4 && iequals(segs[3], "register"))
+      return route::device_register;
+    if (segs.size() == 5 && iequals(segs[3], "operations"))
+      return route::device_poll;
+    if (segs.size() == 3)
+      return route::device_status;
+    return route::device_other;
+  }
+  if (!segs.empty() && iequals(segs[0], "linkedhubs"))
+    return route::linkedhubs;
+  if (!segs.empty() && is_service_root(segs[0]))
+    return route::service;
+  return route::none;
+}
+
+request_kind classify(const http_request& req, const std::vector<std::string>& segs, route r) {
   request_kind k;
   std::string m = method_label(req.method);
-  auto is_root = [](const std::string& s) {
-    return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
-           || iequals(s, "registrations") || iequals(s, "assignments")
-           || iequals(s, "certificates") || iequals(s, "linkedhubs");
-  };
-  if (segs.size() == 1 && (segs[0] == "healthz" || segs[0] == "readyz")) {
+  switch (r) {
+  case route::none:
+    return k;
+  case route::health:
     k.route = m + " /" + segs[0];
     return k;
-  }
-  if (segs.size() >= 3 && iequals(segs[1], "registrations") && !is_root(segs[0])) {
+  case route::device_register:
+  case route::device_poll:
+  case route::device_status:
+  case route::device_other:
     k.category = "DeviceOperations";
     k.type = "Registration";
     k.id = decoded_or_raw(segs[2]);
-    if (segs.size() == 4 && iequals(segs[3], "register")) {
+    if (r == route::device_register) {
       k.route = m + " /{idScope}/registrations/{registrationId}/register";
       k.operation = "DeviceRegistration";
-    } else if (segs.size() == 5 && iequals(segs[3], "operations")) {
+    } else if (r == route::device_poll) {
       k.route = m + " /{idScope}/registrations/{registrationId}/operations/{operationId}";
       k.operation = "OperationStatusLookup";
-    } else if (segs.size() == 3) {
+    } else if (r == route::device_status) {
       k.route = m + " /{idScope}/registrations/{registrationId}";
       k.operation = "DeviceRegistrationStatusLookup";
     } else {
@@ -161,9 +199,10 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
       k.operation = "Unknown";
     }
     return k;
+  case route::service:
+  case route::linkedhubs:
+    break;
   }
-  if (segs.empty() || !is_root(segs[0]))
-    return k;
   auto root = ascii::to_lower(segs[0]);
   k.category = "ServiceOperations";
   k.type = root == "enrollments"        ? "IndividualEnrollment"
@@ -227,16 +266,17 @@ public:
   void handle(http_request req, respond_fn respond) override {
     auto tracking = crypto::uuid4();
     auto segs = split_path(req.path);
+    const route rt = route_of(segs);
     respond_fn observed = std::move(respond);
     if (opts_.metrics != nullptr || opts_.log != nullptr)
-      observed = observe(req, segs, tracking, std::move(observed));
+      observed = observe(req, segs, rt, tracking, std::move(observed));
     auto reply = [respond = std::move(observed), tracking](http_response r) {
       r.headers.emplace_back("x-ms-request-id", tracking);
       respond(std::move(r));
     };
-    if (segs.size() == 1 && req.method == "GET" && segs[0] == "healthz")
+    if (rt == route::health && req.method == "GET" && segs[0] == "healthz")
       return reply(json_response(200, R"({"status":"ok"})"));
-    if (segs.size() == 1 && req.method == "GET" && segs[0] == "readyz") {
+    if (rt == route::health && req.method == "GET" && segs[0] == "readyz") {
       bool ok = !opts_.ready || opts_.ready();
       return reply(json_response(ok ? 200 : 503, ok ? R"({"status":"ready"})"
                                                     : R"({"status":"not ready"})"));
@@ -253,11 +293,10 @@ public:
       r.headers.emplace_back("Retry-After", std::to_string(wait));
       return reply(std::move(r));
     }
-    if (segs.size() >= 3 && iequals(segs[1], "registrations")
-        && !is_service_root(segs[0]))
-      return device(req, segs, reply, tracking);
-    if (!segs.empty() && is_service_root(segs[0]))
-      return service(req, segs, reply, tracking);
+    if (rt == route::service || rt == route::linkedhubs)
+      return service(req, segs, rt, reply, tracking);
+    if (rt != route::none && rt != route::health)
+      return device(req, segs, rt, reply, tracking);
     reply(error_response({error_code::not_found, "no such route: " + req.method + " "
                                                    + req.path},
                          tracking));
@@ -268,7 +307,7 @@ private:
 
   /// Wraps `respond` so the answer is counted (metrics) and logged (one
   /// diagnostic line) whichever path produced it.
-  respond_fn observe(const http_request& req, const std::vector<std::string>& segs,
+  respond_fn observe(const http_request& req, const std::vector<std::string>& segs, route r,
                      const std::string& tracking, respond_fn respond) {
     struct context {
       request_kind kind;
@@ -276,7 +315,7 @@ private:
       std::string client_ip, tracking, api_version;
     };
     auto c = std::make_shared<context>();
-    c->kind = classify(req, segs);
+    c->kind = classify(req, segs, r);
     c->client_ip = req.client_ip;
     c->tracking = tracking;
     if (auto api = req.query.find("api-version"); api != req.query.end())
@@ -311,31 +350,23 @@ private:
     };
   }
 
-  static bool is_service_root(const std::string& s) {
-    return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
-           || iequals(s, "registrations") || iequals(s, "assignments")
-           || iequals(s, "certificates") || iequals(s, "linkedhubs");
-  }
-
   // -- device API -------------------------------------------------------------
 
   /// The HTTP adapter of the device API (device_api.hpp): the path's shape,
   /// method and percent-encoding, the query, the content type and the
   /// credential (Authorization header, TLS client certificate) in; status,
   /// body and Retry-After out.
-  void device(const http_request& req, const std::vector<std::string>& segs,
+  void device(const http_request& req, const std::vector<std::string>& segs, route r,
               const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
-    // Shapes: {scope}/registrations/{id}/register (PUT),
-    //         {scope}/registrations/{id}/operations/{op} (GET),
-    //         {scope}/registrations/{id} (POST, status lookup).
+    // Methods: register PUT, poll GET, status lookup POST.
     device_call call;
     using kind = device_call::kind;
-    if (segs.size() == 4 && iequals(segs[3], "register"))
+    if (r == route::device_register)
       call.what = kind::register_device;
-    else if (segs.size() == 5 && iequals(segs[3], "operations"))
+    else if (r == route::device_poll)
       call.what = kind::poll;
-    else if (segs.size() == 3)
+    else if (r == route::device_status)
       call.what = kind::status_lookup;
     else
       return fail({error_code::not_found, "no such device route: " + req.path});
@@ -411,7 +442,7 @@ private:
     return {};
   }
 
-  void service(const http_request& req, const std::vector<std::string>& segs,
+  void service(const http_request& req, const std::vector<std::string>& segs, route rt,
                const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
     auto root = ascii::to_lower(segs[0]);
@@ -432,7 +463,7 @@ private:
     const auto& m = req.method;
     if (root == "certificates")
       return certificates(req, ids, reply, fail, tracking);
-    if (root == "linkedhubs")
+    if (rt == route::linkedhubs)
       return linked_hubs(req, ids, reply, fail, tracking);
     if (root == "assignments") {
       if (segs.size() != 1)

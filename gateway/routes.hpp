@@ -7,7 +7,7 @@
 
 #include "actors/engine.hpp"
 #include "config/config.hpp"
-#include "gateway/http_types.hpp"
+#include "net/http_types.hpp"
 #include "metrics/diagnostic_log.hpp"
 #include "metrics/instruments.hpp"
 

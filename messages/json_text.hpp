@@ -215,6 +215,15 @@ public:
     out_.append(value);
     return *this;
   }
+  /// `members` must already be valid JSON object members (`"a":1,"b":2`,
+  /// without braces): another object's contents spliced into this one.
+  object& raw_members(std::string_view members) {
+    if (!first_)
+      out_.push_back(',');
+    out_.append(members);
+    first_ = false;
+    return *this;
+  }
   /// Starts a nested value: write it, then continue with this object.
   std::string& nested(std::string_view key) {
     this->key(key);

@@ -163,6 +163,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "payload", s.payload_json);
   get_to(j, "lastOperationId", s.last_operation_id);
   get_to(j, "allocation", s.allocation_json);
+  get_to(j, "x509", s.x509_json);
   return {};
 }
 
@@ -198,6 +199,8 @@ json event_json(const registration_event& ev) {
     j["allocation"] = ev.allocation_json;
   if (!ev.client_ip.empty())
     j["clientIp"] = ev.client_ip;
+  if (!ev.x509_json.empty())
+    j["x509"] = ev.x509_json;
   return j;
 }
 
@@ -225,6 +228,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
   get_to(j, "clientIp", ev.client_ip);
+  get_to(j, "x509", ev.x509_json);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -268,9 +272,10 @@ json to_json(const registration_state& s, bool service) {
   if (!s.etag.empty())
     j["etag"] = s.etag;
   if (s.attestation_type == "symmetricKey" || s.attestation_type == "x509") {
-    // DPS's x509 result also carries certificateInfo and
-    // signingCertificateInfo; the record does not keep them yet.
     json sk = json::object();
+    if (s.attestation_type == "x509" && !s.x509_json.empty())
+      if (json info = parse_or_null(s.x509_json); info.is_object())
+        sk = std::move(info);
     if (!s.enrollment_group_id.empty())
       sk["enrollmentGroupId"] = s.enrollment_group_id;
     j[s.attestation_type] = sk;
@@ -305,6 +310,14 @@ void write_state(std::string& out, const registration_state& s, bool service = f
     json_text::object sk(o.nested(s.attestation_type));
     if (!s.enrollment_group_id.empty())
       sk.str("enrollmentGroupId", s.enrollment_group_id);
+    // certificateInfo and signingCertificateInfo: the members of an object
+    // we wrote compact ourselves, copied without a parse (every poll).
+    if (s.attestation_type == "x509" && s.x509_json.size() > 2 && s.x509_json.front() == '{'
+        && s.x509_json.back() == '}') {
+      const std::string_view members(s.x509_json.data() + 1, s.x509_json.size() - 2);
+      if (members.front() == '"')
+        sk.raw_members(members);
+    }
     sk.close();
   }
   if (!s.payload_json.empty()) {
@@ -363,9 +376,9 @@ namespace {
 constexpr uint8_t record_magic = 0xB7;
 constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
-/// 2: registration states end with allocation_json. Version 1 records
-/// (without it) are still read.
-constexpr uint8_t record_version = 2;
+/// 2: registration states end with allocation_json. 3: states and events
+/// end with x509_json. Older records (without them) are still read.
+constexpr uint8_t record_version = 3;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -392,6 +405,7 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.payload_json);
   w.str(s.last_operation_id);
   w.str(s.allocation_json); // version 2
+  w.str(s.x509_json);       // version 3
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -412,6 +426,8 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   r.str(s.last_operation_id);
   if (version >= 2)
     r.str(s.allocation_json);
+  if (version >= 3)
+    r.str(s.x509_json);
   return r.ok();
 }
 
@@ -437,9 +453,10 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.attested_ms);
   w.i64(ev.allocated_ms);
   w.i64(ev.completed_ms);
+  w.str(ev.x509_json); // version 3
 }
 
-bool get_event(codec::reader& r, registration_event& ev) {
+bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
   ev.version = static_cast<int32_t>(r.i64());
   r.str(ev.operation_id);
   r.str(ev.registration_id);
@@ -462,6 +479,8 @@ bool get_event(codec::reader& r, registration_event& ev) {
   ev.attested_ms = r.i64();
   ev.allocated_ms = r.i64();
   ev.completed_ms = r.i64();
+  if (version >= 3)
+    r.str(ev.x509_json);
   return r.ok();
 }
 
@@ -539,7 +558,7 @@ error decode_record(std::string_view text, operation_record& out) {
     return corrupt("operation record");
   r.str(out.operation_id);
   r.str(out.registration_id);
-  if (!get_status(r, out.status) || !get_event(r, out.event))
+  if (!get_status(r, out.status) || !get_event(r, out.event, version))
     return corrupt("operation record");
   if (r.u8() == 1 && !get_state(r, out.state, version))
     return corrupt("operation record");
@@ -574,7 +593,8 @@ std::string encode_event(const registration_event& ev) {
               + ev.enrollment_group_id.size() + ev.payload_json.size()
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
-              + ev.returned_payload_json.size() + ev.allocation_json.size() + 36);
+              + ev.returned_payload_json.size() + ev.allocation_json.size()
+              + ev.x509_json.size() + 48);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -609,6 +629,8 @@ std::string encode_event(const registration_event& ev) {
        && append_str_field(out, ",\"substatus\":", ev.substatus);
   out.append(",\"v\":");
   append_int(out, ev.version);
+  if (ok && !ev.x509_json.empty()) // "v" < "x509"
+    ok = append_str_field(out, ",\"x509\":", ev.x509_json);
   out.push_back('}');
   // Invalid UTF-8 somewhere: let the DOM encoder throw exactly what it always
   // threw (type_error 316).
@@ -641,7 +663,7 @@ public:
                          f_enrollment_group_id, f_payload, f_authorization, f_assigned_hub,
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
-                         f_completed_ms, f_returned_payload, f_allocation, f_count };
+                         f_completed_ms, f_returned_payload, f_allocation, f_x509, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -700,7 +722,7 @@ private:
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
     "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
-    "allocation"};
+    "allocation", "x509"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -994,7 +1016,8 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_initial_twin, ev.initial_twin_json, err) || !read(f_iot_edge, ev.iot_edge, err)
       || !read(f_substatus, ev.substatus, err)
       || !read(f_returned_payload, ev.returned_payload_json, err)
-      || !read(f_allocation, ev.allocation_json, err))
+      || !read(f_allocation, ev.allocation_json, err)
+      || !read(f_x509, ev.x509_json, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))

@@ -82,6 +82,9 @@ struct registration_event {
   /// reasons, re-provisioning); "" when not allocated. JSON encoding only
   /// when set, like returnedPayload.
   std::string allocation_json;
+  /// An X.509 device's certificateInfo/signingCertificateInfo as one compact
+  /// JSON object text (attestation::verdict::x509_json); "" otherwise.
+  std::string x509_json;
   // terminal outcome
   registration_status status = registration_status::assigning;
   int32_t error_code = 0;
@@ -89,10 +92,11 @@ struct registration_event {
   int64_t attested_ms = 0;
   int64_t allocated_ms = 0;
   int64_t completed_ms = 0;
-  /// In process only (never encoded, not in inspect()): an embedded
-  /// register whose accept is not recorded yet, because its answer waits for
-  /// the outcome (device_api.register_wait_ms). No operation record exists
-  /// until the terminal commit, and nobody knows the operation id.
+  /// In process only (never encoded, not in inspect()): a register whose
+  /// accept is not recorded yet, because its answer waits for the outcome
+  /// (device_api.register_wait_ms). No operation record exists until the
+  /// terminal commit (Kafka: until registration.completed is applied), and
+  /// nobody knows the operation id.
   bool unrecorded = false;
   /// In process only, like `unrecorded`: the committed outcome, set by the
   /// embedded configuration stage on registration.completed, so the
@@ -113,7 +117,7 @@ typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
   return f(x.version, x.operation_id, x.registration_id, x.id_scope, x.api_version,
            x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
-           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.status, x.error_code, x.error_message,
+           x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.x509_json, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 
@@ -136,6 +140,9 @@ struct registration_state {
   /// Why the device is on its hub (the event's allocation_json); shown by the
   /// service API only, never to devices.
   std::string allocation_json;
+  /// registrationState.x509's certificateInfo and signingCertificateInfo
+  /// (registration_event::x509_json); "" when not X.509.
+  std::string x509_json;
 };
 
 /// A register call's lifecycle, as stored under its operation id.

@@ -182,6 +182,19 @@ struct instruments::impl {
       .Help("Failed accepts on the device API listener by error (EMFILE: out of "
             "file descriptors); each is followed by a 100 ms back-off")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& tpm_challenges =
+    prometheus::BuildCounter()
+      .Name("dps_tpm_challenges_total")
+      .Help("TPM challenges by outcome: issued (401 with an activation blob), answered "
+            "(consumed by a register signed with the imported key), rejected (an answer "
+            "refused: replayed, expired, wrong key, no challenge)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& stale_certificate_records =
+    prometheus::BuildCounter()
+      .Name("dps_kafka_stale_certificate_records_total")
+      .Help("CA store records on dps.enrollments skipped because a later revision (a "
+            "delete, or a write from a newer state) was already applied")
+      .Register(*registry);
   prometheus::Family<prometheus::Histogram>& commit_duration =
     prometheus::BuildHistogram()
       .Name("dps_storage_commit_duration_seconds")
@@ -211,6 +224,8 @@ struct instruments::impl {
   series_cache<prometheus::Counter> throttled_c{throttled};
   series_cache<prometheus::Counter> connections_refused_c{connections_refused};
   series_cache<prometheus::Counter> accept_errors_c{accept_errors};
+  series_cache<prometheus::Counter> tpm_challenges_c{tpm_challenges};
+  prometheus::Counter* stale_certificate_records_counter = nullptr;
 
   std::array<prometheus::Histogram*, stage_count> stage_hist{};
   std::array<prometheus::Gauge*, stage_count> stage_gauge{};
@@ -239,6 +254,11 @@ struct instruments::impl {
       {}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
                                                   1024, 2048, 4096});
     commit_bytes_counter = &commit_bytes.Add({});
+    stale_certificate_records_counter = &stale_certificate_records.Add({});
+    for (const char* outcome : {"issued", "answered", "rejected"})
+      tpm_challenges_c.get(join({outcome}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"outcome", outcome}});
+      });
     // Known reasons exist at zero, so rate() and dashboards see them before
     // the first throttled request.
     for (const char* reason : {"inflight_limit", "shutting_down"})
@@ -442,6 +462,19 @@ void instruments::accept_failed(std::string_view error) {
            return f.Add({{"error", std::string(error)}});
          })
     .Increment();
+}
+
+void instruments::tpm_challenge(std::string_view outcome) {
+  impl_->tpm_challenges_c
+    .get(join({outcome}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"outcome", std::string(outcome)}});
+         })
+    .Increment();
+}
+
+void instruments::certificate_record_stale() {
+  impl_->stale_certificate_records_counter->Increment();
 }
 
 void instruments::storage_commit(double seconds, std::size_t batches, std::size_t bytes) {

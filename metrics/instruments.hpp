@@ -99,6 +99,18 @@ public:
   /// back-off, so a descriptor shortage adds about 10 per second.
   void accept_failed(std::string_view error);
 
+  // -- attestation state ----------------------------------------------------------------
+
+  /// dps_tpm_challenges_total{outcome}: TPM challenges issued (a 401 with an
+  /// activation blob), answered (a register signed with the imported key that
+  /// consumed its challenge), rejected (an answer refused: replayed, expired,
+  /// wrong key or EK, no challenge).
+  void tpm_challenge(std::string_view outcome);
+  /// dps_kafka_stale_certificate_records_total: CA store records on
+  /// dps.enrollments skipped because a later revision (a delete, or a write
+  /// from a newer state) had already been applied.
+  void certificate_record_stale();
+
   // -- storage -------------------------------------------------------------------------
 
   /// One group commit: dps_storage_commit_duration_seconds,

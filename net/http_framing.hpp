@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "gateway/http_types.hpp"
+#include "net/http_types.hpp"
 
 namespace prov::gateway {
 

@@ -74,6 +74,17 @@ public:
 };
 using done_fn = std::shared_ptr<answer>;
 
+/// An answer kept where it is given: for calling a synchronous policy and
+/// reading its decision after the call.
+struct held_answer final : answer {
+  error err{error_code::internal, "the allocation policy did not answer"};
+  decision d;
+  void decided(error e, decision dec) override {
+    err = std::move(e);
+    d = std::move(dec);
+  }
+};
+
 class policy {
 public:
   virtual ~policy() = default;

@@ -34,6 +34,10 @@ struct verdict {
   std::string enrollment_group_id; ///< "" for individual enrollments
   bool enabled = true;             ///< the admitting entry's provisioningStatus
   std::string challenge;           ///< challenge: JSON the device needs to answer
+  /// Accepted X.509: `{"certificateInfo":{..},"signingCertificateInfo":{..}}`
+  /// (compact JSON, the second only for groups), what DPS returns in
+  /// registrationState.x509 besides enrollmentGroupId; "" otherwise.
+  std::string x509_json;
 
   static verdict rejected(error_code code, std::string message) {
     verdict v;

@@ -194,6 +194,20 @@ bool device_resource_matches(const sas_token& tok, std::string_view id_scope,
          iequals(r.substr(id_scope.size() + mid.size()), registration_id);
 }
 
+error read_device_sas(std::string_view header, const sas_limits& limits,
+                      std::string_view id_scope, std::string_view registration_id,
+                      sas_token& out) {
+  if (auto err = parse_sas(header, out))
+    return err;
+  if (auto err = check_expiry(out, limits))
+    return {error_code::unauthorized_signature, err.message};
+  if (!device_resource_matches(out, id_scope, registration_id))
+    return {error_code::unauthorized_signature,
+            "token resource (sr) does not name " + std::string(id_scope)
+              + "/registrations/" + std::string(registration_id)};
+  return {};
+}
+
 bool service_resource_matches(const sas_token& tok, std::string_view host) {
   const std::string_view r = tok.resource;
   if (host.empty() || r.size() < host.size()) return false;

@@ -65,6 +65,14 @@ struct sas_limits {
                                            std::string_view id_scope,
                                            std::string_view registration_id);
 
+/// A device's token, parsed and checked for all that needs no key: expiry
+/// within `limits` and a resource that names this device. The one reading
+/// of a device SAS shared by the mechanisms that take one (symmetric key,
+/// TPM). Errors: parse_sas's (401000), else 401002.
+[[nodiscard]] error read_device_sas(std::string_view header, const sas_limits& limits,
+                                    std::string_view id_scope,
+                                    std::string_view registration_id, sas_token& out);
+
 /// True when the decoded resource names `host` (case-insensitive), optionally
 /// followed by a path: prefix match by whole path segment only.
 [[nodiscard]] bool service_resource_matches(const sas_token& tok,

@@ -67,19 +67,13 @@ bool symmetric_key::reads(const device_credential& c) const noexcept {
 error symmetric_key::open(const device_credential& c, const request_facts& facts,
                           std::unique_ptr<proof>& out) const {
   const auto& text = std::get<sas_credential>(c).token;
-  sas_token tok;
-  if (auto err = parse_sas(text, tok))
-    return err;
   sas_limits limits;
   limits.now = facts.now_s;
   limits.max_lifetime = max_lifetime_s_;
   limits.clock_skew = clock_skew_s_;
-  if (auto err = check_expiry(tok, limits))
-    return {error_code::unauthorized_signature, err.message};
-  if (!device_resource_matches(tok, facts.id_scope, facts.registration_id))
-    return {error_code::unauthorized_signature,
-            "token resource (sr) does not name " + std::string(facts.id_scope)
-              + "/registrations/" + std::string(facts.registration_id)};
+  sas_token tok;
+  if (auto err = read_device_sas(text, limits, facts.id_scope, facts.registration_id, tok))
+    return err;
   out = std::make_unique<sas_proof>(text, std::move(tok), facts.registration_id);
   return {};
 }

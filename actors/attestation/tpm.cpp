@@ -271,19 +271,14 @@ error tpm::open(const device_credential& c, const request_facts& facts,
   if (auto err = read_key(cred.storage_root_key, "tpm.storageRootKey", p->srk))
     return err;
   if (!cred.sas_token.empty()) {
-    sas_token tok;
-    if (auto err = parse_sas(cred.sas_token, tok))
-      return err;
     sas_limits limits;
     limits.now = facts.now_s;
     limits.max_lifetime = max_lifetime_s_;
     limits.clock_skew = clock_skew_s_;
-    if (auto err = check_expiry(tok, limits))
-      return {error_code::unauthorized_signature, err.message};
-    if (!device_resource_matches(tok, facts.id_scope, facts.registration_id))
-      return {error_code::unauthorized_signature,
-              "token resource (sr) does not name " + std::string(facts.id_scope)
-                + "/registrations/" + std::string(facts.registration_id)};
+    sas_token tok;
+    if (auto err = read_device_sas(cred.sas_token, limits, facts.id_scope,
+                                   facts.registration_id, tok))
+      return err;
     p->sas = std::move(tok);
   } else if (p->ek.empty()) {
     return {error_code::bad_request,

@@ -49,6 +49,15 @@ std::string hub_key(const tpm_challenge& c, std::string_view operation_id);
 std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
                                       std::string_view operation_id, std::string& why);
 
+/// The `tpm_challenges` keys of a registration id's two slots, from its
+/// lower-cased id (enrollment::key_of): the answered challenge at the id's
+/// key, the pending one at "<id>/pending" ('/' is never in an id). Both go
+/// when the individual enrollment is deleted.
+inline std::string tpm_answered_slot_key(std::string_view key) { return std::string(key); }
+inline std::string tpm_pending_slot_key(std::string_view key) {
+  return std::string(key) + "/pending";
+}
+
 /// A registration id's challenges.
 struct tpm_slots {
   std::optional<tpm_challenge> pending;  ///< issued, not answered yet

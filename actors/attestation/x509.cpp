@@ -9,6 +9,8 @@
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/ascii.hpp"
 
@@ -27,6 +29,17 @@ std::string subject_of(const X509* c) {
   return enrollment::name_text(X509_get_subject_name(c));
 }
 std::string issuer_of(const X509* c) { return enrollment::name_text(X509_get_issuer_name(c)); }
+
+/// A group's CA as parsed when its snapshot was built; parsed now (into
+/// `holder`) only for a view built without it.
+X509* parsed_or(const std::shared_ptr<X509>& parsed, const std::string& der, x509_ptr& holder) {
+  if (parsed)
+    return parsed.get();
+  if (der.empty())
+    return nullptr;
+  holder = enrollment::parse_der(der);
+  return holder.get();
+}
 
 class x509_proof final : public proof {
 public:
@@ -57,8 +70,11 @@ public:
       const bool match = !ref.der.empty() ? ref.der == leaf_der_
                                           : (!ref.sha1.empty() && ref.sha1 == sha1_)
                                               || (!ref.sha256.empty() && ref.sha256 == sha256_);
-      if (match)
-        return verdict::accepted(attestation_type::x509, v.enabled);
+      if (match) {
+        auto out = verdict::accepted(attestation_type::x509, v.enabled);
+        out.x509_json = info_json(nullptr);
+        return out;
+      }
     }
     return verdict::rejected(
       error_code::unauthorized_signature,
@@ -74,6 +90,7 @@ public:
     // when it is disabled. A CA named by caReferences counts as a signing
     // certificate while the store holds it verified.
     const enrollment::enrollment_view* best = nullptr;
+    const std::string* best_der = nullptr; // the admitting CA, for signingCertificateInfo
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
     std::string failures, unverified, missing;
@@ -91,7 +108,7 @@ public:
     if (auto why = revocation(groups); !why.empty())
       return verdict::rejected(error_code::unauthorized_signature, why);
     auto try_anchor = [&](const enrollment::enrollment_view& g, X509* anchor,
-                          const std::string& label, bool trusted) {
+                          const std::string& der, const std::string& label, bool trusted) {
       if (anchor == nullptr || !reaches(anchor))
         return;
       std::string why;
@@ -109,6 +126,7 @@ public:
       // Both slots are tried: the secondary may be a nearer CA.
       if (depth < best_depth) {
         best = &g;
+        best_der = &der;
         best_depth = depth;
         best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor));
       }
@@ -118,9 +136,9 @@ public:
       if (x == nullptr)
         continue;
       for (const auto& ref : x->signing_certificates) {
-        auto anchor = enrollment::parse_der(ref.der);
-        if (anchor)
-          try_anchor(g, anchor.get(), "signing certificate '" + subject_of(anchor.get()) + "'",
+        x509_ptr holder;
+        if (X509* anchor = parsed_or(ref.cert, ref.der, holder))
+          try_anchor(g, anchor, ref.der, "signing certificate '" + subject_of(anchor) + "'",
                      true);
       }
       using state = enrollment::ca_reference::state;
@@ -130,16 +148,17 @@ public:
                             + "' (caReferences), which is not in the certificate store");
           continue;
         }
-        auto anchor = enrollment::parse_der(ref.der);
-        if (anchor)
-          try_anchor(g, anchor.get(),
-                     "CA '" + ref.name + "' ('" + subject_of(anchor.get()) + "')",
+        x509_ptr holder;
+        if (X509* anchor = parsed_or(ref.cert, ref.der, holder))
+          try_anchor(g, anchor, ref.der, "CA '" + ref.name + "' ('" + subject_of(anchor) + "')",
                      ref.status == state::verified);
       }
     }
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
-      return verdict::accepted(attestation_type::x509, best->enabled, best->id);
+      auto out = verdict::accepted(attestation_type::x509, best->enabled, best->id);
+      out.x509_json = info_json(best_der);
+      return out;
     }
     if (!unverified.empty())
       return verdict::rejected(error_code::unauthorized_signature, unverified);
@@ -162,6 +181,17 @@ public:
   int64_t valid_until() const noexcept override { return valid_until_; }
 
 private:
+  /// registrationState.x509 as DPS fills it besides enrollmentGroupId: the
+  /// device's certificate, and for a group the CA that admitted it.
+  std::string info_json(const std::string* signer_der) const {
+    nlohmann::json j = nlohmann::json::object();
+    j["certificateInfo"] = enrollment::certificate_info(chain_[0].get(), leaf_der_);
+    if (signer_der != nullptr)
+      if (auto signer = enrollment::parse_der(*signer_der))
+        j["signingCertificateInfo"] = enrollment::certificate_info(signer.get(), *signer_der);
+    return j.dump();
+  }
+
   /// Whether `anchor` may be in the chain: it is a presented certificate's
   /// issuer (by name) or one of them. A cheap filter before verify().
   bool reaches(const X509* anchor) const {
@@ -218,23 +248,41 @@ private:
   /// whose key signed it. A CRL naming that issuer must carry the issuer's
   /// signature: one that does not is refused (fail closed), never skipped.
   std::string revocation(const std::vector<enrollment::enrollment_view>& groups) const {
-    std::vector<x509_ptr> known; // CAs of the groups, candidate issuers
-    std::vector<std::pair<crl_ptr, std::string>> crls; // with the CA they are stored with
+    // The groups' CAs (candidate issuers) and CRLs, as parsed once when the
+    // snapshot was built (ca_reference::parsed_crls); only a view built
+    // without them is parsed here.
+    std::vector<X509*> known;
+    std::vector<x509_ptr> holders;
+    std::vector<std::pair<X509_CRL*, const std::string*>> crls; // with their CA's name
+    std::vector<crl_ptr> crl_holders;
     for (const auto& g : groups) {
       const auto* x = std::get_if<enrollment::x509_attestation>(&g.attestation);
       if (x == nullptr)
         continue;
+      auto add_known = [&](const std::shared_ptr<X509>& parsed, const std::string& der) {
+        x509_ptr holder;
+        if (X509* c = parsed_or(parsed, der, holder)) {
+          known.push_back(c);
+          if (holder)
+            holders.push_back(std::move(holder));
+        }
+      };
       for (const auto& ref : x->signing_certificates)
-        if (auto c = enrollment::parse_der(ref.der))
-          known.push_back(std::move(c));
+        add_known(ref.cert, ref.der);
       for (const auto& ref : x->ca_references) {
-        if (auto c = enrollment::parse_der(ref.der))
-          known.push_back(std::move(c));
+        add_known(ref.cert, ref.der);
+        if (ref.parsed_crls.size() == ref.crls.size()) {
+          for (const auto& crl : ref.parsed_crls)
+            crls.emplace_back(crl.get(), &ref.name);
+          continue;
+        }
         for (const auto& der : ref.crls) {
           const auto* p = reinterpret_cast<const unsigned char*>(der.data());
           crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
-          if (crl)
-            crls.emplace_back(std::move(crl), ref.name);
+          if (crl) {
+            crls.emplace_back(crl.get(), &ref.name);
+            crl_holders.push_back(std::move(crl));
+          }
         }
       }
     }
@@ -249,7 +297,7 @@ private:
 
   /// The issuer of `cert` among the presented chain and `known`: same name,
   /// and its key verifies cert's signature. Null for a self-signed one.
-  X509* issuer_of_cert(X509* cert, const std::vector<x509_ptr>& known) const {
+  X509* issuer_of_cert(X509* cert, const std::vector<X509*>& known) const {
     const X509_NAME* want = X509_get_issuer_name(cert);
     if (X509_NAME_cmp(want, X509_get_subject_name(cert)) == 0)
       return nullptr;
@@ -261,31 +309,49 @@ private:
     for (const auto& c : chain_)
       if (c.get() != cert && signs(c.get()))
         return c.get();
-    for (const auto& c : known)
-      if (signs(c.get()))
-        return c.get();
+    for (X509* c : known)
+      if (signs(c))
+        return c;
     return nullptr;
   }
 
-  std::string revoked_in(const std::vector<x509_ptr>& known,
-                         const std::vector<std::pair<crl_ptr, std::string>>& crls) const {
+  std::string revoked_in(const std::vector<X509*>& known,
+                         const std::vector<std::pair<X509_CRL*, const std::string*>>& crls) const {
+    std::string stale; // the first stale CRL a chain certificate depends on
     for (std::size_t i = 0; i < chain_.size(); ++i) {
       X509* cert = chain_[i].get();
       X509* issuer = issuer_of_cert(cert, known);
       if (issuer == nullptr)
         continue;
-      for (const auto& [crl, ca_name] : crls) {
-        if (X509_NAME_cmp(X509_CRL_get_issuer(crl.get()), X509_get_subject_name(issuer)) != 0)
+      for (const auto& [crl, ca_name_ptr] : crls) {
+        const std::string& ca_name = *ca_name_ptr;
+        if (X509_NAME_cmp(X509_CRL_get_issuer(crl), X509_get_subject_name(issuer)) != 0)
           continue;
-        if (X509_CRL_verify(crl.get(), X509_get0_pubkey(issuer)) != 1)
+        if (X509_CRL_verify(crl, X509_get0_pubkey(issuer)) != 1)
           return "a CRL stored with CA '" + ca_name + "' names '" + subject_of(issuer)
                  + "' (the issuer of '" + subject_of(cert)
                  + "') as its issuer but is not signed by that certificate's key: refused "
                    "until the CRL is replaced by one its issuer signed (PUT /certificates/"
                  + ca_name + "/crl)";
         X509_REVOKED* entry = nullptr;
-        if (X509_CRL_get0_by_cert(crl.get(), &entry, cert) != 1 || entry == nullptr)
+        if (X509_CRL_get0_by_cert(crl, &entry, cert) != 1 || entry == nullptr) {
+          // Not listed. Past its nextUpdate the issuer has published a newer
+          // list this one may lack: fail closed (docs/device-api.md,
+          // "Revocation"). A cached admission ends when the CRL goes stale.
+          if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl); next != nullptr) {
+            const int64_t next_s = enrollment::epoch_of(next);
+            if (next_s < now_s_ && stale.empty())
+              stale = "the CRL of '" + subject_of(issuer) + "' stored with CA '" + ca_name
+                      + "' is stale: its nextUpdate (" + enrollment::utc_text(next_s)
+                      + ") has passed, so '" + subject_of(cert)
+                      + "' cannot be shown not to be revoked; refused until a current CRL is "
+                        "uploaded (PUT /certificates/"
+                      + ca_name + "/crl)";
+            else
+              valid_until_ = std::min(valid_until_, next_s);
+          }
           continue;
+        }
         std::string serial;
         if (BIGNUM* bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), nullptr)) {
           if (char* h = BN_bn2hex(bn)) {
@@ -302,7 +368,7 @@ private:
                + " (stored with CA '" + ca_name + "')";
       }
     }
-    return {};
+    return stale;
   }
 
   std::string leaf_der_;

@@ -18,6 +18,7 @@ registration_state state_from_completed(const registration_event& ev) {
   s.status = ev.status;
   s.attestation_type = ev.attestation_type;
   s.enrollment_group_id = ev.enrollment_group_id;
+  s.x509_json = ev.x509_json;
   s.last_operation_id = ev.operation_id;
   s.etag = enrollment::etag_for(ev.operation_id);
   if (ev.status == registration_status::assigned) {

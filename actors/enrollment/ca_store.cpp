@@ -1,5 +1,6 @@
 #include "actors/enrollment/ca_store.hpp"
 
+#include <algorithm>
 #include <ctime>
 
 #include <nlohmann/json.hpp>
@@ -79,11 +80,7 @@ error read_certificate(const json* text, const char* what, std::string& der) {
 using crl_ptr = std::unique_ptr<X509_CRL, x509_free<X509_CRL, X509_CRL_free>>;
 
 crl_ptr parse_crl_der(std::string_view der) {
-  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-  crl_ptr crl(d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size())));
-  if (crl && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
-    crl.reset();
-  return crl;
+  return parse_exact_der<X509_CRL, d2i_X509_CRL, X509_CRL_free>(der);
 }
 
 /// DER of a CRL given as PEM (one X509 CRL block) or base64 DER.
@@ -255,6 +252,13 @@ error ca_put_crl(json& doc, const json& body, int64_t now_ms) {
     return {error_code::invalid_certificate,
             "the CRL names CA '" + name + "' ('" + name_text(issuer)
               + "') as its issuer but is not signed by that CA's key"};
+  // Already past its nextUpdate: attestation would refuse every device it
+  // covers (x509.cpp), so say so now.
+  if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+      next != nullptr && epoch_of(next) < now_ms / 1000)
+    return {error_code::invalid_certificate,
+            "the CRL of '" + name_text(issuer) + "' is stale: its nextUpdate ("
+              + utc_text(epoch_of(next)) + ") has passed; upload its issuer's current CRL"};
   json kept = json::array();
   for (const auto& c : doc.value("crls", json::array())) {
     auto other = c.is_string() ? crypto::base64_decode(c.get<std::string>())
@@ -348,13 +352,25 @@ void resolve_ca(const std::string* stored_doc, ca_reference& ref) {
     // Wrong-typed fields: missing, like an unreadable entry.
     ref.der.clear();
     ref.crls.clear();
+    ref.cert.reset();
+    ref.parsed_crls.clear();
     ref.status = ca_reference::state::missing;
   }
+}
+
+void resolve_parsed(ca_reference& ref) {
+  ref.cert = ref.der.empty() ? nullptr : shared_der(ref.der);
+  ref.parsed_crls.clear();
+  for (const auto& der : ref.crls)
+    if (auto crl = shared_crl_der(der))
+      ref.parsed_crls.push_back(std::move(crl));
 }
 
 static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& ref) {
   ref.der.clear();
   ref.crls.clear();
+  ref.cert.reset();
+  ref.parsed_crls.clear();
   ref.status = ca_reference::state::missing;
   if (stored_doc == nullptr)
     return;
@@ -372,6 +388,33 @@ static void resolve_ca_unchecked(const std::string* stored_doc, ca_reference& re
       ref.crls.push_back(std::move(*der));
   ref.status = j.value("isVerified", false) ? ca_reference::state::verified
                                             : ca_reference::state::unverified;
+  resolve_parsed(ref);
+}
+
+int64_t ca_revision(const json& doc) noexcept {
+  auto it = doc.find("revision");
+  if (it == doc.end() || !it->is_number_integer())
+    return 0;
+  return std::max<int64_t>(0, it->get<int64_t>());
+}
+
+json ca_deleted_marker(const std::string& name, int64_t revision) {
+  return json{{"name", name}, {"deleted", true}, {"revision", revision}};
+}
+
+bool ca_is_deleted_marker(const json& doc) noexcept {
+  auto it = doc.find("deleted");
+  return it != doc.end() && it->is_boolean() && it->get<bool>();
+}
+
+std::string ca_deleted_meta_key(std::string_view key) {
+  return "certificate.deleted/" + std::string(key);
+}
+
+bool ca_supersedes(int64_t incoming, bool is_delete, int64_t stored) noexcept {
+  if (is_delete)
+    return incoming >= stored;
+  return incoming > stored || (incoming == 0 && stored == 0);
 }
 
 std::string ca_doc_problem(std::string_view key, const json& doc) {
@@ -381,6 +424,15 @@ std::string ca_doc_problem(std::string_view key, const json& doc) {
   if (it == doc.end() || !it->is_string() || !valid_certificate_name(it->get<std::string>())
       || key_of(it->get<std::string>()) != key)
     return "the CA document's name is not a valid certificate name matching the key";
+  if (auto r = doc.find("revision"); r != doc.end() && !(r->is_number_integer() && *r >= 0))
+    return "the CA document's revision is not a non-negative integer";
+  if (auto d = doc.find("deleted"); d != doc.end()) {
+    if (!d->is_boolean() || !d->get<bool>())
+      return "the CA deletion marker's deleted is not true";
+    if (ca_revision(doc) < 1)
+      return "the CA deletion marker has no revision";
+    return {};
+  }
   auto c = doc.find("certificate");
   if (c == doc.end() || !c->is_string())
     return "the CA document has no certificate";

@@ -8,7 +8,16 @@
 //   {name, certificate (base64 DER), subject, thumbprint (SHA-1, upper hex),
 //    sha256Thumbprint, notBefore, expiry (epoch s), isVerified,
 //    verificationCode ("" when none outstanding), crls (base64 DER CRLs, at
-//    most one per issuer), created, updated (epoch ms), etag}
+//    most one per issuer), created, updated (epoch ms), etag, revision}
+//
+// Kafka mode (actors/replication.cpp): every write of an entry carries
+// revision = 1 + the highest revision this instance has seen for the name
+// (its entry, or the marker its last delete left), and a delete is published
+// as a marker {name, deleted: true, revision} instead of a null tombstone.
+// Every instance applies the topic in the same order with the same rule
+// (ca_supersedes), so a write computed from a state that a delete has since
+// replaced (a slower gateway's verify, a late retry) loses everywhere, and the
+// CA does not come back.
 
 #include <cstdint>
 #include <string>
@@ -60,13 +69,32 @@ nlohmann::json ca_verification_public(const nlohmann::json& doc);
 /// document it cannot read (wrong-typed fields) counts as missing: it admits
 /// nothing, and never throws (it runs on the table reader thread).
 void resolve_ca(const std::string* stored_doc, ca_reference& ref);
+/// Parses ref.der and ref.crls into ref.cert and ref.parsed_crls (resolve_ca
+/// does; for references built by other means).
+void resolve_parsed(ca_reference& ref);
+
+/// An entry's or deletion marker's revision (0 when absent: written before
+/// revisions existed).
+int64_t ca_revision(const nlohmann::json& doc) noexcept;
+/// The dps.enrollments value that deletes CA `name` in Kafka mode.
+nlohmann::json ca_deleted_marker(const std::string& name, int64_t revision);
+bool ca_is_deleted_marker(const nlohmann::json& doc) noexcept;
+/// Meta key (cf meta) of the revision of the last deletion of `key`.
+std::string ca_deleted_meta_key(std::string_view key);
+/// Whether a replicated record of revision `incoming` (a marker when
+/// `is_delete`) replaces the state of revision `stored` (the entry's, or the
+/// last marker's; 0 when none). A delete wins a tie: it and a concurrent
+/// write computed from the same state carry the same revision. Revision 0
+/// (a writer older than revisions) replaces only revision 0, as before.
+bool ca_supersedes(int64_t incoming, bool is_delete, int64_t stored) noexcept;
 
 /// Why `doc` is not a stored CA entry for `key` (empty when it is): an object
 /// whose name is a valid_certificate_name with key_of(name) == key, whose
 /// certificate is base64 of one DER certificate, whose typed fields (isVerified
 /// bool, crls array of strings, expiry/notBefore/created/updated integers,
 /// the text fields strings) have their types when present. Replication
-/// dead-letters such a record instead of storing it.
+/// dead-letters such a record instead of storing it. A deletion marker
+/// (ca_deleted_marker) is checked as one: name as above, revision >= 1.
 std::string ca_doc_problem(std::string_view key, const nlohmann::json& doc);
 
 } // namespace prov::enrollment

@@ -700,6 +700,11 @@ error x509_view(const json& x, x509_attestation& out) {
     return e;
   if (auto e = x509_refs(x, "signingCertificates", out.signing_certificates))
     return e;
+  // Groups' CAs are verified against on every attestation: parsed here,
+  // once per snapshot.
+  for (auto& ref : out.signing_certificates)
+    if (!ref.der.empty())
+      ref.cert = shared_der(ref.der);
   if (const json* ca = member(x, "caReferences"); ca != nullptr && ca->is_object())
     for (const char* slot : {"primary", "secondary"}) {
       std::string name;
@@ -707,7 +712,7 @@ error x509_view(const json& x, x509_attestation& out) {
                                name))
         return e;
       if (!name.empty())
-        out.ca_references.push_back(ca_reference{std::move(name), {}, {}, {}});
+        out.ca_references.push_back(ca_reference{std::move(name), {}, {}, {}, {}, {}});
     }
   return {};
 }

@@ -5,6 +5,7 @@
 // the fields it acts on through the typed `enrollment_view`.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -15,6 +16,11 @@
 
 #include "messages/dps_types.hpp"
 #include "messages/error.hpp"
+
+// OpenSSL's certificate and CRL, declared only: the parsed forms below are
+// used from .cpp files that include x509_certificates.hpp.
+struct x509_st;
+struct X509_crl_st;
 
 namespace prov::enrollment {
 
@@ -31,6 +37,9 @@ struct x509_certificate_ref {
   std::string der;    ///< empty: known by thumbprint only
   std::string sha1;   ///< raw thumbprints: of `der`, or as given ("" when not)
   std::string sha256;
+  /// `der` parsed once when a group's view is built (signingCertificates;
+  /// null otherwise), shared read-only by every attestation.
+  std::shared_ptr<x509_st> cert;
 };
 /// A caReferences entry: the CA's name in the certificate store
 /// (ca_store.hpp), and what the store held for it when the group snapshot
@@ -44,6 +53,10 @@ struct ca_reference {
   /// DER CRLs stored with the CA (its own, or its intermediates'): a chain
   /// through this CA is checked against those whose issuer is in it.
   std::vector<std::string> crls;
+  /// `der` and `crls` parsed once when the snapshot is built (resolve_ca),
+  /// not on every attestation; null / skipped when they do not parse.
+  std::shared_ptr<x509_st> cert;
+  std::vector<std::shared_ptr<X509_crl_st>> parsed_crls;
 };
 bool operator==(const ca_reference& a, const ca_reference& b);
 /// attestation.x509, parsed: individual enrollments name the device's own

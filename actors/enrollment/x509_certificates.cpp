@@ -37,12 +37,21 @@ std::string upper_hex(std::string_view raw) {
 }
 
 x509_ptr parse_der(std::string_view der) {
+  return parse_exact_der<X509, d2i_X509, X509_free>(der);
+}
+
+std::shared_ptr<X509> shared_der(std::string_view der) {
+  return std::shared_ptr<X509>(parse_der(der).release(), X509_free);
+}
+
+std::shared_ptr<X509_CRL> shared_crl_der(std::string_view der) {
   const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-  x509_ptr cert(d2i_X509(nullptr, &p, static_cast<long>(der.size())));
-  // Trailing bytes would make two texts name one certificate.
-  if (cert && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
-    cert.reset();
-  return cert;
+  X509_CRL* crl = d2i_X509_CRL(nullptr, &p, static_cast<long>(der.size()));
+  if (crl != nullptr && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size()) {
+    X509_CRL_free(crl); // trailing bytes: not exactly one CRL
+    crl = nullptr;
+  }
+  return std::shared_ptr<X509_CRL>(crl, X509_CRL_free);
 }
 
 bool certificate_der(std::string_view text, std::string& der) {

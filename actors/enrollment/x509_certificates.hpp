@@ -23,8 +23,24 @@ using x509_store_ptr = std::unique_ptr<X509_STORE, x509_free<X509_STORE, X509_ST
 using x509_store_ctx_ptr =
   std::unique_ptr<X509_STORE_CTX, x509_free<X509_STORE_CTX, X509_STORE_CTX_free>>;
 
+/// The object `d2i` reads from `der` (d2i_X509, d2i_X509_CRL): null when it
+/// does not read or bytes are left over (trailing bytes would make two texts
+/// name one object).
+template <class T, T* (*D2I)(T**, const unsigned char**, long), void (*F)(T*)>
+std::unique_ptr<T, x509_free<T, F>> parse_exact_der(std::string_view der) {
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  std::unique_ptr<T, x509_free<T, F>> out(D2I(nullptr, &p, static_cast<long>(der.size())));
+  if (out && p != reinterpret_cast<const unsigned char*>(der.data()) + der.size())
+    out.reset();
+  return out;
+}
+
 /// The certificate in DER; null when `der` is not exactly one certificate.
 x509_ptr parse_der(std::string_view der);
+/// The same, shareable (parsed once, read by many threads).
+std::shared_ptr<X509> shared_der(std::string_view der);
+/// A DER CRL, shareable; null when `der` is not exactly one CRL.
+std::shared_ptr<X509_CRL> shared_crl_der(std::string_view der);
 /// DER of a certificate given as PEM or as bare base64 DER (DPS accepts
 /// both); false when it is neither.
 bool certificate_der(std::string_view text, std::string& der);

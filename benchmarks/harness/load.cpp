@@ -243,6 +243,8 @@ private:
     }
     if (!is_ip_literal(name))
       SSL_set_tlsext_host_name(ssl, name.c_str());
+    if (o_.client_identity && !o_.client_identity(idx_, ssl))
+      return connect_failed("tls", "no client certificate for device " + std::to_string(idx_));
     conn_start_ = steady::now();
     arm();
     sock_->async_connect(t_.endpoint, [self = shared_from_this(), then](beast::error_code ec) mutable {
@@ -416,7 +418,8 @@ private:
 
   void prepare_device() {
     reg_id_ = o_.registration_id(idx_);
-    auth_ = device_sas(o_.id_scope, o_.key_root, reg_id_);
+    // X.509 devices authenticate in the handshake (client_identity).
+    auth_ = o_.client_identity ? std::string() : device_sas(o_.id_scope, o_.key_root, reg_id_);
     base_ = "/" + o_.id_scope + "/registrations/" + reg_id_;
     op_id_.clear();
   }
@@ -449,10 +452,12 @@ private:
     ++t_.stats.requests;
     written_ = 0;
     arm();
-    write_some(std::move(h));
+    write_some<false>(std::move(h));
   }
 
-  template <class Handler>
+  /// Writes what is left of out_ (SSL_write may ask to wait), then reads
+  /// the answer: an HTTP response, or (Mqtt) packets up to the answer PUBLISH.
+  template <bool Mqtt, class Handler>
   void write_some(Handler h) {
     while (written_ < out_.size()) {
       ERR_clear_error();
@@ -466,11 +471,20 @@ private:
           return fail("connection", ssl_failure("write", err));
         auto self = shared_from_this();
         return wait(*w,
-                    [self, h]() mutable { self->write_some(std::move(h)); },
+                    [self, h]() mutable { self->template write_some<Mqtt>(std::move(h)); },
                     [self] { self->io_failed("write"); });
       }
       written_ += static_cast<std::size_t>(n);
     }
+    if constexpr (Mqtt)
+      mqtt_read_some(std::move(h));
+    else
+      start_read(std::move(h));
+  }
+
+  /// Waits for the response head (or reads what is already buffered).
+  template <class Handler>
+  void start_read(Handler h) {
     parser_.emplace();
     parser_->eager(true);
     parser_->body_limit(1u << 20);
@@ -538,7 +552,8 @@ private:
 
   void send_put() {
     new_request("PUT", base_ + "/register?api-version=" + o_.api_version);
-    header("Authorization", auth_);
+    if (!auth_.empty())
+      header("Authorization", auth_);
     header("Content-Type", "application/json; charset=utf-8");
     end_request("{\"registrationId\":\"" + reg_id_ + "\"}");
     ++t_.stats.puts;
@@ -602,7 +617,8 @@ private:
 
   void send_poll() {
     new_request("GET", base_ + "/operations/" + op_id_ + "?api-version=" + o_.api_version);
-    header("Authorization", auth_);
+    if (!auth_.empty())
+      header("Authorization", auth_);
     end_request();
     ++t_.stats.polls;
     poll_start_ = steady::now();
@@ -733,27 +749,7 @@ private:
     ++t_.stats.requests;
     written_ = 0;
     arm();
-    mqtt_write_some(std::move(h));
-  }
-
-  template <class Handler>
-  void mqtt_write_some(Handler h) {
-    while (written_ < out_.size()) {
-      ERR_clear_error();
-      int n = SSL_write(ssl_.get(), out_.data() + written_,
-                        static_cast<int>(out_.size() - written_));
-      if (n <= 0) {
-        int err = 0;
-        auto w = want(n, err);
-        if (!w)
-          return fail("connection", ssl_failure("write", err));
-        auto self = shared_from_this();
-        return wait(*w, [self, h]() mutable { self->mqtt_write_some(std::move(h)); },
-                    [self] { self->io_failed("write"); });
-      }
-      written_ += static_cast<std::size_t>(n);
-    }
-    mqtt_read_some(std::move(h));
+    write_some<true>(std::move(h));
   }
 
   template <class Handler>

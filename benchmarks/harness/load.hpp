@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+struct ssl_st;
+
 namespace bench {
 
 enum class load_mode {
@@ -53,6 +55,9 @@ struct load_options {
   std::string api_version = "2021-06-01";
   std::string key_root; ///< device key = derive_device_key(key_root, registration id)
   std::function<std::string(uint64_t)> registration_id;
+  /// X.509 devices (set: no SAS): puts device i's client certificate and key
+  /// on the connection before its handshake; false = cannot.
+  std::function<bool(uint64_t, ssl_st*)> client_identity;
 
   // Reference.
   std::string reference_path = "/index.html";

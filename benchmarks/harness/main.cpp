@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <openssl/ssl.h>
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/sas_token.hpp"
@@ -34,6 +35,7 @@
 #include "net/https_client.hpp"
 #include "net/tls_material.hpp"
 #include "messages/crypto.hpp"
+#include "tests/support/test_certs.hpp"
 
 namespace {
 
@@ -104,6 +106,9 @@ struct options {
   uint64_t kafka_warmup = 100;
   int kafka_start_timeout_s = 60;
   bool direct = false; ///< --kafka --direct: produce registration.requested, no HTTPS
+  /// --x509: X.509 devices (ECDSA P-256 leaf certificates issued by a CA made
+  /// at start, an enrollment group whose signing certificate it is), newconn.
+  bool x509 = false;
 };
 
 /// The server under test, however it was found.
@@ -501,6 +506,60 @@ int start_webhook(options& o, bench_webhook& w) {
   o.webhook_ca = tls.ca_pem;
   o.webhook_url = "https://localhost:" + std::to_string(w.server->port()) + "/allocate?code=bench";
   log("webhook on " + o.webhook_url);
+  return 0;
+}
+
+/// --x509: a P-256 root CA, its enrollment group `<group id>-x509`
+/// (signingCertificates), and one P-256 leaf per device (CN = its
+/// registration id), all made before the measured phase; `lo` presents
+/// device i's certificate in its handshake.
+int x509_fleet(const options& o, const server_info& s, uint64_t devices, load_options& lo) {
+  struct fleet {
+    prov::test::test_cert root;
+    std::vector<prov::test::test_cert> leaves;
+  };
+  auto f = std::make_shared<fleet>();
+  f->root = prov::test::make_ca("provisiond-bench root " + o.id_prefix, nullptr, 1);
+  const std::string group = o.group_id + "-x509";
+  auto c = service_client(s, o.insecure);
+  prov::net::http_headers h;
+  h.add("Authorization", service_auth(s));
+  h.add("Content-Type", "application/json; charset=utf-8");
+  nlohmann::json body{
+    {"enrollmentGroupId", group},
+    {"attestation",
+     {{"type", "x509"},
+      {"x509", {{"signingCertificates", {{"primary", {{"certificate", f->root.pem()}}}}}}}}}};
+  prov::net::https_response r;
+  if (auto err = c.request("PUT", "/enrollmentGroups/" + group + "?api-version=2021-10-01", h,
+                           body.dump(), r)) {
+    log("service API: " + err.message);
+    return 2;
+  }
+  if (r.status != 200) {
+    log("creating enrollment group '" + group + "' failed: HTTP " + std::to_string(r.status)
+        + " " + r.body);
+    return 2;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const std::string prefix = o.id_prefix + "x509-";
+  f->leaves.reserve(devices);
+  for (uint64_t i = 0; i < devices; ++i)
+    f->leaves.push_back(
+      prov::test::make_device(prefix + std::to_string(i), f->root, static_cast<long>(1000 + i)));
+  log("enrollment group '" + group + "' (X.509, P-256 root); " + std::to_string(devices)
+      + " device certificates made in "
+      + std::to_string(std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                         .count())
+      + " s");
+  lo.registration_id = [prefix](uint64_t i) { return prefix + std::to_string(i); };
+  lo.client_identity = [f](uint64_t i, ssl_st* ssl) {
+    if (i >= f->leaves.size())
+      return false;
+    const auto& leaf = f->leaves[i];
+    return SSL_use_certificate(ssl, leaf.cert.get()) == 1
+           && SSL_use_PrivateKey(ssl, leaf.key.get()) == 1;
+  };
   return 0;
 }
 
@@ -1092,6 +1151,10 @@ int run(int argc, char** argv) {
                  "have joined");
   app.add_option("--kafka-start-timeout", o.kafka_start_timeout_s,
                  "Seconds each process may take to answer /readyz");
+  app.add_flag("--x509", o.x509,
+               "X.509 devices: a P-256 CA and a leaf per device made at start, an enrollment "
+               "group <group>-x509 whose signing certificate the CA is; each device presents "
+               "its certificate in a new TLS handshake (needs --mode newconn, --devices N)");
   app.add_flag("--direct", o.direct,
                "With --kafka: no HTTPS for devices. The harness produces registration.requested "
                "records itself (key = registration id, the device's SAS token, an operationId it "
@@ -1147,6 +1210,12 @@ int run(int argc, char** argv) {
                    || o.devices == 0)) {
     log("--direct needs --kafka and --devices N; it does not combine with --mode, --reference "
         "or --duration");
+    return 2;
+  }
+  if (o.x509 && (o.mode != "newconn" || o.kafka || o.devices == 0 || o.duration_s > 0
+                 || o.webhook || o.individual > 0)) {
+    log("--x509 needs --mode newconn and --devices N (certificates are made before the run); "
+        "it does not combine with --kafka, --duration, --webhook or --individual-enrollments");
     return 2;
   }
   if (o.id_prefix.empty())
@@ -1251,6 +1320,7 @@ int run(int argc, char** argv) {
   const std::string run_mode = o.kafka ? (o.direct ? "kafka-direct" : "kafka-https") : o.mode;
   out_json["mode"] = run_mode;
   out_json["options"] = {{"mode", o.direct ? "direct" : o.mode},
+                         {"attestation", o.x509 ? "x509" : "symmetricKey"},
                          {"devices", o.devices},
                          {"duration_s", o.duration_s},
                          {"concurrency", o.concurrency},
@@ -1470,6 +1540,11 @@ int run(int argc, char** argv) {
     uint64_t stride = devices ? std::max<uint64_t>(1, n / devices) : 1;
     lo.registration_id = [id_of, stride, n](uint64_t i) { return id_of((i * stride) % n); };
     lo.key_root = master;
+  } else if (o.x509) {
+    if (int rc = x509_fleet(o, s, devices, lo)) {
+      cleanup(true);
+      return rc;
+    }
   } else if (!reference_only(o)) {
     std::string key = group_key; // Kafka mode: the warm-up already has it
     if (key.empty())
@@ -1525,6 +1600,10 @@ int run(int argc, char** argv) {
       l.count = devices * static_cast<uint64_t>(k + 1) / static_cast<uint64_t>(rounds) - off;
       auto base = lo.registration_id;
       l.registration_id = [base, off](uint64_t i) { return base(i + off); };
+      if (lo.client_identity)
+        l.client_identity = [ci = lo.client_identity, off](uint64_t i, ssl_st* ssl) {
+          return ci(i + off, ssl);
+        };
       l.duration_s = o.duration_s;
       l.label = (o.direct ? std::string("direct") : o.mode) + tag;
       usage u;

@@ -86,3 +86,35 @@ TEST_CASE("a wrong-typed stored entry resolves as missing and lists without thro
   CHECK(pub["name"] == "Root-1");
   CHECK(pub["properties"]["isVerified"] == false);
 }
+
+TEST_CASE("CA records are ordered by revision; a delete wins a tie; markers are checked") {
+  // A write computed from revision 3 carries 4; so does a delete of revision 3.
+  CHECK(en::ca_supersedes(4, false, 3));
+  CHECK(en::ca_supersedes(4, true, 3));
+  CHECK_FALSE(en::ca_supersedes(4, false, 4)); // a write after the delete it raced: skipped
+  CHECK(en::ca_supersedes(4, true, 4));        // the delete after the write it raced: applied
+  CHECK_FALSE(en::ca_supersedes(3, false, 4)); // a late copy of an older document
+  CHECK_FALSE(en::ca_supersedes(3, true, 4));
+  // Documents from writers older than revisions replace only each other.
+  CHECK(en::ca_supersedes(0, false, 0));
+  CHECK_FALSE(en::ca_supersedes(0, false, 2));
+  CHECK(en::ca_supersedes(1, false, 0));
+
+  auto marker = en::ca_deleted_marker("Root-1", 5);
+  CHECK(en::ca_is_deleted_marker(marker));
+  CHECK(en::ca_revision(marker) == 5);
+  CHECK(en::ca_doc_problem("root-1", marker).empty());
+  CHECK_FALSE(en::ca_doc_problem("root-2", marker).empty());
+  auto no_rev = marker;
+  no_rev.erase("revision");
+  CHECK_FALSE(en::ca_doc_problem("root-1", no_rev).empty());
+  auto not_true = marker;
+  not_true["deleted"] = false;
+  CHECK_FALSE(en::ca_is_deleted_marker(not_true));
+  CHECK_FALSE(en::ca_doc_problem("root-1", not_true).empty());
+  auto neg = marker;
+  neg["revision"] = -1;
+  CHECK_FALSE(en::ca_doc_problem("root-1", neg).empty());
+  CHECK(en::ca_revision(json::object()) == 0);
+  CHECK(en::ca_revision(json{{"revision", "7"}}) == 0);
+}

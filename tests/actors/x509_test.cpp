@@ -407,3 +407,61 @@ TEST_CASE("x509 certificates as enrollments carry them: PEM, base64 DER, thumbpr
     CHECK(en::utc_text(0) == "1970-01-01T00:00:00Z");
   }
 }
+
+TEST_CASE("x509: a CRL past its nextUpdate refuses the chains it covers; parsed once or not") {
+  const auto& p = certs();
+  // The root's CRL (lists nothing), valid for a day from now.
+  const std::string pem = test::make_crl_pem(p.root, {});
+  std::unique_ptr<BIO, decltype(&BIO_free)> in(BIO_new_mem_buf(pem.data(), -1), BIO_free);
+  std::unique_ptr<X509_CRL, decltype(&X509_CRL_free)> crl(
+    PEM_read_bio_X509_CRL(in.get(), nullptr, nullptr, nullptr), X509_CRL_free);
+  REQUIRE(crl);
+  unsigned char* der = nullptr;
+  const int n = i2d_X509_CRL(crl.get(), &der);
+  REQUIRE(n > 0);
+  const std::string crl_der(reinterpret_cast<const char*>(der), static_cast<std::size_t>(n));
+  OPENSSL_free(der);
+  const int64_t next_update = en::epoch_of(X509_CRL_get0_nextUpdate(crl.get()));
+
+  for (bool parsed : {true, false}) {
+    CAPTURE(parsed);
+    en::ca_reference ref;
+    ref.name = "crl-root";
+    ref.status = en::ca_reference::state::verified;
+    ref.der = p.root.der();
+    ref.crls = {crl_der};
+    if (parsed) {
+      ref.cert = en::shared_der(ref.der);
+      ref.parsed_crls = {en::shared_crl_der(crl_der)};
+    }
+    en::x509_attestation x;
+    x.ca_references.push_back(ref);
+    en::enrollment_view g;
+    g.k = en::kind::group;
+    g.id = "crl-group";
+    g.attestation = x;
+    const std::vector<en::enrollment_view> groups{g};
+    auto check_at = [&](int64_t at, std::unique_ptr<proof>& pr) {
+      request_facts f;
+      f.id_scope = scope;
+      f.registration_id = "dev-1";
+      f.now_s = at;
+      REQUIRE(!x509{}.open(chain({&p.leaf, &p.inter}), f, pr));
+      return pr->check_groups(groups);
+    };
+    std::unique_ptr<proof> pr;
+    auto v = check_at(now(), pr);
+    REQUIRE_MESSAGE(v.is_accepted(), v.err.message);
+    // A cached admission ends no later than the CRL's nextUpdate.
+    CHECK(pr->valid_until() <= next_update);
+    v = check_at(next_update + 60, pr);
+    REQUIRE_FALSE(v.is_accepted());
+    CHECK(v.err.code == error_code::unauthorized_signature);
+    CHECK_MESSAGE(v.err.message.find("the CRL of 'CN=Test Root CA,O=provisiond tests' stored "
+                                     "with CA 'crl-root' is stale: its nextUpdate (")
+                    != std::string::npos,
+                  v.err.message);
+    CHECK_MESSAGE(v.err.message.find("PUT /certificates/crl-root/crl") != std::string::npos,
+                  v.err.message);
+  }
+}

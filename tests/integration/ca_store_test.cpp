@@ -13,8 +13,10 @@
 #include "actors/enrollment/x509_certificates.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
+#include "tests/support/x509_client.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -25,39 +27,13 @@ namespace {
 test::server_process& srv() { return test::shared_server(); }
 json parse(const std::string& text) { return test::parse_json(text); }
 
-std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
-  std::string path = dir + "/" + name;
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
+using test::cert_dir;
+using test::write_file;
 
-const std::string& cert_dir() {
-  struct temp_dir {
-    std::string path = test::make_temp_dir("provisiond-ca-it");
-    ~temp_dir() { test::remove_tree(path); }
-  };
-  static const temp_dir dir;
-  return dir.path;
-}
-
-net::https_client device_client(const test::server_process& s, const test_cert& leaf,
+/// A device client that opens a new connection for each request.
+net::https_client fresh_client(const test::server_process& s, const test_cert& leaf,
                                 std::initializer_list<const test_cert*> chain = {}) {
-  static int n = 0;
-  std::string pem = leaf.pem();
-  for (const auto* c : chain)
-    pem += c->pem();
-  const std::string stem = "dev" + std::to_string(++n);
-  net::https_client_options o;
-  o.host = "127.0.0.1";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  o.client_cert_file = write_file(cert_dir(), stem + ".pem", pem);
-  o.client_key_file = write_file(cert_dir(), stem + ".key", leaf.key_pem());
-  o.reuse_connection = false;
-  return net::https_client(o);
+  return test::device_client(s, leaf, chain, /*reuse=*/false);
 }
 
 net::https_response put_register(net::https_client& c, const test::server_process& s,
@@ -301,7 +277,7 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   // A device whose chain (leaf + intermediate) reaches the verified CA.
   auto leaf = test::make_device("ref-dev-1", inter, 500);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     auto a = put_register(c, s, "ref-dev-1");
     REQUIRE_MESSAGE(a.status == 200, a.body);
     auto j = parse(a.body);
@@ -310,25 +286,25 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   }
   // Without its intermediate, it does not reach the CA.
   {
-    auto c = device_client(s, leaf);
+    auto c = fresh_client(s, leaf);
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "is issued by 'CN=IT Ref Intermediate CA");
   }
   // Another CA's device.
   {
     auto other = test::make_device("ref-dev-x", stranger, 501);
-    auto c = device_client(s, other);
+    auto c = fresh_client(s, other);
     check_error(put_register(c, s, "ref-dev-x"), 401, 401002,
                 "is issued by 'CN=IT Ref Stranger CA");
   }
   // The admitted device again (its verdict is cached), then the CA goes.
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     REQUIRE(put_register(c, s, "ref-dev-1").status == 200);
   }
   REQUIRE(s.service("DELETE", "/certificates/ref-root").status == 204);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "enrollment group 'ref-group' names CA 'ref-root' (caReferences), which is not "
                 "in the certificate store");
@@ -336,14 +312,14 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   // Uploaded again, it is unverified until proven again.
   REQUIRE(upload(s, "ref-root", {{"certificate", root.pem()}}).status == 200);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "the chain reaches CA 'ref-root' ('CN=IT Ref Root CA,O=provisiond tests') of "
                 "enrollment group 'ref-group', but that CA is not verified");
   }
   upload_and_verify(s, "ref-root", root);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     auto a = put_register(c, s, "ref-dev-1");
     REQUIRE_MESSAGE(a.status == 200, a.body);
   }
@@ -352,7 +328,7 @@ TEST_CASE("groups by caReferences: only verified CAs, the chain must reach the C
   auto other_root = test::make_ca("IT Ref Replacement CA", nullptr, 53);
   REQUIRE(upload(s, "ref-root", {{"certificate", other_root.pem()}}).status == 200);
   {
-    auto c = device_client(s, leaf, {&inter});
+    auto c = fresh_client(s, leaf, {&inter});
     check_error(put_register(c, s, "ref-dev-1"), 401, 401002,
                 "is issued by 'CN=IT Ref Root CA");
   }
@@ -372,7 +348,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   auto under2 = test::make_device("crl-under2", inter2, 902);
   auto crl_path = "/certificates/crl-root/crl";
   auto register_ok = [&](const test_cert& leaf, const test_cert& mid, const std::string& id) {
-    auto c = device_client(s, leaf, {&mid});
+    auto c = fresh_client(s, leaf, {&mid});
     auto a = put_register(c, s, id);
     REQUIRE_MESSAGE(a.status == 200, a.body);
   };
@@ -390,6 +366,11 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   check_error(s.service("PUT", "/certificates/crl-nope/crl",
                         json{{"crl", test::make_crl_pem(root, {})}}.dump()),
               404, 404205, "crl-nope");
+  // Already past its nextUpdate: it would refuse every device it covers.
+  check_error(s.service("PUT", crl_path,
+                        json{{"crl", test::make_crl_pem(root, {}, -7200, -3600)}}.dump()),
+              400, 400009,
+              "the CRL of 'CN=IT CRL Root CA,O=provisiond tests' is stale: its nextUpdate (");
 
   // The intermediate's CRL revokes one leaf.
   auto r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(inter, {&bad})}}.dump());
@@ -399,7 +380,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   CHECK(crls[0]["issuer"] == "CN=IT CRL Intermediate CA,O=provisiond tests");
   CHECK(crls[0]["revoked"] == 1);
   {
-    auto c = device_client(s, bad, {&inter});
+    auto c = fresh_client(s, bad, {&inter});
     check_error(put_register(c, s, "crl-bad"), 401, 401002,
                 "the client certificate 'CN=crl-bad,O=provisiond tests' (serial 0385) is "
                 "revoked: the CRL of 'CN=IT CRL Intermediate CA,O=provisiond tests' lists it");
@@ -413,10 +394,10 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
                {{"type", "x509"},
                 {"x509", {{"signingCertificates", {{"primary", {{"certificate", inter.pem()}}}}}}}}}};
     REQUIRE(s.service("PUT", "/enrollmentGroups/crl-inline", body.dump()).status == 200);
-    auto c = device_client(s, bad, {&inter});
+    auto c = fresh_client(s, bad, {&inter});
     check_error(put_register(c, s, "crl-bad"), 401, 401002,
                 "'CN=crl-bad,O=provisiond tests' (serial 0385) is revoked");
-    c = device_client(s, good, {&inter});
+    c = fresh_client(s, good, {&inter});
     auto a = put_register(c, s, "crl-good");
     REQUIRE_MESSAGE(a.status == 200, a.body);
     CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "crl-inline");
@@ -429,7 +410,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   r = s.service("PUT", crl_path, json{{"crl", test::make_crl_pem(fake_inter, {&good, &bad}, -50)}}.dump());
   REQUIRE_MESSAGE(r.status == 200, r.body);
   for (auto* d : {&good, &bad}) {
-    auto c = device_client(s, *d, {&inter});
+    auto c = fresh_client(s, *d, {&inter});
     check_error(put_register(c, s, d == &good ? "crl-good" : "crl-bad"), 401, 401002,
                 "a CRL stored with CA 'crl-root' names 'CN=IT CRL Intermediate CA,O=provisiond "
                 "tests' (the issuer of '");
@@ -448,7 +429,7 @@ TEST_CASE("revocation: CRLs stored with a CA refuse a revoked leaf or intermedia
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["crls"].size() == 2);
   {
-    auto c = device_client(s, under2, {&inter2});
+    auto c = fresh_client(s, under2, {&inter2});
     check_error(put_register(c, s, "crl-under2"), 401, 401002,
                 "the intermediate certificate 'CN=IT CRL Second Intermediate CA,O=provisiond "
                 "tests' (serial 5C) is revoked");
@@ -473,7 +454,7 @@ TEST_CASE("CA store state survives a restart") {
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["isVerified"] == true);
   auto leaf = test::make_device("durable-dev", inter, 600);
-  auto c = device_client(s, leaf, {&inter});
+  auto c = fresh_client(s, leaf, {&inter});
   auto a = put_register(c, s, "durable-dev");
   REQUIRE_MESSAGE(a.status == 200, a.body);
   CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "durable-group");
@@ -555,7 +536,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   {
     // Attested on the gateway: 200, or 202 while the mock's consumer
     // groups still join (the outcome follows); never 401.
-    auto c = device_client(a, leaf, {&inter});
+    auto c = fresh_client(a, leaf, {&inter});
     auto res = put_register(c, a, "kafka-ca-dev");
     REQUIRE_MESSAGE((res.status == 200 || res.status == 202), res.body);
   }
@@ -574,7 +555,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   REQUIRE_MESSAGE(r.status == 200, r.body);
   CHECK(parse(r.body)["properties"]["isVerified"] == true);
   {
-    auto c = device_client(b, leaf, {&inter});
+    auto c = fresh_client(b, leaf, {&inter});
     auto res = register_outcome(c, b, "kafka-ca-dev");
     CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
     CHECK(res["registrationState"]["x509"]["enrollmentGroupId"] == "kafka-group");
@@ -586,7 +567,7 @@ TEST_CASE("Kafka mode: a CA written through one gateway reaches another, and its
   bool refused = false;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!refused && std::chrono::steady_clock::now() < deadline) {
-    auto c = device_client(a, leaf, {&inter});
+    auto c = fresh_client(a, leaf, {&inter});
     auto res = put_register(c, a, "kafka-ca-dev");
     last = res.body;
     refused = res.status == 401
@@ -648,7 +629,7 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   r = a.service("GET", "/certificates");
   CHECK_MESSAGE(r.status == 200, r.body);
   auto leaf = test::make_device("junk-ca-dev", inter, 900);
-  auto c = device_client(a, leaf, {&inter});
+  auto c = fresh_client(a, leaf, {&inter});
   auto res = register_outcome(c, a, "junk-ca-dev");
   CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
   CHECK(res["registrationState"]["x509"]["enrollmentGroupId"] == "junk-group");
@@ -664,4 +645,96 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   CHECK(b.service("GET", "/certificates/..").status != 200);
   CHECK(b.stop() == 0);
   CHECK(a.stop() == 0);
+}
+
+TEST_CASE("Kafka mode: a stale certificate/ record after a delete does not bring the CA back") {
+  // A slower gateway that had not applied the delete yet writes the CA it
+  // still holds (a new verification code, a CRL), or an old copy arrives
+  // late: on the compacted topic that record follows the delete. Every
+  // instance must skip it, and so must one that rebuilds from the topic.
+  test::kafka_fixture fx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5703\"\n" + cfg; };
+  test::server_process a;
+  REQUIRE_MESSAGE(!a.start(test::with_metrics(with_scope(fx.server_config())), fx.dir), a.log());
+  auto root = test::make_ca("IT Stale Root CA", nullptr, 95);
+  upload_and_verify(a, "stale-root", root);
+  // The verified document as replicated: the last record of its key.
+  json stored;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.enrollments", 1))
+    if (rec.key == "certificate/stale-root")
+      stored = parse(rec.value);
+  REQUIRE(stored.is_object());
+  REQUIRE(stored["isVerified"] == true);
+
+  REQUIRE(a.service("DELETE", "/certificates/stale-root").status == 204);
+  REQUIRE(a.service("GET", "/certificates/stale-root").status == 404);
+  // What the slower gateway computes from the old state (the next revision,
+  // as ca_store.hpp has every write do), and the old document itself.
+  auto from_old = stored;
+  from_old["verificationCode"] = "0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF";
+  from_old["revision"] = stored.value("revision", 0) + 1;
+  from_old["etag"] = "\"stale\"";
+  test::produce_raw(fx.cfg, "dps.enrollments",
+                    {{"certificate/stale-root", from_old.dump()},
+                     {"certificate/stale-root", stored.dump()}});
+  // Uploading the same certificate again through the API: its write follows
+  // both records on the key's partition, and returns once applied. The CA
+  // must start unverified (a new owner proves possession again); had a stale
+  // record brought the verified one back, the re-upload would keep that
+  // proof.
+  auto r = upload(a, "stale-root", {{"certificate", root.pem()}});
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  r = a.service("GET", "/certificates/stale-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  auto m = test::scrape(test::metrics_addr(a));
+  CHECK(test::sum(m, "dps_kafka_stale_certificate_records_total") == 2);
+
+  // A gateway rebuilding from the topic applies the same records the same way.
+  const auto dir_b = test::make_temp_dir("provisiond-ca-stale-b");
+  test::server_process b;
+  b.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!b.start(with_scope(fx.server_config(dir_b)), dir_b), b.log());
+  r = b.service("GET", "/certificates/stale-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(parse(r.body)["properties"]["isVerified"] == false);
+  CHECK(b.service("DELETE", "/certificates/stale-root").status == 204);
+  CHECK(a.service("GET", "/certificates/stale-root").status == 404);
+  CHECK(b.stop() == 0);
+  CHECK(a.stop() == 0);
+}
+
+TEST_CASE("revocation: a CRL past its nextUpdate refuses the devices it covers until replaced") {
+  auto& s = srv();
+  auto root = test::make_ca("IT Stale CRL Root CA", nullptr, 96);
+  auto inter = test::make_ca("IT Stale CRL Intermediate CA", &root, 97);
+  upload_and_verify(s, "stale-crl-root", root);
+  REQUIRE(put_ca_group(s, "stale-crl-group", "stale-crl-root").status == 200);
+  auto leaf = test::make_device("stale-crl-dev", inter, 950);
+  // The root's CRL, current for 3 more seconds; it lists nothing.
+  auto r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                     json{{"crl", test::make_crl_pem(root, {}, -60, 3)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  {
+    auto c = device_client(s, leaf, {&inter});
+    auto a = put_register(c, s, "stale-crl-dev");
+    REQUIRE_MESSAGE(a.status == 200, a.body); // admitted, and the verdict cached
+  }
+  // Past nextUpdate (whole seconds, so 4.5 s is safely after): refused,
+  // cached admission or not, with what to do about it.
+  std::this_thread::sleep_for(std::chrono::milliseconds(4500));
+  {
+    auto c = device_client(s, leaf, {&inter});
+    check_error(put_register(c, s, "stale-crl-dev"), 401, 401002,
+                "the CRL of 'CN=IT Stale CRL Root CA,O=provisiond tests' stored with CA "
+                "'stale-crl-root' is stale: its nextUpdate (");
+  }
+  // A current CRL (a later lastUpdate) readmits the device.
+  r = s.service("PUT", "/certificates/stale-crl-root/crl",
+                json{{"crl", test::make_crl_pem(root, {}, -1)}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto c = device_client(s, leaf, {&inter});
+  auto a = put_register(c, s, "stale-crl-dev");
+  CHECK_MESSAGE(a.status == 200, a.body);
 }

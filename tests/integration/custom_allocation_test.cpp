@@ -197,6 +197,13 @@ json register_with(const std::string& id, const std::string& device_key, const j
   return test::parse_json(resp.body);
 }
 
+/// An individual enrollment with the webhook at `path`, registered without
+/// a payload: the final operation JSON.
+json register_via(const std::string& id, const std::string& path) {
+  put_individual(id, path);
+  return register_with(id, key, nullptr);
+}
+
 /// The device.assigned event of `op` (GET /assignments).
 json assigned_event(const std::string& op) {
   for (auto& e : test::all_assignments(fx().prov))
@@ -318,8 +325,7 @@ TEST_CASE("custom allocation: an enrollment group's devices, enrollmentGroup in 
 
 TEST_CASE("custom allocation: a 500 from the webhook fails the device with DPS's message") {
   const std::string id = "webhook-500";
-  put_individual(id, "/fail500");
-  check_failed(register_with(id, key, nullptr), "Custom allocation failed with status code: 500");
+  check_failed(register_via(id, "/fail500"), "Custom allocation failed with status code: 500");
   // retries = 1: asked twice.
   CHECK(fx().handler.calls_to("/fail500").size() == 2);
   // Nothing assigned: the record shows the failure.
@@ -329,9 +335,7 @@ TEST_CASE("custom allocation: a 500 from the webhook fails the device with DPS's
 }
 
 TEST_CASE("custom allocation: a webhook that does not answer in time") {
-  const std::string id = "webhook-slow";
-  put_individual(id, "/slow");
-  check_failed(register_with(id, key, nullptr),
+  check_failed(register_via("webhook-slow", "/slow"),
                "Custom allocation failed: the webhook at localhost:"
                  + std::to_string(fx().webhook->port())
                  + " did not answer in time (2 attempts)");
@@ -339,26 +343,20 @@ TEST_CASE("custom allocation: a webhook that does not answer in time") {
 }
 
 TEST_CASE("custom allocation: an answer that is not JSON") {
-  const std::string id = "webhook-malformed";
-  put_individual(id, "/malformed");
-  check_failed(register_with(id, key, nullptr),
+  check_failed(register_via("webhook-malformed", "/malformed"),
                "Custom allocation failed: the webhook answered status code 200 with a body "
                "that is not JSON");
 }
 
 TEST_CASE("custom allocation: a hub that is not linked") {
-  const std::string id = "webhook-unlinked";
-  put_individual(id, "/unlinked");
-  check_failed(register_with(id, key, nullptr),
+  check_failed(register_via("webhook-unlinked", "/unlinked"),
                "Custom allocation failed: the webhook answered status code 200 with "
                "iotHubHostName 'hub-z.example.net', which is not one of the linkedHubs "
                "(hub-a.example.net, hub-b.example.net)");
 }
 
 TEST_CASE("custom allocation: a payload that is not an object") {
-  const std::string id = "webhook-payload-string";
-  put_individual(id, "/payload-string");
-  check_failed(register_with(id, key, nullptr),
+  check_failed(register_via("webhook-payload-string", "/payload-string"),
                "Custom allocation failed: the webhook answered status code 200 with a "
                "payload that is a string, not a JSON object");
 }

@@ -172,8 +172,8 @@ TEST_CASE("register_wait_ms shorter than the pipeline: the wait expires into a 2
   // that record ("assigning") until the outcome. The hold is long so that a
   // loaded machine's late wait timer cannot see the outcome first (100 ms
   // let one register in a hundred end 200 under a parallel build).
-  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "1000"};
   test::server_process s;
+  s.set_pipeline_delay_ms(1000);
   auto dir = test::start_with_wait(s, 5);
   const auto group_key = crypto::generate_key();
   test::create_group(s, "expiry-group", group_key);
@@ -248,8 +248,8 @@ TEST_CASE("a registration record deleted while the device's operation runs is no
   // the device's record is deleted after allocation read it. Configuration
   // must not reuse that read: the new record starts afresh (it carried the
   // deleted record's created time when the read was reused unguarded).
-  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "500"};
   test::server_process s;
+  s.set_pipeline_delay_ms(500);
   test::start_with_wait(s, 5000);
   const auto group_key = crypto::generate_key();
   test::create_group(s, "prior-group", group_key);

@@ -131,8 +131,8 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
   // answers occur (about 15% 202s: a wait's timer can fire late) and many
   // late accept records land after their terminal commit (about 320 of 640
   // left a stale `pending` entry before the outcome deleted it).
-  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "10"};
   test::server_process s;
+  s.set_pipeline_delay_ms(10);
   auto dir = test::start_with_wait(s, 10);
   create_group(s, "deferred-group");
   { // a clean run first: a late accept record whose terminal commit came
@@ -159,7 +159,7 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
   }
   // Now every wait expires long before its outcome, so at the kill hundreds
   // of operations were answered 202 with only their late accept record.
-  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "300", 1);
+  s.set_pipeline_delay_ms(300);
   REQUIRE_MESSAGE(!s.restart(), s.log());
   int sent = 0, answered_202 = 0;
   auto accepted = test::burst_then_kill9(s, "deferred-", device_key,
@@ -168,7 +168,7 @@ TEST_CASE("kill -9 with deferred accepts: every 200 and 202 ends assigned once, 
                             << " (202: " << answered_202 << ")");
   REQUIRE(accepted.size() > 50);
   CHECK(answered_202 == static_cast<int>(accepted.size()));
-  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "0", 1);
+  s.set_pipeline_delay_ms(0);
   REQUIRE_MESSAGE(!s.restart(), s.log());
   auto c = s.client();
   CHECK(test::count_not_assigned(s, c, accepted, device_key, 500) == 0);
@@ -181,8 +181,8 @@ TEST_CASE("SIGTERM with registers parked before their accept is recorded: each g
   // The hand-off is held back 8 s, longer than the drain lets in-flight
   // work settle (5 s), so at drain_atom the registers still wait with no
   // record: the drain records each accept before its 202.
-  test::scoped_env delay{"PROVISIOND_TEST_PIPELINE_DELAY_MS", "8000"};
   test::server_process s;
+  s.set_pipeline_delay_ms(8000);
   auto dir = test::start_with_wait(s, 10000, true);
   create_group(s, "drain-group");
   constexpr int devices = 4;
@@ -220,7 +220,7 @@ TEST_CASE("SIGTERM with registers parked before their accept is recorded: each g
       accepted[json::parse(answers[i].body).value("operationId", "")] = "drain-" + std::to_string(i);
   }
   CHECK(test::pending_entries(dir) == devices);
-  ::setenv("PROVISIOND_TEST_PIPELINE_DELAY_MS", "0", 1);
+  s.set_pipeline_delay_ms(0);
   REQUIRE_MESSAGE(!s.restart(), s.log());
   auto c = s.client();
   CHECK(test::count_not_assigned(s, c, accepted, device_key, 500) == 0);

@@ -20,6 +20,7 @@
 #include "messages/registration.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/soft_tpm.hpp"
 
@@ -122,6 +123,26 @@ json wait_assigned(const test::server_process& s, const std::string& id,
   return j;
 }
 
+/// The device's status lookup with `auth`: 200, and its authenticationKey
+/// is the hub key `tpm` signed `hub_sig` with (every answer of the
+/// operation wraps the same key; the TPM signs alike with the key imported
+/// from any of them).
+void check_status_key(const test::server_process& s, const std::string& id,
+                      const std::string& auth, soft_tpm& tpm, const std::string& hub_sig) {
+  auto c = s.client();
+  net::http_headers h;
+  h.add("Authorization", auth);
+  h.add("Content-Type", "application/json");
+  net::https_response p;
+  REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
+                     json{{"registrationId", id}}.dump(), p));
+  REQUIRE_MESSAGE(p.status == 200, p.body);
+  auto st = test::parse_json(p.body);
+  REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
+  REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
+  CHECK(tpm.hmac("hub") == hub_sig);
+}
+
 } // namespace
 
 TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assigned") {
@@ -185,22 +206,7 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   const std::string hub_sig = tpm.hmac("hub");
 
   // Status lookup with the SAS alone (no body).
-  {
-    auto c = s.client();
-    net::http_headers h;
-    h.add("Authorization", auth);
-    h.add("Content-Type", "application/json");
-    net::https_response p;
-    REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
-                       json{{"registrationId", id}}.dump(), p));
-    CHECK_MESSAGE(p.status == 200, p.body);
-    // Every answer of the operation wraps the same hub key: the TPM signs
-    // alike with the key imported from this one.
-    auto st = test::parse_json(p.body);
-    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
-    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
-    CHECK(tpm.hmac("hub") == hub_sig);
-  }
+  check_status_key(s, id, auth, tpm, hub_sig);
   auto rec = s.service("GET", "/registrations/" + id);
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
   CHECK(test::parse_json(rec.body)["status"] == "assigned");
@@ -214,20 +220,7 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   // The new challenge leaves the answered one alone: the device's status
   // lookup still works and still carries its authenticationKey.
-  {
-    auto c = s.client();
-    net::http_headers h;
-    h.add("Authorization", auth);
-    h.add("Content-Type", "application/json");
-    net::https_response p;
-    REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
-                       json{{"registrationId", id}}.dump(), p));
-    REQUIRE_MESSAGE(p.status == 200, p.body);
-    auto st = test::parse_json(p.body);
-    REQUIRE_MESSAGE(st["tpm"]["authenticationKey"].is_string(), p.body);
-    REQUIRE_MESSAGE(tpm.activate(st["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
-    CHECK(tpm.hmac("hub") == hub_sig);
-  }
+  check_status_key(s, id, auth, tpm, hub_sig);
   // ...and with the new key: accepted again (a re-registration).
   REQUIRE_MESSAGE(tpm.activate(blob2), tpm.log());
   const auto auth2 = tpm.sas(s, id);
@@ -298,6 +291,66 @@ TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malforme
   CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
 }
 
+/// POST status lookup signed with `auth` (no body member but the id).
+net::https_response status_lookup(const test::server_process& s, const std::string& id,
+                                  const std::string& auth) {
+  auto c = s.client();
+  net::http_headers h;
+  h.add("Authorization", auth);
+  h.add("Content-Type", "application/json");
+  net::https_response p;
+  REQUIRE(!c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
+                     json{{"registrationId", id}}.dump(), p));
+  return p;
+}
+
+TEST_CASE("tpm: deleting the enrollment deletes its challenges; metrics count them") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start(test::with_metrics(test::default_config(dir)), dir), s.log());
+  const auto addr = test::metrics_addr(s);
+  auto count = [&](const char* outcome) {
+    return test::sum(test::scrape(addr), "dps_tpm_challenges_total",
+                     {"outcome=\"" + std::string(outcome) + "\""});
+  };
+  CHECK(count("issued") == 0); // every outcome exists from the start
+  soft_tpm tpm;
+  const std::string id = "tpm-deleted";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth = tpm.sas(s, id);
+  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
+  REQUIRE_MESSAGE(done["status"] == "assigned", done.dump());
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
+  // A second challenge, pending: both slots are now in use.
+  expect_challenge(put_register(s, id, tpm_body(tpm)));
+  REQUIRE(status_lookup(s, id, auth).status == 200); // the answered slot serves lookups
+  CHECK(count("issued") == 2);
+  CHECK(count("answered") == 1);
+  CHECK(count("rejected") == 1);
+
+  // Deleted and enrolled again with the same EK: nothing from before counts,
+  // neither the answered challenge (lookups) nor the pending one (registers).
+  REQUIRE(s.service("DELETE", "/enrollments/" + id).status == 204);
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  expect_refused(status_lookup(s, id, auth), 401, "no TPM challenge is outstanding");
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401,
+                 "no TPM challenge is outstanding");
+  CHECK(count("rejected") == 2);
+  // The device starts over and gets in.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth2 = tpm.sas(s, id);
+  done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth2), auth2);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  CHECK(count("issued") == 3);
+  CHECK(count("answered") == 2);
+}
+
 TEST_CASE("tpm: an expired challenge is refused with its own message") {
   if (!have_tools()) {
     MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
@@ -350,4 +403,23 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   CHECK_MESSAGE(done["status"] == "assigned", done.dump());
   // Consumed: the same answer again is a replay.
   expect_refused(put_register(gw2, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
+  REQUIRE(status_lookup(gw1, id, auth).status == 200);
+
+  // Deleted through gateway 1 and enrolled again: the challenge slots (issued
+  // on 1, answered on 2) went with the replicated delete on both.
+  REQUIRE(gw1.service("DELETE", "/enrollments/" + id).status == 204);
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+  expect_refused(status_lookup(gw1, id, auth), 401, "no TPM challenge is outstanding");
+  // Gateway 2 has applied the delete once it has the new enrollment (same
+  // key, same partition, later offset): its etag.
+  const auto fresh = test::parse_json(gw1.service("GET", "/enrollments/" + id).body)["etag"];
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  auto etag_at_2 = [&] {
+    auto r = gw2.service("GET", "/enrollments/" + id);
+    return r.status == 200 ? test::parse_json(r.body)["etag"] : json();
+  };
+  while (etag_at_2() != fresh && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(etag_at_2() == fresh);
+  expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
 }

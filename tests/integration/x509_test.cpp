@@ -5,6 +5,8 @@
 #include <doctest/doctest.h>
 
 #include <cstdio>
+#include <ctime>
+#include <memory>
 #include <string>
 
 
@@ -16,6 +18,7 @@
 #include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
+#include "tests/support/x509_client.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -38,44 +41,9 @@ const pki& certs() {
   return p;
 }
 
-std::string write_file(const std::string& dir, const std::string& name, const std::string& text) {
-  std::string path = dir + "/" + name;
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
-
-/// Certificate and key files for the clients; removed at exit.
-const std::string& cert_dir() {
-  struct temp_dir {
-    std::string path = test::make_temp_dir("provisiond-x509-it");
-    ~temp_dir() { test::remove_tree(path); }
-  };
-  static const temp_dir dir;
-  return dir.path;
-}
-
-/// A client presenting `leaf` followed by `chain` (PEM files in a temp dir).
-net::https_client device_client(const test::server_process& s, const test_cert& leaf,
-                                std::initializer_list<const test_cert*> chain = {},
-                                bool reuse = true) {
-  static int n = 0;
-  const std::string& dir = cert_dir();
-  std::string pem = leaf.pem();
-  for (const auto* c : chain)
-    pem += c->pem();
-  const std::string stem = "dev" + std::to_string(++n);
-  net::https_client_options o;
-  o.host = "127.0.0.1";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  o.client_cert_file = write_file(dir, stem + ".pem", pem);
-  o.client_key_file = write_file(dir, stem + ".key", leaf.key_pem());
-  o.reuse_connection = reuse;
-  return net::https_client(o);
-}
+using test::cert_dir;
+using test::device_client;
+using test::write_file;
 
 std::string device_path(const test::server_process& s, const std::string& id) {
   return "/" + s.id_scope() + "/registrations/" + id;
@@ -131,6 +99,45 @@ json check_assigned(const net::https_response& r, const std::string& id,
   return j;
 }
 
+/// An X509CertificateInfo as DPS returns it for `c`, checked against
+/// OpenSSL's own digests of the certificate (not our thumbprint code).
+void check_info(const json& info, const test_cert& c, const std::string& subject,
+                const std::string& issuer, const std::string& serial_hex) {
+  INFO(info.dump());
+  REQUIRE(info.is_object());
+  auto digest = [&](const EVP_MD* md) {
+    unsigned char buf[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    REQUIRE(X509_digest(c.cert.get(), md, buf, &n) == 1);
+    std::string out;
+    static const char* digits = "0123456789ABCDEF";
+    for (unsigned i = 0; i < n; ++i)
+      out += {digits[buf[i] >> 4], digits[buf[i] & 15]};
+    return out;
+  };
+  CHECK(info["subjectName"] == subject);
+  CHECK(info["issuerName"] == issuer);
+  CHECK(info["sha1Thumbprint"] == digest(EVP_sha1()));
+  CHECK(info["sha256Thumbprint"] == digest(EVP_sha256()));
+  CHECK(info["serialNumber"] == serial_hex);
+  CHECK(info["version"] == 3);
+  // ISO 8601 UTC, and the certificate's own notBefore/notAfter.
+  for (const char* k : {"notBeforeUtc", "notAfterUtc"}) {
+    REQUIRE(info[k].is_string());
+    CHECK(info[k].get<std::string>().size() == 20);
+    CHECK(info[k].get<std::string>().back() == 'Z');
+  }
+  int day = 0, sec = 0;
+  std::tm tm{};
+  const std::string na = info["notAfterUtc"];
+  REQUIRE(strptime(na.c_str(), "%Y-%m-%dT%H:%M:%SZ", &tm) != nullptr);
+  std::unique_ptr<ASN1_TIME, decltype(&ASN1_TIME_free)> t(ASN1_TIME_set(nullptr, timegm(&tm)),
+                                                          ASN1_TIME_free);
+  REQUIRE(ASN1_TIME_diff(&day, &sec, t.get(), X509_get0_notAfter(c.cert.get())) == 1);
+  CHECK(day == 0);
+  CHECK(sec == 0);
+}
+
 /// One TLS connection with raw OpenSSL presenting `leaf` + `chain`, a
 /// register of `id`, and the session it ends with; `resume`: offer that
 /// session. Returns whether the server resumed it; `body` is the answer.
@@ -182,6 +189,11 @@ TEST_CASE("x509 individual enrollment by certificate: register, poll and status 
   auto c = device_client(s, leaf);
   auto r = put_register(c, s, "x509-ind-cert");
   auto j = check_assigned(r, "x509-ind-cert");
+  // As DPS: the device's certificate; no signing CA for an individual enrollment.
+  const auto& x = j["registrationState"]["x509"];
+  check_info(x["certificateInfo"], leaf, "CN=x509-ind-cert,O=provisiond tests",
+             "CN=x509-ind-cert,O=provisiond tests", "01");
+  CHECK_FALSE(x.contains("signingCertificateInfo"));
 
   // Polls and status lookups authenticate with the same certificate.
   net::https_response p;
@@ -195,11 +207,13 @@ TEST_CASE("x509 individual enrollment by certificate: register, poll and status 
                      json{{"registrationId", "x509-ind-cert"}}.dump(), p));
   CHECK_MESSAGE(p.status == 200, p.body);
   CHECK(parse(p.body)["status"] == "assigned");
+  // The status lookup answers the same x509 result as the register.
+  CHECK(parse(p.body)["x509"] == x);
 
   // The service API's record and the assignment event name the attestation.
   auto rec = s.service("GET", "/registrations/x509-ind-cert");
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
-  CHECK(parse(rec.body)["x509"] == json::object());
+  CHECK(parse(rec.body)["x509"] == x);
   bool seen = false;
   for (const auto& e : test::all_assignments(s))
     if (e["data"]["registrationId"] == "x509-ind-cert") {
@@ -241,10 +255,18 @@ TEST_CASE("x509 enrollment groups: by root, by intermediate; the nearest CA's gr
   put_group(s, "x509-by-root", p.root);
   auto a = test::make_device("x509-grp-a", p.inter, 101);
   auto ca = device_client(s, a, {&p.inter});
-  check_assigned(put_register(ca, s, "x509-grp-a"), "x509-grp-a", "x509-by-root");
+  auto ja = check_assigned(put_register(ca, s, "x509-grp-a"), "x509-grp-a", "x509-by-root");
+  // certificateInfo is the device's, signingCertificateInfo the group's CA
+  // that admitted it (the root here, reached through the intermediate).
+  const auto xa = ja["registrationState"]["x509"];
+  check_info(xa["certificateInfo"], a, "CN=x509-grp-a,O=provisiond tests",
+             "CN=IT Intermediate CA,O=provisiond tests", "65"); // serial 101
+  check_info(xa["signingCertificateInfo"], p.root, "CN=IT Root CA,O=provisiond tests",
+             "CN=IT Root CA,O=provisiond tests", "01");
   auto rec = s.service("GET", "/registrations/x509-grp-a");
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
   CHECK(parse(rec.body)["x509"]["enrollmentGroupId"] == "x509-by-root");
+  CHECK(parse(rec.body)["x509"] == xa);
 
   SUBCASE("without its intermediate the chain does not reach the root's group") {
     auto b = test::make_device("x509-grp-b", p.inter, 102);
@@ -258,7 +280,10 @@ TEST_CASE("x509 enrollment groups: by root, by intermediate; the nearest CA's gr
     put_group(s, "x509-by-inter", p.inter);
     auto c = test::make_device("x509-grp-c", p.inter, 103);
     auto cc = device_client(s, c, {&p.inter});
-    check_assigned(put_register(cc, s, "x509-grp-c"), "x509-grp-c", "x509-by-inter");
+    auto jc = check_assigned(put_register(cc, s, "x509-grp-c"), "x509-grp-c", "x509-by-inter");
+    check_info(jc["registrationState"]["x509"]["signingCertificateInfo"], p.inter,
+               "CN=IT Intermediate CA,O=provisiond tests", "CN=IT Root CA,O=provisiond tests",
+               "02");
     auto d = test::make_device("x509-grp-d", p.inter, 104);
     auto cd = device_client(s, d); // the leaf alone reaches the intermediate
     check_assigned(put_register(cd, s, "x509-grp-d"), "x509-grp-d", "x509-by-inter");

@@ -369,23 +369,35 @@ TEST_CASE("utc_string formats milliseconds, before and after the epoch, across s
   CHECK(std::string_view(utc_chars(-1)) == "1969-12-31T23:59:59.9990000Z");
 }
 
-TEST_CASE("registration records: version 2 keeps allocation_json; version 1 still decodes") {
+TEST_CASE("registration records: version 3 keeps allocation_json and x509_json; 1 and 2 still decode") {
   registration_state s;
   s.registration_id = "dev-1";
   s.status = registration_status::assigned;
   s.assigned_hub = "hub-a";
   s.last_operation_id = "op";
   s.allocation_json = R"({"policy":"hashed","chosen":"hub-a"})";
-  auto v2 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v2[2]) == 2);
+  s.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
+  auto v3 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v3[2]) == 3);
   registration_state back;
-  REQUIRE(!decode_record(v2, back));
+  REQUIRE(!decode_record(v3, back));
   CHECK(back.allocation_json == s.allocation_json);
-  // A version 1 record is the version 2 bytes without the last string (its
-  // length prefix, one byte here) and with version byte 1.
+  CHECK(back.x509_json == s.x509_json);
+  // A version 2 record is the version 3 bytes without the last string (its
+  // length prefix, one byte when empty) and with version byte 2; version 1
+  // lacks one more.
   s.allocation_json.clear();
+  s.x509_json.clear();
   auto v1 = encode_record(s);
-  REQUIRE(v1.back() == '\0'); // the empty string's length
+  REQUIRE(v1.back() == '\0'); // the empty x509_json's length
+  v1.pop_back();
+  auto v2 = v1;
+  v2[2] = 2;
+  registration_state two;
+  REQUIRE(!decode_record(v2, two));
+  CHECK(two.assigned_hub == "hub-a");
+  CHECK(two.x509_json.empty());
+  REQUIRE(v1.back() == '\0'); // the empty allocation_json's length
   v1.pop_back();
   v1[2] = 1;
   registration_state old;
@@ -394,11 +406,53 @@ TEST_CASE("registration records: version 2 keeps allocation_json; version 1 stil
   CHECK(old.last_operation_id == "op");
   CHECK(old.allocation_json.empty());
   // A version from the future is refused.
-  v2[2] = 3;
-  CHECK(decode_record(v2, back).code == error_code::storage_failure);
+  v3[2] = 4;
+  CHECK(decode_record(v3, back).code == error_code::storage_failure);
   // The service view shows it; the device view never does.
   s.allocation_json = R"({"policy":"static"})";
   CHECK(to_json_text(s).find("allocation") == std::string::npos);
   CHECK(json::parse(to_json_text(s, true))["allocation"] == json{{"policy", "static"}});
   CHECK(to_json(s, true) == json::parse(to_json_text(s, true)));
+}
+
+TEST_CASE("an X.509 result carries certificateInfo and signingCertificateInfo") {
+  const std::string info =
+    R"({"certificateInfo":{"subjectName":"CN=dev-1","version":3},)"
+    R"("signingCertificateInfo":{"subjectName":"CN=Root","version":3}})";
+  registration_state s;
+  s.registration_id = "dev-1";
+  s.status = registration_status::assigned;
+  s.attestation_type = "x509";
+  s.enrollment_group_id = "g";
+  s.x509_json = info;
+  auto shown = json::parse(to_json_text(s));
+  CHECK(shown["x509"]["enrollmentGroupId"] == "g");
+  CHECK(shown["x509"]["certificateInfo"]["subjectName"] == "CN=dev-1");
+  CHECK(shown["x509"]["signingCertificateInfo"]["subjectName"] == "CN=Root");
+  CHECK(shown == to_json(s));
+  CHECK(json::parse(operation_status_text("op", s)) == operation_status_json("op", s));
+  s.enrollment_group_id.clear(); // individual: no enrollmentGroupId member
+  CHECK(json::parse(to_json_text(s))["x509"]
+        == json::parse(info));
+  CHECK(json::parse(to_json_text(s)) == to_json(s));
+  // Not X.509: never shown.
+  s.attestation_type = "symmetricKey";
+  CHECK(json::parse(to_json_text(s))["symmetricKey"] == json::object());
+  // The event carries it over Kafka (JSON) and in the operation record (binary).
+  registration_event ev;
+  ev.operation_id = "op";
+  ev.registration_id = "dev-1";
+  ev.x509_json = info;
+  auto text = encode_event(ev);
+  CHECK(json::parse(text).dump() == text); // key order as nlohmann's: "v" < "x509"
+  registration_event back;
+  REQUIRE(!decode_event(text, back));
+  CHECK(back.x509_json == info);
+  operation_record op;
+  op.operation_id = "op";
+  op.registration_id = "dev-1";
+  op.event = ev;
+  operation_record op_back;
+  REQUIRE(!decode_record(encode_record(op), op_back));
+  CHECK(op_back.event.x509_json == info);
 }

@@ -22,18 +22,6 @@
 
 namespace prov::test {
 
-/// Sets an environment variable for the server processes a test starts
-/// (they inherit it), e.g. PROVISIOND_TEST_PIPELINE_DELAY_MS.
-struct scoped_env {
-  scoped_env(const char* name, const std::string& value) : name_(name) {
-    ::setenv(name, value.c_str(), 1);
-  }
-  ~scoped_env() { ::unsetenv(name_); }
-  scoped_env(const scoped_env&) = delete;
-  scoped_env& operator=(const scoped_env&) = delete;
-  const char* name_;
-};
-
 /// Starts `s` on a fresh data dir (removed at exit) with `register_wait_ms`
 /// set, and a metrics listener when `metrics`; returns the dir.
 inline std::string start_with_wait(server_process& s, int register_wait_ms,

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include <fcntl.h>
@@ -78,9 +79,22 @@ error server_process::start(std::string config_toml, std::string data_dir,
 }
 
 error server_process::restart() {
-  const char* bin = std::getenv("PROVISIOND_BIN");
+  const char* bin_var = pipeline_delay_ms_ < 0 ? "PROVISIOND_BIN" : "PROVISIOND_TEST_BIN";
+  const char* bin = std::getenv(bin_var);
   if (bin == nullptr)
-    return {error_code::internal, "PROVISIOND_BIN is not set"};
+    return {error_code::internal, std::string(bin_var) + " is not set"};
+  // The child's environment, made before fork (the child only execs).
+  constexpr std::string_view delay_var = "PROVISIOND_TEST_PIPELINE_DELAY_MS=";
+  std::vector<std::string> env_text;
+  for (char** e = environ; *e != nullptr; ++e)
+    if (std::string_view(*e).rfind(delay_var, 0) != 0)
+      env_text.emplace_back(*e);
+  if (pipeline_delay_ms_ > 0)
+    env_text.push_back(std::string(delay_var) + std::to_string(pipeline_delay_ms_));
+  std::vector<char*> envp;
+  for (auto& e : env_text)
+    envp.push_back(e.data());
+  envp.push_back(nullptr);
   ::unlink((data_dir_ + "/endpoints.json").c_str());
   log_ = data_dir_ + "/server.log";
   pid_ = ::fork();
@@ -103,7 +117,7 @@ error server_process::restart() {
     for (const auto& a : args_)
       argv.push_back(a.c_str());
     argv.push_back(nullptr);
-    ::execv(bin, const_cast<char* const*>(argv.data()));
+    ::execve(bin, const_cast<char* const*>(argv.data()), envp.data());
     ::_exit(127);
   }
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);

@@ -1,6 +1,7 @@
 #pragma once
-// Runs the real provisiond binary (PROVISIOND_BIN) as a child process on an
-// ephemeral port with a temp data dir, and talks to it over real TLS.
+// Runs the real provisiond binary (PROVISIOND_BIN; or the test binary,
+// PROVISIOND_TEST_BIN, for a test that needs its seams) as a child process
+// on an ephemeral port with a temp data dir, and talks to it over real TLS.
 
 #include <sys/types.h>
 
@@ -34,6 +35,11 @@ public:
   /// Starts later servers with RLIMIT_NOFILE (soft and hard) set to `n`, so
   /// the server cannot raise it (0 = inherit the test's limit).
   void set_descriptor_limit(unsigned long n) { nofile_ = n; }
+  /// Later starts run the test binary (PROVISIOND_TEST_BIN, tests/testd/)
+  /// with every allocation answering `ms` late, so the hand-off from
+  /// allocation to configuration comes that much later; 0 = the test
+  /// binary without the delay.
+  void set_pipeline_delay_ms(int ms) { pipeline_delay_ms_ = ms; }
   /// The destructor removes the data dir even when start() was given one.
   void remove_data_dir_at_exit() { own_dir_ = true; }
   /// SIGTERM and wait for exit; returns the exit status.
@@ -78,6 +84,7 @@ private:
   pid_t pid_ = -1;
   bool own_dir_ = false;
   unsigned long nofile_ = 0;
+  int pipeline_delay_ms_ = -1; ///< < 0: the product binary (PROVISIOND_BIN)
 };
 
 /// What the register request itself got (register_device polls after it).

@@ -159,19 +159,20 @@ inline test_cert make_self_signed_device(const std::string& cn) {
   return make_cert(o, nullptr);
 }
 
-/// A CRL issued by `issuer` revoking `revoked` (their serials), valid for a day.
+/// A CRL issued by `issuer` revoking `revoked` (their serials), valid for a day
+/// (nextUpdate `next_update_s` from now).
 /// `last_update_s`: lastUpdate relative to now (a later CRL of the same
 /// issuer needs a later one to replace a stored CRL).
 inline std::string make_crl_pem(const test_cert& issuer,
                                 std::initializer_list<const test_cert*> revoked,
-                                long last_update_s = -60) {
+                                long last_update_s = -60, long next_update_s = 86400) {
   std::unique_ptr<X509_CRL, decltype(&X509_CRL_free)> crl(X509_CRL_new(), X509_CRL_free);
   X509_CRL_set_version(crl.get(), 1);
   X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(issuer.cert.get()));
   std::unique_ptr<ASN1_TIME, decltype(&ASN1_TIME_free)> t(ASN1_TIME_new(), ASN1_TIME_free);
   X509_gmtime_adj(t.get(), last_update_s);
   X509_CRL_set1_lastUpdate(crl.get(), t.get());
-  X509_gmtime_adj(t.get(), 86400);
+  X509_gmtime_adj(t.get(), next_update_s);
   X509_CRL_set1_nextUpdate(crl.get(), t.get());
   for (const auto* r : revoked) {
     X509_REVOKED* entry = X509_REVOKED_new();

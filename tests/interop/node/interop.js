@@ -204,6 +204,22 @@ function makeCert(name, cn, { ca = false, issuer } = {}) {
 
 // ---- helpers -------------------------------------------------------------------
 
+/** registrationState.x509's X509CertificateInfo matches `pem` (read by Node's own X.509 parser). */
+function assertCertificateInfo(info, pem) {
+  const c = new crypto.X509Certificate(pem);
+  const hex = (fp) => fp.replace(/:/g, '').toUpperCase();
+  assert.ok(info, 'no X509CertificateInfo');
+  assert.strictEqual(info.sha1Thumbprint, hex(c.fingerprint), JSON.stringify(info));
+  assert.strictEqual(info.sha256Thumbprint, hex(c.fingerprint256), JSON.stringify(info));
+  assert.strictEqual(info.serialNumber.replace(/^0+/, ''), c.serialNumber.replace(/^0+/, ''));
+  assert.strictEqual(info.version, 3);
+  assert.strictEqual(new Date(info.notAfterUtc).getTime(), new Date(c.validTo).getTime());
+  assert.strictEqual(new Date(info.notBeforeUtc).getTime(), new Date(c.validFrom).getTime());
+  const cn = /CN=([^\n]+)/.exec(c.subject)[1];
+  assert.ok(info.subjectName.includes(`CN=${cn}`), `${info.subjectName} vs ${c.subject}`);
+  assert.ok(typeof info.issuerName === 'string' && info.issuerName.length > 0);
+}
+
 const newKey = () => crypto.randomBytes(32).toString('base64');
 
 /** The documented group derivation: base64(HMAC-SHA256(b64decode(groupKey), regId)). */
@@ -415,6 +431,8 @@ async function main() {
     const state = await makeX509DeviceClient(X509_INDIVIDUAL_ID, x509Device.cert, x509Device.key).register();
     assertAssigned(state, X509_INDIVIDUAL_ID, X509_INDIVIDUAL_ID, HUBS);
     assert.ok(state.x509, `no x509 in ${JSON.stringify(state)}`);
+    assertCertificateInfo(state.x509.certificateInfo, x509Device.cert);
+    assert.strictEqual(state.x509.signingCertificateInfo, undefined);
   });
 
   await step('device (e): x509 group device (leaf + intermediate) registers over HTTP', async () => {
@@ -422,6 +440,8 @@ async function main() {
       groupDevice.key).register();
     assertAssigned(state, X509_GROUP_DEVICE, X509_GROUP_DEVICE, HUBS);
     assert.strictEqual(state.x509 && state.x509.enrollmentGroupId, X509_GROUP_ID);
+    assertCertificateInfo(state.x509.certificateInfo, groupDevice.cert);
+    assertCertificateInfo(state.x509.signingCertificateInfo, root.cert);
   });
 
   await step('device (f): x509 group device without its intermediate is refused (401)', async () => {

@@ -1,0 +1,26 @@
+#pragma once
+// The provisiond command line as a function, so that two binaries run the
+// same code: the product (main.cpp) and the test binary (tests/testd/),
+// which adds what only tests need through `extensions`.
+
+#include <memory>
+#include <vector>
+
+namespace prov::allocation {
+class policy;
+}
+
+namespace prov::app {
+
+/// What an embedding binary adds to the engine `serve` starts.
+struct extensions {
+  /// Registered after the built-in policies (engine_options::policies).
+  std::vector<std::shared_ptr<const allocation::policy>> policies;
+};
+
+/// Sets up the process (stop signals blocked in every thread, SIGPIPE
+/// ignored, umask 077), parses argv and runs the subcommand; the process
+/// exit status. Call it first thing in main(), before any thread starts.
+int run(int argc, char** argv, const extensions& ext = {});
+
+} // namespace prov::app

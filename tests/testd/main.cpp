@@ -1,0 +1,35 @@
+// provisiond-test: provisiond with the seams only tests use, so the product
+// binary carries none of them. Built under tests/, never installed; the
+// integration tests that need a seam run it (server_process::set_pipeline_delay_ms).
+//
+// Environment:
+//   PROVISIOND_TEST_PIPELINE_DELAY_MS=N  every hashed, geoLatency and static
+//     allocation answers N ms late, so the hand-off from allocation to
+//     configuration comes that much later: a test can make register waits
+//     expire (device_api.register_wait_ms) at will, change state between
+//     the two stages, or stop the process with work in flight.
+
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+
+#include "actors/allocation/allocation_policy.hpp"
+#include "app/provisiond.hpp"
+#include "tests/testd/delayed_policy.hpp"
+
+int main(int argc, char** argv) {
+  using namespace prov;
+  app::extensions ext;
+  const char* d = std::getenv("PROVISIOND_TEST_PIPELINE_DELAY_MS");
+  if (const int ms = d != nullptr ? std::atoi(d) : 0; ms > 0) {
+    const std::chrono::milliseconds delay(ms);
+    auto hashed = std::make_shared<allocation::hashed_policy>();
+    ext.policies.push_back(
+      std::make_shared<test::delayed_policy>(allocation_policy::hashed, hashed, delay));
+    ext.policies.push_back(
+      std::make_shared<test::delayed_policy>(allocation_policy::geo_latency, hashed, delay));
+    ext.policies.push_back(std::make_shared<test::delayed_policy>(
+      allocation_policy::static_hub, std::make_shared<allocation::static_policy>(), delay));
+  }
+  return app::run(argc, argv, ext);
+}

@@ -2,8 +2,9 @@
 // Probes the health endpoint of each linked hub that has one (an HTTPS GET;
 // a 2xx answer within the timeout is a success) and reports into the hub
 // set, which allocation reads, and into the metrics. One thread of its own,
-// never CAF's scheduler: a probe waits on the network. Probes of one round
-// run one after the other, each bounded by the timeout.
+// never CAF's scheduler: a probe waits on the network. The probes of one
+// round run at once (a thread each), so a round is bounded by one probe's
+// timeout, not by the number of hubs times it.
 //
 // The RTT recorded is the GET on an open connection (connect and TLS are
 // timed out but not counted), so it measures the network path, not the
@@ -36,8 +37,8 @@ public:
 
   /// Runs the next round now (the set changed: a new hub is probed at once).
   void wake();
-  /// Stops the thread; a probe in progress finishes first (bounded by the
-  /// timeout). Idempotent.
+  /// Stops the thread; a round in progress finishes first (bounded by one
+  /// probe's timeout). Idempotent.
   void stop();
 
 private:

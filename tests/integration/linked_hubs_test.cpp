@@ -7,6 +7,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -47,6 +48,8 @@ public:
   void handle(gateway::http_request req, gateway::respond_fn respond) override {
     int status = 200;
     int delay_ms = 0;
+    if (req.path.rfind("/health/gate-", 0) == 0)
+      return gate(std::move(respond));
     {
       std::lock_guard<std::mutex> lk(mtx_);
       ++probes_[req.path];
@@ -76,7 +79,52 @@ public:
     return probes_["/health/" + name];
   }
 
+  /// /health/gate-*: each probe is held until `n` are waiting at once, then
+  /// all are answered 200. A prober that waits for one answer before it
+  /// sends the next never gets one.
+  void set_gate(std::size_t n) {
+    std::lock_guard<std::mutex> lk(mtx_);
+    gate_n_ = n;
+  }
+  std::size_t gate_peak() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return gate_peak_;
+  }
+  /// Answers the held probes (the test's end).
+  void open_gate() {
+    std::vector<gateway::respond_fn> held;
+    {
+      std::lock_guard<std::mutex> lk(mtx_);
+      held.swap(gate_held_);
+      gate_n_ = 0;
+    }
+    for (auto& r : held)
+      r(ok());
+  }
+
 private:
+  static gateway::http_response ok() {
+    gateway::http_response r;
+    r.status = 200;
+    r.body = R"({"status":"ok"})";
+    r.headers.emplace_back("Content-Type", "application/json");
+    return r;
+  }
+  void gate(gateway::respond_fn respond) {
+    std::vector<gateway::respond_fn> release;
+    {
+      std::lock_guard<std::mutex> lk(mtx_);
+      gate_held_.push_back(std::move(respond));
+      gate_peak_ = std::max(gate_peak_, gate_held_.size());
+      if (gate_held_.size() >= gate_n_)
+        release.swap(gate_held_);
+    }
+    for (auto& r : release)
+      r(ok());
+  }
+
+  std::vector<gateway::respond_fn> gate_held_;
+  std::size_t gate_n_ = 0, gate_peak_ = 0;
   std::mutex mtx_;
   std::map<std::string, int> status_, delay_, probes_;
 };
@@ -622,6 +670,41 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
   CHECK(reg("geo-dev-back", nullptr)["assignedHub"] == "geo-near.example.net");
   health.set_delay("far", 0);
   s.stop();
+}
+
+TEST_CASE("the hubs of a round are probed at once: three probes held until all three are "
+          "waiting all turn healthy") {
+  // A probe is held until the other two arrive; with a 20 s timeout, probes
+  // sent one after the other would each time out (unhealthy) instead.
+  auto& health = fx().handler;
+  health.set_gate(3);
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-gate");
+  s.remove_data_dir_at_exit();
+  std::string cfg = "data_dir = \"" + dir + "\"\n"
+                    "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n"
+                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 20000\nunhealthy_after = 1\n"
+                    "healthy_after = 1\nca_file = \"" + fx().dir + "/ca.pem\"\n";
+  for (const char* n : {"1", "2", "3"})
+    cfg += std::string("[[hubs]]\nhostname = \"gate-") + n + ".example.net\"\n"
+           "health_endpoint = \"" + fx().base + "/health/gate-" + n + "\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  auto status_of = [&](const std::string& hub) {
+    auto r = s.service("GET", "/linkedHubs/" + hub);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = test::parse_json(r.body);
+    return j.contains("health") ? j["health"].value("status", "") : std::string();
+  };
+  for (const char* n : {"1", "2", "3"}) {
+    const std::string hub = std::string("gate-") + n + ".example.net";
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (status_of(hub) != "healthy" && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_MESSAGE(status_of(hub) == "healthy", hub);
+  }
+  CHECK(health.gate_peak() == 3);
+  s.stop();
+  health.open_gate();
 }
 
 TEST_CASE("Kafka mode: hub changes through one process reach another via dps.enrollments; "

@@ -31,6 +31,7 @@ using handedoff_atom = caf::atom_constant<caf::atom("handedoff")>;
 using resend_atom = caf::atom_constant<caf::atom("resend")>;
 using waittick_atom = caf::atom_constant<caf::atom("waittick")>;
 using drain_atom = caf::atom_constant<caf::atom("drain")>;
+using hub_atom = caf::atom_constant<caf::atom("hub")>;
 
 // The credential is left out: it must never reach a log.
 template <class Inspector>

@@ -69,17 +69,50 @@ error load_view(const engine_context& ctx, const registration_event& ev,
 }
 
 /// Candidate hubs: the enrollment's iotHubs (restricted to linked hubs), else
-/// every linked hub.
-std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
-                                                  const enrollment::enrollment_view& v) {
-  if (v.iot_hubs.empty())
-    return ctx.hubs;
-  std::vector<allocation::candidate_hub> out;
+/// every linked hub; from the set as it was when allocation began.
+std::vector<const allocation::linked_hub*> candidates(const allocation::hub_set::snapshot& hubs,
+                                                      const enrollment::enrollment_view& v) {
+  std::vector<const allocation::linked_hub*> out;
+  if (v.iot_hubs.empty()) {
+    for (const auto& h : *hubs)
+      out.push_back(&h);
+    return out;
+  }
   for (const auto& name : v.iot_hubs)
-    for (const auto& h : ctx.hubs)
+    for (const auto& h : *hubs)
       if (iequals(h.hostname, name))
-        out.push_back(h);
+        out.push_back(&h);
   return out;
+}
+
+/// Drops the hubs whose health probes say unhealthy (every policy skips
+/// them). Error no_healthy_hub when hubs would take part in allocation but
+/// none of those is healthy, naming each and why.
+error healthy_candidates(const engine_context& ctx,
+                         const std::vector<const allocation::linked_hub*>& all,
+                         bool explicit_list, std::vector<allocation::candidate_hub>& out) {
+  out.clear();
+  bool any_takes_part = false, healthy_takes_part = false;
+  std::string sick;
+  for (const auto* h : all) {
+    const bool takes_part = explicit_list || h->apply_allocation_policy;
+    any_takes_part = any_takes_part || takes_part;
+    if (ctx.hubs.eligible(*h)) {
+      healthy_takes_part = healthy_takes_part || takes_part;
+      out.push_back(h->candidate());
+      continue;
+    }
+    if (!takes_part)
+      continue;
+    const auto why = ctx.hubs.health(h->hostname).last_error;
+    sick += (sick.empty() ? "" : "; ") + h->hostname + " ("
+            + (why.empty() ? std::string("health probe failed") : why) + ")";
+  }
+  if (any_takes_part && !healthy_takes_part && !sick.empty())
+    return {error_code::no_healthy_hub,
+            "no healthy IoT hub for this device: every candidate hub failed its health "
+            "probe: " + sick};
+  return {};
 }
 
 /// The device's registration record as allocation read it, before the
@@ -89,6 +122,9 @@ std::vector<allocation::candidate_hub> candidates(const engine_context& ctx,
 struct current_record {
   uint64_t generation = 0;
   std::shared_ptr<const registration_state> state; ///< null: none
+  /// The linked hubs allocation decided against: a hub removed while the
+  /// policy ran is still a valid answer for this device.
+  allocation::hub_set::snapshot hubs;
 };
 
 /// The request's views of the event's text and of the current record;
@@ -97,6 +133,7 @@ void views_of(const registration_event& ev, const current_record& cur,
               allocation::request& in) {
   in.registration_id = ev.registration_id;
   in.payload_json = ev.payload_json;
+  in.client_ip = ev.client_ip;
   in.current_hub = {};
   in.current_device_id = {};
   if (cur.state && cur.state->status == registration_status::assigned) {
@@ -120,9 +157,11 @@ error prepare(const engine_context& ctx, const registration_event& ev,
       return again;
   }
   const enrollment::enrollment_view& v = *in.enrollment;
-  in.candidates = candidates(ctx, v);
+  cur.hubs = ctx.hubs.hubs();
   in.explicit_list = !v.iot_hubs.empty();
-  in.linked_hubs = ctx.hubs.size();
+  in.linked_hubs = cur.hubs->size();
+  if (auto err = healthy_candidates(ctx, candidates(cur.hubs, v), in.explicit_list, in.candidates))
+    return err;
   cur.generation = ctx.catalog.registration_generation();
   std::optional<std::string> raw;
   if (auto err = ctx.store->get(storage::cf::registrations,
@@ -148,8 +187,6 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
   w.str("policy", to_string(kind));
   if (!v.allocation)
     w.str("policyFrom", "instance default");
-  if (kind == allocation_policy::geo_latency)
-    w.str("servedBy", "hashed (no hub latency is known)");
   w.str("chosen", hub);
   w.str("candidates", v.iot_hubs.empty() ? "linked hubs" : "the enrollment's iotHubs");
   if (!d.why_json.empty())
@@ -260,10 +297,15 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registrat
           const enrollment::enrollment_view* view, const current_record& cur, error err,
           allocation::decision d) {
   // DPS assigns only linked hubs, whatever a policy (a webhook) answers.
-  if (!err && std::none_of(ctx->hubs.begin(), ctx->hubs.end(),
-                           [&](const auto& h) { return iequals(h.hostname, d.hub); }))
+  if (!err && (cur.hubs == nullptr
+               || std::none_of(cur.hubs->begin(), cur.hubs->end(),
+                               [&](const auto& h) { return iequals(h.hostname, d.hub); })))
     err = {error_code::no_hub_available,
            "the allocation policy chose '" + d.hub + "', which is not a linked IoT hub"};
+  else if (!err && !ctx->hubs.eligible(d.hub))
+    err = {error_code::no_healthy_hub,
+           "the allocation policy chose '" + d.hub + "', which failed its health probe: "
+             + ctx->hubs.health(d.hub).last_error};
   if (!err)
     err = finish(*ctx, *view, ev, std::move(d), cur);
   ctx->metrics->stage_latency(metrics::stage::allocation, seconds_since(start));

@@ -11,6 +11,9 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
+#include "actors/allocation/geo_latency.hpp"
+#include "messages/ascii.hpp"
+#include "actors/hub_store.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
@@ -430,6 +433,35 @@ public:
     return err ? err : bad;
   }
 
+  error list_hubs(std::vector<json>& docs) override {
+    auto set = ctx_->hubs.hubs();
+    for (const auto& h : *set)
+      docs.push_back(public_hub(*ctx_, h));
+    return {};
+  }
+
+  error get_hub(const std::string& hostname, json& doc) override {
+    auto set = ctx_->hubs.hubs();
+    for (const auto& h : *set)
+      if (allocation::hub_key(h.hostname) == allocation::hub_key(hostname)) {
+        doc = public_hub(*ctx_, h);
+        return {};
+      }
+    return {error_code::linked_hub_not_found, "'" + hostname + "' is not a linked IoT hub"};
+  }
+
+  void put_hub(std::string hostname, std::string body, doc_cb cb) override {
+    caf::anon_send(enrollment_, hub_atom::value, std::string("put"), std::move(hostname),
+                   std::move(body), doc_reply_fn{std::move(cb)});
+  }
+
+  void delete_hub(std::string hostname, done_cb cb) override {
+    caf::anon_send(enrollment_, hub_atom::value, std::string("delete"), std::move(hostname),
+                   std::string(), doc_reply_fn{[cb = std::move(cb)](error e, std::string) {
+                     cb(std::move(e));
+                   }});
+  }
+
   error get_enrollment(enrollment::kind k, const std::string& id, json& doc) override {
     std::optional<std::string> raw;
     if (auto err = ctx_->store->get(family_of(k), enrollment::key_of(id), raw))
@@ -574,6 +606,8 @@ public:
     // Queued TPM registers get 503; the running one finishes first (it may
     // still hand its register to the registration actor).
     tpm_worker_.stop();
+    if (ctx_->prober)
+      ctx_->prober->stop();
     // Kafka: stop the table readers while the store still takes writes.
     if (ctx_->repl)
       ctx_->repl->close();
@@ -822,8 +856,6 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   } else {
     ctx->bus = bus::make_inprocess_bus();
   }
-  for (const auto& h : opts.cfg.hubs)
-    ctx->hubs.push_back({h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region});
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
@@ -834,9 +866,21 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   auto hashed = std::make_shared<allocation::hashed_policy>();
   ctx->policies.add(hashed);
-  // No latency is known of any hub, so every candidate is as near as
-  // another: geoLatency picks among them as hashed does.
-  ctx->policies.add_as(allocation_policy::geo_latency, hashed);
+  {
+    // geoLatency: the hubs' probe RTTs (this process's prober) and the
+    // configured regions. The set outlives the policy (both in ctx).
+    const auto& gc = opts.cfg.geo_latency;
+    allocation::geo_options g;
+    g.gateway_region = gc.region;
+    g.tie_ms = gc.tie_ms;
+    for (const auto& r : gc.client_ranges)
+      g.client_ranges.push_back({r.cidr, r.region});
+    for (const auto& l : gc.latencies)
+      g.latency_ms[{ascii::to_lower(l.from), ascii::to_lower(l.to)}] = l.ms;
+    const allocation::hub_set* set = &ctx->hubs;
+    ctx->policies.add(std::make_shared<allocation::geo_latency_policy>(
+      std::move(g), [set](std::string_view hub) { return set->health(hub).rtt_ms; }));
+  }
   ctx->policies.add(std::make_shared<allocation::static_policy>());
   if (opts.cfg.roles.allocation) {
     std::shared_ptr<const allocation::policy> custom;
@@ -920,6 +964,19 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
                        return c && c->repl ? static_cast<double>(c->repl->table_lag(name)) : 0.0;
                      });
     }
+  }
+  {
+    // [[hubs]] seeds the linked hubs on a deployment's first start only.
+    std::vector<allocation::linked_hub> seed;
+    for (const auto& h : ctx->opts.cfg.hubs)
+      seed.push_back(
+        {h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region, h.health_endpoint});
+    if (auto err = seed_hubs(*ctx, seed, ctx->opts.placeholder_hubs))
+      return {err.code, "linked hubs: " + err.message};
+    // Health decides allocation, so the processes that allocate probe.
+    if (ctx->opts.cfg.roles.allocation)
+      ctx->prober = std::make_unique<hub_prober>(ctx->hubs, ctx->opts.cfg.hub_health,
+                                                 ctx->metrics);
   }
   auto impl = std::make_unique<engine_impl>(ctx);
   if (auto err = impl->start())

@@ -31,6 +31,10 @@ struct engine_options {
   config::engine_config cfg;
   std::string id_scope;          ///< resolved (configured or generated)
   storage::store* store = nullptr; ///< owned by the caller, outlives the engine
+  /// cfg.hubs is the quickstart's placeholder (hub.local), not the
+  /// operator's: seeded like [[hubs]], but replaced by real [[hubs]] on a
+  /// later start (actors/hub_store.hpp).
+  bool placeholder_hubs = false;
   std::size_t max_inflight = 200000; ///< accepted, unfinished operations (503 beyond)
   /// Where stage metrics go; owned by the caller. Null = a private, unexported set.
   metrics::instruments* metrics = nullptr;
@@ -144,6 +148,19 @@ public:
   [[nodiscard]] virtual error get_certificate(const std::string& name, nlohmann::json& doc) = 0;
   /// Every stored CA document, in name order.
   [[nodiscard]] virtual error list_certificates(std::vector<nlohmann::json>& docs) = 0;
+
+  // -- linked hubs (actors/hub_store.hpp) -------------------------------------------
+
+  /// Every linked hub (public JSON with live health), in host name order.
+  [[nodiscard]] virtual error list_hubs(std::vector<nlohmann::json>& docs) = 0;
+  /// One linked hub (linked_hub_not_found when absent).
+  [[nodiscard]] virtual error get_hub(const std::string& hostname, nlohmann::json& doc) = 0;
+  /// Adds or replaces a linked hub from a service API body; `cb` gets its
+  /// public JSON. Allocation uses it as soon as `cb` runs.
+  virtual void put_hub(std::string hostname, std::string body, doc_cb cb) = 0;
+  /// Removes a linked hub (linked_hub_not_found when absent). Registrations
+  /// already on it keep their records and answer polls as before.
+  virtual void delete_hub(std::string hostname, done_cb cb) = 0;
 
   // -- operations ---------------------------------------------------------------
 

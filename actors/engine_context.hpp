@@ -13,12 +13,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include "actors/allocation/linked_hubs.hpp"
 #include "actors/allocation/policy.hpp"
 #include "actors/attestation/mechanism.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/engine.hpp"
 #include "actors/enrollment/enrollment_model.hpp"
 #include "actors/enrollment_catalog.hpp"
+#include "actors/hub_prober.hpp"
 #include "actors/replication.hpp"
 #include "storage/store.hpp"
 #include "bus/bus.hpp"
@@ -46,7 +48,12 @@ struct engine_context {
   /// TPM challenges, in the store's `tpm_challenges` family (engine.cpp).
   std::unique_ptr<attestation::challenge_store> tpm_challenges;
   allocation::registry policies;    ///< built at start, read-only after
-  std::vector<allocation::candidate_hub> hubs;
+  /// The linked hubs now (service API, [[hubs]] seed, Kafka: dps.enrollments)
+  /// and their health; actors/hub_store.hpp keeps it in step with the store.
+  allocation::hub_set hubs;
+  /// Probes the hubs' health endpoints (processes with the allocation role);
+  /// after `hubs`, so it stops before the set goes away.
+  std::unique_ptr<hub_prober> prober;
   std::string instance_hex; ///< 16 hex digits, part of operation ids
   std::atomic<int64_t> inflight{0};
   /// Kafka: device.assigned records whose `pending` marker is not deleted yet

@@ -8,6 +8,8 @@
 //          (deletereg_atom, id, if_match, done_reply_fn)
 //          (cert_atom, op, name, body, if_match, doc_reply_fn): the CA
 //          certificate store (op "put", "code", "verify", "crl" or "delete")
+//          (hub_atom, op, hostname, body, doc_reply_fn): a linked hub (op "put"
+//          or "delete"; actors/hub_store.hpp)
 // Blocking: synchronous synced RocksDB writes, or (Kafka) waiting until the
 // write came back through dps.enrollments; spawned detached. One write at a
 // time per instance, so etag checks see the previous write.
@@ -22,6 +24,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/attestation/tpm.hpp"
 #include "actors/enrollment/ca_store.hpp"
+#include "actors/hub_store.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_body.hpp"
 
@@ -369,6 +372,38 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
       reply.fn({}, (op == "code" ? enrollment::ca_verification_public(doc)
                                  : enrollment::ca_public(doc))
                      .dump());
+    },
+    [ctx](hub_atom, const std::string& op, const std::string& hostname, const std::string& body,
+          doc_reply_fn& reply) {
+      auto fail = [&](error e) { reply.fn(std::move(e), {}); };
+      const auto key = allocation::hub_key(hostname);
+      auto set = ctx->hubs.hubs();
+      const bool exists = std::any_of(set->begin(), set->end(), [&](const auto& h) {
+        return allocation::hub_key(h.hostname) == key;
+      });
+      storage::write_batch batch;
+      allocation::linked_hub h;
+      if (op == "delete") {
+        if (!exists)
+          return fail({error_code::linked_hub_not_found,
+                       "'" + hostname + "' is not a linked IoT hub"});
+        batch.del(storage::cf::hubs, key);
+      } else {
+        if (auto err = allocation::hub_from_body(hostname, body, h))
+          return fail(std::move(err));
+        if (!exists && set->size() >= allocation::max_linked_hubs)
+          return fail({error_code::invalid_linked_hub,
+                       "at most " + std::to_string(allocation::max_linked_hubs)
+                         + " IoT hubs can be linked (DPS's limit); remove one first"});
+        batch.put(storage::cf::hubs, key, allocation::to_json(h));
+      }
+      // From now on the set is the operator's: a later start keeps it.
+      batch.put(storage::cf::meta, hubs_seeded_key, "managed");
+      if (auto err = write_hubs(*ctx, batch))
+        return fail(std::move(err));
+      if (op == "delete")
+        return reply.fn({}, {});
+      reply.fn({}, public_hub(*ctx, h).dump());
     },
     [ctx](deletereg_atom, const std::string& id, const std::string& if_match,
           done_reply_fn& reply) {

@@ -17,6 +17,7 @@
 #include "actors/configuration/terminal_state.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/enrollment/ca_store.hpp"
+#include "actors/hub_store.hpp"
 #include "bus/kafka_bus.hpp"
 #include "bus/kafka_table.hpp"
 #include "metrics/instruments.hpp"
@@ -33,6 +34,10 @@ constexpr int catch_up_ms = 10 * 60 * 1000;
 constexpr std::string_view enrollment_prefix = "enrollment/";
 constexpr std::string_view group_prefix = "group/";
 constexpr std::string_view certificate_prefix = "certificate/";
+/// A linked hub (actors/allocation/linked_hubs.hpp), key lower(host name).
+constexpr std::string_view hub_prefix = "hub/";
+/// The hub set was seeded (actors/hub_store.hpp): once per deployment.
+constexpr std::string_view hubs_seeded_record_key = "deployment/hubs_seeded";
 /// A TPM challenge (actors/attestation/tpm.hpp): any gateway checks the answer.
 constexpr std::string_view challenge_prefix = "tpm-challenge/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
@@ -158,11 +163,15 @@ public:
     for (const auto& op : batch.ops()) {
       kafka::record r;
       r.topic = enrollments_topic_;
-      r.key = std::string(op.family == storage::cf::groups           ? group_prefix
-                          : op.family == storage::cf::tpm_challenges ? challenge_prefix
-                          : op.family == storage::cf::certificates   ? certificate_prefix
-                                                                     : enrollment_prefix)
-              + op.key;
+      if (op.family == storage::cf::meta && op.key == hubs_seeded_key)
+        r.key = std::string(hubs_seeded_record_key);
+      else
+        r.key = std::string(op.family == storage::cf::groups           ? group_prefix
+                            : op.family == storage::cf::tpm_challenges ? challenge_prefix
+                            : op.family == storage::cf::certificates   ? certificate_prefix
+                            : op.family == storage::cf::hubs           ? hub_prefix
+                                                                       : enrollment_prefix)
+                + op.key;
       r.value = op.value;
       r.tombstone = op.is_delete;
       if (op.family == storage::cf::certificates && op.is_delete) {
@@ -393,10 +402,27 @@ private:
   error apply_enrollments(const std::vector<kafka::message>& batch) {
     storage::write_batch wb;
     std::unordered_map<std::string, int64_t> certificate_revisions; // applied in this batch
-    bool groups = false, individuals = false;
+    bool groups = false, individuals = false, hubs = false;
     for (const auto& m : batch) {
       std::string_view key = m.key;
       storage::cf family;
+      if (key.substr(0, hub_prefix.size()) == hub_prefix) {
+        key.remove_prefix(hub_prefix.size());
+        allocation::linked_hub h;
+        if (m.tombstone)
+          wb.del(storage::cf::hubs, std::string(key));
+        else if (auto bad = allocation::hub_from_stored(key, m.value, h))
+          bus_.dead_letter(m, "dps.enrollments: " + bad.message);
+        else
+          wb.put(storage::cf::hubs, std::string(key), m.value);
+        hubs = true;
+        continue;
+      }
+      if (key == hubs_seeded_record_key) {
+        if (!m.tombstone && !m.value.empty())
+          wb.put(storage::cf::meta, hubs_seeded_key, m.value);
+        continue;
+      }
       if (key.substr(0, group_prefix.size()) == group_prefix) {
         family = storage::cf::groups;
         key.remove_prefix(group_prefix.size());
@@ -424,7 +450,8 @@ private:
         continue;
       } else {
         bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/, "
-                            "certificate/ or tpm-challenge/ (or be deployment/id_scope)");
+                            "certificate/, hub/ or tpm-challenge/ (or be deployment/id_scope "
+                            "or deployment/hubs_seeded)");
         continue;
       }
       if (m.tombstone) {
@@ -493,6 +520,9 @@ private:
       changed = ctx_.catalog.enrollments_changed(enrollment::kind::individual);
     if (changed)
       std::fprintf(stderr, "provisiond: %s\n", changed.message.c_str());
+    if (hubs)
+      if (auto err = reload_hubs(ctx_))
+        std::fprintf(stderr, "provisiond: reloading the linked hubs: %s\n", err.message.c_str());
     return {};
   }
 

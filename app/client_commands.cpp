@@ -650,6 +650,83 @@ int run_certificate_list(const common_options& c) {
   return 0;
 }
 
+// ---- linked hubs ----------------------------------------------------------------------
+
+struct hub_options {
+  std::string hostname;
+  std::optional<int> weight;
+  std::optional<bool> apply;
+  std::optional<std::string> region;
+  std::optional<std::string> health_endpoint;
+};
+
+std::string health_cell(const json& hub) {
+  auto it = hub.find("health");
+  if (it == hub.end() || !it->is_object()) return "-";
+  std::string out = str_member(*it, "status");
+  if (auto rtt = it->find("rttMs"); rtt != it->end() && rtt->is_number()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, " (%.1f ms)", rtt->get<double>());
+    out += buf;
+  }
+  return out;
+}
+
+void print_hubs(const std::vector<json>& hubs) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& h : hubs)
+    rows.push_back({str_member(h, "name"), str_member(h, "allocationWeight"),
+                    h.value("applyAllocationPolicy", true) ? "yes" : "no",
+                    str_member(h, "location").empty() ? "-" : str_member(h, "location"),
+                    str_member(h, "healthEndpoint").empty() ? "-"
+                                                            : str_member(h, "healthEndpoint"),
+                    health_cell(h)});
+  print_table({"HOSTNAME", "WEIGHT", "APPLY POLICY", "REGION", "HEALTH ENDPOINT", "HEALTH"},
+              rows);
+}
+
+int run_hubs_list(const common_options& c) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  json doc;
+  if (auto err = svc->call_json("GET", "/linkedHubs", "", doc)) return fail(err);
+  if (c.json) {
+    std::cout << doc.dump(2) << "\n";
+    return 0;
+  }
+  std::vector<json> hubs;
+  if (doc.is_object() && doc.contains("value") && doc["value"].is_array())
+    for (const auto& h : doc["value"]) hubs.push_back(h);
+  print_hubs(hubs);
+  return 0;
+}
+
+/// add (`update` false: every field from the options, defaults otherwise)
+/// or update (the stored hub with the given options changed).
+int run_hubs_put(const common_options& c, const hub_options& o, bool update) {
+  std::unique_ptr<service_client> svc;
+  if (auto err = service_client::open(c, svc)) return fail(err);
+  const std::string path = "/linkedHubs/" + segment(o.hostname);
+  json body = json::object();
+  if (update) {
+    if (auto err = svc->call_json("GET", path, "", body)) return fail(err);
+    body.erase("health");
+  }
+  body["name"] = o.hostname;
+  if (o.weight) body["allocationWeight"] = *o.weight;
+  if (o.apply) body["applyAllocationPolicy"] = *o.apply;
+  if (o.region) body["location"] = *o.region;
+  if (o.health_endpoint) body["healthEndpoint"] = *o.health_endpoint;
+  json doc;
+  if (auto err = svc->call_json("PUT", path, body.dump(), doc)) return fail(err);
+  if (c.json) {
+    std::cout << doc.dump(2) << "\n";
+    return 0;
+  }
+  print_hubs({doc});
+  return 0;
+}
+
 // ---- registrations ---------------------------------------------------------------
 
 std::string group_of(const json& rs) {
@@ -1079,6 +1156,63 @@ void add_client_commands(CLI::App& app, int& exit_code) {
     add_common_options(d, *common);
     on_run(d, exit_code, [common, name, if_match] {
       return run_delete(*common, "/certificates", "certificate", *name, *if_match);
+    });
+  }
+
+  {
+    CLI::App* hubs = app.add_subcommand(
+      "hubs", "Manage the linked IoT hubs at run time (service API /linkedHubs)");
+    hubs->require_subcommand(1);
+    auto common = std::make_shared<common_options>();
+    auto o = std::make_shared<hub_options>();
+    auto weight = std::make_shared<int>(1);
+    auto apply = std::make_shared<std::string>();
+    auto region = std::make_shared<std::string>();
+    auto health = std::make_shared<std::string>();
+
+    CLI::App* l = hubs->add_subcommand("list", "List the linked hubs and their health");
+    add_common_options(l, *common);
+    on_run(l, exit_code, [common] { return run_hubs_list(*common); });
+
+    // add and update share the options; update changes only those given.
+    auto add_hub_options = [&](CLI::App* sub) {
+      sub->add_option("hostname", o->hostname, "Host name of the IoT hub")->required();
+      sub->add_option("--weight", *weight, "allocation_weight, 1..1000 (default 1)")
+          ->check(CLI::Range(1, 1000));
+      sub->add_option("--apply-allocation-policy", *apply,
+                      "true: takes part in hashed/geoLatency allocation (default); false: only "
+                      "when an enrollment names it")
+          ->check(CLI::IsMember({"true", "false"}));
+      sub->add_option("--region", *region, "Region of the hub, e.g. westeurope");
+      sub->add_option("--health-endpoint", *health,
+                      "https://host[:port]/path probed for the hub's health (\"\" = none)");
+    };
+    auto collect = [o, weight, apply, region, health](CLI::App* sub) {
+      hub_options out;
+      out.hostname = o->hostname;
+      if (sub->count("--weight")) out.weight = *weight;
+      if (sub->count("--apply-allocation-policy")) out.apply = *apply == "true";
+      if (sub->count("--region")) out.region = *region;
+      if (sub->count("--health-endpoint")) out.health_endpoint = *health;
+      return out;
+    };
+
+    CLI::App* a = hubs->add_subcommand("add", "Link a hub (or replace a linked one)");
+    add_hub_options(a);
+    add_common_options(a, *common);
+    on_run(a, exit_code, [common, collect, a] { return run_hubs_put(*common, collect(a), false); });
+
+    CLI::App* u = hubs->add_subcommand("update", "Change some settings of a linked hub");
+    add_hub_options(u);
+    add_common_options(u, *common);
+    on_run(u, exit_code, [common, collect, u] { return run_hubs_put(*common, collect(u), true); });
+
+    CLI::App* r = hubs->add_subcommand(
+      "remove", "Unlink a hub (devices already on it keep their registrations)");
+    r->add_option("hostname", o->hostname, "Host name of the IoT hub")->required();
+    add_common_options(r, *common);
+    on_run(r, exit_code, [common, o] {
+      return run_delete(*common, "/linkedHubs", "linked hub", o->hostname, "");
     });
   }
 

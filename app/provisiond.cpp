@@ -236,7 +236,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   if (cfg.hubs.empty()) {
     // Nothing would be assignable without a hub; a placeholder keeps the
     // quickstart working until real [[hubs]] are configured.
-    cfg.hubs.push_back({"hub.local", 1, true, ""});
+    cfg.hubs.push_back({"hub.local", 1, true, "", ""});
     placeholder_hub = true;
   }
   if (!make_dirs(cfg.data_dir))
@@ -287,12 +287,6 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   if (auto err = metrics::diagnostic_log::open({"info", app::audit_file_path(cfg)}, audit))
     return die(err.message);
   metrics::instruments inst;
-  {
-    std::vector<std::string> hub_names;
-    for (const auto& h : cfg.hubs)
-      hub_names.push_back(h.hostname);
-    inst.declare_hubs(hub_names);
-  }
 
   // Storage.
   std::unique_ptr<storage::store> store;
@@ -326,6 +320,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   eopts.id_scope = id_scope;
   eopts.store = store.get();
   eopts.metrics = &inst;
+  eopts.placeholder_hubs = placeholder_hub;
   eopts.policies = ext.policies;
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
@@ -492,10 +487,18 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
               << " --data-dir " << arg(cfg.data_dir) << "\n";
   }
   std::cout << "  linked hubs:       ";
-  for (std::size_t i = 0; i < cfg.hubs.size(); ++i)
-    std::cout << (i ? ", " : "") << cfg.hubs[i].hostname;
-  std::cout << (placeholder_hub ? " (placeholder: add [[hubs]] to the config)" : "")
-            << "\n";
+  {
+    // The stored set: [[hubs]] seeds only the first start.
+    std::vector<nlohmann::json> hubs;
+    if (!eng->list_hubs(hubs))
+      for (std::size_t i = 0; i < hubs.size(); ++i)
+        std::cout << (i ? ", " : "") << hubs[i].value("name", std::string());
+    bool only_placeholder = hubs.size() == 1 && hubs[0].value("name", std::string()) == "hub.local";
+    std::cout << (only_placeholder ? " (placeholder: add [[hubs]] to the config, or "
+                                     "provisiond hubs add)"
+                                   : "")
+              << "\n";
+  }
   if (cfg.kafka.enabled())
     std::cout << "  kafka:             " << cfg.kafka.brokers << " (roles: "
               << cfg.roles.to_string() << ")\n";

@@ -43,6 +43,11 @@ constexpr int_rule tpm_challenge_rule{1, 86400};
 constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule max_connections_rule{0, 10000000};
 constexpr int_rule weight_rule{1, 1000};
+constexpr int_rule probe_interval_rule{100, 3600000};
+constexpr int_rule probe_timeout_rule{50, 600000};
+constexpr int_rule probe_threshold_rule{1, 100};
+constexpr int_rule tie_rule{0, 60000};
+constexpr int_rule latency_rule{0, 600000};
 constexpr int_rule max_packet_rule{1024, 2 * 1048576};
 constexpr int_rule max_inflight_rule{1, 1024};
 constexpr int_rule partitions_rule{1, 10000};
@@ -129,7 +134,7 @@ bool valid_id_scope(std::string_view s) {
 
 /// RFC 1123 host name: dot-separated labels of 1..63 letters, digits and
 /// hyphens, no leading/trailing hyphen, at most 253 characters overall.
-bool valid_dns_name(std::string_view s) {
+bool dns_name(std::string_view s) {
   if (s.empty() || s.size() > 253) return false;
   std::size_t start = 0;
   while (true) {
@@ -233,7 +238,7 @@ void check_config(const engine_config& c, const report_fn& report) {
     report("device_api.hostnames", "must list at least one host name");
   for (std::size_t i = 0; i < d.hostnames.size(); ++i) {
     const std::string& h = d.hostnames[i];
-    if (!valid_dns_name(h) && !valid_ip(h))
+    if (!dns_name(h) && !valid_ip(h))
       report(indexed("device_api.hostnames", i),
              "expected a DNS name or IP address, got " + quote(h));
   }
@@ -327,7 +332,7 @@ void check_config(const engine_config& c, const report_fn& report) {
     const std::string base = indexed("hubs", i);
     if (h.hostname.empty())
       report(base + ".hostname", "must not be empty");
-    else if (!valid_dns_name(h.hostname))
+    else if (!dns_name(h.hostname))
       report(base + ".hostname", "expected a DNS name, got " + quote(h.hostname));
     for (std::size_t j = 0; j < i; ++j)
       if (!h.hostname.empty() && iequals(c.hubs[j].hostname, h.hostname)) {
@@ -336,6 +341,22 @@ void check_config(const engine_config& c, const report_fn& report) {
         break;
       }
     check_range(report, base + ".allocation_weight", h.allocation_weight, weight_rule);
+    if (!h.health_endpoint.empty() && !valid_health_endpoint(h.health_endpoint))
+      report(base + ".health_endpoint",
+             "expected an https://host[:port]/path URL, got " + quote(h.health_endpoint));
+  }
+  for (std::size_t i = 0; i < c.geo_latency.client_ranges.size(); ++i) {
+    const auto& r = c.geo_latency.client_ranges[i];
+    if (!cidr_ok(r.cidr))
+      report(indexed("geo_latency.client_ranges", i) + ".cidr",
+             "expected an IPv4 or IPv6 CIDR such as 10.1.0.0/16, got " + quote(r.cidr));
+  }
+  {
+    const hub_health_config& h = c.hub_health;
+    check_range(report, "hub_health.interval_ms", h.interval_ms, probe_interval_rule);
+    check_range(report, "hub_health.timeout_ms", h.timeout_ms, probe_timeout_rule);
+    check_range(report, "hub_health.unhealthy_after", h.unhealthy_after, probe_threshold_rule);
+    check_range(report, "hub_health.healthy_after", h.healthy_after, probe_threshold_rule);
   }
 
   const custom_allocation_config& w = c.custom_allocation;
@@ -425,7 +446,7 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
-                "custom_allocation", "metrics", "storage", "secrets", "log", "kafka"});
+                "custom_allocation", "hub_health", "geo_latency", "metrics", "storage", "secrets", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -490,12 +511,14 @@ class loader {
 
     for_each_entry(root, "hubs", [&](const toml::table& t, const std::string& p) {
       hub_config h;
-      check_keys(t, p, {"hostname", "allocation_weight", "apply_allocation_policy", "region"});
+      check_keys(t, p, {"hostname", "allocation_weight", "apply_allocation_policy", "region",
+                        "health_endpoint"});
       require(t, p, {"hostname"});
       get(t, p, "hostname", h.hostname);
       get_int(t, p, "allocation_weight", h.allocation_weight, weight_rule);
       get(t, p, "apply_allocation_policy", h.apply_allocation_policy);
       get(t, p, "region", h.region);
+      get(t, p, "health_endpoint", h.health_endpoint);
       c.hubs.push_back(std::move(h));
     });
 
@@ -515,6 +538,43 @@ class loader {
       get_int(*t, p, "retries", w.retries, webhook_retries_rule);
       get_int(*t, p, "retry_backoff_ms", w.retry_backoff_ms, webhook_backoff_rule);
       get_int(*t, p, "threads", w.threads, webhook_threads_rule);
+    }
+    if (const toml::table* t = sub_table(root, "", "hub_health")) {
+      const std::string p = "hub_health";
+      hub_health_config& h = c.hub_health;
+      check_keys(*t, p, {"interval_ms", "timeout_ms", "unhealthy_after", "healthy_after",
+                         "ca_file"});
+      get_int(*t, p, "interval_ms", h.interval_ms, probe_interval_rule);
+      get_int(*t, p, "timeout_ms", h.timeout_ms, probe_timeout_rule);
+      get_int(*t, p, "unhealthy_after", h.unhealthy_after, probe_threshold_rule);
+      get_int(*t, p, "healthy_after", h.healthy_after, probe_threshold_rule);
+      get(*t, p, "ca_file", h.ca_file);
+    }
+    if (const toml::table* t = sub_table(root, "", "geo_latency")) {
+      const std::string p = "geo_latency";
+      geo_latency_config& g = c.geo_latency;
+      check_keys(*t, p, {"region", "tie_ms", "client_ranges", "latencies"});
+      get(*t, p, "region", g.region);
+      get_int(*t, p, "tie_ms", g.tie_ms, tie_rule);
+      for_each_entry(*t, "client_ranges", [&](const toml::table& e, const std::string& ep) {
+        geo_latency_config::client_range r;
+        const std::string full = p + "." + ep;
+        check_keys(e, full, {"cidr", "region"});
+        require(e, full, {"cidr", "region"});
+        get(e, full, "cidr", r.cidr);
+        get(e, full, "region", r.region);
+        g.client_ranges.push_back(std::move(r));
+      });
+      for_each_entry(*t, "latencies", [&](const toml::table& e, const std::string& ep) {
+        geo_latency_config::latency l;
+        const std::string full = p + "." + ep;
+        check_keys(e, full, {"from", "to", "ms"});
+        require(e, full, {"from", "to", "ms"});
+        get(e, full, "from", l.from);
+        get(e, full, "to", l.to);
+        get_int(e, full, "ms", l.ms, latency_rule);
+        g.latencies.push_back(std::move(l));
+      });
     }
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
@@ -892,6 +952,51 @@ bool split_host_port(const std::string& s, std::string& host, uint16_t& port) {
   host = std::move(h);
   port = static_cast<uint16_t>(p);
   return true;
+}
+
+bool valid_dns_name(std::string_view s) { return dns_name(s); }
+
+bool cidr_ok(const std::string& cidr) {
+  const auto slash = cidr.find('/');
+  if (slash == std::string::npos)
+    return false;
+  const std::string ip = cidr.substr(0, slash), len = cidr.substr(slash + 1);
+  unsigned char buf[16];
+  int max = 0;
+  if (::inet_pton(AF_INET, ip.c_str(), buf) == 1)
+    max = 32;
+  else if (::inet_pton(AF_INET6, ip.c_str(), buf) == 1)
+    max = 128;
+  else
+    return false;
+  if (len.empty() || len.size() > 3 || len.find_first_not_of("0123456789") != std::string::npos)
+    return false;
+  return std::stoi(len) <= max;
+}
+
+bool valid_health_endpoint(std::string_view url) {
+  constexpr std::string_view scheme = "https://";
+  if (url.size() > 2048 || url.substr(0, scheme.size()) != scheme)
+    return false;
+  auto rest = url.substr(scheme.size());
+  auto slash = rest.find('/');
+  auto authority = rest.substr(0, slash);
+  for (char c : url)
+    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7f)
+      return false;
+  std::string host;
+  uint16_t port = 0;
+  std::string a(authority);
+  if (a.find(':') == std::string::npos || a.front() == '[') {
+    if (a.empty())
+      return false;
+    if (a.front() == '[')
+      return a.find("]:") != std::string::npos && split_host_port(a, host, port) && port != 0;
+    host = a;
+  } else if (!split_host_port(a, host, port) || port == 0) {
+    return false;
+  }
+  return !host.empty() && (dns_name(host) || valid_ip(host));
 }
 
 } // namespace prov::config

@@ -20,6 +20,22 @@ struct hub_config {
   int allocation_weight = 1;         ///< 1..1000
   bool apply_allocation_policy = true; ///< false: only when named by an enrollment
   std::string region;                ///< free text, e.g. "westeurope"
+  /// https://host[:port]/path probed for the hub's health ([hub_health]);
+  /// "" = not probed, always eligible.
+  std::string health_endpoint;
+};
+
+/// [hub_health]: how linked hubs with a health endpoint are probed (an HTTPS
+/// GET; a 2xx answer within timeout_ms is a success). The probes run on a
+/// thread of their own in each process with the allocation role.
+struct hub_health_config {
+  int interval_ms = 10000;  ///< from the start of one round of probes to the next
+  int timeout_ms = 2000;    ///< per probe: connect + TLS, and again for the answer
+  int unhealthy_after = 2;  ///< consecutive failed probes before a hub is skipped
+  int healthy_after = 1;    ///< consecutive good probes before it is used again
+  /// PEM file of the CA certificate(s) health endpoints must chain to; empty:
+  /// the system trust store.
+  std::string ca_file;
 };
 
 /// A service API shared access policy (like DPS's provisioningserviceowner).
@@ -109,6 +125,23 @@ struct custom_allocation_config {
   int threads = 4;             ///< calls in flight at most (each waits on its thread)
 };
 
+/// [geo_latency]: what the geoLatency policy knows of regions
+/// (actors/allocation/geo_latency.hpp). Hubs' regions are their `region`.
+struct geo_latency_config {
+  std::string region;   ///< this gateway's region; the device's when nothing else says
+  int tie_ms = 5;       ///< hubs within this many ms of the lowest estimate are tied
+  struct client_range {
+    std::string cidr;   ///< "10.1.0.0/16", "2001:db8::/32"
+    std::string region;
+  };
+  std::vector<client_range> client_ranges; ///< [[geo_latency.client_ranges]], first match wins
+  struct latency {
+    std::string from, to; ///< regions (case-insensitive); symmetric
+    int ms = 0;
+  };
+  std::vector<latency> latencies; ///< [[geo_latency.latencies]]
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -192,6 +225,8 @@ struct engine_config {
   std::vector<access_policy> access_policies; ///< empty = generated owner policy
   std::vector<hub_config> hubs;
   custom_allocation_config custom_allocation;
+  hub_health_config hub_health;
+  geo_latency_config geo_latency;
   metrics_config metrics;
   storage_config storage;
   secrets_config secrets;
@@ -213,6 +248,15 @@ struct engine_config {
 /// Checks cross-field rules (hub names unique, weights 1..1000, listen
 /// addresses parse, keys are base64 of 16..64 bytes, rights known, ...).
 [[nodiscard]] error validate(const engine_config& cfg);
+
+/// A DNS host name (labels of letters, digits and '-', at most 253 chars).
+bool valid_dns_name(std::string_view s);
+
+/// An IPv4 or IPv6 CIDR ("10.1.0.0/16", "2001:db8::/32").
+bool cidr_ok(const std::string& cidr);
+
+/// https://host[:port][/path] with a DNS name or IP literal host.
+bool valid_health_endpoint(std::string_view url);
 
 /// librdkafka properties provisiond sets itself (durability and identity);
 /// `[kafka.properties]` may not override them.

@@ -134,7 +134,7 @@ std::string decoded_or_raw(const std::string& seg) {
 bool is_service_root(const std::string& s) {
   return iequals(s, "enrollments") || iequals(s, "enrollmentgroups")
          || iequals(s, "registrations") || iequals(s, "assignments")
-         || iequals(s, "certificates");
+         || iequals(s, "certificates") || iequals(s, "linkedhubs");
 }
 
 /// A path's route, read once from its segments: the dispatch and the
@@ -147,6 +147,7 @@ enum class route {
   device_status,   ///< {idScope}/registrations/{id}
   device_other,    ///< {idScope}/registrations/{id}/... of no known shape
   service,         ///< /enrollments, /enrollmentGroups, ... (service() reads the rest)
+  linkedhubs,      ///< /linkedHubs[/{name}] (service() checks, linked_hubs() answers)
 };
 
 route route_of(const std::vector<std::string>& segs) {
@@ -161,6 +162,8 @@ route route_of(const std::vector<std::string>& segs) {
       return route::device_status;
     return route::device_other;
   }
+  if (!segs.empty() && iequals(segs[0], "linkedhubs"))
+    return route::linkedhubs;
   if (!segs.empty() && is_service_root(segs[0]))
     return route::service;
   return route::none;
@@ -197,6 +200,7 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
     }
     return k;
   case route::service:
+  case route::linkedhubs:
     break;
   }
   auto root = ascii::to_lower(segs[0]);
@@ -205,10 +209,15 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
            : root == "enrollmentgroups" ? "EnrollmentGroup"
            : root == "registrations"    ? "DeviceRegistrationState"
            : root == "certificates"     ? "Certificate"
+           : root == "linkedhubs"       ? "LinkedHub"
                                         : "Assignment";
-  std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups" : root);
+  std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups"
+                                       : root == "linkedhubs"     ? "linkedHubs"
+                                                                  : root);
   if (segs.size() == 1) {
-    k.operation = m == "GET" ? "Query" : m == "POST" ? "BulkOperation" : "Unknown";
+    k.operation = m == "GET" ? (root == "linkedhubs" ? "List" : "Query")
+                  : m == "POST" ? "BulkOperation"
+                                : "Unknown";
   } else if (segs.size() == 2 && iequals(segs[1], "query")) {
     tmpl += "/query";
     k.operation = "Query";
@@ -304,8 +313,8 @@ public:
       r.headers.emplace_back("Retry-After", std::to_string(wait));
       return reply(std::move(r));
     }
-    if (rt == route::service)
-      return service(req, segs, reply, tracking);
+    if (rt == route::service || rt == route::linkedhubs)
+      return service(req, segs, rt, reply, tracking);
     if (rt != route::none && rt != route::health)
       return device(req, segs, rt, reply, tracking);
     reply(error_response({error_code::not_found, "no such route: " + req.method + " "
@@ -501,7 +510,7 @@ private:
     return {};
   }
 
-  void service(const http_request& req, const std::vector<std::string>& segs,
+  void service(const http_request& req, const std::vector<std::string>& segs, route rt,
                const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
     auto root = ascii::to_lower(segs[0]);
@@ -522,6 +531,8 @@ private:
     const auto& m = req.method;
     if (root == "certificates")
       return certificates(req, ids, reply, fail, tracking);
+    if (rt == route::linkedhubs)
+      return linked_hubs(req, ids, reply, fail, tracking);
     if (root == "assignments") {
       if (segs.size() != 1)
         return fail({error_code::not_found, "no such route: " + req.path});
@@ -718,6 +729,42 @@ private:
                              reply(op == "delete" ? no_content()
                                                   : json_response(200, std::move(doc)));
                            });
+  }
+
+  /// Linked hubs managed at run time (actors/hub_store.hpp). Like the CA
+  /// store, service configuration: every call needs the ServiceConfig right.
+  template <class Fail>
+  void linked_hubs(const http_request& req, const std::vector<std::string>& ids,
+                   const reply_fn& reply, Fail& fail, const std::string& tracking) {
+    const auto& m = req.method;
+    if (ids.size() > 1)
+      return fail({error_code::not_found, "no such route: " + req.path});
+    if (ids.empty() && m != "GET")
+      return fail({error_code::method_not_allowed, "use GET /linkedHubs to list the hubs"});
+    if (!ids.empty() && m != "GET" && m != "PUT" && m != "DELETE")
+      return fail({error_code::method_not_allowed, "use GET, PUT or DELETE"});
+    if (auto err = authorize(req, "ServiceConfig"))
+      return fail(err);
+    if (ids.empty()) {
+      std::vector<json> docs;
+      if (auto err = eng_.list_hubs(docs))
+        return fail(err);
+      return reply(json_response(200, json{{"value", std::move(docs)}}.dump()));
+    }
+    const std::string& name = ids[0];
+    if (m == "GET") {
+      json doc;
+      if (auto err = eng_.get_hub(name, doc))
+        return fail(err);
+      return reply(json_response(200, doc.dump()));
+    }
+    if (m == "DELETE")
+      return eng_.delete_hub(name, [reply, tracking](error e) {
+        reply(e ? error_response(e, tracking) : no_content());
+      });
+    eng_.put_hub(name, req.body, [reply, tracking](error e, std::string doc) {
+      reply(e ? error_response(e, tracking) : json_response(200, std::move(doc)));
+    });
   }
 
   error paging(const http_request& req, std::size_t& max, std::string& cont) {

@@ -16,6 +16,9 @@ std::string_view to_string(error_code c) noexcept {
     case error_code::invalid_header: return "invalid_header";
     case error_code::custom_allocation_failed: return "custom_allocation_failed";
     case error_code::no_hub_available: return "no_hub_available";
+    case error_code::no_healthy_hub: return "no_healthy_hub";
+    case error_code::invalid_linked_hub: return "invalid_linked_hub";
+    case error_code::linked_hub_not_found: return "linked_hub_not_found";
     case error_code::unauthorized: return "unauthorized";
     case error_code::unauthorized_signature: return "unauthorized_signature";
     case error_code::forbidden: return "forbidden";

@@ -23,7 +23,9 @@ enum class error_code : int32_t {
   invalid_header = 400008,
   custom_allocation_failed = 400207,   // DPS: "Custom allocation failed with status code: 500"
   invalid_certificate = 400009,        // not a usable CA / verification certificate
+  invalid_linked_hub = 400010,         // a linked hub the service API cannot store
   no_hub_available = 400208,           // DPS/C SDK: no IoT hub for the enrollment
+  no_healthy_hub = 400210,             // candidate hubs exist, but every one failed its health probe
   // 401: authentication.
   unauthorized = 401000,               // missing or malformed credential
   unauthorized_signature = 401002,     // signature, expiry or resource check failed
@@ -37,6 +39,7 @@ enum class error_code : int32_t {
   enrollment_group_not_found = 404203,
   operation_not_found = 404204,
   certificate_not_found = 404205,      // no such CA in the certificate store
+  linked_hub_not_found = 404206,       // no such linked hub
   // others
   method_not_allowed = 405000,
   request_timeout = 408000,

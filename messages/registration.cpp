@@ -200,6 +200,8 @@ json event_json(const registration_event& ev) {
     j["returnedPayload"] = ev.returned_payload_json;
   if (!ev.allocation_json.empty())
     j["allocation"] = ev.allocation_json;
+  if (!ev.client_ip.empty())
+    j["clientIp"] = ev.client_ip;
   if (!ev.key_used.empty())
     j["keyUsed"] = ev.key_used;
   if (!ev.x509_json.empty())
@@ -230,6 +232,7 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "substatus", ev.substatus);
   get_to(j, "returnedPayload", ev.returned_payload_json);
   get_to(j, "allocation", ev.allocation_json);
+  get_to(j, "clientIp", ev.client_ip);
   get_to(j, "x509", ev.x509_json);
   get_to(j, "keyUsed", ev.key_used);
   std::string st = "assigning";

@@ -63,6 +63,9 @@ struct registration_event {
   /// attestations. JSON encoding only when set.
   std::string key_used;
   std::string payload_json;
+  /// The device's address as the gateway saw it (geoLatency's client-address
+  /// ranges); "" when unknown. JSON encoding only when set.
+  std::string client_ip;
   /// registration.requested only: the device's credential (SAS token text)
   /// as a direct publisher sends it. The attestation stage clears it before
   /// anything is published further; it is never stored (encode_record skips

@@ -72,6 +72,34 @@ private:
 struct instruments::impl {
   std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
 
+  // Linked hub health (hub_probe, hub_health). Series are removed with the
+  // hub (forget_hub), so a removed hub stops being reported.
+  prometheus::Family<prometheus::Gauge>& hub_healthy =
+    prometheus::BuildGauge()
+      .Name("dps_hub_healthy")
+      .Help("1 while a linked hub's health probes pass, 0 while it is skipped as unhealthy "
+            "(only hubs with a health endpoint, once probed)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Gauge>& hub_rtt =
+    prometheus::BuildGauge()
+      .Name("dps_hub_probe_rtt_seconds")
+      .Help("Round trip of the last successful health probe of a linked hub (the HTTPS GET "
+            "on an open connection)")
+      .Register(*registry);
+  prometheus::Family<prometheus::Counter>& hub_probes =
+    prometheus::BuildCounter()
+      .Name("dps_hub_health_probes_total")
+      .Help("Health probes of linked hubs by result (success, failure)")
+      .Register(*registry);
+  std::mutex hubs_mu;
+  struct hub_series {
+    prometheus::Gauge* healthy = nullptr;
+    prometheus::Gauge* rtt = nullptr;
+    prometheus::Counter* ok = nullptr;
+    prometheus::Counter* failed = nullptr;
+  };
+  std::unordered_map<std::string, hub_series> hubs;
+
   prometheus::Family<prometheus::Counter>& registration_attempts =
     prometheus::BuildCounter()
       .Name("dps_registration_attempts_total")
@@ -265,6 +293,47 @@ void instruments::declare_hubs(const std::vector<std::string>& hubs) {
     join({"success", "symmetricKey", "http"}), [&](auto& f) -> prometheus::Counter& {
       return f.Add({{"status", "success"}, {"attestation", "symmetricKey"}, {"protocol", "http"}});
     });
+}
+
+void instruments::hub_probe(std::string_view hub, bool ok, double rtt_seconds) {
+  std::lock_guard<std::mutex> guard(impl_->hubs_mu);
+  auto& s = impl_->hubs[std::string(hub)];
+  const std::string h(hub);
+  if (s.ok == nullptr) {
+    s.ok = &impl_->hub_probes.Add({{"hub", h}, {"result", "success"}});
+    s.failed = &impl_->hub_probes.Add({{"hub", h}, {"result", "failure"}});
+  }
+  (ok ? s.ok : s.failed)->Increment();
+  if (ok) {
+    if (s.rtt == nullptr)
+      s.rtt = &impl_->hub_rtt.Add({{"hub", h}});
+    s.rtt->Set(rtt_seconds);
+  }
+}
+
+void instruments::hub_health(std::string_view hub, bool healthy) {
+  std::lock_guard<std::mutex> guard(impl_->hubs_mu);
+  auto& s = impl_->hubs[std::string(hub)];
+  if (s.healthy == nullptr)
+    s.healthy = &impl_->hub_healthy.Add({{"hub", std::string(hub)}});
+  s.healthy->Set(healthy ? 1 : 0);
+}
+
+void instruments::forget_hub(std::string_view hub) {
+  std::lock_guard<std::mutex> guard(impl_->hubs_mu);
+  auto it = impl_->hubs.find(std::string(hub));
+  if (it == impl_->hubs.end())
+    return;
+  auto& s = it->second;
+  if (s.healthy != nullptr)
+    impl_->hub_healthy.Remove(s.healthy);
+  if (s.rtt != nullptr)
+    impl_->hub_rtt.Remove(s.rtt);
+  if (s.ok != nullptr) {
+    impl_->hub_probes.Remove(s.ok);
+    impl_->hub_probes.Remove(s.failed);
+  }
+  impl_->hubs.erase(it);
 }
 
 void instruments::registration_attempt(std::string_view status, std::string_view hub,

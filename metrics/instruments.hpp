@@ -42,6 +42,14 @@ public:
   /// linked hub from the start, not only after its first assignment.
   void declare_hubs(const std::vector<std::string>& hubs);
 
+  /// One health probe of a linked hub: dps_hub_health_probes_total{hub,result}
+  /// and, when it succeeded, dps_hub_probe_rtt_seconds{hub}.
+  void hub_probe(std::string_view hub, bool ok, double rtt_seconds);
+  /// dps_hub_healthy{hub}: 1 healthy, 0 unhealthy (skipped by allocation).
+  void hub_health(std::string_view hub, bool healthy);
+  /// Drops a removed hub's health series.
+  void forget_hub(std::string_view hub);
+
   /// dps_registration_attempts_total{status,hub,protocol}. status: assigned,
   /// failed, disabled (terminal operation results) or rejected (refused before
   /// an operation existed: bad credential, unknown enrollment, bad request).

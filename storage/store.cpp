@@ -32,6 +32,7 @@ namespace {
 constexpr std::array<cf, cf_count> all_families = {
     cf::meta,       cf::enrollments, cf::groups, cf::registrations,
     cf::operations, cf::pending,     cf::outbox, cf::tpm_challenges, cf::certificates,
+    cf::hubs,
 };
 
 bool valid(cf c) noexcept { return static_cast<int>(c) < cf_count; }
@@ -691,6 +692,7 @@ std::string_view to_string(cf c) noexcept {
     case cf::outbox: return "outbox";
     case cf::tpm_challenges: return "tpm_challenges";
     case cf::certificates: return "certificates";
+    case cf::hubs: return "hubs";
   }
   return "unknown";
 }

@@ -35,8 +35,9 @@ enum class cf : uint8_t {
   /// -> the pending one (binary, actors/attestation/tpm.hpp)
   tpm_challenges,
   certificates,  ///< lower(CA name) -> CA certificate store entry JSON
+  hubs,          ///< lower(hub host name) -> linked hub JSON (actors/allocation/linked_hubs.hpp)
 };
-inline constexpr int cf_count = 9;
+inline constexpr int cf_count = 10;
 std::string_view to_string(cf c) noexcept;
 
 /// An atomic set of puts and deletes.

@@ -148,7 +148,8 @@ void hashed_policy::allocate(const request& in, done_fn done) const {
   if (hashed_explained(in.registration_id, in.candidates, in.explicit_list, d.hub, d.why_json)) {
     (*done)({error_code::no_hub_available,
              in.linked_hubs == 0
-               ? "no IoT hub is linked: add a [[hubs]] entry to the configuration"
+               ? "no IoT hub is linked: add one (provisiond hubs add, or PUT "
+                 "/linkedHubs/{hostname} on the service API)"
                : "no linked IoT hub is available for this enrollment"},
             {});
     return;

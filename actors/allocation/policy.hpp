@@ -37,6 +37,7 @@ struct request {
   bool explicit_list = false;   ///< candidates are the enrollment's iotHubs
   std::size_t linked_hubs = 0;  ///< how many hubs are linked at all
   std::string_view payload_json; ///< the device's registration payload, "" when none
+  std::string_view client_ip;    ///< the device's address as the gateway saw it, "" when unknown
   /// Re-provisioning: the hub and device id of the device's current
   /// assignment ("" on a first registration).
   std::string_view current_hub;

@@ -233,7 +233,7 @@ TEST_CASE("allocation policies: registered by kind, answering through done") {
   in.candidates.clear();
   in.linked_hubs = 0;
   hashed->allocate(in, done);
-  CHECK(err.message.find("[[hubs]]") != std::string::npos);
+  CHECK(err.message.find("provisiond hubs add") != std::string::npos);
 }
 
 TEST_CASE("hashed_explained: the same hub as hashed(), with the weights and scores") {

@@ -366,8 +366,8 @@ TEST_CASE("validate checks structs built in code") {
   engine_config cfg;
   CHECK(validate(cfg).ok());
 
-  cfg.hubs.push_back({"a.example", 5, true, ""});
-  cfg.hubs.push_back({"A.EXAMPLE", 5, true, ""});
+  cfg.hubs.push_back({"a.example", 5, true, "", ""});
+  cfg.hubs.push_back({"A.EXAMPLE", 5, true, "", ""});
   error err = validate(cfg);
   CHECK(err.code == error_code::bad_request);
   CHECK(err.message == "hubs[1].hostname: duplicate hub hostname \"A.EXAMPLE\" (same as hubs[0])");

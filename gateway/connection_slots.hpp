@@ -2,7 +2,7 @@
 // Open connections against the caps (total and per client address). One
 // instance is shared by the device listeners (HTTPS, MQTT), so the caps, and
 // the descriptors they protect, hold for both together. Light on purpose:
-// app/main.cpp builds it and hands it to both servers.
+// app/provisiond.cpp builds it and hands it to both servers.
 
 #include <atomic>
 #include <mutex>

@@ -758,3 +758,152 @@ TEST_CASE("Kafka mode: hub changes through one process reach another via dps.enr
   b.stop();
   a.stop();
 }
+
+namespace {
+
+/// Health endpoints that answer 200 after 300 ms, from a thread of their own
+/// (so the server's threads are not what limits the probes in flight),
+/// counting the probes in flight and the most there ever were.
+class counting_handler final : public gateway::handler {
+public:
+  void handle(gateway::http_request req, gateway::respond_fn respond) override {
+    {
+      std::lock_guard<std::mutex> lk(mtx_);
+      ++in_flight_;
+      ++threads_;
+      peak_ = std::max(peak_, in_flight_);
+      ++seen_[req.path];
+    }
+    std::thread([this, respond = std::move(respond)]() mutable {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      gateway::http_response r;
+      r.status = 200;
+      r.body = R"({"status":"ok"})";
+      r.headers.emplace_back("Content-Type", "application/json");
+      {
+        // Before the answer: once it is sent the prober may send the next.
+        std::lock_guard<std::mutex> lk(mtx_);
+        --in_flight_;
+      }
+      respond(std::move(r));
+      std::lock_guard<std::mutex> lk(mtx_);
+      --threads_;
+    }).detach();
+  }
+  int peak() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return peak_;
+  }
+  std::size_t paths() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return seen_.size();
+  }
+  /// Waits (bounded) until every answer was sent: the threads use `this`.
+  void drain() {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      {
+        std::lock_guard<std::mutex> lk(mtx_);
+        if (threads_ == 0)
+          return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+private:
+  std::mutex mtx_;
+  int in_flight_ = 0, peak_ = 0;
+  int threads_ = 0; ///< answering threads still running (they use `this`)
+  std::map<std::string, int> seen_;
+};
+
+/// The health status of every linked hub of `s`, by name.
+std::map<std::string, std::string> health_by_hub(const test::server_process& s) {
+  auto r = s.service("GET", "/linkedHubs");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  std::map<std::string, std::string> out;
+  const json doc = test::parse_json(r.body);
+  for (const auto& h : doc["value"])
+    out[h.value("name", "")] = h.contains("health") ? h["health"].value("status", "") : "";
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("many hubs: at most max_concurrent_probes probes are in flight, and every hub is "
+          "probed") {
+  // 24 hubs, each probe held 300 ms, at most 3 at a time: unbounded (a
+  // thread per hub) would have about 24 in flight.
+  counting_handler counting;
+  std::unique_ptr<gateway::https_server> server;
+  gateway::server_options o;
+  o.listen = "127.0.0.1:0";
+  o.cert_chain_file = fx().dir + "/health.pem";
+  o.key_file = fx().dir + "/health.key";
+  o.threads = 2;
+  auto err = gateway::https_server::start(o, counting, server);
+  REQUIRE_MESSAGE(!err, err.message);
+  const std::string base = "https://localhost:" + std::to_string(server->port());
+
+  constexpr int hubs = 24;
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-cap");
+  s.remove_data_dir_at_exit();
+  std::string cfg = "data_dir = \"" + dir + "\"\n"
+                    "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n"
+                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 10000\nunhealthy_after = 1\n"
+                    "healthy_after = 1\nmax_concurrent_probes = 3\nca_file = \""
+                    + fx().dir + "/ca.pem\"\n";
+  for (int i = 1; i <= hubs; ++i)
+    cfg += "[[hubs]]\nhostname = \"cap-" + std::to_string(i) + ".example.net\"\n"
+           "health_endpoint = \"" + base + "/cap/" + std::to_string(i) + "\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  auto all_healthy = [&] {
+    auto h = health_by_hub(s);
+    int n = 0;
+    for (const auto& [name, status] : h)
+      n += status == "healthy" ? 1 : 0;
+    return n == hubs && h.size() == hubs;
+  };
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!all_healthy() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(all_healthy());
+  CHECK(counting.paths() == hubs);
+  MESSAGE("most probes in flight at once: " << counting.peak());
+  CHECK(counting.peak() >= 1);
+  CHECK(counting.peak() <= 3);
+  s.stop();
+  counting.drain();
+  server->stop();
+}
+
+TEST_CASE("Kafka mode: a gateway-only process probes the hubs too, so GET /linkedHubs shows "
+          "their health") {
+  test::kafka_fixture kfx;
+  test::server_process g;
+  const std::string cfg = kfx.server_config()
+                          + "[hub_health]\ninterval_ms = 200\ntimeout_ms = 5000\n"
+                            "unhealthy_after = 1\nhealthy_after = 1\nca_file = \""
+                          + fx().dir + "/ca.pem\"\n";
+  REQUIRE_MESSAGE(!g.start(cfg, kfx.dir, {"--roles", "gateway,registration"}), g.log());
+  auto r = g.service("PUT", "/linkedHubs/hub-g.example.net",
+                     json{{"healthEndpoint", fx().base + "/health/g"}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (health_by_hub(g)["hub-g.example.net"] != "healthy"
+         && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK_MESSAGE(health_by_hub(g)["hub-g.example.net"] == "healthy",
+                g.service("GET", "/linkedHubs").body);
+  CHECK(fx().handler.probes("g") >= 1);
+  g.stop();
+}
+
+TEST_CASE("the example dashboard's hub health panels query metrics a probing process exports") {
+  fx().handler.set_status("a", 200);
+  wait_health(hub_a, "healthy");
+  const auto body = test::http(test::metrics_addr(fx().prov), "GET", "/metrics").body;
+  CHECK(test::check_dashboard_metrics(body, "dps_hub_") == 3);
+}

@@ -901,6 +901,124 @@ TEST_CASE("Kafka mode: a gateway-only process probes the hubs too, so GET /linke
   g.stop();
 }
 
+namespace {
+
+/// Produces `records` to dps.enrollments as provisiond's producer does
+/// (murmur2_random: a key lands on the partition provisiond would pick), as
+/// another provisiond process of the deployment would.
+void produce_as_provisiond(const config::kafka_config& cfg,
+                           const std::vector<std::pair<std::string, std::string>>& records) {
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", cfg.brokers.c_str(), errstr, sizeof errstr);
+  rd_kafka_conf_set(conf, "log_level", "0", errstr, sizeof errstr);
+  REQUIRE(rd_kafka_conf_set(conf, "partitioner", "murmur2_random", errstr, sizeof errstr)
+          == RD_KAFKA_CONF_OK);
+  rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+  REQUIRE_MESSAGE(rk, errstr);
+  for (const auto& [key, value] : records)
+    REQUIRE(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC("dps.enrollments"),
+                              RD_KAFKA_V_KEY(const_cast<char*>(key.data()), key.size()),
+                              RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END)
+            == RD_KAFKA_RESP_ERR_NO_ERROR);
+  REQUIRE(rd_kafka_flush(rk, 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  rd_kafka_destroy(rk);
+}
+
+std::size_t count_key(const std::vector<test::kafka_record>& recs, const std::string& key) {
+  return static_cast<std::size_t>(
+    std::count_if(recs.begin(), recs.end(), [&](const auto& r) { return r.key == key; }));
+}
+
+/// `cfg` with its [[hubs]] (hub-a, hub-b) renamed to hub-<prefix>a, hub-<prefix>b.
+std::string with_hubs(std::string cfg, const std::string& prefix) {
+  for (const char* h : {hub_a, hub_b}) {
+    const std::string from(h);
+    const std::string to = "hub-" + prefix + from.substr(4);
+    for (auto at = cfg.find(from); at != std::string::npos; at = cfg.find(from, at + to.size()))
+      cfg.replace(at, from.size(), to);
+  }
+  return cfg;
+}
+
+} // namespace
+
+TEST_CASE("Kafka mode: a new process that finds another's seed claim first waits for that "
+          "seed instead of seeding its own [[hubs]]") {
+  test::kafka_fixture kfx;
+  // Another process of the new deployment claimed the seed a moment ago.
+  const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                     std::chrono::system_clock::now().time_since_epoch())
+                     .count();
+  produce_as_provisiond(kfx.cfg, {{"deployment/hubs_seed_claim",
+                                   std::to_string(now) + " other-process -"}});
+  test::server_process b;
+  error started;
+  std::thread starter([&] { started = b.start(kfx.server_config(), kfx.dir); });
+  // b publishes its own claim (second in order: it loses) and waits.
+  std::vector<test::kafka_record> recs;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (count_key(recs, "deployment/hubs_seed_claim") < 2
+         && std::chrono::steady_clock::now() < deadline)
+    recs = test::read_topic(kfx.cfg, "dps.enrollments", 2, std::chrono::milliseconds(300));
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") == 2);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 0); // b did not seed
+  // The other process seeds.
+  produce_as_provisiond(
+    kfx.cfg, {{"hub/hub-x1.example.net",
+               R"({"name":"hub-x1.example.net","allocationWeight":1,"applyAllocationPolicy":true,"location":""})"},
+              {"hub/hub-x2.example.net",
+               R"({"name":"hub-x2.example.net","allocationWeight":2,"applyAllocationPolicy":true,"location":""})"},
+              {"deployment/hubs_seeded", "config"}});
+  starter.join();
+  REQUIRE_MESSAGE(!started, started.message << "\n" << b.log());
+  auto wait_for = [&](const std::vector<std::string>& want) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (hub_names(b) != want && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_HUBS(b, want);
+  };
+  wait_for({"hub-x1.example.net", "hub-x2.example.net"}); // not hub-a, hub-b
+  CHECK(b.log().find("another process is seeding the linked hubs") != std::string::npos);
+  CHECK(b.log().find("[[hubs]] differs from the 2 stored linked hub(s)") != std::string::npos);
+  recs = test::read_topic(kfx.cfg, "dps.enrollments", 4);
+  CHECK(count_key(recs, "hub/hub-a.example.net") == 0);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 1);
+  b.stop();
+}
+
+TEST_CASE("Kafka mode: two new processes starting at once with different [[hubs]] end with the "
+          "same one of the two sets, never a mix") {
+  test::kafka_fixture kfx;
+  const auto dir_b = test::make_temp_dir("provisiond-hubs-seed-b");
+  const std::string scope = "id_scope = \"0ne00AB5702\"\n";
+  test::server_process a, b;
+  b.remove_data_dir_at_exit();
+  error err_a, err_b;
+  std::thread ta([&] { err_a = a.start(scope + with_hubs(kfx.server_config(), "1"), kfx.dir); });
+  std::thread tb([&] { err_b = b.start(scope + with_hubs(kfx.server_config(dir_b), "2"), dir_b); });
+  ta.join();
+  tb.join();
+  REQUIRE_MESSAGE(!err_a, err_a.message << "\n" << a.log());
+  REQUIRE_MESSAGE(!err_b, err_b.message << "\n" << b.log());
+  const std::vector<std::string> one{"hub-1a.example.net", "hub-1b.example.net"};
+  const std::vector<std::string> two{"hub-2a.example.net", "hub-2b.example.net"};
+  const auto got_a = hub_names(a);
+  CHECK_MESSAGE((got_a == one || got_a == two), "linked hubs: " << joined(got_a));
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (hub_names(b) != got_a && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_HUBS(b, got_a);
+  auto recs = test::read_topic(kfx.cfg, "dps.enrollments", 4);
+  // Usually both claimed; one that came late found the marker and did not.
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") >= 1);
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") <= 2);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 1); // one seed, not two
+  b.stop();
+  a.stop();
+}
+
 TEST_CASE("the example dashboard's hub health panels query metrics a probing process exports") {
   fx().handler.set_status("a", 200);
   wait_health(hub_a, "healthy");

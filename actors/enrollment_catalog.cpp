@@ -98,22 +98,9 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
 }
 
 error enrollment_catalog::write_certificates(const storage::write_batch& batch) {
-  if (batch.empty())
-    return {};
-  if (repl_) {
-    if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
-      return err;
-    if (groups_.failed())
-      return {error_code::storage_failure,
-              "the write is stored, but the enrollment group snapshot could not be rebuilt, "
-              "so no group attests devices until it is (retried every second)"};
-    return {};
-  }
-  if (auto err = store_->write(batch))
-    return err;
   // Groups carry their resolved CAs: rebuilding them (and bumping the
   // generation) stops cached verdicts admitting through a deleted CA.
-  return enrollments_changed(enrollment::kind::group);
+  return write_enrollments(batch, enrollment::kind::group);
 }
 
 error enrollment_catalog::write_registrations(const storage::write_batch& batch) {

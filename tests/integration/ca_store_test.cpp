@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "actors/enrollment/x509_certificates.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/metrics_scrape.hpp"
@@ -105,20 +106,6 @@ net::https_response put_ca_group(const test::server_process& s, const std::strin
             {"attestation",
              {{"type", "x509"}, {"x509", {{"caReferences", {{"primary", ca_name}}}}}}}};
   return s.service("PUT", "/enrollmentGroups/" + id, body.dump());
-}
-
-std::string run_cli(const std::string& args, int& rc) {
-  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
-  std::string out;
-  rc = -1;
-  if (FILE* f = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
-      out.append(buf, n);
-    rc = ::pclose(f);
-  }
-  return out;
 }
 
 } // namespace
@@ -467,7 +454,7 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
   const std::string common = " --data-dir " + s.data_dir();
   auto ca_file = write_file(cert_dir(), "cli-ca.pem", root.pem());
   int rc = -1;
-  auto out = run_cli("certificate add cli-root --file " + ca_file + common, rc);
+  auto out = test::run_cli("certificate add cli-root --file " + ca_file + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("SUBJECT") != std::string::npos);
   CHECK(out.find("CN=IT CLI Store Root") != std::string::npos);
@@ -481,29 +468,29 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
     CHECK_MESSAGE(text.substr(text.size() - 5) == "false", text);
   }
 
-  out = run_cli("certificate verification-code cli-root --json" + common, rc);
+  out = test::run_cli("certificate verification-code cli-root --json" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   const std::string code = parse(out)["properties"]["verificationCode"];
   auto proof = test::make_device(code, root, 71);
   auto proof_file = write_file(cert_dir(), "cli-proof.pem", proof.pem());
   auto wrong = test::make_device("wrong", root, 72);
   auto wrong_file = write_file(cert_dir(), "cli-wrong.pem", wrong.pem());
-  out = run_cli("certificate verify cli-root --file " + wrong_file + common, rc);
+  out = test::run_cli("certificate verify cli-root --file " + wrong_file + common, rc);
   CHECK(rc != 0);
   CHECK_MESSAGE(out.find("error: 400009 the verification certificate's subject CN is 'wrong'")
                   != std::string::npos,
                 out);
-  out = run_cli("certificate verify cli-root --file " + proof_file + common, rc);
+  out = test::run_cli("certificate verify cli-root --file " + proof_file + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("true") != std::string::npos);
 
   auto crl_file = write_file(cert_dir(), "cli-crl.pem", test::make_crl_pem(root, {&wrong}));
-  out = run_cli("certificate crl cli-root --file " + crl_file + common, rc);
+  out = test::run_cli("certificate crl cli-root --file " + crl_file + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK_MESSAGE(out.find("CN=IT CLI Store Root,O=provisiond tests (1 revoked") != std::string::npos,
                 out);
 
-  out = run_cli("certificate list" + common, rc);
+  out = test::run_cli("certificate list" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("NAME") == 0);
   auto line = out.find("cli-root");
@@ -511,12 +498,12 @@ TEST_CASE("the CLI manages the CA store: certificate add, verification-code, ver
   auto eol = out.find('\n', line);
   CHECK(out.substr(line, eol - line).find("  yes  ") != std::string::npos);
 
-  out = run_cli("certificate delete cli-root --if-match nope" + common, rc);
+  out = test::run_cli("certificate delete cli-root --if-match nope" + common, rc);
   CHECK(rc != 0);
   CHECK(out.find("412000") != std::string::npos);
-  out = run_cli("certificate delete cli-root" + common, rc);
+  out = test::run_cli("certificate delete cli-root" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
-  out = run_cli("certificate get cli-root" + common, rc);
+  out = test::run_cli("certificate get cli-root" + common, rc);
   CHECK(rc != 0);
   CHECK(out.find("404205") != std::string::npos);
 }

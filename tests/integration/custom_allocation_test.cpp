@@ -16,8 +16,10 @@
 #include "actors/enrollment/x509_certificates.hpp"
 #include "gateway/https_server.hpp"
 #include "messages/crypto.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/local_https.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 #include "tests/support/x509_client.hpp"
@@ -29,14 +31,6 @@ namespace {
 
 const char* const hub_a = "hub-a.example.net";
 const char* const hub_b = "hub-b.example.net";
-
-std::string write_file(const std::string& path, const std::string& text) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
 
 /// What the webhook received.
 struct seen_call {
@@ -125,37 +119,24 @@ private:
 
 /// The webhook server and provisiond, started once for the file.
 struct fixture {
-  std::string dir = test::make_temp_dir("provisiond-webhook-it");
-  test::test_cert root = test::make_ca("Webhook Test Root", nullptr, 11);
-  test::test_cert leaf = test::make_localhost_server(root, 12);
   webhook_handler handler;
-  std::unique_ptr<gateway::https_server> webhook;
+  test::local_https_server webhook{handler, "Webhook Test Root", 11, 2};
   test::server_process prov;
-  std::string base; ///< https://localhost:PORT
+  std::string base = webhook.base(); ///< https://localhost:PORT
 
   fixture() {
-    gateway::server_options o;
-    o.listen = "127.0.0.1:0";
-    o.cert_chain_file = write_file(dir + "/webhook.pem", leaf.pem());
-    o.key_file = write_file(dir + "/webhook.key", leaf.key_pem());
-    o.threads = 2;
-    auto err = gateway::https_server::start(o, handler, webhook);
-    REQUIRE_MESSAGE(!err, err.message);
-    base = "https://localhost:" + std::to_string(webhook->port());
-    const std::string ca = write_file(dir + "/ca.pem", root.pem());
     const std::string data = test::make_temp_dir("provisiond-webhook-data");
     prov.remove_data_dir_at_exit();
     auto cfg = test::with_device_api(test::default_config(data), "register_wait_ms = 5000")
-               + "[custom_allocation]\nca_file = \"" + ca
+               + "[custom_allocation]\nca_file = \"" + webhook.ca_file()
                + "\"\ntimeout_ms = 1000\nretries = 1\nretry_backoff_ms = 50\n";
-    err = prov.start(cfg, data);
+    auto err = prov.start(cfg, data);
     REQUIRE_MESSAGE(!err, err.message);
   }
   ~fixture() {
     handler.release_held();
     prov.stop();
-    webhook->stop();
-    test::remove_tree(dir);
+    webhook.stop();
   }
 };
 
@@ -239,20 +220,6 @@ void check_failed(const json& op, const std::string& message) {
   CHECK(rs.value("assignedHub", "") == "");
 }
 
-std::string run_cli(const std::string& args, int& rc) {
-  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
-  std::string out;
-  rc = -1;
-  if (FILE* f = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
-      out.append(buf, n);
-    rc = ::pclose(f);
-  }
-  return out;
-}
-
 } // namespace
 
 TEST_CASE("custom allocation: the webhook's hub, initialTwin and payload reach the device") {
@@ -296,7 +263,7 @@ TEST_CASE("custom allocation: the webhook's hub, initialTwin and payload reach t
         == json{{"policy", "custom"},
                 {"chosen", hub_b},
                 {"candidates", "linked hubs"},
-                {"why", {{"webhook", "localhost:" + std::to_string(fx().webhook->port())},
+                {"why", {{"webhook", "localhost:" + std::to_string(fx().webhook.port())},
                          {"status", 200},
                          {"attempts", 1},
                          {"iotHubHostName", hub_b},
@@ -476,7 +443,7 @@ TEST_CASE("custom allocation: a 500 from the webhook fails the device with DPS's
 TEST_CASE("custom allocation: a webhook that does not answer in time") {
   check_failed(register_via("webhook-slow", "/slow"),
                "Custom allocation failed: the webhook at localhost:"
-                 + std::to_string(fx().webhook->port())
+                 + std::to_string(fx().webhook.port())
                  + " did not answer in time (2 attempts)");
   CHECK(fx().handler.calls_to("/slow").size() == 2);
 }
@@ -501,7 +468,7 @@ TEST_CASE("custom allocation: an enrollment's own timeout replaces the instance'
   put_individual(quick, "/late1500");
   check_failed(register_with(quick, key, nullptr),
                "Custom allocation failed: the webhook at localhost:"
-                 + std::to_string(fx().webhook->port())
+                 + std::to_string(fx().webhook.port())
                  + " did not answer in time (2 attempts)");
   const std::string patient = "webhook-own-timeout";
   put_individual(patient, "/late1500", fx().prov, {{"timeoutMs", 10000}, {"retries", 0}});
@@ -514,7 +481,7 @@ TEST_CASE("custom allocation: an enrollment's own timeout replaces the instance'
   put_individual(brief, "/slow-short", fx().prov, {{"timeoutMs", 200}, {"retries", 0}});
   check_failed(register_with(brief, key, nullptr),
                "Custom allocation failed: the webhook at localhost:"
-                 + std::to_string(fx().webhook->port())
+                 + std::to_string(fx().webhook.port())
                  + " did not answer in time (1 attempt)");
   CHECK(fx().handler.calls_to("/slow-short").size() == 1);
   // The limits are part of the enrollment as GET shows it.
@@ -593,7 +560,7 @@ TEST_CASE("custom allocation: the CLI creates a custom enrollment with its webho
   const std::string id = "webhook-cli-1";
   const std::string common = " --data-dir " + fx().prov.data_dir();
   int rc = -1;
-  auto out = run_cli("enrollment create " + id + " --primary-key " + key + " --secondary-key "
+  auto out = test::run_cli("enrollment create " + id + " --primary-key " + key + " --secondary-key "
                        + key + " --policy custom --webhook-url '" + fx().base
                        + "/fail500-cli?code=secret' --webhook-retries 0 --webhook-timeout-ms 2000"
                        + common,
@@ -617,12 +584,12 @@ TEST_CASE("custom allocation: the CLI creates a custom enrollment with its webho
   CHECK(calls[0].query_code == "secret");
 
   // Without a URL: refused before anything is sent.
-  out = run_cli("enrollment create webhook-cli-2 --policy custom" + common, rc);
+  out = test::run_cli("enrollment create webhook-cli-2 --policy custom" + common, rc);
   CHECK(rc != 0);
   CHECK_MESSAGE(out.find("--policy custom needs --webhook-url") != std::string::npos, out);
   CHECK(fx().prov.service("GET", "/enrollments/webhook-cli-2").status == 404);
   // A limit out of range: the server's 400005, nothing stored.
-  out = run_cli("enrollment create webhook-cli-3 --policy custom --webhook-url " + fx().base
+  out = test::run_cli("enrollment create webhook-cli-3 --policy custom --webhook-url " + fx().base
                   + "/ok --webhook-retries 11" + common,
                 rc);
   CHECK(rc != 0);
@@ -636,7 +603,7 @@ TEST_CASE("custom allocation over Kafka, stages not fused: the payload and twin 
   test::kafka_fixture kfx;
   kfx.fuse_stages = false; // registration.allocated goes through Kafka too
   test::server_process s;
-  const std::string ca = fx().dir + "/ca.pem"; // written by the fixture
+  const std::string ca = fx().webhook.ca_file();
   REQUIRE_MESSAGE(!s.start(test::with_device_api(kfx.server_config(), "register_wait_ms = 5000")
                              + "[custom_allocation]\nca_file = \"" + ca + "\"\n",
                            kfx.dir),

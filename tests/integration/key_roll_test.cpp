@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "messages/crypto.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/server_process.hpp"
@@ -115,20 +116,6 @@ std::string key_used(const test::server_process& s, const std::string& id) {
   return rs.value("symmetricKey", json::object()).value("keyUsed", "");
 }
 
-std::string run_cli(const std::string& args, int& rc) {
-  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
-  std::string out;
-  rc = -1;
-  if (FILE* f = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
-      out.append(buf, n);
-    rc = ::pclose(f);
-  }
-  return out;
-}
-
 /// The value of `label`'s row in the CLI's field listing ("" when absent).
 std::string cli_field(const std::string& out, const std::string& label) {
   std::istringstream in(out);
@@ -187,7 +174,7 @@ TEST_CASE("individual enrollment: primary -> secondary -> primary, each old key 
   REQUIRE(get_operation(c, s, id, s.device_auth(id, p1), op).status == 200);
   CHECK(key_used(s, id) == "primary");
   int rc = -1;
-  auto out = run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
+  auto out = test::run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK_MESSAGE(cli_field(out, "KEY USED") == "primary", out);
   // Devices never see it: it is the operator's view.
@@ -206,7 +193,7 @@ TEST_CASE("individual enrollment: primary -> secondary -> primary, each old key 
   auto second = register_assigned(c, s, id, s.device_auth(id, s1));
   CHECK(second["registrationState"].value("assignedHub", "") == hub);
   CHECK(key_used(s, id) == "secondary");
-  out = run_cli("registration get " + id + " --data-dir " + s.data_dir() + " --json", rc);
+  out = test::run_cli("registration get " + id + " --data-dir " + s.data_dir() + " --json", rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK_MESSAGE(out.find("\"keyUsed\": \"secondary\"") != std::string::npos, out);
 
@@ -220,7 +207,7 @@ TEST_CASE("individual enrollment: primary -> secondary -> primary, each old key 
   auto third = register_assigned(c, s, id, s.device_auth(id, p2));
   CHECK(third["registrationState"].value("assignedHub", "") == hub);
   CHECK(key_used(s, id) == "primary");
-  out = run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
+  out = test::run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
   CHECK_MESSAGE(cli_field(out, "KEY USED") == "primary", out);
 }
 
@@ -253,7 +240,7 @@ TEST_CASE("enrollment group: derived keys roll primary -> secondary -> primary")
   register_assigned(c, s, id, s.device_auth(id, derived(g2, id)));
   CHECK(key_used(s, id) == "primary");
   int rc = -1;
-  auto out = run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
+  auto out = test::run_cli("registration get " + id + " --data-dir " + s.data_dir(), rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK_MESSAGE(cli_field(out, "KEY USED") == "primary", out);
   CHECK_MESSAGE(cli_field(out, "ENROLLMENT GROUP") == group, out);

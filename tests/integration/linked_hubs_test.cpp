@@ -20,8 +20,10 @@
 
 #include "gateway/https_server.hpp"
 #include "messages/crypto.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
+#include "tests/support/local_https.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -32,14 +34,6 @@ namespace {
 
 const char* const hub_a = "hub-a.example.net";
 const char* const hub_b = "hub-b.example.net";
-
-std::string write_file(const std::string& path, const std::string& text) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  REQUIRE(f != nullptr);
-  std::fwrite(text.data(), 1, text.size(), f);
-  std::fclose(f);
-  return path;
-}
 
 /// The hubs' health endpoints: GET /health/<name> answers the status set
 /// for <name> (200 unless changed), after the delay set for it.
@@ -133,24 +127,13 @@ private:
 /// hub-b have health endpoints, probed every 200 ms; one failed probe makes
 /// a hub unhealthy, one good one healthy again.
 struct fixture {
-  std::string dir = test::make_temp_dir("provisiond-hubs-it");
-  test::test_cert root = test::make_ca("Hub Health Test Root", nullptr, 31);
-  test::test_cert leaf = test::make_localhost_server(root, 32);
   health_handler handler;
-  std::unique_ptr<gateway::https_server> health;
+  test::local_https_server health{handler, "Hub Health Test Root", 31, 4};
   test::server_process prov;
-  std::string base; ///< https://localhost:PORT
+  std::string base = health.base(); ///< https://localhost:PORT
 
   fixture() {
-    gateway::server_options o;
-    o.listen = "127.0.0.1:0";
-    o.cert_chain_file = write_file(dir + "/health.pem", leaf.pem());
-    o.key_file = write_file(dir + "/health.key", leaf.key_pem());
-    o.threads = 4;
-    auto err = gateway::https_server::start(o, handler, health);
-    REQUIRE_MESSAGE(!err, err.message);
-    base = "https://localhost:" + std::to_string(health->port());
-    const std::string ca = write_file(dir + "/ca.pem", root.pem());
+    const std::string ca = health.ca_file();
     const std::string data = test::make_temp_dir("provisiond-hubs-data");
     prov.remove_data_dir_at_exit();
     std::string cfg = "data_dir = \"" + data + "\"\n"
@@ -163,13 +146,12 @@ struct fixture {
                       + "/health/a\"\n"
                       "[[hubs]]\nhostname = \"" + hub_b + "\"\nhealth_endpoint = \"" + base
                       + "/health/b\"\nregion = \"westeurope\"\n";
-    err = prov.start(cfg, data);
+    auto err = prov.start(cfg, data);
     REQUIRE_MESSAGE(!err, err.message);
   }
   ~fixture() {
     prov.stop();
-    health->stop();
-    test::remove_tree(dir);
+    health.stop();
   }
 };
 
@@ -245,20 +227,6 @@ void check_error(const net::https_response& r, int code) {
   REQUIRE_MESSAGE(j.is_object(), r.body);
   CHECK_MESSAGE(j.value("errorCode", 0) == code, r.body);
   CHECK(!j.value("message", "").empty());
-}
-
-std::string run_cli(const std::string& args, int& rc) {
-  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " " + args + " 2>&1";
-  std::string out;
-  rc = -1;
-  if (FILE* f = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
-      out.append(buf, n);
-    rc = ::pclose(f);
-  }
-  return out;
 }
 
 } // namespace
@@ -504,28 +472,28 @@ TEST_CASE("the CLI lists, adds, updates and removes hubs") {
   auto& s = fx().prov;
   const std::string common = " --data-dir " + s.data_dir();
   int rc = -1;
-  auto out = run_cli("hubs add hub-cli.example.net --weight 3 --region eastus" + common, rc);
+  auto out = test::run_cli("hubs add hub-cli.example.net --weight 3 --region eastus" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("HOSTNAME") != std::string::npos);
   CHECK(out.find("hub-cli.example.net") != std::string::npos);
-  out = run_cli("hubs update hub-cli.example.net --apply-allocation-policy false" + common, rc);
+  out = test::run_cli("hubs update hub-cli.example.net --apply-allocation-policy false" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   auto h = get_hub("hub-cli.example.net");
   CHECK(h["allocationWeight"] == 3); // kept
   CHECK(h["location"] == "eastus");  // kept
   CHECK(h["applyAllocationPolicy"] == false);
-  out = run_cli("hubs list" + common, rc);
+  out = test::run_cli("hubs list" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK(out.find("HEALTH") != std::string::npos);
   CHECK(out.find("hub-a.example.net") != std::string::npos);
   CHECK(out.find("hub-cli.example.net") != std::string::npos);
-  out = run_cli("hubs add bad_name" + common, rc);
+  out = test::run_cli("hubs add bad_name" + common, rc);
   CHECK(rc != 0);
   CHECK_MESSAGE(out.find("400010") != std::string::npos, out);
-  out = run_cli("hubs update hub-none.example.net --weight 2" + common, rc);
+  out = test::run_cli("hubs update hub-none.example.net --weight 2" + common, rc);
   CHECK(rc != 0);
   CHECK_MESSAGE(out.find("404206") != std::string::npos, out);
-  out = run_cli("hubs remove hub-cli.example.net" + common, rc);
+  out = test::run_cli("hubs remove hub-cli.example.net" + common, rc);
   REQUIRE_MESSAGE(rc == 0, out);
   CHECK_HUBS(s, std::vector<std::string>{hub_a, hub_b});
 }
@@ -568,7 +536,7 @@ TEST_CASE("geoLatency: the hub with the lowest probe RTT wins for devices at the
                     "[device_api]\nlisten = \"127.0.0.1:0\"\nregister_wait_ms = 5000\n"
                     "[metrics]\nlisten = \"\"\n"
                     "[hub_health]\ninterval_ms = 200\ntimeout_ms = 5000\nunhealthy_after = 1\n"
-                    "ca_file = \"" + fx().dir + "/ca.pem\"\n"
+                    "ca_file = \"" + fx().health.ca_file() + "\"\n"
                     "[geo_latency]\nregion = \"westeurope\"\n"
                     "[[geo_latency.client_ranges]]\ncidr = \"127.0.0.0/8\"\nregion = \"westeurope\"\n"
                     "[[geo_latency.latencies]]\nfrom = \"westeurope\"\nto = \"eastus\"\nms = 5000\n"
@@ -684,7 +652,7 @@ TEST_CASE("the hubs of a round are probed at once: three probes held until all t
   std::string cfg = "data_dir = \"" + dir + "\"\n"
                     "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n"
                     "[hub_health]\ninterval_ms = 200\ntimeout_ms = 20000\nunhealthy_after = 1\n"
-                    "healthy_after = 1\nca_file = \"" + fx().dir + "/ca.pem\"\n";
+                    "healthy_after = 1\nca_file = \"" + fx().health.ca_file() + "\"\n";
   for (const char* n : {"1", "2", "3"})
     cfg += std::string("[[hubs]]\nhostname = \"gate-") + n + ".example.net\"\n"
            "health_endpoint = \"" + fx().base + "/health/gate-" + n + "\"\n";
@@ -836,15 +804,8 @@ TEST_CASE("many hubs: at most max_concurrent_probes probes are in flight, and ev
   // 24 hubs, each probe held 300 ms, at most 3 at a time: unbounded (a
   // thread per hub) would have about 24 in flight.
   counting_handler counting;
-  std::unique_ptr<gateway::https_server> server;
-  gateway::server_options o;
-  o.listen = "127.0.0.1:0";
-  o.cert_chain_file = fx().dir + "/health.pem";
-  o.key_file = fx().dir + "/health.key";
-  o.threads = 2;
-  auto err = gateway::https_server::start(o, counting, server);
-  REQUIRE_MESSAGE(!err, err.message);
-  const std::string base = "https://localhost:" + std::to_string(server->port());
+  auto server = std::make_unique<test::local_https_server>(counting, "Hub Cap Test Root", 41, 2);
+  const std::string base = server->base();
 
   constexpr int hubs = 24;
   test::server_process s;
@@ -854,7 +815,7 @@ TEST_CASE("many hubs: at most max_concurrent_probes probes are in flight, and ev
                     "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n"
                     "[hub_health]\ninterval_ms = 200\ntimeout_ms = 10000\nunhealthy_after = 1\n"
                     "healthy_after = 1\nmax_concurrent_probes = 3\nca_file = \""
-                    + fx().dir + "/ca.pem\"\n";
+                    + server->ca_file() + "\"\n";
   for (int i = 1; i <= hubs; ++i)
     cfg += "[[hubs]]\nhostname = \"cap-" + std::to_string(i) + ".example.net\"\n"
            "health_endpoint = \"" + base + "/cap/" + std::to_string(i) + "\"\n";
@@ -886,7 +847,7 @@ TEST_CASE("Kafka mode: a gateway-only process probes the hubs too, so GET /linke
   const std::string cfg = kfx.server_config()
                           + "[hub_health]\ninterval_ms = 200\ntimeout_ms = 5000\n"
                             "unhealthy_after = 1\nhealthy_after = 1\nca_file = \""
-                          + fx().dir + "/ca.pem\"\n";
+                          + fx().health.ca_file() + "\"\n";
   REQUIRE_MESSAGE(!g.start(cfg, kfx.dir, {"--roles", "gateway,registration"}), g.log());
   auto r = g.service("PUT", "/linkedHubs/hub-g.example.net",
                      json{{"healthEndpoint", fx().base + "/health/g"}}.dump());

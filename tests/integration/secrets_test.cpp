@@ -23,6 +23,7 @@
 #include "messages/crypto.hpp"
 #include "storage/keyring.hpp"
 #include "storage/store.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -44,16 +45,9 @@ std::string files_containing(const std::string& dir, const std::string& needle) 
 
 /// Runs `provisiond <args>`; returns the exit status, output in `out`.
 int run_provisiond(const std::string& args, std::string& out) {
-  const char* bin = std::getenv("PROVISIOND_BIN");
-  REQUIRE(bin != nullptr);
-  std::string cmd = std::string(bin) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  REQUIRE(p != nullptr);
-  out.clear();
-  char buf[512];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = ::pclose(p);
+  int st = -1;
+  out = test::run_cli(args, st);
+  REQUIRE_MESSAGE(st != -1, out);
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 

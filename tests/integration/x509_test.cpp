@@ -14,6 +14,7 @@
 
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/crypto.hpp"
+#include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
@@ -385,18 +386,11 @@ TEST_CASE("the CLI registers an X.509 device: provisiond register --cert --cert-
   auto leaf = test::make_device("x509-cli-dev", inter, 400);
   auto chain = write_file(cert_dir(), "cli.pem", leaf.pem() + inter.pem());
   auto key = write_file(cert_dir(), "cli.key", leaf.key_pem());
-  std::string cmd = std::string(std::getenv("PROVISIOND_BIN")) + " register --data-dir "
-                    + s.data_dir() + " --registration-id x509-cli-dev --cert " + chain
-                    + " --cert-key " + key + " --json 2>&1";
-  std::string out;
   int rc = -1;
-  if (FILE* f = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    std::size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
-      out.append(buf, n);
-    rc = ::pclose(f);
-  }
+  const std::string out = test::run_cli("register --data-dir " + s.data_dir()
+                                            + " --registration-id x509-cli-dev --cert " + chain
+                                            + " --cert-key " + key + " --json",
+                                        rc);
   REQUIRE_MESSAGE(rc == 0, out);
   auto j = parse(out);
   CHECK(j["status"] == "assigned");

@@ -405,31 +405,23 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
     bytes[2] = static_cast<char>(version);
     return bytes;
   };
-  s.assigned_hubs.clear();
-  registration_state four;
-  REQUIRE(!decode_record(older(encode_record(s), 1, 4), four));
-  CHECK(four.key_used == "secondary");
-  CHECK(four.x509_json == s.x509_json);
-  CHECK(four.assigned_hubs.empty());
-  s.key_used.clear();
-  registration_state three;
-  REQUIRE(!decode_record(older(encode_record(s), 2, 3), three));
-  CHECK(three.x509_json == s.x509_json);
-  CHECK(three.allocation_json == s.allocation_json);
-  CHECK(three.key_used.empty());
-  s.x509_json.clear();
-  registration_state two;
-  REQUIRE(!decode_record(older(encode_record(s), 3, 2), two));
-  CHECK(two.assigned_hub == "hub-a");
-  CHECK(two.allocation_json == s.allocation_json);
-  CHECK(two.x509_json.empty());
-  s.allocation_json.clear();
-  registration_state old;
-  REQUIRE(!decode_record(older(encode_record(s), 4, 1), old));
-  CHECK(old.assigned_hub == "hub-a");
-  CHECK(old.last_operation_id == "op");
-  CHECK(old.allocation_json.empty());
-  CHECK(old.key_used.empty());
+  // Version v lacks the field that v + 1 added, and all later ones.
+  std::string registration_state::*const added_in[] = {
+      &registration_state::allocation_json, &registration_state::x509_json,
+      &registration_state::key_used, &registration_state::assigned_hubs};
+  for (int version = 4; version >= 1; --version) {
+    CAPTURE(version);
+    s.*added_in[version - 1] = std::string();
+    registration_state got;
+    REQUIRE(!decode_record(older(encode_record(s), 5 - version, static_cast<uint8_t>(version)),
+                           got));
+    CHECK(got.assigned_hub == "hub-a");
+    CHECK(got.last_operation_id == "op");
+    CHECK(got.allocation_json == s.allocation_json);
+    CHECK(got.x509_json == s.x509_json);
+    CHECK(got.key_used == s.key_used);
+    CHECK(got.assigned_hubs == s.assigned_hubs);
+  }
   // A version from the future is refused.
   v5[2] = 6;
   CHECK(decode_record(v5, back).code == error_code::storage_failure);

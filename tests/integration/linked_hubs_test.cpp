@@ -986,3 +986,26 @@ TEST_CASE("the example dashboard's hub health panels query metrics a probing pro
   const auto body = test::http(test::metrics_addr(fx().prov), "GET", "/metrics").body;
   CHECK(test::check_dashboard_metrics(body, "dps_hub_") == 3);
 }
+
+TEST_CASE("a data dir first started without [[hubs]] has the placeholder hub; the first start "
+          "with [[hubs]] replaces it, later ones keep the stored set") {
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-placeholder");
+  s.remove_data_dir_at_exit();
+  const std::string bare = "data_dir = \"" + dir + "\"\n"
+                           "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n";
+  REQUIRE_MESSAGE(!s.start(bare, dir), s.log());
+  CHECK_HUBS(s, std::vector<std::string>{"hub.local"});
+  REQUIRE(s.stop() == 0);
+  test::server_process with;
+  REQUIRE_MESSAGE(!with.start(test::default_config(dir), dir), with.log());
+  CHECK_HUBS(with, std::vector<std::string>{hub_a, hub_b});
+  REQUIRE(with.stop() == 0);
+  // Seeded from config now: another [[hubs]] only gets the note.
+  test::server_process later;
+  REQUIRE_MESSAGE(!later.start(bare + "[[hubs]]\nhostname = \"hub-other.example.net\"\n", dir),
+                  later.log());
+  CHECK_HUBS(later, std::vector<std::string>{hub_a, hub_b});
+  CHECK(later.log().find("[[hubs]] differs from the 2 stored linked hub(s)") != std::string::npos);
+  later.stop();
+}

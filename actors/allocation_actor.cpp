@@ -134,6 +134,7 @@ void views_of(const registration_event& ev, const current_record& cur,
   in.registration_id = ev.registration_id;
   in.payload_json = ev.payload_json;
   in.client_ip = ev.client_ip;
+  in.x509_json = ev.x509_json;
   in.current_hub = {};
   in.current_device_id = {};
   if (cur.state && cur.state->status == registration_status::assigned) {

@@ -973,8 +973,10 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
         {h.hostname, h.allocation_weight, h.apply_allocation_policy, h.region, h.health_endpoint});
     if (auto err = seed_hubs(*ctx, seed, ctx->opts.placeholder_hubs))
       return {err.code, "linked hubs: " + err.message};
-    // Health decides allocation, so the processes that allocate probe.
-    if (ctx->opts.cfg.roles.allocation)
+    // Health decides allocation, and the service API (gateway role) shows
+    // it: each process that does either probes for itself, so what
+    // GET /linkedHubs shows is what this process has seen.
+    if (ctx->opts.cfg.roles.allocation || ctx->opts.cfg.roles.gateway)
       ctx->prober = std::make_unique<hub_prober>(ctx->hubs, ctx->opts.cfg.hub_health,
                                                  ctx->metrics);
   }

@@ -1,5 +1,7 @@
 #include "actors/hub_prober.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -131,10 +133,12 @@ void hub_prober::run() {
     woken_ = false;
     lk.unlock();
     auto set = hubs_.hubs();
-    // The round's probes run at once, one thread each, so a round takes one
-    // probe's bound however many hubs hang. Each thread owns its endpoint's
-    // pool slot (made before the threads start: the map is not touched while
-    // they run). Hubs sharing an endpoint are probed once.
+    // The round's probes run at once on up to max_concurrent_probes threads
+    // (made for the round, then joined), so a round takes one probe's bound
+    // per wave however many hubs hang, and many hubs cannot make a thread
+    // each. Each endpoint's pool slot is made before the threads start (the
+    // map is not touched while they run) and used by one thread at a time.
+    // Hubs sharing an endpoint are probed once.
     std::vector<const allocation::linked_hub*> probed;
     std::map<std::string, probe_result> results;
     for (const auto& h : *set) {
@@ -145,11 +149,24 @@ void hub_prober::run() {
       pool.emplace(h.health_endpoint, nullptr);
     }
     {
+      struct job {
+        const std::string* endpoint;
+        probe_result* result;
+        std::unique_ptr<net::https_client>* client;
+      };
+      std::vector<job> jobs;
+      jobs.reserve(results.size());
+      for (auto& [endpoint, result] : results)
+        jobs.push_back({&endpoint, &result, &pool[endpoint]});
+      std::atomic<std::size_t> next{0};
+      const std::size_t workers =
+        std::min(jobs.size(), static_cast<std::size_t>(std::max(1, cfg_.max_concurrent_probes)));
       std::vector<std::thread> threads;
-      threads.reserve(results.size());
-      for (auto it = results.begin(); it != results.end(); ++it)
-        threads.emplace_back([this, it, &client = pool[it->first]] {
-          it->second = probe_once(it->first, client, cfg_);
+      threads.reserve(workers);
+      for (std::size_t i = 0; i < workers; ++i)
+        threads.emplace_back([this, &jobs, &next] {
+          for (std::size_t j = next++; j < jobs.size(); j = next++)
+            *jobs[j].result = probe_once(*jobs[j].endpoint, *jobs[j].client, cfg_);
         });
       for (auto& t : threads)
         t.join();

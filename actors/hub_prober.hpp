@@ -3,8 +3,10 @@
 // a 2xx answer within the timeout is a success) and reports into the hub
 // set, which allocation reads, and into the metrics. One thread of its own,
 // never CAF's scheduler: a probe waits on the network. The probes of one
-// round run at once (a thread each), so a round is bounded by one probe's
-// timeout, not by the number of hubs times it.
+// round run at once on at most [hub_health] max_concurrent_probes threads,
+// so a round is bounded by one probe's timeout per wave of that many hubs,
+// not by the number of hubs times it, and many hubs do not mean as many
+// threads.
 //
 // The RTT recorded is the GET on an open connection (connect and TLS are
 // timed out but not counted), so it measures the network path, not the

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -38,6 +39,7 @@ constexpr std::string_view certificate_prefix = "certificate/";
 constexpr std::string_view hub_prefix = "hub/";
 /// The hub set was seeded (actors/hub_store.hpp): once per deployment.
 constexpr std::string_view hubs_seeded_record_key = "deployment/hubs_seeded";
+constexpr std::string_view hubs_seed_claim_record_key = "deployment/hubs_seed_claim";
 /// A TPM challenge (actors/attestation/tpm.hpp): any gateway checks the answer.
 constexpr std::string_view challenge_prefix = "tpm-challenge/";
 /// Meta key: this data dir's outbox is not kept (a process without gateway).
@@ -165,6 +167,8 @@ public:
       r.topic = enrollments_topic_;
       if (op.family == storage::cf::meta && op.key == hubs_seeded_key)
         r.key = std::string(hubs_seeded_record_key);
+      else if (op.family == storage::cf::meta && op.key == hubs_seed_claim_key)
+        r.key = std::string(hubs_seed_claim_record_key);
       else
         r.key = std::string(op.family == storage::cf::groups           ? group_prefix
                             : op.family == storage::cf::tpm_challenges ? challenge_prefix
@@ -403,6 +407,10 @@ private:
     storage::write_batch wb;
     std::unordered_map<std::string, int64_t> certificate_revisions; // applied in this batch
     bool groups = false, individuals = false, hubs = false;
+    // The hub seed claim as applied so far (this batch included); read from
+    // the store at the first claim record.
+    std::optional<std::string> claim;
+    bool claim_read = false;
     for (const auto& m : batch) {
       std::string_view key = m.key;
       storage::cf family;
@@ -421,6 +429,22 @@ private:
       if (key == hubs_seeded_record_key) {
         if (!m.tombstone && !m.value.empty())
           wb.put(storage::cf::meta, hubs_seeded_key, m.value);
+        continue;
+      }
+      if (key == hubs_seed_claim_record_key) {
+        // The first claim of a round in topic order holds (until stale), the
+        // same in every process: claims have one key, so one partition.
+        if (m.tombstone || m.value.empty())
+          continue;
+        if (!claim_read) {
+          if (auto err = ctx_.store->get(storage::cf::meta, hubs_seed_claim_key, claim))
+            return err;
+          claim_read = true;
+        }
+        if (hub_seed_claim_takes_over(claim ? *claim : std::string(), m.value)) {
+          wb.put(storage::cf::meta, hubs_seed_claim_key, m.value);
+          claim = m.value;
+        }
         continue;
       }
       if (key.substr(0, group_prefix.size()) == group_prefix) {
@@ -450,8 +474,8 @@ private:
         continue;
       } else {
         bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/, "
-                            "certificate/, hub/ or tpm-challenge/ (or be deployment/id_scope "
-                            "or deployment/hubs_seeded)");
+                            "certificate/, hub/ or tpm-challenge/ (or be deployment/id_scope, "
+                            "deployment/hubs_seeded or deployment/hubs_seed_claim)");
         continue;
       }
       if (m.tombstone) {

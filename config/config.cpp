@@ -46,6 +46,7 @@ constexpr int_rule weight_rule{1, 1000};
 constexpr int_rule probe_interval_rule{100, 3600000};
 constexpr int_rule probe_timeout_rule{50, 600000};
 constexpr int_rule probe_threshold_rule{1, 100};
+constexpr int_rule probe_concurrency_rule{1, 256};
 constexpr int_rule tie_rule{0, 60000};
 constexpr int_rule latency_rule{0, 600000};
 constexpr int_rule max_packet_rule{1024, 2 * 1048576};
@@ -357,6 +358,8 @@ void check_config(const engine_config& c, const report_fn& report) {
     check_range(report, "hub_health.timeout_ms", h.timeout_ms, probe_timeout_rule);
     check_range(report, "hub_health.unhealthy_after", h.unhealthy_after, probe_threshold_rule);
     check_range(report, "hub_health.healthy_after", h.healthy_after, probe_threshold_rule);
+    check_range(report, "hub_health.max_concurrent_probes", h.max_concurrent_probes,
+                probe_concurrency_rule);
   }
 
   const custom_allocation_config& w = c.custom_allocation;
@@ -543,11 +546,12 @@ class loader {
       const std::string p = "hub_health";
       hub_health_config& h = c.hub_health;
       check_keys(*t, p, {"interval_ms", "timeout_ms", "unhealthy_after", "healthy_after",
-                         "ca_file"});
+                         "max_concurrent_probes", "ca_file"});
       get_int(*t, p, "interval_ms", h.interval_ms, probe_interval_rule);
       get_int(*t, p, "timeout_ms", h.timeout_ms, probe_timeout_rule);
       get_int(*t, p, "unhealthy_after", h.unhealthy_after, probe_threshold_rule);
       get_int(*t, p, "healthy_after", h.healthy_after, probe_threshold_rule);
+      get_int(*t, p, "max_concurrent_probes", h.max_concurrent_probes, probe_concurrency_rule);
       get(*t, p, "ca_file", h.ca_file);
     }
     if (const toml::table* t = sub_table(root, "", "geo_latency")) {

@@ -33,6 +33,9 @@ struct hub_health_config {
   int timeout_ms = 2000;    ///< per probe: connect + TLS, and again for the answer
   int unhealthy_after = 2;  ///< consecutive failed probes before a hub is skipped
   int healthy_after = 1;    ///< consecutive good probes before it is used again
+  /// Probes of one round in flight at once (threads); a round with more
+  /// endpoints runs in waves of this many.
+  int max_concurrent_probes = 16;
   /// PEM file of the CA certificate(s) health endpoints must chain to; empty:
   /// the system trust store.
   std::string ca_file;

@@ -50,10 +50,21 @@ std::string webhook_request_body(const request& in, const std::vector<std::strin
     ctx["currentDeviceId"] = std::string(in.current_device_id);
   }
   // DPS's sample shows the attestation's context as an empty object for
-  // symmetric keys; provisiond sends no certificate details for X.509 yet.
+  // symmetric keys (never the keys). For X.509 the webhook gets what
+  // registrationState.x509 shows: the device's certificateInfo, and for a
+  // group signingCertificateInfo and enrollmentGroupId, so it can allocate
+  // on a certificate property (DPS's own example of a custom policy).
   switch (enrollment::type_of(v.attestation)) {
     case attestation_type::symmetric_key: ctx["symmetricKey"] = json::object(); break;
-    case attestation_type::x509: ctx["x509"] = json::object(); break;
+    case attestation_type::x509: {
+      json x = value_of(in.x509_json);
+      if (!x.is_object())
+        x = json::object();
+      if (v.k == enrollment::kind::group)
+        x["enrollmentGroupId"] = v.id;
+      ctx["x509"] = std::move(x);
+      break;
+    }
     case attestation_type::tpm: ctx["tpm"] = json::object(); break;
     default: break;
   }

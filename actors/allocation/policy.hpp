@@ -38,6 +38,9 @@ struct request {
   std::size_t linked_hubs = 0;  ///< how many hubs are linked at all
   std::string_view payload_json; ///< the device's registration payload, "" when none
   std::string_view client_ip;    ///< the device's address as the gateway saw it, "" when unknown
+  /// X.509 devices: {certificateInfo, signingCertificateInfo?} of the
+  /// device's certificate (attestation::verdict::x509_json); "" otherwise.
+  std::string_view x509_json;
   /// Re-provisioning: the hub and device id of the device's current
   /// assignment ("" on a first registration).
   std::string_view current_hub;

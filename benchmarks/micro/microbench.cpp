@@ -10,6 +10,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "actors/allocation/allocation_policy.hpp"
+#include "actors/allocation/geo_latency.hpp"
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/x509.hpp"
 #include "actors/enrollment/ca_store.hpp"
@@ -384,5 +386,53 @@ BENCHMARK(BM_x509_group_check)
   ->Args({1, 0, 0})->Args({1, 0, 1})
   ->Args({1, 1000, 0})->Args({1, 1000, 1})
   ->Args({20, 100, 0})->Args({20, 100, 1});
+
+// One allocation decision with the three hubs and regions provisiond-bench
+// --allocation-policy gives its server: hashed against geoLatency (device in
+// the gateway's region, table estimates, the two European hubs tied and
+// hashed), both with their `why` explanation, as the allocation stage runs
+// them per device.
+namespace {
+prov::allocation::request bench_allocation_request(const std::string& id) {
+  prov::allocation::request in;
+  in.registration_id = id;
+  in.enrollment = std::make_shared<prov::enrollment::enrollment_view>();
+  for (const char* region : {"westeurope", "northeurope", "eastus"})
+    in.candidates.push_back({std::string("bench-") + region + ".example.net", 1, true, region});
+  in.linked_hubs = in.candidates.size();
+  return in;
+}
+
+void run_policy(benchmark::State& state, const prov::allocation::policy& p) {
+  std::vector<std::string> ids;
+  for (int i = 0; i < 1024; ++i)
+    ids.push_back("bench-device-" + std::to_string(i));
+  auto in = bench_allocation_request(ids[0]);
+  std::size_t i = 0;
+  for (auto _ : state) {
+    in.registration_id = ids[i++ & 1023];
+    auto held = std::make_shared<prov::allocation::held_answer>();
+    p.allocate(in, held);
+    benchmark::DoNotOptimize(held->d.hub);
+  }
+}
+} // namespace
+
+static void BM_allocate_hashed(benchmark::State& state) {
+  prov::allocation::hashed_policy p;
+  run_policy(state, p);
+}
+BENCHMARK(BM_allocate_hashed);
+
+static void BM_allocate_geo_latency(benchmark::State& state) {
+  prov::allocation::geo_options o;
+  o.gateway_region = "westeurope";
+  o.tie_ms = 25;
+  o.latency_ms[{"westeurope", "northeurope"}] = 20;
+  o.latency_ms[{"westeurope", "eastus"}] = 85;
+  prov::allocation::geo_latency_policy p(o, [](std::string_view) { return -1.0; });
+  run_policy(state, p);
+}
+BENCHMARK(BM_allocate_geo_latency);
 
 BENCHMARK_MAIN();

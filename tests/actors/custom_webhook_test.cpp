@@ -187,3 +187,37 @@ TEST_CASE("an enrollment's own webhook timeout and retries replace the defaults"
   CHECK(p.deadline_for(in) == std::chrono::milliseconds(500 + 5000));
   CHECK(p.deadline() == webhook_budget(defaults)); // the instance's stays
 }
+
+TEST_CASE("the webhook's deviceRuntimeContext.x509: the certificate details the stage has, the "
+          "group's id; {} when it has none") {
+  auto view = std::make_shared<enrollment::enrollment_view>();
+  view->k = enrollment::kind::group;
+  view->id = "x509-group";
+  view->attestation = enrollment::x509_attestation{};
+  view->public_json = R"({"enrollmentGroupId":"x509-group"})";
+  request in;
+  in.registration_id = "dev-x";
+  in.enrollment = view;
+  const std::string info =
+    R"({"certificateInfo":{"subjectName":"CN=dev-x"},"signingCertificateInfo":{"subjectName":"CN=ca"}})";
+  in.x509_json = info;
+  auto body = json::parse(webhook_request_body(in, linked));
+  CHECK(body["deviceRuntimeContext"]
+        == json{{"registrationId", "dev-x"},
+                {"x509", {{"certificateInfo", {{"subjectName", "CN=dev-x"}}},
+                          {"signingCertificateInfo", {{"subjectName", "CN=ca"}}},
+                          {"enrollmentGroupId", "x509-group"}}}});
+  // An individual enrollment: no group id.
+  view->k = enrollment::kind::individual;
+  view->id = "dev-x";
+  body = json::parse(webhook_request_body(in, linked));
+  CHECK(body["deviceRuntimeContext"]["x509"]
+        == json{{"certificateInfo", {{"subjectName", "CN=dev-x"}}},
+                {"signingCertificateInfo", {{"subjectName", "CN=ca"}}}});
+  // Nothing (or, against expectations, not an object) from attestation: {}.
+  for (const char* none : {"", "[1]", "not json"}) {
+    in.x509_json = none;
+    body = json::parse(webhook_request_body(in, linked));
+    CHECK(body["deviceRuntimeContext"]["x509"] == json::object());
+  }
+}

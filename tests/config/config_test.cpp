@@ -576,3 +576,16 @@ TEST_CASE("[custom_allocation]: defaults, every key, ranges") {
   CHECK(load_error("[custom_allocation]\nwebhook = \"x\"\n") ==
         "cfg.toml:2: custom_allocation.webhook: unknown key");
 }
+
+TEST_CASE("[hub_health]: max_concurrent_probes defaults to 16, is read, and is 1..256") {
+  engine_config d;
+  REQUIRE(!load_string("", "cfg.toml", d));
+  CHECK(d.hub_health.max_concurrent_probes == 16);
+  engine_config c;
+  REQUIRE(!load_string("[hub_health]\nmax_concurrent_probes = 3\n", "cfg.toml", c));
+  CHECK(c.hub_health.max_concurrent_probes == 3);
+  CHECK(load_error("[hub_health]\nmax_concurrent_probes = 0\n") ==
+        "cfg.toml:2: hub_health.max_concurrent_probes: must be 1..256, got 0");
+  CHECK(load_error("[hub_health]\nmax_concurrent_probes = 257\n") ==
+        "cfg.toml:2: hub_health.max_concurrent_probes: must be 1..256, got 257");
+}

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/enrollment/x509_certificates.hpp"
 #include "gateway/https_server.hpp"
 #include "messages/crypto.hpp"
 #include "tests/support/cli.hpp"
@@ -21,6 +22,7 @@
 #include "tests/support/local_https.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
+#include "tests/support/x509_client.hpp"
 
 using namespace prov;
 using nlohmann::json;
@@ -316,6 +318,115 @@ TEST_CASE("custom allocation: an enrollment group's devices, enrollmentGroup in 
       CHECK(c.body["linkedHubs"] == json::array({hub_a, hub_b}));
     }
   CHECK(found);
+}
+
+namespace {
+
+/// Registers an X.509 device (its certificate over TLS, no Authorization)
+/// and polls with the same client until the outcome: the final operation.
+json register_x509(net::https_client& c, const std::string& id) {
+  const auto base = "/" + fx().prov.id_scope() + "/registrations/" + id;
+  net::http_headers h;
+  h.add("Content-Type", "application/json; charset=utf-8");
+  net::https_response resp;
+  auto err = c.request("PUT", base + "/register?api-version=2021-06-01", h,
+                       json{{"registrationId", id}}.dump(), resp);
+  REQUIRE_MESSAGE(!err, err.message);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (resp.status == 202 && std::chrono::steady_clock::now() < deadline) {
+    auto op = test::parse_json(resp.body).value("operationId", "");
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    err = c.request("GET", base + "/operations/" + op + "?api-version=2021-06-01", {}, {}, resp);
+    REQUIRE_MESSAGE(!err, err.message);
+  }
+  REQUIRE_MESSAGE(resp.status == 200, resp.body);
+  return test::parse_json(resp.body);
+}
+
+/// The webhook's request for device `id` at `path` (exactly one).
+json webhook_request_for(const std::string& path, const std::string& id) {
+  std::vector<json> found;
+  for (const auto& c : fx().handler.calls_to(path))
+    if (c.body.is_object() && c.body["deviceRuntimeContext"].value("registrationId", "") == id)
+      found.push_back(c.body);
+  REQUIRE(found.size() == 1);
+  return found[0];
+}
+
+} // namespace
+
+TEST_CASE("custom allocation: an X.509 device's certificate reaches the webhook") {
+  // Real certificates over real TLS: the webhook's deviceRuntimeContext.x509
+  // is what registrationState.x509 shows the device (DPS's certificate
+  // details), so a webhook can allocate on a certificate property.
+  const test::test_cert root = test::make_ca("Webhook X509 Root", nullptr, 31);
+  const test::test_cert inter = test::make_ca("Webhook X509 Intermediate", &root, 32);
+
+  SUBCASE("individual enrollment") {
+    const std::string id = "webhook-x509-ind";
+    const test::test_cert leaf = test::make_device(id, inter, 33);
+    json body{{"registrationId", id},
+              {"attestation",
+               {{"type", "x509"},
+                {"x509", {{"clientCertificates", {{"primary", {{"certificate", leaf.pem()}}}}}}}}},
+              {"allocationPolicy", "custom"},
+              {"customAllocationDefinition", custom_definition("/ok")}};
+    auto r = fx().prov.service("PUT", "/enrollments/" + id, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto c = test::device_client(fx().prov, leaf, {&inter});
+    auto op = register_x509(c, id);
+    REQUIRE(op["status"] == "assigned");
+    const json& rs = op["registrationState"];
+    CHECK(rs["assignedHub"] == hub_b);
+    REQUIRE(rs["x509"]["certificateInfo"].is_object());
+
+    auto req = webhook_request_for("/ok", id);
+    CHECK(req["individualEnrollment"]["attestation"]["type"] == "x509");
+    const json& ctx = req["deviceRuntimeContext"];
+    CHECK_FALSE(ctx.contains("symmetricKey"));
+    CHECK_FALSE(ctx.contains("payload"));
+    REQUIRE(ctx["x509"].is_object());
+    CHECK(ctx["x509"] == rs["x509"]);
+    const json& info = ctx["x509"]["certificateInfo"];
+    CHECK(info["subjectName"] == "CN=" + id + ",O=provisiond tests");
+    CHECK(info["issuerName"] == "CN=Webhook X509 Intermediate,O=provisiond tests");
+    CHECK(info["sha256Thumbprint"]
+          == enrollment::upper_hex(enrollment::sha256_of(leaf.der())));
+    CHECK(info["serialNumber"] == "21"); // 33
+    CHECK_FALSE(ctx["x509"].contains("signingCertificateInfo"));
+    CHECK_FALSE(ctx["x509"].contains("enrollmentGroupId"));
+  }
+
+  SUBCASE("enrollment group: the signing CA and the group too") {
+    const std::string group = "webhook-x509-group";
+    json body{{"enrollmentGroupId", group},
+              {"attestation",
+               {{"type", "x509"},
+                {"x509", {{"signingCertificates", {{"primary", {{"certificate", inter.pem()}}}}}}}}},
+              {"allocationPolicy", "custom"},
+              {"customAllocationDefinition", custom_definition("/ok")}};
+    auto r = fx().prov.service("PUT", "/enrollmentGroups/" + group, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    const std::string id = "webhook-x509-group-device";
+    const test::test_cert leaf = test::make_device(id, inter, 34);
+    auto c = test::device_client(fx().prov, leaf, {&inter});
+    auto op = register_x509(c, id);
+    REQUIRE(op["status"] == "assigned");
+    const json& rs = op["registrationState"];
+    CHECK(rs["x509"]["enrollmentGroupId"] == group);
+
+    auto req = webhook_request_for("/ok", id);
+    CHECK(req["enrollmentGroup"]["enrollmentGroupId"] == group);
+    const json& x = req["deviceRuntimeContext"]["x509"];
+    CHECK(x == rs["x509"]);
+    CHECK(x["enrollmentGroupId"] == group);
+    CHECK(x["certificateInfo"]["subjectName"] == "CN=" + id + ",O=provisiond tests");
+    CHECK(x["certificateInfo"]["serialNumber"] == "22"); // 34
+    CHECK(x["signingCertificateInfo"]["subjectName"]
+          == "CN=Webhook X509 Intermediate,O=provisiond tests");
+    CHECK(x["signingCertificateInfo"]["sha256Thumbprint"]
+          == enrollment::upper_hex(enrollment::sha256_of(inter.der())));
+  }
 }
 
 TEST_CASE("custom allocation: a 500 from the webhook fails the device with DPS's message") {

@@ -726,3 +726,286 @@ TEST_CASE("Kafka mode: hub changes through one process reach another via dps.enr
   b.stop();
   a.stop();
 }
+
+namespace {
+
+/// Health endpoints that answer 200 after 300 ms, from a thread of their own
+/// (so the server's threads are not what limits the probes in flight),
+/// counting the probes in flight and the most there ever were.
+class counting_handler final : public gateway::handler {
+public:
+  void handle(gateway::http_request req, gateway::respond_fn respond) override {
+    {
+      std::lock_guard<std::mutex> lk(mtx_);
+      ++in_flight_;
+      ++threads_;
+      peak_ = std::max(peak_, in_flight_);
+      ++seen_[req.path];
+    }
+    std::thread([this, respond = std::move(respond)]() mutable {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      gateway::http_response r;
+      r.status = 200;
+      r.body = R"({"status":"ok"})";
+      r.headers.emplace_back("Content-Type", "application/json");
+      {
+        // Before the answer: once it is sent the prober may send the next.
+        std::lock_guard<std::mutex> lk(mtx_);
+        --in_flight_;
+      }
+      respond(std::move(r));
+      std::lock_guard<std::mutex> lk(mtx_);
+      --threads_;
+    }).detach();
+  }
+  int peak() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return peak_;
+  }
+  std::size_t paths() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return seen_.size();
+  }
+  /// Waits (bounded) until every answer was sent: the threads use `this`.
+  void drain() {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      {
+        std::lock_guard<std::mutex> lk(mtx_);
+        if (threads_ == 0)
+          return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+private:
+  std::mutex mtx_;
+  int in_flight_ = 0, peak_ = 0;
+  int threads_ = 0; ///< answering threads still running (they use `this`)
+  std::map<std::string, int> seen_;
+};
+
+/// The health status of every linked hub of `s`, by name.
+std::map<std::string, std::string> health_by_hub(const test::server_process& s) {
+  auto r = s.service("GET", "/linkedHubs");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  std::map<std::string, std::string> out;
+  const json doc = test::parse_json(r.body);
+  for (const auto& h : doc["value"])
+    out[h.value("name", "")] = h.contains("health") ? h["health"].value("status", "") : "";
+  return out;
+}
+
+} // namespace
+
+TEST_CASE("many hubs: at most max_concurrent_probes probes are in flight, and every hub is "
+          "probed") {
+  // 24 hubs, each probe held 300 ms, at most 3 at a time: unbounded (a
+  // thread per hub) would have about 24 in flight.
+  counting_handler counting;
+  auto server = std::make_unique<test::local_https_server>(counting, "Hub Cap Test Root", 41, 2);
+  const std::string base = server->base();
+
+  constexpr int hubs = 24;
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-cap");
+  s.remove_data_dir_at_exit();
+  std::string cfg = "data_dir = \"" + dir + "\"\n"
+                    "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n"
+                    "[hub_health]\ninterval_ms = 200\ntimeout_ms = 10000\nunhealthy_after = 1\n"
+                    "healthy_after = 1\nmax_concurrent_probes = 3\nca_file = \""
+                    + server->ca_file() + "\"\n";
+  for (int i = 1; i <= hubs; ++i)
+    cfg += "[[hubs]]\nhostname = \"cap-" + std::to_string(i) + ".example.net\"\n"
+           "health_endpoint = \"" + base + "/cap/" + std::to_string(i) + "\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  auto all_healthy = [&] {
+    auto h = health_by_hub(s);
+    int n = 0;
+    for (const auto& [name, status] : h)
+      n += status == "healthy" ? 1 : 0;
+    return n == hubs && h.size() == hubs;
+  };
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!all_healthy() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK(all_healthy());
+  CHECK(counting.paths() == hubs);
+  MESSAGE("most probes in flight at once: " << counting.peak());
+  CHECK(counting.peak() >= 1);
+  CHECK(counting.peak() <= 3);
+  s.stop();
+  counting.drain();
+  server->stop();
+}
+
+TEST_CASE("Kafka mode: a gateway-only process probes the hubs too, so GET /linkedHubs shows "
+          "their health") {
+  test::kafka_fixture kfx;
+  test::server_process g;
+  const std::string cfg = kfx.server_config()
+                          + "[hub_health]\ninterval_ms = 200\ntimeout_ms = 5000\n"
+                            "unhealthy_after = 1\nhealthy_after = 1\nca_file = \""
+                          + fx().health.ca_file() + "\"\n";
+  REQUIRE_MESSAGE(!g.start(cfg, kfx.dir, {"--roles", "gateway,registration"}), g.log());
+  auto r = g.service("PUT", "/linkedHubs/hub-g.example.net",
+                     json{{"healthEndpoint", fx().base + "/health/g"}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (health_by_hub(g)["hub-g.example.net"] != "healthy"
+         && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK_MESSAGE(health_by_hub(g)["hub-g.example.net"] == "healthy",
+                g.service("GET", "/linkedHubs").body);
+  CHECK(fx().handler.probes("g") >= 1);
+  g.stop();
+}
+
+namespace {
+
+/// Produces `records` to dps.enrollments as provisiond's producer does
+/// (murmur2_random: a key lands on the partition provisiond would pick), as
+/// another provisiond process of the deployment would.
+void produce_as_provisiond(const config::kafka_config& cfg,
+                           const std::vector<std::pair<std::string, std::string>>& records) {
+  char errstr[512];
+  rd_kafka_conf_t* conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", cfg.brokers.c_str(), errstr, sizeof errstr);
+  rd_kafka_conf_set(conf, "log_level", "0", errstr, sizeof errstr);
+  REQUIRE(rd_kafka_conf_set(conf, "partitioner", "murmur2_random", errstr, sizeof errstr)
+          == RD_KAFKA_CONF_OK);
+  rd_kafka_t* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+  REQUIRE_MESSAGE(rk, errstr);
+  for (const auto& [key, value] : records)
+    REQUIRE(rd_kafka_producev(rk, RD_KAFKA_V_TOPIC("dps.enrollments"),
+                              RD_KAFKA_V_KEY(const_cast<char*>(key.data()), key.size()),
+                              RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_END)
+            == RD_KAFKA_RESP_ERR_NO_ERROR);
+  REQUIRE(rd_kafka_flush(rk, 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  rd_kafka_destroy(rk);
+}
+
+std::size_t count_key(const std::vector<test::kafka_record>& recs, const std::string& key) {
+  return static_cast<std::size_t>(
+    std::count_if(recs.begin(), recs.end(), [&](const auto& r) { return r.key == key; }));
+}
+
+/// `cfg` with its [[hubs]] (hub-a, hub-b) renamed to hub-<prefix>a, hub-<prefix>b.
+std::string with_hubs(std::string cfg, const std::string& prefix) {
+  for (const char* h : {hub_a, hub_b}) {
+    const std::string from(h);
+    const std::string to = "hub-" + prefix + from.substr(4);
+    for (auto at = cfg.find(from); at != std::string::npos; at = cfg.find(from, at + to.size()))
+      cfg.replace(at, from.size(), to);
+  }
+  return cfg;
+}
+
+} // namespace
+
+TEST_CASE("Kafka mode: a new process that finds another's seed claim first waits for that "
+          "seed instead of seeding its own [[hubs]]") {
+  test::kafka_fixture kfx;
+  // Another process of the new deployment claimed the seed a moment ago.
+  const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                     std::chrono::system_clock::now().time_since_epoch())
+                     .count();
+  produce_as_provisiond(kfx.cfg, {{"deployment/hubs_seed_claim",
+                                   std::to_string(now) + " other-process -"}});
+  test::server_process b;
+  error started;
+  std::thread starter([&] { started = b.start(kfx.server_config(), kfx.dir); });
+  // b publishes its own claim (second in order: it loses) and waits.
+  std::vector<test::kafka_record> recs;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (count_key(recs, "deployment/hubs_seed_claim") < 2
+         && std::chrono::steady_clock::now() < deadline)
+    recs = test::read_topic(kfx.cfg, "dps.enrollments", 2, std::chrono::milliseconds(300));
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") == 2);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 0); // b did not seed
+  // The other process seeds.
+  produce_as_provisiond(
+    kfx.cfg, {{"hub/hub-x1.example.net",
+               R"({"name":"hub-x1.example.net","allocationWeight":1,"applyAllocationPolicy":true,"location":""})"},
+              {"hub/hub-x2.example.net",
+               R"({"name":"hub-x2.example.net","allocationWeight":2,"applyAllocationPolicy":true,"location":""})"},
+              {"deployment/hubs_seeded", "config"}});
+  starter.join();
+  REQUIRE_MESSAGE(!started, started.message << "\n" << b.log());
+  auto wait_for = [&](const std::vector<std::string>& want) {
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (hub_names(b) != want && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_HUBS(b, want);
+  };
+  wait_for({"hub-x1.example.net", "hub-x2.example.net"}); // not hub-a, hub-b
+  CHECK(b.log().find("another process is seeding the linked hubs") != std::string::npos);
+  CHECK(b.log().find("[[hubs]] differs from the 2 stored linked hub(s)") != std::string::npos);
+  recs = test::read_topic(kfx.cfg, "dps.enrollments", 4);
+  CHECK(count_key(recs, "hub/hub-a.example.net") == 0);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 1);
+  b.stop();
+}
+
+TEST_CASE("Kafka mode: two new processes starting at once with different [[hubs]] end with the "
+          "same one of the two sets, never a mix") {
+  test::kafka_fixture kfx;
+  const auto dir_b = test::make_temp_dir("provisiond-hubs-seed-b");
+  const std::string scope = "id_scope = \"0ne00AB5702\"\n";
+  test::server_process a, b;
+  b.remove_data_dir_at_exit();
+  error err_a, err_b;
+  std::thread ta([&] { err_a = a.start(scope + with_hubs(kfx.server_config(), "1"), kfx.dir); });
+  std::thread tb([&] { err_b = b.start(scope + with_hubs(kfx.server_config(dir_b), "2"), dir_b); });
+  ta.join();
+  tb.join();
+  REQUIRE_MESSAGE(!err_a, err_a.message << "\n" << a.log());
+  REQUIRE_MESSAGE(!err_b, err_b.message << "\n" << b.log());
+  const std::vector<std::string> one{"hub-1a.example.net", "hub-1b.example.net"};
+  const std::vector<std::string> two{"hub-2a.example.net", "hub-2b.example.net"};
+  const auto got_a = hub_names(a);
+  CHECK_MESSAGE((got_a == one || got_a == two), "linked hubs: " << joined(got_a));
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (hub_names(b) != got_a && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK_HUBS(b, got_a);
+  auto recs = test::read_topic(kfx.cfg, "dps.enrollments", 4);
+  // Usually both claimed; one that came late found the marker and did not.
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") >= 1);
+  CHECK(count_key(recs, "deployment/hubs_seed_claim") <= 2);
+  CHECK(count_key(recs, "deployment/hubs_seeded") == 1); // one seed, not two
+  b.stop();
+  a.stop();
+}
+
+TEST_CASE("the example dashboard's hub health panels query metrics a probing process exports") {
+  fx().handler.set_status("a", 200);
+  wait_health(hub_a, "healthy");
+  const auto body = test::http(test::metrics_addr(fx().prov), "GET", "/metrics").body;
+  CHECK(test::check_dashboard_metrics(body, "dps_hub_") == 3);
+}
+
+TEST_CASE("a data dir first started without [[hubs]] has the placeholder hub; the first start "
+          "with [[hubs]] replaces it, later ones keep the stored set") {
+  test::server_process s;
+  const std::string dir = test::make_temp_dir("provisiond-hubs-placeholder");
+  s.remove_data_dir_at_exit();
+  const std::string bare = "data_dir = \"" + dir + "\"\n"
+                           "[device_api]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"\"\n";
+  REQUIRE_MESSAGE(!s.start(bare, dir), s.log());
+  CHECK_HUBS(s, std::vector<std::string>{"hub.local"});
+  REQUIRE(s.stop() == 0);
+  test::server_process with;
+  REQUIRE_MESSAGE(!with.start(test::default_config(dir), dir), with.log());
+  CHECK_HUBS(with, std::vector<std::string>{hub_a, hub_b});
+  REQUIRE(with.stop() == 0);
+  // Seeded from config now: another [[hubs]] only gets the note.
+  test::server_process later;
+  REQUIRE_MESSAGE(!later.start(bare + "[[hubs]]\nhostname = \"hub-other.example.net\"\n", dir),
+                  later.log());
+  CHECK_HUBS(later, std::vector<std::string>{hub_a, hub_b});
+  CHECK(later.log().find("[[hubs]] differs from the 2 stored linked hub(s)") != std::string::npos);
+  later.stop();
+}

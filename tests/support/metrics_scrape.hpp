@@ -175,4 +175,22 @@ inline int check_dashboard_metrics(const std::string& scrape_text, const std::st
   return n;
 }
 
+/// The dashboard's metrics not starting with any of `excluded` are all
+/// exported in `scrape_text`; returns how many.
+inline int check_dashboard_metrics_except(const std::string& scrape_text,
+                                          std::initializer_list<std::string> excluded) {
+  int n = 0;
+  for (const auto& name : dashboard_metrics()) {
+    bool skip = false;
+    for (const auto& prefix : excluded)
+      skip = skip || name.rfind(prefix, 0) == 0;
+    if (skip)
+      continue;
+    ++n;
+    CHECK_MESSAGE(scrape_text.find("# TYPE " + name + " ") != std::string::npos,
+                  "the dashboard queries " << name << ", which is not exported");
+  }
+  return n;
+}
+
 } // namespace prov::test

@@ -475,4 +475,42 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
 }
 
+TEST_CASE("a request the address throttle refuses leaves no audit line") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  const std::string cfg = test::default_config(dir) +
+                          "\n[throttling]\nrequests_per_minute_per_address = 3\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const std::string key = crypto::generate_key();
+  int admitted = 0, refused = 0;
+  for (int i = 0; i < 10 && refused < 3; ++i) {
+    const std::string id = "flood-" + std::to_string(i);
+    nlohmann::json body{{"registrationId", id},
+                        {"attestation",
+                         {{"type", "symmetricKey"},
+                          {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+    auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+    if (r.status == 429) {
+      ++refused;
+      continue;
+    }
+    CHECK_MESSAGE(r.status == 200, r.body);
+    ++admitted;
+  }
+  REQUIRE(refused == 3);
+  // A bulk write refused as well (its body would be parsed for the ids).
+  nlohmann::json bulk{{"mode", "create"},
+                      {"enrollments",
+                       {{{"registrationId", "flood-bulk"}, {"attestation", {{"type", "tpm"}}}}}}};
+  CHECK(s.service("POST", "/enrollments", bulk.dump()).status == 429);
+  CHECK(s.stop() == 0);
+  auto lines = audit_lines(dir + "/audit.log");
+  CHECK(static_cast<int>(lines.size()) == admitted);
+  for (const auto& l : lines) {
+    CHECK_MESSAGE(l.value("resultSignature", 0) == 200, l.dump());
+    CHECK(l.value("operationName", "") != "BulkOperation");
+  }
+}
+
 } // TEST_SUITE

@@ -16,12 +16,27 @@
 
 namespace prov::app {
 
+namespace {
+
+/// `file` (default `fallback`) with a relative path taken inside the data
+/// dir, as the default is. Against the working directory instead, `serve`
+/// under systemd and `keys rotate` from a shell would read different files
+/// (or `serve` would create a second key beside a data dir it cannot open).
+std::string in_data_dir(const config::engine_config& cfg, const std::string& file,
+                        const char* fallback) {
+  if (file.empty()) return cfg.data_dir + "/" + fallback;
+  if (file[0] == '/') return file;
+  return cfg.data_dir + "/" + file;
+}
+
+} // namespace
+
 std::string key_file_path(const config::engine_config& cfg) {
-  return cfg.secrets.key_file.empty() ? cfg.data_dir + "/secrets.key" : cfg.secrets.key_file;
+  return in_data_dir(cfg, cfg.secrets.key_file, "secrets.key");
 }
 
 std::string audit_file_path(const config::engine_config& cfg) {
-  return cfg.log.audit_file.empty() ? cfg.data_dir + "/audit.log" : cfg.log.audit_file;
+  return in_data_dir(cfg, cfg.log.audit_file, "audit.log");
 }
 
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {

@@ -16,10 +16,12 @@ class store;
 
 namespace prov::app {
 
-/// [secrets] key_file, or <data_dir>/secrets.key when unset.
+/// [secrets] key_file, or <data_dir>/secrets.key when unset; a relative
+/// key_file is taken inside data_dir (never the working directory).
 std::string key_file_path(const config::engine_config& cfg);
 
-/// [log] audit_file, or <data_dir>/audit.log when unset.
+/// [log] audit_file, or <data_dir>/audit.log when unset; relative: inside
+/// data_dir.
 std::string audit_file_path(const config::engine_config& cfg);
 
 /// Loads the key file (creating it, 0600, when it is missing and the data dir

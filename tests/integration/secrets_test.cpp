@@ -384,6 +384,35 @@ TEST_CASE("a CA whose sealed value does not open is skipped for its groups; the 
   CHECK(s.alive());
 }
 
+TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  // The server and the CLI below run in this test's working directory,
+  // which is not the data dir: a path taken against it would land here.
+  REQUIRE(fs::current_path() != fs::path(dir));
+  const std::string cfg = test::default_config(dir) +
+                          "[secrets]\nkey_file = \"rel-secrets.key\"\n"
+                          "[log]\naudit_file = \"rel-audit.log\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const bool stray_key = fs::exists("rel-secrets.key"), stray_audit = fs::exists("rel-audit.log");
+  fs::remove("rel-secrets.key");
+  fs::remove("rel-audit.log");
+  CHECK_FALSE(stray_key);
+  CHECK_FALSE(stray_audit);
+  CHECK(fs::exists(dir + "/rel-secrets.key"));
+  test::create_group(s, "rel-group", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  CHECK(fs::exists(dir + "/rel-audit.log"));
+  CHECK(!fs::exists(dir + "/secrets.key"));
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+  CHECK_MESSAGE(out.find("'" + dir + "/rel-secrets.key'") != std::string::npos, out);
+  CHECK(audit_lines(dir + "/rel-audit.log").size() == 2); // the Upsert, the rotation
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK(s.service("GET", "/enrollmentGroups/rel-group").status == 200);
+}
+
 } // TEST_SUITE
 
 TEST_SUITE("audit") {

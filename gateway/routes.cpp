@@ -684,12 +684,25 @@ private:
       if (auto err = authorize(req, "ServiceConfig"))
         return fail(err);
       std::vector<json> docs;
-      if (auto err = eng_.list_certificates(docs))
+      std::vector<std::string> unreadable;
+      if (auto err = eng_.list_certificates(docs, unreadable))
         return fail(err);
       json arr = json::array();
       for (const auto& d : docs)
         arr.push_back(enrollment::ca_public(d));
-      return reply(json_response(200, json{{"value", std::move(arr)}}.dump()));
+      json out{{"value", std::move(arr)}};
+      // Skipped entries are named (not silently missing); why, with paths
+      // and key ids, goes to the log only.
+      if (!unreadable.empty()) {
+        json names = json::array();
+        for (const auto& u : unreadable) {
+          names.push_back(u.substr(0, u.find(": ")));
+          if (opts_.log != nullptr)
+            opts_.log->warn("stored CA " + u + " (left out of GET /certificates)");
+        }
+        out["unreadable"] = std::move(names);
+      }
+      return reply(json_response(200, out.dump()));
     }
     if (ids.size() > 2)
       return fail({error_code::not_found, "no such route: " + req.path});

@@ -384,6 +384,47 @@ TEST_CASE("a CA whose sealed value does not open is skipped for its groups; the 
   CHECK(s.alive());
 }
 
+TEST_CASE("a CA that does not open is left out of GET /certificates and named; the others are listed") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  // "ca-a" sorts first: a list that stopped at it would show nothing.
+  for (const char* name : {"ca-a", "ca-b"}) {
+    auto ca = test::make_ca(std::string("IT List ") + name, nullptr, 60);
+    auto r = s.service("PUT", std::string("/certificates/") + name,
+                       nlohmann::json{{"certificate", ca.pem()}}.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  CHECK(s.stop() == 0);
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    auto sealed = ring->seal(R"({"certificate":"x"})", "certificates/ca-a");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::certificates, "ca-a", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto r = s.service("GET", "/certificates");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto j = test::parse_json(r.body);
+  REQUIRE(j["value"].size() == 1);
+  CHECK(j["value"][0].value("name", "") == "ca-b");
+  CHECK(j["unreadable"] == nlohmann::json::array({"ca-a"}));
+  CHECK(r.body.find("failed authentication") == std::string::npos); // details: the log
+  // Uploading another CA compares thumbprints with every stored CA: the
+  // unreadable one must not make that a 500.
+  auto ca = test::make_ca("IT List ca-c", nullptr, 60);
+  r = s.service("PUT", "/certificates/ca-c", nlohmann::json{{"certificate", ca.pem()}}.dump());
+  CHECK_MESSAGE(r.status == 200, r.body);
+  CHECK(s.stop() == 0);
+  CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
+}
+
 TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-secrets");

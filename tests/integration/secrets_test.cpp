@@ -142,12 +142,14 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   const std::string cfg = "--config " + dir + "/cfg.toml";
   REQUIRE_MESSAGE(run_provisiond("keys list " + cfg, out) == 0, out);
   const std::string first_id = out.substr(0, 16);
+  CHECK_MESSAGE(out == first_id + " 2 values active\n", out);
   REQUIRE_MESSAGE(run_provisiond("keys rotate " + cfg, out) == 0, out);
   CHECK_MESSAGE(out.find("new active key") != std::string::npos, out);
   CHECK_MESSAGE(out.find("re-encrypted 2 values") != std::string::npos, out);
   REQUIRE(run_provisiond("keys list " + cfg, out) == 0);
-  CHECK(out.find(first_id + "\n") == 0);
-  CHECK(out.find(" active") != std::string::npos);
+  CHECK_MESSAGE(out.find(first_id + " 0 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+  CHECK(out.find("note:") == std::string::npos);
 
   REQUIRE_MESSAGE(!s.restart(), s.log());
   registers(s, "sealed-dev", ind_key);
@@ -159,6 +161,86 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   // Rotation is offline: the running server holds the data dir's lock.
   CHECK(run_provisiond("keys rotate " + cfg, out) != 0);
   CHECK_MESSAGE(out.find("another provisiond may be running") != std::string::npos, out);
+  // `keys list` still lists the ids, saying why it cannot count.
+  CHECK(run_provisiond("keys list " + cfg, out) == 0);
+  CHECK_MESSAGE(out.find("(values per key not counted: ") != std::string::npos, out);
+}
+
+TEST_CASE("keys rotate goes past a value that does not open, names it and fails; keys list shows "
+          "the incomplete rotation") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string key = crypto::generate_key();
+  // "a-bad" sorts first: a rotation that stopped there would move nothing.
+  put_enrollment(s, "a-bad", key);
+  put_enrollment(s, "b-good", key);
+  CHECK(s.stop() == 0);
+  std::shared_ptr<const storage::keyring> ring;
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  const std::string old_id = ring->active_id();
+  {
+    auto sealed = ring->seal(R"({"registrationId":"a-bad"})", "enrollments/a-bad");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, "a-bad", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  std::string out;
+  const std::string cfg = "--config " + dir + "/cfg.toml";
+  CHECK(run_provisiond("keys rotate " + cfg, out) == 1);
+  CHECK_MESSAGE(out.find("1 stored values did not open") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("FAMILY") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("enrollments     " + old_id + "  a-bad  ") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("re-encrypted 1 values, 1 did not open") != std::string::npos, out);
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  CHECK(ring->active_id() != old_id);
+  CHECK(run_provisiond("keys list " + cfg, out) == 0);
+  CHECK_MESSAGE(out.find(old_id + " 1 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(ring->active_id() + " 1 values active\n") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("note: 1 values are not under the active key") != std::string::npos, out);
+  // The rotation's audit line records the failure.
+  auto lines = audit_lines(dir + "/audit.log");
+  REQUIRE(!lines.empty());
+  CHECK(lines.back().value("operationName", "") == "RotateKeys");
+  CHECK(lines.back().value("resultType", "") == "Failure");
+  // Everything else moved: the server starts and the good device registers.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  registers(s, "b-good", key);
+}
+
+TEST_CASE("keys rotate run as root leaves the data dir's files with their owner") {
+  if (::geteuid() != 0) {
+    MESSAGE("not root: skipped (the case only exists for root)");
+    return;
+  }
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  test::create_group(s, "owned-group", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  // The service user's data dir (nobody here), as a package would set it up.
+  const uid_t uid = 65534;
+  const gid_t gid = 65534;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    REQUIRE(::lchown(e.path().c_str(), uid, gid) == 0);
+  REQUIRE(::chown(dir.c_str(), uid, gid) == 0);
+  fs::remove(dir + "/audit.log"); // a new one is created by the rotation
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+  REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+  std::string roots;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    struct stat st {};
+    REQUIRE(::lstat(e.path().c_str(), &st) == 0);
+    if (st.st_uid != uid || st.st_gid != gid) roots += e.path().string() + "\n";
+  }
+  CHECK_MESSAGE(roots.empty(), "owned by someone else now:\n" << roots);
+  CHECK(fs::exists(dir + "/audit.log"));
 }
 
 TEST_CASE("a wrong or missing key file stops the start with an error naming the file") {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -42,6 +43,15 @@ std::string audit_file_path(const config::engine_config& cfg) {
   return in_data_dir(cfg, cfg.log.audit_file, "audit.log");
 }
 
+const char* const secrets_key_env = "PROVISIOND_SECRETS_KEY";
+
+error env_keyring(std::shared_ptr<const storage::keyring>& out) {
+  out.reset();
+  const char* v = std::getenv(secrets_key_env);
+  if (v == nullptr) return {};
+  return storage::keyring::from_env(secrets_key_env, v, out);
+}
+
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {
   note.clear();
   const std::string path = key_file_path(cfg);
@@ -49,7 +59,15 @@ error open_secrets(const config::engine_config& cfg, storage::store& store, std:
   if (auto err = store.is_sealed(sealed)) return err;
   std::shared_ptr<const storage::keyring> ring;
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
+  if (auto err = env_keyring(ring)) return err;
+  if (ring) {
+    // The variable wins over the key file, which is neither read nor
+    // created: a key kept out of every file (a secrets manager, systemd
+    // credentials) must not get a copy on disk beside the data.
+    note = "key-encryption keys from the environment variable " +
+           std::string(secrets_key_env) + " (active key id " + ring->active_id() +
+           "); the key file is not used";
+  } else if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
     // A new key for a data dir sealed before would only hide the real
     // problem (the old key is gone) behind "cannot decrypt" later.
     if (sealed)
@@ -195,6 +213,12 @@ int rotate(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
+  if (std::getenv(app::secrets_key_env) != nullptr)
+    return fail(std::string("keys rotate adds the new key to the key file, but ") +
+                app::secrets_key_env +
+                " is set and would override it: write the variable's key lines into a key "
+                "file (0600), unset the variable, rotate, then put the file's lines back "
+                "into the variable (docs/security.md)");
   const std::string path = app::key_file_path(cfg);
   // Declared before the store: runs after the store has closed its files.
   ownership_keeper owners(cfg.data_dir, path, app::audit_file_path(cfg));
@@ -246,7 +270,9 @@ int list(const keys_args& a) {
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
   std::shared_ptr<const storage::keyring> ring;
-  if (auto err = storage::keyring::load(app::key_file_path(cfg), ring)) return fail(err.message);
+  if (auto err = app::env_keyring(ring)) return fail(err.message);
+  if (!ring)
+    if (auto err = storage::keyring::load(app::key_file_path(cfg), ring)) return fail(err.message);
   // Counts need the data dir: its lock is held while the server runs, and a
   // missing db/ must not be created here.
   storage::key_usage usage;

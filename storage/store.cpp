@@ -463,8 +463,8 @@ public:
         std::string plain;
         if (auto e = k->open(*check, seal_aad(cf::meta, check_key), plain))
           return {e.code, "storage: data dir '" + dir_ + "' is sealed with key id " +
-                            keyring::key_id_of(*check) + ", which key file '" + k->path() +
-                            "' cannot open: " + e.message};
+                            keyring::key_id_of(*check) + ", which " + k->source() +
+                            " cannot open: " + e.message};
       }
       std::optional<std::string> migrated;
       if (auto e = get(cf::meta, migrated_key, migrated)) return e;

@@ -243,6 +243,74 @@ TEST_CASE("keys rotate run as root leaves the data dir's files with their owner"
   CHECK(fs::exists(dir + "/audit.log"));
 }
 
+/// Sets an environment variable for this process (and the servers and CLI
+/// runs it starts) while in scope.
+struct env_var {
+  std::string name;
+  env_var(std::string n, const std::string& value) : name(std::move(n)) {
+    ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~env_var() { ::unsetenv(name.c_str()); }
+  env_var(const env_var&) = delete;
+  env_var& operator=(const env_var&) = delete;
+};
+
+TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over one, a bad value "
+          "stops the start naming the variable") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  const std::string raw = crypto::random_bytes(32);
+  std::string id;
+  {
+    env_var v("PROVISIOND_SECRETS_KEY", crypto::base64_encode(raw));
+    REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+    CHECK_MESSAGE(s.log().find("from the environment variable PROVISIOND_SECRETS_KEY") !=
+                    std::string::npos,
+                  s.log());
+    CHECK(!fs::exists(dir + "/secrets.key")); // no copy on disk
+    test::create_group(s, "env-group", crypto::generate_key());
+    CHECK(s.stop() == 0);
+    std::string out;
+    REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+    id = out.substr(0, 16);
+    CHECK_MESSAGE(out == id + " 1 values active\n", out);
+    // Rotation writes a key file: refused while the variable would override it.
+    CHECK(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 1);
+    CHECK_MESSAGE(out.find("PROVISIOND_SECRETS_KEY is set") != std::string::npos, out);
+  }
+  // Without the variable the data dir is sealed and there is no key file.
+  auto err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("is missing") != std::string::npos, err.message);
+  {
+    // Key file lines work too (the last is active); a key file beside it is ignored.
+    std::shared_ptr<const storage::keyring> other;
+    REQUIRE(storage::keyring::create(dir + "/secrets.key", other).ok());
+    env_var v("PROVISIOND_SECRETS_KEY", "# comment\n" + id + " " + crypto::base64_encode(raw) + "\n");
+    REQUIRE_MESSAGE(!s.restart(), s.log());
+    CHECK(s.service("GET", "/enrollmentGroups/env-group").status == 200);
+    CHECK(s.stop() == 0);
+  }
+  for (const char* bad : {"", "not base64!", "c2hvcnQ=", "0123456789abcdef AAAA"}) {
+    env_var v("PROVISIOND_SECRETS_KEY", bad);
+    err = s.restart();
+    REQUIRE_MESSAGE(err, bad);
+    CHECK_MESSAGE(err.message.find("environment variable PROVISIOND_SECRETS_KEY") !=
+                    std::string::npos,
+                  err.message);
+  }
+  {
+    // Another valid key: the data dir's check names the variable.
+    env_var v("PROVISIOND_SECRETS_KEY", crypto::base64_encode(crypto::random_bytes(32)));
+    err = s.restart();
+    REQUIRE(err);
+    CHECK_MESSAGE(err.message.find("which environment variable PROVISIOND_SECRETS_KEY cannot "
+                                   "open") != std::string::npos,
+                  err.message);
+  }
+}
+
 TEST_CASE("a wrong or missing key file stops the start with an error naming the file") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-secrets");

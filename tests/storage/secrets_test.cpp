@@ -599,4 +599,31 @@ TEST_CASE("a rotation goes past a value that does not open and reports it; key u
   CHECK(u.by_key_id == want);
 }
 
+TEST_CASE("keys from an environment variable: one base64 key or key file lines; errors name it") {
+  const std::string raw = crypto::random_bytes(32);
+  std::shared_ptr<const keyring> r;
+  REQUIRE(keyring::from_env("K", " " + crypto::base64_encode(raw) + "\n", r).ok());
+  CHECK(r->ids().size() == 1);
+  CHECK(r->path().empty());
+  CHECK(r->source() == "environment variable K");
+  const std::string id = r->active_id();
+  auto sealed = r->seal("x", "a");
+  temp_dir d;
+  auto file_ring = make_ring(d.keys());
+  std::ifstream in(d.keys());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::shared_ptr<const keyring> two;
+  REQUIRE(keyring::from_env("K", id + " " + crypto::base64_encode(raw) + "\n" + text, two).ok());
+  CHECK(two->ids().size() == 2);
+  CHECK(two->active_id() == file_ring->active_id());
+  std::string plain;
+  CHECK(two->open(sealed, "a", plain).ok());
+  CHECK(plain == "x");
+  for (const char* bad : {"", "  ", "nope", "c2hvcnQ=", "0123456789abcdef AAAA", "a b c\n"}) {
+    auto e = keyring::from_env("K", bad, r);
+    CHECK_MESSAGE(e.message.rfind("secrets: environment variable K: ", 0) == 0, e.message);
+    CHECK(!r);
+  }
+}
+
 } // TEST_SUITE

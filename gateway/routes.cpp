@@ -317,6 +317,18 @@ public:
       r.headers.emplace_back("Retry-After", std::to_string(wait));
       return reply(std::move(r));
     }
+    // RFC 9110 8.4: a body in a content coding (gzip, ...) is not JSON we
+    // can read; 415 with Accept-Encoding saying what is (RFC 9110 12.5.3).
+    if (!req.body.empty())
+      for (const auto& [name, value] : req.headers)
+        if (name == "content-encoding" && !iequals(value, "identity")) {
+          auto r = error_response({error_code::unsupported_media_type,
+                                   "Content-Encoding '" + value.substr(0, 64) +
+                                     "' is not supported: send the body unencoded"},
+                                  tracking);
+          r.headers.emplace_back("Accept-Encoding", "identity");
+          return reply(std::move(r));
+        }
     if (rt == route::service || rt == route::linkedhubs)
       return service(req, segs, rt, reply, tracking);
     if (rt != route::none && rt != route::health)

@@ -417,20 +417,21 @@ public:
     return {};
   }
 
-  error list_certificates(std::vector<json>& docs) override {
-    error bad;
-    auto err = ctx_->store->scan(storage::cf::certificates, "", 0,
-                                 [&](std::string_view k, std::string_view v) {
-                                   auto j = json::parse(v, nullptr, false);
-                                   if (j.is_discarded())
-                                     bad = {error_code::storage_failure,
-                                            "stored CA '" + std::string(k)
-                                              + "' is not valid JSON"};
-                                   else
-                                     docs.push_back(std::move(j));
-                                   return true;
-                                 });
-    return err ? err : bad;
+  error list_certificates(std::vector<json>& docs, std::vector<std::string>& unreadable) override {
+    return ctx_->store->scan_tolerant(
+      storage::cf::certificates, "", 0,
+      [&](std::string_view k, std::string_view v) {
+        auto j = json::parse(v, nullptr, false);
+        if (j.is_discarded() || !j.is_object())
+          unreadable.push_back(std::string(k) + ": not valid JSON");
+        else
+          docs.push_back(std::move(j));
+        return true;
+      },
+      [&](std::string_view k, const error& why) {
+        unreadable.push_back(std::string(k) + ": " + why.message);
+        return true;
+      });
   }
 
   error list_hubs(std::vector<json>& docs) override {

@@ -146,8 +146,12 @@ public:
                                  std::string if_match, doc_cb cb) = 0;
   /// A stored CA document (certificate_not_found when absent).
   [[nodiscard]] virtual error get_certificate(const std::string& name, nlohmann::json& doc) = 0;
-  /// Every stored CA document, in name order.
-  [[nodiscard]] virtual error list_certificates(std::vector<nlohmann::json>& docs) = 0;
+  /// Every stored CA document, in name order. A CA whose stored value does
+  /// not open (sealed value tampered, key missing) or parse is left out and
+  /// named in `unreadable` ("<name>: <why>"), so one damaged entry does not
+  /// hide the others.
+  [[nodiscard]] virtual error list_certificates(std::vector<nlohmann::json>& docs,
+                                                std::vector<std::string>& unreadable) = 0;
 
   // -- linked hubs (actors/hub_store.hpp) -------------------------------------------
 

@@ -321,18 +321,22 @@ caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr 
           // CA trusted under the other, and groups could not tell them apart.
           std::string other;
           const auto thumb = doc.value("thumbprint", std::string());
-          auto err = ctx->store->scan(storage::cf::certificates, "", 0,
-                                      [&](std::string_view k, std::string_view v) {
-                                        if (k == key)
-                                          return true;
-                                        auto e = json::parse(v, nullptr, false);
-                                        if (!e.is_discarded() && e.is_object()
-                                            && e.value("thumbprint", std::string()) == thumb) {
-                                          other = e.value("name", std::string(k));
-                                          return false;
-                                        }
-                                        return true;
-                                      });
+          // A stored CA that does not open cannot be compared: skipped (it
+          // must not make every upload a 500; GET /certificates names it).
+          auto err = ctx->store->scan_tolerant(
+            storage::cf::certificates, "", 0,
+            [&](std::string_view k, std::string_view v) {
+              if (k == key)
+                return true;
+              auto e = json::parse(v, nullptr, false);
+              if (!e.is_discarded() && e.is_object()
+                  && e.value("thumbprint", std::string()) == thumb) {
+                other = e.value("name", std::string(k));
+                return false;
+              }
+              return true;
+            },
+            [](std::string_view, const error&) { return true; });
           if (err)
             return fail(std::move(err));
           if (!other.empty())

@@ -4,7 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 
@@ -16,12 +20,36 @@
 
 namespace prov::app {
 
+namespace {
+
+/// `file` (default `fallback`) with a relative path taken inside the data
+/// dir, as the default is. Against the working directory instead, `serve`
+/// under systemd and `keys rotate` from a shell would read different files
+/// (or `serve` would create a second key beside a data dir it cannot open).
+std::string in_data_dir(const config::engine_config& cfg, const std::string& file,
+                        const char* fallback) {
+  if (file.empty()) return cfg.data_dir + "/" + fallback;
+  if (file[0] == '/') return file;
+  return cfg.data_dir + "/" + file;
+}
+
+} // namespace
+
 std::string key_file_path(const config::engine_config& cfg) {
-  return cfg.secrets.key_file.empty() ? cfg.data_dir + "/secrets.key" : cfg.secrets.key_file;
+  return in_data_dir(cfg, cfg.secrets.key_file, "secrets.key");
 }
 
 std::string audit_file_path(const config::engine_config& cfg) {
-  return cfg.log.audit_file.empty() ? cfg.data_dir + "/audit.log" : cfg.log.audit_file;
+  return in_data_dir(cfg, cfg.log.audit_file, "audit.log");
+}
+
+const char* const secrets_key_env = "PROVISIOND_SECRETS_KEY";
+
+error env_keyring(std::shared_ptr<const storage::keyring>& out) {
+  out.reset();
+  const char* v = std::getenv(secrets_key_env);
+  if (v == nullptr) return {};
+  return storage::keyring::from_env(secrets_key_env, v, out);
 }
 
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {
@@ -31,7 +59,15 @@ error open_secrets(const config::engine_config& cfg, storage::store& store, std:
   if (auto err = store.is_sealed(sealed)) return err;
   std::shared_ptr<const storage::keyring> ring;
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
+  if (auto err = env_keyring(ring)) return err;
+  if (ring) {
+    // The variable wins over the key file, which is neither read nor
+    // created: a key kept out of every file (a secrets manager, systemd
+    // credentials) must not get a copy on disk beside the data.
+    note = "key-encryption keys from the environment variable " +
+           std::string(secrets_key_env) + " (active key id " + ring->active_id() +
+           "); the key file is not used";
+  } else if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
     // A new key for a data dir sealed before would only hide the real
     // problem (the old key is gone) behind "cannot decrypt" later.
     if (sealed)
@@ -105,11 +141,87 @@ void audit_rotation(const prov::config::engine_config& cfg, const std::string& n
   log->flush();
 }
 
+/// `keys rotate` run as root on a data dir owned by the service user: the
+/// files it creates (RocksDB's new SST files, MANIFEST, WAL, OPTIONS, LOG;
+/// the rewritten key file; a new audit file) would be root's, and the
+/// server, running as its own user, could no longer open them. This gives
+/// them back on every path out: data dir files to the owner of `db/`, the
+/// key file to its previous owner, a new audit file to the data dir's owner.
+class ownership_keeper {
+public:
+  ownership_keeper(const std::string& data_dir, const std::string& key_file,
+                   const std::string& audit_file)
+    : db_(data_dir + "/db"), key_file_(key_file), audit_file_(audit_file) {
+    if (::geteuid() != 0) return; // others cannot create files they do not own
+    struct stat st {};
+    if (::stat(db_.c_str(), &st) == 0 && st.st_uid != 0) db_owner_ = {st.st_uid, st.st_gid};
+    if (::stat(key_file_.c_str(), &st) == 0 && st.st_uid != 0) key_owner_ = {st.st_uid, st.st_gid};
+    if (::stat(audit_file_.c_str(), &st) != 0 && ::stat(data_dir.c_str(), &st) == 0 &&
+        st.st_uid != 0)
+      audit_owner_ = {st.st_uid, st.st_gid};
+  }
+  ~ownership_keeper() {
+    namespace fs = std::filesystem;
+    auto give = [](const std::string& path, const owner& o) {
+      if (o.uid == 0) return;
+      struct stat st {};
+      if (::lstat(path.c_str(), &st) != 0 || (st.st_uid == o.uid && st.st_gid == o.gid)) return;
+      if (::lchown(path.c_str(), o.uid, o.gid) != 0)
+        std::cerr << "provisiond: WARNING: cannot give '" << path << "' back to uid " << o.uid
+                  << ": " << std::strerror(errno) << std::endl;
+    };
+    if (db_owner_.uid != 0) {
+      std::error_code ec;
+      give(db_, db_owner_);
+      for (fs::recursive_directory_iterator it(db_, ec), end; !ec && it != end; it.increment(ec))
+        give(it->path().string(), db_owner_);
+    }
+    give(key_file_, key_owner_);
+    give(audit_file_, audit_owner_);
+  }
+  ownership_keeper(const ownership_keeper&) = delete;
+  ownership_keeper& operator=(const ownership_keeper&) = delete;
+
+private:
+  struct owner {
+    uid_t uid = 0;
+    gid_t gid = 0;
+  };
+  std::string db_, key_file_, audit_file_;
+  owner db_owner_, key_owner_, audit_owner_;
+};
+
+/// The values a rotation could not open, as a table on stderr.
+void print_unreadable(const prov::storage::seal_report& rep) {
+  std::cerr << "provisiond: " << rep.unreadable_total
+            << " stored values did not open and were left as they are (still sealed under "
+               "their old key id, unreadable until restored from a backup or written again):\n"
+            << "FAMILY          KEY ID            KEY  REASON\n";
+  for (const auto& u : rep.unreadable) {
+    std::string fam(prov::storage::to_string(u.family));
+    fam.resize(std::max<std::size_t>(fam.size(), 15), ' ');
+    std::string id = u.key_id.empty() ? "-" : u.key_id;
+    id.resize(std::max<std::size_t>(id.size(), 17), ' ');
+    std::cerr << fam << " " << id << " " << u.key << "  " << u.why << "\n";
+  }
+  if (rep.unreadable_total > rep.unreadable.size())
+    std::cerr << "... and " << rep.unreadable_total - rep.unreadable.size() << " more\n";
+  std::cerr << std::flush;
+}
+
 int rotate(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
+  if (std::getenv(app::secrets_key_env) != nullptr)
+    return fail(std::string("keys rotate adds the new key to the key file, but ") +
+                app::secrets_key_env +
+                " is set and would override it: write the variable's key lines into a key "
+                "file (0600), unset the variable, rotate, then put the file's lines back "
+                "into the variable (docs/security.md)");
   const std::string path = app::key_file_path(cfg);
+  // Declared before the store: runs after the store has closed its files.
+  ownership_keeper owners(cfg.data_dir, path, app::audit_file_path(cfg));
   // The store's lock keeps a running server out: rotation is offline.
   std::unique_ptr<storage::store> st;
   if (auto err = storage::store::open(cfg.data_dir + "/db", {}, st)) return fail(err.message);
@@ -125,15 +237,28 @@ int rotate(const keys_args& a) {
   }
   storage::seal_report moved;
   if (auto err = st->attach_keyring(ring, /*reseal_all=*/true, moved)) {
+    st->close();
     audit_rotation(cfg, ring->active_id(), err);
     return fail(err.message + " (the key file already has the new key " + ring->active_id() +
                 "; values not re-encrypted yet still open with the older keys: run "
                 "`provisiond keys rotate` again once the cause is fixed)");
   }
   st->close();
+  const std::size_t done = moved.resealed + moved.sealed + rep.sealed;
+  if (moved.unreadable_total > 0) {
+    print_unreadable(moved);
+    const error partial{error_code::storage_failure,
+                        std::to_string(moved.unreadable_total) +
+                          " values did not open and stay under their old key"};
+    audit_rotation(cfg, ring->active_id(), partial);
+    return fail("new active key " + ring->active_id() + " in '" + path + "'; re-encrypted " +
+                std::to_string(done) + " values, " + std::to_string(moved.unreadable_total) +
+                " did not open (table above). Keep the older key lines; `provisiond keys "
+                "list` shows what each key still seals.");
+  }
   audit_rotation(cfg, ring->active_id(), {});
   std::cout << "new active key " << ring->active_id() << " in '" << path << "'; re-encrypted "
-            << moved.resealed + moved.sealed + rep.sealed
+            << done
             << " values. The older keys stay in the file: remove a line only when no "
                "backup of this data dir still needs it (docs/security.md)."
             << std::endl;
@@ -145,9 +270,61 @@ int list(const keys_args& a) {
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
   std::shared_ptr<const storage::keyring> ring;
-  if (auto err = storage::keyring::load(app::key_file_path(cfg), ring)) return fail(err.message);
-  for (const auto& id : ring->ids())
-    std::cout << id << (id == ring->active_id() ? " active" : "") << "\n";
+  if (auto err = app::env_keyring(ring)) return fail(err.message);
+  if (!ring)
+    if (auto err = storage::keyring::load(app::key_file_path(cfg), ring)) return fail(err.message);
+  // Counts need the data dir: its lock is held while the server runs, and a
+  // missing db/ must not be created here.
+  storage::key_usage usage;
+  std::string no_counts;
+  const std::string db = cfg.data_dir + "/db";
+  struct stat st {};
+  if (::stat((db + "/CURRENT").c_str(), &st) != 0) {
+    no_counts = "no data dir at '" + cfg.data_dir + "'";
+  } else {
+    // Opening writes files too (LOG, OPTIONS, a MANIFEST): as root, given back.
+    ownership_keeper owners(cfg.data_dir, "", "");
+    std::unique_ptr<storage::store> store;
+    if (auto err = storage::store::open(db, {}, store))
+      no_counts = err.message;
+    else if (auto err2 = store->count_key_usage(usage))
+      no_counts = err2.message;
+  }
+  auto count_of = [&](const std::string& id) -> std::size_t {
+    for (const auto& [k, n] : usage.by_key_id)
+      if (k == id) return n;
+    return 0;
+  };
+  std::size_t old_values = 0, foreign_values = 0;
+  for (const auto& id : ring->ids()) {
+    std::cout << id;
+    if (no_counts.empty()) {
+      std::cout << " " << count_of(id) << " values";
+      if (id != ring->active_id()) old_values += count_of(id);
+    }
+    std::cout << (id == ring->active_id() ? " active" : "") << "\n";
+  }
+  if (!no_counts.empty()) {
+    std::cout << "(values per key not counted: " << no_counts << ")" << std::endl;
+    return 0;
+  }
+  for (const auto& [id, n] : usage.by_key_id) {
+    const auto ids = ring->ids();
+    if (std::find(ids.begin(), ids.end(), id) != ids.end()) continue;
+    std::cout << id << " " << n << " values NOT IN THE KEY FILE\n";
+    foreign_values += n;
+  }
+  if (usage.plaintext > 0) std::cout << "plaintext " << usage.plaintext << " values\n";
+  if (old_values > 0)
+    std::cout << "note: " << old_values
+              << " values are not under the active key: a rotation did not complete, or "
+                 "left values that did not open (run `provisiond keys rotate` again; it names "
+                 "them)\n";
+  std::cout << std::flush;
+  if (foreign_values > 0)
+    return fail(std::to_string(foreign_values) +
+                " values are sealed under key ids the key file does not hold: they do not "
+                "open (restore the key line from a backup of the key file)");
   return 0;
 }
 
@@ -166,7 +343,7 @@ void add_keys_command(CLI::App& app, int& exit_code) {
     "Add a new key-encryption key and re-encrypt every sealed value with it (server stopped)");
   add_common(rot);
   rot->callback([args, &exit_code] { exit_code = rotate(*args); });
-  auto* ls = keys->add_subcommand("list", "List the key ids in the key file; the active one last");
+  auto* ls = keys->add_subcommand("list", "List the key ids in the key file (the active one last) and how many stored values each seals");
   add_common(ls);
   ls->callback([args, &exit_code] { exit_code = list(*args); });
 }

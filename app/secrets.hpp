@@ -1,6 +1,7 @@
 #pragma once
 // Secrets at rest for `provisiond serve` and `provisiond keys` (docs/security.md).
 
+#include <memory>
 #include <string>
 
 #include "config/config.hpp"
@@ -11,18 +12,29 @@ class App;
 }
 
 namespace prov::storage {
+class keyring;
 class store;
-}
+} // namespace prov::storage
 
 namespace prov::app {
 
-/// [secrets] key_file, or <data_dir>/secrets.key when unset.
+/// [secrets] key_file, or <data_dir>/secrets.key when unset; a relative
+/// key_file is taken inside data_dir (never the working directory).
 std::string key_file_path(const config::engine_config& cfg);
 
-/// [log] audit_file, or <data_dir>/audit.log when unset.
+/// [log] audit_file, or <data_dir>/audit.log when unset; relative: inside
+/// data_dir.
 std::string audit_file_path(const config::engine_config& cfg);
 
-/// Loads the key file (creating it, 0600, when it is missing and the data dir
+/// The environment variable that, when set, holds the key-encryption keys
+/// instead of the key file (docs/security.md#keys-from-the-environment).
+extern const char* const secrets_key_env;
+
+/// The keys from secrets_key_env; `out` stays empty when it is not set.
+/// Errors name the variable (empty, not base64 of 32 bytes, bad line).
+[[nodiscard]] error env_keyring(std::shared_ptr<const storage::keyring>& out);
+
+/// Keys from secrets_key_env when set, else loads the key file (creating it, 0600, when it is missing and the data dir
 /// was never sealed) and attaches it to `store`, which seals any plaintext an
 /// older version left. `note` says what was done worth telling the operator.
 /// Errors name the key file: missing for a sealed data dir, wrong key, mode.

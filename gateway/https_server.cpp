@@ -297,8 +297,11 @@ private:
     fill_request(req, ip_, hr);
     if (peer_chain_)
       hr.client_chain_der = peer_chain_;
-    if (auto why = framing_ambiguity(hr.headers, version_); !why.empty())
-      return fail_and_close({error_code::bad_request, "malformed HTTP request: " + why});
+    bool unknown_coding = false;
+    if (auto why = framing_ambiguity(hr.headers, version_, &unknown_coding); !why.empty())
+      return fail_and_close(unknown_coding
+                              ? error{error_code::not_implemented, why}
+                              : error{error_code::bad_request, "malformed HTTP request: " + why});
     if (ws::is_upgrade(version_, hr.path, hr.headers))
       return upgrade(hr);
     auto self = shared_from_this();

@@ -283,10 +283,16 @@ public:
     auto tracking = crypto::uuid4();
     auto segs = split_path(req.path);
     const route rt = route_of(segs);
+    const bool health = rt == route::health && req.method == "GET" &&
+                        (segs[0] == "healthz" || segs[0] == "readyz");
+    // [throttling] requests_per_minute_per_address: decided first, so a
+    // flood costs a map lookup: no SAS, no storage read, no body parsed for
+    // the audit line. Health checks are not counted.
+    const int wait = health ? 0 : api_.admit_address(req.client_ip);
     respond_fn observed = std::move(respond);
     std::shared_ptr<audit_state> audit;
     if (opts_.metrics != nullptr || opts_.log != nullptr || opts_.audit != nullptr)
-      observed = observe(req, segs, rt, tracking, std::move(observed), audit);
+      observed = observe(req, segs, rt, tracking, std::move(observed), wait == 0, audit);
     // authorize() notes the verified policy here while this call dispatches.
     struct scope {
       explicit scope(audit_state* a) { current_audit = a; }
@@ -303,9 +309,7 @@ public:
       return reply(json_response(ok ? 200 : 503, ok ? R"({"status":"ready"})"
                                                     : R"({"status":"not ready"})"));
     }
-    // [throttling] requests_per_minute_per_address: before the route's
-    // checks, so a flood costs a map lookup, not a SAS or a storage read.
-    if (int wait = api_.admit_address(req.client_ip)) {
+    if (wait != 0) {
       auto r = error_response({error_code::throttled,
                                "too many requests from this client address; retry after the "
                                "Retry-After interval"},
@@ -313,6 +317,18 @@ public:
       r.headers.emplace_back("Retry-After", std::to_string(wait));
       return reply(std::move(r));
     }
+    // RFC 9110 8.4: a body in a content coding (gzip, ...) is not JSON we
+    // can read; 415 with Accept-Encoding saying what is (RFC 9110 12.5.3).
+    if (!req.body.empty())
+      for (const auto& [name, value] : req.headers)
+        if (name == "content-encoding" && !iequals(value, "identity")) {
+          auto r = error_response({error_code::unsupported_media_type,
+                                   "Content-Encoding '" + value.substr(0, 64) +
+                                     "' is not supported: send the body unencoded"},
+                                  tracking);
+          r.headers.emplace_back("Accept-Encoding", "identity");
+          return reply(std::move(r));
+        }
     if (rt == route::service || rt == route::linkedhubs)
       return service(req, segs, rt, reply, tracking);
     if (rt != route::none && rt != route::health)
@@ -326,9 +342,12 @@ private:
   using reply_fn = std::function<void(http_response)>;
 
   /// Wraps `respond` so the answer is counted (metrics) and logged (one
-  /// diagnostic line) whichever path produced it.
+  /// diagnostic line) whichever path produced it. `admitted` false (the
+  /// address throttle refused it): no audit line. The request was not
+  /// authenticated nor acted on, and an unauthenticated flood must not be
+  /// able to fill the audit file; metrics and the diagnostic log count it.
   respond_fn observe(const http_request& req, const std::vector<std::string>& segs, route r,
-                     const std::string& tracking, respond_fn respond,
+                     const std::string& tracking, respond_fn respond, bool admitted,
                      std::shared_ptr<audit_state>& audit_out) {
     struct context {
       request_kind kind;
@@ -346,7 +365,8 @@ private:
     auto* m = opts_.metrics;
     auto* log = opts_.log;
     auto* audit_log = opts_.audit;
-    if (audit_log != nullptr && std::string_view(c->kind.category) == "ServiceOperations" &&
+    if (admitted && audit_log != nullptr &&
+        std::string_view(c->kind.category) == "ServiceOperations" &&
         audited(c->kind.operation)) {
       c->audit = std::make_shared<audit_state>();
       audit_out = c->audit;
@@ -676,12 +696,25 @@ private:
       if (auto err = authorize(req, "ServiceConfig"))
         return fail(err);
       std::vector<json> docs;
-      if (auto err = eng_.list_certificates(docs))
+      std::vector<std::string> unreadable;
+      if (auto err = eng_.list_certificates(docs, unreadable))
         return fail(err);
       json arr = json::array();
       for (const auto& d : docs)
         arr.push_back(enrollment::ca_public(d));
-      return reply(json_response(200, json{{"value", std::move(arr)}}.dump()));
+      json out{{"value", std::move(arr)}};
+      // Skipped entries are named (not silently missing); why, with paths
+      // and key ids, goes to the log only.
+      if (!unreadable.empty()) {
+        json names = json::array();
+        for (const auto& u : unreadable) {
+          names.push_back(u.substr(0, u.find(": ")));
+          if (opts_.log != nullptr)
+            opts_.log->warn("stored CA " + u + " (left out of GET /certificates)");
+        }
+        out["unreadable"] = std::move(names);
+      }
+      return reply(json_response(200, out.dump()));
     }
     if (ids.size() > 2)
       return fail({error_code::not_found, "no such route: " + req.path});

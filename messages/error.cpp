@@ -40,6 +40,7 @@ std::string_view to_string(error_code c) noexcept {
     case error_code::throttled: return "throttled";
     case error_code::internal: return "internal";
     case error_code::storage_failure: return "storage_failure";
+    case error_code::not_implemented: return "not_implemented";
     case error_code::unavailable: return "unavailable";
   }
   return "unknown";

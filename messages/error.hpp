@@ -51,6 +51,7 @@ enum class error_code : int32_t {
   throttled = 429001,
   internal = 500000,
   storage_failure = 500001,
+  not_implemented = 501000,            // a transfer coding other than chunked (RFC 9112 6.1)
   unavailable = 503000,
 };
 

@@ -10,8 +10,12 @@
 #include <mutex>
 #include <thread>
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <unistd.h>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 
 #include <spdlog/sinks/basic_file_sink.h>
@@ -137,10 +141,19 @@ prov::error diagnostic_log::open(const log_options& opts, std::unique_ptr<diagno
   auto& im = *log->impl_;
   try {
     spdlog::sink_ptr sink;
-    if (opts.file.empty())
+    if (opts.file.empty()) {
       sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
-    else
+    } else {
+      // The file names callers, policies and client addresses: created 0600
+      // here rather than by spdlog's fopen(), whose mode is whatever the
+      // umask leaves. An existing file keeps the mode its operator gave it.
+      int fd = ::open(opts.file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+      if (fd < 0)
+        return {error_code::bad_request,
+                "cannot open log " + opts.file + ": " + std::strerror(errno)};
+      ::close(fd);
       sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(opts.file, false);
+    }
     sink->set_pattern("%v"); // lines are complete JSON documents
     im.logger = std::make_shared<spdlog::logger>("provisiond", sink);
     im.logger->set_level(spdlog::level::trace);

@@ -31,7 +31,9 @@ void split_target(http_request& out) {
 }
 
 std::string framing_ambiguity(const std::vector<std::pair<std::string, std::string>>& headers,
-                              unsigned version) {
+                              unsigned version, bool* unknown_coding) {
+  if (unknown_coding != nullptr)
+    *unknown_coding = false;
   int hosts = 0, authorizations = 0, encodings = 0;
   std::string codings; // every Transfer-Encoding value, comma-joined
   for (const auto& [name, value] : headers) {
@@ -47,21 +49,47 @@ std::string framing_ambiguity(const std::vector<std::pair<std::string, std::stri
     }
   }
   if (encodings > 0) {
-    // RFC 9112 6.1: only "chunked" is implemented. Beast treats any other
-    // coding (gzip, identity, "chunked, gzip") as a body of length 0, so
-    // the body would be read as the next request on the connection.
-    std::string_view c = codings;
-    while (!c.empty() && (c.front() == ' ' || c.front() == '\t'))
-      c.remove_prefix(1);
-    while (!c.empty() && (c.back() == ' ' || c.back() == '\t'))
-      c.remove_suffix(1);
-    if (encodings > 1 || !ascii::iequals(c, "chunked"))
-      return "Transfer-Encoding '" + codings.substr(0, 64)
-             + "' is not supported: only 'chunked' is";
     // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
     // framing (a 1.0 proxy would read its body otherwise than Beast does).
     if (version < 11)
       return "Transfer-Encoding in an HTTP/1.0 request";
+    // The codings as one list (several header lines combine, RFC 9110 5.3);
+    // empty list elements are allowed and ignored.
+    std::vector<std::string_view> list;
+    std::string_view rest = codings;
+    while (true) {
+      auto comma = rest.find(',');
+      auto item = rest.substr(0, comma);
+      while (!item.empty() && (item.front() == ' ' || item.front() == '\t'))
+        item.remove_prefix(1);
+      while (!item.empty() && (item.back() == ' ' || item.back() == '\t'))
+        item.remove_suffix(1);
+      if (!item.empty())
+        list.push_back(item);
+      if (comma == std::string_view::npos)
+        break;
+      rest.remove_prefix(comma + 1);
+    }
+    const std::string shown = "Transfer-Encoding '" + codings.substr(0, 64) + "'";
+    // RFC 9112 6.3: chunked not last means the body's length cannot be
+    // known: 400 and close. Beast treats such a body as 0 bytes long, so it
+    // would be read as the next request on the connection (smuggling).
+    if (list.empty() || !ascii::iequals(list.back(), "chunked"))
+      return shown + ": 'chunked' is not the final coding, the body's length is unknown";
+    std::size_t chunked = 0;
+    for (auto c : list)
+      chunked += ascii::iequals(c, "chunked") ? 1 : 0;
+    // RFC 9112 6.1: a sender must not apply chunked more than once.
+    if (chunked > 1)
+      return shown + ": 'chunked' applied more than once";
+    // Chunked last, preceded by codings this server does not implement
+    // (gzip, deflate, ...): RFC 9112 6.1 answers 501; still closed, the
+    // body was not understood.
+    if (list.size() > 1) {
+      if (unknown_coding != nullptr)
+        *unknown_coding = true;
+      return shown + " is not implemented: only 'chunked' is";
+    }
   }
   // RFC 9112 3.2: HTTP/1.1 requires exactly one Host; two is never valid.
   if (hosts > 1)

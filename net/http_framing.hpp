@@ -21,8 +21,10 @@ void split_target(http_request& out);
 /// front may frame or attribute such a request differently than we do
 /// (request smuggling), so it is refused and the connection closed.
 /// `headers` are lower-case, in arrival order, duplicates kept; `version` as
-/// Beast gives it (10, 11).
+/// Beast gives it (10, 11). `unknown_coding`, when given, is set when the
+/// reason is a transfer coding this server does not implement before a
+/// final chunked (RFC 9112 6.1: 501) rather than faulty framing (400).
 std::string framing_ambiguity(const std::vector<std::pair<std::string, std::string>>& headers,
-                              unsigned version);
+                              unsigned version, bool* unknown_coding = nullptr);
 
 } // namespace prov::gateway

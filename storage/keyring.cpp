@@ -4,9 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 
@@ -134,6 +136,34 @@ error write_private(const std::string& path, const std::string& text, bool repla
   return sync_parent(path);
 }
 
+/// Key file lines into `keys`; `fail` turns a reason into the error.
+template <class Fail>
+error parse_lines(std::string_view text, std::vector<keyring::key>& keys, Fail&& fail) {
+  std::istringstream in{std::string(text)};
+  std::string line;
+  int line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream ls(line);
+    std::string id, b64, rest;
+    ls >> id >> b64 >> rest;
+    if (id.empty() && b64.empty()) continue; // blank
+    auto where = "line " + std::to_string(line_no) + ": ";
+    if (id.empty() || b64.empty() || !rest.empty())
+      return fail(where + "expected \"<key id> <base64 key>\"");
+    auto bytes = crypto::base64_decode(b64);
+    if (!bytes || bytes->size() != key_len)
+      return fail(where + "the key is not base64 of 32 bytes");
+    if (key_id(*bytes) != id)
+      return fail(where + "key id " + printable_id(id) +
+                  " does not match its key (the line is damaged)");
+    keys.push_back({id, std::move(*bytes)});
+  }
+  if (keys.empty()) return fail("holds no key");
+  return {};
+}
+
 keyring::key fresh_key() {
   keyring::key k;
   k.bytes = crypto::random_bytes(key_len);
@@ -161,28 +191,40 @@ error keyring::load(const std::string& path, std::shared_ptr<const keyring>& out
   }
   std::ifstream in(path);
   if (!in) return file_error(path, "cannot open");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   std::shared_ptr<keyring> r(new keyring());
   r->path_ = path;
-  std::string line;
-  int line_no = 0;
-  while (std::getline(in, line)) {
-    ++line_no;
-    if (line.empty() || line[0] == '#') continue;
-    std::istringstream ls(line);
-    std::string id, b64, rest;
-    ls >> id >> b64 >> rest;
-    auto where = "line " + std::to_string(line_no) + ": ";
-    if (id.empty() || b64.empty() || !rest.empty())
-      return file_error(path, where + "expected \"<key id> <base64 key>\"");
-    auto bytes = crypto::base64_decode(b64);
+  r->source_ = "key file '" + path + "'";
+  auto err = parse_lines(text, r->keys_, [&](const std::string& why) {
+    return file_error(path, why);
+  });
+  OPENSSL_cleanse(text.data(), text.size());
+  if (err) return err;
+  out = std::move(r);
+  return {};
+}
+
+error keyring::from_env(const std::string& name, std::string_view value,
+                        std::shared_ptr<const keyring>& out) {
+  out.reset();
+  auto env_error = [&](const std::string& why) {
+    return error{error_code::storage_failure, "secrets: environment variable " + name + ": " + why};
+  };
+  std::shared_ptr<keyring> r(new keyring());
+  r->source_ = "environment variable " + name;
+  // One key alone: base64 of 32 bytes, surrounding blanks ignored.
+  std::string_view v = value;
+  while (!v.empty() && std::isspace(static_cast<unsigned char>(v.front()))) v.remove_prefix(1);
+  while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) v.remove_suffix(1);
+  if (v.find_first_of(" \t\n") == std::string_view::npos) {
+    if (v.empty()) return env_error("is set but empty");
+    auto bytes = crypto::base64_decode(std::string(v));
     if (!bytes || bytes->size() != key_len)
-      return file_error(path, where + "the key is not base64 of 32 bytes");
-    if (key_id(*bytes) != id)
-      return file_error(path, where + "key id " + printable_id(id) +
-                                " does not match its key (the line is damaged)");
-    r->keys_.push_back({id, std::move(*bytes)});
+      return env_error("expected base64 of 32 bytes, or key file lines \"<key id> <base64 key>\"");
+    r->keys_.push_back({key_id(*bytes), std::move(*bytes)});
+  } else if (auto err = parse_lines(value, r->keys_, env_error)) {
+    return err;
   }
-  if (r->keys_.empty()) return file_error(path, "holds no key");
   out = std::move(r);
   return {};
 }
@@ -191,6 +233,7 @@ error keyring::create(const std::string& path, std::shared_ptr<const keyring>& o
   out.reset();
   std::shared_ptr<keyring> r(new keyring());
   r->path_ = path;
+  r->source_ = "key file '" + path + "'";
   r->keys_.push_back(fresh_key());
   if (auto err = write_private(path, render(r->keys_), /*replace=*/false)) return err;
   out = std::move(r);
@@ -203,6 +246,7 @@ error keyring::add_key(const std::string& path, std::shared_ptr<const keyring>& 
   if (auto err = load(path, old)) return err;
   std::shared_ptr<keyring> r(new keyring());
   r->path_ = path;
+  r->source_ = old->source_;
   r->keys_ = old->keys_;
   r->keys_.push_back(fresh_key());
   if (auto err = write_private(path, render(r->keys_), /*replace=*/true)) return err;
@@ -284,8 +328,8 @@ error keyring::open(std::string_view sealed, std::string_view aad, std::string& 
   const key* k = find(id);
   if (!k)
     return {error_code::storage_failure,
-            "secrets: a value is sealed under key id " + std::string(id) + ", which key file '" +
-              path_ + "' does not hold (wrong key file, or an older key removed from it)"};
+            "secrets: a value is sealed under key id " + std::string(id) + ", which " + source_ +
+              " does not hold (wrong key file, or an older key removed from it)"};
   auto nonce = sealed.substr(magic.size() + 1 + id_len, nonce_len);
   auto ct = sealed.substr(head, sealed.size() - head - tag_len);
   std::string tag(sealed.substr(sealed.size() - tag_len));

@@ -32,6 +32,10 @@ public:
   /// Reads `path`. Errors name the file and say what is wrong: missing,
   /// readable by group or others, malformed line, id that does not match its key.
   [[nodiscard]] static error load(const std::string& path, std::shared_ptr<const keyring>& out);
+  /// Keys from an environment variable's `value` (named `name` in errors):
+  /// base64 of 32 bytes (one key), or key file lines (the last active).
+  [[nodiscard]] static error from_env(const std::string& name, std::string_view value,
+                                      std::shared_ptr<const keyring>& out);
   /// Creates `path` (0600, refusing to overwrite) holding one fresh key.
   /// Written as `path`.tmp, fsync'd, linked to `path`, directory fsync'd: a
   /// crash leaves either no key file or a complete one (a stale .tmp is
@@ -42,7 +46,11 @@ public:
   /// directory fsync'd).
   [[nodiscard]] static error add_key(const std::string& path, std::shared_ptr<const keyring>& out);
 
+  /// The key file; empty when the keys came from the environment.
   const std::string& path() const noexcept { return path_; }
+  /// Where the keys came from, for messages: "key file '<path>'" or
+  /// "environment variable <name>".
+  const std::string& source() const noexcept { return source_; }
   const std::string& active_id() const noexcept { return keys_.back().id; }
   std::vector<std::string> ids() const;
 
@@ -66,6 +74,7 @@ private:
   const key* find(std::string_view id) const noexcept;
 
   std::string path_;
+  std::string source_;
   std::vector<key> keys_; ///< file order; back() is active
 };
 

@@ -8,6 +8,7 @@
 #include <array>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <deque>
 #include <exception>
 #include <filesystem>
@@ -462,8 +463,8 @@ public:
         std::string plain;
         if (auto e = k->open(*check, seal_aad(cf::meta, check_key), plain))
           return {e.code, "storage: data dir '" + dir_ + "' is sealed with key id " +
-                            keyring::key_id_of(*check) + ", which key file '" + k->path() +
-                            "' cannot open: " + e.message};
+                            keyring::key_id_of(*check) + ", which " + k->source() +
+                            " cannot open: " + e.message};
       }
       std::optional<std::string> migrated;
       if (auto e = get(cf::meta, migrated_key, migrated)) return e;
@@ -490,7 +491,6 @@ public:
           write_batch wb;
           std::size_t seen = 0, moved = 0;
           std::string last;
-          error failed;
           auto e = raw_scan(c, from, chunk, [&](std::string_view key, std::string_view value) {
             ++seen;
             last.assign(key);
@@ -499,14 +499,21 @@ public:
               ++report.sealed;
             } else if (reseal_all && keyring::key_id_of(value) != keyring_->active_id()) {
               std::string plain;
-              if ((failed = unseal(c, key, value, plain))) return false;
+              // One value that does not open must not stop the rotation of
+              // the others: left as it is, and reported.
+              if (auto why = unseal(c, key, value, plain)) {
+                if (report.unreadable.size() < 1000)
+                  report.unreadable.push_back(
+                    {c, std::string(key), keyring::key_id_of(value), why.message});
+                ++report.unreadable_total;
+                return true;
+              }
               wb.put(c, std::string(key), std::move(plain));
               ++moved;
             }
             return true;
           });
           if (e) return e;
-          if (failed) return failed;
           report.resealed += moved;
           if (!wb.empty()) {
             if (auto we = write(wb, durability::synced)) return we;
@@ -542,6 +549,24 @@ public:
       migrated_ = true;
       return {};
     });
+  }
+
+  error count_key_usage(key_usage& out) const override {
+    out = {};
+    std::map<std::string, std::size_t> ids;
+    for (cf c : all_families) {
+      if (!sealed_family(c)) continue;
+      auto e = raw_scan(c, "", 0, [&](std::string_view, std::string_view value) {
+        if (keyring::is_sealed(value))
+          ++ids[keyring::key_id_of(value)];
+        else
+          ++out.plaintext;
+        return true;
+      });
+      if (e) return e;
+    }
+    out.by_key_id.assign(ids.begin(), ids.end());
+    return {};
   }
 
 private:
@@ -705,6 +730,11 @@ bool sealed_family(cf c) noexcept {
 error store::scan_tolerant(cf family, std::string_view start, std::size_t limit,
                            const visit_fn& fn, const unreadable_fn&) const {
   return scan(family, start, limit, fn);
+}
+
+error store::count_key_usage(key_usage& out) const {
+  out = {};
+  return {};
 }
 
 std::size_t write_batch::bytes() const noexcept {

@@ -77,10 +77,30 @@ struct store_options {
   std::function<void()> on_seal_chunk;
 };
 
+/// A stored value a rotation could not open (left as it was).
+struct unreadable_value {
+  cf family;
+  std::string key;
+  std::string key_id; ///< the id its envelope names (printable)
+  std::string why;
+};
+
 /// What attach_keyring did to the values already stored.
 struct seal_report {
   std::size_t sealed = 0;   ///< plaintext values (an older version's) sealed now
   std::size_t resealed = 0; ///< values moved from an older key to the active one
+  /// With reseal_all: values that did not open (tampered, key id not in the
+  /// key file). The rotation goes on past them; the first 1000 are kept.
+  std::vector<unreadable_value> unreadable;
+  std::size_t unreadable_total = 0;
+};
+
+/// How many stored values of the sealed families name each key id
+/// (`provisiond keys list`): an id other than the active one still in use
+/// means an incomplete rotation.
+struct key_usage {
+  std::vector<std::pair<std::string, std::size_t>> by_key_id; ///< id order
+  std::size_t plaintext = 0; ///< not sealed (an older version's, or damage)
 };
 
 /// Families whose values are sealed once a keyring is attached: they hold
@@ -172,6 +192,10 @@ public:
   /// Whether this data dir has been sealed (its check value exists). Lets the
   /// caller refuse to create a new key file for a data dir sealed before.
   [[nodiscard]] virtual error is_sealed(bool& out) const = 0;
+  /// Counts the values of sealed_family()s by the key id their envelope
+  /// names, without opening them (no keyring needed). The default (stores
+  /// that seal nothing) reports nothing.
+  [[nodiscard]] virtual error count_key_usage(key_usage& out) const;
 
   /// Non-empty when open() found the WAL damaged after its last intact
   /// record and recovered to that point (see store.cpp): what RocksDB

@@ -439,6 +439,33 @@ TEST_CASE("wrong Content-Type (text/plain) -> 415000") {
   still_serving_and_unchanged();
 }
 
+TEST_CASE("a body in a Content-Encoding (gzip) -> 415000 with Accept-Encoding: identity, nothing "
+          "stored") {
+  // Before: the header was ignored and the bytes read as JSON (400001), or,
+  // had they been JSON, stored as if unencoded.
+  auto body = json{{"registrationId", "bad-dev"}}.dump();
+  for (const char* coding : {"gzip", "br", "deflate"}) {
+    CAPTURE(coding);
+    auto h = device_headers("bad-dev");
+    h.add("Content-Encoding", coding);
+    auto r = send("PUT", reg_target("bad-dev"), h, body);
+    check_error(r, 415, 415000);
+    CHECK(r.headers.get("Accept-Encoding") == "identity");
+    auto sh = service_headers();
+    sh.add("Content-Encoding", coding);
+    check_error(send("PUT", "/enrollments/bad-ce?api-version=2021-10-01", sh,
+                     json{{"attestation", {{"type", "symmetricKey"}}}}.dump()),
+                415, 415000);
+  }
+  // "identity" is no coding at all: accepted.
+  auto sh = service_headers();
+  sh.add("Content-Encoding", "identity");
+  auto r = send("POST", "/enrollments/query?api-version=2021-10-01", sh, R"({"query":"*"})");
+  CHECK_MESSAGE(r.status == 200, r.body);
+  check_error(srv().service("GET", "/enrollments/bad-ce"), 404, 404201);
+  still_serving_and_unchanged();
+}
+
 TEST_CASE("invalid registration ids -> 400002") {
   const std::string long_id(129, 'a');
   for (const std::string& id : {long_id, std::string("dev."), std::string("..%2Fx"),
@@ -747,27 +774,49 @@ void check_refused_and_closed(const std::string& raw) {
     check_json_error_body(r.body, 400000);
 }
 
-TEST_CASE("a Transfer-Encoding other than chunked -> 400 and close, its body is not a request") {
+TEST_CASE("a Transfer-Encoding other than chunked -> 400 (chunked not last) or 501 (unknown "
+          "coding before chunked), and close; its body is not a request") {
   // Before: the coding was ignored, the body (0 bytes long to Beast) was
   // parsed as the next request: 404 for the POST, then 200 for the GET
   // hidden in its body (request smuggling behind a proxy that reads it
   // differently).
   const std::string smuggled = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
   const std::string chunks = "3\r\nabc\r\n0\r\n\r\n"; // when chunked is the last coding
-  struct { const char* coding; std::string body; } cases[] = {
+  // RFC 9112 6.3: chunked not the final coding -> the length is unknown: 400.
+  // 6.1: chunked applied twice is invalid: 400.
+  struct { const char* coding; std::string body; } framing[] = {
     {"gzip", smuggled},
     {"chunked, gzip", smuggled},
     {"identity", smuggled},
     {"GZIP", smuggled},
-    {"gzip, chunked", chunks + smuggled},
-    {"gzip\r\nTransfer-Encoding: chunked", chunks + smuggled},
     {"chunked\r\nTransfer-Encoding: chunked", chunks + smuggled},
+    {"chunked, chunked", chunks + smuggled},
   };
-  for (const auto& c : cases) {
+  for (const auto& c : framing) {
     std::string coding = c.coding;
     CAPTURE(coding);
     check_refused_and_closed(exchange("POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
                                       + std::string(c.coding) + "\r\n\r\n" + c.body));
+  }
+  // RFC 9112 6.1: a coding the server does not implement (chunked is last,
+  // so the framing is known): 501, errorCode 501000, and close.
+  struct { const char* coding; std::string body; } unknown[] = {
+    {"gzip, chunked", chunks + smuggled},
+    {"gzip\r\nTransfer-Encoding: chunked", chunks + smuggled},
+    {"x-custom, chunked", chunks + smuggled},
+  };
+  for (const auto& c : unknown) {
+    std::string coding = c.coding;
+    CAPTURE(coding);
+    auto raw = exchange("POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: "
+                        + std::string(c.coding) + "\r\n\r\n" + c.body);
+    CHECK_MESSAGE(count_of(raw, "HTTP/1.1 ") == 1, raw);
+    auto r = split_response(raw);
+    CHECK_MESSAGE(r.status == 501, raw);
+    CHECK(r.head.find("connection: close") != std::string::npos);
+    if (r.status == 501)
+      check_json_error_body(r.body, 501000);
+    CHECK(raw.find("is not implemented: only 'chunked' is") != std::string::npos);
   }
   // HTTP/1.0 with Transfer-Encoding: faulty framing (RFC 9112 6.1), even chunked.
   {

@@ -136,12 +136,14 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   const std::string cfg = "--config " + dir + "/cfg.toml";
   REQUIRE_MESSAGE(run_provisiond("keys list " + cfg, out) == 0, out);
   const std::string first_id = out.substr(0, 16);
+  CHECK_MESSAGE(out == first_id + " 2 values active\n", out);
   REQUIRE_MESSAGE(run_provisiond("keys rotate " + cfg, out) == 0, out);
   CHECK_MESSAGE(out.find("new active key") != std::string::npos, out);
   CHECK_MESSAGE(out.find("re-encrypted 2 values") != std::string::npos, out);
   REQUIRE(run_provisiond("keys list " + cfg, out) == 0);
-  CHECK(out.find(first_id + "\n") == 0);
-  CHECK(out.find(" active") != std::string::npos);
+  CHECK_MESSAGE(out.find(first_id + " 0 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+  CHECK(out.find("note:") == std::string::npos);
 
   REQUIRE_MESSAGE(!s.restart(), s.log());
   registers(s, "sealed-dev", ind_key);
@@ -153,6 +155,154 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   // Rotation is offline: the running server holds the data dir's lock.
   CHECK(run_provisiond("keys rotate " + cfg, out) != 0);
   CHECK_MESSAGE(out.find("another provisiond may be running") != std::string::npos, out);
+  // `keys list` still lists the ids, saying why it cannot count.
+  CHECK(run_provisiond("keys list " + cfg, out) == 0);
+  CHECK_MESSAGE(out.find("(values per key not counted: ") != std::string::npos, out);
+}
+
+TEST_CASE("keys rotate goes past a value that does not open, names it and fails; keys list shows "
+          "the incomplete rotation") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  const std::string key = crypto::generate_key();
+  // "a-bad" sorts first: a rotation that stopped there would move nothing.
+  put_enrollment(s, "a-bad", key);
+  put_enrollment(s, "b-good", key);
+  CHECK(s.stop() == 0);
+  std::shared_ptr<const storage::keyring> ring;
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  const std::string old_id = ring->active_id();
+  {
+    auto sealed = ring->seal(R"({"registrationId":"a-bad"})", "enrollments/a-bad");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, "a-bad", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  std::string out;
+  const std::string cfg = "--config " + dir + "/cfg.toml";
+  CHECK(run_provisiond("keys rotate " + cfg, out) == 1);
+  CHECK_MESSAGE(out.find("1 stored values did not open") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("FAMILY") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("enrollments     " + old_id + "  a-bad  ") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("re-encrypted 1 values, 1 did not open") != std::string::npos, out);
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  CHECK(ring->active_id() != old_id);
+  CHECK(run_provisiond("keys list " + cfg, out) == 0);
+  CHECK_MESSAGE(out.find(old_id + " 1 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(ring->active_id() + " 1 values active\n") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("note: 1 values are not under the active key") != std::string::npos, out);
+  // The rotation's audit line records the failure.
+  auto lines = audit_lines(dir + "/audit.log");
+  REQUIRE(!lines.empty());
+  CHECK(lines.back().value("operationName", "") == "RotateKeys");
+  CHECK(lines.back().value("resultType", "") == "Failure");
+  // Everything else moved: the server starts and the good device registers.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  registers(s, "b-good", key);
+}
+
+TEST_CASE("keys rotate run as root leaves the data dir's files with their owner") {
+  if (::geteuid() != 0) {
+    MESSAGE("not root: skipped (the case only exists for root)");
+    return;
+  }
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  test::create_group(s, "owned-group", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  // The service user's data dir (nobody here), as a package would set it up.
+  const uid_t uid = 65534;
+  const gid_t gid = 65534;
+  for (const auto& e : fs::recursive_directory_iterator(dir))
+    REQUIRE(::lchown(e.path().c_str(), uid, gid) == 0);
+  REQUIRE(::chown(dir.c_str(), uid, gid) == 0);
+  fs::remove(dir + "/audit.log"); // a new one is created by the rotation
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+  REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+  std::string roots;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    struct stat st {};
+    REQUIRE(::lstat(e.path().c_str(), &st) == 0);
+    if (st.st_uid != uid || st.st_gid != gid) roots += e.path().string() + "\n";
+  }
+  CHECK_MESSAGE(roots.empty(), "owned by someone else now:\n" << roots);
+  CHECK(fs::exists(dir + "/audit.log"));
+}
+
+/// Sets an environment variable for this process (and the servers and CLI
+/// runs it starts) while in scope.
+struct env_var {
+  std::string name;
+  env_var(std::string n, const std::string& value) : name(std::move(n)) {
+    ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~env_var() { ::unsetenv(name.c_str()); }
+  env_var(const env_var&) = delete;
+  env_var& operator=(const env_var&) = delete;
+};
+
+TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over one, a bad value "
+          "stops the start naming the variable") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  const std::string raw = crypto::random_bytes(32);
+  std::string id;
+  {
+    env_var v("PROVISIOND_SECRETS_KEY", crypto::base64_encode(raw));
+    REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+    CHECK_MESSAGE(s.log().find("from the environment variable PROVISIOND_SECRETS_KEY") !=
+                    std::string::npos,
+                  s.log());
+    CHECK(!fs::exists(dir + "/secrets.key")); // no copy on disk
+    test::create_group(s, "env-group", crypto::generate_key());
+    CHECK(s.stop() == 0);
+    std::string out;
+    REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+    id = out.substr(0, 16);
+    CHECK_MESSAGE(out == id + " 1 values active\n", out);
+    // Rotation writes a key file: refused while the variable would override it.
+    CHECK(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 1);
+    CHECK_MESSAGE(out.find("PROVISIOND_SECRETS_KEY is set") != std::string::npos, out);
+  }
+  // Without the variable the data dir is sealed and there is no key file.
+  auto err = s.restart();
+  REQUIRE(err);
+  CHECK_MESSAGE(err.message.find("is missing") != std::string::npos, err.message);
+  {
+    // Key file lines work too (the last is active); a key file beside it is ignored.
+    std::shared_ptr<const storage::keyring> other;
+    REQUIRE(storage::keyring::create(dir + "/secrets.key", other).ok());
+    env_var v("PROVISIOND_SECRETS_KEY", "# comment\n" + id + " " + crypto::base64_encode(raw) + "\n");
+    REQUIRE_MESSAGE(!s.restart(), s.log());
+    CHECK(s.service("GET", "/enrollmentGroups/env-group").status == 200);
+    CHECK(s.stop() == 0);
+  }
+  for (const char* bad : {"", "not base64!", "c2hvcnQ=", "0123456789abcdef AAAA"}) {
+    env_var v("PROVISIOND_SECRETS_KEY", bad);
+    err = s.restart();
+    REQUIRE_MESSAGE(err, bad);
+    CHECK_MESSAGE(err.message.find("environment variable PROVISIOND_SECRETS_KEY") !=
+                    std::string::npos,
+                  err.message);
+  }
+  {
+    // Another valid key: the data dir's check names the variable.
+    env_var v("PROVISIOND_SECRETS_KEY", crypto::base64_encode(crypto::random_bytes(32)));
+    err = s.restart();
+    REQUIRE(err);
+    CHECK_MESSAGE(err.message.find("which environment variable PROVISIOND_SECRETS_KEY cannot "
+                                   "open") != std::string::npos,
+                  err.message);
+  }
 }
 
 TEST_CASE("a wrong or missing key file stops the start with an error naming the file") {
@@ -378,6 +528,76 @@ TEST_CASE("a CA whose sealed value does not open is skipped for its groups; the 
   CHECK(s.alive());
 }
 
+TEST_CASE("a CA that does not open is left out of GET /certificates and named; the others are listed") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  // "ca-a" sorts first: a list that stopped at it would show nothing.
+  for (const char* name : {"ca-a", "ca-b"}) {
+    auto ca = test::make_ca(std::string("IT List ") + name, nullptr, 60);
+    auto r = s.service("PUT", std::string("/certificates/") + name,
+                       nlohmann::json{{"certificate", ca.pem()}}.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  CHECK(s.stop() == 0);
+  {
+    std::shared_ptr<const storage::keyring> ring;
+    REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+    auto sealed = ring->seal(R"({"certificate":"x"})", "certificates/ca-a");
+    sealed[sealed.size() - 3] ^= 0x10;
+    std::unique_ptr<storage::store> st;
+    REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+    storage::write_batch b;
+    b.put(storage::cf::certificates, "ca-a", sealed);
+    REQUIRE(st->write(b).ok());
+  }
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  auto r = s.service("GET", "/certificates");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  auto j = test::parse_json(r.body);
+  REQUIRE(j["value"].size() == 1);
+  CHECK(j["value"][0].value("name", "") == "ca-b");
+  CHECK(j["unreadable"] == nlohmann::json::array({"ca-a"}));
+  CHECK(r.body.find("failed authentication") == std::string::npos); // details: the log
+  // Uploading another CA compares thumbprints with every stored CA: the
+  // unreadable one must not make that a 500.
+  auto ca = test::make_ca("IT List ca-c", nullptr, 60);
+  r = s.service("PUT", "/certificates/ca-c", nlohmann::json{{"certificate", ca.pem()}}.dump());
+  CHECK_MESSAGE(r.status == 200, r.body);
+  CHECK(s.stop() == 0);
+  CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
+}
+
+TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  // The server and the CLI below run in this test's working directory,
+  // which is not the data dir: a path taken against it would land here.
+  REQUIRE(fs::current_path() != fs::path(dir));
+  const std::string cfg = test::default_config(dir) +
+                          "[secrets]\nkey_file = \"rel-secrets.key\"\n"
+                          "[log]\naudit_file = \"rel-audit.log\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const bool stray_key = fs::exists("rel-secrets.key"), stray_audit = fs::exists("rel-audit.log");
+  fs::remove("rel-secrets.key");
+  fs::remove("rel-audit.log");
+  CHECK_FALSE(stray_key);
+  CHECK_FALSE(stray_audit);
+  CHECK(fs::exists(dir + "/rel-secrets.key"));
+  test::create_group(s, "rel-group", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  CHECK(fs::exists(dir + "/rel-audit.log"));
+  CHECK(!fs::exists(dir + "/secrets.key"));
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
+  CHECK_MESSAGE(out.find("'" + dir + "/rel-secrets.key'") != std::string::npos, out);
+  CHECK(audit_lines(dir + "/rel-audit.log").size() == 2); // the Upsert, the rotation
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK(s.service("GET", "/enrollmentGroups/rel-group").status == 200);
+}
+
 } // TEST_SUITE
 
 TEST_SUITE("audit") {
@@ -467,6 +687,44 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(text.find(key) == std::string::npos);
   CHECK(text.find("SharedAccessSignature") == std::string::npos);
   CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
+}
+
+TEST_CASE("a request the address throttle refuses leaves no audit line") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  const std::string cfg = test::default_config(dir) +
+                          "\n[throttling]\nrequests_per_minute_per_address = 3\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const std::string key = crypto::generate_key();
+  int admitted = 0, refused = 0;
+  for (int i = 0; i < 10 && refused < 3; ++i) {
+    const std::string id = "flood-" + std::to_string(i);
+    nlohmann::json body{{"registrationId", id},
+                        {"attestation",
+                         {{"type", "symmetricKey"},
+                          {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+    auto r = s.service("PUT", "/enrollments/" + id, body.dump());
+    if (r.status == 429) {
+      ++refused;
+      continue;
+    }
+    CHECK_MESSAGE(r.status == 200, r.body);
+    ++admitted;
+  }
+  REQUIRE(refused == 3);
+  // A bulk write refused as well (its body would be parsed for the ids).
+  nlohmann::json bulk{{"mode", "create"},
+                      {"enrollments",
+                       {{{"registrationId", "flood-bulk"}, {"attestation", {{"type", "tpm"}}}}}}};
+  CHECK(s.service("POST", "/enrollments", bulk.dump()).status == 429);
+  CHECK(s.stop() == 0);
+  auto lines = audit_lines(dir + "/audit.log");
+  CHECK(static_cast<int>(lines.size()) == admitted);
+  for (const auto& l : lines) {
+    CHECK_MESSAGE(l.value("resultSignature", 0) == 200, l.dump());
+    CHECK(l.value("operationName", "") != "BulkOperation");
+  }
 }
 
 } // TEST_SUITE

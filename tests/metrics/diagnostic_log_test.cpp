@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -174,5 +175,22 @@ TEST_CASE("diagnostic log: fields keep their text whether plain, escaped or long
       }
     }
   }
+  std::remove(path.c_str());
+}
+
+TEST_CASE("diagnostic log: a new log file is created 0600 whatever the umask") {
+  auto path = temp_file();
+  std::remove(path.c_str());
+  const mode_t old = ::umask(0); // the CLI's umask is not the library's to rely on
+  std::unique_ptr<metrics::diagnostic_log> log;
+  auto err = metrics::diagnostic_log::open({"info", path}, log);
+  ::umask(old);
+  REQUIRE_MESSAGE(err.ok(), err.message);
+  log->info("created");
+  log->flush();
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  log.reset();
   std::remove(path.c_str());
 }

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -547,6 +548,82 @@ TEST_CASE("rotation re-encrypts every value under the new key; the old key is no
                return true;
              }).ok());
   CHECK(n == 700);
+}
+
+TEST_CASE("a rotation goes past a value that does not open and reports it; key usage shows "
+          "what is left under the old key") {
+  temp_dir d;
+  auto r1 = make_ring(d.keys());
+  secret_doc doc;
+  {
+    auto s = open_sealed(d.db(), r1);
+    write_batch b;
+    for (const char* id : {"g0", "g1", "g2"}) b.put(cf::groups, id, doc.json(id));
+    b.put(cf::tpm_challenges, "t1", "challenge state");
+    REQUIRE(s->write(b).ok());
+    key_usage u;
+    REQUIRE(s->count_key_usage(u).ok());
+    using usage = std::vector<std::pair<std::string, std::size_t>>;
+    CHECK(u.by_key_id == usage{{r1->active_id(), 4}});
+    CHECK(u.plaintext == 0);
+  }
+  {
+    // "g1" tampered under the server's feet (written raw: no keyring attached).
+    auto sealed = r1->seal(doc.json("g1"), "groups/g1");
+    sealed[sealed.size() - 3] ^= 0x10;
+    auto s = open_store(d.db());
+    write_batch b;
+    b.put(cf::groups, "g1", sealed);
+    REQUIRE(s->write(b).ok());
+  }
+  std::shared_ptr<const keyring> r2;
+  REQUIRE(keyring::add_key(d.keys(), r2).ok());
+  auto s = open_store(d.db());
+  seal_report rep;
+  auto e = s->attach_keyring(r2, /*reseal_all=*/true, rep);
+  INFO(e.message);
+  REQUIRE(e.ok());
+  CHECK(rep.resealed == 3); // g0, g2, t1
+  CHECK(rep.unreadable_total == 1);
+  REQUIRE(rep.unreadable.size() == 1);
+  CHECK(rep.unreadable[0].family == cf::groups);
+  CHECK(rep.unreadable[0].key == "g1");
+  CHECK(rep.unreadable[0].key_id == r1->active_id());
+  CHECK(rep.unreadable[0].why.find("failed authentication") != std::string::npos);
+  CHECK(get_ok(*s, cf::groups, "g2") == doc.json("g2"));
+  key_usage u;
+  REQUIRE(s->count_key_usage(u).ok());
+  std::vector<std::pair<std::string, std::size_t>> want{{r1->active_id(), 1},
+                                                        {r2->active_id(), 3}};
+  std::sort(want.begin(), want.end());
+  CHECK(u.by_key_id == want);
+}
+
+TEST_CASE("keys from an environment variable: one base64 key or key file lines; errors name it") {
+  const std::string raw = crypto::random_bytes(32);
+  std::shared_ptr<const keyring> r;
+  REQUIRE(keyring::from_env("K", " " + crypto::base64_encode(raw) + "\n", r).ok());
+  CHECK(r->ids().size() == 1);
+  CHECK(r->path().empty());
+  CHECK(r->source() == "environment variable K");
+  const std::string id = r->active_id();
+  auto sealed = r->seal("x", "a");
+  temp_dir d;
+  auto file_ring = make_ring(d.keys());
+  std::ifstream in(d.keys());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::shared_ptr<const keyring> two;
+  REQUIRE(keyring::from_env("K", id + " " + crypto::base64_encode(raw) + "\n" + text, two).ok());
+  CHECK(two->ids().size() == 2);
+  CHECK(two->active_id() == file_ring->active_id());
+  std::string plain;
+  CHECK(two->open(sealed, "a", plain).ok());
+  CHECK(plain == "x");
+  for (const char* bad : {"", "  ", "nope", "c2hvcnQ=", "0123456789abcdef AAAA", "a b c\n"}) {
+    auto e = keyring::from_env("K", bad, r);
+    CHECK_MESSAGE(e.message.rfind("secrets: environment variable K: ", 0) == 0, e.message);
+    CHECK(!r);
+  }
 }
 
 } // TEST_SUITE

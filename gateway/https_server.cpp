@@ -527,7 +527,7 @@ private:
   bool handling_ = false;       ///< this session's request counts in answering_
   listener_slots& slots_;
   std::string ip_;
-  std::shared_ptr<const std::vector<std::string>> peer_chain_; ///< client certificates, if any
+  std::shared_ptr<const client_chain> peer_chain_; ///< client certificates, if any
   bool keep_alive_ = true;
   bool timed_out_ = false;
   unsigned version_ = 11;

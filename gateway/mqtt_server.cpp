@@ -157,7 +157,7 @@ private:
       write_some();
   }
 
-  std::shared_ptr<const std::vector<std::string>> net_peer_chain() {
+  std::shared_ptr<const client_chain> net_peer_chain() {
     return prov::net::peer_chain(ssl_.get());
   }
 
@@ -590,8 +590,8 @@ private:
       return refuse(connack_code::not_authorized, "unknown id scope '" + user_.id_scope + "'");
     if (c.password && !c.password->empty())
       credential_ = sas_credential{std::move(*c.password)};
-    else if (chain_ && !chain_->empty())
-      credential_ = x509_credential{*chain_};
+    else if (chain_ && !chain_->der.empty())
+      credential_ = x509_credential_of(*chain_);
     else
       return refuse(connack_code::bad_username_or_password,
                     "no password (a SAS token) and no client certificate");
@@ -768,7 +768,7 @@ private:
   std::string ip_;
   const bool ws_ = false; ///< MQTT over WebSocket
   phase phase_ = phase::handshake;
-  std::shared_ptr<const std::vector<std::string>> chain_;
+  std::shared_ptr<const client_chain> chain_;
   // WebSocket only:
   std::string ws_in_; ///< bytes of a frame not complete yet
   ws::reader_state ws_state_;

@@ -478,8 +478,8 @@ private:
     // DPS X.509 devices send no Authorization header: their credential is
     // the TLS client certificate chain. A SAS, when sent, wins.
     if (const auto& auth = req.header("authorization");
-        auth.empty() && req.client_chain_der && !req.client_chain_der->empty())
-      call.credential = x509_credential{*req.client_chain_der};
+        auth.empty() && req.client_chain_der && !req.client_chain_der->der.empty())
+      call.credential = x509_credential_of(*req.client_chain_der);
     else
       call.credential = credential_of_authorization(auth);
     call.client_ip = req.client_ip;

@@ -11,6 +11,7 @@
 
 #include <boost/asio/ip/tcp.hpp>
 
+#include "messages/credential.hpp"
 #include "net/openssl_handles.hpp"
 
 namespace prov::gateway {
@@ -22,7 +23,7 @@ struct upgraded_connection {
   net::ssl_ptr ssl;                  ///< OpenSSL drives the socket (SSL_set_fd)
   std::string ip;
   std::string leftover; ///< decrypted bytes after the request: WebSocket frames
-  std::shared_ptr<const std::vector<std::string>> chain; ///< client certificates, if any
+  std::shared_ptr<const client_chain> chain; ///< client certificates, if any
   /// The slot the connection holds (the HTTPS listener's: it stays a
   /// connection of that port), released when the MQTT session ends.
   listener_slots* slots = nullptr;

@@ -4,9 +4,12 @@
 // (actors/attestation/) checks it. Credentials never reach a log or a stored
 // record: keep them out of inspect() and of every codec.
 
+#include <memory>
 #include <string>
 #include <variant>
 #include <vector>
+
+struct x509_st; // OpenSSL's X509, opaque here: this header stays light
 
 namespace prov {
 
@@ -15,10 +18,30 @@ struct sas_credential {
   std::string token;
 };
 
+/// Certificates as OpenSSL parsed them (X509), leaf first.
+using parsed_certificates = std::vector<std::shared_ptr<x509_st>>;
+
+/// A TLS client certificate chain as the handshake left it, leaf first:
+/// DER, and the same certificates already parsed (net::peer_chain).
+struct client_chain {
+  std::vector<std::string> der;
+  parsed_certificates parsed; ///< one per `der`, same order
+};
+
 /// The TLS client certificate chain as presented, leaf first, DER.
 struct x509_credential {
   std::vector<std::string> chain_der;
+  /// In-process only (never encoded): the certificates of `chain_der` as the
+  /// TLS handshake parsed them, so attestation does not decode them again
+  /// (OpenSSL 3.0's public key decoding costs more than the chain's
+  /// signature check). Empty when built from DER alone; then the mechanism
+  /// parses `chain_der`.
+  parsed_certificates parsed{};
 };
+
+inline x509_credential x509_credential_of(const client_chain& c) {
+  return x509_credential{c.der, c.parsed};
+}
 
 /// The TPM's public keys from the register body (base64 TPM2B_PUBLIC), and
 /// the SAS signed with the key the TPM imported, once it answers the challenge.

@@ -40,19 +40,24 @@ SSL_TICKET_RETURN decrypt_ticket(SSL*, SSL_SESSION* ss, const unsigned char*, si
 
 } // namespace
 
-std::shared_ptr<const std::vector<std::string>> peer_chain(SSL* ssl) {
+std::shared_ptr<const client_chain> peer_chain(SSL* ssl) {
   X509* leaf = SSL_get0_peer_certificate(ssl);
   if (leaf == nullptr)
     return nullptr;
-  auto chain = std::make_shared<std::vector<std::string>>();
+  auto chain = std::make_shared<client_chain>();
+  // The DER is i2d of the parsed certificate (its signed part as received,
+  // as before): `der` and `parsed` are the same certificates.
   auto add = [&](X509* c) {
     int n = i2d_X509(c, nullptr);
-    if (n <= 0)
+    if (n <= 0 || X509_up_ref(c) != 1)
       return;
+    std::shared_ptr<X509> parsed(c, X509_free);
     std::string der(static_cast<std::size_t>(n), '\0');
     auto* p = reinterpret_cast<unsigned char*>(der.data());
-    if (i2d_X509(c, &p) == n)
-      chain->push_back(std::move(der));
+    if (i2d_X509(c, &p) != n)
+      return;
+    chain->der.push_back(std::move(der));
+    chain->parsed.push_back(std::move(parsed));
   };
   add(leaf);
   // On a server the stack holds the intermediates, without the leaf (skip

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "net/openssl_handles.hpp"
+#include "messages/credential.hpp"
 #include "messages/error.hpp"
 
 namespace prov::net {
@@ -23,9 +24,11 @@ namespace prov::net {
                                             const std::string& session_id_context,
                                             ssl_ctx_ptr& out);
 
-/// The client certificate chain a device presented, leaf first, DER; null
-/// when it presented none (the common, symmetric-key case: nothing is
-/// copied). Read once per connection, after the handshake.
-std::shared_ptr<const std::vector<std::string>> peer_chain(SSL* ssl);
+/// The client certificate chain a device presented, leaf first: DER, and
+/// the handshake's parsed certificates (referenced, not copied), so
+/// attestation need not decode them again. Null when it presented none (the
+/// common, symmetric-key case: nothing is copied). Read once per
+/// connection, after the handshake.
+std::shared_ptr<const client_chain> peer_chain(SSL* ssl);
 
 } // namespace prov::net

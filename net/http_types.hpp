@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "messages/credential.hpp"
 #include "messages/error.hpp"
 
 namespace prov::gateway {
@@ -23,9 +24,9 @@ struct http_request {
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
   std::string client_ip;
-  /// The TLS client certificate chain, leaf first, DER; null when the
-  /// client presented none. Shared by the connection's requests.
-  std::shared_ptr<const std::vector<std::string>> client_chain_der;
+  /// The TLS client certificate chain, leaf first (DER and parsed); null
+  /// when the client presented none. Shared by the connection's requests.
+  std::shared_ptr<const client_chain> client_chain_der;
 
   const std::string& header(const std::string& lower_name) const {
     static const std::string empty;

@@ -72,7 +72,7 @@ public:
                                               || (!ref.sha256.empty() && ref.sha256 == sha256_);
       if (match) {
         auto out = verdict::accepted(attestation_type::x509, v.enabled);
-        out.x509_json = info_json(nullptr);
+        out.x509_json = info_json(nullptr, nullptr);
         return out;
       }
     }
@@ -91,6 +91,7 @@ public:
     // certificate while the store holds it verified.
     const enrollment::enrollment_view* best = nullptr;
     const std::string* best_der = nullptr; // the admitting CA, for signingCertificateInfo
+    x509_ptr best_anchor;                  // the same, parsed (referenced, not decoded again)
     int best_depth = INT_MAX;
     int64_t best_anchor_until = LLONG_MAX;
     std::string failures, unverified, missing;
@@ -124,9 +125,10 @@ public:
         return;
       }
       // Both slots are tried: the secondary may be a nearer CA.
-      if (depth < best_depth) {
+      if (depth < best_depth && X509_up_ref(anchor) == 1) {
         best = &g;
         best_der = &der;
+        best_anchor.reset(anchor);
         best_depth = depth;
         best_anchor_until = enrollment::epoch_of(X509_get0_notAfter(anchor));
       }
@@ -157,7 +159,7 @@ public:
     if (best != nullptr) {
       valid_until_ = std::min(valid_until_, best_anchor_until);
       auto out = verdict::accepted(attestation_type::x509, best->enabled, best->id);
-      out.x509_json = info_json(best_der);
+      out.x509_json = info_json(best_anchor.get(), best_der);
       return out;
     }
     if (!unverified.empty())
@@ -183,12 +185,11 @@ public:
 private:
   /// registrationState.x509 as DPS fills it besides enrollmentGroupId: the
   /// device's certificate, and for a group the CA that admitted it.
-  std::string info_json(const std::string* signer_der) const {
+  std::string info_json(const X509* signer, const std::string* signer_der) const {
     nlohmann::json j = nlohmann::json::object();
     j["certificateInfo"] = enrollment::certificate_info(chain_[0].get(), leaf_der_);
-    if (signer_der != nullptr)
-      if (auto signer = enrollment::parse_der(*signer_der))
-        j["signingCertificateInfo"] = enrollment::certificate_info(signer.get(), *signer_der);
+    if (signer != nullptr && signer_der != nullptr)
+      j["signingCertificateInfo"] = enrollment::certificate_info(signer, *signer_der);
     return j.dump();
   }
 
@@ -392,8 +393,20 @@ error x509::open(const device_credential& c, const request_facts& facts,
             "no client certificate: X.509 devices present their certificate chain in the TLS "
             "handshake"};
   std::vector<x509_ptr> chain;
+  // The handshake's parsed certificates when the transport passed them:
+  // decoding them again (and each public key, through OpenSSL 3.0's
+  // decoders) was the largest part of an X.509 attestation's cost.
+  const bool reuse = cred.parsed.size() == cred.chain_der.size()
+                     && std::all_of(cred.parsed.begin(), cred.parsed.end(),
+                                    [](const auto& c) { return c != nullptr; });
   for (std::size_t i = 0; i < cred.chain_der.size(); ++i) {
-    auto cert = enrollment::parse_der(cred.chain_der[i]);
+    x509_ptr cert;
+    if (reuse) {
+      if (X509_up_ref(cred.parsed[i].get()) == 1)
+        cert.reset(cred.parsed[i].get());
+    } else {
+      cert = enrollment::parse_der(cred.chain_der[i]);
+    }
     if (!cert)
       return {error_code::unauthorized_signature,
               "certificate " + std::to_string(i) + " of the presented chain is not a DER X.509 "

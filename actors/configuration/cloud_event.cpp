@@ -13,6 +13,40 @@ ce_attributes attributes_of(const registration_event& ev) {
           utc_string(ev.completed_ms)};
 }
 
+namespace {
+
+/// The subject and thumbprints of an X509CertificateInfo (registrationState.x509).
+void write_thumbprints(json_text::object& o, const nlohmann::json& info) {
+  for (const char* k : {"subjectName", "sha1Thumbprint", "sha256Thumbprint"})
+    if (auto it = info.find(k); it != info.end() && it->is_string())
+      o.str(k, it->get_ref<const std::string&>());
+}
+
+/// data.x509 of device.assigned: the device certificate's thumbprints (an
+/// individual enrollment's device is a "selfSigned" hub identity: the hub
+/// knows it by thumbprint) and, for a group device ("certificateAuthority"
+/// on the hub), the CA that admitted it. From the verdict's x509 JSON
+/// (attestation::verdict::x509_json); nothing when it does not parse.
+void write_x509(json_text::object& data, const std::string& x509_json, bool group) {
+  auto j = nlohmann::json::parse(x509_json, nullptr, false);
+  if (!j.is_object())
+    return;
+  auto cert = j.find("certificateInfo");
+  if (cert == j.end() || !cert->is_object())
+    return;
+  json_text::object x(data.nested("x509"));
+  x.str("authenticationType", group ? "certificateAuthority" : "selfSigned");
+  write_thumbprints(x, *cert);
+  if (auto ca = j.find("signingCertificateInfo"); ca != j.end() && ca->is_object()) {
+    json_text::object signer(x.nested("signingCertificate"));
+    write_thumbprints(signer, *ca);
+    signer.close();
+  }
+  x.close();
+}
+
+} // namespace
+
 /// The device.assigned CloudEvent (structured JSON). Written by hand: it is
 /// built once per registration and nlohmann's tree + serializer was the
 /// largest single cost of this stage (callgrind, docs/performance.md).
@@ -40,6 +74,11 @@ std::string assignment_event(const registration_event& ev, const registration_st
     .str("substatus", ev.substatus);
   if (!ev.enrollment_group_id.empty())
     data.str("enrollmentGroupId", ev.enrollment_group_id);
+  // X.509: what a hub needs to create the device's identity. From the
+  // event, else the record (as `allocation` below).
+  const std::string& x509 = ev.x509_json.empty() ? rs.x509_json : ev.x509_json;
+  if (ev.attestation_type == "x509" && !x509.empty())
+    write_x509(data, x509, !ev.enrollment_group_id.empty());
   // The enrollment stored the twin as compact, valid JSON text.
   data.raw("initialTwin", ev.initial_twin_json.empty() ? "{}" : ev.initial_twin_json);
   // Why this hub (the allocation stage's JSON object), when it said. From

@@ -308,7 +308,9 @@ BENCHMARK(BM_inprocess_bus_publish);
 /// the last group. What the attestation stage pays per new device beyond
 /// the TLS handshake. `range(2)`: 1 = the CAs and CRLs parsed once with the
 /// snapshot (resolve_ca), 0 = left for every check to parse (the code before
-/// that change parsed them on every uncached attestation).
+/// that change parsed them on every uncached attestation). `range(3)`: 1 =
+/// the presented chain also handed over as the TLS handshake parsed it
+/// (net::peer_chain, what the server does), 0 = DER only (parsed by open()).
 void BM_x509_group_check(benchmark::State& state) {
   const int groups = static_cast<int>(state.range(0));
   const int revoked = static_cast<int>(state.range(1));
@@ -365,6 +367,8 @@ void BM_x509_group_check(benchmark::State& state) {
   auto leaf = test::make_device("bench-x509-device", inter, 77);
   x509_credential cred;
   cred.chain_der = {leaf.der(), inter.der()};
+  if (state.range(3) != 0)
+    cred.parsed = {leaf.cert, inter.cert};
   device_credential c = cred;
   attestation::x509 mech;
   attestation::request_facts facts;
@@ -382,10 +386,10 @@ void BM_x509_group_check(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_x509_group_check)
-  ->ArgNames({"groups", "revoked", "parsed_once"})
-  ->Args({1, 0, 0})->Args({1, 0, 1})
-  ->Args({1, 1000, 0})->Args({1, 1000, 1})
-  ->Args({20, 100, 0})->Args({20, 100, 1});
+  ->ArgNames({"groups", "revoked", "parsed_once", "handshake_parsed"})
+  ->Args({1, 0, 0, 0})->Args({1, 0, 1, 0})->Args({1, 0, 1, 1})
+  ->Args({1, 1000, 0, 0})->Args({1, 1000, 1, 0})->Args({1, 1000, 1, 1})
+  ->Args({20, 100, 0, 0})->Args({20, 100, 1, 0})->Args({20, 100, 1, 1});
 
 // One allocation decision with the three hubs and regions provisiond-bench
 // --allocation-policy gives its server: hashed against geoLatency (device in

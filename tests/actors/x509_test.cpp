@@ -465,3 +465,47 @@ TEST_CASE("x509: a CRL past its nextUpdate refuses the chains it covers; parsed 
                   v.err.message);
   }
 }
+
+TEST_CASE("x509: the handshake's parsed certificates give the same verdicts as the DER") {
+  // What a TLS listener hands over (net::peer_chain): DER and the same
+  // certificates parsed; the mechanism uses the parsed ones.
+  const auto& p = certs();
+  auto parsed = [](std::initializer_list<const test_cert*> cs) {
+    auto c = chain(cs);
+    for (const auto* t : cs)
+      c.parsed.push_back(t->cert);
+    return c;
+  };
+  const std::vector<en::enrollment_view> groups{group("by-root", p.root)};
+  for (auto cs : {std::vector<const test_cert*>{&p.leaf, &p.inter},
+                  std::vector<const test_cert*>{&p.stranger},
+                  std::vector<const test_cert*>{&p.leaf}}) {
+    CAPTURE(cs.size());
+    std::unique_ptr<proof> from_der, from_parsed;
+    x509_credential d, q;
+    for (const auto* t : cs) {
+      d.chain_der.push_back(t->der());
+      q.chain_der.push_back(t->der());
+      q.parsed.push_back(t->cert);
+    }
+    REQUIRE(open(d, cs.front() == &p.stranger ? "dev-x" : "dev-1", from_der).ok());
+    REQUIRE(open(q, cs.front() == &p.stranger ? "dev-x" : "dev-1", from_parsed).ok());
+    CHECK(from_der->identity() == from_parsed->identity());
+    auto a = from_der->check_groups(groups);
+    auto b = from_parsed->check_groups(groups);
+    CHECK(a.is_accepted() == b.is_accepted());
+    CHECK(a.err.message == b.err.message);
+    CHECK(a.x509_json == b.x509_json);
+    CHECK(a.enrollment_group_id == b.enrollment_group_id);
+    CHECK(from_der->valid_until() == from_parsed->valid_until());
+  }
+  // The registration id is still checked against the (parsed) leaf's CN.
+  std::unique_ptr<proof> pr;
+  auto err = open(parsed({&p.leaf, &p.inter}), "dev-2", pr);
+  CHECK(err.code == error_code::unauthorized_signature);
+  // A parsed list that does not match the DER one by one is not used.
+  auto odd = chain({&p.leaf, &p.inter});
+  odd.parsed.push_back(p.leaf.cert);
+  REQUIRE(open(odd, "dev-1", pr).ok());
+  CHECK(pr->check_groups(groups).is_accepted());
+}

@@ -731,3 +731,42 @@ TEST_CASE("revocation: a CRL past its nextUpdate refuses the devices it covers u
   auto a = put_register(c, s, "stale-crl-dev");
   CHECK_MESSAGE(a.status == 200, a.body);
 }
+
+TEST_CASE("revocation for a group with inline signingCertificates: through a CA some group "
+          "names by caReferences, never through an unreferenced store CA") {
+  // docs/device-api.md, "Groups with inline signingCertificates".
+  auto& s = srv();
+  auto root = test::make_ca("IT Inline CRL Root CA", nullptr, 120);
+  auto dev = test::make_device("inline-crl-dev", root, 1200);
+  json body{{"enrollmentGroupId", "inline-crl-group"},
+            {"attestation",
+             {{"type", "x509"},
+              {"x509", {{"signingCertificates", {{"primary", {{"certificate", root.pem()}}}}}}}}}};
+  REQUIRE(s.service("PUT", "/enrollmentGroups/inline-crl-group", body.dump()).status == 200);
+  auto admitted = [&] {
+    auto c = fresh_client(s, dev);
+    auto a = put_register(c, s, "inline-crl-dev");
+    REQUIRE_MESSAGE(a.status == 200, a.body);
+    CHECK(parse(a.body)["registrationState"]["x509"]["enrollmentGroupId"] == "inline-crl-group");
+  };
+  admitted();
+  // The same CA in the store with a CRL revoking the device, named by no
+  // group: not consulted.
+  upload_and_verify(s, "inline-crl-root", root);
+  auto r = s.service("PUT", "/certificates/inline-crl-root/crl",
+                     json{{"crl", test::make_crl_pem(root, {&dev})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  admitted();
+  // Once a group names it, its CRL revokes the device for every group,
+  // the inline one included.
+  REQUIRE(put_ca_group(s, "inline-crl-ref", "inline-crl-root").status == 200);
+  {
+    auto c = fresh_client(s, dev);
+    check_error(put_register(c, s, "inline-crl-dev"), 401, 401002,
+                "the client certificate 'CN=inline-crl-dev,O=provisiond tests' (serial 04B0) is "
+                "revoked: the CRL of 'CN=IT Inline CRL Root CA,O=provisiond tests' lists it");
+  }
+  REQUIRE(s.service("DELETE", "/enrollmentGroups/inline-crl-ref").status == 204);
+  admitted();
+  REQUIRE(s.service("DELETE", "/enrollmentGroups/inline-crl-group").status == 204);
+}

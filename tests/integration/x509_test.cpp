@@ -396,3 +396,78 @@ TEST_CASE("the CLI registers an X.509 device: provisiond register --cert --cert-
   CHECK(j["status"] == "assigned");
   CHECK(j["registrationState"]["x509"]["enrollmentGroupId"] == "x509-cli-root");
 }
+
+namespace {
+
+/// Upper-case hex of OpenSSL's own digest of `c` (not our thumbprint code).
+std::string openssl_thumbprint(const test_cert& c, const EVP_MD* md) {
+  unsigned char buf[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  REQUIRE(X509_digest(c.cert.get(), md, buf, &n) == 1);
+  std::string out;
+  static const char* digits = "0123456789ABCDEF";
+  for (unsigned i = 0; i < n; ++i)
+    out += {digits[buf[i] >> 4], digits[buf[i] & 15]};
+  return out;
+}
+
+/// The device.assigned event of the last assignment of `id`.
+json last_assignment(const test::server_process& s, const std::string& id) {
+  json last;
+  for (const auto& e : test::all_assignments(s))
+    if (e["data"]["registrationId"] == id)
+      last = e;
+  INFO("the device.assigned event of " << id);
+  REQUIRE(last.is_object());
+  return last;
+}
+
+} // namespace
+
+TEST_CASE("device.assigned carries the device certificate's thumbprints, and the CA of a group") {
+  auto& s = srv();
+  SUBCASE("individual enrollment: a selfSigned hub identity, no signing CA") {
+    auto leaf = test::make_self_signed_device("x509-ev-ind");
+    put_enrollment(s, "x509-ev-ind",
+                   {{"clientCertificates", {{"primary", {{"certificate", leaf.pem()}}}}}});
+    auto c = device_client(s, leaf);
+    check_assigned(put_register(c, s, "x509-ev-ind"), "x509-ev-ind");
+    auto x = last_assignment(s, "x509-ev-ind")["data"]["x509"];
+    INFO(x.dump());
+    CHECK(x["authenticationType"] == "selfSigned");
+    CHECK(x["subjectName"] == "CN=x509-ev-ind,O=provisiond tests");
+    CHECK(x["sha1Thumbprint"] == openssl_thumbprint(leaf, EVP_sha1()));
+    CHECK(x["sha256Thumbprint"] == openssl_thumbprint(leaf, EVP_sha256()));
+    CHECK_FALSE(x.contains("signingCertificate"));
+  }
+  SUBCASE("group device: a certificateAuthority hub identity and the CA that admitted it") {
+    auto root = test::make_ca("IT Event Root CA", nullptr, 50);
+    auto inter = test::make_ca("IT Event Intermediate CA", &root, 51);
+    put_group(s, "x509-ev-root", root);
+    put_group(s, "x509-ev-inter", inter); // the nearer CA admits the device
+    auto leaf = test::make_device("x509-ev-grp", inter, 500);
+    auto c = device_client(s, leaf, {&inter});
+    check_assigned(put_register(c, s, "x509-ev-grp"), "x509-ev-grp", "x509-ev-inter");
+    auto d = last_assignment(s, "x509-ev-grp")["data"];
+    INFO(d.dump());
+    CHECK(d["enrollmentGroupId"] == "x509-ev-inter");
+    const auto& x = d["x509"];
+    CHECK(x["authenticationType"] == "certificateAuthority");
+    CHECK(x["subjectName"] == "CN=x509-ev-grp,O=provisiond tests");
+    CHECK(x["sha1Thumbprint"] == openssl_thumbprint(leaf, EVP_sha1()));
+    CHECK(x["sha256Thumbprint"] == openssl_thumbprint(leaf, EVP_sha256()));
+    CHECK(x["signingCertificate"]["subjectName"] == "CN=IT Event Intermediate CA,O=provisiond tests");
+    CHECK(x["signingCertificate"]["sha1Thumbprint"] == openssl_thumbprint(inter, EVP_sha1()));
+    CHECK(x["signingCertificate"]["sha256Thumbprint"] == openssl_thumbprint(inter, EVP_sha256()));
+  }
+  SUBCASE("a symmetric key device's event has no x509") {
+    auto key = crypto::generate_key();
+    json body{{"registrationId", "x509-ev-sas"},
+              {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+    REQUIRE(s.service("PUT", "/enrollments/x509-ev-sas", body.dump()).status == 200);
+    auto c = s.client();
+    auto r = put_register(c, s, "x509-ev-sas", s.device_auth("x509-ev-sas", key));
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK_FALSE(last_assignment(s, "x509-ev-sas")["data"].contains("x509"));
+  }
+}

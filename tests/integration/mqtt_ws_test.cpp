@@ -14,6 +14,7 @@
 #include "tests/support/it_common.hpp"
 #include "tests/support/metrics_scrape.hpp"
 #include "tests/support/mqtt_client.hpp"
+#include "tests/support/mqtt_device.hpp"
 #include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 
@@ -22,50 +23,9 @@ using nlohmann::json;
 
 namespace {
 
-const std::string api = "2019-03-31";
-const std::string reg_topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
-const std::string poll_topic = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=";
+using namespace test::mqtt_device;
 
 test::server_process& srv() { return test::shared_server(); }
-
-std::string ca(const test::server_process& s) { return s.data_dir() + "/tls/ca.pem"; }
-
-std::string username(const test::server_process& s, const std::string& id) {
-  return s.id_scope() + "/registrations/" + id + "/api-version=" + api
-         + "&ClientVersion=provisiond-it%2Fws";
-}
-
-void put_individual(const test::server_process& s, const std::string& id, const std::string& key) {
-  json body{{"registrationId", id},
-            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
-  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
-  REQUIRE_MESSAGE(r.status == 200, r.body);
-}
-
-/// Registers as an SDK does (register, then polls on 202); the final payload.
-json register_over(test::mqtt_client& c, const std::string& id, const std::string& rid) {
-  REQUIRE(c.send(mqtt::encode_publish(reg_topic + rid, json{{"registrationId", id}}.dump(), 1,
-                                      7)));
-  auto m = c.next_message();
-  REQUIRE(m);
-  CHECK(m->topic.find("?$rid=" + rid) != std::string::npos);
-  json body = json::parse(m->payload);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  int polls = 0;
-  while (m->topic.rfind("$dps/registrations/res/202/", 0) == 0
-         && std::chrono::steady_clock::now() < deadline) {
-    ++polls;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    auto op = body.at("operationId").get<std::string>();
-    std::string prid = rid + "-p" + std::to_string(polls);
-    REQUIRE(c.send(mqtt::encode_publish(poll_topic + prid + "&operationId=" + op, " ", 0, 0)));
-    m = c.next_message();
-    REQUIRE(m);
-    body = json::parse(m->payload);
-  }
-  CHECK(m->topic.rfind("$dps/registrations/res/200/?$rid=", 0) == 0);
-  return body;
-}
 
 /// The raw answer to one upgrade request on a fresh TLS connection (the
 /// server closes after an error, so this reads to the end).

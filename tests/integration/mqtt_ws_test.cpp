@@ -5,9 +5,17 @@
 
 #include <doctest/doctest.h>
 
+#include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <string>
 #include <thread>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
 
 #include "messages/crypto.hpp"
 #include "net/websocket.hpp"
@@ -42,6 +50,55 @@ json error_body_of(const std::string& response) {
   auto at = response.find("\r\n\r\n");
   REQUIRE(at != std::string::npos);
   return test::parse_json(response.substr(at + 4));
+}
+
+/// A CONNECT as the SDKs send it, for `id` with `key`.
+std::string connect_packet(const test::server_process& s, const std::string& id,
+                           const std::string& key) {
+  mqtt::connect_packet cp;
+  cp.protocol_level = 4;
+  cp.clean_session = true;
+  cp.keep_alive_s = 60;
+  cp.client_id = id;
+  cp.username = username(s, id);
+  cp.password = s.device_auth(id, key);
+  return mqtt::encode_connect(cp);
+}
+
+/// Whether a TLS handshake with 127.0.0.1:`port` completes (a connection
+/// refused at a cap is closed before it).
+bool tls_admitted(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{20, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  bool ok = false;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    ok = SSL_connect(ssl) == 1;
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+  }
+  ::close(fd);
+  return ok;
+}
+
+/// Whether 127.0.0.1:`port` refuses TCP connections (its listener closed).
+bool refuses(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool refused = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0
+                       && errno == ECONNREFUSED;
+  ::close(fd);
+  return refused;
 }
 
 /// Healthy: a plain HTTPS request answers, and a device still registers
@@ -210,6 +267,168 @@ TEST_CASE("bad frames close with a WebSocket close code; nothing is stored") {
   // None of the publishes was carried out.
   CHECK(s.service("GET", "/registrations/" + id).status == 404);
   check_healthy(s);
+}
+
+TEST_CASE("frames sent in the same TLS write as the upgrade request are served") {
+  auto& s = srv();
+  const std::string id = "mqtt-ws-early";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  // CONNECT in one frame, SUBSCRIBE and PINGREQ in the next, all behind the
+  // request in one write: they reach the server with the request and are
+  // handed to the MQTT session as what was read past it.
+  mqtt::subscribe_packet sp;
+  sp.packet_id = 2;
+  sp.filters = {{"$dps/registrations/res/#", 1}};
+  const std::string early =
+    ws::encode_client_frame(ws::opcode::binary, connect_packet(s, id, key), 0x11111111)
+    + ws::encode_client_frame(ws::opcode::binary, mqtt::encode_subscribe(sp) + mqtt::encode_pingreq(),
+                              0x22222222);
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s), 10, early);
+  auto connack = c.read();
+  REQUIRE(connack);
+  CHECK(connack->type == mqtt::packet_type::connack);
+  CHECK(connack->body == std::string("\0\0", 2));
+  auto suback = c.read();
+  REQUIRE(suback);
+  CHECK(suback->type == mqtt::packet_type::suback);
+  auto pingresp = c.read();
+  REQUIRE(pingresp);
+  CHECK(pingresp->type == mqtt::packet_type::pingresp);
+  CHECK(register_over(c, id, "early-1").at("status") == "assigned");
+}
+
+TEST_CASE("after upgrades: CONNECT deadline, connection slots given back, the per-client cap "
+          "still holds; gauges by transport") {
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  auto cfg = test::with_metrics(test::with_device_api(
+    test::default_config(dir),
+    "register_wait_ms = 5000\nrequest_timeout_seconds = 3\nmax_connections_per_client = 2"));
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const auto addr = test::metrics_addr(s);
+  const std::string id = "mqtt-ws-slots";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  auto settled = [&](double ws_open) {
+    return test::scrape_until(addr, [&](const auto& m) {
+      return test::sum(m, "dps_connections_open") == 0
+             && test::sum(m, "dps_mqtt_connections_open", {"transport=\"mqtt_ws\""}) == ws_open;
+    });
+  };
+  settled(0);
+  {
+    // An upgraded connection counts as MQTT over WebSocket, not HTTPS.
+    test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+    REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+    auto m = settled(1);
+    CHECK(test::sum(m, "dps_connections_open") == 0);
+    CHECK(test::sum(m, "dps_mqtt_connections_open", {"transport=\"mqtt_ws\""}) == 1);
+    CHECK(test::sum(m, "dps_mqtt_connections_open", {"transport=\"mqtt\""}) == 0);
+  }
+  SUBCASE("no CONNECT after the upgrade: closed after request_timeout_seconds") {
+    test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s), 30);
+    CHECK(c.closed_by_server()); // within 3 s; the client would wait 30
+    auto m = test::scrape_until(addr, [](const auto& mm) {
+      return test::sum(mm, "dps_mqtt_disconnects_total", {"reason=\"connect_timeout\""}) >= 1;
+    });
+    CHECK(test::sum(m, "dps_mqtt_disconnects_total",
+                    {"reason=\"connect_timeout\"", "transport=\"mqtt_ws\""})
+          == 1);
+  }
+  SUBCASE("every way a WebSocket session ends gives its slot back") {
+    for (int round = 0; round < 2; ++round) {
+      { // DISCONNECT
+        test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+        REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+        REQUIRE(c.send(mqtt::encode_disconnect()));
+        CHECK(c.closed_by_server());
+      }
+      { // the client's close frame
+        test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+        REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+        REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::close, std::string("\x03\xE8", 2), 5)));
+        CHECK(c.closed_by_server());
+      }
+      { // a refused CONNECT (wrong key)
+        test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+        CHECK(c.connect(id, username(s, id), s.device_auth(id, crypto::generate_key())) == 5);
+      }
+      { // a framing error
+        test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+        REQUIRE(c.send_raw(ws::encode_frame(ws::opcode::binary, "x")));
+        CHECK(c.closed_by_server());
+      }
+      { // the client just goes away
+        test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s));
+        REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+      }
+      auto m = settled(0);
+      REQUIRE(test::sum(m, "dps_mqtt_connections_open", {"transport=\"mqtt_ws\""}) == 0);
+      REQUIRE(test::sum(m, "dps_connections_open") == 0);
+    }
+  }
+  // The cap (2 per address) holds exactly: two WebSocket sessions, and a
+  // third connection is refused; one ends, and one more is admitted.
+  auto first = std::make_unique<test::mqtt_client>(test::mqtt_client::websocket, s.port(), ca(s));
+  REQUIRE(first->connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  test::mqtt_client second(test::mqtt_client::websocket, s.port(), ca(s));
+  REQUIRE(second.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  settled(2);
+  CHECK(!tls_admitted(s.port()));
+  first.reset();
+  settled(1);
+  CHECK(tls_admitted(s.port()));
+  CHECK(s.stop() == 0);
+}
+
+TEST_CASE("stopping: an answer in flight is written; a PUBLISH once the listeners stopped "
+          "gets a 1001 close, not a PUBACK") {
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  // Registers take 1.5 s (allocation delayed); the stop holds 4 s once the
+  // listeners take nothing new, with the WebSocket session still open.
+  s.set_pipeline_delay_ms(1500);
+  s.set_stop_pause_ms(4000);
+  auto cfg = test::with_device_api(test::default_config(dir), "register_wait_ms = 10000")
+             + "[mqtt]\nlisten = \"\"\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const std::string id = "mqtt-ws-stop";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s), 30);
+  REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);
+  REQUIRE(c.send(mqtt::encode_publish(reg_topic + "before", json{{"registrationId", id}}.dump(),
+                                      1, 7)));
+  // Taken (the PUBACK comes once it is handed to the engine), then the stop.
+  auto ack = c.read();
+  REQUIRE(ack);
+  REQUIRE(ack->type == mqtt::packet_type::puback);
+  REQUIRE(::kill(s.pid(), SIGTERM) == 0);
+  // Accepted before the stop: answered (the drain lets it finish).
+  auto m = c.next_message();
+  REQUIRE(m);
+  CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+  CHECK(m->topic.find("?$rid=before") != std::string::npos);
+  CHECK(c.pubacks() == 0); // the only one was read above
+  // The HTTPS port refuses connections: the listeners take nothing new.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!refuses(s.port()) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  REQUIRE(refuses(s.port()));
+  // Not taken: no PUBACK, no answer, a close frame saying why.
+  REQUIRE(c.send(mqtt::encode_publish(reg_topic + "after", json{{"registrationId", id}}.dump(),
+                                      1, 8)));
+  auto next = c.read();
+  CHECK(!next);
+  CHECK(!c.timed_out());
+  CHECK(c.close_status() == 1001);
+  CHECK(c.close_reason() == "server stopping");
+  CHECK(c.pubacks() == 0);
+  CHECK_MESSAGE(s.wait_exit() == 0, s.log());
 }
 
 TEST_CASE("metrics carry transport=\"mqtt_ws\"") {

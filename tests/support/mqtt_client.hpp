@@ -47,10 +47,13 @@ public:
 
   /// Over WebSocket: TLS to the HTTPS `port`, the upgrade request at
   /// /$iothub/websocket with subprotocol mqtt, which must get a 101.
-  mqtt_client(websocket_t, uint16_t port, const std::string& ca_file, int timeout_s = 20)
+  /// `with_request`: bytes (client frames) sent in the same TLS write as the
+  /// request, before the 101 is seen.
+  mqtt_client(websocket_t, uint16_t port, const std::string& ca_file, int timeout_s = 20,
+              const std::string& with_request = {})
     : mqtt_client(port, ca_file, timeout_s) {
     ws_ = true;
-    REQUIRE(send_raw(upgrade_request()));
+    REQUIRE(send_raw(upgrade_request() + with_request));
     auto head = read_head();
     REQUIRE_MESSAGE(head.rfind("HTTP/1.1 101 ", 0) == 0, head);
     REQUIRE(head.find("Sec-WebSocket-Protocol: mqtt\r\n") != std::string::npos);

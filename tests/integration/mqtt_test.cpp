@@ -306,6 +306,78 @@ TEST_CASE("answers to one read are written together; a long burst is all answere
   CHECK(body.at("status") == "assigned");
 }
 
+TEST_CASE("QoS 1 without sessions: clean session 0 gets session present 0; answers carry "
+          "distinct packet ids, are not redelivered after a reconnect; the device polls") {
+  auto& s = srv();
+  const std::string id = "mqtt-qos1-nosession";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  auto connect = [&](test::mqtt_client& c) {
+    mqtt::connect_packet cp;
+    cp.protocol_level = 4;
+    cp.clean_session = false; // asks for a persistent session
+    cp.keep_alive_s = 60;
+    cp.client_id = id;
+    cp.username = username(s, id);
+    cp.password = s.device_auth(id, key);
+    REQUIRE(c.send(mqtt::encode_connect(cp)));
+    auto p = c.read();
+    REQUIRE(p);
+    REQUIRE(p->type == mqtt::packet_type::connack);
+    // Accepted, no session present: the client knows to subscribe again.
+    CHECK(p->body == std::string("\0\0", 2));
+  };
+  // The next server PUBLISH, not acknowledged (PUBACKs for ours skipped).
+  auto next_publish = [](test::mqtt_client& c) {
+    for (;;) {
+      auto p = c.read();
+      REQUIRE(p);
+      if (p->type == mqtt::packet_type::puback)
+        continue;
+      REQUIRE(p->type == mqtt::packet_type::publish);
+      mqtt::publish_packet pub;
+      REQUIRE(mqtt::parse_publish(mqtt::frame{p->type, p->flags, p->body}, pub).empty());
+      return std::make_pair(pub, std::string(pub.payload));
+    }
+  };
+  std::string op;
+  {
+    test::mqtt_client c(s.mqtt_port(), ca(s));
+    connect(c);
+    REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);
+    REQUIRE(c.send(mqtt::encode_publish(reg_topic + "q1", json{{"registrationId", id}}.dump(), 1,
+                                        21)));
+    auto [first, body1] = next_publish(c);
+    CHECK(first.qos == 1);
+    CHECK(first.packet_id != 0);
+    op = json::parse(body1).at("operationId").get<std::string>();
+    REQUIRE(c.send(mqtt::encode_publish(poll_topic + "q2&operationId=" + op, " ", 1, 22)));
+    auto [second, body2] = next_publish(c);
+    CHECK(second.qos == 1);
+    CHECK(second.packet_id != 0);
+    CHECK(second.packet_id != first.packet_id); // first still unacknowledged
+    // The client goes away without acknowledging either answer.
+  }
+  test::mqtt_client again(s.mqtt_port(), ca(s), 2);
+  connect(again);
+  // Nothing is redelivered (no session state was kept) ...
+  CHECK(!again.read());
+  CHECK(again.timed_out());
+  // ... the device subscribes again and polls its operation: the outcome.
+  REQUIRE(again.subscribe("$dps/registrations/res/#", 1) == 1);
+  json body;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int polls = 0;
+  do {
+    std::this_thread::sleep_for(std::chrono::milliseconds(polls++ == 0 ? 0 : 100));
+    REQUIRE(again.send(mqtt::encode_publish(poll_topic + "q3&operationId=" + op, " ", 0, 0)));
+    auto m = again.next_message();
+    REQUIRE(m);
+    body = json::parse(m->payload);
+  } while (body.value("status", "") == "assigning" && std::chrono::steady_clock::now() < deadline);
+  CHECK(body.at("status") == "assigned");
+}
+
 TEST_CASE("keep-alive, request deadlines, in-flight limit, and per-transport metrics") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it");

@@ -463,6 +463,11 @@ TEST_CASE("metrics carry transport=\"mqtt_ws\"") {
                   {"reason=\"malformed\"", "transport=\"mqtt_ws\""})
         == 1);
   CHECK(test::sum(m, "dps_mqtt_connects_total", {"transport=\"mqtt\""}) == 0);
+  // The pipeline counts these registrations as mqtt_ws too.
+  CHECK(test::sum(m, "dps_registration_attempts_total",
+                  {"protocol=\"mqtt_ws\"", "status=\"assigned\""})
+        == 1);
+  CHECK(test::sum(m, "dps_registration_attempts_total", {"protocol=\"mqtt\""}) == 0);
   CHECK(s.stop() == 0);
 }
 

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <fstream>
 #include <string>
 #include <thread>
 
@@ -429,6 +430,82 @@ TEST_CASE("stopping: an answer in flight is written; a PUBLISH once the listener
   CHECK(c.close_reason() == "server stopping");
   CHECK(c.pubacks() == 0);
   CHECK_MESSAGE(s.wait_exit() == 0, s.log());
+}
+
+TEST_CASE("before CONNECT, a client that floods pings and does not read is closed once 8 KiB of "
+          "pongs are queued") {
+  // The kernel's socket buffers take the first pongs (the server's send
+  // buffer is at most tcp_wmem's maximum); after them, 8 KiB may queue in
+  // the server before it closes the connection (not_reading). With
+  // max_packet_bytes at its largest, the cap of an open session would be
+  // 8 MiB + 64 KiB: a flood of wmem_max + 2 MiB of pongs is over the first
+  // cap and under the second.
+  long wmem_max = 0;
+  {
+    std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
+    long lo = 0, def = 0;
+    in >> lo >> def >> wmem_max;
+  }
+  const long flood = wmem_max + 2 * 1024 * 1024;
+  if (wmem_max <= 0 || flood > 7 * 1024 * 1024) {
+    MESSAGE("SKIPPED: net.ipv4.tcp_wmem max is " << wmem_max << ": no flood size tells the caps apart");
+    return;
+  }
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  auto cfg = test::with_metrics(test::default_config(dir))
+             + "[mqtt]\nlisten = \"\"\nmax_packet_bytes = 2097152\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  int small = 4096; // before connect: the window the server sees stays small
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(s.port());
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
+  timeval tv{20, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  REQUIRE(SSL_connect(ssl) == 1);
+  const auto req = test::mqtt_client::upgrade_request();
+  REQUIRE(SSL_write(ssl, req.data(), static_cast<int>(req.size())) == static_cast<int>(req.size()));
+  std::string head;
+  char buf[4096];
+  while (head.find("\r\n\r\n") == std::string::npos) {
+    int n = SSL_read(ssl, buf, sizeof buf);
+    REQUIRE(n > 0);
+    head.append(buf, static_cast<std::size_t>(n));
+  }
+  REQUIRE(head.rfind("HTTP/1.1 101 ", 0) == 0);
+  // Pings of 125 bytes (pongs of 127), 64 per write, never reading.
+  std::string batch;
+  for (int i = 0; i < 64; ++i)
+    batch += ws::encode_client_frame(ws::opcode::ping, std::string(125, 'p'), 0x0badf00du + i);
+  long pongs = 0;
+  bool write_failed = false;
+  while (pongs * 127 < flood) {
+    if (SSL_write(ssl, batch.data(), static_cast<int>(batch.size())) != static_cast<int>(batch.size())) {
+      write_failed = true; // closed by the server
+      break;
+    }
+    pongs += 64;
+  }
+  MESSAGE("pings written: " << pongs << std::string(write_failed ? ", then the server closed" : ""));
+  auto m = test::scrape_until(test::metrics_addr(s), [](const auto& mm) {
+    return test::sum(mm, "dps_mqtt_disconnects_total", {"reason=\"not_reading\""}) >= 1;
+  });
+  CHECK(test::sum(m, "dps_mqtt_disconnects_total",
+                  {"reason=\"not_reading\"", "transport=\"mqtt_ws\""})
+        == 1);
+  SSL_free(ssl);
+  SSL_CTX_free(ctx);
+  ::close(fd);
+  CHECK(s.stop() == 0);
 }
 
 TEST_CASE("metrics carry transport=\"mqtt_ws\"") {

@@ -508,6 +508,60 @@ TEST_CASE("before CONNECT, a client that floods pings and does not read is close
   CHECK(s.stop() == 0);
 }
 
+TEST_CASE("nothing follows our close frame: an answer that comes while the close frame waits "
+          "to be written is dropped") {
+  // The client stops reading and floods pings until the server's writes
+  // block (the kernel buffers are full), with a register in flight whose
+  // allocation takes 5 s, then sends its close frame: the server's close
+  // frame queues behind the pongs, and the register's answer comes after
+  // it. A large max_packet_bytes keeps the queue under the not_reading cap.
+  long wmem_max = 0;
+  {
+    std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
+    long lo = 0, def = 0;
+    in >> lo >> def >> wmem_max;
+  }
+  const long flood = wmem_max + 1024 * 1024;
+  if (wmem_max <= 0 || flood > 7 * 1024 * 1024) {
+    MESSAGE("SKIPPED: net.ipv4.tcp_wmem max is " << wmem_max);
+    return;
+  }
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  s.set_pipeline_delay_ms(5000);
+  auto cfg = test::with_device_api(test::default_config(dir), "register_wait_ms = 10000")
+             + "[mqtt]\nlisten = \"\"\nmax_packet_bytes = 2097152\n";
+  REQUIRE_MESSAGE(!s.start(cfg, dir), s.log());
+  const std::string id = "mqtt-ws-close-late";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca(s), 30, {}, 4096);
+  REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);
+  const auto sent = std::chrono::steady_clock::now();
+  REQUIRE(c.send(mqtt::encode_publish(reg_topic + "late", json{{"registrationId", id}}.dump(),
+                                      0, 0)));
+  std::string batch;
+  for (int i = 0; i < 64; ++i)
+    batch += ws::encode_client_frame(ws::opcode::ping, std::string(125, 'p'), 0x0badf00du + i);
+  for (long pongs = 0; pongs * 127 < flood; pongs += 64)
+    REQUIRE(c.send_raw(batch));
+  REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::close, std::string("\x03\xE8", 2), 5)));
+  const auto queued = std::chrono::steady_clock::now() - sent;
+  // The answer comes at 5 s; read only after it.
+  std::this_thread::sleep_for(std::chrono::seconds(7) - queued);
+  while (c.read()) {
+  }
+  CHECK(!c.timed_out());
+  CHECK(c.close_status() == 1000);
+  CHECK(c.data_after_close() == 0);
+  if (queued > std::chrono::seconds(4))
+    MESSAGE("the flood took " << std::chrono::duration_cast<std::chrono::milliseconds>(queued).count()
+                              << " ms: the answer may have come before the close frame");
+  CHECK(s.stop() == 0);
+}
+
 TEST_CASE("metrics carry transport=\"mqtt_ws\"") {
   auto dir = test::make_temp_dir("provisiond-it-ws");
   test::server_process s;

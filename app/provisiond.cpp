@@ -379,9 +379,14 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
     if (auto err = gateway::mqtt_server::start(qopts, *eng, mqtt))
       return die(err.message + " (set [mqtt] listen to another address, or \"\" to turn "
                                "MQTT off)");
-    inst.add_gauge("dps_mqtt_connections_open",
-                   "Open MQTT device connections, TLS handshakes included", "", "",
-                   [&mqtt] { return static_cast<double>(mqtt->open_connections()); });
+    const std::string help = "Open MQTT device connections, TLS handshakes included";
+    if (mqtt_listener)
+      inst.add_gauge("dps_mqtt_connections_open", help, "transport", "mqtt",
+                     [&mqtt] { return static_cast<double>(mqtt->open_connections()); });
+    if (cfg.mqtt.websocket)
+      inst.add_gauge("dps_mqtt_connections_open", help, "transport", "mqtt_ws", [&mqtt] {
+        return static_cast<double>(mqtt->open_websocket_connections());
+      });
   }
 
   if (mqtt && cfg.mqtt.websocket)
@@ -391,7 +396,9 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
     if (auto err = gateway::https_server::start(sopts, *routes, server))
       return die(err.message);
     inst.add_gauge("dps_connections_open",
-                   "Open device API connections, TLS handshakes included", "", "",
+                   "Open device API connections, TLS handshakes included (not those "
+                   "upgraded to MQTT over WebSocket)",
+                   "", "",
                    [&server] { return static_cast<double>(server->open_connections()); });
   }
 
@@ -512,13 +519,17 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   // for their outcome get it (or a 202) instead of a dropped connection.
   eng->drain();
   // Both listeners stop taking clients before either waits up to 2 s for
-  // its answers in flight.
-  if (server)
-    server->stop_accepting();
+  // its answers in flight. MQTT first: from here its sessions take no new
+  // request (a WebSocket one closes with 1001), so once the port refuses
+  // connections no request is taken that might go unanswered.
   if (mqtt)
     mqtt->stop_accepting();
-  // MQTT first: it waits for the answers of its WebSocket sessions too,
-  // which the HTTPS threads write.
+  if (server)
+    server->stop_accepting();
+  if (ext.listeners_stopping)
+    ext.listeners_stopping();
+  // MQTT first: it waits until the answers of its WebSocket sessions too
+  // are written, which the HTTPS threads do.
   if (mqtt)
     mqtt->stop();
   if (server)

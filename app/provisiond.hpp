@@ -3,6 +3,7 @@
 // same code: the product (main.cpp) and the test binary (tests/testd/),
 // which adds what only tests need through `extensions`.
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -16,6 +17,10 @@ namespace prov::app {
 struct extensions {
   /// Registered after the built-in policies (engine_options::policies).
   std::vector<std::shared_ptr<const allocation::policy>> policies;
+  /// Called while stopping, once the device listeners take no new clients
+  /// and no new MQTT requests, before they wait for the answers in flight
+  /// (the test binary holds the process there: tests/testd/).
+  std::function<void()> listeners_stopping;
 };
 
 /// Sets up the process (stop signals blocked in every thread, SIGPIPE

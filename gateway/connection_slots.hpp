@@ -77,6 +77,18 @@ public:
     shared_.release(ip);
   }
 
+  /// A connection this listener accepted, now served by `to` (upgraded to
+  /// MQTT over WebSocket): it leaves this count for that one and keeps its
+  /// place under the caps; `to` releases it. False (nothing moved) when the
+  /// two do not share the caps.
+  bool transfer_to(listener_slots& to) {
+    if (&to.shared_ != &shared_)
+      return false;
+    open_.fetch_sub(1);
+    to.open_.fetch_add(1);
+    return true;
+  }
+
   int open() const { return open_.load(); }          ///< this listener's
   int open_total() const { return shared_.open(); }  ///< all listeners'
   int max_total() const { return shared_.max_total(); }

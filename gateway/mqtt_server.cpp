@@ -54,12 +54,26 @@ struct listener_context {
     : opts(o), eng(e),
       own_api(o.api != nullptr ? nullptr
                                : std::make_unique<device_api>(e, o.id_scope, o.retry_after_s)),
-      api(o.api != nullptr ? *o.api : *own_api) {}
+      api(o.api != nullptr ? *o.api : *own_api),
+      own_slots(o.max_connections, o.max_connections_per_client),
+      slots(o.shared_slots != nullptr ? *o.shared_slots : own_slots),
+      ws_slots(o.shared_slots != nullptr ? *o.shared_slots : own_slots) {}
   const mqtt_server_options opts;
   engine& eng;
   std::unique_ptr<device_api> own_api; ///< when none is shared
   device_api& api;
-  std::atomic<int> answering{0}; ///< requests handed to the device API, not yet answered
+  connection_slots own_slots; ///< when none are shared
+  listener_slots slots;       ///< the MQTT listener's connections
+  /// Upgraded WebSocket connections, moved here from the HTTPS listener's
+  /// count (dps_mqtt_connections_open{transport="mqtt_ws"}).
+  listener_slots ws_slots;
+  /// Accepted requests whose answer is not written yet (or whose
+  /// connection is not gone yet): stop() waits for them.
+  std::atomic<int> answering{0};
+  /// Set by stop_accepting(): PUBLISHes and CONNECTs from here on are not
+  /// taken (the connection closes instead), so stop() has no new answers
+  /// to wait for once `answering` reaches 0.
+  std::atomic<bool> stopping{false};
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -91,7 +105,7 @@ public:
   }
 
   ~session() {
-    ctx_->answering.fetch_sub(inflight_);
+    ctx_->answering.fetch_sub(inflight_ + unwritten_answers_);
     slots_.release(ip_);
   }
 
@@ -370,8 +384,18 @@ private:
     write_deadline_.reset();
     if (!pending_.empty())
       return start_write();
+    answers_written(); // nothing queued: every answer so far is on the wire
     if (close_after_flush_)
       close_now(nullptr);
+  }
+
+  /// The answers queued so far are written (or will never be): they no
+  /// longer hold up stop().
+  void answers_written() {
+    if (unwritten_answers_ > 0) {
+      ctx_->answering.fetch_sub(unwritten_answers_);
+      unwritten_answers_ = 0;
+    }
   }
 
   /// Empties `s`, and gives its memory back when a large packet or burst
@@ -398,6 +422,7 @@ private:
       return;
     phase_ = phase::closed;
     count_close(reason);
+    answers_written();
     timer_.cancel();
     error_code ignored;
     sock_.shutdown(tcp::socket::shutdown_both, ignored);
@@ -565,6 +590,8 @@ private:
       violation("malformed", r.why);
       return false;
     }
+    if (ctx_->stopping.load())
+      return refuse(connack_code::server_unavailable, "the server is stopping");
     // [throttling] requests_per_minute_per_address, one budget with the
     // HTTPS API's: before any other check, so a flood costs a map lookup,
     // not a SAS. CONNACK 3, as for a refused check for want of service.
@@ -602,7 +629,7 @@ private:
     rr.registration_id = user_.registration_id;
     rr.api_version = user_.api_version;
     rr.credential = credential_;
-    rr.protocol = "mqtt";
+    rr.protocol = transport();
     rr.client_ip = ip_;
     if (auto err = ctx_->eng.authenticate_device(rr)) {
       const int st = err.status();
@@ -672,6 +699,15 @@ private:
                               + ") requests unanswered");
       return false;
     }
+    // Counted before looking at `stopping` (both sequentially consistent):
+    // either stop() sees this request and waits for its answer, or this
+    // sees stop() began and takes nothing.
+    ctx_->answering.fetch_add(1);
+    if (ctx_->stopping.load()) {
+      ctx_->answering.fetch_sub(1);
+      going_away();
+      return false;
+    }
     if (p.qos == 1)
       send(mqtt::encode_puback(p.packet_id));
     device_call call;
@@ -685,11 +721,10 @@ private:
       call.body = std::string(p.payload); // polls: Node sends " ", ignored
     call.force_registration = req.force_registration;
     call.credential = credential_;
-    call.protocol = "mqtt";
+    call.protocol = transport();
     call.client_ip = ip_;
     call.tracking_id = crypto::uuid4();
     ++inflight_;
-    ctx_->answering.fetch_add(1);
     struct pending {
       std::string rid, tracking;
       bool poll;
@@ -720,7 +755,6 @@ private:
   template <class Pending>
   void on_answer(const Pending& p, device_answer a) {
     --inflight_;
-    ctx_->answering.fetch_sub(1);
     const double secs = std::chrono::duration<double>(clock::now() - p.started).count();
     const char* op = p.poll ? "OperationStatusLookup" : "DeviceRegistration";
     if (opts().metrics != nullptr)
@@ -745,8 +779,11 @@ private:
       rec.api_version = user_.api_version;
       opts().log->operation(rec);
     }
-    if (phase_ != phase::open || !subscribed_)
-      return; // gone, or nobody subscribed to the answer (MQTT delivers to subscribers)
+    if (phase_ != phase::open || !subscribed_) {
+      // Gone, or nobody subscribed to the answer (MQTT delivers to subscribers).
+      ctx_->answering.fetch_sub(1);
+      return;
+    }
     auto topic = mqtt::response_topic(a.status, p.rid, a.retry_after_s);
     uint16_t id = 0;
     if (sub_qos_ > 0) {
@@ -755,9 +792,27 @@ private:
         next_packet_id_ = 1;
     }
     auto pkt = mqtt::encode_publish(topic, a.body, sub_qos_, id);
+    // stop() waits until it is written (write_some(), or close_now()).
+    ++unwritten_answers_;
     if (pkt.empty()) // cannot happen with $rid capped; never send a corrupt packet
       return violation("unknown_topic", "the response topic does not fit an MQTT string");
     send(std::move(pkt));
+    if (pending_.empty() && written_ >= writing_.size())
+      answers_written(); // written at once
+  }
+
+  /// The server is stopping: the request is not taken. Over WebSocket a
+  /// close frame 1001 (going away) tells the client why; over TLS, MQTT
+  /// 3.1.1 has no way to say it but closing.
+  void going_away() {
+    log_violation("the server is stopping: request not taken");
+    if (!ws_)
+      return close_now("server_stopping");
+    count_close("server_stopping");
+    send_raw(ws::encode_close(ws::close_code::going_away, "server stopping"));
+    ws_close_sent_ = true;
+    close_after_flush_ = true;
+    flush();
   }
 
   tcp::socket sock_;
@@ -784,6 +839,7 @@ private:
   uint8_t sub_qos_ = 0;
   uint16_t next_packet_id_ = 1;
   int inflight_ = 0;
+  int unwritten_answers_ = 0; ///< queued answers counted in ctx_->answering
   bool read_waiting_ = false;
   bool write_waiting_ = false;
   bool close_after_flush_ = false;
@@ -829,20 +885,25 @@ public:
 
   uint16_t port() const override { return pool_ ? pool_->port() : 0; }
   std::string address() const override { return pool_ ? pool_->address() : std::string(); }
-  int open_connections() const override { return slots_.open(); }
+  int open_connections() const override { return ctx_->slots.open(); }
+  int open_websocket_connections() const override { return ctx_->ws_slots.open(); }
 
   void adopt_websocket(upgraded_connection&& c) override {
-    if (accepting_stopped_.load()) {
+    if (ctx_->stopping.load()) {
       // Stopping: no new sessions. The slot goes back, the socket closes.
       c.slots->release(c.ip);
       error_code ignored;
       c.sock.close(ignored);
       return;
     }
+    // From here an MQTT connection in the gauges, under the same caps.
+    if (c.slots->transfer_to(ctx_->ws_slots))
+      c.slots = &ctx_->ws_slots;
     std::make_shared<session>(std::move(c), ctx_)->run();
   }
 
   void stop_accepting() override {
+    ctx_->stopping.store(true);
     if (accepting_stopped_.exchange(true) || !pool_)
       return;
     pool_->close_acceptor();
@@ -856,8 +917,8 @@ public:
       pool_->stop(ctx_->answering);
       return;
     }
-    // WebSocket sessions' answers (they run on the HTTPS threads, which
-    // app/provisiond.cpp stops after this).
+    // WebSocket sessions' answers, until written (they run on the HTTPS
+    // threads, which app/provisiond.cpp stops after this).
     auto deadline = clock::now() + std::chrono::seconds(2);
     while (ctx_->answering.load() > 0 && clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -892,7 +953,7 @@ private:
   void admit(tcp::socket sock) {
     error_code ec;
     std::string ip = client_address(sock);
-    auto v = slots_.acquire(ip);
+    auto v = ctx_->slots.acquire(ip);
     if (v != connection_slots::verdict::admitted) {
       if (opts_.metrics != nullptr)
         opts_.metrics->connection_refused(v == connection_slots::verdict::over_total
@@ -902,13 +963,12 @@ private:
       return;
     }
     sock.set_option(tcp::no_delay(true), ec);
-    std::make_shared<session>(std::move(sock), std::move(ip), ctx_, ssl_.get(), slots_)->run();
+    std::make_shared<session>(std::move(sock), std::move(ip), ctx_, ssl_.get(), ctx_->slots)
+      ->run();
   }
 
   mqtt_server_options opts_;
   std::shared_ptr<listener_context> ctx_;
-  connection_slots own_slots_{opts_.max_connections, opts_.max_connections_per_client};
-  listener_slots slots_{opts_.shared_slots != nullptr ? *opts_.shared_slots : own_slots_};
   prov::net::ssl_ctx_ptr ssl_;
   std::optional<io_pool> pool_; // after what sessions reference; none: WebSocket only
   std::optional<net::steady_timer> backoff_;

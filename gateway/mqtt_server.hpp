@@ -50,6 +50,10 @@ public:
   /// Serves MQTT on a connection the HTTPS server upgraded to WebSocket
   /// (gateway/upgraded_connection.hpp), on the thread it runs on. Thread-safe.
   virtual void adopt_websocket(upgraded_connection&& c) = 0;
+
+  /// Open MQTT over WebSocket connections (open_connections() counts the
+  /// MQTT listener's). They hold their slot under the shared caps.
+  virtual int open_websocket_connections() const = 0;
 };
 
 } // namespace prov::gateway

@@ -29,6 +29,7 @@
 #include "benchmarks/harness/process.hpp"
 #include "net/http_feed.hpp"
 #include "net/mqtt_codec.hpp"
+#include "net/websocket.hpp"
 #include "net/openssl_handles.hpp"
 #include "messages/crypto.hpp"
 
@@ -48,6 +49,7 @@ const char* to_string(load_mode m) {
   case load_mode::reference_keepalive: return "reference-keepalive";
   case load_mode::bulk: return "bulk";
   case load_mode::mqtt: return "mqtt";
+  case load_mode::mqtt_ws: return "mqtt-ws";
   }
   return "?";
 }
@@ -384,6 +386,7 @@ private:
     case load_mode::keepalive:
     case load_mode::newconn:
     case load_mode::mqtt:
+    case load_mode::mqtt_ws:
       if (o_.rate > 0) {
         due_ = t_.sh.t0
                + std::chrono::duration_cast<steady::duration>(
@@ -402,7 +405,7 @@ private:
 
   void start_device() {
     prepare_device();
-    if (o_.mode == load_mode::mqtt)
+    if (mqtt_mode())
       return connect([self = shared_from_this()] { self->send_mqtt_register(); });
     with_connection([self = shared_from_this()] { self->send_put(); });
   }
@@ -694,6 +697,17 @@ private:
     out_ = prov::mqtt::encode_connect(c) + prov::mqtt::encode_subscribe(sub)
            + prov::mqtt::encode_publish("$dps/registrations/PUT/iotdps-register/?$rid=1",
                                         "{\"registrationId\":\"" + reg_id_ + "\"}", 0, 0);
+    if (o_.mode == load_mode::mqtt_ws) {
+      // The upgrade request and the first frame together: the server hands
+      // what follows the request to the MQTT session.
+      ws_head_seen_ = false;
+      ws_payload_.clear();
+      out_ = "GET /$iothub/websocket HTTP/1.1\r\nHost: " + t_.host_header
+             + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+             + prov::ws::encode_client_frame(prov::ws::opcode::binary, out_,
+                                            static_cast<uint32_t>(idx_ * 2654435761u));
+    }
     ++t_.stats.puts;
     put_sys_us_ = system_us();
     put_start_ = steady::now();
@@ -734,6 +748,9 @@ private:
       self->out_ = prov::mqtt::encode_publish(
         "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId=" + self->op_id_,
         "", 0, 0);
+      if (self->o_.mode == load_mode::mqtt_ws)
+        self->out_ = prov::ws::encode_client_frame(prov::ws::opcode::binary, self->out_,
+                                                  static_cast<uint32_t>(self->idx_ + 7));
       ++self->t_.stats.polls;
       self->poll_start_ = steady::now();
       self->mqtt_exchange([self](int st, int ra, std::string_view b) {
@@ -752,11 +769,77 @@ private:
     write_some<true>(std::move(h));
   }
 
+  bool mqtt_mode() const {
+    return o_.mode == load_mode::mqtt || o_.mode == load_mode::mqtt_ws;
+  }
+
+  /// MQTT over WebSocket: takes the 101 head, then the server's (unmasked)
+  /// frames out of in_, their payloads into ws_payload_. "" or why the
+  /// connection cannot go on.
+  std::string unframe() {
+    auto buf = in_.data();
+    std::string_view have(static_cast<const char*>(buf.data()), buf.size());
+    std::size_t used = 0;
+    if (!ws_head_seen_) {
+      auto end = have.find("\r\n\r\n");
+      if (end == std::string_view::npos)
+        return {};
+      if (have.substr(0, 13) != "HTTP/1.1 101 ")
+        return "upgrade refused: " + std::string(have.substr(0, std::min<std::size_t>(end, 200)));
+      ws_head_seen_ = true;
+      used = end + 4;
+    }
+    for (;;) {
+      auto f = have.substr(used);
+      if (f.size() < 2)
+        break;
+      const auto b0 = static_cast<uint8_t>(f[0]);
+      uint64_t len = static_cast<uint8_t>(f[1]) & 0x7F;
+      std::size_t pos = 2;
+      if (len == 126) {
+        if (f.size() < 4)
+          break;
+        len = (uint64_t{static_cast<uint8_t>(f[2])} << 8) | static_cast<uint8_t>(f[3]);
+        pos = 4;
+      } else if (len == 127) {
+        if (f.size() < 10)
+          break;
+        len = 0;
+        for (std::size_t i = 2; i < 10; ++i)
+          len = (len << 8) | static_cast<uint8_t>(f[i]);
+        pos = 10;
+      }
+      if (f.size() < pos + len)
+        break;
+      const auto op = b0 & 0x0F;
+      if (op == 0x8)
+        return "the server closed the WebSocket";
+      if (op == 0x0 || op == 0x2)
+        ws_payload_.append(f.substr(pos, static_cast<std::size_t>(len)));
+      used += pos + static_cast<std::size_t>(len);
+    }
+    in_.consume(used);
+    return {};
+  }
+
   template <class Handler>
   void mqtt_read_some(Handler h) {
+    const bool ws = o_.mode == load_mode::mqtt_ws;
     for (;;) {
+      if (ws) {
+        if (auto why = unframe(); !why.empty())
+          return fail("connection", why);
+      }
       auto buf = in_.data();
-      std::string_view have(static_cast<const char*>(buf.data()), buf.size());
+      std::string_view have = ws ? std::string_view(ws_payload_)
+                                 : std::string_view(static_cast<const char*>(buf.data()),
+                                                    buf.size());
+      auto consume = [&](std::size_t n) {
+        if (ws)
+          ws_payload_.erase(0, n);
+        else
+          in_.consume(n);
+      };
       prov::mqtt::frame f;
       std::size_t consumed = 0;
       auto st = prov::mqtt::read_frame(have, 1u << 20, f, consumed);
@@ -777,11 +860,11 @@ private:
           if (auto ra = p.topic.find("retry-after="); ra != std::string::npos)
             retry_after = std::atoi(p.topic.c_str() + ra + 12);
           std::string body(p.payload);
-          in_.consume(consumed);
+          consume(consumed);
           disarm();
           return h(status, retry_after, body);
         }
-        in_.consume(consumed); // SUBACK
+        consume(consumed); // SUBACK
         continue;
       }
       if (st != prov::mqtt::frame_status::need_more)
@@ -860,8 +943,7 @@ private:
   // ---- completion ---------------------------------------------------------------------------
 
   void finish_unit() {
-    if (o_.mode == load_mode::newconn || o_.mode == load_mode::reference
-        || o_.mode == load_mode::mqtt)
+    if (o_.mode == load_mode::newconn || o_.mode == load_mode::reference || mqtt_mode())
       return shutdown_then_next();
     if (server_wants_close_) {
       server_wants_close_ = false;
@@ -878,7 +960,7 @@ private:
                   || server_wants_close_;
     server_wants_close_ = false;
     if (broken || o_.mode == load_mode::newconn || o_.mode == load_mode::reference
-        || o_.mode == load_mode::mqtt) {
+        || mqtt_mode()) {
       close_socket();
     }
     next();
@@ -897,6 +979,8 @@ private:
   beast::flat_buffer in_;  ///< decrypted bytes not parsed yet
   std::size_t written_ = 0;
   std::string out_;       ///< the request being written
+  bool ws_head_seen_ = false; ///< mqtt_ws: the 101 is read
+  std::string ws_payload_;    ///< mqtt_ws: MQTT bytes out of the server's frames
   std::string bulk_body_; ///< bulk: the batch sent, to count its items
   std::optional<http::response_parser<body_t>> parser_;
   bool connected_ = false;

@@ -24,6 +24,10 @@ enum class load_mode {
   /// the device, so a connection serves one device), CONNECT + SUBSCRIBE +
   /// register PUBLISH in one write, polls on 202; `port` is the MQTT listener.
   mqtt,
+  /// The same over WebSocket on the HTTPS port (`port`): the upgrade request
+  /// at /$iothub/websocket and the first frame in one write, as an SDK's
+  /// MqttWs transport on a new connection.
+  mqtt_ws,
 };
 const char* to_string(load_mode m);
 /// Modes that open C connections first and reuse them.

@@ -1081,9 +1081,11 @@ int run(int argc, char** argv) {
   CLI::App app{"provisiond-bench: registers simulated devices against provisiond (Azure DPS "
                "device API) and reports measured throughput and latency"};
   app.add_option("--mode", o.mode,
-                 "keepalive | newconn | mqtt | reference | reference-keepalive (mqtt: DPS over "
-                 "MQTT, one connection per device, spawned server only)")
-    ->check(CLI::IsMember({"keepalive", "newconn", "mqtt", "reference", "reference-keepalive"}));
+                 "keepalive | newconn | mqtt | mqtt-ws | reference | reference-keepalive (mqtt: "
+                 "DPS over MQTT, one connection per device, spawned server only; mqtt-ws: the "
+                 "same over WebSocket on the HTTPS port)")
+    ->check(CLI::IsMember(
+      {"keepalive", "newconn", "mqtt", "mqtt-ws", "reference", "reference-keepalive"}));
   app.add_flag("--reference", o.reference,
                "Also measure nginx serving a static file over HTTPS with the server's certificate "
                "and print the ratio: GETs over the same kept-alive connections with --mode "
@@ -1230,9 +1232,9 @@ int run(int argc, char** argv) {
         "--target, --config or --mode reference / reference-keepalive");
     return 2;
   }
-  if (o.mode == "mqtt" && (!o.target.empty() || o.kafka || o.reference)) {
-    log("--mode mqtt spawns its own server (its MQTT port comes from endpoints.json): it does "
-        "not combine with --target, --kafka or --reference");
+  if ((o.mode == "mqtt" || o.mode == "mqtt-ws") && (!o.target.empty() || o.kafka || o.reference)) {
+    log("--mode mqtt / mqtt-ws spawns its own server (its MQTT port comes from endpoints.json): "
+        "it does not combine with --target, --kafka or --reference");
     return 2;
   }
   if (o.rate > 0 && (o.direct || reference_only(o))) {
@@ -1626,6 +1628,7 @@ int run(int argc, char** argv) {
       load_options l = lo;
       l.mode = o.mode == "newconn" ? load_mode::newconn
                : o.mode == "mqtt"  ? load_mode::mqtt
+               : o.mode == "mqtt-ws" ? load_mode::mqtt_ws
                                    : load_mode::keepalive;
       if (l.mode == load_mode::mqtt)
         l.port = s.mqtt_port;

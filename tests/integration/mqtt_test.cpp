@@ -10,6 +10,7 @@
 #include "messages/crypto.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/mqtt_client.hpp"
+#include "tests/support/mqtt_device.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/test_certs.hpp"
 
@@ -18,33 +19,10 @@ using nlohmann::json;
 
 namespace {
 
-const std::string api = "2019-03-31";
-const std::string reg_topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
-const std::string poll_topic = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=";
+using namespace test::mqtt_device;
 
 /// One server for most cases: register answers wait up to 5 s for the outcome.
 test::server_process& srv() { return test::shared_server(); }
-
-std::string ca(const test::server_process& s) { return s.data_dir() + "/tls/ca.pem"; }
-
-std::string username(const test::server_process& s, const std::string& id) {
-  return s.id_scope() + "/registrations/" + id + "/api-version=" + api
-         + "&ClientVersion=provisiond-it%2F1.0";
-}
-
-void put_individual(const test::server_process& s, const std::string& id, const std::string& key) {
-  json body{{"registrationId", id},
-            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
-  auto r = s.service("PUT", "/enrollments/" + id, body.dump());
-  REQUIRE_MESSAGE(r.status == 200, r.body);
-}
-
-void put_group(const test::server_process& s, const std::string& id, const std::string& key) {
-  json body{{"enrollmentGroupId", id},
-            {"attestation", {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
-  auto r = s.service("PUT", "/enrollmentGroups/" + id, body.dump());
-  REQUIRE_MESSAGE(r.status == 200, r.body);
-}
 
 /// Connected and subscribed as `id` with `key`.
 std::unique_ptr<test::mqtt_client> device(const test::server_process& s, const std::string& id,
@@ -53,36 +31,6 @@ std::unique_ptr<test::mqtt_client> device(const test::server_process& s, const s
   REQUIRE(c->connect(id, username(s, id), s.device_auth(id, key)) == 0);
   REQUIRE(c->subscribe("$dps/registrations/res/#", 1) == 1);
   return c;
-}
-
-/// Registers over MQTT as an SDK does (register, then polls on 202 after
-/// the retry-after the topic carries); returns the final payload.
-json register_over_mqtt(test::mqtt_client& c, const std::string& id, const std::string& rid,
-                        std::string* first_topic = nullptr) {
-  REQUIRE(c.send(mqtt::encode_publish(reg_topic + rid, json{{"registrationId", id}}.dump(), 1,
-                                      11)));
-  auto m = c.next_message();
-  REQUIRE(m);
-  if (first_topic != nullptr)
-    *first_topic = m->topic;
-  json body = json::parse(m->payload);
-  // A loaded machine may take long to assign: a deadline, not a count.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  int polls = 0;
-  while (m->topic.rfind("$dps/registrations/res/202/", 0) == 0
-         && std::chrono::steady_clock::now() < deadline) {
-    ++polls;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    auto op = body.at("operationId").get<std::string>();
-    std::string prid = rid + "-p" + std::to_string(polls);
-    REQUIRE(c.send(mqtt::encode_publish(poll_topic + prid + "&operationId=" + op, " ", 0, 0)));
-    m = c.next_message();
-    REQUIRE(m);
-    CHECK(m->topic.find("?$rid=" + prid) != std::string::npos);
-    body = json::parse(m->payload);
-  }
-  CHECK(m->topic.rfind("$dps/registrations/res/200/?$rid=", 0) == 0);
-  return body;
 }
 
 } // namespace
@@ -99,7 +47,7 @@ TEST_CASE("individual symmetric key: CONNECT, SUBSCRIBE (QoS 2 granted 1), regis
   REQUIRE(c.connect(id, username(s, id), s.device_auth(id, key)) == 0);
   CHECK(c.subscribe("$dps/registrations/res/#", 2) == 1);
   std::string topic;
-  auto body = register_over_mqtt(c, id, "9f1c-rid", &topic);
+  auto body = register_over(c, id, "9f1c-rid", &topic);
   // The register is answered with its outcome when it comes within
   // register_wait_ms (5 s), else 202 and polls (a loaded machine): $rid
   // echoed, first, and retry-after only on a 202.
@@ -140,7 +88,7 @@ TEST_CASE("group symmetric key: a derived device key registers; QoS 0 subscripti
   REQUIRE(c.connect(id, username(s, id), s.device_auth(id, *crypto::derive_device_key(gk, id)))
           == 0);
   CHECK(c.subscribe("$dps/registrations/res/#", 0) == 0);
-  auto body = register_over_mqtt(c, id, "1");
+  auto body = register_over(c, id, "1");
   CHECK(body.at("status") == "assigned");
   // The group key itself is not a device key: refused at CONNECT.
   const std::string other = "mqtt-grp-member-2";
@@ -164,7 +112,7 @@ TEST_CASE("202 then polls: retry-after in the topic only, the operation id from 
   auto accepted = json::parse(m->payload);
   CHECK(accepted.at("status") == "assigning");
   CHECK_FALSE(accepted.contains("retryAfter"));
-  auto body = register_over_mqtt(*c, id, "r2");
+  auto body = register_over(*c, id, "r2");
   CHECK(body.at("status") == "assigned");
   // A poll of an operation that does not exist: the error body, its status
   // in the topic, the connection stays.
@@ -299,7 +247,7 @@ TEST_CASE("X.509: the TLS client certificate with no password, as DPS X.509 devi
     test::mqtt_client c(s.mqtt_port(), ca(s), 20, with_cert(dev));
     REQUIRE(c.connect(id, username(s, id), std::nullopt) == 0);
     REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);
-    auto body = register_over_mqtt(c, id, "x1");
+    auto body = register_over(c, id, "x1");
     CHECK(body.at("status") == "assigned");
     CHECK(body.at("registrationState").contains("x509"));
   }
@@ -354,7 +302,79 @@ TEST_CASE("answers to one read are written together; a long burst is all answere
   CHECK(got.size() == want);
   CHECK(got.find_first_not_of(mqtt::encode_pingresp()) == std::string::npos);
   // Still open and answering.
-  auto body = register_over_mqtt(*c, id, "after-burst");
+  auto body = register_over(*c, id, "after-burst");
+  CHECK(body.at("status") == "assigned");
+}
+
+TEST_CASE("QoS 1 without sessions: clean session 0 gets session present 0; answers carry "
+          "distinct packet ids, are not redelivered after a reconnect; the device polls") {
+  auto& s = srv();
+  const std::string id = "mqtt-qos1-nosession";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  auto connect = [&](test::mqtt_client& c) {
+    mqtt::connect_packet cp;
+    cp.protocol_level = 4;
+    cp.clean_session = false; // asks for a persistent session
+    cp.keep_alive_s = 60;
+    cp.client_id = id;
+    cp.username = username(s, id);
+    cp.password = s.device_auth(id, key);
+    REQUIRE(c.send(mqtt::encode_connect(cp)));
+    auto p = c.read();
+    REQUIRE(p);
+    REQUIRE(p->type == mqtt::packet_type::connack);
+    // Accepted, no session present: the client knows to subscribe again.
+    CHECK(p->body == std::string("\0\0", 2));
+  };
+  // The next server PUBLISH, not acknowledged (PUBACKs for ours skipped).
+  auto next_publish = [](test::mqtt_client& c) {
+    for (;;) {
+      auto p = c.read();
+      REQUIRE(p);
+      if (p->type == mqtt::packet_type::puback)
+        continue;
+      REQUIRE(p->type == mqtt::packet_type::publish);
+      mqtt::publish_packet pub;
+      REQUIRE(mqtt::parse_publish(mqtt::frame{p->type, p->flags, p->body}, pub).empty());
+      return std::make_pair(pub, std::string(pub.payload));
+    }
+  };
+  std::string op;
+  {
+    test::mqtt_client c(s.mqtt_port(), ca(s));
+    connect(c);
+    REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);
+    REQUIRE(c.send(mqtt::encode_publish(reg_topic + "q1", json{{"registrationId", id}}.dump(), 1,
+                                        21)));
+    auto [first, body1] = next_publish(c);
+    CHECK(first.qos == 1);
+    CHECK(first.packet_id != 0);
+    op = json::parse(body1).at("operationId").get<std::string>();
+    REQUIRE(c.send(mqtt::encode_publish(poll_topic + "q2&operationId=" + op, " ", 1, 22)));
+    auto [second, body2] = next_publish(c);
+    CHECK(second.qos == 1);
+    CHECK(second.packet_id != 0);
+    CHECK(second.packet_id != first.packet_id); // first still unacknowledged
+    // The client goes away without acknowledging either answer.
+  }
+  test::mqtt_client again(s.mqtt_port(), ca(s), 2);
+  connect(again);
+  // Nothing is redelivered (no session state was kept) ...
+  CHECK(!again.read());
+  CHECK(again.timed_out());
+  // ... the device subscribes again and polls its operation: the outcome.
+  REQUIRE(again.subscribe("$dps/registrations/res/#", 1) == 1);
+  json body;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  int polls = 0;
+  do {
+    std::this_thread::sleep_for(std::chrono::milliseconds(polls++ == 0 ? 0 : 100));
+    REQUIRE(again.send(mqtt::encode_publish(poll_topic + "q3&operationId=" + op, " ", 0, 0)));
+    auto m = again.next_message();
+    REQUIRE(m);
+    body = json::parse(m->payload);
+  } while (body.value("status", "") == "assigning" && std::chrono::steady_clock::now() < deadline);
   CHECK(body.at("status") == "assigned");
 }
 
@@ -400,7 +420,7 @@ TEST_CASE("keep-alive, request deadlines, in-flight limit, and per-transport met
   }
   {
     auto c = device(s, id, key);
-    auto body = register_over_mqtt(*c, id, "m1");
+    auto body = register_over(*c, id, "m1");
     CHECK(body.at("status") == "assigned");
   }
   auto m = test::scrape_until(test::metrics_addr(s), [](const auto& mm) {

@@ -315,6 +315,74 @@ TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLIS
   CHECK(throttled_metric(s, "client_request_rate") >= 3);
 }
 
+TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the same budget; "
+          "429001 on the response topic, CONNACK 3 once spent") {
+  test::server_process s;
+  // HTTPS dual-stack: the enrollment is written from ::1; the device's
+  // upgrade, CONNECT and PUBLISHes come from 127.0.0.1 (keyed as IPv4).
+  start(s, "requests_per_minute_per_address = 3", "[::]:0");
+  net::https_client_options o;
+  o.host = "::1";
+  o.server_name = "localhost";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  net::https_client v6(o);
+  const std::string id = "ws-addr-dev";
+  const auto key = crypto::generate_key();
+  {
+    net::http_headers h;
+    h.add("Authorization", s.service_auth());
+    h.add("Content-Type", "application/json");
+    json body{{"registrationId", id},
+              {"attestation",
+               {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+    net::https_response r;
+    REQUIRE(!v6.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(),
+                        r));
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  const std::string user = s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
+  const std::string ca = s.data_dir() + "/tls/ca.pem";
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca);
+  REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0); // one request
+  REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);  // not counted
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  int admitted = 0;
+  std::optional<test::mqtt_client::message> m;
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(c.send(mqtt::encode_publish(topic + "w" + std::to_string(i),
+                                        json{{"registrationId", id}}.dump(), 1,
+                                        static_cast<uint16_t>(i + 1))));
+    m = c.next_message();
+    REQUIRE(m);
+    if (m->topic.rfind("$dps/registrations/res/429/", 0) == 0)
+      break;
+    CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
+    ++admitted;
+  }
+  CHECK(admitted >= 2);
+  CHECK(admitted <= 4);
+  REQUIRE(m);
+  const std::string prefix =
+    "$dps/registrations/res/429/?$rid=w" + std::to_string(admitted) + "&retry-after=";
+  REQUIRE_MESSAGE(m->topic.rfind(prefix, 0) == 0, m->topic);
+  CHECK(m->qos == 1);
+  CHECK(test::parse_json(m->payload).value("errorCode", 0) == 429001);
+  // Nothing stored for the refused register beyond the admitted ones; the
+  // connection stays and answers.
+  REQUIRE(c.send(mqtt::encode_pingreq()));
+  auto pong = c.read();
+  REQUIRE(pong);
+  CHECK(pong->type == mqtt::packet_type::pingresp);
+  // A new WebSocket CONNECT from the address: CONNACK 3. (The upgrade
+  // request itself is not counted: the 101 still comes.)
+  test::mqtt_client again(test::mqtt_client::websocket, s.port(), ca);
+  CHECK(again.connect(id, user, s.device_auth(id, key)) == 3);
+  // Another address (::1) is unaffected.
+  CHECK(get_poll(v6, s, id, bad_auth(s, id)).status == 401);
+  CHECK(throttled_metric(s, "client_request_rate") >= 2);
+}
+
 TEST_CASE("throttling: registrations per ID scope are one budget for HTTPS and MQTT") {
   test::server_process s;
   start(s, "registrations_per_minute_per_scope = 2");

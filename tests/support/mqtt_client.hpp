@@ -47,10 +47,13 @@ public:
 
   /// Over WebSocket: TLS to the HTTPS `port`, the upgrade request at
   /// /$iothub/websocket with subprotocol mqtt, which must get a 101.
-  mqtt_client(websocket_t, uint16_t port, const std::string& ca_file, int timeout_s = 20)
-    : mqtt_client(port, ca_file, timeout_s) {
+  /// `with_request`: bytes (client frames) sent in the same TLS write as the
+  /// request, before the 101 is seen.
+  mqtt_client(websocket_t, uint16_t port, const std::string& ca_file, int timeout_s = 20,
+              const std::string& with_request = {}, int rcvbuf = 0)
+    : mqtt_client(port, ca_file, timeout_s, {}, rcvbuf) {
     ws_ = true;
-    REQUIRE(send_raw(upgrade_request()));
+    REQUIRE(send_raw(upgrade_request() + with_request));
     auto head = read_head();
     REQUIRE_MESSAGE(head.rfind("HTTP/1.1 101 ", 0) == 0, head);
     REQUIRE(head.find("Sec-WebSocket-Protocol: mqtt\r\n") != std::string::npos);
@@ -91,8 +94,10 @@ public:
     }
   }
 
+  /// `rcvbuf` > 0: the socket's receive buffer, set before connecting (a
+  /// small one keeps what the server can push before blocking small).
   mqtt_client(uint16_t port, const std::string& ca_file, int timeout_s = 20,
-              const std::function<void(SSL_CTX*)>& setup = {}) {
+              const std::function<void(SSL_CTX*)>& setup = {}, int rcvbuf = 0) {
     std::signal(SIGPIPE, SIG_IGN); // writes to a connection the server closed
     ctx_ = SSL_CTX_new(TLS_client_method());
     REQUIRE(ctx_ != nullptr);
@@ -101,6 +106,8 @@ public:
     if (setup)
       setup(ctx_);
     fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    if (rcvbuf > 0)
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
@@ -137,6 +144,8 @@ public:
   /// Over WebSocket: the server's close frame's status (0 = none seen yet).
   int close_status() const { return close_status_; }
   const std::string& close_reason() const { return close_reason_; }
+  /// Data frames the server sent after its close frame (RFC 6455 §5.5.1: none).
+  int data_after_close() const { return data_after_close_; }
   /// Pong payloads received.
   const std::vector<std::string>& pongs() const { return pongs_; }
 
@@ -217,7 +226,11 @@ public:
           raw_in_.erase(0, pos + static_cast<std::size_t>(len));
           switch (b0 & 0x0F) {
           case 0x0:
-          case 0x2: in_ += payload; return true;
+          case 0x2:
+            if (close_status_ != 0)
+              ++data_after_close_;
+            in_ += payload;
+            return true;
           case 0xA: pongs_.push_back(payload); continue;
           case 0x8:
             close_status_ = ws::close_status(payload);
@@ -327,6 +340,7 @@ private:
   bool ws_ = false;
   uint32_t mask_ = 0x1234ABCD;
   int close_status_ = 0;
+  int data_after_close_ = 0;
   std::string close_reason_;
   std::vector<std::string> pongs_;
   bool timed_out_ = false;

@@ -79,18 +79,23 @@ error server_process::start(std::string config_toml, std::string data_dir,
 }
 
 error server_process::restart() {
-  const char* bin_var = pipeline_delay_ms_ < 0 ? "PROVISIOND_BIN" : "PROVISIOND_TEST_BIN";
+  const bool test_bin = pipeline_delay_ms_ >= 0 || stop_pause_ms_ > 0;
+  const char* bin_var = test_bin ? "PROVISIOND_TEST_BIN" : "PROVISIOND_BIN";
   const char* bin = std::getenv(bin_var);
   if (bin == nullptr)
     return {error_code::internal, std::string(bin_var) + " is not set"};
   // The child's environment, made before fork (the child only execs).
   constexpr std::string_view delay_var = "PROVISIOND_TEST_PIPELINE_DELAY_MS=";
+  constexpr std::string_view pause_var = "PROVISIOND_TEST_STOP_PAUSE_MS=";
   std::vector<std::string> env_text;
   for (char** e = environ; *e != nullptr; ++e)
-    if (std::string_view(*e).rfind(delay_var, 0) != 0)
+    if (std::string_view(*e).rfind(delay_var, 0) != 0
+        && std::string_view(*e).rfind(pause_var, 0) != 0)
       env_text.emplace_back(*e);
   if (pipeline_delay_ms_ > 0)
     env_text.push_back(std::string(delay_var) + std::to_string(pipeline_delay_ms_));
+  if (stop_pause_ms_ > 0)
+    env_text.push_back(std::string(pause_var) + std::to_string(stop_pause_ms_));
   std::vector<char*> envp;
   for (auto& e : env_text)
     envp.push_back(e.data());
@@ -153,6 +158,12 @@ int server_process::stop() {
   if (pid_ <= 0)
     return -1;
   ::kill(pid_, SIGTERM);
+  return wait_exit();
+}
+
+int server_process::wait_exit() {
+  if (pid_ <= 0)
+    return -1;
   int status = 0;
   ::waitpid(pid_, &status, 0);
   pid_ = -1;

@@ -40,10 +40,17 @@ public:
   /// allocation to configuration comes that much later; 0 = the test
   /// binary without the delay.
   void set_pipeline_delay_ms(int ms) { pipeline_delay_ms_ = ms; }
+  /// Later starts run the test binary, which on SIGTERM holds `ms` once its
+  /// device listeners take no new clients or MQTT requests, before they
+  /// wait for the answers in flight (app::extensions::listeners_stopping).
+  void set_stop_pause_ms(int ms) { stop_pause_ms_ = ms; }
   /// The destructor removes the data dir even when start() was given one.
   void remove_data_dir_at_exit() { own_dir_ = true; }
   /// SIGTERM and wait for exit; returns the exit status.
   int stop();
+  /// Waits for the process to exit (after a SIGTERM the test sent itself:
+  /// a second one ends it at once); returns the exit status.
+  int wait_exit();
   /// SIGKILL and reap.
   void kill9();
   /// Starts again on the same data dir and config (new port).
@@ -85,6 +92,7 @@ private:
   bool own_dir_ = false;
   unsigned long nofile_ = 0;
   int pipeline_delay_ms_ = -1; ///< < 0: the product binary (PROVISIOND_BIN)
+  int stop_pause_ms_ = 0;
 };
 
 /// What the register request itself got (register_device polls after it).

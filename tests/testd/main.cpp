@@ -8,10 +8,14 @@
 //     configuration comes that much later: a test can make register waits
 //     expire (device_api.register_wait_ms) at will, change state between
 //     the two stages, or stop the process with work in flight.
+//   PROVISIOND_TEST_STOP_PAUSE_MS=N  on SIGTERM, the device listeners wait N
+//     ms once they take no new clients or MQTT requests, before they wait
+//     for the answers in flight: a test can act in that window.
 
 #include <chrono>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 
 #include "actors/allocation/allocation_policy.hpp"
 #include "app/provisiond.hpp"
@@ -31,5 +35,8 @@ int main(int argc, char** argv) {
     ext.policies.push_back(std::make_shared<test::delayed_policy>(
       allocation_policy::static_hub, std::make_shared<allocation::static_policy>(), delay));
   }
+  const char* p = std::getenv("PROVISIOND_TEST_STOP_PAUSE_MS");
+  if (const int ms = p != nullptr ? std::atoi(p) : 0; ms > 0)
+    ext.listeners_stopping = [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); };
   return app::run(argc, argv, ext);
 }

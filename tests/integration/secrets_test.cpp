@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -161,9 +162,52 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   // Rotation is offline: the running server holds the data dir's lock.
   CHECK(run_provisiond("keys rotate " + cfg, out) != 0);
   CHECK_MESSAGE(out.find("another provisiond may be running") != std::string::npos, out);
-  // `keys list` still lists the ids, saying why it cannot count.
+  // `keys list` opens the data dir read-only, without its lock: it counts
+  // beside the running server.
   CHECK(run_provisiond("keys list " + cfg, out) == 0);
-  CHECK_MESSAGE(out.find("(values per key not counted: ") != std::string::npos, out);
+  CHECK_MESSAGE(out.find(first_id + " 0 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+}
+
+/// Every entry under `dir` (and `dir` itself) with its size, mtime and owner,
+/// one a line: two listings differ when anything was written.
+std::string tree_listing(const std::string& dir) {
+  std::string out;
+  auto add = [&](const std::string& path) {
+    struct stat st {};
+    REQUIRE(::lstat(path.c_str(), &st) == 0);
+    out += path + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) +
+           "." + std::to_string(st.st_mtim.tv_nsec) + " " + std::to_string(st.st_uid) + " " +
+           std::to_string(st.st_mode) + "\n";
+  };
+  add(dir);
+  std::vector<std::string> paths;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) paths.push_back(e.path().string());
+  std::sort(paths.begin(), paths.end());
+  for (const auto& p : paths) add(p);
+  return out;
+}
+
+TEST_CASE("keys list writes nothing to the data dir") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  test::create_group(s, "listed-group", crypto::generate_key());
+  put_enrollment(s, "listed-dev", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  const std::string before = tree_listing(dir);
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+  CHECK_MESSAGE(tree_listing(dir) == before, "before:\n" << before << "after:\n"
+                                                          << tree_listing(dir));
+  // No data dir at all: nothing is created.
+  const std::string none = dir + "/no-such-data";
+  const int rc =
+    run_provisiond("keys list --config " + dir + "/cfg.toml --data-dir " + none, out);
+  CHECK_MESSAGE((rc != 0 || out.find("not counted") != std::string::npos), out);
+  CHECK(!fs::exists(none));
 }
 
 TEST_CASE("keys rotate goes past a value that does not open, names it and fails; keys list shows "
@@ -212,11 +256,11 @@ TEST_CASE("keys rotate goes past a value that does not open, names it and fails;
   registers(s, "b-good", key);
 }
 
-TEST_CASE("keys rotate run as root leaves the data dir's files with their owner") {
-  if (::geteuid() != 0) {
-    MESSAGE("not root: skipped (the case only exists for root)");
-    return;
-  }
+// As root only (a visible skip otherwise): the case is root's, and the
+// machines that run the suite run it as root.
+TEST_CASE("keys rotate and keys list run as root become the data dir's owner and chown nothing" *
+          doctest::skip(::geteuid() != 0)) {
+  REQUIRE(::geteuid() == 0);
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-secrets");
   s.remove_data_dir_at_exit();
@@ -230,17 +274,36 @@ TEST_CASE("keys rotate run as root leaves the data dir's files with their owner"
     REQUIRE(::lchown(e.path().c_str(), uid, gid) == 0);
   REQUIRE(::chown(dir.c_str(), uid, gid) == 0);
   fs::remove(dir + "/audit.log"); // a new one is created by the rotation
+  // What the service user could plant in db/: a hard link to a file of
+  // root's. Chowning "the data dir's files" would give that file away.
+  const std::string outside = dir + ".outside";
+  { std::ofstream(outside) << "root's\n"; }
+  REQUIRE(::chown(outside.c_str(), 0, 0) == 0);
+  REQUIRE(::link(outside.c_str(), (dir + "/db/planted").c_str()) == 0);
   std::string out;
   REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
   REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
-  std::string roots;
+  struct stat st {};
+  REQUIRE(::stat(outside.c_str(), &st) == 0);
+  CHECK_MESSAGE(st.st_uid == 0, "root's file given to uid " << st.st_uid);
+  fs::remove(dir + "/db/planted");
+  fs::remove(outside);
+  std::string others;
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    struct stat st {};
     REQUIRE(::lstat(e.path().c_str(), &st) == 0);
-    if (st.st_uid != uid || st.st_gid != gid) roots += e.path().string() + "\n";
+    if (st.st_uid != uid || st.st_gid != gid) others += e.path().string() + "\n";
   }
-  CHECK_MESSAGE(roots.empty(), "owned by someone else now:\n" << roots);
+  CHECK_MESSAGE(others.empty(), "owned by someone else now:\n" << others);
   CHECK(fs::exists(dir + "/audit.log"));
+  // The audit line names who ran it and as whom.
+  auto lines = audit_lines(dir + "/audit.log");
+  REQUIRE(!lines.empty());
+  CHECK_MESSAGE(lines.back()["identity"].get<std::string>().find(
+                  "local user root (uid 0) as ") == 0,
+                lines.back().dump());
+  // The server, as that user, opens everything rotate wrote.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK(s.service("GET", "/enrollmentGroups/owned-group").status == 200);
 }
 
 /// Sets an environment variable for this process (and the servers and CLI

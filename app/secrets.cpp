@@ -45,11 +45,56 @@ std::string audit_file_path(const config::engine_config& cfg) {
 
 const char* const secrets_key_env = "PROVISIOND_SECRETS_KEY";
 
+namespace {
+
+/// The variable's value once take_secrets_key_env moved it out of the
+/// environment; wiped when env_keyring has read it (or at exit).
+struct held_env_key {
+  bool set = false;
+  bool used = false;
+  std::string value;
+  ~held_env_key() { storage::keyring::wipe(value); }
+};
+
+held_env_key& held() {
+  static held_env_key h;
+  return h;
+}
+
+} // namespace
+
+void take_secrets_key_env() noexcept {
+  char* v = std::getenv(secrets_key_env);
+  if (v == nullptr) return;
+  auto& h = held();
+  try {
+    h.value.assign(v);
+    h.set = true;
+  } catch (...) {
+    // Out of memory this early: the start fails later, as for a bad value.
+    h.set = true;
+    h.value.clear();
+  }
+  // unsetenv alone only drops the pointer from environ: the bytes stay in
+  // the initial environment block, which /proc/<pid>/environ shows and a
+  // core dump holds. So the value is overwritten in place first.
+  storage::keyring::wipe(v, std::strlen(v));
+  ::unsetenv(secrets_key_env);
+}
+
+bool secrets_key_env_set() noexcept { return held().set; }
+
 error env_keyring(std::shared_ptr<const storage::keyring>& out) {
   out.reset();
-  const char* v = std::getenv(secrets_key_env);
-  if (v == nullptr) return {};
-  return storage::keyring::from_env(secrets_key_env, v, out);
+  auto& h = held();
+  if (!h.set) return {};
+  if (h.used)
+    return {error_code::internal, std::string("secrets: environment variable ") +
+                                    secrets_key_env + " was read once already"};
+  auto err = storage::keyring::from_env(secrets_key_env, h.value, out);
+  storage::keyring::wipe(h.value);
+  h.used = true;
+  return err;
 }
 
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {
@@ -208,7 +253,7 @@ int rotate(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
-  if (std::getenv(app::secrets_key_env) != nullptr)
+  if (app::secrets_key_env_set())
     return fail(std::string("keys rotate adds the new key to the key file, but ") +
                 app::secrets_key_env +
                 " is set and would override it: write the variable's key lines into a key "

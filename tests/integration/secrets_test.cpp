@@ -332,6 +332,16 @@ TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over on
                     std::string::npos,
                   s.log());
     CHECK(!fs::exists(dir + "/secrets.key")); // no copy on disk
+    // Taken out of the environment at start: the block /proc shows (and
+    // children would inherit) holds neither the value nor the variable.
+    std::ifstream env_in("/proc/" + std::to_string(s.pid()) + "/environ", std::ios::binary);
+    const std::string environ_block((std::istreambuf_iterator<char>(env_in)),
+                                    std::istreambuf_iterator<char>());
+    REQUIRE(environ_block.find("PATH=") != std::string::npos); // really read it
+    CHECK(environ_block.find(crypto::base64_encode(raw)) == std::string::npos);
+    CHECK(environ_block.find("PROVISIOND_SECRETS_KEY=" + crypto::base64_encode(raw).substr(0, 1)) ==
+          std::string::npos);
+    CHECK(s.log().find(crypto::base64_encode(raw)) == std::string::npos);
     test::create_group(s, "env-group", crypto::generate_key());
     CHECK(s.stop() == 0);
     std::string out;
@@ -355,13 +365,25 @@ TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over on
     CHECK(s.service("GET", "/enrollmentGroups/env-group").status == 200);
     CHECK(s.stop() == 0);
   }
-  for (const char* bad : {"", "not base64!", "c2hvcnQ=", "0123456789abcdef AAAA"}) {
+  // Key text in a bad value (a key alone with a typo, the fields of a line
+  // swapped, a key id that does not match) is not quoted back, not even
+  // hex-escaped.
+  const std::string b64 = crypto::base64_encode(raw);
+  const std::string typo = b64.substr(0, 20) + "!" + b64.substr(21);
+  const std::string swapped = b64 + " " + id + "\n";
+  const std::string other_id = "0123456789abcdef " + b64 + "\n";
+  for (const std::string& bad : {std::string(), std::string("not base64!"),
+                                 std::string("c2hvcnQ="), std::string("0123456789abcdef AAAA"),
+                                 typo, swapped, other_id}) {
     env_var v("PROVISIOND_SECRETS_KEY", bad);
     err = s.restart();
     REQUIRE_MESSAGE(err, bad);
     CHECK_MESSAGE(err.message.find("environment variable PROVISIOND_SECRETS_KEY") !=
                     std::string::npos,
                   err.message);
+    for (const std::string& text : {b64.substr(0, 12), crypto::hex(b64.substr(0, 12)),
+                                    typo.substr(0, 12), crypto::hex(raw.substr(0, 8))})
+      CHECK_MESSAGE(err.message.find(text) == std::string::npos, err.message);
   }
   {
     // Another valid key: the data dir's check names the variable.

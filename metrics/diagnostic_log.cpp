@@ -279,6 +279,8 @@ void diagnostic_log::audit(const audit_record& r) {
     }
     line.push_back(']');
   }
+  if (r.ids_total > 0)
+    line.append(",\"idsTotal\":").append(std::to_string(r.ids_total));
   line.append("}}");
   impl_->enqueue(line, /*flush_now=*/true);
 }

@@ -780,6 +780,45 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
 }
 
+TEST_CASE("a bulk operation's ids are audited only once authenticated, the first 100 and a count") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  auto bulk_of = [](const std::string& prefix, int n) {
+    nlohmann::json items = nlohmann::json::array();
+    for (int i = 0; i < n; ++i)
+      items.push_back({{"registrationId", prefix + std::to_string(i)},
+                       {"attestation", {{"type", "symmetricKey"}}}});
+    return nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump();
+  };
+  // Unauthenticated (a forged signature): the body does not reach the line.
+  const std::string forged = s.service_auth("provisioningserviceowner", crypto::generate_key());
+  net::http_headers h;
+  h.add("Authorization", forged);
+  CHECK(s.service("POST", "/enrollments", bulk_of("forged-", 3), h).status == 401);
+  // Authenticated, with many ids: the first 100 and the count.
+  const int big_status = s.service("POST", "/enrollments", bulk_of("big-", 150)).status;
+  CHECK(s.stop() == 0);
+  auto lines = audit_lines(dir + "/audit.log");
+  auto* unauth = find_audit(lines, "BulkOperation", "", 401);
+  REQUIRE(unauth != nullptr);
+  CHECK_FALSE(unauth->value("authenticated", true));
+  CHECK_MESSAGE(!(*unauth)["properties"].contains("ids"), unauth->dump());
+  CHECK_MESSAGE(!(*unauth)["properties"].contains("mode"), unauth->dump());
+  CHECK(unauth->dump().find("forged-") == std::string::npos);
+  auto* big = find_audit(lines, "BulkOperation", "", big_status);
+  REQUIRE(big != nullptr);
+  CHECK(big->value("authenticated", false));
+  const auto& ids = (*big)["properties"]["ids"];
+  REQUIRE(ids.is_array());
+  CHECK(ids.size() == 100);
+  CHECK(ids[0] == "big-0");
+  CHECK(ids[99] == "big-99");
+  CHECK((*big)["properties"].value("idsTotal", 0) == 150);
+  CHECK((*big)["properties"].value("mode", "") == "create");
+}
+
 TEST_CASE("a request the address throttle refuses leaves no audit line") {
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-audit");

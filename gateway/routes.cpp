@@ -7,6 +7,7 @@
 
 #include "actors/attestation/sas_token.hpp"
 #include "actors/enrollment/ca_store.hpp"
+#include "actors/once_per_interval.hpp"
 #include "gateway/device_api.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -722,8 +723,11 @@ private:
         json names = json::array();
         for (const auto& u : unreadable) {
           names.push_back(u.substr(0, u.find(": ")));
-          if (opts_.log != nullptr)
-            opts_.log->warn("stored CA " + u + " (left out of GET /certificates)");
+          // Once per CA per interval: a dashboard polling the list must not
+          // repeat the same warning into the log on every GET.
+          if (opts_.log != nullptr && unreadable_ca_warned_.allow(names.back().get<std::string>()))
+            opts_.log->warn("stored CA " + u +
+                            " (left out of GET /certificates; said at most every 10 minutes)");
         }
         out["unreadable"] = std::move(names);
       }
@@ -868,6 +872,7 @@ private:
   routes_options opts_;
   engine& eng_;
   std::unique_ptr<device_api> own_api_; ///< when none is shared
+  once_per_interval unreadable_ca_warned_{std::chrono::minutes(10)};
   device_api& api_;
 };
 

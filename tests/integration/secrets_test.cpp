@@ -656,8 +656,17 @@ TEST_CASE("a CA that does not open is left out of GET /certificates and named; t
   auto ca = test::make_ca("IT List ca-c", nullptr, 60);
   r = s.service("PUT", "/certificates/ca-c", nlohmann::json{{"certificate", ca.pem()}}.dump());
   CHECK_MESSAGE(r.status == 200, r.body);
+  // A list polled again names it again, but the log says why once.
+  r = s.service("GET", "/certificates");
+  CHECK(test::parse_json(r.body)["unreadable"] == nlohmann::json::array({"ca-a"}));
   CHECK(s.stop() == 0);
   CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
+  const std::string log = s.log();
+  std::size_t warnings = 0;
+  for (auto at = log.find("left out of GET /certificates"); at != std::string::npos;
+       at = log.find("left out of GET /certificates", at + 1))
+    ++warnings;
+  CHECK_MESSAGE(warnings == 1, log);
 }
 
 TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {

@@ -548,6 +548,9 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
 } // namespace
 
 int prov::app::run(int argc, char** argv, const extensions& ext) {
+  // The master key out of the environment before any thread could read or
+  // inherit it (docs/security.md#keys-from-the-environment).
+  app::take_secrets_key_env();
   // Block the stop signals in every thread; serve() waits for them.
   sigset_t set;
   sigemptyset(&set);

@@ -1,5 +1,6 @@
 #include "app/secrets.hpp"
 
+#include <grp.h>
 #include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -8,7 +9,6 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <iostream>
 #include <memory>
 
@@ -45,11 +45,56 @@ std::string audit_file_path(const config::engine_config& cfg) {
 
 const char* const secrets_key_env = "PROVISIOND_SECRETS_KEY";
 
+namespace {
+
+/// The variable's value once take_secrets_key_env moved it out of the
+/// environment; wiped when env_keyring has read it (or at exit).
+struct held_env_key {
+  bool set = false;
+  bool used = false;
+  std::string value;
+  ~held_env_key() { storage::keyring::wipe(value); }
+};
+
+held_env_key& held() {
+  static held_env_key h;
+  return h;
+}
+
+} // namespace
+
+void take_secrets_key_env() noexcept {
+  char* v = std::getenv(secrets_key_env);
+  if (v == nullptr) return;
+  auto& h = held();
+  try {
+    h.value.assign(v);
+    h.set = true;
+  } catch (...) {
+    // Out of memory this early: the start fails later, as for a bad value.
+    h.set = true;
+    h.value.clear();
+  }
+  // unsetenv alone only drops the pointer from environ: the bytes stay in
+  // the initial environment block, which /proc/<pid>/environ shows and a
+  // core dump holds. So the value is overwritten in place first.
+  storage::keyring::wipe(v, std::strlen(v));
+  ::unsetenv(secrets_key_env);
+}
+
+bool secrets_key_env_set() noexcept { return held().set; }
+
 error env_keyring(std::shared_ptr<const storage::keyring>& out) {
   out.reset();
-  const char* v = std::getenv(secrets_key_env);
-  if (v == nullptr) return {};
-  return storage::keyring::from_env(secrets_key_env, v, out);
+  auto& h = held();
+  if (!h.set) return {};
+  if (h.used)
+    return {error_code::internal, std::string("secrets: environment variable ") +
+                                    secrets_key_env + " was read once already"};
+  auto err = storage::keyring::from_env(secrets_key_env, h.value, out);
+  storage::keyring::wipe(h.value);
+  h.used = true;
+  return err;
 }
 
 error open_secrets(const config::engine_config& cfg, storage::store& store, std::string& note) {
@@ -115,8 +160,8 @@ prov::error load_cfg(const keys_args& a, prov::config::engine_config& cfg) {
 
 /// Appends the rotation's audit line (docs/operations.md#audit-log); the
 /// operator is the local user who ran the command.
-void audit_rotation(const prov::config::engine_config& cfg, const std::string& new_id,
-                    const prov::error& result) {
+void audit_rotation(const prov::config::engine_config& cfg, const std::string& invoker,
+                    const std::string& new_id, const prov::error& result) {
   using namespace prov;
   std::unique_ptr<metrics::diagnostic_log> log;
   if (auto err = metrics::diagnostic_log::open({"info", app::audit_file_path(cfg)}, log)) {
@@ -128,9 +173,7 @@ void audit_rotation(const prov::config::engine_config& cfg, const std::string& n
   r.operation = "RotateKeys";
   r.type = "KeyEncryptionKey";
   r.id = new_id;
-  const passwd* pw = ::getpwuid(::geteuid());
-  r.identity = "local user " + std::string(pw ? pw->pw_name : "?") + " (uid " +
-               std::to_string(::geteuid()) + ")";
+  r.identity = invoker;
   r.authenticated = true;
   if (result) {
     r.error_code = std::to_string(static_cast<int32_t>(result.code));
@@ -141,55 +184,52 @@ void audit_rotation(const prov::config::engine_config& cfg, const std::string& n
   log->flush();
 }
 
-/// `keys rotate` run as root on a data dir owned by the service user: the
-/// files it creates (RocksDB's new SST files, MANIFEST, WAL, OPTIONS, LOG;
-/// the rewritten key file; a new audit file) would be root's, and the
-/// server, running as its own user, could no longer open them. This gives
-/// them back on every path out: data dir files to the owner of `db/`, the
-/// key file to its previous owner, a new audit file to the data dir's owner.
-class ownership_keeper {
-public:
-  ownership_keeper(const std::string& data_dir, const std::string& key_file,
-                   const std::string& audit_file)
-    : db_(data_dir + "/db"), key_file_(key_file), audit_file_(audit_file) {
-    if (::geteuid() != 0) return; // others cannot create files they do not own
-    struct stat st {};
-    if (::stat(db_.c_str(), &st) == 0 && st.st_uid != 0) db_owner_ = {st.st_uid, st.st_gid};
-    if (::stat(key_file_.c_str(), &st) == 0 && st.st_uid != 0) key_owner_ = {st.st_uid, st.st_gid};
-    if (::stat(audit_file_.c_str(), &st) != 0 && ::stat(data_dir.c_str(), &st) == 0 &&
-        st.st_uid != 0)
-      audit_owner_ = {st.st_uid, st.st_gid};
-  }
-  ~ownership_keeper() {
-    namespace fs = std::filesystem;
-    auto give = [](const std::string& path, const owner& o) {
-      if (o.uid == 0) return;
-      struct stat st {};
-      if (::lstat(path.c_str(), &st) != 0 || (st.st_uid == o.uid && st.st_gid == o.gid)) return;
-      if (::lchown(path.c_str(), o.uid, o.gid) != 0)
-        std::cerr << "provisiond: WARNING: cannot give '" << path << "' back to uid " << o.uid
-                  << ": " << std::strerror(errno) << std::endl;
-    };
-    if (db_owner_.uid != 0) {
-      std::error_code ec;
-      give(db_, db_owner_);
-      for (fs::recursive_directory_iterator it(db_, ec), end; !ec && it != end; it.increment(ec))
-        give(it->path().string(), db_owner_);
-    }
-    give(key_file_, key_owner_);
-    give(audit_file_, audit_owner_);
-  }
-  ownership_keeper(const ownership_keeper&) = delete;
-  ownership_keeper& operator=(const ownership_keeper&) = delete;
-
-private:
-  struct owner {
-    uid_t uid = 0;
-    gid_t gid = 0;
+/// `keys rotate` or `keys list` run as root on a data dir another user owns
+/// (the service user's, as a package sets it up): every file the command
+/// creates (RocksDB's SST files, MANIFEST, WAL, OPTIONS, LOG, a
+/// db.wal-damaged-* copy, the rewritten key file, a new audit file) must be
+/// that user's, or the server can no longer open them. Handing files back
+/// with chown afterwards is unsafe: db/ is writable by the service user, who
+/// can swap a directory for a symlink or plant a hard link and have root
+/// chown /etc files to itself. So the command becomes the data dir's owner
+/// (its uid and gid, no supplementary groups) before it opens anything
+/// there, and chowns nothing. Only the configuration file was read as root.
+/// `invoker` gets who ran the command, for the audit line.
+prov::error become_data_dir_owner(const std::string& data_dir, std::string& invoker) {
+  using prov::error;
+  using prov::error_code;
+  const uid_t me = ::geteuid();
+  const passwd* pw = ::getpwuid(me);
+  invoker = "local user " + std::string(pw ? pw->pw_name : "?") + " (uid " + std::to_string(me) +
+            ")";
+  if (me != 0) return {}; // others cannot create files they do not own
+  struct stat st {};
+  // Missing: nothing to keep an owner for (the command fails or creates
+  // root's own data dir, as `serve` run as root would).
+  if (::stat(data_dir.c_str(), &st) != 0 || st.st_uid == 0) return {};
+  const uid_t uid = st.st_uid;
+  const gid_t gid = st.st_gid;
+  auto failed = [&](const char* what) {
+    return error{error_code::internal,
+                 "cannot become the owner of the data dir '" + data_dir + "' (uid " +
+                   std::to_string(uid) + ", gid " + std::to_string(gid) + "): " + what + ": " +
+                   std::strerror(errno) + "; run the command as that user"};
   };
-  std::string db_, key_file_, audit_file_;
-  owner db_owner_, key_owner_, audit_owner_;
-};
+  // Groups first: after setuid, setgroups and setgid are no longer allowed.
+  if (::setgroups(1, &gid) != 0) return failed("setgroups");
+  if (::setgid(gid) != 0) return failed("setgid");
+  if (::setuid(uid) != 0) return failed("setuid");
+  // setuid as root sets the real, effective and saved ids: no way back.
+  if (::getuid() != uid || ::geteuid() != uid || ::getgid() != gid || ::getegid() != gid ||
+      ::setuid(0) == 0) {
+    errno = EPERM;
+    return failed("the ids did not all change");
+  }
+  const passwd* owner = ::getpwuid(uid);
+  invoker += " as " + std::string(owner ? owner->pw_name : "?") + " (uid " + std::to_string(uid) +
+             "), the data dir's owner";
+  return {};
+}
 
 /// The values a rotation could not open, as a table on stderr.
 void print_unreadable(const prov::storage::seal_report& rep) {
@@ -213,15 +253,15 @@ int rotate(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
-  if (std::getenv(app::secrets_key_env) != nullptr)
+  if (app::secrets_key_env_set())
     return fail(std::string("keys rotate adds the new key to the key file, but ") +
                 app::secrets_key_env +
                 " is set and would override it: write the variable's key lines into a key "
                 "file (0600), unset the variable, rotate, then put the file's lines back "
                 "into the variable (docs/security.md)");
   const std::string path = app::key_file_path(cfg);
-  // Declared before the store: runs after the store has closed its files.
-  ownership_keeper owners(cfg.data_dir, path, app::audit_file_path(cfg));
+  std::string invoker;
+  if (auto err = become_data_dir_owner(cfg.data_dir, invoker)) return fail(err.message);
   // The store's lock keeps a running server out: rotation is offline.
   std::unique_ptr<storage::store> st;
   if (auto err = storage::store::open(cfg.data_dir + "/db", {}, st)) return fail(err.message);
@@ -232,13 +272,13 @@ int rotate(const keys_args& a) {
   if (auto err = st->attach_keyring(old_ring, false, rep)) return fail(err.message);
   std::shared_ptr<const storage::keyring> ring;
   if (auto err = storage::keyring::add_key(path, ring)) {
-    audit_rotation(cfg, "", err);
+    audit_rotation(cfg, invoker, "", err);
     return fail(err.message);
   }
   storage::seal_report moved;
   if (auto err = st->attach_keyring(ring, /*reseal_all=*/true, moved)) {
     st->close();
-    audit_rotation(cfg, ring->active_id(), err);
+    audit_rotation(cfg, invoker, ring->active_id(), err);
     return fail(err.message + " (the key file already has the new key " + ring->active_id() +
                 "; values not re-encrypted yet still open with the older keys: run "
                 "`provisiond keys rotate` again once the cause is fixed)");
@@ -250,13 +290,13 @@ int rotate(const keys_args& a) {
     const error partial{error_code::storage_failure,
                         std::to_string(moved.unreadable_total) +
                           " values did not open and stay under their old key"};
-    audit_rotation(cfg, ring->active_id(), partial);
+    audit_rotation(cfg, invoker, ring->active_id(), partial);
     return fail("new active key " + ring->active_id() + " in '" + path + "'; re-encrypted " +
                 std::to_string(done) + " values, " + std::to_string(moved.unreadable_total) +
                 " did not open (table above). Keep the older key lines; `provisiond keys "
                 "list` shows what each key still seals.");
   }
-  audit_rotation(cfg, ring->active_id(), {});
+  audit_rotation(cfg, invoker, ring->active_id(), {});
   std::cout << "new active key " << ring->active_id() << " in '" << path << "'; re-encrypted "
             << done
             << " values. The older keys stay in the file: remove a line only when no "
@@ -269,12 +309,16 @@ int list(const keys_args& a) {
   using namespace prov;
   config::engine_config cfg;
   if (auto err = load_cfg(a, cfg)) return fail(err.message);
+  std::string invoker;
+  if (auto err = become_data_dir_owner(cfg.data_dir, invoker)) return fail(err.message);
   std::shared_ptr<const storage::keyring> ring;
   if (auto err = app::env_keyring(ring)) return fail(err.message);
   if (!ring)
     if (auto err = storage::keyring::load(app::key_file_path(cfg), ring)) return fail(err.message);
-  // Counts need the data dir: its lock is held while the server runs, and a
-  // missing db/ must not be created here.
+  // Counts need the data dir, opened read-only: listing writes nothing there
+  // (no LOG, OPTIONS or MANIFEST of root's, nothing for a backup to see
+  // change), takes no lock (it works beside a running server, counting what
+  // was written so far), and a missing db/ is not created.
   storage::key_usage usage;
   std::string no_counts;
   const std::string db = cfg.data_dir + "/db";
@@ -282,10 +326,10 @@ int list(const keys_args& a) {
   if (::stat((db + "/CURRENT").c_str(), &st) != 0) {
     no_counts = "no data dir at '" + cfg.data_dir + "'";
   } else {
-    // Opening writes files too (LOG, OPTIONS, a MANIFEST): as root, given back.
-    ownership_keeper owners(cfg.data_dir, "", "");
     std::unique_ptr<storage::store> store;
-    if (auto err = storage::store::open(db, {}, store))
+    storage::store_options ro;
+    ro.read_only = true;
+    if (auto err = storage::store::open(db, ro, store))
       no_counts = err.message;
     else if (auto err2 = store->count_key_usage(usage))
       no_counts = err2.message;

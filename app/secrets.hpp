@@ -30,8 +30,20 @@ std::string audit_file_path(const config::engine_config& cfg);
 /// instead of the key file (docs/security.md#keys-from-the-environment).
 extern const char* const secrets_key_env;
 
-/// The keys from secrets_key_env; `out` stays empty when it is not set.
-/// Errors name the variable (empty, not base64 of 32 bytes, bad line).
+/// Moves secrets_key_env out of the environment: keeps its value in this
+/// process, overwrites the bytes in the environment block (what
+/// /proc/<pid>/environ shows) and unsets it, so no child process, crash
+/// report or environment dump gets the key. Call first thing in main, before
+/// any thread starts (app::run does).
+void take_secrets_key_env() noexcept;
+
+/// Whether secrets_key_env was set when take_secrets_key_env ran.
+bool secrets_key_env_set() noexcept;
+
+/// The keys from the value take_secrets_key_env kept; `out` stays empty when
+/// the variable was not set. Errors name the variable (empty, not base64 of
+/// 32 bytes, bad line), never quote the value. The kept value is wiped once
+/// read: a second call is an error.
 [[nodiscard]] error env_keyring(std::shared_ptr<const storage::keyring>& out);
 
 /// Keys from secrets_key_env when set, else loads the key file (creating it, 0600, when it is missing and the data dir

@@ -7,6 +7,7 @@
 
 #include "actors/attestation/sas_token.hpp"
 #include "actors/enrollment/ca_store.hpp"
+#include "actors/once_per_interval.hpp"
 #include "gateway/device_api.hpp"
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
@@ -265,7 +266,36 @@ bool audited(std::string_view operation) {
 /// dispatched on this thread (set synchronously, before any engine call).
 struct audit_state {
   std::string verified_policy;
+  /// A bulk operation's mode and ids, read from the body only once the
+  /// request authenticated: an unauthenticated body is not parsed for the
+  /// audit line, nor can it put what it likes there.
+  std::string mode;
+  std::vector<std::string> ids; ///< the first max_audited_ids
+  std::size_t ids_total = 0;
 };
+
+/// Ids of one bulk operation written to its audit line; idsTotal gives the
+/// count. A bulk body may hold thousands: the line stays bounded.
+constexpr std::size_t max_audited_ids = 100;
+
+/// Fills `a`'s bulk fields from an authenticated bulk request's body.
+void note_bulk(audit_state& a, const std::string& body) {
+  auto doc = json::parse(body, nullptr, false);
+  if (!doc.is_object()) return;
+  if (auto mode = doc.find("mode"); mode != doc.end() && mode->is_string())
+    a.mode = mode->get<std::string>().substr(0, 32);
+  auto list = doc.find("enrollments");
+  if (list == doc.end() || !list->is_array()) return;
+  for (const auto& e : *list) {
+    if (!e.is_object()) continue;
+    for (const char* key : {"registrationId", "enrollmentGroupId"}) {
+      auto id = e.find(key);
+      if (id == e.end() || !id->is_string()) continue;
+      if (a.ids.size() < max_audited_ids) a.ids.push_back(id->get<std::string>().substr(0, 256));
+      ++a.ids_total;
+    }
+  }
+}
 thread_local audit_state* current_audit = nullptr;
 
 class routes final : public handler {
@@ -378,19 +408,6 @@ private:
       attestation::sas_token tok;
       if (!attestation::parse_sas(req.header("authorization"), tok))
         a.identity = tok.skn.substr(0, 128);
-      if (a.operation == "BulkOperation") {
-        auto body = json::parse(req.body, nullptr, false);
-        if (body.is_object()) {
-          if (auto mode = body.find("mode"); mode != body.end() && mode->is_string())
-            a.mode = mode->get<std::string>().substr(0, 32);
-          if (auto list = body.find("enrollments"); list != body.end() && list->is_array())
-            for (const auto& e : *list)
-              if (e.is_object())
-                for (const char* key : {"registrationId", "enrollmentGroupId"})
-                  if (auto id = e.find(key); id != e.end() && id->is_string())
-                    a.ids.push_back(id->get<std::string>().substr(0, 256));
-        }
-      }
     }
     return [c, m, log, audit_log, respond = std::move(respond)](http_response r) {
       auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - c->started)
@@ -419,8 +436,12 @@ private:
       if (c->audit) {
         auto& a = c->audit_rec;
         a.authenticated = !c->audit->verified_policy.empty();
-        if (a.authenticated)
+        if (a.authenticated) {
           a.identity = c->audit->verified_policy;
+          a.mode = std::move(c->audit->mode);
+          a.ids = std::move(c->audit->ids);
+          a.ids_total = c->audit->ids_total;
+        }
         a.status = r.status;
         if (r.err)
           a.error_code = std::to_string(static_cast<int32_t>(r.err.code));
@@ -609,7 +630,12 @@ private:
     if (ids.empty()) {
       if (m != "POST")
         return fail({error_code::method_not_allowed, "use POST for bulk operations"});
-      if (auto err = authorize(req, "EnrollmentWrite"))
+      auto err = authorize(req, "EnrollmentWrite");
+      // Authenticated (allowed, or a policy without the right): its ids go
+      // to the audit line.
+      if (current_audit != nullptr && !current_audit->verified_policy.empty())
+        note_bulk(*current_audit, req.body);
+      if (err)
         return fail(err);
       return eng_.bulk_enrollments(k, req.body, [reply, tracking](error e, std::string doc) {
         reply(e ? error_response(e, tracking) : json_response(200, std::move(doc)));
@@ -709,8 +735,11 @@ private:
         json names = json::array();
         for (const auto& u : unreadable) {
           names.push_back(u.substr(0, u.find(": ")));
-          if (opts_.log != nullptr)
-            opts_.log->warn("stored CA " + u + " (left out of GET /certificates)");
+          // Once per CA per interval: a dashboard polling the list must not
+          // repeat the same warning into the log on every GET.
+          if (opts_.log != nullptr && unreadable_ca_warned_.allow(names.back().get<std::string>()))
+            opts_.log->warn("stored CA " + u +
+                            " (left out of GET /certificates; said at most every 10 minutes)");
         }
         out["unreadable"] = std::move(names);
       }
@@ -855,6 +884,7 @@ private:
   routes_options opts_;
   engine& eng_;
   std::unique_ptr<device_api> own_api_; ///< when none is shared
+  once_per_interval unreadable_ca_warned_{std::chrono::minutes(10)};
   device_api& api_;
 };
 

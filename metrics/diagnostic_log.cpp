@@ -12,6 +12,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
 #include <cstdio>
@@ -146,11 +147,31 @@ prov::error diagnostic_log::open(const log_options& opts, std::unique_ptr<diagno
     } else {
       // The file names callers, policies and client addresses: created 0600
       // here rather than by spdlog's fopen(), whose mode is whatever the
-      // umask leaves. An existing file keeps the mode its operator gave it.
+      // umask leaves. An existing file that group or others may read (an
+      // older version's, or made by hand) is tightened to 0600 when it is
+      // ours; another user's file is not ours to change: a warning names it.
       int fd = ::open(opts.file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
       if (fd < 0)
         return {error_code::bad_request,
                 "cannot open log " + opts.file + ": " + std::strerror(errno)};
+      struct stat st {};
+      if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 077) != 0) {
+        char mode[8];
+        std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+        if (st.st_uid == ::geteuid() && ::fchmod(fd, 0600) == 0) {
+          std::fprintf(stderr, "provisiond: log file '%s' was mode %s: changed to 0600\n",
+                       opts.file.c_str(), mode);
+        } else {
+          const std::string why = st.st_uid == ::geteuid()
+                                    ? std::string("chmod failed: ") + std::strerror(errno)
+                                    : "owned by uid " + std::to_string(st.st_uid) +
+                                        ", not this process's user";
+          std::fprintf(stderr,
+                       "provisiond: WARNING: log file '%s' is mode %s, so other users can read "
+                       "it (%s): chmod 600 it\n",
+                       opts.file.c_str(), mode, why.c_str());
+        }
+      }
       ::close(fd);
       sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(opts.file, false);
     }
@@ -279,6 +300,8 @@ void diagnostic_log::audit(const audit_record& r) {
     }
     line.push_back(']');
   }
+  if (r.ids_total > 0)
+    line.append(",\"idsTotal\":").append(std::to_string(r.ids_total));
   line.append("}}");
   impl_->enqueue(line, /*flush_now=*/true);
 }

@@ -55,7 +55,8 @@ struct audit_record {
   std::string operation;   ///< "Upsert", "Delete", "BulkOperation", "RotateKeys", ...
   std::string type;        ///< "IndividualEnrollment", "EnrollmentGroup", "Certificate", ...
   std::string id;          ///< the record's id ("" for a bulk operation)
-  std::vector<std::string> ids; ///< a bulk operation's ids
+  std::vector<std::string> ids; ///< a bulk operation's ids (the first ones)
+  std::size_t ids_total = 0;    ///< how many ids the bulk operation named
   std::string mode;        ///< a bulk operation's mode
   std::string identity;    ///< SAS policy (SharedAccessKeyName) presented, or local user
   bool authenticated = false; ///< whether that identity's signature checked out

@@ -9,7 +9,6 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
-#include <sstream>
 #include <stdexcept>
 
 #include <openssl/crypto.h>
@@ -39,7 +38,10 @@ struct cipher_ctx {
 };
 
 std::string key_id(std::string_view key_bytes) {
-  auto d = crypto::sha256(std::string("provisiond-kek-id\n") + std::string(key_bytes));
+  std::string input = "provisiond-kek-id\n";
+  input.append(key_bytes);
+  auto d = crypto::sha256(input);
+  keyring::wipe(input);
   return crypto::hex({reinterpret_cast<const char*>(d.data()), 8});
 }
 
@@ -136,29 +138,51 @@ error write_private(const std::string& path, const std::string& text, bool repla
   return sync_parent(path);
 }
 
-/// Key file lines into `keys`; `fail` turns a reason into the error.
+/// The next blank-separated field of `line` (advanced past it).
+std::string_view next_field(std::string_view& line) {
+  auto blank = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+  while (!line.empty() && blank(line.front())) line.remove_prefix(1);
+  std::size_t n = 0;
+  while (n < line.size() && !blank(line[n])) ++n;
+  auto field = line.substr(0, n);
+  line.remove_prefix(n);
+  return field;
+}
+
+/// Key file lines into `keys`; `fail` turns a reason into the error. Works
+/// on views of `text`, so no copy of a key is left behind (the decoded keys
+/// are wiped by ~keyring, a rejected one here). Messages never quote a line:
+/// with its fields swapped or mangled, any of them may be key text.
 template <class Fail>
 error parse_lines(std::string_view text, std::vector<keyring::key>& keys, Fail&& fail) {
-  std::istringstream in{std::string(text)};
-  std::string line;
   int line_no = 0;
-  while (std::getline(in, line)) {
+  while (!text.empty()) {
+    const auto eol = text.find('\n');
+    std::string_view line = text.substr(0, eol);
+    text.remove_prefix(eol == std::string_view::npos ? text.size() : eol + 1);
     ++line_no;
     if (line.empty() || line[0] == '#') continue;
-    std::istringstream ls(line);
-    std::string id, b64, rest;
-    ls >> id >> b64 >> rest;
+    const auto id = next_field(line);
+    const auto b64 = next_field(line);
+    const auto rest = next_field(line);
     if (id.empty() && b64.empty()) continue; // blank
     auto where = "line " + std::to_string(line_no) + ": ";
     if (id.empty() || b64.empty() || !rest.empty())
       return fail(where + "expected \"<key id> <base64 key>\"");
+    if (!valid_id(id))
+      return fail(where + "the key id is not 16 lower-case hex digits (expected \"<key id> "
+                          "<base64 key>\")");
     auto bytes = crypto::base64_decode(b64);
-    if (!bytes || bytes->size() != key_len)
+    if (!bytes || bytes->size() != key_len) {
+      if (bytes) keyring::wipe(*bytes);
       return fail(where + "the key is not base64 of 32 bytes");
-    if (key_id(*bytes) != id)
-      return fail(where + "key id " + printable_id(id) +
+    }
+    if (key_id(*bytes) != id) {
+      keyring::wipe(*bytes);
+      return fail(where + "key id " + std::string(id) +
                   " does not match its key (the line is damaged)");
-    keys.push_back({id, std::move(*bytes)});
+    }
+    keys.push_back({std::string(id), std::move(*bytes)});
   }
   if (keys.empty()) return fail("holds no key");
   return {};
@@ -172,6 +196,15 @@ keyring::key fresh_key() {
 }
 
 } // namespace
+
+void keyring::wipe(void* p, std::size_t n) noexcept {
+  if (p != nullptr && n > 0) OPENSSL_cleanse(p, n);
+}
+
+void keyring::wipe(std::string& s) noexcept {
+  wipe(s.data(), s.size());
+  s.clear();
+}
 
 keyring::~keyring() {
   for (auto& k : keys_) OPENSSL_cleanse(k.bytes.data(), k.bytes.size());
@@ -218,9 +251,11 @@ error keyring::from_env(const std::string& name, std::string_view value,
   while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) v.remove_suffix(1);
   if (v.find_first_of(" \t\n") == std::string_view::npos) {
     if (v.empty()) return env_error("is set but empty");
-    auto bytes = crypto::base64_decode(std::string(v));
-    if (!bytes || bytes->size() != key_len)
+    auto bytes = crypto::base64_decode(v);
+    if (!bytes || bytes->size() != key_len) {
+      if (bytes) wipe(*bytes);
       return env_error("expected base64 of 32 bytes, or key file lines \"<key id> <base64 key>\"");
+    }
     r->keys_.push_back({key_id(*bytes), std::move(*bytes)});
   } else if (auto err = parse_lines(value, r->keys_, env_error)) {
     return err;

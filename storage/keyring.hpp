@@ -62,6 +62,12 @@ public:
   /// truncated, or moved), a malformed envelope.
   [[nodiscard]] error open(std::string_view sealed, std::string_view aad, std::string& out) const;
 
+  /// Overwrites `n` bytes at `p` (OPENSSL_cleanse: not optimised away), for
+  /// copies of key material that leave scope.
+  static void wipe(void* p, std::size_t n) noexcept;
+  /// wipe() of the string's bytes, then clear().
+  static void wipe(std::string& s) noexcept;
+
   /// Whether a stored value is a sealed envelope (its magic prefix).
   static bool is_sealed(std::string_view value) noexcept;
   /// The key id a sealed value names; empty when it is not sealed. An id that

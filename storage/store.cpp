@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdarg>
 #include <chrono>
 #include <condition_variable>
 #include <map>
@@ -19,6 +20,7 @@
 
 #include <rocksdb/cache.h>
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/filter_policy.h>
 #include <rocksdb/options.h>
 #include <rocksdb/perf_level.h>
@@ -130,6 +132,13 @@ void call_done(const store::done_fn& done, const error& e) noexcept {
   }
 }
 
+/// RocksDB's info log, discarded: a read-only open must not create LOG.
+class silent_logger final : public rocksdb::Logger {
+public:
+  using rocksdb::Logger::Logv;
+  void Logv(const char*, va_list) override {}
+};
+
 class rocks_store final : public store {
 public:
   rocks_store(std::string dir, store_options opts) : dir_(std::move(dir)), opts_(opts) {
@@ -148,6 +157,7 @@ public:
   }
 
   error open_db() {
+    if (opts_.read_only) return open_read_only();
     std::error_code ec;
     std::filesystem::create_directories(dir_, ec);
     if (ec) {
@@ -252,6 +262,43 @@ public:
     return {};
   }
 
+  /// What open_db does, without a byte written to the directory: the WAL is
+  /// replayed into memory only, a damaged one is an error (no recovery, no
+  /// copy aside), and no writer thread runs.
+  error open_read_only() {
+    rocksdb::DBOptions db_opts;
+    db_opts.paranoid_checks = true;
+    // RocksDB's info LOG would be created (and an old one renamed) even here.
+    db_opts.info_log = std::make_shared<silent_logger>();
+    db_opts.wal_recovery_mode = rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords;
+    std::vector<std::string> existing;
+    rocksdb::Status s = rocksdb::DB::ListColumnFamilies(db_opts, dir_, &existing);
+    if (!s.ok()) return to_error(s, "read-only open", dir_);
+    // Unknown families (a newer provisiond's) are opened with defaults; a
+    // family this build knows but the database lacks is simply empty.
+    std::vector<rocksdb::ColumnFamilyDescriptor> descs;
+    descs.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions());
+    for (cf c : all_families)
+      if (std::find(existing.begin(), existing.end(), to_string(c)) != existing.end())
+        descs.emplace_back(std::string(to_string(c)), rocksdb::ColumnFamilyOptions());
+    for (auto& name : existing)
+      if (std::none_of(descs.begin(), descs.end(), [&](const auto& d) { return d.name == name; }))
+        descs.emplace_back(name, rocksdb::ColumnFamilyOptions());
+    s = rocksdb::DB::OpenForReadOnly(db_opts, dir_, descs, &handles_, &db_);
+    if (!s.ok()) {
+      db_ = nullptr;
+      handles_.clear();
+      return to_error(s, "read-only open", dir_);
+    }
+    // A family the database lacks reads as the default one, which nothing
+    // writes to: empty, as it would be once created.
+    by_cf_.fill(handles_[0]);
+    for (std::size_t i = 1; i < descs.size(); ++i)
+      for (std::size_t f = 0; f < all_families.size(); ++f)
+        if (descs[i].name == to_string(all_families[f])) by_cf_[f] = handles_[i];
+    return {};
+  }
+
   error get(cf family, std::string_view key, std::optional<std::string>& out) const override {
     out.reset();
     if (!valid(family)) return unknown_family(family);
@@ -339,6 +386,8 @@ public:
   }
 
   void commit(write_batch batch, done_fn done) override {
+    if (opts_.read_only)
+      return call_done(done, {error_code::internal, "storage: '" + dir_ + "' is open read-only"});
     // Reject a bad batch alone instead of failing the whole group it joins.
     for (const auto& op : batch.ops()) {
       if (!valid(op.family)) return call_done(done, unknown_family(op.family));

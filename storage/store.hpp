@@ -66,6 +66,11 @@ private:
 
 struct store_options {
   bool sync = true;                 ///< fsync the WAL on every (group) commit
+  /// Opens an existing database without writing to its directory (RocksDB's
+  /// OpenForReadOnly: no LOG, OPTIONS, MANIFEST or WAL written, no lock
+  /// taken, a missing database is an error). Writes and commits fail.
+  /// `provisiond keys list`.
+  bool read_only = false;
   std::size_t block_cache_bytes = 64u << 20; ///< [storage] block_cache_mb
   std::size_t write_buffer_bytes = 16u << 20; /// per column family
   std::size_t max_group_batches = 4096; ///< upper bound merged into one commit

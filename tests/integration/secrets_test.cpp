@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -155,9 +156,52 @@ TEST_CASE("keys are sealed on disk, returned by the API, and devices register ac
   // Rotation is offline: the running server holds the data dir's lock.
   CHECK(run_provisiond("keys rotate " + cfg, out) != 0);
   CHECK_MESSAGE(out.find("another provisiond may be running") != std::string::npos, out);
-  // `keys list` still lists the ids, saying why it cannot count.
+  // `keys list` opens the data dir read-only, without its lock: it counts
+  // beside the running server.
   CHECK(run_provisiond("keys list " + cfg, out) == 0);
-  CHECK_MESSAGE(out.find("(values per key not counted: ") != std::string::npos, out);
+  CHECK_MESSAGE(out.find(first_id + " 0 values\n") == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+}
+
+/// Every entry under `dir` (and `dir` itself) with its size, mtime and owner,
+/// one a line: two listings differ when anything was written.
+std::string tree_listing(const std::string& dir) {
+  std::string out;
+  auto add = [&](const std::string& path) {
+    struct stat st {};
+    REQUIRE(::lstat(path.c_str(), &st) == 0);
+    out += path + " " + std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) +
+           "." + std::to_string(st.st_mtim.tv_nsec) + " " + std::to_string(st.st_uid) + " " +
+           std::to_string(st.st_mode) + "\n";
+  };
+  add(dir);
+  std::vector<std::string> paths;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) paths.push_back(e.path().string());
+  std::sort(paths.begin(), paths.end());
+  for (const auto& p : paths) add(p);
+  return out;
+}
+
+TEST_CASE("keys list writes nothing to the data dir") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  test::create_group(s, "listed-group", crypto::generate_key());
+  put_enrollment(s, "listed-dev", crypto::generate_key());
+  CHECK(s.stop() == 0);
+  const std::string before = tree_listing(dir);
+  std::string out;
+  REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
+  CHECK_MESSAGE(out.find(" 2 values active\n") != std::string::npos, out);
+  CHECK_MESSAGE(tree_listing(dir) == before, "before:\n" << before << "after:\n"
+                                                          << tree_listing(dir));
+  // No data dir at all: nothing is created.
+  const std::string none = dir + "/no-such-data";
+  const int rc =
+    run_provisiond("keys list --config " + dir + "/cfg.toml --data-dir " + none, out);
+  CHECK_MESSAGE((rc != 0 || out.find("not counted") != std::string::npos), out);
+  CHECK(!fs::exists(none));
 }
 
 TEST_CASE("keys rotate goes past a value that does not open, names it and fails; keys list shows "
@@ -206,11 +250,11 @@ TEST_CASE("keys rotate goes past a value that does not open, names it and fails;
   registers(s, "b-good", key);
 }
 
-TEST_CASE("keys rotate run as root leaves the data dir's files with their owner") {
-  if (::geteuid() != 0) {
-    MESSAGE("not root: skipped (the case only exists for root)");
-    return;
-  }
+// As root only (a visible skip otherwise): the case is root's, and the
+// machines that run the suite run it as root.
+TEST_CASE("keys rotate and keys list run as root become the data dir's owner and chown nothing" *
+          doctest::skip(::geteuid() != 0)) {
+  REQUIRE(::geteuid() == 0);
   test::server_process s;
   auto dir = test::make_temp_dir("provisiond-it-secrets");
   s.remove_data_dir_at_exit();
@@ -224,17 +268,36 @@ TEST_CASE("keys rotate run as root leaves the data dir's files with their owner"
     REQUIRE(::lchown(e.path().c_str(), uid, gid) == 0);
   REQUIRE(::chown(dir.c_str(), uid, gid) == 0);
   fs::remove(dir + "/audit.log"); // a new one is created by the rotation
+  // What the service user could plant in db/: a hard link to a file of
+  // root's. Chowning "the data dir's files" would give that file away.
+  const std::string outside = dir + ".outside";
+  { std::ofstream(outside) << "root's\n"; }
+  REQUIRE(::chown(outside.c_str(), 0, 0) == 0);
+  REQUIRE(::link(outside.c_str(), (dir + "/db/planted").c_str()) == 0);
   std::string out;
   REQUIRE_MESSAGE(run_provisiond("keys rotate --config " + dir + "/cfg.toml", out) == 0, out);
   REQUIRE_MESSAGE(run_provisiond("keys list --config " + dir + "/cfg.toml", out) == 0, out);
-  std::string roots;
+  struct stat st {};
+  REQUIRE(::stat(outside.c_str(), &st) == 0);
+  CHECK_MESSAGE(st.st_uid == 0, "root's file given to uid " << st.st_uid);
+  fs::remove(dir + "/db/planted");
+  fs::remove(outside);
+  std::string others;
   for (const auto& e : fs::recursive_directory_iterator(dir)) {
-    struct stat st {};
     REQUIRE(::lstat(e.path().c_str(), &st) == 0);
-    if (st.st_uid != uid || st.st_gid != gid) roots += e.path().string() + "\n";
+    if (st.st_uid != uid || st.st_gid != gid) others += e.path().string() + "\n";
   }
-  CHECK_MESSAGE(roots.empty(), "owned by someone else now:\n" << roots);
+  CHECK_MESSAGE(others.empty(), "owned by someone else now:\n" << others);
   CHECK(fs::exists(dir + "/audit.log"));
+  // The audit line names who ran it and as whom.
+  auto lines = audit_lines(dir + "/audit.log");
+  REQUIRE(!lines.empty());
+  CHECK_MESSAGE(lines.back()["identity"].get<std::string>().find(
+                  "local user root (uid 0) as ") == 0,
+                lines.back().dump());
+  // The server, as that user, opens everything rotate wrote.
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+  CHECK(s.service("GET", "/enrollmentGroups/owned-group").status == 200);
 }
 
 /// Sets an environment variable for this process (and the servers and CLI
@@ -263,6 +326,16 @@ TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over on
                     std::string::npos,
                   s.log());
     CHECK(!fs::exists(dir + "/secrets.key")); // no copy on disk
+    // Taken out of the environment at start: the block /proc shows (and
+    // children would inherit) holds neither the value nor the variable.
+    std::ifstream env_in("/proc/" + std::to_string(s.pid()) + "/environ", std::ios::binary);
+    const std::string environ_block((std::istreambuf_iterator<char>(env_in)),
+                                    std::istreambuf_iterator<char>());
+    REQUIRE(environ_block.find("PATH=") != std::string::npos); // really read it
+    CHECK(environ_block.find(crypto::base64_encode(raw)) == std::string::npos);
+    CHECK(environ_block.find("PROVISIOND_SECRETS_KEY=" + crypto::base64_encode(raw).substr(0, 1)) ==
+          std::string::npos);
+    CHECK(s.log().find(crypto::base64_encode(raw)) == std::string::npos);
     test::create_group(s, "env-group", crypto::generate_key());
     CHECK(s.stop() == 0);
     std::string out;
@@ -286,13 +359,25 @@ TEST_CASE("the master key from PROVISIOND_SECRETS_KEY: no key file, wins over on
     CHECK(s.service("GET", "/enrollmentGroups/env-group").status == 200);
     CHECK(s.stop() == 0);
   }
-  for (const char* bad : {"", "not base64!", "c2hvcnQ=", "0123456789abcdef AAAA"}) {
+  // Key text in a bad value (a key alone with a typo, the fields of a line
+  // swapped, a key id that does not match) is not quoted back, not even
+  // hex-escaped.
+  const std::string b64 = crypto::base64_encode(raw);
+  const std::string typo = b64.substr(0, 20) + "!" + b64.substr(21);
+  const std::string swapped = b64 + " " + id + "\n";
+  const std::string other_id = "0123456789abcdef " + b64 + "\n";
+  for (const std::string& bad : {std::string(), std::string("not base64!"),
+                                 std::string("c2hvcnQ="), std::string("0123456789abcdef AAAA"),
+                                 typo, swapped, other_id}) {
     env_var v("PROVISIOND_SECRETS_KEY", bad);
     err = s.restart();
     REQUIRE_MESSAGE(err, bad);
     CHECK_MESSAGE(err.message.find("environment variable PROVISIOND_SECRETS_KEY") !=
                     std::string::npos,
                   err.message);
+    for (const std::string& text : {b64.substr(0, 12), crypto::hex(b64.substr(0, 12)),
+                                    typo.substr(0, 12), crypto::hex(raw.substr(0, 8))})
+      CHECK_MESSAGE(err.message.find(text) == std::string::npos, err.message);
   }
   {
     // Another valid key: the data dir's check names the variable.
@@ -565,8 +650,17 @@ TEST_CASE("a CA that does not open is left out of GET /certificates and named; t
   auto ca = test::make_ca("IT List ca-c", nullptr, 60);
   r = s.service("PUT", "/certificates/ca-c", nlohmann::json{{"certificate", ca.pem()}}.dump());
   CHECK_MESSAGE(r.status == 200, r.body);
+  // A list polled again names it again, but the log says why once.
+  r = s.service("GET", "/certificates");
+  CHECK(test::parse_json(r.body)["unreadable"] == nlohmann::json::array({"ca-a"}));
   CHECK(s.stop() == 0);
   CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
+  const std::string log = s.log();
+  std::size_t warnings = 0;
+  for (auto at = log.find("left out of GET /certificates"); at != std::string::npos;
+       at = log.find("left out of GET /certificates", at + 1))
+    ++warnings;
+  CHECK_MESSAGE(warnings == 1, log);
 }
 
 TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {
@@ -687,6 +781,45 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(text.find(key) == std::string::npos);
   CHECK(text.find("SharedAccessSignature") == std::string::npos);
   CHECK(text.find(forged.substr(forged.find("sig=") + 4, 20)) == std::string::npos);
+}
+
+TEST_CASE("a bulk operation's ids are audited only once authenticated, the first 100 and a count") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-audit");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start({}, dir), s.log());
+  auto bulk_of = [](const std::string& prefix, int n) {
+    nlohmann::json items = nlohmann::json::array();
+    for (int i = 0; i < n; ++i)
+      items.push_back({{"registrationId", prefix + std::to_string(i)},
+                       {"attestation", {{"type", "symmetricKey"}}}});
+    return nlohmann::json{{"mode", "create"}, {"enrollments", items}}.dump();
+  };
+  // Unauthenticated (a forged signature): the body does not reach the line.
+  const std::string forged = s.service_auth("provisioningserviceowner", crypto::generate_key());
+  net::http_headers h;
+  h.add("Authorization", forged);
+  CHECK(s.service("POST", "/enrollments", bulk_of("forged-", 3), h).status == 401);
+  // Authenticated, with many ids: the first 100 and the count.
+  const int big_status = s.service("POST", "/enrollments", bulk_of("big-", 150)).status;
+  CHECK(s.stop() == 0);
+  auto lines = audit_lines(dir + "/audit.log");
+  auto* unauth = find_audit(lines, "BulkOperation", "", 401);
+  REQUIRE(unauth != nullptr);
+  CHECK_FALSE(unauth->value("authenticated", true));
+  CHECK_MESSAGE(!(*unauth)["properties"].contains("ids"), unauth->dump());
+  CHECK_MESSAGE(!(*unauth)["properties"].contains("mode"), unauth->dump());
+  CHECK(unauth->dump().find("forged-") == std::string::npos);
+  auto* big = find_audit(lines, "BulkOperation", "", big_status);
+  REQUIRE(big != nullptr);
+  CHECK(big->value("authenticated", false));
+  const auto& ids = (*big)["properties"]["ids"];
+  REQUIRE(ids.is_array());
+  CHECK(ids.size() == 100);
+  CHECK(ids[0] == "big-0");
+  CHECK(ids[99] == "big-99");
+  CHECK((*big)["properties"].value("idsTotal", 0) == 150);
+  CHECK((*big)["properties"].value("mode", "") == "create");
 }
 
 TEST_CASE("a request the address throttle refuses leaves no audit line") {

@@ -1,11 +1,13 @@
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <set>
 #include <string>
@@ -192,5 +194,56 @@ TEST_CASE("diagnostic log: a new log file is created 0600 whatever the umask") {
   REQUIRE(::stat(path.c_str(), &st) == 0);
   CHECK((st.st_mode & 0777) == 0600);
   log.reset();
+  std::remove(path.c_str());
+}
+
+namespace {
+
+/// Runs `fn` with stderr redirected to a file; returns what was written.
+template <class Fn>
+std::string capture_stderr(Fn&& fn) {
+  const std::string path = temp_file();
+  std::fflush(stderr);
+  const int saved = ::dup(2);
+  REQUIRE(saved >= 0);
+  const int fd = ::open(path.c_str(), O_WRONLY | O_TRUNC);
+  REQUIRE(fd >= 0);
+  ::dup2(fd, 2);
+  ::close(fd);
+  fn();
+  std::fflush(stderr);
+  ::dup2(saved, 2);
+  ::close(saved);
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::remove(path.c_str());
+  return text;
+}
+
+} // namespace
+
+TEST_CASE("diagnostic log: an existing file others may read is tightened to 0600, or named") {
+  auto path = temp_file();
+  REQUIRE(::chmod(path.c_str(), 0644) == 0);
+  std::unique_ptr<metrics::diagnostic_log> log;
+  auto out = capture_stderr([&] { REQUIRE(metrics::diagnostic_log::open({"info", path}, log).ok()); });
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+  CHECK_MESSAGE(out.find("'" + path + "' was mode 0644") != std::string::npos, out);
+  log.reset();
+  // Another user's file: left as it is, with a warning naming it (root can
+  // hand the file to another user; others cannot make that case).
+  if (::geteuid() == 0) {
+    REQUIRE(::chmod(path.c_str(), 0640) == 0);
+    REQUIRE(::chown(path.c_str(), 65534, 65534) == 0);
+    out = capture_stderr([&] { REQUIRE(metrics::diagnostic_log::open({"info", path}, log).ok()); });
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    CHECK((st.st_mode & 0777) == 0640);
+    CHECK_MESSAGE(out.find("WARNING: log file '" + path + "' is mode 0640") != std::string::npos,
+                  out);
+    CHECK_MESSAGE(out.find("owned by uid 65534") != std::string::npos, out);
+    log.reset();
+  }
   std::remove(path.c_str());
 }

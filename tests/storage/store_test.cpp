@@ -748,3 +748,32 @@ TEST_CASE("every replayable (unsynced) write survives SIGKILL") {
   // Kafka table readers write this way (actors/replication.cpp).
   check_survives_sigkill("replayable");
 }
+
+TEST_CASE("store: read_only opens beside a writer, reads what it wrote, writes nothing") {
+  temp_dir d;
+  auto w = open_ok(d.path);
+  write_batch b;
+  b.put(cf::enrollments, "ro-dev", R"({"registrationId":"ro-dev"})");
+  REQUIRE(w->write(b).ok());
+  store_options ro;
+  ro.read_only = true;
+  // The writer still holds the lock: a read-only open does not need it.
+  auto r = open_ok(d.path, ro);
+  CHECK(get(*r, cf::enrollments, "ro-dev").has_value());
+  CHECK(keys(*r, cf::hubs).empty());
+  CHECK_FALSE(r->write(b).ok());
+  bool done = false;
+  error got;
+  r->commit(b, [&](const error& e) {
+    done = true;
+    got = e;
+  });
+  CHECK(done);
+  CHECK_FALSE(got.ok());
+  r.reset();
+  w.reset();
+  // A missing database is an error, and nothing is created.
+  std::unique_ptr<store> none;
+  CHECK_FALSE(store::open(d.path + "-missing", ro, none).ok());
+  CHECK_FALSE(std::filesystem::exists(d.path + "-missing"));
+}

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "messages/crypto.hpp"
@@ -510,13 +512,21 @@ TEST_CASE("a tampered enrollment is a storage error, the server keeps serving th
     CHECK_MESSAGE(body.find("failed authentication") == std::string::npos, body);
     CHECK_MESSAGE(res.value("message", "").find(res.value("trackingId", "?")) != std::string::npos,
                   body);
-    // The operator finds the details under that tracking id.
-    bool logged = false;
-    std::istringstream lines(s.log());
-    for (std::string line; std::getline(lines, line);)
-      logged = logged || (line.find(res.value("trackingId", "?")) != std::string::npos &&
-                          line.find("failed authentication") != std::string::npos);
-    CHECK_MESSAGE(logged, s.log());
+    // The operator finds the details under that tracking id. The log is
+    // written asynchronously: wait (bounded) for the line.
+    const std::string tracking = res.value("trackingId", "?");
+    auto logged = [&] {
+      std::istringstream lines(s.log());
+      for (std::string line; std::getline(lines, line);)
+        if (line.find(tracking) != std::string::npos
+            && line.find("failed authentication") != std::string::npos)
+          return true;
+      return false;
+    };
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!logged() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    CHECK_MESSAGE(logged(), s.log());
   }
   CHECK(s.alive());
   registers(s, "good-dev", key);

@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <future>
 #include <mutex>
-#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -96,12 +95,12 @@ error load_positions(const storage::store& store, const std::string& topic,
 /// Adds the positions after `batch` to `wb` (same atomic write). Tables are
 /// written `replayable` (not fsync'd): the topic has every record, and a
 /// lost tail takes its positions with it, so it is applied again on start.
-/// (Except outbox appends, see apply_tables.)
+/// (Except outbox appends, see apply_registrations.)
 void add_positions(storage::write_batch& wb, const std::string& topic,
-                   const std::vector<const kafka::message*>& batch) {
+                   const std::vector<kafka::message>& batch) {
   std::map<int32_t, int64_t> next;
-  for (const auto* m : batch)
-    next[m->id.partition] = std::max(next[m->id.partition], m->id.offset + 1);
+  for (const auto& m : batch)
+    next[m.id.partition] = std::max(next[m.id.partition], m.id.offset + 1);
   for (const auto& [p, off] : next)
     wb.put(storage::cf::meta, position_prefix(topic) + std::to_string(p), std::to_string(off));
 }
@@ -147,34 +146,16 @@ public:
       return err;
     if (auto err = check_id_scope())
       return err;
-    // A process with the registration stage also follows
-    // registration.completed (follow_completed): one reader for both topics,
-    // so one client and one RocksDB write per poll, and a completed event
-    // finds its operation's record when both arrive in one batch.
-    std::vector<std::string> more;
-    if (ctx_.opts.cfg.roles.registration)
-      more.push_back(completed_topic_);
     if (auto err = open_table(registrations_topic_,
-                              [this](const auto& b) { return apply_tables(b); },
-                              registrations_, more))
+                              [this](const auto& b) { return apply_registrations(b); },
+                              registrations_))
       return err;
-    follows_completed_ = !more.empty();
     return {};
   }
 
   error follow_completed(completed_fn on_applied) override {
-    {
-      std::lock_guard<std::mutex> lock(completed_mu_);
-      on_completed_ = std::move(on_applied);
-    }
-    // The registrations reader follows it too (start()) for every process
-    // with the registration stage, the only callers.
-    if (!follows_completed_)
-      return {error_code::internal, "follow_completed: this process has no registration role"};
-    return registrations_->wait_caught_up(catch_up_ms, [t = completed_topic_](int64_t done,
-                                                                               int64_t total) {
-      progress_line(t, done, total);
-    });
+    on_completed_ = std::move(on_applied);
+    return open_table(completed_topic_, [this](const auto& b) { return apply_completed(b); }, completed_);
   }
 
   error write_enrollments(const storage::write_batch& batch) override {
@@ -215,13 +196,11 @@ public:
   }
 
   int64_t table_lag(std::string_view table) const override {
-    if (table == "completed")
-      return follows_completed_ && registrations_ ? registrations_->lag(completed_topic_) : 0;
     const std::unique_ptr<kafka::table_reader>* t = table == "enrollments"     ? &enrollments_
                                                     : table == "registrations" ? &registrations_
+                                                    : table == "completed"     ? &completed_
                                                                                : nullptr;
-    return t && *t ? (*t)->lag(t == &registrations_ ? registrations_topic_ : enrollments_topic_)
-                   : 0;
+    return t && *t ? (*t)->lag() : 0;
   }
 
   error write_registrations(const storage::write_batch& batch) override {
@@ -249,12 +228,11 @@ public:
   }
 
   void close() override {
-    for (auto* t : {&registrations_, &enrollments_})
+    for (auto* t : {&completed_, &registrations_, &enrollments_})
       if (*t)
         (*t)->close();
     // It holds a strong handle to the registration actor, which holds the
     // engine context, which holds this: drop it or shutdown waits forever.
-    std::lock_guard<std::mutex> lock(completed_mu_);
     on_completed_ = nullptr;
   }
 
@@ -262,15 +240,11 @@ private:
   using apply_fn = kafka::table_reader::apply_fn;
 
   error open_table(const std::string& topic, apply_fn apply,
-                   std::unique_ptr<kafka::table_reader>& out,
-                   const std::vector<std::string>& more_topics = {}) {
+                   std::unique_ptr<kafka::table_reader>& out) {
     kafka::table_reader::options o;
     o.topic = topic;
     if (auto err = load_positions(*ctx_.store, topic, o.start))
       return err;
-    for (const auto& t : more_topics)
-      if (auto err = load_positions(*ctx_.store, t, o.more_topics[t]))
-        return err;
     o.log = [](int level, std::string_view msg) {
       if (level <= 4)
         std::fprintf(stderr, "provisiond kafka: %.*s\n", static_cast<int>(msg.size()),
@@ -405,7 +379,7 @@ private:
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                     deadline - std::chrono::steady_clock::now())
                     .count();
-      if (auto err = table.wait_applied(d.topic, d.partition, d.offset,
+      if (auto err = table.wait_applied(d.partition, d.offset,
                                         static_cast<int>(std::max<int64_t>(left, 1))))
         return err;
     }
@@ -533,10 +507,7 @@ private:
       }
       wb.put(family, std::string(key), m.value);
     }
-    std::vector<const kafka::message*> all;
-    for (const auto& m : batch)
-      all.push_back(&m);
-    add_positions(wb, enrollments_topic_, all);
+    add_positions(wb, enrollments_topic_, batch);
     if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
       return err;
     // The batch is applied either way; a failed group rebuild leaves the
@@ -555,72 +526,16 @@ private:
     return {};
   }
 
-  /// Registration records written by this batch, encoded (nullopt: deleted):
-  /// the store does not see the batch's own writes yet.
-  using batch_records = std::unordered_map<std::string, std::optional<std::string>>;
-
-  /// The stored registration record of `key` as of the records before this
-  /// point of the batch.
-  error record_of(const std::string& key, const batch_records& written,
-                  std::optional<std::string>& out) const {
-    if (auto it = written.find(key); it != written.end()) {
-      out = it->second;
-      return {};
-    }
-    return ctx_.store->get(storage::cf::registrations, key, out);
-  }
-
-  /// Applies a poll's batch of the followed registration tables
-  /// (dps.registrations, and registration.completed on a process with the
-  /// registration stage) in one RocksDB write with their positions.
-  error apply_tables(const std::vector<kafka::message>& batch) {
-    std::vector<const kafka::message*> regs, completed;
-    for (const auto& m : batch)
-      (m.id.topic == completed_topic_ ? completed : regs).push_back(&m);
+  error apply_registrations(const std::vector<kafka::message>& batch) {
     storage::write_batch wb;
-    batch_records written;
+    // Last operation applied per registration within this batch (the store
+    // does not see the batch's own writes yet).
+    std::unordered_map<std::string, registration_state> last_state;
     auto seq = next_seq_;
-    std::vector<registration_event> applied;
-    if (!regs.empty()) {
-      if (auto err = add_registrations(regs, wb, written, seq))
-        return err;
-      add_positions(wb, registrations_topic_, regs);
-    }
-    if (!completed.empty()) {
-      if (auto err = add_completed(completed, wb, written, applied))
-        return err;
-      add_positions(wb, completed_topic_, completed);
-    }
-    // Outbox sequence numbers, once GET /assignments has handed them out,
-    // must never be given to other events: a replay after a lost tail could
-    // apply the partitions in another order. So a batch that appends to the
-    // outbox (gateways) is fsync'd.
-    const auto durability = seq != next_seq_ ? storage::store::durability::synced
-                                             : storage::store::durability::replayable;
-    if (auto err = ctx_.store->write(wb, durability))
-      return err;
-    if (!regs.empty()) // only the dps.registrations reader appends to the outbox
-      next_seq_ = seq;
-    if (applied.empty())
-      return {};
-    completed_fn on_completed;
-    {
-      std::lock_guard<std::mutex> lock(completed_mu_);
-      on_completed = on_completed_;
-    }
-    if (on_completed)
-      for (auto& ev : applied)
-        on_completed(std::move(ev));
-    return {};
-  }
-
-  error add_registrations(const std::vector<const kafka::message*>& batch,
-                          storage::write_batch& wb, batch_records& written, uint64_t& seq) {
-    for (const auto* mp : batch) {
-      const auto& m = *mp;
+    for (const auto& m : batch) {
       if (m.tombstone) {
         wb.del(storage::cf::registrations, m.key);
-        written[m.key] = std::nullopt;
+        last_state[m.key] = registration_state{};
         continue;
       }
       operation_record u;
@@ -632,21 +547,22 @@ private:
         bus_.dead_letter(m, "dps.registrations: the key is not the record's registration id");
         continue;
       }
-      auto encoded = encode_record(u.state);
-      wb.put(storage::cf::registrations, m.key, encoded);
+      wb.put(storage::cf::registrations, m.key, encode_record(u.state));
       // The outbox feeds GET /assignments, which only gateways serve.
-      if (u.status != registration_status::assigned || !ctx_.opts.cfg.roles.gateway) {
-        written[m.key] = std::move(encoded);
+      if (u.status != registration_status::assigned || !ctx_.opts.cfg.roles.gateway)
         continue;
-      }
       // One outbox event per operation: a republished record (crash
       // recovery) carries the same operation and is not appended again.
       registration_state prev;
-      std::optional<std::string> raw;
-      if (auto err = record_of(m.key, written, raw))
-        return err;
-      if (raw && decode_record(*raw, prev))
-        prev = registration_state{};
+      if (auto it = last_state.find(m.key); it != last_state.end()) {
+        prev = it->second;
+      } else {
+        std::optional<std::string> raw;
+        if (auto err = ctx_.store->get(storage::cf::registrations, m.key, raw))
+          return err;
+        if (raw && decode_record(*raw, prev))
+          prev = registration_state{};
+      }
       if (prev.last_operation_id != u.state.last_operation_id) {
         // Moved off a hub: the old hub's device.deprovisioned first.
         if (configuration::moves_hub(&prev, u.event)) {
@@ -658,15 +574,25 @@ private:
                configuration::assignment_event(u.event, u.state, seq));
         ++seq;
       }
-      written[m.key] = std::move(encoded);
+      last_state[m.key] = u.state;
     }
+    add_positions(wb, registrations_topic_, batch);
+    // Outbox sequence numbers, once GET /assignments has handed them out,
+    // must never be given to other events: a replay after a lost tail could
+    // apply the partitions in another order. So a batch that appends to the
+    // outbox (gateways) is fsync'd.
+    const auto durability = seq != next_seq_ ? storage::store::durability::synced
+                                             : storage::store::durability::replayable;
+    if (auto err = ctx_.store->write(wb, durability))
+      return err;
+    next_seq_ = seq;
     return {};
   }
 
-  error add_completed(const std::vector<const kafka::message*>& batch, storage::write_batch& wb,
-                      batch_records& written, std::vector<registration_event>& applied) {
-    for (const auto* mp : batch) {
-      const auto& m = *mp;
+  error apply_completed(const std::vector<kafka::message>& batch) {
+    storage::write_batch wb;
+    std::vector<registration_event> applied;
+    for (const auto& m : batch) {
       registration_event ev;
       if (auto err = decode_event(m.value, ev)) {
         bus_.dead_letter(m, "undecodable event: " + err.message);
@@ -687,25 +613,24 @@ private:
       op.registration_id = ev.registration_id;
       op.status = ev.status;
       auto reg_key = enrollment::key_of(ev.registration_id);
-      std::optional<std::string> reg;
-      if (auto err = record_of(reg_key, written, reg))
-        return err;
       if (ev.status == registration_status::assigned) {
         // Prefer the materialized record (creation time, etag) when it is
         // this operation's, the usual case (the worker wrote it to
         // dps.registrations before this event). Only otherwise is the state
         // built from the event (an etag hash and copies of every field).
+        std::optional<std::string> reg;
         const bool materialized =
-          reg && !decode_record(*reg, op.state) && op.state.last_operation_id == ev.operation_id;
+          !ctx_.store->get(storage::cf::registrations, reg_key, reg) && reg
+          && !decode_record(*reg, op.state) && op.state.last_operation_id == ev.operation_id;
         if (!materialized)
           op.state = configuration::state_from_completed(ev);
       } else {
         op.state = configuration::state_from_completed(ev);
-        if (configuration::failure_replaces(reg)) {
-          auto encoded = encode_record(op.state);
-          wb.put(storage::cf::registrations, reg_key, encoded);
-          written[reg_key] = std::move(encoded);
-        }
+        std::optional<std::string> reg;
+        if (auto err = ctx_.store->get(storage::cf::registrations, reg_key, reg))
+          return err;
+        if (configuration::failure_replaces(reg))
+          wb.put(storage::cf::registrations, reg_key, encode_record(op.state));
       }
       wb.put(storage::cf::operations, ev.operation_id, encode_record(op));
       // Most operations never had a `pending` entry (a deferred accept
@@ -720,18 +645,21 @@ private:
         wb.del(storage::cf::pending, ev.operation_id);
       applied.push_back(std::move(ev));
     }
+    add_positions(wb, completed_topic_, batch);
+    if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
+      return err;
+    if (on_completed_)
+      for (auto& ev : applied)
+        on_completed_(std::move(ev));
     return {};
   }
 
   engine_context& ctx_;
   kafka::kafka_bus& bus_;
-  std::unique_ptr<kafka::table_reader> enrollments_, registrations_;
+  std::unique_ptr<kafka::table_reader> enrollments_, registrations_, completed_;
   // Set before the readers start: their threads use them at once.
   std::string enrollments_topic_, registrations_topic_, completed_topic_;
-  std::mutex completed_mu_; ///< on_completed_: set after the reader thread started
   completed_fn on_completed_;
-  /// registrations_ also reads registration.completed (see start()).
-  bool follows_completed_ = false;
   uint64_t next_seq_ = 1; ///< outbox: only the registrations reader writes it
 };
 

@@ -55,10 +55,7 @@ public:
   /// Gateways: follow registration.completed into terminal operation
   /// records; `on_applied` gets each event once it is durable locally (the
   /// registration stage settles its in-flight bookkeeping). Waits until
-  /// caught up. The dps.registrations reader reads the topic from start()
-  /// on (one client, one RocksDB write per poll for both); events applied
-  /// before this call are not handed to `on_applied` (nothing is in flight
-  /// yet). Only for a process with the registration role.
+  /// caught up.
   [[nodiscard]] virtual error follow_completed(completed_fn on_applied) = 0;
 
   /// Publishes enrollment puts and deletes (cf enrollments, groups or

@@ -657,7 +657,16 @@ private:
           wb.put(storage::cf::registrations, reg_key, encode_record(op.state));
       }
       wb.put(storage::cf::operations, ev.operation_id, encode_record(op));
-      wb.del(storage::cf::pending, ev.operation_id);
+      // Most operations never had a `pending` entry (a deferred accept
+      // answered with its outcome writes none), and a tombstone per device
+      // is a memtable insert that also slows every later read of the family.
+      // An entry this process's registration stage records after this read
+      // is dropped there once the outcome arrives (drop_late_record).
+      std::optional<std::string> entry;
+      if (auto err = ctx_.store->get(storage::cf::pending, ev.operation_id, entry))
+        return err;
+      if (entry)
+        wb.del(storage::cf::pending, ev.operation_id);
       applied.push_back(std::move(ev));
     }
     add_positions(wb, completed_topic_, batch);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <string_view>
 #include <thread>
 
 #include "messages/crypto.hpp"
@@ -20,11 +21,25 @@ struct table_reader::impl : opaque_base {
   options opts;
   apply_fn apply;
   handle_ptr rk;
-  int32_t partitions = 0;
+  std::vector<std::string> topics;  ///< opts.topic, then opts.more_topics
+  std::vector<int32_t> partitions;  ///< per topic
 
   mutable std::mutex mu;
   std::condition_variable applied_cv;
-  std::map<int32_t, int64_t> pos; ///< next offset to apply, per partition
+  /// Next offset to apply, per topic (as `topics`) and partition.
+  std::vector<std::map<int32_t, int64_t>> pos;
+
+  /// Index in `topics`; -1 for a topic not read here.
+  int index_of(std::string_view topic) const {
+    for (std::size_t i = 0; i < topics.size(); ++i)
+      if (topics[i] == topic)
+        return static_cast<int>(i);
+    return -1;
+  }
+
+  const std::map<int32_t, int64_t>& start_of(std::size_t i) const {
+    return i == 0 ? opts.start : opts.more_topics.at(topics[i]);
+  }
   std::atomic<bool> stop{false};
   std::thread worker;
 
@@ -54,6 +69,12 @@ struct table_reader::impl : opaque_base {
   }
 
   error find_partitions() {
+    topics.assign(1, opts.topic);
+    for (const auto& [t, start] : opts.more_topics)
+      if (t != opts.topic)
+        topics.push_back(t);
+    partitions.assign(topics.size(), 0);
+    pos.assign(topics.size(), {});
     auto deadline = steady::now() + std::chrono::milliseconds(opts.metadata_timeout_ms);
     std::string last = "no answer";
     while (steady::now() < deadline) {
@@ -62,12 +83,17 @@ struct table_reader::impl : opaque_base {
       auto err = rd_kafka_metadata(rk.get(), 1, nullptr, &md, 5000);
       if (err == RD_KAFKA_RESP_ERR_NO_ERROR) {
         for (int i = 0; i < md->topic_cnt; ++i)
-          if (opts.topic == md->topics[i].topic && md->topics[i].err == 0)
-            partitions = md->topics[i].partition_cnt;
+          if (int t = index_of(md->topics[i].topic); t >= 0 && md->topics[i].err == 0)
+            partitions[static_cast<std::size_t>(t)] = md->topics[i].partition_cnt;
         rd_kafka_metadata_destroy(md);
-        if (partitions > 0)
+        std::string missing;
+        for (std::size_t t = 0; t < topics.size(); ++t)
+          if (partitions[t] <= 0)
+            missing = topics[t];
+        if (missing.empty())
           return {};
-        last = "topic does not exist";
+        last = missing == opts.topic ? "topic does not exist"
+                                     : "topic " + missing + " does not exist";
       } else {
         last = rd_kafka_err2str(err);
       }
@@ -77,14 +103,20 @@ struct table_reader::impl : opaque_base {
   }
 
   error assign() {
-    partition_list_ptr list(rd_kafka_topic_partition_list_new(partitions));
+    int32_t total = 0;
+    for (auto n : partitions)
+      total += n;
+    partition_list_ptr list(rd_kafka_topic_partition_list_new(total));
     {
       std::lock_guard<std::mutex> lock(mu);
-      for (int32_t p = 0; p < partitions; ++p) {
-        auto it = opts.start.find(p);
-        int64_t start = it == opts.start.end() ? RD_KAFKA_OFFSET_BEGINNING : it->second;
-        rd_kafka_topic_partition_list_add(list.get(), opts.topic.c_str(), p)->offset = start;
-        pos[p] = it == opts.start.end() ? 0 : it->second;
+      for (std::size_t t = 0; t < topics.size(); ++t) {
+        const auto& starts = start_of(t);
+        for (int32_t p = 0; p < partitions[t]; ++p) {
+          auto it = starts.find(p);
+          int64_t start = it == starts.end() ? RD_KAFKA_OFFSET_BEGINNING : it->second;
+          rd_kafka_topic_partition_list_add(list.get(), topics[t].c_str(), p)->offset = start;
+          pos[t][p] = it == starts.end() ? 0 : it->second;
+        }
       }
     }
     if (auto err = rd_kafka_assign(rk.get(), list.get()))
@@ -142,21 +174,25 @@ struct table_reader::impl : opaque_base {
       {
         std::lock_guard<std::mutex> lock(mu);
         for (const auto& m : batch)
-          pos[m.id.partition] = std::max(pos[m.id.partition], m.id.offset + 1);
+          if (int t = index_of(m.id.topic); t >= 0) {
+            auto& at = pos[static_cast<std::size_t>(t)][m.id.partition];
+            at = std::max(at, m.id.offset + 1);
+          }
       }
       applied_cv.notify_all();
       batch.clear();
     }
   }
 
-  int64_t remaining(const std::map<int32_t, int64_t>& targets) const {
+  int64_t remaining(const std::vector<std::map<int32_t, int64_t>>& targets) const {
     int64_t left = 0;
-    for (const auto& [p, hi] : targets) {
-      auto it = pos.find(p);
-      int64_t at = it == pos.end() ? 0 : it->second;
-      if (at < hi)
-        left += hi - at;
-    }
+    for (std::size_t t = 0; t < targets.size(); ++t)
+      for (const auto& [p, hi] : targets[t]) {
+        auto it = pos[t].find(p);
+        int64_t at = it == pos[t].end() ? 0 : it->second;
+        if (at < hi)
+          left += hi - at;
+      }
     return left;
   }
 };
@@ -191,21 +227,22 @@ error table_reader::wait_caught_up(int timeout_ms, const progress_fn& progress) 
   auto deadline = steady::now() + std::chrono::milliseconds(timeout_ms);
   // Targets: the high watermark of every partition now. A partition whose
   // records were all deleted (low == high) has nothing left to read.
-  std::map<int32_t, int64_t> targets;
-  for (int32_t p = 0; p < d.partitions; ++p) {
-    int64_t lo = 0, hi = 0;
-    for (;;) {
-      auto err = rd_kafka_query_watermark_offsets(d.rk.get(), d.opts.topic.c_str(), p, &lo,
-                                                  &hi, 5000);
-      if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-        break;
-      if (steady::now() >= deadline)
-        return kafka_error(err, "kafka table " + d.opts.topic + ": watermarks");
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  std::vector<std::map<int32_t, int64_t>> targets(d.topics.size());
+  for (std::size_t t = 0; t < d.topics.size(); ++t)
+    for (int32_t p = 0; p < d.partitions[t]; ++p) {
+      int64_t lo = 0, hi = 0;
+      for (;;) {
+        auto err = rd_kafka_query_watermark_offsets(d.rk.get(), d.topics[t].c_str(), p, &lo,
+                                                    &hi, 5000);
+        if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+          break;
+        if (steady::now() >= deadline)
+          return kafka_error(err, "kafka table " + d.topics[t] + ": watermarks");
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      if (hi > lo)
+        targets[t][p] = hi;
     }
-    if (hi > lo)
-      targets[p] = hi;
-  }
   std::unique_lock<std::mutex> lock(d.mu);
   const int64_t total = d.remaining(targets);
   auto next_report = steady::now() + std::chrono::seconds(1);
@@ -229,15 +266,24 @@ error table_reader::wait_caught_up(int timeout_ms, const progress_fn& progress) 
 }
 
 error table_reader::wait_applied(int32_t partition, int64_t offset, int timeout_ms) {
+  return wait_applied(impl_->opts.topic, partition, offset, timeout_ms);
+}
+
+error table_reader::wait_applied(const std::string& topic, int32_t partition, int64_t offset,
+                                 int timeout_ms) {
   auto& d = *impl_;
+  const int t = d.index_of(topic);
+  if (t < 0)
+    return {error_code::internal, "kafka table " + d.opts.topic + ": does not read " + topic};
   std::unique_lock<std::mutex> lock(d.mu);
+  const auto& at = d.pos[static_cast<std::size_t>(t)];
   auto ok = d.applied_cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
-    auto it = d.pos.find(partition);
-    return it != d.pos.end() && it->second > offset;
+    auto it = at.find(partition);
+    return it != at.end() && it->second > offset;
   });
   if (ok)
     return {};
-  return {error_code::unavailable, "kafka table " + d.opts.topic + ": record "
+  return {error_code::unavailable, "kafka table " + topic + ": record "
                                      + std::to_string(partition) + "/" + std::to_string(offset)
                                      + " not applied locally within "
                                      + std::to_string(timeout_ms) + " ms"};
@@ -245,17 +291,24 @@ error table_reader::wait_applied(int32_t partition, int64_t offset, int timeout_
 
 std::map<int32_t, int64_t> table_reader::positions() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->pos;
+  return impl_->pos[0];
 }
 
-int64_t table_reader::lag() const {
-  if (impl_->stop)
+int64_t table_reader::lag() const { return lag(impl_->opts.topic); }
+
+int64_t table_reader::lag(const std::string& topic) const {
+  const int t = impl_->index_of(topic);
+  if (impl_->stop || t < 0)
     return 0;
-  const auto pos = positions();
+  std::map<int32_t, int64_t> pos;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    pos = impl_->pos[static_cast<std::size_t>(t)];
+  }
   int64_t total = 0;
-  for (int32_t p = 0; p < impl_->partitions; ++p) {
+  for (int32_t p = 0; p < impl_->partitions[static_cast<std::size_t>(t)]; ++p) {
     int64_t lo = 0, hi = 0;
-    if (rd_kafka_get_watermark_offsets(impl_->rk.get(), impl_->opts.topic.c_str(), p, &lo, &hi)
+    if (rd_kafka_get_watermark_offsets(impl_->rk.get(), topic.c_str(), p, &lo, &hi)
           != RD_KAFKA_RESP_ERR_NO_ERROR
         || hi < 0)
       continue; // nothing fetched from it yet

@@ -4,6 +4,10 @@
 // dps.registrations topics into each instance's RocksDB, and
 // registration.completed into each gateway's operation records.
 //
+// More topics can share one reader (options::more_topics): one librdkafka
+// client and one apply() per poll for all of them (a gateway's
+// dps.registrations and registration.completed).
+//
 // No consumer group: every instance reads everything. The caller's apply
 // function makes a batch durable together with the new positions (one
 // RocksDB write), so each record is applied exactly once per instance, and a
@@ -36,6 +40,9 @@ public:
     /// Next offset to read per partition; partitions not listed start at
     /// the beginning of the topic.
     std::map<int32_t, int64_t> start;
+    /// Further topics read by the same client, with their start positions;
+    /// a batch then mixes them (message::id.topic tells them apart).
+    std::map<std::string, std::map<int32_t, int64_t>> more_topics;
     std::size_t max_batch = 1000;
     int retry_ms = 500;
     /// How long create() waits for the topic's partition count.
@@ -65,13 +72,18 @@ public:
   /// Blocks until the record at (partition, offset) is applied: a write
   /// produced to the topic is then visible locally (read-your-writes).
   [[nodiscard]] error wait_applied(int32_t partition, int64_t offset, int timeout_ms);
+  /// The same for a record of one of options::more_topics (or the topic).
+  [[nodiscard]] error wait_applied(const std::string& topic, int32_t partition, int64_t offset,
+                                   int timeout_ms);
 
-  /// Next offset to apply per partition.
+  /// Next offset to apply per partition (of options::topic).
   std::map<int32_t, int64_t> positions() const;
   /// Records in the topic not applied yet, against the high watermarks of
   /// the last fetches (no broker round trip; cheap enough for a scrape). 0
   /// once closed.
   int64_t lag() const;
+  /// The same for one of the topics read.
+  int64_t lag(const std::string& topic) const;
   const std::string& topic() const;
 
   /// Stops the thread; a batch being applied finishes first. Idempotent.

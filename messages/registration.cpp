@@ -1,5 +1,6 @@
 #include "messages/registration.hpp"
 
+
 #include "messages/ascii.hpp"
 #include "messages/binary_codec.hpp"
 #include "messages/json_body.hpp"
@@ -14,6 +15,9 @@
 #include <type_traits>
 #include <cstring>
 #include <ctime>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -919,6 +923,26 @@ bool event_sax::read_string(const char*& p, const char* end, std::string& out) {
   out.clear();
   const char* run = ++p;
   while (p != end) {
+#if defined(__SSE2__)
+    // Skip 16 plain bytes at a time: neither '"' nor '\\', nor a control
+    // byte or one of a UTF-8 sequence (negative as signed char). The JSON
+    // texts embedded in events (twin, payload) make these strings long.
+    while (end - p >= 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m128i special =
+        _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                  _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))),
+                     _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)));
+      const int mask = _mm_movemask_epi8(special);
+      if (mask != 0) {
+        p += __builtin_ctz(static_cast<unsigned>(mask));
+        break;
+      }
+      p += 16;
+    }
+    if (p == end)
+      break;
+#endif
     auto c = static_cast<unsigned char>(*p);
     if (c == '"') {
       out.append(run, p);

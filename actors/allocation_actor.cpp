@@ -5,7 +5,8 @@
 // Accepts: (event_atom, registration_event, event_ack) from registration.attested;
 //          (allocated_atom, allocation_job) a policy's answer that came later;
 //          (expire_atom, allocation_job, reason) its deadline.
-// Emits:   registration.allocated, or registration.completed (failed).
+// Emits:   registration.allocated, or registration.completed (failed), through
+//          the stage sink (actors/stage_sink.hpp).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
 //          only then. A failed publish is retried in 1 s (the input is

@@ -11,11 +11,11 @@
 // dropped here and never stored or published further.
 // Accepts: (attest_atom, register_request) -> attestation::verdict
 //          (event_atom, registration_event, event_ack) from registration.requested
+// Emits:   through the stage sink (actors/stage_sink.hpp).
 // Acks:    when the published event is durable (as allocation does); fused
 //          with a local allocation stage (kafka.fuse_stages, requests that
 //          carry their operationId only), when that acks.
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
-
 
 #include "actors/actor_types.hpp"
 #include "metrics/instruments.hpp"

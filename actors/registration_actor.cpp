@@ -20,6 +20,7 @@
 //   (resend_atom)                           Kafka: hand off again what has no outcome
 //   (waittick_atom)                         register waits past their deadline
 //   (drain_atom) -> count                   shutting down: answer every parked register
+// Emits:   registration.attested through the stage sink (always the bus).
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>

@@ -11,8 +11,6 @@
 #include <caf/scheduler/test_coordinator.hpp>
 
 #include <chrono>
-#include <cstdlib>
-#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -20,24 +18,11 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
+#include "tests/support/temp_dir.hpp"
 
 using namespace prov;
 
 namespace {
-
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    char tmpl[] = "/tmp/prov_stage_sink_test_XXXXXX";
-    char* p = mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 /// Records every output; fails the first `failures` publishes the way the
 /// Kafka sink does (the output and the unacked input ack go to the
@@ -69,7 +54,7 @@ public:
 };
 
 struct stage_fixture {
-  temp_dir dir;
+  test::temp_dir dir{"prov_stage_sink_test"};
   std::unique_ptr<storage::store> store;
   engine_context_ptr ctx = std::make_shared<engine_context>();
   recording_sink* sink = nullptr;

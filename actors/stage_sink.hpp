@@ -34,8 +34,8 @@ struct stage_output {
 using stage_output_ptr = std::shared_ptr<const stage_output>;
 
 /// What the stages may rely on about how events travel; fixed at composition.
-/// Each is a fact a stage needs, named for it (both are the same bit today:
-/// in process or Kafka).
+/// Each is a fact a stage needs, named for it; today all four follow the
+/// mode (in process: the defaults; Kafka: kafka_sink's).
 struct delivery_traits {
   /// Stage inputs come from a log that delivers them again after a crash or
   /// a rebalance: an output must be a function of its input (clock readings

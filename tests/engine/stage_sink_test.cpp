@@ -164,3 +164,34 @@ TEST_CASE("allocation through the stage sink: a failure is forwarded as complete
   CHECK(f.sched->trigger_timeouts() == 0); // no retry armed
   caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
 }
+
+TEST_CASE("registration through the stage sink: a failed hand-off is sent again in 1 s, "
+          "always through the bus") {
+  delivery_traits kafka;
+  kafka.redelivers = true;
+  kafka.resend_after = std::chrono::seconds(10); // hand-offs tracked: the ack marks them
+  kafka.outcomes_recorded = true;
+  kafka.shared_store = false;
+  stage_fixture f(kafka);
+  f.sink->failures = 1;
+  auto stage = f.sys->spawn(registration_actor, f.ctx);
+  // An operation resumed after a restart: handed to allocation at once.
+  caf::anon_send(stage, accepted_atom::value, stage_fixture::attested("dev-2"));
+  f.sched->run();
+  REQUIRE(f.sink->seen.size() == 1);
+  CHECK(f.sink->seen[0].next == bus::topic::registration_attested);
+  CHECK(f.sink->seen[0].r == stage_sink::route::bus); // an operation starts in the log
+  CHECK(f.ctx->inflight.load() == 1);
+  // The retry waits for the test clock (the resend tick is armed too, but
+  // finds nothing acknowledged).
+  CHECK(f.sched->run() == 0);
+  f.sched->clock().current_time += std::chrono::seconds(1);
+  f.sched->trigger_timeouts();
+  f.sched->run();
+  REQUIRE(f.sink->seen.size() == 2);
+  CHECK(f.sink->seen[1].ev.operation_id == f.sink->seen[0].ev.operation_id);
+  CHECK(f.sink->seen[1].r == stage_sink::route::bus);
+  CHECK(f.ctx->inflight.load() == 1); // the same operation, not a second one
+  caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+  f.sched->run();
+}

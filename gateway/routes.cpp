@@ -245,13 +245,17 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
     k.operation = m == "GET" ? (root == "linkedhubs" ? "List" : "Query")
                   : m == "POST" ? "BulkOperation"
                                 : "Unknown";
-  } else if (ids.size() == 1 && iequals(ids[0], "query")) {
+  } else if (ids.size() == 1 && iequals(ids[0], "query")
+             && (root == "enrollments" || root == "enrollmentgroups")) {
+    // Only these two roots serve /{root}/query; under the others "query" is
+    // an id (PUT /certificates/query uploads a CA of that name), and a write
+    // to it must be labelled, and audited, as one.
     tmpl += "/query";
     k.operation = "Query";
   } else {
     tmpl += "/{id}";
     k.id = ids[0];
-    if (ids.size() == 2 && iequals(ids[1], "query")) {
+    if (ids.size() == 2 && root == "registrations" && iequals(ids[1], "query")) {
       tmpl += "/query";
       k.operation = "Query";
     } else if (ids.size() == 2 && iequals(ids[1], "attestationmechanism")) {

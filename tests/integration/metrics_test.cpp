@@ -233,6 +233,20 @@ TEST_CASE("a service sub-path is labelled as it is served, percent-encoded or no
     auto r = s.service("POST", path, q);
     CHECK_MESSAGE(r.status == 200, path << ": " << r.body);
   }
+  // Under the other roots `query` is an id, encoded or not: nothing of that
+  // name exists, so each call is a 404 counted under its {id} route.
+  for (const char* path : {"/certificates/query", "/certificates/%71uery"}) {
+    auto r = s.service("GET", path);
+    CHECK_MESSAGE(r.status == 404, path << ": " << r.body);
+  }
+  for (const char* path : {"/registrations/query", "/registrations/%71uery"}) {
+    auto r = s.service("DELETE", path);
+    CHECK_MESSAGE(r.status == 404, path << ": " << r.body);
+  }
+  {
+    auto r = s.service("GET", "/linkedHubs/query");
+    CHECK_MESSAGE(r.status == 404, r.body);
+  }
   auto after = scrape(addr);
   auto delta = [&](std::initializer_list<std::string> f) {
     return sum(after, "dps_http_requests_total", f) - sum(before, "dps_http_requests_total", f);
@@ -240,6 +254,11 @@ TEST_CASE("a service sub-path is labelled as it is served, percent-encoded or no
   CHECK(delta({"route=\"POST /enrollments/query\"", "status=\"200\""}) == 3);
   CHECK(delta({"route=\"POST /enrollments/{id}\""}) == 0);
   CHECK(delta({"route=\"POST /registrations/{id}/query\"", "status=\"200\""}) == 2);
+  CHECK(delta({"route=\"GET /certificates/{id}\"", "status=\"404\""}) == 2);
+  CHECK(delta({"route=\"DELETE /registrations/{id}\"", "status=\"404\""}) == 2);
+  CHECK(delta({"route=\"GET /linkedHubs/{id}\"", "status=\"404\""}) == 1);
+  for (const char* root : {"certificates", "registrations", "linkedHubs"})
+    CHECK_MESSAGE(delta({std::string("/") + root + "/query\""}) == 0, root);
   CHECK(delta({"route=\"other\""}) == 0);
   CHECK(s.stop() == 0);
   test::remove_tree(dir);

@@ -640,6 +640,10 @@ public:
                     &enrollment_})
       *a = caf::actor{};
     sys_.reset(); // waits for all actors
+    // The sink refers to the bus, and the context may outlive the engine (a
+    // scrape's gauge locks it): gone first. The producer's pending callbacks
+    // do not use the sink; they reach the stages by weak handles, dead now.
+    ctx_->sink.reset();
     // Kafka: closes the consumers (committing what was acked) and flushes the
     // producer. Nothing uses the bus any more.
     ctx_->bus.reset();

@@ -785,8 +785,10 @@ public:
       return err;
     // Issued by another gateway a moment ago? Caught up at most once per
     // id per interval: a miss needs no credential (any TPM-enrolled id and a
-    // well-formed SAS), so it must not buy a catch-up every time.
-    if (out.empty() && catch_ups_.allow(enrollment::key_of(registration_id))
+    // well-formed SAS), so it must not buy a catch-up every time. Embedded,
+    // a miss is final: no limiter (its mutex and map) on that path.
+    if (out.empty() && ctx_.catalog.replicated()
+        && catch_ups_.allow(enrollment::key_of(registration_id))
         && ctx_.catalog.caught_up(5000))
       return read(registration_id, out);
     return {};

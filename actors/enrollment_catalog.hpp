@@ -175,6 +175,10 @@ public:
   /// when it did and the lookup is worth repeating. Embedded the store is
   /// the truth: false at once. Blocking.
   bool caught_up(int timeout_ms) const;
+  /// Kafka: other instances write the shared state too, so caught_up() can
+  /// be true. A plain read, for callers that must not do work (take a lock,
+  /// remember a key) before asking it embedded.
+  bool replicated() const noexcept { return repl_ != nullptr; }
 
   // -- writes (blocking: detached actors only) ----------------------------------
 

@@ -258,8 +258,8 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
       count_assigned(*ctx->metrics, ev, started);
       ack(); // in-process: nothing to commit
       // Embedded, device.assigned is the outbox entry just committed (GET
-      // /assignments); nothing subscribes to it in process, so it is not
-      // published.
+      // /assignments) and is not published: nothing in process subscribes to
+      // it. registration.completed is, for the intake.
       ctx->sink->forward(out, bus::topic::registration_completed, std::move(ev));
     },
   };
@@ -268,15 +268,15 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
 caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<configuration_state_t>();
   // A failed step 3 fails the relay, which tries the whole operation again
-  // (the relayed_atom handler).
+  // from its own copy (the relayed_atom handler): the id is all it needs, so
+  // the sink keeps no copy of the event per publish.
   auto out = std::make_shared<stage_output>();
   out->stage = "configuration";
-  out->retry = [weak = caf::weak_actor_ptr{self->ctrl()}](registration_event ev,
-                                                           stage_output::ack_fn,
-                                                           const error& why) {
+  out->retry_by_id = [weak = caf::weak_actor_ptr{self->ctrl()}](const std::string& op_id,
+                                                                 stage_output::ack_fn,
+                                                                 const error& why) {
     if (auto strong = weak.lock())
-      caf::anon_send(caf::actor_cast<caf::actor>(strong), relayed_atom::value,
-                     ev.operation_id, why);
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), relayed_atom::value, op_id, why);
   };
   // Steps 2 (the record, unless the local table already has it) and 3
   // (registration.completed), one after the other, each durable.
@@ -440,7 +440,9 @@ caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_con
         return;
       auto& r = it->second;
       if (e) {
-        if (r.record) { // step 3's failures the sink reported
+        // Step 2's failure (publish_assignment); the sink logged and counted
+        // step 3's.
+        if (r.record) {
           std::fprintf(stderr, "provisiond: recording the outcome of %s failed "
                                "(retrying): %s\n",
                        op_id.c_str(), e.message.c_str());

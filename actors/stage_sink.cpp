@@ -12,14 +12,14 @@ class inprocess_sink final : public stage_sink {
 public:
   explicit inprocess_sink(bus::stage_bus& bus) : stage_sink(delivery_traits{}), bus_(bus) {}
 
-  void forward(const stage_output_ptr&, bus::topic next, registration_event ev, ack_fn ack,
-               route) override {
+private:
+  void do_forward(const stage_output_ptr&, bus::topic next, registration_event ev, ack_fn ack,
+                  route) override {
     bus_.publish(next, std::move(ev)); // straight into the next stage's mailbox
     if (ack)
       ack();
   }
 
-private:
   bus::stage_bus& bus_;
 };
 
@@ -46,8 +46,8 @@ void kafka_sink::fuse(bus::topic t, bus::stage_bus::acked_handler local) {
   local_[static_cast<std::size_t>(t)] = std::move(local);
 }
 
-void kafka_sink::forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
-                         ack_fn ack, route r) {
+void kafka_sink::do_forward(const stage_output_ptr& from, bus::topic next,
+                            registration_event ev, ack_fn ack, route r) {
   if (r == route::nearest)
     if (const auto& local = local_[static_cast<std::size_t>(next)]) {
       // The local stage acks the input once its own effect is durable, and
@@ -55,8 +55,8 @@ void kafka_sink::forward(const stage_output_ptr& from, bus::topic next, registra
       local(std::move(ev), std::move(ack));
       return;
     }
-  // Until the publish is acknowledged, the output exists only here: a retry
-  // needs it back, so a copy is kept (only for stages that retry).
+  // Until the publish is acknowledged, the output exists only here: a stage
+  // whose retry takes it back gets a copy kept; any other, only the id.
   std::shared_ptr<registration_event> copy;
   std::string op_id;
   if (from->retry)
@@ -73,14 +73,18 @@ void kafka_sink::forward(const stage_output_ptr& from, bus::topic next, registra
         return;
       }
       const std::string& id = copy ? copy->operation_id : op_id;
+      const bool retrying = copy || from->retry_by_id;
       const auto topic = bus::topic_name(next);
       std::fprintf(stderr, "provisiond: %s of %s: publishing %.*s failed (%s): %s\n",
                    from->stage, id.c_str(), static_cast<int>(topic.size()), topic.data(),
-                   copy ? "retrying" : "left for redelivery", e.message.c_str());
-      if (!copy)
+                   retrying ? "retrying" : "left for redelivery", e.message.c_str());
+      if (!retrying)
         return;
       stats->publish_retries.fetch_add(1);
-      from->retry(std::move(*copy), std::move(ack), e);
+      if (copy)
+        from->retry(std::move(*copy), std::move(ack), e);
+      else
+        from->retry_by_id(op_id, std::move(ack), e);
     });
 }
 

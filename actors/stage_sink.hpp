@@ -9,6 +9,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "bus/bus.hpp"
 
@@ -26,10 +27,17 @@ struct stage_output {
   /// retry (resend it, run the input again, ...). Any thread.
   using retry_fn = std::function<void(registration_event ev, ack_fn ack, const error& why)>;
 
+  /// The same answer for a stage that runs its retry from its own state and
+  /// needs only the operation id back: the sink then keeps no copy of the
+  /// output while the publish is in flight.
+  using retry_by_id_fn =
+    std::function<void(const std::string& operation_id, ack_fn ack, const error& why)>;
+
   const char* stage = ""; ///< for the log line
-  /// Empty: a failed output is left to Kafka, which delivers the input again
-  /// (its ack was not called).
+  /// At most one of the two. Both empty: a failed output is left to Kafka,
+  /// which delivers the input again (its ack was not called).
   retry_fn retry;
+  retry_by_id_fn retry_by_id;
 };
 using stage_output_ptr = std::shared_ptr<const stage_output>;
 
@@ -76,15 +84,22 @@ public:
   /// once `ev` is durable (in process: at once, after the hand-off; Kafka:
   /// acks=all), or travels with `ev` to a fused local stage, which runs it
   /// once its own effect is durable. A failed publish is logged and given to
-  /// `from.retry` (counted in dps_kafka_publish_retries_total); without a
-  /// retry, the input stays unacked for Kafka to deliver again.
-  virtual void forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
-                       ack_fn ack = {}, route r = route::nearest) = 0;
+  /// `from.retry` or `from.retry_by_id` (counted in
+  /// dps_kafka_publish_retries_total); without either, the input stays
+  /// unacked for Kafka to deliver again.
+  void forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
+               ack_fn ack = {}, route r = route::nearest) {
+    do_forward(from, next, std::move(ev), std::move(ack), r);
+  }
 
   const delivery_traits& traits() const noexcept { return traits_; }
 
 protected:
   explicit stage_sink(delivery_traits t) : traits_(t) {}
+
+  /// forward(), defaults applied (they live on the non-virtual call only).
+  virtual void do_forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
+                          ack_fn ack, route r) = 0;
 
 private:
   delivery_traits traits_;
@@ -106,10 +121,10 @@ public:
   /// changed after.
   void fuse(bus::topic t, bus::stage_bus::acked_handler local);
 
-  void forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
-               ack_fn ack, route r) override;
-
 private:
+  void do_forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
+                  ack_fn ack, route r) override;
+
   bus::stage_bus& bus_;
   std::shared_ptr<kafka_counters> stats_;
   std::array<bus::stage_bus::acked_handler, bus::topic_count> local_;

@@ -39,13 +39,17 @@ public:
   std::vector<output> seen;
   int failures = 0;
 
-  void forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
-               ack_fn ack, route r) override {
+private:
+  void do_forward(const stage_output_ptr& from, bus::topic next, registration_event ev,
+                  ack_fn ack, route r) override {
     seen.push_back({next, ev, r});
-    if (failures > 0 && from->retry) {
+    if (failures > 0 && (from->retry || from->retry_by_id)) {
       --failures;
-      from->retry(std::move(ev), std::move(ack),
-                  error{error_code::unavailable, "injected: broker down"});
+      const error why{error_code::unavailable, "injected: broker down"};
+      if (from->retry)
+        from->retry(std::move(ev), std::move(ack), why);
+      else
+        from->retry_by_id(ev.operation_id, std::move(ack), why);
       return;
     }
     if (ack)

@@ -258,7 +258,7 @@ TEST_CASE("a service sub-path is labelled as it is served, percent-encoded or no
   CHECK(delta({"route=\"DELETE /registrations/{id}\"", "status=\"404\""}) == 2);
   CHECK(delta({"route=\"GET /linkedHubs/{id}\"", "status=\"404\""}) == 1);
   for (const char* root : {"certificates", "registrations", "linkedHubs"})
-    CHECK_MESSAGE(delta({std::string("/") + root + "/query\""}) == 0, root);
+    CHECK_MESSAGE(delta({std::string("/") + root + "/query\""}) == 0, std::string(root));
   CHECK(delta({"route=\"other\""}) == 0);
   CHECK(s.stop() == 0);
   test::remove_tree(dir);

@@ -3,7 +3,8 @@
 // when the test says so, timers fire when the test advances the clock), so
 // its retry is checked step by step without a broker, a sleep or a race.
 // The allocation stage runs over a real RocksDB store in a temp dir; only
-// the sink is a fake, which fails the publishes the test tells it to.
+// the sink is a fake, which fails the publishes the test tells it to. And
+// the Kafka sink itself over a bus whose publishes fail.
 
 #include <doctest/doctest.h>
 
@@ -11,6 +12,7 @@
 #include <caf/scheduler/test_coordinator.hpp>
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,8 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation/allocation_policy.hpp"
+#include "actors/engine_context.hpp"
+#include "actors/stage_sink.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace prov;
@@ -54,6 +58,18 @@ private:
     }
     if (ack)
       ack();
+  }
+};
+
+/// A Kafka bus whose durable publishes all fail, reporting at once.
+class failing_bus final : public bus::stage_bus {
+public:
+  int published = 0;
+  void publish(bus::topic, registration_event) override {}
+  void subscribe(bus::topic, handler) override {}
+  void publish_durable(bus::topic, registration_event, durable_fn done) override {
+    ++published;
+    done(error{error_code::unavailable, "injected: broker down"});
   }
 };
 
@@ -198,4 +214,49 @@ TEST_CASE("registration through the stage sink: a failed hand-off is sent again 
   CHECK(f.ctx->inflight.load() == 1); // the same operation, not a second one
   caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
   f.sched->run();
+}
+
+TEST_CASE("the Kafka sink on a failed publish: `retry` gets the event back, `retry_by_id` "
+          "only its id, neither leaves the input unacked") {
+  failing_bus bus;
+  auto stats = std::make_shared<kafka_counters>();
+  kafka_sink sink(bus, stats, std::chrono::seconds(0));
+  registration_event ev;
+  ev.operation_id = "op-1";
+  ev.registration_id = "dev-1";
+  ev.assigned_hub = "hub.example.net";
+  bool acked = false;
+  auto ack = [&acked] { acked = true; };
+
+  auto by_event = std::make_shared<stage_output>();
+  by_event->stage = "by-event";
+  registration_event back;
+  by_event->retry = [&back](registration_event e, stage_output::ack_fn a, const error& why) {
+    CHECK(a);
+    CHECK(why.code == error_code::unavailable);
+    back = std::move(e);
+  };
+  sink.forward(by_event, bus::topic::registration_allocated, ev, ack);
+  CHECK(back.operation_id == "op-1");
+  CHECK(back.assigned_hub == "hub.example.net");
+
+  auto by_id = std::make_shared<stage_output>();
+  by_id->stage = "by-id";
+  std::string id_back;
+  by_id->retry_by_id = [&id_back](const std::string& op_id, stage_output::ack_fn a,
+                                  const error& why) {
+    CHECK(a);
+    CHECK(why.code == error_code::unavailable);
+    id_back = op_id;
+  };
+  sink.forward(by_id, bus::topic::registration_completed, ev, ack, stage_sink::route::bus);
+  CHECK(id_back == "op-1");
+
+  auto none = std::make_shared<stage_output>();
+  none->stage = "none";
+  sink.forward(none, bus::topic::registration_attested, ev, ack);
+
+  CHECK(bus.published == 3);
+  CHECK_FALSE(acked);                          // no ack ran: every input stays unacked
+  CHECK(stats->publish_retries.load() == 2);   // the two stages that retry
 }

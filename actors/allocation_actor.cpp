@@ -5,7 +5,8 @@
 // Accepts: (event_atom, registration_event, event_ack) from registration.attested;
 //          (allocated_atom, allocation_job) a policy's answer that came later;
 //          (expire_atom, allocation_job, reason) its deadline.
-// Emits:   registration.allocated, or registration.completed (failed).
+// Emits:   registration.allocated, or registration.completed (failed), through
+//          the stage sink (actors/stage_sink.hpp).
 // Acks:    when the emitted event is durable on the bus: this stage's effect
 //          is that event (on Kafka: acks=all), so the input offset is committed
 //          only then. A failed publish is retried in 1 s (the input is
@@ -16,7 +17,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
 
 
 #include "actors/actor_types.hpp"
@@ -152,7 +152,7 @@ error prepare(const engine_context& ctx, const registration_event& ev,
     // a moment ago (the device was attested there); catch up once first.
     bool missing = err.code == error_code::enrollment_not_found
                    || err.code == error_code::enrollment_group_not_found;
-    if (!missing || !ctx.kafka() || ctx.repl->catch_up_enrollments(5000))
+    if (!missing || !ctx.catalog.caught_up(5000))
       return err;
     if (auto again = load_view(ctx, ev, in.enrollment))
       return again;
@@ -193,7 +193,7 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
   if (!d.why_json.empty())
     w.raw("why", d.why_json);
   ev.substatus = to_string(assignment_substatus::initial_assignment);
-  if (!ctx.kafka()) {
+  if (ctx.sink->traits().shared_store) {
     // Configuration needs the same record; no other operation of this
     // device runs meanwhile (the registration stage dedupes), and a delete
     // through the service API bumps the generation.
@@ -243,7 +243,7 @@ error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
   // Kafka: a clock reading pinned in the log (the attested record's
   // timestamp, set by the bus; the request's, fused after attestation), so
   // allocating a redelivered input again yields the same bytes.
-  if (!ctx.kafka())
+  if (!ctx.sink->traits().redelivers)
     ev.allocated_ms = now_ms();
   else if (ev.allocated_ms <= 0)
     ev.allocated_ms = ev.attested_ms > 0 ? ev.attested_ms : ev.accepted_ms;
@@ -293,7 +293,7 @@ namespace {
 /// its enrollment, null when it failed before the policy ran; `cur`: the
 /// record prepare() read): registration.allocated, or
 /// registration.completed when it failed.
-void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registration_event& ev,
+void emit(const stage_output_ptr& out, const engine_context_ptr& ctx, registration_event& ev,
           event_ack& ack, std::chrono::steady_clock::time_point start,
           const enrollment::enrollment_view* view, const current_record& cur, error err,
           allocation::decision d) {
@@ -315,50 +315,38 @@ void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, registrat
     ev.status = registration_status::failed;
     ev.error_code = static_cast<int32_t>(err.code);
     ev.error_message = err.message;
-    ev.completed_ms = ctx->kafka() ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
-                                   : now_ms();
+    ev.completed_ms = ctx->sink->traits().redelivers
+                        ? (ev.allocated_ms > 0 ? ev.allocated_ms : ev.accepted_ms)
+                        : now_ms();
     next = bus::topic::registration_completed;
   }
-  if (!ctx->kafka()) { // in-process hand-off: cannot fail, no copy for a retry
-    ctx->bus->publish(next, std::move(ev));
-    ack();
-    return;
-  }
-  if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)]) {
-    // Fused with configuration: it acks this input once its effect is
-    // durable, and retries on its own.
-    local(std::move(ev), std::move(ack.fn));
-    return;
-  }
-  // A failed publish is retried: the input (attested) is allocated
-  // again in 1 s with its ack. A weak handle, as the producer may hold
-  // the callback until its message timeout.
-  auto input = std::make_shared<std::pair<registration_event, event_ack>>(ev, ack);
-  input->first.status = registration_status::assigning;
-  input->first.error_code = 0;
-  input->first.error_message.clear();
-  caf::weak_actor_ptr weak{self->ctrl()};
-  auto* m = ctx->metrics;
-  ctx->bus->publish_durable(next, std::move(ev), [input, weak, m, stats = ctx->kafka_stats](
-                                                   const error& e) {
-    if (!e) {
-      input->second();
-      return;
-    }
-    std::fprintf(stderr, "provisiond: allocation of %s: publish failed (retrying in 1 s): %s\n",
-                 input->first.operation_id.c_str(), e.message.c_str());
-    stats->publish_retries.fetch_add(1);
-    if (auto strong = weak.lock()) {
-      m->stage_enqueued(metrics::stage::allocation);
-      caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
-                             event_atom::value, std::move(input->first),
-                             std::move(input->second));
-    }
-  });
+  ctx->sink->forward(out, next, std::move(ev), std::move(ack.fn));
 }
 
-void emit(caf::event_based_actor* self, const engine_context_ptr& ctx, allocation_job& job) {
-  emit(self, ctx, job.ev, job.ack, job.start, job.view.get(), job.current, std::move(job.err),
+/// allocation's answer to a failed publish: the input (attested) is
+/// allocated again in 1 s with its ack. A weak handle, as the producer may
+/// hold the callback until its message timeout.
+stage_output_ptr output_of(caf::event_based_actor* self, metrics::instruments* m) {
+  auto out = std::make_shared<stage_output>();
+  out->stage = "allocation";
+  out->retry = [weak = caf::weak_actor_ptr{self->ctrl()}, m](registration_event ev,
+                                                              stage_output::ack_fn ack,
+                                                              const error&) {
+    auto strong = weak.lock();
+    if (!strong)
+      return;
+    ev.status = registration_status::assigning; // the input again
+    ev.error_code = 0;
+    ev.error_message.clear();
+    m->stage_enqueued(metrics::stage::allocation);
+    caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
+                           event_atom::value, std::move(ev), event_ack{std::move(ack)});
+  };
+  return out;
+}
+
+void emit(const stage_output_ptr& out, const engine_context_ptr& ctx, allocation_job& job) {
+  emit(out, ctx, job.ev, job.ack, job.start, job.view.get(), job.current, std::move(job.err),
        std::move(job.decided_));
 }
 
@@ -376,17 +364,17 @@ error guarded(allocation_policy kind, Call&& call) {
 
 /// Runs the enrollment's policy; emits now when it answers now, else keeps
 /// the input in a job for the answer.
-void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
-              registration_event& ev, event_ack& ack) {
+void allocate(caf::event_based_actor* self, const stage_output_ptr& out,
+              const engine_context_ptr& ctx, registration_event& ev, event_ack& ack) {
   const auto start = std::chrono::steady_clock::now();
   allocation::request in;
   current_record cur;
   if (auto err = prepare(*ctx, ev, in, cur))
-    return emit(self, ctx, ev, ack, start, nullptr, cur, std::move(err), {});
+    return emit(out, ctx, ev, ack, start, nullptr, cur, std::move(err), {});
   const auto kind = in.enrollment->allocation.value_or(allocation_policy::hashed);
   const allocation::policy* policy = ctx->policies.find(kind);
   if (policy == nullptr)
-    return emit(self, ctx, ev, ack, start, nullptr, cur,
+    return emit(out, ctx, ev, ack, start, nullptr, cur,
                 {error_code::no_hub_available,
                  std::string(to_string(kind))
                    + (kind == allocation_policy::custom ? " allocation (webhook)" : " allocation")
@@ -399,7 +387,7 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
           policy->allocate(in, allocation::done_fn(allocation::done_fn{}, &now));
         }))
       now.err = std::move(err);
-    return emit(self, ctx, ev, ack, start, in.enrollment.get(), cur, std::move(now.err),
+    return emit(out, ctx, ev, ack, start, in.enrollment.get(), cur, std::move(now.err),
                 std::move(now.d));
   }
   auto job = std::make_shared<allocation_job>();
@@ -412,9 +400,9 @@ void allocate(caf::event_based_actor* self, const engine_context_ptr& ctx,
   views_of(job->ev, job->current, in); // the event moved
   if (auto err = guarded(kind, [&] { policy->allocate(in, job); }))
     if (job->expire(std::move(err))) // else it answered before throwing: that stands
-      return emit(self, ctx, *job);
+      return emit(out, ctx, *job);
   if (job->first_arrived.exchange(true)) // answered during the call
-    return emit(self, ctx, *job);
+    return emit(out, ctx, *job);
   const auto deadline = policy->deadline_for(in);
   self->delayed_send(self, deadline, expire_atom::value, job,
                      std::string(to_string(kind)) + " allocation did not answer within "
@@ -436,17 +424,18 @@ void allocation_job::decided(error e, allocation::decision d) {
 }
 
 caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  auto out = output_of(self, ctx->metrics);
   return {
-    [self, ctx](event_atom, registration_event& ev, event_ack& ack) {
+    [self, out, ctx](event_atom, registration_event& ev, event_ack& ack) {
       ctx->metrics->stage_dequeued(metrics::stage::allocation);
-      allocate(self, ctx, ev, ack);
+      allocate(self, out, ctx, ev, ack);
     },
-    [self, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
-      emit(self, ctx, *job);
+    [out, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
+      emit(out, ctx, *job);
     },
-    [self, ctx](expire_atom, const std::shared_ptr<allocation_job>& job, std::string& why) {
+    [out, ctx](expire_atom, const std::shared_ptr<allocation_job>& job, std::string& why) {
       if (job->expire({error_code::no_hub_available, std::move(why)}))
-        emit(self, ctx, *job);
+        emit(out, ctx, *job);
     },
   };
 }

@@ -11,12 +11,11 @@
 // dropped here and never stored or published further.
 // Accepts: (attest_atom, register_request) -> attestation::verdict
 //          (event_atom, registration_event, event_ack) from registration.requested
+// Emits:   through the stage sink (actors/stage_sink.hpp).
 // Acks:    when the published event is durable (as allocation does); fused
 //          with a local allocation stage (kafka.fuse_stages, requests that
 //          carry their operationId only), when that acks.
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
-
-#include <cstdio>
 
 #include "actors/actor_types.hpp"
 #include "metrics/instruments.hpp"
@@ -197,8 +196,7 @@ error attest_requested(const engine_context& ctx, registration_event& in,
   req.api_version = in.api_version;
   req.protocol = "kafka";
   r = attest(ctx, req);
-  if (r.err && r.err.code == error_code::unauthorized_signature && ctx.kafka()
-      && !ctx.repl->catch_up_enrollments(5000))
+  if (r.err && r.err.code == error_code::unauthorized_signature && ctx.catalog.caught_up(5000))
     // The enrollment may have been written through another instance a
     // moment ago (a factory creates the group, then publishes).
     r = attest(ctx, req);
@@ -209,7 +207,9 @@ error attest_requested(const engine_context& ctx, registration_event& in,
 
 } // namespace
 
-caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+caf::behavior attestation_actor(caf::event_based_actor*, engine_context_ptr ctx) {
+  auto out = std::make_shared<stage_output>();
+  out->stage = "attestation";
   return {
     [ctx](attest_atom, const register_request& req) {
       auto start = std::chrono::steady_clock::now();
@@ -217,7 +217,8 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
       ctx->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
       return r;
     },
-    [ctx](event_atom, registration_event& in, event_ack& ack) {
+    [ctx, out = stage_output_ptr(std::move(out))](event_atom, registration_event& in,
+                                                  event_ack& ack) {
       auto* m = ctx->metrics;
       m->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
@@ -266,26 +267,13 @@ caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr
           next = bus::topic::registration_completed;
         }
       }
-      if (const auto& local = ctx->in_process[static_cast<std::size_t>(next)];
-          local && !in.operation_id.empty()) {
-        // Fused with a local allocation stage: it acks this input. Only for
-        // publisher-chosen operation ids: a redelivered request without one
-        // would get a new id here, and a second operation.
-        local(std::move(ev), std::move(ack.fn));
-        return;
-      }
-      auto op_id = ev.operation_id;
-      ctx->bus->publish_durable(next, std::move(ev),
-                                [ack = std::move(ack), op_id](const error& e) {
-                                  if (!e) {
-                                    ack();
-                                    return;
-                                  }
-                                  std::fprintf(stderr,
-                                               "provisiond: attestation of %s: publish "
-                                               "failed, left for redelivery: %s\n",
-                                               op_id.c_str(), e.message.c_str());
-                                });
+      // Fused with a local allocation stage, it acks this input. Only for
+      // publisher-chosen operation ids: a redelivered request without one
+      // would get a new id here, and a second operation. A failed publish
+      // is left for redelivery (no retry here).
+      ctx->sink->forward(out, next, std::move(ev), std::move(ack.fn),
+                         in.operation_id.empty() ? stage_sink::route::bus
+                                                 : stage_sink::route::nearest);
     },
   };
 }

@@ -158,8 +158,12 @@ std::function<void(const error&)> reply_to(caf::event_based_actor* self, Atom a,
   };
 }
 
-caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr ctx,
-                                std::shared_ptr<configuration_state_t> st) {
+} // namespace
+
+caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  auto st = std::make_shared<configuration_state_t>();
+  auto out = std::make_shared<stage_output>();
+  out->stage = "configuration";
   std::optional<std::string> last;
   if (!ctx->store->last_key(storage::cf::outbox, last) && last)
     st->next_seq = storage::parse_seq_key(*last) + 1;
@@ -254,18 +258,29 @@ caf::behavior embedded_behavior(caf::event_based_actor* self, engine_context_ptr
       count_assigned(*ctx->metrics, ev, started);
       ack(); // in-process: nothing to commit
       // Embedded, device.assigned is the outbox entry just committed (GET
-      // /assignments); nothing subscribes to it in process, so it is not
-      // published (that was a copy of the event per device).
-      ctx->bus->publish(bus::topic::registration_completed, std::move(ev));
+      // /assignments) and is not published: nothing in process subscribes to
+      // it. registration.completed is, for the intake.
+      ctx->sink->forward(out, bus::topic::registration_completed, std::move(ev));
     },
   };
 }
 
-caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ctx,
-                             std::shared_ptr<configuration_state_t> st) {
+caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
+  auto st = std::make_shared<configuration_state_t>();
+  // A failed step 3 fails the relay, which tries the whole operation again
+  // from its own copy (the relayed_atom handler): the id is all it needs, so
+  // the sink keeps no copy of the event per publish.
+  auto out = std::make_shared<stage_output>();
+  out->stage = "configuration";
+  out->retry_by_id = [weak = caf::weak_actor_ptr{self->ctrl()}](const std::string& op_id,
+                                                                 stage_output::ack_fn,
+                                                                 const error& why) {
+    if (auto strong = weak.lock())
+      caf::anon_send(caf::actor_cast<caf::actor>(strong), relayed_atom::value, op_id, why);
+  };
   // Steps 2 (the record, unless the local table already has it) and 3
   // (registration.completed), one after the other, each durable.
-  auto relay = [self, ctx, st](relay_t& r) {
+  auto relay = [self, ctx, st, out = stage_output_ptr(std::move(out))](relay_t& r) {
     const auto& ev = r.event;
     if (r.record) {
       operation_record update;
@@ -279,8 +294,11 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
                                     reply_to(self, relayed_atom::value, ev.operation_id));
       return;
     }
-    ctx->bus->publish_durable(bus::topic::registration_completed, ev,
-                              reply_to(self, relayed_atom::value, ev.operation_id));
+    ctx->sink->forward(out, bus::topic::registration_completed, ev,
+                       [done = reply_to(self, relayed_atom::value, ev.operation_id)] {
+                         done(error{});
+                       },
+                       stage_sink::route::bus);
   };
   return {
     [=](event_atom, registration_event& ev, event_ack& ack) {
@@ -422,10 +440,14 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
         return;
       auto& r = it->second;
       if (e) {
-        std::fprintf(stderr, "provisiond: recording the outcome of %s failed "
-                             "(retrying): %s\n",
-                     op_id.c_str(), e.message.c_str());
-        ctx->kafka_stats->publish_retries.fetch_add(1);
+        // Step 2's failure (publish_assignment); the sink logged and counted
+        // step 3's.
+        if (r.record) {
+          std::fprintf(stderr, "provisiond: recording the outcome of %s failed "
+                               "(retrying): %s\n",
+                       op_id.c_str(), e.message.c_str());
+          ctx->kafka_stats->publish_retries.fetch_add(1);
+        }
         r.failed = true;
       }
       if (!r.failed && r.record) {
@@ -454,15 +476,6 @@ caf::behavior kafka_behavior(caf::event_based_actor* self, engine_context_ptr ct
       }
     },
   };
-}
-
-} // namespace
-
-caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
-  auto st = std::make_shared<configuration_state_t>();
-  if (ctx->kafka())
-    return kafka_behavior(self, ctx, st);
-  return embedded_behavior(self, ctx, st);
 }
 
 } // namespace prov

@@ -82,10 +82,23 @@ public:
       // One unreadable group must not stop the service; the rest still work.
       std::fprintf(stderr, "provisiond: warning: %s\n", err.message.c_str());
     }
+    // The mode is chosen here, once: the stages forward their outputs to
+    // ctx.sink, and only configuration's commit differs by mode.
+    kafka_sink* ksink = nullptr;
+    auto* configuration = configuration_actor;
+    if (ctx.kafka()) {
+      auto s = std::make_unique<kafka_sink>(
+        *ctx.bus, ctx.kafka_stats, std::chrono::seconds(ctx.opts.cfg.kafka.resend_after_s));
+      ksink = s.get();
+      ctx.sink = std::move(s);
+      configuration = kafka_configuration_actor;
+    } else {
+      ctx.sink = make_inprocess_sink(*ctx.bus);
+    }
     attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
     registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_);
     allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
-    configuration_ = sys_->spawn<caf::detached>(configuration_actor, ctx_);
+    configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
     enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
     auto* m = ctx.metrics;
     auto to = [m](caf::actor dest, std::optional<metrics::stage> s) {
@@ -125,13 +138,15 @@ public:
             h(std::move(ev), std::move(ack));
         });
     };
-    if (ctx.kafka() && ctx.opts.cfg.kafka.fuse_stages) {
+    // kafka.fuse_stages: a stage whose consumer runs here too hands it the
+    // event in process, with its own input ack (kafka_sink::fuse).
+    if (ksink != nullptr && ctx.opts.cfg.kafka.fuse_stages) {
       if (roles.attestation && roles.allocation)
-        ctx.in_process[static_cast<std::size_t>(bus::topic::registration_attested)] =
-          to_acked(allocation_, metrics::stage::allocation);
+        ksink->fuse(bus::topic::registration_attested,
+                    to_acked(allocation_, metrics::stage::allocation));
       if (roles.allocation && roles.configuration)
-        ctx.in_process[static_cast<std::size_t>(bus::topic::registration_allocated)] =
-          to_acked(configuration_, metrics::stage::configuration);
+        ksink->fuse(bus::topic::registration_allocated,
+                    to_acked(configuration_, metrics::stage::configuration));
     }
     // Direct Kafka publishers (docs/events.md); HTTP registers are attested
     // on the gateway and go straight to registration.attested.
@@ -588,8 +603,7 @@ public:
     settle([this] { return ctx_->relaying.load() > 0; });
     // Leave the stage groups now, not at the end of the shutdown: the
     // other members take the partitions over while this process stops.
-    if (ctx_->kafka())
-      ctx_->bus->stop_consuming();
+    ctx_->bus->stop_consuming(); // in process: nothing to stop
     // Registers still parked for their outcome get their 202 now.
     if (registration_) {
       caf::scoped_actor self{*sys_};
@@ -627,6 +641,10 @@ public:
                     &enrollment_})
       *a = caf::actor{};
     sys_.reset(); // waits for all actors
+    // The sink refers to the bus, and the context may outlive the engine (a
+    // scrape's gauge locks it): gone first. The producer's pending callbacks
+    // do not use the sink; they reach the stages by weak handles, dead now.
+    ctx_->sink.reset();
     // Kafka: closes the consumers (committing what was acked) and flushes the
     // producer. Nothing uses the bus any more.
     ctx_->bus.reset();
@@ -761,16 +779,18 @@ namespace {
 /// (docs/device-api.md#tpm-attestation).
 class store_challenges final : public attestation::challenge_store {
 public:
-  explicit store_challenges(const engine_context& ctx) : ctx_(ctx) {}
+  explicit store_challenges(engine_context& ctx) : ctx_(ctx) {}
 
   error load(std::string_view registration_id, attestation::tpm_slots& out) const override {
     if (auto err = read(registration_id, out))
       return err;
     // Issued by another gateway a moment ago? Caught up at most once per
     // id per interval: a miss needs no credential (any TPM-enrolled id and a
-    // well-formed SAS), so it must not buy a catch-up every time.
-    if (out.empty() && ctx_.kafka() && catch_ups_.allow(enrollment::key_of(registration_id))
-        && !ctx_.repl->catch_up_enrollments(5000))
+    // well-formed SAS), so it must not buy a catch-up every time. Embedded,
+    // a miss is final: no limiter (its mutex and map) on that path.
+    if (out.empty() && ctx_.catalog.replicated()
+        && catch_ups_.allow(enrollment::key_of(registration_id))
+        && ctx_.catalog.caught_up(5000))
       return read(registration_id, out);
     return {};
   }
@@ -812,8 +832,7 @@ private:
   }
 
   error write(const storage::write_batch& b) const {
-    return ctx_.kafka() ? ctx_.repl->write_enrollments(b)
-                        : ctx_.store->write(b, storage::store::durability::replayable);
+    return ctx_.catalog.write_shared(b, storage::store::durability::replayable);
   }
 
   error read(std::string_view registration_id, attestation::tpm_slots& out) const {
@@ -834,7 +853,7 @@ private:
     return {};
   }
 
-  const engine_context& ctx_;
+  engine_context& ctx_; // its catalog writes
   mutable std::mutex mtx_; ///< makes promote() a compare-and-set against issue()
   mutable once_per_interval catch_ups_{std::chrono::seconds(5)};
 };

@@ -2,7 +2,6 @@
 // State shared by the stage actors of one engine (CAF-free). Owned by the
 // engine; actors hold a shared_ptr.
 
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +21,7 @@
 #include "actors/enrollment_catalog.hpp"
 #include "actors/hub_prober.hpp"
 #include "actors/replication.hpp"
+#include "actors/stage_sink.hpp"
 #include "storage/store.hpp"
 #include "bus/bus.hpp"
 
@@ -63,15 +63,9 @@ struct engine_context {
   /// Kafka: stages take new input from their topics. Cleared while draining,
   /// after this process's own registrations settled (engine drain()).
   std::atomic<bool> stage_intake{true};
-  /// Kafka with kafka.fuse_stages (the default): when the stage consuming a topic
-  /// runs in this process too, a stage hands it the event here instead of publishing
-  /// (a produce, a consume and a broker round trip fewer). The ack passed
-  /// along is the sender's own input ack, so its offset is committed only
-  /// once the receiving stage's effect is durable. Indexed by topic; empty:
-  /// publish. Set before the consumers start; never changed after.
-  std::array<std::function<void(registration_event&&, bus::stage_bus::ack_fn)>,
-             bus::topic_count>
-    in_process;
+  /// Where the stages' outputs go (in process or Kafka, fused or not): chosen
+  /// once at start, after `bus`, which it uses.
+  std::unique_ptr<stage_sink> sink;
   std::mutex commits_mtx; ///< guards the two below
   std::condition_variable commits_cv;
   std::size_t commits_inflight = 0;
@@ -87,6 +81,8 @@ struct engine_context {
   /// stays in `pending`) and waits until those in flight are done.
   void stop_commits();
 
+  /// Kafka mode. For the composition (engine.cpp) only: the stages see the
+  /// mode through `sink` and the catalog.
   bool kafka() const noexcept { return repl != nullptr; }
 };
 

@@ -103,6 +103,15 @@ error enrollment_catalog::write_certificates(const storage::write_batch& batch) 
   return write_enrollments(batch, enrollment::kind::group);
 }
 
+bool enrollment_catalog::caught_up(int timeout_ms) const {
+  return repl_ != nullptr && !repl_->catch_up_enrollments(timeout_ms);
+}
+
+error enrollment_catalog::write_shared(const storage::write_batch& batch,
+                                       storage::store::durability d) {
+  return repl_ ? repl_->write_enrollments(batch) : store_->write(batch, d);
+}
+
 error enrollment_catalog::write_registrations(const storage::write_batch& batch) {
   auto err = repl_ ? repl_->write_registrations(batch) : store_->write(batch);
   registration_generation_.fetch_add(1); // after the write is visible (or failed)

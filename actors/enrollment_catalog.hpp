@@ -169,6 +169,16 @@ public:
   verified_tokens& verified() const noexcept { return verified_; }
   /// A cache: filled by attest(), read by allocation.
   recent_views& views() const noexcept { return views_; }
+  /// After a lookup missed: Kafka, waits (up to `timeout_ms`) until this
+  /// instance has applied the enrollment writes published before the call,
+  /// so a write made through another instance a moment ago is seen; true
+  /// when it did and the lookup is worth repeating. Embedded the store is
+  /// the truth: false at once. Blocking.
+  bool caught_up(int timeout_ms) const;
+  /// Kafka: other instances write the shared state too, so caught_up() can
+  /// be true. A plain read, for callers that must not do work (take a lock,
+  /// remember a key) before asking it embedded.
+  bool replicated() const noexcept { return repl_ != nullptr; }
 
   // -- writes (blocking: detached actors only) ----------------------------------
 
@@ -182,6 +192,11 @@ public:
   [[nodiscard]] error write_certificates(const storage::write_batch& batch);
   /// The same for registration record deletes (dps.registrations on Kafka).
   [[nodiscard]] error write_registrations(const storage::write_batch& batch);
+  /// Other state every instance shares (linked hubs, TPM challenges):
+  /// embedded, a RocksDB write with durability `d`; Kafka, through
+  /// dps.enrollments, returning once this instance has applied it.
+  [[nodiscard]] error write_shared(const storage::write_batch& batch,
+                                   storage::store::durability d);
   /// After any enrollment or group write: refreshes the group snapshot (for a
   /// group) and then invalidates cached verdicts and views. Every writer of
   /// enrollments must call it. An error: the snapshot could not be rebuilt

@@ -61,7 +61,7 @@ error reload_hubs(engine_context& ctx) {
 }
 
 error write_hubs(engine_context& ctx, const storage::write_batch& batch) {
-  error err = ctx.kafka() ? ctx.repl->write_enrollments(batch) : ctx.store->write(batch);
+  error err = ctx.catalog.write_shared(batch, storage::store::durability::synced);
   // Reloaded either way: a Kafka write may have applied before it timed out.
   if (auto again = reload_hubs(ctx); again && !err)
     err = std::move(again);

@@ -20,6 +20,7 @@
 //   (resend_atom)                           Kafka: hand off again what has no outcome
 //   (waittick_atom)                         register waits past their deadline
 //   (drain_atom) -> count                   shutting down: answer every parked register
+// Emits:   registration.attested through the stage sink (always the bus).
 // Blocking: point reads for terminal failures; spawned detached.
 
 #include <algorithm>
@@ -108,39 +109,37 @@ register_reply make_reply(error err) {
 
 caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
   auto st = std::make_shared<registration_state_t>();
-  // Hands an accepted operation to allocation. Until Kafka has it, only this
-  // process's `pending` marker knows it: a failed publish is retried in 1 s
-  // (through the resume path) instead of waiting for a restart. A weak
-  // handle: the producer may hold the callback until its message timeout.
-  auto publish_attested = [self, ctx, st](registration_event ev) {
-    if (!ctx->kafka()) { // in-process hand-off: cannot fail, nothing to keep for a retry
-      ctx->bus->publish(bus::topic::registration_attested, std::move(ev));
-      return;
-    }
-    caf::weak_actor_ptr weak{self->ctrl()};
-    auto copy = std::make_shared<registration_event>(ev);
-    if (ctx->opts.cfg.kafka.resend_after_s > 0) {
+  stage_sink* sink = ctx->sink.get();
+  const auto resend_after = sink->traits().resend_after;
+  // Until the bus has an accepted operation, only this process's `pending`
+  // marker knows it: a failed hand-off is retried in 1 s (through the resume
+  // path) instead of waiting for a restart. A weak handle: the producer may
+  // hold the callback until its message timeout.
+  auto output = std::make_shared<stage_output>();
+  output->stage = "registration";
+  output->retry = [weak = caf::weak_actor_ptr{self->ctrl()}](registration_event ev,
+                                                              stage_output::ack_fn,
+                                                              const error&) {
+    if (auto strong = weak.lock())
+      caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
+                             accepted_atom::value, std::move(ev));
+  };
+  // Hands an accepted operation to allocation, always through the bus (it
+  // starts the operation). With resends on, it is kept until its outcome
+  // and its hand-off acknowledged to this actor.
+  auto publish_attested = [self, st, output, sink, resend_after](registration_event ev) {
+    stage_output::ack_fn handed_off;
+    if (resend_after.count() > 0) {
       auto& h = st->handed[ev.operation_id];
       h.event = ev;
       h.acked_at.reset();
-    }
-    ctx->bus->publish_durable(
-      bus::topic::registration_attested, std::move(ev),
-      [weak, copy, stats = ctx->kafka_stats](const error& e) {
-        if (!e) {
-          if (auto strong = weak.lock())
-            caf::anon_send(caf::actor_cast<caf::actor>(strong), handedoff_atom::value,
-                           copy->operation_id);
-          return;
-        }
-        std::fprintf(stderr, "provisiond: publishing %s failed (retrying in 1 s): %s\n",
-                     copy->operation_id.c_str(), e.message.c_str());
-        stats->publish_retries.fetch_add(1);
+      handed_off = [weak = caf::weak_actor_ptr{self->ctrl()}, op_id = ev.operation_id] {
         if (auto strong = weak.lock())
-          caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong),
-                                 std::chrono::seconds(1), accepted_atom::value,
-                                 std::move(*copy));
-      });
+          caf::anon_send(caf::actor_cast<caf::actor>(strong), handedoff_atom::value, op_id);
+      };
+    }
+    sink->forward(output, bus::topic::registration_attested, std::move(ev),
+                 std::move(handed_off), stage_sink::route::bus);
   };
   /// Fills `rr` with the outcome when the operation record is terminal
   /// (assigned or failed); true then.
@@ -310,8 +309,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
     st->drain_rp->deliver(st->drained);
     st->drain_rp.reset();
   };
-  const auto resend_after = std::chrono::seconds(ctx->opts.cfg.kafka.resend_after_s);
-  if (ctx->kafka() && resend_after.count() > 0)
+  if (resend_after.count() > 0)
     self->delayed_send(self, std::chrono::seconds(1), resend_atom::value);
   return {
     [=](drain_atom) -> caf::result<std::size_t> {
@@ -531,7 +529,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       publish_attested(std::move(ev));
     },
     [=](event_atom, registration_event& ev) {
-      if (ctx->kafka()) {
+      if (sink->traits().outcomes_recorded) {
         // Kafka: the completed reader has already recorded the outcome;
         // only the in-flight bookkeeping (and the failure metric, counted
         // by the gateway that accepted the operation) is left.

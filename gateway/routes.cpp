@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -170,7 +171,32 @@ route route_of(const std::vector<std::string>& segs) {
   return route::none;
 }
 
-request_kind classify(const http_request& req, const std::vector<std::string>& segs, route r) {
+/// A service path (route::service, route::linkedhubs), read once: the
+/// dispatch, the metrics label and the diagnostic log all go by it, so a
+/// percent-encoded sub-path (`/enrollments/%71uery`) is labelled as what
+/// it is served as. The root is matched raw (route_of); the segments after
+/// it are percent-decoded, a segment that is not valid percent-encoding
+/// kept raw for the label and the path answered 400.
+struct service_path {
+  std::string root;             ///< segs[0] in lower case
+  std::vector<std::string> ids; ///< the segments after the root, decoded
+  bool malformed = false;       ///< a segment's percent-encoding is invalid
+};
+
+service_path service_path_of(const std::vector<std::string>& segs) {
+  service_path p;
+  p.root = ascii::to_lower(segs[0]);
+  p.ids.reserve(segs.size() - 1);
+  for (std::size_t i = 1; i < segs.size(); ++i) {
+    auto d = crypto::url_decode(segs[i]);
+    p.malformed = p.malformed || !d;
+    p.ids.push_back(d ? std::move(*d) : segs[i]);
+  }
+  return p;
+}
+
+request_kind classify(const http_request& req, const std::vector<std::string>& segs, route r,
+                      const service_path* sp) {
   request_kind k;
   std::string m = method_label(req.method);
   switch (r) {
@@ -204,7 +230,8 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   case route::linkedhubs:
     break;
   }
-  auto root = ascii::to_lower(segs[0]);
+  const auto& root = sp->root;
+  const auto& ids = sp->ids;
   k.category = "ServiceOperations";
   k.type = root == "enrollments"        ? "IndividualEnrollment"
            : root == "enrollmentgroups" ? "EnrollmentGroup"
@@ -215,33 +242,37 @@ request_kind classify(const http_request& req, const std::vector<std::string>& s
   std::string tmpl = "/" + std::string(root == "enrollmentgroups" ? "enrollmentGroups"
                                        : root == "linkedhubs"     ? "linkedHubs"
                                                                   : root);
-  if (segs.size() == 1) {
+  if (ids.empty()) {
     k.operation = m == "GET" ? (root == "linkedhubs" ? "List" : "Query")
                   : m == "POST" ? "BulkOperation"
                                 : "Unknown";
-  } else if (segs.size() == 2 && iequals(segs[1], "query")) {
+  } else if (ids.size() == 1 && iequals(ids[0], "query")
+             && (root == "enrollments" || root == "enrollmentgroups")) {
+    // Only these two roots serve /{root}/query; under the others "query" is
+    // an id (PUT /certificates/query uploads a CA of that name), and a write
+    // to it must be labelled, and audited, as one.
     tmpl += "/query";
     k.operation = "Query";
   } else {
     tmpl += "/{id}";
-    k.id = decoded_or_raw(segs[1]);
-    if (segs.size() == 3 && iequals(segs[2], "query")) {
+    k.id = ids[0];
+    if (ids.size() == 2 && root == "registrations" && iequals(ids[1], "query")) {
       tmpl += "/query";
       k.operation = "Query";
-    } else if (segs.size() == 3 && iequals(segs[2], "attestationmechanism")) {
+    } else if (ids.size() == 2 && iequals(ids[1], "attestationmechanism")) {
       tmpl += "/attestationmechanism";
       k.operation = "GetAttestationMechanism";
-    } else if (segs.size() == 3 && root == "certificates"
-               && iequals(segs[2], "generateverificationcode")) {
+    } else if (ids.size() == 2 && root == "certificates"
+               && iequals(ids[1], "generateverificationcode")) {
       tmpl += "/generateVerificationCode";
       k.operation = "GenerateVerificationCode";
-    } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "verify")) {
+    } else if (ids.size() == 2 && root == "certificates" && iequals(ids[1], "verify")) {
       tmpl += "/verify";
       k.operation = "VerifyCertificate";
-    } else if (segs.size() == 3 && root == "certificates" && iequals(segs[2], "crl")) {
+    } else if (ids.size() == 2 && root == "certificates" && iequals(ids[1], "crl")) {
       tmpl += "/crl";
       k.operation = "UploadCrl";
-    } else if (segs.size() == 2) {
+    } else if (ids.size() == 1) {
       k.operation = m == "GET"      ? "Get"
                     : m == "PUT"    ? "Upsert"
                     : m == "DELETE" ? "Delete"
@@ -319,10 +350,14 @@ public:
     // flood costs a map lookup: no SAS, no storage read, no body parsed for
     // the audit line. Health checks are not counted.
     const int wait = health ? 0 : api_.admit_address(req.client_ip);
+    std::optional<service_path> sp;
+    if (rt == route::service || rt == route::linkedhubs)
+      sp = service_path_of(segs);
     respond_fn observed = std::move(respond);
     std::shared_ptr<audit_state> audit;
     if (opts_.metrics != nullptr || opts_.log != nullptr || opts_.audit != nullptr)
-      observed = observe(req, segs, rt, tracking, std::move(observed), wait == 0, audit);
+      observed = observe(req, segs, rt, sp ? &*sp : nullptr, tracking, std::move(observed),
+                         wait == 0, audit);
     // authorize() notes the verified policy here while this call dispatches.
     struct scope {
       explicit scope(audit_state* a) { current_audit = a; }
@@ -359,8 +394,8 @@ public:
           r.headers.emplace_back("Accept-Encoding", "identity");
           return reply(std::move(r));
         }
-    if (rt == route::service || rt == route::linkedhubs)
-      return service(req, segs, rt, reply, tracking);
+    if (sp)
+      return service(req, *sp, rt, reply, tracking);
     if (rt != route::none && rt != route::health)
       return device(req, segs, rt, reply, tracking);
     reply(error_response({error_code::not_found, "no such route: " + req.method + " "
@@ -377,8 +412,8 @@ private:
   /// authenticated nor acted on, and an unauthenticated flood must not be
   /// able to fill the audit file; metrics and the diagnostic log count it.
   respond_fn observe(const http_request& req, const std::vector<std::string>& segs, route r,
-                     const std::string& tracking, respond_fn respond, bool admitted,
-                     std::shared_ptr<audit_state>& audit_out) {
+                     const service_path* sp, const std::string& tracking, respond_fn respond,
+                     bool admitted, std::shared_ptr<audit_state>& audit_out) {
     struct context {
       request_kind kind;
       std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
@@ -387,7 +422,7 @@ private:
       metrics::audit_record audit_rec;    ///< what is known before the answer
     };
     auto c = std::make_shared<context>();
-    c->kind = classify(req, segs, r);
+    c->kind = classify(req, segs, r, sp);
     c->client_ip = req.client_ip;
     c->tracking = tracking;
     if (auto api = req.query.find("api-version"); api != req.query.end())
@@ -551,10 +586,10 @@ private:
     return {};
   }
 
-  void service(const http_request& req, const std::vector<std::string>& segs, route rt,
+  void service(const http_request& req, const service_path& sp, route rt,
                const reply_fn& reply, const std::string& tracking) {
     auto fail = [&](error e) { reply(error_response(e, tracking)); };
-    auto root = ascii::to_lower(segs[0]);
+    const auto& root = sp.root;
     auto api = req.query.find("api-version");
     if (root != "assignments" && (api == req.query.end() || api->second.empty()))
       return fail({error_code::missing_api_version,
@@ -562,20 +597,16 @@ private:
     if (!req.body.empty())
       if (auto err = check_json_body(req))
         return fail(err);
-    std::vector<std::string> ids;
-    for (std::size_t i = 1; i < segs.size(); ++i) {
-      auto d = crypto::url_decode(segs[i]);
-      if (!d)
-        return fail({error_code::bad_request, "malformed percent-encoding in the path"});
-      ids.push_back(*d);
-    }
+    if (sp.malformed)
+      return fail({error_code::bad_request, "malformed percent-encoding in the path"});
+    const auto& ids = sp.ids;
     const auto& m = req.method;
     if (root == "certificates")
       return certificates(req, ids, reply, fail, tracking);
     if (rt == route::linkedhubs)
       return linked_hubs(req, ids, reply, fail, tracking);
     if (root == "assignments") {
-      if (segs.size() != 1)
+      if (!ids.empty())
         return fail({error_code::not_found, "no such route: " + req.path});
       if (m != "GET")
         return fail({error_code::method_not_allowed, "use GET /assignments"});

@@ -26,6 +26,7 @@
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
+#include "tests/support/temp_dir.hpp"
 
 using namespace prov;
 
@@ -33,18 +34,8 @@ namespace {
 
 constexpr const char* scope = "0ne00000E57";
 
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    char tmpl[] = "/tmp/prov_engine_test_XXXXXX";
-    char* p = mkdtemp(tmpl);
-    REQUIRE(p != nullptr);
-    path = p;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
+struct temp_dir : test::temp_dir {
+  temp_dir() : test::temp_dir("prov_engine_test") {}
 };
 
 /// A real store; scans of `failing` fail while `fail` is set.

@@ -216,3 +216,52 @@ TEST_CASE("counters move by exactly the registrations made; logs carry no secret
   CHECK(upserts == 1);
   test::remove_tree(dir);
 }
+
+TEST_CASE("a service sub-path is labelled as it is served, percent-encoded or not") {
+  // The route label and the dispatch read the same decoded segments: an
+  // encoded `query` is served as the query, so it is counted as one too.
+  auto dir = test::make_temp_dir("provisiond-metrics-path");
+  test::server_process s;
+  REQUIRE(!s.start(config_with_metrics(dir, dir + "/ops.log"), dir));
+  auto addr = metrics_addr(s);
+  auto before = scrape(addr);
+  const std::string q = R"({"query":"*"})";
+  for (const char* path : {"/enrollments/query", "/enrollments/%71uery", "/enrollments/QUER%59"}) {
+    auto r = s.service("POST", path, q);
+    CHECK_MESSAGE(r.status == 200, path << ": " << r.body);
+  }
+  for (const char* path : {"/registrations/some-group/query",
+                           "/registrations/some-group/%71uery"}) {
+    auto r = s.service("POST", path, q);
+    CHECK_MESSAGE(r.status == 200, path << ": " << r.body);
+  }
+  // Under the other roots `query` is an id, encoded or not: nothing of that
+  // name exists, so each call is a 404 counted under its {id} route.
+  for (const char* path : {"/certificates/query", "/certificates/%71uery"}) {
+    auto r = s.service("GET", path);
+    CHECK_MESSAGE(r.status == 404, path << ": " << r.body);
+  }
+  for (const char* path : {"/registrations/query", "/registrations/%71uery"}) {
+    auto r = s.service("DELETE", path);
+    CHECK_MESSAGE(r.status == 404, path << ": " << r.body);
+  }
+  {
+    auto r = s.service("GET", "/linkedHubs/query");
+    CHECK_MESSAGE(r.status == 404, r.body);
+  }
+  auto after = scrape(addr);
+  auto delta = [&](std::initializer_list<std::string> f) {
+    return sum(after, "dps_http_requests_total", f) - sum(before, "dps_http_requests_total", f);
+  };
+  CHECK(delta({"route=\"POST /enrollments/query\"", "status=\"200\""}) == 3);
+  CHECK(delta({"route=\"POST /enrollments/{id}\""}) == 0);
+  CHECK(delta({"route=\"POST /registrations/{id}/query\"", "status=\"200\""}) == 2);
+  CHECK(delta({"route=\"GET /certificates/{id}\"", "status=\"404\""}) == 2);
+  CHECK(delta({"route=\"DELETE /registrations/{id}\"", "status=\"404\""}) == 2);
+  CHECK(delta({"route=\"GET /linkedHubs/{id}\"", "status=\"404\""}) == 1);
+  for (const char* root : {"certificates", "registrations", "linkedHubs"})
+    CHECK_MESSAGE(delta({std::string("/") + root + "/query\""}) == 0, std::string(root));
+  CHECK(delta({"route=\"other\""}) == 0);
+  CHECK(s.stop() == 0);
+  test::remove_tree(dir);
+}

@@ -726,6 +726,14 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(s.service("DELETE", "/enrollments/audit-dev").status == 204);
   CHECK(s.service("DELETE", "/certificates/audit-ca").status == 404);
   CHECK(s.service("DELETE", "/registrations/audit-dev").status == 404);
+  // Under /certificates and /registrations `query` is an id, not a query:
+  // writes to it, encoded or not, are audited as writes naming it.
+  auto ca_cert = test::make_ca("IT Audit Root", nullptr, 30);
+  CHECK(s.service("PUT", "/certificates/query",
+                  nlohmann::json{{"certificate", ca_cert.pem()}}.dump())
+          .status == 200);
+  CHECK(s.service("DELETE", "/certificates/%71uery").status == 204);
+  CHECK(s.service("DELETE", "/registrations/query").status == 404);
   // A forged token: the named policy is recorded, marked unauthenticated.
   const std::string forged = s.service_auth("provisioningserviceowner", crypto::generate_key());
   net::http_headers h;
@@ -741,7 +749,7 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   REQUIRE(::stat(file.c_str(), &st) == 0);
   CHECK((st.st_mode & 0077) == 0);
   auto lines = audit_lines(file);
-  CHECK(lines.size() == 9);
+  CHECK(lines.size() == 12);
 
   auto* up = find_audit(lines, "Upsert", "audit-dev", 200);
   REQUIRE(up != nullptr);
@@ -768,6 +776,15 @@ TEST_CASE("every service API write, key read and key rotation leaves one audit l
   CHECK(ca->value("resultType", "") == "ClientError");
   CHECK(ca->value("errorCode", "") == "404205");
   CHECK(find_audit(lines, "Delete", "audit-dev", 404) != nullptr); // registration state
+  auto* ca_up = find_audit(lines, "Upsert", "query", 200);
+  REQUIRE(ca_up != nullptr);
+  CHECK((*ca_up)["properties"].value("type", "") == "Certificate");
+  auto* ca_del = find_audit(lines, "Delete", "query", 204);
+  REQUIRE(ca_del != nullptr);
+  CHECK((*ca_del)["properties"].value("type", "") == "Certificate");
+  auto* reg_del = find_audit(lines, "Delete", "query", 404);
+  REQUIRE(reg_del != nullptr);
+  CHECK((*reg_del)["properties"].value("type", "") == "DeviceRegistrationState");
   auto* bad = find_audit(lines, "Delete", "audit-group", 401);
   REQUIRE(bad != nullptr);
   CHECK(bad->value("identity", "") == "provisioningserviceowner");

@@ -774,34 +774,50 @@ public:
     return {};
   }
 
-  error issue(std::string_view registration_id,
-              const attestation::tpm_challenge& c) const override {
+  error issue(std::string_view registration_id, std::string_view enrollment_etag,
+              const attestation::tpm_challenge& c,
+              attestation::challenge_write& out) const override {
+    out = attestation::challenge_write::enrollment_changed;
     storage::write_batch b;
     b.put(storage::cf::tpm_challenges, pending_key(registration_id),
           attestation::encode_challenge(c));
     std::lock_guard<std::mutex> guard{mtx_};
-    return write(b);
+    bool current = false;
+    auto err = ctx_.catalog.write_if_enrollment(enrollment::key_of(registration_id),
+                                                enrollment_etag, current,
+                                                [&] { return write(b); });
+    if (!err && current)
+      out = attestation::challenge_write::written;
+    return err;
   }
 
-  error promote(std::string_view registration_id, std::string_view verified_key,
-                bool& moved) const override {
-    moved = false;
+  error promote(std::string_view registration_id, std::string_view enrollment_etag,
+                std::string_view verified_key,
+                attestation::challenge_write& out) const override {
+    out = attestation::challenge_write::enrollment_changed;
     std::lock_guard<std::mutex> guard{mtx_};
-    attestation::tpm_slots s;
-    if (auto err = read(registration_id, s))
-      return err;
-    if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key)) {
-      s.cleanse();
-      return {};
-    }
-    s.pending->answered = true;
-    storage::write_batch b;
-    b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
-          attestation::encode_challenge(*s.pending));
-    b.del(storage::cf::tpm_challenges, pending_key(registration_id));
-    s.cleanse();
-    auto err = write(b);
-    moved = !err;
+    bool current = false;
+    auto err = ctx_.catalog.write_if_enrollment(
+      enrollment::key_of(registration_id), enrollment_etag, current, [&]() -> error {
+        out = attestation::challenge_write::challenge_changed;
+        attestation::tpm_slots s;
+        if (auto err = read(registration_id, s))
+          return err;
+        if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key)) {
+          s.cleanse();
+          return {};
+        }
+        s.pending->answered = true;
+        storage::write_batch b;
+        b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
+              attestation::encode_challenge(*s.pending));
+        b.del(storage::cf::tpm_challenges, pending_key(registration_id));
+        s.cleanse();
+        auto err = write(b);
+        if (!err)
+          out = attestation::challenge_write::written;
+        return err;
+      });
     return err;
   }
 
@@ -834,7 +850,9 @@ private:
   }
 
   const engine_context& ctx_;
-  mutable std::mutex mtx_; ///< makes promote() a compare-and-set against issue()
+  /// Makes promote() a compare-and-set against issue(); taken before the
+  /// catalog's individual enrollment lock (write_if_enrollment).
+  mutable std::mutex mtx_;
   mutable once_per_interval catch_ups_{std::chrono::seconds(5)};
 };
 
@@ -861,6 +879,8 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
   ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx);
+  if (opts.wrap_challenges)
+    ctx->tpm_challenges = opts.wrap_challenges(std::move(ctx->tpm_challenges));
   ctx->mechanisms.add(std::make_unique<attestation::tpm>(
     *ctx->tpm_challenges, opts.cfg.device_api.tpm_challenge_seconds,
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));

@@ -24,6 +24,9 @@ class store;
 namespace prov::allocation {
 class policy;
 }
+namespace prov::attestation {
+class challenge_store;
+}
 
 namespace prov {
 
@@ -41,6 +44,11 @@ struct engine_options {
   /// Allocation policies of an embedding program, registered after the
   /// built-in ones (a policy of the same kind replaces the built-in one).
   std::vector<std::shared_ptr<const allocation::policy>> policies;
+  /// Tests only (tests/testd): wraps the engine's TPM challenge store, so a
+  /// test can hold a challenge write at a point of its choosing. Null: none.
+  std::function<std::unique_ptr<attestation::challenge_store>(
+    std::unique_ptr<attestation::challenge_store>)>
+    wrap_challenges;
 };
 
 /// Result of a register call as the gateway needs it.

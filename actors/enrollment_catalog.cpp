@@ -83,6 +83,9 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
                                         enrollment::kind k) {
   if (batch.empty())
     return {};
+  std::unique_lock<std::mutex> individual{individual_mtx_, std::defer_lock};
+  if (k == enrollment::kind::individual)
+    individual.lock();
   if (repl_) {
     if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
       return err;
@@ -95,6 +98,24 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
   if (auto err = store_->write(batch))
     return err;
   return enrollments_changed(k);
+}
+
+error enrollment_catalog::write_if_enrollment(std::string_view key, std::string_view etag,
+                                               bool& current,
+                                               const std::function<error()>& write) const {
+  current = false;
+  std::lock_guard<std::mutex> guard{individual_mtx_};
+  std::optional<std::string> raw;
+  if (auto err = store_->get(storage::cf::enrollments, key, raw))
+    return err;
+  if (!raw)
+    return {};
+  auto doc = json::parse(*raw, nullptr, false);
+  const auto it = doc.is_object() ? doc.find("etag") : doc.end();
+  if (it == doc.end() || !it->is_string() || it->get<std::string>() != etag)
+    return {};
+  current = true;
+  return write();
 }
 
 error enrollment_catalog::write_certificates(const storage::write_batch& batch) {

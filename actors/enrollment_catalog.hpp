@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -182,6 +183,17 @@ public:
   [[nodiscard]] error write_certificates(const storage::write_batch& batch);
   /// The same for registration record deletes (dps.registrations on Kafka).
   [[nodiscard]] error write_registrations(const storage::write_batch& batch);
+  /// Runs `write` (state that belongs to individual enrollment `key`: its
+  /// TPM challenges) only while that enrollment is stored with etag `etag`,
+  /// and atomically against every individual enrollment write of this
+  /// instance (write_enrollments holds the same lock), so a delete or a
+  /// replacement cannot land between the check and `write`. `current`:
+  /// false (and `write` not run) when the enrollment went or changed. With
+  /// Kafka the check is against this instance's copy: another instance's
+  /// delete is not ordered against it (docs/device-api.md#tpm-attestation).
+  [[nodiscard]] error write_if_enrollment(std::string_view key, std::string_view etag,
+                                          bool& current,
+                                          const std::function<error()>& write) const;
   /// After any enrollment or group write: refreshes the group snapshot (for a
   /// group) and then invalidates cached verdicts and views. Every writer of
   /// enrollments must call it. An error: the snapshot could not be rebuilt
@@ -206,6 +218,8 @@ private:
   /// Serializes group snapshot rebuilds, so a slow one that read the
   /// groups before a write cannot install its snapshot after the write's.
   std::mutex reload_mtx_;
+  /// Held by individual enrollment writes and write_if_enrollment().
+  mutable std::mutex individual_mtx_;
 };
 
 } // namespace prov

@@ -3,11 +3,15 @@
 // same code: the product (main.cpp) and the test binary (tests/testd/),
 // which adds what only tests need through `extensions`.
 
+#include <functional>
 #include <memory>
 #include <vector>
 
 namespace prov::allocation {
 class policy;
+}
+namespace prov::attestation {
+class challenge_store;
 }
 
 namespace prov::app {
@@ -16,6 +20,10 @@ namespace prov::app {
 struct extensions {
   /// Registered after the built-in policies (engine_options::policies).
   std::vector<std::shared_ptr<const allocation::policy>> policies;
+  /// engine_options::wrap_challenges (tests only).
+  std::function<std::unique_ptr<attestation::challenge_store>(
+    std::unique_ptr<attestation::challenge_store>)>
+    wrap_challenges;
 };
 
 /// Sets up the process (stop signals blocked in every thread, SIGPIPE

@@ -423,3 +423,149 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   REQUIRE(etag_at_2() == fresh);
   expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
 }
+
+namespace {
+
+/// The test binary's TPM challenge store gates (tests/testd/held_challenges.hpp):
+/// while `hold-<call>` exists in `dir`, that call waits.
+struct gates {
+  std::string dir;
+  void close(const std::string& call) const { std::ofstream(dir + "/hold-" + call) << "1"; }
+  void open(const std::string& call) const { std::remove((dir + "/hold-" + call).c_str()); }
+  /// Whether a request reached the closed gate within `limit`.
+  bool reached(const std::string& call,
+               std::chrono::seconds limit = std::chrono::seconds(60)) const {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (std::ifstream(dir + "/held-" + call).good())
+        return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+};
+
+/// A server running the test binary with the gates in a temp dir.
+void start_gated(test::server_process& s, gates& g, const std::string& cfg_extra = {}) {
+  g.dir = test::make_temp_dir("provisiond-tpm-gates");
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  s.set_pipeline_delay_ms(0); // the test binary, no delay
+  ::setenv("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir.c_str(), 1);
+  auto cfg = test::default_config(dir);
+  if (!cfg_extra.empty())
+    cfg = test::with_device_api(cfg, cfg_extra);
+  auto err = s.start(cfg, dir);
+  ::unsetenv("PROVISIOND_TEST_TPM_HOLD_DIR");
+  REQUIRE_MESSAGE(!err, s.log());
+}
+
+/// A PUT register on its own thread (no assertions there): join() gives
+/// the answer.
+struct register_in_background {
+  net::https_response resp;
+  error err;
+  std::thread t;
+  register_in_background(const test::server_process& s, const std::string& id, json tpm,
+                         std::string auth = {}) {
+    t = std::thread([this, &s, id, tpm = std::move(tpm), auth = std::move(auth)] {
+      auto c = s.client();
+      net::http_headers h;
+      if (!auth.empty())
+        h.add("Authorization", auth);
+      h.add("Content-Type", "application/json; charset=utf-8");
+      json body{{"registrationId", id}, {"tpm", tpm}};
+      err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                      body.dump(), resp);
+    });
+  }
+  const net::https_response& join() {
+    t.join();
+    REQUIRE_MESSAGE(!err, err.message);
+    return resp;
+  }
+};
+
+} // namespace
+
+TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted is not kept") {
+  if (!have_tools()) {
+    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+    return;
+  }
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-race";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  auto delete_and_recreate = [&] {
+    REQUIRE(s.service("DELETE", "/enrollments/" + id).status == 204);
+    put_tpm_enrollment(s, id, tpm.ek_b64); // same EK: only the incarnation differs
+  };
+
+  // 1. Issue: the register read the enrollment; its challenge write waits
+  //    at the gate while the enrollment is deleted and created again.
+  g.close("issue");
+  {
+    register_in_background r(s, id, tpm_body(tpm));
+    const bool reached = g.reached("issue");
+    if (reached)
+      delete_and_recreate();
+    g.open("issue");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    // No challenge from the old incarnation (before: a 401 with a blob this
+    // TPM could activate and answer for the new enrollment).
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+    CHECK_FALSE(test::parse_json(resp.body).contains("authenticationKey"));
+  }
+
+  // 2. Answer: a challenge of the current enrollment, activated; the
+  //    answer's mark (pending -> answered) waits while the enrollment is
+  //    replaced (same EK, new etag: e.g. disabled, or another hub).
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth = tpm.sas(s, id);
+  g.close("promote");
+  {
+    register_in_background r(s, id, tpm_body(tpm), auth);
+    const bool reached = g.reached("promote");
+    if (reached)
+      put_tpm_enrollment(s, id, tpm.ek_b64);
+    g.open("promote");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    // Before: accepted, on the strength of the enrollment as it was before
+    // the replacement.
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+  }
+  // Nothing was marked answered: lookups are refused, and the challenge is
+  // still pending, so the same answer is accepted now.
+  expect_refused(status_lookup(s, id, auth), 401, "has not been answered by a register yet");
+  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+
+  // 3. The same with a delete and a new enrollment: nothing of the old one
+  //    is left, neither answered nor pending.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth2 = tpm.sas(s, id);
+  g.close("promote");
+  {
+    register_in_background r(s, id, tpm_body(tpm), auth2);
+    const bool reached = g.reached("promote");
+    if (reached)
+      delete_and_recreate();
+    g.open("promote");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+  }
+  expect_refused(status_lookup(s, id, auth2), 401, "no TPM challenge is outstanding");
+  expect_refused(put_register(s, id, tpm_body(tpm), auth2), 401,
+                 "no TPM challenge is outstanding");
+  // The device starts over and gets in.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth3 = tpm.sas(s, id);
+  done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth3), auth3);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+}

@@ -8,14 +8,19 @@
 //     configuration comes that much later: a test can make register waits
 //     expire (device_api.register_wait_ms) at will, change state between
 //     the two stages, or stop the process with work in flight.
+//   PROVISIOND_TEST_TPM_HOLD_DIR=DIR  the TPM challenge store's calls wait
+//     at gates the test opens and closes with files in DIR
+//     (tests/testd/held_challenges.hpp).
 
 #include <chrono>
 #include <cstdlib>
 #include <memory>
+#include <string>
 
 #include "actors/allocation/allocation_policy.hpp"
 #include "app/provisiond.hpp"
 #include "tests/testd/delayed_policy.hpp"
+#include "tests/testd/held_challenges.hpp"
 
 int main(int argc, char** argv) {
   using namespace prov;
@@ -31,5 +36,9 @@ int main(int argc, char** argv) {
     ext.policies.push_back(std::make_shared<test::delayed_policy>(
       allocation_policy::static_hub, std::make_shared<allocation::static_policy>(), delay));
   }
+  if (const char* dir = std::getenv("PROVISIOND_TEST_TPM_HOLD_DIR"); dir != nullptr && *dir)
+    ext.wrap_challenges = [d = std::string(dir)](auto inner) {
+      return std::make_unique<test::held_challenges>(std::move(inner), d);
+    };
   return app::run(argc, argv, ext);
 }

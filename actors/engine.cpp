@@ -282,6 +282,20 @@ public:
     return attest(*ctx_, req, false).err;
   }
 
+  void authenticate_device(register_request req, done_cb cb) override {
+    bool tpm = false;
+    auto r = attest(*ctx_, req, false, &tpm);
+    if (!tpm)
+      return cb(std::move(r.err));
+    tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
+      if (f != serial_worker::fate::run)
+        return cb(f == serial_worker::fate::busy
+                    ? error{error_code::throttled, "too many TPM requests in progress"}
+                    : error{error_code::unavailable, "the service is stopping"});
+      cb(attest(*ctx_, req, false).err);
+    });
+  }
+
   error operation(const std::string& registration_id, const std::string& operation_id,
                   registration_state& out) override {
     std::optional<std::string> raw;

@@ -87,6 +87,14 @@ public:
 
   /// Checks a device credential for polls and status lookups (synchronous).
   [[nodiscard]] virtual error authenticate_device(const register_request& req) = 0;
+  /// The same, for a caller on a thread that must not block (a gateway I/O
+  /// thread): checked on the caller's thread and `cb` called there, except
+  /// for a TPM device's (its challenge read may wait for Kafka, and its
+  /// result's authenticationKey is RSA work): then checked on the engine's
+  /// TPM worker, and `cb` runs there (or with throttled when its queue is
+  /// full, unavailable when it stopped), so the caller's follow-up work for
+  /// that device runs there too.
+  virtual void authenticate_device(register_request req, done_cb cb) = 0;
 
   /// Reads an operation (synchronous). operation_not_found when unknown or
   /// belonging to another registration id.

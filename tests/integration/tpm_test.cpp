@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -144,13 +145,47 @@ void check_status_key(const test::server_process& s, const std::string& id,
   CHECK(tpm.hmac("hub") == hub_sig);
 }
 
+/// Every case drives swtpm with tpm2-tools: without them it is skipped,
+/// loudly (scripts/install-test-deps.sh installs them).
+bool skipped_without_tools() {
+  if (have_tools())
+    return false;
+  MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  return true;
+}
+
+/// A server of its own on a fresh data dir (removed at exit), configured by
+/// `cfg_of(data_dir)`.
+void start_fresh(test::server_process& s,
+                 const std::function<std::string(const std::string&)>& cfg_of) {
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start(cfg_of(dir), dir), s.log());
+}
+
+/// The whole device flow: a challenge from `s` activated in `tpm`, answered
+/// on `answer_on` (default `s`) with the TPM-signed SAS and polled until
+/// assigned. The SAS (for more polls and lookups) and the final answer.
+struct device_flow {
+  std::string auth;
+  json done;
+};
+device_flow register_with_tpm(const test::server_process& s, const std::string& id,
+                              soft_tpm& tpm, const test::server_process* answer_on = nullptr) {
+  const auto& a = answer_on != nullptr ? *answer_on : s;
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  device_flow f;
+  f.auth = tpm.sas(a, id);
+  f.done = wait_assigned(a, id, put_register(a, id, tpm_body(tpm), f.auth), f.auth);
+  REQUIRE_MESSAGE(f.done["status"] == "assigned", f.done.dump());
+  return f;
+}
+
 } // namespace
 
 TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assigned") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   auto& s = test::shared_server();
   soft_tpm tpm;
   const std::string id = "tpm-dev-1";
@@ -230,10 +265,8 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
 }
 
 TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malformed keys") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   auto& s = test::shared_server();
   soft_tpm tpm;
   soft_tpm other;
@@ -306,34 +339,32 @@ net::https_response status_lookup(const test::server_process& s, const std::stri
 }
 
 TEST_CASE("tpm: deleting the enrollment deletes its challenges; metrics count them") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!s.start(test::with_metrics(test::default_config(dir)), dir), s.log());
+  start_fresh(s, [](const std::string& dir) { return test::with_metrics(test::default_config(dir)); });
   const auto addr = test::metrics_addr(s);
-  auto count = [&](const char* outcome) {
-    return test::sum(test::scrape(addr), "dps_tpm_challenges_total",
-                     {"outcome=\"" + std::string(outcome) + "\""});
+  // dps_tpm_challenges_total by outcome, all three at once.
+  auto check_counts = [&](double issued, double answered, double rejected) {
+    const auto text = test::scrape(addr);
+    auto count = [&](const char* outcome) {
+      return test::sum(text, "dps_tpm_challenges_total",
+                       {"outcome=\"" + std::string(outcome) + "\""});
+    };
+    CHECK(count("issued") == issued);
+    CHECK(count("answered") == answered);
+    CHECK(count("rejected") == rejected);
   };
-  CHECK(count("issued") == 0); // every outcome exists from the start
+  check_counts(0, 0, 0); // every outcome exists from the start
   soft_tpm tpm;
   const std::string id = "tpm-deleted";
   put_tpm_enrollment(s, id, tpm.ek_b64);
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth = tpm.sas(s, id);
-  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
-  REQUIRE_MESSAGE(done["status"] == "assigned", done.dump());
+  const auto auth = register_with_tpm(s, id, tpm).auth;
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   // A second challenge, pending: both slots are now in use.
   expect_challenge(put_register(s, id, tpm_body(tpm)));
   REQUIRE(status_lookup(s, id, auth).status == 200); // the answered slot serves lookups
-  CHECK(count("issued") == 2);
-  CHECK(count("answered") == 1);
-  CHECK(count("rejected") == 1);
+  check_counts(2, 1, 1);
 
   // Deleted and enrolled again with the same EK: nothing from before counts,
   // neither the answered challenge (lookups) nor the pending one (registers).
@@ -342,28 +373,19 @@ TEST_CASE("tpm: deleting the enrollment deletes its challenges; metrics count th
   expect_refused(status_lookup(s, id, auth), 401, "no TPM challenge is outstanding");
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401,
                  "no TPM challenge is outstanding");
-  CHECK(count("rejected") == 2);
+  check_counts(2, 1, 2);
   // The device starts over and gets in.
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth2 = tpm.sas(s, id);
-  done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth2), auth2);
-  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
-  CHECK(count("issued") == 3);
-  CHECK(count("answered") == 2);
+  register_with_tpm(s, id, tpm);
+  check_counts(3, 2, 2);
 }
 
 TEST_CASE("tpm: an expired challenge is refused with its own message") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!s.start(test::with_device_api(test::default_config(dir),
-                                                 "tpm_challenge_seconds = 1"),
-                           dir),
-                  s.log());
+  start_fresh(s, [](const std::string& dir) {
+    return test::with_device_api(test::default_config(dir), "tpm_challenge_seconds = 1");
+  });
   soft_tpm tpm;
   put_tpm_enrollment(s, "tpm-late", tpm.ek_b64);
   REQUIRE(tpm.activate(expect_challenge(put_register(s, "tpm-late", tpm_body(tpm)))));
@@ -374,10 +396,8 @@ TEST_CASE("tpm: an expired challenge is refused with its own message") {
 }
 
 TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::kafka_fixture fx;
   // Gateways of one deployment share the id scope (devices sign it).
   auto cfg = [&](const std::string& dir) {
@@ -398,10 +418,7 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   const std::string id = "tpm-kafka-1";
   put_tpm_enrollment(gw1, id, tpm.ek_b64);
   // The challenge from gateway 1, its answer to gateway 2.
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(gw1, id, tpm_body(tpm)))), tpm.log());
-  const auto auth = tpm.sas(gw2, id);
-  auto done = wait_assigned(gw2, id, put_register(gw2, id, tpm_body(tpm), auth), auth);
-  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  const auto auth = register_with_tpm(gw1, id, tpm, &gw2).auth;
   // Consumed: the same answer again is a replay.
   expect_refused(put_register(gw2, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   REQUIRE(status_lookup(gw1, id, auth).status == 200);
@@ -449,16 +466,13 @@ struct gates {
 /// A server running the test binary with the gates in a temp dir.
 void start_gated(test::server_process& s, gates& g, const std::string& cfg_extra = {}) {
   g.dir = test::make_temp_dir("provisiond-tpm-gates");
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
   s.set_pipeline_delay_ms(0); // the test binary, no delay
   ::setenv("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir.c_str(), 1);
-  auto cfg = test::default_config(dir);
-  if (!cfg_extra.empty())
-    cfg = test::with_device_api(cfg, cfg_extra);
-  auto err = s.start(cfg, dir);
+  start_fresh(s, [&](const std::string& dir) {
+    auto cfg = test::default_config(dir);
+    return cfg_extra.empty() ? cfg : test::with_device_api(cfg, cfg_extra);
+  });
   ::unsetenv("PROVISIOND_TEST_TPM_HOLD_DIR");
-  REQUIRE_MESSAGE(!err, s.log());
 }
 
 /// A PUT register on its own thread (no assertions there): join() gives
@@ -490,10 +504,8 @@ struct register_in_background {
 } // namespace
 
 TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted is not kept") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::server_process s;
   gates g;
   start_gated(s, g);
@@ -565,17 +577,12 @@ TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted i
   expect_refused(put_register(s, id, tpm_body(tpm), auth2), 401,
                  "no TPM challenge is outstanding");
   // The device starts over and gets in.
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth3 = tpm.sas(s, id);
-  done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth3), auth3);
-  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  register_with_tpm(s, id, tpm);
 }
 
 TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway's I/O thread") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   // One I/O thread: whatever holds it holds every request.
   test::server_process s;
   gates g;
@@ -583,11 +590,9 @@ TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway'
   soft_tpm tpm;
   const std::string id = "tpm-io";
   put_tpm_enrollment(s, id, tpm.ek_b64);
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth = tpm.sas(s, id);
-  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
-  REQUIRE_MESSAGE(done["status"] == "assigned", done.dump());
-  const std::string op = done["operationId"].get<std::string>();
+  const auto flow = register_with_tpm(s, id, tpm);
+  const auto& auth = flow.auth;
+  const std::string op = flow.done["operationId"].get<std::string>();
 
   // A TPM device's request whose challenge read is held at the gate (with
   // Kafka that read may wait for a catch-up of dps.enrollments, up to 5 s),

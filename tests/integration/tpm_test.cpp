@@ -323,6 +323,23 @@ TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malforme
   expect_refused(s.service("PUT", "/enrollments/tpm-bad", bad.dump()), 400,
                  "size field says 314 bytes but 315 follow");
   CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+
+  // A real ECC EK (made by swtpm): refused at enrollment create (400005,
+  // nothing stored) and in a register body (400000).
+  const auto ecc_ek = tpm.ecc_ek_b64();
+  bad["attestation"]["tpm"]["endorsementKey"] = ecc_ek;
+  r = s.service("PUT", "/enrollments/tpm-bad", bad.dump());
+  expect_refused(r, 400, "attestation.tpm.endorsementKey: the key is an ECC key: only RSA 2048");
+  CHECK(test::parse_json(r.body)["errorCode"] == 400005);
+  CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+  r = s.service("POST", "/enrollments",
+                json{{"mode", "create"}, {"enrollments", json::array({bad})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(test::parse_json(r.body)["isSuccessful"] == false);
+  CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+  r = put_register(s, "tpm-tamper", {{"endorsementKey", ecc_ek}, {"storageRootKey", tpm.srk_b64}});
+  expect_refused(r, 400, "tpm.endorsementKey is an ECC key");
+  CHECK(test::parse_json(r.body)["errorCode"] == 400000);
 }
 
 /// POST status lookup signed with `auth` (no body member but the id).

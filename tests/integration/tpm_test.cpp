@@ -630,10 +630,15 @@ TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway'
     });
     // Bounded: before, the other request could not be served until the
     // gate opened (never, within the bound); after, it takes milliseconds.
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    const auto asked = std::chrono::steady_clock::now();
+    const auto deadline = asked + std::chrono::seconds(30);
     while (other_status == 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     const int served_while_held = other_status;
+    MESSAGE("the other request, while the TPM request was held: status " << served_while_held
+            << " after ~" << std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::steady_clock::now() - asked).count()
+            << " ms (20 ms polling)");
     g.open("load");
     device.join();
     other.join();

@@ -110,9 +110,14 @@ error enrollment_catalog::write_if_enrollment(std::string_view key, std::string_
     return err;
   if (!raw)
     return {};
+  // Compared as view_of_text reads it (the etag the register saw): a
+  // document without one (an older writer's) has etag "".
   auto doc = json::parse(*raw, nullptr, false);
-  const auto it = doc.is_object() ? doc.find("etag") : doc.end();
-  if (it == doc.end() || !it->is_string() || it->get<std::string>() != etag)
+  if (!doc.is_object())
+    return {};
+  const auto it = doc.find("etag");
+  const bool none = it == doc.end() || it->is_null();
+  if (none ? !etag.empty() : (!it->is_string() || it->get<std::string>() != etag))
     return {};
   current = true;
   return write();

@@ -1,6 +1,8 @@
 #include "actors/enrollment_catalog.hpp"
 
+#include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -83,9 +85,18 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
                                         enrollment::kind k) {
   if (batch.empty())
     return {};
-  std::unique_lock<std::mutex> individual{individual_mtx_, std::defer_lock};
-  if (k == enrollment::kind::individual)
-    individual.lock();
+  std::vector<std::size_t> stripes;
+  if (k == enrollment::kind::individual) {
+    for (const auto& op : batch.ops())
+      if (op.family == storage::cf::enrollments)
+        stripes.push_back(stripe_of(op.key));
+    std::sort(stripes.begin(), stripes.end());
+    stripes.erase(std::unique(stripes.begin(), stripes.end()), stripes.end());
+  }
+  std::vector<std::unique_lock<std::mutex>> held;
+  held.reserve(stripes.size());
+  for (auto i : stripes)
+    held.emplace_back(individual_mtx_[i]);
   if (repl_) {
     if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
       return err;
@@ -104,7 +115,7 @@ error enrollment_catalog::write_if_enrollment(std::string_view key, std::string_
                                                bool& current,
                                                const std::function<error()>& write) const {
   current = false;
-  std::lock_guard<std::mutex> guard{individual_mtx_};
+  std::lock_guard<std::mutex> guard{individual_mtx_[stripe_of(key)]};
   std::optional<std::string> raw;
   if (auto err = store_->get(storage::cf::enrollments, key, raw))
     return err;

@@ -4,8 +4,10 @@
 // them, and the writes that keep them current (embedded: RocksDB; Kafka: the
 // shared topics). CAF-free; every member is safe from any thread.
 
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -185,8 +187,8 @@ public:
   [[nodiscard]] error write_registrations(const storage::write_batch& batch);
   /// Runs `write` (state that belongs to individual enrollment `key`: its
   /// TPM challenges) only while that enrollment is stored with etag `etag`,
-  /// and atomically against every individual enrollment write of this
-  /// instance (write_enrollments holds the same lock), so a delete or a
+  /// and atomically against this instance's individual enrollment writes
+  /// of that key (write_enrollments holds the same lock stripe), so a delete or a
   /// replacement cannot land between the check and `write`. `current`:
   /// false (and `write` not run) when the enrollment went or changed. With
   /// Kafka the check is against this instance's copy: another instance's
@@ -218,8 +220,15 @@ private:
   /// Serializes group snapshot rebuilds, so a slow one that read the
   /// groups before a write cannot install its snapshot after the write's.
   std::mutex reload_mtx_;
-  /// Held by individual enrollment writes and write_if_enrollment().
-  mutable std::mutex individual_mtx_;
+  /// Held by individual enrollment writes and write_if_enrollment(), striped
+  /// by enrollment key: with Kafka a holder waits for its publish (seconds),
+  /// which must not stall writes of other enrollments. A batch takes its
+  /// keys' stripes in ascending order (no deadlock).
+  static constexpr std::size_t individual_stripes = 64;
+  static std::size_t stripe_of(std::string_view key) {
+    return std::hash<std::string_view>{}(key) % individual_stripes;
+  }
+  mutable std::array<std::mutex, individual_stripes> individual_mtx_;
 };
 
 } // namespace prov

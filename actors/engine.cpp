@@ -282,6 +282,16 @@ public:
     return attest(*ctx_, req, false).err;
   }
 
+  error authenticate_device_without_tpm(const register_request& req) override {
+    bool tpm = false;
+    auto r = attest(*ctx_, req, false, &tpm);
+    if (tpm)
+      return {error_code::unauthorized,
+              "registration '" + req.registration_id + "' attests with TPM: DPS has no TPM "
+              "attestation over MQTT (register over HTTPS)"};
+    return std::move(r.err);
+  }
+
   void authenticate_device(register_request req, done_cb cb) override {
     bool tpm = false;
     auto r = attest(*ctx_, req, false, &tpm);
@@ -774,7 +784,8 @@ namespace {
 /// (docs/device-api.md#tpm-attestation).
 class store_challenges final : public attestation::challenge_store {
 public:
-  explicit store_challenges(const engine_context& ctx) : ctx_(ctx) {}
+  store_challenges(const engine_context& ctx, std::function<void(const char*)> in_write)
+    : ctx_(ctx), in_write_(std::move(in_write)) {}
 
   error load(std::string_view registration_id, attestation::tpm_slots& out) const override {
     if (auto err = read(registration_id, out))
@@ -798,8 +809,11 @@ public:
     std::lock_guard<std::mutex> guard{mtx_};
     bool current = false;
     auto err = ctx_.catalog.write_if_enrollment(enrollment::key_of(registration_id),
-                                                enrollment_etag, current,
-                                                [&] { return write(b); });
+                                                enrollment_etag, current, [&] {
+                                                  if (in_write_)
+                                                    in_write_("issue");
+                                                  return write(b);
+                                                });
     if (!err && current)
       out = attestation::challenge_write::written;
     return err;
@@ -827,6 +841,8 @@ public:
               attestation::encode_challenge(*s.pending));
         b.del(storage::cf::tpm_challenges, pending_key(registration_id));
         s.cleanse();
+        if (in_write_)
+          in_write_("promote");
         auto err = write(b);
         if (!err)
           out = attestation::challenge_write::written;
@@ -864,6 +880,7 @@ private:
   }
 
   const engine_context& ctx_;
+  std::function<void(const char*)> in_write_; ///< engine_options::in_challenge_write
   /// Makes promote() a compare-and-set against issue(); taken before the
   /// catalog's individual enrollment lock (write_if_enrollment).
   mutable std::mutex mtx_;
@@ -892,7 +909,7 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
-  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx);
+  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx, opts.in_challenge_write);
   if (opts.wrap_challenges)
     ctx->tpm_challenges = opts.wrap_challenges(std::move(ctx->tpm_challenges));
   ctx->mechanisms.add(std::make_unique<attestation::tpm>(

@@ -49,6 +49,10 @@ struct engine_options {
   std::function<std::unique_ptr<attestation::challenge_store>(
     std::unique_ptr<attestation::challenge_store>)>
     wrap_challenges;
+  /// Tests only (tests/testd): called with "issue" or "promote" inside the
+  /// enrollment lock of a challenge write (after the etag check, before the
+  /// write), so a test can show an enrollment write waits for it. Null: none.
+  std::function<void(const char* call)> in_challenge_write;
 };
 
 /// Result of a register call as the gateway needs it.
@@ -87,6 +91,11 @@ public:
 
   /// Checks a device credential for polls and status lookups (synchronous).
   [[nodiscard]] virtual error authenticate_device(const register_request& req) = 0;
+  /// The same for a transport without TPM attestation (MQTT: DPS has
+  /// none), on the caller's thread and never blocking on a TPM challenge
+  /// read: a TPM credential, or any credential for a TPM-enrolled
+  /// registration id, is refused (unauthorized) without reading challenges.
+  [[nodiscard]] virtual error authenticate_device_without_tpm(const register_request& req) = 0;
   /// The same, for a caller on a thread that must not block (a gateway I/O
   /// thread): checked on the caller's thread and `cb` called there, except
   /// for a TPM device's (its challenge read may wait for Kafka, and its

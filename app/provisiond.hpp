@@ -24,6 +24,8 @@ struct extensions {
   std::function<std::unique_ptr<attestation::challenge_store>(
     std::unique_ptr<attestation::challenge_store>)>
     wrap_challenges;
+  /// engine_options::in_challenge_write (tests only).
+  std::function<void(const char* call)> in_challenge_write;
 };
 
 /// Sets up the process (stop signals blocked in every thread, SIGPIPE

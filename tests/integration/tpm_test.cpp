@@ -23,6 +23,7 @@
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/metrics_scrape.hpp"
+#include "tests/support/mqtt_client.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/soft_tpm.hpp"
 
@@ -340,6 +341,13 @@ TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malforme
   r = put_register(s, "tpm-tamper", {{"endorsementKey", ecc_ek}, {"storageRootKey", tpm.srk_b64}});
   expect_refused(r, 400, "tpm.endorsementKey is an ECC key");
   CHECK(test::parse_json(r.body)["errorCode"] == 400000);
+  // Nothing stored by the refused registers: no registration record, and the
+  // challenge activated above is still the pending one (it is answered now).
+  CHECK(s.service("GET", "/registrations/tpm-tamper").status == 404);
+  const auto auth = tpm.sas(s, "tpm-tamper");
+  auto done = wait_assigned(s, "tpm-tamper", put_register(s, "tpm-tamper", tpm_body(tpm), auth),
+                            auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
 }
 
 /// POST status lookup signed with `auth` (no body member but the id).
@@ -462,12 +470,29 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
 namespace {
 
 /// The test binary's TPM challenge store gates (tests/testd/held_challenges.hpp):
-/// while `hold-<call>` exists in `dir`, that call waits.
+/// while `hold-<call>` exists in `dir`, that call waits; the server removes
+/// `held-<call>` when the call goes on. The dir is removed (every gate open)
+/// when this goes.
 struct gates {
   std::string dir;
-  void close(const std::string& call) const { std::ofstream(dir + "/hold-" + call) << "1"; }
+  gates() = default;
+  gates(const gates&) = delete;
+  gates& operator=(const gates&) = delete;
+  ~gates() {
+    if (!dir.empty())
+      test::remove_tree(dir);
+  }
+  /// A stale `held-` (there should be none) must not count as an arrival.
+  void close(const std::string& call) const {
+    std::remove((dir + "/held-" + call).c_str());
+    std::ofstream(dir + "/hold-" + call) << "1";
+  }
   void open(const std::string& call) const { std::remove((dir + "/hold-" + call).c_str()); }
-  /// Whether a request reached the closed gate within `limit`.
+  void open_all() const {
+    for (const char* c : {"load", "issue", "promote", "issue-locked", "promote-locked"})
+      open(c);
+  }
+  /// Whether a request reached the closed gate (since close()) within `limit`.
   bool reached(const std::string& call,
                std::chrono::seconds limit = std::chrono::seconds(60)) const {
     const auto deadline = std::chrono::steady_clock::now() + limit;
@@ -480,37 +505,61 @@ struct gates {
   }
 };
 
+/// Sets an environment variable for its scope (also when a REQUIRE throws).
+struct scoped_env {
+  const char* name;
+  scoped_env(const char* n, const std::string& value) : name(n) { ::setenv(n, value.c_str(), 1); }
+  ~scoped_env() { ::unsetenv(name); }
+};
+
 /// A server running the test binary with the gates in a temp dir.
 void start_gated(test::server_process& s, gates& g, const std::string& cfg_extra = {}) {
   g.dir = test::make_temp_dir("provisiond-tpm-gates");
   s.set_pipeline_delay_ms(0); // the test binary, no delay
-  ::setenv("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir.c_str(), 1);
+  scoped_env env("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir);
   start_fresh(s, [&](const std::string& dir) {
     auto cfg = test::default_config(dir);
     return cfg_extra.empty() ? cfg : test::with_device_api(cfg, cfg_extra);
   });
-  ::unsetenv("PROVISIOND_TEST_TPM_HOLD_DIR");
 }
+
+/// A thread joined when this goes, after `unblock` (opening the gates it may
+/// wait at): an assertion that throws while it runs neither terminates the
+/// test binary (a joinable std::thread) nor waits out the server's gate.
+struct joined_thread {
+  std::function<void()> unblock;
+  std::thread t;
+  joined_thread(std::function<void()> unblock_with, std::function<void()> body)
+    : unblock(std::move(unblock_with)), t(std::move(body)) {}
+  ~joined_thread() {
+    if (t.joinable()) {
+      if (unblock)
+        unblock();
+      t.join();
+    }
+  }
+  void join() { t.join(); }
+};
 
 /// A PUT register on its own thread (no assertions there): join() gives
 /// the answer.
 struct register_in_background {
   net::https_response resp;
   error err;
-  std::thread t;
-  register_in_background(const test::server_process& s, const std::string& id, json tpm,
-                         std::string auth = {}) {
-    t = std::thread([this, &s, id, tpm = std::move(tpm), auth = std::move(auth)] {
-      auto c = s.client();
-      net::http_headers h;
-      if (!auth.empty())
-        h.add("Authorization", auth);
-      h.add("Content-Type", "application/json; charset=utf-8");
-      json body{{"registrationId", id}, {"tpm", tpm}};
-      err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
-                      body.dump(), resp);
-    });
-  }
+  joined_thread t;
+  register_in_background(const test::server_process& s, const gates& g, const std::string& id,
+                         json tpm, std::string auth = {})
+    : t([&g] { g.open_all(); },
+        [this, &s, id, tpm = std::move(tpm), auth = std::move(auth)] {
+          auto c = s.client();
+          net::http_headers h;
+          if (!auth.empty())
+            h.add("Authorization", auth);
+          h.add("Content-Type", "application/json; charset=utf-8");
+          json body{{"registrationId", id}, {"tpm", tpm}};
+          err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                          body.dump(), resp);
+        }) {}
   const net::https_response& join() {
     t.join();
     REQUIRE_MESSAGE(!err, err.message);
@@ -538,7 +587,7 @@ TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted i
   //    at the gate while the enrollment is deleted and created again.
   g.close("issue");
   {
-    register_in_background r(s, id, tpm_body(tpm));
+    register_in_background r(s, g, id, tpm_body(tpm));
     const bool reached = g.reached("issue");
     if (reached)
       delete_and_recreate();
@@ -558,7 +607,7 @@ TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted i
   const auto auth = tpm.sas(s, id);
   g.close("promote");
   {
-    register_in_background r(s, id, tpm_body(tpm), auth);
+    register_in_background r(s, g, id, tpm_body(tpm), auth);
     const bool reached = g.reached("promote");
     if (reached)
       put_tpm_enrollment(s, id, tpm.ek_b64);
@@ -581,7 +630,7 @@ TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted i
   const auto auth2 = tpm.sas(s, id);
   g.close("promote");
   {
-    register_in_background r(s, id, tpm_body(tpm), auth2);
+    register_in_background r(s, g, id, tpm_body(tpm), auth2);
     const bool reached = g.reached("promote");
     if (reached)
       delete_and_recreate();
@@ -595,6 +644,139 @@ TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted i
                  "no TPM challenge is outstanding");
   // The device starts over and gets in.
   register_with_tpm(s, id, tpm);
+}
+
+TEST_CASE("tpm: an enrollment delete waits for a challenge write that checked the enrollment") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-locked";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+
+  // The register's challenge write passed the etag check and waits inside
+  // the enrollment lock; a DELETE of the enrollment meanwhile.
+  g.close("issue-locked");
+  register_in_background r(s, g, id, tpm_body(tpm));
+  if (!g.reached("issue-locked")) {
+    g.open_all();
+    FAIL("the register did not reach the challenge write: " << r.join().body);
+  }
+  std::atomic<int> delete_status{0};
+  joined_thread del([&] { g.open_all(); }, [&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Authorization", s.service_auth());
+    net::https_response resp;
+    delete_status = c.request("DELETE", "/enrollments/" + id + "?api-version=2021-10-01", h, "",
+                              resp)
+                      ? -1
+                      : resp.status;
+  });
+  // Not a timing assertion that can fail when the code is right: with the
+  // lock the DELETE cannot finish before the gate opens, however long we
+  // wait. Without it (compare, then write unlocked) it finishes at once.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (delete_status == 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const int finished_while_held = delete_status;
+  g.open("issue-locked");
+  const auto& resp = r.join();
+  del.join();
+  CHECK_MESSAGE(finished_while_held == 0, "the DELETE finished while the challenge write "
+                                          "held the enrollment lock: status "
+                                            << finished_while_held);
+  CHECK(delete_status.load() == 204);
+  // The challenge was written before the delete, so the delete took it.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(resp)), tpm.log());
+  put_tpm_enrollment(s, id, tpm.ek_b64); // same EK: only the incarnation differs
+  const auto auth = tpm.sas(s, id);
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "no TPM challenge is outstanding");
+  register_with_tpm(s, id, tpm);
+}
+
+TEST_CASE("tpm: an MQTT CONNECT for a TPM-enrolled id is refused without reading challenges") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  REQUIRE(s.mqtt_port() != 0);
+  soft_tpm tpm;
+  const std::string id = "tpm-mqtt";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  const auto flow = register_with_tpm(s, id, tpm); // a SAS the TPM signed, valid over HTTPS
+  const std::string user = s.id_scope() + "/registrations/" + id + "/api-version=2021-06-01";
+  auto connect = [&](const std::string& sas) {
+    test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+    const int code = c.connect(id, user, sas);
+    CHECK(c.closed_by_server());
+    return code;
+  };
+  // The challenge read is held: a CONNECT that read challenges (on the
+  // MQTT I/O thread) would not be answered until the gate opens.
+  g.close("load");
+  CHECK(connect(flow.auth) == 5); // not authorized: DPS has no TPM over MQTT
+  CHECK(connect(s.device_auth(id, crypto::generate_key())) == 5);
+  CHECK_FALSE(g.reached("load", std::chrono::seconds(1)));
+  g.open("load");
+  CHECK(s.log().find("DPS has no TPM attestation over MQTT") != std::string::npos);
+  // The same SAS over HTTPS: the device is fine.
+  REQUIRE(status_lookup(s, id, flow.auth).status == 200);
+}
+
+TEST_CASE("tpm: a malformed or foreign SAS is refused without waiting for the TPM worker") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-cheap";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  // The one TPM worker is busy: a register's challenge write is held.
+  g.close("issue");
+  register_in_background held(s, g, id, tpm_body(tpm));
+  REQUIRE(g.reached("issue"));
+  // Before, these queued behind it (and could fill the queue): now they are
+  // refused on the I/O thread while the worker is still held.
+  const std::vector<std::string> bad = {
+    "SharedAccessSignature garbage",
+    s.device_auth("someone-else", crypto::generate_key()), // another id's resource
+  };
+  for (const auto& auth : bad) {
+    std::atomic<int> status{0};
+    std::string body;
+    joined_thread t(nullptr, [&] {
+      auto c = s.client(false);
+      net::http_headers h;
+      h.add("Authorization", auth);
+      h.add("Content-Type", "application/json; charset=utf-8");
+      net::https_response r;
+      json req{{"registrationId", id}, {"tpm", tpm_body(tpm)}};
+      if (!c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                     req.dump(), r)) {
+        body = r.body;
+        status = r.status;
+      } else {
+        status = -1;
+      }
+    });
+    // Bounded: held behind the worker it would not be answered before the
+    // gate opens (never, within the bound).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (status == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const int answered_while_held = status;
+    if (answered_while_held == 0)
+      g.open_all();
+    t.join();
+    CHECK_MESSAGE(answered_while_held == 401, "status " << answered_while_held << ": " << body);
+  }
+  g.open("issue");
+  CHECK(tpm.activate(expect_challenge(held.join())));
 }
 
 TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway's I/O thread") {
@@ -617,10 +799,10 @@ TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway'
   auto other_served_meanwhile = [&](auto tpm_request) {
     g.close("load");
     std::atomic<int> tpm_status{0};
-    std::thread device([&] { tpm_status = tpm_request(); });
+    joined_thread device([&] { g.open_all(); }, [&] { tpm_status = tpm_request(); });
     const bool reached = g.reached("load");
     std::atomic<int> other_status{0};
-    std::thread other([&] {
+    joined_thread other(nullptr, [&] {
       auto c = s.client(false);
       net::http_headers h;
       h.add("Authorization", s.service_auth());

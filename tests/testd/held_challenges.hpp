@@ -2,7 +2,11 @@
 // The engine's TPM challenge store with gates a test opens and closes from
 // outside the process: a call (load, issue or promote) waits while the
 // file `<dir>/hold-<call>` exists, after creating `<dir>/held-<call>` so
-// the test knows a request reached that point. A test can thus put a
+// the test knows a request reached that point; `held-<call>` is removed
+// when the call goes on, so the next arrival is a fresh one. The gates
+// `issue-locked` and `promote-locked` sit inside the enrollment lock of the
+// challenge write (engine_options::in_challenge_write, through gate_at()).
+// A test can thus put a
 // service API write (an enrollment delete) exactly between a TPM register's
 // enrollment read and its challenge write, or keep a TPM poll busy while it
 // checks that other requests are still served: deterministic, no sleeps.
@@ -12,6 +16,7 @@
 #include <sys/stat.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -44,23 +49,27 @@ public:
     return inner_->promote(registration_id, enrollment_etag, verified_key, out);
   }
 
+  /// The gate for any call name, usable without an instance. Bounded
+  /// (2 min), so a test that dies holding a gate cannot hang the server.
+  static void gate_at(const std::string& dir, const std::string& call) {
+    const std::string hold = dir + "/hold-" + call;
+    if (!exists(hold))
+      return;
+    const std::string held = dir + "/held-" + call;
+    std::ofstream(held) << "1";
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(2);
+    while (exists(hold) && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::remove(held.c_str());
+  }
+
 private:
   static bool exists(const std::string& path) {
     struct stat st {};
     return ::stat(path.c_str(), &st) == 0;
   }
 
-  /// Bounded (2 min), so a test that dies holding a gate cannot hang the
-  /// server forever.
-  void gate(const char* call) const {
-    const std::string hold = dir_ + "/hold-" + call;
-    if (!exists(hold))
-      return;
-    std::ofstream(dir_ + "/held-" + call) << "1";
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(2);
-    while (exists(hold) && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  void gate(const char* call) const { gate_at(dir_, call); }
 
   std::unique_ptr<attestation::challenge_store> inner_;
   std::string dir_;

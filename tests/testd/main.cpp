@@ -36,9 +36,13 @@ int main(int argc, char** argv) {
     ext.policies.push_back(std::make_shared<test::delayed_policy>(
       allocation_policy::static_hub, std::make_shared<allocation::static_policy>(), delay));
   }
-  if (const char* dir = std::getenv("PROVISIOND_TEST_TPM_HOLD_DIR"); dir != nullptr && *dir)
+  if (const char* dir = std::getenv("PROVISIOND_TEST_TPM_HOLD_DIR"); dir != nullptr && *dir) {
     ext.wrap_challenges = [d = std::string(dir)](auto inner) {
       return std::make_unique<test::held_challenges>(std::move(inner), d);
     };
+    ext.in_challenge_write = [d = std::string(dir)](const char* call) {
+      test::held_challenges::gate_at(d, std::string(call) + "-locked");
+    };
+  }
   return app::run(argc, argv, ext);
 }

@@ -35,7 +35,18 @@ verdict check(const engine_context& ctx, const register_request& req,
 verdict attest(const engine_context& ctx, const register_request& req, bool registering,
                bool* tpm_deferred) {
   const attestation::mechanism* mech = ctx.mechanisms.reading(req.credential);
+  attestation::request_facts facts;
+  facts.id_scope = req.id_scope;
+  facts.registration_id = req.registration_id;
+  facts.now_s = now_ms() / 1000;
+  facts.registering = registering;
   if (tpm_deferred != nullptr && mech != nullptr && mech->type() == attestation_type::tpm) {
+    // Opening reads no store and makes no RSA: malformed keys and a SAS
+    // that cannot be right (format, resource, expiry) are refused here, so
+    // they never take a slot of the TPM worker's bounded queue.
+    std::unique_ptr<attestation::proof> p;
+    if (auto err = mech->open(req.credential, facts, p))
+      return verdict::rejected(err.code, std::move(err.message));
     *tpm_deferred = true;
     return {};
   }
@@ -47,11 +58,6 @@ verdict attest(const engine_context& ctx, const register_request& req, bool regi
           "Authorization header, X.509 devices a client certificate in the TLS handshake, "
           "TPM devices their tpm.endorsementKey in the register body"
         : "this server does not accept this kind of credential");
-  attestation::request_facts facts;
-  facts.id_scope = req.id_scope;
-  facts.registration_id = req.registration_id;
-  facts.now_s = now_ms() / 1000;
-  facts.registering = registering;
   std::unique_ptr<attestation::proof> p;
   if (auto err = mech->open(req.credential, facts, p))
     return verdict::rejected(err.code, std::move(err.message));
@@ -110,6 +116,8 @@ verdict check(const engine_context& ctx, const register_request& req,
         && std::holds_alternative<sas_credential>(req.credential)) {
       // A TPM device's polls and status lookups carry only the SAS signed
       // with its challenge's key (no body): the TPM mechanism checks it.
+      // Deferred only after attest() opened it as a device SAS (format,
+      // resource, expiry): garbage never reaches the TPM worker's queue.
       if (tpm_deferred != nullptr) {
         *tpm_deferred = true;
         return {};

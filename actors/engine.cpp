@@ -297,6 +297,30 @@ public:
     return attest(*ctx_, req, false).err;
   }
 
+  error authenticate_device_without_tpm(const register_request& req) override {
+    bool tpm = false;
+    auto r = attest(*ctx_, req, false, &tpm);
+    if (tpm)
+      return {error_code::unauthorized,
+              "registration '" + req.registration_id + "' attests with TPM: DPS has no TPM "
+              "attestation over MQTT (register over HTTPS)"};
+    return std::move(r.err);
+  }
+
+  void authenticate_device(register_request req, done_cb cb) override {
+    bool tpm = false;
+    auto r = attest(*ctx_, req, false, &tpm);
+    if (!tpm)
+      return cb(std::move(r.err));
+    tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
+      if (f != serial_worker::fate::run)
+        return cb(f == serial_worker::fate::busy
+                    ? error{error_code::throttled, "too many TPM requests in progress"}
+                    : error{error_code::unavailable, "the service is stopping"});
+      cb(attest(*ctx_, req, false).err);
+    });
+  }
+
   error operation(const std::string& registration_id, const std::string& operation_id,
                   registration_state& out) override {
     std::optional<std::string> raw;
@@ -779,7 +803,8 @@ namespace {
 /// (docs/device-api.md#tpm-attestation).
 class store_challenges final : public attestation::challenge_store {
 public:
-  explicit store_challenges(engine_context& ctx) : ctx_(ctx) {}
+  store_challenges(engine_context& ctx, std::function<void(const char*)> in_write)
+    : ctx_(ctx), in_write_(std::move(in_write)) {}
 
   error load(std::string_view registration_id, attestation::tpm_slots& out) const override {
     if (auto err = read(registration_id, out))
@@ -795,34 +820,55 @@ public:
     return {};
   }
 
-  error issue(std::string_view registration_id,
-              const attestation::tpm_challenge& c) const override {
+  error issue(std::string_view registration_id, std::string_view enrollment_etag,
+              const attestation::tpm_challenge& c,
+              attestation::challenge_write& out) const override {
+    out = attestation::challenge_write::enrollment_changed;
     storage::write_batch b;
     b.put(storage::cf::tpm_challenges, pending_key(registration_id),
           attestation::encode_challenge(c));
     std::lock_guard<std::mutex> guard{mtx_};
-    return write(b);
+    bool current = false;
+    auto err = ctx_.catalog.write_if_enrollment(enrollment::key_of(registration_id),
+                                                enrollment_etag, current, [&] {
+                                                  if (in_write_)
+                                                    in_write_("issue");
+                                                  return write(b);
+                                                });
+    if (!err && current)
+      out = attestation::challenge_write::written;
+    return err;
   }
 
-  error promote(std::string_view registration_id, std::string_view verified_key,
-                bool& moved) const override {
-    moved = false;
+  error promote(std::string_view registration_id, std::string_view enrollment_etag,
+                std::string_view verified_key,
+                attestation::challenge_write& out) const override {
+    out = attestation::challenge_write::enrollment_changed;
     std::lock_guard<std::mutex> guard{mtx_};
-    attestation::tpm_slots s;
-    if (auto err = read(registration_id, s))
-      return err;
-    if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key)) {
-      s.cleanse();
-      return {};
-    }
-    s.pending->answered = true;
-    storage::write_batch b;
-    b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
-          attestation::encode_challenge(*s.pending));
-    b.del(storage::cf::tpm_challenges, pending_key(registration_id));
-    s.cleanse();
-    auto err = write(b);
-    moved = !err;
+    bool current = false;
+    auto err = ctx_.catalog.write_if_enrollment(
+      enrollment::key_of(registration_id), enrollment_etag, current, [&]() -> error {
+        out = attestation::challenge_write::challenge_changed;
+        attestation::tpm_slots s;
+        if (auto err = read(registration_id, s))
+          return err;
+        if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key)) {
+          s.cleanse();
+          return {};
+        }
+        s.pending->answered = true;
+        storage::write_batch b;
+        b.put(storage::cf::tpm_challenges, enrollment::key_of(registration_id),
+              attestation::encode_challenge(*s.pending));
+        b.del(storage::cf::tpm_challenges, pending_key(registration_id));
+        s.cleanse();
+        if (in_write_)
+          in_write_("promote");
+        auto err = write(b);
+        if (!err)
+          out = attestation::challenge_write::written;
+        return err;
+      });
     return err;
   }
 
@@ -854,7 +900,10 @@ private:
   }
 
   engine_context& ctx_; // its catalog writes
-  mutable std::mutex mtx_; ///< makes promote() a compare-and-set against issue()
+  std::function<void(const char*)> in_write_; ///< engine_options::in_challenge_write
+  /// Makes promote() a compare-and-set against issue(); taken before the
+  /// catalog's individual enrollment lock (write_if_enrollment).
+  mutable std::mutex mtx_;
   mutable once_per_interval catch_ups_{std::chrono::seconds(5)};
 };
 
@@ -880,7 +929,9 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->mechanisms.add(std::make_unique<attestation::x509>());
-  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx);
+  ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx, opts.in_challenge_write);
+  if (opts.wrap_challenges)
+    ctx->tpm_challenges = opts.wrap_challenges(std::move(ctx->tpm_challenges));
   ctx->mechanisms.add(std::make_unique<attestation::tpm>(
     *ctx->tpm_challenges, opts.cfg.device_api.tpm_challenge_seconds,
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));

@@ -24,6 +24,9 @@ class store;
 namespace prov::allocation {
 class policy;
 }
+namespace prov::attestation {
+class challenge_store;
+}
 
 namespace prov {
 
@@ -41,6 +44,15 @@ struct engine_options {
   /// Allocation policies of an embedding program, registered after the
   /// built-in ones (a policy of the same kind replaces the built-in one).
   std::vector<std::shared_ptr<const allocation::policy>> policies;
+  /// Tests only (tests/testd): wraps the engine's TPM challenge store, so a
+  /// test can hold a challenge write at a point of its choosing. Null: none.
+  std::function<std::unique_ptr<attestation::challenge_store>(
+    std::unique_ptr<attestation::challenge_store>)>
+    wrap_challenges;
+  /// Tests only (tests/testd): called with "issue" or "promote" inside the
+  /// enrollment lock of a challenge write (after the etag check, before the
+  /// write), so a test can show an enrollment write waits for it. Null: none.
+  std::function<void(const char* call)> in_challenge_write;
 };
 
 /// Result of a register call as the gateway needs it.
@@ -79,6 +91,19 @@ public:
 
   /// Checks a device credential for polls and status lookups (synchronous).
   [[nodiscard]] virtual error authenticate_device(const register_request& req) = 0;
+  /// The same for a transport without TPM attestation (MQTT: DPS has
+  /// none), on the caller's thread and never blocking on a TPM challenge
+  /// read: a TPM credential, or any credential for a TPM-enrolled
+  /// registration id, is refused (unauthorized) without reading challenges.
+  [[nodiscard]] virtual error authenticate_device_without_tpm(const register_request& req) = 0;
+  /// The same, for a caller on a thread that must not block (a gateway I/O
+  /// thread): checked on the caller's thread and `cb` called there, except
+  /// for a TPM device's (its challenge read may wait for Kafka, and its
+  /// result's authenticationKey is RSA work): then checked on the engine's
+  /// TPM worker, and `cb` runs there (or with throttled when its queue is
+  /// full, unavailable when it stopped), so the caller's follow-up work for
+  /// that device runs there too.
+  virtual void authenticate_device(register_request req, done_cb cb) = 0;
 
   /// Reads an operation (synchronous). operation_not_found when unknown or
   /// belonging to another registration id.

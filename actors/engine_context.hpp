@@ -101,8 +101,9 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 /// `tpm_deferred`, when given: a TPM register (a TPM credential, or a SAS for
 /// a TPM enrollment) is not attested; *tpm_deferred is set and the verdict
 /// is meaningless. The gateway's I/O threads pass it: a TPM register writes
-/// its challenge (a store or Kafka write), so it runs on the engine's TPM
-/// worker instead, and every other register stays on the fast path.
+/// its challenge (a store or Kafka write), and a TPM poll or status lookup
+/// may wait for Kafka and makes RSA blobs, so they run on the engine's TPM
+/// worker instead, and every other request stays on the fast path.
 attestation::verdict attest(const engine_context& ctx, const register_request& req,
                             bool registering = true, bool* tpm_deferred = nullptr);
 

@@ -1,6 +1,8 @@
 #include "actors/enrollment_catalog.hpp"
 
+#include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -83,6 +85,18 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
                                         enrollment::kind k) {
   if (batch.empty())
     return {};
+  std::vector<std::size_t> stripes;
+  if (k == enrollment::kind::individual) {
+    for (const auto& op : batch.ops())
+      if (op.family == storage::cf::enrollments)
+        stripes.push_back(stripe_of(op.key));
+    std::sort(stripes.begin(), stripes.end());
+    stripes.erase(std::unique(stripes.begin(), stripes.end()), stripes.end());
+  }
+  std::vector<std::unique_lock<std::mutex>> held;
+  held.reserve(stripes.size());
+  for (auto i : stripes)
+    held.emplace_back(individual_mtx_[i]);
   if (repl_) {
     if (auto err = repl_->write_enrollments(batch)) // its reader calls enrollments_changed
       return err;
@@ -95,6 +109,29 @@ error enrollment_catalog::write_enrollments(const storage::write_batch& batch,
   if (auto err = store_->write(batch))
     return err;
   return enrollments_changed(k);
+}
+
+error enrollment_catalog::write_if_enrollment(std::string_view key, std::string_view etag,
+                                               bool& current,
+                                               const std::function<error()>& write) const {
+  current = false;
+  std::lock_guard<std::mutex> guard{individual_mtx_[stripe_of(key)]};
+  std::optional<std::string> raw;
+  if (auto err = store_->get(storage::cf::enrollments, key, raw))
+    return err;
+  if (!raw)
+    return {};
+  // Compared as view_of_text reads it (the etag the register saw): a
+  // document without one (an older writer's) has etag "".
+  auto doc = json::parse(*raw, nullptr, false);
+  if (!doc.is_object())
+    return {};
+  const auto it = doc.find("etag");
+  const bool none = it == doc.end() || it->is_null();
+  if (none ? !etag.empty() : (!it->is_string() || it->get<std::string>() != etag))
+    return {};
+  current = true;
+  return write();
 }
 
 error enrollment_catalog::write_certificates(const storage::write_batch& batch) {

@@ -4,12 +4,15 @@
 // them, and the writes that keep them current (embedded: RocksDB; Kafka: the
 // shared topics). CAF-free; every member is safe from any thread.
 
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -197,6 +200,17 @@ public:
   /// dps.enrollments, returning once this instance has applied it.
   [[nodiscard]] error write_shared(const storage::write_batch& batch,
                                    storage::store::durability d);
+  /// Runs `write` (state that belongs to individual enrollment `key`: its
+  /// TPM challenges) only while that enrollment is stored with etag `etag`,
+  /// and atomically against this instance's individual enrollment writes
+  /// of that key (write_enrollments holds the same lock stripe), so a delete or a
+  /// replacement cannot land between the check and `write`. `current`:
+  /// false (and `write` not run) when the enrollment went or changed. With
+  /// Kafka the check is against this instance's copy: another instance's
+  /// delete is not ordered against it (docs/device-api.md#tpm-attestation).
+  [[nodiscard]] error write_if_enrollment(std::string_view key, std::string_view etag,
+                                          bool& current,
+                                          const std::function<error()>& write) const;
   /// After any enrollment or group write: refreshes the group snapshot (for a
   /// group) and then invalidates cached verdicts and views. Every writer of
   /// enrollments must call it. An error: the snapshot could not be rebuilt
@@ -221,6 +235,15 @@ private:
   /// Serializes group snapshot rebuilds, so a slow one that read the
   /// groups before a write cannot install its snapshot after the write's.
   std::mutex reload_mtx_;
+  /// Held by individual enrollment writes and write_if_enrollment(), striped
+  /// by enrollment key: with Kafka a holder waits for its publish (seconds),
+  /// which must not stall writes of other enrollments. A batch takes its
+  /// keys' stripes in ascending order (no deadlock).
+  static constexpr std::size_t individual_stripes = 64;
+  static std::size_t stripe_of(std::string_view key) {
+    return std::hash<std::string_view>{}(key) % individual_stripes;
+  }
+  mutable std::array<std::mutex, individual_stripes> individual_mtx_;
 };
 
 } // namespace prov

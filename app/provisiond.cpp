@@ -322,6 +322,8 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   eopts.metrics = &inst;
   eopts.placeholder_hubs = placeholder_hub;
   eopts.policies = ext.policies;
+  eopts.wrap_challenges = ext.wrap_challenges;
+  eopts.in_challenge_write = ext.in_challenge_write;
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
     return die("engine: " + err.message);

@@ -10,6 +10,9 @@
 namespace prov::allocation {
 class policy;
 }
+namespace prov::attestation {
+class challenge_store;
+}
 
 namespace prov::app {
 
@@ -21,6 +24,12 @@ struct extensions {
   /// and no new MQTT requests, before they wait for the answers in flight
   /// (the test binary holds the process there: tests/testd/).
   std::function<void()> listeners_stopping;
+  /// engine_options::wrap_challenges (tests only).
+  std::function<std::unique_ptr<attestation::challenge_store>(
+    std::unique_ptr<attestation::challenge_store>)>
+    wrap_challenges;
+  /// engine_options::in_challenge_write (tests only).
+  std::function<void(const char* call)> in_challenge_write;
 };
 
 /// Sets up the process (stop signals blocked in every thread, SIGPIPE

@@ -65,7 +65,8 @@ bool needs_tpm_key(const registration_state& st) {
   return {};
 }
 
-/// For polls and status lookups, on the calling (I/O) thread.
+/// For polls and status lookups: a TPM device's run on the engine's TPM
+/// worker (engine::authenticate_device), so this RSA work is done there.
 [[nodiscard]] error add_tpm_key(engine& eng, const registration_state& st,
                                 const std::string& operation_id, bool nested,
                                 std::string& text) {
@@ -81,6 +82,15 @@ device_answer ok(int status, std::string body, int retry_after_s = 0) {
   a.status = status;
   a.body = std::move(body);
   a.retry_after_s = retry_after_s;
+  return a;
+}
+
+/// A refused credential check; a full TPM worker queue (throttled) or a
+/// stopping service says when to come back.
+device_answer refusal(const error& e, const std::string& tracking, int retry_after_s) {
+  auto a = device_api::device_failure(e, tracking);
+  if (e.code == error_code::throttled || e.code == error_code::unavailable)
+    a.retry_after_s = retry_after_s;
   return a;
 }
 
@@ -177,19 +187,28 @@ void device_api::handle(device_call call, const answer_fn& answer) {
   rr.client_ip = call.client_ip;
   rr.correlation_id = call.tracking_id;
   if (call.what == device_call::kind::poll) {
-    // Node sends "{}" on this GET; the body is ignored.
-    if (auto err = eng_.authenticate_device(rr))
-      return fail(err);
-    if (!call.operation_id)
-      return fail({error_code::bad_request, "malformed operation id"});
-    registration_state st;
-    if (auto err = eng_.operation(call.registration_id, *call.operation_id, st))
-      return fail(err);
-    const bool pending = st.status == registration_status::assigning;
-    auto text = operation_status_text(*call.operation_id, st);
-    if (auto err = add_tpm_key(eng_, st, *call.operation_id, true, text))
-      return fail(err);
-    return answer(ok(pending ? 202 : 200, std::move(text), pending ? retry_after_s_ : 0));
+    // Node sends "{}" on this GET; the body is ignored. The rest runs where
+    // the credential was checked: here, or for a TPM device on the engine's
+    // TPM worker (its challenge read and its key's RSA work stay off this
+    // I/O thread).
+    return eng_.authenticate_device(
+      std::move(rr), [eng = &eng_, answer, tracking = call.tracking_id,
+                      id = std::move(call.registration_id), op = std::move(call.operation_id),
+                      retry_after = retry_after_s_](error err) {
+        if (err)
+          return answer(refusal(err, tracking, retry_after));
+        if (!op)
+          return answer(device_failure({error_code::bad_request, "malformed operation id"},
+                                       tracking));
+        registration_state st;
+        if (auto e = eng->operation(id, *op, st))
+          return answer(device_failure(e, tracking));
+        const bool pending = st.status == registration_status::assigning;
+        auto text = operation_status_text(*op, st);
+        if (auto e = add_tpm_key(*eng, st, *op, true, text))
+          return answer(device_failure(e, tracking));
+        answer(ok(pending ? 202 : 200, std::move(text), pending ? retry_after : 0));
+      });
   }
   if (call.body_framing)
     return fail(call.body_framing);
@@ -239,15 +258,21 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     rr.payload_json = it->dump();
   }
   if (!reg) {
-    if (auto err = eng_.authenticate_device(rr))
-      return fail(err);
-    registration_state st;
-    if (auto err = eng_.registration(call.registration_id, st))
-      return fail(err);
-    auto text = to_json_text(st);
-    if (auto err = add_tpm_key(eng_, st, st.last_operation_id, false, text))
-      return fail(err);
-    return answer(ok(200, std::move(text)));
+    // As for polls: a TPM device's lookup continues on the TPM worker.
+    return eng_.authenticate_device(
+      std::move(rr), [eng = &eng_, answer, tracking = call.tracking_id,
+                      id = std::move(call.registration_id),
+                      retry_after = retry_after_s_](error err) {
+        if (err)
+          return answer(refusal(err, tracking, retry_after));
+        registration_state st;
+        if (auto e = eng->registration(id, st))
+          return answer(device_failure(e, tracking));
+        auto text = to_json_text(st);
+        if (auto e = add_tpm_key(*eng, st, st.last_operation_id, false, text))
+          return answer(device_failure(e, tracking));
+        answer(ok(200, std::move(text)));
+      });
   }
   rr.force_registration = call.force_registration;
   // As a body member too (the query parameter is how the Node SDK sends it);

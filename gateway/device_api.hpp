@@ -62,7 +62,8 @@ public:
              metrics::instruments* metrics = nullptr);
 
   /// Checks `call`, asks the engine, answers exactly once: on this thread,
-  /// or on an engine thread for a register.
+  /// or on an engine thread for a register and for a TPM device's poll or
+  /// status lookup (engine::authenticate_device).
   void handle(device_call call, const answer_fn& answer);
 
   /// [throttling] requests_per_minute_per_address, for any request of

@@ -631,7 +631,10 @@ private:
     rr.credential = credential_;
     rr.protocol = transport();
     rr.client_ip = ip_;
-    if (auto err = ctx_->eng.authenticate_device(rr)) {
+    // On this I/O thread: a TPM device's check may wait for Kafka (its
+    // challenge read), and DPS has no TPM over MQTT, so it is refused
+    // before that read.
+    if (auto err = ctx_->eng.authenticate_device_without_tpm(rr)) {
       const int st = err.status();
       return refuse(st == 429 || st >= 500 ? connack_code::server_unavailable
                                            : connack_code::not_authorized,

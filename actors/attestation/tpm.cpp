@@ -30,6 +30,11 @@ std::string digest_of(std::string_view bytes) {
   return std::string(reinterpret_cast<const char*>(d.data()), d.size());
 }
 
+/// A challenge write that lost to an enrollment delete or replacement.
+constexpr const char* enrollment_moved =
+  "the individual enrollment for this registration id was deleted or replaced while this "
+  "TPM register was in flight: register without Authorization again";
+
 verdict refused(std::string message) {
   return verdict::rejected(error_code::unauthorized_signature, std::move(message));
 }
@@ -97,10 +102,13 @@ private:
     if (blob.empty())
       return verdict::rejected(error_code::bad_request, why);
     // Saved before the device can see it: an answer always finds its state.
-    auto err = store_.issue(registration_id_, c);
+    challenge_write w = challenge_write::written;
+    auto err = store_.issue(registration_id_, v.etag, c, w);
     OPENSSL_cleanse(c.key.data(), c.key.size());
     if (err)
       return verdict::rejected(error_code::storage_failure, std::move(err.message));
+    if (w != challenge_write::written)
+      return refused(enrollment_moved);
     verdict r;
     r.result = verdict::outcome::challenge;
     r.type = attestation_type::tpm;
@@ -167,10 +175,12 @@ private:
       // Compare-and-set: only the challenge whose key was just verified is
       // marked answered. Another register may have replaced it (a new
       // challenge) or answered it since it was loaded.
-      bool moved = false;
-      if (auto err = store_.promote(registration_id_, mine->key, moved))
+      challenge_write w = challenge_write::written;
+      if (auto err = store_.promote(registration_id_, v.etag, mine->key, w))
         return verdict::rejected(error_code::storage_failure, std::move(err.message));
-      if (!moved)
+      if (w == challenge_write::enrollment_changed)
+        return refused(enrollment_moved);
+      if (w != challenge_write::written)
         return refused("the TPM challenge was answered or replaced by a concurrent register: "
                        "register without Authorization for a new one");
     }

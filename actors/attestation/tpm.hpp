@@ -67,22 +67,39 @@ struct tpm_slots {
   void cleanse() noexcept;
 };
 
+/// What a challenge write did. Challenges belong to one incarnation of an
+/// individual enrollment: a write is made only while the enrollment is still
+/// stored with the etag the request was checked against, so a delete (or a
+/// replacement) that lands while a register is in flight cannot be followed
+/// by that register's challenge or answer.
+enum class challenge_write : uint8_t {
+  written,
+  challenge_changed,  ///< promote: the pending challenge is no longer the verified one
+  enrollment_changed, ///< the enrollment was deleted or replaced since it was read
+};
+
 /// Where challenges live, keyed by registration id (the caller lower-cases
 /// nothing: implementations key case-insensitively, as enrollments are).
 class challenge_store {
 public:
   virtual ~challenge_store() = default;
   [[nodiscard]] virtual error load(std::string_view registration_id, tpm_slots& out) const = 0;
-  /// Stores a new pending challenge; the answered one stays.
+  /// Stores a new pending challenge (the answered one stays), only while the
+  /// individual enrollment is stored with `enrollment_etag`.
   [[nodiscard]] virtual error issue(std::string_view registration_id,
-                                    const tpm_challenge& c) const = 0;
+                                    std::string_view enrollment_etag, const tpm_challenge& c,
+                                    challenge_write& out) const = 0;
   /// Compare-and-set: the pending challenge becomes the answered one (the
   /// previous answered one is dropped) only while it is still the one whose
-  /// key is `verified_key` (compared in constant time); else `moved` is
-  /// false and nothing changes. Atomic against this store's other writes in
-  /// this process.
+  /// key is `verified_key` (compared in constant time) and the individual
+  /// enrollment is still stored with `enrollment_etag`; else nothing
+  /// changes. Atomic against this store's other writes and the individual
+  /// enrollment writes of this process (Kafka: docs/device-api.md#tpm-attestation
+  /// says what holds across gateways).
   [[nodiscard]] virtual error promote(std::string_view registration_id,
-                                      std::string_view verified_key, bool& moved) const = 0;
+                                      std::string_view enrollment_etag,
+                                      std::string_view verified_key,
+                                      challenge_write& out) const = 0;
 };
 
 class tpm final : public mechanism {

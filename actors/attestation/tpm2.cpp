@@ -127,7 +127,11 @@ std::string parse_rsa_public(std::string_view tpm2b_bytes, std::string_view what
   if (!p.u16(type))
     return truncated("type");
   if (type == alg_ecc)
-    return what + " is an ECC key: only RSA 2048 keys are supported";
+    // The DPS device SDKs make their EK (and SRK) from the RSA-2048 template,
+    // and the challenge's seed is RSA-OAEP-encrypted to it (§2.6).
+    return what + " is an ECC key: only RSA 2048 keys are supported (DPS TPM attestation "
+                  "uses the RSA-2048 EK of the TCG default template, as the DPS device SDKs "
+                  "create it: tpm2_createek -G rsa)";
   if (type != alg_rsa)
     return what + " is not an RSA key (type " + hex16(type) + "; only RSA 2048 is supported)";
   if (!p.u16(out.name_alg))

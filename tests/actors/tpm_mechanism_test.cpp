@@ -51,19 +51,28 @@ public:
       std::exchange(after_load, nullptr)();
     return {};
   }
-  error issue(std::string_view id, const tpm_challenge& c) const override {
+  error issue(std::string_view id, std::string_view etag, const tpm_challenge& c,
+              challenge_write& out) const override {
+    out = challenge_write::enrollment_changed;
+    if (etag != enrollment_etag)
+      return {};
     map[std::string(id)].pending = c;
+    out = challenge_write::written;
     return {};
   }
-  error promote(std::string_view id, std::string_view verified_key, bool& moved) const override {
-    moved = false;
+  error promote(std::string_view id, std::string_view etag, std::string_view verified_key,
+                challenge_write& out) const override {
+    out = challenge_write::enrollment_changed;
+    if (etag != enrollment_etag)
+      return {};
+    out = challenge_write::challenge_changed;
     auto& s = map[std::string(id)];
     if (!s.pending || !crypto::equal_constant_time(s.pending->key, verified_key))
       return {};
     s.answered = std::move(s.pending);
     s.answered->answered = true;
     s.pending.reset();
-    moved = true;
+    out = challenge_write::written;
     return {};
   }
   const tpm_slots& slots(const std::string& id = reg) const { return map.at(id); }
@@ -75,6 +84,8 @@ public:
   }
   mutable std::map<std::string, tpm_slots> map;
   mutable std::function<void()> after_load;
+  /// The etag the "stored" enrollment has now (writes compare against it).
+  std::string enrollment_etag = "\"e1\"";
 };
 
 request_facts facts(int64_t now, bool registering = true) {
@@ -90,6 +101,7 @@ en::enrollment_view enrolled(const std::string& ek = ek_b64) {
   en::enrollment_view v;
   v.id = reg;
   v.attestation = en::tpm_attestation{ek, {}};
+  v.etag = "\"e1\"";
   return v;
 }
 
@@ -288,4 +300,26 @@ TEST_CASE("tpm mechanism: an answer marks only the challenge it verified (compar
   CHECK_FALSE(store.slots().answered);
   // B's own answer works.
   CHECK(run(m, answer(b, t0 + 1), t0 + 3).is_accepted());
+}
+
+TEST_CASE("tpm mechanism: no challenge write once the enrollment was deleted or replaced") {
+  memory_store store;
+  tpm m(store, ttl, 3600 * 24, 300);
+  // The enrollment was replaced (a delete and a create, or an update)
+  // after this register read it: the challenge is not stored, no blob.
+  store.enrollment_etag = "\"e2\"";
+  auto v = run(m, first(), t0);
+  check_refused(v, "deleted or replaced while this TPM register was in flight");
+  CHECK(v.challenge.empty());
+  CHECK(store.map.empty());
+  // Issued against the current one, then replaced before the answer: the
+  // answer is refused and the challenge stays pending (not answered).
+  store.enrollment_etag = "\"e1\"";
+  REQUIRE(run(m, first(), t0).result == verdict::outcome::challenge);
+  const auto a = store.get().key;
+  store.enrollment_etag = "\"e3\"";
+  check_refused(run(m, answer(a, t0), t0 + 1),
+                "deleted or replaced while this TPM register was in flight");
+  CHECK(store.slots().pending);
+  CHECK_FALSE(store.slots().answered);
 }

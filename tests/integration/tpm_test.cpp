@@ -7,10 +7,12 @@
 
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -21,6 +23,7 @@
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/metrics_scrape.hpp"
+#include "tests/support/mqtt_client.hpp"
 #include "tests/support/server_process.hpp"
 #include "tests/support/soft_tpm.hpp"
 
@@ -143,13 +146,47 @@ void check_status_key(const test::server_process& s, const std::string& id,
   CHECK(tpm.hmac("hub") == hub_sig);
 }
 
+/// Every case drives swtpm with tpm2-tools: without them it is skipped,
+/// loudly (scripts/install-test-deps.sh installs them).
+bool skipped_without_tools() {
+  if (have_tools())
+    return false;
+  MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  return true;
+}
+
+/// A server of its own on a fresh data dir (removed at exit), configured by
+/// `cfg_of(data_dir)`.
+void start_fresh(test::server_process& s,
+                 const std::function<std::string(const std::string&)>& cfg_of) {
+  auto dir = test::make_temp_dir("provisiond-it");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start(cfg_of(dir), dir), s.log());
+}
+
+/// The whole device flow: a challenge from `s` activated in `tpm`, answered
+/// on `answer_on` (default `s`) with the TPM-signed SAS and polled until
+/// assigned. The SAS (for more polls and lookups) and the final answer.
+struct device_flow {
+  std::string auth;
+  json done;
+};
+device_flow register_with_tpm(const test::server_process& s, const std::string& id,
+                              soft_tpm& tpm, const test::server_process* answer_on = nullptr) {
+  const auto& a = answer_on != nullptr ? *answer_on : s;
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  device_flow f;
+  f.auth = tpm.sas(a, id);
+  f.done = wait_assigned(a, id, put_register(a, id, tpm_body(tpm), f.auth), f.auth);
+  REQUIRE_MESSAGE(f.done["status"] == "assigned", f.done.dump());
+  return f;
+}
+
 } // namespace
 
 TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assigned") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   auto& s = test::shared_server();
   soft_tpm tpm;
   const std::string id = "tpm-dev-1";
@@ -229,10 +266,8 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
 }
 
 TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malformed keys") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   auto& s = test::shared_server();
   soft_tpm tpm;
   soft_tpm other;
@@ -289,6 +324,30 @@ TEST_CASE("tpm: refusals: EK not enrolled or another's, tampered blobs, malforme
   expect_refused(s.service("PUT", "/enrollments/tpm-bad", bad.dump()), 400,
                  "size field says 314 bytes but 315 follow");
   CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+
+  // A real ECC EK (made by swtpm): refused at enrollment create (400005,
+  // nothing stored) and in a register body (400000).
+  const auto ecc_ek = tpm.ecc_ek_b64();
+  bad["attestation"]["tpm"]["endorsementKey"] = ecc_ek;
+  r = s.service("PUT", "/enrollments/tpm-bad", bad.dump());
+  expect_refused(r, 400, "attestation.tpm.endorsementKey: the key is an ECC key: only RSA 2048");
+  CHECK(test::parse_json(r.body)["errorCode"] == 400005);
+  CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+  r = s.service("POST", "/enrollments",
+                json{{"mode", "create"}, {"enrollments", json::array({bad})}}.dump());
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(test::parse_json(r.body)["isSuccessful"] == false);
+  CHECK(s.service("GET", "/enrollments/tpm-bad").status == 404);
+  r = put_register(s, "tpm-tamper", {{"endorsementKey", ecc_ek}, {"storageRootKey", tpm.srk_b64}});
+  expect_refused(r, 400, "tpm.endorsementKey is an ECC key");
+  CHECK(test::parse_json(r.body)["errorCode"] == 400000);
+  // Nothing stored by the refused registers: no registration record, and the
+  // challenge activated above is still the pending one (it is answered now).
+  CHECK(s.service("GET", "/registrations/tpm-tamper").status == 404);
+  const auto auth = tpm.sas(s, "tpm-tamper");
+  auto done = wait_assigned(s, "tpm-tamper", put_register(s, "tpm-tamper", tpm_body(tpm), auth),
+                            auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
 }
 
 /// POST status lookup signed with `auth` (no body member but the id).
@@ -305,34 +364,32 @@ net::https_response status_lookup(const test::server_process& s, const std::stri
 }
 
 TEST_CASE("tpm: deleting the enrollment deletes its challenges; metrics count them") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!s.start(test::with_metrics(test::default_config(dir)), dir), s.log());
+  start_fresh(s, [](const std::string& dir) { return test::with_metrics(test::default_config(dir)); });
   const auto addr = test::metrics_addr(s);
-  auto count = [&](const char* outcome) {
-    return test::sum(test::scrape(addr), "dps_tpm_challenges_total",
-                     {"outcome=\"" + std::string(outcome) + "\""});
+  // dps_tpm_challenges_total by outcome, all three at once.
+  auto check_counts = [&](double issued, double answered, double rejected) {
+    const auto text = test::scrape(addr);
+    auto count = [&](const char* outcome) {
+      return test::sum(text, "dps_tpm_challenges_total",
+                       {"outcome=\"" + std::string(outcome) + "\""});
+    };
+    CHECK(count("issued") == issued);
+    CHECK(count("answered") == answered);
+    CHECK(count("rejected") == rejected);
   };
-  CHECK(count("issued") == 0); // every outcome exists from the start
+  check_counts(0, 0, 0); // every outcome exists from the start
   soft_tpm tpm;
   const std::string id = "tpm-deleted";
   put_tpm_enrollment(s, id, tpm.ek_b64);
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth = tpm.sas(s, id);
-  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
-  REQUIRE_MESSAGE(done["status"] == "assigned", done.dump());
+  const auto auth = register_with_tpm(s, id, tpm).auth;
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   // A second challenge, pending: both slots are now in use.
   expect_challenge(put_register(s, id, tpm_body(tpm)));
   REQUIRE(status_lookup(s, id, auth).status == 200); // the answered slot serves lookups
-  CHECK(count("issued") == 2);
-  CHECK(count("answered") == 1);
-  CHECK(count("rejected") == 1);
+  check_counts(2, 1, 1);
 
   // Deleted and enrolled again with the same EK: nothing from before counts,
   // neither the answered challenge (lookups) nor the pending one (registers).
@@ -341,28 +398,19 @@ TEST_CASE("tpm: deleting the enrollment deletes its challenges; metrics count th
   expect_refused(status_lookup(s, id, auth), 401, "no TPM challenge is outstanding");
   expect_refused(put_register(s, id, tpm_body(tpm), auth), 401,
                  "no TPM challenge is outstanding");
-  CHECK(count("rejected") == 2);
+  check_counts(2, 1, 2);
   // The device starts over and gets in.
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
-  const auto auth2 = tpm.sas(s, id);
-  done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth2), auth2);
-  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
-  CHECK(count("issued") == 3);
-  CHECK(count("answered") == 2);
+  register_with_tpm(s, id, tpm);
+  check_counts(3, 2, 2);
 }
 
 TEST_CASE("tpm: an expired challenge is refused with its own message") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::server_process s;
-  auto dir = test::make_temp_dir("provisiond-it");
-  s.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!s.start(test::with_device_api(test::default_config(dir),
-                                                 "tpm_challenge_seconds = 1"),
-                           dir),
-                  s.log());
+  start_fresh(s, [](const std::string& dir) {
+    return test::with_device_api(test::default_config(dir), "tpm_challenge_seconds = 1");
+  });
   soft_tpm tpm;
   put_tpm_enrollment(s, "tpm-late", tpm.ek_b64);
   REQUIRE(tpm.activate(expect_challenge(put_register(s, "tpm-late", tpm_body(tpm)))));
@@ -373,10 +421,8 @@ TEST_CASE("tpm: an expired challenge is refused with its own message") {
 }
 
 TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another") {
-  if (!have_tools()) {
-    MESSAGE("SKIPPED LOUDLY: swtpm or tpm2-tools not installed (scripts/install-test-deps.sh)");
+  if (skipped_without_tools())
     return;
-  }
   test::kafka_fixture fx;
   // Gateways of one deployment share the id scope (devices sign it).
   auto cfg = [&](const std::string& dir) {
@@ -397,10 +443,7 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   const std::string id = "tpm-kafka-1";
   put_tpm_enrollment(gw1, id, tpm.ek_b64);
   // The challenge from gateway 1, its answer to gateway 2.
-  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(gw1, id, tpm_body(tpm)))), tpm.log());
-  const auto auth = tpm.sas(gw2, id);
-  auto done = wait_assigned(gw2, id, put_register(gw2, id, tpm_body(tpm), auth), auth);
-  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  const auto auth = register_with_tpm(gw1, id, tpm, &gw2).auth;
   // Consumed: the same answer again is a replay.
   expect_refused(put_register(gw2, id, tpm_body(tpm), auth), 401, "already answered (a replay)");
   REQUIRE(status_lookup(gw1, id, auth).status == 200);
@@ -422,4 +465,390 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   REQUIRE(etag_at_2() == fresh);
   expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
+}
+
+namespace {
+
+/// The test binary's TPM challenge store gates (tests/testd/held_challenges.hpp):
+/// while `hold-<call>` exists in `dir`, that call waits; the server removes
+/// `held-<call>` when the call goes on. The dir is removed (every gate open)
+/// when this goes.
+struct gates {
+  std::string dir;
+  gates() = default;
+  gates(const gates&) = delete;
+  gates& operator=(const gates&) = delete;
+  ~gates() {
+    if (!dir.empty())
+      test::remove_tree(dir);
+  }
+  /// A stale `held-` (there should be none) must not count as an arrival.
+  void close(const std::string& call) const {
+    std::remove((dir + "/held-" + call).c_str());
+    std::ofstream(dir + "/hold-" + call) << "1";
+  }
+  void open(const std::string& call) const { std::remove((dir + "/hold-" + call).c_str()); }
+  void open_all() const {
+    for (const char* c : {"load", "issue", "promote", "issue-locked", "promote-locked"})
+      open(c);
+  }
+  /// Whether a request reached the closed gate (since close()) within `limit`.
+  bool reached(const std::string& call,
+               std::chrono::seconds limit = std::chrono::seconds(60)) const {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (std::ifstream(dir + "/held-" + call).good())
+        return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+};
+
+/// Sets an environment variable for its scope (also when a REQUIRE throws).
+struct scoped_env {
+  const char* name;
+  scoped_env(const char* n, const std::string& value) : name(n) { ::setenv(n, value.c_str(), 1); }
+  ~scoped_env() { ::unsetenv(name); }
+};
+
+/// A server running the test binary with the gates in a temp dir.
+void start_gated(test::server_process& s, gates& g, const std::string& cfg_extra = {}) {
+  g.dir = test::make_temp_dir("provisiond-tpm-gates");
+  s.set_pipeline_delay_ms(0); // the test binary, no delay
+  scoped_env env("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir);
+  start_fresh(s, [&](const std::string& dir) {
+    auto cfg = test::default_config(dir);
+    return cfg_extra.empty() ? cfg : test::with_device_api(cfg, cfg_extra);
+  });
+}
+
+/// A thread joined when this goes, after `unblock` (opening the gates it may
+/// wait at): an assertion that throws while it runs neither terminates the
+/// test binary (a joinable std::thread) nor waits out the server's gate.
+struct joined_thread {
+  std::function<void()> unblock;
+  std::thread t;
+  joined_thread(std::function<void()> unblock_with, std::function<void()> body)
+    : unblock(std::move(unblock_with)), t(std::move(body)) {}
+  ~joined_thread() {
+    if (t.joinable()) {
+      if (unblock)
+        unblock();
+      t.join();
+    }
+  }
+  void join() { t.join(); }
+};
+
+/// A PUT register on its own thread (no assertions there): join() gives
+/// the answer.
+struct register_in_background {
+  net::https_response resp;
+  error err;
+  joined_thread t;
+  register_in_background(const test::server_process& s, const gates& g, const std::string& id,
+                         json tpm, std::string auth = {})
+    : t([&g] { g.open_all(); },
+        [this, &s, id, tpm = std::move(tpm), auth = std::move(auth)] {
+          auto c = s.client();
+          net::http_headers h;
+          if (!auth.empty())
+            h.add("Authorization", auth);
+          h.add("Content-Type", "application/json; charset=utf-8");
+          json body{{"registrationId", id}, {"tpm", tpm}};
+          err = c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                          body.dump(), resp);
+        }) {}
+  const net::https_response& join() {
+    t.join();
+    REQUIRE_MESSAGE(!err, err.message);
+    return resp;
+  }
+};
+
+} // namespace
+
+TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted is not kept") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-race";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  auto delete_and_recreate = [&] {
+    REQUIRE(s.service("DELETE", "/enrollments/" + id).status == 204);
+    put_tpm_enrollment(s, id, tpm.ek_b64); // same EK: only the incarnation differs
+  };
+
+  // 1. Issue: the register read the enrollment; its challenge write waits
+  //    at the gate while the enrollment is deleted and created again.
+  g.close("issue");
+  {
+    register_in_background r(s, g, id, tpm_body(tpm));
+    const bool reached = g.reached("issue");
+    if (reached)
+      delete_and_recreate();
+    g.open("issue");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    // No challenge from the old incarnation (before: a 401 with a blob this
+    // TPM could activate and answer for the new enrollment).
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+    CHECK_FALSE(test::parse_json(resp.body).contains("authenticationKey"));
+  }
+
+  // 2. Answer: a challenge of the current enrollment, activated; the
+  //    answer's mark (pending -> answered) waits while the enrollment is
+  //    replaced (same EK, new etag: e.g. disabled, or another hub).
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth = tpm.sas(s, id);
+  g.close("promote");
+  {
+    register_in_background r(s, g, id, tpm_body(tpm), auth);
+    const bool reached = g.reached("promote");
+    if (reached)
+      put_tpm_enrollment(s, id, tpm.ek_b64);
+    g.open("promote");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    // Before: accepted, on the strength of the enrollment as it was before
+    // the replacement.
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+  }
+  // Nothing was marked answered: lookups are refused, and the challenge is
+  // still pending, so the same answer is accepted now.
+  expect_refused(status_lookup(s, id, auth), 401, "has not been answered by a register yet");
+  auto done = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+
+  // 3. The same with a delete and a new enrollment: nothing of the old one
+  //    is left, neither answered nor pending.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth2 = tpm.sas(s, id);
+  g.close("promote");
+  {
+    register_in_background r(s, g, id, tpm_body(tpm), auth2);
+    const bool reached = g.reached("promote");
+    if (reached)
+      delete_and_recreate();
+    g.open("promote");
+    const auto& resp = r.join();
+    REQUIRE(reached);
+    expect_refused(resp, 401, "deleted or replaced while this TPM register was in flight");
+  }
+  expect_refused(status_lookup(s, id, auth2), 401, "no TPM challenge is outstanding");
+  expect_refused(put_register(s, id, tpm_body(tpm), auth2), 401,
+                 "no TPM challenge is outstanding");
+  // The device starts over and gets in.
+  register_with_tpm(s, id, tpm);
+}
+
+TEST_CASE("tpm: an enrollment delete waits for a challenge write that checked the enrollment") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-locked";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+
+  // The register's challenge write passed the etag check and waits inside
+  // the enrollment lock; a DELETE of the enrollment meanwhile.
+  g.close("issue-locked");
+  register_in_background r(s, g, id, tpm_body(tpm));
+  if (!g.reached("issue-locked")) {
+    g.open_all();
+    FAIL("the register did not reach the challenge write: " << r.join().body);
+  }
+  std::atomic<int> delete_status{0};
+  joined_thread del([&] { g.open_all(); }, [&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Authorization", s.service_auth());
+    net::https_response resp;
+    delete_status = c.request("DELETE", "/enrollments/" + id + "?api-version=2021-10-01", h, "",
+                              resp)
+                      ? -1
+                      : resp.status;
+  });
+  // Not a timing assertion that can fail when the code is right: with the
+  // lock the DELETE cannot finish before the gate opens, however long we
+  // wait. Without it (compare, then write unlocked) it finishes at once.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (delete_status == 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const int finished_while_held = delete_status;
+  g.open("issue-locked");
+  const auto& resp = r.join();
+  del.join();
+  CHECK_MESSAGE(finished_while_held == 0, "the DELETE finished while the challenge write "
+                                          "held the enrollment lock: status "
+                                            << finished_while_held);
+  CHECK(delete_status.load() == 204);
+  // The challenge was written before the delete, so the delete took it.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(resp)), tpm.log());
+  put_tpm_enrollment(s, id, tpm.ek_b64); // same EK: only the incarnation differs
+  const auto auth = tpm.sas(s, id);
+  expect_refused(put_register(s, id, tpm_body(tpm), auth), 401, "no TPM challenge is outstanding");
+  register_with_tpm(s, id, tpm);
+}
+
+TEST_CASE("tpm: an MQTT CONNECT for a TPM-enrolled id is refused without reading challenges") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  REQUIRE(s.mqtt_port() != 0);
+  soft_tpm tpm;
+  const std::string id = "tpm-mqtt";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  const auto flow = register_with_tpm(s, id, tpm); // a SAS the TPM signed, valid over HTTPS
+  const std::string user = s.id_scope() + "/registrations/" + id + "/api-version=2021-06-01";
+  auto connect = [&](const std::string& sas) {
+    test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
+    const int code = c.connect(id, user, sas);
+    CHECK(c.closed_by_server());
+    return code;
+  };
+  // The challenge read is held: a CONNECT that read challenges (on the
+  // MQTT I/O thread) would not be answered until the gate opens.
+  g.close("load");
+  CHECK(connect(flow.auth) == 5); // not authorized: DPS has no TPM over MQTT
+  CHECK(connect(s.device_auth(id, crypto::generate_key())) == 5);
+  CHECK_FALSE(g.reached("load", std::chrono::seconds(1)));
+  g.open("load");
+  CHECK(s.log().find("DPS has no TPM attestation over MQTT") != std::string::npos);
+  // The same SAS over HTTPS: the device is fine.
+  REQUIRE(status_lookup(s, id, flow.auth).status == 200);
+}
+
+TEST_CASE("tpm: a malformed or foreign SAS is refused without waiting for the TPM worker") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm;
+  const std::string id = "tpm-cheap";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  // The one TPM worker is busy: a register's challenge write is held.
+  g.close("issue");
+  register_in_background held(s, g, id, tpm_body(tpm));
+  REQUIRE(g.reached("issue"));
+  // Before, these queued behind it (and could fill the queue): now they are
+  // refused on the I/O thread while the worker is still held.
+  const std::vector<std::string> bad = {
+    "SharedAccessSignature garbage",
+    s.device_auth("someone-else", crypto::generate_key()), // another id's resource
+  };
+  for (const auto& auth : bad) {
+    std::atomic<int> status{0};
+    std::string body;
+    joined_thread t(nullptr, [&] {
+      auto c = s.client(false);
+      net::http_headers h;
+      h.add("Authorization", auth);
+      h.add("Content-Type", "application/json; charset=utf-8");
+      net::https_response r;
+      json req{{"registrationId", id}, {"tpm", tpm_body(tpm)}};
+      if (!c.request("PUT", device_path(s, id) + "/register?api-version=2021-06-01", h,
+                     req.dump(), r)) {
+        body = r.body;
+        status = r.status;
+      } else {
+        status = -1;
+      }
+    });
+    // Bounded: held behind the worker it would not be answered before the
+    // gate opens (never, within the bound).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (status == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const int answered_while_held = status;
+    if (answered_while_held == 0)
+      g.open_all();
+    t.join();
+    CHECK_MESSAGE(answered_while_held == 401, "status " << answered_while_held << ": " << body);
+  }
+  g.open("issue");
+  CHECK(tpm.activate(expect_challenge(held.join())));
+}
+
+TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway's I/O thread") {
+  if (skipped_without_tools())
+    return;
+  // One I/O thread: whatever holds it holds every request.
+  test::server_process s;
+  gates g;
+  start_gated(s, g, "threads = 1");
+  soft_tpm tpm;
+  const std::string id = "tpm-io";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  const auto flow = register_with_tpm(s, id, tpm);
+  const auto& auth = flow.auth;
+  const std::string op = flow.done["operationId"].get<std::string>();
+
+  // A TPM device's request whose challenge read is held at the gate (with
+  // Kafka that read may wait for a catch-up of dps.enrollments, up to 5 s),
+  // and meanwhile another client's request on the same server.
+  auto other_served_meanwhile = [&](auto tpm_request) {
+    g.close("load");
+    std::atomic<int> tpm_status{0};
+    joined_thread device([&] { g.open_all(); }, [&] { tpm_status = tpm_request(); });
+    const bool reached = g.reached("load");
+    std::atomic<int> other_status{0};
+    joined_thread other(nullptr, [&] {
+      auto c = s.client(false);
+      net::http_headers h;
+      h.add("Authorization", s.service_auth());
+      net::https_response r;
+      if (!c.request("GET", "/enrollments/" + id + "?api-version=2021-10-01", h, "", r))
+        other_status = r.status;
+    });
+    // Bounded: before, the other request could not be served until the
+    // gate opened (never, within the bound); after, it takes milliseconds.
+    const auto asked = std::chrono::steady_clock::now();
+    const auto deadline = asked + std::chrono::seconds(30);
+    while (other_status == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const int served_while_held = other_status;
+    MESSAGE("the other request, while the TPM request was held: status " << served_while_held
+            << " after ~" << std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::steady_clock::now() - asked).count()
+            << " ms (20 ms polling)");
+    g.open("load");
+    device.join();
+    other.join();
+    REQUIRE(reached);
+    CHECK(served_while_held == 200); // 0: not served within 30 s
+    CHECK(tpm_status.load() == 200); // and the held request itself finished fine
+  };
+  // Operation status poll.
+  other_served_meanwhile([&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Authorization", auth);
+    net::https_response p;
+    if (c.request("GET", device_path(s, id) + "/operations/" + op + "?api-version=2021-06-01", h,
+                  "", p))
+      return -1;
+    return p.status;
+  });
+  // Registration status lookup.
+  other_served_meanwhile([&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Authorization", auth);
+    h.add("Content-Type", "application/json");
+    net::https_response p;
+    if (c.request("POST", device_path(s, id) + "?api-version=2021-06-01", h,
+                  json{{"registrationId", id}}.dump(), p))
+      return -1;
+    return p.status;
+  });
 }

@@ -203,6 +203,14 @@ public:
            + "&skn=registration";
   }
 
+  /// This TPM's ECC (NIST P-256) EK, TPM2B_PUBLIC in base64: made, not
+  /// persisted (the RSA EK stays the device's).
+  std::string ecc_ek_b64() const {
+    REQUIRE_MESSAGE(run("tpm2_createek -c ecc_ek.ctx -G ecc -u ecc_ek.pub"), log());
+    run("tpm2_flushcontext -t");
+    return crypto::base64_encode(read_file(dir_ + "/ecc_ek.pub"));
+  }
+
   std::string ek_b64, srk_b64;
 
 private:

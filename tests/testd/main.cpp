@@ -11,15 +11,20 @@
 //   PROVISIOND_TEST_STOP_PAUSE_MS=N  on SIGTERM, the device listeners wait N
 //     ms once they take no new clients or MQTT requests, before they wait
 //     for the answers in flight: a test can act in that window.
+//   PROVISIOND_TEST_TPM_HOLD_DIR=DIR  the TPM challenge store's calls wait
+//     at gates the test opens and closes with files in DIR
+//     (tests/testd/held_challenges.hpp).
 
 #include <chrono>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <thread>
 
 #include "actors/allocation/allocation_policy.hpp"
 #include "app/provisiond.hpp"
 #include "tests/testd/delayed_policy.hpp"
+#include "tests/testd/held_challenges.hpp"
 
 int main(int argc, char** argv) {
   using namespace prov;
@@ -38,5 +43,13 @@ int main(int argc, char** argv) {
   const char* p = std::getenv("PROVISIOND_TEST_STOP_PAUSE_MS");
   if (const int ms = p != nullptr ? std::atoi(p) : 0; ms > 0)
     ext.listeners_stopping = [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); };
+  if (const char* dir = std::getenv("PROVISIOND_TEST_TPM_HOLD_DIR"); dir != nullptr && *dir) {
+    ext.wrap_challenges = [d = std::string(dir)](auto inner) {
+      return std::make_unique<test::held_challenges>(std::move(inner), d);
+    };
+    ext.in_challenge_write = [d = std::string(dir)](const char* call) {
+      test::held_challenges::gate_at(d, std::string(call) + "-locked");
+    };
+  }
   return app::run(argc, argv, ext);
 }

@@ -31,11 +31,12 @@ struct client_chain {
 /// The TLS client certificate chain as presented, leaf first, DER.
 struct x509_credential {
   std::vector<std::string> chain_der;
-  /// In-process only (never encoded): the certificates of `chain_der` as the
-  /// TLS handshake parsed them, so attestation does not decode them again
-  /// (OpenSSL 3.0's public key decoding costs more than the chain's
-  /// signature check). Empty when built from DER alone; then the mechanism
-  /// parses `chain_der`.
+  /// In-process only (never encoded): the certificates as the TLS handshake
+  /// parsed them, so attestation does not decode them again (OpenSSL 3.0's
+  /// public key decoding costs more than the chain's signature check). When
+  /// not empty it is the chain: the mechanism re-encodes the DER from it and
+  /// ignores `chain_der`, so the two can never disagree. Empty when built
+  /// from DER alone; then the mechanism parses `chain_der`.
   parsed_certificates parsed{};
 };
 

@@ -6,6 +6,7 @@
 #include <openssl/bn.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
@@ -43,14 +44,16 @@ X509* parsed_or(const std::shared_ptr<X509>& parsed, const std::string& der, x50
 
 class x509_proof final : public proof {
 public:
-  x509_proof(const x509_credential& cred, std::vector<x509_ptr> chain, int64_t now_s)
-    : leaf_der_(cred.chain_der.front()), chain_(std::move(chain)), now_s_(now_s) {
+  /// `ders` and `chain` are the same certificates (open() derives one from
+  /// the other).
+  x509_proof(const std::vector<std::string>& ders, std::vector<x509_ptr> chain, int64_t now_s)
+    : leaf_der_(ders.front()), chain_(std::move(chain)), now_s_(now_s) {
     sha1_ = enrollment::sha1_of(leaf_der_);
     sha256_ = enrollment::sha256_of(leaf_der_);
     // Every certificate as presented, each prefixed by its length: another
     // chain with the same leaf is another credential.
     std::string all;
-    for (const auto& der : cred.chain_der) {
+    for (const auto& der : ders) {
       const auto n = static_cast<uint32_t>(der.size());
       all.append(reinterpret_cast<const char*>(&n), sizeof n).append(der);
     }
@@ -388,25 +391,50 @@ bool x509::reads(const device_credential& c) const noexcept {
 error x509::open(const device_credential& c, const request_facts& facts,
                  std::unique_ptr<proof>& out) const {
   const auto& cred = std::get<x509_credential>(c);
-  if (cred.chain_der.empty() || cred.chain_der.front().empty())
+  std::vector<x509_ptr> chain;
+  // The handshake's parsed certificates, when the transport passed them, are
+  // the chain: decoding them again (and each public key, through OpenSSL
+  // 3.0's decoders) was the largest part of an X.509 attestation's cost.
+  // Their DER (enrollment match, thumbprints, verdict-cache identity) is
+  // re-encoded from them, never taken from `chain_der`, so what is matched
+  // and what is verified cannot be different certificates.
+  const std::vector<std::string>* ders = &cred.chain_der;
+  std::vector<std::string> encoded;
+  if (!cred.parsed.empty()) {
+    bool shareable = true;
+    for (std::size_t i = 0; i < cred.parsed.size(); ++i) {
+      X509* cert = cred.parsed[i].get();
+      const int n = cert != nullptr ? i2d_X509(cert, nullptr) : -1;
+      std::string der(static_cast<std::size_t>(std::max(n, 0)), '\0');
+      auto* p = reinterpret_cast<unsigned char*>(der.data());
+      if (n <= 0 || i2d_X509(cert, &p) != n)
+        return {error_code::unauthorized_signature,
+                "certificate " + std::to_string(i) + " of the presented chain could not be "
+                "DER-encoded"};
+      encoded.push_back(std::move(der));
+      // X509_verify_cert (X509_get_pubkey_parameters) may copy DSA domain
+      // parameters into a chain certificate's key that lacks them: a write
+      // into an object other requests share. Such chains get private copies.
+      const EVP_PKEY* key = X509_get0_pubkey(cert);
+      if (key == nullptr || EVP_PKEY_get_base_id(key) == EVP_PKEY_DSA
+          || EVP_PKEY_missing_parameters(key) != 0)
+        shareable = false;
+    }
+    ders = &encoded;
+    for (std::size_t i = 0; shareable && i < cred.parsed.size(); ++i) {
+      if (X509_up_ref(cred.parsed[i].get()) != 1)
+        return {error_code::internal,
+                "could not take a reference to certificate " + std::to_string(i)
+                  + " of the presented chain"};
+      chain.emplace_back(cred.parsed[i].get());
+    }
+  }
+  if (ders->empty() || ders->front().empty())
     return {error_code::unauthorized_signature,
             "no client certificate: X.509 devices present their certificate chain in the TLS "
             "handshake"};
-  std::vector<x509_ptr> chain;
-  // The handshake's parsed certificates when the transport passed them:
-  // decoding them again (and each public key, through OpenSSL 3.0's
-  // decoders) was the largest part of an X.509 attestation's cost.
-  const bool reuse = cred.parsed.size() == cred.chain_der.size()
-                     && std::all_of(cred.parsed.begin(), cred.parsed.end(),
-                                    [](const auto& c) { return c != nullptr; });
-  for (std::size_t i = 0; i < cred.chain_der.size(); ++i) {
-    x509_ptr cert;
-    if (reuse) {
-      if (X509_up_ref(cred.parsed[i].get()) == 1)
-        cert.reset(cred.parsed[i].get());
-    } else {
-      cert = enrollment::parse_der(cred.chain_der[i]);
-    }
+  for (std::size_t i = chain.size(); i < ders->size(); ++i) {
+    auto cert = enrollment::parse_der((*ders)[i]);
     if (!cert)
       return {error_code::unauthorized_signature,
               "certificate " + std::to_string(i) + " of the presented chain is not a DER X.509 "
@@ -433,7 +461,7 @@ error x509::open(const device_credential& c, const request_facts& facts,
     return {error_code::unauthorized_signature,
             "the client certificate '" + cn + "' is not valid before "
               + enrollment::utc_text(not_before)};
-  out = std::make_unique<x509_proof>(cred, std::move(chain), facts.now_s);
+  out = std::make_unique<x509_proof>(*ders, std::move(chain), facts.now_s);
   return {};
 }
 

@@ -54,7 +54,13 @@ std::string assignment_event(const registration_event& ev, const registration_st
                              uint64_t seq) {
   auto attrs = attributes_of(ev);
   std::string out;
-  out.reserve(640 + ev.initial_twin_json.size() + rs.allocation_json.size());
+  // X.509: what a hub needs to create the device's identity. From the
+  // event, else the record (as `allocation` below).
+  const std::string& x509 = ev.x509_json.empty() ? rs.x509_json : ev.x509_json;
+  // data.x509 (~300 bytes) is shorter than the certificate info it is
+  // written from: room for it.
+  out.reserve(640 + ev.initial_twin_json.size() + rs.allocation_json.size()
+              + (ev.attestation_type == "x509" ? x509.size() : 0));
   json_text::object ce(out);
   ce.str("specversion", "1.0")
     .str("type", "device.assigned")
@@ -74,9 +80,6 @@ std::string assignment_event(const registration_event& ev, const registration_st
     .str("substatus", ev.substatus);
   if (!ev.enrollment_group_id.empty())
     data.str("enrollmentGroupId", ev.enrollment_group_id);
-  // X.509: what a hub needs to create the device's identity. From the
-  // event, else the record (as `allocation` below).
-  const std::string& x509 = ev.x509_json.empty() ? rs.x509_json : ev.x509_json;
   if (ev.attestation_type == "x509" && !x509.empty())
     write_x509(data, x509, !ev.enrollment_group_id.empty());
   // The enrollment stored the twin as compact, valid JSON text.

@@ -2,6 +2,7 @@
 // model (normalize, then the view), with certificates made here.
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <ctime>
 #include <memory>
 #include <string>
@@ -44,10 +45,25 @@ const pki& certs() {
 
 int64_t now() { return static_cast<int64_t>(std::time(nullptr)); }
 
+// With PROV_X509_TEST_PARSED set (ctest test_actors_x509_parsed) every chain
+// also carries its certificates parsed as a TLS listener hands them over
+// (net::peer_chain): decoded from the DER into objects of their own, not the
+// ones the certificates were made with. The mechanism then uses those (and
+// re-encodes the DER from them), so every case here runs the parsed path too.
+bool parsed_mode() {
+  static const bool on = std::getenv("PROV_X509_TEST_PARSED") != nullptr;
+  return on;
+}
+
 x509_credential chain(std::initializer_list<const test_cert*> cs) {
   x509_credential c;
   for (const auto* t : cs)
     c.chain_der.push_back(t->der());
+  if (parsed_mode())
+    for (const auto& der : c.chain_der) {
+      c.parsed.push_back(en::shared_der(der));
+      REQUIRE(c.parsed.back());
+    }
   return c;
 }
 
@@ -472,8 +488,9 @@ TEST_CASE("x509: the handshake's parsed certificates give the same verdicts as t
   const auto& p = certs();
   auto parsed = [](std::initializer_list<const test_cert*> cs) {
     auto c = chain(cs);
+    c.parsed.clear();
     for (const auto* t : cs)
-      c.parsed.push_back(t->cert);
+      c.parsed.push_back(en::shared_der(t->der()));
     return c;
   };
   const std::vector<en::enrollment_view> groups{group("by-root", p.root)};
@@ -503,9 +520,28 @@ TEST_CASE("x509: the handshake's parsed certificates give the same verdicts as t
   std::unique_ptr<proof> pr;
   auto err = open(parsed({&p.leaf, &p.inter}), "dev-2", pr);
   CHECK(err.code == error_code::unauthorized_signature);
-  // A parsed list that does not match the DER one by one is not used.
-  auto odd = chain({&p.leaf, &p.inter});
-  odd.parsed.push_back(p.leaf.cert);
+  // The parsed certificates are the chain: the DER, thumbprints and identity
+  // come from them, so a `chain_der` that says otherwise changes nothing.
+  std::unique_ptr<proof> honest;
+  REQUIRE(open(parsed({&p.leaf, &p.inter}), "dev-1", honest).ok());
+  auto odd = parsed({&p.leaf, &p.inter});
+  odd.chain_der = {p.leaf2.der(), "not a certificate"};
   REQUIRE(open(odd, "dev-1", pr).ok());
+  CHECK(pr->identity() == honest->identity());
   CHECK(pr->check_groups(groups).is_accepted());
+  auto v = pr->check_individual(individual({{"certificate", p.leaf.pem()}}));
+  CHECK_MESSAGE(v.is_accepted(), v.err.message);
+  v = pr->check_individual(individual({{"certificate", p.leaf2.pem()}}));
+  CHECK_FALSE(v.is_accepted());
+  CHECK(v.err.message.find(hex_upper(en::sha256_of(p.leaf.der()))) != std::string::npos);
+  // Not even a DER list is needed (only the parsed path passes this).
+  odd.chain_der.clear();
+  REQUIRE(open(odd, "dev-1", pr).ok());
+  CHECK(pr->identity() == honest->identity());
+  // A missing (null) parsed certificate is refused, not skipped.
+  auto holed = parsed({&p.leaf, &p.inter});
+  holed.parsed[1] = nullptr;
+  auto err2 = open(holed, "dev-1", pr);
+  CHECK(err2.code == error_code::unauthorized_signature);
+  CHECK(err2.message.find("certificate 1 of the presented chain") != std::string::npos);
 }

@@ -311,16 +311,11 @@ private:
       const bool big = ws_close_code_ == ws::close_code::too_big;
       log_violation("WebSocket: " + ws_why_);
       count_close(big ? "too_large" : "malformed");
-      send_raw(ws::encode_close(ws_close_code_, ws_why_));
+      close_websocket(ws_close_code_, ws_why_);
     } else {
       count_close("client");
-      send_raw(ws::encode_close(ws::close_code::normal, ""));
+      close_websocket(ws::close_code::normal, "");
     }
-    // RFC 6455 §5.5.1: no data frames after a close frame (late answers,
-    // pongs are dropped from here on).
-    ws_close_sent_ = true;
-    close_after_flush_ = true;
-    flush();
   }
 
   /// Queues MQTT bytes for the client (in a binary frame over WebSocket).
@@ -430,10 +425,39 @@ private:
   }
 
   /// A protocol violation: logged with why, then the connection closes.
-  /// Nothing the packet asked for was done.
+  /// Nothing the packet asked for was done. Over WebSocket, a violation in
+  /// what the client sent is answered with a close frame saying why first
+  /// (RFC 6455 §7.1.7): without one the client only sees the TCP close
+  /// (1006). Deadlines close at once: the client is gone or not reading.
   void violation(const char* reason, const std::string& why) {
     log_violation(why);
+    if (auto code = ws_ ? close_code_for(reason) : std::nullopt; code && !ws_close_sent_) {
+      count_close(reason);
+      return close_websocket(*code, why);
+    }
     close_now(reason);
+  }
+
+  /// The close status for a violation's reason (metrics label); none for
+  /// the deadlines.
+  static std::optional<ws::close_code> close_code_for(std::string_view reason) {
+    if (reason == "too_large")
+      return ws::close_code::too_big;
+    if (reason == "inflight")
+      return ws::close_code::policy_violation; // a limit, not a broken packet
+    if (reason == "malformed" || reason == "unknown_topic")
+      return ws::close_code::protocol_error;
+    return std::nullopt;
+  }
+
+  /// Queues our close frame; the connection closes once it is written
+  /// (within the write deadline). RFC 6455 §5.5.1: no data frames after it
+  /// (late answers, pongs are dropped from here on).
+  void close_websocket(ws::close_code code, std::string_view why) {
+    send_raw(ws::encode_close(code, why));
+    ws_close_sent_ = true;
+    close_after_flush_ = true;
+    flush();
   }
 
   void log_violation(const std::string& why) {
@@ -809,10 +833,7 @@ private:
     if (!ws_)
       return close_now("server_stopping");
     count_close("server_stopping");
-    send_raw(ws::encode_close(ws::close_code::going_away, "server stopping"));
-    ws_close_sent_ = true;
-    close_after_flush_ = true;
-    flush();
+    close_websocket(ws::close_code::going_away, "server stopping");
   }
 
   tcp::socket sock_;

@@ -266,6 +266,47 @@ TEST_CASE("bad frames close with a WebSocket close code; nothing is stored") {
     CHECK(c->closed_by_server());
     CHECK(c->close_status() == 1002);
   }
+  // MQTT-level violations inside valid frames end with a close frame too,
+  // not a bare TCP close (which the client sees as 1006).
+  SUBCASE("a malformed MQTT packet in a valid frame (a fifth length byte): 1002") {
+    auto c = connected();
+    REQUIRE(c->send(std::string("\x30\xFF\xFF\xFF\xFF\x01", 6)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    CHECK(c->close_reason().find("malformed") != std::string::npos);
+  }
+  SUBCASE("a PUBLISH that does not parse (QoS 3): 1002") {
+    auto c = connected();
+    auto bad = publish;
+    bad[0] = static_cast<char>(0x36);
+    REQUIRE(c->send(bad));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+  }
+  SUBCASE("a PUBLISH to a topic DPS does not serve: 1002 saying which topics are") {
+    auto c = connected();
+    REQUIRE(c->send(mqtt::encode_publish("devices/x/messages/events/", "{}", 0, 0)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    // The reason is cut to fit the close frame (123 bytes).
+    CHECK_MESSAGE(c->close_reason().find("topic is neither $dps/registrations/PUT/") == 0,
+                  c->close_reason());
+  }
+  SUBCASE("an MQTT packet over mqtt.max_packet_bytes, from its header in a small frame: 1009") {
+    auto c = connected();
+    // PUBLISH QoS 1, remaining length 200 KiB (0x80 0xC0 0x0C).
+    REQUIRE(c->send(std::string("\x32\x80\xC0\x0C", 4)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1009);
+    CHECK(c->close_reason().find("max_packet_bytes") != std::string::npos);
+  }
+  SUBCASE("a packet before CONNECT: 1002") {
+    auto c = std::make_unique<test::mqtt_client>(test::mqtt_client::websocket, s.port(), ca(s));
+    REQUIRE(c->send(mqtt::encode_pingreq()));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    CHECK(c->close_reason().find("CONNECT") != std::string::npos);
+  }
   // None of the publishes was carried out.
   CHECK(s.service("GET", "/registrations/" + id).status == 404);
   check_healthy(s);

@@ -688,6 +688,10 @@ TEST_CASE("metrics carry transport=\"mqtt_ws\"") {
                   {"reason=\"malformed\"", "transport=\"mqtt_ws\""})
         == 1);
   CHECK(test::sum(m, "dps_mqtt_connects_total", {"transport=\"mqtt\""}) == 0);
+  // The upgrade request is an HTTP request of its own.
+  CHECK(test::sum(m, "dps_http_requests_total",
+                  {"route=\"GET /$iothub/websocket\"", "status=\"101\""})
+        == 1);
   // The pipeline counts these registrations as mqtt_ws too.
   CHECK(test::sum(m, "dps_registration_attempts_total",
                   {"protocol=\"mqtt_ws\"", "status=\"assigned\""})

@@ -8,8 +8,10 @@
 #include <chrono>
 #include <csignal>
 #include <iostream>
+#include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <boost/asio/dispatch.hpp>
@@ -46,6 +48,8 @@ using clock = std::chrono::steady_clock;
 /// Longest keep-alive honoured (SDKs use 60..240 s); docs/mqtt.md.
 constexpr int max_keep_alive_s = 1800;
 
+class session;
+
 /// What every session of one server shares. Held by the sessions too:
 /// WebSocket sessions run on the HTTPS server's threads, which may outlive
 /// this server object.
@@ -74,6 +78,11 @@ struct listener_context {
   /// taken (the connection closes instead), so stop() has no new answers
   /// to wait for once `answering` reaches 0.
   std::atomic<bool> stopping{false};
+  /// Open WebSocket sessions, so that stop() can tell each it goes away
+  /// (close frame 1001) before the HTTPS threads they run on stop.
+  std::mutex ws_mutex;
+  std::unordered_map<const session*, std::weak_ptr<session>> ws_sessions;
+  bool ws_closing = false; ///< stop() told them: adopt no more (under ws_mutex)
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -106,11 +115,31 @@ public:
 
   ~session() {
     ctx_->answering.fetch_sub(inflight_ + unwritten_answers_);
+    if (ws_) {
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      ctx_->ws_sessions.erase(this);
+    }
     slots_.release(ip_);
+  }
+
+  /// The server stops (on the session's thread): an open WebSocket session
+  /// is told so with a close frame 1001 instead of seeing its TCP
+  /// connection drop (1006) when the HTTPS threads stop.
+  void server_stopping() {
+    if (phase_ == phase::closed || ws_close_sent_)
+      return;
+    log_violation("the server is stopping");
+    count_close("server_stopping");
+    close_websocket(ws::close_code::going_away, "server stopping");
   }
 
   void run() {
     net::dispatch(sock_.get_executor(), [self = shared_from_this()] { self->on_run(); });
+  }
+
+  /// server_stopping() on the session's thread. Thread-safe.
+  void going_away_soon() {
+    net::post(sock_.get_executor(), [self = shared_from_this()] { self->server_stopping(); });
   }
 
 private:
@@ -920,7 +949,18 @@ public:
     // From here an MQTT connection in the gauges, under the same caps.
     if (c.slots->transfer_to(ctx_->ws_slots))
       c.slots = &ctx_->ws_slots;
-    std::make_shared<session>(std::move(c), ctx_)->run();
+    auto s = std::make_shared<session>(std::move(c), ctx_);
+    bool told;
+    {
+      // Under the lock stop() takes to tell the sessions: either it sees
+      // this one, or this sees it has (and tells this one itself).
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      told = ctx_->ws_closing;
+      ctx_->ws_sessions.emplace(s.get(), s);
+    }
+    s->run();
+    if (told)
+      s->going_away_soon();
   }
 
   void stop_accepting() override {
@@ -935,17 +975,46 @@ public:
       return;
     stop_accepting();
     if (pool_) {
-      pool_->stop(ctx_->answering);
-      return;
+      pool_->stop(ctx_->answering); // both transports' answers, then its threads
+    } else {
+      // WebSocket sessions' answers, until written (they run on the HTTPS
+      // threads, which app/provisiond.cpp stops after this).
+      auto deadline = clock::now() + std::chrono::seconds(2);
+      while (ctx_->answering.load() > 0 && clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    // WebSocket sessions' answers, until written (they run on the HTTPS
-    // threads, which app/provisiond.cpp stops after this).
-    auto deadline = clock::now() + std::chrono::seconds(2);
-    while (ctx_->answering.load() > 0 && clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    close_websockets();
   }
 
 private:
+  /// Tells every open WebSocket session the server goes away (close frame
+  /// 1001, on its own thread), then waits (up to 1 s) for the frames to be
+  /// written and the sessions to end.
+  void close_websockets() {
+    std::vector<std::shared_ptr<session>> open;
+    {
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      ctx_->ws_closing = true;
+      for (auto& [p, w] : ctx_->ws_sessions)
+        if (auto s = w.lock())
+          open.push_back(std::move(s));
+    }
+    for (auto& s : open)
+      s->going_away_soon();
+    open.clear(); // the sessions' own handlers keep them alive until they end
+    auto deadline = clock::now() + std::chrono::seconds(1);
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+        if (ctx_->ws_sessions.empty())
+          return;
+      }
+      if (clock::now() >= deadline)
+        return; // a client that does not read: the HTTPS stop closes it
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
   void accept() {
     pool_->acceptor().async_accept(pool_->next(), [this](error_code ec, tcp::socket sock) {
       if (ec == net::error::operation_aborted || !pool_->acceptor().is_open())

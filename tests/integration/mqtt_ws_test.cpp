@@ -478,6 +478,29 @@ TEST_CASE("stopping: an answer in flight is written; a PUBLISH once the listener
   CHECK_MESSAGE(s.wait_exit() == 0, s.log());
 }
 
+TEST_CASE("stopping: idle WebSocket sessions, connected or not, get a close frame 1001") {
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  // With the MQTT listener too: its threads stop first, the WebSocket
+  // sessions (on the HTTPS threads) are told all the same.
+  REQUIRE_MESSAGE(!s.start(test::default_config(dir), dir), s.log());
+  const std::string id = "mqtt-ws-idle-stop";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client connected(test::mqtt_client::websocket, s.port(), ca(s), 30);
+  REQUIRE(connected.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  test::mqtt_client upgraded_only(test::mqtt_client::websocket, s.port(), ca(s), 30);
+  REQUIRE(::kill(s.pid(), SIGTERM) == 0);
+  for (auto* c : {&connected, &upgraded_only}) {
+    CHECK(!c->read());
+    CHECK(!c->timed_out());
+    CHECK(c->close_status() == 1001);
+    CHECK(c->close_reason() == "server stopping");
+  }
+  CHECK_MESSAGE(s.wait_exit() == 0, s.log());
+}
+
 TEST_CASE("before CONNECT, a client that floods pings and does not read is closed once 8 KiB of "
           "pongs are queued") {
   // The kernel's socket buffers take the first pongs (the server's send

@@ -300,6 +300,17 @@ TEST_CASE("bad frames close with a WebSocket close code; nothing is stored") {
     CHECK(c->close_status() == 1009);
     CHECK(c->close_reason().find("max_packet_bytes") != std::string::npos);
   }
+  SUBCASE("more than mqtt.max_inflight (16) requests unanswered, in one frame: 1008") {
+    auto c = connected();
+    std::string flood;
+    for (int i = 0; i < 20; ++i)
+      flood += mqtt::encode_publish(poll_topic + std::to_string(i) + "&operationId=5.x.y", " ",
+                                    0, 0);
+    REQUIRE(c->send(flood)); // one frame, one TLS record: handled in one batch
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1008);
+    CHECK(c->close_reason().find("max_inflight") != std::string::npos);
+  }
   SUBCASE("a packet before CONNECT: 1002") {
     auto c = std::make_unique<test::mqtt_client>(test::mqtt_client::websocket, s.port(), ca(s));
     REQUIRE(c->send(mqtt::encode_pingreq()));

@@ -365,6 +365,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   gateway::server_options sopts;
   device_settings(sopts, cfg.device_api.listen);
   sopts.max_body_bytes = cfg.device_api.max_body_bytes;
+  sopts.api = &device_api; // the per-address quota for WebSocket upgrades
   // The MQTT device transport: same certificate, threads count and timeouts
   // as the HTTPS device API, the same connection caps (shared: one count),
   // on its own listener and (WebSocket) on connections the HTTPS server

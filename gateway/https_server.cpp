@@ -29,6 +29,7 @@
 #include "config/config.hpp"
 #include "gateway/acceptor.hpp"
 #include "gateway/connection_slots.hpp"
+#include "gateway/device_api.hpp"
 #include "gateway/mqtt_server.hpp"
 #include "gateway/upgraded_connection.hpp"
 #include "net/device_tls.hpp"
@@ -329,7 +330,24 @@ private:
   /// /$iothub/websocket (the SDKs' MqttWs transports) is answered 101 and
   /// the connection handed to the MQTT server once that is written; any
   /// other upgrade gets an error saying why, and the connection closes.
+  ///
+  /// Like the routes' requests, an upgrade counts in [throttling]
+  /// requests_per_minute_per_address (decided first: a flood of upgrades
+  /// costs a map lookup, and a throttled one gets the 429 before any
+  /// upgrade) and in dps_http_requests_total.
   void upgrade(const http_request& hr) {
+    upgrade_route_ = hr.method == "GET" && hr.path == ws::mqtt_path
+                       ? "GET " + std::string(ws::mqtt_path)
+                       : "other";
+    upgrade_started_ = clock::now();
+    if (int wait = opts_.api != nullptr ? opts_.api->admit_address(ip_) : 0) {
+      std::vector<std::pair<std::string, std::string>> retry;
+      retry.emplace_back("Retry-After", std::to_string(wait));
+      return fail_and_close({error_code::throttled,
+                             "too many requests from this client address; retry after the "
+                             "Retry-After interval"},
+                            std::move(retry));
+    }
     if (opts_.mqtt_ws == nullptr)
       return fail_and_close({error_code::not_found,
                              "MQTT over WebSocket is not served by this server ([mqtt] "
@@ -344,6 +362,7 @@ private:
         extra.emplace_back("Sec-WebSocket-Version", "13");
       return fail_and_close({code, v.why}, std::move(extra));
     }
+    count_upgrade(101);
     upgrading_ = true;
     write_buf_ = ws::switching_protocols_response(v);
     phase_ = phase::writing;
@@ -364,9 +383,21 @@ private:
     opts_.mqtt_ws->adopt_websocket(std::move(c));
   }
 
+  /// An upgrade request's answer, in the HTTP request metrics (the routes
+  /// count the other requests).
+  void count_upgrade(int status) {
+    if (opts_.metrics != nullptr)
+      opts_.metrics->http_request(
+        upgrade_route_, status,
+        std::chrono::duration<double>(clock::now() - upgrade_started_).count());
+    upgrade_route_.clear();
+  }
+
   void write(http_response r) {
     if (phase_ == phase::closed)
       return;
+    if (!upgrade_route_.empty())
+      count_upgrade(r.status); // a refused upgrade
     // Serialized by hand into one buffer: Beast's response object and
     // serializer cost a field allocation per header on every request.
     close_after_write_ = r.close || !keep_alive_;
@@ -534,6 +565,8 @@ private:
   uint64_t requests_ = 0;
   bool drain_ = false;
   bool upgrading_ = false;   ///< writing a 101: hand over when done
+  std::string upgrade_route_; ///< an upgrade request not counted yet: its route label
+  clock::time_point upgrade_started_;
   bool handed_over_ = false; ///< the MQTT server holds the socket and the slot
   bool sent_close_notify_ = false;
   std::size_t drained_ = 0;

@@ -13,6 +13,7 @@
 
 namespace prov::gateway {
 
+class device_api;
 class mqtt_server;
 
 /// The HTTPS listener's options; a request is a head and its body.
@@ -26,6 +27,10 @@ struct server_options : listener_options {
   /// outlive the server's connections; stop it before this server
   /// (app/provisiond.cpp), so its answers in flight are written.
   mqtt_server* mqtt_ws = nullptr;
+  /// Optional: the device API whose [throttling] per-address quota the
+  /// server applies to the requests it answers itself (WebSocket upgrades),
+  /// as the routes do to the others. Must outlive the server.
+  device_api* api = nullptr;
 };
 
 class https_server : public device_listener {

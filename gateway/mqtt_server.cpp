@@ -8,8 +8,10 @@
 #include <chrono>
 #include <csignal>
 #include <iostream>
+#include <mutex>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <boost/asio/dispatch.hpp>
@@ -46,6 +48,8 @@ using clock = std::chrono::steady_clock;
 /// Longest keep-alive honoured (SDKs use 60..240 s); docs/mqtt.md.
 constexpr int max_keep_alive_s = 1800;
 
+class session;
+
 /// What every session of one server shares. Held by the sessions too:
 /// WebSocket sessions run on the HTTPS server's threads, which may outlive
 /// this server object.
@@ -74,6 +78,11 @@ struct listener_context {
   /// taken (the connection closes instead), so stop() has no new answers
   /// to wait for once `answering` reaches 0.
   std::atomic<bool> stopping{false};
+  /// Open WebSocket sessions, so that stop() can tell each it goes away
+  /// (close frame 1001) before the HTTPS threads they run on stop.
+  std::mutex ws_mutex;
+  std::unordered_map<const session*, std::weak_ptr<session>> ws_sessions;
+  bool ws_closing = false; ///< stop() told them: adopt no more (under ws_mutex)
 };
 
 /// One device connection. Like the HTTPS sessions: OpenSSL reads and writes
@@ -106,11 +115,31 @@ public:
 
   ~session() {
     ctx_->answering.fetch_sub(inflight_ + unwritten_answers_);
+    if (ws_) {
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      ctx_->ws_sessions.erase(this);
+    }
     slots_.release(ip_);
+  }
+
+  /// The server stops (on the session's thread): an open WebSocket session
+  /// is told so with a close frame 1001 instead of seeing its TCP
+  /// connection drop (1006) when the HTTPS threads stop.
+  void server_stopping() {
+    if (phase_ == phase::closed || ws_close_sent_)
+      return;
+    log_violation("the server is stopping");
+    count_close("server_stopping");
+    close_websocket(ws::close_code::going_away, "server stopping");
   }
 
   void run() {
     net::dispatch(sock_.get_executor(), [self = shared_from_this()] { self->on_run(); });
+  }
+
+  /// server_stopping() on the session's thread. Thread-safe.
+  void going_away_soon() {
+    net::post(sock_.get_executor(), [self = shared_from_this()] { self->server_stopping(); });
   }
 
 private:
@@ -311,16 +340,11 @@ private:
       const bool big = ws_close_code_ == ws::close_code::too_big;
       log_violation("WebSocket: " + ws_why_);
       count_close(big ? "too_large" : "malformed");
-      send_raw(ws::encode_close(ws_close_code_, ws_why_));
+      close_websocket(ws_close_code_, ws_why_);
     } else {
       count_close("client");
-      send_raw(ws::encode_close(ws::close_code::normal, ""));
+      close_websocket(ws::close_code::normal, "");
     }
-    // RFC 6455 §5.5.1: no data frames after a close frame (late answers,
-    // pongs are dropped from here on).
-    ws_close_sent_ = true;
-    close_after_flush_ = true;
-    flush();
   }
 
   /// Queues MQTT bytes for the client (in a binary frame over WebSocket).
@@ -430,10 +454,39 @@ private:
   }
 
   /// A protocol violation: logged with why, then the connection closes.
-  /// Nothing the packet asked for was done.
+  /// Nothing the packet asked for was done. Over WebSocket, a violation in
+  /// what the client sent is answered with a close frame saying why first
+  /// (RFC 6455 §7.1.7): without one the client only sees the TCP close
+  /// (1006). Deadlines close at once: the client is gone or not reading.
   void violation(const char* reason, const std::string& why) {
     log_violation(why);
+    if (auto code = ws_ ? close_code_for(reason) : std::nullopt; code && !ws_close_sent_) {
+      count_close(reason);
+      return close_websocket(*code, why);
+    }
     close_now(reason);
+  }
+
+  /// The close status for a violation's reason (metrics label); none for
+  /// the deadlines.
+  static std::optional<ws::close_code> close_code_for(std::string_view reason) {
+    if (reason == "too_large")
+      return ws::close_code::too_big;
+    if (reason == "inflight")
+      return ws::close_code::policy_violation; // a limit, not a broken packet
+    if (reason == "malformed" || reason == "unknown_topic")
+      return ws::close_code::protocol_error;
+    return std::nullopt;
+  }
+
+  /// Queues our close frame; the connection closes once it is written
+  /// (within the write deadline). RFC 6455 §5.5.1: no data frames after it
+  /// (late answers, pongs are dropped from here on).
+  void close_websocket(ws::close_code code, std::string_view why) {
+    send_raw(ws::encode_close(code, why));
+    ws_close_sent_ = true;
+    close_after_flush_ = true;
+    flush();
   }
 
   void log_violation(const std::string& why) {
@@ -812,10 +865,7 @@ private:
     if (!ws_)
       return close_now("server_stopping");
     count_close("server_stopping");
-    send_raw(ws::encode_close(ws::close_code::going_away, "server stopping"));
-    ws_close_sent_ = true;
-    close_after_flush_ = true;
-    flush();
+    close_websocket(ws::close_code::going_away, "server stopping");
   }
 
   tcp::socket sock_;
@@ -902,7 +952,18 @@ public:
     // From here an MQTT connection in the gauges, under the same caps.
     if (c.slots->transfer_to(ctx_->ws_slots))
       c.slots = &ctx_->ws_slots;
-    std::make_shared<session>(std::move(c), ctx_)->run();
+    auto s = std::make_shared<session>(std::move(c), ctx_);
+    bool told;
+    {
+      // Under the lock stop() takes to tell the sessions: either it sees
+      // this one, or this sees it has (and tells this one itself).
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      told = ctx_->ws_closing;
+      ctx_->ws_sessions.emplace(s.get(), s);
+    }
+    s->run();
+    if (told)
+      s->going_away_soon();
   }
 
   void stop_accepting() override {
@@ -917,17 +978,46 @@ public:
       return;
     stop_accepting();
     if (pool_) {
-      pool_->stop(ctx_->answering);
-      return;
+      pool_->stop(ctx_->answering); // both transports' answers, then its threads
+    } else {
+      // WebSocket sessions' answers, until written (they run on the HTTPS
+      // threads, which app/provisiond.cpp stops after this).
+      auto deadline = clock::now() + std::chrono::seconds(2);
+      while (ctx_->answering.load() > 0 && clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    // WebSocket sessions' answers, until written (they run on the HTTPS
-    // threads, which app/provisiond.cpp stops after this).
-    auto deadline = clock::now() + std::chrono::seconds(2);
-    while (ctx_->answering.load() > 0 && clock::now() < deadline)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    close_websockets();
   }
 
 private:
+  /// Tells every open WebSocket session the server goes away (close frame
+  /// 1001, on its own thread), then waits (up to 1 s) for the frames to be
+  /// written and the sessions to end.
+  void close_websockets() {
+    std::vector<std::shared_ptr<session>> open;
+    {
+      std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+      ctx_->ws_closing = true;
+      for (auto& [p, w] : ctx_->ws_sessions)
+        if (auto s = w.lock())
+          open.push_back(std::move(s));
+    }
+    for (auto& s : open)
+      s->going_away_soon();
+    open.clear(); // the sessions' own handlers keep them alive until they end
+    auto deadline = clock::now() + std::chrono::seconds(1);
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(ctx_->ws_mutex);
+        if (ctx_->ws_sessions.empty())
+          return;
+      }
+      if (clock::now() >= deadline)
+        return; // a client that does not read: the HTTPS stop closes it
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+
   void accept() {
     pool_->acceptor().async_accept(pool_->next(), [this](error_code ec, tcp::socket sock) {
       if (ec == net::error::operation_aborted || !pool_->acceptor().is_open())

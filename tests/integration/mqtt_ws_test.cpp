@@ -266,6 +266,58 @@ TEST_CASE("bad frames close with a WebSocket close code; nothing is stored") {
     CHECK(c->closed_by_server());
     CHECK(c->close_status() == 1002);
   }
+  // MQTT-level violations inside valid frames end with a close frame too,
+  // not a bare TCP close (which the client sees as 1006).
+  SUBCASE("a malformed MQTT packet in a valid frame (a fifth length byte): 1002") {
+    auto c = connected();
+    REQUIRE(c->send(std::string("\x30\xFF\xFF\xFF\xFF\x01", 6)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    CHECK(c->close_reason().find("malformed") != std::string::npos);
+  }
+  SUBCASE("a PUBLISH that does not parse (QoS 3): 1002") {
+    auto c = connected();
+    auto bad = publish;
+    bad[0] = static_cast<char>(0x36);
+    REQUIRE(c->send(bad));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+  }
+  SUBCASE("a PUBLISH to a topic DPS does not serve: 1002 saying which topics are") {
+    auto c = connected();
+    REQUIRE(c->send(mqtt::encode_publish("devices/x/messages/events/", "{}", 0, 0)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    // The reason is cut to fit the close frame (123 bytes).
+    CHECK_MESSAGE(c->close_reason().find("topic is neither $dps/registrations/PUT/") == 0,
+                  c->close_reason());
+  }
+  SUBCASE("an MQTT packet over mqtt.max_packet_bytes, from its header in a small frame: 1009") {
+    auto c = connected();
+    // PUBLISH QoS 1, remaining length 200 KiB (0x80 0xC0 0x0C).
+    REQUIRE(c->send(std::string("\x32\x80\xC0\x0C", 4)));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1009);
+    CHECK(c->close_reason().find("max_packet_bytes") != std::string::npos);
+  }
+  SUBCASE("more than mqtt.max_inflight (16) requests unanswered, in one frame: 1008") {
+    auto c = connected();
+    std::string flood;
+    for (int i = 0; i < 20; ++i)
+      flood += mqtt::encode_publish(poll_topic + std::to_string(i) + "&operationId=5.x.y", " ",
+                                    0, 0);
+    REQUIRE(c->send(flood)); // one frame, one TLS record: handled in one batch
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1008);
+    CHECK(c->close_reason().find("max_inflight") != std::string::npos);
+  }
+  SUBCASE("a packet before CONNECT: 1002") {
+    auto c = std::make_unique<test::mqtt_client>(test::mqtt_client::websocket, s.port(), ca(s));
+    REQUIRE(c->send(mqtt::encode_pingreq()));
+    CHECK(c->closed_by_server());
+    CHECK(c->close_status() == 1002);
+    CHECK(c->close_reason().find("CONNECT") != std::string::npos);
+  }
   // None of the publishes was carried out.
   CHECK(s.service("GET", "/registrations/" + id).status == 404);
   check_healthy(s);
@@ -434,6 +486,29 @@ TEST_CASE("stopping: an answer in flight is written; a PUBLISH once the listener
   CHECK(c.close_status() == 1001);
   CHECK(c.close_reason() == "server stopping");
   CHECK(c.pubacks() == 0);
+  CHECK_MESSAGE(s.wait_exit() == 0, s.log());
+}
+
+TEST_CASE("stopping: idle WebSocket sessions, connected or not, get a close frame 1001") {
+  auto dir = test::make_temp_dir("provisiond-it-ws");
+  test::server_process s;
+  s.remove_data_dir_at_exit();
+  // With the MQTT listener too: its threads stop first, the WebSocket
+  // sessions (on the HTTPS threads) are told all the same.
+  REQUIRE_MESSAGE(!s.start(test::default_config(dir), dir), s.log());
+  const std::string id = "mqtt-ws-idle-stop";
+  const auto key = crypto::generate_key();
+  put_individual(s, id, key);
+  test::mqtt_client connected(test::mqtt_client::websocket, s.port(), ca(s), 30);
+  REQUIRE(connected.connect(id, username(s, id), s.device_auth(id, key)) == 0);
+  test::mqtt_client upgraded_only(test::mqtt_client::websocket, s.port(), ca(s), 30);
+  REQUIRE(::kill(s.pid(), SIGTERM) == 0);
+  for (auto* c : {&connected, &upgraded_only}) {
+    CHECK(!c->read());
+    CHECK(!c->timed_out());
+    CHECK(c->close_status() == 1001);
+    CHECK(c->close_reason() == "server stopping");
+  }
   CHECK_MESSAGE(s.wait_exit() == 0, s.log());
 }
 
@@ -647,6 +722,10 @@ TEST_CASE("metrics carry transport=\"mqtt_ws\"") {
                   {"reason=\"malformed\"", "transport=\"mqtt_ws\""})
         == 1);
   CHECK(test::sum(m, "dps_mqtt_connects_total", {"transport=\"mqtt\""}) == 0);
+  // The upgrade request is an HTTP request of its own.
+  CHECK(test::sum(m, "dps_http_requests_total",
+                  {"route=\"GET /$iothub/websocket\"", "status=\"101\""})
+        == 1);
   // The pipeline counts these registrations as mqtt_ws too.
   CHECK(test::sum(m, "dps_registration_attempts_total",
                   {"protocol=\"mqtt_ws\"", "status=\"assigned\""})

@@ -18,6 +18,7 @@
 #include "tests/support/it_common.hpp"
 #include "tests/support/metrics_scrape.hpp"
 #include "tests/support/mqtt_client.hpp"
+#include "tests/support/raw_tls.hpp"
 #include "tests/support/server_process.hpp"
 
 using namespace prov;
@@ -316,11 +317,12 @@ TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLIS
 }
 
 TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the same budget; "
-          "429001 on the response topic, CONNACK 3 once spent") {
+          "429001 on the response topic, the upgrade request itself answered 429 once spent") {
   test::server_process s;
   // HTTPS dual-stack: the enrollment is written from ::1; the device's
   // upgrade, CONNECT and PUBLISHes come from 127.0.0.1 (keyed as IPv4).
-  start(s, "requests_per_minute_per_address = 3", "[::]:0");
+  // Four: the upgrade, the CONNECT, and two registers.
+  start(s, "requests_per_minute_per_address = 4", "[::]:0");
   net::https_client_options o;
   o.host = "::1";
   o.server_name = "localhost";
@@ -343,8 +345,8 @@ TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the
   }
   const std::string user = s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
   const std::string ca = s.data_dir() + "/tls/ca.pem";
-  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca);
-  REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0); // one request
+  test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca); // one request
+  REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0);         // two
   REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);  // not counted
   const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
   int admitted = 0;
@@ -374,13 +376,38 @@ TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the
   auto pong = c.read();
   REQUIRE(pong);
   CHECK(pong->type == mqtt::packet_type::pingresp);
-  // A new WebSocket CONNECT from the address: CONNACK 3. (The upgrade
-  // request itself is not counted: the 101 still comes.)
-  test::mqtt_client again(test::mqtt_client::websocket, s.port(), ca);
-  CHECK(again.connect(id, user, s.device_auth(id, key)) == 3);
+  // A new upgrade request from the address: 429 with the Azure error body
+  // and Retry-After, and no 101 (the connection closes, nothing upgraded).
+  {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+    REQUIRE(ctx != nullptr);
+    std::string raw;
+    test::raw_tls_request(ctx, s.port(), test::mqtt_client::upgrade_request(), nullptr,
+                          nullptr, raw);
+    SSL_CTX_free(ctx);
+    REQUIRE_MESSAGE(raw.rfind("HTTP/1.1 429 ", 0) == 0, raw);
+    const auto head_end = raw.find("\r\n\r\n");
+    REQUIRE(head_end != std::string::npos);
+    const auto head = raw.substr(0, head_end + 2);
+    CHECK(head.find("\r\nx-ms-error-code: 429001\r\n") != std::string::npos);
+    const auto ra = head.find("\r\nRetry-After: ");
+    REQUIRE_MESSAGE(ra != std::string::npos, head);
+    CHECK(std::stoi(head.substr(ra + 15)) >= 1);
+    CHECK(head.find("Upgrade:") == std::string::npos);
+    auto body = test::parse_json(raw.substr(head_end + 4));
+    CHECK(body.value("errorCode", 0) == 429001);
+  }
   // Another address (::1) is unaffected.
   CHECK(get_poll(v6, s, id, bad_auth(s, id)).status == 401);
   CHECK(throttled_metric(s, "client_request_rate") >= 2);
+  // The upgrades are in the HTTP request metrics: one 101, one 429.
+  auto scraped = test::scrape(test::metrics_addr(s));
+  CHECK(test::sum(scraped, "dps_http_requests_total",
+                  {"route=\"GET /$iothub/websocket\"", "status=\"101\""})
+        == 1);
+  CHECK(test::sum(scraped, "dps_http_requests_total",
+                  {"route=\"GET /$iothub/websocket\"", "status=\"429\""})
+        == 1);
 }
 
 TEST_CASE("throttling: registrations per ID scope are one budget for HTTPS and MQTT") {

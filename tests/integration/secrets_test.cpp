@@ -687,6 +687,12 @@ TEST_CASE("a CA that does not open is left out of GET /certificates and named; t
   // A list polled again names it again, but the log says why once.
   r = s.service("GET", "/certificates");
   CHECK(test::parse_json(r.body)["unreadable"] == nlohmann::json::array({"ca-a"}));
+  // The CLI's table says so too (on stderr), not only the JSON.
+  int rc = -1;
+  auto out = test::run_cli("certificate list --data-dir " + dir, rc);
+  CHECK_MESSAGE(rc == 0, out);
+  CHECK_MESSAGE(out.find("ca-b") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("warning: CA ca-a is stored but does not open") != std::string::npos, out);
   CHECK(s.stop() == 0);
   CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
   const std::string log = s.log();

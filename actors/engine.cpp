@@ -521,25 +521,42 @@ public:
 
   error query_enrollments(enrollment::kind k, const std::string& continuation,
                           std::size_t max_items, std::vector<json>& page,
-                          std::string& next) override {
+                          std::string& next, std::vector<std::string>& unreadable) override {
     page.clear();
     next.clear();
+    unreadable.clear();
     if (auto err = check_continuation(continuation, k == enrollment::kind::group))
       return err;
     std::string last;
     bool more = false;
-    auto err = ctx_->store->scan(family_of(k), after_key(continuation), max_items + 1,
-                                 [&](std::string_view key, std::string_view v) {
-                                   if (page.size() == max_items) {
-                                     more = true;
-                                     return false;
-                                   }
-                                   auto j = json::parse(v, nullptr, false);
-                                   if (!j.is_discarded())
-                                     page.push_back(std::move(j));
-                                   last = std::string(key);
-                                   return true;
-                                 });
+    // No scan limit: skipped entries do not fill the page. Once the page is
+    // full, the next entry (readable or not) only says there is more; an
+    // unreadable one is then reported by the page that starts at it, so a
+    // client paging through everything meets each one once.
+    auto err = ctx_->store->scan_tolerant(
+      family_of(k), after_key(continuation), 0,
+      [&](std::string_view key, std::string_view v) {
+        if (page.size() == max_items) {
+          more = true;
+          return false;
+        }
+        auto j = json::parse(v, nullptr, false);
+        if (j.is_discarded() || !j.is_object())
+          unreadable.push_back(std::string(key) + ": not valid JSON");
+        else
+          page.push_back(std::move(j));
+        last = std::string(key);
+        return true;
+      },
+      [&](std::string_view key, const error& why) {
+        if (page.size() == max_items) {
+          more = true;
+          return false;
+        }
+        unreadable.push_back(std::string(key) + ": " + why.message);
+        last = std::string(key);
+        return true;
+      });
     if (more)
       next = last;
     return err;

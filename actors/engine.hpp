@@ -144,11 +144,15 @@ public:
   /// One page of documents in id order. `continuation` = "" for the first
   /// page, else a `next` from an earlier page (invalid_header when it cannot
   /// be one); `next` = "" on the last page. query_registrations too.
+  /// A document whose stored value does not open (sealed value tampered, key
+  /// missing) or parse is left out of the page and named in `unreadable`
+  /// ("<key>: <why>"), so one damaged value does not fail every query.
   [[nodiscard]] virtual error query_enrollments(enrollment::kind k,
                                                 const std::string& continuation,
                                                 std::size_t max_items,
                                                 std::vector<nlohmann::json>& page,
-                                                std::string& next) = 0;
+                                                std::string& next,
+                                                std::vector<std::string>& unreadable) = 0;
   virtual void delete_registration(std::string id, std::string if_match, done_cb cb) = 0;
   [[nodiscard]] virtual error query_registrations(const std::string& group_id,
                                                   const std::string& continuation,

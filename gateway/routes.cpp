@@ -685,8 +685,20 @@ private:
         return fail(err);
       std::vector<json> page;
       std::string next;
-      if (auto err = eng_.query_enrollments(k, cont, max, page, next))
+      std::vector<std::string> unreadable;
+      if (auto err = eng_.query_enrollments(k, cont, max, page, next, unreadable))
         return fail(err);
+      // The answer keeps DPS's shape (an array, x-ms-continuation): a
+      // damaged value is left out, and the operator learns of it from the
+      // log and dps_unreadable_records_total.
+      if (!unreadable.empty()) {
+        if (k == enrollment::kind::individual)
+          report_unreadable(unreadable, "enrollments", "individual enrollment",
+                            "POST /enrollments/query");
+        else
+          report_unreadable(unreadable, "groups", "enrollment group",
+                            "POST /enrollmentGroups/query");
+      }
       json arr = json::array();
       for (auto& d : page)
         arr.push_back(enrollment::public_document(d));
@@ -762,18 +774,9 @@ private:
       json out{{"value", std::move(arr)}};
       // Skipped entries are named (not silently missing); why, with paths
       // and key ids, goes to the log only.
-      if (!unreadable.empty()) {
-        json names = json::array();
-        for (const auto& u : unreadable) {
-          names.push_back(u.substr(0, u.find(": ")));
-          // Once per CA per interval: a dashboard polling the list must not
-          // repeat the same warning into the log on every GET.
-          if (opts_.log != nullptr && unreadable_ca_warned_.allow(names.back().get<std::string>()))
-            opts_.log->warn("stored CA " + u +
-                            " (left out of GET /certificates; said at most every 10 minutes)");
-        }
-        out["unreadable"] = std::move(names);
-      }
+      if (!unreadable.empty())
+        out["unreadable"] = report_unreadable(unreadable, "certificates", "CA",
+                                              "GET /certificates");
       return reply(json_response(200, out.dump()));
     }
     if (ids.size() > 2)
@@ -860,6 +863,25 @@ private:
     });
   }
 
+  /// Stored values a listing left out (`unreadable`: "<key>: <why>"): each
+  /// is counted in dps_unreadable_records_total{family} and logged with why
+  /// at most once per value per 10 minutes (a dashboard polling the list
+  /// must not repeat the same warning on every call). Returns their keys.
+  json report_unreadable(const std::vector<std::string>& unreadable, std::string_view family,
+                         std::string_view noun, std::string_view listing) {
+    json names = json::array();
+    for (const auto& u : unreadable) {
+      std::string name = u.substr(0, u.find(": "));
+      if (opts_.metrics != nullptr)
+        opts_.metrics->unreadable_record(family);
+      if (opts_.log != nullptr && unreadable_warned_.allow(std::string(family) + "/" + name))
+        opts_.log->warn("stored " + std::string(noun) + " " + u + " (left out of " +
+                        std::string(listing) + "; said at most every 10 minutes)");
+      names.push_back(std::move(name));
+    }
+    return names;
+  }
+
   error paging(const http_request& req, std::size_t& max, std::string& cont) {
     max = 100;
     const auto& h = req.header("x-ms-max-item-count");
@@ -915,7 +937,8 @@ private:
   routes_options opts_;
   engine& eng_;
   std::unique_ptr<device_api> own_api_; ///< when none is shared
-  once_per_interval unreadable_ca_warned_{std::chrono::minutes(10)};
+  /// Keyed "<family>/<key>": stored values left out of a listing, logged.
+  once_per_interval unreadable_warned_{std::chrono::minutes(10)};
   device_api& api_;
 };
 

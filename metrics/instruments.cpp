@@ -195,6 +195,13 @@ struct instruments::impl {
       .Help("CA store records on dps.enrollments skipped because a later revision (a "
             "delete, or a write from a newer state) was already applied")
       .Register(*registry);
+  prometheus::Family<prometheus::Counter>& unreadable_records =
+    prometheus::BuildCounter()
+      .Name("dps_unreadable_records_total")
+      .Help("Stored values left out of a service API listing because they do not open "
+            "(sealed value tampered, key missing) or parse, by family; counted each "
+            "time one is left out of an answer")
+      .Register(*registry);
   prometheus::Family<prometheus::Histogram>& commit_duration =
     prometheus::BuildHistogram()
       .Name("dps_storage_commit_duration_seconds")
@@ -225,6 +232,7 @@ struct instruments::impl {
   series_cache<prometheus::Counter> connections_refused_c{connections_refused};
   series_cache<prometheus::Counter> accept_errors_c{accept_errors};
   series_cache<prometheus::Counter> tpm_challenges_c{tpm_challenges};
+  series_cache<prometheus::Counter> unreadable_records_c{unreadable_records};
   prometheus::Counter* stale_certificate_records_counter = nullptr;
 
   std::array<prometheus::Histogram*, stage_count> stage_hist{};
@@ -268,6 +276,11 @@ struct instruments::impl {
     for (const char* reason : {"max_connections", "max_connections_per_client"})
       connections_refused_c.get(join({reason}), [&](auto& f) -> prometheus::Counter& {
         return f.Add({{"reason", reason}});
+      });
+    // At zero from the start, so an alert on increase() sees the first one.
+    for (const char* family : {"enrollments", "groups", "certificates"})
+      unreadable_records_c.get(join({family}), [&](auto& f) -> prometheus::Counter& {
+        return f.Add({{"family", family}});
       });
     for (const char* e : {"EMFILE", "ENFILE"})
       accept_errors_c.get(join({e}), [&](auto& f) -> prometheus::Counter& {
@@ -477,6 +490,15 @@ void instruments::tpm_challenge(std::string_view outcome) {
     .get(join({outcome}),
          [&](auto& f) -> prometheus::Counter& {
            return f.Add({{"outcome", std::string(outcome)}});
+         })
+    .Increment();
+}
+
+void instruments::unreadable_record(std::string_view family) {
+  impl_->unreadable_records_c
+    .get(join({family}),
+         [&](auto& f) -> prometheus::Counter& {
+           return f.Add({{"family", std::string(family)}});
          })
     .Increment();
 }

@@ -117,6 +117,13 @@ public:
   /// from a newer state) had already been applied.
   void certificate_record_stale();
 
+  /// dps_unreadable_records_total{family}: stored values (enrollments,
+  /// groups, certificates) left out of a service API listing because they do
+  /// not open (sealed value tampered, key missing) or parse. Counted each time
+  /// one is left out of an answer, so a listing polled every minute adds one
+  /// a minute: rate() > 0 means damage is still being met.
+  void unreadable_record(std::string_view family);
+
   // -- storage -------------------------------------------------------------------------
 
   /// One group commit: dps_storage_commit_duration_seconds,

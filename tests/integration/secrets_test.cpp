@@ -28,6 +28,7 @@
 #include "storage/store.hpp"
 #include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
+#include "tests/support/metrics_scrape.hpp"
 #include "tests/support/test_certs.hpp"
 
 using namespace prov;
@@ -68,6 +69,29 @@ void registers(const test::server_process& s, const std::string& id, const std::
   int status = 0;
   auto res = test::register_device(c, s, id, key, status);
   CHECK_MESSAGE(res.value("status", "") == "assigned", res.dump());
+}
+
+/// Under a stopped server's feet: `key`'s value in `family` becomes a sealed
+/// `plain` with one flipped bit, a value that does not open.
+void store_unopenable(const std::string& dir, storage::cf family, const std::string& key,
+                      const std::string& plain) {
+  std::shared_ptr<const storage::keyring> ring;
+  REQUIRE(storage::keyring::load(dir + "/secrets.key", ring).ok());
+  auto sealed = ring->seal(plain, std::string(storage::to_string(family)) + "/" + key);
+  sealed[sealed.size() - 3] ^= 0x10;
+  std::unique_ptr<storage::store> st;
+  REQUIRE(storage::store::open(dir + "/db", {}, st).ok());
+  storage::write_batch b;
+  b.put(family, key, sealed);
+  REQUIRE(st->write(b).ok());
+}
+
+/// How many times `needle` occurs in `text`.
+std::size_t occurrences(const std::string& text, const std::string& needle) {
+  std::size_t n = 0;
+  for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1))
+    ++n;
+  return n;
 }
 
 /// The audit log's lines, parsed (each must be one JSON object).
@@ -663,6 +687,12 @@ TEST_CASE("a CA that does not open is left out of GET /certificates and named; t
   // A list polled again names it again, but the log says why once.
   r = s.service("GET", "/certificates");
   CHECK(test::parse_json(r.body)["unreadable"] == nlohmann::json::array({"ca-a"}));
+  // The CLI's table says so too (on stderr), not only the JSON.
+  int rc = -1;
+  auto out = test::run_cli("certificate list --data-dir " + dir, rc);
+  CHECK_MESSAGE(rc == 0, out);
+  CHECK_MESSAGE(out.find("ca-b") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("warning: CA ca-a is stored but does not open") != std::string::npos, out);
   CHECK(s.stop() == 0);
   CHECK_MESSAGE(s.log().find("stored CA ca-a: ") != std::string::npos, s.log());
   const std::string log = s.log();
@@ -671,6 +701,80 @@ TEST_CASE("a CA that does not open is left out of GET /certificates and named; t
        at = log.find("left out of GET /certificates", at + 1))
     ++warnings;
   CHECK_MESSAGE(warnings == 1, log);
+}
+
+TEST_CASE("enrollment and group queries leave out a value that does not open, log it once and "
+          "count it; the answer keeps DPS's shape") {
+  test::server_process s;
+  auto dir = test::make_temp_dir("provisiond-it-secrets");
+  s.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!s.start(test::with_metrics(test::default_config(dir)), dir), s.log());
+  const std::string key = crypto::generate_key();
+  for (const char* id : {"scan-a", "scan-b", "scan-c"})
+    put_enrollment(s, id, key);
+  test::create_group(s, "scan-group-a", key);
+  test::create_group(s, "scan-group-b", key);
+  CHECK(s.stop() == 0);
+  // The enrollment in the middle (paging must step over it), the group first
+  // (a scan that stopped at it would answer nothing).
+  store_unopenable(dir, storage::cf::enrollments, "scan-b", R"({"registrationId":"scan-b"})");
+  store_unopenable(dir, storage::cf::groups, "scan-group-a",
+                   R"({"enrollmentGroupId":"scan-group-a"})");
+  REQUIRE_MESSAGE(!s.restart(), s.log());
+
+  auto ids = [](const nlohmann::json& arr, const char* member) {
+    std::vector<std::string> out;
+    for (const auto& d : arr)
+      out.push_back(d.value(member, ""));
+    return out;
+  };
+  using ids_t = std::vector<std::string>;
+  auto r = s.service("POST", "/enrollments/query", R"({"query":"*"})");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+  CHECK(ids(test::parse_json(r.body), "registrationId") == ids_t{"scan-a", "scan-c"});
+  CHECK(r.headers.find("x-ms-continuation") == nullptr);
+  CHECK(r.body.find("failed authentication") == std::string::npos); // details: the log
+  // One item a page: the unreadable value costs no item and no page of its
+  // own; each continuation is one this server accepts back.
+  {
+    net::http_headers h;
+    h.set("x-ms-max-item-count", "1");
+    r = s.service("POST", "/enrollments/query", R"({"query":"*"})", h);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK(ids(test::parse_json(r.body), "registrationId") == ids_t{"scan-a"});
+    const std::string* next = r.headers.find("x-ms-continuation");
+    REQUIRE(next != nullptr);
+    h.set("x-ms-continuation", *next);
+    r = s.service("POST", "/enrollments/query", R"({"query":"*"})", h);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK(ids(test::parse_json(r.body), "registrationId") == ids_t{"scan-c"});
+    CHECK(r.headers.find("x-ms-continuation") == nullptr);
+  }
+  for (int i = 0; i < 2; ++i) { // polled twice: logged once, counted twice
+    r = s.service("POST", "/enrollmentGroups/query", R"({"query":"*"})");
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK(ids(test::parse_json(r.body), "enrollmentGroupId") == ids_t{"scan-group-b"});
+  }
+  // The CLI's list follows the continuations the same way.
+  int rc = -1;
+  auto out = test::run_cli("enrollment list --json --page-size 1 --data-dir " + dir, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK(ids(test::parse_json(out), "registrationId") == ids_t{"scan-a", "scan-c"});
+  out = test::run_cli("group list --data-dir " + dir, rc);
+  REQUIRE_MESSAGE(rc == 0, out);
+  CHECK(out.find("scan-group-b") != std::string::npos);
+
+  // Each time a value is left out of an answer (the CLI's pages included).
+  auto m = test::scrape(test::metrics_addr(s));
+  CHECK(test::sum(m, "dps_unreadable_records_total", {R"(family="enrollments")"}) == 3);
+  CHECK(test::sum(m, "dps_unreadable_records_total", {R"(family="groups")"}) == 3);
+  CHECK(test::sum(m, "dps_unreadable_records_total", {R"(family="certificates")"}) == 0);
+  CHECK(s.stop() == 0);
+  const std::string log = s.log();
+  CHECK_MESSAGE(log.find("stored individual enrollment scan-b: ") != std::string::npos, log);
+  CHECK_MESSAGE(log.find("stored enrollment group scan-group-a: ") != std::string::npos, log);
+  CHECK_MESSAGE(occurrences(log, "left out of POST /enrollments/query") == 1, log);
+  CHECK_MESSAGE(occurrences(log, "left out of POST /enrollmentGroups/query") == 1, log);
 }
 
 TEST_CASE("a relative key_file and audit_file are taken inside data_dir, by serve and keys alike") {

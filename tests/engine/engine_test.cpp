@@ -26,6 +26,7 @@
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
+#include "tests/support/forwarding_store.hpp"
 #include "tests/support/temp_dir.hpp"
 
 using namespace prov;
@@ -39,17 +40,14 @@ struct temp_dir : test::temp_dir {
 };
 
 /// A real store; scans of `failing` fail while `fail` is set.
-class faulty_store final : public storage::store {
+class faulty_store final : public test::forwarding_store {
 public:
-  explicit faulty_store(std::unique_ptr<storage::store> inner) : inner_(std::move(inner)) {}
+  using forwarding_store::forwarding_store;
 
   std::atomic<bool> fail{false};
   storage::cf failing = storage::cf::groups;
   mutable std::atomic<std::size_t> visited{0}; ///< entries handed to scan visitors
 
-  error get(storage::cf f, std::string_view k, std::optional<std::string>& out) const override {
-    return inner_->get(f, k, out);
-  }
   error scan(storage::cf f, std::string_view start, std::size_t limit,
              const visit_fn& fn) const override {
     if (fail.load() && f == failing)
@@ -58,9 +56,6 @@ public:
       ++visited;
       return fn(k, v);
     });
-  }
-  error last_key(storage::cf f, std::optional<std::string>& out) const override {
-    return inner_->last_key(f, out);
   }
   using storage::store::write;
   error write(const storage::write_batch& b, durability d) override {
@@ -79,23 +74,6 @@ public:
   };
   mutable std::mutex tpm_mu;
   std::vector<tpm_write> tpm_writes;
-  void commit(storage::write_batch b, done_fn done) override { inner_->commit(std::move(b), std::move(done)); }
-  void close() override { inner_->close(); }
-  storage::commit_stats stats() const override { return inner_->stats(); }
-  std::string recovery_note() const override { return inner_->recovery_note(); }
-  std::string recovery_copy_dir() const override { return inner_->recovery_copy_dir(); }
-  error attach_keyring(std::shared_ptr<const storage::keyring> k, bool reseal,
-                       storage::seal_report& rep) override {
-    return inner_->attach_keyring(std::move(k), reseal, rep);
-  }
-  error is_sealed(bool& out) const override { return inner_->is_sealed(out); }
-  uint64_t int_property(std::string_view n) const override { return inner_->int_property(n); }
-  uint64_t int_property(storage::cf f, std::string_view n) const override {
-    return inner_->int_property(f, n);
-  }
-
-private:
-  std::unique_ptr<storage::store> inner_;
 };
 
 std::unique_ptr<faulty_store> open_store(const temp_dir& dir) {

@@ -25,6 +25,7 @@
 #include "bus/kafka_producer.hpp"
 #include "messages/registration.hpp"
 #include "storage/store.hpp"
+#include "tests/support/forwarding_store.hpp"
 
 using namespace prov;
 namespace kafka = prov::bus::kafka;
@@ -48,9 +49,9 @@ struct temp_dir {
 /// A real store. While armed, the first read of operation `held` that finds
 /// nothing is held until the record exists (another thread wrote it), then
 /// answers "nothing", as the read would have if it had run just before.
-class racing_store final : public storage::store {
+class racing_store final : public test::forwarding_store {
 public:
-  explicit racing_store(std::unique_ptr<storage::store> inner) : inner_(std::move(inner)) {}
+  using forwarding_store::forwarding_store;
 
   void arm(std::string op_id) {
     std::lock_guard<std::mutex> g{mu_};
@@ -97,34 +98,8 @@ public:
     out.reset(); // what the read found before the batch
     return {};
   }
-  error scan(storage::cf f, std::string_view start, std::size_t limit,
-             const visit_fn& fn) const override {
-    return inner_->scan(f, start, limit, fn);
-  }
-  error last_key(storage::cf f, std::optional<std::string>& out) const override {
-    return inner_->last_key(f, out);
-  }
-  using storage::store::write;
-  error write(const storage::write_batch& b, durability d) override { return inner_->write(b, d); }
-  void commit(storage::write_batch b, done_fn done) override {
-    inner_->commit(std::move(b), std::move(done));
-  }
-  void close() override { inner_->close(); }
-  storage::commit_stats stats() const override { return inner_->stats(); }
-  std::string recovery_note() const override { return inner_->recovery_note(); }
-  std::string recovery_copy_dir() const override { return inner_->recovery_copy_dir(); }
-  error attach_keyring(std::shared_ptr<const storage::keyring> k, bool reseal,
-                       storage::seal_report& rep) override {
-    return inner_->attach_keyring(std::move(k), reseal, rep);
-  }
-  error is_sealed(bool& out) const override { return inner_->is_sealed(out); }
-  uint64_t int_property(std::string_view n) const override { return inner_->int_property(n); }
-  uint64_t int_property(storage::cf f, std::string_view n) const override {
-    return inner_->int_property(f, n);
-  }
 
 private:
-  std::unique_ptr<storage::store> inner_;
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   std::string held_;

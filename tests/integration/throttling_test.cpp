@@ -98,6 +98,31 @@ std::string bad_auth(const test::server_process& s, const std::string& id) {
   return s.device_auth(id, crypto::generate_key());
 }
 
+/// Options for a client of `s` from ::1 (the server listens dual-stack), so
+/// its requests do not spend 127.0.0.1's per-address budget.
+net::https_client_options v6_options(const test::server_process& s) {
+  net::https_client_options o;
+  o.host = "::1";
+  o.server_name = "localhost";
+  o.port = s.port();
+  o.ca_file = s.data_dir() + "/tls/ca.pem";
+  return o;
+}
+
+/// Writes a symmetric-key enrollment for `id` through `c`.
+void put_enrollment(net::https_client& c, const test::server_process& s, const std::string& id,
+                    const std::string& key) {
+  net::http_headers h;
+  h.add("Authorization", s.service_auth());
+  h.add("Content-Type", "application/json");
+  json body{{"registrationId", id},
+            {"attestation",
+             {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
+  net::https_response r;
+  REQUIRE(!c.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(), r));
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+}
+
 } // namespace
 
 TEST_CASE("throttling: polls per device, before the SAS is checked; other devices unaffected; "
@@ -232,12 +257,7 @@ TEST_CASE("throttling: requests per client address, both APIs; other addresses a
   REQUIRE(!c.request("GET", "/healthz", {}, {}, health));
   CHECK(health.status == 200);
   // ::1 is another client.
-  net::https_client_options o;
-  o.host = "::1";
-  o.server_name = "localhost";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  net::https_client v6(o);
+  net::https_client v6(v6_options(s));
   CHECK(put_register(v6, s, "addr-dev", bad_auth(s, "addr-dev")).status == 401);
   CHECK(throttled_metric(s, "client_request_rate") >= 2);
 }
@@ -249,26 +269,10 @@ TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLIS
   // (127.0.0.1 only) and its HTTPS requests come from 127.0.0.1.
   start(s, "requests_per_minute_per_address = 3", "[::]:0");
   REQUIRE(s.mqtt_port() != 0);
-  net::https_client_options o;
-  o.host = "::1";
-  o.server_name = "localhost";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  net::https_client v6(o);
+  net::https_client v6(v6_options(s));
   const std::string id = "mqtt-addr-dev";
   const auto key = crypto::generate_key();
-  {
-    net::http_headers h;
-    h.add("Authorization", s.service_auth());
-    h.add("Content-Type", "application/json");
-    json body{{"registrationId", id},
-              {"attestation",
-               {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
-    net::https_response r;
-    REQUIRE(!v6.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(),
-                        r));
-    REQUIRE_MESSAGE(r.status == 200, r.body);
-  }
+  put_enrollment(v6, s, id, key);
   const std::string user =
     s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
   test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
@@ -323,26 +327,10 @@ TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the
   // upgrade, CONNECT and PUBLISHes come from 127.0.0.1 (keyed as IPv4).
   // Four: the upgrade, the CONNECT, and two registers.
   start(s, "requests_per_minute_per_address = 4", "[::]:0");
-  net::https_client_options o;
-  o.host = "::1";
-  o.server_name = "localhost";
-  o.port = s.port();
-  o.ca_file = s.data_dir() + "/tls/ca.pem";
-  net::https_client v6(o);
+  net::https_client v6(v6_options(s));
   const std::string id = "ws-addr-dev";
   const auto key = crypto::generate_key();
-  {
-    net::http_headers h;
-    h.add("Authorization", s.service_auth());
-    h.add("Content-Type", "application/json");
-    json body{{"registrationId", id},
-              {"attestation",
-               {{"type", "symmetricKey"}, {"symmetricKey", {{"primaryKey", key}}}}}};
-    net::https_response r;
-    REQUIRE(!v6.request("PUT", "/enrollments/" + id + "?api-version=2021-10-01", h, body.dump(),
-                        r));
-    REQUIRE_MESSAGE(r.status == 200, r.body);
-  }
+  put_enrollment(v6, s, id, key);
   const std::string user = s.id_scope() + "/registrations/" + id + "/api-version=2019-03-31";
   const std::string ca = s.data_dir() + "/tls/ca.pem";
   test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca); // one request

@@ -123,6 +123,27 @@ void put_enrollment(net::https_client& c, const test::server_process& s, const s
   REQUIRE_MESSAGE(r.status == 200, r.body);
 }
 
+/// Sends register PUBLISHes for `id` ($rid=<tag>0, <tag>1, ...; QoS `qos`)
+/// until one is answered 429, at most 10; every earlier one must be
+/// answered 20x. Returns how many were admitted; `last` is the last answer.
+int publish_until_throttled(test::mqtt_client& c, const std::string& id, const std::string& tag,
+                            uint8_t qos, std::optional<test::mqtt_client::message>& last) {
+  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
+  int admitted = 0;
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(c.send(mqtt::encode_publish(topic + tag + std::to_string(i),
+                                        json{{"registrationId", id}}.dump(), qos,
+                                        qos == 0 ? 0 : static_cast<uint16_t>(i + 1))));
+    last = c.next_message();
+    REQUIRE(last);
+    if (last->topic.rfind("$dps/registrations/res/429/", 0) == 0)
+      break;
+    CHECK_MESSAGE(last->topic.rfind("$dps/registrations/res/20", 0) == 0, last->topic);
+    ++admitted;
+  }
+  return admitted;
+}
+
 } // namespace
 
 TEST_CASE("throttling: polls per device, before the SAS is checked; other devices unaffected; "
@@ -278,19 +299,8 @@ TEST_CASE("throttling: requests per client address over MQTT: CONNECT and PUBLIS
   test::mqtt_client c(s.mqtt_port(), s.data_dir() + "/tls/ca.pem");
   REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0); // one request
   REQUIRE(c.subscribe("$dps/registrations/res/#", 0) == 0);  // not counted
-  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
-  int admitted = 0;
   std::optional<test::mqtt_client::message> m;
-  for (int i = 0; i < 10; ++i) {
-    REQUIRE(c.send(mqtt::encode_publish(topic + "r" + std::to_string(i),
-                                        json{{"registrationId", id}}.dump(), 0, 0)));
-    m = c.next_message();
-    REQUIRE(m);
-    if (m->topic.rfind("$dps/registrations/res/429/", 0) == 0)
-      break;
-    CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
-    ++admitted;
-  }
+  const int admitted = publish_until_throttled(c, id, "r", 0, m);
   // CONNECT took one of the 3; a token may come back on a slow machine.
   CHECK(admitted >= 2);
   CHECK(admitted <= 4);
@@ -336,20 +346,8 @@ TEST_CASE("throttling: requests per client address over MQTT over WebSocket: the
   test::mqtt_client c(test::mqtt_client::websocket, s.port(), ca); // one request
   REQUIRE(c.connect(id, user, s.device_auth(id, key)) == 0);         // two
   REQUIRE(c.subscribe("$dps/registrations/res/#", 1) == 1);  // not counted
-  const std::string topic = "$dps/registrations/PUT/iotdps-register/?$rid=";
-  int admitted = 0;
   std::optional<test::mqtt_client::message> m;
-  for (int i = 0; i < 10; ++i) {
-    REQUIRE(c.send(mqtt::encode_publish(topic + "w" + std::to_string(i),
-                                        json{{"registrationId", id}}.dump(), 1,
-                                        static_cast<uint16_t>(i + 1))));
-    m = c.next_message();
-    REQUIRE(m);
-    if (m->topic.rfind("$dps/registrations/res/429/", 0) == 0)
-      break;
-    CHECK_MESSAGE(m->topic.rfind("$dps/registrations/res/20", 0) == 0, m->topic);
-    ++admitted;
-  }
+  const int admitted = publish_until_throttled(c, id, "w", 1, m);
   CHECK(admitted >= 2);
   CHECK(admitted <= 4);
   REQUIRE(m);

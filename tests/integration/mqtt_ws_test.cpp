@@ -120,6 +120,25 @@ void check_healthy(const test::server_process& s) {
   CHECK(register_over(ws, id, "h1").at("status") == "assigned");
 }
 
+/// The largest send buffer the kernel gives a TCP socket (net.ipv4.tcp_wmem's
+/// maximum; 0 when unreadable): how much a flood must exceed before the
+/// server's own queue grows.
+long tcp_wmem_max() {
+  long lo = 0, def = 0, max = 0;
+  std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
+  in >> lo >> def >> max;
+  return max;
+}
+
+/// 64 masked client pings of 125 bytes (each answered by a 127-byte pong),
+/// to write at once.
+std::string ping_batch() {
+  std::string batch;
+  for (int i = 0; i < 64; ++i)
+    batch += ws::encode_client_frame(ws::opcode::ping, std::string(125, 'p'), 0x0badf00du + i);
+  return batch;
+}
+
 } // namespace
 
 TEST_SUITE("mqtt_ws") {
@@ -520,12 +539,7 @@ TEST_CASE("before CONNECT, a client that floods pings and does not read is close
   // max_packet_bytes at its largest, the cap of an open session would be
   // 8 MiB + 64 KiB: a flood of wmem_max + 2 MiB of pongs is over the first
   // cap and under the second.
-  long wmem_max = 0;
-  {
-    std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
-    long lo = 0, def = 0;
-    in >> lo >> def >> wmem_max;
-  }
+  const long wmem_max = tcp_wmem_max();
   const long flood = wmem_max + 2 * 1024 * 1024;
   if (wmem_max <= 0 || flood > 7 * 1024 * 1024) {
     MESSAGE("SKIPPED: net.ipv4.tcp_wmem max is " << wmem_max << ": no flood size tells the caps apart");
@@ -563,9 +577,7 @@ TEST_CASE("before CONNECT, a client that floods pings and does not read is close
   }
   REQUIRE(head.rfind("HTTP/1.1 101 ", 0) == 0);
   // Pings of 125 bytes (pongs of 127), 64 per write, never reading.
-  std::string batch;
-  for (int i = 0; i < 64; ++i)
-    batch += ws::encode_client_frame(ws::opcode::ping, std::string(125, 'p'), 0x0badf00du + i);
+  const std::string batch = ping_batch();
   long pongs = 0;
   bool write_failed = false;
   while (pongs * 127 < flood) {
@@ -595,12 +607,7 @@ TEST_CASE("nothing follows our close frame: an answer that comes while the close
   // allocation takes 5 s, then sends its close frame: the server's close
   // frame queues behind the pongs, and the register's answer comes after
   // it. A large max_packet_bytes keeps the queue under the not_reading cap.
-  long wmem_max = 0;
-  {
-    std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
-    long lo = 0, def = 0;
-    in >> lo >> def >> wmem_max;
-  }
+  const long wmem_max = tcp_wmem_max();
   const long flood = wmem_max + 1024 * 1024;
   if (wmem_max <= 0 || flood > 7 * 1024 * 1024) {
     MESSAGE("SKIPPED: net.ipv4.tcp_wmem max is " << wmem_max);
@@ -622,9 +629,7 @@ TEST_CASE("nothing follows our close frame: an answer that comes while the close
   const auto sent = std::chrono::steady_clock::now();
   REQUIRE(c.send(mqtt::encode_publish(reg_topic + "late", json{{"registrationId", id}}.dump(),
                                       0, 0)));
-  std::string batch;
-  for (int i = 0; i < 64; ++i)
-    batch += ws::encode_client_frame(ws::opcode::ping, std::string(125, 'p'), 0x0badf00du + i);
+  const std::string batch = ping_batch();
   for (long pongs = 0; pongs * 127 < flood; pongs += 64)
     REQUIRE(c.send_raw(batch));
   REQUIRE(c.send_raw(ws::encode_client_frame(ws::opcode::close, std::string("\x03\xE8", 2), 5)));

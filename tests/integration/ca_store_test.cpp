@@ -770,3 +770,94 @@ TEST_CASE("revocation for a group with inline signingCertificates: through a CA 
   admitted();
   REQUIRE(s.service("DELETE", "/enrollmentGroups/inline-crl-group").status == 204);
 }
+
+TEST_CASE("Kafka split roles: a worker attests an X.509 group device; device.assigned carries "
+          "its thumbprints; a stranger's refusal names its issuer") {
+  // The gateway has no attestation role: the chain must travel on
+  // registration.requested, and the CA reach the worker through dps.enrollments.
+  test::kafka_fixture fx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5703\"\n" + cfg; };
+  test::server_process gw;
+  REQUIRE_MESSAGE(!gw.start(with_scope(fx.server_config()), fx.dir,
+                            {"--roles", "gateway,registration"}),
+                  gw.log());
+  const auto worker_dir = test::make_temp_dir("provisiond-x509-worker");
+  test::server_process worker;
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(with_scope(fx.server_config(worker_dir)), worker_dir,
+                                {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  auto root = test::make_ca("IT Split Root CA", nullptr, 95);
+  auto inter = test::make_ca("IT Split Intermediate CA", &root, 96);
+  upload_and_verify(gw, "split-root", root);
+  auto r = put_ca_group(gw, "split-group", "split-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+
+  auto leaf = test::make_device("split-x509-dev", inter, 950);
+  json outcome;
+  {
+    auto c = fresh_client(gw, leaf, {&inter});
+    outcome = register_outcome(c, gw, "split-x509-dev");
+  }
+  REQUIRE_MESSAGE(outcome.value("status", "") == "assigned", outcome.dump());
+  CHECK(outcome["registrationState"]["x509"]["enrollmentGroupId"] == "split-group");
+  CHECK(outcome["registrationState"]["x509"]["certificateInfo"]["subjectName"]
+        == "CN=split-x509-dev,O=provisiond tests");
+  const auto op = outcome.value("operationId", "");
+
+  // The event on the topic, as a hub reads it.
+  json data;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.device.assigned", 1))
+    if (rec.operation_id == op)
+      data = parse(rec.value)["data"];
+  REQUIRE_MESSAGE(data.is_object(), "no dps.device.assigned record for operation " << op);
+  CHECK(data["enrollmentGroupId"] == "split-group");
+  CHECK(data["attestationType"] == "x509");
+  const auto& x = data["x509"];
+  INFO(x.dump());
+  CHECK(x["authenticationType"] == "certificateAuthority");
+  auto thumb = [](const test_cert& c, const EVP_MD* md) {
+    unsigned char buf[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    REQUIRE(X509_digest(c.cert.get(), md, buf, &n) == 1);
+    std::string out;
+    static const char* digits = "0123456789ABCDEF";
+    for (unsigned i = 0; i < n; ++i)
+      out += {digits[buf[i] >> 4], digits[buf[i] & 15]};
+    return out;
+  };
+  CHECK(x["sha1Thumbprint"] == thumb(leaf, EVP_sha1()));
+  CHECK(x["sha256Thumbprint"] == thumb(leaf, EVP_sha256()));
+  CHECK(x["signingCertificate"]["sha256Thumbprint"] == thumb(root, EVP_sha256()));
+
+  // Refused on the worker, with the reason the embedded engine gives.
+  auto stranger_root = test::make_ca("IT Split Stranger CA", nullptr, 97);
+  auto stranger = test::make_device("split-x509-stranger", stranger_root, 970);
+  auto c = fresh_client(gw, stranger);
+  auto first = put_register(c, gw, "split-x509-stranger");
+  std::string text = first.body;
+  if (first.status != 401) {
+    REQUIRE_MESSAGE(first.status == 202, first.body);
+    auto j = parse(first.body);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (j.value("status", "") == "assigning" && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      net::https_response resp;
+      auto err = c.request("GET",
+                           "/" + gw.id_scope() + "/registrations/split-x509-stranger/operations/"
+                             + j.value("operationId", "") + "?api-version=2021-06-01",
+                           {}, {}, resp);
+      REQUIRE_MESSAGE(!err, err.message);
+      text = resp.body;
+      if (resp.status == 401)
+        break;
+      j = parse(resp.body);
+    }
+  }
+  INFO(text);
+  CHECK(text.find("401002") != std::string::npos);
+  CHECK(text.find("is issued by 'CN=IT Split Stranger CA") != std::string::npos);
+  CHECK(worker.stop() == 0);
+  CHECK(gw.stop() == 0);
+}

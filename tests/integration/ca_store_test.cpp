@@ -771,10 +771,12 @@ TEST_CASE("revocation for a group with inline signingCertificates: through a CA 
   REQUIRE(s.service("DELETE", "/enrollmentGroups/inline-crl-group").status == 204);
 }
 
-TEST_CASE("Kafka split roles: a worker attests an X.509 group device; device.assigned carries "
-          "its thumbprints; a stranger's refusal names its issuer") {
-  // The gateway has no attestation role: the chain must travel on
-  // registration.requested, and the CA reach the worker through dps.enrollments.
+TEST_CASE("Kafka split roles: an X.509 group device attested at the gateway is assigned by a "
+          "worker; device.assigned carries its thumbprints; a stranger's refusal names its issuer") {
+  // The gateway (no attestation role) still attests HTTPS registrations
+  // itself, where the TLS session is (docs/kafka.md, roles): the verdict's
+  // X.509 facts must travel on registration.attested to the worker's
+  // allocation and configuration, which build device.assigned.
   test::kafka_fixture fx;
   auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5703\"\n" + cfg; };
   test::server_process gw;
@@ -831,7 +833,8 @@ TEST_CASE("Kafka split roles: a worker attests an X.509 group device; device.ass
   CHECK(x["sha256Thumbprint"] == thumb(leaf, EVP_sha256()));
   CHECK(x["signingCertificate"]["sha256Thumbprint"] == thumb(root, EVP_sha256()));
 
-  // Refused on the worker, with the reason the embedded engine gives.
+  // Refused with the reason the embedded engine gives (401 on the PUT, or a
+  // failed operation when the answer comes late).
   auto stranger_root = test::make_ca("IT Split Stranger CA", nullptr, 97);
   auto stranger = test::make_device("split-x509-stranger", stranger_root, 970);
   auto c = fresh_client(gw, stranger);

@@ -183,8 +183,13 @@ error attest_requested(const engine_context& ctx, registration_event& in,
   // reproduces it.
   out.accepted_ms = in.accepted_ms > 0 ? in.accepted_ms : now_ms();
   register_request req;
-  req.credential = credential_of_authorization(std::move(in.authorization));
+  // As over HTTPS, a SAS token wins over a certificate chain.
+  if (!in.authorization.empty() || !in.x509_presented)
+    req.credential = credential_of_authorization(std::move(in.authorization));
+  else
+    req.credential = *in.x509_presented; // carries its proof of possession
   in.authorization.clear();
+  in.x509_presented.reset();
   bool own_op = !in.operation_id.empty() && valid_operation_id(in.operation_id);
   out.operation_id = own_op ? in.operation_id : new_operation_id(ctx.instance_hex);
   if (!in.operation_id.empty() && !own_op)
@@ -230,7 +235,11 @@ caf::behavior attestation_actor(caf::event_based_actor*, engine_context_ptr ctx)
       auto* m = ctx->metrics;
       m->stage_dequeued(metrics::stage::attestation);
       auto start = std::chrono::steady_clock::now();
-      const bool had_credential = !in.authorization.empty(); // moved out by attest_requested
+      // Before attest_requested moves the credential out.
+      const attestation_type tried =
+        !in.authorization.empty() ? ctx->mechanisms.attempted(sas_credential{})
+        : in.x509_presented       ? attestation_type::x509
+                                  : attestation_type::none;
       if (!in.operation_id.empty() && assigned_by(*ctx, in.registration_id, in.operation_id)) {
         // A republished or redelivered request whose operation already
         // assigned the device: nothing to do (its outcome is on
@@ -248,9 +257,7 @@ caf::behavior attestation_actor(caf::event_based_actor*, engine_context_ptr ctx)
       if (attested)
         m->attestation_attempt(
           !err,
-          to_string(!err            ? r.type
-                    : had_credential ? ctx->mechanisms.attempted(sas_credential{})
-                                     : attestation_type::none),
+          to_string(!err ? r.type : tried),
           ev.protocol);
       auto next = bus::topic::registration_attested;
       if (err) {

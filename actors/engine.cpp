@@ -945,7 +945,8 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   ctx->instance_hex = crypto::hex(crypto::random_bytes(8));
   ctx->mechanisms.add(std::make_unique<attestation::symmetric_key>(
     opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
-  ctx->mechanisms.add(std::make_unique<attestation::x509>());
+  ctx->mechanisms.add(std::make_unique<attestation::x509>(
+    opts.cfg.device_api.max_sas_lifetime_seconds, opts.cfg.device_api.clock_skew_seconds));
   ctx->tpm_challenges = std::make_unique<store_challenges>(*ctx, opts.in_challenge_write);
   if (opts.wrap_challenges)
     ctx->tpm_challenges = opts.wrap_challenges(std::move(ctx->tpm_challenges));

@@ -4,7 +4,9 @@
 // (actors/attestation/) checks it. Credentials never reach a log or a stored
 // record: keep them out of inspect() and of every codec.
 
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <variant>
 #include <vector>
@@ -38,10 +40,26 @@ struct x509_credential {
   /// ignores `chain_der`, so the two can never disagree. Empty when built
   /// from DER alone; then the mechanism parses `chain_der`.
   parsed_certificates parsed{};
+  /// A signature made with the leaf's private key, for chains that no TLS
+  /// handshake proved the device holds (direct publishers on Kafka,
+  /// docs/events.md): over "<idScope>/registrations/<registrationId>\n<expiry>"
+  /// as a SAS token signs, `expiry` in seconds since the epoch. The
+  /// mechanism refuses a chain that carries neither: only the transports'
+  /// x509_credential_of (a handshake) leaves it unset.
+  struct possession_proof {
+    int64_t expiry = 0;
+    std::string signature; ///< raw bytes (DER for ECDSA)
+  };
+  std::optional<possession_proof> possession{};
+  /// True only when a TLS handshake verified the client's CertificateVerify
+  /// for this chain (x509_credential_of).
+  bool from_handshake = false;
 };
 
 inline x509_credential x509_credential_of(const client_chain& c) {
-  return x509_credential{c.der, c.parsed};
+  x509_credential out{c.der, c.parsed};
+  out.from_handshake = true;
+  return out;
 }
 
 /// The TPM's public keys from the register body (base64 TPM2B_PUBLIC), and

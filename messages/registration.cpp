@@ -3,6 +3,7 @@
 
 #include "messages/ascii.hpp"
 #include "messages/binary_codec.hpp"
+#include "messages/crypto.hpp"
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
 
@@ -1125,6 +1126,46 @@ error decode_event(std::string_view text, registration_event& out) {
   }
 }
 
+namespace {
+
+/// A direct publisher's `x509` member: its shape only; the mechanism judges
+/// the certificates and the signature.
+error decode_presented_x509(const json& x, registration_event& ev) {
+  auto bad = [](const std::string& what) {
+    return error{error_code::bad_request, "requested event: x509" + what};
+  };
+  if (!x.is_object())
+    return bad(" must be an object {certificates, expiry, signature}");
+  auto cred = std::make_shared<x509_credential>();
+  auto certs = x.find("certificates");
+  if (certs == x.end() || !certs->is_array() || certs->empty() || certs->size() > 10)
+    return bad(".certificates must be an array of 1..10 base64 DER certificates, leaf first");
+  for (const auto& c : *certs) {
+    std::optional<std::string> der;
+    if (c.is_string())
+      der = crypto::base64_decode(c.get_ref<const std::string&>());
+    if (!der || der->empty() || der->size() > 16384)
+      return bad(".certificates[" + std::to_string(cred->chain_der.size())
+                 + "] is not base64 of at most 16 KiB");
+    cred->chain_der.push_back(std::move(*der));
+  }
+  auto expiry = x.find("expiry");
+  if (expiry == x.end() || !expiry->is_number_integer())
+    return bad(".expiry must be an integer (seconds since the epoch)");
+  auto sig = x.find("signature");
+  std::optional<std::string> sig_bytes;
+  if (sig != x.end() && sig->is_string())
+    sig_bytes = crypto::base64_decode(sig->get_ref<const std::string&>());
+  if (!sig_bytes || sig_bytes->size() > 1024)
+    return bad(".signature must be base64 (the leaf key's signature, at most 1 KiB)");
+  cred->possession =
+    x509_credential::possession_proof{expiry->get<int64_t>(), std::move(*sig_bytes)};
+  ev.x509_presented = std::move(cred);
+  return {};
+}
+
+} // namespace
+
 error decode_requested_event(std::string_view text, registration_event& out) {
   try {
     // A device's own request, read as its HTTP body would be: a repeated
@@ -1157,6 +1198,9 @@ error decode_requested_event(std::string_view text, registration_event& out) {
         return {error_code::bad_request, "requested event: payload must be a JSON object"};
       ev.payload_json = p.dump();
     }
+    if (auto it = j.find("x509"); it != j.end() && !it->is_null())
+      if (auto err = decode_presented_x509(*it, ev))
+        return err;
     out = std::move(ev);
     return {};
   } catch (const std::exception& e) {
@@ -1195,6 +1239,8 @@ std::string redact_credentials(std::string_view value) {
   auto j = json::parse(value, nullptr, false);
   if (j.is_object()) {
     j.erase("authorization");
+    if (auto x = j.find("x509"); x != j.end() && x->is_object())
+      x->erase("signature");
     // Dumped without escapes a token could hide behind ("sig\u003d").
     return redact_signatures(j.dump());
   }

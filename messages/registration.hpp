@@ -71,6 +71,10 @@ struct registration_event {
   /// anything is published further; it is never stored (encode_record skips
   /// it) and left out of inspect() so it never reaches a log.
   std::string authorization;
+  /// registration.requested only, like `authorization`: an X.509 direct
+  /// publisher's chain and its proof of possession (the request's `x509`
+  /// member). Never encoded, not in inspect().
+  std::shared_ptr<const x509_credential> x509_presented;
   // allocation
   std::string assigned_hub;
   std::string device_id;
@@ -199,13 +203,15 @@ std::string encode_event(const registration_event& ev);
 [[nodiscard]] error decode_event(std::string_view text, registration_event& out);
 /// A registration.requested record from a direct publisher (docs/events.md):
 /// registrationId and idScope required; operationId, authorization,
-/// apiVersion and payload (any JSON value; a string is read as JSON text, as
-/// encode_event writes it) optional. Every other member is ignored: the
+/// apiVersion, payload (any JSON value; a string is read as JSON text, as
+/// encode_event writes it) and x509 ({certificates: [base64 DER, leaf
+/// first], expiry, signature: base64}) optional. Every other member is ignored: the
 /// stages fill their fields themselves.
 [[nodiscard]] error decode_requested_event(std::string_view text, registration_event& out);
 
 /// A registration.requested record value fit to be copied elsewhere (the
-/// dead-letter topic): a JSON object loses its "authorization" member, and
+/// dead-letter topic): a JSON object loses its "authorization" member and
+/// its x509 proof's "signature", and
 /// in any text the value of every `sig=` (any case), a SAS token's secret
 /// part, becomes "REDACTED".
 std::string redact_credentials(std::string_view value);

@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/attestation/sas_token.hpp"
 #include "actors/enrollment/x509_certificates.hpp"
 #include "messages/ascii.hpp"
 
@@ -388,6 +389,53 @@ bool x509::reads(const device_credential& c) const noexcept {
   return std::holds_alternative<x509_credential>(c);
 }
 
+namespace {
+
+/// A direct publisher's proof that it holds the leaf's key: its signature
+/// over what a SAS token for this device signs, "<idScope>/registrations/
+/// <registrationId>\n<expiry>", within the limits of a SAS token's expiry.
+error check_possession(const X509* leaf, const x509_credential::possession_proof& p,
+                       const request_facts& facts, int64_t max_lifetime_s,
+                       int64_t clock_skew_s) {
+  sas_token expiry_only;
+  expiry_only.expiry = p.expiry;
+  sas_limits limits;
+  limits.now = facts.now_s;
+  limits.max_lifetime = max_lifetime_s;
+  limits.clock_skew = clock_skew_s;
+  if (auto err = check_expiry(expiry_only, limits))
+    return {err.code, "the proof of possession (x509.expiry): " + err.message};
+  const std::string signed_text = std::string(facts.id_scope) + "/registrations/"
+                                  + std::string(facts.registration_id) + "\n"
+                                  + std::to_string(p.expiry);
+  EVP_PKEY* key = X509_get0_pubkey(leaf);
+  bool ok = false;
+  if (key != nullptr && !p.signature.empty()) {
+    // Ed25519/Ed448 sign the message itself; every other key a SHA-256 digest.
+    const int id = EVP_PKEY_get_base_id(key);
+    const EVP_MD* md = id == EVP_PKEY_ED25519 || id == EVP_PKEY_ED448 ? nullptr : EVP_sha256();
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(),
+                                                                 &EVP_MD_CTX_free);
+    ok = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, md, nullptr, key) == 1
+         && EVP_DigestVerify(ctx.get(),
+                             reinterpret_cast<const unsigned char*>(p.signature.data()),
+                             p.signature.size(),
+                             reinterpret_cast<const unsigned char*>(signed_text.data()),
+                             signed_text.size())
+              == 1;
+    ERR_clear_error();
+  }
+  if (!ok)
+    return {error_code::unauthorized_signature,
+            "x509.signature is not a signature by the client certificate's key of \""
+              + std::string(facts.id_scope) + "/registrations/"
+              + std::string(facts.registration_id) + "\\n" + std::to_string(p.expiry)
+              + "\" (SHA-256; Ed25519 signs the text itself)"};
+  return {};
+}
+
+} // namespace
+
 error x509::open(const device_credential& c, const request_facts& facts,
                  std::unique_ptr<proof>& out) const {
   const auto& cred = std::get<x509_credential>(c);
@@ -461,6 +509,15 @@ error x509::open(const device_credential& c, const request_facts& facts,
     return {error_code::unauthorized_signature,
             "the client certificate '" + cn + "' is not valid before "
               + enrollment::utc_text(not_before)};
+  if (!cred.from_handshake) {
+    if (!cred.possession)
+      return {error_code::unauthorized_signature,
+              "no proof that the device holds its certificate's private key (no TLS "
+              "handshake, and no signature made with that key)"};
+    if (auto err = check_possession(leaf, *cred.possession, facts, max_lifetime_s_,
+                                    clock_skew_s_))
+      return err;
+  }
   out = std::make_unique<x509_proof>(*ders, std::move(chain), facts.now_s);
   return {};
 }

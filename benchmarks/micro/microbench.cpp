@@ -366,6 +366,7 @@ void BM_x509_group_check(benchmark::State& state) {
   auto inter = test::make_ca("Bench Intermediate", &roots.back(), 5);
   auto leaf = test::make_device("bench-x509-device", inter, 77);
   x509_credential cred;
+  cred.from_handshake = true;
   cred.chain_der = {leaf.der(), inter.der()};
   if (state.range(3) != 0)
     cred.parsed = {leaf.cert, inter.cert};

@@ -57,6 +57,7 @@ bool parsed_mode() {
 
 x509_credential chain(std::initializer_list<const test_cert*> cs) {
   x509_credential c;
+  c.from_handshake = true; // as the listener hands it over
   for (const auto* t : cs)
     c.chain_der.push_back(t->der());
   if (parsed_mode())
@@ -154,6 +155,60 @@ TEST_CASE("x509: open() checks the chain on its own") {
     CHECK(a->valid_until() > now());
     CHECK(a->valid_until()
           == en::epoch_of(X509_get0_notAfter(p.leaf.cert.get()))); // leaf expires first
+  }
+}
+
+TEST_CASE("x509: a chain no handshake proved needs a signature by the leaf's key") {
+  const auto& p = certs();
+  std::unique_ptr<proof> pr;
+  auto unproved = [&] {
+    auto c = chain({&p.leaf, &p.inter});
+    c.from_handshake = false; // as a direct publisher's request builds it
+    c.parsed.clear();
+    return c;
+  };
+  auto with_proof = [&](const test_cert& signer, const std::string& id, int64_t expiry) {
+    auto c = unproved();
+    c.possession = x509_credential::possession_proof{
+      expiry, test::sign_possession(signer, scope, id, expiry)};
+    return c;
+  };
+  const int64_t in_an_hour = now() + 3600;
+  SUBCASE("neither a handshake nor a signature") {
+    auto err = open(unproved(), "dev-1", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message.find("no proof that the device holds its certificate's private key")
+          == 0);
+  }
+  SUBCASE("the leaf's signature of this scope, id and expiry") {
+    CHECK(open(with_proof(p.leaf, "dev-1", in_an_hour), "dev-1", pr).ok());
+  }
+  SUBCASE("another key's signature (a publisher that has only the certificate)") {
+    auto err = open(with_proof(p.leaf2, "dev-1", in_an_hour), "dev-1", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message
+          == "x509.signature is not a signature by the client certificate's key of \"" + scope
+               + "/registrations/dev-1\\n" + std::to_string(in_an_hour)
+               + "\" (SHA-256; Ed25519 signs the text itself)");
+  }
+  SUBCASE("signed for another expiry than the one sent") {
+    auto c = with_proof(p.leaf, "dev-1", in_an_hour);
+    c.possession->expiry += 1;
+    CHECK(open(c, "dev-1", pr).message.find("x509.signature is not a signature") == 0);
+  }
+  SUBCASE("an empty or truncated signature") {
+    auto c = with_proof(p.leaf, "dev-1", in_an_hour);
+    c.possession->signature.resize(c.possession->signature.size() / 2);
+    CHECK(open(c, "dev-1", pr).message.find("x509.signature is not a signature") == 0);
+    c.possession->signature.clear();
+    CHECK(open(c, "dev-1", pr).message.find("x509.signature is not a signature") == 0);
+  }
+  SUBCASE("expired, or valid for longer than a SAS token may be") {
+    auto err = open(with_proof(p.leaf, "dev-1", now() - 3600), "dev-1", pr);
+    CHECK(err.code == error_code::unauthorized_signature);
+    CHECK(err.message == "the proof of possession (x509.expiry): token expired");
+    err = open(with_proof(p.leaf, "dev-1", now() + 2 * 365 * 86400), "dev-1", pr);
+    CHECK(err.message.find("the proof of possession (x509.expiry): token lifetime exceeds") == 0);
   }
 }
 
@@ -500,6 +555,7 @@ TEST_CASE("x509: the handshake's parsed certificates give the same verdicts as t
     CAPTURE(cs.size());
     std::unique_ptr<proof> from_der, from_parsed;
     x509_credential d, q;
+    d.from_handshake = q.from_handshake = true;
     for (const auto* t : cs) {
       d.chain_der.push_back(t->der());
       q.chain_der.push_back(t->der());

@@ -7,10 +7,13 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
+#include <map>
 #include <string>
 #include <thread>
 
 #include "actors/enrollment/x509_certificates.hpp"
+#include "messages/crypto.hpp"
 #include "tests/support/cli.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
@@ -861,6 +864,80 @@ TEST_CASE("Kafka split roles: an X.509 group device attested at the gateway is a
   INFO(text);
   CHECK(text.find("401002") != std::string::npos);
   CHECK(text.find("is issued by 'CN=IT Split Stranger CA") != std::string::npos);
+  CHECK(worker.stop() == 0);
+  CHECK(gw.stop() == 0);
+}
+
+TEST_CASE("Kafka split roles: a worker attests an X.509 device that publishes its request "
+          "directly, with a signature by its key") {
+  test::kafka_fixture fx;
+  auto with_scope = [](const std::string& cfg) { return "id_scope = \"0ne00CA5704\"\n" + cfg; };
+  test::server_process gw;
+  REQUIRE_MESSAGE(!gw.start(with_scope(fx.server_config()), fx.dir,
+                            {"--roles", "gateway,registration"}),
+                  gw.log());
+  const auto worker_dir = test::make_temp_dir("provisiond-x509-direct-worker");
+  test::server_process worker;
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(with_scope(fx.server_config(worker_dir)), worker_dir,
+                                {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+  auto root = test::make_ca("IT Direct Root CA", nullptr, 98);
+  auto inter = test::make_ca("IT Direct Intermediate CA", &root, 99);
+  upload_and_verify(gw, "direct-root", root);
+  auto r = put_ca_group(gw, "direct-group", "direct-root");
+  REQUIRE_MESSAGE(r.status == 200, r.body);
+
+  const auto expiry = static_cast<int64_t>(std::time(nullptr)) + 3600;
+  auto request = [&](const std::string& id, const std::string& op, const test_cert& leaf,
+                     const test_cert& signer, bool with_signature = true) {
+    json x{{"certificates", {crypto::base64_encode(leaf.der()), crypto::base64_encode(inter.der())}},
+           {"expiry", expiry}};
+    if (with_signature)
+      x["signature"] =
+        crypto::base64_encode(test::sign_possession(signer, gw.id_scope(), id, expiry));
+    return std::pair<std::string, std::string>{
+      id, json{{"registrationId", id}, {"idScope", gw.id_scope()}, {"operationId", op},
+               {"x509", x}}
+            .dump()};
+  };
+  auto good = test::make_device("direct-x509-dev", inter, 980);
+  auto other = test::make_device("direct-x509-other", inter, 981);
+  test::produce_raw(fx.cfg, "dps.registration.requested",
+                    {request("direct-x509-dev", "dx-op-1", good, good),
+                     // Has the certificate, not its key.
+                     request("direct-x509-other", "dx-op-2", other, good),
+                     // No proof at all: not a request (dead-lettered).
+                     request("direct-x509-nosig", "dx-op-3", other, other, false)});
+
+  std::map<std::string, json> completed;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.registration.completed", 2,
+                                          std::chrono::seconds(1), std::chrono::seconds(60)))
+    completed[rec.operation_id] = parse(rec.value);
+  INFO(json(completed).dump());
+  REQUIRE(completed.count("dx-op-1") == 1);
+  CHECK(completed["dx-op-1"]["status"] == "assigned");
+  CHECK(completed["dx-op-1"]["enrollmentGroupId"] == "direct-group");
+  REQUIRE(completed.count("dx-op-2") == 1);
+  CHECK(completed["dx-op-2"]["status"] == "failed");
+  CHECK(completed["dx-op-2"]["errorCode"] == 401002);
+  CHECK(completed["dx-op-2"]["errorMessage"].get<std::string>().find(
+          "x509.signature is not a signature by the client certificate's key")
+        == 0);
+  CHECK(completed.count("dx-op-3") == 0);
+
+  json data;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.device.assigned", 1))
+    if (rec.operation_id == "dx-op-1")
+      data = parse(rec.value)["data"];
+  REQUIRE(data.is_object());
+  CHECK(data["attestationType"] == "x509");
+  CHECK(data["x509"]["subjectName"] == "CN=direct-x509-dev,O=provisiond tests");
+
+  bool dead = false;
+  for (const auto& rec : test::read_topic(fx.cfg, "dps.dead-letter", 1))
+    dead = dead || rec.key == "direct-x509-nosig";
+  CHECK(dead);
   CHECK(worker.stop() == 0);
   CHECK(gw.stop() == 0);
 }

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "messages/crypto.hpp"
 #include "messages/registration.hpp"
 
 using namespace prov;
@@ -169,6 +170,57 @@ TEST_CASE("requested events: request fields only; registrationId and idScope req
     CHECK_MESSAGE(err.code == error_code::bad_request, dup);
     CHECK_MESSAGE(err.message.find("duplicate") != std::string::npos, dup << ": " << err.message);
   }
+}
+
+TEST_CASE("requested events: an X.509 publisher's chain and proof, shape checked") {
+  registration_event ev;
+  const std::string leaf = "\x30\x82leaf", inter = "\x30\x82inter", sig = "\x30\x45sig";
+  json j{{"registrationId", "dev-x"},
+         {"idScope", "0ne00000A1B"},
+         {"x509",
+          {{"certificates", {crypto::base64_encode(leaf), crypto::base64_encode(inter)}},
+           {"expiry", 1'900'000'000},
+           {"signature", crypto::base64_encode(sig)}}}};
+  REQUIRE(!decode_requested_event(j.dump(), ev));
+  REQUIRE(ev.x509_presented);
+  CHECK(ev.x509_presented->chain_der == std::vector<std::string>{leaf, inter});
+  CHECK_FALSE(ev.x509_presented->from_handshake);
+  REQUIRE(ev.x509_presented->possession);
+  CHECK(ev.x509_presented->possession->expiry == 1'900'000'000);
+  CHECK(ev.x509_presented->possession->signature == sig);
+  CHECK(ev.authorization.empty());
+
+  auto with = [&](const char* member, json v) {
+    auto d = j;
+    if (v.is_null())
+      d["x509"].erase(member);
+    else
+      d["x509"][member] = std::move(v);
+    return d.dump();
+  };
+  const std::vector<std::string> bad = {
+    with("certificates", nullptr),
+    with("certificates", json::array()),
+    with("certificates", "MIIB"),
+    with("certificates", {"not base64!"}),
+    with("certificates", {5}),
+    with("certificates", json(std::vector<std::string>(11, crypto::base64_encode(leaf)))),
+    with("expiry", nullptr),
+    with("expiry", "1900000000"),
+    with("expiry", 1.5),
+    with("signature", nullptr),
+    with("signature", "%%%"),
+    json{{"registrationId", "r"}, {"idScope", "s"}, {"x509", "MIIB"}}.dump(),
+  };
+  for (const auto& b : bad) {
+    auto err = decode_requested_event(b, ev);
+    CHECK_MESSAGE(err.code == error_code::bad_request, b);
+    CHECK_MESSAGE(err.message.find("requested event: x509") == 0, b << ": " << err.message);
+  }
+  // The dead-letter copy keeps the chain (to see which device) but not the proof.
+  auto red = json::parse(redact_credentials(j.dump()));
+  CHECK(red["x509"]["certificates"] == j["x509"]["certificates"]);
+  CHECK_FALSE(red["x509"].contains("signature"));
 }
 
 TEST_CASE("redact_credentials removes the authorization and any signature") {

@@ -191,4 +191,23 @@ inline std::string make_crl_pem(const test_cert& issuer,
   return std::string(data, static_cast<std::size_t>(n));
 }
 
+/// A direct publisher's proof of possession (docs/events.md): the raw
+/// signature by `c`'s key (SHA-256) of "<scope>/registrations/<id>\n<expiry>".
+inline std::string sign_possession(const test_cert& c, const std::string& scope,
+                                   const std::string& id, int64_t expiry) {
+  const std::string text = scope + "/registrations/" + id + "\n" + std::to_string(expiry);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  size_t n = 0;
+  if (EVP_DigestSignInit(ctx.get(), nullptr, EVP_sha256(), nullptr, c.key.get()) != 1
+      || EVP_DigestSign(ctx.get(), nullptr, &n,
+                        reinterpret_cast<const unsigned char*>(text.data()), text.size()) != 1)
+    throw std::runtime_error("EVP_DigestSign failed");
+  std::string sig(n, '\0');
+  if (EVP_DigestSign(ctx.get(), reinterpret_cast<unsigned char*>(sig.data()), &n,
+                     reinterpret_cast<const unsigned char*>(text.data()), text.size()) != 1)
+    throw std::runtime_error("EVP_DigestSign failed");
+  sig.resize(n);
+  return sig;
+}
+
 } // namespace prov::test

@@ -912,12 +912,13 @@ TEST_CASE("tpm: a held TPM request of one device does not hold another device's 
   while (b_status == 0 && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   const int b_while_held = b_status;
-  CHECK_MESSAGE(a_status.load() == 0, "a's lookup finished while its gate was closed");
   g.open("load@" + a);
   held.join();
   other.join();
+  // Before (one TPM thread): 0 or -1, not answered within 30 s (the
+  // client's own timeout is 30 s too).
   REQUIRE_MESSAGE(b_while_held == 401, "b's challenge while a was held: status "
-                                         << b_while_held << " (0: not answered within 30 s)");
+                                         << b_while_held << ": " << b_body);
   CHECK(a_status.load() == 200); // the held lookup itself finished fine
   // b's challenge is a real one: b answers it and is assigned.
   net::https_response first;

@@ -1076,7 +1076,8 @@ void add_enrollment_family(CLI::App& app, int& exit_code, const enrollment_kind&
 
   CLI::App* g = family->add_subcommand("get", std::string("Show an ") + k.noun);
   g->add_option(id_name, *id, "Id")->required();
-  g->add_flag("--show-keys", *show_keys, "Also print the symmetric keys");
+  g->add_flag("--show-keys", *show_keys,
+              "Also print the symmetric keys (TPM: the assigned device's IoT Hub key)");
   add_common_options(g, *common);
   on_run(g, exit_code, [common, id, show_keys, k] { return run_get(*common, k, *id, *show_keys); });
 

@@ -245,6 +245,16 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
 
   // Status lookup with the SAS alone (no body).
   check_status_key(s, id, auth, tpm, hub_sig);
+  // The CLI shows the hub key the hub side reads (with --show-keys only).
+  {
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys", rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("IOT HUB KEY") != std::string::npos, out);
+    CHECK_MESSAGE(out.find(done["operationId"].get<std::string>()) != std::string::npos, out);
+    out = cli(s, "enrollment get " + id, rc);
+    CHECK_MESSAGE(out.find("IOT HUB KEY") == std::string::npos, out);
+  }
   auto rec = s.service("GET", "/registrations/" + id);
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
   CHECK(test::parse_json(rec.body)["status"] == "assigned");

@@ -981,8 +981,11 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   const auto owner = crypto::generate_key(), hub_side = crypto::generate_key(),
              feed = crypto::generate_key();
   test::server_process s;
+  // No clock skew allowance: the gateways here are one process, and the
+  // failed re-registration below must be told apart from the assignment.
   start_fresh(s, [&](const std::string& dir) {
-    return test::default_config(dir) + "[[access_policies]]\nname = \"owner\"\nprimary_key = \""
+    return test::with_device_api(test::default_config(dir), "clock_skew_seconds = 0")
+           + "[[access_policies]]\nname = \"owner\"\nprimary_key = \""
            + owner
            + "\"\nrights = [\"ServiceConfig\", \"EnrollmentRead\", \"EnrollmentWrite\", "
              "\"RegistrationStatusRead\", \"RegistrationStatusWrite\"]\n"
@@ -1094,6 +1097,33 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   CHECK(key2 != key);
   const auto d = crypto::hmac_sha256(key2, "check");
   CHECK(tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size()));
+
+  // A later register that answers a new challenge but fails (the enrollment
+  // now names only a hub that is not linked: 400208): the record stays on
+  // the last assignment, whose challenge is gone, so there is no key to
+  // give. Before: a key made from the new challenge, which the device never
+  // received for that assignment. (The wait only makes the new challenge's
+  // issue second later than the assignment; nothing is timed.)
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  {
+    json body{{"registrationId", id},
+              {"iotHubs", {"not-linked.example.net"}},
+              {"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm.ek_b64}}}}}};
+    auto r = service_as(s, as_owner, "PUT", "/enrollments/" + id, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth3 = tpm.sas(s, id);
+  auto failed = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth3), auth3);
+  REQUIRE_MESSAGE(failed["status"] == "failed", failed.dump());
+  {
+    auto rec = service_as(s, as_owner, "GET", "/registrations/" + id);
+    REQUIRE_MESSAGE(rec.status == 200, rec.body);
+    CHECK(test::parse_json(rec.body)["status"] == "assigned"); // the old assignment stays
+    auto r = service_as(s, as_hub, "POST", path);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK_MESSAGE(!test::parse_json(r.body)["tpm"].contains("iotHubKey"), r.body);
+  }
 }
 
 TEST_CASE("tpm over Kafka: a direct publisher's request for a TPM-enrolled id is refused") {

@@ -18,6 +18,7 @@
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
 
 #include "actors/actor_types.hpp"
+#include "actors/attestation/tpm.hpp"
 #include "metrics/instruments.hpp"
 
 namespace prov {
@@ -208,11 +209,18 @@ error attest_requested(const engine_context& ctx, registration_event& in,
   req.registration_id = in.registration_id;
   req.api_version = in.api_version;
   req.protocol = "kafka";
-  r = attest(ctx, req);
-  if (r.err && r.err.code == error_code::unauthorized_signature && ctx.catalog.caught_up(5000))
+  // A TPM-enrolled id is refused before any challenge is read or written:
+  // that would block this stage's thread on Kafka, and a direct publisher
+  // has no TPM flow (docs/events.md#tpm-devices-cannot-publish-directly).
+  bool tpm = false;
+  r = attest(ctx, req, true, &tpm);
+  if (!tpm && r.err && r.err.code == error_code::unauthorized_signature
+      && ctx.catalog.caught_up(5000))
     // The enrollment may have been written through another instance a
     // moment ago (a factory creates the group, then publishes).
-    r = attest(ctx, req);
+    r = attest(ctx, req, true, &tpm);
+  if (tpm)
+    r = attestation::tpm_refused_on_kafka(req.registration_id);
   req.credential = std::monostate{};
   attested = true;
   return r.err;

@@ -18,7 +18,7 @@
 #include "actors/attestation/tpm.hpp"
 #include "actors/attestation/x509.hpp"
 #include "actors/once_per_interval.hpp"
-#include "actors/serial_worker.hpp"
+#include "actors/keyed_workers.hpp"
 #include "actors/throttling/rate_limiter.hpp"
 #include "net/webhook_client.hpp"
 #include "messages/crypto.hpp"
@@ -249,7 +249,9 @@ public:
   /// local apply, up to 15 s; a miss may catch the topic up, up to 5 s), and
   /// none of that may hold a gateway I/O thread or CAF's shared scheduler.
   void register_tpm(register_request req, register_cb cb) {
-    tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
+    auto key = enrollment::key_of(req.registration_id);
+    tpm_worker_.post(std::move(key), [this, req = std::move(req),
+                                      cb = std::move(cb)](serial_worker::fate f) {
       if (f != serial_worker::fate::run) {
         register_reply reply;
         reply.err = f == serial_worker::fate::busy
@@ -312,7 +314,9 @@ public:
     auto r = attest(*ctx_, req, false, &tpm);
     if (!tpm)
       return cb(std::move(r.err));
-    tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
+    auto key = enrollment::key_of(req.registration_id);
+    tpm_worker_.post(std::move(key), [this, req = std::move(req),
+                                      cb = std::move(cb)](serial_worker::fate f) {
       if (f != serial_worker::fate::run)
         return cb(f == serial_worker::fate::busy
                     ? error{error_code::throttled, "too many TPM requests in progress"}
@@ -406,7 +410,9 @@ public:
 
   void tpm_authentication_key(std::string registration_id, std::string operation_id,
                               key_cb cb) override {
-    tpm_worker_.post([this, id = std::move(registration_id), op = std::move(operation_id),
+    auto key = enrollment::key_of(registration_id);
+    tpm_worker_.post(std::move(key), [this, id = std::move(registration_id),
+                                      op = std::move(operation_id),
                       cb = std::move(cb)](serial_worker::fate f) {
       // Busy: made here, on the caller's thread, rather than refused: the
       // device's registration is done, and a refusal would make it start
@@ -417,6 +423,51 @@ public:
       auto err = tpm_authentication_key(id, op, key);
       cb(std::move(err), std::move(key));
     });
+  }
+
+  void tpm_hub_key(std::string registration_id, hub_key_cb cb) override {
+    auto key = enrollment::key_of(registration_id);
+    tpm_worker_.post(std::move(key), [this, id = std::move(registration_id),
+                                      cb = std::move(cb)](serial_worker::fate f) {
+      if (f != serial_worker::fate::run)
+        return cb(f == serial_worker::fate::busy
+                    ? error{error_code::throttled, "too many TPM requests in progress"}
+                    : error{error_code::unavailable, "the service is stopping"},
+                  {});
+      tpm_hub_key_info out;
+      auto err = hub_key_now(id, out);
+      cb(std::move(err), std::move(out));
+    });
+  }
+
+  /// The key the last assignment's answers wrap (tpm_authentication_key):
+  /// derived from the answered challenge and the record's last operation.
+  error hub_key_now(const std::string& registration_id, tpm_hub_key_info& out) {
+    registration_state rs;
+    if (auto err = registration(registration_id, rs))
+      return err.code == error_code::registration_not_found ? error{} : err;
+    if (rs.status != registration_status::assigned || rs.attestation_type != "tpm"
+        || rs.last_operation_id.empty())
+      return {};
+    attestation::tpm_slots s;
+    if (auto err = ctx_->tpm_challenges->load(registration_id, s))
+      return err;
+    // An answered challenge issued after the assignment (beyond the clock
+    // skew between gateways) belongs to a later register that did not
+    // assign (it failed): the record's operation was answered with a
+    // challenge that is gone, so its key cannot be made; a key derived from
+    // the new challenge would be one the device does not hold.
+    const int64_t skew_ms = int64_t{ctx_->opts.cfg.device_api.clock_skew_seconds} * 1000;
+    if (s.answered && s.answered->issued_s * 1000 <= rs.updated_ms + skew_ms) {
+      std::string k = attestation::hub_key(*s.answered, rs.last_operation_id);
+      out.primary_key = crypto::base64_encode(k);
+      OPENSSL_cleanse(k.data(), k.size());
+      out.operation_id = rs.last_operation_id;
+      out.assigned_hub = rs.assigned_hub;
+      out.device_id = rs.device_id;
+    }
+    s.cleanse();
+    return {};
   }
 
   void put_enrollment(enrollment::kind k, std::string id, std::string body,
@@ -699,10 +750,12 @@ private:
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
   caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
-  /// TPM registers, in order, on their own thread (register_tpm). The bound
-  /// keeps unauthenticated challenge requests from queueing without limit:
-  /// beyond it a TPM register gets 429.
-  serial_worker tpm_worker_{1024};
+  /// TPM requests on their own threads (register_tpm), one registration
+  /// id's in order (device_api.tpm_threads). The bound keeps unauthenticated
+  /// challenge requests from queueing without limit: beyond it a TPM
+  /// register gets 429.
+  keyed_workers tpm_worker_{static_cast<std::size_t>(ctx_->opts.cfg.device_api.tpm_threads),
+                            1024};
   std::size_t resumed_ = 0;
   bool drained_ = false;
   bool stopped_ = false;
@@ -810,8 +863,8 @@ namespace {
 /// challenge at the id's key, the pending one at "<id>/pending" ('/' is never
 /// in an id). Each write touches its own slot, so with Kafka a challenge
 /// issued on one gateway never overwrites an answer applied on another.
-/// Called on the TPM worker thread (engine_impl::register_device) and, for
-/// polls, on the gateway's threads. Embedded, the writes are not fsync'd: a
+/// Called on the TPM worker threads (engine_impl::register_device), several
+/// ids at once, and, for polls, on the gateway's threads. Embedded, the writes are not fsync'd: a
 /// challenge lost in a machine crash is re-issued cleanly (the device's next
 /// register without Authorization), and an answered one lost with it only
 /// makes the device register again; the operation record itself is synced.
@@ -844,7 +897,6 @@ public:
     storage::write_batch b;
     b.put(storage::cf::tpm_challenges, pending_key(registration_id),
           attestation::encode_challenge(c));
-    std::lock_guard<std::mutex> guard{mtx_};
     bool current = false;
     auto err = ctx_.catalog.write_if_enrollment(enrollment::key_of(registration_id),
                                                 enrollment_etag, current, [&] {
@@ -861,8 +913,10 @@ public:
                 std::string_view verified_key,
                 attestation::challenge_write& out) const override {
     out = attestation::challenge_write::enrollment_changed;
-    std::lock_guard<std::mutex> guard{mtx_};
     bool current = false;
+    // The catalog's lock of this id's stripe, held across the read and the
+    // write, makes this a compare-and-set against issue() of the same id
+    // (both write under it); other ids' challenge writes go on meanwhile.
     auto err = ctx_.catalog.write_if_enrollment(
       enrollment::key_of(registration_id), enrollment_etag, current, [&]() -> error {
         out = attestation::challenge_write::challenge_changed;
@@ -918,9 +972,6 @@ private:
 
   engine_context& ctx_; // its catalog writes
   std::function<void(const char*)> in_write_; ///< engine_options::in_challenge_write
-  /// Makes promote() a compare-and-set against issue(); taken before the
-  /// catalog's individual enrollment lock (write_if_enrollment).
-  mutable std::mutex mtx_;
   mutable once_per_interval catch_ups_{std::chrono::seconds(5)};
 };
 

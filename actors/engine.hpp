@@ -72,6 +72,15 @@ struct register_reply {
   int retry_after_s = 0;
 };
 
+/// The IoT Hub key of a TPM device's current assignment: what DPS gives the
+/// hub identity it creates (docs/device-api.md#the-hub-key-of-a-tpm-device).
+struct tpm_hub_key_info {
+  std::string primary_key;  ///< base64 of the 32-byte key; "" when there is none now
+  std::string operation_id; ///< the assignment it belongs to
+  std::string assigned_hub;
+  std::string device_id;
+};
+
 class engine {
 public:
   using register_cb = std::function<void(register_reply)>;
@@ -129,6 +138,15 @@ public:
   /// such as the registration stage's, which answers every register.
   virtual void tpm_authentication_key(std::string registration_id, std::string operation_id,
                                       key_cb cb) = 0;
+
+  using hub_key_cb = std::function<void(error, tpm_hub_key_info)>;
+  /// The hub key of the TPM device assigned by its registration record's
+  /// last operation: the key that operation's `tpm.authenticationKey`
+  /// wraps. primary_key "" (no error) when the id has no assigned TPM
+  /// registration or no answered challenge. Made on the engine's TPM worker
+  /// (the challenge read may wait for Kafka); `cb` runs there, or with
+  /// throttled / unavailable when it is full / stopped.
+  virtual void tpm_hub_key(std::string registration_id, hub_key_cb cb) = 0;
 
   // -- service API -------------------------------------------------------------
 

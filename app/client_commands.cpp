@@ -411,6 +411,15 @@ void print_enrollment(const enrollment_kind& k, const json& doc, const json* mec
     f.emplace_back("PRIMARY KEY", str_member(sk, "primaryKey"));
     f.emplace_back("SECONDARY KEY", str_member(sk, "secondaryKey"));
   }
+  if (mechanism && mechanism->contains("tpm")) {
+    const json& tpm = mechanism->value("tpm", json::object());
+    if (auto hk = tpm.find("iotHubKey"); hk != tpm.end() && hk->is_object()) {
+      f.emplace_back("IOT HUB KEY", str_member(*hk, "primaryKey"));
+      f.emplace_back("HUB KEY OPERATION", str_member(*hk, "operationId"));
+    } else {
+      f.emplace_back("IOT HUB KEY", "(none: no assigned TPM registration)");
+    }
+  }
   if (auto it = doc.find("registrationState"); it != doc.end() && it->is_object()) {
     f.emplace_back("REGISTRATION", str_member(*it, "status"));
     f.emplace_back("ASSIGNED HUB", str_member(*it, "assignedHub"));
@@ -1067,7 +1076,8 @@ void add_enrollment_family(CLI::App& app, int& exit_code, const enrollment_kind&
 
   CLI::App* g = family->add_subcommand("get", std::string("Show an ") + k.noun);
   g->add_option(id_name, *id, "Id")->required();
-  g->add_flag("--show-keys", *show_keys, "Also print the symmetric keys");
+  g->add_flag("--show-keys", *show_keys,
+              "Also print the symmetric keys (TPM: the assigned device's IoT Hub key)");
   add_common_options(g, *common);
   on_run(g, exit_code, [common, id, show_keys, k] { return run_get(*common, k, *id, *show_keys); });
 

@@ -40,6 +40,7 @@ constexpr int_rule request_timeout_rule{1, 3600};
 constexpr int_rule idle_timeout_rule{1, 86400};
 constexpr int_rule max_sas_rule{60, std::numeric_limits<int>::max()};
 constexpr int_rule tpm_challenge_rule{1, 86400};
+constexpr int_rule tpm_threads_rule{1, 64};
 constexpr int_rule clock_skew_rule{0, 3600};
 constexpr int_rule max_connections_rule{0, 10000000};
 constexpr int_rule weight_rule{1, 1000};
@@ -264,6 +265,7 @@ void check_config(const engine_config& c, const report_fn& report) {
   check_range(report, "device_api.clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
   check_range(report, "device_api.tpm_challenge_seconds", d.tpm_challenge_seconds,
               tpm_challenge_rule);
+  check_range(report, "device_api.tpm_threads", d.tpm_threads, tpm_threads_rule);
   check_range(report, "device_api.max_connections", d.max_connections, max_connections_rule);
   check_range(report, "device_api.max_connections_per_client", d.max_connections_per_client,
               max_connections_rule);
@@ -464,7 +466,7 @@ class loader {
                   "register_wait_ms", "threads",
                   "max_body_bytes", "request_timeout_seconds", "idle_timeout_seconds",
                   "max_sas_lifetime_seconds", "clock_skew_seconds", "max_connections",
-                  "max_connections_per_client", "tpm_challenge_seconds"});
+                  "max_connections_per_client", "tpm_challenge_seconds", "tpm_threads"});
       get(*t, p, "listen", d.listen);
       get_strings(*t, p, "hostnames", d.hostnames);
       get(*t, p, "tls_cert", d.tls_cert);
@@ -478,6 +480,7 @@ class loader {
       get_int(*t, p, "max_sas_lifetime_seconds", d.max_sas_lifetime_seconds, max_sas_rule);
       get_int(*t, p, "clock_skew_seconds", d.clock_skew_seconds, clock_skew_rule);
       get_int(*t, p, "tpm_challenge_seconds", d.tpm_challenge_seconds, tpm_challenge_rule);
+      get_int(*t, p, "tpm_threads", d.tpm_threads, tpm_threads_rule);
       get_int(*t, p, "max_connections", d.max_connections, max_connections_rule);
       get_int(*t, p, "max_connections_per_client", d.max_connections_per_client,
               max_connections_rule);

@@ -69,6 +69,9 @@ struct device_api_config {
   /// How long a TPM device may take to answer its challenge (the 401 with
   /// the activation blob) with its first register.
   int tpm_challenge_seconds = 300;
+  /// Threads doing TPM requests (challenge writes, reads that may wait for
+  /// Kafka, RSA work); one registration id's requests run in order on one.
+  int tpm_threads = 4;
   /// Open connections at most; one more is accepted and closed at once.
   /// 0 = derived at start from the descriptor limit (RLIMIT_NOFILE), so the
   /// server refuses cheaply before it runs out of descriptors.

@@ -715,7 +715,25 @@ private:
       json doc;
       if (auto err = eng_.get_enrollment(k, ids[0], doc))
         return fail(err);
-      return reply(json_response(200, enrollment::attestation_mechanism(doc).dump()));
+      json mech = enrollment::attestation_mechanism(doc);
+      if (k != enrollment::kind::individual || mech.value("type", "") != "tpm"
+          || !mech["tpm"].is_object())
+        return reply(json_response(200, mech.dump()));
+      // A TPM device's IoT Hub key (a provisiond extension): where the hub
+      // side reads it, as it reads a symmetric-key device's keys here, with
+      // the same right and an audit line (docs/device-api.md). Made on the
+      // TPM worker: the challenge read may wait for Kafka.
+      return eng_.tpm_hub_key(ids[0], [reply, tracking, mech = std::move(mech)](
+                                        error e, tpm_hub_key_info hk) mutable {
+        if (e)
+          return reply(error_response(e, tracking));
+        if (!hk.primary_key.empty())
+          mech["tpm"]["iotHubKey"] = {{"primaryKey", std::move(hk.primary_key)},
+                                      {"operationId", std::move(hk.operation_id)},
+                                      {"assignedHub", std::move(hk.assigned_hub)},
+                                      {"deviceId", std::move(hk.device_id)}};
+        reply(json_response(200, mech.dump()));
+      });
     }
     if (ids.size() != 1)
       return fail({error_code::not_found, "no such route: " + req.path});

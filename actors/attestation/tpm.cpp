@@ -214,6 +214,14 @@ void tpm_slots::cleanse() noexcept {
       OPENSSL_cleanse((*c)->key.data(), (*c)->key.size());
 }
 
+verdict tpm_refused_on_kafka(std::string_view registration_id) {
+  return verdict::rejected(
+    error_code::unauthorized_signature,
+    "registration '" + std::string(registration_id)
+      + "' attests with TPM: TPM devices register over HTTPS, not by publishing "
+        "registration.requested (there is no TPM challenge over Kafka)");
+}
+
 std::string hub_key(const tpm_challenge& c, std::string_view operation_id) {
   std::string msg = "provisiond iothub key\n";
   msg.append(operation_id);

@@ -49,6 +49,13 @@ std::string hub_key(const tpm_challenge& c, std::string_view operation_id);
 std::string result_authentication_key(const tpm_challenge& c, std::string_view ek_tpm2b,
                                       std::string_view operation_id, std::string& why);
 
+/// The verdict of a `registration.requested` (a Kafka direct publisher's
+/// request) for a TPM-enrolled registration id: refused (401002) without
+/// reading or writing a challenge. Direct publishers have no TPM flow
+/// (docs/events.md#tpm-devices-cannot-publish-directly): no challenge round
+/// trip over Kafka, and a challenge write would block the attestation stage.
+verdict tpm_refused_on_kafka(std::string_view registration_id);
+
 /// The `tpm_challenges` keys of a registration id's two slots, from its
 /// lower-cased id (enrollment::key_of): the answered challenge at the id's
 /// key, the pending one at "<id>/pending" ('/' is never in an id). Both go

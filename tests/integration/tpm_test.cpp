@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -244,6 +245,16 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
 
   // Status lookup with the SAS alone (no body).
   check_status_key(s, id, auth, tpm, hub_sig);
+  // The CLI shows the hub key the hub side reads (with --show-keys only).
+  {
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys", rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("IOT HUB KEY") != std::string::npos, out);
+    CHECK_MESSAGE(out.find(done["operationId"].get<std::string>()) != std::string::npos, out);
+    out = cli(s, "enrollment get " + id, rc);
+    CHECK_MESSAGE(out.find("IOT HUB KEY") == std::string::npos, out);
+  }
   auto rec = s.service("GET", "/registrations/" + id);
   REQUIRE_MESSAGE(rec.status == 200, rec.body);
   CHECK(test::parse_json(rec.body)["status"] == "assigned");
@@ -484,6 +495,8 @@ struct gates {
   }
   /// A stale `held-` (there should be none) must not count as an arrival.
   void close(const std::string& call) const {
+    if (call.find('@') != std::string::npos)
+      per_id.push_back(call);
     std::remove((dir + "/held-" + call).c_str());
     std::ofstream(dir + "/hold-" + call) << "1";
   }
@@ -491,7 +504,11 @@ struct gates {
   void open_all() const {
     for (const char* c : {"load", "issue", "promote", "issue-locked", "promote-locked"})
       open(c);
+    for (const auto& c : per_id)
+      open(c);
   }
+  /// Gates of one registration id's calls (`call@id`) closed so far.
+  mutable std::vector<std::string> per_id;
   /// Whether a request reached the closed gate (since close()) within `limit`.
   bool reached(const std::string& call,
                std::chrono::seconds limit = std::chrono::seconds(60)) const {
@@ -851,4 +868,296 @@ TEST_CASE("tpm: polls and status lookups of TPM devices do not hold the gateway'
       return -1;
     return p.status;
   });
+}
+
+TEST_CASE("tpm: a held TPM request of one device does not hold another device's TPM register") {
+  if (skipped_without_tools())
+    return;
+  test::server_process s;
+  gates g;
+  start_gated(s, g);
+  soft_tpm tpm_a, tpm_b;
+  const std::string a = "tpm-pool-a", b = "tpm-pool-b";
+  put_tpm_enrollment(s, a, tpm_a.ek_b64);
+  put_tpm_enrollment(s, b, tpm_b.ek_b64);
+  const auto flow = register_with_tpm(s, a, tpm_a);
+
+  // Device a's status lookup is held in its challenge read (as one waiting
+  // for a Kafka catch-up of dps.enrollments, up to 5 s), on a TPM worker.
+  g.close("load@" + a);
+  std::atomic<int> a_status{0};
+  // (No assertions on these threads: raw requests, checked on this one.)
+  joined_thread held([&] { g.open_all(); }, [&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Authorization", flow.auth);
+    h.add("Content-Type", "application/json");
+    net::https_response p;
+    a_status = c.request("POST", device_path(s, a) + "?api-version=2021-06-01", h,
+                         json{{"registrationId", a}}.dump(), p)
+                 ? -1
+                 : p.status;
+  });
+  REQUIRE(g.reached("load@" + a));
+  // Meanwhile device b asks for its challenge. Before: one TPM thread, so it
+  // queued behind a's held lookup and was not answered until the gate opened.
+  std::atomic<int> b_status{0};
+  std::string b_body;
+  joined_thread other(nullptr, [&] {
+    auto c = s.client(false);
+    net::http_headers h;
+    h.add("Content-Type", "application/json; charset=utf-8");
+    net::https_response r;
+    const json body{{"registrationId", b}, {"tpm", tpm_body(tpm_b)}};
+    if (c.request("PUT", device_path(s, b) + "/register?api-version=2021-06-01", h, body.dump(),
+                  r)) {
+      b_status = -1;
+      return;
+    }
+    b_body = r.body;
+    b_status = r.status;
+  });
+  // Bounded: held behind a, it would not be answered before the gate opens.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (b_status == 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const int b_while_held = b_status;
+  g.open("load@" + a);
+  held.join();
+  other.join();
+  // Before (one TPM thread): 0 or -1, not answered within 30 s (the
+  // client's own timeout is 30 s too).
+  REQUIRE_MESSAGE(b_while_held == 401, "b's challenge while a was held: status "
+                                         << b_while_held << ": " << b_body);
+  CHECK(a_status.load() == 200); // the held lookup itself finished fine
+  // b's challenge is a real one: b answers it and is assigned.
+  net::https_response first;
+  first.status = b_status;
+  first.body = b_body;
+  REQUIRE_MESSAGE(tpm_b.activate(expect_challenge(first)), tpm_b.log());
+  const auto auth_b = tpm_b.sas(s, b);
+  auto done = wait_assigned(s, b, put_register(s, b, tpm_body(tpm_b), auth_b), auth_b);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+}
+
+namespace {
+
+/// A service API call signed with `auth` ("" = no Authorization).
+net::https_response service_as(const test::server_process& s, const std::string& auth,
+                               const std::string& method, const std::string& path,
+                               const std::string& body = {}) {
+  auto c = s.client(false);
+  net::http_headers h;
+  if (!auth.empty())
+    h.add("Authorization", auth);
+  if (!body.empty())
+    h.add("Content-Type", "application/json");
+  net::https_response r;
+  auto err = c.request(method, path + "?api-version=2021-10-01", h, body, r);
+  REQUIRE_MESSAGE(!err, err.message);
+  return r;
+}
+
+/// An IoT Hub device SAS, sr = `<hub>/devices/<id>`, signed by `sign`.
+std::string hub_sas(const std::string& hub, const std::string& id, const std::string& se,
+                    const std::function<std::string(const std::string&)>& sign) {
+  const std::string sr = crypto::url_encode(hub + "/devices/" + id);
+  return "SharedAccessSignature sr=" + sr + "&sig="
+         + crypto::url_encode(crypto::base64_encode(sign(sr + "\n" + se))) + "&se=" + se;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+} // namespace
+
+TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads symmetric keys") {
+  if (skipped_without_tools())
+    return;
+  const auto owner = crypto::generate_key(), hub_side = crypto::generate_key(),
+             feed = crypto::generate_key();
+  test::server_process s;
+  // No clock skew allowance: the gateways here are one process, and the
+  // failed re-registration below must be told apart from the assignment.
+  start_fresh(s, [&](const std::string& dir) {
+    return test::with_device_api(test::default_config(dir), "clock_skew_seconds = 0")
+           + "[[access_policies]]\nname = \"owner\"\nprimary_key = \""
+           + owner
+           + "\"\nrights = [\"ServiceConfig\", \"EnrollmentRead\", \"EnrollmentWrite\", "
+             "\"RegistrationStatusRead\", \"RegistrationStatusWrite\"]\n"
+             "[[access_policies]]\nname = \"hubside\"\nprimary_key = \""
+           + hub_side + "\"\nrights = [\"EnrollmentRead\", \"RegistrationStatusRead\"]\n"
+           + "[[access_policies]]\nname = \"feed\"\nprimary_key = \"" + feed
+           + "\"\nrights = [\"RegistrationStatusRead\"]\n";
+  });
+  const auto as_owner = s.service_auth("owner", owner);
+  const auto as_hub = s.service_auth("hubside", hub_side);
+  soft_tpm tpm;
+  const std::string id = "tpm-hubkey";
+  const std::string path = "/enrollments/" + id + "/attestationmechanism";
+  {
+    json body{{"registrationId", id},
+              {"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm.ek_b64}}}}}};
+    auto r = service_as(s, as_owner, "PUT", "/enrollments/" + id, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  // Enrolled, never registered: the EK, no hub key yet.
+  {
+    auto r = service_as(s, as_hub, "POST", path);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = test::parse_json(r.body);
+    CHECK(j["type"] == "tpm");
+    CHECK(j["tpm"]["endorsementKey"] == tpm.ek_b64);
+    CHECK_FALSE(j["tpm"].contains("iotHubKey"));
+  }
+
+  // The device registers; its result's authenticationKey is imported into
+  // its TPM (what the SDKs do), which then signs its IoT Hub SAS.
+  auto flow = register_with_tpm(s, id, tpm);
+  const auto& rs = flow.done["registrationState"];
+  REQUIRE_MESSAGE(tpm.activate(rs["tpm"]["authenticationKey"].get<std::string>()), tpm.log());
+  const std::string hub = rs["assignedHub"].get<std::string>();
+  const std::string se = std::to_string(std::time(nullptr) + 3600);
+  const std::string device_sas = hub_sas(hub, id, se, [&](const std::string& m) {
+    return tpm.hmac(m);
+  });
+
+  // The hub side: what its device.assigned names, then the key, with the
+  // same right as a symmetric key (EnrollmentRead).
+  auto read_key = [&](const json& done) {
+    auto r = service_as(s, as_hub, "POST", path);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    auto j = test::parse_json(r.body);
+    CHECK(j["tpm"]["endorsementKey"] == tpm.ek_b64);
+    const auto& hk = j["tpm"]["iotHubKey"];
+    REQUIRE_MESSAGE(hk.is_object(), r.body);
+    CHECK(hk["operationId"] == done["operationId"]);
+    CHECK(hk["assignedHub"] == done["registrationState"]["assignedHub"]);
+    CHECK(hk["deviceId"] == done["registrationState"]["deviceId"]);
+    auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+    REQUIRE(key);
+    CHECK(key->size() == 32);
+    return *key;
+  };
+  const std::string key = read_key(flow.done);
+  // The hub verifies the TPM-signed SAS with the key it got.
+  const std::string hub_signed = hub_sas(hub, id, se, [&](const std::string& m) {
+    const auto d = crypto::hmac_sha256(key, m);
+    return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+  });
+  CHECK_MESSAGE(hub_signed == device_sas, "the hub's key does not verify the TPM's SAS");
+  const std::string key_b64 = crypto::base64_encode(key);
+
+  // Wrong or insufficient credentials: 401/403, and no key in the answer.
+  auto refused = [&](const std::string& auth, int status, int code) {
+    auto r = service_as(s, auth, "POST", path);
+    CHECK_MESSAGE(r.status == status, r.body);
+    CHECK_MESSAGE(test::parse_json(r.body).value("errorCode", 0) == code, r.body);
+    CHECK(r.body.find(key_b64) == std::string::npos);
+    CHECK(r.body.find("iotHubKey") == std::string::npos);
+  };
+  refused("", 401, 401000);
+  refused(s.service_auth("hubside", crypto::generate_key()), 401, 401002); // wrong key
+  refused(s.service_auth("nobody", hub_side), 401, 401002);                // unknown policy
+  refused(s.service_auth("feed", feed), 403, 403000);                      // no EnrollmentRead
+  // The device's own SAS (its registration key) is no service credential.
+  refused(flow.auth, 401, 401002);
+
+  // Audited: the read that returned the key, and the refused attempts; the
+  // key itself is in neither the audit log nor the server's log.
+  const std::string audit = read_text(s.data_dir() + "/audit.log");
+  auto audited = [&](const std::string& identity, int status) {
+    std::istringstream lines(audit);
+    std::string line;
+    while (std::getline(lines, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (j.is_object() && j.value("operationName", "") == "GetAttestationMechanism"
+          && j.value("identity", "") == identity && j.value("resultSignature", 0) == status
+          && j.value("authenticated", false))
+        return true;
+    }
+    return false;
+  };
+  CHECK_MESSAGE(audited("hubside", 200), audit);
+  CHECK_MESSAGE(audited("feed", 403), audit);
+  CHECK(audit.find(key_b64) == std::string::npos);
+  CHECK(s.log().find(key_b64) == std::string::npos);
+
+  // A new registration (new challenge, new operation) gets a new key; the
+  // hub side reads the new one, which verifies the TPM's new signature.
+  flow = register_with_tpm(s, id, tpm);
+  REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                 .get<std::string>()),
+                  tpm.log());
+  const std::string key2 = read_key(flow.done);
+  CHECK(key2 != key);
+  const auto d = crypto::hmac_sha256(key2, "check");
+  CHECK(tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size()));
+
+  // A later register that answers a new challenge but fails (the enrollment
+  // now names only a hub that is not linked: 400208): the record stays on
+  // the last assignment, whose challenge is gone, so there is no key to
+  // give. Before: a key made from the new challenge, which the device never
+  // received for that assignment. (The wait only makes the new challenge's
+  // issue second later than the assignment; nothing is timed.)
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  {
+    json body{{"registrationId", id},
+              {"iotHubs", {"not-linked.example.net"}},
+              {"attestation", {{"type", "tpm"}, {"tpm", {{"endorsementKey", tpm.ek_b64}}}}}};
+    auto r = service_as(s, as_owner, "PUT", "/enrollments/" + id, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth3 = tpm.sas(s, id);
+  auto failed = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth3), auth3);
+  REQUIRE_MESSAGE(failed["status"] == "failed", failed.dump());
+  {
+    auto rec = service_as(s, as_owner, "GET", "/registrations/" + id);
+    REQUIRE_MESSAGE(rec.status == 200, rec.body);
+    CHECK(test::parse_json(rec.body)["status"] == "assigned"); // the old assignment stays
+    auto r = service_as(s, as_hub, "POST", path);
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+    CHECK_MESSAGE(!test::parse_json(r.body)["tpm"].contains("iotHubKey"), r.body);
+  }
+}
+
+TEST_CASE("tpm over Kafka: a direct publisher's request for a TPM-enrolled id is refused") {
+  if (skipped_without_tools())
+    return;
+  test::kafka_fixture fx;
+  test::server_process s;
+  REQUIRE_MESSAGE(!s.start(fx.server_config(), fx.dir), s.log());
+  soft_tpm tpm;
+  const std::string id = "tpm-direct-1";
+  put_tpm_enrollment(s, id, tpm.ek_b64);
+  // A real answer: the challenge over HTTPS, activated in the TPM, the SAS
+  // signed inside it; then published on registration.requested instead.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(s, id, tpm_body(tpm)))), tpm.log());
+  const auto auth = tpm.sas(s, id);
+  const json v{{"registrationId", id}, {"idScope", s.id_scope()}, {"authorization", auth},
+               {"operationId", "tpm-direct-op-1"}};
+  test::produce_raw(fx.cfg, "dps.registration.requested", {{id, v.dump()}});
+  const auto records = test::read_topic(fx.cfg, "dps.registration.completed", 1);
+  json done;
+  for (const auto& r : records)
+    if (r.key == id)
+      done = json::parse(r.value, nullptr, false);
+  REQUIRE_MESSAGE(done.is_object(), records.size() << " records on registration.completed");
+  // Before: attested on the stage's thread (the challenge write blocking
+  // it on Kafka) and assigned, with no tpm.authenticationKey anywhere.
+  CHECK(done.value("status", "") == "failed");
+  CHECK(done.value("errorCode", 0) == 401002);
+  CHECK_MESSAGE(done.value("errorMessage", "").find("TPM devices register over HTTPS")
+                  != std::string::npos,
+                done.dump());
+  CHECK(done.value("operationId", "") == "tpm-direct-op-1");
+  // Nothing was consumed: the challenge is still pending, and the same
+  // answer over HTTPS is accepted.
+  auto ok = wait_assigned(s, id, put_register(s, id, tpm_body(tpm), auth), auth);
+  CHECK_MESSAGE(ok["status"] == "assigned", ok.dump());
 }

@@ -3,7 +3,9 @@
 // outside the process: a call (load, issue or promote) waits while the
 // file `<dir>/hold-<call>` exists, after creating `<dir>/held-<call>` so
 // the test knows a request reached that point; `held-<call>` is removed
-// when the call goes on, so the next arrival is a fresh one. The gates
+// when the call goes on, so the next arrival is a fresh one. A gate
+// `<call>@<lower-case registration id>` holds that id's calls only, so a
+// test can hold one device's request while another's goes on. The gates
 // `issue-locked` and `promote-locked` sit inside the enrollment lock of the
 // challenge write (engine_options::in_challenge_write, through gate_at()).
 // A test can thus put a
@@ -15,11 +17,13 @@
 
 #include <sys/stat.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -33,19 +37,19 @@ public:
     : inner_(std::move(inner)), dir_(std::move(dir)) {}
 
   error load(std::string_view registration_id, attestation::tpm_slots& out) const override {
-    gate("load");
+    gate("load", registration_id);
     return inner_->load(registration_id, out);
   }
   error issue(std::string_view registration_id, std::string_view enrollment_etag,
               const attestation::tpm_challenge& c,
               attestation::challenge_write& out) const override {
-    gate("issue");
+    gate("issue", registration_id);
     return inner_->issue(registration_id, enrollment_etag, c, out);
   }
   error promote(std::string_view registration_id, std::string_view enrollment_etag,
                 std::string_view verified_key,
                 attestation::challenge_write& out) const override {
-    gate("promote");
+    gate("promote", registration_id);
     return inner_->promote(registration_id, enrollment_etag, verified_key, out);
   }
 
@@ -69,7 +73,13 @@ private:
     return ::stat(path.c_str(), &st) == 0;
   }
 
-  void gate(const char* call) const { gate_at(dir_, call); }
+  void gate(const char* call, std::string_view registration_id) const {
+    gate_at(dir_, call);
+    std::string id(registration_id);
+    for (auto& ch : id)
+      ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    gate_at(dir_, std::string(call) + "@" + id);
+  }
 
   std::unique_ptr<attestation::challenge_store> inner_;
   std::string dir_;

@@ -564,6 +564,25 @@ async function main() {
         assertAssigned(state, TPM_ID, TPM_ID, HUBS);
         assert.ok(state.tpm && typeof state.tpm.authenticationKey === 'string',
           `no tpm.authenticationKey in ${JSON.stringify(state)}`);
+        // The hub side: the service SDK's attestation mechanism call carries
+        // the device's IoT Hub key (tpm.iotHubKey, a provisiond extension),
+        // and it verifies the IoT Hub SAS the TPM signs with the key the SDK
+        // imported from tpm.authenticationKey.
+        const mech = (await service.getIndividualEnrollmentAttestationMechanism(TPM_ID)).responseBody;
+        assert.strictEqual(mech.type, 'tpm');
+        assert.strictEqual(mech.tpm.endorsementKey, ek.toString('base64'));
+        const hk = mech.tpm.iotHubKey;
+        assert.ok(hk && typeof hk.primaryKey === 'string', `no tpm.iotHubKey in ${JSON.stringify(mech)}`);
+        assert.strictEqual(hk.operationId, result.operationId);
+        assert.strictEqual(hk.assignedHub, state.assignedHub);
+        const toSign = `${encodeURIComponent(`${state.assignedHub}/devices/${state.deviceId}`)}\n`
+          + `${Math.floor(Date.now() / 1000) + 3600}`;
+        const tpmSig = await new Promise((resolve, reject) => security.signWithIdentity(
+          Buffer.from(toSign), (err, sig) => (err ? reject(err) : resolve(sig))));
+        const hubSig = crypto.createHmac('sha256', Buffer.from(hk.primaryKey, 'base64'))
+          .update(toSign).digest('base64');
+        assert.strictEqual(Buffer.from(tpmSig).toString('base64'), hubSig,
+          'the hub key does not verify what the TPM signs');
       });
     });
   }

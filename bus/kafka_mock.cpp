@@ -165,6 +165,11 @@ const std::vector<suggested_property>& mock_client_properties() {
     {"fetch.wait.max.ms", "10",
      "the mock holds an empty fetch for the whole wait instead of answering when data "
      "arrives: with librdkafka's 500 ms, each stage hop costs up to 500 ms at idle"},
+    {"max.in.flight.requests.per.connection", "1",
+     "the mock checks idempotent-producer sequence numbers only for transactional "
+     "producers: it appends a batch sent behind one it failed, and the client then reports "
+     "the failed batch delivered (implicit ack, offset -1001) although it is not in the log. "
+     "A real broker refuses the gap, so 5 (librdkafka's default) is safe there"},
   };
   return props;
 }

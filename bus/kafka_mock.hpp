@@ -28,8 +28,9 @@ struct suggested_property {
 
 /// The [kafka.properties] that clients of the mock cluster need: its
 /// consumer-group rounds are timer-driven (the dead member's session, then a
-/// join window of the session less 1 s), and it holds an empty fetch for the
-/// whole fetch wait. `provisiond dev-kafka` prints these; the tests run on
+/// join window of the session less 1 s), it holds an empty fetch for the
+/// whole fetch wait, and it does not refuse an idempotent producer's
+/// sequence gap (one request in flight, or acknowledged records go missing). `provisiond dev-kafka` prints these; the tests run on
 /// them, so what a user pastes is what is tested.
 const std::vector<suggested_property>& mock_client_properties();
 

@@ -107,6 +107,61 @@ TEST_CASE("the mock accepts transactions but read_committed still sees aborted r
   rd_kafka_consumer_close(c.get());
 }
 
+TEST_CASE("the mock stores no offsets sent with a transaction and fences no zombie producer") {
+  // The other half of exactly-once (issue 24): the input offset committed
+  // with the output, atomically (send_offsets_to_transaction), and a
+  // restarted worker fencing its old self (init_transactions bumps the
+  // epoch). On librdkafka 2.0.2's mock every call succeeds, but the offsets
+  // are not stored and the old producer's commit still goes through.
+  test::mock_fixture f(test::mock_fixture::kind::private_for_faults);
+  const std::string in = f.cfg.topic_prefix + "in";
+  const std::string out = f.cfg.topic_prefix + "out";
+  REQUIRE(f.mc->create_topic(in, 1, 3).ok());
+  REQUIRE(f.mc->create_topic(out, 1, 3).ok());
+  auto committed = [&](const std::string& group) {
+    auto c = make_client(RD_KAFKA_CONSUMER, f.cfg, {{"group.id", group}});
+    std::unique_ptr<rd_kafka_topic_partition_list_t, void (*)(rd_kafka_topic_partition_list_t*)>
+      l(rd_kafka_topic_partition_list_new(1), rd_kafka_topic_partition_list_destroy);
+    rd_kafka_topic_partition_list_add(l.get(), in.c_str(), 0);
+    REQUIRE(rd_kafka_committed(c.get(), l.get(), 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+    return l->elems[0].offset;
+  };
+  std::unique_ptr<rd_kafka_topic_partition_list_t, void (*)(rd_kafka_topic_partition_list_t*)>
+    offsets(rd_kafka_topic_partition_list_new(1), rd_kafka_topic_partition_list_destroy);
+  rd_kafka_topic_partition_list_add(offsets.get(), in.c_str(), 0)->offset = 5;
+  {
+    // Control: a plain commit is stored.
+    auto c = make_client(RD_KAFKA_CONSUMER, f.cfg, {{"group.id", in + "-plain"}});
+    REQUIRE(rd_kafka_commit(c.get(), offsets.get(), 0) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  }
+  CHECK(committed(in + "-plain") == 5);
+
+  auto p = make_client(RD_KAFKA_PRODUCER, f.cfg, {{"transactional.id", out + "-txn"}});
+  auto member = make_client(RD_KAFKA_CONSUMER, f.cfg, {{"group.id", in + "-txn"}});
+  std::unique_ptr<rd_kafka_consumer_group_metadata_t, void (*)(rd_kafka_consumer_group_metadata_t*)>
+    cgm(rd_kafka_consumer_group_metadata(member.get()), rd_kafka_consumer_group_metadata_destroy);
+  ok(rd_kafka_init_transactions(p.get(), 15000), "init_transactions");
+  ok(rd_kafka_begin_transaction(p.get()), "begin");
+  produce(p.get(), out, "committed");
+  ok(rd_kafka_send_offsets_to_transaction(p.get(), offsets.get(), cgm.get(), 15000),
+     "send_offsets_to_transaction");
+  ok(rd_kafka_commit_transaction(p.get(), 15000), "commit");
+  // A real broker: 5. If this fails, the mock stores transactional offsets.
+  CHECK(committed(in + "-txn") == RD_KAFKA_OFFSET_INVALID);
+
+  ok(rd_kafka_begin_transaction(p.get()), "begin");
+  produce(p.get(), out, "zombie");
+  REQUIRE(rd_kafka_flush(p.get(), 10000) == RD_KAFKA_RESP_ERR_NO_ERROR);
+  auto successor = make_client(RD_KAFKA_PRODUCER, f.cfg, {{"transactional.id", out + "-txn"}});
+  ok(rd_kafka_init_transactions(successor.get(), 15000), "successor's init_transactions");
+  // A real broker fences the first producer (its commit fails, fatally).
+  // If this fails, the mock fences.
+  rd_kafka_error_t* e = rd_kafka_commit_transaction(p.get(), 15000);
+  CHECK_MESSAGE(e == nullptr, (e ? rd_kafka_error_string(e) : ""));
+  if (e)
+    rd_kafka_error_destroy(e);
+}
+
 TEST_CASE("the mock appends a batch behind one it failed; the client takes the failed one as written") {
   // Why the mock's clients run with one request in flight
   // (mock_client_properties, max.in.flight.requests.per.connection = 1):

@@ -798,8 +798,10 @@ error make_kafka_bus(const config::kafka_config& cfg,
                      std::unique_ptr<bus::kafka::kafka_bus>& out) {
   namespace kafka = bus::kafka;
   // Warnings and errors only: librdkafka's info notices would flood stderr.
-  kafka::log_fn log = [](int level, std::string_view msg) {
-    if (level <= 4)
+  // With kafka.properties.debug set, its debug lines too (asked for).
+  const int max_level = cfg.properties.count("debug") ? 7 : 4;
+  kafka::log_fn log = [max_level](int level, std::string_view msg) {
+    if (level <= max_level)
       std::fprintf(stderr, "provisiond kafka: %.*s\n", static_cast<int>(msg.size()),
                    msg.data());
   };

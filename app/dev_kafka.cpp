@@ -73,8 +73,8 @@ int run(const dev_kafka_args& a) {
             << "topic_prefix = \"" << cfg.topic_prefix << "\"\n"
             << "partitions = " << cfg.partitions << "\n"
             << "replication_factor = " << cfg.replication_factor << "\n\n"
-            << "# The mock cluster's consumer groups and fetches need these (docs/kafka.md\n"
-            << "# gives the values for a real cluster).\n"
+            << "# The mock cluster's consumer groups, fetches and producers need these\n"
+            << "# (docs/kafka.md gives the values for a real cluster).\n"
             << "[kafka.properties]\n";
   for (const auto& p : kafka::mock_client_properties())
     std::cout << "# " << p.why << "\n\"" << p.name << "\" = \"" << p.value << "\"\n";

@@ -135,6 +135,20 @@ error mock_cluster::delay_responses(int32_t broker_id, api a, int rtt_ms, int co
   return {};
 }
 
+error mock_cluster::fail_next(int32_t broker_id, api a, int kafka_error_code, int rtt_ms) {
+  return mock_error(rd_kafka_mock_broker_push_request_error_rtts(
+                        impl_->mc, broker_id, static_cast<int16_t>(a), 1,
+                        static_cast<rd_kafka_resp_err_t>(kafka_error_code), rtt_ms),
+                    "fail next request");
+}
+
+std::size_t mock_cluster::pending_errors(int32_t broker_id, api a) const {
+  size_t n = 0;
+  if (rd_kafka_mock_broker_error_stack_cnt(impl_->mc, broker_id, static_cast<int16_t>(a), &n))
+    return 0; // no such broker: nothing pending there
+  return n;
+}
+
 void mock_cluster::clear_request_errors(api a) {
   rd_kafka_mock_clear_request_errors(impl_->mc, static_cast<int16_t>(a));
 }
@@ -151,6 +165,11 @@ const std::vector<suggested_property>& mock_client_properties() {
     {"fetch.wait.max.ms", "10",
      "the mock holds an empty fetch for the whole wait instead of answering when data "
      "arrives: with librdkafka's 500 ms, each stage hop costs up to 500 ms at idle"},
+    {"max.in.flight.requests.per.connection", "1",
+     "the mock checks idempotent-producer sequence numbers only for transactional "
+     "producers: it appends a batch sent behind one it failed, and the client then reports "
+     "the failed batch delivered (implicit ack, offset -1001) although it is not in the log. "
+     "A real broker refuses the gap, so 5 (librdkafka's default) is safe there"},
   };
   return props;
 }

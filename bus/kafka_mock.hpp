@@ -8,6 +8,7 @@
 // kernel (there is no API to choose ports) and advertises that port in its
 // metadata; read the addresses from bootstrap_servers().
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -27,8 +28,9 @@ struct suggested_property {
 
 /// The [kafka.properties] that clients of the mock cluster need: its
 /// consumer-group rounds are timer-driven (the dead member's session, then a
-/// join window of the session less 1 s), and it holds an empty fetch for the
-/// whole fetch wait. `provisiond dev-kafka` prints these; the tests run on
+/// join window of the session less 1 s), it holds an empty fetch for the
+/// whole fetch wait, and it does not refuse an idempotent producer's
+/// sequence gap (one request in flight, or acknowledged records go missing). `provisiond dev-kafka` prints these; the tests run on
 /// them, so what a user pastes is what is tested.
 const std::vector<suggested_property>& mock_client_properties();
 
@@ -89,6 +91,13 @@ public:
   /// normally but answered `rtt_ms` late: with rtt_ms above the client's
   /// request.timeout.ms, "written, but the acknowledgement was lost".
   [[nodiscard]] error delay_responses(int32_t broker_id, api a, int rtt_ms, int count = 1);
+  /// The next request of kind `a` to `broker_id` fails with `kafka_error_code`
+  /// (nothing is written), answered `rtt_ms` late: later requests on the same
+  /// connection are processed meanwhile.
+  [[nodiscard]] error fail_next(int32_t broker_id, api a, int kafka_error_code, int rtt_ms);
+  /// How many injected errors or delays for `a` at `broker_id` are still to
+  /// come (0 once the requests they were for arrived).
+  std::size_t pending_errors(int32_t broker_id, api a) const;
 
   struct impl;
 

@@ -178,6 +178,33 @@ TEST_CASE("retriable produce errors are retried transparently, exactly once") {
   s.check_exactly_once(50);
 }
 
+TEST_CASE("on the mock's suggested properties, a batch failed ahead of another is retried, not lost") {
+  // kafka_mock_limits: with more than one request in flight, the mock appends
+  // C behind a failed B and librdkafka then reports B delivered although it
+  // is not in the log (the scale-out test's lost dps.device.assigned). The
+  // properties every mock client runs on (dev-kafka prints them, the
+  // integration tests use them) must rule that out.
+  test::mock_fixture f(test::mock_fixture::kind::private_for_faults);
+  for (const auto& p : mock_client_properties())
+    f.cfg.properties[p.name] = p.value;
+  const std::string topic = f.cfg.topic_prefix + "gap";
+  REQUIRE(f.mc->create_topic(topic, 1, 1).ok());
+  REQUIRE(f.mc->partition_leader(topic, 0, 1).ok());
+  sender s(f);
+  s.send(topic, "k", 1); // A
+  REQUIRE(s.wait(1));
+  // B fails (retriable, nothing written), answered 1 s late; C follows it.
+  REQUIRE(f.mc->fail_next(1, mock_cluster::api::produce, RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                          1000).ok());
+  s.send(topic, "k", 1, 1);
+  REQUIRE(eventually([&] { return f.mc->pending_errors(1, mock_cluster::api::produce) == 0; }));
+  s.send(topic, "k", 1, 2);
+  REQUIRE(s.wait(3));
+  s.check_exactly_once(3); // B's report has its offset: written, not implicitly acked
+  CHECK(test::read_partition(f.cfg, topic, 0, 3, std::chrono::seconds(3)) ==
+        std::vector<std::string>{"0", "1", "2"});
+}
+
 TEST_CASE("a lost produce acknowledgement: nothing lost, duplicates are exact copies") {
   // Measured, not wished for: against librdkafka 2.0.2's mock cluster, a
   // batch written by the broker whose acknowledgement arrives after the

@@ -260,3 +260,113 @@ TEST_CASE("the Kafka sink on a failed publish: `retry` gets the event back, `ret
   CHECK_FALSE(acked);                          // no ack ran: every input stays unacked
   CHECK(stats->publish_retries.load() == 2);   // the two stages that retry
 }
+
+namespace {
+
+/// Kafka mode's bus as the configuration stage sees it: durable raw
+/// publishes wait for the test to answer them (as librdkafka's delivery
+/// reports would, later and on another thread).
+class holding_bus final : public bus::stage_bus {
+public:
+  struct pending {
+    bus::topic t;
+    raw_record rec;
+    durable_fn done;
+  };
+  std::vector<pending> raw;
+  void publish(bus::topic, registration_event) override {}
+  void subscribe(bus::topic, handler) override {}
+  void publish_raw_durable(bus::topic t, raw_record rec, durable_fn done) override {
+    raw.push_back({t, std::move(rec), std::move(done)});
+  }
+};
+
+/// dps.registrations as the configuration stage sees it: each assignment
+/// waits for the test to answer.
+class holding_replication final : public replication {
+public:
+  std::vector<std::pair<operation_record, done_fn>> assignments;
+  error follow_completed(completed_fn) override { return {}; }
+  error write_enrollments(const storage::write_batch&) override { return {}; }
+  error catch_up_enrollments(int) override { return {}; }
+  int64_t table_lag(std::string_view) const override { return 0; }
+  error write_registrations(const storage::write_batch&) override { return {}; }
+  void publish_assignment(const operation_record& update, done_fn done) override {
+    assignments.emplace_back(update, std::move(done));
+  }
+  void close() override {}
+};
+
+} // namespace
+
+TEST_CASE("Kafka configuration: nothing is recorded or completed before device.assigned is "
+          "acknowledged; a failed one is published again, the same bytes") {
+  // The order that makes a recorded assignment prove its event is in Kafka
+  // (configuration_actor.cpp, steps 1-4), checked step by step: a delivery
+  // report that fails must not let the record or registration.completed
+  // out, and the ack waits for all three.
+  delivery_traits kafka;
+  kafka.redelivers = true;
+  kafka.outcomes_recorded = true;
+  kafka.shared_store = false;
+  stage_fixture f(kafka);
+  auto owned_bus = std::make_unique<holding_bus>();
+  auto& bus = *owned_bus;
+  f.ctx->bus = std::move(owned_bus);
+  auto owned_repl = std::make_unique<holding_replication>();
+  auto& repl = *owned_repl;
+  f.ctx->repl = std::move(owned_repl);
+  auto stage = f.sys->spawn(kafka_configuration_actor, f.ctx);
+  auto ev = stage_fixture::attested("dev-3");
+  ev.device_id = "dev-3";
+  ev.assigned_hub = "hub-a.example.net";
+  ev.allocated_ms = ev.attested_ms + 5;
+  ev.status = registration_status::assigning;
+  int acks = 0;
+  caf::anon_send(stage, event_atom::value, ev, event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  // Step 1 only: device.assigned on its way, nothing else yet.
+  REQUIRE(bus.raw.size() == 1);
+  CHECK(bus.raw[0].t == bus::topic::device_assigned);
+  CHECK(bus.raw[0].rec.key == "dev-3");
+  CHECK(repl.assignments.empty());
+  CHECK(f.sink->seen.empty());
+  // Its delivery fails: still no record, no completed, no ack; a retry waits
+  // for its timer.
+  bus.raw[0].done(error{error_code::unavailable, "injected: delivery failed"});
+  f.sched->run();
+  CHECK(repl.assignments.empty());
+  CHECK(f.sink->seen.empty());
+  CHECK(acks == 0);
+  CHECK(bus.raw.size() == 1);
+  CHECK(f.ctx->kafka_stats->publish_retries.load() == 1);
+  f.sched->clock().current_time += std::chrono::seconds(1);
+  CHECK(f.sched->trigger_timeouts() == 1);
+  f.sched->run();
+  // Published again, the same bytes (consumers dedupe a copy on ce_id).
+  REQUIRE(bus.raw.size() == 2);
+  CHECK(bus.raw[1].t == bus::topic::device_assigned);
+  CHECK(bus.raw[1].rec.value == bus.raw[0].rec.value);
+  CHECK(bus.raw[1].rec.headers == bus.raw[0].rec.headers);
+  CHECK(repl.assignments.empty());
+  // Acknowledged: step 2, the record; still no completed.
+  bus.raw[1].done(error{});
+  f.sched->run();
+  REQUIRE(repl.assignments.size() == 1);
+  CHECK(repl.assignments[0].first.operation_id == ev.operation_id);
+  CHECK(repl.assignments[0].first.state.last_operation_id == ev.operation_id);
+  CHECK(f.sink->seen.empty());
+  CHECK(acks == 0);
+  // Recorded: step 3, registration.completed through the bus, then the ack.
+  repl.assignments[0].second(error{});
+  f.sched->run();
+  REQUIRE(f.sink->seen.size() == 1);
+  CHECK(f.sink->seen[0].next == bus::topic::registration_completed);
+  CHECK(f.sink->seen[0].r == stage_sink::route::bus);
+  CHECK(f.sink->seen[0].ev.status == registration_status::assigned);
+  CHECK(acks == 1);
+  CHECK(bus.raw.size() == 2); // no third device.assigned
+  CHECK(f.ctx->relaying.load() == 0);
+  caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+  f.sched->run();
+}

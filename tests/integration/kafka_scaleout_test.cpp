@@ -671,12 +671,14 @@ TEST_CASE("partition leaders move under load") {
   });
 }
 
-// Against librdkafka 2.0.2's mock this used to strand a few devices in about
-// one run in three: the mock checks idempotent-producer sequences only for
-// transactional producers, so it appends a batch behind one it failed, and
-// the client then takes the failed batch as written (a real broker refuses
-// the gap). Gone with max.in.flight=1 (10 of 10 runs); recovered now by the
-// gateway's resend of operations without an outcome (kafka.resend_after_s).
+// librdkafka 2.0.2's mock checks idempotent-producer sequences only for
+// transactional producers: it appends a batch behind one it failed, and the
+// client then takes the failed batch as written (a real broker refuses the
+// gap; kafka_mock_limits pins it down). With more than one request in flight
+// that stranded devices (attested/allocated lost; the gateway's resend
+// recovers those) and lost dps.device.assigned records, which nothing can
+// recover: the worker was told they were written. The mock's clients run
+// with one request in flight (mock_client_properties).
 TEST_CASE("injected produce errors under load") {
   load_through_fault("perr-", [](test::kafka::mock_cluster& mc) {
     // Retriable errors, as a real cluster returns them during elections and

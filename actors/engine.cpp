@@ -9,6 +9,7 @@
 #include <openssl/crypto.h>
 
 #include "actors/actor_types.hpp"
+#include "actors/allocation_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
 #include "actors/allocation/geo_latency.hpp"
@@ -97,7 +98,9 @@ public:
     }
     attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
     registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_);
-    allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
+    allocation_ = sys_->spawn<allocation_actor, caf::detached>(
+      allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
+                      ctx.metrics});
     configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
     enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
     auto* m = ctx.metrics;
@@ -112,7 +115,7 @@ public:
     // that is when the input offset may be committed. A weak handle: bus
     // subscriptions and fused hand-offs (below) must not keep an actor alive;
     // once it is gone an event is dropped unacked and comes back from Kafka.
-    auto to_acked = [m](const caf::actor& dest, metrics::stage s) {
+    auto to_acked = [m](const auto& dest, metrics::stage s) {
       return [weak = caf::actor_cast<caf::weak_actor_ptr>(dest), m,
               s](registration_event&& ev, bus::stage_bus::ack_fn ack) {
         if (auto strong = weak.lock()) {
@@ -128,7 +131,7 @@ public:
     // allocated again there, perhaps under another hub list (a rolling
     // restart). In-process hand-offs continue. Embedded, the in-process bus
     // is the only way events move: nothing is dropped.
-    auto from_kafka = [&ctx, to_acked](const caf::actor& dest, metrics::stage s) {
+    auto from_kafka = [&ctx, to_acked](const auto& dest, metrics::stage s) {
       bus::stage_bus::acked_handler h = to_acked(dest, s);
       if (!ctx.kafka())
         return h;
@@ -670,17 +673,15 @@ public:
     // Finish our commits while the actors can still receive their
     // callbacks; later ones fail. The store is the caller's: it stays open.
     ctx_->stop_commits();
-    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
-                    &enrollment_})
-      if (*a)
-        caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+    each_stage([](auto& a) {
+      if (a)
+        caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+    });
     // Drop every strong handle (bus subscriptions hold some), otherwise the
     // detached actors' threads wait forever for their last reference.
     for (int t = 0; t < bus::topic_count; ++t)
       ctx_->bus->subscribe(static_cast<bus::topic>(t), nullptr);
-    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
-                    &enrollment_})
-      *a = caf::actor{};
+    each_stage([](auto& a) { a = std::decay_t<decltype(a)>{}; });
     sys_.reset(); // waits for all actors
     // The sink refers to the bus, and the context may outlive the engine (a
     // scrape's gauge locks it): gone first. The producer's pending callbacks
@@ -694,11 +695,22 @@ public:
   std::size_t resumed() const { return resumed_; }
 
 private:
+  /// `f` on each stage's handle (their types differ: the typed ones).
+  template <class F>
+  void each_stage(F f) {
+    f(registration_);
+    f(attestation_);
+    f(allocation_);
+    f(configuration_);
+    f(enrollment_);
+  }
+
   engine_context_ptr ctx_;
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
+  caf::actor attestation_, registration_, configuration_, enrollment_;
+  allocation_actor_type allocation_;
   /// TPM registers, in order, on their own thread (register_tpm). The bound
   /// keeps unauthenticated challenge requests from queueing without limit:
   /// beyond it a TPM register gets 429.

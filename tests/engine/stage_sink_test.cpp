@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/allocation_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/stage_sink.hpp"
@@ -104,7 +105,13 @@ struct stage_fixture {
     sys.reset();
   }
 
-  void enroll(const std::string& id) {
+  allocation_deps allocation() const {
+    return {ctx->catalog, ctx->store, ctx->hubs, ctx->policies, ctx->sink.get(), ctx->metrics};
+  }
+
+  void enroll(const std::string& id) { enroll_in(*store, id); }
+
+  static void enroll_in(storage::store& store, const std::string& id) {
     nlohmann::json body{{"registrationId", id},
                         {"attestation", {{"type", "symmetricKey"}}}};
     nlohmann::json doc;
@@ -112,7 +119,7 @@ struct stage_fixture {
                                    doc));
     storage::write_batch b;
     b.put(storage::cf::enrollments, enrollment::key_of(id), doc.dump());
-    REQUIRE(!store->write(b));
+    REQUIRE(!store.write(b));
   }
 
   static registration_event attested(const std::string& id) {
@@ -127,7 +134,105 @@ struct stage_fixture {
   }
 };
 
+/// A policy that answers when the test says so (a webhook's shape): keeps
+/// each `done` it is given.
+class later_policy final : public allocation::policy {
+public:
+  mutable std::vector<allocation::done_fn> waiting;
+  allocation_policy kind() const noexcept override { return allocation_policy::hashed; }
+  std::chrono::milliseconds deadline() const noexcept override { return std::chrono::seconds(5); }
+  void allocate(const allocation::request&, allocation::done_fn done) const override {
+    waiting.push_back(std::move(done));
+  }
+};
+
+/// The allocation stage built from its own dependencies only (no
+/// engine_context): what allocation_deps names is all it can reach.
+struct allocation_fixture {
+  test::temp_dir dir{"prov_allocation_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  allocation::hub_set hubs;
+  allocation::registry policies;
+  std::shared_ptr<later_policy> policy = std::make_shared<later_policy>();
+  recording_sink sink{delivery_traits{}};
+  metrics::instruments metrics;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  allocation_actor_type stage;
+  int acks = 0;
+
+  allocation_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    policies.add(policy);
+    hubs.assign({{"hub-a.example.net", 1, true, "", ""}, {"hub-b.example.net", 1, true, "", ""}});
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    stage = sys->spawn<allocation_actor>(
+      allocation_deps{catalog, store.get(), hubs, policies, &sink, &metrics});
+    stage_fixture::enroll_in(*store, "dev-3");
+    caf::anon_send(stage, event_atom::value, stage_fixture::attested("dev-3"),
+                   event_ack{[this] { ++acks; }});
+    sched->run();
+  }
+
+  ~allocation_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = allocation_actor_type{};
+    sys.reset();
+  }
+};
+
 } // namespace
+
+TEST_CASE("allocation from its own dependencies: a policy answering later goes on "
+          "through the mailbox, its deadline then does nothing") {
+  allocation_fixture f;
+  // The policy holds the input: nothing forwarded, nothing acked.
+  REQUIRE(f.policy->waiting.size() == 1);
+  CHECK(f.sink.seen.empty());
+  CHECK(f.acks == 0);
+  (*f.policy->waiting[0])({}, "hub-b.example.net");
+  CHECK(f.sink.seen.empty()); // not on the policy's thread: through the mailbox
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_allocated);
+  CHECK(f.sink.seen[0].ev.assigned_hub == "hub-b.example.net");
+  CHECK(f.sink.seen[0].ev.device_id == "dev-3");
+  CHECK(f.acks == 1);
+  // The deadline still fires, and finds the job answered.
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(5)) == 1);
+  f.sched->run();
+  CHECK(f.sink.seen.size() == 1);
+  CHECK(f.acks == 1);
+}
+
+TEST_CASE("allocation from its own dependencies: a policy that does not answer fails the "
+          "device at its deadline, and a later answer is dropped") {
+  allocation_fixture f;
+  REQUIRE(f.policy->waiting.size() == 1);
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(4)) == 0);
+  f.sched->run();
+  CHECK(f.sink.seen.empty());
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(1)) == 1);
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_completed);
+  CHECK(f.sink.seen[0].ev.status == registration_status::failed);
+  CHECK(f.sink.seen[0].ev.error_code == static_cast<int32_t>(error_code::no_hub_available));
+  CHECK(f.sink.seen[0].ev.error_message.find("did not answer within 5000 ms")
+        != std::string::npos);
+  CHECK(f.acks == 1);
+  (*f.policy->waiting[0])({}, "hub-a.example.net"); // too late
+  f.sched->run();
+  CHECK(f.sink.seen.size() == 1);
+  CHECK(f.acks == 1);
+}
 
 TEST_CASE("allocation through the stage sink: a failed publish runs the input again, "
           "acked once") {
@@ -137,7 +242,7 @@ TEST_CASE("allocation through the stage sink: a failed publish runs the input ag
   stage_fixture f(kafka);
   f.enroll("dev-1");
   f.sink->failures = 1;
-  auto stage = f.sys->spawn(allocation_actor, f.ctx);
+  auto stage = f.sys->spawn<allocation_actor>(f.allocation());
   int acks = 0;
   caf::anon_send(stage, event_atom::value, stage_fixture::attested("dev-1"),
                  event_ack{[&acks] { ++acks; }});
@@ -171,7 +276,7 @@ TEST_CASE("allocation through the stage sink: a failure is forwarded as complete
           "in process at once") {
   stage_fixture f(delivery_traits{}); // in process: a clock reading, a shared store
   // No enrollment: allocation fails the operation.
-  auto stage = f.sys->spawn(allocation_actor, f.ctx);
+  auto stage = f.sys->spawn<allocation_actor>(f.allocation());
   int acks = 0;
   caf::anon_send(stage, event_atom::value, stage_fixture::attested("gone-1"),
                  event_ack{[&acks] { ++acks; }});

@@ -15,7 +15,6 @@ namespace prov {
 // -- atoms --------------------------------------------------------------------
 using accepted_atom = caf::atom_constant<caf::atom("accepted")>;
 using allocated_atom = caf::atom_constant<caf::atom("allocated")>;
-using attest_atom = caf::atom_constant<caf::atom("attest")>;
 using bulk_atom = caf::atom_constant<caf::atom("bulk")>;
 using cert_atom = caf::atom_constant<caf::atom("cert")>;
 using committed_atom = caf::atom_constant<caf::atom("committed")>;
@@ -73,7 +72,6 @@ struct event_ack {
 // -- spawn functions -------------------------------------------------------------
 // (the typed stages: <stage>_actor.hpp)
 caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Embedded: commits each outcome to the store (one batch with the outbox).
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Kafka: relays each outcome through the topics (configuration_actor.cpp).

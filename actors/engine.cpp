@@ -10,6 +10,7 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation_actor.hpp"
+#include "actors/attestation_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
 #include "actors/allocation/geo_latency.hpp"
@@ -64,6 +65,8 @@ class engine_impl final : public engine {
 public:
   explicit engine_impl(engine_context_ptr ctx)
     : ctx_(std::move(ctx)),
+      checks_{ctx_->mechanisms, ctx_->catalog, ctx_->store, ctx_->metrics, ctx_->opts.id_scope,
+              ctx_->instance_hex},
       group_registrations_(ctx_->opts.cfg.throttling.registrations_per_minute_per_group,
                            std::chrono::minutes(1),
                            static_cast<std::size_t>(ctx_->opts.cfg.throttling.max_tracked_keys)) {
@@ -96,7 +99,9 @@ public:
     } else {
       ctx.sink = make_inprocess_sink(*ctx.bus);
     }
-    attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
+    auto attestation = checks_;
+    attestation.sink = ctx.sink.get();
+    attestation_ = sys_->spawn<attestation_actor, caf::detached>(std::move(attestation));
     registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_);
     allocation_ = sys_->spawn<allocation_actor, caf::detached>(
       allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
@@ -240,7 +245,7 @@ public:
     // Not a TPM register: it writes its challenge (below).
     auto start = std::chrono::steady_clock::now();
     bool tpm = false;
-    auto r = attest(*ctx_, req, true, &tpm);
+    auto r = attest(checks_, req, true, &tpm);
     if (tpm)
       return register_tpm(std::move(req), std::move(cb));
     ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
@@ -261,7 +266,7 @@ public:
         return cb(std::move(reply));
       }
       auto start = std::chrono::steady_clock::now();
-      auto r = attest(*ctx_, req);
+      auto r = attest(checks_, req);
       ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
       attested(std::move(req), std::move(r), std::move(cb));
     });
@@ -297,12 +302,12 @@ public:
   }
 
   error authenticate_device(const register_request& req) override {
-    return attest(*ctx_, req, false).err;
+    return attest(checks_, req, false).err;
   }
 
   error authenticate_device_without_tpm(const register_request& req) override {
     bool tpm = false;
-    auto r = attest(*ctx_, req, false, &tpm);
+    auto r = attest(checks_, req, false, &tpm);
     if (tpm)
       return {error_code::unauthorized,
               "registration '" + req.registration_id + "' attests with TPM: DPS has no TPM "
@@ -312,7 +317,7 @@ public:
 
   void authenticate_device(register_request req, done_cb cb) override {
     bool tpm = false;
-    auto r = attest(*ctx_, req, false, &tpm);
+    auto r = attest(checks_, req, false, &tpm);
     if (!tpm)
       return cb(std::move(r.err));
     tpm_worker_.post([this, req = std::move(req), cb = std::move(cb)](serial_worker::fate f) {
@@ -320,7 +325,7 @@ public:
         return cb(f == serial_worker::fate::busy
                     ? error{error_code::throttled, "too many TPM requests in progress"}
                     : error{error_code::unavailable, "the service is stopping"});
-      cb(attest(*ctx_, req, false).err);
+      cb(attest(checks_, req, false).err);
     });
   }
 
@@ -706,10 +711,13 @@ private:
   }
 
   engine_context_ptr ctx_;
+  /// What attest() reads, on the gateway's threads and in the stage.
+  const attestation_deps checks_;
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor attestation_, registration_, configuration_, enrollment_;
+  caf::actor registration_, configuration_, enrollment_;
+  attestation_actor_type attestation_;
   allocation_actor_type allocation_;
   /// TPM registers, in order, on their own thread (register_tpm). The bound
   /// keeps unauthenticated challenge requests from queueing without limit:

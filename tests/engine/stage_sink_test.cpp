@@ -20,6 +20,9 @@
 
 #include "actors/actor_types.hpp"
 #include "actors/allocation_actor.hpp"
+#include "actors/attestation/sas_token.hpp"
+#include "actors/attestation/symmetric_key.hpp"
+#include "actors/attestation_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/stage_sink.hpp"
@@ -188,7 +191,95 @@ struct allocation_fixture {
   }
 };
 
+/// The attestation stage built from its own dependencies only, with the
+/// symmetric key mechanism, over an individual enrollment in a real store.
+struct attestation_fixture {
+  static constexpr const char* scope = "0ne00000E57";
+  static constexpr const char* key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+  test::temp_dir dir{"prov_attestation_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  attestation::registry mechanisms;
+  recording_sink sink{delivery_traits{}};
+  metrics::instruments metrics;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  attestation_actor_type stage;
+
+  attestation_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    mechanisms.add(std::make_unique<attestation::symmetric_key>(3600, 300));
+    nlohmann::json body{{"registrationId", "dev-4"},
+                        {"attestation",
+                         {{"type", "symmetricKey"},
+                          {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+    nlohmann::json doc;
+    REQUIRE(!enrollment::normalize(enrollment::kind::individual, "dev-4", body, nullptr,
+                                   now_ms(), doc));
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, enrollment::key_of("dev-4"), doc.dump());
+    REQUIRE(!store->write(b));
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    attestation_deps deps{mechanisms, catalog, store.get(), &metrics, scope, "0123456789abcdef"};
+    deps.sink = &sink;
+    stage = sys->spawn<attestation_actor>(std::move(deps));
+  }
+
+  ~attestation_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = attestation_actor_type{};
+    sys.reset();
+  }
+
+  static registration_event requested(const std::string& operation_id, const char* with_key) {
+    registration_event in;
+    in.operation_id = operation_id;
+    in.registration_id = "dev-4";
+    in.id_scope = scope;
+    in.accepted_ms = 1700000000000;
+    in.authorization = attestation::make_sas(std::string(scope) + "/registrations/dev-4",
+                                             with_key, now_ms() / 1000 + 600, "registration");
+    return in;
+  }
+};
+
 } // namespace
+
+TEST_CASE("attestation from its own dependencies: a published request is attested, the "
+          "credential dropped, a bad one completed as failed") {
+  attestation_fixture f;
+  int acks = 0;
+  caf::anon_send(f.stage, event_atom::value, attestation_fixture::requested("", f.key),
+                 event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_attested);
+  CHECK(f.sink.seen[0].r == stage_sink::route::bus); // it minted the operation id
+  CHECK(f.sink.seen[0].ev.operation_id.find("0123456789abcdef") != std::string::npos);
+  CHECK(f.sink.seen[0].ev.attestation_type == "symmetricKey");
+  CHECK(f.sink.seen[0].ev.authorization.empty());
+  CHECK(acks == 1);
+  // Signed with another key, with the publisher's operation id.
+  caf::anon_send(f.stage, event_atom::value,
+                 attestation_fixture::requested("op-4", "b3RoZXJrZXlvdGhlcmtleW90aGVya2V5b3RoZXJrZXk="),
+                 event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 2);
+  CHECK(f.sink.seen[1].next == bus::topic::registration_completed);
+  CHECK(f.sink.seen[1].r == stage_sink::route::nearest);
+  CHECK(f.sink.seen[1].ev.operation_id == "op-4");
+  CHECK(f.sink.seen[1].ev.status == registration_status::failed);
+  CHECK(f.sink.seen[1].ev.error_code
+        == static_cast<int32_t>(error_code::unauthorized_signature));
+  CHECK(f.sink.seen[1].ev.authorization.empty());
+  CHECK(acks == 2);
+}
 
 TEST_CASE("allocation from its own dependencies: a policy answering later goes on "
           "through the mailbox, its deadline then does nothing") {

@@ -71,7 +71,6 @@ struct event_ack {
 
 // -- spawn functions -------------------------------------------------------------
 // (the typed stages: <stage>_actor.hpp)
-caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Embedded: commits each outcome to the store (one batch with the outbox).
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Kafka: relays each outcome through the topics (configuration_actor.cpp).

@@ -11,6 +11,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation_actor.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
 #include "actors/allocation/geo_latency.hpp"
@@ -102,14 +103,21 @@ public:
     auto attestation = checks_;
     attestation.sink = ctx.sink.get();
     attestation_ = sys_->spawn<attestation_actor, caf::detached>(std::move(attestation));
-    registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_);
+    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps{
+      ctx.store,
+      [c = &ctx](storage::write_batch b, storage::store::done_fn done) {
+        c->commit(std::move(b), std::move(done));
+      },
+      ctx.mechanisms, ctx.sink.get(), ctx.metrics, ctx.kafka_stats.get(), ctx.inflight,
+      ctx.accepting, ctx.opts.max_inflight,
+      std::chrono::milliseconds(ctx.opts.cfg.device_api.register_wait_ms), ctx.instance_hex});
     allocation_ = sys_->spawn<allocation_actor, caf::detached>(
       allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
                       ctx.metrics});
     configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
     enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
     auto* m = ctx.metrics;
-    auto to = [m](caf::actor dest, std::optional<metrics::stage> s) {
+    auto to = [m](auto dest, std::optional<metrics::stage> s) {
       return [dest, m, s](registration_event&& ev) {
         if (s)
           m->stage_enqueued(*s); // the stage counts it out when it handles it
@@ -716,7 +724,8 @@ private:
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor registration_, configuration_, enrollment_;
+  caf::actor configuration_, enrollment_;
+  registration_actor_type registration_;
   attestation_actor_type attestation_;
   allocation_actor_type allocation_;
   /// TPM registers, in order, on their own thread (register_tpm). The bound

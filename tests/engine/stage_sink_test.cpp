@@ -23,6 +23,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/stage_sink.hpp"
@@ -110,6 +111,18 @@ struct stage_fixture {
 
   allocation_deps allocation() const {
     return {ctx->catalog, ctx->store, ctx->hubs, ctx->policies, ctx->sink.get(), ctx->metrics};
+  }
+
+  registration_deps registration() const {
+    auto* c = ctx.get();
+    return {ctx->store,
+            [c](storage::write_batch b, storage::store::done_fn done) {
+              c->commit(std::move(b), std::move(done));
+            },
+            ctx->mechanisms, ctx->sink.get(), ctx->metrics, ctx->kafka_stats.get(),
+            ctx->inflight, ctx->accepting, ctx->opts.max_inflight,
+            std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms),
+            ctx->instance_hex};
   }
 
   void enroll(const std::string& id) { enroll_in(*store, id); }
@@ -266,8 +279,8 @@ TEST_CASE("attestation from its own dependencies: a published request is atteste
   CHECK(f.sink.seen[0].ev.authorization.empty());
   CHECK(acks == 1);
   // Signed with another key, with the publisher's operation id.
-  caf::anon_send(f.stage, event_atom::value,
-                 attestation_fixture::requested("op-4", "b3RoZXJrZXlvdGhlcmtleW90aGVya2V5b3RoZXJrZXk="),
+  const char* other_key = "b3RoZXJrZXlvdGhlcmtleW90aGVya2V5b3RoZXJrZXk=";
+  caf::anon_send(f.stage, event_atom::value, attestation_fixture::requested("op-4", other_key),
                  event_ack{[&acks] { ++acks; }});
   f.sched->run();
   REQUIRE(f.sink.seen.size() == 2);
@@ -390,7 +403,7 @@ TEST_CASE("registration through the stage sink: a failed hand-off is sent again 
   kafka.shared_store = false;
   stage_fixture f(kafka);
   f.sink->failures = 1;
-  auto stage = f.sys->spawn(registration_actor, f.ctx);
+  auto stage = f.sys->spawn<registration_actor>(f.registration());
   // An operation resumed after a restart: handed to allocation at once.
   caf::anon_send(stage, accepted_atom::value, stage_fixture::attested("dev-2"));
   f.sched->run();

@@ -75,7 +75,6 @@ struct event_ack {
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Kafka: relays each outcome through the topics (configuration_actor.cpp).
 caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 
 } // namespace prov
 

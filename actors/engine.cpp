@@ -11,6 +11,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation_actor.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/enrollment_actor.hpp"
 #include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
@@ -115,7 +116,9 @@ public:
       allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
                       ctx.metrics});
     configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
-    enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
+    enrollment_ = sys_->spawn<enrollment_actor, caf::detached>(enrollment_deps{
+      ctx.store, ctx.catalog, ctx.hubs,
+      [c = &ctx](const storage::write_batch& b) { return write_hubs(*c, b); }});
     auto* m = ctx.metrics;
     auto to = [m](auto dest, std::optional<metrics::stage> s) {
       return [dest, m, s](registration_event&& ev) {
@@ -492,7 +495,7 @@ public:
   error list_hubs(std::vector<json>& docs) override {
     auto set = ctx_->hubs.hubs();
     for (const auto& h : *set)
-      docs.push_back(public_hub(*ctx_, h));
+      docs.push_back(public_hub(ctx_->hubs, h));
     return {};
   }
 
@@ -500,7 +503,7 @@ public:
     auto set = ctx_->hubs.hubs();
     for (const auto& h : *set)
       if (allocation::hub_key(h.hostname) == allocation::hub_key(hostname)) {
-        doc = public_hub(*ctx_, h);
+        doc = public_hub(ctx_->hubs, h);
         return {};
       }
     return {error_code::linked_hub_not_found, "'" + hostname + "' is not a linked IoT hub"};
@@ -724,7 +727,8 @@ private:
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor configuration_, enrollment_;
+  caf::actor configuration_;
+  enrollment_actor_type enrollment_;
   registration_actor_type registration_;
   attestation_actor_type attestation_;
   allocation_actor_type allocation_;

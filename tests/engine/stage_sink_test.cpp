@@ -23,6 +23,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/enrollment_actor.hpp"
 #include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine_context.hpp"
@@ -262,7 +263,83 @@ struct attestation_fixture {
   }
 };
 
+/// The enrollment actor built from its own dependencies only, over a real
+/// store; linked hub writes go to a counter.
+struct enrollment_fixture {
+  test::temp_dir dir{"prov_enrollment_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  allocation::hub_set hubs;
+  int hub_writes = 0;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  enrollment_actor_type stage;
+
+  enrollment_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    stage = sys->spawn<enrollment_actor>(
+      enrollment_deps{store.get(), catalog, hubs, [this](const storage::write_batch&) {
+                        ++hub_writes;
+                        return error{};
+                      }});
+  }
+
+  ~enrollment_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = enrollment_actor_type{};
+    sys.reset();
+  }
+};
+
 } // namespace
+
+TEST_CASE("enrollment actor from its own dependencies: writes an enrollment, refuses a stale "
+          "etag, deletes with the right one, hands hub writes to its writer") {
+  enrollment_fixture f;
+  error put_err{error_code::internal, "no answer"};
+  std::string doc;
+  caf::anon_send(f.stage, put_atom::value, enrollment::kind::individual, std::string("dev-5"),
+                 std::string(R"({"registrationId":"dev-5","attestation":{"type":"symmetricKey"}})"),
+                 std::string(), doc_reply_fn{[&](error e, std::string d) {
+                   put_err = std::move(e);
+                   doc = std::move(d);
+                 }});
+  f.sched->run();
+  REQUIRE(!put_err);
+  const auto etag = nlohmann::json::parse(doc).value("etag", std::string{});
+  REQUIRE(!etag.empty());
+  std::optional<std::string> stored;
+  REQUIRE(!f.store->get(storage::cf::enrollments, enrollment::key_of("dev-5"), stored));
+  CHECK(stored.has_value());
+
+  error del_err;
+  caf::anon_send(f.stage, delete_atom::value, enrollment::kind::individual,
+                 std::string("dev-5"), std::string("\"stale\""),
+                 done_reply_fn{[&](error e) { del_err = std::move(e); }});
+  f.sched->run();
+  CHECK(del_err.code == error_code::precondition_failed);
+  caf::anon_send(f.stage, delete_atom::value, enrollment::kind::individual,
+                 std::string("dev-5"), etag,
+                 done_reply_fn{[&](error e) { del_err = std::move(e); }});
+  f.sched->run();
+  CHECK(!del_err);
+  REQUIRE(!f.store->get(storage::cf::enrollments, enrollment::key_of("dev-5"), stored));
+  CHECK(!stored.has_value());
+
+  error hub_err{error_code::internal, "no answer"};
+  caf::anon_send(f.stage, hub_atom::value, std::string("put"), std::string("hub-c.example.net"),
+                 std::string("{}"), doc_reply_fn{[&](error e, std::string) { hub_err = e; }});
+  f.sched->run();
+  CHECK(!hub_err);
+  CHECK(f.hub_writes == 1);
+}
 
 TEST_CASE("attestation from its own dependencies: a published request is attested, the "
           "credential dropped, a bad one completed as failed") {

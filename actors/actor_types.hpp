@@ -15,7 +15,6 @@ namespace prov {
 // -- atoms --------------------------------------------------------------------
 using accepted_atom = caf::atom_constant<caf::atom("accepted")>;
 using allocated_atom = caf::atom_constant<caf::atom("allocated")>;
-using attest_atom = caf::atom_constant<caf::atom("attest")>;
 using bulk_atom = caf::atom_constant<caf::atom("bulk")>;
 using cert_atom = caf::atom_constant<caf::atom("cert")>;
 using committed_atom = caf::atom_constant<caf::atom("committed")>;
@@ -71,14 +70,12 @@ struct event_ack {
 };
 
 // -- spawn functions -------------------------------------------------------------
-caf::behavior registration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-caf::behavior attestation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+// Configuration only: registration, attestation, allocation and enrollment
+// are typed actor classes, each in its <stage>_actor.hpp.
 /// Embedded: commits each outcome to the store (one batch with the outbox).
 caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 /// Kafka: relays each outcome through the topics (configuration_actor.cpp).
 caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-caf::behavior enrollment_actor(caf::event_based_actor* self, engine_context_ptr ctx);
 
 } // namespace prov
 

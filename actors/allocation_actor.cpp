@@ -19,7 +19,7 @@
 #include <atomic>
 
 
-#include "actors/actor_types.hpp"
+#include "actors/allocation_actor.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_text.hpp"
 
@@ -31,7 +31,7 @@ using ascii::iequals;
 
 /// The enrollment's view, shared with the caches it comes from (groups are
 /// in memory; attestation just parsed an individual one) instead of copied.
-error load_view(const engine_context& ctx, const registration_event& ev,
+error load_view(const allocation_deps& ctx, const registration_event& ev,
                 std::shared_ptr<const enrollment::enrollment_view>& out) {
   auto individual = ev.enrollment_group_id.empty();
   if (!individual) {
@@ -88,7 +88,7 @@ std::vector<const allocation::linked_hub*> candidates(const allocation::hub_set:
 /// Drops the hubs whose health probes say unhealthy (every policy skips
 /// them). Error no_healthy_hub when hubs would take part in allocation but
 /// none of those is healthy, naming each and why.
-error healthy_candidates(const engine_context& ctx,
+error healthy_candidates(const allocation_deps& ctx,
                          const std::vector<const allocation::linked_hub*>& all,
                          bool explicit_list, std::vector<allocation::candidate_hub>& out) {
   out.clear();
@@ -145,7 +145,7 @@ void views_of(const registration_event& ev, const current_record& cur,
 
 /// What the policy decides on: the enrollment, the candidate hubs and the
 /// device's current assignment.
-error prepare(const engine_context& ctx, const registration_event& ev,
+error prepare(const allocation_deps& ctx, const registration_event& ev,
               allocation::request& in, current_record& cur) {
   if (auto err = load_view(ctx, ev, in.enrollment)) {
     // Kafka: the enrollment may have been written through another instance
@@ -177,7 +177,7 @@ error prepare(const engine_context& ctx, const registration_event& ev,
 
 /// After the policy decided: reprovisioning against the device's record
 /// (read by prepare()), the device id and the twin.
-error finish(const engine_context& ctx, const enrollment::enrollment_view& v,
+error finish(const allocation_deps& ctx, const enrollment::enrollment_view& v,
              registration_event& ev, allocation::decision d, const current_record& cur) {
   std::string hub = std::move(d.hub);
   // Why (docs/events.md, data.allocation): the policy, what it chose and its
@@ -281,19 +281,13 @@ struct allocation_job final : allocation::answer {
   }
 };
 
-} // namespace prov
-
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::shared_ptr<prov::allocation_job>)
-
-namespace prov {
-
 namespace {
 
 /// Emits the outcome of `ev`, whose policy answered `err` or `d` (`view`:
 /// its enrollment, null when it failed before the policy ran; `cur`: the
 /// record prepare() read): registration.allocated, or
 /// registration.completed when it failed.
-void emit(const stage_output_ptr& out, const engine_context_ptr& ctx, registration_event& ev,
+void emit(const stage_output_ptr& out, const allocation_deps* ctx, registration_event& ev,
           event_ack& ack, std::chrono::steady_clock::time_point start,
           const enrollment::enrollment_view* view, const current_record& cur, error err,
           allocation::decision d) {
@@ -326,7 +320,7 @@ void emit(const stage_output_ptr& out, const engine_context_ptr& ctx, registrati
 /// allocation's answer to a failed publish: the input (attested) is
 /// allocated again in 1 s with its ack. A weak handle, as the producer may
 /// hold the callback until its message timeout.
-stage_output_ptr output_of(caf::event_based_actor* self, metrics::instruments* m) {
+stage_output_ptr output_of(allocation_actor* self, metrics::instruments* m) {
   auto out = std::make_shared<stage_output>();
   out->stage = "allocation";
   out->retry = [weak = caf::weak_actor_ptr{self->ctrl()}, m](registration_event ev,
@@ -339,13 +333,13 @@ stage_output_ptr output_of(caf::event_based_actor* self, metrics::instruments* m
     ev.error_code = 0;
     ev.error_message.clear();
     m->stage_enqueued(metrics::stage::allocation);
-    caf::delayed_anon_send(caf::actor_cast<caf::actor>(strong), std::chrono::seconds(1),
+    caf::delayed_anon_send(caf::actor_cast<allocation_actor_type>(strong), std::chrono::seconds(1),
                            event_atom::value, std::move(ev), event_ack{std::move(ack)});
   };
   return out;
 }
 
-void emit(const stage_output_ptr& out, const engine_context_ptr& ctx, allocation_job& job) {
+void emit(const stage_output_ptr& out, const allocation_deps* ctx, allocation_job& job) {
   emit(out, ctx, job.ev, job.ack, job.start, job.view.get(), job.current, std::move(job.err),
        std::move(job.decided_));
 }
@@ -364,8 +358,8 @@ error guarded(allocation_policy kind, Call&& call) {
 
 /// Runs the enrollment's policy; emits now when it answers now, else keeps
 /// the input in a job for the answer.
-void allocate(caf::event_based_actor* self, const stage_output_ptr& out,
-              const engine_context_ptr& ctx, registration_event& ev, event_ack& ack) {
+void allocate(allocation_actor* self, const stage_output_ptr& out,
+              const allocation_deps* ctx, registration_event& ev, event_ack& ack) {
   const auto start = std::chrono::steady_clock::now();
   allocation::request in;
   current_record cur;
@@ -419,25 +413,38 @@ void allocation_job::decided(error e, allocation::decision d) {
   decided_ = std::move(d);
   if (first_arrived.exchange(true)) // answered after allocate() returned
     if (auto strong = stage.lock())
-      caf::anon_send(caf::actor_cast<caf::actor>(strong), allocated_atom::value,
+      caf::anon_send(caf::actor_cast<allocation_actor_type>(strong), allocated_atom::value,
                      std::static_pointer_cast<allocation_job>(shared_from_this()));
 }
 
-caf::behavior allocation_actor(caf::event_based_actor* self, engine_context_ptr ctx) {
-  auto out = output_of(self, ctx->metrics);
+// -- allocation_actor -----------------------------------------------------------
+
+allocation_actor::allocation_actor(caf::actor_config& cfg, allocation_deps deps)
+  : allocation_actor_type::base(cfg), deps_(std::move(deps)) {}
+
+allocation_actor::behavior_type allocation_actor::make_behavior() {
+  out_ = output_of(this, deps_.metrics);
   return {
-    [self, out, ctx](event_atom, registration_event& ev, event_ack& ack) {
-      ctx->metrics->stage_dequeued(metrics::stage::allocation);
-      allocate(self, out, ctx, ev, ack);
-    },
-    [out, ctx](allocated_atom, const std::shared_ptr<allocation_job>& job) {
-      emit(out, ctx, *job);
-    },
-    [out, ctx](expire_atom, const std::shared_ptr<allocation_job>& job, std::string& why) {
-      if (job->expire({error_code::no_hub_available, std::move(why)}))
-        emit(out, ctx, *job);
+    [this](event_atom, registration_event& ev, event_ack& ack) { on_attested(ev, ack); },
+    [this](allocated_atom, const std::shared_ptr<allocation_job>& job) { on_answered(job); },
+    [this](expire_atom, const std::shared_ptr<allocation_job>& job, std::string& why) {
+      on_deadline(job, why);
     },
   };
+}
+
+void allocation_actor::on_attested(registration_event& ev, event_ack& ack) {
+  deps_.metrics->stage_dequeued(metrics::stage::allocation);
+  allocate(this, out_, &deps_, ev, ack);
+}
+
+void allocation_actor::on_answered(const std::shared_ptr<allocation_job>& job) {
+  emit(out_, &deps_, *job);
+}
+
+void allocation_actor::on_deadline(const std::shared_ptr<allocation_job>& job, std::string& why) {
+  if (job->expire({error_code::no_hub_available, std::move(why)}))
+    emit(out_, &deps_, *job);
 }
 
 } // namespace prov

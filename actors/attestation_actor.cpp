@@ -9,16 +9,15 @@
 // registration.attested, or registration.completed (failed or disabled).
 // The device's credential travels only on registration.requested: it is
 // dropped here and never stored or published further.
-// Accepts: (attest_atom, register_request) -> attestation::verdict
-//          (event_atom, registration_event, event_ack) from registration.requested
+// Accepts: (event_atom, registration_event, event_ack) from registration.requested
 // Emits:   through the stage sink (actors/stage_sink.hpp).
 // Acks:    when the published event is durable (as allocation does); fused
 //          with a local allocation stage (kafka.fuse_stages, requests that
 //          carry their operationId only), when that acks.
 // Blocking: reads enrollments from RocksDB, so it is spawned detached.
 
-#include "actors/actor_types.hpp"
 #include "actors/attestation/tpm.hpp"
+#include "actors/attestation_actor.hpp"
 #include "metrics/instruments.hpp"
 
 namespace prov {
@@ -27,13 +26,13 @@ using attestation::verdict;
 
 namespace {
 
-verdict check(const engine_context& ctx, const register_request& req,
+verdict check(const attestation_deps& ctx, const register_request& req,
               const attestation::request_facts& facts, const attestation::mechanism& mech,
               const attestation::proof& p, uint64_t generation, bool* tpm_deferred);
 
 } // namespace
 
-verdict attest(const engine_context& ctx, const register_request& req, bool registering,
+verdict attest(const attestation_deps& ctx, const register_request& req, bool registering,
                bool* tpm_deferred) {
   const attestation::mechanism* mech = ctx.mechanisms.reading(req.credential);
   attestation::request_facts facts;
@@ -89,7 +88,7 @@ namespace {
 
 /// dps_tpm_challenges_total: a challenge issued, or a register's answer to
 /// one accepted or refused (polls and status lookups are not answers).
-void count_tpm(const engine_context& ctx, const attestation::request_facts& facts,
+void count_tpm(const attestation_deps& ctx, const attestation::request_facts& facts,
                bool answering, const verdict& r) {
   if (ctx.metrics == nullptr)
     return;
@@ -99,7 +98,7 @@ void count_tpm(const engine_context& ctx, const attestation::request_facts& fact
     ctx.metrics->tpm_challenge(r.is_accepted() ? "answered" : "rejected");
 }
 
-verdict check(const engine_context& ctx, const register_request& req,
+verdict check(const attestation_deps& ctx, const register_request& req,
               const attestation::request_facts& facts, const attestation::mechanism& mech,
               const attestation::proof& p, uint64_t generation, bool* tpm_deferred) {
   // 1. Individual enrollment: it wins over any group (DPS precedence; a
@@ -156,7 +155,7 @@ verdict check(const engine_context& ctx, const register_request& req,
 namespace {
 
 /// Whether the registration's recorded assignment is this operation's.
-bool assigned_by(const engine_context& ctx, const std::string& registration_id,
+bool assigned_by(const attestation_deps& ctx, const std::string& registration_id,
                  const std::string& operation_id) {
   std::optional<std::string> raw;
   registration_state prev;
@@ -171,7 +170,7 @@ bool valid_operation_id(std::string_view id) { return enrollment::valid_registra
 
 /// A registration.requested event: attest it and build what goes on. `out`
 /// never carries the credential; the error is the failed completion's.
-error attest_requested(const engine_context& ctx, registration_event& in,
+error attest_requested(const attestation_deps& ctx, registration_event& in,
                        registration_event& out, verdict& r, bool& attested) {
   attested = false;
   out = registration_event{};
@@ -201,9 +200,9 @@ error attest_requested(const engine_context& ctx, registration_event& in,
     return {error_code::invalid_registration_id,
             "registrationId must be 1..128 characters of A-Z a-z 0-9 - . _ :, starting "
             "with a letter or digit and ending with a letter, digit or '-'"};
-  if (enrollment::key_of(in.id_scope) != enrollment::key_of(ctx.opts.id_scope))
+  if (enrollment::key_of(in.id_scope) != enrollment::key_of(ctx.id_scope))
     return {error_code::id_scope_not_found,
-            "unknown id scope '" + in.id_scope + "' (this instance serves '" + ctx.opts.id_scope
+            "unknown id scope '" + in.id_scope + "' (this instance serves '" + ctx.id_scope
               + "'; with split roles, set the same id_scope in every process's config)"};
   req.id_scope = in.id_scope;
   req.registration_id = in.registration_id;
@@ -228,77 +227,78 @@ error attest_requested(const engine_context& ctx, registration_event& in,
 
 } // namespace
 
-caf::behavior attestation_actor(caf::event_based_actor*, engine_context_ptr ctx) {
+// -- attestation_actor ----------------------------------------------------------
+
+attestation_actor::attestation_actor(caf::actor_config& cfg, attestation_deps deps)
+  : attestation_actor_type::base(cfg), deps_(std::move(deps)) {}
+
+attestation_actor::behavior_type attestation_actor::make_behavior() {
   auto out = std::make_shared<stage_output>();
   out->stage = "attestation";
+  out_ = std::move(out);
   return {
-    [ctx](attest_atom, const register_request& req) {
-      auto start = std::chrono::steady_clock::now();
-      auto r = attest(*ctx, req);
-      ctx->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
-      return r;
-    },
-    [ctx, out = stage_output_ptr(std::move(out))](event_atom, registration_event& in,
-                                                  event_ack& ack) {
-      auto* m = ctx->metrics;
-      m->stage_dequeued(metrics::stage::attestation);
-      auto start = std::chrono::steady_clock::now();
-      // Before attest_requested moves the credential out.
-      const attestation_type tried =
-        !in.authorization.empty() ? ctx->mechanisms.attempted(sas_credential{})
-        : in.x509_presented       ? attestation_type::x509
-                                  : attestation_type::none;
-      if (!in.operation_id.empty() && assigned_by(*ctx, in.registration_id, in.operation_id)) {
-        // A republished or redelivered request whose operation already
-        // assigned the device: nothing to do (its outcome is on
-        // registration.completed). Checked before attesting: the token may
-        // have expired since. Duplicates still in flight meet in the
-        // configuration stage.
-        ack();
-        return;
-      }
-      registration_event ev;
-      verdict r;
-      bool attested = false;
-      auto err = attest_requested(*ctx, in, ev, r, attested);
-      m->stage_latency(metrics::stage::attestation, seconds_since(start));
-      if (attested)
-        m->attestation_attempt(
-          !err,
-          to_string(!err ? r.type : tried),
-          ev.protocol);
-      auto next = bus::topic::registration_attested;
-      if (err) {
-        m->registration_attempt("rejected", "", ev.protocol);
-        ev.status = registration_status::failed;
-        ev.error_code = static_cast<int32_t>(err.code);
-        ev.error_message = err.message;
-        ev.completed_ms = ev.accepted_ms; // as reproducible as the input
-        next = bus::topic::registration_completed;
-      } else {
-        ev.attestation_type = to_string(r.type);
-        ev.enrollment_group_id = r.enrollment_group_id;
-        ev.x509_json = r.x509_json;
-        ev.key_used = r.key_used;
-        ev.attested_ms = ev.accepted_ms;
-        if (!r.enabled) {
-          // As over HTTP: terminal at once.
-          m->registration_attempt("disabled", "", ev.protocol);
-          m->operation_finished("disabled", 0.0);
-          configuration::mark_disabled(ev);
-          ev.completed_ms = ev.accepted_ms;
-          next = bus::topic::registration_completed;
-        }
-      }
-      // Fused with a local allocation stage, it acks this input. Only for
-      // publisher-chosen operation ids: a redelivered request without one
-      // would get a new id here, and a second operation. A failed publish
-      // is left for redelivery (no retry here).
-      ctx->sink->forward(out, next, std::move(ev), std::move(ack.fn),
-                         in.operation_id.empty() ? stage_sink::route::bus
-                                                 : stage_sink::route::nearest);
-    },
+    [this](event_atom, registration_event& in, event_ack& ack) { on_requested(in, ack); },
   };
+}
+
+void attestation_actor::on_requested(registration_event& in, event_ack& ack) {
+  auto* m = deps_.metrics;
+  m->stage_dequeued(metrics::stage::attestation);
+  auto start = std::chrono::steady_clock::now();
+  // Before attest_requested moves the credential out.
+  const attestation_type tried =
+    !in.authorization.empty() ? deps_.mechanisms.attempted(sas_credential{})
+    : in.x509_presented       ? attestation_type::x509
+                              : attestation_type::none;
+  if (!in.operation_id.empty() && assigned_by(deps_, in.registration_id, in.operation_id)) {
+    // A republished or redelivered request whose operation already
+    // assigned the device: nothing to do (its outcome is on
+    // registration.completed). Checked before attesting: the token may
+    // have expired since. Duplicates still in flight meet in the
+    // configuration stage.
+    ack();
+    return;
+  }
+  registration_event ev;
+  verdict r;
+  bool attested = false;
+  auto err = attest_requested(deps_, in, ev, r, attested);
+  m->stage_latency(metrics::stage::attestation, seconds_since(start));
+  if (attested)
+    m->attestation_attempt(
+      !err,
+      to_string(!err ? r.type : tried),
+      ev.protocol);
+  auto next = bus::topic::registration_attested;
+  if (err) {
+    m->registration_attempt("rejected", "", ev.protocol);
+    ev.status = registration_status::failed;
+    ev.error_code = static_cast<int32_t>(err.code);
+    ev.error_message = err.message;
+    ev.completed_ms = ev.accepted_ms; // as reproducible as the input
+    next = bus::topic::registration_completed;
+  } else {
+    ev.attestation_type = to_string(r.type);
+    ev.enrollment_group_id = r.enrollment_group_id;
+    ev.x509_json = r.x509_json;
+    ev.key_used = r.key_used;
+    ev.attested_ms = ev.accepted_ms;
+    if (!r.enabled) {
+      // As over HTTP: terminal at once.
+      m->registration_attempt("disabled", "", ev.protocol);
+      m->operation_finished("disabled", 0.0);
+      configuration::mark_disabled(ev);
+      ev.completed_ms = ev.accepted_ms;
+      next = bus::topic::registration_completed;
+    }
+  }
+  // Fused with a local allocation stage, it acks this input. Only for
+  // publisher-chosen operation ids: a redelivered request without one
+  // would get a new id here, and a second operation. A failed publish
+  // is left for redelivery (no retry here).
+  deps_.sink->forward(out_, next, std::move(ev), std::move(ack.fn),
+                      in.operation_id.empty() ? stage_sink::route::bus
+                                              : stage_sink::route::nearest);
 }
 
 } // namespace prov

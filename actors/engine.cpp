@@ -9,6 +9,10 @@
 #include <openssl/crypto.h>
 
 #include "actors/actor_types.hpp"
+#include "actors/allocation_actor.hpp"
+#include "actors/attestation_actor.hpp"
+#include "actors/enrollment_actor.hpp"
+#include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/allocation/custom_webhook.hpp"
 #include "actors/allocation/geo_latency.hpp"
@@ -63,6 +67,8 @@ class engine_impl final : public engine {
 public:
   explicit engine_impl(engine_context_ptr ctx)
     : ctx_(std::move(ctx)),
+      checks_{ctx_->mechanisms, ctx_->catalog, ctx_->store, ctx_->metrics, ctx_->opts.id_scope,
+              ctx_->instance_hex},
       group_registrations_(ctx_->opts.cfg.throttling.registrations_per_minute_per_group,
                            std::chrono::minutes(1),
                            static_cast<std::size_t>(ctx_->opts.cfg.throttling.max_tracked_keys)) {
@@ -95,13 +101,26 @@ public:
     } else {
       ctx.sink = make_inprocess_sink(*ctx.bus);
     }
-    attestation_ = sys_->spawn<caf::detached>(attestation_actor, ctx_);
-    registration_ = sys_->spawn<caf::detached>(registration_actor, ctx_);
-    allocation_ = sys_->spawn<caf::detached>(allocation_actor, ctx_);
+    auto attestation = checks_;
+    attestation.sink = ctx.sink.get();
+    attestation_ = sys_->spawn<attestation_actor, caf::detached>(std::move(attestation));
+    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps{
+      ctx.store,
+      [c = &ctx](storage::write_batch b, storage::store::done_fn done) {
+        c->commit(std::move(b), std::move(done));
+      },
+      ctx.mechanisms, ctx.sink.get(), ctx.metrics, ctx.kafka_stats.get(), ctx.inflight,
+      ctx.accepting, ctx.opts.max_inflight,
+      std::chrono::milliseconds(ctx.opts.cfg.device_api.register_wait_ms), ctx.instance_hex});
+    allocation_ = sys_->spawn<allocation_actor, caf::detached>(
+      allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
+                      ctx.metrics});
     configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
-    enrollment_ = sys_->spawn<caf::detached>(enrollment_actor, ctx_);
+    enrollment_ = sys_->spawn<enrollment_actor, caf::detached>(enrollment_deps{
+      ctx.store, ctx.catalog, ctx.hubs,
+      [c = &ctx](const storage::write_batch& b) { return write_hubs(*c, b); }});
     auto* m = ctx.metrics;
-    auto to = [m](caf::actor dest, std::optional<metrics::stage> s) {
+    auto to = [m](auto dest, std::optional<metrics::stage> s) {
       return [dest, m, s](registration_event&& ev) {
         if (s)
           m->stage_enqueued(*s); // the stage counts it out when it handles it
@@ -112,7 +131,7 @@ public:
     // that is when the input offset may be committed. A weak handle: bus
     // subscriptions and fused hand-offs (below) must not keep an actor alive;
     // once it is gone an event is dropped unacked and comes back from Kafka.
-    auto to_acked = [m](const caf::actor& dest, metrics::stage s) {
+    auto to_acked = [m](const auto& dest, metrics::stage s) {
       return [weak = caf::actor_cast<caf::weak_actor_ptr>(dest), m,
               s](registration_event&& ev, bus::stage_bus::ack_fn ack) {
         if (auto strong = weak.lock()) {
@@ -128,7 +147,7 @@ public:
     // allocated again there, perhaps under another hub list (a rolling
     // restart). In-process hand-offs continue. Embedded, the in-process bus
     // is the only way events move: nothing is dropped.
-    auto from_kafka = [&ctx, to_acked](const caf::actor& dest, metrics::stage s) {
+    auto from_kafka = [&ctx, to_acked](const auto& dest, metrics::stage s) {
       bus::stage_bus::acked_handler h = to_acked(dest, s);
       if (!ctx.kafka())
         return h;
@@ -237,7 +256,7 @@ public:
     // Not a TPM register: it writes its challenge (below).
     auto start = std::chrono::steady_clock::now();
     bool tpm = false;
-    auto r = attest(*ctx_, req, true, &tpm);
+    auto r = attest(checks_, req, true, &tpm);
     if (tpm)
       return register_tpm(std::move(req), std::move(cb));
     ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
@@ -260,7 +279,7 @@ public:
         return cb(std::move(reply));
       }
       auto start = std::chrono::steady_clock::now();
-      auto r = attest(*ctx_, req);
+      auto r = attest(checks_, req);
       ctx_->metrics->stage_latency(metrics::stage::attestation, seconds_since(start));
       attested(std::move(req), std::move(r), std::move(cb));
     });
@@ -296,12 +315,12 @@ public:
   }
 
   error authenticate_device(const register_request& req) override {
-    return attest(*ctx_, req, false).err;
+    return attest(checks_, req, false).err;
   }
 
   error authenticate_device_without_tpm(const register_request& req) override {
     bool tpm = false;
-    auto r = attest(*ctx_, req, false, &tpm);
+    auto r = attest(checks_, req, false, &tpm);
     if (tpm)
       return {error_code::unauthorized,
               "registration '" + req.registration_id + "' attests with TPM: DPS has no TPM "
@@ -311,7 +330,7 @@ public:
 
   void authenticate_device(register_request req, done_cb cb) override {
     bool tpm = false;
-    auto r = attest(*ctx_, req, false, &tpm);
+    auto r = attest(checks_, req, false, &tpm);
     if (!tpm)
       return cb(std::move(r.err));
     auto key = enrollment::key_of(req.registration_id);
@@ -321,7 +340,7 @@ public:
         return cb(f == serial_worker::fate::busy
                     ? error{error_code::throttled, "too many TPM requests in progress"}
                     : error{error_code::unavailable, "the service is stopping"});
-      cb(attest(*ctx_, req, false).err);
+      cb(attest(checks_, req, false).err);
     });
   }
 
@@ -527,7 +546,7 @@ public:
   error list_hubs(std::vector<json>& docs) override {
     auto set = ctx_->hubs.hubs();
     for (const auto& h : *set)
-      docs.push_back(public_hub(*ctx_, h));
+      docs.push_back(public_hub(ctx_->hubs, h));
     return {};
   }
 
@@ -535,7 +554,7 @@ public:
     auto set = ctx_->hubs.hubs();
     for (const auto& h : *set)
       if (allocation::hub_key(h.hostname) == allocation::hub_key(hostname)) {
-        doc = public_hub(*ctx_, h);
+        doc = public_hub(ctx_->hubs, h);
         return {};
       }
     return {error_code::linked_hub_not_found, "'" + hostname + "' is not a linked IoT hub"};
@@ -721,17 +740,15 @@ public:
     // Finish our commits while the actors can still receive their
     // callbacks; later ones fail. The store is the caller's: it stays open.
     ctx_->stop_commits();
-    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
-                    &enrollment_})
-      if (*a)
-        caf::anon_send_exit(*a, caf::exit_reason::user_shutdown);
+    each_stage([](auto& a) {
+      if (a)
+        caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+    });
     // Drop every strong handle (bus subscriptions hold some), otherwise the
     // detached actors' threads wait forever for their last reference.
     for (int t = 0; t < bus::topic_count; ++t)
       ctx_->bus->subscribe(static_cast<bus::topic>(t), nullptr);
-    for (auto* a : {&registration_, &attestation_, &allocation_, &configuration_,
-                    &enrollment_})
-      *a = caf::actor{};
+    each_stage([](auto& a) { a = std::decay_t<decltype(a)>{}; });
     sys_.reset(); // waits for all actors
     // The sink refers to the bus, and the context may outlive the engine (a
     // scrape's gauge locks it): gone first. The producer's pending callbacks
@@ -745,11 +762,27 @@ public:
   std::size_t resumed() const { return resumed_; }
 
 private:
+  /// `f` on each stage's handle (their types differ: the typed ones).
+  template <class F>
+  void each_stage(F f) {
+    f(registration_);
+    f(attestation_);
+    f(allocation_);
+    f(configuration_);
+    f(enrollment_);
+  }
+
   engine_context_ptr ctx_;
+  /// What attest() reads, on the gateway's threads and in the stage.
+  const attestation_deps checks_;
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
+  caf::actor configuration_;
+  enrollment_actor_type enrollment_;
+  registration_actor_type registration_;
+  attestation_actor_type attestation_;
+  allocation_actor_type allocation_;
   /// TPM requests on their own threads (register_tpm), one registration
   /// id's in order (device_api.tpm_threads). The bound keeps unauthenticated
   /// challenge requests from queueing without limit: beyond it a TPM

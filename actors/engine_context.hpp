@@ -93,18 +93,4 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-/// Verifies the credential of a register/poll request with its mechanism:
-/// against the individual enrollment (first) or the enrollment groups.
-/// Any thread. Read-only but for TPM challenges (issued, then consumed by
-/// the register that answers them: `registering`; false for polls and
-/// status lookups).
-/// `tpm_deferred`, when given: a TPM register (a TPM credential, or a SAS for
-/// a TPM enrollment) is not attested; *tpm_deferred is set and the verdict
-/// is meaningless. The gateway's I/O threads pass it: a TPM register writes
-/// its challenge (a store or Kafka write), and a TPM poll or status lookup
-/// may wait for Kafka and makes RSA blobs, so they run on the engine's TPM
-/// worker instead, and every other request stays on the fast path.
-attestation::verdict attest(const engine_context& ctx, const register_request& req,
-                            bool registering = true, bool* tpm_deferred = nullptr);
-
 } // namespace prov

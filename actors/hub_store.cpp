@@ -211,11 +211,11 @@ error seed_hubs(engine_context& ctx, const std::vector<allocation::linked_hub>& 
   return write_hubs(ctx, batch);
 }
 
-json public_hub(const engine_context& ctx, const allocation::linked_hub& h) {
+json public_hub(const allocation::hub_set& hubs, const allocation::linked_hub& h) {
   json j = json::parse(allocation::to_json(h));
   if (h.health_endpoint.empty())
     return j;
-  const auto s = ctx.hubs.health(h.hostname);
+  const auto s = hubs.health(h.hostname);
   json health{{"status", std::string(allocation::to_string(s.state))}};
   if (s.rtt_ms >= 0)
     health["rttMs"] = s.rtt_ms;

@@ -58,6 +58,6 @@ bool hub_seed_claim_takes_over(std::string_view held, std::string_view next);
 
 /// What the service API shows of a hub: the stored fields and, when it has
 /// a health endpoint, "health" as this process's probes saw it.
-nlohmann::json public_hub(const engine_context& ctx, const allocation::linked_hub& h);
+nlohmann::json public_hub(const allocation::hub_set& hubs, const allocation::linked_hub& h);
 
 } // namespace prov

@@ -19,6 +19,12 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/actor_types.hpp"
+#include "actors/allocation_actor.hpp"
+#include "actors/attestation/sas_token.hpp"
+#include "actors/attestation/symmetric_key.hpp"
+#include "actors/attestation_actor.hpp"
+#include "actors/enrollment_actor.hpp"
+#include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/stage_sink.hpp"
@@ -104,7 +110,25 @@ struct stage_fixture {
     sys.reset();
   }
 
-  void enroll(const std::string& id) {
+  allocation_deps allocation() const {
+    return {ctx->catalog, ctx->store, ctx->hubs, ctx->policies, ctx->sink.get(), ctx->metrics};
+  }
+
+  registration_deps registration() const {
+    auto* c = ctx.get();
+    return {ctx->store,
+            [c](storage::write_batch b, storage::store::done_fn done) {
+              c->commit(std::move(b), std::move(done));
+            },
+            ctx->mechanisms, ctx->sink.get(), ctx->metrics, ctx->kafka_stats.get(),
+            ctx->inflight, ctx->accepting, ctx->opts.max_inflight,
+            std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms),
+            ctx->instance_hex};
+  }
+
+  void enroll(const std::string& id) { enroll_in(*store, id); }
+
+  static void enroll_in(storage::store& store, const std::string& id) {
     nlohmann::json body{{"registrationId", id},
                         {"attestation", {{"type", "symmetricKey"}}}};
     nlohmann::json doc;
@@ -112,7 +136,7 @@ struct stage_fixture {
                                    doc));
     storage::write_batch b;
     b.put(storage::cf::enrollments, enrollment::key_of(id), doc.dump());
-    REQUIRE(!store->write(b));
+    REQUIRE(!store.write(b));
   }
 
   static registration_event attested(const std::string& id) {
@@ -127,7 +151,269 @@ struct stage_fixture {
   }
 };
 
+/// A policy that answers when the test says so (a webhook's shape): keeps
+/// each `done` it is given.
+class later_policy final : public allocation::policy {
+public:
+  mutable std::vector<allocation::done_fn> waiting;
+  allocation_policy kind() const noexcept override { return allocation_policy::hashed; }
+  std::chrono::milliseconds deadline() const noexcept override { return std::chrono::seconds(5); }
+  void allocate(const allocation::request&, allocation::done_fn done) const override {
+    waiting.push_back(std::move(done));
+  }
+};
+
+/// The allocation stage built from its own dependencies only (no
+/// engine_context): what allocation_deps names is all it can reach.
+struct allocation_fixture {
+  test::temp_dir dir{"prov_allocation_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  allocation::hub_set hubs;
+  allocation::registry policies;
+  std::shared_ptr<later_policy> policy = std::make_shared<later_policy>();
+  recording_sink sink{delivery_traits{}};
+  metrics::instruments metrics;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  allocation_actor_type stage;
+  int acks = 0;
+
+  allocation_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    policies.add(policy);
+    hubs.assign({{"hub-a.example.net", 1, true, "", ""}, {"hub-b.example.net", 1, true, "", ""}});
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    stage = sys->spawn<allocation_actor>(
+      allocation_deps{catalog, store.get(), hubs, policies, &sink, &metrics});
+    stage_fixture::enroll_in(*store, "dev-3");
+    caf::anon_send(stage, event_atom::value, stage_fixture::attested("dev-3"),
+                   event_ack{[this] { ++acks; }});
+    sched->run();
+  }
+
+  ~allocation_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = allocation_actor_type{};
+    sys.reset();
+  }
+};
+
+/// The attestation stage built from its own dependencies only, with the
+/// symmetric key mechanism, over an individual enrollment in a real store.
+struct attestation_fixture {
+  static constexpr const char* scope = "0ne00000E57";
+  static constexpr const char* key = "MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIzNDU2Nzg5MDE=";
+  test::temp_dir dir{"prov_attestation_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  attestation::registry mechanisms;
+  recording_sink sink{delivery_traits{}};
+  metrics::instruments metrics;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  attestation_actor_type stage;
+
+  attestation_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    mechanisms.add(std::make_unique<attestation::symmetric_key>(3600, 300));
+    nlohmann::json body{{"registrationId", "dev-4"},
+                        {"attestation",
+                         {{"type", "symmetricKey"},
+                          {"symmetricKey", {{"primaryKey", key}, {"secondaryKey", key}}}}}};
+    nlohmann::json doc;
+    REQUIRE(!enrollment::normalize(enrollment::kind::individual, "dev-4", body, nullptr,
+                                   now_ms(), doc));
+    storage::write_batch b;
+    b.put(storage::cf::enrollments, enrollment::key_of("dev-4"), doc.dump());
+    REQUIRE(!store->write(b));
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    attestation_deps deps{mechanisms, catalog, store.get(), &metrics, scope, "0123456789abcdef"};
+    deps.sink = &sink;
+    stage = sys->spawn<attestation_actor>(std::move(deps));
+  }
+
+  ~attestation_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = attestation_actor_type{};
+    sys.reset();
+  }
+
+  static registration_event requested(const std::string& operation_id, const char* with_key) {
+    registration_event in;
+    in.operation_id = operation_id;
+    in.registration_id = "dev-4";
+    in.id_scope = scope;
+    in.accepted_ms = 1700000000000;
+    in.authorization = attestation::make_sas(std::string(scope) + "/registrations/dev-4",
+                                             with_key, now_ms() / 1000 + 600, "registration");
+    return in;
+  }
+};
+
+/// The enrollment actor built from its own dependencies only, over a real
+/// store; linked hub writes go to a counter.
+struct enrollment_fixture {
+  test::temp_dir dir{"prov_enrollment_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  allocation::hub_set hubs;
+  int hub_writes = 0;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  enrollment_actor_type stage;
+
+  enrollment_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    stage = sys->spawn<enrollment_actor>(
+      enrollment_deps{store.get(), catalog, hubs, [this](const storage::write_batch&) {
+                        ++hub_writes;
+                        return error{};
+                      }});
+  }
+
+  ~enrollment_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = enrollment_actor_type{};
+    sys.reset();
+  }
+};
+
 } // namespace
+
+TEST_CASE("enrollment actor from its own dependencies: writes an enrollment, refuses a stale "
+          "etag, deletes with the right one, hands hub writes to its writer") {
+  enrollment_fixture f;
+  error put_err{error_code::internal, "no answer"};
+  std::string doc;
+  caf::anon_send(f.stage, put_atom::value, enrollment::kind::individual, std::string("dev-5"),
+                 std::string(R"({"registrationId":"dev-5","attestation":{"type":"symmetricKey"}})"),
+                 std::string(), doc_reply_fn{[&](error e, std::string d) {
+                   put_err = std::move(e);
+                   doc = std::move(d);
+                 }});
+  f.sched->run();
+  REQUIRE(!put_err);
+  const auto etag = nlohmann::json::parse(doc).value("etag", std::string{});
+  REQUIRE(!etag.empty());
+  std::optional<std::string> stored;
+  REQUIRE(!f.store->get(storage::cf::enrollments, enrollment::key_of("dev-5"), stored));
+  CHECK(stored.has_value());
+
+  error del_err;
+  caf::anon_send(f.stage, delete_atom::value, enrollment::kind::individual,
+                 std::string("dev-5"), std::string("\"stale\""),
+                 done_reply_fn{[&](error e) { del_err = std::move(e); }});
+  f.sched->run();
+  CHECK(del_err.code == error_code::precondition_failed);
+  caf::anon_send(f.stage, delete_atom::value, enrollment::kind::individual,
+                 std::string("dev-5"), etag,
+                 done_reply_fn{[&](error e) { del_err = std::move(e); }});
+  f.sched->run();
+  CHECK(!del_err);
+  REQUIRE(!f.store->get(storage::cf::enrollments, enrollment::key_of("dev-5"), stored));
+  CHECK(!stored.has_value());
+
+  error hub_err{error_code::internal, "no answer"};
+  caf::anon_send(f.stage, hub_atom::value, std::string("put"), std::string("hub-c.example.net"),
+                 std::string("{}"), doc_reply_fn{[&](error e, std::string) { hub_err = e; }});
+  f.sched->run();
+  CHECK(!hub_err);
+  CHECK(f.hub_writes == 1);
+}
+
+TEST_CASE("attestation from its own dependencies: a published request is attested, the "
+          "credential dropped, a bad one completed as failed") {
+  attestation_fixture f;
+  int acks = 0;
+  caf::anon_send(f.stage, event_atom::value, attestation_fixture::requested("", f.key),
+                 event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_attested);
+  CHECK(f.sink.seen[0].r == stage_sink::route::bus); // it minted the operation id
+  CHECK(f.sink.seen[0].ev.operation_id.find("0123456789abcdef") != std::string::npos);
+  CHECK(f.sink.seen[0].ev.attestation_type == "symmetricKey");
+  CHECK(f.sink.seen[0].ev.authorization.empty());
+  CHECK(acks == 1);
+  // Signed with another key, with the publisher's operation id.
+  const char* other_key = "b3RoZXJrZXlvdGhlcmtleW90aGVya2V5b3RoZXJrZXk=";
+  caf::anon_send(f.stage, event_atom::value, attestation_fixture::requested("op-4", other_key),
+                 event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 2);
+  CHECK(f.sink.seen[1].next == bus::topic::registration_completed);
+  CHECK(f.sink.seen[1].r == stage_sink::route::nearest);
+  CHECK(f.sink.seen[1].ev.operation_id == "op-4");
+  CHECK(f.sink.seen[1].ev.status == registration_status::failed);
+  CHECK(f.sink.seen[1].ev.error_code
+        == static_cast<int32_t>(error_code::unauthorized_signature));
+  CHECK(f.sink.seen[1].ev.authorization.empty());
+  CHECK(acks == 2);
+}
+
+TEST_CASE("allocation from its own dependencies: a policy answering later goes on "
+          "through the mailbox, its deadline then does nothing") {
+  allocation_fixture f;
+  // The policy holds the input: nothing forwarded, nothing acked.
+  REQUIRE(f.policy->waiting.size() == 1);
+  CHECK(f.sink.seen.empty());
+  CHECK(f.acks == 0);
+  (*f.policy->waiting[0])({}, "hub-b.example.net");
+  CHECK(f.sink.seen.empty()); // not on the policy's thread: through the mailbox
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_allocated);
+  CHECK(f.sink.seen[0].ev.assigned_hub == "hub-b.example.net");
+  CHECK(f.sink.seen[0].ev.device_id == "dev-3");
+  CHECK(f.acks == 1);
+  // The deadline still fires, and finds the job answered.
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(5)) == 1);
+  f.sched->run();
+  CHECK(f.sink.seen.size() == 1);
+  CHECK(f.acks == 1);
+}
+
+TEST_CASE("allocation from its own dependencies: a policy that does not answer fails the "
+          "device at its deadline, and a later answer is dropped") {
+  allocation_fixture f;
+  REQUIRE(f.policy->waiting.size() == 1);
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(4)) == 0);
+  f.sched->run();
+  CHECK(f.sink.seen.empty());
+  CHECK(f.sched->clock().advance_time(std::chrono::seconds(1)) == 1);
+  f.sched->run();
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_completed);
+  CHECK(f.sink.seen[0].ev.status == registration_status::failed);
+  CHECK(f.sink.seen[0].ev.error_code == static_cast<int32_t>(error_code::no_hub_available));
+  CHECK(f.sink.seen[0].ev.error_message.find("did not answer within 5000 ms")
+        != std::string::npos);
+  CHECK(f.acks == 1);
+  (*f.policy->waiting[0])({}, "hub-a.example.net"); // too late
+  f.sched->run();
+  CHECK(f.sink.seen.size() == 1);
+  CHECK(f.acks == 1);
+}
 
 TEST_CASE("allocation through the stage sink: a failed publish runs the input again, "
           "acked once") {
@@ -137,7 +423,7 @@ TEST_CASE("allocation through the stage sink: a failed publish runs the input ag
   stage_fixture f(kafka);
   f.enroll("dev-1");
   f.sink->failures = 1;
-  auto stage = f.sys->spawn(allocation_actor, f.ctx);
+  auto stage = f.sys->spawn<allocation_actor>(f.allocation());
   int acks = 0;
   caf::anon_send(stage, event_atom::value, stage_fixture::attested("dev-1"),
                  event_ack{[&acks] { ++acks; }});
@@ -171,7 +457,7 @@ TEST_CASE("allocation through the stage sink: a failure is forwarded as complete
           "in process at once") {
   stage_fixture f(delivery_traits{}); // in process: a clock reading, a shared store
   // No enrollment: allocation fails the operation.
-  auto stage = f.sys->spawn(allocation_actor, f.ctx);
+  auto stage = f.sys->spawn<allocation_actor>(f.allocation());
   int acks = 0;
   caf::anon_send(stage, event_atom::value, stage_fixture::attested("gone-1"),
                  event_ack{[&acks] { ++acks; }});
@@ -194,7 +480,7 @@ TEST_CASE("registration through the stage sink: a failed hand-off is sent again 
   kafka.shared_store = false;
   stage_fixture f(kafka);
   f.sink->failures = 1;
-  auto stage = f.sys->spawn(registration_actor, f.ctx);
+  auto stage = f.sys->spawn<registration_actor>(f.registration());
   // An operation resumed after a restart: handed to allocation at once.
   caf::anon_send(stage, accepted_atom::value, stage_fixture::attested("dev-2"));
   f.sched->run();

@@ -433,6 +433,7 @@ caf::behavior registration_actor(caf::event_based_actor* self, engine_context_pt
       ev.x509_json = r.x509_json;
       ev.key_used = r.key_used;
       ev.payload_json = req.payload_json;
+      ev.csr = req.csr;
       ev.client_ip = req.client_ip;
       if (r.enabled && defer_accept && !st->draining) {
         // Nobody learns the operation id before the outcome (or the 202 of

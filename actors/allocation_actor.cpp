@@ -240,6 +240,8 @@ error finish(const allocation_deps& ctx, const enrollment::enrollment_view& v,
                                                      : std::move(d.initial_twin_json);
   ev.returned_payload_json = std::move(d.payload_json);
   ev.iot_edge = v.iot_edge;
+  // Issued by configuration (certificate_issuer.hpp) with this policy's CA.
+  ev.issuing_ca = ev.csr.empty() ? std::string() : v.issuing_ca;
   // Kafka: a clock reading pinned in the log (the attested record's
   // timestamp, set by the bus; the request's, fused after attestation), so
   // allocating a redelivered input again yields the same bytes.

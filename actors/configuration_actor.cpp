@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "actors/actor_types.hpp"
+#include "actors/configuration/certificate_issuer.hpp"
 #include "actors/configuration/cloud_event.hpp"
 #include "actors/configuration/recent_outcomes.hpp"
 
@@ -119,6 +120,7 @@ registration_state assigned_state(const registration_event& ev, const registrati
   rs.attestation_type = ev.attestation_type;
   rs.enrollment_group_id = ev.enrollment_group_id;
   rs.x509_json = ev.x509_json;
+  rs.issued_chain = ev.issued_chain;
   rs.key_used = ev.key_used;
   rs.last_operation_id = ev.operation_id;
   // Every hub it was on (records from before this list have the last one
@@ -201,6 +203,13 @@ caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_p
             && !decode_record(*raw, read_prev))
           prev = &read_prev;
       }
+      if (auto err = configuration::issue_for(ctx->issuer.get(), ev, now_ms())) {
+        // A refused CSR fails the registration; the intake records it.
+        configuration::mark_failed(ev, err, now_ms());
+        ctx->sink->forward(out, bus::topic::registration_completed, std::move(ev),
+                           std::move(ack.fn));
+        return;
+      }
       ev.completed_ms = now_ms();
       ev.status = registration_status::assigned;
       auto rs = assigned_state(ev, prev);
@@ -278,6 +287,9 @@ caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_con
     if (auto strong = weak.lock())
       caf::anon_send(caf::actor_cast<caf::actor>(strong), relayed_atom::value, op_id, why);
   };
+  // Failed issuance (certificate_issuer.hpp): no retry of its own.
+  auto failed_out = std::make_shared<stage_output>();
+  failed_out->stage = "configuration";
   // Steps 2 (the record, unless the local table already has it) and 3
   // (registration.completed), one after the other, each durable.
   auto relay = [self, ctx, st, out = stage_output_ptr(std::move(out))](relay_t& r) {
@@ -336,6 +348,20 @@ caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_con
         prev = *published; // published here; the table may not have the record yet
         had_prev = true;
       }
+      if (!(had_prev && prev.last_operation_id == ev.operation_id
+            && prev.status == registration_status::assigned))
+        if (auto err = configuration::issue_for(ctx->issuer.get(), ev, now_ms())) {
+          // A refused CSR fails the registration: registration.completed
+          // through Kafka (its reader records it), acked once durable; a
+          // failed publish leaves the input to be delivered again.
+          if (counted)
+            ctx->relaying.fetch_sub(1);
+          configuration::mark_failed(ev, err,
+                                     ev.allocated_ms ? ev.allocated_ms : ev.accepted_ms);
+          ctx->sink->forward(failed_out, bus::topic::registration_completed, std::move(ev),
+                             std::move(ack.fn), stage_sink::route::bus);
+          return;
+        }
       relay_t r;
       r.acks.push_back(std::move(ack));
       r.started = started;
@@ -356,6 +382,8 @@ caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_con
         ev.substatus = prev.substatus;
         ev.returned_payload_json = prev.payload_json;
         ev.allocation_json = prev.allocation_json;
+        ev.issued_chain = prev.issued_chain; // the certificate issued then
+        ev.csr.clear();
         r.event = std::move(ev);
         r.state = prev;
         // The record again only if nobody has it yet: not in the table, not

@@ -1065,6 +1065,11 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   }
   for (const auto& p : opts.policies)
     ctx->policies.add(p);
+  // The configuration stage signs devices' CSRs: only its processes need
+  // (and read) the CA keys.
+  if (opts.cfg.roles.configuration)
+    if (auto err = configuration::certificate_issuer::load(opts.cfg.issuing_cas, ctx->issuer))
+      return err;
   if (opts.metrics == nullptr)
     ctx->own_metrics = std::make_unique<metrics::instruments>();
   ctx->metrics = opts.metrics ? opts.metrics : ctx->own_metrics.get();

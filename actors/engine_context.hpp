@@ -16,6 +16,7 @@
 #include "actors/allocation/policy.hpp"
 #include "actors/attestation/mechanism.hpp"
 #include "actors/attestation/tpm.hpp"
+#include "actors/configuration/certificate_issuer.hpp"
 #include "actors/engine.hpp"
 #include "actors/enrollment/enrollment_model.hpp"
 #include "actors/enrollment_catalog.hpp"
@@ -48,6 +49,9 @@ struct engine_context {
   /// TPM challenges, in the store's `tpm_challenges` family (engine.cpp).
   std::unique_ptr<attestation::challenge_store> tpm_challenges;
   allocation::registry policies;    ///< built at start, read-only after
+  /// The [[issuing_cas]] that sign devices' CSRs (processes with the
+  /// configuration role); null elsewhere. Read-only after start.
+  std::shared_ptr<const configuration::certificate_issuer> issuer;
   /// The linked hubs now (service API, [[hubs]] seed, Kafka: dps.enrollments)
   /// and their health; actors/hub_store.hpp keeps it in step with the store.
   allocation::hub_set hubs;

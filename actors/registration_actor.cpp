@@ -302,6 +302,7 @@ void registration_actor::on_register(register_request& req, attestation::verdict
   ev.x509_json = r.x509_json;
   ev.key_used = r.key_used;
   ev.payload_json = req.payload_json;
+  ev.csr = req.csr;
   ev.client_ip = req.client_ip;
   if (r.enabled && defer_accept_ && !st_->draining) {
     // Nobody learns the operation id before the outcome (or the 202 of

@@ -327,6 +327,9 @@ struct create_options {
   std::string id;
   std::string primary_key, secondary_key, device_id, policy, twin;
   std::string tpm_ek, tpm_srk; ///< TPM attestation: base64 TPM2B_PUBLIC
+  /// certificatePolicyResourceId: an [[issuing_cas]] name or an ARM id
+  /// naming it (devices may then send a csr).
+  std::string issuing_ca;
   std::vector<std::string> hubs;
   bool disabled = false;
   bool iot_edge = false;
@@ -379,6 +382,14 @@ void print_enrollment(const enrollment_kind& k, const json& doc, const json* mec
     if (it->contains("retries"))
       limits += (limits.empty() ? "" : " ") + std::string("retries=") + it->at("retries").dump();
     f.emplace_back("WEBHOOK LIMITS", limits);
+  }
+  {
+    // Either shape of the issuance policy (docs/x509.md).
+    std::string ca;
+    if (auto it = doc.find("clientCertificateIssuancePolicy"); it != doc.end() && it->is_object())
+      ca = str_member(*it, "certificateAuthorityName");
+    if (ca.empty()) ca = str_member(doc, "certificatePolicyResourceId");
+    if (!ca.empty()) f.emplace_back("ISSUING CA", ca);
   }
   if (auto it = doc.find("capabilities"); it != doc.end() && it->is_object())
     f.emplace_back("IOT EDGE", it->value("iotEdge", false) ? "true" : "false");
@@ -472,6 +483,7 @@ int run_create(const common_options& c, const enrollment_kind& k, const create_o
   }
   body["provisioningStatus"] = o.disabled ? "disabled" : "enabled";
   if (o.iot_edge) body["capabilities"] = {{"iotEdge", true}};
+  if (!o.issuing_ca.empty()) body["certificatePolicyResourceId"] = o.issuing_ca;
   if (!o.twin.empty()) {
     json twin = json::parse(o.twin, nullptr, false);
     if (twin.is_discarded() || !twin.is_object())
@@ -1052,6 +1064,9 @@ void add_create_options(CLI::App* sub, create_options& o, bool group) {
                   "custom_allocation.retries)");
   sub->add_flag("--disabled", o.disabled, "Create the enrollment disabled");
   sub->add_flag("--iot-edge", o.iot_edge, "Mark devices as IoT Edge devices");
+  sub->add_option("--issuing-ca", o.issuing_ca,
+                  "Issue certificates from devices' CSRs with this CA ([[issuing_cas]] name, "
+                  "or an ARM id .../certificateAuthorities/<ca>/certificatePolicies/<p>)");
   sub->add_option("--twin", o.twin, "Initial twin as JSON, e.g. '{\"tags\":{\"site\":\"a\"}}'");
   sub->add_flag("--show-keys", o.show_keys, "Also print the symmetric keys");
 }

@@ -4,6 +4,7 @@
 #include "messages/crypto.hpp"
 
 #include <arpa/inet.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -33,6 +34,7 @@ struct int_rule {
 };
 
 constexpr int_rule retry_after_rule{1, 300};
+constexpr int_rule validity_hours_rule{1, 87600};
 constexpr int_rule register_wait_rule{0, 10000};
 constexpr int_rule threads_rule{0, 64};
 constexpr int_rule max_body_rule{1024, 1048576};
@@ -348,6 +350,36 @@ void check_config(const engine_config& c, const report_fn& report) {
       report(base + ".health_endpoint",
              "expected an https://host[:port]/path URL, got " + quote(h.health_endpoint));
   }
+  for (std::size_t i = 0; i < c.issuing_cas.size(); ++i) {
+    const issuing_ca_config& ca = c.issuing_cas[i];
+    const std::string base = indexed("issuing_cas", i);
+    if (!valid_policy_name(ca.name))
+      report(base + ".name",
+             "must be 1..64 characters of A-Z a-z 0-9 _ - ., got " + quote(ca.name));
+    for (std::size_t j = 0; j < i; ++j)
+      if (!ca.name.empty() && iequals(c.issuing_cas[j].name, ca.name)) {
+        report(base + ".name", "duplicate issuing CA name " + quote(ca.name) + " (same as " +
+                                   indexed("issuing_cas", j) + ")");
+        break;
+      }
+    check_range(report, base + ".validity_hours", ca.validity_hours, validity_hours_rule);
+    if (ca.certificate_file.empty())
+      report(base + ".certificate_file", "must not be empty");
+    // The CA key signs device certificates: refuse a key file others can
+    // read, as ssh does for its keys. Its contents are checked at start.
+    struct stat sb {};
+    if (ca.key_file.empty())
+      report(base + ".key_file", "must not be empty");
+    else if (::stat(ca.key_file.c_str(), &sb) != 0)
+      report(base + ".key_file", "cannot read " + quote(ca.key_file) + ": " +
+                                     std::strerror(errno));
+    else if ((sb.st_mode & 077) != 0) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(sb.st_mode & 07777));
+      report(base + ".key_file", quote(ca.key_file) + " is accessible by group or others (mode " +
+                                     mode + "); chmod 600 it");
+    }
+  }
   for (std::size_t i = 0; i < c.geo_latency.client_ranges.size(); ++i) {
     const auto& r = c.geo_latency.client_ranges[i];
     if (!cidr_ok(r.cidr))
@@ -451,7 +483,8 @@ class loader {
   void load(const toml::table& root, engine_config& c) {
     check_keys(root, "",
                {"id_scope", "data_dir", "device_api", "mqtt", "throttling", "access_policies", "hubs",
-                "custom_allocation", "hub_health", "geo_latency", "metrics", "storage", "secrets", "log", "kafka"});
+                "custom_allocation", "hub_health", "geo_latency", "issuing_cas", "metrics", "storage",
+                "secrets", "log", "kafka"});
     if (const toml::node* n = field(root, "", "id_scope")) {
       std::string v;
       if (as_string(*n, "id_scope", v)) c.id_scope = std::move(v);
@@ -583,6 +616,16 @@ class loader {
         g.latencies.push_back(std::move(l));
       });
     }
+    for_each_entry(root, "issuing_cas", [&](const toml::table& e, const std::string& ep) {
+      issuing_ca_config ca;
+      check_keys(e, ep, {"name", "key_file", "certificate_file", "validity_hours"});
+      require(e, ep, {"name", "key_file", "certificate_file"});
+      get(e, ep, "name", ca.name);
+      get(e, ep, "key_file", ca.key_file);
+      get(e, ep, "certificate_file", ca.certificate_file);
+      get_int(e, ep, "validity_hours", ca.validity_hours, validity_hours_rule);
+      c.issuing_cas.push_back(std::move(ca));
+    });
     if (const toml::table* t = sub_table(root, "", "metrics")) {
       check_keys(*t, "metrics", {"listen"});
       get(*t, "metrics", "listen", c.metrics.listen);

@@ -148,6 +148,18 @@ struct geo_latency_config {
   std::vector<latency> latencies; ///< [[geo_latency.latencies]]
 };
 
+/// [[issuing_cas]]: a CA that signs the certificates devices ask for with a
+/// `csr` in their register (actors/configuration/certificate_issuer.hpp,
+/// docs/x509.md). Enrollments name it in their issuance policy.
+struct issuing_ca_config {
+  std::string name;             ///< what enrollments reference (1..64 of A-Z a-z 0-9 . _ -)
+  std::string key_file;         ///< PEM private key; must not be readable by group or others
+  /// PEM: the issuing CA's certificate first, then its intermediates up to
+  /// the root; devices get the leaf followed by exactly these.
+  std::string certificate_file;
+  int validity_hours = 720;     ///< issued certificates' lifetime, 1..87600 (1 hour..10 years)
+};
+
 struct metrics_config {
   std::string listen = "127.0.0.1:9464"; ///< empty disables the exposer
 };
@@ -233,6 +245,7 @@ struct engine_config {
   custom_allocation_config custom_allocation;
   hub_health_config hub_health;
   geo_latency_config geo_latency;
+  std::vector<issuing_ca_config> issuing_cas; ///< [[issuing_cas]]
   metrics_config metrics;
   storage_config storage;
   secrets_config secrets;

@@ -17,6 +17,10 @@ using nlohmann::json;
 
 namespace {
 
+/// A base64 PKCS#10 request of an RSA 8192 key is ~1.5 KB of DER, 2 KB of
+/// base64: this leaves room and still bounds what travels on the event.
+constexpr std::size_t max_csr_chars = 16384;
+
 /// The register body an SDK sends without a payload, exactly as
 /// JSON.stringify writes it: {"registrationId":"<id>"}, the id a valid
 /// registration id (so nothing in it is escaped, and no second member can
@@ -256,6 +260,16 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (!it->is_object())
       return fail({error_code::bad_request, "payload must be a JSON object"});
     rr.payload_json = it->dump();
+  }
+  // RegisterDeviceAndIssueCertificate: only its shape here; the
+  // configuration stage decodes, checks and signs it (docs/x509.md).
+  if (auto it = body.find("csr"); reg && it != body.end() && !it->is_null()) {
+    if (!it->is_string())
+      return fail({error_code::invalid_csr, "csr must be a string (base64 DER PKCS#10)"});
+    if (it->get_ref<const std::string&>().size() > max_csr_chars)
+      return fail({error_code::invalid_csr, "csr is longer than " +
+                                              std::to_string(max_csr_chars) + " characters"});
+    rr.csr = it->get<std::string>();
   }
   if (!reg) {
     // As for polls: a TPM device's lookup continues on the TPM worker.

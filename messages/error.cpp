@@ -18,6 +18,9 @@ std::string_view to_string(error_code c) noexcept {
     case error_code::no_hub_available: return "no_hub_available";
     case error_code::no_healthy_hub: return "no_healthy_hub";
     case error_code::invalid_linked_hub: return "invalid_linked_hub";
+    case error_code::invalid_csr: return "invalid_csr";
+    case error_code::no_issuance_policy: return "no_issuance_policy";
+    case error_code::issuing_ca_unavailable: return "issuing_ca_unavailable";
     case error_code::linked_hub_not_found: return "linked_hub_not_found";
     case error_code::unauthorized: return "unauthorized";
     case error_code::unauthorized_signature: return "unauthorized_signature";

@@ -24,6 +24,8 @@ enum class error_code : int32_t {
   custom_allocation_failed = 400207,   // DPS: "Custom allocation failed with status code: 500"
   invalid_certificate = 400009,        // not a usable CA / verification certificate
   invalid_linked_hub = 400010,         // a linked hub the service API cannot store
+  invalid_csr = 400011,                // a register's csr: undecodable, bad signature, CN, key
+  no_issuance_policy = 400012,         // a csr, but the enrollment names no issuing CA
   no_hub_available = 400208,           // DPS/C SDK: no IoT hub for the enrollment
   no_healthy_hub = 400210,             // candidate hubs exist, but every one failed its health probe
   // 401: authentication.
@@ -51,6 +53,7 @@ enum class error_code : int32_t {
   throttled = 429001,
   internal = 500000,
   storage_failure = 500001,
+  issuing_ca_unavailable = 500002,     // the enrollment's issuing CA is not configured here
   not_implemented = 501000,            // a transfer coding other than chunked (RFC 9112 6.1)
   unavailable = 503000,
 };

@@ -172,6 +172,7 @@ error state_from(const json& j, registration_state& s) {
   get_to(j, "x509", s.x509_json);
   get_to(j, "keyUsed", s.key_used);
   get_to(j, "assignedHubs", s.assigned_hubs);
+  get_to(j, "issuedCertificateChain", s.issued_chain);
   return {};
 }
 
@@ -211,6 +212,12 @@ json event_json(const registration_event& ev) {
     j["keyUsed"] = ev.key_used;
   if (!ev.x509_json.empty())
     j["x509"] = ev.x509_json;
+  if (!ev.csr.empty())
+    j["csr"] = ev.csr;
+  if (!ev.issuing_ca.empty())
+    j["issuingCa"] = ev.issuing_ca;
+  if (!ev.issued_chain.empty())
+    j["issuedCertificateChain"] = ev.issued_chain;
   return j;
 }
 
@@ -240,6 +247,9 @@ error event_from(const json& j, registration_event& ev) {
   get_to(j, "clientIp", ev.client_ip);
   get_to(j, "x509", ev.x509_json);
   get_to(j, "keyUsed", ev.key_used);
+  get_to(j, "csr", ev.csr);
+  get_to(j, "issuingCa", ev.issuing_ca);
+  get_to(j, "issuedCertificateChain", ev.issued_chain);
   std::string st = "assigning";
   get_to(j, "status", st);
   if (!from_string(st, ev.status))
@@ -302,7 +312,8 @@ json to_json(const registration_state& s, bool service) {
 
 namespace {
 
-void write_state(std::string& out, const registration_state& s, bool service = false) {
+void write_state(std::string& out, const registration_state& s, bool service = false,
+                 bool issued = false) {
   json_text::object o(out);
   o.str("registrationId", s.registration_id).str("status", to_string(s.status));
   if (s.created_ms)
@@ -345,6 +356,22 @@ void write_state(std::string& out, const registration_state& s, bool service = f
   }
   if (service && !s.allocation_json.empty())
     o.raw("allocation", parse_or_null(s.allocation_json).dump());
+  if (issued && !s.issued_chain.empty()) {
+    // Base64 only (written by the issuer): no escaping needed.
+    std::string arr = "[";
+    std::string_view rest = s.issued_chain;
+    while (!rest.empty()) {
+      auto nl = rest.find('\n');
+      if (arr.size() > 1)
+        arr.push_back(',');
+      arr.push_back('"');
+      arr.append(rest.substr(0, nl));
+      arr.push_back('"');
+      rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+    }
+    arr.push_back(']');
+    o.raw("issuedCertificateChain", arr);
+  }
   o.close();
 }
 
@@ -367,7 +394,7 @@ std::string operation_status_text(const std::string& operation_id,
     json_text::object rs(o.nested("registrationState"));
     rs.str("registrationId", s.registration_id).str("status", "assigning").close();
   } else {
-    write_state(o.nested("registrationState"), s);
+    write_state(o.nested("registrationState"), s, false, true);
   }
   o.close();
   return out;
@@ -380,6 +407,16 @@ json operation_status_json(const std::string& operation_id, const registration_s
                                   {"status", "assigning"}};
   else
     j["registrationState"] = to_json(s);
+  if (s.status != registration_status::assigning && !s.issued_chain.empty()) {
+    json chain = json::array();
+    std::string_view rest = s.issued_chain;
+    while (!rest.empty()) {
+      auto nl = rest.find('\n');
+      chain.push_back(std::string(rest.substr(0, nl)));
+      rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+    }
+    j["registrationState"]["issuedCertificateChain"] = std::move(chain);
+  }
   return j;
 }
 
@@ -393,8 +430,9 @@ constexpr uint8_t kind_state = 1;
 constexpr uint8_t kind_operation = 2;
 /// 2: registration states end with allocation_json. 3: states and events
 /// end with x509_json. 4: states and events end with key_used. 5: states end
-/// with assigned_hubs. Older records (without them) are still read.
-constexpr uint8_t record_version = 5;
+/// with assigned_hubs. 6: states end with issued_chain, events with csr.
+/// Older records (without them) are still read.
+constexpr uint8_t record_version = 6;
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -424,6 +462,7 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.x509_json);       // version 3
   w.str(s.key_used);        // version 4
   w.str(s.assigned_hubs);   // version 5
+  w.str(s.issued_chain);    // version 6
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -450,6 +489,8 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
     r.str(s.key_used);
   if (version >= 5)
     r.str(s.assigned_hubs);
+  if (version >= 6)
+    r.str(s.issued_chain);
   return r.ok();
 }
 
@@ -477,6 +518,7 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.completed_ms);
   w.str(ev.x509_json); // version 3
   w.str(ev.key_used);  // version 4
+  w.str(ev.csr);       // version 6
 }
 
 bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
@@ -506,6 +548,8 @@ bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
     r.str(ev.x509_json);
   if (version >= 4)
     r.str(ev.key_used);
+  if (version >= 6)
+    r.str(ev.csr);
   return r.ok();
 }
 
@@ -643,7 +687,8 @@ std::string encode_event(const registration_event& ev) {
               + ev.authorization.size() + ev.assigned_hub.size() + ev.device_id.size()
               + ev.initial_twin_json.size() + ev.substatus.size() + ev.error_message.size()
               + ev.returned_payload_json.size() + ev.allocation_json.size()
-              + ev.x509_json.size() + ev.key_used.size() + 48);
+              + ev.x509_json.size() + ev.key_used.size() + ev.csr.size()
+              + ev.issuing_ca.size() + ev.issued_chain.size() + 112);
   out.append("{\"acceptedMs\":");
   append_int(out, ev.accepted_ms);
   out.append(",\"allocatedMs\":");
@@ -660,6 +705,8 @@ std::string encode_event(const registration_event& ev) {
     ok = append_str_field(out, ",\"authorization\":", ev.authorization);
   out.append(",\"completedMs\":");
   append_int(out, ev.completed_ms);
+  if (ok && !ev.csr.empty()) // "completedMs" < "csr" < "deviceId"
+    ok = append_str_field(out, ",\"csr\":", ev.csr);
   ok = ok && append_str_field(out, ",\"deviceId\":", ev.device_id)
        && append_str_field(out, ",\"enrollmentGroupId\":", ev.enrollment_group_id);
   out.append(",\"errorCode\":");
@@ -668,6 +715,11 @@ std::string encode_event(const registration_event& ev) {
        && append_str_field(out, ",\"idScope\":", ev.id_scope)
        && append_str_field(out, ",\"initialTwin\":", ev.initial_twin_json);
   out.append(ev.iot_edge ? ",\"iotEdge\":true" : ",\"iotEdge\":false");
+  // "iotEdge" < "issuedCertificateChain" < "issuingCa" < "keyUsed"
+  if (ok && !ev.issued_chain.empty())
+    ok = append_str_field(out, ",\"issuedCertificateChain\":", ev.issued_chain);
+  if (ok && !ev.issuing_ca.empty())
+    ok = append_str_field(out, ",\"issuingCa\":", ev.issuing_ca);
   if (ok && !ev.key_used.empty()) // "iotEdge" < "keyUsed" < "operationId"
     ok = append_str_field(out, ",\"keyUsed\":", ev.key_used);
   ok = ok && append_str_field(out, ",\"operationId\":", ev.operation_id)
@@ -715,7 +767,7 @@ public:
                          f_device_id, f_initial_twin, f_iot_edge, f_substatus, f_status,
                          f_error_code, f_error_message, f_attested_ms, f_allocated_ms,
                          f_completed_ms, f_returned_payload, f_allocation, f_x509,
-                         f_key_used, f_count };
+                         f_key_used, f_csr, f_issuing_ca, f_issued_chain, f_count };
 
   // -- nlohmann SAX interface
   bool null() { return scalar(kind::null); }
@@ -774,7 +826,7 @@ private:
     "attestationType", "enrollmentGroupId", "payload", "authorization", "assignedHub",
     "deviceId", "initialTwin", "iotEdge", "substatus", "status", "errorCode",
     "errorMessage", "attestedMs", "allocatedMs", "completedMs", "returnedPayload",
-    "allocation", "x509", "keyUsed"};
+    "allocation", "x509", "keyUsed", "csr", "issuingCa", "issuedCertificateChain"};
 
   static int lookup(std::string_view k) {
     for (int f = 0; f < f_count; ++f)
@@ -1090,7 +1142,10 @@ error event_sax::apply(registration_event& ev) {
       || !read(f_returned_payload, ev.returned_payload_json, err)
       || !read(f_allocation, ev.allocation_json, err)
       || !read(f_x509, ev.x509_json, err)
-      || !read(f_key_used, ev.key_used, err))
+      || !read(f_key_used, ev.key_used, err)
+      || !read(f_csr, ev.csr, err)
+      || !read(f_issuing_ca, ev.issuing_ca, err)
+      || !read(f_issued_chain, ev.issued_chain, err))
     return err;
   std::string st = "assigning";
   if (!read(f_status, st, err))
@@ -1187,6 +1242,7 @@ error decode_requested_event(std::string_view text, registration_event& out) {
     get_to(j, "operationId", ev.operation_id);
     get_to(j, "apiVersion", ev.api_version);
     get_to(j, "authorization", ev.authorization);
+    get_to(j, "csr", ev.csr);
     if (auto it = j.find("payload"); it != j.end() && !it->is_null()) {
       // Like the HTTP body's payload: a JSON object. Also accepted as JSON
       // text in a string, the form encode_event writes.

@@ -37,6 +37,9 @@ struct register_request {
   std::string api_version;
   device_credential credential; ///< what the device presented to prove its identity
   std::string payload_json;      ///< device payload as JSON text, "" when absent
+  /// `csr` (api-version 2025-07-01-preview and later): base64 DER PKCS#10,
+  /// checked and signed by the configuration stage; "" when absent.
+  std::string csr;
   bool force_registration = false;
   std::string protocol = "http";
   std::string client_ip;
@@ -93,6 +96,15 @@ struct registration_event {
   /// An X.509 device's certificateInfo/signingCertificateInfo as one compact
   /// JSON object text (attestation::verdict::x509_json); "" otherwise.
   std::string x509_json;
+  /// The register's `csr` (base64 DER PKCS#10, as the device sent it); ""
+  /// when none. Kept with the accepted operation (resume) until issuance.
+  std::string csr;
+  /// The issuing CA the enrollment's issuance policy names (set by
+  /// allocation when `csr` is set); "" when it names none.
+  std::string issuing_ca;
+  /// registrationState.issuedCertificateChain: base64 DER, '\n'-separated
+  /// (leaf, intermediates, root); set by configuration.
+  std::string issued_chain;
   // terminal outcome
   registration_status status = registration_status::assigning;
   int32_t error_code = 0;
@@ -126,7 +138,7 @@ typename Inspector::result_type inspect(Inspector& f, registration_event& x) {
            x.protocol, x.accepted_ms, x.attestation_type, x.enrollment_group_id, x.key_used,
            x.payload_json, x.assigned_hub, x.device_id, x.initial_twin_json,
            x.iot_edge, x.substatus, x.returned_payload_json, x.allocation_json, x.x509_json,
-           x.status, x.error_code, x.error_message,
+           x.csr, x.issuing_ca, x.issued_chain, x.status, x.error_code, x.error_message,
            x.attested_ms, x.allocated_ms, x.completed_ms);
 }
 
@@ -160,6 +172,11 @@ struct registration_state {
   /// registrationState.x509's certificateInfo and signingCertificateInfo
   /// (registration_event::x509_json); "" when not X.509.
   std::string x509_json;
+  /// The certificate chain issued from the device's CSR at this assignment
+  /// (registration_event::issued_chain); "" when none. Shown only in the
+  /// operation's result (register answer and operation polls), as DPS: not
+  /// by the status lookup or the service API.
+  std::string issued_chain;
 };
 
 /// At most this many hubs in registration_state::assigned_hubs (DPS links 50

@@ -28,6 +28,7 @@ registration_state state_from_completed(const registration_event& ev) {
     s.substatus = ev.substatus;
     s.payload_json = ev.returned_payload_json;
     s.allocation_json = ev.allocation_json;
+    s.issued_chain = ev.issued_chain;
   } else {
     s.error_code = ev.error_code;
     s.error_message = ev.error_message;

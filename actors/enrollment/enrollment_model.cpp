@@ -455,6 +455,54 @@ error normalize_capabilities(const json* caps, json& out) {
   return {};
 }
 
+/// An [[issuing_cas]] name: 1..64 of A-Z a-z 0-9 _ - . (config's rule).
+bool valid_ca_name(std::string_view s) {
+  return !s.empty() && s.size() <= 64 && std::all_of(s.begin(), s.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+           || c == '_' || c == '-' || c == '.';
+  });
+}
+
+/// Both shapes of the issuance policy (issuing_ca_of_resource_id); kept as
+/// sent. When both are given they must name the same CA.
+error normalize_issuance(const json& body, json& out) {
+  std::string from_policy, from_id;
+  if (const json* p = member(body, "clientCertificateIssuancePolicy")) {
+    if (auto e = need_object(*p, "clientCertificateIssuancePolicy"))
+      return e;
+    if (auto e = only_members(*p, "clientCertificateIssuancePolicy", {"certificateAuthorityName"}))
+      return e;
+    const json* n = member(*p, "certificateAuthorityName");
+    if (n == nullptr || !n->is_string())
+      return n == nullptr ? invalid("clientCertificateIssuancePolicy.certificateAuthorityName",
+                                    "is required")
+                          : wrong_type("clientCertificateIssuancePolicy.certificateAuthorityName",
+                                       "a string", *n);
+    from_policy = n->get<std::string>();
+    if (!valid_ca_name(from_policy))
+      return invalid("clientCertificateIssuancePolicy.certificateAuthorityName",
+                     "must be 1..64 characters of A-Z a-z 0-9 _ - .");
+    out["clientCertificateIssuancePolicy"] = {{"certificateAuthorityName", from_policy}};
+  }
+  if (const json* id = member(body, "certificatePolicyResourceId")) {
+    if (!id->is_string())
+      return wrong_type("certificatePolicyResourceId", "a string", *id);
+    const auto& text = id->get_ref<const std::string&>();
+    from_id = issuing_ca_of_resource_id(text);
+    if (text.size() > 1024 || !valid_ca_name(from_id))
+      return invalid("certificatePolicyResourceId",
+                     "must name an issuing CA: \".../certificateAuthorities/<ca>/"
+                     "certificatePolicies/<policy>\" or the CA's name (1..64 characters of "
+                     "A-Z a-z 0-9 _ - .)");
+    out["certificatePolicyResourceId"] = text;
+  }
+  if (!from_policy.empty() && !from_id.empty() && !iequals(from_policy, from_id))
+    return invalid("certificatePolicyResourceId",
+                   "names CA '" + from_id + "' but clientCertificateIssuancePolicy names '" +
+                     from_policy + "'");
+  return {};
+}
+
 error normalize_hubs(const json& body, json& out) {
   if (const json* hubs = member(body, "iotHubs")) {
     if (!hubs->is_array())
@@ -554,7 +602,9 @@ error normalize_impl(kind k, std::string_view path_id, const json& body,
                                          "etag", "provisioningStatus", "reprovisionPolicy",
                                          "createdDateTimeUtc", "lastUpdatedDateTimeUtc",
                                          "allocationPolicy", "iotHubs",
-                                         "customAllocationDefinition"}))
+                                         "customAllocationDefinition",
+                                         "clientCertificateIssuancePolicy",
+                                         "certificatePolicyResourceId"}))
       return e;
   } else {
     if (auto e = only_members(body, "", {"enrollmentGroupId", "attestation", "capabilities",
@@ -562,7 +612,9 @@ error normalize_impl(kind k, std::string_view path_id, const json& body,
                                          "provisioningStatus", "reprovisionPolicy",
                                          "createdDateTimeUtc", "lastUpdatedDateTimeUtc",
                                          "allocationPolicy", "iotHubs",
-                                         "customAllocationDefinition"}))
+                                         "customAllocationDefinition",
+                                         "clientCertificateIssuancePolicy",
+                                         "certificatePolicyResourceId"}))
       return e;
   }
 
@@ -606,6 +658,8 @@ error normalize_impl(kind k, std::string_view path_id, const json& body,
   if (auto e = normalize_reprovision(member(body, "reprovisionPolicy"), doc))
     return e;
   if (auto e = normalize_capabilities(member(body, "capabilities"), doc))
+    return e;
+  if (auto e = normalize_issuance(body, doc))
     return e;
   if (const json* twin = member(body, "initialTwin"))
     if (auto e = normalize_initial_twin(*twin, doc))
@@ -853,6 +907,15 @@ error view_impl(kind k, const json& doc, enrollment_view& out) {
   }
   if (auto e = view_string(doc, "etag", "etag", v.etag))
     return e;
+  if (const json* p = member(doc, "clientCertificateIssuancePolicy");
+      p != nullptr && p->is_object())
+    if (auto e = view_string(*p, "certificateAuthorityName",
+                             "clientCertificateIssuancePolicy.certificateAuthorityName",
+                             v.issuing_ca))
+      return e;
+  if (v.issuing_ca.empty())
+    if (const json* id = member(doc, "certificatePolicyResourceId"); id != nullptr && id->is_string())
+      v.issuing_ca = issuing_ca_of_resource_id(id->get_ref<const std::string&>());
   if (v.allocation == allocation_policy::custom) {
     // The webhook gets the enrollment itself: kept only for the (few) custom
     // enrollments, keys removed as GET shows them.
@@ -943,6 +1006,22 @@ bool operator==(const tpm_attestation& a, const tpm_attestation& b) {
 }
 
 std::string key_of(std::string_view id) { return ascii::to_lower(id); }
+
+std::string issuing_ca_of_resource_id(std::string_view id) {
+  while (!id.empty() && id.back() == '/')
+    id.remove_suffix(1);
+  if (id.find('/') == std::string_view::npos)
+    return std::string(id);
+  // ARM ids are case-insensitive in their type segments.
+  const std::string lower = ascii::to_lower(id);
+  constexpr std::string_view seg = "/certificateauthorities/";
+  const auto at = lower.find(seg);
+  if (at == std::string::npos)
+    return {};
+  const auto start = at + seg.size();
+  const auto end = id.find('/', start);
+  return std::string(id.substr(start, end == std::string_view::npos ? id.npos : end - start));
+}
 
 bool valid_registration_id(std::string_view id) { return valid_id(id); }
 
@@ -1035,6 +1114,8 @@ bool scan_view(kind k, std::string_view text, enrollment_view& v) {
     }
     if (key == "initialTwin")
       return false; // re-serialised by nlohmann's dump: take the tree path
+    if (key == "clientCertificateIssuancePolicy" || key == "certificatePolicyResourceId")
+      return false; // rare: view_impl reads them
     if (key == "capabilities" || key == "reprovisionPolicy") {
       bool caps = key == "capabilities";
       if (!once(caps ? m_caps : m_rp))

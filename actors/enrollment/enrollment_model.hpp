@@ -109,7 +109,19 @@ struct enrollment_view {
   int webhook_timeout_ms = 0;
   int webhook_retries = -1;
   std::string public_json;
+  /// The issuing CA of the enrollment's certificate issuance policy
+  /// ([[issuing_cas]] name), "" when it has none: a register with a `csr`
+  /// then fails (docs/x509.md).
+  std::string issuing_ca;
 };
+
+/// The issuing CA an issuance policy names, from either shape DPS defines:
+/// `clientCertificateIssuancePolicy.certificateAuthorityName`
+/// (2021-11-01-preview) or `certificatePolicyResourceId` (2025-07-01-preview
+/// and later): an ARM id ".../certificateAuthorities/<ca>/certificatePolicies/
+/// <policy>", whose <ca> segment is taken; a bare name is the CA itself.
+/// Empty when the id names no CA.
+std::string issuing_ca_of_resource_id(std::string_view resource_id);
 
 /// The bounds of customAllocationDefinition.timeoutMs and .retries (the
 /// same as [custom_allocation] timeout_ms and retries).

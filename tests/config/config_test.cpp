@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "config/config.hpp"
@@ -588,4 +589,41 @@ TEST_CASE("[hub_health]: max_concurrent_probes defaults to 16, is read, and is 1
         "cfg.toml:2: hub_health.max_concurrent_probes: must be 1..256, got 0");
   CHECK(load_error("[hub_health]\nmax_concurrent_probes = 257\n") ==
         "cfg.toml:2: hub_health.max_concurrent_probes: must be 1..256, got 257");
+}
+
+TEST_CASE("[[issuing_cas]]: keys, a private key file, names and validity, with file:line:key") {
+  temp_file key("-----BEGIN PRIVATE KEY-----\n");
+  REQUIRE(::chmod(key.path.c_str(), 0600) == 0);
+  const std::string ok_entry = "[[issuing_cas]]\nname = \"fleet\"\nkey_file = \"" + key.path +
+                               "\"\ncertificate_file = \"/etc/fleet.pem\"\n";
+  engine_config cfg;
+  REQUIRE(!load_string(ok_entry + "validity_hours = 6\n", "cfg.toml", cfg));
+  REQUIRE(cfg.issuing_cas.size() == 1);
+  CHECK(cfg.issuing_cas[0].name == "fleet");
+  CHECK(cfg.issuing_cas[0].key_file == key.path);
+  CHECK(cfg.issuing_cas[0].certificate_file == "/etc/fleet.pem");
+  CHECK(cfg.issuing_cas[0].validity_hours == 6);
+  REQUIRE(!load_string(ok_entry, "cfg.toml", cfg));
+  CHECK(cfg.issuing_cas[0].validity_hours == 720); // 30 days by default
+
+  CHECK(load_error(ok_entry + "validity_days = 1\n") ==
+        "cfg.toml:5: issuing_cas[0].validity_days: unknown key");
+  CHECK(load_error(ok_entry + "validity_hours = 0\n") ==
+        "cfg.toml:5: issuing_cas[0].validity_hours: must be 1..87600, got 0");
+  CHECK(load_error("[[issuing_cas]]\nname = \"x\"\nkey_file = \"" + key.path + "\"\n") ==
+        "cfg.toml:1: issuing_cas[0].certificate_file: missing required key");
+  CHECK(load_error("[[issuing_cas]]\nname = \"a b\"\nkey_file = \"" + key.path +
+                   "\"\ncertificate_file = \"c\"\n") ==
+        "cfg.toml:2: issuing_cas[0].name: must be 1..64 characters of A-Z a-z 0-9 _ - ., "
+        "got \"a b\"");
+  CHECK(load_error(ok_entry + "\n" + ok_entry) ==
+        "cfg.toml:7: issuing_cas[1].name: duplicate issuing CA name \"fleet\" (same as "
+        "issuing_cas[0])");
+  CHECK(load_error("[[issuing_cas]]\nname = \"x\"\nkey_file = \"/nonexistent/ca.key\"\n"
+                   "certificate_file = \"c\"\n") ==
+        "cfg.toml:3: issuing_cas[0].key_file: cannot read \"/nonexistent/ca.key\": No such file "
+        "or directory");
+  REQUIRE(::chmod(key.path.c_str(), 0644) == 0);
+  CHECK(load_error(ok_entry) == "cfg.toml:3: issuing_cas[0].key_file: \"" + key.path +
+                                  "\" is accessible by group or others (mode 0644); chmod 600 it");
 }

@@ -438,8 +438,12 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
   CHECK(was_assigned_to(s, "Hub-B"));
   CHECK_FALSE(was_assigned_to(s, "hub-c"));
   CHECK_FALSE(was_assigned_to(s, "hub"));
-  auto v5 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v5[2]) == 5);
+  auto v6 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v6[2]) == 6);
+  // 6 added issued_chain: empty here, its one-byte length is the last byte.
+  REQUIRE(v6.back() == '\0');
+  auto v5 = v6.substr(0, v6.size() - 1);
+  v5[2] = 5;
   registration_state back;
   REQUIRE(!decode_record(v5, back));
   CHECK(back.allocation_json == s.allocation_json);
@@ -465,7 +469,7 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
     CAPTURE(version);
     s.*added_in[version - 1] = std::string();
     registration_state got;
-    REQUIRE(!decode_record(older(encode_record(s), 5 - version, static_cast<uint8_t>(version)),
+    REQUIRE(!decode_record(older(encode_record(s), 6 - version, static_cast<uint8_t>(version)),
                            got));
     CHECK(got.assigned_hub == "hub-a");
     CHECK(got.last_operation_id == "op");
@@ -475,7 +479,7 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
     CHECK(got.assigned_hubs == s.assigned_hubs);
   }
   // A version from the future is refused.
-  v5[2] = 6;
+  v5[2] = 7;
   CHECK(decode_record(v5, back).code == error_code::storage_failure);
   // The hub list is bounded: the oldest go.
   registration_state many;
@@ -510,7 +514,7 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   op.event.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
   op.event.key_used = "secondary";
   auto current = encode_record(op);
-  CHECK(static_cast<unsigned char>(current[2]) == 5); // one version for all records
+  CHECK(static_cast<unsigned char>(current[2]) == 6); // one version for all records
   operation_record back;
   REQUIRE(!decode_record(current, back));
   CHECK(back.event.key_used == "secondary");
@@ -520,6 +524,8 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   // (and 1): no x509_json either.
   op.event.key_used.clear();
   auto v3 = encode_record(op);
+  REQUIRE(v3[v3.size() - 2] == '\0'); // version 6's empty csr
+  v3.erase(v3.size() - 2, 1);
   REQUIRE(v3.size() >= 2);
   REQUIRE(v3[v3.size() - 2] == '\0'); // the empty key_used's length
   v3.erase(v3.size() - 2, 1);
@@ -530,6 +536,8 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   CHECK(three.event.x509_json == op.event.x509_json);
   op.event.x509_json.clear();
   auto v2 = encode_record(op);
+  REQUIRE(v2[v2.size() - 2] == '\0'); // version 6's empty csr
+  v2.erase(v2.size() - 2, 1);
   REQUIRE(v2.size() >= 3);
   REQUIRE(v2[v2.size() - 2] == '\0'); // the empty key_used's length
   REQUIRE(v2[v2.size() - 3] == '\0'); // the empty x509_json's length
@@ -613,4 +621,43 @@ TEST_CASE("an X.509 result carries certificateInfo and signingCertificateInfo") 
   operation_record op_back;
   REQUIRE(!decode_record(encode_record(op), op_back));
   CHECK(op_back.event.x509_json == info);
+}
+
+TEST_CASE("version 6: the issued chain on states, the csr on events; JSON and binary") {
+  registration_state s;
+  s.registration_id = "dev-1";
+  s.status = registration_status::assigned;
+  s.issued_chain = "TEVBRg==\nQ0E=";
+  registration_state back;
+  REQUIRE(!decode_record(encode_record(s), back));
+  CHECK(back.issued_chain == s.issued_chain);
+  // Shown in the operation's result only, as an array.
+  auto op = json::parse(operation_status_text("op-1", s));
+  CHECK(op["registrationState"]["issuedCertificateChain"] == json::array({"TEVBRg==", "Q0E="}));
+  CHECK(operation_status_json("op-1", s) == op);
+  CHECK(json::parse(to_json_text(s)).count("issuedCertificateChain") == 0);
+  CHECK(json::parse(to_json_text(s, true)).count("issuedCertificateChain") == 0);
+  operation_record rec;
+  rec.operation_id = "op-1";
+  rec.registration_id = "dev-1";
+  rec.event.operation_id = "op-1";
+  rec.event.registration_id = "dev-1";
+  rec.event.csr = "MIIB";
+  operation_record rec_back;
+  REQUIRE(!decode_record(encode_record(rec), rec_back));
+  CHECK(rec_back.event.csr == "MIIB");
+  registration_event ev = rec.event;
+  ev.issuing_ca = "fleet";
+  ev.issued_chain = "TEVBRg==\nQ0E=";
+  auto text = encode_event(ev);
+  CHECK(json::parse(text).dump() == text); // keys in nlohmann's order
+  registration_event ev_back;
+  REQUIRE(!decode_event(text, ev_back));
+  CHECK(ev_back.csr == "MIIB");
+  CHECK(ev_back.issuing_ca == "fleet");
+  CHECK(ev_back.issued_chain == ev.issued_chain);
+  registration_event requested;
+  REQUIRE(!decode_requested_event(R"({"registrationId":"dev-1","idScope":"0ne00000001","csr":"MIIB"})",
+                                  requested));
+  CHECK(requested.csr == "MIIB");
 }

@@ -2,6 +2,8 @@
 
 #include <openssl/crypto.h>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/tpm2.hpp"
 #include "messages/crypto.hpp"
@@ -195,6 +197,21 @@ private:
 };
 
 } // namespace
+
+error read_tpm_member(const nlohmann::json& tpm, tpm_credential& out) {
+  if (!tpm.is_object())
+    return {error_code::bad_request, "tpm must be a JSON object"};
+  for (auto [name, field] : {std::pair{"endorsementKey", &out.endorsement_key},
+                             std::pair{"storageRootKey", &out.storage_root_key}}) {
+    auto k = tpm.find(name);
+    if (k == tpm.end() || k->is_null())
+      continue;
+    if (!k->is_string())
+      return {error_code::bad_request, std::string("tpm.") + name + " must be a string"};
+    *field = k->get<std::string>();
+  }
+  return {};
+}
 
 std::string encode_challenge(const tpm_challenge& c) {
   std::string out;

@@ -256,6 +256,10 @@ bool decode_challenge(std::string_view b, tpm_challenge& out) {
   out = tpm_challenge{};
   if (b.size() < 2 + 16 + 2 + 32 + 2 + 32 + 2 || static_cast<uint8_t>(b[0]) != challenge_format)
     return false;
+  // One encoding per state (the record comes over dps.enrollments, which
+  // other writers can reach): a flag byte other than 0 or 1 is not ours.
+  if (b[1] != 0 && b[1] != 1)
+    return false;
   out.answered = b[1] != 0;
   out.issued_s = get_i64(b.substr(2));
   out.expires_s = get_i64(b.substr(10));

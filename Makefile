@@ -88,7 +88,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_RUNS ?=
 FUZZ_ARGS ?=
 FUZZERS ?= http_request json_body sas_token config_toml registration_codec x509_chain websocket \
-  mqtt_codec
+  mqtt_codec tpm
 FUZZ_SANITIZE := -fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined \
   -fno-omit-frame-pointer -g
 fuzz-build:

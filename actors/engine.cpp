@@ -639,18 +639,27 @@ public:
 
   error query_registrations(const std::string& group_id, const std::string& continuation,
                             std::size_t max_items, std::vector<registration_state>& page,
-                            std::string& next) override {
+                            std::string& next, std::vector<std::string>& unreadable) override {
     page.clear();
     next.clear();
+    unreadable.clear();
     if (auto err = check_continuation(continuation, false))
       return err;
     std::string last;
     bool more = false;
+    // Undecodable records met once the page is full: the next page (which
+    // starts after `last`) meets them again and reports them, unless there
+    // is no next page.
+    std::vector<std::string> after_full;
     auto err = ctx_->store->scan(storage::cf::registrations, after_key(continuation), 0,
                                  [&](std::string_view key, std::string_view v) {
                                    registration_state rs;
-                                   if (decode_record(v, rs)
-                                       || !iequals(rs.enrollment_group_id, group_id))
+                                   if (auto bad = decode_record(v, rs)) {
+                                     (page.size() == max_items ? after_full : unreadable)
+                                       .push_back(std::string(key) + ": " + bad.message);
+                                     return true;
+                                   }
+                                   if (!iequals(rs.enrollment_group_id, group_id))
                                      return true;
                                    if (page.size() == max_items) {
                                      more = true;
@@ -662,6 +671,8 @@ public:
                                  });
     if (more)
       next = last;
+    else
+      unreadable.insert(unreadable.end(), after_full.begin(), after_full.end());
     return err;
   }
 

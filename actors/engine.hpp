@@ -172,11 +172,16 @@ public:
                                                 std::string& next,
                                                 std::vector<std::string>& unreadable) = 0;
   virtual void delete_registration(std::string id, std::string if_match, done_cb cb) = 0;
+  /// A stored registration record that does not decode cannot be matched to
+  /// a group, so every group's query names it in `unreadable` ("<key>:
+  /// <why>"), once per walk through the pages: on the page whose scan met it
+  /// before the page was full, or the last page.
   [[nodiscard]] virtual error query_registrations(const std::string& group_id,
                                                   const std::string& continuation,
                                                   std::size_t max_items,
                                                   std::vector<registration_state>& page,
-                                                  std::string& next) = 0;
+                                                  std::string& next,
+                                                  std::vector<std::string>& unreadable) = 0;
   /// Assignment events with sequence > after, in order.
   [[nodiscard]] virtual error read_assignments(uint64_t after, std::size_t limit,
                                                std::vector<nlohmann::json>& events,

@@ -22,6 +22,7 @@
 #include "bus/kafka_bus.hpp"
 #include "bus/kafka_table.hpp"
 #include "metrics/instruments.hpp"
+#include "storage/keyring.hpp"
 
 namespace prov {
 
@@ -49,6 +50,31 @@ constexpr std::string_view no_outbox_key = "outbox.not_kept";
 /// the meta key it is materialized under.
 constexpr std::string_view scope_record_key = "deployment/id_scope";
 constexpr std::string_view scope_meta_key = "deployment.id_scope";
+/// dps.enrollments key of a value sealed under the deployment's key, and the
+/// meta key it is kept under (still sealed): a process that cannot open it
+/// does not hold the key its peers seal with, and refuses to start.
+constexpr std::string_view key_check_record_key = "deployment/secrets_check";
+constexpr std::string_view key_check_meta_key = "deployment.secrets_check";
+constexpr std::string_view key_check_plain = "provisiond dps.enrollments key check";
+
+/// Records of dps.enrollments whose values are sealed (when this process has
+/// a keyring): those of the store's sealed families, which hold enrollment
+/// and group keys, TPM challenge state and CA entries (docs/security.md).
+bool sealed_record_key(std::string_view key) noexcept {
+  for (auto p : {enrollment_prefix, group_prefix, certificate_prefix, challenge_prefix})
+    if (key.substr(0, p.size()) == p)
+      return true;
+  return key == key_check_record_key;
+}
+
+/// A sealed record's authenticated data: its key, under a name of its own
+/// (not the topic's, which a deployment may prefix), so a value copied to
+/// another record, or between the topic and RocksDB, does not open.
+std::string record_aad(std::string_view key) {
+  std::string a("kafka:dps.enrollments/");
+  a += key;
+  return a;
+}
 
 /// Why a dps.enrollments value is not a stored enrollment document for
 /// `key` (empty when it is): a JSON object whose id field names the key.
@@ -140,6 +166,7 @@ public:
         return err;
     }
     enrollments_topic_ = kafka::enrollments_topic(kcfg);
+    keys_ = storage::attached_keyring(*ctx_.store);
     registrations_topic_ = kafka::registrations_topic(kcfg);
     completed_topic_ = kafka::topic_for(kcfg, bus::topic::registration_completed);
     if (auto err = open_table(enrollments_topic_,
@@ -147,6 +174,8 @@ public:
                               enrollments_))
       return err;
     if (auto err = check_id_scope())
+      return err;
+    if (auto err = check_keys())
       return err;
     if (auto err = open_table(registrations_topic_,
                               [this](const auto& b) { return apply_registrations(b); },
@@ -254,6 +283,8 @@ private:
         std::fprintf(stderr, "provisiond kafka: %.*s\n", static_cast<int>(msg.size()),
                      msg.data());
     };
+    if (topic == enrollments_topic_) // only its reader thread sets the flag
+      o.is_permanent = [this](const error&) { return key_missing_; };
     if (auto err = kafka::table_reader::create(ctx_.opts.cfg.kafka, std::move(o),
                                                std::move(apply), out))
       return err;
@@ -291,6 +322,76 @@ private:
     std::vector<kafka::record> recs;
     recs.push_back(std::move(r));
     return publish_and_wait(std::move(recs), *enrollments_);
+  }
+
+  /// Every process sharing dps.enrollments must hold the key its records are
+  /// sealed with. The first process with a keyring records a value sealed
+  /// under its active key; a later one that cannot open it refuses to start
+  /// (rather than stall on the first enrollment it cannot read). A process
+  /// whose active key is newer (after `keys rotate`) records it again, so
+  /// processes still without that key refuse from then on.
+  error check_keys() {
+    std::optional<std::string> recorded;
+    if (auto err = ctx_.store->get(storage::cf::meta, key_check_meta_key, recorded))
+      return err;
+    if (recorded) {
+      const auto id = storage::keyring::key_id_of(*recorded);
+      if (!keys_)
+        return {error_code::storage_failure,
+                enrollments_topic_ + " is sealed with key id " + id
+                  + ", but this process has no key-encryption keys"};
+      std::string plain;
+      if (!holds_key(id))
+        return {error_code::storage_failure, missing_key_message(key_check_record_key, id)};
+      if (auto err = keys_->open(*recorded, record_aad(key_check_record_key), plain))
+        return {error_code::storage_failure,
+                enrollments_topic_ + ": " + std::string(key_check_record_key) + ": " + err.message};
+      if (id == keys_->active_id())
+        return {};
+    }
+    if (!keys_)
+      return {};
+    kafka::record r;
+    r.topic = enrollments_topic_;
+    r.key = std::string(key_check_record_key);
+    r.value = std::string(key_check_plain);
+    std::vector<kafka::record> recs;
+    recs.push_back(std::move(r));
+    return publish_and_wait(std::move(recs), *enrollments_);
+  }
+
+  bool holds_key(const std::string& id) const {
+    if (!keys_)
+      return false;
+    const auto ids = keys_->ids();
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  }
+
+  std::string missing_key_message(std::string_view record, const std::string& id) const {
+    return enrollments_topic_ + ": record '" + std::string(record) + "' is sealed under key id "
+           + id + ", which "
+           + (keys_ ? keys_->source() : std::string("this process (no key file loaded)"))
+           + " does not hold: every process sharing " + enrollments_topic_
+           + " needs the same key-encryption keys (copy the key file of a running instance, "
+             "docs/security.md#kafka-mode); until it has them this process applies no further "
+           + enrollments_topic_ + " records";
+  }
+
+  /// Opens a sealed dps.enrollments value. A key id this process does not
+  /// hold sets key_missing_ (the table then stops here, loudly: skipping
+  /// would lose the enrollment); any other failure (tampered, malformed) is
+  /// the record's fault and the caller dead-letters it.
+  error open_record(const kafka::message& m, std::string& out) {
+    const auto id = storage::keyring::key_id_of(m.value);
+    const bool well_formed =
+      id.size() == 16 && id.find_first_not_of("0123456789abcdef") == std::string::npos;
+    if (well_formed && !holds_key(id)) {
+      key_missing_ = true;
+      return {error_code::storage_failure, missing_key_message(m.key, id)};
+    }
+    if (!keys_)
+      return {error_code::storage_failure, "a sealed value, but this process has no keys"};
+    return keys_->open(m.value, record_aad(m.key), out);
   }
 
   /// The name and revision this instance holds for CA `key`: its entry's,
@@ -361,6 +462,13 @@ private:
   error publish_and_wait(std::vector<kafka::record> recs, kafka::table_reader& table) {
     if (recs.empty())
       return {};
+    if (&table == enrollments_.get() && keys_)
+      for (auto& r : recs)
+        if (!r.tombstone && sealed_record_key(r.key)) {
+          auto sealed = keys_->seal(r.value, record_aad(r.key));
+          storage::keyring::wipe(r.value);
+          r.value = std::move(sealed);
+        }
     std::vector<std::future<kafka::delivery>> futs;
     for (auto& r : recs) {
       auto p = std::make_shared<std::promise<kafka::delivery>>();
@@ -404,6 +512,7 @@ private:
   }
 
   error apply_enrollments(const std::vector<kafka::message>& batch) {
+    key_missing_ = false;
     storage::write_batch wb;
     std::unordered_map<std::string, int64_t> certificate_revisions; // applied in this batch
     bool groups = false, individuals = false, hubs = false;
@@ -414,6 +523,25 @@ private:
     for (const auto& m : batch) {
       std::string_view key = m.key;
       storage::cf family;
+      if (key == key_check_record_key) {
+        if (!m.tombstone && !m.value.empty()) // kept sealed: check_keys opens it
+          wb.put(storage::cf::meta, std::string(key_check_meta_key), m.value);
+        continue;
+      }
+      // Sealed records are opened here and stored (sealed again under this
+      // process's own key) as plaintext documents; a plaintext record, as
+      // older versions wrote, is taken as it is (upgrade path).
+      std::string opened;
+      const std::string* value = &m.value;
+      if (!m.tombstone && sealed_record_key(key) && storage::keyring::is_sealed(m.value)) {
+        if (auto err = open_record(m, opened)) {
+          if (key_missing_)
+            return err;
+          bus_.dead_letter(m, "dps.enrollments: " + err.message);
+          continue;
+        }
+        value = &opened;
+      }
       if (key.substr(0, hub_prefix.size()) == hub_prefix) {
         key.remove_prefix(hub_prefix.size());
         allocation::linked_hub h;
@@ -464,10 +592,10 @@ private:
         attestation::tpm_challenge c;
         if (m.tombstone)
           wb.del(storage::cf::tpm_challenges, std::string(key));
-        else if (!attestation::decode_challenge(m.value, c))
+        else if (!attestation::decode_challenge(*value, c))
           bus_.dead_letter(m, "dps.enrollments: not a TPM challenge record");
         else
-          wb.put(storage::cf::tpm_challenges, std::string(key), m.value);
+          wb.put(storage::cf::tpm_challenges, std::string(key), *value);
         continue;
       } else if (key == scope_record_key && !m.tombstone && !m.value.empty()) {
         wb.put(storage::cf::meta, std::string(scope_meta_key), m.value);
@@ -475,7 +603,8 @@ private:
       } else {
         bus_.dead_letter(m, "dps.enrollments: key must start with enrollment/, group/, "
                             "certificate/, hub/ or tpm-challenge/ (or be deployment/id_scope, "
-                            "deployment/hubs_seeded or deployment/hubs_seed_claim)");
+                            "deployment/hubs_seeded, deployment/hubs_seed_claim or "
+                            "deployment/secrets_check)");
         continue;
       }
       if (m.tombstone) {
@@ -493,8 +622,8 @@ private:
       // Anyone with write access to the topic can put a record here: only a
       // document the service API would have stored is applied.
       if (auto why = family == storage::cf::certificates
-                       ? certificate_doc_problem(key, m.value)
-                       : enrollment_doc_problem(family == storage::cf::groups, key, m.value);
+                       ? certificate_doc_problem(key, *value)
+                       : enrollment_doc_problem(family == storage::cf::groups, key, *value);
           !why.empty()) {
         bus_.dead_letter(m, "dps.enrollments: " + why);
         continue;
@@ -503,7 +632,7 @@ private:
         // Ordered by revision (ca_store.hpp): a record computed from a state
         // a later record replaced is skipped, by every instance alike.
         const std::string k(key);
-        const auto doc = nlohmann::json::parse(m.value);
+        const auto doc = nlohmann::json::parse(*value);
         const bool is_delete = enrollment::ca_is_deleted_marker(doc);
         const int64_t rev = enrollment::ca_revision(doc);
         int64_t stored = 0;
@@ -524,12 +653,12 @@ private:
           wb.del(storage::cf::certificates, k);
           wb.put(storage::cf::meta, enrollment::ca_deleted_meta_key(k), std::to_string(rev));
         } else {
-          wb.put(storage::cf::certificates, k, m.value);
+          wb.put(storage::cf::certificates, k, *value);
           wb.del(storage::cf::meta, enrollment::ca_deleted_meta_key(k));
         }
         continue;
       }
-      wb.put(family, std::string(key), m.value);
+      wb.put(family, std::string(key), *value);
     }
     add_positions(wb, enrollments_topic_, batch);
     if (auto err = ctx_.store->write(wb, storage::store::durability::replayable))
@@ -684,6 +813,12 @@ private:
   // Set before the readers start: their threads use them at once.
   std::string enrollments_topic_, registrations_topic_, completed_topic_;
   completed_fn on_completed_;
+  /// Seals and opens the sealed records of dps.enrollments: the store's
+  /// keyring, so every process sharing the topic needs the same key file.
+  std::shared_ptr<const storage::keyring> keys_;
+  /// Set by apply_enrollments when a record names a key this process does
+  /// not hold (read by the table's is_permanent, on the same thread).
+  bool key_missing_ = false;
   uint64_t next_seq_ = 1; ///< outbox: only the registrations reader writes it
 };
 

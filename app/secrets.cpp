@@ -302,6 +302,13 @@ int rotate(const keys_args& a) {
             << " values. The older keys stay in the file: remove a line only when no "
                "backup of this data dir still needs it (docs/security.md)."
             << std::endl;
+  if (cfg.kafka.enabled())
+    std::cout << "Kafka mode: copy '" << path
+              << "' to every other process sharing the enrollments topic and restart them "
+                 "before this one starts (it seals with the new key; a process without it "
+                 "refuses to start), and keep the older key lines while the topic may hold "
+                 "records sealed under them (docs/security.md#kafka-mode)."
+              << std::endl;
   return 0;
 }
 

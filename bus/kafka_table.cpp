@@ -28,6 +28,9 @@ struct table_reader::impl : opaque_base {
   std::condition_variable applied_cv;
   /// Next offset to apply, per topic (as `topics`) and partition.
   std::vector<std::map<int32_t, int64_t>> pos;
+  /// The last apply() error that options::is_permanent called permanent;
+  /// cleared by the next successful apply. Waiters return it at once.
+  error stuck;
 
   /// Index in `topics`; -1 for a topic not read here.
   int index_of(std::string_view topic) const {
@@ -165,14 +168,26 @@ struct table_reader::impl : opaque_base {
           continue;
       }
       if (auto err = apply(batch)) {
-        write_log(log, 3, "table " + opts.topic + ": applying " + std::to_string(batch.size())
-                            + " records failed (retrying): " + err.message);
+        const bool permanent = opts.is_permanent && opts.is_permanent(err);
+        bool repeated = false;
+        if (permanent) {
+          std::lock_guard<std::mutex> lock(mu);
+          repeated = stuck.message == err.message;
+          stuck = err;
+        }
+        if (permanent)
+          applied_cv.notify_all();
+        // A permanent failure is logged once (it comes back every retry_ms).
+        if (!repeated)
+          write_log(log, 3, "table " + opts.topic + ": applying " + std::to_string(batch.size())
+                              + " records failed (retrying): " + err.message);
         for (int i = 0; i < opts.retry_ms / 50 && !stop.load(); ++i)
           std::this_thread::sleep_for(std::chrono::milliseconds(50));
         continue; // the same batch again
       }
       {
         std::lock_guard<std::mutex> lock(mu);
+        stuck = {};
         for (const auto& m : batch)
           if (int t = index_of(m.id.topic); t >= 0) {
             auto& at = pos[static_cast<std::size_t>(t)][m.id.partition];
@@ -250,6 +265,8 @@ error table_reader::wait_caught_up(int timeout_ms, const progress_fn& progress) 
     auto left = d.remaining(targets);
     if (left == 0)
       return {};
+    if (d.stuck)
+      return d.stuck;
     if (steady::now() >= deadline)
       return {error_code::unavailable, "kafka table " + d.opts.topic + ": "
                                          + std::to_string(left)
@@ -277,10 +294,14 @@ error table_reader::wait_applied(const std::string& topic, int32_t partition, in
     return {error_code::internal, "kafka table " + d.opts.topic + ": does not read " + topic};
   std::unique_lock<std::mutex> lock(d.mu);
   const auto& at = d.pos[static_cast<std::size_t>(t)];
-  auto ok = d.applied_cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] {
+  auto done = [&] {
     auto it = at.find(partition);
     return it != at.end() && it->second > offset;
-  });
+  };
+  auto ok = d.applied_cv.wait_for(lock, std::chrono::milliseconds(timeout_ms),
+                                  [&] { return done() || d.stuck; });
+  if (ok && !done())
+    return d.stuck;
   if (ok)
     return {};
   return {error_code::unavailable, "kafka table " + topic + ": record "

@@ -48,6 +48,11 @@ public:
     /// How long create() waits for the topic's partition count.
     int metadata_timeout_ms = 15000;
     log_fn log;
+    /// Whether an apply() error cannot go away by retrying in this process
+    /// (it lacks the key a record is sealed with): the batch is still
+    /// retried, but logged once, and wait_caught_up / wait_applied return
+    /// the error at once instead of waiting out their timeout.
+    std::function<bool(const error&)> is_permanent;
   };
   /// Applies `batch` durably, together with the positions after it (the
   /// offset after each message, per partition). An error keeps the batch

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/attestation/tpm.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
@@ -237,18 +238,9 @@ void device_api::handle(device_call call, const answer_fn& answer) {
   if (auto it = body.find("tpm"); it != body.end() && !it->is_null()) {
     // TPM attestation: the keys from the body, and the SAS (Authorization)
     // that answers the challenge on the second register.
-    if (!it->is_object())
-      return fail({error_code::bad_request, "tpm must be a JSON object"});
     tpm_credential tc;
-    for (auto [name, field] : {std::pair{"endorsementKey", &tc.endorsement_key},
-                               std::pair{"storageRootKey", &tc.storage_root_key}}) {
-      auto k = it->find(name);
-      if (k == it->end() || k->is_null())
-        continue;
-      if (!k->is_string())
-        return fail({error_code::bad_request, std::string("tpm.") + name + " must be a string"});
-      *field = k->get<std::string>();
-    }
+    if (auto err = attestation::read_tpm_member(*it, tc))
+      return fail(err);
     if (auto* sas = std::get_if<sas_credential>(&rr.credential))
       tc.sas_token = std::move(sas->token);
     else if (!std::holds_alternative<std::monostate>(rr.credential))

@@ -648,8 +648,14 @@ private:
           return fail(err);
         std::vector<registration_state> page;
         std::string next;
-        if (auto err = eng_.query_registrations(ids[0], cont, max, page, next))
+        std::vector<std::string> unreadable;
+        if (auto err = eng_.query_registrations(ids[0], cont, max, page, next, unreadable))
           return fail(err);
+        // As the enrollment queries: DPS's shape, the log and
+        // dps_unreadable_records_total{family="registrations"} tell.
+        if (!unreadable.empty())
+          report_unreadable(unreadable, "registrations", "registration record",
+                            "POST /registrations/{groupId}/query");
         json arr = json::array();
         for (const auto& st : page)
           arr.push_back(to_json(st, /*service=*/true));

@@ -278,7 +278,7 @@ struct instruments::impl {
         return f.Add({{"reason", reason}});
       });
     // At zero from the start, so an alert on increase() sees the first one.
-    for (const char* family : {"enrollments", "groups", "certificates"})
+    for (const char* family : {"enrollments", "groups", "certificates", "registrations"})
       unreadable_records_c.get(join({family}), [&](auto& f) -> prometheus::Counter& {
         return f.Add({{"family", family}});
       });

@@ -18,6 +18,8 @@
 
 namespace prov::storage {
 
+class store;
+
 class keyring {
 public:
   struct key {
@@ -83,5 +85,11 @@ private:
   std::string source_;
   std::vector<key> keys_; ///< file order; back() is active
 };
+
+/// The keyring store::attach_keyring attached to `s` (null before, and for
+/// stores that are not RocksDB's): the Kafka table of enrollments seals its
+/// records with it. A free function, so store.hpp (included everywhere)
+/// stays as it is.
+std::shared_ptr<const keyring> attached_keyring(const store& s);
 
 } // namespace prov::storage

@@ -600,6 +600,8 @@ public:
     });
   }
 
+  std::shared_ptr<const keyring> attached_keyring() const { return keyring_; }
+
   error count_key_usage(key_usage& out) const override {
     out = {};
     std::map<std::string, std::size_t> ids;
@@ -784,6 +786,11 @@ error store::scan_tolerant(cf family, std::string_view start, std::size_t limit,
 error store::count_key_usage(key_usage& out) const {
   out = {};
   return {};
+}
+
+std::shared_ptr<const keyring> attached_keyring(const store& s) {
+  auto* rs = dynamic_cast<const rocks_store*>(&s);
+  return rs != nullptr ? rs->attached_keyring() : nullptr;
 }
 
 std::size_t write_batch::bytes() const noexcept {

@@ -2,6 +2,8 @@
 
 #include <openssl/crypto.h>
 
+#include <nlohmann/json.hpp>
+
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/tpm2.hpp"
 #include "messages/crypto.hpp"
@@ -196,6 +198,21 @@ private:
 
 } // namespace
 
+error read_tpm_member(const nlohmann::json& tpm, tpm_credential& out) {
+  if (!tpm.is_object())
+    return {error_code::bad_request, "tpm must be a JSON object"};
+  for (auto [name, field] : {std::pair{"endorsementKey", &out.endorsement_key},
+                             std::pair{"storageRootKey", &out.storage_root_key}}) {
+    auto k = tpm.find(name);
+    if (k == tpm.end() || k->is_null())
+      continue;
+    if (!k->is_string())
+      return {error_code::bad_request, std::string("tpm.") + name + " must be a string"};
+    *field = k->get<std::string>();
+  }
+  return {};
+}
+
 std::string encode_challenge(const tpm_challenge& c) {
   std::string out;
   out.push_back(static_cast<char>(challenge_format));
@@ -246,6 +263,10 @@ std::string result_authentication_key(const tpm_challenge& c, std::string_view e
 bool decode_challenge(std::string_view b, tpm_challenge& out) {
   out = tpm_challenge{};
   if (b.size() < 2 + 16 + 2 + 32 + 2 + 32 + 2 || static_cast<uint8_t>(b[0]) != challenge_format)
+    return false;
+  // One encoding per state (the record comes over dps.enrollments, which
+  // other writers can reach): a flag byte other than 0 or 1 is not ours.
+  if (b[1] != 0 && b[1] != 1)
     return false;
   out.answered = b[1] != 0;
   out.issued_s = get_i64(b.substr(2));

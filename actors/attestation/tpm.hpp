@@ -21,9 +21,18 @@
 #include <string>
 #include <string_view>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "actors/attestation/mechanism.hpp"
 
 namespace prov::attestation {
+
+/// The `tpm` member of a device's register body (azure-dps-protocol.md
+/// §2.6): its endorsementKey and storageRootKey strings into `out` (a null
+/// or missing one stays empty; decoding and parsing are the mechanism's).
+/// Errors (bad_request) name the member. Shared by the device API and the
+/// tpm fuzz harness.
+[[nodiscard]] error read_tpm_member(const nlohmann::json& tpm, tpm_credential& out);
 
 /// One outstanding challenge of a registration id.
 struct tpm_challenge {

@@ -151,6 +151,51 @@ TEST_CASE("wait_applied gives read-your-writes; a failing apply is retried, not 
   CHECK(err.message.find("not applied locally") != std::string::npos);
 }
 
+TEST_CASE("a permanent apply error ends the waits at once, logged once; the batch is still retried") {
+  test::mock_fixture f;
+  const std::string topic = f.cfg.topic_prefix + "stuck";
+  REQUIRE(f.mc->create_topics({{topic, 2, 3, true}}).ok());
+  std::unique_ptr<producer> prod;
+  REQUIRE(producer::create(f.cfg, {}, prod).ok());
+  auto d = send_sync(*prod, rec(topic, "enrollment/x", "sealed under a key we lack"));
+  REQUIRE(d.err.ok());
+  fake_state st;
+  st.fail_next = 1 << 30; // until released
+  std::unique_ptr<table_reader> t;
+  table_reader::options o;
+  o.topic = topic;
+  o.retry_ms = 50;
+  o.log = f.logs.fn();
+  o.is_permanent = [](const error& e) { return e.message == "injected"; };
+  REQUIRE(table_reader::create(f.cfg, o, st.apply(), t).ok());
+  // Returns the apply's error, long before the 60 s timeout would.
+  auto err = t->wait_caught_up(60000);
+  CHECK(err.code == error_code::storage_failure);
+  CHECK(err.message == "injected");
+  err = t->wait_applied(d.partition, d.offset, 60000);
+  CHECK(err.message == "injected");
+  CHECK(test::eventually([&] {
+    std::lock_guard<std::mutex> lock(st.mu);
+    return st.fail_next < (1 << 30) - 3; // retried several times
+  }));
+  {
+    std::lock_guard<std::mutex> lock(f.logs.mu);
+    int logged = 0;
+    for (const auto& l : f.logs.lines)
+      logged += l.find("table " + topic + ": applying 1 records failed") != std::string::npos;
+    CHECK(logged == 1); // not once per retry
+  }
+  {
+    std::lock_guard<std::mutex> lock(st.mu);
+    st.fail_next = 0; // the cause is gone (in provisiond: a restart with the key)
+  }
+  // Until the next apply succeeds, a waiter still gets the error at once.
+  CHECK(test::eventually([&] { return t->wait_applied(d.partition, d.offset, 100).ok(); }));
+  CHECK(t->wait_caught_up(15000).ok());
+  std::lock_guard<std::mutex> lock(st.mu);
+  CHECK(st.rows["enrollment/x"] == "sealed under a key we lack");
+}
+
 TEST_CASE("lag counts the records not applied yet, and drops to 0 once they are") {
   fake_state st;
   st.fail_next = 1 << 30; // every apply fails until released

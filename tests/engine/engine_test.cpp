@@ -208,6 +208,55 @@ TEST_CASE("engine: a failed group reload fails closed and is reported to the wri
   eng->shutdown();
 }
 
+TEST_CASE("engine: registration query names each undecodable record once per walk through the pages") {
+  temp_dir dir;
+  auto store = open_store(dir);
+  storage::write_batch b;
+  for (int i = 0; i < 10; ++i) {
+    char id[32];
+    std::snprintf(id, sizeof id, "dev-%02d", i);
+    registration_state rs;
+    rs.registration_id = id;
+    rs.status = registration_status::assigned;
+    rs.enrollment_group_id = "grp-a";
+    b.put(storage::cf::registrations, enrollment::key_of(id), encode_record(rs));
+  }
+  // One inside the first page, one after the last full page.
+  b.put(storage::cf::registrations, "dev-02z", "not a record {");
+  b.put(storage::cf::registrations, "dev-99", std::string(3, '\0'));
+  REQUIRE(!store->write(b));
+  std::unique_ptr<engine> eng;
+  auto err = engine::start(options(store.get()), eng);
+  REQUIRE_MESSAGE(!err, err.message);
+
+  auto keys = [](const std::vector<std::string>& u) {
+    std::vector<std::string> out;
+    for (const auto& x : u)
+      out.push_back(x.substr(0, x.find(": ")));
+    return out;
+  };
+  using v = std::vector<std::string>;
+  std::vector<registration_state> items;
+  std::string next;
+  std::vector<std::string> unreadable;
+  REQUIRE(!eng->query_registrations("grp-a", "", 5, items, next, unreadable));
+  CHECK(items.size() == 5);
+  CHECK(keys(unreadable) == v{"dev-02z"});
+  REQUIRE(!next.empty());
+  const std::string cont = next;
+  REQUIRE(!eng->query_registrations("grp-a", cont, 5, items, next, unreadable));
+  CHECK(items.size() == 5);
+  CHECK(next.empty());
+  // Met after the page was full, with no page after it: reported here.
+  CHECK(keys(unreadable) == v{"dev-99"});
+  // Another group's query has no item, but meets both.
+  REQUIRE(!eng->query_registrations("grp-b", "", 5, items, next, unreadable));
+  CHECK(items.empty());
+  CHECK(keys(unreadable) == v{"dev-02z", "dev-99"});
+  CHECK(unreadable[0].size() > std::string("dev-02z: ").size()); // says why
+  eng->shutdown();
+}
+
 TEST_CASE("engine: registration query pages from the continuation, same results") {
   temp_dir dir;
   auto store = open_store(dir);
@@ -237,7 +286,9 @@ TEST_CASE("engine: registration query pages from the continuation, same results"
     std::vector<registration_state> items;
     std::string next;
     store->visited = 0;
-    auto qerr = eng->query_registrations("grp-a", cont, 6, items, next);
+    std::vector<std::string> unreadable;
+    auto qerr = eng->query_registrations("grp-a", cont, 6, items, next, unreadable);
+    CHECK(unreadable.empty());
     REQUIRE_MESSAGE(!qerr, qerr.message);
     visits.push_back(store->visited.load());
     sizes.push_back(items.size());

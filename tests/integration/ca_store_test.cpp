@@ -588,7 +588,7 @@ TEST_CASE("Kafka mode: malformed certificate/ records on dps.enrollments are dea
   json stored;
   for (const auto& rec : test::read_topic(fx.cfg, "dps.enrollments", 1))
     if (rec.key == "certificate/junk-root")
-      stored = parse(rec.value);
+      stored = parse(fx.open_enrollment_record(rec.key, rec.value));
   REQUIRE(stored.is_object());
   auto bad = [&](const char* field, json v) {
     auto d = stored;
@@ -652,7 +652,7 @@ TEST_CASE("Kafka mode: a stale certificate/ record after a delete does not bring
   json stored;
   for (const auto& rec : test::read_topic(fx.cfg, "dps.enrollments", 1))
     if (rec.key == "certificate/stale-root")
-      stored = parse(rec.value);
+      stored = parse(fx.open_enrollment_record(rec.key, rec.value));
   REQUIRE(stored.is_object());
   REQUIRE(stored["isVerified"] == true);
 

@@ -498,11 +498,14 @@ TEST_CASE("dev-kafka's printed section: five worker kills in a row, each recover
   MESSAGE("dev-kafka printed:\n" << dev.section);
   config::kafka_config cfg;
   cfg.brokers = dev.brokers();
-  auto config_for = [&](const std::string& dir) {
-    return with_scope(test::default_config(dir) + dev.section);
-  };
   test::server_process gateway;
   auto gw_dir = test::make_temp_dir("provisiond-gw");
+  // The workers use the key file the gateway creates (docs/kafka.md: every
+  // process sharing dps.enrollments needs the same keys).
+  auto config_for = [&](const std::string& dir) {
+    return with_scope(test::default_config(dir) + "[secrets]\nkey_file = \"" + gw_dir
+                      + "/secrets.key\"\n" + dev.section);
+  };
   REQUIRE_MESSAGE(!gateway.start(config_for(gw_dir), gw_dir, {"--roles", "gateway,registration"}),
                   gateway.log());
   gateway.remove_data_dir_at_exit();

@@ -21,6 +21,7 @@
 
 #include "messages/crypto.hpp"
 #include "messages/registration.hpp"
+#include "storage/keyring.hpp"
 #include "tests/support/it_common.hpp"
 #include "tests/support/kafka_it.hpp"
 #include "tests/support/metrics_scrape.hpp"
@@ -476,6 +477,103 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   REQUIRE(etag_at_2() == fresh);
   expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
+}
+
+TEST_CASE("tpm over Kafka, sealed: no key on the topic, a peer with the key attests, another key is refused") {
+  if (skipped_without_tools())
+    return;
+  test::kafka_fixture fx; // every server_config shares fx.key_file()
+  auto cfg = [&](const std::string& dir) {
+    return "id_scope = \"0ne00AB7124\"\n" + fx.server_config(dir);
+  };
+  test::server_process gw1, gw2, worker, stranger;
+  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
+                  gw1.log());
+  auto wdir = test::make_temp_dir("provisiond-sealed-worker");
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(cfg(wdir), wdir, {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  soft_tpm tpm;
+  const std::string id = "tpm-sealed-1", sym_id = "sym-sealed-1";
+  const std::string sym_key = crypto::generate_key();
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+  {
+    json body{{"registrationId", sym_id},
+              {"attestation",
+               {{"type", "symmetricKey"},
+                {"symmetricKey", {{"primaryKey", sym_key}, {"secondaryKey", sym_key}}}}}};
+    auto r = gw1.service("PUT", "/enrollments/" + sym_id, body.dump());
+    REQUIRE_MESSAGE(r.status == 200, r.body);
+  }
+  // The challenge from gateway 1: its state goes through dps.enrollments.
+  REQUIRE_MESSAGE(tpm.activate(expect_challenge(put_register(gw1, id, tpm_body(tpm)))), tpm.log());
+
+  // The raw bytes on the topic: every record that carries a secret is an
+  // envelope, and no key, EK or document text is there to read.
+  auto recs = test::read_topic(fx.cfg, "dps.enrollments", 5);
+  int enrollments = 0, challenges = 0;
+  for (const auto& r : recs) {
+    const bool secret = r.key.rfind("enrollment/", 0) == 0 || r.key.rfind("tpm-challenge/", 0) == 0
+                        || r.key.rfind("group/", 0) == 0 || r.key.rfind("certificate/", 0) == 0;
+    enrollments += r.key.rfind("enrollment/", 0) == 0;
+    challenges += r.key.rfind("tpm-challenge/", 0) == 0;
+    if (secret && !r.value.empty())
+      CHECK_MESSAGE(storage::keyring::is_sealed(r.value), r.key << " = " << r.value);
+    CHECK_MESSAGE(r.value.find(sym_key) == std::string::npos, r.key);
+    CHECK_MESSAGE(r.value.find(tpm.ek_b64.substr(0, 40)) == std::string::npos, r.key);
+    CHECK_MESSAGE(r.value.find("primaryKey") == std::string::npos, r.key);
+    CHECK_MESSAGE(r.value.find("registrationId") == std::string::npos, r.key);
+  }
+  CHECK(enrollments >= 2);
+  CHECK(challenges >= 1);
+
+  // A gateway started later with the same key file rebuilds from the topic,
+  // answers the challenge gateway 1 issued, and registers the symmetric key.
+  auto dir2 = test::make_temp_dir("provisiond-sealed-gw2");
+  gw2.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}), gw2.log());
+  const auto auth = tpm.sas(gw2, id);
+  auto done = wait_assigned(gw2, id, put_register(gw2, id, tpm_body(tpm), auth), auth);
+  CHECK_MESSAGE(done["status"] == "assigned", done.dump());
+  auto c = gw2.client();
+  int status = 0;
+  // An individual enrollment's device key is the enrollment key itself.
+  auto sym = test::register_device(c, gw2, sym_id, sym_key, status, 20);
+  CHECK_MESSAGE(sym.value("status", "") == "assigned", sym.dump());
+
+  // Upgrade path: a plaintext record as an older version wrote it is applied.
+  const std::string old_key = crypto::generate_key();
+  test::produce_raw(fx.cfg, "dps.enrollments",
+                    {{"enrollment/plain-old-1",
+                      json{{"registrationId", "plain-old-1"},
+                           {"attestation",
+                            {{"type", "symmetricKey"},
+                             {"symmetricKey", {{"primaryKey", old_key}, {"secondaryKey", old_key}}}}}}
+                        .dump()}});
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (gw2.service("GET", "/enrollments/plain-old-1").status != 200
+         && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  auto old = test::register_device(c, gw2, "plain-old-1", old_key, status, 20);
+  CHECK_MESSAGE(old.value("status", "") == "assigned", old.dump());
+
+  // A process with a key file of its own refuses to start, naming the key
+  // id it lacks, instead of taking envelopes for documents.
+  std::shared_ptr<const storage::keyring> shared;
+  REQUIRE(!storage::keyring::load(fx.key_file(), shared));
+  auto dir4 = test::make_temp_dir("provisiond-sealed-stranger");
+  stranger.remove_data_dir_at_exit();
+  auto other = cfg(dir4);
+  other.replace(other.find(fx.key_file()), fx.key_file().size(), dir4 + "/other.key");
+  CHECK(static_cast<bool>(stranger.start(other, dir4, {"--roles", "gateway,registration"})));
+  CHECK_FALSE(stranger.alive());
+  const auto log = stranger.log();
+  CHECK_MESSAGE(log.find("is sealed under key id " + shared->active_id()) != std::string::npos, log);
+  CHECK_MESSAGE(log.find("does not hold: every process sharing dps.enrollments needs the same "
+                         "key-encryption keys")
+                  != std::string::npos,
+                log);
 }
 
 namespace {

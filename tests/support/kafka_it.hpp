@@ -18,6 +18,7 @@
 #include "tests/support/server_process.hpp"
 #include "bus/kafka_common.hpp"
 #include "bus/kafka_mock.hpp"
+#include "storage/keyring.hpp"
 
 namespace prov::test {
 
@@ -57,6 +58,26 @@ struct kafka_fixture {
     REQUIRE(!mc->create_topics(kafka::topic_table(cfg)));
     dir = make_temp_dir("provisiond-kafka-it");
     REQUIRE(!dir.empty());
+    // One key file for every process of the deployment: dps.enrollments is
+    // sealed with it (docs/security.md#kafka-mode).
+    std::shared_ptr<const storage::keyring> ring;
+    auto err = storage::keyring::create(key_file(), ring);
+    REQUIRE_MESSAGE(!err, err.message);
+  }
+  /// The key-encryption key file every server_config() shares.
+  std::string key_file() const { return dir + "/secrets.key"; }
+  /// A dps.enrollments value as the servers read it: opened when sealed
+  /// (docs/security.md#kafka-mode), else as it is.
+  std::string open_enrollment_record(const std::string& key, const std::string& value) const {
+    if (!storage::keyring::is_sealed(value))
+      return value;
+    std::shared_ptr<const storage::keyring> ring;
+    auto err = storage::keyring::load(key_file(), ring);
+    REQUIRE_MESSAGE(!err, err.message);
+    std::string plain;
+    err = ring->open(value, "kafka:dps.enrollments/" + key, plain);
+    REQUIRE_MESSAGE(!err, err.message);
+    return plain;
   }
   ~kafka_fixture() { remove_tree(dir); }
 
@@ -65,9 +86,11 @@ struct kafka_fixture {
     return server_config(dir);
   }
 
-  /// The same for another process's data dir (each needs its own).
+  /// The same for another process's data dir (each needs its own; the key
+  /// file is shared).
   std::string server_config(const std::string& data_dir) const {
-    return default_config(data_dir) + "[kafka]\nbrokers = \"" + cfg.brokers
+    return default_config(data_dir) + "[secrets]\nkey_file = \"" + key_file() + "\"\n"
+           + "[kafka]\nbrokers = \"" + cfg.brokers
            + "\"\npartitions = " + std::to_string(kafka_partitions)
            + "\nreplication_factor = " + std::to_string(cfg.replication_factor) + "\n"
            + "fuse_stages = " + (fuse_stages ? "true" : "false") + "\n"

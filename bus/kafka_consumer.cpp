@@ -82,6 +82,12 @@ struct consumer::impl : opaque_base {
       }
       rd_kafka_assign(rk, parts);
       self->owned->store(parts->cnt);
+      self->store_by_topic(self->opts.partitions_by_topic, [&](const std::string& topic) {
+        int64_t n = 0;
+        for (int i = 0; i < parts->cnt; ++i)
+          n += topic == parts->elems[i].topic;
+        return n;
+      });
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) self->revoke_all(rk);
@@ -156,6 +162,20 @@ struct consumer::impl : opaque_base {
     paused = false;
     lag->store(0);
     owned->store(0);
+    zero_by_topic();
+  }
+
+  template <class F>
+  static void store_by_topic(const std::map<std::string, std::shared_ptr<std::atomic<int64_t>>>& m,
+                             F value_of) {
+    for (const auto& [topic, out] : m)
+      out->store(value_of(topic));
+  }
+
+  void zero_by_topic() {
+    auto zero = [](const std::string&) { return int64_t{0}; };
+    store_by_topic(opts.lag_by_topic, zero);
+    store_by_topic(opts.partitions_by_topic, zero);
   }
 
   /// See consumer::lag(). Local calls only: rd_kafka_position() and
@@ -174,6 +194,7 @@ struct consumer::impl : opaque_base {
     if (list->cnt == 0) return 0;
     if (rd_kafka_position(h, list.get()) != RD_KAFKA_RESP_ERR_NO_ERROR) return lag->load();
     int64_t total = 0;
+    std::map<std::string, int64_t> by_topic;
     for (int i = 0; i < list->cnt; ++i) {
       const auto& p = list->elems[i];
       int64_t lo = 0, hi = 0;
@@ -186,7 +207,12 @@ struct consumer::impl : opaque_base {
                                : p.offset;
       if (from < 0) continue; // no position yet (RD_KAFKA_OFFSET_INVALID)
       total += std::max<int64_t>(0, hi - from);
+      if (!opts.lag_by_topic.empty()) by_topic[p.topic] += std::max<int64_t>(0, hi - from);
     }
+    store_by_topic(opts.lag_by_topic, [&](const std::string& topic) {
+      auto it = by_topic.find(topic);
+      return it == by_topic.end() ? int64_t{0} : it->second;
+    });
     return total;
   }
 
@@ -265,6 +291,7 @@ struct consumer::impl : opaque_base {
     rk.reset();
     lag->store(0);
     owned->store(0);
+    zero_by_topic();
   }
 
   void close() {
@@ -318,6 +345,7 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   if (const rd_kafka_resp_err_t err = rd_kafka_subscribe(raw, topics.get()))
     return kafka_error(err, "kafka consumer: subscribe");
   p->opts = std::move(opts);
+  p->zero_by_topic();
   impl* self = p.get();
   p->worker = std::thread([self] {
     pthread_setname_np(pthread_self(), "prov-kafka-cons");

@@ -77,6 +77,10 @@ public:
     /// lag_out): 0 between a revocation and the next assignment, so a
     /// failover shows in a scrape.
     std::shared_ptr<std::atomic<int64_t>> partitions_out;
+    /// For a consumer of several topics: the same two figures per topic
+    /// (by Kafka topic name), besides the totals above.
+    std::map<std::string, std::shared_ptr<std::atomic<int64_t>>> lag_by_topic;
+    std::map<std::string, std::shared_ptr<std::atomic<int64_t>>> partitions_by_topic;
     log_fn log;
   };
   using handler = std::function<void(message&&)>;

@@ -18,6 +18,10 @@
 // unaffected partitions flowing during a rebalance and is a later
 // optimisation.
 //
+// Topics: one consumer may follow several (kafka_bus's one_consumer: a
+// process's stage topics in one group); commits and in-flight tracking are
+// per partition, the in-flight bound and revocation per consumer.
+//
 // Threading: the consumer owns one thread that polls librdkafka, serves
 // rebalances, delivers messages to the handler one at a time in partition
 // order, and commits. The handler must not block (hand the message to an

@@ -200,6 +200,9 @@ error kafka_bus::restart_shared() {
     const std::string name = topic_for(cfg_, t);
     by_name[name] = t;
     co.topics.push_back(name);
+    // Upgrades: start where this stage's own group (the versions before
+    // one_consumer) left off rather than at the beginning of the topic.
+    co.seed_groups[name] = opts_.group_prefix + std::string(topic_name(t));
     co.lag_by_topic[name] = consumer_lags_[static_cast<std::size_t>(t)];
     co.partitions_by_topic[name] = consumer_partitions_[static_cast<std::size_t>(t)];
   }

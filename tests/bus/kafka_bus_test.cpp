@@ -229,6 +229,84 @@ TEST_CASE("one consumer per process: when one member stops, the other takes ever
   pub->close();
 }
 
+TEST_CASE("one consumer per process, upgrading: starts where the per-stage groups left off") {
+  test::mock_fixture f;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  std::unique_ptr<kafka_bus> pub, old_worker, new_worker;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), pub).ok());
+  constexpr int n = 20, old_done = 10;
+  std::atomic<int> durable{0};
+  for (int i = 0; i < n; ++i) {
+    const registration_event ev = make_event(i, "reg-" + std::to_string(i)); // every partition
+    for (topic t : {topic::registration_attested, topic::registration_allocated})
+      REQUIRE(pub->publish(t, ev, [&](const delivery& d) {
+                   CHECK(d.err.ok());
+                   ++durable;
+                 }).ok());
+  }
+  REQUIRE(eventually([&] { return durable.load() == 2 * n; }));
+  auto index_of = [](const registration_event& ev) {
+    return std::stoi(ev.operation_id.substr(ev.operation_id.rfind('-') + 1));
+  };
+  auto total = [](const std::map<std::string, int64_t>& m) {
+    int64_t t = 0;
+    for (const auto& [k, v] : m) t += v;
+    return t;
+  };
+  // The previous version: a group per stage topic (<prefix>registration.attested).
+  // It finished events 0..9 of attested (per partition, the events before
+  // 10..19) and never consumed allocated, whose partitions have no offsets.
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), old_worker).ok());
+  REQUIRE(old_worker->subscribe_acked(topic::registration_attested,
+                                      [&](registration_event&& ev, std::function<void()> ack) {
+                                        if (index_of(ev) < old_done) ack();
+                                      })
+              .ok());
+  REQUIRE(eventually([&] {
+    return total(old_worker->committed(topic::registration_attested)) == old_done;
+  }, std::chrono::seconds(20)));
+  old_worker->close();
+
+  // The new version: one consumer, group <prefix>stages, nothing committed.
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups, true), new_worker).ok());
+  std::mutex mu;
+  std::map<topic, std::set<int>> seen;
+  for (topic t : {topic::registration_attested, topic::registration_allocated})
+    REQUIRE(new_worker
+                ->subscribe_acked(t,
+                                  [&, t](registration_event&& ev, std::function<void()> ack) {
+                                    std::lock_guard<std::mutex> lock(mu);
+                                    seen[t].insert(index_of(ev));
+                                    ack();
+                                  })
+                .ok());
+  REQUIRE(new_worker->start_consuming().ok());
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return seen[topic::registration_allocated].size() == n &&
+           seen[topic::registration_attested].count(n - 1) &&
+           seen[topic::registration_attested].size() >= n - old_done;
+  }, std::chrono::seconds(30)));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    // Partition order: had attested started at the beginning, 0..9 (before
+    // 10..19 in their partitions) would be here by now.
+    std::set<int> expected;
+    for (int i = old_done; i < n; ++i) expected.insert(i);
+    CHECK_MESSAGE(seen[topic::registration_attested] == expected,
+                  seen[topic::registration_attested].size() << " attested events delivered");
+  }
+  CHECK(f.logs.contains("starting where the previous group did"));
+  // The seed is the new group's own commit now; acked, everything is.
+  CHECK(eventually([&] {
+    return total(new_worker->committed(topic::registration_attested)) == n &&
+           total(new_worker->committed(topic::registration_allocated)) == n;
+  }));
+  new_worker->close();
+  pub->close();
+}
+
 TEST_CASE("inputs take their clock readings from the record's timestamp, the same on redelivery") {
   // What lets a fused worker allocate a redelivered input again and publish
   // the same bytes: a requested record's accepted time and an attested

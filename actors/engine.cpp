@@ -182,6 +182,9 @@ public:
             bus::topic::registration_allocated,
             from_kafka(configuration_, metrics::stage::configuration)))
         return err;
+    // Kafka: one consumer for the stages above (kafka_bus one_consumer).
+    if (auto err = ctx.bus->start_consuming())
+      return err;
     if (!roles.registration)
       return {};
     if (ctx.kafka()) {
@@ -853,6 +856,7 @@ error make_kafka_bus(const config::kafka_config& cfg,
     return {err.code, "kafka topics at " + cfg.brokers + ": " + err.message};
   kafka::kafka_bus::options o;
   o.log = log;
+  o.one_consumer = true; // one group membership and fetch loop per process
   if (auto err = kafka::kafka_bus::create(cfg, std::move(o), out))
     return {err.code, "kafka: " + err.message};
   return {};

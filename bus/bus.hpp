@@ -76,6 +76,12 @@ public:
     done(error{});
   }
 
+  /// Starts consuming what was subscribed, where the bus defers that to
+  /// one consumer for all its subscriptions (Kafka: one group membership
+  /// and one fetch loop per process). Call once the stage subscriptions
+  /// are made. In-process: nothing to start.
+  [[nodiscard]] virtual error start_consuming() { return {}; }
+
   /// Stops every subscription's consumer at once (Kafka: commits what was
   /// acked and leaves the groups, so their partitions move to the other
   /// members now); publishing still works. In-process: nothing to stop.

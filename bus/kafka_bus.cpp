@@ -1,5 +1,6 @@
 #include "bus/kafka_bus.hpp"
 
+#include <algorithm>
 #include <exception>
 #include <future>
 #include <thread>
@@ -86,7 +87,58 @@ void kafka_bus::subscribe(topic t, handler h) {
               "subscribe to " + std::string(topic_name(t)) + " failed: " + err.message);
 }
 
+void kafka_bus::on_record(topic t, const acked_handler& h, message&& m, const ack_fn& ack) {
+  const bool requested = t == topic::registration_requested;
+  // A requested record carries a device credential: never copied as is.
+  auto dead_letter = [&](std::string reason) {
+    ++*dead_lettered_;
+    const std::string dlt = dead_letter_topic(cfg_);
+    if (!requested) {
+      forward_to_dead_letter(*producer_, dlt, m, reason, ack, opts_.log);
+      return;
+    }
+    message copy = m;
+    copy.value = redact_credentials(copy.value);
+    for (auto& hd : copy.headers)
+      hd.value = redact_credentials(hd.value);
+    // A parse error's message can quote the record ("last read: ...").
+    forward_to_dead_letter(*producer_, dlt, copy, redact_credentials(reason), ack, opts_.log);
+  };
+  registration_event ev;
+  // registration.requested comes from outside (direct publishers): its own
+  // schema, only the request fields (docs/events.md).
+  if (error err = requested ? decode_requested_event(m.value, ev) : decode_event(m.value, ev)) {
+    dead_letter("undecodable event: " + err.message);
+    return;
+  }
+  // The record's timestamp is pinned in the log: a stage that timestamps
+  // its input from it reproduces the same bytes when the input is
+  // redelivered (after a crash, allocation runs again with fused stages).
+  if (m.timestamp_ms > 0) {
+    if (requested && ev.accepted_ms == 0)
+      ev.accepted_ms = m.timestamp_ms; // when the publisher sent it
+    else if (t == topic::registration_attested && ev.allocated_ms == 0)
+      ev.allocated_ms = m.timestamp_ms; // when it was handed to allocation
+  }
+  try {
+    h(std::move(ev), ack);
+  } catch (const std::exception& e) {
+    dead_letter(std::string("handler threw: ") + e.what());
+  }
+}
+
 error kafka_bus::subscribe_acked(topic t, acked_handler h) {
+  if (opts_.one_consumer) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      handlers_[static_cast<std::size_t>(t)] = std::make_shared<const acked_handler>(std::move(h));
+      const bool consumed = std::find(shared_topics_.begin(), shared_topics_.end(), t) !=
+                            shared_topics_.end();
+      if (!started_ || (consumed && shared_))
+        return {}; // start_consuming() picks it up, or the running consumer has it
+    }
+    return restart_shared();
+  }
   unsubscribe(t);
   consumer::options co = opts_.consumer_options;
   co.group_id = opts_.group_prefix + std::string(topic_name(t));
@@ -98,55 +150,14 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   auto self = std::make_shared<std::weak_ptr<consumer>>();
   auto ready = std::make_shared<std::promise<void>>();
   std::shared_future<void> ready_f = ready->get_future().share();
-  producer* prod = producer_.get(); // closed only after every consumer
-  const std::string dlt = dead_letter_topic(cfg_);
-  const log_fn log = opts_.log;
-  std::atomic<uint64_t>* dead = dead_lettered_.get();
-  const bool requested = t == topic::registration_requested;
-  const bool attested = t == topic::registration_attested;
-  auto on_message = [self, ready_f, prod, dlt, log, dead, requested, attested,
-                     h = std::move(h)](message&& m) {
+  // `this` outlives the consumer: close() closes every consumer first.
+  auto on_message = [this, t, self, ready_f, h = std::move(h)](message&& m) {
     ready_f.wait();
     std::weak_ptr<consumer> weak = *self;
-    auto ack = [weak, id = m.id] {
+    ack_fn ack = [weak, id = m.id] {
       if (auto c = weak.lock()) c->done(id);
     };
-    // A requested record carries a device credential: never copied as is.
-    auto dead_letter = [&](std::string reason) {
-      ++*dead;
-      if (!requested) {
-        forward_to_dead_letter(*prod, dlt, m, reason, ack, log);
-        return;
-      }
-      message copy = m;
-      copy.value = redact_credentials(copy.value);
-      for (auto& hd : copy.headers)
-        hd.value = redact_credentials(hd.value);
-      // A parse error's message can quote the record ("last read: ...").
-      forward_to_dead_letter(*prod, dlt, copy, redact_credentials(reason), ack, log);
-    };
-    registration_event ev;
-    // registration.requested comes from outside (direct publishers): its own
-    // schema, only the request fields (docs/events.md).
-    if (error err = requested ? decode_requested_event(m.value, ev)
-                              : decode_event(m.value, ev)) {
-      dead_letter("undecodable event: " + err.message);
-      return;
-    }
-    // The record's timestamp is pinned in the log: a stage that timestamps
-    // its input from it reproduces the same bytes when the input is
-    // redelivered (after a crash, allocation runs again with fused stages).
-    if (m.timestamp_ms > 0) {
-      if (requested && ev.accepted_ms == 0)
-        ev.accepted_ms = m.timestamp_ms; // when the publisher sent it
-      else if (attested && ev.allocated_ms == 0)
-        ev.allocated_ms = m.timestamp_ms; // when it was handed to allocation
-    }
-    try {
-      h(std::move(ev), ack);
-    } catch (const std::exception& e) {
-      dead_letter(std::string("handler threw: ") + e.what());
-    }
+    on_record(t, h, std::move(m), ack);
   };
   std::unique_ptr<consumer> made;
   const error err = consumer::create(cfg_, std::move(co), std::move(on_message), made);
@@ -159,20 +170,103 @@ error kafka_bus::subscribe_acked(topic t, acked_handler h) {
   return {};
 }
 
+error kafka_bus::start_consuming() {
+  if (!opts_.one_consumer) return {};
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (started_) return {};
+    started_ = true;
+  }
+  return restart_shared();
+}
+
+error kafka_bus::restart_shared() {
+  std::shared_ptr<consumer> old;
+  std::vector<topic> topics;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    old = std::move(shared_);
+    shared_topics_.clear();
+    for (int i = 0; i < topic_count; ++i)
+      if (handlers_[static_cast<std::size_t>(i)]) topics.push_back(static_cast<topic>(i));
+  }
+  if (old) old->close(); // commits what was acked, leaves the group
+  if (topics.empty()) return {};
+  consumer::options co = opts_.consumer_options;
+  co.group_id = opts_.group_prefix + "stages";
+  co.max_in_flight *= topics.size(); // the bound was per topic
+  std::map<std::string, topic> by_name;
+  for (topic t : topics) {
+    const std::string name = topic_for(cfg_, t);
+    by_name[name] = t;
+    co.topics.push_back(name);
+    // Upgrades: start where this stage's own group (the versions before
+    // one_consumer) left off rather than at the beginning of the topic.
+    co.seed_groups[name] = opts_.group_prefix + std::string(topic_name(t));
+    co.lag_by_topic[name] = consumer_lags_[static_cast<std::size_t>(t)];
+    co.partitions_by_topic[name] = consumer_partitions_[static_cast<std::size_t>(t)];
+  }
+  auto self = std::make_shared<std::weak_ptr<consumer>>();
+  auto ready = std::make_shared<std::promise<void>>();
+  std::shared_future<void> ready_f = ready->get_future().share();
+  auto on_message = [this, self, ready_f, by_name = std::move(by_name)](message&& m) {
+    ready_f.wait();
+    auto it = by_name.find(m.id.topic);
+    if (it == by_name.end()) return; // not subscribed: never finished, never committed
+    std::shared_ptr<const acked_handler> h;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      h = handlers_[static_cast<std::size_t>(it->second)];
+    }
+    if (!h) return; // unsubscribed: left unacked for the partition's next owner
+    std::weak_ptr<consumer> weak = *self;
+    ack_fn ack = [weak, id = m.id] {
+      if (auto c = weak.lock()) c->done(id);
+    };
+    on_record(it->second, *h, std::move(m), ack);
+  };
+  std::unique_ptr<consumer> made;
+  const error err = consumer::create(cfg_, std::move(co), std::move(on_message), made);
+  std::shared_ptr<consumer> c(std::move(made));
+  *self = c;
+  ready->set_value();
+  if (err) return err;
+  std::lock_guard<std::mutex> lock(mu_);
+  shared_ = std::move(c);
+  shared_topics_ = std::move(topics);
+  return {};
+}
+
 void kafka_bus::unsubscribe(topic t) {
   std::shared_ptr<consumer> c;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = consumers_.find(t);
-    if (it == consumers_.end()) return;
-    c = std::move(it->second);
-    consumers_.erase(it);
+    if (opts_.one_consumer) {
+      handlers_[static_cast<std::size_t>(t)].reset();
+      for (const auto& h : handlers_)
+        if (h) return; // the others keep the consumer
+      c = std::move(shared_);
+      shared_topics_.clear();
+    } else {
+      auto it = consumers_.find(t);
+      if (it == consumers_.end()) return;
+      c = std::move(it->second);
+      consumers_.erase(it);
+    }
   }
-  c->close();
+  if (c) c->close();
 }
 
 std::map<std::string, int64_t> kafka_bus::committed(topic t) const {
   std::lock_guard<std::mutex> lock(mu_);
+  if (opts_.one_consumer) {
+    if (!shared_) return {};
+    const std::string prefix = topic_for(cfg_, t) + "/";
+    std::map<std::string, int64_t> out;
+    for (auto& [key, offset] : shared_->committed())
+      if (key.compare(0, prefix.size(), prefix) == 0) out.emplace(key, offset);
+    return out;
+  }
   auto it = consumers_.find(t);
   return it == consumers_.end() ? std::map<std::string, int64_t>{} : it->second->committed();
 }
@@ -195,6 +289,10 @@ void kafka_bus::stop_consuming() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     cs.swap(consumers_);
+    // The shared consumer under any of its topics: closed like the others.
+    if (shared_) cs.emplace(shared_topics_.empty() ? topic{} : shared_topics_.front(),
+                            std::move(shared_));
+    shared_topics_.clear();
   }
   // In parallel: each close waits up to its revoke grace for messages still
   // in flight (a draining engine leaves new input unacked), and the group

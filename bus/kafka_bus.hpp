@@ -35,6 +35,15 @@ public:
     std::string group_prefix = "provisiond.";
     producer::options producer_options;
     consumer::options consumer_options; ///< group_id and topics are set per topic
+    /// One consumer for every subscription, in group group_prefix +
+    /// "stages", dispatching by topic; it starts at start_consuming().
+    /// Each librdkafka consumer has its own fetch loop and group
+    /// membership, and against a broker that holds empty fetches (the mock)
+    /// its idle wakeups cost CPU per second, so a worker running three
+    /// stages pays that once instead of three times, and a kill rebalances
+    /// one group instead of three. Off: a consumer (and group) per topic,
+    /// consuming from subscribe_acked() on.
+    bool one_consumer = false;
     log_fn log;
   };
 
@@ -68,7 +77,15 @@ public:
   void subscribe(topic t, handler h) override;
 
   /// Offsets are committed only after `ack`. Replaces an earlier subscriber.
+  /// With one_consumer, a topic added after start_consuming() restarts the
+  /// shared consumer with it (one rebalance); unsubscribing one leaves its
+  /// records unacked (the next owner gets them) and the consumer running
+  /// for the others.
   [[nodiscard]] error subscribe_acked(topic t, acked_handler h) override;
+
+  /// With one_consumer: creates the consumer of every subscribed topic.
+  /// Otherwise nothing (each subscription consumes already).
+  [[nodiscard]] error start_consuming() override;
 
   /// Produces any record (the compacted state topics) with the bus's
   /// producer; as producer::send.
@@ -113,12 +130,23 @@ public:
 private:
   kafka_bus(const config::kafka_config& cfg, options opts);
   void unsubscribe(topic t);
+  /// Decodes `m` (a record of `t`) and hands it to `h`; dead-letters it
+  /// when it cannot be decoded or `h` throws.
+  void on_record(topic t, const acked_handler& h, message&& m, const ack_fn& ack);
+  /// (Re)creates the shared consumer for the topics with a handler.
+  error restart_shared();
 
   config::kafka_config cfg_;
   options opts_;
   std::unique_ptr<producer> producer_;
   mutable std::mutex mu_;
   std::map<topic, std::shared_ptr<consumer>> consumers_;
+  // one_consumer: the handlers by topic (read per record, under mu_), the
+  // consumer and the topics it was made for.
+  std::array<std::shared_ptr<const acked_handler>, topic_count> handlers_;
+  std::shared_ptr<consumer> shared_;
+  std::vector<topic> shared_topics_;
+  bool started_ = false;
   std::shared_ptr<std::atomic<uint64_t>> dead_lettered_ =
     std::make_shared<std::atomic<uint64_t>>(0);
   std::array<std::shared_ptr<std::atomic<int64_t>>, topic_count> consumer_lags_;

@@ -40,6 +40,7 @@ struct consumer::impl : opaque_base {
   };
 
   options opts;
+  config::kafka_config cfg; ///< for the seeding readers (options::seed_groups)
   handler on_message;
   handle_ptr rk; ///< used only by the consumer thread once it runs
 
@@ -80,8 +81,15 @@ struct consumer::impl : opaque_base {
           t.partition = p.partition;
         }
       }
+      self->seed_offsets(rk, parts);
       rd_kafka_assign(rk, parts);
       self->owned->store(parts->cnt);
+      self->store_by_topic(self->opts.partitions_by_topic, [&](const std::string& topic) {
+        int64_t n = 0;
+        for (int i = 0; i < parts->cnt; ++i)
+          n += topic == parts->elems[i].topic;
+        return n;
+      });
       return;
     }
     if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) self->revoke_all(rk);
@@ -101,6 +109,93 @@ struct consumer::impl : opaque_base {
     write_log(self->log, err == RD_KAFKA_RESP_ERR__FATAL ? 3 : 4,
               std::string("consumer: ") +
                   rd_kafka_err2name(static_cast<rd_kafka_resp_err_t>(err)) + ": " + reason);
+  }
+
+  // -- seeding from other groups (options::seed_groups) ------------------------
+
+  /// For each partition of `parts` this group has no committed offset for
+  /// and whose topic has a seed group that has one: sets it as the start
+  /// offset in `parts` and commits it here. Blocks the consumer thread (it
+  /// is in the rebalance callback, before anything is fetched) for at most
+  /// seed_timeout_ms; on any failure the partition starts as before.
+  void seed_offsets(rd_kafka_t* h, rd_kafka_topic_partition_list_t* parts) {
+    if (opts.seed_groups.empty() || parts->cnt == 0) return;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(opts.seed_timeout_ms);
+    auto left_ms = [&] {
+      return static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                  deadline - std::chrono::steady_clock::now())
+                                  .count());
+    };
+    partition_list_ptr own(rd_kafka_topic_partition_list_copy(parts));
+    if (const rd_kafka_resp_err_t err = rd_kafka_committed(h, own.get(), left_ms())) {
+      write_log(log, 4, std::string("consumer: reading committed offsets to seed from the "
+                                    "previous groups failed, not seeding: ") +
+                            rd_kafka_err2str(err));
+      return;
+    }
+    std::map<std::string, partition_list_ptr> wanted; // by seed group
+    for (int i = 0; i < own->cnt; ++i) {
+      const auto& p = own->elems[i];
+      if (p.err != RD_KAFKA_RESP_ERR_NO_ERROR || p.offset >= 0) continue; // has one (or unknown)
+      auto g = opts.seed_groups.find(p.topic);
+      if (g == opts.seed_groups.end()) continue;
+      partition_list_ptr& l = wanted[g->second];
+      if (!l) l.reset(rd_kafka_topic_partition_list_new(4));
+      rd_kafka_topic_partition_list_add(l.get(), p.topic, p.partition);
+    }
+    partition_list_ptr seeded(rd_kafka_topic_partition_list_new(4));
+    std::string what;
+    for (auto& [group, list] : wanted) {
+      const int ms = left_ms();
+      if (ms <= 0) {
+        write_log(log, 4, "consumer: seeding offsets from group " + group +
+                              " skipped: seed_timeout_ms spent");
+        continue;
+      }
+      if (error err = committed_of(group, list.get(), ms)) {
+        write_log(log, 4, "consumer: reading group " + group +
+                              "'s committed offsets failed, not seeding from it: " +
+                              err.message);
+        continue;
+      }
+      for (int i = 0; i < list->cnt; ++i) {
+        const auto& p = list->elems[i];
+        if (p.err != RD_KAFKA_RESP_ERR_NO_ERROR || p.offset < 0) continue;
+        rd_kafka_topic_partition_list_find(parts, p.topic, p.partition)->offset = p.offset;
+        rd_kafka_topic_partition_list_add(seeded.get(), p.topic, p.partition)->offset = p.offset;
+        what += (what.empty() ? "" : ", ") + partition_key(p.topic, p.partition) + "@" +
+                std::to_string(p.offset) + " (" + group + ")";
+      }
+    }
+    if (seeded->cnt == 0) return;
+    // Committed here so the seed survives the old groups' offsets expiring
+    // and is read once; if this fails the next assignment seeds again.
+    const rd_kafka_resp_err_t err = rd_kafka_commit(h, seeded.get(), 0);
+    record_commit(err, seeded.get());
+    write_log(log, 5, "consumer group " + opts.group_id +
+                          ": no committed offset, starting where the previous group did: " +
+                          what + " (read in " +
+                          std::to_string(opts.seed_timeout_ms - std::max(0, left_ms())) + " ms)");
+  }
+
+  /// Reads the offsets `group` committed for `list` into it, with a
+  /// consumer that never joins (so it neither disturbs nor leaves `group`).
+  error committed_of(const std::string& group, rd_kafka_topic_partition_list_t* list,
+                     int timeout_ms) {
+    conf_ptr conf;
+    if (auto err = make_conf(cfg, {}, {{"group.id", group}, {"enable.auto.commit", "false"}},
+                             conf))
+      return err;
+    opaque_base logs{log}; // outlives the handle (declared first)
+    set_opaque(conf.get(), &logs);
+    char errstr[512];
+    handle_ptr reader(rd_kafka_new(RD_KAFKA_CONSUMER, conf.get(), errstr, sizeof errstr));
+    if (!reader) return {error_code::bad_request, std::string("kafka consumer: ") + errstr};
+    conf.release();
+    if (const rd_kafka_resp_err_t err = rd_kafka_committed(reader.get(), list, timeout_ms))
+      return kafka_error(err, "committed offsets");
+    return {};
   }
 
   // -- commits -----------------------------------------------------------------
@@ -156,6 +251,20 @@ struct consumer::impl : opaque_base {
     paused = false;
     lag->store(0);
     owned->store(0);
+    zero_by_topic();
+  }
+
+  template <class F>
+  static void store_by_topic(const std::map<std::string, std::shared_ptr<std::atomic<int64_t>>>& m,
+                             F value_of) {
+    for (const auto& [topic, out] : m)
+      out->store(value_of(topic));
+  }
+
+  void zero_by_topic() {
+    auto zero = [](const std::string&) { return int64_t{0}; };
+    store_by_topic(opts.lag_by_topic, zero);
+    store_by_topic(opts.partitions_by_topic, zero);
   }
 
   /// See consumer::lag(). Local calls only: rd_kafka_position() and
@@ -174,6 +283,7 @@ struct consumer::impl : opaque_base {
     if (list->cnt == 0) return 0;
     if (rd_kafka_position(h, list.get()) != RD_KAFKA_RESP_ERR_NO_ERROR) return lag->load();
     int64_t total = 0;
+    std::map<std::string, int64_t> by_topic;
     for (int i = 0; i < list->cnt; ++i) {
       const auto& p = list->elems[i];
       int64_t lo = 0, hi = 0;
@@ -186,7 +296,12 @@ struct consumer::impl : opaque_base {
                                : p.offset;
       if (from < 0) continue; // no position yet (RD_KAFKA_OFFSET_INVALID)
       total += std::max<int64_t>(0, hi - from);
+      if (!opts.lag_by_topic.empty()) by_topic[p.topic] += std::max<int64_t>(0, hi - from);
     }
+    store_by_topic(opts.lag_by_topic, [&](const std::string& topic) {
+      auto it = by_topic.find(topic);
+      return it == by_topic.end() ? int64_t{0} : it->second;
+    });
     return total;
   }
 
@@ -265,6 +380,7 @@ struct consumer::impl : opaque_base {
     rk.reset();
     lag->store(0);
     owned->store(0);
+    zero_by_topic();
   }
 
   void close() {
@@ -286,6 +402,7 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   if (opts.max_in_flight == 0) opts.max_in_flight = 1;
   auto p = std::make_unique<impl>();
   p->log = opts.log;
+  if (!opts.seed_groups.empty()) p->cfg = cfg;
   p->on_message = std::move(h);
   p->lag = opts.lag_out ? opts.lag_out : std::make_shared<std::atomic<int64_t>>(0);
   p->lag->store(0);
@@ -318,6 +435,7 @@ error consumer::create(const config::kafka_config& cfg, options opts, handler h,
   if (const rd_kafka_resp_err_t err = rd_kafka_subscribe(raw, topics.get()))
     return kafka_error(err, "kafka consumer: subscribe");
   p->opts = std::move(opts);
+  p->zero_by_topic();
   impl* self = p.get();
   p->worker = std::thread([self] {
     pthread_setname_np(pthread_self(), "prov-kafka-cons");

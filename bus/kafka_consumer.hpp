@@ -18,6 +18,10 @@
 // unaffected partitions flowing during a rebalance and is a later
 // optimisation.
 //
+// Topics: one consumer may follow several (kafka_bus's one_consumer: a
+// process's stage topics in one group); commits and in-flight tracking are
+// per partition, the in-flight bound and revocation per consumer.
+//
 // Threading: the consumer owns one thread that polls librdkafka, serves
 // rebalances, delivers messages to the handler one at a time in partition
 // order, and commits. The handler must not block (hand the message to an
@@ -77,6 +81,20 @@ public:
     /// lag_out): 0 between a revocation and the next assignment, so a
     /// failover shows in a scrape.
     std::shared_ptr<std::atomic<int64_t>> partitions_out;
+    /// For a consumer of several topics: the same two figures per topic
+    /// (by Kafka topic name), besides the totals above.
+    std::map<std::string, std::shared_ptr<std::atomic<int64_t>>> lag_by_topic;
+    std::map<std::string, std::shared_ptr<std::atomic<int64_t>>> partitions_by_topic;
+    /// Upgrading from other groups (kafka_bus's one_consumer: the previous
+    /// version's group per stage topic), by topic name: an assigned
+    /// partition this group has no committed offset for starts where that
+    /// group committed, and the offset is committed in this group at once
+    /// (so it is seeded once); auto_offset_reset when neither has one.
+    /// Read in the rebalance callback with a short-lived consumer per group.
+    std::map<std::string, std::string> seed_groups;
+    /// Bounds all of the seeding reads of one assignment; past it the
+    /// remaining partitions start as auto_offset_reset says.
+    int seed_timeout_ms = 10000;
     log_fn log;
   };
   using handler = std::function<void(message&&)>;

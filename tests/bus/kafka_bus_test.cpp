@@ -36,26 +36,27 @@ registration_event make_event(int i, const std::string& reg) {
   return ev;
 }
 
-kafka_bus::options bus_options(test::mock_fixture& f, const std::string& group_prefix) {
+kafka_bus::options bus_options(test::mock_fixture& f, const std::string& group_prefix,
+                               bool one_consumer = false) {
   kafka_bus::options o;
   o.group_prefix = group_prefix;
+  o.one_consumer = one_consumer;
   o.log = f.logs.fn();
   o.consumer_options.revoke_grace_ms = 200;
   return o;
 }
 
-} // namespace
 
-TEST_SUITE("kafka_bus") {
-
-TEST_CASE("events published on one bus reach the subscriber on another, in order, acked") {
+/// Publishes on one bus, consumes on another (a consumer per topic, or one
+/// for both topics with one_consumer).
+void publish_and_consume(bool one_consumer) {
   test::mock_fixture f;
   REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
   const std::string groups = test::unique_name("grp") + ".";
 
   std::unique_ptr<kafka_bus> a, b;
   REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), a).ok());
-  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), b).ok());
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups, one_consumer), b).ok());
 
   std::mutex mu;
   std::vector<registration_event> attested;             // acked subscriber
@@ -72,6 +73,7 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
     std::lock_guard<std::mutex> lock(mu);
     allocated.push_back(std::move(ev));
   });
+  REQUIRE(b->start_consuming().ok()); // one_consumer: starts here; else no-op
 
   std::atomic<int> durable{0};
   constexpr int n = 30;
@@ -129,11 +131,180 @@ TEST_CASE("events published on one bus reach the subscriber on another, in order
   }
   REQUIRE(eventually([&] { return total(b->committed(topic::registration_attested)) == n; }));
   CHECK_MESSAGE(eventually([&] { return attested_lag->load() == 0; }), attested_lag->load());
+  // Each topic's partitions, counted by topic also when one consumer has both.
+  const int64_t parts = f.cfg.partitions;
+  CHECK(b->consumer_partitions(topic::registration_attested)->load() == parts);
+  CHECK(b->consumer_partitions(topic::registration_allocated)->load() == parts);
+  CHECK(b->consumer_partitions(topic::registration_requested)->load() == 0);
   b->close();
+  CHECK(b->consumer_partitions(topic::registration_attested)->load() == 0);
   a->close();
   CHECK(a->dead_lettered() == 0);
   CHECK(b->dead_lettered() == 0);
   CHECK(a->producer_counters()->rebuilds == 0);
+}
+
+} // namespace
+
+TEST_SUITE("kafka_bus") {
+
+TEST_CASE("events published on one bus reach the subscriber on another, in order, acked") {
+  publish_and_consume(false);
+}
+
+TEST_CASE("one consumer for several topics: each topic's events reach its handler, acked") {
+  publish_and_consume(true);
+}
+
+TEST_CASE("one consumer per process: when one member stops, the other takes every topic over") {
+  test::mock_fixture f;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  std::unique_ptr<kafka_bus> pub, w1, w2;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), pub).ok());
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups, true), w1).ok());
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups, true), w2).ok());
+  std::mutex mu;
+  std::map<std::string, std::set<std::string>> seen; // "w1"/"w2" -> topic:operation
+  auto subscribe = [&](kafka_bus& b, const std::string& who) {
+    for (topic t : {topic::registration_attested, topic::registration_allocated})
+      REQUIRE(b.subscribe_acked(t, [&, who, t](registration_event&& ev, std::function<void()> ack) {
+                 std::lock_guard<std::mutex> lock(mu);
+                 seen[who].insert(std::string(topic_name(t)) + ":" + ev.operation_id);
+                 ack();
+               }).ok());
+    REQUIRE(b.start_consuming().ok());
+  };
+  subscribe(*w1, "w1");
+  subscribe(*w2, "w2");
+  const int64_t parts = f.cfg.partitions;
+  auto owned = [&](topic t) {
+    return w1->consumer_partitions(t)->load() + w2->consumer_partitions(t)->load();
+  };
+  // One group for both topics: each topic's partitions split between the two.
+  REQUIRE(eventually([&] {
+    return owned(topic::registration_attested) == parts &&
+           owned(topic::registration_allocated) == parts &&
+           w1->consumer_partitions(topic::registration_attested)->load() > 0 &&
+           w2->consumer_partitions(topic::registration_attested)->load() > 0;
+  }, std::chrono::seconds(30)));
+  auto publish_all = [&](int from, int to) {
+    std::atomic<int> durable{0};
+    for (int i = from; i < to; ++i) {
+      const registration_event ev = make_event(i, "reg-" + std::to_string(i));
+      for (topic t : {topic::registration_attested, topic::registration_allocated})
+        REQUIRE(pub->publish(t, ev, [&](const delivery& d) {
+                     CHECK(d.err.ok());
+                     ++durable;
+                   }).ok());
+    }
+    REQUIRE(eventually([&] { return durable.load() == 2 * (to - from); }));
+  };
+  auto count = [&](const std::string& who) {
+    std::lock_guard<std::mutex> lock(mu);
+    return seen[who].size();
+  };
+  publish_all(0, 40);
+  REQUIRE(eventually([&] { return count("w1") + count("w2") >= 80; }, std::chrono::seconds(20)));
+  CHECK(count("w1") > 0);
+  CHECK(count("w2") > 0);
+  // w1 leaves: w2 owns every partition of both topics and gets all new events.
+  w1->stop_consuming();
+  REQUIRE(eventually([&] {
+    return w2->consumer_partitions(topic::registration_attested)->load() == parts &&
+           w2->consumer_partitions(topic::registration_allocated)->load() == parts;
+  }, std::chrono::seconds(30)));
+  CHECK(w1->consumer_partitions(topic::registration_attested)->load() == 0);
+  publish_all(40, 80);
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 40; i < 80; ++i)
+      for (const char* t : {"registration.attested", "registration.allocated"})
+        if (!seen["w2"].count(std::string(t) + ":" + make_event(i, "").operation_id))
+          return false;
+    return true;
+  }, std::chrono::seconds(20)));
+  w2->close();
+  w1->close();
+  pub->close();
+}
+
+TEST_CASE("one consumer per process, upgrading: starts where the per-stage groups left off") {
+  test::mock_fixture f;
+  REQUIRE(f.mc->create_topics(topic_table(f.cfg)).ok());
+  const std::string groups = test::unique_name("grp") + ".";
+  std::unique_ptr<kafka_bus> pub, old_worker, new_worker;
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), pub).ok());
+  constexpr int n = 20, old_done = 10;
+  std::atomic<int> durable{0};
+  for (int i = 0; i < n; ++i) {
+    const registration_event ev = make_event(i, "reg-" + std::to_string(i)); // every partition
+    for (topic t : {topic::registration_attested, topic::registration_allocated})
+      REQUIRE(pub->publish(t, ev, [&](const delivery& d) {
+                   CHECK(d.err.ok());
+                   ++durable;
+                 }).ok());
+  }
+  REQUIRE(eventually([&] { return durable.load() == 2 * n; }));
+  auto index_of = [](const registration_event& ev) {
+    return std::stoi(ev.operation_id.substr(ev.operation_id.rfind('-') + 1));
+  };
+  auto total = [](const std::map<std::string, int64_t>& m) {
+    int64_t t = 0;
+    for (const auto& [k, v] : m) t += v;
+    return t;
+  };
+  // The previous version: a group per stage topic (<prefix>registration.attested).
+  // It finished events 0..9 of attested (per partition, the events before
+  // 10..19) and never consumed allocated, whose partitions have no offsets.
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups), old_worker).ok());
+  REQUIRE(old_worker->subscribe_acked(topic::registration_attested,
+                                      [&](registration_event&& ev, std::function<void()> ack) {
+                                        if (index_of(ev) < old_done) ack();
+                                      })
+              .ok());
+  REQUIRE(eventually([&] {
+    return total(old_worker->committed(topic::registration_attested)) == old_done;
+  }, std::chrono::seconds(20)));
+  old_worker->close();
+
+  // The new version: one consumer, group <prefix>stages, nothing committed.
+  REQUIRE(kafka_bus::create(f.cfg, bus_options(f, groups, true), new_worker).ok());
+  std::mutex mu;
+  std::map<topic, std::set<int>> seen;
+  for (topic t : {topic::registration_attested, topic::registration_allocated})
+    REQUIRE(new_worker
+                ->subscribe_acked(t,
+                                  [&, t](registration_event&& ev, std::function<void()> ack) {
+                                    std::lock_guard<std::mutex> lock(mu);
+                                    seen[t].insert(index_of(ev));
+                                    ack();
+                                  })
+                .ok());
+  REQUIRE(new_worker->start_consuming().ok());
+  REQUIRE(eventually([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return seen[topic::registration_allocated].size() == n &&
+           seen[topic::registration_attested].count(n - 1) &&
+           seen[topic::registration_attested].size() >= n - old_done;
+  }, std::chrono::seconds(30)));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    // Partition order: had attested started at the beginning, 0..9 (before
+    // 10..19 in their partitions) would be here by now.
+    std::set<int> expected;
+    for (int i = old_done; i < n; ++i) expected.insert(i);
+    CHECK_MESSAGE(seen[topic::registration_attested] == expected,
+                  seen[topic::registration_attested].size() << " attested events delivered");
+  }
+  CHECK(f.logs.contains("starting where the previous group did"));
+  // The seed is the new group's own commit now; acked, everything is.
+  CHECK(eventually([&] {
+    return total(new_worker->committed(topic::registration_attested)) == n &&
+           total(new_worker->committed(topic::registration_allocated)) == n;
+  }));
+  new_worker->close();
+  pub->close();
 }
 
 TEST_CASE("inputs take their clock readings from the record's timestamp, the same on redelivery") {

@@ -61,7 +61,7 @@ TSAN_FLAGS := -fsanitize=thread -fno-omit-frame-pointer -g
 TSAN_TARGETS ?= tsan_race_test test_messages test_config test_storage test_actors test_engine \
   test_gateway test_metrics provisiond it_service_api_test it_device_api_test it_secrets_test \
   it_startup_test it_bad_input_test
-TSAN_TESTS ?= ^(tsan_.*|test_(messages|config|storage|actors|engine|gateway|metrics)|it_(service_api|device_api|secrets|startup|bad_input)_test)$$
+TSAN_TESTS ?= ^(tsan_.*|test_(messages|config|storage|actors|gateway|metrics)|it_(service_api|device_api|secrets|startup|bad_input)_test)$$
 test-tsan: deps
 	@if [ ! -f $(TSAN_DIR)/build.ninja ]; then \
 	  cmake -S . -B $(TSAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \

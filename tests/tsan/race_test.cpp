@@ -98,6 +98,11 @@ caf::behavior relay(caf::event_based_actor* self, caf::actor next) {
     [self, next](step_atom, std::string payload, state_ptr st, reply_fn reply) {
       payload += " +relay";
       st->text += " +relay";
+      // Through the timer thread as well (the allocation actor's retries):
+      // made on this worker, handed to CAF's clock thread, consumed on the
+      // next hop's own thread.
+      self->delayed_send(next, std::chrono::milliseconds(1), tick_atom::value,
+                         payload + " +tick, long enough for the heap");
       self->request(next, caf::infinite, step_atom::value, std::move(payload), st)
         .then([st, reply](std::string back) {
           st->text += " +relay-again";
@@ -107,13 +112,10 @@ caf::behavior relay(caf::event_based_actor* self, caf::actor next) {
   };
 }
 
-caf::behavior last_hop(caf::event_based_actor* self) {
+caf::behavior last_hop(caf::event_based_actor*) {
   return {
-    [self](step_atom, std::string payload, state_ptr st) {
+    [](step_atom, std::string payload, state_ptr st) {
       st->text += " +last";
-      // Through the timer thread as well (the allocation actor's retries);
-      // the tick carries its own string: st is the relay's again by then.
-      self->delayed_send(self, std::chrono::milliseconds(1), tick_atom::value, payload);
       return payload + " +last";
     },
     [](tick_atom, std::string s) { s += " +tick"; },

@@ -25,6 +25,14 @@ function(prov_add_library name pattern)
   add_library(prov::${name} ALIAS ${name})
 endfunction()
 
+# prov_tsan_hooks(<executable>): in the ThreadSanitizer build, link the CAF
+# happens-before hooks (tests/tsan/caf_happens_before.cpp); else nothing.
+function(prov_tsan_hooks target)
+  if(TARGET prov_tsan_caf)
+    target_link_libraries(${target} PRIVATE prov_tsan_caf)
+  endif()
+endfunction()
+
 # prov_add_test(<name> SOURCES ... LIBS ... [LABELS ...] [TIMEOUT s])
 # One doctest executable per test folder; registered as one ctest entry.
 function(prov_add_test name)
@@ -34,6 +42,7 @@ function(prov_add_test name)
   target_include_directories(${name} PRIVATE ${CMAKE_SOURCE_DIR})
   set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
   prov_enable_warnings(${name})
+  prov_tsan_hooks(${name})
   add_test(NAME ${name} COMMAND ${name})
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)

@@ -364,9 +364,12 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
 }
 
 error issue_for(const certificate_issuer* issuer, registration_event& ev, int64_t now_ms) {
-  ev.issued_chain.clear();
   if (ev.csr.empty())
+    // Nothing asked, or already issued for this event: a retry (a failed
+    // store commit, a failed device.assigned publish) comes back with the
+    // chain and without the csr, and must keep the certificate it announced.
     return {};
+  ev.issued_chain.clear();
   if (ev.issuing_ca.empty())
     return {error_code::no_issuance_policy,
             "the device sent a csr, but its " +

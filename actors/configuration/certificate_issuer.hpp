@@ -69,7 +69,9 @@ std::string join_chain(const std::vector<std::string>& chain);
 
 /// The configuration stage's step: when `ev` carries a csr, issues its
 /// certificate with the CA allocation found on its enrollment
-/// (ev.issuing_ca) into ev.issued_chain, and drops the csr. Errors:
+/// (ev.issuing_ca) into ev.issued_chain, and drops the csr. An event without
+/// a csr is left as is: its issued_chain (if any) is the one issued by an
+/// earlier run on the same event, which a retry must keep. Errors:
 /// no_issuance_policy (a csr but no policy: DPS has no documented answer;
 /// provisiond refuses rather than assign a device that waits for a
 /// certificate it never gets), issuing_ca_unavailable (`issuer` null or

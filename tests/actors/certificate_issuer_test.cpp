@@ -240,6 +240,36 @@ TEST_CASE("issue_for: the event's csr and policy decide; nothing issued on a ref
   CHECK(ev.csr.empty());
 }
 
+TEST_CASE("issue_for: a retry of an issued event keeps its chain") {
+  // What a failed store commit (embedded) or a failed device.assigned
+  // publish (Kafka) sends back to the stage: the event as issue_for left it.
+  auto key = test::new_key("P-256");
+  registration_event ev;
+  ev.registration_id = "dev-retry";
+  ev.operation_id = "op-retry";
+  ev.id_scope = "0ne00000001";
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), "dev-retry");
+  REQUIRE(!configuration::issue_for(pki().issuer.get(), ev, now_ms()));
+  const std::string first = ev.issued_chain;
+  REQUIRE(split(first).size() == 3);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    registration_event retry = ev; // the copy the retry re-delivers
+    retry.status = registration_status::assigning;
+    REQUIRE(!configuration::issue_for(pki().issuer.get(), retry, now_ms()));
+    CHECK(retry.issued_chain == first); // same certificate, not none, not a new one
+    // Also through the codec the Kafka relay and the outbox use.
+    registration_event decoded;
+    REQUIRE(!decode_event(encode_event(retry), decoded));
+    REQUIRE(!configuration::issue_for(pki().issuer.get(), decoded, now_ms()));
+    CHECK(decoded.issued_chain == first);
+  }
+  // Without an issuer at all (a retry never needs one).
+  registration_event retry = ev;
+  REQUIRE(!configuration::issue_for(nullptr, retry, now_ms()));
+  CHECK(retry.issued_chain == first);
+}
+
 TEST_CASE("load: key files readable by others, mismatched keys and non-CA certificates") {
   test::temp_dir dir{"prov_issuer_load"};
   auto root = test::make_ca("Load Root", nullptr, 1);

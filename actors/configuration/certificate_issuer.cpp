@@ -106,6 +106,8 @@ std::string printable(std::string_view s) {
 
 error decode_csr(std::string_view csr_b64, std::string_view registration_id, req_ptr& req,
                  pkey_ptr& key, csr_summary& out) {
+  if (auto e = check_issuable_id(registration_id))
+    return e;
   if (csr_b64.empty())
     return bad_csr("empty");
   if (csr_b64.find("-----BEGIN") != std::string_view::npos)
@@ -171,6 +173,15 @@ std::string der_of(X509* cert) {
 }
 
 } // namespace
+
+error check_issuable_id(std::string_view registration_id) {
+  if (registration_id.size() <= max_issued_cn_chars)
+    return {};
+  return bad_csr("the registration id is " + std::to_string(registration_id.size()) +
+                 " characters; an issued certificate's subject CN (the registration id) is "
+                 "limited to " + std::to_string(max_issued_cn_chars) +
+                 " characters (RFC 5280 ub-common-name)");
+}
 
 struct certificate_issuer::authority {
   std::string name;

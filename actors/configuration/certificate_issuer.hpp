@@ -31,6 +31,14 @@ struct csr_summary {
 [[nodiscard]] error check_csr(std::string_view csr_b64, std::string_view registration_id,
                               csr_summary& out);
 
+/// RFC 5280's ub-common-name: OpenSSL refuses a longer CN, and the issued
+/// CN is the registration id (which may be up to 128 characters).
+constexpr std::size_t max_issued_cn_chars = 64;
+
+/// invalid_csr when `registration_id` is too long to be an issued
+/// certificate's CN; the gateway refuses such a register with a csr at once.
+[[nodiscard]] error check_issuable_id(std::string_view registration_id);
+
 /// The issuing CAs of [[issuing_cas]], loaded once at start (keys in
 /// memory). Immutable after load(); issue() may run on any thread.
 class certificate_issuer {

@@ -124,6 +124,40 @@ TEST_CASE("csr: each refusal has its own message and code invalid_csr") {
         "csr: unsupported key RSA 1024 bits (ECDSA P-256 or P-384, or RSA of 2048..8192 bits)");
 }
 
+TEST_CASE("csr: a registration id longer than a certificate's 64-character CN is refused") {
+  auto key = test::new_key("P-256");
+  const std::string id64(64, 'a');
+  const std::string id65(65, 'a');
+  configuration::csr_summary s;
+  CHECK(!configuration::check_issuable_id(id64));
+  auto err = configuration::check_csr(test::make_csr(key.get(), id64), id64, s);
+  CHECK_MESSAGE(!err, err.message);
+  const std::string msg = "csr: the registration id is 65 characters; an issued certificate's "
+                          "subject CN (the registration id) is limited to 64 characters (RFC 5280 "
+                          "ub-common-name)";
+  CHECK(configuration::check_issuable_id(id65).code == error_code::invalid_csr);
+  CHECK(configuration::check_issuable_id(id65).message == msg);
+  CHECK(configuration::check_csr(test::make_csr(key.get(), id64), id65, s).message == msg);
+  // The id is checked first (the CSR is not even decoded). The 64-character
+  // id is issued (OpenSSL's own CN limit), the 65 refused
+  // before any signing: never a 500.
+  registration_event ev;
+  ev.registration_id = id64;
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), id64);
+  err = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK_MESSAGE(!err, err.message);
+  CHECK(!ev.issued_chain.empty());
+  ev = registration_event{};
+  ev.registration_id = id65;
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), id64);
+  err = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(err.code == error_code::invalid_csr);
+  CHECK(err.message == msg);
+  CHECK(ev.issued_chain.empty());
+}
+
 TEST_CASE("csr parser on garbage: truncations, bit flips and random bytes are refused cleanly") {
   // No sanitizer-only harness: every input must come back as invalid_csr (or,
   // for a flip outside the signed/verified parts, pass), never crash.

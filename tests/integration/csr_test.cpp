@@ -379,6 +379,26 @@ TEST_CASE("refused CSRs: each its own message and errorCode; nothing issued, no 
   CHECK(parse(resp.body)["errorCode"] == 400011);
   CHECK(parse(resp.body)["message"] == "csr must be a string (base64 DER PKCS#10)");
   CHECK(s.service("GET", "/registrations/csr-not-string").status == 404);
+
+  // A registration id too long for a certificate's CN (64): 400 at once,
+  // not a 500 from the signer after attestation.
+  const std::string long_id(65, 'L');
+  sk = put_sk_enrollment(long_id, {{"certificatePolicyResourceId", "fleet"}});
+  net::http_headers lh;
+  lh.add("Authorization", s.device_auth(long_id, sk));
+  lh.add("Content-Type", "application/json");
+  REQUIRE(!c.request("PUT", "/" + s.id_scope() + "/registrations/" + long_id + "/register"
+                              "?api-version=" + std::string(api),
+                     lh, json{{"registrationId", long_id},
+                              {"csr", test::make_csr(key.get(), std::string(64, 'L'))}}.dump(),
+                     resp));
+  CHECK(resp.status == 400);
+  CHECK(parse(resp.body)["errorCode"] == 400011);
+  CHECK(parse(resp.body)["message"] ==
+        "csr: the registration id is 65 characters; an issued certificate's subject CN (the "
+        "registration id) is limited to 64 characters (RFC 5280 ub-common-name)");
+  CHECK(s.service("GET", "/registrations/" + long_id).status == 404);
+  CHECK_FALSE(outbox_mentions(long_id));
 }
 
 TEST_CASE("service API and CLI: the issuance policy in both shapes") {

@@ -17,6 +17,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include <nlohmann/json.hpp>
+
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
@@ -170,6 +172,65 @@ std::string der_of(X509* cert) {
   std::string out(reinterpret_cast<char*>(buf), static_cast<std::size_t>(n));
   OPENSSL_free(buf);
   return out;
+}
+
+/// The CN values in an RFC 2253 subject text (registration_state's
+/// certificateInfo.subjectName), escapes kept as written: a CN that matches
+/// a registration id (A-Z a-z 0-9 - . _ :) is never escaped.
+std::vector<std::string> cns_of_rfc2253(std::string_view dn) {
+  std::vector<std::string> out;
+  std::string rdn;
+  auto flush = [&] {
+    if (rdn.rfind("CN=", 0) == 0)
+      out.push_back(rdn.substr(3));
+    rdn.clear();
+  };
+  for (std::size_t i = 0; i < dn.size(); ++i) {
+    if (dn[i] == '\\' && i + 1 < dn.size()) {
+      rdn.push_back(dn[i]);
+      rdn.push_back(dn[++i]);
+    } else if (dn[i] == ',' || dn[i] == '+') {
+      flush();
+    } else {
+      rdn.push_back(dn[i]);
+    }
+  }
+  flush();
+  return out;
+}
+
+/// The identity checks issuance adds to the CSR's: the certificate names the
+/// registration id exactly, so it must be the device's identity exactly.
+error check_identity(const registration_event& ev) {
+  // IoT Hub authenticates an X.509 device by CN == device id (case-
+  // sensitive): a certificate for the registration id is useless, and
+  // misleading, for a device the enrollment assigns under another id.
+  if (!ev.device_id.empty() && ev.device_id != ev.registration_id)
+    return {error_code::invalid_enrollment,
+            "certificate issuance: the enrollment assigns device id '" + printable(ev.device_id) +
+              "', not the registration id '" + printable(ev.registration_id) +
+              "'; an issued certificate's CN is the registration id (remove the enrollment's "
+              "deviceId, or register without a csr)"};
+  // X.509 attestation matches the certificate's CN to the registration id
+  // ignoring case (as DPS); the certificate issued to replace it must not
+  // silently name another spelling.
+  if (!ev.x509_json.empty()) {
+    auto j = nlohmann::json::parse(ev.x509_json, nullptr, false);
+    const nlohmann::json* subject = nullptr;
+    if (j.is_object())
+      if (auto ci = j.find("certificateInfo"); ci != j.end() && ci->is_object())
+        if (auto sn = ci->find("subjectName"); sn != ci->end() && sn->is_string())
+          subject = &*sn;
+    if (subject != nullptr) {
+      auto cns = cns_of_rfc2253(subject->get_ref<const std::string&>());
+      if (std::find(cns.begin(), cns.end(), std::string(ev.registration_id)) == cns.end())
+        return bad_csr("the registration id '" + printable(ev.registration_id) +
+                       "' is not spelled exactly as the client certificate's subject (" +
+                       printable(subject->get_ref<const std::string&>()) +
+                       "): register with the id exactly as in the certificate's CN");
+    }
+  }
+  return {};
 }
 
 } // namespace
@@ -387,6 +448,8 @@ error issue_for(const certificate_issuer* issuer, registration_event& ev, int64_
               std::string(ev.enrollment_group_id.empty() ? "enrollment" : "enrollment group") +
               " has no certificate issuance policy (certificatePolicyResourceId or "
               "clientCertificateIssuancePolicy)"};
+  if (auto e = check_identity(ev))
+    return e;
   if (issuer == nullptr)
     return {error_code::issuing_ca_unavailable,
             "certificate issuance is not available on this instance ([[issuing_cas]])"};

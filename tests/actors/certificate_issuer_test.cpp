@@ -304,6 +304,58 @@ TEST_CASE("issue_for: a retry of an issued event keeps its chain") {
   CHECK(retry.issued_chain == first);
 }
 
+TEST_CASE("issue_for: the certificate's CN must be the device's identity exactly") {
+  auto key = test::new_key("P-256");
+  auto event = [&](const std::string& id) {
+    registration_event ev;
+    ev.registration_id = id;
+    ev.issuing_ca = "fleet";
+    ev.csr = test::make_csr(key.get(), id);
+    return ev;
+  };
+  // The CSR's CN is compared exactly (no case folding).
+  auto ev = event("dev-case");
+  ev.csr = test::make_csr(key.get(), "Dev-Case");
+  auto e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_csr);
+  CHECK(e.message == "csr: subject CN 'Dev-Case' is not the registration id 'dev-case'");
+  // An enrollment that assigns another device id: refused, nothing issued.
+  ev = event("dev-a");
+  ev.device_id = "device-a";
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_enrollment);
+  CHECK(e.message == "certificate issuance: the enrollment assigns device id 'device-a', not the "
+                     "registration id 'dev-a'; an issued certificate's CN is the registration id "
+                     "(remove the enrollment's deviceId, or register without a csr)");
+  CHECK(ev.issued_chain.empty());
+  ev.device_id = "DEV-A"; // case counts: IoT Hub device ids are case-sensitive
+  CHECK(configuration::issue_for(pki().issuer.get(), ev, now_ms()).code ==
+        error_code::invalid_enrollment);
+  ev.device_id = "dev-a";
+  CHECK(!configuration::issue_for(pki().issuer.get(), ev, now_ms()));
+  CHECK(!ev.issued_chain.empty());
+  // X.509-attested (attestation matched the CN ignoring case): the
+  // registration id must be the certificate's CN exactly.
+  auto x509 = [](const std::string& subject) {
+    return nlohmann::json{{"certificateInfo", {{"subjectName", subject}}}}.dump();
+  };
+  ev = event("dev-x");
+  ev.x509_json = x509("CN=Dev-X");
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_csr);
+  CHECK(e.message == "csr: the registration id 'dev-x' is not spelled exactly as the client "
+                     "certificate's subject (CN=Dev-X): register with the id exactly as in the "
+                     "certificate's CN");
+  CHECK(ev.issued_chain.empty());
+  ev.x509_json = x509("O=a\\,CN=dev-x"); // an escaped comma is not a CN
+  CHECK(configuration::issue_for(pki().issuer.get(), ev, now_ms()).code ==
+        error_code::invalid_csr);
+  ev.x509_json = x509("CN=dev-x,O=Contoso,C=US");
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK_MESSAGE(!e, e.message);
+  CHECK(!ev.issued_chain.empty());
+}
+
 TEST_CASE("load: key files readable by others, mismatched keys and non-CA certificates") {
   test::temp_dir dir{"prov_issuer_load"};
   auto root = test::make_ca("Load Root", nullptr, 1);

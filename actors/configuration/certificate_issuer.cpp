@@ -134,6 +134,21 @@ error decode_csr(std::string_view csr_b64, std::string_view registration_id, req
   if (out.key_type.empty())
     return bad_csr("unsupported key " + described +
                    " (ECDSA P-256 or P-384, or RSA of 2048..8192 bits)");
+  if (out.key_type.rfind("RSA", 0) == 0) {
+    // A huge exponent makes verifying the request (and every later use of
+    // the certificate) arbitrarily slow: a cheap denial of service.
+    BIGNUM* e = nullptr;
+    const bool got = EVP_PKEY_get_bn_param(key.get(), "e", &e) == 1 && e != nullptr;
+    bn_ptr exp(e);
+    ERR_clear_error();
+    if (!got || !BN_is_word(exp.get(), 65537))
+      return bad_csr("unsupported RSA public exponent " +
+                     (got && BN_num_bits(exp.get()) <= 32
+                        ? std::to_string(BN_get_word(exp.get()))
+                        : std::string("(") + std::to_string(got ? BN_num_bits(exp.get()) : 0) +
+                            " bits)") +
+                     " (only 65537 is accepted)");
+  }
   // Proof that the device holds the private key of the certificate to be.
   if (X509_REQ_verify(req.get(), key.get()) != 1) {
     ERR_clear_error();

@@ -158,6 +158,20 @@ TEST_CASE("csr: a registration id longer than a certificate's 64-character CN is
   CHECK(ev.issued_chain.empty());
 }
 
+TEST_CASE("csr: RSA keys must have public exponent 65537") {
+  configuration::csr_summary s;
+  auto f4 = test::new_rsa_key(2048, 65537);
+  auto err = configuration::check_csr(test::make_csr(f4.get(), "dev-1"), "dev-1", s);
+  CHECK_MESSAGE(!err, err.message);
+  auto e3 = test::new_rsa_key(2048, 3);
+  err = configuration::check_csr(test::make_csr(e3.get(), "dev-1"), "dev-1", s);
+  CHECK(err.code == error_code::invalid_csr);
+  CHECK(err.message == "csr: unsupported RSA public exponent 3 (only 65537 is accepted)");
+  auto big = test::new_rsa_key(2048, 4294967311UL); // 2^32 + 15: prime, 33 bits
+  err = configuration::check_csr(test::make_csr(big.get(), "dev-1"), "dev-1", s);
+  CHECK(err.message == "csr: unsupported RSA public exponent (33 bits) (only 65537 is accepted)");
+}
+
 TEST_CASE("csr parser on garbage: truncations, bit flips and random bytes are refused cleanly") {
   // No sanitizer-only harness: every input must come back as invalid_csr (or,
   // for a flip outside the signed/verified parts, pass), never crash.

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <openssl/bn.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
@@ -26,6 +27,20 @@ inline std::shared_ptr<EVP_PKEY> new_key(const std::string& type) {
                   : EVP_EC_gen(type.c_str());
   if (k == nullptr)
     throw std::runtime_error("key generation failed: " + type);
+  return {k, EVP_PKEY_free};
+}
+
+/// An RSA key of `bits` with public exponent `exponent`.
+inline std::shared_ptr<EVP_PKEY> new_rsa_key(unsigned bits, unsigned long exponent) {
+  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
+    EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr), EVP_PKEY_CTX_free);
+  std::unique_ptr<BIGNUM, decltype(&BN_free)> e(BN_new(), BN_free);
+  EVP_PKEY* k = nullptr;
+  if (!ctx || !e || BN_set_word(e.get(), exponent) != 1 || EVP_PKEY_keygen_init(ctx.get()) <= 0
+      || EVP_PKEY_CTX_set_rsa_keygen_bits(ctx.get(), static_cast<int>(bits)) <= 0
+      || EVP_PKEY_CTX_set1_rsa_keygen_pubexp(ctx.get(), e.get()) <= 0
+      || EVP_PKEY_keygen(ctx.get(), &k) <= 0)
+    throw std::runtime_error("RSA key generation failed");
   return {k, EVP_PKEY_free};
 }
 

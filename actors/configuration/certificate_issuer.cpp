@@ -311,8 +311,20 @@ error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas
       return fail("key_file", "cannot read '" + c.key_file + "': " +
                                 (why.empty() ? "empty file" : why));
     bio_ptr kb(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-    a->key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+    // Without a callback OpenSSL would prompt for a passphrase on the TTY
+    // (and block a service start): refuse encrypted keys instead.
+    bool encrypted = false;
+    auto no_password = [](char*, int, int, void* u) -> int {
+      *static_cast<bool*>(u) = true;
+      return -1;
+    };
+    a->key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, no_password, &encrypted));
     OPENSSL_cleanse(pem.data(), pem.size());
+    if (!a->key && encrypted) {
+      ERR_clear_error();
+      return fail("key_file", "'" + c.key_file + "' is encrypted: encrypted keys are not "
+                                "supported (store it unencrypted, chmod 600)");
+    }
     if (!a->key)
       return fail("key_file", "'" + c.key_file + "' holds no PEM private key (" +
                                 ssl_reason() + ")");
@@ -342,6 +354,12 @@ error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas
       return fail("certificate_file", "the first certificate in '" + c.certificate_file +
                                         "' is not a CA (basicConstraints CA:TRUE with "
                                         "keyCertSign)");
+    // Issued certificates name it by keyid (authorityKeyIdentifier), which
+    // chain building relies on when CA names repeat across rolls.
+    if (X509_get0_subject_key_id(a->cert.get()) == nullptr)
+      return fail("certificate_file", "the first certificate in '" + c.certificate_file +
+                                        "' has no subjectKeyIdentifier extension (issued "
+                                        "certificates' authorityKeyIdentifier needs it)");
     std::string described;
     auto type = key_type_of(a->key.get(), described);
     if (type.empty())
@@ -433,7 +451,7 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
     {NID_key_usage, rsa ? "critical,digitalSignature,keyEncipherment" : "critical,digitalSignature"},
     {NID_ext_key_usage, "clientAuth"},
     {NID_subject_key_identifier, "hash"},
-    {NID_authority_key_identifier, "keyid"},
+    {NID_authority_key_identifier, "keyid:always"}, // load() made sure it has one
   };
   for (const auto& [nid, value] : exts) {
     ext_ptr ext(X509V3_EXT_conf_nid(nullptr, &v3, nid, value));

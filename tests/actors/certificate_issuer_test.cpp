@@ -229,6 +229,10 @@ TEST_CASE("issue: the chain is leaf, issuing CA, root; verifies; clientAuth, not
     char cn[256] = {0};
     X509_NAME_get_text_by_NID(X509_get_subject_name(leaf.get()), NID_commonName, cn, sizeof cn);
     CHECK(std::string(cn) == "dev-7");
+    // authorityKeyIdentifier: the issuing CA's subjectKeyIdentifier.
+    const ASN1_OCTET_STRING* aki = X509_get0_authority_key_id(leaf.get());
+    REQUIRE(aki != nullptr);
+    CHECK(ASN1_OCTET_STRING_cmp(aki, X509_get0_subject_key_id(p.inter.cert.get())) == 0);
     // 12 hours from now, starting 5 minutes back.
     int days = 0, secs = 0;
     REQUIRE(ASN1_TIME_diff(&days, &secs, X509_get0_notBefore(leaf.get()),
@@ -395,6 +399,35 @@ TEST_CASE("load: key files readable by others, mismatched keys and non-CA certif
   CHECK(e.message == "issuing_cas[0] (x).certificate_file: the first certificate in '" +
                        c.certificate_file +
                        "' is not a CA (basicConstraints CA:TRUE with keyCertSign)");
+  // A CA without subjectKeyIdentifier: refused at load, not at signing.
+  auto no_ski = test::make_ca_with_key("Load No SKI", test::new_key("P-256"), nullptr, 4, false);
+  c.key_file = write(dir.path, "noski.key", no_ski.key_pem());
+  c.certificate_file = write(dir.path, "noski.pem", no_ski.pem(), 0644);
+  e = certificate_issuer::load({c}, out);
+  CHECK(e.message == "issuing_cas[0] (x).certificate_file: the first certificate in '" +
+                       c.certificate_file +
+                       "' has no subjectKeyIdentifier extension (issued certificates' "
+                       "authorityKeyIdentifier needs it)");
+  // An encrypted key: a clear error, never a passphrase prompt on the TTY.
+  {
+    std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+    static char pass[] = "secret";
+    REQUIRE(PEM_write_bio_PrivateKey(bio.get(), root.key.get(), EVP_aes_256_cbc(), nullptr, 0,
+                                     nullptr, pass) == 1);
+    char* data = nullptr;
+    long n = BIO_get_mem_data(bio.get(), &data);
+    c.key_file = write(dir.path, "enc.key", std::string(data, static_cast<std::size_t>(n)));
+    c.certificate_file = write(dir.path, "root.pem", root.pem(), 0644);
+    e = certificate_issuer::load({c}, out);
+    CHECK(e.message == "issuing_cas[0] (x).key_file: '" + c.key_file +
+                         "' is encrypted: encrypted keys are not supported (store it "
+                         "unencrypted, chmod 600)");
+  }
+  // An absent key file (the configuration role checks it; config does not).
+  c.key_file = dir.path + "/absent.key";
+  e = certificate_issuer::load({c}, out);
+  CHECK(e.message == "issuing_cas[0] (x).key_file: cannot read '" + c.key_file +
+                       "': No such file or directory");
   c.key_file = write(dir.path, "junk.key", "not a key");
   e = certificate_issuer::load({c}, out);
   CHECK(e.message.rfind("issuing_cas[0] (x).key_file: '" + c.key_file +

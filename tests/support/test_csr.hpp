@@ -111,9 +111,11 @@ inline std::string verify_issued_chain(const std::vector<std::string>& chain_b64
 }
 
 /// A CA certificate for `cn` with the key `key` (any type), signed by
-/// `issuer` (self-signed when null).
+/// `issuer` (self-signed when null); without subjectKeyIdentifier when `ski`
+/// is false.
 inline test_cert make_ca_with_key(const std::string& cn, std::shared_ptr<EVP_PKEY> key,
-                                  const test_cert* issuer = nullptr, long serial = 1) {
+                                  const test_cert* issuer = nullptr, long serial = 1,
+                                  bool ski = true) {
   test_cert out;
   out.key = std::move(key);
   out.cert.reset(X509_new(), X509_free);
@@ -129,7 +131,8 @@ inline test_cert make_ca_with_key(const std::string& cn, std::shared_ptr<EVP_PKE
   X509_set_pubkey(c, out.key.get());
   add_ext(c, issuer_cert, NID_basic_constraints, "critical,CA:TRUE");
   add_ext(c, issuer_cert, NID_key_usage, "critical,keyCertSign,cRLSign");
-  add_ext(c, issuer_cert, NID_subject_key_identifier, "hash");
+  if (ski)
+    add_ext(c, issuer_cert, NID_subject_key_identifier, "hash");
   EVP_PKEY* signer = issuer != nullptr ? issuer->key.get() : out.key.get();
   if (X509_sign(c, signer, EVP_sha256()) == 0)
     throw std::runtime_error("X509_sign failed");

@@ -287,8 +287,9 @@ std::string join_chain(const std::vector<std::string>& chain) {
 }
 
 error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas,
-                               std::shared_ptr<const certificate_issuer>& out) {
+                               std::shared_ptr<const certificate_issuer>& out, log_fn log) {
   std::shared_ptr<certificate_issuer> issuer(new certificate_issuer());
+  issuer->log_ = std::move(log);
   for (std::size_t i = 0; i < cas.size(); ++i) {
     const config::issuing_ca_config& c = cas[i];
     const std::string where = "issuing_cas[" + std::to_string(i) + "] (" + c.name + ")";
@@ -384,9 +385,14 @@ std::vector<std::string> certificate_issuer::names() const {
   return out;
 }
 
+void certificate_issuer::log_issued(std::string_view line) const {
+  if (log_)
+    log_(line);
+}
+
 error certificate_issuer::issue(std::string_view ca_name, std::string_view registration_id,
                                 std::string_view csr_b64, int64_t now_ms,
-                                std::vector<std::string>& chain) const {
+                                std::vector<std::string>& chain, issued_facts* issued) const {
   const authority* ca = nullptr;
   for (const auto& a : cas_)
     if (ascii::iequals(a->name, ca_name))
@@ -460,6 +466,21 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
   }
   if (X509_sign(cert.get(), ca->key.get(), ca->digest) <= 0)
     return internal("X509_sign");
+  if (issued != nullptr) {
+    static const char hex[] = "0123456789ABCDEF";
+    issued->ca_name = ca->name;
+    issued->serial.clear();
+    for (unsigned char b : serial) {
+      issued->serial.push_back(hex[b >> 4]);
+      issued->serial.push_back(hex[b & 15]);
+    }
+    struct tm tm {};
+    char when[32] = {0};
+    const time_t end = not_after;
+    if (gmtime_r(&end, &tm) != nullptr)
+      std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    issued->not_after = when;
+  }
   std::vector<std::string> out;
   out.reserve(1 + ca->chain.size());
   out.push_back(crypto::base64_encode(der_of(cert.get())));
@@ -487,9 +508,14 @@ error issue_for(const certificate_issuer* issuer, registration_event& ev, int64_
     return {error_code::issuing_ca_unavailable,
             "certificate issuance is not available on this instance ([[issuing_cas]])"};
   std::vector<std::string> chain;
-  if (auto e = issuer->issue(ev.issuing_ca, ev.registration_id, ev.csr, now_ms, chain))
+  certificate_issuer::issued_facts facts;
+  if (auto e = issuer->issue(ev.issuing_ca, ev.registration_id, ev.csr, now_ms, chain, &facts))
     return e;
   ev.issued_chain = join_chain(chain);
+  // For audit and revocation: what was issued to whom, by which CA.
+  issuer->log_issued("certificate issued: registrationId=" + printable(ev.registration_id) +
+                     " operationId=" + printable(ev.operation_id) + " ca=" + facts.ca_name +
+                     " serial=" + facts.serial + " notAfter=" + facts.not_after);
   ev.csr.clear(); // served its purpose; not kept on records
   return {};
 }

@@ -7,6 +7,7 @@
 // behind this header.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -51,8 +52,12 @@ public:
   /// (`issuing_cas[i]`), the file and the cause: unreadable, key readable by
   /// group or others, not a key / certificate, key not the certificate's,
   /// certificate not a CA.
+  /// `log`: gets one line per issued certificate (issue_for), for the
+  /// diagnostic log (audit, revocation); may be empty.
+  using log_fn = std::function<void(std::string_view line)>;
   [[nodiscard]] static error load(const std::vector<config::issuing_ca_config>& cas,
-                                  std::shared_ptr<const certificate_issuer>& out);
+                                  std::shared_ptr<const certificate_issuer>& out,
+                                  log_fn log = {});
 
   bool has(std::string_view ca_name) const;
   std::vector<std::string> names() const;
@@ -62,14 +67,25 @@ public:
   /// skew) for the CA's validity, not past the CA's own notAfter. `chain`:
   /// base64 DER, the leaf, then the CA's chain as configured (issuing CA,
   /// intermediates, root). Serial numbers are 16 random bytes.
+  /// `issued`, when not null, gets what the audit line names.
+  struct issued_facts {
+    std::string ca_name;   ///< as configured
+    std::string serial;    ///< upper-case hex
+    std::string not_after; ///< ISO 8601 UTC
+  };
   [[nodiscard]] error issue(std::string_view ca_name, std::string_view registration_id,
                             std::string_view csr_b64, int64_t now_ms,
-                            std::vector<std::string>& chain) const;
+                            std::vector<std::string>& chain,
+                            issued_facts* issued = nullptr) const;
+
+  /// Writes the line issue_for logs for a certificate (no-op without a log).
+  void log_issued(std::string_view line) const;
 
 private:
   struct authority;
   certificate_issuer() = default;
   std::vector<std::unique_ptr<authority>> cas_;
+  log_fn log_;
 };
 
 /// The issued chain as stored on events and records: '\n'-separated base64.
@@ -83,7 +99,9 @@ std::string join_chain(const std::vector<std::string>& chain);
 /// no_issuance_policy (a csr but no policy: DPS has no documented answer;
 /// provisiond refuses rather than assign a device that waits for a
 /// certificate it never gets), issuing_ca_unavailable (`issuer` null or
-/// without that CA), invalid_csr. Nothing is issued on any error.
+/// without that CA), invalid_csr. Nothing is issued on any error. Each
+/// certificate issued is logged through the issuer's log (registration id,
+/// operation id, CA, serial, notAfter).
 [[nodiscard]] error issue_for(const certificate_issuer* issuer, registration_event& ev,
                               int64_t now_ms);
 

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <cstdio>
+#include <ctime>
 #include <random>
 #include <set>
 #include <string>
@@ -372,6 +373,45 @@ TEST_CASE("issue_for: the certificate's CN must be the device's identity exactly
   e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
   CHECK_MESSAGE(!e, e.message);
   CHECK(!ev.issued_chain.empty());
+}
+
+TEST_CASE("issue_for: one log line per issued certificate, none on a refusal or a retry") {
+  test::temp_dir dir{"prov_issuer_log"};
+  auto ca = test::make_ca("Log Issuing CA", nullptr, 7);
+  config::issuing_ca_config c;
+  c.name = "Audit-CA";
+  c.key_file = write(dir.path, "a.key", ca.key_pem());
+  c.certificate_file = write(dir.path, "a.pem", ca.pem(), 0644);
+  std::vector<std::string> lines;
+  std::shared_ptr<const certificate_issuer> issuer;
+  REQUIRE(!certificate_issuer::load({c}, issuer,
+                                    [&](std::string_view l) { lines.emplace_back(l); }));
+  auto key = test::new_key("P-256");
+  registration_event ev;
+  ev.registration_id = "dev-log";
+  ev.operation_id = "op-log";
+  ev.issuing_ca = "audit-ca"; // names match ignoring case; the log names it as configured
+  ev.csr = test::make_csr(key.get(), "someone-else");
+  CHECK(configuration::issue_for(issuer.get(), ev, now_ms()).code == error_code::invalid_csr);
+  CHECK(lines.empty());
+  ev.csr = test::make_csr(key.get(), "dev-log");
+  REQUIRE(!configuration::issue_for(issuer.get(), ev, now_ms()));
+  REQUIRE(lines.size() == 1);
+  auto leaf = test::parse_der_cert(*crypto::base64_decode(split(ev.issued_chain)[0]));
+  std::unique_ptr<BIGNUM, decltype(&BN_free)> sn(
+    ASN1_INTEGER_to_BN(X509_get0_serialNumber(leaf.get()), nullptr), BN_free);
+  char* hex = BN_bn2hex(sn.get());
+  std::string serial = hex;
+  OPENSSL_free(hex);
+  serial.insert(0, 32 - serial.size(), '0');
+  struct tm tm {};
+  REQUIRE(ASN1_TIME_to_tm(X509_get0_notAfter(leaf.get()), &tm) == 1);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  CHECK(lines[0] == "certificate issued: registrationId=dev-log operationId=op-log ca=Audit-CA "
+                    "serial=" + serial + " notAfter=" + when);
+  REQUIRE(!configuration::issue_for(issuer.get(), ev, now_ms())); // a retry: nothing issued
+  CHECK(lines.size() == 1);
 }
 
 TEST_CASE("load: key files readable by others, mismatched keys and non-CA certificates") {

@@ -200,6 +200,14 @@ TEST_CASE("a symmetric-key device's CSR gets a chain that verifies; lookups do n
                          X509_get0_notAfter(leaf.get())) == 1);
   CHECK(days * 86400 + secs == 12 * 3600 + 300); // validity_hours = 12, 5 min back
   CHECK(op["registrationState"]["symmetricKey"].is_object());
+  // One diagnostic log line names what was issued (written by a background
+  // thread: wait for it, without a time limit that a loaded machine misses).
+  const std::string issued_line = "certificate issued: registrationId=" + id +
+                                  " operationId=" + op["operationId"].get<std::string>() +
+                                  " ca=fleet serial=";
+  for (int i = 0; i < 600 && s.log().find(issued_line) == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK_MESSAGE(s.log().find(issued_line) != std::string::npos, s.log());
 
   // The operation poll repeats it (it is the operation's result)...
   net::http_headers h;

@@ -1083,7 +1083,8 @@ error engine::start(engine_options opts, std::unique_ptr<engine>& out) {
   // The configuration stage signs devices' CSRs: only its processes need
   // (and read) the CA keys.
   if (opts.cfg.roles.configuration)
-    if (auto err = configuration::certificate_issuer::load(opts.cfg.issuing_cas, ctx->issuer))
+    if (auto err = configuration::certificate_issuer::load(opts.cfg.issuing_cas, ctx->issuer,
+                                                           opts.on_certificate_issued))
       return err;
   if (opts.metrics == nullptr)
     ctx->own_metrics = std::make_unique<metrics::instruments>();

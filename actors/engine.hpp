@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -53,6 +54,9 @@ struct engine_options {
   /// enrollment lock of a challenge write (after the etag check, before the
   /// write), so a test can show an enrollment write waits for it. Null: none.
   std::function<void(const char* call)> in_challenge_write;
+  /// One line per certificate issued from a CSR (configuration role), for
+  /// the diagnostic log. Null: not logged.
+  std::function<void(std::string_view line)> on_certificate_issued;
 };
 
 /// Result of a register call as the gateway needs it.

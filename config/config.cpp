@@ -4,7 +4,6 @@
 #include "messages/crypto.hpp"
 
 #include <arpa/inet.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -365,20 +364,12 @@ void check_config(const engine_config& c, const report_fn& report) {
     check_range(report, base + ".validity_hours", ca.validity_hours, validity_hours_rule);
     if (ca.certificate_file.empty())
       report(base + ".certificate_file", "must not be empty");
-    // The CA key signs device certificates: refuse a key file others can
-    // read, as ssh does for its keys. Its contents are checked at start.
-    struct stat sb {};
+    // Syntax only: every process (gateways, `connection-string`, `secrets`)
+    // reads this file, and only the configuration role needs the key. The
+    // file, its mode and its contents are checked where it is loaded
+    // (configuration::certificate_issuer::load, at start of that role).
     if (ca.key_file.empty())
       report(base + ".key_file", "must not be empty");
-    else if (::stat(ca.key_file.c_str(), &sb) != 0)
-      report(base + ".key_file", "cannot read " + quote(ca.key_file) + ": " +
-                                     std::strerror(errno));
-    else if ((sb.st_mode & 077) != 0) {
-      char mode[8];
-      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(sb.st_mode & 07777));
-      report(base + ".key_file", quote(ca.key_file) + " is accessible by group or others (mode " +
-                                     mode + "); chmod 600 it");
-    }
   }
   for (std::size_t i = 0; i < c.geo_latency.client_ranges.size(); ++i) {
     const auto& r = c.geo_latency.client_ranges[i];

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/attestation/tpm.hpp"
+#include "actors/configuration/certificate_issuer.hpp"
 #include "messages/ascii.hpp"
 #include "messages/json_body.hpp"
 #include "messages/json_text.hpp"
@@ -261,6 +262,8 @@ void device_api::handle(device_call call, const answer_fn& answer) {
     if (it->get_ref<const std::string&>().size() > max_csr_chars)
       return fail({error_code::invalid_csr, "csr is longer than " +
                                               std::to_string(max_csr_chars) + " characters"});
+    if (auto e = configuration::check_issuable_id(call.registration_id))
+      return fail(e); // would only fail at signing, after attestation
     rr.csr = it->get<std::string>();
   }
   if (!reg) {

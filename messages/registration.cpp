@@ -431,8 +431,16 @@ constexpr uint8_t kind_operation = 2;
 /// 2: registration states end with allocation_json. 3: states and events
 /// end with x509_json. 4: states and events end with key_used. 5: states end
 /// with assigned_hubs. 6: states end with issued_chain, events with csr.
-/// Older records (without them) are still read.
+/// Older records (without them) are still read. A record whose version-6
+/// fields are empty is written as version 5, which earlier releases read:
+/// rolling upgrades and downgrades keep working until a certificate is
+/// issued (docs/certificate-issuance.md).
 constexpr uint8_t record_version = 6;
+constexpr uint8_t record_version_without_issuance = 5;
+
+uint8_t version_for(const registration_state& s) {
+  return s.issued_chain.empty() ? record_version_without_issuance : record_version;
+}
 
 void put_status(codec::writer& w, registration_status s) { w.u8(static_cast<uint8_t>(s)); }
 bool get_status(codec::reader& r, registration_status& s) {
@@ -443,7 +451,7 @@ bool get_status(codec::reader& r, registration_status& s) {
   return true;
 }
 
-void put_state(codec::writer& w, const registration_state& s) {
+void put_state(codec::writer& w, const registration_state& s, uint8_t version) {
   w.str(s.registration_id);
   w.i64(s.created_ms);
   w.i64(s.updated_ms);
@@ -462,7 +470,8 @@ void put_state(codec::writer& w, const registration_state& s) {
   w.str(s.x509_json);       // version 3
   w.str(s.key_used);        // version 4
   w.str(s.assigned_hubs);   // version 5
-  w.str(s.issued_chain);    // version 6
+  if (version >= 6)
+    w.str(s.issued_chain);
 }
 
 bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
@@ -494,7 +503,7 @@ bool get_state(codec::reader& r, registration_state& s, uint8_t version) {
   return r.ok();
 }
 
-void put_event(codec::writer& w, const registration_event& ev) {
+void put_event(codec::writer& w, const registration_event& ev, uint8_t version) {
   w.i64(ev.version);
   w.str(ev.operation_id);
   w.str(ev.registration_id);
@@ -518,7 +527,8 @@ void put_event(codec::writer& w, const registration_event& ev) {
   w.i64(ev.completed_ms);
   w.str(ev.x509_json); // version 3
   w.str(ev.key_used);  // version 4
-  w.str(ev.csr);       // version 6
+  if (version >= 6)
+    w.str(ev.csr);
 }
 
 bool get_event(codec::reader& r, registration_event& ev, uint8_t version) {
@@ -594,8 +604,9 @@ std::string encode_record(const registration_state& s) {
   codec::writer w(128 + s.payload_json.size());
   w.u8(record_magic);
   w.u8(kind_state);
-  w.u8(record_version);
-  put_state(w, s);
+  const uint8_t version = version_for(s);
+  w.u8(version);
+  put_state(w, s, version);
   return w.take();
 }
 
@@ -616,15 +627,19 @@ std::string encode_record(const operation_record& op) {
   codec::writer w(256 + op.event.payload_json.size() + op.event.initial_twin_json.size());
   w.u8(record_magic);
   w.u8(kind_operation);
-  w.u8(record_version);
+  bool terminal = is_terminal(op.status);
+  const uint8_t version =
+    op.event.csr.empty() && (!terminal || op.state.issued_chain.empty())
+      ? record_version_without_issuance
+      : record_version;
+  w.u8(version);
   w.str(op.operation_id);
   w.str(op.registration_id);
   put_status(w, op.status);
-  put_event(w, op.event);
-  bool terminal = is_terminal(op.status);
+  put_event(w, op.event, version);
   w.u8(terminal ? 1 : 0);
   if (terminal)
-    put_state(w, op.state);
+    put_state(w, op.state, version);
   return w.take();
 }
 

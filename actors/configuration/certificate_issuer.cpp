@@ -17,6 +17,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include <nlohmann/json.hpp>
+
 #include "messages/ascii.hpp"
 #include "messages/crypto.hpp"
 
@@ -106,6 +108,8 @@ std::string printable(std::string_view s) {
 
 error decode_csr(std::string_view csr_b64, std::string_view registration_id, req_ptr& req,
                  pkey_ptr& key, csr_summary& out) {
+  if (auto e = check_issuable_id(registration_id))
+    return e;
   if (csr_b64.empty())
     return bad_csr("empty");
   if (csr_b64.find("-----BEGIN") != std::string_view::npos)
@@ -130,6 +134,21 @@ error decode_csr(std::string_view csr_b64, std::string_view registration_id, req
   if (out.key_type.empty())
     return bad_csr("unsupported key " + described +
                    " (ECDSA P-256 or P-384, or RSA of 2048..8192 bits)");
+  if (out.key_type.rfind("RSA", 0) == 0) {
+    // A huge exponent makes verifying the request (and every later use of
+    // the certificate) arbitrarily slow: a cheap denial of service.
+    BIGNUM* e = nullptr;
+    const bool got = EVP_PKEY_get_bn_param(key.get(), "e", &e) == 1 && e != nullptr;
+    bn_ptr exp(e);
+    ERR_clear_error();
+    if (!got || !BN_is_word(exp.get(), 65537))
+      return bad_csr("unsupported RSA public exponent " +
+                     (got && BN_num_bits(exp.get()) <= 32
+                        ? std::to_string(BN_get_word(exp.get()))
+                        : std::string("(") + std::to_string(got ? BN_num_bits(exp.get()) : 0) +
+                            " bits)") +
+                     " (only 65537 is accepted)");
+  }
   // Proof that the device holds the private key of the certificate to be.
   if (X509_REQ_verify(req.get(), key.get()) != 1) {
     ERR_clear_error();
@@ -170,7 +189,75 @@ std::string der_of(X509* cert) {
   return out;
 }
 
+/// The CN values in an RFC 2253 subject text (registration_state's
+/// certificateInfo.subjectName), escapes kept as written: a CN that matches
+/// a registration id (A-Z a-z 0-9 - . _ :) is never escaped.
+std::vector<std::string> cns_of_rfc2253(std::string_view dn) {
+  std::vector<std::string> out;
+  std::string rdn;
+  auto flush = [&] {
+    if (rdn.rfind("CN=", 0) == 0)
+      out.push_back(rdn.substr(3));
+    rdn.clear();
+  };
+  for (std::size_t i = 0; i < dn.size(); ++i) {
+    if (dn[i] == '\\' && i + 1 < dn.size()) {
+      rdn.push_back(dn[i]);
+      rdn.push_back(dn[++i]);
+    } else if (dn[i] == ',' || dn[i] == '+') {
+      flush();
+    } else {
+      rdn.push_back(dn[i]);
+    }
+  }
+  flush();
+  return out;
+}
+
+/// The identity checks issuance adds to the CSR's: the certificate names the
+/// registration id exactly, so it must be the device's identity exactly.
+error check_identity(const registration_event& ev) {
+  // IoT Hub authenticates an X.509 device by CN == device id (case-
+  // sensitive): a certificate for the registration id is useless, and
+  // misleading, for a device the enrollment assigns under another id.
+  if (!ev.device_id.empty() && ev.device_id != ev.registration_id)
+    return {error_code::invalid_enrollment,
+            "certificate issuance: the enrollment assigns device id '" + printable(ev.device_id) +
+              "', not the registration id '" + printable(ev.registration_id) +
+              "'; an issued certificate's CN is the registration id (remove the enrollment's "
+              "deviceId, or register without a csr)"};
+  // X.509 attestation matches the certificate's CN to the registration id
+  // ignoring case (as DPS); the certificate issued to replace it must not
+  // silently name another spelling.
+  if (!ev.x509_json.empty()) {
+    auto j = nlohmann::json::parse(ev.x509_json, nullptr, false);
+    const nlohmann::json* subject = nullptr;
+    if (j.is_object())
+      if (auto ci = j.find("certificateInfo"); ci != j.end() && ci->is_object())
+        if (auto sn = ci->find("subjectName"); sn != ci->end() && sn->is_string())
+          subject = &*sn;
+    if (subject != nullptr) {
+      auto cns = cns_of_rfc2253(subject->get_ref<const std::string&>());
+      if (std::find(cns.begin(), cns.end(), std::string(ev.registration_id)) == cns.end())
+        return bad_csr("the registration id '" + printable(ev.registration_id) +
+                       "' is not spelled exactly as the client certificate's subject (" +
+                       printable(subject->get_ref<const std::string&>()) +
+                       "): register with the id exactly as in the certificate's CN");
+    }
+  }
+  return {};
+}
+
 } // namespace
+
+error check_issuable_id(std::string_view registration_id) {
+  if (registration_id.size() <= max_issued_cn_chars)
+    return {};
+  return bad_csr("the registration id is " + std::to_string(registration_id.size()) +
+                 " characters; an issued certificate's subject CN (the registration id) is "
+                 "limited to " + std::to_string(max_issued_cn_chars) +
+                 " characters (RFC 5280 ub-common-name)");
+}
 
 struct certificate_issuer::authority {
   std::string name;
@@ -200,8 +287,9 @@ std::string join_chain(const std::vector<std::string>& chain) {
 }
 
 error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas,
-                               std::shared_ptr<const certificate_issuer>& out) {
+                               std::shared_ptr<const certificate_issuer>& out, log_fn log) {
   std::shared_ptr<certificate_issuer> issuer(new certificate_issuer());
+  issuer->log_ = std::move(log);
   for (std::size_t i = 0; i < cas.size(); ++i) {
     const config::issuing_ca_config& c = cas[i];
     const std::string where = "issuing_cas[" + std::to_string(i) + "] (" + c.name + ")";
@@ -224,8 +312,20 @@ error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas
       return fail("key_file", "cannot read '" + c.key_file + "': " +
                                 (why.empty() ? "empty file" : why));
     bio_ptr kb(BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-    a->key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, nullptr, nullptr));
+    // Without a callback OpenSSL would prompt for a passphrase on the TTY
+    // (and block a service start): refuse encrypted keys instead.
+    bool encrypted = false;
+    auto no_password = [](char*, int, int, void* u) -> int {
+      *static_cast<bool*>(u) = true;
+      return -1;
+    };
+    a->key.reset(PEM_read_bio_PrivateKey(kb.get(), nullptr, no_password, &encrypted));
     OPENSSL_cleanse(pem.data(), pem.size());
+    if (!a->key && encrypted) {
+      ERR_clear_error();
+      return fail("key_file", "'" + c.key_file + "' is encrypted: encrypted keys are not "
+                                "supported (store it unencrypted, chmod 600)");
+    }
     if (!a->key)
       return fail("key_file", "'" + c.key_file + "' holds no PEM private key (" +
                                 ssl_reason() + ")");
@@ -255,6 +355,12 @@ error certificate_issuer::load(const std::vector<config::issuing_ca_config>& cas
       return fail("certificate_file", "the first certificate in '" + c.certificate_file +
                                         "' is not a CA (basicConstraints CA:TRUE with "
                                         "keyCertSign)");
+    // Issued certificates name it by keyid (authorityKeyIdentifier), which
+    // chain building relies on when CA names repeat across rolls.
+    if (X509_get0_subject_key_id(a->cert.get()) == nullptr)
+      return fail("certificate_file", "the first certificate in '" + c.certificate_file +
+                                        "' has no subjectKeyIdentifier extension (issued "
+                                        "certificates' authorityKeyIdentifier needs it)");
     std::string described;
     auto type = key_type_of(a->key.get(), described);
     if (type.empty())
@@ -279,9 +385,14 @@ std::vector<std::string> certificate_issuer::names() const {
   return out;
 }
 
+void certificate_issuer::log_issued(std::string_view line) const {
+  if (log_)
+    log_(line);
+}
+
 error certificate_issuer::issue(std::string_view ca_name, std::string_view registration_id,
                                 std::string_view csr_b64, int64_t now_ms,
-                                std::vector<std::string>& chain) const {
+                                std::vector<std::string>& chain, issued_facts* issued) const {
   const authority* ca = nullptr;
   for (const auto& a : cas_)
     if (ascii::iequals(a->name, ca_name))
@@ -346,7 +457,7 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
     {NID_key_usage, rsa ? "critical,digitalSignature,keyEncipherment" : "critical,digitalSignature"},
     {NID_ext_key_usage, "clientAuth"},
     {NID_subject_key_identifier, "hash"},
-    {NID_authority_key_identifier, "keyid"},
+    {NID_authority_key_identifier, "keyid:always"}, // load() made sure it has one
   };
   for (const auto& [nid, value] : exts) {
     ext_ptr ext(X509V3_EXT_conf_nid(nullptr, &v3, nid, value));
@@ -355,6 +466,21 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
   }
   if (X509_sign(cert.get(), ca->key.get(), ca->digest) <= 0)
     return internal("X509_sign");
+  if (issued != nullptr) {
+    static const char hex[] = "0123456789ABCDEF";
+    issued->ca_name = ca->name;
+    issued->serial.clear();
+    for (unsigned char b : serial) {
+      issued->serial.push_back(hex[b >> 4]);
+      issued->serial.push_back(hex[b & 15]);
+    }
+    struct tm tm {};
+    char when[32] = {0};
+    const time_t end = not_after;
+    if (gmtime_r(&end, &tm) != nullptr)
+      std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    issued->not_after = when;
+  }
   std::vector<std::string> out;
   out.reserve(1 + ca->chain.size());
   out.push_back(crypto::base64_encode(der_of(cert.get())));
@@ -364,22 +490,32 @@ error certificate_issuer::issue(std::string_view ca_name, std::string_view regis
 }
 
 error issue_for(const certificate_issuer* issuer, registration_event& ev, int64_t now_ms) {
-  ev.issued_chain.clear();
   if (ev.csr.empty())
+    // Nothing asked, or already issued for this event: a retry (a failed
+    // store commit, a failed device.assigned publish) comes back with the
+    // chain and without the csr, and must keep the certificate it announced.
     return {};
+  ev.issued_chain.clear();
   if (ev.issuing_ca.empty())
     return {error_code::no_issuance_policy,
             "the device sent a csr, but its " +
               std::string(ev.enrollment_group_id.empty() ? "enrollment" : "enrollment group") +
               " has no certificate issuance policy (certificatePolicyResourceId or "
               "clientCertificateIssuancePolicy)"};
+  if (auto e = check_identity(ev))
+    return e;
   if (issuer == nullptr)
     return {error_code::issuing_ca_unavailable,
             "certificate issuance is not available on this instance ([[issuing_cas]])"};
   std::vector<std::string> chain;
-  if (auto e = issuer->issue(ev.issuing_ca, ev.registration_id, ev.csr, now_ms, chain))
+  certificate_issuer::issued_facts facts;
+  if (auto e = issuer->issue(ev.issuing_ca, ev.registration_id, ev.csr, now_ms, chain, &facts))
     return e;
   ev.issued_chain = join_chain(chain);
+  // For audit and revocation: what was issued to whom, by which CA.
+  issuer->log_issued("certificate issued: registrationId=" + printable(ev.registration_id) +
+                     " operationId=" + printable(ev.operation_id) + " ca=" + facts.ca_name +
+                     " serial=" + facts.serial + " notAfter=" + facts.not_after);
   ev.csr.clear(); // served its purpose; not kept on records
   return {};
 }

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <cstdio>
+#include <ctime>
 #include <random>
 #include <set>
 #include <string>
@@ -124,6 +125,54 @@ TEST_CASE("csr: each refusal has its own message and code invalid_csr") {
         "csr: unsupported key RSA 1024 bits (ECDSA P-256 or P-384, or RSA of 2048..8192 bits)");
 }
 
+TEST_CASE("csr: a registration id longer than a certificate's 64-character CN is refused") {
+  auto key = test::new_key("P-256");
+  const std::string id64(64, 'a');
+  const std::string id65(65, 'a');
+  configuration::csr_summary s;
+  CHECK(!configuration::check_issuable_id(id64));
+  auto err = configuration::check_csr(test::make_csr(key.get(), id64), id64, s);
+  CHECK_MESSAGE(!err, err.message);
+  const std::string msg = "csr: the registration id is 65 characters; an issued certificate's "
+                          "subject CN (the registration id) is limited to 64 characters (RFC 5280 "
+                          "ub-common-name)";
+  CHECK(configuration::check_issuable_id(id65).code == error_code::invalid_csr);
+  CHECK(configuration::check_issuable_id(id65).message == msg);
+  CHECK(configuration::check_csr(test::make_csr(key.get(), id64), id65, s).message == msg);
+  // The id is checked first (the CSR is not even decoded). The 64-character
+  // id is issued (OpenSSL's own CN limit), the 65 refused
+  // before any signing: never a 500.
+  registration_event ev;
+  ev.registration_id = id64;
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), id64);
+  err = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK_MESSAGE(!err, err.message);
+  CHECK(!ev.issued_chain.empty());
+  ev = registration_event{};
+  ev.registration_id = id65;
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), id64);
+  err = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(err.code == error_code::invalid_csr);
+  CHECK(err.message == msg);
+  CHECK(ev.issued_chain.empty());
+}
+
+TEST_CASE("csr: RSA keys must have public exponent 65537") {
+  configuration::csr_summary s;
+  auto f4 = test::new_rsa_key(2048, 65537);
+  auto err = configuration::check_csr(test::make_csr(f4.get(), "dev-1"), "dev-1", s);
+  CHECK_MESSAGE(!err, err.message);
+  auto e3 = test::new_rsa_key(2048, 3);
+  err = configuration::check_csr(test::make_csr(e3.get(), "dev-1"), "dev-1", s);
+  CHECK(err.code == error_code::invalid_csr);
+  CHECK(err.message == "csr: unsupported RSA public exponent 3 (only 65537 is accepted)");
+  auto big = test::new_rsa_key(2048, 4294967311UL); // 2^32 + 15: prime, 33 bits
+  err = configuration::check_csr(test::make_csr(big.get(), "dev-1"), "dev-1", s);
+  CHECK(err.message == "csr: unsupported RSA public exponent (33 bits) (only 65537 is accepted)");
+}
+
 TEST_CASE("csr parser on garbage: truncations, bit flips and random bytes are refused cleanly") {
   // No sanitizer-only harness: every input must come back as invalid_csr (or,
   // for a flip outside the signed/verified parts, pass), never crash.
@@ -181,6 +230,10 @@ TEST_CASE("issue: the chain is leaf, issuing CA, root; verifies; clientAuth, not
     char cn[256] = {0};
     X509_NAME_get_text_by_NID(X509_get_subject_name(leaf.get()), NID_commonName, cn, sizeof cn);
     CHECK(std::string(cn) == "dev-7");
+    // authorityKeyIdentifier: the issuing CA's subjectKeyIdentifier.
+    const ASN1_OCTET_STRING* aki = X509_get0_authority_key_id(leaf.get());
+    REQUIRE(aki != nullptr);
+    CHECK(ASN1_OCTET_STRING_cmp(aki, X509_get0_subject_key_id(p.inter.cert.get())) == 0);
     // 12 hours from now, starting 5 minutes back.
     int days = 0, secs = 0;
     REQUIRE(ASN1_TIME_diff(&days, &secs, X509_get0_notBefore(leaf.get()),
@@ -240,6 +293,127 @@ TEST_CASE("issue_for: the event's csr and policy decide; nothing issued on a ref
   CHECK(ev.csr.empty());
 }
 
+TEST_CASE("issue_for: a retry of an issued event keeps its chain") {
+  // What a failed store commit (embedded) or a failed device.assigned
+  // publish (Kafka) sends back to the stage: the event as issue_for left it.
+  auto key = test::new_key("P-256");
+  registration_event ev;
+  ev.registration_id = "dev-retry";
+  ev.operation_id = "op-retry";
+  ev.id_scope = "0ne00000001";
+  ev.issuing_ca = "fleet";
+  ev.csr = test::make_csr(key.get(), "dev-retry");
+  REQUIRE(!configuration::issue_for(pki().issuer.get(), ev, now_ms()));
+  const std::string first = ev.issued_chain;
+  REQUIRE(split(first).size() == 3);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    registration_event retry = ev; // the copy the retry re-delivers
+    retry.status = registration_status::assigning;
+    REQUIRE(!configuration::issue_for(pki().issuer.get(), retry, now_ms()));
+    CHECK(retry.issued_chain == first); // same certificate, not none, not a new one
+    // Also through the codec the Kafka relay and the outbox use.
+    registration_event decoded;
+    REQUIRE(!decode_event(encode_event(retry), decoded));
+    REQUIRE(!configuration::issue_for(pki().issuer.get(), decoded, now_ms()));
+    CHECK(decoded.issued_chain == first);
+  }
+  // Without an issuer at all (a retry never needs one).
+  registration_event retry = ev;
+  REQUIRE(!configuration::issue_for(nullptr, retry, now_ms()));
+  CHECK(retry.issued_chain == first);
+}
+
+TEST_CASE("issue_for: the certificate's CN must be the device's identity exactly") {
+  auto key = test::new_key("P-256");
+  auto event = [&](const std::string& id) {
+    registration_event ev;
+    ev.registration_id = id;
+    ev.issuing_ca = "fleet";
+    ev.csr = test::make_csr(key.get(), id);
+    return ev;
+  };
+  // The CSR's CN is compared exactly (no case folding).
+  auto ev = event("dev-case");
+  ev.csr = test::make_csr(key.get(), "Dev-Case");
+  auto e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_csr);
+  CHECK(e.message == "csr: subject CN 'Dev-Case' is not the registration id 'dev-case'");
+  // An enrollment that assigns another device id: refused, nothing issued.
+  ev = event("dev-a");
+  ev.device_id = "device-a";
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_enrollment);
+  CHECK(e.message == "certificate issuance: the enrollment assigns device id 'device-a', not the "
+                     "registration id 'dev-a'; an issued certificate's CN is the registration id "
+                     "(remove the enrollment's deviceId, or register without a csr)");
+  CHECK(ev.issued_chain.empty());
+  ev.device_id = "DEV-A"; // case counts: IoT Hub device ids are case-sensitive
+  CHECK(configuration::issue_for(pki().issuer.get(), ev, now_ms()).code ==
+        error_code::invalid_enrollment);
+  ev.device_id = "dev-a";
+  CHECK(!configuration::issue_for(pki().issuer.get(), ev, now_ms()));
+  CHECK(!ev.issued_chain.empty());
+  // X.509-attested (attestation matched the CN ignoring case): the
+  // registration id must be the certificate's CN exactly.
+  auto x509 = [](const std::string& subject) {
+    return nlohmann::json{{"certificateInfo", {{"subjectName", subject}}}}.dump();
+  };
+  ev = event("dev-x");
+  ev.x509_json = x509("CN=Dev-X");
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK(e.code == error_code::invalid_csr);
+  CHECK(e.message == "csr: the registration id 'dev-x' is not spelled exactly as the client "
+                     "certificate's subject (CN=Dev-X): register with the id exactly as in the "
+                     "certificate's CN");
+  CHECK(ev.issued_chain.empty());
+  ev.x509_json = x509("O=a\\,CN=dev-x"); // an escaped comma is not a CN
+  CHECK(configuration::issue_for(pki().issuer.get(), ev, now_ms()).code ==
+        error_code::invalid_csr);
+  ev.x509_json = x509("CN=dev-x,O=Contoso,C=US");
+  e = configuration::issue_for(pki().issuer.get(), ev, now_ms());
+  CHECK_MESSAGE(!e, e.message);
+  CHECK(!ev.issued_chain.empty());
+}
+
+TEST_CASE("issue_for: one log line per issued certificate, none on a refusal or a retry") {
+  test::temp_dir dir{"prov_issuer_log"};
+  auto ca = test::make_ca("Log Issuing CA", nullptr, 7);
+  config::issuing_ca_config c;
+  c.name = "Audit-CA";
+  c.key_file = write(dir.path, "a.key", ca.key_pem());
+  c.certificate_file = write(dir.path, "a.pem", ca.pem(), 0644);
+  std::vector<std::string> lines;
+  std::shared_ptr<const certificate_issuer> issuer;
+  REQUIRE(!certificate_issuer::load({c}, issuer,
+                                    [&](std::string_view l) { lines.emplace_back(l); }));
+  auto key = test::new_key("P-256");
+  registration_event ev;
+  ev.registration_id = "dev-log";
+  ev.operation_id = "op-log";
+  ev.issuing_ca = "audit-ca"; // names match ignoring case; the log names it as configured
+  ev.csr = test::make_csr(key.get(), "someone-else");
+  CHECK(configuration::issue_for(issuer.get(), ev, now_ms()).code == error_code::invalid_csr);
+  CHECK(lines.empty());
+  ev.csr = test::make_csr(key.get(), "dev-log");
+  REQUIRE(!configuration::issue_for(issuer.get(), ev, now_ms()));
+  REQUIRE(lines.size() == 1);
+  auto leaf = test::parse_der_cert(*crypto::base64_decode(split(ev.issued_chain)[0]));
+  std::unique_ptr<BIGNUM, decltype(&BN_free)> sn(
+    ASN1_INTEGER_to_BN(X509_get0_serialNumber(leaf.get()), nullptr), BN_free);
+  char* hex = BN_bn2hex(sn.get());
+  std::string serial = hex;
+  OPENSSL_free(hex);
+  serial.insert(0, 32 - serial.size(), '0');
+  struct tm tm {};
+  REQUIRE(ASN1_TIME_to_tm(X509_get0_notAfter(leaf.get()), &tm) == 1);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  CHECK(lines[0] == "certificate issued: registrationId=dev-log operationId=op-log ca=Audit-CA "
+                    "serial=" + serial + " notAfter=" + when);
+  REQUIRE(!configuration::issue_for(issuer.get(), ev, now_ms())); // a retry: nothing issued
+  CHECK(lines.size() == 1);
+}
+
 TEST_CASE("load: key files readable by others, mismatched keys and non-CA certificates") {
   test::temp_dir dir{"prov_issuer_load"};
   auto root = test::make_ca("Load Root", nullptr, 1);
@@ -265,6 +439,35 @@ TEST_CASE("load: key files readable by others, mismatched keys and non-CA certif
   CHECK(e.message == "issuing_cas[0] (x).certificate_file: the first certificate in '" +
                        c.certificate_file +
                        "' is not a CA (basicConstraints CA:TRUE with keyCertSign)");
+  // A CA without subjectKeyIdentifier: refused at load, not at signing.
+  auto no_ski = test::make_ca_with_key("Load No SKI", test::new_key("P-256"), nullptr, 4, false);
+  c.key_file = write(dir.path, "noski.key", no_ski.key_pem());
+  c.certificate_file = write(dir.path, "noski.pem", no_ski.pem(), 0644);
+  e = certificate_issuer::load({c}, out);
+  CHECK(e.message == "issuing_cas[0] (x).certificate_file: the first certificate in '" +
+                       c.certificate_file +
+                       "' has no subjectKeyIdentifier extension (issued certificates' "
+                       "authorityKeyIdentifier needs it)");
+  // An encrypted key: a clear error, never a passphrase prompt on the TTY.
+  {
+    std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+    static char pass[] = "secret";
+    REQUIRE(PEM_write_bio_PrivateKey(bio.get(), root.key.get(), EVP_aes_256_cbc(), nullptr, 0,
+                                     nullptr, pass) == 1);
+    char* data = nullptr;
+    long n = BIO_get_mem_data(bio.get(), &data);
+    c.key_file = write(dir.path, "enc.key", std::string(data, static_cast<std::size_t>(n)));
+    c.certificate_file = write(dir.path, "root.pem", root.pem(), 0644);
+    e = certificate_issuer::load({c}, out);
+    CHECK(e.message == "issuing_cas[0] (x).key_file: '" + c.key_file +
+                         "' is encrypted: encrypted keys are not supported (store it "
+                         "unencrypted, chmod 600)");
+  }
+  // An absent key file (the configuration role checks it; config does not).
+  c.key_file = dir.path + "/absent.key";
+  e = certificate_issuer::load({c}, out);
+  CHECK(e.message == "issuing_cas[0] (x).key_file: cannot read '" + c.key_file +
+                       "': No such file or directory");
   c.key_file = write(dir.path, "junk.key", "not a key");
   e = certificate_issuer::load({c}, out);
   CHECK(e.message.rfind("issuing_cas[0] (x).key_file: '" + c.key_file +

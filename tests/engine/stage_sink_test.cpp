@@ -11,8 +11,12 @@
 #include <caf/all.hpp>
 #include <caf/scheduler/test_coordinator.hpp>
 
+#include <sys/stat.h>
+
 #include <chrono>
+#include <cstdio>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -26,9 +30,11 @@
 #include "actors/enrollment_actor.hpp"
 #include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
+#include "actors/configuration/certificate_issuer.hpp"
 #include "actors/engine_context.hpp"
 #include "actors/stage_sink.hpp"
 #include "tests/support/temp_dir.hpp"
+#include "tests/support/test_csr.hpp"
 
 using namespace prov;
 
@@ -655,4 +661,70 @@ TEST_CASE("Kafka configuration: nothing is recorded or completed before device.a
   CHECK(f.ctx->relaying.load() == 0);
   caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
   f.sched->run();
+}
+
+TEST_CASE("configuration, embedded: a failed store commit is retried with the certificate "
+          "already issued") {
+  stage_fixture f(delivery_traits{});
+  // An issuing CA; every issuance is logged, so a second one would show.
+  auto ca = test::make_ca("Stage Issuing CA", nullptr, 9);
+  auto write = [&](const std::string& name, const std::string& text) {
+    const std::string path = f.dir.path + "/" + name;
+    std::FILE* out = std::fopen(path.c_str(), "wb");
+    REQUIRE(out != nullptr);
+    std::fwrite(text.data(), 1, text.size(), out);
+    std::fclose(out);
+    REQUIRE(::chmod(path.c_str(), 0600) == 0);
+    return path;
+  };
+  config::issuing_ca_config c;
+  c.name = "fleet";
+  c.key_file = write("ca.key", ca.key_pem());
+  c.certificate_file = write("ca.pem", ca.pem());
+  std::vector<std::string> issued;
+  REQUIRE(!configuration::certificate_issuer::load(
+    {c}, f.ctx->issuer, [&](std::string_view l) { issued.emplace_back(l); }));
+  auto key = test::new_key("P-256");
+  auto ev = stage_fixture::attested("dev-1");
+  ev.unrecorded = true; // no `pending` record to look up
+  ev.assigned_hub = "hub-a.example.net";
+  ev.device_id = "dev-1";
+  ev.allocated_ms = ev.accepted_ms;
+  ev.csr = test::make_csr(key.get(), "dev-1");
+  ev.issuing_ca = "fleet";
+  auto stage = f.sys->spawn(configuration_actor, f.ctx);
+  // The first commit fails (as when the store refuses a write).
+  f.ctx->commits_stopped = true;
+  caf::anon_send(stage, event_atom::value, ev, event_ack{});
+  f.sched->run();
+  CHECK(issued.size() == 1);
+  CHECK(f.sink->seen.empty());
+  // 200 ms later (the test clock) the stage tries again, and the commit
+  // goes through this time (on the store's thread: wait for its answer).
+  f.ctx->commits_stopped = false;
+  f.sched->clock().current_time += std::chrono::milliseconds(200);
+  CHECK(f.sched->trigger_timeouts() == 1);
+  for (int i = 0; i < 3000 && f.sink->seen.empty(); ++i) {
+    f.sched->run();
+    if (f.sink->seen.empty())
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  REQUIRE(f.sink->seen.size() == 1);
+  const auto& done = f.sink->seen[0].ev;
+  CHECK(f.sink->seen[0].next == bus::topic::registration_completed);
+  CHECK(done.status == registration_status::assigned);
+  // The certificate issued before the failed commit, not none, not a second.
+  CHECK(issued.size() == 1);
+  REQUIRE_FALSE(done.issued_chain.empty());
+  CHECK(test::verify_issued_chain({done.issued_chain.substr(0, done.issued_chain.find('\n'))},
+                                  ca) == "");
+  REQUIRE(done.outcome != nullptr);
+  CHECK(done.outcome->issued_chain == done.issued_chain);
+  std::optional<std::string> raw;
+  REQUIRE(!f.store->get(storage::cf::registrations, enrollment::key_of("dev-1"), raw));
+  REQUIRE(raw);
+  registration_state rec;
+  REQUIRE(!decode_record(*raw, rec));
+  CHECK(rec.issued_chain == done.issued_chain);
+  caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
 }

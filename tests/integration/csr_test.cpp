@@ -200,6 +200,14 @@ TEST_CASE("a symmetric-key device's CSR gets a chain that verifies; lookups do n
                          X509_get0_notAfter(leaf.get())) == 1);
   CHECK(days * 86400 + secs == 12 * 3600 + 300); // validity_hours = 12, 5 min back
   CHECK(op["registrationState"]["symmetricKey"].is_object());
+  // One diagnostic log line names what was issued (written by a background
+  // thread: wait for it, without a time limit that a loaded machine misses).
+  const std::string issued_line = "certificate issued: registrationId=" + id +
+                                  " operationId=" + op["operationId"].get<std::string>() +
+                                  " ca=fleet serial=";
+  for (int i = 0; i < 600 && s.log().find(issued_line) == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  CHECK_MESSAGE(s.log().find(issued_line) != std::string::npos, s.log());
 
   // The operation poll repeats it (it is the operation's result)...
   net::http_headers h;
@@ -379,6 +387,26 @@ TEST_CASE("refused CSRs: each its own message and errorCode; nothing issued, no 
   CHECK(parse(resp.body)["errorCode"] == 400011);
   CHECK(parse(resp.body)["message"] == "csr must be a string (base64 DER PKCS#10)");
   CHECK(s.service("GET", "/registrations/csr-not-string").status == 404);
+
+  // A registration id too long for a certificate's CN (64): 400 at once,
+  // not a 500 from the signer after attestation.
+  const std::string long_id(65, 'L');
+  sk = put_sk_enrollment(long_id, {{"certificatePolicyResourceId", "fleet"}});
+  net::http_headers lh;
+  lh.add("Authorization", s.device_auth(long_id, sk));
+  lh.add("Content-Type", "application/json");
+  REQUIRE(!c.request("PUT", "/" + s.id_scope() + "/registrations/" + long_id + "/register"
+                              "?api-version=" + std::string(api),
+                     lh, json{{"registrationId", long_id},
+                              {"csr", test::make_csr(key.get(), std::string(64, 'L'))}}.dump(),
+                     resp));
+  CHECK(resp.status == 400);
+  CHECK(parse(resp.body)["errorCode"] == 400011);
+  CHECK(parse(resp.body)["message"] ==
+        "csr: the registration id is 65 characters; an issued certificate's subject CN (the "
+        "registration id) is limited to 64 characters (RFC 5280 ub-common-name)");
+  CHECK(s.service("GET", "/registrations/" + long_id).status == 404);
+  CHECK_FALSE(outbox_mentions(long_id));
 }
 
 TEST_CASE("service API and CLI: the issuance policy in both shapes") {

@@ -438,12 +438,8 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
   CHECK(was_assigned_to(s, "Hub-B"));
   CHECK_FALSE(was_assigned_to(s, "hub-c"));
   CHECK_FALSE(was_assigned_to(s, "hub"));
-  auto v6 = encode_record(s);
-  CHECK(static_cast<unsigned char>(v6[2]) == 6);
-  // 6 added issued_chain: empty here, its one-byte length is the last byte.
-  REQUIRE(v6.back() == '\0');
-  auto v5 = v6.substr(0, v6.size() - 1);
-  v5[2] = 5;
+  auto v5 = encode_record(s);
+  CHECK(static_cast<unsigned char>(v5[2]) == 5);
   registration_state back;
   REQUIRE(!decode_record(v5, back));
   CHECK(back.allocation_json == s.allocation_json);
@@ -469,7 +465,7 @@ TEST_CASE("registration records: 5 keeps assigned_hubs, 4 key_used, 3 x509_json,
     CAPTURE(version);
     s.*added_in[version - 1] = std::string();
     registration_state got;
-    REQUIRE(!decode_record(older(encode_record(s), 6 - version, static_cast<uint8_t>(version)),
+    REQUIRE(!decode_record(older(encode_record(s), 5 - version, static_cast<uint8_t>(version)),
                            got));
     CHECK(got.assigned_hub == "hub-a");
     CHECK(got.last_operation_id == "op");
@@ -514,7 +510,7 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   op.event.x509_json = R"({"certificateInfo":{"subjectName":"CN=dev-1"}})";
   op.event.key_used = "secondary";
   auto current = encode_record(op);
-  CHECK(static_cast<unsigned char>(current[2]) == 6); // one version for all records
+  CHECK(static_cast<unsigned char>(current[2]) == 5); // no issuance fields: what 5 wrote
   operation_record back;
   REQUIRE(!decode_record(current, back));
   CHECK(back.event.key_used == "secondary");
@@ -524,8 +520,6 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   // (and 1): no x509_json either.
   op.event.key_used.clear();
   auto v3 = encode_record(op);
-  REQUIRE(v3[v3.size() - 2] == '\0'); // version 6's empty csr
-  v3.erase(v3.size() - 2, 1);
   REQUIRE(v3.size() >= 2);
   REQUIRE(v3[v3.size() - 2] == '\0'); // the empty key_used's length
   v3.erase(v3.size() - 2, 1);
@@ -536,8 +530,6 @@ TEST_CASE("operation records: the event's key_used and x509_json survive; versio
   CHECK(three.event.x509_json == op.event.x509_json);
   op.event.x509_json.clear();
   auto v2 = encode_record(op);
-  REQUIRE(v2[v2.size() - 2] == '\0'); // version 6's empty csr
-  v2.erase(v2.size() - 2, 1);
   REQUIRE(v2.size() >= 3);
   REQUIRE(v2[v2.size() - 2] == '\0'); // the empty key_used's length
   REQUIRE(v2[v2.size() - 3] == '\0'); // the empty x509_json's length
@@ -656,6 +648,35 @@ TEST_CASE("version 6: the issued chain on states, the csr on events; JSON and bi
   CHECK(ev_back.csr == "MIIB");
   CHECK(ev_back.issuing_ca == "fleet");
   CHECK(ev_back.issued_chain == ev.issued_chain);
+  // Version 6 only when a 6 field is set: without them, exactly version 5's
+  // bytes, which the previous release reads (rolling upgrade and downgrade).
+  CHECK(static_cast<unsigned char>(encode_record(s)[2]) == 6);
+  CHECK(static_cast<unsigned char>(encode_record(rec)[2]) == 6); // pending, with its csr
+  registration_state plain = s;
+  plain.issued_chain.clear();
+  auto v5 = encode_record(plain);
+  CHECK(static_cast<unsigned char>(v5[2]) == 5);
+  auto with_empty_chain = encode_record(s); // what 6 would hold for an empty chain
+  CHECK(v5.size() + 1 + s.issued_chain.size() == with_empty_chain.size());
+  registration_state v5_back;
+  REQUIRE(!decode_record(v5, v5_back));
+  CHECK(v5_back.issued_chain.empty());
+  CHECK(v5_back.registration_id == "dev-1");
+  operation_record done = rec;
+  done.status = registration_status::assigned;
+  done.event = registration_event{}; // terminal records keep only the state
+  done.state = s;
+  auto done_v6 = encode_record(done);
+  CHECK(static_cast<unsigned char>(done_v6[2]) == 6);
+  REQUIRE(!decode_record(done_v6, rec_back));
+  CHECK(rec_back.state.issued_chain == s.issued_chain);
+  done.state = plain;
+  auto done_v5 = encode_record(done);
+  CHECK(static_cast<unsigned char>(done_v5[2]) == 5);
+  operation_record done_back;
+  REQUIRE(!decode_record(done_v5, done_back));
+  CHECK(done_back.state.issued_chain.empty());
+  CHECK(done_back.status == registration_status::assigned);
   registration_event requested;
   REQUIRE(!decode_requested_event(R"({"registrationId":"dev-1","idScope":"0ne00000001","csr":"MIIB"})",
                                   requested));

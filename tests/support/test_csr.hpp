@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <openssl/bn.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
@@ -26,6 +27,20 @@ inline std::shared_ptr<EVP_PKEY> new_key(const std::string& type) {
                   : EVP_EC_gen(type.c_str());
   if (k == nullptr)
     throw std::runtime_error("key generation failed: " + type);
+  return {k, EVP_PKEY_free};
+}
+
+/// An RSA key of `bits` with public exponent `exponent`.
+inline std::shared_ptr<EVP_PKEY> new_rsa_key(unsigned bits, unsigned long exponent) {
+  std::unique_ptr<EVP_PKEY_CTX, decltype(&EVP_PKEY_CTX_free)> ctx(
+    EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr), EVP_PKEY_CTX_free);
+  std::unique_ptr<BIGNUM, decltype(&BN_free)> e(BN_new(), BN_free);
+  EVP_PKEY* k = nullptr;
+  if (!ctx || !e || BN_set_word(e.get(), exponent) != 1 || EVP_PKEY_keygen_init(ctx.get()) <= 0
+      || EVP_PKEY_CTX_set_rsa_keygen_bits(ctx.get(), static_cast<int>(bits)) <= 0
+      || EVP_PKEY_CTX_set1_rsa_keygen_pubexp(ctx.get(), e.get()) <= 0
+      || EVP_PKEY_keygen(ctx.get(), &k) <= 0)
+    throw std::runtime_error("RSA key generation failed");
   return {k, EVP_PKEY_free};
 }
 
@@ -96,9 +111,11 @@ inline std::string verify_issued_chain(const std::vector<std::string>& chain_b64
 }
 
 /// A CA certificate for `cn` with the key `key` (any type), signed by
-/// `issuer` (self-signed when null).
+/// `issuer` (self-signed when null); without subjectKeyIdentifier when `ski`
+/// is false.
 inline test_cert make_ca_with_key(const std::string& cn, std::shared_ptr<EVP_PKEY> key,
-                                  const test_cert* issuer = nullptr, long serial = 1) {
+                                  const test_cert* issuer = nullptr, long serial = 1,
+                                  bool ski = true) {
   test_cert out;
   out.key = std::move(key);
   out.cert.reset(X509_new(), X509_free);
@@ -114,7 +131,8 @@ inline test_cert make_ca_with_key(const std::string& cn, std::shared_ptr<EVP_PKE
   X509_set_pubkey(c, out.key.get());
   add_ext(c, issuer_cert, NID_basic_constraints, "critical,CA:TRUE");
   add_ext(c, issuer_cert, NID_key_usage, "critical,keyCertSign,cRLSign");
-  add_ext(c, issuer_cert, NID_subject_key_identifier, "hash");
+  if (ski)
+    add_ext(c, issuer_cert, NID_subject_key_identifier, "hash");
   EVP_PKEY* signer = issuer != nullptr ? issuer->key.get() : out.key.get();
   if (X509_sign(c, signer, EVP_sha256()) == 0)
     throw std::runtime_error("X509_sign failed");

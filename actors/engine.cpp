@@ -449,6 +449,18 @@ public:
     if (rs.status != registration_status::assigned || rs.attestation_type != "tpm"
         || rs.last_operation_id.empty())
       return {};
+    // Kafka: the record (dps.registrations) and the challenge
+    // (dps.enrollments) come from two readers. The operation's answer was
+    // applied on dps.enrollments before its record was written, so catching
+    // that reader up now, after the record was read, makes the challenge at
+    // least as new as the record: a reader behind would still hold the
+    // previous answered challenge, and HMAC(old challenge, this operation)
+    // is a key nobody holds, under the right operationId.
+    if (ctx_->catalog.replicated() && !ctx_->catalog.caught_up(5000))
+      return {error_code::unavailable,
+              "this gateway could not catch up on dps.enrollments to read the TPM "
+              "challenge of the registration's last operation; retry after the "
+              "Retry-After interval"};
     attestation::tpm_slots s;
     if (auto err = ctx_->tpm_challenges->load(registration_id, s))
       return err;

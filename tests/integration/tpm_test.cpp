@@ -478,6 +478,84 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
 }
 
+TEST_CASE("tpm over Kafka: every gateway answers the hub key of the device's latest assignment") {
+  if (skipped_without_tools())
+    return;
+  test::kafka_fixture fx;
+  auto cfg = [&](const std::string& dir) {
+    return "id_scope = \"0ne00AB7124\"\n" + fx.server_config(dir);
+  };
+  test::server_process gw1, gw2, worker;
+  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
+                  gw1.log());
+  auto dir2 = test::make_temp_dir("provisiond-tpm-gw2");
+  gw2.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}), gw2.log());
+  auto dir3 = test::make_temp_dir("provisiond-tpm-worker");
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(cfg(dir3), dir3, {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  soft_tpm tpm;
+  const std::string id = "tpm-kafka-hubkey";
+  const std::string path = "/enrollments/" + id + "/attestationmechanism";
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+
+  // The key `gw` gives for operation `op`: asked until its record names `op`
+  // (its dps.registrations reader may be behind: then the key is absent or
+  // names the previous operation, which the consumer's check refuses). A
+  // 503 (a catch-up that timed out on a loaded machine) says when to retry.
+  auto key_for = [&](const test::server_process& gw, const std::string& op) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+      auto r = gw.service("POST", path);
+      if (r.status == 503) {
+        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
+      } else {
+        REQUIRE_MESSAGE(r.status == 200, r.body);
+        const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
+        if (hk.is_object() && hk["operationId"] == op) {
+          auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+          REQUIRE(key);
+          return *key;
+        }
+      }
+      REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
+                      "no hub key for operation " << op << ": " << r.body);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  };
+  // The key verifies what the TPM signs with the key it imported.
+  auto verifies = [&](const std::string& key) {
+    const auto d = crypto::hmac_sha256(key, "check");
+    return tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size());
+  };
+
+  // Challenged on 1, answered on 2; then again the other way round: each
+  // gateway's key for the operation is the one the device's TPM holds.
+  // Before the reads agreed, a gateway behind on dps.enrollments could pair
+  // the new operation with the previous answered challenge: a wrong key
+  // under the right operationId.
+  std::string previous;
+  for (int round = 0; round < 2; ++round) {
+    auto& challenger = round == 0 ? gw1 : gw2;
+    auto& answerer = round == 0 ? gw2 : gw1;
+    auto flow = register_with_tpm(challenger, id, tpm, &answerer);
+    REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                   .get<std::string>()),
+                    tpm.log());
+    const std::string op = flow.done["operationId"].get<std::string>();
+    for (const auto* gw : {&challenger, &answerer}) {
+      const std::string key = key_for(*gw, op);
+      CHECK(key.size() == 32);
+      CHECK_MESSAGE(verifies(key), "round " << round << ": the key does not verify the TPM");
+      CHECK(key != previous);
+      if (gw == &answerer)
+        previous = key;
+    }
+  }
+}
+
 namespace {
 
 /// The test binary's TPM challenge store gates (tests/testd/held_challenges.hpp):

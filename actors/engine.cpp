@@ -468,8 +468,12 @@ public:
     // skew between gateways) belongs to a later register that did not
     // assign (it failed): the record's operation was answered with a
     // challenge that is gone, so its key cannot be made; a key derived from
-    // the new challenge would be one the device does not hold.
-    const int64_t skew_ms = int64_t{ctx_->opts.cfg.device_api.clock_skew_seconds} * 1000;
+    // the new challenge would be one the device does not hold. Embedded,
+    // one process's clock stamped both: no allowance.
+    const int64_t skew_ms =
+      ctx_->catalog.replicated()
+        ? int64_t{ctx_->opts.cfg.device_api.clock_skew_seconds} * 1000
+        : 0;
     if (s.answered && s.answered->issued_s * 1000 <= rs.updated_ms + skew_ms) {
       std::string k = attestation::hub_key(*s.answered, rs.last_operation_id);
       out.primary_key = crypto::base64_encode(k);

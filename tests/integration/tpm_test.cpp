@@ -1059,10 +1059,11 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   const auto owner = crypto::generate_key(), hub_side = crypto::generate_key(),
              feed = crypto::generate_key();
   test::server_process s;
-  // No clock skew allowance: the gateways here are one process, and the
-  // failed re-registration below must be told apart from the assignment.
+  // The default clock skew allowance (300 s): embedded, the hub key's
+  // "challenge newer than the assignment" check uses none (one clock), so
+  // the failed re-registration below is told apart from the assignment.
   start_fresh(s, [&](const std::string& dir) {
-    return test::with_device_api(test::default_config(dir), "clock_skew_seconds = 0")
+    return test::default_config(dir)
            + "[[access_policies]]\nname = \"owner\"\nprimary_key = \""
            + owner
            + "\"\nrights = [\"ServiceConfig\", \"EnrollmentRead\", \"EnrollmentWrite\", "

@@ -767,11 +767,13 @@ private:
   std::unique_ptr<caf::actor_system> sys_;
   caf::actor attestation_, registration_, allocation_, configuration_, enrollment_;
   /// TPM requests on their own threads (register_tpm), one registration
-  /// id's in order (device_api.tpm_threads). The bound keeps unauthenticated
-  /// challenge requests from queueing without limit: beyond it a TPM
-  /// register gets 429.
+  /// id's in order (device_api.tpm_threads). The bounds keep unauthenticated
+  /// challenge requests from queueing without limit: beyond 1024 queued in
+  /// all, or 8 queued for one id (a device's challenge, answer and polls
+  /// need a few; a flood for one id must not take every other id's room),
+  /// a TPM request gets 429.
   keyed_workers tpm_worker_{static_cast<std::size_t>(ctx_->opts.cfg.device_api.tpm_threads),
-                            1024};
+                            1024, 8};
   std::size_t resumed_ = 0;
   bool drained_ = false;
   bool stopped_ = false;

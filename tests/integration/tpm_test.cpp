@@ -253,6 +253,8 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
     CHECK_MESSAGE(out.find("IOT HUB KEY") != std::string::npos, out);
     CHECK_MESSAGE(out.find(done["operationId"].get<std::string>()) != std::string::npos, out);
     out = cli(s, "enrollment get " + id, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("REGISTRATION ID") != std::string::npos, out); // it printed the enrollment
     CHECK_MESSAGE(out.find("IOT HUB KEY") == std::string::npos, out);
   }
   auto rec = s.service("GET", "/registrations/" + id);
@@ -1075,6 +1077,12 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   });
   const auto as_owner = s.service_auth("owner", owner);
   const auto as_hub = s.service_auth("hubside", hub_side);
+  // The CLI as the owner (this server has no provisioningserviceowner).
+  const std::string owner_cs =
+    " --connection-string 'HostName="
+    + test::parse_json(read_text(s.data_dir() + "/identity.json")).value("service_host",
+                                                                        "localhost")
+    + ";SharedAccessKeyName=owner;SharedAccessKey=" + owner + "'";
   soft_tpm tpm;
   const std::string id = "tpm-hubkey";
   const std::string path = "/enrollments/" + id + "/attestationmechanism";
@@ -1092,6 +1100,10 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
     CHECK(j["type"] == "tpm");
     CHECK(j["tpm"]["endorsementKey"] == tpm.ek_b64);
     CHECK_FALSE(j["tpm"].contains("iotHubKey"));
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys" + owner_cs, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("(none: no assigned TPM registration)") != std::string::npos, out);
   }
 
   // The device registers; its result's authenticationKey is imported into
@@ -1202,6 +1214,13 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
     auto r = service_as(s, as_hub, "POST", path);
     REQUIRE_MESSAGE(r.status == 200, r.body);
     CHECK_MESSAGE(!test::parse_json(r.body)["tpm"].contains("iotHubKey"), r.body);
+    // The CLI says why there is none, not "no assigned registration".
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys" + owner_cs, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("a later register answered a newer TPM challenge and failed")
+                    != std::string::npos,
+                  out);
   }
 }
 

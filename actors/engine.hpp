@@ -53,6 +53,10 @@ struct engine_options {
   /// enrollment lock of a challenge write (after the etag check, before the
   /// write), so a test can show an enrollment write waits for it. Null: none.
   std::function<void(const char* call)> in_challenge_write;
+  /// Tests only (tests/testd): called on the dps.enrollments reader's
+  /// thread before it applies a batch, so a test can keep one gateway
+  /// behind on that topic. Null: none.
+  std::function<void()> before_enrollments_apply;
 };
 
 /// Result of a register call as the gateway needs it.

@@ -324,6 +324,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   eopts.policies = ext.policies;
   eopts.wrap_challenges = ext.wrap_challenges;
   eopts.in_challenge_write = ext.in_challenge_write;
+  eopts.before_enrollments_apply = ext.before_enrollments_apply;
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
     return die("engine: " + err.message);

@@ -480,84 +480,6 @@ TEST_CASE("tpm over Kafka: the challenge from one gateway is answered on another
   expect_refused(status_lookup(gw2, id, auth), 401, "no TPM challenge is outstanding");
 }
 
-TEST_CASE("tpm over Kafka: every gateway answers the hub key of the device's latest assignment") {
-  if (skipped_without_tools())
-    return;
-  test::kafka_fixture fx;
-  auto cfg = [&](const std::string& dir) {
-    return "id_scope = \"0ne00AB7124\"\n" + fx.server_config(dir);
-  };
-  test::server_process gw1, gw2, worker;
-  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
-                  gw1.log());
-  auto dir2 = test::make_temp_dir("provisiond-tpm-gw2");
-  gw2.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}), gw2.log());
-  auto dir3 = test::make_temp_dir("provisiond-tpm-worker");
-  worker.remove_data_dir_at_exit();
-  REQUIRE_MESSAGE(!worker.start(cfg(dir3), dir3, {"--roles", "attestation,allocation,configuration"}),
-                  worker.log());
-
-  soft_tpm tpm;
-  const std::string id = "tpm-kafka-hubkey";
-  const std::string path = "/enrollments/" + id + "/attestationmechanism";
-  put_tpm_enrollment(gw1, id, tpm.ek_b64);
-
-  // The key `gw` gives for operation `op`: asked until its record names `op`
-  // (its dps.registrations reader may be behind: then the key is absent or
-  // names the previous operation, which the consumer's check refuses). A
-  // 503 (a catch-up that timed out on a loaded machine) says when to retry.
-  auto key_for = [&](const test::server_process& gw, const std::string& op) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    for (;;) {
-      auto r = gw.service("POST", path);
-      if (r.status == 503) {
-        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
-      } else {
-        REQUIRE_MESSAGE(r.status == 200, r.body);
-        const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
-        if (hk.is_object() && hk["operationId"] == op) {
-          auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
-          REQUIRE(key);
-          return *key;
-        }
-      }
-      REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
-                      "no hub key for operation " << op << ": " << r.body);
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-  };
-  // The key verifies what the TPM signs with the key it imported.
-  auto verifies = [&](const std::string& key) {
-    const auto d = crypto::hmac_sha256(key, "check");
-    return tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size());
-  };
-
-  // Challenged on 1, answered on 2; then again the other way round: each
-  // gateway's key for the operation is the one the device's TPM holds.
-  // Before the reads agreed, a gateway behind on dps.enrollments could pair
-  // the new operation with the previous answered challenge: a wrong key
-  // under the right operationId.
-  std::string previous;
-  for (int round = 0; round < 2; ++round) {
-    auto& challenger = round == 0 ? gw1 : gw2;
-    auto& answerer = round == 0 ? gw2 : gw1;
-    auto flow = register_with_tpm(challenger, id, tpm, &answerer);
-    REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
-                                   .get<std::string>()),
-                    tpm.log());
-    const std::string op = flow.done["operationId"].get<std::string>();
-    for (const auto* gw : {&challenger, &answerer}) {
-      const std::string key = key_for(*gw, op);
-      CHECK(key.size() == 32);
-      CHECK_MESSAGE(verifies(key), "round " << round << ": the key does not verify the TPM");
-      CHECK(key != previous);
-      if (gw == &answerer)
-        previous = key;
-    }
-  }
-}
-
 namespace {
 
 /// The test binary's TPM challenge store gates (tests/testd/held_challenges.hpp):
@@ -665,6 +587,125 @@ struct register_in_background {
 };
 
 } // namespace
+
+TEST_CASE("tpm over Kafka: every gateway answers the hub key of the device's latest assignment") {
+  if (skipped_without_tools())
+    return;
+  test::kafka_fixture fx;
+  auto cfg = [&](const std::string& dir) {
+    return "id_scope = \"0ne00AB7124\"\n" + fx.server_config(dir);
+  };
+  test::server_process gw1, gw2, worker;
+  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
+                  gw1.log());
+  // Gateway 2 runs the test binary: the gate `apply-enrollments` keeps it
+  // behind on dps.enrollments (tests/testd/held_challenges.hpp).
+  gates g;
+  g.dir = test::make_temp_dir("provisiond-tpm-gates");
+  auto dir2 = test::make_temp_dir("provisiond-tpm-gw2");
+  gw2.remove_data_dir_at_exit();
+  gw2.set_pipeline_delay_ms(0);
+  {
+    scoped_env env("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir);
+    REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}),
+                    gw2.log());
+  }
+  auto dir3 = test::make_temp_dir("provisiond-tpm-worker");
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(cfg(dir3), dir3, {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  soft_tpm tpm;
+  const std::string id = "tpm-kafka-hubkey";
+  const std::string path = "/enrollments/" + id + "/attestationmechanism";
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+
+  // The key `gw` gives for operation `op`: asked until its record names `op`
+  // (its dps.registrations reader may be behind: then the key is absent or
+  // names the previous operation, which the consumer's check refuses). A
+  // 503 (a catch-up that timed out on a loaded machine) says when to retry.
+  auto key_for = [&](const test::server_process& gw, const std::string& op) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+      auto r = gw.service("POST", path);
+      if (r.status == 503) {
+        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
+      } else {
+        REQUIRE_MESSAGE(r.status == 200, r.body);
+        const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
+        if (hk.is_object() && hk["operationId"] == op) {
+          auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+          REQUIRE(key);
+          return *key;
+        }
+      }
+      REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
+                      "no hub key for operation " << op << ": " << r.body);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  };
+  // The key verifies what the TPM signs with the key it imported.
+  auto verifies = [&](const std::string& key) {
+    const auto d = crypto::hmac_sha256(key, "check");
+    return tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size());
+  };
+
+  // Challenged on 1, answered on 2: each gateway's key for the operation is
+  // the one the device's TPM holds.
+  auto flow = register_with_tpm(gw1, id, tpm, &gw2);
+  REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                 .get<std::string>()),
+                  tpm.log());
+  const std::string op1 = flow.done["operationId"].get<std::string>();
+  const std::string key1 = key_for(gw1, op1);
+  CHECK(key1.size() == 32);
+  CHECK_MESSAGE(verifies(key1), "gateway 1: the key does not verify the TPM");
+  CHECK(key_for(gw2, op1) == key1);
+
+  // Gateway 2 stops applying dps.enrollments; the device registers again on
+  // gateway 1. Gateway 2 still applies dps.registrations, so its record
+  // names the new operation while its answered challenge is the old one.
+  // Before the two reads were made to agree, it answered HMAC(old
+  // challenge, new operation) labelled with the new operation: a wrong key
+  // the consumer's check accepts. Now: 503 with Retry-After until it has
+  // caught up.
+  g.close("apply-enrollments");
+  flow = register_with_tpm(gw1, id, tpm);
+  REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                 .get<std::string>()),
+                  tpm.log());
+  const std::string op2 = flow.done["operationId"].get<std::string>();
+  CHECK(g.reached("apply-enrollments")); // held: the new challenge is not applied on 2
+  {
+    bool refused = false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!refused && std::chrono::steady_clock::now() < deadline) {
+      auto r = gw2.service("POST", path);
+      if (r.status == 503) {
+        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
+        CHECK_MESSAGE(test::parse_json(r.body).value("errorCode", 0) == 503000, r.body);
+        refused = true;
+        break;
+      }
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
+      if (hk.is_object() && hk["operationId"] == op2) {
+        auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+        REQUIRE(key);
+        CHECK_MESSAGE(verifies(*key),
+                      "gateway 2, behind on dps.enrollments, gave a wrong key for " << op2);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    CHECK_MESSAGE(refused, "gateway 2 did not answer 503 while behind on dps.enrollments");
+  }
+  g.open("apply-enrollments");
+  const std::string key2 = key_for(gw1, op2);
+  CHECK(key2 != key1);
+  CHECK_MESSAGE(verifies(key2), "gateway 1: the new key does not verify the TPM");
+  CHECK(key_for(gw2, op2) == key2);
+}
 
 TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted is not kept") {
   if (skipped_without_tools())

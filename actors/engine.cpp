@@ -471,6 +471,18 @@ public:
     if (rs.status != registration_status::assigned || rs.attestation_type != "tpm"
         || rs.last_operation_id.empty())
       return {};
+    // Kafka: the record (dps.registrations) and the challenge
+    // (dps.enrollments) come from two readers. The operation's answer was
+    // applied on dps.enrollments before its record was written, so catching
+    // that reader up now, after the record was read, makes the challenge at
+    // least as new as the record: a reader behind would still hold the
+    // previous answered challenge, and HMAC(old challenge, this operation)
+    // is a key nobody holds, under the right operationId.
+    if (ctx_->catalog.replicated() && !ctx_->catalog.caught_up(5000))
+      return {error_code::unavailable,
+              "this gateway could not catch up on dps.enrollments to read the TPM "
+              "challenge of the registration's last operation; retry after the "
+              "Retry-After interval"};
     attestation::tpm_slots s;
     if (auto err = ctx_->tpm_challenges->load(registration_id, s))
       return err;
@@ -478,8 +490,12 @@ public:
     // skew between gateways) belongs to a later register that did not
     // assign (it failed): the record's operation was answered with a
     // challenge that is gone, so its key cannot be made; a key derived from
-    // the new challenge would be one the device does not hold.
-    const int64_t skew_ms = int64_t{ctx_->opts.cfg.device_api.clock_skew_seconds} * 1000;
+    // the new challenge would be one the device does not hold. Embedded,
+    // one process's clock stamped both: no allowance.
+    const int64_t skew_ms =
+      ctx_->catalog.replicated()
+        ? int64_t{ctx_->opts.cfg.device_api.clock_skew_seconds} * 1000
+        : 0;
     if (s.answered && s.answered->issued_s * 1000 <= rs.updated_ms + skew_ms) {
       std::string k = attestation::hub_key(*s.answered, rs.last_operation_id);
       out.primary_key = crypto::base64_encode(k);
@@ -798,11 +814,13 @@ private:
   attestation_actor_type attestation_;
   allocation_actor_type allocation_;
   /// TPM requests on their own threads (register_tpm), one registration
-  /// id's in order (device_api.tpm_threads). The bound keeps unauthenticated
-  /// challenge requests from queueing without limit: beyond it a TPM
-  /// register gets 429.
+  /// id's in order (device_api.tpm_threads). The bounds keep unauthenticated
+  /// challenge requests from queueing without limit: beyond 1024 queued in
+  /// all, or 8 queued for one id (a device's challenge, answer and polls
+  /// need a few; a flood for one id must not take every other id's room),
+  /// a TPM request gets 429.
   keyed_workers tpm_worker_{static_cast<std::size_t>(ctx_->opts.cfg.device_api.tpm_threads),
-                            1024};
+                            1024, 8};
   std::size_t resumed_ = 0;
   bool drained_ = false;
   bool stopped_ = false;

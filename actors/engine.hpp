@@ -57,6 +57,10 @@ struct engine_options {
   /// One line per certificate issued from a CSR (configuration role), for
   /// the diagnostic log. Null: not logged.
   std::function<void(std::string_view line)> on_certificate_issued;
+  /// Tests only (tests/testd): called on the dps.enrollments reader's
+  /// thread before it applies a batch, so a test can keep one gateway
+  /// behind on that topic. Null: none.
+  std::function<void()> before_enrollments_apply;
 };
 
 /// Result of a register call as the gateway needs it.

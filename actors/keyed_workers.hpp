@@ -15,6 +15,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -29,8 +30,12 @@ public:
   using job = serial_worker::job;
 
   /// `threads` >= 1; `max_queued`: queued (not running) jobs beyond which
-  /// post() refuses with busy.
-  keyed_workers(std::size_t threads, std::size_t max_queued) : max_queued_(max_queued) {
+  /// post() refuses with busy; `max_queued_per_key`: the same for one key's
+  /// queued jobs. Without the latter, requests for one key (unauthenticated
+  /// TPM challenges for one id) could fill the whole queue while they wait
+  /// for each other, and every other key would get busy.
+  keyed_workers(std::size_t threads, std::size_t max_queued, std::size_t max_queued_per_key)
+    : max_queued_(max_queued), max_queued_per_key_(max_queued_per_key) {
     if (threads == 0)
       threads = 1;
     threads_.reserve(threads);
@@ -51,8 +56,12 @@ public:
         refused = fate::stopped;
       else if (queue_.size() >= max_queued_)
         refused = fate::busy;
-      else
+      else if (auto& n = queued_of_[key]; n >= max_queued_per_key_)
+        refused = fate::busy;
+      else {
+        ++n;
         queue_.push_back({std::move(key), std::move(j)});
+      }
     }
     if (refused != fate::run)
       return j(refused);
@@ -76,6 +85,7 @@ public:
     {
       std::lock_guard<std::mutex> guard{mtx_};
       left.swap(queue_);
+      queued_of_.clear();
     }
     for (auto& i : left)
       i.j(fate::stopped);
@@ -107,6 +117,8 @@ private:
           return;
         i = std::move(*it);
         queue_.erase(it);
+        if (auto q = queued_of_.find(i.key); q != queued_of_.end() && --q->second == 0)
+          queued_of_.erase(q);
         running_.insert(i.key);
       }
       i.j(fate::run);
@@ -120,10 +132,14 @@ private:
   }
 
   std::size_t max_queued_;
+  std::size_t max_queued_per_key_;
   std::mutex mtx_;
   std::condition_variable cv_;
   std::deque<item> queue_;
   std::unordered_set<std::string> running_; ///< keys of the jobs running now
+  /// Queued jobs per key (keys with none are erased: the map stays as small
+  /// as the queue).
+  std::unordered_map<std::string, std::size_t> queued_of_;
   bool stopping_ = false;
   std::vector<std::thread> threads_; ///< last: start once the rest is built
 };

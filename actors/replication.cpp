@@ -513,6 +513,8 @@ private:
 
   error apply_enrollments(const std::vector<kafka::message>& batch) {
     key_missing_ = false;
+    if (ctx_.opts.before_enrollments_apply)
+      ctx_.opts.before_enrollments_apply();
     storage::write_batch wb;
     std::unordered_map<std::string, int64_t> certificate_revisions; // applied in this batch
     bool groups = false, individuals = false, hubs = false;

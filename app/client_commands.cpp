@@ -363,7 +363,11 @@ std::string status_cell(const json& doc) {
   return s.empty() ? "enabled" : s;
 }
 
-void print_enrollment(const enrollment_kind& k, const json& doc, const json* mechanism) {
+/// What the registration record says, for why a TPM device has no hub key.
+enum class record_state { unknown, assigned, not_assigned };
+
+void print_enrollment(const enrollment_kind& k, const json& doc, const json* mechanism,
+                      record_state assigned = record_state::unknown) {
   std::vector<std::pair<std::string, std::string>> f;
   f.emplace_back(k.group ? "GROUP ID" : "REGISTRATION ID", str_member(doc, k.id_member));
   if (!k.group) f.emplace_back("DEVICE ID", str_member(doc, "deviceId"));
@@ -428,7 +432,18 @@ void print_enrollment(const enrollment_kind& k, const json& doc, const json* mec
       f.emplace_back("IOT HUB KEY", str_member(*hk, "primaryKey"));
       f.emplace_back("HUB KEY OPERATION", str_member(*hk, "operationId"));
     } else {
-      f.emplace_back("IOT HUB KEY", "(none: no assigned TPM registration)");
+      // The server withholds the key of an assigned device too: when a
+      // later register answered a new challenge and failed, the assignment's
+      // challenge is gone (docs/device-api.md#the-hub-key-of-a-tpm-device).
+      f.emplace_back("IOT HUB KEY",
+                     assigned == record_state::assigned
+                       ? "(none: a later register answered a newer TPM challenge and failed, "
+                         "so this assignment's key cannot be made; the device's next "
+                         "assignment has one)"
+                     : assigned == record_state::not_assigned
+                       ? "(none: no assigned TPM registration)"
+                       : "(none: no assigned TPM registration, or a later register answered a "
+                         "newer TPM challenge and failed)");
     }
   }
   if (auto it = doc.find("registrationState"); it != doc.end() && it->is_object()) {
@@ -527,7 +542,21 @@ int run_get(const common_options& c, const enrollment_kind& k, const std::string
     if (show_keys && doc.is_object()) doc["attestation"] = mechanism;
     std::cout << doc.dump(2) << "\n";
   } else {
-    print_enrollment(k, doc, show_keys ? &mechanism : nullptr);
+    // A TPM device without a hub key: the record tells why (best effort:
+    // the policy may lack RegistrationStatusRead).
+    auto assigned = record_state::unknown;
+    if (show_keys && !k.group && mechanism.is_object() && mechanism.contains("tpm")
+        && mechanism["tpm"].is_object() && !mechanism["tpm"].contains("iotHubKey")) {
+      json rec;
+      if (auto err = svc->call_json("GET", "/registrations/" + segment(id), "", rec))
+        assigned = err.code == error_code::registration_not_found ? record_state::not_assigned
+                                                                 : record_state::unknown;
+      else
+        assigned = rec.is_object() && str_member(rec, "status") == "assigned"
+                     ? record_state::assigned
+                     : record_state::not_assigned;
+    }
+    print_enrollment(k, doc, show_keys ? &mechanism : nullptr, assigned);
   }
   return 0;
 }

@@ -325,6 +325,7 @@ int serve(const serve_args& args, const prov::app::extensions& ext) {
   eopts.wrap_challenges = ext.wrap_challenges;
   eopts.in_challenge_write = ext.in_challenge_write;
   eopts.on_certificate_issued = [log = dlog.get()](std::string_view line) { log->info(line); };
+  eopts.before_enrollments_apply = ext.before_enrollments_apply;
   std::unique_ptr<engine> eng;
   if (auto err = engine::start(eopts, eng))
     return die("engine: " + err.message);

@@ -30,6 +30,8 @@ struct extensions {
     wrap_challenges;
   /// engine_options::in_challenge_write (tests only).
   std::function<void(const char* call)> in_challenge_write;
+  /// engine_options::before_enrollments_apply (tests only).
+  std::function<void()> before_enrollments_apply;
 };
 
 /// Sets up the process (stop signals blocked in every thread, SIGPIPE

@@ -729,10 +729,17 @@ private:
       // side reads it, as it reads a symmetric-key device's keys here, with
       // the same right and an audit line (docs/device-api.md). Made on the
       // TPM worker: the challenge read may wait for Kafka.
-      return eng_.tpm_hub_key(ids[0], [reply, tracking, mech = std::move(mech)](
+      return eng_.tpm_hub_key(ids[0], [reply, tracking, mech = std::move(mech),
+                                       retry_s = opts_.cfg.device_api.retry_after_seconds](
                                         error e, tpm_hub_key_info hk) mutable {
-        if (e)
-          return reply(error_response(e, tracking));
+        if (e) {
+          auto r = error_response(e, tracking);
+          // Full TPM workers, a Kafka catch-up that timed out, stopping:
+          // worth asking again.
+          if (e.code == error_code::throttled || e.code == error_code::unavailable)
+            r.headers.emplace_back("Retry-After", std::to_string(retry_s));
+          return reply(std::move(r));
+        }
         if (!hk.primary_key.empty())
           mech["tpm"]["iotHubKey"] = {{"primaryKey", std::move(hk.primary_key)},
                                       {"operationId", std::move(hk.operation_id)},

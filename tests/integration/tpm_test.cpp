@@ -254,6 +254,8 @@ TEST_CASE("tpm: swtpm device: challenge, activate, import, HMAC-signed SAS, assi
     CHECK_MESSAGE(out.find("IOT HUB KEY") != std::string::npos, out);
     CHECK_MESSAGE(out.find(done["operationId"].get<std::string>()) != std::string::npos, out);
     out = cli(s, "enrollment get " + id, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("REGISTRATION ID") != std::string::npos, out); // it printed the enrollment
     CHECK_MESSAGE(out.find("IOT HUB KEY") == std::string::npos, out);
   }
   auto rec = s.service("GET", "/registrations/" + id);
@@ -684,6 +686,125 @@ struct register_in_background {
 
 } // namespace
 
+TEST_CASE("tpm over Kafka: every gateway answers the hub key of the device's latest assignment") {
+  if (skipped_without_tools())
+    return;
+  test::kafka_fixture fx;
+  auto cfg = [&](const std::string& dir) {
+    return "id_scope = \"0ne00AB7124\"\n" + fx.server_config(dir);
+  };
+  test::server_process gw1, gw2, worker;
+  REQUIRE_MESSAGE(!gw1.start(cfg(fx.dir), fx.dir, {"--roles", "gateway,registration"}),
+                  gw1.log());
+  // Gateway 2 runs the test binary: the gate `apply-enrollments` keeps it
+  // behind on dps.enrollments (tests/testd/held_challenges.hpp).
+  gates g;
+  g.dir = test::make_temp_dir("provisiond-tpm-gates");
+  auto dir2 = test::make_temp_dir("provisiond-tpm-gw2");
+  gw2.remove_data_dir_at_exit();
+  gw2.set_pipeline_delay_ms(0);
+  {
+    scoped_env env("PROVISIOND_TEST_TPM_HOLD_DIR", g.dir);
+    REQUIRE_MESSAGE(!gw2.start(cfg(dir2), dir2, {"--roles", "gateway,registration"}),
+                    gw2.log());
+  }
+  auto dir3 = test::make_temp_dir("provisiond-tpm-worker");
+  worker.remove_data_dir_at_exit();
+  REQUIRE_MESSAGE(!worker.start(cfg(dir3), dir3, {"--roles", "attestation,allocation,configuration"}),
+                  worker.log());
+
+  soft_tpm tpm;
+  const std::string id = "tpm-kafka-hubkey";
+  const std::string path = "/enrollments/" + id + "/attestationmechanism";
+  put_tpm_enrollment(gw1, id, tpm.ek_b64);
+
+  // The key `gw` gives for operation `op`: asked until its record names `op`
+  // (its dps.registrations reader may be behind: then the key is absent or
+  // names the previous operation, which the consumer's check refuses). A
+  // 503 (a catch-up that timed out on a loaded machine) says when to retry.
+  auto key_for = [&](const test::server_process& gw, const std::string& op) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (;;) {
+      auto r = gw.service("POST", path);
+      if (r.status == 503) {
+        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
+      } else {
+        REQUIRE_MESSAGE(r.status == 200, r.body);
+        const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
+        if (hk.is_object() && hk["operationId"] == op) {
+          auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+          REQUIRE(key);
+          return *key;
+        }
+      }
+      REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline,
+                      "no hub key for operation " << op << ": " << r.body);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  };
+  // The key verifies what the TPM signs with the key it imported.
+  auto verifies = [&](const std::string& key) {
+    const auto d = crypto::hmac_sha256(key, "check");
+    return tpm.hmac("check") == std::string(reinterpret_cast<const char*>(d.data()), d.size());
+  };
+
+  // Challenged on 1, answered on 2: each gateway's key for the operation is
+  // the one the device's TPM holds.
+  auto flow = register_with_tpm(gw1, id, tpm, &gw2);
+  REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                 .get<std::string>()),
+                  tpm.log());
+  const std::string op1 = flow.done["operationId"].get<std::string>();
+  const std::string key1 = key_for(gw1, op1);
+  CHECK(key1.size() == 32);
+  CHECK_MESSAGE(verifies(key1), "gateway 1: the key does not verify the TPM");
+  CHECK(key_for(gw2, op1) == key1);
+
+  // Gateway 2 stops applying dps.enrollments; the device registers again on
+  // gateway 1. Gateway 2 still applies dps.registrations, so its record
+  // names the new operation while its answered challenge is the old one.
+  // Before the two reads were made to agree, it answered HMAC(old
+  // challenge, new operation) labelled with the new operation: a wrong key
+  // the consumer's check accepts. Now: 503 with Retry-After until it has
+  // caught up.
+  g.close("apply-enrollments");
+  flow = register_with_tpm(gw1, id, tpm);
+  REQUIRE_MESSAGE(tpm.activate(flow.done["registrationState"]["tpm"]["authenticationKey"]
+                                 .get<std::string>()),
+                  tpm.log());
+  const std::string op2 = flow.done["operationId"].get<std::string>();
+  CHECK(g.reached("apply-enrollments")); // held: the new challenge is not applied on 2
+  {
+    bool refused = false;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!refused && std::chrono::steady_clock::now() < deadline) {
+      auto r = gw2.service("POST", path);
+      if (r.status == 503) {
+        CHECK_MESSAGE(r.headers.contains("Retry-After"), r.body);
+        CHECK_MESSAGE(test::parse_json(r.body).value("errorCode", 0) == 503000, r.body);
+        refused = true;
+        break;
+      }
+      REQUIRE_MESSAGE(r.status == 200, r.body);
+      const auto hk = test::parse_json(r.body)["tpm"].value("iotHubKey", json());
+      if (hk.is_object() && hk["operationId"] == op2) {
+        auto key = crypto::base64_decode(hk["primaryKey"].get<std::string>());
+        REQUIRE(key);
+        CHECK_MESSAGE(verifies(*key),
+                      "gateway 2, behind on dps.enrollments, gave a wrong key for " << op2);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    CHECK_MESSAGE(refused, "gateway 2 did not answer 503 while behind on dps.enrollments");
+  }
+  g.open("apply-enrollments");
+  const std::string key2 = key_for(gw1, op2);
+  CHECK(key2 != key1);
+  CHECK_MESSAGE(verifies(key2), "gateway 1: the new key does not verify the TPM");
+  CHECK(key_for(gw2, op2) == key2);
+}
+
 TEST_CASE("tpm: a challenge issued or answered while the enrollment is deleted is not kept") {
   if (skipped_without_tools())
     return;
@@ -1079,10 +1200,11 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   const auto owner = crypto::generate_key(), hub_side = crypto::generate_key(),
              feed = crypto::generate_key();
   test::server_process s;
-  // No clock skew allowance: the gateways here are one process, and the
-  // failed re-registration below must be told apart from the assignment.
+  // The default clock skew allowance (300 s): embedded, the hub key's
+  // "challenge newer than the assignment" check uses none (one clock), so
+  // the failed re-registration below is told apart from the assignment.
   start_fresh(s, [&](const std::string& dir) {
-    return test::with_device_api(test::default_config(dir), "clock_skew_seconds = 0")
+    return test::default_config(dir)
            + "[[access_policies]]\nname = \"owner\"\nprimary_key = \""
            + owner
            + "\"\nrights = [\"ServiceConfig\", \"EnrollmentRead\", \"EnrollmentWrite\", "
@@ -1094,6 +1216,12 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
   });
   const auto as_owner = s.service_auth("owner", owner);
   const auto as_hub = s.service_auth("hubside", hub_side);
+  // The CLI as the owner (this server has no provisioningserviceowner).
+  const std::string owner_cs =
+    " --connection-string 'HostName="
+    + test::parse_json(read_text(s.data_dir() + "/identity.json")).value("service_host",
+                                                                        "localhost")
+    + ";SharedAccessKeyName=owner;SharedAccessKey=" + owner + "'";
   soft_tpm tpm;
   const std::string id = "tpm-hubkey";
   const std::string path = "/enrollments/" + id + "/attestationmechanism";
@@ -1111,6 +1239,10 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
     CHECK(j["type"] == "tpm");
     CHECK(j["tpm"]["endorsementKey"] == tpm.ek_b64);
     CHECK_FALSE(j["tpm"].contains("iotHubKey"));
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys" + owner_cs, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("(none: no assigned TPM registration)") != std::string::npos, out);
   }
 
   // The device registers; its result's authenticationKey is imported into
@@ -1221,6 +1353,13 @@ TEST_CASE("tpm: the hub side reads a TPM device's IoT Hub key where it reads sym
     auto r = service_as(s, as_hub, "POST", path);
     REQUIRE_MESSAGE(r.status == 200, r.body);
     CHECK_MESSAGE(!test::parse_json(r.body)["tpm"].contains("iotHubKey"), r.body);
+    // The CLI says why there is none, not "no assigned registration".
+    int rc = 0;
+    auto out = cli(s, "enrollment get " + id + " --show-keys" + owner_cs, rc);
+    CHECK_MESSAGE(rc == 0, out);
+    CHECK_MESSAGE(out.find("a later register answered a newer TPM challenge and failed")
+                    != std::string::npos,
+                  out);
   }
 }
 

@@ -13,7 +13,8 @@
 //     for the answers in flight: a test can act in that window.
 //   PROVISIOND_TEST_TPM_HOLD_DIR=DIR  the TPM challenge store's calls wait
 //     at gates the test opens and closes with files in DIR
-//     (tests/testd/held_challenges.hpp).
+//     (tests/testd/held_challenges.hpp); with Kafka, the gate
+//     `apply-enrollments` holds the dps.enrollments reader before a batch.
 
 #include <chrono>
 #include <cstdlib>
@@ -49,6 +50,9 @@ int main(int argc, char** argv) {
     };
     ext.in_challenge_write = [d = std::string(dir)](const char* call) {
       test::held_challenges::gate_at(d, std::string(call) + "-locked");
+    };
+    ext.before_enrollments_apply = [d = std::string(dir)] {
+      test::held_challenges::gate_at(d, "apply-enrollments");
     };
   }
   return app::run(argc, argv, ext);

@@ -103,14 +103,7 @@ public:
     auto attestation = checks_;
     attestation.sink = ctx.sink.get();
     attestation_ = sys_->spawn<attestation_actor, caf::detached>(std::move(attestation));
-    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps{
-      ctx.store,
-      [c = &ctx](storage::write_batch b, storage::store::done_fn done) {
-        c->commit(std::move(b), std::move(done));
-      },
-      ctx.mechanisms, ctx.sink.get(), ctx.metrics, ctx.kafka_stats.get(), ctx.inflight,
-      ctx.accepting, ctx.opts.max_inflight,
-      std::chrono::milliseconds(ctx.opts.cfg.device_api.register_wait_ms), ctx.instance_hex});
+    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps_of(ctx));
     allocation_ = sys_->spawn<allocation_actor, caf::detached>(
       allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
                       ctx.metrics});

@@ -117,17 +117,7 @@ struct stage_fixture {
     return {ctx->catalog, ctx->store, ctx->hubs, ctx->policies, ctx->sink.get(), ctx->metrics};
   }
 
-  registration_deps registration() const {
-    auto* c = ctx.get();
-    return {ctx->store,
-            [c](storage::write_batch b, storage::store::done_fn done) {
-              c->commit(std::move(b), std::move(done));
-            },
-            ctx->mechanisms, ctx->sink.get(), ctx->metrics, ctx->kafka_stats.get(),
-            ctx->inflight, ctx->accepting, ctx->opts.max_inflight,
-            std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms),
-            ctx->instance_hex};
-  }
+  registration_deps registration() const { return registration_deps_of(*ctx); }
 
   void enroll(const std::string& id) { enroll_in(*store, id); }
 

@@ -69,13 +69,7 @@ struct event_ack {
   }
 };
 
-// -- spawn functions -------------------------------------------------------------
-// Configuration only: registration, attestation, allocation and enrollment
-// are typed actor classes, each in its <stage>_actor.hpp.
-/// Embedded: commits each outcome to the store (one batch with the outbox).
-caf::behavior configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
-/// Kafka: relays each outcome through the topics (configuration_actor.cpp).
-caf::behavior kafka_configuration_actor(caf::event_based_actor* self, engine_context_ptr ctx);
+// Every stage is a typed actor class, each in its <stage>_actor.hpp.
 
 } // namespace prov
 

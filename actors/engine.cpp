@@ -11,6 +11,7 @@
 #include "actors/actor_types.hpp"
 #include "actors/allocation_actor.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/configuration_actor.hpp"
 #include "actors/enrollment_actor.hpp"
 #include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
@@ -91,31 +92,26 @@ public:
     // The mode is chosen here, once: the stages forward their outputs to
     // ctx.sink, and only configuration's commit differs by mode.
     kafka_sink* ksink = nullptr;
-    auto* configuration = configuration_actor;
     if (ctx.kafka()) {
       auto s = std::make_unique<kafka_sink>(
         *ctx.bus, ctx.kafka_stats, std::chrono::seconds(ctx.opts.cfg.kafka.resend_after_s));
       ksink = s.get();
       ctx.sink = std::move(s);
-      configuration = kafka_configuration_actor;
     } else {
       ctx.sink = make_inprocess_sink(*ctx.bus);
     }
     auto attestation = checks_;
     attestation.sink = ctx.sink.get();
     attestation_ = sys_->spawn<attestation_actor, caf::detached>(std::move(attestation));
-    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps{
-      ctx.store,
-      [c = &ctx](storage::write_batch b, storage::store::done_fn done) {
-        c->commit(std::move(b), std::move(done));
-      },
-      ctx.mechanisms, ctx.sink.get(), ctx.metrics, ctx.kafka_stats.get(), ctx.inflight,
-      ctx.accepting, ctx.opts.max_inflight,
-      std::chrono::milliseconds(ctx.opts.cfg.device_api.register_wait_ms), ctx.instance_hex});
+    registration_ = sys_->spawn<registration_actor, caf::detached>(registration_deps_of(ctx));
     allocation_ = sys_->spawn<allocation_actor, caf::detached>(
       allocation_deps{ctx.catalog, ctx.store, ctx.hubs, ctx.policies, ctx.sink.get(),
                       ctx.metrics});
-    configuration_ = sys_->spawn<caf::detached>(configuration, ctx_);
+    if (ctx.kafka())
+      configuration_ =
+        sys_->spawn<kafka_configuration_actor, caf::detached>(configuration_deps_of(ctx));
+    else
+      configuration_ = sys_->spawn<configuration_actor, caf::detached>(configuration_deps_of(ctx));
     enrollment_ = sys_->spawn<enrollment_actor, caf::detached>(enrollment_deps{
       ctx.store, ctx.catalog, ctx.hubs,
       [c = &ctx](const storage::write_batch& b) { return write_hubs(*c, b); }});
@@ -808,7 +804,7 @@ private:
   throttling::rate_limiter group_registrations_;
   caf::actor_system_config cfg_;
   std::unique_ptr<caf::actor_system> sys_;
-  caf::actor configuration_;
+  configuration_input_type configuration_; ///< either mode's stage
   enrollment_actor_type enrollment_;
   registration_actor_type registration_;
   attestation_actor_type attestation_;

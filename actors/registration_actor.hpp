@@ -18,7 +18,7 @@ namespace prov {
 struct registration_tables;
 
 /// What the intake reads and writes, and nothing else of the engine. Built
-/// in engine.cpp. Everything referred to outlives the actor (the engine
+/// in engine.cpp (registration_deps_of). Everything referred to outlives the actor (the engine
 /// stops its actor system first).
 struct registration_deps {
   storage::store* store; ///< operation and registration records (reads)
@@ -36,6 +36,18 @@ struct registration_deps {
   std::chrono::milliseconds register_wait;
   std::string instance_hex; ///< part of the operation ids it mints
 };
+
+/// The deps of an engine's intake, from its context (the engine and the
+/// tests that run the stage over an engine_context).
+inline registration_deps registration_deps_of(engine_context& ctx) {
+  return {ctx.store,
+          [c = &ctx](storage::write_batch b, storage::store::done_fn done) {
+            c->commit(std::move(b), std::move(done));
+          },
+          ctx.mechanisms, ctx.sink.get(), ctx.metrics, ctx.kafka_stats.get(), ctx.inflight,
+          ctx.accepting, ctx.opts.max_inflight,
+          std::chrono::milliseconds(ctx.opts.cfg.device_api.register_wait_ms), ctx.instance_hex};
+}
 
 /// A wrong message to registration is a compile error.
 using registration_actor_type = caf::typed_actor<

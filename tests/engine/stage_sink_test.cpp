@@ -13,10 +13,12 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <memory>
 #include <thread>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +29,7 @@
 #include "actors/attestation/sas_token.hpp"
 #include "actors/attestation/symmetric_key.hpp"
 #include "actors/attestation_actor.hpp"
+#include "actors/configuration_actor.hpp"
 #include "actors/enrollment_actor.hpp"
 #include "actors/registration_actor.hpp"
 #include "actors/allocation/allocation_policy.hpp"
@@ -120,17 +123,7 @@ struct stage_fixture {
     return {ctx->catalog, ctx->store, ctx->hubs, ctx->policies, ctx->sink.get(), ctx->metrics};
   }
 
-  registration_deps registration() const {
-    auto* c = ctx.get();
-    return {ctx->store,
-            [c](storage::write_batch b, storage::store::done_fn done) {
-              c->commit(std::move(b), std::move(done));
-            },
-            ctx->mechanisms, ctx->sink.get(), ctx->metrics, ctx->kafka_stats.get(),
-            ctx->inflight, ctx->accepting, ctx->opts.max_inflight,
-            std::chrono::milliseconds(ctx->opts.cfg.device_api.register_wait_ms),
-            ctx->instance_hex};
-  }
+  registration_deps registration() const { return registration_deps_of(*ctx); }
 
   void enroll(const std::string& id) { enroll_in(*store, id); }
 
@@ -301,6 +294,81 @@ struct enrollment_fixture {
     sched->run();
     stage = enrollment_actor_type{};
     sys.reset();
+  }
+};
+
+/// The embedded configuration stage built from its own dependencies only,
+/// over a real store. Its commits are synchronous writes (the engine's go
+/// through the store's writer thread), so the test coordinator sees each
+/// answer as the next message; the first `commit_failures` fail unwritten.
+struct configuration_fixture {
+  test::temp_dir dir{"prov_configuration_stage_test"};
+  std::unique_ptr<storage::store> store;
+  enrollment_catalog catalog;
+  recording_sink sink{delivery_traits{}};
+  metrics::instruments metrics;
+  std::atomic<int64_t> relaying{0};
+  int commit_failures = 0;
+  int commits = 0;
+  caf::actor_system_config cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::scheduler::test_coordinator* sched = nullptr;
+  configuration_actor_type stage;
+
+  configuration_fixture() {
+    REQUIRE(!storage::store::open(dir.path, storage::store_options{}, store));
+    catalog.attach(store.get());
+    cfg.set("scheduler.policy", caf::atom("testing"));
+    cfg.set("logger.verbosity", caf::atom("quiet"));
+    sys = std::make_unique<caf::actor_system>(cfg);
+    sched = &dynamic_cast<caf::scheduler::test_coordinator&>(sys->scheduler());
+    auto commit = [this](storage::write_batch b, storage::store::done_fn done) {
+      ++commits;
+      if (commit_failures > 0) {
+        --commit_failures;
+        done(error{error_code::unavailable, "injected: commit failed"});
+        return;
+      }
+      done(store->write(b));
+    };
+    stage = sys->spawn<configuration_actor>(configuration_deps{
+      store.get(), commit, catalog, &sink, &metrics, nullptr, nullptr, nullptr, relaying});
+  }
+
+  ~configuration_fixture() {
+    caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
+    sched->run();
+    stage = configuration_actor_type{};
+    sys.reset();
+  }
+
+  /// An accepted operation as the registration stage records it (its
+  /// operation record and `pending` marker), and its allocated event.
+  registration_event accepted_and_allocated(const std::string& id) {
+    auto ev = stage_fixture::attested(id);
+    operation_record op;
+    op.operation_id = ev.operation_id;
+    op.registration_id = id;
+    op.status = registration_status::assigning;
+    op.event = ev;
+    storage::write_batch b;
+    b.put(storage::cf::operations, ev.operation_id, encode_record(op));
+    b.put(storage::cf::pending, ev.operation_id, "");
+    REQUIRE(!store->write(b));
+    ev.device_id = id;
+    ev.assigned_hub = "hub-a.example.net";
+    ev.allocated_ms = ev.attested_ms + 5;
+    ev.status = registration_status::assigning;
+    return ev;
+  }
+
+  std::size_t count(storage::cf family) {
+    std::size_t n = 0;
+    REQUIRE(!store->scan(family, "", 0, [&n](std::string_view, std::string_view) {
+      ++n;
+      return true;
+    }));
+    return n;
   }
 };
 
@@ -477,6 +545,66 @@ TEST_CASE("allocation through the stage sink: a failure is forwarded as complete
   caf::anon_send_exit(stage, caf::exit_reason::user_shutdown);
 }
 
+TEST_CASE("configuration from its own dependencies: an allocated event is assigned in one "
+          "commit, then completed and acked; a failed commit is tried again in 200 ms") {
+  configuration_fixture f;
+  f.commit_failures = 1;
+  auto ev = f.accepted_and_allocated("dev-5");
+  int acks = 0;
+  caf::anon_send(f.stage, event_atom::value, ev, event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  // The commit failed: nothing written, nothing completed, nothing acked;
+  // the operation stays pending and a retry waits for its timer.
+  CHECK(f.commits == 1);
+  CHECK(f.sink.seen.empty());
+  CHECK(acks == 0);
+  CHECK(f.count(storage::cf::pending) == 1);
+  CHECK(f.count(storage::cf::outbox) == 0);
+  CHECK(f.count(storage::cf::registrations) == 0);
+  CHECK(f.sched->run() == 0);
+  f.sched->clock().current_time += std::chrono::milliseconds(200);
+  CHECK(f.sched->trigger_timeouts() == 1);
+  f.sched->run();
+  CHECK(f.commits == 2);
+  // Committed: the registration record, the terminal operation, the
+  // device.assigned outbox entry, and no more `pending` marker.
+  std::optional<std::string> raw;
+  REQUIRE(!f.store->get(storage::cf::registrations, enrollment::key_of("dev-5"), raw));
+  REQUIRE(raw);
+  registration_state rs;
+  REQUIRE(!decode_record(*raw, rs));
+  CHECK(rs.status == registration_status::assigned);
+  CHECK(rs.assigned_hub == "hub-a.example.net");
+  CHECK(rs.device_id == "dev-5");
+  CHECK(rs.last_operation_id == ev.operation_id);
+  raw.reset();
+  REQUIRE(!f.store->get(storage::cf::operations, ev.operation_id, raw));
+  REQUIRE(raw);
+  operation_record op;
+  REQUIRE(!decode_record(*raw, op));
+  CHECK(op.status == registration_status::assigned);
+  CHECK(f.count(storage::cf::pending) == 0);
+  CHECK(f.count(storage::cf::outbox) == 1);
+  // Then registration.completed for the intake (in process), with the
+  // outcome, and the input's ack.
+  REQUIRE(f.sink.seen.size() == 1);
+  CHECK(f.sink.seen[0].next == bus::topic::registration_completed);
+  CHECK(f.sink.seen[0].ev.operation_id == ev.operation_id);
+  CHECK(f.sink.seen[0].ev.status == registration_status::assigned);
+  REQUIRE(f.sink.seen[0].ev.outcome);
+  CHECK(f.sink.seen[0].ev.outcome->assigned_hub == "hub-a.example.net");
+  CHECK(acks == 1);
+  // The same event again (a redelivery): acked, nothing written or
+  // completed a second time.
+  caf::anon_send(f.stage, event_atom::value, ev, event_ack{[&acks] { ++acks; }});
+  f.sched->run();
+  CHECK(acks == 2);
+  CHECK(f.commits == 2);
+  CHECK(f.sink.seen.size() == 1);
+  CHECK(f.count(storage::cf::outbox) == 1);
+  CHECK(f.sched->trigger_timeouts() == 0);
+}
+
 TEST_CASE("registration through the stage sink: a failed hand-off is sent again in 1 s, "
           "always through the bus") {
   delivery_traits kafka;
@@ -608,7 +736,7 @@ TEST_CASE("Kafka configuration: nothing is recorded or completed before device.a
   auto owned_repl = std::make_unique<holding_replication>();
   auto& repl = *owned_repl;
   f.ctx->repl = std::move(owned_repl);
-  auto stage = f.sys->spawn(kafka_configuration_actor, f.ctx);
+  auto stage = f.sys->spawn<kafka_configuration_actor>(configuration_deps_of(*f.ctx));
   auto ev = stage_fixture::attested("dev-3");
   ev.device_id = "dev-3";
   ev.assigned_hub = "hub-a.example.net";
@@ -692,7 +820,7 @@ TEST_CASE("configuration, embedded: a failed store commit is retried with the ce
   ev.allocated_ms = ev.accepted_ms;
   ev.csr = test::make_csr(key.get(), "dev-1");
   ev.issuing_ca = "fleet";
-  auto stage = f.sys->spawn(configuration_actor, f.ctx);
+  auto stage = f.sys->spawn<configuration_actor>(configuration_deps_of(*f.ctx));
   // The first commit fails (as when the store refuses a write).
   f.ctx->commits_stopped = true;
   caf::anon_send(stage, event_atom::value, ev, event_ack{});

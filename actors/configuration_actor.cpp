@@ -309,8 +309,9 @@ kafka_configuration_actor::behavior_type kafka_configuration_actor::make_behavio
   };
   out_ = std::move(out);
   // Failed issuance (certificate_issuer.hpp): no retry of its own.
-  failed_out_ = std::make_shared<stage_output>();
-  failed_out_->stage = "configuration";
+  auto failed = std::make_shared<stage_output>();
+  failed->stage = "configuration";
+  failed_out_ = std::move(failed);
   return {
     [this](event_atom, registration_event& ev, event_ack& ack) { on_allocated(ev, ack); },
     [this](recorded_atom, const std::string& op_id, const error& e) { on_recorded(op_id, e); },
